@@ -1,0 +1,298 @@
+"""Adapters on disk, in PEFT's format.
+
+``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's key names
+(``base_model.model.<module>.lora_A.weight``), so adapters trained here load
+with ``peft.PeftModel.from_pretrained`` and PEFT-made adapters load here.
+Tensors are only ever read from safetensors; pickled ``adapter_model.bin``
+files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lora_dist.lora import LoRAConfig, inject_lora, lora_modules
+from lora_dist.merge import LoRAWeights, lora_scale
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "AdapterError",
+    "AdapterFile",
+    "load_adapter",
+    "lora_state_dict",
+    "read_adapter",
+    "save_adapter",
+    "write_adapter",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be written or read as asked."""
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA tensors by the model's own names (``<module>.lora_A.weight``), detached."""
+    sd: dict[str, torch.Tensor] = {}
+    for name, module in lora_modules(model):
+        sd[f"{name}.lora_A.weight"] = _local(module.lora_A.weight)
+        sd[f"{name}.lora_B.weight"] = _local(module.lora_B.weight)
+    return sd
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    full = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return full.detach()
+
+
+def _peft_config(model: nn.Module, config: LoRAConfig, matched: list[str], base_path: str | None) -> dict[str, Any]:
+    """PEFT's LoraConfig fields describing exactly the injected modules."""
+    leaves = sorted({n.split(".")[-1] for n in matched})
+    if config.layers_to_transform is None and config.exclude_modules is None and isinstance(
+        config.target_modules, (list, type(None))
+    ):
+        target: list[str] | str = leaves
+    else:
+        # Name exactly the injected modules so PEFT reproduces them whatever the selection rules were.
+        target = "^(" + "|".join(re.escape(n) for n in matched) + ")$"
+    fan_in_fan_out = any(m.fan_in_fan_out for _, m in lora_modules(model))
+    rank_pattern = {n: m.r for n, m in lora_modules(model) if m.r != config.r}
+    alpha_pattern = {n: m.alpha for n, m in lora_modules(model) if m.alpha != config.alpha}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": target,
+        "exclude_modules": None,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": config.use_rslora,
+        "modules_to_save": None,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {re.escape(k): v for k, v in rank_pattern.items()},
+        "alpha_pattern": {re.escape(k): v for k, v in alpha_pattern.items()},
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]] | None) -> None:
+    if not tensors:
+        raise AdapterError("refusing to write an adapter with no tensors: the model has no LoRA layers")
+    for key, t in tensors.items():
+        if t.numel() == 0:
+            raise AdapterError(f"refusing to write empty tensor {key} {tuple(t.shape)}: a sharded param was not gathered")
+        if expected is not None and tuple(t.shape) != expected[key]:
+            raise AdapterError(f"refusing to write {key}: shape {tuple(t.shape)}, expected {expected[key]}")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"refusing to write {key}: it holds NaN/Inf (training diverged)")
+
+
+def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
+    """Write PEFT-format files atomically: a temporary sibling dir renamed into place.
+
+    ``tensors`` use the model's own names; they are saved under PEFT's keys.
+    An existing adapter at ``directory`` is replaced only once the new one is complete.
+    """
+    directory = Path(directory)
+    _check_tensors(tensors, None)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        peft_tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(peft_tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Save the model's LoRA adapter in PEFT's format.
+
+    Works on a model whose base is sharded (FSDP2/ZeRO-3): LoRA params are
+    replicated, so the local copies are whole. Call it on one rank.
+
+    Raises:
+        AdapterError: no LoRA layers, or an empty, wrong-shaped or non-finite tensor.
+    """
+    config: LoRAConfig | None = getattr(model, "lora_config", None)
+    if config is None:
+        raise AdapterError("the model has no LoRA adapter: call inject_lora(model, config) first")
+    tensors = lora_state_dict(model)
+    expected = {}
+    for name, m in lora_modules(model):
+        expected[f"{name}.lora_A.weight"] = (m.r, m.in_features)
+        expected[f"{name}.lora_B.weight"] = (m.out_features, m.r)
+    _check_tensors(tensors, expected)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    matched = [n for n, _ in lora_modules(model)]
+    return write_adapter(directory, tensors, _peft_config(model, config, matched, base_model_name_or_path))
+
+
+@dataclass
+class AdapterFile:
+    """A PEFT-format adapter read from disk."""
+
+    config: dict[str, Any]
+    lora_config: LoRAConfig
+    tensors: dict[str, torch.Tensor]  # the model's own names: "<module>.lora_A.weight"
+
+    def modules(self) -> list[str]:
+        return sorted({k.rsplit(".lora_", 1)[0] for k in self.tensors})
+
+    def weights(self) -> dict[str, LoRAWeights]:
+        """Per-module adapter weights with each module's own scale (rank/alpha patterns, rsLoRA)."""
+        out = {}
+        fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
+        for module in self.modules():
+            a = self.tensors[f"{module}.lora_A.weight"]
+            b = self.tensors[f"{module}.lora_B.weight"]
+            _, alpha = self.lora_config.rank_and_alpha(module)
+            scale = lora_scale(a.shape[0], alpha, self.lora_config.use_rslora)
+            out[module] = LoRAWeights(a, b, scale, fan_in_fan_out)
+        return out
+
+
+def _lora_config_from_peft(cfg: Mapping[str, Any]) -> LoRAConfig:
+    init = cfg.get("init_lora_weights", True)
+    return LoRAConfig(
+        r=int(cfg["r"]),
+        alpha=float(cfg.get("lora_alpha", cfg["r"])),
+        dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
+        target_modules=cfg.get("target_modules"),
+        exclude_modules=cfg.get("exclude_modules") or None,
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        init="gaussian" if init == "gaussian" else "kaiming",
+        layers_to_transform=cfg.get("layers_to_transform"),
+        rank_pattern=dict(cfg.get("rank_pattern") or {}),
+        alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+    )
+
+
+def read_adapter(directory: str | os.PathLike) -> AdapterFile:
+    """Read a PEFT-format LoRA adapter (safetensors only).
+
+    Raises:
+        AdapterError: missing files, a pickled checkpoint, a non-LoRA adapter,
+            a feature lora_dist does not merge (DoRA, LoRA bias), or unpaired tensors.
+    """
+    directory = Path(directory)
+    cfg_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    if not cfg_path.is_file():
+        raise AdapterError(f"{cfg_path} not found: an adapter dir needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    if not weights_path.is_file():
+        if (directory / "adapter_model.bin").exists():
+            raise AdapterError(
+                f"{directory} has only adapter_model.bin (pickle), which lora_dist never unpickles; "
+                "re-save the adapter with safe_serialization=True"
+            )
+        raise AdapterError(f"{weights_path} not found")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_path} is not valid JSON: {e}") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{directory} is a {cfg.get('peft_type')} adapter; lora_dist handles LORA only")
+    if cfg.get("use_dora") or cfg.get("lora_bias"):
+        raise AdapterError(f"{directory} uses DoRA or LoRA biases, which lora_dist does not support")
+    try:
+        lora_config = _lora_config_from_peft(cfg)
+    except (KeyError, ValueError, TypeError) as e:
+        raise AdapterError(f"{cfg_path}: invalid LoRA config ({e})") from None
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            for key in f.keys():
+                name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+                name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+                tensors[name] = f.get_tensor(key)
+    except Exception as e:  # safetensors raises its own error types
+        raise AdapterError(f"{weights_path} is not a readable safetensors file: {e}") from None
+    modules = {k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
+    for m in modules:
+        if f"{m}.lora_A.weight" not in tensors or f"{m}.lora_B.weight" not in tensors:
+            raise AdapterError(f"{weights_path}: {m} has lora_A without lora_B or the reverse")
+    extra = [k for k in tensors if ".lora_A." not in k and ".lora_B." not in k]
+    if extra:
+        raise AdapterError(f"{weights_path}: tensors lora_dist cannot apply (modules_to_save?): {extra[:3]}")
+    return AdapterFile(cfg, lora_config, tensors)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a PEFT-format adapter into ``model``, injecting LoRA first if it has none.
+
+    Raises:
+        AdapterError: the adapter's modules or shapes do not match the model.
+    """
+    adapter = read_adapter(directory)
+    if not any(True for _ in lora_modules(model)):
+        cfg = adapter.lora_config
+        # Inject exactly the modules the file holds.
+        exact = "^(" + "|".join(re.escape(m) for m in adapter.modules()) + ")$"
+        inject_lora(
+            model,
+            LoRAConfig(
+                r=cfg.r,
+                alpha=cfg.alpha,
+                dropout=cfg.dropout,
+                target_modules=exact,
+                use_rslora=cfg.use_rslora,
+                init=cfg.init,
+                rank_pattern=cfg.rank_pattern,
+                alpha_pattern=cfg.alpha_pattern,
+            ),
+        )
+        model.lora_config = cfg
+    layers = dict(lora_modules(model))
+    missing = sorted(set(adapter.modules()) - set(layers))
+    if missing:
+        raise AdapterError(f"adapter modules not in the model: {missing[:5]}; the adapter is for a different base")
+    with torch.no_grad():
+        for module, w in adapter.weights().items():
+            layer = layers[module]
+            for part, tensor in (("lora_A", w.lora_A), ("lora_B", w.lora_B)):
+                param = getattr(layer, part).weight
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise AdapterError(
+                        f"{module}.{part}: adapter shape {tuple(tensor.shape)} != model shape "
+                        f"{tuple(param.shape)}; the adapter is for a different base or rank"
+                    )
+                param.copy_(tensor.to(param.dtype))
+            layer.scale = w.scale
+    return model

@@ -1,0 +1,364 @@
+"""Typed run configuration: dataclasses -> YAML -> dotted CLI overrides.
+
+Precedence is CLI > file > defaults. Unknown keys are an error that suggests
+the closest valid key; a value of the wrong type is an error naming the key.
+Help text lives in attribute docstrings and is shown by ``lora-dist train --help``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from lora_dist.lora import LoRAConfig, LoRAConfigError
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ExportConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "config_help",
+    "config_to_dict",
+    "load_config",
+]
+
+STRATEGIES = ("fsdp2", "zero3", "zero2", "zero1", "ddp", "none")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used as given."""
+
+
+@dataclass
+class ModelConfig:
+    """The base model."""
+
+    path: str = ""
+    """Local Hugging Face checkpoint dir (config.json + *.safetensors + tokenizer)."""
+    dtype: str = "float32"
+    """Dtype the frozen base weights are kept in: float32, bfloat16 or float16."""
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    path: str = ""
+    """A .jsonl file (a "text" field, or "prompt"/"completion" with loss on the completion) or a .txt file."""
+    eval_fraction: float = 0.05
+    """Share of packed blocks held out for the eval loss."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over ranks."""
+
+    strategy: str = "fsdp2"
+    """fsdp2 (default), zero3, zero2, zero1, ddp, or none (single process)."""
+    mixed_precision: str = "float32"
+    """Compute dtype of the base under fsdp2/zero: float32 or bfloat16 (LoRA params and grad reduction stay fp32)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward."""
+    reshard_after_forward: bool = True
+    """fsdp2: free the gathered base weights after forward (re-gather in backward)."""
+    cpu_offload: bool = False
+    """fsdp2: keep base shards in CPU memory between uses."""
+    bucket_mb: float = 25.0
+    """Size of the LoRA gradient all-reduce buckets (MB)."""
+    replica_check_every: int = 0
+    """Every N optimizer steps assert LoRA params are bit-identical across ranks (0: off)."""
+    deepspeed_config: str = ""
+    """zero*: path to a DeepSpeed JSON config to use instead of the generated one."""
+    timeout_s: float = 600.0
+    """Collective / rendezvous timeout in seconds."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimization loop."""
+
+    steps: int = 50
+    """Optimizer steps."""
+    micro_batch_size: int = 2
+    """Sequences per rank per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 5
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak."""
+    max_grad_norm: float = 1.0
+    """Clip the LoRA gradients' global norm (0: no clipping)."""
+    seq_len: int = 128
+    """Tokens per packed training sequence."""
+    seed: int = 0
+    """Seed for LoRA init, dropout and data order."""
+    eval_every: int = 0
+    """Eval loss every N steps (0: only at the end)."""
+    eval_batches: int = 4
+    """Micro-batches per eval."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable training state (LoRA weights, optimizer, schedule, RNG, data position)."""
+
+    every: int = 0
+    """Checkpoint every N steps (0: only on preemption)."""
+    keep: int = 2
+    """How many recent checkpoints to keep."""
+    resume: str = "auto"
+    """auto (latest checkpoint in output.dir if any), never, or a checkpoint dir."""
+    force: bool = False
+    """Resume even if the checkpoint was made against a different base model."""
+
+
+@dataclass
+class ExportConfig:
+    """What is written at the end of training."""
+
+    adapter: bool = True
+    """Save the PEFT-format adapter to <output.dir>/adapter."""
+    merged: bool = False
+    """Write a merged HF checkpoint to <output.dir>/merged, from the sharded state."""
+    dtype: str = "bfloat16"
+    """Merged checkpoint dtype: bfloat16, float16 or float32 (the merge itself is fp32)."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors file of the merged checkpoint (decimal units: 500MB, 5GB)."""
+
+
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = "runs/latest"
+    """Run directory: metrics.jsonl, checkpoints/, adapter/, merged/."""
+    overwrite: bool = False
+    """Allow replacing an existing merged export."""
+
+
+@dataclass
+class Config:
+    """A lora_dist run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> "Config":
+        """Cross-field checks; raises :class:`ConfigError`."""
+        p, t = self.parallel, self.train
+        if p.strategy not in STRATEGIES:
+            raise ConfigError(f"parallel.strategy={p.strategy!r} is not one of {STRATEGIES}")
+        for key, value in (("model.dtype", self.model.dtype), ("parallel.mixed_precision", p.mixed_precision),
+                           ("export.dtype", self.export.dtype)):
+            if value not in DTYPES:
+                raise ConfigError(f"{key}={value!r} is not one of {DTYPES}")
+        for key in ("steps", "micro_batch_size", "grad_accum", "seq_len"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+        if t.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+        if not 0.0 <= self.data.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
+        if self.checkpoint.keep < 1:
+            raise ConfigError(f"checkpoint.keep must be >= 1, got {self.checkpoint.keep}")
+        return self
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (a string literal right after an annotated field)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, sf in _SECTIONS.items() for f in dataclasses.fields(sf.default_factory)]
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys start with {sorted(_SECTIONS)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    import lora_dist.lora as lora_mod
+
+    return typing.get_type_hints(cls, globalns=vars(lora_mod) | globals())
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(hint)}")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build_section(name: str, values: dict[str, Any]) -> Any:
+    cls = _SECTIONS[name].default_factory
+    hints = _type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(f"{name}.{key}", _all_keys())
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    try:
+        return cls(**kwargs)
+    except LoRAConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. lora.r=16)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise ConfigError(f"override key {key!r} must be section.key (e.g. train.lr=3e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a :class:`Config` from defaults, a YAML file and dotted overrides.
+
+    Args:
+        path: YAML file with top-level sections (``lora:``, ``train:`` ...), or None.
+        overrides: ``section.key=value`` strings; values are parsed as YAML
+            (``lora.target_modules=[q_proj,v_proj]``, ``export.merged=true``).
+
+    Raises:
+        ConfigError: missing/invalid file, unknown key (with the closest valid
+            one), wrong type (naming the key), or invalid values.
+    """
+    raw: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, lora:, ...)")
+        for section, values in loaded.items():
+            if section not in _SECTIONS:
+                raise _unknown(str(section), sorted(_SECTIONS))
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping")
+            raw[section] = dict(values)
+    for item in overrides:
+        key, value = _parse_override(item)
+        section, name = key.split(".")
+        if section not in _SECTIONS:
+            raise _unknown(key, _all_keys())
+        raw.setdefault(section, {})[name] = value
+    sections = {name: _build_section(name, raw.get(name, {})) for name in _SECTIONS}
+    return Config(**sections).validate()
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (YAML/JSON-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_help() -> str:
+    """Every key with its type, default and help text."""
+    lines = []
+    for section, sf in _SECTIONS.items():
+        cls = sf.default_factory
+        lines.append(f"{section}:  {(cls.__doc__ or '').strip().splitlines()[0]}")
+        docs, hints, default = _attribute_docs(cls), _type_hints(cls), cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(default, f.name)
+            lines.append(f"  {section}.{f.name} ({_type_name(hints[f.name])}, default {value!r})")
+            if f.name in docs:
+                lines.append(f"      {docs[f.name]}")
+    return "\n".join(lines)

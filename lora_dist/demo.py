@@ -1,0 +1,128 @@
+"""Tiny Hugging Face checkpoints and data for the demo, tests and benchmarks.
+
+No model hub is needed: models are built from a config with random weights,
+saved with ``save_pretrained`` (safetensors) next to a byte-level BPE
+tokenizer trained on the demo text, and then loaded like any real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+__all__ = ["ARCHS", "demo_texts", "make_tiny_checkpoint", "make_tokenizer", "write_demo_data"]
+
+ARCHS = ("llama", "qwen2", "mistral", "gpt2", "bert")
+
+_SUBJECTS = ["the red fox", "a small robot", "the old sailor", "my neighbour", "the young wizard", "a grey cat",
+             "the tired baker", "our teacher", "the quiet river", "a busy engineer"]
+_VERBS = ["likes", "builds", "paints", "finds", "carries", "watches", "repairs", "counts", "sings about", "draws"]
+_OBJECTS = ["bright lanterns", "wooden boats", "silver keys", "green apples", "tall towers", "paper birds",
+            "old maps", "warm bread", "blue stones", "tiny gears"]
+_PLACES = ["in the morning", "near the harbour", "after dinner", "under the bridge", "on sundays",
+           "in the garden", "before the storm", "at the market", "by the window", "in the mountains"]
+
+
+def demo_texts(n: int, seed: int = 0) -> list[str]:
+    """Short templated sentences: varied enough to learn from, regular enough that loss drops fast."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        s = [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_PLACES)}."
+             for _ in range(rng.randint(2, 4))]
+        texts.append(" ".join(s).capitalize())
+    return texts
+
+
+def write_demo_data(path: str | Path, n: int = 400, seed: int = 0, kind: str = "text") -> Path:
+    """Write ``n`` demo records as .jsonl: ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for text in demo_texts(n, seed):
+            if kind == "text":
+                record = {"text": text}
+            else:
+                first, _, rest = text.partition(". ")
+                record = {"prompt": first + ".", "completion": " " + rest}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def make_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on the demo text, as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(demo_texts(2000, seed=1234), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
+
+
+def _config(arch: str, vocab: int, hidden: int, layers: int, heads: int, intermediate: int, max_pos: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=heads)
+    if arch in ("llama", "mistral", "qwen2"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[arch]
+        extra = {"sliding_window": None} if arch in ("mistral", "qwen2") else {}
+        return cls(hidden_size=hidden, intermediate_size=intermediate, num_key_value_heads=max(1, heads // 2),
+                   max_position_embeddings=max_pos, tie_word_embeddings=False, **common, **extra)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_pos,
+                             n_inner=intermediate, tie_word_embeddings=True)
+    if arch == "bert":
+        return tf.BertConfig(hidden_size=hidden, intermediate_size=intermediate, max_position_embeddings=max_pos,
+                             **common)
+    raise ValueError(f"unknown demo architecture {arch!r}; choose from {ARCHS}")
+
+
+def make_tiny_checkpoint(
+    path: str | Path,
+    arch: str = "llama",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int | None = None,
+    max_pos: int = 512,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+) -> Path:
+    """Build a randomly initialized HF model from config and save it like a real checkpoint.
+
+    Args:
+        path: output dir (config.json, model*.safetensors, tokenizer files).
+        arch: one of :data:`ARCHS`; ``bert`` is saved as a masked-LM encoder.
+        max_shard_size: split the weights into several files (e.g. "200KB").
+
+    Returns:
+        ``path``.
+    """
+    import transformers as tf
+
+    path = Path(path)
+    tokenizer = make_tokenizer()
+    config = _config(arch, len(tokenizer), hidden, layers, heads, intermediate or 4 * hidden, max_pos)
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = tf.BertForMaskedLM(config) if arch == "bert" else tf.AutoModelForCausalLM.from_config(config)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,413 @@
+"""LoRA layers and injection.
+
+``LoRALinear`` replaces an ``nn.Linear`` (or GPT-2's ``Conv1D``) in place and
+keeps the base ``weight``/``bias`` under their original names, so a base
+checkpoint loads into an injected model unchanged - also onto a meta-device
+skeleton, which is how the distributed setup builds models::
+
+    h = W0 x + b + scale * B(A(dropout(x)))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora_dist.merge import LoRAWeights, lora_scale, merge_weight, unmerge_weight
+
+try:  # transformers is a dependency, but keep the core importable without it.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "InjectionReport",
+    "LoRAConfig",
+    "LoRAConfigError",
+    "LoRALinear",
+    "disable_adapters",
+    "inject_lora",
+    "lora_modules",
+    "lora_parameters",
+]
+
+TargetSpec = Union[list[str], str, None]
+
+#: Attention query and value projections per architecture, as in the LoRA paper.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "opt": ["q_proj", "v_proj"],
+}
+
+_INITS = ("kaiming", "gaussian")
+
+
+class LoRAConfigError(ValueError):
+    """An invalid LoRA configuration, or targets that match nothing."""
+
+
+@dataclass
+class LoRAConfig:
+    """What to adapt and how."""
+
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input path."""
+    target_modules: TargetSpec = None
+    """Module-name suffixes (list), a regex matched against full names, or "all-linear". Default: the architecture's attention query/value projections."""
+    exclude_modules: TargetSpec = None
+    """Module-name suffixes (list) or a regex of modules never to adapt."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA: scale alpha/sqrt(r) instead of alpha/r."""
+    init: str = "kaiming"
+    """A's init: "kaiming" (uniform, a=sqrt(5); PEFT's default) or "gaussian" (std 1/r). B is always zero."""
+    layers_to_transform: list[int] | None = None
+    """Only adapt these layer indices (None: all layers)."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: regex on the module name -> r (PEFT semantics)."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides: regex on the module name -> alpha (PEFT semantics)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, tuple):
+            self.exclude_modules = list(self.exclude_modules)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise LoRAConfigError(f"lora.r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
+            raise LoRAConfigError(f"lora.alpha must be a positive number, got {self.alpha!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise LoRAConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in _INITS:
+            raise LoRAConfigError(f"lora.init must be one of {_INITS}, got {self.init!r}")
+        for name in ("target_modules", "exclude_modules"):
+            spec = getattr(self, name)
+            if spec is None:
+                continue
+            if isinstance(spec, str):
+                if spec != "all-linear":
+                    try:
+                        re.compile(spec)
+                    except re.error as e:
+                        raise LoRAConfigError(f"lora.{name} {spec!r} is not a valid regex: {e}") from None
+            elif not (isinstance(spec, list) and spec and all(isinstance(s, str) and s for s in spec)):
+                raise LoRAConfigError(
+                    f"lora.{name} must be a non-empty list of names, a regex or 'all-linear', got {spec!r}"
+                )
+        if self.exclude_modules == "all-linear":
+            raise LoRAConfigError("lora.exclude_modules cannot be 'all-linear'")
+        if self.layers_to_transform is not None:
+            if isinstance(self.layers_to_transform, int):
+                self.layers_to_transform = [self.layers_to_transform]
+            if not all(isinstance(i, int) and i >= 0 for i in self.layers_to_transform):
+                raise LoRAConfigError(
+                    f"lora.layers_to_transform must be non-negative layer indices, got {self.layers_to_transform!r}"
+                )
+        for pattern, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise LoRAConfigError(f"lora.rank_pattern[{pattern!r}] must be a positive integer, got {value!r}")
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """The rank and alpha of one module, honouring rank_pattern / alpha_pattern."""
+        return (
+            _pattern_value(self.rank_pattern, module_name, self.r),
+            _pattern_value(self.alpha_pattern, module_name, self.alpha),
+        )
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def _is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+class LoRALinear(nn.Module):
+    """A linear layer with a low-rank adapter; the base ``weight``/``bias`` keep their names.
+
+    Args:
+        weight: the frozen base weight, ``(out, in)``, or ``(in, out)`` with ``fan_in_fan_out``.
+        bias: the frozen base bias or ``None``.
+        r: rank.
+        alpha: scaling numerator.
+        dropout: dropout probability on the LoRA input.
+        use_rslora: scale by ``alpha / sqrt(r)``.
+        fan_in_fan_out: the weight is stored transposed (GPT-2 ``Conv1D``).
+        init: ``"kaiming"`` or ``"gaussian"`` for ``lora_A``.
+        lora_dtype: dtype of the LoRA params (fp32 by default, whatever the base dtype).
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        fan_in_fan_out: bool = False,
+        init: str = "kaiming",
+        lora_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        if r <= 0 or r > min(in_features, out_features):
+            raise LoRAConfigError(
+                f"lora.r={r} must be in [1, min(in, out)={min(in_features, out_features)}] for a "
+                f"{in_features}->{out_features} layer; lower lora.r"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scale = lora_scale(r, alpha, use_rslora)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.init = init
+        self.weight = weight
+        self.weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(False)
+        self.bias = bias
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=weight.device, dtype=lora_dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=weight.device, dtype=lora_dtype)
+        self.merged = False
+        self.disabled = False
+        if weight.device.type != "meta":
+            self.initialize_parameters()
+
+    @classmethod
+    def from_base(cls, base: nn.Module, **kwargs) -> "LoRALinear":
+        """Wrap an ``nn.Linear`` or ``Conv1D``, reusing its parameter objects."""
+        return cls(base.weight, base.bias, fan_in_fan_out=_is_conv1d(base), **kwargs)
+
+    def initialize_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A: kaiming-uniform (a=sqrt(5)) or N(0, (1/r)^2); B: zeros, so the layer starts as the base."""
+        with torch.no_grad():
+            a = self.lora_A.weight
+            if self.init == "gaussian":
+                a.normal_(0.0, 1.0 / self.r, generator=generator)
+            else:
+                # kaiming_uniform_(a=sqrt(5)) written out so it can take a generator.
+                gain = math.sqrt(2.0 / (1 + 5))
+                bound = math.sqrt(3.0) * gain / math.sqrt(self.in_features)
+                a.uniform_(-bound, bound, generator=generator)
+            self.lora_B.weight.zero_()
+
+    def lora_weights(self) -> LoRAWeights:
+        return LoRAWeights(self.lora_A.weight, self.lora_B.weight, self.scale, self.fan_in_fan_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.T if self.fan_in_fan_out else self.weight
+        result = F.linear(x, weight, self.bias)
+        if self.merged or self.disabled:
+            return result
+        lora_x = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(lora_x)) * self.scale
+        return result + update.to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``weight`` (fp32 math, NaN/Inf checked)."""
+        if not self.merged:
+            self.weight.data = merge_weight(self.weight.data, self.lora_weights(), name="weight")
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        if self.merged:
+            self.weight.data = unmerge_weight(self.weight.data, self.lora_weights(), name="weight")
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"scale={self.scale:g}, fan_in_fan_out={self.fan_in_fan_out}"
+        )
+
+
+@dataclass
+class InjectionReport:
+    """What :func:`inject_lora` did."""
+
+    matched: list[str]
+    trainable_params: int
+    all_params: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.all_params, 1)
+
+    def summary(self) -> str:
+        return (
+            f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} "
+            f"|| trainable%: {self.trainable_percent:.4f}"
+        )
+
+    def __str__(self) -> str:
+        return f"LoRA on {len(self.matched)} modules; {self.summary()}"
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block|decoder\.layers)\.(\d+)(?:\.|$)")
+_ANY_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+def _layer_index(name: str) -> int | None:
+    m = _LAYER_INDEX.search("." + name) or _ANY_INDEX.search("." + name)
+    return int(m.group(1)) if m else None
+
+
+def _matches(spec: TargetSpec, name: str) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _resolve_targets(model: nn.Module, config: LoRAConfig) -> TargetSpec:
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGET_MODULES:
+        return DEFAULT_TARGET_MODULES[model_type]
+    raise LoRAConfigError(
+        f"no default LoRA targets for model type {model_type!r}; set lora.target_modules "
+        "(module-name suffixes, a regex, or 'all-linear')"
+    )
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = torch.float32) -> InjectionReport:
+    """Replace the targeted linear layers of ``model`` with :class:`LoRALinear`, in place.
+
+    Every base parameter is frozen. Works on a meta-device skeleton: the LoRA
+    params are then created on meta too and initialized after materialization.
+
+    Args:
+        model: any module built of ``nn.Linear`` / ``Conv1D`` projections.
+        config: what to adapt.
+        lora_dtype: dtype of the LoRA params.
+
+    Returns:
+        The matched module names and parameter counts.
+
+    Raises:
+        LoRAConfigError: nothing matched (the message lists the linear layers),
+            or ``r`` does not fit a matched layer.
+    """
+    targets = _resolve_targets(model, config)
+    head = _output_head(model)
+    linear_names: list[str] = []
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            raise LoRAConfigError(f"{name} already has a LoRA adapter; inject_lora was called twice")
+        if not _is_adaptable(module):
+            continue
+        linear_names.append(name)
+        if targets == "all-linear":
+            if module is head or name.split(".")[-1] in ("lm_head",):
+                continue
+        elif not _matches(targets, name):
+            continue
+        if _matches(config.exclude_modules, name):
+            continue
+        if config.layers_to_transform is not None and _layer_index(name) not in config.layers_to_transform:
+            continue
+        chosen.append(name)
+    if not chosen:
+        shown = sorted({n.split(".")[-1] for n in linear_names})
+        raise LoRAConfigError(
+            f"lora.target_modules={targets!r} matched no linear layer; the model's linear layers are named "
+            f"{shown} (full names like {linear_names[:3]})"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        r, alpha = config.rank_and_alpha(name)
+        try:
+            layer = LoRALinear.from_base(
+                getattr(parent, child),
+                r=r,
+                alpha=alpha,
+                dropout=config.dropout,
+                use_rslora=config.use_rslora,
+                init=config.init,
+                lora_dtype=lora_dtype,
+            )
+        except LoRAConfigError as e:
+            raise LoRAConfigError(f"{name}: {e}") from None
+        setattr(parent, child, layer)
+    model.lora_config = config  # read by save_adapter
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return InjectionReport(chosen, trainable, total)
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """``(name, module)`` for every LoRA layer, in registration order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA A/B parameters of ``model``, in a deterministic order."""
+    params: list[nn.Parameter] = []
+    for _, module in lora_modules(model):
+        params += [module.lora_A.weight, module.lora_B.weight]
+    return params
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as the base model: every LoRA layer skips its adapter."""
+    layers = [m for _, m in lora_modules(model)]
+    previous = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, p in zip(layers, previous):
+            m.disabled = p

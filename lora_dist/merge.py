@@ -1,0 +1,168 @@
+"""LoRA merge math as pure functions over tensors.
+
+Every merge in lora_dist goes through this module: the in-module
+``LoRALinear.merge()``, the distributed export (each rank merging the rows it
+owns) and the offline streaming merge. The update is always computed in fp32
+and checked for NaN/Inf before it is cast to the output dtype.
+
+Shapes follow PEFT: ``lora_A`` is ``(r, in_features)`` and ``lora_B`` is
+``(out_features, r)``. A base weight is ``(out, in)`` for ``nn.Linear`` and
+``(in, out)`` for GPT-2's ``Conv1D`` (``fan_in_fan_out=True``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+__all__ = [
+    "LoRAWeights",
+    "MergeError",
+    "lora_delta",
+    "lora_scale",
+    "merge_state_dict",
+    "merge_weight",
+    "unmerge_weight",
+]
+
+
+class MergeError(ValueError):
+    """A merge would produce a wrong or non-finite weight."""
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The LoRA scaling factor: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    if r <= 0:
+        raise MergeError(f"LoRA rank must be positive, got r={r}")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+@dataclass(frozen=True)
+class LoRAWeights:
+    """The adapter of one layer: ``delta_W = scale * lora_B @ lora_A``."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scale: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.shape[0]
+
+
+def lora_delta(
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    fan_in_fan_out: bool = False,
+    rows: slice | None = None,
+) -> torch.Tensor:
+    """The fp32 weight update ``scale * B @ A`` laid out like the base weight.
+
+    Args:
+        lora_A: ``(r, in_features)``.
+        lora_B: ``(out_features, r)``.
+        scale: the LoRA scaling factor.
+        fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2 ``Conv1D``).
+        rows: only these rows of the base weight's layout (a dim-0 shard).
+
+    Returns:
+        An fp32 tensor shaped like ``weight[rows]``.
+    """
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1]:
+        raise MergeError(
+            f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} are not (r, in) and (out, r)"
+        )
+    a = lora_A.detach().to(torch.float32)
+    b = lora_B.detach().to(torch.float32)
+    rows = rows if rows is not None else slice(None)
+    if fan_in_fan_out:
+        # weight is (in, out) = (B @ A).T; its rows index A's columns.
+        return (a[:, rows].T @ b.T) * scale
+    return (b[rows] @ a) * scale
+
+
+def _expected_shape(w: LoRAWeights, rows: slice | None) -> tuple[int, int]:
+    out_f, in_f = w.lora_B.shape[0], w.lora_A.shape[1]
+    shape = (in_f, out_f) if w.fan_in_fan_out else (out_f, in_f)
+    if rows is None:
+        return shape
+    return (len(range(*rows.indices(shape[0]))), shape[1])
+
+
+def merge_weight(
+    weight: torch.Tensor,
+    lora: LoRAWeights,
+    rows: slice | None = None,
+    out_dtype: torch.dtype | None = None,
+    name: str = "weight",
+) -> torch.Tensor:
+    """``weight + scale * B @ A`` computed in fp32, checked finite, cast to ``out_dtype``.
+
+    Args:
+        weight: the base weight, or the rows ``rows`` of it (a dim-0 shard).
+        lora: the layer's adapter.
+        rows: which rows of the full weight ``weight`` holds; ``None`` for all.
+        out_dtype: result dtype; defaults to ``weight.dtype``.
+        name: used in error messages.
+
+    Raises:
+        MergeError: on a shape mismatch or a non-finite result.
+    """
+    expected = _expected_shape(lora, rows)
+    if tuple(weight.shape) != expected:
+        raise MergeError(
+            f"{name}: base shape {tuple(weight.shape)} does not match the adapter's {expected}; "
+            "the adapter was trained for a different base model"
+        )
+    merged = weight.detach().to(torch.float32) + lora_delta(
+        lora.lora_A, lora.lora_B, lora.scale, lora.fan_in_fan_out, rows
+    )
+    if not torch.isfinite(merged).all():
+        raise MergeError(f"{name}: merged weight has NaN/Inf; the adapter or base weight is corrupt")
+    return merged.to(out_dtype or weight.dtype)
+
+
+def unmerge_weight(
+    weight: torch.Tensor, lora: LoRAWeights, out_dtype: torch.dtype | None = None, name: str = "weight"
+) -> torch.Tensor:
+    """Inverse of :func:`merge_weight`: ``weight - scale * B @ A`` in fp32."""
+    negated = LoRAWeights(lora.lora_A, lora.lora_B, -lora.scale, lora.fan_in_fan_out)
+    return merge_weight(weight, negated, out_dtype=out_dtype, name=name)
+
+
+def merge_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    adapters: Mapping[str, LoRAWeights],
+    out_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Merge adapters into a base state dict.
+
+    Args:
+        state_dict: base tensors by name (``model.layers.0.self_attn.q_proj.weight``).
+        adapters: adapters by module name (``model.layers.0.self_attn.q_proj``).
+        out_dtype: dtype of floating-point outputs; defaults to each tensor's own.
+
+    Returns:
+        A new dict with the same keys; targeted weights merged.
+
+    Raises:
+        MergeError: an adapter names a module whose weight is not in ``state_dict``.
+    """
+    missing = [m for m in adapters if f"{m}.weight" not in state_dict]
+    if missing:
+        raise MergeError(f"adapter targets modules missing from the base: {missing[:5]}")
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        if module in adapters:
+            out[key] = merge_weight(tensor, adapters[module], out_dtype=out_dtype, name=key)
+        elif out_dtype is not None and tensor.is_floating_point():
+            out[key] = tensor.to(out_dtype)
+        else:
+            out[key] = tensor
+    return out
