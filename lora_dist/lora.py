@@ -127,8 +127,11 @@ class LoRAConfig:
                     f"lora.layers_to_transform must be non-negative layer indices, got {self.layers_to_transform!r}"
                 )
         for pattern, value in self.rank_pattern.items():
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise LoRAConfigError(f"lora.rank_pattern[{pattern!r}] must be a positive integer, got {value!r}")
+        for pattern, value in self.alpha_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise LoRAConfigError(f"lora.alpha_pattern[{pattern!r}] must be a positive number, got {value!r}")
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The rank and alpha of one module, honouring rank_pattern / alpha_pattern."""
@@ -181,7 +184,8 @@ class LoRALinear(nn.Module):
         lora_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        shape = tuple(getattr(weight, "ds_shape", weight.shape))  # ZeRO-3 params keep their shape in ds_shape
+        out_features, in_features = shape[::-1] if fan_in_fan_out else shape
         if r <= 0 or r > min(in_features, out_features):
             raise LoRAConfigError(
                 f"lora.r={r} must be in [1, min(in, out)={min(in_features, out_features)}] for a "
@@ -198,8 +202,9 @@ class LoRALinear(nn.Module):
             bias.requires_grad_(False)
         self.bias = bias
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(in_features, r, bias=False, device=weight.device, dtype=lora_dtype)
-        self.lora_B = nn.Linear(r, out_features, bias=False, device=weight.device, dtype=lora_dtype)
+        device = weight.device if weight.device.type == "meta" or weight.numel() else None
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=lora_dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=lora_dtype)
         self.merged = False
         self.disabled = False
         if weight.device.type != "meta":
@@ -213,7 +218,8 @@ class LoRALinear(nn.Module):
     def initialize_parameters(self, generator: torch.Generator | None = None) -> None:
         """A: kaiming-uniform (a=sqrt(5)) or N(0, (1/r)^2); B: zeros, so the layer starts as the base."""
         with torch.no_grad():
-            a = self.lora_A.weight
+            # Drawn on the CPU in fp32, so a seeded generator gives the same A on every rank and device.
+            a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
             if self.init == "gaussian":
                 a.normal_(0.0, 1.0 / self.r, generator=generator)
             else:
@@ -221,6 +227,7 @@ class LoRALinear(nn.Module):
                 gain = math.sqrt(2.0 / (1 + 5))
                 bound = math.sqrt(3.0) * gain / math.sqrt(self.in_features)
                 a.uniform_(-bound, bound, generator=generator)
+            self.lora_A.weight.copy_(a)
             self.lora_B.weight.zero_()
 
     def lora_weights(self) -> LoRAWeights:
@@ -359,6 +366,16 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
             f"lora.target_modules={targets!r} matched no linear layer; the model's linear layers are named "
             f"{shown} (full names like {linear_names[:3]})"
         )
+    for name in chosen:  # validate every rank before the model is touched
+        base = model.get_submodule(name)
+        shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))  # ZeRO-3 keeps it in ds_shape
+        out_features, in_features = shape[::-1] if _is_conv1d(base) else shape
+        r, _ = config.rank_and_alpha(name)
+        if r > min(in_features, out_features):
+            raise LoRAConfigError(
+                f"{name}: lora.r={r} must be in [1, min(in, out)={min(in_features, out_features)}] for a "
+                f"{in_features}->{out_features} layer; lower lora.r (or its rank_pattern entry)"
+            )
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
@@ -401,9 +418,15 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` as the base model: every LoRA layer skips its adapter."""
+    """Run ``model`` as the base model: every LoRA layer skips its adapter.
+
+    Merged layers are unmerged for the duration and merged again on exit (as PEFT does).
+    """
     layers = [m for _, m in lora_modules(model)]
     previous = [m.disabled for m in layers]
+    merged = [m for m in layers if m.merged]
+    for m in merged:
+        m.unmerge()
     for m in layers:
         m.disabled = True
     try:
@@ -411,3 +434,5 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     finally:
         for m, p in zip(layers, previous):
             m.disabled = p
+        for m in merged:
+            m.merge()

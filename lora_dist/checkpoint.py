@@ -1,0 +1,298 @@
+"""Resumable training state: LoRA weights, optimizer, step, data position.
+
+The frozen base is never written. A checkpoint is a directory::
+
+    checkpoints/step-000040/
+        lora.safetensors        LoRA tensors by the model's own names
+        optimizer.safetensors   AdamW exp_avg / exp_avg_sq per LoRA tensor, full (not sharded)
+        state.json              step, samples consumed, base identity, world size, strategy
+
+Everything is stored whole and by parameter name, so a run resumes on another
+world size or strategy. Writes are atomic: a temporary sibling dir is fsynced
+and renamed, and the ``latest`` pointer is replaced last. A checkpoint that
+fails to read falls back to the previous good one.
+
+Dropout randomness is re-derived from ``(train.seed, step, rank)`` every step,
+so no RNG state needs saving and a resumed run draws the same masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from lora_dist.config import Config
+from lora_dist.env import LaunchEnv
+from lora_dist.hf import SAFE_INDEX, SAFE_SINGLE
+
+__all__ = [
+    "CheckpointManager",
+    "Preempted",
+    "PreemptionHandler",
+    "ResumeError",
+    "base_identity",
+]
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+PREEMPT_EXIT_CODE = 99
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed as asked."""
+
+
+class Preempted(SystemExit):
+    """Raised after a preemption checkpoint: the job should exit and be requeued."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(PREEMPT_EXIT_CODE)
+        self.step = step
+
+
+def base_identity(model_path: str) -> dict:
+    """What identifies the base model: its path and a hash of config.json and the weight index/header."""
+    root = Path(model_path)
+    h = hashlib.sha256()
+    for name in ("config.json", SAFE_INDEX):
+        f = root / name
+        if f.is_file():
+            h.update(f.read_bytes())
+    single = root / SAFE_SINGLE
+    if single.is_file():
+        with single.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 100_000_000)))
+    return {"path": str(root.resolve()), "sha256": h.hexdigest()}
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _optimizer_tensors(engine) -> dict[str, torch.Tensor]:
+    """Full AdamW moments per LoRA tensor name (collective under ZeRO)."""
+    names = {id(p): n for n, p in _named_lora(engine)}
+    out: dict[str, torch.Tensor] = {}
+    if hasattr(engine, "engine"):  # DeepSpeed: moments live in flat partitions
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        for p in engine.lora_params:
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = safe_get_full_optimizer_state(p, key)
+                if value is not None:
+                    out[f"{names[id(p)]}.{key}"] = value.detach().float().cpu().clone()
+        return out
+    for p in engine.lora_params:
+        state = engine.optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                out[f"{names[id(p)]}.{key}"] = state[key].detach().float().cpu().clone()
+    return out
+
+
+def _load_optimizer_tensors(engine, tensors: dict[str, torch.Tensor], step: int) -> None:
+    named = _named_lora(engine)
+    if hasattr(engine, "engine"):
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        for name, p in named:
+            for key in ("exp_avg", "exp_avg_sq"):
+                if f"{name}.{key}" in tensors:
+                    safe_set_full_optimizer_state(p, tensors[f"{name}.{key}"], key)
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state.setdefault(p, {})["step"] = torch.tensor(float(step))
+        return
+    for name, p in named:
+        if f"{name}.exp_avg" not in tensors:
+            continue
+        engine.optimizer.state[p] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": tensors[f"{name}.exp_avg"].to(p.device, p.dtype).clone(),
+            "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(p.device, p.dtype).clone(),
+        }
+
+
+def _named_lora(engine) -> list[tuple[str, torch.Tensor]]:
+    from lora_dist.lora import lora_modules
+
+    out = []
+    for name, m in lora_modules(engine.module):
+        out += [(f"{name}.lora_A.weight", m.lora_A.weight), (f"{name}.lora_B.weight", m.lora_B.weight)]
+    return out
+
+
+class CheckpointManager:
+    """Saves and restores training state under ``<output.dir>/checkpoints``.
+
+    Args:
+        root: the checkpoints dir.
+        cfg: the run config (``checkpoint.*``, ``train.*``, ``model.path``).
+        env: this process's launch environment.
+    """
+
+    def __init__(self, root: Path, cfg: Config, env: LaunchEnv) -> None:
+        self.root, self.cfg, self.env = Path(root), cfg, env
+        self.samples_offset = 0
+        self.resumed_step = 0
+
+    def should_save(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return bool(every) and step % every == 0 and step < self.cfg.train.steps
+
+    def _samples(self, step: int) -> int:
+        t = self.cfg.train
+        done = step - self.resumed_step
+        return self.samples_offset + done * t.grad_accum * t.micro_batch_size * self.env.world_size
+
+    def save(self, step: int, engine) -> Path | None:
+        """Write a checkpoint for ``step`` (collective; rank 0 writes)."""
+        lora = engine.lora_tensors()
+        moments = _optimizer_tensors(engine)
+        final = self.root / f"step-{step:06d}"
+        if self.env.is_main:
+            state = {
+                "step": step,
+                "samples_consumed": self._samples(step),
+                "base": base_identity(self.cfg.model.path),
+                "world_size": self.env.world_size,
+                "strategy": self.cfg.parallel.strategy,
+                "lora": {"r": self.cfg.lora.r, "alpha": self.cfg.lora.alpha},
+            }
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
+            try:
+                save_file({k: v.cpu().contiguous() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
+                save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"))
+                (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+                _fsync_dir(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                pointer = self.root / f".{LATEST}.tmp"
+                pointer.write_text(final.name + "\n")
+                os.replace(pointer, self.root / LATEST)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+            self._prune()
+            log.info("checkpoint saved: %s", final)
+        if dist.is_initialized():
+            dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("step-*") if p.is_dir())
+        for old in done[: -self.cfg.checkpoint.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _candidates(self) -> list[Path]:
+        resume = self.cfg.checkpoint.resume
+        if resume == "never":
+            return []
+        if resume != "auto":
+            path = Path(resume)
+            if not path.is_dir():
+                raise ResumeError(f"checkpoint.resume={resume!r} is not a checkpoint dir")
+            return [path]
+        if not self.root.is_dir():
+            return []
+        found = sorted((p for p in self.root.glob("step-*") if p.is_dir()), reverse=True)
+        latest = self.root / LATEST
+        if latest.is_file():
+            named = self.root / latest.read_text().strip()
+            found = [named] + [p for p in found if p != named]
+        return found
+
+    def _read(self, path: Path) -> tuple[dict, dict, dict]:
+        try:
+            state = json.loads((path / "state.json").read_text())
+            lora = load_file(str(path / "lora.safetensors"))
+            moments = load_file(str(path / "optimizer.safetensors"))
+        except Exception as e:  # missing file, truncated JSON, corrupt safetensors
+            raise ResumeError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        if not isinstance(state.get("step"), int):
+            raise ResumeError(f"{path}/state.json has no step")
+        return state, lora, moments
+
+    def maybe_resume(self, engine) -> int:
+        """Restore the newest readable checkpoint; returns the step to start from (0 if none)."""
+        for path in self._candidates():
+            try:
+                state, lora, moments = self._read(path)
+            except ResumeError as e:
+                if self.cfg.checkpoint.resume != "auto":
+                    raise
+                if self.env.is_main:
+                    log.warning("skipping corrupt checkpoint: %s; falling back to the previous one", e)
+                continue
+            ident = base_identity(self.cfg.model.path)
+            if state.get("base", {}).get("sha256") != ident["sha256"] and not self.cfg.checkpoint.force:
+                raise ResumeError(
+                    f"{path} was trained on base {state.get('base', {}).get('path')!r}, not {ident['path']!r} "
+                    "(config/weights differ); use the same model.path or set checkpoint.force=true"
+                )
+            expected = {k for k in engine.lora_tensors()}
+            if set(lora) != expected:
+                raise ResumeError(f"{path}: its LoRA tensors do not match this model's LoRA layers (lora.* changed?)")
+            engine.load_lora_tensors(lora)
+            _load_optimizer_tensors(engine, moments, state["step"])
+            self.resumed_step = state["step"]
+            self.samples_offset = state.get("samples_consumed", 0)
+            if self.env.is_main:
+                log.info("resumed from %s at step %d", path, state["step"])
+            return state["step"]
+        return 0
+
+
+class PreemptionHandler:
+    """Turns SIGUSR1/SIGTERM into a request that all ranks agree on at the next step boundary."""
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._previous = {}
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+
+    def _on_signal(self, signum, frame) -> None:
+        self._flag = True
+
+    def requested(self) -> bool:
+        flag = torch.tensor([int(self._flag)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

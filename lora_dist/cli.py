@@ -1,0 +1,164 @@
+"""``lora-dist`` command line.
+
+    lora-dist train CONFIG.yaml [section.key=value ...]   one process, or under torchrun/srun/mpirun
+    lora-dist demo [--nproc 2] [--out runs/demo]          the README's end-to-end job
+    lora-dist export RUN_DIR                               merged checkpoint from a finished run
+    lora-dist merge / verify / slurm / plan / bench        see each command's --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("PMI_RANK", "0")))
+    level = logging.INFO if rank == "0" else logging.WARNING
+    logging.basicConfig(level=level, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("torch.distributed", "DeepSpeed", "deepspeed", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _train_parser(sub) -> None:
+    from lora_dist.config import config_help
+
+    p = sub.add_parser(
+        "train",
+        help="run a LoRA fine-tune",
+        description="Run a LoRA fine-tune. Works as one process and unchanged under torchrun, srun and mpirun.",
+        epilog="config keys (override any as section.key=value):\n" + config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (optional; defaults + overrides otherwise)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 train.lr=3e-4")
+
+
+def _cmd_train(args) -> int:
+    from lora_dist.config import load_config
+    from lora_dist.train import train
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: loss {result.first_loss:.4f} -> {result.final_loss:.4f}"
+              + (f", eval {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+              + f"; outputs in {result.output_dir}")
+    return 0
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="build a tiny Llama, fine-tune it on 2 CPU processes, export merged")
+    p.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
+    p.add_argument("--out", default="runs/demo", help="working dir (default runs/demo)")
+    p.add_argument("overrides", nargs="*", help="extra config overrides")
+
+
+def _cmd_demo(args) -> int:
+    import shutil
+    import socket
+
+    from lora_dist.demo import make_tiny_checkpoint, write_demo_data
+
+    out = Path(args.out).resolve()
+    base, data, run = out / "base", out / "data.jsonl", out / "run"
+    if not (base / "config.json").is_file():
+        print(f"building a tiny Llama checkpoint in {base}")
+        make_tiny_checkpoint(base, arch="llama", hidden=128, layers=4, heads=4)
+    write_demo_data(data, n=600)
+    if run.exists():
+        shutil.rmtree(run)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", f"--master_port={port}",
+           "-m", "lora_dist.cli", "train", str(DEMO_CONFIG),
+           f"model.path={base}", f"data.path={data}", f"output.dir={run}", *args.overrides]
+    print("+", " ".join(cmd), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    code = subprocess.call(cmd, env=env)
+    if code != 0:
+        return code
+    merged = run / "merged"
+    if merged.is_dir():
+        from lora_dist.export import verify_checkpoint
+
+        report = verify_checkpoint(merged, base_dir=base, adapter_dir=run / "adapter")
+        print(f"verified merged export: {report}")
+    return 0
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write the merged checkpoint of a finished run, sharded like training")
+    p.add_argument("run_dir", help="a run's output.dir (holds config.json and adapter/)")
+    p.add_argument("--out", default=None, help="output dir (default RUN_DIR/merged)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-shard-size", default=None)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _cmd_export(args) -> int:
+    from lora_dist.run_export import export_run
+
+    export_run(args.run_dir, out=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+               overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-dist",
+        description="Distributed LoRA fine-tuning: frozen base sharded (FSDP2 / ZeRO-3), LoRA replicated, "
+        "merged export from the sharded state.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _demo_parser(sub)
+    _export_parser(sub)
+    for module, adders in (
+        ("lora_dist.export", ("add_merge_subparser", "add_verify_subparser")),
+        ("lora_dist.slurm", ("add_slurm_subparser",)),
+        ("lora_dist.plan", ("add_plan_subparser",)),
+        ("lora_dist.bench", ("add_bench_subparser",)),
+    ):
+        try:
+            mod = __import__(module, fromlist=list(adders))
+        except ImportError:
+            continue
+        for name in adders:
+            getattr(mod, name)(sub)
+    return parser
+
+
+_COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "export": _cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from lora_dist.errors import USER_ERRORS
+
+    try:
+        if args.command in _COMMANDS:
+            return _COMMANDS[args.command](args)
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        print(f"lora-dist {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

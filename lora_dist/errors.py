@@ -1,0 +1,27 @@
+"""The errors that mean "bad input", reported by the CLI as one line (exit code 2)."""
+
+from __future__ import annotations
+
+from lora_dist.adapter import AdapterError
+from lora_dist.checkpoint import ResumeError
+from lora_dist.config import ConfigError
+from lora_dist.data import DataError
+from lora_dist.env import LaunchError
+from lora_dist.hf import CheckpointError
+from lora_dist.lora import LoRAConfigError
+from lora_dist.merge import MergeError
+from lora_dist.train import TrainingDiverged
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    LaunchError,
+    LoRAConfigError,
+    MergeError,
+    ResumeError,
+    TrainingDiverged,
+    FileExistsError,
+    PermissionError,
+)

@@ -1,0 +1,280 @@
+"""The one training loop, shared by every strategy.
+
+Per optimizer step: count the step's target tokens on all ranks, run
+``grad_accum`` micro-batches (communication only on the last), clip the LoRA
+gradients' global norm, update with AdamW on a warmup + cosine schedule.
+The loss is the global token mean, so N ranks compute exactly what one
+process computes on the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lora_dist.config import Config, config_to_dict
+from lora_dist.data import IGNORE, DataError, PackedDataset, load_dataset
+from lora_dist.env import LaunchEnv, init_distributed
+from lora_dist.model import load_model
+from lora_dist.parallel import Engine, check_replicas, deepspeed_config, make_engine
+
+__all__ = ["TrainingDiverged", "TrainResult", "lr_at", "train"]
+
+log = logging.getLogger("lora_dist")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf."""
+
+
+@dataclass
+class TrainResult:
+    final_loss: float
+    first_loss: float
+    eval_loss: float | None
+    steps: int
+    output_dir: Path
+    history: list[dict] = field(default_factory=list)
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to ``min_ratio * peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _device(env: LaunchEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def _all_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies in fp32 (labels shifted here, ``-100`` ignored)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+def _n_targets(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e9
+
+
+class _Batches:
+    """This rank's share of the global micro-batch stream (see :mod:`lora_dist.data`)."""
+
+    def __init__(self, data: PackedDataset, micro_batch: int, env: LaunchEnv, seed: int, device: torch.device,
+                 first_micro: int = 0, sample_offset: int = 0):
+        self.data, self.micro, self.env, self.seed, self.device = data, micro_batch, env, seed, device
+        self.global_micro = micro_batch * env.world_size
+        self.first_micro, self.sample_offset = first_micro, sample_offset
+
+    def get(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k``-th micro-batch of the run (counting from the start, also after a resume)."""
+        start = self.sample_offset + (k - self.first_micro) * self.global_micro + self.env.rank * self.micro
+        ids, labels = self.data.batch(start, self.micro, self.seed)
+        return ids.to(self.device), labels.to(self.device)
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, data: PackedDataset, micro_batch: int, batches: int, env: LaunchEnv, device) -> float:
+    """Token-mean loss over the first ``batches`` global micro-batches of the held-out blocks."""
+    engine.model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    global_micro = micro_batch * env.world_size
+    n_batches = max(1, min(batches, math.ceil(len(data) / global_micro)))
+    for k in range(n_batches):
+        start = k * global_micro + env.rank * micro_batch
+        idx = [i % len(data) for i in range(start, start + micro_batch)]
+        ids, labels = data.input_ids[idx].to(device), data.labels[idx].to(device)
+        logits = engine.model(input_ids=ids).logits
+        total += torch.tensor([float(token_loss_sum(logits, labels)), _n_targets(labels)], dtype=torch.float64)
+    engine.model.train()
+    total = _all_sum(total)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+class _Progress:
+    """Rank-0 progress bar (tqdm) with loss, tokens/s and memory."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+
+    def update(self, metrics: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                 mem_gb=f"{metrics['memory_gb']:.2f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
+    """Run a LoRA fine-tune as configured; call on every rank.
+
+    Writes ``metrics.jsonl``, checkpoints and ``adapter/`` (and ``merged/`` with
+    ``export.merged``) under ``output.dir``.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: bad input, before any training.
+        TrainingDiverged: a NaN/Inf loss, naming the step; nothing is saved from it.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lora_dist import checkpoint as ckpt_mod
+    from lora_dist.adapter import save_adapter
+
+    env = env or init_distributed(cfg.parallel.timeout_s)
+    if cfg.parallel.strategy == "none" and env.world_size > 1:
+        raise ValueError(f"parallel.strategy=none runs one process, but {env.world_size} were launched; pick fsdp2, zero3 or ddp")
+    if cfg.parallel.strategy in ("zero1", "zero2") and env.is_main:
+        log.warning("parallel.strategy=%s does not shard the frozen base: every rank holds all of it "
+                    "(only the small LoRA optimizer state/gradients are partitioned); use fsdp2 or zero3 to shard it",
+                    cfg.parallel.strategy)
+    device = _device(env)
+    out = Path(cfg.output.dir)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(f"output.dir {str(out)!r} is not writable; choose another output.dir")
+        (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    t, p = cfg.train, cfg.parallel
+
+    if not cfg.model.path:
+        raise ValueError("model.path is not set; pass model.path=/path/to/hf_checkpoint")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    hf_config = AutoConfig.from_pretrained(cfg.model.path)
+    max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    if not cfg.data.path:
+        raise DataError("data.path is not set; pass data.path=/path/to/train.jsonl")
+    dataset = load_dataset(cfg.data.path, tokenizer, t.seq_len, max_pos)
+    train_data, eval_data = dataset.split(cfg.data.eval_fraction)
+
+    ds_config = None
+    if p.strategy.startswith("zero"):
+        ds_config = deepspeed_config(p, t, lora_numel_max=_max_lora_numel(cfg, hf_config))
+    loaded = load_model(cfg.model, cfg.lora, p, device, t.seed, ds_config)
+    model = loaded.model
+    if env.is_main:
+        log.info("%s", loaded.report)
+    lora_params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(lora_params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    engine = make_engine(model, optimizer, p, t, device, ds_config)
+
+    manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env)
+    start_step = manager.maybe_resume(engine)
+    batches = _Batches(train_data, t.micro_batch_size, env, t.seed, device,
+                       first_micro=start_step * t.grad_accum, sample_offset=manager.samples_offset)
+    history: list[dict] = []
+    metrics_path = out / "metrics.jsonl"
+    progress = _Progress(t.steps, start_step, env.is_main)
+    first_loss = float("nan")
+    eval_loss = None
+    preempt = ckpt_mod.PreemptionHandler()
+    try:
+        for step in range(start_step, t.steps):
+            t0 = time.perf_counter()
+            torch.manual_seed(t.seed * 1_000_003 + step * 1009 + env.rank)  # dropout: a function of (seed, step, rank)
+            lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+            micro = [batches.get(step * t.grad_accum + m) for m in range(t.grad_accum)]
+            n_tokens = _all_sum(torch.tensor(sum(_n_targets(lb) for _, lb in micro), dtype=torch.float64))
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for m, (ids, labels) in enumerate(micro):
+                sync = contextlib.nullcontext() if m == t.grad_accum - 1 else engine.no_sync()
+                with sync:
+                    logits = engine.model(input_ids=ids).logits
+                    loss = token_loss_sum(logits, labels)
+                    engine.backward(loss / n_tokens.to(loss.dtype).clamp(min=1))
+                loss_sum += loss.detach().double().cpu()
+            step_loss = float(_all_sum(loss_sum) / n_tokens.clamp(min=1))
+            if not math.isfinite(step_loss):
+                raise TrainingDiverged(
+                    f"loss is {step_loss} at step {step + 1}; stopped before the update, last good checkpoint kept. "
+                    "Lower train.lr or check the data"
+                )
+            grad_norm = engine.step(lr)
+            elapsed = time.perf_counter() - t0
+            record = {
+                "step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": float(n_tokens) / elapsed, "step_time_s": elapsed, "memory_gb": _memory_gb(device),
+            }
+            if step == start_step:
+                first_loss = step_loss
+            if p.replica_check_every and (step + 1) % p.replica_check_every == 0:
+                check_replicas(engine)
+            if t.eval_every and eval_data is not None and (step + 1) % t.eval_every == 0:
+                eval_loss = record["eval_loss"] = evaluate(engine, eval_data, t.micro_batch_size, t.eval_batches, env, device)
+            history.append(record)
+            if env.is_main and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            progress.update(record)
+            stop = preempt.requested()
+            if manager.should_save(step + 1) or stop:
+                manager.save(step + 1, engine)
+            if stop:
+                if env.is_main:
+                    log.warning("preempted: checkpoint at step %d written; exiting with code %d for requeue",
+                                step + 1, ckpt_mod.PREEMPT_EXIT_CODE)
+                raise ckpt_mod.Preempted(step + 1)
+    finally:
+        progress.close()
+        preempt.restore()
+    if eval_data is not None:
+        eval_loss = evaluate(engine, eval_data, t.micro_batch_size, t.eval_batches, env, device)
+        if env.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps({"step": t.steps, "eval_loss": eval_loss}) + "\n")
+    if cfg.export.adapter:
+        with engine.gathered_lora():
+            if env.is_main:
+                save_adapter(model, out / "adapter", cfg.model.path)
+    if cfg.export.merged:
+        from lora_dist.export import export_merged
+        from lora_dist.model import torch_dtype
+
+        export_merged(model, out / "merged", cfg.model.path, dtype=torch_dtype(cfg.export.dtype),
+                      max_shard_size=cfg.export.max_shard_size, overwrite=cfg.output.overwrite)
+    if dist.is_initialized():
+        dist.barrier()
+    final = history[-1]["loss"] if history else float("nan")
+    return TrainResult(final, first_loss, eval_loss, t.steps, out, history)
+
+
+def _max_lora_numel(cfg: Config, hf_config) -> int:
+    hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", 4096)
+    inter = getattr(hf_config, "intermediate_size", None) or 4 * hidden
+    r = max([cfg.lora.r, *cfg.lora.rank_pattern.values()])
+    return r * max(hidden, inter, getattr(hf_config, "vocab_size", 0) or 0)
