@@ -237,6 +237,17 @@ class Engine:
                 out[f"{name}.lora_B.weight"] = m.lora_B.weight.detach().clone()
         return out
 
+    def _named_lora_data(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, m in lora_modules(self.module):
+            out[f"{name}.lora_A.weight"] = m.lora_A.weight.data
+            out[f"{name}.lora_B.weight"] = m.lora_B.weight.data
+        return out
+
+    def replica_tensors(self) -> dict[str, torch.Tensor]:
+        """The LoRA values this rank computes with (what must agree across ranks)."""
+        return self.lora_tensors()
+
     @torch.no_grad()
     def load_lora_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the LoRA params on this rank from full tensors (resume)."""
@@ -294,6 +305,12 @@ class DeepSpeedEngine(Engine):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def replica_tensors(self) -> dict[str, torch.Tensor]:
+        # Persistent ZeRO-3 params keep a whole copy that forward uses; compare that copy, not a re-gather.
+        if all(p.data.numel() == getattr(p, "ds_numel", p.numel()) for p in self.lora_params):
+            return {k: v.clone() for k, v in Engine._named_lora_data(self).items()}
+        return self.lora_tensors()
 
     def gathered_lora(self, modifier: bool = False):
         import deepspeed
@@ -358,7 +375,7 @@ def check_replicas(engine: Engine) -> None:
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    tensors = engine.lora_tensors()
+    tensors = engine.replica_tensors()
     names = sorted(tensors)
     differs = torch.zeros(len(names), dtype=torch.int32)
     for i, name in enumerate(names):

@@ -1,0 +1,74 @@
+"""Build a model with a strategy, run one step, and report what each rank holds (JSON per rank)."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from lora_dist.config import load_config
+from lora_dist.env import init_distributed
+from lora_dist.lora import lora_parameters
+from lora_dist.model import load_model
+from lora_dist.parallel import ReplicaMismatchError, check_replicas, deepspeed_config, make_engine
+from lora_dist.train import token_loss_sum
+
+out_dir, *overrides = sys.argv[1:]
+env = init_distributed()
+cfg = load_config(None, overrides)
+ds = deepspeed_config(cfg.parallel, cfg.train, 10**5) if cfg.parallel.strategy.startswith("zero") else None
+model = load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0, ds).model
+lora = {id(p) for p in lora_parameters(model)}
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+engine = make_engine(model, opt, cfg.parallel, cfg.train, torch.device("cpu"), ds)
+ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(env.rank))
+logits = engine.model(input_ids=ids).logits
+engine.backward(token_loss_sum(logits, ids) / ids.numel())
+engine.step(1e-3)
+
+report = {"rank": env.rank, "base_local_bytes": 0, "base_full_bytes": 0, "base_types": set(), "base_with_grad": [],
+          "base_requires_grad": [], "optimizer_params": 0, "lora_numel": 0, "optimizer_numel": 0}
+for name, p in model.named_parameters():
+    if id(p) in lora:
+        report["lora_numel"] += p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
+        continue
+    full_numel = getattr(p, "ds_numel", p.numel())
+    if hasattr(p, "ds_tensor"):
+        local = p.ds_tensor.numel()
+        report["base_types"].add("zero3-partition")
+    elif hasattr(p, "to_local"):
+        local = p.to_local().numel()
+        from torch.distributed.tensor import Shard
+
+        shard0 = len(p.placements) == 1 and isinstance(p.placements[0], Shard) and p.placements[0].dim == 0
+        report["base_types"].add("DTensor-Shard(0)" if shard0 else f"DTensor{p.placements}")
+    else:
+        local = p.numel()
+        report["base_types"].add("Tensor")
+    report["base_local_bytes"] += local * p.element_size()
+    report["base_full_bytes"] += full_numel * p.element_size()
+    if p.grad is not None:
+        report["base_with_grad"].append(name)
+    if p.requires_grad:
+        report["base_requires_grad"].append(name)
+inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+for group in inner.param_groups:
+    for p in group["params"]:
+        report["optimizer_numel"] += p.numel()
+report["base_types"] = sorted(report["base_types"])
+
+# The replica check passes on healthy replicas and names a perturbed one.
+check_replicas(engine)
+first_b = [n for n, _ in model.named_parameters() if n.endswith("lora_B.weight")][0]
+if env.rank == 1:
+    with torch.no_grad():
+        dict(model.named_parameters())[first_b].data.add_(1e-3)
+try:
+    check_replicas(engine)
+    report["perturbed_detected"] = None
+except ReplicaMismatchError as e:
+    report["perturbed_detected"] = str(e)
+report["perturbed_name"] = first_b
+with open(f"{out_dir}/rank{env.rank}.json", "w") as f:
+    json.dump(report, f)
+dist.barrier()

@@ -1,0 +1,42 @@
+"""Launching multi-process test runs on CPU (gloo) with torchrun."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quiet_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 300, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node N ARGS`` on a free port; output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=quiet_env(**env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def lora_dist(*args: str, timeout: float = 300, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """``python -m lora_dist.cli ARGS`` as one process."""
+    cmd = [sys.executable, "-m", "lora_dist.cli", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=quiet_env(**env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
