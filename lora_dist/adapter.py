@@ -9,6 +9,7 @@ files are refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -61,6 +62,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return full.detach()
 
 
+def _can_generate(model: nn.Module) -> bool:
+    """A causal LM: PEFT's CAUSAL_LM wrapper needs generation support (encoders like BERT get no task type)."""
+    can_generate = getattr(model, "can_generate", None)
+    try:
+        return bool(can_generate()) if callable(can_generate) else False
+    except Exception:  # a remote-code model's own implementation
+        return False
+
+
 def _peft_config(model: nn.Module, config: LoRAConfig, matched: list[str], base_path: str | None) -> dict[str, Any]:
     """PEFT's LoraConfig fields describing exactly the injected modules."""
     leaves = sorted({n.split(".")[-1] for n in matched})
@@ -76,7 +86,7 @@ def _peft_config(model: nn.Module, config: LoRAConfig, matched: list[str], base_
     alpha_pattern = {n: m.alpha for n, m in lora_modules(model) if m.alpha != config.alpha}
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "CAUSAL_LM" if _can_generate(model) else None,
         "base_model_name_or_path": base_path,
         "revision": None,
         "inference_mode": True,
@@ -131,7 +141,11 @@ def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, torch.Tens
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)
-            os.replace(tmp, directory)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                os.replace(old, directory)  # put the previous adapter back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
@@ -283,6 +297,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     missing = sorted(set(adapter.modules()) - set(layers))
     if missing:
         raise AdapterError(f"adapter modules not in the model: {missing[:5]}; the adapter is for a different base")
+    config: LoRAConfig | None = getattr(model, "lora_config", None)
+    if config is not None and config.use_rslora != adapter.lora_config.use_rslora:
+        model.lora_config = dataclasses.replace(config, use_rslora=adapter.lora_config.use_rslora)
     with torch.no_grad():
         for module, w in adapter.weights().items():
             layer = layers[module]
@@ -294,5 +311,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                         f"{tuple(param.shape)}; the adapter is for a different base or rank"
                     )
                 param.copy_(tensor.to(param.dtype))
+            # The adapter's own scaling replaces whatever the model was injected with.
+            layer.alpha = adapter.lora_config.rank_and_alpha(module)[1]
+            layer.use_rslora = adapter.lora_config.use_rslora
             layer.scale = w.scale
     return model

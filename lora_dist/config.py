@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -255,6 +256,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(number):
+                    return number
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -331,6 +340,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for section, values in loaded.items():
             if section not in _SECTIONS:
                 raise _unknown(str(section), sorted(_SECTIONS))
+            if values is None:  # a section with every key commented out
+                values = {}
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping")
             raw[section] = dict(values)

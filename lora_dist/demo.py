@@ -83,7 +83,7 @@ def _config(arch: str, vocab: int, hidden: int, layers: int, heads: int, interme
                    max_position_embeddings=max_pos, tie_word_embeddings=False, **common, **extra)
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_pos,
-                             n_inner=intermediate, tie_word_embeddings=True)
+                             n_inner=intermediate, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
     if arch == "bert":
         return tf.BertConfig(hidden_size=hidden, intermediate_size=intermediate, max_position_embeddings=max_pos,
                              **common)

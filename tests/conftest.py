@@ -1,0 +1,124 @@
+"""Shared test fixtures.
+
+Models are tiny Hugging Face checkpoints built from a config by
+:func:`lora_dist.demo.make_tiny_checkpoint`, saved with ``save_pretrained``
+into a session temp dir and loaded back like real checkpoints; nothing is
+downloaded. Keep this file generic: fixtures specific to one test module
+belong in that module.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+#: Small enough that the whole suite stays fast on two CPU cores.
+TINY_SIZES = {"hidden": 32, "layers": 2, "heads": 4}
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+_quiet_transformers()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Callable[..., Path]:
+    """``tiny_checkpoint(arch="llama", **kwargs) -> Path`` of a saved tiny checkpoint.
+
+    Built once per session per distinct arguments (``kwargs`` go to
+    ``make_tiny_checkpoint``: ``hidden``, ``layers``, ``seed``, ``dtype``,
+    ``max_shard_size``...). Treat the directory as read-only.
+    """
+    from lora_dist.demo import make_tiny_checkpoint
+
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", **kwargs) -> Path:
+        options = {**TINY_SIZES, **kwargs}
+        key = (arch, tuple(sorted((k, str(v)) for k, v in options.items())))
+        if key not in cache:
+            cache[key] = make_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{arch}"), arch=arch, **options)
+        return cache[key]
+
+    return make
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A checkpoint loaded with transformers (masked LM for BERT, causal LM otherwise), in eval mode."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    cls = transformers.AutoModelForMaskedLM if config.model_type == "bert" else transformers.AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=dtype).eval()
+
+
+@pytest.fixture
+def tiny_model(tiny_checkpoint) -> Callable[..., torch.nn.Module]:
+    """``tiny_model(arch="llama", **kwargs)``: a fresh fp32 model in eval mode, loaded from :func:`tiny_checkpoint`.
+
+    Each call loads a new, independent copy (same weights for the same arguments).
+    """
+
+    def make(arch: str = "llama", **kwargs) -> torch.nn.Module:
+        return load_hf_model(tiny_checkpoint(arch, **kwargs))
+
+    return make
+
+
+@pytest.fixture
+def token_ids() -> Callable[..., torch.Tensor]:
+    """``token_ids(model, batch=2, seq=16, seed=0)``: a deterministic batch of ids valid for ``model``."""
+
+    def make(model: torch.nn.Module, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator)
+
+    return make
+
+
+@pytest.fixture
+def peft_twin() -> Callable[..., torch.nn.Module]:
+    """``peft_twin(base_model, lora_model, **lora_config_kwargs)``: PEFT's LoRA on ``base_model`` with our weights.
+
+    ``base_model`` is a separately loaded copy of the same checkpoint, ``lora_model``
+    a model injected by :func:`lora_dist.lora.inject_lora`. PEFT adapts exactly the
+    modules ours adapts, with each module's rank/alpha and our A/B copied in, so the
+    two must compute the same function. ``lora_config_kwargs`` go to
+    ``peft.LoraConfig`` (e.g. ``use_rslora=True``).
+    """
+    peft = pytest.importorskip("peft")
+    from lora_dist.lora import lora_modules
+
+    def make(base_model: torch.nn.Module, lora_model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+        layers = dict(lora_modules(lora_model))
+        first = next(iter(layers.values()))
+        kwargs.setdefault("r", first.r)
+        kwargs.setdefault("lora_alpha", first.alpha)
+        kwargs.setdefault("use_rslora", first.use_rslora)
+        kwargs.setdefault("fan_in_fan_out", first.fan_in_fan_out)
+        exact = {n: f"^{re.escape(n)}" for n in layers}
+        kwargs.setdefault("rank_pattern", {exact[n]: m.r for n, m in layers.items() if m.r != kwargs["r"]})
+        kwargs.setdefault(
+            "alpha_pattern", {exact[n]: m.alpha for n, m in layers.items() if m.alpha != kwargs["lora_alpha"]}
+        )
+        kwargs.setdefault("target_modules", "^(" + "|".join(map(re.escape, layers)) + ")$")
+        model = peft.get_peft_model(base_model, peft.LoraConfig(**kwargs)).eval()
+        with torch.no_grad():
+            for name, layer in layers.items():
+                twin = model.base_model.model.get_submodule(name)
+                twin.lora_A["default"].weight.copy_(layer.lora_A.weight)
+                twin.lora_B["default"].weight.copy_(layer.lora_B.weight)
+        return model
+
+    return make

@@ -1,0 +1,306 @@
+"""PEFT-format adapters: what we save loads in PEFT, what PEFT saves loads here."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import lora_dist.adapter as adapter_mod
+from lora_dist.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterError,
+    load_adapter,
+    lora_state_dict,
+    read_adapter,
+    save_adapter,
+    write_adapter,
+)
+from lora_dist.lora import LoRAConfig, inject_lora, lora_modules
+
+peft = pytest.importorskip("peft")
+# PEFT calls a transformers API that transformers 5 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+TARGETS = {"llama": ["q_proj", "v_proj", "o_proj", "down_proj"], "gpt2": ["c_attn", "c_proj", "c_fc"]}
+
+# The selection rules PEFT has to reproduce from the saved adapter_config.json.
+CONFIGS = {
+    "plain": dict(r=4, alpha=8),
+    "rslora": dict(r=4, alpha=8, use_rslora=True),
+    "patterns": dict(r=4, alpha=8, rank_pattern={"v_proj|c_fc": 2}, alpha_pattern={"q_proj|c_proj": 3.0}),
+    "layers": dict(r=4, alpha=8, layers_to_transform=[1]),
+    "all-linear": dict(r=2, alpha=4, target_modules="all-linear", exclude_modules=["o_proj", "c_proj"]),
+    "regex": dict(r=2, alpha=4, target_modules=r".*\.0\..*(q_proj|v_proj|c_attn)"),
+}
+
+
+def adapted(tiny_model, arch: str, seed: int = 0, sizes: dict | None = None, **config) -> nn.Module:
+    """A tiny model (``sizes`` go to ``tiny_model``) with LoRA and random non-zero A and B."""
+    model = tiny_model(arch, **(sizes or {}))
+    inject_lora(model, LoRAConfig(**{"target_modules": TARGETS.get(arch), **config}))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator))
+    return model
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def peft_adapted(base: nn.Module, seed: int = 0, **config) -> nn.Module:
+    """PEFT's LoRA with random non-zero A and B."""
+    model = peft.get_peft_model(base, peft.LoraConfig(**config)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return model
+
+
+# ---------------------------------------------------------------------------- ours -> PEFT
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("case", sorted(CONFIGS))
+def test_saved_adapter_loads_in_peft_with_same_logits(arch, case, tiny_model, token_ids, tmp_path):
+    model = adapted(tiny_model, arch, **CONFIGS[case])
+    save_adapter(model, tmp_path / "adapter")
+    reference = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "adapter").eval()
+
+    assert {n.removeprefix("base_model.model.") for n in reference.targeted_module_names} == {
+        n for n, _ in lora_modules(model)
+    }
+    ids = token_ids(model)
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "bert"])
+def test_other_architectures_roundtrip_through_peft(arch, tiny_model, token_ids, tmp_path):
+    model = adapted(tiny_model, arch, r=4, alpha=8, target_modules=None)  # the architecture's default targets
+    save_adapter(model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
+    assert saved["task_type"] == (None if arch == "bert" else "CAUSAL_LM")  # PEFT's CAUSAL_LM wrapper needs generate
+    reference = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "adapter").eval()
+    ids = token_ids(model)
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), atol=1e-6, rtol=0)
+    loaded = load_adapter(tiny_model(arch), tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=0, rtol=0)
+
+
+def test_adapter_config_has_the_keys_peft_expects(tiny_model, tiny_checkpoint, tmp_path):
+    model = adapted(tiny_model, "llama", r=4, alpha=8, dropout=0.1)
+    save_adapter(model, tmp_path / "adapter")
+    assert sorted(os.listdir(tmp_path / "adapter")) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    saved = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
+
+    peft_fields = set(peft.LoraConfig().to_dict())
+    assert set(saved) <= peft_fields, f"keys PEFT does not know: {set(saved) - peft_fields}"
+    for key in ("peft_type", "task_type", "r", "lora_alpha", "target_modules", "fan_in_fan_out", "use_rslora",
+                "bias", "lora_dropout", "rank_pattern", "alpha_pattern", "base_model_name_or_path"):
+        assert key in saved, key
+    assert saved["peft_type"] == "LORA" and saved["r"] == 4 and saved["lora_alpha"] == 8
+    assert saved["lora_dropout"] == 0.1 and saved["bias"] == "none"
+    assert sorted(saved["target_modules"]) == sorted(TARGETS["llama"])
+    assert saved["base_model_name_or_path"] == str(tiny_checkpoint("llama"))
+
+    loaded = peft.LoraConfig.from_pretrained(tmp_path / "adapter")
+    assert loaded.r == 4 and loaded.lora_alpha == 8 and not loaded.fan_in_fan_out
+
+    tensors = load_file(str(tmp_path / "adapter" / ADAPTER_WEIGHTS))
+    assert set(tensors) == {f"base_model.model.{k}" for k in lora_state_dict(model)}
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in tensors
+
+
+def test_gpt2_adapter_config_sets_fan_in_fan_out(tiny_model, tmp_path):
+    save_adapter(adapted(tiny_model, "gpt2", r=4, alpha=8), tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["fan_in_fan_out"] is True
+    assert all(w.fan_in_fan_out for w in read_adapter(tmp_path / "adapter").weights().values())
+
+
+# ---------------------------------------------------------------------------- PEFT -> ours
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(r=4, lora_alpha=8),
+        dict(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"v_proj|c_fc": 2}, alpha_pattern={"q_proj|c_proj": 5}),
+        dict(r=2, lora_alpha=4, target_modules="all-linear"),
+    ],
+    ids=["plain", "rslora-patterns", "all-linear"],
+)
+def test_peft_adapter_loads_with_same_logits(arch, config, tiny_model, token_ids, tmp_path):
+    config = {"target_modules": TARGETS[arch], "fan_in_fan_out": arch == "gpt2", **config}
+    reference = peft_adapted(tiny_model(arch), **config)
+    reference.save_pretrained(tmp_path / "peft")
+
+    model = load_adapter(tiny_model(arch), tmp_path / "peft")
+    assert {n for n, _ in lora_modules(model)} == {
+        n.removeprefix("base_model.model.") for n in reference.targeted_module_names
+    }
+    ids = token_ids(model)
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), atol=1e-6, rtol=0)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+    # ... and saving it again gives PEFT the same adapter back.
+    save_adapter(model, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "again").eval()
+    torch.testing.assert_close(logits(again, ids), logits(reference, ids), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_load_adapter_into_an_injected_model(use_rslora, tiny_model, token_ids, tmp_path):
+    source = adapted(tiny_model, "llama", r=4, alpha=8, use_rslora=use_rslora, rank_pattern={"v_proj": 2},
+                     alpha_pattern={"q_proj": 2.0})
+    save_adapter(source, tmp_path / "adapter")
+    target = tiny_model("llama")
+    inject_lora(target, LoRAConfig(r=4, alpha=8, target_modules=TARGETS["llama"], rank_pattern={"v_proj": 2}))
+    load_adapter(target, tmp_path / "adapter")
+    for (name, ours), (_, theirs) in zip(lora_modules(target), lora_modules(source)):
+        assert torch.equal(ours.lora_A.weight, theirs.lora_A.weight), name
+        assert torch.equal(ours.lora_B.weight, theirs.lora_B.weight), name
+        assert (ours.scale, ours.alpha, ours.use_rslora) == (theirs.scale, theirs.alpha, theirs.use_rslora), name
+    ids = token_ids(source)
+    torch.testing.assert_close(logits(target, ids), logits(source, ids), atol=0, rtol=0)
+
+    # Saved again, it is still the source's adapter.
+    save_adapter(target, tmp_path / "again")
+    reference = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "again").eval()
+    torch.testing.assert_close(logits(reference, ids), logits(source, ids), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+def test_pickled_adapter_is_refused(tiny_model, tmp_path):
+    reference = peft_adapted(tiny_model("llama"), r=2, target_modules=["q_proj"])
+    reference.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").exists()
+    with pytest.raises(AdapterError, match="pickle"):
+        load_adapter(tiny_model("llama"), tmp_path / "bin")
+
+
+def test_shape_mismatch_is_an_error(tiny_model, tmp_path):
+    save_adapter(adapted(tiny_model, "llama", r=4, alpha=8, sizes={"hidden": 64}), tmp_path / "wide")
+    with pytest.raises(AdapterError, match="different base"):
+        load_adapter(tiny_model("llama"), tmp_path / "wide")
+
+    save_adapter(adapted(tiny_model, "llama", r=4, alpha=8), tmp_path / "r4")
+    model = tiny_model("llama")
+    inject_lora(model, LoRAConfig(r=2, target_modules=TARGETS["llama"]))
+    with pytest.raises(AdapterError, match=r"lora_A: adapter shape \(4, \d+\) != model shape \(2, \d+\)"):
+        load_adapter(model, tmp_path / "r4")
+
+
+def test_adapter_for_other_modules_is_an_error(tiny_model, tmp_path):
+    save_adapter(adapted(tiny_model, "llama", r=2, alpha=4), tmp_path / "adapter")
+    model = tiny_model("llama")
+    inject_lora(model, LoRAConfig(r=2, target_modules=["k_proj"]))
+    with pytest.raises(AdapterError, match="not in the model"):
+        load_adapter(model, tmp_path / "adapter")
+
+
+def test_empty_and_non_finite_tensors_are_refused_on_save(tiny_model, tmp_path):
+    model = adapted(tiny_model, "llama", r=2, alpha=4)
+    layer = dict(lora_modules(model))["model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        layer.lora_B.weight[0, 0] = float("nan")
+    with pytest.raises(AdapterError, match="NaN/Inf"):
+        save_adapter(model, tmp_path / "adapter")
+    layer.lora_B.weight = nn.Parameter(torch.empty(0))  # what an un-gathered shard looks like
+    with pytest.raises(AdapterError, match="empty"):
+        save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    with pytest.raises(AdapterError, match="no tensors"):
+        write_adapter(tmp_path / "adapter", {}, {})
+    with pytest.raises(AdapterError, match="inject_lora"):
+        save_adapter(tiny_model("llama"), tmp_path / "adapter")
+
+
+def _fail(*args, **kwargs):
+    raise OSError("disk full")
+
+
+@pytest.mark.parametrize("failing", ["save_file", "replace"])
+def test_failed_write_leaves_the_existing_adapter_intact(failing, tiny_model, tmp_path, monkeypatch):
+    target = tmp_path / "adapter"
+    save_adapter(adapted(tiny_model, "llama", r=2, alpha=4, seed=0), target)
+    before = {f: (target / f).read_bytes() for f in os.listdir(target)}
+
+    newer = adapted(tiny_model, "llama", r=2, alpha=4, seed=1)
+    if failing == "save_file":
+        monkeypatch.setattr(adapter_mod, "save_file", _fail)
+    else:  # the rename of the finished temp dir into place fails
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if ".tmp-" in str(src):
+                raise OSError("disk full")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(adapter_mod.os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(newer, target)
+    monkeypatch.undo()
+
+    assert {f: (target / f).read_bytes() for f in os.listdir(target)} == before
+    assert os.listdir(tmp_path) == ["adapter"], "temporary files were left behind"
+    save_adapter(newer, target)
+    assert torch.equal(read_adapter(target).tensors["model.layers.0.self_attn.q_proj.lora_B.weight"],
+                       dict(lora_modules(newer))["model.layers.0.self_attn.q_proj"].lora_B.weight)
+
+
+def _write(directory, config=None, tensors=None):
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], **(config or {})}
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config))
+    if tensors is None:
+        tensors = {"base_model.model.q_proj.lora_A.weight": torch.ones(2, 8),
+                   "base_model.model.q_proj.lora_B.weight": torch.ones(8, 2)}
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS))
+    return directory
+
+
+@pytest.mark.parametrize(
+    "config, tensors, match",
+    [
+        ({"peft_type": "IA3"}, None, "LORA only"),
+        ({"use_dora": True}, None, "DoRA"),
+        ({"r": 0}, None, "invalid LoRA config"),
+        (None, {"base_model.model.q_proj.lora_A.weight": torch.ones(2, 8)}, "without lora_B"),
+        (None, {"base_model.model.q_proj.lora_A.weight": torch.ones(2, 8),
+                "base_model.model.q_proj.lora_B.weight": torch.ones(8, 2),
+                "base_model.model.lm_head.weight": torch.ones(4, 8)}, "cannot apply"),
+    ],
+    ids=["not-lora", "dora", "bad-rank", "unpaired", "modules-to-save"],
+)
+def test_read_adapter_refuses_what_it_cannot_apply(config, tensors, match, tmp_path):
+    with pytest.raises(AdapterError, match=match):
+        read_adapter(_write(tmp_path / "adapter", config, tensors))
+
+
+def test_read_adapter_missing_or_corrupt_files(tmp_path):
+    with pytest.raises(AdapterError, match=ADAPTER_CONFIG):
+        read_adapter(tmp_path)
+    directory = _write(tmp_path / "adapter")
+    (directory / ADAPTER_CONFIG).write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        read_adapter(directory)
+    directory = _write(tmp_path / "adapter2")
+    (directory / ADAPTER_WEIGHTS).write_bytes(b"garbage")
+    with pytest.raises(AdapterError, match="not a readable safetensors"):
+        read_adapter(directory)
+    os.remove(directory / ADAPTER_WEIGHTS)
+    with pytest.raises(AdapterError, match="not found"):
+        read_adapter(directory)

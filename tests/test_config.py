@@ -1,0 +1,171 @@
+"""Run configuration: defaults -> YAML file -> dotted CLI overrides, and every error a user can make."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from lora_dist.config import Config, ConfigError, _all_keys, config_help, config_to_dict, load_config
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    """``config_file(text) -> path`` of a YAML file holding ``text``."""
+
+    def write(text: str):
+        path = tmp_path / "run.yaml"
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def test_defaults():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.lora.r == 8 and cfg.lora.target_modules is None
+    assert cfg.parallel.strategy == "fsdp2"
+    assert isinstance(cfg.train.lr, float)
+
+
+def test_precedence_cli_over_file_over_defaults(config_file):
+    path = config_file(
+        """
+        lora:
+          r: 16
+          alpha: 32
+        train:
+          lr: 1.0e-3
+          steps: 20
+        """.replace("\n        ", "\n")
+    )
+    cfg = load_config(path, ["lora.r=4", "train.micro_batch_size=8"])
+    assert cfg.lora.r == 4  # CLI over file
+    assert cfg.lora.alpha == 32.0  # file over default
+    assert cfg.train.lr == 1e-3 and cfg.train.steps == 20
+    assert cfg.train.micro_batch_size == 8  # CLI over default
+    assert cfg.train.seq_len == Config().train.seq_len  # default
+    assert load_config(path, ["lora.r=4", "lora.r=2"]).lora.r == 2  # the last override wins
+
+
+@pytest.mark.parametrize(
+    "override, section, key, expected",
+    [
+        ("lora.target_modules=[q_proj,k_proj]", "lora", "target_modules", ["q_proj", "k_proj"]),
+        ("lora.target_modules=all-linear", "lora", "target_modules", "all-linear"),
+        ("lora.target_modules=null", "lora", "target_modules", None),
+        ("lora.layers_to_transform=[0, 1]", "lora", "layers_to_transform", [0, 1]),
+        ("lora.rank_pattern={v_proj: 4}", "lora", "rank_pattern", {"v_proj": 4}),
+        ("train.lr=3e-4", "train", "lr", 3e-4),
+        ("train.lr=1", "train", "lr", 1.0),
+        ("train.max_grad_norm=0", "train", "max_grad_norm", 0.0),
+        ("export.merged=true", "export", "merged", True),
+        ("output.dir=runs/a=b", "output", "dir", "runs/a=b"),
+        ("model.path=123", "model", "path", "123"),
+    ],
+)
+def test_override_values(override, section, key, expected):
+    value = getattr(getattr(load_config(overrides=[override]), section), key)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_scientific_notation_in_a_file(config_file):
+    # YAML 1.1 reads "3e-4" (no dot) as a string; a learning rate written that way must still work.
+    assert load_config(config_file("train:\n  lr: 3e-4\n  weight_decay: 1e-2\n")).train.lr == 3e-4
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'lora\.rr'.*did you mean 'lora\.r'"):
+        load_config(overrides=["lora.rr=4"])
+    with pytest.raises(ConfigError, match="did you mean 'train.warmup_steps'"):
+        load_config(overrides=["train.warmup_step=4"])
+    with pytest.raises(ConfigError, match="did you mean 'lora"):
+        load_config(overrides=["loar.r=4"])
+
+
+def test_unknown_key_in_a_file_suggests_the_closest(config_file):
+    with pytest.raises(ConfigError, match="did you mean 'train.micro_batch_size'"):
+        load_config(config_file("train:\n  micro_batchsize: 4\n"))
+    with pytest.raises(ConfigError, match="did you mean 'parallel'"):
+        load_config(config_file("paralel:\n  strategy: ddp\n"))
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("train.lr=abc", "train.lr"),
+        ("train.steps=1.5", "train.steps"),
+        ("train.steps=ten", "train.steps"),
+        ("export.merged=maybe", "export.merged"),
+        ("lora.r=[4]", "lora.r"),
+        ("lora.layers_to_transform=[a]", "lora.layers_to_transform"),
+        ("lora.rank_pattern=[1]", "lora.rank_pattern"),
+    ],
+)
+def test_wrong_type_names_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("lora.r=0", "lora.r must be a positive integer"),
+        ("lora.dropout=1.5", "lora.dropout"),
+        ("lora.target_modules=[]", "lora.target_modules"),
+        ("parallel.strategy=fsdp", "parallel.strategy"),
+        ("model.dtype=fp16", "model.dtype"),
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("train.lr=-1", "train.lr"),
+        ("data.eval_fraction=1", "data.eval_fraction"),
+        ("checkpoint.keep=0", "checkpoint.keep"),
+        ("lora.r", "section.key=value"),
+        ("lr=3", "section.key"),
+        ("train.optim.lr=3", "section.key"),
+    ],
+)
+def test_invalid_values_are_errors(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=[override])
+
+
+def test_file_errors(config_file, tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(config_file("lora:\n  r: [4\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(config_file("- lora\n- train\n"))
+    with pytest.raises(ConfigError, match="section 'lora' must be a mapping"):
+        load_config(config_file("lora: 4\n"))
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(config_file("train:\n  lr: fast\n"))
+
+
+def test_empty_file_and_empty_section_mean_defaults(config_file):
+    assert load_config(config_file("")) == Config()
+    assert load_config(config_file("# nothing yet\nlora:\ntrain:\n  steps: 3\n")).train.steps == 3
+
+
+def test_config_roundtrips_through_a_file(config_file):
+    import yaml
+
+    cfg = load_config(overrides=["lora.target_modules=[q_proj,v_proj]", "lora.rank_pattern={v_proj: 2}"])
+    assert load_config(config_file(yaml.safe_dump(config_to_dict(cfg)))) == cfg
+
+
+def test_config_help_lists_every_key_with_its_doc():
+    text = config_help()
+    for key in _all_keys():
+        assert f"  {key} (" in text, key
+    assert "lora.r (int, default 8)" in text
+    assert "LoRA rank." in text
+    assert "Peak learning rate (AdamW)." in text
+    for section in dataclasses.fields(Config):
+        assert f"{section.name}:" in text
+    # Every key has help text: a doc line follows each key line.
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("  ") and not line.startswith("    "):
+            assert i + 1 < len(lines) and lines[i + 1].startswith("      "), f"no help for {line.strip()}"

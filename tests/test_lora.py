@@ -1,0 +1,405 @@
+"""LoRA layers and injection, checked numerically against PEFT."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from lora_dist.lora import (
+    LoRAConfig,
+    LoRAConfigError,
+    LoRALinear,
+    disable_adapters,
+    inject_lora,
+    lora_modules,
+    lora_parameters,
+)
+
+peft = pytest.importorskip("peft")
+# PEFT calls a transformers API that transformers 5 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+# Per architecture: attention and MLP projections, so GPT-2 covers Conv1D both ways round.
+TARGETS = {
+    "llama": ["q_proj", "v_proj", "o_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "qwen2": ["q_proj", "k_proj", "v_proj"],  # the biased projections
+    "mistral": ["q_proj", "k_proj", "gate_proj"],
+    "bert": ["query", "value", "dense"],
+}
+
+
+def randomize_lora_B(model: nn.Module, seed: int = 0) -> None:
+    """Non-zero B everywhere, so the adapter really changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator))
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def targeted_by_peft(base_model: nn.Module, **kwargs) -> set[str]:
+    model = peft.get_peft_model(base_model, peft.LoraConfig(**kwargs))
+    return {name.removeprefix("base_model.model.") for name in model.targeted_module_names}
+
+
+def injected(model: nn.Module) -> set[str]:
+    return {name for name, _ in lora_modules(model)}
+
+
+# ---------------------------------------------------------------------------- forward vs PEFT
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "mistral", "bert"])
+def test_forward_matches_peft(arch, tiny_model, token_ids, peft_twin):
+    model, base = tiny_model(arch), tiny_model(arch)
+    ids = token_ids(model)
+    base_logits = logits(base, ids)
+    report = inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=TARGETS[arch]))
+    randomize_lora_B(model)
+    reference = peft_twin(base, model)
+
+    assert injected(model) == {n.removeprefix("base_model.model.") for n in reference.targeted_module_names}
+    assert set(report.matched) == injected(model)
+    ours, theirs = logits(model, ids), logits(reference, ids)
+    assert (ours - base_logits).abs().max() > 1e-3, "the adapter did not change the output"
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_conv1d_layers_are_fan_in_fan_out(tiny_model):
+    model = tiny_model("gpt2")
+    inject_lora(model, LoRAConfig(r=4, target_modules=["c_attn", "c_fc"]))
+    for name, layer in lora_modules(model):
+        assert layer.fan_in_fan_out
+        assert layer.weight.shape == (layer.in_features, layer.out_features), name
+        assert layer.lora_A.weight.shape == (4, layer.in_features)
+        assert layer.lora_B.weight.shape == (layer.out_features, 4)
+
+
+def test_dropout_matches_peft_in_train_mode(tiny_model, token_ids, peft_twin):
+    model, base = tiny_model("llama"), tiny_model("llama")
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.3, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_B(model)
+    reference = peft_twin(base, model, lora_dropout=0.3)
+    ids = token_ids(model)
+    model.train(), reference.train()
+    torch.manual_seed(1)
+    ours = model(input_ids=ids).logits
+    torch.manual_seed(1)
+    theirs = reference(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------- starts as the base model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
+def test_zero_B_gives_base_outputs_exactly(arch, init, tiny_model, token_ids):
+    model, base = tiny_model(arch), tiny_model(arch)
+    ids = token_ids(model)
+    inject_lora(model, LoRAConfig(r=4, init=init, target_modules=TARGETS[arch]))
+    for _, layer in lora_modules(model):
+        assert layer.lora_A.weight.abs().sum() > 0
+        assert torch.equal(layer.lora_B.weight, torch.zeros_like(layer.lora_B.weight))
+    assert torch.equal(logits(model, ids), logits(base, ids))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_disable_adapters_gives_base_outputs(arch, tiny_model, token_ids):
+    model, base = tiny_model(arch), tiny_model(arch)
+    ids = token_ids(model)
+    inject_lora(model, LoRAConfig(r=4, target_modules=TARGETS[arch]))
+    randomize_lora_B(model)
+    adapted = logits(model, ids)
+    with disable_adapters(model):
+        assert torch.equal(logits(model, ids), logits(base, ids))
+    assert torch.equal(logits(model, ids), adapted)
+
+    with pytest.raises(RuntimeError), disable_adapters(model):
+        raise RuntimeError("boom")
+    assert not any(layer.disabled for _, layer in lora_modules(model)), "disabled flag leaked past the context"
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_only_lora_params_receive_gradients(arch, tiny_model, token_ids):
+    model = tiny_model(arch)
+    report = inject_lora(model, LoRAConfig(r=4, target_modules=TARGETS[arch]))
+    randomize_lora_B(model)
+    model.train()
+    ids = token_ids(model)
+    model(input_ids=ids, labels=ids).loss.backward()
+
+    lora_ids = {id(p) for p in lora_parameters(model)}
+    assert len(lora_ids) == 2 * len(report.matched)
+    for name, param in model.named_parameters():
+        if id(param) in lora_ids:
+            assert param.requires_grad, name
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert not param.requires_grad, name
+            assert param.grad is None, name
+    assert report.trainable_params == sum(p.numel() for p in lora_parameters(model))
+    assert report.all_params == sum(p.numel() for p in model.parameters())
+
+
+def test_lora_parameters_follow_module_order(tiny_model):
+    model = tiny_model("llama")
+    inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    names = [n for n, p in model.named_parameters() if "lora_" in n]
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    assert [by_id[id(p)] for p in lora_parameters(model)] == names
+
+
+# ---------------------------------------------------------------------------- scaling and init
+
+
+def test_rslora_matches_peft(tiny_model, token_ids, peft_twin):
+    model, base = tiny_model("llama"), tiny_model("llama")
+    inject_lora(model, LoRAConfig(r=4, alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"]))
+    for _, layer in lora_modules(model):
+        assert layer.scale == pytest.approx(8 / math.sqrt(4))
+    randomize_lora_B(model)
+    reference = peft_twin(base, model, use_rslora=True)
+    for name, layer in lora_modules(model):
+        twin = reference.base_model.model.get_submodule(name)
+        assert twin.scaling["default"] == pytest.approx(layer.scale)
+    ids = token_ids(model)
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), atol=1e-6, rtol=0)
+
+
+def test_gaussian_init_std_is_one_over_r():
+    base = nn.Linear(512, 256)
+    layer = LoRALinear.from_base(base, r=8, alpha=16, init="gaussian")
+    a = layer.lora_A.weight
+    assert a.std().item() == pytest.approx(1 / 8, rel=0.05)
+    assert a.mean().abs().item() < 0.01
+    assert torch.equal(layer.lora_B.weight, torch.zeros(256, 8))
+
+
+def test_kaiming_init_matches_torch_bound():
+    layer = LoRALinear.from_base(nn.Linear(512, 256), r=8, alpha=16)
+    reference = torch.empty(8, 512)
+    nn.init.kaiming_uniform_(reference, a=math.sqrt(5))
+    bound = 1 / math.sqrt(512)  # kaiming_uniform(a=sqrt(5)) bound: gain * sqrt(3 / fan_in)
+    a = layer.lora_A.weight
+    assert a.abs().max().item() <= bound
+    assert a.abs().max().item() > 0.95 * bound
+    assert a.std().item() == pytest.approx(reference.std().item(), rel=0.1)
+
+
+def test_initialize_parameters_is_reproducible_with_a_generator():
+    layer = LoRALinear.from_base(nn.Linear(32, 16), r=4, alpha=8)
+    layer.initialize_parameters(torch.Generator().manual_seed(3))
+    first = layer.lora_A.weight.clone()
+    layer.lora_B.weight.data.fill_(1.0)
+    layer.initialize_parameters(torch.Generator().manual_seed(3))
+    assert torch.equal(layer.lora_A.weight, first)
+    assert torch.equal(layer.lora_B.weight, torch.zeros(16, 4))
+
+
+def test_lora_params_stay_fp32_on_a_bf16_base(tiny_model, token_ids):
+    model = tiny_model("llama").to(torch.bfloat16)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj"]))
+    for _, layer in lora_modules(model):
+        assert layer.weight.dtype == torch.bfloat16
+        assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
+    randomize_lora_B(model)
+    assert logits(model, token_ids(model)).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------- which modules get adapted
+
+
+def test_default_targets_are_query_and_value(tiny_model):
+    model = tiny_model("llama")
+    inject_lora(model, LoRAConfig(r=2))
+    assert injected(model) == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+    gpt2 = tiny_model("gpt2")
+    inject_lora(gpt2, LoRAConfig(r=2))
+    assert injected(gpt2) == {"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_all_linear_excludes_output_head_like_peft(arch, tiny_model):
+    model = tiny_model(arch)
+    inject_lora(model, LoRAConfig(r=2, target_modules="all-linear"))
+    names = injected(model)
+    head = {"llama": "lm_head", "gpt2": "lm_head", "bert": "cls.predictions.decoder"}[arch]
+    assert head not in names
+    assert not isinstance(model.get_output_embeddings(), LoRALinear)
+    assert names == targeted_by_peft(tiny_model(arch), r=2, target_modules="all-linear", fan_in_fan_out=arch == "gpt2")
+
+
+def test_layers_to_transform_like_peft(tiny_model):
+    model = tiny_model("llama")
+    inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]))
+    assert injected(model) == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
+    assert injected(model) == targeted_by_peft(
+        tiny_model("llama"), r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]
+    )
+    gpt2 = tiny_model("gpt2")
+    inject_lora(gpt2, LoRAConfig(r=2, target_modules=["c_attn"], layers_to_transform=0))
+    assert injected(gpt2) == {"transformer.h.0.attn.c_attn"}
+
+
+def test_regex_targets_like_peft(tiny_model):
+    pattern = r"model\.layers\.0\.(self_attn\.(q|k)_proj|mlp\.up_proj)"
+    model = tiny_model("llama")
+    inject_lora(model, LoRAConfig(r=2, target_modules=pattern))
+    assert injected(model) == {
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.mlp.up_proj",
+    }
+    assert injected(model) == targeted_by_peft(tiny_model("llama"), r=2, target_modules=pattern)
+
+
+@pytest.mark.parametrize("exclude", [["mlp.down_proj", "o_proj"], r".*\.1\..*|.*down_proj"])
+def test_exclude_modules_like_peft(exclude, tiny_model):
+    model = tiny_model("llama")
+    inject_lora(model, LoRAConfig(r=2, target_modules="all-linear", exclude_modules=exclude))
+    names = injected(model)
+    assert names and not any(n.endswith(("down_proj",)) for n in names)
+    assert names == targeted_by_peft(tiny_model("llama"), r=2, target_modules="all-linear", exclude_modules=exclude)
+
+
+def test_rank_and_alpha_pattern_match_peft(tiny_model, token_ids):
+    config = dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    patterns = dict(rank_pattern={"v_proj": 2, r"layers\.1\.mlp\.down_proj": 8}, alpha_pattern={"q_proj": 32.0})
+    model = tiny_model("llama")
+    inject_lora(model, LoRAConfig(alpha=8, **config, **patterns))
+    reference = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(lora_alpha=8, **config, **patterns)).eval()
+    randomize_lora_B(model)
+    with torch.no_grad():
+        for name, layer in lora_modules(model):
+            twin = reference.base_model.model.get_submodule(name)
+            assert layer.r == twin.r["default"], name
+            assert layer.scale == pytest.approx(twin.scaling["default"]), name
+            twin.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            twin.lora_B["default"].weight.copy_(layer.lora_B.weight)
+    layers = dict(lora_modules(model))
+    assert layers["model.layers.0.self_attn.v_proj"].r == 2
+    assert layers["model.layers.1.mlp.down_proj"].r == 8
+    assert layers["model.layers.0.mlp.down_proj"].r == 4
+    assert layers["model.layers.0.self_attn.q_proj"].scale == pytest.approx(32 / 4)
+    ids = token_ids(model)
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------- meta-device init
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_meta_injection_loads_base_checkpoint_unchanged(arch, tiny_checkpoint, tiny_model, token_ids):
+    import transformers
+
+    path = tiny_checkpoint(arch)
+    config = transformers.AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    inject_lora(model, LoRAConfig(r=4, target_modules=TARGETS[arch]))
+    assert all(p.is_meta for p in lora_parameters(model))
+
+    model.to_empty(device="cpu")
+    base_state = load_file(str(path / "model.safetensors"))
+    result = model.load_state_dict(base_state, strict=False)
+    assert result.unexpected_keys == []
+    missing = set(result.missing_keys) - {"lm_head.weight"}  # GPT-2 ties lm_head to wte; it is not saved
+    lora_keys = {k for k in model.state_dict() if ".lora_A." in k or ".lora_B." in k}
+    assert missing == lora_keys
+    model.tie_weights()
+    for _, layer in lora_modules(model):
+        layer.initialize_parameters()
+
+    reference = tiny_model(arch)
+    with torch.no_grad():  # non-persistent buffers (RoPE inv_freq...) are not in a checkpoint
+        for name, buffer in reference.named_buffers():
+            model.get_buffer(name).copy_(buffer)
+    state = model.state_dict()
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(state[key], tensor), key
+    model.eval()
+    ids = token_ids(model)
+    assert torch.equal(logits(model, ids), logits(reference, ids))
+
+    # The base checkpoint plus LoRA tensors is exactly the injected model's state dict.
+    full = {**base_state, **{k: v for k, v in state.items() if k in lora_keys}}
+    if "lm_head.weight" not in base_state:
+        full["lm_head.weight"] = base_state["transformer.wte.weight"]
+    model.load_state_dict(full, strict=True)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("r", [0, -1, 2.0, True])
+def test_rank_must_be_a_positive_integer(r):
+    with pytest.raises(LoRAConfigError, match="lora.r"):
+        LoRAConfig(r=r)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(alpha=0), "lora.alpha"),
+        (dict(dropout=1.0), "lora.dropout"),
+        (dict(init="orthogonal"), "lora.init"),
+        (dict(target_modules="(unclosed"), "not a valid regex"),
+        (dict(target_modules=[]), "lora.target_modules"),
+        (dict(exclude_modules="all-linear"), "exclude_modules"),
+        (dict(layers_to_transform=[-1]), "layers_to_transform"),
+        (dict(rank_pattern={"q_proj": 0}), "rank_pattern"),
+        (dict(alpha_pattern={"q_proj": -1.0}), "alpha_pattern"),
+    ],
+)
+def test_invalid_config_values(kwargs, match):
+    with pytest.raises(LoRAConfigError, match=match):
+        LoRAConfig(**kwargs)
+
+
+def test_rank_larger_than_layer_is_an_error(tiny_model):
+    model = tiny_model("llama")  # hidden 32, 2 kv heads of 8: k_proj/v_proj are 32 -> 16
+    with pytest.raises(LoRAConfigError, match=r"model\.layers\.0\.self_attn\.v_proj.*lora\.r=17"):
+        inject_lora(model, LoRAConfig(r=17, target_modules=["v_proj"]))
+    assert not list(lora_modules(model)), "a failed injection left LoRA layers behind"
+    assert all(p.requires_grad for p in model.parameters()), "a failed injection froze the model"
+    inject_lora(model, LoRAConfig(r=16, target_modules=["v_proj"]))
+
+
+def test_targets_matching_nothing_list_the_linear_layers(tiny_model):
+    model = tiny_model("llama")
+    with pytest.raises(LoRAConfigError, match="matched no linear layer") as err:
+        inject_lora(model, LoRAConfig(r=2, target_modules=["query", "c_attn"]))
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
+        assert name in str(err.value)
+    with pytest.raises(LoRAConfigError, match="c_attn"):
+        inject_lora(tiny_model("gpt2"), LoRAConfig(r=2, target_modules=r"q_proj"))
+
+
+def test_injecting_twice_is_an_error(tiny_model):
+    model = tiny_model("llama")
+    inject_lora(model, LoRAConfig(r=2))
+    with pytest.raises(LoRAConfigError, match="twice"):
+        inject_lora(model, LoRAConfig(r=2))
+
+
+def test_unknown_architecture_needs_explicit_targets():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(LoRAConfigError, match="target_modules"):
+        inject_lora(model, LoRAConfig(r=2))
+    report = inject_lora(model, LoRAConfig(r=2, target_modules=["0", "2"]))
+    assert report.matched == ["0", "2"]
+    assert re.search(r"trainable%", report.summary())

@@ -1,0 +1,211 @@
+"""Merging adapters into base weights, against PEFT's ``merge_and_unload``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from lora_dist.lora import LoRAConfig, LoRALinear, disable_adapters, inject_lora, lora_modules
+from lora_dist.merge import (
+    LoRAWeights,
+    MergeError,
+    lora_delta,
+    lora_scale,
+    merge_state_dict,
+    merge_weight,
+    unmerge_weight,
+)
+
+pytest.importorskip("peft")
+# PEFT calls a transformers API that transformers 5 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+TARGETS = {"llama": ["q_proj", "v_proj", "o_proj", "down_proj"], "gpt2": ["c_attn", "c_proj", "c_fc"]}
+
+
+def adapted(tiny_model, arch: str, seed: int = 0, **config) -> nn.Module:
+    """A tiny model with LoRA on ``TARGETS[arch]`` and random non-zero A and B."""
+    model = tiny_model(arch)
+    inject_lora(model, LoRAConfig(**{"r": 4, "alpha": 8, "target_modules": TARGETS[arch], **config}))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator))
+    return model
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if ".lora_A." not in k and ".lora_B." not in k}
+
+
+# ---------------------------------------------------------------------------- against PEFT
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_merge_matches_peft_merge_and_unload(arch, use_rslora, tiny_model, token_ids, peft_twin):
+    model = adapted(tiny_model, arch, use_rslora=use_rslora)
+    merged_by_peft = peft_twin(tiny_model(arch), model).merge_and_unload(safe_merge=True)
+    ids = token_ids(model)
+    for _, layer in lora_modules(model):
+        layer.merge()
+        assert layer.merged
+
+    ours, theirs = base_state(model), merged_by_peft.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0, msg=key)
+    torch.testing.assert_close(logits(model, ids), logits(merged_by_peft, ids), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_state_dict_of_a_checkpoint_matches_peft(arch, tiny_checkpoint, tiny_model, token_ids, peft_twin):
+    model = adapted(tiny_model, arch, rank_pattern={"v_proj|c_fc": 2}, alpha_pattern={"c_attn|down_proj": 3.0})
+    merged_by_peft = peft_twin(tiny_model(arch), model).merge_and_unload()
+    checkpoint = load_file(str(tiny_checkpoint(arch) / "model.safetensors"))
+    adapters = {name: layer.lora_weights() for name, layer in lora_modules(model)}
+
+    merged = merge_state_dict(checkpoint, adapters)
+    assert merged.keys() == checkpoint.keys()
+    expected = merged_by_peft.state_dict()
+    for key, tensor in merged.items():
+        torch.testing.assert_close(tensor, expected[key], atol=1e-6, rtol=0, msg=key)
+
+    fresh = tiny_model(arch)
+    fresh.load_state_dict(merged, strict=False)
+    fresh.tie_weights()
+    ids = token_ids(fresh)
+    torch.testing.assert_close(logits(fresh, ids), logits(merged_by_peft, ids), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------- merge / unmerge in place
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merged_forward_equals_adapter_forward_and_unmerge_restores(arch, tiny_model, token_ids):
+    model = adapted(tiny_model, arch)
+    before_weights, ids = base_state(model), token_ids(model)
+    before = logits(model, ids)
+    for _, layer in lora_modules(model):
+        layer.merge()
+        layer.merge()  # idempotent
+    torch.testing.assert_close(logits(model, ids), before, atol=1e-5, rtol=0)
+
+    for _, layer in lora_modules(model):
+        layer.unmerge()
+        layer.unmerge()
+        assert not layer.merged
+    for key, tensor in base_state(model).items():
+        torch.testing.assert_close(tensor, before_weights[key], atol=1e-6, rtol=0, msg=key)
+    torch.testing.assert_close(logits(model, ids), before, atol=1e-5, rtol=0)
+
+
+def test_disable_adapters_on_a_merged_model_gives_base_outputs(tiny_model, token_ids):
+    model, base = adapted(tiny_model, "llama"), tiny_model("llama")
+    ids = token_ids(model)
+    adapted_logits = logits(model, ids)
+    for _, layer in lora_modules(model):
+        layer.merge()
+    with disable_adapters(model):
+        torch.testing.assert_close(logits(model, ids), logits(base, ids), atol=1e-6, rtol=0)
+    assert all(layer.merged for _, layer in lora_modules(model))
+    torch.testing.assert_close(logits(model, ids), adapted_logits, atol=1e-5, rtol=0)
+
+
+def test_merge_refuses_non_finite_results():
+    layer = LoRALinear.from_base(nn.Linear(16, 8), r=2, alpha=4)
+    with torch.no_grad():
+        layer.lora_B.weight.fill_(1.0)
+        layer.lora_A.weight[0, 3] = float("inf")
+    weight = layer.weight.detach().clone()
+    with pytest.raises(MergeError, match="NaN/Inf"):
+        layer.merge()
+    assert not layer.merged
+    assert torch.equal(layer.weight, weight), "a refused merge changed the weight"
+
+    lora = LoRAWeights(torch.ones(2, 16), torch.ones(8, 2), 1.0)
+    corrupt = torch.zeros(8, 16)
+    corrupt[1, 1] = float("nan")
+    with pytest.raises(MergeError, match="NaN/Inf"):
+        merge_weight(corrupt, lora)
+    with pytest.raises(MergeError, match="NaN/Inf"):  # fp32 overflow is caught too
+        merge_weight(torch.full((8, 16), 3e38), LoRAWeights(lora.lora_A, lora.lora_B, 1e38))
+
+
+# ---------------------------------------------------------------------------- pure functions
+
+
+def test_lora_delta_is_scaled_B_times_A():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 10, generator=generator), torch.randn(6, 3, generator=generator)
+    expected = 0.5 * (b.double() @ a.double())
+    torch.testing.assert_close(lora_delta(a, b, 0.5).double(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lora_delta(a, b, 0.5, fan_in_fan_out=True).double(), expected.T, atol=1e-6, rtol=0)
+    assert lora_delta(a.bfloat16(), b.bfloat16(), 0.5).dtype == torch.float32
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_row_shards_merge_to_the_full_merge(fan_in_fan_out):
+    generator = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, 12, generator=generator), torch.randn(10, 4, generator=generator)
+    lora = LoRAWeights(a, b, 2.0, fan_in_fan_out)
+    weight = torch.randn((12, 10) if fan_in_fan_out else (10, 12), generator=generator)
+    full = merge_weight(weight, lora)
+    bounds = [0, 3, 7, weight.shape[0]]  # uneven shards, as FSDP gives the last rank
+    shards = [merge_weight(weight[lo:hi], lora, rows=slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
+    torch.testing.assert_close(torch.cat(shards), full, atol=1e-5, rtol=1e-6)  # BLAS blocking differs per shard
+    with pytest.raises(MergeError, match="does not match"):
+        merge_weight(weight[0:3], lora, rows=slice(0, 4))
+
+
+def test_merge_is_computed_in_fp32_then_cast():
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(32, 16, generator=generator).bfloat16()
+    lora = LoRAWeights(torch.randn(4, 16, generator=generator) * 1e-3, torch.randn(32, 4, generator=generator), 2.0)
+    merged = merge_weight(weight, lora)
+    assert merged.dtype == torch.bfloat16
+    expected = (weight.float() + lora_delta(lora.lora_A, lora.lora_B, lora.scale)).bfloat16()
+    assert torch.equal(merged, expected)
+    assert merge_weight(weight, lora, out_dtype=torch.float32).dtype == torch.float32
+    restored = unmerge_weight(merge_weight(weight, lora, out_dtype=torch.float32), lora, out_dtype=torch.bfloat16)
+    assert torch.equal(restored, weight)
+
+
+def test_merge_shape_mismatch_is_an_error():
+    lora = LoRAWeights(torch.ones(2, 16), torch.ones(8, 2), 1.0)
+    with pytest.raises(MergeError, match="different base model"):
+        merge_weight(torch.zeros(16, 8), lora, name="q_proj.weight")
+    with pytest.raises(MergeError, match="not"):
+        lora_delta(torch.ones(2, 16), torch.ones(8, 3), 1.0)
+
+
+def test_merge_state_dict_casts_and_checks_modules():
+    generator = torch.Generator().manual_seed(3)
+    state = {
+        "q.weight": torch.randn(8, 16, generator=generator),
+        "q.bias": torch.randn(8, generator=generator),
+        "steps": torch.tensor([7]),
+    }
+    lora = LoRAWeights(torch.randn(2, 16, generator=generator), torch.randn(8, 2, generator=generator), 0.5)
+    merged = merge_state_dict(state, {"q": lora}, out_dtype=torch.bfloat16)
+    assert merged["q.weight"].dtype == merged["q.bias"].dtype == torch.bfloat16
+    assert torch.equal(merged["steps"], state["steps"])
+    expected = state["q.weight"] + 0.5 * lora.lora_B @ lora.lora_A
+    torch.testing.assert_close(merge_state_dict(state, {"q": lora})["q.weight"], expected)
+    assert merge_state_dict(state, {})["q.bias"] is state["q.bias"]
+    with pytest.raises(MergeError, match="missing from the base"):
+        merge_state_dict(state, {"k": lora})
+
+
+def test_lora_scale():
+    assert lora_scale(8, 16) == 2.0
+    assert lora_scale(16, 8, use_rslora=True) == 2.0
+    with pytest.raises(MergeError):
+        lora_scale(0, 16)
