@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Several nodes, NPROC_PER_NODE processes each: run this same script once on every node.
+#
+#   # on every node (node 0 is the rendezvous host; MASTER_ADDR is its address):
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.11 launchers/torchrun_multi_node.sh configs/demo.yaml
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.11 launchers/torchrun_multi_node.sh configs/demo.yaml
+#
+#   # inside a Slurm allocation, one task per node (NODE_RANK defaults to SLURM_NODEID):
+#   srun --nodes=2 --ntasks-per-node=1 env NNODES=2 MASTER_ADDR=10.0.0.11 launchers/torchrun_multi_node.sh configs/demo.yaml
+#
+# Knobs (environment variables):
+#   NNODES            number of nodes (required; defaults to SLURM_NNODES under srun)
+#   NODE_RANK         0 on the rendezvous host, 1..NNODES-1 elsewhere (defaults to SLURM_NODEID)
+#   MASTER_ADDR       address of node 0 that the other nodes can reach. Not localhost/127.x:
+#                     lora_dist refuses a loopback master in a multi-node job.
+#   MASTER_PORT       rendezvous port on node 0; default 29500
+#   NPROC_PER_NODE    processes per node; default: visible GPUs, or 2 on a CPU-only machine
+#   RDZV              c10d (default) or static, see below
+#   RDZV_ID           job id shared by all nodes for c10d; default SLURM_JOB_ID or "lora-dist"
+#
+# RDZV=c10d: elastic c10d rendezvous at MASTER_ADDR:MASTER_PORT. Two torchrun defaults
+#   break on real clusters, so this script overrides both on NODE_RANK 0:
+#   - which node hosts the rendezvous store is guessed by comparing hostnames with
+#     MASTER_ADDR; when nodes share a hostname (containers, network namespaces) or
+#     MASTER_ADDR is an IP, no node hosts it and the rendezvous times out. Fix:
+#     --rdzv_conf is_host=1 on node 0 (is_host=0 elsewhere).
+#   - the workers' MASTER_ADDR is node 0's socket.getfqdn(), which is "localhost" when
+#     /etc/hosts maps the hostname to 127.0.0.1; lora_dist then stops with "master
+#     address 'localhost' is loopback". Fix: --local_addr MASTER_ADDR on node 0.
+# RDZV=static: the classic fixed assignment, --node_rank/--master_addr/--master_port. No
+#   elasticity, but nothing to guess; the most robust choice under Slurm.
+set -euo pipefail
+
+NNODES="${NNODES:-${SLURM_NNODES:-}}"
+NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-}}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+RDZV="${RDZV:-c10d}"
+RDZV_ID="${RDZV_ID:-${SLURM_JOB_ID:-lora-dist}}"
+if [[ -z "${NNODES}" || -z "${NODE_RANK}" || -z "${MASTER_ADDR:-}" ]]; then
+  echo "torchrun_multi_node.sh: set NNODES, NODE_RANK and MASTER_ADDR (node 0's address)" >&2
+  exit 2
+fi
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  NPROC_PER_NODE="$(python -c 'import torch; print(torch.cuda.device_count() or 2)')"
+fi
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+case "${RDZV}" in
+  c10d)
+    rdzv_args=(--rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR}:${MASTER_PORT}" --rdzv_id "${RDZV_ID}")
+    if [[ "${NODE_RANK}" == 0 ]]; then
+      rdzv_args+=(--rdzv_conf is_host=1 --local_addr "${MASTER_ADDR}")
+    else
+      rdzv_args+=(--rdzv_conf is_host=0)
+    fi
+    ;;
+  static)
+    rdzv_args=(--node_rank "${NODE_RANK}" --master_addr "${MASTER_ADDR}" --master_port "${MASTER_PORT}")
+    ;;
+  *)
+    echo "torchrun_multi_node.sh: RDZV must be c10d or static, not '${RDZV}'" >&2
+    exit 2
+    ;;
+esac
+
+exec torchrun --nnodes "${NNODES}" --nproc_per_node "${NPROC_PER_NODE}" "${rdzv_args[@]}" \
+  --no-python lora-dist train "$@"

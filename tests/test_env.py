@@ -1,0 +1,639 @@
+"""Tests for lora_dist.env: launcher detection (pure) and real process-group init.
+
+Detection is tested with plain dicts. ``init_distributed`` is tested in this
+process for the single-process and failure paths, and with real 2-process
+runs under torchrun, MPICH ``mpiexec`` and a hand-made ``srun`` environment,
+each checking an all_reduce result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lora_dist import env as env_mod
+from lora_dist.env import LaunchEnv, LaunchError, detect_launch_env, expand_hostlist
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+LAUNCHER_VAR_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "TORCHELASTIC_", "GROUP_", "ROLE_",
+                         "CROSS_")
+LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT", "NODE_RANK"}
+
+WORKER = r"""
+import json, os, sys
+import torch
+import torch.distributed as dist
+from lora_dist.env import destroy_distributed, init_distributed
+
+for name in sys.argv[1:]:
+    os.environ.pop(name, None)
+launch = init_distributed(timeout_s=60)
+value = torch.tensor([float(launch.rank + 1), 10.0 ** launch.rank])
+dist.all_reduce(value)
+result = dict(launch.__dict__, sum=value.tolist(), backend=dist.get_backend(), pg_rank=dist.get_rank(),
+              pg_world=dist.get_world_size(), exported_rank=os.environ["RANK"],
+              exported_local_rank=os.environ["LOCAL_RANK"])
+os.write(1, ("RESULT " + json.dumps(result) + "\n").encode())
+destroy_distributed()
+"""
+
+
+def _is_launcher_var(name: str) -> bool:
+    return name in LAUNCHER_VARS or name.startswith(LAUNCHER_VAR_PREFIXES)
+
+
+@pytest.fixture
+def clean_environ():
+    """os.environ without launcher variables; restored (and dist torn down) afterwards."""
+    saved = dict(os.environ)
+    for name in list(os.environ):
+        if _is_launcher_var(name):
+            del os.environ[name]
+    try:
+        yield os.environ
+    finally:
+        env_mod.destroy_distributed()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _free_port(low: int = 0, high: int = 0) -> int:
+    if not low:
+        return env_mod._free_port()
+    for port in range(low, high):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def _child_environ(**extra: str) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not _is_launcher_var(k)}
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environ.get("PYTHONPATH")]))
+    environ["OMP_NUM_THREADS"] = "1"
+    environ["PATH"] = os.pathsep.join([str(VENV_BIN), environ.get("PATH", "")])
+    environ.update(extra)
+    return environ
+
+
+def _results(stdout: str) -> list[dict]:
+    rows = [json.loads(line.split("RESULT ", 1)[1]) for line in stdout.splitlines() if "RESULT " in line]
+    return sorted(rows, key=lambda row: row["rank"])
+
+
+def _assert_all_reduced(rows: list[dict], world_size: int, launcher: str) -> None:
+    assert [row["rank"] for row in rows] == list(range(world_size))
+    expected = [world_size * (world_size + 1) / 2, sum(10.0 ** r for r in range(world_size))]
+    for row in rows:
+        assert row["launcher"] == launcher
+        assert row["world_size"] == world_size == row["pg_world"]
+        assert row["pg_rank"] == row["rank"] == int(row["exported_rank"])
+        assert int(row["exported_local_rank"]) == row["local_rank"]
+        assert row["sum"] == pytest.approx(expected)
+        assert row["backend"] == "gloo"
+    assert len({(row["master_addr"], row["master_port"]) for row in rows}) == 1
+
+
+# --------------------------------------------------------------------------- torchrun-style variables
+
+TORCHRUN_2X2 = {
+    "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+    "GROUP_WORLD_SIZE": "2", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29500",
+    "TORCHELASTIC_USE_AGENT_STORE": "True",
+}
+
+
+def test_torchrun_variables():
+    launch = detect_launch_env(TORCHRUN_2X2)
+    assert launch == LaunchEnv("torchrun", rank=3, local_rank=1, world_size=4, local_world_size=2, node_rank=1,
+                               num_nodes=2, master_addr="10.1.2.3", master_port=29500)
+    assert not launch.is_main and launch.distributed
+
+
+def test_torchrun_wins_over_slurm_and_mpi():
+    environ = dict(TORCHRUN_2X2, SLURM_JOB_ID="77", SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_ID="0",
+                   SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1", PMI_RANK="0", PMI_SIZE="2")
+    assert detect_launch_env(environ) == detect_launch_env(TORCHRUN_2X2)
+
+
+def test_torchrun_wins_even_with_broken_slurm_variables():
+    environ = dict(TORCHRUN_2X2, SLURM_PROCID="9", SLURM_NTASKS="3", SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="2")
+    assert detect_launch_env(environ).launcher == "torchrun"
+
+
+def test_deepspeed_launcher_variables():
+    environ = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_SIZE": "4", "CROSS_RANK": "1",
+               "CROSS_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    launch = detect_launch_env(environ)
+    assert (launch.local_world_size, launch.node_rank, launch.num_nodes) == (4, 1, 2)
+
+
+def test_torchrun_node_counts_derived_from_local_world_size():
+    environ = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4",
+               "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    launch = detect_launch_env(environ)
+    assert (launch.node_rank, launch.num_nodes) == (1, 2)
+
+
+def test_torchrun_world_of_one_needs_no_master():
+    launch = detect_launch_env({"RANK": "0", "WORLD_SIZE": "1"})
+    assert (launch.world_size, launch.local_rank, launch.master_addr) == (1, 0, "127.0.0.1")
+    assert launch.is_main and not launch.distributed
+
+
+@pytest.mark.parametrize("environ, match", [
+    ({"RANK": "0"}, "WORLD_SIZE"),
+    ({"WORLD_SIZE": "2"}, "RANK"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": "1"}, "MASTER_ADDR"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h"}, "MASTER_PORT"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "LOCAL_RANK"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+     "rank 2 is outside world size 2"),
+    ({"RANK": "-1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+     "rank -1 is outside"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "at least 1"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h",
+      "MASTER_PORT": "1"}, "local rank 2 is outside local world size 2"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "2",
+      "GROUP_WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1"}, "node rank 2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "70000"},
+     "not a TCP port"),
+])
+def test_torchrun_inconsistent(environ, match):
+    with pytest.raises(LaunchError, match=match):
+        detect_launch_env(environ)
+
+
+@pytest.mark.parametrize("master", ["localhost", "127.0.0.1", "127.0.1.1", "::1", "[::1]", "0.0.0.0"])
+def test_multi_node_with_loopback_master_fails(master):
+    environ = dict(TORCHRUN_2X2, MASTER_ADDR=master)
+    with pytest.raises(LaunchError, match="2-node job but master address .* loopback") as info:
+        detect_launch_env(environ)
+    assert "\n" not in str(info.value)
+
+
+def test_multi_node_with_hostname_resolving_to_loopback_fails(monkeypatch):
+    def fake_getaddrinfo(host, *args, **kwargs):
+        table = {"n1": "127.0.1.1", "n2": "10.0.0.2"}
+        if host not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "unknown")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (table[host], 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    with pytest.raises(LaunchError, match="'n1' is loopback \\(n1 resolves to 127.0.1.1\\)"):
+        detect_launch_env(dict(TORCHRUN_2X2, MASTER_ADDR="n1"))
+    assert detect_launch_env(dict(TORCHRUN_2X2, MASTER_ADDR="n2")).master_addr == "n2"
+    assert detect_launch_env(dict(TORCHRUN_2X2, MASTER_ADDR="unknown-host")).master_addr == "unknown-host"
+
+
+def test_single_node_with_loopback_master_is_fine():
+    environ = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+    assert detect_launch_env(environ).num_nodes == 1
+
+
+# --------------------------------------------------------------------------- Slurm
+
+def _srun(**overrides: str) -> dict[str, str]:
+    environ = {
+        "SLURM_JOB_ID": "123456", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1", "SLURM_NTASKS": "4", "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "2(x2)",
+        "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "gpu-a[01-02]",
+    }
+    environ.update(overrides)
+    return {k: v for k, v in environ.items() if v is not None}
+
+
+def test_srun_task():
+    launch = detect_launch_env(_srun())
+    assert launch == LaunchEnv("slurm", rank=3, local_rank=1, world_size=4, local_world_size=2, node_rank=1,
+                               num_nodes=2, master_addr="gpu-a01", master_port=10000 + 123456 % 50000)
+
+
+def test_srun_master_overrides_and_step_nodelist():
+    launch = detect_launch_env(_srun(MASTER_ADDR="10.9.9.9", MASTER_PORT="4242"))
+    assert (launch.master_addr, launch.master_port) == ("10.9.9.9", 4242)
+    launch = detect_launch_env(_srun(SLURM_STEP_NODELIST="gpu-a02,gpu-b[1-3]"))
+    assert launch.master_addr == "gpu-a02"
+
+
+def test_srun_port_is_deterministic_per_job():
+    first = detect_launch_env(_srun(SLURM_JOB_ID="50007")).master_port
+    assert first == detect_launch_env(_srun(SLURM_JOB_ID="50007", SLURM_PROCID="0", SLURM_LOCALID="0",
+                                            SLURM_NODEID="0")).master_port == 10007
+    assert detect_launch_env(_srun(SLURM_JOB_ID="50008")).master_port == 10008
+
+
+def test_srun_uneven_tasks_per_node():
+    environ = _srun(SLURM_NTASKS="5", SLURM_NNODES="3", SLURM_TASKS_PER_NODE="2(x2),1", SLURM_NODEID="2",
+                    SLURM_PROCID="4", SLURM_LOCALID="0", SLURM_NTASKS_PER_NODE=None,
+                    SLURM_JOB_NODELIST="n[1-3]")
+    launch = detect_launch_env(environ)
+    assert (launch.local_world_size, launch.node_rank, launch.num_nodes) == (1, 2, 3)
+
+
+def test_srun_step_variables_take_precedence():
+    environ = _srun(SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NUM_NODES="1", SLURM_STEP_TASKS_PER_NODE="2",
+                    SLURM_NTASKS="2", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE=None, SLURM_PROCID="1",
+                    SLURM_NODEID="0", SLURM_STEP_NODELIST="gpu-a02")
+    launch = detect_launch_env(environ)
+    assert (launch.world_size, launch.num_nodes, launch.local_world_size, launch.master_addr) == (
+        2, 1, 2, "gpu-a02")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"SLURM_NTASKS": "3", "SLURM_TASKS_PER_NODE": None}, r"SLURM_NTASKS=3 but SLURM_NNODES=2 x "
+                                                          r"SLURM_NTASKS_PER_NODE=2 = 4"),
+    ({"SLURM_NTASKS": "3"}, r"SLURM_TASKS_PER_NODE='2\(x2\)' describes 4 tasks on 2 nodes"),
+    ({"SLURM_TASKS_PER_NODE": "2(x3)"}, "describes 6 tasks on 3 nodes"),
+    ({"SLURM_PROCID": "4"}, "rank 4 is outside world size 4"),
+    ({"SLURM_PROCID": "-1"}, "rank -1 is outside"),
+    ({"SLURM_LOCALID": "2"}, "local rank 2 is outside local world size 2"),
+    ({"SLURM_NODEID": "2"}, "node rank 2 is outside 2 nodes"),
+    ({"SLURM_JOB_ID": None}, "SLURM_PROCID is set but SLURM_JOB_ID is not"),
+    ({"SLURM_JOB_ID": "abc"}, "not numeric"),
+    ({"SLURM_JOB_NODELIST": None}, "SLURM_JOB_NODELIST"),
+    ({"SLURM_JOB_NODELIST": "n[1-"}, "unbalanced brackets"),
+    ({"SLURM_JOB_NODELIST": "localhost,n2"}, "2-node job but master address 'localhost' is loopback"),
+    ({"SLURM_TASKS_PER_NODE": "two"}, "cannot parse Slurm tasks-per-node"),
+    ({"SLURM_NTASKS": None}, "SLURM_NTASKS is not set"),
+])
+def test_srun_inconsistent(overrides, match):
+    with pytest.raises(LaunchError, match=match) as info:
+        detect_launch_env(_srun(**overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_slurm_procid_without_allocation_fails_even_without_step():
+    with pytest.raises(LaunchError, match="not inside a Slurm allocation"):
+        detect_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+@pytest.mark.parametrize("environ", [
+    {"SLURM_JOB_ID": "9", "SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[1-2]"},
+    {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NNODES": "2"},
+    {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "batch"},
+    {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "4294967294"},
+], ids=["sbatch-shell", "batch-step-without-step-id", "batch-step-name", "batch-step-number"])
+def test_sbatch_shell_is_single_process(environ):
+    launch = detect_launch_env(environ)
+    assert (launch.launcher, launch.world_size, launch.rank) == ("single", 1, 0)
+
+
+@pytest.mark.parametrize("hostlist, hosts", [
+    ("n1", ["n1"]),
+    ("n[1-3,7],gpu-a[01-02]", ["n1", "n2", "n3", "n7", "gpu-a01", "gpu-a02"]),
+    ("node[08-11]", ["node08", "node09", "node10", "node11"]),
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+    ("a,b[2],c", ["a", "b2", "c"]),
+    ("gpu-a01.cluster.org,gpu-a02.cluster.org", ["gpu-a01.cluster.org", "gpu-a02.cluster.org"]),
+    ("x[9-10]", ["x9", "x10"]),
+])
+def test_expand_hostlist(hostlist, hosts):
+    assert expand_hostlist(hostlist) == hosts
+
+
+@pytest.mark.parametrize("hostlist", ["", "n[1-", "n1]", "n[a-b]", "n[3-1]", "n[[1]]"])
+def test_expand_hostlist_rejects_malformed(hostlist):
+    with pytest.raises(LaunchError):
+        expand_hostlist(hostlist)
+
+
+def test_expand_hostlist_matches_scontrol_when_available():
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        pytest.skip("scontrol not installed")
+    hostlist = "n[1-3,7],gpu-a[01-02],rack[1-2]-n[1-2]"
+    out = subprocess.run([scontrol, "show", "hostnames", hostlist], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        pytest.skip(f"scontrol show hostnames failed: {out.stderr.strip()}")
+    assert expand_hostlist(hostlist) == out.stdout.split()
+
+
+# --------------------------------------------------------------------------- MPI
+
+def test_open_mpi_variables():
+    environ = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+               "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
+    launch = detect_launch_env(environ)
+    assert launch == LaunchEnv("mpi", rank=5, local_rank=1, world_size=8, local_world_size=4, node_rank=1,
+                               num_nodes=2, master_addr="", master_port=0)
+
+
+def test_hydra_variables():
+    environ = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2",
+               "MASTER_PORT": "5555"}
+    launch = detect_launch_env(environ)
+    assert (launch.launcher, launch.rank, launch.local_rank, launch.num_nodes, launch.master_port) == (
+        "mpi", 1, 1, 1, 5555)
+
+
+def test_mpi_without_local_variables_leaves_them_to_init():
+    launch = detect_launch_env({"PMI_RANK": "1", "PMI_SIZE": "4"})
+    unknown = env_mod.UNKNOWN
+    assert (launch.local_rank, launch.local_world_size, launch.node_rank, launch.num_nodes) == (unknown,) * 4
+
+
+def test_mpi_size_missing_fails():
+    with pytest.raises(LaunchError, match="PMI_RANK is set but PMI_SIZE is not"):
+        detect_launch_env({"PMI_RANK": "0"})
+
+
+def test_srun_with_pmi_is_slurm():
+    environ = _srun(PMI_RANK="3", PMI_SIZE="4")
+    assert detect_launch_env(environ).launcher == "slurm"
+
+
+def test_mpirun_inside_allocation_is_mpi():
+    environ = _srun(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NTASKS="1", SLURM_NNODES="1",
+                    SLURM_TASKS_PER_NODE="1", SLURM_NTASKS_PER_NODE=None,
+                    OMPI_COMM_WORLD_RANK="3", OMPI_COMM_WORLD_SIZE="4")
+    assert detect_launch_env(environ).launcher == "mpi"
+
+
+def test_nothing_set_is_single_process():
+    launch = detect_launch_env({})
+    assert launch == LaunchEnv("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 0)
+    assert detect_launch_env({"MASTER_PORT": "1234"}).master_port == 1234
+
+
+def test_detect_reads_os_environ_by_default(clean_environ):
+    clean_environ.update({"PMI_RANK": "0", "PMI_SIZE": "3"})
+    assert detect_launch_env().world_size == 3
+
+
+# --------------------------------------------------------------------------- init_distributed in this process
+
+def test_init_single_process(clean_environ):
+    import torch
+    import torch.distributed as dist
+
+    launch = env_mod.init_distributed(timeout_s=30)
+    assert (launch.launcher, launch.world_size, launch.master_addr) == ("single", 1, "127.0.0.1")
+    assert 0 < launch.master_port < 65536
+    assert dist.is_initialized() and dist.get_world_size() == 1 and dist.get_backend() == "gloo"
+    value = torch.tensor([2.5])
+    dist.all_reduce(value)
+    assert value.item() == 2.5
+    assert env_mod.init_distributed() is launch
+    assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
+    env_mod.destroy_distributed()
+    assert not dist.is_initialized()
+    assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ
+    env_mod.destroy_distributed()
+
+
+def test_init_keeps_an_externally_initialized_group(clean_environ):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert env_mod.init_distributed().world_size == 1
+    clean_environ.update({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                          "MASTER_PORT": "29500"})
+    with pytest.raises(LaunchError, match="initialized elsewhere as rank 0 of 1 but the torchrun environment "
+                                          "says rank 1 of 2"):
+        env_mod.init_distributed()
+
+
+def test_init_rank0_alone_times_out(clean_environ):
+    clean_environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                          "MASTER_PORT": str(_free_port())})
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="expected world size 2 but some ranks did not join") as info:
+        env_mod.init_distributed(timeout_s=3)
+    assert time.monotonic() - start < 15
+    assert "\n" not in str(info.value)
+
+
+def test_init_rank1_alone_times_out(clean_environ):
+    clean_environ.update({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                          "MASTER_PORT": str(_free_port())})
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="rank 1 could not reach the master .*expected world size 2"):
+        env_mod.init_distributed(timeout_s=3)
+    assert time.monotonic() - start < 8
+
+
+def test_init_port_in_use_fails_fast(clean_environ):
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        clean_environ.update(_srun(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NTASKS="2",
+                                   SLURM_NNODES="1", SLURM_TASKS_PER_NODE="2", SLURM_NTASKS_PER_NODE=None,
+                                   SLURM_JOB_NODELIST=socket.gethostname(), MASTER_PORT=str(port)))
+        start = time.monotonic()
+        with pytest.raises(LaunchError, match=f"master port {port} \\(MASTER_PORT\\) is already in use"):
+            env_mod.init_distributed(timeout_s=30)
+        assert time.monotonic() - start < 5
+
+
+def test_init_mpi_without_mpi4py(clean_environ, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    clean_environ.update({"PMI_RANK": "0", "PMI_SIZE": "2"})
+    with pytest.raises(LaunchError, match="pip install mpi4py"):
+        env_mod.init_distributed(timeout_s=5)
+
+
+# --------------------------------------------------------------------------- real multi-process runs
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Path:
+    path = tmp_path / "worker.py"
+    path.write_text(WORKER)
+    return path
+
+
+def _run(cmd: list[str], environ: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.mark.dist
+def test_torchrun_two_processes(worker):
+    environ = _child_environ(SLURM_JOB_ID="5", SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_STEP_ID="0",
+                             SLURM_JOB_NODELIST="localhost")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(worker)]
+    rows = _results(_run(cmd, environ).stdout)
+    _assert_all_reduced(rows, 2, "torchrun")
+    assert [(r["local_rank"], r["local_world_size"], r["num_nodes"]) for r in rows] == [(0, 2, 1), (1, 2, 1)]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("drop_local_vars", [False, True], ids=["hydra-local-vars", "mpi4py-split-by-host"])
+def test_mpiexec_two_processes(worker, drop_local_vars):
+    mpiexec = shutil.which("mpiexec", path=str(VENV_BIN)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not installed (pip install mpich)")
+    pytest.importorskip("mpi4py")
+    dropped = ["MPI_LOCALRANKID", "MPI_LOCALNRANKS"] if drop_local_vars else []
+    rows = _results(_run([mpiexec, "-n", "2", sys.executable, str(worker), *dropped], _child_environ()).stdout)
+    _assert_all_reduced(rows, 2, "mpi")
+    assert [(r["local_rank"], r["local_world_size"], r["node_rank"], r["num_nodes"]) for r in rows] == [
+        (0, 2, 0, 1), (1, 2, 0, 1)]
+    assert rows[0]["master_port"] > 0
+
+
+def _fake_srun(worker: Path, tasks: list[dict[str, str]]) -> list[dict]:
+    procs = [subprocess.Popen([sys.executable, str(worker)], env=_child_environ(**task), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for task in tasks]
+    outputs = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=60)
+            assert proc.returncode == 0, f"fake srun task failed:\n{stdout}\n{stderr[-4000:]}"
+            outputs.append(stdout)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return _results("".join(outputs))
+
+
+@pytest.mark.dist
+def test_fake_srun_two_tasks_one_node(worker):
+    port = _free_port(20000, 60000)
+    job_id = str(port - 10000 + 50000 * 3)
+    common = {"SLURM_JOB_ID": job_id, "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_NNODES": "1",
+              "SLURM_TASKS_PER_NODE": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0",
+              "SLURM_JOB_NODELIST": socket.gethostname()}
+    rows = _fake_srun(worker, [dict(common, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)) for r in (1, 0)])
+    _assert_all_reduced(rows, 2, "slurm")
+    assert rows[0]["master_port"] == port
+    assert rows[0]["master_addr"] == socket.gethostname()
+
+
+def _routable_address() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))
+            address = probe.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.dist
+def test_fake_srun_two_nodes(worker):
+    address = _routable_address()
+    if address is None:
+        pytest.skip("no non-loopback IPv4 address on this machine")
+    common = {"SLURM_JOB_ID": "424242", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_NNODES": "2",
+              "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_NTASKS_PER_NODE": "1", "SLURM_LOCALID": "0",
+              "SLURM_JOB_NODELIST": "ld-node[1-2]", "MASTER_ADDR": address, "MASTER_PORT": str(_free_port())}
+    rows = _fake_srun(worker, [dict(common, SLURM_PROCID=str(r), SLURM_NODEID=str(r)) for r in (0, 1)])
+    _assert_all_reduced(rows, 2, "slurm")
+    assert [(r["node_rank"], r["num_nodes"], r["local_world_size"]) for r in rows] == [(0, 2, 1), (1, 2, 1)]
+
+
+# --------------------------------------------------------------------------- launchers/ scripts
+
+LAUNCHERS = REPO_ROOT / "launchers"
+
+STANDIN = r"""
+import json, os, sys
+import torch
+import torch.distributed as dist
+from lora_dist.env import destroy_distributed, init_distributed
+
+def main():
+    args = sys.argv[1:]
+    assert args[0] == "train", args
+    launch = init_distributed(timeout_s=60)
+    value = torch.tensor([float(launch.rank + 1), 10.0 ** launch.rank])
+    dist.all_reduce(value)
+    result = dict(launch.__dict__, sum=value.tolist(), backend=dist.get_backend(), pg_rank=dist.get_rank(),
+                  pg_world=dist.get_world_size(), exported_rank=os.environ["RANK"],
+                  exported_local_rank=os.environ["LOCAL_RANK"], args=args[1:])
+    os.write(1, ("RESULT " + json.dumps(result) + "\n").encode())
+    destroy_distributed()
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.fixture
+def standin(tmp_path: Path) -> dict[str, str]:
+    """Environment in which ``lora-dist`` and ``python -m lora_dist.cli`` are an all_reduce stand-in."""
+    bin_dir, overlay = tmp_path / "bin", tmp_path / "overlay" / "lora_dist"
+    bin_dir.mkdir()
+    overlay.mkdir(parents=True)
+    (overlay / "__init__.py").write_text("")
+    (overlay / "env.py").symlink_to(REPO_ROOT / "lora_dist" / "env.py")
+    (overlay / "cli.py").write_text(STANDIN)
+    program = bin_dir / "lora-dist"
+    program.write_text(f"#!{sys.executable}\nimport runpy\nrunpy.run_path({str(overlay / 'cli.py')!r}, "
+                       f"run_name='__main__')\n")
+    program.chmod(0o755)
+    environ = _child_environ(PYTHONPATH=str(overlay.parent))
+    environ["PATH"] = os.pathsep.join([str(bin_dir), environ["PATH"]])
+    return environ
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("script, extra, launcher", [
+    ("torchrun_single_node.sh", {"NPROC": "2"}, "torchrun"),
+    ("mpirun.sh", {"NP": "2"}, "mpi"),
+    ("deepspeed_hostfile.sh", {"NPROC": "2", "MASTER_PORT": "free"}, "torchrun"),
+    ("accelerate_launch.sh", {"MAIN_PROCESS_PORT": "free"}, "torchrun"),
+])
+def test_launcher_script(standin, tmp_path, script, extra, launcher):
+    if script == "mpirun.sh" and shutil.which("mpiexec", path=standin["PATH"]) is None:
+        pytest.skip("mpiexec not installed")
+    environ = dict(standin, **{k: str(_free_port()) if v == "free" else v for k, v in extra.items()})
+    args = ["cfg.yaml", "train.lr=1e-3", "data.note=two words"]
+    proc = subprocess.run(["bash", str(LAUNCHERS / script), *args], env=environ, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    rows = _results(proc.stdout)
+    _assert_all_reduced(rows, 2, launcher)
+    expected_args = args[1:] if script != "accelerate_launch.sh" else ["parallel.strategy=fsdp2", *args[1:]]
+    assert all(row["args"] == ["cfg.yaml", *expected_args] for row in rows)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("rdzv", ["c10d", "static"])
+def test_torchrun_multi_node_script(standin, tmp_path, rdzv):
+    address = _routable_address()
+    if address is None:
+        pytest.skip("no non-loopback IPv4 address on this machine")
+    port = str(_free_port())
+    procs = []
+    for node_rank in (0, 1):
+        environ = dict(standin, NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR=address, MASTER_PORT=port,
+                       NPROC_PER_NODE="1", RDZV=rdzv)
+        procs.append(subprocess.Popen(["bash", str(LAUNCHERS / "torchrun_multi_node.sh"), "cfg.yaml"], env=environ,
+                                      cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 0, f"node failed:\n{stdout}\n{stderr[-4000:]}"
+            outputs.append(stdout)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    rows = _results("".join(outputs))
+    _assert_all_reduced(rows, 2, "torchrun")
+    assert [(r["node_rank"], r["num_nodes"], r["master_addr"]) for r in rows] == [(0, 2, address), (1, 2, address)]
