@@ -33,6 +33,7 @@ __all__ = [
     "OutputConfig",
     "ParallelConfig",
     "TrainConfig",
+    "config_from_dict",
     "config_help",
     "config_to_dict",
     "load_config",
@@ -120,6 +121,8 @@ class TrainConfig:
     """Micro-batches per eval."""
     log_every: int = 1
     """Write metrics every N steps."""
+    run_steps: int = 0
+    """Stop this invocation after N steps with a checkpoint, to be resumed later (0: run to train.steps)."""
 
 
 @dataclass
@@ -352,6 +355,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise _unknown(key, _all_keys())
         raw.setdefault(section, {})[name] = value
     sections = {name: _build_section(name, raw.get(name, {})) for name in _SECTIONS}
+    return Config(**sections).validate()
+
+
+def config_from_dict(raw: dict[str, dict[str, Any]], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A :class:`Config` from a nested dict (e.g. a run's saved ``config.json``) plus overrides."""
+    merged = {k: dict(v) for k, v in raw.items()}
+    for item in overrides:
+        key, value = _parse_override(item)
+        section, name = key.split(".")
+        merged.setdefault(section, {})[name] = value
+    for section in merged:
+        if section not in _SECTIONS:
+            raise _unknown(str(section), sorted(_SECTIONS))
+    sections = {name: _build_section(name, merged.get(name, {})) for name in _SECTIONS}
     return Config(**sections).validate()
 
 

@@ -1,0 +1,64 @@
+"""lora_dist: distributed LoRA fine-tuning.
+
+LoRA is injected before FSDP2 / DeepSpeed ZeRO wrapping, so the frozen base is
+sharded with no gradients and no optimizer state while the small A/B params
+stay replicated and all-reduced; merged checkpoints are written from the
+sharded state, each rank merging its own shard.
+
+Where things live: LoRA math ``lora``/``merge``, PEFT-format adapters
+``adapter``, config ``config``, launch environment ``env``, sharding
+``parallel``, model setup ``model``, the training loop ``train``, checkpoints
+``checkpoint``, merged export ``export``.
+"""
+
+from lora_dist.adapter import load_adapter, lora_state_dict, read_adapter, save_adapter
+from lora_dist.config import Config, load_config
+from lora_dist.lora import InjectionReport, LoRAConfig, LoRALinear, disable_adapters, inject_lora, lora_parameters
+from lora_dist.merge import LoRAWeights, lora_delta, merge_state_dict, merge_weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "InjectionReport",
+    "LoRAConfig",
+    "LoRALinear",
+    "LoRAWeights",
+    "disable_adapters",
+    "export_merged",
+    "init_distributed",
+    "inject_lora",
+    "load_adapter",
+    "load_config",
+    "load_model",
+    "lora_delta",
+    "lora_parameters",
+    "lora_state_dict",
+    "merge_offline",
+    "merge_state_dict",
+    "merge_weight",
+    "parallelize",
+    "read_adapter",
+    "save_adapter",
+    "train",
+    "verify_checkpoint",
+]
+
+# Heavier entry points (torch.distributed, DeepSpeed) are imported on first use.
+_LAZY = {
+    "train": "lora_dist.train",
+    "parallelize": "lora_dist.parallel",
+    "load_model": "lora_dist.model",
+    "init_distributed": "lora_dist.env",
+    "export_merged": "lora_dist.export",
+    "merge_offline": "lora_dist.export",
+    "verify_checkpoint": "lora_dist.export",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lora_dist' has no attribute {name!r}")

@@ -1,0 +1,50 @@
+"""Shared by the export tests and the torchrun scripts they launch.
+
+The scripts import this file as ``export_common`` (their own dir is on
+``sys.path``); the tests import it as ``dist_scripts.export_common``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+SCRIPTS = Path(__file__).resolve().parent
+
+
+#: Every projection of each architecture the export tests use.
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def build_lora_model(base: str | Path, arch: str, seed: int = 1234, r: int = 4):
+    """The base model in fp32 with LoRA on every projection and random non-zero A and B (same on every rank)."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_dist.lora import LoRAConfig, inject_lora, lora_modules
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    inject_lora(model, LoRAConfig(r=r, alpha=2 * r, target_modules=TARGETS[arch]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=gen) * 0.1)
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.1)
+    return model
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    return next(m for m in model.modules() if isinstance(m, nn.ModuleList))
+
+
+def input_ids(batch: int = 2, length: int = 16) -> torch.Tensor:
+    return torch.randint(0, 400, (batch, length), generator=torch.Generator().manual_seed(7))
+
+
+def write_result(path: str | Path, result: dict) -> None:
+    Path(path).write_text(json.dumps(result))

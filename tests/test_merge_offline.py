@@ -1,0 +1,220 @@
+"""Offline streaming merge, checkpoint verification and their CLI glue (lora_dist.export)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from dist_scripts.export_common import SCRIPTS
+from distutil import torchrun
+
+from lora_dist.export import (
+    OutputExistsError,
+    VerifyError,
+    add_merge_subparser,
+    add_verify_subparser,
+    merge_offline,
+    verify_checkpoint,
+)
+from lora_dist.hf import SAFE_INDEX, HFCheckpoint
+from lora_dist.safetensors_writer import read_header
+
+PEFT_CASES = {
+    # rsLoRA with per-module ranks and alphas
+    "llama": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                  rank_pattern={"v_proj": 4}, alpha_pattern={"down_proj": 32}),
+    # GPT-2's Conv1D stores weights (in, out): fan_in_fan_out
+    "gpt2": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+}
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_checkpoint) -> dict[str, Path]:
+    """Dims that do not divide by 3 (uneven shards on 3 ranks): llama hidden 64, GPT-2 hidden 40."""
+    return {"llama": tiny_checkpoint("llama", hidden=64), "gpt2": tiny_checkpoint("gpt2", hidden=40)}
+
+
+def peft_adapter(base: Path, arch: str, adapter_dir: Path, merged_dir: Path | None = None) -> Path:
+    """A PEFT-made adapter with random B; optionally PEFT's own merge_and_unload() saved too."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(**PEFT_CASES[arch]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.save_pretrained(adapter_dir)
+    if merged_dir is not None:
+        model.merge_and_unload().save_pretrained(merged_dir)
+    return adapter_dir
+
+
+@pytest.fixture(scope="module")
+def merged(bases, tmp_path_factory) -> dict[str, Path]:
+    """A multi-file offline merge of a PEFT llama adapter, for the verify tests to tamper with copies of."""
+    root = tmp_path_factory.mktemp("merged")
+    adapter = peft_adapter(bases["llama"], "llama", root / "adapter")
+    out = merge_offline(bases["llama"], adapter, root / "out", max_shard_size="100KB")
+    return {"base": bases["llama"], "adapter": adapter, "out": out}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_offline_merge_equals_peft_merge_and_unload(bases, tmp_path, arch):
+    adapter = peft_adapter(bases[arch], arch, tmp_path / "adapter", tmp_path / "peft_merged")
+    out = merge_offline(bases[arch], adapter, tmp_path / "out", max_shard_size="100KB")
+    ours, peft = HFCheckpoint(out), HFCheckpoint(tmp_path / "peft_merged")
+    assert sorted(ours.keys()) == sorted(peft.keys())
+    changed = 0
+    for key in peft.keys():
+        assert torch.equal(ours.read(key), peft.read(key)), key
+        changed += not torch.equal(ours.read(key), HFCheckpoint(bases[arch]).read(key))
+    assert changed == (6 if arch == "llama" else 4)  # 3 (llama) or 2 (GPT-2) targets x 2 layers
+
+
+def test_offline_merge_casts_to_dtype_and_refuses_existing_output(merged, tmp_path):
+    out = merge_offline(merged["base"], merged["adapter"], tmp_path / "bf16", dtype="bf16")
+    assert {HFCheckpoint(out).read(k).dtype for k in HFCheckpoint(out).keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    verify_checkpoint(out, merged["base"], merged["adapter"], sample=None)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        merge_offline(merged["base"], merged["adapter"], out)
+
+
+def test_adapter_for_another_base_is_refused_and_nothing_is_left(merged, tmp_path):
+    from lora_dist.demo import make_tiny_checkpoint
+    from lora_dist.merge import MergeError
+
+    narrow = make_tiny_checkpoint(tmp_path / "narrow", "llama", hidden=32, layers=2)
+    with pytest.raises(MergeError, match="different base"):
+        merge_offline(narrow, merged["adapter"], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["narrow"]
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def tampered(merged: dict[str, Path], tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(merged["out"], copy)
+    return copy
+
+
+def locate(out: Path, key: str) -> tuple[Path, int, int]:
+    """File and absolute byte range of a tensor."""
+    name = json.loads((out / SAFE_INDEX).read_text())["weight_map"][key]
+    entry = read_header(out / name)[1][key]
+    return out / name, entry.begin, entry.end
+
+
+def test_verify_passes_on_good_output(merged):
+    report = verify_checkpoint(merged["out"], merged["base"], merged["adapter"], sample=8)
+    assert report.tensors == len(HFCheckpoint(merged["base"]).keys())
+    assert len(report.files) > 3 and report.max_abs_diff == 0.0
+    assert report.compared[:6] == sorted(report.compared[:6]) and all("proj" in k for k in report.compared[:6])
+    assert len(report.compared) == 8
+    assert "OK" in report.summary()
+
+
+def test_verify_catches_flipped_bytes_in_a_merged_tensor(merged, tmp_path):
+    out = tampered(merged, tmp_path)
+    key = "model.layers.1.self_attn.v_proj.weight"
+    path, begin, end = locate(out, key)
+    data = bytearray(path.read_bytes())
+    for i in range(begin + 40, begin + 48, 4):
+        data[i] ^= 0x01  # lowest mantissa bit: still finite, only the recomputation can tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(VerifyError, match=rf"{key}.*differs from base \+ adapter"):
+        verify_checkpoint(out, merged["base"], merged["adapter"])
+
+
+def test_verify_catches_nan(merged, tmp_path):
+    out = tampered(merged, tmp_path)
+    path, begin, _ = locate(out, "model.norm.weight")
+    data = bytearray(path.read_bytes())
+    data[begin : begin + 4] = bytes.fromhex("0000c07f")  # fp32 NaN
+    path.write_bytes(bytes(data))
+    with pytest.raises(VerifyError, match="model.norm.weight.*NaN"):
+        verify_checkpoint(out)
+
+
+def test_verify_catches_a_deleted_file(merged, tmp_path):
+    out = tampered(merged, tmp_path)
+    victim = sorted(out.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(VerifyError, match=rf"{victim.name} is listed in the index but missing"):
+        verify_checkpoint(out)
+
+
+def test_verify_catches_a_wrong_total_size(merged, tmp_path):
+    out = tampered(merged, tmp_path)
+    index = json.loads((out / SAFE_INDEX).read_text())
+    index["metadata"]["total_size"] += 4
+    (out / SAFE_INDEX).write_text(json.dumps(index))
+    with pytest.raises(VerifyError, match="total_size"):
+        verify_checkpoint(out)
+
+
+def test_verify_catches_a_truncated_file_and_a_wrong_weight_map(merged, tmp_path):
+    out = tampered(merged, tmp_path)
+    files = sorted(out.glob("model-*.safetensors"))
+    with open(files[0], "r+b") as f:
+        f.truncate(files[0].stat().st_size - 8)
+    index = json.loads((out / SAFE_INDEX).read_text())
+    moved = next(k for k, v in index["weight_map"].items() if v == files[2].name)
+    index["weight_map"][moved] = files[3].name
+    (out / SAFE_INDEX).write_text(json.dumps(index))
+    with pytest.raises(VerifyError) as info:
+        verify_checkpoint(out)
+    assert "truncated" in str(info.value) and f"the index says {files[3].name}" in str(info.value)
+
+
+def test_verify_against_the_wrong_base(bases, merged):
+    with pytest.raises(VerifyError, match="base tensors are missing"):
+        verify_checkpoint(merged["out"], bases["gpt2"])
+
+
+# ----------------------------------------------------------------------------- CLI glue
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lora-dist")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_merge_subparser(sub)
+    add_verify_subparser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_merge_and_verify(merged, tmp_path, capsys):
+    base, adapter, out = str(merged["base"]), str(merged["adapter"]), str(tmp_path / "out")
+    assert cli(["merge", "--base", base, "--adapter", adapter, "--out", out, "--max-shard-size", "200KB",
+                "--dtype", "bf16"]) == 0
+    assert cli(["verify", out, "--base", base, "--adapter", adapter]) == 0
+    assert "OK" in capsys.readouterr().out
+
+    assert cli(["merge", "--base", base, "--adapter", adapter, "--out", out]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli(["merge", "--base", base, "--adapter", adapter, "--out", out, "--overwrite"]) == 0
+
+    (tmp_path / "out" / "config.json").unlink()
+    assert cli(["verify", out]) == 1
+    assert "FAILED" in capsys.readouterr().err
+
+
+@pytest.mark.dist
+def test_offline_merge_under_torchrun_splits_the_writing(merged, tmp_path):
+    out = tmp_path / "out"
+    torchrun(2, str(SCRIPTS / "export_merge_offline.py"), str(tmp_path), "merge", "--base", str(merged["base"]),
+             "--adapter", str(merged["adapter"]), "--out", str(out), "--max-shard-size", "100KB")
+    results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]
+    assert [r["code"] for r in results] == [0, 0]
+    assert all(r["bytes"] > 0 for r in results)  # both ranks wrote
+    assert sum(r["bytes"] for r in results) == json.loads((out / SAFE_INDEX).read_text())["metadata"]["total_size"]
+    for name in sorted(p.name for p in merged["out"].iterdir()):
+        assert (out / name).read_bytes() == (merged["out"] / name).read_bytes(), name
