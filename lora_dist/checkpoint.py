@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_dist.config import Config
 from lora_dist.env import LaunchEnv
-from lora_dist.hf import SAFE_INDEX, SAFE_SINGLE
+from lora_dist.hf import SAFE_INDEX
 
 __all__ = [
     "CheckpointManager",
@@ -61,19 +61,28 @@ class Preempted(SystemExit):
         self.step = step
 
 
-def base_identity(model_path: str) -> dict:
-    """What identifies the base model: its path and a hash of config.json and the weight index/header."""
+def base_identity(model_path: str, samples: int = 8, sample_bytes: int = 1 << 16) -> dict:
+    """What identifies the base model: its path, and a hash of config.json, the weight index, and
+    of every safetensors file's size, header and a few evenly spaced samples of its bytes.
+
+    Sampling keeps this cheap for 400B-parameter checkpoints while two checkpoints with the
+    same shapes but different weights still hash differently.
+    """
     root = Path(model_path)
     h = hashlib.sha256()
     for name in ("config.json", SAFE_INDEX):
         f = root / name
         if f.is_file():
             h.update(f.read_bytes())
-    single = root / SAFE_SINGLE
-    if single.is_file():
-        with single.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(n, 100_000_000)))
+    for f in sorted(root.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            header = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(header, 100_000_000)))
+            for i in range(samples):
+                fh.seek(size * i // samples)
+                h.update(fh.read(sample_bytes))
     return {"path": str(root.resolve()), "sha256": h.hexdigest()}
 
 
@@ -115,14 +124,20 @@ def _load_optimizer_tensors(engine, tensors: dict[str, torch.Tensor], step: int)
     if hasattr(engine, "engine"):
         from deepspeed.utils import safe_set_full_optimizer_state
 
+        zero_opt = engine.optimizer
+        inner = getattr(zero_opt, "optimizer", zero_opt)
+        # The flat fp32 partitions torch's AdamW steps (ZeRO-3 detaches them from param_groups between steps).
+        flat = [p for g in inner.param_groups for p in g["params"]]
+        flat += list(getattr(zero_opt, "fp32_partitioned_groups_flat", []))
+        flat += list(getattr(zero_opt, "single_partition_of_fp32_groups", []))
+        for p in flat:  # AdamW creates its state lazily: create it so it can be filled
+            if not inner.state.get(p):
+                inner.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            inner.state[p]["step"] = torch.tensor(float(step))
         for name, p in named:
             for key in ("exp_avg", "exp_avg_sq"):
                 if f"{name}.{key}" in tensors:
                     safe_set_full_optimizer_state(p, tensors[f"{name}.{key}"], key)
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-        for group in inner.param_groups:
-            for p in group["params"]:
-                inner.state.setdefault(p, {})["step"] = torch.tensor(float(step))
         return
     for name, p in named:
         if f"{name}.exp_avg" not in tensors:

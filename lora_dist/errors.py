@@ -10,7 +10,7 @@ from lora_dist.env import LaunchError
 from lora_dist.hf import CheckpointError
 from lora_dist.lora import LoRAConfigError
 from lora_dist.merge import MergeError
-from lora_dist.train import TrainingDiverged
+from lora_dist.train import OutputDirError, TrainingDiverged
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     AdapterError,
@@ -21,6 +21,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     LoRAConfigError,
     MergeError,
     ResumeError,
+    OutputDirError,
     TrainingDiverged,
     FileExistsError,
     PermissionError,

@@ -312,6 +312,16 @@ class DeepSpeedEngine(Engine):
             return {k: v.clone() for k, v in Engine._named_lora_data(self).items()}
         return self.lora_tensors()
 
+    @torch.no_grad()
+    def load_lora_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        super().load_lora_tensors(tensors)
+        # The optimizer steps fp32 master copies of its partitions: set those too.
+        for name, m in lora_modules(self.module):
+            for part in ("lora_A", "lora_B"):
+                safe_set_full_fp32_param(getattr(m, part).weight, tensors[f"{name}.{part}.weight"].float())
+
     def gathered_lora(self, modifier: bool = False):
         import deepspeed
 

@@ -28,7 +28,7 @@ from lora_dist.env import LaunchEnv, init_distributed
 from lora_dist.model import load_model
 from lora_dist.parallel import Engine, check_replicas, deepspeed_config, make_engine
 
-__all__ = ["TrainingDiverged", "TrainResult", "lr_at", "train"]
+__all__ = ["OutputDirError", "TrainingDiverged", "TrainResult", "lr_at", "train"]
 
 log = logging.getLogger("lora_dist")
 
@@ -166,9 +166,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     device = _device(env)
     out = Path(cfg.output.dir)
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise PermissionError(f"output.dir {str(out)!r} is not writable; choose another output.dir")
+        _check_writable(out)
         (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
     t, p = cfg.train, cfg.parallel
 
@@ -203,8 +201,9 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     first_loss = float("nan")
     eval_loss = None
     preempt = ckpt_mod.PreemptionHandler()
+    end_step = min(t.steps, start_step + t.run_steps) if t.run_steps else t.steps
     try:
-        for step in range(start_step, t.steps):
+        for step in range(start_step, end_step):
             t0 = time.perf_counter()
             torch.manual_seed(t.seed * 1_000_003 + step * 1009 + env.rank)  # dropout: a function of (seed, step, rank)
             lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
@@ -242,6 +241,9 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
                     f.write(json.dumps(record) + "\n")
             progress.update(record)
             stop = preempt.requested()
+            if step + 1 == end_step < t.steps:  # train.run_steps: checkpoint and hand over to a later run
+                manager.save(step + 1, engine)
+                return TrainResult(record["loss"], first_loss, eval_loss, step + 1, out, history)
             if manager.should_save(step + 1) or stop:
                 manager.save(step + 1, engine)
             if stop:
@@ -271,6 +273,20 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
         dist.barrier()
     final = history[-1]["loss"] if history else float("nan")
     return TrainResult(final, first_loss, eval_loss, t.steps, out, history)
+
+
+class OutputDirError(OSError):
+    """``output.dir`` cannot be written."""
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(f"output.dir {str(out)!r} is not writable ({e.strerror or e}); choose another output.dir") from None
 
 
 def _max_lora_numel(cfg: Config, hf_config) -> int:

@@ -1,0 +1,244 @@
+"""Checkpoint, resume (exactly, and on another world size / strategy), faults."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distutil import REPO, free_port, lora_dist, quiet_env, torchrun
+from lora_dist.demo import write_demo_data
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint, tmp_path_factory):
+    base = tiny_checkpoint("llama", hidden=64, layers=2)
+    root = tmp_path_factory.mktemp("ckpt")
+    data = write_demo_data(root / "data.jsonl", n=200)
+    common = [f"model.path={base}", f"data.path={data}", f"train.steps={STEPS}", "train.seq_len=32",
+              "train.lr=5e-3", "train.warmup_steps=2", "data.eval_fraction=0", "lora.r=4",
+              "lora.target_modules=[q_proj,v_proj]", "checkpoint.every=2"]
+    return {"base": base, "data": data, "root": root, "common": common}
+
+
+def _run(setup, out: Path, nproc: int, *overrides: str, check: bool = True):
+    args = ["train", *setup["common"], f"output.dir={out}", *overrides]
+    if nproc == 1:
+        return lora_dist(*args, check=check)
+    return torchrun(nproc, "-m", "lora_dist.cli", *args, check=check)
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def _assert_same(a: Path, b: Path, atol: float) -> None:
+    ta, tb = _adapter(a), _adapter(b)
+    assert set(ta) == set(tb)
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+    assert max(float(t.abs().max()) for k, t in ta.items() if "lora_B" in k) > 1e-4
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    out = setup["root"] / "full"
+    _run(setup, out, 1, "parallel.strategy=none", "train.micro_batch_size=4")
+    return out
+
+
+def test_checkpoint_layout_and_pruning(uninterrupted):
+    ckpts = uninterrupted / "checkpoints"
+    # every=2 over 6 steps: steps 2 and 4 (the end of training writes the adapter instead); keep=2.
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000002", "step-000004"]
+    assert (ckpts / "latest").read_text().strip() == "step-000004"
+    state = json.loads((ckpts / "step-000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["samples_consumed"] == 16
+    assert len(state["base"]["sha256"]) == 64
+    names = set(load_file(str(ckpts / "step-000004" / "lora.safetensors")))
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)  # the base is never written
+    moments = load_file(str(ckpts / "step-000004" / "optimizer.safetensors"))
+    assert {f"{n}.exp_avg" for n in names} | {f"{n}.exp_avg_sq" for n in names} == set(moments)
+
+
+def test_exact_resume_single_process(setup, tmp_path):
+    """Stopped at step 3 and resumed == uninterrupted, bit for bit (dropout on: its RNG is restored too)."""
+    opts = ("parallel.strategy=none", "train.micro_batch_size=4", "lora.dropout=0.1")
+    ref, out = tmp_path / "ref", tmp_path / "resumed"
+    _run(setup, ref, 1, *opts)
+    _run(setup, out, 1, *opts, "train.run_steps=3")
+    assert not (out / "adapter").exists() and (out / "checkpoints" / "step-000003").is_dir()
+    _run(setup, out, 1, *opts)
+    _assert_same(ref, out, atol=0)
+    losses = [m["loss"] for m in _metrics(out) if "loss" in m]
+    assert losses == [m["loss"] for m in _metrics(ref) if "loss" in m]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (("fsdp2", 2, 2), ("none", 1, 4)),  # 2 ranks -> 1
+        (("zero3", 2, 2), ("ddp", 2, 2)),  # zero3 -> ddp
+        (("ddp", 2, 2), ("zero3", 2, 2)),  # ddp -> zero3
+        (("none", 1, 4), ("fsdp2", 2, 2)),  # 1 -> 2, none -> fsdp2
+    ],
+    ids=["fsdp2x2-to-nonex1", "zero3-to-ddp", "ddp-to-zero3", "nonex1-to-fsdp2x2"],
+)
+def test_resume_on_another_world_size_and_strategy(setup, uninterrupted, first, second):
+    out = setup["root"] / f"elsewhere-{first[0]}-{second[0]}"
+    (s1, n1, mb1), (s2, n2, mb2) = first, second
+    _run(setup, out, n1, f"parallel.strategy={s1}", f"train.micro_batch_size={mb1}", "train.run_steps=3")
+    _run(setup, out, n2, f"parallel.strategy={s2}", f"train.micro_batch_size={mb2}")
+    # Same global batch (4) throughout, so the result equals the uninterrupted single-process run.
+    _assert_same(uninterrupted, out, atol=1e-5)
+
+
+@pytest.mark.dist
+def test_resume_one_to_three_ranks(setup, tmp_path):
+    ref = tmp_path / "ref3"
+    _run(setup, ref, 1, "parallel.strategy=none", "train.micro_batch_size=3")
+    out = tmp_path / "to3"
+    _run(setup, out, 1, "parallel.strategy=none", "train.micro_batch_size=3", "train.run_steps=2")
+    _run(setup, out, 3, "parallel.strategy=fsdp2", "train.micro_batch_size=1")
+    _assert_same(ref, out, atol=1e-5)
+
+
+def test_refuses_a_different_base_unless_forced(setup, tiny_checkpoint, tmp_path):
+    out = tmp_path / "other-base"
+    _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
+    other = tiny_checkpoint("llama", hidden=64, layers=2, seed=7)
+    proc = _run(setup, out, 1, "parallel.strategy=none", f"model.path={other}", check=False)
+    assert proc.returncode == 2
+    assert "checkpoint.force=true" in proc.stderr.strip().splitlines()[-1]
+    _run(setup, out, 1, "parallel.strategy=none", f"model.path={other}", "checkpoint.force=true")
+    assert (out / "adapter").is_dir()
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(setup, tmp_path):
+    out = tmp_path / "corrupt"
+    _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=4", "checkpoint.keep=3")
+    latest = out / "checkpoints" / "step-000004" / "lora.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated
+    proc = _run(setup, out, 1, "parallel.strategy=none")
+    assert "skipping corrupt checkpoint" in proc.stderr and "step-000004" in proc.stderr
+    assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
+    steps = [m["step"] for m in _metrics(out) if "loss" in m]
+    assert steps == [1, 2, 3, 4, 3, 4, 5, 6]  # steps 3-4 redone from the step-2 checkpoint
+
+
+def test_explicitly_named_corrupt_checkpoint_is_an_error(setup, tmp_path):
+    out = tmp_path / "named"
+    _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
+    ckpt = out / "checkpoints" / "step-000002"
+    (ckpt / "state.json").write_text("{not json")
+    proc = _run(setup, out, 1, "parallel.strategy=none", f"checkpoint.resume={ckpt}", check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "step-000002 is unreadable" in last and "Traceback" not in proc.stderr
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous(setup, tmp_path, monkeypatch):
+    from lora_dist import checkpoint as ckpt_mod
+    from lora_dist.config import load_config
+    from lora_dist.env import LaunchEnv
+
+    out = tmp_path / "crash"
+    _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
+    cfg = load_config(None, [*setup["common"], f"output.dir={out}"])
+    env = LaunchEnv("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 0)
+    manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env)
+
+    class _Engine:  # just enough of an engine for save()
+        lora_params: list = []
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+        def lora_tensors(self):
+            return {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64)}
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "_optimizer_tensors", lambda engine: {})
+    monkeypatch.setattr(ckpt_mod, "save_file", crash)
+    with pytest.raises(OSError):
+        manager.save(4, _Engine())
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-000002"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000002"]  # no temp dir left behind
+    monkeypatch.undo()
+    proc = _run(setup, out, 1, "parallel.strategy=none")
+    assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
+
+
+def test_nan_loss_stops_naming_the_step_and_saves_nothing_corrupt(setup, tmp_path, monkeypatch):
+    """The loss turns NaN at step 3 (injected): training stops before that update, names the step,
+    and every checkpoint on disk predates it and is finite; no adapter is written."""
+    import lora_dist.train as train_mod
+    from lora_dist.config import load_config
+    from lora_dist.env import destroy_distributed
+
+    real, calls = train_mod.token_loss_sum, []
+
+    def poisoned(logits, labels):
+        calls.append(1)
+        loss = real(logits, labels)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_mod, "token_loss_sum", poisoned)
+    out = tmp_path / "nan"
+    cfg = load_config(None, [*setup["common"], f"output.dir={out}", "parallel.strategy=none", "checkpoint.every=1"])
+    try:
+        with pytest.raises(train_mod.TrainingDiverged, match="loss is nan at step 3"):
+            train_mod.train(cfg)
+    finally:
+        destroy_distributed()
+    assert not (out / "adapter").exists()
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert saved == ["step-000001", "step-000002"]
+    for name in saved:
+        tensors = load_file(str(out / "checkpoints" / name / "lora.safetensors"))
+        assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+@pytest.mark.dist
+def test_rank_killed_mid_run_restarts_from_last_checkpoint(setup, tmp_path):
+    """SIGKILL one rank under ``torchrun --max-restarts 1``: the job restarts and resumes."""
+    out = tmp_path / "killed"
+    steps = 40
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "--max-restarts=1", "-m", "lora_dist.cli", "train", *setup["common"], f"output.dir={out}",
+           "parallel.strategy=fsdp2", "train.micro_batch_size=2", f"train.steps={steps}", "checkpoint.every=4"]
+    agent = subprocess.Popen(cmd, cwd=REPO, env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.time() + 240
+    while time.time() < deadline and agent.poll() is None:
+        if (out / "checkpoints" / "step-000008").is_dir():
+            workers = [p for p in psutil.Process(agent.pid).children(recursive=True) if "lora_dist.cli" in " ".join(p.cmdline())]
+            if len(workers) == 2:
+                killed = workers[-1].pid
+                workers[-1].send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    output, _ = agent.communicate(timeout=300)
+    assert killed is not None, "training finished before a rank could be killed:\n" + output[-3000:]
+    assert agent.returncode == 0, output[-5000:]
+    assert "resumed from" in output
+    resumed_at = int(output.split("resumed from")[1].split("at step ")[1].split()[0])
+    assert resumed_at >= 8
+    steps_logged = [m["step"] for m in _metrics(out) if "loss" in m]
+    assert steps_logged[-1] == steps and (out / "adapter" / "adapter_model.safetensors").is_file()
