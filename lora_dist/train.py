@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from lora_dist.config import Config, config_to_dict
 from lora_dist.data import IGNORE, DataError, PackedDataset, load_dataset
 from lora_dist.env import LaunchEnv, init_distributed
+from lora_dist.hf import CheckpointError, HFCheckpoint
 from lora_dist.model import load_model
 from lora_dist.parallel import Engine, check_replicas, deepspeed_config, make_engine
 
@@ -171,7 +172,8 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     t, p = cfg.train, cfg.parallel
 
     if not cfg.model.path:
-        raise ValueError("model.path is not set; pass model.path=/path/to/hf_checkpoint")
+        raise CheckpointError("model.path is not set; pass model.path=/path/to/hf_checkpoint")
+    HFCheckpoint(cfg.model.path)  # fail fast on a missing, incomplete or corrupt checkpoint
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
