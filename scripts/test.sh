@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up (.venv, pinned torch 2.13.0 CPU) and run the whole test suite.
+# Tests marked `cluster` bring up a local two-node Slurm cluster in network namespaces;
+# they need root and skip, with the reason, where that is impossible.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+exec python -m pytest -ra "$@"
