@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -22,6 +23,10 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 
 def _setup_logging() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: CPU on purpose, not a failed GPU probe
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("PMI_RANK", "0")))
     level = logging.INFO if rank == "0" else logging.WARNING
     logging.basicConfig(level=level, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -93,11 +98,29 @@ def _cmd_demo(args) -> int:
         return code
     merged = run / "merged"
     if merged.is_dir():
-        from lora_dist.export import verify_checkpoint
-
-        report = verify_checkpoint(merged, base_dir=base, adapter_dir=run / "adapter")
-        print(f"verified merged export: {report}")
+        _check_demo_export(base, run)
     return 0
+
+
+def _check_demo_export(base: Path, run: Path) -> None:
+    """Verify the merged export and compare its logits with base + adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lora_dist.adapter import load_adapter
+    from lora_dist.export import verify_checkpoint
+
+    report = verify_checkpoint(run / "merged", base_dir=base, adapter_dir=run / "adapter")
+    print(f"verified {report.summary()}")
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    lora = load_adapter(AutoModelForCausalLM.from_pretrained(base), run / "adapter").eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (merged(input_ids=ids).logits - lora(input_ids=ids).logits).abs().max().item()
+    print(f"merged checkpoint loads with transformers; max |logits - (base + adapter) logits| = {diff:.2e}")
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [h["loss"] for h in history if "loss" in h]
+    print(f"train loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; outputs in {run}")
 
 
 def _export_parser(sub) -> None:

@@ -9,9 +9,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-python -m pip install -q --upgrade pip
-python -m pip install -q -c constraints.txt "torch==2.13.0"
-python -m pip install -q -c constraints.txt -e ".[test]"
+log=.venv/install.log
+quiet() { "$@" >>"$log" 2>&1 || { tail -n 40 "$log"; echo "setup failed: $*" >&2; exit 1; }; }
+: >"$log"
+quiet python -m pip install --upgrade pip
+quiet python -m pip install -c constraints.txt "torch==2.13.0"
+quiet python -m pip install -c constraints.txt -e ".[test]"
 python - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0"), f"unexpected torch {torch.__version__}: the install must keep torch 2.13.0"
