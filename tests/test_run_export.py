@@ -1,0 +1,64 @@
+"""`lora-dist export RUN_DIR` and `export.merged=true` write the same merged checkpoint as the offline merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distutil import lora_dist, torchrun
+from lora_dist.demo import write_demo_data
+
+pytestmark = pytest.mark.dist
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tiny_checkpoint, tmp_path_factory):
+    base = tiny_checkpoint("llama", hidden=64, layers=2)
+    root = tmp_path_factory.mktemp("runexport")
+    data = write_demo_data(root / "data.jsonl", n=100)
+    out = root / "run"
+    torchrun(2, "-m", "lora_dist.cli", "train", f"model.path={base}", f"data.path={data}", f"output.dir={out}",
+             "train.steps=3", "train.seq_len=32", "train.lr=1e-2", "lora.target_modules=all-linear",
+             "export.merged=true", "export.dtype=float32", "export.max_shard_size=100KB")
+    offline = root / "offline"
+    lora_dist("merge", "--base", str(base), "--adapter", str(out / "adapter"), "--out", str(offline), "--dtype", "fp32")
+    return {"base": base, "out": out, "offline": offline, "root": root}
+
+
+def test_end_of_training_export_equals_offline_merge(run):
+    merged, offline = _tensors(run["out"] / "merged"), _tensors(run["offline"])
+    assert set(merged) == set(offline)
+    assert all(torch.equal(merged[k], offline[k]) for k in merged)
+    assert len(list((run["out"] / "merged").glob("model-*.safetensors"))) > 1  # max_shard_size split it
+
+
+@pytest.mark.parametrize("nproc, strategy", [(2, "zero3"), (3, "fsdp2"), (1, "none")])
+def test_export_of_a_finished_run(run, nproc, strategy):
+    dst = run["root"] / f"export-{strategy}-{nproc}"
+    args = ["export", str(run["out"]), "--out", str(dst), "--dtype", "float32"]
+    if nproc == 1:
+        lora_dist(*args)
+    else:
+        cfg = run["out"] / "config.json"
+        text = cfg.read_text()
+        try:
+            cfg.write_text(text.replace('"strategy": "fsdp2"', f'"strategy": "{strategy}"'))
+            torchrun(nproc, "-m", "lora_dist.cli", *args)
+        finally:
+            cfg.write_text(text)
+    exported, offline = _tensors(dst), _tensors(run["offline"])
+    assert set(exported) == set(offline)
+    for k in offline:
+        assert torch.equal(exported[k], offline[k]), k
+    proc = lora_dist("verify", str(dst), "--base", str(run["base"]), "--adapter", str(run["out"] / "adapter"))
+    assert "OK" in proc.stdout
