@@ -87,17 +87,15 @@ class PackedDataset:
     def batch(self, start: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples ``[start, start+size)`` of the endless shuffled stream."""
         n = len(self)
+        orders: dict[int, torch.Tensor] = {}
         idx = []
         for pos in range(start, start + size):
             epoch, i = divmod(pos, n)
-            if not idx or i == 0 or self._epoch != epoch:
-                self._perm, self._epoch = self.order(epoch, seed), epoch
-            idx.append(int(self._perm[i]))
+            if epoch not in orders:
+                orders[epoch] = self.order(epoch, seed)
+            idx.append(int(orders[epoch][i]))
         index = torch.tensor(idx)
         return self.input_ids[index], self.labels[index]
-
-    _perm: torch.Tensor | None = None
-    _epoch: int = -1
 
 
 def load_dataset(path: str | Path, tokenizer, seq_len: int, max_positions: int | None = None) -> PackedDataset:

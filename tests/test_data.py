@@ -1,0 +1,91 @@
+"""Data loading, packing, completion-only labels and the global batch split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lora_dist.data import IGNORE, DataError, load_dataset
+from lora_dist.demo import make_tokenizer, write_demo_data
+from lora_dist.env import LaunchEnv
+from lora_dist.train import _Batches
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def test_text_records_are_packed_with_eos(tokenizer, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["hello world", "the red fox"] * 20))
+    ds = load_dataset(path, tokenizer, seq_len=16)
+    flat = ds.input_ids.flatten().tolist()
+    expected = []
+    for t in ["hello world", "the red fox"] * 20:
+        expected += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert flat == expected[: len(flat)] and len(flat) == (len(expected) // 16) * 16
+    assert torch.equal(ds.input_ids, ds.labels)
+
+
+def test_prompt_completion_masks_the_prompt(tokenizer, tmp_path):
+    path = write_demo_data(tmp_path / "pc.jsonl", n=50, kind="prompt_completion")
+    ds = load_dataset(path, tokenizer, seq_len=32)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    first = rows[0]
+    n_prompt = len(tokenizer(first["prompt"], add_special_tokens=False)["input_ids"])
+    n_completion = len(tokenizer(first["completion"], add_special_tokens=False)["input_ids"])
+    labels = ds.labels.flatten().tolist()
+    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert labels[n_prompt : n_prompt + n_completion] == ds.input_ids.flatten().tolist()[n_prompt : n_prompt + n_completion]
+    assert IGNORE not in labels[n_prompt : n_prompt + n_completion + 1]
+
+
+def test_txt_file(tokenizer, tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("first paragraph of text.\n\nsecond one here.\n\n" * 30)
+    assert len(load_dataset(path, tokenizer, seq_len=16)) > 0
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_together_see_the_single_process_batch(tokenizer, tmp_path, world):
+    ds = load_dataset(write_demo_data(tmp_path / "d.jsonl", n=80), tokenizer, seq_len=16)
+    single = _Batches(ds, world * 2, LaunchEnv("single", 0, 0, 1, 1, 0, 1, "x", 0), seed=3, device="cpu")
+    for k in range(7):  # crosses an epoch boundary of the shuffled stream
+        ref_ids, _ = single.get(k)
+        parts = [_Batches(ds, 2, LaunchEnv("torchrun", r, r, world, world, 0, 1, "x", 0), 3, "cpu").get(k)[0]
+                 for r in range(world)]
+        assert torch.equal(torch.cat(parts), ref_ids)
+
+
+def test_epochs_are_reshuffled(tokenizer, tmp_path):
+    ds = load_dataset(write_demo_data(tmp_path / "d.jsonl", n=40), tokenizer, seq_len=16)
+    n = len(ds)
+    a, _ = ds.batch(0, n, seed=0)
+    b, _ = ds.batch(n, n, seed=0)
+    assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))  # each epoch is a permutation
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("", "holds no records"), ('{"x": 1}\n', 'expected a "text" field'), ("{bad json\n", "invalid JSON")],
+)
+def test_bad_files(tokenizer, tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_dataset(path, tokenizer, seq_len=16)
+
+
+def test_too_little_data_and_too_long_sequences(tokenizer, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "tiny"}) + "\n")
+    with pytest.raises(DataError, match="less than one"):
+        load_dataset(path, tokenizer, seq_len=64)
+    with pytest.raises(DataError, match="exceeds the model's 128 positions"):
+        load_dataset(path, tokenizer, seq_len=256, max_positions=128)
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_dataset(tmp_path / "d.csv", tokenizer, seq_len=16) if (tmp_path / "d.csv").write_text("a") else None
