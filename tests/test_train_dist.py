@@ -114,3 +114,17 @@ def test_base_is_sharded_without_grads_or_optimizer_state(setup, tmp_path, strat
         assert 0.45 <= share <= 0.55, share
         assert rep["perturbed_detected"] and rep["perturbed_name"] in rep["perturbed_detected"]
     assert sum(r["base_local_bytes"] for r in reports) >= reports[0]["base_full_bytes"]
+
+
+def test_activation_checkpointing_and_no_reshard_change_nothing(setup, reference):
+    out = _train(setup, "ac", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=2",
+                 "parallel.activation_checkpointing=true", "parallel.reshard_after_forward=false")
+    _assert_same_adapter(reference, out)
+
+
+def test_zero2_is_accepted_and_says_it_does_not_shard_the_base(setup, reference):
+    out = setup["root"] / "zero2"
+    proc = torchrun(2, "-m", "lora_dist.cli", "train", *setup["common"], f"output.dir={out}",
+                    "parallel.strategy=zero2", "train.micro_batch_size=2")
+    assert "does not shard the frozen base" in proc.stderr
+    _assert_same_adapter(reference, out)
