@@ -181,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"lora-dist {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        # Tear the process group down before exit: gloo/DeepSpeed threads left running can abort the interpreter.
+        from lora_dist.env import destroy_distributed
+
+        destroy_distributed()
 
 
 if __name__ == "__main__":

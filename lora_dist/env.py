@@ -195,7 +195,10 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None) -> Laun
 
     if launch.distributed:
         store = _rendezvous(launch, timeout)
-        store = dist.PrefixStore("default_pg", store)
+        # torchrun's agent store outlives worker restarts: a fresh prefix per attempt keeps the
+        # restarted group from reading the dead workers' addresses.
+        attempt = "{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        store = dist.PrefixStore(f"default_pg/{attempt}", store)
     else:
         store = dist.HashStore()
 
