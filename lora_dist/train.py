@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lora_dist.config import Config, config_to_dict
+from lora_dist.config import Config, ConfigError, config_to_dict
 from lora_dist.data import IGNORE, DataError, PackedDataset, load_dataset
 from lora_dist.env import LaunchEnv, init_distributed
 from lora_dist.hf import CheckpointError, HFCheckpoint
@@ -103,6 +103,24 @@ class _Batches:
         return ids.to(self.device), labels.to(self.device)
 
 
+def _forward_backward(engine: Engine, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """Accumulate the gradient of one optimizer step; returns (global mean loss, global target tokens).
+
+    Each micro-batch's summed token loss is divided by the step's global token
+    count, so the accumulated gradient is that of the global token mean.
+    Gradients are communicated only on the last micro-batch.
+    """
+    n_tokens = _all_sum(torch.tensor(sum(_n_targets(labels) for _, labels in micro), dtype=torch.float64))
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for m, (ids, labels) in enumerate(micro):
+        sync = contextlib.nullcontext() if m == len(micro) - 1 else engine.no_sync()
+        with sync:
+            loss = token_loss_sum(engine.model(input_ids=ids).logits, labels)
+            engine.backward(loss / n_tokens.to(loss.dtype).clamp(min=1))
+        loss_sum += loss.detach().double().cpu()
+    return float(_all_sum(loss_sum) / n_tokens.clamp(min=1)), float(n_tokens)
+
+
 @torch.no_grad()
 def evaluate(engine: Engine, data: PackedDataset, micro_batch: int, batches: int, env: LaunchEnv, device) -> float:
     """Token-mean loss over the first ``batches`` global micro-batches of the held-out blocks."""
@@ -159,7 +177,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
 
     env = env or init_distributed(cfg.parallel.timeout_s)
     if cfg.parallel.strategy == "none" and env.world_size > 1:
-        raise ValueError(f"parallel.strategy=none runs one process, but {env.world_size} were launched; pick fsdp2, zero3 or ddp")
+        raise ConfigError(f"parallel.strategy=none runs one process, but {env.world_size} were launched; pick fsdp2, zero3 or ddp")
     if cfg.parallel.strategy in ("zero1", "zero2") and env.is_main:
         log.warning("parallel.strategy=%s does not shard the frozen base: every rank holds all of it "
                     "(only the small LoRA optimizer state/gradients are partitioned); use fsdp2 or zero3 to shard it",
@@ -210,16 +228,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
             torch.manual_seed(t.seed * 1_000_003 + step * 1009 + env.rank)  # dropout: a function of (seed, step, rank)
             lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
             micro = [batches.get(step * t.grad_accum + m) for m in range(t.grad_accum)]
-            n_tokens = _all_sum(torch.tensor(sum(_n_targets(lb) for _, lb in micro), dtype=torch.float64))
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for m, (ids, labels) in enumerate(micro):
-                sync = contextlib.nullcontext() if m == t.grad_accum - 1 else engine.no_sync()
-                with sync:
-                    logits = engine.model(input_ids=ids).logits
-                    loss = token_loss_sum(logits, labels)
-                    engine.backward(loss / n_tokens.to(loss.dtype).clamp(min=1))
-                loss_sum += loss.detach().double().cpu()
-            step_loss = float(_all_sum(loss_sum) / n_tokens.clamp(min=1))
+            step_loss, n_tokens = _forward_backward(engine, micro)
             if not math.isfinite(step_loss):
                 raise TrainingDiverged(
                     f"loss is {step_loss} at step {step + 1}; stopped before the update, last good checkpoint kept. "
