@@ -282,30 +282,44 @@ class CheckpointManager:
 
 
 class PreemptionHandler:
-    """Turns SIGUSR1/SIGTERM into a request that all ranks agree on at the next step boundary."""
+    """Signals turned into requests that all ranks agree on at the next step boundary.
 
-    SIGNALS = ("SIGUSR1", "SIGTERM")
+    SIGUSR1 / SIGTERM (preemption): checkpoint, then exit with :data:`PREEMPT_EXIT_CODE`.
+    SIGUSR2 (on demand): checkpoint, then keep training.
+    """
+
+    STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
+    CHECKPOINT_SIGNALS = ("SIGUSR2",)
 
     def __init__(self) -> None:
-        self._flag = False
+        self._stop = False
+        self._checkpoint = False
         self._previous = {}
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is None:
-                continue
-            try:
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread
-                pass
+        for names, handler in ((self.STOP_SIGNALS, self._on_stop), (self.CHECKPOINT_SIGNALS, self._on_checkpoint)):
+            for name in names:
+                sig = getattr(signal, name, None)
+                if sig is None:
+                    continue
+                try:
+                    self._previous[sig] = signal.signal(sig, handler)
+                except ValueError:  # not the main thread
+                    pass
 
-    def _on_signal(self, signum, frame) -> None:
-        self._flag = True
+    def _on_stop(self, signum, frame) -> None:
+        self._stop = True
 
-    def requested(self) -> bool:
-        flag = torch.tensor([int(self._flag)])
+    def _on_checkpoint(self, signum, frame) -> None:
+        self._checkpoint = True
+
+    def poll(self) -> tuple[bool, bool]:
+        """``(stop, checkpoint)`` as agreed by all ranks (one tiny all-reduce); clears the checkpoint request."""
+        flags = torch.tensor([int(self._stop), int(self._checkpoint)])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, checkpoint = bool(flags[0]), bool(flags[1])
+        if checkpoint:
+            self._checkpoint = False
+        return stop, checkpoint
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

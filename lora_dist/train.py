@@ -220,7 +220,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     progress = _Progress(t.steps, start_step, env.is_main)
     first_loss = float("nan")
     eval_loss = None
-    preempt = ckpt_mod.PreemptionHandler()
+    signals = ckpt_mod.PreemptionHandler()
     end_step = min(t.steps, start_step + t.run_steps) if t.run_steps else t.steps
     try:
         for step in range(start_step, end_step):
@@ -251,11 +251,11 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             progress.update(record)
-            stop = preempt.requested()
+            stop, on_demand = signals.poll()
             if step + 1 == end_step < t.steps:  # train.run_steps: checkpoint and hand over to a later run
                 manager.save(step + 1, engine)
                 return TrainResult(record["loss"], first_loss, eval_loss, step + 1, out, history)
-            if manager.should_save(step + 1) or stop:
+            if manager.should_save(step + 1) or stop or on_demand:
                 manager.save(step + 1, engine)
             if stop:
                 if env.is_main:
@@ -264,7 +264,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
                 raise ckpt_mod.Preempted(step + 1)
     finally:
         progress.close()
-        preempt.restore()
+        signals.restore()
     if eval_data is not None:
         eval_loss = evaluate(engine, eval_data, t.micro_batch_size, t.eval_batches, env, device)
         if env.is_main:

@@ -242,3 +242,40 @@ def test_rank_killed_mid_run_restarts_from_last_checkpoint(setup, tmp_path):
     assert resumed_at >= 8
     steps_logged = [m["step"] for m in _metrics(out) if "loss" in m]
     assert steps_logged[-1] == steps and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _start_and_signal(setup, out: Path, sig: signal.Signals, *overrides: str) -> subprocess.CompletedProcess:
+    """Run one training process, send ``sig`` once step 3 is logged, wait for it to end."""
+    cmd = [sys.executable, "-m", "lora_dist.cli", "train", *setup["common"], f"output.dir={out}",
+           "parallel.strategy=none", "train.steps=400", "checkpoint.every=0", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(setup, tmp_path):
+    out = tmp_path / "term"
+    proc = _start_and_signal(setup, out, signal.SIGTERM)
+    assert proc.returncode == 99, proc.stderr[-2000:]  # PREEMPT_EXIT_CODE: the sbatch script requeues on it
+    assert "preempted: checkpoint at step" in proc.stderr
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(latest.split("-")[1])
+    assert 3 <= stopped_at < 400 and not (out / "adapter").exists()
+    resumed = _run(setup, out, 1, "parallel.strategy=none", f"train.steps={stopped_at + 2}", "checkpoint.every=0")
+    assert f"at step {stopped_at}" in resumed.stderr and (out / "adapter").is_dir()
+
+
+def test_sigusr2_checkpoints_on_demand_and_keeps_training(setup, tmp_path):
+    out = tmp_path / "usr2"
+    proc = _start_and_signal(setup, out, signal.SIGUSR2, "train.steps=40")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")]
+    assert len(saved) == 1 and 3 <= saved[0] < 40  # checkpoint.every=0: only the requested one
+    assert (out / "adapter").is_dir()
