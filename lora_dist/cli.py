@@ -176,16 +176,37 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command in _COMMANDS:
-            return _COMMANDS[args.command](args)
-        return int(args.func(args) or 0)
+            code = _COMMANDS[args.command](args)
+        else:
+            code = int(args.func(args) or 0)
     except USER_ERRORS as e:
         print(f"lora-dist {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        # Tear the process group down before exit: gloo/DeepSpeed threads left running can abort the interpreter.
-        from lora_dist.env import destroy_distributed
+        code = 2
+    except SystemExit as e:  # preemption: checkpoint written, exit code asks for a requeue
+        code = e.code if isinstance(e.code, int) else 1
+    _shutdown(code)
+    return code
 
-        destroy_distributed()
+
+def _shutdown(code: int) -> None:
+    """Leave a distributed run without interpreter teardown.
+
+    All outputs are written, fsynced and barrier-synchronized by now. Under load,
+    C++ threads of process groups still referenced by FSDP meshes could abort the
+    interpreter's teardown ("terminate called without an active exception") and
+    turn a finished run into a failed one, so a rank that joined a process group
+    destroys it and exits straight away with the command's exit code.
+    """
+    import torch.distributed as dist
+
+    from lora_dist.env import destroy_distributed
+
+    was_distributed = dist.is_available() and dist.is_initialized()
+    destroy_distributed()
+    if was_distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -48,3 +48,17 @@ def input_ids(batch: int = 2, length: int = 16) -> torch.Tensor:
 
 def write_result(path: str | Path, result: dict) -> None:
     Path(path).write_text(json.dumps(result))
+
+
+def finish(code: int = 0) -> None:
+    """End a worker as lora-dist does: destroy the process group, skip interpreter teardown."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

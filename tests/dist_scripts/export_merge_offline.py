@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from export_common import write_result
+from export_common import write_result, finish
 
 from lora_dist import safetensors_writer
 from lora_dist.export import add_merge_subparser
@@ -36,8 +36,9 @@ def main() -> None:
     safetensors_writer.pwrite_tensor = counting
     code = args.func(args)
     write_result(work / f"result_{os.environ['RANK']}.json", {"code": code, "bytes": sum(written)})
-    sys.exit(code)
+    finish(code)
 
 
 if __name__ == "__main__":
     main()
+    finish()

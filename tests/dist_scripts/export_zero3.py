@@ -15,7 +15,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from export_common import build_lora_model, input_ids
+from export_common import build_lora_model, input_ids, finish
 
 from lora_dist.adapter import save_adapter
 from lora_dist.export import export_merged
@@ -53,3 +53,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

@@ -1,6 +1,7 @@
 """Build a model with a strategy, run one step, and report what each rank holds (JSON per rank)."""
 
 import json
+import os
 import sys
 
 import torch
@@ -72,3 +73,5 @@ report["perturbed_name"] = first_b
 with open(f"{out_dir}/rank{env.rank}.json", "w") as f:
     json.dump(report, f)
 dist.barrier()
+dist.destroy_process_group()
+os._exit(0)  # as lora-dist does: skip interpreter teardown once everything is written
