@@ -116,6 +116,18 @@ def _load_base(model: nn.Module, ckpt: HFCheckpoint, dtype: torch.dtype) -> None
             buf.copy_(ckpt.read(key).to(buf.dtype))
 
 
+def _tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """``(owner, alias)`` names of parameters shared between modules (tied embeddings)."""
+    first: dict[int, str] = {}
+    ties = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            ties.append((first[id(param)], name))
+        else:
+            first[id(param)] = name
+    return ties
+
+
 def _no_init_weights():
     """Skip random init of weights that are about to be loaded."""
     try:
@@ -179,13 +191,19 @@ def load_model(
         # Parameters on meta, buffers (rotary tables, position ids) real.
         with init_empty_weights(include_buffers=False):
             model = cls.from_config(hf_config, dtype=dtype)
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()  # tied embeddings share one parameter (checkpoints store it once)
     report = inject_lora(model, lora_cfg)
     if strategy != "zero3":
         parallelize(model, parallel_cfg, device)
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        ties = _tied_parameters(model)
         model.to_empty(device=device)
         for name, value in buffers.items():
             model.get_buffer(name).copy_(value)
+        for owner, alias in ties:  # to_empty gives each module its own tensor: tie them again
+            module_name, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, model.get_parameter(owner))
     elif parallel_cfg.activation_checkpointing:
         parallelize(model, parallel_cfg, device)
     _load_base(model, ckpt, dtype)

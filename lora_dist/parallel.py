@@ -94,13 +94,25 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
     blocks = find_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__}: found no transformer blocks to shard; use parallel.strategy=ddp")
+    shard = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp,
-                    offload_policy=offload, ignored_params=ignored)
-    # The root keeps embeddings/head; no reshard after forward since backward needs them first.
-    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload,
-                ignored_params=ignored)
+        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **shard)
+    # Input embedding and output head are often the largest tensors: their own units, so only one
+    # of them is gathered at a time. Tied ones share a parameter and must stay in one unit (the root).
+    for module in _embedding_and_head(model):
+        fully_shard(module, reshard_after_forward=cfg.reshard_after_forward, **shard)
+    # The root keeps what is left (final norm); backward needs it first, so no reshard after forward.
+    fully_shard(model, reshard_after_forward=False, **shard)
     return model
+
+
+def _embedding_and_head(model: nn.Module) -> list[nn.Module]:
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embed = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    if embed is not None and head is not None and embed.weight is head.weight:
+        return []
+    return [m for m in (embed, head) if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
 
 
 class LoRAGradReducer:
@@ -344,7 +356,12 @@ def deepspeed_config(cfg: ParallelConfig, train: TrainConfig, lora_numel_max: in
                 "contiguous_gradients": True,
                 "reduce_bucket_size": int(cfg.bucket_mb * 1e6 / 4),
                 # LoRA tensors below this size stay whole (persistent) on every rank.
-                "stage3_param_persistence_threshold": max(lora_numel_max + 1, int(1e5)),
+                "stage3_param_persistence_threshold": lora_numel_max + 1,
+                # Release gathered base weights as soon as a module is done (DeepSpeed's defaults keep up
+                # to 1e9 parameters live, i.e. the whole model at these sizes).
+                "stage3_max_live_parameters": int(cfg.bucket_mb * 1e6 / 4),
+                "stage3_max_reuse_distance": 0,
+                "stage3_prefetch_bucket_size": int(cfg.bucket_mb * 1e6 / 4),
             },
             "zero_allow_untested_optimizer": True,
             "bf16": {"enabled": cfg.mixed_precision == "bfloat16"},

@@ -50,7 +50,13 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     if env.world_size == 1:
         parallel.strategy = "none"
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    ds = deepspeed_config(parallel, cfg.train, 10**9) if parallel.strategy.startswith("zero") else None
+    ds = None
+    if parallel.strategy.startswith("zero"):
+        from transformers import AutoConfig
+
+        from lora_dist.train import _max_lora_numel
+
+        ds = deepspeed_config(parallel, cfg.train, _max_lora_numel(cfg, AutoConfig.from_pretrained(cfg.model.path)))
     model = load_model(cfg.model, cfg.lora, parallel, device, cfg.train.seed, ds).model
     tensors = _run_lora_tensors(run)
     with torch.no_grad():

@@ -304,4 +304,5 @@ def _max_lora_numel(cfg: Config, hf_config) -> int:
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", 4096)
     inter = getattr(hf_config, "intermediate_size", None) or 4 * hidden
     r = max([cfg.lora.r, *cfg.lora.rank_pattern.values()])
-    return r * max(hidden, inter, getattr(hf_config, "vocab_size", 0) or 0)
+    # The largest LoRA matrix: r x (largest projection dimension); the output head is never adapted.
+    return r * max(hidden, inter)

@@ -12,12 +12,14 @@ from lora_dist.env import init_distributed
 from lora_dist.lora import lora_parameters
 from lora_dist.model import load_model
 from lora_dist.parallel import ReplicaMismatchError, check_replicas, deepspeed_config, make_engine
-from lora_dist.train import token_loss_sum
+from lora_dist.train import _max_lora_numel, token_loss_sum
+from transformers import AutoConfig
 
 out_dir, *overrides = sys.argv[1:]
 env = init_distributed()
 cfg = load_config(None, overrides)
-ds = deepspeed_config(cfg.parallel, cfg.train, 10**5) if cfg.parallel.strategy.startswith("zero") else None
+hf_config = AutoConfig.from_pretrained(cfg.model.path)
+ds = deepspeed_config(cfg.parallel, cfg.train, _max_lora_numel(cfg, hf_config)) if cfg.parallel.strategy.startswith("zero") else None
 model = load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0, ds).model
 lora = {id(p) for p in lora_parameters(model)}
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -35,7 +37,8 @@ for name, p in model.named_parameters():
         continue
     full_numel = getattr(p, "ds_numel", p.numel())
     if hasattr(p, "ds_tensor"):
-        local = p.ds_tensor.numel()
+        # Its partition, plus the whole tensor where ZeRO-3 keeps one resident (persistent params).
+        local = p.ds_tensor.numel() + p.data.numel()
         report["base_types"].add("zero3-partition")
     elif hasattr(p, "to_local"):
         local = p.to_local().numel()
