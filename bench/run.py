@@ -1,0 +1,328 @@
+"""``lora-dist bench``: lora_dist against PEFT + accelerate, side by side.
+
+For every model size, each configuration of :data:`bench.systems.SYSTEMS`
+runs in its own ``torchrun`` launch (so peak RSS is per configuration), one
+after another, on the same data and world size (:mod:`bench.worker`). Then
+the offline ``lora-dist merge`` of the adapter lora_dist_fsdp2 trained runs
+(in a fresh process, timed from its argument parsing to its return) against
+a plain read-write-fsync copy of the same bytes, alternating, best of each. Results: ``results.json``,
+``results.md`` and PNG plots in the output dir (:mod:`bench.report`).
+
+Step times are the minimum over the timed steps (each between two barriers):
+the machine may be shared, and the minimum is the estimate least affected by
+other processes; medians are kept in the JSON, with the load average before
+and after every launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.models import FULL_SIZES, LARGE_SIZES, QUICK_SIZES, ModelSpec, build_checkpoint, write_data  # noqa: E402
+from bench.systems import SYSTEMS  # noqa: E402
+
+__all__ = ["BenchOptions", "add_arguments", "main", "run_bench"]
+
+ANCHOR = "peft_accelerate_fsdp2"
+#: Anchor first, so a later failure still leaves something to compare against.
+ORDER = (ANCHOR, "lora_dist_fsdp2", "lora_dist_zero3", "lora_dist_ddp", "peft_accelerate_zero3", "full_ft_fsdp2")
+EXPORTING = {"lora_dist_fsdp2", "lora_dist_zero3", ANCHOR}
+
+
+@dataclass
+class BenchOptions:
+    """How the benchmark runs."""
+
+    out: str = str(REPO / "bench" / "results")
+    work_dir: str = str(Path(tempfile.gettempdir()) / "lora_dist_bench")
+    quick: bool = False
+    sizes: tuple[str, ...] = ()
+    configs: tuple[str, ...] = ORDER
+    nproc: int = 2
+    seq_len: int = 128
+    micro_batch: int = 1
+    lora_r: int = 16
+    warmup_steps: int = 1
+    timed_steps: int = 3
+    forward_reps: int = 2
+    copy_reps: int = 2
+    timeout_s: float = 1200.0
+
+    def specs(self) -> list[ModelSpec]:
+        pool = QUICK_SIZES if self.quick else FULL_SIZES
+        if not self.sizes:
+            return list(pool)
+        by_name = {s.name: s for s in (*FULL_SIZES, *LARGE_SIZES, *QUICK_SIZES)}
+        unknown = [n for n in self.sizes if n not in by_name]
+        if unknown:
+            raise SystemExit(f"lora-dist bench: unknown size {unknown[0]!r}; choose from {sorted(by_name)}")
+        return [by_name[n] for n in self.sizes]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+    except ImportError:  # pragma: no cover
+        pass
+    return env
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return []
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _run_config(opts: BenchOptions, spec: ModelSpec, model_path: Path, data_path: Path, config: str,
+                work: Path) -> dict:
+    """One torchrun launch of :mod:`bench.worker`; returns the ranks' results (or the failure)."""
+    run_dir = work / "runs" / spec.name / config
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    job = {
+        "config": config,
+        "settings": {"model_path": str(model_path), "data_path": str(data_path), "seq_len": opts.seq_len,
+                     "micro_batch": opts.micro_batch, "lora_r": opts.lora_r, "lora_alpha": 2.0 * opts.lora_r},
+        "out": str(run_dir / "result"),
+        "warmup_steps": opts.warmup_steps, "timed_steps": opts.timed_steps, "forward_reps": opts.forward_reps,
+        "export_dir": str(run_dir / "export") if config in EXPORTING else None,
+        "adapter_dir": str(run_dir / "adapter") if config == "lora_dist_fsdp2" else None,
+    }
+    job_path = run_dir / "job.json"
+    job_path.write_text(json.dumps(job, indent=1))
+    load_before = _loadavg()
+    t0 = time.perf_counter()
+    code = _launch(opts, [str(job_path)], run_dir / "log.txt")
+    record = {"config": config, "launch_wall_s": time.perf_counter() - t0, "loadavg_before": load_before,
+              "loadavg_after": _loadavg(), "exit_code": code}
+    ranks = sorted((run_dir / "result").glob("rank*.json"))
+    if code != 0 or len(ranks) != opts.nproc:
+        tail = (run_dir / "log.txt").read_text(errors="replace").splitlines()[-25:]
+        record["error"] = "\n".join(tail)
+        _log(f"{spec.name} {config}: FAILED (exit {code}); log in {run_dir / 'log.txt'}")
+        return record
+    record["ranks"] = [json.loads(p.read_text()) for p in ranks]
+    if job["adapter_dir"]:
+        record["adapter_dir"] = job["adapter_dir"]
+    for export in run_dir.glob("export*"):
+        shutil.rmtree(export)  # measured; the bytes are not needed
+    return record
+
+
+def _launch(opts: BenchOptions, args: list[str], log_path: Path) -> int | str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={opts.nproc}",
+           f"--master_port={_free_port()}", str(REPO / "bench" / "worker.py"), *args]
+    with log_path.open("w") as log:
+        try:
+            return subprocess.run(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=opts.timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            return "timeout"
+
+
+def _export_cli(opts: BenchOptions, spec: ModelSpec, model_path: Path, strategy: str, adapter: str | None,
+                work: Path) -> dict:
+    """``lora-dist export RUN_DIR`` in its own launch, on a run dir holding lora_dist_fsdp2's adapter."""
+    from lora_dist.config import config_to_dict, load_config
+
+    if not adapter or not Path(adapter).is_dir():
+        return {"error": "no adapter: lora_dist_fsdp2 did not finish"}
+    root = work / "runs" / spec.name / f"export_cli_{strategy}"
+    if root.exists():
+        shutil.rmtree(root)
+    run_dir = root / "run"
+    run_dir.mkdir(parents=True)
+    cfg = load_config(None, [*_lora_overrides(opts, model_path, strategy), f"output.dir={run_dir}",
+                             "export.dtype=float32", "export.max_shard_size=5GB"])
+    (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    shutil.copytree(adapter, run_dir / "adapter")
+    t0 = time.perf_counter()
+    code = _launch(opts, ["export_run", str(run_dir), str(root / "merged"), str(root / "result")], root / "log.txt")
+    record = {"strategy": strategy, "launch_wall_s": time.perf_counter() - t0, "exit_code": code}
+    ranks = sorted((root / "result").glob("rank*.json"))
+    if code != 0 or len(ranks) != opts.nproc:
+        record["error"] = "\n".join((root / "log.txt").read_text(errors="replace").splitlines()[-25:])
+        _log(f"{spec.name} lora-dist export ({strategy}): FAILED (exit {code}); log in {root / 'log.txt'}")
+    else:
+        record["ranks"] = [json.loads(p.read_text()) for p in ranks]
+    for merged in root.glob("merged*"):
+        shutil.rmtree(merged)
+    return record
+
+
+def _lora_overrides(opts: BenchOptions, model_path: Path, strategy: str) -> list[str]:
+    """The lora_dist config every lora_dist measurement uses (as :class:`bench.systems.LoraDist`)."""
+    return [f"model.path={model_path}", f"parallel.strategy={strategy}", f"lora.r={opts.lora_r}",
+            f"lora.alpha={2.0 * opts.lora_r}", "lora.target_modules=all-linear",
+            f"train.micro_batch_size={opts.micro_batch}", f"train.seq_len={opts.seq_len}"]
+
+
+def _plain_copy(src: Path, dst: Path) -> float:
+    """Copy the checkpoint's weight files through user space (read, write, fsync): the I/O floor of a merge."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    t0 = time.perf_counter()
+    for f in sorted(src.glob("*.safetensors")):
+        with f.open("rb") as fin, (dst / f.name).open("wb") as fout:
+            while chunk := fin.read(64 * 2**20):
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+    elapsed = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    return elapsed
+
+
+def _offline_merge(model_path: Path, adapter: Path, out: Path, work: Path) -> dict:
+    """``lora-dist merge`` (its parser and ``run_merge``) in a fresh process, timed without interpreter start-up."""
+    result_path = work / "merge_result.json"
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, str(REPO / "bench" / "worker.py"), "merge", str(model_path), str(adapter), str(out),
+           str(result_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
+    if out.exists():
+        shutil.rmtree(out)
+    if proc.returncode != 0 or not result_path.is_file():
+        return {"exit_code": proc.returncode, "error": (proc.stdout + proc.stderr)[-3000:]}
+    result = json.loads(result_path.read_text())
+    if result["exit_code"] != 0:
+        result["error"] = (proc.stdout + proc.stderr)[-3000:]
+    result["above_baseline"] = result["peak_anon"] - result["baseline"]["RssAnon"]
+    return result
+
+
+def _merge_vs_copy(opts: BenchOptions, model_path: Path, adapter: str | None, work: Path) -> dict:
+    if not adapter or not Path(adapter).is_dir():
+        return {"error": "no adapter: lora_dist_fsdp2 did not finish"}
+    merges, copies = [], []
+    for _ in range(opts.copy_reps):  # alternate, so both see the same page-cache state
+        copies.append(_plain_copy(model_path, work / "copy"))
+        merges.append(_offline_merge(model_path, Path(adapter), work / "merged", work))
+    failed = [m for m in merges if m["exit_code"] != 0]
+    if failed:
+        return {"merge_runs": merges, "copy_s": copies, "error": failed[0].get("error", "")}
+    weights = sum(f.stat().st_size for f in model_path.glob("*.safetensors"))
+    return {"merge_runs": merges, "copy_s": copies, "merge_s": min(m["wall_s"] for m in merges),
+            "copy_floor_s": min(copies), "merge_above_baseline": max(m["above_baseline"] for m in merges),
+            "weight_bytes": weights}
+
+
+def _plans(opts: BenchOptions, model_path: Path) -> dict:
+    from lora_dist.config import load_config
+    from lora_dist.plan import plan_memory
+
+    plans = {}
+    for strategy in ("fsdp2", "zero3", "ddp"):
+        cfg = load_config(None, _lora_overrides(opts, model_path, strategy))
+        plans[f"lora_dist_{strategy}"] = plan_memory(cfg, opts.nproc).as_dict()
+    return plans
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    """Run every configuration on every size; write and return the results."""
+    from bench import report
+    from bench.measure import machine_info
+
+    work = Path(opts.work_dir)
+    out = Path(opts.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    data_path = write_data(work / "data.jsonl")
+    results: dict = {
+        "machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("out", "work_dir")},
+        "anchor": ANCHOR, "sizes": [],
+    }
+    for spec in opts.specs():
+        _log(f"{spec.name}: building/reusing checkpoint")
+        model_path = build_checkpoint(spec, work / "models")
+        size: dict = {"spec": asdict(spec), "num_params": spec.num_params(), "configs": {},
+                      "plans": _plans(opts, model_path)}
+        for config in opts.configs:
+            _log(f"{spec.name} {config}: launching {opts.nproc} ranks")
+            record = _run_config(opts, spec, model_path, data_path, config, work)
+            size["configs"][config] = record
+            _log(f"{spec.name} {config}: {record['launch_wall_s']:.0f}s")
+        adapter = size["configs"].get("lora_dist_fsdp2", {}).get("adapter_dir")
+        size["export_cli"] = {}
+        for strategy in ("fsdp2", "zero3"):
+            _log(f"{spec.name}: lora-dist export RUN_DIR ({strategy}), {opts.nproc} ranks")
+            size["export_cli"][strategy] = _export_cli(opts, spec, model_path, strategy, adapter, work)
+        _log(f"{spec.name}: offline merge vs plain copy")
+        size["merge"] = _merge_vs_copy(opts, model_path, adapter, work)
+        results["sizes"].append(size)
+    results["total_wall_s"] = time.perf_counter() - t_start
+    report.write_all(results, out)
+    _log(f"done in {results['total_wall_s'] / 60:.1f} min; results in {out}")
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = BenchOptions()
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run in well under 3 minutes")
+    p.add_argument("--out", default=None, help=f"results dir (default {d.out}; bench/results/tmp/quick with --quick)")
+    p.add_argument("--work-dir", default=d.work_dir, help="checkpoints, data and run logs (default %(default)s)")
+    p.add_argument("--sizes", nargs="*", default=[], help="model sizes by name (default: all of the mode)")
+    p.add_argument("--configs", nargs="*", default=list(ORDER), choices=list(SYSTEMS), help="configurations to run")
+    p.add_argument("--nproc", type=int, default=d.nproc, help="ranks per configuration (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {d.seq_len}; 64 with --quick)")
+    p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per rank per step")
+    p.add_argument("--timed-steps", type=int, default=None, help=f"timed steps (default {d.timed_steps}; 2 with --quick)")
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    quick = bool(args.quick)
+    return BenchOptions(
+        out=args.out or str(REPO / "bench" / "results" / ("tmp/quick" if quick else "")),
+        work_dir=args.work_dir, quick=quick, sizes=tuple(args.sizes), configs=tuple(args.configs), nproc=args.nproc,
+        seq_len=args.seq_len or (64 if quick else BenchOptions.seq_len), micro_batch=args.micro_batch,
+        timed_steps=args.timed_steps or (2 if quick else BenchOptions.timed_steps),
+        forward_reps=1 if quick else BenchOptions.forward_reps, copy_reps=1 if quick else BenchOptions.copy_reps,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    results = run_bench(options_from_args(args))
+    from bench.report import failed_configs
+
+    return 1 if failed_configs(results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The configurations compared, each built the way its users build it.
+
+* ``lora_dist`` (fsdp2, zero3, ddp): :func:`lora_dist.model.load_model` and
+  :func:`lora_dist.parallel.make_engine`, and the training loop's own step
+  (``lora_dist.train._forward_backward`` then ``engine.step``).
+* ``peft_accelerate_fsdp2``: ``from_pretrained`` -> PEFT ``get_peft_model`` ->
+  ``Accelerator(fsdp_plugin=FSDP2, transformer-based wrap)`` ->
+  ``accelerator.prepare(model, optimizer)`` and the usual accelerate loop.
+* ``peft_accelerate_zero3``: the same with ``DeepSpeedPlugin(zero_stage=3,
+  zero3_init_flag=True)``; the model is built under ``deepspeed.zero.Init``.
+* ``full_ft_fsdp2``: full fine-tuning, accelerate FSDP2 as above without PEFT.
+
+Accelerate only enables FSDP on accelerator devices: on a CPU-only machine
+``Accelerator(fsdp_plugin=...)`` silently falls back to DDP (``cpu=True``) or
+to no distribution at all. There the FSDP configurations set the accelerator
+state to FSDP exactly as accelerate's accelerator branch does
+(``distributed_type = FSDP``, ``fsdp_plugin = plugin``) right after
+``Accelerator(cpu=True, fsdp_plugin=plugin)``; everything after that -
+``prepare`` -> ``fsdp2_prepare_model`` with accelerate's wrap policy, the
+``cpu_ram_efficient_loading`` broadcast from rank 0, optimizer re-mapping,
+``backward``, ``clip_grad_norm_``, ``get_state_dict`` - is accelerate's own
+code. The result records ``reproduced=True`` for such runs. DeepSpeed ZeRO-3
+runs through accelerate's public API on CPU once the process-group backend
+is named (``InitProcessGroupKwargs(backend="gloo")``): without it accelerate
+counts one process per rank and DeepSpeed rejects the batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["SYSTEMS", "BenchSettings", "System", "make_system"]
+
+LR = 1e-4
+
+
+@dataclass
+class BenchSettings:
+    """What every configuration shares."""
+
+    model_path: str
+    data_path: str
+    seq_len: int = 256
+    micro_batch: int = 1
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    seed: int = 0
+
+
+class System:
+    """One configuration: set up, then train steps, forward passes and (optionally) a merged export."""
+
+    name = ""
+    description = ""
+    reproduced = False
+    can_export = False
+
+    def __init__(self, settings: BenchSettings, device: torch.device) -> None:
+        self.s = settings
+        self.device = device
+        self.notes: list[str] = []
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def train_step(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def export(self, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def save_adapter(self, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def param_counts(self) -> dict:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- lora_dist
+
+
+class LoraDist(System):
+    can_export = True
+
+    def __init__(self, settings: BenchSettings, device: torch.device, strategy: str) -> None:
+        super().__init__(settings, device)
+        self.strategy = strategy
+        self.name = f"lora_dist_{strategy}"
+        self.description = f"lora_dist parallel.strategy={strategy}"
+        self.can_export = strategy in ("fsdp2", "zero3")
+
+    def setup(self) -> None:
+        from transformers import AutoConfig
+
+        from lora_dist.config import load_config
+        from lora_dist.model import load_model
+        from lora_dist.parallel import deepspeed_config, make_engine
+        from lora_dist.train import _max_lora_numel
+
+        s = self.s
+        self.cfg = cfg = load_config(None, [
+            f"model.path={s.model_path}", f"parallel.strategy={self.strategy}", f"lora.r={s.lora_r}",
+            f"lora.alpha={s.lora_alpha}", "lora.target_modules=all-linear", f"train.micro_batch_size={s.micro_batch}",
+            f"train.seq_len={s.seq_len}", f"train.lr={LR}", "train.max_grad_norm=1.0", f"train.seed={s.seed}",
+        ])
+        ds = None
+        if self.strategy.startswith("zero"):
+            ds = deepspeed_config(cfg.parallel, cfg.train, _max_lora_numel(cfg, AutoConfig.from_pretrained(s.model_path)))
+        loaded = load_model(cfg.model, cfg.lora, cfg.parallel, self.device, s.seed, ds)
+        self.model = loaded.model
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+        self.engine = make_engine(self.model, optimizer, cfg.parallel, cfg.train, self.device, ds)
+
+    def train_step(self, ids, labels) -> None:
+        from lora_dist.train import _forward_backward
+
+        _forward_backward(self.engine, [(ids, labels)])
+        self.engine.step(LR)
+
+    @torch.no_grad()
+    def forward(self, ids, labels) -> None:
+        from lora_dist.train import token_loss_sum
+
+        token_loss_sum(self.engine.model(input_ids=ids).logits, labels)
+
+    def export(self, out_dir: Path) -> None:
+        from lora_dist.export import export_merged
+
+        export_merged(self.engine.module, out_dir, self.s.model_path, dtype=torch.float32, max_shard_size="5GB",
+                      overwrite=True)
+
+    def save_adapter(self, out_dir: Path) -> None:
+        from lora_dist.adapter import save_adapter
+
+        with self.engine.gathered_lora():
+            if dist.get_rank() == 0:
+                save_adapter(self.model, out_dir, self.s.model_path)
+
+    def param_counts(self) -> dict:
+        from lora_dist.lora import lora_parameters
+
+        lora = lora_parameters(self.model)
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        return {"trainable": sum(getattr(p, "ds_numel", p.numel()) for p in lora), "total": total}
+
+
+# ----------------------------------------------------------------------------- accelerate anchors
+
+
+def _peft_config(s: BenchSettings):
+    from peft import LoraConfig
+
+    # "all-linear" in PEFT adapts every linear layer but the output head, as lora_dist's does.
+    return LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+
+
+class AccelerateSystem(System):
+    """The usual accelerate loop: forward with labels, ``accelerator.backward``, clip, step, zero_grad."""
+
+    peft = True
+
+    def _make_model(self):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.s.model_path, dtype=torch.float32)
+        if self.peft:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, _peft_config(self.s))
+        model.train()
+        return model
+
+    def train_step(self, ids, labels) -> None:
+        loss = self.model(input_ids=ids, labels=labels).loss
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def forward(self, ids, labels) -> None:
+        self.model(input_ids=ids, labels=labels)
+
+    def param_counts(self) -> dict:
+        params = list(self.model.parameters())
+        numel = [getattr(p, "ds_numel", None) or (p.numel()) for p in params]
+        return {"trainable": sum(n for p, n in zip(params, numel) if p.requires_grad), "total": sum(numel)}
+
+
+class AccelerateFSDP2(AccelerateSystem):
+    can_export = True
+
+    def __init__(self, settings: BenchSettings, device: torch.device, peft: bool) -> None:
+        super().__init__(settings, device)
+        self.peft = peft
+        self.name = "peft_accelerate_fsdp2" if peft else "full_ft_fsdp2"
+        self.description = ("PEFT get_peft_model + accelerate FSDP2" if peft
+                            else "full fine-tuning, accelerate FSDP2")
+        self.can_export = peft
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        # PEFT's documented FSDP recipe, as FSDP2: wrap each decoder layer, reshard after forward,
+        # only rank 0 reads the checkpoint (cpu_ram_efficient_loading) and broadcasts shards.
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+            cpu_ram_efficient_loading=True, state_dict_type="SHARDED_STATE_DICT",
+        )
+        self.accelerator = Accelerator(cpu=self.device.type == "cpu", fsdp_plugin=plugin)
+        if not self.accelerator.is_fsdp2:
+            # Accelerate gates FSDP to accelerator devices (AcceleratorState.__init__); set the state
+            # exactly as its accelerator branch does, then let accelerate's own FSDP2 code run.
+            state = self.accelerator.state
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.reproduced = True
+            self.notes.append("accelerate enables FSDP only on accelerator devices; on CPU its FSDP state was set "
+                              "as its GPU branch sets it, then accelerate's own prepare/fsdp2_prepare_model ran")
+        model = self._make_model()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+
+    def export(self, out_dir: Path) -> None:
+        """Full state dict gathered to rank 0, PEFT ``merge_and_unload``, ``save_pretrained``."""
+        from accelerate import init_empty_weights
+        from peft import get_peft_model
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        state = self.accelerator.get_state_dict(self.model)  # whole on rank 0, offloaded to CPU
+        if self.accelerator.is_main_process:
+            config = AutoConfig.from_pretrained(self.s.model_path)
+            with init_empty_weights(include_buffers=False):
+                skeleton = get_peft_model(AutoModelForCausalLM.from_config(config, dtype=torch.float32),
+                                          _peft_config(self.s))
+            skeleton.load_state_dict(state, strict=True, assign=True)  # no second copy of the weights
+            del state
+            merged = skeleton.merge_and_unload()
+            merged.save_pretrained(out_dir, safe_serialization=True, max_shard_size="5GB")
+            del merged, skeleton
+        self.accelerator.wait_for_everyone()
+
+
+class AccelerateZero3(AccelerateSystem):
+    name = "peft_accelerate_zero3"
+    description = "PEFT get_peft_model + accelerate DeepSpeed ZeRO-3"
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        plugin = DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=1, gradient_clipping=1.0,
+                                 zero3_init_flag=True, offload_optimizer_device="none", offload_param_device="none")
+        handlers = []
+        if self.device.type == "cpu":
+            # Without a backend accelerate's CPU path counts one process (rank 0 of 1 on every rank)
+            # and DeepSpeed rejects the batch size; naming gloo is accelerate's own switch for it.
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            self.notes.append("accelerate on CPU needs InitProcessGroupKwargs(backend='gloo') for DeepSpeed "
+                              "to see 2 processes; otherwise unchanged")
+        self.accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers)
+        # No dataloader goes through prepare(), so accelerate asks for the micro-batch size.
+        self.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.s.micro_batch
+        model = self._make_model()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+
+
+SYSTEMS = ("lora_dist_fsdp2", "lora_dist_zero3", "lora_dist_ddp", "peft_accelerate_fsdp2", "peft_accelerate_zero3",
+           "full_ft_fsdp2")
+
+
+def make_system(name: str, settings: BenchSettings, device: torch.device) -> System:
+    if name.startswith("lora_dist_"):
+        return LoraDist(settings, device, name[len("lora_dist_"):])
+    if name == "peft_accelerate_fsdp2":
+        return AccelerateFSDP2(settings, device, peft=True)
+    if name == "full_ft_fsdp2":
+        return AccelerateFSDP2(settings, device, peft=False)
+    if name == "peft_accelerate_zero3":
+        return AccelerateZero3(settings, device)
+    raise ValueError(f"unknown configuration {name!r}; choose from {SYSTEMS}")

@@ -1,0 +1,217 @@
+"""One configuration on every rank: run under torchrun by :mod:`bench.run`.
+
+    python -m torch.distributed.run --nproc_per_node W bench/worker.py JOB.json
+    python -m torch.distributed.run ... bench/worker.py export_run RUN_DIR OUT RESULT_DIR  (lora-dist export)
+    python bench/worker.py merge BASE ADAPTER OUT RESULT.json                             (lora-dist merge)
+
+Phases, each with its own memory high-water mark (:mod:`bench.measure`):
+setup (load and wrap the model), train (warm-up and timed steps), one
+instrumented step (live tensor bytes, bytes communicated), timed forward
+passes, and optionally a merged export. Every rank writes
+``<out>/rank<R>.json``.
+
+Every worker imports the same libraries (torch, transformers, PEFT,
+accelerate, DeepSpeed) before its baseline RSS is taken, so the baseline is
+the same for every configuration and differences come from the method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by torchrun
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def main(job_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    import accelerate  # noqa: F401 - equal baseline for every configuration (see the module docstring)
+    import deepspeed  # noqa: F401
+    import peft  # noqa: F401
+    import transformers
+    from transformers import AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    from bench.measure import CommCounter, LiveTensorBytes, PhaseMemory, read_status_kb
+    from bench.systems import BenchSettings, make_system
+    from lora_dist.data import load_dataset
+    from lora_dist.env import destroy_distributed, init_distributed
+
+    env = init_distributed(timeout_s=1800)
+    device = _device(env.local_rank)
+    torch.manual_seed(0)
+    settings = BenchSettings(**job["settings"])
+    out = Path(job["out"])
+    tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+    data = load_dataset(settings.data_path, tokenizer, settings.seq_len, None)
+    global_micro = settings.micro_batch * env.world_size
+
+    def batch(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k-th global micro-batch's share of this rank: the same for every configuration."""
+        ids, labels = data.batch(k * global_micro + env.rank * settings.micro_batch, settings.micro_batch, settings.seed)
+        return ids.to(device), labels.to(device)
+
+    dist.barrier()
+    status = read_status_kb("VmRSS", "RssAnon")
+    result: dict = {"rank": env.rank, "world_size": env.world_size, "config": job["config"], "device": str(device),
+                    "baseline": {"rss": status["VmRSS"], "anon": status.get("RssAnon", 0)},
+                    "tokens_per_step": global_micro * settings.seq_len}
+
+    system = make_system(job["config"], settings, device)
+    with PhaseMemory(device) as setup:
+        system.setup()
+        dist.barrier()
+    result["setup"] = setup.as_dict()
+
+    step = 0
+    with PhaseMemory(device) as train:
+        for _ in range(job["warmup_steps"]):
+            system.train_step(*batch(step))
+            step += 1
+        times = []
+        for _ in range(job["timed_steps"]):
+            ids, labels = batch(step)
+            times.append(_timed(lambda: system.train_step(ids, labels), device))
+            step += 1
+    result["train"] = {**train.as_dict(), "step_times": times}
+
+    comm = CommCounter(env.world_size)
+    tracker = LiveTensorBytes(device.type) if device.type == "cpu" else None
+    ids, labels = batch(step)
+    dist.barrier()
+    with comm, (tracker if tracker is not None else contextlib.nullcontext()):
+        system.train_step(ids, labels)
+    step += 1
+    result["instrumented_step"] = {"comm": comm.as_dict()}
+    if tracker is not None:
+        result["instrumented_step"].update(tensor_start=tracker.start, tensor_peak=tracker.peak)
+
+    ids, labels = batch(step)
+    system.forward(ids, labels)  # warm-up
+    times = [_timed(lambda: system.forward(ids, labels), device) for _ in range(job["forward_reps"])]
+    result["forward"] = {"times": times}
+
+    if job.get("export_dir") and system.can_export:
+        export_dir = Path(job["export_dir"])
+        with PhaseMemory(device) as export:
+            _sync(device)
+            system.export(export_dir)
+            _sync(device)
+        result["export"] = export.as_dict()
+        if device.type == "cpu":  # again, counting tensors (the dispatch mode would skew the timed run)
+            tracker = LiveTensorBytes("cpu")
+            with tracker:
+                system.export(export_dir.with_name(export_dir.name + "-counted"))
+            result["export"]["tensor_peak"] = tracker.peak
+            result["export"]["tensor_start"] = tracker.start
+    if job.get("adapter_dir"):
+        system.save_adapter(Path(job["adapter_dir"]))
+    result["params"] = system.param_counts()
+    result["reproduced"] = system.reproduced
+    result["notes"] = system.notes
+    result["description"] = system.description
+    result["final_rss"] = read_status_kb("VmRSS", "VmHWM", "RssAnon", "RssFile")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{env.rank}.json").write_text(json.dumps(result, indent=1))
+    dist.barrier()
+    destroy_distributed()
+
+
+def merge_main(base: str, adapter: str, out: str, result_path: str) -> None:
+    """``lora-dist merge`` in this process (its own argument parser and ``run_merge``), timed without
+    the interpreter's start-up, with the phase's peak RSS above the pre-merge baseline."""
+    import argparse
+
+    from bench.measure import PhaseMemory, read_status_kb
+    from lora_dist.export import add_merge_subparser
+
+    parser = argparse.ArgumentParser()
+    add_merge_subparser(parser.add_subparsers())
+    args = parser.parse_args(["merge", "--base", base, "--adapter", adapter, "--out", out, "--overwrite"])
+    baseline = read_status_kb("VmRSS", "RssAnon")
+    with PhaseMemory(torch.device("cpu")) as phase:
+        code = args.func(args)
+    Path(result_path).write_text(json.dumps({"exit_code": code, "baseline": baseline, **phase.as_dict()}))
+
+
+def export_run_main(run_dir: str, out: str, result_dir: str) -> None:
+    """``lora-dist export RUN_DIR`` on every rank, its ``export_merged`` call measured as a phase of its own.
+
+    The command rebuilds the sharded model and loads the run's adapter, then
+    exports; the load is part of the command's overall peak, recorded too.
+    """
+    import accelerate  # noqa: F401 - the same baseline as the training workers
+    import deepspeed  # noqa: F401
+    import peft  # noqa: F401
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    import lora_dist.export as export_mod
+    from bench.measure import LiveTensorBytes, PhaseMemory, read_status_kb
+    from lora_dist.env import destroy_distributed, init_distributed
+    from lora_dist.run_export import export_run
+
+    env = init_distributed(timeout_s=1800)
+    device = _device(env.local_rank)
+    dist.barrier()
+    status = read_status_kb("VmRSS", "RssAnon")
+    result: dict = {"rank": env.rank, "baseline": {"rss": status["VmRSS"], "anon": status.get("RssAnon", 0)}}
+    real_export = export_mod.export_merged
+
+    def measured_export(model, out_dir, *args, **kwargs):
+        with PhaseMemory(device) as phase:
+            _sync(device)
+            written = real_export(model, out_dir, *args, **kwargs)
+            _sync(device)
+        result["export"] = phase.as_dict()
+        if device.type == "cpu":  # again, counting tensors (the dispatch mode would skew the timed run)
+            tracker = LiveTensorBytes("cpu")
+            with tracker:
+                real_export(model, Path(str(out_dir) + "-counted"), *args, **kwargs)
+            result["export"].update(tensor_start=tracker.start, tensor_peak=tracker.peak)
+        return written
+
+    export_mod.export_merged = measured_export
+    with PhaseMemory(device) as command:
+        export_run(run_dir, out=out, dtype="float32", overwrite=True)
+    result["command"] = command.as_dict()
+    Path(result_dir).mkdir(parents=True, exist_ok=True)
+    (Path(result_dir) / f"rank{env.rank}.json").write_text(json.dumps(result, indent=1))
+    dist.barrier()
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "merge":
+        merge_main(*sys.argv[2:6])
+    elif sys.argv[1] == "export_run":
+        export_run_main(*sys.argv[2:5])
+    else:
+        main(sys.argv[1])

@@ -1,0 +1,301 @@
+"""Per-rank memory of a lora_dist run, predicted before anything is launched.
+
+    lora-dist plan CONFIG.yaml --world-size W [section.key=value ...]
+
+The model is built as a skeleton on the meta device from the checkpoint's
+``config.json`` (no weights are read; a dir with only ``config.json`` is
+enough), LoRA is injected into it exactly as training does, and every term is
+computed from the resulting parameter shapes and the run config:
+
+* **base shard**: the frozen base weights a rank holds. fsdp2 keeps
+  ``ceil(rows / W)`` rows of every weight (FSDP2 pads dim 0 to a multiple of
+  W); zero3 keeps ``ceil(numel / W)`` elements of every parameter, plus a
+  whole copy of every parameter below DeepSpeed's persistence threshold
+  (shown as *replicated*); ddp/none/zero1/zero2 keep everything.
+* **LoRA params**, **grads**, **optimizer state**: fp32 A/B on every rank,
+  their gradients, AdamW's two moments (under ZeRO partitioned over ranks,
+  with an fp32 master partition).
+* **activations**: what autograd saves for backward. Per token and
+  transformer block (in elements) ``6 H + 4 I + 2 H_kv + heads + sum(r)``
+  (H hidden, I MLP width, H_kv key/value width, sum(r) over the block's LoRA
+  layers), counted with ``saved_tensors_hooks`` on Llama-family blocks (SDPA
+  attention, SwiGLU MLP); with activation checkpointing, each block's input
+  plus one block recomputed. The loss adds three ``tokens x vocab`` fp32
+  buffers (logits, the fp32 copy, log-softmax; their gradients reuse the
+  same sizes as backward frees them).
+* **gathered**: unsharded base weights alive at the peak. fsdp2: the root
+  unit (embeddings, output head, final norm; lora_dist does not reshard it
+  after forward) and two transformer blocks (the running one and the
+  prefetched one); everything without ``reshard_after_forward``. zero3: a
+  parameter backward will use again within ``stage3_max_reuse_distance``
+  parameters is not released after forward, so with DeepSpeed's defaults
+  (1e9) the whole base of a model below a billion parameters stays gathered
+  from forward into backward (at most ``stage3_max_live_parameters``);
+  otherwise the prefetch bucket plus the largest block.
+* **buffers**: communication buckets: the LoRA gradient bucket (fsdp2), DDP's
+  bucket copies, DeepSpeed's reduce bucket.
+
+The peak is the sum: the moment backward starts holds all of it. Not
+included: the process itself (Python, torch, libraries; about 0.4 GB of RSS
+per CPU rank) and allocator caching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lora_dist.config import Config, ConfigError, ParallelConfig
+
+__all__ = ["MemoryPlan", "add_plan_subparser", "plan_memory", "run_plan"]
+
+_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LORA_BYTES = 4  # LoRA params, grads and optimizer state are fp32
+GB = 1e9
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted bytes per rank; :attr:`total` is the training peak."""
+
+    strategy: str
+    world_size: int
+    tokens_per_micro_batch: int
+    num_params: int
+    num_lora_params: int
+    model_bytes: int
+    largest_tensor_bytes: int
+    base_shard: int
+    base_replicated: int
+    lora_params: int
+    lora_grads: int
+    optimizer_state: int
+    activations: int
+    gathered: int
+    buffers: int
+
+    TERMS = ("base_shard", "base_replicated", "lora_params", "lora_grads", "optimizer_state", "activations",
+             "gathered", "buffers")
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, t) for t in self.TERMS)
+
+    @property
+    def export_budget(self) -> int:
+        """What a merged export may hold per rank: its share of the model plus the largest tensor."""
+        return math.ceil(self.model_bytes / self.world_size) + self.largest_tensor_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total, "export_budget": self.export_budget}
+
+    def table(self) -> str:
+        labels = {
+            "base_shard": "base shard (frozen)", "base_replicated": "base, replicated (persistent)",
+            "lora_params": "LoRA params", "lora_grads": "LoRA grads", "optimizer_state": "optimizer state",
+            "activations": "activations + loss", "gathered": "gathered base (transient)",
+            "buffers": "communication buffers",
+        }
+        lines = [
+            f"strategy={self.strategy} world_size={self.world_size} tokens/micro-batch/rank={self.tokens_per_micro_batch}",
+            f"model: {self.num_params / 1e6:.1f}M params ({self.model_bytes / GB:.2f} GB), LoRA "
+            f"{self.num_lora_params / 1e6:.2f}M params, largest tensor {self.largest_tensor_bytes / GB:.3f} GB",
+            "",
+            f"{'per rank':32s} {'GB':>8s}",
+        ]
+        for term in self.TERMS:
+            lines.append(f"  {labels[term]:30s} {getattr(self, term) / GB:8.3f}")
+        lines.append(f"  {'peak (sum)':30s} {self.total / GB:8.3f}")
+        lines.append("")
+        lines.append(f"merged export budget per rank (model/W + largest tensor): {self.export_budget / GB:.3f} GB")
+        lines.append("not included: the process itself (Python/torch/libraries, ~0.4 GB RSS per CPU rank)")
+        return "\n".join(lines)
+
+
+def _hf_config(model_path: str):
+    import transformers as tf
+
+    from lora_dist.hf import CheckpointError
+
+    if not model_path:
+        raise CheckpointError("model.path is not set; pass model.path=/path/to/hf_checkpoint (config.json is enough)")
+    if not (Path(model_path) / "config.json").is_file():
+        raise CheckpointError(f"{model_path} has no config.json; model.path must be a Hugging Face checkpoint dir")
+    return tf.AutoConfig.from_pretrained(model_path)
+
+
+def _meta_model(cfg: Config, hf_config) -> torch.nn.Module:
+    """The skeleton training builds, on the meta device, with LoRA injected."""
+    from lora_dist.lora import inject_lora
+    from lora_dist.model import _model_class, torch_dtype
+
+    with torch.device("meta"):
+        model = _model_class(hf_config).from_config(hf_config, dtype=torch_dtype(cfg.model.dtype))
+    inject_lora(model, cfg.lora)
+    return model
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def _fsdp_shard_numel(shape: tuple[int, ...], world: int) -> int:
+    if not shape:
+        return 1
+    return math.ceil(shape[0] / world) * _numel(shape[1:])
+
+
+def _block_activation_elements(hf_config, lora_ranks_per_block: int) -> int:
+    """Elements saved for backward per token by one Llama-family transformer block."""
+    hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
+    heads = getattr(hf_config, "num_attention_heads", None) or getattr(hf_config, "n_head")
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+    inter = getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None) or 4 * hidden
+    return 6 * hidden + 4 * inter + 2 * kv_heads * head_dim + heads + lora_ranks_per_block + 2
+
+
+def _deepspeed_zero(cfg: Config, hf_config) -> dict:
+    from lora_dist.parallel import deepspeed_config
+    from lora_dist.train import _max_lora_numel
+
+    return deepspeed_config(cfg.parallel, cfg.train, _max_lora_numel(cfg, hf_config)).get("zero_optimization", {})
+
+
+def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
+    """Predict per-rank memory of training ``cfg`` on ``world_size`` ranks, from config.json alone.
+
+    Args:
+        cfg: the run config (``model.path``, ``lora``, ``parallel``, ``train``).
+        world_size: number of ranks.
+
+    Raises:
+        CheckpointError: ``model.path`` has no config.json.
+        LoRAConfigError: the LoRA targets match nothing in the model.
+        ConfigError: ``world_size`` < 1.
+    """
+    if world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {world_size}")
+    from lora_dist.lora import lora_modules, lora_parameters
+    from lora_dist.parallel import find_blocks
+
+    p: ParallelConfig = cfg.parallel
+    hf_config = _hf_config(cfg.model.path)
+    model = _meta_model(cfg, hf_config)
+    base_elt = _ELEMENT_BYTES[cfg.model.dtype]
+    compute_elt = 2 if (p.mixed_precision == "bfloat16" and p.strategy in ("fsdp2", "zero3")) else base_elt
+    lora = {id(q) for q in lora_parameters(model)}
+    base = [(n, q) for n, q in model.named_parameters() if id(q) not in lora]
+    lora_numel = sum(q.numel() for q in lora_parameters(model))
+    base_numel = sum(q.numel() for _, q in base)
+    lora_bytes = lora_numel * LORA_BYTES
+    blocks = find_blocks(model)
+    in_block = {id(q) for b in blocks for q in b.parameters() if id(q) not in lora}
+    block_numel = max((sum(q.numel() for q in b.parameters() if id(q) not in lora) for b in blocks), default=0)
+    root_numel = sum(q.numel() for _, q in base if id(q) not in in_block)
+    W = world_size
+
+    base_shard = base_replicated = gathered = buffers = 0
+    optimizer_state = 2 * lora_bytes
+    lora_params, lora_grads = lora_bytes, lora_bytes
+    if p.strategy == "fsdp2":
+        base_shard = sum(_fsdp_shard_numel(tuple(q.shape), W) for _, q in base) * base_elt
+        if p.reshard_after_forward:
+            gathered = min(root_numel + 2 * block_numel, base_numel) * compute_elt
+        else:
+            gathered = base_numel * compute_elt
+        buffers = min(int(p.bucket_mb * 1e6), lora_bytes)  # the flat copy of one gradient bucket
+    elif p.strategy == "zero3":
+        zero = _deepspeed_zero(cfg, hf_config)
+        threshold = int(zero.get("stage3_param_persistence_threshold", 100_000))
+        base_shard = sum(math.ceil(q.numel() / W) for _, q in base) * base_elt
+        base_replicated = sum(q.numel() for _, q in base if q.numel() < threshold) * base_elt
+        lora_params = lora_bytes + math.ceil(lora_numel / W) * LORA_BYTES  # whole (persistent) + partition
+        lora_grads = lora_bytes + math.ceil(lora_numel / W) * LORA_BYTES  # full grads + partitioned flat grads
+        optimizer_state = 3 * math.ceil(lora_numel / W) * LORA_BYTES  # fp32 master + two moments
+        prefetch = int(float(zero.get("stage3_prefetch_bucket_size", 5e7)))
+        max_live = int(float(zero.get("stage3_max_live_parameters", 1e9)))
+        reuse = int(float(zero.get("stage3_max_reuse_distance", 1e9)))
+        if reuse >= base_numel:
+            # Every parameter is reused by backward within the reuse distance, so none is released
+            # after forward: the whole base stays gathered until backward (up to max_live_parameters).
+            gathered = min(max_live, base_numel) * compute_elt
+        else:
+            gathered = min(prefetch + block_numel, base_numel) * compute_elt
+        buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
+    elif p.strategy in ("zero1", "zero2"):
+        zero = _deepspeed_zero(cfg, hf_config)
+        base_shard = base_numel * base_elt
+        optimizer_state = 3 * math.ceil(lora_numel / W) * LORA_BYTES
+        buffers = min(int(float(zero.get("reduce_bucket_size", 5e8))), lora_numel) * LORA_BYTES
+    else:  # ddp, none
+        base_shard = base_numel * base_elt
+        if p.strategy == "ddp":
+            buffers = lora_bytes  # DDP's gradient buckets hold a second copy of the gradients
+
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_len
+    ranks_per_block = 0
+    if blocks:
+        first = blocks[0]
+        ranks_per_block = sum(m.r for _, m in lora_modules(first))
+    per_block = _block_activation_elements(hf_config, ranks_per_block)
+    hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
+    vocab = getattr(hf_config, "vocab_size", 0) or 0
+    n_blocks = len(blocks)
+    if p.activation_checkpointing:
+        saved = tokens * (n_blocks * hidden + per_block) * compute_elt
+    else:
+        saved = tokens * n_blocks * per_block * compute_elt
+    saved += tokens * (hidden + 1) * compute_elt  # final norm
+    activations = saved + 3 * tokens * vocab * 4  # logits, fp32 copy, log-softmax
+
+    tensors = [q for _, q in model.named_parameters()]
+    largest = max((q.numel() * (LORA_BYTES if id(q) in lora else base_elt) for q in tensors), default=0)
+    return MemoryPlan(
+        strategy=p.strategy, world_size=W, tokens_per_micro_batch=tokens,
+        num_params=base_numel + lora_numel, num_lora_params=lora_numel,
+        model_bytes=base_numel * base_elt, largest_tensor_bytes=largest,
+        base_shard=base_shard, base_replicated=base_replicated, lora_params=lora_params, lora_grads=lora_grads,
+        optimizer_state=optimizer_state, activations=activations, gathered=gathered, buffers=buffers,
+    )
+
+
+# ----------------------------------------------------------------------------- CLI glue
+
+
+def add_plan_subparser(subparsers) -> argparse.ArgumentParser:
+    """``lora-dist plan [CONFIG] --world-size W [section.key=value ...] [--json]``."""
+    from lora_dist.config import config_help
+
+    p = subparsers.add_parser(
+        "plan",
+        help="predict per-rank memory of a run from config.json, before launching it",
+        description="Predict per-rank memory (base shard, LoRA params, grads, optimizer state, activations, "
+        "gathered weights, buffers) of training CONFIG on W ranks. Reads only the checkpoint's config.json.",
+        epilog="config keys (override any as section.key=value):\n" + config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (optional; defaults + overrides otherwise)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.strategy=zero3 train.seq_len=2048")
+    p.add_argument("--world-size", "-W", type=int, required=True, help="number of ranks")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run_plan)
+    return p
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the plan; returns the exit code (bad input raises the CLI's one-line errors)."""
+    from lora_dist.config import load_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    plan = plan_memory(cfg, args.world_size)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.table())
+    return 0

@@ -1,0 +1,166 @@
+"""``lora-dist plan``: the predicted parameter bytes equal exact counts from real models.
+
+The planner reads only config.json; these tests build the real thing (a
+loaded model with LoRA and an AdamW step, an FSDP2-sharded skeleton, ZeRO-3
+partitions under torchrun) and count what it actually holds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distutil import REPO, torchrun
+from lora_dist.config import load_config
+from lora_dist.lora import LoRAConfig, inject_lora, lora_parameters
+from lora_dist.plan import plan_memory
+
+LORA = ["lora.r=4", "lora.alpha=8", "lora.target_modules=all-linear"]
+
+
+def _plan(path: Path, strategy: str, world: int, *extra: str):
+    cfg = load_config(None, [f"model.path={path}", f"parallel.strategy={strategy}", *LORA, *extra])
+    return plan_memory(cfg, world)
+
+
+@pytest.fixture(scope="module")
+def odd_config(tmp_path_factory) -> Path:
+    """A Llama config.json (no weights) whose dims do not divide by 2 or 3: FSDP2 pads them."""
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("odd")
+    tf.LlamaConfig(vocab_size=301, hidden_size=40, intermediate_size=70, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, tie_word_embeddings=False).save_pretrained(path)
+    return path
+
+
+def test_param_terms_equal_a_real_model_after_a_step(tiny_checkpoint):
+    """Base, LoRA, gradient and AdamW bytes of a loaded model, counted tensor by tensor."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("llama")
+    plan = _plan(path, "none", 1)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    lora = lora_parameters(model)
+    optimizer = torch.optim.AdamW(lora, lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in lora)
+    optimizer.step()
+
+    lora_ids = {id(p) for p in lora}
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in lora_ids)
+    lora_bytes = sum(p.numel() * p.element_size() for p in lora)
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                      for k, t in s.items() if k in ("exp_avg", "exp_avg_sq"))
+    assert plan.base_shard == plan.model_bytes == base_bytes
+    assert plan.lora_params == lora_bytes
+    assert plan.num_lora_params == sum(p.numel() for p in lora)
+    assert plan.lora_grads == grad_bytes
+    assert plan.optimizer_state == state_bytes
+    assert plan.largest_tensor_bytes == max(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_base_shard_equals_fully_shard(odd_config, world):
+    """lora_dist's own parallelize() on a meta skeleton, in a fake world: rank 0 holds the padded shard."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from lora_dist.config import ParallelConfig
+    from lora_dist.plan import _meta_model
+    from lora_dist.parallel import parallelize
+
+    cfg = load_config(None, [f"model.path={odd_config}", "parallel.strategy=fsdp2", *LORA])
+    plan = plan_memory(cfg, world)
+    import transformers as tf
+
+    model = _meta_model(cfg, tf.AutoConfig.from_pretrained(odd_config))
+    local = {}
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        parallelize(model, ParallelConfig(strategy="fsdp2"), torch.device("cpu"))
+        lora = {id(p) for p in lora_parameters(model)}
+        for name, p in model.named_parameters():
+            if id(p) not in lora:
+                local[name] = p.to_local().numel() * p.element_size()
+    finally:
+        dist.destroy_process_group()
+    assert plan.base_shard == sum(local.values())
+    # Uneven dims really are in play: some tensor is not split evenly.
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    assert any(s[0] % world for s in shapes.values())
+
+
+@pytest.mark.dist
+def test_zero3_and_fsdp2_shards_equal_a_two_rank_run(tiny_checkpoint, tmp_path):
+    """Per-rank base bytes reported by real 2-rank fsdp2 and zero3 runs (tests/dist_scripts/inspect_sharding.py)."""
+    pytest.importorskip("deepspeed")
+    path = tiny_checkpoint("llama", hidden=48, layers=2, heads=4)
+    for strategy in ("fsdp2", "zero3"):
+        out = tmp_path / strategy
+        out.mkdir()
+        overrides = [f"model.path={path}", f"parallel.strategy={strategy}"]
+        torchrun(2, str(REPO / "tests" / "dist_scripts" / "inspect_sharding.py"), str(out), *overrides, timeout=240)
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+        plan = plan_memory(load_config(None, overrides), 2)
+        assert plan.num_lora_params == ranks[0]["lora_numel"]
+        if strategy == "zero3":  # ceil(numel / W) elements of every parameter, plus the persistent ones whole
+            assert all(r["base_local_bytes"] == plan.base_shard + plan.base_replicated for r in ranks)
+        else:  # rank 0 holds the ceil-rows shard; the others at most that
+            assert ranks[0]["base_local_bytes"] == plan.base_shard
+            assert ranks[1]["base_local_bytes"] <= plan.base_shard
+
+
+def test_peak_estimate_is_close_to_live_tensor_bytes(tiny_checkpoint):
+    """The whole prediction (activations included) against live tensor bytes counted during a step."""
+    sys.path.insert(0, str(REPO))
+    from bench.measure import LiveTensorBytes
+    from lora_dist.train import token_loss_sum
+
+    path = tiny_checkpoint("llama", hidden=64, layers=2)
+    plan = _plan(path, "none", 1, "train.micro_batch_size=2", "train.seq_len=64")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        token_loss_sum(model(input_ids=ids).logits, ids).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    del sys.path[0]
+    tracker = LiveTensorBytes("cpu")
+    with tracker:
+        step()
+    # Buffers (rotary tables) and the inputs are not part of the plan; they are tiny here.
+    assert abs(plan.total / tracker.peak - 1) < 0.15, (plan.as_dict(), tracker.peak)
+
+
+def test_cli_prints_json_from_config_json_alone(odd_config, capsys):
+    from lora_dist.cli import main
+
+    code = main(["plan", f"model.path={odd_config}", "parallel.strategy=zero3", *LORA, "--world-size", "2", "--json"])
+    assert code == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["strategy"] == "zero3" and plan["world_size"] == 2
+    assert plan["total"] == sum(plan[t] for t in ("base_shard", "base_replicated", "lora_params", "lora_grads",
+                                                  "optimizer_state", "activations", "gathered", "buffers"))
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    from lora_dist.cli import main
+
+    assert main(["plan", f"model.path={tmp_path}", "--world-size", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "config.json" in err and len(err.splitlines()) == 1
+    assert main(["plan", f"model.path={tmp_path}", "--world-size", "0"]) == 2
