@@ -156,10 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("lora_dist.plan", ("add_plan_subparser",)),
         ("lora_dist.bench", ("add_bench_subparser",)),
     ):
-        try:
-            mod = __import__(module, fromlist=list(adders))
-        except ImportError:
-            continue
+        mod = __import__(module, fromlist=list(adders))
         for name in adders:
             getattr(mod, name)(sub)
     return parser
