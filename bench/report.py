@@ -247,6 +247,12 @@ def markdown(results: dict, summary: dict) -> str:
         "",
         f"Machine: {_machine_line(results['machine'])}.",
         "",
+        f"Code: commit {results.get('source', {}).get('commit', '?')}"
+        + (" with local changes to " + ", ".join(l.split()[-1] for l in results["source"]["modified"])
+           if results.get("source", {}).get("modified") else "")
+        + (". **The sources changed while the benchmark ran: these results mix versions.**"
+           if results.get("source_changed_during_run") else "."),
+        "",
         f"Every configuration: {o['nproc']} ranks (one `torchrun` launch each, run one after another, "
         f"`OMP_NUM_THREADS=1`), the same data, {o['micro_batch']} x {o['seq_len']} tokens per rank per step "
         f"({tokens} per step), fp32, LoRA r={o['lora_r']} alpha={2 * o['lora_r']} on every linear layer but the "

@@ -250,6 +250,18 @@ def _plans(opts: BenchOptions, model_path: Path) -> dict:
     return plans
 
 
+def _source_version() -> dict:
+    """The commit measured, and whether lora_dist/ or bench/ differed from it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "modified": git("status", "--porcelain", "--", "lora_dist", "bench/*.py").splitlines()}
+
+
 def run_bench(opts: BenchOptions) -> dict:
     """Run every configuration on every size; write and return the results."""
     from bench import report
@@ -262,7 +274,7 @@ def run_bench(opts: BenchOptions) -> dict:
     t_start = time.perf_counter()
     data_path = write_data(work / "data.jsonl")
     results: dict = {
-        "machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "source": _source_version(),
         "options": {k: v for k, v in asdict(opts).items() if k not in ("out", "work_dir")},
         "anchor": ANCHOR, "sizes": [],
     }
@@ -285,6 +297,9 @@ def run_bench(opts: BenchOptions) -> dict:
         size["merge"] = _merge_vs_copy(opts, model_path, adapter, work)
         results["sizes"].append(size)
     results["total_wall_s"] = time.perf_counter() - t_start
+    if _source_version() != results["source"]:
+        results["source_changed_during_run"] = _source_version()
+        _log("warning: lora_dist/ or bench/ changed while the benchmark ran; the results mix versions")
     report.write_all(results, out)
     _log(f"done in {results['total_wall_s'] / 60:.1f} min; results in {out}")
     return results

@@ -23,15 +23,16 @@ computed from the resulting parameter shapes and the run config:
   plus one block recomputed. The loss adds three ``tokens x vocab`` fp32
   buffers (logits, the fp32 copy, log-softmax; their gradients reuse the
   same sizes as backward frees them).
-* **gathered**: unsharded base weights alive at the peak. fsdp2: the root
-  unit (embeddings, output head, final norm; lora_dist does not reshard it
-  after forward) and two transformer blocks (the running one and the
-  prefetched one); everything without ``reshard_after_forward``. zero3: a
-  parameter backward will use again within ``stage3_max_reuse_distance``
-  parameters is not released after forward, so with DeepSpeed's defaults
-  (1e9) the whole base of a model below a billion parameters stays gathered
-  from forward into backward (at most ``stage3_max_live_parameters``);
-  otherwise the prefetch bucket plus the largest block.
+* **gathered**: unsharded base weights alive at the peak. fsdp2 with
+  ``reshard_after_forward``: what is left in the root unit (final norm), the
+  larger of the input-embedding and output-head units (their own units when
+  untied; backward starts by gathering the head again) and two transformer
+  blocks (the running one and the prefetched one); without it, everything.
+  zero3: a parameter backward uses again within ``stage3_max_reuse_distance``
+  parameters is not released after forward, so with a reuse distance beyond
+  the model's size the whole base stays gathered (at most
+  ``stage3_max_live_parameters``); otherwise the largest weight (the module
+  running) plus the prefetch bucket.
 * **buffers**: communication buckets: the LoRA gradient bucket (fsdp2), DDP's
   bucket copies, DeepSpeed's reduce bucket.
 
@@ -160,6 +161,14 @@ def _block_activation_elements(hf_config, lora_ranks_per_block: int) -> int:
     return 6 * hidden + 4 * inter + 2 * kv_heads * head_dim + heads + lora_ranks_per_block + 2
 
 
+def _fsdp2_side_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The non-block FSDP2 units :func:`lora_dist.parallel.parallelize` makes (embedding, head)."""
+    from lora_dist import parallel
+
+    side = getattr(parallel, "_embedding_and_head", None)
+    return list(side(model)) if side is not None else []
+
+
 def _deepspeed_zero(cfg: Config, hf_config) -> dict:
     from lora_dist.parallel import deepspeed_config
     from lora_dist.train import _max_lora_numel
@@ -195,10 +204,13 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     base_numel = sum(q.numel() for _, q in base)
     lora_bytes = lora_numel * LORA_BYTES
     blocks = find_blocks(model)
-    in_block = {id(q) for b in blocks for q in b.parameters() if id(q) not in lora}
-    block_numel = max((sum(q.numel() for q in b.parameters() if id(q) not in lora) for b in blocks), default=0)
-    root_numel = sum(q.numel() for _, q in base if id(q) not in in_block)
     W = world_size
+
+    def frozen_numel(module: torch.nn.Module) -> int:
+        return sum(q.numel() for q in module.parameters() if id(q) not in lora)
+
+    block_numel = max((frozen_numel(b) for b in blocks), default=0)
+    largest_base = max((q.numel() for _, q in base), default=0)
 
     base_shard = base_replicated = gathered = buffers = 0
     optimizer_state = 2 * lora_bytes
@@ -206,7 +218,14 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     if p.strategy == "fsdp2":
         base_shard = sum(_fsdp_shard_numel(tuple(q.shape), W) for _, q in base) * base_elt
         if p.reshard_after_forward:
-            gathered = min(root_numel + 2 * block_numel, base_numel) * compute_elt
+            # The units parallelize() makes: each block, the input embedding and the output head (when
+            # untied), and the root with the rest. Backward starts with the root's rest (never resharded
+            # after forward), the head gathered again, and the last block plus the prefetched next one.
+            units = _fsdp2_side_units(model)
+            in_unit = {id(q) for m in (*blocks, *units) for q in m.parameters()}
+            root_rest = sum(q.numel() for _, q in base if id(q) not in in_unit)
+            gathered = root_rest + max((frozen_numel(m) for m in units), default=0) + 2 * block_numel
+            gathered = min(gathered, base_numel) * compute_elt
         else:
             gathered = base_numel * compute_elt
         buffers = min(int(p.bucket_mb * 1e6), lora_bytes)  # the flat copy of one gradient bucket
@@ -225,8 +244,8 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
             # Every parameter is reused by backward within the reuse distance, so none is released
             # after forward: the whole base stays gathered until backward (up to max_live_parameters).
             gathered = min(max_live, base_numel) * compute_elt
-        else:
-            gathered = min(prefetch + block_numel, base_numel) * compute_elt
+        else:  # the module running (at most the largest weight) plus the prefetch bucket
+            gathered = min(largest_base + prefetch, base_numel) * compute_elt
         buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
     elif p.strategy in ("zero1", "zero2"):
         zero = _deepspeed_zero(cfg, hf_config)
