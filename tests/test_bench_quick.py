@@ -20,7 +20,7 @@ TARGETS = ("train peak <= 0.6x DDP", "train peak <= anchor", "step time <= 1.0x 
 def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     out = root / "results"
-    lora_dist("bench", "--quick", "--out", str(out), "--work-dir", str(root / "work"), timeout=170)
+    lora_dist("bench", "--quick", "--out", str(out), "--work-dir", str(root / "work"), timeout=600)
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -33,7 +33,7 @@ def test_every_configuration_ran_with_sane_numbers(quick):
     for name, row in rows.items():
         assert row["baseline_rss"] > 0 and row["peak_rss"] > row["baseline_rss"], name
         assert 0 < row["peak_tensor"] < 1e10 and 0 < row["step_s"] < 60 and 0 < row["forward_s"] < row["step_s"], name
-        assert row["tokens_per_s"] > 0 and row["comm_bytes"] > 0, name
+        assert row["tokens_per_s"] > 0 and row["comm_bytes"] > 0 and row["step_cpu_s"] > 0, name
         assert row["x_anchor"]["step_s"] > 0
     assert rows["peft_accelerate_fsdp2"]["x_anchor"]["peak_rss"] == 1.0
     total = results["sizes"][0]["configs"]["full_ft_fsdp2"]["ranks"][0]["params"]
