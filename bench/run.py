@@ -251,15 +251,21 @@ def _plans(opts: BenchOptions, model_path: Path) -> dict:
 
 
 def _source_version() -> dict:
-    """The commit measured, and whether lora_dist/ or bench/ differed from it."""
+    """The commit, local changes, and a hash of the code measured (lora_dist/ and bench/ sources)."""
+    import hashlib
+
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
+    digest = hashlib.sha256()
+    for path in sorted([*(REPO / "lora_dist").glob("*.py"), *(REPO / "bench").glob("*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
     return {"commit": git("rev-parse", "--short", "HEAD"),
-            "modified": git("status", "--porcelain", "--", "lora_dist", "bench/*.py").splitlines()}
+            "modified": git("status", "--porcelain", "--", "lora_dist", "bench/*.py").splitlines(),
+            "sources_sha256": digest.hexdigest()[:16]}
 
 
 def run_bench(opts: BenchOptions) -> dict:
@@ -290,14 +296,14 @@ def run_bench(opts: BenchOptions) -> dict:
             _log(f"{spec.name} {config}: {record['launch_wall_s']:.0f}s")
         adapter = size["configs"].get("lora_dist_fsdp2", {}).get("adapter_dir")
         size["export_cli"] = {}
-        for strategy in ("fsdp2", "zero3"):
+        for strategy in ("fsdp2",) if opts.quick else ("fsdp2", "zero3"):
             _log(f"{spec.name}: lora-dist export RUN_DIR ({strategy}), {opts.nproc} ranks")
             size["export_cli"][strategy] = _export_cli(opts, spec, model_path, strategy, adapter, work)
         _log(f"{spec.name}: offline merge vs plain copy")
         size["merge"] = _merge_vs_copy(opts, model_path, adapter, work)
         results["sizes"].append(size)
     results["total_wall_s"] = time.perf_counter() - t_start
-    if _source_version() != results["source"]:
+    if _source_version()["sources_sha256"] != results["source"]["sources_sha256"]:
         results["source_changed_during_run"] = _source_version()
         _log("warning: lora_dist/ or bench/ changed while the benchmark ran; the results mix versions")
     report.write_all(results, out)

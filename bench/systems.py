@@ -27,9 +27,7 @@ counts one process per rank and DeepSpeed rejects the batch size.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -42,12 +42,13 @@ def _sync(device: torch.device) -> None:
     dist.barrier()
 
 
-def _timed(fn, device: torch.device) -> float:
+def _timed(fn, device: torch.device) -> tuple[float, float]:
+    """Wall time between two barriers, and this process's CPU time (all threads) over the same span."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main(job_path: str) -> None:
@@ -95,12 +96,12 @@ def main(job_path: str) -> None:
         for _ in range(job["warmup_steps"]):
             system.train_step(*batch(step))
             step += 1
-        times = []
+        timed = []
         for _ in range(job["timed_steps"]):
             ids, labels = batch(step)
-            times.append(_timed(lambda: system.train_step(ids, labels), device))
+            timed.append(_timed(lambda: system.train_step(ids, labels), device))
             step += 1
-    result["train"] = {**train.as_dict(), "step_times": times}
+    result["train"] = {**train.as_dict(), "step_times": [t for t, _ in timed], "step_cpu_times": [c for _, c in timed]}
 
     comm = CommCounter(env.world_size)
     tracker = LiveTensorBytes(device.type) if device.type == "cpu" else None
@@ -115,8 +116,8 @@ def main(job_path: str) -> None:
 
     ids, labels = batch(step)
     system.forward(ids, labels)  # warm-up
-    times = [_timed(lambda: system.forward(ids, labels), device) for _ in range(job["forward_reps"])]
-    result["forward"] = {"times": times}
+    timed = [_timed(lambda: system.forward(ids, labels), device) for _ in range(job["forward_reps"])]
+    result["forward"] = {"times": [t for t, _ in timed], "cpu_times": [c for _, c in timed]}
 
     if job.get("export_dir") and system.can_export:
         export_dir = Path(job["export_dir"])
