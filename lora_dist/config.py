@@ -41,6 +41,27 @@ __all__ = [
 
 STRATEGIES = ("fsdp2", "zero3", "zero2", "zero1", "ddp", "none")
 DTYPES = ("float32", "bfloat16", "float16")
+#: Smallest valid value of each numeric key with a lower bound of ``>=`` (lora.r is checked by LoRAConfig).
+MINIMUMS = {
+    "parallel.replica_check_every": 0,
+    "train.steps": 1,
+    "train.micro_batch_size": 1,
+    "train.grad_accum": 1,
+    "train.weight_decay": 0,
+    "train.warmup_steps": 0,
+    "train.min_lr_ratio": 0,
+    "train.max_grad_norm": 0,
+    "train.seq_len": 1,
+    "train.seed": 0,
+    "train.eval_every": 0,
+    "train.eval_batches": 1,
+    "train.log_every": 1,
+    "train.run_steps": 0,
+    "checkpoint.every": 0,
+    "checkpoint.keep": 1,
+}
+#: Keys that must be strictly positive.
+POSITIVE = ("parallel.bucket_mb", "parallel.timeout_s", "train.lr")
 
 
 class ConfigError(ValueError):
@@ -178,23 +199,26 @@ class Config:
 
     def validate(self) -> "Config":
         """Cross-field checks; raises :class:`ConfigError`."""
-        p, t = self.parallel, self.train
+        p = self.parallel
         if p.strategy not in STRATEGIES:
             raise ConfigError(f"parallel.strategy={p.strategy!r} is not one of {STRATEGIES}")
         for key, value in (("model.dtype", self.model.dtype), ("parallel.mixed_precision", p.mixed_precision),
                            ("export.dtype", self.export.dtype)):
             if value not in DTYPES:
                 raise ConfigError(f"{key}={value!r} is not one of {DTYPES}")
-        for key in ("steps", "micro_batch_size", "grad_accum", "seq_len"):
-            if getattr(t, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-        if t.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+        for key, minimum in MINIMUMS.items():
+            if self._get(key) < minimum:
+                raise ConfigError(f"{key} must be >= {minimum}, got {self._get(key)}")
+        for key in POSITIVE:
+            if self._get(key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {self._get(key)}")
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
-        if self.checkpoint.keep < 1:
-            raise ConfigError(f"checkpoint.keep must be >= 1, got {self.checkpoint.keep}")
         return self
+
+    def _get(self, key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(self, section), name)
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
@@ -237,15 +261,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
-            if arg is type(None):
-                continue
+            if arg is type(None) or (arg is str and not isinstance(value, str)):
+                continue  # a number is a string only where a string is the one choice (model.path=123)
             try:
                 return _coerce(key, value, arg)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(hint)}")
+            except ConfigError:
+                pass
+        choices = " or ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
+        raise ConfigError(f"{key} must be {choices}, got {value!r}")
     if hint is Any:
         return value
     if hint is bool:
@@ -257,16 +281,16 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        # A string too: YAML 1.1 reads "3e-4" (no dot) as a string.
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
                 number = float(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 pass
             else:
                 if math.isfinite(number):
                     return number
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -309,7 +333,10 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     key = key.strip()
     if key.count(".") != 1:
-        raise ConfigError(f"override key {key!r} must be section.key (e.g. train.lr=3e-4)")
+        name = key.rsplit(".", 1)[-1]
+        matches = [k for k in _all_keys() if k.endswith(f".{name}")]
+        hint = f"did you mean {' or '.join(map(repr, matches))}?" if matches else "e.g. train.lr=3e-4"
+        raise ConfigError(f"override key {key!r} must be section.key; {hint}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

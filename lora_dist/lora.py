@@ -65,6 +65,15 @@ class LoRAConfigError(ValueError):
     """An invalid LoRA configuration, or targets that match nothing."""
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class LoRAConfig:
     """What to adapt and how."""
@@ -95,12 +104,14 @@ class LoRAConfig:
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, tuple):
             self.exclude_modules = list(self.exclude_modules)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        if not (_is_int(self.r) and self.r > 0):
             raise LoRAConfigError(f"lora.r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
-            raise LoRAConfigError(f"lora.alpha must be a positive number, got {self.alpha!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise LoRAConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not (_is_number(self.alpha) and self.alpha > 0):
+            raise LoRAConfigError(f"lora.alpha must be a positive finite number, got {self.alpha!r}")
+        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise LoRAConfigError(f"lora.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise LoRAConfigError(f"lora.use_rslora must be true or false, got {self.use_rslora!r}")
         if self.init not in _INITS:
             raise LoRAConfigError(f"lora.init must be one of {_INITS}, got {self.init!r}")
         for name in ("target_modules", "exclude_modules"):
@@ -120,18 +131,26 @@ class LoRAConfig:
         if self.exclude_modules == "all-linear":
             raise LoRAConfigError("lora.exclude_modules cannot be 'all-linear'")
         if self.layers_to_transform is not None:
-            if isinstance(self.layers_to_transform, int):
+            if _is_int(self.layers_to_transform):
                 self.layers_to_transform = [self.layers_to_transform]
-            if not all(isinstance(i, int) and i >= 0 for i in self.layers_to_transform):
+            if not (isinstance(self.layers_to_transform, (list, tuple))
+                    and all(_is_int(i) and i >= 0 for i in self.layers_to_transform)):
                 raise LoRAConfigError(
                     f"lora.layers_to_transform must be non-negative layer indices, got {self.layers_to_transform!r}"
                 )
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise LoRAConfigError(
+                    f"lora.{name} must be a mapping of module regex -> value, got {getattr(self, name)!r}"
+                )
         for pattern, value in self.rank_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not (_is_int(value) and value > 0):
                 raise LoRAConfigError(f"lora.rank_pattern[{pattern!r}] must be a positive integer, got {value!r}")
         for pattern, value in self.alpha_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise LoRAConfigError(f"lora.alpha_pattern[{pattern!r}] must be a positive number, got {value!r}")
+            if not (_is_number(value) and value > 0):
+                raise LoRAConfigError(
+                    f"lora.alpha_pattern[{pattern!r}] must be a positive finite number, got {value!r}"
+                )
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The rank and alpha of one module, honouring rank_pattern / alpha_pattern."""

@@ -8,6 +8,19 @@ import pytest
 
 from lora_dist.config import Config, ConfigError, _all_keys, config_help, config_to_dict, load_config
 
+DEFAULTS = config_to_dict(Config())
+INT_KEYS = [f"{s}.{k}" for s, section in DEFAULTS.items() for k, v in section.items() if type(v) is int]
+FLOAT_KEYS = [f"{s}.{k}" for s, section in DEFAULTS.items() for k, v in section.items() if type(v) is float]
+
+
+def config_error(*overrides: str) -> str:
+    """The message of the :class:`ConfigError` that ``overrides`` raise; it must be one line."""
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=list(overrides))
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
 
 @pytest.fixture
 def config_file(tmp_path):
@@ -70,6 +83,33 @@ def test_override_values(override, section, key, expected):
     assert value == expected and type(value) is type(expected)
 
 
+@pytest.mark.parametrize(
+    "key, raw, expected",
+    [
+        ("model.path", "models/base", "models/base"),
+        ("data.path", "data/train.jsonl", "data/train.jsonl"),
+        ("lora.r", "4", 4),
+        ("lora.alpha", "8", 8.0),
+        ("lora.dropout", "0.1", 0.1),
+        ("lora.target_modules", "[q_proj]", ["q_proj"]),
+        ("parallel.strategy", "ddp", "ddp"),
+        ("train.steps", "7", 7),
+        ("train.micro_batch_size", "3", 3),
+        ("train.grad_accum", "2", 2),
+        ("train.lr", "1e-3", 1e-3),
+        ("train.seq_len", "64", 64),
+        ("train.seed", "3", 3),
+        ("checkpoint.every", "5", 5),
+        ("export.merged", "true", True),
+        ("output.dir", "runs/x", "runs/x"),
+    ],
+)
+def test_required_keys_exist(key, raw, expected):
+    # Docs, launchers and saved run configs use these names: renaming one breaks them.
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(overrides=[f"{key}={raw}"]), section), name) == expected
+
+
 def test_scientific_notation_in_a_file(config_file):
     # YAML 1.1 reads "3e-4" (no dot) as a string; a learning rate written that way must still work.
     assert load_config(config_file("train:\n  lr: 3e-4\n  weight_decay: 1e-2\n")).train.lr == 3e-4
@@ -128,6 +168,55 @@ def test_wrong_type_names_the_key(override, match):
 def test_invalid_values_are_errors(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("raw", [".nan", ".inf", "-.inf", "nan", "1e999"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_floats_are_errors(key, raw):
+    assert f"{key} must be a finite number" in config_error(f"{key}={raw}")
+
+
+@pytest.mark.parametrize("key", INT_KEYS)
+def test_negative_integers_are_errors(key):
+    assert key in config_error(f"{key}=-1")
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("checkpoint.every=-5", "checkpoint.every must be >= 0, got -5"),
+        ("train.seed=-1", "train.seed must be >= 0, got -1"),
+        ("train.eval_batches=0", "train.eval_batches must be >= 1"),
+        ("train.log_every=0", "train.log_every must be >= 1"),
+        ("train.weight_decay=-0.1", "train.weight_decay must be >= 0"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm must be >= 0"),
+        ("train.min_lr_ratio=-0.5", "train.min_lr_ratio must be >= 0"),
+        ("parallel.bucket_mb=0", "parallel.bucket_mb must be > 0"),
+        ("parallel.timeout_s=-1", "parallel.timeout_s must be > 0"),
+    ],
+)
+def test_out_of_range_values_are_errors(override, match):
+    assert match in config_error(override)
+
+
+@pytest.mark.parametrize("raw", ["5", "1.5", "true", "{q_proj: 1}"])
+@pytest.mark.parametrize("key", ["lora.target_modules", "lora.exclude_modules"])
+def test_target_modules_must_be_a_string_or_a_list(key, raw):
+    assert f"{key} must be list[str] or str or null" in config_error(f"{key}={raw}")
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("lr=3", "did you mean 'train.lr'?"),
+        ("train.optim.lr=3", "did you mean 'train.lr'?"),
+        ("path=x", "did you mean 'model.path' or 'data.path'?"),
+        ("learning_rate=3", "e.g. train.lr=3e-4"),
+    ],
+)
+def test_override_without_section_suggests_the_full_key(override, match):
+    message = config_error(override)
+    assert override.split("=")[0] in message and match in message
 
 
 def test_file_errors(config_file, tmp_path):
