@@ -5,12 +5,14 @@ The frozen base is never written. A checkpoint is a directory::
     checkpoints/step-000040/
         lora.safetensors        LoRA tensors by the model's own names
         optimizer.safetensors   AdamW exp_avg / exp_avg_sq per LoRA tensor, full (not sharded)
-        state.json              step, samples consumed, base identity, world size, strategy
+        state.json              step, samples consumed, base identity, LoRA settings, world size, strategy
 
 Everything is stored whole and by parameter name, so a run resumes on another
-world size or strategy. Writes are atomic: a temporary sibling dir is fsynced
-and renamed, and the ``latest`` pointer is replaced last. A checkpoint that
-fails to read falls back to the previous good one.
+world size or strategy. Writes are atomic and durable: a temporary sibling dir
+is fsynced and renamed, and the ``latest`` pointer is replaced last, each rename
+fsynced. Non-finite state is never written. A checkpoint that fails to read
+falls back to the previous good one; one made with other LoRA settings or
+shapes is refused.
 
 Dropout randomness is re-derived from ``(train.seed, step, rank)`` every step,
 so no RNG state needs saving and a resumed run draws the same masks.
@@ -40,17 +42,26 @@ __all__ = [
     "Preempted",
     "PreemptionHandler",
     "ResumeError",
+    "TrainingDiverged",
     "base_identity",
+    "write_text_atomic",
 ]
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 PREEMPT_EXIT_CODE = 99
+#: The ``lora.*`` settings a checkpoint records; resuming with any of them changed is refused.
+LORA_SETTINGS = ("r", "alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
+                 "rank_pattern", "alpha_pattern")
 
 
 class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed as asked."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, gradients or LoRA state became NaN/Inf."""
 
 
 class Preempted(SystemExit):
@@ -86,16 +97,34 @@ def base_identity(model_path: str, samples: int = 8, sample_bytes: int = 1 << 16
     return {"path": str(root.resolve()), "sha256": h.hexdigest()}
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (renames into it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves either the old or the new file, durably."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _lora_settings(cfg: Config) -> dict:
+    """The recorded ``lora.*`` settings, as they read back from JSON."""
+    return json.loads(json.dumps({k: getattr(cfg.lora, k) for k in LORA_SETTINGS}))
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], step: int) -> None:
+    bad = next((k for k, v in tensors.items() if not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise TrainingDiverged(f"{bad} is not finite at step {step}; checkpoint not written, the last good one is kept. "
+                               "Lower train.lr or check the data")
 
 
 def _optimizer_tensors(engine) -> dict[str, torch.Tensor]:
@@ -182,9 +211,14 @@ class CheckpointManager:
         return self.samples_offset + done * t.grad_accum * t.micro_batch_size * self.env.world_size
 
     def save(self, step: int, engine) -> Path | None:
-        """Write a checkpoint for ``step`` (collective; rank 0 writes)."""
+        """Write a checkpoint for ``step`` (collective; rank 0 writes).
+
+        Raises:
+            TrainingDiverged: a LoRA tensor or AdamW moment is NaN/Inf (on every rank; nothing is written).
+        """
         lora = engine.lora_tensors()
         moments = _optimizer_tensors(engine)
+        _check_finite({**lora, **moments}, step)
         final = self.root / f"step-{step:06d}"
         if self.env.is_main:
             state = {
@@ -193,7 +227,7 @@ class CheckpointManager:
                 "base": base_identity(self.cfg.model.path),
                 "world_size": self.env.world_size,
                 "strategy": self.cfg.parallel.strategy,
-                "lora": {"r": self.cfg.lora.r, "alpha": self.cfg.lora.alpha},
+                "lora": _lora_settings(self.cfg),
             }
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
@@ -201,13 +235,14 @@ class CheckpointManager:
                 save_file({k: v.cpu().contiguous() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
                 save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"))
                 (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-                _fsync_dir(tmp)
+                for f in tmp.iterdir():
+                    _fsync(f)
+                _fsync(tmp)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-                pointer = self.root / f".{LATEST}.tmp"
-                pointer.write_text(final.name + "\n")
-                os.replace(pointer, self.root / LATEST)
+                _fsync(self.root)
+                write_text_atomic(self.root / LATEST, final.name + "\n")
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -218,8 +253,10 @@ class CheckpointManager:
         return final
 
     def _prune(self) -> None:
+        """Drop all but the newest ``checkpoint.keep`` checkpoints, and temp dirs of writers that were killed."""
         done = sorted(p for p in self.root.glob("step-*") if p.is_dir())
-        for old in done[: -self.cfg.checkpoint.keep]:
+        stale = [p for p in self.root.glob(".step-*.tmp-*") if p.is_dir()]
+        for old in done[: -self.cfg.checkpoint.keep] + stale:
             shutil.rmtree(old, ignore_errors=True)
 
     def _candidates(self) -> list[Path]:
@@ -268,9 +305,7 @@ class CheckpointManager:
                     f"{path} was trained on base {state.get('base', {}).get('path')!r}, not {ident['path']!r} "
                     "(config/weights differ); use the same model.path or set checkpoint.force=true"
                 )
-            expected = {k for k in engine.lora_tensors()}
-            if set(lora) != expected:
-                raise ResumeError(f"{path}: its LoRA tensors do not match this model's LoRA layers (lora.* changed?)")
+            self._check_lora(path, state, lora, engine)
             engine.load_lora_tensors(lora)
             _load_optimizer_tensors(engine, moments, state["step"])
             self.resumed_step = state["step"]
@@ -280,12 +315,31 @@ class CheckpointManager:
             return state["step"]
         return 0
 
+    def _check_lora(self, path: Path, state: dict, lora: dict[str, torch.Tensor], engine) -> None:
+        """Refuse a checkpoint whose LoRA settings, names or shapes differ from this run's (before any copy)."""
+        fresh = "or start a fresh output.dir (or checkpoint.resume=never)"
+        current = _lora_settings(self.cfg)
+        for key, saved in state.get("lora", {}).items():
+            if key in current and current[key] != saved:
+                was, now = f"lora.{key}={json.dumps(saved)}", f"lora.{key}={json.dumps(current[key])}"
+                raise ResumeError(f"{path} was trained with {was}, this run has {now}; resume with {was} {fresh}")
+        shapes = {k: list(v.shape) for k, v in engine.lora_tensors().items()}
+        if set(lora) != set(shapes):
+            raise ResumeError(f"{path}: its LoRA tensors do not match this model's LoRA layers (lora.* changed?); "
+                              f"resume with the original lora.* settings {fresh}")
+        for name, shape in shapes.items():
+            if list(lora[name].shape) != shape:
+                raise ResumeError(f"{path}: {name} is {list(lora[name].shape)} in the checkpoint but {shape} in this "
+                                  f"model (another base?); resume on the base it was trained on {fresh}")
+
 
 class PreemptionHandler:
     """Signals turned into requests that all ranks agree on at the next step boundary.
 
     SIGUSR1 / SIGTERM (preemption): checkpoint, then exit with :data:`PREEMPT_EXIT_CODE`.
     SIGUSR2 (on demand): checkpoint, then keep training.
+
+    Installed on construction; a context manager that restores the previous handlers on exit.
     """
 
     STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
@@ -321,7 +375,10 @@ class PreemptionHandler:
             self._checkpoint = False
         return stop, checkpoint
 
-    def restore(self) -> None:
+    def __enter__(self) -> PreemptionHandler:
+        return self
+
+    def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}

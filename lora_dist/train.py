@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lora_dist.checkpoint import TrainingDiverged
 from lora_dist.config import Config, ConfigError, config_to_dict
 from lora_dist.data import IGNORE, DataError, PackedDataset, load_dataset
 from lora_dist.env import LaunchEnv, init_distributed
@@ -32,10 +33,6 @@ from lora_dist.parallel import Engine, check_replicas, deepspeed_config, make_en
 __all__ = ["OutputDirError", "TrainingDiverged", "TrainResult", "lr_at", "train"]
 
 log = logging.getLogger("lora_dist")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/Inf."""
 
 
 @dataclass
@@ -168,7 +165,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
 
     Raises:
         ConfigError, DataError, CheckpointError: bad input, before any training.
-        TrainingDiverged: a NaN/Inf loss, naming the step; nothing is saved from it.
+        TrainingDiverged: a NaN/Inf loss or grad norm, naming the step; nothing is saved from it.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -186,7 +183,6 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     out = Path(cfg.output.dir)
     if env.is_main:
         _check_writable(out)
-        (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
     t, p = cfg.train, cfg.parallel
 
     if not cfg.model.path:
@@ -203,68 +199,76 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     ds_config = None
     if p.strategy.startswith("zero"):
         ds_config = deepspeed_config(p, t, lora_numel_max=_max_lora_numel(cfg, hf_config))
-    loaded = load_model(cfg.model, cfg.lora, p, device, t.seed, ds_config)
-    model = loaded.model
-    if env.is_main:
-        log.info("%s", loaded.report)
-    lora_params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(lora_params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    engine = make_engine(model, optimizer, p, t, device, ds_config)
+    # Installed before the model load: a preemption signal during load or resume stops at the first step boundary.
+    with ckpt_mod.PreemptionHandler() as signals:
+        loaded = load_model(cfg.model, cfg.lora, p, device, t.seed, ds_config)
+        model = loaded.model
+        if env.is_main:
+            log.info("%s", loaded.report)
+        lora_params = [q for q in model.parameters() if q.requires_grad]
+        optimizer = torch.optim.AdamW(lora_params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+        engine = make_engine(model, optimizer, p, t, device, ds_config)
 
-    manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env)
-    start_step = manager.maybe_resume(engine)
-    batches = _Batches(train_data, t.micro_batch_size, env, t.seed, device,
-                       first_micro=start_step * t.grad_accum, sample_offset=manager.samples_offset)
-    history: list[dict] = []
-    metrics_path = out / "metrics.jsonl"
-    progress = _Progress(t.steps, start_step, env.is_main)
-    first_loss = float("nan")
-    eval_loss = None
-    signals = ckpt_mod.PreemptionHandler()
-    end_step = min(t.steps, start_step + t.run_steps) if t.run_steps else t.steps
-    try:
-        for step in range(start_step, end_step):
-            t0 = time.perf_counter()
-            torch.manual_seed(t.seed * 1_000_003 + step * 1009 + env.rank)  # dropout: a function of (seed, step, rank)
-            lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
-            micro = [batches.get(step * t.grad_accum + m) for m in range(t.grad_accum)]
-            step_loss, n_tokens = _forward_backward(engine, micro)
-            if not math.isfinite(step_loss):
-                raise TrainingDiverged(
-                    f"loss is {step_loss} at step {step + 1}; stopped before the update, last good checkpoint kept. "
-                    "Lower train.lr or check the data"
-                )
-            grad_norm = engine.step(lr)
-            elapsed = time.perf_counter() - t0
-            record = {
-                "step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": float(n_tokens) / elapsed, "step_time_s": elapsed, "memory_gb": _memory_gb(device),
-            }
-            if step == start_step:
-                first_loss = step_loss
-            if p.replica_check_every and (step + 1) % p.replica_check_every == 0:
-                check_replicas(engine)
-            if t.eval_every and eval_data is not None and (step + 1) % t.eval_every == 0:
-                eval_loss = record["eval_loss"] = evaluate(engine, eval_data, t.micro_batch_size, t.eval_batches, env, device)
-            history.append(record)
-            if env.is_main and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            progress.update(record)
-            stop, on_demand = signals.poll()
-            if step + 1 == end_step < t.steps:  # train.run_steps: checkpoint and hand over to a later run
-                manager.save(step + 1, engine)
-                return TrainResult(record["loss"], first_loss, eval_loss, step + 1, out, history)
-            if manager.should_save(step + 1) or stop or on_demand:
-                manager.save(step + 1, engine)
-            if stop:
-                if env.is_main:
-                    log.warning("preempted: checkpoint at step %d written; exiting with code %d for requeue",
-                                step + 1, ckpt_mod.PREEMPT_EXIT_CODE)
-                raise ckpt_mod.Preempted(step + 1)
-    finally:
-        progress.close()
-        signals.restore()
+        manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env)
+        start_step = manager.maybe_resume(engine)
+        if env.is_main:  # only now: a rerun that fails validation or resume keeps the run's config.json
+            ckpt_mod.write_text_atomic(out / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        batches = _Batches(train_data, t.micro_batch_size, env, t.seed, device,
+                           first_micro=start_step * t.grad_accum, sample_offset=manager.samples_offset)
+        history: list[dict] = []
+        metrics_path = out / "metrics.jsonl"
+        progress = _Progress(t.steps, start_step, env.is_main)
+        first_loss = float("nan")
+        eval_loss = None
+        end_step = min(t.steps, start_step + t.run_steps) if t.run_steps else t.steps
+        try:
+            for step in range(start_step, end_step):
+                t0 = time.perf_counter()
+                torch.manual_seed(t.seed * 1_000_003 + step * 1009 + env.rank)  # dropout: a function of (seed, step, rank)
+                lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+                micro = [batches.get(step * t.grad_accum + m) for m in range(t.grad_accum)]
+                step_loss, n_tokens = _forward_backward(engine, micro)
+                if not math.isfinite(step_loss):
+                    raise TrainingDiverged(
+                        f"loss is {step_loss} at step {step + 1}; stopped before the update, last good checkpoint kept. "
+                        "Lower train.lr or check the data"
+                    )
+                grad_norm = engine.step(lr)
+                if not math.isfinite(grad_norm):
+                    raise TrainingDiverged(
+                        f"grad norm is {grad_norm} at step {step + 1}; stopped, last good checkpoint kept. "
+                        "Lower train.lr or check the data"
+                    )
+                elapsed = time.perf_counter() - t0
+                record = {
+                    "step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": float(n_tokens) / elapsed, "step_time_s": elapsed, "memory_gb": _memory_gb(device),
+                }
+                if step == start_step:
+                    first_loss = step_loss
+                if p.replica_check_every and (step + 1) % p.replica_check_every == 0:
+                    check_replicas(engine)
+                if t.eval_every and eval_data is not None and (step + 1) % t.eval_every == 0:
+                    eval_loss = record["eval_loss"] = evaluate(engine, eval_data, t.micro_batch_size, t.eval_batches,
+                                                               env, device)
+                history.append(record)
+                if env.is_main and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                progress.update(record)
+                stop, on_demand = signals.poll()
+                if step + 1 == end_step < t.steps:  # train.run_steps: checkpoint and hand over to a later run
+                    manager.save(step + 1, engine)
+                    return TrainResult(record["loss"], first_loss, eval_loss, step + 1, out, history)
+                if manager.should_save(step + 1) or stop or on_demand:
+                    manager.save(step + 1, engine)
+                if stop:
+                    if env.is_main:
+                        log.warning("preempted: checkpoint at step %d written; exiting with code %d for requeue",
+                                    step + 1, ckpt_mod.PREEMPT_EXIT_CODE)
+                    raise ckpt_mod.Preempted(step + 1)
+        finally:
+            progress.close()
     if eval_data is not None:
         eval_loss = evaluate(engine, eval_data, t.micro_batch_size, t.eval_batches, env, device)
         if env.is_main:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -54,6 +55,32 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _last_line(proc: subprocess.CompletedProcess) -> str:
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def _manager(setup, out: Path):
+    """A single-process CheckpointManager for ``out``'s checkpoints, to call save() directly."""
+    from lora_dist.checkpoint import CheckpointManager
+    from lora_dist.config import load_config
+    from lora_dist.env import LaunchEnv
+
+    cfg = load_config(None, [*setup["common"], f"output.dir={out}"])
+    return CheckpointManager(out / "checkpoints", cfg, LaunchEnv("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 0))
+
+
+class _SaveOnlyEngine:
+    """Just enough of an engine for save(), with ``checkpoint._optimizer_tensors`` patched out."""
+
+    lora_params: list = []
+
+    def __init__(self, lora: dict[str, torch.Tensor]) -> None:
+        self.lora = lora
+
+    def lora_tensors(self) -> dict[str, torch.Tensor]:
+        return self.lora
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(setup):
     out = setup["root"] / "full"
@@ -96,8 +123,10 @@ def test_exact_resume_single_process(setup, tmp_path):
         (("zero3", 2, 2), ("ddp", 2, 2)),  # zero3 -> ddp
         (("ddp", 2, 2), ("zero3", 2, 2)),  # ddp -> zero3
         (("none", 1, 4), ("fsdp2", 2, 2)),  # 1 -> 2, none -> fsdp2
+        (("fsdp2", 2, 2), ("zero3", 2, 2)),  # fsdp2 -> zero3
+        (("zero3", 2, 2), ("fsdp2", 2, 2)),  # zero3 -> fsdp2
     ],
-    ids=["fsdp2x2-to-nonex1", "zero3-to-ddp", "ddp-to-zero3", "nonex1-to-fsdp2x2"],
+    ids=["fsdp2x2-to-nonex1", "zero3-to-ddp", "ddp-to-zero3", "nonex1-to-fsdp2x2", "fsdp2-to-zero3", "zero3-to-fsdp2"],
 )
 def test_resume_on_another_world_size_and_strategy(setup, uninterrupted, first, second):
     out = setup["root"] / f"elsewhere-{first[0]}-{second[0]}"
@@ -124,9 +153,34 @@ def test_refuses_a_different_base_unless_forced(setup, tiny_checkpoint, tmp_path
     other = tiny_checkpoint("llama", hidden=64, layers=2, seed=7)
     proc = _run(setup, out, 1, "parallel.strategy=none", f"model.path={other}", check=False)
     assert proc.returncode == 2
-    assert "checkpoint.force=true" in proc.stderr.strip().splitlines()[-1]
+    assert "checkpoint.force=true" in _last_line(proc)
     _run(setup, out, 1, "parallel.strategy=none", f"model.path={other}", "checkpoint.force=true")
     assert (out / "adapter").is_dir()
+
+
+def test_resume_with_other_lora_settings_or_shapes_is_refused_naming_the_fix(setup, tiny_checkpoint, tmp_path):
+    """Checked before any tensor is copied: a one-line error, not a RuntimeError from ``copy_``."""
+    out = tmp_path / "reshaped"
+    _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
+    proc = _run(setup, out, 1, "parallel.strategy=none", "lora.r=8", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = _last_line(proc)
+    assert "trained with lora.r=4, this run has lora.r=8; resume with lora.r=4 or start a fresh output.dir" in last
+    narrower = tiny_checkpoint("llama", hidden=32, layers=2)  # same LoRA layers, other shapes
+    proc = _run(setup, out, 1, "parallel.strategy=none", f"model.path={narrower}", "checkpoint.force=true", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = _last_line(proc)
+    assert "lora_A.weight is [4, 64] in the checkpoint but [4, 32] in this model" in last and "fresh output.dir" in last
+
+
+def test_failed_rerun_keeps_the_runs_config_json(setup, tmp_path):
+    out = tmp_path / "rerun"
+    _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
+    config = (out / "config.json").read_text()
+    for bad in (f"model.path={tmp_path / 'missing'}", "lora.r=8"):  # fails validation; fails resume
+        assert _run(setup, out, 1, "parallel.strategy=none", bad, check=False).returncode == 2
+        assert (out / "config.json").read_text() == config
+    assert not list(out.glob(".config.json*"))
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(setup, tmp_path):
@@ -148,27 +202,15 @@ def test_explicitly_named_corrupt_checkpoint_is_an_error(setup, tmp_path):
     (ckpt / "state.json").write_text("{not json")
     proc = _run(setup, out, 1, "parallel.strategy=none", f"checkpoint.resume={ckpt}", check=False)
     assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
+    last = _last_line(proc)
     assert "step-000002 is unreadable" in last and "Traceback" not in proc.stderr
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous(setup, tmp_path, monkeypatch):
     from lora_dist import checkpoint as ckpt_mod
-    from lora_dist.config import load_config
-    from lora_dist.env import LaunchEnv
 
     out = tmp_path / "crash"
     _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
-    cfg = load_config(None, [*setup["common"], f"output.dir={out}"])
-    env = LaunchEnv("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 0)
-    manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env)
-
-    class _Engine:  # just enough of an engine for save()
-        lora_params: list = []
-        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-
-        def lora_tensors(self):
-            return {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64)}
 
     def crash(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -176,13 +218,16 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous(setup, tmp_path, mo
     monkeypatch.setattr(ckpt_mod, "_optimizer_tensors", lambda engine: {})
     monkeypatch.setattr(ckpt_mod, "save_file", crash)
     with pytest.raises(OSError):
-        manager.save(4, _Engine())
+        _manager(setup, out).save(4, _SaveOnlyEngine({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64)}))
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step-000002"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000002"]  # no temp dir left behind
     monkeypatch.undo()
+    (ckpts / ".step-000003.tmp-killed").mkdir()  # what a writer killed mid-save (SIGKILL) leaves
+    (ckpts / ".unrelated").mkdir()
     proc = _run(setup, out, 1, "parallel.strategy=none")
     assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
+    assert sorted(p.name for p in ckpts.glob(".*")) == [".unrelated"]  # the next save pruned the killed writer's dir
 
 
 def test_nan_loss_stops_naming_the_step_and_saves_nothing_corrupt(setup, tmp_path, monkeypatch):
@@ -213,6 +258,46 @@ def test_nan_loss_stops_naming_the_step_and_saves_nothing_corrupt(setup, tmp_pat
     for name in saved:
         tensors = load_file(str(out / "checkpoints" / name / "lora.safetensors"))
         assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_non_finite_grad_norm_stops_naming_the_step_and_latest_stays_good(setup, tmp_path, monkeypatch):
+    """The gradient turns Inf at step 3 with a finite loss (injected): training stops naming the step and
+    ``latest`` still names the finite step-2 checkpoint. save() itself refuses non-finite LoRA tensors,
+    writing and pruning nothing."""
+    import lora_dist.train as train_mod
+    from lora_dist import checkpoint as ckpt_mod
+    from lora_dist.config import load_config
+    from lora_dist.env import destroy_distributed
+
+    real, calls = train_mod.token_loss_sum, []
+
+    def poisoned(logits, labels):
+        calls.append(1)
+        loss = real(logits, labels)
+        if len(calls) == 3:
+            loss.register_hook(lambda grad: grad * float("inf"))
+        return loss
+
+    monkeypatch.setattr(train_mod, "token_loss_sum", poisoned)
+    out = tmp_path / "nan-grad"
+    cfg = load_config(None, [*setup["common"], f"output.dir={out}", "parallel.strategy=none", "checkpoint.every=1"])
+    try:
+        with pytest.raises(train_mod.TrainingDiverged, match=r"grad norm is (nan|inf) at step 3"):
+            train_mod.train(cfg)
+    finally:
+        destroy_distributed()
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000001", "step-000002"]
+    assert (ckpts / "latest").read_text().strip() == "step-000002"
+    tensors = load_file(str(ckpts / "step-000002" / "lora.safetensors"))
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+    monkeypatch.setattr(ckpt_mod, "_optimizer_tensors", lambda engine: {})
+    poisoned_lora = {**tensors, "model.layers.0.self_attn.q_proj.lora_B.weight": torch.full((64, 4), float("nan"))}
+    with pytest.raises(ckpt_mod.TrainingDiverged, match="q_proj.lora_B.weight is not finite at step 3"):
+        _manager(setup, out).save(3, _SaveOnlyEngine(poisoned_lora))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000001", "step-000002"]
+    assert (ckpts / "latest").read_text().strip() == "step-000002"
 
 
 @pytest.mark.dist
@@ -260,9 +345,10 @@ def _start_and_signal(setup, out: Path, sig: signal.Signals, *overrides: str) ->
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def test_sigterm_checkpoints_and_exits_for_requeue(setup, tmp_path):
-    out = tmp_path / "term"
-    proc = _start_and_signal(setup, out, signal.SIGTERM)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["sigterm", "sigusr1"])
+def test_preemption_signal_checkpoints_and_exits_for_requeue(setup, tmp_path, sig):
+    out = tmp_path / "preempted"
+    proc = _start_and_signal(setup, out, sig)
     assert proc.returncode == 99, proc.stderr[-2000:]  # PREEMPT_EXIT_CODE: the sbatch script requeues on it
     assert "preempted: checkpoint at step" in proc.stderr
     latest = (out / "checkpoints" / "latest").read_text().strip()
@@ -279,3 +365,30 @@ def test_sigusr2_checkpoints_on_demand_and_keeps_training(setup, tmp_path):
     saved = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")]
     assert len(saved) == 1 and 3 <= saved[0] < 40  # checkpoint.every=0: only the requested one
     assert (out / "adapter").is_dir()
+
+
+def test_preemption_signal_during_model_load_stops_at_the_first_step(setup, tmp_path, monkeypatch):
+    """SIGUSR1 while the model loads is not fatal: the run checkpoints at step 1 and exits for requeue."""
+    import lora_dist.train as train_mod
+    from lora_dist import checkpoint as ckpt_mod
+    from lora_dist.config import load_config
+    from lora_dist.env import destroy_distributed
+
+    real = train_mod.load_model
+
+    def preempted_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "load_model", preempted_while_loading)
+    out = tmp_path / "preempted-loading"
+    cfg = load_config(None, [*setup["common"], f"output.dir={out}", "parallel.strategy=none"])
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # were no handler installed yet: lost, not fatal to pytest
+    try:
+        with pytest.raises(ckpt_mod.Preempted) as stopped:
+            train_mod.train(cfg)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        destroy_distributed()
+    assert stopped.value.step == 1 and stopped.value.code == ckpt_mod.PREEMPT_EXIT_CODE
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000001"
