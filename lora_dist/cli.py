@@ -96,20 +96,28 @@ def _cmd_demo(args) -> int:
     code = subprocess.call(cmd, env=env)
     if code != 0:
         return code
-    merged = run / "merged"
-    if merged.is_dir():
-        _check_demo_export(base, run)
-    return 0
+    return _check_demo(base, run)
 
 
-def _check_demo_export(base: Path, run: Path) -> None:
-    """Verify the merged export and compare its logits with base + adapter."""
+class DemoFailed(RuntimeError):
+    """The demo ran but its result is not what it promises."""
+
+
+def _check_demo(base: Path, run: Path) -> int:
+    """The demo's promises: the loss went down, and the merged export equals base + adapter."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from lora_dist.adapter import load_adapter
     from lora_dist.export import verify_checkpoint
 
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [h["loss"] for h in history if "loss" in h]
+    print(f"train loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
+    if not min(losses[-3:]) < losses[0] - 0.5:
+        raise DemoFailed(f"the training loss did not go down ({losses[0]:.3f} -> {losses[-1]:.3f})")
+    if not (run / "merged" / "model.safetensors.index.json").is_file():
+        raise DemoFailed(f"no merged export in {run / 'merged'} (export.merged was turned off?)")
     report = verify_checkpoint(run / "merged", base_dir=base, adapter_dir=run / "adapter")
     print(f"verified {report.summary()}")
     merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
@@ -118,16 +126,18 @@ def _check_demo_export(base: Path, run: Path) -> None:
     with torch.no_grad():
         diff = (merged(input_ids=ids).logits - lora(input_ids=ids).logits).abs().max().item()
     print(f"merged checkpoint loads with transformers; max |logits - (base + adapter) logits| = {diff:.2e}")
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = [h["loss"] for h in history if "loss" in h]
-    print(f"train loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; outputs in {run}")
+    if not diff < 1e-4:
+        raise DemoFailed(f"the merged checkpoint's logits differ from base + adapter by {diff:.2e}")
+    print(f"demo OK; outputs in {run}")
+    return 0
 
 
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write the merged checkpoint of a finished run, sharded like training")
     p.add_argument("run_dir", help="a run's output.dir (holds config.json and adapter/)")
     p.add_argument("--out", default=None, help="output dir (default RUN_DIR/merged)")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
+                   help="dtype of the floating tensors written (default: export.dtype of the run)")
     p.add_argument("--max-shard-size", default=None)
     p.add_argument("--overwrite", action="store_true")
 
@@ -145,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lora-dist",
         description="Distributed LoRA fine-tuning: frozen base sharded (FSDP2 / ZeRO-3), LoRA replicated, "
         "merged export from the sharded state.",
+        epilog="Training is configured by a YAML file plus dotted overrides (section.key=value, e.g. lora.r=16 "
+        "train.lr=3e-4); `lora-dist train --help` lists every key with its default and meaning.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -176,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             code = _COMMANDS[args.command](args)
         else:
             code = int(args.func(args) or 0)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, DemoFailed) as e:
         print(f"lora-dist {args.command}: error: {e}", file=sys.stderr)
         code = 2
     except SystemExit as e:  # preemption: checkpoint written, exit code asks for a requeue

@@ -7,6 +7,7 @@ from lora_dist.checkpoint import ResumeError
 from lora_dist.config import ConfigError
 from lora_dist.data import DataError
 from lora_dist.env import LaunchError
+from lora_dist.export import ExportError
 from lora_dist.hf import CheckpointError
 from lora_dist.lora import LoRAConfigError
 from lora_dist.merge import MergeError
@@ -17,6 +18,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointError,
     ConfigError,
     DataError,
+    ExportError,
     LaunchError,
     LoRAConfigError,
     MergeError,

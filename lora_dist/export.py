@@ -378,7 +378,7 @@ def _friendly(e: BaseException, out: Path, layout: stw.CheckpointLayout) -> Base
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         err = ExportError(
             f"no space left on the device of {out.parent} while writing the merged checkpoint "
-            f"({layout.file_bytes / 1e9:.2f} GB in all); free space or choose another output dir"
+            f"({stw.format_size(layout.file_bytes)} in all); free space or choose another output dir"
         )
         err.__cause__ = e
         return err
@@ -469,7 +469,7 @@ def _prepare_staging(out: Path, base_dir: Path, overwrite: bool, needed_bytes: i
     if free < needed_bytes:
         raise ExportError(
             f"not enough space for the merged checkpoint under {out.parent}: it needs "
-            f"{needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
+            f"{stw.format_size(needed_bytes)}, {stw.format_size(free)} are free; free space or choose another output dir"
         )
     while True:  # not mkdtemp: the final dir should get the umask's permissions, not 0700
         staging = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
@@ -595,7 +595,7 @@ def _write_checkpoint(group: _Group, out_dir: str | os.PathLike, base: HFCheckpo
 # ----------------------------------------------------------------------------- planning
 
 
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype) and dtype in _FLOAT_DTYPES:
         return dtype
     if isinstance(dtype, str):
@@ -713,7 +713,7 @@ def export_merged(
     layers = dict(lora_modules(model))
     error = None
     try:
-        out_dtype = _parse_dtype(dtype)
+        out_dtype = parse_dtype(dtype)
         base = HFCheckpoint(base_path)
         if not layers:
             raise ExportError("the model has no LoRA layers; inject_lora() it, or copy the base checkpoint instead")
@@ -783,7 +783,7 @@ def merge_offline(
     group = _Group()
     error = None
     try:
-        out_dtype = _parse_dtype(dtype)
+        out_dtype = parse_dtype(dtype)
         base = HFCheckpoint(base_dir)
         weights = read_adapter(adapter_dir).weights()
         missing = sorted(m for m in weights if f"{m}.weight" not in base)
@@ -1011,7 +1011,7 @@ def add_merge_subparser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    """Run ``lora-dist merge``; returns the exit code (1 with a one-line error on failure).
+    """Run ``lora-dist merge``; returns the exit code (2 with a one-line error on bad input, like every command).
 
     Under torchrun/srun/mpirun with more than one rank it joins the world
     (gloo: the merge is file work) unless the caller already did.
@@ -1029,7 +1029,7 @@ def run_merge(args: argparse.Namespace) -> int:
         return 0
     except (ExportError, ValueError) as e:  # MergeError, AdapterError and CheckpointError are ValueErrors
         print(f"lora-dist merge: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         if started:
             destroy_distributed()

@@ -18,7 +18,7 @@ from lora_dist.adapter import read_adapter
 from lora_dist.config import ConfigError, config_from_dict
 from lora_dist.env import init_distributed
 from lora_dist.lora import lora_modules
-from lora_dist.model import load_model, torch_dtype
+from lora_dist.model import load_model
 from lora_dist.parallel import deepspeed_config
 
 __all__ = ["export_run"]
@@ -37,7 +37,7 @@ def _run_lora_tensors(run: Path) -> dict[str, torch.Tensor]:
 def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | None = None,
                max_shard_size: str | None = None, overwrite: bool = False) -> Path:
     """Write ``RUN_DIR/merged`` (or ``out``) from a finished run; call on every rank."""
-    from lora_dist.export import export_merged
+    from lora_dist.export import export_merged, parse_dtype
 
     run = Path(run_dir)
     if not (run / "config.json").is_file():
@@ -65,10 +65,14 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
                 key = f"{name}.{part}.weight"
                 if key not in tensors:
                     raise ConfigError(f"{run}: no {key}; the run's adapter does not match its config")
-                getattr(layer, part).weight.copy_(tensors[key])
+                weight = getattr(layer, part).weight
+                if tensors[key].shape != weight.shape:
+                    raise ConfigError(f"{run}: {key} is {tuple(tensors[key].shape)} in the run's adapter but "
+                                      f"{tuple(weight.shape)} in the model its config builds; was config.json edited?")
+                weight.copy_(tensors[key])
     return export_merged(
         model, Path(out) if out else run / "merged", cfg.model.path,
-        dtype=torch_dtype(dtype or cfg.export.dtype),
+        dtype=parse_dtype(dtype or cfg.export.dtype),
         max_shard_size=max_shard_size or cfg.export.max_shard_size,
         overwrite=overwrite or cfg.output.overwrite,
     )

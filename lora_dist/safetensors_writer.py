@@ -87,6 +87,14 @@ def dtype_from_str(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def format_size(n: int) -> str:
+    """``n`` bytes in decimal units, as HF's sizes are written: "4.40 MB", "1.02 GB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
 def parse_size(size: int | str) -> int:
     """Bytes in a size like HF's ``max_shard_size``: decimal units ("5GB" = 5e9, "200KB"), or KiB/MiB/GiB.
 

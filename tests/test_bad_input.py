@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,11 +28,11 @@ def _train(good, out: Path, *overrides: str):
     return lora_dist(*args, check=False)
 
 
-def _one_line_error(proc, *needles: str) -> str:
+def _one_line_error(proc, *needles: str, command: str = "train") -> str:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("lora-dist train: error: "), last
+    assert last.startswith(f"lora-dist {command}: error: "), last
     for needle in needles:
         assert needle in last, last
     return last
@@ -114,9 +117,29 @@ def test_adapter_shapes_not_matching_the_base(good, tmp_path, tiny_checkpoint):
     other = tiny_checkpoint("llama", hidden=32, layers=2)
     proc = lora_dist("merge", "--base", str(other), "--adapter", str(out / "adapter"), "--out", str(tmp_path / "m"),
                      check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "different base" in proc.stderr.strip().splitlines()[-1]
+    _one_line_error(proc, "does not match", "different base", command="merge")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KB tmpfs: a real ENOSPC, not a patched write."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mount -t tmpfs is not permitted here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_disk_full_during_export(good, tmp_path, tiny_disk):
+    run = tmp_path / "run"
+    assert _train(good, run, "export.merged=false").returncode == 0
+    proc = lora_dist("export", str(run), "--out", str(tiny_disk / "merged"), check=False)
+    _one_line_error(proc, "not enough space", "KB are free", "free space or choose another output dir", command="export")
+    assert list(tiny_disk.iterdir()) == []  # nothing half-written left behind
 
 
 def test_no_unpickling_anywhere_in_the_package():

@@ -73,8 +73,10 @@ def test_two_ranks_equal_one_process(setup, reference, strategy):
     assert _losses(out) == pytest.approx(_losses(reference), abs=1e-5)
 
 
-def test_grad_accum_2x2_equals_batch_4(setup, reference):
-    out = _train(setup, "accum", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=1", "train.grad_accum=2")
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3", "ddp"])
+def test_grad_accum_2x2_equals_batch_4(setup, reference, strategy):
+    out = _train(setup, f"accum-{strategy}", 2, f"parallel.strategy={strategy}", "train.micro_batch_size=1",
+                 "train.grad_accum=2")
     _assert_same_adapter(reference, out)
 
 
@@ -107,8 +109,10 @@ def test_base_is_sharded_without_grads_or_optimizer_state(setup, tmp_path, strat
         expected_type = "zero3-partition" if strategy == "zero3" else "DTensor-Shard(0)"
         assert rep["base_types"] == [expected_type]
         assert rep["base_with_grad"] == [] and rep["base_requires_grad"] == []
-        # The optimizer holds the LoRA params only.
-        assert rep["optimizer_numel"] <= rep["lora_numel"]
+        # The optimizer holds the LoRA params only, and its state (AdamW: two moments) is LoRA-sized.
+        assert 0 < rep["optimizer_numel"] <= rep["lora_numel"]
+        assert rep["lora_numel"] // 2 <= rep["optimizer_state_numel"] // 2 <= rep["lora_numel"], rep
+        assert rep["lora_not_whole"] == []
         # Each rank holds about 1/W of the base bytes.
         share = rep["base_local_bytes"] / rep["base_full_bytes"]
         assert 0.45 <= share <= 0.55, share

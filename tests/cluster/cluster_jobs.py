@@ -96,7 +96,7 @@ def check_lora_dist(base: Path, data: Path, out_dir: Path, world_size: int) -> N
     adapter = out_dir / "adapter" / "adapter_model.safetensors"
     assert adapter.is_file() and adapter.stat().st_size > 0, f"no adapter at {adapter}"
     run_cfg = json.loads((out_dir / "config.json").read_text())
-    mbs, accum = run_cfg["train"]["micro_batch_size"], run_cfg["train"]["grad_accum"]
+    mbs = run_cfg["train"]["micro_batch_size"]
     reference = out_dir.parent / f"{out_dir.name}-single-process-reference"
     overrides = [f"{section}.{key}={json.dumps(value)}" for section, values in run_cfg.items()
                  for key, value in values.items() if value is not None and section != "output"
@@ -112,8 +112,8 @@ def check_lora_dist(base: Path, data: Path, out_dir: Path, world_size: int) -> N
     assert set(ref) == set(got)
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=lambda m: f"{key}: {m}")
-    assert accum >= 1
-    if (out_dir / "merged").is_dir():
+    if run_cfg["export"]["merged"]:
+        assert (out_dir / "merged" / "model.safetensors.index.json").is_file(), f"no merged export in {out_dir}"
         verify_checkpoint(out_dir / "merged", base_dir=base, adapter_dir=out_dir / "adapter", sample=None)
 
 

@@ -30,10 +30,13 @@ engine.backward(token_loss_sum(logits, ids) / ids.numel())
 engine.step(1e-3)
 
 report = {"rank": env.rank, "base_local_bytes": 0, "base_full_bytes": 0, "base_types": set(), "base_with_grad": [],
-          "base_requires_grad": [], "optimizer_params": 0, "lora_numel": 0, "optimizer_numel": 0}
+          "base_requires_grad": [], "optimizer_params": 0, "lora_numel": 0, "optimizer_numel": 0,
+          "optimizer_state_numel": 0, "lora_not_whole": []}
 for name, p in model.named_parameters():
     if id(p) in lora:
         report["lora_numel"] += p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
+        if p.data.numel() != getattr(p, "ds_numel", p.numel()) or hasattr(p, "to_local"):
+            report["lora_not_whole"].append(name)  # LoRA params must stay whole, plain tensors on every rank
         continue
     full_numel = getattr(p, "ds_numel", p.numel())
     if hasattr(p, "ds_tensor"):
@@ -59,6 +62,8 @@ inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
 for group in inner.param_groups:
     for p in group["params"]:
         report["optimizer_numel"] += p.numel()
+for state in inner.state.values():
+    report["optimizer_state_numel"] += sum(v.numel() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
 report["base_types"] = sorted(report["base_types"])
 
 # The replica check passes on healthy replicas and names a perturbed one.
