@@ -3,6 +3,8 @@
 #
 #   HOSTFILE=my_hosts launchers/deepspeed_hostfile.sh configs/demo.yaml parallel.strategy=zero3
 #   NPROC=2 launchers/deepspeed_hostfile.sh configs/demo.yaml parallel.strategy=zero3   # this machine only
+#   echo "localhost slots=2" > hosts    # a hostfile of this machine only: started locally, no pdsh
+#   HOSTFILE=hosts NO_SSH_CHECK=1 MASTER_ADDR=127.0.0.1 launchers/deepspeed_hostfile.sh configs/demo.yaml parallel.strategy=zero3
 #
 # `deepspeed` logs in to every host of the hostfile (pdsh/ssh), starts one process per
 # slot and gives each RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (plus

@@ -611,6 +611,46 @@ def test_launcher_script(standin, tmp_path, script, extra, launcher):
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("content, strategy", [
+    ((LAUNCHERS / "accelerate_deepspeed.yaml").read_text(), "zero3"),
+    ("distributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\nmixed_precision: 'no'\n", None),
+], ids=["deepspeed-renamed", "multi-gpu"])
+def test_accelerate_strategy_comes_from_config_content(standin, tmp_path, content, strategy):
+    """A renamed copy of a shipped config keeps its strategy; a config without one adds no override."""
+    config = tmp_path / "my_accelerate.yaml"
+    config.write_text(content)
+    environ = dict(standin, ACCELERATE_CONFIG=str(config), MAIN_PROCESS_PORT=str(_free_port()))
+    proc = subprocess.run(["bash", str(LAUNCHERS / "accelerate_launch.sh"), "cfg.yaml", "train.lr=1e-3"], env=environ,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = _results(proc.stdout)
+    _assert_all_reduced(rows, 2, "torchrun")
+    expected = ["cfg.yaml", f"parallel.strategy={strategy}", "train.lr=1e-3"] if strategy else ["cfg.yaml", "train.lr=1e-3"]
+    assert all(row["args"] == expected for row in rows)
+    if strategy is None:
+        assert "parallel.strategy comes from the lora_dist config" in proc.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n", "fsdp_version: 2"),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  offload_param_device: cpu\n", "zero_stage: 1, 2 or 3"),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n  deepspeed_config_file: ds.json\n",
+     "deepspeed_config_file is not used"),
+    (None, "cannot read accelerate config"),
+], ids=["fsdp1", "no-zero-stage", "ds-config-file", "missing"])
+def test_accelerate_launch_refuses_config_it_cannot_honour(standin, tmp_path, content, message):
+    config = tmp_path / "acc.yaml"
+    if content is not None:
+        config.write_text(content)
+    environ = dict(standin, ACCELERATE_CONFIG=str(config))
+    proc = subprocess.run(["bash", str(LAUNCHERS / "accelerate_launch.sh"), "cfg.yaml"], env=environ, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "RESULT" not in proc.stdout
+
+
+@pytest.mark.dist
 @pytest.mark.parametrize("rdzv", ["c10d", "static"])
 def test_torchrun_multi_node_script(standin, tmp_path, rdzv):
     address = _routable_address()
