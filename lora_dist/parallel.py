@@ -89,7 +89,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
         param_dtype=torch.bfloat16 if cfg.mixed_precision == "bfloat16" else None,
         reduce_dtype=torch.float32,
     )
-    offload = CPUOffloadPolicy() if cfg.cpu_offload and device.type == "cuda" else OffloadPolicy()
+    # Base shards live in host memory and are copied to the device for each unit's all-gather. On CPU
+    # they are there already; the policy still applies (and is tested), without pinned memory.
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
     ignored = set(lora_parameters(model))
     blocks = find_blocks(model)
     if not blocks:

@@ -126,6 +126,11 @@ def test_activation_checkpointing_and_no_reshard_change_nothing(setup, reference
     _assert_same_adapter(reference, out)
 
 
+def test_cpu_offload_of_base_shards_changes_nothing(setup, reference):
+    out = _train(setup, "offload", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=2", "parallel.cpu_offload=true")
+    _assert_same_adapter(reference, out)
+
+
 def test_zero2_is_accepted_and_says_it_does_not_shard_the_base(setup, reference):
     out = setup["root"] / "zero2"
     proc = torchrun(2, "-m", "lora_dist.cli", "train", *setup["common"], f"output.dir={out}",
