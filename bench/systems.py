@@ -133,8 +133,10 @@ class LoraDist(System):
         token_loss_sum(self.engine.model(input_ids=ids).logits, labels)
 
     def export(self, out_dir: Path) -> None:
+        """As at the end of ``lora-dist train``: training state freed, then the merged export."""
         from lora_dist.export import export_merged
 
+        self.engine.finish_training()
         export_merged(self.engine.module, out_dir, self.s.model_path, dtype=torch.float32, max_shard_size="5GB",
                       overwrite=True)
 

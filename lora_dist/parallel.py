@@ -101,20 +101,26 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **shard)
     # Input embedding and output head are often the largest tensors: their own units, so only one
     # of them is gathered at a time. Tied ones share a parameter and must stay in one unit (the root).
-    for module in _embedding_and_head(model):
-        fully_shard(module, reshard_after_forward=cfg.reshard_after_forward, **shard)
+    # The head runs last in forward and first in backward: resharding it in between would only
+    # gather it again at once.
+    embed, head = _embedding_and_head(model)
+    for module, reshard in ((embed, cfg.reshard_after_forward), (head, False)):
+        if module is not None:
+            fully_shard(module, reshard_after_forward=reshard, **shard)
     # The root keeps what is left (final norm); backward needs it first, so no reshard after forward.
     fully_shard(model, reshard_after_forward=False, **shard)
     return model
 
 
-def _embedding_and_head(model: nn.Module) -> list[nn.Module]:
+def _embedding_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The input embedding and output head, each ``None`` where absent, tied or parameterless."""
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
     embed = get_in() if callable(get_in) else None
     head = get_out() if callable(get_out) else None
     if embed is not None and head is not None and embed.weight is head.weight:
-        return []
-    return [m for m in (embed, head) if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
+        return None, None
+    own = lambda m: m if isinstance(m, nn.Module) and any(True for _ in m.parameters()) else None  # noqa: E731
+    return own(embed), own(head)
 
 
 class LoRAGradReducer:
@@ -242,6 +248,18 @@ class Engine:
         """Within this context every rank's LoRA params are whole (they always are, but under ZeRO)."""
         return contextlib.nullcontext()
 
+    def finish_training(self) -> None:
+        """Free what only further steps need (optimizer state, gradients) and reshard what the last
+        forward left gathered, so an export that follows starts from the sharded state alone."""
+        self.optimizer.zero_grad(set_to_none=True)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # DeepSpeed wraps the torch optimizer
+        inner.state.clear()
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.module.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         """Copies of the full LoRA tensors by the model's names (for checkpoints and replica checks)."""
         out = {}
@@ -335,6 +353,10 @@ class DeepSpeedEngine(Engine):
         for name, m in lora_modules(self.module):
             for part in ("lora_A", "lora_B"):
                 safe_set_full_fp32_param(getattr(m, part).weight, tensors[f"{name}.{part}.weight"].float())
+
+    def finish_training(self) -> None:
+        super().finish_training()
+        self.engine.empty_partition_cache()  # ZeRO-3: release the base weights the last forward gathered
 
     def gathered_lora(self, modifier: bool = False):
         import deepspeed

@@ -163,10 +163,9 @@ def _block_activation_elements(hf_config, lora_ranks_per_block: int) -> int:
 
 def _fsdp2_side_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The non-block FSDP2 units :func:`lora_dist.parallel.parallelize` makes (embedding, head)."""
-    from lora_dist import parallel
+    from lora_dist.parallel import _embedding_and_head
 
-    side = getattr(parallel, "_embedding_and_head", None)
-    return list(side(model)) if side is not None else []
+    return [m for m in _embedding_and_head(model) if m is not None]
 
 
 def _deepspeed_zero(cfg: Config, hf_config) -> dict:
@@ -219,8 +218,8 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
         base_shard = sum(_fsdp_shard_numel(tuple(q.shape), W) for _, q in base) * base_elt
         if p.reshard_after_forward:
             # The units parallelize() makes: each block, the input embedding and the output head (when
-            # untied), and the root with the rest. Backward starts with the root's rest (never resharded
-            # after forward), the head gathered again, and the last block plus the prefetched next one.
+            # untied), and the root with the rest. Backward starts with the root's rest and the head (both
+            # kept gathered after forward), and the last block plus the prefetched next one.
             units = _fsdp2_side_units(model)
             in_unit = {id(q) for m in (*blocks, *units) for q in m.parameters()}
             root_rest = sum(q.numel() for _, q in base if id(q) not in in_unit)

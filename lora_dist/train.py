@@ -278,6 +278,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
         with engine.gathered_lora():
             if env.is_main:
                 save_adapter(model, out / "adapter", cfg.model.path)
+    engine.finish_training()
     if cfg.export.merged:
         from lora_dist.export import export_merged
         from lora_dist.model import torch_dtype
