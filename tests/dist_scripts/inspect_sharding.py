@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from lora_dist.config import load_config
 from lora_dist.env import init_distributed
+from lora_dist.hf import HFCheckpoint
 from lora_dist.lora import lora_parameters
 from lora_dist.model import load_model
 from lora_dist.parallel import ReplicaMismatchError, check_replicas, deepspeed_config, make_engine
@@ -20,7 +21,21 @@ env = init_distributed()
 cfg = load_config(None, overrides)
 hf_config = AutoConfig.from_pretrained(cfg.model.path)
 ds = deepspeed_config(cfg.parallel, cfg.train, _max_lora_numel(cfg, hf_config)) if cfg.parallel.strategy.startswith("zero") else None
+# Count the bytes each rank reads from the checkpoint's files: only its own rows / partitions.
+read_bytes = 0
+_read = HFCheckpoint.read
+
+
+def counted_read(self, key, rows=None):
+    global read_bytes
+    tensor = _read(self, key, rows)
+    read_bytes += tensor.numel() * tensor.element_size()
+    return tensor
+
+
+HFCheckpoint.read = counted_read
 model = load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0, ds).model
+HFCheckpoint.read = _read
 lora = {id(p) for p in lora_parameters(model)}
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 engine = make_engine(model, opt, cfg.parallel, cfg.train, torch.device("cpu"), ds)
@@ -29,7 +44,7 @@ logits = engine.model(input_ids=ids).logits
 engine.backward(token_loss_sum(logits, ids) / ids.numel())
 engine.step(1e-3)
 
-report = {"rank": env.rank, "base_local_bytes": 0, "base_full_bytes": 0, "base_types": set(), "base_with_grad": [],
+report = {"rank": env.rank, "read_bytes": read_bytes, "base_local_bytes": 0, "base_full_bytes": 0, "base_types": set(), "base_with_grad": [],
           "base_requires_grad": [], "optimizer_params": 0, "lora_numel": 0, "optimizer_numel": 0,
           "optimizer_state_numel": 0, "lora_not_whole": []}
 for name, p in model.named_parameters():
