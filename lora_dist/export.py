@@ -58,6 +58,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -93,6 +94,8 @@ __all__ = [
     "run_verify",
     "verify_checkpoint",
 ]
+
+log = logging.getLogger("lora_dist.export")
 
 #: Rows per block of the LoRA update; fixed so the merged bits do not depend on the sharding.
 MERGE_BLOCK_ROWS = 1024
@@ -507,6 +510,9 @@ def _choose_gather(group: _Group, staging: Path, token: str, mode: str) -> bool:
             f"ranks {blind} cannot see {staging.parent}, so it is not on a filesystem shared by all ranks; "
             "use mode='gather' (or 'auto') to have rank 0 write the checkpoint"
         )
+    if blind and group.rank == 0:
+        log.warning("ranks %s cannot see %s (node-local disks?): rank 0 collects the merged tensors and writes the "
+                    "whole checkpoint on its own node", blind, staging.parent)
     return bool(blind)
 
 
