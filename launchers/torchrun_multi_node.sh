@@ -24,6 +24,9 @@
 #     MASTER_ADDR; when nodes share a hostname (containers, network namespaces) or
 #     MASTER_ADDR is an IP, no node hosts it and the rendezvous times out. Fix:
 #     --rdzv_conf is_host=1 on node 0 (is_host=0 elsewhere).
+#     (tests/cluster/test_cluster_torchrun.py runs this script in two network namespaces that
+#     share a hostname: with is_host=1 the 4-rank world forms.) Node ranks are then assigned by
+#     the rendezvous: NODE_RANK=0 hosts the store but need not become group rank 0.
 #   - the workers' MASTER_ADDR is node 0's socket.getfqdn(), which is "localhost" when
 #     /etc/hosts maps the hostname to 127.0.0.1; lora_dist then stops with "master
 #     address 'localhost' is loopback". Fix: --local_addr MASTER_ADDR on node 0.

@@ -15,7 +15,10 @@ Precedence when several sets of variables are present:
    and mpi4py is not needed). ``mpirun`` inside an allocation starts its
    daemons with ``srun``, so its ranks carry Slurm variables that disagree.
 3. Slurm ``srun`` tasks (``SLURM_PROCID`` plus a step id). The batch shell of
-   ``sbatch`` is not an ``srun`` task and counts as a single process.
+   ``sbatch`` (or an ``salloc`` shell) is not an ``srun`` task and counts as a
+   single process; with ``allow_batch_shell=False`` (``lora-dist train``) such a
+   shell in an allocation of more than one task is a ``LaunchError`` instead,
+   because training there would use one process of the whole allocation.
 4. A single process.
 
 ``detect_launch_env`` only reads a mapping. ``init_distributed`` detects,
@@ -103,7 +106,7 @@ class LaunchError(RuntimeError):
     """
 
 
-def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+def detect_launch_env(environ: Mapping[str, str] | None = None, *, allow_batch_shell: bool = True) -> LaunchEnv:
     """Describes the launch from environment variables alone.
 
     A pure function of ``environ`` apart from resolving the master host name
@@ -111,6 +114,13 @@ def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
 
     Args:
         environ: Variables to read; ``os.environ`` when None.
+        allow_batch_shell: When False, the shell of a Slurm allocation
+            (``sbatch`` batch script or ``salloc``: ``SLURM_JOB_ID`` but no
+            ``srun`` step) whose allocation has more than one task is refused
+            instead of being treated as a single process. For commands that
+            should use every task (``lora-dist train``); file work such as
+            ``merge``/``verify``/``export`` keeps the default and runs as one
+            process there.
 
     Returns:
         The launch environment. For MPI, ``master_addr`` is ``""`` and
@@ -131,11 +141,14 @@ def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         launch = _from_slurm(env)
     else:
         launch = _single(env)
+    if not allow_batch_shell and launch.launcher == "single":
+        _refuse_multi_task_batch_shell(env)
     _validate(launch)
     return launch
 
 
-def init_distributed(timeout_s: float = 600, backend: str | None = None) -> LaunchEnv:
+def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
+                     allow_batch_shell: bool = True) -> LaunchEnv:
     """Initializes the default ``torch.distributed`` process group.
 
     Detects the launcher, bootstraps MPI through mpi4py if needed, checks that
@@ -153,6 +166,9 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None) -> Laun
         backend: ``torch.distributed`` backend; default ``nccl`` when CUDA is
             available (after ``torch.cuda.set_device(local_rank)``), else
             ``gloo``.
+        allow_batch_shell: False to refuse running as one process in the
+            shell of a multi-task Slurm allocation (see ``detect_launch_env``);
+            training passes False.
 
     Returns:
         The launch environment with every field resolved.
@@ -169,7 +185,7 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None) -> Laun
     if dist.is_initialized():
         if _active_env is not None:
             return _active_env
-        launch = detect_launch_env()
+        launch = detect_launch_env(allow_batch_shell=allow_batch_shell)
         if (dist.get_rank(), dist.get_world_size()) != (launch.rank, launch.world_size):
             raise LaunchError(
                 f"torch.distributed was initialized elsewhere as rank {dist.get_rank()} of {dist.get_world_size()} "
@@ -177,7 +193,7 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None) -> Laun
                 f"lora_dist.env.init_distributed() initialize it")
         return launch
 
-    launch = detect_launch_env()
+    launch = detect_launch_env(allow_batch_shell=allow_batch_shell)
     timeout = timedelta(seconds=timeout_s)
     if launch.launcher == "mpi" and launch.distributed:
         launch = _mpi_bootstrap(launch)
@@ -386,7 +402,9 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
                 f"--ntasks-per-node agree")
         if 0 <= node_rank < len(counts):
             local_world_size = counts[node_rank]
-    if "SLURM_NTASKS_PER_NODE" in env and "SLURM_NTASKS" in env:
+    # srun gives every step its own layout (SLURM_STEP_TASKS_PER_NODE, checked above) but passes the job's
+    # SLURM_NTASKS_PER_NODE through unchanged: `srun --ntasks=1` in an --ntasks-per-node=2 job is fine.
+    if "SLURM_NTASKS_PER_NODE" in env and "SLURM_NTASKS" in env and "SLURM_STEP_TASKS_PER_NODE" not in env:
         ntasks = _int(env, "SLURM_NTASKS")
         per_node = _int(env, "SLURM_NTASKS_PER_NODE")
         nnodes = _int(env, "SLURM_NNODES", num_nodes)
@@ -419,6 +437,45 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
         launcher="slurm", rank=rank, local_rank=local_rank, world_size=world_size,
         local_world_size=local_world_size, node_rank=node_rank, num_nodes=num_nodes,
         master_addr=master_addr, master_port=master_port)
+
+
+def _allocation_tasks(env: Mapping[str, str]) -> tuple[int, str] | None:
+    """Tasks of the Slurm allocation whose shell (not ``srun`` task) this is, and the variables that say so.
+
+    None outside an allocation, inside an ``srun`` step, or when the count is
+    not readable (the shell then stays a single process).
+    """
+    if not env.get("SLURM_JOB_ID", env.get("SLURM_JOBID")) or _is_srun_task(env):
+        return None
+    for name in ("SLURM_NTASKS", "SLURM_NPROCS"):
+        value = env.get(name, "").strip()
+        if value.isdigit():
+            return int(value), f"{name}={value}"
+    value = env.get("SLURM_TASKS_PER_NODE", "").strip()
+    if value:
+        try:
+            return sum(_expand_tasks_per_node(value)), f"SLURM_TASKS_PER_NODE={value}"
+        except LaunchError:
+            pass
+    for name in ("SLURM_NNODES", "SLURM_JOB_NUM_NODES"):
+        value = env.get(name, "").strip()
+        if value.isdigit():
+            return int(value), f"{name}={value}"
+    return None
+
+
+def _refuse_multi_task_batch_shell(env: Mapping[str, str]) -> None:
+    tasks = _allocation_tasks(env)
+    if tasks is None or tasks[0] <= 1:
+        return
+    count, source = tasks
+    job_id = env.get("SLURM_JOB_ID", env.get("SLURM_JOBID"))
+    nodes = env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES"))
+    where = f"{count} tasks" + (f" on {nodes} nodes" if nodes and nodes.strip() not in ("", "1") else "")
+    raise LaunchError(
+        f"slurm: running in the batch shell of job {job_id} ({source}: {where}), not in an srun task, so "
+        f"training would use one process of the allocation; run it under srun (one task per GPU) or "
+        f"srun + torchrun; see slurm/*.sbatch")
 
 
 def _single(env: Mapping[str, str]) -> LaunchEnv:

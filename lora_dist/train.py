@@ -172,7 +172,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     from lora_dist import checkpoint as ckpt_mod
     from lora_dist.adapter import save_adapter
 
-    env = env or init_distributed(cfg.parallel.timeout_s)
+    env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
     if cfg.parallel.strategy == "none" and env.world_size > 1:
         raise ConfigError(f"parallel.strategy=none runs one process, but {env.world_size} were launched; pick fsdp2, zero3 or ddp")
     if cfg.parallel.strategy in ("zero1", "zero2") and env.is_main:

@@ -284,15 +284,82 @@ def test_slurm_procid_without_allocation_fails_even_without_step():
         detect_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
 
 
-@pytest.mark.parametrize("environ", [
+#: The SLURM_* variables of an `sbatch -N2 --ntasks-per-node=2` batch shell as Slurm 22.05 sets them (seen on the
+#: local cluster; no SLURM_STEP_ID, but SLURM_PROCID/LOCALID/NODEID=0 are there).
+SBATCH_SHELL_4_TASKS = {
+    "SLURM_JOB_ID": "77", "SLURM_JOBID": "77", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+    "SLURM_GTIDS": "0", "SLURM_NTASKS": "4", "SLURM_NPROCS": "4", "SLURM_NNODES": "2", "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_NTASKS_PER_NODE": "2", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_CPUS_PER_NODE": "2(x2)",
+    "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NODELIST": "n[1-2]", "SLURM_TOPOLOGY_ADDR": "n1",
+}
+
+MULTI_TASK_BATCH_SHELLS = [
     {"SLURM_JOB_ID": "9", "SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[1-2]"},
     {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NNODES": "2"},
     {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "batch"},
     {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "4294967294"},
-], ids=["sbatch-shell", "batch-step-without-step-id", "batch-step-name", "batch-step-number"])
-def test_sbatch_shell_is_single_process(environ):
+    SBATCH_SHELL_4_TASKS,
+    # `sbatch -N2` without --ntasks: no SLURM_NTASKS, one task per node
+    {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "1(x2)"},
+]
+MULTI_TASK_BATCH_SHELL_IDS = ["salloc-shell", "batch-step-without-step-id", "batch-step-name", "batch-step-number",
+                              "sbatch-shell-slurm-22.05", "sbatch-N2-without-ntasks"]
+
+
+@pytest.mark.parametrize("environ", MULTI_TASK_BATCH_SHELLS, ids=MULTI_TASK_BATCH_SHELL_IDS)
+def test_sbatch_shell_is_single_process_by_default(environ):
+    """merge/verify/export (the default) run as one process in a batch shell."""
     launch = detect_launch_env(environ)
     assert (launch.launcher, launch.world_size, launch.rank) == ("single", 1, 0)
+
+
+@pytest.mark.parametrize("environ", MULTI_TASK_BATCH_SHELLS, ids=MULTI_TASK_BATCH_SHELL_IDS)
+def test_multi_task_sbatch_shell_is_refused_for_training(environ):
+    """Training (allow_batch_shell=False) in the shell of a multi-task allocation would use one process of it."""
+    with pytest.raises(LaunchError, match=r"batch shell of job 9|batch shell of job 77") as info:
+        detect_launch_env(environ, allow_batch_shell=False)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "run it under srun (one task per GPU) or srun + torchrun; see slurm/*.sbatch" in message
+
+
+@pytest.mark.parametrize("environ", [
+    {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_NNODES": "1"},
+    {"SLURM_JOB_ID": "9", "SLURM_NNODES": "1", "SLURM_TASKS_PER_NODE": "1"},
+    {"SLURM_JOB_ID": "9"},
+    {},
+], ids=["one-task-batch-shell", "one-node-no-ntasks", "nothing-but-job-id", "no-slurm"])
+def test_single_task_batch_shell_trains_as_one_process(environ):
+    launch = detect_launch_env(environ, allow_batch_shell=False)
+    assert (launch.launcher, launch.world_size) == ("single", 1)
+
+
+def test_launchers_inside_batch_shell_are_not_refused():
+    """torchrun or an srun task started from the batch shell carry the job's variables too: not refused."""
+    torchrun = dict(SBATCH_SHELL_4_TASKS, RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="10.0.0.1",
+                    MASTER_PORT="29500")
+    assert detect_launch_env(torchrun, allow_batch_shell=False).launcher == "torchrun"
+    task = _srun(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0")
+    assert detect_launch_env(task, allow_batch_shell=False).launcher == "slurm"
+
+
+def test_srun_substep_ignores_the_jobs_ntasks_per_node():
+    """`srun --ntasks=1` inside an --ntasks-per-node=2 job (variables as Slurm 22.05 sets them): srun overrides
+    SLURM_NTASKS/SLURM_NNODES for the step and adds the step layout, but passes the job's
+    SLURM_NTASKS_PER_NODE through; that is not a contradiction."""
+    step = dict(SBATCH_SHELL_4_TASKS, SLURM_STEP_ID="0", SLURM_STEPID="0", SLURM_NTASKS="1", SLURM_NPROCS="1",
+                SLURM_NNODES="1", SLURM_TASKS_PER_NODE="1", SLURM_STEP_NUM_TASKS="1", SLURM_STEP_NUM_NODES="1",
+                SLURM_STEP_TASKS_PER_NODE="1", SLURM_STEP_NODELIST="n1")
+    launch = detect_launch_env(step, allow_batch_shell=False)
+    assert (launch.launcher, launch.world_size, launch.num_nodes, launch.master_addr) == ("slurm", 1, 1, "n1")
+
+
+def test_init_refuses_multi_task_batch_shell_only_when_asked(clean_environ):
+    clean_environ.update(SBATCH_SHELL_4_TASKS)
+    with pytest.raises(LaunchError, match="batch shell of job 77"):
+        env_mod.init_distributed(timeout_s=5, allow_batch_shell=False)
+    launch = env_mod.init_distributed(timeout_s=5)
+    assert (launch.launcher, launch.world_size) == ("single", 1)
 
 
 @pytest.mark.parametrize("hostlist, hosts", [
@@ -677,3 +744,151 @@ def test_torchrun_multi_node_script(standin, tmp_path, rdzv):
     rows = _results("".join(outputs))
     _assert_all_reduced(rows, 2, "torchrun")
     assert [(r["node_rank"], r["num_nodes"], r["master_addr"]) for r in rows] == [(0, 2, address), (1, 2, address)]
+
+
+# --------------------------------------------------------------------------- bad launches through the CLI
+
+#: A bad launch must fail before any work: well under this many seconds (imports included).
+BAD_LAUNCH_WALL_S = 60
+
+
+@pytest.fixture(scope="module")
+def cli_assets(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    from lora_dist.demo import write_demo_data
+
+    root = tmp_path_factory.mktemp("cli-launch")
+    return {"root": root, "base": tiny_checkpoint("llama", hidden=64, layers=2),
+            "data": write_demo_data(root / "data.jsonl", n=64)}
+
+
+def _cli(args: list[str], launch_vars: dict[str, str], timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+    """``python -m lora_dist.cli ARGS`` with only ``launch_vars`` as launcher variables; (result, wall seconds)."""
+    environ = _child_environ(TOKENIZERS_PARALLELISM="false", **launch_vars)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "lora_dist.cli", *args], env=environ, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return proc, time.monotonic() - start
+
+
+def _train_args(assets: dict[str, Path], out: Path, *overrides: str) -> list[str]:
+    return ["train", f"model.path={assets['base']}", f"data.path={assets['data']}", f"output.dir={out}",
+            "train.steps=1", "train.seq_len=32", "train.eval_every=0", "data.eval_fraction=0",
+            "export.merged=false", "checkpoint.every=0", *overrides]
+
+
+def _assert_one_line_launch_error(proc: subprocess.CompletedProcess, wall_s: float, needles: tuple[str, ...],
+                                  command: str = "train") -> str:
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    prefix = f"lora-dist {command}: error: "
+    assert lines and lines[-1].startswith(prefix), proc.stderr[-3000:]
+    assert sum(line.startswith(prefix) for line in lines) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+    assert wall_s < BAD_LAUNCH_WALL_S, f"took {wall_s:.1f}s to fail: {lines[-1]}"
+    return lines[-1]
+
+
+def _srun_task_vars(**overrides: str) -> dict[str, str]:
+    return _srun(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", **overrides)
+
+
+def _hostname_resolving_to_loopback() -> str | None:
+    host = socket.gethostname()
+    return host if env_mod._loopback_address(host) not in (None, host) else None
+
+
+@pytest.mark.parametrize("case", [
+    "ntasks-vs-nodes-x-tasks-per-node", "torchrun-master-localhost", "slurm-first-node-resolves-to-loopback",
+    "slurm-first-node-localhost", "torchrun-port-in-use", "slurm-port-in-use", "rank1-never-joins",
+    "rank0-cannot-reach-master", "slurm-vars-without-allocation", "training-in-multi-task-sbatch-shell",
+])
+def test_cli_train_bad_launch_is_one_line(cli_assets, tmp_path, case):
+    """``lora-dist train`` under a bad launch environment: exit 2, no traceback, one last line naming the cause
+    and the fix, fast (the timeout cases use parallel.timeout_s=3)."""
+    overrides = ["parallel.strategy=fsdp2", "parallel.timeout_s=3"]
+    holder = None
+    if case == "ntasks-vs-nodes-x-tasks-per-node":
+        launch_vars = _srun_task_vars(SLURM_NTASKS="3", SLURM_TASKS_PER_NODE=None)
+        needles = ("SLURM_NTASKS=3 but SLURM_NNODES=2 x SLURM_NTASKS_PER_NODE=2", "request --ntasks equal to")
+    elif case == "torchrun-master-localhost":
+        launch_vars = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "localhost", "MASTER_PORT": str(_free_port())}
+        needles = ("2-node job but master address 'localhost' is loopback", "set MASTER_ADDR")
+    elif case == "slurm-first-node-resolves-to-loopback":
+        host = _hostname_resolving_to_loopback()
+        if host is None:
+            pytest.skip("this machine's hostname does not resolve to loopback")
+        launch_vars = _srun_task_vars(SLURM_JOB_NODELIST=f"{host},n2")
+        needles = (f"master address '{host}' is loopback ({host} resolves to 127.", "set MASTER_ADDR")
+    elif case == "slurm-first-node-localhost":
+        launch_vars = _srun_task_vars(SLURM_JOB_NODELIST="localhost,n2")
+        needles = ("2-node job but master address 'localhost' is loopback", "set MASTER_ADDR")
+    elif case in ("torchrun-port-in-use", "slurm-port-in-use"):
+        holder = socket.socket()
+        holder.bind(("", 0))
+        holder.listen()
+        port = str(holder.getsockname()[1])
+        if case == "torchrun-port-in-use":  # rank 0 hosts the store (hand-set variables, DeepSpeed launcher)
+            launch_vars = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": port}
+        else:  # e.g. a second srun step of the same job
+            launch_vars = _srun_task_vars(SLURM_NTASKS="2", SLURM_NNODES="1", SLURM_TASKS_PER_NODE="2",
+                                          SLURM_NTASKS_PER_NODE="2", SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=port)
+        needles = (f"master port {port} (MASTER_PORT) is already in use", "set MASTER_PORT to a free port")
+    elif case == "rank1-never-joins":
+        launch_vars = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(_free_port())}
+        needles = ("rank 0 hosting the store", "expected world size 2 but some ranks did not join within 3s",
+                   "start all ranks")
+    elif case == "rank0-cannot-reach-master":
+        launch_vars = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(_free_port())}
+        needles = ("rank 1 could not reach the master at 127.0.0.1:", "within 3s", "check that rank 0 is running")
+    elif case == "slurm-vars-without-allocation":
+        launch_vars = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}
+        needles = ("SLURM_PROCID is set but SLURM_JOB_ID is not", "run under srun/sbatch or unset the SLURM_*")
+    else:
+        launch_vars = dict(SBATCH_SHELL_4_TASKS)
+        needles = ("batch shell of job 77", "SLURM_NTASKS=4: 4 tasks on 2 nodes",
+                   "run it under srun (one task per GPU) or srun + torchrun; see slurm/*.sbatch")
+        overrides = ["parallel.strategy=none"]
+    launch_vars = {k: v for k, v in launch_vars.items() if v is not None}
+    out = tmp_path / "out"
+    try:
+        proc, wall_s = _cli(_train_args(cli_assets, out, *overrides), launch_vars)
+    finally:
+        if holder is not None:
+            holder.close()
+    _assert_one_line_launch_error(proc, wall_s, needles)
+    assert not (out / "adapter").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(cli_assets) -> Path:
+    """A one-step single-process run (adapter + config.json), trained outside any launcher."""
+    out = cli_assets["root"] / "run"
+    proc, _ = _cli(_train_args(cli_assets, out, "parallel.strategy=none"), {})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("command", ["merge", "verify", "export"])
+def test_file_commands_still_run_as_one_process_in_sbatch_shell(cli_assets, finished_run, tmp_path, command):
+    """Only training refuses a multi-task batch shell: merge/verify/export on the batch host run as one process."""
+    merged = tmp_path / "merged"
+    if command == "merge":
+        args = ["merge", "--base", str(cli_assets["base"]), "--adapter", str(finished_run / "adapter"),
+                "--out", str(merged)]
+    elif command == "export":
+        args = ["export", str(finished_run), "--out", str(merged)]
+    else:
+        prepared, _ = _cli(["merge", "--base", str(cli_assets["base"]), "--adapter", str(finished_run / "adapter"),
+                            "--out", str(merged)], {})
+        assert prepared.returncode == 0, prepared.stderr[-3000:]
+        args = ["verify", str(merged), "--base", str(cli_assets["base"]), "--adapter", str(finished_run / "adapter")]
+    proc, _ = _cli(args, dict(SBATCH_SHELL_4_TASKS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if command != "verify":
+        assert (merged / "model.safetensors.index.json").is_file() or any(merged.glob("*.safetensors"))

@@ -6,10 +6,10 @@ the cluster was already up before the session. The tests skip, with the
 reason, when the machine cannot host the cluster (not root, no ``ip netns``,
 no Slurm and no apt-get); once it can, a failure to bring it up fails them.
 
-What the jobs run is a parameter (``train_command``): by default a stand-in
-(``allreduce_job.py``: one gloo all-reduce, results checked numerically); with
-``LORA_DIST_CLUSTER_TRAIN=lora-dist`` the real ``lora-dist train
-configs/demo.yaml``, checked by the adapter it writes.
+What the jobs run is a parameter (``train_command``): by default the real
+``lora-dist train configs/demo.yaml``, checked by the adapter it writes; with
+``LORA_DIST_CLUSTER_TRAIN=standin`` a stand-in (``allreduce_job.py``: one gloo
+all-reduce, results checked numerically).
 """
 
 from __future__ import annotations

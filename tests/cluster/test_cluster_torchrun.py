@@ -1,14 +1,24 @@
-"""torchrun across the two network namespaces, no Slurm: static rendezvous on node 1."""
+"""torchrun across the two network namespaces, no Slurm.
+
+Static rendezvous (torchrun called directly, node 0 = n1), and c10d rendezvous
+through ``launchers/torchrun_multi_node.sh``: both namespaces share the
+machine's hostname, so torchrun cannot tell which node hosts the rendezvous
+store; the script's ``--rdzv_conf is_host=1`` (plus ``--local_addr``) on node 0
+is what makes the 4-rank world form.
+"""
 
 from __future__ import annotations
 
 import subprocess
+import uuid
+from pathlib import Path
 
 import pytest
 from cluster_jobs import (
     NODE_ADDR,
     NODE_IFNAME,
     NODE_NETNS,
+    REPO,
     VENV_BIN,
     assert_one_rank_pair_per_namespace,
     job_env,
@@ -18,6 +28,8 @@ from cluster_jobs import (
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("local_cluster")]
 
 MASTER_PORT = 29531
+C10D_PORT = 29532
+MULTI_NODE_SCRIPT = REPO / "launchers" / "torchrun_multi_node.sh"
 
 
 def test_torchrun_static_rendezvous_across_namespaces(tmp_path, train_command):
@@ -48,3 +60,69 @@ def test_torchrun_static_rendezvous_across_namespaces(tmp_path, train_command):
     train_command.check(out, 4)
     if train_command.name == "standin":
         assert_one_rank_pair_per_namespace(read_rank_results(out, 4), "node_rank", (0, 1))
+
+
+def _standin_shim(tmp_path: Path, argv: tuple[str, ...]) -> Path:
+    """A directory with a ``lora-dist`` that runs the stand-in: the launcher script runs ``lora-dist train``."""
+    shim = tmp_path / "shim-bin"
+    shim.mkdir()
+    exe = shim / "lora-dist"
+    exe.write_text("#!/bin/sh\n# drop the 'train' subcommand\nshift\nexec " + " ".join(argv) + ' "$@"\n')
+    exe.chmod(0o755)
+    return shim
+
+
+def _assert_two_namespaces(results: list[dict]) -> None:
+    """Ranks {0,1} and {2,3} each ran in one namespace, on its own veth; the two differ.
+
+    c10d assigns node ranks itself (not necessarily n1 = 0), so either node may hold ranks 0-1.
+    """
+    by_node: dict[int, list[dict]] = {}
+    for r in results:
+        by_node.setdefault(r["node_rank"], []).append(r)
+    assert sorted(by_node) == [0, 1], f"node ranks {sorted(by_node)}"
+    assert sorted(r["rank"] for r in by_node[0]) == [0, 1] and sorted(r["rank"] for r in by_node[1]) == [2, 3]
+    netns = [{r["net_namespace"] for r in by_node[k]} for k in (0, 1)]
+    ifnames = [{r["socket_ifname"] for r in by_node[k]} for k in (0, 1)]
+    assert all(len(n) == 1 for n in netns) and netns[0] != netns[1], f"namespaces {netns}"
+    assert sorted(next(iter(i)) for i in ifnames) == sorted(NODE_IFNAME.values()), f"interfaces {ifnames}"
+
+
+def test_torchrun_multi_node_script_c10d_rendezvous_across_namespaces(tmp_path, train_command):
+    """launchers/torchrun_multi_node.sh, default RDZV=c10d, run once per namespace, forms one 4-rank world."""
+    out = tmp_path / "out"
+    extra_path = []
+    if train_command.name == "standin":
+        extra_path = [str(_standin_shim(tmp_path, train_command.argv))]
+    rdzv_id = f"c10d-test-{uuid.uuid4().hex[:8]}"
+    procs = []
+    try:
+        for node_rank, node in enumerate(["n1", "n2"]):
+            cmd = ["nsenter", f"--net=/var/run/netns/{NODE_NETNS[node]}", "bash", str(MULTI_NODE_SCRIPT),
+                   *train_command.args(out)]
+            env = job_env(GLOO_SOCKET_IFNAME=NODE_IFNAME[node], NNODES="2", NODE_RANK=str(node_rank),
+                          MASTER_ADDR=NODE_ADDR["n1"], MASTER_PORT=str(C10D_PORT), NPROC_PER_NODE="2",
+                          RDZV="c10d", RDZV_ID=rdzv_id)
+            if extra_path:
+                env["PATH"] = ":".join([*extra_path, env["PATH"]])
+            log = open(tmp_path / f"{node}.log", "w")
+            procs.append((node, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        for node, proc, log in procs:
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"{node}: no result after 300 s (c10d rendezvous hung?)\n"
+                                     f"{(tmp_path / f'{node}.log').read_text()[-4000:]}") from None
+            log.close()
+            text = (tmp_path / f"{node}.log").read_text()
+            assert proc.returncode == 0, f"{node}: torchrun_multi_node.sh exited {proc.returncode}\n{text[-6000:]}"
+    finally:
+        for _, proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+    train_command.check(out, 4)
+    if train_command.name == "standin":
+        _assert_two_namespaces(read_rank_results(out, 4))
