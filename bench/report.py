@@ -297,8 +297,10 @@ def markdown(results: dict, summary: dict) -> str:
     lines += ["", "## Merged export and offline merge", "",
               "Peak memory per rank above the process's baseline before the model was loaded (anonymous RSS, and "
               "live tensors), max over ranks. *own*: the export's increase over what the process held when it "
-              "started (tensors). At the end of training the process still holds the optimizer state and whatever "
-              "the last (no-grad) forward left gathered. Budget: model/W + largest tensor + 10%.", "",
+              "started (tensors). At the end of training the export follows `Engine.finish_training()` (optimizer "
+              "state and gradients freed, gathered weights resharded), as in `lora-dist train`; what remains above "
+              "the base shard is the replicated LoRA state and, under zero3, DeepSpeed's buffers. "
+              "Budget: model/W + largest tensor + 10%.", "",
               "| size | method | wall s | RSS above baseline GB | tensors GB | own GB | budget GB |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for s in summary["sizes"]:
