@@ -198,7 +198,7 @@ def test_cli_merge_and_verify(merged, tmp_path, capsys):
     assert cli(["verify", out, "--base", base, "--adapter", adapter]) == 0
     assert "OK" in capsys.readouterr().out
 
-    assert cli(["merge", "--base", base, "--adapter", adapter, "--out", out]) == 1
+    assert cli(["merge", "--base", base, "--adapter", adapter, "--out", out]) == 2  # bad input: one line, exit 2
     assert "--overwrite" in capsys.readouterr().err
     assert cli(["merge", "--base", base, "--adapter", adapter, "--out", out, "--overwrite"]) == 0
 

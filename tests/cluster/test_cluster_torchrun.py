@@ -32,30 +32,42 @@ C10D_PORT = 29532
 MULTI_NODE_SCRIPT = REPO / "launchers" / "torchrun_multi_node.sh"
 
 
-def test_torchrun_static_rendezvous_across_namespaces(tmp_path, train_command):
-    out = tmp_path / "out"
+def _run_on_both_nodes(tmp_path: Path, commands: dict[str, tuple[list[str], dict[str, str]]], timeout: float) -> None:
+    """Start one command per node (``{node: (cmd, env)}``) at once; wait for all; each must exit 0."""
     procs = []
     try:
-        for node_rank, node in enumerate(["n1", "n2"]):
-            cmd = [
-                "nsenter", f"--net=/var/run/netns/{NODE_NETNS[node]}",
-                str(VENV_BIN / "torchrun"), "--nnodes=2", "--nproc_per_node=2", f"--node_rank={node_rank}",
-                f"--master_addr={NODE_ADDR['n1']}", f"--master_port={MASTER_PORT}",
-                "--no-python", *train_command.argv, *train_command.args(out),
-            ]  # fmt: skip
+        for node, (cmd, env) in commands.items():
             log = open(tmp_path / f"{node}.log", "w")
-            env = job_env(GLOO_SOCKET_IFNAME=NODE_IFNAME[node])
-            procs.append((node, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+            procs.append((node, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
         for node, proc, log in procs:
-            proc.wait(timeout=240)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"{node}: no result after {timeout:.0f} s (rendezvous hung?)\n"
+                                     f"{(tmp_path / f'{node}.log').read_text()[-4000:]}") from None
             log.close()
-            assert proc.returncode == 0, f"{node}: torchrun exited {proc.returncode}\n{(tmp_path / f'{node}.log').read_text()}"
+            text = (tmp_path / f"{node}.log").read_text()
+            assert proc.returncode == 0, f"{node}: exited {proc.returncode}\n{text[-6000:]}"
     finally:
         for _, proc, log in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             log.close()
+
+
+def test_torchrun_static_rendezvous_across_namespaces(tmp_path, train_command):
+    out = tmp_path / "out"
+    commands = {}
+    for node_rank, node in enumerate(["n1", "n2"]):
+        cmd = [
+            "nsenter", f"--net=/var/run/netns/{NODE_NETNS[node]}",
+            str(VENV_BIN / "torchrun"), "--nnodes=2", "--nproc_per_node=2", f"--node_rank={node_rank}",
+            f"--master_addr={NODE_ADDR['n1']}", f"--master_port={MASTER_PORT}",
+            "--no-python", *train_command.argv, *train_command.args(out),
+        ]  # fmt: skip
+        commands[node] = (cmd, job_env(GLOO_SOCKET_IFNAME=NODE_IFNAME[node]))
+    _run_on_both_nodes(tmp_path, commands, timeout=240)
 
     train_command.check(out, 4)
     if train_command.name == "standin":
@@ -95,33 +107,17 @@ def test_torchrun_multi_node_script_c10d_rendezvous_across_namespaces(tmp_path, 
     if train_command.name == "standin":
         extra_path = [str(_standin_shim(tmp_path, train_command.argv))]
     rdzv_id = f"c10d-test-{uuid.uuid4().hex[:8]}"
-    procs = []
-    try:
-        for node_rank, node in enumerate(["n1", "n2"]):
-            cmd = ["nsenter", f"--net=/var/run/netns/{NODE_NETNS[node]}", "bash", str(MULTI_NODE_SCRIPT),
-                   *train_command.args(out)]
-            env = job_env(GLOO_SOCKET_IFNAME=NODE_IFNAME[node], NNODES="2", NODE_RANK=str(node_rank),
-                          MASTER_ADDR=NODE_ADDR["n1"], MASTER_PORT=str(C10D_PORT), NPROC_PER_NODE="2",
-                          RDZV="c10d", RDZV_ID=rdzv_id)
-            if extra_path:
-                env["PATH"] = ":".join([*extra_path, env["PATH"]])
-            log = open(tmp_path / f"{node}.log", "w")
-            procs.append((node, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        for node, proc, log in procs:
-            try:
-                proc.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(f"{node}: no result after 300 s (c10d rendezvous hung?)\n"
-                                     f"{(tmp_path / f'{node}.log').read_text()[-4000:]}") from None
-            log.close()
-            text = (tmp_path / f"{node}.log").read_text()
-            assert proc.returncode == 0, f"{node}: torchrun_multi_node.sh exited {proc.returncode}\n{text[-6000:]}"
-    finally:
-        for _, proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
+    commands = {}
+    for node_rank, node in enumerate(["n1", "n2"]):
+        cmd = ["nsenter", f"--net=/var/run/netns/{NODE_NETNS[node]}", "bash", str(MULTI_NODE_SCRIPT),
+               *train_command.args(out)]
+        env = job_env(GLOO_SOCKET_IFNAME=NODE_IFNAME[node], NNODES="2", NODE_RANK=str(node_rank),
+                      MASTER_ADDR=NODE_ADDR["n1"], MASTER_PORT=str(C10D_PORT), NPROC_PER_NODE="2",
+                      RDZV="c10d", RDZV_ID=rdzv_id)
+        if extra_path:
+            env["PATH"] = ":".join([*extra_path, env["PATH"]])
+        commands[node] = (cmd, env)
+    _run_on_both_nodes(tmp_path, commands, timeout=300)
 
     train_command.check(out, 4)
     if train_command.name == "standin":

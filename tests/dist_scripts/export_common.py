@@ -42,6 +42,27 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     return next(m for m in model.modules() if isinstance(m, nn.ModuleList))
 
 
+def sharded_lora_model(base: str | Path, arch: str, adapter_dir: Path):
+    """:func:`build_lora_model`, its adapter saved by rank 0, then FSDP2 per block and root with the
+    LoRA params ignored (replicated); returns the model and its LoRA params."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lora_dist.adapter import save_adapter
+    from lora_dist.lora import lora_parameters
+
+    model = build_lora_model(base, arch)
+    if dist.get_rank() == 0:
+        save_adapter(model, adapter_dir)
+    lora = set(lora_parameters(model))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in blocks(model):
+        fully_shard(block, mesh=mesh, ignored_params=lora)
+    fully_shard(model, mesh=mesh, ignored_params=lora)
+    return model, lora
+
+
 def input_ids(batch: int = 2, length: int = 16) -> torch.Tensor:
     return torch.randint(0, 400, (batch, length), generator=torch.Generator().manual_seed(7))
 

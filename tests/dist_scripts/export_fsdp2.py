@@ -18,16 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from export_common import blocks, build_lora_model, input_ids, write_result, finish
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from export_common import build_lora_model, finish, input_ids, sharded_lora_model, write_result
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lora_dist import export, safetensors_writer
-from lora_dist.adapter import save_adapter
 from lora_dist.export import ExportError, export_merged
-from lora_dist.lora import lora_parameters
 
 
 real_sees_probe = export._sees_probe
@@ -44,16 +40,9 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.work)
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
 
-    model = build_lora_model(args.base, args.arch)
-    if rank == 0:
-        save_adapter(model, work / "adapter")
-    lora = set(lora_parameters(model))
-    mesh = init_device_mesh("cpu", (world,))
-    for block in blocks(model):
-        fully_shard(block, mesh=mesh, ignored_params=lora)
-    fully_shard(model, mesh=mesh, ignored_params=lora)
+    model, lora = sharded_lora_model(args.base, args.arch, work / "adapter")
     base_params = [p for p in model.parameters() if p not in lora]
     assert all(isinstance(p, DTensor) for p in base_params), "fully_shard left a base param unsharded"
     assert not any(isinstance(p, DTensor) for p in lora), "LoRA params must stay replicated"

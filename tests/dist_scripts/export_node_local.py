@@ -57,27 +57,16 @@ def main() -> None:
     # Heavy imports only once inside the namespace (the re-exec above replaces this process).
     import torch
     import torch.distributed as dist
-    from export_common import blocks, build_lora_model, finish, input_ids, write_result
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from export_common import finish, input_ids, sharded_lora_model, write_result
 
     from lora_dist import export, safetensors_writer
-    from lora_dist.adapter import save_adapter
     from lora_dist.export import ExportError, export_merged
-    from lora_dist.lora import lora_parameters
 
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     result: dict = {"disk_id": disk_id}
 
-    model = build_lora_model(args.base, args.arch)
-    if rank == 0:
-        save_adapter(model, work / "adapter")
-    lora = set(lora_parameters(model))
-    mesh = init_device_mesh("cpu", (world,))
-    for block in blocks(model):
-        fully_shard(block, mesh=mesh, ignored_params=lora)
-    fully_shard(model, mesh=mesh, ignored_params=lora)
+    model, _ = sharded_lora_model(args.base, args.arch, work / "adapter")
     with torch.no_grad():
         model(input_ids())  # the model has been used, as after training
 
