@@ -103,7 +103,8 @@ class ParallelConfig:
     cpu_offload: bool = False
     """fsdp2: keep base shards in CPU memory between uses."""
     bucket_mb: float = 25.0
-    """Size of the LoRA gradient all-reduce buckets (MB)."""
+    """Size of the LoRA gradient all-reduce buckets (MB); under zero1/2/3 DeepSpeed's reduce bucket,
+    capped at the size of all LoRA gradients (a bigger bucket only holds memory)."""
     replica_check_every: int = 0
     """Every N optimizer steps assert LoRA params are bit-identical across ranks (0: off)."""
     deepspeed_config: str = ""

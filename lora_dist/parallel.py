@@ -320,6 +320,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         super().__init__(model, optimizer, ds_config.get("gradient_clipping", 0.0))
+        ds_config = _cap_reduce_bucket(ds_config, sum(getattr(p, "ds_numel", p.numel()) for p in self.lora_params))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine
         # DeepSpeed averages over ranks and divides by the accumulation steps.
@@ -362,6 +363,22 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(self.lora_params, modifier_rank=0 if modifier else None)
+
+
+def _cap_reduce_bucket(ds_config: dict, trainable_numel: int) -> dict:
+    """``ds_config`` with ``reduce_bucket_size`` at most the number of trainable elements.
+
+    DeepSpeed allocates the whole reduce bucket up front and keeps it for the life of the
+    engine; a bucket larger than every gradient together buys nothing (one reduction either
+    way) and only holds memory, which at LoRA sizes is most of the bucket.
+    """
+    zero = ds_config.get("zero_optimization")
+    if not isinstance(zero, dict) or trainable_numel <= 0:
+        return ds_config
+    size = int(float(zero.get("reduce_bucket_size", 5e8)))  # DeepSpeed accepts "5e8" as well as ints
+    if size <= trainable_numel:
+        return ds_config
+    return {**ds_config, "zero_optimization": {**zero, "reduce_bucket_size": trainable_numel}}
 
 
 def deepspeed_config(cfg: ParallelConfig, train: TrainConfig, lora_numel_max: int) -> dict:

@@ -34,7 +34,8 @@ computed from the resulting parameter shapes and the run config:
   ``stage3_max_live_parameters``); otherwise the largest weight (the module
   running) plus the prefetch bucket.
 * **buffers**: communication buckets: the LoRA gradient bucket (fsdp2), DDP's
-  bucket copies, DeepSpeed's reduce bucket.
+  bucket copies, DeepSpeed's reduce bucket (at most the size of the LoRA
+  gradients: lora_dist caps it there).
 
 The peak is the sum: the moment backward starts holds all of it. Not
 included: the process itself (Python, torch, libraries; about 0.4 GB of RSS
@@ -245,7 +246,8 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
             gathered = min(max_live, base_numel) * compute_elt
         else:  # the module running (at most the largest weight) plus the prefetch bucket
             gathered = min(largest_base + prefetch, base_numel) * compute_elt
-        buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
+        # The reduce bucket, capped at the LoRA gradients' size (``parallel._cap_reduce_bucket``).
+        buffers = min(int(float(zero.get("reduce_bucket_size", 5e8))), lora_numel) * LORA_BYTES
     elif p.strategy in ("zero1", "zero2"):
         zero = _deepspeed_zero(cfg, hf_config)
         base_shard = base_numel * base_elt

@@ -112,9 +112,23 @@ def test_zero3_and_fsdp2_shards_equal_a_two_rank_run(tiny_checkpoint, tmp_path):
         assert plan.num_lora_params == ranks[0]["lora_numel"]
         if strategy == "zero3":  # ceil(numel / W) elements of every parameter, plus the persistent ones whole
             assert all(r["base_local_bytes"] == plan.base_shard + plan.base_replicated for r in ranks)
+            assert plan.buffers == ranks[0]["reduce_bucket_numel"] * 4  # the capped fp32 reduce bucket
         else:  # rank 0 holds the ceil-rows shard; the others at most that
             assert ranks[0]["base_local_bytes"] == plan.base_shard
             assert ranks[1]["base_local_bytes"] <= plan.base_shard
+
+
+def test_deepspeed_reduce_bucket_is_capped_at_the_trainable_size():
+    from lora_dist.parallel import _cap_reduce_bucket
+
+    ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "5e8"}, "gradient_clipping": 1.0}
+    capped = _cap_reduce_bucket(ds, 1234)
+    assert capped["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1234}
+    assert capped["gradient_clipping"] == 1.0 and ds["zero_optimization"]["reduce_bucket_size"] == "5e8"  # a copy
+    assert _cap_reduce_bucket(ds, 10**9) is ds  # a bucket already smaller is the user's choice
+    no_size = {"zero_optimization": {"stage": 2}}  # DeepSpeed's default, 5e8, is capped too
+    assert _cap_reduce_bucket(no_size, 99)["zero_optimization"]["reduce_bucket_size"] == 99
+    assert _cap_reduce_bucket({"bf16": {}}, 99) == {"bf16": {}}
 
 
 def test_peak_estimate_is_close_to_live_tensor_bytes(tiny_checkpoint):

@@ -80,6 +80,8 @@ for group in inner.param_groups:
 for state in inner.state.values():
     report["optimizer_state_numel"] += sum(v.numel() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
 report["base_types"] = sorted(report["base_types"])
+# DeepSpeed's reduce bucket (allocated whole, kept for the engine's life): capped at the LoRA size.
+report["reduce_bucket_numel"] = getattr(engine.optimizer, "reduce_bucket_size", None)
 
 # The replica check passes on healthy replicas and names a perturbed one.
 check_replicas(engine)
