@@ -66,10 +66,13 @@ def _all_sum(value: torch.Tensor) -> torch.Tensor:
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies in fp32 (labels shifted here, ``-100`` ignored)."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-    )
+    """Sum of next-token cross-entropies in fp32 (labels shifted here, ``-100`` ignored).
+
+    The labels are shifted, not the logits: ``logits[:, :-1]`` of a batch of several sequences is
+    not a view of one block, so flattening it would copy the largest activation of the step.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # the last position predicts nothing
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def _n_targets(labels: torch.Tensor) -> int:
