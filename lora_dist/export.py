@@ -78,7 +78,7 @@ from lora_dist import safetensors_writer as stw
 from lora_dist.adapter import read_adapter
 from lora_dist.hf import SAFE_INDEX, SAFE_SINGLE, HFCheckpoint
 from lora_dist.lora import LoRALinear, lora_modules
-from lora_dist.merge import LoRAWeights, MergeError, merge_weight
+from lora_dist.merge import LoRAWeights, MergeError, lora_delta, merge_weight
 
 __all__ = [
     "MERGE_BLOCK_ROWS",
@@ -841,6 +841,19 @@ def _tolerance(out_dtype: torch.dtype, merged_from: str) -> tuple[float, float] 
     return None
 
 
+def _fp32_merge_bound(ref: torch.Tensor, lora: LoRAWeights) -> torch.Tensor:
+    """How far two correct fp32 merges of one tensor can differ, element by element.
+
+    ``W0 + scale * B @ A`` rounds once in the add and once in the scale; the r-term sums of
+    ``B @ A`` may run in another order on another device (a GPU's matmul), each within ``r``
+    roundings of ``|B| @ |A|``. Twice these (one per merge) bounds the difference, so a merge
+    done on a GPU verifies on a CPU while a wrong scale, adapter or base does not.
+    """
+    eps = torch.finfo(torch.float32).eps
+    magnitude = lora_delta(lora.lora_A.abs(), lora.lora_B.abs(), abs(lora.scale), lora.fan_in_fan_out).double()
+    return 2 * eps * ref.double().abs() + 2 * (lora.r + 1) * eps * magnitude.view(ref.shape)
+
+
 def _sample_keys(keys: list[str], targeted: set[str], sample: int | None) -> list[str]:
     """All LoRA-targeted keys (up to ``sample``), then others spread evenly over the rest."""
     lora_keys = [k for k in keys if k in targeted]
@@ -869,8 +882,8 @@ def verify_checkpoint(
     NaN/Inf. With ``base_dir``: the same keys and shapes as the base. With
     ``base_dir`` and ``adapter_dir``: ``sample`` tensors (every LoRA-targeted
     one first, up to ``sample``; ``None`` for all) are recomputed with the
-    export's merge and compared - exactly for fp32, within bf16/fp16 rounding
-    otherwise, and also when the export merged base weights held in bf16/fp16
+    export's merge and compared - for fp32 within the merge's own rounding (a
+    GPU may sum ``B @ A`` in another order), within bf16/fp16 rounding otherwise, and also when the export merged base weights held in bf16/fp16
     (it records their dtype in the safetensors metadata key
     ``lora_dist_merged_base_dtype``).
 
@@ -979,8 +992,10 @@ def verify_checkpoint(
                 error = (got.double() - ref.double()).abs()
                 diff = error.max().item() if got.numel() else 0.0
                 report.max_abs_diff = max(report.max_abs_diff, diff)
-                if tol is None:
-                    ok = torch.equal(got, ref)
+                if lora is None:
+                    ok = torch.equal(got, ref)  # copied, not computed: bit-exact
+                elif tol is None:
+                    ok = bool((error <= _fp32_merge_bound(ref, lora)).all())
                 else:
                     # Rounding the result, or the base weight before the merge, errs relative to either size.
                     rtol, atol = tol

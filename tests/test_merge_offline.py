@@ -127,10 +127,53 @@ def test_verify_catches_flipped_bytes_in_a_merged_tensor(merged, tmp_path):
     path, begin, end = locate(out, key)
     data = bytearray(path.read_bytes())
     for i in range(begin + 40, begin + 48, 4):
-        data[i] ^= 0x01  # lowest mantissa bit: still finite, only the recomputation can tell
+        data[i + 1] ^= 0x04  # mantissa bit 10: still finite, off by ~1e-4 relative; only the recomputation can tell
     path.write_bytes(bytes(data))
     with pytest.raises(VerifyError, match=rf"{key}.*differs from base \+ adapter"):
         verify_checkpoint(out, merged["base"], merged["adapter"])
+
+
+def test_verify_accepts_a_merge_summed_in_another_order_and_nothing_more(merged, tmp_path):
+    """A GPU's matmul may sum ``B @ A`` in another order: fp32 merges may differ in the last bits, no more."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_dist.adapter import read_adapter
+
+    weights = read_adapter(merged["adapter"]).weights()
+    base = HFCheckpoint(merged["base"])
+
+    def rewrite(out: Path, merge) -> Path:
+        """``out``'s LoRA-targeted tensors recomputed by ``merge(w0, lora)``, in place."""
+        for name in {json.loads((out / SAFE_INDEX).read_text())["weight_map"][f"{m}.weight"] for m in weights}:
+            tensors = load_file(out / name)
+            for module, lora in weights.items():
+                if f"{module}.weight" in tensors:
+                    tensors[f"{module}.weight"] = merge(base.read(f"{module}.weight"), lora)
+            save_file(tensors, out / name, metadata=read_header(out / name)[0])
+        return out
+
+    def reordered(w0, lora):  # the r-term sums in reverse order, one term at a time
+        delta = torch.zeros_like(w0)
+        for j in reversed(range(lora.r)):
+            delta += torch.outer(lora.lora_B[:, j], lora.lora_A[j])
+        return w0 + delta * lora.scale
+
+    out = rewrite(tampered(merged, tmp_path / "a"), reordered)
+    assert any(not torch.equal(HFCheckpoint(out).read(f"{m}.weight"), HFCheckpoint(merged["out"]).read(f"{m}.weight"))
+               for m in weights)  # the order matters in fp32 ...
+    verify_checkpoint(out, merged["base"], merged["adapter"], sample=None)  # ... and verify allows it
+
+    def one_ulp_off(w0, lora):
+        right = w0 + (lora.lora_B @ lora.lora_A) * lora.scale
+        return torch.nextafter(right, torch.full_like(right, float("inf")))
+
+    verify_checkpoint(rewrite(tampered(merged, tmp_path / "b"), one_ulp_off), merged["base"], merged["adapter"])
+
+    def scale_off(w0, lora):  # what a wrong alpha would give, however slightly
+        return w0 + (lora.lora_B @ lora.lora_A) * (lora.scale * (1 + 1e-4))
+
+    with pytest.raises(VerifyError, match=r"differs from base \+ adapter"):
+        verify_checkpoint(rewrite(tampered(merged, tmp_path / "c"), scale_off), merged["base"], merged["adapter"])
 
 
 def test_verify_catches_nan(merged, tmp_path):
