@@ -77,6 +77,10 @@ def _cmd_demo(args) -> int:
 
     from lora_dist.demo import make_tiny_checkpoint, write_demo_data
 
+    if not DEMO_CONFIG.is_file():
+        print(f"lora-dist demo: error: {DEMO_CONFIG} not found; the demo runs from a source checkout "
+              "(configs/ next to lora_dist/): clone the repository and `pip install -e .`", file=sys.stderr)
+        return 2
     out = Path(args.out).resolve()
     base, data, run = out / "base", out / "data.jsonl", out / "run"
     if not (base / "config.json").is_file():

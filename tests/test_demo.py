@@ -49,3 +49,13 @@ def test_help_describes_the_config_keys():
     for key in REQUIRED_KEYS:
         line = next((line for line in train.splitlines() if line.strip().startswith(key)), None)
         assert line is not None and len(line.split()) > 2, f"{key} is not described in train --help"
+
+
+def test_demo_outside_a_checkout_says_so_and_builds_nothing(tmp_path, monkeypatch, capsys):
+    from lora_dist import cli
+
+    monkeypatch.setattr(cli, "DEMO_CONFIG", tmp_path / "site-packages" / "configs" / "demo.yaml")
+    assert cli.main(["demo", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "source checkout" in err and "pip install -e" in err
+    assert not (tmp_path / "out").exists()
