@@ -179,11 +179,14 @@ class LoRAGradReducer:
     def _launch(self, b: int) -> None:
         params = self.buckets[b]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        for p in params:
+            p.grad = None  # the flat copy holds these gradients now; finish() hands them back as views of it
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         self._works.append((work, flat, params))
 
     def finish(self) -> None:
-        """Launch what backward did not (unused params), wait, and write reduced grads back."""
+        """Launch what backward did not (unused params), wait, and set each gradient to its reduced
+        slice of the bucket (a view: the gradients are never held twice)."""
         while self._next < len(self.buckets):
             self._launch(self._next)
             self._next += 1
@@ -192,11 +195,7 @@ class LoRAGradReducer:
             offset = 0
             for p in params:
                 n = p.numel()
-                reduced = flat[offset : offset + n].view_as(p)
-                if p.grad is None:
-                    p.grad = reduced.clone()
-                else:
-                    p.grad.copy_(reduced)
+                p.grad = flat[offset : offset + n].view_as(p)
                 offset += n
         self._reset()
 
