@@ -357,6 +357,8 @@ class DeepSpeedEngine(Engine):
     def finish_training(self) -> None:
         super().finish_training()
         self.engine.empty_partition_cache()  # ZeRO-3: release the base weights the last forward gathered
+        # ZeRO-3 keeps its reduce buckets allocated for the engine's life; no backward follows.
+        getattr(self.optimizer, "ipg_buckets", {}).clear()
 
     def gathered_lora(self, modifier: bool = False):
         import deepspeed

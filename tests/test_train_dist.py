@@ -122,6 +122,11 @@ def test_base_is_sharded_without_grads_or_optimizer_state(setup, tmp_path, strat
         assert rep["perturbed_detected"] and rep["perturbed_name"] in rep["perturbed_detected"]
         if strategy == "zero3":  # no reduce bucket bigger than all the LoRA gradients together
             assert rep["reduce_bucket_numel"] == rep["lora_numel"] < 25e6 / 4, rep
+        # finish_training (before the end-of-training export) frees grads, Adam state, ZeRO-3's
+        # reduce buckets, and leaves no non-persistent base weight gathered.
+        assert rep["after_finish"]["lora_grads"] == rep["after_finish"]["optimizer_state_tensors"] == 0, rep
+        assert rep["after_finish"]["reduce_buckets"] == 0
+        assert rep["after_finish"]["gathered_base"] in ((0,) if strategy == "zero3" else (None,)), rep
     assert sum(r["base_local_bytes"] for r in reports) >= reports[0]["base_full_bytes"]
 
 

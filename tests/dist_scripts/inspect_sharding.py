@@ -95,6 +95,18 @@ try:
 except ReplicaMismatchError as e:
     report["perturbed_detected"] = str(e)
 report["perturbed_name"] = first_b
+
+# The end of training: what only further steps need is freed before the export.
+engine.finish_training()
+report["after_finish"] = {
+    "lora_grads": sum(p.grad is not None for p in lora_parameters(model)),
+    "optimizer_state_tensors": sum(len(s) for s in inner.state.values()),
+    "reduce_buckets": sum(b.buffer.numel() for b in getattr(engine.optimizer, "ipg_buckets", {}).values()
+                          if getattr(b, "buffer", None) is not None),
+    "gathered_base": sum(1 for n, p in model.named_parameters() if id(p) not in lora and hasattr(p, "ds_tensor")
+                         and p.data.numel() == p.ds_numel and p.ds_numel > ds["zero_optimization"][
+                             "stage3_param_persistence_threshold"]) if ds else None,
+}
 with open(f"{out_dir}/rank{env.rank}.json", "w") as f:
     json.dump(report, f)
 dist.barrier()
