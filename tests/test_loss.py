@@ -6,12 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_hf_model
 from lora_dist.train import IGNORE, _n_targets, token_loss_sum
 
 
-def test_equals_the_transformers_causal_lm_loss(tiny_checkpoint):
-    model = load_hf_model(tiny_checkpoint("llama"))
+def test_equals_the_transformers_causal_lm_loss(tiny_model):
+    model = tiny_model("llama")
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (3, 17))
     labels = ids.clone()
