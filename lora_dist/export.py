@@ -882,10 +882,11 @@ def verify_checkpoint(
     NaN/Inf. With ``base_dir``: the same keys and shapes as the base. With
     ``base_dir`` and ``adapter_dir``: ``sample`` tensors (every LoRA-targeted
     one first, up to ``sample``; ``None`` for all) are recomputed with the
-    export's merge and compared - for fp32 within the merge's own rounding (a
-    GPU may sum ``B @ A`` in another order), within bf16/fp16 rounding otherwise, and also when the export merged base weights held in bf16/fp16
-    (it records their dtype in the safetensors metadata key
-    ``lora_dist_merged_base_dtype``).
+    export's merge and compared: untouched tensors bit-exact; merged fp32
+    tensors within the merge's own rounding (a GPU may sum ``B @ A`` in another
+    order); bf16/fp16 within their rounding, which also applies when the export
+    merged base weights held in bf16/fp16 (it records their dtype in the
+    safetensors metadata key ``lora_dist_merged_base_dtype``).
 
     Raises:
         VerifyError: listing every problem found.

@@ -169,11 +169,13 @@ def _fsdp2_side_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in _embedding_and_head(model) if m is not None]
 
 
-def _deepspeed_zero(cfg: Config, hf_config) -> dict:
-    from lora_dist.parallel import deepspeed_config
+def _deepspeed_zero(cfg: Config, hf_config, lora_numel: int) -> dict:
+    """The ``zero_optimization`` section DeepSpeed gets: the run's config, as the engine caps it."""
+    from lora_dist.parallel import _cap_reduce_bucket, deepspeed_config
     from lora_dist.train import _max_lora_numel
 
-    return deepspeed_config(cfg.parallel, cfg.train, _max_lora_numel(cfg, hf_config)).get("zero_optimization", {})
+    ds = _cap_reduce_bucket(deepspeed_config(cfg.parallel, cfg.train, _max_lora_numel(cfg, hf_config)), lora_numel)
+    return ds.get("zero_optimization", {})
 
 
 def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
@@ -230,7 +232,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
             gathered = base_numel * compute_elt
         buffers = min(int(p.bucket_mb * 1e6), lora_bytes)  # the flat copy of one gradient bucket
     elif p.strategy == "zero3":
-        zero = _deepspeed_zero(cfg, hf_config)
+        zero = _deepspeed_zero(cfg, hf_config, lora_numel)
         threshold = int(zero.get("stage3_param_persistence_threshold", 100_000))
         base_shard = sum(math.ceil(q.numel() / W) for _, q in base) * base_elt
         base_replicated = sum(q.numel() for _, q in base if q.numel() < threshold) * base_elt
@@ -246,13 +248,12 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
             gathered = min(max_live, base_numel) * compute_elt
         else:  # the module running (at most the largest weight) plus the prefetch bucket
             gathered = min(largest_base + prefetch, base_numel) * compute_elt
-        # The reduce bucket, capped at the LoRA gradients' size (``parallel._cap_reduce_bucket``).
-        buffers = min(int(float(zero.get("reduce_bucket_size", 5e8))), lora_numel) * LORA_BYTES
+        buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
     elif p.strategy in ("zero1", "zero2"):
-        zero = _deepspeed_zero(cfg, hf_config)
+        zero = _deepspeed_zero(cfg, hf_config, lora_numel)
         base_shard = base_numel * base_elt
         optimizer_state = 3 * math.ceil(lora_numel / W) * LORA_BYTES
-        buffers = min(int(float(zero.get("reduce_bucket_size", 5e8))), lora_numel) * LORA_BYTES
+        buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
     else:  # ddp, none
         base_shard = base_numel * base_elt
         if p.strategy == "ddp":
