@@ -96,16 +96,27 @@ except ReplicaMismatchError as e:
     report["perturbed_detected"] = str(e)
 report["perturbed_name"] = first_b
 
-# The end of training: what only further steps need is freed before the export.
+# The end of training: what only further steps need is freed before the export. A no-grad
+# forward last (an eval) leaves ZeRO-3 base weights gathered: no backward releases them.
+
+
+def gathered_base() -> int | None:
+    if not ds:
+        return None
+    threshold = ds["zero_optimization"]["stage3_param_persistence_threshold"]  # below it: always whole
+    return sum(1 for p in model.parameters() if id(p) not in lora and p.ds_numel > threshold and p.data.numel() > 0)
+
+
+with torch.no_grad():
+    engine.model(input_ids=ids)
+report["gathered_base_before_finish"] = gathered_base()
 engine.finish_training()
 report["after_finish"] = {
     "lora_grads": sum(p.grad is not None for p in lora_parameters(model)),
     "optimizer_state_tensors": sum(len(s) for s in inner.state.values()),
     "reduce_buckets": sum(b.buffer.numel() for b in getattr(engine.optimizer, "ipg_buckets", {}).values()
                           if getattr(b, "buffer", None) is not None),
-    "gathered_base": sum(1 for n, p in model.named_parameters() if id(p) not in lora and hasattr(p, "ds_tensor")
-                         and p.data.numel() == p.ds_numel and p.ds_numel > ds["zero_optimization"][
-                             "stage3_param_persistence_threshold"]) if ds else None,
+    "gathered_base": gathered_base(),
 }
 with open(f"{out_dir}/rank{env.rank}.json", "w") as f:
     json.dump(report, f)
