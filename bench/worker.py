@@ -63,7 +63,7 @@ def main(job_path: str) -> None:
     from bench.measure import CommCounter, LiveTensorBytes, PhaseMemory, read_status_kb
     from bench.systems import BenchSettings, make_system
     from lora_dist.data import load_dataset
-    from lora_dist.env import destroy_distributed, init_distributed
+    from lora_dist.launch import destroy_distributed, init_distributed
 
     env = init_distributed(timeout_s=1800)
     device = _device(env.local_rank)
@@ -176,7 +176,7 @@ def export_run_main(run_dir: str, out: str, result_dir: str) -> None:
     transformers.logging.set_verbosity_error()
     import lora_dist.export as export_mod
     from bench.measure import LiveTensorBytes, PhaseMemory, read_status_kb
-    from lora_dist.env import destroy_distributed, init_distributed
+    from lora_dist.launch import destroy_distributed, init_distributed
     from lora_dist.run_export import export_run
 
     env = init_distributed(timeout_s=1800)

@@ -8,7 +8,7 @@
 #
 # `deepspeed` logs in to every host of the hostfile (pdsh/ssh), starts one process per
 # slot and gives each RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (plus
-# CROSS_RANK/CROSS_SIZE/LOCAL_SIZE); lora_dist.env reads them like torchrun's. The
+# CROSS_RANK/CROSS_SIZE/LOCAL_SIZE); lora_dist.launch reads them like torchrun's. The
 # launcher only starts processes: ZeRO is selected with parallel.strategy=zero1|zero2|zero3
 # in the lora_dist config or on the command line, and lora_dist builds the engine.
 #

@@ -4,7 +4,7 @@
 #   launchers/mpirun.sh configs/demo.yaml [section.key=value ...]
 #   NP=16 HOSTFILE=hosts PPN=8 launchers/mpirun.sh configs/demo.yaml
 #
-# MPI only starts the processes. lora_dist.env.init_distributed() reads the rank from
+# MPI only starts the processes. lora_dist.launch.init_distributed() reads the rank from
 # OMPI_COMM_WORLD_* (Open MPI) or PMI_RANK/PMI_SIZE/MPI_LOCALRANKID (MPICH, Intel MPI);
 # then rank 0 picks MASTER_ADDR (its address) and a free MASTER_PORT and broadcasts them
 # with mpi4py (pip install mpi4py), and torch.distributed runs over TCP as usual.

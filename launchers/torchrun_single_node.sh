@@ -5,7 +5,7 @@
 #   NPROC=4 launchers/torchrun_single_node.sh configs/demo.yaml parallel.strategy=zero3
 #
 # Each process gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and
-# MASTER_PORT from torchrun; lora_dist.env.init_distributed() reads them (torchrun
+# MASTER_PORT from torchrun; lora_dist.launch.init_distributed() reads them (torchrun
 # variables win over any Slurm/MPI ones, so this also works inside an srun task).
 #
 # Knobs (environment variables):

@@ -49,7 +49,7 @@ _LAZY = {
     "train": "lora_dist.train",
     "parallelize": "lora_dist.parallel",
     "load_model": "lora_dist.model",
-    "init_distributed": "lora_dist.env",
+    "init_distributed": "lora_dist.launch",
     "export_merged": "lora_dist.export",
     "merge_offline": "lora_dist.export",
     "verify_checkpoint": "lora_dist.export",

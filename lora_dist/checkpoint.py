@@ -34,8 +34,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from lora_dist.config import Config
-from lora_dist.env import LaunchEnv
-from lora_dist.hf import SAFE_INDEX
+from lora_dist.launch import LaunchEnv
+from lora_dist.model_dir import SAFE_INDEX
 
 __all__ = [
     "CheckpointManager",

@@ -212,7 +212,7 @@ def _shutdown(code: int) -> None:
     """
     import torch.distributed as dist
 
-    from lora_dist.env import destroy_distributed
+    from lora_dist.launch import destroy_distributed
 
     was_distributed = dist.is_available() and dist.is_initialized()
     destroy_distributed()

@@ -6,16 +6,16 @@ from lora_dist.adapter import AdapterError
 from lora_dist.checkpoint import ResumeError
 from lora_dist.config import ConfigError
 from lora_dist.data import DataError
-from lora_dist.env import LaunchError
+from lora_dist.launch import LaunchError
 from lora_dist.export import ExportError
-from lora_dist.hf import CheckpointError
+from lora_dist.model_dir import ModelDirError
 from lora_dist.lora import LoRAConfigError
 from lora_dist.merge import MergeError
 from lora_dist.train import OutputDirError, TrainingDiverged
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     AdapterError,
-    CheckpointError,
+    ModelDirError,
     ConfigError,
     DataError,
     ExportError,

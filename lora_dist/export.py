@@ -76,7 +76,7 @@ import torch.nn as nn
 
 from lora_dist import safetensors_writer as stw
 from lora_dist.adapter import read_adapter
-from lora_dist.hf import SAFE_INDEX, SAFE_SINGLE, HFCheckpoint
+from lora_dist.model_dir import SAFE_INDEX, SAFE_SINGLE, ModelDir
 from lora_dist.lora import LoRALinear, lora_modules
 from lora_dist.merge import LoRAWeights, MergeError, lora_delta, merge_weight
 
@@ -568,7 +568,7 @@ def _finalize(staging: Path, out: Path, base_dir: Path, layout: stw.CheckpointLa
     stw.fsync_dir(out.parent)
 
 
-def _write_checkpoint(group: _Group, out_dir: str | os.PathLike, base: HFCheckpoint, layout: stw.CheckpointLayout,
+def _write_checkpoint(group: _Group, out_dir: str | os.PathLike, base: ModelDir, layout: stw.CheckpointLayout,
                       sources: Mapping[str, object], *, overwrite: bool, mode: str,
                       config_dtype: torch.dtype | None) -> Path:
     """Collective: stage, fill, finalize. See the module docstring for the protocol."""
@@ -617,7 +617,7 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _output_specs(base: HFCheckpoint, out_dtype: torch.dtype | None) -> dict[str, stw.TensorSpec]:
+def _output_specs(base: ModelDir, out_dtype: torch.dtype | None) -> dict[str, stw.TensorSpec]:
     """One spec per base tensor, in natural key order; floating tensors cast to ``out_dtype``."""
     specs = {}
     for key in sorted(base.keys(), key=_natural_key):
@@ -628,7 +628,7 @@ def _output_specs(base: HFCheckpoint, out_dtype: torch.dtype | None) -> dict[str
     return specs
 
 
-def _file_rows(base: HFCheckpoint, key: str) -> Callable[[int, int], torch.Tensor]:
+def _file_rows(base: ModelDir, key: str) -> Callable[[int, int], torch.Tensor]:
     if not base.shape(key):
         return lambda a, b: base.read(key)
     return lambda a, b: base.read(key, rows=slice(a, b))
@@ -720,7 +720,7 @@ def export_merged(
     error = None
     try:
         out_dtype = parse_dtype(dtype)
-        base = HFCheckpoint(base_path)
+        base = ModelDir(base_path)
         if not layers:
             raise ExportError("the model has no LoRA layers; inject_lora() it, or copy the base checkpoint instead")
         specs = _output_specs(base, out_dtype)
@@ -782,7 +782,7 @@ def merge_offline(
         mode: as for :func:`export_merged`.
 
     Raises:
-        OutputExistsError, ExportError, MergeError, AdapterError, CheckpointError.
+        OutputExistsError, ExportError, MergeError, AdapterError, ModelDirError.
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -790,7 +790,7 @@ def merge_offline(
     error = None
     try:
         out_dtype = parse_dtype(dtype)
-        base = HFCheckpoint(base_dir)
+        base = ModelDir(base_dir)
         weights = read_adapter(adapter_dir).weights()
         missing = sorted(m for m in weights if f"{m}.weight" not in base)
         if missing:
@@ -955,7 +955,7 @@ def verify_checkpoint(
     if problems:
         raise fail()
 
-    ckpt = HFCheckpoint(out)
+    ckpt = ModelDir(out)
     dtypes: dict[str, int] = {}
     for key in sorted(entries, key=_natural_key):
         dtypes[entries[key][1].dtype] = dtypes.get(entries[key][1].dtype, 0) + 1
@@ -965,7 +965,7 @@ def verify_checkpoint(
     report = VerifyReport(out, files, len(entries), total, dtypes)
 
     if base_dir is not None:
-        base = HFCheckpoint(base_dir)
+        base = ModelDir(base_dir)
         missing, extra = sorted(set(base.keys()) - set(entries)), sorted(set(entries) - set(base.keys()))
         if missing:
             problems.append(f"{len(missing)} base tensors are missing: {missing[:5]}")
@@ -1038,7 +1038,7 @@ def run_merge(args: argparse.Namespace) -> int:
     Under torchrun/srun/mpirun with more than one rank it joins the world
     (gloo: the merge is file work) unless the caller already did.
     """
-    from lora_dist.env import destroy_distributed, detect_launch_env, init_distributed
+    from lora_dist.launch import destroy_distributed, detect_launch_env, init_distributed
 
     started = not dist.is_initialized() and detect_launch_env().distributed
     if started:
@@ -1049,7 +1049,7 @@ def run_merge(args: argparse.Namespace) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"merged checkpoint written to {out}")
         return 0
-    except (ExportError, ValueError) as e:  # MergeError, AdapterError and CheckpointError are ValueErrors
+    except (ExportError, ValueError) as e:  # MergeError, AdapterError and ModelDirError are ValueErrors
         print(f"lora-dist merge: error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -1078,7 +1078,7 @@ def run_verify(args: argparse.Namespace) -> int:
     sample = None if args.sample is not None and args.sample < 0 else args.sample
     try:
         report = verify_checkpoint(args.out_dir, args.base, args.adapter, sample=sample)
-    except (ValueError, OSError) as e:  # VerifyError, AdapterError and CheckpointError are ValueErrors
+    except (ValueError, OSError) as e:  # VerifyError, AdapterError and ModelDirError are ValueErrors
         print(f"lora-dist verify: FAILED: {e}", file=sys.stderr)
         return 1
     print(report.summary())

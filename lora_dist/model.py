@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lora_dist.config import ModelConfig, ParallelConfig
-from lora_dist.hf import CheckpointError, HFCheckpoint
+from lora_dist.model_dir import ModelDirError, ModelDir
 from lora_dist.lora import InjectionReport, LoRAConfig, inject_lora, lora_modules, lora_parameters
 from lora_dist.parallel import parallelize
 
@@ -40,7 +40,7 @@ def torch_dtype(name: str) -> torch.dtype:
 class LoadedModel:
     model: nn.Module
     report: InjectionReport
-    checkpoint: HFCheckpoint
+    checkpoint: ModelDir
     ds_config: dict | None = None
 
 
@@ -55,7 +55,7 @@ def _model_class(hf_config):
     return tf.AutoModelForCausalLM
 
 
-def _checkpoint_key(name: str, ckpt: HFCheckpoint, prefix: str) -> str | None:
+def _checkpoint_key(name: str, ckpt: ModelDir, prefix: str) -> str | None:
     if name in ckpt:
         return name
     if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in ckpt:
@@ -79,7 +79,7 @@ def _owned_rows(param: torch.Tensor) -> slice | None:
 
 
 @torch.no_grad()
-def _load_base(model: nn.Module, ckpt: HFCheckpoint, dtype: torch.dtype) -> None:
+def _load_base(model: nn.Module, ckpt: ModelDir, dtype: torch.dtype) -> None:
     """Copy each base param's owned part from the checkpoint into the model."""
     prefix = getattr(model, "base_model_prefix", "")
     lora = {id(p) for p in lora_parameters(model)}
@@ -93,7 +93,7 @@ def _load_base(model: nn.Module, ckpt: HFCheckpoint, dtype: torch.dtype) -> None
             continue
         full_shape = tuple(getattr(param, "ds_shape", param.shape))
         if ckpt.shape(key) != full_shape:
-            raise CheckpointError(
+            raise ModelDirError(
                 f"{key}: checkpoint shape {ckpt.shape(key)} != model shape {full_shape}; config.json and weights disagree"
             )
         if hasattr(param, "ds_tensor"):  # ZeRO-3 partition: a flat element range
@@ -109,7 +109,7 @@ def _load_base(model: nn.Module, ckpt: HFCheckpoint, dtype: torch.dtype) -> None
             continue
         local.copy_(ckpt.read(key, rows).to(local.dtype))
     if missing:
-        raise CheckpointError(f"{ckpt.path}: no weights for {missing[:5]}; the checkpoint does not match its config.json")
+        raise ModelDirError(f"{ckpt.path}: no weights for {missing[:5]}; the checkpoint does not match its config.json")
     for name, buf in model.named_buffers():
         key = _checkpoint_key(name, ckpt, prefix)
         if key is not None and tuple(buf.shape) == ckpt.shape(key):
@@ -169,12 +169,12 @@ def load_model(
         ds_config: DeepSpeed config, for ``zero*`` strategies.
 
     Raises:
-        CheckpointError: missing/corrupt checkpoint or weights that do not fit the config.
+        ModelDirError: missing/corrupt checkpoint or weights that do not fit the config.
     """
     import transformers as tf
     from accelerate import init_empty_weights
 
-    ckpt = HFCheckpoint(model_cfg.path)
+    ckpt = ModelDir(model_cfg.path)
     hf_config = tf.AutoConfig.from_pretrained(model_cfg.path)
     dtype = torch_dtype(model_cfg.dtype)
     cls = _model_class(hf_config)

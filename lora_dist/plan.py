@@ -122,12 +122,12 @@ class MemoryPlan:
 def _hf_config(model_path: str):
     import transformers as tf
 
-    from lora_dist.hf import CheckpointError
+    from lora_dist.model_dir import ModelDirError
 
     if not model_path:
-        raise CheckpointError("model.path is not set; pass model.path=/path/to/hf_checkpoint (config.json is enough)")
+        raise ModelDirError("model.path is not set; pass model.path=/path/to/hf_checkpoint (config.json is enough)")
     if not (Path(model_path) / "config.json").is_file():
-        raise CheckpointError(f"{model_path} has no config.json; model.path must be a Hugging Face checkpoint dir")
+        raise ModelDirError(f"{model_path} has no config.json; model.path must be a Hugging Face checkpoint dir")
     return tf.AutoConfig.from_pretrained(model_path)
 
 
@@ -186,7 +186,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
         world_size: number of ranks.
 
     Raises:
-        CheckpointError: ``model.path`` has no config.json.
+        ModelDirError: ``model.path`` has no config.json.
         LoRAConfigError: the LoRA targets match nothing in the model.
         ConfigError: ``world_size`` < 1.
     """

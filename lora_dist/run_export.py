@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lora_dist.adapter import read_adapter
 from lora_dist.config import ConfigError, config_from_dict
-from lora_dist.env import init_distributed
+from lora_dist.launch import init_distributed
 from lora_dist.lora import lora_modules
 from lora_dist.model import load_model
 from lora_dist.parallel import deepspeed_config

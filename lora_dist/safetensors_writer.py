@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from lora_dist.hf import SAFE_SINGLE
+from lora_dist.model_dir import SAFE_SINGLE
 
 __all__ = [
     "CheckpointLayout",

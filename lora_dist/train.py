@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from lora_dist.checkpoint import TrainingDiverged
 from lora_dist.config import Config, ConfigError, config_to_dict
 from lora_dist.data import IGNORE, DataError, PackedDataset, load_dataset
-from lora_dist.env import LaunchEnv, init_distributed
-from lora_dist.hf import CheckpointError, HFCheckpoint
+from lora_dist.launch import LaunchEnv, init_distributed
+from lora_dist.model_dir import ModelDirError, ModelDir
 from lora_dist.model import load_model
 from lora_dist.parallel import Engine, check_replicas, deepspeed_config, make_engine
 
@@ -167,7 +167,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     ``export.merged``) under ``output.dir``.
 
     Raises:
-        ConfigError, DataError, CheckpointError: bad input, before any training.
+        ConfigError, DataError, ModelDirError: bad input, before any training.
         TrainingDiverged: a NaN/Inf loss or grad norm, naming the step; nothing is saved from it.
     """
     from transformers import AutoConfig, AutoTokenizer
@@ -189,8 +189,8 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     t, p = cfg.train, cfg.parallel
 
     if not cfg.model.path:
-        raise CheckpointError("model.path is not set; pass model.path=/path/to/hf_checkpoint")
-    HFCheckpoint(cfg.model.path)  # fail fast on a missing, incomplete or corrupt checkpoint
+        raise ModelDirError("model.path is not set; pass model.path=/path/to/hf_checkpoint")
+    ModelDir(cfg.model.path)  # fail fast on a missing, incomplete or corrupt checkpoint
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)

@@ -63,7 +63,7 @@ def _manager(setup, out: Path):
     """A single-process CheckpointManager for ``out``'s checkpoints, to call save() directly."""
     from lora_dist.checkpoint import CheckpointManager
     from lora_dist.config import load_config
-    from lora_dist.env import LaunchEnv
+    from lora_dist.launch import LaunchEnv
 
     cfg = load_config(None, [*setup["common"], f"output.dir={out}"])
     return CheckpointManager(out / "checkpoints", cfg, LaunchEnv("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 0))
@@ -235,7 +235,7 @@ def test_nan_loss_stops_naming_the_step_and_saves_nothing_corrupt(setup, tmp_pat
     and every checkpoint on disk predates it and is finite; no adapter is written."""
     import lora_dist.train as train_mod
     from lora_dist.config import load_config
-    from lora_dist.env import destroy_distributed
+    from lora_dist.launch import destroy_distributed
 
     real, calls = train_mod.token_loss_sum, []
 
@@ -267,7 +267,7 @@ def test_non_finite_grad_norm_stops_naming_the_step_and_latest_stays_good(setup,
     import lora_dist.train as train_mod
     from lora_dist import checkpoint as ckpt_mod
     from lora_dist.config import load_config
-    from lora_dist.env import destroy_distributed
+    from lora_dist.launch import destroy_distributed
 
     real, calls = train_mod.token_loss_sum, []
 
@@ -372,7 +372,7 @@ def test_preemption_signal_during_model_load_stops_at_the_first_step(setup, tmp_
     import lora_dist.train as train_mod
     from lora_dist import checkpoint as ckpt_mod
     from lora_dist.config import load_config
-    from lora_dist.env import destroy_distributed
+    from lora_dist.launch import destroy_distributed
 
     real = train_mod.load_model
 

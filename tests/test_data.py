@@ -9,7 +9,7 @@ import torch
 
 from lora_dist.data import IGNORE, DataError, load_dataset
 from lora_dist.demo import make_tokenizer, write_demo_data
-from lora_dist.env import LaunchEnv
+from lora_dist.launch import LaunchEnv
 from lora_dist.train import _Batches
 
 

@@ -1,4 +1,4 @@
-"""Tests for lora_dist.env: launcher detection (pure) and real process-group init.
+"""Tests for lora_dist.launch: launcher detection (pure) and real process-group init.
 
 Detection is tested with plain dicts. ``init_distributed`` is tested in this
 process for the single-process and failure paths, and with real 2-process
@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from lora_dist import env as env_mod
-from lora_dist.env import LaunchEnv, LaunchError, detect_launch_env, expand_hostlist
+from lora_dist import launch as env_mod
+from lora_dist.launch.detect import loopback_address
+from lora_dist.launch.distributed import free_port
+from lora_dist.launch import LaunchEnv, LaunchError, detect_launch_env, expand_hostlist
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -34,7 +36,7 @@ WORKER = r"""
 import json, os, sys
 import torch
 import torch.distributed as dist
-from lora_dist.env import destroy_distributed, init_distributed
+from lora_dist.launch import destroy_distributed, init_distributed
 
 for name in sys.argv[1:]:
     os.environ.pop(name, None)
@@ -70,7 +72,7 @@ def clean_environ():
 
 def _free_port(low: int = 0, high: int = 0) -> int:
     if not low:
-        return env_mod._free_port()
+        return free_port()
     for port in range(low, high):
         with socket.socket() as sock:
             try:
@@ -619,7 +621,7 @@ STANDIN = r"""
 import json, os, sys
 import torch
 import torch.distributed as dist
-from lora_dist.env import destroy_distributed, init_distributed
+from lora_dist.launch import destroy_distributed, init_distributed
 
 def main():
     args = sys.argv[1:]
@@ -796,7 +798,7 @@ def _srun_task_vars(**overrides: str) -> dict[str, str]:
 
 def _hostname_resolving_to_loopback() -> str | None:
     host = socket.gethostname()
-    return host if env_mod._loopback_address(host) not in (None, host) else None
+    return host if loopback_address(host) not in (None, host) else None
 
 
 @pytest.mark.parametrize("case", [

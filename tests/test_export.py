@@ -27,7 +27,7 @@ from lora_dist.export import (
     merge_offline,
     verify_checkpoint,
 )
-from lora_dist.hf import SAFE_INDEX, SAFE_SINGLE, HFCheckpoint
+from lora_dist.model_dir import SAFE_INDEX, SAFE_SINGLE, ModelDir
 from lora_dist.merge import merge_state_dict
 from lora_dist.safetensors_writer import parse_size
 
@@ -39,7 +39,7 @@ def bases(tiny_checkpoint) -> dict[str, Path]:
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
-    ckpt = HFCheckpoint(path)
+    ckpt = ModelDir(path)
     return {k: ckpt.read(k) for k in ckpt.keys()}
 
 
@@ -84,7 +84,7 @@ def test_merged_export_loads_in_transformers_with_the_lora_models_logits(bases, 
         expected = model(input_ids()).logits
     out = export_merged(model, tmp_path / "merged", bases[arch], dtype=torch.float32)
     assert (out / SAFE_SINGLE).is_file() and not (out / SAFE_INDEX).exists()
-    assert set(tensors(out)) == set(HFCheckpoint(bases[arch]).keys())  # GPT-2: no lm_head.weight, as in the base
+    assert set(tensors(out)) == set(ModelDir(bases[arch]).keys())  # GPT-2: no lm_head.weight, as in the base
     for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (bases[arch] / name).read_bytes()
     merged = AutoModelForCausalLM.from_pretrained(out)
@@ -152,7 +152,7 @@ def test_max_shard_size_splits_files_and_index_is_right(bases, tmp_path):
         assert sum(nbytes) <= 100_000 or len(keys) == 1
         total += sum(nbytes)
     assert index["metadata"]["total_size"] == total
-    assert set(index["weight_map"]) == set(HFCheckpoint(base).keys())
+    assert set(index["weight_map"]) == set(ModelDir(base).keys())
     AutoModelForCausalLM.from_pretrained(out)
     verify_checkpoint(out)
 

@@ -23,7 +23,7 @@ from distutil import torchrun
 from test_export import same_files, single_process_reference
 
 from lora_dist.export import export_merged, verify_checkpoint
-from lora_dist.hf import SAFE_INDEX
+from lora_dist.model_dir import SAFE_INDEX
 
 
 def _namespaces_unavailable(scratch: Path) -> str | None:

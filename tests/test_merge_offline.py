@@ -20,7 +20,7 @@ from lora_dist.export import (
     merge_offline,
     verify_checkpoint,
 )
-from lora_dist.hf import SAFE_INDEX, HFCheckpoint
+from lora_dist.model_dir import SAFE_INDEX, ModelDir
 from lora_dist.safetensors_writer import read_header
 
 PEFT_CASES = {
@@ -68,18 +68,18 @@ def merged(bases, tmp_path_factory) -> dict[str, Path]:
 def test_offline_merge_equals_peft_merge_and_unload(bases, tmp_path, arch):
     adapter = peft_adapter(bases[arch], arch, tmp_path / "adapter", tmp_path / "peft_merged")
     out = merge_offline(bases[arch], adapter, tmp_path / "out", max_shard_size="100KB")
-    ours, peft = HFCheckpoint(out), HFCheckpoint(tmp_path / "peft_merged")
+    ours, peft = ModelDir(out), ModelDir(tmp_path / "peft_merged")
     assert sorted(ours.keys()) == sorted(peft.keys())
     changed = 0
     for key in peft.keys():
         assert torch.equal(ours.read(key), peft.read(key)), key
-        changed += not torch.equal(ours.read(key), HFCheckpoint(bases[arch]).read(key))
+        changed += not torch.equal(ours.read(key), ModelDir(bases[arch]).read(key))
     assert changed == (6 if arch == "llama" else 4)  # 3 (llama) or 2 (GPT-2) targets x 2 layers
 
 
 def test_offline_merge_casts_to_dtype_and_refuses_existing_output(merged, tmp_path):
     out = merge_offline(merged["base"], merged["adapter"], tmp_path / "bf16", dtype="bf16")
-    assert {HFCheckpoint(out).read(k).dtype for k in HFCheckpoint(out).keys()} == {torch.bfloat16}
+    assert {ModelDir(out).read(k).dtype for k in ModelDir(out).keys()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     verify_checkpoint(out, merged["base"], merged["adapter"], sample=None)
     with pytest.raises(OutputExistsError, match="--overwrite"):
@@ -114,7 +114,7 @@ def locate(out: Path, key: str) -> tuple[Path, int, int]:
 
 def test_verify_passes_on_good_output(merged):
     report = verify_checkpoint(merged["out"], merged["base"], merged["adapter"], sample=8)
-    assert report.tensors == len(HFCheckpoint(merged["base"]).keys())
+    assert report.tensors == len(ModelDir(merged["base"]).keys())
     assert len(report.files) > 3 and report.max_abs_diff == 0.0
     assert report.compared[:6] == sorted(report.compared[:6]) and all("proj" in k for k in report.compared[:6])
     assert len(report.compared) == 8
@@ -140,7 +140,7 @@ def test_verify_accepts_a_merge_summed_in_another_order_and_nothing_more(merged,
     from lora_dist.adapter import read_adapter
 
     weights = read_adapter(merged["adapter"]).weights()
-    base = HFCheckpoint(merged["base"])
+    base = ModelDir(merged["base"])
 
     def rewrite(out: Path, merge) -> Path:
         """``out``'s LoRA-targeted tensors recomputed by ``merge(w0, lora)``, in place."""
@@ -159,7 +159,7 @@ def test_verify_accepts_a_merge_summed_in_another_order_and_nothing_more(merged,
         return w0 + delta * lora.scale
 
     out = rewrite(tampered(merged, tmp_path / "a"), reordered)
-    assert any(not torch.equal(HFCheckpoint(out).read(f"{m}.weight"), HFCheckpoint(merged["out"]).read(f"{m}.weight"))
+    assert any(not torch.equal(ModelDir(out).read(f"{m}.weight"), ModelDir(merged["out"]).read(f"{m}.weight"))
                for m in weights)  # the order matters in fp32 ...
     verify_checkpoint(out, merged["base"], merged["adapter"], sample=None)  # ... and verify allows it
 

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 
 from lora_dist.config import load_config
-from lora_dist.env import init_distributed
-from lora_dist.hf import HFCheckpoint
+from lora_dist.launch import init_distributed
+from lora_dist.model_dir import ModelDir
 from lora_dist.lora import lora_parameters
 from lora_dist.model import load_model
 from lora_dist.parallel import ReplicaMismatchError, check_replicas, deepspeed_config, make_engine
@@ -23,7 +23,7 @@ hf_config = AutoConfig.from_pretrained(cfg.model.path)
 ds = deepspeed_config(cfg.parallel, cfg.train, _max_lora_numel(cfg, hf_config)) if cfg.parallel.strategy.startswith("zero") else None
 # Count the bytes each rank reads from the checkpoint's files: only its own rows / partitions.
 read_bytes = 0
-_read = HFCheckpoint.read
+_read = ModelDir.read
 
 
 def counted_read(self, key, rows=None):
@@ -33,9 +33,9 @@ def counted_read(self, key, rows=None):
     return tensor
 
 
-HFCheckpoint.read = counted_read
+ModelDir.read = counted_read
 model = load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0, ds).model
-HFCheckpoint.read = _read
+ModelDir.read = _read
 lora = {id(p) for p in lora_parameters(model)}
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 engine = make_engine(model, opt, cfg.parallel, cfg.train, torch.device("cpu"), ds)

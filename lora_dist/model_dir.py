@@ -2,7 +2,7 @@
 
 A checkpoint is ``config.json`` plus ``model.safetensors`` or sharded
 ``model-0000i-of-0000N.safetensors`` files with ``model.safetensors.index.json``.
-:class:`HFCheckpoint` reads one tensor, some of its rows, or a flat element
+:class:`ModelDir` reads one tensor, some of its rows, or a flat element
 range at a time, straight from the memory-mapped files, so a rank only ever
 touches the bytes it owns.
 """
@@ -17,24 +17,24 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-__all__ = ["CheckpointError", "HFCheckpoint", "SAFE_INDEX", "SAFE_SINGLE"]
+__all__ = ["ModelDirError", "ModelDir", "SAFE_INDEX", "SAFE_SINGLE"]
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class ModelDirError(ValueError):
     """A checkpoint dir that is missing, incomplete or corrupt."""
 
 
-class HFCheckpoint:
+class ModelDir:
     """Lazy, tensor-at-a-time access to a local HF safetensors checkpoint.
 
     Args:
         path: the checkpoint dir.
 
     Raises:
-        CheckpointError: no config.json, no safetensors weights (pickled
+        ModelDirError: no config.json, no safetensors weights (pickled
             ``pytorch_model.bin`` is refused), an index naming missing files,
             or an unreadable safetensors header.
     """
@@ -42,21 +42,21 @@ class HFCheckpoint:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
-            raise CheckpointError(f"model path {str(self.path)!r} is not a directory; set model.path to a local HF checkpoint dir")
+            raise ModelDirError(f"model path {str(self.path)!r} is not a directory; set model.path to a local HF checkpoint dir")
         if not (self.path / "config.json").is_file():
-            raise CheckpointError(f"{self.path} has no config.json; model.path must be a Hugging Face checkpoint dir")
+            raise ModelDirError(f"{self.path} has no config.json; model.path must be a Hugging Face checkpoint dir")
         index = self.path / SAFE_INDEX
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is corrupt ({e}); re-save the checkpoint") from None
+                raise ModelDirError(f"{index} is corrupt ({e}); re-save the checkpoint") from None
         elif (self.path / SAFE_SINGLE).is_file():
             weight_map = None
         else:
             pickled = list(self.path.glob("pytorch_model*.bin"))
             hint = " (only pickled .bin weights found: lora_dist never unpickles; convert them to safetensors)" if pickled else ""
-            raise CheckpointError(f"{self.path} has no safetensors weights{hint}")
+            raise ModelDirError(f"{self.path} has no safetensors weights{hint}")
         self._handles: dict[str, object] = {}
         if weight_map is None:
             handle = self._open(SAFE_SINGLE)
@@ -69,11 +69,11 @@ class HFCheckpoint:
         if file not in self._handles:
             full = self.path / file
             if not full.is_file():
-                raise CheckpointError(f"{full} is listed in the index but missing; the checkpoint is incomplete")
+                raise ModelDirError(f"{full} is listed in the index but missing; the checkpoint is incomplete")
             try:
                 self._handles[file] = safe_open(str(full), framework="pt")
             except Exception as e:  # safetensors' own error types
-                raise CheckpointError(f"{full} is not a readable safetensors file ({e}); re-download or re-save it") from None
+                raise ModelDirError(f"{full} is not a readable safetensors file ({e}); re-download or re-save it") from None
         return self._handles[file]
 
     def config(self) -> dict:
@@ -90,7 +90,7 @@ class HFCheckpoint:
 
     def _slice(self, key: str):
         if key not in self.weight_map:
-            raise CheckpointError(f"tensor {key!r} is not in {self.path}")
+            raise ModelDirError(f"tensor {key!r} is not in {self.path}")
         return self._handles[self.weight_map[key]].get_slice(key)  # type: ignore[attr-defined]
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -111,7 +111,7 @@ class HFCheckpoint:
                 return self._handles[self.weight_map[key]].get_tensor(key)  # type: ignore[attr-defined]
             return sl[rows]
         except Exception as e:
-            raise CheckpointError(f"cannot read {key!r} from {self.weight_map[key]} ({e}); the file is corrupt") from None
+            raise ModelDirError(f"cannot read {key!r} from {self.weight_map[key]} ({e}); the file is corrupt") from None
 
     def read_flat(self, key: str, start: int, end: int) -> torch.Tensor:
         """Elements ``[start, end)`` of the row-major flattened tensor (ZeRO-3 partitions)."""

@@ -1,0 +1,179 @@
+"""Durable, atomic writes of files and directories: the one way lora_dist publishes its outputs.
+
+A directory (an adapter, a training checkpoint, a merged export) is written into
+a staging dir next to its final place, every file and the dir are fsynced, and
+the staging dir is renamed into place. Where a previous version exists it is
+swapped out in one atomic ``renameat2(RENAME_EXCHANGE)`` and removed only once
+the new one is in place, so a crash at any moment leaves either the old or the
+new version under the final name, never neither. Filesystems without the
+exchange (some network filesystems) get two renames, and the next writer or
+reader of that path puts a version left aside back (:func:`recover`).
+
+Staging dirs get the umask's permissions, like any directory the user creates
+(not ``mkdtemp``'s 0700), so teammates can read what a shared run wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["fsync", "publish_dir", "recover", "staging_dir", "write_text_atomic", "writing_dir"]
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a directory's entries (renames into it), to disk.
+
+    A no-op for directories on filesystems that refuse to fsync them.
+    """
+    path = Path(path)
+    is_dir = path.is_dir()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if is_dir:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not is_dir:
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves either the old or the new file, durably."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(text)
+        fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync(path.parent)
+
+
+def _staging_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-"
+
+
+def _aside_prefix(final: Path) -> str:
+    return f".{final.name}.old-"
+
+
+def staging_dir(final: str | os.PathLike) -> Path:
+    """A new, empty dir next to ``final`` (same filesystem, so the publish is a rename), umask permissions."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        staging = final.with_name(_staging_prefix(final) + secrets.token_hex(4))
+        try:
+            staging.mkdir()
+            return staging
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2``); False where the system or filesystem cannot."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def publish_dir(staging: str | os.PathLike, final: str | os.PathLike, *, replace: bool = False) -> Path:
+    """fsync ``staging`` and its files, then rename it to ``final``.
+
+    Args:
+        staging: a dir made by :func:`staging_dir` for ``final``.
+        final: where the result is published.
+        replace: replace an existing ``final``; it stays in place until the new version is.
+
+    Raises:
+        FileExistsError: ``final`` exists and ``replace`` is False (``staging`` is left for the caller).
+    """
+    staging, final = Path(staging), Path(final)
+    for f in staging.rglob("*"):
+        if f.is_file():
+            fsync(f)
+    fsync(staging)
+    if os.path.lexists(final):
+        if not replace:
+            raise FileExistsError(errno.EEXIST, f"{final} already exists", str(final))
+        if _exchange(staging, final):
+            fsync(final.parent)
+            _remove(staging)  # the previous version, now under the staging name
+            return final
+        aside = final.with_name(_aside_prefix(final) + secrets.token_hex(4))
+        os.replace(final, aside)
+        try:
+            os.replace(staging, final)
+        except BaseException:
+            os.replace(aside, final)
+            raise
+        fsync(final.parent)
+        _remove(aside)
+        return final
+    os.replace(staging, final)
+    fsync(final.parent)
+    return final
+
+
+def recover(final: str | os.PathLike) -> None:
+    """Undo what a writer killed mid-publish left: put a version set aside back where ``final`` is missing,
+    and remove staging dirs and versions set aside once ``final`` is in place."""
+    final = Path(final)
+    parent = final.parent
+    if not parent.is_dir():
+        return
+    aside = sorted((p for p in parent.glob(_aside_prefix(final) + "*")), key=lambda p: p.stat().st_mtime)
+    if not os.path.lexists(final) and aside:
+        os.replace(aside.pop(), final)
+        fsync(parent)
+    for leftover in [*aside, *parent.glob(_staging_prefix(final) + "*")]:
+        _remove(leftover)
+
+
+@contextlib.contextmanager
+def writing_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Fill the yielded staging dir; on a clean exit it is published as ``final``, on an error removed."""
+    final = Path(final)
+    recover(final)
+    staging = staging_dir(final)
+    try:
+        yield staging
+        publish_dir(staging, final, replace=replace)
+    finally:
+        if staging.exists():
+            _remove(staging)

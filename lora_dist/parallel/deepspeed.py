@@ -1,0 +1,247 @@
+"""DeepSpeed ZeRO: the config, the model construction context and the engine. DeepSpeed internals live here only.
+
+ZeRO-3 shards at construction: the model is built under :func:`zero_init` and
+each rank then reads its flat partition (:mod:`lora_dist.parallel.sharding`).
+LoRA tensors are kept whole on every rank ("persistent") by a persistence
+threshold just above the largest LoRA matrix. The LoRA promise holds in bf16
+too: gradients are reduced in fp32 (``communication_data_type``), and the
+engine reads and writes LoRA through DeepSpeed's fp32 master copies, so an
+adapter or a checkpoint never carries bf16-rounded values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from lora_dist.config import Config, ConfigError
+from lora_dist.parallel.engine import MOMENTS, Engine
+
+__all__ = [
+    "ACTIVATION_CHECKPOINTING_MIN",
+    "DeepSpeedEngine",
+    "cap_reduce_bucket",
+    "check_supported",
+    "deepspeed_config",
+    "max_lora_numel",
+    "zero_init",
+]
+
+#: The first DeepSpeed release whose ZeRO-3 keeps frozen params gathered during activation recompute
+#: (older ones fail with ``CheckpointError: saved shape [N] vs recomputed [0]``).
+ACTIVATION_CHECKPOINTING_MIN = (0, 19, 3)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_supported(strategy: str, activation_checkpointing: bool, version: str | None = None) -> None:
+    """Refuse, in one line, what the installed DeepSpeed gets wrong with a frozen base.
+
+    Raises:
+        ConfigError: ZeRO-3 with activation checkpointing on DeepSpeed < 0.19.3.
+    """
+    if strategy != "zero3" or not activation_checkpointing:
+        return
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    if _version(version) < ACTIVATION_CHECKPOINTING_MIN:
+        need = ".".join(map(str, ACTIVATION_CHECKPOINTING_MIN))
+        raise ConfigError(f"parallel.strategy=zero3 with parallel.activation_checkpointing=true needs deepspeed>={need} "
+                          f"(older releases drop frozen params during recompute), found {version}; "
+                          f"pip install 'deepspeed>={need}' or set parallel.activation_checkpointing=false")
+
+
+def max_lora_numel(cfg: Config, hf_config) -> int:
+    """Elements of the largest LoRA matrix the config can create: r x the largest projection dimension."""
+    hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", 4096)
+    inter = getattr(hf_config, "intermediate_size", None) or 4 * hidden
+    r = max([cfg.lora.r, *cfg.lora.rank_pattern.values()])
+    # The output head is never adapted.
+    return r * max(hidden, inter)
+
+
+def _largest_block_weight(hf_config) -> int:
+    hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", 4096)
+    inter = getattr(hf_config, "intermediate_size", None) or 4 * hidden
+    return hidden * inter
+
+
+def deepspeed_config(cfg: Config, hf_config) -> dict:
+    """The DeepSpeed config of a run: generated from ``parallel.*``/``train.*``, or read from
+    ``parallel.deepspeed_config`` with the batch and clipping keys set from ours.
+
+    Args:
+        cfg: the run config.
+        hf_config: the base model's ``transformers`` config (sizes the persistence threshold and buckets).
+    """
+    p, t = cfg.parallel, cfg.train
+    stage = int(p.strategy[-1])
+    bucket = int(p.bucket_mb * 1e6 / 4)
+    if p.deepspeed_config:
+        with open(p.deepspeed_config) as f:
+            ds = json.load(f)
+    else:
+        ds = {
+            "zero_optimization": {
+                "stage": stage,
+                "overlap_comm": False,
+                "contiguous_gradients": True,
+                "reduce_bucket_size": bucket,
+                # LoRA tensors below this size stay whole (persistent) on every rank.
+                "stage3_param_persistence_threshold": max_lora_numel(cfg, hf_config) + 1,
+                # Release gathered base weights soon (DeepSpeed's default keeps up to 1e9 parameters live, the
+                # whole model at small sizes) but keep room for two of the largest block weights, or the
+                # prefetch of the next one could never start.
+                "stage3_max_live_parameters": max(bucket, 2 * _largest_block_weight(hf_config)),
+                "stage3_max_reuse_distance": 0,
+                "stage3_prefetch_bucket_size": max(bucket, _largest_block_weight(hf_config)),
+            },
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": p.mixed_precision == "bfloat16"},
+            # LoRA gradients are reduced in fp32 even when the base computes in bf16.
+            "communication_data_type": "fp32",
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["gradient_clipping"] = t.max_grad_norm
+    ds.pop("train_batch_size", None)
+    return ds
+
+
+def cap_reduce_bucket(ds_config: dict, trainable_numel: int) -> dict:
+    """``ds_config`` with ``reduce_bucket_size`` at most the number of trainable elements.
+
+    DeepSpeed allocates the whole reduce bucket up front and keeps it for the life of the
+    engine; a bucket larger than every gradient together buys nothing (one reduction either
+    way) and only holds memory, which at LoRA sizes is most of the bucket.
+    """
+    zero = ds_config.get("zero_optimization")
+    if not isinstance(zero, dict) or trainable_numel <= 0:
+        return ds_config
+    size = int(float(zero.get("reduce_bucket_size", 5e8)))  # DeepSpeed accepts "5e8" as well as ints
+    if size <= trainable_numel:
+        return ds_config
+    return {**ds_config, "zero_optimization": {**zero, "reduce_bucket_size": trainable_numel}}
+
+
+@contextlib.contextmanager
+def zero_init(ds_config: dict):
+    """Build modules inside this context to have ZeRO-3 partition each param as it is created."""
+    import deepspeed
+
+    # transformers imports modeling_utils (and torch._dynamo with it) lazily; a first import inside zero.Init,
+    # which patches tensor creation, fails with "Signature mismatch ... tensor_pynew".
+    import transformers.modeling_utils  # noqa: F401
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        yield
+
+
+class DeepSpeedEngine(Engine):
+    """ZeRO-1/2/3 through ``deepspeed.initialize``; the loss is scaled back from DeepSpeed's averaging."""
+
+    def __init__(self, model, optimizer, ds_config: dict, device: torch.device | None = None) -> None:
+        import deepspeed
+
+        super().__init__(model, optimizer, ds_config.get("gradient_clipping", 0.0), device)
+        ds_config = cap_reduce_bucket(ds_config, sum(getattr(p, "ds_numel", p.numel()) for p in self.lora_params))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.model = self.engine
+        # DeepSpeed averages over ranks and divides by the accumulation steps.
+        self.loss_multiplier = float(dist.get_world_size() * ds_config["gradient_accumulation_steps"])
+
+    @property
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss * self.loss_multiplier)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only advances DeepSpeed's micro-step counter
+
+    def step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def gathered_lora(self, modifier: bool = False):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(self.lora_params, modifier_rank=0 if modifier else None)
+
+    def finish_training(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._inner_optimizer.state.clear()
+        self.engine.empty_partition_cache()  # ZeRO-3: release the base weights the last forward gathered
+        # ZeRO-3 keeps its reduce buckets allocated for the engine's life; no backward follows.
+        getattr(self.optimizer, "ipg_buckets", {}).clear()
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The fp32 masters (DeepSpeed keeps the params themselves in bf16 under bf16 ZeRO-1/2)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = super().lora_state_dict()
+        for name, p in self.named_lora_params():
+            master = safe_get_full_fp32_param(p)  # collective under ZeRO
+            if master is not None:
+                out[name] = master.detach().float().to(out[name].device).reshape(out[name].shape).clone()
+        return out
+
+    def replica_tensors(self) -> dict[str, torch.Tensor]:
+        # Persistent ZeRO-3 params keep a whole copy that forward uses; compare that copy, not a re-gather.
+        if all(p.data.numel() == getattr(p, "ds_numel", p.numel()) for p in self.lora_params):
+            return {name: p.data.clone() for name, p in self.named_lora_params()}
+        return Engine.lora_state_dict(self)
+
+    def optimizer_state_dict(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.named_lora_params():
+            for key in MOMENTS:
+                value = safe_get_full_optimizer_state(p, key)  # moments live in flat partitions
+                if value is not None:
+                    out[f"{name}.{key}"] = value.detach().float().cpu().clone()
+        return out
+
+    @torch.no_grad()
+    def _load_lora(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        super()._load_lora(tensors)
+        # The optimizer steps fp32 master copies of its partitions: set those too.
+        for name, p in self.named_lora_params():
+            safe_set_full_fp32_param(p, tensors[name].float())
+
+    def _load_moments(self, tensors: Mapping[str, torch.Tensor], step: int) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        zero_opt, inner = self.optimizer, self._inner_optimizer
+        # The flat fp32 partitions torch's AdamW steps (ZeRO-3 detaches them from param_groups between steps).
+        flat = [p for g in inner.param_groups for p in g["params"]]
+        flat += list(getattr(zero_opt, "fp32_partitioned_groups_flat", []))
+        flat += list(getattr(zero_opt, "single_partition_of_fp32_groups", []))
+        for p in flat:  # AdamW creates its state lazily: create it so it can be filled
+            if not inner.state.get(p):
+                inner.state[p] = {key: torch.zeros_like(p) for key in MOMENTS}
+            inner.state[p]["step"] = torch.tensor(float(step))
+        for name, p in self.named_lora_params():
+            for key in MOMENTS:
+                if f"{name}.{key}" in tensors:
+                    safe_set_full_optimizer_state(p, tensors[f"{name}.{key}"], key)

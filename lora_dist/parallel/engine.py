@@ -1,0 +1,229 @@
+"""One training-step interface for every strategy, and the owner of the training state.
+
+The training loop sees only :class:`Engine`: ``no_sync`` for micro-steps inside
+gradient accumulation, ``backward``, ``step``, and the state it checkpoints
+(:meth:`Engine.state_dict` / :meth:`Engine.load_state_dict`) in one form that
+does not depend on the strategy or the world size: full fp32 LoRA tensors and
+AdamW moments by the model's parameter names. Strategy internals (FSDP2's
+reducer, DDP's wrapper, DeepSpeed's flat partitions) stay behind it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from lora_dist.config import ParallelConfig, TrainConfig
+from lora_dist.lora import lora_modules, lora_parameters
+from lora_dist.parallel.reducer import LoRAGradReducer
+
+__all__ = ["DDPEngine", "Engine", "FSDP2Engine", "ReplicaMismatchError", "check_replicas", "make_engine"]
+
+#: AdamW moments a checkpoint keeps per LoRA tensor.
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class ReplicaMismatchError(RuntimeError):
+    """LoRA params differ across ranks: the replicas have drifted."""
+
+
+class Engine:
+    """The plain engine (one process, ``parallel.strategy=none``); the base of every strategy's engine.
+
+    The loop computes ``loss = sum of token losses / global token count`` for
+    the whole optimizer step and calls :meth:`backward` on each micro-batch's
+    part. Engines scale it so the resulting gradient is the exact gradient of
+    the global mean, whatever the strategy averages internally.
+
+    Args:
+        model: the LoRA model, sharded by :func:`~lora_dist.parallel.parallelize` where that applies.
+        optimizer: a torch optimizer over the LoRA params.
+        max_grad_norm: clip the global LoRA grad norm to this (0: no clipping).
+        device: the run's device; every collective of the engine uses tensors on it.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                 device: torch.device | None = None) -> None:
+        self.model = model
+        self.module = model
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.device = device or torch.device("cpu")
+        self.lora_params = lora_parameters(model)
+        self.loss_multiplier = 1.0
+
+    # ------------------------------------------------------------------ the step
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.loss_multiplier).backward()
+
+    def _sync_grads(self) -> None:
+        pass
+
+    def step(self, lr: float) -> float:
+        """Reduce gradients, clip, update; returns the pre-clip global grad norm."""
+        self._sync_grads()
+        for p in self.lora_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.lora_params, limit)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def gathered_lora(self, modifier: bool = False) -> contextlib.AbstractContextManager:
+        """Within this context every rank's LoRA params are whole (they always are, but under ZeRO)."""
+        return contextlib.nullcontext()
+
+    def finish_training(self) -> None:
+        """Free what only further steps need (optimizer state, gradients) and reshard what the last
+        forward left gathered, so an export that follows starts from the sharded state alone."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.module.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    # ------------------------------------------------------------------ the state
+
+    def named_lora_params(self) -> list[tuple[str, nn.Parameter]]:
+        """``(<module>.lora_A.weight, param)`` pairs, in model order."""
+        out = []
+        for name, m in lora_modules(self.module):
+            out += [(f"{name}.lora_A.weight", m.lora_A.weight), (f"{name}.lora_B.weight", m.lora_B.weight)]
+        return out
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the full LoRA tensors by the model's names (collective under ZeRO-3)."""
+        with self.gathered_lora():
+            return {name: p.detach().clone() for name, p in self.named_lora_params()}
+
+    def optimizer_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 AdamW moments on the CPU, ``<lora name>.exp_avg`` / ``.exp_avg_sq`` (collective under ZeRO)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.named_lora_params():
+            state = self.optimizer.state.get(p, {})
+            for key in MOMENTS:
+                if key in state:
+                    out[f"{name}.{key}"] = state[key].detach().float().cpu().clone()
+        return out
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The training state in a strategy- and world-size-independent form (collective under ZeRO)::
+
+            {"lora": {<module>.lora_A.weight: tensor, ...}, "optimizer": {<name>.exp_avg: tensor, ...}}
+        """
+        return {"lora": self.lora_state_dict(), "optimizer": self.optimizer_state_dict()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]], step: int) -> None:
+        """Restore :meth:`state_dict`'s form, written by any strategy and world size; ``step`` optimizer
+        steps were taken (AdamW's bias correction)."""
+        self._load_lora(state["lora"])
+        self._load_moments(state.get("optimizer", {}), step)
+
+    def _load_lora(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        with self.gathered_lora(modifier=True):
+            for name, param in self.named_lora_params():
+                param.copy_(tensors[name].to(param.dtype))
+
+    def _load_moments(self, tensors: Mapping[str, torch.Tensor], step: int) -> None:
+        for name, p in self.named_lora_params():
+            if f"{name}.exp_avg" not in tensors:
+                continue
+            self.optimizer.state[p] = {
+                "step": torch.tensor(float(step)),
+                **{key: tensors[f"{name}.{key}"].to(p.device, p.dtype).clone() for key in MOMENTS},
+            }
+
+    def replica_tensors(self) -> dict[str, torch.Tensor]:
+        """The LoRA values this rank computes with (what must agree across ranks)."""
+        return self.lora_state_dict()
+
+
+class FSDP2Engine(Engine):
+    """FSDP2: the base is sharded by ``fully_shard``; LoRA gradients are all-reduced by :class:`LoRAGradReducer`."""
+
+    def __init__(self, model, optimizer, max_grad_norm, bucket_mb: float, device: torch.device | None = None) -> None:
+        super().__init__(model, optimizer, max_grad_norm, device)
+        self.reducer = LoRAGradReducer(self.lora_params, bucket_mb)
+
+    def no_sync(self):
+        return self.reducer.no_sync()
+
+    def _sync_grads(self) -> None:
+        self.reducer.finish()
+
+
+class DDPEngine(Engine):
+    """DDP: every rank holds the whole base; DDP reduces the LoRA gradients (it averages, we scale back to a sum)."""
+
+    def __init__(self, model, optimizer, max_grad_norm, bucket_mb: float, device: torch.device) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
+        super().__init__(model, optimizer, max_grad_norm, device)
+        self.model = ddp
+        self.loss_multiplier = float(dist.get_world_size())
+
+    def no_sync(self):
+        return self.model.no_sync()
+
+
+def make_engine(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: ParallelConfig,
+    train: TrainConfig,
+    device: torch.device,
+    ds_config: dict | None = None,
+) -> Engine:
+    """The training-step engine for ``cfg.strategy`` (model already materialized and loaded)."""
+    if cfg.strategy == "fsdp2":
+        return FSDP2Engine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device)
+    if cfg.strategy == "ddp":
+        return DDPEngine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device)
+    if cfg.strategy.startswith("zero"):
+        from lora_dist.parallel.deepspeed import DeepSpeedEngine
+
+        if ds_config is None:
+            raise ValueError(f"parallel.strategy={cfg.strategy} needs its DeepSpeed config (deepspeed_config())")
+        return DeepSpeedEngine(model, optimizer, ds_config, device)
+    return Engine(model, optimizer, train.max_grad_norm, device)
+
+
+def check_replicas(engine: Engine) -> None:
+    """Assert every LoRA tensor is bit-identical on all ranks.
+
+    Raises:
+        ReplicaMismatchError: naming the first tensor that differs.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    tensors = engine.replica_tensors()
+    names = sorted(tensors)
+    differs = torch.zeros(len(names), dtype=torch.int32, device=engine.device)
+    for i, name in enumerate(names):
+        local = tensors[name].contiguous()
+        reference = local.clone()
+        dist.broadcast(reference, src=0)
+        differs[i] = int(not torch.equal(reference, local))
+    dist.all_reduce(differs, op=dist.ReduceOp.MAX)
+    bad = [n for n, d in zip(names, differs.tolist()) if d]
+    if bad:
+        raise ReplicaMismatchError(
+            f"LoRA replicas differ across ranks, first at {bad[0]} ({len(bad)} tensors differ); "
+            "a rank applied a different update (non-deterministic op or a missed gradient sync)"
+        )

@@ -1,0 +1,93 @@
+"""Bucketed all-reduce of the replicated LoRA gradients, overlapped with backward (fsdp2)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = ["LoRAGradReducer"]
+
+
+class LoRAGradReducer:
+    """Bucketed all-reduce (sum) of replicated LoRA gradients, overlapped with backward.
+
+    Buckets are filled in reverse registration order (roughly the order
+    backward produces gradients) and launched strictly in bucket order so every
+    rank issues the same collectives in the same sequence. While
+    :meth:`no_sync` is active nothing is communicated: gradients accumulate
+    locally and are reduced once, at the accumulation boundary.
+
+    Args:
+        params: the LoRA params (identical on every rank).
+        bucket_mb: bucket size in MB.
+        group: process group (default: world).
+    """
+
+    def __init__(self, params: list[nn.Parameter], bucket_mb: float = 25.0, group=None) -> None:
+        self.group = group
+        self.buckets: list[list[nn.Parameter]] = []
+        limit, size = bucket_mb * 1e6, 0.0
+        for p in reversed(params):
+            nbytes = p.numel() * p.element_size()
+            if not self.buckets or size + nbytes > limit:
+                self.buckets.append([])
+                size = 0.0
+            self.buckets[-1].append(p)
+            size += nbytes
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self._sync = True
+        self._reset()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    def _reset(self) -> None:
+        self._ready: list[set[int]] = [set() for _ in self.buckets]
+        self._works: list[tuple[object, torch.Tensor, list[nn.Parameter]]] = []
+        self._next = 0
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = True
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if not self._sync:
+            return
+        b = self._bucket_of[id(param)]
+        self._ready[b].add(id(param))
+        while self._next < len(self.buckets) and len(self._ready[self._next]) == len(self.buckets[self._next]):
+            self._launch(self._next)
+            self._next += 1
+
+    def _launch(self, b: int) -> None:
+        params = self.buckets[b]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        for p in params:
+            p.grad = None  # the flat copy holds these gradients now; finish() hands them back as views of it
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        self._works.append((work, flat, params))
+
+    def finish(self) -> None:
+        """Launch what backward did not (unused params), wait, and set each gradient to its reduced
+        slice of the bucket (a view: the gradients are never held twice)."""
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+            self._next += 1
+        for work, flat, params in self._works:
+            work.wait()  # type: ignore[attr-defined]
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad = flat[offset : offset + n].view_as(p)
+                offset += n
+        self._reset()
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()

@@ -1,0 +1,104 @@
+"""Which bytes of a base tensor this rank owns: one rule for the sharded load and the export.
+
+A frozen base weight is held in one of three ways:
+
+* a plain tensor: whole on every rank (``ddp``, ``zero1/2``, ``none``, and
+  FSDP2/ZeRO-3 params small enough to stay whole);
+* an FSDP2 ``Shard(0)`` DTensor: a contiguous block of rows, as ``torch.chunk``
+  cuts them over the mesh;
+* a ZeRO-3 partition: rank ``r`` of the param's process group holds flat
+  elements ``[r * P, (r + 1) * P)`` of the row-major tensor, the last one padded.
+
+Both sharded forms are one contiguous range of the row-major flattened tensor,
+so :func:`owned_range` describes them alike: the loader reads exactly that
+range from the safetensors files, the export merges and writes exactly that range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["OwnedRange", "ShardingError", "full_shape", "is_dtensor", "local_dtype", "owned_range", "whole_local"]
+
+
+class ShardingError(ValueError):
+    """A param held in a way this rule does not cover (another placement, or offloaded to NVMe)."""
+
+
+@dataclass(frozen=True)
+class OwnedRange:
+    """Flat elements ``[start, end)`` of the row-major full tensor, held by this rank in ``local``.
+
+    ``local`` is a flat view of the rank's own storage (writes go to the param), with
+    ``end - start`` elements; it is empty where the rank owns nothing of the tensor.
+    """
+
+    start: int
+    end: int
+    local: torch.Tensor
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the whole tensor, whichever way it is sharded."""
+    return tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
+
+
+def local_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype this rank stores the param in."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor.dtype
+    return param.to_local().dtype if is_dtensor(param) else param.dtype
+
+
+def whole_local(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a param every rank holds whole (plain, or a replicated DTensor)."""
+    return param.to_local() if is_dtensor(param) else param.data
+
+
+def owned_range(param: torch.Tensor) -> OwnedRange | None:
+    """The range of ``param`` this rank owns, or None where the rank holds it whole.
+
+    Raises:
+        ShardingError: a DTensor placement other than ``Shard(0)``/``Replicate``, or a
+            ZeRO-3 partition that is not in memory.
+    """
+    shape = full_shape(param)
+    numel = math.prod(shape)
+    if is_dtensor(param):
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        if all(isinstance(p, Replicate) for p in param.placements):
+            return None
+        if not all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in param.placements):
+            raise ShardingError(f"placements {param.placements} are not supported: lora_dist handles dim-0 sharding "
+                                "(FSDP2's default Shard(0)) and replication")
+        local = param.to_local()
+        if not shape:
+            return OwnedRange(0, 1, local.reshape(1))
+        local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        row_len = math.prod(shape[1:])
+        rows = local_shape[0]
+        start = offset[0] * row_len if rows else 0
+        return OwnedRange(start, start + rows * row_len, local.reshape(-1))
+    if hasattr(param, "ds_tensor"):
+        group = getattr(param, "ds_process_group", None)
+        rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
+        part = param.ds_tensor.reshape(-1)
+        if part.numel() * world < numel:
+            raise ShardingError("this rank's ZeRO-3 partition is not in memory (NVMe offload?); "
+                                "lora_dist needs the partitions in GPU or CPU memory")
+        start = min(rank * part.numel(), numel)
+        end = min(start + part.numel(), numel)
+        return OwnedRange(start, end, part[: end - start])
+    return None
