@@ -1,7 +1,10 @@
-"""``python -m bench``: the same as ``lora-dist bench``."""
+"""``python -m bench`` from the root of a checkout: the same as ``lora-dist bench``.
+
+The benchmark's code is :mod:`lora_dist.bench`; this folder holds its results (``bench/results/``).
+"""
 
 import sys
 
-from bench.run import main
+from lora_dist.bench.run import main
 
 sys.exit(main())

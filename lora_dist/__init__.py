@@ -5,10 +5,12 @@ sharded with no gradients and no optimizer state while the small A/B params
 stay replicated and all-reduced; merged checkpoints are written from the
 sharded state, each rank merging its own shard.
 
-Where things live: LoRA math ``lora``/``merge``, PEFT-format adapters
-``adapter``, config ``config``, launch environment ``env``, sharding
-``parallel``, model setup ``model``, the training loop ``train``, checkpoints
-``checkpoint``, merged export ``export``.
+Where things live (``docs/architecture.md`` has the map): LoRA math ``lora``/``merge``,
+PEFT-format adapters ``adapter``, config ``config``, launching ``launch/``, sharding
+and the per-strategy engines ``parallel/``, base model dirs ``model_dir``, model setup
+``model``, data ``data``, the training loop ``train``, training checkpoints
+``checkpoint``, merged export, offline merge and verify ``export/``, atomic writes
+``atomic``, dtypes ``dtypes``, the command line ``cli``.
 """
 
 from lora_dist.adapter import load_adapter, lora_state_dict, read_adapter, save_adapter

@@ -13,8 +13,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,6 +22,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lora_dist.atomic import writing_dir
 from lora_dist.lora import LoRAConfig, inject_lora, lora_modules
 from lora_dist.merge import LoRAWeights, lora_scale
 
@@ -122,44 +121,33 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, t
 
 
 def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
-    """Write PEFT-format files atomically: a temporary sibling dir renamed into place.
+    """Write PEFT-format files atomically (:func:`lora_dist.atomic.writing_dir`).
 
     ``tensors`` use the model's own names; they are saved under PEFT's keys.
     An existing adapter at ``directory`` is replaced only once the new one is complete.
     """
     directory = Path(directory)
     _check_tensors(tensors, None)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with writing_dir(directory, replace=True) as staging:
         peft_tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(peft_tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            try:
-                os.replace(tmp, directory)
-            except BaseException:
-                os.replace(old, directory)  # put the previous adapter back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        save_file(peft_tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
     return directory
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 tensors: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Save the model's LoRA adapter in PEFT's format.
 
     Works on a model whose base is sharded (FSDP2/ZeRO-3): LoRA params are
     replicated, so the local copies are whole. Call it on one rank.
+
+    Args:
+        model: the LoRA model (its layers give the config and the expected shapes).
+        directory: the adapter dir to write.
+        base_model_name_or_path: recorded in ``adapter_config.json``.
+        tensors: the LoRA tensors to write, by the model's names, e.g. an engine's
+            fp32 :meth:`~lora_dist.parallel.Engine.lora_state_dict` (default: the model's params).
 
     Raises:
         AdapterError: no LoRA layers, or an empty, wrong-shaped or non-finite tensor.
@@ -167,7 +155,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     config: LoRAConfig | None = getattr(model, "lora_config", None)
     if config is None:
         raise AdapterError("the model has no LoRA adapter: call inject_lora(model, config) first")
-    tensors = lora_state_dict(model)
+    tensors = dict(tensors) if tensors is not None else lora_state_dict(model)
     expected = {}
     for name, m in lora_modules(model):
         expected[f"{name}.lora_A.weight"] = (m.r, m.in_features)

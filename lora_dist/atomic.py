@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["fsync", "publish_dir", "recover", "staging_dir", "write_text_atomic", "writing_dir"]
+__all__ = ["fsync", "publish_dir", "recover", "rename_exchange", "staging_dir", "write_text_atomic", "writing_dir"]
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -87,7 +87,7 @@ def staging_dir(final: str | os.PathLike) -> Path:
             continue
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def rename_exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux ``renameat2``); False where the system or filesystem cannot."""
     libc_name = ctypes.util.find_library("c")
     if libc_name is None:
@@ -131,7 +131,7 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike, *, replace
     if os.path.lexists(final):
         if not replace:
             raise FileExistsError(errno.EEXIST, f"{final} already exists", str(final))
-        if _exchange(staging, final):
+        if rename_exchange(staging, final):
             fsync(final.parent)
             _remove(staging)  # the previous version, now under the staging name
             return final

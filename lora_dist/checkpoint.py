@@ -23,16 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from lora_dist.atomic import write_text_atomic, writing_dir
 from lora_dist.config import Config
 from lora_dist.launch import LaunchEnv
 from lora_dist.model_dir import SAFE_INDEX
@@ -44,7 +43,6 @@ __all__ = [
     "ResumeError",
     "TrainingDiverged",
     "base_identity",
-    "write_text_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,24 +95,6 @@ def base_identity(model_path: str, samples: int = 8, sample_bytes: int = 1 << 16
     return {"path": str(root.resolve()), "sha256": h.hexdigest()}
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a directory's entries (renames into it), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a crash leaves either the old or the new file, durably."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def _lora_settings(cfg: Config) -> dict:
     """The recorded ``lora.*`` settings, as they read back from JSON."""
     return json.loads(json.dumps({k: getattr(cfg.lora, k) for k in LORA_SETTINGS}))
@@ -125,66 +105,6 @@ def _check_finite(tensors: dict[str, torch.Tensor], step: int) -> None:
     if bad is not None:
         raise TrainingDiverged(f"{bad} is not finite at step {step}; checkpoint not written, the last good one is kept. "
                                "Lower train.lr or check the data")
-
-
-def _optimizer_tensors(engine) -> dict[str, torch.Tensor]:
-    """Full AdamW moments per LoRA tensor name (collective under ZeRO)."""
-    names = {id(p): n for n, p in _named_lora(engine)}
-    out: dict[str, torch.Tensor] = {}
-    if hasattr(engine, "engine"):  # DeepSpeed: moments live in flat partitions
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        for p in engine.lora_params:
-            for key in ("exp_avg", "exp_avg_sq"):
-                value = safe_get_full_optimizer_state(p, key)
-                if value is not None:
-                    out[f"{names[id(p)]}.{key}"] = value.detach().float().cpu().clone()
-        return out
-    for p in engine.lora_params:
-        state = engine.optimizer.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                out[f"{names[id(p)]}.{key}"] = state[key].detach().float().cpu().clone()
-    return out
-
-
-def _load_optimizer_tensors(engine, tensors: dict[str, torch.Tensor], step: int) -> None:
-    named = _named_lora(engine)
-    if hasattr(engine, "engine"):
-        from deepspeed.utils import safe_set_full_optimizer_state
-
-        zero_opt = engine.optimizer
-        inner = getattr(zero_opt, "optimizer", zero_opt)
-        # The flat fp32 partitions torch's AdamW steps (ZeRO-3 detaches them from param_groups between steps).
-        flat = [p for g in inner.param_groups for p in g["params"]]
-        flat += list(getattr(zero_opt, "fp32_partitioned_groups_flat", []))
-        flat += list(getattr(zero_opt, "single_partition_of_fp32_groups", []))
-        for p in flat:  # AdamW creates its state lazily: create it so it can be filled
-            if not inner.state.get(p):
-                inner.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-            inner.state[p]["step"] = torch.tensor(float(step))
-        for name, p in named:
-            for key in ("exp_avg", "exp_avg_sq"):
-                if f"{name}.{key}" in tensors:
-                    safe_set_full_optimizer_state(p, tensors[f"{name}.{key}"], key)
-        return
-    for name, p in named:
-        if f"{name}.exp_avg" not in tensors:
-            continue
-        engine.optimizer.state[p] = {
-            "step": torch.tensor(float(step)),
-            "exp_avg": tensors[f"{name}.exp_avg"].to(p.device, p.dtype).clone(),
-            "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(p.device, p.dtype).clone(),
-        }
-
-
-def _named_lora(engine) -> list[tuple[str, torch.Tensor]]:
-    from lora_dist.lora import lora_modules
-
-    out = []
-    for name, m in lora_modules(engine.module):
-        out += [(f"{name}.lora_A.weight", m.lora_A.weight), (f"{name}.lora_B.weight", m.lora_B.weight)]
-    return out
 
 
 class CheckpointManager:
@@ -216,12 +136,12 @@ class CheckpointManager:
         Raises:
             TrainingDiverged: a LoRA tensor or AdamW moment is NaN/Inf (on every rank; nothing is written).
         """
-        lora = engine.lora_tensors()
-        moments = _optimizer_tensors(engine)
+        state = engine.state_dict()
+        lora, moments = state["lora"], state["optimizer"]
         _check_finite({**lora, **moments}, step)
         final = self.root / f"step-{step:06d}"
         if self.env.is_main:
-            state = {
+            record = {
                 "step": step,
                 "samples_consumed": self._samples(step),
                 "base": base_identity(self.cfg.model.path),
@@ -229,23 +149,11 @@ class CheckpointManager:
                 "strategy": self.cfg.parallel.strategy,
                 "lora": _lora_settings(self.cfg),
             }
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
-            try:
-                save_file({k: v.cpu().contiguous() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
-                save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"))
-                (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-                for f in tmp.iterdir():
-                    _fsync(f)
-                _fsync(tmp)
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                _fsync(self.root)
-                write_text_atomic(self.root / LATEST, final.name + "\n")
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
+            with writing_dir(final, replace=True) as staging:
+                save_file({k: v.cpu().contiguous() for k, v in lora.items()}, str(staging / "lora.safetensors"))
+                save_file({k: v.contiguous() for k, v in moments.items()}, str(staging / "optimizer.safetensors"))
+                (staging / "state.json").write_text(json.dumps(record, indent=2) + "\n")
+            write_text_atomic(self.root / LATEST, final.name + "\n")
             self._prune()
             log.info("checkpoint saved: %s", final)
         if dist.is_initialized():
@@ -255,7 +163,7 @@ class CheckpointManager:
     def _prune(self) -> None:
         """Drop all but the newest ``checkpoint.keep`` checkpoints, and temp dirs of writers that were killed."""
         done = sorted(p for p in self.root.glob("step-*") if p.is_dir())
-        stale = [p for p in self.root.glob(".step-*.tmp-*") if p.is_dir()]
+        stale = [p for p in self.root.glob(".step-*.tmp-*") if p.is_dir()]  # writers that were killed
         for old in done[: -self.cfg.checkpoint.keep] + stale:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -306,8 +214,7 @@ class CheckpointManager:
                     "(config/weights differ); use the same model.path or set checkpoint.force=true"
                 )
             self._check_lora(path, state, lora, engine)
-            engine.load_lora_tensors(lora)
-            _load_optimizer_tensors(engine, moments, state["step"])
+            engine.load_state_dict({"lora": lora, "optimizer": moments}, state["step"])
             self.resumed_step = state["step"]
             self.samples_offset = state.get("samples_consumed", 0)
             if self.env.is_main:
@@ -323,7 +230,7 @@ class CheckpointManager:
             if key in current and current[key] != saved:
                 was, now = f"lora.{key}={json.dumps(saved)}", f"lora.{key}={json.dumps(current[key])}"
                 raise ResumeError(f"{path} was trained with {was}, this run has {now}; resume with {was} {fresh}")
-        shapes = {k: list(v.shape) for k, v in engine.lora_tensors().items()}
+        shapes = {k: list(v.shape) for k, v in engine.lora_state_dict().items()}
         if set(lora) != set(shapes):
             raise ResumeError(f"{path}: its LoRA tensors do not match this model's LoRA layers (lora.* changed?); "
                               f"resume with the original lora.* settings {fresh}")
@@ -365,9 +272,10 @@ class PreemptionHandler:
     def _on_checkpoint(self, signum, frame) -> None:
         self._checkpoint = True
 
-    def poll(self) -> tuple[bool, bool]:
-        """``(stop, checkpoint)`` as agreed by all ranks (one tiny all-reduce); clears the checkpoint request."""
-        flags = torch.tensor([int(self._stop), int(self._checkpoint)])
+    def poll(self, device: torch.device | None = None) -> tuple[bool, bool]:
+        """``(stop, checkpoint)`` as agreed by all ranks (one tiny all-reduce on ``device``, the run's);
+        clears the checkpoint request."""
+        flags = torch.tensor([int(self._stop), int(self._checkpoint)], device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, checkpoint = bool(flags[0]), bool(flags[1])

@@ -1,9 +1,14 @@
-"""``lora-dist`` command line.
+"""``lora-dist``: every command's parser, and one exit-code policy.
 
     lora-dist train CONFIG.yaml [section.key=value ...]   one process, or under torchrun/srun/mpirun
     lora-dist demo [--nproc 2] [--out runs/demo]          the README's end-to-end job
-    lora-dist export RUN_DIR                               merged checkpoint from a finished run
-    lora-dist merge / verify / slurm / plan / bench        see each command's --help
+    lora-dist export RUN_DIR                              merged checkpoint from a finished run
+    lora-dist merge / verify / slurm / plan / bench       see each command's --help
+
+Options and ``section.key=value`` overrides mix in any order. Exit codes:
+0 done; 1 a check found a problem (``verify``); 2 bad input or environment,
+reported as one line naming the problem and the fix. The commands' work lives
+in their modules; this module parses, calls, and maps errors to exit codes.
 """
 
 from __future__ import annotations
@@ -12,14 +17,30 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["main"]
+__all__ = ["EXIT_CHECK_FAILED", "EXIT_OK", "EXIT_USAGE", "main"]
+
+EXIT_OK = 0
+#: A check found a problem (``lora-dist verify``).
+EXIT_CHECK_FAILED = 1
+#: Bad input or environment: a one-line error naming the problem and the fix.
+EXIT_USAGE = 2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+_DTYPE_CHOICES = ["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]
+_EXIT_CODES = "exit codes: 0 done; 1 a check found a problem (verify); 2 bad input or environment (one line says why)"
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    parser: Callable[[str], argparse.ArgumentParser]
+    run: Callable[[argparse.Namespace], int]
 
 
 def _setup_logging() -> None:
@@ -34,171 +55,303 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _train_parser(sub) -> None:
+def _config_parser(prog: str, description: str, overrides_help: str) -> argparse.ArgumentParser:
+    """A parser taking ``[CONFIG.yaml] [section.key=value ...]`` with the config keys in its help."""
     from lora_dist.config import config_help
 
-    p = sub.add_parser(
-        "train",
-        help="run a LoRA fine-tune",
-        description="Run a LoRA fine-tune. Works as one process and unchanged under torchrun, srun and mpirun.",
-        epilog="config keys (override any as section.key=value):\n" + config_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (override any as section.key=value):\n" + config_help() + "\n\n" + _EXIT_CODES,
     )
     p.add_argument("config", nargs="?", help="YAML config file (optional; defaults + overrides otherwise)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 train.lr=3e-4")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    return p
 
 
-def _cmd_train(args) -> int:
+def _config_and_overrides(args: argparse.Namespace):
+    """The run config of ``[CONFIG] [overrides]``; a first argument with ``=`` is an override, not a file."""
     from lora_dist.config import load_config
-    from lora_dist.train import train
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]
-    cfg = load_config(config, overrides)
-    result = train(cfg)
+    return load_config(config, overrides)
+
+
+def _size(text: str) -> str:
+    from lora_dist.export.layout import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+# ----------------------------------------------------------------------------- train, demo, export
+
+
+def _train_parser(prog: str) -> argparse.ArgumentParser:
+    return _config_parser(prog, "Run a LoRA fine-tune. Works as one process and unchanged under torchrun, srun "
+                          "and mpirun.", "dotted overrides, e.g. lora.r=16 train.lr=3e-4")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lora_dist.train import train
+
+    result = train(_config_and_overrides(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: loss {result.first_loss:.4f} -> {result.final_loss:.4f}"
               + (f", eval {result.eval_loss:.4f}" if result.eval_loss is not None else "")
               + f"; outputs in {result.output_dir}")
-    return 0
+    return EXIT_OK
 
 
-def _demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="build a tiny Llama, fine-tune it on 2 CPU processes, export merged")
+def _demo_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Build a tiny Llama checkpoint, fine-tune it with LoRA on "
+                                "CPU processes (FSDP2 over gloo), write the merged export and check it.")
     p.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
     p.add_argument("--out", default="runs/demo", help="working dir (default runs/demo)")
     p.add_argument("overrides", nargs="*", help="extra config overrides")
+    return p
 
 
-def _cmd_demo(args) -> int:
-    import shutil
-    import socket
-
-    from lora_dist.demo import make_tiny_checkpoint, write_demo_data
+def _demo(args: argparse.Namespace) -> int:
+    from lora_dist.demo import run_demo
 
     if not DEMO_CONFIG.is_file():
-        print(f"lora-dist demo: error: {DEMO_CONFIG} not found; the demo runs from a source checkout "
-              "(configs/ next to lora_dist/): clone the repository and `pip install -e .`", file=sys.stderr)
-        return 2
-    out = Path(args.out).resolve()
-    base, data, run = out / "base", out / "data.jsonl", out / "run"
-    if not (base / "config.json").is_file():
-        print(f"building a tiny Llama checkpoint in {base}")
-        make_tiny_checkpoint(base, arch="llama", hidden=128, layers=4, heads=4)
-    write_demo_data(data, n=600)
-    if run.exists():
-        shutil.rmtree(run)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", f"--master_port={port}",
-           "-m", "lora_dist.cli", "train", str(DEMO_CONFIG),
-           f"model.path={base}", f"data.path={data}", f"output.dir={run}", *args.overrides]
-    print("+", " ".join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    code = subprocess.call(cmd, env=env)
-    if code != 0:
-        return code
-    return _check_demo(base, run)
+        raise _UsageError(f"{DEMO_CONFIG} not found; the demo runs from a source checkout (configs/ next to "
+                          "lora_dist/): clone the repository and `pip install -e .`")
+    return run_demo(DEMO_CONFIG, Path(args.out), args.nproc, args.overrides)
 
 
-class DemoFailed(RuntimeError):
-    """The demo ran but its result is not what it promises."""
-
-
-def _check_demo(base: Path, run: Path) -> int:
-    """The demo's promises: the loss went down, and the merged export equals base + adapter."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from lora_dist.adapter import load_adapter
-    from lora_dist.export import verify_checkpoint
-
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = [h["loss"] for h in history if "loss" in h]
-    print(f"train loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
-    if not min(losses[-3:]) < losses[0] - 0.5:
-        raise DemoFailed(f"the training loss did not go down ({losses[0]:.3f} -> {losses[-1]:.3f})")
-    if not (run / "merged" / "model.safetensors.index.json").is_file():
-        raise DemoFailed(f"no merged export in {run / 'merged'} (export.merged was turned off?)")
-    report = verify_checkpoint(run / "merged", base_dir=base, adapter_dir=run / "adapter")
-    print(f"verified {report.summary()}")
-    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
-    lora = load_adapter(AutoModelForCausalLM.from_pretrained(base), run / "adapter").eval()
-    ids = torch.randint(0, merged.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = (merged(input_ids=ids).logits - lora(input_ids=ids).logits).abs().max().item()
-    print(f"merged checkpoint loads with transformers; max |logits - (base + adapter) logits| = {diff:.2e}")
-    if not diff < 1e-4:
-        raise DemoFailed(f"the merged checkpoint's logits differ from base + adapter by {diff:.2e}")
-    print(f"demo OK; outputs in {run}")
-    return 0
-
-
-def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="write the merged checkpoint of a finished run, sharded like training")
+def _export_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Write the merged checkpoint of a finished run from the "
+                                "sharded state. Run it under the launcher of the training run (torchrun, srun, "
+                                "mpirun), or as one process: then it streams the base from disk.")
     p.add_argument("run_dir", help="a run's output.dir (holds config.json and adapter/)")
     p.add_argument("--out", default=None, help="output dir (default RUN_DIR/merged)")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default=None, choices=_DTYPE_CHOICES,
                    help="dtype of the floating tensors written (default: export.dtype of the run)")
-    p.add_argument("--max-shard-size", default=None)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--max-shard-size", type=_size, default=None, help="largest output file, e.g. 5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output once the new one is complete")
+    return p
 
 
-def _cmd_export(args) -> int:
-    from lora_dist.run_export import export_run
+def _export(args: argparse.Namespace) -> int:
+    from lora_dist.export import export_run
 
     export_run(args.run_dir, out=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                overwrite=args.overwrite)
-    return 0
+    return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lora-dist",
+# ----------------------------------------------------------------------------- merge, verify
+
+
+def _merge_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Merge a PEFT-format LoRA adapter into a base Hugging Face "
+                                "checkpoint, one tensor at a time. Under torchrun/srun/mpirun the ranks split the work.")
+    p.add_argument("--base", required=True, help="base HF checkpoint dir (safetensors)")
+    p.add_argument("--adapter", required=True, help="PEFT-format adapter dir")
+    p.add_argument("--out", required=True, help="output checkpoint dir (must not exist unless --overwrite)")
+    p.add_argument("--max-shard-size", type=_size, default="5GB",
+                   help="largest output file, decimal units like HF (default 5GB)")
+    p.add_argument("--dtype", default=None, choices=_DTYPE_CHOICES,
+                   help="dtype of the floating tensors written (default: the base's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+    return p
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from lora_dist.export import merge_offline
+    from lora_dist.launch import destroy_distributed, detect_launch_env, init_distributed
+
+    started = not dist.is_initialized() and detect_launch_env().distributed
+    if started:
+        init_distributed(backend="gloo")  # the merge is file work
+    try:
+        out = merge_offline(args.base, args.adapter, args.out, max_shard_size=args.max_shard_size,
+                            dtype=args.dtype, overwrite=args.overwrite)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"merged checkpoint written to {out}")
+        return EXIT_OK
+    finally:
+        if started:
+            destroy_distributed()
+
+
+def _verify_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, epilog=_EXIT_CODES, description="Check a Hugging Face safetensors "
+                                "checkpoint dir. With --base and --adapter, recompute a sample of tensors (all "
+                                "LoRA-targeted ones first) and compare.")
+    p.add_argument("out_dir", help="checkpoint dir to check")
+    p.add_argument("--base", default=None, help="base checkpoint dir it was made from")
+    p.add_argument("--adapter", default=None, help="adapter dir it was merged with (needs --base)")
+    p.add_argument("--sample", type=int, default=8, help="tensors to recompute (0: none; -1: all)")
+    return p
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from lora_dist.export import VerifyError, verify_checkpoint
+
+    if args.adapter is not None and args.base is None:
+        raise _UsageError("--adapter needs --base: the merge is recomputed from the base and the adapter")
+    sample = None if args.sample is not None and args.sample < 0 else args.sample
+    try:
+        report = verify_checkpoint(args.out_dir, args.base, args.adapter, sample=sample)
+    except VerifyError as e:
+        print(f"lora-dist verify: FAILED: {e}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    print(report.summary())
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- slurm, plan, bench
+
+
+def _slurm_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Render slurm/multi_node.sbatch for CONFIG and submit it "
+                                "with sbatch.", epilog=_EXIT_CODES)
+    p.add_argument("config", help="training config (YAML)")
+    p.add_argument("overrides", nargs="*", help="config overrides key.path=value (a `--` before them is accepted)")
+    p.add_argument("--nodes", type=int, default=2, help="number of nodes, one torchrun each (default 2)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node = workers per node (default 8)")
+    p.add_argument("--partition", default=None, help="Slurm partition")
+    p.add_argument("--account", default=None, help="Slurm account")
+    p.add_argument("--time", default="04:00:00", help="time limit, e.g. 04:00:00 or 1-00:00 (default 04:00:00)")
+    p.add_argument("--job-name", default="lora-dist", help="job name and log prefix (default lora-dist)")
+    p.add_argument("--output-dir", default="runs/slurm", help="where the rendered script and logs/ go")
+    p.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    p.add_argument("--env", action="append", default=None, metavar="KEY=VALUE",
+                   help="export KEY=VALUE in the job (site network settings such as NCCL_SOCKET_IFNAME); repeatable")
+    return p
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    from lora_dist.slurm import run_slurm
+
+    text = run_slurm(args.config, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                     partition=args.partition, account=args.account, time=args.time, job_name=args.job_name,
+                     output_dir=args.output_dir, dry_run=args.dry_run, env=args.env)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return EXIT_OK
+
+
+def _plan_parser(prog: str) -> argparse.ArgumentParser:
+    p = _config_parser(prog, "Predict per-rank memory (base shard, LoRA params, grads, optimizer state, "
+                       "activations, gathered weights, buffers) of training CONFIG on W ranks. Reads only the "
+                       "checkpoint's config.json.", "dotted overrides, e.g. parallel.strategy=zero3 train.seq_len=2048")
+    p.add_argument("--world-size", "-W", type=int, required=True, help="number of ranks")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from lora_dist.plan import plan_memory
+
+    plan = plan_memory(_config_and_overrides(args), args.world_size)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.table())
+    return EXIT_OK
+
+
+def _bench_parser(prog: str) -> argparse.ArgumentParser:
+    from lora_dist.bench.run import add_arguments
+
+    p = argparse.ArgumentParser(prog=prog, description="Run every configuration, one torchrun launch each, on "
+                                "Llama-shaped models; measure peak memory, step time, tokens/s, bytes communicated, "
+                                "merged export; check the targets; write results.json, results.md and PNG plots.")
+    add_arguments(p)
+    return p
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Exit 1 if a configuration failed to run (a FAILed target is a result, exit 0)."""
+    for extra in ("matplotlib", "peft"):
+        try:
+            __import__(extra)
+        except ModuleNotFoundError:
+            raise _UsageError(f"the benchmark needs {extra}: pip install 'lora_dist[bench]'") from None
+    from lora_dist.bench.report import failed_configs
+    from lora_dist.bench.run import options_from_args, run_bench
+
+    return EXIT_CHECK_FAILED if failed_configs(run_bench(options_from_args(args))) else EXIT_OK
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("run a LoRA fine-tune", _train_parser, _train),
+    "demo": Command("build a tiny Llama, fine-tune it on 2 CPU processes, export merged", _demo_parser, _demo),
+    "export": Command("write the merged checkpoint of a finished run, sharded like training", _export_parser, _export),
+    "merge": Command("merge a PEFT-format LoRA adapter into a base checkpoint (streaming, no full load)",
+                     _merge_parser, _merge),
+    "verify": Command("check a merged checkpoint dir (index, headers, NaN/Inf; optionally against base + adapter)",
+                      _verify_parser, _verify),
+    "slurm": Command("render (and submit) a multi-node sbatch job", _slurm_parser, _slurm),
+    "plan": Command("predict per-rank memory of a run from config.json, before launching it", _plan_parser, _plan),
+    "bench": Command("benchmark lora_dist fsdp2/zero3/ddp against PEFT + accelerate (FSDP2, ZeRO-3) and full "
+                     "fine-tuning", _bench_parser, _bench),
+}
+
+
+class _UsageError(ValueError):
+    """Bad input found by the CLI itself."""
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    width = max(map(len, COMMANDS))
+    listing = "\n".join(f"  {name:<{width}}  {cmd.help}" for name, cmd in COMMANDS.items())
+    p = argparse.ArgumentParser(
+        prog="lora-dist", formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="lora-dist COMMAND [options and section.key=value overrides, in any order]",
         description="Distributed LoRA fine-tuning: frozen base sharded (FSDP2 / ZeRO-3), LoRA replicated, "
-        "merged export from the sharded state.",
+        "merged export from the sharded state.\n\ncommands:\n" + listing,
         epilog="Training is configured by a YAML file plus dotted overrides (section.key=value, e.g. lora.r=16 "
-        "train.lr=3e-4); `lora-dist train --help` lists every key with its default and meaning.",
+        "train.lr=3e-4); `lora-dist train --help` lists every key with its default and meaning. "
+        "`lora-dist COMMAND --help` describes a command.\n\n" + _EXIT_CODES,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
-    _demo_parser(sub)
-    _export_parser(sub)
-    for module, adders in (
-        ("lora_dist.export", ("add_merge_subparser", "add_verify_subparser")),
-        ("lora_dist.slurm", ("add_slurm_subparser",)),
-        ("lora_dist.plan", ("add_plan_subparser",)),
-        ("lora_dist.bench", ("add_bench_subparser",)),
-    ):
-        mod = __import__(module, fromlist=list(adders))
-        for name in adders:
-            getattr(mod, name)(sub)
-    return parser
+    p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help=argparse.SUPPRESS)
+    return p
 
 
-_COMMANDS = {"train": _cmd_train, "demo": _cmd_demo, "export": _cmd_export}
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean bad input or environment: one line, exit code 2."""
+    from lora_dist.errors import USER_ERRORS
+
+    return (*USER_ERRORS, _UsageError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``lora-dist`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return EXIT_OK if argv else EXIT_USAGE
+    top.parse_args(argv[:1])  # an unknown command: argparse's message, exit 2
+    name = argv[0]
+    command = COMMANDS[name]
     _setup_logging()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from lora_dist.errors import USER_ERRORS
-
+    rest = argv[1:]
+    if name == "slurm" and "--" in rest:  # the old `CONFIG [options] -- overrides` form
+        cut = rest.index("--")
+        rest = rest[:cut] + rest[cut + 1 :]
+    args = command.parser(f"lora-dist {name}").parse_intermixed_args(rest)
     try:
-        if args.command in _COMMANDS:
-            code = _COMMANDS[args.command](args)
-        else:
-            code = int(args.func(args) or 0)
-    except (*USER_ERRORS, DemoFailed) as e:
-        print(f"lora-dist {args.command}: error: {e}", file=sys.stderr)
-        code = 2
+        code = command.run(args)
+    except user_errors() as e:
+        print(f"lora-dist {name}: error: {_one_line(e)}", file=sys.stderr)
+        code = EXIT_USAGE
     except SystemExit as e:  # preemption: checkpoint written, exit code asks for a requeue
-        code = e.code if isinstance(e.code, int) else 1
+        code = e.code if isinstance(e.code, int) else EXIT_CHECK_FAILED
     _shutdown(code)
     return code
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split("\n"))
+    return text if len(text) <= 2000 else text[:1997] + "..."
 
 
 def _shutdown(code: int) -> None:

@@ -240,7 +240,8 @@ def _attribute_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _all_keys() -> list[str]:
+def config_keys() -> list[str]:
+    """Every ``section.key`` a config has, in order."""
     return [f"{s}.{f.name}" for s, sf in _SECTIONS.items() for f in dataclasses.fields(sf.default_factory)]
 
 
@@ -320,7 +321,7 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise _unknown(f"{name}.{key}", _all_keys())
+            raise _unknown(f"{name}.{key}", config_keys())
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     try:
         return cls(**kwargs)
@@ -335,7 +336,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if key.count(".") != 1:
         name = key.rsplit(".", 1)[-1]
-        matches = [k for k in _all_keys() if k.endswith(f".{name}")]
+        matches = [k for k in config_keys() if k.endswith(f".{name}")]
         hint = f"did you mean {' or '.join(map(repr, matches))}?" if matches else "e.g. train.lr=3e-4"
         raise ConfigError(f"override key {key!r} must be section.key; {hint}")
     try:
@@ -380,7 +381,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, value = _parse_override(item)
         section, name = key.split(".")
         if section not in _SECTIONS:
-            raise _unknown(key, _all_keys())
+            raise _unknown(key, config_keys())
         raw.setdefault(section, {})[name] = value
     sections = {name: _build_section(name, raw.get(name, {})) for name in _SECTIONS}
     return Config(**sections).validate()

@@ -175,6 +175,11 @@ def _is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
+def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether floating ``dtype`` has fewer bits than floating ``than`` (bf16/fp16 vs fp32)."""
+    return dtype.is_floating_point and than.is_floating_point and torch.finfo(dtype).bits < torch.finfo(than).bits
+
+
 class LoRALinear(nn.Module):
     """A linear layer with a low-rank adapter; the base ``weight``/``bias`` keep their names.
 
@@ -188,6 +193,11 @@ class LoRALinear(nn.Module):
         fan_in_fan_out: the weight is stored transposed (GPT-2 ``Conv1D``).
         init: ``"kaiming"`` or ``"gaussian"`` for ``lora_A``.
         lora_dtype: dtype of the LoRA params (fp32 by default, whatever the base dtype).
+
+    The LoRA path computes in the dtype of its input when that is narrower than
+    ``lora_dtype`` (bf16/fp16 activations, fp32 params): the params are cast for the
+    matmuls, so their grads stay fp32 and no fp32 copy of the input is kept for backward.
+    Otherwise the input is cast to ``lora_dtype`` (fp32 inputs: plain fp32 math).
     """
 
     def __init__(
@@ -257,8 +267,17 @@ class LoRALinear(nn.Module):
         result = F.linear(x, weight, self.bias)
         if self.merged or self.disabled:
             return result
-        lora_x = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(lora_x)) * self.scale
+        lora_dtype = self.lora_A.weight.dtype
+        if _narrower(x.dtype, lora_dtype):
+            # bf16/fp16 activations, fp32 LoRA params: compute in the activations' dtype, as autocast
+            # would. Only the (small) weights are cast; the cast is differentiable, so the params and
+            # their grads stay fp32, and backward keeps no fp32 copy of x per adapted projection.
+            lora_x = self.lora_dropout(x)
+            hidden = F.linear(lora_x, self.lora_A.weight.to(x.dtype))
+            update = F.linear(hidden, self.lora_B.weight.to(x.dtype)) * self.scale
+        else:
+            lora_x = self.lora_dropout(x).to(lora_dtype)
+            update = self.lora_B(self.lora_A(lora_x)) * self.scale
         return result + update.to(result.dtype)
 
     @torch.no_grad()

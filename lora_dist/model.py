@@ -1,4 +1,4 @@
-"""Building a LoRA model from a local HF checkpoint, in the documented setup order.
+"""Building a LoRA model from a local HF model dir, in the documented setup order.
 
     build skeleton on meta -> inject LoRA -> parallelize -> materialize
     -> each rank loads only the base tensors (or rows/slices) it owns
@@ -21,30 +21,29 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lora_dist.config import ModelConfig, ParallelConfig
-from lora_dist.model_dir import ModelDirError, ModelDir
+from lora_dist.dtypes import parse_dtype
 from lora_dist.lora import InjectionReport, LoRAConfig, inject_lora, lora_modules, lora_parameters
+from lora_dist.model_dir import ModelDir, ModelDirError
 from lora_dist.parallel import parallelize
+from lora_dist.parallel.sharding import full_shape, owned_range, whole_local
 
-__all__ = ["LoadedModel", "load_model", "torch_dtype"]
+__all__ = ["LoadedModel", "load_model", "model_class", "place_unsharded"]
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
 
 
 @dataclass
 class LoadedModel:
+    """The model :func:`load_model` built, what the injection did, and the base model dir it read."""
+
     model: nn.Module
     report: InjectionReport
-    checkpoint: ModelDir
+    base: ModelDir
     ds_config: dict | None = None
 
 
-def _model_class(hf_config):
+def model_class(hf_config):
+    """The ``transformers`` Auto class that builds this architecture."""
     import transformers as tf
 
     archs = getattr(hf_config, "architectures", None) or []
@@ -55,65 +54,47 @@ def _model_class(hf_config):
     return tf.AutoModelForCausalLM
 
 
-def _checkpoint_key(name: str, ckpt: ModelDir, prefix: str) -> str | None:
-    if name in ckpt:
+def _base_key(name: str, base: ModelDir, prefix: str) -> str | None:
+    """The tensor name in the base model dir of the model's param ``name`` (HF prefixes may differ)."""
+    if name in base:
         return name
-    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in ckpt:
+    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in base:
         return name[len(prefix) + 1 :]
-    if prefix and f"{prefix}.{name}" in ckpt:
+    if prefix and f"{prefix}.{name}" in base:
         return f"{prefix}.{name}"
     return None
 
 
-def _owned_rows(param: torch.Tensor) -> slice | None:
-    """Rows of the full tensor held locally by a ``Shard(0)`` DTensor (``None`` for a plain tensor)."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(param, DTensor):
-        return None
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    start = offset[0] if param.dim() else 0
-    return slice(start, start + (local_shape[0] if param.dim() else 1))
-
-
 @torch.no_grad()
-def _load_base(model: nn.Module, ckpt: ModelDir, dtype: torch.dtype) -> None:
-    """Copy each base param's owned part from the checkpoint into the model."""
+def _load_base(model: nn.Module, base: ModelDir) -> None:
+    """Copy each base param's owned bytes (:func:`~lora_dist.parallel.sharding.owned_range`) from the files."""
     prefix = getattr(model, "base_model_prefix", "")
     lora = {id(p) for p in lora_parameters(model)}
     missing = []
     for name, param in model.named_parameters():
         if id(param) in lora:
             continue
-        key = _checkpoint_key(name, ckpt, prefix)
+        key = _base_key(name, base, prefix)
         if key is None:
             missing.append(name)
             continue
-        full_shape = tuple(getattr(param, "ds_shape", param.shape))
-        if ckpt.shape(key) != full_shape:
+        shape = full_shape(param)
+        if base.shape(key) != shape:
             raise ModelDirError(
-                f"{key}: checkpoint shape {ckpt.shape(key)} != model shape {full_shape}; config.json and weights disagree"
+                f"{key}: checkpoint shape {base.shape(key)} != model shape {shape}; config.json and weights disagree"
             )
-        if hasattr(param, "ds_tensor"):  # ZeRO-3 partition: a flat element range
-            part = param.ds_tensor
-            start = dist.get_rank() * part.numel()
-            end = min(start + part.numel(), param.ds_numel)
-            if end > start:
-                part[: end - start].copy_(ckpt.read_flat(key, start, end).to(part.dtype))
-            continue
-        rows = _owned_rows(param)
-        local = param.to_local() if rows is not None else param.data
-        if local.numel() == 0:
-            continue
-        local.copy_(ckpt.read(key, rows).to(local.dtype))
+        owned = owned_range(param)
+        if owned is None:
+            local = whole_local(param)
+            local.copy_(base.read(key).to(local.dtype))
+        elif owned.end > owned.start:
+            owned.local.copy_(base.read_flat(key, owned.start, owned.end).to(owned.local.dtype))
     if missing:
-        raise ModelDirError(f"{ckpt.path}: no weights for {missing[:5]}; the checkpoint does not match its config.json")
+        raise ModelDirError(f"{base.path}: no weights for {missing[:5]}; the checkpoint does not match its config.json")
     for name, buf in model.named_buffers():
-        key = _checkpoint_key(name, ckpt, prefix)
-        if key is not None and tuple(buf.shape) == ckpt.shape(key):
-            buf.copy_(ckpt.read(key).to(buf.dtype))
+        key = _base_key(name, base, prefix)
+        if key is not None and tuple(buf.shape) == base.shape(key):
+            buf.copy_(base.read(key).to(buf.dtype))
 
 
 def _tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
@@ -137,6 +118,21 @@ def _no_init_weights():
     return no_init_weights()
 
 
+def place_unsharded(model: nn.Module, device: torch.device) -> None:
+    """Move what FSDP2 does not manage (the LoRA params, kept out of sharding, and the buffers) to ``device``.
+
+    With ``parallel.cpu_offload`` the base shards are materialized in host memory, where
+    ``CPUOffloadPolicy`` wants them (pinned on CUDA), and FSDP2 copies each unit to the device
+    for its all-gather; everything else must still be on the device for the forward.
+    """
+    with torch.no_grad():
+        for param in lora_parameters(model):
+            param.data = param.data.to(device)
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            setattr(module, name, buf.to(device))
+
+
 def _init_lora(model: nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for _, module in lora_modules(model):
@@ -157,6 +153,7 @@ def load_model(
     device: torch.device,
     seed: int,
     ds_config: dict | None = None,
+    base: ModelDir | None = None,
 ) -> LoadedModel:
     """Build the LoRA model for ``parallel_cfg.strategy`` in the documented setup order.
 
@@ -166,26 +163,28 @@ def load_model(
         parallel_cfg: strategy and its options.
         device: this rank's device.
         seed: LoRA init seed (the same on every rank).
-        ds_config: DeepSpeed config, for ``zero*`` strategies.
+        ds_config: DeepSpeed config, for ``zero*`` strategies
+            (:func:`lora_dist.parallel.deepspeed.deepspeed_config`).
+        base: the base model dir, if the caller opened it already (else ``model_cfg.path`` is opened).
 
     Raises:
-        ModelDirError: missing/corrupt checkpoint or weights that do not fit the config.
+        ModelDirError: a missing/corrupt model dir or weights that do not fit its config.
     """
-    import transformers as tf
     from accelerate import init_empty_weights
 
-    ckpt = ModelDir(model_cfg.path)
-    hf_config = tf.AutoConfig.from_pretrained(model_cfg.path)
-    dtype = torch_dtype(model_cfg.dtype)
-    cls = _model_class(hf_config)
+    base = base or ModelDir(model_cfg.path)
+    hf_config = base.hf_config
+    dtype = parse_dtype(model_cfg.dtype)
+    cls = model_class(hf_config)
     strategy = parallel_cfg.strategy
     if strategy == "zero3":
-        import deepspeed
+        from lora_dist.parallel.deepspeed import check_supported, zero_init
 
+        check_supported(strategy, parallel_cfg.activation_checkpointing)
         # Parameters are partitioned as each module is created: no rank builds the whole model.
         # The dtype comes from the DeepSpeed config's bf16/fp16 sections (an explicit dtype is
         # ignored by DeepSpeed on accelerators without fp16 support).
-        with deepspeed.zero.Init(config_dict_or_path=ds_config), _no_init_weights():
+        with zero_init(ds_config), _no_init_weights():
             model = cls.from_config(hf_config, dtype=dtype)
     else:
         # Parameters on meta, buffers (rotary tables, position ids) real.
@@ -194,21 +193,22 @@ def load_model(
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()  # tied embeddings share one parameter (checkpoints store it once)
     report = inject_lora(model, lora_cfg)
+    parallelize(model, parallel_cfg, device)
     if strategy != "zero3":
-        parallelize(model, parallel_cfg, device)
+        offload = strategy == "fsdp2" and parallel_cfg.cpu_offload
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         ties = _tied_parameters(model)
-        model.to_empty(device=device)
+        model.to_empty(device=torch.device("cpu") if offload else device)
         for name, value in buffers.items():
             model.get_buffer(name).copy_(value)
         for owner, alias in ties:  # to_empty gives each module its own tensor: tie them again
             module_name, _, attr = alias.rpartition(".")
             setattr(model.get_submodule(module_name), attr, model.get_parameter(owner))
-    elif parallel_cfg.activation_checkpointing:
-        parallelize(model, parallel_cfg, device)
-    _load_base(model, ckpt, dtype)
+        if offload:
+            place_unsharded(model, device)
+    _load_base(model, base)
     _init_lora(model, seed)
     if strategy != "zero3":
         _assert_materialized(model)
     model.train()
-    return LoadedModel(model, report, ckpt, ds_config)
+    return LoadedModel(model, report, base, ds_config)

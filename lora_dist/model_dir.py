@@ -1,6 +1,6 @@
-"""Reading local Hugging Face checkpoint dirs without loading them whole.
+"""Reading local Hugging Face model dirs (a base model, or a merged export) without loading them whole.
 
-A checkpoint is ``config.json`` plus ``model.safetensors`` or sharded
+A model dir is ``config.json`` plus ``model.safetensors`` or sharded
 ``model-0000i-of-0000N.safetensors`` files with ``model.safetensors.index.json``.
 :class:`ModelDir` reads one tensor, some of its rows, or a flat element
 range at a time, straight from the memory-mapped files, so a rank only ever
@@ -9,6 +9,7 @@ touches the bytes it owns.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -17,21 +18,25 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-__all__ = ["ModelDirError", "ModelDir", "SAFE_INDEX", "SAFE_SINGLE"]
+from lora_dist.dtypes import from_safetensors
+
+__all__ = ["SAFE_INDEX", "SAFE_SINGLE", "ModelDir", "ModelDirError"]
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 
 
 class ModelDirError(ValueError):
-    """A checkpoint dir that is missing, incomplete or corrupt."""
+    """A model dir that is missing, incomplete or corrupt."""
 
 
 class ModelDir:
-    """Lazy, tensor-at-a-time access to a local HF safetensors checkpoint.
+    """Lazy, tensor-at-a-time access to a local HF safetensors model dir.
+
+    Open it once and hand it on: the loader, the export and the checks all read through it.
 
     Args:
-        path: the checkpoint dir.
+        path: the model dir.
 
     Raises:
         ModelDirError: no config.json, no safetensors weights (pickled
@@ -77,7 +82,15 @@ class ModelDir:
         return self._handles[file]
 
     def config(self) -> dict:
+        """``config.json`` as a dict."""
         return json.loads((self.path / "config.json").read_text())
+
+    @functools.cached_property
+    def hf_config(self):
+        """The ``transformers`` config (``AutoConfig``) of the model, read once."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path)
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -100,8 +113,7 @@ class ModelDir:
         return self._slice(key).get_dtype()
 
     def nbytes(self, key: str) -> int:
-        sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-        return math.prod(self.shape(key)) * sizes.get(self.dtype(key), 4)
+        return math.prod(self.shape(key)) * from_safetensors(self.dtype(key)).itemsize
 
     def read(self, key: str, rows: slice | None = None) -> torch.Tensor:
         """The tensor, or rows ``rows`` of its first dimension, reading only those bytes."""

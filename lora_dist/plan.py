@@ -44,8 +44,6 @@ per CPU rank) and allocator caching.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,9 +52,8 @@ import torch
 
 from lora_dist.config import Config, ConfigError, ParallelConfig
 
-__all__ = ["MemoryPlan", "add_plan_subparser", "plan_memory", "run_plan"]
+__all__ = ["MemoryPlan", "meta_model", "plan_memory"]
 
-_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LORA_BYTES = 4  # LoRA params, grads and optimizer state are fp32
 GB = 1e9
 
@@ -131,13 +128,14 @@ def _hf_config(model_path: str):
     return tf.AutoConfig.from_pretrained(model_path)
 
 
-def _meta_model(cfg: Config, hf_config) -> torch.nn.Module:
+def meta_model(cfg: Config, hf_config) -> torch.nn.Module:
     """The skeleton training builds, on the meta device, with LoRA injected."""
     from lora_dist.lora import inject_lora
-    from lora_dist.model import _model_class, torch_dtype
+    from lora_dist.dtypes import parse_dtype
+    from lora_dist.model import model_class
 
     with torch.device("meta"):
-        model = _model_class(hf_config).from_config(hf_config, dtype=torch_dtype(cfg.model.dtype))
+        model = model_class(hf_config).from_config(hf_config, dtype=parse_dtype(cfg.model.dtype))
     inject_lora(model, cfg.lora)
     return model
 
@@ -164,17 +162,16 @@ def _block_activation_elements(hf_config, lora_ranks_per_block: int) -> int:
 
 def _fsdp2_side_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The non-block FSDP2 units :func:`lora_dist.parallel.parallelize` makes (embedding, head)."""
-    from lora_dist.parallel import _embedding_and_head
+    from lora_dist.parallel.parallelize import embedding_and_head
 
-    return [m for m in _embedding_and_head(model) if m is not None]
+    return [m for m in embedding_and_head(model) if m is not None]
 
 
 def _deepspeed_zero(cfg: Config, hf_config, lora_numel: int) -> dict:
     """The ``zero_optimization`` section DeepSpeed gets: the run's config, as the engine caps it."""
-    from lora_dist.parallel import _cap_reduce_bucket, deepspeed_config
-    from lora_dist.train import _max_lora_numel
+    from lora_dist.parallel.deepspeed import cap_reduce_bucket, deepspeed_config
 
-    ds = _cap_reduce_bucket(deepspeed_config(cfg.parallel, cfg.train, _max_lora_numel(cfg, hf_config)), lora_numel)
+    ds = cap_reduce_bucket(deepspeed_config(cfg, hf_config), lora_numel)
     return ds.get("zero_optimization", {})
 
 
@@ -197,8 +194,8 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
 
     p: ParallelConfig = cfg.parallel
     hf_config = _hf_config(cfg.model.path)
-    model = _meta_model(cfg, hf_config)
-    base_elt = _ELEMENT_BYTES[cfg.model.dtype]
+    model = meta_model(cfg, hf_config)
+    base_elt = parse_dtype(cfg.model.dtype).itemsize
     compute_elt = 2 if (p.mixed_precision == "bfloat16" and p.strategy in ("fsdp2", "zero3")) else base_elt
     lora = {id(q) for q in lora_parameters(model)}
     base = [(n, q) for n, q in model.named_parameters() if id(q) not in lora]
@@ -284,39 +281,3 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
         base_shard=base_shard, base_replicated=base_replicated, lora_params=lora_params, lora_grads=lora_grads,
         optimizer_state=optimizer_state, activations=activations, gathered=gathered, buffers=buffers,
     )
-
-
-# ----------------------------------------------------------------------------- CLI glue
-
-
-def add_plan_subparser(subparsers) -> argparse.ArgumentParser:
-    """``lora-dist plan [CONFIG] --world-size W [section.key=value ...] [--json]``."""
-    from lora_dist.config import config_help
-
-    p = subparsers.add_parser(
-        "plan",
-        help="predict per-rank memory of a run from config.json, before launching it",
-        description="Predict per-rank memory (base shard, LoRA params, grads, optimizer state, activations, "
-        "gathered weights, buffers) of training CONFIG on W ranks. Reads only the checkpoint's config.json.",
-        epilog="config keys (override any as section.key=value):\n" + config_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("config", nargs="?", help="YAML config file (optional; defaults + overrides otherwise)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.strategy=zero3 train.seq_len=2048")
-    p.add_argument("--world-size", "-W", type=int, required=True, help="number of ranks")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=run_plan)
-    return p
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    """Print the plan; returns the exit code (bad input raises the CLI's one-line errors)."""
-    from lora_dist.config import load_config
-
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        config, overrides = None, [config, *overrides]
-    cfg = load_config(config, overrides)
-    plan = plan_memory(cfg, args.world_size)
-    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.table())
-    return 0

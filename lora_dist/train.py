@@ -22,15 +22,31 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lora_dist import checkpoint as ckpt_mod
+from lora_dist.adapter import save_adapter
+from lora_dist.atomic import write_text_atomic
 from lora_dist.checkpoint import TrainingDiverged
 from lora_dist.config import Config, ConfigError, config_to_dict
 from lora_dist.data import IGNORE, DataError, PackedDataset, load_dataset
-from lora_dist.launch import LaunchEnv, init_distributed
-from lora_dist.model_dir import ModelDirError, ModelDir
+from lora_dist.dtypes import parse_dtype
+from lora_dist.launch import LaunchEnv, init_distributed, run_device
 from lora_dist.model import load_model
-from lora_dist.parallel import Engine, check_replicas, deepspeed_config, make_engine
+from lora_dist.model_dir import ModelDir, ModelDirError
+from lora_dist.parallel import Engine, check_replicas, make_engine
 
-__all__ = ["OutputDirError", "TrainingDiverged", "TrainResult", "lr_at", "train"]
+__all__ = [
+    "Batches",
+    "OutputDirError",
+    "TrainResult",
+    "TrainingDiverged",
+    "all_sum",
+    "evaluate",
+    "forward_backward",
+    "lr_at",
+    "n_targets",
+    "token_loss_sum",
+    "train",
+]
 
 log = logging.getLogger("lora_dist")
 
@@ -53,13 +69,8 @@ def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def _device(env: LaunchEnv) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank)
-    return torch.device("cpu")
-
-
-def _all_sum(value: torch.Tensor) -> torch.Tensor:
+def all_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum ``value`` over all ranks, in place (a no-op for one process). Pass tensors on the run's device."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
@@ -75,11 +86,13 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def _n_targets(labels: torch.Tensor) -> int:
+def n_targets(labels: torch.Tensor) -> int:
+    """Tokens that carry a loss (the first position of a sequence predicts nothing)."""
     return int((labels[:, 1:] != IGNORE).sum())
 
 
 def _memory_gb(device: torch.device) -> float:
+    """The peak of this step: on CUDA the allocator's peak since the step began, on the CPU the process RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     import psutil
@@ -87,7 +100,7 @@ def _memory_gb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 1e9
 
 
-class _Batches:
+class Batches:
     """This rank's share of the global micro-batch stream (see :mod:`lora_dist.data`)."""
 
     def __init__(self, data: PackedDataset, micro_batch: int, env: LaunchEnv, seed: int, device: torch.device,
@@ -103,29 +116,30 @@ class _Batches:
         return ids.to(self.device), labels.to(self.device)
 
 
-def _forward_backward(engine: Engine, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+def forward_backward(engine: Engine, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
     """Accumulate the gradient of one optimizer step; returns (global mean loss, global target tokens).
 
     Each micro-batch's summed token loss is divided by the step's global token
     count, so the accumulated gradient is that of the global token mean.
     Gradients are communicated only on the last micro-batch.
     """
-    n_tokens = _all_sum(torch.tensor(sum(_n_targets(labels) for _, labels in micro), dtype=torch.float64))
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    device = engine.device
+    n_tokens = all_sum(torch.tensor(sum(n_targets(labels) for _, labels in micro), dtype=torch.float64, device=device))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for m, (ids, labels) in enumerate(micro):
         sync = contextlib.nullcontext() if m == len(micro) - 1 else engine.no_sync()
         with sync:
             loss = token_loss_sum(engine.model(input_ids=ids).logits, labels)
             engine.backward(loss / n_tokens.to(loss.dtype).clamp(min=1))
-        loss_sum += loss.detach().double().cpu()
-    return float(_all_sum(loss_sum) / n_tokens.clamp(min=1)), float(n_tokens)
+        loss_sum += loss.detach().double()
+    return float(all_sum(loss_sum) / n_tokens.clamp(min=1)), float(n_tokens)
 
 
 @torch.no_grad()
 def evaluate(engine: Engine, data: PackedDataset, micro_batch: int, batches: int, env: LaunchEnv, device) -> float:
     """Token-mean loss over the first ``batches`` global micro-batches of the held-out blocks."""
     engine.model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     global_micro = micro_batch * env.world_size
     n_batches = max(1, min(batches, math.ceil(len(data) / global_micro)))
     for k in range(n_batches):
@@ -133,9 +147,10 @@ def evaluate(engine: Engine, data: PackedDataset, micro_batch: int, batches: int
         idx = [i % len(data) for i in range(start, start + micro_batch)]
         ids, labels = data.input_ids[idx].to(device), data.labels[idx].to(device)
         logits = engine.model(input_ids=ids).logits
-        total += torch.tensor([float(token_loss_sum(logits, labels)), _n_targets(labels)], dtype=torch.float64)
+        total += torch.tensor([float(token_loss_sum(logits, labels)), n_targets(labels)], dtype=torch.float64,
+                              device=device)
     engine.model.train()
-    total = _all_sum(total)
+    total = all_sum(total)
     return float(total[0] / total[1].clamp(min=1))
 
 
@@ -170,10 +185,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
         ConfigError, DataError, ModelDirError: bad input, before any training.
         TrainingDiverged: a NaN/Inf loss or grad norm, naming the step; nothing is saved from it.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
-    from lora_dist import checkpoint as ckpt_mod
-    from lora_dist.adapter import save_adapter
+    from transformers import AutoTokenizer
 
     env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
     if cfg.parallel.strategy == "none" and env.world_size > 1:
@@ -182,7 +194,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
         log.warning("parallel.strategy=%s does not shard the frozen base: every rank holds all of it "
                     "(only the small LoRA optimizer state/gradients are partitioned); use fsdp2 or zero3 to shard it",
                     cfg.parallel.strategy)
-    device = _device(env)
+    device = run_device()
     out = Path(cfg.output.dir)
     if env.is_main:
         _check_writable(out)
@@ -190,9 +202,9 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
 
     if not cfg.model.path:
         raise ModelDirError("model.path is not set; pass model.path=/path/to/hf_checkpoint")
-    ModelDir(cfg.model.path)  # fail fast on a missing, incomplete or corrupt checkpoint
+    base = ModelDir(cfg.model.path)  # fails fast on a missing, incomplete or corrupt model dir; opened once
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    hf_config = AutoConfig.from_pretrained(cfg.model.path)
+    hf_config = base.hf_config
     max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
     if not cfg.data.path:
         raise DataError("data.path is not set; pass data.path=/path/to/train.jsonl")
@@ -201,10 +213,12 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
 
     ds_config = None
     if p.strategy.startswith("zero"):
-        ds_config = deepspeed_config(p, t, lora_numel_max=_max_lora_numel(cfg, hf_config))
+        from lora_dist.parallel.deepspeed import deepspeed_config
+
+        ds_config = deepspeed_config(cfg, hf_config)
     # Installed before the model load: a preemption signal during load or resume stops at the first step boundary.
     with ckpt_mod.PreemptionHandler() as signals:
-        loaded = load_model(cfg.model, cfg.lora, p, device, t.seed, ds_config)
+        loaded = load_model(cfg.model, cfg.lora, p, device, t.seed, ds_config, base=base)
         model = loaded.model
         if env.is_main:
             log.info("%s", loaded.report)
@@ -215,8 +229,8 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
         manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env)
         start_step = manager.maybe_resume(engine)
         if env.is_main:  # only now: a rerun that fails validation or resume keeps the run's config.json
-            ckpt_mod.write_text_atomic(out / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        batches = _Batches(train_data, t.micro_batch_size, env, t.seed, device,
+            write_text_atomic(out / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        batches = Batches(train_data, t.micro_batch_size, env, t.seed, device,
                            first_micro=start_step * t.grad_accum, sample_offset=manager.samples_offset)
         history: list[dict] = []
         metrics_path = out / "metrics.jsonl"
@@ -227,10 +241,12 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
         try:
             for step in range(start_step, end_step):
                 t0 = time.perf_counter()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 torch.manual_seed(t.seed * 1_000_003 + step * 1009 + env.rank)  # dropout: a function of (seed, step, rank)
                 lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
                 micro = [batches.get(step * t.grad_accum + m) for m in range(t.grad_accum)]
-                step_loss, n_tokens = _forward_backward(engine, micro)
+                step_loss, n_tokens = forward_backward(engine, micro)
                 if not math.isfinite(step_loss):
                     raise TrainingDiverged(
                         f"loss is {step_loss} at step {step + 1}; stopped before the update, last good checkpoint kept. "
@@ -259,7 +275,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
                 progress.update(record)
-                stop, on_demand = signals.poll()
+                stop, on_demand = signals.poll(device)
                 if step + 1 == end_step < t.steps:  # train.run_steps: checkpoint and hand over to a later run
                     manager.save(step + 1, engine)
                     return TrainResult(record["loss"], first_loss, eval_loss, step + 1, out, history)
@@ -278,15 +294,14 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"step": t.steps, "eval_loss": eval_loss}) + "\n")
     if cfg.export.adapter:
-        with engine.gathered_lora():
-            if env.is_main:
-                save_adapter(model, out / "adapter", cfg.model.path)
+        lora = engine.lora_state_dict()  # fp32, whatever the strategy computes in (collective under ZeRO)
+        if env.is_main:
+            save_adapter(model, out / "adapter", cfg.model.path, tensors=lora)
     engine.finish_training()
     if cfg.export.merged:
         from lora_dist.export import export_merged
-        from lora_dist.model import torch_dtype
 
-        export_merged(model, out / "merged", cfg.model.path, dtype=torch_dtype(cfg.export.dtype),
+        export_merged(model, out / "merged", cfg.model.path, dtype=parse_dtype(cfg.export.dtype),
                       max_shard_size=cfg.export.max_shard_size, overwrite=cfg.output.overwrite)
     if dist.is_initialized():
         dist.barrier()
@@ -306,11 +321,3 @@ def _check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise OutputDirError(f"output.dir {str(out)!r} is not writable ({e.strerror or e}); choose another output.dir") from None
-
-
-def _max_lora_numel(cfg: Config, hf_config) -> int:
-    hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", 4096)
-    inter = getattr(hf_config, "intermediate_size", None) or 4 * hidden
-    r = max([cfg.lora.r, *cfg.lora.rank_pattern.values()])
-    # The largest LoRA matrix: r x (largest projection dimension); the output head is never adapted.
-    return r * max(hidden, inter)

@@ -7,4 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+# The suite is the CPU suite (gloo): on a GPU host torch would pick NCCL and the 2-rank CPU tests would
+# break, so no GPU is visible to it. scripts/gpu_check.sh is the GPU check.
+export CUDA_VISIBLE_DEVICES=
 exec python -m pytest -ra "$@"

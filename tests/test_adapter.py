@@ -11,6 +11,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import lora_dist.adapter as adapter_mod
+from lora_dist import atomic
 from lora_dist.adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -244,12 +245,20 @@ def test_failed_write_leaves_the_existing_adapter_intact(failing, tiny_model, tm
     else:  # the rename of the finished temp dir into place fails
         real_replace = os.replace
 
+        real_exchange = atomic.rename_exchange
+
         def replace(src, dst):
             if ".tmp-" in str(src):
                 raise OSError("disk full")
             return real_replace(src, dst)
 
-        monkeypatch.setattr(adapter_mod.os, "replace", replace)
+        def exchange(src, dst):
+            if ".tmp-" in str(src):
+                raise OSError("disk full")
+            return real_exchange(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(atomic, "rename_exchange", exchange)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(newer, target)
     monkeypatch.undo()

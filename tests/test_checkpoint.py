@@ -70,15 +70,13 @@ def _manager(setup, out: Path):
 
 
 class _SaveOnlyEngine:
-    """Just enough of an engine for save(), with ``checkpoint._optimizer_tensors`` patched out."""
-
-    lora_params: list = []
+    """Just enough of an engine for save(): its state is the given LoRA tensors and no optimizer moments."""
 
     def __init__(self, lora: dict[str, torch.Tensor]) -> None:
         self.lora = lora
 
-    def lora_tensors(self) -> dict[str, torch.Tensor]:
-        return self.lora
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"lora": self.lora, "optimizer": {}}
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +213,6 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous(setup, tmp_path, mo
     def crash(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt_mod, "_optimizer_tensors", lambda engine: {})
     monkeypatch.setattr(ckpt_mod, "save_file", crash)
     with pytest.raises(OSError):
         _manager(setup, out).save(4, _SaveOnlyEngine({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64)}))
@@ -292,7 +289,6 @@ def test_non_finite_grad_norm_stops_naming_the_step_and_latest_stays_good(setup,
     tensors = load_file(str(ckpts / "step-000002" / "lora.safetensors"))
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
-    monkeypatch.setattr(ckpt_mod, "_optimizer_tensors", lambda engine: {})
     poisoned_lora = {**tensors, "model.layers.0.self_attn.q_proj.lora_B.weight": torch.full((64, 4), float("nan"))}
     with pytest.raises(ckpt_mod.TrainingDiverged, match="q_proj.lora_B.weight is not finite at step 3"):
         _manager(setup, out).save(3, _SaveOnlyEngine(poisoned_lora))

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from lora_dist.config import Config, ConfigError, _all_keys, config_help, config_to_dict, load_config
+from lora_dist.config import Config, ConfigError, config_keys, config_help, config_to_dict, load_config
 
 DEFAULTS = config_to_dict(Config())
 INT_KEYS = [f"{s}.{k}" for s, section in DEFAULTS.items() for k, v in section.items() if type(v) is int]
@@ -246,7 +246,7 @@ def test_config_roundtrips_through_a_file(config_file):
 
 def test_config_help_lists_every_key_with_its_doc():
     text = config_help()
-    for key in _all_keys():
+    for key in config_keys():
         assert f"  {key} (" in text, key
     assert "lora.r (int, default 8)" in text
     assert "LoRA rank." in text

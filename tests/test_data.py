@@ -10,7 +10,7 @@ import torch
 from lora_dist.data import IGNORE, DataError, load_dataset
 from lora_dist.demo import make_tokenizer, write_demo_data
 from lora_dist.launch import LaunchEnv
-from lora_dist.train import _Batches
+from lora_dist.train import Batches
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,10 @@ def test_txt_file(tokenizer, tmp_path):
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_together_see_the_single_process_batch(tokenizer, tmp_path, world):
     ds = load_dataset(write_demo_data(tmp_path / "d.jsonl", n=80), tokenizer, seq_len=16)
-    single = _Batches(ds, world * 2, LaunchEnv("single", 0, 0, 1, 1, 0, 1, "x", 0), seed=3, device="cpu")
+    single = Batches(ds, world * 2, LaunchEnv("single", 0, 0, 1, 1, 0, 1, "x", 0), seed=3, device="cpu")
     for k in range(7):  # crosses an epoch boundary of the shuffled stream
         ref_ids, _ = single.get(k)
-        parts = [_Batches(ds, 2, LaunchEnv("torchrun", r, r, world, world, 0, 1, "x", 0), 3, "cpu").get(k)[0]
+        parts = [Batches(ds, 2, LaunchEnv("torchrun", r, r, world, world, 0, 1, "x", 0), 3, "cpu").get(k)[0]
                  for r in range(world)]
         assert torch.equal(torch.cat(parts), ref_ids)
 

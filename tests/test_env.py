@@ -647,7 +647,7 @@ def standin(tmp_path: Path) -> dict[str, str]:
     bin_dir.mkdir()
     overlay.mkdir(parents=True)
     (overlay / "__init__.py").write_text("")
-    (overlay / "env.py").symlink_to(REPO_ROOT / "lora_dist" / "env.py")
+    (overlay / "launch").symlink_to(REPO_ROOT / "lora_dist" / "launch")
     (overlay / "cli.py").write_text(STANDIN)
     program = bin_dir / "lora-dist"
     program.write_text(f"#!{sys.executable}\nimport runpy\nrunpy.run_path({str(overlay / 'cli.py')!r}, "

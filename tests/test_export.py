@@ -18,18 +18,18 @@ from dist_scripts.export_common import SCRIPTS, build_lora_model, input_ids
 from distutil import REPO, torchrun
 from safetensors import safe_open
 
-from lora_dist import safetensors_writer
 from lora_dist.adapter import read_adapter, save_adapter
 from lora_dist.export import (
     ExportError,
     OutputExistsError,
     export_merged,
+    layout,
     merge_offline,
     verify_checkpoint,
 )
-from lora_dist.model_dir import SAFE_INDEX, SAFE_SINGLE, ModelDir
+from lora_dist.export.layout import parse_size
 from lora_dist.merge import merge_state_dict
-from lora_dist.safetensors_writer import parse_size
+from lora_dist.model_dir import SAFE_INDEX, SAFE_SINGLE, ModelDir
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def single_process_reference(base: Path, adapter: Path, out: Path) -> Path:
 
 
 def no_staging_left(out: Path) -> bool:
-    return not list(out.parent.glob(f"{out.name}.tmp-*"))
+    return not list(out.parent.glob(f".{out.name}.tmp-*"))
 
 
 def test_parse_size_uses_decimal_units_like_hf():
@@ -189,7 +189,7 @@ def test_crash_mid_write_leaves_no_output(bases, tmp_path, monkeypatch):
     base = bases["llama"]
     model = build_lora_model(base, "llama")
     calls = []
-    real = safetensors_writer.pwrite_tensor
+    real = layout.pwrite_tensor
 
     def crash_after_three(fd, tensor, offset):
         calls.append(offset)
@@ -197,7 +197,7 @@ def test_crash_mid_write_leaves_no_output(bases, tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         real(fd, tensor, offset)
 
-    monkeypatch.setattr(safetensors_writer, "pwrite_tensor", crash_after_three)
+    monkeypatch.setattr(layout, "pwrite_tensor", crash_after_three)
     out = tmp_path / "merged"
     with pytest.raises(RuntimeError, match="simulated crash"):
         export_merged(model, out, base, max_shard_size="100KB")
@@ -211,7 +211,7 @@ def test_disk_full_is_a_clear_error_and_cleans_up(bases, tmp_path, monkeypatch):
     def no_space(fd, tensor, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors_writer, "pwrite_tensor", no_space)
+    monkeypatch.setattr(layout, "pwrite_tensor", no_space)
     out = tmp_path / "merged"
     with pytest.raises(ExportError, match="no space left on the device"):
         export_merged(model, out, base)
@@ -230,28 +230,27 @@ def test_too_little_free_space_is_refused_up_front(bases, tmp_path, monkeypatch)
 
 
 def test_killed_export_leaves_nothing_that_looks_complete(bases, tmp_path):
-    """A process killed mid-write leaves only a .tmp- sibling without index or config."""
+    """A process killed mid-write leaves only a .merged.tmp- sibling without index or config."""
     out = tmp_path / "merged"
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(REPO / "tests")!r})
         from dist_scripts.export_common import build_lora_model
-        from lora_dist import safetensors_writer
-        from lora_dist.export import export_merged
+        from lora_dist.export import export_merged, layout
         model = build_lora_model({str(bases["llama"])!r}, "llama")
-        real, calls = safetensors_writer.pwrite_tensor, []
+        real, calls = layout.pwrite_tensor, []
         def die(*args):
             calls.append(1)
             if len(calls) > 5:
                 os._exit(3)
             real(*args)
-        safetensors_writer.pwrite_tensor = die
+        layout.pwrite_tensor = die
         export_merged(model, {str(out)!r}, {str(bases["llama"])!r}, max_shard_size="100KB")
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert not out.exists()
-    (staging,) = tmp_path.glob("merged.tmp-*")
+    (staging,) = tmp_path.glob(".merged.tmp-*")
     assert not (staging / "config.json").exists() and not (staging / SAFE_INDEX).exists()
 
 
@@ -265,15 +264,15 @@ def test_a_rank_owning_no_rows_writes_nothing():
         from torch.testing._internal.distributed.fake_pg import FakeStore
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor, Shard
-        from lora_dist.export import _param_source
-        from lora_dist.safetensors_writer import TensorSpec
+        from lora_dist.export.layout import TensorSpec
+        from lora_dist.export.sources import param_source
         dist.init_process_group("fake", store=FakeStore(), rank=2, world_size=3)
         mesh = init_device_mesh("cpu", (3,))
         for rows, expected in ((4, []), (7, [(30, 35)])):
             local = torch.zeros(len(range(rows)[2 * -(-rows // 3):]), 5)
             param = DTensor.from_local(local, mesh, [Shard(0)], shape=torch.Size([rows, 5]), stride=(5, 1),
                                        run_check=False)
-            source = _param_source(param, TensorSpec("w", torch.float32, (rows, 5)), None)
+            source = param_source(param, TensorSpec("w", torch.float32, (rows, 5)), None)
             assert [(p.start, p.end) for p in source.pieces(2, 3)] == expected, rows
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)

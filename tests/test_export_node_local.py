@@ -1,11 +1,12 @@
 """Merged export onto real node-local disks: each rank sees its own directory at the output path.
 
-tests/test_export.py only simulates node-local disks (``_sees_probe`` patched
-on rank 1, all ranks on one filesystem). Here each torchrun worker runs in
-its own mount namespace with its own directory bind-mounted onto the same
-output path (tests/dist_scripts/export_node_local.py), so rank 1 really
-cannot see rank 0's staging dir and the export must fall back to rank 0
-collecting and writing every file onto rank 0's disk.
+tests/test_export.py only simulates node-local disks
+(``lora_dist.export.writer.sees_probe`` patched on rank 1, all ranks on one
+filesystem). Here each torchrun worker runs in its own mount namespace with
+its own directory bind-mounted onto the same output path
+(tests/dist_scripts/export_node_local.py), so rank 1 really cannot see rank
+0's staging dir and the export must fall back to rank 0 collecting and
+writing every file onto rank 0's disk.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -217,6 +218,66 @@ def test_lora_params_stay_fp32_on_a_bf16_base(tiny_model, token_ids):
         assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
     randomize_lora_B(model)
     assert logits(model, token_ids(model)).dtype == torch.bfloat16
+
+
+def saved_for_backward(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Counter]:
+    """The layer's output and the (dtype, shape) of every tensor autograd saved for its backward."""
+    saved: Counter = Counter()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[(tensor.dtype, tuple(tensor.shape))] += 1
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = layer(x)
+    return out, saved
+
+
+def test_bf16_lora_path_saves_no_fp32_copy_of_its_input():
+    torch.manual_seed(0)
+    layer = LoRALinear.from_base(nn.Linear(64, 96, dtype=torch.bfloat16), r=8, alpha=16, dropout=0.1)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(4, 16, 64, dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(1)
+    out, saved = saved_for_backward(layer, x)
+    layer.disabled = True
+    _, saved_by_base = saved_for_backward(layer, x)
+    layer.disabled = False
+
+    lora_path = saved - saved_by_base
+    assert lora_path, "nothing saved by the LoRA path: the test measures nothing"
+    assert {dtype for dtype, _ in lora_path} == {torch.bfloat16}, f"LoRA path saved {dict(lora_path)}"
+    assert (torch.float32, tuple(x.shape)) not in saved
+    assert out.dtype == torch.bfloat16
+
+    out.float().square().sum().backward()
+    for p in (layer.lora_A.weight, layer.lora_B.weight):
+        assert p.dtype == p.grad.dtype == torch.float32
+
+    # The same layer in fp32 (same dropout mask: same seed, same shape).
+    reference = LoRALinear.from_base(nn.Linear(64, 96), r=8, alpha=16, dropout=0.1)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            p.copy_(dict(layer.named_parameters())[name].float())
+    x32 = x.detach().float().requires_grad_(True)
+    torch.manual_seed(1)
+    expected = reference(x32)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    for name in ("lora_A.weight", "lora_B.weight"):
+        ours, theirs = layer.get_parameter(name).grad, reference.get_parameter(name).grad
+        torch.testing.assert_close(ours, theirs, rtol=5e-2, atol=5e-2 * theirs.abs().max().item())
+
+
+def test_fp32_forward_is_the_fp32_lora_formula_bit_for_bit():
+    torch.manual_seed(0)
+    layer = LoRALinear.from_base(nn.Linear(64, 96), r=8, alpha=16)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(4, 16, 64)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias) + layer.lora_B(layer.lora_A(x)) * layer.scale
+    assert torch.equal(layer(x), expected)
 
 
 # ---------------------------------------------------------------------------- which modules get adapted

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_dist.train import IGNORE, _n_targets, token_loss_sum
+from lora_dist.train import IGNORE, n_targets, token_loss_sum
 
 
 def test_equals_the_transformers_causal_lm_loss(tiny_model):
@@ -18,8 +18,8 @@ def test_equals_the_transformers_causal_lm_loss(tiny_model):
     labels[2, 11:] = IGNORE  # padding
     with torch.no_grad():
         out = model(input_ids=ids, labels=labels)
-        mine = token_loss_sum(out.logits, labels) / _n_targets(labels)
-    assert _n_targets(labels) == 3 * 16 - 4 - 6
+        mine = token_loss_sum(out.logits, labels) / n_targets(labels)
+    assert n_targets(labels) == 3 * 16 - 4 - 6
     torch.testing.assert_close(mine, out.loss, rtol=1e-6, atol=0)
 
 

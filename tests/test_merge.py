@@ -215,21 +215,21 @@ def test_lora_scale():
 def test_flat_slices_cutting_rows_and_blocks_merge_like_one_rank(monkeypatch, fan_in_fan_out):
     """ZeRO-3 partitions are flat element ranges that start and end inside rows and span several
     merge blocks; every split of the tensor must give the bytes one whole-tensor pass gives."""
-    from lora_dist import export
+    from lora_dist.export import sources
 
-    monkeypatch.setattr(export, "MERGE_BLOCK_ROWS", 4)
+    monkeypatch.setattr(sources, "MERGE_BLOCK_ROWS", 4)
     generator = torch.Generator().manual_seed(3)
     rows, row_len, r = 37, 11, 3
     a = torch.randn(r, rows if fan_in_fan_out else row_len, generator=generator)
     b = torch.randn(row_len if fan_in_fan_out else rows, r, generator=generator)
     lora = LoRAWeights(a, b, 0.7, fan_in_fan_out)
     flat = torch.randn(rows * row_len, generator=generator)
-    one = export._merge_flat(flat, 0, flat.numel(), (rows, row_len), lora, torch.float32, "w")
+    one = sources.merge_flat(flat, 0, flat.numel(), (rows, row_len), lora, torch.float32, "w")
     reference = merge_weight(flat.view(rows, row_len), lora)
     torch.testing.assert_close(one.view(rows, row_len), reference, atol=1e-6, rtol=0)
     for world in (2, 3, 5, 7):
         per_rank = -(-flat.numel() // world)  # ZeRO-3's partition size; the last one is short
-        pieces = [export._merge_flat(flat[s : s + per_rank], s, min(s + per_rank, flat.numel()), (rows, row_len),
+        pieces = [sources.merge_flat(flat[s : s + per_rank], s, min(s + per_rank, flat.numel()), (rows, row_len),
                                      lora, torch.float32, "w") for s in range(0, flat.numel(), per_rank)]
         assert any(s % row_len for s in range(0, flat.numel(), per_rank)), "no partition starts inside a row"
         assert torch.equal(torch.cat(pieces), one), f"world size {world}"

@@ -1,8 +1,7 @@
-"""Offline streaming merge, checkpoint verification and their CLI glue (lora_dist.export)."""
+"""Offline streaming merge, checkpoint verification and their commands (lora_dist.export, lora_dist.cli)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -12,16 +11,10 @@ import torch
 from dist_scripts.export_common import SCRIPTS
 from distutil import torchrun
 
-from lora_dist.export import (
-    OutputExistsError,
-    VerifyError,
-    add_merge_subparser,
-    add_verify_subparser,
-    merge_offline,
-    verify_checkpoint,
-)
+from lora_dist.cli import main
+from lora_dist.export import OutputExistsError, VerifyError, merge_offline, verify_checkpoint
+from lora_dist.export.layout import read_header
 from lora_dist.model_dir import SAFE_INDEX, ModelDir
-from lora_dist.safetensors_writer import read_header
 
 PEFT_CASES = {
     # rsLoRA with per-module ranks and alphas
@@ -222,16 +215,12 @@ def test_verify_against_the_wrong_base(bases, merged):
         verify_checkpoint(merged["out"], bases["gpt2"])
 
 
-# ----------------------------------------------------------------------------- CLI glue
+# ----------------------------------------------------------------------------- the commands
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lora-dist")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_merge_subparser(sub)
-    add_verify_subparser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """``lora-dist ARGV`` in this process; its exit code."""
+    return main(argv)
 
 
 def test_cli_merge_and_verify(merged, tmp_path, capsys):

@@ -73,14 +73,14 @@ def test_fsdp2_base_shard_equals_fully_shard(odd_config, world):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from lora_dist.config import ParallelConfig
-    from lora_dist.plan import _meta_model
+    from lora_dist.plan import meta_model
     from lora_dist.parallel import parallelize
 
     cfg = load_config(None, [f"model.path={odd_config}", "parallel.strategy=fsdp2", *LORA])
     plan = plan_memory(cfg, world)
     import transformers as tf
 
-    model = _meta_model(cfg, tf.AutoConfig.from_pretrained(odd_config))
+    model = meta_model(cfg, tf.AutoConfig.from_pretrained(odd_config))
     local = {}
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
@@ -119,22 +119,22 @@ def test_zero3_and_fsdp2_shards_equal_a_two_rank_run(tiny_checkpoint, tmp_path):
 
 
 def test_deepspeed_reduce_bucket_is_capped_at_the_trainable_size():
-    from lora_dist.parallel import _cap_reduce_bucket
+    from lora_dist.parallel.deepspeed import cap_reduce_bucket
 
     ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "5e8"}, "gradient_clipping": 1.0}
-    capped = _cap_reduce_bucket(ds, 1234)
+    capped = cap_reduce_bucket(ds, 1234)
     assert capped["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1234}
     assert capped["gradient_clipping"] == 1.0 and ds["zero_optimization"]["reduce_bucket_size"] == "5e8"  # a copy
-    assert _cap_reduce_bucket(ds, 10**9) is ds  # a bucket already smaller is the user's choice
+    assert cap_reduce_bucket(ds, 10**9) is ds  # a bucket already smaller is the user's choice
     no_size = {"zero_optimization": {"stage": 2}}  # DeepSpeed's default, 5e8, is capped too
-    assert _cap_reduce_bucket(no_size, 99)["zero_optimization"]["reduce_bucket_size"] == 99
-    assert _cap_reduce_bucket({"bf16": {}}, 99) == {"bf16": {}}
+    assert cap_reduce_bucket(no_size, 99)["zero_optimization"]["reduce_bucket_size"] == 99
+    assert cap_reduce_bucket({"bf16": {}}, 99) == {"bf16": {}}
 
 
 def test_peak_estimate_is_close_to_live_tensor_bytes(tiny_checkpoint):
     """The whole prediction (activations included) against live tensor bytes counted during a step."""
     sys.path.insert(0, str(REPO))
-    from bench.measure import LiveTensorBytes
+    from lora_dist.bench.measure import LiveTensorBytes
     from lora_dist.train import token_loss_sum
 
     path = tiny_checkpoint("llama", hidden=64, layers=2)

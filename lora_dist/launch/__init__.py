@@ -9,7 +9,7 @@
 """
 
 from lora_dist.launch.detect import detect_launch_env
-from lora_dist.launch.distributed import destroy_distributed, init_distributed
+from lora_dist.launch.distributed import destroy_distributed, init_distributed, run_device, select_device
 from lora_dist.launch.env import UNKNOWN, LaunchEnv, LaunchError
 from lora_dist.launch.hostlist import expand_hostlist
 
@@ -21,4 +21,6 @@ __all__ = [
     "detect_launch_env",
     "expand_hostlist",
     "init_distributed",
+    "run_device",
+    "select_device",
 ]

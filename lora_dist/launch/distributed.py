@@ -26,7 +26,7 @@ from datetime import timedelta
 from lora_dist.launch.detect import detect_launch_env, loopback_address, validate_launch_env
 from lora_dist.launch.env import UNKNOWN, LaunchEnv, LaunchError
 
-__all__ = ["destroy_distributed", "free_port", "init_distributed"]
+__all__ = ["destroy_distributed", "free_port", "init_distributed", "run_device", "select_device"]
 
 _EXPORTED_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -35,6 +35,7 @@ _JOIN_POLL_S = 0.02
 
 
 _active_env: LaunchEnv | None = None
+_active_device = None
 
 
 _saved_environ: dict[str, str | None] = {}
@@ -71,7 +72,7 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
             master port in use, master unreachable, or ranks that did not
             join within ``timeout_s``.
     """
-    global _active_env
+    global _active_env, _active_device
     import torch
     import torch.distributed as dist
 
@@ -98,9 +99,13 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
         launch = replace(launch, master_addr="127.0.0.1")
     validate_launch_env(launch)
 
-    device_index = _select_device(torch, launch)
+    device = select_device(launch)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if backend is None:
-        backend = "nccl" if device_index is not None else "gloo"
+        # NCCL for CUDA tensors, and gloo for any CPU tensor a library hands to a collective: one group,
+        # chosen here once. lora_dist's own collectives use tensors on the run's device.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
     if launch.distributed:
         store = _rendezvous(launch, timeout)
@@ -112,8 +117,10 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
         store = dist.HashStore()
 
     kwargs = {}
-    if backend == "nccl" and device_index is not None:
-        kwargs["device_id"] = torch.device("cuda", device_index)
+    if launch.distributed and device.type == "cuda":
+        _check_distinct_gpus(store, launch, device)
+    if "nccl" in backend and device.type == "cuda":
+        kwargs["device_id"] = device
     try:
         dist.init_process_group(backend=backend, store=store, rank=launch.rank,
                                 world_size=launch.world_size, timeout=timeout, **kwargs)
@@ -129,8 +136,8 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
                 f"ranks started and can reach each other") from exc
         raise
 
-    _export_environ(launch)
-    _active_env = launch
+    _export_environ(launch, device)
+    _active_env, _active_device = launch, device
     return launch
 
 
@@ -139,7 +146,7 @@ def destroy_distributed() -> None:
 
     Safe to call when nothing was initialized.
     """
-    global _active_env
+    global _active_env, _active_device
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -150,7 +157,7 @@ def destroy_distributed() -> None:
         else:
             os.environ[name] = value
     _saved_environ.clear()
-    _active_env = None
+    _active_env = _active_device = None
 
 
 def _slurm_reachable_addr(host: str) -> str:
@@ -338,19 +345,53 @@ def _wait_reachable(launch: LaunchEnv, timeout: timedelta) -> None:
         f"is running and {endpoint} is reachable from this node")
 
 
-def _select_device(torch, launch: LaunchEnv) -> int | None:
-    if not torch.cuda.is_available():
-        return None
-    count = torch.cuda.device_count()
-    if launch.local_rank < count:
-        index = launch.local_rank
-    elif count == 1:
-        index = 0
-    else:
-        raise LaunchError(f"local rank {launch.local_rank} but only {count} GPUs are visible; start at most "
-                          f"{count} processes per node or fix CUDA_VISIBLE_DEVICES")
-    torch.cuda.set_device(index)
-    return index
+def select_device(launch: LaunchEnv, cuda_count: int | None = None) -> "torch.device":
+    """The one rule for this rank's device; everything (the model, collectives, DeepSpeed) uses it.
+
+    Without CUDA: the CPU. With as many visible GPUs as local ranks (or more): ``cuda:<local rank>``.
+    With exactly one visible GPU: ``cuda:0`` - each task was given its own GPU (``--gpus-per-task=1``,
+    ``--gpu-bind``, a site's ``SLURM_GPU_BIND``); :func:`init_distributed` then checks that no two
+    ranks of a node got the same one.
+
+    Raises:
+        LaunchError: more local ranks than visible GPUs (and more than one GPU visible).
+    """
+    import torch
+
+    count = torch.cuda.device_count() if cuda_count is None else cuda_count
+    if count == 0 or (cuda_count is None and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local_rank = max(launch.local_rank, 0)
+    if local_rank < count:
+        return torch.device("cuda", local_rank)
+    if count == 1:
+        return torch.device("cuda", 0)
+    raise LaunchError(f"local rank {launch.local_rank} but only {count} GPUs are visible; start at most "
+                      f"{count} processes per node or fix CUDA_VISIBLE_DEVICES")
+
+
+def run_device() -> "torch.device":
+    """The device :func:`init_distributed` chose for this process (the CPU before it ran)."""
+    import torch
+
+    return _active_device or torch.device("cpu")
+
+
+def _check_distinct_gpus(store, launch: LaunchEnv, device) -> None:
+    """Refuse, in one line, two ranks of one node on one GPU (NCCL would abort with "Duplicate GPU detected")."""
+    import torch
+
+    me = f"{socket.gethostname()}|{torch.cuda.get_device_properties(device).uuid}"
+    store.set(f"lora_dist/gpu/{launch.rank}", me)
+    seen: dict[str, int] = {}
+    for rank in range(launch.world_size):
+        gpu = store.get(f"lora_dist/gpu/{rank}").decode()
+        if gpu in seen:
+            host, uuid = gpu.split("|", 1)
+            raise LaunchError(f"ranks {seen[gpu]} and {rank} both use GPU {uuid} on {host}: each rank needs its "
+                              f"own GPU; start at most one process per visible GPU (check CUDA_VISIBLE_DEVICES, "
+                              f"--gpus-per-task and --gpu-bind)")
+        seen[gpu] = rank
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -366,9 +407,12 @@ def _first_line(exc: BaseException) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
 
 
-def _export_environ(launch: LaunchEnv) -> None:
+def _export_environ(launch: LaunchEnv, device) -> None:
+    # DeepSpeed picks its device as cuda:LOCAL_RANK: where each task sees its own single GPU that is
+    # cuda:0 whatever the local rank, so LOCAL_RANK carries the device index there.
+    local_rank = device.index if device.type == "cuda" else launch.local_rank
     values = {
-        "RANK": launch.rank, "LOCAL_RANK": launch.local_rank, "WORLD_SIZE": launch.world_size,
+        "RANK": launch.rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": launch.world_size,
         "LOCAL_WORLD_SIZE": launch.local_world_size, "MASTER_ADDR": launch.master_addr,
         "MASTER_PORT": launch.master_port,
     }

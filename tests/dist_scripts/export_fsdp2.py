@@ -22,11 +22,9 @@ from export_common import build_lora_model, finish, input_ids, sharded_lora_mode
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lora_dist import export, safetensors_writer
-from lora_dist.export import ExportError, export_merged
+from lora_dist.export import ExportError, export_merged, layout, writer
 
-
-real_sees_probe = export._sees_probe
+real_sees_probe = writer.sees_probe
 
 
 def main() -> None:
@@ -53,7 +51,7 @@ def main() -> None:
         if rank == args.fail_rank:
             def no_space(*a, **k):
                 raise OSError(errno.ENOSPC, "No space left on device")
-            safetensors_writer.pwrite_tensor = no_space
+            layout.pwrite_tensor = no_space
         try:
             export_merged(model, work / "merged_fail", args.base, dtype=torch.float32,
                           max_shard_size=args.max_shard_size, mode=args.modes)
@@ -62,17 +60,17 @@ def main() -> None:
             write_result(work / f"result_{rank}.json", {"raised": str(e)})
     else:
         written: list[int] = []
-        real = safetensors_writer.pwrite_tensor
+        real = layout.pwrite_tensor
 
         def counting(fd, tensor, offset):
             written.append(tensor.numel() * tensor.element_size())
             real(fd, tensor, offset)
 
-        safetensors_writer.pwrite_tensor = counting
+        layout.pwrite_tensor = counting
         result = {}
         for mode in args.modes.split(","):
             # "blind": rank 1 cannot see the output dir, like a node-local disk; "ddp": a replicated, wrapped copy.
-            export._sees_probe = (lambda staging, token: False) if mode == "blind" and rank == 1 else real_sees_probe
+            writer.sees_probe = (lambda staging, token: False) if mode == "blind" and rank == 1 else real_sees_probe
             target = DistributedDataParallel(build_lora_model(args.base, args.arch)) if mode == "ddp" else model
             written.clear()
             out = export_merged(target, work / f"merged_{mode}", args.base, dtype=torch.float32,

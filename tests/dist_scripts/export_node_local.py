@@ -10,8 +10,8 @@ watching it), then bind-mounts ``WORK/rank<R>-disk`` onto ``WORK/scratch``
 in its own mount namespace: every rank sees a different, real directory at
 ``WORK/scratch`` and none sees another rank's files, while the rest of the
 filesystem (the base checkpoint, WORK itself) is the same for all. Nothing
-in the export is patched; ``_sees_probe`` and ``_choose_gather`` are only
-wrapped to record what they returned.
+in the export is patched; ``writer.sees_probe`` and ``writer.choose_gather``
+(lora_dist.export.writer) are only wrapped to record what they returned.
 
 Rank 0 saves the adapter to WORK/adapter. The script exports twice:
 ``mode="shared"`` into WORK/scratch/merged_shared (must fail on every rank,
@@ -59,8 +59,7 @@ def main() -> None:
     import torch.distributed as dist
     from export_common import finish, input_ids, sharded_lora_model, write_result
 
-    from lora_dist import export, safetensors_writer
-    from lora_dist.export import ExportError, export_merged
+    from lora_dist.export import ExportError, export_merged, layout, writer
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -74,7 +73,7 @@ def main() -> None:
     seen: list[bool] = []
     chosen: list[bool] = []
     written: list[int] = []
-    real_sees, real_choose, real_pwrite = export._sees_probe, export._choose_gather, safetensors_writer.pwrite_tensor
+    real_sees, real_choose, real_pwrite = writer.sees_probe, writer.choose_gather, layout.pwrite_tensor
 
     def sees_probe(*a, **k):
         seen.append(real_sees(*a, **k))
@@ -88,7 +87,7 @@ def main() -> None:
         written.append(tensor.numel() * tensor.element_size())
         real_pwrite(fd, tensor, offset)
 
-    export._sees_probe, export._choose_gather, safetensors_writer.pwrite_tensor = sees_probe, choose_gather, pwrite
+    writer.sees_probe, writer.choose_gather, layout.pwrite_tensor = sees_probe, choose_gather, pwrite
 
     scratch = work / "scratch"
     try:

@@ -12,15 +12,16 @@ from lora_dist.launch import init_distributed
 from lora_dist.model_dir import ModelDir
 from lora_dist.lora import lora_parameters
 from lora_dist.model import load_model
-from lora_dist.parallel import ReplicaMismatchError, check_replicas, deepspeed_config, make_engine
-from lora_dist.train import _max_lora_numel, token_loss_sum
+from lora_dist.parallel import ReplicaMismatchError, check_replicas, make_engine
+from lora_dist.parallel.deepspeed import deepspeed_config
+from lora_dist.train import token_loss_sum
 from transformers import AutoConfig
 
 out_dir, *overrides = sys.argv[1:]
 env = init_distributed()
 cfg = load_config(None, overrides)
 hf_config = AutoConfig.from_pretrained(cfg.model.path)
-ds = deepspeed_config(cfg.parallel, cfg.train, _max_lora_numel(cfg, hf_config)) if cfg.parallel.strategy.startswith("zero") else None
+ds = deepspeed_config(cfg, hf_config) if cfg.parallel.strategy.startswith("zero") else None
 # Count the bytes each rank reads from the checkpoint's files: only its own rows / partitions.
 read_bytes = 0
 _read = ModelDir.read

@@ -23,17 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script by torchrun
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 import torch.distributed as dist
-
-
-def _device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def _sync(device: torch.device) -> None:
@@ -60,13 +51,13 @@ def main(job_path: str) -> None:
     from transformers import AutoTokenizer
 
     transformers.logging.set_verbosity_error()
-    from bench.measure import CommCounter, LiveTensorBytes, PhaseMemory, read_status_kb
-    from bench.systems import BenchSettings, make_system
+    from lora_dist.bench.measure import CommCounter, LiveTensorBytes, PhaseMemory, read_status_kb
+    from lora_dist.bench.systems import BenchSettings, make_system
     from lora_dist.data import load_dataset
-    from lora_dist.launch import destroy_distributed, init_distributed
+    from lora_dist.launch import destroy_distributed, init_distributed, run_device
 
     env = init_distributed(timeout_s=1800)
-    device = _device(env.local_rank)
+    device = run_device()
     torch.manual_seed(0)
     settings = BenchSettings(**job["settings"])
     out = Path(job["out"])
@@ -146,19 +137,14 @@ def main(job_path: str) -> None:
 
 
 def merge_main(base: str, adapter: str, out: str, result_path: str) -> None:
-    """``lora-dist merge`` in this process (its own argument parser and ``run_merge``), timed without
+    """``lora-dist merge`` in this process (the CLI's own parsing included), timed without
     the interpreter's start-up, with the phase's peak RSS above the pre-merge baseline."""
-    import argparse
+    from lora_dist.bench.measure import PhaseMemory, read_status_kb
+    from lora_dist.cli import main
 
-    from bench.measure import PhaseMemory, read_status_kb
-    from lora_dist.export import add_merge_subparser
-
-    parser = argparse.ArgumentParser()
-    add_merge_subparser(parser.add_subparsers())
-    args = parser.parse_args(["merge", "--base", base, "--adapter", adapter, "--out", out, "--overwrite"])
     baseline = read_status_kb("VmRSS", "RssAnon")
     with PhaseMemory(torch.device("cpu")) as phase:
-        code = args.func(args)
+        code = main(["merge", "--base", base, "--adapter", adapter, "--out", out, "--overwrite"])
     Path(result_path).write_text(json.dumps({"exit_code": code, "baseline": baseline, **phase.as_dict()}))
 
 
@@ -174,13 +160,13 @@ def export_run_main(run_dir: str, out: str, result_dir: str) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    import lora_dist.export as export_mod
-    from bench.measure import LiveTensorBytes, PhaseMemory, read_status_kb
-    from lora_dist.launch import destroy_distributed, init_distributed
-    from lora_dist.run_export import export_run
+    import lora_dist.export.merged as export_mod
+    from lora_dist.bench.measure import LiveTensorBytes, PhaseMemory, read_status_kb
+    from lora_dist.launch import destroy_distributed, init_distributed, run_device
+    from lora_dist.export import export_run
 
     env = init_distributed(timeout_s=1800)
-    device = _device(env.local_rank)
+    device = run_device()
     dist.barrier()
     status = read_status_kb("VmRSS", "RssAnon")
     result: dict = {"rank": env.rank, "baseline": {"rss": status["VmRSS"], "anon": status.get("RssAnon", 0)}}

@@ -2,7 +2,7 @@
 
 * ``lora_dist`` (fsdp2, zero3, ddp): :func:`lora_dist.model.load_model` and
   :func:`lora_dist.parallel.make_engine`, and the training loop's own step
-  (``lora_dist.train._forward_backward`` then ``engine.step``).
+  (``lora_dist.train.forward_backward`` then ``engine.step``).
 * ``peft_accelerate_fsdp2``: ``from_pretrained`` -> PEFT ``get_peft_model`` ->
   ``Accelerator(fsdp_plugin=FSDP2, transformer-based wrap)`` ->
   ``accelerator.prepare(model, optimizer)`` and the usual accelerate loop.
@@ -102,8 +102,8 @@ class LoraDist(System):
 
         from lora_dist.config import load_config
         from lora_dist.model import load_model
-        from lora_dist.parallel import deepspeed_config, make_engine
-        from lora_dist.train import _max_lora_numel
+        from lora_dist.parallel import make_engine
+        from lora_dist.parallel.deepspeed import deepspeed_config
 
         s = self.s
         self.cfg = cfg = load_config(None, [
@@ -113,7 +113,7 @@ class LoraDist(System):
         ])
         ds = None
         if self.strategy.startswith("zero"):
-            ds = deepspeed_config(cfg.parallel, cfg.train, _max_lora_numel(cfg, AutoConfig.from_pretrained(s.model_path)))
+            ds = deepspeed_config(cfg, AutoConfig.from_pretrained(s.model_path))
         loaded = load_model(cfg.model, cfg.lora, cfg.parallel, self.device, s.seed, ds)
         self.model = loaded.model
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -121,9 +121,9 @@ class LoraDist(System):
         self.engine = make_engine(self.model, optimizer, cfg.parallel, cfg.train, self.device, ds)
 
     def train_step(self, ids, labels) -> None:
-        from lora_dist.train import _forward_backward
+        from lora_dist.train import forward_backward
 
-        _forward_backward(self.engine, [(ids, labels)])
+        forward_backward(self.engine, [(ids, labels)])
         self.engine.step(LR)
 
     @torch.no_grad()
@@ -174,7 +174,7 @@ class AccelerateSystem(System):
     def _make_model(self):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.s.model_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(self.s.model_path, dtype=torch.float32, use_safetensors=True)
         if self.peft:
             from peft import get_peft_model
 

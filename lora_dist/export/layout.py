@@ -1,4 +1,4 @@
-"""Safetensors files planned up front and filled piecewise, by one process or many.
+"""The byte layout of safetensors checkpoint files: planned up front, filled piecewise, read back checked.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header
 naming every tensor's dtype, shape and byte range, then the raw tensor bytes.
@@ -31,40 +31,23 @@ from typing import Mapping, Sequence
 
 import torch
 
+from lora_dist.dtypes import from_safetensors, to_safetensors
 from lora_dist.model_dir import SAFE_SINGLE
 
 __all__ = [
     "CheckpointLayout",
+    "HeaderEntry",
     "SafetensorsFormatError",
     "ShardFile",
     "TensorSpec",
     "create_file",
-    "dtype_from_str",
-    "dtype_to_str",
-    "fsync_dir",
+    "encode_header",
+    "format_size",
     "parse_size",
     "plan_layout",
     "pwrite_tensor",
     "read_header",
 ]
-
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        _DTYPES[_name] = getattr(torch, _attr)
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 _MAX_HEADER = 100 * 1000 * 1000  # safetensors refuses larger headers
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -73,18 +56,6 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 class SafetensorsFormatError(ValueError):
     """A safetensors file whose header or size is not what the format requires."""
-
-
-def dtype_to_str(dtype: torch.dtype) -> str:
-    if dtype not in _DTYPE_NAMES:
-        raise SafetensorsFormatError(f"dtype {dtype} cannot be stored in safetensors")
-    return _DTYPE_NAMES[dtype]
-
-
-def dtype_from_str(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise SafetensorsFormatError(f"unknown safetensors dtype {name!r}")
-    return _DTYPES[name]
 
 
 def format_size(n: int) -> str:
@@ -124,14 +95,17 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
+        """Elements of the tensor."""
         return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:
+        """Bytes per element."""
         return self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
         return self.numel * self.itemsize
 
 
@@ -161,10 +135,12 @@ class CheckpointLayout:
 
     @property
     def total_parameters(self) -> int:
+        """Sum of tensor elements (the index's ``total_parameters``)."""
         return sum(s.numel for s in self.specs.values())
 
     @property
     def file_bytes(self) -> int:
+        """Bytes of all files, headers included (what the disk must hold)."""
         return sum(f.size for f in self.files)
 
     def index(self) -> dict | None:
@@ -186,7 +162,8 @@ def encode_header(entries: Sequence[tuple[TensorSpec, int, int]], metadata: Mapp
     """Length prefix + JSON header padded with spaces to 8 bytes (as safetensors does)."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     for spec, begin, end in entries:
-        header[spec.name] = {"dtype": dtype_to_str(spec.dtype), "shape": list(spec.shape), "data_offsets": [begin, end]}
+        header[spec.name] = {"dtype": to_safetensors(spec.dtype), "shape": list(spec.shape),
+                             "data_offsets": [begin, end]}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     if len(text) > _MAX_HEADER:
@@ -261,20 +238,6 @@ def pwrite_tensor(fd: int, tensor: torch.Tensor, offset: int) -> None:
         _pwrite_all(fd, memoryview(flat.view(torch.uint8).numpy()), offset)
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so renames and new entries in it are durable (a no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True)
 class HeaderEntry:
     """One tensor as a safetensors header describes it; offsets are absolute in the file."""
@@ -319,7 +282,7 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, HeaderEntry]]:
     entries: dict[str, HeaderEntry] = {}
     for name, info in header.items():
         try:
-            dtype = dtype_from_str(info["dtype"])
+            dtype = from_safetensors(info["dtype"])
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError, SafetensorsFormatError) as e:

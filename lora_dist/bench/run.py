@@ -28,12 +28,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+#: The package measured; its sources are hashed into the results.
+PACKAGE = Path(__file__).resolve().parents[1]
+#: Results go under ``bench/results/`` of the working directory (a checkout: ``python -m bench`` from its root).
+RESULTS = Path("bench") / "results"
 
-from bench.models import FULL_SIZES, LARGE_SIZES, QUICK_SIZES, ModelSpec, build_checkpoint, write_data  # noqa: E402
-from bench.systems import SYSTEMS  # noqa: E402
+from lora_dist.bench.models import FULL_SIZES, LARGE_SIZES, QUICK_SIZES, ModelSpec, build_checkpoint, write_data
+from lora_dist.bench.systems import SYSTEMS
 
 __all__ = ["BenchOptions", "add_arguments", "main", "run_bench"]
 
@@ -47,7 +48,7 @@ EXPORTING = {"lora_dist_fsdp2", "lora_dist_zero3", ANCHOR}
 class BenchOptions:
     """How the benchmark runs."""
 
-    out: str = str(REPO / "bench" / "results")
+    out: str = str(RESULTS)
     work_dir: str = str(Path(tempfile.gettempdir()) / "lora_dist_bench")
     quick: bool = False
     sizes: tuple[str, ...] = ()
@@ -80,8 +81,7 @@ def _free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     try:
         import torch
 
@@ -142,10 +142,10 @@ def _run_config(opts: BenchOptions, spec: ModelSpec, model_path: Path, data_path
 
 def _launch(opts: BenchOptions, args: list[str], log_path: Path) -> int | str:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={opts.nproc}",
-           f"--master_port={_free_port()}", str(REPO / "bench" / "worker.py"), *args]
+           f"--master_port={_free_port()}", "-m", "lora_dist.bench.worker", *args]
     with log_path.open("w") as log:
         try:
-            return subprocess.run(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+            return subprocess.run(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                                   timeout=opts.timeout_s).returncode
         except subprocess.TimeoutExpired:
             return "timeout"
@@ -206,12 +206,12 @@ def _plain_copy(src: Path, dst: Path) -> float:
 
 
 def _offline_merge(model_path: Path, adapter: Path, out: Path, work: Path) -> dict:
-    """``lora-dist merge`` (its parser and ``run_merge``) in a fresh process, timed without interpreter start-up."""
+    """``lora-dist merge`` in a fresh process, timed without interpreter start-up."""
     result_path = work / "merge_result.json"
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(REPO / "bench" / "worker.py"), "merge", str(model_path), str(adapter), str(out),
+    cmd = [sys.executable, "-m", "lora_dist.bench.worker", "merge", str(model_path), str(adapter), str(out),
            str(result_path)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     if out.exists():
         shutil.rmtree(out)
     if proc.returncode != 0 or not result_path.is_file():
@@ -251,27 +251,27 @@ def _plans(opts: BenchOptions, model_path: Path) -> dict:
 
 
 def _source_version() -> dict:
-    """The commit, local changes, and a hash of the code measured (lora_dist/ and bench/ sources)."""
+    """The commit, local changes, and a hash of the code measured (the lora_dist sources)."""
     import hashlib
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+            return subprocess.run(["git", *args], cwd=PACKAGE, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
     digest = hashlib.sha256()
-    for path in sorted([*(REPO / "lora_dist").glob("*.py"), *(REPO / "bench").glob("*.py")]):
-        digest.update(path.name.encode() + path.read_bytes())
+    for path in sorted(PACKAGE.rglob("*.py")):
+        digest.update(str(path.relative_to(PACKAGE)).encode() + path.read_bytes())
     return {"commit": git("rev-parse", "--short", "HEAD"),
-            "modified": git("status", "--porcelain", "--", "lora_dist", "bench/*.py").splitlines(),
+            "modified": git("status", "--porcelain", "--", ".").splitlines(),
             "sources_sha256": digest.hexdigest()[:16]}
 
 
 def run_bench(opts: BenchOptions) -> dict:
     """Run every configuration on every size; write and return the results."""
-    from bench import report
-    from bench.measure import machine_info
+    from lora_dist.bench import report
+    from lora_dist.bench.measure import machine_info
 
     work = Path(opts.work_dir)
     out = Path(opts.out)
@@ -327,7 +327,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     quick = bool(args.quick)
     return BenchOptions(
-        out=args.out or str(REPO / "bench" / "results" / ("tmp/quick" if quick else "")),
+        out=args.out or str(RESULTS / ("tmp/quick" if quick else "")),
         work_dir=args.work_dir, quick=quick, sizes=tuple(args.sizes), configs=tuple(args.configs), nproc=args.nproc,
         seq_len=args.seq_len or (64 if quick else BenchOptions.seq_len), micro_batch=args.micro_batch,
         timed_steps=args.timed_steps or (2 if quick else BenchOptions.timed_steps),
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     results = run_bench(options_from_args(args))
-    from bench.report import failed_configs
+    from lora_dist.bench.report import failed_configs
 
     return 1 if failed_configs(results) else 0
 

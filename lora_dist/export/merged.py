@@ -1,0 +1,232 @@
+"""The merged export of a trained (possibly sharded) LoRA model, and of a finished run's output dir.
+
+:func:`export_merged` is called by every rank after training: each rank merges
+the base rows it already holds with the replicated LoRA A/B, and
+:func:`~lora_dist.export.writer.write_checkpoint` writes them. :func:`export_run`
+(``lora-dist export RUN_DIR``) rebuilds a finished run's model sharded as in
+training, loads its LoRA weights and calls :func:`export_merged`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from lora_dist.adapter import read_adapter
+from lora_dist.config import ConfigError, config_from_dict
+from lora_dist.dtypes import parse_dtype
+from lora_dist.export.errors import ExportError
+from lora_dist.export.group import RankGroup
+from lora_dist.export.layout import plan_layout
+from lora_dist.export.sources import (
+    MERGED_FROM_KEY,
+    RowsSource,
+    file_rows,
+    merged_from,
+    output_specs,
+    param_source,
+)
+from lora_dist.export.writer import MODES, write_checkpoint
+from lora_dist.launch import init_distributed
+from lora_dist.lora import LoRALinear, lora_modules
+from lora_dist.merge import LoRAWeights
+from lora_dist.model import load_model
+from lora_dist.model_dir import ModelDir
+from lora_dist.parallel.deepspeed import deepspeed_config
+from lora_dist.parallel.sharding import full_shape, is_dtensor, local_dtype
+
+__all__ = ["export_merged", "export_run"]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user model inside DDP / DeepSpeed engine / torch.compile wrappers."""
+    while True:
+        if type(model).__name__ in ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "PipelineEngine"):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _lora_weights(layers: Mapping[str, LoRALinear]) -> dict[str, LoRAWeights]:
+    """Collective: full copies of every layer's A/B (gathered if ZeRO-3 partitioned or DTensor-sharded)."""
+    params = [p for layer in layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    zero = [p for p in params if hasattr(p, "ds_id")]
+    if zero:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(zero, modifier_rank=None)
+    else:
+        gathered = contextlib.nullcontext()
+    out = {}
+    with gathered:
+        for name, layer in layers.items():
+            a, b = (p.full_tensor() if is_dtensor(p) else p for p in (layer.lora_A.weight, layer.lora_B.weight))
+            out[name] = LoRAWeights(a.detach().clone(), b.detach().clone(), layer.scale, layer.fan_in_fan_out)
+    return out
+
+
+def export_merged(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    base_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = torch.bfloat16,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    mode: str = "auto",
+) -> Path:
+    """Write the model with its LoRA merged in as a HF checkpoint dir. Collective: call on every rank.
+
+    Works on a single process and on fsdp2 (``Shard(0)`` DTensors), zero3
+    (DeepSpeed partitions) and ddp models; no rank materializes the model.
+
+    Args:
+        model: the trained model (a DDP / DeepSpeed engine wrapper is unwrapped).
+        out_dir: the checkpoint dir to create.
+        base_path: the base HF checkpoint the model was loaded from: its key
+            names, non-LoRA tensors, config, generation config and tokenizer
+            files are used.
+        dtype: dtype of the floating tensors written (the merge itself is fp32);
+            None keeps the base checkpoint's dtypes.
+        max_shard_size: largest file, decimal units like HF ("5GB" = 5e9 bytes).
+        overwrite: replace an existing ``out_dir`` (once the new one is complete).
+        mode: "auto", "shared" (every rank writes its bytes into files on a
+            filesystem all ranks see) or "gather" (rank 0 collects and writes).
+
+    Returns:
+        ``out_dir`` as an absolute path, on every rank.
+
+    Raises:
+        OutputExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        ExportError: a LoRA weight the base does not have, an unsupported
+            sharding, no disk space, or a failure on another rank.
+        MergeError: a merged weight with NaN/Inf.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    group = RankGroup()
+    model = _unwrap(model)
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()  # parameters back to their sharded DTensors, whatever the last forward left
+    layers = dict(lora_modules(model))
+    error = None
+    try:
+        out_dtype = parse_dtype(dtype)
+        base = ModelDir(base_path)
+        if not layers:
+            raise ExportError("the model has no LoRA layers; inject_lora() it, or copy the base checkpoint instead")
+        specs = output_specs(base, out_dtype)
+        for name in layers:
+            if f"{name}.weight" not in specs:
+                raise ExportError(
+                    f"LoRA-adapted weight {name}.weight is not a tensor of the base checkpoint {base.path} "
+                    "(a tied or renamed weight?); the merged export writes exactly the base's keys"
+                )
+    except Exception as e:
+        error = e
+    group.check(error)
+    adapters = _lora_weights(layers)
+    try:
+        sources: dict[str, object] = {k: RowsSource(file_rows(base, k), s, None) for k, s in specs.items()}
+        for name, layer in layers.items():
+            key = f"{name}.weight"
+            if full_shape(layer.weight) != specs[key].shape:
+                raise ExportError(
+                    f"{key}: the model's weight is {full_shape(layer.weight)} but the base checkpoint's is "
+                    f"{specs[key].shape}; base_path is not the checkpoint the model was loaded from"
+                )
+            # A layer merged in place already holds W0 + delta.
+            sources[key] = param_source(layer.weight, specs[key], None if layer.merged else adapters[name])
+        dtypes = merged_from(local_dtype(layer.weight) for layer in layers.values())
+        layout = plan_layout(list(specs.values()), max_shard_size, {"format": "pt", MERGED_FROM_KEY: dtypes})
+    except Exception as e:
+        error = e
+    group.check(error)
+    return write_checkpoint(group, out_dir, base, layout, sources, overwrite=overwrite, mode=mode,
+                            config_dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------- lora-dist export RUN_DIR
+
+
+def _run_lora_tensors(run: Path) -> dict[str, torch.Tensor]:
+    """The run's final adapter, or its latest checkpoint's LoRA weights."""
+    if (run / "adapter").is_dir():
+        return read_adapter(run / "adapter").tensors
+    latest = run / "checkpoints" / "latest"
+    if latest.is_file():
+        return load_file(str(run / "checkpoints" / latest.read_text().strip() / "lora.safetensors"))
+    raise ConfigError(f"{run} has neither adapter/ nor checkpoints/latest; is it a lora-dist output.dir?")
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | None = None,
+               max_shard_size: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``RUN_DIR/merged`` (or ``out``) from a finished run; call on every rank.
+
+    Run it under the same launcher as training (``torchrun``, ``srun``,
+    ``mpirun``) or as one process: the base is rebuilt sharded across the ranks
+    exactly as in training, the run's LoRA weights are loaded on every rank,
+    and each rank merges the shards it owns (:func:`export_merged`).
+
+    Args:
+        run_dir: a run's ``output.dir`` (holds ``config.json`` and ``adapter/``
+            or ``checkpoints/``).
+        out: the checkpoint dir to create; default ``RUN_DIR/merged``.
+        dtype: dtype of the floating tensors written; default the run's ``export.dtype``.
+        max_shard_size: largest file; default the run's ``export.max_shard_size``.
+        overwrite: replace an existing output (also when the run's ``output.overwrite`` is set).
+
+    Returns:
+        The checkpoint dir, as an absolute path.
+
+    Raises:
+        ConfigError: ``run_dir`` is not a lora-dist output dir, or its adapter does not fit its config.
+        OutputExistsError, ExportError, MergeError: as for :func:`export_merged`.
+    """
+    run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        raise ConfigError(f"{run}/config.json not found; RUN_DIR must be a lora-dist output.dir")
+    cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+    env = init_distributed(cfg.parallel.timeout_s)
+    parallel = cfg.parallel
+    if env.world_size > 1 and parallel.strategy == "none":
+        parallel.strategy = "fsdp2"
+    if env.world_size == 1:
+        parallel.strategy = "none"
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    ds = None
+    if parallel.strategy.startswith("zero"):
+        from transformers import AutoConfig
+
+        ds = deepspeed_config(cfg, AutoConfig.from_pretrained(cfg.model.path))
+    model = load_model(cfg.model, cfg.lora, parallel, device, cfg.train.seed, ds).model
+    tensors = _run_lora_tensors(run)
+    with torch.no_grad():
+        for name, layer in lora_modules(model):
+            for part in ("lora_A", "lora_B"):
+                key = f"{name}.{part}.weight"
+                if key not in tensors:
+                    raise ConfigError(f"{run}: no {key}; the run's adapter does not match its config")
+                weight = getattr(layer, part).weight
+                if tensors[key].shape != weight.shape:
+                    raise ConfigError(f"{run}: {key} is {tuple(tensors[key].shape)} in the run's adapter but "
+                                      f"{tuple(weight.shape)} in the model its config builds; was config.json edited?")
+                weight.copy_(tensors[key])
+    return export_merged(
+        model, Path(out) if out else run / "merged", cfg.model.path,
+        dtype=parse_dtype(dtype or cfg.export.dtype),
+        max_shard_size=max_shard_size or cfg.export.max_shard_size,
+        overwrite=overwrite or cfg.output.overwrite,
+    )

@@ -1,0 +1,85 @@
+"""The offline merge: a base checkpoint and a PEFT-format adapter streamed into a merged checkpoint.
+
+Nothing is loaded whole: every output tensor is a
+:class:`~lora_dist.export.sources.RowsSource` over the base files, read one
+tensor (or row block) at a time, and written by
+:func:`~lora_dist.export.writer.write_checkpoint`; under torchrun/srun/mpirun
+the ranks split every tensor's rows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from lora_dist.adapter import read_adapter
+from lora_dist.dtypes import from_safetensors, parse_dtype
+from lora_dist.export.group import RankGroup
+from lora_dist.export.layout import plan_layout
+from lora_dist.export.sources import MERGED_FROM_KEY, RowsSource, file_rows, merged_from, output_specs
+from lora_dist.export.writer import MODES, write_checkpoint
+from lora_dist.merge import MergeError
+from lora_dist.model_dir import ModelDir
+
+__all__ = ["merge_offline"]
+
+
+def merge_offline(
+    base_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+    *,
+    mode: str = "auto",
+) -> Path:
+    """Merge a PEFT-format LoRA adapter into a base HF checkpoint, streaming, into a new checkpoint dir.
+
+    Reads the base one tensor (or row block of at most 256 MiB) at a time.
+    When torch.distributed is initialized with more than one rank (torchrun,
+    srun, mpirun), every rank merges and writes its share of every tensor's
+    rows in parallel; call it on every rank.
+
+    Args:
+        base_dir: the base checkpoint dir.
+        adapter_dir: a PEFT-format adapter (PEFT's own or ``save_adapter``'s;
+            rsLoRA, ``fan_in_fan_out``, ``rank_pattern``/``alpha_pattern``).
+        out_dir: the checkpoint dir to create.
+        max_shard_size: largest file, decimal units like HF ("5GB" = 5e9 bytes).
+        dtype: dtype of the floating tensors written; None keeps the base's.
+        overwrite: replace an existing ``out_dir``.
+        mode: as for :func:`~lora_dist.export.merged.export_merged`.
+
+    Returns:
+        ``out_dir`` as an absolute path, on every rank.
+
+    Raises:
+        OutputExistsError, ExportError, MergeError, AdapterError, ModelDirError.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    group = RankGroup()
+    error = None
+    try:
+        out_dtype = parse_dtype(dtype)
+        base = ModelDir(base_dir)
+        weights = read_adapter(adapter_dir).weights()
+        missing = sorted(m for m in weights if f"{m}.weight" not in base)
+        if missing:
+            raise MergeError(f"the adapter targets modules that are not in the base checkpoint: {missing[:5]}; "
+                             "the adapter was trained on a different base")
+        specs = output_specs(base, out_dtype)
+        sources = {}
+        for key, spec in specs.items():
+            lora = weights.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+            sources[key] = RowsSource(file_rows(base, key), spec, lora)
+        dtypes = merged_from(from_safetensors(base.dtype(f"{m}.weight")) for m in weights)
+        layout = plan_layout(list(specs.values()), max_shard_size, {"format": "pt", MERGED_FROM_KEY: dtypes})
+    except Exception as e:
+        error = e
+    group.check(error)
+    return write_checkpoint(group, out_dir, base, layout, sources, overwrite=overwrite, mode=mode,
+                            config_dtype=out_dtype)

@@ -1,0 +1,244 @@
+"""Where every output tensor's bytes come from, and which of them this rank produces.
+
+An output tensor is produced from one of two sources, both cut into
+:class:`Piece` s of flat element ranges in the output dtype:
+
+* :class:`RowsSource`: a whole tensor every rank can read rows of (a base
+  checkpoint tensor, or a param every rank holds whole); each rank takes its
+  ``torch.chunk`` share of the rows.
+* :class:`ShardSource`: the contiguous flat range of a sharded param this rank
+  holds (an FSDP2 ``Shard(0)`` block of rows, a ZeRO-3 partition), as
+  :func:`lora_dist.parallel.sharding.owned_range` describes it.
+
+A LoRA-targeted tensor is merged on the way, by :func:`merge_flat`, in blocks of
+:data:`MERGE_BLOCK_ROWS` rows at absolute row offsets, so the merged bytes do
+not depend on how the rows were split. :func:`output_specs` says which tensors
+the output has: exactly the base checkpoint's.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from lora_dist.dtypes import FLOAT_DTYPES, dtype_name, from_safetensors
+from lora_dist.export.errors import ExportError
+from lora_dist.export.layout import TensorSpec
+from lora_dist.merge import LoRAWeights, merge_weight
+from lora_dist.model_dir import ModelDir
+from lora_dist.parallel.sharding import ShardingError, owned_range, whole_local
+
+__all__ = [
+    "COPY_BLOCK_BYTES",
+    "MERGED_FROM_KEY",
+    "MERGE_BLOCK_ROWS",
+    "Piece",
+    "RowsSource",
+    "ShardSource",
+    "file_rows",
+    "merge_flat",
+    "merged_from",
+    "natural_key",
+    "output_specs",
+    "param_source",
+]
+
+#: Rows per block of the LoRA update; fixed so the merged bits do not depend on the sharding.
+MERGE_BLOCK_ROWS = 1024
+#: Largest piece of a copied tensor read at once.
+COPY_BLOCK_BYTES = 256 * 2**20
+#: Safetensors metadata key: the dtype(s) the merged base weights had (verification's tolerance).
+MERGED_FROM_KEY = "lora_dist_merged_base_dtype"
+
+
+def merge_flat(
+    flat: torch.Tensor,
+    start: int,
+    end: int,
+    shape: tuple[int, ...],
+    lora: LoRAWeights,
+    out_dtype: torch.dtype,
+    name: str,
+) -> torch.Tensor:
+    """Elements ``[start, end)`` of the merged, row-major flattened weight, given those elements of the base.
+
+    The update is computed per :data:`MERGE_BLOCK_ROWS`-row block at absolute
+    offsets; a partial block (a shard edge, a ZeRO-3 partition cutting a row)
+    is padded with zeros, merged, and cut.
+
+    Args:
+        flat: the base weight's elements ``[start, end)``.
+        start: first flat element.
+        end: one past the last flat element.
+        shape: the whole weight's shape.
+        lora: the layer's LoRA A/B and scale.
+        out_dtype: dtype of the result.
+        name: the weight's name, for errors.
+
+    Returns:
+        ``end - start`` merged elements in ``out_dtype``, on ``flat``'s device.
+
+    Raises:
+        MergeError: the merge gives NaN/Inf.
+    """
+    rows, row_len = shape[0], math.prod(shape[1:])
+    lora = LoRAWeights(lora.lora_A.to(flat.device), lora.lora_B.to(flat.device), lora.scale, lora.fan_in_fan_out)
+    out = torch.empty(end - start, dtype=out_dtype, device=flat.device)
+    first, last = start // row_len, -(-end // row_len)
+    b0 = first - first % MERGE_BLOCK_ROWS
+    while b0 < last:
+        b1 = min(b0 + MERGE_BLOCK_ROWS, rows)
+        lo, hi = max(start, b0 * row_len), min(end, b1 * row_len)
+        if lo == b0 * row_len and hi == b1 * row_len:
+            block = flat[lo - start : hi - start]
+        else:
+            block = flat.new_zeros((b1 - b0) * row_len)
+            block[lo - b0 * row_len : hi - b0 * row_len] = flat[lo - start : hi - start]
+        merged = merge_weight(block.view(b1 - b0, row_len), lora, rows=slice(b0, b1), out_dtype=out_dtype, name=name)
+        out[lo - start : hi - start] = merged.view(-1)[lo - b0 * row_len : hi - b0 * row_len]
+        b0 = b1
+    return out
+
+
+@dataclass
+class Piece:
+    """A flat element range ``[start, end)`` of one output tensor and how to produce it (in the output dtype)."""
+
+    start: int
+    end: int
+    produce: Callable[[], torch.Tensor]
+
+
+def _row_chunk(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """This rank's rows under ``torch.chunk`` semantics (the last ranks may get fewer, or none)."""
+    size = -(-rows // world) if rows else 0
+    return min(rank * size, rows), min((rank + 1) * size, rows)
+
+
+class RowsSource:
+    """A whole tensor every rank can read rows of: a base checkpoint tensor, or a replicated param.
+
+    With a shared output every rank writes its ``torch.chunk`` share of the
+    rows; when rank 0 collects, rank 0 writes all of them.
+
+    Args:
+        read_rows: ``read_rows(a, b)`` gives rows ``[a, b)`` (the whole tensor for a scalar).
+        spec: the output tensor.
+        lora: the LoRA to merge in, or None to copy.
+    """
+
+    sharded = False
+
+    def __init__(self, read_rows: Callable[[int, int], torch.Tensor], spec: TensorSpec, lora: LoRAWeights | None):
+        self.read_rows, self.spec, self.lora = read_rows, spec, lora
+
+    def pieces(self, rank: int, world: int) -> list[Piece]:
+        """The pieces rank ``rank`` of ``world`` produces: row blocks of its share."""
+        shape = self.spec.shape
+        if not shape:
+            return [Piece(0, 1, lambda: self.read_rows(0, 1).reshape(1).to(self.spec.dtype))] if rank == 0 else []
+        row_len = math.prod(shape[1:])
+        r0, r1 = _row_chunk(shape[0], world, rank)
+        if self.lora is not None:
+            step = MERGE_BLOCK_ROWS
+        else:
+            step = max(1, COPY_BLOCK_BYTES // max(1, row_len * self.spec.itemsize))
+        pieces, a = [], r0
+        while a < r1:
+            b = min(r1, (a // step + 1) * step)
+            pieces.append(Piece(a * row_len, b * row_len, lambda a=a, b=b: self._produce(a, b)))
+            a = b
+        return pieces
+
+    def _produce(self, a: int, b: int) -> torch.Tensor:
+        flat = self.read_rows(a, b).reshape(-1)
+        if self.lora is None:
+            return flat.to(self.spec.dtype)
+        row_len = math.prod(self.spec.shape[1:])
+        return merge_flat(flat, a * row_len, b * row_len, self.spec.shape, self.lora, self.spec.dtype, self.spec.name)
+
+
+class ShardSource:
+    """This rank's fixed part of a sharded param: flat elements ``[start, end)`` it holds locally.
+
+    Args:
+        local: the ``end - start`` elements, flat.
+        start: first flat element of the whole tensor.
+        end: one past the last.
+        spec: the output tensor.
+        lora: the LoRA to merge in, or None to copy.
+    """
+
+    sharded = True
+
+    def __init__(self, local: torch.Tensor, start: int, end: int, spec: TensorSpec, lora: LoRAWeights | None):
+        self.local, self.start, self.end, self.spec, self.lora = local, start, end, spec, lora
+
+    def pieces(self, rank: int, world: int) -> list[Piece]:
+        """This rank's one piece (none where it owns nothing); ``rank`` and ``world`` are fixed by the sharding."""
+        return [Piece(self.start, self.end, self._produce)] if self.end > self.start else []
+
+    def _produce(self) -> torch.Tensor:
+        if self.lora is None:
+            return self.local.to(self.spec.dtype)
+        spec = self.spec
+        return merge_flat(self.local, self.start, self.end, spec.shape, self.lora, spec.dtype, spec.name)
+
+
+def param_source(param: torch.Tensor, spec: TensorSpec, lora: LoRAWeights | None) -> RowsSource | ShardSource:
+    """Where this rank's rows of a (possibly sharded) model param are.
+
+    Args:
+        param: a plain tensor, an FSDP2 DTensor or a ZeRO-3 partitioned param.
+        spec: the output tensor it becomes.
+        lora: the LoRA to merge in, or None to copy.
+
+    Raises:
+        ExportError: naming the tensor, for a sharding :func:`~lora_dist.parallel.sharding.owned_range`
+            does not cover (another placement, a partition offloaded to NVMe).
+    """
+    try:
+        owned = owned_range(param)
+    except ShardingError as e:
+        raise ExportError(f"{spec.name}: {e}") from None
+    if owned is None:
+        full = whole_local(param).detach()
+        return RowsSource(lambda a, b: full[a:b], spec, lora)
+    return ShardSource(owned.local.detach(), owned.start, owned.end, spec, lora)
+
+
+def file_rows(base: ModelDir, key: str) -> Callable[[int, int], torch.Tensor]:
+    """A ``read_rows(a, b)`` for :class:`RowsSource` reading rows of ``key`` from the base files."""
+    if not base.shape(key):
+        return lambda a, b: base.read(key)
+    return lambda a, b: base.read(key, rows=slice(a, b))
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting ``layers.2`` before ``layers.10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def output_specs(base: ModelDir, out_dtype: torch.dtype | None) -> dict[str, TensorSpec]:
+    """One spec per base tensor, in natural key order; floating tensors cast to ``out_dtype``.
+
+    Args:
+        base: the base checkpoint.
+        out_dtype: dtype of the floating tensors written; None keeps the base's.
+    """
+    specs = {}
+    for key in sorted(base.keys(), key=natural_key):
+        dtype = from_safetensors(base.dtype(key))
+        if out_dtype is not None and dtype in FLOAT_DTYPES:
+            dtype = out_dtype
+        specs[key] = TensorSpec(key, dtype, base.shape(key))
+    return specs
+
+
+def merged_from(dtypes: Iterable[torch.dtype]) -> str:
+    """The :data:`MERGED_FROM_KEY` metadata value: the merged base weights' dtypes, sorted, comma-separated."""
+    return ",".join(sorted({dtype_name(d) for d in dtypes}))

@@ -1,0 +1,371 @@
+"""Checking a checkpoint dir: its files against its index, its values, and that it is its base + adapter.
+
+:func:`verify_checkpoint` composes small checks, each returning the problems it
+found as one line apiece:
+
+1. :func:`check_config` and :func:`check_files`: ``config.json`` parses; the
+   headers are valid for their files; every tensor is in exactly one file, the
+   one the index names; ``total_size`` is right; no stray weight files.
+2. :func:`check_finite`: no tensor holds NaN/Inf.
+3. With the base: :func:`check_keys` (the same keys and shapes); with the
+   adapter too, :func:`check_targeted` (every targeted tensor is there) and, on a
+   sample, :func:`check_untouched` (tensors the merge does not touch are
+   bit-exact with the base).
+4. With the adapter, on the same sample: :func:`check_merged` (merged tensors
+   recomputed, within the merge's own rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from lora_dist.adapter import read_adapter
+from lora_dist.dtypes import FLOAT_DTYPES, DTypeError, parse_dtype
+from lora_dist.export.layout import HeaderEntry, SafetensorsFormatError, read_header
+from lora_dist.export.sources import MERGED_FROM_KEY, merge_flat, natural_key
+from lora_dist.merge import LoRAWeights, lora_delta
+from lora_dist.model_dir import SAFE_INDEX, SAFE_SINGLE, ModelDir
+
+__all__ = [
+    "CheckpointFiles",
+    "VerifyError",
+    "VerifyReport",
+    "check_config",
+    "check_files",
+    "check_finite",
+    "check_keys",
+    "check_merged",
+    "check_targeted",
+    "check_untouched",
+    "sample_keys",
+    "verify_checkpoint",
+]
+
+
+class VerifyError(ValueError):
+    """A checkpoint dir that is inconsistent, corrupt, or not the merge of its base and adapter."""
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_checkpoint` checked."""
+
+    path: Path
+    files: list[str]
+    tensors: int
+    total_size: int
+    dtypes: dict[str, int]
+    compared: list[str] = field(default_factory=list)
+    max_abs_diff: float = 0.0
+
+    def summary(self) -> str:
+        """One line: what was checked and found OK."""
+        dtypes = ", ".join(f"{n} {d}" for d, n in sorted(self.dtypes.items()))
+        line = (f"{self.path}: OK - {self.tensors} tensors ({dtypes}), {self.total_size / 1e6:.1f} MB "
+                f"in {len(self.files)} file(s), all finite")
+        if self.compared:
+            line += f"; {len(self.compared)} tensors match base + adapter (max |diff| {self.max_abs_diff:.3g})"
+        return line
+
+
+@dataclass
+class CheckpointFiles:
+    """A checkpoint dir's weight files as their headers describe them.
+
+    Attributes:
+        files: the weight files (the index's, or ``model.safetensors``).
+        entries: tensor name -> (file, header entry).
+        metadata: the safetensors metadata (of the last file read; the export writes the same into every file).
+    """
+
+    files: list[str]
+    entries: dict[str, tuple[str, HeaderEntry]]
+    metadata: dict[str, str]
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data in all files."""
+        return sum(e.end - e.begin for _, e in self.entries.values())
+
+
+def _failed(out: Path, problems: list[str]) -> VerifyError:
+    return VerifyError(f"{out} failed verification:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def check_config(out: Path) -> list[str]:
+    """``config.json`` exists and is valid JSON."""
+    try:
+        json.loads((out / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"config.json is missing or not valid JSON ({e})"]
+    return []
+
+
+def check_files(out: Path) -> tuple[CheckpointFiles | None, list[str]]:
+    """The index and the weight files agree, and every header is valid for its file.
+
+    Checks that every tensor is in exactly one file, the one the index names;
+    that the index's ``total_size`` is right; and that no ``*.safetensors``
+    file is left out of the index.
+
+    Returns:
+        What the headers describe (None where there are no weight files to read at all), and the problems.
+    """
+    problems: list[str] = []
+    index_path = out / SAFE_INDEX
+    weight_map: dict[str, str] = {}
+    declared_total = None
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = dict(index["weight_map"])
+            declared_total = index.get("metadata", {}).get("total_size")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            problems.append(f"{SAFE_INDEX} is corrupt ({e})")
+        files = sorted(set(weight_map.values()))
+    elif (out / SAFE_SINGLE).is_file():
+        files = [SAFE_SINGLE]
+    else:
+        problems.append(f"no {SAFE_INDEX} and no {SAFE_SINGLE}")
+        return None, problems
+    stray = sorted(p.name for p in out.glob("*.safetensors") if p.name not in files)
+    if stray:
+        problems.append(f"weight files not in the index: {stray}")
+    entries: dict[str, tuple[str, HeaderEntry]] = {}
+    metadata: dict[str, str] = {}
+    for name in files:
+        path = out / name
+        if not path.is_file():
+            problems.append(f"{name} is listed in the index but missing")
+            continue
+        try:
+            metadata, header = read_header(path)
+        except SafetensorsFormatError as e:
+            problems.append(str(e))
+            continue
+        for key, entry in header.items():
+            if key in entries:
+                problems.append(f"{key!r} is stored twice, in {entries[key][0]} and {name}")
+            entries[key] = (name, entry)
+    if index_path.is_file() and weight_map:
+        for key, name in weight_map.items():
+            if key not in entries and (out / name).is_file():
+                problems.append(f"{key!r} is in the index (-> {name}) but in no file")
+            elif key in entries and entries[key][0] != name:
+                problems.append(f"{key!r} is in {entries[key][0]} but the index says {name}")
+        for key in sorted(set(entries) - set(weight_map)):
+            problems.append(f"{key!r} is in {entries[key][0]} but not in the index")
+    found = CheckpointFiles(files, entries, metadata)
+    if declared_total is not None and declared_total != found.total_size:
+        problems.append(f"index metadata.total_size is {declared_total} but the tensors hold {found.total_size} bytes")
+    return found, problems
+
+
+def check_finite(ckpt: ModelDir, keys: list[str]) -> list[str]:
+    """No floating tensor among ``keys`` holds NaN/Inf (each is read whole, one at a time)."""
+    problems = []
+    for key in keys:
+        tensor = ckpt.read(key)
+        if tensor.dtype in FLOAT_DTYPES and not torch.isfinite(tensor).all():
+            problems.append(f"{key!r} holds NaN/Inf")
+    return problems
+
+
+def check_keys(base: ModelDir, found: CheckpointFiles) -> list[str]:
+    """The checkpoint holds exactly the base's tensors, in the base's shapes."""
+    problems = []
+    entries = found.entries
+    missing, extra = sorted(set(base.keys()) - set(entries)), sorted(set(entries) - set(base.keys()))
+    if missing:
+        problems.append(f"{len(missing)} base tensors are missing: {missing[:5]}")
+    if extra:
+        problems.append(f"{len(extra)} tensors are not in the base: {extra[:5]}")
+    for key in sorted(set(base.keys()) & set(entries)):
+        if tuple(entries[key][1].shape) != base.shape(key):
+            problems.append(f"{key!r} has shape {entries[key][1].shape}, the base {base.shape(key)}")
+    return problems
+
+
+def check_targeted(found: CheckpointFiles, targeted: Mapping[str, LoRAWeights]) -> list[str]:
+    """Every tensor the adapter targets is in the checkpoint."""
+    absent = sorted(set(targeted) - set(found.entries))
+    return [f"LoRA-targeted tensors are missing: {absent[:5]}"] if absent else []
+
+
+def _max_abs(error: torch.Tensor) -> float:
+    return error.max().item() if error.numel() else 0.0
+
+
+def check_untouched(ckpt: ModelDir, base: ModelDir, keys: list[str]) -> tuple[list[str], float]:
+    """Tensors the merge does not touch are the base's, bit-exact in the checkpoint's dtype (copied, not computed).
+
+    Returns:
+        The problems, and the largest absolute difference seen.
+    """
+    problems, largest = [], 0.0
+    for key in keys:
+        got, w0 = ckpt.read(key), base.read(key)
+        ref = w0.to(got.dtype)
+        diff = _max_abs((got.double() - ref.double()).abs())
+        largest = max(largest, diff)
+        if not torch.equal(got, ref):
+            problems.append(f"{key!r} differs from the base (max |diff| {diff:.3g})")
+    return problems, largest
+
+
+def _stored_dtype(name: str) -> torch.dtype:
+    try:
+        return parse_dtype(name) or torch.float32
+    except DTypeError:
+        return torch.float32
+
+
+def _tolerance(out_dtype: torch.dtype, merged_from: str) -> tuple[float, float] | None:
+    """``(rtol, atol)`` for comparing a recomputed merge, or None for exact."""
+    dtypes = {out_dtype} | {_stored_dtype(n) for n in merged_from.split(",") if n}
+    if torch.bfloat16 in dtypes:
+        return 1.6e-2, 1e-5
+    if torch.float16 in dtypes:
+        return 1e-3, 1e-5
+    return None
+
+
+def _fp32_merge_bound(ref: torch.Tensor, lora: LoRAWeights) -> torch.Tensor:
+    """How far two correct fp32 merges of one tensor can differ, element by element.
+
+    ``W0 + scale * B @ A`` rounds once in the add and once in the scale; the r-term sums of
+    ``B @ A`` may run in another order on another device (a GPU's matmul), each within ``r``
+    roundings of ``|B| @ |A|``. Twice these (one per merge) bounds the difference, so a merge
+    done on a GPU verifies on a CPU while a wrong scale, adapter or base does not.
+    """
+    eps = torch.finfo(torch.float32).eps
+    magnitude = lora_delta(lora.lora_A.abs(), lora.lora_B.abs(), abs(lora.scale), lora.fan_in_fan_out).double()
+    return 2 * eps * ref.double().abs() + 2 * (lora.r + 1) * eps * magnitude.view(ref.shape)
+
+
+def check_merged(ckpt: ModelDir, base: ModelDir, targeted: Mapping[str, LoRAWeights], keys: list[str],
+                 merged_from: str) -> tuple[list[str], float]:
+    """LoRA-targeted tensors equal ``base + adapter`` recomputed with the export's own merge.
+
+    fp32 tensors may differ by the merge's own rounding (:func:`_fp32_merge_bound`); bf16/fp16
+    within their rounding, which also applies when the merged base weights were held in
+    bf16/fp16 (``merged_from``, the checkpoint's ``lora_dist_merged_base_dtype`` metadata).
+
+    Returns:
+        The problems, and the largest absolute difference seen.
+    """
+    problems, largest = [], 0.0
+    for key in keys:
+        got, w0 = ckpt.read(key), base.read(key)
+        lora = targeted[key]
+        ref = merge_flat(w0.reshape(-1), 0, w0.numel(), tuple(w0.shape), lora, got.dtype, key).view(got.shape)
+        tol = _tolerance(got.dtype, merged_from)
+        error = (got.double() - ref.double()).abs()
+        diff = _max_abs(error)
+        largest = max(largest, diff)
+        if tol is None:
+            ok = bool((error <= _fp32_merge_bound(ref, lora)).all())
+        else:
+            # Rounding the result, or the base weight before the merge, errs relative to either size.
+            rtol, atol = tol
+            ok = bool((error <= atol + rtol * torch.maximum(ref.double().abs(), w0.double().abs())).all())
+        if not ok:
+            problems.append(f"{key!r} differs from base + adapter (max |diff| {diff:.3g})")
+    return problems, largest
+
+
+def sample_keys(keys: list[str], targeted: set[str], sample: int | None) -> list[str]:
+    """All LoRA-targeted keys (up to ``sample``), then others spread evenly over the rest.
+
+    Args:
+        keys: every key, in natural order.
+        targeted: the LoRA-targeted keys.
+        sample: how many to pick; None for all.
+    """
+    lora_keys = [k for k in keys if k in targeted]
+    others = [k for k in keys if k not in targeted]
+    if sample is None:
+        return lora_keys + others
+    chosen = lora_keys[:sample]
+    room = sample - len(chosen)
+    if room > 0 and others:
+        step = len(others) / min(room, len(others))
+        chosen += [others[int(i * step)] for i in range(min(room, len(others)))]
+    return chosen
+
+
+def verify_checkpoint(
+    out_dir: str | os.PathLike,
+    base_dir: str | os.PathLike | None = None,
+    adapter_dir: str | os.PathLike | None = None,
+    sample: int | None = 8,
+) -> VerifyReport:
+    """Check a HF safetensors checkpoint dir, and optionally that it is ``base + adapter``.
+
+    Always: ``config.json`` parses; the index and the files agree (every tensor
+    in exactly one file, where the index says, ``total_size`` right, no stray
+    weight files); every header is valid for its file size; no tensor holds
+    NaN/Inf. With ``base_dir``: the same keys and shapes as the base. With
+    ``base_dir`` and ``adapter_dir``: ``sample`` tensors (every LoRA-targeted
+    one first, up to ``sample``; ``None`` for all) are recomputed with the
+    export's merge and compared: untouched tensors bit-exact; merged fp32
+    tensors within the merge's own rounding (a GPU may sum ``B @ A`` in another
+    order); bf16/fp16 within their rounding, which also applies when the export
+    merged base weights held in bf16/fp16 (it records their dtype in the
+    safetensors metadata key ``lora_dist_merged_base_dtype``).
+
+    Args:
+        out_dir: the checkpoint dir.
+        base_dir: the base checkpoint it was made from.
+        adapter_dir: the adapter it was merged with (needs ``base_dir``).
+        sample: how many tensors to recompute; None for all.
+
+    Returns:
+        What was checked.
+
+    Raises:
+        VerifyError: listing every problem found.
+        ValueError: ``adapter_dir`` without ``base_dir``.
+    """
+    out = Path(out_dir)
+    if adapter_dir is not None and base_dir is None:
+        raise ValueError("verifying against an adapter needs the base checkpoint too (base_dir)")
+    if not out.is_dir():
+        raise _failed(out, ["not a directory"])
+    problems = check_config(out)
+    found, file_problems = check_files(out)
+    problems += file_problems
+    if problems or found is None:
+        raise _failed(out, problems)
+
+    ckpt = ModelDir(out)
+    keys = sorted(found.entries, key=natural_key)
+    problems += check_finite(ckpt, keys)
+    dtypes: dict[str, int] = {}
+    for key in keys:
+        dtypes[found.entries[key][1].dtype] = dtypes.get(found.entries[key][1].dtype, 0) + 1
+    report = VerifyReport(out, found.files, len(found.entries), found.total_size, dtypes)
+
+    if base_dir is not None:
+        base = ModelDir(base_dir)
+        problems += check_keys(base, found)
+        weights = read_adapter(adapter_dir).weights() if adapter_dir is not None else {}
+        targeted = {f"{m}.weight": w for m, w in weights.items()}
+        problems += check_targeted(found, targeted)
+        if adapter_dir is not None and not problems:
+            chosen = sample_keys(keys, set(targeted), sample)
+            merged_problems, merged_diff = check_merged(
+                ckpt, base, targeted, [k for k in chosen if k in targeted], found.metadata.get(MERGED_FROM_KEY, ""))
+            untouched_problems, untouched_diff = check_untouched(ckpt, base, [k for k in chosen if k not in targeted])
+            problems += merged_problems + untouched_problems
+            report.compared = chosen  # targeted keys first: the order the checks ran in
+            report.max_abs_diff = max(0.0, merged_diff, untouched_diff)
+    if problems:
+        raise _failed(out, problems)
+    return report

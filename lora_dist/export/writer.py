@@ -1,0 +1,316 @@
+"""Writing a planned checkpoint collectively: stage, fill, check coverage, publish.
+
+Every rank holds the same :class:`~lora_dist.export.layout.CheckpointLayout`
+and a source for every tensor (:mod:`lora_dist.export.sources`).
+:func:`write_checkpoint` runs the protocol the package docstring
+(:mod:`lora_dist.export`) describes: rank 0 creates a staging dir next to the
+output (:func:`lora_dist.atomic.staging_dir`) with a probe file in it, the ranks
+decide whether they all see it (every rank writes its own bytes) or not (rank 0
+collects), rank 0 creates the files with their headers, the ranks fill them,
+and rank 0 adds index, config and tokenizer files and publishes the dir
+(:func:`lora_dist.atomic.publish_dir`). A failure on any rank fails every rank
+and removes the staging dir.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from lora_dist.atomic import publish_dir, staging_dir
+from lora_dist.dtypes import dtype_name
+from lora_dist.export import layout as st
+from lora_dist.export.errors import ExportError, OutputExistsError
+from lora_dist.export.group import RankGroup
+from lora_dist.model_dir import SAFE_INDEX, ModelDir
+
+__all__ = ["MODES", "PROBE", "check_coverage", "choose_gather", "sees_probe", "write_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+#: How the ranks write: decided by the probe file, every rank into a shared dir, or rank 0 collecting.
+MODES = ("auto", "shared", "gather")
+#: The file rank 0 writes into the staging dir for the other ranks to look for.
+PROBE = ".lora_dist_probe"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".onnx")
+
+#: Per rank: tensor name -> the flat element ranges of that sharded tensor the rank produces.
+Ranges = list[dict[str, list[tuple[int, int]]]]
+
+
+class _OpenFiles:
+    """This rank's write handles on the staged files."""
+
+    def __init__(self, root: Path, layout: st.CheckpointLayout) -> None:
+        self.root, self.layout = root, layout
+        self.fds: dict[str, int] = {}
+
+    def write(self, key: str, start: int, data: torch.Tensor) -> None:
+        spec = self.layout.specs[key]
+        if data.dtype != spec.dtype or start < 0 or start + data.numel() > spec.numel:  # pragma: no cover - internal
+            raise ExportError(f"{key}: piece [{start}, {start + data.numel()}) {data.dtype} does not fit {spec}")
+        name = self.layout.file_of[key]
+        if name not in self.fds:
+            self.fds[name] = os.open(self.root / name, os.O_WRONLY)
+        st.pwrite_tensor(self.fds[name], data, self.layout.offset_of[key] + start * spec.itemsize)
+
+    def close(self) -> BaseException | None:
+        """fsync (from this rank: its own writes on a shared filesystem) and close everything; the first error."""
+        error = None
+        for fd in self.fds.values():
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                error = error or e
+            finally:
+                os.close(fd)
+        self.fds.clear()
+        return error
+
+
+def _friendly(e: BaseException, out: Path, layout: st.CheckpointLayout) -> BaseException:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        err = ExportError(
+            f"no space left on the device of {out.parent} while writing the merged checkpoint "
+            f"({st.format_size(layout.file_bytes)} in all); free space or choose another output dir"
+        )
+        err.__cause__ = e
+        return err
+    return e
+
+
+def _fill(group: RankGroup, staging: Path, layout: st.CheckpointLayout, sources: Mapping[str, object],
+          gather: bool, ranges: Ranges, out: Path) -> BaseException | None:
+    """Produce and write this rank's pieces; with ``gather`` rank 0 also collects the sharded ones.
+
+    Errors are recorded, not raised, so every rank keeps taking part in the
+    collectives; the caller raises them together afterwards.
+    """
+    files = _OpenFiles(staging, layout)
+    error: BaseException | None = None
+    for key, spec in layout.specs.items():
+        source = sources[key]
+        if gather and source.sharded:
+            # One tensor at a time: every rank sends its merged bytes, rank 0 writes them.
+            lengths = [sum(e - s for s, e in r.get(key, [])) * spec.itemsize for r in ranges]
+            if max(lengths) == 0:
+                continue
+            payload = torch.zeros(max(lengths), dtype=torch.uint8, device=group.device)
+            if error is None:
+                try:
+                    parts = [p.produce().reshape(-1).view(torch.uint8).to(group.device)
+                             for p in source.pieces(group.rank, group.world)]
+                    if parts:
+                        joined = torch.cat(parts)
+                        payload[: joined.numel()] = joined
+                except Exception as e:
+                    error = e
+            gathered = group.gather_bytes(payload)
+            if group.rank == 0 and error is None:
+                try:
+                    for rank, buf in enumerate(gathered):
+                        cursor = 0
+                        for s, e in ranges[rank].get(key, []):
+                            n = (e - s) * spec.itemsize
+                            files.write(key, s, buf[cursor : cursor + n].to("cpu").view(spec.dtype))
+                            cursor += n
+                except Exception as e:
+                    error = e
+            continue
+        if error is not None or (gather and group.rank != 0):
+            continue
+        try:
+            world, rank = (1, 0) if gather else (group.world, group.rank)
+            for piece in source.pieces(rank, world):
+                files.write(key, piece.start, piece.produce())
+        except Exception as e:
+            error = e
+    close_error = files.close()
+    error = error or close_error
+    return _friendly(error, out, layout) if error is not None else None
+
+
+def check_coverage(layout: st.CheckpointLayout, ranges: Ranges) -> None:
+    """Every sharded tensor's ranges, over all ranks, must cover it with no gap.
+
+    Args:
+        layout: the planned checkpoint.
+        ranges: per rank, the flat element ranges of each sharded tensor it produces.
+
+    Raises:
+        ExportError: naming the first tensor with a gap.
+    """
+    keys = sorted({k for r in ranges for k in r})
+    for key in keys:
+        spans = sorted(span for r in ranges for span in r.get(key, []))
+        cursor = 0
+        for s, e in spans:
+            if s > cursor:
+                break
+            cursor = max(cursor, e)
+        if cursor < layout.specs[key].numel:
+            raise ExportError(
+                f"{key}: the ranks' shards cover elements up to {cursor} of {layout.specs[key].numel} "
+                "(a gap); the model's sharding is not a dim-0 or ZeRO-3 flat partition over all ranks"
+            )
+
+
+def _exists(out: Path) -> OutputExistsError:
+    return OutputExistsError(f"output {out} already exists; pass --overwrite (or output.overwrite=true) to replace it")
+
+
+def _prepare_staging(out: Path, base_dir: Path, overwrite: bool, needed_bytes: int) -> tuple[str, str]:
+    """Rank 0: refuse an existing output, check free space, create the staging dir with a probe file."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise _exists(out)
+        if out.is_dir() and base_dir.exists() and os.path.samefile(out, base_dir):
+            raise ExportError(f"output {out} is the base checkpoint itself; choose another output dir")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if free < needed_bytes:
+        raise ExportError(
+            f"not enough space for the merged checkpoint under {out.parent}: it needs "
+            f"{st.format_size(needed_bytes)}, {st.format_size(free)} are free; free space or choose another output dir"
+        )
+    staging = staging_dir(out)
+    token = secrets.token_hex(16)
+    (staging / PROBE).write_text(token)
+    return str(staging), token
+
+
+def sees_probe(staging: Path, token: str) -> bool:
+    """Whether this rank can read rank 0's probe file in ``staging`` (retried briefly: a shared filesystem
+    may show a new dir with a short delay)."""
+    for attempt in range(3):
+        try:
+            if (staging / PROBE).read_text() == token:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.2 * (attempt + 1))
+    return False
+
+
+def choose_gather(group: RankGroup, staging: Path, token: str, mode: str) -> bool:
+    """Collective: whether rank 0 collects (True) or every rank writes into the shared staging dir (False).
+
+    Args:
+        group: the ranks.
+        staging: the staging dir rank 0 created.
+        token: the content of rank 0's probe file.
+        mode: one of :data:`MODES`.
+
+    Raises:
+        ExportError: ``mode="shared"`` and some rank cannot see the staging dir.
+    """
+    if group.world == 1:
+        return False
+    if mode == "gather":
+        return True
+    sees = group.all_gather(sees_probe(staging, token))
+    blind = [r for r, ok in enumerate(sees) if not ok]
+    if blind and mode == "shared":
+        raise ExportError(
+            f"ranks {blind} cannot see {staging.parent}, so it is not on a filesystem shared by all ranks; "
+            "use mode='gather' (or 'auto') to have rank 0 write the checkpoint"
+        )
+    if blind and group.rank == 0:
+        log.warning("ranks %s cannot see %s (node-local disks?): rank 0 collects the merged tensors and writes the "
+                    "whole checkpoint on its own node", blind, staging.parent)
+    return bool(blind)
+
+
+def _create_files(staging: Path, layout: st.CheckpointLayout) -> None:
+    for shard in layout.files:
+        st.create_file(staging / shard.name, shard)
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json") or name.startswith("adapter_")
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLayout,
+              config_dtype: torch.dtype | None, overwrite: bool) -> None:
+    """Rank 0: index, config and tokenizer files, then publish the staging dir as ``out``."""
+    (staging / PROBE).unlink(missing_ok=True)
+    index = layout.index()
+    if index is not None:
+        _write_json(staging / SAFE_INDEX, index)
+    config = json.loads((base_dir / "config.json").read_text())
+    if config_dtype is not None:
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+        for k in keys:
+            config[k] = dtype_name(config_dtype)
+    _write_json(staging / "config.json", config)
+    for f in sorted(base_dir.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and f.name != "config.json" and not _is_weight_file(f.name):
+            shutil.copyfile(f, staging / f.name)
+    try:
+        publish_dir(staging, out, replace=overwrite)
+    except FileExistsError:  # created by someone else while we were writing
+        raise _exists(out) from None
+
+
+def write_checkpoint(group: RankGroup, out_dir: str | os.PathLike, base: ModelDir, layout: st.CheckpointLayout,
+                     sources: Mapping[str, object], *, overwrite: bool, mode: str,
+                     config_dtype: torch.dtype | None) -> Path:
+    """Collective: stage, fill, publish a planned checkpoint. Call on every rank with the same plan.
+
+    Args:
+        group: the ranks.
+        out_dir: the checkpoint dir to create.
+        base: the base checkpoint (config, tokenizer and other non-weight files are copied from it).
+        layout: the planned files, the same on every rank.
+        sources: for every tensor of ``layout``, a :class:`~lora_dist.export.sources.RowsSource` or
+            :class:`~lora_dist.export.sources.ShardSource`.
+        overwrite: replace an existing ``out_dir`` once the new one is complete.
+        mode: one of :data:`MODES`.
+        config_dtype: the dtype to write into ``config.json``; None keeps the base's.
+
+    Returns:
+        ``out_dir`` as an absolute path, on every rank.
+
+    Raises:
+        OutputExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        ExportError: no disk space, the ranks planned different checkpoints, their shards leave a gap,
+            or a failure on another rank.
+    """
+    out = Path(out_dir).absolute()
+    staging_s, token = group.on_rank0(lambda: _prepare_staging(out, base.path.absolute(), overwrite, layout.file_bytes))
+    staging = Path(staging_s)
+    try:
+        gather = choose_gather(group, staging, token, mode)
+        local = {k: [(p.start, p.end) for p in s.pieces(group.rank, group.world)]
+                 for k, s in sources.items() if s.sharded}
+        everyone = group.all_gather((hashlib.sha256(layout.fingerprint().encode()).hexdigest(), local))
+        if any(fp != everyone[0][0] for fp, _ in everyone):
+            raise ExportError("ranks planned different checkpoints: the base checkpoint or the model differs "
+                              "between ranks")
+        ranges = [r for _, r in everyone]
+        check_coverage(layout, ranges)
+        group.on_rank0(lambda: _create_files(staging, layout))
+        group.check(_fill(group, staging, layout, sources, gather, ranges, out))
+        group.on_rank0(lambda: _finalize(staging, out, base.path, layout, config_dtype, overwrite))
+    except BaseException as e:
+        if group.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        friendly = _friendly(e, out, layout)
+        if friendly is not e:
+            raise friendly from e
+        raise
+    return out

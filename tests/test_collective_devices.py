@@ -1,0 +1,83 @@
+"""Every collective lora_dist issues gets tensors on the run's device.
+
+A process group created for NCCL has no backend for CPU tensors, so a CPU tensor in a
+collective stops a multi-GPU run at step 1, while world-size-1 runs and gloo never show it.
+To make that failure visible on a CPU machine, the step runs with a non-default device
+mapping: tensors created without an explicit device land on the meta device, while the
+run's device is the CPU. Every collective is recorded (a fake process group of 2 ranks)
+and must see only tensors on the run's device.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lora_dist.checkpoint import PreemptionHandler
+from lora_dist.config import ParallelConfig, TrainConfig
+from lora_dist.lora import LoRAConfig, inject_lora
+from lora_dist.parallel import check_replicas, make_engine
+from lora_dist.train import all_sum, forward_backward
+
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+               "gather", "reduce")
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 16, hidden: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=self.head(torch.tanh(self.proj(self.embed(input_ids)))))
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    seen: list[tuple[str, torch.device]] = []
+    for name in COLLECTIVES:
+        real = getattr(dist, name)
+
+        def wrapper(*args, _name=name, _real=real, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            seen.extend((_name, t.device) for t in tensors)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(dist, name, wrapper)
+    yield seen
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2_reducer", "none"])
+def test_every_collective_of_a_step_is_on_the_runs_device(recorded, strategy):
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = TinyLM()
+    inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    # fsdp2's engine without fully_shard: its LoRA gradient reducer is what communicates.
+    cfg = ParallelConfig(strategy="fsdp2" if strategy == "fsdp2_reducer" else "none")
+    engine = make_engine(model, optimizer, cfg, TrainConfig(), device)
+    ids = torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(1))
+    micro = [(ids, ids.clone()), (ids.flip(1), ids.flip(1).clone())]
+    with torch.device("meta"), PreemptionHandler() as signals:  # what is created without a device lands on meta
+        forward_backward(engine, micro)
+        engine.step(1e-3)
+        signals.poll(device)
+        check_replicas(engine)
+        all_sum(torch.ones(2, device=device))
+    assert recorded, "the step issued no collective: the check would prove nothing"
+    wrong = sorted({(name, str(d)) for name, d in recorded if d != device})
+    assert not wrong, f"collectives got tensors off the run's device: {wrong}"
+    names = {name for name, _ in recorded}
+    assert {"all_reduce", "broadcast"} <= names
