@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from lora_dist.config import Config, ConfigError, ParallelConfig
+from lora_dist.dtypes import parse_dtype
 
 __all__ = ["MemoryPlan", "meta_model", "plan_memory"]
 
@@ -131,7 +132,6 @@ def _hf_config(model_path: str):
 def meta_model(cfg: Config, hf_config) -> torch.nn.Module:
     """The skeleton training builds, on the meta device, with LoRA injected."""
     from lora_dist.lora import inject_lora
-    from lora_dist.dtypes import parse_dtype
     from lora_dist.model import model_class
 
     with torch.device("meta"):

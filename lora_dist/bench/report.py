@@ -9,7 +9,7 @@ Per configuration (the maximum over ranks unless said otherwise):
   ``max_memory_allocated`` over the train phase (CUDA);
 * step time: the minimum over timed steps; tokens/s: global tokens per step
   over it; forward: the minimum of the timed no-grad forward passes;
-* comm: bytes one rank sends per step under the ring model (:mod:`bench.measure`).
+* comm: bytes one rank sends per step under the ring model (:mod:`lora_dist.bench.measure`).
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 For every model size, each configuration of :data:`bench.systems.SYSTEMS`
 runs in its own ``torchrun`` launch (so peak RSS is per configuration), one
-after another, on the same data and world size (:mod:`bench.worker`). Then
+after another, on the same data and world size (:mod:`lora_dist.bench.worker`). Then
 the offline ``lora-dist merge`` of the adapter lora_dist_fsdp2 trained runs
 (in a fresh process, timed from its argument parsing to its return) against
 a plain read-write-fsync copy of the same bytes, alternating, best of each. Results: ``results.json``,
-``results.md`` and PNG plots in the output dir (:mod:`bench.report`).
+``results.md`` and PNG plots in the output dir (:mod:`lora_dist.bench.report`).
 
 Step times are the minimum over the timed steps (each between two barriers):
 the machine may be shared, and the minimum is the estimate least affected by
@@ -105,7 +105,7 @@ def _log(msg: str) -> None:
 
 def _run_config(opts: BenchOptions, spec: ModelSpec, model_path: Path, data_path: Path, config: str,
                 work: Path) -> dict:
-    """One torchrun launch of :mod:`bench.worker`; returns the ranks' results (or the failure)."""
+    """One torchrun launch of :mod:`lora_dist.bench.worker`; returns the ranks' results (or the failure)."""
     run_dir = work / "runs" / spec.name / config
     if run_dir.exists():
         shutil.rmtree(run_dir)

@@ -1,10 +1,10 @@
-"""One configuration on every rank: run under torchrun by :mod:`bench.run`.
+"""One configuration on every rank: run under torchrun by :mod:`lora_dist.bench.run`.
 
-    python -m torch.distributed.run --nproc_per_node W bench/worker.py JOB.json
-    python -m torch.distributed.run ... bench/worker.py export_run RUN_DIR OUT RESULT_DIR  (lora-dist export)
-    python bench/worker.py merge BASE ADAPTER OUT RESULT.json                             (lora-dist merge)
+    python -m torch.distributed.run --nproc_per_node W -m lora_dist.bench.worker JOB.json
+    python -m torch.distributed.run ... -m lora_dist.bench.worker export_run RUN_DIR OUT RESULT_DIR  (lora-dist export)
+    python -m lora_dist.bench.worker merge BASE ADAPTER OUT RESULT.json                  (lora-dist merge)
 
-Phases, each with its own memory high-water mark (:mod:`bench.measure`):
+Phases, each with its own memory high-water mark (:mod:`lora_dist.bench.measure`):
 setup (load and wrap the model), train (warm-up and timed steps), one
 instrumented step (live tensor bytes, bytes communicated), timed forward
 passes, and optionally a merged export. Every rank writes

@@ -9,7 +9,6 @@ training, loads its LoRA weights and calls :func:`export_merged`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -34,21 +33,25 @@ from lora_dist.export.sources import (
     param_source,
 )
 from lora_dist.export.writer import MODES, write_checkpoint
-from lora_dist.launch import init_distributed
+from lora_dist.launch import init_distributed, run_device
 from lora_dist.lora import LoRALinear, lora_modules
 from lora_dist.merge import LoRAWeights
 from lora_dist.model import load_model
 from lora_dist.model_dir import ModelDir
 from lora_dist.parallel.deepspeed import deepspeed_config
-from lora_dist.parallel.sharding import full_shape, is_dtensor, local_dtype
+from lora_dist.parallel.sharding import full_shape, gathered, is_dtensor, local_dtype
 
 __all__ = ["export_merged", "export_run"]
+
+
+#: Wrappers that keep the user's model as ``.module``.
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "PipelineEngine")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The user model inside DDP / DeepSpeed engine / torch.compile wrappers."""
     while True:
-        if type(model).__name__ in ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "PipelineEngine"):
+        if type(model).__name__ in _WRAPPERS:
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
@@ -59,15 +62,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _lora_weights(layers: Mapping[str, LoRALinear]) -> dict[str, LoRAWeights]:
     """Collective: full copies of every layer's A/B (gathered if ZeRO-3 partitioned or DTensor-sharded)."""
     params = [p for layer in layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
-    zero = [p for p in params if hasattr(p, "ds_id")]
-    if zero:
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(zero, modifier_rank=None)
-    else:
-        gathered = contextlib.nullcontext()
     out = {}
-    with gathered:
+    with gathered(params):
         for name, layer in layers.items():
             a, b = (p.full_tensor() if is_dtensor(p) else p for p in (layer.lora_A.weight, layer.lora_B.weight))
             out[name] = LoRAWeights(a.detach().clone(), b.detach().clone(), layer.scale, layer.fan_in_fan_out)
@@ -176,9 +172,11 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     """Write ``RUN_DIR/merged`` (or ``out``) from a finished run; call on every rank.
 
     Run it under the same launcher as training (``torchrun``, ``srun``,
-    ``mpirun``) or as one process: the base is rebuilt sharded across the ranks
-    exactly as in training, the run's LoRA weights are loaded on every rank,
-    and each rank merges the shards it owns (:func:`export_merged`).
+    ``mpirun``): the base is rebuilt sharded across the ranks exactly as in
+    training, the run's LoRA weights are loaded on every rank, and each rank
+    merges the shards it owns (:func:`export_merged`). As one process it
+    streams base + adapter from disk (:func:`~lora_dist.export.offline.merge_offline`),
+    and never loads the base onto a GPU.
 
     Args:
         run_dir: a run's ``output.dir`` (holds ``config.json`` and ``adapter/``
@@ -200,18 +198,25 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
         raise ConfigError(f"{run}/config.json not found; RUN_DIR must be a lora-dist output.dir")
     cfg = config_from_dict(json.loads((run / "config.json").read_text()))
     env = init_distributed(cfg.parallel.timeout_s)
+    out_dir = Path(out) if out else run / "merged"
+    out_dtype = parse_dtype(dtype or cfg.export.dtype)
+    shard_size = max_shard_size or cfg.export.max_shard_size
+    if env.world_size == 1 and (run / "adapter").is_dir():
+        # One process: stream base + adapter tensor by tensor from disk; nothing is loaded whole.
+        from lora_dist.export.offline import merge_offline
+
+        return merge_offline(cfg.model.path, run / "adapter", out_dir, max_shard_size=shard_size, dtype=out_dtype,
+                             overwrite=overwrite or cfg.output.overwrite)
     parallel = cfg.parallel
     if env.world_size > 1 and parallel.strategy == "none":
         parallel.strategy = "fsdp2"
     if env.world_size == 1:
         parallel.strategy = "none"
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    ds = None
-    if parallel.strategy.startswith("zero"):
-        from transformers import AutoConfig
-
-        ds = deepspeed_config(cfg, AutoConfig.from_pretrained(cfg.model.path))
-    model = load_model(cfg.model, cfg.lora, parallel, device, cfg.train.seed, ds).model
+    # One process holds the whole base: host memory, never one GPU's.
+    device = run_device() if env.world_size > 1 else torch.device("cpu")
+    base = ModelDir(cfg.model.path)
+    ds = deepspeed_config(cfg, base.hf_config) if parallel.strategy.startswith("zero") else None
+    model = load_model(cfg.model, cfg.lora, parallel, device, cfg.train.seed, ds, base=base).model
     tensors = _run_lora_tensors(run)
     with torch.no_grad():
         for name, layer in lora_modules(model):
@@ -224,9 +229,5 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
                     raise ConfigError(f"{run}: {key} is {tuple(tensors[key].shape)} in the run's adapter but "
                                       f"{tuple(weight.shape)} in the model its config builds; was config.json edited?")
                 weight.copy_(tensors[key])
-    return export_merged(
-        model, Path(out) if out else run / "merged", cfg.model.path,
-        dtype=parse_dtype(dtype or cfg.export.dtype),
-        max_shard_size=max_shard_size or cfg.export.max_shard_size,
-        overwrite=overwrite or cfg.output.overwrite,
-    )
+    return export_merged(model, out_dir, cfg.model.path, dtype=out_dtype, max_shard_size=shard_size,
+                         overwrite=overwrite or cfg.output.overwrite)

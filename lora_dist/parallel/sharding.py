@@ -16,13 +16,23 @@ range from the safetensors files, the export merges and writes exactly that rang
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["OwnedRange", "ShardingError", "full_shape", "is_dtensor", "local_dtype", "owned_range", "whole_local"]
+__all__ = [
+    "OwnedRange",
+    "ShardingError",
+    "full_shape",
+    "gathered",
+    "is_dtensor",
+    "local_dtype",
+    "owned_range",
+    "whole_local",
+]
 
 
 class ShardingError(ValueError):
@@ -102,3 +112,16 @@ def owned_range(param: torch.Tensor) -> OwnedRange | None:
         end = min(start + part.numel(), numel)
         return OwnedRange(start, end, part[: end - start])
     return None
+
+
+def gathered(params: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Collective: within it, every ZeRO-3 partitioned param of ``params`` is whole on every rank (read-only).
+
+    DTensors are not touched (``full_tensor()`` them); plain params already are whole.
+    """
+    zero = [p for p in params if hasattr(p, "ds_id")]
+    if not zero:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(zero, modifier_rank=None)
