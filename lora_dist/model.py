@@ -125,10 +125,11 @@ def place_unsharded(model: nn.Module, device: torch.device) -> None:
     ``CPUOffloadPolicy`` wants them (pinned on CUDA), and FSDP2 copies each unit to the device
     for its all-gather; everything else must still be on the device for the forward.
     """
-    with torch.no_grad():
-        for param in lora_parameters(model):
-            param.data = param.data.to(device)
+    lora = {id(p) for p in lora_parameters(model)}
     for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) in lora and param.device != device:  # no optimizer yet: the param may be replaced
+                setattr(module, name, nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad))
         for name, buf in list(module.named_buffers(recurse=False)):
             setattr(module, name, buf.to(device))
 

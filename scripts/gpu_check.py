@@ -1,0 +1,234 @@
+"""The first-GPU check: each CUDA/NCCL path of lora_dist, run once, results written as JSON + Markdown.
+
+    python scripts/gpu_check.py [--out bench/results/gpu] [--cpu-smoke]
+
+Every check records ok / FAIL / skipped with its numbers; the script goes on after a failure
+and exits 1 if any check failed. With ``--cpu-smoke`` (CI) the checks that need no GPU run on
+the CPU with gloo, so the script itself stays working; the CUDA ones are skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+RESULTS: list[dict] = []
+
+
+def check(name: str, needs_cuda: bool = False, needs_gpus: int = 1):
+    def decorate(fn):
+        def run(ctx):
+            if needs_cuda and (not ctx["cuda"] or torch.cuda.device_count() < needs_gpus):
+                RESULTS.append({"check": name, "status": "skipped", "detail": f"needs {needs_gpus} CUDA GPU(s)"})
+                return
+            t0 = time.perf_counter()
+            try:
+                detail = fn(ctx) or ""
+                status = "ok"
+            except Exception as e:  # record and go on: one prepared run should show every failure
+                detail = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+                status = "FAIL"
+            RESULTS.append({"check": name, "status": status, "seconds": round(time.perf_counter() - t0, 1),
+                            "detail": detail})
+            print(f"[{status}] {name}: {str(detail).splitlines()[0] if detail else ''}", flush=True)
+        run.check_name = name
+        return run
+    return decorate
+
+
+def _sh(cmd: list[str], env: dict | None = None, timeout: int = 600) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])}... exit {proc.returncode}: {proc.stderr[-1500:]}")
+    return proc.stdout
+
+
+def _torchrun(nproc: int, *args: str, env: dict | None = None) -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return _sh([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+                "-m", "lora_dist.cli", *args], env=env)
+
+
+@check("device selection probes")
+def device_probes(ctx):
+    from lora_dist.launch import LaunchEnv, LaunchError, select_device
+
+    def env(local_rank, local_world):
+        return LaunchEnv("torchrun", local_rank, local_rank, local_world, local_world, 0, 1, "127.0.0.1", 0)
+
+    cases = {"8 GPUs, local rank 3": (env(3, 8), 8, "cuda:3"), "1 GPU per task, local rank 5": (env(5, 8), 1, "cuda:0"),
+             "no GPU": (env(1, 2), 0, "cpu")}
+    for label, (launch, count, want) in cases.items():
+        got = str(select_device(launch, cuda_count=count))
+        assert got == want, f"{label}: {got} != {want}"
+    try:
+        select_device(env(3, 4), cuda_count=2)
+        raise AssertionError("4 local ranks on 2 visible GPUs were accepted")
+    except LaunchError:
+        pass
+    if ctx["cuda"]:
+        real = select_device(env(0, 1))
+        return f"probes ok; this host: {torch.cuda.device_count()} GPU(s), rank 0 -> {real}"
+    return "probes ok"
+
+
+@check("LoRALinear forward/backward in fp32 and bf16")
+def lora_linear(ctx):
+    from lora_dist.lora import LoRAConfig, inject_lora, lora_parameters
+
+    device = ctx["device"]
+    lines = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 256)).to(device, dtype)
+        inject_lora(model, LoRAConfig(r=8, alpha=16, target_modules=["0", "1"]))
+        model.to(device)
+        for p in lora_parameters(model):
+            torch.nn.init.normal_(p, std=0.02)
+        x = torch.randn(4, 64, 256, device=device, dtype=dtype)
+        model(x).float().square().mean().backward()
+        grads = [p.grad for p in lora_parameters(model)]
+        assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+        lines.append(f"{dtype}: LoRA grads fp32 and finite")
+    return "; ".join(lines)
+
+
+@check("merge on the device equals the CPU merge (fp32 bound)")
+def merge_on_device(ctx):
+    from lora_dist.merge import LoRAWeights, merge_weight
+
+    g = torch.Generator().manual_seed(0)
+    w0, a, b = torch.randn(512, 256, generator=g), torch.randn(16, 256, generator=g), torch.randn(512, 16, generator=g)
+    cpu = merge_weight(w0, LoRAWeights(a, b, 2.0), out_dtype=torch.float32)
+    dev = merge_weight(w0.to(ctx["device"]), LoRAWeights(a.to(ctx["device"]), b.to(ctx["device"]), 2.0),
+                       out_dtype=torch.float32).cpu()
+    diff = (cpu - dev).abs().max().item()
+    bound = 2 * 17 * torch.finfo(torch.float32).eps * float((b.abs() @ a.abs()).max()) * 2 + 1e-6
+    assert diff <= bound, f"max |diff| {diff:.3g} > bound {bound:.3g}"
+    return f"max |diff| {diff:.3g} (bound {bound:.3g})"
+
+
+def _run_config(ctx, name: str, *overrides: str, nproc: int = 1) -> Path:
+    out = ctx["work"] / name
+    _torchrun(nproc, "train", f"model.path={ctx['base']}", f"data.path={ctx['data']}", f"output.dir={out}",
+              "train.steps=4", "train.seq_len=64", "lora.r=4", "data.eval_fraction=0", *overrides)
+    return out
+
+
+@check("fsdp2: bf16, activation checkpointing, checkpoint, resume, merged export + verify")
+def fsdp2_full(ctx):
+    bf16 = ["parallel.mixed_precision=bfloat16"] if ctx["cuda"] else []
+    out = _run_config(ctx, "fsdp2", "parallel.strategy=fsdp2", "parallel.activation_checkpointing=true",
+                      "checkpoint.every=2", "train.run_steps=2", *bf16)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    _run_config(ctx, "fsdp2", "parallel.strategy=fsdp2", "parallel.activation_checkpointing=true",
+                "checkpoint.every=2", "export.merged=true", "export.dtype=float32", *bf16)
+    _sh([sys.executable, "-m", "lora_dist.cli", "verify", str(out / "merged"), "--base", str(ctx["base"]),
+         "--adapter", str(out / "adapter")])
+    return _memory(out)
+
+
+@check("fsdp2 + cpu_offload", needs_cuda=True)
+def fsdp2_offload(ctx):
+    return _memory(_run_config(ctx, "offload", "parallel.strategy=fsdp2", "parallel.cpu_offload=true"))
+
+
+@check("zero3 + activation checkpointing", needs_cuda=True)
+def zero3_ac(ctx):
+    return _memory(_run_config(ctx, "zero3", "parallel.strategy=zero3", "parallel.activation_checkpointing=true"))
+
+
+@check("zero2 bf16: the adapter is fp32", needs_cuda=True)
+def zero2_bf16(ctx):
+    from safetensors.torch import load_file
+
+    out = _run_config(ctx, "zero2", "parallel.strategy=zero2", "parallel.mixed_precision=bfloat16")
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    rounded = sum(bool(torch.equal(t, t.bfloat16().float())) for t in tensors.values() if t.abs().max() > 0)
+    return f"{len(tensors)} fp32 tensors, {rounded} exactly bf16-representable; " + _memory(out)
+
+
+@check("ddp", needs_cuda=True)
+def ddp(ctx):
+    return _memory(_run_config(ctx, "ddp", "parallel.strategy=ddp"))
+
+
+@check("2 ranks: fsdp2 and zero3 equal 1 process", needs_cuda=True, needs_gpus=2)
+def two_ranks(ctx):
+    from safetensors.torch import load_file
+
+    ref = load_file(str(_run_config(ctx, "ref", "parallel.strategy=none", "train.micro_batch_size=4")
+                        / "adapter" / "adapter_model.safetensors"))
+    lines = []
+    for strategy in ("fsdp2", "zero3"):
+        out = _run_config(ctx, f"two-{strategy}", f"parallel.strategy={strategy}", "train.micro_batch_size=2", nproc=2)
+        got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        diff = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+        assert diff < 1e-4, f"{strategy}: max |diff| {diff:.3g}"
+        lines.append(f"{strategy} max |diff| {diff:.3g}")
+    return "; ".join(lines)
+
+
+@check("lora-dist bench --nproc 1 --quick", needs_cuda=True)
+def bench(ctx):
+    _sh([sys.executable, "-m", "lora_dist.cli", "bench", "--quick", "--nproc", "1", "--out", str(ctx["out"] / "bench")],
+        timeout=900)
+    return f"results in {ctx['out'] / 'bench'}"
+
+
+def _memory(out: Path) -> str:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    peaks = [r["memory_gb"] for r in rows if "memory_gb" in r]
+    return f"loss {rows[0].get('loss', float('nan')):.3f} -> {rows[-1].get('loss', float('nan')):.3f}; " \
+           f"per-step peak memory {min(peaks):.3f}-{max(peaks):.3f} GB" if peaks else "no metrics"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/gpu")
+    parser.add_argument("--cpu-smoke", action="store_true", help="run the CPU-possible checks on the CPU (CI)")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available() and not args.cpu_smoke
+    if not cuda and not args.cpu_smoke:
+        print("no CUDA device visible; run with --cpu-smoke for the CPU-possible checks", file=sys.stderr)
+        return 2
+    from lora_dist.demo import make_tiny_checkpoint, write_demo_data
+
+    label = torch.cuda.get_device_name(0).replace(" ", "-") if cuda else "cpu-smoke"
+    out = Path(args.out) / label
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = {"cuda": cuda, "device": torch.device("cuda", 0) if cuda else torch.device("cpu"), "out": out, "work": work,
+           "base": make_tiny_checkpoint(work / "base", arch="llama", hidden=128, layers=2, heads=4),
+           "data": write_demo_data(work / "data.jsonl", n=200)}
+    for fn in (device_probes, lora_linear, merge_on_device, fsdp2_full, fsdp2_offload, zero3_ac, zero2_bf16, ddp,
+               two_ranks, bench):
+        fn(ctx)
+    info = {"device": label, "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
+            "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / "results.json").write_text(json.dumps({"machine": info, "checks": RESULTS}, indent=2) + "\n")
+    lines = [f"# GPU check on {label}", "", f"{info}", "", "| check | status | seconds | detail |", "|---|---|---|---|"]
+    lines += [f"| {r['check']} | {r['status']} | {r.get('seconds', '')} | {str(r['detail']).splitlines()[0] if r['detail'] else ''} |"
+              for r in RESULTS]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print(f"results in {out}")
+    return 1 if any(r["status"] == "FAIL" for r in RESULTS) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
