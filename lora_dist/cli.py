@@ -225,6 +225,8 @@ def _slurm_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--job-name", default="lora-dist", help="job name and log prefix (default lora-dist)")
     p.add_argument("--output-dir", default="runs/slurm", help="where the rendered script and logs/ go")
     p.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per node for torchrun and its workers (default: the whole node, --exclusive)")
     p.add_argument("--env", action="append", default=None, metavar="KEY=VALUE",
                    help="export KEY=VALUE in the job (site network settings such as NCCL_SOCKET_IFNAME); repeatable")
     return p
@@ -235,7 +237,8 @@ def _slurm(args: argparse.Namespace) -> int:
 
     text = run_slurm(args.config, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                      partition=args.partition, account=args.account, time=args.time, job_name=args.job_name,
-                     output_dir=args.output_dir, dry_run=args.dry_run, env=args.env)
+                     output_dir=args.output_dir, dry_run=args.dry_run, env=args.env,
+                     cpus_per_task=args.cpus_per_task)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return EXIT_OK
 

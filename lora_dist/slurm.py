@@ -5,31 +5,34 @@ file in the repository is :func:`render_sbatch` with its defaults (a unit test
 keeps the two identical; regenerate the file with ``python -m lora_dist.slurm
 > slurm/multi_node.sbatch``). A rendered job differs from the file only in the
 ``#SBATCH`` header and in a few lines that fix the script's arguments (config
-and overrides) and the virtual environment, all passed through
-:func:`shlex.quote`.
+and overrides), exported variables and the virtual environment, all passed
+through :func:`shlex.quote`.
 
 Values that end up on ``#SBATCH`` lines are not shell-parsed by sbatch, so
 they are validated instead of quoted: names, a Slurm time string, a log path
 without whitespace, quotes or ``%``.
+
+The argument parser of ``lora-dist slurm`` lives in :mod:`lora_dist.cli`,
+which calls :func:`run_slurm`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
 __all__ = [
+    "SITE_NETWORK_VARS",
     "SlurmError",
-    "add_slurm_subparser",
     "render_sbatch",
-    "run_slurm_command",
+    "run_slurm",
     "submit",
 ]
 
@@ -37,6 +40,20 @@ __all__ = [
 class SlurmError(RuntimeError):
     """A Slurm job could not be rendered or submitted; the message says why."""
 
+
+#: Network settings a site may need (docs/slurm.md, "Network"). :func:`run_slurm`
+#: exports those set in the submitting environment in the rendered script.
+SITE_NETWORK_VARS = (
+    "SOCKET_IFNAME",
+    "NCCL_SOCKET_IFNAME",
+    "GLOO_SOCKET_IFNAME",
+    "NCCL_IB_HCA",
+    "NCCL_IB_GID_INDEX",
+    "NCCL_IB_DISABLE",
+    "NCCL_DEBUG",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "TORCH_NCCL_BLOCKING_WAIT",
+)
 
 _HEADER = """\
 #!/bin/bash
@@ -46,23 +63,105 @@ _HEADER = """\
 #   mkdir -p logs
 #   sbatch [--nodes=N] [--gpus-per-node=G] slurm/multi_node.sbatch CONFIG.yaml [key.path=value ...]
 #
-# `lora-dist slurm CONFIG --nodes N --gpus-per-node G [-- overrides]` renders
-# and submits this same script with the header and arguments filled in.
+# `lora-dist slurm CONFIG [overrides] --nodes N --gpus-per-node G [--env KEY=VALUE]`
+# renders and submits this same script with the header and arguments filled in.
 # Options given to sbatch on the command line override the #SBATCH lines.
+#
+# CPUs: --exclusive gives the job whole nodes; each node's torchrun task gets
+# all the CPUs the job has there (--cpus-per-task=C, when given, caps that),
+# unbound (--cpu-bind=none), and each worker OMP_NUM_THREADS = CPUs / workers.
 #
 # Environment knobs (sbatch passes your environment to the job):
 #   TRAIN_CMD       command each worker runs, split on whitespace
 #                   (default "lora-dist train"); the config and overrides follow it
 #   NPROC_PER_NODE  workers per node (default: GPUs Slurm gave the job per node)
-#   SOCKET_IFNAME   network interface for gloo/NCCL: unset = their default,
-#                   a name (ib0), or "auto" = the interface each node uses to
-#                   reach the first node (interface names differ per node)
+#   SOCKET_IFNAME   network interface for gloo/NCCL sockets: unset = their
+#                   default; a name (ib0); "auto" = per node, the first of: an
+#                   InfiniBand ib*, a Slingshot hsn*, a RoCE interface (an
+#                   active RDMA port's netdev), else the one that reaches the
+#                   first node; "route" = always the one that reaches the first
+#                   node. Never lo, docker*, virbr*, veth*. NCCL_SOCKET_IFNAME /
+#                   GLOO_SOCKET_IFNAME, when set, win for their library.
+#   OMP_NUM_THREADS threads per worker (default: the node's CPUs / workers)
 #   MASTER_PORT     rendezvous port (default: derived from the job id)
 #   VENV            virtual environment to activate on the nodes
 #
 """
 
-_BODY = r"""
+_SITE_NETWORK = """\
+# Site network settings (docs/slurm.md, "Network"): set them in the submitting
+# environment (sbatch passes it on; `lora-dist slurm --env KEY=VALUE` writes
+# them into the job it renders), or uncomment and edit here.
+# export SOCKET_IFNAME=ib0                    # gloo and NCCL socket interface, or auto
+# export NCCL_SOCKET_IFNAME=ib0               # NCCL bootstrap/TCP only (wins over SOCKET_IFNAME)
+# export GLOO_SOCKET_IFNAME=ib0               # gloo only (wins over SOCKET_IFNAME)
+# export NCCL_IB_HCA=mlx5_0,mlx5_1            # RDMA adapters NCCL may use (ibv_devices)
+# export NCCL_IB_GID_INDEX=3                  # RoCE: the RoCE v2 IPv4 GID index (show_gids)
+# export NCCL_IB_DISABLE=1                    # no InfiniBand/RoCE: NCCL over TCP sockets
+# export NCCL_DEBUG=WARN                      # INFO once: logs the transport and NICs chosen
+# export TORCH_NCCL_ASYNC_ERROR_HANDLING=1    # a failed/timed-out collective ends the job (never 0)
+# export TORCH_NCCL_BLOCKING_WAIT=1           # debugging hangs only: every wait blocks (slow)
+"""
+
+# Runs on every node (inside `srun bash -c '...'`, so no single quotes): turns
+# SOCKET_IFNAME=auto|route into an interface name and exports the libraries'
+# variables. slurm/per_gpu_tasks.sbatch and slurm/preemptible.sbatch hold the
+# same text (a test keeps the copies identical).
+IFNAME_BLOCK = r"""  if [ "$SOCKET_IFNAME" = auto ] || [ "$SOCKET_IFNAME" = route ]; then
+    requested=$SOCKET_IFNAME
+    SOCKET_IFNAME=
+    # Candidates: up, with an IPv4 address; never loopback or container/VM links.
+    candidates=()
+    while read -r _ name _; do
+      case "${name%%@*}" in
+        lo | docker* | virbr* | veth* | cni* | flannel* | cali* | br-????????????) ;;
+        *) candidates+=("${name%%@*}") ;;
+      esac
+    done < <(ip -o -4 addr show up)
+    if [ "$requested" = auto ]; then
+      # Netdevs of active RDMA ports: IPoIB and RoCE interfaces.
+      rdma=" $(rdma link show 2>/dev/null | sed -n "s/.* state ACTIVE .* netdev \([^ ]*\).*/\1/p" | tr "\n" " ") "
+      # InfiniBand first, then Slingshot, then RoCE.
+      for kind in ib hsn rdma; do
+        for name in "${candidates[@]}"; do
+          case "$kind:$name" in
+            ib:ib* | hsn:hsn*) SOCKET_IFNAME=$name ;;
+            rdma:*) case "$rdma" in *" $name "*) SOCKET_IFNAME=$name ;; esac ;;
+          esac
+          if [ -n "$SOCKET_IFNAME" ]; then break 2; fi
+        done
+      done
+    fi
+    if [ -z "$SOCKET_IFNAME" ]; then
+      master_ip=$(getent ahostsv4 "$MASTER_ADDR" | sed -n "1s/ .*//p")
+      if [ -n "$master_ip" ]; then
+        # On the first node: the interface holding its address; elsewhere:
+        # the interface the route to it leaves through.
+        read -r _ SOCKET_IFNAME _ < <(ip -o -4 addr show to "$master_ip")
+        if [ -z "$SOCKET_IFNAME" ]; then
+          SOCKET_IFNAME=$(ip -o -4 route get "$master_ip" | sed -n "s/.* dev \([^ ]*\).*/\1/p")
+        fi
+      fi
+      case " ${candidates[*]} " in
+        *" ${SOCKET_IFNAME:-?} "*) ;;
+        *)
+          echo "SOCKET_IFNAME=$requested on $SLURMD_NODENAME: no usable interface reaches $MASTER_ADDR" \
+            "(found: ${SOCKET_IFNAME:-none}; never lo, docker*, virbr*, veth*); set SOCKET_IFNAME=<interface>" >&2
+          exit 1
+          ;;
+      esac
+    fi
+    if [ "${SLURM_LOCALID:-0}" = 0 ]; then
+      echo "$SLURMD_NODENAME: SOCKET_IFNAME=$requested -> $SOCKET_IFNAME" >&2
+    fi
+  fi
+  if [ -n "$SOCKET_IFNAME" ]; then
+    export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$SOCKET_IFNAME}
+    export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$SOCKET_IFNAME}
+  fi
+"""
+
+_BODY_HEAD = r"""
 set -euo pipefail
 
 TRAIN_CMD=${TRAIN_CMD:-lora-dist train}
@@ -83,41 +182,36 @@ mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 MASTER_ADDR=$(scontrol show node "${nodes[0]}" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
 # One port per job, so two jobs sharing a node do not collide.
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
-export MASTER_ADDR MASTER_PORT SOCKET_IFNAME
+# CPUs for each node's torchrun and its workers: --cpus-per-task if given,
+# else all the job has on the node. Without this the step gets one CPU and
+# every worker shares it.
+CPUS_PER_NODE=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((CPUS_PER_NODE / NPROC_PER_NODE > 1 ? CPUS_PER_NODE / NPROC_PER_NODE : 1))}
+export MASTER_ADDR MASTER_PORT SOCKET_IFNAME OMP_NUM_THREADS
 read -r -a train_cmd <<<"$TRAIN_CMD"
 
 echo "job $SLURM_JOB_ID: ${SLURM_NNODES} nodes x ${NPROC_PER_NODE} workers," \
+  "${CPUS_PER_NODE} CPUs per node, OMP_NUM_THREADS=${OMP_NUM_THREADS}," \
   "rendezvous ${MASTER_ADDR}:${MASTER_PORT}, command: ${train_cmd[*]} $*"
 
 # One task per node. The single-quoted block runs on each node, so
 # $SLURM_NODEID and the interface lookup are that node's own; the arguments
 # after `bash` become its "$@" and are passed through untouched.
 # shellcheck disable=SC2016
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
-  if [ "$SOCKET_IFNAME" = auto ]; then
-    master_ip=$(getent ahostsv4 "$MASTER_ADDR" | sed -n "1s/ .*//p")
-    # On the first node: the interface holding its address; elsewhere: the
-    # interface the route to it leaves through.
-    read -r _ SOCKET_IFNAME _ < <(ip -o -4 addr show to "$master_ip")
-    if [ -z "$SOCKET_IFNAME" ]; then
-      SOCKET_IFNAME=$(ip -o -4 route get "$master_ip" | sed -n "s/.* dev \([^ ]*\).*/\1/p")
-    fi
-    if [ -z "$SOCKET_IFNAME" ]; then
-      echo "SOCKET_IFNAME=auto: no interface reaches $MASTER_ADDR from $SLURMD_NODENAME" >&2
-      exit 1
-    fi
-  fi
-  if [ -n "$SOCKET_IFNAME" ]; then
-    export GLOO_SOCKET_IFNAME=$SOCKET_IFNAME NCCL_SOCKET_IFNAME=$SOCKET_IFNAME
-  fi
-  exec torchrun --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" "$@"
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task="$CPUS_PER_NODE" --cpu-bind=none bash -c '
+"""
+
+_BODY_TAIL = r"""  exec torchrun --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" "$@"
 ' bash \
   --nproc_per_node="$NPROC_PER_NODE" \
   --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
   --no-python "${train_cmd[@]}" "$@"
 """
 
+_BODY = _BODY_HEAD + IFNAME_BLOCK + _BODY_TAIL
+
 _ARGS_COMMENT = "# What to run: set by `lora-dist slurm`.\n"
+_ENV_COMMENT = "# Exported by `lora-dist slurm` (--env, or set when it ran).\n"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _PARTITION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(,[A-Za-z0-9][A-Za-z0-9._-]*)*")
@@ -125,6 +219,7 @@ _PARTITION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(,[A-Za-z0-9][A-Za-z0-9._-]*
 _TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE")
 _SBATCH_PATH = re.compile(r"[^\s'\"\\%#$`]+")
 _OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=", re.DOTALL)
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -132,9 +227,26 @@ def _check(ok: bool, message: str) -> None:
         raise SlurmError(message)
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_env(env: Mapping[str, str]) -> None:
+    for key, value in env.items():
+        _check(
+            isinstance(key, str) and bool(_ENV_KEY.fullmatch(key)),
+            f"invalid environment variable name {key!r}: use letters, digits and '_', e.g. --env NCCL_IB_HCA=mlx5_0",
+        )
+        _check(
+            not key.startswith("SLURM_"),
+            f"--env {key}: SLURM_* variables are set by Slurm itself; use the matching lora-dist slurm option",
+        )
+        _check(isinstance(value, str) and "\0" not in value, f"--env {key}: the value must be a string without NUL")
+
+
 def render_sbatch(
     config: str | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
+    overrides: Sequence[str] = (),
     *,
     nodes: int = 2,
     gpus_per_node: int = 8,
@@ -144,6 +256,8 @@ def render_sbatch(
     time: str | None = "04:00:00",
     log_dir: str = "logs",
     venv: str | None = None,
+    cpus_per_task: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> str:
     """Render the multi-node sbatch script.
 
@@ -160,6 +274,11 @@ def render_sbatch(
         time: Time limit in a Slurm format (``MM``, ``HH:MM:SS``, ``D-HH:MM``, ...).
         log_dir: Directory for ``<job_name>-<job_id>.out``; must exist at submit time.
         venv: Virtual environment the job activates on each node.
+        cpus_per_task: CPUs for each node's torchrun and its workers
+            (``#SBATCH --cpus-per-task``); ``None``: all CPUs of the node, which
+            ``--exclusive`` gives the job.
+        env: Variables the script exports before anything else (site network
+            settings such as ``NCCL_IB_HCA``), values shell-quoted.
 
     Returns:
         The script text.
@@ -168,10 +287,11 @@ def render_sbatch(
         SlurmError: if a value is invalid. Nothing user-supplied reaches the
             shell unquoted, and nothing reaches an ``#SBATCH`` line unvalidated.
     """
-    _check(isinstance(nodes, int) and nodes >= 1, f"--nodes must be an integer >= 1, got {nodes!r}")
+    _check(_positive_int(nodes), f"--nodes must be an integer >= 1, got {nodes!r}")
+    _check(_positive_int(gpus_per_node), f"--gpus-per-node must be an integer >= 1, got {gpus_per_node!r}")
     _check(
-        isinstance(gpus_per_node, int) and gpus_per_node >= 1,
-        f"--gpus-per-node must be an integer >= 1, got {gpus_per_node!r}",
+        cpus_per_task is None or _positive_int(cpus_per_task),
+        f"--cpus-per-task must be an integer >= 1, got {cpus_per_task!r}",
     )
     _check(bool(_NAME.fullmatch(job_name)), f"invalid job name {job_name!r}: use letters, digits, '.', '_', '-'")
     _check(
@@ -196,6 +316,8 @@ def render_sbatch(
             bool(_OVERRIDE.match(override)) and "\0" not in override,
             f"invalid override {override!r}: expected key.path=value",
         )
+    env = dict(env or {})
+    _check_env(env)
 
     directives = [
         f"--job-name={job_name}",
@@ -204,6 +326,8 @@ def render_sbatch(
         f"--gpus-per-node={gpus_per_node}",
         "--exclusive",
     ]
+    if cpus_per_task is not None:
+        directives.append(f"--cpus-per-task={cpus_per_task}")
     if partition is not None:
         directives.append(f"--partition={partition}")
     if account is not None:
@@ -211,11 +335,13 @@ def render_sbatch(
     if time is not None:
         directives.append(f"--time={time}")
     directives.append(f"--output={log_dir.rstrip('/') or '/'}/%x-%j.out")
-    header = _HEADER + "".join(f"#SBATCH {d}\n" for d in directives)
+    header = _HEADER + "".join(f"#SBATCH {d}\n" for d in directives) + "\n" + _SITE_NETWORK
 
     job_args = ""
+    if env:
+        job_args += "\n" + _ENV_COMMENT + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
     if config is not None or venv is not None:
-        job_args = "\n" + _ARGS_COMMENT
+        job_args += "\n" + _ARGS_COMMENT
         if config is not None:
             job_args += "set -- " + " ".join(shlex.quote(a) for a in [config, *overrides]) + "\n"
         if venv is not None:
@@ -247,105 +373,107 @@ def submit(script: str, script_path: str | os.PathLike[str]) -> str:
     path.chmod(0o755)
     proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SlurmError(f"sbatch {path} failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        detail = " ".join((proc.stderr.strip() or proc.stdout.strip()).split())
+        raise SlurmError(f"sbatch {path} failed (exit {proc.returncode}): {detail}")
     # --parsable prints "jobid" or "jobid;cluster".
     return proc.stdout.strip().split(";")[0]
 
 
-def _add_options(parser: argparse.ArgumentParser, suppress_defaults: bool = False) -> None:
-    def default(value):
-        return argparse.SUPPRESS if suppress_defaults else value
-
-    parser.add_argument("--nodes", type=int, default=default(2), help="number of nodes, one torchrun each (default 2)")
-    parser.add_argument("--gpus-per-node", type=int, default=default(8), help="GPUs per node = workers per node (default 8)")
-    parser.add_argument("--partition", default=default(None), help="Slurm partition")
-    parser.add_argument("--account", default=default(None), help="Slurm account")
-    parser.add_argument("--time", default=default("04:00:00"), help="time limit, e.g. 04:00:00 or 1-00:00 (default 04:00:00)")
-    parser.add_argument("--job-name", default=default("lora-dist"), help="job name and log prefix (default lora-dist)")
-    parser.add_argument(
-        "--output-dir",
-        default=default("runs/slurm"),
-        help="where the rendered script and logs/ go (default runs/slurm)",
-    )
-    parser.add_argument(
-        "--dry-run", action="store_true", default=default(False), help="print the script instead of submitting it"
-    )
-
-
-def add_slurm_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``lora-dist slurm`` to the CLI's subparsers.
-
-    Usage: ``lora-dist slurm CONFIG --nodes N --gpus-per-node G [--partition P]
-    [--time T] [--account A] [--dry-run] [-- key.path=value ...]``.
-    Dispatch the parsed namespace to :func:`run_slurm_command`.
-    """
-    parser = subparsers.add_parser(
-        "slurm",
-        help="render (and submit) a multi-node sbatch job",
-        description="Render slurm/multi_node.sbatch for CONFIG and submit it with sbatch.",
-    )
-    parser.add_argument("config", help="training config (YAML)")
-    _add_options(parser)
-    # argparse cannot take options after a positional and then `-- overrides`
-    # with a plain nargs="*"; the remainder is split in run_slurm_command.
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="-- key.path=value ... (config overrides)")
-    parser.set_defaults(func=run_slurm_command)
-    return parser
-
-
-def _split_remainder(args: argparse.Namespace) -> argparse.Namespace:
-    """Parse options that followed CONFIG and separate the overrides after ``--``."""
-    tokens = list(args.overrides or [])
-    if "--" in tokens:
-        cut = tokens.index("--")
-        head, overrides = tokens[:cut], tokens[cut + 1 :]
-    else:
-        head, overrides = tokens, []
-    options = argparse.ArgumentParser(prog="lora-dist slurm", add_help=False)
-    _add_options(options, suppress_defaults=True)
-    late, rest = options.parse_known_args(head)
-    unknown = [t for t in rest if t.startswith("-")]
-    if unknown:
-        raise SlurmError(f"unknown option(s) for lora-dist slurm: {' '.join(unknown)}")
-    merged = argparse.Namespace(**vars(args))
-    for key, value in vars(late).items():
-        setattr(merged, key, value)
-    merged.overrides = rest + overrides
-    return merged
-
-
-def run_slurm_command(args: argparse.Namespace) -> int:
-    """Run ``lora-dist slurm`` from parsed arguments; returns the exit code."""
-    try:
-        args = _split_remainder(args)
-        config = os.path.abspath(args.config)
-        if not os.path.isfile(config):
-            raise SlurmError(f"config not found: {args.config}")
-        output_dir = Path(args.output_dir).resolve()
-        in_venv = sys.prefix != sys.base_prefix
-        script = render_sbatch(
-            config,
-            args.overrides,
-            nodes=args.nodes,
-            gpus_per_node=args.gpus_per_node,
-            job_name=args.job_name,
-            partition=args.partition,
-            account=args.account,
-            time=args.time,
-            log_dir=str(output_dir / "logs"),
-            venv=sys.prefix if in_venv else None,
+def _parse_env(items: Sequence[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        _check(
+            bool(sep) and bool(_ENV_KEY.fullmatch(key)),
+            f"invalid --env {item!r}: expected KEY=VALUE with KEY a variable name, e.g. --env NCCL_IB_HCA=mlx5_0",
         )
-        if args.dry_run:
-            sys.stdout.write(script)
-            return 0
-        (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-        script_path = output_dir / f"{args.job_name}-{datetime.now():%Y%m%d-%H%M%S}.sbatch"
-        job_id = submit(script, script_path)
-    except SlurmError as err:
-        print(f"lora-dist slurm: error: {err}", file=sys.stderr)
-        return 2
-    print(f"submitted job {job_id}: script {script_path}, log {output_dir / 'logs'}/{args.job_name}-{job_id}.out")
-    return 0
+        env[key] = value
+    return env
+
+
+def run_slurm(
+    config: str,
+    overrides: list[str],
+    *,
+    nodes: int = 2,
+    gpus_per_node: int = 8,
+    partition: str | None = None,
+    account: str | None = None,
+    time: str = "04:00:00",
+    job_name: str = "lora-dist",
+    output_dir: str = "runs/slurm",
+    dry_run: bool = False,
+    env: list[str] | None = None,
+    cpus_per_task: int | None = None,
+) -> str:
+    """Render the multi-node job for ``config`` and, unless ``dry_run``, submit it.
+
+    The script fixes the config (made absolute), the overrides and the current
+    virtual environment, and exports the :data:`SITE_NETWORK_VARS` set in this
+    process's environment plus every ``env`` entry (``env`` wins).
+
+    Args:
+        config: Training config (YAML); must exist.
+        overrides: Dotted ``key.path=value`` config overrides (a leading ``--``
+            is dropped).
+        nodes: Number of nodes, one torchrun each.
+        gpus_per_node: GPUs per node = workers per node.
+        partition: Slurm partition, or ``None`` for the cluster default.
+        account: Slurm account, or ``None``.
+        time: Time limit in a Slurm format.
+        job_name: Job name and log prefix.
+        output_dir: Where the submitted script and ``logs/`` go.
+        dry_run: Return the script instead of submitting it; writes nothing.
+        env: ``KEY=VALUE`` strings the job exports (site network settings).
+        cpus_per_task: CPUs per node for torchrun and its workers; ``None``:
+            the whole node.
+
+    Returns:
+        The text to print: the script for a dry run, else a line naming the
+        job id, the kept script and the log.
+
+    Raises:
+        SlurmError: bad input (one line naming the problem and the fix), or
+            sbatch missing or refusing the job.
+    """
+    overrides = list(overrides)
+    if overrides[:1] == ["--"]:
+        overrides = overrides[1:]
+    unknown = [o for o in overrides if o.startswith("-")]
+    _check(not unknown, f"unknown option(s) for lora-dist slurm: {' '.join(unknown)}; see lora-dist slurm --help")
+    _check(
+        isinstance(config, str) and os.path.isfile(config),
+        f"config not found: {config}; give the path of a training config YAML",
+    )
+    output = Path(output_dir).resolve()
+    _check(
+        bool(_SBATCH_PATH.fullmatch(str(output))),
+        f"invalid --output-dir {str(output)!r}: no whitespace, quotes, '%', '#', '$' or '`' "
+        "(the log path goes on an #SBATCH line)",
+    )
+    exported = {k: os.environ[k] for k in SITE_NETWORK_VARS if os.environ.get(k)}
+    exported.update(_parse_env(env or []))
+    in_venv = sys.prefix != sys.base_prefix
+    script = render_sbatch(
+        os.path.abspath(config),
+        overrides,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        job_name=job_name,
+        partition=partition,
+        account=account,
+        time=time,
+        log_dir=str(output / "logs"),
+        venv=sys.prefix if in_venv else None,
+        cpus_per_task=cpus_per_task,
+        env=exported,
+    )
+    if dry_run:
+        return script
+    (output / "logs").mkdir(parents=True, exist_ok=True)
+    script_path = output / f"{job_name}-{datetime.now():%Y%m%d-%H%M%S}.sbatch"
+    job_id = submit(script, script_path)
+    return f"submitted job {job_id}: script {script_path}, log {output / 'logs'}/{job_name}-{job_id}.out\n"
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
-"""lora_dist.slurm: the rendered sbatch script, its quoting and validation, the CLI glue.
+"""lora_dist.slurm and the Slurm/MPI launch scripts: rendering, quoting, validation, the CLI.
 
 The quoting tests execute rendered scripts for real with stub ``scontrol`` and
-``srun`` executables on PATH: the stub srun records the argv it received, so a
-test sees exactly what the nodes would run, and canary files show that no
-hostile value was executed along the way.
+``srun`` executables on PATH: the stub srun records the argv and environment it
+received, so a test sees exactly what the nodes would run, and canary files
+show that no hostile value was executed along the way. The per-node block that
+picks the network interface runs for real too, with stub ``ip``/``rdma``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import stat
@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from lora_dist import slurm
-from lora_dist.slurm import SlurmError, add_slurm_subparser, render_sbatch, run_slurm_command
+from lora_dist.slurm import IFNAME_BLOCK, SITE_NETWORK_VARS, SlurmError, render_sbatch, run_slurm
 
 REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = ["single_node", "multi_node", "per_gpu_tasks", "preemptible"]
 
 HOSTILE = [
     "cfg with spaces.yaml",
@@ -39,9 +40,19 @@ def write_stub(path: Path, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
+@pytest.fixture(autouse=True)
+def no_site_network_settings(monkeypatch):
+    """run_slurm exports these from the environment; tests start without them."""
+    for name in SITE_NETWORK_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def fake_slurm(tmp_path):
-    """PATH with stub scontrol/srun; returns run(script_text) -> argv srun received."""
+    """PATH with stub scontrol/srun; returns run(script_text, *args, **env) -> argv srun received.
+
+    ``run.environ`` is then the environment srun was started with.
+    """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     write_stub(
@@ -49,14 +60,15 @@ def fake_slurm(tmp_path):
         'case "$1 $2" in\n'
         '  "show hostnames") echo n1; echo n2 ;;\n'
         '  "show node") echo "   NodeAddr=10.9.8.7 NodeHostName=h1 Version=22.05" ;;\n'
+        '  "requeue "*) echo "requeue $2" >> REQUEUED ;;\n'
         "esac\n",
     )
-    argv_file = tmp_path / "srun.argv"
-    write_stub(bin_dir / "srun", f"printf '%s\\0' \"$@\" > {argv_file}\n")
+    argv_file, env_file = tmp_path / "srun.argv", tmp_path / "srun.env"
+    write_stub(bin_dir / "srun", f"printf '%s\\0' \"$@\" > {argv_file}\nenv -0 > {env_file}\nexit ${{SRUN_EXIT:-0}}\n")
     work = tmp_path / "work"
     work.mkdir()
 
-    def run(script: str, *args: str) -> list[str]:
+    def run(script: str, *args: str, **extra_env: str) -> list[str]:
         path = tmp_path / "job.sbatch"
         path.write_text(script)
         env = {
@@ -64,14 +76,20 @@ def fake_slurm(tmp_path):
             "SLURM_JOB_ID": "4242",
             "SLURM_JOB_NODELIST": "n[1-2]",
             "SLURM_NNODES": "2",
+            "SLURM_NTASKS": "8",
             "SLURM_GPUS_ON_NODE": "4",
+            "SLURM_CPUS_ON_NODE": "16",
+            **extra_env,
         }
         proc = subprocess.run(["bash", str(path), *args], cwd=work, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         canaries = [p.name for p in work.iterdir() if p.name.startswith("CANARY")]
         assert not canaries, f"a hostile value was executed: {canaries}"
+        run.environ = dict(item.split("=", 1) for item in env_file.read_text().split("\0")[:-1])
+        run.stdout = proc.stdout
         return argv_file.read_text().split("\0")[:-1]
 
+    run.work = work
     return run
 
 
@@ -80,17 +98,21 @@ def training_argv(srun_argv: list[str]) -> list[str]:
     return srun_argv[srun_argv.index("--no-python") + 1 :]
 
 
+def template(name: str) -> str:
+    return (REPO / "slurm" / f"{name}.sbatch").read_text()
+
+
 # ----------------------------------------------------------------- the template
 
 
 def test_repository_template_is_the_default_render():
-    assert (REPO / "slurm" / "multi_node.sbatch").read_text() == render_sbatch(), (
+    assert template("multi_node") == render_sbatch(), (
         "slurm/multi_node.sbatch drifted from lora_dist/slurm.py; regenerate it with "
         "`python -m lora_dist.slurm > slurm/multi_node.sbatch`"
     )
 
 
-@pytest.mark.parametrize("name", ["single_node", "multi_node", "per_gpu_tasks", "preemptible"])
+@pytest.mark.parametrize("name", TEMPLATES)
 def test_shipped_templates_parse(name):
     path = REPO / "slurm" / f"{name}.sbatch"
     subprocess.run(["bash", "-n", str(path)], check=True)
@@ -100,17 +122,19 @@ def test_shipped_templates_parse(name):
 
 def test_preemptible_exit_code_matches_the_trainer():
     checkpoint = pytest.importorskip("lora_dist.checkpoint")
-    text = (REPO / "slurm" / "preemptible.sbatch").read_text()
+    text = template("preemptible")
     assert f"\nPREEMPT_EXIT_CODE={checkpoint.PREEMPT_EXIT_CODE}\n" in text
 
 
 def test_generic_template_launches_torchrun_per_node_on_the_first_node_address(fake_slurm):
     argv = fake_slurm(render_sbatch(), "cfg.yaml", "a.b=1")
-    assert argv[:3] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash"]
+    # The whole node's CPUs (SLURM_CPUS_ON_NODE under --exclusive) for torchrun and its workers, unbound.
+    assert argv[:5] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=16", "--cpu-bind=none", "bash"]
     assert "--nproc_per_node=4" in argv  # from SLURM_GPUS_ON_NODE
     assert "--master_addr=10.9.8.7" in argv  # NodeAddr of the first node, not its name
     assert f"--master_port={20000 + 4242 % 10000}" in argv
     assert training_argv(argv) == ["lora-dist", "train", "cfg.yaml", "a.b=1"]
+    assert fake_slurm.environ["OMP_NUM_THREADS"] == "4"  # 16 CPUs / 4 workers
 
 
 def test_generic_template_needs_a_config(tmp_path):
@@ -119,6 +143,162 @@ def test_generic_template_needs_a_config(tmp_path):
     proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
     assert proc.returncode == 2
     assert "usage" in proc.stderr
+
+
+# ----------------------------------------------------------------- CPUs per task
+
+
+@pytest.mark.parametrize(
+    "env, cpus, threads",
+    [
+        ({}, "16", "4"),  # the node's CPUs (--exclusive) / 4 workers
+        ({"SLURM_CPUS_PER_TASK": "6"}, "6", "1"),  # --cpus-per-task caps it; at least one thread
+        ({"SLURM_CPUS_PER_TASK": "64", "NPROC_PER_NODE": "8"}, "64", "8"),
+        ({"OMP_NUM_THREADS": "3"}, "16", "3"),  # an explicit value wins
+    ],
+)
+def test_multi_node_gives_torchrun_the_cpus_and_splits_them_over_workers(fake_slurm, env, cpus, threads):
+    argv = fake_slurm(render_sbatch(), "cfg.yaml", **env)
+    assert f"--cpus-per-task={cpus}" in argv[: argv.index("bash")]
+    assert "--cpu-bind=none" in argv[: argv.index("bash")]
+    assert fake_slurm.environ["OMP_NUM_THREADS"] == threads
+
+
+def test_single_node_requests_cpus_for_all_workers(fake_slurm):
+    text = template("single_node")
+    assert "#SBATCH --cpus-per-task=32\n" in text
+    argv = fake_slurm(text, "cfg.yaml", "a=1", SLURM_CPUS_PER_TASK="32", SLURM_GPUS_ON_NODE="8")
+    assert argv[:4] == ["--ntasks=1", "--cpus-per-task=32", "--cpu-bind=none", "torchrun"]
+    assert "--nproc_per_node=8" in argv
+    assert training_argv(argv) == ["lora-dist", "train", "cfg.yaml", "a=1"]
+    assert fake_slurm.environ["OMP_NUM_THREADS"] == "4"
+
+
+@pytest.mark.parametrize("name", ["per_gpu_tasks", "preemptible"])
+def test_per_gpu_templates_pass_cpus_per_task_to_srun(fake_slurm, name):
+    text = template(name)
+    assert "#SBATCH --cpus-per-task=4\n" in text
+    argv = fake_slurm(text, "cfg.yaml", SLURM_CPUS_PER_TASK="4")
+    assert "--cpus-per-task=4" in argv[: argv.index("bash")]
+    assert fake_slurm.environ["OMP_NUM_THREADS"] == "4"
+
+
+def test_cpus_per_task_option_renders_a_directive():
+    assert "--cpus-per-task" not in "".join(line for line in render_sbatch().splitlines() if line.startswith("#SBATCH"))
+    assert "#SBATCH --cpus-per-task=48\n" in render_sbatch("c.yaml", cpus_per_task=48)
+    with pytest.raises(SlurmError, match="--cpus-per-task"):
+        render_sbatch("c.yaml", cpus_per_task=0)
+
+
+# ----------------------------------------------------------------- network interface
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_templates_carry_the_site_network_block(name):
+    text = template(name)
+    for variable in SITE_NETWORK_VARS:
+        assert f"\n# export {variable}=" in text, f"{name}.sbatch: no commented {variable} in the site network block"
+    assert text.index("# Site network settings") > text.rindex("#SBATCH")
+
+
+@pytest.mark.parametrize("name", ["per_gpu_tasks", "preemptible"])
+def test_interface_block_is_the_same_in_every_template(name):
+    assert IFNAME_BLOCK in template(name)
+    assert IFNAME_BLOCK in render_sbatch()
+
+
+IP_ADDR_LINE = (
+    "{n}: {name}    inet {addr}/24 brd 10.0.0.255 scope global {name}\\       valid_lft forever preferred_lft forever"
+)
+
+
+@pytest.fixture
+def node_block(fake_slurm, tmp_path):
+    """run(SOCKET_IFNAME, interfaces, route_dev, rdma, **env) -> (exit code, NCCL/GLOO variables, stderr):
+    the per-node block of multi_node.sbatch run with stub ip/getent/rdma and a torchrun that prints."""
+    argv = fake_slurm(render_sbatch(), "cfg.yaml")
+    block = argv[argv.index("-c") + 1]
+    bin_dir = tmp_path / "node-bin"
+    bin_dir.mkdir()
+    write_stub(
+        bin_dir / "ip",
+        'case "$*" in\n'
+        '  "-o -4 addr show up") printf "%s\\n" "$FAKE_ADDRS" ;;\n'
+        '  "-o -4 addr show to 10.9.8.7") printf "%s" "$FAKE_HOLDS_MASTER" ;;\n'
+        '  "-o -4 route get 10.9.8.7") echo "10.9.8.7 via 10.0.0.1 dev $FAKE_ROUTE_DEV src 10.0.0.5 uid 0" ;;\n'
+        '  *) echo "unexpected: ip $*" >&2; exit 1 ;;\n'
+        "esac\n",
+    )
+    write_stub(bin_dir / "getent", 'echo "10.9.8.7        STREAM 10.9.8.7"\n')
+    write_stub(bin_dir / "rdma", 'printf "%s\\n" "$FAKE_RDMA"\n')
+    write_stub(bin_dir / "torchrun", 'echo "NCCL=${NCCL_SOCKET_IFNAME-unset} GLOO=${GLOO_SOCKET_IFNAME-unset}"\n')
+
+    def run(socket_ifname, interfaces=(), route_dev="eno1", rdma="", holds_master="", **env):
+        addrs = "\n".join(
+            IP_ADDR_LINE.format(n=i + 1, name=name, addr=f"10.0.{i}.5") for i, name in enumerate(interfaces)
+        )
+        environ = {
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "SOCKET_IFNAME": socket_ifname,
+            "MASTER_ADDR": "10.9.8.7",
+            "SLURMD_NODENAME": "n2",
+            "FAKE_ADDRS": addrs,
+            "FAKE_ROUTE_DEV": route_dev,
+            "FAKE_RDMA": rdma,
+            "FAKE_HOLDS_MASTER": holds_master,
+            **env,
+        }
+        proc = subprocess.run(["bash", "-c", block, "bash"], env=environ, capture_output=True, text=True)
+        return proc.returncode, proc.stdout.strip(), proc.stderr
+
+    return run
+
+
+ROCE = "link mlx5_0/1 state ACTIVE physical_state LINK_UP netdev ens1f0np0"
+ROCE_DOWN = "link mlx5_0/1 state DOWN physical_state DISABLED netdev ens1f0np0"
+IB_LINK = (
+    "link mlx5_1/1 subnet_prefix fe80:0000:0000:0000 lid 5 sm_lid 1 lmc 0 state ACTIVE physical_state LINK_UP "
+    "netdev ib0"
+)
+
+
+@pytest.mark.parametrize(
+    "socket_ifname, interfaces, rdma, holds_master, chosen",
+    [
+        # The management Ethernet carries the route to the master; the fast network wins.
+        ("auto", ["lo", "docker0", "eno1", "ib0"], IB_LINK, "", "ib0"),
+        ("auto", ["lo", "eno1", "ib1", "ib0"], "", "", "ib1"),  # IPoIB without the rdma tool's help
+        ("auto", ["lo", "eno1", "hsn0"], "", "", "hsn0"),  # Slingshot
+        ("auto", ["lo", "eno1", "ens1f0np0"], ROCE, "", "ens1f0np0"),  # RoCE: netdev of an active RDMA port
+        ("auto", ["lo", "eno1", "ens1f0np0"], ROCE_DOWN, "", "eno1"),  # a port that is down does not count
+        ("auto", ["lo", "virbr0", "eno1"], "", "", "eno1"),  # nothing fast: the route to the master
+        ("auto", ["lo", "eth0"], "", "3: eth0    inet 10.9.8.7/24 scope global eth0", "eth0"),  # on the master
+        ("route", ["lo", "eno1", "ib0"], IB_LINK, "", "eno1"),  # route: always the way to the master
+        ("ib3", [], "", "", "ib3"),  # a name is taken as it is
+    ],
+)
+def test_socket_ifname_resolution(node_block, socket_ifname, interfaces, rdma, holds_master, chosen):
+    code, out, err = node_block(socket_ifname, interfaces, rdma=rdma, holds_master=holds_master)
+    assert code == 0, err
+    assert out == f"NCCL={chosen} GLOO={chosen}"
+    if socket_ifname in ("auto", "route"):
+        assert f"n2: SOCKET_IFNAME={socket_ifname} -> {chosen}" in err
+
+
+def test_socket_ifname_unset_leaves_the_libraries_alone(node_block):
+    assert node_block("")[:2] == (0, "NCCL=unset GLOO=unset")
+
+
+def test_explicit_library_variables_win_over_socket_ifname(node_block):
+    code, out, err = node_block("auto", ["lo", "eno1", "ib0"], NCCL_SOCKET_IFNAME="ib1")
+    assert (code, out) == (0, "NCCL=ib1 GLOO=ib0"), err
+
+
+@pytest.mark.parametrize("route_dev", ["docker0", "lo", "veth12ab", "br-0123456789ab"])
+def test_auto_never_picks_loopback_or_container_links(node_block, route_dev):
+    code, out, err = node_block("auto", ["lo", "docker0", "veth12ab", "br-0123456789ab"], route_dev=route_dev)
+    assert code == 1 and "NCCL=" not in out
+    assert "no usable interface" in err and "set SOCKET_IFNAME=" in err
 
 
 # ----------------------------------------------------------------- quoting
@@ -153,6 +333,16 @@ def test_venv_path_is_quoted(fake_slurm, tmp_path):
     assert training_argv(fake_slurm(script)) == ["lora-dist", "train", "c.yaml"]
 
 
+def test_exported_values_reach_the_job_unchanged(fake_slurm):
+    env = {f"SITE_{i}": value for i, value in enumerate(HOSTILE)}
+    env["NCCL_IB_HCA"] = "mlx5_0,mlx5_1"
+    script = render_sbatch("c.yaml", env=env)
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    fake_slurm(script)
+    for key, value in env.items():
+        assert fake_slurm.environ[key] == value
+
+
 # ----------------------------------------------------------------- validation
 
 
@@ -179,6 +369,10 @@ def test_venv_path_is_quoted(fake_slurm, tmp_path):
         ({"config": "c.yaml", "overrides": ["=value"]}, "override"),
         ({"config": "c.yaml", "overrides": ["$(x)=1"]}, "override"),
         ({"overrides": ["a=1"]}, "overrides need a config"),
+        ({"env": {"A B": "1"}}, "variable name"),
+        ({"env": {"$(x)": "1"}}, "variable name"),
+        ({"env": {"SLURM_NNODES": "1"}}, "SLURM_"),
+        ({"env": {"A": "x\0y"}}, "NUL"),
     ],
 )
 def test_invalid_values_are_rejected(kwargs, message):
@@ -200,13 +394,7 @@ def test_optional_directives_appear_only_when_given():
     assert "--time" not in full
 
 
-# ----------------------------------------------------------------- the CLI
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="lora-dist")
-    add_slurm_subparser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["slurm", *argv])
+# ----------------------------------------------------------------- run_slurm
 
 
 @pytest.fixture
@@ -216,12 +404,99 @@ def config_file(tmp_path) -> Path:
     return path
 
 
+def test_run_slurm_dry_run_returns_the_script(config_file, tmp_path):
+    script = run_slurm(str(config_file), ["train.lr=1e-4", "output.dir=runs/x y"], nodes=3, gpus_per_node=4,
+                       partition="gpu", time="1-00:00", account="acct", output_dir=str(tmp_path / "runs"),
+                       dry_run=True)  # fmt: skip
+    for line in ["--nodes=3", "--gpus-per-node=4", "--partition=gpu", "--time=1-00:00", "--account=acct",
+                 f"--output={tmp_path / 'runs' / 'logs'}/%x-%j.out"]:  # fmt: skip
+        assert f"#SBATCH {line}\n" in script
+    assert f"set -- '{config_file}' train.lr=1e-4 'output.dir=runs/x y'\n" in script
+    assert "Exported by" not in script, "nothing to export: no --env, no site variables set"
+    assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
+
+
+def test_run_slurm_makes_the_config_absolute_and_takes_a_leading_separator(config_file, monkeypatch):
+    monkeypatch.chdir(config_file.parent)
+    script = run_slurm(config_file.name, ["--", "a=1"], dry_run=True)
+    assert f"set -- '{config_file}' a=1\n" in script
+
+
+def test_run_slurm_exports_env_and_site_variables(config_file, monkeypatch):
+    monkeypatch.setenv("NCCL_IB_HCA", "mlx5_0")
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    monkeypatch.setenv("UNRELATED_VARIABLE", "x")
+    script = run_slurm(str(config_file), [], dry_run=True,
+                       env=["NCCL_DEBUG=WARN", "NCCL_IB_GID_INDEX=3", "SOCKET_IFNAME=ib0", "NOTE=a b"])
+    assert "export NCCL_IB_HCA=mlx5_0\n" in script  # from the submitting environment
+    assert "export NCCL_DEBUG=WARN\n" in script and "NCCL_DEBUG=INFO" not in script  # --env wins
+    for line in ["export NCCL_IB_GID_INDEX=3", "export SOCKET_IFNAME=ib0", "export NOTE='a b'"]:
+        assert f"{line}\n" in script
+    assert "UNRELATED_VARIABLE" not in script
+    assert script.index("export NCCL_IB_HCA") < script.index("\nset -- ") < script.index("set -euo pipefail")
+
+
+@pytest.mark.parametrize(
+    "config, overrides, kwargs, message",
+    [
+        ("missing.yaml", [], {}, "config not found"),
+        ("{config}", [], {"nodes": 0}, "--nodes"),
+        ("{config}", [], {"time": "soon"}, "time limit"),
+        ("{config}", [], {"cpus_per_task": -1}, "--cpus-per-task"),
+        ("{config}", ["--bogus"], {}, "unknown option"),
+        ("{config}", ["not-an-override"], {}, "override"),
+        ("{config}", [], {"env": ["NO_EQUALS"]}, "invalid --env"),
+        ("{config}", [], {"env": ["=x"]}, "invalid --env"),
+        ("{config}", [], {"env": ["SLURM_JOB_ID=1"]}, "SLURM_"),
+        ("{config}", [], {"output_dir": "my runs"}, "--output-dir"),
+    ],
+)
+def test_run_slurm_bad_input_is_a_one_line_error(
+    config_file, tmp_path, monkeypatch, config, overrides, kwargs, message
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SlurmError, match=message) as info:
+        run_slurm(config.replace("{config}", str(config_file)), overrides, dry_run=True, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_run_slurm_without_sbatch_says_so(config_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SlurmError, match="sbatch not found"):
+        run_slurm(str(config_file), [], output_dir=str(tmp_path / "runs"))
+
+
+def test_run_slurm_submits_and_returns_the_job_line(config_file, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_stub(bin_dir / "sbatch", f'cp "$2" {tmp_path}/submitted.sbatch; echo "77;cluster"\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    text = run_slurm(str(config_file), ["a=1"], output_dir=str(tmp_path / "runs"), job_name="ld")
+    assert text.startswith("submitted job 77: script ")
+    assert text.rstrip("\n").endswith(f"log {tmp_path / 'runs' / 'logs'}/ld-77.out")
+    (kept,) = (tmp_path / "runs").glob("ld-*.sbatch")
+    assert kept.read_text() == (tmp_path / "submitted.sbatch").read_text()
+    assert (tmp_path / "runs" / "logs").is_dir()
+
+
+# ----------------------------------------------------------------- the CLI
+
+
+def cli(argv: list[str]) -> int:
+    """``lora-dist slurm ARGV``; an argparse error (SystemExit) counts as its exit code."""
+    from lora_dist.cli import main
+
+    try:
+        return main(["slurm", *argv])
+    except SystemExit as exit_:
+        return exit_.code
+
+
 def test_dry_run_prints_the_script(config_file, tmp_path, capsys):
-    args = parse([str(config_file), "--nodes", "3", "--gpus-per-node", "4", "--partition", "gpu", "--time", "1-00:00",
-                  "--account", "acct", "--output-dir", str(tmp_path / "runs"), "--dry-run", "--", "train.lr=1e-4",
-                  "output.dir=runs/x y"])  # fmt: skip
-    assert args.func is run_slurm_command
-    assert run_slurm_command(args) == 0
+    code = cli([str(config_file), "--nodes", "3", "--gpus-per-node", "4", "--partition", "gpu", "--time", "1-00:00",
+                "--account", "acct", "--output-dir", str(tmp_path / "runs"), "--dry-run", "--", "train.lr=1e-4",
+                "output.dir=runs/x y"])  # fmt: skip
+    assert code == 0
     script = capsys.readouterr().out
     for line in ["--nodes=3", "--gpus-per-node=4", "--partition=gpu", "--time=1-00:00", "--account=acct",
                  f"--output={tmp_path / 'runs' / 'logs'}/%x-%j.out"]:  # fmt: skip
@@ -236,10 +511,17 @@ def test_options_may_come_before_or_after_the_config(config_file, capsys):
         [str(config_file), "--nodes", "5", "--dry-run", "--", "a=1"],
         [str(config_file), "--dry-run", "a=1", "--nodes=5"],
     ):
-        assert run_slurm_command(parse(argv)) == 0
+        assert cli(argv) == 0
         script = capsys.readouterr().out
         assert "#SBATCH --nodes=5\n" in script
         assert f"set -- '{config_file}' a=1\n" in script
+
+
+def test_env_option_exports_in_the_script(config_file, capsys):
+    assert cli([str(config_file), "--dry-run", "--env", "NCCL_IB_HCA=mlx5_0", "a=1", "--env", "NOTE=a b"]) == 0
+    script = capsys.readouterr().out
+    assert "export NCCL_IB_HCA=mlx5_0\n" in script and "export NOTE='a b'\n" in script
+    assert f"set -- '{config_file}' a=1\n" in script
 
 
 @pytest.mark.parametrize(
@@ -248,20 +530,24 @@ def test_options_may_come_before_or_after_the_config(config_file, capsys):
         (["missing.yaml", "--dry-run"], "config not found"),
         (["{config}", "--nodes", "0", "--dry-run"], "--nodes"),
         (["{config}", "--time", "soon", "--dry-run"], "time limit"),
-        (["{config}", "--dry-run", "--bogus"], "unknown option"),
+        (["{config}", "--dry-run", "--bogus"], "--bogus"),  # argparse's message: usage, then the error
         (["{config}", "--dry-run", "--", "not-an-override"], "override"),
+        (["{config}", "--dry-run", "--env", "NO_EQUALS"], "invalid --env"),
     ],
 )
 def test_cli_errors_exit_2_with_a_message(config_file, capsys, argv, message):
     argv = [a.replace("{config}", str(config_file)) for a in argv]
-    assert run_slurm_command(parse(argv)) == 2
+    assert cli(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("lora-dist slurm: error:") and message in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lora-dist slurm: error:") and message in last
+    if message != "--bogus":
+        assert err.startswith("lora-dist slurm: error:") and err.count("\n") == 1, "one line"
 
 
 def test_submit_without_sbatch_says_so(config_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    assert run_slurm_command(parse([str(config_file), "--output-dir", str(tmp_path / "runs")])) == 2
+    assert cli([str(config_file), "--output-dir", str(tmp_path / "runs")]) == 2
     assert "sbatch not found" in capsys.readouterr().err
 
 
@@ -270,7 +556,7 @@ def test_submit_writes_the_script_and_returns_the_job_id(config_file, tmp_path, 
     bin_dir.mkdir()
     write_stub(bin_dir / "sbatch", f'cp "$2" {tmp_path}/submitted.sbatch; echo "77;cluster"\n')
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert run_slurm_command(parse([str(config_file), "--output-dir", str(tmp_path / "runs"), "--", "a=1"])) == 0
+    assert cli([str(config_file), "--output-dir", str(tmp_path / "runs"), "--", "a=1"]) == 0
     assert "submitted job 77" in capsys.readouterr().out
     (kept,) = (tmp_path / "runs").glob("lora-dist-*.sbatch")
     assert kept.read_text() == (tmp_path / "submitted.sbatch").read_text()
@@ -284,3 +570,52 @@ def test_sbatch_rejection_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(SlurmError, match="invalid partition"):
         slurm.submit(render_sbatch("c.yaml"), tmp_path / "job.sbatch")
+
+
+# ----------------------------------------------------------------- launchers/mpirun.sh
+
+
+@pytest.fixture
+def mpirun(tmp_path):
+    """run(version_text, **env) -> argv a stub MPIEXEC received from launchers/mpirun.sh."""
+    argv_file = tmp_path / "mpiexec.argv"
+    stub = tmp_path / "mpiexec"
+    write_stub(stub, f'if [ "$1" = --version ]; then printf "%s\\n" "$FAKE_VERSION"; exit 0; fi\n'
+                     f"printf '%s\\0' \"$@\" > {argv_file}\n")  # fmt: skip
+
+    def run(version: str, **env: str) -> list[str]:
+        environ = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MPIEXEC": str(stub), "FAKE_VERSION": version,
+                   **env}  # fmt: skip
+        proc = subprocess.run(["bash", str(REPO / "launchers" / "mpirun.sh"), "cfg.yaml", "a=two words"],
+                              env=environ, capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return argv_file.read_text().split("\0")[:-1]
+
+    return run
+
+
+OPEN_MPI = "mpirun (Open MPI) 4.1.5\n\nReport bugs to http://www.open-mpi.org/community/help/"
+MPICH = "HYDRA build details:\n    Version:                                 4.1.2"
+
+
+def test_mpirun_forwards_cluster_settings_under_open_mpi(mpirun):
+    site = {"NCCL_IB_HCA": "mlx5_0", "NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+            "CUDA_VISIBLE_DEVICES": "0,1", "HF_HOME": "/hf", "GLOO_SOCKET_IFNAME": "ib0", "MASTER_ADDR": "10.0.0.1",
+            "MASTER_PORT": "29500", "UCX_TLS": "rc", "MPI_FORWARD": "UCX_*"}  # fmt: skip
+    argv = mpirun(OPEN_MPI, NOT_FORWARDED="x", NP="4", **site)
+    forwarded = {argv[i + 1] for i, a in enumerate(argv) if a == "-x"}
+    assert forwarded == {*site} - {"MPI_FORWARD"} | {"PATH", "OMP_NUM_THREADS"}
+    assert argv[:2] == ["-n", "4"]
+    assert argv[-4:] == ["lora-dist", "train", "cfg.yaml", "a=two words"]
+
+
+@pytest.mark.parametrize("version", [MPICH, "Intel(R) MPI Library for Linux* OS, Version 2021.10"])
+def test_mpirun_relies_on_hydra_forwarding(mpirun, version):
+    argv = mpirun(version, NCCL_IB_HCA="mlx5_0", HOSTFILE="hosts", PPN="8")
+    assert "-x" not in argv
+    assert argv == ["-n", "2", "-f", "hosts", "-ppn", "8", "lora-dist", "train", "cfg.yaml", "a=two words"]
+
+
+def test_mpirun_flavor_can_be_forced(mpirun):
+    assert "-x" in mpirun(MPICH, MPI_FLAVOR="openmpi")
+    assert "-x" not in mpirun(OPEN_MPI, MPI_FLAVOR="mpich")

@@ -1,12 +1,13 @@
 """The sbatch templates and `lora-dist slurm`, submitted to the two-node local cluster.
 
-Each "node" has two fake GPUs (count-only GRES), so the templates run with
-the same options as on a GPU cluster and the workers use CPU and gloo.
+Each "node" has two fake GPUs (count-only GRES) and two CPUs, so the templates
+run with the same options as on a GPU cluster, except that the CPUs the
+templates ask per task (sized for 8-GPU nodes) are lowered to fit; the workers
+use CPU and gloo.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -23,11 +24,15 @@ from cluster_jobs import (
     wait_for_job,
 )
 
-from lora_dist.slurm import add_slurm_subparser, run_slurm_command
+from lora_dist.cli import main
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("local_cluster")]
 
 TWO_NODES_TWO_GPUS = ["--nodes=2", "--gpus-per-node=2"]
+# Two CPUs per node: single_node.sbatch asks 32 for its torchrun task, the
+# per-GPU templates 4 per task.
+ONE_TASK_TWO_CPUS = ["--cpus-per-task=2"]
+TWO_TASKS_ONE_CPU_EACH = ["--ntasks-per-node=2", "--cpus-per-task=1"]
 
 
 def assert_completed(info: dict[str, str], log: Path) -> None:
@@ -39,7 +44,8 @@ def assert_completed(info: dict[str, str], log: Path) -> None:
 def test_single_node_sbatch_runs_one_worker_per_gpu(tmp_path, train_command):
     out = tmp_path / "out"
     env = job_env(train_command.argv)
-    job = sbatch(SLURM_DIR / "single_node.sbatch", train_command.args(out), ["--gpus-per-node=2"], tmp_path, env)
+    options = ["--gpus-per-node=2", *ONE_TASK_TWO_CPUS]
+    job = sbatch(SLURM_DIR / "single_node.sbatch", train_command.args(out), options, tmp_path, env)
     log = tmp_path / "logs" / f"lora-dist-{job}.out"
 
     info = wait_for_job(job, 300, log)
@@ -58,7 +64,12 @@ def test_multi_node_sbatch_trains_across_two_nodes(tmp_path, train_command):
 
     assert_completed(info, log)
     assert info["NodeList"] == "n[1-2]"
-    assert "rendezvous 10.77.0.11:" in log.read_text()
+    text = log.read_text()
+    assert "rendezvous 10.77.0.11:" in text
+    # The whole node for each torchrun (--exclusive), one thread per worker.
+    assert "2 CPUs per node, OMP_NUM_THREADS=1" in text
+    # No fast network on the local cluster: auto falls back to the route to the first node.
+    assert "n1: SOCKET_IFNAME=auto -> ld-veth1p" in text and "n2: SOCKET_IFNAME=auto -> ld-veth2p" in text
     train_command.check(out, 4)
     if train_command.name == "standin":
         assert_one_rank_pair_per_namespace(read_rank_results(out, 4), "slurm_node", ("n1", "n2"))
@@ -67,7 +78,7 @@ def test_multi_node_sbatch_trains_across_two_nodes(tmp_path, train_command):
 def test_per_gpu_tasks_sbatch_runs_one_task_per_gpu(tmp_path, train_command):
     out = tmp_path / "out"
     env = job_env(train_command.argv, SOCKET_IFNAME="auto")
-    options = [*TWO_NODES_TWO_GPUS, "--ntasks-per-node=2"]
+    options = [*TWO_NODES_TWO_GPUS, *TWO_TASKS_ONE_CPU_EACH]
     job = sbatch(SLURM_DIR / "per_gpu_tasks.sbatch", train_command.args(out), options, tmp_path, env)
     log = tmp_path / "logs" / f"lora-dist-{job}.out"
 
@@ -87,7 +98,7 @@ def test_preemptible_sbatch_checkpoints_requeues_and_resumes(tmp_path, train_com
     out = tmp_path / "out"
     env = job_env(train_command.argv, SOCKET_IFNAME="auto")
     args = train_command.args(out, *train_command.preempt_overrides)
-    options = [*TWO_NODES_TWO_GPUS, "--ntasks-per-node=2"]
+    options = [*TWO_NODES_TWO_GPUS, *TWO_TASKS_ONE_CPU_EACH]
     job = sbatch(SLURM_DIR / "preemptible.sbatch", args, options, tmp_path, env)
     log = tmp_path / "logs" / f"lora-dist-{job}.out"
     signalled = []
@@ -122,14 +133,11 @@ def test_lora_dist_slurm_renders_and_submits(tmp_path, train_command, monkeypatc
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
-    parser = argparse.ArgumentParser(prog="lora-dist")
-    add_slurm_subparser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        ["slurm", str(config), "--nodes", "2", "--gpus-per-node", "2", "--time", "10", "--job-name", "ld-cli",
-         "--output-dir", str(tmp_path / "runs"), "--", f"output.dir={out}", *train_command.extra_overrides]
-    )  # fmt: skip
+    argv = ["slurm", str(config), "--nodes", "2", "--gpus-per-node", "2", "--time", "10", "--job-name", "ld-cli",
+            "--output-dir", str(tmp_path / "runs"), "--", f"output.dir={out}",
+            *train_command.extra_overrides]  # fmt: skip
 
-    assert run_slurm_command(args) == 0
+    assert main(argv) == 0
     submitted = capsys.readouterr().out
     job = re.search(r"submitted job (\d+)", submitted).group(1)
     log = tmp_path / "runs" / "logs" / f"ld-cli-{job}.out"
