@@ -213,7 +213,9 @@ class LoRALinear(nn.Module):
         lora_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        shape = tuple(getattr(weight, "ds_shape", weight.shape))  # ZeRO-3 params keep their shape in ds_shape
+        from lora_dist.parallel.sharding import full_shape  # lora_dist.parallel imports this module
+
+        shape = full_shape(weight)
         out_features, in_features = shape[::-1] if fan_in_fan_out else shape
         if r <= 0 or r > min(in_features, out_features):
             raise LoRAConfigError(
@@ -378,6 +380,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
         LoRAConfigError: nothing matched (the message lists the linear layers),
             or ``r`` does not fit a matched layer.
     """
+    from lora_dist.parallel.sharding import full_shape  # lora_dist.parallel imports this module
+
     targets = _resolve_targets(model, config)
     head = _output_head(model)
     linear_names: list[str] = []
@@ -406,7 +410,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
         )
     for name in chosen:  # validate every rank before the model is touched
         base = model.get_submodule(name)
-        shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))  # ZeRO-3 keeps it in ds_shape
+        shape = full_shape(base.weight)
         out_features, in_features = shape[::-1] if _is_conv1d(base) else shape
         r, _ = config.rank_and_alpha(name)
         if r > min(in_features, out_features):

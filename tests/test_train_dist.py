@@ -158,3 +158,24 @@ def test_zero1_and_zero2_are_accepted_and_say_they_do_not_shard_the_base(setup, 
                     f"parallel.strategy={strategy}", "train.micro_batch_size=2")
     assert "does not shard the frozen base" in proc.stderr
     _assert_same_adapter(reference, out)
+
+
+def test_zero2_bf16_keeps_the_lora_promise_fp32(setup):
+    """Under bf16 ZeRO-1/2 DeepSpeed holds the LoRA params in bf16; the adapter comes from the fp32 masters,
+    and the LoRA gradients are reduced in fp32."""
+    from transformers import AutoConfig
+
+    from lora_dist.config import load_config
+    from lora_dist.parallel.deepspeed import deepspeed_config
+
+    out = _train(setup, "zero2-bf16", 2, "parallel.strategy=zero2", "train.micro_batch_size=2",
+                 "parallel.mixed_precision=bfloat16")
+    adapter = _adapter(out)
+    assert all(t.dtype == torch.float32 for t in adapter.values())
+    trained_b = [t for k, t in adapter.items() if "lora_B" in k]
+    assert trained_b and all(t.abs().max() > 0 for t in trained_b)
+    # bf16-rounded values would all survive a round trip through bf16; fp32 masters do not.
+    assert all(not torch.equal(t, t.bfloat16().float()) for t in adapter.values())
+    cfg = load_config(None, [*setup["common"], "parallel.strategy=zero2", "parallel.mixed_precision=bfloat16"])
+    ds = deepspeed_config(cfg, AutoConfig.from_pretrained(setup["base"]))
+    assert ds["communication_data_type"] == "fp32" and ds["bf16"]["enabled"] is True
