@@ -136,8 +136,9 @@ def forward_backward(engine: Engine, micro: list[tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(engine: Engine, data: PackedDataset, micro_batch: int, batches: int, env: LaunchEnv, device) -> float:
+def evaluate(engine: Engine, data: PackedDataset, micro_batch: int, batches: int, env: LaunchEnv) -> float:
     """Token-mean loss over the first ``batches`` global micro-batches of the held-out blocks."""
+    device = engine.device
     engine.model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     global_micro = micro_batch * env.world_size
@@ -269,7 +270,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
                     check_replicas(engine)
                 if t.eval_every and eval_data is not None and (step + 1) % t.eval_every == 0:
                     eval_loss = record["eval_loss"] = evaluate(engine, eval_data, t.micro_batch_size, t.eval_batches,
-                                                               env, device)
+                                                               env)
                 history.append(record)
                 if env.is_main and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
                     with metrics_path.open("a") as f:
@@ -289,7 +290,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
         finally:
             progress.close()
     if eval_data is not None:
-        eval_loss = evaluate(engine, eval_data, t.micro_batch_size, t.eval_batches, env, device)
+        eval_loss = evaluate(engine, eval_data, t.micro_batch_size, t.eval_batches, env)
         if env.is_main:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"step": t.steps, "eval_loss": eval_loss}) + "\n")
@@ -301,7 +302,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     if cfg.export.merged:
         from lora_dist.export import export_merged
 
-        export_merged(model, out / "merged", cfg.model.path, dtype=parse_dtype(cfg.export.dtype),
+        export_merged(model, out / "merged", base, dtype=parse_dtype(cfg.export.dtype),
                       max_shard_size=cfg.export.max_shard_size, overwrite=cfg.output.overwrite)
     if dist.is_initialized():
         dist.barrier()

@@ -73,7 +73,7 @@ def _lora_weights(layers: Mapping[str, LoRALinear]) -> dict[str, LoRAWeights]:
 def export_merged(
     model: nn.Module,
     out_dir: str | os.PathLike,
-    base_path: str | os.PathLike,
+    base_path: str | os.PathLike | ModelDir,
     *,
     dtype: torch.dtype | str | None = torch.bfloat16,
     max_shard_size: int | str = "5GB",
@@ -88,9 +88,9 @@ def export_merged(
     Args:
         model: the trained model (a DDP / DeepSpeed engine wrapper is unwrapped).
         out_dir: the checkpoint dir to create.
-        base_path: the base HF checkpoint the model was loaded from: its key
-            names, non-LoRA tensors, config, generation config and tokenizer
-            files are used.
+        base_path: the base model dir the model was loaded from, as a path or the
+            :class:`~lora_dist.model_dir.ModelDir` already opened: its key names,
+            non-LoRA tensors, config, generation config and tokenizer files are used.
         dtype: dtype of the floating tensors written (the merge itself is fp32);
             None keeps the base checkpoint's dtypes.
         max_shard_size: largest file, decimal units like HF ("5GB" = 5e9 bytes).
@@ -120,7 +120,7 @@ def export_merged(
     error = None
     try:
         out_dtype = parse_dtype(dtype)
-        base = ModelDir(base_path)
+        base = base_path if isinstance(base_path, ModelDir) else ModelDir(base_path)
         if not layers:
             raise ExportError("the model has no LoRA layers; inject_lora() it, or copy the base checkpoint instead")
         specs = output_specs(base, out_dtype)
@@ -229,5 +229,5 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
                     raise ConfigError(f"{run}: {key} is {tuple(tensors[key].shape)} in the run's adapter but "
                                       f"{tuple(weight.shape)} in the model its config builds; was config.json edited?")
                 weight.copy_(tensors[key])
-    return export_merged(model, out_dir, cfg.model.path, dtype=out_dtype, max_shard_size=shard_size,
+    return export_merged(model, out_dir, base, dtype=out_dtype, max_shard_size=shard_size,
                          overwrite=overwrite or cfg.output.overwrite)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lora_dist.config import ParallelConfig, TrainConfig
-from lora_dist.lora import lora_modules, lora_parameters
+from lora_dist.lora import lora_modules
 from lora_dist.parallel.reducer import LoRAGradReducer
 
 __all__ = ["DDPEngine", "Engine", "FSDP2Engine", "ReplicaMismatchError", "check_replicas", "make_engine"]
@@ -53,7 +53,9 @@ class Engine:
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.device = device or torch.device("cpu")
-        self.lora_params = lora_parameters(model)
+        self._named_lora = [(f"{name}.{part}.weight", getattr(m, part).weight)
+                            for name, m in lora_modules(model) for part in ("lora_A", "lora_B")]
+        self.lora_params = [p for _, p in self._named_lora]
         self.loss_multiplier = 1.0
 
     # ------------------------------------------------------------------ the step
@@ -99,11 +101,8 @@ class Engine:
     # ------------------------------------------------------------------ the state
 
     def named_lora_params(self) -> list[tuple[str, nn.Parameter]]:
-        """``(<module>.lora_A.weight, param)`` pairs, in model order."""
-        out = []
-        for name, m in lora_modules(self.module):
-            out += [(f"{name}.lora_A.weight", m.lora_A.weight), (f"{name}.lora_B.weight", m.lora_B.weight)]
-        return out
+        """``(<module>.lora_A.weight, param)`` pairs, in model order (found once, when the engine is made)."""
+        return list(self._named_lora)
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of the full LoRA tensors by the model's names (collective under ZeRO-3)."""

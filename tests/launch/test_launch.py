@@ -1,4 +1,4 @@
-"""Tests for lora_dist.launch: launcher detection (pure) and real process-group init.
+"""Tests for lora_dist.launch: launcher detection (pure), hostlists, and real process-group init.
 
 Detection is tested with plain dicts. ``init_distributed`` is tested in this
 process for the single-process and failure paths, and with real 2-process
@@ -24,7 +24,7 @@ from lora_dist.launch.detect import loopback_address
 from lora_dist.launch.distributed import free_port
 from lora_dist.launch import LaunchEnv, LaunchError, detect_launch_env, expand_hostlist
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 LAUNCHER_VAR_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "TORCHELASTIC_", "GROUP_", "ROLE_",

@@ -1,6 +1,6 @@
 """Merged export onto real node-local disks: each rank sees its own directory at the output path.
 
-tests/test_export.py only simulates node-local disks
+tests/export/test_export.py only simulates node-local disks
 (``lora_dist.export.writer.sees_probe`` patched on rank 1, all ranks on one
 filesystem). Here each torchrun worker runs in its own mount namespace with
 its own directory bind-mounted onto the same output path
