@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The distributed training and export tests against today's releases of transformers, accelerate,
+# deepspeed and peft (torch stays 2.13.0), in .venv-latest next to the pinned .venv. Users
+# `pip install` today's releases, not our pins; .ci/run runs this after scripts/test.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LATEST=1 bash scripts/setup.sh
+. .venv-latest/bin/activate
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false CUDA_VISIBLE_DEVICES=
+python - <<'PY'
+from importlib.metadata import version
+print("today's releases:", ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "accelerate", "deepspeed", "peft")))
+PY
+exec python -m pytest -ra -m dist tests/test_train_dist.py tests/export/test_run_export.py tests/export/test_export.py "$@"
