@@ -10,19 +10,22 @@ files are refused.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lora_dist.atomic import writing_dir
+from lora_dist.inputs import clip, excerpt, read_json
 from lora_dist.lora import LoRAConfig, inject_lora, lora_modules
 from lora_dist.merge import LoRAWeights, lora_scale
 
@@ -30,6 +33,7 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "AdapterError",
+    "AdapterWriteError",
     "AdapterFile",
     "load_adapter",
     "lora_state_dict",
@@ -45,6 +49,14 @@ PEFT_PREFIX = "base_model.model."
 
 class AdapterError(ValueError):
     """An adapter that cannot be written or read as asked."""
+
+
+class AdapterWriteError(AdapterError, OSError):
+    """The filesystem refused an adapter write (no space, read-only...); the previous adapter is unchanged."""
+
+
+#: Bytes of a safetensors header per tensor, generously (name, dtype, shape, offsets).
+_HEADER_BYTES_PER_TENSOR = 512
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -128,11 +140,40 @@ def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, torch.Tens
     """
     directory = Path(directory)
     _check_tensors(tensors, None)
-    with writing_dir(directory, replace=True) as staging:
-        peft_tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(peft_tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
+    need = len(text) + sum(t.numel() * t.element_size() + _HEADER_BYTES_PER_TENSOR for t in tensors.values())
+    try:
+        with writing_dir(directory, replace=True) as staging:
+            free = shutil.disk_usage(staging).free
+            if 0 < free < need:  # some network filesystems report 0 free: let the write itself decide
+                raise AdapterWriteError(
+                    f"not enough space to write the adapter to {directory}: it needs {-(-need // 1024)} KB, "
+                    f"{free // 1024} KB are free; free space or choose another output dir (nothing was changed)"
+                )
+            peft_tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+            save_file(peft_tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            (staging / ADAPTER_CONFIG).write_text(text)
+    except AdapterError:
+        raise
+    except (OSError, SafetensorError) as e:
+        raise _write_error(directory, e) from None
     return directory
+
+
+def _write_error(directory: Path, e: BaseException) -> AdapterWriteError:
+    """One line for a failed adapter write, naming the cause and the fix."""
+    code = getattr(e, "errno", None)
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in reason or "No space left" in reason:
+        fix = "free space or choose another output dir"
+    elif code == errno.EROFS or "os error 30" in reason:
+        fix = "the filesystem is read-only; choose another output dir"
+    else:
+        fix = "check the output dir"
+    return AdapterWriteError(
+        f"cannot write the adapter to {directory}: {clip(reason, 300)}; {fix} "
+        "(the previous adapter there, if any, is unchanged)"
+    )
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
@@ -225,18 +266,22 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFile:
                 "re-save the adapter with safe_serialization=True"
             )
         raise AdapterError(f"{weights_path} not found")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_path} is not valid JSON: {e}") from None
+    cfg = read_json(cfg_path, AdapterError, "the adapter config")
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_path} must hold a JSON object (PEFT's LoraConfig), got {excerpt(cfg, 80)}; "
+                           "restore the file or re-save the adapter")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{directory} is a {cfg.get('peft_type')} adapter; lora_dist handles LORA only")
+        raise AdapterError(f"{directory} is a {excerpt(cfg.get('peft_type'), 60)} adapter; lora_dist handles LORA only")
     if cfg.get("use_dora") or cfg.get("lora_bias"):
         raise AdapterError(f"{directory} uses DoRA or LoRA biases, which lora_dist does not support")
     try:
         lora_config = _lora_config_from_peft(cfg)
-    except (KeyError, ValueError, TypeError) as e:
-        raise AdapterError(f"{cfg_path}: invalid LoRA config ({e})") from None
+    except KeyError as e:
+        raise AdapterError(
+            f"{cfg_path}: invalid LoRA config (no {e} field); restore the file or re-save the adapter"
+        ) from None
+    except (ValueError, TypeError, OverflowError) as e:
+        raise AdapterError(f"{cfg_path}: invalid LoRA config ({clip(str(e), 300)})") from None
     tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(weights_path), framework="pt") as f:
@@ -253,7 +298,42 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFile:
     extra = [k for k in tensors if ".lora_A." not in k and ".lora_B." not in k]
     if extra:
         raise AdapterError(f"{weights_path}: tensors lora_dist cannot apply (modules_to_save?): {extra[:3]}")
+    _check_read_tensors(weights_path, tensors, lora_config, sorted(modules))
     return AdapterFile(cfg, lora_config, tensors)
+
+
+def _check_read_tensors(path: Path, tensors: Mapping[str, torch.Tensor], config: LoRAConfig,
+                        modules: list[str]) -> None:
+    """Refuse adapter tensors that would merge wrongly or not at all (nothing here is applied silently).
+
+    Raises:
+        AdapterError: no tensors, a non-float tensor, a tensor that is not 2-D, lora_A and
+            lora_B of different ranks, or a rank that is not the config's ``r``/``rank_pattern``.
+    """
+    if not modules:
+        raise AdapterError(f"{path} holds no LoRA tensors: the adapter is empty; re-save it from the trained model")
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterError(
+                f"{path}: {key} is {str(t.dtype).removeprefix('torch.')}; LoRA tensors must be floating point "
+                "(float32/bfloat16/float16): quantized adapters are not supported, dequantize it first"
+            )
+        if t.dim() != 2:
+            raise AdapterError(
+                f"{path}: {key} has shape {tuple(t.shape)}; LoRA tensors are 2-D: lora_A (r, in_features) and "
+                "lora_B (out_features, r); the file is corrupt or not a LoRA adapter"
+            )
+    for module in modules:
+        a, b = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
+        if a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{path}: {module} has lora_A of rank {a.shape[0]} but lora_B of rank {b.shape[1]}; "
+                               "the file is corrupt")
+        r, _ = config.rank_and_alpha(module)
+        if a.shape[0] != r:
+            raise AdapterError(
+                f"{path}: {module} holds rank-{a.shape[0]} tensors but {ADAPTER_CONFIG} gives it r={r} "
+                "(r or rank_pattern); the scale alpha/r would be wrong: fix r/rank_pattern or re-save the adapter"
+            )
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:

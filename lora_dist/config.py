@@ -3,6 +3,8 @@
 Precedence is CLI > file > defaults. Unknown keys are an error that suggests
 the closest valid key; a value of the wrong type is an error naming the key.
 Help text lives in attribute docstrings and is shown by ``lora-dist train --help``.
+YAML is parsed safely and within limits on size, nesting and alias expansion
+(:func:`lora_dist.inputs.parse_yaml`), and errors show only a short excerpt of a value.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Union
 
 import yaml
 
+from lora_dist.inputs import MAX_CONFIG_BYTES, clip, excerpt, parse_yaml, read_text
 from lora_dist.lora import LoRAConfig, LoRAConfigError
 
 __all__ = [
@@ -62,6 +65,15 @@ MINIMUMS = {
 }
 #: Keys that must be strictly positive.
 POSITIVE = ("parallel.bucket_mb", "parallel.timeout_s", "train.lr")
+#: Largest valid value of each numeric key with an upper bound of ``<=``.
+MAXIMUMS = {
+    "train.min_lr_ratio": 1.0,  # the final LR is a fraction of the peak
+    "train.lr": 1.0,  # AdamW moves each weight by about lr per step
+    "parallel.timeout_s": 7 * 24 * 3600.0,  # a collective that waits a week is a hang
+    "parallel.bucket_mb": 1 << 20,  # 1 TB
+}
+#: Every integer key stays below this: larger values are typos, and would overflow the seeds' arithmetic.
+MAX_INT = 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -213,8 +225,19 @@ class Config:
         for key in POSITIVE:
             if self._get(key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {self._get(key)}")
+        for key, maximum in MAXIMUMS.items():
+            if self._get(key) > maximum:
+                raise ConfigError(f"{key} must be <= {maximum}, got {self._get(key)}")
+        for key in config_keys():
+            value = self._get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > MAX_INT:
+                raise ConfigError(f"{key} must be <= {MAX_INT}, got {excerpt(value, 40)}")
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
+        t = self.train
+        if t.lr * t.weight_decay >= 1:
+            raise ConfigError(f"train.lr * train.weight_decay must be < 1 (AdamW scales each weight by "
+                              f"1 - lr*weight_decay per step), got {t.lr} * {t.weight_decay}")
         return self
 
     def _get(self, key: str) -> Any:
@@ -246,9 +269,9 @@ def config_keys() -> list[str]:
 
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5) if len(key) <= 100 else []
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys start with {sorted(_SECTIONS)}"
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config key {excerpt(key)}{hint}")
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
@@ -271,17 +294,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             except ConfigError:
                 pass
         choices = " or ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
-        raise ConfigError(f"{key} must be {choices}, got {value!r}")
+        raise ConfigError(f"{key} must be {choices}, got {excerpt(value)}")
     if hint is Any:
         return value
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{key} must be true or false, got {excerpt(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
+        raise ConfigError(f"{key} must be an integer, got {excerpt(value)}")
     if hint is float:
         # A string too: YAML 1.1 reads "3e-4" (no dot) as a string.
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -292,21 +315,21 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             else:
                 if math.isfinite(number):
                     return number
-                raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+                raise ConfigError(f"{key} must be a finite number, got {excerpt(value)}")
+        raise ConfigError(f"{key} must be a number, got {excerpt(value)}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key} must be a string, got {value!r}")
+        raise ConfigError(f"{key} must be a string, got {excerpt(value)}")
     if origin is list:
         (item,) = typing.get_args(hint) or (Any,)
         if isinstance(value, (list, tuple)):
             return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-        raise ConfigError(f"{key} must be a list, got {value!r}")
+        raise ConfigError(f"{key} must be a list, got {excerpt(value)}")
     if origin is dict:
         if isinstance(value, dict):
             return dict(value)
-        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        raise ConfigError(f"{key} must be a mapping, got {excerpt(value)}")
     return value
 
 
@@ -330,17 +353,19 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
+    if not isinstance(item, str):
+        raise ConfigError(f"override {excerpt(item)} must be a section.key=value string")
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. lora.r=16)")
+        raise ConfigError(f"override {excerpt(item)} must look like section.key=value (e.g. lora.r=16)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if key.count(".") != 1:
         name = key.rsplit(".", 1)[-1]
         matches = [k for k in config_keys() if k.endswith(f".{name}")]
         hint = f"did you mean {' or '.join(map(repr, matches))}?" if matches else "e.g. train.lr=3e-4"
-        raise ConfigError(f"override key {key!r} must be section.key; {hint}")
+        raise ConfigError(f"override key {excerpt(key)} must be section.key; {hint}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw, ConfigError, f"override {excerpt(key)}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -355,18 +380,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             (``lora.target_modules=[q_proj,v_proj]``, ``export.merged=true``).
 
     Raises:
-        ConfigError: missing/invalid file, unknown key (with the closest valid
-            one), wrong type (naming the key), or invalid values.
+        ConfigError: missing/invalid file, a file or value over the limits on what a
+            config may cost (size, nesting, alias expansion), unknown key (with the
+            closest valid one), wrong type (naming the key), or invalid values.
     """
     raw: dict[str, dict[str, Any]] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found")
+        text = read_text(path, ConfigError, "the config file", max_bytes=MAX_CONFIG_BYTES)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = parse_yaml(text, ConfigError, str(path)) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: invalid YAML ({clip(str(e).splitlines()[0], 300)})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, lora:, ...)")
         for section, values in loaded.items():
@@ -388,7 +415,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def config_from_dict(raw: dict[str, dict[str, Any]], overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """A :class:`Config` from a nested dict (e.g. a run's saved ``config.json``) plus overrides."""
+    """A :class:`Config` from a nested dict (e.g. a run's saved ``config.json``) plus overrides.
+
+    Raises:
+        ConfigError: ``raw`` is not a mapping of sections to mappings, or as :func:`load_config`.
+    """
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise ConfigError(f"a run config must be a mapping of sections to mappings, got {excerpt(raw)}")
     merged = {k: dict(v) for k, v in raw.items()}
     for item in overrides:
         key, value = _parse_override(item)

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DataError", "PackedDataset", "load_dataset"]
+from lora_dist.inputs import clip, read_json, utf8_error
+from lora_dist.model_dir import REMOTE_CODE_FIX, ModelDirError
+
+__all__ = ["DataError", "PackedDataset", "load_dataset", "load_tokenizer"]
 
 IGNORE = -100
 
@@ -30,16 +33,91 @@ class DataError(ValueError):
     """Data that cannot be trained on."""
 
 
+#: Files that hold a tokenizer's vocabulary, one of which a model dir needs.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "*.tiktoken")
+
+
+def load_tokenizer(model_path: str | Path):
+    """The tokenizer saved in a local model dir, never running code from the dir.
+
+    Args:
+        model_path: the model dir (``model.path``).
+
+    Returns:
+        A ``transformers`` tokenizer.
+
+    Raises:
+        ModelDirError: the dir has no tokenizer files, the tokenizer needs code shipped in the
+            dir (``auto_map``; ``trust_remote_code`` is never set), or it cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(model_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except Exception as e:  # transformers' own errors: ValueError, OSError, KeyError...
+        reason = clip(" ".join(str(e).split()), 300)
+        if _names_custom_code(path):
+            raise ModelDirError(
+                f"{path}: the tokenizer needs code shipped in the model dir (auto_map); {REMOTE_CODE_FIX}; "
+                "convert the tokenizer: load it yourself with trust_remote_code=True after reviewing the code "
+                "and save it as a standard tokenizer.json (PreTrainedTokenizerFast.save_pretrained)"
+            ) from None
+        if not any(True for pattern in TOKENIZER_FILES for _ in path.glob(pattern)):
+            raise ModelDirError(
+                f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer files "
+                "from the original checkpoint into it"
+            ) from None
+        raise ModelDirError(f"cannot load the tokenizer in {path} ({reason}); restore the tokenizer files "
+                            "from the original checkpoint") from None
+
+
+def _names_custom_code(path: Path) -> bool:
+    """Whether the dir's tokenizer_config.json or config.json names custom tokenizer code (``auto_map``)."""
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            config = read_json(path / name, ValueError, name)
+        except ValueError:
+            continue
+        auto_map = config.get("auto_map") if isinstance(config, dict) else None
+        if name == "tokenizer_config.json" and auto_map:
+            return True
+        if isinstance(auto_map, dict) and "AutoTokenizer" in auto_map:
+            return True
+    return False
+
+
+def _not_utf8(path: Path) -> DataError:
+    """The one-line error for a data file that is not UTF-8, naming its first bad byte's line and column."""
+    where = "somewhere"
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = utf8_error(raw, e, first_line=lineno)
+                break
+    return DataError(f"{path}: not UTF-8 text ({where}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+
+
 def _read_records(path: Path) -> list[tuple[str, str]]:
     """(prompt, completion) pairs; plain text has an empty prompt."""
     if not path.is_file():
         raise DataError(f"data.path {str(path)!r} not found; point data.path at a .jsonl or .txt file")
+    try:
+        return _parse_records(path)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _parse_records(path: Path) -> list[tuple[str, str]]:
     records: list[tuple[str, str]] = []
     if path.suffix == ".txt":
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
         records = [("", para) for para in text.split("\n\n") if para.strip()]
     elif path.suffix in (".jsonl", ".json"):
-        with path.open() as f:
+        with path.open(encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -47,6 +125,8 @@ def _read_records(path: Path) -> list[tuple[str, str]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
                 if isinstance(row, dict) and isinstance(row.get("text"), str):
                     records.append(("", row["text"]))
                 elif isinstance(row, dict) and isinstance(row.get("completion"), str):

@@ -13,6 +13,7 @@ from lora_dist.launch import LaunchError
 from lora_dist.lora import LoRAConfigError
 from lora_dist.merge import MergeError
 from lora_dist.model_dir import ModelDirError
+from lora_dist.outputs import OutputError
 from lora_dist.parallel.sharding import ShardingError
 from lora_dist.slurm import SlurmError
 from lora_dist.train import OutputDirError
@@ -31,6 +32,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     MergeError,
     ModelDirError,
     OutputDirError,
+    OutputError,
     ResumeError,
     ShardingError,
     SlurmError,

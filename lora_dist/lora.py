@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora_dist.inputs import excerpt
 from lora_dist.merge import LoRAWeights, lora_scale, merge_weight, unmerge_weight
 
 try:  # transformers is a dependency, but keep the core importable without it.
@@ -105,15 +106,15 @@ class LoRAConfig:
         if isinstance(self.exclude_modules, tuple):
             self.exclude_modules = list(self.exclude_modules)
         if not (_is_int(self.r) and self.r > 0):
-            raise LoRAConfigError(f"lora.r must be a positive integer, got {self.r!r}")
+            raise LoRAConfigError(f"lora.r must be a positive integer, got {excerpt(self.r)}")
         if not (_is_number(self.alpha) and self.alpha > 0):
-            raise LoRAConfigError(f"lora.alpha must be a positive finite number, got {self.alpha!r}")
+            raise LoRAConfigError(f"lora.alpha must be a positive finite number, got {excerpt(self.alpha)}")
         if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
-            raise LoRAConfigError(f"lora.dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise LoRAConfigError(f"lora.dropout must be a number in [0, 1), got {excerpt(self.dropout)}")
         if not isinstance(self.use_rslora, bool):
-            raise LoRAConfigError(f"lora.use_rslora must be true or false, got {self.use_rslora!r}")
+            raise LoRAConfigError(f"lora.use_rslora must be true or false, got {excerpt(self.use_rslora)}")
         if self.init not in _INITS:
-            raise LoRAConfigError(f"lora.init must be one of {_INITS}, got {self.init!r}")
+            raise LoRAConfigError(f"lora.init must be one of {_INITS}, got {excerpt(self.init)}")
         for name in ("target_modules", "exclude_modules"):
             spec = getattr(self, name)
             if spec is None:
@@ -122,11 +123,12 @@ class LoRAConfig:
                 if spec != "all-linear":
                     try:
                         re.compile(spec)
-                    except re.error as e:
-                        raise LoRAConfigError(f"lora.{name} {spec!r} is not a valid regex: {e}") from None
+                    except (re.error, RecursionError, OverflowError) as e:
+                        raise LoRAConfigError(f"lora.{name} {excerpt(spec)} is not a valid regex: {_regex_problem(e)}"
+                                              ) from None
             elif not (isinstance(spec, list) and spec and all(isinstance(s, str) and s for s in spec)):
                 raise LoRAConfigError(
-                    f"lora.{name} must be a non-empty list of names, a regex or 'all-linear', got {spec!r}"
+                    f"lora.{name} must be a non-empty list of names, a regex or 'all-linear', got {excerpt(spec)}"
                 )
         if self.exclude_modules == "all-linear":
             raise LoRAConfigError("lora.exclude_modules cannot be 'all-linear'")
@@ -136,20 +138,34 @@ class LoRAConfig:
             if not (isinstance(self.layers_to_transform, (list, tuple))
                     and all(_is_int(i) and i >= 0 for i in self.layers_to_transform)):
                 raise LoRAConfigError(
-                    f"lora.layers_to_transform must be non-negative layer indices, got {self.layers_to_transform!r}"
+                    "lora.layers_to_transform must be non-negative layer indices, "
+                    f"got {excerpt(self.layers_to_transform)}"
                 )
         for name in ("rank_pattern", "alpha_pattern"):
             if not isinstance(getattr(self, name), dict):
                 raise LoRAConfigError(
-                    f"lora.{name} must be a mapping of module regex -> value, got {getattr(self, name)!r}"
+                    f"lora.{name} must be a mapping of module regex -> value, got {excerpt(getattr(self, name))}"
                 )
+        for name in ("rank_pattern", "alpha_pattern"):
+            for pattern in getattr(self, name):
+                if not isinstance(pattern, str):
+                    raise LoRAConfigError(
+                        f"lora.{name} keys must be module-name regexes (strings), got {excerpt(pattern)}; quote it"
+                    )
+                try:
+                    re.compile(_pattern_regex(pattern))
+                except (re.error, RecursionError, OverflowError) as e:
+                    raise LoRAConfigError(f"lora.{name} key {excerpt(pattern)} is not a valid regex "
+                                          f"({_regex_problem(e)}); escape special characters") from None
         for pattern, value in self.rank_pattern.items():
             if not (_is_int(value) and value > 0):
-                raise LoRAConfigError(f"lora.rank_pattern[{pattern!r}] must be a positive integer, got {value!r}")
+                raise LoRAConfigError(
+                    f"lora.rank_pattern[{excerpt(pattern)}] must be a positive integer, got {excerpt(value)}"
+                )
         for pattern, value in self.alpha_pattern.items():
             if not (_is_number(value) and value > 0):
                 raise LoRAConfigError(
-                    f"lora.alpha_pattern[{pattern!r}] must be a positive finite number, got {value!r}"
+                    f"lora.alpha_pattern[{excerpt(pattern)}] must be a positive finite number, got {excerpt(value)}"
                 )
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
@@ -160,9 +176,18 @@ class LoRAConfig:
         )
 
 
+def _regex_problem(e: BaseException) -> str:
+    return str(e) if isinstance(e, re.error) else "nested or repeated too deeply"
+
+
+def _pattern_regex(key: str) -> str:
+    """PEFT's reading of a rank/alpha pattern key: it matches a module name's tail after a dot."""
+    return rf"(.*\.)?({key})$"
+
+
 def _pattern_value(patterns: dict, module_name: str, default):
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if re.match(_pattern_regex(key), module_name):
             return value
     return default
 
@@ -405,7 +430,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
     if not chosen:
         shown = sorted({n.split(".")[-1] for n in linear_names})
         raise LoRAConfigError(
-            f"lora.target_modules={targets!r} matched no linear layer; the model's linear layers are named "
+            f"lora.target_modules={excerpt(targets)} matched no linear layer; the model's linear layers are named "
             f"{shown} (full names like {linear_names[:3]})"
         )
     for name in chosen:  # validate every rank before the model is touched

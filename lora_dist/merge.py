@@ -3,7 +3,9 @@
 Every merge in lora_dist goes through this module: the in-module
 ``LoRALinear.merge()``, the distributed export (each rank merging the rows it
 owns) and the offline streaming merge. The update is always computed in fp32
-and checked for NaN/Inf before it is cast to the output dtype.
+and checked for NaN/Inf before and after it is cast to the output dtype (an
+fp16 cast can overflow to Inf). Only floating-point weights and adapters merge:
+an integer (quantized) tensor would make the merge a silent no-op or garbage.
 
 Shapes follow PEFT: ``lora_A`` is ``(r, in_features)`` and ``lora_B`` is
 ``(out_features, r)``. A base weight is ``(out, in)`` for ``nn.Linear`` and
@@ -77,6 +79,9 @@ def lora_delta(
         raise MergeError(
             f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} are not (r, in) and (out, r)"
         )
+    if not (lora_A.is_floating_point() and lora_B.is_floating_point()):
+        raise MergeError(f"lora_A/lora_B are {lora_A.dtype}/{lora_B.dtype}; LoRA tensors must be floating point "
+                         "(a quantized adapter cannot be merged; dequantize it first)")
     a = lora_A.detach().to(torch.float32)
     b = lora_B.detach().to(torch.float32)
     rows = rows if rows is not None else slice(None)
@@ -111,8 +116,13 @@ def merge_weight(
         name: used in error messages.
 
     Raises:
-        MergeError: on a shape mismatch or a non-finite result.
+        MergeError: on a shape mismatch, a non-float weight or output dtype, or a result
+            that is not finite in fp32 or in ``out_dtype``.
     """
+    out_dtype = out_dtype or weight.dtype
+    if not (weight.is_floating_point() and out_dtype.is_floating_point):
+        raise MergeError(f"{name}: cannot merge into a {weight.dtype} weight as {out_dtype}; the base weight and "
+                         "the output must be floating point (use the unquantized checkpoint)")
     expected = _expected_shape(lora, rows)
     if tuple(weight.shape) != expected:
         raise MergeError(
@@ -124,7 +134,12 @@ def merge_weight(
     )
     if not torch.isfinite(merged).all():
         raise MergeError(f"{name}: merged weight has NaN/Inf; the adapter or base weight is corrupt")
-    return merged.to(out_dtype or weight.dtype)
+    result = merged.to(out_dtype)
+    if not torch.isfinite(result).all():
+        dtype = str(out_dtype).removeprefix("torch.")
+        raise MergeError(f"{name}: the merged weight overflows {dtype} (Inf after the cast); "
+                         "merge to float32 or bfloat16 instead")
+    return result
 
 
 def unmerge_weight(

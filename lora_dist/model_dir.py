@@ -5,29 +5,78 @@ A model dir is ``config.json`` plus ``model.safetensors`` or sharded
 :class:`ModelDir` reads one tensor, some of its rows, or a flat element
 range at a time, straight from the memory-mapped files, so a rank only ever
 touches the bytes it owns.
+
+Opening a dir checks what it can cheaply: ``config.json`` is a JSON object with a
+``model_type``, the index names only files inside the dir, and every weight file has a
+readable header. lora_dist never runs code shipped in a model dir (``trust_remote_code``):
+a model whose architecture transformers does not have is refused when its config is
+needed (:attr:`ModelDir.hf_config`); merging tensors by name needs no code.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
-import json
+import logging
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import torch
 from safetensors import safe_open
 
 from lora_dist.dtypes import from_safetensors
+from lora_dist.inputs import clip, excerpt, read_json
 
-__all__ = ["SAFE_INDEX", "SAFE_SINGLE", "ModelDir", "ModelDirError"]
+__all__ = ["REMOTE_CODE_FIX", "SAFE_INDEX", "SAFE_SINGLE", "ModelDir", "ModelDirError", "read_config_json"]
+
+log = logging.getLogger(__name__)
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 
 
+#: Said whenever a model or tokenizer needs code shipped in its dir.
+REMOTE_CODE_FIX = "lora_dist never runs code from a model dir (trust_remote_code)"
+
+
 class ModelDirError(ValueError):
     """A model dir that is missing, incomplete or corrupt."""
+
+
+def read_config_json(path: str | Path) -> dict:
+    """A model dir's ``config.json``: a JSON object with a ``model_type``.
+
+    Raises:
+        ModelDirError: missing, unreadable, not UTF-8, not JSON, not an object, or no ``model_type``.
+    """
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ModelDirError(f"{path} has no config.json; model.path must be a Hugging Face checkpoint dir")
+    config = read_json(file, ModelDirError, "the model config")
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{file} must hold a JSON object (a transformers config), got {excerpt(config, 80)}; "
+                            "restore it from the original checkpoint")
+    model_type = config.get("model_type")
+    if not (isinstance(model_type, str) and model_type):
+        raise ModelDirError(f"{file} has no model_type (got {excerpt(model_type, 80)}), so the architecture is "
+                            "unknown; restore config.json from the original checkpoint")
+    return config
+
+
+def _check_weight_map(index: Path, weight_map: object) -> dict[str, str]:
+    """The index's ``weight_map``: tensor names -> weight files that lie inside the dir."""
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ModelDirError(f"{index}: weight_map must map tensor names to file names, got "
+                            f"{excerpt(weight_map, 80)}; re-save the checkpoint")
+    for file in sorted(set(weight_map.values())):
+        name = PurePosixPath(file)
+        if not file or name.is_absolute() or ".." in name.parts:
+            raise ModelDirError(f"{index} names {excerpt(file)}, which is outside the model dir; an index may only "
+                                "name weight files in its own dir: restore the index from the original checkpoint")
+    return dict(weight_map)
 
 
 class ModelDir:
@@ -39,23 +88,23 @@ class ModelDir:
         path: the model dir.
 
     Raises:
-        ModelDirError: no config.json, no safetensors weights (pickled
-            ``pytorch_model.bin`` is refused), an index naming missing files,
-            or an unreadable safetensors header.
+        ModelDirError: no config.json, or one that is not a JSON object with a
+            ``model_type``; no safetensors weights (pickled ``pytorch_model.bin``
+            is refused); an index that is corrupt, names missing files or files
+            outside the dir; or an unreadable safetensors header.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
             raise ModelDirError(f"model path {str(self.path)!r} is not a directory; set model.path to a local HF checkpoint dir")
-        if not (self.path / "config.json").is_file():
-            raise ModelDirError(f"{self.path} has no config.json; model.path must be a Hugging Face checkpoint dir")
+        self._config = read_config_json(self.path)
         index = self.path / SAFE_INDEX
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ModelDirError(f"{index} is corrupt ({e}); re-save the checkpoint") from None
+            loaded = read_json(index, ModelDirError, "the weight index")
+            if not isinstance(loaded, dict) or "weight_map" not in loaded:
+                raise ModelDirError(f"{index} is corrupt (no weight_map); re-save the checkpoint")
+            weight_map = _check_weight_map(index, loaded["weight_map"])
         elif (self.path / SAFE_SINGLE).is_file():
             weight_map = None
         else:
@@ -82,15 +131,37 @@ class ModelDir:
         return self._handles[file]
 
     def config(self) -> dict:
-        """``config.json`` as a dict."""
-        return json.loads((self.path / "config.json").read_text())
+        """``config.json`` as a dict (checked when the dir was opened)."""
+        return copy.deepcopy(self._config)
 
     @functools.cached_property
     def hf_config(self):
-        """The ``transformers`` config (``AutoConfig``) of the model, read once."""
+        """The ``transformers`` config (``AutoConfig``) of the model, read once; never runs code from the dir.
+
+        Raises:
+            ModelDirError: the architecture needs code shipped in the dir (``auto_map``), or
+                transformers cannot read the config (e.g. an unknown ``model_type``).
+        """
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.path)
+        remote = "auto_map" in self._config
+        try:
+            config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+        except Exception as e:  # transformers' own errors: ValueError, KeyError, OSError...
+            if remote:
+                raise ModelDirError(
+                    f"{self.path}: model_type {excerpt(self._config['model_type'], 80)} needs code shipped in the "
+                    f"model dir (auto_map in config.json); {REMOTE_CODE_FIX}; use a version of the model in an "
+                    "architecture transformers has, or convert it: load it yourself with trust_remote_code=True "
+                    "after reviewing the code and save it as a native architecture"
+                ) from None
+            reason = clip(" ".join(str(e).split()), 300)
+            raise ModelDirError(f"{self.path}/config.json: transformers cannot read it ({reason}); "
+                                "restore it or upgrade transformers") from None
+        if remote:
+            log.warning("%s: config.json names custom code (auto_map); lora_dist never runs it and uses "
+                        "transformers' own %r implementation", self.path, self._config["model_type"])
+        return config
 
     def keys(self) -> list[str]:
         return list(self.weight_map)

@@ -126,7 +126,7 @@ def _hf_config(model_path: str):
         raise ModelDirError("model.path is not set; pass model.path=/path/to/hf_checkpoint (config.json is enough)")
     if not (Path(model_path) / "config.json").is_file():
         raise ModelDirError(f"{model_path} has no config.json; model.path must be a Hugging Face checkpoint dir")
-    return tf.AutoConfig.from_pretrained(model_path)
+    return tf.AutoConfig.from_pretrained(model_path, trust_remote_code=False)  # never code from a model dir
 
 
 def meta_model(cfg: Config, hf_config) -> torch.nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -313,3 +314,99 @@ def test_read_adapter_missing_or_corrupt_files(tmp_path):
     os.remove(directory / ADAPTER_WEIGHTS)
     with pytest.raises(AdapterError, match="not found"):
         read_adapter(directory)
+
+
+# Adapters that were accepted silently or gave tracebacks (issue 15, items 9 and 10): one line each.
+
+
+@pytest.mark.parametrize(
+    "config, tensors, match",
+    [
+        (None, {}, "holds no LoRA tensors"),
+        (None, {"base_model.model.q_proj.lora_A.weight": torch.ones(2, 8, dtype=torch.int8),
+                "base_model.model.q_proj.lora_B.weight": torch.ones(8, 2, dtype=torch.int8)},
+         "q_proj.lora_A.weight is int8; LoRA tensors must be floating point"),
+        ({"r": 8}, {"base_model.model.q_proj.lora_A.weight": torch.ones(4, 8),
+                    "base_model.model.q_proj.lora_B.weight": torch.ones(8, 4)},
+         r"q_proj holds rank-4 tensors but adapter_config.json gives it r=8"),
+        ({"r": 8, "rank_pattern": {"q_proj": 2}}, {"base_model.model.q_proj.lora_A.weight": torch.ones(4, 8),
+                                                   "base_model.model.q_proj.lora_B.weight": torch.ones(8, 4)},
+         r"q_proj holds rank-4 tensors but adapter_config.json gives it r=2"),
+        (None, {"base_model.model.q_proj.lora_A.weight": torch.ones(16),
+                "base_model.model.q_proj.lora_B.weight": torch.ones(8, 2)},
+         r"q_proj.lora_A.weight has shape \(16,\); LoRA tensors are 2-D"),
+        (None, {"base_model.model.q_proj.lora_A.weight": torch.ones(2, 8),
+                "base_model.model.q_proj.lora_B.weight": torch.ones(8, 3)},
+         "lora_A of rank 2 but lora_B of rank 3"),
+        ({"alpha_pattern": {"(": 2.0}}, None, r"lora.alpha_pattern key '\(' is not a valid regex"),
+        ({"rank_pattern": {"q_proj[": 2}}, None, r"lora.rank_pattern key 'q_proj\[' is not a valid regex"),
+        ({"r": "eight"}, None, "invalid LoRA config"),
+        ({"r": None}, None, "invalid LoRA config"),
+    ],
+    ids=["no-tensors", "int8", "r8-rank4", "rank-pattern", "1d-lora-A", "unequal-ranks", "bad-alpha-pattern",
+         "bad-rank-pattern", "r-string", "r-null"],
+)
+def test_read_adapter_refuses_what_would_merge_wrongly(config, tensors, match, tmp_path):
+    with pytest.raises(AdapterError, match=match) as e:
+        read_adapter(_write(tmp_path / "adapter", config, tensors))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b'["peft_type", "LORA"]', "must hold a JSON object"),
+        (b"42", "must hold a JSON object"),
+        (b'{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_\xe9"]}', "not UTF-8 text"),
+        (b"[" * 100_000, "nested too deeply"),
+    ],
+    ids=["list", "number", "latin1", "deep"],
+)
+def test_adapter_config_that_is_not_a_lora_config_object(content, match, tmp_path):
+    directory = _write(tmp_path / "adapter")
+    (directory / ADAPTER_CONFIG).write_bytes(content)
+    with pytest.raises(AdapterError, match=match) as e:
+        read_adapter(directory)
+    assert "\n" not in str(e.value)
+
+
+def test_a_rank_pattern_that_matches_reads_fine(tmp_path):
+    tensors = {"base_model.model.q_proj.lora_A.weight": torch.ones(4, 8),
+               "base_model.model.q_proj.lora_B.weight": torch.ones(8, 4)}
+    adapter = read_adapter(_write(tmp_path / "adapter", {"r": 8, "rank_pattern": {"q_proj": 4}}, tensors))
+    assert adapter.weights()["q_proj"].scale == 4 / 4
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KB tmpfs: a real ENOSPC, not a patched write."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mount -t tmpfs is not permitted here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def _lora(r: int, width: int) -> dict[str, torch.Tensor]:
+    return {"model.q_proj.lora_A.weight": torch.randn(r, width), "model.q_proj.lora_B.weight": torch.randn(width, r)}
+
+
+@pytest.mark.parametrize("space_check", ["before", "during"])
+def test_disk_full_during_an_adapter_write_keeps_the_previous_adapter(space_check, tiny_disk, monkeypatch):
+    target = tiny_disk / "adapter"
+    write_adapter(target, _lora(2, 64), {"r": 2})
+    before = {f: (target / f).read_bytes() for f in os.listdir(target)}
+    if space_check == "during":  # the free-space check passes (as on some network filesystems): the write fails
+        monkeypatch.setattr(adapter_mod.shutil, "disk_usage", lambda _: types.SimpleNamespace(free=1 << 40))
+    with pytest.raises(AdapterError, match=r"(not enough space|No space left).*free space or choose another "
+                                           r"output dir") as e:
+        write_adapter(target, _lora(64, 256), {"r": 64})  # 128 KB on a 64 KB disk
+    assert isinstance(e.value, OSError) and "\n" not in str(e.value)
+    assert {f: (target / f).read_bytes() for f in os.listdir(target)} == before
+    assert os.listdir(tiny_disk) == ["adapter"], "temporary files were left behind"

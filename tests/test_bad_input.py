@@ -154,3 +154,188 @@ def test_no_unpickling_anywhere_in_the_package():
                 if isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
                     kw = {k.arg: k.value for k in node.keywords}
                     assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, path
+
+
+# Issue 15 (items 7, 9, 10): each input the probe found accepted silently or answered with a traceback.
+
+_LOADS_TOKENIZER_SAFELY = "load_tokenizer(" in (REPO / "lora_dist" / "train.py").read_text()
+_needs_load_tokenizer = pytest.mark.skipif(
+    not _LOADS_TOKENIZER_SAFELY, reason="train.py does not call lora_dist.data.load_tokenizer yet"
+)
+
+
+def _alias_bomb() -> str:
+    """A 373-byte "billion laughs" config: 9 lists of 9 aliases, 9^9 strings once expanded."""
+    levels = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        levels.append(f"&{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    text = "lora:\n  target_modules: [" + ", ".join(levels) + "]\n"
+    text = "# an alias bomb" + " " * (372 - len(text) - 15) + "\n" + text
+    assert len(text.encode()) == 373
+    return text
+
+
+def _refused(proc, *needles: str, command: str = "train", out: Path | None = None) -> str:
+    last = _one_line_error(proc, *needles, command=command)
+    assert len(last) < 700, last[:1000]
+    if out is not None:
+        assert not out.exists(), "a refused run wrote its output dir"
+    return last
+
+
+def test_yaml_alias_bomb_is_refused_at_once(good, tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb())
+    args = [f"model.path={good['base']}", f"data.path={good['data']}", f"output.dir={tmp_path / 'o'}"]
+    proc = lora_dist("train", str(bomb), *args, check=False, timeout=60)
+    _refused(proc, "bomb.yaml: refused: more than 20000 values", out=tmp_path / "o")
+    assert "lol" not in proc.stderr
+    value = _alias_bomb().split("target_modules: ", 1)[1].strip()
+    proc = lora_dist("train", *args, f"lora.target_modules={value}", check=False, timeout=60)
+    _refused(proc, "override 'lora.target_modules': refused", out=tmp_path / "o")
+
+
+def test_huge_override_value_is_shown_truncated(good, tmp_path):
+    proc = _train(good, tmp_path / "o", "train.steps=" + "x" * 100_000)
+    assert "..." in _refused(proc, "train.steps must be an integer, got 'xxx", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("train.min_lr_ratio=50", "train.min_lr_ratio must be <= 1.0, got 50.0"),
+     ("train.lr=1e30", "train.lr must be <= 1.0"),
+     ("lora.alpha_pattern={'(': 2}", "lora.alpha_pattern key '(' is not a valid regex")],
+    ids=["min-lr-ratio", "lr", "alpha-pattern"],
+)
+def test_config_values_accepted_silently_before(good, tmp_path, override, needle):
+    _refused(_train(good, tmp_path / "o", override), needle, out=tmp_path / "o")
+
+
+def test_non_utf8_yaml_and_data(good, tmp_path):
+    cfg = tmp_path / "latin1.yaml"
+    cfg.write_bytes("# réglages\ntrain:\n  steps: 2\n".encode("latin-1"))
+    proc = lora_dist("train", str(cfg), f"model.path={good['base']}", f"data.path={good['data']}",
+                     f"output.dir={tmp_path / 'o'}", check=False)
+    _refused(proc, "latin1.yaml: the config file is not UTF-8 text (byte 0xe9 at line 1, column 4)", out=tmp_path / "o")
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(Path(good["data"]).read_bytes() + '{"text": "café"}\n'.encode("latin-1"))
+    _refused(_train(good, tmp_path / "o", f"data.path={data}"), "latin1.jsonl: not UTF-8 text (byte 0xe9 at line 101",
+             "convert the file to UTF-8")
+
+
+@pytest.mark.parametrize(
+    "config, needle",
+    [(b"{not json", "config.json: the model config is not valid JSON"),
+     (b'{"hidden_size": 64}', "config.json has no model_type"),
+     (b'["llama"]', "must hold a JSON object")],
+    ids=["not-json", "no-model-type", "list"],
+)
+def test_invalid_model_config_json(good, tmp_path, config, needle):
+    base = _copy_base(good, tmp_path / "base")
+    (base / "config.json").write_bytes(config)
+    _refused(_train(good, tmp_path / "o", f"model.path={base}"), needle, out=tmp_path / "o")
+
+
+def test_index_pointing_outside_the_model_dir(good, tmp_path):
+    import json
+
+    base = _copy_base(good, tmp_path / "base")
+    (tmp_path / "other").mkdir()
+    (base / "model.safetensors").rename(tmp_path / "other" / "model.safetensors")
+    keys = __import__("safetensors").safe_open(str(tmp_path / "other" / "model.safetensors"), "pt").keys()
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: "../other/model.safetensors" for k in keys}}))
+    _refused(_train(good, tmp_path / "o", f"model.path={base}"), "names '../other/model.safetensors', which is "
+             "outside the model dir", out=tmp_path / "o")
+
+
+def _needs_remote_code(base: Path, tokenizer: bool) -> Path:
+    """Make ``base`` name code in the dir that would create ``ran`` next to it if it ever ran."""
+    import json
+
+    marker = base.parent / "ran"
+    code = f"open({str(marker)!r}, 'w').close()\n"
+    if tokenizer:
+        cfg = json.loads((base / "tokenizer_config.json").read_text())
+        cfg.update(tokenizer_class="CustomTokenizer", auto_map={"AutoTokenizer": ["tokenization_custom.CustomTokenizer",
+                                                                                   None]})
+        (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+        (base / "tokenization_custom.py").write_text(code)
+    else:
+        cfg = json.loads((base / "config.json").read_text())
+        cfg.update(model_type="custom_llm", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                      "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+        (base / "config.json").write_text(json.dumps(cfg))
+        (base / "configuration_custom.py").write_text(code)
+        (base / "modeling_custom.py").write_text(code)
+    return marker
+
+
+@_needs_load_tokenizer
+@pytest.mark.parametrize("part", ["model", "tokenizer"])
+def test_remote_code_is_refused_and_never_run(good, tmp_path, part):
+    base = _copy_base(good, tmp_path / "base")
+    marker = _needs_remote_code(base, tokenizer=part == "tokenizer")
+    proc = _train(good, tmp_path / "o", f"model.path={base}")
+    _refused(proc, "needs code shipped in the model dir", "never runs code from a model dir", out=tmp_path / "o")
+    assert not marker.exists() and "Do you wish to run the custom code" not in proc.stderr + proc.stdout
+
+
+@_needs_load_tokenizer
+def test_missing_tokenizer(good, tmp_path):
+    base = _copy_base(good, tmp_path / "base")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (base / f).unlink()
+    _refused(_train(good, tmp_path / "o", f"model.path={base}"), "has no tokenizer", "copy the tokenizer files",
+             out=tmp_path / "o")
+
+
+def _raw_adapter(directory: Path, config: dict | None = None, tensors: dict | None = None,
+                 raw_config: str | None = None) -> Path:
+    """A PEFT-format adapter written byte by byte, as another tool (or a careless edit) might leave it."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **(config or {})}
+    (directory / "adapter_config.json").write_text(raw_config if raw_config is not None else json.dumps(cfg))
+    if tensors is None:
+        tensors = {f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{p}.weight": t
+                   for i in range(2) for p, t in (("A", torch.randn(4, 64)), ("B", torch.randn(64, 4)))}
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+def _adapter_cases():
+    import torch
+
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    return {
+        "no-tensors": (dict(tensors={}), "holds no LoRA tensors"),
+        "int8": (dict(tensors={f"{q}.lora_A.weight": torch.ones(4, 64, dtype=torch.int8),
+                               f"{q}.lora_B.weight": torch.ones(64, 4, dtype=torch.int8)}),
+                 "lora_A.weight is int8; LoRA tensors must be floating point"),
+        "r8-rank4": (dict(config={"r": 8}), "holds rank-4 tensors but adapter_config.json gives it r=8"),
+        "list-config": (dict(raw_config='["peft_type", "LORA"]'), "must hold a JSON object"),
+        "bad-alpha-pattern": (dict(config={"alpha_pattern": {"(": 2}}), "alpha_pattern key '(' is not a valid regex"),
+        "1d-lora-A": (dict(tensors={f"{q}.lora_A.weight": torch.ones(256), f"{q}.lora_B.weight": torch.ones(64, 4)}),
+                      "q_proj.lora_A.weight has shape (256,); LoRA tensors are 2-D"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_adapter_cases()))
+def test_bad_adapters_are_refused_by_merge(good, tmp_path, case):
+    kwargs, needle = _adapter_cases()[case]
+    adapter = _raw_adapter(tmp_path / "adapter", **kwargs)
+    proc = lora_dist("merge", "--base", str(good["base"]), "--adapter", str(adapter), "--out", str(tmp_path / "m"),
+                     check=False)
+    _refused(proc, needle, command="merge", out=tmp_path / "m")
+
+
+def test_a_good_raw_adapter_merges(good, tmp_path):
+    # The control for the cases above: the same files, correct, merge with exit 0.
+    adapter = _raw_adapter(tmp_path / "adapter")
+    lora_dist("merge", "--base", str(good["base"]), "--adapter", str(adapter), "--out", str(tmp_path / "m"))
+    assert (tmp_path / "m" / "config.json").is_file()

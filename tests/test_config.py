@@ -258,3 +258,134 @@ def test_config_help_lists_every_key_with_its_doc():
     for i, line in enumerate(lines):
         if line.startswith("  ") and not line.startswith("    "):
             assert i + 1 < len(lines) and lines[i + 1].startswith("      "), f"no help for {line.strip()}"
+
+
+# Limits on what a config can cost (issue 15, item 7): checked while parsing, before any value is built.
+
+
+def _alias_bomb() -> str:
+    """A 373-byte "billion laughs" config value: 9 lists of 9 aliases, 9^9 strings once expanded."""
+    levels = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        levels.append(f"&{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    text = "lora:\n  target_modules: [" + ", ".join(levels) + "]\n"
+    text = "# an alias bomb" + " " * (372 - len(text) - 15) + "\n" + text
+    assert len(text.encode()) == 373
+    return text
+
+
+def _refused_quickly(**kwargs) -> str:
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        load_config(**kwargs)
+    assert time.perf_counter() - start < 1.0
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 400, message[:1000]
+    return message
+
+
+def test_alias_bomb_in_a_file_is_refused_in_one_short_line(config_file):
+    message = _refused_quickly(path=config_file(_alias_bomb()))
+    assert "run.yaml: refused: more than 20000 values once its aliases are expanded" in message
+    assert "lol" not in message  # the value is never expanded, not even into the message
+
+
+def test_alias_bomb_in_an_override_is_refused_in_one_short_line():
+    value = _alias_bomb().split("target_modules: ", 1)[1].strip()
+    message = _refused_quickly(overrides=[f"lora.target_modules={value}"])
+    assert "override 'lora.target_modules': refused: more than 20000 values" in message
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ("[" * 5000 + "]" * 5000, "nested deeper than 16 levels"),
+        ("[&a [*a]]", "an alias refers to the value that contains it"),
+        ("[" + ",".join(["x"] * 30000) + "]", "more than 20000 values"),
+        ("9" * 5000, "a number has thousands of digits"),
+    ],
+    ids=["deep", "recursive-alias", "many-values", "huge-integer"],
+)
+def test_costly_override_values_are_refused(value, match):
+    assert match in _refused_quickly(overrides=[f"lora.target_modules={value}"])
+
+
+def test_deep_nesting_through_aliases_is_refused(config_file):
+    text = "lora:\n  rank_pattern: {a: &a [[[[[[[[[1]]]]]]]]], b: [[[[[[[[*a]]]]]]]]}\n"
+    assert "nested deeper than 16 levels once its aliases are expanded" in _refused_quickly(path=config_file(text))
+
+
+def test_a_config_file_larger_than_the_limit_is_refused_before_parsing(config_file):
+    from lora_dist.inputs import MAX_CONFIG_BYTES
+
+    text = "train:\n  steps: 3\n" + "# padding\n" * (MAX_CONFIG_BYTES // 10 + 1)
+    assert "more than the 262144 allowed" in _refused_quickly(path=config_file(text))
+    assert "characters is more than the 262144" in _refused_quickly(overrides=["model.path=" + "x" * (1 << 20)])
+
+
+def test_plain_aliases_still_work(config_file):
+    cfg = load_config(config_file("train:\n  steps: &n 10\n  warmup_steps: *n\nlora:\n  r: &r 4\n  alpha: *r\n"))
+    assert (cfg.train.steps, cfg.train.warmup_steps, cfg.lora.r, cfg.lora.alpha) == (10, 10, 4, 4.0)
+
+
+@pytest.mark.parametrize(
+    "override, shown",
+    [
+        ("train.steps=" + "x" * 100_000, "train.steps must be an integer, got 'xxxx"),
+        ("train.steps=[" + ",".join(["x"] * 10_000) + "]", "train.steps must be an integer, got ['x', 'x'"),
+        ("lora.target_modules=" + "(" * 10_000, "lora.target_modules '(((("),
+        ("lora.rank_pattern={" + "x" * 100_000 + ": 0}", "lora.rank_pattern must be a mapping, got '{xxx"),
+        ("lora.alpha=[" + ",".join(["1"] * 10_000) + "]", "lora.alpha must be a number, got [1, 1"),
+    ],
+    ids=["string", "list", "regex", "pattern-key", "number-list"],
+)
+def test_huge_values_are_shown_as_a_short_excerpt(override, shown):
+    message = config_error(override)
+    assert shown in message and "..." in message and len(message) < 400, message[:1000]
+
+
+def test_non_utf8_config_file_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train:\n  steps: 3\n# café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: the config file is not UTF-8 text \(byte 0xe9 at line 3"):
+        load_config(path)
+
+
+def test_a_saved_run_config_that_is_not_a_mapping_is_one_line():
+    from lora_dist.config import config_from_dict
+
+    for raw in (["model", "lora"], {"model": ["path"]}):
+        with pytest.raises(ConfigError, match="a run config must be a mapping of sections to mappings"):
+            config_from_dict(raw)  # type: ignore[arg-type]
+
+
+# Ranges (issue 15, item 9): values that were accepted silently.
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["train.min_lr_ratio=50"], "train.min_lr_ratio must be <= 1.0, got 50.0"),
+        (["train.lr=1e30"], "train.lr must be <= 1.0, got 1e+30"),
+        (["train.seed=99999999999"], "train.seed must be <= 2147483647"),
+        (["train.steps=10000000000"], "train.steps must be <= 2147483647"),
+        (["parallel.timeout_s=1e300"], "parallel.timeout_s must be <= 604800.0"),
+        (["train.lr=0.5", "train.weight_decay=2"], "train.lr * train.weight_decay must be < 1"),
+        (["lora.alpha_pattern={'(': 2}"], r"lora.alpha_pattern key '(' is not a valid regex"),
+        (["lora.rank_pattern={'q_proj[': 2}"], r"lora.rank_pattern key 'q_proj[' is not a valid regex"),
+        (["lora.rank_pattern={1: 2}"], "lora.rank_pattern keys must be module-name regexes (strings), got 1"),
+    ],
+)
+def test_out_of_range_values_that_were_accepted_silently(overrides, match):
+    assert match in config_error(*overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["train.min_lr_ratio=0"], ["train.min_lr_ratio=1"], ["train.lr=1"], ["train.steps=3", "train.warmup_steps=10"]],
+)
+def test_range_edges_and_warmup_longer_than_the_run_are_valid(overrides):
+    # warmup > steps is well defined (the LR ramps and never reaches the peak) and short test runs use it.
+    load_config(overrides=overrides)

@@ -89,3 +89,36 @@ def test_too_little_data_and_too_long_sequences(tokenizer, tmp_path):
         load_dataset(path, tokenizer, seq_len=256, max_positions=128)
     with pytest.raises(DataError, match="unsupported file type"):
         load_dataset(tmp_path / "d.csv", tokenizer, seq_len=16) if (tmp_path / "d.csv").write_text("a") else None
+
+
+# Files that gave tracebacks (issue 15, item 10): one line naming the line and the fix.
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("d.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n',
+         r"d.jsonl: not UTF-8 text \(byte 0xe9 at line 2, column 14\); convert the file to UTF-8"),
+        ("d.txt", b"first.\n\nsecond \xff\xfe paragraph\n", r"d.txt: not UTF-8 text \(byte 0xff at line 3, column 8\)"),
+        ("d.jsonl", b"[" * 100_000 + b"\n", r"d.jsonl:1: JSON nested too deeply"),
+    ],
+    ids=["latin1-jsonl", "binary-txt", "deep-json"],
+)
+def test_undecodable_files_are_one_line(tokenizer, tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=match) as err:
+        load_dataset(path, tokenizer, seq_len=16)
+    assert "\n" not in str(err.value)
+
+
+def test_bom_and_crlf_files_read_as_before(tokenizer, tmp_path):
+    rows = [json.dumps({"text": "hello world"})] * 40
+    plain, bom = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"
+    plain.write_text("\n".join(rows))
+    bom.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode())
+    assert torch.equal(load_dataset(bom, tokenizer, 16).input_ids, load_dataset(plain, tokenizer, 16).input_ids)
+    lf, crlf = tmp_path / "lf.txt", tmp_path / "crlf.txt"
+    lf.write_text("first paragraph.\n\nsecond one.\n\n" * 30)
+    crlf.write_bytes(lf.read_bytes().replace(b"\n", b"\r\n"))
+    assert torch.equal(load_dataset(crlf, tokenizer, 16).input_ids, load_dataset(lf, tokenizer, 16).input_ids)

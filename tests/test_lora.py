@@ -435,12 +435,18 @@ def test_rank_must_be_a_positive_integer(r):
         (dict(rank_pattern=[1]), "rank_pattern"),
         (dict(alpha_pattern={"q_proj": -1.0}), "alpha_pattern"),
         (dict(alpha_pattern={"q_proj": math.nan}), "alpha_pattern"),
+        (dict(alpha_pattern={"(": 2.0}), r"lora.alpha_pattern key '\(' is not a valid regex"),  # issue 15
+        (dict(rank_pattern={"v_proj)": 2}), r"lora.rank_pattern key 'v_proj\)' is not a valid regex"),
+        (dict(rank_pattern={3: 2}), "keys must be module-name regexes"),
+        (dict(target_modules="(" * 10_000), "not a valid regex: nested or repeated too deeply"),
+        (dict(rank_pattern={"(" * 10_000: 2}), "not a valid regex .nested or repeated too deeply"),
+        (dict(target_modules=[""] + ["x" * 10_000] * 10_000), r"lora.target_modules must be .* got \[''"),
     ],
 )
 def test_invalid_config_values(kwargs, match):
     with pytest.raises(LoRAConfigError, match=match) as err:
         LoRAConfig(**kwargs)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 600  # values are shown as short excerpts
 
 
 def test_rank_larger_than_layer_is_an_error(tiny_model):

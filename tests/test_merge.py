@@ -139,6 +139,27 @@ def test_merge_refuses_non_finite_results():
         merge_weight(torch.full((8, 16), 3e38), LoRAWeights(lora.lora_A, lora.lora_B, 1e38))
 
 
+def test_merge_refuses_non_float_tensors():
+    # Issue 15: int8 adapter tensors made a silent no-op merge; an int base would be merged into garbage.
+    lora = LoRAWeights(torch.ones(2, 16), torch.ones(8, 2), 1.0)
+    with pytest.raises(MergeError, match="LoRA tensors must be floating point"):
+        merge_weight(torch.zeros(8, 16), LoRAWeights(lora.lora_A.to(torch.int8), lora.lora_B.to(torch.int8), 1.0))
+    with pytest.raises(MergeError, match=r"cannot merge into a torch.int8 weight"):
+        merge_weight(torch.zeros(8, 16, dtype=torch.int8), lora)
+    with pytest.raises(MergeError, match=r"as torch.int32"):
+        merge_weight(torch.zeros(8, 16), lora, out_dtype=torch.int32)
+    with pytest.raises(MergeError, match=r"not \(r, in\) and \(out, r\)"):  # a 1-D lora_A
+        lora_delta(torch.ones(32), torch.ones(8, 2), 1.0)
+
+
+def test_merge_refuses_a_result_that_overflows_the_output_dtype():
+    # Finite in fp32, Inf in fp16: checked after the cast, named, with the fix.
+    lora = LoRAWeights(torch.ones(2, 16), torch.ones(8, 2), 1e5)  # 2e5 > 65504
+    with pytest.raises(MergeError, match="w: the merged weight overflows float16.*float32 or bfloat16"):
+        merge_weight(torch.zeros(8, 16), lora, out_dtype=torch.float16, name="w")
+    assert merge_weight(torch.zeros(8, 16), lora, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------------------- pure functions
 
 

@@ -10,14 +10,16 @@
   checkpoint and a PEFT-format adapter into a merged checkpoint, one tensor (or
   row block) at a time; under torchrun/srun/mpirun the ranks split the work.
 * :func:`verify_checkpoint` (:mod:`lora_dist.export.verify`) checks a
-  checkpoint dir's files against its index and, given the base and adapter,
-  recomputes a sample of tensors.
+  checkpoint dir's files against its index, reads every tensor, compares every
+  tensor the merge does not touch with the base (given the base) and
+  recomputes a sample of the merged ones (given the adapter too).
 
 The modules: :mod:`~lora_dist.export.layout` (safetensors file layouts and
 headers), :mod:`~lora_dist.export.sources` (which bytes each rank produces, and
 the blockwise merge), :mod:`~lora_dist.export.writer` (the collective write
-below), :mod:`~lora_dist.export.group` (the process group or its single-process
-stand-in), :mod:`~lora_dist.export.errors`.
+below), :mod:`~lora_dist.export.target` (where an export may write, and what
+``--overwrite`` may replace), :mod:`~lora_dist.export.group` (the process group
+or its single-process stand-in), :mod:`~lora_dist.export.errors`.
 
 Design: files are planned up front and every rank writes its own bytes
 -----------------------------------------------------------------------
@@ -57,24 +59,32 @@ and :func:`merge_offline` give identical files.
 
 Writes are atomic (:mod:`lora_dist.atomic`): everything goes to a
 ``.<out_dir name>.tmp-XXXX`` sibling that is fsynced and renamed into place at
-the end; an existing output is replaced only with ``overwrite=True``, and only
-once the new one is complete.
+the end; an existing output is replaced only with ``overwrite=True``, only
+once the new one is complete, and only if it is a merged checkpoint lora_dist
+wrote; an input (or a dir containing or inside one) is never an output
+(:mod:`~lora_dist.export.target`). Every tensor must be finite in the dtype it
+is written in: an fp16/bf16 overflow fails the export and nothing is published.
 """
 
-from lora_dist.export.errors import ExportError, OutputExistsError
+from lora_dist.export.errors import ExportError, ExportOverflowError, OutputExistsError, OutputRefusedError
 from lora_dist.export.merged import export_merged, export_run
 from lora_dist.export.offline import merge_offline
 from lora_dist.export.sources import MERGE_BLOCK_ROWS
+from lora_dist.export.target import check_output, is_merged_export
 from lora_dist.export.verify import VerifyError, VerifyReport, verify_checkpoint
 
 __all__ = [
     "MERGE_BLOCK_ROWS",
     "ExportError",
+    "ExportOverflowError",
     "OutputExistsError",
+    "OutputRefusedError",
     "VerifyError",
     "VerifyReport",
+    "check_output",
     "export_merged",
     "export_run",
+    "is_merged_export",
     "merge_offline",
     "verify_checkpoint",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["ExportError", "OutputExistsError"]
+from lora_dist.outputs import OutputError
+
+__all__ = ["ExportError", "ExportOverflowError", "OutputExistsError", "OutputRefusedError"]
 
 
 class ExportError(RuntimeError):
@@ -11,3 +13,12 @@ class ExportError(RuntimeError):
 
 class OutputExistsError(ExportError, FileExistsError):
     """The output dir exists and overwriting was not asked for."""
+
+
+class OutputRefusedError(ExportError, OutputError):
+    """An output the export may not write, ``--overwrite`` or not: an input (or a dir containing or inside one),
+    or an existing path lora_dist did not write."""
+
+
+class ExportOverflowError(ExportError):
+    """A tensor is not finite in the dtype it would be written in (an fp16/bf16 overflow); nothing was written."""

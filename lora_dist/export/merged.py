@@ -23,6 +23,7 @@ from lora_dist.config import ConfigError, config_from_dict
 from lora_dist.dtypes import parse_dtype
 from lora_dist.export.errors import ExportError
 from lora_dist.export.group import RankGroup
+from lora_dist.export.target import check_output
 from lora_dist.export.layout import plan_layout
 from lora_dist.export.sources import (
     MERGED_FROM_KEY,
@@ -79,6 +80,7 @@ def export_merged(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     mode: str = "auto",
+    what: str = "out_dir",
 ) -> Path:
     """Write the model with its LoRA merged in as a HF checkpoint dir. Collective: call on every rank.
 
@@ -87,25 +89,30 @@ def export_merged(
 
     Args:
         model: the trained model (a DDP / DeepSpeed engine wrapper is unwrapped).
-        out_dir: the checkpoint dir to create.
+        out_dir: the checkpoint dir to create; never the base, nor a dir containing or inside it.
         base_path: the base model dir the model was loaded from, as a path or the
             :class:`~lora_dist.model_dir.ModelDir` already opened: its key names,
             non-LoRA tensors, config, generation config and tokenizer files are used.
         dtype: dtype of the floating tensors written (the merge itself is fp32);
-            None keeps the base checkpoint's dtypes.
+            None keeps the base checkpoint's dtypes. Every tensor must be finite in it.
         max_shard_size: largest file, decimal units like HF ("5GB" = 5e9 bytes).
-        overwrite: replace an existing ``out_dir`` (once the new one is complete).
+        overwrite: replace an existing ``out_dir`` if it is a merged checkpoint
+            lora_dist wrote (anything else is refused), once the new one is complete.
         mode: "auto", "shared" (every rank writes its bytes into files on a
             filesystem all ranks see) or "gather" (rank 0 collects and writes).
+        what: how ``out_dir`` is named in errors (``--out`` for the CLI).
 
     Returns:
         ``out_dir`` as an absolute path, on every rank.
 
     Raises:
         OutputExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        OutputRefusedError: ``out_dir`` is, contains or lies inside the base, or
+            exists and is not a merged checkpoint lora_dist wrote.
+        ExportOverflowError: a tensor overflows ``dtype`` (fp16 above 65504); nothing is published.
         ExportError: a LoRA weight the base does not have, an unsupported
             sharding, no disk space, or a failure on another rank.
-        MergeError: a merged weight with NaN/Inf.
+        MergeError: a merged weight with NaN/Inf (in fp32).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -121,6 +128,8 @@ def export_merged(
     try:
         out_dtype = parse_dtype(dtype)
         base = base_path if isinstance(base_path, ModelDir) else ModelDir(base_path)
+        if group.rank == 0:  # before the collectives below: nothing is gathered for an output that is refused
+            check_output(out_dir, [base.path], overwrite=overwrite, base_dir=base.path, what=what)
         if not layers:
             raise ExportError("the model has no LoRA layers; inject_lora() it, or copy the base checkpoint instead")
         specs = output_specs(base, out_dtype)
@@ -151,7 +160,7 @@ def export_merged(
         error = e
     group.check(error)
     return write_checkpoint(group, out_dir, base, layout, sources, overwrite=overwrite, mode=mode,
-                            config_dtype=out_dtype)
+                            config_dtype=out_dtype, what=what)
 
 
 # ----------------------------------------------------------------------------- lora-dist export RUN_DIR
@@ -181,10 +190,12 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     Args:
         run_dir: a run's ``output.dir`` (holds ``config.json`` and ``adapter/``
             or ``checkpoints/``).
-        out: the checkpoint dir to create; default ``RUN_DIR/merged``.
+        out: the checkpoint dir to create; default ``RUN_DIR/merged``. Never the base, the run's
+            ``adapter/``, ``checkpoints/`` or ``config.json``, nor a dir containing or inside one of them.
         dtype: dtype of the floating tensors written; default the run's ``export.dtype``.
         max_shard_size: largest file; default the run's ``export.max_shard_size``.
-        overwrite: replace an existing output (also when the run's ``output.overwrite`` is set).
+        overwrite: replace an existing output that is a merged checkpoint lora_dist wrote (also when the
+            run's ``output.overwrite`` is set); anything else there is refused.
 
     Returns:
         The checkpoint dir, as an absolute path.
@@ -196,17 +207,25 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     run = Path(run_dir)
     if not (run / "config.json").is_file():
         raise ConfigError(f"{run}/config.json not found; RUN_DIR must be a lora-dist output.dir")
-    cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+    try:
+        cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{run}/config.json is not valid JSON ({e}); RUN_DIR must be a lora-dist output.dir") from None
     env = init_distributed(cfg.parallel.timeout_s)
     out_dir = Path(out) if out else run / "merged"
     out_dtype = parse_dtype(dtype or cfg.export.dtype)
     shard_size = max_shard_size or cfg.export.max_shard_size
+    overwrite = overwrite or cfg.output.overwrite
+    inputs = [cfg.model.path, run / "adapter", run / "checkpoints", run / "config.json"]
+    # Before any work (the model load below): an output the export may not write is refused on every rank.
+    RankGroup().on_rank0(lambda: check_output(out_dir, inputs, overwrite=overwrite, base_dir=cfg.model.path,
+                                              what="--out"))
     if env.world_size == 1 and (run / "adapter").is_dir():
         # One process: stream base + adapter tensor by tensor from disk; nothing is loaded whole.
         from lora_dist.export.offline import merge_offline
 
         return merge_offline(cfg.model.path, run / "adapter", out_dir, max_shard_size=shard_size, dtype=out_dtype,
-                             overwrite=overwrite or cfg.output.overwrite)
+                             overwrite=overwrite)
     parallel = cfg.parallel
     if env.world_size > 1 and parallel.strategy == "none":
         parallel.strategy = "fsdp2"
@@ -229,5 +248,5 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
                     raise ConfigError(f"{run}: {key} is {tuple(tensors[key].shape)} in the run's adapter but "
                                       f"{tuple(weight.shape)} in the model its config builds; was config.json edited?")
                 weight.copy_(tensors[key])
-    return export_merged(model, out_dir, base, dtype=out_dtype, max_shard_size=shard_size,
-                         overwrite=overwrite or cfg.output.overwrite)
+    return export_merged(model, out_dir, base, dtype=out_dtype, max_shard_size=shard_size, overwrite=overwrite,
+                         what="--out")

@@ -19,6 +19,7 @@ from lora_dist.dtypes import from_safetensors, parse_dtype
 from lora_dist.export.group import RankGroup
 from lora_dist.export.layout import plan_layout
 from lora_dist.export.sources import MERGED_FROM_KEY, RowsSource, file_rows, merged_from, output_specs
+from lora_dist.export.target import check_output
 from lora_dist.export.writer import MODES, write_checkpoint
 from lora_dist.merge import MergeError
 from lora_dist.model_dir import ModelDir
@@ -47,23 +48,30 @@ def merge_offline(
         base_dir: the base checkpoint dir.
         adapter_dir: a PEFT-format adapter (PEFT's own or ``save_adapter``'s;
             rsLoRA, ``fan_in_fan_out``, ``rank_pattern``/``alpha_pattern``).
-        out_dir: the checkpoint dir to create.
+        out_dir: the checkpoint dir to create; never the base or the adapter, nor a dir containing or inside
+            one of them.
         max_shard_size: largest file, decimal units like HF ("5GB" = 5e9 bytes).
-        dtype: dtype of the floating tensors written; None keeps the base's.
-        overwrite: replace an existing ``out_dir``.
+        dtype: dtype of the floating tensors written; None keeps the base's. Every tensor must be finite in it.
+        overwrite: replace an existing ``out_dir`` if it is a merged checkpoint lora_dist wrote (a user's
+            dir, or a model from elsewhere, is refused), once the new one is complete.
         mode: as for :func:`~lora_dist.export.merged.export_merged`.
 
     Returns:
         ``out_dir`` as an absolute path, on every rank.
 
     Raises:
-        OutputExistsError, ExportError, MergeError, AdapterError, ModelDirError.
+        OutputExistsError, OutputRefusedError: ``out_dir`` may not be written (see
+            :func:`~lora_dist.export.target.check_output`), before anything is read or written.
+        ExportOverflowError: a tensor overflows ``dtype`` (fp16 above 65504); nothing is written.
+        ExportError, MergeError, AdapterError, ModelDirError.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     group = RankGroup()
     error = None
     try:
+        if group.rank == 0:
+            check_output(out_dir, [base_dir, adapter_dir], overwrite=overwrite, base_dir=base_dir, what="--out")
         out_dtype = parse_dtype(dtype)
         base = ModelDir(base_dir)
         weights = read_adapter(adapter_dir).weights()
@@ -82,4 +90,4 @@ def merge_offline(
         error = e
     group.check(error)
     return write_checkpoint(group, out_dir, base, layout, sources, overwrite=overwrite, mode=mode,
-                            config_dtype=out_dtype)
+                            config_dtype=out_dtype, inputs=[adapter_dir], what="--out")

@@ -12,8 +12,11 @@ An output tensor is produced from one of two sources, both cut into
 
 A LoRA-targeted tensor is merged on the way, by :func:`merge_flat`, in blocks of
 :data:`MERGE_BLOCK_ROWS` rows at absolute row offsets, so the merged bytes do
-not depend on how the rows were split. :func:`output_specs` says which tensors
-the output has: exactly the base checkpoint's.
+not depend on how the rows were split. Every piece, merged or copied, is cast
+to the output dtype by :func:`to_output`, which checks it is finite *in that
+dtype*: an fp16/bf16 overflow is refused, not written as Inf.
+:func:`output_specs` says which tensors the output has: exactly the base
+checkpoint's.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Callable, Iterable
 import torch
 
 from lora_dist.dtypes import FLOAT_DTYPES, dtype_name, from_safetensors
-from lora_dist.export.errors import ExportError
+from lora_dist.export.errors import ExportError, ExportOverflowError
 from lora_dist.export.layout import TensorSpec
 from lora_dist.merge import LoRAWeights, merge_weight
 from lora_dist.model_dir import ModelDir
@@ -45,6 +48,7 @@ __all__ = [
     "natural_key",
     "output_specs",
     "param_source",
+    "to_output",
 ]
 
 #: Rows per block of the LoRA update; fixed so the merged bits do not depend on the sharding.
@@ -53,6 +57,44 @@ MERGE_BLOCK_ROWS = 1024
 COPY_BLOCK_BYTES = 256 * 2**20
 #: Safetensors metadata key: the dtype(s) the merged base weights had (verification's tolerance).
 MERGED_FROM_KEY = "lora_dist_merged_base_dtype"
+
+
+#: What to write instead when a dtype overflows: wider dtypes lora_dist can write.
+_WIDER = {torch.float16: ("bfloat16", "float32"), torch.bfloat16: ("float32",)}
+
+
+def to_output(values: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``values`` cast to the written ``dtype``, checked finite in it (floating dtypes).
+
+    Args:
+        values: a piece of a tensor, in the dtype it was computed or read in.
+        dtype: the dtype it is written in.
+        name: the tensor's name, for errors.
+
+    Raises:
+        ExportOverflowError: finite values that overflow ``dtype`` (fp16 above 65504), naming the tensor and
+            the dtypes to write instead; or values that are NaN/Inf already (a corrupt base or model).
+    """
+    out = values.to(dtype)
+    if dtype in FLOAT_DTYPES and not bool(torch.isfinite(out).all()):
+        raise _not_finite(values, out, dtype, name)
+    return out
+
+
+def _not_finite(values: torch.Tensor, out: torch.Tensor, dtype: torch.dtype, name: str) -> ExportOverflowError:
+    bad = ~torch.isfinite(out)
+    source = values[bad]
+    if source.is_floating_point() and not bool(torch.isfinite(source).all()):
+        return ExportOverflowError(f"{name} holds NaN/Inf before the cast to {dtype_name(dtype)}; the base "
+                                   "checkpoint or the trained model is corrupt. Nothing was written")
+    largest = source.double().abs().max().item()
+    wider = _WIDER.get(dtype)
+    instead = (f"write {' or '.join(wider)} instead: --dtype {wider[0]} (lora-dist merge/export) or "
+               f"export.dtype={wider[0]} (lora-dist train)") if wider else "keep the base's dtype (no --dtype)"
+    return ExportOverflowError(
+        f"{name}: {int(bad.sum())} value(s) up to {largest:.6g} overflow {dtype_name(dtype)} (largest finite "
+        f"{torch.finfo(dtype).max:.6g}) and would be written as Inf; nothing was written: {instead}"
+    )
 
 
 def merge_flat(
@@ -83,7 +125,8 @@ def merge_flat(
         ``end - start`` merged elements in ``out_dtype``, on ``flat``'s device.
 
     Raises:
-        MergeError: the merge gives NaN/Inf.
+        MergeError: the merge gives NaN/Inf (in fp32).
+        ExportOverflowError: the merged values overflow ``out_dtype``.
     """
     rows, row_len = shape[0], math.prod(shape[1:])
     lora = LoRAWeights(lora.lora_A.to(flat.device), lora.lora_B.to(flat.device), lora.scale, lora.fan_in_fan_out)
@@ -98,8 +141,11 @@ def merge_flat(
         else:
             block = flat.new_zeros((b1 - b0) * row_len)
             block[lo - b0 * row_len : hi - b0 * row_len] = flat[lo - start : hi - start]
-        merged = merge_weight(block.view(b1 - b0, row_len), lora, rows=slice(b0, b1), out_dtype=out_dtype, name=name)
-        out[lo - start : hi - start] = merged.view(-1)[lo - b0 * row_len : hi - b0 * row_len]
+        # fp32 (checked finite by merge_weight), then cast and checked finite in the written dtype
+        merged = merge_weight(block.view(b1 - b0, row_len), lora, rows=slice(b0, b1), out_dtype=torch.float32,
+                              name=name)
+        out[lo - start : hi - start] = to_output(merged.view(-1)[lo - b0 * row_len : hi - b0 * row_len], out_dtype,
+                                                 name)
         b0 = b1
     return out
 
@@ -157,7 +203,7 @@ class RowsSource:
     def _produce(self, a: int, b: int) -> torch.Tensor:
         flat = self.read_rows(a, b).reshape(-1)
         if self.lora is None:
-            return flat.to(self.spec.dtype)
+            return to_output(flat, self.spec.dtype, self.spec.name)
         row_len = math.prod(self.spec.shape[1:])
         return merge_flat(flat, a * row_len, b * row_len, self.spec.shape, self.lora, self.spec.dtype, self.spec.name)
 
@@ -184,7 +230,7 @@ class ShardSource:
 
     def _produce(self) -> torch.Tensor:
         if self.lora is None:
-            return self.local.to(self.spec.dtype)
+            return to_output(self.local, self.spec.dtype, self.spec.name)
         spec = self.spec
         return merge_flat(self.local, self.start, self.end, spec.shape, self.lora, spec.dtype, spec.name)
 

@@ -4,15 +4,18 @@
 found as one line apiece:
 
 1. :func:`check_config` and :func:`check_files`: ``config.json`` parses; the
-   headers are valid for their files; every tensor is in exactly one file, the
-   one the index names; ``total_size`` is right; no stray weight files.
-2. :func:`check_finite`: no tensor holds NaN/Inf.
-3. With the base: :func:`check_keys` (the same keys and shapes); with the
-   adapter too, :func:`check_targeted` (every targeted tensor is there) and, on a
-   sample, :func:`check_untouched` (tensors the merge does not touch are
-   bit-exact with the base).
-4. With the adapter, on the same sample: :func:`check_merged` (merged tensors
-   recomputed, within the merge's own rounding).
+   index names only files inside the dir; the headers are valid for their
+   files; every tensor is in exactly one file, the one the index names;
+   ``total_size`` is right; no stray weight files.
+2. :func:`check_finite`: every tensor is read, and none holds NaN/Inf.
+3. With the base: :func:`check_keys` (the same keys and shapes), then
+   :func:`check_untouched` on *every* tensor the adapter does not target: each
+   is bit-exact with the base. Without the adapter every tensor is compared,
+   and a 2-D weight that differs is reported as not checkable (LoRA-merged,
+   presumably); any other difference is a problem.
+4. With the adapter: :func:`check_targeted` (every targeted tensor is there)
+   and :func:`check_merged` on ``sample`` of them (recomputed, within the
+   merge's own rounding; all of them with ``sample=None``).
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ import torch
 from lora_dist.adapter import read_adapter
 from lora_dist.dtypes import FLOAT_DTYPES, DTypeError, parse_dtype
 from lora_dist.export.layout import HeaderEntry, SafetensorsFormatError, read_header
+from lora_dist.export.errors import ExportError
 from lora_dist.export.sources import MERGED_FROM_KEY, merge_flat, natural_key
-from lora_dist.merge import LoRAWeights, lora_delta
-from lora_dist.model_dir import SAFE_INDEX, SAFE_SINGLE, ModelDir
+from lora_dist.merge import LoRAWeights, MergeError, lora_delta
+from lora_dist.model_dir import SAFE_INDEX, SAFE_SINGLE, ModelDir, ModelDirError
 
 __all__ = [
     "CheckpointFiles",
@@ -43,6 +47,7 @@ __all__ = [
     "check_merged",
     "check_targeted",
     "check_untouched",
+    "compare_with_base",
     "sample_keys",
     "verify_checkpoint",
 ]
@@ -52,9 +57,30 @@ class VerifyError(ValueError):
     """A checkpoint dir that is inconsistent, corrupt, or not the merge of its base and adapter."""
 
 
+#: Largest block of a tensor read at once by the value checks.
+_READ_BLOCK_BYTES = 64 * 2**20
+
+
 @dataclass
 class VerifyReport:
-    """What :func:`verify_checkpoint` checked."""
+    """What :func:`verify_checkpoint` checked.
+
+    Attributes:
+        path: the checkpoint dir.
+        files: its weight files.
+        tensors: how many tensors it holds.
+        total_size: bytes of tensor data.
+        dtypes: tensors per safetensors dtype.
+        compared: the sample (LoRA-targeted tensors first, then others spread evenly), as before
+            ``untouched`` existed; kept for callers that count it.
+        max_abs_diff: the largest difference from the reference seen in any comparison.
+        base: whether a base was given.
+        untouched: tensors compared bit-exact with the base (every one the adapter does not target; without
+            an adapter, every one found equal).
+        targeted: how many tensors the adapter targets (0 without an adapter).
+        recomputed: the LoRA-targeted tensors recomputed from base + adapter and compared.
+        unchecked: without an adapter, the 2-D weights that differ from the base (LoRA-merged, presumably).
+    """
 
     path: Path
     files: list[str]
@@ -63,14 +89,30 @@ class VerifyReport:
     dtypes: dict[str, int]
     compared: list[str] = field(default_factory=list)
     max_abs_diff: float = 0.0
+    base: bool = False
+    untouched: int = 0
+    targeted: int = 0
+    recomputed: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """One line: what was checked and found OK."""
+        """One line: what was checked and found OK, and what was not checked."""
         dtypes = ", ".join(f"{n} {d}" for d, n in sorted(self.dtypes.items()))
         line = (f"{self.path}: OK - {self.tensors} tensors ({dtypes}), {self.total_size / 1e6:.1f} MB "
-                f"in {len(self.files)} file(s), all finite")
-        if self.compared:
-            line += f"; {len(self.compared)} tensors match base + adapter (max |diff| {self.max_abs_diff:.3g})"
+                f"in {len(self.files)} file(s) as the index says, every tensor read, all finite")
+        if not self.base:
+            return line + "; values not compared with a base (pass --base)"
+        if self.targeted:
+            line += (f"; all {self.untouched} tensors the adapter does not touch are bit-exact with the base; "
+                     f"{len(self.recomputed)} of {self.targeted} LoRA-merged tensors recomputed from base + adapter")
+            if len(self.recomputed) < self.targeted:
+                line += " (--sample -1 recomputes all)"
+            return line + f", max |diff| {self.max_abs_diff:.3g}"
+        line += f"; {self.untouched} tensors are bit-exact with the base"
+        if self.unchecked:
+            shown = ", ".join(self.unchecked[:3]) + (", ..." if len(self.unchecked) > 3 else "")
+            line += (f"; {len(self.unchecked)} 2-D weights differ from it ({shown}): LoRA-merged ones, presumably, "
+                     "NOT checked without --adapter")
         return line
 
 
@@ -107,12 +149,20 @@ def check_config(out: Path) -> list[str]:
     return []
 
 
+def _inside(name: object) -> bool:
+    """Whether an index entry names a file in the checkpoint dir itself (not ``../other/x``, not absolute)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and not os.path.isabs(name))
+
+
 def check_files(out: Path) -> tuple[CheckpointFiles | None, list[str]]:
     """The index and the weight files agree, and every header is valid for its file.
 
-    Checks that every tensor is in exactly one file, the one the index names;
-    that the index's ``total_size`` is right; and that no ``*.safetensors``
-    file is left out of the index.
+    Checks that the index names only files inside ``out`` (an entry like
+    ``../other/model.safetensors`` is a problem, and that file is not read);
+    that every tensor is in exactly one file, the one the index names; that
+    the index's ``total_size`` is right; and that no ``*.safetensors`` file is
+    left out of the index.
 
     Returns:
         What the headers describe (None where there are no weight files to read at all), and the problems.
@@ -125,9 +175,14 @@ def check_files(out: Path) -> tuple[CheckpointFiles | None, list[str]]:
         try:
             index = json.loads(index_path.read_text())
             weight_map = dict(index["weight_map"])
-            declared_total = index.get("metadata", {}).get("total_size")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            declared_total = (index.get("metadata") or {}).get("total_size")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             problems.append(f"{SAFE_INDEX} is corrupt ({e})")
+        outside = sorted({repr(v) for v in weight_map.values() if not _inside(v)})
+        if outside:
+            problems.append(f"{SAFE_INDEX} names {', '.join(outside[:3])}, not a file in {out}: index entries must "
+                            "be file names inside the checkpoint dir")
+            weight_map = {k: v for k, v in weight_map.items() if _inside(v)}
         files = sorted(set(weight_map.values()))
     elif (out / SAFE_SINGLE).is_file():
         files = [SAFE_SINGLE]
@@ -167,13 +222,25 @@ def check_files(out: Path) -> tuple[CheckpointFiles | None, list[str]]:
     return found, problems
 
 
+def _blocks(ckpt: ModelDir, key: str) -> list[slice | None]:
+    """Row slices of ``key`` of at most about :data:`_READ_BLOCK_BYTES` each (None: the whole tensor at once)."""
+    shape = ckpt.shape(key)
+    if len(shape) == 0 or shape[0] == 0:
+        return [None]
+    row_bytes = max(1, ckpt.nbytes(key) // shape[0])
+    step = max(1, _READ_BLOCK_BYTES // row_bytes)
+    return [slice(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+
+
 def check_finite(ckpt: ModelDir, keys: list[str]) -> list[str]:
-    """No floating tensor among ``keys`` holds NaN/Inf (each is read whole, one at a time)."""
+    """Every tensor among ``keys`` is read (in row blocks), and no floating one holds NaN/Inf."""
     problems = []
     for key in keys:
-        tensor = ckpt.read(key)
-        if tensor.dtype in FLOAT_DTYPES and not torch.isfinite(tensor).all():
-            problems.append(f"{key!r} holds NaN/Inf")
+        for rows in _blocks(ckpt, key):
+            tensor = ckpt.read(key, rows)
+            if tensor.dtype in FLOAT_DTYPES and not torch.isfinite(tensor).all():
+                problems.append(f"{key!r} holds NaN/Inf")
+                break
     return problems
 
 
@@ -202,21 +269,37 @@ def _max_abs(error: torch.Tensor) -> float:
     return error.max().item() if error.numel() else 0.0
 
 
+def compare_with_base(ckpt: ModelDir, base: ModelDir, keys: list[str]) -> tuple[dict[str, float], float]:
+    """Compare tensors with the base's, bit-exact in the checkpoint's dtype, reading both in row blocks.
+
+    Returns:
+        The tensors that differ, each with its largest absolute difference; and the largest difference seen.
+    """
+    differ: dict[str, float] = {}
+    for key in keys:
+        for rows in _blocks(ckpt, key):
+            got = ckpt.read(key, rows)
+            ref = base.read(key, rows).to(got.dtype)
+            if not torch.equal(got, ref):
+                diff = _max_abs((got.double() - ref.double()).abs())
+                differ[key] = max(differ.get(key, 0.0), diff if diff == diff else float("inf"))
+    return differ, max(differ.values(), default=0.0)
+
+
 def check_untouched(ckpt: ModelDir, base: ModelDir, keys: list[str]) -> tuple[list[str], float]:
     """Tensors the merge does not touch are the base's, bit-exact in the checkpoint's dtype (copied, not computed).
 
     Returns:
         The problems, and the largest absolute difference seen.
     """
-    problems, largest = [], 0.0
-    for key in keys:
-        got, w0 = ckpt.read(key), base.read(key)
-        ref = w0.to(got.dtype)
-        diff = _max_abs((got.double() - ref.double()).abs())
-        largest = max(largest, diff)
-        if not torch.equal(got, ref):
-            problems.append(f"{key!r} differs from the base (max |diff| {diff:.3g})")
-    return problems, largest
+    differ, largest = compare_with_base(ckpt, base, keys)
+    return [f"{key!r} differs from the base (max |diff| {diff:.3g}); the merge does not touch it, so the "
+            "checkpoint is not its base + adapter" for key, diff in differ.items()], largest
+
+
+def _mergeable(ckpt: ModelDir, key: str) -> bool:
+    """Whether a LoRA merge could have changed ``key``: a 2-D ``.weight``."""
+    return key.endswith(".weight") and len(ckpt.shape(key)) == 2
 
 
 def _stored_dtype(name: str) -> torch.dtype:
@@ -264,7 +347,11 @@ def check_merged(ckpt: ModelDir, base: ModelDir, targeted: Mapping[str, LoRAWeig
     for key in keys:
         got, w0 = ckpt.read(key), base.read(key)
         lora = targeted[key]
-        ref = merge_flat(w0.reshape(-1), 0, w0.numel(), tuple(w0.shape), lora, got.dtype, key).view(got.shape)
+        try:
+            ref = merge_flat(w0.reshape(-1), 0, w0.numel(), tuple(w0.shape), lora, got.dtype, key).view(got.shape)
+        except (ExportError, MergeError) as e:  # base + adapter itself is not finite in the checkpoint's dtype
+            problems.append(f"{key!r} cannot be recomputed: {e}")
+            continue
         tol = _tolerance(got.dtype, merged_from)
         error = (got.double() - ref.double()).abs()
         diff = _max_abs(error)
@@ -308,14 +395,20 @@ def verify_checkpoint(
 ) -> VerifyReport:
     """Check a HF safetensors checkpoint dir, and optionally that it is ``base + adapter``.
 
-    Always: ``config.json`` parses; the index and the files agree (every tensor
-    in exactly one file, where the index says, ``total_size`` right, no stray
-    weight files); every header is valid for its file size; no tensor holds
-    NaN/Inf. With ``base_dir``: the same keys and shapes as the base. With
-    ``base_dir`` and ``adapter_dir``: ``sample`` tensors (every LoRA-targeted
-    one first, up to ``sample``; ``None`` for all) are recomputed with the
-    export's merge and compared: untouched tensors bit-exact; merged fp32
-    tensors within the merge's own rounding (a GPU may sum ``B @ A`` in another
+    Always: ``config.json`` parses; the index names only files inside the dir,
+    and it and the files agree (every tensor in exactly one file, where the
+    index says, ``total_size`` right, no stray weight files); every header is
+    valid for its file size; every tensor is read and none holds NaN/Inf.
+
+    With ``base_dir``: the same keys and shapes as the base, and every tensor
+    the merge does not touch is bit-exact with the base - every one, not a
+    sample. Without ``adapter_dir`` it cannot know which tensors the merge
+    touched: a 2-D weight that differs from the base is reported as not
+    checked (:attr:`VerifyReport.unchecked`), any other difference is a problem.
+
+    With ``adapter_dir`` too: every targeted tensor is present, and ``sample``
+    of them (None: all) are recomputed with the export's merge and compared:
+    fp32 within the merge's own rounding (a GPU may sum ``B @ A`` in another
     order); bf16/fp16 within their rounding, which also applies when the export
     merged base weights held in bf16/fp16 (it records their dtype in the
     safetensors metadata key ``lora_dist_merged_base_dtype``).
@@ -324,7 +417,7 @@ def verify_checkpoint(
         out_dir: the checkpoint dir.
         base_dir: the base checkpoint it was made from.
         adapter_dir: the adapter it was merged with (needs ``base_dir``).
-        sample: how many tensors to recompute; None for all.
+        sample: how many LoRA-targeted tensors to recompute; None for all.
 
     Returns:
         What was checked.
@@ -344,13 +437,16 @@ def verify_checkpoint(
     if problems or found is None:
         raise _failed(out, problems)
 
-    ckpt = ModelDir(out)
+    try:
+        ckpt = ModelDir(out)
+    except ModelDirError as e:  # the files passed the checks above, so this is the config or a header
+        raise _failed(out, [str(e)]) from None
     keys = sorted(found.entries, key=natural_key)
     problems += check_finite(ckpt, keys)
     dtypes: dict[str, int] = {}
     for key in keys:
         dtypes[found.entries[key][1].dtype] = dtypes.get(found.entries[key][1].dtype, 0) + 1
-    report = VerifyReport(out, found.files, len(found.entries), found.total_size, dtypes)
+    report = VerifyReport(out, found.files, len(found.entries), found.total_size, dtypes, base=base_dir is not None)
 
     if base_dir is not None:
         base = ModelDir(base_dir)
@@ -358,14 +454,25 @@ def verify_checkpoint(
         weights = read_adapter(adapter_dir).weights() if adapter_dir is not None else {}
         targeted = {f"{m}.weight": w for m, w in weights.items()}
         problems += check_targeted(found, targeted)
-        if adapter_dir is not None and not problems:
+        if not problems and adapter_dir is not None:
+            untouched = [k for k in keys if k not in targeted]
+            untouched_problems, untouched_diff = check_untouched(ckpt, base, untouched)
             chosen = sample_keys(keys, set(targeted), sample)
+            merged_keys = [k for k in keys if k in targeted]
+            recompute = merged_keys if sample is None else [k for k in chosen if k in targeted]
             merged_problems, merged_diff = check_merged(
-                ckpt, base, targeted, [k for k in chosen if k in targeted], found.metadata.get(MERGED_FROM_KEY, ""))
-            untouched_problems, untouched_diff = check_untouched(ckpt, base, [k for k in chosen if k not in targeted])
+                ckpt, base, targeted, recompute, found.metadata.get(MERGED_FROM_KEY, ""))
             problems += merged_problems + untouched_problems
-            report.compared = chosen  # targeted keys first: the order the checks ran in
+            report.compared = chosen  # targeted keys first: the sample, as it was always reported
+            report.untouched, report.targeted, report.recomputed = len(untouched), len(merged_keys), recompute
             report.max_abs_diff = max(0.0, merged_diff, untouched_diff)
+        elif not problems:
+            differ, largest = compare_with_base(ckpt, base, keys)
+            report.unchecked = [k for k in keys if k in differ and _mergeable(ckpt, k)]
+            problems += [f"{k!r} differs from the base (max |diff| {d:.3g}); a LoRA merge changes only 2-D weights"
+                         for k, d in differ.items() if k not in report.unchecked]
+            report.untouched = len(keys) - len(differ)
+            report.max_abs_diff = largest
     if problems:
         raise _failed(out, problems)
     return report

@@ -10,6 +10,9 @@ collects), rank 0 creates the files with their headers, the ranks fill them,
 and rank 0 adds index, config and tokenizer files and publishes the dir
 (:func:`lora_dist.atomic.publish_dir`). A failure on any rank fails every rank
 and removes the staging dir.
+
+What may be written where is :mod:`lora_dist.export.target`'s rule: rank 0
+checks it before creating anything and again just before publishing.
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
 from lora_dist.atomic import publish_dir, staging_dir
 from lora_dist.dtypes import dtype_name
 from lora_dist.export import layout as st
-from lora_dist.export.errors import ExportError, OutputExistsError
+from lora_dist.export.errors import ExportError
 from lora_dist.export.group import RankGroup
+from lora_dist.export.target import check_output, copied_files
 from lora_dist.model_dir import SAFE_INDEX, ModelDir
 
 __all__ = ["MODES", "PROBE", "check_coverage", "choose_gather", "sees_probe", "write_checkpoint"]
@@ -42,7 +46,8 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "shared", "gather")
 #: The file rank 0 writes into the staging dir for the other ranks to look for.
 PROBE = ".lora_dist_probe"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".onnx")
+#: Write errors that mean the output's filesystem refuses writes (read-only, permissions).
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 #: Per rank: tensor name -> the flat element ranges of that sharded tensor the rank produces.
 Ranges = list[dict[str, list[tuple[int, int]]]]
@@ -78,14 +83,25 @@ class _OpenFiles:
         return error
 
 
-def _friendly(e: BaseException, out: Path, layout: st.CheckpointLayout) -> BaseException:
+def _unwritable(e: OSError, out: Path) -> ExportError:
+    where = f": {e.filename}" if e.filename and Path(e.filename) != out.parent else ""
+    err = ExportError(f"cannot write the merged checkpoint under {out.parent} ({e.strerror or e}{where}); choose an "
+                      "output dir on a writable filesystem, or fix its permissions")
+    err.__cause__ = e
+    return err
+
+
+def _friendly(e: BaseException, out: Path, total_bytes: int) -> BaseException:
+    """A disk-full or unwritable-filesystem error as one line naming the fix; other errors unchanged."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         err = ExportError(
             f"no space left on the device of {out.parent} while writing the merged checkpoint "
-            f"({st.format_size(layout.file_bytes)} in all); free space or choose another output dir"
+            f"({st.format_size(total_bytes)} in all); free space or choose another output dir"
         )
         err.__cause__ = e
         return err
+    if isinstance(e, OSError) and e.errno in _UNWRITABLE:
+        return _unwritable(e, out)
     return e
 
 
@@ -137,7 +153,7 @@ def _fill(group: RankGroup, staging: Path, layout: st.CheckpointLayout, sources:
             error = e
     close_error = files.close()
     error = error or close_error
-    return _friendly(error, out, layout) if error is not None else None
+    return _friendly(error, out, layout.file_bytes) if error is not None else None
 
 
 def check_coverage(layout: st.CheckpointLayout, ranges: Ranges) -> None:
@@ -165,27 +181,28 @@ def check_coverage(layout: st.CheckpointLayout, ranges: Ranges) -> None:
             )
 
 
-def _exists(out: Path) -> OutputExistsError:
-    return OutputExistsError(f"output {out} already exists; pass --overwrite (or output.overwrite=true) to replace it")
-
-
-def _prepare_staging(out: Path, base_dir: Path, overwrite: bool, needed_bytes: int) -> tuple[str, str]:
-    """Rank 0: refuse an existing output, check free space, create the staging dir with a probe file."""
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise _exists(out)
-        if out.is_dir() and base_dir.exists() and os.path.samefile(out, base_dir):
-            raise ExportError(f"output {out} is the base checkpoint itself; choose another output dir")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out.parent).free
-    if free < needed_bytes:
-        raise ExportError(
-            f"not enough space for the merged checkpoint under {out.parent}: it needs "
-            f"{st.format_size(needed_bytes)}, {st.format_size(free)} are free; free space or choose another output dir"
-        )
-    staging = staging_dir(out)
-    token = secrets.token_hex(16)
-    (staging / PROBE).write_text(token)
+def _prepare_staging(out: Path, base_dir: Path, overwrite: bool, needed_bytes: int, inputs: list, what: str
+                     ) -> tuple[str, str]:
+    """Rank 0: refuse an output the export may not write, check free space, create the staging dir with a probe."""
+    check_output(out, inputs, overwrite=overwrite, base_dir=base_dir, what=what)
+    staging = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free
+        if free < needed_bytes:
+            raise ExportError(
+                f"not enough space for the merged checkpoint under {out.parent}: it needs "
+                f"{st.format_size(needed_bytes)}, {st.format_size(free)} are free; free space or choose another "
+                "output dir"
+            )
+        staging = staging_dir(out)
+        token = secrets.token_hex(16)
+        (staging / PROBE).write_text(token)
+    except OSError as e:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        friendly = _friendly(e, out, needed_bytes)
+        raise (friendly if friendly is not e else _unwritable(e, out)) from None
     return str(staging), token
 
 
@@ -236,17 +253,14 @@ def _create_files(staging: Path, layout: st.CheckpointLayout) -> None:
         st.create_file(staging / shard.name, shard)
 
 
-def _is_weight_file(name: str) -> bool:
-    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json") or name.startswith("adapter_")
-
-
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLayout,
-              config_dtype: torch.dtype | None, overwrite: bool) -> None:
-    """Rank 0: index, config and tokenizer files, then publish the staging dir as ``out``."""
+              config_dtype: torch.dtype | None, overwrite: bool, inputs: list, what: str) -> None:
+    """Rank 0: index, config and tokenizer files, then publish the staging dir as ``out`` (checked again first:
+    something may have appeared there while the ranks were writing)."""
     (staging / PROBE).unlink(missing_ok=True)
     index = layout.index()
     if index is not None:
@@ -257,18 +271,20 @@ def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLay
         for k in keys:
             config[k] = dtype_name(config_dtype)
     _write_json(staging / "config.json", config)
-    for f in sorted(base_dir.iterdir()):
-        if f.is_file() and not f.name.startswith(".") and f.name != "config.json" and not _is_weight_file(f.name):
-            shutil.copyfile(f, staging / f.name)
+    for f in copied_files(base_dir):
+        shutil.copyfile(f, staging / f.name)
+    check_output(out, inputs, overwrite=overwrite, base_dir=base_dir, what=what)
     try:
         publish_dir(staging, out, replace=overwrite)
-    except FileExistsError:  # created by someone else while we were writing
-        raise _exists(out) from None
+    except FileExistsError:  # created by someone else in the last moment
+        check_output(out, inputs, overwrite=False, base_dir=base_dir, what=what)
+        raise
 
 
 def write_checkpoint(group: RankGroup, out_dir: str | os.PathLike, base: ModelDir, layout: st.CheckpointLayout,
                      sources: Mapping[str, object], *, overwrite: bool, mode: str,
-                     config_dtype: torch.dtype | None) -> Path:
+                     config_dtype: torch.dtype | None, inputs: Iterable[str | os.PathLike | None] = (),
+                     what: str = "output dir") -> Path:
     """Collective: stage, fill, publish a planned checkpoint. Call on every rank with the same plan.
 
     Args:
@@ -278,20 +294,30 @@ def write_checkpoint(group: RankGroup, out_dir: str | os.PathLike, base: ModelDi
         layout: the planned files, the same on every rank.
         sources: for every tensor of ``layout``, a :class:`~lora_dist.export.sources.RowsSource` or
             :class:`~lora_dist.export.sources.ShardSource`.
-        overwrite: replace an existing ``out_dir`` once the new one is complete.
+        overwrite: replace an existing ``out_dir`` once the new one is complete, if it is a merged
+            checkpoint lora_dist wrote (:func:`~lora_dist.export.target.check_output`).
         mode: one of :data:`MODES`.
         config_dtype: the dtype to write into ``config.json``; None keeps the base's.
+        inputs: what the export reads besides ``base`` (an adapter, a run's checkpoints): ``out_dir`` may
+            neither be, contain nor lie inside any of them.
+        what: how ``out_dir`` is named in errors (``--out``).
 
     Returns:
         ``out_dir`` as an absolute path, on every rank.
 
     Raises:
         OutputExistsError: ``out_dir`` exists and ``overwrite`` is False.
-        ExportError: no disk space, the ranks planned different checkpoints, their shards leave a gap,
-            or a failure on another rank.
+        OutputRefusedError: ``out_dir`` is (or contains, or lies inside) an input, or exists and is not a
+            merged checkpoint lora_dist wrote.
+        ExportOverflowError: a tensor is not finite in the dtype it would be written in.
+        ExportError: no disk space, an unwritable filesystem, the ranks planned different checkpoints, their
+            shards leave a gap, or a failure on another rank.
     """
     out = Path(out_dir).absolute()
-    staging_s, token = group.on_rank0(lambda: _prepare_staging(out, base.path.absolute(), overwrite, layout.file_bytes))
+    base_dir = base.path.absolute()
+    inputs = [base_dir, *(Path(p) for p in inputs if p is not None)]
+    staging_s, token = group.on_rank0(
+        lambda: _prepare_staging(out, base_dir, overwrite, layout.file_bytes, inputs, what))
     staging = Path(staging_s)
     try:
         gather = choose_gather(group, staging, token, mode)
@@ -305,11 +331,11 @@ def write_checkpoint(group: RankGroup, out_dir: str | os.PathLike, base: ModelDi
         check_coverage(layout, ranges)
         group.on_rank0(lambda: _create_files(staging, layout))
         group.check(_fill(group, staging, layout, sources, gather, ranges, out))
-        group.on_rank0(lambda: _finalize(staging, out, base.path, layout, config_dtype, overwrite))
+        group.on_rank0(lambda: _finalize(staging, out, base_dir, layout, config_dtype, overwrite, inputs, what))
     except BaseException as e:
         if group.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        friendly = _friendly(e, out, layout)
+        friendly = _friendly(e, out, layout.file_bytes)
         if friendly is not e:
             raise friendly from e
         raise

@@ -22,6 +22,7 @@ from lora_dist.adapter import read_adapter, save_adapter
 from lora_dist.export import (
     ExportError,
     OutputExistsError,
+    OutputRefusedError,
     export_merged,
     layout,
     merge_offline,
@@ -172,15 +173,24 @@ def test_existing_output_is_refused_without_overwrite(bases, tmp_path):
     assert "--overwrite" in message and "output.overwrite=true" in message and "\n" not in message
     assert (out / "keep.txt").read_text() == "old" and no_staging_left(out)
 
-    export_merged(model, out, base, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    # --overwrite replaces only what lora_dist wrote: a user's folder stays as it is (issue 15, item 3)
+    with pytest.raises(OutputRefusedError, match="keep.txt, which lora_dist does not write") as info:
+        export_merged(model, out, base, overwrite=True)
+    assert "\n" not in str(info.value) and "move it away" in str(info.value)
+    assert (out / "keep.txt").read_text() == "old" and no_staging_left(out)
+
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    export_merged(model, out, base)
+    export_merged(model, out, base, overwrite=True)  # an export lora_dist wrote is replaced
+    assert (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no .tmp- / .old- leftovers
 
 
 def test_output_may_not_be_the_base(bases, tmp_path):
     base = Path(shutil.copytree(bases["llama"], tmp_path / "base"))
     model = build_lora_model(base, "llama")
-    with pytest.raises(ExportError, match="base checkpoint itself"):
+    with pytest.raises(ExportError, match="is the input"):
         export_merged(model, base, base, overwrite=True)
     assert same_files(base, bases["llama"])
 
