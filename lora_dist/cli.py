@@ -130,11 +130,14 @@ def _export_parser(prog: str) -> argparse.ArgumentParser:
                                 "sharded state. Run it under the launcher of the training run (torchrun, srun, "
                                 "mpirun), or as one process: then it streams the base from disk.")
     p.add_argument("run_dir", help="a run's output.dir (holds config.json and adapter/)")
-    p.add_argument("--out", default=None, help="output dir (default RUN_DIR/merged)")
+    p.add_argument("--out", default=None, help="output dir (default RUN_DIR/merged); never the base model, the "
+                   "run's adapter/, checkpoints/ or config.json, nor a dir containing or inside one of them")
     p.add_argument("--dtype", default=None, choices=_DTYPE_CHOICES,
-                   help="dtype of the floating tensors written (default: export.dtype of the run)")
+                   help="dtype of the floating tensors written (default: export.dtype of the run); a value that "
+                   "overflows it (fp16: above 65504) is an error and nothing is written")
     p.add_argument("--max-shard-size", type=_size, default=None, help="largest output file, e.g. 5GB")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output once the new one is complete")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is "
+                   "complete, only if it is a merged checkpoint lora_dist wrote (anything else is refused)")
     return p
 
 
@@ -154,12 +157,15 @@ def _merge_parser(prog: str) -> argparse.ArgumentParser:
                                 "checkpoint, one tensor at a time. Under torchrun/srun/mpirun the ranks split the work.")
     p.add_argument("--base", required=True, help="base HF checkpoint dir (safetensors)")
     p.add_argument("--adapter", required=True, help="PEFT-format adapter dir")
-    p.add_argument("--out", required=True, help="output checkpoint dir (must not exist unless --overwrite)")
+    p.add_argument("--out", required=True, help="output checkpoint dir (must not exist unless --overwrite); never "
+                   "--base or --adapter, nor a dir containing or inside one of them")
     p.add_argument("--max-shard-size", type=_size, default="5GB",
                    help="largest output file, decimal units like HF (default 5GB)")
     p.add_argument("--dtype", default=None, choices=_DTYPE_CHOICES,
-                   help="dtype of the floating tensors written (default: the base's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+                   help="dtype of the floating tensors written (default: the base's); a value that overflows it "
+                   "(fp16: above 65504) is an error and nothing is written")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is "
+                   "complete, only if it is a merged checkpoint lora_dist wrote (anything else is refused)")
     return p
 
 
@@ -184,13 +190,20 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _verify_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, epilog=_EXIT_CODES, description="Check a Hugging Face safetensors "
-                                "checkpoint dir. With --base and --adapter, recompute a sample of tensors (all "
-                                "LoRA-targeted ones first) and compare.")
+    p = argparse.ArgumentParser(
+        prog=prog, epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check a Hugging Face safetensors checkpoint dir.\n\n"
+        "always:      the index names only files in the dir; every tensor is in exactly one file, where the index\n"
+        "             says; total_size and every header match the files; every tensor is read: no NaN/Inf\n"
+        "--base:      the same keys and shapes, and EVERY tensor the merge does not touch is bit-exact with the\n"
+        "             base (without --adapter: a 2-D weight that differs is reported as not checked)\n"
+        "--adapter:   every LoRA-targeted tensor is there; --sample of them are recomputed from base + adapter")
     p.add_argument("out_dir", help="checkpoint dir to check")
     p.add_argument("--base", default=None, help="base checkpoint dir it was made from")
     p.add_argument("--adapter", default=None, help="adapter dir it was merged with (needs --base)")
-    p.add_argument("--sample", type=int, default=8, help="tensors to recompute (0: none; -1: all)")
+    p.add_argument("--sample", type=int, default=8,
+                   help="how many of the LoRA-merged tensors to recompute from base + adapter (default 8; 0: none; "
+                   "-1: all). Only the merged tensors are sampled: every other tensor is compared in full")
     return p
 
 
