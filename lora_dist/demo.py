@@ -24,7 +24,10 @@ __all__ = [
     "write_demo_data",
 ]
 
-ARCHS = ("llama", "qwen2", "mistral", "gpt2", "bert")
+ARCHS = ("llama", "qwen2", "mistral", "gpt2", "bert", "mixtral", "qwen3_moe")
+
+#: Experts per MoE layer of the tiny MoE checkpoints, and experts each token is routed to.
+MOE_EXPERTS, MOE_TOP_K = 4, 2
 
 _SUBJECTS = ["the red fox", "a small robot", "the old sailor", "my neighbour", "the young wizard", "a grey cat",
              "the tired baker", "our teacher", "the quiet river", "a busy engineer"]
@@ -90,6 +93,16 @@ def _config(arch: str, vocab: int, hidden: int, layers: int, heads: int, interme
         extra = {"sliding_window": None} if arch in ("mistral", "qwen2") else {}
         return cls(hidden_size=hidden, intermediate_size=intermediate, num_key_value_heads=max(1, heads // 2),
                    max_position_embeddings=max_pos, tie_word_embeddings=False, **common, **extra)
+    if arch == "mixtral":  # experts of width `intermediate`, saved per expert (block_sparse_moe.experts.N.w1/w2/w3)
+        return tf.MixtralConfig(hidden_size=hidden, intermediate_size=intermediate,
+                                num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_pos,
+                                tie_word_embeddings=False, sliding_window=None, num_local_experts=MOE_EXPERTS,
+                                num_experts_per_tok=MOE_TOP_K, **common)
+    if arch == "qwen3_moe":  # every layer sparse (mlp.experts.N.gate_proj/up_proj/down_proj)
+        return tf.Qwen3MoeConfig(hidden_size=hidden, intermediate_size=intermediate, moe_intermediate_size=intermediate,
+                                 num_key_value_heads=max(1, heads // 2), head_dim=hidden // heads,
+                                 max_position_embeddings=max_pos, tie_word_embeddings=False, num_experts=MOE_EXPERTS,
+                                 num_experts_per_tok=MOE_TOP_K, decoder_sparse_step=1, mlp_only_layers=[], **common)
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_pos,
                              n_inner=intermediate, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
@@ -115,7 +128,9 @@ def make_tiny_checkpoint(
 
     Args:
         path: output dir (config.json, model*.safetensors, tokenizer files).
-        arch: one of :data:`ARCHS`; ``bert`` is saved as a masked-LM encoder.
+        arch: one of :data:`ARCHS`; ``bert`` is saved as a masked-LM encoder; ``mixtral`` and
+            ``qwen3_moe`` are MoE models (:data:`MOE_EXPERTS` experts, top-:data:`MOE_TOP_K`), saved
+            in the Hub's per-expert layout (``save_pretrained`` converts transformers' fused experts back).
         max_shard_size: split the weights into several files (e.g. "200KB").
 
     Returns:

@@ -7,7 +7,9 @@
 No rank ever reads or holds the whole base model: under fsdp2 a rank reads
 the rows of each weight its ``Shard(0)`` DTensor owns; under zero3 the model
 is built under ``deepspeed.zero.Init`` (partitioned as each module is created)
-and a rank reads the flat element range of its partition.
+and a rank reads the flat element range of its partition. A param transformers
+assembles from several checkpoint tensors (MoE experts) is read the same way,
+range by range from the per-expert tensors (:mod:`lora_dist.weight_mapping`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from lora_dist.lora import InjectionReport, LoRAConfig, inject_lora, lora_module
 from lora_dist.model_dir import ModelDir, ModelDirError
 from lora_dist.parallel import parallelize
 from lora_dist.parallel.sharding import full_shape, owned_range, whole_local
+from lora_dist.weight_mapping import WeightMap, model_transforms
 
 __all__ = ["LoadedModel", "load_model", "model_class", "place_unsharded"]
 
@@ -54,45 +57,38 @@ def model_class(hf_config):
     return tf.AutoModelForCausalLM
 
 
-def _base_key(name: str, base: ModelDir, prefix: str) -> str | None:
-    """The tensor name in the base model dir of the model's param ``name`` (HF prefixes may differ)."""
-    if name in base:
-        return name
-    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in base:
-        return name[len(prefix) + 1 :]
-    if prefix and f"{prefix}.{name}" in base:
-        return f"{prefix}.{name}"
-    return None
-
-
 @torch.no_grad()
-def _load_base(model: nn.Module, base: ModelDir) -> None:
-    """Copy each base param's owned bytes (:func:`~lora_dist.parallel.sharding.owned_range`) from the files."""
-    prefix = getattr(model, "base_model_prefix", "")
+def _load_base(model: nn.Module, base: ModelDir, weights: WeightMap) -> None:
+    """Copy each base param's owned bytes (:func:`~lora_dist.parallel.sharding.owned_range`) from the files.
+
+    ``weights`` names where each param is: one tensor of the dir, or several that transformers'
+    conversion mapping assembles (MoE experts); either way only the owned range is read.
+    """
     lora = {id(p) for p in lora_parameters(model)}
     missing = []
     for name, param in model.named_parameters():
         if id(param) in lora:
             continue
-        key = _base_key(name, base, prefix)
-        if key is None:
+        source = weights.source(name)
+        if source is None:
             missing.append(name)
             continue
         shape = full_shape(param)
-        if base.shape(key) != shape:
+        if source.shape != shape:
             raise ModelDirError(
-                f"{key}: checkpoint shape {base.shape(key)} != model shape {shape}; config.json and weights disagree"
+                f"{source.describe()}: checkpoint shape {source.shape} != model shape {shape}; "
+                "config.json and weights disagree"
             )
         owned = owned_range(param)
         if owned is None:
             local = whole_local(param)
-            local.copy_(base.read(key).to(local.dtype))
+            local.copy_(source.read().to(local.dtype))
         elif owned.end > owned.start:
-            owned.local.copy_(base.read_flat(key, owned.start, owned.end).to(owned.local.dtype))
+            owned.local.copy_(source.read_flat(owned.start, owned.end).to(owned.local.dtype))
     if missing:
         raise ModelDirError(f"{base.path}: no weights for {missing[:5]}; the checkpoint does not match its config.json")
     for name, buf in model.named_buffers():
-        key = _base_key(name, base, prefix)
+        key = weights.base_key(name)
         if key is not None and tuple(buf.shape) == base.shape(key):
             buf.copy_(base.read(key).to(buf.dtype))
 
@@ -193,6 +189,8 @@ def load_model(
             model = cls.from_config(hf_config, dtype=dtype)
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()  # tied embeddings share one parameter (checkpoints store it once)
+    # Before parallelize: transformers looks its conversion mapping up by class names FSDP2 changes.
+    weights = WeightMap(base, model_transforms(model), getattr(model, "base_model_prefix", ""))
     report = inject_lora(model, lora_cfg)
     parallelize(model, parallel_cfg, device)
     if strategy != "zero3":
@@ -207,7 +205,7 @@ def load_model(
             setattr(model.get_submodule(module_name), attr, model.get_parameter(owner))
         if offload:
             place_unsharded(model, device)
-    _load_base(model, base)
+    _load_base(model, base, weights)
     _init_lora(model, seed)
     if strategy != "zero3":
         _assert_materialized(model)

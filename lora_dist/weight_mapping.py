@@ -1,0 +1,344 @@
+"""Where a model param's values are in a base model dir: one tensor, or several converted by transformers' mapping.
+
+transformers 5 holds some weights in another form in memory than in the files
+it reads. Mixture-of-experts models are the main case: ``MixtralForCausalLM``
+has one fused ``mlp.experts.gate_up_proj`` of shape ``(E, 2I, H)`` per layer,
+while the checkpoint on disk keeps the Hub's per-expert tensors
+``block_sparse_moe.experts.N.w1/w3.weight`` (each ``(I, H)``). transformers
+converts between the two at load and save time with a data-driven mapping per
+model type (``transformers.conversion_mapping``): ``WeightRenaming`` entries
+rename keys, ``WeightConverter`` entries assemble a param from several keys with
+a list of operations (``MergeModulelist(dim=0)`` stacks the experts' tensors,
+``Concatenate(dim=1)`` joins gate and up).
+
+lora_dist reads that mapping as data (the list transformers itself would use
+for this model, :func:`model_transforms`) and never builds the fused tensor.
+:class:`WeightMap` names a :class:`TensorSource` for each model param: a
+:class:`FileTensor` (one tensor of the dir, the dense case) or a tree of
+:class:`Concat` nodes over the per-expert :class:`FileTensor` s. Every source
+reads any flat element range of the row-major tensor it stands for
+(:meth:`TensorSource.read_flat`), touching only the files' rows that hold those
+elements: an FSDP2 ``Shard(0)`` block of rows (whole experts) or a ZeRO-3
+partition cutting experts and rows anywhere reads only its own experts' bytes.
+Operations other than ``MergeModulelist`` and ``Concatenate`` (``Chunk``,
+``Transpose``, ``Interleave``, quantizer ops...) are refused in one line naming
+them. Nothing changes the files: the merged export writes the base's own keys
+and shapes, so a converted model is written back in the layout it was read in.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from lora_dist.model_dir import ModelDir, ModelDirError
+
+__all__ = ["Concat", "FileTensor", "TensorSource", "View", "WeightMap", "WeightMappingError", "model_transforms"]
+
+#: The conversion operations lora_dist reads lazily (transformers' class names).
+SUPPORTED_OPS = ("MergeModulelist", "Concatenate")
+
+
+class WeightMappingError(ModelDirError):
+    """A param transformers converts from the checkpoint in a way lora_dist cannot read piecewise."""
+
+
+def _natural_key(name: str) -> list:
+    """Sort key putting ``experts.2`` before ``experts.10`` (the order transformers collects experts in)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+class TensorSource:
+    """A tensor of known shape, read a flat element range at a time from a model dir's files."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """Elements of the whole tensor."""
+        return math.prod(self.shape)
+
+    def keys(self) -> list[str]:
+        """The base dir's tensors this one is read from."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """How errors name it."""
+        raise NotImplementedError
+
+    def read_flat(self, start: int, end: int) -> torch.Tensor:
+        """Elements ``[start, end)`` of the row-major flattened tensor, reading only the rows that hold them."""
+        raise NotImplementedError
+
+    def read(self) -> torch.Tensor:
+        """The whole tensor (for a param a rank holds whole)."""
+        return self.read_flat(0, self.numel).reshape(self.shape)
+
+
+class FileTensor(TensorSource):
+    """One tensor of the base dir, as it is stored.
+
+    Args:
+        base: the model dir.
+        key: the tensor's name in it.
+    """
+
+    def __init__(self, base: ModelDir, key: str) -> None:
+        self.base, self.key = base, key
+        self.shape = base.shape(key)
+
+    def keys(self) -> list[str]:
+        return [self.key]
+
+    def describe(self) -> str:
+        return self.key
+
+    def read_flat(self, start: int, end: int) -> torch.Tensor:
+        return self.base.read_flat(self.key, start, end)
+
+    def read(self) -> torch.Tensor:
+        return self.base.read(self.key)
+
+
+class View(TensorSource):
+    """``part`` seen with another shape of the same size (a stacked expert is its tensor with a leading 1)."""
+
+    def __init__(self, part: TensorSource, shape: tuple[int, ...]) -> None:
+        if math.prod(shape) != part.numel:
+            raise ValueError(f"cannot view {part.describe()} {part.shape} as {shape}")
+        self.part, self.shape = part, tuple(shape)
+
+    def keys(self) -> list[str]:
+        return self.part.keys()
+
+    def describe(self) -> str:
+        return self.part.describe()
+
+    def read_flat(self, start: int, end: int) -> torch.Tensor:
+        return self.part.read_flat(start, end)
+
+
+class Concat(TensorSource):
+    """``torch.cat(parts, dim)``, never built whole: a flat range is read part by part.
+
+    In the row-major result, each of the ``prod(shape[:dim])`` outer slabs holds,
+    in order, one contiguous run of every part (``parts[i].shape[dim] *
+    prod(shape[dim + 1:])`` elements); whole slabs are read as one range of each
+    part, a partial slab at either end part by part.
+
+    Args:
+        parts: equal shapes except along ``dim``.
+        dim: the dimension they are joined along (negative counts from the end).
+        name: how errors name the result.
+
+    Raises:
+        ValueError: no parts, or shapes that cannot be joined along ``dim``.
+    """
+
+    def __init__(self, parts: list[TensorSource], dim: int, name: str = "") -> None:
+        if not parts:
+            raise ValueError(f"{name}: nothing to concatenate")
+        ndim = len(parts[0].shape)
+        if not -ndim <= dim < ndim:
+            raise ValueError(f"{name}: dim {dim} is out of range for shape {parts[0].shape}")
+        dim %= ndim
+        first = parts[0].shape
+        for p in parts:
+            if len(p.shape) != ndim or p.shape[:dim] != first[:dim] or p.shape[dim + 1:] != first[dim + 1:]:
+                raise ValueError(f"{name}: cannot concatenate {p.describe()} {p.shape} with "
+                                 f"{parts[0].describe()} {parts[0].shape} along dim {dim}")
+        self.parts, self.dim, self.name = list(parts), dim, name
+        shape = list(parts[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in parts)
+        self.shape = tuple(shape)
+        inner = math.prod(shape[dim + 1:])
+        self._runs = [p.shape[dim] * inner for p in parts]  # each part's elements per slab
+        self._slab = sum(self._runs)
+        self._offsets = [sum(self._runs[:i]) for i in range(len(parts))]
+
+    def keys(self) -> list[str]:
+        return [k for p in self.parts for k in p.keys()]
+
+    def describe(self) -> str:
+        keys = self.keys()
+        return f"{self.name} (from {len(keys)} checkpoint tensors: {keys[0]}, ...)"
+
+    def _within_slab(self, slab: int, lo: int, hi: int) -> list[torch.Tensor]:
+        """Elements ``[lo, hi)`` of slab ``slab`` (offsets inside the slab)."""
+        out = []
+        for part, run, offset in zip(self.parts, self._runs, self._offsets):
+            a, b = max(lo, offset), min(hi, offset + run)
+            if a < b:
+                out.append(part.read_flat(slab * run + a - offset, slab * run + b - offset))
+        return out
+
+    def read_flat(self, start: int, end: int) -> torch.Tensor:
+        if not 0 <= start <= end <= self.numel:
+            raise ValueError(f"{self.name}: range [{start}, {end}) is outside its {self.numel} elements")
+        if start == end:
+            return self.parts[0].read_flat(0, 0)
+        slab = self._slab
+        first, last = start // slab, (end - 1) // slab
+        if first == last:
+            return torch.cat(self._within_slab(first, start - first * slab, end - first * slab))
+        pieces = []
+        o1 = first if start == first * slab else first + 1
+        o2 = last + 1 if end == (last + 1) * slab else last
+        if o1 > first:  # partial first slab
+            pieces += self._within_slab(first, start - first * slab, slab)
+        if o2 > o1:  # whole slabs: one range of each part
+            blocks = [p.read_flat(o1 * run, o2 * run).reshape(o2 - o1, run) for p, run in zip(self.parts, self._runs)]
+            pieces.append(torch.cat(blocks, dim=1).reshape(-1))
+        if o2 <= last:  # partial last slab
+            pieces += self._within_slab(last, 0, end - last * slab)
+        return torch.cat(pieces)
+
+
+def model_transforms(model: nn.Module) -> list:
+    """The weight transforms transformers applies when it loads ``model`` (empty where it has none).
+
+    Call it on the model as built, before it is wrapped (FSDP2 renames the classes transformers
+    looks mappings up by).
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:  # transformers < 5: checkpoints are read as stored
+        return []
+    try:
+        return list(get_model_conversion_mapping(model))
+    except Exception:  # not a PreTrainedModel, or another API: fall back to the model type's entry
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        return list(get_checkpoint_conversion_mapping(model_type) or []) if model_type else []
+
+
+@dataclass
+class _Group:
+    """The base keys one converter collects for one target, per source pattern, in transformers' order."""
+
+    converter: object
+    keys: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _is_converter(transform) -> bool:
+    return hasattr(transform, "operations")
+
+
+class WeightMap:
+    """Which :class:`TensorSource` each model param is read from.
+
+    A name that is a tensor of the dir (or is one with or without the model's
+    ``base_model_prefix``) is read as stored, as before any mapping existed; any
+    other name is looked up among the base keys as transformers renames and
+    converts them (all ``WeightRenaming`` s in order, then at most one
+    ``WeightConverter``).
+
+    Args:
+        base: the model dir.
+        transforms: :func:`model_transforms` of the model.
+        prefix: the model's ``base_model_prefix``.
+    """
+
+    def __init__(self, base: ModelDir, transforms: list, prefix: str = "") -> None:
+        self.base, self.prefix = base, prefix
+        renamings = [t for t in transforms if not _is_converter(t)]
+        converters = [t for t in transforms if _is_converter(t)]
+        self._renamed: dict[str, str] = {}
+        self._groups: dict[str, _Group] = {}
+        if not transforms:
+            return
+        for key in sorted(base.keys(), key=_natural_key):
+            name = key
+            for renaming in renamings:
+                name, _ = renaming.rename_source_key(name)
+            pattern = None
+            for converter in converters:
+                name, pattern = converter.rename_source_key(name)
+                if pattern is not None:
+                    group = self._groups.setdefault(name, _Group(converter))
+                    group.keys.setdefault(pattern, []).append(key)
+                    break
+            if pattern is None and name != key:
+                self._renamed.setdefault(name, key)
+
+    def _candidates(self, name: str) -> list[str]:
+        p = self.prefix
+        names = [name]
+        if p and name.startswith(p + "."):
+            names.append(name[len(p) + 1:])
+        if p:
+            names.append(f"{p}.{name}")
+        return names
+
+    def base_key(self, name: str) -> str | None:
+        """The dir's tensor stored under the param's own name (give or take the prefix), if any."""
+        return next((c for c in self._candidates(name) if c in self.base), None)
+
+    def source(self, name: str) -> TensorSource | None:
+        """The source of model param ``name``, or None where the dir has nothing for it.
+
+        Raises:
+            WeightMappingError: transformers builds it with operations other than ``MergeModulelist``
+                and ``Concatenate``.
+        """
+        key = self.base_key(name)
+        if key is not None:
+            return FileTensor(self.base, key)
+        for candidate in self._candidates(name):
+            if candidate in self._groups:
+                return self._converted(candidate, self._groups[candidate])
+            if candidate in self._renamed:
+                return FileTensor(self.base, self._renamed[candidate])
+        return None
+
+    def _converted(self, name: str, group: _Group) -> TensorSource:
+        converter = group.converter
+        ops = list(converter.operations)
+        other = [type(op).__name__ for op in ops if type(op).__name__ not in SUPPORTED_OPS]
+        if other or getattr(converter, "quantization_operation", None) is not None:
+            shown = ", ".join(repr(op) for op in ops)
+            raise WeightMappingError(
+                f"{name}: transformers builds this weight from {self.base.path} with [{shown}]; lora_dist reads "
+                f"converted weights made with {' and '.join(SUPPORTED_OPS)} only, "
+                f"not {', '.join(other) or 'quantizer ops'}"
+            )
+        # Each source pattern's tensors, in the converter's pattern order (what Concatenate keeps).
+        values: list[list[TensorSource] | TensorSource] = [
+            [FileTensor(self.base, k) for k in group.keys[p]] for p in converter.source_patterns if p in group.keys
+        ]
+        try:
+            for op in ops:
+                dim = int(op.dim)
+                if type(op).__name__ == "MergeModulelist":  # stack each pattern's list
+                    values = [_stack(v, dim, name) if isinstance(v, list) else v for v in values]
+                else:  # Concatenate: everything, in pattern order
+                    flat = [s for v in values for s in (v if isinstance(v, list) else [v])]
+                    values = [Concat(flat, dim, name)]
+        except ValueError as e:
+            raise WeightMappingError(f"{self.base.path}: {e}; the checkpoint does not match its config.json") from None
+        if len(values) != 1 or isinstance(values[0], list):
+            raise WeightMappingError(f"{name}: transformers' conversion [{', '.join(map(repr, ops))}] of "
+                                     f"{self.base.path} does not give one tensor; lora_dist cannot read it")
+        result = values[0]
+        result.name = name
+        return result
+
+
+def _stack(parts: list[TensorSource], dim: int, name: str) -> Concat:
+    """``torch.stack(parts, dim)`` as a :class:`Concat` of views with a 1 inserted at ``dim``."""
+    shape = parts[0].shape
+    ndim = len(shape) + 1
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name}: cannot stack {shape} tensors along dim {dim}")
+    dim %= ndim
+    views = []
+    for p in parts:
+        if p.shape != shape:
+            raise ValueError(f"{name}: cannot stack {p.describe()} {p.shape} with {parts[0].describe()} {shape}")
+        views.append(View(p, shape[:dim] + (1,) + shape[dim:]))
+    return Concat(views, dim, name)

@@ -1,0 +1,344 @@
+"""Mixture-of-experts checkpoints: read per rank from the Hub's per-expert tensors, trained, exported as stored.
+
+transformers 5 fuses experts in memory (``mlp.experts.gate_up_proj`` (E, 2I, H),
+``mlp.experts.down_proj`` (E, H, I)); the files keep one tensor per expert and
+projection. The loader reads each fused param through transformers' own
+conversion mapping (:mod:`lora_dist.weight_mapping`), a flat range at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distutil import lora_dist, torchrun
+from lora_dist.demo import MOE_EXPERTS, write_demo_data
+from lora_dist.model_dir import ModelDir
+from lora_dist.weight_mapping import WeightMap, WeightMappingError, model_transforms
+
+ARCHS = ["mixtral", "qwen3_moe"]
+#: The fused expert params of one layer, as transformers holds them.
+FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+#: Where the experts of layer 0 are in each checkpoint.
+EXPERT_KEYS = {"mixtral": "model.layers.0.block_sparse_moe.experts.", "qwen3_moe": "model.layers.0.mlp.experts."}
+
+STEPS = 3
+LR = 5e-3
+#: As in test_train_dist.py: 1/300 of the distance Adam can move an element in STEPS steps.
+ADAPTER_ATOL = LR * STEPS / 300
+
+
+def _hf_model(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _meta_model(path: Path) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+
+
+def _weight_map(path: Path, base: ModelDir | None = None) -> WeightMap:
+    model = _meta_model(path)
+    return WeightMap(base or ModelDir(path), model_transforms(model), model.base_model_prefix)
+
+
+def _ids(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+class _RecordingDir(ModelDir):
+    """A model dir that records every read: ``(key, first_row, end_row)``, rows None for the whole tensor."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.reads: list[tuple[str, int | None, int | None]] = []
+
+    def read(self, key, rows=None):
+        self.reads.append((key, None if rows is None else rows.start, None if rows is None else rows.stop))
+        return super().read(key, rows)
+
+
+# ----------------------------------------------------------------------------- loading, one process
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checkpoint_has_the_hub_layout_and_transformers_fuses_it(tiny_checkpoint, arch):
+    base = ModelDir(tiny_checkpoint(arch))
+    expert_keys = [k for k in base.keys() if k.startswith(EXPERT_KEYS[arch])]
+    assert len(expert_keys) == 3 * MOE_EXPERTS  # per expert: gate, up, down
+    assert not any("gate_up_proj" in k for k in base.keys())
+    names = dict(_meta_model(tiny_checkpoint(arch)).named_parameters())
+    assert names["model.layers.0.mlp.experts.gate_up_proj"].shape[0] == MOE_EXPERTS
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_model_equals_transformers(tiny_checkpoint, arch):
+    from lora_dist.config import ModelConfig, ParallelConfig
+    from lora_dist.lora import LoRAConfig, lora_modules
+    from lora_dist.model import load_model
+
+    path = tiny_checkpoint(arch)
+    loaded = load_model(ModelConfig(path=str(path), dtype="float32"), LoRAConfig(target_modules=["q_proj", "v_proj"]),
+                        ParallelConfig(strategy="none"), torch.device("cpu"), seed=0)
+    model = loaded.model.eval()
+    assert {n.rsplit(".", 1)[-1] for n, _ in lora_modules(model)} == {"q_proj", "v_proj"}
+    assert all(float(m.lora_B.weight.detach().abs().max()) == 0 for _, m in lora_modules(model))  # B = 0: the base model
+    ref = _hf_model(path)
+    ours = dict(model.named_parameters())
+    for name, param in ref.named_parameters():
+        assert torch.equal(ours[name], param), name
+    ids = _ids(ref.config.vocab_size)
+    with torch.no_grad():
+        diff = (model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_a_missing_expert_is_a_shape_error(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from lora_dist.config import ModelConfig, ParallelConfig
+    from lora_dist.lora import LoRAConfig
+    from lora_dist.model import load_model
+    from lora_dist.model_dir import ModelDirError
+
+    path = tiny_checkpoint("mixtral")
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    gone = f"{EXPERT_KEYS['mixtral']}{MOE_EXPERTS - 1}."
+    save_file({k: v for k, v in tensors.items() if not k.startswith(gone)}, str(broken / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ModelDirError, match=r"gate_up_proj .*checkpoint shape \(3, .* != model shape \(4, "):
+        load_model(ModelConfig(path=str(broken), dtype="float32"), LoRAConfig(target_modules=["q_proj"]),
+                   ParallelConfig(strategy="none"), torch.device("cpu"), seed=0)
+
+
+# ----------------------------------------------------------------------------- read_flat
+
+
+def _ranges(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Ranges that cut experts and rows anywhere, FSDP2 ``Shard(0)`` blocks (experts) and ZeRO-3 partitions."""
+    numel, experts, expert, row = math.prod(shape), shape[0], math.prod(shape[1:]), shape[-1]
+    out = [(0, 0), (0, numel), (0, 1), (numel - 1, numel), (expert, 2 * expert), (expert - 1, expert + 1),
+           (row + 3, 3 * expert + 5), (expert + row // 2, expert + row // 2 + 7)]
+    for world in (2, 3, 5, 7):
+        part = -(-numel // world)
+        out += [(min(r * part, numel), min((r + 1) * part, numel)) for r in range(world)]
+        size = -(-experts // world)
+        out += [(min(r * size, experts) * expert, min((r + 1) * size, experts) * expert) for r in range(world)]
+    rng = random.Random(0)
+    for _ in range(40):
+        a, b = sorted(rng.randrange(numel + 1) for _ in range(2))
+        out.append((a, b))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_read_flat_equals_the_fused_tensor_transformers_builds(tiny_checkpoint, arch):
+    path = tiny_checkpoint(arch)
+    weights = _weight_map(path)
+    ref = dict(_hf_model(path).named_parameters())
+    for layer in (0, 1):
+        for suffix in FUSED:
+            name = f"model.layers.{layer}.{suffix}"
+            source = weights.source(name)
+            fused = ref[name].detach()
+            assert source.shape == tuple(fused.shape)
+            assert len(source.keys()) == MOE_EXPERTS * (2 if "gate_up" in name else 1)
+            torch.testing.assert_close(source.read(), fused, atol=0, rtol=0)
+            flat = fused.reshape(-1)
+            for a, b in _ranges(tuple(fused.shape)):
+                got = source.read_flat(a, b)
+                assert torch.equal(got, flat[a:b]), (name, a, b)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_read_flat_reads_only_the_rows_it_returns(tiny_checkpoint, arch):
+    """A range reads only its own experts' tensors, and of those only the rows that hold its elements."""
+    path = tiny_checkpoint(arch)
+    base = _RecordingDir(path)
+    weights = _weight_map(path, base)
+    source = weights.source("model.layers.0.mlp.experts.gate_up_proj")
+    _, two_i, H = source.shape
+    expert = two_i * H
+    cases = [
+        (expert, 2 * expert, {1}),  # expert 1, whole (an FSDP2 row block)
+        (expert + 5, expert + H * (two_i // 2) + 3, {1}),  # inside expert 1, gate rows + one up row
+        (2 * expert - 7, 2 * expert + 9, {1, 2}),  # a ZeRO-3 cut across experts 1 and 2
+    ]
+    for a, b, experts in cases:
+        base.reads.clear()
+        source.read_flat(a, b)
+        read_experts = {int(k[len(EXPERT_KEYS[arch]):].split(".")[0]) for k, _, _ in base.reads}
+        assert read_experts == experts, (a, b, base.reads)
+        assert all(start is not None for _, start, _ in base.reads), "a whole tensor was read"
+        rows_read = sum(stop - start for _, start, stop in base.reads)
+        # Every row read holds an element of the range: at most one partial row at each end of each tensor.
+        assert rows_read * H <= (b - a) + 2 * H * len(base.reads), (a, b, base.reads)
+
+
+def test_unsupported_operation_is_refused_in_one_line(tiny_checkpoint):
+    from transformers.core_model_loading import MergeModulelist, Transpose, WeightConverter, WeightRenaming
+
+    path = tiny_checkpoint("mixtral")
+    transforms = [
+        WeightRenaming(".block_sparse_moe.", ".mlp."),
+        WeightConverter([".experts.*.w1.weight", ".experts.*.w3.weight"], ".experts.gate_up_proj",
+                        operations=[MergeModulelist(dim=0), Transpose(1, 2)]),
+    ]
+    weights = WeightMap(ModelDir(path), transforms, "model")
+    assert weights.source("model.layers.0.mlp.gate.weight").keys() == ["model.layers.0.block_sparse_moe.gate.weight"]
+    with pytest.raises(WeightMappingError) as e:
+        weights.source("model.layers.0.mlp.experts.gate_up_proj")
+    message = str(e.value)
+    assert "\n" not in message and "Transpose" in message and "gate_up_proj" in message
+    assert "MergeModulelist and Concatenate only" in message
+
+
+def test_dense_models_read_their_tensors_as_stored(tiny_checkpoint):
+    path = tiny_checkpoint("llama")
+    weights = _weight_map(path)
+    for name, _ in _meta_model(path).named_parameters():
+        assert weights.source(name).keys() == [name]
+
+
+def test_planner_handles_moe(tiny_checkpoint):
+    from lora_dist.config import load_config
+    from lora_dist.plan import plan_memory
+
+    path = tiny_checkpoint("mixtral")
+    numel = sum(p.numel() for p in _meta_model(path).parameters())
+    for strategy in ("fsdp2", "zero3"):
+        cfg = load_config(None, [f"model.path={path}", f"parallel.strategy={strategy}",
+                                 "lora.target_modules=[q_proj,v_proj]"])
+        plan = plan_memory(cfg, 2)
+        assert plan.num_params - plan.num_lora_params == numel and plan.total > 0
+
+
+# ----------------------------------------------------------------------------- 2 ranks: reads, training, export
+
+_READS_SCRIPT = """
+import json, sys
+import torch
+from lora_dist.config import load_config
+from lora_dist.launch import init_distributed
+from lora_dist.model import load_model
+from lora_dist.model_dir import ModelDir
+from lora_dist.parallel.deepspeed import deepspeed_config
+
+out, *overrides = sys.argv[1:]
+env = init_distributed()
+cfg = load_config(None, overrides)
+reads = []
+_read = ModelDir.read
+def recorded(self, key, rows=None):
+    reads.append([key, None if rows is None else rows.start, None if rows is None else rows.stop])
+    return _read(self, key, rows)
+ModelDir.read = recorded
+base = ModelDir(cfg.model.path)
+ds = deepspeed_config(cfg, base.hf_config) if cfg.parallel.strategy.startswith("zero") else None
+load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0, ds, base=base)
+with open(f"{out}/rank{env.rank}.json", "w") as f:
+    json.dump(reads, f)
+"""
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_each_rank_reads_only_its_own_experts(tiny_checkpoint, tmp_path, strategy):
+    path = tiny_checkpoint("mixtral")
+    script = tmp_path / "reads.py"
+    script.write_text(_READS_SCRIPT)
+    torchrun(2, str(script), str(tmp_path), f"model.path={path}", f"parallel.strategy={strategy}",
+             "lora.target_modules=[q_proj,v_proj]")
+    prefix = EXPERT_KEYS["mixtral"]
+    half = MOE_EXPERTS // 2
+    for rank in range(2):
+        reads = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        experts = {int(k[len(prefix):].split(".")[0]) for k, _, _ in reads if k.startswith(prefix)}
+        # gate_up_proj and down_proj are (E, ...) with E = 4: rows (fsdp2) and partitions (zero3) are 2 experts.
+        assert experts == set(range(rank * half, (rank + 1) * half)), (rank, sorted(experts))
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def runs(request, tiny_checkpoint, tmp_path_factory):
+    """One process, fsdp2 and zero3 on 2 ranks: the same 3 steps, each with a float32 merged export."""
+    arch = request.param
+    base = tiny_checkpoint(arch)
+    root = tmp_path_factory.mktemp(f"moe-{arch}")
+    data = write_demo_data(root / "data.jsonl", n=200)
+    common = ["train", f"model.path={base}", f"data.path={data}", f"train.steps={STEPS}", "train.seq_len=32",
+              f"train.lr={LR}", "train.warmup_steps=1", "data.eval_fraction=0", "lora.r=4",
+              "lora.target_modules=[q_proj,v_proj]", "checkpoint.every=0", "export.merged=true",
+              "export.dtype=float32"]
+    out = {"base": base}
+    lora_dist(*common, f"output.dir={root / 'none'}", "parallel.strategy=none", "train.micro_batch_size=4")
+    out["none"] = root / "none"
+    for strategy in ("fsdp2", "zero3"):
+        torchrun(2, "-m", "lora_dist.cli", *common, f"output.dir={root / strategy}", f"parallel.strategy={strategy}",
+                 "train.micro_batch_size=2")
+        out[strategy] = root / strategy
+    return out
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def _losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_two_ranks_equal_one_process(runs, strategy):
+    ref, out = _adapter(runs["none"]), _adapter(runs[strategy])
+    assert set(ref) == set(out) and ref
+    assert all(".experts." not in k for k in ref)
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key], atol=ADAPTER_ATOL, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert max(float(t.abs().max()) for k, t in ref.items() if "lora_B" in k) > 1e-4  # it trained
+    assert _losses(runs[strategy]) == pytest.approx(_losses(runs["none"]), abs=1e-4)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy", ["none", "fsdp2", "zero3"])
+def test_merged_export_keeps_the_checkpoint_layout_and_is_base_plus_adapter(runs, strategy):
+    from lora_dist.adapter import load_adapter
+    from lora_dist.export import verify_checkpoint
+
+    base, run = ModelDir(runs["base"]), runs[strategy]
+    merged = ModelDir(run / "merged")
+    assert set(merged.keys()) == set(base.keys())
+    assert all(merged.shape(k) == base.shape(k) for k in base.keys())
+    verify_checkpoint(run / "merged", base_dir=runs["base"], adapter_dir=run / "adapter", sample=None)
+    with torch.no_grad():
+        model = _hf_model(run / "merged")
+        twin = load_adapter(_hf_model(runs["base"]), run / "adapter").eval()
+        ids = _ids(model.config.vocab_size)
+        diff = (model(input_ids=ids).logits - twin(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+@pytest.mark.dist
+def test_export_of_a_finished_run_rebuilds_it_sharded(runs, tmp_path):
+    """``lora-dist export RUN_DIR`` on 2 ranks loads the MoE base sharded again and writes the same checkpoint."""
+    out = tmp_path / "again"
+    torchrun(2, "-m", "lora_dist.cli", "export", str(runs["fsdp2"]), "--out", str(out))
+    again, first = ModelDir(out), ModelDir(runs["fsdp2"] / "merged")
+    assert set(again.keys()) == set(first.keys())
+    for key in first.keys():
+        assert torch.equal(again.read(key), first.read(key)), key
