@@ -95,9 +95,23 @@ class DataConfig:
     """Training data."""
 
     path: str = ""
-    """A .jsonl file (a "text" field, or "prompt"/"completion" with loss on the completion) or a .txt file."""
+    """A .jsonl file of records, each {"messages": [{"role", "content"}, ...]} (loss on the assistant turns),
+    {"instruction", "input", "output"} (alpaca, loss on the output), {"prompt", "completion"} (loss on the
+    completion) or {"text"}; or a .txt file (one record per paragraph). See docs/data.md."""
     eval_fraction: float = 0.05
     """Share of packed blocks held out for the eval loss."""
+    packing: bool = True
+    """Pack several documents into each train.seq_len block (positions restart and attention stops at each
+    document); false: one document per sequence, padded."""
+    chat_template: str = ""
+    """Chat template for "messages" and alpaca records: "" (the tokenizer's own), a shipped one (chatml, llama3)
+    or a Jinja file; set it for a base model without a template."""
+    loss_on: str = "all_assistant"
+    """Which assistant turns of a conversation carry the loss: all_assistant or last_assistant."""
+
+    def __post_init__(self) -> None:
+        if self.loss_on not in ("all_assistant", "last_assistant"):
+            raise ConfigError(f"data.loss_on={excerpt(self.loss_on, 40)} is not one of all_assistant, last_assistant")
 
 
 @dataclass

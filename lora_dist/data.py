@@ -1,9 +1,17 @@
-"""Training data: local .jsonl / .txt, tokenized, packed, and split across ranks.
+"""Training data: what users bring (.jsonl / .txt), tokenized, packed, and split across ranks.
 
-Documents are tokenized with the checkpoint's tokenizer, joined with EOS and
-packed into ``seq_len`` blocks. Labels are the inputs (the loss shifts them),
-or ``-100`` on prompt tokens for ``prompt``/``completion`` records, so only the
-completion is learned.
+Each JSON line is one record, its format detected on its own (see ``docs/data.md``):
+``{"messages": [...]}`` (a conversation, rendered with the chat template, loss on the assistant
+turns: :mod:`lora_dist.chat`), ``{"instruction", "input", "output"}`` (alpaca), ``{"text"}`` and
+``{"prompt", "completion"}`` (loss on the completion). A ``.txt`` file is one text record per paragraph.
+
+Packing: documents are laid out in record order in ``seq_len`` blocks, each document whole in one
+block (a document longer than ``seq_len`` is split into consecutive blocks, counted and logged); a
+block that cannot take the next document is padded. ``position_ids`` restart at 0 with each document
+and the model's attention never crosses documents (:func:`block_causal_mask`, :func:`model_kwargs`).
+The first token of every document has no label, so no token predicts across a document boundary: the
+loss of a block is the token-weighted mean of its documents' losses computed one by one.
+``data.packing=false`` puts one document in each sequence instead.
 
 Batches are defined globally, independent of the world size: the k-th
 micro-batch of the run is samples ``[k*G, (k+1)*G)`` of an endless, seeded
@@ -16,17 +24,22 @@ resumed on another world size continues from the same sample.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from lora_dist.chat import IGNORE, ChatError, Record, parse_record, resolve_template, tokenize_record
 from lora_dist.inputs import clip, read_json, utf8_error
-from lora_dist.model_dir import REMOTE_CODE_FIX, ModelDirError
+from lora_dist.model_dir import REMOTE_CODE_FIX, ModelDirError, read_config_json
 
-__all__ = ["DataError", "PackedDataset", "load_dataset", "load_tokenizer"]
+__all__ = ["IGNORE", "DataError", "DataStats", "PackedDataset", "block_causal_mask", "dump_blocks", "load_data",
+           "load_dataset", "load_tokenizer", "marked_text", "model_kwargs", "summarize"]
 
-IGNORE = -100
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -101,71 +114,156 @@ def _not_utf8(path: Path) -> DataError:
     return DataError(f"{path}: not UTF-8 text ({where}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
 
 
-def _read_records(path: Path) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs; plain text has an empty prompt."""
+def _read_records(path: Path) -> list[Record]:
     if not path.is_file():
         raise DataError(f"data.path {str(path)!r} not found; point data.path at a .jsonl or .txt file")
+    records: list[Record] = []
     try:
-        return _parse_records(path)
+        if path.suffix == ".txt":
+            text = path.read_text(encoding="utf-8-sig")
+            records = [Record("text", {"text": para}) for para in text.split("\n\n") if para.strip()]
+        elif path.suffix in (".jsonl", ".json"):
+            with path.open(encoding="utf-8-sig") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        records.append(_record(_json(line, path, lineno), path, lineno))
+        else:
+            raise DataError(f"data.path {str(path)!r}: unsupported file type {path.suffix!r}; use .jsonl or .txt")
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
-
-
-def _parse_records(path: Path) -> list[tuple[str, str]]:
-    records: list[tuple[str, str]] = []
-    if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8-sig")
-        records = [("", para) for para in text.split("\n\n") if para.strip()]
-    elif path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                except RecursionError:
-                    raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
-                if isinstance(row, dict) and isinstance(row.get("text"), str):
-                    records.append(("", row["text"]))
-                elif isinstance(row, dict) and isinstance(row.get("completion"), str):
-                    records.append((str(row.get("prompt", "")), row["completion"]))
-                else:
-                    raise DataError(f'{path}:{lineno}: expected a "text" field or "prompt"/"completion" fields')
-    else:
-        raise DataError(f"data.path {str(path)!r}: unsupported file type {path.suffix!r}; use .jsonl or .txt")
     if not records:
         raise DataError(f"data.path {str(path)!r} holds no records")
     return records
 
 
+def _json(line: str, path: Path, lineno: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
+
+
+def _record(row: Any, path: Path, lineno: int) -> Record:
+    try:
+        return parse_record(row, lineno)
+    except ChatError as e:
+        raise DataError(f"{path}:{lineno}: {e}") from None
+
+
+def _documents(records: list[Record], path: Path, tokenizer, chat_template: str,
+               loss_on: str) -> list[tuple[list[int], list[int]]]:
+    """Each record's ``(input_ids, labels)`` (labels ``-100`` where there is no loss)."""
+    try:
+        template = resolve_template(tokenizer, chat_template)
+    except ChatError as e:
+        raise DataError(str(e)) from None
+    docs = []
+    for rec in records:
+        try:
+            docs.append(tokenize_record(rec, tokenizer, template, loss_on))
+        except ChatError as e:
+            raise DataError(f"{path}:{rec.line}: {e}") from None
+    return docs
+
+
+@dataclass
+class DataStats:
+    """What packing made of the records (``lora-dist data`` prints it; training logs it)."""
+
+    records: dict[str, int] = field(default_factory=dict)
+    """Records per format."""
+    documents: int = 0
+    split: int = 0
+    """Documents longer than ``seq_len``, split into consecutive blocks."""
+    blocks: int = 0
+    tokens: int = 0
+    """Document tokens (padding excluded)."""
+    loss_tokens: int = 0
+    """Tokens with a label (each is predicted from the token before it)."""
+    seq_len: int = 0
+    packing: bool = True
+
+
+def _pack(docs: list[tuple[list[int], list[int]]], seq_len: int, packing: bool, pad_id: int):
+    """Lay documents out in ``seq_len`` rows: whole, in order, each starting at position 0; pad the rest."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    lengths: list[int] = []
+    row: list[tuple[list[int], list[int]]] = []  # the documents of the row being filled
+    used = n_split = 0
+
+    def flush() -> None:
+        nonlocal used
+        if not row:
+            return
+        for d_ids, d_labels in row:
+            ids.extend(d_ids)
+            labels.extend([IGNORE] + d_labels[1:])  # nothing before a document's first token predicts it
+            positions.extend(range(len(d_ids)))
+        pad = seq_len - used
+        ids.extend([pad_id] * pad)
+        labels.extend([IGNORE] * pad)
+        positions.extend(range(pad))  # the padding is a document of its own: no row attends to nothing
+        lengths.append(used)
+        row.clear()
+        used = 0
+
+    for d_ids, d_labels in docs:
+        if not d_ids:
+            continue
+        pieces = [(d_ids[k:k + seq_len], d_labels[k:k + seq_len]) for k in range(0, len(d_ids), seq_len)]
+        if len(pieces) > 1:
+            n_split += 1
+            flush()
+        for piece in pieces:
+            if used + len(piece[0]) > seq_len or (row and not packing):
+                flush()
+            row.append(piece)
+            used += len(piece[0])
+    flush()
+    n = len(lengths)
+    shape = (n, seq_len)
+    return (torch.tensor(ids, dtype=torch.long).view(shape), torch.tensor(labels, dtype=torch.long).view(shape),
+            torch.tensor(positions, dtype=torch.int32).view(shape), torch.tensor(lengths, dtype=torch.int32), n_split)
+
+
 @dataclass
 class PackedDataset:
-    """Packed ``(input_ids, labels)`` blocks of ``seq_len`` tokens."""
+    """``seq_len`` blocks of documents: ids, labels, each document's positions and each row's unpadded length."""
 
     input_ids: torch.Tensor  # (n_blocks, seq_len) int64
-    labels: torch.Tensor  # (n_blocks, seq_len) int64
+    labels: torch.Tensor  # (n_blocks, seq_len) int64, -100 where there is no loss
+    position_ids: torch.Tensor | None = None  # (n_blocks, seq_len) int32, 0 at each document's start; None: 0..S-1
+    lengths: torch.Tensor | None = None  # (n_blocks,) int32 tokens before each row's padding; None: no padding
+    stats: DataStats | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def _rows(self, sl: slice) -> "PackedDataset":
+        return PackedDataset(self.input_ids[sl], self.labels[sl],
+                             None if self.position_ids is None else self.position_ids[sl],
+                             None if self.lengths is None else self.lengths[sl], self.stats)
+
     def split(self, eval_fraction: float) -> tuple["PackedDataset", "PackedDataset | None"]:
+        """The training blocks and the last ``eval_fraction`` of them (at least one) held out, or None."""
         n_eval = int(len(self) * eval_fraction)
         if eval_fraction > 0 and n_eval == 0 and len(self) > 1:
             n_eval = 1
         if n_eval == 0:
             return self, None
         cut = len(self) - n_eval
-        return (PackedDataset(self.input_ids[:cut], self.labels[:cut]),
-                PackedDataset(self.input_ids[cut:], self.labels[cut:]))
+        return self._rows(slice(0, cut)), self._rows(slice(cut, None))
 
     def order(self, epoch: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         return torch.randperm(len(self), generator=g)
 
-    def batch(self, start: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples ``[start, start+size)`` of the endless shuffled stream."""
+    def indices(self, start: int, size: int, seed: int) -> torch.Tensor:
+        """Block indices of samples ``[start, start+size)`` of the endless shuffled stream."""
         n = len(self)
         orders: dict[int, torch.Tensor] = {}
         idx = []
@@ -174,38 +272,228 @@ class PackedDataset:
             if epoch not in orders:
                 orders[epoch] = self.order(epoch, seed)
             idx.append(int(orders[epoch][i]))
-        index = torch.tensor(idx)
+        return torch.tensor(idx, dtype=torch.long)
+
+    def batch(self, start: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)`` of samples ``[start, start+size)`` of the endless shuffled stream."""
+        index = self.indices(start, size, seed)
         return self.input_ids[index], self.labels[index]
 
+    def micro_batch(self, start: int, size: int, seed: int, device: torch.device | str | None = None) -> dict:
+        """The model inputs of samples ``[start, start+size)`` of the shuffled stream (see :meth:`inputs`)."""
+        return self.inputs(self.indices(start, size, seed), device)
 
-def load_dataset(path: str | Path, tokenizer, seq_len: int, max_positions: int | None = None) -> PackedDataset:
-    """Tokenize and pack a .jsonl/.txt file.
+    def inputs(self, index, device: torch.device | str | None = None) -> dict[str, torch.Tensor | None]:
+        """The model inputs of some blocks, on ``device``.
+
+        Args:
+            index: block indices (a list or a 1-D tensor).
+            device: where the tensors go (the mask is built there).
+
+        Returns:
+            ``{"input_ids", "labels", "position_ids", "attention_mask"}``: ``(B, L)`` int64 tensors, ``L``
+            the longest row's unpadded length (columns that are padding in every row are dropped), and
+            the ``(B, 1, L, L)`` boolean block-diagonal causal mask (True: may attend), or None where
+            every row holds one document and no padding. Pass it through :func:`model_kwargs`.
+        """
+        index = torch.as_tensor(index, dtype=torch.long)
+        width = self.input_ids.shape[1] if self.lengths is None else int(self.lengths[index].max())
+        ids, labels = self.input_ids[index, :width], self.labels[index, :width]
+        if self.position_ids is None:
+            positions = torch.arange(width).expand(len(index), width)
+        else:
+            positions = self.position_ids[index, :width].long()
+        ids, labels, positions = (t.to(device) for t in (ids, labels, positions))
+        return {"input_ids": ids, "labels": labels, "position_ids": positions,
+                "attention_mask": block_causal_mask(positions)}
+
+
+def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """The ``(B, 1, L, L)`` boolean mask (True: may attend) that keeps attention causal and inside each
+    document, the documents of a row starting where ``position_ids`` is 0; None if no row holds two."""
+    starts = position_ids == 0
+    if not bool(starts[:, 1:].any()):
+        return None
+    doc = starts.cumsum(-1)
+    length = position_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)
+
+
+def model_kwargs(batch: dict, config=None) -> dict[str, Any]:
+    """What to pass to ``model(**kwargs)`` for a batch of :meth:`PackedDataset.inputs` (not its labels).
+
+    Args:
+        batch: the batch.
+        config: the model's config (``model.config``); None: a model with sdpa attention on every layer.
+
+    Returns:
+        ``input_ids``, ``position_ids``, ``use_cache=False`` (a cache turns off transformers' own
+        packed-sequence handling) and, where the batch has a mask:
+
+        * sdpa: the boolean 4-D mask as ``attention_mask`` (transformers uses a 4-D mask as given);
+          eager and any other attention: the same mask, additive (fp32);
+        * a model with sliding-window or chunked layers: no mask; transformers builds each layer's
+          mask from ``position_ids`` (it finds the documents where they restart), windows included;
+        * ``flash_attention_*``/``flex_attention``: no mask, the batch flattened to one row whose
+          ``position_ids`` give transformers' varlen path the document starts. The logits are then
+          ``(1, B*L, V)``, and ``token_loss_sum(logits, batch["labels"])`` is the same loss, since every
+          row's first label is -100.
+    """
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                              "use_cache": False}
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return kwargs
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    if "flash" in impl or "flex" in impl:
+        return {"input_ids": kwargs["input_ids"].reshape(1, -1), "position_ids": kwargs["position_ids"].reshape(1, -1),
+                "use_cache": False}
+    if _windowed(config):
+        return kwargs
+    if impl == "sdpa":
+        kwargs["attention_mask"] = mask
+    else:
+        kwargs["attention_mask"] = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo().min)
+    return kwargs
+
+
+def _windowed(config) -> bool:
+    """Whether some layer of the model attends through a sliding window or in chunks (Mistral, Gemma-2/3...)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return any(t != "full_attention" for t in types)
+    return bool(getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None))
+
+
+def load_dataset(path: str | Path, tokenizer, seq_len: int, max_positions: int | None = None, *,
+                 packing: bool = True, chat_template: str = "", loss_on: str = "all_assistant",
+                 verbose: bool = True) -> PackedDataset:
+    """Read, tokenize and pack a .jsonl/.txt file.
+
+    Args:
+        path, seq_len: ``data.path``, ``train.seq_len``.
+        tokenizer: the model dir's tokenizer.
+        max_positions: the model's positions, if known.
+        packing, chat_template, loss_on: ``data.packing``, ``data.chat_template``, ``data.loss_on``.
+        verbose: log the counts (documents split, padding).
 
     Raises:
-        DataError: missing/empty/malformed file, ``seq_len`` beyond the model's
-            positions, or less data than one block.
+        DataError: missing/empty/malformed file or record (one line: the file, the line, the fields
+            expected), ``seq_len`` beyond the model's positions, a conversation without a usable chat
+            template, or no token with a loss.
     """
     if max_positions is not None and seq_len > max_positions:
         raise DataError(
             f"train.seq_len={seq_len} exceeds the model's {max_positions} positions; set train.seq_len<={max_positions}"
         )
-    records = _read_records(Path(path))
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    labels: list[int] = []
-    for prompt, completion in records:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        ids += p + c
-        labels += [IGNORE] * len(p) + c
-        if eos is not None:
-            ids.append(eos)
-            labels.append(eos)
-    n_blocks = len(ids) // seq_len
-    if n_blocks == 0:
-        raise DataError(f"{path}: {len(ids)} tokens is less than one train.seq_len={seq_len} block; add data or lower seq_len")
-    cut = n_blocks * seq_len
-    return PackedDataset(
-        torch.tensor(ids[:cut], dtype=torch.long).view(n_blocks, seq_len),
-        torch.tensor(labels[:cut], dtype=torch.long).view(n_blocks, seq_len),
-    )
+    path = Path(path)
+    records = _read_records(path)
+    docs = _documents(records, path, tokenizer, chat_template, loss_on)
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    input_ids, labels, positions, lengths, n_split = _pack(docs, seq_len, packing, pad_id)
+    stats = DataStats(dict(Counter(r.kind for r in records)), sum(1 for d, _ in docs if d), n_split, len(lengths),
+                      int(lengths.sum()), int((labels != IGNORE).sum()), seq_len, packing)
+    if stats.loss_tokens == 0:
+        raise DataError(f"{path}: no token carries a loss (every label is masked); check the record formats "
+                        "(the loss falls on completions, outputs and assistant turns)")
+    if verbose:
+        if n_split:
+            log.warning("%s: %d of %d documents are longer than train.seq_len=%d and were split into consecutive "
+                        "blocks", path, n_split, stats.documents, seq_len)
+        log.info("%s: %d blocks of %d; %s", path, stats.blocks, seq_len, "; ".join(_counts(stats)))
+    return PackedDataset(input_ids, labels, positions, lengths, stats)
+
+
+def load_data(cfg, tokenizer, max_positions: int | None = None, verbose: bool = True) -> PackedDataset:
+    """:func:`load_dataset` as a run's :class:`~lora_dist.config.Config` asks (``data.*``, ``train.seq_len``)."""
+    if not cfg.data.path:
+        raise DataError("data.path is not set; pass data.path=/path/to/train.jsonl")
+    d = cfg.data
+    return load_dataset(d.path, tokenizer, cfg.train.seq_len, max_positions, packing=d.packing,
+                        chat_template=d.chat_template, loss_on=d.loss_on, verbose=verbose)
+
+
+def _counts(s: DataStats) -> list[str]:
+    return [f"records: {sum(s.records.values())} ({', '.join(f'{v} {k}' for k, v in sorted(s.records.items()))})",
+            f"tokens: {s.tokens} ({s.tokens / max(s.blocks * s.seq_len, 1):.1%} of the block positions, the rest "
+            "padding)",
+            f"tokens with a loss: {s.loss_tokens} ({s.loss_tokens / max(s.tokens, 1):.1%})",
+            f"documents split (longer than train.seq_len): {s.split} of {s.documents}"]
+
+
+def _open(cfg) -> tuple[PackedDataset, Any]:
+    """The run's blocks and tokenizer, checked against the model's positions as training checks them."""
+    tokenizer = load_tokenizer(cfg.model.path)
+    config = read_config_json(cfg.model.path)
+    max_pos = config.get("max_position_embeddings") or config.get("n_positions")
+    return load_data(cfg, tokenizer, max_pos if isinstance(max_pos, int) else None, verbose=False), tokenizer
+
+
+def dump_blocks(cfg, out: str | Path, limit: int | None = None) -> int:
+    """Write the blocks a run trains on, in packed order (before shuffling), one JSON line each.
+
+    Each line is ``{"input_ids", "labels", "position_ids"}``, the labels aligned with the inputs
+    (``-100`` where there is no loss; the loss shifts them). The last ``data.eval_fraction`` of the
+    blocks are held out for eval. ``out`` may not be the data file nor lie in the model dir. Returns
+    the number of blocks written (at most ``limit``).
+
+    Raises:
+        DataError, ModelDirError: as :func:`load_dataset` and :func:`load_tokenizer`.
+    """
+    out = Path(out)
+    for source in (cfg.data.path, cfg.model.path):
+        if source and (out.resolve() == Path(source).resolve() or Path(source).resolve() in out.resolve().parents):
+            raise DataError(f"--dump {out} would overwrite an input ({source}); write the blocks elsewhere")
+    data, _ = _open(cfg)
+    n = len(data) if limit is None else max(0, min(limit, len(data)))
+    with out.open("w", encoding="utf-8") as f:
+        for k in range(n):
+            f.write(json.dumps({"input_ids": data.input_ids[k].tolist(), "labels": data.labels[k].tolist(),
+                                "position_ids": data.position_ids[k].tolist()}) + "\n")
+    return n
+
+
+def summarize(cfg, max_chars: int = 4000) -> str:
+    """What a run would train on: records per format, blocks, tokens, the share with a loss, documents
+    split, and the first block's text with the tokens that carry no loss between ``[[`` and ``]]``.
+
+    Raises:
+        DataError, ModelDirError: as :func:`load_dataset` and :func:`load_tokenizer`.
+    """
+    data, tokenizer = _open(cfg)
+    s = data.stats
+    n_eval = len(data) - len(data.split(cfg.data.eval_fraction)[0])
+    lines = [f"data: {cfg.data.path}", *_counts(s)[:1],
+             f"blocks: {s.blocks} of train.seq_len={s.seq_len} ({s.blocks - n_eval} train, {n_eval} eval), "
+             f"packing {'on' if s.packing else 'off'}", *_counts(s)[1:],
+             "first block (no loss on [[...]]; each document on its own line):"]
+    lines.append(clip(marked_text(tokenizer, data.input_ids[0], data.labels[0], data.position_ids[0],
+                                  int(data.lengths[0])), max_chars))
+    return "\n".join(lines)
+
+
+def marked_text(tokenizer, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, length: int) -> str:
+    """A block's text, the runs of tokens without a loss between ``[[`` and ``]]``, a line per document."""
+    parts: list[str] = []
+    run: list[int] = []
+    masked = None
+    for k in range(length):
+        is_masked = int(labels[k]) == IGNORE
+        if k and int(positions[k]) == 0 or is_masked != masked:
+            _flush_run(tokenizer, run, masked, parts)
+            run = []
+            if k and int(positions[k]) == 0:
+                parts.append("\n")
+        masked = is_masked
+        run.append(int(ids[k]))
+    _flush_run(tokenizer, run, masked, parts)
+    if length < len(ids):
+        parts.append(f"\n[[padding: {len(ids) - length} tokens]]")
+    return "".join(parts)
+
+
+def _flush_run(tokenizer, run: list[int], masked: bool | None, parts: list[str]) -> None:
+    if run:
+        text = tokenizer.decode(run, skip_special_tokens=False)
+        parts.append(f"[[{text}]]" if masked else text)

@@ -18,16 +18,29 @@ def tokenizer():
     return make_tokenizer()
 
 
-def test_text_records_are_packed_with_eos(tokenizer, tmp_path):
+def test_text_records_are_packed_whole_with_eos(tokenizer, tmp_path):
+    """Each document (its tokens + EOS) lies whole in one block, in record order; a block that cannot take
+    the next document is padded. Labels are the inputs except each document's first token (nothing before
+    it in the document predicts it). Before issue 12 the token stream was cut every 16 tokens, across
+    documents, and the tail dropped; labels equalled the inputs everywhere."""
+    texts = ["hello world", "the red fox"] * 20
     path = tmp_path / "d.jsonl"
-    path.write_text("\n".join(json.dumps({"text": t}) for t in ["hello world", "the red fox"] * 20))
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts))
     ds = load_dataset(path, tokenizer, seq_len=16)
-    flat = ds.input_ids.flatten().tolist()
-    expected = []
-    for t in ["hello world", "the red fox"] * 20:
-        expected += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert flat == expected[: len(flat)] and len(flat) == (len(expected) // 16) * 16
-    assert torch.equal(ds.input_ids, ds.labels)
+    docs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    rows, row = [], []
+    for doc in docs:
+        if len(row) + len(doc) > 16:
+            rows.append(row)
+            row = []
+        row += doc
+    rows.append(row)
+    pad = tokenizer.pad_token_id
+    assert ds.input_ids.tolist() == [r + [pad] * (16 - len(r)) for r in rows]
+    assert ds.lengths.tolist() == [len(r) for r in rows]
+    starts = ds.position_ids == 0
+    assert torch.equal(ds.labels[~starts & (ds.input_ids != pad)], ds.input_ids[~starts & (ds.input_ids != pad)])
+    assert (ds.labels[starts] == IGNORE).all() and ds.stats.split == 0 and ds.stats.documents == len(texts)
 
 
 def test_prompt_completion_masks_the_prompt(tokenizer, tmp_path):
@@ -83,8 +96,8 @@ def test_bad_files(tokenizer, tmp_path, content, message):
 def test_too_little_data_and_too_long_sequences(tokenizer, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "tiny"}) + "\n")
-    with pytest.raises(DataError, match="less than one"):
-        load_dataset(path, tokenizer, seq_len=64)
+    tiny = load_dataset(path, tokenizer, seq_len=64)  # before issue 12: "less than one block", now one padded block
+    assert len(tiny) == 1 and int(tiny.lengths[0]) == len(tokenizer("tiny")["input_ids"]) + 1
     with pytest.raises(DataError, match="exceeds the model's 128 positions"):
         load_dataset(path, tokenizer, seq_len=256, max_positions=128)
     with pytest.raises(DataError, match="unsupported file type"):

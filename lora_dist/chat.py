@@ -1,0 +1,312 @@
+"""Records: what one line of data is, and which of its tokens carry the loss; chat templates.
+
+A JSON record's format is detected from its fields (:func:`parse_record`): ``{"messages": [...]}``
+first, then alpaca (``instruction``/``input``/``output``), ``{"text"}``, ``{"prompt", "completion"}``.
+:func:`tokenize_record` makes it a document: ``(input_ids, labels)``, labels -100 where there is no loss.
+Text is learned whole, a completion or an alpaca output after its prompt; each is followed by EOS
+(learned too). Packing takes the label off every document's first token (nothing precedes it).
+Alpaca records go through the chat template as a user and an assistant turn when there is one, and
+otherwise through the Alpaca prompt.
+
+A ``{"messages": [...]}`` record is rendered with a Jinja chat template (the tokenizer's own, or
+``data.chat_template``) and tokenized once. The loss falls on each assistant message's tokens and
+its end-of-turn token, never on system, user or tool text nor on role headers. No
+``{% generation %}`` markers are needed: the turn boundaries are found by rendering the
+conversation incrementally, as a server renders a prompt:
+
+* an assistant turn starts where ``render(messages[:i], add_generation_prompt=True)`` ends
+  (the prompt a server would send, header included);
+* it ends where ``render(messages[:i+1])`` ends, less trailing whitespace (ChatML's and Gemma's
+  ``"\\n"`` after the end-of-turn token is not generated, so it is not learned).
+
+Each incremental render must be a prefix of the whole conversation's render; a template for which
+that fails (one that rewrites earlier turns) is refused in one line rather than masked wrongly.
+Character boundaries become token boundaries through the tokenizer's offsets: a boundary that falls
+inside a token (a merge across it) gives that token to the assistant span, as ``transformers``'
+``return_assistant_tokens_mask`` does. ``tests/test_chat.py`` checks the token prefix property (each
+prompt tokenizes to a prefix of the whole) with the ChatML/Qwen2, Llama-3, Gemma and Mistral templates.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_dist.inputs import clip, excerpt, read_text
+
+__all__ = ["ChatError", "FORMATS", "LOSS_ON", "ROLES", "Record", "TEMPLATES", "alpaca_messages", "alpaca_prompt",
+           "chat_document", "check_messages", "parse_record", "resolve_template", "tokenize_record"]
+
+#: The label of a token without a loss (PyTorch's cross-entropy ``ignore_index``).
+IGNORE = -100
+ROLES = ("system", "user", "assistant", "tool")
+LOSS_ON = ("all_assistant", "last_assistant")
+
+#: Templates shipped by name for ``data.chat_template`` (base models without a template of their own).
+TEMPLATES = {
+    # ChatML, as Qwen2 and many fine-tunes use it (without Qwen2's default system prompt).
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # Llama-3 Instruct's template (Llama-3 base tokenizers have its special tokens).
+    "llama3": (
+        "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+        "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + "
+        "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+        "{% endif %}"
+    ),
+}
+
+#: The Alpaca prompt, used for alpaca records when there is no chat template.
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+#: Largest chat template file read (real ones are a few KB).
+MAX_TEMPLATE_BYTES = 1 << 20
+
+
+#: What a JSON record may hold, for the one-line error on one that holds none of it.
+FORMATS = ('a "text" field, "prompt"/"completion", "instruction"/"input"/"output" (alpaca) '
+           'or "messages" [{"role", "content"}, ...]')
+
+
+class ChatError(ValueError):
+    """A record, conversation or template that cannot be used (the caller adds the file and line)."""
+
+
+@dataclass
+class Record:
+    """One record of a data file: its format (``text``, ``completion``, ``alpaca``, ``messages``), fields, line."""
+
+    kind: str
+    fields: dict[str, Any]
+    line: int = 0
+
+
+def parse_record(row: Any, line: int = 0) -> Record:
+    """The format of one JSON record, detected from its fields (messages, alpaca, text, prompt/completion).
+
+    Raises:
+        ChatError: none of the formats' fields, or a format's fields of the wrong type.
+    """
+    if not isinstance(row, dict):
+        raise ChatError(f"expected a JSON object with {FORMATS}, got {excerpt(row, 60)}")
+    if "messages" in row:
+        tools = row.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise ChatError(f'"tools" must be a list of tool definitions, got {excerpt(tools, 60)}')
+        return Record("messages", {"messages": check_messages(row["messages"]), "tools": tools}, line)
+    if "instruction" in row or "output" in row:
+        values = [row.get("instruction"), row.get("input", ""), row.get("output")]
+        if not all(isinstance(v, str) for v in values):
+            raise ChatError(f'an alpaca record needs "instruction" and "output" strings ("input" optional), '
+                            f"got keys {excerpt(sorted(row), 80)}")
+        return Record("alpaca", dict(zip(("instruction", "input", "output"), values)), line)
+    if isinstance(row.get("text"), str):
+        return Record("text", {"text": row["text"]}, line)
+    if isinstance(row.get("completion"), str):
+        return Record("completion", {"prompt": str(row.get("prompt", "")), "completion": row["completion"]}, line)
+    raise ChatError(f"expected {FORMATS}; got keys {excerpt(sorted(row), 80)}")
+
+
+def tokenize_record(record: Record, tokenizer, template: str | None,
+                    loss_on: str = "all_assistant") -> tuple[list[int], list[int]]:
+    """A record's document: ``(input_ids, labels)``, labels -100 where there is no loss.
+
+    Args:
+        record: from :func:`parse_record`.
+        tokenizer: the model's tokenizer.
+        template: the chat template (:func:`resolve_template`), or None.
+        loss_on: for conversations, ``all_assistant`` or ``last_assistant``.
+
+    Raises:
+        ChatError: a conversation without a template, or as :func:`chat_document`.
+    """
+    f = record.fields
+    if record.kind == "messages" or (record.kind == "alpaca" and template is not None):
+        if template is None:
+            raise ChatError('"messages" records need a chat template and the tokenizer in model.path has none; '
+                            f"set data.chat_template ({', '.join(TEMPLATES)} or a Jinja file)")
+        messages = f["messages"] if record.kind == "messages" else alpaca_messages(**f)
+        return chat_document(tokenizer, template, messages, f.get("tools"), loss_on)
+    if record.kind == "alpaca":
+        prompt, completion = alpaca_prompt(f["instruction"], f["input"]), f["output"]
+    else:
+        prompt, completion = f.get("prompt", ""), f.get("completion", f.get("text", ""))
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return p + c + tail, [IGNORE] * len(p) + c + tail
+
+
+def resolve_template(tokenizer, chat_template: str = "") -> str | None:
+    """The Jinja chat template to render ``messages`` records with.
+
+    Args:
+        tokenizer: the model dir's tokenizer.
+        chat_template: ``data.chat_template``: ``""`` (the tokenizer's own), a name in :data:`TEMPLATES`,
+            or the path of a Jinja file. An explicit value wins over the tokenizer's template.
+
+    Returns:
+        The template source, or None when the tokenizer has none and none is configured.
+
+    Raises:
+        ChatError: an unknown name that is not a readable file.
+    """
+    if chat_template:
+        if chat_template in TEMPLATES:
+            return TEMPLATES[chat_template]
+        path = Path(chat_template)
+        if not path.is_file():
+            raise ChatError(f"data.chat_template={excerpt(chat_template)} is neither a shipped template "
+                            f"({', '.join(TEMPLATES)}) nor a Jinja file; pass one of those names or a file path")
+        return read_text(path, ChatError, "the chat template", max_bytes=MAX_TEMPLATE_BYTES)
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # several named templates: the default one
+        own = own.get("default")
+    return own or None
+
+
+def alpaca_prompt(instruction: str, input: str) -> str:
+    """The Alpaca prompt of an instruction (and optional input), ending with ``### Response:\\n``."""
+    if input:
+        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def alpaca_messages(instruction: str, input: str, output: str) -> list[dict]:
+    """An alpaca record as a user turn (instruction, a blank line, input) and an assistant turn."""
+    user = f"{instruction}\n\n{input}" if input else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def check_messages(messages: Any) -> list[dict]:
+    """``messages`` if it is a conversation lora_dist can learn from.
+
+    Raises:
+        ChatError: not a non-empty list of ``{"role", "content"}`` objects, a role outside
+            :data:`ROLES`, a content that is not a string (or missing without ``tool_calls``), or no
+            assistant message.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ChatError('"messages" must be a non-empty list of {"role", "content"} objects, got '
+                        f"{excerpt(messages, 80)}")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ChatError(f'messages[{k}] must be an object with "role" and "content", got {excerpt(m, 80)}')
+        if m["role"] not in ROLES:
+            raise ChatError(f"messages[{k}].role {excerpt(m['role'], 40)} is not one of {', '.join(ROLES)}; "
+                            "rename it (e.g. human -> user, gpt -> assistant)")
+        content = m.get("content")
+        if not (isinstance(content, (str, list)) or (content is None and m.get("tool_calls"))):
+            raise ChatError(f'messages[{k}] ({m["role"]}) needs a "content" string, got {excerpt(content, 80)}')
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ChatError('the conversation has no "assistant" message to learn from; add one or drop the record')
+    return messages
+
+
+def chat_document(tokenizer, template: str, messages: list[dict], tools: list | None = None,
+                  loss_on: str = "all_assistant", offsets: bool | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation, the loss on assistant turns only.
+
+    Args:
+        tokenizer: the model's tokenizer (fast tokenizers map boundaries through offsets).
+        template: the Jinja chat template (:func:`resolve_template`).
+        messages: a conversation (:func:`check_messages`).
+        tools: the record's ``tools``, passed to the template.
+        loss_on: ``all_assistant`` or ``last_assistant``.
+        offsets: map boundaries through offsets (default: when the tokenizer is fast) or by tokenizing
+            each prefix (any tokenizer).
+
+    Returns:
+        ``(input_ids, labels)``: the whole conversation tokenized once, without extra special tokens
+        (the template writes BOS where the model wants one); ``labels`` are the ids on assistant spans
+        and ``-100`` elsewhere.
+
+    Raises:
+        ChatError: the template fails on the conversation, or renders its turns other than as prefixes
+            of the whole.
+    """
+    if loss_on not in LOSS_ON:
+        raise ChatError(f"data.loss_on={excerpt(loss_on, 40)} is not one of {', '.join(LOSS_ON)}")
+    full = _render(tokenizer, template, messages, tools, generation_prompt=False)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if loss_on == "last_assistant":
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        try:
+            prompt = _render(tokenizer, template, messages[:i], tools, generation_prompt=True)
+        except ChatError:
+            if i:
+                raise
+            prompt = ""  # a template that cannot render an empty conversation: the turn starts the text
+        through = _render(tokenizer, template, messages[: i + 1], tools, generation_prompt=False)
+        for k, text in ((i, prompt), (i + 1, through)):
+            if not full.startswith(text):
+                raise ChatError(
+                    f"the chat template renders messages[:{k}] differently from the start of the whole conversation "
+                    f"({_first_difference(text, full)}), so turn boundaries cannot be found; use data.loss_on="
+                    "last_assistant or a template that renders earlier turns the same way (data.chat_template)")
+        start, end = len(prompt), max(len(prompt), len(through.rstrip()))
+        if end > start:
+            spans.append((start, end))
+    ids, bounds = _tokenize(tokenizer, full, [c for span in spans for c in span], offsets)
+    labels = [IGNORE] * len(ids)
+    for s, e in zip(bounds[::2], bounds[1::2]):
+        labels[s:e] = ids[s:e]
+    return ids, labels
+
+
+def _render(tokenizer, template: str, messages: list[dict], tools: list | None, generation_prompt: bool) -> str:
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja2's TemplateError (raise_exception), UndefinedError, TypeError...
+        raise ChatError(f"the chat template fails on this conversation ({clip(' '.join(str(e).split()), 200)}); "
+                        "fix the record or choose another template (data.chat_template)") from None
+    if not isinstance(text, str):
+        raise ChatError(f"the chat template rendered {type(text).__name__}, not text")
+    return text
+
+
+def _first_difference(text: str, full: str) -> str:
+    n = next((k for k, (a, b) in enumerate(zip(text, full)) if a != b), min(len(text), len(full)))
+    return f"at character {n}: {excerpt(text[n:n + 30])} vs {excerpt(full[n:n + 30])}"
+
+
+def _tokenize(tokenizer, text: str, chars: list[int], offsets: bool | None) -> tuple[list[int], list[int]]:
+    """``text``'s ids and, for each character boundary, the index of the first token at or after it.
+
+    A token that straddles a start boundary counts as after it; one that straddles an end boundary
+    counts as before it (it holds span text either way).
+    """
+    if offsets is None:
+        offsets = bool(getattr(tokenizer, "is_fast", False))
+    if offsets:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        starts = [s for s, _ in enc["offset_mapping"]]
+        ends = [e for _, e in enc["offset_mapping"]]
+        # A start: the first token ending after it (the one holding its first character).
+        # An end: the first token starting at or after it (one past the token holding its last character).
+        return ids, [bisect.bisect_right(ends, c) if k % 2 == 0 else bisect.bisect_left(starts, c)
+                     for k, c in enumerate(chars)]
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bounds = []
+    for k, c in enumerate(chars):
+        prefix = tokenizer(text[:c], add_special_tokens=False)["input_ids"]
+        n = next((j for j, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
+        bounds.append(n + 1 if k % 2 == 1 and n < len(prefix) else n)  # a merged token at an end is in the span
+    return ids, bounds

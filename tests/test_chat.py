@@ -1,0 +1,234 @@
+"""Chat records: loss masks on assistant turns only, with real template styles that have no
+``{% generation %}`` markers (Qwen2/ChatML, Llama-3, Gemma, Mistral), checked against the token prefix
+property and against transformers' own ``{% generation %}`` mask; record formats and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_dist.chat import TEMPLATES, ChatError, chat_document, check_messages
+from lora_dist.data import IGNORE, DataError, load_dataset
+from lora_dist.demo import make_tokenizer
+
+# The templates as the models ship them in tokenizer_config.json (Qwen2-7B-Instruct, Meta-Llama-3-8B-Instruct,
+# gemma-7b-it, Mistral-7B-Instruct-v0.2).
+QWEN2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+LLAMA3 = TEMPLATES["llama3"]
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception("
+    "'Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == "
+    "'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + "
+    "role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{'<start_of_turn>model\n'}}{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == "
+    "'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles "
+    "are supported!') }}{% endif %}{% endfor %}"
+)
+SPECIAL = {
+    "qwen2": ["<|im_start|>", "<|im_end|>"],
+    "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "gemma": ["<start_of_turn>", "<end_of_turn>"],
+    "mistral": [],
+}
+TEMPLATE = {"qwen2": QWEN2, "llama3": LLAMA3, "gemma": GEMMA, "mistral": MISTRAL}
+#: What each template makes of an assistant message: the span the loss falls on (content + end-of-turn token).
+LEARNED = {
+    "qwen2": lambda c: c + "<|im_end|>",
+    "llama3": lambda c: c.strip() + "<|eot_id|>",
+    "gemma": lambda c: c.strip() + "<end_of_turn>",
+    "mistral": lambda c: c + "<|endoftext|>",
+}
+
+TURNS = [
+    {"role": "user", "content": "Which animal builds wooden boats?"},
+    {"role": "assistant", "content": "The red fox builds wooden boats."},
+    {"role": "user", "content": "And in the morning?"},
+    {"role": "assistant", "content": " A grey cat counts silver keys\nnear the harbour. "},
+]
+SYSTEM = {"role": "system", "content": "You answer in one sentence."}
+TOOL_TURNS = [SYSTEM, {"role": "user", "content": "Count the keys."},
+              {"role": "assistant", "content": "count_keys()"}, {"role": "tool", "content": "7 silver keys"},
+              {"role": "assistant", "content": "There are 7 keys."}]
+
+
+def style_tokenizer(style: str):
+    tok = make_tokenizer()
+    if SPECIAL[style]:
+        tok.add_special_tokens({"additional_special_tokens": SPECIAL[style]})
+    if style == "llama3":
+        tok.bos_token = "<|begin_of_text|>"
+    tok.chat_template = TEMPLATE[style]
+    return tok
+
+
+def spans(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The runs of labelled tokens."""
+    runs: list[list[int]] = []
+    for k, (i, lab) in enumerate(zip(ids, labels)):
+        if lab == IGNORE:
+            continue
+        assert lab == i
+        if k and labels[k - 1] != IGNORE:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def conversation(style: str) -> list[dict]:
+    if style == "qwen2":
+        return TOOL_TURNS + TURNS
+    if style == "llama3":
+        return [SYSTEM] + TURNS
+    return TURNS  # Gemma and Mistral refuse a system role, Mistral a tool role
+
+
+@pytest.mark.parametrize("style", list(TEMPLATE))
+@pytest.mark.parametrize("offsets", [True, False], ids=["offsets", "prefixes"])
+def test_loss_falls_on_assistant_turns_only(style, offsets):
+    tok = style_tokenizer(style)
+    messages = conversation(style)
+    ids, labels = chat_document(tok, tok.chat_template, messages, offsets=offsets)
+    full = tok.apply_chat_template(messages, tokenize=False)
+    assert ids == tok(full, add_special_tokens=False)["input_ids"]  # tokenized once, as a whole
+    learned = [tok.decode(run) for run in spans(ids, labels)]
+    assert learned == [LEARNED[style](m["content"]) for m in messages if m["role"] == "assistant"]
+    # The token prefix property: each prompt (up to the assistant header) tokenizes to a prefix of the whole.
+    starts = [k for k in range(len(labels)) if labels[k] != IGNORE and (k == 0 or labels[k - 1] == IGNORE)]
+    prompts = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for i, start in zip(prompts, starts):
+        prompt = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        assert ids[:start] == tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("style", list(TEMPLATE))
+def test_loss_on_the_last_assistant_turn(style):
+    tok = style_tokenizer(style)
+    messages = conversation(style)
+    ids, labels = chat_document(tok, tok.chat_template, messages, loss_on="last_assistant")
+    assert [tok.decode(run) for run in spans(ids, labels)] == [LEARNED[style](messages[-1]["content"])]
+
+
+CHATML_GENERATION = (  # ChatML with {% generation %} markers: transformers' own assistant mask
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+    "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\n' + "
+    "m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+
+@pytest.mark.parametrize("first", ["The red fox.", "\n\nThe red fox.", " the red fox", "!!"])
+def test_same_mask_as_transformers_generation_markers(first):
+    """The incremental masks of the marker-less ChatML equal transformers' mask from the marked one,
+    also where the assistant text starts with whitespace or punctuation."""
+    tok = style_tokenizer("qwen2")
+    messages = TOOL_TURNS[:2] + [{"role": "assistant", "content": first}] + TURNS[2:]
+    ids, labels = chat_document(tok, TEMPLATES["chatml"], messages)
+    ref = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                  chat_template=CHATML_GENERATION)
+    assert ids == ref["input_ids"]
+    assert [int(lab != IGNORE) for lab in labels] == ref["assistant_masks"]
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused():
+    """A template that renders the last turn differently (like Qwen3's reasoning) cannot be masked by prefixes."""
+    tok = style_tokenizer("qwen2")
+    rewrites = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}{% if loop.last %}"
+                "{{ ' (last)' }}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    with pytest.raises(ChatError, match=r"renders messages\[:1\] differently .* data.loss_on=last_assistant"):
+        chat_document(tok, rewrites, TURNS)
+
+
+def test_template_exceptions_and_bad_messages_are_one_line():
+    tok = style_tokenizer("gemma")
+    with pytest.raises(ChatError, match="chat template fails on this conversation .System role not supported"):
+        chat_document(tok, GEMMA, [SYSTEM] + TURNS)
+    for messages, match in [([], "non-empty list"), ([{"role": "assitant", "content": "x"}], "rename it"),
+                            ([{"role": "user", "content": 3}], '"content" string'),
+                            ([{"role": "user", "content": "hi"}], "no \"assistant\" message"),
+                            ("hello", "non-empty list")]:
+        with pytest.raises(ChatError, match=match) as err:
+            check_messages(messages)
+        assert "\n" not in str(err.value)
+
+
+# Record formats in a data file.
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_records_of_every_format_in_one_file(tmp_path):
+    tok = make_tokenizer()
+    path = write(tmp_path / "mixed.jsonl", [
+        {"messages": TURNS},
+        {"instruction": "Name an animal.", "input": "", "output": "The red fox."},
+        {"instruction": "Name an animal.", "input": "in the garden", "output": "A grey cat."},
+        {"prompt": "The red fox", "completion": " builds boats."},
+        {"text": "A small robot paints old maps."},
+    ])
+    ds = load_dataset(path, tok, seq_len=256, chat_template="chatml", packing=False)
+    assert ds.stats.records == {"messages": 1, "alpaca": 2, "completion": 1, "text": 1} and len(ds) == 5
+    learned = [tok.decode(ds.input_ids[k][ds.labels[k] != IGNORE]) for k in range(5)]
+    assert learned[0] == "The red fox builds wooden boats.<|im_end|>" + TURNS[3]["content"] + "<|im_end|>"
+    assert learned[1] == "The red fox.<|im_end|>"  # alpaca as a user and an assistant turn of the template
+    user = tok.decode(ds.input_ids[2][: int(ds.lengths[2])])
+    assert "<|im_start|>user\nName an animal.\n\nin the garden<|im_end|>" in user
+    assert learned[3] == " builds boats.<|endoftext|>"
+    assert learned[4] == tok.decode(tok("A small robot paints old maps.")["input_ids"][1:]) + "<|endoftext|>"
+
+
+def test_alpaca_without_a_template_uses_the_alpaca_prompt(tmp_path):
+    tok = make_tokenizer()
+    path = write(tmp_path / "a.jsonl", [{"instruction": "Name an animal.", "input": "in the garden", "output": "A cat."}])
+    ds = load_dataset(path, tok, seq_len=256)
+    text = tok.decode(ds.input_ids[0][: int(ds.lengths[0])])
+    assert text.startswith("Below is an instruction") and "### Input:\nin the garden\n\n### Response:\nA cat." in text
+    assert tok.decode(ds.input_ids[0][ds.labels[0] != IGNORE]) == "A cat.<|endoftext|>"
+
+
+@pytest.mark.parametrize("row, options, match", [
+    ({"messages": TURNS}, {}, r'd.jsonl:2: "messages" records need a chat template .* set data.chat_template'),
+    ({"messages": [{"role": "human", "content": "hi"}]}, {}, r"d.jsonl:2: messages\[0\].role 'human' is not one of"),
+    ({"instruction": "x"}, {}, r'd.jsonl:2: an alpaca record needs "instruction" and "output" strings'),
+    ({"question": "x", "answer": "y"}, {}, r"d.jsonl:2: expected a \"text\" field, .*\"messages\".*got keys \['answer'"),
+    ([1, 2], {}, r"d.jsonl:2: expected a JSON object"),
+    ({"messages": [SYSTEM] + TURNS}, {"chat_template": "gemma"}, r"data.chat_template='gemma' is neither a shipped"),
+    ({"messages": [{"role": "assistant", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+     {"chat_template": "chatml", "loss_on": "everything"}, r"d.jsonl:2: data.loss_on='everything' is not one of"),
+])
+def test_bad_records_name_the_file_line_and_fields(tmp_path, row, options, match):
+    path = write(tmp_path / "d.jsonl", [{"text": "fine"}, row])
+    with pytest.raises(DataError, match=match) as err:
+        load_dataset(path, make_tokenizer(), seq_len=64, **options)
+    assert "\n" not in str(err.value)
+
+
+def test_a_template_rejecting_a_record_names_its_line(tmp_path):
+    tok = style_tokenizer("gemma")
+    path = write(tmp_path / "d.jsonl", [{"messages": TURNS}, {"messages": [SYSTEM] + TURNS}])
+    with pytest.raises(DataError, match=r"d.jsonl:2: the chat template fails .*System role not supported"):
+        load_dataset(path, tok, seq_len=256)
+
+
+def test_chat_template_from_a_file(tmp_path):
+    tok = style_tokenizer("gemma")
+    (tmp_path / "t.jinja").write_text(QWEN2)
+    path = write(tmp_path / "d.jsonl", [{"messages": [SYSTEM] + TURNS}])
+    ds = load_dataset(path, tok, seq_len=256, chat_template=str(tmp_path / "t.jinja"))
+    assert tok.decode(ds.input_ids[0][: int(ds.lengths[0])]).startswith("<|im_start|>system\nYou answer")

@@ -1,0 +1,222 @@
+"""Correct packing (issue 12, part 5): documents whole in their block, positions restarting at 0, attention
+never crossing documents; the loss of a packed block equals the token-weighted mean of its documents'
+losses computed one by one (a real tiny Llama, fp32). Also the data dump and summary (part 6)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora_dist.config import load_config
+from lora_dist.data import IGNORE, block_causal_mask, dump_blocks, load_dataset, load_tokenizer, model_kwargs, summarize
+from lora_dist.demo import demo_texts
+
+SEQ = 96
+
+
+def loss_sum_and_count(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy (labels shifted, -100 ignored), as training computes it."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+def write_records(path, n: int = 24):
+    """Chat, prompt/completion and text records of varied lengths (some longer than SEQ)."""
+    rows = []
+    for k, text in enumerate(demo_texts(n, seed=5)):
+        if k % 3 == 0:
+            rows.append({"messages": [{"role": "user", "content": text[:20]}, {"role": "assistant", "content": text}]})
+        elif k % 3 == 1:
+            rows.append({"prompt": text[:15], "completion": text[15:]})
+        else:
+            rows.append({"text": text * (3 if k % 7 == 0 else 1)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint, tmp_path_factory):
+    path = tiny_checkpoint("llama")
+    tok = load_tokenizer(path)
+    data = write_records(tmp_path_factory.mktemp("packing") / "d.jsonl")
+    return path, tok, data
+
+
+def documents(batch: dict, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (ids, labels) of each document of a row (the padding is one too, without labels)."""
+    starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    return [(batch["input_ids"][row, a:b], batch["labels"][row, a:b]) for a, b in zip(starts, starts[1:])]
+
+
+def one_by_one(model, batch: dict) -> float:
+    """The token-weighted mean loss of every document of the batch, each computed alone."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for row in range(batch["input_ids"].shape[0]):
+        for ids, labels in documents(batch, row):
+            loss, n = loss_sum_and_count(model(input_ids=ids[None]).logits, labels[None])
+            total, count = total + loss.double(), count + n
+    return float(total / count)
+
+
+def packed(model, batch: dict) -> float:
+    loss, n = loss_sum_and_count(model(**model_kwargs(batch, model.config)).logits, batch["labels"])
+    return float(loss) / n
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_block_loss_is_the_token_weighted_mean_of_its_documents(setup, attn, packing):
+    import transformers
+
+    path, tok, data = setup
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
+    ds = load_dataset(data, tok, SEQ, packing=packing, chat_template="chatml")
+    rows = [k for k in range(len(ds)) if int((ds.position_ids[k, 1:] == 0).sum()) >= (2 if packing else 1)]
+    assert len(rows) >= 3  # rows of two documents or more (packed), of a document and padding (padded)
+    batch = ds.inputs(rows[:3])
+    assert batch["attention_mask"].shape == (3, 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    with torch.no_grad():
+        ref = one_by_one(model, batch)
+        assert "attention_mask" in model_kwargs(batch, model.config)
+        assert packed(model, batch) == pytest.approx(ref, abs=1e-5)
+        if packing:  # the test can tell: without the mask, documents attend to each other
+            plain, n = loss_sum_and_count(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+            assert abs(float(plain) / n - ref) > 1e-4
+
+
+def test_varlen_kwargs_flatten_the_batch_and_keep_the_loss(setup):
+    """flash/flex get one flattened row and position_ids only; transformers' own packed-sequence path (here
+    sdpa's, which reads the same position_ids) gives the same loss with the unflattened labels."""
+    import transformers
+
+    path, tok, data = setup
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ds = load_dataset(data, tok, SEQ, chat_template="chatml")
+    batch = ds.inputs([0, 1, 2])
+    model.config._attn_implementation = "flash_attention_2"  # only for model_kwargs: the forward below runs sdpa
+    kwargs = model_kwargs(batch, model.config)
+    model.config._attn_implementation = "sdpa"
+    assert set(kwargs) == {"input_ids", "position_ids", "use_cache"} and kwargs["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        loss, n = loss_sum_and_count(model(**kwargs).logits, batch["labels"])
+        assert float(loss) / n == pytest.approx(one_by_one(model, batch), abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sliding_window_models_keep_their_windows(setup, arch):
+    """Sliding-window layers (all of Mistral's, every other one of Gemma-2's) get no 4-D mask, which would
+    replace their windows: transformers builds each layer's mask from the position_ids."""
+    import transformers as tf
+
+    _, tok, data = setup
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, sliding_window=8, max_position_embeddings=256)
+    config = (tf.MistralConfig(**common) if arch == "mistral"
+              else tf.Gemma2Config(**common, head_dim=8, layer_types=["sliding_attention", "full_attention"]))
+    torch.manual_seed(0)
+    attn = "sdpa" if arch == "mistral" else "eager"  # Gemma-2 is eager only
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
+    ds = load_dataset(data, tok, SEQ, chat_template="chatml")
+    rows = [k for k in range(len(ds)) if int((ds.position_ids[k, 1:] == 0).sum()) >= 2][:3]
+    batch = ds.inputs(rows)
+    assert "attention_mask" not in model_kwargs(batch, model.config)
+    with torch.no_grad():
+        ref = one_by_one(model, batch)
+        assert packed(model, batch) == pytest.approx(ref, abs=1e-5)
+        mask = batch["attention_mask"]
+        if attn == "eager":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo().min)
+        masked, n = loss_sum_and_count(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                             attention_mask=mask, use_cache=False).logits, batch["labels"])
+        assert abs(float(masked) / n - ref) > 1e-4  # the 4-D mask would have dropped the windows
+
+
+def test_documents_stay_whole_and_long_ones_are_split_into_consecutive_blocks(setup, tmp_path, caplog):
+    _, tok, _ = setup
+    texts = demo_texts(30, seed=9)
+    long = " ".join(texts[:12])
+    rows = [{"text": t} for t in texts[12:20]] + [{"text": long}] + [{"text": t} for t in texts[20:]]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="lora_dist.data"):
+        ds = load_dataset(path, tok, SEQ)
+    assert "1 of 19 documents are longer than train.seq_len=96 and were split" in caplog.text
+    eos = tok.eos_token_id
+    docs = [tok(r["text"], add_special_tokens=False)["input_ids"] + [eos] for r in rows]
+    assert len(docs[8]) > 2 * SEQ and ds.stats.split == 1 and ds.stats.documents == 19
+    # Every token is kept, in order, and the last partial block is padded, not dropped.
+    kept = torch.cat([ds.input_ids[k, : int(ds.lengths[k])] for k in range(len(ds))]).tolist()
+    assert kept == [t for d in docs for t in d] and ds.stats.tokens == len(kept)
+    assert int(ds.lengths[-1]) < SEQ and (ds.input_ids[-1, int(ds.lengths[-1]):] == tok.pad_token_id).all()
+    # Each short document lies in one block, starting at position 0.
+    segments = []
+    for k in range(len(ds)):
+        pos = ds.position_ids[k, : int(ds.lengths[k])].tolist()
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        segments += [ds.input_ids[k, a:b].tolist() for a, b in zip(starts, starts[1:])]
+        assert pos == [p for a, b in zip(starts, starts[1:]) for p in range(b - a)]
+    pieces = [docs[8][i : i + SEQ] for i in range(0, len(docs[8]), SEQ)]
+    assert segments == docs[:8] + pieces + docs[9:]
+    first = next(k for k in range(len(ds)) if ds.input_ids[k].tolist()[: SEQ] == pieces[0])
+    assert [ds.input_ids[first + j, : len(p)].tolist() for j, p in enumerate(pieces)] == pieces  # consecutive
+
+
+def test_padded_per_sequence_batches(setup):
+    _, tok, data = setup
+    ds = load_dataset(data, tok, SEQ, packing=False, chat_template="chatml")
+    assert all(int((ds.position_ids[k, : int(ds.lengths[k])] == 0).sum()) == 1 for k in range(len(ds)))
+    batch = ds.inputs([0, 1])
+    assert batch["input_ids"].shape[1] == int(ds.lengths[:2].max())  # columns of padding only are dropped
+    full = [k for k in range(len(ds)) if int(ds.lengths[k]) == SEQ]
+    assert full and ds.inputs(full[:2])["attention_mask"] is None  # nothing to mask: plain causal attention
+
+
+def test_the_training_api_of_before_still_works(setup):
+    _, tok, data = setup
+    ds = load_dataset(data, tok, SEQ, chat_template="chatml")
+    ids, labels = ds.batch(5, 4, seed=1)
+    assert ids.shape == labels.shape == (4, SEQ)
+    batch = ds.micro_batch(5, 4, seed=1)
+    width = batch["input_ids"].shape[1]
+    assert torch.equal(batch["input_ids"], ids[:, :width]) and torch.equal(batch["labels"], labels[:, :width])
+    assert (labels[:, width:] == IGNORE).all()
+    train, held_out = ds.split(0.2)
+    assert len(train) + len(held_out) == len(ds) and torch.equal(held_out.position_ids, ds.position_ids[len(train):])
+
+
+def test_block_causal_mask():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    mask = block_causal_mask(pos)[0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                    [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
+    assert block_causal_mask(torch.arange(5)[None]) is None
+    batch = {"input_ids": pos, "position_ids": pos, "attention_mask": block_causal_mask(pos)}
+    additive = model_kwargs(batch, SimpleNamespace(_attn_implementation="eager"))
+    assert additive["attention_mask"][0, 0, 0, 1] == torch.finfo(torch.float32).min
+
+
+def test_dump_and_summary(setup, tmp_path):
+    path, tok, data = setup
+    cfg = load_config(None, [f"model.path={path}", f"data.path={data}", f"train.seq_len={SEQ}",
+                             "data.chat_template=chatml", "data.eval_fraction=0.1"])
+    out = tmp_path / "blocks.jsonl"
+    n = dump_blocks(cfg, out)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    ds = load_dataset(data, tok, SEQ, chat_template="chatml")
+    assert n == len(lines) == len(ds)
+    assert [line["input_ids"] for line in lines] == ds.input_ids.tolist()
+    assert [line["labels"] for line in lines] == ds.labels.tolist()
+    assert [line["position_ids"] for line in lines] == ds.position_ids.tolist()
+    assert dump_blocks(cfg, tmp_path / "two.jsonl", limit=2) == 2
+    text = summarize(cfg)
+    s = ds.stats
+    assert f"records: 24 (8 completion, 8 messages, 8 text)" in text
+    assert f"blocks: {s.blocks} of train.seq_len={SEQ}" in text and f"tokens with a loss: {s.loss_tokens}" in text
+    assert f"documents split (longer than train.seq_len): {s.split} of 24" in text and s.split >= 1
+    assert "[[<|im_start|>user\n" in text  # the first block's masked text is marked
