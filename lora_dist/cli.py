@@ -225,6 +225,29 @@ def _verify(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- slurm, plan, bench
 
 
+def _data_parser(prog: str) -> argparse.ArgumentParser:
+    p = _config_parser(prog, "Show what the model will see: records per format, packed blocks, tokens, the share "
+                       "with a loss, documents split, and the first block with the text that carries no loss "
+                       "marked [[like this]]. With --dump, write every block as JSON lines.",
+                       "dotted overrides, e.g. data.path=chat.jsonl train.seq_len=2048")
+    p.add_argument("--dump", default=None, metavar="OUT.jsonl",
+                   help="write each block, in training order before shuffling: input_ids, labels (-100: no loss), "
+                   "position_ids")
+    p.add_argument("--limit", type=int, default=None, help="with --dump: at most this many blocks")
+    return p
+
+
+def _data(args: argparse.Namespace) -> int:
+    from lora_dist.data import dump_blocks, summarize
+
+    cfg = _config_and_overrides(args)
+    if args.dump is None:
+        print(summarize(cfg))
+    else:
+        print(f"wrote {dump_blocks(cfg, args.dump, args.limit)} blocks to {args.dump}")
+    return EXIT_OK
+
+
 def _slurm_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Render slurm/multi_node.sbatch for CONFIG and submit it "
                                 "with sbatch.", epilog=_EXIT_CODES)
@@ -299,6 +322,7 @@ def _bench(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "train": Command("run a LoRA fine-tune", _train_parser, _train),
     "demo": Command("build a tiny Llama, fine-tune it on 2 CPU processes, export merged", _demo_parser, _demo),
+    "data": Command("show (or --dump) the training blocks a config makes from its data", _data_parser, _data),
     "export": Command("write the merged checkpoint of a finished run, sharded like training", _export_parser, _export),
     "merge": Command("merge a PEFT-format LoRA adapter into a base checkpoint (streaming, no full load)",
                      _merge_parser, _merge),

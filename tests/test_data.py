@@ -135,3 +135,25 @@ def test_bom_and_crlf_files_read_as_before(tokenizer, tmp_path):
     lf.write_text("first paragraph.\n\nsecond one.\n\n" * 30)
     crlf.write_bytes(lf.read_bytes().replace(b"\n", b"\r\n"))
     assert torch.equal(load_dataset(crlf, tokenizer, 16).input_ids, load_dataset(lf, tokenizer, 16).input_ids)
+
+
+def test_data_command_summarizes_and_dumps_what_the_model_sees(tiny_checkpoint, tmp_path, capsys):
+    from lora_dist.cli import main
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
+                                                     {"role": "assistant", "content": f"hello {i}"}]}) + "\n"
+                            for i in range(12)))
+    common = [f"model.path={tiny_checkpoint('llama')}", f"data.path={data}", "data.chat_template=chatml",
+              "train.seq_len=256", "data.eval_fraction=0"]
+    assert main(["data", *common]) == 0
+    summary = capsys.readouterr().out
+    assert "records: 12 (12 messages)" in summary and "tokens with a loss" in summary and "[[" in summary
+    out = tmp_path / "blocks.jsonl"
+    assert main(["data", *common, "--dump", str(out), "--limit", "3"]) == 0  # options after overrides
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) == 256
+        assert any(label != IGNORE for label in row["labels"]) and any(label == IGNORE for label in row["labels"])
+        assert row["position_ids"][0] == 0
