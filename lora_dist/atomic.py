@@ -7,10 +7,14 @@ swapped out in one atomic ``renameat2(RENAME_EXCHANGE)`` and removed only once
 the new one is in place, so a crash at any moment leaves either the old or the
 new version under the final name, never neither. Filesystems without the
 exchange (some network filesystems) get two renames, and the next writer or
-reader of that path puts a version left aside back (:func:`recover`).
+reader of that path puts a version left aside back (:func:`recover`): a writer killed
+between the two renames leaves the previous version under ``.NAME.old-*``, never
+nothing.
 
-Staging dirs get the umask's permissions, like any directory the user creates
-(not ``mkdtemp``'s 0700), so teammates can read what a shared run wrote.
+Everything published gets the umask's permissions, like any file the user
+creates: staging dirs are made with ``mkdir`` (not ``mkdtemp``'s 0700), and the
+files in them, which some writers create 0600 (safetensors does), are set to
+``0666 & ~umask`` before the publish, so teammates can read what a shared run wrote.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["fsync", "publish_dir", "recover", "rename_exchange", "staging_dir", "write_text_atomic", "writing_dir"]
+__all__ = ["fsync", "publish_dir", "recover", "rename_exchange", "staging_dir", "umask", "write_text_atomic",
+           "writing_dir"]
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -51,6 +56,28 @@ def fsync(path: str | os.PathLike) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _umask_permissions(root: Path) -> None:
+    """Files under ``root`` get ``0666 & ~umask``, dirs ``0777 & ~umask`` (links are left alone)."""
+    mask = umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -113,7 +140,7 @@ def _remove(path: Path) -> None:
 
 
 def publish_dir(staging: str | os.PathLike, final: str | os.PathLike, *, replace: bool = False) -> Path:
-    """fsync ``staging`` and its files, then rename it to ``final``.
+    """Give ``staging`` and its files the umask's permissions, fsync them, then rename it to ``final``.
 
     Args:
         staging: a dir made by :func:`staging_dir` for ``final``.
@@ -124,6 +151,7 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike, *, replace
         FileExistsError: ``final`` exists and ``replace`` is False (``staging`` is left for the caller).
     """
     staging, final = Path(staging), Path(final)
+    _umask_permissions(staging)
     for f in staging.rglob("*"):
         if f.is_file():
             fsync(f)
@@ -150,19 +178,39 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike, *, replace
     return final
 
 
-def recover(final: str | os.PathLike) -> None:
-    """Undo what a writer killed mid-publish left: put a version set aside back where ``final`` is missing,
-    and remove staging dirs and versions set aside once ``final`` is in place."""
+def recover(final: str | os.PathLike, *, cleanup: bool = True) -> bool:
+    """Undo what a writer killed mid-publish left next to ``final``.
+
+    Where ``final`` is missing and a version set aside by :func:`publish_dir` (two
+    renames, no exchange) is there, the newest one is put back. With ``cleanup``,
+    staging dirs and the other versions set aside are removed too: only the one
+    writer of ``final`` may do that (a reader would delete a live writer's staging
+    dir); readers pass ``cleanup=False``.
+
+    Args:
+        final: the published path (a dir or a file).
+        cleanup: also remove leftovers (writers only).
+
+    Returns:
+        Whether a version set aside was put back.
+    """
     final = Path(final)
     parent = final.parent
     if not parent.is_dir():
-        return
+        return False
     aside = sorted((p for p in parent.glob(_aside_prefix(final) + "*")), key=lambda p: p.stat().st_mtime)
+    restored = False
     if not os.path.lexists(final) and aside:
-        os.replace(aside.pop(), final)
+        try:
+            os.replace(aside.pop(), final)
+            restored = True
+        except FileNotFoundError:  # another reader put it back first
+            pass
         fsync(parent)
-    for leftover in [*aside, *parent.glob(_staging_prefix(final) + "*")]:
-        _remove(leftover)
+    if cleanup:
+        for leftover in [*aside, *parent.glob(_staging_prefix(final) + "*")]:
+            _remove(leftover)
+    return restored
 
 
 @contextlib.contextmanager

@@ -1,21 +1,84 @@
-"""Resumable training state: LoRA weights, optimizer, step, data position.
+"""Resumable training state: LoRA weights, optimizer, step, data position; and what training may write.
 
 The frozen base is never written. A checkpoint is a directory::
 
     checkpoints/step-000040/
         lora.safetensors        LoRA tensors by the model's own names
         optimizer.safetensors   AdamW exp_avg / exp_avg_sq per LoRA tensor, full (not sharded)
-        state.json              step, samples consumed, base identity, LoRA settings, world size, strategy
+        state.json              step, samples consumed, run id, base identity, LoRA settings, world size, strategy
 
 Everything is stored whole and by parameter name, so a run resumes on another
-world size or strategy. Writes are atomic and durable: a temporary sibling dir
-is fsynced and renamed, and the ``latest`` pointer is replaced last, each rename
-fsynced. Non-finite state is never written. A checkpoint that fails to read
-falls back to the previous good one; one made with other LoRA settings or
-shapes is refused.
+world size or strategy. Writes are atomic and durable (:mod:`lora_dist.atomic`):
+a staging sibling dir is fsynced and renamed into place, then the ``latest``
+pointer is replaced, each rename fsynced. Non-finite state is never written.
 
 Dropout randomness is re-derived from ``(train.seed, step, rank)`` every step,
 so no RNG state needs saving and a resumed run draws the same masks.
+
+Checkpoints belong to a run
+---------------------------
+Every checkpoint's ``state.json`` records the ``run_id`` of its run dir's marker
+(:func:`lora_dist.outputs.prepare_run_dir`). Checkpoints written before run ids
+existed (no ``run_id``) are taken as the run dir's own.
+
+* **Pruning** (after each save, rank 0) looks only at this run's checkpoints and
+  orders them by the step in their ``state.json``, never by name: the newest
+  ``checkpoint.keep`` up to the step just saved are kept (``keep <= 0`` keeps all);
+  this run's checkpoints *after* that step are from before a rollback (a resume
+  from an earlier step) and are removed. The checkpoint just saved, which
+  ``latest`` names, is never removed. Another run's dirs, dirs without a
+  readable ``state.json`` and anything not named ``step-N`` are never touched.
+* **``latest``** is replaced only after its checkpoint is complete and durable,
+  and always names an existing, complete checkpoint of this run: when a resume
+  falls back past a broken one, ``latest`` is pointed at the checkpoint resumed.
+* **A fresh run over an earlier run's checkpoints is refused** (we chose refusing
+  over moving them aside: nothing is renamed behind the user's back).
+  ``checkpoint.resume=never`` with any ``step-*`` dir in ``checkpoints/`` is a
+  one-line error naming the fixes (``checkpoint.resume=auto``, move
+  ``checkpoints/`` away, or a new ``output.dir``).
+* **``checkpoint.resume=auto`` never resumes another run's checkpoint**: a
+  ``checkpoints/`` dir holding a ``step-*`` dir of another run, or one whose
+  ``state.json`` is unreadable (whose run cannot be told), is refused before any
+  work, whether or not ``latest`` is valid. Within this run, a checkpoint that fails
+  to read (or whose ``state.json`` is nonsense: a negative step, a step that is not
+  the dir's) is skipped with a warning for the previous one; when none of this
+  run's checkpoints is readable the run is refused, never restarted from step 0
+  over them. An explicitly named ``checkpoint.resume=DIR`` is read as named (of
+  any run); a broken one is an error.
+
+What training may create, replace or delete
+-------------------------------------------
+``lora-dist train`` writes under ``output.dir`` only, and only once every input
+(model dir, tokenizer, data, config) is validated and ``output.dir`` is accepted
+as a run dir (:func:`lora_dist.outputs.prepare_run_dir`: absent, empty, or a run
+dir lora_dist wrote; never an input, inside one or containing one). Rank 0 does
+every write; the other ranks wait for it. There it:
+
+* creates ``output.dir`` (when absent), the marker ``.lora_dist_run.json`` (when
+  absent) and the lock ``.lora_dist_run.lock`` (held while the run lives), and a
+  ``.write-test-*`` probe it removes at once;
+* replaces ``config.json`` (once the resume succeeded or a fresh start is decided);
+* appends to ``metrics.jsonl`` each ``train.log_every`` steps, and after a resume
+  from step S (S = 0 for a fresh start) replaces it without the rows after S
+  and without torn lines;
+* replaces ``adapter/`` at the end (``export.adapter=true``; first putting back
+  a version a killed writer set aside, ``.adapter.old-*``, and removing
+  ``.adapter.tmp-*``);
+* creates ``merged/`` at the end (``export.merged=true``); an existing one is
+  refused before any work unless ``output.overwrite=true``, and then replaced
+  (what may be replaced there is :mod:`lora_dist.export`'s rule);
+* in ``checkpoints/``: creates ``step-N/`` (``checkpoint.every``, a preemption
+  signal, ``train.run_steps``), replaces a ``step-N/`` of this run (never another
+  run's or an unknown one: refused) and ``latest``, deletes this run's ``step-N/``
+  by the pruning rule above, and removes its own staging (``.step-N.tmp-*``) and
+  set-aside (``.step-N.old-*``) dirs left by a killed writer (a set-aside version
+  whose final dir is missing is put back instead).
+
+Nothing else is created, replaced or deleted: not the inputs, not a file of the
+user's. A write that fails (a full disk, a read-only filesystem) is a one-line
+:class:`~lora_dist.outputs.OutputDirError` (exit 2) naming what is intact; a
+checkpoint that fails to write leaves the previous checkpoint and ``latest`` as
+they were.
 """
 
 from __future__ import annotations
@@ -23,18 +86,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import signal
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from lora_dist.atomic import write_text_atomic, writing_dir
+from lora_dist.atomic import recover, write_text_atomic, writing_dir
 from lora_dist.config import Config
 from lora_dist.launch import LaunchEnv
 from lora_dist.model_dir import SAFE_INDEX
+from lora_dist.outputs import OutputDirError, OutputError, read_run_marker, write_failure
 
 __all__ = [
     "CheckpointManager",
@@ -43,6 +109,7 @@ __all__ = [
     "ResumeError",
     "TrainingDiverged",
     "base_identity",
+    "on_rank0",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,6 +119,11 @@ PREEMPT_EXIT_CODE = 99
 #: The ``lora.*`` settings a checkpoint records; resuming with any of them changed is refused.
 LORA_SETTINGS = ("r", "alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
                  "rank_pattern", "alpha_pattern")
+#: A checkpoint dir's name.
+STEP_DIR = re.compile(r"step-(\d+)")
+#: What a writer killed mid-publish leaves in ``checkpoints/`` (:mod:`lora_dist.atomic`).
+_LEFTOVER = re.compile(r"\.(step-\d+)\.(tmp|old)-.*")
+_MAX_STATE_BYTES = 1 << 20
 
 
 class ResumeError(RuntimeError):
@@ -59,7 +131,7 @@ class ResumeError(RuntimeError):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss, gradients or LoRA state became NaN/Inf."""
+    """The loss, gradients or LoRA state became NaN/Inf, or the LoRA weights exploded."""
 
 
 class Preempted(SystemExit):
@@ -68,6 +140,40 @@ class Preempted(SystemExit):
     def __init__(self, step: int) -> None:
         super().__init__(PREEMPT_EXIT_CODE)
         self.step = step
+
+
+_RANK0_ERRORS: dict[str, type[BaseException]] = {
+    cls.__name__: cls for cls in (OutputDirError, OutputError, ResumeError, TrainingDiverged)
+}
+
+
+def on_rank0(env: LaunchEnv, fn: Callable[[], object]) -> object:
+    """Collective: run ``fn`` on rank 0 only; every rank returns its result or raises its error.
+
+    The other ranks wait until rank 0 is done (this is also the barrier that keeps
+    them from running ahead of rank 0's writes). A user error (:class:`OutputDirError`,
+    :class:`OutputError`, :class:`ResumeError`, :class:`TrainingDiverged`) is raised
+    with the same type and message on every rank; any other as :class:`ResumeError`
+    naming it on the other ranks.
+    """
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [(None, result) if error is None else ((type(error).__name__, str(error)), None)]
+        dist.broadcast_object_list(box, src=0)
+        if error is None:
+            failed, result = box[0]
+            if failed is not None:
+                name, message = failed
+                cls = _RANK0_ERRORS.get(name)
+                raise cls(message) if cls is not None else ResumeError(f"rank 0 failed: {name}: {message}")
+    if error is not None:
+        raise error
+    return result
 
 
 def base_identity(model_path: str, samples: int = 8, sample_bytes: int = 1 << 16) -> dict:
@@ -107,6 +213,54 @@ def _check_finite(tensors: dict[str, torch.Tensor], step: int) -> None:
                                "Lower train.lr or check the data")
 
 
+def _is_count(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's ``state.json``, checked: a JSON object with a positive ``step`` (the dir's own, for a
+    ``step-N`` dir), a non-negative ``samples_consumed`` and a string ``run_id`` where present.
+
+    Raises:
+        ResumeError: one line naming the file and what is wrong with it.
+    """
+    f = path / "state.json"
+    try:
+        if f.stat().st_size > _MAX_STATE_BYTES:
+            raise ValueError(f"{f.stat().st_size} bytes, not a lora_dist state.json")
+        state = json.loads(f.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # missing, unreadable, not UTF-8, not JSON
+        raise ResumeError(f"{path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    if not isinstance(state, dict):
+        raise ResumeError(f"{f} is not a JSON object")
+    step = state.get("step")
+    if not _is_count(step, 1):
+        raise ResumeError(f"{f} has no valid step ({json.dumps(step)[:40]}; a checkpoint's step is a positive integer)")
+    named = STEP_DIR.fullmatch(path.name)
+    if named and int(named.group(1)) != step:
+        raise ResumeError(f"{f} says step {step}, but the dir is {path.name}")
+    if "samples_consumed" in state and not _is_count(state["samples_consumed"], 0):
+        raise ResumeError(f"{f} has an invalid samples_consumed ({json.dumps(state['samples_consumed'])[:40]})")
+    if "run_id" in state and not isinstance(state["run_id"], str):
+        raise ResumeError(f"{f} has an invalid run_id")
+    for key in ("base", "lora"):
+        if key in state and not isinstance(state[key], dict):
+            raise ResumeError(f"{f} has an invalid {key!r} entry")
+    return state
+
+
+def _run_of(path: Path) -> tuple[bool, str | None]:
+    """``(readable, run_id)`` of a checkpoint dir: whether its ``state.json`` is a JSON object, and its run id."""
+    try:
+        state = json.loads((path / "state.json").read_bytes()[:_MAX_STATE_BYTES].decode("utf-8"))
+    except (OSError, ValueError):
+        return False, None
+    if not isinstance(state, dict):
+        return False, None
+    run_id = state.get("run_id")
+    return True, run_id if isinstance(run_id, str) else None
+
+
 class CheckpointManager:
     """Saves and restores training state under ``<output.dir>/checkpoints``.
 
@@ -114,10 +268,16 @@ class CheckpointManager:
         root: the checkpoints dir.
         cfg: the run config (``checkpoint.*``, ``train.*``, ``model.path``).
         env: this process's launch environment.
+        run_id: the run's id (:func:`lora_dist.outputs.prepare_run_dir`); default: read from the marker
+            of ``root``'s parent, or None (no run dir: every readable checkpoint counts as this run's).
     """
 
-    def __init__(self, root: Path, cfg: Config, env: LaunchEnv) -> None:
+    def __init__(self, root: Path, cfg: Config, env: LaunchEnv, run_id: str | None = None) -> None:
         self.root, self.cfg, self.env = Path(root), cfg, env
+        if run_id is None:
+            marker = read_run_marker(self.root.parent)
+            run_id = marker["run_id"] if marker else None
+        self.run_id = run_id
         self.samples_offset = 0
         self.resumed_step = 0
 
@@ -130,80 +290,201 @@ class CheckpointManager:
         done = step - self.resumed_step
         return self.samples_offset + done * t.grad_accum * t.micro_batch_size * self.env.world_size
 
+    # ------------------------------------------------------------------ which dirs are whose
+
+    def _step_dirs(self) -> list[Path]:
+        """``step-N`` entries of the checkpoints dir (links included: they are never this run's)."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.iterdir() if STEP_DIR.fullmatch(p.name)),
+                      key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+
+    def _is_ours(self, path: Path) -> bool:
+        """Whether ``path`` is a checkpoint dir of this run (by the run id in its ``state.json``)."""
+        if path.is_symlink() or not path.is_dir():
+            return False
+        readable, run_id = _run_of(path)
+        return readable and (run_id is None or self.run_id is None or run_id == self.run_id)
+
+    def _foreign(self, path: Path) -> str | None:
+        """Why ``path`` is not this run's checkpoint (one line with the fix), or None when it is."""
+        move = f"move it out of {self.root} (or delete it) or choose a new output.dir"
+        if path.is_symlink() or not path.is_dir():
+            kind = "a symlink" if path.is_symlink() else "a file"
+            return f"{path} is not a checkpoint dir lora_dist wrote ({kind}); {move}"
+        readable, run_id = _run_of(path)
+        if not readable:
+            return f"{path} has no readable state.json, so lora_dist cannot tell which run wrote it; {move}"
+        if run_id is not None and self.run_id is not None and run_id != self.run_id:
+            return (f"{path} belongs to another run (run id {run_id}; this output.dir's run is {self.run_id}) and is "
+                    f"never resumed, pruned or replaced by this one; {move}, or resume from it explicitly with "
+                    f"checkpoint.resume={path}")
+        return None
+
+    def _recover(self) -> None:
+        """Rank 0, before anything reads the dir: undo what writers killed mid-save left (:func:`atomic.recover`)."""
+        if not self.root.is_dir():
+            return
+        try:
+            for entry in list(self.root.iterdir()):
+                leftover = _LEFTOVER.fullmatch(entry.name)
+                if leftover:
+                    recover(self.root / leftover.group(1))
+                elif entry.name.startswith(f".{LATEST}.tmp-"):
+                    entry.unlink(missing_ok=True)
+        except OSError as e:
+            raise write_failure(e, str(self.root), "choose another output.dir") from None
+
+    # ------------------------------------------------------------------ save
+
     def save(self, step: int, engine) -> Path | None:
-        """Write a checkpoint for ``step`` (collective; rank 0 writes).
+        """Write a checkpoint for ``step`` (collective; rank 0 writes, the other ranks wait for it).
 
         Raises:
             TrainingDiverged: a LoRA tensor or AdamW moment is NaN/Inf (on every rank; nothing is written).
+            OutputDirError: the checkpoint could not be written (a full disk...); the previous one and
+                ``latest`` are intact (on every rank).
+            OutputError: ``step-N`` exists and is not this run's (on every rank; nothing is written).
         """
         state = engine.state_dict()
         lora, moments = state["lora"], state["optimizer"]
         _check_finite({**lora, **moments}, step)
         final = self.root / f"step-{step:06d}"
-        if self.env.is_main:
+
+        def write() -> None:
+            if final.exists() or final.is_symlink():
+                problem = self._foreign(final)
+                if problem is not None:
+                    raise OutputError(f"cannot replace {final}: {problem}")
             record = {
                 "step": step,
                 "samples_consumed": self._samples(step),
+                "run_id": self.run_id,
                 "base": base_identity(self.cfg.model.path),
                 "world_size": self.env.world_size,
                 "strategy": self.cfg.parallel.strategy,
                 "lora": _lora_settings(self.cfg),
             }
-            with writing_dir(final, replace=True) as staging:
-                save_file({k: v.cpu().contiguous() for k, v in lora.items()}, str(staging / "lora.safetensors"))
-                save_file({k: v.contiguous() for k, v in moments.items()}, str(staging / "optimizer.safetensors"))
-                (staging / "state.json").write_text(json.dumps(record, indent=2) + "\n")
-            write_text_atomic(self.root / LATEST, final.name + "\n")
-            self._prune()
+            if self.run_id is None:
+                del record["run_id"]
+            previous = self._latest_name()
+            from safetensors import SafetensorError
+
+            try:
+                with writing_dir(final, replace=True) as staging:
+                    save_file({k: v.cpu().contiguous() for k, v in lora.items()}, str(staging / "lora.safetensors"))
+                    save_file({k: v.contiguous() for k, v in moments.items()}, str(staging / "optimizer.safetensors"))
+                    (staging / "state.json").write_text(json.dumps(record, indent=2) + "\n")
+                write_text_atomic(self.root / LATEST, final.name + "\n")
+            except (OSError, SafetensorError) as e:
+                kept = f"checkpoint {previous} and latest are intact" if previous else "no earlier checkpoint existed"
+                raise write_failure(e, f"checkpoint {final.name} in {self.root}", f"the previous {kept}") from None
+            self._prune(step)
             log.info("checkpoint saved: %s", final)
-        if dist.is_initialized():
-            dist.barrier()
+
+        on_rank0(self.env, write)
         return final
 
-    def _prune(self) -> None:
-        """Drop all but the newest ``checkpoint.keep`` checkpoints, and temp dirs of writers that were killed."""
-        done = sorted(p for p in self.root.glob("step-*") if p.is_dir())
-        stale = [p for p in self.root.glob(".step-*.tmp-*") if p.is_dir()]  # writers that were killed
-        for old in done[: -self.cfg.checkpoint.keep] + stale:
-            shutil.rmtree(old, ignore_errors=True)
+    def _latest_name(self) -> str | None:
+        """The dir name ``latest`` holds, if it is a well-formed ``step-N`` name (never a path)."""
+        try:
+            name = (self.root / LATEST).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return name if STEP_DIR.fullmatch(name) else None
 
-    def _candidates(self) -> list[Path]:
+    def _prune(self, saved: int) -> None:
+        """Keep this run's newest ``checkpoint.keep`` up to step ``saved``; drop this run's after it (a rollback)."""
+        keep = self.cfg.checkpoint.keep
+        ours = []
+        for path in self._step_dirs():
+            if not self._is_ours(path):
+                continue
+            try:
+                ours.append((read_state(path)["step"], path))
+            except ResumeError:
+                continue  # this run's but broken: replaced when its step is saved again, never guessed at
+        ours.sort()
+        done = [path for step, path in ours if step <= saved]
+        rolled_back = [path for step, path in ours if step > saved]
+        old = done[:-keep] if keep > 0 else []
+        for path in old + rolled_back:
+            if path.name != f"step-{saved:06d}":
+                shutil.rmtree(path, ignore_errors=True)
+        for entry in list(self.root.iterdir()):  # staging dirs of writers that were killed
+            leftover = _LEFTOVER.fullmatch(entry.name)
+            if leftover and leftover.group(2) == "tmp":
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # ------------------------------------------------------------------ resume
+
+    def _read(self, path: Path) -> tuple[dict, dict, dict]:
+        state = read_state(path)
+        try:
+            lora = load_file(str(path / "lora.safetensors"))
+            moments = load_file(str(path / "optimizer.safetensors"))
+        except Exception as e:  # missing file, truncated or corrupt safetensors
+            raise ResumeError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        bad = next((k for k, v in lora.items() if not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise ResumeError(f"{path}: {bad} holds NaN/Inf")
+        return state, lora, moments
+
+    def _check_fresh_start(self, dirs: list[Path]) -> None:
+        """``checkpoint.resume=never``: refused where a ``step-*`` dir would be mixed with the new run's."""
+        if dirs:
+            shown = ", ".join(p.name for p in dirs[-3:])
+            raise ResumeError(
+                f"{self.root} already holds checkpoints of an earlier run ({shown}); checkpoint.resume=never would "
+                f"mix a new run with them: continue that run with checkpoint.resume=auto, or move {self.root} away "
+                "(or delete it), or choose a new output.dir"
+            )
+
+    def _auto_candidates(self, dirs: list[Path]) -> list[Path]:
+        """``checkpoint.resume=auto``: this run's checkpoint dirs, ``latest``'s first, then by step, newest first.
+
+        Raises:
+            ResumeError: a ``step-*`` dir is another run's, or its run cannot be told.
+        """
+        for path in dirs:
+            problem = self._foreign(path)
+            if problem is not None:
+                raise ResumeError(problem)
+        by_step = list(reversed(dirs))
+        named = self._latest_name()
+        first = [p for p in by_step if p.name == named]
+        return first + [p for p in by_step if p.name != named]
+
+    def maybe_resume(self, engine) -> int:
+        """Restore the newest readable checkpoint of this run (or the one named); returns the step to start from.
+
+        Collective: rank 0 first puts back what a killed writer set aside; every rank then reads.
+
+        Raises:
+            ResumeError: see the module docstring (another run's checkpoints, a fresh run over old ones, a
+                named checkpoint that is broken, no readable checkpoint of this run, other LoRA settings or base).
+        """
+        on_rank0(self.env, self._recover)
         resume = self.cfg.checkpoint.resume
+        dirs = self._step_dirs()
         if resume == "never":
-            return []
+            self._check_fresh_start(dirs)
+            return 0
         if resume != "auto":
             path = Path(resume)
             if not path.is_dir():
                 raise ResumeError(f"checkpoint.resume={resume!r} is not a checkpoint dir")
-            return [path]
-        if not self.root.is_dir():
-            return []
-        found = sorted((p for p in self.root.glob("step-*") if p.is_dir()), reverse=True)
-        latest = self.root / LATEST
-        if latest.is_file():
-            named = self.root / latest.read_text().strip()
-            found = [named] + [p for p in found if p != named]
-        return found
-
-    def _read(self, path: Path) -> tuple[dict, dict, dict]:
-        try:
-            state = json.loads((path / "state.json").read_text())
-            lora = load_file(str(path / "lora.safetensors"))
-            moments = load_file(str(path / "optimizer.safetensors"))
-        except Exception as e:  # missing file, truncated JSON, corrupt safetensors
-            raise ResumeError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        if not isinstance(state.get("step"), int):
-            raise ResumeError(f"{path}/state.json has no step")
-        return state, lora, moments
-
-    def maybe_resume(self, engine) -> int:
-        """Restore the newest readable checkpoint; returns the step to start from (0 if none)."""
-        for path in self._candidates():
+            candidates = [path]
+        else:
+            candidates = self._auto_candidates(dirs)
+        skipped: list[str] = []
+        for path in candidates:
             try:
                 state, lora, moments = self._read(path)
             except ResumeError as e:
-                if self.cfg.checkpoint.resume != "auto":
+                if resume != "auto":
                     raise
+                skipped.append(str(e))
                 if self.env.is_main:
                     log.warning("skipping corrupt checkpoint: %s; falling back to the previous one", e)
                 continue
@@ -219,12 +500,26 @@ class CheckpointManager:
             self.samples_offset = state.get("samples_consumed", 0)
             if self.env.is_main:
                 log.info("resumed from %s at step %d", path, state["step"])
+                if resume == "auto" and self._latest_name() != path.name:
+                    self._point_latest(path)
             return state["step"]
+        if skipped:
+            raise ResumeError(f"no readable checkpoint of this run in {self.root} ({skipped[0]}); repair or remove "
+                              f"the broken checkpoints (or move {self.root} away) to start over, or choose a new "
+                              "output.dir")
         return 0
+
+    def _point_latest(self, path: Path) -> None:
+        """Rank 0: ``latest`` names the checkpoint resumed (it named a broken or missing one)."""
+        try:
+            write_text_atomic(self.root / LATEST, path.name + "\n")
+        except OSError as e:
+            log.warning("could not point %s at %s (%s); the next checkpoint replaces it", self.root / LATEST,
+                        path.name, e.strerror or e)
 
     def _check_lora(self, path: Path, state: dict, lora: dict[str, torch.Tensor], engine) -> None:
         """Refuse a checkpoint whose LoRA settings, names or shapes differ from this run's (before any copy)."""
-        fresh = "or start a fresh output.dir (or checkpoint.resume=never)"
+        fresh = "or start a fresh output.dir"
         current = _lora_settings(self.cfg)
         for key, saved in state.get("lora", {}).items():
             if key in current and current[key] != saved:

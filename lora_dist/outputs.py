@@ -7,36 +7,53 @@ wrote itself.
   lora_dist writes when it creates the run. A non-empty dir without it is refused
   before any work. Run dirs written before the marker existed are recognised by
   their layout (a run ``config.json`` next to ``checkpoints/``, ``adapter/`` or
-  ``metrics.jsonl``) and get the marker.
+  ``metrics.jsonl``) and get the marker. The marker's ``run_id`` names the run:
+  every checkpoint records it (:mod:`lora_dist.checkpoint`), so one run never
+  resumes, prunes or replaces another's.
+* **One run at a time** per run dir: the training process of rank 0 holds an
+  exclusive lock (:class:`RunLock`, ``flock`` on :data:`RUN_LOCK`) from before
+  its first write until it ends; a second run into the same dir is refused in one
+  line. The kernel drops the lock when the process dies, so a killed run never
+  blocks the next. Where the filesystem has no ``flock``, runs go unlocked.
 * A **merged export** is recognised by the metadata key lora_dist writes into its
   safetensors headers; ``--overwrite`` replaces only such a dir (or an adapter dir
   lora_dist wrote, for ``save_adapter``).
 * An output is never an input: never the base model dir, an adapter dir or a data
   file, never a dir that contains one of them or lies inside one, ``--overwrite``
   or not.
+* An output that cannot be written (permissions, a read-only filesystem, a full
+  disk) is :class:`OutputDirError`: one line naming the path, the reason and the fix.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
+import socket
 import time
 from pathlib import Path
 from typing import Iterable
 
 __all__ = [
+    "RUN_LOCK",
     "RUN_MARKER",
+    "OutputDirError",
     "OutputError",
+    "RunLock",
     "check_not_an_input",
     "is_adapter_dir",
     "is_model_dir",
     "prepare_run_dir",
     "read_run_marker",
+    "write_failure",
 ]
 
 #: Written into every run dir lora_dist creates: ``{"run_id": ..., "created": ...}``.
 RUN_MARKER = ".lora_dist_run.json"
+#: The lock file of a run dir (:class:`RunLock`); it holds the pid and host of the run holding the lock.
+RUN_LOCK = ".lora_dist_run.lock"
 _MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -45,6 +62,25 @@ _RUN_CONTENTS = ("checkpoints", "adapter", "metrics.jsonl", "merged")
 
 class OutputError(ValueError):
     """An output path that would overwrite or mix with something lora_dist did not write."""
+
+
+class OutputDirError(OSError):
+    """An output that cannot be written: no permission, a read-only filesystem, a full disk."""
+
+
+def write_failure(error: BaseException, what: str, fix: str) -> OutputDirError:
+    """One-line :class:`OutputDirError` for a failed write (``OSError``, or safetensors' I/O error).
+
+    Args:
+        error: what the write raised.
+        what: what was being written, e.g. ``checkpoint step-000004 in /runs/a/checkpoints``.
+        fix: what the user can do, and what is still intact.
+    """
+    reason = getattr(error, "strerror", None) or " ".join(str(error).split()) or type(error).__name__
+    code = getattr(error, "errno", None)
+    if code == errno.ENOSPC or "No space left" in reason:
+        reason, fix = "no space left on device", f"free space or choose another output.dir; {fix}"
+    return OutputDirError(f"cannot write {what} ({reason}); {fix}")
 
 
 def _real(path: str | os.PathLike) -> Path:
@@ -109,32 +145,140 @@ def _is_legacy_run_dir(path: Path) -> bool:
     return is_run_config and any((path / name).exists() for name in _RUN_CONTENTS)
 
 
+def _is_transient(name: str) -> bool:
+    """What a concurrent first run into the same dir writes while it makes the dir a run dir (the marker
+    too: it may appear between reading it and listing the dir)."""
+    return name in (RUN_LOCK, RUN_MARKER) or name.startswith((f".{RUN_MARKER}.tmp-", ".write-test-"))
+
+
+def _entries(path: Path) -> list[str]:
+    """The dir's entries, but what a concurrent first run may be writing there right now."""
+    return sorted(p.name for p in path.iterdir() if not _is_transient(p.name))
+
+
+def _create_marker(path: Path) -> dict:
+    """Write a new marker unless another process just did (then that one is the run's)."""
+    from lora_dist.atomic import fsync
+
+    marker = {"run_id": secrets.token_hex(8), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    final = path / RUN_MARKER
+    tmp = path / f".{RUN_MARKER}.tmp-{secrets.token_hex(4)}"
+    try:
+        tmp.write_text(json.dumps(marker) + "\n")
+        fsync(tmp)
+        try:
+            os.link(tmp, final)  # exclusive: two first runs racing into one new dir agree on one run id
+        except FileExistsError:
+            existing = read_run_marker(path)
+            if existing is not None:
+                return existing
+            os.replace(tmp, final)  # an unreadable marker: ours replaces it
+        except OSError:  # no hard links on this filesystem
+            os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync(path)
+    return marker
+
+
 def prepare_run_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> dict:
     """Make ``out`` a run dir (rank 0, before anything is written into it); returns its marker.
 
     An absent or empty dir becomes a new run dir; a run dir (marker, or an earlier
-    lora_dist's layout) is reused. Anything else is refused, before any work.
+    lora_dist's layout) is reused. Anything else is refused, before any work. Nothing
+    is created when it is refused.
+
+    Args:
+        out: ``output.dir``.
+        inputs: the run's inputs (``model.path``, ``data.path``); None entries are skipped.
+
+    Returns:
+        The marker: ``{"run_id": ..., "created": ...}``.
 
     Raises:
         OutputError: ``out`` is or touches an input, or holds files lora_dist did not write.
+        OutputDirError: ``out`` cannot be created or written.
     """
     check_not_an_input(out, inputs, "output.dir")
     path = Path(out)
+    fix = "choose another output.dir"
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"output.dir {str(out)!r} is a dangling symlink; point it at a dir or {fix}")
     if path.exists() and not path.is_dir():
         raise OutputError(f"output.dir {str(out)!r} is a file; choose a directory for the run")
-    marker = read_run_marker(path)
-    if marker is not None:
-        return marker
-    if path.is_dir() and any(path.iterdir()) and not _is_legacy_run_dir(path):
-        if is_model_dir(path) or is_adapter_dir(path):
-            kind = "a model dir" if is_model_dir(path) else "an adapter dir"
-            raise OutputError(f"output.dir {str(out)!r} is {kind}, not a run dir; choose a new or empty output.dir")
-        shown = ", ".join(sorted(p.name for p in path.iterdir())[:3])
-        raise OutputError(f"output.dir {str(out)!r} holds files lora_dist did not write ({shown}, ...); choose a new "
-                          "or empty output.dir")
-    path.mkdir(parents=True, exist_ok=True)
-    marker = {"run_id": secrets.token_hex(8), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    from lora_dist.atomic import write_text_atomic
-
-    write_text_atomic(path / RUN_MARKER, json.dumps(marker) + "\n")
+    try:
+        marker = read_run_marker(path)
+        if marker is None and path.is_dir() and _entries(path) and not _is_legacy_run_dir(path):
+            if is_model_dir(path) or is_adapter_dir(path):
+                kind = "a model dir" if is_model_dir(path) else "an adapter dir"
+                raise OutputError(f"output.dir {str(out)!r} is {kind}, not a run dir; choose a new or empty "
+                                  "output.dir")
+            shown = ", ".join(_entries(path)[:3])
+            raise OutputError(f"output.dir {str(out)!r} holds files lora_dist did not write ({shown}, ...); choose a "
+                              "new or empty output.dir")
+        path.mkdir(parents=True, exist_ok=True)
+        if marker is None:
+            marker = _create_marker(path)
+        probe = path / f".write-test-{os.getpid()}-{secrets.token_hex(2)}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(f"output.dir {str(out)!r} is not writable ({e.strerror or e}); {fix}") from None
     return marker
+
+
+class RunLock:
+    """The exclusive lock of a run dir: one run at a time writes into it.
+
+    ``flock`` on :data:`RUN_LOCK` (the kernel releases it when the holder dies);
+    the file records the holder's pid and host for the refusal message. Where the
+    filesystem has no ``flock`` the lock is a no-op.
+
+    Args:
+        run_dir: the run dir (it exists: :func:`prepare_run_dir` made it).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / RUN_LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock.
+
+        Raises:
+            OutputError: another run holds it, naming its pid and host.
+            OutputDirError: the lock file cannot be created.
+        """
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise OutputDirError(f"output.dir {str(self.path.parent)!r} is not writable ({e.strerror or e}); "
+                                 "choose another output.dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise OutputError(f"output.dir {str(self.path.parent)!r} is in use by another lora-dist run ({holder}); "
+                              "wait for it to finish or choose another output.dir") from None
+        except OSError:  # no flock on this filesystem: run unlocked
+            os.close(fd)
+            return self
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (the file stays; an unlocked file means no run holds the dir)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -5,6 +5,25 @@ Per optimizer step: count the step's target tokens on all ranks, run
 gradients' global norm, update with AdamW on a warmup + cosine schedule.
 The loss is the global token mean, so N ranks compute exactly what one
 process computes on the same global batch.
+
+What a run may write where is :mod:`lora_dist.outputs` (the run dir) and
+:mod:`lora_dist.checkpoint` (its contract). Rank 0 makes ``output.dir`` a run dir
+only once the inputs are validated, so bad input leaves nothing behind.
+
+Two guards beyond NaN/Inf:
+
+* **Exploding LoRA weights.** After every update the largest LoRA weight magnitude
+  (all ranks) is compared with :data:`LORA_WEIGHT_LIMIT`. Trained LoRA weights stay
+  near 1 (AdamW moves each by about ``lr`` per step), so a weight beyond 1e4 means
+  the step blew up, e.g. ``train.lr=1e30`` puts ``lora_B`` at 1e30 in one step while
+  the loss and grad norm stay finite (the saturated model has a zero gradient).
+  The run stops naming the step, the tensor and the lr; nothing of that step is saved.
+* **Steps without target tokens.** A global batch whose every label is masked
+  (prompts longer than ``train.seq_len``...) has no loss: its metrics row has
+  ``"loss": null`` and ``"target_tokens": 0``, it is left out of the first/final
+  loss, and a warning names the step. Its update is taken as for any step (a zero
+  gradient: AdamW's momentum and weight decay only), so the schedule, the data
+  position and exact resume are those of every other step.
 """
 
 from __future__ import annotations
@@ -24,17 +43,19 @@ import torch.nn.functional as F
 
 from lora_dist import checkpoint as ckpt_mod
 from lora_dist.adapter import save_adapter
-from lora_dist.atomic import write_text_atomic
-from lora_dist.checkpoint import TrainingDiverged
+from lora_dist.atomic import recover, write_text_atomic
+from lora_dist.checkpoint import TrainingDiverged, on_rank0
 from lora_dist.config import Config, ConfigError, config_to_dict
 from lora_dist.data import IGNORE, DataError, PackedDataset, load_dataset
 from lora_dist.dtypes import parse_dtype
 from lora_dist.launch import LaunchEnv, init_distributed, run_device
 from lora_dist.model import load_model
 from lora_dist.model_dir import ModelDir, ModelDirError
+from lora_dist.outputs import OutputDirError, OutputError, RunLock, prepare_run_dir, write_failure
 from lora_dist.parallel import Engine, check_replicas, make_engine
 
 __all__ = [
+    "LORA_WEIGHT_LIMIT",
     "Batches",
     "OutputDirError",
     "TrainResult",
@@ -46,9 +67,13 @@ __all__ = [
     "n_targets",
     "token_loss_sum",
     "train",
+    "truncate_metrics",
 ]
 
 log = logging.getLogger("lora_dist")
+
+#: The largest LoRA weight magnitude a run may reach; beyond it the step is taken as diverged.
+LORA_WEIGHT_LIMIT = 1e4
 
 
 @dataclass
@@ -121,7 +146,8 @@ def forward_backward(engine: Engine, micro: list[tuple[torch.Tensor, torch.Tenso
 
     Each micro-batch's summed token loss is divided by the step's global token
     count, so the accumulated gradient is that of the global token mean.
-    Gradients are communicated only on the last micro-batch.
+    Gradients are communicated only on the last micro-batch. A step with no
+    target tokens on any rank has no mean loss: NaN (and a zero gradient).
     """
     device = engine.device
     n_tokens = all_sum(torch.tensor(sum(n_targets(labels) for _, labels in micro), dtype=torch.float64, device=device))
@@ -132,12 +158,16 @@ def forward_backward(engine: Engine, micro: list[tuple[torch.Tensor, torch.Tenso
             loss = token_loss_sum(engine.model(input_ids=ids).logits, labels)
             engine.backward(loss / n_tokens.to(loss.dtype).clamp(min=1))
         loss_sum += loss.detach().double()
-    return float(all_sum(loss_sum) / n_tokens.clamp(min=1)), float(n_tokens)
+    loss_sum = all_sum(loss_sum)
+    if float(n_tokens) == 0:
+        return float("nan"), 0.0
+    return float(loss_sum / n_tokens), float(n_tokens)
 
 
 @torch.no_grad()
 def evaluate(engine: Engine, data: PackedDataset, micro_batch: int, batches: int, env: LaunchEnv) -> float:
-    """Token-mean loss over the first ``batches`` global micro-batches of the held-out blocks."""
+    """Token-mean loss over the first ``batches`` global micro-batches of the held-out blocks (NaN if they
+    hold no target tokens)."""
     device = engine.device
     engine.model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -152,7 +182,9 @@ def evaluate(engine: Engine, data: PackedDataset, micro_batch: int, batches: int
                               device=device)
     engine.model.train()
     total = all_sum(total)
-    return float(total[0] / total[1].clamp(min=1))
+    if float(total[1]) == 0:
+        return float("nan")
+    return float(total[0] / total[1])
 
 
 class _Progress:
@@ -167,7 +199,8 @@ class _Progress:
 
     def update(self, metrics: dict) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+            loss = metrics["loss"]
+            self.bar.set_postfix(loss="n/a" if loss is None else f"{loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                                  mem_gb=f"{metrics['memory_gb']:.2f}", refresh=False)
             self.bar.update(1)
 
@@ -180,11 +213,17 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     """Run a LoRA fine-tune as configured; call on every rank.
 
     Writes ``metrics.jsonl``, checkpoints and ``adapter/`` (and ``merged/`` with
-    ``export.merged``) under ``output.dir``.
+    ``export.merged``) under ``output.dir``; what it may create, replace or delete
+    there is the contract in :mod:`lora_dist.checkpoint`.
 
     Raises:
-        ConfigError, DataError, ModelDirError: bad input, before any training.
-        TrainingDiverged: a NaN/Inf loss or grad norm, naming the step; nothing is saved from it.
+        ConfigError, DataError, ModelDirError: bad input, before anything is written.
+        OutputError: ``output.dir`` is an input, touches one, holds files lora_dist did not write, is in use
+            by another run, or already holds ``merged/`` without ``output.overwrite``; before any work.
+        OutputDirError: ``output.dir`` cannot be written (permissions, a full disk), naming what is intact.
+        ResumeError: the checkpoints cannot be resumed as asked (see :mod:`lora_dist.checkpoint`).
+        TrainingDiverged: a NaN/Inf loss or grad norm, or exploding LoRA weights, naming the step; nothing
+            is saved from it.
     """
     from transformers import AutoTokenizer
 
@@ -197,8 +236,6 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
                     cfg.parallel.strategy)
     device = run_device()
     out = Path(cfg.output.dir)
-    if env.is_main:
-        _check_writable(out)
     t, p = cfg.train, cfg.parallel
 
     if not cfg.model.path:
@@ -217,6 +254,116 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
         from lora_dist.parallel.deepspeed import deepspeed_config
 
         ds_config = deepspeed_config(cfg, hf_config)
+    # Only now, with every input validated: output.dir becomes (or is checked to be) this run's dir.
+    marker, lock = _open_run_dir(cfg, env, out)
+    try:
+        return _train_loop(cfg, env, device, out, marker["run_id"], base, train_data, eval_data, ds_config)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _open_run_dir(cfg: Config, env: LaunchEnv, out: Path) -> tuple[dict, RunLock | None]:
+    """Collective: rank 0 makes ``out`` this run's dir and locks it; every rank gets the marker (or the error).
+
+    Also refused here, before any work: ``merged/`` exists and ``export.merged`` would replace it without
+    ``output.overwrite``. What a killed writer set aside is put back (``adapter/``, ``merged/``).
+    """
+    held: list[RunLock] = []
+
+    def prepare() -> dict:
+        marker = prepare_run_dir(out, [cfg.model.path, cfg.data.path])
+        lock = RunLock(out).acquire()
+        held.append(lock)
+        merged = out / "merged"
+        if cfg.export.merged and os.path.lexists(merged) and not cfg.output.overwrite:
+            raise OutputError(f"{merged} already exists and export.merged=true would replace it; set "
+                              "output.overwrite=true to replace it, export.merged=false, or choose a new output.dir")
+        try:
+            recover(out / "adapter")
+            recover(merged, cleanup=False)  # a merge may be writing there: never remove its staging dir
+        except OSError as e:
+            raise write_failure(e, f"the run dir {out}", "choose another output.dir") from None
+        return marker
+
+    try:
+        marker = on_rank0(env, prepare)
+    except BaseException:
+        for lock in held:
+            lock.release()
+        raise
+    return marker, (held[0] if held else None)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop ``metrics.jsonl``'s rows after ``step`` (and torn lines), atomically; a resumed run logs them again.
+
+    Raises:
+        OutputDirError: the file cannot be rewritten.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise write_failure(e, str(path), "choose another output.dir") from None
+    kept, changed = [], bool(text) and not text.endswith("\n")
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line torn by a kill mid-write
+            changed = True
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+            changed = True
+            continue
+        kept.append(line)
+    if changed:
+        try:
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+        except OSError as e:
+            raise write_failure(e, str(path), "the previous file is intact") from None
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    try:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise write_failure(e, str(path), "checkpoints written so far are intact: rerun to resume") from None
+
+
+@torch.no_grad()
+def _check_lora_weights(engine: Engine, step: int, lr: float) -> None:
+    """Collective: stop when a LoRA weight is NaN/Inf or beyond :data:`LORA_WEIGHT_LIMIT` after ``step``.
+
+    Raises:
+        TrainingDiverged: on every rank, naming the step, the tensor, its magnitude and the lr.
+    """
+    named = engine.named_lora_params()
+    if not named:
+        return
+    device = engine.device
+    largest = torch.stack([p.detach().abs().amax().float().to(device) if p.numel()
+                           else torch.zeros((), device=device) for _, p in named])
+    largest = torch.nan_to_num(largest, nan=float("inf"))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    worst = int(largest.argmax())
+    value = float(largest[worst])
+    if value > LORA_WEIGHT_LIMIT:
+        what = "is not finite" if not math.isfinite(value) else f"reached {value:.3g}"
+        raise TrainingDiverged(
+            f"LoRA weights exploded at step {step}: {named[worst][0]} {what} (limit {LORA_WEIGHT_LIMIT:g}; trained "
+            f"LoRA weights stay near 1) with train.lr={lr:g}; stopped, nothing of this step is saved, the last good "
+            "checkpoint is kept. Lower train.lr (1e-4 to 1e-3 is typical for LoRA)"
+        )
+
+
+def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, run_id: str, base: ModelDir,
+                train_data: PackedDataset, eval_data: PackedDataset | None, ds_config: dict | None) -> TrainResult:
+    """Everything after the run dir is open: load, resume, the steps, the outputs (every rank)."""
+    t, p = cfg.train, cfg.parallel
     # Installed before the model load: a preemption signal during load or resume stops at the first step boundary.
     with ckpt_mod.PreemptionHandler() as signals:
         loaded = load_model(cfg.model, cfg.lora, p, device, t.seed, ds_config, base=base)
@@ -227,14 +374,21 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
         optimizer = torch.optim.AdamW(lora_params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
         engine = make_engine(model, optimizer, p, t, device, ds_config)
 
-        manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env)
+        manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env, run_id=run_id)
         start_step = manager.maybe_resume(engine)
-        if env.is_main:  # only now: a rerun that fails validation or resume keeps the run's config.json
-            write_text_atomic(out / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        metrics_path = out / "metrics.jsonl"
+
+        def record_start() -> None:  # only now: a rerun that fails validation or resume keeps the run's files
+            try:
+                write_text_atomic(out / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+            except OSError as e:
+                raise write_failure(e, str(out / "config.json"), "the previous file is intact") from None
+            truncate_metrics(metrics_path, start_step)
+
+        on_rank0(env, record_start)
         batches = Batches(train_data, t.micro_batch_size, env, t.seed, device,
                            first_micro=start_step * t.grad_accum, sample_offset=manager.samples_offset)
         history: list[dict] = []
-        metrics_path = out / "metrics.jsonl"
         progress = _Progress(t.steps, start_step, env.is_main)
         first_loss = float("nan")
         eval_loss = None
@@ -248,7 +402,11 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
                 lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
                 micro = [batches.get(step * t.grad_accum + m) for m in range(t.grad_accum)]
                 step_loss, n_tokens = forward_backward(engine, micro)
-                if not math.isfinite(step_loss):
+                if n_tokens == 0:
+                    if env.is_main:
+                        log.warning("step %d: no target tokens in the global batch (every label is masked: prompts "
+                                    "longer than train.seq_len?); no loss to log", step + 1)
+                elif not math.isfinite(step_loss):
                     raise TrainingDiverged(
                         f"loss is {step_loss} at step {step + 1}; stopped before the update, last good checkpoint kept. "
                         "Lower train.lr or check the data"
@@ -259,27 +417,28 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
                         f"grad norm is {grad_norm} at step {step + 1}; stopped, last good checkpoint kept. "
                         "Lower train.lr or check the data"
                     )
+                _check_lora_weights(engine, step + 1, lr)
                 elapsed = time.perf_counter() - t0
                 record = {
-                    "step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                    "step": step + 1, "loss": step_loss if n_tokens else None, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": float(n_tokens) / elapsed, "step_time_s": elapsed, "memory_gb": _memory_gb(device),
                 }
-                if step == start_step:
+                if not n_tokens:
+                    record["target_tokens"] = 0
+                if math.isnan(first_loss) and n_tokens:
                     first_loss = step_loss
                 if p.replica_check_every and (step + 1) % p.replica_check_every == 0:
                     check_replicas(engine)
                 if t.eval_every and eval_data is not None and (step + 1) % t.eval_every == 0:
-                    eval_loss = record["eval_loss"] = evaluate(engine, eval_data, t.micro_batch_size, t.eval_batches,
-                                                               env)
+                    eval_loss = record["eval_loss"] = _eval(engine, eval_data, t, env)
                 history.append(record)
                 if env.is_main and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    _append_metrics(metrics_path, record)
                 progress.update(record)
                 stop, on_demand = signals.poll(device)
                 if step + 1 == end_step < t.steps:  # train.run_steps: checkpoint and hand over to a later run
                     manager.save(step + 1, engine)
-                    return TrainResult(record["loss"], first_loss, eval_loss, step + 1, out, history)
+                    return TrainResult(_final_loss(history), first_loss, eval_loss, step + 1, out, history)
                 if manager.should_save(step + 1) or stop or on_demand:
                     manager.save(step + 1, engine)
                 if stop:
@@ -290,14 +449,22 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
         finally:
             progress.close()
     if eval_data is not None:
-        eval_loss = evaluate(engine, eval_data, t.micro_batch_size, t.eval_batches, env)
+        eval_loss = _eval(engine, eval_data, t, env)
         if env.is_main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps({"step": t.steps, "eval_loss": eval_loss}) + "\n")
+            _append_metrics(metrics_path, {"step": t.steps, "eval_loss": eval_loss})
     if cfg.export.adapter:
         lora = engine.lora_state_dict()  # fp32, whatever the strategy computes in (collective under ZeRO)
-        if env.is_main:
-            save_adapter(model, out / "adapter", cfg.model.path, tensors=lora)
+
+        def write_adapter() -> None:
+            from safetensors import SafetensorError
+
+            try:
+                save_adapter(model, out / "adapter", cfg.model.path, tensors=lora)
+            except (OSError, SafetensorError) as e:
+                raise write_failure(e, f"{out / 'adapter'}", "the previous adapter/ (if any) and the checkpoints "
+                                    "are intact: rerun to resume") from None
+
+        on_rank0(env, write_adapter)
     engine.finish_training()
     if cfg.export.merged:
         from lora_dist.export import export_merged
@@ -306,19 +473,19 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
                       max_shard_size=cfg.export.max_shard_size, overwrite=cfg.output.overwrite)
     if dist.is_initialized():
         dist.barrier()
-    final = history[-1]["loss"] if history else float("nan")
-    return TrainResult(final, first_loss, eval_loss, t.steps, out, history)
+    return TrainResult(_final_loss(history), first_loss, eval_loss, t.steps, out, history)
 
 
-class OutputDirError(OSError):
-    """``output.dir`` cannot be written."""
+def _eval(engine: Engine, eval_data: PackedDataset, t, env: LaunchEnv) -> float | None:
+    """The eval loss, or None (with a warning) where the held-out blocks hold no target tokens."""
+    loss = evaluate(engine, eval_data, t.micro_batch_size, t.eval_batches, env)
+    if math.isnan(loss):
+        if env.is_main:
+            log.warning("no eval loss: the held-out blocks hold no target tokens (every label is masked)")
+        return None
+    return loss
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise OutputDirError(f"output.dir {str(out)!r} is not writable ({e.strerror or e}); choose another output.dir") from None
+def _final_loss(history: list[dict]) -> float:
+    """The last logged loss (steps without target tokens have none); NaN if no step had one."""
+    return next((h["loss"] for h in reversed(history) if h.get("loss") is not None), float("nan"))

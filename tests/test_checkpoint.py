@@ -190,7 +190,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(setup, tmp_path):
     assert "skipping corrupt checkpoint" in proc.stderr and "step-000004" in proc.stderr
     assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
     steps = [m["step"] for m in _metrics(out) if "loss" in m]
-    assert steps == [1, 2, 3, 4, 3, 4, 5, 6]  # steps 3-4 redone from the step-2 checkpoint
+    # Steps 3-4 are redone from the step-2 checkpoint; their first rows were dropped at the resume (issue 15).
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"  # the redone one
 
 
 def test_explicitly_named_corrupt_checkpoint_is_an_error(setup, tmp_path):
@@ -225,6 +227,96 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous(setup, tmp_path, mo
     proc = _run(setup, out, 1, "parallel.strategy=none")
     assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
     assert sorted(p.name for p in ckpts.glob(".*")) == [".unrelated"]  # the next save pruned the killed writer's dir
+
+
+def _foreign_checkpoint(path: Path, run_id: str | None) -> Path:
+    """A ``step-N`` dir lora_dist did not write for this run: another run's (``run_id``) or unknown (None)."""
+    path.mkdir(parents=True)
+    if run_id is None:
+        (path / "mine.txt").write_text("the user's own\n")
+    else:
+        step = int(path.name.split("-")[1])
+        (path / "state.json").write_text(json.dumps({"step": step, "run_id": run_id}))
+    return path
+
+
+def _names(ckpts: Path) -> list[str]:
+    return sorted(p.name for p in ckpts.iterdir())
+
+
+def test_pruning_goes_by_step_never_by_name_and_only_this_runs(setup, tmp_path):
+    """Issue 15 item 5: pruning by name deleted the newest checkpoint. Here ``step-1000000`` sorts before
+    ``step-999999`` by name; another run's dir and a dir of the user's files are never touched."""
+    out = tmp_path / "prune"
+    _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
+    ckpts = out / "checkpoints"
+    other = _foreign_checkpoint(ckpts / "step-000001", "0123456789abcdef")
+    mine = _foreign_checkpoint(ckpts / "step-000003", None)
+    manager = _manager(setup, out)  # checkpoint.keep=2
+    engine = _SaveOnlyEngine({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64)})
+    for step in (999_998, 999_999, 1_000_000):
+        manager.save(step, engine)
+        assert (ckpts / "latest").read_text().strip() == f"step-{step:06d}"
+    assert _names(ckpts) == ["latest", "step-000001", "step-000003", "step-1000000", "step-999999"]
+    assert (mine / "mine.txt").is_file()
+    assert json.loads((other / "state.json").read_text())["run_id"] == "0123456789abcdef"
+    run_id = json.loads((out / ".lora_dist_run.json").read_text())["run_id"]
+    assert json.loads((ckpts / "step-1000000" / "state.json").read_text())["run_id"] == run_id
+
+
+def test_a_save_after_a_rollback_removes_this_runs_later_checkpoints(setup, tmp_path):
+    """Resumed from step 2, the run's step-4 and step-6 are from before the rollback: the next save removes them,
+    so a later fallback can never resume them; ``latest`` names the new checkpoint."""
+    out = tmp_path / "rollback"
+    _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
+    manager = _manager(setup, out)
+    manager.cfg.checkpoint.keep = 5
+    engine = _SaveOnlyEngine({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64)})
+    for step in (4, 6):
+        manager.save(step, engine)
+    manager.save(3, engine)
+    ckpts = out / "checkpoints"
+    assert _names(ckpts) == ["latest", "step-000002", "step-000003"]
+    assert (ckpts / "latest").read_text().strip() == "step-000003"
+
+
+def test_a_save_never_replaces_another_runs_checkpoint_of_the_same_step(setup, tmp_path):
+    from lora_dist.outputs import OutputError
+
+    out = tmp_path / "collide"
+    _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
+    ckpts = out / "checkpoints"
+    other = _foreign_checkpoint(ckpts / "step-000004", "0123456789abcdef")
+    mine = _foreign_checkpoint(ckpts / "step-000006", None)
+    engine = _SaveOnlyEngine({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64)})
+    with pytest.raises(OutputError, match="step-000004 belongs to another run"):
+        _manager(setup, out).save(4, engine)
+    with pytest.raises(OutputError, match="step-000006 has no readable state.json"):
+        _manager(setup, out).save(6, engine)
+    assert _names(ckpts) == ["latest", "step-000002", "step-000004", "step-000006"]
+    assert (ckpts / "latest").read_text().strip() == "step-000002"
+    assert (mine / "mine.txt").is_file() and json.loads((other / "state.json").read_text())["step"] == 4
+
+
+def test_disk_full_while_saving_is_one_line_naming_what_is_intact(setup, tmp_path, monkeypatch):
+    from lora_dist import checkpoint as ckpt_mod
+    from lora_dist.outputs import OutputDirError
+
+    out = tmp_path / "full"
+    _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
+
+    def full(*args, **kwargs):
+        from safetensors import SafetensorError
+
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    engine = _SaveOnlyEngine({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64)})
+    with pytest.raises(OutputDirError) as failed:
+        _manager(setup, out).save(4, engine)
+    assert str(failed.value).startswith(f"cannot write checkpoint step-000004 in {out / 'checkpoints'} (no space left")
+    assert str(failed.value).endswith("the previous checkpoint step-000002 and latest are intact")
+    assert _names(out / "checkpoints") == ["latest", "step-000002"]
 
 
 def test_nan_loss_stops_naming_the_step_and_saves_nothing_corrupt(setup, tmp_path, monkeypatch):

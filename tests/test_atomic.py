@@ -1,0 +1,196 @@
+"""The one atomic publish (lora_dist.atomic): never neither version, umask permissions, repair after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from distutil import REPO, quiet_env
+from lora_dist import atomic
+from lora_dist.atomic import publish_dir, recover, staging_dir, write_text_atomic, writing_dir
+
+
+def _write_version(final: Path, text: str, **kwargs) -> None:
+    with writing_dir(final, replace=True, **kwargs) as staging:
+        (staging / "weights.bin").write_text(text)
+        (staging / "sub").mkdir()
+        (staging / "sub" / "more.txt").write_text(text)
+
+
+def _siblings(final: Path) -> list[str]:
+    return sorted(p.name for p in final.parent.iterdir() if p.name != final.name)
+
+
+@pytest.fixture
+def umask():
+    """``umask(mask)`` sets the process umask for the test; the previous one comes back after."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+    yield os.umask
+    os.umask(previous)
+
+
+def test_publish_new_and_replace_leave_no_leftovers(tmp_path):
+    final = tmp_path / "adapter"
+    _write_version(final, "v1")
+    _write_version(final, "v2")
+    assert (final / "weights.bin").read_text() == "v2" and (final / "sub" / "more.txt").read_text() == "v2"
+    assert _siblings(final) == []
+
+
+def test_publish_without_replace_refuses_an_existing_dir(tmp_path):
+    final = tmp_path / "merged"
+    _write_version(final, "v1")
+    with pytest.raises(FileExistsError):
+        with writing_dir(final) as staging:
+            (staging / "weights.bin").write_text("v2")
+    assert (final / "weights.bin").read_text() == "v1" and _siblings(final) == []
+
+
+def test_with_rename_exchange_there_is_no_window_without_the_final_dir(tmp_path, monkeypatch):
+    """The replace is one renameat2(RENAME_EXCHANGE): ``final`` is never renamed away, so no crash can lose it."""
+    a, b = tmp_path / "probe-a", tmp_path / "probe-b"
+    a.mkdir()
+    b.mkdir()
+    if not atomic.rename_exchange(a, b):
+        pytest.skip("this filesystem has no RENAME_EXCHANGE")
+    a.rmdir()
+    b.rmdir()
+    final = tmp_path / "adapter"
+    _write_version(final, "v1")
+    moves: list[tuple[str, str]] = []
+    real = os.replace
+
+    def spy(src, dst):
+        moves.append((Path(src).name, Path(dst).name))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    _write_version(final, "v2")
+    assert not [m for m in moves if m[0] == "adapter"], moves  # the final dir itself is never moved aside
+    assert (final / "weights.bin").read_text() == "v2" and _siblings(final) == []
+
+
+def test_without_exchange_an_error_between_the_two_renames_puts_the_previous_version_back(tmp_path, monkeypatch):
+    final = tmp_path / "adapter"
+    _write_version(final, "v1")
+    monkeypatch.setattr(atomic, "rename_exchange", lambda a, b: False)
+    real = os.replace
+
+    def second_rename_fails(src, dst):
+        if Path(src).name.startswith(".adapter.tmp-"):
+            raise OSError(5, "Input/output error (NFS)")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="Input/output"):
+        _write_version(final, "v2")
+    assert (final / "weights.bin").read_text() == "v1"
+    assert _siblings(final) == []  # the staging dir is removed, the previous version is back in place
+
+
+def test_without_exchange_the_replace_still_works(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "rename_exchange", lambda a, b: False)
+    final = tmp_path / "adapter"
+    _write_version(final, "v1")
+    _write_version(final, "v2")
+    assert (final / "weights.bin").read_text() == "v2" and _siblings(final) == []
+
+
+_KILLED_BETWEEN_RENAMES = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import lora_dist.atomic as atomic
+
+    atomic.rename_exchange = lambda a, b: False  # a filesystem without RENAME_EXCHANGE (some NFS)
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if Path(dst).name.startswith(".adapter.old-"):  # the previous version is set aside: die right here
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.replace = replace
+    with atomic.writing_dir(Path(sys.argv[1]), replace=True) as staging:
+        (staging / "weights.bin").write_text("v2")
+""")
+
+
+def test_sigkill_between_the_two_renames_is_repaired_by_a_reader_and_by_the_next_writer(tmp_path):
+    """Issue 15 item 8: a kill between the renames leaves ``.adapter.old-*`` and no ``adapter/``; a reader's
+    ``recover(cleanup=False)`` puts it back (leaving the staging dir alone), the next writer also cleans up."""
+    final = tmp_path / "adapter"
+    _write_version(final, "v1")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BETWEEN_RENAMES, str(final)], cwd=REPO, env=quiet_env())
+    assert proc.returncode == -signal.SIGKILL
+    assert not final.exists()
+    left = _siblings(final)
+    assert [n for n in left if n.startswith(".adapter.old-")] and [n for n in left if n.startswith(".adapter.tmp-")]
+
+    assert recover(final, cleanup=False) is True  # what a reader does
+    assert (final / "weights.bin").read_text() == "v1"
+    assert [n for n in _siblings(final) if n.startswith(".adapter.tmp-")]  # a reader never removes staging dirs
+    assert recover(final, cleanup=False) is False
+
+    _write_version(final, "v3")  # the next writer cleans up what is left
+    assert (final / "weights.bin").read_text() == "v3" and _siblings(final) == []
+
+
+def test_the_next_writer_repairs_before_writing(tmp_path):
+    final = tmp_path / "adapter"
+    _write_version(final, "v1")
+    subprocess.run([sys.executable, "-c", _KILLED_BETWEEN_RENAMES, str(final)], cwd=REPO, env=quiet_env())
+    assert not final.exists()
+    with writing_dir(final, replace=True) as staging:
+        assert (final / "weights.bin").read_text() == "v1"  # put back before the new version is written
+        (staging / "weights.bin").write_text("v2")
+    assert (final / "weights.bin").read_text() == "v2" and _siblings(final) == []
+
+
+def test_recover_without_leftovers_does_nothing(tmp_path):
+    assert recover(tmp_path / "missing-parent" / "adapter") is False
+    (tmp_path / "unrelated").mkdir()
+    assert recover(tmp_path / "adapter") is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unrelated"]
+
+
+@pytest.mark.parametrize("mask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600),
+                                                        (0o002, 0o775, 0o664)])
+def test_published_dirs_and_files_get_the_umask_permissions(tmp_path, umask, mask, dir_mode, file_mode):
+    """Issue 15 item 11: not 0700/0600 (mkdtemp, safetensors), so a teammate can read a shared run."""
+    umask(mask)
+    final = tmp_path / "out"
+    staging = staging_dir(final)
+    f = staging / "model.safetensors"
+    f.write_text("x")
+    f.chmod(0o600)  # what safetensors' save_file creates
+    (staging / "sub").mkdir(mode=0o700)
+    (staging / "sub" / "a").write_text("y")
+    publish_dir(staging, final)
+    assert final.stat().st_mode & 0o777 == dir_mode
+    assert (final / "sub").stat().st_mode & 0o777 == dir_mode
+    assert (final / "model.safetensors").stat().st_mode & 0o777 == file_mode
+    assert (final / "sub" / "a").stat().st_mode & 0o777 == file_mode
+    write_text_atomic(tmp_path / "latest", "step-000001\n")
+    assert (tmp_path / "latest").stat().st_mode & 0o777 == file_mode
+    assert atomic.umask() == mask
+
+
+def test_write_text_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "latest"
+    write_text_atomic(target, "step-000002\n")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic, "fsync", full)
+    with pytest.raises(OSError):
+        write_text_atomic(target, "step-000004\n")
+    assert target.read_text() == "step-000002\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
