@@ -24,7 +24,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lora_dist.atomic import writing_dir
+from lora_dist.atomic import recover, writing_dir
 from lora_dist.inputs import clip, excerpt, read_json
 from lora_dist.lora import LoRAConfig, inject_lora, lora_modules
 from lora_dist.merge import LoRAWeights, lora_scale
@@ -256,6 +256,7 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFile:
             a feature lora_dist does not merge (DoRA, LoRA bias), or unpaired tensors.
     """
     directory = Path(directory)
+    recover(directory, cleanup=False)  # a writer killed between its two renames left the adapter aside
     cfg_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     if not cfg_path.is_file():
         raise AdapterError(f"{cfg_path} not found: an adapter dir needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")

@@ -88,34 +88,28 @@ import json
 import logging
 import re
 import shutil
-import signal
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from lora_dist.atomic import recover, write_text_atomic, writing_dir
 from lora_dist.config import Config
 from lora_dist.launch import LaunchEnv
 from lora_dist.model_dir import SAFE_INDEX
-from lora_dist.outputs import OutputDirError, OutputError, read_run_marker, write_failure
+from lora_dist.outputs import OutputError, read_run_marker, write_failure
+from lora_dist.ranks import RankGroup
 
 __all__ = [
     "CheckpointManager",
-    "Preempted",
-    "PreemptionHandler",
     "ResumeError",
     "TrainingDiverged",
     "base_identity",
-    "on_rank0",
 ]
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
-PREEMPT_EXIT_CODE = 99
 #: The ``lora.*`` settings a checkpoint records; resuming with any of them changed is refused.
 LORA_SETTINGS = ("r", "alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
                  "rank_pattern", "alpha_pattern")
@@ -134,46 +128,6 @@ class TrainingDiverged(RuntimeError):
     """The loss, gradients or LoRA state became NaN/Inf, or the LoRA weights exploded."""
 
 
-class Preempted(SystemExit):
-    """Raised after a preemption checkpoint: the job should exit and be requeued."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(PREEMPT_EXIT_CODE)
-        self.step = step
-
-
-_RANK0_ERRORS: dict[str, type[BaseException]] = {
-    cls.__name__: cls for cls in (OutputDirError, OutputError, ResumeError, TrainingDiverged)
-}
-
-
-def on_rank0(env: LaunchEnv, fn: Callable[[], object]) -> object:
-    """Collective: run ``fn`` on rank 0 only; every rank returns its result or raises its error.
-
-    The other ranks wait until rank 0 is done (this is also the barrier that keeps
-    them from running ahead of rank 0's writes). A user error (:class:`OutputDirError`,
-    :class:`OutputError`, :class:`ResumeError`, :class:`TrainingDiverged`) is raised
-    with the same type and message on every rank; any other as :class:`ResumeError`
-    naming it on the other ranks.
-    """
-    result, error = None, None
-    if env.is_main:
-        try:
-            result = fn()
-        except Exception as e:
-            error = e
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [(None, result) if error is None else ((type(error).__name__, str(error)), None)]
-        dist.broadcast_object_list(box, src=0)
-        if error is None:
-            failed, result = box[0]
-            if failed is not None:
-                name, message = failed
-                cls = _RANK0_ERRORS.get(name)
-                raise cls(message) if cls is not None else ResumeError(f"rank 0 failed: {name}: {message}")
-    if error is not None:
-        raise error
-    return result
 
 
 def base_identity(model_path: str, samples: int = 8, sample_bytes: int = 1 << 16) -> dict:
@@ -382,7 +336,7 @@ class CheckpointManager:
             self._prune(step)
             log.info("checkpoint saved: %s", final)
 
-        on_rank0(self.env, write)
+        RankGroup().on_rank0(write)
         return final
 
     def _latest_name(self) -> str | None:
@@ -464,7 +418,7 @@ class CheckpointManager:
             ResumeError: see the module docstring (another run's checkpoints, a fresh run over old ones, a
                 named checkpoint that is broken, no readable checkpoint of this run, other LoRA settings or base).
         """
-        on_rank0(self.env, self._recover)
+        RankGroup().on_rank0(self._recover)
         resume = self.cfg.checkpoint.resume
         dirs = self._step_dirs()
         if resume == "never":
@@ -533,55 +487,3 @@ class CheckpointManager:
             if list(lora[name].shape) != shape:
                 raise ResumeError(f"{path}: {name} is {list(lora[name].shape)} in the checkpoint but {shape} in this "
                                   f"model (another base?); resume on the base it was trained on {fresh}")
-
-
-class PreemptionHandler:
-    """Signals turned into requests that all ranks agree on at the next step boundary.
-
-    SIGUSR1 / SIGTERM (preemption): checkpoint, then exit with :data:`PREEMPT_EXIT_CODE`.
-    SIGUSR2 (on demand): checkpoint, then keep training.
-
-    Installed on construction; a context manager that restores the previous handlers on exit.
-    """
-
-    STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
-    CHECKPOINT_SIGNALS = ("SIGUSR2",)
-
-    def __init__(self) -> None:
-        self._stop = False
-        self._checkpoint = False
-        self._previous = {}
-        for names, handler in ((self.STOP_SIGNALS, self._on_stop), (self.CHECKPOINT_SIGNALS, self._on_checkpoint)):
-            for name in names:
-                sig = getattr(signal, name, None)
-                if sig is None:
-                    continue
-                try:
-                    self._previous[sig] = signal.signal(sig, handler)
-                except ValueError:  # not the main thread
-                    pass
-
-    def _on_stop(self, signum, frame) -> None:
-        self._stop = True
-
-    def _on_checkpoint(self, signum, frame) -> None:
-        self._checkpoint = True
-
-    def poll(self, device: torch.device | None = None) -> tuple[bool, bool]:
-        """``(stop, checkpoint)`` as agreed by all ranks (one tiny all-reduce on ``device``, the run's);
-        clears the checkpoint request."""
-        flags = torch.tensor([int(self._stop), int(self._checkpoint)], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, checkpoint = bool(flags[0]), bool(flags[1])
-        if checkpoint:
-            self._checkpoint = False
-        return stop, checkpoint
-
-    def __enter__(self) -> PreemptionHandler:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}

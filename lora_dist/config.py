@@ -180,9 +180,10 @@ class CheckpointConfig:
     every: int = 0
     """Checkpoint every N steps (0: only on preemption)."""
     keep: int = 2
-    """How many recent checkpoints to keep."""
+    """How many recent checkpoints of this run to keep."""
     resume: str = "auto"
-    """auto (latest checkpoint in output.dir if any), never, or a checkpoint dir."""
+    """auto (this run's latest checkpoint in output.dir, if any), never (refused if output.dir holds checkpoints:
+    use a new output.dir), or a checkpoint dir."""
     force: bool = False
     """Resume even if the checkpoint was made against a different base model."""
 

@@ -177,6 +177,10 @@ def run_demo(config: Path, out: Path, nproc: int = 2, overrides: list[str] | tup
         make_tiny_checkpoint(base, arch="llama", hidden=128, layers=4, heads=4)
     write_demo_data(data, n=600)
     if run.exists():
+        from lora_dist.outputs import OutputError, read_run_marker
+
+        if read_run_marker(run) is None:  # only a run lora_dist wrote is replaced
+            raise OutputError(f"{run} exists and is not a lora-dist run dir; choose another --out for the demo")
         shutil.rmtree(run)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

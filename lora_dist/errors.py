@@ -13,10 +13,9 @@ from lora_dist.launch import LaunchError
 from lora_dist.lora import LoRAConfigError
 from lora_dist.merge import MergeError
 from lora_dist.model_dir import ModelDirError
-from lora_dist.outputs import OutputError
+from lora_dist.outputs import OutputDirError, OutputError
 from lora_dist.parallel.sharding import ShardingError
 from lora_dist.slurm import SlurmError
-from lora_dist.train import OutputDirError
 
 __all__ = ["USER_ERRORS"]
 

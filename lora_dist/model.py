@@ -14,12 +14,10 @@ range by range from the per-expert tensors (:mod:`lora_dist.weight_mapping`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from lora_dist.config import ModelConfig, ParallelConfig

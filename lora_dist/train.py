@@ -44,15 +44,17 @@ import torch.nn.functional as F
 from lora_dist import checkpoint as ckpt_mod
 from lora_dist.adapter import save_adapter
 from lora_dist.atomic import recover, write_text_atomic
-from lora_dist.checkpoint import TrainingDiverged, on_rank0
+from lora_dist.checkpoint import TrainingDiverged
 from lora_dist.config import Config, ConfigError, config_to_dict
-from lora_dist.data import IGNORE, DataError, PackedDataset, load_dataset
+from lora_dist.data import IGNORE, PackedDataset, load_data, load_tokenizer, model_kwargs
 from lora_dist.dtypes import parse_dtype
 from lora_dist.launch import LaunchEnv, init_distributed, run_device
 from lora_dist.model import load_model
 from lora_dist.model_dir import ModelDir, ModelDirError
 from lora_dist.outputs import OutputDirError, OutputError, RunLock, prepare_run_dir, write_failure
 from lora_dist.parallel import Engine, check_replicas, make_engine
+from lora_dist.preemption import PREEMPT_EXIT_CODE, Preempted, PreemptionHandler
+from lora_dist.ranks import RankGroup
 
 __all__ = [
     "LORA_WEIGHT_LIMIT",
@@ -134,14 +136,14 @@ class Batches:
         self.global_micro = micro_batch * env.world_size
         self.first_micro, self.sample_offset = first_micro, sample_offset
 
-    def get(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k``-th micro-batch of the run (counting from the start, also after a resume)."""
+    def get(self, k: int) -> dict:
+        """The ``k``-th micro-batch of the run (counting from the start, also after a resume): its model
+        inputs and labels, on the run's device (:meth:`lora_dist.data.PackedDataset.inputs`)."""
         start = self.sample_offset + (k - self.first_micro) * self.global_micro + self.env.rank * self.micro
-        ids, labels = self.data.batch(start, self.micro, self.seed)
-        return ids.to(self.device), labels.to(self.device)
+        return self.data.micro_batch(start, self.micro, self.seed, self.device)
 
 
-def forward_backward(engine: Engine, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+def forward_backward(engine: Engine, micro: list[dict]) -> tuple[float, float]:
     """Accumulate the gradient of one optimizer step; returns (global mean loss, global target tokens).
 
     Each micro-batch's summed token loss is divided by the step's global token
@@ -150,12 +152,12 @@ def forward_backward(engine: Engine, micro: list[tuple[torch.Tensor, torch.Tenso
     target tokens on any rank has no mean loss: NaN (and a zero gradient).
     """
     device = engine.device
-    n_tokens = all_sum(torch.tensor(sum(n_targets(labels) for _, labels in micro), dtype=torch.float64, device=device))
+    n_tokens = all_sum(torch.tensor(sum(n_targets(b["labels"]) for b in micro), dtype=torch.float64, device=device))
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for m, (ids, labels) in enumerate(micro):
+    for m, batch in enumerate(micro):
         sync = contextlib.nullcontext() if m == len(micro) - 1 else engine.no_sync()
         with sync:
-            loss = token_loss_sum(engine.model(input_ids=ids).logits, labels)
+            loss = token_loss_sum(engine.model(**model_kwargs(batch, engine.model_config)).logits, batch["labels"])
             engine.backward(loss / n_tokens.to(loss.dtype).clamp(min=1))
         loss_sum += loss.detach().double()
     loss_sum = all_sum(loss_sum)
@@ -176,10 +178,10 @@ def evaluate(engine: Engine, data: PackedDataset, micro_batch: int, batches: int
     for k in range(n_batches):
         start = k * global_micro + env.rank * micro_batch
         idx = [i % len(data) for i in range(start, start + micro_batch)]
-        ids, labels = data.input_ids[idx].to(device), data.labels[idx].to(device)
-        logits = engine.model(input_ids=ids).logits
-        total += torch.tensor([float(token_loss_sum(logits, labels)), n_targets(labels)], dtype=torch.float64,
-                              device=device)
+        batch = data.inputs(idx, device)
+        logits = engine.model(**model_kwargs(batch, engine.model_config)).logits
+        total += torch.tensor([float(token_loss_sum(logits, batch["labels"])), n_targets(batch["labels"])],
+                              dtype=torch.float64, device=device)
     engine.model.train()
     total = all_sum(total)
     if float(total[1]) == 0:
@@ -225,7 +227,6 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
         TrainingDiverged: a NaN/Inf loss or grad norm, or exploding LoRA weights, naming the step; nothing
             is saved from it.
     """
-    from transformers import AutoTokenizer
 
     env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
     if cfg.parallel.strategy == "none" and env.world_size > 1:
@@ -236,17 +237,15 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
                     cfg.parallel.strategy)
     device = run_device()
     out = Path(cfg.output.dir)
-    t, p = cfg.train, cfg.parallel
+    p = cfg.parallel
 
     if not cfg.model.path:
         raise ModelDirError("model.path is not set; pass model.path=/path/to/hf_checkpoint")
     base = ModelDir(cfg.model.path)  # fails fast on a missing, incomplete or corrupt model dir; opened once
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path)  # never runs code from the model dir
     hf_config = base.hf_config
     max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
-    if not cfg.data.path:
-        raise DataError("data.path is not set; pass data.path=/path/to/train.jsonl")
-    dataset = load_dataset(cfg.data.path, tokenizer, t.seq_len, max_pos)
+    dataset = load_data(cfg, tokenizer, max_pos, verbose=env.is_main)
     train_data, eval_data = dataset.split(cfg.data.eval_fraction)
 
     ds_config = None
@@ -287,7 +286,7 @@ def _open_run_dir(cfg: Config, env: LaunchEnv, out: Path) -> tuple[dict, RunLock
         return marker
 
     try:
-        marker = on_rank0(env, prepare)
+        marker = RankGroup().on_rank0(prepare)
     except BaseException:
         for lock in held:
             lock.release()
@@ -365,7 +364,7 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
     """Everything after the run dir is open: load, resume, the steps, the outputs (every rank)."""
     t, p = cfg.train, cfg.parallel
     # Installed before the model load: a preemption signal during load or resume stops at the first step boundary.
-    with ckpt_mod.PreemptionHandler() as signals:
+    with PreemptionHandler() as signals:
         loaded = load_model(cfg.model, cfg.lora, p, device, t.seed, ds_config, base=base)
         model = loaded.model
         if env.is_main:
@@ -385,7 +384,7 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
                 raise write_failure(e, str(out / "config.json"), "the previous file is intact") from None
             truncate_metrics(metrics_path, start_step)
 
-        on_rank0(env, record_start)
+        RankGroup().on_rank0(record_start)
         batches = Batches(train_data, t.micro_batch_size, env, t.seed, device,
                            first_micro=start_step * t.grad_accum, sample_offset=manager.samples_offset)
         history: list[dict] = []
@@ -444,8 +443,8 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
                 if stop:
                     if env.is_main:
                         log.warning("preempted: checkpoint at step %d written; exiting with code %d for requeue",
-                                    step + 1, ckpt_mod.PREEMPT_EXIT_CODE)
-                    raise ckpt_mod.Preempted(step + 1)
+                                    step + 1, PREEMPT_EXIT_CODE)
+                    raise Preempted(step + 1)
         finally:
             progress.close()
     if eval_data is not None:
@@ -464,7 +463,7 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
                 raise write_failure(e, f"{out / 'adapter'}", "the previous adapter/ (if any) and the checkpoints "
                                     "are intact: rerun to resume") from None
 
-        on_rank0(env, write_adapter)
+        RankGroup().on_rank0(write_adapter)
     engine.finish_training()
     if cfg.export.merged:
         from lora_dist.export import export_merged

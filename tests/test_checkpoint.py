@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from distutil import REPO, free_port, lora_dist, quiet_env, torchrun
 from lora_dist.demo import write_demo_data
+from lora_dist.preemption import PREEMPT_EXIT_CODE, Preempted
 
 STEPS = 6
 
@@ -458,7 +459,6 @@ def test_sigusr2_checkpoints_on_demand_and_keeps_training(setup, tmp_path):
 def test_preemption_signal_during_model_load_stops_at_the_first_step(setup, tmp_path, monkeypatch):
     """SIGUSR1 while the model loads is not fatal: the run checkpoints at step 1 and exits for requeue."""
     import lora_dist.train as train_mod
-    from lora_dist import checkpoint as ckpt_mod
     from lora_dist.config import load_config
     from lora_dist.launch import destroy_distributed
 
@@ -473,10 +473,10 @@ def test_preemption_signal_during_model_load_stops_at_the_first_step(setup, tmp_
     cfg = load_config(None, [*setup["common"], f"output.dir={out}", "parallel.strategy=none"])
     previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # were no handler installed yet: lost, not fatal to pytest
     try:
-        with pytest.raises(ckpt_mod.Preempted) as stopped:
+        with pytest.raises(Preempted) as stopped:
             train_mod.train(cfg)
     finally:
         signal.signal(signal.SIGUSR1, previous)
         destroy_distributed()
-    assert stopped.value.step == 1 and stopped.value.code == ckpt_mod.PREEMPT_EXIT_CODE
+    assert stopped.value.step == 1 and stopped.value.code == PREEMPT_EXIT_CODE
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000001"

@@ -121,9 +121,9 @@ def test_shipped_templates_parse(name):
 
 
 def test_preemptible_exit_code_matches_the_trainer():
-    checkpoint = pytest.importorskip("lora_dist.checkpoint")
+    preemption = pytest.importorskip("lora_dist.preemption")
     text = template("preemptible")
-    assert f"\nPREEMPT_EXIT_CODE={checkpoint.PREEMPT_EXIT_CODE}\n" in text
+    assert f"\nPREEMPT_EXIT_CODE={preemption.PREEMPT_EXIT_CODE}\n" in text
 
 
 def test_generic_template_launches_torchrun_per_node_on_the_first_node_address(fake_slurm):

@@ -123,7 +123,9 @@ class LoraDist(System):
     def train_step(self, ids, labels) -> None:
         from lora_dist.train import forward_backward
 
-        forward_backward(self.engine, [(ids, labels)])
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        forward_backward(self.engine, [{"input_ids": ids, "labels": labels, "position_ids": positions,
+                                        "attention_mask": None}])
         self.engine.step(LR)
 
     @torch.no_grad()

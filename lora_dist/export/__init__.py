@@ -18,8 +18,8 @@ The modules: :mod:`~lora_dist.export.layout` (safetensors file layouts and
 headers), :mod:`~lora_dist.export.sources` (which bytes each rank produces, and
 the blockwise merge), :mod:`~lora_dist.export.writer` (the collective write
 below), :mod:`~lora_dist.export.target` (where an export may write, and what
-``--overwrite`` may replace), :mod:`~lora_dist.export.group` (the process group
-or its single-process stand-in), :mod:`~lora_dist.export.errors`.
+``--overwrite`` may replace), :mod:`~lora_dist.export.errors`; the collectives go
+through :class:`lora_dist.ranks.RankGroup`.
 
 Design: files are planned up front and every rank writes its own bytes
 -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -19,11 +20,11 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from lora_dist.adapter import read_adapter
+from lora_dist.atomic import recover
 from lora_dist.config import ConfigError, config_from_dict
 from lora_dist.dtypes import parse_dtype
 from lora_dist.export.errors import ExportError
-from lora_dist.export.group import RankGroup
-from lora_dist.export.target import check_output
+from lora_dist.ranks import RankGroup
 from lora_dist.export.layout import plan_layout
 from lora_dist.export.sources import (
     MERGED_FROM_KEY,
@@ -33,6 +34,7 @@ from lora_dist.export.sources import (
     output_specs,
     param_source,
 )
+from lora_dist.export.target import check_output
 from lora_dist.export.writer import MODES, write_checkpoint
 from lora_dist.launch import init_distributed, run_device
 from lora_dist.lora import LoRALinear, lora_modules
@@ -168,11 +170,15 @@ def export_merged(
 
 def _run_lora_tensors(run: Path) -> dict[str, torch.Tensor]:
     """The run's final adapter, or its latest checkpoint's LoRA weights."""
+    recover(run / "adapter", cleanup=False)  # a writer killed mid-publish may have left it aside
     if (run / "adapter").is_dir():
         return read_adapter(run / "adapter").tensors
     latest = run / "checkpoints" / "latest"
     if latest.is_file():
-        return load_file(str(run / "checkpoints" / latest.read_text().strip() / "lora.safetensors"))
+        name = latest.read_text().strip()
+        if not re.fullmatch(r"step-\d+", name):
+            raise ConfigError(f"{latest} names {name[:80]!r}, not a checkpoint (step-NNNNNN); the run dir is damaged")
+        return load_file(str(run / "checkpoints" / name / "lora.safetensors"))
     raise ConfigError(f"{run} has neither adapter/ nor checkpoints/latest; is it a lora-dist output.dir?")
 
 
@@ -220,6 +226,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     # Before any work (the model load below): an output the export may not write is refused on every rank.
     RankGroup().on_rank0(lambda: check_output(out_dir, inputs, overwrite=overwrite, base_dir=cfg.model.path,
                                               what="--out"))
+    recover(run / "adapter", cleanup=False)
     if env.world_size == 1 and (run / "adapter").is_dir():
         # One process: stream base + adapter tensor by tensor from disk; nothing is loaded whole.
         from lora_dist.export.offline import merge_offline

@@ -16,7 +16,7 @@ import torch
 
 from lora_dist.adapter import read_adapter
 from lora_dist.dtypes import from_safetensors, parse_dtype
-from lora_dist.export.group import RankGroup
+from lora_dist.ranks import RankGroup
 from lora_dist.export.layout import plan_layout
 from lora_dist.export.sources import MERGED_FROM_KEY, RowsSource, file_rows, merged_from, output_specs
 from lora_dist.export.target import check_output

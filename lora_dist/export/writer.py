@@ -34,7 +34,7 @@ from lora_dist.atomic import publish_dir, staging_dir
 from lora_dist.dtypes import dtype_name
 from lora_dist.export import layout as st
 from lora_dist.export.errors import ExportError
-from lora_dist.export.group import RankGroup
+from lora_dist.ranks import RankGroup
 from lora_dist.export.target import check_output, copied_files
 from lora_dist.model_dir import SAFE_INDEX, ModelDir
 

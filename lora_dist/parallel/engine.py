@@ -53,6 +53,8 @@ class Engine:
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.device = device or torch.device("cpu")
+        #: The model's ``transformers`` config (attention implementation, windows), read before any wrapping.
+        self.model_config = getattr(model, "config", None)
         self._named_lora = [(f"{name}.{part}.weight", getattr(m, part).weight)
                             for name, m in lora_modules(model) for part in ("lora_A", "lora_B")]
         self.lora_params = [p for _, p in self._named_lora]

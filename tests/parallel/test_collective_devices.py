@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lora_dist.checkpoint import PreemptionHandler
+from lora_dist.preemption import PreemptionHandler
 from lora_dist.config import ParallelConfig, TrainConfig
 from lora_dist.lora import LoRAConfig, inject_lora
 from lora_dist.parallel import check_replicas, make_engine
@@ -34,7 +34,7 @@ class TinyLM(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
         self.head = nn.Linear(hidden, vocab)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, **unused):
         return SimpleNamespace(logits=self.head(torch.tanh(self.proj(self.embed(input_ids)))))
 
 
@@ -69,7 +69,9 @@ def test_every_collective_of_a_step_is_on_the_runs_device(recorded, strategy):
     cfg = ParallelConfig(strategy="fsdp2" if strategy == "fsdp2_reducer" else "none")
     engine = make_engine(model, optimizer, cfg, TrainConfig(), device)
     ids = torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(1))
-    micro = [(ids, ids.clone()), (ids.flip(1), ids.flip(1).clone())]
+    positions = torch.arange(6).expand(2, 6)
+    micro = [{"input_ids": x, "labels": x.clone(), "position_ids": positions, "attention_mask": None}
+             for x in (ids, ids.flip(1))]
     with torch.device("meta"), PreemptionHandler() as signals:  # what is created without a device lands on meta
         forward_backward(engine, micro)
         engine.step(1e-3)

@@ -1,8 +1,10 @@
-"""The ranks taking part in an export: the default process group, or a stand-in for a single process.
+"""The ranks of a job: the default process group, or a stand-in for a single process.
 
-Every collective the export needs (broadcast, all-gather, gathering bytes to
-rank 0, and failing on every rank when one fails) goes through
-:class:`RankGroup`, so the writer runs unchanged on one process.
+The small collectives of file work (broadcast, all-gather, gathering bytes to rank 0,
+running a step on rank 0 only, and failing on every rank when one fails) go through
+:class:`RankGroup`, so the export, the run dir and the checkpoints run unchanged on one
+process. A failure on one rank is raised on the others with the same type where it is a
+user error (one line, exit 2, on every rank), else as :class:`RankFailed`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,32 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from lora_dist.export.errors import ExportError
-
-__all__ = ["RankGroup", "describe"]
+__all__ = ["RankFailed", "RankGroup"]
 
 
-def describe(e: BaseException) -> str:
-    """One line naming an error's type and message, to tell the other ranks what failed."""
-    return f"{type(e).__name__}: {e}"
+class RankFailed(RuntimeError):
+    """Another rank failed with an error that is not a user error; this rank stops with it."""
+
+
+def _failure(error: BaseException) -> tuple[str, str]:
+    return type(error).__name__, str(error)
+
+
+def _raise_for(rank: int, failure: tuple[str, str]) -> None:
+    """Raise on this rank what failed on ``rank``: the same user-error type, else :class:`RankFailed`."""
+    from lora_dist.errors import USER_ERRORS
+
+    name, message = failure
+    text = f"rank {rank} failed: {message}"
+    cls = next((c for c in USER_ERRORS if c.__name__ == name), None)
+    if cls is not None:
+        try:
+            error = cls(text)
+        except Exception:  # a constructor that wants more than a message
+            error = None
+        if error is not None:
+            raise error
+    raise RankFailed(f"rank {rank} failed: {name}: {message}")
 
 
 class RankGroup:
@@ -65,20 +85,24 @@ class RankGroup:
         """Collective: raise on every rank if any rank failed (the failing rank re-raises its own error).
 
         Raises:
-            ExportError: naming the first rank that failed, on the ranks that did not.
+            The first failing rank's error type (a user error) or :class:`RankFailed`, naming that rank,
+            on the ranks that did not fail.
         """
-        messages = self.all_gather(None if error is None else describe(error))
+        failures = self.all_gather(None if error is None else _failure(error))
         if error is not None:
             raise error
-        for rank, message in enumerate(messages):
-            if message is not None:
-                raise ExportError(f"rank {rank} failed: {message}")
+        for rank, failure in enumerate(failures):
+            if failure is not None:
+                _raise_for(rank, failure)
 
     def on_rank0(self, fn: Callable[[], object]):
-        """Collective: run ``fn`` on rank 0, hand its result (or its failure) to every rank.
+        """Collective: run ``fn`` on rank 0 only, hand its result (or its failure) to every rank.
+
+        The other ranks wait until rank 0 is done, so this is also the barrier that keeps them
+        from running ahead of rank 0's writes.
 
         Raises:
-            ExportError: ``fn`` failed on rank 0 (rank 0 re-raises its own error).
+            ``fn``'s error on rank 0; on the other ranks the same user-error type, or :class:`RankFailed`.
         """
         result, error = None, None
         if self.rank == 0:
@@ -86,9 +110,9 @@ class RankGroup:
                 result = fn()
             except Exception as e:
                 error = e
-        status = self.broadcast((None, result) if error is None else (describe(error), None))
+        status = self.broadcast((None, result) if error is None else (_failure(error), None))
         if error is not None:
             raise error
         if status[0] is not None:
-            raise ExportError(f"rank 0 failed: {status[0]}")
+            _raise_for(0, status[0])
         return status[1]
