@@ -179,3 +179,21 @@ def test_zero2_bf16_keeps_the_lora_promise_fp32(setup):
     cfg = load_config(None, [*setup["common"], "parallel.strategy=zero2", "parallel.mixed_precision=bfloat16"])
     ds = deepspeed_config(cfg, AutoConfig.from_pretrained(setup["base"]))
     assert ds["communication_data_type"] == "fp32" and ds["bf16"]["enabled"] is True
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_chat_data_two_ranks_equal_one_process(setup, tmp_path_factory, strategy):
+    """Chat records (assistant-only loss masks, packed documents with their block-diagonal mask)."""
+    root = tmp_path_factory.mktemp(f"chat-{strategy}")
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": "answer briefly"},
+        {"role": "user", "content": f"what does robot {i} build?"},
+        {"role": "assistant", "content": f"robot {i} builds {i % 7} towers"},
+        {"role": "user", "content": "and then?"},
+        {"role": "assistant", "content": f"it rests {i % 3} days"}]}) + "\n" for i in range(60)))
+    chat = [f"data.path={data}", "data.chat_template=chatml", "train.seq_len=256"]
+    ref = _train(setup, f"chat-ref-{strategy}", 1, *chat, "parallel.strategy=none", "train.micro_batch_size=4")
+    out = _train(setup, f"chat-{strategy}", 2, *chat, f"parallel.strategy={strategy}", "train.micro_batch_size=2")
+    _assert_same_adapter(ref, out)
+    assert _losses(out) == pytest.approx(_losses(ref), abs=1e-5)
