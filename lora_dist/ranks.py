@@ -21,18 +21,26 @@ class RankFailed(RuntimeError):
     """Another rank failed with an error that is not a user error; this rank stops with it."""
 
 
-def _failure(error: BaseException) -> tuple[str, str]:
-    return type(error).__name__, str(error)
+def _failure(error: BaseException) -> tuple[str, str, str]:
+    return type(error).__module__, type(error).__qualname__, str(error)
 
 
-def _raise_for(rank: int, failure: tuple[str, str]) -> None:
-    """Raise on this rank what failed on ``rank``: the same user-error type, else :class:`RankFailed`."""
+def _raise_for(rank: int, failure: tuple[str, str, str]) -> None:
+    """Raise on this rank what failed on ``rank``: the same type where it is a user error (a subclass of
+    one of :data:`lora_dist.errors.USER_ERRORS`), else :class:`RankFailed`."""
+    import importlib
+
     from lora_dist.errors import USER_ERRORS
 
-    name, message = failure
+    module, name, message = failure
     text = f"rank {rank} failed: {message}"
-    cls = next((c for c in USER_ERRORS if c.__name__ == name), None)
-    if cls is not None:
+    try:
+        cls = importlib.import_module(module)
+        for part in name.split("."):
+            cls = getattr(cls, part)
+    except (ImportError, AttributeError):
+        cls = None
+    if isinstance(cls, type) and issubclass(cls, USER_ERRORS):
         try:
             error = cls(text)
         except Exception:  # a constructor that wants more than a message
