@@ -9,7 +9,10 @@ belong in that module.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -122,3 +125,24 @@ def peft_twin() -> Callable[..., torch.nn.Module]:
         return model
 
     return make
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(kb)``: a tmpfs of that size, a real ENOSPC (not a patched write)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def mount(kb: int) -> Path:
+        mnt = tmp_path / f"disk{len(mounted)}"
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", str(mnt)],
+                          capture_output=True).returncode:
+            pytest.skip("mount -t tmpfs is not permitted here")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)

@@ -40,3 +40,14 @@ def lora_dist(*args: str, timeout: float = 300, check: bool = True, **env: str) 
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def alias_bomb() -> str:
+    """A 373-byte "billion laughs" config value: 9 lists of 9 aliases, 9^9 strings once expanded."""
+    levels = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        levels.append(f"&{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    text = "lora:\n  target_modules: [" + ", ".join(levels) + "]\n"
+    text = "# an alias bomb" + " " * (372 - len(text) - 15) + "\n" + text
+    assert len(text.encode()) == 373
+    return text

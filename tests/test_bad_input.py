@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import ast
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from distutil import REPO, lora_dist
+from distutil import REPO, alias_bomb, lora_dist
 from lora_dist.demo import write_demo_data
 
 
@@ -121,20 +118,8 @@ def test_adapter_shapes_not_matching_the_base(good, tmp_path, tiny_checkpoint):
     assert not (tmp_path / "m").exists()
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 64 KB tmpfs: a real ENOSPC, not a patched write."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("mount -t tmpfs is not permitted here")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
-
-
-def test_disk_full_during_export(good, tmp_path, tiny_disk):
+def test_disk_full_during_export(good, tmp_path, small_disk):
+    tiny_disk = small_disk(64)
     run = tmp_path / "run"
     assert _train(good, run, "export.merged=false").returncode == 0
     proc = lora_dist("export", str(run), "--out", str(tiny_disk / "merged"), check=False)
@@ -158,23 +143,6 @@ def test_no_unpickling_anywhere_in_the_package():
 
 # Issue 15 (items 7, 9, 10): each input the probe found accepted silently or answered with a traceback.
 
-_LOADS_TOKENIZER_SAFELY = "load_tokenizer(" in (REPO / "lora_dist" / "train.py").read_text()
-_needs_load_tokenizer = pytest.mark.skipif(
-    not _LOADS_TOKENIZER_SAFELY, reason="train.py does not call lora_dist.data.load_tokenizer yet"
-)
-
-
-def _alias_bomb() -> str:
-    """A 373-byte "billion laughs" config: 9 lists of 9 aliases, 9^9 strings once expanded."""
-    levels = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    for prev, name in zip("abcdefgh", "bcdefghi"):
-        levels.append(f"&{name} [" + ",".join([f"*{prev}"] * 9) + "]")
-    text = "lora:\n  target_modules: [" + ", ".join(levels) + "]\n"
-    text = "# an alias bomb" + " " * (372 - len(text) - 15) + "\n" + text
-    assert len(text.encode()) == 373
-    return text
-
-
 def _refused(proc, *needles: str, command: str = "train", out: Path | None = None) -> str:
     last = _one_line_error(proc, *needles, command=command)
     assert len(last) < 700, last[:1000]
@@ -185,12 +153,12 @@ def _refused(proc, *needles: str, command: str = "train", out: Path | None = Non
 
 def test_yaml_alias_bomb_is_refused_at_once(good, tmp_path):
     bomb = tmp_path / "bomb.yaml"
-    bomb.write_text(_alias_bomb())
+    bomb.write_text(alias_bomb())
     args = [f"model.path={good['base']}", f"data.path={good['data']}", f"output.dir={tmp_path / 'o'}"]
     proc = lora_dist("train", str(bomb), *args, check=False, timeout=60)
     _refused(proc, "bomb.yaml: refused: more than 20000 values", out=tmp_path / "o")
     assert "lol" not in proc.stderr
-    value = _alias_bomb().split("target_modules: ", 1)[1].strip()
+    value = alias_bomb().split("target_modules: ", 1)[1].strip()
     proc = lora_dist("train", *args, f"lora.target_modules={value}", check=False, timeout=60)
     _refused(proc, "override 'lora.target_modules': refused", out=tmp_path / "o")
 
@@ -271,7 +239,6 @@ def _needs_remote_code(base: Path, tokenizer: bool) -> Path:
     return marker
 
 
-@_needs_load_tokenizer
 @pytest.mark.parametrize("part", ["model", "tokenizer"])
 def test_remote_code_is_refused_and_never_run(good, tmp_path, part):
     base = _copy_base(good, tmp_path / "base")
@@ -281,7 +248,6 @@ def test_remote_code_is_refused_and_never_run(good, tmp_path, part):
     assert not marker.exists() and "Do you wish to run the custom code" not in proc.stderr + proc.stdout
 
 
-@_needs_load_tokenizer
 def test_missing_tokenizer(good, tmp_path):
     base = _copy_base(good, tmp_path / "base")
     for f in ("tokenizer.json", "tokenizer_config.json"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from distutil import alias_bomb
 
 from lora_dist.config import Config, ConfigError, config_keys, config_help, config_to_dict, load_config
 
@@ -263,17 +264,6 @@ def test_config_help_lists_every_key_with_its_doc():
 # Limits on what a config can cost (issue 15, item 7): checked while parsing, before any value is built.
 
 
-def _alias_bomb() -> str:
-    """A 373-byte "billion laughs" config value: 9 lists of 9 aliases, 9^9 strings once expanded."""
-    levels = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    for prev, name in zip("abcdefgh", "bcdefghi"):
-        levels.append(f"&{name} [" + ",".join([f"*{prev}"] * 9) + "]")
-    text = "lora:\n  target_modules: [" + ", ".join(levels) + "]\n"
-    text = "# an alias bomb" + " " * (372 - len(text) - 15) + "\n" + text
-    assert len(text.encode()) == 373
-    return text
-
-
 def _refused_quickly(**kwargs) -> str:
     import time
 
@@ -287,13 +277,13 @@ def _refused_quickly(**kwargs) -> str:
 
 
 def test_alias_bomb_in_a_file_is_refused_in_one_short_line(config_file):
-    message = _refused_quickly(path=config_file(_alias_bomb()))
+    message = _refused_quickly(path=config_file(alias_bomb()))
     assert "run.yaml: refused: more than 20000 values once its aliases are expanded" in message
     assert "lol" not in message  # the value is never expanded, not even into the message
 
 
 def test_alias_bomb_in_an_override_is_refused_in_one_short_line():
-    value = _alias_bomb().split("target_modules: ", 1)[1].strip()
+    value = alias_bomb().split("target_modules: ", 1)[1].strip()
     message = _refused_quickly(overrides=[f"lora.target_modules={value}"])
     assert "override 'lora.target_modules': refused: more than 20000 values" in message
 

@@ -341,27 +341,6 @@ def test_export_right_after_a_kill_between_the_two_renames_reads_the_previous_ad
 # ----------------------------------------------------------------------------- faults and nonsense
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """``small_disk(kb)``: a tmpfs of that size, a real ENOSPC (not a patched write)."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = []
-
-    def mount(kb: int) -> Path:
-        mnt = tmp_path / f"disk{len(mounted)}"
-        mnt.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", str(mnt)],
-                          capture_output=True).returncode:
-            pytest.skip("mount -t tmpfs is not permitted here")
-        mounted.append(mnt)
-        return mnt
-
-    yield mount
-    for mnt in mounted:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
-
-
 def test_disk_full_during_a_checkpoint_write(good, small_disk):
     """Issue 15 item 10: ENOSPC was a traceback. One line, exit 2; step-000002 and `latest` intact."""
     out = small_disk(64) / "run"

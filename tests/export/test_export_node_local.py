@@ -18,12 +18,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from dist_scripts.export_common import SCRIPTS
 from distutil import torchrun
 from test_export import same_files, single_process_reference
 
-from lora_dist.export import export_merged, verify_checkpoint
+from lora_dist.export import verify_checkpoint
 from lora_dist.model_dir import SAFE_INDEX
 
 

@@ -371,20 +371,14 @@ def test_an_index_pointing_outside_the_dir_fails(merged, tmp_path, capsys):
 
 
 @pytest.fixture
-def read_only_disk(tmp_path):
-    """A tmpfs that can be remounted read-only (root and mount needed); yields (mountpoint, remount_ro)."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("mount -t tmpfs is not permitted here")
+def read_only_disk(small_disk):
+    """A 16 MB tmpfs that can be remounted read-only; yields (mountpoint, remount_ro)."""
+    mnt = small_disk(16 * 1024)
 
     def remount_ro() -> None:
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
 
-    yield mnt, remount_ro
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
+    return mnt, remount_ro
 
 
 def test_merge_onto_a_read_only_filesystem_is_one_line(merged, read_only_disk, capsys):
