@@ -37,7 +37,7 @@ from lora_dist.inputs import clip, read_json, utf8_error
 from lora_dist.model_dir import REMOTE_CODE_FIX, ModelDirError, read_config_json
 
 __all__ = ["IGNORE", "DataError", "DataStats", "PackedDataset", "block_causal_mask", "dump_blocks", "load_data",
-           "load_dataset", "load_tokenizer", "marked_text", "model_kwargs", "summarize"]
+           "load_dataset", "load_splits", "load_tokenizer", "marked_text", "model_kwargs", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -412,6 +412,12 @@ def load_data(cfg, tokenizer, max_positions: int | None = None, verbose: bool = 
     d = cfg.data
     return load_dataset(d.path, tokenizer, cfg.train.seq_len, max_positions, packing=d.packing,
                         chat_template=d.chat_template, loss_on=d.loss_on, verbose=verbose)
+
+
+def load_splits(cfg, tokenizer, max_positions: int | None = None,
+                verbose: bool = True) -> tuple[PackedDataset, PackedDataset | None]:
+    """A run's training blocks and its held-out blocks (``None`` when there are none), as ``data.*`` asks."""
+    return load_data(cfg, tokenizer, max_positions, verbose).split(cfg.data.eval_fraction)
 
 
 def _counts(s: DataStats) -> list[str]:

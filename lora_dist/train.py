@@ -46,7 +46,7 @@ from lora_dist.adapter import save_adapter
 from lora_dist.atomic import recover, write_text_atomic
 from lora_dist.checkpoint import TrainingDiverged
 from lora_dist.config import Config, ConfigError, config_to_dict
-from lora_dist.data import IGNORE, PackedDataset, load_data, load_tokenizer, model_kwargs
+from lora_dist.data import IGNORE, PackedDataset, load_splits, load_tokenizer, model_kwargs
 from lora_dist.dtypes import parse_dtype
 from lora_dist.launch import LaunchEnv, init_distributed, run_device
 from lora_dist.model import load_model
@@ -245,8 +245,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model.path)  # never runs code from the model dir
     hf_config = base.hf_config
     max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
-    dataset = load_data(cfg, tokenizer, max_pos, verbose=env.is_main)
-    train_data, eval_data = dataset.split(cfg.data.eval_fraction)
+    train_data, eval_data = load_splits(cfg, tokenizer, max_pos, verbose=env.is_main)
 
     ds_config = None
     if p.strategy.startswith("zero"):
