@@ -3,6 +3,8 @@
     lora-dist train CONFIG.yaml [section.key=value ...]   one process, or under torchrun/srun/mpirun
     lora-dist demo [--nproc 2] [--out runs/demo]          the README's end-to-end job
     lora-dist export RUN_DIR                              merged checkpoint from a finished run
+    lora-dist plot RUN_DIR                                PNGs of the run's curves
+    lora-dist generate --base DIR [--adapter DIR] --prompt TEXT
     lora-dist merge / verify / slurm / plan / bench       see each command's --help
 
 Options and ``section.key=value`` overrides mix in any order. Exit codes:
@@ -319,6 +321,57 @@ def _bench(args: argparse.Namespace) -> int:
     return EXIT_CHECK_FAILED if failed_configs(run_bench(options_from_args(args))) else EXIT_OK
 
 
+# ----------------------------------------------------------------------------- plot, generate
+
+
+def _plot_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Draw a run's curves from its metrics.jsonl: loss and eval "
+                                "loss, learning rate, throughput and memory against step, as PNGs in RUN_DIR/plots "
+                                "(works while the run trains).")
+    p.add_argument("run_dir", help="a run's output.dir (holds metrics.jsonl)")
+    p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
+    return p
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from lora_dist.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return EXIT_OK
+
+
+def _generate_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Generate a reply from a base checkpoint, with a LoRA "
+                                "adapter applied (unmerged), or from a merged checkpoint. The prompt goes through "
+                                "the chat template when the model has one. Greedy by default: deterministic, and "
+                                "base + adapter gives the same text as the merged checkpoint.")
+    p.add_argument("--base", required=True, help="local HF checkpoint dir (a base model or a merged export)")
+    p.add_argument("--adapter", default=None, help="PEFT-format adapter dir, e.g. RUN_DIR/adapter")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", default=None, help="the user's message (raw text for a model without a template)")
+    what.add_argument("--messages", default=None, metavar="FILE",
+                      help='a JSON conversation: [{"role": "system"|"user"|"assistant", "content": ...}, ...]')
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampled")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--chat-template", default="", help="chatml, llama3, a Jinja file, or none (raw prompt); "
+                   "default: the tokenizer's own")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: the GPU if there is one)")
+    return p
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lora_dist.generate import generate, load_messages
+
+    result = generate(args.base, args.adapter, prompt=args.prompt,
+                      messages=load_messages(args.messages) if args.messages else None,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                      chat_template=args.chat_template, device=args.device)
+    print(result.text)
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("run a LoRA fine-tune", _train_parser, _train),
     "demo": Command("build a tiny Llama, fine-tune it on 2 CPU processes, export merged", _demo_parser, _demo),
@@ -330,6 +383,9 @@ COMMANDS: dict[str, Command] = {
                       _verify_parser, _verify),
     "slurm": Command("render (and submit) a multi-node sbatch job", _slurm_parser, _slurm),
     "plan": Command("predict per-rank memory of a run from config.json, before launching it", _plan_parser, _plan),
+    "plot": Command("draw a run's loss, eval loss, lr, throughput and memory as PNGs", _plot_parser, _plot),
+    "generate": Command("try a model: base (+ adapter) or merged checkpoint, on a prompt or a conversation",
+                        _generate_parser, _generate),
     "bench": Command("benchmark lora_dist fsdp2/zero3/ddp against PEFT + accelerate (FSDP2, ZeRO-3) and full "
                      "fine-tuning", _bench_parser, _bench),
 }

@@ -9,11 +9,13 @@ from lora_dist.data import DataError
 from lora_dist.demo import DemoFailed
 from lora_dist.dtypes import DTypeError
 from lora_dist.export import ExportError
+from lora_dist.generate import GenerateError
 from lora_dist.launch import LaunchError
 from lora_dist.lora import LoRAConfigError
 from lora_dist.merge import MergeError
 from lora_dist.model_dir import ModelDirError
 from lora_dist.outputs import OutputDirError, OutputError
+from lora_dist.plot import PlotError
 from lora_dist.parallel.sharding import ShardingError
 from lora_dist.slurm import SlurmError
 
@@ -26,12 +28,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     DemoFailed,
     DTypeError,
     ExportError,
+    GenerateError,
     LaunchError,
     LoRAConfigError,
     MergeError,
     ModelDirError,
     OutputDirError,
     OutputError,
+    PlotError,
     ResumeError,
     ShardingError,
     SlurmError,
