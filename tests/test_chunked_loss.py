@@ -1,0 +1,109 @@
+"""The chunked head loss equals the plain loss of the full logits, value and gradients (fp32).
+
+Checked on the function alone (bias, ignored labels, every chunk size) and on real tiny
+models of several families (tied head, MoE) with LoRA: the same loss and the same LoRA
+gradients as ``token_loss_sum`` of the model's logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora_dist.loss import IGNORE, ChunkedHeadLoss, chunkable, linear_cross_entropy_sum
+
+
+def _plain_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_function_equals_the_plain_loss_and_its_gradient(chunk, with_bias):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 16, generator=g, dtype=torch.float64).float().requires_grad_()
+    weight = torch.randn(50, 16, generator=g)
+    bias = torch.randn(50, generator=g) if with_bias else None
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    labels[0, :4] = IGNORE
+    labels[2, 5] = IGNORE
+
+    plain = _plain_sum(F.linear(hidden, weight, bias), labels)
+    (grad_plain,) = torch.autograd.grad(plain * 0.37, hidden)
+    chunked = linear_cross_entropy_sum(hidden, weight, bias, labels, chunk)
+    (grad_chunked,) = torch.autograd.grad(chunked * 0.37, hidden)
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad_chunked, grad_plain, rtol=1e-5, atol=1e-7)
+
+
+def test_all_ignored_gives_zero_loss_and_gradient():
+    hidden = torch.randn(2, 4, 8, requires_grad=True)
+    labels = torch.full((2, 4), IGNORE)
+    loss = linear_cross_entropy_sum(hidden, torch.randn(11, 8), None, labels, 3)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(hidden.grad) == 0
+
+
+def _lora_model(tiny_model, arch):
+    from lora_dist import LoRAConfig, inject_lora
+
+    model = tiny_model(arch)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.train()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mixtral"])
+def test_models_chunked_loss_and_lora_grads_equal_the_plain_ones(tiny_model, arch):
+    model = _lora_model(tiny_model, arch)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = IGNORE
+
+    assert chunkable(model) is None
+    torch.manual_seed(3)  # the same dropout masks (GPT-2) in both forwards
+    plain = _plain_sum(model(input_ids=ids).logits, labels)
+    plain.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+
+    chunked = ChunkedHeadLoss(model, chunk=7)
+    torch.manual_seed(3)
+    out = model(input_ids=ids).logits
+    assert out.shape[-1] == model.config.get_text_config().hidden_size  # the head returned its input
+    loss = chunked.loss_sum(out, labels)
+    loss.backward()
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-5)
+    for name, grad in reference.items():
+        # fp32 sums in another order: an error relative to the tensor's scale, not to each element
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5,
+                                   atol=1e-5 * float(grad.abs().max()),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    chunked.remove()
+    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
+
+
+def test_where_it_does_not_apply(tiny_model):
+    from lora_dist import LoRAConfig, inject_lora
+
+    model = tiny_model("llama")
+    model.config.final_logit_softcapping = 30.0
+    assert "soft-caps" in chunkable(model)
+    with pytest.raises(ValueError, match="soft-caps"):
+        ChunkedHeadLoss(model, 8)
+    model = tiny_model("llama")
+    inject_lora(model, LoRAConfig(r=2, target_modules=["lm_head"]))
+    assert chunkable(model) == "LoRA adapts the output head"
+
+
+def test_loss_sum_needs_a_forward(tiny_model):
+    chunked = ChunkedHeadLoss(tiny_model("llama"), 8)
+    with pytest.raises(RuntimeError, match="before a forward"):
+        chunked.loss_sum(torch.zeros(1, 2, 32), torch.zeros(1, 2, dtype=torch.long))
