@@ -1,0 +1,227 @@
+"""ZeRO-1 over the replicated LoRA: each rank keeps and steps 1/W of the AdamW state.
+
+The LoRA params stay whole on every rank (the design needs them replicated), but their
+optimizer does not have to be. Per bucket of LoRA gradients (filled as backward produces
+them, as :class:`~lora_dist.parallel.reducer.LoRAGradReducer` does):
+
+1. backward launches a **reduce-scatter** of the bucket: rank r receives the summed
+   gradient of its 1/W slice only;
+2. :meth:`ShardedAdamW.step` clips by the global norm (one scalar all-reduce) and runs
+   AdamW on this rank's slices: the moments exist for 1/W of the LoRA elements;
+3. an **all-gather** of the updated slices writes every bucket back, whole, on every rank.
+
+Reduce-scatter plus all-gather moves the same bytes as the all-reduce it replaces. The
+LoRA params are views into the flat bucket buffers, so the all-gather updates them in
+place. The math is AdamW's, element by element: W ranks compute what one process computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = ["ShardedAdamW"]
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class _Bucket:
+    """Params held as views of one flat fp32 buffer, padded to a multiple of W; rank r owns slice r."""
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]], world: int, rank: int) -> None:
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        numel = sum(p.numel() for p in self.params)
+        self.size = math.ceil(numel / world)  # this rank's slice
+        device, dtype = self.params[0].device, self.params[0].dtype
+        self.flat = torch.zeros(self.size * world, dtype=dtype, device=device)
+        self.offsets = []
+        offset = 0
+        for p in self.params:
+            self.flat[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = self.flat[offset:offset + p.numel()].view_as(p)
+            self.offsets.append(offset)
+            offset += p.numel()
+        self.lo = rank * self.size
+
+    def own(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.lo:self.lo + self.size]
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A full-size flat buffer -> ``{name: tensor shaped like the param}`` (views)."""
+        return {n: flat[o:o + p.numel()].view_as(p) for n, o, p in zip(self.names, self.offsets, self.params)}
+
+
+class ShardedAdamW:
+    """AdamW over replicated LoRA params with the state sharded over the ranks of ``group``.
+
+    Args:
+        named_params: ``(name, param)`` of every LoRA param, identical on every rank, in model order.
+        lr, betas, eps, weight_decay: AdamW's (``lr`` is set again by each :meth:`step`).
+        bucket_mb: gradient bucket size in MB (buckets are reduce-scattered as backward fills them).
+        group: process group (default: world).
+    """
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], lr: float, betas=(0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, bucket_mb: float = 25.0, group=None) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        limit, size, groups = bucket_mb * 1e6, 0.0, []
+        for name, p in reversed(named_params):
+            nbytes = p.numel() * p.element_size()
+            if not groups or size + nbytes > limit:
+                groups.append([])
+                size = 0.0
+            groups[-1].append((name, p))
+            size += nbytes
+        self.buckets = [_Bucket(g, self.world, rank) for g in groups]
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+        device = named_params[0][1].device
+        #: This rank's slices of every bucket, one flat param: what AdamW steps.
+        self.shard = nn.Parameter(torch.cat([b.own(b.flat).detach() for b in self.buckets]).clone())
+        self.optimizer = torch.optim.AdamW([self.shard], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self._grad = torch.zeros_like(self.shard)
+        self._sync = True
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in named_params]
+        self._reset()
+        self.device = device
+
+    # ------------------------------------------------------------------ gradients
+
+    def _reset(self) -> None:
+        self._ready: list[set[int]] = [set() for _ in self.buckets]
+        self._works: list[tuple[object, int]] = []
+        self._next = 0
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Micro-steps inside gradient accumulation: gradients accumulate locally, nothing is sent."""
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = True
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if not self._sync:
+            return
+        b = self._bucket_of[id(param)]
+        self._ready[b].add(id(param))
+        while self._next < len(self.buckets) and len(self._ready[self._next]) == len(self.buckets[self._next].params):
+            self._launch(self._next)
+            self._next += 1
+
+    def _slice(self, b: int) -> slice:
+        start = sum(bucket.size for bucket in self.buckets[:b])
+        return slice(start, start + self.buckets[b].size)
+
+    def _launch(self, b: int) -> None:
+        bucket = self.buckets[b]
+        flat = torch.zeros_like(bucket.flat)
+        for p, offset in zip(bucket.params, bucket.offsets):
+            if p.grad is not None:
+                flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+                p.grad = None  # the flat copy holds it now
+        out = self._grad[self._slice(b)]
+        work = dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        self._works.append((work, flat))  # keep the input alive until the collective is done
+
+    def _finish_grads(self) -> None:
+        while self._next < len(self.buckets):  # params backward did not reach (unused) send zeros
+            self._launch(self._next)
+            self._next += 1
+        for work, _ in self._works:
+            work.wait()  # type: ignore[attr-defined]
+        self._reset()
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(self, lr: float, max_grad_norm: float) -> float:
+        """Finish the reduce-scatter, clip by the global norm, update this rank's slices, all-gather them.
+
+        Returns:
+            The global gradient norm before clipping (the same on every rank).
+        """
+        self._finish_grads()
+        squares = self._grad.double().square().sum().reshape(1)
+        dist.all_reduce(squares, group=self.group)
+        norm = float(squares.sqrt())
+        coef = max_grad_norm / (norm + 1e-6)  # clip_grad_norm_'s coefficient
+        if max_grad_norm > 0 and coef < 1:
+            self._grad.mul_(coef)
+        self.shard.grad = self._grad
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.shard.grad = None
+        self._grad.zero_()
+        self._all_gather(self.shard.detach(), [b.flat for b in self.buckets])
+        return norm
+
+    def _all_gather(self, local: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+        for b, out in enumerate(self.buckets):
+            dist.all_gather_into_tensor(outputs[b], local[self._slice(b)].contiguous(), group=self.group)
+
+    def zero_grad(self) -> None:
+        for bucket in self.buckets:
+            for p in bucket.params:
+                p.grad = None
+        self._grad.zero_()
+        self._reset()
+
+    # ------------------------------------------------------------------ the state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 AdamW moments by LoRA name, ``<name>.exp_avg`` / ``.exp_avg_sq`` (collective); empty before
+        the first step."""
+        state = self.optimizer.state.get(self.shard)
+        if not state:
+            return {}
+        out: dict[str, torch.Tensor] = {}
+        for key in MOMENTS:
+            full = [torch.empty_like(b.flat) for b in self.buckets]
+            self._all_gather(state[key], full)
+            for b, flat in zip(self.buckets, full):
+                out.update({f"{n}.{key}": t.float().cpu().clone() for n, t in b.split(flat).items()})
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, moments: Mapping[str, torch.Tensor], step: int) -> None:
+        """Take full moments by LoRA name (:meth:`state_dict`'s form, from any world size); ``step`` steps done.
+        Load the LoRA params into the model first (they are views of the buckets)."""
+        self.resync_params()
+        names = [n for b in self.buckets for n in b.names]
+        if not names or f"{names[0]}.exp_avg" not in moments:
+            self.optimizer.state.clear()
+            return
+        state = {"step": torch.tensor(float(step))}
+        for key in MOMENTS:
+            parts = []
+            for b in self.buckets:
+                flat = torch.zeros_like(b.flat)
+                for n, view in b.split(flat).items():
+                    view.copy_(moments[f"{n}.{key}"].to(view.device, view.dtype))
+                parts.append(b.own(flat))
+            state[key] = torch.cat(parts).clone()
+        self.optimizer.state[self.shard] = state
+
+    def resync_params(self) -> None:
+        """After the LoRA params were written (a resume, a load): this rank's master slices follow them."""
+        with torch.no_grad():
+            self.shard.copy_(torch.cat([b.own(b.flat) for b in self.buckets]))
+
+    def clear(self) -> None:
+        """Free the optimizer state and gradients (training is over)."""
+        self.optimizer.state.clear()
+        self._grad = torch.zeros(0, device=self.device)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
