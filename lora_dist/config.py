@@ -90,16 +90,24 @@ class ModelConfig:
     """Dtype the frozen base weights are kept in: float32, bfloat16 or float16."""
 
 
+class _DefaultFraction(float):
+    """``data.eval_fraction``'s default, told apart from a value the user set (see ``DataConfig``)."""
+
+
 @dataclass
 class DataConfig:
     """Training data."""
 
-    path: str = ""
+    path: str | list[str | dict[str, Any]] = ""
     """A .jsonl file of records, each {"messages": [{"role", "content"}, ...]} (loss on the assistant turns),
     {"instruction", "input", "output"} (alpaca, loss on the output), {"prompt", "completion"} (loss on the
-    completion) or {"text"}; or a .txt file (one record per paragraph). See docs/data.md."""
-    eval_fraction: float = 0.05
-    """Share of packed blocks held out for the eval loss."""
+    completion) or {"text"}; a .parquet file or a datasets save_to_disk dir of such records; a .txt file (one
+    record per paragraph); or a list of sources [{path: ..., weight: 2}, ...], each record of a source used
+    weight times per pass over the data (a fraction: a fixed seeded share of its records). See docs/data.md."""
+    eval_path: str | list[str | dict[str, Any]] = ""
+    """Validation data, as data.path; when set, its blocks are the held-out ones (data.eval_fraction unused)."""
+    eval_fraction: float = _DefaultFraction(0.05)
+    """Share of packed blocks held out for the eval loss (0 with data.eval_path)."""
     packing: bool = True
     """Pack several documents into each train.seq_len block (positions restart and attention stops at each
     document); false: one document per sequence, padded."""
@@ -108,10 +116,31 @@ class DataConfig:
     or a Jinja file; set it for a base model without a template."""
     loss_on: str = "all_assistant"
     """Which assistant turns of a conversation carry the loss: all_assistant or last_assistant."""
+    cache_dir: str = ""
+    """Where tokenized, packed blocks are cached and memory-mapped by every rank and restart: "" ($LORA_DIST_CACHE,
+    else ~/.cache/lora_dist/tokens). A dir shared by the nodes is built once; otherwise once per node."""
+    num_proc: int = 0
+    """Tokenization worker processes when the cache is built (0: the CPUs, at most 8)."""
 
     def __post_init__(self) -> None:
+        from lora_dist.sources import SourceSpecError, parse_sources
+
         if self.loss_on not in ("all_assistant", "last_assistant"):
             raise ConfigError(f"data.loss_on={excerpt(self.loss_on, 40)} is not one of all_assistant, last_assistant")
+        for key in ("path", "eval_path"):
+            try:
+                parse_sources(getattr(self, key), f"data.{key}")
+            except SourceSpecError as e:
+                raise ConfigError(str(e)) from None
+        if self.num_proc < 0:
+            raise ConfigError(f"data.num_proc must be >= 0 (0: the CPUs, at most 8), got {self.num_proc}")
+        if self.eval_path:
+            if isinstance(self.eval_fraction, _DefaultFraction):
+                self.eval_fraction = 0.0
+            elif self.eval_fraction:
+                raise ConfigError(f"data.eval_path and data.eval_fraction={self.eval_fraction:g} both choose the "
+                                  "held-out data; set one (data.eval_fraction=0 with data.eval_path)")
+        self.eval_fraction = float(self.eval_fraction)  # a plain float from here on (YAML, JSON)
 
 
 @dataclass

@@ -1,17 +1,23 @@
-"""Training data: what users bring (.jsonl / .txt), tokenized, packed, and split across ranks.
+"""Training data: sources (.jsonl, .parquet, save_to_disk dirs, .txt, mixtures), tokenized once into a
+memory-mapped cache, packed, and split across ranks.
 
-Each JSON line is one record, its format detected on its own (see ``docs/data.md``):
-``{"messages": [...]}`` (a conversation, rendered with the chat template, loss on the assistant
-turns: :mod:`lora_dist.chat`), ``{"instruction", "input", "output"}`` (alpaca), ``{"text"}`` and
-``{"prompt", "completion"}`` (loss on the completion). A ``.txt`` file is one text record per paragraph.
+Each record's format is detected on its own (see ``docs/data.md``): ``{"messages": [...]}`` (a
+conversation, rendered with the chat template, loss on the assistant turns: :mod:`lora_dist.chat`),
+``{"instruction", "input", "output"}`` (alpaca), ``{"text"}`` and ``{"prompt", "completion"}`` (loss on
+the completion). A ``.txt`` file is one text record per paragraph. What a source may be and how a
+mixture's weights count: :mod:`lora_dist.sources`.
 
-Packing: documents are laid out in record order in ``seq_len`` blocks, each document whole in one
-block (a document longer than ``seq_len`` is split into consecutive blocks, counted and logged); a
-block that cannot take the next document is padded. ``position_ids`` restart at 0 with each document
-and the model's attention never crosses documents (:func:`block_causal_mask`, :func:`model_kwargs`).
-The first token of every document has no label, so no token predicts across a document boundary: the
-loss of a block is the token-weighted mean of its documents' losses computed one by one.
-``data.packing=false`` puts one document in each sequence instead.
+Tokenizing and packing happen once per (data, tokenizer, template, ``seq_len``, packing), in parallel,
+into a cache entry that every rank and every restart memory-maps (:mod:`lora_dist.token_cache`);
+:class:`PackedDataset` reads its rows from those maps on demand.
+
+Packing (:mod:`lora_dist.packing`): documents are laid out in record order in ``seq_len`` blocks, each
+document whole in one block (a document longer than ``seq_len`` is split into consecutive blocks,
+counted and logged); a block that cannot take the next document is padded. ``position_ids`` restart at
+0 with each document and the model's attention never crosses documents (:func:`block_causal_mask`,
+:func:`model_kwargs`). The first token of every document has no label, so no token predicts across a
+document boundary: the loss of a block is the token-weighted mean of its documents' losses computed one
+by one. ``data.packing=false`` puts one document in each sequence instead.
 
 Batches are defined globally, independent of the world size: the k-th
 micro-batch of the run is samples ``[k*G, (k+1)*G)`` of an endless, seeded
@@ -25,25 +31,22 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_dist.chat import IGNORE, ChatError, Record, parse_record, resolve_template, tokenize_record
-from lora_dist.inputs import clip, read_json, utf8_error
+from lora_dist.chat import IGNORE
+from lora_dist.inputs import clip, read_json
 from lora_dist.model_dir import REMOTE_CODE_FIX, ModelDirError, read_config_json
+from lora_dist.sources import DataError, Source, describe, input_paths, parse_sources
+from lora_dist.token_cache import cached_blocks
 
 __all__ = ["IGNORE", "DataError", "DataStats", "PackedDataset", "block_causal_mask", "dump_blocks", "load_data",
            "load_dataset", "load_splits", "load_tokenizer", "marked_text", "model_kwargs", "summarize"]
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Data that cannot be trained on."""
 
 
 #: Files that hold a tokenizer's vocabulary, one of which a model dir needs.
@@ -101,73 +104,6 @@ def _names_custom_code(path: Path) -> bool:
     return False
 
 
-def _not_utf8(path: Path) -> DataError:
-    """The one-line error for a data file that is not UTF-8, naming its first bad byte's line and column."""
-    where = "somewhere"
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                where = utf8_error(raw, e, first_line=lineno)
-                break
-    return DataError(f"{path}: not UTF-8 text ({where}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
-
-
-def _read_records(path: Path) -> list[Record]:
-    if not path.is_file():
-        raise DataError(f"data.path {str(path)!r} not found; point data.path at a .jsonl or .txt file")
-    records: list[Record] = []
-    try:
-        if path.suffix == ".txt":
-            text = path.read_text(encoding="utf-8-sig")
-            records = [Record("text", {"text": para}) for para in text.split("\n\n") if para.strip()]
-        elif path.suffix in (".jsonl", ".json"):
-            with path.open(encoding="utf-8-sig") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        records.append(_record(_json(line, path, lineno), path, lineno))
-        else:
-            raise DataError(f"data.path {str(path)!r}: unsupported file type {path.suffix!r}; use .jsonl or .txt")
-    except UnicodeDecodeError:
-        raise _not_utf8(path) from None
-    if not records:
-        raise DataError(f"data.path {str(path)!r} holds no records")
-    return records
-
-
-def _json(line: str, path: Path, lineno: int) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-    except RecursionError:
-        raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
-
-
-def _record(row: Any, path: Path, lineno: int) -> Record:
-    try:
-        return parse_record(row, lineno)
-    except ChatError as e:
-        raise DataError(f"{path}:{lineno}: {e}") from None
-
-
-def _documents(records: list[Record], path: Path, tokenizer, chat_template: str,
-               loss_on: str) -> list[tuple[list[int], list[int]]]:
-    """Each record's ``(input_ids, labels)`` (labels ``-100`` where there is no loss)."""
-    try:
-        template = resolve_template(tokenizer, chat_template)
-    except ChatError as e:
-        raise DataError(str(e)) from None
-    docs = []
-    for rec in records:
-        try:
-            docs.append(tokenize_record(rec, tokenizer, template, loss_on))
-        except ChatError as e:
-            raise DataError(f"{path}:{rec.line}: {e}") from None
-    return docs
-
-
 @dataclass
 class DataStats:
     """What packing made of the records (``lora-dist data`` prints it; training logs it)."""
@@ -186,56 +122,12 @@ class DataStats:
     packing: bool = True
 
 
-def _pack(docs: list[tuple[list[int], list[int]]], seq_len: int, packing: bool, pad_id: int):
-    """Lay documents out in ``seq_len`` rows: whole, in order, each starting at position 0; pad the rest."""
-    ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    lengths: list[int] = []
-    row: list[tuple[list[int], list[int]]] = []  # the documents of the row being filled
-    used = n_split = 0
-
-    def flush() -> None:
-        nonlocal used
-        if not row:
-            return
-        for d_ids, d_labels in row:
-            ids.extend(d_ids)
-            labels.extend([IGNORE] + d_labels[1:])  # nothing before a document's first token predicts it
-            positions.extend(range(len(d_ids)))
-        pad = seq_len - used
-        ids.extend([pad_id] * pad)
-        labels.extend([IGNORE] * pad)
-        positions.extend(range(pad))  # the padding is a document of its own: no row attends to nothing
-        lengths.append(used)
-        row.clear()
-        used = 0
-
-    for d_ids, d_labels in docs:
-        if not d_ids:
-            continue
-        pieces = [(d_ids[k:k + seq_len], d_labels[k:k + seq_len]) for k in range(0, len(d_ids), seq_len)]
-        if len(pieces) > 1:
-            n_split += 1
-            flush()
-        for piece in pieces:
-            if used + len(piece[0]) > seq_len or (row and not packing):
-                flush()
-            row.append(piece)
-            used += len(piece[0])
-    flush()
-    n = len(lengths)
-    shape = (n, seq_len)
-    return (torch.tensor(ids, dtype=torch.long).view(shape), torch.tensor(labels, dtype=torch.long).view(shape),
-            torch.tensor(positions, dtype=torch.int32).view(shape), torch.tensor(lengths, dtype=torch.int32), n_split)
-
-
 @dataclass
 class PackedDataset:
     """``seq_len`` blocks of documents: ids, labels, each document's positions and each row's unpadded length."""
 
-    input_ids: torch.Tensor  # (n_blocks, seq_len) int64
-    labels: torch.Tensor  # (n_blocks, seq_len) int64, -100 where there is no loss
+    input_ids: torch.Tensor  # (n_blocks, seq_len) int32 (memory-mapped from the token cache) or int64
+    labels: torch.Tensor  # (n_blocks, seq_len) as input_ids, -100 where there is no loss
     position_ids: torch.Tensor | None = None  # (n_blocks, seq_len) int32, 0 at each document's start; None: 0..S-1
     lengths: torch.Tensor | None = None  # (n_blocks,) int32 tokens before each row's padding; None: no padding
     stats: DataStats | None = None
@@ -277,7 +169,7 @@ class PackedDataset:
     def batch(self, start: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, labels)`` of samples ``[start, start+size)`` of the endless shuffled stream."""
         index = self.indices(start, size, seed)
-        return self.input_ids[index], self.labels[index]
+        return self.input_ids[index].long(), self.labels[index].long()
 
     def micro_batch(self, start: int, size: int, seed: int, device: torch.device | str | None = None) -> dict:
         """The model inputs of samples ``[start, start+size)`` of the shuffled stream (see :meth:`inputs`)."""
@@ -298,7 +190,7 @@ class PackedDataset:
         """
         index = torch.as_tensor(index, dtype=torch.long)
         width = self.input_ids.shape[1] if self.lengths is None else int(self.lengths[index].max())
-        ids, labels = self.input_ids[index, :width], self.labels[index, :width]
+        ids, labels = self.input_ids[index, :width].long(), self.labels[index, :width].long()
         if self.position_ids is None:
             positions = torch.arange(width).expand(len(index), width)
         else:
@@ -366,20 +258,24 @@ def _windowed(config) -> bool:
     return bool(getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None))
 
 
-def load_dataset(path: str | Path, tokenizer, seq_len: int, max_positions: int | None = None, *,
+def load_dataset(path: str | Path | list, tokenizer, seq_len: int, max_positions: int | None = None, *,
                  packing: bool = True, chat_template: str = "", loss_on: str = "all_assistant",
-                 verbose: bool = True) -> PackedDataset:
-    """Read, tokenize and pack a .jsonl/.txt file.
+                 verbose: bool = True, cache_dir: str | Path | None = None, num_proc: int = 0) -> PackedDataset:
+    """Read, tokenize and pack a source (or a mixture), through the token cache.
 
     Args:
-        path, seq_len: ``data.path``, ``train.seq_len``.
+        path: ``data.path``: a .jsonl/.json, .parquet or .txt file, a ``save_to_disk`` dir, or a list of
+            paths and ``{"path", "weight"}`` mappings (:func:`lora_dist.sources.parse_sources`).
+        seq_len: ``train.seq_len``.
         tokenizer: the model dir's tokenizer.
         max_positions: the model's positions, if known.
         packing, chat_template, loss_on: ``data.packing``, ``data.chat_template``, ``data.loss_on``.
-        verbose: log the counts (documents split, padding).
+        verbose: log the counts (documents split, padding) and the cache entry.
+        cache_dir, num_proc: ``data.cache_dir`` (None: ``$LORA_DIST_CACHE`` or ``~/.cache/lora_dist/tokens``),
+            ``data.num_proc`` (0: the CPUs, at most 8).
 
     Raises:
-        DataError: missing/empty/malformed file or record (one line: the file, the line, the fields
+        DataError: missing/empty/malformed source or record (one line: the file, the line or row, the fields
             expected), ``seq_len`` beyond the model's positions, a conversation without a usable chat
             template, or no token with a loss.
     """
@@ -387,37 +283,58 @@ def load_dataset(path: str | Path, tokenizer, seq_len: int, max_positions: int |
         raise DataError(
             f"train.seq_len={seq_len} exceeds the model's {max_positions} positions; set train.seq_len<={max_positions}"
         )
-    path = Path(path)
-    records = _read_records(path)
-    docs = _documents(records, path, tokenizer, chat_template, loss_on)
+    sources = _sources(path, "data.path")
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    input_ids, labels, positions, lengths, n_split = _pack(docs, seq_len, packing, pad_id)
-    stats = DataStats(dict(Counter(r.kind for r in records)), sum(1 for d, _ in docs if d), n_split, len(lengths),
-                      int(lengths.sum()), int((labels != IGNORE).sum()), seq_len, packing)
+    cached = cached_blocks(sources, tokenizer, chat_template, loss_on, seq_len, packing, pad_id, cache_dir, num_proc,
+                           verbose)
+    arrays = {name: torch.from_numpy(a) for name, a in cached["arrays"].items()}
+    stats = DataStats(**cached["meta"]["stats"])
+    where = describe(sources)
     if stats.loss_tokens == 0:
-        raise DataError(f"{path}: no token carries a loss (every label is masked); check the record formats "
+        raise DataError(f"{where}: no token carries a loss (every label is masked); check the record formats "
                         "(the loss falls on completions, outputs and assistant turns)")
     if verbose:
-        if n_split:
+        if stats.split:
             log.warning("%s: %d of %d documents are longer than train.seq_len=%d and were split into consecutive "
-                        "blocks", path, n_split, stats.documents, seq_len)
-        log.info("%s: %d blocks of %d; %s", path, stats.blocks, seq_len, "; ".join(_counts(stats)))
-    return PackedDataset(input_ids, labels, positions, lengths, stats)
+                        "blocks", where, stats.split, stats.documents, seq_len)
+        log.info("%s: %d blocks of %d; %s", where, stats.blocks, seq_len, "; ".join(_counts(stats)))
+    return PackedDataset(arrays["input_ids"], arrays["labels"], arrays["position_ids"], arrays["lengths"], stats)
 
 
-def load_data(cfg, tokenizer, max_positions: int | None = None, verbose: bool = True) -> PackedDataset:
-    """:func:`load_dataset` as a run's :class:`~lora_dist.config.Config` asks (``data.*``, ``train.seq_len``)."""
-    if not cfg.data.path:
-        raise DataError("data.path is not set; pass data.path=/path/to/train.jsonl")
+def _sources(value, key: str) -> list[Source]:
+    try:
+        sources = parse_sources(value, key)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if not sources:
+        raise DataError(f"{key} is not set; pass {key}=/path/to/train.jsonl")
+    return sources
+
+
+def load_data(cfg, tokenizer, max_positions: int | None = None, verbose: bool = True,
+              key: str = "path") -> PackedDataset:
+    """:func:`load_dataset` as a run's :class:`~lora_dist.config.Config` asks (``data.*``, ``train.seq_len``);
+    ``key="eval_path"`` loads the validation source instead."""
     d = cfg.data
-    return load_dataset(d.path, tokenizer, cfg.train.seq_len, max_positions, packing=d.packing,
-                        chat_template=d.chat_template, loss_on=d.loss_on, verbose=verbose)
+    value = getattr(d, key)
+    if not value:
+        raise DataError(f"data.{key} is not set; pass data.{key}=/path/to/train.jsonl")
+    return load_dataset(value, tokenizer, cfg.train.seq_len, max_positions, packing=d.packing,
+                        chat_template=d.chat_template, loss_on=d.loss_on, verbose=verbose,
+                        cache_dir=d.cache_dir or None, num_proc=d.num_proc)
 
 
 def load_splits(cfg, tokenizer, max_positions: int | None = None,
                 verbose: bool = True) -> tuple[PackedDataset, PackedDataset | None]:
-    """A run's training blocks and its held-out blocks (``None`` when there are none), as ``data.*`` asks."""
-    return load_data(cfg, tokenizer, max_positions, verbose).split(cfg.data.eval_fraction)
+    """A run's training blocks and its held-out blocks (``None`` when there are none), as ``data.*`` asks:
+    ``data.eval_path``'s blocks, or the last ``data.eval_fraction`` of ``data.path``'s.
+
+    Collective when a process group is initialized (one rank builds the cache): call on every rank.
+    """
+    train = load_data(cfg, tokenizer, max_positions, verbose)
+    if cfg.data.eval_path:
+        return train, load_data(cfg, tokenizer, max_positions, verbose, key="eval_path")
+    return train.split(cfg.data.eval_fraction)
 
 
 def _counts(s: DataStats) -> list[str]:
@@ -428,30 +345,34 @@ def _counts(s: DataStats) -> list[str]:
             f"documents split (longer than train.seq_len): {s.split} of {s.documents}"]
 
 
-def _open(cfg) -> tuple[PackedDataset, Any]:
-    """The run's blocks and tokenizer, checked against the model's positions as training checks them."""
+def _open(cfg) -> tuple[PackedDataset, PackedDataset | None, Any]:
+    """The run's blocks, its held-out blocks and the tokenizer, checked as training checks them."""
     tokenizer = load_tokenizer(cfg.model.path)
     config = read_config_json(cfg.model.path)
     max_pos = config.get("max_position_embeddings") or config.get("n_positions")
-    return load_data(cfg, tokenizer, max_pos if isinstance(max_pos, int) else None, verbose=False), tokenizer
+    max_pos = max_pos if isinstance(max_pos, int) else None
+    data = load_data(cfg, tokenizer, max_pos, verbose=False)
+    held_out = load_data(cfg, tokenizer, max_pos, verbose=False, key="eval_path") if cfg.data.eval_path else None
+    return data, held_out, tokenizer
 
 
 def dump_blocks(cfg, out: str | Path, limit: int | None = None) -> int:
     """Write the blocks a run trains on, in packed order (before shuffling), one JSON line each.
 
     Each line is ``{"input_ids", "labels", "position_ids"}``, the labels aligned with the inputs
-    (``-100`` where there is no loss; the loss shifts them). The last ``data.eval_fraction`` of the
-    blocks are held out for eval. ``out`` may not be the data file nor lie in the model dir. Returns
-    the number of blocks written (at most ``limit``).
+    (``-100`` where there is no loss; the loss shifts them). These are ``data.path``'s blocks: the
+    held-out ones are their last ``data.eval_fraction``, or ``data.eval_path``'s blocks (not written).
+    ``out`` may not be a data source nor lie in the model dir. Returns the number of blocks written (at
+    most ``limit``).
 
     Raises:
         DataError, ModelDirError: as :func:`load_dataset` and :func:`load_tokenizer`.
     """
     out = Path(out)
-    for source in (cfg.data.path, cfg.model.path):
+    for source in (*input_paths(cfg.data), cfg.model.path):
         if source and (out.resolve() == Path(source).resolve() or Path(source).resolve() in out.resolve().parents):
             raise DataError(f"--dump {out} would overwrite an input ({source}); write the blocks elsewhere")
-    data, _ = _open(cfg)
+    data, _, _ = _open(cfg)
     n = len(data) if limit is None else max(0, min(limit, len(data)))
     with out.open("w", encoding="utf-8") as f:
         for k in range(n):
@@ -467,11 +388,15 @@ def summarize(cfg, max_chars: int = 4000) -> str:
     Raises:
         DataError, ModelDirError: as :func:`load_dataset` and :func:`load_tokenizer`.
     """
-    data, tokenizer = _open(cfg)
+    data, held_out, tokenizer = _open(cfg)
     s = data.stats
-    n_eval = len(data) - len(data.split(cfg.data.eval_fraction)[0])
-    lines = [f"data: {cfg.data.path}", *_counts(s)[:1],
-             f"blocks: {s.blocks} of train.seq_len={s.seq_len} ({s.blocks - n_eval} train, {n_eval} eval), "
+    if held_out is None:
+        n_eval = len(data) - len(data.split(cfg.data.eval_fraction)[0])
+        blocks = f"{s.blocks - n_eval} train, {n_eval} eval"
+    else:
+        blocks = f"all train; eval: {len(held_out)} blocks of {describe(_sources(cfg.data.eval_path, 'data.eval_path'))}"
+    lines = [f"data: {describe(_sources(cfg.data.path, 'data.path'))}", *_counts(s)[:1],
+             f"blocks: {s.blocks} of train.seq_len={s.seq_len} ({blocks}), "
              f"packing {'on' if s.packing else 'off'}", *_counts(s)[1:],
              "first block (no loss on [[...]]; each document on its own line):"]
     lines.append(clip(marked_text(tokenizer, data.input_ids[0], data.labels[0], data.position_ids[0],

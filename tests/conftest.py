@@ -35,6 +35,15 @@ def _quiet_transformers() -> None:
 _quiet_transformers()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory) -> Path:
+    """Every test, and every process it starts, caches tokenized data in a session temp dir, never in the
+    user's ``~/.cache/lora_dist/tokens``."""
+    path = tmp_path_factory.mktemp("token-cache")
+    os.environ["LORA_DIST_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Callable[..., Path]:
     """``tiny_checkpoint(arch="llama", **kwargs) -> Path`` of a saved tiny checkpoint.

@@ -13,6 +13,12 @@ from lora_dist.launch import LaunchEnv
 from lora_dist.train import Batches
 
 
+@pytest.fixture(autouse=True)
+def token_cache_dir(tmp_path, monkeypatch):
+    """Each test's token cache in its own temp dir, never the user's."""
+    monkeypatch.setenv("LORA_DIST_CACHE", str(tmp_path / "token_cache"))
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()
@@ -161,3 +167,63 @@ def test_data_command_summarizes_and_dumps_what_the_model_sees(tiny_checkpoint, 
         assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) == 256
         assert any(label != IGNORE for label in row["labels"]) and any(label == IGNORE for label in row["labels"])
         assert row["position_ids"][0] == 0
+
+
+def reference_blocks(path, tokenizer, seq_len: int, packing: bool, template: str):
+    """The packing code before the token cache (issue 12 parts 3-4), kept as the reference: every record
+    tokenized into Python lists, then laid out in order."""
+    from lora_dist.chat import parse_record, resolve_template, tokenize_record
+
+    template = resolve_template(tokenizer, template)
+    docs = [tokenize_record(parse_record(json.loads(line)), tokenizer, template)
+            for line in path.read_text().splitlines() if line.strip()]
+    pad = tokenizer.pad_token_id
+    ids, labels, positions, lengths, row, used = [], [], [], [], [], 0
+
+    def flush():
+        nonlocal used
+        if row:
+            for d_ids, d_labels in row:
+                ids.extend(d_ids)
+                labels.extend([IGNORE] + d_labels[1:])
+                positions.extend(range(len(d_ids)))
+            ids.extend([pad] * (seq_len - used))
+            labels.extend([IGNORE] * (seq_len - used))
+            positions.extend(range(seq_len - used))
+            lengths.append(used)
+            row.clear()
+            used = 0
+
+    for d_ids, d_labels in docs:
+        pieces = [(d_ids[k:k + seq_len], d_labels[k:k + seq_len]) for k in range(0, len(d_ids), seq_len)]
+        if len(pieces) > 1:
+            flush()
+        for piece in pieces:
+            if used + len(piece[0]) > seq_len or (row and not packing):
+                flush()
+            row.append(piece)
+            used += len(piece[0])
+    flush()
+    return [torch.tensor(a).view(-1, seq_len) for a in (ids, labels, positions)] + [torch.tensor(lengths)]
+
+
+@pytest.mark.parametrize("seq_len", [16, 96])
+@pytest.mark.parametrize("packing", [True, False])
+def test_streamed_cached_blocks_equal_the_in_memory_packing(tokenizer, tmp_path, seq_len, packing):
+    """The blocks built in worker processes and streamed into the cache are those of the in-memory code they
+    replace, on every record format, documents longer than a block included."""
+    from lora_dist.demo import demo_texts
+
+    rows = []
+    for k, text in enumerate(demo_texts(120, seed=11)):
+        rows.append([{"messages": [{"role": "user", "content": text[:20]}, {"role": "assistant", "content": text}]},
+                     {"prompt": text[:15], "completion": text[15:]}, {"instruction": text[:9], "output": text},
+                     {"text": text * (1 + k % 4)}][k % 4])
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset(path, tokenizer, seq_len, packing=packing, chat_template="chatml", num_proc=2)
+    ref = reference_blocks(path, tokenizer, seq_len, packing, "chatml")
+    if seq_len == 16:
+        assert ds.stats.split > 0  # documents longer than a block, split
+    for got, want in zip((ds.input_ids, ds.labels, ds.position_ids, ds.lengths), ref):
+        assert torch.equal(got.long(), want.long())

@@ -40,6 +40,12 @@ def write_records(path, n: int = 24):
     return path
 
 
+@pytest.fixture(autouse=True)
+def token_cache_dir(tmp_path, monkeypatch):
+    """Each test's token cache in its own temp dir, never the user's."""
+    monkeypatch.setenv("LORA_DIST_CACHE", str(tmp_path / "token_cache"))
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_checkpoint, tmp_path_factory):
     path = tiny_checkpoint("llama")

@@ -1,0 +1,98 @@
+"""Packing documents into ``seq_len`` blocks, streamed: a document in, full blocks out to a sink.
+
+Documents are laid out in order, each whole in one block (one longer than ``seq_len`` starts a new
+block and is split into consecutive blocks, counted); a block that cannot take the next document is
+padded; ``position_ids`` restart at 0 with each document (the padding too: no row attends to nothing);
+each document's (and each piece's) first token has label -100. With ``packing=False`` a block holds one
+document or piece. Only the block being filled and a bounded buffer of finished blocks are in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from lora_dist.chat import IGNORE
+
+__all__ = ["BLOCK_ARRAYS", "Packer"]
+
+#: The arrays of a packed dataset: name -> (dtype, per block: a row of ``seq_len`` or one value).
+BLOCK_ARRAYS = {"input_ids": "row", "labels": "row", "position_ids": "row", "lengths": "value"}
+DTYPE = np.int32
+
+
+class Packer:
+    """Next-fit packing of a stream of documents into ``seq_len`` blocks.
+
+    Args:
+        seq_len: tokens per block.
+        packing: several documents per block (else one document or piece each).
+        pad_id: the padding token.
+        sink: called with ``{name: array}`` of up to ``buffer_blocks`` finished blocks, in order.
+        buffer_blocks: finished blocks held before they go to the sink.
+
+    Attributes (after :meth:`finish`): ``blocks``, ``documents`` (non-empty), ``split`` (documents longer
+    than ``seq_len``), ``tokens`` (excluding padding), ``loss_tokens`` (labels other than -100).
+    """
+
+    def __init__(self, seq_len: int, packing: bool, pad_id: int, sink: Callable[[dict[str, np.ndarray]], None],
+                 buffer_blocks: int = 1024):
+        self.seq_len, self.packing, self.pad_id, self.sink = seq_len, packing, pad_id, sink
+        self.buf = {name: np.empty((buffer_blocks, seq_len) if shape == "row" else buffer_blocks, DTYPE)
+                    for name, shape in BLOCK_ARRAYS.items()}
+        self.n_buf = 0
+        self.used = 0
+        self.blocks = self.documents = self.split = self.tokens = self.loss_tokens = 0
+        self._start_row()
+
+    def _start_row(self) -> None:
+        k = self.n_buf
+        self.buf["input_ids"][k] = self.pad_id
+        self.buf["labels"][k] = IGNORE
+        self.used = 0
+
+    def add(self, ids: np.ndarray, labels: np.ndarray) -> None:
+        """One document: its token ids and labels (-100 where there is no loss)."""
+        n = len(ids)
+        if n == 0:
+            return
+        self.documents += 1
+        S = self.seq_len
+        if n > S:
+            self.split += 1
+            self._flush()
+        for k in range(0, n, S):
+            piece = min(S, n - k)
+            if self.used + piece > S or (self.used and not self.packing):
+                self._flush()
+            row, a = self.n_buf, self.used
+            self.buf["input_ids"][row, a:a + piece] = ids[k:k + piece]
+            self.buf["labels"][row, a + 1:a + piece] = labels[k + 1:k + piece]  # a piece's first token: no label
+            self.buf["position_ids"][row, a:a + piece] = np.arange(piece, dtype=DTYPE)
+            self.used += piece
+
+    def _flush(self) -> None:
+        """Close the row being filled (pad it, its padding positions counting from 0), if it holds anything."""
+        if not self.used:
+            return
+        row, used = self.n_buf, self.used
+        self.buf["position_ids"][row, used:] = np.arange(self.seq_len - used, dtype=DTYPE)
+        self.buf["lengths"][row] = used
+        self.tokens += used
+        self.loss_tokens += int((self.buf["labels"][row, :used] != IGNORE).sum())
+        self.blocks += 1
+        self.n_buf += 1
+        if self.n_buf == len(self.buf["lengths"]):
+            self._drain()
+        self._start_row()
+
+    def _drain(self) -> None:
+        if self.n_buf:
+            self.sink({name: a[:self.n_buf] for name, a in self.buf.items()})
+            self.n_buf = 0
+
+    def finish(self) -> None:
+        """Pad and hand over the last block (never dropped), then every buffered one."""
+        self._flush()
+        self._drain()

@@ -1,0 +1,245 @@
+"""Data sources: what ``data.path`` / ``data.eval_path`` name, read as a stream of raw rows.
+
+A source is a local ``.jsonl``/``.json`` file (JSON Lines), a ``.parquet`` file, a dir written by
+``datasets.Dataset.save_to_disk``, or a ``.txt`` file (one text record per paragraph). ``data.path``
+is one of them or a list of ``{path, weight}`` mixtures (see :func:`parse_sources`).
+
+Nothing is ever downloaded: a name that is not a local path (a hub id such as ``org/name``) is refused.
+JSON Lines are read line by line (so an error names the line, and records keep exactly their fields);
+parquet files a row batch at a time through pyarrow; ``save_to_disk`` dirs through
+``datasets.load_from_disk``, which memory-maps their arrow files and writes nothing. Arrow cannot tell
+a missing field from a null one (a table's rows share one schema), so keys whose value is null are
+dropped from arrow rows: the same records give the same documents from JSON Lines and from arrow.
+
+Rows are yielded in chunks (:func:`read_chunks`), never the whole source at once (a ``.txt`` file,
+the legacy format, is the exception: it is split into paragraphs in memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from lora_dist.inputs import excerpt, utf8_error
+
+__all__ = ["CHUNK_ROWS", "DataError", "Source", "SourceSpecError", "check_source", "copies", "describe",
+           "file_signature", "input_paths", "parse_sources", "read_chunks", "signature_json"]
+
+#: Rows per chunk handed to a tokenization worker.
+CHUNK_ROWS = 1024
+#: What a source may be, for error messages.
+KINDS = "a .jsonl/.json, .parquet or .txt file, or a dir written by datasets' save_to_disk"
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on."""
+
+
+class SourceSpecError(ValueError):
+    """A ``data.path``/``data.eval_path`` value of the wrong shape (the config turns it into a ConfigError)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source of records and how many times each of its records is used per pass over the data."""
+
+    path: str
+    weight: float = 1.0
+
+
+def parse_sources(value: Any, key: str = "data.path") -> list[Source]:
+    """The sources of a ``data.path``-style value: ``""`` (none), a path, or a list of paths and
+    ``{"path": ..., "weight": ...}`` mappings (``weight`` a positive number, default 1).
+
+    Raises:
+        SourceSpecError: another shape, an unknown key, or a weight that is not a positive finite number.
+    """
+    if value in ("", None):
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [Source(str(value))]
+    if not isinstance(value, list) or not value:
+        raise SourceSpecError(f"{key} must be a path or a non-empty list of paths and {{path, weight}} mappings, "
+                              f"got {excerpt(value, 80)}")
+    sources = []
+    for k, item in enumerate(value):
+        where = f"{key}[{k}]"
+        if isinstance(item, (str, os.PathLike)):
+            item = {"path": str(item)}
+        if not isinstance(item, dict):
+            raise SourceSpecError(f"{where} must be a path or a {{path, weight}} mapping, got {excerpt(item, 80)}")
+        unknown = sorted(set(map(str, item)) - {"path", "weight"})
+        if unknown:
+            raise SourceSpecError(f"{where} has unknown key {excerpt(unknown[0], 40)}; a source has path and weight")
+        path, weight = item.get("path"), item.get("weight", 1.0)
+        if not isinstance(path, str) or not path:
+            raise SourceSpecError(f"{where}.path must be a non-empty string, got {excerpt(path, 80)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise SourceSpecError(f"{where}.weight must be a positive number (how many times each record is used "
+                                  f"per pass), got {excerpt(weight, 40)}")
+        sources.append(Source(path, float(weight)))
+    return sources
+
+
+def input_paths(data_cfg) -> list[str]:
+    """Every path a run's ``data`` section reads (``data.path`` and ``data.eval_path`` sources)."""
+    return [s.path for key in ("path", "eval_path") for s in parse_sources(getattr(data_cfg, key), f"data.{key}")]
+
+
+def copies(weight: float, source_index: int, row: int) -> int:
+    """How many times row ``row`` of source ``source_index`` is used per pass: ``floor(weight)``, plus one
+    for a fixed, seeded draw of about ``weight - floor(weight)`` of the rows (the same on every run)."""
+    whole = math.floor(weight)
+    frac = weight - whole
+    if frac == 0:
+        return whole
+    digest = hashlib.blake2b(f"lora_dist-mix:{source_index}:{row}".encode(), digest_size=8).digest()
+    return whole + (int.from_bytes(digest, "little") / 2**64 < frac)
+
+
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file():
+            splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise DataError(f"{path} holds a DatasetDict (splits {', '.join(splits) or 'none'}); point the path at "
+                            f"one split's dir, e.g. {path / (splits[0] if splits else 'train')}")
+        if (path / "state.json").is_file():
+            return "arrow"
+        raise DataError(f"{path} is a dir but not one written by datasets' save_to_disk (no state.json); "
+                        f"use {KINDS}")
+    if path.suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if path.suffix == ".parquet":
+        return "parquet"
+    if path.suffix == ".txt":
+        return "txt"
+    raise DataError(f"data.path {str(path)!r}: unsupported file type {path.suffix!r}; use {KINDS}")
+
+
+def check_source(source: Source) -> str:
+    """The kind of a source (``jsonl``, ``txt``, ``parquet``, ``arrow``), checking it exists.
+
+    Raises:
+        DataError: a missing path (a hub id is refused: nothing is downloaded) or an unsupported kind.
+    """
+    path = Path(source.path)
+    if not path.exists():
+        hub = "" if path.is_absolute() or path.suffix or source.path.count("/") != 1 else (
+            "; lora_dist reads local files only: save the hub dataset first, e.g. "
+            f"datasets.load_dataset({source.path!r}, split='train').save_to_disk(DIR), and point data.path at DIR")
+        raise DataError(f"data.path {source.path!r} not found; point data.path at {KINDS}{hub}")
+    return _kind(path)
+
+
+def _files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def file_signature(source: Source) -> list[tuple[str, int, int]]:
+    """``(absolute path, size, mtime_ns)`` of every file a source reads: the part of a cache key that
+    changes when the data does."""
+    out = []
+    for f in _files(Path(source.path)):
+        st = f.stat()
+        out.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def _not_utf8(path: Path) -> DataError:
+    """The one-line error for a data file that is not UTF-8, naming its first bad byte's line and column."""
+    where = "somewhere"
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = utf8_error(raw, e, first_line=lineno)
+                break
+    return DataError(f"{path}: not UTF-8 text ({where}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+
+
+def _drop_nulls(value: Any) -> Any:
+    """An arrow row as the JSON record it came from: keys whose value is null dropped, at every depth."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def read_chunks(source: Source, chunk_rows: int = CHUNK_ROWS) -> Iterator[list[tuple[int, Any]]]:
+    """A source's rows in order, ``chunk_rows`` at a time, as ``(position, row)``.
+
+    ``position`` is the line number (JSON Lines, from 1), the paragraph number (``.txt``, from 1) or the
+    row index (arrow, from 0). ``row`` is the line's text (parsed by the tokenization worker) or a dict.
+
+    Raises:
+        DataError: a file that is not UTF-8 or not readable as its kind.
+    """
+    path = Path(source.path)
+    kind = check_source(source)
+    chunk: list[tuple[int, Any]] = []
+    if kind == "jsonl":
+        try:
+            with path.open(encoding="utf-8-sig") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        chunk.append((lineno, line))
+                        if len(chunk) == chunk_rows:
+                            yield chunk
+                            chunk = []
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+    elif kind == "txt":
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+        paragraphs = (p for p in text.split("\n\n") if p.strip())
+        for k, para in enumerate(paragraphs, 1):
+            chunk.append((k, {"text": para}))
+            if len(chunk) == chunk_rows:
+                yield chunk
+                chunk = []
+    else:
+        row = 0
+        for table in _arrow_batches(path, kind, chunk_rows):
+            rows = [_drop_nulls(r) for r in table.to_pylist()]
+            yield list(enumerate(rows, row))
+            row += len(rows)
+    if chunk:
+        yield chunk
+
+
+def _arrow_batches(path: Path, kind: str, chunk_rows: int):
+    """Record batches of a parquet file (pyarrow) or a ``save_to_disk`` dir (``datasets.load_from_disk``)."""
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            yield from pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
+        else:
+            import datasets
+
+            datasets.disable_progress_bars()
+            yield from datasets.load_from_disk(str(path)).with_format("arrow").iter(batch_size=chunk_rows)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError; a truncated file an OSError
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: cannot be read as {'parquet' if kind == 'parquet' else 'a save_to_disk dir'} "
+                        f"({excerpt(' '.join(str(e).split()), 160)}); rewrite it (e.g. Dataset.to_parquet)") from None
+
+
+def describe(sources: list[Source]) -> str:
+    """The sources, for logs: ``a.jsonl`` or ``a.jsonl x2, b.parquet x0.5``."""
+    return ", ".join(s.path if s.weight == 1 else f"{s.path} x{s.weight:g}" for s in sources)
+
+
+def signature_json(sources: list[Source]) -> str:
+    """The sources and their files' signatures as one JSON string (part of a cache key)."""
+    return json.dumps([[s.path, s.weight, file_signature(s)] for s in sources])

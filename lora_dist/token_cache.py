@@ -1,0 +1,298 @@
+"""Tokenize once: packed blocks built in parallel into a memory-mapped cache every rank and restart reuses.
+
+An entry is a dir ``<cache_dir>/<key>/`` holding ``input_ids.bin``, ``labels.bin``, ``position_ids.bin``
+(``n_blocks x seq_len`` int32, native byte order) and ``lengths.bin`` (``n_blocks`` int32), plus
+``meta.json`` (the key, the shape, the byte order, the stats). The key is a SHA-256 of everything the
+blocks depend on (:func:`cache_key`): the sources (path, weight, and every file's size and mtime), the
+tokenizer (its serialized vocabulary, merges, normalizer and special tokens), the chat template,
+``loss_on``, ``seq_len``, ``packing``, the padding id and :data:`FORMAT`.
+
+Building (:func:`build`): rows are read a chunk at a time (:mod:`lora_dist.sources`), parsed and
+tokenized by ``num_proc`` worker processes (at most two chunks per worker in flight), and packed in
+order by :class:`~lora_dist.packing.Packer` straight into the files of a staging dir, which is
+published by one rename (:mod:`lora_dist.atomic`). Neither the records nor the blocks are ever held
+whole in memory. An entry is opened (:func:`open_entry`) only if its ``meta.json`` matches the key and
+every file has exactly the size the shape says; anything else is rebuilt, never trusted.
+
+On several ranks (:func:`cached_blocks`), rank 0 builds while the others wait, then every rank checks
+that it sees the entry; where a node does not (a cache dir that is not shared), its first rank builds
+its own copy. The wait is a collective, so a build counts against ``parallel.timeout_s``: fill the cache
+beforehand with ``lora-dist data CONFIG`` for data that takes longer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import socket
+import sys
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_dist.atomic import publish_dir, staging_dir
+from lora_dist.chat import ChatError, parse_record, resolve_template, tokenize_record
+from lora_dist.packing import BLOCK_ARRAYS, DTYPE, Packer
+from lora_dist.sources import DataError, Source, check_source, copies, read_chunks, signature_json
+
+__all__ = ["FORMAT", "build", "cache_key", "cached_blocks", "default_cache_dir", "default_num_proc", "open_entry"]
+
+log = logging.getLogger(__name__)
+
+#: The cache format; part of every key, so a change of layout or of packing never reads old entries.
+FORMAT = 1
+#: Chunks in flight per tokenization worker.
+IN_FLIGHT = 2
+
+
+def default_cache_dir() -> Path:
+    """``$LORA_DIST_CACHE``, else ``~/.cache/lora_dist/tokens``."""
+    return Path(os.environ.get("LORA_DIST_CACHE") or Path.home() / ".cache" / "lora_dist" / "tokens")
+
+
+def default_num_proc() -> int:
+    """Tokenization workers when ``data.num_proc`` is 0: the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides the tokenizer's output: its serialized model and special tokens."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    special = {k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()}
+    ids = [getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")]
+    h.update(json.dumps([special, ids, str(getattr(tokenizer, "added_tokens_decoder", ""))], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def cache_key(sources: list[Source], tokenizer, template: str | None, loss_on: str, seq_len: int, packing: bool,
+              pad_id: int) -> str:
+    """The key of the blocks these inputs make (see the module docstring)."""
+    parts = [FORMAT, signature_json(sources), tokenizer_fingerprint(tokenizer), template, loss_on, seq_len, packing,
+             pad_id]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------- tokenization workers
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer, template: str | None, loss_on: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
+    _WORKER.update(tokenizer=tokenizer, template=template, loss_on=loss_on)
+
+
+def _tokenize_chunk(task: tuple[str, str, list[tuple[int, Any]]]) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """One chunk's records parsed and tokenized: ``(kinds, ids, labels, document lengths)``.
+
+    Raises:
+        DataError: a row that is not a record, or that the template or tokenizer refuses, naming its place.
+    """
+    path, kind, rows = task
+    tok, template, loss_on = _WORKER["tokenizer"], _WORKER["template"], _WORKER["loss_on"]
+    kinds: Counter = Counter()
+    ids: list[int] = []
+    labels: list[int] = []
+    lengths: list[int] = []
+    for pos, row in rows:
+        where = f"{path}:{pos}" if kind in ("jsonl", "txt") else f"{path}: row {pos}"
+        if isinstance(row, str):
+            try:
+                row = json.loads(row)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply to be a record") from None
+        try:
+            record = parse_record(row, pos)
+            d_ids, d_labels = tokenize_record(record, tok, template, loss_on)
+        except ChatError as e:
+            raise DataError(f"{where}: {e}") from None
+        kinds[record.kind] += 1
+        ids += d_ids
+        labels += d_labels
+        lengths.append(len(d_ids))
+    return (dict(kinds), np.asarray(ids, DTYPE), np.asarray(labels, DTYPE), np.asarray(lengths, np.int64))
+
+
+def _tasks(sources: list[Source]):
+    """Every chunk to tokenize, in order: each source's passes (``ceil(weight)``), each pass's rows kept
+    as :func:`~lora_dist.sources.copies` says (drawn by the row's line number or index)."""
+    for si, source in enumerate(sources):
+        kind = check_source(source)
+        for p in range(math.ceil(source.weight)):
+            for chunk in read_chunks(source):
+                if p >= math.floor(source.weight):
+                    chunk = [(pos, row) for pos, row in chunk if copies(source.weight, si, pos) > p]
+                if chunk:
+                    yield (source.path, kind, chunk)
+
+
+class _Files:
+    """The block arrays of an entry being built, appended to as blocks arrive."""
+
+    def __init__(self, root: Path):
+        self.handles = {name: (root / f"{name}.bin").open("wb") for name in BLOCK_ARRAYS}
+
+    def write(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, a in arrays.items():
+            self.handles[name].write(np.ascontiguousarray(a, DTYPE).tobytes())
+
+    def close(self) -> None:
+        for f in self.handles.values():
+            f.close()
+
+
+def build(final: Path, key: str, sources: list[Source], tokenizer, template: str | None, loss_on: str, seq_len: int,
+          packing: bool, pad_id: int, num_proc: int) -> dict:
+    """Tokenize and pack ``sources`` into the entry ``final``, published atomically; returns its meta.
+
+    Raises:
+        DataError: a source or record that cannot be used, or no record at all.
+    """
+    staging = staging_dir(final)
+    try:
+        files = _Files(staging)
+        packer = Packer(seq_len, packing, pad_id, files.write)
+        kinds: Counter = Counter()
+        for chunk_kinds, ids, labels, lengths in _tokenized(sources, tokenizer, template, loss_on, num_proc):
+            kinds.update(chunk_kinds)
+            start = 0
+            for n in lengths.tolist():
+                packer.add(ids[start:start + n], labels[start:start + n])
+                start += n
+        packer.finish()
+        files.close()
+        if not kinds:
+            raise DataError(f"data.path {', '.join(repr(s.path) for s in sources)} holds no records")
+        meta = {"format": FORMAT, "key": key, "byteorder": sys.byteorder, "seq_len": seq_len, "n_blocks": packer.blocks,
+                "stats": {"records": dict(kinds), "documents": packer.documents, "split": packer.split,
+                          "blocks": packer.blocks, "tokens": packer.tokens, "loss_tokens": packer.loss_tokens,
+                          "seq_len": seq_len, "packing": packing},
+                "sources": [[s.path, s.weight] for s in sources]}
+        (staging / "meta.json").write_text(json.dumps(meta))
+        try:
+            publish_dir(staging, final, replace=final.exists() and open_entry(final, key) is None)
+        except FileExistsError:  # another process published the same key first: its entry is as good
+            pass
+        return meta
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _tokenized(sources: list[Source], tokenizer, template: str | None, loss_on: str, num_proc: int):
+    """Each chunk's tokenized documents, in order; ``num_proc`` > 1 tokenizes in worker processes."""
+    tasks = _tasks(sources)
+    if num_proc <= 1:
+        _init_worker(tokenizer, template, loss_on)
+        for task in tasks:
+            yield _tokenize_chunk(task)
+        return
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with context.Pool(num_proc, _init_worker, (tokenizer, template, loss_on)) as pool:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(_tokenize_chunk, (task,)))
+            if len(pending) >= IN_FLIGHT * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def open_entry(entry: Path, key: str) -> dict | None:
+    """An entry's meta and block arrays (read-only memory maps), or None where it is missing, partial or
+    not this key's."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        n, S = int(meta["n_blocks"]), int(meta["seq_len"])
+        if meta.get("format") != FORMAT or meta.get("key") != key or meta.get("byteorder") != sys.byteorder or n < 1:
+            return None
+        arrays = {}
+        for name, shape in BLOCK_ARRAYS.items():
+            path = entry / f"{name}.bin"
+            dims = (n, S) if shape == "row" else (n,)
+            if path.stat().st_size != int(np.prod(dims)) * np.dtype(DTYPE).itemsize:
+                return None
+            arrays[name] = np.memmap(path, dtype=DTYPE, mode="c", shape=dims)  # copy-on-write: never written back
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"meta": meta, "arrays": arrays}
+
+
+def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on: str, seq_len: int, packing: bool,
+                  pad_id: int, cache_dir: str | Path | None = None, num_proc: int = 0,
+                  verbose: bool = True) -> dict:
+    """The packed blocks of ``sources`` from the cache, built there first where missing (collective when a
+    process group is initialized: call on every rank).
+
+    Returns:
+        ``{"meta", "arrays", "entry", "built"}``: the entry's meta (stats included), its memory-mapped
+        arrays, its dir and whether this process built it.
+
+    Raises:
+        DataError: as :func:`build`, on every rank.
+    """
+    from lora_dist.ranks import RankGroup
+
+    try:
+        template = resolve_template(tokenizer, chat_template)
+    except ChatError as e:
+        raise DataError(str(e)) from None
+    for s in sources:
+        check_source(s)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = cache_key(sources, tokenizer, template, loss_on, seq_len, packing, pad_id)
+    entry = root / key
+    workers = num_proc or default_num_proc()
+    built = []
+
+    def ensure() -> None:
+        if open_entry(entry, key) is None:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DataError(f"cannot create the token cache {root} ({e.strerror}); set data.cache_dir "
+                                "(or $LORA_DIST_CACHE) to a writable dir") from None
+            build(entry, key, sources, tokenizer, template, loss_on, seq_len, packing, pad_id, workers)
+            built.append(True)
+
+    group = RankGroup()
+    group.on_rank0(ensure)
+    seen = group.all_gather((socket.gethostname(), open_entry(entry, key) is not None))
+    first_on_host = {}
+    for rank, (host, _) in enumerate(seen):
+        first_on_host.setdefault(host, rank)
+    missing_hosts = {host for host, ok in seen if not ok}
+    if missing_hosts:  # a cache dir that is not shared: one build per node that does not see rank 0's
+        error = None
+        host = socket.gethostname()
+        if host in missing_hosts and first_on_host[host] == group.rank:
+            try:
+                ensure()
+            except Exception as e:
+                error = e
+        group.check(error)
+    opened = open_entry(entry, key)
+    if opened is None:
+        raise DataError(f"the token cache entry {entry} is missing or incomplete after it was built; check that "
+                        f"{root} is writable and not cleaned meanwhile (data.cache_dir)")
+    if verbose:
+        log.info("token cache: %s %s", "built" if built else "reused", entry)
+    return {**opened, "entry": entry, "built": bool(built)}

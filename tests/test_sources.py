@@ -1,0 +1,176 @@
+"""Data sources (issue 12, part 3): .jsonl, .parquet and save_to_disk dirs give byte-identical blocks;
+mixtures with weights; a validation path of its own; one-line errors for what cannot be read."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lora_dist.config import ConfigError, load_config
+from lora_dist.data import IGNORE, DataError, load_dataset, load_splits
+from lora_dist.demo import demo_texts, make_tokenizer
+from lora_dist.sources import copies
+
+SEQ = 64
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_DIST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # datasets must write nothing there
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def records(n: int = 60, seed: int = 3) -> list[dict]:
+    """Every record format, in one file (arrow gives them one schema: missing fields become nulls)."""
+    rows = []
+    for k, text in enumerate(demo_texts(n, seed=seed)):
+        kind = k % 4
+        if kind == 0:
+            rows.append({"messages": [{"role": "user", "content": text[:20]}, {"role": "assistant", "content": text}]})
+        elif kind == 1:
+            rows.append({"prompt": text[:15], "completion": text[15:]})
+        elif kind == 2:
+            rows.append({"instruction": text[:10], "output": text[10:]} | ({"input": "ctx"} if k % 8 == 2 else {}))
+        else:
+            rows.append({"text": text * (1 + k % 5)})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def arrays(ds) -> list[np.ndarray]:
+    return [t.numpy() for t in (ds.input_ids, ds.labels, ds.position_ids, ds.lengths)]
+
+
+def assert_same_blocks(a, b):
+    for x, y in zip(arrays(a), arrays(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+    assert a.stats == b.stats
+
+
+@pytest.fixture
+def same_data(tmp_path):
+    """The same records as JSON Lines, parquet and a save_to_disk dir, converted the way users convert."""
+    import datasets
+
+    jsonl = write_jsonl(tmp_path / "data" / "d.jsonl", records()) if (tmp_path / "data").mkdir() is None else None
+    ds = datasets.load_dataset("json", data_files=str(jsonl), split="train", cache_dir=str(tmp_path / "hf_build"))
+    ds.to_parquet(str(tmp_path / "data" / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "data" / "saved"))
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_jsonl_parquet_and_save_to_disk_give_byte_identical_blocks(tok, same_data, tmp_path, packing):
+    before = sorted(p.relative_to(same_data) for p in same_data.rglob("*"))
+    ref = load_dataset(same_data / "d.jsonl", tok, SEQ, packing=packing, chat_template="chatml", num_proc=1)
+    assert ref.stats.records == {"messages": 15, "completion": 15, "alpaca": 15, "text": 15}
+    for other in ("d.parquet", "saved"):
+        assert_same_blocks(ref, load_dataset(same_data / other, tok, SEQ, packing=packing, chat_template="chatml",
+                                             num_proc=1))
+    assert sorted(p.relative_to(same_data) for p in same_data.rglob("*")) == before  # nothing left next to the data
+    assert not (tmp_path / "hf_home").exists()  # nor in the datasets cache
+
+
+def test_a_parquet_record_error_names_its_row(tok, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"text": "fine", "question": None}, {"text": None, "question": "x"}]),
+                   tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d.parquet: row 1: expected a \"text\" field.*got keys \['question'\]") as e:
+        load_dataset(tmp_path / "d.parquet", tok, SEQ)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("setup, match", [
+    (lambda p: "org/some-dataset", r"not found; .*local files only: save the hub dataset first"),
+    (lambda p: str(p / "missing.parquet"), r"missing.parquet' not found; point data.path at a .jsonl/.json, .parquet"),
+    (lambda p: (p / "d.csv").write_text("a") and str(p / "d.csv"), r"unsupported file type '.csv'"),
+    (lambda p: (p / "dir").mkdir() or str(p / "dir"), r"not one written by datasets' save_to_disk"),
+    (lambda p: (p / "dd" / "train").mkdir(parents=True) or (p / "dd" / "dataset_dict.json").write_text("{}")
+     and str(p / "dd"), r"holds a DatasetDict \(splits train\); point the path at one split's dir"),
+    (lambda p: (p / "bad.parquet").write_bytes(b"not parquet") and str(p / "bad.parquet"),
+     r"bad.parquet: cannot be read as parquet"),
+])
+def test_what_cannot_be_read_is_one_line(tok, tmp_path, setup, match):
+    with pytest.raises(DataError, match=match) as e:
+        load_dataset(setup(tmp_path), tok, SEQ)
+    assert "\n" not in str(e.value)
+
+
+def test_mixture_weights_repeat_and_subsample_records_as_documented(tok, tmp_path):
+    """weight 2: every record twice (two passes over the source); 0.5: about half its records, the same ones on
+    every run; sources in the order listed. The reference is the file those rules write by hand."""
+    a = [{"text": t} for t in demo_texts(30, seed=1)]
+    b = [{"prompt": t[:10], "completion": t[10:]} for t in demo_texts(400, seed=2)]
+    pa, pb = write_jsonl(tmp_path / "a.jsonl", a), write_jsonl(tmp_path / "b.jsonl", b)
+    kept = [row for line, row in enumerate(b, 1) if copies(0.5, 1, line) > 0]
+    assert 150 < len(kept) < 250  # about half
+    ref = load_dataset(write_jsonl(tmp_path / "ref.jsonl", a + a + kept), tok, SEQ)
+    mix = [{"path": str(pa), "weight": 2}, {"path": str(pb), "weight": 0.5}]
+    mixed = load_dataset(mix, tok, SEQ, num_proc=2)
+    assert_same_blocks(ref, mixed)
+    assert mixed.stats.records == {"text": 60, "completion": len(kept)}
+    b_twice_and_a_half = [row for line, row in enumerate(b, 1) for _ in range(copies(2.5, 0, line))]
+    assert len(b_twice_and_a_half) > 2 * len(b)
+    assert_same_blocks(load_dataset([{"path": str(pb), "weight": 2.5}], tok, SEQ),
+                       load_dataset(write_jsonl(tmp_path / "ref2.jsonl", b + b + [r for line, r in enumerate(b, 1)
+                                                                                  if copies(2.5, 0, line) > 2]),
+                                    tok, SEQ))
+
+
+def test_eval_path_gives_the_held_out_blocks(tiny_checkpoint, tok, tmp_path):
+    train_file = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in demo_texts(50, seed=4)])
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", [{"text": t} for t in demo_texts(20, seed=5)])
+    cfg = load_config(None, [f"data.path={train_file}", f"data.eval_path={eval_file}", f"train.seq_len={SEQ}"])
+    assert cfg.data.eval_fraction == 0  # the default share is not used with an eval path
+    train, held_out = load_splits(cfg, tok)
+    assert_same_blocks(train, load_dataset(train_file, tok, SEQ))  # all of data.path trains
+    assert_same_blocks(held_out, load_dataset(eval_file, tok, SEQ))
+    fraction = load_config(None, [f"data.path={train_file}", f"train.seq_len={SEQ}", "data.eval_fraction=0.2"])
+    tr, ev = load_splits(fraction, tok)
+    assert len(tr) + len(ev) == len(train) and len(ev) == int(len(train) * 0.2)
+    with pytest.raises(ConfigError, match="data.eval_path and data.eval_fraction=0.2 both choose the held-out data"):
+        load_config(None, [f"data.path={train_file}", f"data.eval_path={eval_file}", "data.eval_fraction=0.2"])
+    explicit_zero = load_config(None, [f"data.path={train_file}", f"data.eval_path={eval_file}", "data.eval_fraction=0"])
+    assert explicit_zero.data.eval_fraction == 0
+
+
+def test_sources_in_yaml_and_overrides(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data:\n  path:\n    - {path: a.jsonl, weight: 3}\n    - b.parquet\n  num_proc: 2\n")
+    cfg = load_config(cfg_file)
+    assert cfg.data.path == [{"path": "a.jsonl", "weight": 3}, "b.parquet"] and cfg.data.num_proc == 2
+    assert load_config(None, ["data.path=[{path: x.jsonl, weight: 0.5}]"]).data.path == [{"path": "x.jsonl",
+                                                                                           "weight": 0.5}]
+    for bad, match in [("data.path=[{path: a.jsonl, weight: -1}]", r"data.path\[0\].weight must be a positive number"),
+                       ("data.path=[{path: a.jsonl, wieght: 2}]", r"data.path\[0\] has unknown key 'wieght'"),
+                       ("data.path=[]", "data.path must be a path or a non-empty list"),
+                       ("data.path=[{weight: 2}]", r"data.path\[0\].path must be a non-empty string"),
+                       ("data.cache_dir=[1]", "data.cache_dir must be a string"),
+                       ("data.num_proc=-1", "data.num_proc must be >= 0")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [bad])
+
+
+def test_labels_of_arrow_rows_follow_the_record_formats(tok, same_data):
+    """A spot check that arrow rows keep their meaning: a prompt/completion row's prompt has no loss."""
+    ds = load_dataset(same_data / "d.parquet", tok, 256, packing=False, chat_template="chatml", num_proc=1)
+    row = 1  # the second record: prompt/completion
+    prompt = records()[1]["prompt"]
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert (ds.labels[row, :n_prompt] == IGNORE).all() and (ds.labels[row, n_prompt:int(ds.lengths[row])] != IGNORE).all()
+    assert os.path.isdir(same_data / "saved")

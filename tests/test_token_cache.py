@@ -1,0 +1,187 @@
+"""Tokenize once (issue 12, part 4): a memory-mapped cache built once, reused by restarts and every rank,
+never trusted when partial or corrupt; memory stays bounded however large the data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import lora_dist.token_cache as token_cache
+from lora_dist.data import load_dataset
+from lora_dist.demo import demo_texts, make_tokenizer
+from distutil import REPO, quiet_env, torchrun
+
+SEQ = 48
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": t} if k % 2 else {"prompt": t[:12], "completion": t[12:]}) + "\n"
+                            for k, t in enumerate(demo_texts(300, seed=7))))
+    return path
+
+
+@pytest.fixture
+def chunks(monkeypatch):
+    """How many chunks were tokenized (in-process: num_proc=1)."""
+    calls = []
+    real = token_cache._tokenize_chunk
+    monkeypatch.setattr(token_cache, "_tokenize_chunk", lambda task: calls.append(1) or real(task))
+    return calls
+
+
+def same(a, b) -> bool:
+    return all(x.numpy().tobytes() == y.numpy().tobytes() for x, y in
+               zip((a.input_ids, a.labels, a.position_ids, a.lengths), (b.input_ids, b.labels, b.position_ids, b.lengths)))
+
+
+def entries(cache):
+    return [p for p in cache.iterdir() if not p.name.startswith(".")]
+
+
+def test_a_second_load_maps_the_cache_without_tokenizing(tok, data, tmp_path, chunks):
+    cache = tmp_path / "cache"
+    first = load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)
+    assert len(chunks) > 0
+    (entry,) = entries(cache)
+    stamp = {f.name: f.stat().st_mtime_ns for f in entry.iterdir()}
+    chunks.clear()
+    again = load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)
+    assert chunks == [] and same(first, again) and first.stats == again.stats
+    assert {f.name: f.stat().st_mtime_ns for f in entry.iterdir()} == stamp
+    assert not again.input_ids.numpy().flags.owndata  # a view of the memory map, not a copy
+
+
+def test_parallel_build_equals_in_process_build(tok, data, tmp_path):
+    one = load_dataset(data, tok, SEQ, cache_dir=tmp_path / "a", num_proc=1)
+    two = load_dataset(data, tok, SEQ, cache_dir=tmp_path / "b", num_proc=2)
+    assert same(one, two) and one.stats == two.stats
+
+
+@pytest.mark.parametrize("damage", ["truncate", "meta", "missing_file", "other_key"])
+def test_a_damaged_entry_is_rebuilt_not_trusted(tok, data, tmp_path, chunks, damage):
+    cache = tmp_path / "cache"
+    ref = load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)
+    ref_bytes = ref.input_ids.numpy().tobytes()
+    (entry,) = entries(cache)
+    if damage == "truncate":
+        with (entry / "labels.bin").open("r+b") as f:
+            f.truncate(100)
+    elif damage == "meta":
+        (entry / "meta.json").write_text('{"format": 1, "key": "')
+    elif damage == "missing_file":
+        (entry / "position_ids.bin").unlink()
+    else:
+        meta = json.loads((entry / "meta.json").read_text())
+        (entry / "meta.json").write_text(json.dumps(meta | {"key": "0" * 32}))
+    chunks.clear()
+    rebuilt = load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)
+    assert len(chunks) > 0 and rebuilt.input_ids.numpy().tobytes() == ref_bytes
+    assert token_cache.open_entry(entry, entry.name) is not None
+
+
+def test_a_killed_build_leaves_nothing_that_is_trusted(tok, data, tmp_path, chunks, monkeypatch):
+    cache = tmp_path / "cache"
+    real = token_cache._tokenize_chunk
+
+    def dies(task):
+        raise KeyboardInterrupt  # a kill mid-build
+    monkeypatch.setattr(token_cache, "_tokenize_chunk", dies)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)
+    assert entries(cache) == [] and list(cache.iterdir()) == []  # the staging dir went too
+    monkeypatch.setattr(token_cache, "_tokenize_chunk", real)
+    assert len(load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)) > 0
+
+
+def test_what_the_blocks_depend_on_is_in_the_key(tok, data, tmp_path):
+    cache = tmp_path / "cache"
+    base = load_dataset(data, tok, SEQ, cache_dir=cache)
+    load_dataset(data, tok, SEQ + 1, cache_dir=cache)
+    load_dataset(data, tok, SEQ, cache_dir=cache, packing=False)
+    load_dataset(data, tok, SEQ, cache_dir=cache, loss_on="last_assistant")
+    other_tok = make_tokenizer()
+    other_tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    load_dataset(data, other_tok, SEQ, cache_dir=cache)
+    assert len(entries(cache)) == 5
+    with data.open("a") as f:  # the data changes: a new entry, the new record in it
+        f.write(json.dumps({"text": "one more record"}) + "\n")
+    grown = load_dataset(data, tok, SEQ, cache_dir=cache)
+    assert len(entries(cache)) == 6 and grown.stats.documents == base.stats.documents + 1
+
+
+BOUNDED = textwrap.dedent("""
+    import json, resource, sys
+    from lora_dist.data import load_dataset
+    from lora_dist.demo import make_tokenizer
+    tok = make_tokenizer()
+    tok("warm up")
+    def peak_kb():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open(sys.argv[1], "w") as f:  # the data: written a line at a time
+        for k in range(int(sys.argv[3])):
+            f.write(json.dumps({"text": f"record {k}: the red fox builds wooden boats near the harbour " * 2}) + "\\n")
+    base = peak_kb()
+    ds = load_dataset(sys.argv[1], tok, 64, cache_dir=sys.argv[2], num_proc=1, verbose=False)
+    cached = sum(t.numel() * t.element_size() for t in (ds.input_ids, ds.labels, ds.position_ids, ds.lengths))
+    print(json.dumps({"growth": (peak_kb() - base) * 1024, "cached": cached, "blocks": len(ds)}))
+""")
+
+
+def test_memory_stays_bounded_on_data_larger_than_the_budget(tmp_path):
+    """100k records make ~80 MB of blocks; the loading process's peak RSS grows by a small fraction of that
+    (today's code held every token as Python ints: several times the blocks' size)."""
+    script = tmp_path / "bounded.py"
+    script.write_text(BOUNDED)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "big.jsonl"), str(tmp_path / "cache"), "100000"],
+                          cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["cached"] > 60e6
+    assert result["growth"] < 0.25 * result["cached"], result
+
+
+SHARED = textwrap.dedent("""
+    import hashlib, json, sys
+    import torch.distributed as dist
+    import lora_dist.token_cache as tc
+    from lora_dist.config import load_config
+    from lora_dist.data import load_splits
+    from lora_dist.demo import make_tokenizer
+    dist.init_process_group("gloo")
+    calls = []
+    real = tc._tokenize_chunk
+    tc._tokenize_chunk = lambda task: calls.append(1) or real(task)
+    cfg = load_config(None, [f"data.path={sys.argv[1]}", f"data.cache_dir={sys.argv[2]}", "data.num_proc=1",
+                             "train.seq_len=48", "data.eval_fraction=0.1"])
+    train, held_out = load_splits(cfg, make_tokenizer())
+    digest = hashlib.sha256(train.input_ids.numpy().tobytes() + held_out.labels.numpy().tobytes()).hexdigest()
+    out = {"rank": dist.get_rank(), "chunks": len(calls), "digest": digest, "blocks": [len(train), len(held_out)]}
+    with open(f"{sys.argv[3]}.{dist.get_rank()}", "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.dist
+def test_two_ranks_share_one_build(tok, data, tmp_path):
+    script = tmp_path / "shared.py"
+    script.write_text(SHARED)
+    cache = tmp_path / "cache"
+    torchrun(2, str(script), str(data), str(cache), str(tmp_path / "out"))
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
+    assert ranks[0]["chunks"] > 0 and ranks[1]["chunks"] == 0  # rank 0 built, rank 1 only mapped
+    assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["blocks"] == ranks[1]["blocks"]
+    assert len(entries(cache)) == 1
+    single = load_dataset(data, tok, 48, cache_dir=tmp_path / "single", num_proc=1).split(0.1)
+    assert ranks[0]["blocks"] == [len(single[0]), len(single[1])]
