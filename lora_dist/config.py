@@ -35,6 +35,7 @@ __all__ = [
     "ModelConfig",
     "OutputConfig",
     "ParallelConfig",
+    "TrackingConfig",
     "TrainConfig",
     "config_from_dict",
     "config_help",
@@ -87,7 +88,8 @@ class ModelConfig:
     path: str = ""
     """Local Hugging Face checkpoint dir (config.json + *.safetensors + tokenizer)."""
     dtype: str = "float32"
-    """Dtype the frozen base weights are kept in: float32, bfloat16 or float16."""
+    """Dtype the frozen base weights are kept in: float32 or bfloat16 (float16 is refused: it needs a loss
+    scaler; a float16 checkpoint loads as either)."""
 
 
 class _DefaultFraction(float):
@@ -150,7 +152,8 @@ class ParallelConfig:
     strategy: str = "fsdp2"
     """fsdp2 (default), zero3, zero2, zero1, ddp, or none (single process)."""
     mixed_precision: str = "float32"
-    """Compute dtype of the base under fsdp2/zero: float32 or bfloat16 (LoRA params and grad reduction stay fp32)."""
+    """Compute dtype of the base under fsdp2/zero: float32 or bfloat16 (LoRA params and grad reduction stay fp32).
+    float16 is refused: it needs a loss scaler, which lora_dist does not run."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward."""
     reshard_after_forward: bool = True
@@ -242,6 +245,26 @@ class OutputConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking, on rank 0: the scalars of metrics.jsonl and the run config (see lora_dist/tracking.py)."""
+
+    tensorboard: bool = True
+    """TensorBoard event files in <output.dir>/tensorboard/."""
+    mlflow: str = ""
+    """MLflow: a tracking URI (http://..., databricks, sqlite:///...) or a local dir (MLflow's file store); "" off."""
+    wandb: str = ""
+    """W&B: offline (files in <output.dir>/wandb; `wandb sync` uploads them later), online, or "" off."""
+    project: str = "lora_dist"
+    """MLflow experiment / W&B project."""
+    run_name: str = ""
+    """Run name in MLflow and W&B (default: output.dir's name)."""
+
+    def __post_init__(self) -> None:
+        if self.wandb not in ("", "offline", "online"):
+            raise ConfigError(f"tracking.wandb={excerpt(self.wandb, 40)} is not one of offline, online (or \"\" off)")
+
+
+@dataclass
 class Config:
     """A lora_dist run."""
 
@@ -253,6 +276,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> "Config":
         """Cross-field checks; raises :class:`ConfigError`."""
@@ -263,6 +287,10 @@ class Config:
                            ("export.dtype", self.export.dtype)):
             if value not in DTYPES:
                 raise ConfigError(f"{key}={value!r} is not one of {DTYPES}")
+        for key, value in (("model.dtype", self.model.dtype), ("parallel.mixed_precision", p.mixed_precision)):
+            if value == "float16":
+                raise ConfigError(f"{key}=float16 would train in float16, which needs a loss scaler lora_dist does not "
+                                  "run; use bfloat16 (the same memory, no overflow) or float32")
         for key, minimum in MINIMUMS.items():
             if self._get(key) < minimum:
                 raise ConfigError(f"{key} must be >= {minimum}, got {self._get(key)}")
