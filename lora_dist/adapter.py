@@ -3,6 +3,13 @@
 ``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's key names
 (``base_model.model.<module>.lora_A.weight``), so adapters trained here load
 with ``peft.PeftModel.from_pretrained`` and PEFT-made adapters load here.
+
+An adapter on a parameter (``target_parameters``, :class:`~lora_dist.lora.LoRAParam`)
+is named as PEFT nests its ``ParamWrapper`` s: the owner's last adapted parameter
+(in registration order) under the owner's name, each earlier one under one more
+``.base_layer`` (Mixtral: ``experts.lora_A`` is ``down_proj``'s,
+``experts.base_layer.lora_A`` is ``gate_up_proj``'s). Which parameter a name means
+depends on the model, so :meth:`AdapterFile.weights` takes the model (a meta skeleton does).
 Tensors are only ever read from safetensors; pickled ``adapter_model.bin``
 files are refused.
 """
@@ -26,7 +33,7 @@ from safetensors.torch import save_file
 
 from lora_dist.atomic import recover, writing_dir
 from lora_dist.inputs import clip, excerpt, read_json
-from lora_dist.lora import LoRAConfig, inject_lora, lora_modules
+from lora_dist.lora import LoRAConfig, LoRAParam, inject_lora, lora_modules, param_targets
 from lora_dist.merge import LoRAWeights, lora_scale
 
 __all__ = [
@@ -37,6 +44,7 @@ __all__ = [
     "AdapterFile",
     "load_adapter",
     "lora_state_dict",
+    "peft_names",
     "read_adapter",
     "save_adapter",
     "write_adapter",
@@ -68,6 +76,23 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _peft_param_name(owner: str, names: list[str], parameter: str) -> str:
+    """PEFT's module name for the adapter of ``owner.parameter`` among the owner's adapted ``names``."""
+    return owner + ".base_layer" * (len(names) - 1 - names.index(parameter))
+
+
+def peft_names(model: nn.Module) -> dict[str, str]:
+    """Each LoRA module's name in the model -> its module name in a PEFT adapter (they differ for parameters)."""
+    out = {}
+    for name, m in lora_modules(model):
+        if isinstance(m, LoRAParam):
+            owner = name[: -len(f".lora.{m.parameter_name}")]
+            out[name] = _peft_param_name(owner, list(m._owner().lora.keys()), m.parameter_name)
+        else:
+            out[name] = name
+    return out
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     full = t.full_tensor() if hasattr(t, "full_tensor") else t
     return full.detach()
@@ -83,18 +108,26 @@ def _can_generate(model: nn.Module) -> bool:
 
 
 def _peft_config(model: nn.Module, config: LoRAConfig, matched: list[str], base_path: str | None) -> dict[str, Any]:
-    """PEFT's LoraConfig fields describing exactly the injected modules."""
+    """PEFT's LoraConfig fields describing exactly the injected modules and parameters."""
+    layers = {n: m for n, m in lora_modules(model) if not isinstance(m, LoRAParam)}
+    params = {n[: -len(f"lora.{m.parameter_name}")] + m.parameter_name: m
+              for n, m in lora_modules(model) if isinstance(m, LoRAParam)}
+    matched = [n for n in matched if n in layers]
     leaves = sorted({n.split(".")[-1] for n in matched})
-    if config.layers_to_transform is None and config.exclude_modules is None and isinstance(
-        config.target_modules, (list, type(None))
-    ):
-        target: list[str] | str = leaves
+    plain = config.layers_to_transform is None and config.exclude_modules is None
+    if not matched:
+        target: list[str] | str | None = None
+    elif plain and isinstance(config.target_modules, (list, type(None))):
+        target = leaves
     else:
         # Name exactly the injected modules so PEFT reproduces them whatever the selection rules were.
         target = "^(" + "|".join(re.escape(n) for n in matched) + ")$"
-    fan_in_fan_out = any(m.fan_in_fan_out for _, m in lora_modules(model))
-    rank_pattern = {n: m.r for n, m in lora_modules(model) if m.r != config.r}
-    alpha_pattern = {n: m.alpha for n, m in lora_modules(model) if m.alpha != config.alpha}
+    # PEFT matches a parameter whose full name equals an entry or ends with "." + it.
+    target_parameters = (list(config.target_parameters) if plain else sorted(params)) if params else None
+    fan_in_fan_out = any(m.fan_in_fan_out for m in layers.values())
+    adapted = {**layers, **params}  # PEFT's rank/alpha patterns match module names, and parameter names
+    rank_pattern = {n: m.r for n, m in adapted.items() if m.r != config.r}
+    alpha_pattern = {n: m.alpha for n, m in adapted.items() if m.alpha != config.alpha}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if _can_generate(model) else None,
@@ -117,6 +150,7 @@ def _peft_config(model: nn.Module, config: LoRAConfig, matched: list[str], base_
         "alpha_pattern": {re.escape(k): v for k, v in alpha_pattern.items()},
         "use_dora": False,
         "lora_bias": False,
+        "target_parameters": target_parameters,
     }
 
 
@@ -199,13 +233,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     tensors = dict(tensors) if tensors is not None else lora_state_dict(model)
     expected = {}
     for name, m in lora_modules(model):
-        expected[f"{name}.lora_A.weight"] = (m.r, m.in_features)
-        expected[f"{name}.lora_B.weight"] = (m.out_features, m.r)
+        expected[f"{name}.lora_A.weight"] = (m.r * m.num_experts, m.in_features)
+        expected[f"{name}.lora_B.weight"] = (m.out_features, m.r * m.num_experts)
     _check_tensors(tensors, expected)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     matched = [n for n, _ in lora_modules(model)]
-    return write_adapter(directory, tensors, _peft_config(model, config, matched, base_model_name_or_path))
+    names = peft_names(model)
+    renamed = {}
+    for key, t in tensors.items():
+        module, _, part = key.rpartition(".lora_")
+        renamed[f"{names.get(module, module)}.lora_{part}"] = t
+    return write_adapter(directory, renamed, _peft_config(model, config, matched, base_model_name_or_path))
 
 
 @dataclass
@@ -219,16 +258,83 @@ class AdapterFile:
     def modules(self) -> list[str]:
         return sorted({k.rsplit(".lora_", 1)[0] for k in self.tensors})
 
-    def weights(self) -> dict[str, LoRAWeights]:
-        """Per-module adapter weights with each module's own scale (rank/alpha patterns, rsLoRA)."""
+    def parameters(self, model: nn.Module) -> dict[str, str]:
+        """The adapted parameters' full names (``...experts.gate_up_proj``) -> their PEFT module names,
+        found in ``model`` (or its meta skeleton) as PEFT finds them.
+
+        Raises:
+            AdapterError: a parameter ``target_parameters`` matches has no tensors in the file.
+        """
+        out = {}
+        for owner, names in param_targets(model, self.lora_config.target_parameters).items():
+            for pname in names:
+                out[f"{owner}.{pname}"] = _peft_param_name(owner, names, pname)
+        missing = sorted(p for p, m in out.items() if f"{m}.lora_A.weight" not in self.tensors)
+        if missing:
+            raise AdapterError(f"the adapter's target_parameters match {missing[0]} in the model, but the adapter has "
+                               "no tensors for it; the adapter is for a different base")
+        return out
+
+    def weights(self, model: nn.Module | None = None) -> dict[str, LoRAWeights]:
+        """Adapter weights with each one's own scale (rank/alpha patterns, rsLoRA): by module name, and by full
+        parameter name for ``target_parameters`` (``model`` is then needed; its meta skeleton will do).
+
+        Raises:
+            AdapterError: ``target_parameters`` without ``model``, or tensors whose shapes do not fit it.
+        """
+        params = {}
+        if self.lora_config.target_parameters:
+            if model is None:
+                raise AdapterError("an adapter with target_parameters is read against its model (pass model=)")
+            params = self.parameters(model)
         out = {}
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
-        for module in self.modules():
+        modules = sorted(set(self.modules()) - set(params.values()))
+        if model is not None:
+            known = {name for name, _ in model.named_modules()}
+            missing = [m for m in modules if m not in known]
+            if missing:
+                raise AdapterError(f"adapter modules not in the model: {missing[:5]}; the adapter is for a different "
+                                   "base, or its target_parameters were edited")
+        for module in modules:
             a = self.tensors[f"{module}.lora_A.weight"]
             b = self.tensors[f"{module}.lora_B.weight"]
-            _, alpha = self.lora_config.rank_and_alpha(module)
+            r, alpha = self.lora_config.rank_and_alpha(module)
+            if a.shape[0] != r:  # read_adapter left this to the model where the rows may be E * r
+                raise AdapterError(f"{module} holds rank-{a.shape[0]} tensors but {ADAPTER_CONFIG} gives it r={r} "
+                                   "(r or rank_pattern); fix r/rank_pattern or re-save the adapter")
             scale = lora_scale(a.shape[0], alpha, self.lora_config.use_rslora)
             out[module] = LoRAWeights(a, b, scale, fan_in_fan_out)
+        for param, module in params.items():
+            out[param] = self._param_weights(model, param, module)
+        return out
+
+    def _param_weights(self, model: nn.Module, param: str, module: str) -> LoRAWeights:
+        from lora_dist.parallel.sharding import full_shape
+
+        owner, _, pname = param.rpartition(".")
+        owner_module = model.get_submodule(owner)
+        shape = full_shape(getattr(owner_module, pname))
+        experts = shape[0] if len(shape) == 3 else 0
+        transposed = bool(experts) and bool(getattr(owner_module, "is_transposed", False))
+        in_f, out_f = (shape[-2], shape[-1]) if transposed else (shape[-1], shape[-2])
+        r, alpha = self.lora_config.rank_and_alpha(param)
+        a, b = self.tensors[f"{module}.lora_A.weight"], self.tensors[f"{module}.lora_B.weight"]
+        rows = r * max(experts, 1)
+        if tuple(a.shape) != (rows, in_f) or tuple(b.shape) != (out_f, rows):
+            raise AdapterError(
+                f"{param} {shape}: the adapter's lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} are not "
+                f"({rows}, {in_f}) / ({out_f}, {rows}) for r={r}; the adapter is for a different base or rank"
+            )
+        return LoRAWeights(a, b, lora_scale(r, alpha, self.lora_config.use_rslora), transposed, experts)
+
+    def model_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors by the names ``model``'s LoRA modules give them (``lora_state_dict``'s names)."""
+        names = {peft: ours for ours, peft in peft_names(model).items()}
+        out = {}
+        for key, t in self.tensors.items():
+            module, _, part = key.rpartition(".lora_")
+            out[f"{names.get(module, module)}.lora_{part}"] = t
         return out
 
 
@@ -245,6 +351,7 @@ def _lora_config_from_peft(cfg: Mapping[str, Any]) -> LoRAConfig:
         layers_to_transform=cfg.get("layers_to_transform"),
         rank_pattern=dict(cfg.get("rank_pattern") or {}),
         alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+        target_parameters=list(cfg["target_parameters"]) if cfg.get("target_parameters") else None,
     )
 
 
@@ -330,6 +437,8 @@ def _check_read_tensors(path: Path, tensors: Mapping[str, torch.Tensor], config:
             raise AdapterError(f"{path}: {module} has lora_A of rank {a.shape[0]} but lora_B of rank {b.shape[1]}; "
                                "the file is corrupt")
         r, _ = config.rank_and_alpha(module)
+        if config.target_parameters and a.shape[0] % r == 0:
+            continue  # maybe a stack of experts (E * r rows): checked against the model (AdapterFile.weights)
         if a.shape[0] != r:
             raise AdapterError(
                 f"{path}: {module} holds rank-{a.shape[0]} tensors but {ADAPTER_CONFIG} gives it r={r} "
@@ -344,10 +453,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         AdapterError: the adapter's modules or shapes do not match the model.
     """
     adapter = read_adapter(directory)
+    params = adapter.parameters(model) if adapter.lora_config.target_parameters else {}
     if not any(True for _ in lora_modules(model)):
         cfg = adapter.lora_config
-        # Inject exactly the modules the file holds.
-        exact = "^(" + "|".join(re.escape(m) for m in adapter.modules()) + ")$"
+        # Inject exactly the modules and parameters the file holds.
+        modules = sorted(set(adapter.modules()) - set(params.values()))
+        exact = "^(" + "|".join(re.escape(m) for m in modules) + ")$" if modules else None
         inject_lora(
             model,
             LoRAConfig(
@@ -359,19 +470,22 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 init=cfg.init,
                 rank_pattern=cfg.rank_pattern,
                 alpha_pattern=cfg.alpha_pattern,
+                target_parameters=sorted(params) or None,
             ),
         )
         model.lora_config = cfg
     layers = dict(lora_modules(model))
-    missing = sorted(set(adapter.modules()) - set(layers))
+    ours = {p: f"{p.rpartition('.')[0]}.lora.{p.rpartition('.')[2]}" for p in params}  # param -> its LoRAParam
+    weights = adapter.weights(model)
+    missing = sorted(ours.get(k, k) for k in weights if ours.get(k, k) not in layers)
     if missing:
         raise AdapterError(f"adapter modules not in the model: {missing[:5]}; the adapter is for a different base")
     config: LoRAConfig | None = getattr(model, "lora_config", None)
     if config is not None and config.use_rslora != adapter.lora_config.use_rslora:
         model.lora_config = dataclasses.replace(config, use_rslora=adapter.lora_config.use_rslora)
     with torch.no_grad():
-        for module, w in adapter.weights().items():
-            layer = layers[module]
+        for module, w in weights.items():
+            layer = layers[ours.get(module, module)]
             for part, tensor in (("lora_A", w.lora_A), ("lora_B", w.lora_B)):
                 param = getattr(layer, part).weight
                 if tuple(param.shape) != tuple(tensor.shape):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Union
 
@@ -33,11 +34,15 @@ __all__ = [
     "InjectionReport",
     "LoRAConfig",
     "LoRAConfigError",
+    "LoRALayer",
     "LoRALinear",
+    "LoRAParam",
+    "LoRAParamHost",
     "disable_adapters",
     "inject_lora",
     "lora_modules",
     "lora_parameters",
+    "param_targets",
 ]
 
 TargetSpec = Union[list[str], str, None]
@@ -99,12 +104,24 @@ class LoRAConfig:
     """Per-module rank overrides: regex on the module name -> r (PEFT semantics)."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overrides: regex on the module name -> alpha (PEFT semantics)."""
+    target_parameters: list[str] | None = None
+    """Parameter-name suffixes to adapt directly, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] for fused MoE experts (PEFT's target_parameters). Without target_modules only these are adapted."""
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, tuple):
             self.exclude_modules = list(self.exclude_modules)
+        if isinstance(self.target_parameters, tuple):
+            self.target_parameters = list(self.target_parameters)
+        if self.target_parameters is not None:
+            spec = self.target_parameters
+            if not (isinstance(spec, list) and spec and all(isinstance(s, str) and s for s in spec)):
+                raise LoRAConfigError(f"lora.target_parameters must be a non-empty list of parameter names like "
+                                      f"mlp.experts.gate_up_proj, got {excerpt(spec)}")
+            if self.dropout:
+                raise LoRAConfigError(f"lora.dropout={self.dropout} cannot apply to lora.target_parameters (PEFT's "
+                                      "ParamWrapper has no input to drop out); set lora.dropout=0")
         if not (_is_int(self.r) and self.r > 0):
             raise LoRAConfigError(f"lora.r must be a positive integer, got {excerpt(self.r)}")
         if not (_is_number(self.alpha) and self.alpha > 0):
@@ -205,7 +222,74 @@ def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
     return dtype.is_floating_point and than.is_floating_point and torch.finfo(dtype).bits < torch.finfo(than).bits
 
 
-class LoRALinear(nn.Module):
+class LoRALayer(nn.Module):
+    """What every LoRA adapter has: ``lora_A``/``lora_B`` (``nn.Linear``, PEFT's names and shapes), the scale,
+    the ``merged``/``disabled`` flags, and the init. The optimizer, checkpoints and adapters see only these."""
+
+    r: int
+    alpha: float
+    scale: float
+    in_features: int
+    out_features: int
+    init: str
+    #: Experts the adapter spans: ``lora_A`` has ``num_experts * r`` rows (1 for a linear layer).
+    num_experts: int = 1
+    fan_in_fan_out: bool = False
+
+    def initialize_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A: kaiming-uniform (a=sqrt(5)) or N(0, (1/r)^2); B: zeros, so the layer starts as the base."""
+        with torch.no_grad():
+            # Drawn on the CPU in fp32, so a seeded generator gives the same A on every rank and device.
+            a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
+            if self.init == "gaussian":
+                a.normal_(0.0, 1.0 / self.r, generator=generator)
+            else:
+                # kaiming_uniform_(a=sqrt(5)) written out so it can take a generator.
+                gain = math.sqrt(2.0 / (1 + 5))
+                bound = math.sqrt(3.0) * gain / math.sqrt(self.in_features)
+                a.uniform_(-bound, bound, generator=generator)
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.zero_()
+
+    def _make_factors(self, r: int, device: torch.device | None, lora_dtype: torch.dtype) -> None:
+        rows = r * self.num_experts
+        self.lora_A = nn.Linear(self.in_features, rows, bias=False, device=device, dtype=lora_dtype)
+        self.lora_B = nn.Linear(rows, self.out_features, bias=False, device=device, dtype=lora_dtype)
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base tensor the adapter updates (sharded or not)."""
+        raise NotImplementedError
+
+    def lora_weights(self) -> LoRAWeights:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (fp32 math, NaN/Inf checked)."""
+        if not self.merged:
+            self._fold(merge_weight)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        if self.merged:
+            self._fold(lambda w, lora, name: unmerge_weight(w, lora, name=name))
+            self.merged = False
+
+    def _fold(self, fold) -> None:
+        """``weight.data = fold(weight, lora, name)``, a stack of experts seen as ``(E, out * in)``."""
+        weight, lora = self.base_weight(), self.lora_weights()
+        rows = (lora.num_experts, -1) if lora.num_experts else tuple(weight.shape)
+        weight.data = fold(weight.data.reshape(rows), lora, name=self.weight_name).reshape(weight.shape)
+
+    @property
+    def weight_name(self) -> str:
+        """How merge errors name the base weight."""
+        return "weight"
+
+
+class LoRALinear(LoRALayer):
     """A linear layer with a low-rank adapter; the base ``weight``/``bias`` keep their names.
 
     Args:
@@ -259,8 +343,7 @@ class LoRALinear(nn.Module):
         self.bias = bias
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = weight.device if weight.device.type == "meta" or weight.numel() else None
-        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=lora_dtype)
-        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=lora_dtype)
+        self._make_factors(r, device, lora_dtype)
         self.merged = False
         self.disabled = False
         if weight.device.type != "meta":
@@ -271,20 +354,8 @@ class LoRALinear(nn.Module):
         """Wrap an ``nn.Linear`` or ``Conv1D``, reusing its parameter objects."""
         return cls(base.weight, base.bias, fan_in_fan_out=_is_conv1d(base), **kwargs)
 
-    def initialize_parameters(self, generator: torch.Generator | None = None) -> None:
-        """A: kaiming-uniform (a=sqrt(5)) or N(0, (1/r)^2); B: zeros, so the layer starts as the base."""
-        with torch.no_grad():
-            # Drawn on the CPU in fp32, so a seeded generator gives the same A on every rank and device.
-            a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
-            if self.init == "gaussian":
-                a.normal_(0.0, 1.0 / self.r, generator=generator)
-            else:
-                # kaiming_uniform_(a=sqrt(5)) written out so it can take a generator.
-                gain = math.sqrt(2.0 / (1 + 5))
-                bound = math.sqrt(3.0) * gain / math.sqrt(self.in_features)
-                a.uniform_(-bound, bound, generator=generator)
-            self.lora_A.weight.copy_(a)
-            self.lora_B.weight.zero_()
+    def base_weight(self) -> torch.Tensor:
+        return self.weight
 
     def lora_weights(self) -> LoRAWeights:
         return LoRAWeights(self.lora_A.weight, self.lora_B.weight, self.scale, self.fan_in_fan_out)
@@ -307,25 +378,119 @@ class LoRALinear(nn.Module):
             update = self.lora_B(self.lora_A(lora_x)) * self.scale
         return result + update.to(result.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter into ``weight`` (fp32 math, NaN/Inf checked)."""
-        if not self.merged:
-            self.weight.data = merge_weight(self.weight.data, self.lora_weights(), name="weight")
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`."""
-        if self.merged:
-            self.weight.data = unmerge_weight(self.weight.data, self.lora_weights(), name="weight")
-            self.merged = False
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"scale={self.scale:g}, fan_in_fan_out={self.fan_in_fan_out}"
         )
+
+
+class LoRAParam(LoRALayer):
+    """A low-rank adapter on one parameter of a module: PEFT's ``target_parameters`` (its ``ParamWrapper``).
+
+    The base parameter stays where it is, under its own name (``mlp.experts.gate_up_proj``);
+    this module lives in the owner's ``lora`` dict (``mlp.experts.lora.gate_up_proj``), and
+    the owner's forward sees ``W + scale * B @ A`` in place of ``W`` (:class:`LoRAParamHost`).
+    A 3-D ``(E, out, in)`` stack of experts (``(E, in, out)`` where the owner is
+    ``is_transposed``) gets PEFT's shapes: ``lora_A`` ``(E * r, in)``, ``lora_B``
+    ``(out, r * E)`` (:mod:`lora_dist.merge`); a 2-D ``(out, in)`` weight gets a linear layer's.
+
+    Args:
+        owner: the module holding the parameter.
+        parameter_name: its attribute name there.
+        r, alpha, use_rslora, init, lora_dtype: as for :class:`LoRALinear`.
+    """
+
+    def __init__(self, owner: nn.Module, parameter_name: str, r: int, alpha: float, use_rslora: bool = False,
+                 init: str = "kaiming", lora_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        from lora_dist.parallel.sharding import full_shape  # lora_dist.parallel imports this module
+
+        weight = getattr(owner, parameter_name)
+        shape = full_shape(weight)
+        if len(shape) not in (2, 3):
+            raise LoRAConfigError(f"{parameter_name} has shape {shape}; lora.target_parameters adapts 2-D weights "
+                                  "and 3-D (experts, ...) stacks only")
+        self.stacked = len(shape) == 3
+        self.transposed = self.stacked and bool(getattr(owner, "is_transposed", False))
+        self.num_experts = shape[0] if len(shape) == 3 else 1
+        d1, d2 = shape[-2:]
+        self.in_features, self.out_features = (d1, d2) if self.transposed else (d2, d1)
+        if r <= 0 or r > min(d1, d2):
+            raise LoRAConfigError(f"lora.r={r} must be in [1, min(in, out)={min(d1, d2)}] for {parameter_name} "
+                                  f"{shape}; lower lora.r")
+        self.parameter_name = parameter_name
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scale = lora_scale(r, alpha, use_rslora)
+        self.fan_in_fan_out = self.transposed
+        self.init = init
+        self._owner = weakref.ref(owner)  # not a submodule: the owner holds this module
+        weight.requires_grad_(False)
+        device = weight.device if weight.device.type == "meta" or weight.numel() else None
+        self._make_factors(r, device, lora_dtype)
+        self.merged = False
+        self.disabled = False
+        if weight.device.type != "meta":
+            self.initialize_parameters()
+
+    @property
+    def weight_name(self) -> str:
+        return self.parameter_name
+
+    def base_weight(self) -> torch.Tensor:
+        return getattr(self._owner(), self.parameter_name)
+
+    def lora_weights(self) -> LoRAWeights:
+        experts = self.num_experts if self.stacked else 0
+        return LoRAWeights(self.lora_A.weight, self.lora_B.weight, self.scale, self.fan_in_fan_out, experts)
+
+    def adapted(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + scale * B @ A``, differentiable in A and B, computed as PEFT does (in ``weight``'s dtype)."""
+        e = self.num_experts
+        a = self.lora_A.weight.reshape(e, -1, self.in_features)  # (E, r, in)
+        b = self.lora_B.weight.reshape(self.out_features, -1, e).permute(2, 0, 1)  # (E, out, r)
+        lhs, rhs = (a.transpose(-2, -1), b.transpose(-2, -1)) if self.transposed else (b, a)
+        stacked = weight if weight.dim() == 3 else weight.unsqueeze(0)
+        out = torch.baddbmm(stacked, lhs.to(weight.dtype), rhs.to(weight.dtype), alpha=self.scale)
+        return out if weight.dim() == 3 else out.squeeze(0)
+
+    def extra_repr(self) -> str:
+        return (f"parameter_name={self.parameter_name!r}, num_experts={self.num_experts}, "
+                f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, scale={self.scale:g}")
+
+
+class LoRAParamHost:
+    """Mixed into the class of a module whose parameters carry :class:`LoRAParam` adapters (its ``lora`` dict).
+
+    Its forward runs the module's own forward with each adapted parameter replaced by
+    ``W + delta`` for the call, then puts the parameter back: whatever FSDP2 or ZeRO-3
+    placed there (the gathered weight) is what is adapted and what is restored.
+    """
+
+    lora: nn.ModuleDict
+
+    def forward(self, *args, **kwargs):
+        active = [m for m in self.lora.values() if not (m.merged or m.disabled)]
+        params = self._parameters
+        saved = {m.parameter_name: params[m.parameter_name] for m in active}
+        try:
+            for m in active:
+                params[m.parameter_name] = m.adapted(saved[m.parameter_name])
+            return super().forward(*args, **kwargs)
+        finally:
+            params.update(saved)
+
+
+_HOST_CLASSES: dict[type, type] = {}
+
+
+def _host_class(cls: type) -> type:
+    """``cls`` with :class:`LoRAParamHost`'s forward, one class per base class."""
+    if issubclass(cls, LoRAParamHost):
+        return cls
+    if cls not in _HOST_CLASSES:
+        _HOST_CLASSES[cls] = type(f"LoRA{cls.__name__}", (LoRAParamHost, cls), {})
+    return _HOST_CLASSES[cls]
 
 
 @dataclass
@@ -378,6 +543,8 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 def _resolve_targets(model: nn.Module, config: LoRAConfig) -> TargetSpec:
     if config.target_modules is not None:
         return config.target_modules
+    if config.target_parameters is not None:
+        return None  # PEFT: target_parameters alone adapt no module
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGET_MODULES:
         return DEFAULT_TARGET_MODULES[model_type]
@@ -387,55 +554,116 @@ def _resolve_targets(model: nn.Module, config: LoRAConfig) -> TargetSpec:
     )
 
 
+def _selected(config: LoRAConfig, module_name: str) -> bool:
+    """Not excluded, and in ``layers_to_transform`` where that is set."""
+    if _matches(config.exclude_modules, module_name):
+        return False
+    return config.layers_to_transform is None or _layer_index(module_name) in config.layers_to_transform
+
+
+def _param_suffix(name: str) -> str:
+    """``model.layers.3.mlp.experts.down_proj`` -> ``mlp.experts.down_proj`` (what target_parameters names)."""
+    m = _LAYER_INDEX.search("." + name)
+    return name[m.end() - 1:] if m else name
+
+
+def param_targets(model: nn.Module, target_parameters: list[str] | None) -> dict[str, list[str]]:
+    """Owner module name -> the names of its parameters ``target_parameters`` matches (PEFT's rule: the full
+    name equals an entry or ends with ``.`` + it), in the owner's registration order (PEFT's nesting order)."""
+    owners: dict[str, list[str]] = {}
+    if not target_parameters:
+        return owners
+    factors = {id(f) for m in model.modules() if isinstance(m, LoRALayer) for f in (m.lora_A, m.lora_B)}
+    for module_name, module in model.named_modules():
+        if isinstance(module, LoRAParam) or id(module) in factors:
+            continue
+        for pname, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{pname}" if module_name else pname
+            if any(full == t or full.endswith("." + t) for t in target_parameters):
+                owners.setdefault(module_name, []).append(pname)
+    return owners
+
+
+def _param_choices(model: nn.Module, config: LoRAConfig, layers: list[str]) -> dict[str, list[str]]:
+    """The parameters to adapt, by owner (none inside ``layers``, the linear layers being adapted);
+    refuses what PEFT refuses, in one line."""
+    owners = {o: ps for o, ps in param_targets(model, config.target_parameters).items() if _selected(config, o)}
+    if config.target_parameters is not None and not owners:
+        stacks = sorted({_param_suffix(n) for n, p in model.named_parameters() if len(_full_shape(p)) == 3})
+        raise LoRAConfigError(
+            f"lora.target_parameters={excerpt(config.target_parameters)} matched no parameter; "
+            + (f"the model's 3-D (expert) parameters are {stacks}" if stacks else "the model has no 3-D (expert) "
+               "parameters; adapt its linear layers with lora.target_modules")
+        )
+    for owner, names in owners.items():
+        module = model.get_submodule(owner) if owner else model
+        if isinstance(module, LoRALinear) or owner in layers:
+            raise LoRAConfigError(f"lora.target_parameters matches {owner}.{names[0]}, a weight of a layer "
+                                  "lora.target_modules already adapts; target it one way only")
+        if hasattr(module, "lora"):
+            raise LoRAConfigError(f"{owner} already has a 'lora' attribute; inject_lora was called twice")
+        for pname in names:
+            ndim = len(_full_shape(getattr(module, pname)))
+            if ndim not in (2, 3):
+                raise LoRAConfigError(f"lora.target_parameters matches {owner}.{pname}, a {ndim}-D parameter; "
+                                      "only 2-D weights and 3-D (experts, ...) stacks can be adapted")
+    return owners
+
+
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    from lora_dist.parallel.sharding import full_shape  # lora_dist.parallel imports this module
+
+    return full_shape(param)
+
+
 def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = torch.float32) -> InjectionReport:
-    """Replace the targeted linear layers of ``model`` with :class:`LoRALinear`, in place.
+    """Adapt the targeted linear layers (:class:`LoRALinear`) and parameters (:class:`LoRAParam`), in place.
 
     Every base parameter is frozen. Works on a meta-device skeleton: the LoRA
     params are then created on meta too and initialized after materialization.
 
     Args:
-        model: any module built of ``nn.Linear`` / ``Conv1D`` projections.
+        model: any module built of ``nn.Linear`` / ``Conv1D`` projections (and, for
+            ``target_parameters``, modules holding the parameters, such as fused MoE experts).
         config: what to adapt.
         lora_dtype: dtype of the LoRA params.
 
     Returns:
-        The matched module names and parameter counts.
+        The matched module (and parameter) names and parameter counts.
 
     Raises:
-        LoRAConfigError: nothing matched (the message lists the linear layers),
-            or ``r`` does not fit a matched layer.
+        LoRAConfigError: nothing matched (the message lists the linear layers, or the
+            3-D parameters), or ``r`` does not fit a matched layer.
     """
-    from lora_dist.parallel.sharding import full_shape  # lora_dist.parallel imports this module
-
     targets = _resolve_targets(model, config)
     head = _output_head(model)
     linear_names: list[str] = []
     chosen: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALayer):
             raise LoRAConfigError(f"{name} already has a LoRA adapter; inject_lora was called twice")
         if not _is_adaptable(module):
             continue
         linear_names.append(name)
+        if targets is None:
+            continue
         if targets == "all-linear":
             if module is head or name.split(".")[-1] in ("lm_head",):
                 continue
         elif not _matches(targets, name):
             continue
-        if _matches(config.exclude_modules, name):
-            continue
-        if config.layers_to_transform is not None and _layer_index(name) not in config.layers_to_transform:
-            continue
-        chosen.append(name)
-    if not chosen:
+        if _selected(config, name):
+            chosen.append(name)
+    if targets is not None and not chosen:
         shown = sorted({n.split(".")[-1] for n in linear_names})
         raise LoRAConfigError(
             f"lora.target_modules={excerpt(targets)} matched no linear layer; the model's linear layers are named "
             f"{shown} (full names like {linear_names[:3]})"
         )
+    params = _param_choices(model, config, chosen)
     for name in chosen:  # validate every rank before the model is touched
         base = model.get_submodule(name)
-        shape = full_shape(base.weight)
+        shape = _full_shape(base.weight)
         out_features, in_features = shape[::-1] if _is_conv1d(base) else shape
         r, _ = config.rank_and_alpha(name)
         if r > min(in_features, out_features):
@@ -443,6 +671,14 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
                 f"{name}: lora.r={r} must be in [1, min(in, out)={min(in_features, out_features)}] for a "
                 f"{in_features}->{out_features} layer; lower lora.r (or its rank_pattern entry)"
             )
+    for owner, names in params.items():
+        module = model.get_submodule(owner) if owner else model
+        for pname in names:
+            shape = _full_shape(getattr(module, pname))
+            r, _ = config.rank_and_alpha(f"{owner}.{pname}")
+            if r > min(shape[-2:]):
+                raise LoRAConfigError(f"{owner}.{pname}: lora.r={r} must be in [1, {min(shape[-2:])}] for a {shape} "
+                                      "parameter; lower lora.r (or its rank_pattern entry)")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
@@ -462,16 +698,27 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
         except LoRAConfigError as e:
             raise LoRAConfigError(f"{name}: {e}") from None
         setattr(parent, child, layer)
+    for owner, names in params.items():
+        module = model.get_submodule(owner) if owner else model
+        adapters = nn.ModuleDict()
+        for pname in names:
+            r, alpha = config.rank_and_alpha(f"{owner}.{pname}")
+            adapters[pname] = LoRAParam(module, pname, r=r, alpha=alpha, use_rslora=config.use_rslora,
+                                        init=config.init, lora_dtype=lora_dtype)
+        module.lora = adapters
+        module.__class__ = _host_class(type(module))
     model.lora_config = config  # read by save_adapter
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return InjectionReport(chosen, trainable, total)
+    matched = chosen + [f"{o}.{p}" for o, ps in params.items() for p in ps]
+    return InjectionReport(matched, trainable, total)
 
 
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """``(name, module)`` for every LoRA layer, in registration order."""
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    """``(name, module)`` for every LoRA adapter, in registration order: ``LoRALinear`` layers under their
+    own names, ``LoRAParam`` s as ``<owner>.lora.<parameter>``."""
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALayer):
             yield name, module
 
 

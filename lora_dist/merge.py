@@ -10,6 +10,14 @@ an integer (quantized) tensor would make the merge a silent no-op or garbage.
 Shapes follow PEFT: ``lora_A`` is ``(r, in_features)`` and ``lora_B`` is
 ``(out_features, r)``. A base weight is ``(out, in)`` for ``nn.Linear`` and
 ``(in, out)`` for GPT-2's ``Conv1D`` (``fan_in_fan_out=True``).
+
+An adapter on a stack of ``E`` experts (PEFT's ``target_parameters`` on a fused
+``(E, out, in)`` param, or ``(E, in, out)`` with ``fan_in_fan_out``) keeps
+PEFT's layout: ``lora_A`` is ``(E * r, in)`` with expert ``e``'s rows at
+``[e * r, (e + 1) * r)``, and ``lora_B`` is ``(out, r * E)`` with expert ``e``'s
+columns at ``e, e + E, e + 2E, ...``. Its merge sees the weight as
+``(E, out * in)``: a row is an expert. :func:`lora_rows` cuts one expert's
+rows out as a plain adapter (for a checkpoint that stores experts one by one).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 __all__ = [
     "LoRAWeights",
     "MergeError",
+    "lora_rows",
     "lora_delta",
     "lora_scale",
     "merge_state_dict",
@@ -50,10 +59,45 @@ class LoRAWeights:
     lora_B: torch.Tensor
     scale: float
     fan_in_fan_out: bool = False
+    num_experts: int = 0
+    """0 for one weight; ``E`` for a stack of experts in PEFT's layout (see the module docstring)."""
 
     @property
     def r(self) -> int:
-        return self.lora_A.shape[0]
+        return self.lora_A.shape[0] // max(self.num_experts, 1)
+
+
+def _expert_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ``(E * r, in)`` / ``(out, r * E)`` as per-expert ``(E, r, in)`` / ``(E, out, r)``."""
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1] or lora_A.shape[0] % num_experts:
+        raise MergeError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} are not (E*r, in) and "
+                         f"(out, r*E) for E={num_experts} experts")
+    a = lora_A.reshape(num_experts, -1, lora_A.shape[1])
+    b = lora_B.reshape(lora_B.shape[0], -1, num_experts).permute(2, 0, 1)
+    return a, b
+
+
+def lora_rows(lora: LoRAWeights, rows: slice, expert: int | None = None) -> LoRAWeights:
+    """The plain adapter of rows ``rows`` of a weight, or of one expert's weight in a stacked adapter.
+
+    A checkpoint that stores a fused param in pieces (an expert's gate and up projections)
+    merges each piece with this: its delta is exactly those rows of the param's delta.
+
+    Args:
+        lora: the adapter; stacked (``num_experts`` > 0) when ``expert`` is given.
+        rows: rows of the (expert's) weight: ``out`` rows, or ``in`` rows with ``fan_in_fan_out``.
+        expert: which expert of a stacked adapter; None for a plain one.
+
+    Returns:
+        A plain (``num_experts=0``) adapter whose delta is ``delta[rows]`` (of that expert).
+    """
+    a, b = lora.lora_A, lora.lora_B
+    if expert is not None:
+        stacked_a, stacked_b = _expert_factors(a, b, lora.num_experts)
+        a, b = stacked_a[expert], stacked_b[expert]
+    if lora.fan_in_fan_out:  # the weight's rows index A's columns
+        return LoRAWeights(a[:, rows], b, lora.scale, True)
+    return LoRAWeights(a, b[rows], lora.scale, False)
 
 
 def lora_delta(
@@ -62,19 +106,26 @@ def lora_delta(
     scale: float,
     fan_in_fan_out: bool = False,
     rows: slice | None = None,
+    num_experts: int = 0,
 ) -> torch.Tensor:
     """The fp32 weight update ``scale * B @ A`` laid out like the base weight.
 
     Args:
-        lora_A: ``(r, in_features)``.
-        lora_B: ``(out_features, r)``.
+        lora_A: ``(r, in_features)``, or ``(E * r, in_features)`` for experts.
+        lora_B: ``(out_features, r)``, or ``(out_features, r * E)`` for experts.
         scale: the LoRA scaling factor.
-        fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2 ``Conv1D``).
-        rows: only these rows of the base weight's layout (a dim-0 shard).
+        fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2 ``Conv1D``, transposed experts).
+        rows: only these rows of the base weight's layout (a dim-0 shard); for experts, these experts.
+        num_experts: 0 for one weight; ``E`` for a stack, whose weight is seen as ``(E, out * in)``.
 
     Returns:
         An fp32 tensor shaped like ``weight[rows]``.
     """
+    if num_experts:
+        a, b = _expert_factors(lora_A, lora_B, num_experts)
+        chosen = range(num_experts)[rows if rows is not None else slice(None)]
+        deltas = [lora_delta(a[e], b[e], scale, fan_in_fan_out).reshape(-1) for e in chosen]
+        return torch.stack(deltas) if deltas else a.new_zeros((0, b.shape[1] * a.shape[2]), dtype=torch.float32)
     if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1]:
         raise MergeError(
             f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} are not (r, in) and (out, r)"
@@ -94,6 +145,8 @@ def lora_delta(
 def _expected_shape(w: LoRAWeights, rows: slice | None) -> tuple[int, int]:
     out_f, in_f = w.lora_B.shape[0], w.lora_A.shape[1]
     shape = (in_f, out_f) if w.fan_in_fan_out else (out_f, in_f)
+    if w.num_experts:
+        shape = (w.num_experts, out_f * in_f)
     if rows is None:
         return shape
     return (len(range(*rows.indices(shape[0]))), shape[1])
@@ -130,7 +183,7 @@ def merge_weight(
             "the adapter was trained for a different base model"
         )
     merged = weight.detach().to(torch.float32) + lora_delta(
-        lora.lora_A, lora.lora_B, lora.scale, lora.fan_in_fan_out, rows
+        lora.lora_A, lora.lora_B, lora.scale, lora.fan_in_fan_out, rows, lora.num_experts
     )
     if not torch.isfinite(merged).all():
         raise MergeError(f"{name}: merged weight has NaN/Inf; the adapter or base weight is corrupt")
@@ -146,7 +199,7 @@ def unmerge_weight(
     weight: torch.Tensor, lora: LoRAWeights, out_dtype: torch.dtype | None = None, name: str = "weight"
 ) -> torch.Tensor:
     """Inverse of :func:`merge_weight`: ``weight - scale * B @ A`` in fp32."""
-    negated = LoRAWeights(lora.lora_A, lora.lora_B, -lora.scale, lora.fan_in_fan_out)
+    negated = LoRAWeights(lora.lora_A, lora.lora_B, -lora.scale, lora.fan_in_fan_out, lora.num_experts)
     return merge_weight(weight, negated, out_dtype=out_dtype, name=name)
 
 

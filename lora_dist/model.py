@@ -28,7 +28,7 @@ from lora_dist.parallel import parallelize
 from lora_dist.parallel.sharding import full_shape, owned_range, whole_local
 from lora_dist.weight_mapping import WeightMap, model_transforms
 
-__all__ = ["LoadedModel", "load_model", "model_class", "place_unsharded"]
+__all__ = ["LoadedModel", "load_model", "model_class", "place_unsharded", "skeleton"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,18 @@ def model_class(hf_config):
     if any(a.endswith("ForMaskedLM") for a in archs):
         return tf.AutoModelForMaskedLM
     return tf.AutoModelForCausalLM
+
+
+def skeleton(base: ModelDir) -> nn.Module:
+    """The base's model with every parameter on the meta device: its names, shapes and conversion mapping, no memory.
+
+    What reading a ``target_parameters`` adapter against its model needs (which parameters it adapts,
+    and where the checkpoint stores them), without loading any weight.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        return model_class(base.hf_config).from_config(base.hf_config)
 
 
 @torch.no_grad()

@@ -36,6 +36,19 @@ computed from the resulting parameter shapes and the run config:
 * **buffers**: communication buckets: the LoRA gradient bucket (fsdp2), DDP's
   bucket copies, DeepSpeed's reduce bucket (at most the size of the LoRA
   gradients: lora_dist caps it there).
+* **adapted experts**: an adapter on fused experts (``lora.target_parameters``)
+  runs the experts with ``W + delta``, a new tensor the size of the whole fused
+  param (in the compute dtype) that the expert matmuls keep for backward, as
+  PEFT's ``ParamWrapper`` does: every block's adapted expert params, or one
+  block's with activation checkpointing.
+
+Mixture-of-experts models are counted as they are built: the fused expert
+params (``mlp.experts.gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)) are
+sharded like any base param; :attr:`MemoryPlan.num_expert_params` are theirs,
+:attr:`MemoryPlan.num_active_params` the base params one token uses (the
+non-expert ones plus ``top_k / E`` of the experts), and
+:attr:`MemoryPlan.num_expert_lora_params` the LoRA params on the experts. The
+activation estimate uses ``top_k`` experts' width per token.
 
 The peak is the sum: the moment backward starts holds all of it. Not
 included: the process itself (Python, torch, libraries; about 0.4 GB of RSS
@@ -68,6 +81,9 @@ class MemoryPlan:
     tokens_per_micro_batch: int
     num_params: int
     num_lora_params: int
+    num_expert_params: int
+    num_active_params: int
+    num_expert_lora_params: int
     model_bytes: int
     largest_tensor_bytes: int
     base_shard: int
@@ -78,9 +94,10 @@ class MemoryPlan:
     activations: int
     gathered: int
     buffers: int
+    adapted_experts: int
 
     TERMS = ("base_shard", "base_replicated", "lora_params", "lora_grads", "optimizer_state", "activations",
-             "gathered", "buffers")
+             "gathered", "buffers", "adapted_experts")
 
     @property
     def total(self) -> int:
@@ -99,15 +116,17 @@ class MemoryPlan:
             "base_shard": "base shard (frozen)", "base_replicated": "base, replicated (persistent)",
             "lora_params": "LoRA params", "lora_grads": "LoRA grads", "optimizer_state": "optimizer state",
             "activations": "activations + loss", "gathered": "gathered base (transient)",
-            "buffers": "communication buffers",
+            "buffers": "communication buffers", "adapted_experts": "adapted experts (W + delta)",
         }
         lines = [
             f"strategy={self.strategy} world_size={self.world_size} tokens/micro-batch/rank={self.tokens_per_micro_batch}",
             f"model: {self.num_params / 1e6:.1f}M params ({self.model_bytes / GB:.2f} GB), LoRA "
             f"{self.num_lora_params / 1e6:.2f}M params, largest tensor {self.largest_tensor_bytes / GB:.3f} GB",
-            "",
-            f"{'per rank':32s} {'GB':>8s}",
         ]
+        if self.num_expert_params:
+            lines.append(f"experts: {self.num_expert_params / 1e6:.1f}M params, {self.num_active_params / 1e6:.1f}M "
+                         f"active per token, expert LoRA {self.num_expert_lora_params / 1e6:.2f}M params")
+        lines += ["", f"{'per rank':32s} {'GB':>8s}"]
         for term in self.TERMS:
             lines.append(f"  {labels[term]:30s} {getattr(self, term) / GB:8.3f}")
         lines.append(f"  {'peak (sum)':30s} {self.total / GB:8.3f}")
@@ -150,13 +169,27 @@ def _fsdp_shard_numel(shape: tuple[int, ...], world: int) -> int:
     return math.ceil(shape[0] / world) * _numel(shape[1:])
 
 
+def _experts(hf_config) -> tuple[int, int]:
+    """``(E, top_k)`` of a mixture-of-experts config, ``(0, 0)`` for a dense one."""
+    experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None) or 0
+    return experts, (getattr(hf_config, "num_experts_per_tok", None) or 0) if experts else 0
+
+
+def _expert_params(model: torch.nn.Module, lora: set[int]) -> list[tuple[str, torch.nn.Parameter]]:
+    """The fused expert params: 3-D base params of an ``experts`` module (E, ..., ...)."""
+    return [(n, q) for n, q in model.named_parameters() if id(q) not in lora and q.dim() == 3 and ".experts." in n]
+
+
 def _block_activation_elements(hf_config, lora_ranks_per_block: int) -> int:
-    """Elements saved for backward per token by one Llama-family transformer block."""
+    """Elements saved for backward per token by one Llama-family transformer block (MoE: top_k experts' width)."""
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
     heads = getattr(hf_config, "num_attention_heads", None) or getattr(hf_config, "n_head")
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
     inter = getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None) or 4 * hidden
+    experts, top_k = _experts(hf_config)
+    if experts:
+        inter = top_k * (getattr(hf_config, "moe_intermediate_size", None) or inter) + experts  # + router logits
     return 6 * hidden + 4 * inter + 2 * kv_heads * head_dim + heads + lora_ranks_per_block + 2
 
 
@@ -189,7 +222,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     """
     if world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {world_size}")
-    from lora_dist.lora import lora_modules, lora_parameters
+    from lora_dist.lora import LoRAParam, lora_modules, lora_parameters
     from lora_dist.parallel import find_blocks
 
     p: ParallelConfig = cfg.parallel
@@ -260,7 +293,8 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     ranks_per_block = 0
     if blocks:
         first = blocks[0]
-        ranks_per_block = sum(m.r for _, m in lora_modules(first))
+        # An adapter on a parameter saves no per-token activation (its delta is on the weight side).
+        ranks_per_block = sum(m.r for _, m in lora_modules(first) if not isinstance(m, LoRAParam))
     per_block = _block_activation_elements(hf_config, ranks_per_block)
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
     vocab = getattr(hf_config, "vocab_size", 0) or 0
@@ -272,12 +306,24 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     saved += tokens * (hidden + 1) * compute_elt  # final norm
     activations = saved + 3 * tokens * vocab * 4  # logits, fp32 copy, log-softmax
 
+    experts, top_k = _experts(hf_config)
+    expert_params = _expert_params(model, lora)
+    expert_numel = sum(q.numel() for _, q in expert_params)
+    active = base_numel - expert_numel + (expert_numel // experts * top_k if experts else 0)
+    expert_lora = [m for _, m in lora_modules(model) if isinstance(m, LoRAParam) and m.num_experts > 1]
+    expert_lora_numel = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in expert_lora)
+    adapted = [m.base_weight().numel() for m in expert_lora]
+    adapted_blocks = 1 if p.activation_checkpointing else max(n_blocks, 1)
+    adapted_experts = sum(adapted) // max(n_blocks, 1) * adapted_blocks * compute_elt if adapted else 0
+
     tensors = [q for _, q in model.named_parameters()]
     largest = max((q.numel() * (LORA_BYTES if id(q) in lora else base_elt) for q in tensors), default=0)
     return MemoryPlan(
         strategy=p.strategy, world_size=W, tokens_per_micro_batch=tokens,
-        num_params=base_numel + lora_numel, num_lora_params=lora_numel,
+        num_params=base_numel + lora_numel, num_lora_params=lora_numel, num_expert_params=expert_numel,
+        num_active_params=active, num_expert_lora_params=expert_lora_numel,
         model_bytes=base_numel * base_elt, largest_tensor_bytes=largest,
         base_shard=base_shard, base_replicated=base_replicated, lora_params=lora_params, lora_grads=lora_grads,
         optimizer_state=optimizer_state, activations=activations, gathered=gathered, buffers=buffers,
+        adapted_experts=adapted_experts,
     )

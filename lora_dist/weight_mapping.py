@@ -28,6 +28,7 @@ and shapes, so a converted model is written back in the layout it was read in.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from dataclasses import dataclass, field
@@ -37,7 +38,9 @@ import torch.nn as nn
 
 from lora_dist.model_dir import ModelDir, ModelDirError
 
-__all__ = ["Concat", "FileTensor", "TensorSource", "View", "WeightMap", "WeightMappingError", "model_transforms"]
+__all__ = [
+    "Concat", "FileTensor", "Run", "TensorSource", "View", "WeightMap", "WeightMappingError", "model_transforms",
+]
 
 #: The conversion operations lora_dist reads lazily (transformers' class names).
 SUPPORTED_OPS = ("MergeModulelist", "Concatenate")
@@ -50,6 +53,17 @@ class WeightMappingError(ModelDirError):
 def _natural_key(name: str) -> list:
     """Sort key putting ``experts.2`` before ``experts.10`` (the order transformers collects experts in)."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+@dataclass(frozen=True)
+class Run:
+    """Flat elements ``[start, start + numel)`` of a tensor are elements ``[key_start, key_start + numel)`` of
+    the dir's tensor ``key`` (row-major, both)."""
+
+    start: int
+    key: str
+    key_start: int
+    numel: int
 
 
 class TensorSource:
@@ -78,6 +92,10 @@ class TensorSource:
         """The whole tensor (for a param a rank holds whole)."""
         return self.read_flat(0, self.numel).reshape(self.shape)
 
+    def runs(self) -> list[Run]:
+        """Where every element is stored: contiguous runs, in order, covering the flattened tensor."""
+        raise NotImplementedError
+
 
 class FileTensor(TensorSource):
     """One tensor of the base dir, as it is stored.
@@ -100,6 +118,9 @@ class FileTensor(TensorSource):
     def read_flat(self, start: int, end: int) -> torch.Tensor:
         return self.base.read_flat(self.key, start, end)
 
+    def runs(self) -> list[Run]:
+        return [Run(0, self.key, 0, self.numel)]
+
     def read(self) -> torch.Tensor:
         return self.base.read(self.key)
 
@@ -120,6 +141,9 @@ class View(TensorSource):
 
     def read_flat(self, start: int, end: int) -> torch.Tensor:
         return self.part.read_flat(start, end)
+
+    def runs(self) -> list[Run]:
+        return self.part.runs()
 
 
 class Concat(TensorSource):
@@ -166,6 +190,22 @@ class Concat(TensorSource):
     def describe(self) -> str:
         keys = self.keys()
         return f"{self.name} (from {len(keys)} checkpoint tensors: {keys[0]}, ...)"
+
+    def runs(self) -> list[Run]:
+        out: list[Run] = []
+        parts = [(p.runs(), run, offset) for p, run, offset in zip(self.parts, self._runs, self._offsets)]
+        starts = [[r.start for r in runs] for runs, _, _ in parts]
+        for slab in range(self.numel // self._slab if self._slab else 0):
+            for (runs, run, offset), first in zip(parts, starts):
+                lo, hi = slab * run, (slab + 1) * run  # this slab's elements of the part
+                i = bisect.bisect_right(first, lo) - 1
+                while i < len(runs) and runs[i].start < hi:
+                    r = runs[i]
+                    a, b = max(lo, r.start), min(hi, r.start + r.numel)
+                    if a < b:
+                        out.append(Run(slab * self._slab + offset + a - lo, r.key, r.key_start + a - r.start, b - a))
+                    i += 1
+        return out
 
     def _within_slab(self, slab: int, lo: int, hi: int) -> list[torch.Tensor]:
         """Elements ``[lo, hi)`` of slab ``slab`` (offsets inside the slab)."""

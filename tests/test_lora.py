@@ -486,3 +486,65 @@ def test_unknown_architecture_needs_explicit_targets():
     assert report.summary() == (
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
     )
+
+
+# ----------------------------------------------------------------------------- target_parameters (LoRAParam)
+
+
+class _Stack(nn.Module):
+    """Experts fused as ``(E, out, in)``, or ``(E, in, out)`` with ``is_transposed``; plus a 2-D ``proj``."""
+
+    def __init__(self, transposed: bool) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.is_transposed = transposed
+        self.weight = nn.Parameter(torch.randn((3, 6, 5) if transposed else (3, 5, 6), generator=generator))
+        self.proj = nn.Parameter(torch.randn(4, 5, generator=generator))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (E, tokens, 6)
+        w = self.weight if self.is_transposed else self.weight.transpose(1, 2)
+        return torch.bmm(x, w) @ self.proj.T
+
+
+class _Host(nn.Module):
+    def __init__(self, transposed: bool) -> None:
+        super().__init__()
+        self.experts = _Stack(transposed)
+
+    def forward(self, x):
+        return self.experts(x)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_lora_param_forward_and_grads_equal_peft(transposed):
+    """A 3-D stack in either layout and a 2-D weight on the same module: PEFT's nested ParamWrappers."""
+    peft = pytest.importorskip("peft")
+    from lora_dist.adapter import peft_names
+
+    targets = ["experts.weight", "experts.proj"]
+    ours = _Host(transposed)
+    inject_lora(ours, LoRAConfig(r=2, alpha=3, target_parameters=targets))
+    twin = peft.get_peft_model(_Host(transposed), peft.LoraConfig(r=2, lora_alpha=3, target_parameters=targets))
+    theirs = dict(twin.named_parameters())
+    names = peft_names(ours)
+    assert names == {"experts.lora.weight": "experts.base_layer", "experts.lora.proj": "experts"}
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, layer in lora_modules(ours):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator))
+            for part in ("lora_A", "lora_B"):
+                theirs[f"base_model.model.{names[name]}.{part}.default.weight"].copy_(getattr(layer, part).weight)
+    x = torch.randn(3, 4, 6, generator=generator)
+    out, ref = ours(x), twin(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-6)
+    assert (out - _Host(transposed)(x)).abs().max() > 1e-2
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for name, layer in lora_modules(ours):
+        for part in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(layer, part).weight.grad,
+                                       theirs[f"base_model.model.{names[name]}.{part}.default.weight"].grad,
+                                       atol=1e-4, rtol=1e-5)
+    # The base params keep their names and stay frozen; the host's forward puts them back after each call.
+    assert isinstance(ours.experts.weight, nn.Parameter) and not ours.experts.weight.requires_grad
+    assert {n for n, p in ours.named_parameters() if not p.requires_grad} == {"experts.weight", "experts.proj"}

@@ -254,3 +254,76 @@ def test_flat_slices_cutting_rows_and_blocks_merge_like_one_rank(monkeypatch, fa
                                      lora, torch.float32, "w") for s in range(0, flat.numel(), per_rank)]
         assert any(s % row_len for s in range(0, flat.numel(), per_rank)), "no partition starts inside a row"
         assert torch.equal(torch.cat(pieces), one), f"world size {world}"
+
+
+# ----------------------------------------------------------------------------- stacked experts (target_parameters)
+
+
+class _Experts(torch.nn.Module):
+    """A fused expert stack: ``(E, out, in)``, or ``(E, in, out)`` when ``is_transposed`` (as transformers marks it)."""
+
+    def __init__(self, transposed: bool, experts: int = 3, d_in: int = 6, d_out: int = 5) -> None:
+        super().__init__()
+        self.is_transposed = transposed
+        shape = (experts, d_in, d_out) if transposed else (experts, d_out, d_in)
+        self.weight = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (E, tokens, in)
+        w = self.weight if self.is_transposed else self.weight.transpose(1, 2)
+        return torch.bmm(x, w)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_stacked_delta_equals_peft_param_wrapper(transposed):
+    """lora_delta/merge_weight of a stacked adapter equal PEFT's ParamWrapper delta, merge and forward."""
+    peft = pytest.importorskip("peft")
+    from lora_dist.merge import LoRAWeights, lora_delta, lora_rows, merge_weight
+
+    class Host(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts = _Experts(transposed)
+
+        def forward(self, x):
+            return self.experts(x)
+
+    model = peft.get_peft_model(Host(), peft.LoraConfig(r=2, lora_alpha=3, target_parameters=["experts.weight"]))
+    wrapper = model.base_model.model.experts
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for part in (wrapper.lora_A["default"], wrapper.lora_B["default"]):
+            part.weight.copy_(torch.randn(part.weight.shape, generator=generator))
+    a, b = wrapper.lora_A["default"].weight.detach(), wrapper.lora_B["default"].weight.detach()
+    lora = LoRAWeights(a, b, 1.5, fan_in_fan_out=transposed, num_experts=3)
+    w0 = wrapper.get_base_layer().weight.detach().clone()
+    E, d1, d2 = w0.shape
+    reference = wrapper.get_delta_weight("default").detach()
+    torch.testing.assert_close(lora_delta(a, b, 1.5, transposed, num_experts=3).view(E, d1, d2), reference,
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(lora_delta(a, b, 1.5, transposed, rows=slice(1, 3), num_experts=3).view(2, d1, d2),
+                               reference[1:3], atol=1e-6, rtol=0)
+    for e in range(E):  # one expert's rows, as a checkpoint storing experts one by one holds them
+        torch.testing.assert_close(lora_delta(*_ab(lora_rows(lora, slice(1, 4), e)), 1.5, transposed),
+                                   reference[e, 1:4], atol=1e-6, rtol=0)
+    merged = merge_weight(w0.reshape(E, -1), lora).view(E, d1, d2)
+    x = torch.randn(E, 4, d2 if not transposed else d1, generator=generator)
+    with torch.no_grad():
+        lora_out = model(x)
+        model.merge_adapter()
+    torch.testing.assert_close(merged, wrapper.get_base_layer().weight.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.bmm(x, merged if transposed else merged.transpose(1, 2)), lora_out,
+                               atol=1e-5, rtol=0)
+
+
+def _ab(lora):
+    return lora.lora_A, lora.lora_B
+
+
+def test_stacked_adapter_of_the_wrong_shape_is_refused():
+    from lora_dist.merge import LoRAWeights, MergeError, merge_weight
+
+    lora = LoRAWeights(torch.zeros(6, 4), torch.zeros(5, 6), 1.0, num_experts=3)
+    with pytest.raises(MergeError, match=r"base shape \(3, 21\) does not match the adapter's \(3, 20\)"):
+        merge_weight(torch.zeros(3, 21), lora)
+    with pytest.raises(MergeError, match=r"not \(E\*r, in\) and \(out, r\*E\) for E=4 experts"):
+        merge_weight(torch.zeros(4, 20), LoRAWeights(torch.zeros(6, 4), torch.zeros(5, 6), 1.0, num_experts=4))

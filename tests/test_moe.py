@@ -4,6 +4,9 @@ transformers 5 fuses experts in memory (``mlp.experts.gate_up_proj`` (E, 2I, H),
 ``mlp.experts.down_proj`` (E, H, I)); the files keep one tensor per expert and
 projection. The loader reads each fused param through transformers' own
 conversion mapping (:mod:`lora_dist.weight_mapping`), a flat range at a time.
+LoRA on the experts (``lora.target_parameters``) is checked against PEFT 0.21's
+``target_parameters`` (its ``ParamWrapper``): forward, gradients, training, the
+adapter files and ``merge_and_unload``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from lora_dist.weight_mapping import WeightMap, WeightMappingError, model_transf
 ARCHS = ["mixtral", "qwen3_moe"]
 #: The fused expert params of one layer, as transformers holds them.
 FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+#: lora.target_parameters adapting both.
+TARGET_PARAMETERS = list(FUSED)
 #: Where the experts of layer 0 are in each checkpoint.
 EXPERT_KEYS = {"mixtral": "model.layers.0.block_sparse_moe.experts.", "qwen3_moe": "model.layers.0.mlp.experts."}
 
@@ -227,6 +232,232 @@ def test_planner_handles_moe(tiny_checkpoint):
         assert plan.num_params - plan.num_lora_params == numel and plan.total > 0
 
 
+# ----------------------------------------------------------------------------- LoRA on the experts, against PEFT
+
+
+def _expert_lora_model(path: Path, r: int = 4, **kwargs) -> torch.nn.Module:
+    from lora_dist.lora import LoRAConfig, inject_lora
+
+    model = _hf_model(path)
+    inject_lora(model, LoRAConfig(r=r, alpha=2.0 * r, target_modules=["q_proj"], target_parameters=TARGET_PARAMETERS,
+                                  **kwargs))
+    return model
+
+
+def _peft_twin(path: Path, ours: torch.nn.Module, r: int = 4) -> torch.nn.Module:
+    """PEFT's LoRA with the same targets on a fresh copy, our A/B copied in by PEFT's names."""
+    import peft
+
+    from lora_dist.adapter import peft_names
+    from lora_dist.lora import lora_modules
+
+    twin = peft.get_peft_model(_hf_model(path), peft.LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=["q_proj"], target_parameters=TARGET_PARAMETERS))
+    params = dict(twin.named_parameters())
+    names = peft_names(ours)
+    with torch.no_grad():
+        for name, layer in lora_modules(ours):
+            for part in ("lora_A", "lora_B"):
+                params[f"base_model.model.{names[name]}.{part}.default.weight"].copy_(getattr(layer, part).weight)
+    return twin
+
+
+def _randomize_b(model: torch.nn.Module, seed: int = 1) -> None:
+    from lora_dist.lora import lora_modules
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.05)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_expert_lora_has_peft_shapes_and_init(tiny_checkpoint, arch):
+    import peft
+
+    from lora_dist.lora import LoRAParam, lora_modules
+
+    path = tiny_checkpoint(arch)
+    ours = _expert_lora_model(path)
+    twin = peft.get_peft_model(_hf_model(path), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                 target_parameters=TARGET_PARAMETERS))
+    theirs = {k.replace(".default", ""): v for k, v in twin.named_parameters() if "lora_" in k}
+    from lora_dist.adapter import peft_names
+
+    names = peft_names(ours)
+    experts = [(n, m) for n, m in lora_modules(ours) if isinstance(m, LoRAParam)]
+    assert len(experts) == 4  # 2 layers x (gate_up_proj, down_proj)
+    for name, layer in lora_modules(ours):
+        for part in ("lora_A", "lora_B"):
+            ref = theirs[f"base_model.model.{names[name]}.{part}.weight"]
+            assert getattr(layer, part).weight.shape == ref.shape, (name, part)
+        # A: kaiming-uniform(a=sqrt(5)) over in_features, as PEFT; B: zero
+        bound = 1 / math.sqrt(layer.in_features)
+        a = layer.lora_A.weight.detach()
+        assert 0 < float(a.abs().max()) <= bound and float(a.abs().max()) > 0.8 * bound
+        ref_a = theirs[f"base_model.model.{names[name]}.lora_A.weight"]
+        assert float(ref_a.abs().max()) <= bound
+        assert float(layer.lora_B.weight.abs().max()) == 0
+    # The base names are kept: the fused params are where transformers put them.
+    params = dict(ours.named_parameters())
+    assert params["model.layers.0.mlp.experts.gate_up_proj"].shape[0] == MOE_EXPERTS
+    ids = _ids(ours.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, _hf_model(path)(input_ids=ids).logits)  # B = 0: the base
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_expert_lora_forward_and_gradients_equal_peft(tiny_checkpoint, arch):
+    from lora_dist.adapter import peft_names
+    from lora_dist.lora import lora_modules
+
+    path = tiny_checkpoint(arch)
+    ours = _expert_lora_model(path)
+    _randomize_b(ours)
+    twin = _peft_twin(path, ours)
+    ids = _ids(ours.config.vocab_size)
+    out, ref = ours(input_ids=ids, labels=ids), twin(input_ids=ids, labels=ids)
+    assert (out.logits - _hf_model(path)(input_ids=ids).logits).abs().max() > 1e-3  # the experts' LoRA acts
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=0)
+    out.loss.backward()
+    ref.loss.backward()
+    theirs = dict(twin.named_parameters())
+    names = peft_names(ours)
+    for name, layer in lora_modules(ours):
+        for part in ("lora_A", "lora_B"):
+            grad = getattr(layer, part).weight.grad
+            ref_grad = theirs[f"base_model.model.{names[name]}.{part}.default.weight"].grad
+            assert float(grad.abs().max()) > 0, (name, part)
+            torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}.{part}: {m}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_expert_lora_trains_like_peft(tiny_checkpoint, arch):
+    """Three AdamW steps from the same initial A (B = 0) give the same adapter as PEFT's."""
+    from lora_dist.adapter import peft_names
+    from lora_dist.lora import lora_modules, lora_parameters
+
+    path = tiny_checkpoint(arch)
+    ours = _expert_lora_model(path).train()
+    twin = _peft_twin(path, ours).train()
+    mine = torch.optim.AdamW(lora_parameters(ours), lr=LR)
+    theirs_params = [p for n, p in twin.named_parameters() if p.requires_grad]
+    assert len(theirs_params) == len(lora_parameters(ours))
+    theirs_opt = torch.optim.AdamW(theirs_params, lr=LR)
+    for step in range(STEPS):
+        ids = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(step))
+        for model, opt in ((ours, mine), (twin, theirs_opt)):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    theirs = dict(twin.named_parameters())
+    names = peft_names(ours)
+    for name, layer in lora_modules(ours):
+        b = layer.lora_B.weight
+        assert float(b.abs().max()) > 1e-4  # it trained
+        for part in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(layer, part).weight,
+                                       theirs[f"base_model.model.{names[name]}.{part}.default.weight"],
+                                       atol=1e-6, rtol=0, msg=lambda m: f"{name}.{part}: {m}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_expert_adapter_loads_in_peft_and_merges_like_merge_and_unload(tiny_checkpoint, tmp_path, arch):
+    """Our adapter files load in PEFT; the offline merge and the 1-process export equal PEFT's merge_and_unload."""
+    import peft
+
+    from lora_dist.adapter import load_adapter, save_adapter
+    from lora_dist.export import export_merged, merge_offline, verify_checkpoint
+
+    path = tiny_checkpoint(arch)
+    ours = _expert_lora_model(path).eval()
+    _randomize_b(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == TARGET_PARAMETERS
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    # PEFT nests one ParamWrapper per parameter: gate_up_proj (registered first) is the inner one.
+    assert keys["base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"].shape[0] == 2 * keys[
+        "base_model.model.model.layers.0.mlp.experts.lora_A.weight"].shape[1]
+    twin = peft.PeftModel.from_pretrained(_hf_model(path), tmp_path / "adapter").eval()
+    ids = _ids(ours.config.vocab_size)
+    with torch.no_grad():
+        logits = ours(input_ids=ids).logits
+        torch.testing.assert_close(twin(input_ids=ids).logits, logits, atol=1e-6, rtol=0)
+        again = load_adapter(_hf_model(path), tmp_path / "adapter").eval()
+        torch.testing.assert_close(again(input_ids=ids).logits, logits, atol=0, rtol=0)
+        reference = twin.merge_and_unload()
+    ref_state = reference.state_dict()
+    merge_offline(path, tmp_path / "adapter", tmp_path / "offline")
+    export_merged(ours, tmp_path / "export", path, dtype=torch.float32)
+    for out in ("offline", "export"):
+        verify_checkpoint(tmp_path / out, base_dir=path, adapter_dir=tmp_path / "adapter", sample=None)
+        merged = _hf_model(tmp_path / out)
+        state = merged.state_dict()
+        assert set(state) == set(ref_state)
+        for key, value in ref_state.items():
+            torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0, msg=lambda m: f"{out} {key}: {m}")
+        with torch.no_grad():
+            torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5,
+                                       rtol=0)
+    offline, export = ModelDir(tmp_path / "offline"), ModelDir(tmp_path / "export")
+    base = ModelDir(path)
+    changed = [k for k in offline.keys() if ".experts." in k and not torch.equal(offline.read(k), base.read(k))]
+    assert len(changed) == 2 * 3 * MOE_EXPERTS  # every expert's gate, up and down, in both layers
+    assert all(torch.equal(offline.read(k), export.read(k)) for k in offline.keys())  # the same merge, bit for bit
+
+
+def test_merge_in_place_equals_peft_and_unmerges(tiny_checkpoint):
+    from lora_dist.lora import disable_adapters, lora_modules
+
+    path = tiny_checkpoint("mixtral")
+    ours = _expert_lora_model(path).eval()
+    _randomize_b(ours)
+    twin = _peft_twin(path, ours)
+    ids = _ids(ours.config.vocab_size)
+    with torch.no_grad():
+        before = ours(input_ids=ids).logits
+        for _, layer in lora_modules(ours):
+            layer.merge()
+        torch.testing.assert_close(ours(input_ids=ids).logits, before, atol=1e-5, rtol=0)
+        reference = twin.merge_and_unload().state_dict()
+        state = ours.state_dict()
+        for key, value in reference.items():
+            torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+        with disable_adapters(ours):
+            torch.testing.assert_close(ours(input_ids=ids).logits, _hf_model(path)(input_ids=ids).logits,
+                                       atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(target_parameters=["mlp.experts.up_proj"]),
+     r"matched no parameter; the model's 3-D \(expert\) parameters are \['mlp.experts.down_proj', "
+     r"'mlp.experts.gate_up_proj'\]"),
+    (dict(target_parameters=TARGET_PARAMETERS, dropout=0.1), r"lora.dropout=0.1 cannot apply to lora.target_param"),
+    (dict(target_parameters="mlp.experts.gate_up_proj"), r"lora.target_parameters must be a non-empty list"),
+    (dict(target_parameters=["self_attn.q_proj.weight"], target_modules=["q_proj"]),
+     r"q_proj.weight, a weight of a layer lora.target_modules already adapts"),
+])
+def test_bad_target_parameters_are_one_line_errors(tiny_checkpoint, kwargs, match):
+    from lora_dist.lora import LoRAConfig, LoRAConfigError, inject_lora
+
+    model = _hf_model(tiny_checkpoint("qwen3_moe"))
+    with pytest.raises(LoRAConfigError, match=match) as e:
+        inject_lora(model, LoRAConfig(**kwargs))
+    assert "\n" not in str(e.value)
+
+
+def test_target_parameters_alone_adapt_only_the_experts(tiny_checkpoint):
+    from lora_dist.lora import LoRAConfig, inject_lora
+
+    model = _hf_model(tiny_checkpoint("mixtral"))
+    report = inject_lora(model, LoRAConfig(target_parameters=["mlp.experts.down_proj"]))
+    assert report.matched == ["model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".experts.lora.down_proj.lora_" in n for n in trainable)
+
+
 # ----------------------------------------------------------------------------- 2 ranks: reads, training, export
 
 _READS_SCRIPT = """
@@ -274,15 +505,16 @@ def test_each_rank_reads_only_its_own_experts(tiny_checkpoint, tmp_path, strateg
 
 @pytest.fixture(scope="module", params=ARCHS)
 def runs(request, tiny_checkpoint, tmp_path_factory):
-    """One process, fsdp2 and zero3 on 2 ranks: the same 3 steps, each with a float32 merged export."""
+    """One process, fsdp2 and zero3 on 2 ranks: the same 3 steps with LoRA on the attention and on every
+    expert (``lora.target_parameters``), each with a float32 merged export."""
     arch = request.param
     base = tiny_checkpoint(arch)
     root = tmp_path_factory.mktemp(f"moe-{arch}")
     data = write_demo_data(root / "data.jsonl", n=200)
     common = ["train", f"model.path={base}", f"data.path={data}", f"train.steps={STEPS}", "train.seq_len=32",
               f"train.lr={LR}", "train.warmup_steps=1", "data.eval_fraction=0", "lora.r=4",
-              "lora.target_modules=[q_proj,v_proj]", "checkpoint.every=0", "export.merged=true",
-              "export.dtype=float32"]
+              "lora.target_modules=[q_proj,v_proj]", f"lora.target_parameters=[{','.join(TARGET_PARAMETERS)}]",
+              "checkpoint.every=0", "export.merged=true", "export.dtype=float32"]
     out = {"base": base}
     lora_dist(*common, f"output.dir={root / 'none'}", "parallel.strategy=none", "train.micro_batch_size=4")
     out["none"] = root / "none"
@@ -307,30 +539,53 @@ def _losses(run: Path) -> list[float]:
 def test_two_ranks_equal_one_process(runs, strategy):
     ref, out = _adapter(runs["none"]), _adapter(runs[strategy])
     assert set(ref) == set(out) and ref
-    assert all(".experts." not in k for k in ref)
+    # PEFT's names: gate_up_proj's wrapper nests inside down_proj's
+    assert {k.removeprefix("base_model.model.model.layers.0.mlp.experts.") for k in ref if ".experts." in k
+            and ".layers.0." in k} == {"base_layer.lora_A.weight", "base_layer.lora_B.weight", "lora_A.weight",
+                                       "lora_B.weight"}
     for key in ref:
         torch.testing.assert_close(out[key], ref[key], atol=ADAPTER_ATOL, rtol=0, msg=lambda m: f"{key}: {m}")
-    assert max(float(t.abs().max()) for k, t in ref.items() if "lora_B" in k) > 1e-4  # it trained
+    assert min(float(t.abs().max()) for k, t in ref.items() if "lora_B" in k) > 1e-4  # every adapter trained
     assert _losses(runs[strategy]) == pytest.approx(_losses(runs["none"]), abs=1e-4)
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["none", "fsdp2", "zero3"])
-def test_merged_export_keeps_the_checkpoint_layout_and_is_base_plus_adapter(runs, strategy):
-    from lora_dist.adapter import load_adapter
+def test_merged_export_keeps_the_checkpoint_layout_and_equals_peft_merge(runs, strategy):
+    """Each rank merged its own experts' rows of the fused params; the files are the Hub's per-expert tensors,
+    and equal PEFT's ``merge_and_unload`` of the run's adapter, tensor by tensor and in logits."""
+    import peft
+
     from lora_dist.export import verify_checkpoint
 
     base, run = ModelDir(runs["base"]), runs[strategy]
     merged = ModelDir(run / "merged")
     assert set(merged.keys()) == set(base.keys())
     assert all(merged.shape(k) == base.shape(k) for k in base.keys())
-    verify_checkpoint(run / "merged", base_dir=runs["base"], adapter_dir=run / "adapter", sample=None)
+    report = verify_checkpoint(run / "merged", base_dir=runs["base"], adapter_dir=run / "adapter", sample=None)
+    assert report.targeted == 2 * (2 + 3 * MOE_EXPERTS)  # per layer: q, v, and every expert's 3 tensors
     with torch.no_grad():
         model = _hf_model(run / "merged")
-        twin = load_adapter(_hf_model(runs["base"]), run / "adapter").eval()
+        reference = peft.PeftModel.from_pretrained(_hf_model(runs["base"]), run / "adapter").merge_and_unload()
+        ref_state, state = reference.state_dict(), model.state_dict()
+        assert set(ref_state) == set(state)
+        for key, value in ref_state.items():
+            torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
         ids = _ids(model.config.vocab_size)
-        diff = (model(input_ids=ids).logits - twin(input_ids=ids).logits).abs().max().item()
-    assert diff < 1e-4
+        diff = (model(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-5
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_offline_merge_of_the_adapter_equals_the_sharded_export(runs, strategy, tmp_path):
+    """``lora-dist merge`` (base files + adapter) gives the bytes the ranks merged from their shards."""
+    out = tmp_path / "offline"
+    lora_dist("merge", "--base", str(runs["base"]), "--adapter", str(runs[strategy] / "adapter"), "--out", str(out))
+    offline, exported = ModelDir(out), ModelDir(runs[strategy] / "merged")
+    assert set(offline.keys()) == set(exported.keys())
+    for key in offline.keys():
+        assert torch.equal(offline.read(key), exported.read(key)), key
 
 
 @pytest.mark.dist
@@ -342,3 +597,47 @@ def test_export_of_a_finished_run_rebuilds_it_sharded(runs, tmp_path):
     assert set(again.keys()) == set(first.keys())
     for key in first.keys():
         assert torch.equal(again.read(key), first.read(key)), key
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    ({"r": 2}, r"self_attn.q_proj holds rank-4 tensors but adapter_config.json gives it r=2"),
+    ({"target_modules": None, "target_parameters": ["mlp.experts.down_proj"]},
+     r"adapter modules not in the model: \['model.layers.0.mlp.experts.base_layer'"),
+    ({"rank_pattern": {r"model\.layers\.0\.mlp\.experts\.gate_up_proj": 2}},
+     r"model.layers.0.mlp.experts.gate_up_proj \(4, 256, 32\): the adapter's lora_A \(16, 32\) / lora_B \(256, 16\) "
+     r"are not \(8, 32\) / \(256, 8\) for r=2"),
+])
+def test_an_expert_adapter_that_does_not_fit_is_refused_in_one_line(tiny_checkpoint, tmp_path, edit, match):
+    from lora_dist.adapter import AdapterError, load_adapter, save_adapter
+    from lora_dist.export import merge_offline
+
+    path = tiny_checkpoint("mixtral")
+    save_adapter(_expert_lora_model(path), tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **edit}))
+    for attempt in (lambda: load_adapter(_hf_model(path), tmp_path / "adapter"),
+                    lambda: merge_offline(path, tmp_path / "adapter", tmp_path / "out")):
+        with pytest.raises(AdapterError, match=match) as e:
+            attempt()
+        assert "\n" not in str(e.value)
+
+
+def test_layers_to_transform_selects_expert_params_and_peft_reproduces_them(tiny_checkpoint, tmp_path):
+    """With a selection rule PEFT's config cannot express, the adapter names the adapted parameters in full."""
+    import peft
+
+    from lora_dist.adapter import save_adapter
+
+    path = tiny_checkpoint("qwen3_moe")
+    ours = _expert_lora_model(path, layers_to_transform=[1]).eval()
+    _randomize_b(ours)
+    assert [n for n, p in ours.named_parameters() if p.requires_grad and ".experts." in n] == [
+        f"model.layers.1.mlp.experts.lora.{p}.lora_{x}.weight" for p in ("gate_up_proj", "down_proj") for x in "AB"]
+    save_adapter(ours, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == [f"model.layers.1.{p}" for p in sorted(TARGET_PARAMETERS)]
+    twin = peft.PeftModel.from_pretrained(_hf_model(path), tmp_path / "adapter").eval()
+    assert not any(".layers.0.mlp.experts.lora" in n for n, _ in twin.named_parameters())
+    ids = _ids(ours.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-6, rtol=0)

@@ -178,3 +178,64 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "config.json" in err and len(err.splitlines()) == 1
     assert main(["plan", f"model.path={tmp_path}", "--world-size", "0"]) == 2
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+#: Published shapes (config.json of mistralai/Mixtral-8x7B-v0.1 and Qwen/Qwen3-30B-A3B), their exact total
+#: parameter count, and the active parameters per token their model cards give, in billions.
+MOE_CONFIGS = {
+    "mixtral-8x7b": (dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                          num_experts_per_tok=2, tie_word_embeddings=False, architectures=["MixtralForCausalLM"]),
+                     46_702_792_704, 12.9),
+    "qwen3-30b-a3b": (dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                           moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                           num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                           decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+                           architectures=["Qwen3MoeForCausalLM"]),
+                      30_532_122_624, 3.3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOE_CONFIGS))
+def test_moe_counts_equal_the_model_built_on_meta(tmp_path, name):
+    """Total, expert, active and expert-LoRA params of Mixtral 8x7B / Qwen3-30B-A3B shapes, from config.json alone,
+    equal the counts of the model transformers builds (on meta) with LoRA injected, and the published totals."""
+    import transformers as tf
+
+    from lora_dist.lora import LoRAParam, lora_modules
+
+    fields, published_total, published_active = MOE_CONFIGS[name]
+    config = tf.AutoConfig.for_model(**fields)
+    config.save_pretrained(tmp_path)
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    cfg = load_config(None, [f"model.path={tmp_path}", "parallel.strategy=fsdp2", "lora.r=8",
+                             "lora.target_modules=[q_proj,v_proj]", f"lora.target_parameters=[{','.join(experts)}]"])
+    plan = plan_memory(cfg, 8)
+
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config)
+    base_total = sum(p.numel() for p in model.parameters())
+    fused = sum(p.numel() for n, p in model.named_parameters() if n.endswith(tuple(experts)))
+    inject_lora(model, LoRAConfig(r=8, target_modules=["q_proj", "v_proj"], target_parameters=experts))
+    lora = sum(p.numel() for p in lora_parameters(model))
+    expert_lora = sum(p.numel() for _, m in lora_modules(model) if isinstance(m, LoRAParam) for p in m.parameters())
+    E, k = fields.get("num_local_experts") or fields["num_experts"], fields["num_experts_per_tok"]
+
+    assert base_total == published_total
+    assert plan.num_params == base_total + lora
+    assert plan.num_lora_params == lora
+    assert plan.num_expert_params == fused
+    assert plan.num_active_params == base_total - fused + fused // E * k
+    assert abs(plan.num_active_params / 1e9 - published_active) < 0.06
+    assert plan.num_expert_lora_params == expert_lora
+    # PEFT's expert LoRA: A (E*r, in) and B (out, r*E) per fused param
+    H, L = fields["hidden_size"], fields["num_hidden_layers"]
+    inter = fields.get("moe_intermediate_size") or fields["intermediate_size"]
+    assert expert_lora == L * E * 8 * ((H + 2 * inter) + (inter + H))
+    # fsdp2 on 8 ranks: every fused param is cut into E/8 experts per rank (dim 0)
+    assert plan.base_shard >= fused // 8 * 4
+    # every block's adapted experts are materialized (W + delta) in the compute dtype without checkpointing
+    assert plan.adapted_experts == fused * 4
+    assert "experts:" in plan.table()

@@ -9,6 +9,7 @@ training, loads its LoRA weights and calls :func:`export_merged`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -34,10 +35,11 @@ from lora_dist.export.sources import (
     output_specs,
     param_source,
 )
+from lora_dist.export.params import ParamPart, param_parts, part_sources, weight_map
 from lora_dist.export.target import check_output
 from lora_dist.export.writer import MODES, write_checkpoint
 from lora_dist.launch import init_distributed, run_device
-from lora_dist.lora import LoRALinear, lora_modules
+from lora_dist.lora import LoRALayer, LoRAParam, lora_modules
 from lora_dist.merge import LoRAWeights
 from lora_dist.model import load_model
 from lora_dist.model_dir import ModelDir
@@ -62,15 +64,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _lora_weights(layers: Mapping[str, LoRALinear]) -> dict[str, LoRAWeights]:
+def _lora_weights(layers: Mapping[str, LoRALayer]) -> dict[str, LoRAWeights]:
     """Collective: full copies of every layer's A/B (gathered if ZeRO-3 partitioned or DTensor-sharded)."""
     params = [p for layer in layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
     out = {}
     with gathered(params):
         for name, layer in layers.items():
             a, b = (p.full_tensor() if is_dtensor(p) else p for p in (layer.lora_A.weight, layer.lora_B.weight))
-            out[name] = LoRAWeights(a.detach().clone(), b.detach().clone(), layer.scale, layer.fan_in_fan_out)
+            out[name] = dataclasses.replace(layer.lora_weights(), lora_A=a.detach().clone(), lora_B=b.detach().clone())
     return out
+
+
+def _param_name(name: str, layer: LoRAParam) -> str:
+    """``<owner>.lora.<parameter>`` -> ``<owner>.<parameter>``, the adapted param's own name."""
+    return name[: -len(f"lora.{layer.parameter_name}")] + layer.parameter_name
 
 
 def export_merged(
@@ -135,7 +142,20 @@ def export_merged(
         if not layers:
             raise ExportError("the model has no LoRA layers; inject_lora() it, or copy the base checkpoint instead")
         specs = output_specs(base, out_dtype)
-        for name in layers:
+        linears = {n: layer for n, layer in layers.items() if not isinstance(layer, LoRAParam)}
+        params = {n: layer for n, layer in layers.items() if isinstance(layer, LoRAParam)}
+        sources_of = {}
+        if params:
+            weights = weight_map(base, model)
+            for name, layer in params.items():
+                source = weights.source(_param_name(name, layer))
+                if source is None or source.shape != full_shape(layer.base_weight()):
+                    raise ExportError(
+                        f"{_param_name(name, layer)}: the base checkpoint {base.path} has no tensors of its shape "
+                        f"{full_shape(layer.base_weight())}; base_path is not the checkpoint the model was loaded from"
+                    )
+                sources_of[name] = source
+        for name in linears:
             if f"{name}.weight" not in specs:
                 raise ExportError(
                     f"LoRA-adapted weight {name}.weight is not a tensor of the base checkpoint {base.path} "
@@ -147,7 +167,12 @@ def export_merged(
     adapters = _lora_weights(layers)
     try:
         sources: dict[str, object] = {k: RowsSource(file_rows(base, k), s, None) for k, s in specs.items()}
-        for name, layer in layers.items():
+        for name, layer in params.items():
+            parts = param_parts(base, sources_of[name], adapters[name], _param_name(name, layer))
+            if layer.merged:  # merged in place: the param already holds W0 + delta
+                parts = [ParamPart(p.key, p.start, p.numel, None) for p in parts]
+            sources.update(part_sources(layer.base_weight(), parts, specs))
+        for name, layer in linears.items():
             key = f"{name}.weight"
             if full_shape(layer.weight) != specs[key].shape:
                 raise ExportError(
@@ -156,7 +181,7 @@ def export_merged(
                 )
             # A layer merged in place already holds W0 + delta.
             sources[key] = param_source(layer.weight, specs[key], None if layer.merged else adapters[name])
-        dtypes = merged_from(local_dtype(layer.weight) for layer in layers.values())
+        dtypes = merged_from(local_dtype(layer.base_weight()) for layer in layers.values())
         layout = plan_layout(list(specs.values()), max_shard_size, {"format": "pt", MERGED_FROM_KEY: dtypes})
     except Exception as e:
         error = e
@@ -168,11 +193,11 @@ def export_merged(
 # ----------------------------------------------------------------------------- lora-dist export RUN_DIR
 
 
-def _run_lora_tensors(run: Path) -> dict[str, torch.Tensor]:
-    """The run's final adapter, or its latest checkpoint's LoRA weights."""
+def _run_lora_tensors(run: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The run's final adapter, or its latest checkpoint's LoRA weights, by ``model``'s names."""
     recover(run / "adapter", cleanup=False)  # a writer killed mid-publish may have left it aside
     if (run / "adapter").is_dir():
-        return read_adapter(run / "adapter").tensors
+        return read_adapter(run / "adapter").model_tensors(model)
     latest = run / "checkpoints" / "latest"
     if latest.is_file():
         name = latest.read_text().strip()
@@ -243,7 +268,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     base = ModelDir(cfg.model.path)
     ds = deepspeed_config(cfg, base.hf_config) if parallel.strategy.startswith("zero") else None
     model = load_model(cfg.model, cfg.lora, parallel, device, cfg.train.seed, ds, base=base).model
-    tensors = _run_lora_tensors(run)
+    tensors = _run_lora_tensors(run, model)
     with torch.no_grad():
         for name, layer in lora_modules(model):
             for part in ("lora_A", "lora_B"):

@@ -18,6 +18,7 @@ from lora_dist.adapter import read_adapter
 from lora_dist.dtypes import from_safetensors, parse_dtype
 from lora_dist.ranks import RankGroup
 from lora_dist.export.layout import plan_layout
+from lora_dist.export.params import checkpoint_loras
 from lora_dist.export.sources import MERGED_FROM_KEY, RowsSource, file_rows, merged_from, output_specs
 from lora_dist.export.target import check_output
 from lora_dist.export.writer import MODES, write_checkpoint
@@ -47,7 +48,8 @@ def merge_offline(
     Args:
         base_dir: the base checkpoint dir.
         adapter_dir: a PEFT-format adapter (PEFT's own or ``save_adapter``'s;
-            rsLoRA, ``fan_in_fan_out``, ``rank_pattern``/``alpha_pattern``).
+            rsLoRA, ``fan_in_fan_out``, ``rank_pattern``/``alpha_pattern``, ``target_parameters``:
+            each per-expert tensor of the base gets its expert's rows of the delta).
         out_dir: the checkpoint dir to create; never the base or the adapter, nor a dir containing or inside
             one of them.
         max_shard_size: largest file, decimal units like HF ("5GB" = 5e9 bytes).
@@ -74,17 +76,14 @@ def merge_offline(
             check_output(out_dir, [base_dir, adapter_dir], overwrite=overwrite, base_dir=base_dir, what="--out")
         out_dtype = parse_dtype(dtype)
         base = ModelDir(base_dir)
-        weights = read_adapter(adapter_dir).weights()
-        missing = sorted(m for m in weights if f"{m}.weight" not in base)
+        loras = checkpoint_loras(base, read_adapter(adapter_dir))
+        missing = sorted(k.removesuffix(".weight") for k in loras if k not in base)
         if missing:
             raise MergeError(f"the adapter targets modules that are not in the base checkpoint: {missing[:5]}; "
                              "the adapter was trained on a different base")
         specs = output_specs(base, out_dtype)
-        sources = {}
-        for key, spec in specs.items():
-            lora = weights.get(key[: -len(".weight")]) if key.endswith(".weight") else None
-            sources[key] = RowsSource(file_rows(base, key), spec, lora)
-        dtypes = merged_from(from_safetensors(base.dtype(f"{m}.weight")) for m in weights)
+        sources = {key: RowsSource(file_rows(base, key), spec, loras.get(key)) for key, spec in specs.items()}
+        dtypes = merged_from(from_safetensors(base.dtype(k)) for k in loras)
         layout = plan_layout(list(specs.values()), max_shard_size, {"format": "pt", MERGED_FROM_KEY: dtypes})
     except Exception as e:
         error = e

@@ -21,6 +21,7 @@ checkpoint's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -129,7 +130,7 @@ def merge_flat(
         ExportOverflowError: the merged values overflow ``out_dtype``.
     """
     rows, row_len = shape[0], math.prod(shape[1:])
-    lora = LoRAWeights(lora.lora_A.to(flat.device), lora.lora_B.to(flat.device), lora.scale, lora.fan_in_fan_out)
+    lora = dataclasses.replace(lora, lora_A=lora.lora_A.to(flat.device), lora_B=lora.lora_B.to(flat.device))
     out = torch.empty(end - start, dtype=out_dtype, device=flat.device)
     first, last = start // row_len, -(-end // row_len)
     b0 = first - first % MERGE_BLOCK_ROWS

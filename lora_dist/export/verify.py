@@ -31,6 +31,7 @@ import torch
 from lora_dist.adapter import read_adapter
 from lora_dist.dtypes import FLOAT_DTYPES, DTypeError, parse_dtype
 from lora_dist.export.layout import HeaderEntry, SafetensorsFormatError, read_header
+from lora_dist.export.params import checkpoint_loras
 from lora_dist.export.errors import ExportError
 from lora_dist.export.sources import MERGED_FROM_KEY, merge_flat, natural_key
 from lora_dist.merge import LoRAWeights, MergeError, lora_delta
@@ -328,7 +329,8 @@ def _fp32_merge_bound(ref: torch.Tensor, lora: LoRAWeights) -> torch.Tensor:
     done on a GPU verifies on a CPU while a wrong scale, adapter or base does not.
     """
     eps = torch.finfo(torch.float32).eps
-    magnitude = lora_delta(lora.lora_A.abs(), lora.lora_B.abs(), abs(lora.scale), lora.fan_in_fan_out).double()
+    magnitude = lora_delta(lora.lora_A.abs(), lora.lora_B.abs(), abs(lora.scale), lora.fan_in_fan_out,
+                           num_experts=lora.num_experts).double()
     return 2 * eps * ref.double().abs() + 2 * (lora.r + 1) * eps * magnitude.view(ref.shape)
 
 
@@ -451,8 +453,7 @@ def verify_checkpoint(
     if base_dir is not None:
         base = ModelDir(base_dir)
         problems += check_keys(base, found)
-        weights = read_adapter(adapter_dir).weights() if adapter_dir is not None else {}
-        targeted = {f"{m}.weight": w for m, w in weights.items()}
+        targeted = checkpoint_loras(base, read_adapter(adapter_dir)) if adapter_dir is not None else {}
         problems += check_targeted(found, targeted)
         if not problems and adapter_dir is not None:
             untouched = [k for k in keys if k not in targeted]

@@ -64,12 +64,18 @@ def check_supported(strategy: str, activation_checkpointing: bool, version: str 
 
 
 def max_lora_numel(cfg: Config, hf_config) -> int:
-    """Elements of the largest LoRA matrix the config can create: r x the largest projection dimension."""
+    """Elements of the largest LoRA matrix the config can create: r x the largest projection dimension, times
+    the number of experts for an adapter on fused experts (``lora.target_parameters``: PEFT's ``(E * r, in)``)."""
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", 4096)
     inter = getattr(hf_config, "intermediate_size", None) or 4 * hidden
     r = max([cfg.lora.r, *cfg.lora.rank_pattern.values()])
     # The output head is never adapted.
-    return r * max(hidden, inter)
+    largest = r * max(hidden, inter)
+    if cfg.lora.target_parameters:
+        experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None) or 1
+        expert_inter = getattr(hf_config, "moe_intermediate_size", None) or inter
+        largest = max(largest, r * experts * max(hidden, 2 * expert_inter))
+    return largest
 
 
 def _largest_block_weight(hf_config) -> int:
