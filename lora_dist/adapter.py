@@ -328,6 +328,15 @@ class AdapterFile:
             )
         return LoRAWeights(a, b, lora_scale(r, alpha, self.lora_config.use_rslora), transposed, experts)
 
+    def injection_config(self, model: nn.Module) -> LoRAConfig:
+        """The LoRA config that injects exactly the modules and parameters this file holds into ``model``
+        (or its meta skeleton), with the file's ranks, alphas and init."""
+        params = self.parameters(model) if self.lora_config.target_parameters else {}
+        modules = sorted(set(self.modules()) - set(params.values()))
+        exact = "^(" + "|".join(re.escape(m) for m in modules) + ")$" if modules else None
+        return dataclasses.replace(self.lora_config, target_modules=exact, exclude_modules=None,
+                                   layers_to_transform=None, target_parameters=sorted(params) or None)
+
     def model_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors by the names ``model``'s LoRA modules give them (``lora_state_dict``'s names)."""
         names = {peft: ours for ours, peft in peft_names(model).items()}
@@ -455,25 +464,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     adapter = read_adapter(directory)
     params = adapter.parameters(model) if adapter.lora_config.target_parameters else {}
     if not any(True for _ in lora_modules(model)):
-        cfg = adapter.lora_config
-        # Inject exactly the modules and parameters the file holds.
-        modules = sorted(set(adapter.modules()) - set(params.values()))
-        exact = "^(" + "|".join(re.escape(m) for m in modules) + ")$" if modules else None
-        inject_lora(
-            model,
-            LoRAConfig(
-                r=cfg.r,
-                alpha=cfg.alpha,
-                dropout=cfg.dropout,
-                target_modules=exact,
-                use_rslora=cfg.use_rslora,
-                init=cfg.init,
-                rank_pattern=cfg.rank_pattern,
-                alpha_pattern=cfg.alpha_pattern,
-                target_parameters=sorted(params) or None,
-            ),
-        )
-        model.lora_config = cfg
+        inject_lora(model, adapter.injection_config(model))
+        model.lora_config = adapter.lora_config
     layers = dict(lora_modules(model))
     ours = {p: f"{p.rpartition('.')[0]}.lora.{p.rpartition('.')[2]}" for p in params}  # param -> its LoRAParam
     weights = adapter.weights(model)
