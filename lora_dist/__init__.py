@@ -10,11 +10,12 @@ PEFT-format adapters ``adapter``, config ``config``, launching ``launch/``, shar
 and the per-strategy engines ``parallel/``, base model dirs ``model_dir``, model setup
 ``model``, data ``data``, the training loop ``train``, training checkpoints
 ``checkpoint``, merged export, offline merge and verify ``export/``, atomic writes
-``atomic``, dtypes ``dtypes``, the command line ``cli``.
+``atomic``, dtypes ``dtypes``, the command line ``cli``. Your own loop starts at ``prepare``
+(``session``); HF Trainer/TRL and accelerate are in ``integrations/`` (``docs/integrations.md``).
 """
 
 from lora_dist.adapter import load_adapter, lora_state_dict, read_adapter, save_adapter
-from lora_dist.config import Config, load_config
+from lora_dist.config import Config, ParallelConfig, TrainConfig, load_config
 from lora_dist.lora import InjectionReport, LoRAConfig, LoRALinear, disable_adapters, inject_lora, lora_parameters
 from lora_dist.merge import LoRAWeights, lora_delta, merge_state_dict, merge_weight
 
@@ -22,10 +23,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Config",
+    "Engine",
     "InjectionReport",
     "LoRAConfig",
     "LoRALinear",
     "LoRAWeights",
+    "ParallelConfig",
+    "TrainConfig",
+    "destroy_distributed",
     "disable_adapters",
     "export_merged",
     "init_distributed",
@@ -40,6 +45,7 @@ __all__ = [
     "merge_state_dict",
     "merge_weight",
     "parallelize",
+    "prepare",
     "read_adapter",
     "save_adapter",
     "train",
@@ -50,8 +56,11 @@ __all__ = [
 _LAZY = {
     "train": "lora_dist.train",
     "parallelize": "lora_dist.parallel",
+    "Engine": "lora_dist.parallel",
+    "prepare": "lora_dist.session",
     "load_model": "lora_dist.model",
     "init_distributed": "lora_dist.launch",
+    "destroy_distributed": "lora_dist.launch",
     "export_merged": "lora_dist.export",
     "merge_offline": "lora_dist.export",
     "verify_checkpoint": "lora_dist.export",

@@ -105,6 +105,8 @@ __all__ = [
     "ResumeError",
     "TrainingDiverged",
     "base_identity",
+    "load_state",
+    "save_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -126,8 +128,6 @@ class ResumeError(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """The loss, gradients or LoRA state became NaN/Inf, or the LoRA weights exploded."""
-
-
 
 
 def base_identity(model_path: str, samples: int = 8, sample_bytes: int = 1 << 16) -> dict:
@@ -165,6 +165,114 @@ def _check_finite(tensors: dict[str, torch.Tensor], step: int) -> None:
     if bad is not None:
         raise TrainingDiverged(f"{bad} is not finite at step {step}; checkpoint not written, the last good one is kept. "
                                "Lower train.lr or check the data")
+
+
+def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_id: str | None) -> dict:
+    """A checkpoint's ``state.json``."""
+    record = {
+        "step": step,
+        "samples_consumed": samples_consumed,
+        "run_id": run_id,
+        "base": base_identity(cfg.model.path),
+        "world_size": world_size,
+        "strategy": cfg.parallel.strategy,
+        "lora": _lora_settings(cfg),
+    }
+    if run_id is None:
+        del record["run_id"]
+    return record
+
+
+def _write_files(staging: Path, lora: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], record: dict) -> None:
+    save_file({k: v.cpu().contiguous() for k, v in lora.items()}, str(staging / "lora.safetensors"))
+    save_file({k: v.contiguous() for k, v in moments.items()}, str(staging / "optimizer.safetensors"))
+    (staging / "state.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def save_state(directory: str | Path, step: int, engine, cfg: Config, samples_consumed: int) -> Path:
+    """Write ``engine``'s training state as a checkpoint dir another loop resumes (collective; rank 0 writes).
+
+    The same files :class:`CheckpointManager` writes, published atomically (a previous ``directory`` is
+    replaced once the new one is complete), without a run id: ``checkpoint.resume=DIR`` reads it.
+
+    Raises:
+        TrainingDiverged: a LoRA tensor or AdamW moment is NaN/Inf (nothing is written).
+        OutputDirError: the dir could not be written; a previous one there is intact.
+    """
+    directory = Path(directory)
+    state = engine.state_dict()
+    lora, moments = state["lora"], state["optimizer"]
+    _check_finite({**lora, **moments}, step)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+    def write() -> Path:
+        from safetensors import SafetensorError
+
+        try:
+            with writing_dir(directory, replace=True) as staging:
+                _write_files(staging, lora, moments, _record(cfg, step, samples_consumed, world, None))
+        except (OSError, SafetensorError) as e:
+            raise write_failure(e, f"checkpoint {directory}", "a previous one there is intact") from None
+        return directory
+
+    return RankGroup().on_rank0(write)
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A checkpoint dir's ``state.json``, LoRA tensors and AdamW moments (safetensors only), checked.
+
+    Raises:
+        ResumeError: an unreadable or corrupt file, or a LoRA tensor holding NaN/Inf.
+    """
+    state = read_state(path)
+    try:
+        lora = load_file(str(path / "lora.safetensors"))
+        moments = load_file(str(path / "optimizer.safetensors"))
+    except Exception as e:  # missing file, truncated or corrupt safetensors
+        raise ResumeError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    bad = next((k for k, v in lora.items() if not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ResumeError(f"{path}: {bad} holds NaN/Inf")
+    return state, lora, moments
+
+
+def load_state(path: str | Path, engine, cfg: Config) -> dict:
+    """Restore a checkpoint dir (any strategy, world size or loop wrote it) into ``engine``; returns its ``state.json``.
+
+    Raises:
+        ResumeError: unreadable, or trained on another base (unless ``checkpoint.force``) or with other
+            LoRA settings, names or shapes; nothing is loaded then.
+    """
+    path = Path(path)
+    state, lora, moments = read_checkpoint(path)
+    _check_compatible(path, state, lora, engine, cfg)
+    engine.load_state_dict({"lora": lora, "optimizer": moments}, state["step"])
+    return state
+
+
+def _check_compatible(path: Path, state: dict, lora: dict[str, torch.Tensor], engine, cfg: Config) -> None:
+    """Refuse a checkpoint of another base (unless ``checkpoint.force``) or whose LoRA settings, names or shapes
+    differ from this run's (before any copy)."""
+    ident = base_identity(cfg.model.path)
+    if state.get("base", {}).get("sha256") != ident["sha256"] and not cfg.checkpoint.force:
+        raise ResumeError(
+            f"{path} was trained on base {state.get('base', {}).get('path')!r}, not {ident['path']!r} "
+            "(config/weights differ); use the same model.path or set checkpoint.force=true"
+        )
+    fresh = "or start a fresh output.dir"
+    current = _lora_settings(cfg)
+    for key, saved in state.get("lora", {}).items():
+        if key in current and current[key] != saved:
+            was, now = f"lora.{key}={json.dumps(saved)}", f"lora.{key}={json.dumps(current[key])}"
+            raise ResumeError(f"{path} was trained with {was}, this run has {now}; resume with {was} {fresh}")
+    shapes = {k: list(v.shape) for k, v in engine.lora_state_dict().items()}
+    if set(lora) != set(shapes):
+        raise ResumeError(f"{path}: its LoRA tensors do not match this model's LoRA layers (lora.* changed?); "
+                          f"resume with the original lora.* settings {fresh}")
+    for name, shape in shapes.items():
+        if list(lora[name].shape) != shape:
+            raise ResumeError(f"{path}: {name} is {list(lora[name].shape)} in the checkpoint but {shape} in this "
+                              f"model (another base?); resume on the base it was trained on {fresh}")
 
 
 def _is_count(value, minimum: int) -> bool:
@@ -310,25 +418,13 @@ class CheckpointManager:
                 problem = self._foreign(final)
                 if problem is not None:
                     raise OutputError(f"cannot replace {final}: {problem}")
-            record = {
-                "step": step,
-                "samples_consumed": self._samples(step),
-                "run_id": self.run_id,
-                "base": base_identity(self.cfg.model.path),
-                "world_size": self.env.world_size,
-                "strategy": self.cfg.parallel.strategy,
-                "lora": _lora_settings(self.cfg),
-            }
-            if self.run_id is None:
-                del record["run_id"]
+            record = _record(self.cfg, step, self._samples(step), self.env.world_size, self.run_id)
             previous = self._latest_name()
             from safetensors import SafetensorError
 
             try:
                 with writing_dir(final, replace=True) as staging:
-                    save_file({k: v.cpu().contiguous() for k, v in lora.items()}, str(staging / "lora.safetensors"))
-                    save_file({k: v.contiguous() for k, v in moments.items()}, str(staging / "optimizer.safetensors"))
-                    (staging / "state.json").write_text(json.dumps(record, indent=2) + "\n")
+                    _write_files(staging, lora, moments, record)
                 write_text_atomic(self.root / LATEST, final.name + "\n")
             except (OSError, SafetensorError) as e:
                 kept = f"checkpoint {previous} and latest are intact" if previous else "no earlier checkpoint existed"
@@ -371,18 +467,6 @@ class CheckpointManager:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # ------------------------------------------------------------------ resume
-
-    def _read(self, path: Path) -> tuple[dict, dict, dict]:
-        state = read_state(path)
-        try:
-            lora = load_file(str(path / "lora.safetensors"))
-            moments = load_file(str(path / "optimizer.safetensors"))
-        except Exception as e:  # missing file, truncated or corrupt safetensors
-            raise ResumeError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        bad = next((k for k, v in lora.items() if not torch.isfinite(v).all()), None)
-        if bad is not None:
-            raise ResumeError(f"{path}: {bad} holds NaN/Inf")
-        return state, lora, moments
 
     def _check_fresh_start(self, dirs: list[Path]) -> None:
         """``checkpoint.resume=never``: refused where a ``step-*`` dir would be mixed with the new run's."""
@@ -434,7 +518,7 @@ class CheckpointManager:
         skipped: list[str] = []
         for path in candidates:
             try:
-                state, lora, moments = self._read(path)
+                state, lora, moments = read_checkpoint(path)
             except ResumeError as e:
                 if resume != "auto":
                     raise
@@ -442,13 +526,7 @@ class CheckpointManager:
                 if self.env.is_main:
                     log.warning("skipping corrupt checkpoint: %s; falling back to the previous one", e)
                 continue
-            ident = base_identity(self.cfg.model.path)
-            if state.get("base", {}).get("sha256") != ident["sha256"] and not self.cfg.checkpoint.force:
-                raise ResumeError(
-                    f"{path} was trained on base {state.get('base', {}).get('path')!r}, not {ident['path']!r} "
-                    "(config/weights differ); use the same model.path or set checkpoint.force=true"
-                )
-            self._check_lora(path, state, lora, engine)
+            _check_compatible(path, state, lora, engine, self.cfg)
             engine.load_state_dict({"lora": lora, "optimizer": moments}, state["step"])
             self.resumed_step = state["step"]
             self.samples_offset = state.get("samples_consumed", 0)
@@ -470,20 +548,3 @@ class CheckpointManager:
         except OSError as e:
             log.warning("could not point %s at %s (%s); the next checkpoint replaces it", self.root / LATEST,
                         path.name, e.strerror or e)
-
-    def _check_lora(self, path: Path, state: dict, lora: dict[str, torch.Tensor], engine) -> None:
-        """Refuse a checkpoint whose LoRA settings, names or shapes differ from this run's (before any copy)."""
-        fresh = "or start a fresh output.dir"
-        current = _lora_settings(self.cfg)
-        for key, saved in state.get("lora", {}).items():
-            if key in current and current[key] != saved:
-                was, now = f"lora.{key}={json.dumps(saved)}", f"lora.{key}={json.dumps(current[key])}"
-                raise ResumeError(f"{path} was trained with {was}, this run has {now}; resume with {was} {fresh}")
-        shapes = {k: list(v.shape) for k, v in engine.lora_state_dict().items()}
-        if set(lora) != set(shapes):
-            raise ResumeError(f"{path}: its LoRA tensors do not match this model's LoRA layers (lora.* changed?); "
-                              f"resume with the original lora.* settings {fresh}")
-        for name, shape in shapes.items():
-            if list(lora[name].shape) != shape:
-                raise ResumeError(f"{path}: {name} is {list(lora[name].shape)} in the checkpoint but {shape} in this "
-                                  f"model (another base?); resume on the base it was trained on {fresh}")

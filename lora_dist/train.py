@@ -42,19 +42,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lora_dist import checkpoint as ckpt_mod
-from lora_dist.adapter import save_adapter
 from lora_dist.atomic import recover, write_text_atomic
 from lora_dist.checkpoint import TrainingDiverged
-from lora_dist.config import Config, ConfigError, config_to_dict
+from lora_dist.config import Config, config_to_dict
 from lora_dist.data import IGNORE, PackedDataset, load_splits, load_tokenizer, model_kwargs
-from lora_dist.dtypes import parse_dtype
 from lora_dist.launch import LaunchEnv, init_distributed, run_device
-from lora_dist.model import load_model
-from lora_dist.model_dir import ModelDir, ModelDirError
+from lora_dist.model_dir import ModelDir
 from lora_dist.outputs import OutputDirError, OutputError, RunLock, prepare_run_dir, write_failure
-from lora_dist.parallel import Engine, check_replicas, make_engine
+from lora_dist.parallel import Engine, check_replicas
 from lora_dist.preemption import PREEMPT_EXIT_CODE, Preempted, PreemptionHandler
 from lora_dist.ranks import RankGroup
+from lora_dist.session import build, check_launch, open_base, strategy_config
 
 __all__ = [
     "LORA_WEIGHT_LIMIT",
@@ -229,29 +227,17 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     """
 
     env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
-    if cfg.parallel.strategy == "none" and env.world_size > 1:
-        raise ConfigError(f"parallel.strategy=none runs one process, but {env.world_size} were launched; pick fsdp2, zero3 or ddp")
-    if cfg.parallel.strategy in ("zero1", "zero2") and env.is_main:
-        log.warning("parallel.strategy=%s does not shard the frozen base: every rank holds all of it "
-                    "(only the small LoRA optimizer state/gradients are partitioned); use fsdp2 or zero3 to shard it",
-                    cfg.parallel.strategy)
+    check_launch(cfg, env)
     device = run_device()
     out = Path(cfg.output.dir)
-    p = cfg.parallel
 
-    if not cfg.model.path:
-        raise ModelDirError("model.path is not set; pass model.path=/path/to/hf_checkpoint")
-    base = ModelDir(cfg.model.path)  # fails fast on a missing, incomplete or corrupt model dir; opened once
+    base = open_base(cfg)  # fails fast on a missing, incomplete or corrupt model dir; opened once
     tokenizer = load_tokenizer(cfg.model.path)  # never runs code from the model dir
     hf_config = base.hf_config
     max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
     train_data, eval_data = load_splits(cfg, tokenizer, max_pos, verbose=env.is_main)
 
-    ds_config = None
-    if p.strategy.startswith("zero"):
-        from lora_dist.parallel.deepspeed import deepspeed_config
-
-        ds_config = deepspeed_config(cfg, hf_config)
+    ds_config = strategy_config(cfg, base)
     # Only now, with every input validated: output.dir becomes (or is checked to be) this run's dir.
     marker, lock = _open_run_dir(cfg, env, out)
     try:
@@ -364,13 +350,7 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
     t, p = cfg.train, cfg.parallel
     # Installed before the model load: a preemption signal during load or resume stops at the first step boundary.
     with PreemptionHandler() as signals:
-        loaded = load_model(cfg.model, cfg.lora, p, device, t.seed, ds_config, base=base)
-        model = loaded.model
-        if env.is_main:
-            log.info("%s", loaded.report)
-        lora_params = [q for q in model.parameters() if q.requires_grad]
-        optimizer = torch.optim.AdamW(lora_params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-        engine = make_engine(model, optimizer, p, t, device, ds_config)
+        _, engine = build(cfg, env, device, base, ds_config)
 
         manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env, run_id=run_id)
         start_step = manager.maybe_resume(engine)
@@ -451,24 +431,11 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
         if env.is_main:
             _append_metrics(metrics_path, {"step": t.steps, "eval_loss": eval_loss})
     if cfg.export.adapter:
-        lora = engine.lora_state_dict()  # fp32, whatever the strategy computes in (collective under ZeRO)
-
-        def write_adapter() -> None:
-            from safetensors import SafetensorError
-
-            try:
-                save_adapter(model, out / "adapter", cfg.model.path, tensors=lora)
-            except (OSError, SafetensorError) as e:
-                raise write_failure(e, f"{out / 'adapter'}", "the previous adapter/ (if any) and the checkpoints "
-                                    "are intact: rerun to resume") from None
-
-        RankGroup().on_rank0(write_adapter)
+        engine.save_adapter(out / "adapter")  # the fp32 LoRA state, whatever the strategy computes in
     engine.finish_training()
     if cfg.export.merged:
-        from lora_dist.export import export_merged
-
-        export_merged(model, out / "merged", base, dtype=parse_dtype(cfg.export.dtype),
-                      max_shard_size=cfg.export.max_shard_size, overwrite=cfg.output.overwrite)
+        engine.export_merged(out / "merged", dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
+                             overwrite=cfg.output.overwrite)
     if dist.is_initialized():
         dist.barrier()
     return TrainResult(_final_loss(history), first_loss, eval_loss, t.steps, out, history)

@@ -458,17 +458,18 @@ def test_sigusr2_checkpoints_on_demand_and_keeps_training(setup, tmp_path):
 
 def test_preemption_signal_during_model_load_stops_at_the_first_step(setup, tmp_path, monkeypatch):
     """SIGUSR1 while the model loads is not fatal: the run checkpoints at step 1 and exits for requeue."""
+    import lora_dist.session as session_mod
     import lora_dist.train as train_mod
     from lora_dist.config import load_config
     from lora_dist.launch import destroy_distributed
 
-    real = train_mod.load_model
+    real = session_mod.load_model
 
     def preempted_while_loading(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGUSR1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "load_model", preempted_while_loading)
+    monkeypatch.setattr(session_mod, "load_model", preempted_while_loading)
     out = tmp_path / "preempted-loading"
     cfg = load_config(None, [*setup["common"], f"output.dir={out}", "parallel.strategy=none"])
     previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # were no handler installed yet: lost, not fatal to pytest

@@ -1,16 +1,20 @@
 """One training-step interface for every strategy, and the owner of the training state.
 
 The training loop sees only :class:`Engine`: ``no_sync`` for micro-steps inside
-gradient accumulation, ``backward``, ``step``, and the state it checkpoints
+gradient accumulation, ``backward``, ``step``, the state it checkpoints
 (:meth:`Engine.state_dict` / :meth:`Engine.load_state_dict`) in one form that
-does not depend on the strategy or the world size: full fp32 LoRA tensors and
-AdamW moments by the model's parameter names. Strategy internals (FSDP2's
-reducer, DDP's wrapper, DeepSpeed's flat partitions) stay behind it.
+does not depend on the strategy or the world size (full fp32 LoRA tensors and
+AdamW moments by the model's parameter names), and the outputs written from it:
+:meth:`Engine.save_adapter` (PEFT format) and :meth:`Engine.export_merged` (from
+the shards). Strategy internals (FSDP2's reducer, DDP's wrapper, DeepSpeed's flat
+partitions) stay behind it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -19,7 +23,9 @@ import torch.nn as nn
 
 from lora_dist.config import ParallelConfig, TrainConfig
 from lora_dist.lora import lora_modules
+from lora_dist.model_dir import ModelDir
 from lora_dist.parallel.reducer import LoRAGradReducer
+from lora_dist.ranks import RankGroup
 
 __all__ = ["DDPEngine", "Engine", "FSDP2Engine", "ReplicaMismatchError", "check_replicas", "make_engine"]
 
@@ -44,7 +50,13 @@ class Engine:
         optimizer: a torch optimizer over the LoRA params.
         max_grad_norm: clip the global LoRA grad norm to this (0: no clipping).
         device: the run's device; every collective of the engine uses tensors on it.
+
+    Attributes:
+        base: the base model dir the model was loaded from (set by :func:`make_engine`); the adapter names it
+            and the merged export reads the base's layout from it.
     """
+
+    base: ModelDir | None = None
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
                  device: torch.device | None = None) -> None:
@@ -99,6 +111,50 @@ class Engine:
         for module in self.module.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
+
+    # ------------------------------------------------------------------ the outputs
+
+    def save_adapter(self, directory: str | os.PathLike) -> Path:
+        """Write the fp32 LoRA state as a PEFT adapter (collective: call on every rank; rank 0 writes).
+
+        Raises:
+            AdapterError: the LoRA state is not finite or does not fit the model (on every rank).
+            OutputDirError: ``directory`` cannot be written (a full disk...), naming what is intact (on every rank).
+        """
+        from safetensors import SafetensorError
+
+        from lora_dist.adapter import save_adapter
+        from lora_dist.outputs import write_failure
+
+        lora = self.lora_state_dict()  # fp32, whatever the compute dtype (collective under ZeRO)
+        base = str(self.base.path) if self.base is not None else None
+
+        def write() -> Path:
+            try:
+                return save_adapter(self.module, directory, base, tensors=lora)
+            except (OSError, SafetensorError) as e:
+                raise write_failure(e, str(directory), "the previous adapter (if any) is intact") from None
+
+        return RankGroup().on_rank0(write)
+
+    def export_merged(self, out_dir: str | os.PathLike, *, dtype: str = "bfloat16", max_shard_size: str = "5GB",
+                      overwrite: bool = False) -> Path:
+        """End training and write the merged checkpoint from the shards (collective: call on every rank).
+
+        Frees the optimizer state first (:meth:`finish_training`): no step may follow. Each rank merges and
+        writes the base bytes it holds (:func:`lora_dist.export.export_merged`).
+
+        Raises:
+            ExportError: as :func:`lora_dist.export.export_merged` (an existing ``out_dir`` without ``overwrite``...).
+        """
+        from lora_dist.dtypes import parse_dtype
+        from lora_dist.export import export_merged
+
+        if self.base is None:
+            raise ValueError("this engine does not know its base model dir; make it with make_engine(..., base=...)")
+        self.finish_training()
+        return export_merged(self.module, out_dir, self.base, dtype=parse_dtype(dtype), max_shard_size=max_shard_size,
+                             overwrite=overwrite)
 
     # ------------------------------------------------------------------ the state
 
@@ -190,19 +246,24 @@ def make_engine(
     train: TrainConfig,
     device: torch.device,
     ds_config: dict | None = None,
+    base: ModelDir | None = None,
 ) -> Engine:
-    """The training-step engine for ``cfg.strategy`` (model already materialized and loaded)."""
+    """The training-step engine for ``cfg.strategy`` (model already materialized and loaded from ``base``)."""
+    engine: Engine
     if cfg.strategy == "fsdp2":
-        return FSDP2Engine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device)
-    if cfg.strategy == "ddp":
-        return DDPEngine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device)
-    if cfg.strategy.startswith("zero"):
+        engine = FSDP2Engine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device)
+    elif cfg.strategy == "ddp":
+        engine = DDPEngine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device)
+    elif cfg.strategy.startswith("zero"):
         from lora_dist.parallel.deepspeed import DeepSpeedEngine
 
         if ds_config is None:
             raise ValueError(f"parallel.strategy={cfg.strategy} needs its DeepSpeed config (deepspeed_config())")
-        return DeepSpeedEngine(model, optimizer, ds_config, device)
-    return Engine(model, optimizer, train.max_grad_norm, device)
+        engine = DeepSpeedEngine(model, optimizer, ds_config, device)
+    else:
+        engine = Engine(model, optimizer, train.max_grad_norm, device)
+    engine.base = base
+    return engine
 
 
 def check_replicas(engine: Engine) -> None:

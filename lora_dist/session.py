@@ -1,0 +1,139 @@
+"""The one setup of a training session: the sharded LoRA model, its optimizer and its engine.
+
+``lora-dist train`` and every other loop (your own torch loop, :mod:`lora_dist.integrations`) set up
+through here, in the documented order (``docs/architecture.md``): meta skeleton -> inject LoRA ->
+shard -> each rank reads its own bytes of the base -> initialize LoRA -> AdamW over the LoRA params
+-> the strategy's :class:`~lora_dist.parallel.Engine`. From then on a loop needs only the engine:
+``no_sync``, ``backward``, ``step``, ``state_dict``/``load_state_dict``, ``save_adapter``, ``export_merged``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import torch
+import torch.nn as nn
+
+from lora_dist.config import Config, ConfigError, ParallelConfig, TrainConfig, config_from_dict, config_to_dict
+from lora_dist.integrations.accelerate import refuse_rewrap
+from lora_dist.launch import LaunchEnv, init_distributed, run_device
+from lora_dist.lora import LoRAConfig
+from lora_dist.model import load_model
+from lora_dist.model_dir import ModelDir, ModelDirError
+from lora_dist.parallel import Engine, make_engine
+
+__all__ = ["build", "check_launch", "open_base", "prepare", "run_config", "strategy_config"]
+
+log = logging.getLogger("lora_dist")
+
+
+def run_config(model: str | os.PathLike | Config, lora: LoRAConfig | None = None, strategy: str | None = None, *,
+               train: TrainConfig | None = None, parallel: ParallelConfig | None = None,
+               dtype: str | None = None) -> Config:
+    """The run config :func:`prepare` uses: ``model`` (a local HF model dir, or a whole :class:`Config`) with
+    the given sections and settings in place of its own, validated as ``lora-dist train`` validates its config.
+
+    Raises:
+        ConfigError: an invalid value (an unknown strategy...), naming the key.
+    """
+    cfg = model if isinstance(model, Config) else Config()
+    if not isinstance(model, Config):
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=os.fspath(model)))
+    if lora is not None:
+        cfg = dataclasses.replace(cfg, lora=lora)
+    if train is not None:
+        cfg = dataclasses.replace(cfg, train=train)
+    if parallel is not None:
+        cfg = dataclasses.replace(cfg, parallel=parallel)
+    if strategy is not None:
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, strategy=strategy))
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
+    return config_from_dict(config_to_dict(cfg))
+
+
+def check_launch(cfg: Config, env: LaunchEnv) -> None:
+    """Refuse a strategy that does not fit the launch (one line); warn where it does not shard the base.
+
+    Raises:
+        ConfigError: ``parallel.strategy=none`` with more than one process.
+    """
+    strategy = cfg.parallel.strategy
+    if strategy == "none" and env.world_size > 1:
+        raise ConfigError(f"parallel.strategy=none runs one process, but {env.world_size} were launched; pick fsdp2, zero3 or ddp")
+    if strategy in ("zero1", "zero2") and env.is_main:
+        log.warning("parallel.strategy=%s does not shard the frozen base: every rank holds all of it "
+                    "(only the small LoRA optimizer state/gradients are partitioned); use fsdp2 or zero3 to shard it",
+                    strategy)
+
+
+def open_base(cfg: Config) -> ModelDir:
+    """The base model dir, opened once (fails fast on a missing, incomplete or corrupt dir).
+
+    Raises:
+        ModelDirError: ``model.path`` is unset, missing or not a usable HF model dir.
+    """
+    if not cfg.model.path:
+        raise ModelDirError("model.path is not set; pass model.path=/path/to/hf_checkpoint")
+    return ModelDir(cfg.model.path)
+
+
+def strategy_config(cfg: Config, base: ModelDir) -> dict | None:
+    """The DeepSpeed config of ``zero*`` (:func:`~lora_dist.parallel.deepspeed.deepspeed_config`); else None."""
+    if not cfg.parallel.strategy.startswith("zero"):
+        return None
+    from lora_dist.parallel.deepspeed import deepspeed_config
+
+    return deepspeed_config(cfg, base.hf_config)
+
+
+def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
+          ds_config: dict | None) -> tuple[nn.Module, Engine]:
+    """Load the model (:func:`~lora_dist.model.load_model`), make AdamW over its LoRA params and the engine.
+
+    Every rank calls it, with inputs already checked (:func:`check_launch`, :func:`open_base`).
+    """
+    t = cfg.train
+    loaded = load_model(cfg.model, cfg.lora, cfg.parallel, device, t.seed, ds_config, base=base)
+    if env.is_main:
+        log.info("%s", loaded.report)
+    model = loaded.model
+    lora_params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(lora_params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    engine = make_engine(model, optimizer, cfg.parallel, t, device, ds_config, base=base)
+    refuse_rewrap(model)  # the engine owns the wrapping and the gradient reduction
+    return model, engine
+
+
+def prepare(model: str | os.PathLike | Config, lora: LoRAConfig | None = None, strategy: str | None = None, *,
+            train: TrainConfig | None = None, parallel: ParallelConfig | None = None, dtype: str | None = None,
+            env: LaunchEnv | None = None) -> tuple[nn.Module, Engine]:
+    """The sharded LoRA model and its engine, for your own training loop; call on every rank.
+
+    The same setup ``lora-dist train`` runs (:func:`build`). Initializes ``torch.distributed`` from the
+    launcher (torchrun, Slurm, MPI, or one process) unless it already is.
+
+    Args:
+        model: a local HF model dir, or a :class:`Config` (its ``model``, ``lora``, ``parallel``, ``train``).
+        lora: what to adapt (default: the config's, ``LoRAConfig()``).
+        strategy: ``fsdp2``, ``zero3``, ``zero1``, ``zero2``, ``ddp`` or ``none`` (default: the config's).
+        train: ``lr``, ``weight_decay``, ``max_grad_norm``, ``seed``; ``micro_batch_size`` and ``grad_accum``
+            matter to ``zero*`` (DeepSpeed counts micro-steps).
+        parallel: the strategy's options (mixed precision, activation checkpointing, buckets...).
+        dtype: the base model's dtype (``model.dtype``).
+        env: the launch environment, if the caller initialized it.
+
+    Returns:
+        ``(model, engine)``: the unwrapped LoRA model, and the engine that trains it. Run the forward through
+        ``engine.model`` (the strategy's wrapper where there is one).
+
+    Raises:
+        ConfigError, ModelDirError, LaunchError: bad input or launch, one line, before any model is built.
+    """
+    cfg = run_config(model, lora, strategy, train=train, parallel=parallel, dtype=dtype)
+    env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
+    check_launch(cfg, env)
+    base = open_base(cfg)
+    return build(cfg, env, run_device(), base, strategy_config(cfg, base))

@@ -1,0 +1,126 @@
+"""examples/hf_trainer.py (LoraDistTrainer): W ranks == 1 process; PEFT loads the adapter; checkpoints resume."""
+
+from __future__ import annotations
+
+import ast
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common import LORA, assert_same_adapter, peft_tensors, python, srun
+from distutil import REPO, lora_dist, torchrun
+from lora_dist.config import ConfigError
+from lora_dist.demo import write_demo_data
+
+EXAMPLE = str(REPO / "examples" / "hf_trainer.py")
+#: Four blocks and a global batch of four: every step sees the whole dataset, on any world size.
+SAME_BATCH = ["--blocks", "4", "--global-batch", "4", "--steps", "3"]
+
+
+def _logged(stdout: str, key: str) -> list[float]:
+    """The values of ``key`` Trainer logged (rank 0 prints its log rows)."""
+    rows = [ast.literal_eval(line[line.index("{"):]) for line in stdout.splitlines() if line.startswith(f"{{'{key}'")]
+    return [float(r[key]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint, tmp_path_factory):
+    base = tiny_checkpoint("llama", hidden=64, layers=2)
+    root = tmp_path_factory.mktemp("hf")
+    data = write_demo_data(root / "data.jsonl", n=200)
+    ref = root / "ref"
+    proc = python(EXAMPLE, str(base), str(data), str(ref), "--strategy", "none", *SAME_BATCH, "--save-steps", "2",
+                  "--merged-dtype", "float32", "--eval")
+    return {"base": base, "data": data, "root": root, "ref": ref, "losses": _logged(proc.stdout, "loss"),
+            "eval": _logged(proc.stdout, "eval_loss")}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_two_ranks_equal_one_process(setup, strategy):
+    out = setup["root"] / strategy
+    proc = torchrun(2, EXAMPLE, str(setup["base"]), str(setup["data"]), str(out), "--strategy", strategy, *SAME_BATCH,
+                    "--eval")
+    assert_same_adapter(setup["ref"] / "adapter", out / "adapter")
+    # The logged loss is the global token mean: the same number on 2 ranks as in one process; so is the
+    # eval loss over the same (full) blocks.
+    # Trainer prints 4 significant digits.
+    assert len(setup["losses"]) == 3 and _logged(proc.stdout, "loss") == pytest.approx(setup["losses"], abs=1.5e-3)
+    assert len(setup["eval"]) == 1 and _logged(proc.stdout, "eval_loss") == pytest.approx(setup["eval"], abs=1.5e-3)
+    assert (out / "merged" / "config.json").is_file()
+
+
+@pytest.mark.dist
+def test_srun_launch_equals_one_process(setup):
+    """Under srun (no torchrun variables) TrainingArguments made after init_distributed see both tasks."""
+    out = setup["root"] / "srun"
+    srun(2, EXAMPLE, str(setup["base"]), str(setup["data"]), str(out), "--strategy", "fsdp2", *SAME_BATCH)
+    assert_same_adapter(setup["ref"] / "adapter", out / "adapter")
+
+
+@pytest.mark.dist
+def test_adapter_loads_in_peft_and_merges_like_the_export(setup):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ref = setup["ref"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["base"], dtype=torch.float32),
+                                      str(ref / "adapter"))
+    merged_by_peft = model.merge_and_unload().state_dict()
+    ours = AutoModelForCausalLM.from_pretrained(ref / "merged", dtype=torch.float32).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(setup["base"], dtype=torch.float32).state_dict()
+    adapted = [k for k in ours if "q_proj.weight" in k or "down_proj.weight" in k]
+    assert adapted and all(not torch.equal(ours[k], base[k]) for k in adapted)
+    for key, value in ours.items():
+        torch.testing.assert_close(merged_by_peft[key], value, atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.dist
+def test_trainer_checkpoint_is_safetensors_and_resumes_in_trainer_and_lora_dist_train(setup, tmp_path):
+    ckpt = setup["ref"] / "checkpoint-2"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"lora_dist", "scheduler.json", "trainer_state.json", "adapter_model.safetensors"} <= names
+    assert not names & {"optimizer.pt", "scheduler.pt", "training_args.bin", "pytorch_model.bin"}
+    assert json.loads((ckpt / "lora_dist" / "state.json").read_text())["step"] == 2
+
+    # Trainer resumes its own checkpoint: the third step lands where the uninterrupted run's did.
+    resumed = tmp_path / "resumed"
+    python(EXAMPLE, str(setup["base"]), str(setup["data"]), str(resumed), "--strategy", "none", *SAME_BATCH,
+           "--resume", str(ckpt))
+    assert_same_adapter(setup["ref"] / "adapter", resumed / "adapter", atol=1e-6)
+
+    # `lora-dist train` resumes it too: at step 2 with its LoRA weights and AdamW moments, then trains on.
+    common = [f"model.path={setup['base']}", f"data.path={setup['data']}", "train.seq_len=32", "data.eval_fraction=0",
+              *LORA, "parallel.strategy=none", "train.micro_batch_size=4", f"checkpoint.resume={ckpt / 'lora_dist'}"]
+    lora_dist("train", *common, "train.steps=2", f"output.dir={tmp_path / 'cli-2'}")
+    saved = load_file(str(ckpt / "lora_dist" / "lora.safetensors"))
+    restored = peft_tensors(tmp_path / "cli-2" / "adapter")
+    assert set(saved) == set(restored) and all(torch.equal(saved[k], restored[k]) for k in saved)
+    lora_dist("train", *common, "train.steps=3", f"output.dir={tmp_path / 'cli-3'}")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cli-3" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3]
+    trained = peft_tensors(tmp_path / "cli-3" / "adapter")
+    assert any(not torch.equal(saved[k], trained[k]) for k in saved)
+
+    # The reverse is refused in one line: Trainer needs its trainer_state.json, which `lora-dist train` does not write.
+    refused = python(EXAMPLE, str(setup["base"]), str(setup["data"]), str(tmp_path / "reverse"), "--strategy", "none",
+                     *SAME_BATCH, "--resume", str(ckpt / "lora_dist"), check=False)
+    assert refused.returncode != 0 and "has no trainer_state.json" in refused.stderr
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"deepspeed": "ds.json"}, "deepspeed"), ({"fsdp": "full_shard"}, "fsdp"), ({"bf16": True}, "bf16"),
+    ({"gradient_checkpointing": True}, "gradient_checkpointing"), ({"optim": "sgd"}, "optim=sgd"),
+])
+def test_conflicting_training_arguments_are_refused_in_one_line(change, named):
+    from transformers import TrainingArguments
+
+    from lora_dist.integrations.hf import _check_args
+
+    args = SimpleNamespace(**{**vars(TrainingArguments(output_dir="unused", report_to=[])), **change})
+    with pytest.raises(ConfigError, match=named) as refused:
+        _check_args(args)
+    assert "\n" not in str(refused.value)
