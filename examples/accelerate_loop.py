@@ -12,8 +12,9 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 import lora_dist
-from lora_dist.data import load_dataset, load_tokenizer, model_kwargs
-from lora_dist.train import all_sum, lr_at, n_targets, token_loss_sum
+from lora_dist.data import load_dataset, load_tokenizer
+from lora_dist.loss import n_targets
+from lora_dist.train import all_sum, lr_at
 
 model_dir, data_path, out = sys.argv[1:4]
 env = lora_dist.init_distributed()
@@ -27,7 +28,7 @@ stream = data.indices(0, steps * micro * env.world_size, seed=0).tolist()  # the
 loader = accelerator.prepare(DataLoader(stream, batch_size=micro, collate_fn=data.inputs))  # rank r: every W-th batch
 for step, batch in enumerate(loader):
     n_tokens = all_sum(torch.tensor(float(n_targets(batch["labels"])), device=engine.device))  # global token mean
-    loss = token_loss_sum(engine.model(**model_kwargs(batch, model.config)).logits, batch["labels"]) / n_tokens
+    loss = engine.loss_sum(batch) / n_tokens  # forward + summed token loss (chunked head)
     engine.backward(loss)  # in place of accelerator.backward(loss): lora_dist reduces the LoRA gradients
     engine.step(lr_at(step, lr, warmup=1, total=steps, min_ratio=0.1))  # all-reduce, clip, AdamW
     accelerator.print(f"step {step + 1} loss {float(all_sum(loss.detach())):.6f}")

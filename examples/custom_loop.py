@@ -8,8 +8,9 @@ import sys
 import torch
 
 import lora_dist
-from lora_dist.data import load_dataset, load_tokenizer, model_kwargs
-from lora_dist.train import all_sum, lr_at, n_targets, token_loss_sum
+from lora_dist.data import load_dataset, load_tokenizer
+from lora_dist.loss import n_targets
+from lora_dist.train import all_sum, lr_at
 
 model_dir, data_path, out = sys.argv[1:4]
 env = lora_dist.init_distributed()  # torchrun, Slurm, MPI or one process
@@ -24,8 +25,7 @@ for step in range(steps):
     n_tokens = all_sum(torch.tensor(float(sum(n_targets(b["labels"]) for b in batches)), device=engine.device))
     for m, batch in enumerate(batches):  # the loss is the global token mean; gradients sync on the last micro-batch
         with engine.no_sync() if m < accum - 1 else contextlib.nullcontext():
-            logits = engine.model(**model_kwargs(batch, model.config)).logits
-            engine.backward(token_loss_sum(logits, batch["labels"]) / n_tokens)
+            engine.backward(engine.loss_sum(batch) / n_tokens)  # forward + summed token loss (chunked head)
     engine.step(lr_at(step, lr, warmup=1, total=steps, min_ratio=0.1))  # all-reduce LoRA grads, clip, AdamW
 engine.save_adapter(f"{out}/adapter")
 engine.export_merged(f"{out}/merged")

@@ -3,6 +3,7 @@
     lora-dist train CONFIG.yaml [section.key=value ...]   one process, or under torchrun/srun/mpirun
     lora-dist demo [--nproc 2] [--out runs/demo]          the README's end-to-end job
     lora-dist export RUN_DIR                              merged checkpoint from a finished run
+    lora-dist eval CONFIG [--adapter DIR | --base-only]  validation loss and perplexity
     lora-dist plot RUN_DIR                                PNGs of the run's curves
     lora-dist generate --base DIR [--adapter DIR] --prompt TEXT
     lora-dist merge / verify / slurm / plan / bench       see each command's --help
@@ -106,6 +107,30 @@ def _train(args: argparse.Namespace) -> int:
         print(f"done: loss {result.first_loss:.4f} -> {result.final_loss:.4f}"
               + (f", eval {result.eval_loss:.4f}" if result.eval_loss is not None else "")
               + f"; outputs in {result.output_dir}")
+    return EXIT_OK
+
+
+def _eval_parser(prog: str) -> argparse.ArgumentParser:
+    p = _config_parser(prog, "Loss and perplexity of a run's adapter, or of the base, on the validation data "
+                       "(data.eval_path, or the data.eval_fraction held out of data.path). Runs as training does: "
+                       "one process, or under torchrun/srun/mpirun, sharded by parallel.strategy; every "
+                       "validation block counts once, whatever the world size.",
+                       "dotted overrides, e.g. output.dir=runs/x data.eval_path=val.jsonl")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--adapter", default=None, help="PEFT-format adapter dir (default: OUTPUT_DIR/adapter)")
+    which.add_argument("--base-only", action="store_true", help="evaluate the base model, without an adapter")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lora_dist.evaluation import evaluate_run
+
+    result = evaluate_run(_config_and_overrides(args), args.adapter, args.base_only)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result.as_dict()) if args.json else
+              f"eval {result.model}: loss {result.loss:.4f}, perplexity {result.perplexity:.3f} "
+              f"({result.tokens} target tokens in {result.blocks} blocks)")
     return EXIT_OK
 
 
@@ -375,6 +400,8 @@ def _generate(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "train": Command("run a LoRA fine-tune", _train_parser, _train),
     "demo": Command("build a tiny Llama, fine-tune it on 2 CPU processes, export merged", _demo_parser, _demo),
+    "eval": Command("loss and perplexity of a run's adapter (or the base) on the validation data", _eval_parser,
+                    _eval),
     "data": Command("show (or --dump) the training blocks a config makes from its data", _data_parser, _data),
     "export": Command("write the merged checkpoint of a finished run, sharded like training", _export_parser, _export),
     "merge": Command("merge a PEFT-format LoRA adapter into a base checkpoint (streaming, no full load)",

@@ -61,6 +61,7 @@ MINIMUMS = {
     "train.eval_batches": 1,
     "train.log_every": 1,
     "train.run_steps": 0,
+    "train.loss_chunk": 0,
     "checkpoint.every": 0,
     "checkpoint.keep": 1,
 }
@@ -163,6 +164,10 @@ class ParallelConfig:
     bucket_mb: float = 25.0
     """Size of the LoRA gradient all-reduce buckets (MB); under zero1/2/3 DeepSpeed's reduce bucket,
     capped at the size of all LoRA gradients (a bigger bucket only holds memory)."""
+    shard_optimizer: bool = True
+    """fsdp2/ddp on several ranks: each rank keeps and steps 1/W of the LoRA AdamW state (LoRA gradients
+    reduce-scattered, the update all-gathered: the bytes of an all-reduce); false: every rank holds all of it.
+    zero1/2/3 partition it their own way."""
     replica_check_every: int = 0
     """Every N optimizer steps assert LoRA params are bit-identical across ranks (0: off)."""
     deepspeed_config: str = ""
@@ -193,6 +198,9 @@ class TrainConfig:
     """Clip the LoRA gradients' global norm (0: no clipping)."""
     seq_len: int = 128
     """Tokens per packed training sequence."""
+    loss_chunk: int = 1024
+    """Tokens per chunk of the output head + loss, recomputed in backward: the full fp32 logits never exist
+    (0: the plain loss over the full logits). Off where the head is LoRA-adapted or soft-caps its logits."""
     seed: int = 0
     """Seed for LoRA init, dropout and data order."""
     eval_every: int = 0

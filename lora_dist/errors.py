@@ -18,6 +18,7 @@ from lora_dist.outputs import OutputDirError, OutputError
 from lora_dist.plot import PlotError
 from lora_dist.parallel.sharding import ShardingError
 from lora_dist.slurm import SlurmError
+from lora_dist.tracking import TrackingError
 
 __all__ = ["USER_ERRORS"]
 
@@ -39,6 +40,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ResumeError,
     ShardingError,
     SlurmError,
+    TrackingError,
     TrainingDiverged,
     FileExistsError,
     PermissionError,

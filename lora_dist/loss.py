@@ -26,11 +26,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora_dist.chat import IGNORE
 from lora_dist.lora import LoRALinear
 
-__all__ = ["IGNORE", "ChunkedHeadLoss", "chunkable", "linear_cross_entropy_sum"]
+__all__ = ["IGNORE", "ChunkedHeadLoss", "chunkable", "linear_cross_entropy_sum", "n_targets", "token_loss_sum"]
 
-IGNORE = -100
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies in fp32 (labels shifted here, ``-100`` ignored).
+
+    The labels are shifted, not the logits: ``logits[:, :-1]`` of a batch of several sequences is
+    not a view of one block, so flattening it would copy the largest activation of the step.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # the last position predicts nothing
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def n_targets(labels: torch.Tensor) -> int:
+    """Tokens that carry a loss (the first position of a sequence predicts nothing)."""
+    return int((labels[:, 1:] != IGNORE).sum())
 
 
 def _gathered(weight: torch.Tensor):
@@ -79,7 +93,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     """The summed next-token cross-entropy of ``labels`` (``-100`` ignored) from the final hidden states,
     through a frozen head ``(weight, bias)``, ``chunk`` tokens at a time; fp32.
 
-    The same value as :func:`lora_dist.train.token_loss_sum` of the head's logits, with the same
+    The same value as :func:`token_loss_sum` of the head's logits, with the same
     gradient for ``hidden``; the head gets none (it is frozen).
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # the last position predicts nothing
@@ -104,11 +118,11 @@ def chunkable(model: nn.Module) -> str | None:
 
 
 class ChunkedHeadLoss:
-    """The model's head returns its input; :meth:`loss_sum` applies the head and the loss in chunks.
+    """Within :meth:`installed`, the model's head returns its input; :meth:`loss_sum` then applies the
+    head and the loss in chunks.
 
-    Install it on the unwrapped model after it is sharded; run the forward through the
-    strategy's wrapper as usual, then pass the returned ``.logits`` (the final hidden states,
-    after any linear logit scale) to :meth:`loss_sum`.
+    Outside that context the model is untouched (its forward gives logits as always). Make it on
+    the unwrapped model, after it is sharded; run the forward through the strategy's wrapper.
     """
 
     def __init__(self, model: nn.Module, chunk: int) -> None:
@@ -121,22 +135,26 @@ class ChunkedHeadLoss:
         self.chunk = chunk
         self._weight: torch.Tensor | None = None
         self._bias: torch.Tensor | None = None
-        self.head.forward = self._forward  # instance attribute: FSDP2/ZeRO-3 module hooks still run around it
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The head returns its input (an instance attribute: FSDP2/ZeRO-3 module hooks still run around it)."""
+        self.head.forward = self._forward
+        try:
+            yield
+        finally:
+            del self.head.forward
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # The weight as the strategy presents it inside the forward: gathered (FSDP2), or the
-        # partitioned parameter ZeRO-3 gathers again in backward.
+        # partitioned parameter ZeRO-3 gathers again for the chunks.
         self._weight, self._bias = self.head.weight, self.head.bias
         return hidden
 
     def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The summed fp32 token loss of the forward that returned ``hidden``."""
+        """The summed fp32 token loss of the forward (within :meth:`installed`) that returned ``hidden``."""
         if self._weight is None:
             raise RuntimeError("ChunkedHeadLoss.loss_sum before a forward through the model")
         weight, bias = self._weight, self._bias
         self._weight = self._bias = None
         return linear_cross_entropy_sum(hidden, weight, bias, labels, self.chunk)
-
-    def remove(self) -> None:
-        """Give the head back its own forward (logits out)."""
-        del self.head.forward

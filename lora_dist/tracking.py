@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from lora_dist.atomic import write_text_atomic
 
-__all__ = ["SCALARS", "STATE_FILE", "Tracker", "TrackingError", "open_tracker"]
+__all__ = ["SCALARS", "STATE_FILE", "Tracker", "TrackingError", "check_backends", "open_tracker"]
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ class _TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ModuleNotFoundError:
-            raise TrackingError("tracking.tensorboard needs the tensorboard package: pip install tensorboard, "
-                                "or set tracking.tensorboard=false") from None
+            raise TrackingError(f"tracking.tensorboard needs the tensorboard package: {_PACKAGES['tensorboard'][1]}"
+                                ) from None
         # purge_step hides what a killed attempt logged at or after the resumed step.
         self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
         if not start_step:
@@ -131,13 +131,12 @@ class _MLflow:
 
     def __init__(self, target: str, experiment: str, run_name: str, run_id: str | None, config: dict) -> None:
         try:
-            import mlflow
+            from mlflow.tracking import MlflowClient
         except ModuleNotFoundError:
-            raise TrackingError("tracking.mlflow needs MLflow: pip install 'lora_dist[tracking]' (or mlflow)") from None
+            raise TrackingError(f"tracking.mlflow needs the mlflow package: {_PACKAGES['mlflow'][1]}") from None
         if "://" not in target and not target.startswith(("databricks", "file:")):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a local dir: MLflow's file store
             target = Path(target).resolve().as_uri()
-        from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=target)
         if run_id is None:
@@ -171,7 +170,7 @@ class _WandB:
         try:
             import wandb
         except ModuleNotFoundError:
-            raise TrackingError("tracking.wandb needs wandb: pip install 'lora_dist[tracking]' (or wandb)") from None
+            raise TrackingError(f"tracking.wandb needs the wandb package: {_PACKAGES['wandb'][1]}") from None
         directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow" if run_id else None,
                               dir=str(directory), mode=mode, config=config,
@@ -183,6 +182,27 @@ class _WandB:
 
     def close(self) -> None:
         self.run.finish(quiet=True)
+
+
+#: backend -> (the package it imports, how to install it)
+_PACKAGES = {
+    "tensorboard": ("tensorboard", "pip install tensorboard, or set tracking.tensorboard=false"),
+    "mlflow": ("mlflow", "pip install 'lora_dist[tracking]' (or mlflow)"),
+    "wandb": ("wandb", "pip install 'lora_dist[tracking]' (or wandb)"),
+}
+
+
+def check_backends(tracking) -> None:
+    """Fail before any work where a tracker that is on has no package.
+
+    Raises:
+        TrackingError: naming the setting and the install command.
+    """
+    import importlib.util
+
+    for name, (package, fix) in _PACKAGES.items():
+        if getattr(tracking, name) and importlib.util.find_spec(package) is None:
+            raise TrackingError(f"tracking.{name} needs the {package} package: {fix}")
 
 
 def open_tracker(tracking, out: Path, start_step: int, config: dict, is_main: bool) -> Tracker:

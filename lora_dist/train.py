@@ -39,20 +39,22 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lora_dist import checkpoint as ckpt_mod
 from lora_dist.atomic import recover, write_text_atomic
 from lora_dist.checkpoint import TrainingDiverged
 from lora_dist.config import Config, config_to_dict
-from lora_dist.data import IGNORE, PackedDataset, load_splits, load_tokenizer, model_kwargs
+from lora_dist.data import PackedDataset, load_splits, load_tokenizer
 from lora_dist.launch import LaunchEnv, init_distributed, run_device
+from lora_dist.loss import n_targets
 from lora_dist.model_dir import ModelDir
 from lora_dist.outputs import OutputDirError, OutputError, RunLock, prepare_run_dir, write_failure
 from lora_dist.parallel import Engine, check_replicas
 from lora_dist.preemption import PREEMPT_EXIT_CODE, Preempted, PreemptionHandler
 from lora_dist.ranks import RankGroup
 from lora_dist.session import build, check_launch, open_base, strategy_config
+from lora_dist.sources import input_paths
+from lora_dist.tracking import Tracker, check_backends, open_tracker
 
 __all__ = [
     "LORA_WEIGHT_LIMIT",
@@ -61,11 +63,10 @@ __all__ = [
     "TrainResult",
     "TrainingDiverged",
     "all_sum",
+    "eval_sums",
     "evaluate",
     "forward_backward",
     "lr_at",
-    "n_targets",
-    "token_loss_sum",
     "train",
     "truncate_metrics",
 ]
@@ -99,21 +100,6 @@ def all_sum(value: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies in fp32 (labels shifted here, ``-100`` ignored).
-
-    The labels are shifted, not the logits: ``logits[:, :-1]`` of a batch of several sequences is
-    not a view of one block, so flattening it would copy the largest activation of the step.
-    """
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # the last position predicts nothing
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-
-
-def n_targets(labels: torch.Tensor) -> int:
-    """Tokens that carry a loss (the first position of a sequence predicts nothing)."""
-    return int((labels[:, 1:] != IGNORE).sum())
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -155,7 +141,7 @@ def forward_backward(engine: Engine, micro: list[dict]) -> tuple[float, float]:
     for m, batch in enumerate(micro):
         sync = contextlib.nullcontext() if m == len(micro) - 1 else engine.no_sync()
         with sync:
-            loss = token_loss_sum(engine.model(**model_kwargs(batch, engine.model_config)).logits, batch["labels"])
+            loss = engine.loss_sum(batch)
             engine.backward(loss / n_tokens.to(loss.dtype).clamp(min=1))
         loss_sum += loss.detach().double()
     loss_sum = all_sum(loss_sum)
@@ -165,26 +151,37 @@ def forward_backward(engine: Engine, micro: list[dict]) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(engine: Engine, data: PackedDataset, micro_batch: int, batches: int, env: LaunchEnv) -> float:
-    """Token-mean loss over the first ``batches`` global micro-batches of the held-out blocks (NaN if they
-    hold no target tokens)."""
+def eval_sums(engine: Engine, data: PackedDataset, micro_batch: int, batches: int | None, env: LaunchEnv
+              ) -> tuple[float, float]:
+    """(summed token loss, target tokens) over all ranks, of the first ``batches`` global micro-batches of the
+    held-out blocks (``None``: all of them); each block counts once, whatever the world size.
+
+    Every rank runs the same number of forwards (the collectives of a sharded model need it); a rank past the
+    last block repeats one and counts nothing from it.
+    """
     device = engine.device
     engine.model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     global_micro = micro_batch * env.world_size
-    n_batches = max(1, min(batches, math.ceil(len(data) / global_micro)))
+    n_batches = math.ceil(len(data) / global_micro)
+    if batches is not None:
+        n_batches = max(1, min(batches, n_batches))
     for k in range(n_batches):
         start = k * global_micro + env.rank * micro_batch
-        idx = [i % len(data) for i in range(start, start + micro_batch)]
-        batch = data.inputs(idx, device)
-        logits = engine.model(**model_kwargs(batch, engine.model_config)).logits
-        total += torch.tensor([float(token_loss_sum(logits, batch["labels"])), n_targets(batch["labels"])],
-                              dtype=torch.float64, device=device)
+        idx = [i for i in range(start, start + micro_batch) if i < len(data)]
+        batch = data.inputs(idx or [0], device)
+        loss = engine.loss_sum(batch)
+        if idx:
+            total += torch.tensor([float(loss), n_targets(batch["labels"])], dtype=torch.float64, device=device)
     engine.model.train()
     total = all_sum(total)
-    if float(total[1]) == 0:
-        return float("nan")
-    return float(total[0] / total[1])
+    return float(total[0]), float(total[1])
+
+
+def evaluate(engine: Engine, data: PackedDataset, micro_batch: int, batches: int | None, env: LaunchEnv) -> float:
+    """Token-mean loss of :func:`eval_sums` (NaN if the blocks hold no target tokens)."""
+    loss, tokens = eval_sums(engine, data, micro_batch, batches, env)
+    return loss / tokens if tokens else float("nan")
 
 
 class _Progress:
@@ -238,6 +235,8 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     train_data, eval_data = load_splits(cfg, tokenizer, max_pos, verbose=env.is_main)
 
     ds_config = strategy_config(cfg, base)
+    if env.is_main:
+        check_backends(cfg.tracking)  # a missing tracker package stops the run before any work
     # Only now, with every input validated: output.dir becomes (or is checked to be) this run's dir.
     marker, lock = _open_run_dir(cfg, env, out)
     try:
@@ -256,7 +255,7 @@ def _open_run_dir(cfg: Config, env: LaunchEnv, out: Path) -> tuple[dict, RunLock
     held: list[RunLock] = []
 
     def prepare() -> dict:
-        marker = prepare_run_dir(out, [cfg.model.path, cfg.data.path])
+        marker = prepare_run_dir(out, [cfg.model.path, *input_paths(cfg.data)])
         lock = RunLock(out).acquire()
         held.append(lock)
         merged = out / "merged"
@@ -362,8 +361,11 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
             except OSError as e:
                 raise write_failure(e, str(out / "config.json"), "the previous file is intact") from None
             truncate_metrics(metrics_path, start_step)
+            trackers.append(open_tracker(cfg.tracking, out, start_step, config_to_dict(cfg), is_main=True))
 
+        trackers: list[Tracker] = []
         RankGroup().on_rank0(record_start)
+        tracker = trackers[0] if trackers else Tracker([])  # rank 0's trackers (TensorBoard, MLflow, W&B)
         batches = Batches(train_data, t.micro_batch_size, env, t.seed, device,
                            first_micro=start_step * t.grad_accum, sample_offset=manager.samples_offset)
         history: list[dict] = []
@@ -412,6 +414,7 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
                 history.append(record)
                 if env.is_main and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
                     _append_metrics(metrics_path, record)
+                    tracker.log(record)
                 progress.update(record)
                 stop, on_demand = signals.poll(device)
                 if step + 1 == end_step < t.steps:  # train.run_steps: checkpoint and hand over to a later run
@@ -424,12 +427,14 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
                         log.warning("preempted: checkpoint at step %d written; exiting with code %d for requeue",
                                     step + 1, PREEMPT_EXIT_CODE)
                     raise Preempted(step + 1)
+            if eval_data is not None:
+                eval_loss = _eval(engine, eval_data, t, env)
+                if env.is_main:
+                    _append_metrics(metrics_path, {"step": t.steps, "eval_loss": eval_loss})
+                    tracker.log({"step": t.steps, "eval_loss": eval_loss})
         finally:
             progress.close()
-    if eval_data is not None:
-        eval_loss = _eval(engine, eval_data, t, env)
-        if env.is_main:
-            _append_metrics(metrics_path, {"step": t.steps, "eval_loss": eval_loss})
+            tracker.close()
     if cfg.export.adapter:
         engine.save_adapter(out / "adapter")  # the fp32 LoRA state, whatever the strategy computes in
     engine.finish_training()

@@ -327,14 +327,16 @@ def test_nan_loss_stops_naming_the_step_and_saves_nothing_corrupt(setup, tmp_pat
     from lora_dist.config import load_config
     from lora_dist.launch import destroy_distributed
 
-    real, calls = train_mod.token_loss_sum, []
+    from lora_dist.parallel import Engine
 
-    def poisoned(logits, labels):
+    real, calls = Engine.loss_sum, []
+
+    def poisoned(self, batch):
         calls.append(1)
-        loss = real(logits, labels)
+        loss = real(self, batch)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(train_mod, "token_loss_sum", poisoned)
+    monkeypatch.setattr(Engine, "loss_sum", poisoned)
     out = tmp_path / "nan"
     cfg = load_config(None, [*setup["common"], f"output.dir={out}", "parallel.strategy=none", "checkpoint.every=1"])
     try:
@@ -359,16 +361,18 @@ def test_non_finite_grad_norm_stops_naming_the_step_and_latest_stays_good(setup,
     from lora_dist.config import load_config
     from lora_dist.launch import destroy_distributed
 
-    real, calls = train_mod.token_loss_sum, []
+    from lora_dist.parallel import Engine
 
-    def poisoned(logits, labels):
+    real, calls = Engine.loss_sum, []
+
+    def poisoned(self, batch):
         calls.append(1)
-        loss = real(logits, labels)
+        loss = real(self, batch)
         if len(calls) == 3:
             loss.register_hook(lambda grad: grad * float("inf"))
         return loss
 
-    monkeypatch.setattr(train_mod, "token_loss_sum", poisoned)
+    monkeypatch.setattr(Engine, "loss_sum", poisoned)
     out = tmp_path / "nan-grad"
     cfg = load_config(None, [*setup["common"], f"output.dir={out}", "parallel.strategy=none", "checkpoint.every=1"])
     try:

@@ -12,11 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_dist.loss import IGNORE, ChunkedHeadLoss, chunkable, linear_cross_entropy_sum
-
-
-def _plain_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+from lora_dist.loss import token_loss_sum as _plain_sum
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
@@ -76,7 +72,8 @@ def test_models_chunked_loss_and_lora_grads_equal_the_plain_ones(tiny_model, arc
 
     chunked = ChunkedHeadLoss(model, chunk=7)
     torch.manual_seed(3)
-    out = model(input_ids=ids).logits
+    with chunked.installed():
+        out = model(input_ids=ids).logits
     assert out.shape[-1] == model.config.get_text_config().hidden_size  # the head returned its input
     loss = chunked.loss_sum(out, labels)
     loss.backward()
@@ -86,8 +83,7 @@ def test_models_chunked_loss_and_lora_grads_equal_the_plain_ones(tiny_model, arc
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5,
                                    atol=1e-5 * float(grad.abs().max()),
                                    msg=lambda m, n=name: f"{n}: {m}")
-    chunked.remove()
-    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
+    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size  # outside the context: logits
 
 
 def test_where_it_does_not_apply(tiny_model):

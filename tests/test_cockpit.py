@@ -90,14 +90,15 @@ def test_plot_cli(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tiny_checkpoint, tmp_path_factory):
     """(base, adapter, merged): an adapter with non-zero B on every attention projection, and its merge."""
-    from conftest import load_hf_model
+    from transformers import AutoModelForCausalLM
+
     from lora_dist import LoRAConfig, inject_lora, save_adapter
     from lora_dist.lora import lora_modules
     from lora_dist.export import merge_offline
 
     base = tiny_checkpoint("llama", seed=3)
     tmp = tmp_path_factory.mktemp("generate")
-    model = load_hf_model(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_dist.train import IGNORE, n_targets, token_loss_sum
+from lora_dist.loss import IGNORE, n_targets, token_loss_sum
 
 
 def test_equals_the_transformers_causal_lm_loss(tiny_model):

@@ -222,7 +222,7 @@ def test_dump_and_summary(setup, tmp_path):
     assert dump_blocks(cfg, tmp_path / "two.jsonl", limit=2) == 2
     text = summarize(cfg)
     s = ds.stats
-    assert f"records: 24 (8 completion, 8 messages, 8 text)" in text
+    assert "records: 24 (8 completion, 8 messages, 8 text)" in text
     assert f"blocks: {s.blocks} of train.seq_len={SEQ}" in text and f"tokens with a loss: {s.loss_tokens}" in text
     assert f"documents split (longer than train.seq_len): {s.split} of 24" in text and s.split >= 1
     assert "[[<|im_start|>user\n" in text  # the first block's masked text is marked

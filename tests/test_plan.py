@@ -135,7 +135,7 @@ def test_peak_estimate_is_close_to_live_tensor_bytes(tiny_checkpoint):
     """The whole prediction (activations included) against live tensor bytes counted during a step."""
     sys.path.insert(0, str(REPO))
     from lora_dist.bench.measure import LiveTensorBytes
-    from lora_dist.train import token_loss_sum
+    from lora_dist.loss import token_loss_sum
 
     path = tiny_checkpoint("llama", hidden=64, layers=2)
     plan = _plan(path, "none", 1, "train.micro_batch_size=2", "train.seq_len=64")

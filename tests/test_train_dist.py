@@ -82,6 +82,22 @@ def test_two_ranks_equal_one_process(setup, reference, strategy):
     assert _losses(out) == pytest.approx(_losses(reference), abs=1e-5)
 
 
+@pytest.mark.parametrize("strategy,variant", [
+    ("fsdp2", "train.loss_chunk=7"),  # the head + loss in 7-token chunks, recomputed in backward
+    ("zero3", "train.loss_chunk=7"),  # ... with ZeRO-3 gathering the head again for the recompute
+    ("ddp", "train.loss_chunk=0 parallel.shard_optimizer=false"),  # full logits, DDP's all-reduce, whole AdamW
+    ("fsdp2", "train.loss_chunk=0 parallel.shard_optimizer=false"),  # full logits, the bucketed all-reduce
+])
+def test_loss_and_optimizer_variants_equal_one_process(setup, reference, strategy, variant):
+    """The reference runs the default loss (one chunk at these sizes) and one process's AdamW; 2 ranks run
+    the head in many chunks, or the full logits with a whole AdamW state per rank instead of ZeRO-1 over
+    the LoRA."""
+    out = _train(setup, f"{strategy}-{variant.split()[-1]}", 2, f"parallel.strategy={strategy}",
+                 "train.micro_batch_size=2", *variant.split())
+    _assert_same_adapter(reference, out)
+    assert _losses(out) == pytest.approx(_losses(reference), abs=1e-5)
+
+
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3", "ddp"])
 def test_grad_accum_2x2_equals_batch_4(setup, reference, strategy):
     out = _train(setup, f"accum-{strategy}", 2, f"parallel.strategy={strategy}", "train.micro_batch_size=1",
@@ -118,10 +134,11 @@ def test_base_is_sharded_without_grads_or_optimizer_state(setup, tmp_path, strat
         expected_type = "zero3-partition" if strategy == "zero3" else "DTensor-Shard(0)"
         assert rep["base_types"] == [expected_type]
         assert rep["base_with_grad"] == [] and rep["base_requires_grad"] == []
-        # The optimizer holds the LoRA params only, and its state (AdamW: two moments) is LoRA-sized:
-        # whole LoRA tensors (fsdp2) or this rank's 1/W partition of them (zero3).
-        assert rep["optimizer_numel"] <= rep["lora_numel"]
-        assert rep["lora_numel"] // 2 <= rep["optimizer_state_numel"] // 2 <= rep["lora_numel"], rep
+        # The optimizer holds the LoRA params only, and its state (AdamW: two moments) is this rank's 1/W of
+        # them: ZeRO-1 over the LoRA (fsdp2, parallel.shard_optimizer) or DeepSpeed's partition (zero3).
+        assert rep["sharded_lora_optimizer"] == (strategy == "fsdp2")
+        assert rep["optimizer_numel"] <= rep["lora_numel"] // 2 + 64, rep  # (+ padding to W)
+        assert rep["lora_numel"] <= rep["optimizer_state_numel"] <= rep["lora_numel"] + 128, rep  # 2 moments of 1/W
         assert rep["lora_not_whole"] == []
         # Each rank holds about 1/W of the base bytes.
         share = rep["base_local_bytes"] / rep["base_full_bytes"]

@@ -130,7 +130,7 @@ class LoraDist(System):
 
     @torch.no_grad()
     def forward(self, ids, labels) -> None:
-        from lora_dist.train import token_loss_sum
+        from lora_dist.loss import token_loss_sum
 
         token_loss_sum(self.engine.model(input_ids=ids).logits, labels)
 

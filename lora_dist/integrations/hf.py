@@ -5,7 +5,7 @@ evaluation, callbacks, checkpointing and resume. lora_dist takes what it does be
 
 * the model: built by :func:`lora_dist.prepare` (base sharded without grads or optimizer state, LoRA
   replicated); Trainer and accelerate never wrap it again (no DDP around FSDP2, no second FSDP);
-* each micro-batch: the global token-mean loss (:func:`lora_dist.train.token_loss_sum` over the step's
+* each micro-batch: the global token-mean loss (:func:`lora_dist.loss.token_loss_sum` over the step's
   target tokens on all ranks), ``engine.backward``, ``engine.no_sync`` but on the last micro-batch;
 * each optimizer step: ``engine.step(lr)`` (LoRA all-reduce, clipping to ``max_grad_norm``, AdamW) with the
   lr Trainer's scheduler set;
@@ -36,7 +36,8 @@ from lora_dist.lora import LoRAConfig
 from lora_dist.parallel import Engine
 from lora_dist.ranks import RankGroup
 from lora_dist.session import prepare, run_config
-from lora_dist.train import all_sum, n_targets, token_loss_sum
+from lora_dist.loss import n_targets, token_loss_sum
+from lora_dist.train import all_sum
 
 __all__ = ["LoraDistMixin", "LoraDistTrainer", "STATE_DIR"]
 
@@ -198,7 +199,9 @@ class LoraDistMixin:
         last = self.accelerator.sync_gradients  # Trainer sets it for the step's last micro-batch
         n_tokens = self._step_tokens.clamp(min=1)
         with contextlib.nullcontext() if last else self.engine.no_sync():
-            loss_sum, _ = self._forward_loss_sum(inputs)
+            # the engine's forward + loss: through the chunked head, the full fp32 logits never exist
+            loss_sum = self.engine.forward_loss_sum({k: v for k, v in inputs.items() if k != "labels"},
+                                                    inputs["labels"].long())
             loss = loss_sum / n_tokens.to(loss_sum.dtype)
             self.engine.backward(loss)
         # Trainer logs the mean over ranks of what this returns: each rank's share of the global mean, times W.

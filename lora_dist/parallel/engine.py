@@ -13,21 +13,27 @@ partitions) stay behind it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from lora_dist.config import ParallelConfig, TrainConfig
+from lora_dist.data import model_kwargs
 from lora_dist.lora import lora_modules
+from lora_dist.loss import ChunkedHeadLoss, chunkable, token_loss_sum
 from lora_dist.model_dir import ModelDir
 from lora_dist.parallel.reducer import LoRAGradReducer
+from lora_dist.parallel.sharded_adamw import ShardedAdamW
 from lora_dist.ranks import RankGroup
 
 __all__ = ["DDPEngine", "Engine", "FSDP2Engine", "ReplicaMismatchError", "check_replicas", "make_engine"]
+
+log = logging.getLogger("lora_dist")
 
 #: AdamW moments a checkpoint keeps per LoRA tensor.
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -54,9 +60,15 @@ class Engine:
     Attributes:
         base: the base model dir the model was loaded from (set by :func:`make_engine`); the adapter names it
             and the merged export reads the base's layout from it.
+        head_loss: the chunked head + loss :meth:`loss_sum` uses (:func:`make_engine` sets it from
+            ``train.loss_chunk``), or None for the plain loss of the full logits.
+        sharded: ZeRO-1 over the LoRA (:class:`~lora_dist.parallel.sharded_adamw.ShardedAdamW`): when set, it
+            reduces the gradients and steps 1/W of the AdamW state in place of ``optimizer``.
     """
 
     base: ModelDir | None = None
+    head_loss: ChunkedHeadLoss | None = None
+    sharded: ShardedAdamW | None = None
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
                  device: torch.device | None = None) -> None:
@@ -74,7 +86,30 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
 
+    def loss_sum(self, batch: dict) -> torch.Tensor:
+        """Forward one micro-batch (:meth:`lora_dist.data.PackedDataset.inputs`' dict) through :attr:`model`;
+        its summed fp32 next-token loss (:meth:`forward_loss_sum`)."""
+        return self.forward_loss_sum(model_kwargs(batch, self.model_config), batch["labels"])
+
+    def forward_loss_sum(self, inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
+        """``model(**inputs)`` and the summed fp32 next-token loss of ``labels`` (``-100``: no loss), through the
+        chunked head where :attr:`head_loss` is set: the full fp32 logits never exist."""
+        if self.head_loss is None:
+            return token_loss_sum(self.model(**inputs).logits, labels)
+        with self.head_loss.installed():
+            hidden = self.model(**inputs).logits
+        return self.head_loss.loss_sum(hidden, labels)
+
+    def use_chunked_loss(self, chunk: int) -> str | None:
+        """Let :meth:`loss_sum` apply the head in chunks of ``chunk`` tokens (0: the plain loss); returns why
+        it cannot, where it cannot (the plain loss stays)."""
+        why = chunkable(self.module) if chunk else None
+        self.head_loss = ChunkedHeadLoss(self.module, chunk) if chunk and why is None else None
+        return why
+
     def no_sync(self) -> contextlib.AbstractContextManager:
+        if self.sharded is not None:
+            return self.sharded.no_sync()
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -85,6 +120,8 @@ class Engine:
 
     def step(self, lr: float) -> float:
         """Reduce gradients, clip, update; returns the pre-clip global grad norm."""
+        if self.sharded is not None:
+            return self.sharded.step(lr, self.max_grad_norm)
         self._sync_grads()
         for p in self.lora_params:
             if p.grad is None:
@@ -106,6 +143,8 @@ class Engine:
         forward left gathered, so an export that follows starts from the sharded state alone."""
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer.state.clear()
+        if self.sharded is not None:
+            self.sharded.clear()
         from torch.distributed.fsdp import FSDPModule
 
         for module in self.module.modules():
@@ -169,6 +208,8 @@ class Engine:
 
     def optimizer_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 AdamW moments on the CPU, ``<lora name>.exp_avg`` / ``.exp_avg_sq`` (collective under ZeRO)."""
+        if self.sharded is not None:
+            return self.sharded.state_dict()
         out: dict[str, torch.Tensor] = {}
         for name, p in self.named_lora_params():
             state = self.optimizer.state.get(p, {})
@@ -197,6 +238,9 @@ class Engine:
                 param.copy_(tensors[name].to(param.dtype))
 
     def _load_moments(self, tensors: Mapping[str, torch.Tensor], step: int) -> None:
+        if self.sharded is not None:
+            self.sharded.load_state_dict(tensors, step)
+            return
         for name, p in self.named_lora_params():
             if f"{name}.exp_avg" not in tensors:
                 continue
@@ -210,33 +254,50 @@ class Engine:
         return self.lora_state_dict()
 
 
-class FSDP2Engine(Engine):
-    """FSDP2: the base is sharded by ``fully_shard``; LoRA gradients are all-reduced by :class:`LoRAGradReducer`."""
+def _sharded_adamw(engine: Engine, bucket_mb: float) -> ShardedAdamW:
+    """ZeRO-1 over the engine's LoRA params, with the hyperparameters of the AdamW it was given."""
+    d = engine.optimizer.defaults
+    return ShardedAdamW(engine.named_lora_params(), lr=d["lr"], betas=d["betas"], eps=d["eps"],
+                        weight_decay=d["weight_decay"], bucket_mb=bucket_mb)
 
-    def __init__(self, model, optimizer, max_grad_norm, bucket_mb: float, device: torch.device | None = None) -> None:
+
+class FSDP2Engine(Engine):
+    """FSDP2: the base is sharded by ``fully_shard``; LoRA gradients are reduce-scattered to 1/W of the AdamW
+    state (``shard_optimizer``) or all-reduced by :class:`LoRAGradReducer`."""
+
+    def __init__(self, model, optimizer, max_grad_norm, bucket_mb: float, device: torch.device | None = None,
+                 shard_optimizer: bool = False) -> None:
         super().__init__(model, optimizer, max_grad_norm, device)
-        self.reducer = LoRAGradReducer(self.lora_params, bucket_mb)
+        if shard_optimizer:
+            self.sharded = _sharded_adamw(self, bucket_mb)
+        else:
+            self.reducer = LoRAGradReducer(self.lora_params, bucket_mb)
 
     def no_sync(self):
-        return self.reducer.no_sync()
+        return self.sharded.no_sync() if self.sharded is not None else self.reducer.no_sync()
 
     def _sync_grads(self) -> None:
         self.reducer.finish()
 
 
 class DDPEngine(Engine):
-    """DDP: every rank holds the whole base; DDP reduces the LoRA gradients (it averages, we scale back to a sum)."""
+    """DDP: every rank holds the whole base. With ``shard_optimizer`` the LoRA gradients are reduce-scattered to
+    1/W of the AdamW state (no DDP wrapper: there is nothing else to reduce); else DDP all-reduces them (it
+    averages, we scale back to a sum)."""
 
-    def __init__(self, model, optimizer, max_grad_norm, bucket_mb: float, device: torch.device) -> None:
+    def __init__(self, model, optimizer, max_grad_norm, bucket_mb: float, device: torch.device,
+                 shard_optimizer: bool = False) -> None:
+        super().__init__(model, optimizer, max_grad_norm, device)
+        if shard_optimizer:
+            self.sharded = _sharded_adamw(self, bucket_mb)
+            return
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
-        super().__init__(model, optimizer, max_grad_norm, device)
-        self.model = ddp
+        self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
         self.loss_multiplier = float(dist.get_world_size())
 
     def no_sync(self):
-        return self.model.no_sync()
+        return self.sharded.no_sync() if self.sharded is not None else self.model.no_sync()
 
 
 def make_engine(
@@ -250,10 +311,11 @@ def make_engine(
 ) -> Engine:
     """The training-step engine for ``cfg.strategy`` (model already materialized and loaded from ``base``)."""
     engine: Engine
+    shard = cfg.shard_optimizer and dist.is_initialized() and dist.get_world_size() > 1
     if cfg.strategy == "fsdp2":
-        engine = FSDP2Engine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device)
+        engine = FSDP2Engine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device, shard)
     elif cfg.strategy == "ddp":
-        engine = DDPEngine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device)
+        engine = DDPEngine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device, shard)
     elif cfg.strategy.startswith("zero"):
         from lora_dist.parallel.deepspeed import DeepSpeedEngine
 
@@ -263,6 +325,9 @@ def make_engine(
     else:
         engine = Engine(model, optimizer, train.max_grad_norm, device)
     engine.base = base
+    why = engine.use_chunked_loss(train.loss_chunk)
+    if why and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.info("the loss runs over the full logits (train.loss_chunk does not apply: %s)", why)
     return engine
 
 

@@ -14,7 +14,7 @@ from lora_dist.lora import lora_parameters
 from lora_dist.model import load_model
 from lora_dist.parallel import ReplicaMismatchError, check_replicas, make_engine
 from lora_dist.parallel.deepspeed import deepspeed_config
-from lora_dist.train import token_loss_sum
+from lora_dist.loss import token_loss_sum
 from transformers import AutoConfig
 
 out_dir, *overrides = sys.argv[1:]
@@ -74,7 +74,10 @@ for name, p in model.named_parameters():
         report["base_with_grad"].append(name)
     if p.requires_grad:
         report["base_requires_grad"].append(name)
-inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+# What steps the LoRA: ZeRO-1 over the LoRA (fsdp2, W > 1), or DeepSpeed's inner optimizer (zero3).
+inner = engine.sharded.optimizer if engine.sharded is not None else getattr(engine.optimizer, "optimizer",
+                                                                                engine.optimizer)
+report["sharded_lora_optimizer"] = engine.sharded is not None
 for group in inner.param_groups:
     for p in group["params"]:
         report["optimizer_numel"] += p.numel()
