@@ -131,3 +131,31 @@ def test_a_missing_backend_package_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ModuleNotFoundError
     with pytest.raises(TrackingError, match=r"pip install 'lora_dist\[tracking\]'"):
         open_tracker(Tracking(tensorboard=False, wandb="offline"), tmp_path, 0, CONFIG, is_main=True)
+
+
+def test_a_training_run_and_its_resume_feed_one_curve_per_tracker(tiny_checkpoint, tmp_path):
+    """`lora-dist train` in two invocations (train.run_steps): TensorBoard and MLflow hold steps 1-4 once,
+    equal to metrics.jsonl, in one MLflow run, with the final eval loss."""
+    from mlflow.tracking import MlflowClient
+
+    from distutil import lora_dist
+    from lora_dist.demo import write_demo_data
+
+    data = write_demo_data(tmp_path / "data.jsonl", n=60)
+    out, store = tmp_path / "run", tmp_path / "mlruns"
+    args = ["train", f"model.path={tiny_checkpoint('llama')}", f"data.path={data}", "train.steps=4",
+            "train.seq_len=32", "train.micro_batch_size=2", "data.eval_fraction=0.2", "lora.r=2",
+            "parallel.strategy=none", f"output.dir={out}", f"tracking.mlflow={store}", "train.run_steps=2"]
+    lora_dist(*args)
+    lora_dist(*args)  # resumes at step 2 and finishes
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert [s for s, _ in losses] == [1, 2, 3, 4]
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    assert scalars["train/loss"] == [(s, pytest.approx(v, rel=1e-6)) for s, v in losses]
+    assert [s for s, _ in scalars["eval/loss"]] == [4]
+    run_id = json.loads((out / STATE_FILE).read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=store.resolve().as_uri())
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")) == \
+        [(s, pytest.approx(v, rel=1e-6)) for s, v in losses]
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1

@@ -1,0 +1,86 @@
+"""``lora-dist eval``: the validation loss of a run's adapter, or of the base, sharded like training.
+
+Checked against the end-of-training eval of the same run, against transformers computing
+the base's loss block by block, and W ranks (fsdp2, zero3) against 1 process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from distutil import lora_dist, torchrun
+from lora_dist.demo import write_demo_data
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def run(tiny_checkpoint, tmp_path_factory):
+    """A finished 1-process run whose last 25% of blocks are held out, and its config overrides."""
+    base = tiny_checkpoint("llama", hidden=64, layers=2)
+    root = tmp_path_factory.mktemp("eval")
+    data = write_demo_data(root / "data.jsonl", n=120)
+    common = [f"model.path={base}", f"data.path={data}", "data.eval_fraction=0.25", "train.seq_len=32",
+              "train.micro_batch_size=3", "train.eval_batches=1000", "lora.r=4", "lora.target_modules=[q_proj,v_proj]",
+              f"output.dir={root / 'run'}"]
+    lora_dist("train", *common, f"train.steps={STEPS}", "train.lr=5e-3", "parallel.strategy=none")
+    return {"common": common, "out": root / "run", "base": base}
+
+
+def _eval(run, nproc: int, *args: str) -> dict:
+    argv = ["eval", *run["common"], "--json", *args]
+    proc = lora_dist(*argv) if nproc == 1 else torchrun(nproc, "-m", "lora_dist.cli", *argv)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_adapter_eval_equals_the_runs_own_final_eval(run):
+    result = _eval(run, 1, "parallel.strategy=none")
+    rows = [json.loads(line) for line in (run["out"] / "metrics.jsonl").read_text().splitlines()]
+    final = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+    assert result["model"] == str(run["out"] / "adapter")
+    assert result["loss"] == pytest.approx(final, rel=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-9)
+    assert result["blocks"] > 3 and result["tokens"] > 0
+
+
+def test_base_only_equals_transformers_block_by_block(run):
+    from transformers import AutoModelForCausalLM
+
+    from lora_dist.config import load_config
+    from lora_dist.data import load_splits, load_tokenizer, model_kwargs
+    from lora_dist.loss import n_targets, token_loss_sum
+
+    result = _eval(run, 1, "parallel.strategy=none", "--base-only")
+    cfg = load_config(None, run["common"])
+    _, held_out = load_splits(cfg, load_tokenizer(run["base"]), verbose=False)
+    model = AutoModelForCausalLM.from_pretrained(run["base"], dtype=torch.float32).eval()
+    total = tokens = 0.0
+    with torch.no_grad():
+        for i in range(len(held_out)):
+            batch = held_out.inputs([i])
+            total += float(token_loss_sum(model(**model_kwargs(batch, model.config)).logits, batch["labels"]))
+            tokens += n_targets(batch["labels"])
+    assert result["model"] == "base" and result["tokens"] == tokens
+    assert result["loss"] == pytest.approx(total / tokens, rel=1e-6)
+    assert result["loss"] != pytest.approx(_eval(run, 1, "parallel.strategy=none")["loss"], rel=1e-4)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_two_ranks_equal_one_process(run, strategy):
+    one = _eval(run, 1, "parallel.strategy=none")
+    two = _eval(run, 2, f"parallel.strategy={strategy}")
+    # 3 blocks per micro-batch on 2 ranks: the last global batch is partial, and each block still counts once
+    assert (two["blocks"], two["tokens"]) == (one["blocks"], one["tokens"])
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_without_validation_data_or_adapter_it_is_one_line(run, tmp_path):
+    r = lora_dist("eval", *run["common"], "data.eval_fraction=0", "parallel.strategy=none", check=False)
+    assert r.returncode == 2 and "no validation data" in r.stderr and "Traceback" not in r.stderr
+    r = lora_dist("eval", *run["common"], f"output.dir={tmp_path}", "parallel.strategy=none", check=False)
+    assert r.returncode == 2 and "no adapter at" in r.stderr and "--base-only" in r.stderr
