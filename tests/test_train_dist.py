@@ -105,6 +105,17 @@ def test_grad_accum_2x2_equals_batch_4(setup, reference, strategy):
     _assert_same_adapter(reference, out)
 
 
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3", "ddp"])
+def test_bf16_stored_base_trains_fp32_lora(setup, reference, strategy):
+    """model.dtype=bfloat16: the base is stored and computed in bf16 under every strategy (zero3 included: its
+    DeepSpeed config turns bf16 on), the LoRA state stays fp32; the losses follow the fp32 run's."""
+    out = _train(setup, f"bf16-base-{strategy}", 2, f"parallel.strategy={strategy}", "train.micro_batch_size=2",
+                 "model.dtype=bfloat16")
+    assert all(t.dtype == torch.float32 for t in _adapter(out).values())
+    assert _losses(out) == pytest.approx(_losses(reference), rel=1e-3)
+    assert _losses(out) != pytest.approx(_losses(reference), abs=1e-6)  # bf16 numbers, not the fp32 ones
+
+
 def test_bf16_base_compute_trains_fp32_lora(setup, reference):
     out = _train(setup, "bf16", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=2",
                  "parallel.mixed_precision=bfloat16")

@@ -115,7 +115,8 @@ def deepspeed_config(cfg: Config, hf_config) -> dict:
                 "stage3_prefetch_bucket_size": max(bucket, _largest_block_weight(hf_config)),
             },
             "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": p.mixed_precision == "bfloat16"},
+            # A bf16 base (model.dtype) is stored and computed in bf16; the LoRA steps fp32 masters.
+            "bf16": {"enabled": "bfloat16" in (p.mixed_precision, cfg.model.dtype)},
             # LoRA gradients are reduced in fp32 even when the base computes in bf16.
             "communication_data_type": "fp32",
             "steps_per_print": 10**9,
