@@ -251,10 +251,17 @@ class LoRALayer(nn.Module):
             self.lora_A.weight.copy_(a)
             self.lora_B.weight.zero_()
 
-    def _make_factors(self, r: int, device: torch.device | None, lora_dtype: torch.dtype) -> None:
+    def _make_factors(self, weight: torch.Tensor, r: int, lora_dtype: torch.dtype) -> None:
+        """``lora_A``/``lora_B`` next to ``weight`` (on meta while the base is; on the CPU for a shard left
+        empty), not merged, not disabled, and initialized unless on meta."""
+        device = weight.device if weight.device.type == "meta" or weight.numel() else None
         rows = r * self.num_experts
         self.lora_A = nn.Linear(self.in_features, rows, bias=False, device=device, dtype=lora_dtype)
         self.lora_B = nn.Linear(rows, self.out_features, bias=False, device=device, dtype=lora_dtype)
+        self.merged = False
+        self.disabled = False
+        if weight.device.type != "meta":
+            self.initialize_parameters()
 
     def base_weight(self) -> torch.Tensor:
         """The frozen base tensor the adapter updates (sharded or not)."""
@@ -342,12 +349,7 @@ class LoRALinear(LoRALayer):
             bias.requires_grad_(False)
         self.bias = bias
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        device = weight.device if weight.device.type == "meta" or weight.numel() else None
-        self._make_factors(r, device, lora_dtype)
-        self.merged = False
-        self.disabled = False
-        if weight.device.type != "meta":
-            self.initialize_parameters()
+        self._make_factors(weight, r, lora_dtype)
 
     @classmethod
     def from_base(cls, base: nn.Module, **kwargs) -> "LoRALinear":
@@ -426,12 +428,7 @@ class LoRAParam(LoRALayer):
         self.init = init
         self._owner = weakref.ref(owner)  # not a submodule: the owner holds this module
         weight.requires_grad_(False)
-        device = weight.device if weight.device.type == "meta" or weight.numel() else None
-        self._make_factors(r, device, lora_dtype)
-        self.merged = False
-        self.disabled = False
-        if weight.device.type != "meta":
-            self.initialize_parameters()
+        self._make_factors(weight, r, lora_dtype)
 
     @property
     def weight_name(self) -> str:

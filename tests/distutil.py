@@ -1,4 +1,4 @@
-"""Launching multi-process test runs on CPU (gloo) with torchrun."""
+"""Launching multi-process test runs on CPU (gloo) with torchrun, and comparing the adapters they write."""
 
 from __future__ import annotations
 
@@ -51,3 +51,18 @@ def alias_bomb() -> str:
     text = "# an alias bomb" + " " * (372 - len(text) - 15) + "\n" + text
     assert len(text.encode()) == 373
     return text
+
+
+def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
+    """Two PEFT adapter dirs hold the same LoRA tensors within ``atol``, with a margin (the largest difference
+    at most half of it), and they are trained (B moved off zero): not two untrained adapters."""
+    import torch
+    from safetensors.torch import load_file
+
+    ta, tb = (load_file(str(d / "adapter_model.safetensors")) for d in (a, b))
+    assert set(ta) == set(tb) and ta
+    for key in ta:
+        torch.testing.assert_close(tb[key], ta[key], atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
+    worst = max(float((tb[k].double() - ta[k].double()).abs().max()) for k in ta)
+    assert worst <= atol / 2, f"max |diff| {worst:.3g} is within 2x of the tolerance {atol:.3g}: too close to call"
+    assert max(float(t.abs().max()) for k, t in ta.items() if "lora_B" in k) > 1e-4

@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["LoRAGradReducer"]
+__all__ = ["LoRAGradReducer", "fill_buckets"]
+
+T = TypeVar("T")
+
+
+def fill_buckets(items: list[T], nbytes: Callable[[T], int], bucket_mb: float) -> list[list[T]]:
+    """``items`` in buckets of at most ``bucket_mb`` MB (one item may exceed it alone), filled in reverse
+    order: roughly the order backward produces the gradients."""
+    buckets: list[list[T]] = []
+    limit, size = bucket_mb * 1e6, 0.0
+    for item in reversed(items):
+        n = nbytes(item)
+        if not buckets or size + n > limit:
+            buckets.append([])
+            size = 0.0
+        buckets[-1].append(item)
+        size += n
+    return buckets
 
 
 class LoRAGradReducer:
@@ -29,15 +46,7 @@ class LoRAGradReducer:
 
     def __init__(self, params: list[nn.Parameter], bucket_mb: float = 25.0, group=None) -> None:
         self.group = group
-        self.buckets: list[list[nn.Parameter]] = []
-        limit, size = bucket_mb * 1e6, 0.0
-        for p in reversed(params):
-            nbytes = p.numel() * p.element_size()
-            if not self.buckets or size + nbytes > limit:
-                self.buckets.append([])
-                size = 0.0
-            self.buckets[-1].append(p)
-            size += nbytes
+        self.buckets = fill_buckets(params, lambda p: p.numel() * p.element_size(), bucket_mb)
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
         self._sync = True
         self._reset()

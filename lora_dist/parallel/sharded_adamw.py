@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from lora_dist.parallel.reducer import fill_buckets
+
 __all__ = ["ShardedAdamW"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -72,14 +74,7 @@ class ShardedAdamW:
         self.group = group
         self.world = dist.get_world_size(group)
         rank = dist.get_rank(group)
-        limit, size, groups = bucket_mb * 1e6, 0.0, []
-        for name, p in reversed(named_params):
-            nbytes = p.numel() * p.element_size()
-            if not groups or size + nbytes > limit:
-                groups.append([])
-                size = 0.0
-            groups[-1].append((name, p))
-            size += nbytes
+        groups = fill_buckets(named_params, lambda item: item[1].numel() * item[1].element_size(), bucket_mb)
         self.buckets = [_Bucket(g, self.world, rank) for g in groups]
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
         device = named_params[0][1].device

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+import distutil
 from distutil import REPO, free_port, quiet_env
 
 STEPS = 3
@@ -19,19 +20,8 @@ ADAPTER_ATOL = LR * STEPS / 300
 LORA = ["lora.r=4", "lora.target_modules=[q_proj,v_proj,down_proj]"]
 
 
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "adapter_model.safetensors"))
-
-
 def assert_same_adapter(a: Path, b: Path, atol: float = ADAPTER_ATOL) -> None:
-    """Two PEFT adapter dirs hold the same LoRA tensors, within ``atol``, and they are trained (B moved off zero)."""
-    ta, tb = adapter(a), adapter(b)
-    assert set(ta) == set(tb) and ta
-    for key in ta:
-        torch.testing.assert_close(tb[key], ta[key], atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
-    worst = max(float((tb[k].double() - ta[k].double()).abs().max()) for k in ta)
-    assert worst <= atol / 2, f"max |diff| {worst:.3g} is within 2x of the tolerance {atol:.3g}: too close to call"
-    assert max(float(t.abs().max()) for k, t in ta.items() if "lora_B" in k) > 1e-4
+    distutil.assert_same_adapter(a, b, atol)
 
 
 def python(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -70,4 +60,4 @@ def srun(nproc: int, *args: str, timeout: float = 300) -> None:
 def peft_tensors(path: Path) -> dict[str, torch.Tensor]:
     """An adapter's tensors by the model's own names (PEFT's ``base_model.model.`` prefix dropped)."""
     prefix = "base_model.model."
-    return {k.removeprefix(prefix): v for k, v in adapter(path).items()}
+    return {k.removeprefix(prefix): v for k, v in load_file(str(path / "adapter_model.safetensors")).items()}
