@@ -309,7 +309,8 @@ def _slurm(args: argparse.Namespace) -> int:
 def _plan_parser(prog: str) -> argparse.ArgumentParser:
     p = _config_parser(prog, "Predict per-rank memory (base shard, LoRA params, grads, optimizer state, "
                        "activations, gathered weights, buffers) of training CONFIG on W ranks. Reads only the "
-                       "checkpoint's config.json.", "dotted overrides, e.g. parallel.strategy=zero3 train.seq_len=2048")
+                       "checkpoint's config.json. With parallel.strategy=auto, first the strategy chosen for "
+                       "parallel.memory_gb per rank and each candidate's predicted peak.", "dotted overrides, e.g. parallel.strategy=zero3 train.seq_len=2048")
     p.add_argument("--world-size", "-W", type=int, required=True, help="number of ranks")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p

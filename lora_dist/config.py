@@ -43,11 +43,12 @@ __all__ = [
     "load_config",
 ]
 
-STRATEGIES = ("fsdp2", "zero3", "zero2", "zero1", "ddp", "none")
+STRATEGIES = ("fsdp2", "zero3", "zero2", "zero1", "ddp", "none", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 #: Smallest valid value of each numeric key with a lower bound of ``>=`` (lora.r is checked by LoRAConfig).
 MINIMUMS = {
     "parallel.replica_check_every": 0,
+    "parallel.memory_gb": 0,
     "train.steps": 1,
     "train.micro_batch_size": 1,
     "train.grad_accum": 1,
@@ -151,7 +152,11 @@ class ParallelConfig:
     """How the model is spread over ranks."""
 
     strategy: str = "fsdp2"
-    """fsdp2 (default), zero3, zero2, zero1, ddp, or none (single process)."""
+    """fsdp2 (default), zero3, zero2, zero1, ddp, none (single process), or auto: the fastest that the planner
+    predicts fits parallel.memory_gb per rank (ddp, else fsdp2, else fsdp2 with activation checkpointing)."""
+    memory_gb: float = 0.0
+    """parallel.strategy=auto: memory per rank in GB (1e9 bytes); 0: the GPU's total memory, or on the CPU the
+    host's memory divided by the ranks on the node."""
     mixed_precision: str = "float32"
     """Compute dtype of the base under fsdp2/zero: float32 or bfloat16 (LoRA params and grad reduction stay fp32).
     float16 is refused: it needs a loss scaler, which lora_dist does not run."""

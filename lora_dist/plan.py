@@ -14,15 +14,24 @@ computed from the resulting parameter shapes and the run config:
   (shown as *replicated*); ddp/none/zero1/zero2 keep everything.
 * **LoRA params**, **grads**, **optimizer state**: fp32 A/B on every rank,
   their gradients, AdamW's two moments (under ZeRO partitioned over ranks,
-  with an fp32 master partition).
+  with an fp32 master partition). fsdp2/ddp with ``parallel.shard_optimizer``
+  on W > 1 ranks (:class:`~lora_dist.parallel.sharded_adamw.ShardedAdamW`):
+  the params are views of flat buckets padded to a multiple of W, backward
+  moves the gradients into flat bucket copies of the same size, and each
+  rank keeps ``ceil(bucket / W)`` elements per bucket of the fp32 master and
+  the two moments, plus a gradient buffer of that size (*buffers*).
 * **activations**: what autograd saves for backward. Per token and
   transformer block (in elements) ``6 H + 4 I + 2 H_kv + heads + sum(r)``
   (H hidden, I MLP width, H_kv key/value width, sum(r) over the block's LoRA
   layers), counted with ``saved_tensors_hooks`` on Llama-family blocks (SDPA
   attention, SwiGLU MLP); with activation checkpointing, each block's input
-  plus one block recomputed. The loss adds three ``tokens x vocab`` fp32
+  plus one block recomputed. The plain loss adds three ``tokens x vocab`` fp32
   buffers (logits, the fp32 copy, log-softmax; their gradients reuse the
-  same sizes as backward frees them).
+  same sizes as backward frees them). The chunked loss (``train.loss_chunk``,
+  where :func:`lora_dist.loss.chunkable` allows it) holds the final hidden
+  states and their gradient, plus one chunk's logits in backward: the
+  logits and their softmax in fp32, and in a 16-bit compute dtype the
+  gradient cast to it.
 * **gathered**: unsharded base weights alive at the peak. fsdp2 with
   ``reshard_after_forward``: what is left in the root unit (final norm), the
   larger of the input-embedding and output-head units (their own units when
@@ -53,12 +62,18 @@ activation estimate uses ``top_k`` experts' width per token.
 The peak is the sum: the moment backward starts holds all of it. Not
 included: the process itself (Python, torch, libraries; about 0.4 GB of RSS
 per CPU rank) and allocator caching.
+
+``parallel.strategy=auto`` (:func:`choose_strategy`) plans the candidates in
+order of speed and takes the first whose peak fits the memory per rank: ddp
+(none on one rank), then fsdp2, then fsdp2 with activation checkpointing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,10 +81,29 @@ import torch
 from lora_dist.config import Config, ConfigError, ParallelConfig
 from lora_dist.dtypes import parse_dtype
 
-__all__ = ["MemoryPlan", "meta_model", "plan_memory"]
+__all__ = ["MemoryPlan", "StrategyChoice", "choose_strategy", "memory_budget", "meta_model", "plan_memory"]
 
 LORA_BYTES = 4  # LoRA params, grads and optimizer state are fp32
 GB = 1e9
+
+
+@dataclass
+class StrategyChoice:
+    """What ``parallel.strategy=auto`` chose (:func:`choose_strategy`) and why."""
+
+    strategy: str
+    activation_checkpointing: bool
+    budget: int
+    """Memory per rank in bytes (``parallel.memory_gb``, or the device's)."""
+    peaks: list[tuple[str, int]] = field(default_factory=list)
+    """``(candidate, predicted peak in bytes)`` of each candidate planned, in order of preference."""
+
+    def summary(self) -> str:
+        tried = ", ".join(f"{name} {peak / GB:.2f} GB ({'fits' if peak <= self.budget else 'too big'})"
+                          for name, peak in self.peaks)
+        ac = " + activation checkpointing" if self.activation_checkpointing else ""
+        return (f"parallel.strategy=auto chose {self.strategy}{ac}: the fastest whose predicted peak per rank fits "
+                f"the budget of {self.budget / GB:.2f} GB (parallel.memory_gb); {tried}")
 
 
 @dataclass
@@ -79,6 +113,7 @@ class MemoryPlan:
     strategy: str
     world_size: int
     tokens_per_micro_batch: int
+    activation_checkpointing: bool
     num_params: int
     num_lora_params: int
     num_expert_params: int
@@ -95,6 +130,8 @@ class MemoryPlan:
     gathered: int
     buffers: int
     adapted_experts: int
+    choice: StrategyChoice | None = None
+    """Where the config asked for ``parallel.strategy=auto``: what was chosen, and why."""
 
     TERMS = ("base_shard", "base_replicated", "lora_params", "lora_grads", "optimizer_state", "activations",
              "gathered", "buffers", "adapted_experts")
@@ -118,8 +155,10 @@ class MemoryPlan:
             "activations": "activations + loss", "gathered": "gathered base (transient)",
             "buffers": "communication buffers", "adapted_experts": "adapted experts (W + delta)",
         }
-        lines = [
-            f"strategy={self.strategy} world_size={self.world_size} tokens/micro-batch/rank={self.tokens_per_micro_batch}",
+        lines = [self.choice.summary(), ""] if self.choice else []
+        lines += [
+            f"strategy={self.strategy}{' + activation checkpointing' if self.activation_checkpointing else ''} "
+            f"world_size={self.world_size} tokens/micro-batch/rank={self.tokens_per_micro_batch}",
             f"model: {self.num_params / 1e6:.1f}M params ({self.model_bytes / GB:.2f} GB), LoRA "
             f"{self.num_lora_params / 1e6:.2f}M params, largest tensor {self.largest_tensor_bytes / GB:.3f} GB",
         ]
@@ -208,26 +247,93 @@ def _deepspeed_zero(cfg: Config, hf_config, lora_numel: int) -> dict:
     return ds.get("zero_optimization", {})
 
 
-def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
+def plan_memory(cfg: Config, world_size: int, budget: int | None = None) -> MemoryPlan:
     """Predict per-rank memory of training ``cfg`` on ``world_size`` ranks, from config.json alone.
 
     Args:
         cfg: the run config (``model.path``, ``lora``, ``parallel``, ``train``).
         world_size: number of ranks.
+        budget: memory per rank in bytes for ``parallel.strategy=auto`` (default: :func:`memory_budget` of
+            this machine, ``world_size`` ranks on it).
 
     Raises:
         ModelDirError: ``model.path`` has no config.json.
         LoRAConfigError: the LoRA targets match nothing in the model.
-        ConfigError: ``world_size`` < 1.
+        ConfigError: ``world_size`` < 1; ``strategy=auto`` and no candidate fits the budget.
     """
     if world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {world_size}")
-    from lora_dist.lora import LoRAParam, lora_modules, lora_parameters
-    from lora_dist.parallel import find_blocks
-
-    p: ParallelConfig = cfg.parallel
     hf_config = _hf_config(cfg.model.path)
     model = meta_model(cfg, hf_config)
+    if cfg.parallel.strategy != "auto":
+        return _plan(cfg, world_size, hf_config, model)
+    if budget is None:
+        budget = memory_budget(cfg.parallel.memory_gb, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                               world_size)
+    parallel, choice = _choose(cfg, world_size, budget, hf_config, model)
+    return dataclasses.replace(_plan(dataclasses.replace(cfg, parallel=parallel), world_size, hf_config, model),
+                               choice=choice)
+
+
+def memory_budget(memory_gb: float, device: torch.device, local_ranks: int) -> int:
+    """Memory per rank in bytes: ``memory_gb`` when set (> 0), else the device's total memory on CUDA, or on the
+    CPU the host's memory divided by the ``local_ranks`` on this node."""
+    if memory_gb > 0:
+        return int(memory_gb * GB)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_ranks, 1)
+
+
+def _candidates(p: ParallelConfig, world_size: int) -> list[tuple[str, ParallelConfig]]:
+    """``parallel.strategy=auto``'s candidates, fastest first (ddp ~2.5x an fsdp2 step when the base fits)."""
+    replicated = "ddp" if world_size > 1 else "none"
+    options = [dataclasses.replace(p, strategy=replicated), dataclasses.replace(p, strategy="fsdp2"),
+               dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=True)]
+    out: list[tuple[str, ParallelConfig]] = []
+    for option in options:
+        name = option.strategy + (" + activation checkpointing" if option.activation_checkpointing else "")
+        if name not in dict(out):
+            out.append((name, option))
+    return out
+
+
+def _choose(cfg: Config, world_size: int, budget: int, hf_config,
+            model: torch.nn.Module) -> tuple[ParallelConfig, StrategyChoice]:
+    peaks: list[tuple[str, int]] = []
+    for name, parallel in _candidates(cfg.parallel, world_size):
+        peak = _plan(dataclasses.replace(cfg, parallel=parallel), world_size, hf_config, model).total
+        peaks.append((name, peak))
+        if peak <= budget:
+            return parallel, StrategyChoice(parallel.strategy, parallel.activation_checkpointing, budget, peaks)
+    name, smallest = min(peaks, key=lambda item: item[1])
+    fixes = ["more ranks"] + (["model.dtype=bfloat16"] if cfg.model.dtype == "float32" else [])
+    fixes += ["a smaller train.seq_len or train.micro_batch_size"]
+    raise ConfigError(f"parallel.strategy=auto: nothing fits {budget / GB:.2f} GB per rank (parallel.memory_gb); "
+                      f"the smallest predicted peak is {name}'s, {smallest / GB:.2f} GB; use {', '.join(fixes)}")
+
+
+def choose_strategy(cfg: Config, world_size: int, budget: int) -> tuple[ParallelConfig, StrategyChoice]:
+    """Resolve ``parallel.strategy=auto``: the fastest candidate whose predicted peak fits ``budget`` bytes.
+
+    Returns:
+        ``(parallel, choice)``: ``cfg.parallel`` with the chosen strategy (and activation checkpointing), and why.
+
+    Raises:
+        ConfigError: no candidate fits, naming the smallest predicted peak and the fixes.
+    """
+    hf_config = _hf_config(cfg.model.path)
+    return _choose(cfg, world_size, budget, hf_config, meta_model(cfg, hf_config))
+
+
+def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> MemoryPlan:
+    """The plan of ``cfg`` (an explicit strategy) for ``model``, the meta skeleton with LoRA injected."""
+    from lora_dist.lora import LoRAParam, lora_modules, lora_parameters
+    from lora_dist.loss import chunkable
+    from lora_dist.parallel import find_blocks
+    from lora_dist.parallel.reducer import fill_buckets
+
+    p: ParallelConfig = cfg.parallel
     base_elt = parse_dtype(cfg.model.dtype).itemsize
     compute_elt = 2 if (p.mixed_precision == "bfloat16" and p.strategy in ("fsdp2", "zero3")) else base_elt
     lora = {id(q) for q in lora_parameters(model)}
@@ -237,6 +343,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     lora_bytes = lora_numel * LORA_BYTES
     blocks = find_blocks(model)
     W = world_size
+    sharded = p.shard_optimizer and W > 1 and p.strategy in ("fsdp2", "ddp")
 
     def frozen_numel(module: torch.nn.Module) -> int:
         return sum(q.numel() for q in module.parameters() if id(q) not in lora)
@@ -260,7 +367,8 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
             gathered = min(gathered, base_numel) * compute_elt
         else:
             gathered = base_numel * compute_elt
-        buffers = min(int(p.bucket_mb * 1e6), lora_bytes)  # the flat copy of one gradient bucket
+        if not sharded:
+            buffers = min(int(p.bucket_mb * 1e6), lora_bytes)  # the flat copy of one gradient bucket
     elif p.strategy == "zero3":
         zero = _deepspeed_zero(cfg, hf_config, lora_numel)
         threshold = int(zero.get("stage3_param_persistence_threshold", 100_000))
@@ -286,8 +394,17 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
         buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
     else:  # ddp, none
         base_shard = base_numel * base_elt
-        if p.strategy == "ddp":
+        if p.strategy == "ddp" and not sharded:
             buffers = lora_bytes  # DDP's gradient buckets hold a second copy of the gradients
+    if sharded:
+        # ShardedAdamW: flat fp32 buckets padded to a multiple of W; the params are views of them, backward
+        # moves the gradients into flat copies of them; this rank's slices: master, two moments, gradient.
+        named = [getattr(m, part).weight for _, m in lora_modules(model) for part in ("lora_A", "lora_B")]
+        slices = [math.ceil(sum(q.numel() for q in b) / W)
+                  for b in fill_buckets(named, lambda q: q.numel() * LORA_BYTES, p.bucket_mb)]
+        lora_params = lora_grads = sum(slices) * W * LORA_BYTES
+        optimizer_state = 3 * sum(slices) * LORA_BYTES
+        buffers = sum(slices) * LORA_BYTES
 
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
     ranks_per_block = 0
@@ -304,7 +421,12 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     else:
         saved = tokens * n_blocks * per_block * compute_elt
     saved += tokens * (hidden + 1) * compute_elt  # final norm
-    activations = saved + 3 * tokens * vocab * 4  # logits, fp32 copy, log-softmax
+    chunk = min(cfg.train.loss_chunk, tokens) if chunkable(model) is None else 0
+    if chunk:  # the hidden states and their gradient; one chunk's fp32 logits, softmax (+ its 16-bit cast)
+        activations = saved + 2 * tokens * hidden * compute_elt
+        activations += chunk * vocab * (2 * 4 + (compute_elt if compute_elt != 4 else 0))
+    else:
+        activations = saved + 3 * tokens * vocab * 4  # logits, fp32 copy, log-softmax
 
     experts, top_k = _experts(hf_config)
     expert_params = _expert_params(model, lora)
@@ -320,6 +442,7 @@ def plan_memory(cfg: Config, world_size: int) -> MemoryPlan:
     largest = max((q.numel() * (LORA_BYTES if id(q) in lora else base_elt) for q in tensors), default=0)
     return MemoryPlan(
         strategy=p.strategy, world_size=W, tokens_per_micro_batch=tokens,
+        activation_checkpointing=p.activation_checkpointing,
         num_params=base_numel + lora_numel, num_lora_params=lora_numel, num_expert_params=expert_numel,
         num_active_params=active, num_expert_lora_params=expert_lora_numel,
         model_bytes=base_numel * base_elt, largest_tensor_bytes=largest,

@@ -24,7 +24,7 @@ from lora_dist.model import load_model
 from lora_dist.model_dir import ModelDir, ModelDirError
 from lora_dist.parallel import Engine, make_engine
 
-__all__ = ["build", "check_launch", "open_base", "prepare", "run_config", "strategy_config"]
+__all__ = ["build", "check_launch", "open_base", "prepare", "resolve_strategy", "run_config", "strategy_config"]
 
 log = logging.getLogger("lora_dist")
 
@@ -80,6 +80,33 @@ def open_base(cfg: Config) -> ModelDir:
     return ModelDir(cfg.model.path)
 
 
+def resolve_strategy(cfg: Config, env: LaunchEnv, device: torch.device) -> Config:
+    """``cfg`` with ``parallel.strategy=auto`` resolved by the planner (:func:`lora_dist.plan.choose_strategy`),
+    logged on rank 0 with each candidate's predicted peak; any other config unchanged.
+
+    The budget is ``parallel.memory_gb``, else the device's memory (:func:`lora_dist.plan.memory_budget`), the
+    smallest over the ranks, so every rank makes the same choice (collective when ``auto``).
+
+    Raises:
+        ConfigError: no candidate fits the budget (on every rank), naming the smallest peak and the fixes.
+    """
+    if cfg.parallel.strategy != "auto":
+        return cfg
+    import torch.distributed as dist
+
+    from lora_dist.plan import choose_strategy, memory_budget
+
+    budget = memory_budget(cfg.parallel.memory_gb, device, env.local_world_size)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        smallest = torch.tensor([budget], dtype=torch.int64, device=device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        budget = int(smallest.item())
+    parallel, choice = choose_strategy(cfg, env.world_size, budget)
+    if env.is_main:
+        log.info("%s", choice.summary())
+    return dataclasses.replace(cfg, parallel=parallel)
+
+
 def strategy_config(cfg: Config, base: ModelDir) -> dict | None:
     """The DeepSpeed config of ``zero*`` (:func:`~lora_dist.parallel.deepspeed.deepspeed_config`); else None."""
     if not cfg.parallel.strategy.startswith("zero"):
@@ -91,10 +118,12 @@ def strategy_config(cfg: Config, base: ModelDir) -> dict | None:
 
 def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
           ds_config: dict | None) -> tuple[nn.Module, Engine]:
-    """Load the model (:func:`~lora_dist.model.load_model`), make AdamW over its LoRA params and the engine.
+    """Resolve ``parallel.strategy=auto`` (:func:`resolve_strategy`), load the model
+    (:func:`~lora_dist.model.load_model`), make AdamW over its LoRA params and the engine.
 
     Every rank calls it, with inputs already checked (:func:`check_launch`, :func:`open_base`).
     """
+    cfg = resolve_strategy(cfg, env, device)  # auto is never zero*: ds_config stays None
     t = cfg.train
     loaded = load_model(cfg.model, cfg.lora, cfg.parallel, device, t.seed, ds_config, base=base)
     if env.is_main:
@@ -118,7 +147,8 @@ def prepare(model: str | os.PathLike | Config, lora: LoRAConfig | None = None, s
     Args:
         model: a local HF model dir, or a :class:`Config` (its ``model``, ``lora``, ``parallel``, ``train``).
         lora: what to adapt (default: the config's, ``LoRAConfig()``).
-        strategy: ``fsdp2``, ``zero3``, ``zero1``, ``zero2``, ``ddp`` or ``none`` (default: the config's).
+        strategy: ``fsdp2``, ``zero3``, ``zero1``, ``zero2``, ``ddp``, ``none`` or ``auto`` (the fastest that fits
+            ``parallel.memory_gb``, :func:`resolve_strategy`) (default: the config's).
         train: ``lr``, ``weight_decay``, ``max_grad_norm``, ``seed``; ``micro_batch_size`` and ``grad_accum``
             matter to ``zero*`` (DeepSpeed counts micro-steps).
         parallel: the strategy's options (mixed precision, activation checkpointing, buckets...).

@@ -52,7 +52,7 @@ from lora_dist.outputs import OutputDirError, OutputError, RunLock, prepare_run_
 from lora_dist.parallel import Engine, check_replicas
 from lora_dist.preemption import PREEMPT_EXIT_CODE, Preempted, PreemptionHandler
 from lora_dist.ranks import RankGroup
-from lora_dist.session import build, check_launch, open_base, strategy_config
+from lora_dist.session import build, check_launch, open_base, resolve_strategy, strategy_config
 from lora_dist.sources import input_paths
 from lora_dist.tracking import Tracker, check_backends, open_tracker
 
@@ -229,6 +229,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     out = Path(cfg.output.dir)
 
     base = open_base(cfg)  # fails fast on a missing, incomplete or corrupt model dir; opened once
+    cfg = resolve_strategy(cfg, env, device)  # parallel.strategy=auto: the planner's choice, recorded in config.json
     tokenizer = load_tokenizer(cfg.model.path)  # never runs code from the model dir
     hf_config = base.hf_config
     max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)

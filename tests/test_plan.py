@@ -7,7 +7,9 @@ partitions under torchrun) and count what it actually holds.
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -160,6 +162,111 @@ def test_peak_estimate_is_close_to_live_tensor_bytes(tiny_checkpoint):
     assert abs(plan.total / tracker.peak - 1) < 0.15, (plan.as_dict(), tracker.peak)
 
 
+@pytest.fixture(scope="module")
+def wide_vocab(tmp_path_factory) -> Path:
+    """A Llama config.json whose vocabulary (8192) makes the fp32 logits the largest activation of a step."""
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("wide-vocab")
+    tf.LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, tie_word_embeddings=False).save_pretrained(path)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _measure_step(path: Path, strategy: str, world: int, overrides: tuple[str, ...]):
+    """``(plan, peak live tensor bytes of a step)``, measured in a fresh process (:func:`_measure_in_process`):
+    what an earlier measurement leaves alive in this one is not the step's."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure_in_process, (path, strategy, world, list(overrides)))
+
+
+def _measure_in_process(path: Path, strategy: str, world: int, overrides: list[str]):
+    """``(plan, peak live tensor bytes of a step)`` of the real engine (``make_engine``) in a fake world of ``world``
+    ranks (collectives are no-ops; every buffer they need is allocated as in a real run), or for ``world=1`` a
+    one-rank gloo group (DDP's reducer needs real collectives' results)."""
+    torch.set_num_threads(1)
+    import transformers as tf
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from lora_dist.dtypes import parse_dtype
+    from lora_dist.parallel import make_engine, parallelize
+
+    cfg = load_config(None, [f"model.path={path}", f"parallel.strategy={strategy}", "lora.r=32", "lora.alpha=32",
+                             "lora.target_modules=all-linear", "train.micro_batch_size=2", "train.seq_len=128",
+                             *overrides])
+    plan = plan_memory(cfg, world)
+    sys.path.insert(0, str(REPO))
+    from lora_dist.bench.measure import LiveTensorBytes
+    del sys.path[0]
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(path), dtype=parse_dtype(cfg.model.dtype))
+    inject_lora(model, cfg.lora)
+    ids = torch.randint(0, model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+    if world > 1:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    elif strategy != "none":
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        if strategy == "fsdp2":
+            parallelize(model, cfg.parallel, torch.device("cpu"))
+        optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
+        engine = make_engine(model, optimizer, cfg.parallel, cfg.train, torch.device("cpu"))
+
+        def step():
+            engine.backward(engine.forward_loss_sum({"input_ids": ids}, ids))
+            engine.step(1e-3)
+
+        step()  # the AdamW state exists from the first step on
+        tracker = LiveTensorBytes("cpu")
+        with tracker:
+            step()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return plan, tracker.peak
+
+
+#: (strategy, world, overrides): the ZeRO-1 over the LoRA on and off, the chunked loss on and off, a bf16 base.
+MODES = [
+    ("none", 1, ["train.loss_chunk=0"]),
+    ("none", 1, ["train.loss_chunk=64"]),
+    ("none", 1, ["model.dtype=bfloat16"]),
+    ("ddp", 2, ["parallel.shard_optimizer=true"]),
+    ("ddp", 1, ["parallel.shard_optimizer=false"]),  # ddp's all-reduce bucket copies: as on W ranks
+    ("ddp", 2, ["model.dtype=bfloat16"]),
+    ("fsdp2", 2, ["parallel.shard_optimizer=true"]),
+    ("fsdp2", 2, ["parallel.shard_optimizer=false", "train.loss_chunk=0"]),
+    ("fsdp2", 2, ["model.dtype=bfloat16"]),
+]
+
+
+@pytest.mark.parametrize("strategy,world,overrides", MODES, ids=[f"{s}-{' '.join(o)}" for s, _, o in MODES])
+def test_every_mode_is_close_to_live_tensor_bytes(wide_vocab, strategy, world, overrides):
+    """The planner's peak is within 15% of the live tensor bytes the engine holds during a step, in every mode."""
+    plan, peak = _measure_step(wide_vocab, strategy, world, tuple(overrides))
+    assert abs(plan.total / peak - 1) < 0.15, (plan.as_dict(), peak)
+
+
+def test_sharded_adamw_saves_what_the_plan_says(wide_vocab):
+    """ZeRO-1 over the LoRA on 4 ranks against a whole AdamW state and DDP's bucket copies: the bytes the plan
+    says it saves at the peak (backward's start) are the bytes the engine stops holding there."""
+    on, on_peak = _measure_step(wide_vocab, "ddp", 4, ("parallel.shard_optimizer=true", "train.loss_chunk=0"))
+    off, off_peak = _measure_step(wide_vocab, "ddp", 1, ("parallel.shard_optimizer=false", "train.loss_chunk=0"))
+    assert on.optimizer_state < off.optimizer_state / 2
+    saved, measured = off.total - on.total, off_peak - on_peak
+    assert abs(saved / measured - 1) < 0.15, (saved, measured, off.total)
+
+
+def test_chunked_loss_saves_what_the_plan_says(wide_vocab):
+    """The chunked head + loss against the full fp32 logits: the planned saving is the measured one."""
+    chunked, chunked_peak = _measure_step(wide_vocab, "none", 1, ("train.loss_chunk=64",))
+    full, full_peak = _measure_step(wide_vocab, "none", 1, ("train.loss_chunk=0",))
+    saved, measured = full.total - chunked.total, full_peak - chunked_peak
+    assert saved > 0.3 * full.total and abs(saved / measured - 1) < 0.15, (saved, measured)
+
+
 def test_cli_prints_json_from_config_json_alone(odd_config, capsys):
     from lora_dist.cli import main
 
@@ -239,3 +346,26 @@ def test_moe_counts_equal_the_model_built_on_meta(tmp_path, name):
     # every block's adapted experts are materialized (W + delta) in the compute dtype without checkpointing
     assert plan.adapted_experts == fused * 4
     assert "experts:" in plan.table()
+
+
+# ----------------------------------------------------------------------------- the 70B example (docs/bench.md)
+
+LLAMA31_70B = REPO / "tests" / "fixtures" / "llama31_70b"  # Llama-3.1-70B's config.json, nothing else
+
+
+def test_llama31_70b_example_counts_and_documented_table():
+    """torchtune's Llama-3.1-70B LoRA recipe on 8 GPUs (configs/llama31_70b_8x_lora.yaml): the parameter counts equal
+    the model transformers builds on meta and the published total, and docs/bench.md shows this very table."""
+    import transformers as tf
+
+    cfg = load_config(REPO / "configs" / "llama31_70b_8x_lora.yaml", [f"model.path={LLAMA31_70B}"])
+    plan = plan_memory(cfg, 8)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(LLAMA31_70B))
+    base_total = sum(p.numel() for p in model.parameters())
+    assert base_total == 70_553_706_496  # Llama-3.1-70B's published parameter count
+    assert plan.num_params - plan.num_lora_params == base_total
+    H, kv, inter = 8192, 1024, 28672  # r=16 on q, v, o, gate, up, down: r * (in + out) each, 80 blocks
+    assert plan.num_lora_params == 80 * 16 * ((H + H) + (H + kv) + (H + H) + 2 * (H + inter) + (inter + H))
+    shown = "\n".join(f"    {line}" if line else "" for line in plan.table().splitlines())  # a code block
+    assert shown in (REPO / "docs" / "bench.md").read_text()

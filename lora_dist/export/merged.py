@@ -259,7 +259,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
         return merge_offline(cfg.model.path, run / "adapter", out_dir, max_shard_size=shard_size, dtype=out_dtype,
                              overwrite=overwrite)
     parallel = cfg.parallel
-    if env.world_size > 1 and parallel.strategy == "none":
+    if env.world_size > 1 and parallel.strategy in ("none", "auto"):  # shard the base for the export
         parallel.strategy = "fsdp2"
     if env.world_size == 1:
         parallel.strategy = "none"

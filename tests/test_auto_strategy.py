@@ -1,0 +1,110 @@
+"""``parallel.strategy=auto``: the planner picks the fastest strategy whose predicted peak fits the memory per rank.
+
+The choice is checked against the planner's own predictions of each candidate (which ``tests/test_plan.py``
+checks against measured memory), and a 2-rank ``auto`` run must train the adapter the strategy it chose trains.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pathlib import Path
+
+import pytest
+
+from distutil import assert_same_adapter, torchrun
+from lora_dist.config import ConfigError, load_config
+from lora_dist.plan import GB, choose_strategy, memory_budget, plan_memory
+
+WORLD = 4
+
+
+@pytest.fixture(scope="module")
+def deep_config(tmp_path_factory) -> Path:
+    """A Llama config.json with enough blocks that FSDP2's gathered blocks are a small part of the base."""
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("deep")
+    tf.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=12, num_attention_heads=4,
+                   num_key_value_heads=2, tie_word_embeddings=False).save_pretrained(path)
+    return path
+
+
+def _cfg(path: Path, *extra: str):
+    return load_config(None, [f"model.path={path}", "parallel.strategy=auto", "lora.r=4",
+                              "train.micro_batch_size=4", "train.seq_len=512", *extra])
+
+
+def _peak(path: Path, strategy: str, *extra: str) -> int:
+    return plan_memory(load_config(None, [f"model.path={path}", f"parallel.strategy={strategy}", "lora.r=4",
+                                          "train.micro_batch_size=4", "train.seq_len=512", *extra]), WORLD).total
+
+
+def test_generous_memory_picks_ddp(deep_config):
+    parallel, choice = choose_strategy(_cfg(deep_config), WORLD, 1000 * GB)
+    assert (parallel.strategy, parallel.activation_checkpointing) == ("ddp", False)
+    assert choice.peaks == [("ddp", _peak(deep_config, "ddp"))]
+
+
+def test_just_below_ddp_picks_fsdp2_then_activation_checkpointing(deep_config):
+    ddp, fsdp2 = _peak(deep_config, "ddp"), _peak(deep_config, "fsdp2")
+    checkpointed = _peak(deep_config, "fsdp2", "parallel.activation_checkpointing=true")
+    assert checkpointed < fsdp2 < ddp  # the model is sized so that each fallback saves memory
+    parallel, choice = choose_strategy(_cfg(deep_config), WORLD, ddp - 1)
+    assert (parallel.strategy, parallel.activation_checkpointing) == ("fsdp2", False)
+    assert "chose fsdp2:" in choice.summary() and "too big" in choice.summary()
+    parallel, _ = choose_strategy(_cfg(deep_config), WORLD, fsdp2 - 1)
+    assert (parallel.strategy, parallel.activation_checkpointing) == ("fsdp2", True)
+
+
+def test_nothing_fits_is_one_line_naming_the_smallest_peak(deep_config):
+    checkpointed = _peak(deep_config, "fsdp2", "parallel.activation_checkpointing=true")
+    with pytest.raises(ConfigError) as err:
+        choose_strategy(_cfg(deep_config), WORLD, checkpointed - 1)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1
+    assert f"fsdp2 + activation checkpointing's, {checkpointed / GB:.2f} GB" in message
+    assert "more ranks" in message and "model.dtype=bfloat16" in message and "train.seq_len" in message
+
+
+def test_one_rank_chooses_between_unsharded_runs(deep_config):
+    parallel, choice = choose_strategy(_cfg(deep_config), 1, 1000 * GB)
+    assert parallel.strategy == "none" and choice.peaks[0][0] == "none"
+
+
+def test_memory_gb_is_the_budget_and_zero_is_refused_below(deep_config):
+    import torch
+
+    assert memory_budget(12.5, torch.device("cpu"), 8) == int(12.5 * GB)
+    assert memory_budget(0, torch.device("cpu"), 2) * 2 <= memory_budget(0, torch.device("cpu"), 1)
+    with pytest.raises(ConfigError, match="parallel.memory_gb must be >= 0"):
+        _cfg(deep_config, "parallel.memory_gb=-1")
+
+
+def test_plan_cli_shows_the_choice(deep_config, capsys):
+    from lora_dist.cli import main
+
+    ddp = _peak(deep_config, "ddp")
+    overrides = [f"model.path={deep_config}", "parallel.strategy=auto", "lora.r=4", "train.micro_batch_size=4",
+                 "train.seq_len=512", f"parallel.memory_gb={(ddp - 1) / GB}"]
+    assert main(["plan", *overrides, "--world-size", str(WORLD)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("parallel.strategy=auto chose fsdp2:") and "\nstrategy=fsdp2 world_size=4" in out
+    assert main(["plan", *overrides[:-1], "parallel.memory_gb=0.000001", "--world-size", str(WORLD)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.dist
+def test_two_rank_auto_run_equals_the_strategy_it_chose(tiny_checkpoint, tmp_path):
+    from lora_dist.demo import write_demo_data
+
+    base = tiny_checkpoint("llama", hidden=64, layers=2)
+    data = write_demo_data(tmp_path / "data.jsonl", n=100)
+    common = ["train", f"model.path={base}", f"data.path={data}", "train.steps=2", "train.seq_len=32",
+              "train.lr=5e-3", "train.warmup_steps=1", "data.eval_fraction=0", "lora.r=4", "checkpoint.every=0"]
+    auto = torchrun(2, "-m", "lora_dist.cli", *common, f"output.dir={tmp_path / 'auto'}", "parallel.strategy=auto",
+                    "parallel.memory_gb=100")
+    assert "parallel.strategy=auto chose ddp" in auto.stdout + auto.stderr
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["parallel"]["strategy"] == "ddp"  # recorded
+    torchrun(2, "-m", "lora_dist.cli", *common, f"output.dir={tmp_path / 'ddp'}", "parallel.strategy=ddp")
+    assert_same_adapter(tmp_path / "auto" / "adapter", tmp_path / "ddp" / "adapter", atol=1e-6)
