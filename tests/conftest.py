@@ -155,3 +155,47 @@ def small_disk(tmp_path):
     yield mount
     for mnt in mounted:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+# ----------------------------------------------------------------------------- the `slow` tier
+
+#: A call that starts processes (a CLI run, torchrun, an example script, a Slurm job) or trains a model
+#: in one: what makes a test take seconds rather than milliseconds on these machines.
+_STARTS_WORK = re.compile(r"\b(lora_dist|torchrun|python|srun|sbatch|run_demo|train|subprocess\.(run|Popen|check_\w+))\(")
+
+
+_TESTS = str(Path(__file__).parent)
+
+
+def _starts_work(function, depth: int = 2) -> bool:
+    """Whether ``function``, or a helper of its module it calls (``depth`` levels down), starts work."""
+    import inspect
+
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    if _STARTS_WORK.search(source):
+        return True
+    names = getattr(function, "__globals__", {})
+    helpers = [names.get(n) for n in set(re.findall(r"\b([A-Za-z_]\w*)\(", source))]
+    return depth > 0 and any(
+        inspect.isfunction(h) and h is not function and h.__code__.co_filename.startswith(_TESTS)
+        and _starts_work(h, depth - 1) for h in helpers
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` every test that launches processes (``dist``, ``cluster``) or whose body or fixtures start
+    them or train (:data:`_STARTS_WORK`), so ``pytest -m "not slow"`` is the quick tier for editing loops
+    (docs/testing.md). The mark follows the code: a new test that launches torchrun is slow without a list."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue
+        functions = [getattr(item, "function", None)]
+        info = getattr(item, "_fixtureinfo", None)
+        for defs in (info.name2fixturedefs.values() if info else ()):
+            functions += [d.func for d in defs if not d.argname.startswith(("tmp_path", "monkeypatch", "capsys"))]
+        if item.get_closest_marker("dist") or item.get_closest_marker("cluster") or \
+                any(f is not None and _starts_work(f) for f in functions):
+            item.add_marker(pytest.mark.slow)
