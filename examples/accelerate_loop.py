@@ -33,4 +33,4 @@ for step, batch in enumerate(loader):
     engine.step(lr_at(step, lr, warmup=1, total=steps, min_ratio=0.1))  # all-reduce, clip, AdamW
     accelerator.print(f"step {step + 1} loss {float(all_sum(loss.detach())):.6f}")
 engine.save_adapter(f"{out}/adapter")
-lora_dist.destroy_distributed()
+lora_dist.exit_distributed()  # destroy the process group and exit, skipping interpreter teardown

@@ -29,4 +29,4 @@ for step in range(steps):
     engine.step(lr_at(step, lr, warmup=1, total=steps, min_ratio=0.1))  # all-reduce LoRA grads, clip, AdamW
 engine.save_adapter(f"{out}/adapter")
 engine.export_merged(f"{out}/merged")
-lora_dist.destroy_distributed()
+lora_dist.exit_distributed()  # destroy the process group and exit, skipping interpreter teardown

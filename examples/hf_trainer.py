@@ -7,7 +7,7 @@ import argparse
 import torch
 from transformers import TrainingArguments, default_data_collator
 
-from lora_dist import LoRAConfig, destroy_distributed, init_distributed
+from lora_dist import LoRAConfig, exit_distributed, init_distributed
 from lora_dist.data import load_dataset, load_tokenizer
 from lora_dist.integrations.hf import LoraDistTrainer
 
@@ -43,4 +43,4 @@ trainer = LoraDistTrainer(model=a.model_dir, lora=LoRAConfig(r=4, target_modules
 trainer.train(resume_from_checkpoint=a.resume)
 trainer.save_model(f"{a.out}/adapter")  # PEFT format, from any strategy
 trainer.export_merged(f"{a.out}/merged", dtype=a.merged_dtype)  # merged from the shards; ends training
-destroy_distributed()
+exit_distributed()  # destroy the process group and exit, skipping interpreter teardown

@@ -8,7 +8,7 @@ import torch
 from datasets import load_dataset
 from trl import SFTConfig, SFTTrainer
 
-from lora_dist import LoRAConfig, destroy_distributed, init_distributed
+from lora_dist import LoRAConfig, exit_distributed, init_distributed
 from lora_dist.data import load_tokenizer
 from lora_dist.integrations.hf import LoraDistMixin
 
@@ -41,4 +41,4 @@ trainer = LoraDistSFTTrainer(model=a.model_dir, lora=LoRAConfig(r=4, target_modu
                              processing_class=load_tokenizer(a.model_dir))
 trainer.train()
 trainer.save_model(f"{a.out}/adapter")  # PEFT format, from any strategy
-destroy_distributed()
+exit_distributed()  # destroy the process group and exit, skipping interpreter teardown

@@ -479,24 +479,15 @@ def _one_line(error: BaseException) -> str:
 
 
 def _shutdown(code: int) -> None:
-    """Leave a distributed run without interpreter teardown.
-
-    All outputs are written, fsynced and barrier-synchronized by now. Under load,
-    C++ threads of process groups still referenced by FSDP meshes could abort the
-    interpreter's teardown ("terminate called without an active exception") and
-    turn a finished run into a failed one, so a rank that joined a process group
-    destroys it and exits straight away with the command's exit code.
-    """
+    """Leave a distributed run without interpreter teardown (:func:`lora_dist.launch.exit_distributed`); one
+    process that never joined a group returns to ``main``."""
     import torch.distributed as dist
 
-    from lora_dist.launch import destroy_distributed
+    from lora_dist.launch import destroy_distributed, exit_distributed
 
-    was_distributed = dist.is_available() and dist.is_initialized()
+    if dist.is_available() and dist.is_initialized():
+        exit_distributed(code)
     destroy_distributed()
-    if was_distributed:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,13 @@
 """
 
 from lora_dist.launch.detect import detect_launch_env
-from lora_dist.launch.distributed import destroy_distributed, init_distributed, run_device, select_device
+from lora_dist.launch.distributed import (
+    destroy_distributed,
+    exit_distributed,
+    init_distributed,
+    run_device,
+    select_device,
+)
 from lora_dist.launch.env import UNKNOWN, LaunchEnv, LaunchError
 from lora_dist.launch.hostlist import expand_hostlist
 
@@ -18,6 +24,7 @@ __all__ = [
     "LaunchEnv",
     "LaunchError",
     "destroy_distributed",
+    "exit_distributed",
     "detect_launch_env",
     "expand_hostlist",
     "init_distributed",

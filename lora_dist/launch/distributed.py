@@ -160,6 +160,27 @@ def destroy_distributed() -> None:
     _active_env = _active_device = None
 
 
+def exit_distributed(code: int = 0) -> None:
+    """End a process that joined a process group: destroy it and exit with ``code``, without interpreter teardown.
+
+    Call it last, once every output is written (they are fsynced and barrier-synchronized by then). Under load,
+    C++ threads of process groups still referenced by FSDP meshes (or a trainer holding them) can abort the
+    interpreter's teardown ("terminate called without an active exception") and turn a finished run into a
+    failed one. One process that never joined a group just exits.
+    """
+    import sys
+
+    import torch.distributed as dist
+
+    was_distributed = dist.is_available() and dist.is_initialized()
+    destroy_distributed()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if was_distributed:
+        os._exit(code)
+    sys.exit(code)
+
+
 def _slurm_reachable_addr(host: str) -> str:
     """Maps a Slurm node name that DNS does not know to its ``NodeAddr``."""
     try:
