@@ -56,6 +56,10 @@ def _setup_logging() -> None:
     logging.basicConfig(level=level, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("torch.distributed", "DeepSpeed", "deepspeed", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers imports torchao when it is installed (model.quantize=nf4): its missing-kernel notices and
+    # torch's pytree deprecations say nothing about the run.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _config_parser(prog: str, description: str, overrides_help: str) -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ import yaml
 
 from lora_dist.inputs import MAX_CONFIG_BYTES, clip, excerpt, parse_yaml, read_text
 from lora_dist.lora import LoRAConfig, LoRAConfigError
+from lora_dist.quant import QUANTIZE, quantize_problem
 
 __all__ = [
     "CheckpointConfig",
@@ -92,6 +93,14 @@ class ModelConfig:
     dtype: str = "float32"
     """Dtype the frozen base weights are kept in: float32 or bfloat16 (float16 is refused: it needs a loss
     scaler; a float16 checkpoint loads as either)."""
+    quantize: str = ""
+    """QLoRA: "nf4" stores the transformer blocks' linear weights as 4-bit NormalFloat (torchao; pip install
+    'lora_dist[quant]'), each rank quantizing the rows it loads; "" keeps them in model.dtype. fsdp2, ddp and
+    none only. The merged export merges into the dequantized base (docs/qlora.md)."""
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(quantize_problem(self.quantize, "none"))
 
 
 class _DefaultFraction(float):
@@ -162,8 +171,10 @@ class ParallelConfig:
     float16 is refused: it needs a loss scaler, which lora_dist does not run."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward."""
-    reshard_after_forward: bool = True
-    """fsdp2: free the gathered base weights after forward (re-gather in backward)."""
+    reshard_after_forward: bool | int | str = True
+    """fsdp2: free the gathered base weights after forward (re-gather in backward); false: keep them; node (or an
+    integer N): keep a 1/N shard after forward, N = the ranks of a node, so backward gathers within the node
+    only (more memory than true, less inter-node traffic; FSDP2's reshard_after_forward=int)."""
     cpu_offload: bool = False
     """fsdp2: keep base shards in CPU memory between uses."""
     bucket_mb: float = 25.0
@@ -179,6 +190,34 @@ class ParallelConfig:
     """zero*: path to a DeepSpeed JSON config to use instead of the generated one."""
     timeout_s: float = 600.0
     """Collective / rendezvous timeout in seconds."""
+    dp_replicate: int = 0
+    """fsdp2: replica groups (hybrid sharding, HSDP; named as in torchtitan and accelerate): the base is sharded
+    over parallel.dp_shard ranks within a group and replicated across groups; dp_replicate x dp_shard = the
+    ranks. 0 (auto): one group per node when several nodes run and the model fits in one node's ranks (the
+    planner, parallel.memory_gb), so only LoRA gradients cross nodes; else 1 (the base sharded over all ranks)."""
+    dp_shard: int = 0
+    """fsdp2: ranks per replica group, over which the base is sharded (0: the ranks / parallel.dp_replicate)."""
+
+    def __post_init__(self) -> None:
+        rho = self.reshard_after_forward
+        if isinstance(rho, str) and rho != "node":
+            raise ConfigError(f"parallel.reshard_after_forward must be true, false, node or a rank count, got "
+                              f"{excerpt(rho, 40)}")
+        if not isinstance(rho, (bool, str)) and rho < 1:
+            raise ConfigError(f"parallel.reshard_after_forward={rho}: a rank count must be >= 1")
+        for key in ("dp_replicate", "dp_shard"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"parallel.{key} must be >= 0 (0: auto), got {getattr(self, key)}")
+
+    def check_strategy(self) -> None:
+        """The fsdp2-only keys are refused with another explicit strategy (``auto`` may still pick ddp: then
+        they do not apply)."""
+        rho = self.reshard_after_forward
+        if (self.dp_replicate > 1 or self.dp_shard > 0 or not isinstance(rho, bool)) and \
+                self.strategy not in ("fsdp2", "auto"):
+            what = ("parallel.reshard_after_forward" if not isinstance(rho, bool) else
+                    f"parallel.dp_replicate={self.dp_replicate}, parallel.dp_shard={self.dp_shard}")
+            raise ConfigError(f"{what} applies to parallel.strategy=fsdp2 only, not {self.strategy}")
 
 
 @dataclass
@@ -296,6 +335,7 @@ class Config:
         p = self.parallel
         if p.strategy not in STRATEGIES:
             raise ConfigError(f"parallel.strategy={p.strategy!r} is not one of {STRATEGIES}")
+        p.check_strategy()
         for key, value in (("model.dtype", self.model.dtype), ("parallel.mixed_precision", p.mixed_precision),
                            ("export.dtype", self.export.dtype)):
             if value not in DTYPES:
@@ -317,6 +357,9 @@ class Config:
             value = self._get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > MAX_INT:
                 raise ConfigError(f"{key} must be <= {MAX_INT}, got {excerpt(value, 40)}")
+        problem = quantize_problem(self.model.quantize, p.strategy)
+        if problem:
+            raise ConfigError(problem)
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
         t = self.train

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from lora_dist.inputs import excerpt
 from lora_dist.merge import LoRAWeights, lora_scale, merge_weight, unmerge_weight
+from lora_dist.quant import frozen_linear, is_quantized
 
 try:  # transformers is a dependency, but keep the core importable without it.
     from transformers.pytorch_utils import Conv1D
@@ -274,6 +275,9 @@ class LoRALayer(nn.Module):
     def merge(self) -> None:
         """Fold the adapter into the base weight (fp32 math, NaN/Inf checked)."""
         if not self.merged:
+            if is_quantized(self.base_weight()):
+                raise LoRAConfigError(f"{self.weight_name} is NF4 (model.quantize): an adapter cannot be folded into "
+                                      "4-bit weights; the merged export merges into the dequantized base")
             self._fold(merge_weight)
             self.merged = True
 
@@ -364,7 +368,7 @@ class LoRALinear(LoRALayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.T if self.fan_in_fan_out else self.weight
-        result = F.linear(x, weight, self.bias)
+        result = frozen_linear(x, weight, self.bias)  # F.linear, also for an NF4 base (model.quantize)
         if self.merged or self.disabled:
             return result
         lora_dtype = self.lora_A.weight.dtype

@@ -2,6 +2,8 @@
 
     build skeleton on meta -> inject LoRA -> parallelize -> materialize
     -> each rank loads only the base tensors (or rows/slices) it owns
+    (model.quantize=nf4: the blocks' linear weights become empty NF4 tensors before parallelize, and
+    each rank quantizes the rows it reads; :mod:`lora_dist.quant`)
     -> initialize LoRA identically on every rank -> assert nothing is on meta
 
 No rank ever reads or holds the whole base model: under fsdp2 a rank reads
@@ -20,12 +22,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lora_dist.config import ModelConfig, ParallelConfig
+from lora_dist.config import ConfigError, ModelConfig, ParallelConfig
 from lora_dist.dtypes import parse_dtype
 from lora_dist.lora import InjectionReport, LoRAConfig, inject_lora, lora_modules, lora_parameters
 from lora_dist.model_dir import ModelDir, ModelDirError
 from lora_dist.parallel import parallelize
 from lora_dist.parallel.sharding import full_shape, owned_range, whole_local
+from lora_dist.quant import is_quantized, load_quantized, nf4_module, prepare_quantized, quantize_problem
 from lora_dist.weight_mapping import WeightMap, model_transforms
 
 __all__ = ["LoadedModel", "load_model", "model_class", "place_unsharded", "skeleton"]
@@ -90,7 +93,9 @@ def _load_base(model: nn.Module, base: ModelDir, weights: WeightMap) -> None:
                 "config.json and weights disagree"
             )
         owned = owned_range(param)
-        if owned is None:
+        if is_quantized(param):  # model.quantize: this rank's rows, quantized as they are read (collective)
+            load_quantized(param, source.read() if owned is None else source.read_flat(owned.start, owned.end))
+        elif owned is None:
             local = whole_local(param)
             local.copy_(source.read().to(local.dtype))
         elif owned.end > owned.start:
@@ -184,6 +189,11 @@ def load_model(
     dtype = parse_dtype(model_cfg.dtype)
     cls = model_class(hf_config)
     strategy = parallel_cfg.strategy
+    problem = quantize_problem(model_cfg.quantize, strategy)
+    if problem:
+        raise ConfigError(problem)
+    if model_cfg.quantize:
+        nf4_module()  # torchao installed, before anything is built
     if strategy == "zero3":
         from lora_dist.parallel.deepspeed import check_supported, zero_init
 
@@ -202,6 +212,12 @@ def load_model(
     # Before parallelize: transformers looks its conversion mapping up by class names FSDP2 changes.
     weights = WeightMap(base, model_transforms(model), getattr(model, "base_model_prefix", ""))
     report = inject_lora(model, lora_cfg)
+    if model_cfg.quantize:  # NF4 before sharding: FSDP2 shards NF4, materializing allocates only its bytes
+        import torch.distributed as dist
+
+        shards = dist.get_world_size() if strategy == "fsdp2" and dist.is_initialized() else 1
+        offload = strategy == "fsdp2" and parallel_cfg.cpu_offload
+        prepare_quantized(model, model_cfg.quantize, shards, torch.device("cpu") if offload else device)
     parallelize(model, parallel_cfg, device)
     if strategy != "zero3":
         offload = strategy == "fsdp2" and parallel_cfg.cpu_offload

@@ -12,6 +12,10 @@ computed from the resulting parameter shapes and the run config:
   W); zero3 keeps ``ceil(numel / W)`` elements of every parameter, plus a
   whole copy of every parameter below DeepSpeed's persistence threshold
   (shown as *replicated*); ddp/none/zero1/zero2 keep everything.
+  With ``model.quantize=nf4`` the weights :mod:`lora_dist.quant` quantizes at
+  this sharding count torchao's NF4 bytes of their shard
+  (:func:`~lora_dist.quant.nf4_bytes`: half a byte per element, an int8 scale
+  per 64, a float per 16,384, 17 floats per tensor); the others as above.
 * **LoRA params**, **grads**, **optimizer state**: fp32 A/B on every rank,
   their gradients, AdamW's two moments (under ZeRO partitioned over ranks,
   with an fp32 master partition). fsdp2/ddp with ``parallel.shard_optimizer``
@@ -42,6 +46,9 @@ computed from the resulting parameter shapes and the run config:
   the model's size the whole base stays gathered (at most
   ``stage3_max_live_parameters``); otherwise the largest weight (the module
   running) plus the prefetch bucket.
+  With an NF4 base, the gathered blocks are NF4 bytes (FSDP2 all-gathers the
+  NF4 shards), plus one weight dequantized in the compute dtype for its matmul
+  (the largest; also under ddp/none).
 * **buffers**: communication buckets: the LoRA gradient bucket (fsdp2), DDP's
   bucket copies, DeepSpeed's reduce bucket (at most the size of the LoRA
   gradients: lora_dist caps it there).
@@ -132,6 +139,8 @@ class MemoryPlan:
     adapted_experts: int
     choice: StrategyChoice | None = None
     """Where the config asked for ``parallel.strategy=auto``: what was chosen, and why."""
+    dp_replicate: int = 1
+    """fsdp2 replica groups (hybrid sharding: the base is sharded over ``world_size / dp_replicate`` ranks)."""
 
     TERMS = ("base_shard", "base_replicated", "lora_params", "lora_grads", "optimizer_state", "activations",
              "gathered", "buffers", "adapted_experts")
@@ -158,7 +167,9 @@ class MemoryPlan:
         lines = [self.choice.summary(), ""] if self.choice else []
         lines += [
             f"strategy={self.strategy}{' + activation checkpointing' if self.activation_checkpointing else ''} "
-            f"world_size={self.world_size} tokens/micro-batch/rank={self.tokens_per_micro_batch}",
+            f"world_size={self.world_size}"
+            f"{f' (dp_replicate={self.dp_replicate} x dp_shard={self.world_size // self.dp_replicate})' if self.dp_replicate > 1 else ''}"
+            f" tokens/micro-batch/rank={self.tokens_per_micro_batch}",
             f"model: {self.num_params / 1e6:.1f}M params ({self.model_bytes / GB:.2f} GB), LoRA "
             f"{self.num_lora_params / 1e6:.2f}M params, largest tensor {self.largest_tensor_bytes / GB:.3f} GB",
         ]
@@ -330,8 +341,9 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     """The plan of ``cfg`` (an explicit strategy) for ``model``, the meta skeleton with LoRA injected."""
     from lora_dist.lora import LoRAParam, lora_modules, lora_parameters
     from lora_dist.loss import chunkable
-    from lora_dist.parallel import find_blocks
+    from lora_dist.parallel import dp_mesh_shape, find_blocks
     from lora_dist.parallel.reducer import fill_buckets
+    from lora_dist.quant import nf4_bytes, nf4_quantizable, quantized_weights
 
     p: ParallelConfig = cfg.parallel
     base_elt = parse_dtype(cfg.model.dtype).itemsize
@@ -348,6 +360,21 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     def frozen_numel(module: torch.nn.Module) -> int:
         return sum(q.numel() for q in module.parameters() if id(q) not in lora)
 
+    # model.quantize=nf4: the weights lora_dist.quant quantizes at this sharding are NF4 bytes at rest and
+    # gathered (FSDP2 all-gathers the NF4 shards); one of them is dequantized at a time for its matmul.
+    # fsdp2 shards the base over dp_shard ranks (all W, or one replica group's under hybrid sharding).
+    shards = dp_mesh_shape(p, W)[1] if p.strategy == "fsdp2" else 1
+    nf4 = {id(m._parameters[a]) for m, a in quantized_weights(model)
+           if nf4_quantizable(tuple(m._parameters[a].shape), shards)} if cfg.model.quantize else set()
+
+    def stored(q: torch.nn.Parameter, numel: int, elt: int) -> int:
+        return nf4_bytes(numel, base_elt) if id(q) in nf4 else numel * elt
+
+    def gathered_bytes(params) -> int:
+        return sum(stored(q, q.numel(), compute_elt) for q in params if id(q) not in lora)
+
+    dequantized = max((q.numel() for _, q in base if id(q) in nf4), default=0) * compute_elt
+
     block_numel = max((frozen_numel(b) for b in blocks), default=0)
     largest_base = max((q.numel() for _, q in base), default=0)
 
@@ -355,7 +382,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     optimizer_state = 2 * lora_bytes
     lora_params, lora_grads = lora_bytes, lora_bytes
     if p.strategy == "fsdp2":
-        base_shard = sum(_fsdp_shard_numel(tuple(q.shape), W) for _, q in base) * base_elt
+        base_shard = sum(stored(q, _fsdp_shard_numel(tuple(q.shape), shards), base_elt) for _, q in base)
         if p.reshard_after_forward:
             # The units parallelize() makes: each block, the input embedding and the output head (when
             # untied), and the root with the rest. Backward starts with the root's rest and the head (both
@@ -365,8 +392,13 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
             root_rest = sum(q.numel() for _, q in base if id(q) not in in_unit)
             gathered = root_rest + max((frozen_numel(m) for m in units), default=0) + 2 * block_numel
             gathered = min(gathered, base_numel) * compute_elt
+            if nf4:
+                gathered = (gathered_bytes(q for _, q in base if id(q) not in in_unit)
+                            + max((gathered_bytes(m.parameters()) for m in units), default=0)
+                            + 2 * max((gathered_bytes(b.parameters()) for b in blocks), default=0))
         else:
-            gathered = base_numel * compute_elt
+            gathered = gathered_bytes(q for _, q in base)
+        gathered += dequantized
         if not sharded:
             buffers = min(int(p.bucket_mb * 1e6), lora_bytes)  # the flat copy of one gradient bucket
     elif p.strategy == "zero3":
@@ -393,7 +425,8 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         optimizer_state = 3 * math.ceil(lora_numel / W) * LORA_BYTES
         buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
     else:  # ddp, none
-        base_shard = base_numel * base_elt
+        base_shard = sum(stored(q, q.numel(), base_elt) for _, q in base)
+        gathered = dequantized
         if p.strategy == "ddp" and not sharded:
             buffers = lora_bytes  # DDP's gradient buckets hold a second copy of the gradients
     if sharded:
@@ -448,5 +481,5 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         model_bytes=base_numel * base_elt, largest_tensor_bytes=largest,
         base_shard=base_shard, base_replicated=base_replicated, lora_params=lora_params, lora_grads=lora_grads,
         optimizer_state=optimizer_state, activations=activations, gathered=gathered, buffers=buffers,
-        adapted_experts=adapted_experts,
+        adapted_experts=adapted_experts, dp_replicate=W // shards if p.strategy == "fsdp2" else 1,
     )

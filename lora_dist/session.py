@@ -24,7 +24,8 @@ from lora_dist.model import load_model
 from lora_dist.model_dir import ModelDir, ModelDirError
 from lora_dist.parallel import Engine, make_engine
 
-__all__ = ["build", "check_launch", "open_base", "prepare", "resolve_strategy", "run_config", "strategy_config"]
+__all__ = ["build", "check_launch", "open_base", "prepare", "resolve_hybrid", "resolve_strategy", "run_config",
+           "strategy_config"]
 
 log = logging.getLogger("lora_dist")
 
@@ -63,6 +64,10 @@ def check_launch(cfg: Config, env: LaunchEnv) -> None:
     strategy = cfg.parallel.strategy
     if strategy == "none" and env.world_size > 1:
         raise ConfigError(f"parallel.strategy=none runs one process, but {env.world_size} were launched; pick fsdp2, zero3 or ddp")
+    if strategy == "fsdp2":
+        from lora_dist.parallel import dp_mesh_shape
+
+        dp_mesh_shape(cfg.parallel, env.world_size)  # dp_replicate x dp_shard must be the ranks launched
     if strategy in ("zero1", "zero2") and env.is_main:
         log.warning("parallel.strategy=%s does not shard the frozen base: every rank holds all of it "
                     "(only the small LoRA optimizer state/gradients are partitioned); use fsdp2 or zero3 to shard it",
@@ -92,19 +97,80 @@ def resolve_strategy(cfg: Config, env: LaunchEnv, device: torch.device) -> Confi
     """
     if cfg.parallel.strategy != "auto":
         return cfg
-    import torch.distributed as dist
+    from lora_dist.plan import choose_strategy
 
-    from lora_dist.plan import choose_strategy, memory_budget
-
-    budget = memory_budget(cfg.parallel.memory_gb, device, env.local_world_size)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        smallest = torch.tensor([budget], dtype=torch.int64, device=device)
-        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-        budget = int(smallest.item())
+    budget, _ = _budget(cfg, env, device)
     parallel, choice = choose_strategy(cfg, env.world_size, budget)
     if env.is_main:
         log.info("%s", choice.summary())
     return dataclasses.replace(cfg, parallel=parallel)
+
+
+def _budget(cfg: Config, env: LaunchEnv, device: torch.device) -> tuple[int, bool]:
+    """Collective: the memory budget per rank, the smallest over the ranks; and whether the ranks lie node by node
+    (``local_world_size`` consecutive ranks per node, the same on every node)."""
+    import torch.distributed as dist
+
+    from lora_dist.plan import memory_budget
+
+    budget = memory_budget(cfg.parallel.memory_gb, device, env.local_world_size)
+    local = env.local_world_size
+    aligned = local > 0 and env.world_size % local == 0 and env.node_rank == env.rank // local
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = torch.tensor([budget, local, -local, int(aligned)], dtype=torch.int64, device=device)
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+        budget, low, high, aligned = (int(v) for v in values.tolist())
+        aligned = bool(aligned) and low == -high
+    return budget, aligned
+
+
+def resolve_hybrid(cfg: Config, env: LaunchEnv, device: torch.device) -> Config:
+    """``cfg`` with fsdp2's ``parallel.dp_replicate`` and ``parallel.dp_shard`` set for this launch, logged on rank 0
+    when chosen. :func:`build` calls it after :func:`resolve_strategy`; a run's ``config.json`` keeps the values
+    as given (0: chosen again by the launch that reuses it).
+
+    Unset (both 0) on several nodes: one replica group per node (hybrid sharding, so only LoRA gradients cross
+    nodes) when the planner (:func:`lora_dist.plan.plan_memory`) predicts the model fits the budget sharded over
+    one node's ranks, else the base sharded over all ranks. Collective when it decides.
+
+    Raises:
+        ConfigError: ``dp_replicate x dp_shard`` is not the world size.
+    """
+    from lora_dist.parallel import dp_mesh_shape
+
+    p = cfg.parallel
+    if p.strategy != "fsdp2":
+        return cfg
+    auto = not p.dp_replicate and not p.dp_shard
+    if auto and env.world_size > 1 and env.num_nodes > 1:
+        from lora_dist.plan import GB, plan_memory
+
+        budget, aligned = _budget(cfg, env, device)
+        local = env.local_world_size
+        if not aligned:
+            why = "the nodes do not hold equal runs of consecutive ranks"
+        else:
+            single = dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp_replicate=1, dp_shard=0))
+            try:
+                peak = plan_memory(single, local).total
+            except Exception as e:  # noqa: BLE001 - a model the planner cannot size: the safe choice, logged
+                peak, fits, why = 0, False, f"the planner could not size the model ({type(e).__name__}: {e})"
+            else:
+                fits = peak <= budget
+                why = (f"the model {'fits' if fits else 'does not fit'} in one node's {local} ranks (predicted peak "
+                       f"{peak / GB:.2f} GB per rank, budget {budget / GB:.2f} GB, parallel.memory_gb)")
+            if fits:
+                p = dataclasses.replace(p, dp_replicate=env.world_size // local, dp_shard=local)
+        if env.is_main:
+            if p.dp_replicate > 1:
+                log.info("parallel: hybrid sharding, dp_replicate=%d x dp_shard=%d (one replica group per node): %s; "
+                         "only LoRA gradients cross nodes", p.dp_replicate, p.dp_shard, why)
+            else:
+                log.info("parallel: the base sharded over all %d ranks of %d nodes (dp_replicate=1): %s; "
+                         "parallel.reshard_after_forward=node keeps backward's all-gathers inside a node",
+                         env.world_size, env.num_nodes, why)
+    replicate, shard = dp_mesh_shape(p, env.world_size)
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp_replicate=replicate, dp_shard=shard))
 
 
 def strategy_config(cfg: Config, base: ModelDir) -> dict | None:
@@ -118,12 +184,14 @@ def strategy_config(cfg: Config, base: ModelDir) -> dict | None:
 
 def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
           ds_config: dict | None) -> tuple[nn.Module, Engine]:
-    """Resolve ``parallel.strategy=auto`` (:func:`resolve_strategy`), load the model
+    """Resolve ``parallel.strategy=auto`` (:func:`resolve_strategy`) and fsdp2's mesh (:func:`resolve_hybrid`),
+    load the model
     (:func:`~lora_dist.model.load_model`), make AdamW over its LoRA params and the engine.
 
     Every rank calls it, with inputs already checked (:func:`check_launch`, :func:`open_base`).
     """
     cfg = resolve_strategy(cfg, env, device)  # auto is never zero*: ds_config stays None
+    cfg = resolve_hybrid(cfg, env, device)  # fsdp2's dp_replicate x dp_shard for this launch
     t = cfg.train
     loaded = load_model(cfg.model, cfg.lora, cfg.parallel, device, t.seed, ds_config, base=base)
     if env.is_main:

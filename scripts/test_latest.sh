@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The distributed training, export, MoE, data-source and trainer-integration tests against today's
-# releases of transformers, accelerate, deepspeed, peft, datasets and trl (torch stays 2.13.0), in .venv-latest next to the pinned .venv. Users
+# releases of transformers, accelerate, deepspeed, peft, datasets, trl and torchao (torch stays 2.13.0), in .venv-latest next to the pinned .venv. Users
 # `pip install` today's releases, not our pins; .ci/run runs this after scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ LATEST=1 bash scripts/setup.sh
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false CUDA_VISIBLE_DEVICES=
 python - <<'PY'
 from importlib.metadata import version
-print("today's releases:", ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "accelerate", "deepspeed", "peft", "datasets", "trl")))
+print("today's releases:", ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "accelerate", "deepspeed", "peft", "datasets", "trl", "torchao")))
 PY
 exec python -m pytest -ra tests/test_train_dist.py tests/export/test_run_export.py tests/export/test_export.py \
-    tests/test_moe.py tests/test_sources.py tests/integrations "$@"
+    tests/test_moe.py tests/test_sources.py tests/test_nf4.py tests/integrations "$@"

@@ -199,3 +199,23 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("dist") or item.get_closest_marker("cluster") or \
                 any(f is not None and _starts_work(f) for f in functions):
             item.add_marker(pytest.mark.slow)
+    if config.pluginmanager.hasplugin("xdist"):
+        _group_for_workers(items)
+
+
+def _group_for_workers(items) -> None:
+    """Under ``pytest -n N --dist loadgroup`` (scripts/test.sh): a module's tests stay on one worker, so its
+    module-scoped fixtures (a trained run, a built model) are made once; every cluster test shares one worker,
+    which holds the cluster for the session (tests/cluster/conftest.py). The groups with the most slow and
+    multi-process tests are sent first, so no long group starts last while the other worker idles."""
+    def group(item) -> str:
+        return "cluster" if item.get_closest_marker("cluster") else item.nodeid.split("::")[0]
+
+    slow: dict[str, int] = {}
+    for item in items:
+        name = group(item)
+        cost = 1 if item.get_closest_marker("slow") else 0
+        cost += 2 if item.get_closest_marker("dist") else 0  # a torchrun: both cores, several seconds
+        slow[name] = slow.get(name, 0) + cost + (1000 if name == "cluster" else 0)
+        item.add_marker(pytest.mark.xdist_group(name))
+    items.sort(key=lambda item: -slow[group(item)])  # stable: collection order within a group

@@ -369,3 +369,25 @@ def test_llama31_70b_example_counts_and_documented_table():
     assert plan.num_lora_params == 80 * 16 * ((H + H) + (H + kv) + (H + H) + 2 * (H + inter) + (inter + H))
     shown = "\n".join(f"    {line}" if line else "" for line in plan.table().splitlines())  # a code block
     assert shown in (REPO / "docs" / "bench.md").read_text()
+
+
+def test_llama31_70b_example_with_an_nf4_base():
+    """The 70B example with model.quantize=nf4 on 8 ranks: every block linear is NF4 (whole 16,384-element groups
+    per rank), counted at torchao's layout; the rest stays bf16; docs/qlora.md shows these numbers."""
+    from lora_dist.quant import nf4_bytes
+
+    config = REPO / "configs" / "llama31_70b_8x_lora.yaml"
+    plan = plan_memory(load_config(config, [f"model.path={LLAMA31_70B}", "model.quantize=nf4"]), 8)
+    bf16 = plan_memory(load_config(config, [f"model.path={LLAMA31_70B}"]), 8)
+    H, kv, inter, vocab = 8192, 1024, 28672, 128256
+    per_block = [H * H, kv * H, kv * H, H * H, inter * H, inter * H, H * inter]  # q, k, v, o, gate, up, down
+    quantized = 80 * sum(nf4_bytes(n // 8, 2) for n in per_block)
+    rest = (2 * vocab * H + 80 * 2 * H + H) // 8 * 2  # embedding, head, norms: bf16 shards
+    assert plan.base_shard == quantized + rest
+    assert plan.base_shard < 0.3 * bf16.base_shard
+    assert plan.total < 0.5 * bf16.total
+    table = plan.table()
+    doc = (REPO / "docs" / "qlora.md").read_text()
+    for term in ("base shard (frozen)", "gathered base (transient)", "peak (sum)"):
+        line = next(line for line in table.splitlines() if line.strip().startswith(term))
+        assert f"    {line}" in doc, line

@@ -90,11 +90,13 @@ class System:
 class LoraDist(System):
     can_export = True
 
-    def __init__(self, settings: BenchSettings, device: torch.device, strategy: str) -> None:
+    def __init__(self, settings: BenchSettings, device: torch.device, strategy: str,
+                 overrides: tuple[str, ...] = (), name: str = "") -> None:
         super().__init__(settings, device)
         self.strategy = strategy
-        self.name = f"lora_dist_{strategy}"
-        self.description = f"lora_dist parallel.strategy={strategy}"
+        self.overrides = overrides  # more config overrides (parallel.dp_replicate=2 ...)
+        self.name = name or f"lora_dist_{strategy}"
+        self.description = " ".join((f"lora_dist parallel.strategy={strategy}", *overrides))
         self.can_export = strategy in ("fsdp2", "zero3")
 
     def setup(self) -> None:
@@ -110,6 +112,7 @@ class LoraDist(System):
             f"model.path={s.model_path}", f"parallel.strategy={self.strategy}", f"lora.r={s.lora_r}",
             f"lora.alpha={s.lora_alpha}", "lora.target_modules=all-linear", f"train.micro_batch_size={s.micro_batch}",
             f"train.seq_len={s.seq_len}", f"train.lr={LR}", "train.max_grad_norm=1.0", f"train.seed={s.seed}",
+            *self.overrides,
         ])
         ds = None
         if self.strategy.startswith("zero"):

@@ -29,6 +29,9 @@ from lora_dist.ranks import RankGroup
 from lora_dist.export.layout import plan_layout
 from lora_dist.export.sources import (
     MERGED_FROM_KEY,
+    QUANTIZED_DTYPE_KEY,
+    QUANTIZED_KEY,
+    QUANTIZED_WEIGHTS_KEY,
     RowsSource,
     file_rows,
     merged_from,
@@ -45,6 +48,7 @@ from lora_dist.model import load_model
 from lora_dist.model_dir import ModelDir
 from lora_dist.parallel.deepspeed import deepspeed_config
 from lora_dist.parallel.sharding import full_shape, gathered, is_dtensor, local_dtype
+from lora_dist.quant import is_quantized
 
 __all__ = ["export_merged", "export_run"]
 
@@ -181,8 +185,20 @@ def export_merged(
                 )
             # A layer merged in place already holds W0 + delta.
             sources[key] = param_source(layer.weight, specs[key], None if layer.merged else adapters[name])
-        dtypes = merged_from(local_dtype(layer.base_weight()) for layer in layers.values())
-        layout = plan_layout(list(specs.values()), max_shard_size, {"format": "pt", MERGED_FROM_KEY: dtypes})
+        # model.quantize: the other quantized weights are written dequantized too, so the export is the model
+        # the adapter was trained with (the offline merge reads the original weights instead).
+        adapted = {f"{name}.weight" for name in linears}
+        quantized = [(n, p) for n, p in model.named_parameters() if is_quantized(p)]
+        for name, param in quantized:
+            if name in specs and name not in adapted and full_shape(param) == specs[name].shape:
+                sources[name] = param_source(param, specs[name], None)
+        metadata = {"format": "pt", MERGED_FROM_KEY: merged_from(local_dtype(layer.base_weight())
+                                                                  for layer in layers.values())}
+        if quantized:
+            metadata[QUANTIZED_KEY] = "nf4"
+            metadata[QUANTIZED_WEIGHTS_KEY] = ",".join(n for n, _ in quantized if n in specs)
+            metadata[QUANTIZED_DTYPE_KEY] = merged_from(local_dtype(p) for _, p in quantized)
+        layout = plan_layout(list(specs.values()), max_shard_size, metadata)
     except Exception as e:
         error = e
     group.check(error)
@@ -252,7 +268,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     RankGroup().on_rank0(lambda: check_output(out_dir, inputs, overwrite=overwrite, base_dir=cfg.model.path,
                                               what="--out"))
     recover(run / "adapter", cleanup=False)
-    if env.world_size == 1 and (run / "adapter").is_dir():
+    # An NF4 run (model.quantize) is exported from its quantized model on any number of ranks: the merge is
+    # into the dequantized base it was trained on, not into the original weights merge_offline reads.
+    if env.world_size == 1 and (run / "adapter").is_dir() and not cfg.model.quantize:
         # One process: stream base + adapter tensor by tensor from disk; nothing is loaded whole.
         from lora_dist.export.offline import merge_offline
 
@@ -263,6 +281,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
         parallel.strategy = "fsdp2"
     if env.world_size == 1:
         parallel.strategy = "none"
+    parallel.dp_replicate = parallel.dp_shard = 0  # the export's own ranks: the base sharded over all of them
+    parallel.reshard_after_forward = True
     # One process holds the whole base: host memory, never one GPU's.
     device = run_device() if env.world_size > 1 else torch.device("cpu")
     base = ModelDir(cfg.model.path)

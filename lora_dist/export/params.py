@@ -125,6 +125,7 @@ def part_sources(param: torch.Tensor, parts: list[ParamPart], specs: dict[str, T
             out[part.key] = RowsSource(lambda a, b, s=part.start, n=row: flat[s + a * n: s + b * n].reshape(b - a, n),
                                        spec, part.lora)
         return out
+    owned = owned.written()  # hybrid sharding: one replica group writes
     for part in parts:
         a, b = max(owned.start, part.start), min(owned.end, part.start + part.numel)
         local = owned.local.detach()[a - owned.start: b - owned.start] if a < b else owned.local[:0]

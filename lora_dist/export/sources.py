@@ -35,10 +35,14 @@ from lora_dist.export.layout import TensorSpec
 from lora_dist.merge import LoRAWeights, merge_weight
 from lora_dist.model_dir import ModelDir
 from lora_dist.parallel.sharding import ShardingError, owned_range, whole_local
+from lora_dist.quant import dequantize_flat, is_nf4
 
 __all__ = [
     "COPY_BLOCK_BYTES",
     "MERGED_FROM_KEY",
+    "QUANTIZED_DTYPE_KEY",
+    "QUANTIZED_KEY",
+    "QUANTIZED_WEIGHTS_KEY",
     "MERGE_BLOCK_ROWS",
     "Piece",
     "RowsSource",
@@ -58,6 +62,13 @@ MERGE_BLOCK_ROWS = 1024
 COPY_BLOCK_BYTES = 256 * 2**20
 #: Safetensors metadata key: the dtype(s) the merged base weights had (verification's tolerance).
 MERGED_FROM_KEY = "lora_dist_merged_base_dtype"
+#: Safetensors metadata key, set ("nf4") when the base was quantized (``model.quantize``): the export holds the
+#: dequantized base, merged with the adapter, not the original weights.
+QUANTIZED_KEY = "lora_dist_quantized_base"
+#: With :data:`QUANTIZED_KEY`: the quantized tensors' names (comma-separated) and the dtype they were quantized
+#: from, so ``verify`` can recompute what the export merged into.
+QUANTIZED_WEIGHTS_KEY = "lora_dist_quantized_weights"
+QUANTIZED_DTYPE_KEY = "lora_dist_quantized_dtype"
 
 
 #: What to write instead when a dtype overflows: wider dtypes lora_dist can write.
@@ -213,7 +224,7 @@ class ShardSource:
     """This rank's fixed part of a sharded param: flat elements ``[start, end)`` it holds locally.
 
     Args:
-        local: the ``end - start`` elements, flat.
+        local: the ``end - start`` elements, flat, or a function giving them when the piece is produced.
         start: first flat element of the whole tensor.
         end: one past the last.
         spec: the output tensor.
@@ -222,7 +233,8 @@ class ShardSource:
 
     sharded = True
 
-    def __init__(self, local: torch.Tensor, start: int, end: int, spec: TensorSpec, lora: LoRAWeights | None):
+    def __init__(self, local: torch.Tensor | Callable[[], torch.Tensor], start: int, end: int, spec: TensorSpec,
+                 lora: LoRAWeights | None):
         self.local, self.start, self.end, self.spec, self.lora = local, start, end, spec, lora
 
     def pieces(self, rank: int, world: int) -> list[Piece]:
@@ -230,10 +242,11 @@ class ShardSource:
         return [Piece(self.start, self.end, self._produce)] if self.end > self.start else []
 
     def _produce(self) -> torch.Tensor:
+        local = self.local() if callable(self.local) else self.local
         if self.lora is None:
-            return to_output(self.local, self.spec.dtype, self.spec.name)
+            return to_output(local, self.spec.dtype, self.spec.name)
         spec = self.spec
-        return merge_flat(self.local, self.start, self.end, spec.shape, self.lora, spec.dtype, spec.name)
+        return merge_flat(local, self.start, self.end, spec.shape, self.lora, spec.dtype, spec.name)
 
 
 def param_source(param: torch.Tensor, spec: TensorSpec, lora: LoRAWeights | None) -> RowsSource | ShardSource:
@@ -252,9 +265,20 @@ def param_source(param: torch.Tensor, spec: TensorSpec, lora: LoRAWeights | None
         owned = owned_range(param)
     except ShardingError as e:
         raise ExportError(f"{spec.name}: {e}") from None
+    # An NF4 base (model.quantize) is dequantized, a piece at a time, to the dtype it was quantized from: the
+    # merge is into the dequantized weights the adapter was trained on.
     if owned is None:
         full = whole_local(param).detach()
+        if is_nf4(full):
+            row_len = math.prod(spec.shape[1:])
+            return RowsSource(lambda a, b: dequantize_flat(full, a * row_len, b * row_len), spec, lora)
         return RowsSource(lambda a, b: full[a:b], spec, lora)
+    if is_nf4(owned.local):
+        local = owned.local.detach()
+        if not getattr(owned, "primary", True):  # hybrid sharding: another replica group writes it
+            return ShardSource(torch.empty(0), owned.start, owned.start, spec, lora)
+        return ShardSource(lambda: dequantize_flat(local, 0, local.numel()), owned.start, owned.end, spec, lora)
+    owned = owned.written()  # hybrid sharding: one replica group writes
     return ShardSource(owned.local.detach(), owned.start, owned.end, spec, lora)
 
 

@@ -33,12 +33,20 @@ from lora_dist.dtypes import FLOAT_DTYPES, DTypeError, parse_dtype
 from lora_dist.export.layout import HeaderEntry, SafetensorsFormatError, read_header
 from lora_dist.export.params import checkpoint_loras
 from lora_dist.export.errors import ExportError
-from lora_dist.export.sources import MERGED_FROM_KEY, merge_flat, natural_key
+from lora_dist.export.sources import (
+    MERGED_FROM_KEY,
+    QUANTIZED_DTYPE_KEY,
+    QUANTIZED_KEY,
+    QUANTIZED_WEIGHTS_KEY,
+    merge_flat,
+    natural_key,
+)
 from lora_dist.merge import LoRAWeights, MergeError, lora_delta
 from lora_dist.model_dir import SAFE_INDEX, SAFE_SINGLE, ModelDir, ModelDirError
 
 __all__ = [
     "CheckpointFiles",
+    "DequantizedBase",
     "VerifyError",
     "VerifyReport",
     "check_config",
@@ -266,6 +274,35 @@ def check_targeted(found: CheckpointFiles, targeted: Mapping[str, LoRAWeights]) 
     return [f"LoRA-targeted tensors are missing: {absent[:5]}"] if absent else []
 
 
+class DequantizedBase:
+    """The base as an NF4 run's export saw it (``model.quantize=nf4``, the checkpoint's metadata): the weights
+    named in :data:`~lora_dist.export.sources.QUANTIZED_WEIGHTS_KEY` read as torchao's NF4 of the whole weight,
+    dequantized (what each rank's shard is, bit for bit), one weight cached at a time; every other tensor as
+    stored. Only ``read`` differs from the :class:`ModelDir` it wraps."""
+
+    def __init__(self, base: ModelDir, metadata: Mapping[str, str]) -> None:
+        self.base = base
+        self.quantized = set(filter(None, metadata.get(QUANTIZED_WEIGHTS_KEY, "").split(",")))
+        self.dtype = _stored_dtype(metadata.get(QUANTIZED_DTYPE_KEY, "bfloat16"))
+        self._cached: tuple[str, torch.Tensor] | None = None
+
+    def read(self, key: str, rows: slice | None = None) -> torch.Tensor:
+        if key not in self.quantized:
+            return self.base.read(key, rows)
+        if self._cached is None or self._cached[0] != key:
+            from lora_dist.quant import BLOCK, SCALER_BLOCK, dequantize, nf4_module
+
+            weight = self.base.read(key).to(self.dtype)
+            self._cached = (key, dequantize(nf4_module().to_nf4(weight, BLOCK, SCALER_BLOCK)))
+        whole = self._cached[1]
+        return whole if rows is None else whole[rows]
+
+
+def _reference(base: ModelDir, metadata: Mapping[str, str]) -> "ModelDir | DequantizedBase":
+    """What the checkpoint's tensors are compared with: the base, or its dequantized NF4 form for an NF4 export."""
+    return DequantizedBase(base, metadata) if metadata.get(QUANTIZED_KEY) else base
+
+
 def _max_abs(error: torch.Tensor) -> float:
     return error.max().item() if error.numel() else 0.0
 
@@ -455,20 +492,21 @@ def verify_checkpoint(
         problems += check_keys(base, found)
         targeted = checkpoint_loras(base, read_adapter(adapter_dir)) if adapter_dir is not None else {}
         problems += check_targeted(found, targeted)
+        reference = _reference(base, found.metadata)  # an NF4 run's export: its dequantized base
         if not problems and adapter_dir is not None:
             untouched = [k for k in keys if k not in targeted]
-            untouched_problems, untouched_diff = check_untouched(ckpt, base, untouched)
+            untouched_problems, untouched_diff = check_untouched(ckpt, reference, untouched)
             chosen = sample_keys(keys, set(targeted), sample)
             merged_keys = [k for k in keys if k in targeted]
             recompute = merged_keys if sample is None else [k for k in chosen if k in targeted]
             merged_problems, merged_diff = check_merged(
-                ckpt, base, targeted, recompute, found.metadata.get(MERGED_FROM_KEY, ""))
+                ckpt, reference, targeted, recompute, found.metadata.get(MERGED_FROM_KEY, ""))
             problems += merged_problems + untouched_problems
             report.compared = chosen  # targeted keys first: the sample, as it was always reported
             report.untouched, report.targeted, report.recomputed = len(untouched), len(merged_keys), recompute
             report.max_abs_diff = max(0.0, merged_diff, untouched_diff)
         elif not problems:
-            differ, largest = compare_with_base(ckpt, base, keys)
+            differ, largest = compare_with_base(ckpt, reference, keys)
             report.unchecked = [k for k in keys if k in differ and _mergeable(ckpt, k)]
             problems += [f"{k!r} differs from the base (max |diff| {d:.3g}); a LoRA merge changes only 2-D weights"
                          for k, d in differ.items() if k not in report.unchecked]

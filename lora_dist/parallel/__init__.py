@@ -1,7 +1,8 @@
 """Sharding the frozen base and keeping the replicated LoRA in sync.
 
 * :mod:`~lora_dist.parallel.parallelize`: ``parallelize``, the one wrapping entry point
-  (activation checkpointing, then FSDP2 per block and the root).
+  (activation checkpointing, then FSDP2 per block and the root, on a 1-D or hybrid
+  ``dp_replicate x dp_shard`` mesh: ``dp_mesh_shape``).
 * :mod:`~lora_dist.parallel.sharding`: which bytes of a base tensor a rank owns (FSDP2
   ``Shard(0)`` and ZeRO-3 flat partitions alike), for the sharded load and the export.
 * :mod:`~lora_dist.parallel.reducer`: bucketed all-reduce of the LoRA gradients (fsdp2).
@@ -10,7 +11,7 @@
 """
 
 from lora_dist.parallel.engine import Engine, ReplicaMismatchError, check_replicas, make_engine
-from lora_dist.parallel.parallelize import find_blocks, parallelize
+from lora_dist.parallel.parallelize import dp_mesh_shape, find_blocks, parallelize
 from lora_dist.parallel.reducer import LoRAGradReducer
 from lora_dist.parallel.sharding import OwnedRange, owned_range
 
@@ -21,6 +22,7 @@ __all__ = [
     "ReplicaMismatchError",
     "check_replicas",
     "deepspeed_config",
+    "dp_mesh_shape",
     "find_blocks",
     "make_engine",
     "owned_range",

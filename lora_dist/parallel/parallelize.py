@@ -1,7 +1,11 @@
 """``parallelize``: the one place a model is wrapped for its strategy, in a fixed order.
 
 activation checkpointing -> FSDP2 ``fully_shard`` per transformer block, then
-the input embedding and output head as their own units, then the root. LoRA
+the input embedding and output head as their own units, then the root, all on
+one data-parallel mesh (:func:`dp_mesh_shape`): 1-D over every rank, or 2-D
+``(dp_replicate, dp_shard)`` for hybrid sharding (HSDP: ``(Replicate, Shard(0))``,
+the base sharded within a group of consecutive ranks, a node, and replicated
+across groups, so that the base's all-gathers stay inside a node). LoRA
 params are ``ignored_params``: they stay plain, whole tensors on every rank
 (their gradients are reduced by :class:`~lora_dist.parallel.reducer.LoRAGradReducer`),
 while the frozen base becomes ``Shard(0)`` DTensors with no gradients and no
@@ -16,10 +20,50 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lora_dist.config import ParallelConfig
+from lora_dist.config import ConfigError, ParallelConfig
 from lora_dist.lora import lora_parameters
 
-__all__ = ["embedding_and_head", "find_blocks", "parallelize"]
+__all__ = ["dp_mesh_shape", "embedding_and_head", "find_blocks", "parallelize", "reshard_size"]
+
+
+def dp_mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
+    """``(dp_replicate, dp_shard)`` for ``world_size`` ranks: ``parallel.dp_replicate`` / ``parallel.dp_shard``,
+    each 0 (unset) taking what the other leaves; both unset: ``(1, world_size)``, the base sharded over all ranks.
+
+    Raises:
+        ConfigError: the product is not ``world_size``.
+    """
+    replicate, shard = cfg.dp_replicate, cfg.dp_shard
+    if not replicate:
+        replicate = world_size // shard if shard and world_size % shard == 0 else 1
+    if not shard:
+        shard = world_size // replicate if world_size % replicate == 0 else 0
+    if replicate * shard != world_size:
+        raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} x parallel.dp_shard={cfg.dp_shard} must "
+                          f"multiply to the {world_size} ranks launched (0: whatever the other leaves)")
+    return replicate, shard
+
+
+def reshard_size(cfg: ParallelConfig, shard: int, local_world_size: int) -> bool | int:
+    """FSDP2's ``reshard_after_forward`` for blocks sharded over ``shard`` ranks: ``parallel.reshard_after_forward``,
+    with ``node`` the ranks of a node; a rank count N keeps a 1/N shard after forward (N >= ``shard``: ``True``,
+    N = 1: ``False``).
+
+    Raises:
+        ConfigError: N does not divide ``shard``.
+    """
+    value = cfg.reshard_after_forward
+    if isinstance(value, bool):
+        return value
+    n = local_world_size if value == "node" else int(value)
+    if n >= shard or n < 1:  # n < 1: the node's ranks are not known
+        return True
+    if n <= 1:
+        return False
+    if shard % n:
+        raise ConfigError(f"parallel.reshard_after_forward={value} ({n} ranks) must divide the {shard} ranks the "
+                          "base is sharded over")
+    return n
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
@@ -59,7 +103,17 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    replicate, shard_ranks = dp_mesh_shape(cfg, dist.get_world_size())
+    if replicate == 1:
+        mesh = init_device_mesh(device.type, (shard_ranks,), mesh_dim_names=("dp_shard",))
+    else:
+        mesh = init_device_mesh(device.type, (replicate, shard_ranks), mesh_dim_names=("dp_replicate", "dp_shard"))
+    local = 0
+    if cfg.reshard_after_forward == "node":
+        from lora_dist.launch import detect_launch_env
+
+        local = detect_launch_env().local_world_size
+    reshard = reshard_size(cfg, shard_ranks, local)
     mp = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if cfg.mixed_precision == "bfloat16" else None,
         reduce_dtype=torch.float32,
@@ -73,15 +127,15 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
         raise ValueError(f"{type(model).__name__}: found no transformer blocks to shard; use parallel.strategy=ddp")
     shard = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
     for block in blocks:
-        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **shard)
+        fully_shard(block, reshard_after_forward=reshard, **shard)
     # Input embedding and output head are often the largest tensors: their own units, so only one
     # of them is gathered at a time. Tied ones share a parameter and must stay in one unit (the root).
     # The head runs last in forward and first in backward: resharding it in between would only
     # gather it again at once.
     embed, head = embedding_and_head(model)
-    for module, reshard in ((embed, cfg.reshard_after_forward), (head, False)):
+    for module, after_forward in ((embed, reshard), (head, False)):
         if module is not None:
-            fully_shard(module, reshard_after_forward=reshard, **shard)
+            fully_shard(module, reshard_after_forward=after_forward, **shard)
     # The root keeps what is left (final norm); backward needs it first, so no reshard after forward.
     fully_shard(model, reshard_after_forward=False, **shard)
     return model

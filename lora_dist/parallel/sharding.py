@@ -5,7 +5,9 @@ A frozen base weight is held in one of three ways:
 * a plain tensor: whole on every rank (``ddp``, ``zero1/2``, ``none``, and
   FSDP2/ZeRO-3 params small enough to stay whole);
 * an FSDP2 ``Shard(0)`` DTensor: a contiguous block of rows, as ``torch.chunk``
-  cuts them over the mesh;
+  cuts them over the mesh; under hybrid sharding (HSDP, ``(Replicate, Shard(0))``
+  on a ``dp_replicate x dp_shard`` mesh) the block of the rank's ``dp_shard``
+  coordinate, held by one rank of every replica group;
 * a ZeRO-3 partition: rank ``r`` of the param's process group holds flat
   elements ``[r * P, (r + 1) * P)`` of the row-major tensor, the last one padded.
 
@@ -45,11 +47,19 @@ class OwnedRange:
 
     ``local`` is a flat view of the rank's own storage (writes go to the param), with
     ``end - start`` elements; it is empty where the rank owns nothing of the tensor.
+    ``primary`` is False on every replica of a replicated shard but the first (hybrid
+    sharding: ``dp_replicate`` coordinate 0): all load their range, one writes it.
     """
 
     start: int
     end: int
     local: torch.Tensor
+    primary: bool = True
+
+    def written(self) -> "OwnedRange":
+        """The part of the range this rank writes out (the export): all of it on the primary replica, none on
+        the others, so every element is written exactly once."""
+        return self if self.primary else OwnedRange(self.start, self.start, self.local[:0], False)
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -94,13 +104,15 @@ def owned_range(param: torch.Tensor) -> OwnedRange | None:
             raise ShardingError(f"placements {param.placements} are not supported: lora_dist handles dim-0 sharding "
                                 "(FSDP2's default Shard(0)) and replication")
         local = param.to_local()
+        coordinate = param.device_mesh.get_coordinate() or []
+        primary = all(c == 0 for c, p in zip(coordinate, param.placements) if isinstance(p, Replicate))
         if not shape:
-            return OwnedRange(0, 1, local.reshape(1))
+            return OwnedRange(0, 1, local.reshape(1), primary)
         local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         row_len = math.prod(shape[1:])
         rows = local_shape[0]
         start = offset[0] * row_len if rows else 0
-        return OwnedRange(start, start + rows * row_len, local.reshape(-1))
+        return OwnedRange(start, start + rows * row_len, local.reshape(-1), primary)
     if hasattr(param, "ds_tensor"):
         group = getattr(param, "ds_process_group", None)
         rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)

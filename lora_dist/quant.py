@@ -1,0 +1,286 @@
+"""QLoRA: the frozen base's linear weights stored as NF4 (``model.quantize: nf4``), via torchao.
+
+Which weights: the ``nn.Linear`` weights inside the transformer blocks (adapted or not), as QLoRA
+does; the input embedding, the output head, norms and biases keep ``model.dtype``. A weight is
+quantized where its local part is whole NF4 groups (:data:`GROUP` elements:
+``SCALER_BLOCK`` blocks of ``BLOCK`` elements) and, sharded by fsdp2, its rows divide evenly over
+the ranks; any other keeps ``model.dtype`` (logged, and counted so by :mod:`lora_dist.plan`).
+
+The skeleton's weights become empty NF4 tensors before FSDP2 shards them (:func:`prepare_quantized`), and
+each rank quantizes only the rows it reads as the base is loaded (:func:`load_quantized`). NF4
+has one number for the whole tensor (the mean of the block scales, subtracted before they are
+quantized to int8); the ranks agree on it with one all-reduce, so a rank's NF4 shard is exactly
+that rank's chunk of the whole tensor quantized in one piece, and FSDP2's all-gather of the NF4
+shards (torchao's ``fsdp_pre_all_gather``/``fsdp_post_all_gather``) gives that whole tensor.
+
+The forward dequantizes one weight at a time, in blocks, to the input's dtype
+(:func:`frozen_linear`); backward dequantizes it again for the input gradient. The merged export
+merges into the dequantized base (:func:`dequantize`), in fp32.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "BLOCK",
+    "GROUP",
+    "QUANTIZE",
+    "SCALER_BLOCK",
+    "dequantize",
+    "dequantize_flat",
+    "frozen_linear",
+    "is_nf4",
+    "is_quantized",
+    "load_quantized",
+    "nf4_bytes",
+    "nf4_module",
+    "nf4_quantizable",
+    "prepare_quantized",
+    "quantize_problem",
+    "quantized_weights",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``model.quantize`` values: "" (off) or "nf4".
+QUANTIZE = ("", "nf4")
+#: Strategies NF4 runs under: the base is FSDP2-sharded or whole on every rank.
+NF4_STRATEGIES = ("fsdp2", "ddp", "none")
+#: Elements per NF4 block (one absmax scale each) and blocks per scale-quantization block (torchao's defaults).
+BLOCK = 64
+SCALER_BLOCK = 256
+#: The unit a tensor (or its local shard) must be whole multiples of.
+GROUP = BLOCK * SCALER_BLOCK
+_TORCHAO_NF4 = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
+#: Packed bytes dequantized at a time (the transient beyond the dequantized weight itself).
+_DEQUANT_CHUNK_BYTES = 1 << 20
+
+
+def quantize_problem(quantize: str, strategy: str) -> str | None:
+    """Why ``model.quantize`` with ``parallel.strategy`` cannot run (one line), or None."""
+    if quantize not in QUANTIZE:
+        return f"model.quantize={quantize!r} is not one of \"\" (off), nf4"
+    if quantize and strategy not in NF4_STRATEGIES + ("auto",):
+        return (f"model.quantize={quantize} runs under parallel.strategy fsdp2, ddp or none, not {strategy} "
+                "(DeepSpeed partitions plain tensors only)")
+    return None
+
+
+def nf4_module():
+    """torchao's NF4 module, or a one-line error (ConfigError) naming the extra to install."""
+    try:
+        return importlib.import_module(_TORCHAO_NF4)
+    except ImportError:
+        from lora_dist.config import ConfigError
+
+        raise ConfigError("model.quantize=nf4 needs torchao: pip install 'lora_dist[quant]'") from None
+
+
+def is_nf4(t: torch.Tensor) -> bool:
+    """Whether ``t`` (a local tensor, not a DTensor) is an NF4 tensor; False while torchao is not imported."""
+    mod = sys.modules.get(_TORCHAO_NF4)
+    return mod is not None and isinstance(t, mod.NF4Tensor)
+
+
+def nf4_quantizable(shape: tuple[int, ...], shards: int) -> bool:
+    """Whether a 2-D weight of ``shape``, its rows split evenly over ``shards`` ranks, is quantized."""
+    if len(shape) != 2 or shape[0] % shards:
+        return False
+    local = shape[0] // shards * shape[1]
+    return local > 0 and local % GROUP == 0
+
+
+def nf4_bytes(numel: int, itemsize: int) -> int:
+    """Bytes of an NF4 tensor of ``numel`` elements quantized from ``itemsize``-byte floats, as torchao lays it
+    out: 4 bits per element, an int8 scale per :data:`BLOCK`, a float factor per :data:`GROUP`, and the mean
+    and the 16-entry code table in the original dtype."""
+    return numel // 2 + numel // BLOCK + numel // GROUP * itemsize + 17 * itemsize
+
+
+def quantized_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(module, "weight")`` of every weight :func:`prepare_quantized` considers: the linear layers' weights in the
+    transformer blocks (LoRA-adapted ones included; GPT-2's transposed ``Conv1D`` excluded)."""
+    from lora_dist.lora import LoRALinear, lora_parameters
+    from lora_dist.parallel import find_blocks
+
+    out, seen = [], {id(p) for p in lora_parameters(model)}  # the adapters' own lora_A/lora_B stay as they are
+    for block in find_blocks(model):
+        for module in block.modules():
+            linear = type(module) is nn.Linear or isinstance(module, _NF4Linear) or (
+                isinstance(module, LoRALinear) and not module.fan_in_fan_out)
+            if linear and id(module) not in seen and id(module.weight) not in seen:
+                seen.add(id(module))
+                out.append((module, "weight"))
+    return out
+
+
+class _NF4Linear(nn.Linear):
+    """An ``nn.Linear`` of a block whose weight is NF4: the same module, forward through :func:`frozen_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(x, self.weight, self.bias)
+
+
+def _local(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The tensor this rank holds of ``param`` and over how many ranks its rows are split."""
+    from lora_dist.parallel.sharding import is_dtensor
+
+    if is_dtensor(param):
+        from torch.distributed.tensor import Shard
+
+        shards = math.prod(param.device_mesh.size(i) for i, p in enumerate(param.placements) if isinstance(p, Shard))
+        return param.to_local(), shards
+    return param.data, 1
+
+
+def is_quantized(param: torch.Tensor) -> bool:
+    """Whether this rank holds ``param`` (plain or DTensor) as NF4."""
+    return is_nf4(_local(param)[0])
+
+
+@torch.no_grad()
+def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torch.device) -> list[str]:
+    """Turn the blocks' linear weights of the meta skeleton into (empty) NF4 tensors, before it is sharded.
+
+    FSDP2 then shards them as NF4 (``Shard(0)`` DTensors of NF4 shards), materializing allocates only the
+    NF4 bytes, and :func:`load_quantized` fills each with the rank's rows as the base is read.
+
+    Args:
+        model: the skeleton, LoRA injected, every parameter on the meta device.
+        quantize: ``model.quantize``.
+        shards: ranks each weight's rows are split over (W under fsdp2, else 1).
+        device: where the model is materialized.
+
+    Returns:
+        The names of the weights left in ``model.dtype``: their rows are not whole :data:`GROUP` s per rank.
+    """
+    if not quantize:
+        return []
+    nf4 = nf4_module()
+    names = {id(m): n for n, m in model.named_modules()}
+    tables: dict[torch.dtype, torch.Tensor] = {}
+    skipped, quantized = [], []
+    for module, attr in quantized_weights(model):
+        param = module._parameters[attr]
+        if not (param.is_floating_point() and nf4_quantizable(tuple(param.shape), shards)):
+            skipped.append(f"{names[id(module)]}.{attr}")
+            continue
+        if param.dtype not in tables:  # torchao's 16 NF4 code values, in the dtype it dequantizes to
+            tables[param.dtype] = nf4.to_nf4(torch.zeros(GROUP, dtype=param.dtype), BLOCK, SCALER_BLOCK).nf4.to(device)
+        empty = nf4.to_nf4(torch.empty(param.shape, dtype=param.dtype, device="meta"), BLOCK, SCALER_BLOCK)
+        # The mean and the table are not sharded: real tensors from the start (the mean is set at load).
+        q = nf4.NF4Tensor(*nf4.construct_nf4_args(empty, {
+            "scaler_mean": torch.zeros((), dtype=param.dtype, device=device), "nf4": tables[param.dtype]}))
+        module._parameters[attr] = nn.Parameter(q, requires_grad=False)
+        if type(module) is nn.Linear:
+            module.__class__ = _NF4Linear
+        quantized.append(f"{names[id(module)]}.{attr}")
+    # DDP broadcasts rank 0's parameters when it wraps the model; c10d's broadcast corrupts NF4 tensors, and
+    # every rank quantized the same base anyway: the list DDP leaves alone (what its
+    # _set_params_and_buffers_to_ignore_for_model sets).
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = ignored + quantized
+    if skipped:
+        log.info("model.quantize=%s: %d weight(s) not whole %d-element NF4 groups per rank stay in model.dtype: %s",
+                 quantize, len(skipped), GROUP, ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    return skipped
+
+
+@torch.no_grad()
+def load_quantized(param: torch.Tensor, values: torch.Tensor) -> None:
+    """Quantize this rank's ``values`` of an NF4 ``param`` into it. Collective over its shards (fsdp2).
+
+    ``values`` are the elements the rank owns (its rows), read from the checkpoint. The ranks holding the
+    weight's rows all-reduce the sum of their block scales: the tensor's one mean is that of the whole
+    weight, so the shard is bit for bit the rank's chunk of the weight quantized whole (up to the summation
+    order of the mean).
+    """
+    nf4 = nf4_module()
+    local, shards = _local(param)
+    values = values.to(device=local.device, dtype=local.dtype).reshape(local.shape).contiguous()
+    total = nf4.get_block_absmax(values.reshape(-1), BLOCK).float().sum()
+    if shards > 1:  # over the ranks holding the weight's rows (the shard dim of an HSDP mesh)
+        import torch.distributed as dist
+        from torch.distributed.tensor import Shard
+
+        for dim, placement in enumerate(param.placements):
+            if isinstance(placement, Shard):
+                dist.all_reduce(total, group=param.device_mesh.get_group(dim))
+    mean = (total / (param.numel() // BLOCK)).to(local.dtype)
+    q = _to_nf4(nf4, values, mean)
+    # Copied into the tensors FSDP2 holds (a DTensor's to_local() is a new wrapper around the same storage).
+    for attr in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean"):
+        getattr(local, attr).copy_(getattr(q, attr))
+
+
+def _to_nf4(nf4, local: torch.Tensor, mean: torch.Tensor):
+    """torchao's ``to_nf4(local)`` with the block scales' mean of the whole tensor in place of ``local``'s own."""
+    q = nf4.to_nf4(local, BLOCK, SCALER_BLOCK)
+    scalers = nf4.get_block_absmax(local.reshape(-1), BLOCK) - mean
+    groups = scalers.view(-1, SCALER_BLOCK)
+    factor = 256 / (2 * groups.abs().max(dim=1).values)
+    quantized = (groups * factor.unsqueeze(-1)).round().clamp(-128, 127).flatten().to(torch.int8)
+    return nf4.NF4Tensor(*nf4.construct_nf4_args(q, {
+        "quantized_scalers": quantized, "quantization_factor": factor.contiguous(), "scaler_mean": mean}))
+
+
+def dequantize(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` in ``dtype`` (default: the dtype it was quantized from); a non-NF4 tensor is returned as it is.
+
+    Bitwise torchao's ``get_original_weight`` (then cast), computed a block at a time: the transient beyond
+    the result is about 25 MB (one 1 MB chunk of packed bytes, decoded), not torchao's 8 bytes per element.
+    """
+    if not is_nf4(t):
+        return t if dtype is None else t.to(dtype)
+    return dequantize_flat(t, 0, t.numel(), dtype).view(t.shape)
+
+
+def dequantize_flat(t: torch.Tensor, start: int, end: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Flat elements ``[start, end)`` of an NF4 tensor ``t``, dequantized (see :func:`dequantize`)."""
+    dtype = dtype or t.dtype
+    out = torch.empty(end - start, dtype=dtype, device=t.quantized_data.device)
+    if end <= start:
+        return out
+    block = t.block_size
+    b0, b1 = start // block, -(-end // block)
+    scalers = t.dequantize_scalers(t.quantized_scalers, t.quantization_factor, t.scaler_block_size)
+    data, table = t.quantized_data, t.nf4
+    step = max(1, _DEQUANT_CHUNK_BYTES // (block // 2))  # blocks per chunk (a block packs 2 elements a byte)
+    for c0 in range(b0, b1, step):
+        c1 = min(c0 + step, b1)
+        packed = data[c0 * block // 2: c1 * block // 2]
+        values = torch.stack([table[(packed >> 4).long()], table[(packed & 0b1111).long()]], dim=-1)
+        values = (values.view(c1 - c0, block) * scalers[c0:c1].unsqueeze(-1)).view(-1)
+        lo, hi = max(start, c0 * block), min(end, c1 * block)
+        out[lo - start: hi - start] = values[lo - c0 * block: hi - c0 * block].to(dtype)
+    return out
+
+
+class _FrozenNF4Linear(torch.autograd.Function):
+    """``x @ W.T`` for a frozen NF4 ``W``: dequantized for the matmul, again in backward; only ``x`` gets a grad."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, dequantize(weight, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ dequantize(weight, grad.dtype), None
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` that also takes an NF4 ``weight`` (dequantized to ``x``'s dtype)."""
+    if not is_nf4(weight):
+        return F.linear(x, weight, bias)
+    out = _FrozenNF4Linear.apply(x, weight)
+    return out if bias is None else out + bias.to(out.dtype)

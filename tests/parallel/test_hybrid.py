@@ -1,0 +1,210 @@
+"""Hybrid sharding (``parallel.dp_replicate x parallel.dp_shard``, FSDP2's HSDP) and resharding after forward to
+a node's ranks: the mesh shape rules, the automatic choice, and 4 ranks on one machine equal to 1 process."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distutil import assert_same_adapter, lora_dist, torchrun
+from lora_dist.config import ConfigError, ParallelConfig, load_config
+from lora_dist.launch import LaunchEnv
+from lora_dist.parallel import dp_mesh_shape
+from lora_dist.parallel.parallelize import reshard_size
+from lora_dist.session import resolve_hybrid
+
+STEPS = 3
+LR = 5e-3
+#: As tests/test_train_dist.py derives it: 1/300 of the largest possible move (lr per step).
+ADAPTER_ATOL = LR * STEPS / 300
+
+
+# ----------------------------------------------------------------------------- rules (one process)
+
+
+@pytest.mark.parametrize("replicate,shard,world,expected", [
+    (0, 0, 4, (1, 4)), (2, 0, 4, (2, 2)), (0, 2, 4, (2, 2)), (2, 2, 4, (2, 2)), (4, 0, 4, (4, 1)), (0, 0, 1, (1, 1)),
+])
+def test_dp_mesh_shape(replicate, shard, world, expected):
+    assert dp_mesh_shape(ParallelConfig(dp_replicate=replicate, dp_shard=shard), world) == expected
+
+
+@pytest.mark.parametrize("replicate,shard,world", [(3, 0, 4), (0, 3, 4), (2, 3, 4), (2, 2, 8)])
+def test_dp_mesh_shape_must_multiply_to_the_ranks(replicate, shard, world):
+    with pytest.raises(ConfigError, match=f"must multiply to the {world} ranks launched") as e:
+        dp_mesh_shape(ParallelConfig(dp_replicate=replicate, dp_shard=shard), world)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value,shard,local,expected", [
+    (True, 4, 2, True), (False, 4, 2, False),
+    ("node", 4, 2, 2),  # gathered in backward within the node
+    ("node", 2, 2, True),  # one node per shard group already: plain resharding
+    ("node", 4, -1, True),  # the launcher does not say how many ranks a node runs
+    (2, 8, 1, 2), (1, 4, 2, False), (8, 4, 2, True),
+])
+def test_reshard_size(value, shard, local, expected):
+    got = reshard_size(ParallelConfig(reshard_after_forward=value), shard, local)
+    assert got == expected and type(got) is type(expected)
+
+
+def test_reshard_size_must_divide_the_shard_group():
+    with pytest.raises(ConfigError, match="must divide the 4 ranks"):
+        reshard_size(ParallelConfig(reshard_after_forward=3), 4, 2)
+
+
+def test_config_keys_and_errors():
+    cfg = load_config(None, ["parallel.dp_replicate=2", "parallel.dp_shard=4", "parallel.reshard_after_forward=node"])
+    assert (cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.reshard_after_forward) == (2, 4, "node")
+    assert load_config(None, ["parallel.reshard_after_forward=2"]).parallel.reshard_after_forward == 2
+    assert load_config(None, ["parallel.reshard_after_forward=false"]).parallel.reshard_after_forward is False
+    for overrides, message in [
+        (["parallel.strategy=ddp", "parallel.dp_replicate=2"], "applies to parallel.strategy=fsdp2 only, not ddp"),
+        (["parallel.strategy=zero3", "parallel.reshard_after_forward=node"], "fsdp2 only, not zero3"),
+        (["parallel.dp_shard=-1"], "parallel.dp_shard must be >= 0"),
+        (["parallel.reshard_after_forward=nodes"], "must be true, false, node or a rank count"),
+        (["parallel.reshard_after_forward=0"], "a rank count must be >= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as e:
+            load_config(None, overrides)
+        assert "\n" not in str(e.value)
+
+
+def _env(world: int, local: int, rank: int = 0) -> LaunchEnv:
+    return LaunchEnv("torchrun", rank, rank % local, world, local, rank // local, world // local, "10.0.0.1", 29500)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_checkpoint):
+    return tiny_checkpoint("llama", hidden=64, layers=2)
+
+
+def test_auto_is_one_replica_group_per_node_when_the_model_fits_a_node(base, caplog):
+    cfg = load_config(None, [f"model.path={base}", "parallel.memory_gb=50"])
+    with caplog.at_level(logging.INFO, logger="lora_dist"):
+        got = resolve_hybrid(cfg, _env(8, 4), torch.device("cpu")).parallel
+    assert (got.dp_replicate, got.dp_shard) == (2, 4)
+    assert "hybrid sharding, dp_replicate=2 x dp_shard=4 (one replica group per node): the model fits in one " \
+           "node's 4 ranks" in caplog.text
+
+
+def test_auto_shards_over_all_ranks_when_a_node_is_too_small(base, caplog):
+    cfg = load_config(None, [f"model.path={base}", "parallel.memory_gb=0.000001"])
+    with caplog.at_level(logging.INFO, logger="lora_dist"):
+        got = resolve_hybrid(cfg, _env(8, 4), torch.device("cpu")).parallel
+    assert (got.dp_replicate, got.dp_shard) == (1, 8)
+    assert "the base sharded over all 8 ranks of 2 nodes (dp_replicate=1): the model does not fit" in caplog.text
+
+
+def test_auto_on_one_node_and_explicit_shapes_are_kept(base, caplog):
+    cfg = load_config(None, [f"model.path={base}"])
+    with caplog.at_level(logging.INFO, logger="lora_dist"):
+        got = resolve_hybrid(cfg, _env(4, 4), torch.device("cpu")).parallel
+    assert (got.dp_replicate, got.dp_shard) == (1, 4) and "dp_replicate" not in caplog.text
+    cfg = load_config(None, [f"model.path={base}", "parallel.dp_shard=2"])  # explicit: no planner, any node layout
+    got = resolve_hybrid(cfg, _env(8, 4), torch.device("cpu")).parallel
+    assert (got.dp_replicate, got.dp_shard) == (4, 2)
+    ddp = resolve_hybrid(load_config(None, [f"model.path={base}", "parallel.strategy=ddp"]), _env(8, 4),
+                         torch.device("cpu")).parallel
+    assert (ddp.dp_replicate, ddp.dp_shard) == (0, 0)  # only fsdp2 has a mesh shape
+
+
+# ----------------------------------------------------------------------------- 4 ranks on one machine
+
+
+@pytest.fixture(scope="module")
+def runs(base, tmp_path_factory):
+    """One process (global batch 8) and 4 ranks (micro-batch 2 each) of the same training, with merged exports."""
+    from lora_dist.demo import write_demo_data
+
+    root = tmp_path_factory.mktemp("hybrid")
+    data = write_demo_data(root / "data.jsonl", n=200)
+    common = [f"model.path={base}", f"data.path={data}", f"train.steps={STEPS}", "train.seq_len=32",
+              f"train.lr={LR}", "train.warmup_steps=1", "data.eval_fraction=0", "lora.r=4",
+              "lora.target_modules=[q_proj,v_proj,down_proj]", "checkpoint.every=0", "export.merged=true",
+              "export.dtype=float32"]
+
+    def train(name, nproc, *overrides):
+        out = root / name
+        args = ["train", *common, f"output.dir={out}", *overrides]
+        if nproc == 1:
+            lora_dist(*args)
+        else:
+            torchrun(nproc, "-m", "lora_dist.cli", *args)
+        return out
+
+    return {"root": root, "train": train,
+            "ref": train("ref", 1, "parallel.strategy=none", "train.micro_batch_size=8")}
+
+
+def _merged(merged_dir) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(merged_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def _losses(out) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("overrides", [
+    ("parallel.dp_replicate=2", "parallel.dp_shard=2"),  # hybrid: 2 replica groups of 2 ranks
+    ("parallel.reshard_after_forward=2",),  # sharded over 4, kept as 1/2 after forward: backward gathers over 2
+], ids=["hybrid-2x2", "reshard-to-2"])
+def test_four_ranks_equal_one_process(runs, overrides):
+    name = "-".join(o.split("=")[0].split(".")[1] + o.split("=")[1] for o in overrides)
+    out = runs["train"](name, 4, "parallel.strategy=fsdp2", "train.micro_batch_size=2", *overrides)
+    ref = runs["ref"]
+    assert_same_adapter(ref / "adapter", out / "adapter", ADAPTER_ATOL)
+    assert _losses(out) == pytest.approx(_losses(ref), abs=1e-5)
+    parallel = json.loads((out / "config.json").read_text())["parallel"]
+    expected = (2, 2) if "parallel.dp_replicate=2" in overrides else (0, 0)
+    assert (parallel["dp_replicate"], parallel["dp_shard"]) == expected  # as given (0: chosen by each launch)
+    # The merged export written from the shards (under hybrid: by one replica group) is the one process's.
+    _assert_same_merged(out / "merged", ref / "merged")
+    if expected == (2, 2):
+        # `lora-dist export RUN_DIR` on 2 ranks: the run's 2 x 2 mesh is not the export's; it shards over its own.
+        torchrun(2, "-m", "lora_dist.cli", "export", str(out), "--out", str(out.parent / f"{name}-export2"))
+        _assert_same_merged(out.parent / f"{name}-export2", ref / "merged")
+
+
+def _assert_same_merged(got_dir, want_dir) -> None:
+    got, want = _merged(got_dir), _merged(want_dir)
+    assert set(got) == set(want) and want
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.dist
+def test_hybrid_layout_loads_own_rows_and_writes_each_element_once(base, tmp_path):
+    """Under dp_replicate=2 x dp_shard=2 a rank holds and reads the rows of its dp_shard coordinate (half the base,
+    as its peer in the other group does), and the export's writes cover every element exactly once."""
+    torchrun(4, "tests/dist_scripts/hybrid_layout.py", str(tmp_path), f"model.path={base}",
+             "parallel.dp_replicate=2", "parallel.dp_shard=2", "lora.r=4")
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    for r, rep in enumerate(reports):
+        assert rep["placements"] == ["(Replicate(), Shard(dim=0))"]
+        assert rep["mesh"] == {"shape": [2, 2], "dims": ["dp_replicate", "dp_shard"], "coordinate": [r // 2, r % 2]}
+        assert 0.45 <= rep["read_bytes"] / rep["base_full_bytes"] <= 0.55, rep["read_bytes"]
+        # Same dp_shard coordinate, same rows, in both replica groups.
+        assert rep["owned"] == reports[r % 2]["owned"]
+    names = reports[0]["numel"]
+    assert names
+    for name, numel in names.items():
+        nonempty = lambda span: span[1] > span[0]  # noqa: E731
+        spans = sorted(tuple(rep["written"][name]) for rep in reports if nonempty(rep["written"][name]))
+        # What group 0 owns is what is written.
+        assert spans == sorted(tuple(reports[r]["owned"][name]) for r in (0, 1) if nonempty(reports[r]["owned"][name]))
+        cursor = 0
+        for start, end in spans:  # contiguous, no overlap, no gap
+            assert start == cursor, (name, spans)
+            cursor = end
+        assert cursor == numel, (name, spans)
+        assert all(rep["written"][name][0] == rep["written"][name][1] for rep in reports[2:])  # group 1: nothing

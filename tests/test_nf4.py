@@ -1,0 +1,402 @@
+"""QLoRA (``model.quantize: nf4``): NF4 storage, own-row quantization, training equal across ranks, export, planner.
+
+The distributed checks run this file under torchrun (``python -m torch.distributed.run ... tests/test_nf4.py OUT``):
+one launch loads an fsdp2 model with an NF4 base on 2 ranks, records each rank's NF4 shard and writes a merged
+export, which the test compares with references computed here in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("torchao")
+from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4  # noqa: E402
+
+from lora_dist.config import ConfigError, load_config  # noqa: E402
+from lora_dist.quant import (  # noqa: E402
+    GROUP,
+    dequantize,
+    dequantize_flat,
+    frozen_linear,
+    is_quantized,
+    nf4_bytes,
+    nf4_quantizable,
+)
+
+#: hidden 256: every block linear of the tiny Llama is whole 16384-element NF4 groups on 1 and on 2 ranks.
+SIZES = dict(hidden=256, layers=2)
+STEPS, LR = 3, 5e-3
+ADAPTER_ATOL = LR * STEPS / 300  # as tests/test_train_dist.py: ranks sum in another order than one process
+QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _inner_bytes(t) -> int:
+    return sum(getattr(t, a).nbytes for a in t.__tensor_flatten__()[0])
+
+
+# ----------------------------------------------------------------------------- NF4 pieces, one process
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 100])  # one chunk; 3 blocks (of 64 elements) per chunk
+def test_dequantize_is_torchaos_dequantization_bitwise_also_in_ranges(monkeypatch, chunk_bytes):
+    import lora_dist.quant
+
+    monkeypatch.setattr(lora_dist.quant, "_DEQUANT_CHUNK_BYTES", chunk_bytes)
+    w = torch.randn(64, 512, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    q = to_nf4(w)
+    ref = q.get_original_weight()
+    assert torch.equal(dequantize(q), ref)
+    assert torch.equal(dequantize(q, torch.float32), ref.float())
+    flat = ref.reshape(-1)
+    for a, b in ((0, 1), (5, 70), (63, 64 * 300 + 17), (1000, w.numel())):
+        assert torch.equal(dequantize_flat(q, a, b), flat[a:b])
+    assert not torch.equal(ref, w)  # 4 bits: not the original
+
+
+def test_frozen_linear_output_and_input_gradient_use_the_dequantized_weight():
+    g = torch.Generator().manual_seed(1)
+    w, bias = torch.randn(128, 256, generator=g), torch.randn(128, generator=g)
+    q = to_nf4(w)
+    x = torch.randn(3, 256, generator=g, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out = frozen_linear(x, q, bias)
+    ref = F.linear(x_ref, q.get_original_weight(), bias)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    grad = torch.randn(3, 128, generator=g)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-6)
+    assert not torch.allclose(out, F.linear(x.detach(), w, bias), atol=1e-3)  # the NF4 weight, not the original
+
+
+@pytest.mark.parametrize("shape,dtype", [((256, 256), torch.bfloat16), ((64, 1024), torch.float32),
+                                         ((512, 1024), torch.bfloat16)])
+def test_nf4_bytes_is_torchaos_layout(shape, dtype):
+    q = to_nf4(torch.randn(shape, dtype=dtype))
+    numel = shape[0] * shape[1]
+    assert nf4_bytes(numel, dtype.itemsize) == _inner_bytes(q)
+    assert nf4_bytes(numel, 2) <= 0.26 * numel * 2  # about a quarter of bf16
+
+
+def test_quantizable_needs_whole_groups_per_rank():
+    assert nf4_quantizable((256, 256), 1) and nf4_quantizable((256, 256), 2) and nf4_quantizable((256, 256), 4)
+    assert not nf4_quantizable((256, 256), 8)  # 32 rows x 256 = 8192 elements per rank
+    assert not nf4_quantizable((255, 256), 1) and not nf4_quantizable((254, 256 * 64), 4)  # rows do not divide
+    assert not nf4_quantizable((GROUP,), 1)  # 1-D: norms, biases
+
+
+# ----------------------------------------------------------------------------- bad input: one line each
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.quantize=int4"], "model.quantize='int4' is not one of"),
+    (["model.quantize=nf4", "parallel.strategy=zero3"], "model.quantize=nf4 runs under parallel.strategy fsdp2, ddp"),
+    (["model.quantize=nf4", "parallel.strategy=zero2"], "not zero2"),
+])
+def test_bad_quantize_config_is_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_torchao_is_one_line_naming_the_extra(tiny_checkpoint, monkeypatch):
+    from lora_dist.model import load_model
+
+    cfg = load_config(None, [f"model.path={tiny_checkpoint('llama', **SIZES)}", "model.quantize=nf4",
+                             "parallel.strategy=none"])
+    monkeypatch.setitem(sys.modules, "torchao.quantization.quantize_.workflows.nf4.nf4_tensor", None)
+    with pytest.raises(ConfigError, match=r"needs torchao: pip install 'lora_dist\[quant\]'") as e:
+        load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0)
+    assert "\n" not in str(e.value)
+
+
+def test_zero3_is_refused_by_load_model_too(tiny_checkpoint):
+    from lora_dist.model import load_model
+
+    cfg = load_config(None, [f"model.path={tiny_checkpoint('llama', **SIZES)}"])
+    cfg.model.quantize, cfg.parallel.strategy = "nf4", "zero3"  # past the config's own check
+    with pytest.raises(ConfigError, match="not zero3"):
+        load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0)
+
+
+# ----------------------------------------------------------------------------- loading, one process
+
+
+def test_one_process_quantizes_the_block_linears_and_nothing_else(tiny_checkpoint):
+    from safetensors.torch import load_file
+
+    from lora_dist.model import load_model
+
+    path = tiny_checkpoint("llama", **SIZES)
+    cfg = load_config(None, [f"model.path={path}", "model.quantize=nf4", "model.dtype=bfloat16",
+                             "parallel.strategy=none", "lora.r=4", "lora.target_modules=[q_proj,v_proj]"])
+    model = load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0).model
+    base = load_file(str(path / "model.safetensors"))
+    quantized = {n for n, p in model.named_parameters() if is_quantized(p)}
+    assert quantized == {n for n in base if n.endswith(".weight") and n.split(".")[-2] in QUANTIZED}
+    for name in quantized:  # the whole weight quantized in one piece, as torchao does
+        w = model.get_parameter(name)
+        ref = to_nf4(base[name].to(torch.bfloat16))
+        assert torch.equal(w.quantized_data, ref.quantized_data), name
+        assert torch.equal(dequantize(w), ref.get_original_weight()), name
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n in quantized)
+
+
+# ----------------------------------------------------------------------------- memory: measured and planned
+
+
+def _measure(path: str, strategy: str, world: int, overrides: list[str]):
+    """``(plan, base bytes at rest, peak live tensor bytes of a step)`` of load_model + the engine, in a fresh
+    process; ``world > 1`` is a fake process group (collectives are no-ops; the buffers are real)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from lora_dist.lora import lora_parameters
+    from lora_dist.model import load_model
+    from lora_dist.parallel import make_engine
+    from lora_dist.plan import plan_memory
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lora_dist.bench.measure import LiveTensorBytes
+
+    cfg = load_config(None, [f"model.path={path}", f"parallel.strategy={strategy}", "lora.r=8",
+                             "lora.target_modules=all-linear", "train.micro_batch_size=2", "train.seq_len=64",
+                             *overrides])
+    if world > 1:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    elif strategy != "none":
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0).model
+        lora = {id(p) for p in lora_parameters(model)}
+        at_rest = {"blocks": 0, "other": 0}  # the block linears' weights, everything else of the base
+        for name, p in model.named_parameters():
+            if id(p) not in lora:
+                local = p.to_local() if hasattr(p, "to_local") else p
+                size = _inner_bytes(local) if is_quantized(p) else local.numel() * local.element_size()
+                at_rest["blocks" if name.split(".")[-2] in QUANTIZED else "other"] += size
+        optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
+        engine = make_engine(model, optimizer, cfg.parallel, cfg.train, torch.device("cpu"))
+        ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+
+        def step():
+            engine.backward(engine.forward_loss_sum({"input_ids": ids}, ids))
+            engine.step(1e-3)
+
+        step()
+        tracker = LiveTensorBytes("cpu")
+        with tracker:
+            step()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return plan_memory(cfg, world), at_rest, tracker.peak
+
+
+def _measured(*args):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure, args)
+
+
+@pytest.mark.slow  # two model loads and steps per case, in fresh processes
+@pytest.mark.parametrize("strategy,world", [("none", 1), ("fsdp2", 2)])
+def test_nf4_base_bytes_and_the_planner_against_measured(tiny_checkpoint, strategy, world):
+    """The NF4 base at rest is what the planner counts, well under a third of the bf16 base's blocks, and the
+    planner's peak is within 15% of the live tensor bytes of a step."""
+    path = str(tiny_checkpoint("llama", hidden=256, layers=4))
+    nf4_plan, nf4_rest, nf4_peak = _measured(path, strategy, world, ["model.dtype=bfloat16", "model.quantize=nf4"])
+    bf16_plan, bf16_rest, _ = _measured(path, strategy, world, ["model.dtype=bfloat16"])
+    assert nf4_plan.base_shard == sum(nf4_rest.values()) and bf16_plan.base_shard == sum(bf16_rest.values())
+    assert nf4_rest["other"] == bf16_rest["other"]  # embeddings, head, norms: not quantized (QLoRA)
+    assert nf4_rest["blocks"] < 0.3 * bf16_rest["blocks"]
+    print(f"{strategy} W={world}: base bytes/rank nf4 {nf4_rest} bf16 {bf16_rest}; peak planned "
+          f"{nf4_plan.total} measured {nf4_peak}")
+    assert abs(nf4_plan.total / nf4_peak - 1) < 0.15, (nf4_plan.as_dict(), nf4_peak)
+
+
+# ----------------------------------------------------------------------------- 2 ranks == 1 process (torchrun)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint, tmp_path_factory):
+    from lora_dist.demo import write_demo_data
+
+    base = tiny_checkpoint("llama", **SIZES)
+    root = tmp_path_factory.mktemp("nf4")
+    data = write_demo_data(root / "data.jsonl", n=200)
+    common = [f"model.path={base}", f"data.path={data}", f"train.steps={STEPS}", "train.seq_len=32",
+              f"train.lr={LR}", "train.warmup_steps=1", "data.eval_fraction=0", "lora.r=4",
+              "lora.target_modules=[q_proj,v_proj,down_proj]", "checkpoint.every=0"]
+    return {"base": base, "root": root, "common": common}
+
+
+def _train(setup, name: str, nproc: int, *overrides: str) -> Path:
+    from distutil import lora_dist, torchrun
+
+    out = setup["root"] / name
+    args = ["train", *setup["common"], f"output.dir={out}", *overrides]
+    if nproc == 1:
+        lora_dist(*args)
+    else:
+        torchrun(nproc, "-m", "lora_dist.cli", *args)
+    return out
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    return _train(setup, "ref", 1, "parallel.strategy=none", "train.micro_batch_size=4", "model.quantize=nf4")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy,extra", [
+    ("fsdp2", ()),
+    ("ddp", ()),
+    ("ddp", ("parallel.shard_optimizer=false",)),
+    ("fsdp2", ("parallel.cpu_offload=true", "parallel.activation_checkpointing=true")),
+])
+def test_two_ranks_equal_one_process(setup, reference, strategy, extra):
+    """2 ranks train the adapter one process trains: fsdp2 (NF4 shards all-gathered; also offloaded to host memory,
+    with activation checkpointing), ddp with ZeRO-1 over the LoRA and with DDP's own wrapper."""
+    from distutil import assert_same_adapter
+
+    out = _train(setup, f"nf4-{strategy}-{len(extra)}", 2, f"parallel.strategy={strategy}",
+                 "train.micro_batch_size=2", "model.quantize=nf4", *extra)
+    assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
+    assert _losses(out) == pytest.approx(_losses(reference), abs=1e-5)
+
+
+@pytest.mark.dist
+def test_nf4_changes_the_numbers(setup, reference):
+    """The reference really trained on the NF4 base: the unquantized base gives other losses."""
+    plain = _train(setup, "plain", 1, "parallel.strategy=none", "train.micro_batch_size=4")
+    assert _losses(plain) != pytest.approx(_losses(reference), abs=1e-5)
+    assert _losses(plain) == pytest.approx(_losses(reference), rel=1e-2)
+
+
+@pytest.mark.dist
+def test_each_rank_quantizes_its_rows_and_the_export_merges_into_the_dequantized_base(setup, tmp_path):
+    """fsdp2 on 2 ranks: each rank's NF4 shard is its chunk of the weight quantized whole; the merged export
+    (fp32) is an fp32 merge into the dequantized weights, every other quantized weight dequantized, the rest
+    the checkpoint's."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from distutil import torchrun
+    from lora_dist.merge import LoRAWeights, lora_scale, merge_weight
+
+    torchrun(2, str(Path(__file__).resolve()), str(setup["base"]), str(tmp_path))
+    base = load_file(str(Path(setup["base"]) / "model.safetensors"))
+    for rank in (0, 1):
+        shards = torch.load(tmp_path / f"rank{rank}.pt")
+        assert set(shards) == {n for n in base if n.split(".")[-2] in QUANTIZED}
+        for name, (data, deq) in shards.items():
+            whole = to_nf4(base[name].to(torch.bfloat16))
+            rows = whole.shape[0] // 2
+            assert torch.equal(data, whole.quantized_data.view(2, -1)[rank]), name
+            assert torch.equal(deq, whole.get_original_weight()[rank * rows:(rank + 1) * rows]), name
+    lora = load_file(str(tmp_path / "lora.safetensors"))
+    merged_dir = tmp_path / "merged"
+    merged = {}
+    for f in merged_dir.glob("*.safetensors"):
+        merged.update(load_file(str(f)))
+        with safe_open(str(f), "pt") as fh:
+            assert fh.metadata()["lora_dist_quantized_base"] == "nf4"
+    assert set(merged) == set(base)
+    adapted = 0
+    for name, tensor in merged.items():
+        module, kind = name.rsplit(".", 1)[0], name.split(".")[-2]
+        if kind not in QUANTIZED:
+            assert torch.equal(tensor, base[name]), name  # read from the checkpoint, as without nf4
+            continue
+        deq = to_nf4(base[name].to(torch.bfloat16)).get_original_weight().float()
+        if f"{module}.lora_A.weight" in lora:
+            adapted += 1
+            weights = LoRAWeights(lora[f"{module}.lora_A.weight"], lora[f"{module}.lora_B.weight"], lora_scale(4, 8.0))
+            ref = merge_weight(deq, weights, out_dtype=torch.float32, name=name)
+            assert not torch.equal(ref, deq)
+            torch.testing.assert_close(tensor, ref, rtol=0, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(tensor, deq), name
+    assert adapted == 2 * SIZES["layers"]
+
+    # verify knows the export is of an NF4 run: it compares with the dequantized base, every tensor recomputed
+    from lora_dist.export import verify_checkpoint
+    from lora_dist.export.verify import check_untouched
+    from lora_dist.model_dir import ModelDir
+
+    report = verify_checkpoint(merged_dir, setup["base"], tmp_path / "adapter", sample=None)
+    assert len(report.recomputed) == 2 * SIZES["layers"]
+    untouched_quantized = [k for k in base if k.split(".")[-2] in ("k_proj", "o_proj", "down_proj")]
+    problems, _ = check_untouched(ModelDir(merged_dir), ModelDir(setup["base"]), untouched_quantized)
+    assert len(problems) == len(untouched_quantized)  # against the original weights they differ
+
+
+def _dist_main(base: str, out: str) -> None:
+    """Under torchrun (2 ranks): load fsdp2 + NF4, save each rank's NF4 shards, give B values, export merged."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from lora_dist.export import export_merged
+    from lora_dist.lora import lora_modules
+    from lora_dist.model import load_model
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    cfg = load_config(None, [f"model.path={base}", "model.quantize=nf4", "model.dtype=bfloat16",
+                             "parallel.strategy=fsdp2", "lora.r=4", "lora.alpha=8",
+                             "lora.target_modules=[q_proj,v_proj]"])
+    model = load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0).model
+    shards = {}
+    for name, p in model.named_parameters():
+        if is_quantized(p):
+            local = p.to_local()
+            shards[name] = (local.quantized_data.clone(), dequantize(local).clone())
+    torch.save(shards, Path(out) / f"rank{rank}.pt")
+    lora = {}
+    with torch.no_grad():
+        for i, (name, layer) in enumerate(lora_modules(model)):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape,
+                                                  generator=torch.Generator().manual_seed(i)) * 0.05)
+            lora[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach().clone()
+            lora[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach().clone()
+    if rank == 0:
+        from lora_dist.adapter import save_adapter
+
+        save_file(lora, str(Path(out) / "lora.safetensors"))
+        save_adapter(model, Path(out) / "adapter", base)
+    export_merged(model, Path(out) / "merged", base, dtype=torch.float32)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _dist_main(sys.argv[1], sys.argv[2])
+
+
+@pytest.mark.dist
+def test_lora_dist_export_of_a_one_process_run_merges_into_the_dequantized_base(setup, reference, tmp_path):
+    """`lora-dist export RUN_DIR` as one process loads the NF4 model (not the offline merge of the original
+    weights): verify recomputes every merged tensor from the dequantized base."""
+    from safetensors import safe_open
+
+    from distutil import lora_dist
+    from lora_dist.export import verify_checkpoint
+
+    out = tmp_path / "merged"
+    lora_dist("export", str(reference), "--out", str(out), "--dtype", "float32")
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        assert fh.metadata()["lora_dist_quantized_base"] == "nf4"
+    report = verify_checkpoint(out, setup["base"], reference / "adapter", sample=None)
+    assert len(report.recomputed) == 3 * SIZES["layers"]
