@@ -215,7 +215,11 @@ def load_model(
     if model_cfg.quantize:  # NF4 before sharding: FSDP2 shards NF4, materializing allocates only its bytes
         import torch.distributed as dist
 
-        shards = dist.get_world_size() if strategy == "fsdp2" and dist.is_initialized() else 1
+        from lora_dist.parallel import dp_mesh_shape
+
+        # fsdp2 shards over dp_shard ranks (all of them, or one replica group's under hybrid sharding).
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        shards = dp_mesh_shape(parallel_cfg, world)[1] if strategy == "fsdp2" else 1
         offload = strategy == "fsdp2" and parallel_cfg.cpu_offload
         prepare_quantized(model, model_cfg.quantize, shards, torch.device("cpu") if offload else device)
     parallelize(model, parallel_cfg, device)

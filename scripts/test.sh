@@ -10,4 +10,6 @@ export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 # The suite is the CPU suite (gloo): on a GPU host torch would pick NCCL and the 2-rank CPU tests would
 # break, so no GPU is visible to it. scripts/gpu_check.sh is the GPU check.
 export CUDA_VISIBLE_DEVICES=
-exec python -m pytest -ra "$@"
+# One pytest-xdist worker per core, a module's tests on one worker and the cluster tests on one
+# (tests/conftest.py); LORA_DIST_TEST_WORKERS=0 runs everything in this process.
+exec python -m pytest -ra -n "${LORA_DIST_TEST_WORKERS:-$(nproc)}" "$@"

@@ -199,23 +199,37 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("dist") or item.get_closest_marker("cluster") or \
                 any(f is not None and _starts_work(f) for f in functions):
             item.add_marker(pytest.mark.slow)
-    if config.pluginmanager.hasplugin("xdist"):
-        _group_for_workers(items)
+    _heavy_groups_first(items)
 
 
-def _group_for_workers(items) -> None:
-    """Under ``pytest -n N --dist loadgroup`` (scripts/test.sh): a module's tests stay on one worker, so its
-    module-scoped fixtures (a trained run, a built model) are made once; every cluster test shares one worker,
-    which holds the cluster for the session (tests/cluster/conftest.py). The groups with the most slow and
-    multi-process tests are sent first, so no long group starts last while the other worker idles."""
-    def group(item) -> str:
-        return "cluster" if item.get_closest_marker("cluster") else item.nodeid.split("::")[0]
+def _worker_group(nodeid: str) -> str:
+    """The tests one pytest-xdist worker runs together: a module's (its module-scoped fixtures, a trained run or
+    a built model, are made once), or every cluster test (one worker holds the cluster for the session,
+    tests/cluster/conftest.py)."""
+    return "tests/cluster" if nodeid.startswith("tests/cluster/") else nodeid.split("::")[0]
 
-    slow: dict[str, int] = {}
+
+def _heavy_groups_first(items) -> None:
+    """The groups with the most slow and multi-process tests first, so under ``pytest -n N`` (scripts/test.sh)
+    no long group starts last while the other worker idles. Stable: collection order within a group."""
+    cost: dict[str, int] = {}
     for item in items:
-        name = group(item)
-        cost = 1 if item.get_closest_marker("slow") else 0
-        cost += 2 if item.get_closest_marker("dist") else 0  # a torchrun: both cores, several seconds
-        slow[name] = slow.get(name, 0) + cost + (1000 if name == "cluster" else 0)
-        item.add_marker(pytest.mark.xdist_group(name))
-    items.sort(key=lambda item: -slow[group(item)])  # stable: collection order within a group
+        name = _worker_group(item.nodeid)
+        weight = (1 if item.get_closest_marker("slow") else 0) + (2 if item.get_closest_marker("dist") else 0)
+        cost[name] = cost.get(name, 0) + weight + (1000 if name == "tests/cluster" else 0)
+    items.sort(key=lambda item: -cost[_worker_group(item.nodeid)])
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pragma: no cover - xdist is in the test extra
+    LoadScopeScheduling = None
+else:
+    class _GroupScheduling(LoadScopeScheduling):
+        """pytest-xdist's by-module scheduling, with every cluster test in one group (:func:`_worker_group`)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _worker_group(nodeid)
+
+    def pytest_xdist_make_scheduler(config, log):
+        return _GroupScheduling(config, log)

@@ -354,14 +354,22 @@ def test_disk_full_during_a_checkpoint_write(good, small_disk):
     assert json.loads((ckpts / "step-000002" / "state.json").read_text())["step"] == 2
 
 
+@pytest.fixture(scope="module")
+def stopped_at_2(good):
+    """A run of 6 steps stopped after its one checkpoint, step 2 (each test corrupts its own copy)."""
+    out = good["root"] / "stopped-at-2"
+    _train(good, out, "train.steps=6", "train.run_steps=2", "checkpoint.every=2", check=True)
+    return out
+
+
 @pytest.mark.parametrize("state", [{"step": -3}, {"step": "7"}, {"step": 2.5}, {"step": True}, [1, 2],
                                    {"step": 2, "samples_consumed": -1}, {"step": 5}])
-def test_nonsense_state_json_is_one_line_never_a_traceback(good, tmp_path, state):
-    auto = "cannot tell which run wrote it" if isinstance(state, list) else "no readable checkpoint of this run"
+def test_nonsense_state_json_is_one_line_never_a_traceback(good, stopped_at_2, tmp_path, state):
     """Issue 15 item 10: a negative step was a traceback. Named: an error; found by auto: skipped, or refused
     when it is the run's only checkpoint (never a silent restart from step 0 over it)."""
+    auto = "cannot tell which run wrote it" if isinstance(state, list) else "no readable checkpoint of this run"
     out = tmp_path / "run"
-    _train(good, out, "train.steps=6", "train.run_steps=2", "checkpoint.every=2", check=True)
+    shutil.copytree(stopped_at_2, out, symlinks=True)
     ckpt = out / "checkpoints" / "step-000002"
     record = json.loads((ckpt / "state.json").read_text())
     bad = {**record, **state} if isinstance(state, dict) else state
