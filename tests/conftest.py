@@ -209,15 +209,48 @@ def _worker_group(nodeid: str) -> str:
     return "tests/cluster" if nodeid.startswith("tests/cluster/") else nodeid.split("::")[0]
 
 
+#: Seconds each worker group took (``scripts/test.sh --record-durations`` updates the groups a run ran).
+DURATIONS = Path(__file__).parent / "durations.json"
+
+
 def _heavy_groups_first(items) -> None:
-    """The groups with the most slow and multi-process tests first, so under ``pytest -n N`` (scripts/test.sh)
-    no long group starts last while the other worker idles. Stable: collection order within a group."""
-    cost: dict[str, int] = {}
+    """The longest groups first (by :data:`DURATIONS`; a group it does not know is estimated from its slow and
+    multi-process tests), so under ``pytest -n N`` (scripts/test.sh) no long group starts last while the
+    other worker idles. Stable: collection order within a group."""
+    import json
+
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    estimate: dict[str, float] = {}
     for item in items:
         name = _worker_group(item.nodeid)
-        weight = (1 if item.get_closest_marker("slow") else 0) + (2 if item.get_closest_marker("dist") else 0)
-        cost[name] = cost.get(name, 0) + weight + (1000 if name == "tests/cluster" else 0)
+        seconds = (4 if item.get_closest_marker("slow") else 0.05) + (8 if item.get_closest_marker("dist") else 0)
+        estimate[name] = estimate.get(name, 0) + seconds
+    cost = {name: known.get(name, seconds) for name, seconds in estimate.items()}
     items.sort(key=lambda item: -cost[_worker_group(item.nodeid)])
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-durations", action="store_true",
+                     help=f"record the seconds each worker group took in {DURATIONS.name} (the scheduling order); "
+                          "run the whole suite with it, a selection records partial times")
+
+
+_group_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    name = _worker_group(report.nodeid)
+    _group_seconds[name] = _group_seconds.get(name, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    if session.config.getoption("record_durations") and not hasattr(session.config, "workerinput"):
+        import json
+
+        groups = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+        groups.update((k, round(v, 1)) for k, v in _group_seconds.items())  # the groups this run ran
+        ordered = dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+        DURATIONS.write_text(json.dumps(ordered, indent=1) + "\n")
 
 
 try:
@@ -231,5 +264,7 @@ else:
         def _split_scope(self, nodeid: str) -> str:
             return _worker_group(nodeid)
 
+    @pytest.hookimpl(optionalhook=True)  # pytest -p no:xdist: no such hook
     def pytest_xdist_make_scheduler(config, log):
+        config.option.loadscopereorder = False  # keep _heavy_groups_first's order, not xdist's by test count
         return _GroupScheduling(config, log)

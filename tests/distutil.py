@@ -66,3 +66,32 @@ def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
     worst = max(float((tb[k].double() - ta[k].double()).abs().max()) for k in ta)
     assert worst <= atol / 2, f"max |diff| {worst:.3g} is within 2x of the tolerance {atol:.3g}: too close to call"
     assert max(float(t.abs().max()) for k, t in ta.items() if "lora_B" in k) > 1e-4
+
+
+def train_run(out: Path, nproc: int, *args: str) -> Path:
+    """``lora-dist train ARGS output.dir=OUT`` as one process (``nproc`` 1) or under torchrun; returns ``out``."""
+    args = ("train", *args, f"output.dir={out}")
+    if nproc == 1:
+        lora_dist(*args)
+    else:
+        torchrun(nproc, "-m", "lora_dist.cli", *args)
+    return out
+
+
+def step_peak(engine, ids) -> int:
+    """Peak live tensor bytes of one LoRA training step on ``ids`` (after a first step, so the AdamW state
+    exists), as ``lora-dist bench`` measures them."""
+    sys.path.insert(0, str(REPO))
+    from lora_dist.bench.measure import LiveTensorBytes
+
+    del sys.path[0]
+
+    def step():
+        engine.backward(engine.forward_loss_sum({"input_ids": ids}, ids))
+        engine.step(1e-3)
+
+    step()
+    tracker = LiveTensorBytes("cpu")
+    with tracker:
+        step()
+    return tracker.peak

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 pytest.importorskip("torchao")
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4  # noqa: E402
 
+from distutil import step_peak, train_run  # noqa: E402
 from lora_dist.config import ConfigError, load_config  # noqa: E402
 from lora_dist.quant import (  # noqa: E402
     GROUP,
@@ -164,9 +165,6 @@ def _measure(path: str, strategy: str, world: int, overrides: list[str]):
     from lora_dist.plan import plan_memory
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from lora_dist.bench.measure import LiveTensorBytes
-
     cfg = load_config(None, [f"model.path={path}", f"parallel.strategy={strategy}", "lora.r=8",
                              "lora.target_modules=all-linear", "train.micro_batch_size=2", "train.seq_len=64",
                              *overrides])
@@ -187,18 +185,11 @@ def _measure(path: str, strategy: str, world: int, overrides: list[str]):
         engine = make_engine(model, optimizer, cfg.parallel, cfg.train, torch.device("cpu"))
         ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
 
-        def step():
-            engine.backward(engine.forward_loss_sum({"input_ids": ids}, ids))
-            engine.step(1e-3)
-
-        step()
-        tracker = LiveTensorBytes("cpu")
-        with tracker:
-            step()
+        peak = step_peak(engine, ids)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return plan_memory(cfg, world), at_rest, tracker.peak
+    return plan_memory(cfg, world), at_rest, peak
 
 
 def _measured(*args):
@@ -239,15 +230,7 @@ def setup(tiny_checkpoint, tmp_path_factory):
 
 
 def _train(setup, name: str, nproc: int, *overrides: str) -> Path:
-    from distutil import lora_dist, torchrun
-
-    out = setup["root"] / name
-    args = ["train", *setup["common"], f"output.dir={out}", *overrides]
-    if nproc == 1:
-        lora_dist(*args)
-    else:
-        torchrun(nproc, "-m", "lora_dist.cli", *args)
-    return out
+    return train_run(setup["root"] / name, nproc, *setup["common"], *overrides)
 
 
 def _losses(out: Path) -> list[float]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distutil import REPO, torchrun
+from distutil import REPO, step_peak, torchrun
 from lora_dist.config import load_config
 from lora_dist.lora import LoRAConfig, inject_lora, lora_parameters
 from lora_dist.plan import plan_memory
@@ -196,10 +196,6 @@ def _measure_in_process(path: Path, strategy: str, world: int, overrides: list[s
                              "lora.target_modules=all-linear", "train.micro_batch_size=2", "train.seq_len=128",
                              *overrides])
     plan = plan_memory(cfg, world)
-    sys.path.insert(0, str(REPO))
-    from lora_dist.bench.measure import LiveTensorBytes
-    del sys.path[0]
-
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(path), dtype=parse_dtype(cfg.model.dtype))
     inject_lora(model, cfg.lora)
@@ -213,19 +209,11 @@ def _measure_in_process(path: Path, strategy: str, world: int, overrides: list[s
             parallelize(model, cfg.parallel, torch.device("cpu"))
         optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
         engine = make_engine(model, optimizer, cfg.parallel, cfg.train, torch.device("cpu"))
-
-        def step():
-            engine.backward(engine.forward_loss_sum({"input_ids": ids}, ids))
-            engine.step(1e-3)
-
-        step()  # the AdamW state exists from the first step on
-        tracker = LiveTensorBytes("cpu")
-        with tracker:
-            step()
+        peak = step_peak(engine, ids)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return plan, tracker.peak
+    return plan, peak
 
 
 #: (strategy, world, overrides): the ZeRO-1 over the LoRA on and off, the chunked loss on and off, a bf16 base.

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distutil import assert_same_adapter, lora_dist, torchrun
+from distutil import assert_same_adapter, torchrun, train_run
 from lora_dist.demo import write_demo_data
 
 pytestmark = pytest.mark.dist
@@ -40,13 +40,7 @@ def setup(tiny_checkpoint, tmp_path_factory):
 
 
 def _train(setup, name: str, nproc: int, *overrides: str) -> Path:
-    out = setup["root"] / name
-    args = ["train", *setup["common"], f"output.dir={out}", *overrides]
-    if nproc == 1:
-        lora_dist(*args)
-    else:
-        torchrun(nproc, "-m", "lora_dist.cli", *args)
-    return out
+    return train_run(setup["root"] / name, nproc, *setup["common"], *overrides)
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:

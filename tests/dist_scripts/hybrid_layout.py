@@ -14,26 +14,16 @@ from lora_dist.config import load_config
 from lora_dist.launch import init_distributed
 from lora_dist.lora import lora_parameters
 from lora_dist.model import load_model
+from counted_reads import counted_reads
 from lora_dist.model_dir import ModelDir
 from lora_dist.parallel.sharding import owned_range
 
 out_dir, *overrides = sys.argv[1:]
 env = init_distributed()
 cfg = load_config(None, overrides)
-read_bytes = 0
-_read = ModelDir.read
-
-
-def counted_read(self, key, rows=None):
-    global read_bytes
-    tensor = _read(self, key, rows)
-    read_bytes += tensor.numel() * tensor.element_size()
-    return tensor
-
-
-ModelDir.read = counted_read
-model = load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0, None).model
-ModelDir.read = _read
+with counted_reads() as reads:  # a rank reads only its own rows / partitions
+    model = load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0, None).model
+read_bytes = reads["bytes"]
 lora = {id(p) for p in lora_parameters(model)}
 report = {"rank": env.rank, "read_bytes": read_bytes, "base_full_bytes": 0, "placements": [], "mesh": None,
           "owned": {}, "written": {}, "numel": {}}

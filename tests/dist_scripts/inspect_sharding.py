@@ -7,9 +7,9 @@ import sys
 import torch
 import torch.distributed as dist
 
+from counted_reads import counted_reads
 from lora_dist.config import load_config
 from lora_dist.launch import init_distributed
-from lora_dist.model_dir import ModelDir
 from lora_dist.lora import lora_parameters
 from lora_dist.model import load_model
 from lora_dist.parallel import ReplicaMismatchError, check_replicas, make_engine
@@ -22,21 +22,9 @@ env = init_distributed()
 cfg = load_config(None, overrides)
 hf_config = AutoConfig.from_pretrained(cfg.model.path)
 ds = deepspeed_config(cfg, hf_config) if cfg.parallel.strategy.startswith("zero") else None
-# Count the bytes each rank reads from the checkpoint's files: only its own rows / partitions.
-read_bytes = 0
-_read = ModelDir.read
-
-
-def counted_read(self, key, rows=None):
-    global read_bytes
-    tensor = _read(self, key, rows)
-    read_bytes += tensor.numel() * tensor.element_size()
-    return tensor
-
-
-ModelDir.read = counted_read
-model = load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0, ds).model
-ModelDir.read = _read
+with counted_reads() as reads:  # a rank reads only its own rows / partitions
+    model = load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0, ds).model
+read_bytes = reads["bytes"]
 lora = {id(p) for p in lora_parameters(model)}
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 engine = make_engine(model, opt, cfg.parallel, cfg.train, torch.device("cpu"), ds)

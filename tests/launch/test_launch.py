@@ -383,12 +383,17 @@ def test_expand_hostlist_rejects_malformed(hostlist):
         expand_hostlist(hostlist)
 
 
-def test_expand_hostlist_matches_scontrol_when_available():
+def test_expand_hostlist_matches_scontrol_when_available(tmp_path):
     scontrol = shutil.which("scontrol")
     if scontrol is None:
         pytest.skip("scontrol not installed")
+    # scontrol reads a slurm.conf before it expands anything: a minimal one of its own, so the check does not
+    # depend on whether a cluster is configured on this machine right now.
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=hostlist\nSlurmctldHost=localhost\nNodeName=n1\nPartitionName=p Nodes=n1\n")
     hostlist = "n[1-3,7],gpu-a[01-02],rack[1-2]-n[1-2]"
-    out = subprocess.run([scontrol, "show", "hostnames", hostlist], capture_output=True, text=True, timeout=30)
+    out = subprocess.run([scontrol, "show", "hostnames", hostlist], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "SLURM_CONF": str(conf)})
     if out.returncode != 0:
         pytest.skip(f"scontrol show hostnames failed: {out.stderr.strip()}")
     assert expand_hostlist(hostlist) == out.stdout.split()
