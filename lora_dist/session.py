@@ -131,7 +131,8 @@ def resolve_hybrid(cfg: Config, env: LaunchEnv, device: torch.device) -> Config:
 
     Unset (both 0) on several nodes: one replica group per node (hybrid sharding, so only LoRA gradients cross
     nodes) when the planner (:func:`lora_dist.plan.plan_memory`) predicts the model fits the budget sharded over
-    one node's ranks, else the base sharded over all ranks. Collective when it decides.
+    one node's ranks, else the base sharded over all ranks. Collective when it decides. ``parallel.reshard_after_forward=node``
+    becomes the launch's ranks per node.
 
     Raises:
         ConfigError: ``dp_replicate x dp_shard`` is not the world size.
@@ -170,7 +171,11 @@ def resolve_hybrid(cfg: Config, env: LaunchEnv, device: torch.device) -> Config:
                          "parallel.reshard_after_forward=node keeps backward's all-gathers inside a node",
                          env.world_size, env.num_nodes, why)
     replicate, shard = dp_mesh_shape(p, env.world_size)
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp_replicate=replicate, dp_shard=shard))
+    reshard = p.reshard_after_forward
+    if reshard == "node" and env.local_world_size > 0:
+        reshard = env.local_world_size  # parallelize() reads no launch environment: the node's rank count
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp_replicate=replicate, dp_shard=shard,
+                                                                 reshard_after_forward=reshard))
 
 
 def strategy_config(cfg: Config, base: ModelDir) -> dict | None:

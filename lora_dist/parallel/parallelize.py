@@ -108,12 +108,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
         mesh = init_device_mesh(device.type, (shard_ranks,), mesh_dim_names=("dp_shard",))
     else:
         mesh = init_device_mesh(device.type, (replicate, shard_ranks), mesh_dim_names=("dp_replicate", "dp_shard"))
-    local = 0
-    if cfg.reshard_after_forward == "node":
-        from lora_dist.launch import detect_launch_env
-
-        local = detect_launch_env().local_world_size
-    reshard = reshard_size(cfg, shard_ranks, local)
+    # ``node`` is a rank count by now where the launch says how many ranks a node runs
+    # (lora_dist.session.resolve_hybrid); left as ``node``, the blocks reshard fully.
+    reshard = reshard_size(cfg, shard_ranks, 0)
     mp = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if cfg.mixed_precision == "bfloat16" else None,
         reduce_dtype=torch.float32,

@@ -113,6 +113,14 @@ def test_auto_on_one_node_and_explicit_shapes_are_kept(base, caplog):
     assert (ddp.dp_replicate, ddp.dp_shard) == (0, 0)  # only fsdp2 has a mesh shape
 
 
+def test_reshard_to_node_becomes_the_nodes_rank_count_at_launch(base):
+    """``parallel.reshard_after_forward=node`` is resolved where the launch environment is read, so
+    ``parallelize`` gets a rank count."""
+    cfg = load_config(None, [f"model.path={base}", "parallel.dp_replicate=1", "parallel.reshard_after_forward=node"])
+    got = resolve_hybrid(cfg, _env(8, 4), torch.device("cpu")).parallel
+    assert got.reshard_after_forward == 4 and reshard_size(got, got.dp_shard, 0) == 4
+
+
 # ----------------------------------------------------------------------------- 4 ranks on one machine
 
 
