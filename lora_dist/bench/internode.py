@@ -121,8 +121,12 @@ def _system(name: str, settings, device, num_nodes: int, local: int):
     if name == "lora_dist_hybrid":
         return LoraDist(settings, device, "fsdp2", (f"parallel.dp_replicate={num_nodes}", f"parallel.dp_shard={local}"),
                         name)
+    # The full-sharding runs say so: on several nodes fsdp2 would choose hybrid sharding by itself.
     if name == "lora_dist_fsdp2_reshard_node":
-        return LoraDist(settings, device, "fsdp2", ("parallel.reshard_after_forward=node",), name)
+        return LoraDist(settings, device, "fsdp2", ("parallel.dp_replicate=1", "parallel.reshard_after_forward=node"),
+                        name)
+    if name == "lora_dist_fsdp2":
+        return LoraDist(settings, device, "fsdp2", ("parallel.dp_replicate=1",), name)
     return make_system(name, settings, device)
 
 

@@ -103,9 +103,11 @@ class LoraDist(System):
         from transformers import AutoConfig
 
         from lora_dist.config import load_config
+        from lora_dist.launch import detect_launch_env
         from lora_dist.model import load_model
         from lora_dist.parallel import make_engine
         from lora_dist.parallel.deepspeed import deepspeed_config
+        from lora_dist.session import resolve_hybrid, resolve_strategy
 
         s = self.s
         self.cfg = cfg = load_config(None, [
@@ -114,6 +116,9 @@ class LoraDist(System):
             f"train.seq_len={s.seq_len}", f"train.lr={LR}", "train.max_grad_norm=1.0", f"train.seed={s.seed}",
             *self.overrides,
         ])
+        # What `lora-dist train` resolves for this launch (strategy auto, fsdp2's mesh, reshard to a node).
+        env = detect_launch_env()
+        self.cfg = cfg = resolve_hybrid(resolve_strategy(cfg, env, self.device), env, self.device)
         ds = None
         if self.strategy.startswith("zero"):
             ds = deepspeed_config(cfg, AutoConfig.from_pretrained(s.model_path))
