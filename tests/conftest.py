@@ -161,7 +161,7 @@ def small_disk(tmp_path):
 
 #: A call that starts processes (a CLI run, torchrun, an example script, a Slurm job) or trains a model
 #: in one: what makes a test take seconds rather than milliseconds on these machines.
-_STARTS_WORK = re.compile(r"\b(lora_dist|torchrun|python|srun|sbatch|run_demo|train|subprocess\.(run|Popen|check_\w+))\(")
+_STARTS_WORK = re.compile(r"\b(lora_dist|torchrun|ranks|python|srun|sbatch|run_demo|train|subprocess\.(run|Popen|check_\w+))\(")
 
 
 _TESTS = str(Path(__file__).parent)

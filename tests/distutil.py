@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,23 +24,99 @@ def quiet_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _completed(cmd: list[str], proc: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _run(cmd: list[str], timeout: float, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``cmd`` in its own process group, all of which is killed on timeout (forked ranks included)."""
+    with subprocess.Popen(cmd, cwd=REPO, env=quiet_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as popen:
+        try:
+            out, err = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            out, err = popen.communicate()
+            raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{out[-3000:]}\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, popen.returncode, out, err)
+
+
 def torchrun(nproc: int, *args: str, timeout: float = 300, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc_per_node N ARGS`` on a free port; output captured."""
+    """``python -m torch.distributed.run --nproc_per_node N ARGS`` on a free port; output captured. For tests of
+    the launch itself; :func:`ranks` starts ranks faster where the launcher is not what is tested."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=quiet_env(**env), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return _completed(cmd, _run(cmd, timeout, env), check)
 
 
-def lora_dist(*args: str, timeout: float = 300, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    """``python -m lora_dist.cli ARGS`` as one process."""
-    cmd = [sys.executable, "-m", "lora_dist.cli", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=quiet_env(**env), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+def ranks(nproc: int, *args: str, timeout: float = 300, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """``nproc`` ranks of ``-m MODULE ARGS`` or ``SCRIPT ARGS`` as :func:`torchrun` would start them, forked from
+    this test process's zygote (tests/dist_scripts/zygote.py): they see a launch by hand (RANK, WORLD_SIZE,
+    MASTER_ADDR ...) and rendezvous for real, without importing torch and transformers again."""
+    return _completed(["ranks", str(nproc), *args], _zygote().run(nproc, list(args), env, timeout), check)
+
+
+def lora_dist(*args: str, timeout: float = 300, check: bool = True, process: bool = False,
+              **env: str) -> subprocess.CompletedProcess:
+    """``python -m lora_dist.cli ARGS`` as one process, forked from the zygote, or with ``process`` started
+    afresh (for a variable read at import time)."""
+    if process:
+        cmd = [sys.executable, "-m", "lora_dist.cli", *args]
+        return _completed(cmd, _run(cmd, timeout, env), check)
+    return _completed(["lora-dist", *args], _zygote().run(0, ["-m", "lora_dist.cli", *args], env, timeout), check)
+
+
+class _Zygote:
+    """The client of tests/dist_scripts/zygote.py: one request at a time, a JSON line each way."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "dist_scripts" / "zygote.py")],
+                                     cwd=REPO, env=quiet_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     bufsize=0)
+
+    def _read(self, timeout: float | None) -> dict | None:
+        import json
+        import select
+
+        line = b""
+        while not line.endswith(b"\n"):
+            if not select.select([self.proc.stdout], [], [], timeout)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 1)
+            if not chunk:
+                raise RuntimeError(f"the test zygote exited ({self.proc.wait()})")
+            line += chunk
+        return json.loads(line)
+
+    def run(self, nproc: int, target: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="zygote-") as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            request = {"nproc": nproc, "port": free_port(), "target": target, "env": quiet_env(**env),
+                       "cwd": str(REPO), "stdout": str(out), "stderr": str(err)}
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            launcher = self._read(None)["pid"]
+            reply = self._read(timeout)
+            if reply is None:
+                os.killpg(launcher, signal.SIGKILL)
+                self._read(None)
+                raise AssertionError(f"{target} timed out after {timeout} s:\n{out.read_text()[-3000:]}\n"
+                                     f"{err.read_text()[-6000:]}")
+            return subprocess.CompletedProcess(target, reply["code"], out.read_text(), err.read_text())
+
+
+_zygotes: dict[int, _Zygote] = {}
+
+
+def _zygote() -> _Zygote:
+    """This test process's zygote, started on first use; it ends when this process closes its stdin."""
+    if os.getpid() not in _zygotes or _zygotes[os.getpid()].proc.poll() is not None:
+        _zygotes[os.getpid()] = _Zygote()
+    return _zygotes[os.getpid()]
 
 
 def alias_bomb() -> str:
@@ -69,12 +146,12 @@ def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
 
 
 def train_run(out: Path, nproc: int, *args: str) -> Path:
-    """``lora-dist train ARGS output.dir=OUT`` as one process (``nproc`` 1) or under torchrun; returns ``out``."""
+    """``lora-dist train ARGS output.dir=OUT`` as one process (``nproc`` 1) or on ``nproc`` ranks, forked by the zygote; returns ``out``."""
     args = ("train", *args, f"output.dir={out}")
     if nproc == 1:
         lora_dist(*args)
     else:
-        torchrun(nproc, "-m", "lora_dist.cli", *args)
+        ranks(nproc, "-m", "lora_dist.cli", *args)
     return out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distutil import assert_same_adapter, torchrun
+from distutil import assert_same_adapter, ranks
 from lora_dist.config import ConfigError, load_config
 from lora_dist.plan import GB, choose_strategy, memory_budget, plan_memory
 
@@ -102,9 +102,9 @@ def test_two_rank_auto_run_equals_the_strategy_it_chose(tiny_checkpoint, tmp_pat
     data = write_demo_data(tmp_path / "data.jsonl", n=100)
     common = ["train", f"model.path={base}", f"data.path={data}", "train.steps=2", "train.seq_len=32",
               "train.lr=5e-3", "train.warmup_steps=1", "data.eval_fraction=0", "lora.r=4", "checkpoint.every=0"]
-    auto = torchrun(2, "-m", "lora_dist.cli", *common, f"output.dir={tmp_path / 'auto'}", "parallel.strategy=auto",
+    auto = ranks(2, "-m", "lora_dist.cli", *common, f"output.dir={tmp_path / 'auto'}", "parallel.strategy=auto",
                     "parallel.memory_gb=100")
     assert "parallel.strategy=auto chose ddp" in auto.stdout + auto.stderr
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["parallel"]["strategy"] == "ddp"  # recorded
-    torchrun(2, "-m", "lora_dist.cli", *common, f"output.dir={tmp_path / 'ddp'}", "parallel.strategy=ddp")
+    ranks(2, "-m", "lora_dist.cli", *common, f"output.dir={tmp_path / 'ddp'}", "parallel.strategy=ddp")
     assert_same_adapter(tmp_path / "auto" / "adapter", tmp_path / "ddp" / "adapter", atol=1e-6)

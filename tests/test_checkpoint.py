@@ -16,11 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distutil import REPO, free_port, lora_dist, quiet_env, torchrun
+from distutil import REPO, assert_same_adapter, free_port, lora_dist, quiet_env, ranks
 from lora_dist.demo import write_demo_data
 from lora_dist.preemption import PREEMPT_EXIT_CODE, Preempted
 
 STEPS = 6
+LR = 5e-3
+#: Another world size sums gradients in another order: the bound of tests/test_train_dist.py (docs/testing.md).
+ADAPTER_ATOL = LR * STEPS / 300
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def setup(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     data = write_demo_data(root / "data.jsonl", n=200)
     common = [f"model.path={base}", f"data.path={data}", f"train.steps={STEPS}", "train.seq_len=32",
-              "train.lr=5e-3", "train.warmup_steps=2", "data.eval_fraction=0", "lora.r=4",
+              f"train.lr={LR}", "train.warmup_steps=2", "data.eval_fraction=0", "lora.r=4",
               "lora.target_modules=[q_proj,v_proj]", "checkpoint.every=2"]
     return {"base": base, "data": data, "root": root, "common": common}
 
@@ -38,7 +41,7 @@ def _run(setup, out: Path, nproc: int, *overrides: str, check: bool = True):
     args = ["train", *setup["common"], f"output.dir={out}", *overrides]
     if nproc == 1:
         return lora_dist(*args, check=check)
-    return torchrun(nproc, "-m", "lora_dist.cli", *args, check=check)
+    return ranks(nproc, "-m", "lora_dist.cli", *args, check=check)
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -150,7 +153,7 @@ def test_resume_on_another_world_size_and_strategy(setup, uninterrupted, stopped
     s2, n2, mb2 = second
     _run(setup, out, n2, f"parallel.strategy={s2}", f"train.micro_batch_size={mb2}")
     # Same global batch (4) throughout, so the result equals the uninterrupted single-process run.
-    _assert_same(uninterrupted, out, atol=1e-5)
+    assert_same_adapter(uninterrupted / "adapter", out / "adapter", ADAPTER_ATOL)
 
 
 @pytest.mark.dist
@@ -160,7 +163,7 @@ def test_resume_one_to_three_ranks(setup, tmp_path):
     out = tmp_path / "to3"
     _run(setup, out, 1, "parallel.strategy=none", "train.micro_batch_size=3", "train.run_steps=2")
     _run(setup, out, 3, "parallel.strategy=fsdp2", "train.micro_batch_size=1")
-    _assert_same(ref, out, atol=1e-5)
+    assert_same_adapter(ref / "adapter", out / "adapter", ADAPTER_ATOL)
 
 
 def test_refuses_a_different_base_unless_forced(setup, tiny_checkpoint, tmp_path):

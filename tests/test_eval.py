@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from distutil import lora_dist, torchrun
+from distutil import lora_dist, ranks
 from lora_dist.demo import write_demo_data
 
 STEPS = 3
@@ -33,7 +33,7 @@ def run(tiny_checkpoint, tmp_path_factory):
 
 def _eval(run, nproc: int, *args: str) -> dict:
     argv = ["eval", *run["common"], "--json", *args]
-    proc = lora_dist(*argv) if nproc == 1 else torchrun(nproc, "-m", "lora_dist.cli", *argv)
+    proc = lora_dist(*argv) if nproc == 1 else ranks(nproc, "-m", "lora_dist.cli", *argv)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -19,10 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distutil import REPO, free_port, lora_dist, quiet_env
+from distutil import REPO, assert_same_adapter, free_port, lora_dist, quiet_env
 from lora_dist.demo import write_demo_data
 
 pytestmark = pytest.mark.dist
+
+STEPS, LR = 3, 5e-3
+ADAPTER_ATOL = LR * STEPS / 300  # as tests/test_train_dist.py: Adam turns summation-order noise into ~lr moves
 
 VENV_BIN = Path(sys.executable).parent
 LAUNCHERS = REPO / "launchers"
@@ -33,15 +36,15 @@ LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "TORCHELASTIC_", "ACCEL
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_checkpoint, tmp_path_factory) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """(training overrides shared by every run, adapter of the single-process run with them)."""
+def reference(tiny_checkpoint, tmp_path_factory) -> tuple[list[str], Path]:
+    """(training overrides shared by every run, adapter dir of the single-process run with them)."""
     tmp = tmp_path_factory.mktemp("launch-train")
     base = tiny_checkpoint("llama", hidden=64, layers=2)
     data = write_demo_data(tmp / "data.jsonl", n=100)
-    common = [f"model.path={base}", f"data.path={data}", "train.steps=3", "train.seq_len=32", "train.lr=5e-3",
+    common = [f"model.path={base}", f"data.path={data}", f"train.steps={STEPS}", "train.seq_len=32", f"train.lr={LR}",
               "data.eval_fraction=0", "lora.r=4"]
     lora_dist("train", *common, f"output.dir={tmp / 'ref'}", "parallel.strategy=none", "train.micro_batch_size=4")
-    return common, load_file(str(tmp / "ref" / "adapter" / "adapter_model.safetensors"))
+    return common, tmp / "ref" / "adapter"
 
 
 def _launch_env(**extra: str) -> dict[str, str]:
@@ -58,14 +61,22 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subproces
     return proc
 
 
-def _assert_run_matches(out: Path, ref: dict[str, torch.Tensor], strategy: str) -> None:
-    """The run in ``out`` used ``strategy`` and wrote the reference adapter (same keys, fp32, within 1e-5)."""
+def _assert_run_matches(out: Path, ref: Path, strategy: str) -> None:
+    """The run in ``out`` used ``strategy`` and wrote the reference adapter: fp32, within ``ADAPTER_ATOL`` with
+    a 2x margin (docs/testing.md#tolerances)."""
     assert json.loads((out / "config.json").read_text())["parallel"]["strategy"] == strategy
     got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    assert sorted(got) == sorted(ref)
-    for key in ref:
-        assert got[key].dtype == ref[key].dtype == torch.float32, key
-        torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=key)
+    assert all(t.dtype == torch.float32 for t in got.values())
+    assert_same_adapter(ref, out / "adapter", ADAPTER_ATOL)
+
+
+def test_torchrun_two_rank_training_equals_one_process(reference, tmp_path):
+    """Plain ``torchrun -m lora_dist.cli train`` (the other 2-rank tests fork their ranks: tests/distutil.py)."""
+    common, ref = reference
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+          "-m", "lora_dist.cli", "train", *common, f"output.dir={tmp_path / 'run'}", "parallel.strategy=ddp",
+          "train.micro_batch_size=2"], _launch_env())
+    _assert_run_matches(tmp_path / "run", ref, "ddp")
 
 
 @pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed (pip install mpich mpi4py)")

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distutil import lora_dist, torchrun
+from distutil import lora_dist, ranks
 from lora_dist.demo import MOE_EXPERTS, write_demo_data
 from lora_dist.model_dir import ModelDir
 from lora_dist.weight_mapping import WeightMap, WeightMappingError, model_transforms
@@ -492,7 +492,7 @@ def test_each_rank_reads_only_its_own_experts(tiny_checkpoint, tmp_path, strateg
     path = tiny_checkpoint("mixtral")
     script = tmp_path / "reads.py"
     script.write_text(_READS_SCRIPT)
-    torchrun(2, str(script), str(tmp_path), f"model.path={path}", f"parallel.strategy={strategy}",
+    ranks(2, str(script), str(tmp_path), f"model.path={path}", f"parallel.strategy={strategy}",
              "lora.target_modules=[q_proj,v_proj]")
     prefix = EXPERT_KEYS["mixtral"]
     half = MOE_EXPERTS // 2
@@ -519,7 +519,7 @@ def runs(request, tiny_checkpoint, tmp_path_factory):
     lora_dist(*common, f"output.dir={root / 'none'}", "parallel.strategy=none", "train.micro_batch_size=4")
     out["none"] = root / "none"
     for strategy in ("fsdp2", "zero3"):
-        torchrun(2, "-m", "lora_dist.cli", *common, f"output.dir={root / strategy}", f"parallel.strategy={strategy}",
+        ranks(2, "-m", "lora_dist.cli", *common, f"output.dir={root / strategy}", f"parallel.strategy={strategy}",
                  "train.micro_batch_size=2")
         out[strategy] = root / strategy
     return out
@@ -592,7 +592,7 @@ def test_offline_merge_of_the_adapter_equals_the_sharded_export(runs, strategy, 
 def test_export_of_a_finished_run_rebuilds_it_sharded(runs, tmp_path):
     """``lora-dist export RUN_DIR`` on 2 ranks loads the MoE base sharded again and writes the same checkpoint."""
     out = tmp_path / "again"
-    torchrun(2, "-m", "lora_dist.cli", "export", str(runs["fsdp2"]), "--out", str(out))
+    ranks(2, "-m", "lora_dist.cli", "export", str(runs["fsdp2"]), "--out", str(out))
     again, first = ModelDir(out), ModelDir(runs["fsdp2"] / "merged")
     assert set(again.keys()) == set(first.keys())
     for key in first.keys():

@@ -277,10 +277,10 @@ def test_each_rank_quantizes_its_rows_and_the_export_merges_into_the_dequantized
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from distutil import torchrun
+    from distutil import ranks
     from lora_dist.merge import LoRAWeights, lora_scale, merge_weight
 
-    torchrun(2, str(Path(__file__).resolve()), str(setup["base"]), str(tmp_path))
+    ranks(2, str(Path(__file__).resolve()), str(setup["base"]), str(tmp_path))
     base = load_file(str(Path(setup["base"]) / "model.safetensors"))
     for rank in (0, 1):
         shards = torch.load(tmp_path / f"rank{rank}.pt")

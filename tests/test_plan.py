@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distutil import REPO, step_peak, torchrun
+from distutil import REPO, ranks, step_peak
 from lora_dist.config import load_config
 from lora_dist.lora import LoRAConfig, inject_lora, lora_parameters
 from lora_dist.plan import plan_memory
@@ -108,16 +108,16 @@ def test_zero3_and_fsdp2_shards_equal_a_two_rank_run(tiny_checkpoint, tmp_path):
         out = tmp_path / strategy
         out.mkdir()
         overrides = [f"model.path={path}", f"parallel.strategy={strategy}"]
-        torchrun(2, str(REPO / "tests" / "dist_scripts" / "inspect_sharding.py"), str(out), *overrides, timeout=240)
-        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+        ranks(2, str(REPO / "tests" / "dist_scripts" / "inspect_sharding.py"), str(out), *overrides, timeout=240)
+        per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
         plan = plan_memory(load_config(None, overrides), 2)
-        assert plan.num_lora_params == ranks[0]["lora_numel"]
+        assert plan.num_lora_params == per_rank[0]["lora_numel"]
         if strategy == "zero3":  # ceil(numel / W) elements of every parameter, plus the persistent ones whole
-            assert all(r["base_local_bytes"] == plan.base_shard + plan.base_replicated for r in ranks)
-            assert plan.buffers == ranks[0]["reduce_bucket_numel"] * 4  # the capped fp32 reduce bucket
+            assert all(r["base_local_bytes"] == plan.base_shard + plan.base_replicated for r in per_rank)
+            assert plan.buffers == per_rank[0]["reduce_bucket_numel"] * 4  # the capped fp32 reduce bucket
         else:  # rank 0 holds the ceil-rows shard; the others at most that
-            assert ranks[0]["base_local_bytes"] == plan.base_shard
-            assert ranks[1]["base_local_bytes"] <= plan.base_shard
+            assert per_rank[0]["base_local_bytes"] == plan.base_shard
+            assert per_rank[1]["base_local_bytes"] <= plan.base_shard
 
 
 def test_deepspeed_reduce_bucket_is_capped_at_the_trainable_size():

@@ -13,7 +13,7 @@ import pytest
 import lora_dist.token_cache as token_cache
 from lora_dist.data import load_dataset
 from lora_dist.demo import demo_texts, make_tokenizer
-from distutil import REPO, quiet_env, torchrun
+from distutil import REPO, quiet_env, ranks
 
 SEQ = 48
 
@@ -178,10 +178,10 @@ def test_two_ranks_share_one_build(tok, data, tmp_path):
     script = tmp_path / "shared.py"
     script.write_text(SHARED)
     cache = tmp_path / "cache"
-    torchrun(2, str(script), str(data), str(cache), str(tmp_path / "out"))
-    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
-    assert ranks[0]["chunks"] > 0 and ranks[1]["chunks"] == 0  # rank 0 built, rank 1 only mapped
-    assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["blocks"] == ranks[1]["blocks"]
+    ranks(2, str(script), str(data), str(cache), str(tmp_path / "out"))
+    per_rank = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
+    assert per_rank[0]["chunks"] > 0 and per_rank[1]["chunks"] == 0  # rank 0 built, rank 1 only mapped
+    assert per_rank[0]["digest"] == per_rank[1]["digest"] and per_rank[0]["blocks"] == per_rank[1]["blocks"]
     assert len(entries(cache)) == 1
     single = load_dataset(data, tok, 48, cache_dir=tmp_path / "single", num_proc=1).split(0.1)
-    assert ranks[0]["blocks"] == [len(single[0]), len(single[1])]
+    assert per_rank[0]["blocks"] == [len(single[0]), len(single[1])]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_scripts.export_common import SCRIPTS, build_lora_model, input_ids
-from distutil import REPO, torchrun
+from distutil import REPO, ranks
 from safetensors import safe_open
 
 from lora_dist.adapter import read_adapter, save_adapter
@@ -293,7 +293,7 @@ def test_a_rank_owning_no_rows_writes_nothing():
 @pytest.mark.dist
 def test_two_ranks_fsdp2_and_ddp_equal_single_process(bases, tmp_path):
     base = bases["llama"]
-    torchrun(2, str(SCRIPTS / "export_fsdp2.py"), str(base), str(tmp_path), "llama",
+    ranks(2, str(SCRIPTS / "export_fsdp2.py"), str(base), str(tmp_path), "llama",
              "--modes", "auto,gather,blind,ddp")
     reference = single_process_reference(base, tmp_path / "adapter", tmp_path / "single")
     written = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]
@@ -314,7 +314,7 @@ def test_two_ranks_fsdp2_and_ddp_equal_single_process(bases, tmp_path):
 def test_fsdp2_three_uneven_ranks_equal_single_process(bases, tmp_path, arch):
     """64 and 40 rows do not split into 3 equal shards; GPT-2 adds Conv1D (fan_in_fan_out) and tied embeddings."""
     base = bases[arch]
-    torchrun(3, str(SCRIPTS / "export_fsdp2.py"), str(base), str(tmp_path), arch)
+    ranks(3, str(SCRIPTS / "export_fsdp2.py"), str(base), str(tmp_path), arch)
     reference = single_process_reference(base, tmp_path / "adapter", tmp_path / "single")
     assert same_files(tmp_path / "merged_auto", reference)
     verify_checkpoint(tmp_path / "merged_auto", base, tmp_path / "adapter", sample=None)
@@ -323,14 +323,14 @@ def test_fsdp2_three_uneven_ranks_equal_single_process(bases, tmp_path, arch):
 @pytest.mark.dist
 def test_zero3_two_ranks_equal_single_process(bases, tmp_path):
     base = bases["llama"]
-    torchrun(2, str(SCRIPTS / "export_zero3.py"), str(base), str(tmp_path), "llama")
+    ranks(2, str(SCRIPTS / "export_zero3.py"), str(base), str(tmp_path), "llama")
     reference = single_process_reference(base, tmp_path / "adapter", tmp_path / "single")
     assert same_files(tmp_path / "merged_auto", reference)
 
 
 @pytest.mark.dist
 def test_disk_full_on_one_rank_fails_every_rank_and_cleans_up(bases, tmp_path):
-    torchrun(2, str(SCRIPTS / "export_fsdp2.py"), str(bases["llama"]), str(tmp_path), "llama",
+    ranks(2, str(SCRIPTS / "export_fsdp2.py"), str(bases["llama"]), str(tmp_path), "llama",
              "--fail-rank", "1")
     results = [json.loads((tmp_path / f"result_{r}.json").read_text())["raised"] for r in range(2)]
     assert "no space left on the device" in results[1]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from dist_scripts.export_common import SCRIPTS
-from distutil import torchrun
+from distutil import ranks
 from test_export import same_files, single_process_reference
 
 from lora_dist.export import verify_checkpoint
@@ -57,7 +57,7 @@ def test_node_local_disks_fall_back_to_rank0_writing_everything(tiny_checkpoint,
         disk.mkdir()
         (disk / ".disk-id").write_text(f"rank{r}")
 
-    proc = torchrun(2, str(SCRIPTS / "export_node_local.py"), str(base), str(tmp_path), "llama", timeout=240)
+    proc = ranks(2, str(SCRIPTS / "export_node_local.py"), str(base), str(tmp_path), "llama", timeout=240)
     results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]
     log = proc.stdout + proc.stderr
 

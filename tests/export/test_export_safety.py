@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_scripts.export_common import build_lora_model
-from distutil import REPO, lora_dist, torchrun
+from distutil import REPO, lora_dist, ranks
 from safetensors.torch import load_file, save_file
 
 from lora_dist.adapter import save_adapter
@@ -277,12 +277,12 @@ def test_train_with_an_fp16_export_that_overflows_fails_in_one_line(fp16_run):
 @pytest.mark.dist
 def test_sharded_export_that_overflows_fails_on_every_rank(fp16_run):
     run = fp16_run["run"]
-    proc = torchrun(2, "-m", "lora_dist.cli", "export", str(run), "--dtype", "float16", check=False)
+    proc = ranks(2, "-m", "lora_dist.cli", "export", str(run), "--dtype", "float16", check=False)
     assert proc.returncode != 0
     assert f"lora-dist export: error: {V_PROJ}" in proc.stderr and "overflow float16" in proc.stderr, proc.stderr[-3000:]
-    assert str(REPO / "lora_dist") not in proc.stderr, proc.stderr[-3000:]  # torchrun's own traceback only
+    assert str(REPO / "lora_dist") not in proc.stderr, proc.stderr[-3000:]  # no traceback from lora_dist
     assert not (run / "merged").exists() and not list(run.glob(".merged.tmp-*"))
-    torchrun(2, "-m", "lora_dist.cli", "export", str(run), "--dtype", "bfloat16")
+    ranks(2, "-m", "lora_dist.cli", "export", str(run), "--dtype", "bfloat16")
     lora_dist("verify", str(run / "merged"), "--base", str(fp16_run["base"]), "--adapter", str(run / "adapter"))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_scripts.export_common import SCRIPTS
-from distutil import torchrun
+from distutil import ranks
 
 from lora_dist.cli import main
 from lora_dist.export import OutputExistsError, VerifyError, merge_offline, verify_checkpoint
@@ -242,7 +242,7 @@ def test_cli_merge_and_verify(merged, tmp_path, capsys):
 @pytest.mark.dist
 def test_offline_merge_under_torchrun_splits_the_writing(merged, tmp_path):
     out = tmp_path / "out"
-    torchrun(2, str(SCRIPTS / "export_merge_offline.py"), str(tmp_path), "merge", "--base", str(merged["base"]),
+    ranks(2, str(SCRIPTS / "export_merge_offline.py"), str(tmp_path), "merge", "--base", str(merged["base"]),
              "--adapter", str(merged["adapter"]), "--out", str(out), "--max-shard-size", "100KB")
     results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]
     assert [r["code"] for r in results] == [0, 0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distutil import lora_dist, torchrun
+from distutil import lora_dist, ranks
 from lora_dist.demo import write_demo_data
 
 pytestmark = pytest.mark.dist
@@ -27,7 +27,7 @@ def run(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("runexport")
     data = write_demo_data(root / "data.jsonl", n=100)
     out = root / "run"
-    torchrun(2, "-m", "lora_dist.cli", "train", f"model.path={base}", f"data.path={data}", f"output.dir={out}",
+    ranks(2, "-m", "lora_dist.cli", "train", f"model.path={base}", f"data.path={data}", f"output.dir={out}",
              "train.steps=3", "train.seq_len=32", "train.lr=1e-2", "lora.target_modules=all-linear",
              "export.merged=true", "export.dtype=float32", "export.max_shard_size=100KB")
     offline = root / "offline"
@@ -53,7 +53,7 @@ def test_export_of_a_finished_run(run, nproc, strategy):
         text = cfg.read_text()
         try:
             cfg.write_text(text.replace('"strategy": "fsdp2"', f'"strategy": "{strategy}"'))
-            torchrun(nproc, "-m", "lora_dist.cli", *args)
+            ranks(nproc, "-m", "lora_dist.cli", *args)
         finally:
             cfg.write_text(text)
     exported, offline = _tensors(dst), _tensors(run["offline"])

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import LORA, assert_same_adapter, peft_tensors, python, srun
-from distutil import REPO, lora_dist, torchrun
+from distutil import REPO, lora_dist, ranks
 from lora_dist.config import ConfigError
 from lora_dist.demo import write_demo_data
 
@@ -42,7 +42,7 @@ def setup(tiny_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
 def test_two_ranks_equal_one_process(setup, strategy):
     out = setup["root"] / strategy
-    proc = torchrun(2, EXAMPLE, str(setup["base"]), str(setup["data"]), str(out), "--strategy", strategy, *SAME_BATCH,
+    proc = ranks(2, EXAMPLE, str(setup["base"]), str(setup["data"]), str(out), "--strategy", strategy, *SAME_BATCH,
                     "--eval")
     assert_same_adapter(setup["ref"] / "adapter", out / "adapter")
     # The logged loss is the global token mean: the same number on 2 ranks as in one process; so is the

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common import assert_same_adapter, python
-from distutil import REPO, torchrun
+from distutil import REPO, ranks
 from lora_dist.demo import write_demo_data
 
 pytestmark = pytest.mark.dist
@@ -23,7 +23,7 @@ def test_sft_two_ranks_equal_one_process_and_the_adapter_loads_in_peft(tiny_chec
     base = tiny_checkpoint("llama", hidden=64, layers=2)
     data = write_demo_data(tmp_path / "sft.jsonl", n=20, kind="prompt_completion")
     python(EXAMPLE, str(base), str(data), str(tmp_path / "one"), "--strategy", "none", *SAME_BATCH)
-    torchrun(2, EXAMPLE, str(base), str(data), str(tmp_path / "two"), "--strategy", "fsdp2", *SAME_BATCH)
+    ranks(2, EXAMPLE, str(base), str(data), str(tmp_path / "two"), "--strategy", "fsdp2", *SAME_BATCH)
     assert_same_adapter(tmp_path / "one" / "adapter", tmp_path / "two" / "adapter")
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),

@@ -12,14 +12,14 @@ import json
 
 import pytest
 
-from distutil import torchrun
+from distutil import ranks
 
 pytestmark = pytest.mark.dist
 
 
 @pytest.mark.parametrize("bucket_mb", [25.0, 0.0008])  # one bucket; several (about 2 tensors each)
 def test_two_ranks_equal_one_process_adamw(bucket_mb):
-    out = torchrun(2, "tests/dist_scripts/sharded_adamw.py", str(bucket_mb))
+    out = ranks(2, "tests/dist_scripts/sharded_adamw.py", str(bucket_mb))
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert (report["buckets"] > 2) == (bucket_mb < 1)
     assert report["shard_numel"] <= report["total"] / 2 + report["buckets"]  # 1/W of the state (+ padding)
