@@ -145,6 +145,14 @@ def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
     assert max(float(t.abs().max()) for k, t in ta.items() if "lora_B" in k) > 1e-4
 
 
+def assert_same_losses(got: list[float], want: list[float], atol: float = 1e-5) -> None:
+    """Two runs logged the same losses (fp32 sums in another order: ``atol``), with the 2x margin of
+    :func:`assert_same_adapter`."""
+    assert len(got) == len(want) and want
+    worst = max(abs(a - b) for a, b in zip(got, want))
+    assert worst <= atol / 2, f"losses {got} vs {want}: max |diff| {worst:.3g} against a tolerance of {atol:.3g}"
+
+
 def train_run(out: Path, nproc: int, *args: str) -> Path:
     """``lora-dist train ARGS output.dir=OUT`` as one process (``nproc`` 1) or on ``nproc`` ranks, forked by the zygote; returns ``out``."""
     args = ("train", *args, f"output.dir={out}")
