@@ -12,4 +12,5 @@ export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 export CUDA_VISIBLE_DEVICES=
 # One pytest-xdist worker per core, a module's tests on one worker and the cluster tests on one
 # (tests/conftest.py); LORA_DIST_TEST_WORKERS=0 runs everything in this process.
-exec python -m pytest -ra -n "${LORA_DIST_TEST_WORKERS:-$(nproc)}" "$@"
+# nproc without OMP_NUM_THREADS, which it would obey (1 above): the cores, not the threads per worker.
+exec python -m pytest -ra -n "${LORA_DIST_TEST_WORKERS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}" "$@"
