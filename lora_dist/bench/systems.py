@@ -1,7 +1,7 @@
 """The configurations compared, each built the way its users build it.
 
-* ``lora_dist`` (fsdp2, zero3, ddp): :func:`lora_dist.model.load_model` and
-  :func:`lora_dist.parallel.make_engine`, and the training loop's own step
+* ``lora_dist`` (fsdp2, zero3, ddp): :func:`lora_dist.session.build`, as ``lora-dist train`` builds
+  the model, its AdamW and the engine, and the training loop's own step
   (``lora_dist.train.forward_backward`` then ``engine.step``).
 * ``peft_accelerate_fsdp2``: ``from_pretrained`` -> PEFT ``get_peft_model`` ->
   ``Accelerator(fsdp_plugin=FSDP2, transformer-based wrap)`` ->
@@ -100,33 +100,23 @@ class LoraDist(System):
         self.can_export = strategy in ("fsdp2", "zero3")
 
     def setup(self) -> None:
-        from transformers import AutoConfig
-
         from lora_dist.config import load_config
         from lora_dist.launch import detect_launch_env
-        from lora_dist.model import load_model
-        from lora_dist.parallel import make_engine
-        from lora_dist.parallel.deepspeed import deepspeed_config
-        from lora_dist.session import resolve_hybrid, resolve_strategy
+        from lora_dist.session import build, check_launch, open_base, strategy_config
 
         s = self.s
-        self.cfg = cfg = load_config(None, [
+        cfg = load_config(None, [
             f"model.path={s.model_path}", f"parallel.strategy={self.strategy}", f"lora.r={s.lora_r}",
             f"lora.alpha={s.lora_alpha}", "lora.target_modules=all-linear", f"train.micro_batch_size={s.micro_batch}",
             f"train.seq_len={s.seq_len}", f"train.lr={LR}", "train.max_grad_norm=1.0", f"train.seed={s.seed}",
-            *self.overrides,
+            "train.weight_decay=0", *self.overrides,
         ])
-        # What `lora-dist train` resolves for this launch (strategy auto, fsdp2's mesh, reshard to a node).
+        # What `lora-dist train` builds for this launch (strategy auto, fsdp2's mesh, reshard to a node): its
+        # own session.build, AdamW over the LoRA params included.
         env = detect_launch_env()
-        self.cfg = cfg = resolve_hybrid(resolve_strategy(cfg, env, self.device), env, self.device)
-        ds = None
-        if self.strategy.startswith("zero"):
-            ds = deepspeed_config(cfg, AutoConfig.from_pretrained(s.model_path))
-        loaded = load_model(cfg.model, cfg.lora, cfg.parallel, self.device, s.seed, ds)
-        self.model = loaded.model
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
-        self.engine = make_engine(self.model, optimizer, cfg.parallel, cfg.train, self.device, ds)
+        check_launch(cfg, env)
+        base = open_base(cfg)
+        self.model, self.engine = build(cfg, env, self.device, base, strategy_config(cfg, base))
 
     def train_step(self, ids, labels) -> None:
         from lora_dist.train import forward_backward
