@@ -198,13 +198,18 @@ def _measured(*args):
 
 
 @pytest.mark.slow  # two model loads and steps per case, in fresh processes
-@pytest.mark.parametrize("strategy,world", [("none", 1), ("fsdp2", 2)])
-def test_nf4_base_bytes_and_the_planner_against_measured(tiny_checkpoint, strategy, world):
+@pytest.mark.parametrize("strategy,world,extra", [
+    ("none", 1, []),
+    ("fsdp2", 2, []),
+    ("fsdp2", 4, ["parallel.dp_replicate=2"]),  # hybrid: the base sharded over 2, replicated twice
+], ids=["none-1", "fsdp2-2", "hybrid-2x2"])
+def test_nf4_base_bytes_and_the_planner_against_measured(tiny_checkpoint, strategy, world, extra):
     """The NF4 base at rest is what the planner counts, well under a third of the bf16 base's blocks, and the
     planner's peak is within 15% of the live tensor bytes of a step."""
     path = str(tiny_checkpoint("llama", hidden=256, layers=4))
-    nf4_plan, nf4_rest, nf4_peak = _measured(path, strategy, world, ["model.dtype=bfloat16", "model.quantize=nf4"])
-    bf16_plan, bf16_rest, _ = _measured(path, strategy, world, ["model.dtype=bfloat16"])
+    nf4_plan, nf4_rest, nf4_peak = _measured(path, strategy, world, ["model.dtype=bfloat16", "model.quantize=nf4",
+                                                                     *extra])
+    bf16_plan, bf16_rest, _ = _measured(path, strategy, world, ["model.dtype=bfloat16", *extra])
     assert nf4_plan.base_shard == sum(nf4_rest.values()) and bf16_plan.base_shard == sum(bf16_rest.values())
     assert nf4_rest["other"] == bf16_rest["other"]  # embeddings, head, norms: not quantized (QLoRA)
     assert nf4_rest["blocks"] < 0.3 * bf16_rest["blocks"]
@@ -257,6 +262,18 @@ def test_two_ranks_equal_one_process(setup, reference, strategy, extra):
 
     out = _train(setup, f"nf4-{strategy}-{len(extra)}", 2, f"parallel.strategy={strategy}",
                  "train.micro_batch_size=2", "model.quantize=nf4", *extra)
+    assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
+    assert_same_losses(_losses(out), _losses(reference))
+
+
+@pytest.mark.dist
+def test_hybrid_sharding_of_an_nf4_base_equals_one_process(setup, reference):
+    """4 ranks as 2 replica groups x 2 shards: each group quantizes the base over its own 2 shards, the LoRA
+    gradients are reduced across all 4, and the adapter is the one process's."""
+    from distutil import assert_same_adapter
+
+    out = _train(setup, "nf4-hybrid", 4, "parallel.strategy=fsdp2", "parallel.dp_replicate=2",
+                 "parallel.dp_shard=2", "train.micro_batch_size=1", "model.quantize=nf4")
     assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
     assert_same_losses(_losses(out), _losses(reference))
 
