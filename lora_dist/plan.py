@@ -41,6 +41,9 @@ computed from the resulting parameter shapes and the run config:
   larger of the input-embedding and output-head units (their own units when
   untied; backward starts by gathering the head again) and two transformer
   blocks (the running one and the prefetched one); without it, everything.
+  Resharded to N ranks after forward (``reshard_after_forward=N`` or ``node``),
+  every block and the input embedding also keep a 1/N shard from their
+  forward until backward.
   zero3: a parameter backward uses again within ``stage3_max_reuse_distance``
   parameters is not released after forward, so with a reuse distance beyond
   the model's size the whole base stays gathered (at most
@@ -342,6 +345,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     from lora_dist.lora import LoRAParam, lora_modules, lora_parameters
     from lora_dist.loss import chunkable
     from lora_dist.parallel import dp_mesh_shape, find_blocks
+    from lora_dist.parallel.parallelize import embedding_and_head, reshard_size
     from lora_dist.parallel.reducer import fill_buckets
     from lora_dist.quant import nf4_bytes, nf4_quantizable, quantized_weights
 
@@ -396,6 +400,15 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
                 gathered = (gathered_bytes(q for _, q in base if id(q) not in in_unit)
                             + max((gathered_bytes(m.parameters()) for m in units), default=0)
                             + 2 * max((gathered_bytes(b.parameters()) for b in blocks), default=0))
+            after_forward = reshard_size(p, shards, 0)
+            if after_forward is not True:
+                # Resharded to N ranks (reshard_after_forward=N, or node resolved to the node's ranks): every
+                # block and the embedding keep a 1/N shard from their forward until backward gathers them again.
+                n = max(int(after_forward), 1)
+                embed = embedding_and_head(model)[0]
+                kept = [*blocks, *([embed] if embed is not None else [])]
+                gathered += sum(stored(q, math.ceil(q.numel() / n), compute_elt)
+                                for m in kept for q in m.parameters() if id(q) not in lora)
         else:
             gathered = gathered_bytes(q for _, q in base)
         gathered += dequantized

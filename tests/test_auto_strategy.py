@@ -103,7 +103,7 @@ def test_two_rank_auto_run_equals_the_strategy_it_chose(tiny_checkpoint, tmp_pat
     common = ["train", f"model.path={base}", f"data.path={data}", "train.steps=2", "train.seq_len=32",
               "train.lr=5e-3", "train.warmup_steps=1", "data.eval_fraction=0", "lora.r=4", "checkpoint.every=0"]
     auto = ranks(2, "-m", "lora_dist.cli", *common, f"output.dir={tmp_path / 'auto'}", "parallel.strategy=auto",
-                    "parallel.memory_gb=100")
+                 "parallel.memory_gb=100")
     assert "parallel.strategy=auto chose ddp" in auto.stdout + auto.stderr
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["parallel"]["strategy"] == "ddp"  # recorded
     ranks(2, "-m", "lora_dist.cli", *common, f"output.dir={tmp_path / 'ddp'}", "parallel.strategy=ddp")

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from distutil import lora_dist, ranks
+from distutil import assert_same_losses, lora_dist, ranks
 from lora_dist.demo import write_demo_data
 
 STEPS = 3
@@ -76,7 +76,7 @@ def test_two_ranks_equal_one_process(run, strategy):
     two = _eval(run, 2, f"parallel.strategy={strategy}")
     # 3 blocks per micro-batch on 2 ranks: the last global batch is partial, and each block still counts once
     assert (two["blocks"], two["tokens"]) == (one["blocks"], one["tokens"])
-    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert_same_losses([two["loss"]], [one["loss"]], atol=1e-5 * one["loss"])  # fp32 sums in another order
 
 
 def test_without_validation_data_or_adapter_it_is_one_line(run, tmp_path):

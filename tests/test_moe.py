@@ -493,7 +493,7 @@ def test_each_rank_reads_only_its_own_experts(tiny_checkpoint, tmp_path, strateg
     script = tmp_path / "reads.py"
     script.write_text(_READS_SCRIPT)
     ranks(2, str(script), str(tmp_path), f"model.path={path}", f"parallel.strategy={strategy}",
-             "lora.target_modules=[q_proj,v_proj]")
+          "lora.target_modules=[q_proj,v_proj]")
     prefix = EXPERT_KEYS["mixtral"]
     half = MOE_EXPERTS // 2
     for rank in range(2):
@@ -520,7 +520,7 @@ def runs(request, tiny_checkpoint, tmp_path_factory):
     out["none"] = root / "none"
     for strategy in ("fsdp2", "zero3"):
         ranks(2, "-m", "lora_dist.cli", *common, f"output.dir={root / strategy}", f"parallel.strategy={strategy}",
-                 "train.micro_batch_size=2")
+              "train.micro_batch_size=2")
         out[strategy] = root / strategy
     return out
 

@@ -126,7 +126,7 @@ def test_loss_goes_down_on_demo_data(setup):
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
 def test_base_is_sharded_without_grads_or_optimizer_state(setup, tmp_path, strategy):
     ranks(2, "tests/dist_scripts/inspect_sharding.py", str(tmp_path), f"model.path={setup['base']}",
-             f"parallel.strategy={strategy}", "lora.r=4")
+          f"parallel.strategy={strategy}", "lora.r=4")
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rep in reports:
         expected_type = "zero3-partition" if strategy == "zero3" else "DTensor-Shard(0)"
@@ -170,7 +170,7 @@ def test_cpu_offload_of_base_shards_changes_nothing(setup, reference):
 def test_zero1_and_zero2_are_accepted_and_say_they_do_not_shard_the_base(setup, reference, strategy):
     out = setup["root"] / strategy
     proc = ranks(2, "-m", "lora_dist.cli", "train", *setup["common"], f"output.dir={out}",
-                    f"parallel.strategy={strategy}", "train.micro_batch_size=2")
+                 f"parallel.strategy={strategy}", "train.micro_batch_size=2")
     assert "does not shard the frozen base" in proc.stderr
     _assert_same_adapter(reference, out)
 

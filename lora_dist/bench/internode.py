@@ -1,6 +1,6 @@
 """Inter-node bytes per training step: hybrid sharding against full fsdp2 and PEFT + accelerate FSDP2.
 
-    python -m lora_dist.bench.internode --run [--quick] [--out bench/results/internode.json]   (the driver)
+    python -m lora_dist.bench.internode --run [--quick | --size NAME] [--out bench/results/internode.json]   (driver)
     python -m lora_dist.bench.internode JOB.json                                                (every rank)
 
 The driver runs from a checkout, as root, on the two-node Slurm cluster the tests build on one machine
@@ -137,6 +137,7 @@ def worker(job_path: str) -> None:
     from transformers import AutoTokenizer
 
     transformers.logging.set_verbosity_error()
+    from lora_dist.bench.measure import LiveTensorBytes
     from lora_dist.bench.systems import BenchSettings
     from lora_dist.data import load_dataset
     from lora_dist.launch import destroy_distributed, init_distributed, run_device
@@ -184,12 +185,23 @@ def worker(job_path: str) -> None:
         with GroupCounter(env.local_world_size) as groups:
             system.train_step(*batch(step + job["steps"]))
         dist.barrier()
-        results.append({
+        record = {
             "config": name, "description": system.description, "params": system.param_counts(),
             "steps": job["steps"], "nodes": nodes, "internode_bytes": crossed,
             "internode_bytes_per_step": crossed / job["steps"], "seconds_per_step": seconds / job["steps"],
             "rank0_collectives_by_group": groups.as_list(1), "notes": system.notes,
-        })
+        }
+        if device.type == "cpu":  # one more step, its live tensor bytes counted on every rank (as lora-dist bench)
+            ids, labels = batch(step + job["steps"] + 1)
+            tracker = LiveTensorBytes("cpu")
+            with tracker:
+                system.train_step(ids, labels)
+            peaks: list = [None] * env.world_size
+            dist.all_gather_object(peaks, tracker.peak)
+            record["tensor_peak"] = max(peaks)
+            if hasattr(system, "plan"):
+                record["planned_peak"] = system.plan()["total"]
+        results.append(record)
         del system
         gc.collect()
         dist.barrier()
@@ -249,8 +261,8 @@ def table(result: dict) -> str:
     anchor = by.get(ANCHOR, {}).get("internode_bytes_per_step")
     fsdp2 = by.get("lora_dist_fsdp2", {}).get("internode_bytes_per_step")
     lines = ["| configuration | inter-node bytes / step | vs anchor | vs full fsdp2 | rank 0's collective payload / "
-             "step: groups spanning nodes / within a node | s / step |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "step: groups spanning nodes / within a node | s / step | tensors / rank: measured, planned |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["results"]:
         b = r["internode_bytes_per_step"]
         rel = lambda x: f"{b / x:.4f}x" if x else "-"  # noqa: E731
@@ -258,11 +270,21 @@ def table(result: dict) -> str:
         spanning = sum(g["payload_bytes_per_step"] for g in groups if g["spans_nodes"])
         local = sum(g["payload_bytes_per_step"] for g in groups if not g["spans_nodes"])
         lines.append(f"| {r['config']} | {b / 1e6:,.3f} MB | {rel(anchor)} | {rel(fsdp2)} | {spanning / 1e6:,.3f} MB / "
-                     f"{local / 1e6:,.3f} MB | {r['seconds_per_step']:.2f} |")
+                     f"{local / 1e6:,.3f} MB | {r['seconds_per_step']:.2f} | {_tensors(r)} |")
     return "\n".join(lines)
 
 
-def run(quick: bool, out: Path, work: Path, steps: int) -> dict:
+def _tensors(r: dict) -> str:
+    """The peak live tensor bytes of a step (the largest rank's), and the planner's prediction with its error."""
+    if "tensor_peak" not in r:
+        return "-"
+    measured = f"{r['tensor_peak'] / 1e9:.3f} GB"
+    if "planned_peak" not in r:
+        return measured
+    return f"{measured}, {r['planned_peak'] / 1e9:.3f} GB ({r['planned_peak'] / r['tensor_peak'] - 1:+.1%})"
+
+
+def run(quick: bool, out: Path, work: Path, steps: int, size: str | None = None) -> dict:
     """Build the model and data, bring the local cluster up (held under the tests' lock), measure, write ``out``."""
     import fcntl
 
@@ -270,7 +292,10 @@ def run(quick: bool, out: Path, work: Path, steps: int) -> dict:
     from lora_dist.bench.models import FULL_SIZES, QUICK_SIZES, build_checkpoint, write_data
     from lora_dist.bench.systems import BenchSettings
 
-    spec = (QUICK_SIZES if quick else FULL_SIZES)[0]
+    pool = QUICK_SIZES if quick else FULL_SIZES
+    spec = next((s for s in pool if s.name == size), None) if size else pool[0]
+    if spec is None:
+        raise SystemExit(f"internode: unknown size {size!r}; choose from {[s.name for s in pool]}")
     model = build_checkpoint(spec, work / "models")
     data = write_data(work / "data.jsonl")
     settings = BenchSettings(str(model), str(data), seq_len=128, micro_batch=1, lora_r=16)
@@ -304,13 +329,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lora_dist.bench.internode", description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="store_true", help="measure on the local two-node cluster (root, a checkout)")
     parser.add_argument("--quick", action="store_true", help="the smoke-test model size")
+    parser.add_argument("--size", help="a benchmark model size (default: the first, llama-112m)")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per configuration")
     parser.add_argument("--out", default="bench/results/internode.json")
     parser.add_argument("--work-dir", default="/tmp/lora_dist_internode")
     args = parser.parse_args(argv)
     if not args.run:
         parser.error("pass --run (or a JOB.json, as the ranks do)")
-    result = run(args.quick, Path(args.out), Path(args.work_dir), args.steps)
+    result = run(args.quick, Path(args.out), Path(args.work_dir), args.steps, args.size)
     print(table(result))
 
 

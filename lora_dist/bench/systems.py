@@ -113,10 +113,20 @@ class LoraDist(System):
         ])
         # What `lora-dist train` builds for this launch (strategy auto, fsdp2's mesh, reshard to a node): its
         # own session.build, AdamW over the LoRA params included.
-        env = detect_launch_env()
+        self.env = env = detect_launch_env()
         check_launch(cfg, env)
         base = open_base(cfg)
+        self.cfg = cfg
         self.model, self.engine = build(cfg, env, self.device, base, strategy_config(cfg, base))
+
+    def plan(self) -> dict:
+        """:func:`lora_dist.plan.plan_memory` of this configuration on this launch (auto and fsdp2's mesh resolved
+        as :func:`lora_dist.session.build` resolves them), as a dict."""
+        from lora_dist.plan import plan_memory
+        from lora_dist.session import resolve_hybrid, resolve_strategy
+
+        cfg = resolve_hybrid(resolve_strategy(self.cfg, self.env, self.device), self.env, self.device)
+        return plan_memory(cfg, self.env.world_size).as_dict()
 
     def train_step(self, ids, labels) -> None:
         from lora_dist.train import forward_backward

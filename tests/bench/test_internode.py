@@ -30,3 +30,14 @@ def test_table_relates_each_configuration_to_the_anchor_and_full_fsdp2():
     text = table(result)
     assert "| lora_dist_hybrid | 1.000 MB | 0.0200x | 0.0250x |" in text
     assert "| peft_accelerate_fsdp2 | 50.000 MB | 1.0000x | 1.2500x |" in text
+    assert text.splitlines()[2].endswith("| 1.00 | - |")  # no tensors counted (a GPU run)
+
+
+def test_table_shows_the_measured_tensors_and_the_planners_error():
+    rows = [{"config": "lora_dist_hybrid", "internode_bytes_per_step": 1e6, "seconds_per_step": 1.0,
+             "tensor_peak": 0.5e9, "planned_peak": 0.45e9},
+            {"config": "peft_accelerate_fsdp2", "internode_bytes_per_step": 50e6, "seconds_per_step": 2.0,
+             "tensor_peak": 0.6e9}]
+    lines = table({"results": rows}).splitlines()
+    assert lines[2].endswith("| 0.500 GB, 0.450 GB (-10.0%) |"), lines[2]
+    assert lines[3].endswith("| 0.600 GB |"), lines[3]

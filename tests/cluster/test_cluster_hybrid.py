@@ -90,3 +90,12 @@ def test_reshard_to_node_keeps_backward_gathers_inside_a_node(measured):
     # Forward still gathers across the nodes, backward only within one: about half of full fsdp2's bytes.
     assert node["internode_bytes_per_step"] <= 0.7 * full["internode_bytes_per_step"], (node, full)
     assert node["internode_bytes_per_step"] > by["lora_dist_hybrid"]["internode_bytes_per_step"]
+
+
+def test_planner_is_within_15_percent_of_each_configurations_live_tensors(measured):
+    """The planner's peak per rank for hybrid, full fsdp2 and reshard-to-node (each resolved for this 2 x 2
+    launch) against the largest rank's live tensor bytes of a step (docs/bench.md)."""
+    by, _ = measured
+    for name, r in by.items():
+        assert r["tensor_peak"] > 0 and r["planned_peak"] > 0, r
+        assert abs(r["planned_peak"] / r["tensor_peak"] - 1) < 0.15, (name, r["planned_peak"], r["tensor_peak"])

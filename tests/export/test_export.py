@@ -294,7 +294,7 @@ def test_a_rank_owning_no_rows_writes_nothing():
 def test_two_ranks_fsdp2_and_ddp_equal_single_process(bases, tmp_path):
     base = bases["llama"]
     ranks(2, str(SCRIPTS / "export_fsdp2.py"), str(base), str(tmp_path), "llama",
-             "--modes", "auto,gather,blind,ddp")
+          "--modes", "auto,gather,blind,ddp")
     reference = single_process_reference(base, tmp_path / "adapter", tmp_path / "single")
     written = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]
     # A shared filesystem: every rank wrote its own rows into the files.
@@ -331,7 +331,7 @@ def test_zero3_two_ranks_equal_single_process(bases, tmp_path):
 @pytest.mark.dist
 def test_disk_full_on_one_rank_fails_every_rank_and_cleans_up(bases, tmp_path):
     ranks(2, str(SCRIPTS / "export_fsdp2.py"), str(bases["llama"]), str(tmp_path), "llama",
-             "--fail-rank", "1")
+          "--fail-rank", "1")
     results = [json.loads((tmp_path / f"result_{r}.json").read_text())["raised"] for r in range(2)]
     assert "no space left on the device" in results[1]
     assert results[0].startswith("rank 1 failed") and "no space left" in results[0]

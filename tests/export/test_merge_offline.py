@@ -243,7 +243,7 @@ def test_cli_merge_and_verify(merged, tmp_path, capsys):
 def test_offline_merge_under_torchrun_splits_the_writing(merged, tmp_path):
     out = tmp_path / "out"
     ranks(2, str(SCRIPTS / "export_merge_offline.py"), str(tmp_path), "merge", "--base", str(merged["base"]),
-             "--adapter", str(merged["adapter"]), "--out", str(out), "--max-shard-size", "100KB")
+          "--adapter", str(merged["adapter"]), "--out", str(out), "--max-shard-size", "100KB")
     results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]
     assert [r["code"] for r in results] == [0, 0]
     assert all(r["bytes"] > 0 for r in results)  # both ranks wrote

@@ -28,8 +28,8 @@ def run(tiny_checkpoint, tmp_path_factory):
     data = write_demo_data(root / "data.jsonl", n=100)
     out = root / "run"
     ranks(2, "-m", "lora_dist.cli", "train", f"model.path={base}", f"data.path={data}", f"output.dir={out}",
-             "train.steps=3", "train.seq_len=32", "train.lr=1e-2", "lora.target_modules=all-linear",
-             "export.merged=true", "export.dtype=float32", "export.max_shard_size=100KB")
+          "train.steps=3", "train.seq_len=32", "train.lr=1e-2", "lora.target_modules=all-linear",
+          "export.merged=true", "export.dtype=float32", "export.max_shard_size=100KB")
     offline = root / "offline"
     lora_dist("merge", "--base", str(base), "--adapter", str(out / "adapter"), "--out", str(offline), "--dtype", "fp32")
     return {"base": base, "out": out, "offline": offline, "root": root}

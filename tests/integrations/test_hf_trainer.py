@@ -43,7 +43,7 @@ def setup(tiny_checkpoint, tmp_path_factory):
 def test_two_ranks_equal_one_process(setup, strategy):
     out = setup["root"] / strategy
     proc = ranks(2, EXAMPLE, str(setup["base"]), str(setup["data"]), str(out), "--strategy", strategy, *SAME_BATCH,
-                    "--eval")
+                 "--eval")
     assert_same_adapter(setup["ref"] / "adapter", out / "adapter")
     # The logged loss is the global token mean: the same number on 2 ranks as in one process; so is the
     # eval loss over the same (full) blocks.

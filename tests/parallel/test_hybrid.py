@@ -204,7 +204,7 @@ def test_hybrid_layout_loads_own_rows_and_writes_each_element_once(base, tmp_pat
     """Under dp_replicate=2 x dp_shard=2 a rank holds and reads the rows of its dp_shard coordinate (half the base,
     as its peer in the other group does), and the export's writes cover every element exactly once."""
     ranks(4, "tests/dist_scripts/hybrid_layout.py", str(tmp_path), f"model.path={base}",
-             "parallel.dp_replicate=2", "parallel.dp_shard=2", "lora.r=4")
+          "parallel.dp_replicate=2", "parallel.dp_shard=2", "lora.r=4")
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
     for r, rep in enumerate(reports):
         assert rep["placements"] == ["(Replicate(), Shard(dim=0))"]
