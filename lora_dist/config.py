@@ -177,6 +177,10 @@ class ParallelConfig:
     only (more memory than true, less inter-node traffic; FSDP2's reshard_after_forward=int)."""
     cpu_offload: bool = False
     """fsdp2: keep base shards in CPU memory between uses."""
+    gather_head: bool = False
+    """fsdp2: all-gather the output head for the loss (as for any unit). false (default): the head is never
+    gathered; the ranks gather their final hidden states instead and each computes the loss over its own
+    vocabulary rows (train.loss_chunk applies; an untied Linear head, lora_dist.loss.ShardedHeadLoss)."""
     bucket_mb: float = 25.0
     """Size of the LoRA gradient all-reduce buckets (MB); under zero1/2/3 DeepSpeed's reduce bucket,
     capped at the size of all LoRA gradients (a bigger bucket only holds memory)."""
@@ -244,7 +248,9 @@ class TrainConfig:
     """Tokens per packed training sequence."""
     loss_chunk: int = 1024
     """Tokens per chunk of the output head + loss, recomputed in backward: the full fp32 logits never exist
-    (0: the plain loss over the full logits). Off where the head is LoRA-adapted or soft-caps its logits."""
+    (0: the plain loss over the full logits). Under fsdp2 (parallel.gather_head=false) a chunk holds that many
+    of all shard-group ranks' tokens over this rank's vocabulary rows. Off where the head is LoRA-adapted or
+    soft-caps its logits."""
     seed: int = 0
     """Seed for LoRA init, dropout and data order."""
     eval_every: int = 0

@@ -21,7 +21,9 @@ computed from the resulting parameter shapes and the run config:
   with an fp32 master partition). fsdp2/ddp with ``parallel.shard_optimizer``
   on W > 1 ranks (:class:`~lora_dist.parallel.sharded_adamw.ShardedAdamW`):
   the params are views of flat buckets padded to a multiple of W, backward
-  moves the gradients into flat bucket copies of the same size, and each
+  moves the gradients into flat bucket copies of the same size (freed as each
+  bucket's reduce-scatter completes: at most four buckets' worth of gradients
+  at once with ``train.grad_accum=1``), and each
   rank keeps ``ceil(bucket / W)`` elements per bucket of the fp32 master and
   the two moments, plus a gradient buffer of that size (*buffers*).
 * **activations**: what autograd saves for backward. Per token and
@@ -347,6 +349,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     from lora_dist.parallel import dp_mesh_shape, find_blocks
     from lora_dist.parallel.parallelize import embedding_and_head, reshard_size
     from lora_dist.parallel.reducer import fill_buckets
+    from lora_dist.parallel.sharded_adamw import IN_FLIGHT
     from lora_dist.quant import nf4_bytes, nf4_quantizable, quantized_weights
 
     p: ParallelConfig = cfg.parallel
@@ -385,20 +388,30 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     base_shard = base_replicated = gathered = buffers = 0
     optimizer_state = 2 * lora_bytes
     lora_params, lora_grads = lora_bytes, lora_bytes
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_len
+    chunk = min(cfg.train.loss_chunk, tokens) if chunkable(model) is None else 0
+    # fsdp2 without parallel.gather_head: the head, its own unit, is never gathered (lora_dist.loss.ShardedHeadLoss).
+    head_sharded = (p.strategy == "fsdp2" and not p.gather_head and bool(chunk)
+                    and embedding_and_head(model)[1] is not None)
     if p.strategy == "fsdp2":
         base_shard = sum(stored(q, _fsdp_shard_numel(tuple(q.shape), shards), base_elt) for _, q in base)
         if p.reshard_after_forward:
             # The units parallelize() makes: each block, the input embedding and the output head (when
             # untied), and the root with the rest. Backward starts with the root's rest and the head (both
-            # kept gathered after forward), and the last block plus the prefetched next one.
+            # kept gathered after forward; the head not at all when the loss runs on its shards), and the
+            # last block plus the prefetched next one.
             units = _fsdp2_side_units(model)
             in_unit = {id(q) for m in (*blocks, *units) for q in m.parameters()}
             root_rest = sum(q.numel() for _, q in base if id(q) not in in_unit)
-            gathered = root_rest + max((frozen_numel(m) for m in units), default=0) + 2 * block_numel
+            # Resharded after forward, the embedding is gathered again only at backward's end, when the
+            # activations are gone; backward's start holds the head, kept gathered since its forward.
+            head = embedding_and_head(model)[1]
+            kept_units = [m for m in units if m is head and not head_sharded]
+            gathered = root_rest + max((frozen_numel(m) for m in kept_units), default=0) + 2 * block_numel
             gathered = min(gathered, base_numel) * compute_elt
             if nf4:
                 gathered = (gathered_bytes(q for _, q in base if id(q) not in in_unit)
-                            + max((gathered_bytes(m.parameters()) for m in units), default=0)
+                            + max((gathered_bytes(m.parameters()) for m in kept_units), default=0)
                             + 2 * max((gathered_bytes(b.parameters()) for b in blocks), default=0))
             after_forward = reshard_size(p, shards, 0)
             if after_forward is not True:
@@ -449,10 +462,13 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         slices = [math.ceil(sum(q.numel() for q in b) / W)
                   for b in fill_buckets(named, lambda q: q.numel() * LORA_BYTES, p.bucket_mb)]
         lora_params = lora_grads = sum(slices) * W * LORA_BYTES
+        if cfg.train.grad_accum == 1:
+            # Each bucket's full-size gradient is freed once its reduce-scatter is done: backward holds the
+            # bucket filling, the one just launched and IN_FLIGHT running (micro-steps under no_sync hold all).
+            lora_grads = min(lora_grads, (IN_FLIGHT + 2) * max(slices) * W * LORA_BYTES)
         optimizer_state = 3 * sum(slices) * LORA_BYTES
         buffers = sum(slices) * LORA_BYTES
 
-    tokens = cfg.train.micro_batch_size * cfg.train.seq_len
     ranks_per_block = 0
     if blocks:
         first = blocks[0]
@@ -467,10 +483,18 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     else:
         saved = tokens * n_blocks * per_block * compute_elt
     saved += tokens * (hidden + 1) * compute_elt  # final norm
-    chunk = min(cfg.train.loss_chunk, tokens) if chunkable(model) is None else 0
-    if chunk:  # the hidden states and their gradient; one chunk's fp32 logits, softmax (+ its 16-bit cast)
+    cast = compute_elt if compute_elt != 4 else 0
+    if head_sharded:
+        # The hidden states and their gradient; every shard-group rank's hidden states (gathered), this rank's
+        # fp32 gradient of them; per chunk of up to train.loss_chunk gathered tokens: their logits over this
+        # rank's vocabulary rows in fp32, turned into the softmax in place (+ its 16-bit cast), and the fp32
+        # product to reduce-scatter.
+        rows = shards * min(tokens, max(1, cfg.train.loss_chunk // shards))
+        activations = saved + (2 + shards) * tokens * hidden * compute_elt + tokens * hidden * 4
+        activations += rows * math.ceil(vocab / shards) * (4 + cast) + rows * hidden * 4
+    elif chunk:  # the hidden states and their gradient; one chunk's fp32 logits, softmax (+ its 16-bit cast)
         activations = saved + 2 * tokens * hidden * compute_elt
-        activations += chunk * vocab * (2 * 4 + (compute_elt if compute_elt != 4 else 0))
+        activations += chunk * vocab * (2 * 4 + cast)
     else:
         activations = saved + 3 * tokens * vocab * 4  # logits, fp32 copy, log-softmax
 

@@ -7,10 +7,13 @@ gradients as ``token_loss_sum`` of the model's logits.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from distutil import ranks
 from lora_dist.loss import IGNORE, ChunkedHeadLoss, chunkable, linear_cross_entropy_sum
 from lora_dist.loss import token_loss_sum as _plain_sum
 
@@ -103,3 +106,13 @@ def test_loss_sum_needs_a_forward(tiny_model):
     chunked = ChunkedHeadLoss(tiny_model("llama"), 8)
     with pytest.raises(RuntimeError, match="before a forward"):
         chunked.loss_sum(torch.zeros(1, 2, 32), torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_loss_over_vocabulary_shards_equals_the_plain_loss_on_three_ranks():
+    """Each of 3 ranks holds a third of the head's rows (uneven) and its own tokens (another count per rank,
+    some ignored) and scales its loss by its own factor: its loss and its hidden states' gradient equal the
+    plain loss of the whole head over its tokens, for 1-token, small and whole-batch chunks, with and
+    without bias, and a no-grad forward where a rank has no target."""
+    out = ranks(3, "tests/dist_scripts/sharded_head_loss.py")
+    worst = json.loads(out.stdout.strip().splitlines()[-1])
+    assert worst["loss"] < 1e-4 and worst["grad"] < 2e-6, worst  # relative to the largest gradient element

@@ -70,7 +70,8 @@ def test_two_ranks_equal_one_process(setup, reference, strategy):
 
 
 @pytest.mark.parametrize("strategy,variant", [
-    ("fsdp2", "train.loss_chunk=7"),  # the head + loss in 7-token chunks, recomputed in backward
+    ("fsdp2", "train.loss_chunk=7"),  # the loss on the head's vocabulary shards, 3 tokens of each rank a chunk
+    ("fsdp2", "parallel.gather_head=true train.loss_chunk=7"),  # the head gathered, 7-token chunks recomputed
     ("zero3", "train.loss_chunk=7"),  # ... with ZeRO-3 gathering the head again for the recompute
     ("ddp", "train.loss_chunk=0 parallel.shard_optimizer=false"),  # full logits, DDP's all-reduce, whole AdamW
     ("fsdp2", "train.loss_chunk=0 parallel.shard_optimizer=false"),  # full logits, the bucketed all-reduce
@@ -79,7 +80,7 @@ def test_loss_and_optimizer_variants_equal_one_process(setup, reference, strateg
     """The reference runs the default loss (one chunk at these sizes) and one process's AdamW; 2 ranks run
     the head in many chunks, or the full logits with a whole AdamW state per rank instead of ZeRO-1 over
     the LoRA."""
-    out = _train(setup, f"{strategy}-{variant.split()[-1]}", 2, f"parallel.strategy={strategy}",
+    out = _train(setup, f"{strategy}-{'-'.join(variant.split())}", 2, f"parallel.strategy={strategy}",
                  "train.micro_batch_size=2", *variant.split())
     _assert_same_adapter(reference, out)
     assert_same_losses(_losses(out), _losses(reference))

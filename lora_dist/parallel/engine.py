@@ -25,7 +25,7 @@ import torch.nn as nn
 from lora_dist.config import ParallelConfig, TrainConfig
 from lora_dist.data import model_kwargs
 from lora_dist.lora import lora_modules
-from lora_dist.loss import ChunkedHeadLoss, chunkable, token_loss_sum
+from lora_dist.loss import ChunkedHeadLoss, ShardedHeadLoss, chunkable, sharded_head, token_loss_sum
 from lora_dist.model_dir import ModelDir
 from lora_dist.parallel.reducer import LoRAGradReducer
 from lora_dist.parallel.sharded_adamw import ShardedAdamW
@@ -61,13 +61,14 @@ class Engine:
         base: the base model dir the model was loaded from (set by :func:`make_engine`); the adapter names it
             and the merged export reads the base's layout from it.
         head_loss: the chunked head + loss :meth:`loss_sum` uses (:func:`make_engine` sets it from
-            ``train.loss_chunk``), or None for the plain loss of the full logits.
+            ``train.loss_chunk``; under fsdp2 over the head's vocabulary shards unless ``parallel.gather_head``),
+            or None for the plain loss of the full logits.
         sharded: ZeRO-1 over the LoRA (:class:`~lora_dist.parallel.sharded_adamw.ShardedAdamW`): when set, it
             reduces the gradients and steps 1/W of the AdamW state in place of ``optimizer``.
     """
 
     base: ModelDir | None = None
-    head_loss: ChunkedHeadLoss | None = None
+    head_loss: ChunkedHeadLoss | ShardedHeadLoss | None = None
     sharded: ShardedAdamW | None = None
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
@@ -100,11 +101,17 @@ class Engine:
             hidden = self.model(**inputs).logits
         return self.head_loss.loss_sum(hidden, labels)
 
-    def use_chunked_loss(self, chunk: int) -> str | None:
-        """Let :meth:`loss_sum` apply the head in chunks of ``chunk`` tokens (0: the plain loss); returns why
-        it cannot, where it cannot (the plain loss stays)."""
+    def use_chunked_loss(self, chunk: int, gather_head: bool = True) -> str | None:
+        """Let :meth:`loss_sum` apply the head in chunks of ``chunk`` tokens (0: the plain loss), on the head's
+        vocabulary shards where the head is an FSDP2 unit and not ``gather_head``; returns why it cannot, where
+        it cannot (the plain loss stays)."""
         why = chunkable(self.module) if chunk else None
-        self.head_loss = ChunkedHeadLoss(self.module, chunk) if chunk and why is None else None
+        if not chunk or why is not None:
+            self.head_loss = None
+        elif not gather_head and sharded_head(self.module) is not None:
+            self.head_loss = ShardedHeadLoss(self.module, chunk)
+        else:
+            self.head_loss = ChunkedHeadLoss(self.module, chunk)
         return why
 
     def no_sync(self) -> contextlib.AbstractContextManager:
@@ -325,9 +332,13 @@ def make_engine(
     else:
         engine = Engine(model, optimizer, train.max_grad_norm, device)
     engine.base = base
-    why = engine.use_chunked_loss(train.loss_chunk)
-    if why and (not dist.is_initialized() or dist.get_rank() == 0):
-        log.info("the loss runs over the full logits (train.loss_chunk does not apply: %s)", why)
+    why = engine.use_chunked_loss(train.loss_chunk, gather_head=cfg.gather_head)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if why:
+            log.info("the loss runs over the full logits (train.loss_chunk does not apply: %s)", why)
+        elif isinstance(engine.head_loss, ShardedHeadLoss):
+            log.info("the loss runs on the output head's vocabulary shards: the head is never gathered "
+                     "(parallel.gather_head=false)")
     return engine
 
 

@@ -80,10 +80,9 @@ def _enable_activation_checkpointing(model: nn.Module) -> None:
     enable = getattr(model, "gradient_checkpointing_enable", None)
     if enable is None:
         raise ValueError("parallel.activation_checkpointing needs a Hugging Face model; set it to false")
-    # Non-reentrant checkpointing recomputes each block and keeps parameter names unchanged.
+    # Non-reentrant checkpointing recomputes each block and keeps parameter names unchanged; unlike the
+    # reentrant kind it needs no input that requires grad (the LoRA params inside each block are enough).
     enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> nn.Module:
@@ -133,6 +132,10 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
     for module, after_forward in ((embed, reshard), (head, False)):
         if module is not None:
             fully_shard(module, reshard_after_forward=after_forward, **shard)
+    if embed is not None:
+        # The frozen embedding's weight is not needed in backward (token ids have no gradient): without
+        # this, the first block's backward prefetch gathers the whole embedding again for nothing.
+        embed.set_unshard_in_backward(False)
     # The root keeps what is left (final norm); backward needs it first, so no reshard after forward.
     fully_shard(model, reshard_after_forward=False, **shard)
     return model

@@ -5,7 +5,9 @@ optimizer does not have to be. Per bucket of LoRA gradients (filled as backward 
 them, as :class:`~lora_dist.parallel.reducer.LoRAGradReducer` does):
 
 1. backward launches a **reduce-scatter** of the bucket: rank r receives the summed
-   gradient of its 1/W slice only;
+   gradient of its 1/W slice only, and the bucket's full-size gradient is freed once
+   its reduce-scatter is done (two run at once), so backward never holds every LoRA
+   gradient whole;
 2. :meth:`ShardedAdamW.step` clips by the global norm (one scalar all-reduce) and runs
    AdamW on this rank's slices: the moments exist for 1/W of the LoRA elements;
 3. an **all-gather** of the updated slices writes every bucket back, whole, on every rank.
@@ -30,6 +32,8 @@ from lora_dist.parallel.reducer import fill_buckets
 __all__ = ["ShardedAdamW"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+#: Reduce-scatters a backward keeps running at once; an older one's full-size gradient copy is freed.
+IN_FLIGHT = 2
 
 
 class _Bucket:
@@ -126,6 +130,9 @@ class ShardedAdamW:
         out = self._grad[self._slice(b)]
         work = dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         self._works.append((work, flat))  # keep the input alive until the collective is done
+        while len(self._works) > IN_FLIGHT:  # then free it: a full-size copy lives for a few buckets, not all
+            done, _ = self._works.pop(0)
+            done.wait()  # type: ignore[attr-defined]
 
     def _finish_grads(self) -> None:
         while self._next < len(self.buckets):  # params backward did not reach (unused) send zeros

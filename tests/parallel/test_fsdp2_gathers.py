@@ -1,0 +1,73 @@
+"""What FSDP2 gathers in a training step: the frozen base only where a computation needs it.
+
+The output head is never gathered when the loss runs over its vocabulary shards (the default,
+:class:`lora_dist.loss.ShardedHeadLoss`), and the frozen input embedding is not gathered again
+in backward (token ids have no gradient: FSDP2's backward prefetch would gather it for nothing).
+Every all-gather FSDP2 issues is recorded by the names of the params it gathers, in a fake
+world of 2 ranks, with activation checkpointing (its recompute is where a stray gather hides).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lora_dist.config import load_config
+from lora_dist.lora import inject_lora, lora_parameters
+from lora_dist.parallel import make_engine, parallelize
+
+
+def _unit(param_name: str) -> str:
+    """The unit a param belongs to: ``model.layers.N`` for a block's, else its module (``lm_head``...)."""
+    parts = param_name.split(".")
+    return ".".join(parts[:3]) if parts[1:2] == ["layers"] else ".".join(parts[:-1])
+
+
+@pytest.fixture
+def gathers(monkeypatch):
+    """``{"forward": set, "backward": set}`` of the units (first param's name) FSDP2 all-gathers, per phase."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_module
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    seen: dict[str, set[str]] = {"forward": set(), "backward": set()}
+    phase = {"now": "forward"}
+    real = group_module.foreach_all_gather
+
+    def recording(fsdp_params, *args, **kwargs):
+        seen[phase["now"]].add(_unit(fsdp_params[0]._param_fqn))
+        return real(fsdp_params, *args, **kwargs)
+
+    monkeypatch.setattr(group_module, "foreach_all_gather", recording)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    yield seen, phase
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("gather_head", [False, True])
+def test_the_head_is_gathered_only_when_asked_and_the_embedding_only_in_forward(tiny_checkpoint, tiny_model, gathers,
+                                                                              gather_head):
+    seen, phase = gathers
+    base = tiny_checkpoint("llama", hidden=64, layers=2)
+    cfg = load_config(None, [f"model.path={base}", "parallel.strategy=fsdp2", "parallel.activation_checkpointing=true",
+                             f"parallel.gather_head={str(gather_head).lower()}", "lora.r=4"])
+    model = tiny_model("llama", hidden=64, layers=2)
+    inject_lora(model, cfg.lora)
+    parallelize(model, cfg.parallel, torch.device("cpu"))
+    engine = make_engine(model, torch.optim.AdamW(lora_parameters(model), lr=1e-3), cfg.parallel, cfg.train,
+                         torch.device("cpu"))
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # the second step: FSDP2's lazy init and the optimizer state are behind us
+        for phase_seen in seen.values():
+            phase_seen.clear()
+        phase["now"] = "forward"
+        loss = engine.forward_loss_sum({"input_ids": ids}, ids)
+        phase["now"] = "backward"
+        engine.backward(loss)
+        engine.step(1e-3)
+
+    blocks = {f"model.layers.{i}" for i in range(2)}
+    assert ("lm_head" in seen["forward"]) == gather_head, seen
+    assert blocks | {"model.embed_tokens"} <= seen["forward"], seen
+    assert seen["backward"] == blocks, seen  # recomputed and differentiated blocks; neither head nor embedding
