@@ -41,8 +41,10 @@ computed from the resulting parameter shapes and the run config:
 * **gathered**: unsharded base weights alive at the peak. fsdp2 with
   ``reshard_after_forward``: what is left in the root unit (final norm), the
   larger of the input-embedding and output-head units (their own units when
-  untied; backward starts by gathering the head again) and two transformer
-  blocks (the running one and the prefetched one); without it, everything.
+  untied; backward starts by gathering the head again, unless the loss runs
+  on its vocabulary shards) and three transformer blocks (the running one, the
+  next one, and the flat all-gather output FSDP2 copies a block's params out
+  of); without it, everything.
   Resharded to N ranks after forward (``reshard_after_forward=N`` or ``node``),
   every block and the input embedding also keep a 1/N shard from their
   forward until backward.
@@ -71,7 +73,11 @@ non-expert ones plus ``top_k / E`` of the experts), and
 :attr:`MemoryPlan.num_expert_lora_params` the LoRA params on the experts. The
 activation estimate uses ``top_k`` experts' width per token.
 
-The peak is the sum: the moment backward starts holds all of it. Not
+The peak is the sum at the moment backward starts, which holds all of it; under
+fsdp2 with an untied embedding, forward's start is the other candidate (the root's
+rest, the embedding and the first block gathered, the embedding's output, no
+gradients): where it holds more (a large vocabulary on a small model), its terms
+are shown (:attr:`MemoryPlan.peak_at`). Not
 included: the process itself (Python, torch, libraries; about 0.4 GB of RSS
 per CPU rank) and allocator caching.
 
@@ -143,6 +149,8 @@ class MemoryPlan:
     buffers: int
     adapted_experts: int
     choice: StrategyChoice | None = None
+    #: The moment of the step the terms describe: backward's start, or forward's start where that holds more.
+    peak_at: str = "backward's start"
     """Where the config asked for ``parallel.strategy=auto``: what was chosen, and why."""
     dp_replicate: int = 1
     """fsdp2 replica groups (hybrid sharding: the base is sharded over ``world_size / dp_replicate`` ranks)."""
@@ -185,6 +193,8 @@ class MemoryPlan:
         for term in self.TERMS:
             lines.append(f"  {labels[term]:30s} {getattr(self, term) / GB:8.3f}")
         lines.append(f"  {'peak (sum)':30s} {self.total / GB:8.3f}")
+        if self.peak_at != "backward's start":
+            lines.append(f"  (at {self.peak_at}: the embedding gathered; backward's start holds less)")
         lines.append("")
         lines.append(f"merged export budget per rank (model/W + largest tensor): {self.export_budget / GB:.3f} GB")
         lines.append("not included: the process itself (Python/torch/libraries, ~0.4 GB RSS per CPU rank)")
@@ -386,6 +396,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     largest_base = max((q.numel() for _, q in base), default=0)
 
     base_shard = base_replicated = gathered = buffers = 0
+    forward_gathered: int | None = None  # fsdp2: what forward's start holds gathered, where it may be the peak
     optimizer_state = 2 * lora_bytes
     lora_params, lora_grads = lora_bytes, lora_bytes
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
@@ -405,14 +416,22 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
             root_rest = sum(q.numel() for _, q in base if id(q) not in in_unit)
             # Resharded after forward, the embedding is gathered again only at backward's end, when the
             # activations are gone; backward's start holds the head, kept gathered since its forward.
-            head = embedding_and_head(model)[1]
+            embed, head = embedding_and_head(model)
             kept_units = [m for m in units if m is head and not head_sharded]
-            gathered = root_rest + max((frozen_numel(m) for m in kept_units), default=0) + 2 * block_numel
+            if embed is not None:
+                # Forward's start: the root's rest and the embedding gathered, the first block's all-gather output
+                # and its params.
+                forward_gathered = (gathered_bytes(q for _, q in base if id(q) not in in_unit)
+                                    + gathered_bytes(embed.parameters())
+                                    + 2 * max((gathered_bytes(b.parameters()) for b in blocks), default=0))
+            # Blocks: the one running, the next one gathered, and the flat all-gather output of the one after
+            # (FSDP2 all-gathers into one buffer, then copies out into the params: both exist for a moment).
+            gathered = root_rest + max((frozen_numel(m) for m in kept_units), default=0) + 3 * block_numel
             gathered = min(gathered, base_numel) * compute_elt
             if nf4:
                 gathered = (gathered_bytes(q for _, q in base if id(q) not in in_unit)
                             + max((gathered_bytes(m.parameters()) for m in kept_units), default=0)
-                            + 2 * max((gathered_bytes(b.parameters()) for b in blocks), default=0))
+                            + 3 * max((gathered_bytes(b.parameters()) for b in blocks), default=0))
             after_forward = reshard_size(p, shards, 0)
             if after_forward is not True:
                 # Resharded to N ranks (reshard_after_forward=N, or node resolved to the node's ranks): every
@@ -508,6 +527,17 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     adapted_blocks = 1 if p.activation_checkpointing else max(n_blocks, 1)
     adapted_experts = sum(adapted) // max(n_blocks, 1) * adapted_blocks * compute_elt if adapted else 0
 
+    peak_at = "backward's start"
+    if forward_gathered is not None:
+        # The other candidate moment: forward's start holds the embedding instead of the blocks, the head and the
+        # activations (the embedding's output only); no gradients yet, but accumulated ones.
+        forward = dict(gathered=forward_gathered + dequantized, activations=tokens * hidden * compute_elt,
+                       lora_grads=lora_grads if cfg.train.grad_accum > 1 else 0, adapted_experts=0)
+        if sum(forward.values()) > gathered + activations + lora_grads + adapted_experts:
+            gathered, activations = forward["gathered"], forward["activations"]
+            lora_grads, adapted_experts = forward["lora_grads"], 0
+            peak_at = "forward's start"
+
     tensors = [q for _, q in model.named_parameters()]
     largest = max((q.numel() * (LORA_BYTES if id(q) in lora else base_elt) for q in tensors), default=0)
     return MemoryPlan(
@@ -518,5 +548,5 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         model_bytes=base_numel * base_elt, largest_tensor_bytes=largest,
         base_shard=base_shard, base_replicated=base_replicated, lora_params=lora_params, lora_grads=lora_grads,
         optimizer_state=optimizer_state, activations=activations, gathered=gathered, buffers=buffers,
-        adapted_experts=adapted_experts, dp_replicate=W // shards if p.strategy == "fsdp2" else 1,
+        adapted_experts=adapted_experts, dp_replicate=W // shards if p.strategy == "fsdp2" else 1, peak_at=peak_at,
     )

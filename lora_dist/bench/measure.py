@@ -55,6 +55,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "CommCounter",
+    "held_bytes",
     "LiveTensorBytes",
     "PhaseMemory",
     "machine_info",
@@ -312,6 +313,22 @@ def _tensor_bytes(obj) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(x) for x in obj)
     return 0
+
+
+def held_bytes(t: torch.Tensor) -> int:
+    """Bytes this rank stores for ``t``: a DTensor's local shard, a ZeRO-3 param's partition, the inner
+    tensors of a tensor subclass (torchao's NF4: packed nibbles and scales)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        return held_bytes(t.to_local())
+    if hasattr(t, "ds_tensor"):
+        return held_bytes(t.ds_tensor)
+    inner = t.data if isinstance(t, torch.nn.Parameter) else t
+    if type(inner) is not torch.Tensor and hasattr(inner, "__tensor_flatten__"):
+        names, _ = inner.__tensor_flatten__()
+        return sum(held_bytes(getattr(inner, n)) for n in names)
+    return inner.numel() * inner.element_size()
 
 
 class CommCounter(TorchDispatchMode):

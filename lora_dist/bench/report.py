@@ -30,7 +30,15 @@ LABELS = {
     "peft_accelerate_fsdp2": "PEFT + accelerate FSDP2 (anchor)",
     "peft_accelerate_zero3": "PEFT + accelerate ZeRO-3",
     "full_ft_fsdp2": "full fine-tuning, accelerate FSDP2",
+    "lora_dist_auto": "lora_dist auto",
+    "lora_dist_fsdp2_bf16": "lora_dist fsdp2, bf16 base",
+    "lora_dist_nf4": "lora_dist fsdp2, NF4 base",
+    "peft_accelerate_fsdp2_bf16": "PEFT + accelerate FSDP2, bf16 base (bf16 anchor)",
 }
+#: The anchor in bf16, for the configurations with a bf16 (or NF4) base.
+ANCHOR_BF16 = "peft_accelerate_fsdp2_bf16"
+#: Configurations compared with the bf16 anchor rather than the fp32 one.
+BF16 = ("lora_dist_fsdp2_bf16", "lora_dist_nf4", ANCHOR_BF16)
 SHARDED = ("lora_dist_fsdp2", "lora_dist_zero3")
 EXPORT_LABELS = {
     "cli_fsdp2": "`lora-dist export RUN_DIR`, fsdp2 (own launch)",
@@ -39,7 +47,8 @@ EXPORT_LABELS = {
     "lora_dist_zero3": "lora_dist export_merged at the end of training, zero3",
     ANCHOR: "anchor: full state dict to rank 0 + merge_and_unload + save_pretrained",
 }
-LORA_DIST = ("lora_dist_fsdp2", "lora_dist_zero3", "lora_dist_ddp")
+LORA_DIST = ("lora_dist_fsdp2", "lora_dist_zero3", "lora_dist_ddp", "lora_dist_auto", "lora_dist_fsdp2_bf16",
+             "lora_dist_nf4")
 EXPORT_SLACK = 0.10
 PLAN_TOLERANCE = 0.15
 
@@ -81,6 +90,7 @@ def _config_row(record: dict) -> dict | None:
         "comm_payload": max(r["instrumented_step"]["comm"]["payload_total"] for r in ranks),
         "comm_calls": ranks[0]["instrumented_step"]["comm"]["calls"],
         "trainable_params": ranks[0]["params"]["trainable"],
+        "base_bytes": max(r.get("base_bytes", 0) for r in ranks) or None,
         "reproduced": any(r["reproduced"] for r in ranks),
         "notes": ranks[0]["notes"],
         "loadavg": [record["loadavg_before"], record["loadavg_after"]],
@@ -129,20 +139,25 @@ def summarize(results: dict) -> dict:
     for size in results["sizes"]:
         name = size["spec"]["name"]
         rows = {c: _config_row(r) for c, r in size["configs"].items()}
-        anchor = rows.get(ANCHOR)
-        for row in filter(None, rows.values()):
-            if anchor:
+        anchor, anchor_bf16 = rows.get(ANCHOR), rows.get(ANCHOR_BF16)
+        for c, row in rows.items():
+            if row is None:
+                continue
+            row["anchor"] = ANCHOR_BF16 if c in BF16 and anchor_bf16 else ANCHOR
+            reference = rows.get(row["anchor"])
+            if reference:
                 row["x_anchor"] = {
-                    "peak_rss": row["peak_rss"] / anchor["peak_rss"],
-                    "peak_tensor": (row["peak_tensor"] / anchor["peak_tensor"]
-                                    if row["peak_tensor"] and anchor["peak_tensor"] else None),
-                    "step_s": row["step_s"] / anchor["step_s"],
-                    "step_cpu_s": (row["step_cpu_s"] / anchor["step_cpu_s"]
-                                   if row.get("step_cpu_s") and anchor.get("step_cpu_s") else None),
-                    "tokens_per_s": row["tokens_per_s"] / anchor["tokens_per_s"],
-                    "comm_bytes": row["comm_bytes"] / anchor["comm_bytes"] if anchor["comm_bytes"] else None,
+                    "peak_rss": row["peak_rss"] / reference["peak_rss"],
+                    "peak_tensor": (row["peak_tensor"] / reference["peak_tensor"]
+                                    if row["peak_tensor"] and reference["peak_tensor"] else None),
+                    "step_s": row["step_s"] / reference["step_s"],
+                    "step_cpu_s": (row["step_cpu_s"] / reference["step_cpu_s"]
+                                   if row.get("step_cpu_s") and reference.get("step_cpu_s") else None),
+                    "tokens_per_s": row["tokens_per_s"] / reference["tokens_per_s"],
+                    "comm_bytes": row["comm_bytes"] / reference["comm_bytes"] if reference["comm_bytes"] else None,
                 }
-        plans = size.get("plans", {})
+        plans = {**size.get("plans", {}), **{c: r["ranks"][0]["plan"] for c, r in size["configs"].items()
+                                             if "error" not in r and "plan" in r["ranks"][0]}}
         model_bytes = plans.get("lora_dist_fsdp2", {}).get("model_bytes")
         largest = plans.get("lora_dist_fsdp2", {}).get("largest_tensor_bytes")
         budget = (model_bytes / world + largest) * (1 + EXPORT_SLACK) if model_bytes else None
@@ -164,13 +179,17 @@ def summarize(results: dict) -> dict:
             row = rows.get(c)
             if not row:
                 continue
-            if anchor:
+            reference = rows.get(row["anchor"])
+            if reference:
                 cpu = row["x_anchor"].get("step_cpu_s")
-                targets.append(_target("step time <= 1.0x anchor", name, LABELS[c], row["step_s"] / anchor["step_s"],
-                                       1.0, f"{row['step_s']:.2f} s vs {anchor['step_s']:.2f} s"
+                targets.append(_target("step time <= 1.0x anchor", name, LABELS[c],
+                                       row["step_s"] / reference["step_s"], 1.0,
+                                       f"{row['step_s']:.2f} s vs {reference['step_s']:.2f} s"
+                                       + (" (bf16 anchor)" if row["anchor"] == ANCHOR_BF16 else "")
                                        + (f"; CPU time per step {cpu:.2f}x" if cpu else "")))
             targets.append(_target("LoRA step <= 2.3x forward", name, LABELS[c], row["step_over_forward"], 2.3,
                                    f"step {row['step_s']:.2f} s, forward {row['forward_s']:.2f} s"))
+        targets += _frozen_base_targets(name, rows, anchor, anchor_bf16)
         full = rows.get("full_ft_fsdp2")
         if full:
             targets.append({"target": "LoRA step <= 2.3x forward", "size": name, "subject": LABELS["full_ft_fsdp2"],
@@ -227,6 +246,32 @@ def summarize(results: dict) -> dict:
     return {"sizes": sizes, "targets": targets}
 
 
+def _frozen_base_targets(size: str, rows: dict, anchor: dict | None, anchor_bf16: dict | None) -> list[dict]:
+    """What the frozen base is worth: lora_dist with a bf16 base against the anchor with one (tensors per rank), the
+    NF4 base's bytes against the bf16 base's, and ``auto``'s step against the (fp32) anchor's."""
+    out = []
+    bf16, nf4, auto = rows.get("lora_dist_fsdp2_bf16"), rows.get("lora_dist_nf4"), rows.get("lora_dist_auto")
+    if bf16 and anchor_bf16 and bf16["peak_tensor"] and anchor_bf16["peak_tensor"]:
+        out.append(_target("tensors <= 0.75x anchor, bf16 base", size, LABELS["lora_dist_fsdp2_bf16"],
+                           bf16["peak_tensor"] / anchor_bf16["peak_tensor"], 0.75,
+                           f"{bf16['peak_tensor'] / GB:.3f} GB vs bf16 anchor {anchor_bf16['peak_tensor'] / GB:.3f} GB"))
+    if nf4 and bf16 and nf4["base_bytes"] and bf16["base_bytes"]:
+        out.append(_target("NF4 base bytes <= 0.3x bf16 base", size, LABELS["lora_dist_nf4"],
+                           nf4["base_bytes"] / bf16["base_bytes"], 0.3,
+                           f"{nf4['base_bytes'] / MB:.1f} MB vs {bf16['base_bytes'] / MB:.1f} MB per rank (embedding "
+                           "and head stay bf16)"))
+    if nf4 and anchor_bf16 and nf4["peak_tensor"] and anchor_bf16["peak_tensor"]:
+        out.append(_target("NF4 tensors <= 0.55x anchor", size, LABELS["lora_dist_nf4"],
+                           nf4["peak_tensor"] / anchor_bf16["peak_tensor"], 0.55,
+                           f"{nf4['peak_tensor'] / GB:.3f} GB vs bf16 anchor {anchor_bf16['peak_tensor'] / GB:.3f} GB"))
+    if auto and anchor:
+        chose = next((n for n in auto["notes"] if n.startswith("auto chose")), "")
+        out.append(_target("auto step <= 0.5x anchor (DDP fits)", size, LABELS["lora_dist_auto"],
+                           auto["step_s"] / anchor["step_s"], 0.5,
+                           f"{auto['step_s']:.2f} s vs {anchor['step_s']:.2f} s; {chose}"))
+    return out
+
+
 # ----------------------------------------------------------------------------- markdown
 
 
@@ -261,14 +306,15 @@ def markdown(results: dict, summary: dict) -> str:
         "",
         f"Every configuration: {o['nproc']} ranks (one `torchrun` launch each, run one after another, "
         f"`OMP_NUM_THREADS=1`), the same data, {o['micro_batch']} x {o['seq_len']} tokens per rank per step "
-        f"({tokens} per step), fp32, LoRA r={o['lora_r']} alpha={2 * o['lora_r']} on every linear layer but the "
+        f"({tokens} per step), fp32 (the bf16 and NF4 rows: a bf16 base, fp32 LoRA), LoRA r={o['lora_r']} alpha={2 * o['lora_r']} on every linear layer but the "
         f"output head, AdamW, gradient clipping 1.0; {o['warmup_steps']} warm-up step, {o['timed_steps']} timed "
         f"steps, {o['forward_reps']} timed forward passes. Started {results['started']}, took "
         f"{results['total_wall_s'] / 60:.1f} min{' (--quick)' if o['quick'] else ''}.",
         "",
         *(["**--quick smoke run**: a 1M-parameter model, where fixed costs dominate; the numbers check that "
             "everything runs, they say nothing about the methods.", ""] if o["quick"] else []),
-        "Per rank. *x anchor* is the ratio to PEFT + accelerate FSDP2 measured in the same run. RSS: peak "
+        "Per rank. *x anchor* is the ratio to PEFT + accelerate FSDP2 measured in the same run (for the rows with "
+        "a bf16 or NF4 base: to that anchor with a bf16 base). RSS: peak "
         "anonymous resident memory of the training phase (libraries and memory-mapped files excluded); "
         "tensors: peak live tensor bytes in a steady-state step; step: fastest timed step (wall); CPU s/step: the "
         "rank's CPU time (all threads) in its least busy timed step, less sensitive to other work on the machine; "

@@ -9,6 +9,11 @@
 * ``peft_accelerate_zero3``: the same with ``DeepSpeedPlugin(zero_stage=3,
   zero3_init_flag=True)``; the model is built under ``deepspeed.zero.Init``.
 * ``full_ft_fsdp2``: full fine-tuning, accelerate FSDP2 as above without PEFT.
+* bf16 base: ``lora_dist_fsdp2_bf16`` (``model.dtype=bfloat16``), ``lora_dist_nf4`` (its blocks' linears
+  NF4, ``model.quantize=nf4``) against ``peft_accelerate_fsdp2_bf16``, the anchor as its users run it
+  in bf16: ``from_pretrained(dtype=bfloat16)``, PEFT's adapters in fp32 (its default), accelerate
+  ``mixed_precision="bf16"`` (FSDP2 ``MixedPrecisionPolicy`` in bf16).
+* ``lora_dist_auto``: ``parallel.strategy=auto``, the planner's choice for the launch.
 
 Accelerate only enables FSDP on accelerator devices: on a CPU-only machine
 ``Accelerator(fsdp_plugin=...)`` silently falls back to DDP (``cpu=True``) or
@@ -83,8 +88,20 @@ class System:
     def param_counts(self) -> dict:
         raise NotImplementedError
 
+    def base_bytes(self) -> int:
+        """Bytes of the frozen base this rank holds after setup (its shards; NF4 bytes where quantized)."""
+        from lora_dist.bench.measure import held_bytes
+
+        return sum(held_bytes(p) for p in self.model.parameters() if not p.requires_grad)
+
 
 # ----------------------------------------------------------------------------- lora_dist
+
+#: lora_dist configurations beyond one per strategy: (strategy, overrides).
+VARIANTS = {
+    "lora_dist_fsdp2_bf16": ("fsdp2", ("model.dtype=bfloat16",)),
+    "lora_dist_nf4": ("fsdp2", ("model.dtype=bfloat16", "model.quantize=nf4")),
+}
 
 
 class LoraDist(System):
@@ -118,6 +135,10 @@ class LoraDist(System):
         base = open_base(cfg)
         self.cfg = cfg
         self.model, self.engine = build(cfg, env, self.device, base, strategy_config(cfg, base))
+        if self.strategy == "auto":
+            from lora_dist.session import resolve_strategy
+
+            self.notes.append(f"auto chose {resolve_strategy(cfg, env, self.device).parallel.strategy}")
 
     def plan(self) -> dict:
         """:func:`lora_dist.plan.plan_memory` of this configuration on this launch (auto and fsdp2's mesh resolved
@@ -184,7 +205,9 @@ class AccelerateSystem(System):
     def _make_model(self):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.s.model_path, dtype=torch.float32, use_safetensors=True)
+        # The bf16 anchor loads the base in bf16, as its users do; PEFT keeps its adapters in fp32 (its default).
+        dtype = torch.bfloat16 if getattr(self, "bf16", False) else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(self.s.model_path, dtype=dtype, use_safetensors=True)
         if self.peft:
             from peft import get_peft_model
 
@@ -212,13 +235,15 @@ class AccelerateSystem(System):
 class AccelerateFSDP2(AccelerateSystem):
     can_export = True
 
-    def __init__(self, settings: BenchSettings, device: torch.device, peft: bool) -> None:
+    def __init__(self, settings: BenchSettings, device: torch.device, peft: bool, bf16: bool = False) -> None:
         super().__init__(settings, device)
-        self.peft = peft
-        self.name = "peft_accelerate_fsdp2" if peft else "full_ft_fsdp2"
+        self.peft, self.bf16 = peft, bf16
+        self.name = ("peft_accelerate_fsdp2" if peft else "full_ft_fsdp2") + ("_bf16" if bf16 else "")
         self.description = ("PEFT get_peft_model + accelerate FSDP2" if peft
                             else "full fine-tuning, accelerate FSDP2")
-        self.can_export = peft
+        if bf16:
+            self.description += ", bf16 base (from_pretrained dtype=bfloat16, mixed_precision=bf16)"
+        self.can_export = peft and not bf16
 
     def setup(self) -> None:
         from accelerate import Accelerator
@@ -231,12 +256,15 @@ class AccelerateFSDP2(AccelerateSystem):
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
             cpu_ram_efficient_loading=True, state_dict_type="SHARDED_STATE_DICT",
         )
-        self.accelerator = Accelerator(cpu=self.device.type == "cpu", fsdp_plugin=plugin)
+        precision = "bf16" if self.bf16 else "no"
+        self.accelerator = Accelerator(cpu=self.device.type == "cpu", fsdp_plugin=plugin, mixed_precision=precision)
         if not self.accelerator.is_fsdp2:
             # Accelerate gates FSDP to accelerator devices (AcceleratorState.__init__); set the state
             # exactly as its accelerator branch does, then let accelerate's own FSDP2 code run.
             state = self.accelerator.state
             state.distributed_type = DistributedType.FSDP
+            if precision != "no":
+                plugin.set_mixed_precision(precision)
             state.fsdp_plugin = plugin
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             self.reproduced = True
@@ -293,15 +321,22 @@ class AccelerateZero3(AccelerateSystem):
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
 
 
-SYSTEMS = ("lora_dist_fsdp2", "lora_dist_zero3", "lora_dist_ddp", "peft_accelerate_fsdp2", "peft_accelerate_zero3",
-           "full_ft_fsdp2")
+SYSTEMS = ("lora_dist_fsdp2", "lora_dist_zero3", "lora_dist_ddp", "lora_dist_auto", *VARIANTS,
+           "peft_accelerate_fsdp2", "peft_accelerate_fsdp2_bf16", "peft_accelerate_zero3", "full_ft_fsdp2")
 
 
 def make_system(name: str, settings: BenchSettings, device: torch.device) -> System:
+    if name in VARIANTS:
+        strategy, overrides = VARIANTS[name]
+        system = LoraDist(settings, device, strategy, overrides, name)
+        system.can_export = False  # the merged export is measured on the fp32 configurations
+        return system
     if name.startswith("lora_dist_"):
         return LoraDist(settings, device, name[len("lora_dist_"):])
     if name == "peft_accelerate_fsdp2":
         return AccelerateFSDP2(settings, device, peft=True)
+    if name == "peft_accelerate_fsdp2_bf16":
+        return AccelerateFSDP2(settings, device, peft=True, bf16=True)
     if name == "full_ft_fsdp2":
         return AccelerateFSDP2(settings, device, peft=False)
     if name == "peft_accelerate_zero3":

@@ -81,6 +81,9 @@ def main(job_path: str) -> None:
         system.setup()
         dist.barrier()
     result["setup"] = setup.as_dict()
+    result["base_bytes"] = system.base_bytes()
+    if hasattr(system, "plan"):  # lora_dist: the planner's peak for this very configuration and launch
+        result["plan"] = system.plan()
 
     step = 0
     with PhaseMemory(device) as train:
