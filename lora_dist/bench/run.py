@@ -55,7 +55,7 @@ class BenchOptions:
     sizes: tuple[str, ...] = ()
     configs: tuple[str, ...] = ORDER
     nproc: int = 2
-    seq_len: int = 128
+    seq_len: int = 512  # where the logits matter: a 32k-vocabulary head is the largest activation at 112M
     micro_batch: int = 1
     lora_r: int = 16
     warmup_steps: int = 1
