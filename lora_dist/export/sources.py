@@ -88,9 +88,19 @@ def to_output(values: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tens
             the dtypes to write instead; or values that are NaN/Inf already (a corrupt base or model).
     """
     out = values.to(dtype)
-    if dtype in FLOAT_DTYPES and not bool(torch.isfinite(out).all()):
+    if dtype in FLOAT_DTYPES and not _all_finite(out):
         raise _not_finite(values, out, dtype, name)
     return out
+
+
+#: Elements checked at once: ``isfinite`` allocates a few temporaries the size of its input (``abs`` among
+#: them, in the input's dtype), so a whole largest tensor at once would hold about one more copy of it.
+FINITE_CHUNK = 1 << 20
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[s:s + FINITE_CHUNK]).all()) for s in range(0, flat.numel(), FINITE_CHUNK))
 
 
 def _not_finite(values: torch.Tensor, out: torch.Tensor, dtype: torch.dtype, name: str) -> ExportOverflowError:

@@ -394,3 +394,21 @@ def test_merge_onto_a_read_only_filesystem_is_one_line(merged, read_only_disk, c
     assert snapshot(mnt) == before
     with pytest.raises(ExportError, match="Read-only file system"):
         export_merged(build_lora_model(merged["base"], "llama"), mnt / "new", merged["base"])
+
+
+def test_the_finite_check_holds_a_chunk_not_a_copy_of_the_tensor():
+    """Every piece written is checked finite in its dtype; the check must not hold another copy of the piece
+    (``isfinite`` of a whole fp32 tensor allocates a temporary as large as it: the export's peak grew by one
+    largest tensor). Checked in chunks, it holds a few MB whatever the piece's size; a NaN is still found."""
+    from lora_dist.bench.measure import LiveTensorBytes
+    from lora_dist.export.errors import ExportOverflowError
+    from lora_dist.export.sources import FINITE_CHUNK, to_output
+
+    piece = torch.randn(16 * FINITE_CHUNK)  # 64 MB
+    tracker = LiveTensorBytes("cpu")
+    with tracker:
+        assert to_output(piece, torch.float32, "w") is piece  # the same dtype: no copy either
+    assert tracker.peak - tracker.start <= 8 * FINITE_CHUNK, tracker.peak - tracker.start  # ~2 chunks' temporaries
+    piece[-1] = float("nan")
+    with pytest.raises(ExportOverflowError, match="NaN/Inf"):
+        to_output(piece, torch.float32, "w")
