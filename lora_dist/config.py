@@ -180,7 +180,8 @@ class ParallelConfig:
     gather_head: bool = False
     """fsdp2: all-gather the output head for the loss (as for any unit). false (default): the head is never
     gathered; the ranks gather their final hidden states instead and each computes the loss over its own
-    vocabulary rows (train.loss_chunk applies; an untied Linear head, lora_dist.loss.ShardedHeadLoss)."""
+    vocabulary rows (train.loss_chunk applies; an untied Linear head, lora_dist.loss.ShardedHeadLoss) - where
+    that holds less: a vocabulary larger than the shard group's tokens per micro-batch."""
     bucket_mb: float = 25.0
     """Size of the LoRA gradient all-reduce buckets (MB); under zero1/2/3 DeepSpeed's reduce bucket,
     capped at the size of all LoRA gradients (a bigger bucket only holds memory)."""

@@ -47,11 +47,11 @@ __all__ = [
     "ChunkedHeadLoss",
     "ShardedHeadLoss",
     "chunkable",
+    "head_sharding_pays",
     "linear_cross_entropy_sum",
     "n_targets",
     "sharded_head",
     "token_loss_sum",
-    "vocab_sharded_cross_entropy_sum",
 ]
 
 
@@ -80,47 +80,123 @@ def _gathered(weight: torch.Tensor):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """``sum over tokens of CE(hidden @ weight.T + bias, target)`` in fp32, chunk by chunk; weight frozen."""
+    """``sum over this rank's tokens of CE(hidden @ W.T + b, target)`` in fp32, a chunk of tokens at a time,
+    recomputed in backward; the head ``(W, b)`` is frozen.
+
+    ``group`` None: this process holds the whole head. Else every rank of ``group`` holds vocabulary rows
+    ``[vocab_start, vocab_start + len(W))``: the ranks' hidden states are gathered (padded to the longest
+    rank's count), each chunk holds the logits of up to ``chunk`` of them over this rank's rows, and the
+    per-shard log-sum-exp and target logits combine into each token's cross-entropy; in backward the shards'
+    gradients of the hidden states are summed in fp32 by a reduce-scatter.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    def forward(ctx, hidden, weight, bias, targets, vocab_start, chunk, group):
+        world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+        n = hidden.shape[0]
+        every, every_targets = hidden, targets
+        if world > 1:
+            count = torch.tensor([n], device=hidden.device)
+            counts = count.repeat(world)  # the gather overwrites it (what a fake process group leaves: this rank's)
+            dist.all_gather_into_tensor(counts, count, group=group)
+            n = int(counts.max())
+            every = hidden.new_empty((world * n, hidden.shape[1]))
+            dist.all_gather_into_tensor(every, F.pad(hidden, (0, 0, 0, n - hidden.shape[0])), group=group)
+            every_targets = targets.new_empty(world * n)
+            dist.all_gather_into_tensor(every_targets, F.pad(targets, (0, n - targets.shape[0]), value=IGNORE),
+                                        group=group)
+        stats = torch.zeros((2, world * n), dtype=torch.float32, device=hidden.device)  # log-sum-exp, target logit
         with _gathered(weight):
-            for s in range(0, hidden.shape[0], chunk):
-                logits = F.linear(hidden[s:s + chunk], weight, bias).float()
-                total += F.cross_entropy(logits, targets[s:s + chunk], ignore_index=IGNORE, reduction="sum")
-        ctx.save_for_backward(hidden, targets)
-        ctx.weight, ctx.bias, ctx.chunk = weight, bias, chunk
-        return total
+            w, b = _as(weight, bias, hidden.dtype)
+            local, mine = _local_targets(every_targets, vocab_start, w.shape[0])
+            for _, rows in _chunk_rows(world, n, chunk, hidden.device):
+                logits = F.linear(every[rows], w, b).float()
+                if not logits.shape[1]:  # this rank holds no rows of the vocabulary
+                    stats[0, rows] = float("-inf")
+                    continue
+                stats[1, rows] = logits.gather(1, local[rows, None]).squeeze(1) * mine[rows]
+                top = logits.amax(dim=-1)
+                stats[0, rows] = top + logits.sub_(top[:, None]).exp_().sum(dim=-1).log()  # in place: one fp32 chunk
+                del logits  # before the next chunk's exists
+        if world > 1:
+            shards = stats.new_empty((world * 2, world * n))
+            dist.all_gather_into_tensor(shards, stats, group=group)
+            shards = shards.view(world, 2, world * n)
+            lse, target_logit = torch.logsumexp(shards[:, 0], dim=0), shards[:, 1].sum(0)
+        else:
+            lse, target_logit = stats[0], stats[1]
+        per_token = torch.where(every_targets != IGNORE, lse - target_logit, 0.0)
+        ctx.save_for_backward(every, every_targets, lse)
+        ctx.weight, ctx.bias, ctx.vocab_start, ctx.chunk, ctx.group = weight, bias, vocab_start, chunk, group
+        ctx.world, ctx.n, ctx.count = world, n, hidden.shape[0]
+        return per_token[rank * n:rank * n + hidden.shape[0]].sum()
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, targets = ctx.saved_tensors
-        weight, bias, chunk = ctx.weight, ctx.bias, ctx.chunk
-        grad_hidden = torch.empty_like(hidden)
-        with _gathered(weight):
-            for s in range(0, hidden.shape[0], chunk):
-                logits = F.linear(hidden[s:s + chunk], weight, bias).float()
-                t = targets[s:s + chunk]
-                grad = torch.softmax(logits, dim=-1)
-                keep = t != IGNORE
-                grad[keep, t[keep]] -= 1.0
-                grad[~keep] = 0.0
-                grad *= grad_total
-                grad_hidden[s:s + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-        return grad_hidden, None, None, None, None
+        every, every_targets, lse = ctx.saved_tensors
+        world, n, group = ctx.world, ctx.n, ctx.group
+        scales = grad_total.reshape(1).float()  # each rank's d(total)/d(its loss sum)
+        if world > 1:
+            scales = scales.repeat(world)
+            dist.all_gather_into_tensor(scales, grad_total.reshape(1).float(), group=group)
+        row_scale = torch.where(every_targets != IGNORE, scales.repeat_interleave(n), 0.0)
+        # One process writes the gradient in the hidden states' dtype; shards sum theirs in fp32 first.
+        grad = torch.empty((n, every.shape[1]), dtype=every.dtype if world == 1 else torch.float32,
+                           device=every.device)
+        with _gathered(ctx.weight):
+            w, b = _as(ctx.weight, ctx.bias, every.dtype)
+            local, mine = _local_targets(every_targets, ctx.vocab_start, w.shape[0])
+            for start, rows in _chunk_rows(world, n, ctx.chunk, every.device):
+                probs = F.linear(every[rows], w, b).float().sub_(lse[rows, None]).exp_()  # in place: one fp32 chunk
+                hit = mine[rows]
+                if probs.shape[1]:
+                    probs[hit, local[rows][hit]] -= 1.0
+                probs *= row_scale[rows, None]
+                partial = probs.to(w.dtype) @ w  # rank r's tokens in block r
+                c = partial.shape[0] // world
+                if world > 1:
+                    dist.reduce_scatter_tensor(grad[start:start + c], partial.float(), group=group)
+                else:
+                    grad[start:start + c] = partial
+                del probs, partial  # before the next chunk's exist
+        return grad[:ctx.count].to(every.dtype), None, None, None, None, None, None
+
+
+def _as(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    """The head in the hidden states' dtype (a copy of this rank's rows only where it is stored in another)."""
+    return weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
+def _local_targets(targets: torch.Tensor, vocab_start: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target's row among this rank's ``rows`` vocabulary rows from ``vocab_start`` (0 where it is not one of
+    them), and where it is one (ignored targets never are)."""
+    local = targets - vocab_start
+    mine = (targets != IGNORE) & (local >= 0) & (local < rows)
+    return torch.where(mine, local, 0), mine
+
+
+def _chunk_rows(world: int, n: int, chunk: int, device: torch.device):
+    """``(position, rows)`` per chunk: the rows of ``world`` blocks of ``n`` tokens at positions
+    ``[position, position + c)`` of every block, ``world x c <= max(chunk, world)`` rows, ordered by block."""
+    step = max(1, chunk // world)
+    for start in range(0, n, step):
+        c = min(step, n - start)
+        rows = (torch.arange(world, device=device)[:, None] * n + torch.arange(start, start + c, device=device))
+        yield start, rows.reshape(-1)
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             labels: torch.Tensor, chunk: int) -> torch.Tensor:
+                             labels: torch.Tensor, chunk: int, vocab_start: int = 0, group=None) -> torch.Tensor:
     """The summed next-token cross-entropy of ``labels`` (``-100`` ignored) from the final hidden states,
     through a frozen head ``(weight, bias)``, ``chunk`` tokens at a time; fp32.
 
-    The same value as :func:`token_loss_sum` of the head's logits, with the same
-    gradient for ``hidden``; the head gets none (it is frozen).
+    ``group`` None: ``weight`` is the whole head. Else a process group whose ranks each hold vocabulary rows
+    ``[vocab_start, vocab_start + len(weight))`` (and their ``bias``); every rank calls it with its own tokens
+    (collective). Either way, the same value as :func:`token_loss_sum` of the whole head's logits over this
+    rank's tokens, with the same gradient for ``hidden``; the head gets none (it is frozen).
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # the last position predicts nothing
-    return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, bias, targets.flatten(), chunk)
+    return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, bias, targets.flatten(), vocab_start, chunk, group)
 
 
 def chunkable(model: nn.Module) -> str | None:
@@ -186,93 +262,11 @@ class ChunkedHeadLoss:
 # ---------------------------------------------------------------------------- the head left sharded
 
 
-class _VocabShardedCrossEntropy(torch.autograd.Function):
-    """``sum over this rank's tokens of CE(hidden @ W.T + b, target)`` where each rank of ``group`` holds vocabulary
-    rows ``[vocab_start, vocab_start + len(weight))`` of the frozen head; collective over ``group``.
-
-    Every rank's hidden states are gathered (padded to the longest rank's count) and each chunk holds the
-    logits of ``chunk`` of those tokens over this rank's rows only.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, vocab_start, chunk, group):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        count = torch.tensor([hidden.shape[0]], device=hidden.device)
-        counts = count.repeat(world)  # the gather overwrites it (what a fake process group leaves: this rank's)
-        dist.all_gather_into_tensor(counts, count, group=group)
-        n = int(counts.max())
-        padded = F.pad(hidden, (0, 0, 0, n - hidden.shape[0]))
-        every = hidden.new_empty((world * n, hidden.shape[1]))
-        dist.all_gather_into_tensor(every, padded, group=group)
-        every_targets = targets.new_empty(world * n)
-        dist.all_gather_into_tensor(every_targets, F.pad(targets, (0, n - targets.shape[0]), value=IGNORE), group=group)
-
-        local = every_targets - vocab_start  # the target's row in this shard, where it is in the shard
-        mine = (every_targets != IGNORE) & (local >= 0) & (local < weight.shape[0])
-        local = torch.where(mine, local, 0)
-        stats = torch.zeros((2, world * n), dtype=torch.float32, device=hidden.device)  # log-sum-exp, target logit
-        w = weight.to(hidden.dtype)
-        b = bias.to(hidden.dtype) if bias is not None else None
-        for _, rows in _chunk_rows(world, n, chunk, hidden.device):
-            logits = F.linear(every[rows], w, b).float()
-            if not logits.shape[1]:  # this rank holds no rows of the vocabulary
-                stats[0, rows] = float("-inf")
-                continue
-            stats[1, rows] = logits.gather(1, local[rows, None]).squeeze(1) * mine[rows]
-            top = logits.amax(dim=-1)
-            stats[0, rows] = top + logits.sub_(top[:, None]).exp_().sum(dim=-1).log()  # in place: one fp32 chunk
-        shards = stats.new_empty((world * 2, world * n))
-        dist.all_gather_into_tensor(shards, stats, group=group)
-        shards = shards.view(world, 2, world * n)
-        lse = torch.logsumexp(shards[:, 0], dim=0)
-        per_token = torch.where(every_targets != IGNORE, lse - shards[:, 1].sum(0), 0.0)
-        ctx.save_for_backward(every, local, mine, lse, every_targets)
-        ctx.weight, ctx.bias, ctx.chunk, ctx.group, ctx.n, ctx.count = weight, bias, chunk, group, n, hidden.shape[0]
-        return per_token[rank * n:rank * n + hidden.shape[0]].sum()
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        every, local, mine, lse, every_targets = ctx.saved_tensors
-        group, n = ctx.group, ctx.n
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        scales = grad_total.new_empty(world, dtype=torch.float32)  # each rank's d(total)/d(its loss sum)
-        dist.all_gather_into_tensor(scales, grad_total.reshape(1).float(), group=group)
-        row_scale = torch.where(every_targets != IGNORE, scales.repeat_interleave(n), 0.0)
-        w = ctx.weight.to(every.dtype)
-        b = ctx.bias.to(every.dtype) if ctx.bias is not None else None
-        grad = torch.empty((n, every.shape[1]), dtype=torch.float32, device=every.device)
-        for start, rows in _chunk_rows(world, n, ctx.chunk, every.device):
-            probs = F.linear(every[rows], w, b).float().sub_(lse[rows, None]).exp_()  # in place: one fp32 chunk
-            hit = mine[rows]
-            if probs.shape[1]:
-                probs[hit, local[rows][hit]] -= 1.0
-            probs *= row_scale[rows, None]
-            partial = (probs.to(w.dtype) @ w).float()  # rank r's tokens in block r; summed over the shards in fp32
-            dist.reduce_scatter_tensor(grad[start:start + partial.shape[0] // world], partial, group=group)
-        return grad[:ctx.count].to(every.dtype), None, None, None, None, None, None
-
-
-def _chunk_rows(world: int, n: int, chunk: int, device: torch.device):
-    """``(position, rows)`` per chunk: the rows of ``world`` blocks of ``n`` tokens at positions
-    ``[position, position + c)`` of every block, ``world x c <= max(chunk, world)`` rows, ordered by block."""
-    step = max(1, chunk // world)
-    for start in range(0, n, step):
-        c = min(step, n - start)
-        rows = (torch.arange(world, device=device)[:, None] * n + torch.arange(start, start + c, device=device))
-        yield start, rows.reshape(-1)
-
-
-def vocab_sharded_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                    labels: torch.Tensor, vocab_start: int, chunk: int, group=None) -> torch.Tensor:
-    """The summed next-token cross-entropy of this rank's ``labels`` (``-100`` ignored) from its final hidden
-    states, through a frozen head whose vocabulary rows are sharded over ``group``: this rank holds rows
-    ``[vocab_start, vocab_start + len(weight))`` (and their ``bias``). Collective over ``group``; fp32.
-
-    The same value as :func:`token_loss_sum` of the whole head's logits, with the same gradient for ``hidden``.
-    """
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # the last position predicts nothing
-    return _VocabShardedCrossEntropy.apply(hidden.flatten(0, 1), weight, bias, targets.flatten(), vocab_start, chunk,
-                                           group)
+def head_sharding_pays(vocab: int, ranks: int, tokens: int) -> bool:
+    """Whether leaving the head sharded holds less than gathering it: the ranks then gather their hidden states
+    (``ranks x tokens`` rows of the head's width, and their gradient) instead of the head (``vocab`` rows). True
+    for real vocabularies (a 128k head against 8 x 1024 tokens); false for a tiny vocabulary and long batches."""
+    return vocab > ranks * tokens
 
 
 def sharded_head(model: nn.Module):
@@ -314,7 +308,7 @@ class _SkipHead(nn.Module):
 class ShardedHeadLoss:
     """Within :meth:`installed`, the model's forward stops at the final hidden states and the head is not gathered;
     :meth:`loss_sum` then runs the loss over each rank's vocabulary shard
-    (:func:`vocab_sharded_cross_entropy_sum`). Collective: every rank of the head's shard group calls both.
+    (:func:`linear_cross_entropy_sum` over the head's group). Collective: every rank of the head's shard group calls both.
 
     Make it on the FSDP2-sharded model (:func:`sharded_head` must find the head's shard).
     """
@@ -341,7 +335,7 @@ class ShardedHeadLoss:
         """The summed fp32 token loss of this rank's ``labels`` from the ``hidden`` a forward within
         :meth:`installed` returned."""
         weight, bias, start, group = sharded_head(self.model)
-        return vocab_sharded_cross_entropy_sum(hidden, weight, bias, labels, start, self.chunk, group)
+        return linear_cross_entropy_sum(hidden, weight, bias, labels, self.chunk, start, group)
 
 
 def _place(model: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:

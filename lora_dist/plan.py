@@ -35,16 +35,17 @@ computed from the resulting parameter shapes and the run config:
   buffers (logits, the fp32 copy, log-softmax; their gradients reuse the
   same sizes as backward frees them). The chunked loss (``train.loss_chunk``,
   where :func:`lora_dist.loss.chunkable` allows it) holds the final hidden
-  states and their gradient, plus one chunk's logits in backward: the
-  logits and their softmax in fp32, and in a 16-bit compute dtype the
-  gradient cast to it.
+  states and their gradient, plus one chunk's logits in fp32 (turned into
+  the softmax in place), and in a 16-bit compute dtype the gradient cast to
+  it; with the head left sharded (fsdp2), a chunk's logits cover 1/W of the
+  vocabulary and every rank's hidden states are gathered.
 * **gathered**: unsharded base weights alive at the peak. fsdp2 with
   ``reshard_after_forward``: what is left in the root unit (final norm), the
-  larger of the input-embedding and output-head units (their own units when
-  untied; backward starts by gathering the head again, unless the loss runs
-  on its vocabulary shards) and three transformer blocks (the running one, the
-  next one, and the flat all-gather output FSDP2 copies a block's params out
-  of); without it, everything.
+  output head (its own unit when untied, kept gathered from its forward to its
+  backward; never gathered when the loss runs on its vocabulary shards) and
+  three transformer blocks (the running one, the next one, and the flat
+  all-gather output FSDP2 copies a block's params out of); without it,
+  everything.
   Resharded to N ranks after forward (``reshard_after_forward=N`` or ``node``),
   every block and the input embedding also keep a 1/N shard from their
   forward until backward.
@@ -149,11 +150,11 @@ class MemoryPlan:
     buffers: int
     adapted_experts: int
     choice: StrategyChoice | None = None
-    #: The moment of the step the terms describe: backward's start, or forward's start where that holds more.
-    peak_at: str = "backward's start"
     """Where the config asked for ``parallel.strategy=auto``: what was chosen, and why."""
     dp_replicate: int = 1
     """fsdp2 replica groups (hybrid sharding: the base is sharded over ``world_size / dp_replicate`` ranks)."""
+    peak_at: str = "backward's start"
+    """The moment of the step the terms describe: backward's start, or forward's start where that holds more."""
 
     TERMS = ("base_shard", "base_replicated", "lora_params", "lora_grads", "optimizer_state", "activations",
              "gathered", "buffers", "adapted_experts")
@@ -355,7 +356,7 @@ def choose_strategy(cfg: Config, world_size: int, budget: int) -> tuple[Parallel
 def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> MemoryPlan:
     """The plan of ``cfg`` (an explicit strategy) for ``model``, the meta skeleton with LoRA injected."""
     from lora_dist.lora import LoRAParam, lora_modules, lora_parameters
-    from lora_dist.loss import chunkable
+    from lora_dist.loss import chunkable, head_sharding_pays
     from lora_dist.parallel import dp_mesh_shape, find_blocks
     from lora_dist.parallel.parallelize import embedding_and_head, reshard_size
     from lora_dist.parallel.reducer import fill_buckets
@@ -374,9 +375,6 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     W = world_size
     sharded = p.shard_optimizer and W > 1 and p.strategy in ("fsdp2", "ddp")
 
-    def frozen_numel(module: torch.nn.Module) -> int:
-        return sum(q.numel() for q in module.parameters() if id(q) not in lora)
-
     # model.quantize=nf4: the weights lora_dist.quant quantizes at this sharding are NF4 bytes at rest and
     # gathered (FSDP2 all-gathers the NF4 shards); one of them is dequantized at a time for its matmul.
     # fsdp2 shards the base over dp_shard ranks (all W, or one replica group's under hybrid sharding).
@@ -392,7 +390,6 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
 
     dequantized = max((q.numel() for _, q in base if id(q) in nf4), default=0) * compute_elt
 
-    block_numel = max((frozen_numel(b) for b in blocks), default=0)
     largest_base = max((q.numel() for _, q in base), default=0)
 
     base_shard = base_replicated = gathered = buffers = 0
@@ -401,43 +398,35 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     lora_params, lora_grads = lora_bytes, lora_bytes
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
     chunk = min(cfg.train.loss_chunk, tokens) if chunkable(model) is None else 0
-    # fsdp2 without parallel.gather_head: the head, its own unit, is never gathered (lora_dist.loss.ShardedHeadLoss).
-    head_sharded = (p.strategy == "fsdp2" and not p.gather_head and bool(chunk)
-                    and embedding_and_head(model)[1] is not None)
+    # fsdp2 without parallel.gather_head: the head, its own unit, is never gathered where that holds less
+    # (lora_dist.loss.ShardedHeadLoss, as the engine decides).
+    embed, head = embedding_and_head(model)
+    head_sharded = (p.strategy == "fsdp2" and not p.gather_head and bool(chunk) and head is not None
+                    and head_sharding_pays(head.weight.shape[0], shards, tokens))
     if p.strategy == "fsdp2":
         base_shard = sum(stored(q, _fsdp_shard_numel(tuple(q.shape), shards), base_elt) for _, q in base)
         if p.reshard_after_forward:
             # The units parallelize() makes: each block, the input embedding and the output head (when
-            # untied), and the root with the rest. Backward starts with the root's rest and the head (both
-            # kept gathered after forward; the head not at all when the loss runs on its shards), and the
-            # last block plus the prefetched next one.
+            # untied), and the root with the rest. Backward starts with the root's rest, the head (kept
+            # gathered since its forward; not gathered at all when the loss runs on its shards) and three
+            # blocks: the one running, the next one gathered, and the flat all-gather output of the one
+            # after (FSDP2 all-gathers into one buffer, then copies out into the params). The embedding,
+            # resharded after forward, is not needed by backward (parallelize: set_unshard_in_backward).
             units = _fsdp2_side_units(model)
             in_unit = {id(q) for m in (*blocks, *units) for q in m.parameters()}
-            root_rest = sum(q.numel() for _, q in base if id(q) not in in_unit)
-            # Resharded after forward, the embedding is gathered again only at backward's end, when the
-            # activations are gone; backward's start holds the head, kept gathered since its forward.
-            embed, head = embedding_and_head(model)
-            kept_units = [m for m in units if m is head and not head_sharded]
+            root_rest = gathered_bytes(q for _, q in base if id(q) not in in_unit)
+            block = max((gathered_bytes(b.parameters()) for b in blocks), default=0)
+            kept_head = gathered_bytes(head.parameters()) if head is not None and not head_sharded else 0
+            gathered = min(root_rest + kept_head + 3 * block, gathered_bytes(q for _, q in base))
             if embed is not None:
-                # Forward's start: the root's rest and the embedding gathered, the first block's all-gather output
-                # and its params.
-                forward_gathered = (gathered_bytes(q for _, q in base if id(q) not in in_unit)
-                                    + gathered_bytes(embed.parameters())
-                                    + 2 * max((gathered_bytes(b.parameters()) for b in blocks), default=0))
-            # Blocks: the one running, the next one gathered, and the flat all-gather output of the one after
-            # (FSDP2 all-gathers into one buffer, then copies out into the params: both exist for a moment).
-            gathered = root_rest + max((frozen_numel(m) for m in kept_units), default=0) + 3 * block_numel
-            gathered = min(gathered, base_numel) * compute_elt
-            if nf4:
-                gathered = (gathered_bytes(q for _, q in base if id(q) not in in_unit)
-                            + max((gathered_bytes(m.parameters()) for m in kept_units), default=0)
-                            + 3 * max((gathered_bytes(b.parameters()) for b in blocks), default=0))
+                # Forward's start: the root's rest and the embedding gathered, the first block's all-gather
+                # output and its params.
+                forward_gathered = root_rest + gathered_bytes(embed.parameters()) + 2 * block
             after_forward = reshard_size(p, shards, 0)
             if after_forward is not True:
                 # Resharded to N ranks (reshard_after_forward=N, or node resolved to the node's ranks): every
                 # block and the embedding keep a 1/N shard from their forward until backward gathers them again.
                 n = max(int(after_forward), 1)
-                embed = embedding_and_head(model)[0]
                 kept = [*blocks, *([embed] if embed is not None else [])]
                 gathered += sum(stored(q, math.ceil(q.numel() / n), compute_elt)
                                 for m in kept for q in m.parameters() if id(q) not in lora)
@@ -502,18 +491,18 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     else:
         saved = tokens * n_blocks * per_block * compute_elt
     saved += tokens * (hidden + 1) * compute_elt  # final norm
-    cast = compute_elt if compute_elt != 4 else 0
-    if head_sharded:
-        # The hidden states and their gradient; every shard-group rank's hidden states (gathered), this rank's
-        # fp32 gradient of them; per chunk of up to train.loss_chunk gathered tokens: their logits over this
-        # rank's vocabulary rows in fp32, turned into the softmax in place (+ its 16-bit cast), and the fp32
-        # product to reduce-scatter.
-        rows = shards * min(tokens, max(1, cfg.train.loss_chunk // shards))
-        activations = saved + (2 + shards) * tokens * hidden * compute_elt + tokens * hidden * 4
-        activations += rows * math.ceil(vocab / shards) * (4 + cast) + rows * hidden * 4
-    elif chunk:  # the hidden states and their gradient; one chunk's fp32 logits, softmax (+ its 16-bit cast)
-        activations = saved + 2 * tokens * hidden * compute_elt
-        activations += chunk * vocab * (2 * 4 + cast)
+    if chunk:
+        # lora_dist.loss.linear_cross_entropy_sum: the hidden states and their gradient; per chunk of up to
+        # train.loss_chunk tokens, their logits over this rank's vocabulary rows (all of them, or 1/W of them with
+        # the head left sharded) in fp32, turned into the softmax in place (+ its 16-bit cast). With the head
+        # sharded also every shard-group rank's hidden states (gathered), the fp32 gradient of this rank's and
+        # each chunk's fp32 product to reduce-scatter.
+        groups = shards if head_sharded else 1
+        rows = groups * min(tokens, max(1, cfg.train.loss_chunk // groups))
+        cast = compute_elt if compute_elt != 4 else 0
+        activations = saved + 2 * tokens * hidden * compute_elt + rows * math.ceil(vocab / groups) * (4 + cast)
+        if head_sharded:
+            activations += groups * tokens * hidden * compute_elt + tokens * hidden * 4 + rows * hidden * 4
     else:
         activations = saved + 3 * tokens * vocab * 4  # logits, fp32 copy, log-softmax
 

@@ -34,7 +34,8 @@ def test_function_equals_the_plain_loss_and_its_gradient(chunk, with_bias):
     chunked = linear_cross_entropy_sum(hidden, weight, bias, labels, chunk)
     (grad_chunked,) = torch.autograd.grad(chunked * 0.37, hidden)
     torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(grad_chunked, grad_plain, rtol=1e-5, atol=1e-7)
+    # fp32 sums in another order (the softmax from the log-sum-exp): an error relative to the gradient's scale
+    torch.testing.assert_close(grad_chunked, grad_plain, rtol=1e-5, atol=2e-6 * float(grad_plain.abs().max()))
 
 
 def test_all_ignored_gives_zero_loss_and_gradient():

@@ -201,12 +201,13 @@ class AccelerateSystem(System):
     """The usual accelerate loop: forward with labels, ``accelerator.backward``, clip, step, zero_grad."""
 
     peft = True
+    bf16 = False  # the base loaded in bf16 (the bf16 anchor)
 
     def _make_model(self):
         from transformers import AutoModelForCausalLM
 
         # The bf16 anchor loads the base in bf16, as its users do; PEFT keeps its adapters in fp32 (its default).
-        dtype = torch.bfloat16 if getattr(self, "bf16", False) else torch.float32
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
         model = AutoModelForCausalLM.from_pretrained(self.s.model_path, dtype=dtype, use_safetensors=True)
         if self.peft:
             from peft import get_peft_model

@@ -25,7 +25,7 @@ import torch.nn as nn
 from lora_dist.config import ParallelConfig, TrainConfig
 from lora_dist.data import model_kwargs
 from lora_dist.lora import lora_modules
-from lora_dist.loss import ChunkedHeadLoss, ShardedHeadLoss, chunkable, sharded_head, token_loss_sum
+from lora_dist.loss import ChunkedHeadLoss, ShardedHeadLoss, chunkable, head_sharding_pays, sharded_head, token_loss_sum
 from lora_dist.model_dir import ModelDir
 from lora_dist.parallel.reducer import LoRAGradReducer
 from lora_dist.parallel.sharded_adamw import ShardedAdamW
@@ -101,14 +101,17 @@ class Engine:
             hidden = self.model(**inputs).logits
         return self.head_loss.loss_sum(hidden, labels)
 
-    def use_chunked_loss(self, chunk: int, gather_head: bool = True) -> str | None:
+    def use_chunked_loss(self, chunk: int, gather_head: bool = True, tokens: int = 0) -> str | None:
         """Let :meth:`loss_sum` apply the head in chunks of ``chunk`` tokens (0: the plain loss), on the head's
-        vocabulary shards where the head is an FSDP2 unit and not ``gather_head``; returns why it cannot, where
-        it cannot (the plain loss stays)."""
+        vocabulary shards where the head is an FSDP2 unit, not ``gather_head``, and that holds less for micro-batches
+        of ``tokens`` tokens per rank (:func:`~lora_dist.loss.head_sharding_pays`); returns why it cannot, where it
+        cannot (the plain loss stays)."""
         why = chunkable(self.module) if chunk else None
+        shard = sharded_head(self.module) if chunk and why is None and not gather_head else None
         if not chunk or why is not None:
             self.head_loss = None
-        elif not gather_head and sharded_head(self.module) is not None:
+        elif shard is not None and head_sharding_pays(self.module.get_output_embeddings().weight.shape[0],
+                                                      dist.get_world_size(shard[3]), tokens):
             self.head_loss = ShardedHeadLoss(self.module, chunk)
         else:
             self.head_loss = ChunkedHeadLoss(self.module, chunk)
@@ -332,7 +335,7 @@ def make_engine(
     else:
         engine = Engine(model, optimizer, train.max_grad_norm, device)
     engine.base = base
-    why = engine.use_chunked_loss(train.loss_chunk, gather_head=cfg.gather_head)
+    why = engine.use_chunked_loss(train.loss_chunk, cfg.gather_head, train.micro_batch_size * train.seq_len)
     if not dist.is_initialized() or dist.get_rank() == 0:
         if why:
             log.info("the loss runs over the full logits (train.loss_chunk does not apply: %s)", why)

@@ -1,4 +1,4 @@
-"""3 ranks: the loss over vocabulary shards (lora_dist.loss.vocab_sharded_cross_entropy_sum) == the plain loss.
+"""3 ranks: the loss over vocabulary shards (lora_dist.loss.linear_cross_entropy_sum with a group) == the plain loss.
 
 Each rank holds ``torch.chunk`` rows of one head (53 rows over 3 ranks: 18, 18, 17, as FSDP2's
 ``Shard(0)`` cuts them) and its own tokens (a different count on every rank, some ignored),
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lora_dist.loss import IGNORE, token_loss_sum, vocab_sharded_cross_entropy_sum
+from lora_dist.loss import IGNORE, linear_cross_entropy_sum, token_loss_sum
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -36,8 +36,8 @@ for case, (chunk, with_bias) in enumerate([(1, True), (4, False), (5, True), (10
 
     plain = token_loss_sum(F.linear(hidden, weight, b), labels)
     (grad_plain,) = torch.autograd.grad(plain * scale, hidden)
-    sharded = vocab_sharded_cross_entropy_sum(hidden, weight[rows], b[rows] if b is not None else None, labels,
-                                              start, chunk)
+    sharded = linear_cross_entropy_sum(hidden, weight[rows], b[rows] if b is not None else None, labels, chunk,
+                                       start, dist.group.WORLD)
     (grad_sharded,) = torch.autograd.grad(sharded * scale, hidden)
     torch.testing.assert_close(sharded, plain, rtol=1e-6, atol=1e-5)
     # fp32 sums in another order (three partial products): an error relative to the gradient's scale
@@ -50,7 +50,7 @@ with torch.no_grad():  # evaluation: a forward alone, and a rank with one token 
     hidden = torch.randn(1, 1 if rank == 1 else 6, HIDDEN)
     labels = torch.randint(0, VOCAB, hidden.shape[:2])
     plain = token_loss_sum(F.linear(hidden, weight, bias), labels)
-    sharded = vocab_sharded_cross_entropy_sum(hidden, weight[rows], bias[rows], labels, start, 3)
+    sharded = linear_cross_entropy_sum(hidden, weight[rows], bias[rows], labels, 3, start, dist.group.WORLD)
     torch.testing.assert_close(sharded, plain, rtol=1e-6, atol=1e-5)
 
 if rank == 0:

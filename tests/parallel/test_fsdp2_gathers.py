@@ -1,7 +1,7 @@
 """What FSDP2 gathers in a training step: the frozen base only where a computation needs it.
 
 The output head is never gathered when the loss runs over its vocabulary shards (the default,
-:class:`lora_dist.loss.ShardedHeadLoss`), and the frozen input embedding is not gathered again
+:class:`lora_dist.loss.ShardedHeadLoss`, where that holds less than gathering it), and the frozen input embedding is not gathered again
 in backward (token ids have no gradient: FSDP2's backward prefetch would gather it for nothing).
 Every all-gather FSDP2 issues is recorded by the names of the params it gathers, in a fake
 world of 2 ranks, with activation checkpointing (its recompute is where a stray gather hides).
@@ -44,13 +44,18 @@ def gathers(monkeypatch):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("gather_head", [False, True])
+@pytest.mark.parametrize("gather_head,seq_len,gathered", [
+    (False, 16, False),  # the loss on the head's vocabulary shards
+    (True, 16, True),  # asked to gather it
+    (False, 4096, True),  # 2 x 2 x 4096 tokens' hidden states would outweigh the head's rows: gathered
+])
 def test_the_head_is_gathered_only_when_asked_and_the_embedding_only_in_forward(tiny_checkpoint, tiny_model, gathers,
-                                                                              gather_head):
+                                                                              gather_head, seq_len, gathered):
     seen, phase = gathers
     base = tiny_checkpoint("llama", hidden=64, layers=2)
     cfg = load_config(None, [f"model.path={base}", "parallel.strategy=fsdp2", "parallel.activation_checkpointing=true",
-                             f"parallel.gather_head={str(gather_head).lower()}", "lora.r=4"])
+                             f"parallel.gather_head={str(gather_head).lower()}", "lora.r=4",
+                             "train.micro_batch_size=2", f"train.seq_len={seq_len}"])
     model = tiny_model("llama", hidden=64, layers=2)
     inject_lora(model, cfg.lora)
     parallelize(model, cfg.parallel, torch.device("cpu"))
@@ -68,6 +73,6 @@ def test_the_head_is_gathered_only_when_asked_and_the_embedding_only_in_forward(
         engine.step(1e-3)
 
     blocks = {f"model.layers.{i}" for i in range(2)}
-    assert ("lm_head" in seen["forward"]) == gather_head, seen
+    assert ("lm_head" in seen["forward"]) == gathered, seen
     assert blocks | {"model.embed_tokens"} <= seen["forward"], seen
     assert seen["backward"] == blocks, seen  # recomputed and differentiated blocks; neither head nor embedding
