@@ -177,6 +177,14 @@ class ParallelConfig:
     only (more memory than true, less inter-node traffic; FSDP2's reshard_after_forward=int)."""
     cpu_offload: bool = False
     """fsdp2: keep base shards in CPU memory between uses."""
+    shard_unit: str = "block"
+    """fsdp2: what one all-gather brings in: block (a transformer block, the default: the fewest collectives) or
+    weight (each weight matrix of a block its own unit: the peak holds one block and one weight gathered instead
+    of three blocks; more, smaller all-gathers for the same bytes - the frozen base has no gradients to
+    reduce-scatter, so that is all they cost)."""
+    offload_activations: bool = False
+    """With activation checkpointing: each block's checkpointed input waits for backward in host memory (pinned on
+    a GPU) instead of device memory; one device-to-host and one host-to-device copy per block and step."""
     gather_head: bool = False
     """fsdp2: all-gather the output head for the loss (as for any unit). false (default): the head is never
     gathered; the ranks gather their final hidden states instead and each computes the loss over its own
@@ -210,6 +218,11 @@ class ParallelConfig:
                               f"{excerpt(rho, 40)}")
         if not isinstance(rho, (bool, str)) and rho < 1:
             raise ConfigError(f"parallel.reshard_after_forward={rho}: a rank count must be >= 1")
+        if self.shard_unit not in ("block", "weight"):
+            raise ConfigError(f"parallel.shard_unit must be block or weight, got {excerpt(self.shard_unit, 40)}")
+        if self.offload_activations and not self.activation_checkpointing and self.strategy != "auto":
+            raise ConfigError("parallel.offload_activations moves the checkpointed block inputs to host memory; "
+                              "set parallel.activation_checkpointing=true with it")
         for key in ("dp_replicate", "dp_shard"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"parallel.{key} must be >= 0 (0: auto), got {getattr(self, key)}")
@@ -223,6 +236,9 @@ class ParallelConfig:
             what = ("parallel.reshard_after_forward" if not isinstance(rho, bool) else
                     f"parallel.dp_replicate={self.dp_replicate}, parallel.dp_shard={self.dp_shard}")
             raise ConfigError(f"{what} applies to parallel.strategy=fsdp2 only, not {self.strategy}")
+        if self.shard_unit != "block" and self.strategy not in ("fsdp2", "auto"):
+            raise ConfigError(f"parallel.shard_unit={self.shard_unit} applies to parallel.strategy=fsdp2 only, "
+                              f"not {self.strategy}")
 
 
 @dataclass

@@ -4,13 +4,14 @@ At a 128k vocabulary the logits of a step are its largest activation: (tokens x 
 the compute dtype, again in fp32 for the loss, and once more for their gradient. The head
 is frozen (LoRA adapts the blocks), so its backward only needs the gradient of its input.
 :class:`ChunkedHeadLoss` makes the model's head return its input (the final hidden states)
-and computes ``sum CE(hidden @ W.T + b)`` a chunk of tokens at a time, recomputing each
-chunk's logits in backward: the peak is ``chunk x vocab`` fp32 instead of ``tokens x vocab``.
+and computes ``sum CE(hidden @ W.T + b)`` a chunk of tokens at a time: the peak is
+``chunk x vocab`` fp32 instead of ``tokens x vocab``. Each chunk's gradient of the hidden
+states is computed in forward, from the logits already in hand (the softmax minus the
+one-hot target, times the head), and backward only scales it by the loss's weight: two
+head matmuls per step, as for the plain loss, with nothing recomputed.
 
 The head keeps running inside the model's forward, so FSDP2 and ZeRO-3 gather its weight
-as they always do: FSDP2 keeps the head gathered from its forward to its backward (it
-does not reshard after forward, :func:`lora_dist.parallel.parallelize`), and under ZeRO-3
-the backward gathers it again for the chunks' recompute.
+as they always do, once: the backward does not need it again.
 
 It applies where the head's output reaches the loss through linear operations only (the
 logit scales of Cohere or Granite are linear and commute with the chunking); a model with
@@ -25,7 +26,8 @@ Llama head per 1024 tokens), each computes the logits of every rank's tokens ove
 own vocabulary rows, and two small all-gathers (per-token log-sum-exp and target logit
 per shard) give each token's exact cross-entropy. In backward each rank multiplies its
 softmax gradient by its rows and a reduce-scatter sums the shards' contributions to each
-rank's hidden-state gradient (in fp32). At 70B on 8 ranks this removes the 2.1 GB head
+rank's hidden-state gradient (in fp32); a token's gradient needs the log-sum-exp of every
+shard, so here backward recomputes each chunk's logits. At 70B on 8 ranks this removes the 2.1 GB head
 from the gathered weights and its all-gather (2 GB per step) from the wire, and a chunk's
 logits are ``chunk x vocab / W``.
 """
@@ -71,7 +73,7 @@ def n_targets(labels: torch.Tensor) -> int:
 
 
 def _gathered(weight: torch.Tensor):
-    """Under ZeRO-3 the head's weight is partitioned outside its forward: gather it for the recompute."""
+    """Under ZeRO-3 the head's weight is partitioned outside its forward: gather it for the chunks."""
     if hasattr(weight, "ds_id"):
         import deepspeed
 
@@ -80,19 +82,26 @@ def _gathered(weight: torch.Tensor):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """``sum over this rank's tokens of CE(hidden @ W.T + b, target)`` in fp32, a chunk of tokens at a time,
-    recomputed in backward; the head ``(W, b)`` is frozen.
+    """``sum over this rank's tokens of CE(hidden @ W.T + b, target)`` in fp32, a chunk of tokens at a time; the
+    head ``(W, b)`` is frozen.
 
-    ``group`` None: this process holds the whole head. Else every rank of ``group`` holds vocabulary rows
-    ``[vocab_start, vocab_start + len(W))``: the ranks' hidden states are gathered (padded to the longest
-    rank's count), each chunk holds the logits of up to ``chunk`` of them over this rank's rows, and the
-    per-shard log-sum-exp and target logits combine into each token's cross-entropy; in backward the shards'
-    gradients of the hidden states are summed in fp32 by a reduce-scatter.
+    ``group`` None: this process holds the whole head, so each chunk's log-sum-exp is final as soon as its
+    logits exist: where ``grad`` asks for it, the chunk's gradient of the hidden states (per unit of loss) is
+    computed right there, from the logits already in hand, and backward only scales it - no recompute, two
+    head matmuls per step instead of three (and under ZeRO-3 no second gather of the head).
+
+    Else every rank of ``group`` holds vocabulary rows ``[vocab_start, vocab_start + len(W))``: the ranks'
+    hidden states are gathered (padded to the longest rank's count), each chunk holds the logits of up to
+    ``chunk`` of them over this rank's rows, and the per-shard log-sum-exp and target logits combine into each
+    token's cross-entropy; that needs every chunk's statistics from every shard first, so backward recomputes
+    each chunk's logits, and the shards' gradients of the hidden states are summed in fp32 by a reduce-scatter.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, vocab_start, chunk, group):
-        world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+    def forward(ctx, hidden, weight, bias, targets, vocab_start, chunk, group, grad):
+        if group is None:
+            return _LinearCrossEntropy._whole_head(ctx, hidden, weight, bias, targets, chunk, grad)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
         n = hidden.shape[0]
         every, every_targets = hidden, targets
         if world > 1:
@@ -132,7 +141,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return per_token[rank * n:rank * n + hidden.shape[0]].sum()
 
     @staticmethod
+    def _whole_head(ctx, hidden, weight, bias, targets, chunk, grad):
+        """One process, the whole head: loss and (``grad``) the hidden states' gradient in one pass."""
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        d_hidden = torch.zeros_like(hidden) if grad else None
+        with _gathered(weight):
+            w, b = _as(weight, bias, hidden.dtype)
+            for start in range(0, hidden.shape[0], max(chunk, 1)):
+                rows = slice(start, start + max(chunk, 1))
+                t = targets[rows]
+                keep = t != IGNORE
+                logits = F.linear(hidden[rows], w, b).float()
+                target_logit = logits.gather(1, torch.where(keep, t, 0)[:, None]).squeeze(1)
+                top = logits.amax(dim=-1)
+                probs = logits.sub_(top[:, None]).exp_()  # in place: one fp32 chunk
+                norm = probs.sum(dim=-1)
+                total += torch.where(keep, top + norm.log() - target_logit, 0.0).sum()
+                if grad:
+                    probs /= norm[:, None]  # the softmax
+                    probs[keep, t[keep]] -= 1.0
+                    probs[~keep] = 0.0
+                    d_hidden[rows] = probs.to(w.dtype) @ w
+                del logits, probs  # before the next chunk's exist
+        ctx.save_for_backward(d_hidden)
+        ctx.world = 0
+        return total
+
+    @staticmethod
     def backward(ctx, grad_total):
+        if not ctx.world:  # the whole head: the gradient is there already
+            (d_hidden,) = ctx.saved_tensors
+            return (d_hidden * grad_total.to(d_hidden.dtype), None, None, None, None, None, None, None)
         every, every_targets, lse = ctx.saved_tensors
         world, n, group = ctx.world, ctx.n, ctx.group
         scales = grad_total.reshape(1).float()  # each rank's d(total)/d(its loss sum)
@@ -159,7 +198,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad[start:start + c] = partial
                 del probs, partial  # before the next chunk's exist
-        return grad[:ctx.count].to(every.dtype), None, None, None, None, None, None
+        return grad[:ctx.count].to(every.dtype), None, None, None, None, None, None, None
 
 
 def _as(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -196,7 +235,9 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     rank's tokens, with the same gradient for ``hidden``; the head gets none (it is frozen).
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # the last position predicts nothing
-    return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, bias, targets.flatten(), vocab_start, chunk, group)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, bias, targets.flatten(), vocab_start, chunk, group,
+                                     grad)
 
 
 def chunkable(model: nn.Module) -> str | None:

@@ -31,7 +31,8 @@ computed from the resulting parameter shapes and the run config:
   (H hidden, I MLP width, H_kv key/value width, sum(r) over the block's LoRA
   layers), counted with ``saved_tensors_hooks`` on Llama-family blocks (SDPA
   attention, SwiGLU MLP); with activation checkpointing, each block's input
-  plus one block recomputed. The plain loss adds three ``tokens x vocab`` fp32
+  plus one block recomputed; with ``parallel.offload_activations`` the block
+  inputs wait in host memory instead, shown apart (:attr:`MemoryPlan.offloaded`, not in the peak). The plain loss adds three ``tokens x vocab`` fp32
   buffers (logits, the fp32 copy, log-softmax; their gradients reuse the
   same sizes as backward frees them). The chunked loss (``train.loss_chunk``,
   where :func:`lora_dist.loss.chunkable` allows it) holds the final hidden
@@ -45,7 +46,11 @@ computed from the resulting parameter shapes and the run config:
   backward; never gathered when the loss runs on its vocabulary shards) and
   three transformer blocks (the running one, the next one, and the flat
   all-gather output FSDP2 copies a block's params out of); without it,
-  everything.
+  everything. With ``parallel.shard_unit=weight`` (every weight matrix of a
+  block its own unit) the same three are weights, not blocks; a checkpointed
+  block's recompute, though, gathers all of its weights and keeps them
+  (FSDP2 does not reshard in backward's recompute): one block plus the
+  all-gather output of its largest weight.
   Resharded to N ranks after forward (``reshard_after_forward=N`` or ``node``),
   every block and the input embedding also keep a 1/N shard from their
   forward until backward.
@@ -155,6 +160,8 @@ class MemoryPlan:
     """fsdp2 replica groups (hybrid sharding: the base is sharded over ``world_size / dp_replicate`` ranks)."""
     peak_at: str = "backward's start"
     """The moment of the step the terms describe: backward's start, or forward's start where that holds more."""
+    offloaded: int = 0
+    """``parallel.offload_activations``: the checkpointed block inputs waiting in host memory (not in the peak)."""
 
     TERMS = ("base_shard", "base_replicated", "lora_params", "lora_grads", "optimizer_state", "activations",
              "gathered", "buffers", "adapted_experts")
@@ -196,6 +203,8 @@ class MemoryPlan:
         lines.append(f"  {'peak (sum)':30s} {self.total / GB:8.3f}")
         if self.peak_at != "backward's start":
             lines.append(f"  (at {self.peak_at}: the embedding gathered; backward's start holds less)")
+        if self.offloaded:
+            lines.append(f"  {'host: checkpointed inputs':30s} {self.offloaded / GB:8.3f}  (not in the peak)")
         lines.append("")
         lines.append(f"merged export budget per rank (model/W + largest tensor): {self.export_budget / GB:.3f} GB")
         lines.append("not included: the process itself (Python/torch/libraries, ~0.4 GB RSS per CPU rank)")
@@ -358,7 +367,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     from lora_dist.lora import LoRAParam, lora_modules, lora_parameters
     from lora_dist.loss import chunkable, head_sharding_pays
     from lora_dist.parallel import dp_mesh_shape, find_blocks
-    from lora_dist.parallel.parallelize import embedding_and_head, reshard_size
+    from lora_dist.parallel.parallelize import embedding_and_head, reshard_size, weight_units
     from lora_dist.parallel.reducer import fill_buckets
     from lora_dist.parallel.sharded_adamw import IN_FLIGHT
     from lora_dist.quant import nf4_bytes, nf4_quantizable, quantized_weights
@@ -416,12 +425,23 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
             in_unit = {id(q) for m in (*blocks, *units) for q in m.parameters()}
             root_rest = gathered_bytes(q for _, q in base if id(q) not in in_unit)
             block = max((gathered_bytes(b.parameters()) for b in blocks), default=0)
+            running, first = 3 * block, 2 * block
+            if p.shard_unit == "weight":
+                # Each weight matrix its own unit: forward holds one at a time (and its all-gather output).
+                # Backward recomputing a checkpointed block gathers all of its units (FSDP2 does not reshard
+                # in a recompute) plus the all-gather output of the last; without checkpointing, backward holds
+                # the unit running, the next one and the all-gather output of the one after, as for blocks.
+                lora_set = set(lora_parameters(model))
+                unit = max((gathered_bytes(m.parameters()) for b in blocks for m in weight_units(b, lora_set)),
+                           default=0)
+                running = block + unit if p.activation_checkpointing else min(3 * unit, 3 * block)
+                first = 2 * unit
             kept_head = gathered_bytes(head.parameters()) if head is not None and not head_sharded else 0
-            gathered = min(root_rest + kept_head + 3 * block, gathered_bytes(q for _, q in base))
+            gathered = min(root_rest + kept_head + running, gathered_bytes(q for _, q in base))
             if embed is not None:
                 # Forward's start: the root's rest and the embedding gathered, the first block's all-gather
                 # output and its params.
-                forward_gathered = root_rest + gathered_bytes(embed.parameters()) + 2 * block
+                forward_gathered = root_rest + gathered_bytes(embed.parameters()) + first
             after_forward = reshard_size(p, shards, 0)
             if after_forward is not True:
                 # Resharded to N ranks (reshard_after_forward=N, or node resolved to the node's ranks): every
@@ -486,8 +506,15 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
     vocab = getattr(hf_config, "vocab_size", 0) or 0
     n_blocks = len(blocks)
+    offloaded = 0
     if p.activation_checkpointing:
         saved = tokens * (n_blocks * hidden + per_block) * compute_elt
+        if p.offload_activations:
+            # lora_dist.parallel.checkpointing.HostActivations: each block's input waits in host memory (Hugging
+            # Face binds the other arguments, such as the rotary cos/sin all blocks share, to the function it
+            # checkpoints: they stay where they are); the block recomputed is on the device.
+            offloaded = tokens * n_blocks * hidden * compute_elt
+            saved -= offloaded
     else:
         saved = tokens * n_blocks * per_block * compute_elt
     saved += tokens * (hidden + 1) * compute_elt  # final norm
@@ -538,4 +565,5 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         base_shard=base_shard, base_replicated=base_replicated, lora_params=lora_params, lora_grads=lora_grads,
         optimizer_state=optimizer_state, activations=activations, gathered=gathered, buffers=buffers,
         adapted_experts=adapted_experts, dp_replicate=W // shards if p.strategy == "fsdp2" else 1, peak_at=peak_at,
+        offloaded=offloaded,
     )

@@ -147,6 +147,13 @@ def fsdp2_offload(ctx):
     return _memory(_run_config(ctx, "offload", "parallel.strategy=fsdp2", "parallel.cpu_offload=true"))
 
 
+@check("fsdp2: one unit per weight, checkpointed inputs in pinned host memory", needs_cuda=True)
+def fsdp2_weight_units_offload(ctx):
+    return _memory(_run_config(ctx, "weight-units", "parallel.strategy=fsdp2", "parallel.activation_checkpointing=true",
+                               "parallel.shard_unit=weight", "parallel.offload_activations=true",
+                               "parallel.mixed_precision=bfloat16"))
+
+
 @check("zero3 + activation checkpointing", needs_cuda=True)
 def zero3_ac(ctx):
     return _memory(_run_config(ctx, "zero3", "parallel.strategy=zero3", "parallel.activation_checkpointing=true"))

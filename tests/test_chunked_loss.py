@@ -38,6 +38,34 @@ def test_function_equals_the_plain_loss_and_its_gradient(chunk, with_bias):
     torch.testing.assert_close(grad_chunked, grad_plain, rtol=1e-5, atol=2e-6 * float(grad_plain.abs().max()))
 
 
+def test_two_head_matmuls_per_chunk_and_none_without_grad():
+    """One process: each chunk's gradient is computed from the logits forward already has (the head multiplies twice
+    per chunk, as for the plain loss; recomputing the logits in backward made it three); without grad, once."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HeadMatmuls(TorchDispatchMode):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight, self.count = weight, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.matmul):
+                self.count += any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr()
+                                  == self.weight.untyped_storage().data_ptr() for a in args)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 10, 16, generator=g, requires_grad=True)
+    weight, labels = torch.randn(50, 16, generator=g), torch.randint(0, 50, (2, 10), generator=g)
+    with HeadMatmuls(weight) as counted:
+        linear_cross_entropy_sum(hidden, weight, None, labels, 5).backward()
+    assert counted.count == 2 * 4  # 20 tokens in chunks of 5
+    with torch.no_grad(), HeadMatmuls(weight) as counted:
+        value = linear_cross_entropy_sum(hidden, weight, None, labels, 5)
+    assert counted.count == 4
+    torch.testing.assert_close(value, _plain_sum(F.linear(hidden, weight), labels), rtol=1e-6, atol=1e-5)
+
+
 def test_all_ignored_gives_zero_loss_and_gradient():
     hidden = torch.randn(2, 4, 8, requires_grad=True)
     labels = torch.full((2, 4), IGNORE)

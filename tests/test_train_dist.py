@@ -162,6 +162,18 @@ def test_activation_checkpointing_and_no_reshard_change_nothing(setup, reference
     _assert_same_adapter(reference, out)
 
 
+@pytest.mark.parametrize("strategy,variant", [
+    ("fsdp2", "parallel.shard_unit=weight"),  # each weight matrix its own FSDP2 unit
+    ("zero3", ""),
+])
+def test_offloaded_activations_change_nothing(setup, reference, strategy, variant):
+    """Checkpointed block inputs waiting in host memory (and, under fsdp2, one unit per weight) give 1 process's
+    adapter."""
+    out = _train(setup, f"offload-acts-{strategy}", 2, f"parallel.strategy={strategy}", "train.micro_batch_size=2",
+                 "parallel.activation_checkpointing=true", "parallel.offload_activations=true", *variant.split())
+    _assert_same_adapter(reference, out)
+
+
 def test_cpu_offload_of_base_shards_changes_nothing(setup, reference):
     out = _train(setup, "offload", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=2", "parallel.cpu_offload=true")
     _assert_same_adapter(reference, out)

@@ -1,6 +1,8 @@
 """``parallelize``: the one place a model is wrapped for its strategy, in a fixed order.
 
-activation checkpointing -> FSDP2 ``fully_shard`` per transformer block, then
+activation checkpointing (:mod:`~lora_dist.parallel.checkpointing`) -> FSDP2
+``fully_shard`` per transformer block (``parallel.shard_unit=weight``: each
+weight matrix of a block its own unit first, :func:`weight_units`), then
 the input embedding and output head as their own units, then the root, all on
 one data-parallel mesh (:func:`dp_mesh_shape`): 1-D over every rank, or 2-D
 ``(dp_replicate, dp_shard)`` for hybrid sharding (HSDP: ``(Replicate, Shard(0))``,
@@ -22,8 +24,9 @@ import torch.nn as nn
 
 from lora_dist.config import ConfigError, ParallelConfig
 from lora_dist.lora import lora_parameters
+from lora_dist.parallel.checkpointing import enable_activation_checkpointing
 
-__all__ = ["dp_mesh_shape", "embedding_and_head", "find_blocks", "parallelize", "reshard_size"]
+__all__ = ["dp_mesh_shape", "embedding_and_head", "find_blocks", "parallelize", "reshard_size", "weight_units"]
 
 
 def dp_mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
@@ -76,15 +79,6 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def _enable_activation_checkpointing(model: nn.Module) -> None:
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if enable is None:
-        raise ValueError("parallel.activation_checkpointing needs a Hugging Face model; set it to false")
-    # Non-reentrant checkpointing recomputes each block and keeps parameter names unchanged; unlike the
-    # reentrant kind it needs no input that requires grad (the LoRA params inside each block are enough).
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> nn.Module:
     """Apply activation checkpointing, then shard the frozen base (fsdp2), in place.
 
@@ -96,7 +90,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
         ValueError: fsdp2 found no transformer block to shard.
     """
     if cfg.activation_checkpointing:
-        _enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, offload=cfg.offload_activations)
     if cfg.strategy != "fsdp2":
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -123,6 +117,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
         raise ValueError(f"{type(model).__name__}: found no transformer blocks to shard; use parallel.strategy=ddp")
     shard = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
     for block in blocks:
+        if cfg.shard_unit == "weight":
+            for unit in weight_units(block, ignored):
+                fully_shard(unit, reshard_after_forward=reshard, **shard)
         fully_shard(block, reshard_after_forward=reshard, **shard)
     # Input embedding and output head are often the largest tensors: their own units, so only one
     # of them is gathered at a time. Tied ones share a parameter and must stay in one unit (the root).
@@ -139,6 +136,13 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
     # The root keeps what is left (final norm); backward needs it first, so no reshard after forward.
     fully_shard(model, reshard_after_forward=False, **shard)
     return model
+
+
+def weight_units(block: nn.Module, ignored: set[nn.Parameter] = frozenset()) -> list[nn.Module]:
+    """``parallel.shard_unit=weight``: the modules of ``block`` that hold a base weight matrix (a linear layer's
+    weight, a fused expert stack) themselves, each its own FSDP2 unit; the block's unit keeps the rest (norms)."""
+    return [m for m in block.modules() if m is not block
+            and any(q.dim() >= 2 and q not in ignored for q in m.parameters(recurse=False))]
 
 
 def embedding_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
