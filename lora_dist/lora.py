@@ -378,10 +378,12 @@ class LoRALinear(LoRALayer):
             # their grads stay fp32, and backward keeps no fp32 copy of x per adapted projection.
             lora_x = self.lora_dropout(x)
             hidden = F.linear(lora_x, self.lora_A.weight.to(x.dtype))
-            update = F.linear(hidden, self.lora_B.weight.to(x.dtype)) * self.scale
+            update = F.linear(hidden * self.scale, self.lora_B.weight.to(x.dtype))
         else:
             lora_x = self.lora_dropout(x).to(lora_dtype)
-            update = self.lora_B(self.lora_A(lora_x)) * self.scale
+            # The scale applies to the rank-r hidden (tokens x r), not to the update (tokens x out): the same
+            # product, a pass over r columns instead of out, in forward and in backward.
+            update = self.lora_B(self.lora_A(lora_x) * self.scale)
         return result + update.to(result.dtype)
 
     def extra_repr(self) -> str:

@@ -152,13 +152,19 @@ def test_peft_adapter_loads_with_same_logits(arch, config, tiny_model, token_ids
         n.removeprefix("base_model.model.") for n in reference.targeted_module_names
     }
     ids = token_ids(model)
-    torch.testing.assert_close(logits(model, ids), logits(reference, ids), atol=1e-6, rtol=0)
+    want = logits(reference, ids)
+    with reference.disable_adapter():
+        effect = float((want - logits(reference, ids)).abs().max())  # what the adapter changes
+    # The same math rounded in another order (lora_dist scales the rank-r hidden, PEFT the update): within 0.1%
+    # of the adapter's effect, where a wrong scale or a missed layer is a large part of it.
+    assert effect > 1e-3
+    torch.testing.assert_close(logits(model, ids), want, atol=1e-3 * effect, rtol=0)
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
     # ... and saving it again gives PEFT the same adapter back.
     save_adapter(model, tmp_path / "again")
     again = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "again").eval()
-    torch.testing.assert_close(logits(again, ids), logits(reference, ids), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(again, ids), want, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])

@@ -94,8 +94,9 @@ def to_output(values: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tens
 
 
 #: Elements checked at once: ``isfinite`` allocates a few temporaries the size of its input (``abs`` among
-#: them, in the input's dtype), so a whole largest tensor at once would hold about one more copy of it.
-FINITE_CHUNK = 1 << 20
+#: them, in the input's dtype), so a whole largest tensor at once would hold about one more copy of it. 64K
+#: elements keep those temporaries well under a MB (the check is a small part of the export's time either way).
+FINITE_CHUNK = 1 << 16
 
 
 def _all_finite(t: torch.Tensor) -> bool:
