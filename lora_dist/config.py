@@ -162,7 +162,8 @@ class ParallelConfig:
 
     strategy: str = "fsdp2"
     """fsdp2 (default), zero3, zero2, zero1, ddp, none (single process), or auto: the fastest that the planner
-    predicts fits parallel.memory_gb per rank (ddp, else fsdp2, else fsdp2 with activation checkpointing)."""
+    predicts fits parallel.memory_gb per rank (ddp, else fsdp2, else fsdp2 with activation checkpointing, else that
+    with parallel.shard_unit=weight and parallel.offload_activations)."""
     memory_gb: float = 0.0
     """parallel.strategy=auto: memory per rank in GB (1e9 bytes); 0: the GPU's total memory, or on the CPU the
     host's memory divided by the ranks on the node."""
@@ -264,7 +265,8 @@ class TrainConfig:
     seq_len: int = 128
     """Tokens per packed training sequence."""
     loss_chunk: int = 1024
-    """Tokens per chunk of the output head + loss, recomputed in backward: the full fp32 logits never exist
+    """Tokens per chunk of the output head + loss, each chunk's gradient computed as it goes (under fsdp2's
+    vocabulary shards recomputed in backward): the full fp32 logits never exist
     (0: the plain loss over the full logits). Under fsdp2 (parallel.gather_head=false) a chunk holds that many
     of all shard-group ranks' tokens over this rank's vocabulary rows. Off where the head is LoRA-adapted or
     soft-caps its logits."""

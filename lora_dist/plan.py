@@ -125,8 +125,8 @@ class StrategyChoice:
     def summary(self) -> str:
         tried = ", ".join(f"{name} {peak / GB:.2f} GB ({'fits' if peak <= self.budget else 'too big'})"
                           for name, peak in self.peaks)
-        ac = " + activation checkpointing" if self.activation_checkpointing else ""
-        return (f"parallel.strategy=auto chose {self.strategy}{ac}: the fastest whose predicted peak per rank fits "
+        chosen = self.peaks[-1][0] if self.peaks else self.strategy
+        return (f"parallel.strategy=auto chose {chosen}: the fastest whose predicted peak per rank fits "
                 f"the budget of {self.budget / GB:.2f} GB (parallel.memory_gb); {tried}")
 
 
@@ -322,13 +322,20 @@ def memory_budget(memory_gb: float, device: torch.device, local_ranks: int) -> i
 
 
 def _candidates(p: ParallelConfig, world_size: int) -> list[tuple[str, ParallelConfig]]:
-    """``parallel.strategy=auto``'s candidates, fastest first (ddp ~2.5x an fsdp2 step when the base fits)."""
+    """``parallel.strategy=auto``'s candidates, fastest first (ddp ~2.5x an fsdp2 step when the base fits); the
+    last one holds the least: one FSDP2 unit per weight and the checkpointed block inputs in host memory."""
     replicated = "ddp" if world_size > 1 else "none"
     options = [dataclasses.replace(p, strategy=replicated), dataclasses.replace(p, strategy="fsdp2"),
-               dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=True)]
+               dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=True),
+               dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=True, shard_unit="weight",
+                                   offload_activations=True)]
     out: list[tuple[str, ParallelConfig]] = []
     for option in options:
-        name = option.strategy + (" + activation checkpointing" if option.activation_checkpointing else "")
+        name = option.strategy
+        if option.strategy == "fsdp2":
+            name += " + activation checkpointing" if option.activation_checkpointing else ""
+            name += " + one unit per weight" if option.shard_unit == "weight" else ""
+            name += " + offloaded activations" if option.offload_activations and option.activation_checkpointing else ""
         if name not in dict(out):
             out.append((name, option))
     return out
@@ -346,7 +353,7 @@ def _choose(cfg: Config, world_size: int, budget: int, hf_config,
     fixes = ["more ranks"] + (["model.dtype=bfloat16"] if cfg.model.dtype == "float32" else [])
     fixes += ["a smaller train.seq_len or train.micro_batch_size"]
     raise ConfigError(f"parallel.strategy=auto: nothing fits {budget / GB:.2f} GB per rank (parallel.memory_gb); "
-                      f"the smallest predicted peak is {name}'s, {smallest / GB:.2f} GB; use {', '.join(fixes)}")
+                      f"the smallest predicted peak is {smallest / GB:.2f} GB ({name}); use {', '.join(fixes)}")
 
 
 def choose_strategy(cfg: Config, world_size: int, budget: int) -> tuple[ParallelConfig, StrategyChoice]:

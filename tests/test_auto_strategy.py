@@ -57,13 +57,27 @@ def test_just_below_ddp_picks_fsdp2_then_activation_checkpointing(deep_config):
     assert (parallel.strategy, parallel.activation_checkpointing) == ("fsdp2", True)
 
 
-def test_nothing_fits_is_one_line_naming_the_smallest_peak(deep_config):
+def test_below_checkpointing_picks_weight_units_with_offloaded_activations(deep_config):
     checkpointed = _peak(deep_config, "fsdp2", "parallel.activation_checkpointing=true")
+    leanest = _peak(deep_config, "fsdp2", "parallel.activation_checkpointing=true", "parallel.shard_unit=weight",
+                    "parallel.offload_activations=true")
+    assert leanest < checkpointed
+    parallel, choice = choose_strategy(_cfg(deep_config), WORLD, checkpointed - 1)
+    assert (parallel.strategy, parallel.activation_checkpointing, parallel.shard_unit,
+            parallel.offload_activations) == ("fsdp2", True, "weight", True)
+    assert len(choice.peaks) == 4 and choice.peaks[-1][1] == leanest
+    assert "chose fsdp2 + activation checkpointing + one unit per weight + offloaded activations:" in choice.summary()
+
+
+def test_nothing_fits_is_one_line_naming_the_smallest_peak(deep_config):
+    leanest = _peak(deep_config, "fsdp2", "parallel.activation_checkpointing=true", "parallel.shard_unit=weight",
+                    "parallel.offload_activations=true")
     with pytest.raises(ConfigError) as err:
-        choose_strategy(_cfg(deep_config), WORLD, checkpointed - 1)
+        choose_strategy(_cfg(deep_config), WORLD, leanest - 1)
     message = str(err.value)
     assert len(message.splitlines()) == 1
-    assert f"fsdp2 + activation checkpointing's, {checkpointed / GB:.2f} GB" in message
+    assert f"{leanest / GB:.2f} GB (fsdp2 + activation checkpointing + one unit per weight + offloaded activations)" \
+        in message
     assert "more ranks" in message and "model.dtype=bfloat16" in message and "train.seq_len" in message
 
 

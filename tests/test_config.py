@@ -270,7 +270,9 @@ def _refused_quickly(**kwargs) -> str:
     start = time.process_time()  # CPU time: other processes on a busy machine do not count
     with pytest.raises(ConfigError) as err:
         load_config(**kwargs)
-    assert time.process_time() - start < 1.0
+    # Bounded work: PyYAML's pure-Python scanner stops at the 20,000th value, 0.5-0.7 s here (just over 1 s once
+    # on a loaded 2-core machine); what these inputs cost unrefused is minutes, or never ends.
+    assert time.process_time() - start < 2.0
     message = str(err.value)
     assert "\n" not in message and len(message) < 400, message[:1000]
     return message
