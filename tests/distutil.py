@@ -180,3 +180,13 @@ def step_peak(engine, ids) -> int:
     with tracker:
         step()
     return tracker.peak
+
+
+def llama_config_dir(path: Path, vocab: int, hidden: int, intermediate: int, layers: int) -> Path:
+    """``path`` holding a Llama ``config.json`` only (4 heads, 2 key/value heads, untied head): what the planner
+    reads, and what the fake-world measurements build their model from."""
+    import transformers as tf
+
+    tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False).save_pretrained(path)
+    return path

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distutil import assert_same_adapter, ranks
+from distutil import assert_same_adapter, llama_config_dir, ranks
 from lora_dist.config import ConfigError, load_config
 from lora_dist.plan import GB, choose_strategy, memory_budget, plan_memory
 
@@ -22,12 +22,7 @@ WORLD = 4
 @pytest.fixture(scope="module")
 def deep_config(tmp_path_factory) -> Path:
     """A Llama config.json with enough blocks that FSDP2's gathered blocks are a small part of the base."""
-    import transformers as tf
-
-    path = tmp_path_factory.mktemp("deep")
-    tf.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=12, num_attention_heads=4,
-                   num_key_value_heads=2, tie_word_embeddings=False).save_pretrained(path)
-    return path
+    return llama_config_dir(tmp_path_factory.mktemp("deep"), vocab=512, hidden=128, intermediate=256, layers=12)
 
 
 def _cfg(path: Path, *extra: str):

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distutil import REPO, ranks, step_peak
+from distutil import REPO, llama_config_dir, ranks, step_peak
 from lora_dist.config import load_config
 from lora_dist.lora import LoRAConfig, inject_lora, lora_parameters
 from lora_dist.plan import plan_memory
@@ -33,12 +33,7 @@ def _plan(path: Path, strategy: str, world: int, *extra: str):
 @pytest.fixture(scope="module")
 def odd_config(tmp_path_factory) -> Path:
     """A Llama config.json (no weights) whose dims do not divide by 2 or 3: FSDP2 pads them."""
-    import transformers as tf
-
-    path = tmp_path_factory.mktemp("odd")
-    tf.LlamaConfig(vocab_size=301, hidden_size=40, intermediate_size=70, num_hidden_layers=3, num_attention_heads=4,
-                   num_key_value_heads=2, tie_word_embeddings=False).save_pretrained(path)
-    return path
+    return llama_config_dir(tmp_path_factory.mktemp("odd"), vocab=301, hidden=40, intermediate=70, layers=3)
 
 
 def test_param_terms_equal_a_real_model_after_a_step(tiny_checkpoint):
@@ -165,12 +160,7 @@ def test_peak_estimate_is_close_to_live_tensor_bytes(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def wide_vocab(tmp_path_factory) -> Path:
     """A Llama config.json whose vocabulary (8192) makes the fp32 logits the largest activation of a step."""
-    import transformers as tf
-
-    path = tmp_path_factory.mktemp("wide-vocab")
-    tf.LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, tie_word_embeddings=False).save_pretrained(path)
-    return path
+    return llama_config_dir(tmp_path_factory.mktemp("wide-vocab"), vocab=8192, hidden=64, intermediate=128, layers=2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -240,12 +230,7 @@ def test_every_mode_is_close_to_live_tensor_bytes(wide_vocab, strategy, world, o
 @pytest.fixture(scope="module")
 def blocky(tmp_path_factory) -> Path:
     """A Llama config.json whose blocks (4 MB each in fp32) are most of the base: what FSDP2 gathers shows."""
-    import transformers as tf
-
-    path = tmp_path_factory.mktemp("blocky")
-    tf.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, tie_word_embeddings=False).save_pretrained(path)
-    return path
+    return llama_config_dir(tmp_path_factory.mktemp("blocky"), vocab=512, hidden=256, intermediate=1024, layers=4)
 
 
 #: fsdp2 on 2 ranks with each weight matrix its own unit, with and without checkpointing, and checkpointed block
