@@ -254,10 +254,13 @@ def reference(setup):
     ("ddp", ()),
     ("ddp", ("parallel.shard_optimizer=false",)),
     ("fsdp2", ("parallel.cpu_offload=true", "parallel.activation_checkpointing=true")),
+    ("fsdp2", ("parallel.shard_unit=weight", "parallel.activation_checkpointing=true",
+               "parallel.offload_activations=true")),
 ])
 def test_two_ranks_equal_one_process(setup, reference, strategy, extra):
     """2 ranks train the adapter one process trains: fsdp2 (NF4 shards all-gathered; also offloaded to host memory,
-    with activation checkpointing), ddp with ZeRO-1 over the LoRA and with DDP's own wrapper."""
+    with activation checkpointing; also one unit per NF4 weight, the checkpointed inputs in host memory), ddp with
+    ZeRO-1 over the LoRA and with DDP's own wrapper."""
     from distutil import assert_same_adapter
 
     out = _train(setup, f"nf4-{strategy}-{len(extra)}", 2, f"parallel.strategy={strategy}",
