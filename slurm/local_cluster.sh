@@ -141,10 +141,22 @@ network_down() {
     ns=$(node_netns "$k")
     # Deleting the namespace also deletes the veth pair; a veth left in the
     # root namespace by a half-built run is removed explicitly.
-    [ -e "/var/run/netns/$ns" ] && ip netns del "$ns"
-    ip link show "$(host_veth "$k")" >/dev/null 2>&1 && ip link del "$(host_veth "$k")"
+    # The kernel removes a deleted namespace's devices asynchronously, so the
+    # veth may vanish between `show` and `del`: only its absence is checked.
+    if [ -e "/var/run/netns/$ns" ]; then ip netns del "$ns"; fi
+    ip link del "$(host_veth "$k")" >/dev/null 2>&1 || true
   done
-  if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE"; fi
+  ip link del "$BRIDGE" >/dev/null 2>&1 || true
+  wait_until 10 network_gone || die "network devices still present after removal: $(ip -br link | grep -E "^(ld-veth|$BRIDGE)" | tr '\n' ' ')"
+}
+
+network_gone() {
+  local k
+  for k in "${NODE_IDS[@]}"; do
+    ! ip link show "$(host_veth "$k")" >/dev/null 2>&1 || return 1
+    [ ! -e "/var/run/netns/$(node_netns "$k")" ] || return 1
+  done
+  ! ip link show "$BRIDGE" >/dev/null 2>&1
 }
 
 # Everything running inside our namespaces was started by our slurmd (job
@@ -222,7 +234,15 @@ wait_until() {  # seconds command... : poll the command until it succeeds
   done
 }
 
-comm_is() { [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ]; }
+# A killed daemon stays a zombie until its parent (init here) reaps it; its
+# /proc/PID/comm still reads the same, so a zombie counts as not running.
+comm_is() {  # pid comm
+  [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ] || return 1
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
+}
 
 munge_works() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
 
