@@ -97,10 +97,18 @@ class ModelConfig:
     """QLoRA: "nf4" stores the transformer blocks' linear weights as 4-bit NormalFloat (torchao; pip install
     'lora_dist[quant]'), each rank quantizing the rows it loads; "" keeps them in model.dtype. fsdp2, ddp and
     none only. The merged export merges into the dequantized base (docs/qlora.md)."""
+    quantize_embeddings: bool = False
+    """With model.quantize: the input embedding and the output head stored as NF4 too (a row lookup of the NF4
+    data; the loss dequantizes this rank's head rows). Off, as in QLoRA: they stay in model.dtype. Their share
+    of the base is large where the vocabulary is (Llama-3 8B: 2 GB of 16 GB in bf16); see docs/qlora.md for the
+    loss it costs."""
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE:
             raise ConfigError(quantize_problem(self.quantize, "none"))
+        if self.quantize_embeddings and not self.quantize:
+            raise ConfigError("model.quantize_embeddings=true needs model.quantize=nf4 (it quantizes the embedding "
+                              "and head along with the blocks); set both, or drop model.quantize_embeddings")
 
 
 class _DefaultFraction(float):

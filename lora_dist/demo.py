@@ -123,6 +123,7 @@ def make_tiny_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | None = None,
+    vocab: int | None = None,
 ) -> Path:
     """Build a randomly initialized HF model from config and save it like a real checkpoint.
 
@@ -132,6 +133,8 @@ def make_tiny_checkpoint(
             ``qwen3_moe`` are MoE models (:data:`MOE_EXPERTS` experts, top-:data:`MOE_TOP_K`), saved
             in the Hub's per-expert layout (``save_pretrained`` converts transformers' fused experts back).
         max_shard_size: split the weights into several files (e.g. "200KB").
+        vocab: the embedding's rows, padded past the tokenizer's (as many Hub models pad theirs); default the
+            tokenizer's size.
 
     Returns:
         ``path``.
@@ -140,7 +143,9 @@ def make_tiny_checkpoint(
 
     path = Path(path)
     tokenizer = make_tokenizer()
-    config = _config(arch, len(tokenizer), hidden, layers, heads, intermediate or 4 * hidden, max_pos)
+    if vocab is not None and vocab < len(tokenizer):
+        raise ValueError(f"vocab={vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    config = _config(arch, vocab or len(tokenizer), hidden, layers, heads, intermediate or 4 * hidden, max_pos)
     config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)

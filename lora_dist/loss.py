@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from lora_dist.chat import IGNORE
 from lora_dist.lora import LoRALinear
+from lora_dist.quant import dequantize
 
 __all__ = [
     "IGNORE",
@@ -202,8 +203,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _as(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-    """The head in the hidden states' dtype (a copy of this rank's rows only where it is stored in another)."""
-    return weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+    """The head in the hidden states' dtype (a copy of this rank's rows only where it is stored in another; an
+    NF4 head, ``model.quantize_embeddings``, dequantized)."""
+    return dequantize(weight, dtype), (bias.to(dtype) if bias is not None else None)
 
 
 def _local_targets(targets: torch.Tensor, vocab_start: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -221,7 +221,8 @@ def load_model(
         world = dist.get_world_size() if dist.is_initialized() else 1
         shards = dp_mesh_shape(parallel_cfg, world)[1] if strategy == "fsdp2" else 1
         offload = strategy == "fsdp2" and parallel_cfg.cpu_offload
-        prepare_quantized(model, model_cfg.quantize, shards, torch.device("cpu") if offload else device)
+        prepare_quantized(model, model_cfg.quantize, shards, torch.device("cpu") if offload else device,
+                          model_cfg.quantize_embeddings)
     parallelize(model, parallel_cfg, device)
     if strategy != "zero3":
         offload = strategy == "fsdp2" and parallel_cfg.cpu_offload

@@ -138,6 +138,8 @@ class MemoryPlan:
     world_size: int
     tokens_per_micro_batch: int
     activation_checkpointing: bool
+    mode: str
+    """The strategy with the memory modes it is planned with (:func:`mode_name`)."""
     num_params: int
     num_lora_params: int
     num_expert_params: int
@@ -187,8 +189,7 @@ class MemoryPlan:
         }
         lines = [self.choice.summary(), ""] if self.choice else []
         lines += [
-            f"strategy={self.strategy}{' + activation checkpointing' if self.activation_checkpointing else ''} "
-            f"world_size={self.world_size}"
+            f"strategy={self.mode} world_size={self.world_size}"
             f"{f' (dp_replicate={self.dp_replicate} x dp_shard={self.world_size // self.dp_replicate})' if self.dp_replicate > 1 else ''}"
             f" tokens/micro-batch/rank={self.tokens_per_micro_batch}",
             f"model: {self.num_params / 1e6:.1f}M params ({self.model_bytes / GB:.2f} GB), LoRA "
@@ -321,6 +322,19 @@ def memory_budget(memory_gb: float, device: torch.device, local_ranks: int) -> i
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_ranks, 1)
 
 
+def mode_name(p: ParallelConfig) -> str:
+    """``p.strategy`` with the memory modes in effect: "fsdp2 + activation checkpointing + one unit per weight +
+    offloaded activations" (what auto logs for its candidates and ``lora-dist plan`` heads its table with)."""
+    name = p.strategy
+    if p.activation_checkpointing:
+        name += " + activation checkpointing"
+    if p.strategy == "fsdp2" and p.shard_unit == "weight":
+        name += " + one unit per weight"
+    if p.offload_activations and p.activation_checkpointing:
+        name += " + offloaded activations"
+    return name
+
+
 def _candidates(p: ParallelConfig, world_size: int) -> list[tuple[str, ParallelConfig]]:
     """``parallel.strategy=auto``'s candidates, fastest first (ddp ~2.5x an fsdp2 step when the base fits); the
     last one holds the least: one FSDP2 unit per weight and the checkpointed block inputs in host memory."""
@@ -331,11 +345,7 @@ def _candidates(p: ParallelConfig, world_size: int) -> list[tuple[str, ParallelC
                                    offload_activations=True)]
     out: list[tuple[str, ParallelConfig]] = []
     for option in options:
-        name = option.strategy
-        if option.strategy == "fsdp2":
-            name += " + activation checkpointing" if option.activation_checkpointing else ""
-            name += " + one unit per weight" if option.shard_unit == "weight" else ""
-            name += " + offloaded activations" if option.offload_activations and option.activation_checkpointing else ""
+        name = mode_name(option)
         if name not in dict(out):
             out.append((name, option))
     return out
@@ -395,7 +405,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     # gathered (FSDP2 all-gathers the NF4 shards); one of them is dequantized at a time for its matmul.
     # fsdp2 shards the base over dp_shard ranks (all W, or one replica group's under hybrid sharding).
     shards = dp_mesh_shape(p, W)[1] if p.strategy == "fsdp2" else 1
-    nf4 = {id(m._parameters[a]) for m, a in quantized_weights(model)
+    nf4 = {id(m._parameters[a]) for m, a in quantized_weights(model, cfg.model.quantize_embeddings)
            if nf4_quantizable(tuple(m._parameters[a].shape), shards)} if cfg.model.quantize else set()
 
     def stored(q: torch.nn.Parameter, numel: int, elt: int) -> int:
@@ -404,7 +414,22 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     def gathered_bytes(params) -> int:
         return sum(stored(q, q.numel(), compute_elt) for q in params if id(q) not in lora)
 
-    dequantized = max((q.numel() for _, q in base if id(q) in nf4), default=0) * compute_elt
+    embed, head = embedding_and_head(model)
+    # One NF4 weight dequantized at a time: a block's linear for its matmul, or the head for the loss (this rank's
+    # rows where the loss runs on its shard); an NF4 embedding dequantizes only the rows it looks up.
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_len
+    chunk = min(cfg.train.loss_chunk, tokens) if chunkable(model) is None else 0
+    head_sharded = (p.strategy == "fsdp2" and not p.gather_head and bool(chunk) and head is not None
+                    and head_sharding_pays(head.weight.shape[0], shards, tokens))
+    embed_weight = id(embed.weight) if embed is not None else None
+    head_weight = id(head.weight) if head is not None else None
+
+    def dequantized_numel(q: torch.nn.Parameter) -> int:
+        if id(q) not in nf4 or (id(q) == embed_weight and id(q) != head_weight):
+            return 0
+        return q.numel() // shards if head_sharded and id(q) == head_weight else q.numel()
+
+    dequantized = max((dequantized_numel(q) for _, q in base), default=0) * compute_elt
 
     largest_base = max((q.numel() for _, q in base), default=0)
 
@@ -412,13 +437,8 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     forward_gathered: int | None = None  # fsdp2: what forward's start holds gathered, where it may be the peak
     optimizer_state = 2 * lora_bytes
     lora_params, lora_grads = lora_bytes, lora_bytes
-    tokens = cfg.train.micro_batch_size * cfg.train.seq_len
-    chunk = min(cfg.train.loss_chunk, tokens) if chunkable(model) is None else 0
     # fsdp2 without parallel.gather_head: the head, its own unit, is never gathered where that holds less
-    # (lora_dist.loss.ShardedHeadLoss, as the engine decides).
-    embed, head = embedding_and_head(model)
-    head_sharded = (p.strategy == "fsdp2" and not p.gather_head and bool(chunk) and head is not None
-                    and head_sharding_pays(head.weight.shape[0], shards, tokens))
+    # (lora_dist.loss.ShardedHeadLoss, as the engine decides): head_sharded above.
     if p.strategy == "fsdp2":
         base_shard = sum(stored(q, _fsdp_shard_numel(tuple(q.shape), shards), base_elt) for _, q in base)
         if p.reshard_after_forward:
@@ -565,7 +585,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     largest = max((q.numel() * (LORA_BYTES if id(q) in lora else base_elt) for q in tensors), default=0)
     return MemoryPlan(
         strategy=p.strategy, world_size=W, tokens_per_micro_batch=tokens,
-        activation_checkpointing=p.activation_checkpointing,
+        activation_checkpointing=p.activation_checkpointing, mode=mode_name(p),
         num_params=base_numel + lora_numel, num_lora_params=lora_numel, num_expert_params=expert_numel,
         num_active_params=active, num_expert_lora_params=expert_lora_numel,
         model_bytes=base_numel * base_elt, largest_tensor_bytes=largest,

@@ -1,7 +1,9 @@
 """QLoRA: the frozen base's linear weights stored as NF4 (``model.quantize: nf4``), via torchao.
 
 Which weights: the ``nn.Linear`` weights inside the transformer blocks (adapted or not), as QLoRA
-does; the input embedding, the output head, norms and biases keep ``model.dtype``. A weight is
+does; with ``model.quantize_embeddings`` the input embedding and the output head too (the embedding's
+forward dequantizes only the rows it looks up: :func:`embedding_rows`; the chunked loss dequantizes the
+head rows this rank holds). Norms and biases keep ``model.dtype``. A weight is
 quantized where its local part is whole NF4 groups (:data:`GROUP` elements:
 ``SCALER_BLOCK`` blocks of ``BLOCK`` elements) and, sharded by fsdp2, its rows divide evenly over
 the ranks; any other keeps ``model.dtype`` (logged, and counted so by :mod:`lora_dist.plan`).
@@ -36,6 +38,7 @@ __all__ = [
     "SCALER_BLOCK",
     "dequantize",
     "dequantize_flat",
+    "embedding_rows",
     "frozen_linear",
     "is_nf4",
     "is_quantized",
@@ -45,6 +48,7 @@ __all__ = [
     "nf4_quantizable",
     "prepare_quantized",
     "quantize_problem",
+    "quantize_whole",
     "quantized_weights",
 ]
 
@@ -105,21 +109,37 @@ def nf4_bytes(numel: int, itemsize: int) -> int:
     return numel // 2 + numel // BLOCK + numel // GROUP * itemsize + 17 * itemsize
 
 
-def quantized_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+def quantized_weights(model: nn.Module, embeddings: bool = False) -> list[tuple[nn.Module, str]]:
     """``(module, "weight")`` of every weight :func:`prepare_quantized` considers: the linear layers' weights in the
-    transformer blocks (LoRA-adapted ones included; GPT-2's transposed ``Conv1D`` excluded)."""
+    transformer blocks (LoRA-adapted ones included; GPT-2's transposed ``Conv1D`` excluded) and, with
+    ``embeddings`` (``model.quantize_embeddings``), the input embedding and the output head (once where tied)."""
     from lora_dist.lora import LoRALinear, lora_parameters
     from lora_dist.parallel import find_blocks
 
     out, seen = [], {id(p) for p in lora_parameters(model)}  # the adapters' own lora_A/lora_B stay as they are
+
+    def add(module: nn.Module) -> None:
+        if id(module) not in seen and id(module.weight) not in seen:
+            seen.update((id(module), id(module.weight)))
+            out.append((module, "weight"))
+
     for block in find_blocks(model):
         for module in block.modules():
-            linear = type(module) is nn.Linear or isinstance(module, _NF4Linear) or (
-                isinstance(module, LoRALinear) and not module.fan_in_fan_out)
-            if linear and id(module) not in seen and id(module.weight) not in seen:
-                seen.add(id(module))
-                out.append((module, "weight"))
+            if type(module) is nn.Linear or isinstance(module, _NF4Linear) or (
+                    isinstance(module, LoRALinear) and not module.fan_in_fan_out):
+                add(module)
+    if embeddings:
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            module = getattr(model, get, lambda: None)()
+            if _embedding_quantizable(module) or type(module) in (nn.Linear, _NF4Linear):
+                add(module)
     return out
+
+
+def _embedding_quantizable(module: nn.Module | None) -> bool:
+    """An ``nn.Embedding`` whose rows are whole NF4 blocks and whose forward is a plain row lookup."""
+    return (isinstance(module, nn.Embedding) and module.embedding_dim % BLOCK == 0 and module.max_norm is None
+            and type(module) in (nn.Embedding, _NF4Embedding))
 
 
 class _NF4Linear(nn.Linear):
@@ -127,6 +147,34 @@ class _NF4Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_linear(x, self.weight, self.bias)
+
+
+class _NF4Embedding(nn.Embedding):
+    """An ``nn.Embedding`` whose weight is NF4: forward dequantizes the rows it looks up (:func:`embedding_rows`)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return embedding_rows(self.weight, ids)
+
+
+def embedding_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``F.embedding(ids, weight)`` for a frozen ``weight``, NF4 or not: only the rows looked up are dequantized.
+
+    A row of an NF4 embedding is whole blocks (:func:`_embedding_quantizable`), so its values are its packed
+    bytes through the code table times its blocks' scales, computed as torchao's dequantization computes them
+    (bitwise :func:`dequantize` of the whole weight, then the lookup).
+    """
+    if not is_nf4(weight):
+        return F.embedding(ids, weight)
+    rows, dim = weight.shape
+    per_row = dim // weight.block_size
+    flat = ids.reshape(-1)
+    packed = weight.quantized_data.view(rows, dim // 2)[flat]
+    values = torch.stack([weight.nf4[(packed >> 4).long()], weight.nf4[(packed & 0b1111).long()]], dim=-1)
+    blocks = flat[:, None] * per_row + torch.arange(per_row, device=flat.device)
+    factor = weight.quantization_factor[blocks // weight.scaler_block_size]
+    scales = (weight.quantized_scalers[blocks] / factor).to(weight.dtype) + weight.scaler_mean
+    values = values.view(flat.numel(), per_row, weight.block_size) * scales.unsqueeze(-1)
+    return values.view(*ids.shape, dim)
 
 
 def _local(param: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -147,7 +195,8 @@ def is_quantized(param: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torch.device) -> list[str]:
+def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torch.device,
+                      embeddings: bool = False) -> list[str]:
     """Turn the blocks' linear weights of the meta skeleton into (empty) NF4 tensors, before it is sharded.
 
     FSDP2 then shards them as NF4 (``Shard(0)`` DTensors of NF4 shards), materializing allocates only the
@@ -158,6 +207,7 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
         quantize: ``model.quantize``.
         shards: ranks each weight's rows are split over (W under fsdp2, else 1).
         device: where the model is materialized.
+        embeddings: ``model.quantize_embeddings``: the input embedding and the output head too.
 
     Returns:
         The names of the weights left in ``model.dtype``: their rows are not whole :data:`GROUP` s per rank.
@@ -168,7 +218,7 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
     names = {id(m): n for n, m in model.named_modules()}
     tables: dict[torch.dtype, torch.Tensor] = {}
     skipped, quantized = [], []
-    for module, attr in quantized_weights(model):
+    for module, attr in quantized_weights(model, embeddings):
         param = module._parameters[attr]
         if not (param.is_floating_point() and nf4_quantizable(tuple(param.shape), shards)):
             skipped.append(f"{names[id(module)]}.{attr}")
@@ -182,6 +232,8 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
         module._parameters[attr] = nn.Parameter(q, requires_grad=False)
         if type(module) is nn.Linear:
             module.__class__ = _NF4Linear
+        elif type(module) is nn.Embedding:
+            module.__class__ = _NF4Embedding
         quantized.append(f"{names[id(module)]}.{attr}")
     # DDP broadcasts rank 0's parameters when it wraps the model; c10d's broadcast corrupts NF4 tensors, and
     # every rank quantized the same base anyway: the list DDP leaves alone (what its
@@ -200,13 +252,15 @@ def load_quantized(param: torch.Tensor, values: torch.Tensor) -> None:
 
     ``values`` are the elements the rank owns (its rows), read from the checkpoint. The ranks holding the
     weight's rows all-reduce the sum of their block scales: the tensor's one mean is that of the whole
-    weight, so the shard is bit for bit the rank's chunk of the weight quantized whole (up to the summation
-    order of the mean).
+    weight, so the shard is bit for bit the rank's chunk of the weight quantized whole (the mean summed in float64,
+    so the ranks' split does not change its rounding).
     """
     nf4 = nf4_module()
     local, shards = _local(param)
     values = values.to(device=local.device, dtype=local.dtype).reshape(local.shape).contiguous()
-    total = nf4.get_block_absmax(values.reshape(-1), BLOCK).float().sum()
+    # Summed in float64: the mean then rounds to the same value whatever the ranks' split (1 ulp apart in fp32 it
+    # moved the adapter trained on an NF4 embedding ten times more than another summation order does).
+    total = nf4.get_block_absmax(values.reshape(-1), BLOCK).double().sum()
     if shards > 1:  # over the ranks holding the weight's rows (the shard dim of an HSDP mesh)
         import torch.distributed as dist
         from torch.distributed.tensor import Shard
@@ -219,6 +273,14 @@ def load_quantized(param: torch.Tensor, values: torch.Tensor) -> None:
     # Copied into the tensors FSDP2 holds (a DTensor's to_local() is a new wrapper around the same storage).
     for attr in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean"):
         getattr(local, attr).copy_(getattr(q, attr))
+
+
+def quantize_whole(weight: torch.Tensor):
+    """The NF4 tensor of a whole ``weight`` as :func:`load_quantized` makes it (torchao's, the block scales' mean
+    summed in float64): what the ranks' shards are chunks of, bit for bit."""
+    nf4 = nf4_module()
+    total = nf4.get_block_absmax(weight.reshape(-1), BLOCK).double().sum()
+    return _to_nf4(nf4, weight.contiguous(), (total / (weight.numel() // BLOCK)).to(weight.dtype))
 
 
 def _to_nf4(nf4, local: torch.Tensor, mean: torch.Tensor):

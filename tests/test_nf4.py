@@ -25,14 +25,19 @@ from lora_dist.quant import (  # noqa: E402
     GROUP,
     dequantize,
     dequantize_flat,
+    embedding_rows,
     frozen_linear,
     is_quantized,
     nf4_bytes,
     nf4_quantizable,
+    quantize_whole,
 )
 
 #: hidden 256: every block linear of the tiny Llama is whole 16384-element NF4 groups on 1 and on 2 ranks.
 SIZES = dict(hidden=256, layers=2)
+#: The embedding and head padded to 512 rows (the tokenizer has 489): whole NF4 groups on 1 and on 2 ranks, so
+#: model.quantize_embeddings quantizes them.
+PADDED = dict(SIZES, vocab=512)
 STEPS, LR = 3, 5e-3
 ADAPTER_ATOL = LR * STEPS / 300  # as tests/test_train_dist.py: ranks sum in another order than one process
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -77,6 +82,19 @@ def test_frozen_linear_output_and_input_gradient_use_the_dequantized_weight():
     assert not torch.allclose(out, F.linear(x.detach(), w, bias), atol=1e-3)  # the NF4 weight, not the original
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_embedding_rows_are_the_dequantized_weights_rows_bitwise(dtype):
+    """An NF4 embedding's lookup dequantizes only the rows it reads, to exactly what the whole weight
+    dequantizes to (several scale groups: rows 0 and 511 sit in the first and last)."""
+    w = to_nf4(torch.randn(512, 128, generator=torch.Generator().manual_seed(0)).to(dtype))
+    ids = torch.tensor([[3, 511, 0, 3], [7, 100, 256, 255]])
+    rows = embedding_rows(w, ids)
+    assert rows.dtype == dtype and rows.shape == (2, 4, 128)
+    assert torch.equal(rows, F.embedding(ids, dequantize(w)))
+    plain = torch.randn(10, 8)
+    assert torch.equal(embedding_rows(plain, ids % 10), F.embedding(ids % 10, plain))
+
+
 @pytest.mark.parametrize("shape,dtype", [((256, 256), torch.bfloat16), ((64, 1024), torch.float32),
                                          ((512, 1024), torch.bfloat16)])
 def test_nf4_bytes_is_torchaos_layout(shape, dtype):
@@ -100,6 +118,7 @@ def test_quantizable_needs_whole_groups_per_rank():
     (["model.quantize=int4"], "model.quantize='int4' is not one of"),
     (["model.quantize=nf4", "parallel.strategy=zero3"], "model.quantize=nf4 runs under parallel.strategy fsdp2, ddp"),
     (["model.quantize=nf4", "parallel.strategy=zero2"], "not zero2"),
+    (["model.quantize_embeddings=true"], "model.quantize_embeddings=true needs model.quantize=nf4"),
 ])
 def test_bad_quantize_config_is_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message) as e:
@@ -150,6 +169,32 @@ def test_one_process_quantizes_the_block_linears_and_nothing_else(tiny_checkpoin
     assert all(not p.requires_grad for n, p in model.named_parameters() if n in quantized)
 
 
+def test_quantized_embeddings_give_the_logits_of_their_dequantized_values(tiny_checkpoint):
+    """model.quantize_embeddings: the embedding and the head are NF4 too, and the model computes exactly what
+    the same model with those two replaced by their dequantized values computes."""
+    from lora_dist.model import load_model
+
+    path = tiny_checkpoint("llama", **PADDED)
+    common = [f"model.path={path}", "model.quantize=nf4", "model.dtype=bfloat16", "parallel.strategy=none",
+              "lora.r=4", "lora.target_modules=[q_proj,v_proj]"]
+
+    def load(*extra):
+        cfg = load_config(None, [*common, *extra])
+        return load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0).model
+
+    quantized, plain = load("model.quantize_embeddings=true"), load()
+    names = {n for n, p in quantized.named_parameters() if is_quantized(p)}
+    assert names == {n for n, p in plain.named_parameters() if is_quantized(p)} | {
+        "model.embed_tokens.weight", "lm_head.weight"}
+    with torch.no_grad():
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            deq = dequantize(quantized.get_parameter(name))
+            assert not torch.equal(deq, plain.get_parameter(name))
+            plain.get_parameter(name).copy_(deq)
+        ids = torch.randint(0, quantized.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(quantized(ids).logits, plain(ids).logits)
+
+
 # ----------------------------------------------------------------------------- memory: measured and planned
 
 
@@ -198,20 +243,27 @@ def _measured(*args):
 
 
 @pytest.mark.slow  # two model loads and steps per case, in fresh processes
-@pytest.mark.parametrize("strategy,world,extra", [
-    ("none", 1, []),
-    ("fsdp2", 2, []),
-    ("fsdp2", 4, ["parallel.dp_replicate=2"]),  # hybrid: the base sharded over 2, replicated twice
-], ids=["none-1", "fsdp2-2", "hybrid-2x2"])
-def test_nf4_base_bytes_and_the_planner_against_measured(tiny_checkpoint, strategy, world, extra):
-    """The NF4 base at rest is what the planner counts, well under a third of the bf16 base's blocks, and the
-    planner's peak is within 15% of the live tensor bytes of a step."""
-    path = str(tiny_checkpoint("llama", hidden=256, layers=4))
+@pytest.mark.parametrize("strategy,world,extra,embeddings", [
+    ("none", 1, [], False),
+    ("fsdp2", 2, [], False),
+    ("fsdp2", 4, ["parallel.dp_replicate=2"], False),  # hybrid: the base sharded over 2, replicated twice
+    ("fsdp2", 2, [], True),
+    ("none", 1, [], True),
+], ids=["none-1", "fsdp2-2", "hybrid-2x2", "fsdp2-2-embeddings", "none-1-embeddings"])
+def test_nf4_base_bytes_and_the_planner_against_measured(tiny_checkpoint, strategy, world, extra, embeddings):
+    """The NF4 base at rest is what the planner counts, well under a third of the bf16 base's blocks (and, with
+    model.quantize_embeddings, of the whole base), and the planner's peak is within 15% of the live tensor bytes
+    of a step."""
+    path = str(tiny_checkpoint("llama", hidden=256, layers=4, vocab=512))
+    nf4_extra = ["model.quantize_embeddings=true"] if embeddings else []
     nf4_plan, nf4_rest, nf4_peak = _measured(path, strategy, world, ["model.dtype=bfloat16", "model.quantize=nf4",
-                                                                     *extra])
+                                                                     *extra, *nf4_extra])
     bf16_plan, bf16_rest, _ = _measured(path, strategy, world, ["model.dtype=bfloat16", *extra])
     assert nf4_plan.base_shard == sum(nf4_rest.values()) and bf16_plan.base_shard == sum(bf16_rest.values())
-    assert nf4_rest["other"] == bf16_rest["other"]  # embeddings, head, norms: not quantized (QLoRA)
+    if embeddings:  # the embedding and head at 0.28x; the norms stay bf16
+        assert sum(nf4_rest.values()) < 0.3 * sum(bf16_rest.values())
+    else:
+        assert nf4_rest["other"] == bf16_rest["other"]  # embeddings, head, norms: not quantized (QLoRA)
     assert nf4_rest["blocks"] < 0.3 * bf16_rest["blocks"]
     print(f"{strategy} W={world}: base bytes/rank nf4 {nf4_rest} bf16 {bf16_rest}; peak planned "
           f"{nf4_plan.total} measured {nf4_peak}")
@@ -267,6 +319,38 @@ def test_two_ranks_equal_one_process(setup, reference, strategy, extra):
                  "train.micro_batch_size=2", "model.quantize=nf4", *extra)
     assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
     assert_same_losses(_losses(out), _losses(reference))
+
+
+@pytest.mark.dist
+def test_quantized_embeddings_two_ranks_equal_one_process_and_export(setup, tiny_checkpoint, tmp_path):
+    """model.quantize_embeddings: fsdp2 on 2 ranks (each quantizing its rows of the embedding and the head, the
+    loss on its head rows) trains the adapter one process trains; the losses are not those of an NF4 base with
+    a bf16 embedding and head; the merged export holds the dequantized embedding and head, and verifies."""
+    from safetensors.torch import load_file
+
+    from distutil import assert_same_adapter, lora_dist
+    from lora_dist.export import verify_checkpoint
+
+    padded = tiny_checkpoint("llama", **PADDED)
+    flags = (f"model.path={padded}", "model.quantize=nf4")
+    one = _train(setup, "nf4-emb-ref", 1, "parallel.strategy=none", "train.micro_batch_size=4", *flags,
+                 "model.quantize_embeddings=true")
+    two = _train(setup, "nf4-emb-fsdp2", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=2", *flags,
+                 "model.quantize_embeddings=true")
+    assert_same_adapter(one / "adapter", two / "adapter", ADAPTER_ATOL)
+    assert_same_losses(_losses(two), _losses(one))
+    bf16_embeddings = _train(setup, "nf4-padded-ref", 1, "parallel.strategy=none", "train.micro_batch_size=4",
+                             *flags)
+    assert _losses(one) != pytest.approx(_losses(bf16_embeddings), abs=1e-5)
+
+    out = tmp_path / "merged"
+    lora_dist("export", str(two), "--out", str(out), "--dtype", "float32")
+    merged, base = load_file(str(out / "model.safetensors")), load_file(str(padded / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(merged[name], dequantize(quantize_whole(base[name]))), name
+        torch.testing.assert_close(merged[name], to_nf4(base[name]).get_original_weight(), rtol=0, atol=1e-7)
+    report = verify_checkpoint(out, padded, two / "adapter", sample=None)
+    assert len(report.recomputed) == 3 * SIZES["layers"]
 
 
 @pytest.mark.dist

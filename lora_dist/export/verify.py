@@ -276,8 +276,8 @@ def check_targeted(found: CheckpointFiles, targeted: Mapping[str, LoRAWeights]) 
 
 class DequantizedBase:
     """The base as an NF4 run's export saw it (``model.quantize=nf4``, the checkpoint's metadata): the weights
-    named in :data:`~lora_dist.export.sources.QUANTIZED_WEIGHTS_KEY` read as torchao's NF4 of the whole weight,
-    dequantized (what each rank's shard is, bit for bit), one weight cached at a time; every other tensor as
+    named in :data:`~lora_dist.export.sources.QUANTIZED_WEIGHTS_KEY` read as the NF4 of the whole weight
+    (:func:`lora_dist.quant.quantize_whole`), dequantized (what each rank's shard is, bit for bit), one weight cached at a time; every other tensor as
     stored. Only ``read`` differs from the :class:`ModelDir` it wraps."""
 
     def __init__(self, base: ModelDir, metadata: Mapping[str, str]) -> None:
@@ -290,10 +290,9 @@ class DequantizedBase:
         if key not in self.quantized:
             return self.base.read(key, rows)
         if self._cached is None or self._cached[0] != key:
-            from lora_dist.quant import BLOCK, SCALER_BLOCK, dequantize, nf4_module
+            from lora_dist.quant import dequantize, quantize_whole
 
-            weight = self.base.read(key).to(self.dtype)
-            self._cached = (key, dequantize(nf4_module().to_nf4(weight, BLOCK, SCALER_BLOCK)))
+            self._cached = (key, dequantize(quantize_whole(self.base.read(key).to(self.dtype))))
         whole = self._cached[1]
         return whole if rows is None else whole[rows]
 

@@ -11,7 +11,7 @@ from distutil import lora_dist
 pytestmark = pytest.mark.dist
 
 CONFIGS = ("peft_accelerate_fsdp2", "lora_dist_fsdp2", "lora_dist_zero3", "lora_dist_ddp", "lora_dist_auto",
-           "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_nf4", "peft_accelerate_zero3",
+           "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_nf4", "lora_dist_nf4_all", "peft_accelerate_zero3",
            "full_ft_fsdp2")
 MEMORY_TARGETS = ("tensors <= 0.75x anchor, bf16 base", "NF4 base bytes <= 0.3x bf16 base", "NF4 tensors <= 0.55x anchor")
 TARGETS = ("train peak <= 0.6x DDP", "train peak <= anchor", "step time <= 1.0x anchor", "LoRA step <= 2.3x forward",
@@ -42,7 +42,7 @@ def test_every_configuration_ran_with_sane_numbers(quick):
     assert rows["peft_accelerate_fsdp2"]["x_anchor"]["peak_rss"] == 1.0
     total = results["sizes"][0]["configs"]["full_ft_fsdp2"]["ranks"][0]["params"]
     assert total["trainable"] == total["total"]
-    for name in ("lora_dist_zero3", "lora_dist_ddp", "lora_dist_auto", "lora_dist_fsdp2_bf16", "lora_dist_nf4",
+    for name in ("lora_dist_zero3", "lora_dist_ddp", "lora_dist_auto", "lora_dist_fsdp2_bf16", "lora_dist_nf4", "lora_dist_nf4_all",
                  "peft_accelerate_fsdp2", "peft_accelerate_fsdp2_bf16"):
         assert rows[name]["trainable_params"] == rows["lora_dist_fsdp2"]["trainable_params"] < total["total"], name
 
@@ -53,14 +53,22 @@ def test_the_frozen_base_in_bf16_and_nf4_against_the_bf16_anchor(quick):
     memory targets are computed, and auto names what it chose."""
     _, results = quick
     rows = results["summary"]["sizes"][0]["rows"]
-    assert rows["lora_dist_fsdp2_bf16"]["anchor"] == rows["lora_dist_nf4"]["anchor"] == "peft_accelerate_fsdp2_bf16"
+    for name in ("lora_dist_fsdp2_bf16", "lora_dist_nf4", "lora_dist_nf4_all"):
+        assert rows[name]["anchor"] == "peft_accelerate_fsdp2_bf16", name
     assert rows["lora_dist_fsdp2"]["anchor"] == "peft_accelerate_fsdp2"
     fp32, bf16, nf4 = (rows[c]["base_bytes"] for c in ("lora_dist_fsdp2", "lora_dist_fsdp2_bf16", "lora_dist_nf4"))
     assert bf16 == fp32 // 2 and nf4 < bf16, (fp32, bf16, nf4)
+    # the quick model's 2048 x 256 embedding and head are whole NF4 groups per rank: quantized with
+    # model.quantize_embeddings, the whole base is NF4 but the norms
+    nf4_all = rows["lora_dist_nf4_all"]["base_bytes"]
+    assert nf4_all < 0.3 * bf16 < nf4, (bf16, nf4, nf4_all)
     assert rows["peft_accelerate_fsdp2_bf16"]["base_bytes"] == bf16  # the same bf16 base, sharded the same way
+    targets = {(t["target"], t["subject"]): t for t in results["summary"]["targets"]}
+    checked = [(kind, subject) for kind, subject in targets if kind in MEMORY_TARGETS]
+    assert len(checked) == 5  # bf16; both NF4 targets for both NF4 rows
+    for key in checked:
+        assert targets[key]["result"] in ("PASS", "FAIL") and targets[key]["value"] > 0, targets[key]
     targets = {t["target"]: t for t in results["summary"]["targets"]}
-    for kind in MEMORY_TARGETS:
-        assert targets[kind]["result"] in ("PASS", "FAIL") and targets[kind]["value"] > 0, targets[kind]
     assert "auto chose ddp" in targets["auto step <= 0.5x anchor (DDP fits)"]["detail"]
 
 
