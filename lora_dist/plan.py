@@ -415,21 +415,20 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         return sum(stored(q, q.numel(), compute_elt) for q in params if id(q) not in lora)
 
     embed, head = embedding_and_head(model)
-    # One NF4 weight dequantized at a time: a block's linear for its matmul, or the head for the loss (this rank's
-    # rows where the loss runs on its shard); an NF4 embedding dequantizes only the rows it looks up.
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
     chunk = min(cfg.train.loss_chunk, tokens) if chunkable(model) is None else 0
     head_sharded = (p.strategy == "fsdp2" and not p.gather_head and bool(chunk) and head is not None
                     and head_sharding_pays(head.weight.shape[0], shards, tokens))
-    embed_weight = id(embed.weight) if embed is not None else None
-    head_weight = id(head.weight) if head is not None else None
-
-    def dequantized_numel(q: torch.nn.Parameter) -> int:
-        if id(q) not in nf4 or (id(q) == embed_weight and id(q) != head_weight):
-            return 0
-        return q.numel() // shards if head_sharded and id(q) == head_weight else q.numel()
-
-    dequantized = max((dequantized_numel(q) for _, q in base), default=0) * compute_elt
+    # NF4 weights are dequantized one at a time: a block's linear for its matmul, with its block gathered; with an
+    # NF4 head (model.quantize_embeddings) the head's rows for the loss (this rank's vocabulary shard, or all of
+    # them), before backward gathers or recomputes any block (below). An NF4 embedding dequantizes only the rows
+    # it looks up.
+    in_blocks = {id(q) for b in blocks for q in b.parameters()}
+    dequantized = max((q.numel() for _, q in base if id(q) in nf4 and id(q) in in_blocks), default=0) * compute_elt
+    head_dequantized = 0
+    if head is not None and id(head.weight) in nf4:
+        head_dequantized = head.weight.numel() // (shards if head_sharded else 1) * compute_elt
+    block_phase = 0  # what backward gathers for the blocks, beyond what it keeps from its start
 
     largest_base = max((q.numel() for _, q in base), default=0)
 
@@ -463,6 +462,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
                            default=0)
                 running = block + unit if p.activation_checkpointing else min(3 * unit, 3 * block)
                 first = 2 * unit
+            block_phase = running
             kept_head = gathered_bytes(head.parameters()) if head is not None and not head_sharded else 0
             gathered = min(root_rest + kept_head + running, gathered_bytes(q for _, q in base))
             if embed is not None:
@@ -559,6 +559,11 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
             activations += groups * tokens * hidden * compute_elt + tokens * hidden * 4 + rows * hidden * 4
     else:
         activations = saved + 3 * tokens * vocab * 4  # logits, fp32 copy, log-softmax
+    if head_dequantized:
+        # The loss and the head's backward run before backward gathers, recomputes or dequantizes any block: the
+        # head's dequantized rows take the place of those where they are larger (the one moment that holds them).
+        recompute = tokens * per_block * compute_elt if p.activation_checkpointing else 0
+        gathered += max(0, head_dequantized - block_phase - recompute - dequantized)
 
     experts, top_k = _experts(hf_config)
     expert_params = _expert_params(model, lora)
