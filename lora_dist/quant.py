@@ -229,11 +229,14 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
         # The mean and the table are not sharded: real tensors from the start (the mean is set at load).
         q = nf4.NF4Tensor(*nf4.construct_nf4_args(empty, {
             "scaler_mean": torch.zeros((), dtype=param.dtype, device=device), "nf4": tables[param.dtype]}))
-        module._parameters[attr] = nn.Parameter(q, requires_grad=False)
-        if type(module) is nn.Linear:
-            module.__class__ = _NF4Linear
-        elif type(module) is nn.Embedding:
-            module.__class__ = _NF4Embedding
+        new = nn.Parameter(q, requires_grad=False)
+        # Every module holding this parameter gets the NF4 one: a tied output head shares the embedding's.
+        for holder in [m for m in model.modules() if m._parameters.get(attr) is param]:
+            holder._parameters[attr] = new
+            if type(holder) is nn.Linear:
+                holder.__class__ = _NF4Linear
+            elif type(holder) is nn.Embedding:
+                holder.__class__ = _NF4Embedding
         quantized.append(f"{names[id(module)]}.{attr}")
     # DDP broadcasts rank 0's parameters when it wraps the model; c10d's broadcast corrupts NF4 tensors, and
     # every rank quantized the same base anyway: the list DDP leaves alone (what its

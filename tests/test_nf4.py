@@ -195,6 +195,29 @@ def test_quantized_embeddings_give_the_logits_of_their_dequantized_values(tiny_c
         assert torch.equal(quantized(ids).logits, plain(ids).logits)
 
 
+def test_a_tied_head_shares_the_nf4_embedding(tiny_checkpoint):
+    """GPT-2 ties its output head to the embedding: with model.quantize_embeddings both hold the one NF4 weight,
+    and the logits are those of the model with that weight dequantized."""
+    from lora_dist.model import load_model
+
+    path = tiny_checkpoint("gpt2", hidden=256, vocab=512)
+    common = [f"model.path={path}", "model.quantize=nf4", "parallel.strategy=none", "lora.r=4",
+              "lora.target_modules=[c_attn]"]
+
+    def load(*extra):
+        cfg = load_config(None, [*common, *extra])
+        return load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0).model
+
+    quantized, plain = load("model.quantize_embeddings=true"), load()
+    assert quantized.lm_head.weight is quantized.transformer.wte.weight
+    assert {n for n, p in quantized.named_parameters() if is_quantized(p)} == {"transformer.wte.weight"}
+    with torch.no_grad():
+        plain.transformer.wte.weight.copy_(dequantize(quantized.transformer.wte.weight))
+        assert plain.lm_head.weight is plain.transformer.wte.weight
+        ids = torch.randint(0, 489, (2, 16), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(quantized.eval()(ids).logits, plain.eval()(ids).logits)  # eval: GPT-2 has dropout
+
+
 # ----------------------------------------------------------------------------- memory: measured and planned
 
 
