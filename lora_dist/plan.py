@@ -426,8 +426,9 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     in_blocks = {id(q) for b in blocks for q in b.parameters()}
     dequantized = max((q.numel() for _, q in base if id(q) in nf4 and id(q) in in_blocks), default=0) * compute_elt
     head_dequantized = 0
-    if head is not None and id(head.weight) in nf4:
-        head_dequantized = head.weight.numel() // (shards if head_sharded else 1) * compute_elt
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and id(output.weight) in nf4:  # also a head tied to the embedding (not its own unit)
+        head_dequantized = output.weight.numel() // (shards if head_sharded else 1) * compute_elt
     block_phase = 0  # what backward gathers for the blocks, beyond what it keeps from its start
 
     largest_base = max((q.numel() for _, q in base), default=0)

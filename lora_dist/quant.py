@@ -118,6 +118,9 @@ def quantized_weights(model: nn.Module, embeddings: bool = False) -> list[tuple[
 
     out, seen = [], {id(p) for p in lora_parameters(model)}  # the adapters' own lora_A/lora_B stay as they are
 
+    def linear(module: nn.Module) -> bool:
+        return type(module) in (nn.Linear, _NF4Linear) or (isinstance(module, LoRALinear) and not module.fan_in_fan_out)
+
     def add(module: nn.Module) -> None:
         if id(module) not in seen and id(module.weight) not in seen:
             seen.update((id(module), id(module.weight)))
@@ -125,21 +128,28 @@ def quantized_weights(model: nn.Module, embeddings: bool = False) -> list[tuple[
 
     for block in find_blocks(model):
         for module in block.modules():
-            if type(module) is nn.Linear or isinstance(module, _NF4Linear) or (
-                    isinstance(module, LoRALinear) and not module.fan_in_fan_out):
+            if linear(module):
                 add(module)
     if embeddings:
+        holders: dict[int, list[nn.Module]] = {}
+        for module in model.modules():
+            weight = module._parameters.get("weight")
+            if weight is not None:
+                holders.setdefault(id(weight), []).append(module)
         for get in ("get_input_embeddings", "get_output_embeddings"):
             module = getattr(model, get, lambda: None)()
-            if _embedding_quantizable(module) or type(module) in (nn.Linear, _NF4Linear):
+            # Only where every module holding the weight (a tied head and its embedding) computes with NF4: a
+            # subclass with its own forward (Gemma's scaled embedding) keeps model.dtype.
+            if module is not None and isinstance(getattr(module, "weight", None), torch.Tensor) and all(
+                    linear(m) or _embedding_quantizable(m) for m in holders.get(id(module.weight), [module])):
                 add(module)
     return out
 
 
 def _embedding_quantizable(module: nn.Module | None) -> bool:
     """An ``nn.Embedding`` whose rows are whole NF4 blocks and whose forward is a plain row lookup."""
-    return (isinstance(module, nn.Embedding) and module.embedding_dim % BLOCK == 0 and module.max_norm is None
-            and type(module) in (nn.Embedding, _NF4Embedding))
+    return (type(module) in (nn.Embedding, _NF4Embedding) and module.embedding_dim % BLOCK == 0
+            and module.max_norm is None)
 
 
 class _NF4Linear(nn.Linear):
@@ -215,13 +225,23 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
     if not quantize:
         return []
     nf4 = nf4_module()
-    names = {id(m): n for n, m in model.named_modules()}
+    names = {id(p): n for n, p in model.named_parameters()}  # a tied weight under its one name (DDP's)
     tables: dict[torch.dtype, torch.Tensor] = {}
     skipped, quantized = [], []
-    for module, attr in quantized_weights(model, embeddings):
+    considered = quantized_weights(model, embeddings)
+    if embeddings:
+        chosen = {id(m.weight) for m, _ in considered}
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            module = getattr(model, get, lambda: None)()
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and id(weight) not in chosen:
+                log.info("model.quantize_embeddings: %s (%s) stays in model.dtype: its forward is not a plain "
+                         "linear layer or row lookup, or its rows are not whole %d-element blocks",
+                         names.get(id(weight), get), type(module).__name__, BLOCK)
+    for module, attr in considered:
         param = module._parameters[attr]
         if not (param.is_floating_point() and nf4_quantizable(tuple(param.shape), shards)):
-            skipped.append(f"{names[id(module)]}.{attr}")
+            skipped.append(names[id(param)])
             continue
         if param.dtype not in tables:  # torchao's 16 NF4 code values, in the dtype it dequantizes to
             tables[param.dtype] = nf4.to_nf4(torch.zeros(GROUP, dtype=param.dtype), BLOCK, SCALER_BLOCK).nf4.to(device)
@@ -237,7 +257,7 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
                 holder.__class__ = _NF4Linear
             elif type(holder) is nn.Embedding:
                 holder.__class__ = _NF4Embedding
-        quantized.append(f"{names[id(module)]}.{attr}")
+        quantized.append(names[id(param)])
     # DDP broadcasts rank 0's parameters when it wraps the model; c10d's broadcast corrupts NF4 tensors, and
     # every rank quantized the same base anyway: the list DDP leaves alone (what its
     # _set_params_and_buffers_to_ignore_for_model sets).
@@ -255,8 +275,8 @@ def load_quantized(param: torch.Tensor, values: torch.Tensor) -> None:
 
     ``values`` are the elements the rank owns (its rows), read from the checkpoint. The ranks holding the
     weight's rows all-reduce the sum of their block scales: the tensor's one mean is that of the whole
-    weight, so the shard is bit for bit the rank's chunk of the weight quantized whole (the mean summed in float64,
-    so the ranks' split does not change its rounding).
+    weight, so the shard is the rank's chunk of the weight quantized whole (bit for bit where the float64 sum of
+    the mean rounds alike for every split, as it does but for ties in the last bit).
     """
     nf4 = nf4_module()
     local, shards = _local(param)

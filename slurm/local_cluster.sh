@@ -109,7 +109,7 @@ stop_pids() {  # pid... : SIGTERM, wait up to 10 s, then SIGKILL
   kill -TERM "$@" 2>/dev/null || true
   for ((i = 0; i < 50; i++)); do
     alive=0
-    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    for pid in "$@"; do running "$pid" && alive=1; done
     [ "$alive" -eq 0 ] && return 0
     sleep 0.2
   done
@@ -147,7 +147,8 @@ network_down() {
     ip link del "$(host_veth "$k")" >/dev/null 2>&1 || true
   done
   ip link del "$BRIDGE" >/dev/null 2>&1 || true
-  wait_until 10 network_gone || die "network devices still present after removal: $(ip -br link | grep -E "^(ld-veth|$BRIDGE)" | tr '\n' ' ')"
+  wait_until 10 network_gone ||
+    die "network still present after removal: $(ip -br link | grep -E "^(ld-veth|$BRIDGE)" | tr '\n' ' ')$(ls /var/run/netns 2>/dev/null | grep -E '^ldn' | tr '\n' ' ')"
 }
 
 network_gone() {
@@ -236,13 +237,14 @@ wait_until() {  # seconds command... : poll the command until it succeeds
 
 # A killed daemon stays a zombie until its parent (init here) reaps it; its
 # /proc/PID/comm still reads the same, so a zombie counts as not running.
-comm_is() {  # pid comm
-  [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ] || return 1
+running() {  # pid: exists and is not a zombie
   local stat
   stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
   stat=${stat##*) }
   [ "${stat%% *}" != Z ]
 }
+
+comm_is() { [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ] && running "$1"; }
 
 munge_works() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
 

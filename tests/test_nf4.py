@@ -218,6 +218,44 @@ def test_a_tied_head_shares_the_nf4_embedding(tiny_checkpoint):
         assert torch.equal(quantized.eval()(ids).logits, plain.eval()(ids).logits)  # eval: GPT-2 has dropout
 
 
+class _ScaledEmbedding(torch.nn.Embedding):
+    """An embedding with its own forward, as Gemma's (it scales the rows)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+class _TiedToy(torch.nn.Module):
+    def __init__(self, embedding: torch.nn.Embedding):
+        super().__init__()
+        self.embed, self.layers = embedding, torch.nn.ModuleList([torch.nn.Linear(128, 128)])
+        self.head = torch.nn.Linear(128, 512, bias=False)
+        self.head.weight = self.embed.weight
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+@pytest.mark.parametrize("embedding,quantized", [
+    (torch.nn.Embedding(512, 128), {"embed.weight", "layers.0.weight"}),
+    (_ScaledEmbedding(512, 128), {"layers.0.weight"}),  # its forward would call F.embedding on NF4
+    (torch.nn.Embedding(512, 96), {"layers.0.weight"}),  # rows not whole 64-element blocks
+], ids=["plain", "own-forward", "odd-width"])
+def test_a_tied_embedding_is_quantized_only_where_every_holder_computes_with_nf4(embedding, quantized):
+    from lora_dist.quant import prepare_quantized
+
+    with torch.device("meta"):
+        model = _TiedToy(embedding.to("meta"))
+    model.layers[0].weight = torch.nn.Parameter(torch.empty(128, 128, device="meta"))  # 16384: one whole group
+    prepare_quantized(model, "nf4", 1, torch.device("cpu"), embeddings=True)
+    assert {n for n, p in model.named_parameters() if is_quantized(p)} == quantized
+    assert model.head.weight is model.embed.weight
+    assert set(model._ddp_params_and_buffers_to_ignore) == quantized  # the names DDP knows them by
+
+
 # ----------------------------------------------------------------------------- memory: measured and planned
 
 
