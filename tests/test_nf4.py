@@ -239,16 +239,18 @@ class _TiedToy(torch.nn.Module):
         return self.head
 
 
-@pytest.mark.parametrize("embedding,quantized", [
-    (torch.nn.Embedding(512, 128), {"embed.weight", "layers.0.weight"}),
-    (_ScaledEmbedding(512, 128), {"layers.0.weight"}),  # its forward would call F.embedding on NF4
-    (torch.nn.Embedding(512, 96), {"layers.0.weight"}),  # rows not whole 64-element blocks
+# (classes and widths, not modules: tensors made at collection would stay alive in every later test of the worker,
+# and tests/test_plan.py counts live tensor bytes)
+@pytest.mark.parametrize("cls,width,quantized", [
+    (torch.nn.Embedding, 128, {"embed.weight", "layers.0.weight"}),
+    (_ScaledEmbedding, 128, {"layers.0.weight"}),  # its forward would call F.embedding on NF4
+    (torch.nn.Embedding, 96, {"layers.0.weight"}),  # rows not whole 64-element blocks
 ], ids=["plain", "own-forward", "odd-width"])
-def test_a_tied_embedding_is_quantized_only_where_every_holder_computes_with_nf4(embedding, quantized):
+def test_a_tied_embedding_is_quantized_only_where_every_holder_computes_with_nf4(cls, width, quantized):
     from lora_dist.quant import prepare_quantized
 
     with torch.device("meta"):
-        model = _TiedToy(embedding.to("meta"))
+        model = _TiedToy(cls(512, width))
     model.layers[0].weight = torch.nn.Parameter(torch.empty(128, 128, device="meta"))  # 16384: one whole group
     prepare_quantized(model, "nf4", 1, torch.device("cpu"), embeddings=True)
     assert {n for n, p in model.named_parameters() if is_quantized(p)} == quantized
