@@ -179,12 +179,17 @@ def embedding_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     per_row = dim // weight.block_size
     flat = ids.reshape(-1)
     packed = weight.quantized_data.view(rows, dim // 2)[flat]
-    values = torch.stack([weight.nf4[(packed >> 4).long()], weight.nf4[(packed & 0b1111).long()]], dim=-1)
     blocks = flat[:, None] * per_row + torch.arange(per_row, device=flat.device)
     factor = weight.quantization_factor[blocks // weight.scaler_block_size]
     scales = (weight.quantized_scalers[blocks] / factor).to(weight.dtype) + weight.scaler_mean
-    values = values.view(flat.numel(), per_row, weight.block_size) * scales.unsqueeze(-1)
-    return values.view(*ids.shape, dim)
+    return _decode(weight, packed.reshape(-1), scales.reshape(-1)).view(*ids.shape, dim)
+
+
+def _decode(t, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Whole blocks of NF4 ``t``: their ``packed`` bytes (two codes each) through the code table, times each
+    block's scale; ``(blocks, block_size)`` in the table's dtype."""
+    values = torch.stack([t.nf4[(packed >> 4).long()], t.nf4[(packed & 0b1111).long()]], dim=-1)
+    return values.view(scales.numel(), t.block_size) * scales.unsqueeze(-1)
 
 
 def _local(param: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -283,7 +288,7 @@ def load_quantized(param: torch.Tensor, values: torch.Tensor) -> None:
     values = values.to(device=local.device, dtype=local.dtype).reshape(local.shape).contiguous()
     # Summed in float64: the mean then rounds to the same value whatever the ranks' split (1 ulp apart in fp32 it
     # moved the adapter trained on an NF4 embedding ten times more than another summation order does).
-    total = nf4.get_block_absmax(values.reshape(-1), BLOCK).double().sum()
+    total = _scale_sum(nf4, values)
     if shards > 1:  # over the ranks holding the weight's rows (the shard dim of an HSDP mesh)
         import torch.distributed as dist
         from torch.distributed.tensor import Shard
@@ -291,8 +296,7 @@ def load_quantized(param: torch.Tensor, values: torch.Tensor) -> None:
         for dim, placement in enumerate(param.placements):
             if isinstance(placement, Shard):
                 dist.all_reduce(total, group=param.device_mesh.get_group(dim))
-    mean = (total / (param.numel() // BLOCK)).to(local.dtype)
-    q = _to_nf4(nf4, values, mean)
+    q = _to_nf4(nf4, values, _mean(total, param.numel(), local.dtype))
     # Copied into the tensors FSDP2 holds (a DTensor's to_local() is a new wrapper around the same storage).
     for attr in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean"):
         getattr(local, attr).copy_(getattr(q, attr))
@@ -302,8 +306,18 @@ def quantize_whole(weight: torch.Tensor):
     """The NF4 tensor of a whole ``weight`` as :func:`load_quantized` makes it (torchao's, the block scales' mean
     summed in float64): what the ranks' shards are chunks of, bit for bit."""
     nf4 = nf4_module()
-    total = nf4.get_block_absmax(weight.reshape(-1), BLOCK).double().sum()
-    return _to_nf4(nf4, weight.contiguous(), (total / (weight.numel() // BLOCK)).to(weight.dtype))
+    return _to_nf4(nf4, weight.contiguous(), _mean(_scale_sum(nf4, weight), weight.numel(), weight.dtype))
+
+
+def _scale_sum(nf4, values: torch.Tensor) -> torch.Tensor:
+    """The sum of ``values``' block scales (absmax per :data:`BLOCK`), in float64: the ranks' partial sums add up
+    to one value whatever the split, before the mean is rounded to the weight's dtype."""
+    return nf4.get_block_absmax(values.reshape(-1), BLOCK).double().sum()
+
+
+def _mean(total: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """NF4's one number for a tensor of ``numel`` elements: the mean of its block scales, from their sum."""
+    return (total / (numel // BLOCK)).to(dtype)
 
 
 def _to_nf4(nf4, local: torch.Tensor, mean: torch.Tensor):
@@ -337,13 +351,11 @@ def dequantize_flat(t: torch.Tensor, start: int, end: int, dtype: torch.dtype | 
     block = t.block_size
     b0, b1 = start // block, -(-end // block)
     scalers = t.dequantize_scalers(t.quantized_scalers, t.quantization_factor, t.scaler_block_size)
-    data, table = t.quantized_data, t.nf4
+    data = t.quantized_data
     step = max(1, _DEQUANT_CHUNK_BYTES // (block // 2))  # blocks per chunk (a block packs 2 elements a byte)
     for c0 in range(b0, b1, step):
         c1 = min(c0 + step, b1)
-        packed = data[c0 * block // 2: c1 * block // 2]
-        values = torch.stack([table[(packed >> 4).long()], table[(packed & 0b1111).long()]], dim=-1)
-        values = (values.view(c1 - c0, block) * scalers[c0:c1].unsqueeze(-1)).view(-1)
+        values = _decode(t, data[c0 * block // 2: c1 * block // 2], scalers[c0:c1]).view(-1)
         lo, hi = max(start, c0 * block), min(end, c1 * block)
         out[lo - start: hi - start] = values[lo - c0 * block: hi - c0 * block].to(dtype)
     return out
