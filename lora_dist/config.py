@@ -180,6 +180,11 @@ class ParallelConfig:
     float16 is refused: it needs a loss scaler, which lora_dist does not run."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward."""
+    selective_recompute: bool = True
+    """Recompute the cheap elementwise work of the frozen base in backward instead of keeping its activations:
+    every RMSNorm (in a 16-bit model autograd keeps an fp32 copy of its input) and the gated MLP's
+    act_fn(gate) * up (lora_dist.parallel.checkpointing). No matmul is recomputed; results are bitwise the same.
+    false: keep what autograd keeps."""
     reshard_after_forward: bool | int | str = True
     """fsdp2: free the gathered base weights after forward (re-gather in backward); false: keep them; node (or an
     integer N): keep a 1/N shard after forward, N = the ranks of a node, so backward gathers within the node

@@ -26,12 +26,17 @@ computed from the resulting parameter shapes and the run config:
   at once with ``train.grad_accum=1``), and each
   rank keeps ``ceil(bucket / W)`` elements per bucket of the fp32 master and
   the two moments, plus a gradient buffer of that size (*buffers*).
-* **activations**: what autograd saves for backward. Per token and
-  transformer block (in elements) ``6 H + 4 I + 2 H_kv + heads + sum(r)``
-  (H hidden, I MLP width, H_kv key/value width, sum(r) over the block's LoRA
-  layers), counted with ``saved_tensors_hooks`` on Llama-family blocks (SDPA
-  attention, SwiGLU MLP); with activation checkpointing, each block's input
-  plus one block recomputed; with ``parallel.offload_activations`` the block
+* **activations**: what autograd saves for backward, counted with
+  ``saved_tensors_hooks`` on Llama-family blocks (SDPA attention, SwiGLU MLP).
+  Per token and transformer block, in activation elements: ``5 H + 2 H_kv +
+  4 I + sum(r)`` (H hidden, I MLP width, H_kv key/value width, sum(r) over the
+  block's LoRA layers: the norms' outputs, q, the attention output in SDPA's
+  layout and in o_proj's, k, v, the MLP's gate, act(gate), up and product),
+  plus the two RMSNorms' fp32 inputs (``2 H`` fp32: in a 16-bit model a copy)
+  and SDPA's fp32 log-sum-exp per head. With ``parallel.selective_recompute``
+  (:mod:`lora_dist.parallel.checkpointing`) the norms keep their input as it
+  is (``2 H`` elements) and the MLP only gate and up (``2 I``). With activation
+  checkpointing, each block's input plus one block recomputed; with ``parallel.offload_activations`` the block
   inputs wait in host memory instead, shown apart (:attr:`MemoryPlan.offloaded`, not in the peak). The plain loss adds three ``tokens x vocab`` fp32
   buffers (logits, the fp32 copy, log-softmax; their gradients reuse the
   same sizes as backward frees them). The chunked loss (``train.loss_chunk``,
@@ -79,11 +84,16 @@ non-expert ones plus ``top_k / E`` of the experts), and
 :attr:`MemoryPlan.num_expert_lora_params` the LoRA params on the experts. The
 activation estimate uses ``top_k`` experts' width per token.
 
-The peak is the sum at the moment backward starts, which holds all of it; under
-fsdp2 with an untied embedding, forward's start is the other candidate (the root's
-rest, the embedding and the first block gathered, the embedding's output, no
-gradients): where it holds more (a large vocabulary on a small model), its terms
-are shown (:attr:`MemoryPlan.peak_at`). Not
+The peak is the largest of the moments of a step (:data:`MOMENTS`), each summed:
+**the loss** (every saved activation and the loss's buffers; of the base only the
+root's rest and the head, as gathered; no gradients yet), **backward's start**
+(the last block's backward: the blocks gathered as above, the saved activations,
+the block recomputed under checkpointing, the final hidden states' gradient, the
+LoRA gradients) and, under fsdp2 with an untied embedding, **forward's start** (the
+root's rest, the embedding and the first block gathered, the embedding's output, no
+gradients). Gradients accumulated over micro-steps count at every moment. The
+terms shown are the peak's (:attr:`MemoryPlan.peak_at`); :attr:`MemoryPlan.moments`
+has every moment's total. Not
 included: the process itself (Python, torch, libraries; about 0.4 GB of RSS
 per CPU rank) and allocator caching.
 
@@ -109,6 +119,12 @@ __all__ = ["MemoryPlan", "StrategyChoice", "choose_strategy", "memory_budget", "
 
 LORA_BYTES = 4  # LoRA params, grads and optimizer state are fp32
 GB = 1e9
+#: The moments of a step that may hold the most, and what each holds.
+MOMENTS = {
+    "the loss": "every saved activation and the loss's buffers, no block gathered",
+    "backward's start": "the last block's backward gathering its weights, the loss done",
+    "forward's start": "the input embedding gathered; later moments hold less",
+}
 
 
 @dataclass
@@ -161,9 +177,11 @@ class MemoryPlan:
     dp_replicate: int = 1
     """fsdp2 replica groups (hybrid sharding: the base is sharded over ``world_size / dp_replicate`` ranks)."""
     peak_at: str = "backward's start"
-    """The moment of the step the terms describe: backward's start, or forward's start where that holds more."""
+    """The moment of the step the terms describe, the one that holds the most (:data:`MOMENTS`)."""
     offloaded: int = 0
     """``parallel.offload_activations``: the checkpointed block inputs waiting in host memory (not in the peak)."""
+    moments: dict[str, int] = field(default_factory=dict)
+    """What each moment of :data:`MOMENTS` planned holds in all (the peak is the largest)."""
 
     TERMS = ("base_shard", "base_replicated", "lora_params", "lora_grads", "optimizer_state", "activations",
              "gathered", "buffers", "adapted_experts")
@@ -202,8 +220,10 @@ class MemoryPlan:
         for term in self.TERMS:
             lines.append(f"  {labels[term]:30s} {getattr(self, term) / GB:8.3f}")
         lines.append(f"  {'peak (sum)':30s} {self.total / GB:8.3f}")
-        if self.peak_at != "backward's start":
-            lines.append(f"  (at {self.peak_at}: the embedding gathered; backward's start holds less)")
+        lines.append(f"  (at {self.peak_at}: {MOMENTS[self.peak_at]})")
+        others = [f"{moment} {total / GB:.3f}" for moment, total in self.moments.items() if moment != self.peak_at]
+        if others:
+            lines.append(f"  (other moments: {', '.join(others)})")
         if self.offloaded:
             lines.append(f"  {'host: checkpointed inputs':30s} {self.offloaded / GB:8.3f}  (not in the peak)")
         lines.append("")
@@ -256,17 +276,26 @@ def _expert_params(model: torch.nn.Module, lora: set[int]) -> list[tuple[str, to
     return [(n, q) for n, q in model.named_parameters() if id(q) not in lora and q.dim() == 3 and ".experts." in n]
 
 
-def _block_activation_elements(hf_config, lora_ranks_per_block: int) -> int:
-    """Elements saved for backward per token by one Llama-family transformer block (MoE: top_k experts' width)."""
+def _block_activation_bytes(hf_config, lora_ranks_per_block: int, elt: int, selective: bool,
+                            product_kept: bool = False) -> int:
+    """Bytes saved for backward per token by one Llama-family transformer block (MoE: top_k experts' width), with
+    activations of ``elt`` bytes; ``selective``: parallel.selective_recompute (``product_kept``: under someone else's
+    saved-tensor hooks, checkpointing, the gated product is kept all the same)."""
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
     heads = getattr(hf_config, "num_attention_heads", None) or getattr(hf_config, "n_head")
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
     inter = getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None) or 4 * hidden
     experts, top_k = _experts(hf_config)
+    mlp = 2 + product_kept if selective else 4  # gate, act(gate), up, their product; recomputed: gate and up
     if experts:
         inter = top_k * (getattr(hf_config, "moe_intermediate_size", None) or inter) + experts  # + router logits
-    return 6 * hidden + 4 * inter + 2 * kv_heads * head_dim + heads + lora_ranks_per_block + 2
+        mlp = 4  # the routed experts are not recomputed
+    # Two norms: their input in fp32 (an fp32 copy in a 16-bit model), or recomputed: the input as it is; the
+    # norms' outputs, q, the attention output (in two layouts: SDPA's and o_proj's input), k, v, the LoRA
+    # hiddens; SDPA's fp32 log-sum-exp per head.
+    norms = 2 * hidden * (elt if selective else 4)
+    return norms + (5 * hidden + 2 * kv_heads * head_dim + mlp * inter + lora_ranks_per_block) * elt + heads * 4
 
 
 def _fsdp2_side_units(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -421,19 +450,21 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
                     and head_sharding_pays(head.weight.shape[0], shards, tokens))
     # NF4 weights are dequantized one at a time: a block's linear for its matmul, with its block gathered; with an
     # NF4 head (model.quantize_embeddings) the head's rows for the loss (this rank's vocabulary shard, or all of
-    # them), before backward gathers or recomputes any block (below). An NF4 embedding dequantizes only the rows
-    # it looks up.
+    # them), before backward gathers or recomputes any block. An NF4 embedding dequantizes only the rows it looks
+    # up.
     in_blocks = {id(q) for b in blocks for q in b.parameters()}
     dequantized = max((q.numel() for _, q in base if id(q) in nf4 and id(q) in in_blocks), default=0) * compute_elt
     head_dequantized = 0
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output is not None and id(output.weight) in nf4:  # also a head tied to the embedding (not its own unit)
         head_dequantized = output.weight.numel() // (shards if head_sharded else 1) * compute_elt
-    block_phase = 0  # what backward gathers for the blocks, beyond what it keeps from its start
 
     largest_base = max((q.numel() for _, q in base), default=0)
 
-    base_shard = base_replicated = gathered = buffers = 0
+    # Two moments hold the most: the loss (every activation saved, the loss's own buffers, no block gathered) and
+    # backward's start (the blocks' backward gathering, the loss done); gathered/loss_gathered: what each holds
+    # gathered.
+    base_shard = base_replicated = gathered = loss_gathered = buffers = 0
     forward_gathered: int | None = None  # fsdp2: what forward's start holds gathered, where it may be the peak
     optimizer_state = 2 * lora_bytes
     lora_params, lora_grads = lora_bytes, lora_bytes
@@ -463,9 +494,9 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
                            default=0)
                 running = block + unit if p.activation_checkpointing else min(3 * unit, 3 * block)
                 first = 2 * unit
-            block_phase = running
             kept_head = gathered_bytes(head.parameters()) if head is not None and not head_sharded else 0
             gathered = min(root_rest + kept_head + running, gathered_bytes(q for _, q in base))
+            loss_gathered = min(root_rest + kept_head, gathered)
             if embed is not None:
                 # Forward's start: the root's rest and the embedding gathered, the first block's all-gather
                 # output and its params.
@@ -476,11 +507,14 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
                 # block and the embedding keep a 1/N shard from their forward until backward gathers them again.
                 n = max(int(after_forward), 1)
                 kept = [*blocks, *([embed] if embed is not None else [])]
-                gathered += sum(stored(q, math.ceil(q.numel() / n), compute_elt)
-                                for m in kept for q in m.parameters() if id(q) not in lora)
+                shards_kept = sum(stored(q, math.ceil(q.numel() / n), compute_elt)
+                                  for m in kept for q in m.parameters() if id(q) not in lora)
+                gathered += shards_kept
+                loss_gathered += shards_kept
         else:
-            gathered = gathered_bytes(q for _, q in base)
+            gathered = loss_gathered = gathered_bytes(q for _, q in base)
         gathered += dequantized
+        loss_gathered += head_dequantized
         if not sharded:
             buffers = min(int(p.bucket_mb * 1e6), lora_bytes)  # the flat copy of one gradient bucket
     elif p.strategy == "zero3":
@@ -497,9 +531,9 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         if reuse >= base_numel:
             # Every parameter is reused by backward within the reuse distance, so none is released
             # after forward: the whole base stays gathered until backward (up to max_live_parameters).
-            gathered = min(max_live, base_numel) * compute_elt
+            gathered = loss_gathered = min(max_live, base_numel) * compute_elt
         else:  # the module running (at most the largest weight) plus the prefetch bucket
-            gathered = min(largest_base + prefetch, base_numel) * compute_elt
+            gathered = loss_gathered = min(largest_base + prefetch, base_numel) * compute_elt
         buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
     elif p.strategy in ("zero1", "zero2"):
         zero = _deepspeed_zero(cfg, hf_config, lora_numel)
@@ -508,7 +542,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
     else:  # ddp, none
         base_shard = sum(stored(q, q.numel(), base_elt) for _, q in base)
-        gathered = dequantized
+        gathered, loss_gathered = dequantized, head_dequantized
         if p.strategy == "ddp" and not sharded:
             buffers = lora_bytes  # DDP's gradient buckets hold a second copy of the gradients
     if sharded:
@@ -530,22 +564,24 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         first = blocks[0]
         # An adapter on a parameter saves no per-token activation (its delta is on the weight side).
         ranks_per_block = sum(m.r for _, m in lora_modules(first) if not isinstance(m, LoRAParam))
-    per_block = _block_activation_elements(hf_config, ranks_per_block)
+    selective = p.selective_recompute
+    per_block = _block_activation_bytes(hf_config, ranks_per_block, compute_elt, selective)
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
     vocab = getattr(hf_config, "vocab_size", 0) or 0
     n_blocks = len(blocks)
-    offloaded = 0
+    offloaded = recompute = 0
     if p.activation_checkpointing:
-        saved = tokens * (n_blocks * hidden + per_block) * compute_elt
+        saved = tokens * n_blocks * hidden * compute_elt  # each block's input
+        # Backward recomputes one block at a time, under checkpointing's hooks (the gated product is kept).
+        recompute = tokens * _block_activation_bytes(hf_config, ranks_per_block, compute_elt, selective, True)
         if p.offload_activations:
             # lora_dist.parallel.checkpointing.HostActivations: each block's input waits in host memory (Hugging
             # Face binds the other arguments, such as the rotary cos/sin all blocks share, to the function it
             # checkpoints: they stay where they are); the block recomputed is on the device.
-            offloaded = tokens * n_blocks * hidden * compute_elt
-            saved -= offloaded
+            offloaded, saved = saved, 0
     else:
-        saved = tokens * n_blocks * per_block * compute_elt
-    saved += tokens * (hidden + 1) * compute_elt  # final norm
+        saved = tokens * n_blocks * per_block
+    saved += tokens * hidden * (compute_elt if selective else 4)  # the final norm's input
     if chunk:
         # lora_dist.loss.linear_cross_entropy_sum: the hidden states and their gradient; per chunk of up to
         # train.loss_chunk tokens, their logits over this rank's vocabulary rows (all of them, or 1/W of them with
@@ -555,16 +591,11 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         groups = shards if head_sharded else 1
         rows = groups * min(tokens, max(1, cfg.train.loss_chunk // groups))
         cast = compute_elt if compute_elt != 4 else 0
-        activations = saved + 2 * tokens * hidden * compute_elt + rows * math.ceil(vocab / groups) * (4 + cast)
+        loss = 2 * tokens * hidden * compute_elt + rows * math.ceil(vocab / groups) * (4 + cast)
         if head_sharded:
-            activations += groups * tokens * hidden * compute_elt + tokens * hidden * 4 + rows * hidden * 4
+            loss += groups * tokens * hidden * compute_elt + tokens * hidden * 4 + rows * hidden * 4
     else:
-        activations = saved + 3 * tokens * vocab * 4  # logits, fp32 copy, log-softmax
-    if head_dequantized:
-        # The loss and the head's backward run before backward gathers, recomputes or dequantizes any block: the
-        # head's dequantized rows take the place of those where they are larger (the one moment that holds them).
-        recompute = tokens * per_block * compute_elt if p.activation_checkpointing else 0
-        gathered += max(0, head_dequantized - block_phase - recompute - dequantized)
+        loss = 3 * tokens * vocab * 4  # logits, fp32 copy, log-softmax
 
     experts, top_k = _experts(hf_config)
     expert_params = _expert_params(model, lora)
@@ -576,16 +607,28 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     adapted_blocks = 1 if p.activation_checkpointing else max(n_blocks, 1)
     adapted_experts = sum(adapted) // max(n_blocks, 1) * adapted_blocks * compute_elt if adapted else 0
 
-    peak_at = "backward's start"
+    # The moments that may hold the most; the peak is the largest. Gradients exist from backward's start on
+    # (before it only those accumulated over micro-steps).
+    accumulated = lora_grads if cfg.train.grad_accum > 1 else 0
+    moments = {
+        # The loss and the head's backward: every saved activation and the loss's buffers; of the base, the root's
+        # rest and the head (or the NF4 head's rows dequantized); no block gathered.
+        "the loss": dict(gathered=loss_gathered, activations=saved + loss, lora_grads=accumulated,
+                         adapted_experts=adapted_experts),
+        # The last block's backward: the blocks it gathers (and dequantizes), the saved activations, the block
+        # recomputed (checkpointing), and the gradient of the final hidden states.
+        "backward's start": dict(gathered=gathered, activations=saved + recompute + tokens * hidden * compute_elt,
+                                 lora_grads=lora_grads, adapted_experts=adapted_experts),
+    }
     if forward_gathered is not None:
-        # The other candidate moment: forward's start holds the embedding instead of the blocks, the head and the
-        # activations (the embedding's output only); no gradients yet, but accumulated ones.
-        forward = dict(gathered=forward_gathered + dequantized, activations=tokens * hidden * compute_elt,
-                       lora_grads=lora_grads if cfg.train.grad_accum > 1 else 0, adapted_experts=0)
-        if sum(forward.values()) > gathered + activations + lora_grads + adapted_experts:
-            gathered, activations = forward["gathered"], forward["activations"]
-            lora_grads, adapted_experts = forward["lora_grads"], 0
-            peak_at = "forward's start"
+        # Forward's start holds the embedding instead of the blocks, the head and the activations (the embedding's
+        # output only).
+        moments["forward's start"] = dict(gathered=forward_gathered + dequantized,
+                                          activations=tokens * hidden * compute_elt, lora_grads=accumulated,
+                                          adapted_experts=0)
+    peak_at = max(moments, key=lambda moment: sum(moments[moment].values()))
+    gathered, activations, lora_grads, adapted_experts = moments[peak_at].values()
+    rest = base_shard + base_replicated + lora_params + optimizer_state + buffers
 
     tensors = [q for _, q in model.named_parameters()]
     largest = max((q.numel() * (LORA_BYTES if id(q) in lora else base_elt) for q in tensors), default=0)
@@ -598,5 +641,5 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         base_shard=base_shard, base_replicated=base_replicated, lora_params=lora_params, lora_grads=lora_grads,
         optimizer_state=optimizer_state, activations=activations, gathered=gathered, buffers=buffers,
         adapted_experts=adapted_experts, dp_replicate=W // shards if p.strategy == "fsdp2" else 1, peak_at=peak_at,
-        offloaded=offloaded,
+        offloaded=offloaded, moments={moment: rest + sum(terms.values()) for moment, terms in moments.items()},
     )

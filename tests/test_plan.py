@@ -20,6 +20,7 @@ import torch.distributed as dist
 from distutil import REPO, llama_config_dir, ranks, step_peak
 from lora_dist.config import load_config
 from lora_dist.lora import LoRAConfig, inject_lora, lora_parameters
+from lora_dist.parallel.checkpointing import enable_selective_recompute
 from lora_dist.plan import plan_memory
 
 LORA = ["lora.r=4", "lora.alpha=8", "lora.target_modules=all-linear"]
@@ -41,7 +42,8 @@ def test_param_terms_equal_a_real_model_after_a_step(tiny_checkpoint):
     from transformers import AutoModelForCausalLM
 
     path = tiny_checkpoint("llama")
-    plan = _plan(path, "none", 1)
+    # Accumulating over micro-steps, the gradients exist at every moment of a step, the peak's too.
+    plan = _plan(path, "none", 1, "train.grad_accum=2")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
     lora = lora_parameters(model)
@@ -140,6 +142,7 @@ def test_peak_estimate_is_close_to_live_tensor_bytes(tiny_checkpoint):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    enable_selective_recompute(model)  # parallel.selective_recompute, the default, as parallelize() applies it
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
     ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
 
@@ -195,8 +198,7 @@ def _measure_in_process(path: Path, strategy: str, world: int, overrides: list[s
     elif strategy != "none":
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        if strategy == "fsdp2":
-            parallelize(model, cfg.parallel, torch.device("cpu"))
+        parallelize(model, cfg.parallel, torch.device("cpu"))  # fsdp2 shards; every strategy: the recompute settings
         optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
         engine = make_engine(model, optimizer, cfg.parallel, cfg.train, torch.device("cpu"))
         peak = step_peak(engine, ids)

@@ -1,6 +1,6 @@
 """``parallelize``: the one place a model is wrapped for its strategy, in a fixed order.
 
-activation checkpointing (:mod:`~lora_dist.parallel.checkpointing`) -> FSDP2
+selective recompute and activation checkpointing (:mod:`~lora_dist.parallel.checkpointing`) -> FSDP2
 ``fully_shard`` per transformer block (``parallel.shard_unit=weight``: each
 weight matrix of a block its own unit first, :func:`weight_units`), then
 the input embedding and output head as their own units, then the root, all on
@@ -13,7 +13,7 @@ params are ``ignored_params``: they stay plain, whole tensors on every rank
 while the frozen base becomes ``Shard(0)`` DTensors with no gradients and no
 optimizer state. DeepSpeed ZeRO shards at construction instead
 (:func:`lora_dist.parallel.deepspeed.zero_init`), so for ``zero*``, ``ddp`` and
-``none`` only activation checkpointing is applied here.
+``none`` only the recompute settings are applied here.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from lora_dist.config import ConfigError, ParallelConfig
 from lora_dist.lora import lora_parameters
-from lora_dist.parallel.checkpointing import enable_activation_checkpointing
+from lora_dist.parallel.checkpointing import enable_activation_checkpointing, enable_selective_recompute
 
 __all__ = ["dp_mesh_shape", "embedding_and_head", "find_blocks", "parallelize", "reshard_size", "weight_units"]
 
@@ -80,15 +80,17 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> nn.Module:
-    """Apply activation checkpointing, then shard the frozen base (fsdp2), in place.
+    """Apply selective recompute and activation checkpointing, then shard the frozen base (fsdp2), in place.
 
     Call after :func:`lora_dist.lora.inject_lora` and before materialization:
     the model may live on the meta device. For ``zero*``, ``ddp`` and ``none``
-    only activation checkpointing is applied here.
+    only the recompute settings are applied here.
 
     Raises:
         ValueError: fsdp2 found no transformer block to shard.
     """
+    if cfg.selective_recompute:
+        enable_selective_recompute(model)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model, offload=cfg.offload_activations)
     if cfg.strategy != "fsdp2":
