@@ -33,7 +33,7 @@ LABELS = {
     "lora_dist_auto": "lora_dist auto",
     "lora_dist_fsdp2_bf16": "lora_dist fsdp2, bf16 base",
     "lora_dist_nf4": "lora_dist fsdp2, NF4 base",
-    "lora_dist_nf4_all": "lora_dist fsdp2, NF4 base + embedding/head, checkpointing",
+    "lora_dist_nf4_all": "lora_dist fsdp2, NF4 base + embedding/head",
     "peft_accelerate_fsdp2_bf16": "PEFT + accelerate FSDP2, bf16 base (bf16 anchor)",
 }
 #: The anchor in bf16, for the configurations with a bf16 (or NF4) base.
@@ -256,7 +256,7 @@ def _frozen_base_targets(size: str, rows: dict, anchor: dict | None, anchor_bf16
         out.append(_target("tensors <= 0.75x anchor, bf16 base", size, LABELS["lora_dist_fsdp2_bf16"],
                            bf16["peak_tensor"] / anchor_bf16["peak_tensor"], 0.75,
                            f"{bf16['peak_tensor'] / GB:.3f} GB vs bf16 anchor {anchor_bf16['peak_tensor'] / GB:.3f} GB"))
-    for name in NF4:  # the NF4 targets on both NF4 rows: blocks only, and embedding/head too with checkpointing
+    for name in NF4:  # the NF4 targets on both NF4 rows: blocks only, and embedding/head too
         nf4 = rows.get(name)
         if nf4 and bf16 and nf4["base_bytes"] and bf16["base_bytes"]:
             out.append(_target("NF4 base bytes <= 0.3x bf16 base", size, LABELS[name],

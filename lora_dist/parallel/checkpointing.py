@@ -225,10 +225,13 @@ def _is_gated_mlp(cls: type) -> bool:
 
 def enable_selective_recompute(model: nn.Module) -> dict[str, int]:
     """Recompute every RMSNorm and gated MLP product in backward instead of keeping what autograd would
-    (module docstring), in place; call before sharding. Returns how many modules of each kind."""
+    (module docstring), in place; call before sharding. Returns how many modules of each kind it changed (a
+    module whose forward was replaced already, by this or anything else, is left as it is)."""
     counts = {"norms": 0, "mlps": 0}
     for module in model.modules():
         cls = type(module)
+        if "forward" in vars(module):
+            continue
         if cls.__name__.endswith("RMSNorm") and _frozen(module):
             _recomputed_norm(module)
             counts["norms"] += 1

@@ -65,6 +65,7 @@ def test_forward_and_gradients_are_bitwise_those_of_the_plain_model(family, dtyp
     recomputed = copy.deepcopy(plain)
     counts = enable_selective_recompute(recomputed)
     assert counts == {"norms": 2 * 2 + 1, "mlps": 2}  # two per block and the final norm; one MLP per block
+    assert enable_selective_recompute(recomputed) == {"norms": 0, "mlps": 0}  # applied once
     ids = torch.randint(0, 256, (1, SEQ), generator=torch.Generator().manual_seed(0))
     _assert_bitwise(_step(plain, ids), _step(recomputed, ids))
 
