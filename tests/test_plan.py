@@ -208,11 +208,16 @@ def _measure_in_process(path: Path, strategy: str, world: int, overrides: list[s
     return plan, peak
 
 
-#: (strategy, world, overrides): the ZeRO-1 over the LoRA on and off, the chunked loss on and off, a bf16 base.
+#: (strategy, world, overrides): the ZeRO-1 over the LoRA on and off, the chunked loss on and off, a bf16 base,
+#: selective recompute off, and checkpointing on a model whose loss outweighs a block (the peak is the loss, not the
+#: block recomputed in backward: the two never coexist).
 MODES = [
     ("none", 1, ["train.loss_chunk=0"]),
     ("none", 1, ["train.loss_chunk=64"]),
     ("none", 1, ["model.dtype=bfloat16"]),
+    ("none", 1, ["model.dtype=bfloat16", "parallel.selective_recompute=false"]),
+    ("fsdp2", 2, ["parallel.activation_checkpointing=true"]),
+    ("fsdp2", 2, ["model.dtype=bfloat16", "parallel.activation_checkpointing=true"]),
     ("ddp", 2, ["parallel.shard_optimizer=true"]),
     ("ddp", 1, ["parallel.shard_optimizer=false"]),  # ddp's all-reduce bucket copies: as on W ranks
     ("ddp", 2, ["model.dtype=bfloat16"]),
