@@ -627,7 +627,9 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
                                           activations=tokens * hidden * compute_elt, lora_grads=accumulated,
                                           adapted_experts=0)
     peak_at = max(moments, key=lambda moment: sum(moments[moment].values()))
-    gathered, activations, lora_grads, adapted_experts = moments[peak_at].values()
+    peak = moments[peak_at]
+    gathered, activations = peak["gathered"], peak["activations"]
+    lora_grads, adapted_experts = peak["lora_grads"], peak["adapted_experts"]
     rest = base_shard + base_replicated + lora_params + optimizer_state + buffers
 
     tensors = [q for _, q in model.named_parameters()]
