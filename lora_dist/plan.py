@@ -565,7 +565,6 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         # An adapter on a parameter saves no per-token activation (its delta is on the weight side).
         ranks_per_block = sum(m.r for _, m in lora_modules(first) if not isinstance(m, LoRAParam))
     selective = p.selective_recompute
-    per_block = _block_activation_bytes(hf_config, ranks_per_block, compute_elt, selective)
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
     vocab = getattr(hf_config, "vocab_size", 0) or 0
     n_blocks = len(blocks)
@@ -580,7 +579,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
             # checkpoints: they stay where they are); the block recomputed is on the device.
             offloaded, saved = saved, 0
     else:
-        saved = tokens * n_blocks * per_block
+        saved = tokens * n_blocks * _block_activation_bytes(hf_config, ranks_per_block, compute_elt, selective)
     saved += tokens * hidden * (compute_elt if selective else 4)  # the final norm's input
     if chunk:
         # lora_dist.loss.linear_cross_entropy_sum: the hidden states and their gradient; per chunk of up to
