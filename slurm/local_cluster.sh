@@ -408,6 +408,9 @@ with_lock() {  # one up/down at a time
   "$@"
 }
 
+# Sourced (the tests check its process helpers): define the functions, run nothing.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
+
 case "${1:-}" in
   up) with_lock cmd_up ;;
   down) with_lock cmd_down ;;
