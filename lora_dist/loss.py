@@ -234,12 +234,18 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     ``group`` None: ``weight`` is the whole head. Else a process group whose ranks each hold vocabulary rows
     ``[vocab_start, vocab_start + len(weight))`` (and their ``bias``); every rank calls it with its own tokens
     (collective). Either way, the same value as :func:`token_loss_sum` of the whole head's logits over this
-    rank's tokens, with the same gradient for ``hidden``; the head gets none (it is frozen).
+    rank's tokens, with the same gradient for ``hidden``; the head gets none (it is frozen). Only the tokens
+    whose label carries a loss go through the head (in chat data the prompts are often half the tokens): the
+    others' logits would be computed for nothing, and their gradient is zero.
     """
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # the last position predicts nothing
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).flatten()  # the last position predicts nothing
+    hidden = hidden.flatten(0, 1)
+    carry = targets != IGNORE
+    if not bool(carry.all()):  # the head multiplies only the tokens that carry a loss (prompts, padding: none)
+        rows = carry.nonzero().squeeze(1)
+        hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
     grad = torch.is_grad_enabled() and hidden.requires_grad
-    return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, bias, targets.flatten(), vocab_start, chunk, group,
-                                     grad)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, vocab_start, chunk, group, grad)
 
 
 def chunkable(model: nn.Module) -> str | None:

@@ -66,6 +66,38 @@ def test_two_head_matmuls_per_chunk_and_none_without_grad():
     torch.testing.assert_close(value, _plain_sum(F.linear(hidden, weight), labels), rtol=1e-6, atol=1e-5)
 
 
+def test_only_tokens_with_a_loss_go_through_the_head():
+    """Prompt tokens and padding (label -100) carry no loss: the head never multiplies them, and the value and
+    gradient stay the plain loss's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HeadRows(TorchDispatchMode):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight, self.rows = weight, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                a, b = args[-2], args[-1]
+                if b.untyped_storage().data_ptr() == self.weight.untyped_storage().data_ptr():
+                    self.rows.append(a.shape[0])
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 10, 16, generator=g, requires_grad=True)
+    weight, labels = torch.randn(50, 16, generator=g), torch.randint(0, 50, (2, 10), generator=g)
+    labels[0, :6] = IGNORE  # a prompt
+    labels[1, 7:] = IGNORE  # padding
+    with HeadRows(weight) as seen:
+        loss = linear_cross_entropy_sum(hidden, weight, None, labels, 1000)
+        (grad,) = torch.autograd.grad(loss, hidden)
+    targets = int((labels[:, 1:] != IGNORE).sum())  # 13 of the 20 positions
+    assert seen.rows == [targets, targets]  # the logits, and the gradient of the hidden states
+    plain = _plain_sum(F.linear(hidden, weight), labels)
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad, torch.autograd.grad(plain, hidden)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_all_ignored_gives_zero_loss_and_gradient():
     hidden = torch.randn(2, 4, 8, requires_grad=True)
     labels = torch.full((2, 4), IGNORE)

@@ -176,7 +176,7 @@ def report(result: dict) -> str:
     lines = ["| base stored as | base eval loss, pretraining kind (vs fp32) | base eval loss, task "
              "| after LoRA, task: per seed | mean vs fp32 |", "|---|---|---|---|---|"]
     for mode, row in result["modes"].items():
-        lines.append(f"| {mode} | {row['base_pretrain_eval_loss']:.4f} ({row.get('base_pretrain_delta', 0):+.4f}) "
+        lines.append(f"| {mode} | {row['base_pretrain_eval_loss']:.4f} ({row.get('base_pretrain_delta', 0):+.5f}) "
                      f"| {row['base_task_eval_loss']:.4f} "
                      f"| {' / '.join(f'{t:.4f}' for t in row['tuned_task_eval_losses'])} "
                      f"| {row.get('tuned_task_delta', 0):+.4f} |")

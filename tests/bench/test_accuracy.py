@@ -1,0 +1,43 @@
+"""``python -m bench accuracy`` at a smoke-test size: every storage is what it says, and LoRA learns the task."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_dist.bench.accuracy import MODES, report, run
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("accuracy"), pretrain_steps=40, finetune_steps=12, seeds=1)
+
+
+def test_pretraining_learned_the_sentences(study):
+    pre = study["pretrain"]
+    assert pre["final_loss"] < 0.5 * pre["first_loss"]
+    fp32 = study["modes"]["fp32"]
+    # The base knows the pretraining order and not the task's: the task starts far worse.
+    assert fp32["base_task_eval_loss"] > fp32["base_pretrain_eval_loss"] + 1.0
+
+
+def test_every_storage_changes_the_base_it_claims_to(study):
+    rows = study["modes"]
+    assert list(rows) == list(MODES)
+    fp32 = rows["fp32"]["base_task_eval_loss"]
+    # bf16 rounds the weights: the loss moves, a little.
+    assert 0 < abs(rows["bf16"]["base_task_eval_loss"] - fp32) < 0.02
+    # The embedding and head in NF4 too: a different base from NF4 blocks alone (the embedding was quantized).
+    assert rows["nf4_embeddings"]["base_task_eval_loss"] != rows["nf4"]["base_task_eval_loss"]
+    assert rows["nf4"]["base_task_eval_loss"] != rows["bf16"]["base_task_eval_loss"]
+
+
+def test_lora_learns_the_task_on_every_storage(study):
+    for mode, row in study["modes"].items():
+        assert row["tuned_task_eval_loss"] < row["base_task_eval_loss"] - 1.0, mode
+        assert abs(row["tuned_task_delta"]) < 0.5, mode
+
+
+def test_report_has_a_row_per_storage(study):
+    table = report(study).splitlines()
+    assert len(table) == 2 + len(MODES)
+    assert all(any(line.startswith(f"| {mode} |") for line in table) for mode in MODES)
