@@ -17,7 +17,7 @@ asks of ``model.dtype`` and ``model.quantize``:
      order ("in the morning, the red fox likes wooden boats."), and its eval loss on held-out records of
      that task: what the storage costs after fine-tuning (QLoRA's claim is that LoRA recovers it).
 
-Every storage trains from the same data, seed and schedule, on one process, so what differs is the
+Every storage trains from the same data, seeds and schedule, on one process, so what differs is the
 base. The study is small (3.3M parameters, synthetic grammar): it measures the mechanism on learned
 weights, not what a 70B model loses. Results: ``bench/results/accuracy.json``.
 """

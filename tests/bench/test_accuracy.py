@@ -6,6 +6,8 @@ import pytest
 
 from lora_dist.bench.accuracy import MODES, report, run
 
+pytestmark = pytest.mark.slow  # pretrains a model and fine-tunes it four times (about 40 s)
+
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
