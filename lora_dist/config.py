@@ -204,6 +204,11 @@ class ParallelConfig:
     gathered; the ranks gather their final hidden states instead and each computes the loss over its own
     vocabulary rows (train.loss_chunk applies; an untied Linear head, lora_dist.loss.ShardedHeadLoss) - where
     that holds less: a vocabulary larger than the shard group's tokens per micro-batch."""
+    gather_embedding: bool = False
+    """fsdp2: all-gather the input embedding at each forward's start (as for any unit). false (default): it is
+    never gathered; the ranks gather their token ids, each looks them up in its own vocabulary rows and a
+    reduce-scatter gives each rank its tokens' rows (bit for bit the gathered lookup; an untied nn.Embedding,
+    lora_dist.parallel.embedding) - where that holds less, as for parallel.gather_head."""
     bucket_mb: float = 25.0
     """Size of the LoRA gradient all-reduce buckets (MB); under zero1/2/3 DeepSpeed's reduce bucket,
     capped at the size of all LoRA gradients (a bigger bucket only holds memory)."""

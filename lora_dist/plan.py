@@ -90,8 +90,9 @@ root's rest and the head, as gathered; no gradients yet), **backward's start**
 (the last block's backward: the blocks gathered as above, the saved activations,
 the block recomputed under checkpointing, the final hidden states' gradient, the
 LoRA gradients) and, under fsdp2 with an untied embedding, **forward's start** (the
-root's rest, the embedding and the first block gathered, the embedding's output, no
-gradients). Gradients accumulated over micro-steps count at every moment. The
+root's rest, the embedding gathered - or, where it looks up on its vocabulary shards,
+every rank's tokens' rows for the reduce-scatter - and the first block gathered, the
+embedding's output, no gradients). Gradients accumulated over micro-steps count at every moment. The
 terms shown are the peak's (:attr:`MemoryPlan.peak_at`); :attr:`MemoryPlan.moments`
 has every moment's total. Not
 included: the process itself (Python, torch, libraries; about 0.4 GB of RSS
@@ -123,7 +124,7 @@ GB = 1e9
 MOMENTS = {
     "the loss": "every saved activation and the loss's buffers, no block gathered",
     "backward's start": "the last block's backward gathering its weights, the loss done",
-    "forward's start": "the input embedding gathered; later moments hold less",
+    "forward's start": "the input embedding's lookup and the first block gathered; later moments hold less",
 }
 
 
@@ -413,6 +414,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     from lora_dist.lora import LoRAParam, lora_modules, lora_parameters
     from lora_dist.loss import chunkable, head_sharding_pays
     from lora_dist.parallel import dp_mesh_shape, find_blocks
+    from lora_dist.parallel.embedding import plain_lookup
     from lora_dist.parallel.parallelize import embedding_and_head, reshard_size, weight_units
     from lora_dist.parallel.reducer import fill_buckets
     from lora_dist.parallel.sharded_adamw import IN_FLIGHT
@@ -448,6 +450,10 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     chunk = min(cfg.train.loss_chunk, tokens) if chunkable(model) is None else 0
     head_sharded = (p.strategy == "fsdp2" and not p.gather_head and bool(chunk) and head is not None
                     and head_sharding_pays(head.weight.shape[0], shards, tokens))
+    # fsdp2 without parallel.gather_embedding: the embedding looks up on its vocabulary shards, never gathered
+    # (lora_dist.parallel.embedding, as the engine decides).
+    embed_sharded = (p.strategy == "fsdp2" and not p.gather_embedding and plain_lookup(embed)
+                     and head_sharding_pays(embed.weight.shape[0], shards, tokens))
     # NF4 weights are dequantized one at a time: a block's linear for its matmul, with its block gathered; with an
     # NF4 head (model.quantize_embeddings) the head's rows for the loss (this rank's vocabulary shard, or all of
     # them), before backward gathers or recomputes any block. An NF4 embedding dequantizes only the rows it looks
@@ -498,15 +504,18 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
             gathered = min(root_rest + kept_head + running, gathered_bytes(q for _, q in base))
             loss_gathered = min(root_rest + kept_head, gathered)
             if embed is not None:
-                # Forward's start: the root's rest and the embedding gathered, the first block's all-gather
-                # output and its params.
-                forward_gathered = root_rest + gathered_bytes(embed.parameters()) + first
+                # Forward's start: the root's rest and the embedding gathered (or, looked up on its shards, the
+                # reduce-scatter's input of every rank's tokens and this rank's rows of them), the first block's
+                # all-gather output and its params.
+                lookup = (shards + 1) * tokens * embed.weight.shape[1] * compute_elt if embed_sharded else \
+                    gathered_bytes(embed.parameters())
+                forward_gathered = root_rest + lookup + first
             after_forward = reshard_size(p, shards, 0)
             if after_forward is not True:
                 # Resharded to N ranks (reshard_after_forward=N, or node resolved to the node's ranks): every
                 # block and the embedding keep a 1/N shard from their forward until backward gathers them again.
                 n = max(int(after_forward), 1)
-                kept = [*blocks, *([embed] if embed is not None else [])]
+                kept = [*blocks, *([embed] if embed is not None and not embed_sharded else [])]
                 shards_kept = sum(stored(q, math.ceil(q.numel() / n), compute_elt)
                                   for m in kept for q in m.parameters() if id(q) not in lora)
                 gathered += shards_kept

@@ -72,6 +72,7 @@ def test_two_ranks_equal_one_process(setup, reference, strategy):
 @pytest.mark.parametrize("strategy,variant", [
     ("fsdp2", "train.loss_chunk=7"),  # the loss on the head's vocabulary shards, 3 tokens of each rank a chunk
     ("fsdp2", "parallel.gather_head=true train.loss_chunk=7"),  # the head gathered, 7-token chunks recomputed
+    ("fsdp2", "parallel.gather_embedding=true"),  # the embedding gathered (by default it looks up on its shards)
     ("zero3", "train.loss_chunk=7"),  # ... with ZeRO-3 gathering the head again for the recompute
     ("ddp", "train.loss_chunk=0 parallel.shard_optimizer=false"),  # full logits, DDP's all-reduce, whole AdamW
     ("fsdp2", "train.loss_chunk=0 parallel.shard_optimizer=false"),  # full logits, the bucketed all-reduce

@@ -27,6 +27,7 @@ from lora_dist.data import model_kwargs
 from lora_dist.lora import lora_modules
 from lora_dist.loss import ChunkedHeadLoss, ShardedHeadLoss, chunkable, head_sharding_pays, sharded_head, token_loss_sum
 from lora_dist.model_dir import ModelDir
+from lora_dist.parallel.embedding import ShardedEmbedding, sharded_embedding
 from lora_dist.parallel.reducer import LoRAGradReducer
 from lora_dist.parallel.sharded_adamw import ShardedAdamW
 from lora_dist.ranks import RankGroup
@@ -63,12 +64,15 @@ class Engine:
         head_loss: the chunked head + loss :meth:`loss_sum` uses (:func:`make_engine` sets it from
             ``train.loss_chunk``; under fsdp2 over the head's vocabulary shards unless ``parallel.gather_head``),
             or None for the plain loss of the full logits.
+        embedding: under fsdp2 the input embedding's lookup on its vocabulary shards (unless
+            ``parallel.gather_embedding``; :func:`make_engine` sets it), or None for the gathered lookup.
         sharded: ZeRO-1 over the LoRA (:class:`~lora_dist.parallel.sharded_adamw.ShardedAdamW`): when set, it
             reduces the gradients and steps 1/W of the AdamW state in place of ``optimizer``.
     """
 
     base: ModelDir | None = None
     head_loss: ChunkedHeadLoss | ShardedHeadLoss | None = None
+    embedding: ShardedEmbedding | None = None
     sharded: ShardedAdamW | None = None
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
@@ -95,10 +99,11 @@ class Engine:
     def forward_loss_sum(self, inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
         """``model(**inputs)`` and the summed fp32 next-token loss of ``labels`` (``-100``: no loss), through the
         chunked head where :attr:`head_loss` is set: the full fp32 logits never exist."""
-        if self.head_loss is None:
-            return token_loss_sum(self.model(**inputs).logits, labels)
-        with self.head_loss.installed():
-            hidden = self.model(**inputs).logits
+        with self.embedding.installed() if self.embedding is not None else contextlib.nullcontext():
+            if self.head_loss is None:
+                return token_loss_sum(self.model(**inputs).logits, labels)
+            with self.head_loss.installed():
+                hidden = self.model(**inputs).logits
         return self.head_loss.loss_sum(hidden, labels)
 
     def use_chunked_loss(self, chunk: int, gather_head: bool = True, tokens: int = 0) -> str | None:
@@ -116,6 +121,15 @@ class Engine:
         else:
             self.head_loss = ChunkedHeadLoss(self.module, chunk)
         return why
+
+    def use_sharded_embedding(self, gather_embedding: bool, tokens: int, dtype: torch.dtype | None) -> None:
+        """Let the forwards of :meth:`loss_sum` look the input embedding up on its vocabulary shards (never gathering
+        it) where it is an FSDP2 unit, not ``gather_embedding``, and that holds less for micro-batches of ``tokens``
+        tokens per rank; ``dtype``: FSDP2's compute dtype (None: the weight's), what the gathered lookup returns."""
+        shard = None if gather_embedding else sharded_embedding(self.module)
+        pays = shard is not None and head_sharding_pays(self.module.get_input_embeddings().weight.shape[0],
+                                                        dist.get_world_size(shard[2]), tokens)
+        self.embedding = ShardedEmbedding(self.module, dtype) if pays else None
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         if self.sharded is not None:
@@ -335,13 +349,20 @@ def make_engine(
     else:
         engine = Engine(model, optimizer, train.max_grad_norm, device)
     engine.base = base
-    why = engine.use_chunked_loss(train.loss_chunk, cfg.gather_head, train.micro_batch_size * train.seq_len)
+    tokens = train.micro_batch_size * train.seq_len
+    why = engine.use_chunked_loss(train.loss_chunk, cfg.gather_head, tokens)
+    if cfg.strategy == "fsdp2":
+        engine.use_sharded_embedding(cfg.gather_embedding, tokens,
+                                     torch.bfloat16 if cfg.mixed_precision == "bfloat16" else None)
     if not dist.is_initialized() or dist.get_rank() == 0:
         if why:
             log.info("the loss runs over the full logits (train.loss_chunk does not apply: %s)", why)
         elif isinstance(engine.head_loss, ShardedHeadLoss):
             log.info("the loss runs on the output head's vocabulary shards: the head is never gathered "
                      "(parallel.gather_head=false)")
+        if engine.embedding is not None:
+            log.info("the input embedding looks up on its vocabulary shards: it is never gathered "
+                     "(parallel.gather_embedding=false)")
     return engine
 
 

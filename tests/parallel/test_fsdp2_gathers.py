@@ -1,8 +1,9 @@
 """What FSDP2 gathers in a training step: the frozen base only where a computation needs it.
 
 The output head is never gathered when the loss runs over its vocabulary shards (the default,
-:class:`lora_dist.loss.ShardedHeadLoss`, where that holds less than gathering it), and the frozen input embedding is not gathered again
-in backward (token ids have no gradient: FSDP2's backward prefetch would gather it for nothing).
+:class:`lora_dist.loss.ShardedHeadLoss`, where that holds less than gathering it), nor the input embedding
+when it looks up on its vocabulary shards (:mod:`lora_dist.parallel.embedding`, the same rule); a gathered
+embedding is not gathered again in backward (token ids have no gradient: FSDP2's backward prefetch would gather it for nothing).
 Every all-gather FSDP2 issues is recorded by the names of the params it gathers, in a fake
 world of 2 ranks, with activation checkpointing (its recompute is where a stray gather hides).
 """
@@ -44,23 +45,25 @@ def gathers(monkeypatch):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("gather_head,seq_len,gathered", [
-    (False, 16, False),  # the loss on the head's vocabulary shards
-    (True, 16, True),  # asked to gather it
-    (False, 4096, True),  # 2 x 2 x 4096 tokens' hidden states would outweigh the head's rows: gathered
+@pytest.mark.parametrize("gather,seq_len,gathered", [
+    (False, 16, False),  # the loss on the head's vocabulary shards, the lookup on the embedding's
+    (True, 16, True),  # asked to gather them
+    (False, 4096, True),  # 2 x 2 x 4096 tokens' hidden states would outweigh the vocabulary's rows: gathered
 ])
-def test_the_head_is_gathered_only_when_asked_and_the_embedding_only_in_forward(tiny_checkpoint, tiny_model, gathers,
-                                                                              gather_head, seq_len, gathered):
+def test_the_head_and_embedding_are_gathered_only_where_asked_or_cheaper(tiny_checkpoint, tiny_model, gathers,
+                                                                         gather, seq_len, gathered):
     seen, phase = gathers
     base = tiny_checkpoint("llama", hidden=64, layers=2)
+    flag = str(gather).lower()
     cfg = load_config(None, [f"model.path={base}", "parallel.strategy=fsdp2", "parallel.activation_checkpointing=true",
-                             f"parallel.gather_head={str(gather_head).lower()}", "lora.r=4",
+                             f"parallel.gather_head={flag}", f"parallel.gather_embedding={flag}", "lora.r=4",
                              "train.micro_batch_size=2", f"train.seq_len={seq_len}"])
     model = tiny_model("llama", hidden=64, layers=2)
     inject_lora(model, cfg.lora)
     parallelize(model, cfg.parallel, torch.device("cpu"))
     engine = make_engine(model, torch.optim.AdamW(lora_parameters(model), lr=1e-3), cfg.parallel, cfg.train,
                          torch.device("cpu"))
+    assert (engine.embedding is None) == gathered
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     for _ in range(2):  # the second step: FSDP2's lazy init and the optimizer state are behind us
@@ -74,5 +77,6 @@ def test_the_head_is_gathered_only_when_asked_and_the_embedding_only_in_forward(
 
     blocks = {f"model.layers.{i}" for i in range(2)}
     assert ("lm_head" in seen["forward"]) == gathered, seen
-    assert blocks | {"model.embed_tokens"} <= seen["forward"], seen
+    assert ("model.embed_tokens" in seen["forward"]) == gathered, seen
+    assert blocks <= seen["forward"], seen
     assert seen["backward"] == blocks, seen  # recomputed and differentiated blocks; neither head nor embedding
