@@ -322,24 +322,18 @@ def sharded_head(model: nn.Module):
     """The output head's vocabulary shard under FSDP2: ``(weight, bias, vocab_start, group)``, local tensors of
     this rank; None where the head is not its own ``Shard(0)`` FSDP2 unit (ddp, ZeRO, a tied head)."""
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor, Shard
+
+    from lora_dist.parallel.sharding import row_shard
 
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     if not isinstance(head, FSDPModule) or chunkable(model) is not None:
         return None
     head.reshard()  # a forward outside training (generation) may have left it gathered
-    weight = head.weight
-    if not isinstance(weight, DTensor):
+    shard = row_shard(head.weight)
+    if shard is None:
         return None
-    dims = [d for d, p in enumerate(weight.placements) if isinstance(p, Shard)]
-    if len(dims) != 1 or weight.placements[dims[0]].dim != 0:
-        return None
-    from lora_dist.parallel.sharding import owned_range
-
-    owned = owned_range(weight)
-    row = weight.shape[1] if weight.dim() > 1 else 1
-    bias = head.bias.to_local() if head.bias is not None else None
-    return weight.to_local(), bias, owned.start // row, weight.device_mesh.get_group(dims[0])
+    weight, start, group = shard
+    return weight, (head.bias.to_local() if head.bias is not None else None), start, group
 
 
 class _SkipHead(nn.Module):

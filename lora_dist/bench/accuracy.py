@@ -121,6 +121,19 @@ def _config(model: Path, data: Path, eval_data: Path, out: Path, mode: str, step
 
 def run(work: Path, pretrain_steps: int, finetune_steps: int, seeds: int = 2, modes: list[str] | None = None) -> dict:
     """The whole study under ``work``; returns the results (also printed as it goes)."""
+    import torch.distributed as dist
+
+    from lora_dist.launch import destroy_distributed
+
+    owned = not dist.is_initialized()  # train() and evaluate_run() leave their one-process group to the caller
+    try:
+        return _study(work, pretrain_steps, finetune_steps, seeds, modes)
+    finally:
+        if owned:
+            destroy_distributed()
+
+
+def _study(work: Path, pretrain_steps: int, finetune_steps: int, seeds: int, modes: list[str] | None) -> dict:
     import torch
 
     from lora_dist.evaluation import evaluate_run

@@ -16,7 +16,8 @@ What is held is ``ranks x tokens x width`` (the reduce-scatter's input) instead 
 what crosses the wire; :func:`lora_dist.loss.head_sharding_pays` says where that is less (the vocabulary
 outnumbers the shard group's tokens). Token ids have no gradient and the weight none either: backward does
 nothing here. It applies to a plain ``nn.Embedding`` forward without ``max_norm`` (Gemma's scaled embedding
-and other forwards of their own keep the gather).
+and other forwards of their own keep the gather), and steps aside for a forward where someone else's hook is
+on the embedding (TRL's NEFTune).
 """
 
 from __future__ import annotations
@@ -43,21 +44,13 @@ def sharded_embedding(model: nn.Module):
 def _shard(embed: nn.Module | None):
     """:func:`sharded_embedding` of the embedding module itself."""
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor, Shard
 
-    from lora_dist.parallel.sharding import owned_range
+    from lora_dist.parallel.sharding import row_shard
 
-    if not isinstance(embed, FSDPModule) or not plain_lookup(embed):
-        return None
-    weight = embed.weight
-    if not isinstance(weight, DTensor) or weight.requires_grad:
-        return None
-    dims = [d for d, p in enumerate(weight.placements) if isinstance(p, Shard)]
-    if len(dims) != 1 or weight.placements[dims[0]].dim != 0:
+    if not isinstance(embed, FSDPModule) or not plain_lookup(embed) or embed.weight.requires_grad:
         return None
     embed.reshard()  # a forward outside training (generation) may have left it gathered
-    owned = owned_range(weight)
-    return weight.to_local(), owned.start // weight.shape[1], weight.device_mesh.get_group(dims[0])
+    return row_shard(embed.weight)
 
 
 def plain_lookup(embed: nn.Module | None) -> bool:
@@ -71,6 +64,14 @@ def plain_lookup(embed: nn.Module | None) -> bool:
         if "forward" in vars(klass):
             return False
     return False
+
+
+def _foreign_hooks(embed: nn.Module) -> bool:
+    """Whether a forward hook other than FSDP2's own is registered on ``embed``."""
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    hooks = [*embed._forward_pre_hooks.values(), *embed._forward_hooks.values()]
+    return any(not isinstance(getattr(h, "__self__", None), FSDPState) for h in hooks)
 
 
 def lookup(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int, group,
@@ -125,6 +126,11 @@ class ShardedEmbedding:
 
     @contextlib.contextmanager
     def installed(self):
+        """The embedding's place holds the stand-in; not where a hook of someone else's is on the embedding (TRL's
+        NEFTune adds noise to its output): the gathered lookup runs then, with the hook."""
+        if _foreign_hooks(self.embed):
+            yield
+            return
         setattr(self.parent, self.name, _Lookup(self.embed, self.dtype))
         try:
             yield

@@ -33,6 +33,7 @@ __all__ = [
     "is_dtensor",
     "local_dtype",
     "owned_range",
+    "row_shard",
     "whole_local",
 ]
 
@@ -124,6 +125,20 @@ def owned_range(param: torch.Tensor) -> OwnedRange | None:
         end = min(start + part.numel(), numel)
         return OwnedRange(start, end, part[: end - start])
     return None
+
+
+def row_shard(weight: torch.Tensor):
+    """A 2-D weight FSDP2 shards by rows (one ``Shard(0)`` mesh dim; under hybrid sharding the other replicates):
+    ``(its local rows, the first one's row index, the shard dim's process group)``; None for any other weight.
+    The output head's loss and the input embedding's lookup run on such vocabulary shards."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(weight, DTensor) or weight.dim() != 2:
+        return None
+    dims = [d for d, p in enumerate(weight.placements) if isinstance(p, Shard)]
+    if len(dims) != 1 or weight.placements[dims[0]].dim != 0:
+        return None
+    return weight.to_local(), owned_range(weight).start // weight.shape[1], weight.device_mesh.get_group(dims[0])
 
 
 def gathered(params: list[torch.Tensor]) -> contextlib.AbstractContextManager:

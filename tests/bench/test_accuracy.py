@@ -39,6 +39,12 @@ def test_lora_learns_the_task_on_every_storage(study):
         assert abs(row["tuned_task_delta"]) < 0.5, mode
 
 
+def test_the_study_leaves_no_process_group_behind(study):
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+
+
 def test_report_has_a_row_per_storage(study):
     table = report(study).splitlines()
     assert len(table) == 2 + len(MODES)

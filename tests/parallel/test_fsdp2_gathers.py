@@ -80,3 +80,28 @@ def test_the_head_and_embedding_are_gathered_only_where_asked_or_cheaper(tiny_ch
     assert ("model.embed_tokens" in seen["forward"]) == gathered, seen
     assert blocks <= seen["forward"], seen
     assert seen["backward"] == blocks, seen  # recomputed and differentiated blocks; neither head nor embedding
+
+
+def test_a_hook_on_the_embedding_gets_the_gathered_lookup(tiny_checkpoint, tiny_model, gathers):
+    """Someone else's forward hook on the embedding (TRL's NEFTune adds noise to its output) keeps working: the
+    lookup on the vocabulary shards steps aside, the embedding is gathered and the hook sees its output."""
+    seen, phase = gathers
+    base = tiny_checkpoint("llama", hidden=64, layers=2)
+    cfg = load_config(None, [f"model.path={base}", "parallel.strategy=fsdp2", "lora.r=4", "train.micro_batch_size=2",
+                             "train.seq_len=16"])
+    model = tiny_model("llama", hidden=64, layers=2)
+    inject_lora(model, cfg.lora)
+    parallelize(model, cfg.parallel, torch.device("cpu"))
+    engine = make_engine(model, torch.optim.AdamW(lora_parameters(model), lr=1e-3), cfg.parallel, cfg.train,
+                         torch.device("cpu"))
+    assert engine.embedding is not None
+    outputs = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: outputs.append(out.shape))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    engine.forward_loss_sum({"input_ids": ids}, ids)
+    assert outputs == [(2, 16, 64)] and "model.embed_tokens" in seen["forward"], (outputs, seen)
+    handle.remove()
+    seen["forward"].clear()
+    engine.forward_loss_sum({"input_ids": ids}, ids)
+    assert "model.embed_tokens" not in seen["forward"], seen
+
