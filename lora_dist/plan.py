@@ -489,9 +489,11 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
             in_unit = {id(q) for m in (*blocks, *units) for q in m.parameters()}
             root_rest = gathered_bytes(q for _, q in base if id(q) not in in_unit)
             block = max((gathered_bytes(b.parameters()) for b in blocks), default=0)
-            running, first = 3 * block, 2 * block
+            # Forward holds as many: the block running, and the next one's all-gather output and params (measured
+            # in the live tensors of a 2-block model: three blocks at the second block's copy-out).
+            running, first = 3 * block, 3 * block
             if p.shard_unit == "weight":
-                # Each weight matrix its own unit: forward holds one at a time (and its all-gather output).
+                # Each weight matrix its own unit: forward holds three at a time, as for blocks.
                 # Backward recomputing a checkpointed block gathers all of its units (FSDP2 does not reshard
                 # in a recompute) plus the all-gather output of the last; without checkpointing, backward holds
                 # the unit running, the next one and the all-gather output of the one after, as for blocks.
@@ -499,14 +501,14 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
                 unit = max((gathered_bytes(m.parameters()) for b in blocks for m in weight_units(b, lora_set)),
                            default=0)
                 running = block + unit if p.activation_checkpointing else min(3 * unit, 3 * block)
-                first = 2 * unit
+                first = 3 * unit
             kept_head = gathered_bytes(head.parameters()) if head is not None and not head_sharded else 0
             gathered = min(root_rest + kept_head + running, gathered_bytes(q for _, q in base))
             loss_gathered = min(root_rest + kept_head, gathered)
             if embed is not None:
                 # Forward's start: the root's rest and the embedding gathered (or, looked up on its shards, the
-                # reduce-scatter's input of every rank's tokens and this rank's rows of them), the first block's
-                # all-gather output and its params.
+                # reduce-scatter's input of every rank's tokens and this rank's rows of them), and the first blocks
+                # gathered as above.
                 lookup = (shards + 1) * tokens * embed.weight.shape[1] * compute_elt if embed_sharded else \
                     gathered_bytes(embed.parameters())
                 forward_gathered = root_rest + lookup + first
