@@ -50,7 +50,6 @@ __all__ = [
     "ChunkedHeadLoss",
     "ShardedHeadLoss",
     "chunkable",
-    "head_sharding_pays",
     "linear_cross_entropy_sum",
     "n_targets",
     "sharded_head",
@@ -311,13 +310,6 @@ class ChunkedHeadLoss:
 # ---------------------------------------------------------------------------- the head left sharded
 
 
-def head_sharding_pays(vocab: int, ranks: int, tokens: int) -> bool:
-    """Whether leaving the head sharded holds less than gathering it: the ranks then gather their hidden states
-    (``ranks x tokens`` rows of the head's width, and their gradient) instead of the head (``vocab`` rows). True
-    for real vocabularies (a 128k head against 8 x 1024 tokens); false for a tiny vocabulary and long batches."""
-    return vocab > ranks * tokens
-
-
 def sharded_head(model: nn.Module):
     """The output head's vocabulary shard under FSDP2: ``(weight, bias, vocab_start, group)``, local tensors of
     this rank; None where the head is not its own ``Shard(0)`` FSDP2 unit (ddp, ZeRO, a tied head)."""
@@ -363,16 +355,12 @@ class ShardedHeadLoss:
             raise ValueError(f"the loss chunk must be at least 1 token, got {chunk}")
         self.model, self.chunk = model, chunk
         self.head = model.get_output_embeddings()
-        self.parent, self.name = _place(model, self.head)
 
-    @contextlib.contextmanager
-    def installed(self):
+    def installed(self) -> contextlib.AbstractContextManager:
         """The head's place in the model holds a stand-in that returns its input (the head stays sharded)."""
-        setattr(self.parent, self.name, _SkipHead(self.head))
-        try:
-            yield
-        finally:
-            setattr(self.parent, self.name, self.head)
+        from lora_dist.parallel.sharding import stand_in
+
+        return stand_in(self.model, self.head, _SkipHead(self.head))
 
     def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The summed fp32 token loss of this rank's ``labels`` from the ``hidden`` a forward within
@@ -380,11 +368,3 @@ class ShardedHeadLoss:
         weight, bias, start, group = sharded_head(self.model)
         return linear_cross_entropy_sum(hidden, weight, bias, labels, self.chunk, start, group)
 
-
-def _place(model: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
-    """``(parent, attribute)`` where ``child`` is registered in ``model``."""
-    for module in model.modules():
-        for attr, sub in module.named_children():
-            if sub is child:
-                return module, attr
-    raise ValueError(f"{type(child).__name__} is not a submodule of {type(model).__name__}")

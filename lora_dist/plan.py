@@ -412,10 +412,11 @@ def choose_strategy(cfg: Config, world_size: int, budget: int) -> tuple[Parallel
 def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> MemoryPlan:
     """The plan of ``cfg`` (an explicit strategy) for ``model``, the meta skeleton with LoRA injected."""
     from lora_dist.lora import LoRAParam, lora_modules, lora_parameters
-    from lora_dist.loss import chunkable, head_sharding_pays
+    from lora_dist.loss import chunkable
     from lora_dist.parallel import dp_mesh_shape, find_blocks
     from lora_dist.parallel.embedding import plain_lookup
     from lora_dist.parallel.parallelize import embedding_and_head, reshard_size, weight_units
+    from lora_dist.parallel.sharding import vocab_sharding_pays
     from lora_dist.parallel.reducer import fill_buckets
     from lora_dist.parallel.sharded_adamw import IN_FLIGHT
     from lora_dist.quant import nf4_bytes, nf4_quantizable, quantized_weights
@@ -449,11 +450,11 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
     chunk = min(cfg.train.loss_chunk, tokens) if chunkable(model) is None else 0
     head_sharded = (p.strategy == "fsdp2" and not p.gather_head and bool(chunk) and head is not None
-                    and head_sharding_pays(head.weight.shape[0], shards, tokens))
+                    and vocab_sharding_pays(head.weight.shape[0], shards, tokens))
     # fsdp2 without parallel.gather_embedding: the embedding looks up on its vocabulary shards, never gathered
     # (lora_dist.parallel.embedding, as the engine decides).
     embed_sharded = (p.strategy == "fsdp2" and not p.gather_embedding and plain_lookup(embed)
-                     and head_sharding_pays(embed.weight.shape[0], shards, tokens))
+                     and vocab_sharding_pays(embed.weight.shape[0], shards, tokens))
     # NF4 weights are dequantized one at a time: a block's linear for its matmul, with its block gathered; with an
     # NF4 head (model.quantize_embeddings) the head's rows for the loss (this rank's vocabulary shard, or all of
     # them), before backward gathers or recomputes any block. An NF4 embedding dequantizes only the rows it looks

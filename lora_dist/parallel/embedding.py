@@ -13,7 +13,7 @@ embedding is frozen and its ``Shard(0)`` DTensor already splits the vocabulary o
   token's row and the others zeros, so the result is bit for bit the gathered lookup.
 
 What is held is ``ranks x tokens x width`` (the reduce-scatter's input) instead of the embedding, and that is
-what crosses the wire; :func:`lora_dist.loss.head_sharding_pays` says where that is less (the vocabulary
+what crosses the wire; :func:`lora_dist.parallel.sharding.vocab_sharding_pays` says where that is less (the vocabulary
 outnumbers the shard group's tokens). Token ids have no gradient and the weight none either: backward does
 nothing here. It applies to a plain ``nn.Embedding`` forward without ``max_norm`` (Gemma's scaled embedding
 and other forwards of their own keep the gather), and steps aside for a forward where someone else's hook is
@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from lora_dist.parallel.sharding import row_shard, stand_in
 from lora_dist.quant import embedding_rows
 
 __all__ = ["ShardedEmbedding", "lookup", "plain_lookup", "sharded_embedding"]
@@ -44,8 +45,6 @@ def sharded_embedding(model: nn.Module):
 def _shard(embed: nn.Module | None):
     """:func:`sharded_embedding` of the embedding module itself."""
     from torch.distributed.fsdp import FSDPModule
-
-    from lora_dist.parallel.sharding import row_shard
 
     if not isinstance(embed, FSDPModule) or not plain_lookup(embed) or embed.weight.requires_grad:
         return None
@@ -118,21 +117,12 @@ class ShardedEmbedding:
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
         if sharded_embedding(model) is None:
             raise ValueError("the sharded lookup needs the input embedding sharded as its own FSDP2 unit")
-        from lora_dist.loss import _place
-
-        self.dtype = dtype
+        self.model, self.dtype = model, dtype
         self.embed = model.get_input_embeddings()
-        self.parent, self.name = _place(model, self.embed)
 
-    @contextlib.contextmanager
-    def installed(self):
+    def installed(self) -> contextlib.AbstractContextManager:
         """The embedding's place holds the stand-in; not where a hook of someone else's is on the embedding (TRL's
         NEFTune adds noise to its output): the gathered lookup runs then, with the hook."""
         if _foreign_hooks(self.embed):
-            yield
-            return
-        setattr(self.parent, self.name, _Lookup(self.embed, self.dtype))
-        try:
-            yield
-        finally:
-            setattr(self.parent, self.name, self.embed)
+            return contextlib.nullcontext()
+        return stand_in(self.model, self.embed, _Lookup(self.embed, self.dtype))

@@ -25,10 +25,11 @@ import torch.nn as nn
 from lora_dist.config import ParallelConfig, TrainConfig
 from lora_dist.data import model_kwargs
 from lora_dist.lora import lora_modules
-from lora_dist.loss import ChunkedHeadLoss, ShardedHeadLoss, chunkable, head_sharding_pays, sharded_head, token_loss_sum
+from lora_dist.loss import ChunkedHeadLoss, ShardedHeadLoss, chunkable, sharded_head, token_loss_sum
 from lora_dist.model_dir import ModelDir
 from lora_dist.parallel.embedding import ShardedEmbedding, sharded_embedding
 from lora_dist.parallel.reducer import LoRAGradReducer
+from lora_dist.parallel.sharding import vocab_sharding_pays
 from lora_dist.parallel.sharded_adamw import ShardedAdamW
 from lora_dist.ranks import RankGroup
 
@@ -109,13 +110,13 @@ class Engine:
     def use_chunked_loss(self, chunk: int, gather_head: bool = True, tokens: int = 0) -> str | None:
         """Let :meth:`loss_sum` apply the head in chunks of ``chunk`` tokens (0: the plain loss), on the head's
         vocabulary shards where the head is an FSDP2 unit, not ``gather_head``, and that holds less for micro-batches
-        of ``tokens`` tokens per rank (:func:`~lora_dist.loss.head_sharding_pays`); returns why it cannot, where it
+        of ``tokens`` tokens per rank (:func:`~lora_dist.parallel.sharding.vocab_sharding_pays`); returns why it cannot, where it
         cannot (the plain loss stays)."""
         why = chunkable(self.module) if chunk else None
         shard = sharded_head(self.module) if chunk and why is None and not gather_head else None
         if not chunk or why is not None:
             self.head_loss = None
-        elif shard is not None and head_sharding_pays(self.module.get_output_embeddings().weight.shape[0],
+        elif shard is not None and vocab_sharding_pays(self.module.get_output_embeddings().weight.shape[0],
                                                       dist.get_world_size(shard[3]), tokens):
             self.head_loss = ShardedHeadLoss(self.module, chunk)
         else:
@@ -127,8 +128,8 @@ class Engine:
         it) where it is an FSDP2 unit, not ``gather_embedding``, and that holds less for micro-batches of ``tokens``
         tokens per rank; ``dtype``: FSDP2's compute dtype (None: the weight's), what the gathered lookup returns."""
         shard = None if gather_embedding else sharded_embedding(self.module)
-        pays = shard is not None and head_sharding_pays(self.module.get_input_embeddings().weight.shape[0],
-                                                        dist.get_world_size(shard[2]), tokens)
+        pays = shard is not None and vocab_sharding_pays(self.module.get_input_embeddings().weight.shape[0],
+                                                         dist.get_world_size(shard[2]), tokens)
         self.embedding = ShardedEmbedding(self.module, dtype) if pays else None
 
     def no_sync(self) -> contextlib.AbstractContextManager:

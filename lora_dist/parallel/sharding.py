@@ -34,6 +34,8 @@ __all__ = [
     "local_dtype",
     "owned_range",
     "row_shard",
+    "stand_in",
+    "vocab_sharding_pays",
     "whole_local",
 ]
 
@@ -139,6 +141,32 @@ def row_shard(weight: torch.Tensor):
     if len(dims) != 1 or weight.placements[dims[0]].dim != 0:
         return None
     return weight.to_local(), owned_range(weight).start // weight.shape[1], weight.device_mesh.get_group(dims[0])
+
+
+def vocab_sharding_pays(vocab: int, ranks: int, tokens: int) -> bool:
+    """Whether leaving a vocabulary-sized weight (the output head, the input embedding) on its row shards holds less
+    than gathering it: the ranks then exchange ``ranks x tokens`` rows of its width (hidden states and their
+    gradient, or looked-up rows) instead of the ``vocab`` rows. True for real vocabularies (a 128k head against
+    8 x 1024 tokens); false for a tiny vocabulary and long batches."""
+    return vocab > ranks * tokens
+
+
+@contextlib.contextmanager
+def stand_in(model: torch.nn.Module, child: torch.nn.Module, replacement: torch.nn.Module):
+    """Within it, ``replacement`` takes ``child``'s place in ``model`` (the module tree FSDP2 wrapped); ``child`` is
+    put back after, whatever happens. The vocabulary-shard paths run their forward this way without the child's
+    FSDP2 hooks (no gather)."""
+    for parent in model.modules():
+        name = next((attr for attr, sub in parent.named_children() if sub is child), None)
+        if name is not None:
+            break
+    else:
+        raise ValueError(f"{type(child).__name__} is not a submodule of {type(model).__name__}")
+    setattr(parent, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(parent, name, child)
 
 
 def gathered(params: list[torch.Tensor]) -> contextlib.AbstractContextManager:
