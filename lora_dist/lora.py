@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lora_dist.inputs import excerpt
 from lora_dist.merge import LoRAWeights, lora_scale, merge_weight, unmerge_weight
-from lora_dist.quant import frozen_linear, is_quantized
+from lora_dist.quant import dequantize, frozen_linear, is_nf4, is_quantized
 
 try:  # transformers is a dependency, but keep the core importable without it.
     from transformers.pytorch_utils import Conv1D
@@ -300,6 +300,44 @@ class LoRALayer(nn.Module):
         return "weight"
 
 
+class _LoRALinearFunction(torch.autograd.Function):
+    """``x @ W.T + bias + (scale * x @ A.T) @ B.T`` for a frozen ``W`` (plain, or NF4 dequantized for each matmul),
+    one autograd node for the whole adapted layer.
+
+    It computes what autograd computes for the layer written as separate ops - the LoRA path in ``x``'s dtype
+    (the fp32 params cast, their grads cast back), the scale on the rank-r hidden - and keeps the same tensors
+    for backward (``x`` and the ``tokens x r`` hidden), with two passes over activations fewer per call: the
+    update is accumulated into the base's output by its matmul (``addmm_``) instead of added after, and in
+    backward the LoRA path's input gradient into the base's (``addmm_``) instead of summed by autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        base = dequantize(weight, x.dtype)  # the weight itself unless NF4
+        hidden = (flat @ lora_a.to(x.dtype).t()).mul_(scale)
+        out = F.linear(x, base, None if bias is None else bias.to(x.dtype))  # x's shape, not a view
+        out.view(-1, out.shape[-1]).addmm_(hidden, lora_b.to(x.dtype).t())
+        ctx.save_for_backward(x, weight, lora_a, lora_b, hidden)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, lora_a, lora_b, hidden = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_hidden = (g @ lora_b.to(g.dtype)).mul_(ctx.scale)
+        grad_a = grad_b = grad_x = None
+        if ctx.needs_input_grad[3]:
+            grad_a = (grad_hidden.t() @ x.reshape(-1, x.shape[-1])).to(lora_a.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.t() @ hidden).to(lora_b.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ dequantize(weight, g.dtype)).addmm_(grad_hidden, lora_a.to(g.dtype)).view(x.shape)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
 class LoRALinear(LoRALayer):
     """A linear layer with a low-rank adapter; the base ``weight``/``bias`` keep their names.
 
@@ -368,9 +406,11 @@ class LoRALinear(LoRALayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.T if self.fan_in_fan_out else self.weight
-        result = frozen_linear(x, weight, self.bias)  # F.linear, also for an NF4 base (model.quantize)
         if self.merged or self.disabled:
-            return result
+            return frozen_linear(x, weight, self.bias)  # F.linear, also for an NF4 base (model.quantize)
+        if self._fusable(x, weight):
+            return _LoRALinearFunction.apply(x, weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scale)
+        result = frozen_linear(x, weight, self.bias)
         lora_dtype = self.lora_A.weight.dtype
         if _narrower(x.dtype, lora_dtype):
             # bf16/fp16 activations, fp32 LoRA params: compute in the activations' dtype, as autocast
@@ -385,6 +425,18 @@ class LoRALinear(LoRALayer):
             # product, a pass over r columns instead of out, in forward and in backward.
             update = self.lora_B(self.lora_A(lora_x) * self.scale)
         return result + update.to(result.dtype)
+
+    def _fusable(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether :class:`_LoRALinearFunction` computes this call: no dropout, no autocast, a frozen plain base
+        weight (or NF4) in ``x``'s dtype, LoRA params at least as wide as ``x``. Otherwise the layer runs as
+        separate autograd ops (the same math)."""
+        bias = self.bias
+        return (isinstance(self.lora_dropout, nn.Identity) and type(x) is torch.Tensor
+                and not torch.is_autocast_enabled(x.device.type) and not weight.requires_grad
+                and (is_nf4(weight) or (type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype == x.dtype))
+                and not (self.fan_in_fan_out and is_nf4(weight))
+                and (bias is None or (type(bias) in (torch.Tensor, nn.Parameter) and not bias.requires_grad))
+                and not _narrower(self.lora_A.weight.dtype, x.dtype))
 
     def extra_repr(self) -> str:
         return (

@@ -142,25 +142,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def _whole_head(ctx, hidden, weight, bias, targets, chunk, grad):
-        """One process, the whole head: loss and (``grad``) the hidden states' gradient in one pass."""
+        """One process, the whole head: loss and (``grad``) the hidden states' gradient in one pass. Every target
+        carries a loss (:func:`linear_cross_entropy_sum` leaves the others out), so no pass masks any."""
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        d_hidden = torch.zeros_like(hidden) if grad else None
+        d_hidden = torch.empty_like(hidden) if grad else None
         with _gathered(weight):
             w, b = _as(weight, bias, hidden.dtype)
             for start in range(0, hidden.shape[0], max(chunk, 1)):
                 rows = slice(start, start + max(chunk, 1))
                 t = targets[rows]
-                keep = t != IGNORE
                 logits = F.linear(hidden[rows], w, b).float()
-                target_logit = logits.gather(1, torch.where(keep, t, 0)[:, None]).squeeze(1)
+                target_logit = logits.gather(1, t[:, None]).squeeze(1)
                 top = logits.amax(dim=-1)
                 probs = logits.sub_(top[:, None]).exp_()  # in place: one fp32 chunk
                 norm = probs.sum(dim=-1)
-                total += torch.where(keep, top + norm.log() - target_logit, 0.0).sum()
+                total += (top + norm.log() - target_logit).sum()
                 if grad:
                     probs /= norm[:, None]  # the softmax
-                    probs[keep, t[keep]] -= 1.0
-                    probs[~keep] = 0.0
+                    probs[torch.arange(len(t), device=t.device), t] -= 1.0
                     d_hidden[rows] = probs.to(w.dtype) @ w
                 del logits, probs  # before the next chunk's exist
         ctx.save_for_backward(d_hidden)

@@ -35,10 +35,19 @@ def _peak(path: Path, strategy: str, *extra: str) -> int:
                                           "train.micro_batch_size=4", "train.seq_len=512", *extra]), WORLD).total
 
 
-def test_generous_memory_picks_ddp(deep_config):
+def test_generous_memory_picks_ddp_without_selective_recompute(deep_config):
     parallel, choice = choose_strategy(_cfg(deep_config), WORLD, 1000 * GB)
-    assert (parallel.strategy, parallel.activation_checkpointing) == ("ddp", False)
-    assert choice.peaks == [("ddp", _peak(deep_config, "ddp"))]
+    assert (parallel.strategy, parallel.activation_checkpointing, parallel.selective_recompute) == ("ddp", False, False)
+    assert choice.peaks == [("ddp without selective recompute",
+                             _peak(deep_config, "ddp", "parallel.selective_recompute=false"))]
+
+
+def test_ddp_keeps_selective_recompute_where_only_that_fits(deep_config):
+    ddp, kept = _peak(deep_config, "ddp"), _peak(deep_config, "ddp", "parallel.selective_recompute=false")
+    assert ddp < kept  # selective recompute saves memory on this model
+    parallel, choice = choose_strategy(_cfg(deep_config), WORLD, kept - 1)
+    assert (parallel.strategy, parallel.activation_checkpointing, parallel.selective_recompute) == ("ddp", False, True)
+    assert "chose ddp:" in choice.summary() and "ddp without selective recompute" in choice.summary()
 
 
 def test_just_below_ddp_picks_fsdp2_then_activation_checkpointing(deep_config):
@@ -60,7 +69,7 @@ def test_below_checkpointing_picks_weight_units_with_offloaded_activations(deep_
     parallel, choice = choose_strategy(_cfg(deep_config), WORLD, checkpointed - 1)
     assert (parallel.strategy, parallel.activation_checkpointing, parallel.shard_unit,
             parallel.offload_activations) == ("fsdp2", True, "weight", True)
-    assert len(choice.peaks) == 4 and choice.peaks[-1][1] == leanest
+    assert len(choice.peaks) == 5 and choice.peaks[-1][1] == leanest
     assert "chose fsdp2 + activation checkpointing + one unit per weight + offloaded activations:" in choice.summary()
 
 
@@ -78,7 +87,7 @@ def test_nothing_fits_is_one_line_naming_the_smallest_peak(deep_config):
 
 def test_one_rank_chooses_between_unsharded_runs(deep_config):
     parallel, choice = choose_strategy(_cfg(deep_config), 1, 1000 * GB)
-    assert parallel.strategy == "none" and choice.peaks[0][0] == "none"
+    assert parallel.strategy == "none" and choice.peaks[0][0] == "none without selective recompute"
 
 
 def test_memory_gb_is_the_budget_and_zero_is_refused_below(deep_config):

@@ -280,6 +280,96 @@ def test_fp32_forward_is_the_fp32_lora_formula_bit_for_bit():
     assert torch.equal(layer(x), expected)
 
 
+def run_layer(layer: nn.Module, x: torch.Tensor, fused: bool, grad: torch.Tensor | None = None):
+    """The layer's output and the grads of ``x``, ``lora_A`` and ``lora_B``, computed by the fused autograd
+    function (``fused``) or by separate autograd ops."""
+    for t in (x, layer.lora_A.weight, layer.lora_B.weight):
+        t.grad = None
+    plain = type(layer)._fusable
+    layer._fusable = plain.__get__(layer) if fused else (lambda *args: False)
+    try:
+        out = layer(x)
+    finally:
+        del layer._fusable
+    assert (type(out.grad_fn).__name__ == "_LoRALinearFunctionBackward") == fused
+    out.backward(torch.randn_like(out, generator=torch.Generator().manual_seed(1)) if grad is None else grad)
+    return out.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_fused_layer_is_the_separate_ops_bit_for_bit_in_fp32(bias, conv1d):
+    """One autograd node per adapted layer (update accumulated by the base's matmul, input gradients by the
+    base's backward matmul): output and every gradient exactly those of the layer as separate ops."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    if conv1d:
+        base = Conv1D(96, 64)
+        if not bias:
+            base.bias = None
+    else:
+        base = nn.Linear(64, 96, bias=bias)
+    layer = LoRALinear.from_base(base, r=8, alpha=16)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(4, 16, 64, requires_grad=True)
+    fused, separate = run_layer(layer, x, True), run_layer(layer, x, False)
+    for got, want in zip(fused, separate):
+        assert torch.equal(got, want)
+
+
+def test_fused_layer_in_bf16_keeps_fp32_lora_grads_and_no_more_activations():
+    torch.manual_seed(0)
+    layer = LoRALinear.from_base(nn.Linear(64, 96, dtype=torch.bfloat16), r=8, alpha=16)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(4, 16, 64, dtype=torch.bfloat16, requires_grad=True)
+    fused, separate = run_layer(layer, x, True), run_layer(layer, x, False)
+    assert [t.dtype for t in fused] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    # The fused matmul rounds the sum once (the separate ops round base and update, then their sum).
+    for got, want in zip(fused, separate):
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1.6e-2 * want.abs().max().item())
+
+    def saved_bytes(fused: bool) -> int:
+        layer._fusable = (lambda *args: fused)
+        try:
+            _, saved = saved_for_backward(layer, x)
+        finally:
+            del layer._fusable
+        return sum(n * math.prod(shape) * dtype.itemsize for (dtype, shape), n in saved.items()
+                   if shape != tuple(layer.weight.shape))  # the weight is saved by reference either way
+
+    assert saved_bytes(True) <= saved_bytes(False)
+
+
+def test_fused_layer_on_an_nf4_base_is_the_separate_ops():
+    pytest.importorskip("torchao")
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    torch.manual_seed(0)
+    base = nn.Linear(256, 128, bias=False, dtype=torch.bfloat16)
+    layer = LoRALinear.from_base(base, r=8, alpha=16)
+    layer.weight = nn.Parameter(to_nf4(base.weight.detach()), requires_grad=False)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(2, 8, 256, dtype=torch.bfloat16, requires_grad=True)
+    fused, separate = run_layer(layer, x, True), run_layer(layer, x, False)
+    for got, want in zip(fused, separate):
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1.6e-2 * want.abs().max().item())
+
+
+def test_dropout_and_autocast_run_the_separate_ops():
+    layer = LoRALinear.from_base(nn.Linear(64, 96), r=8, alpha=16, dropout=0.1)
+    x = torch.randn(4, 64, requires_grad=True)
+    assert not layer._fusable(x, layer.weight)
+    layer = LoRALinear.from_base(nn.Linear(64, 96), r=8, alpha=16)
+    assert layer._fusable(x, layer.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._fusable(x, layer.weight)
+        assert layer(x).dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------------------- which modules get adapted
 
 

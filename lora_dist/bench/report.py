@@ -32,6 +32,7 @@ LABELS = {
     "full_ft_fsdp2": "full fine-tuning, accelerate FSDP2",
     "lora_dist_auto": "lora_dist auto",
     "lora_dist_fsdp2_bf16": "lora_dist fsdp2, bf16 base",
+    "lora_dist_auto_bf16": "lora_dist auto, bf16 base",
     "lora_dist_nf4": "lora_dist fsdp2, NF4 base",
     "lora_dist_nf4_all": "lora_dist fsdp2, NF4 base + embedding/head",
     "peft_accelerate_fsdp2_bf16": "PEFT + accelerate FSDP2, bf16 base (bf16 anchor)",
@@ -40,7 +41,7 @@ LABELS = {
 ANCHOR_BF16 = "peft_accelerate_fsdp2_bf16"
 #: Configurations compared with the bf16 anchor rather than the fp32 one.
 NF4 = ("lora_dist_nf4", "lora_dist_nf4_all")
-BF16 = ("lora_dist_fsdp2_bf16", *NF4, ANCHOR_BF16)
+BF16 = ("lora_dist_fsdp2_bf16", "lora_dist_auto_bf16", *NF4, ANCHOR_BF16)
 SHARDED = ("lora_dist_fsdp2", "lora_dist_zero3")
 EXPORT_LABELS = {
     "cli_fsdp2": "`lora-dist export RUN_DIR`, fsdp2 (own launch)",
@@ -49,7 +50,8 @@ EXPORT_LABELS = {
     "lora_dist_zero3": "lora_dist export_merged at the end of training, zero3",
     ANCHOR: "anchor: full state dict to rank 0 + merge_and_unload + save_pretrained",
 }
-LORA_DIST = ("lora_dist_fsdp2", "lora_dist_zero3", "lora_dist_ddp", "lora_dist_auto", "lora_dist_fsdp2_bf16", *NF4)
+LORA_DIST = ("lora_dist_fsdp2", "lora_dist_zero3", "lora_dist_ddp", "lora_dist_auto", "lora_dist_fsdp2_bf16",
+             "lora_dist_auto_bf16", *NF4)
 EXPORT_SLACK = 0.10
 PLAN_TOLERANCE = 0.15
 
@@ -249,9 +251,10 @@ def summarize(results: dict) -> dict:
 
 def _frozen_base_targets(size: str, rows: dict, anchor: dict | None, anchor_bf16: dict | None) -> list[dict]:
     """What the frozen base is worth: lora_dist with a bf16 base against the anchor with one (tensors per rank), the
-    NF4 base's bytes against the bf16 base's, and ``auto``'s step against the (fp32) anchor's."""
+    NF4 base's bytes against the bf16 base's, and ``auto``'s step against the anchor's in the same dtype (fp32, and
+    with a bf16 base)."""
     out = []
-    bf16, auto = rows.get("lora_dist_fsdp2_bf16"), rows.get("lora_dist_auto")
+    bf16 = rows.get("lora_dist_fsdp2_bf16")
     if bf16 and anchor_bf16 and bf16["peak_tensor"] and anchor_bf16["peak_tensor"]:
         out.append(_target("tensors <= 0.75x anchor, bf16 base", size, LABELS["lora_dist_fsdp2_bf16"],
                            bf16["peak_tensor"] / anchor_bf16["peak_tensor"], 0.75,
@@ -266,11 +269,14 @@ def _frozen_base_targets(size: str, rows: dict, anchor: dict | None, anchor_bf16
             out.append(_target("NF4 tensors <= 0.55x anchor", size, LABELS[name],
                                nf4["peak_tensor"] / anchor_bf16["peak_tensor"], 0.55,
                                f"{nf4['peak_tensor'] / GB:.3f} GB vs bf16 anchor {anchor_bf16['peak_tensor'] / GB:.3f} GB"))
-    if auto and anchor:
-        chose = next((n for n in auto["notes"] if n.startswith("auto chose")), "")
-        out.append(_target("auto step <= 0.5x anchor (DDP fits)", size, LABELS["lora_dist_auto"],
-                           auto["step_s"] / anchor["step_s"], 0.5,
-                           f"{auto['step_s']:.2f} s vs {anchor['step_s']:.2f} s; {chose}"))
+    for name, against, which in (("lora_dist_auto", anchor, "anchor"), ("lora_dist_auto_bf16", anchor_bf16,
+                                                                         "bf16 anchor")):
+        auto = rows.get(name)
+        if auto and against:
+            chose = next((n for n in auto["notes"] if n.startswith("auto chose")), "")
+            out.append(_target("auto step <= 0.5x anchor (DDP fits)", size, LABELS[name],
+                               auto["step_s"] / against["step_s"], 0.5,
+                               f"{auto['step_s']:.2f} s vs {which} {against['step_s']:.2f} s; {chose}"))
     return out
 
 

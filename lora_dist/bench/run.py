@@ -41,7 +41,8 @@ __all__ = ["BenchOptions", "add_arguments", "main", "run_bench"]
 ANCHOR = "peft_accelerate_fsdp2"
 #: Anchor first, so a later failure still leaves something to compare against.
 ORDER = (ANCHOR, "lora_dist_fsdp2", "lora_dist_zero3", "lora_dist_ddp", "lora_dist_auto", "peft_accelerate_fsdp2_bf16",
-         "lora_dist_fsdp2_bf16", "lora_dist_nf4", "lora_dist_nf4_all", "peft_accelerate_zero3", "full_ft_fsdp2")
+         "lora_dist_fsdp2_bf16", "lora_dist_auto_bf16", "lora_dist_nf4", "lora_dist_nf4_all", "peft_accelerate_zero3",
+         "full_ft_fsdp2")
 EXPORTING = {"lora_dist_fsdp2", "lora_dist_zero3", ANCHOR}
 
 

@@ -15,7 +15,8 @@
   ``peft_accelerate_fsdp2_bf16``, the anchor as its users run it
   in bf16: ``from_pretrained(dtype=bfloat16)``, PEFT's adapters in fp32 (its default), accelerate
   ``mixed_precision="bf16"`` (FSDP2 ``MixedPrecisionPolicy`` in bf16).
-* ``lora_dist_auto``: ``parallel.strategy=auto``, the planner's choice for the launch.
+* ``lora_dist_auto``: ``parallel.strategy=auto``, the planner's choice for the launch; ``lora_dist_auto_bf16``
+  the same with a bf16 base (against the bf16 anchor).
 
 Accelerate only enables FSDP on accelerator devices: on a CPU-only machine
 ``Accelerator(fsdp_plugin=...)`` silently falls back to DDP (``cpu=True``) or
@@ -102,6 +103,7 @@ class System:
 #: lora_dist configurations beyond one per strategy: (strategy, overrides).
 VARIANTS = {
     "lora_dist_fsdp2_bf16": ("fsdp2", ("model.dtype=bfloat16",)),
+    "lora_dist_auto_bf16": ("auto", ("model.dtype=bfloat16",)),
     "lora_dist_nf4": ("fsdp2", ("model.dtype=bfloat16", "model.quantize=nf4")),
     # The embedding and head in NF4 too; no activation checkpointing, as the anchor runs: like for like.
     "lora_dist_nf4_all": ("fsdp2", ("model.dtype=bfloat16", "model.quantize=nf4", "model.quantize_embeddings=true")),
@@ -140,9 +142,10 @@ class LoraDist(System):
         self.cfg = cfg
         self.model, self.engine = build(cfg, env, self.device, base, strategy_config(cfg, base))
         if self.strategy == "auto":
+            from lora_dist.plan import mode_name
             from lora_dist.session import resolve_strategy
 
-            self.notes.append(f"auto chose {resolve_strategy(cfg, env, self.device).parallel.strategy}")
+            self.notes.append(f"auto chose {mode_name(resolve_strategy(cfg, env, self.device).parallel)}")
 
     def plan(self) -> dict:
         """:func:`lora_dist.plan.plan_memory` of this configuration on this launch (auto and fsdp2's mesh resolved

@@ -11,8 +11,8 @@ from distutil import lora_dist
 pytestmark = pytest.mark.dist
 
 CONFIGS = ("peft_accelerate_fsdp2", "lora_dist_fsdp2", "lora_dist_zero3", "lora_dist_ddp", "lora_dist_auto",
-           "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_nf4", "lora_dist_nf4_all", "peft_accelerate_zero3",
-           "full_ft_fsdp2")
+           "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_auto_bf16", "lora_dist_nf4", "lora_dist_nf4_all",
+           "peft_accelerate_zero3", "full_ft_fsdp2")
 MEMORY_TARGETS = ("tensors <= 0.75x anchor, bf16 base", "NF4 base bytes <= 0.3x bf16 base", "NF4 tensors <= 0.55x anchor")
 TARGETS = ("train peak <= 0.6x DDP", "train peak <= anchor", "step time <= 1.0x anchor", "LoRA step <= 2.3x forward",
            "export peak <= model/W + largest + 10%", "offline merge <= 3x plain copy", "planner within 15%",
@@ -42,8 +42,8 @@ def test_every_configuration_ran_with_sane_numbers(quick):
     assert rows["peft_accelerate_fsdp2"]["x_anchor"]["peak_rss"] == 1.0
     total = results["sizes"][0]["configs"]["full_ft_fsdp2"]["ranks"][0]["params"]
     assert total["trainable"] == total["total"]
-    for name in ("lora_dist_zero3", "lora_dist_ddp", "lora_dist_auto", "lora_dist_fsdp2_bf16", "lora_dist_nf4", "lora_dist_nf4_all",
-                 "peft_accelerate_fsdp2", "peft_accelerate_fsdp2_bf16"):
+    for name in ("lora_dist_zero3", "lora_dist_ddp", "lora_dist_auto", "lora_dist_fsdp2_bf16", "lora_dist_auto_bf16",
+                 "lora_dist_nf4", "lora_dist_nf4_all", "peft_accelerate_fsdp2", "peft_accelerate_fsdp2_bf16"):
         assert rows[name]["trainable_params"] == rows["lora_dist_fsdp2"]["trainable_params"] < total["total"], name
 
 
@@ -53,7 +53,7 @@ def test_the_frozen_base_in_bf16_and_nf4_against_the_bf16_anchor(quick):
     memory targets are computed, and auto names what it chose."""
     _, results = quick
     rows = results["summary"]["sizes"][0]["rows"]
-    for name in ("lora_dist_fsdp2_bf16", "lora_dist_nf4", "lora_dist_nf4_all"):
+    for name in ("lora_dist_fsdp2_bf16", "lora_dist_auto_bf16", "lora_dist_nf4", "lora_dist_nf4_all"):
         assert rows[name]["anchor"] == "peft_accelerate_fsdp2_bf16", name
     assert rows["lora_dist_fsdp2"]["anchor"] == "peft_accelerate_fsdp2"
     fp32, bf16, nf4 = (rows[c]["base_bytes"] for c in ("lora_dist_fsdp2", "lora_dist_fsdp2_bf16", "lora_dist_nf4"))
@@ -68,8 +68,12 @@ def test_the_frozen_base_in_bf16_and_nf4_against_the_bf16_anchor(quick):
     assert len(checked) == 5  # bf16; both NF4 targets for both NF4 rows
     for key in checked:
         assert targets[key]["result"] in ("PASS", "FAIL") and targets[key]["value"] > 0, targets[key]
-    targets = {t["target"]: t for t in results["summary"]["targets"]}
-    assert "auto chose ddp" in targets["auto step <= 0.5x anchor (DDP fits)"]["detail"]
+    auto = {t["subject"]: t["detail"] for t in results["summary"]["targets"]
+            if t["target"] == "auto step <= 0.5x anchor (DDP fits)"}
+    assert set(auto) == {"lora_dist auto", "lora_dist auto, bf16 base"}
+    assert "vs anchor " in auto["lora_dist auto"] and "vs bf16 anchor " in auto["lora_dist auto, bf16 base"]
+    for detail in auto.values():
+        assert "auto chose ddp without selective recompute" in detail
 
 
 def test_communication_counts_are_exact_where_they_can_be(quick):
