@@ -170,8 +170,8 @@ class ParallelConfig:
 
     strategy: str = "fsdp2"
     """fsdp2 (default), zero3, zero2, zero1, ddp, none (single process), or auto: the fastest that the planner
-    predicts fits parallel.memory_gb per rank (ddp, else fsdp2, else fsdp2 with activation checkpointing, else that
-    with parallel.shard_unit=weight and parallel.offload_activations)."""
+    predicts fits parallel.memory_gb per rank (ddp without selective recompute, else ddp, else fsdp2, else fsdp2
+    with activation checkpointing, else that with parallel.shard_unit=weight and parallel.offload_activations)."""
     memory_gb: float = 0.0
     """parallel.strategy=auto: memory per rank in GB (1e9 bytes); 0: the GPU's total memory, or on the CPU the
     host's memory divided by the ranks on the node."""
