@@ -315,8 +315,8 @@ def markdown(results: dict, summary: dict) -> str:
         f"Every configuration: {o['nproc']} ranks (one `torchrun` launch each, run one after another, "
         f"`OMP_NUM_THREADS=1`), the same data, {o['micro_batch']} x {o['seq_len']} tokens per rank per step "
         f"({tokens} per step), fp32 (the bf16 and NF4 rows: a bf16 base, fp32 LoRA), LoRA r={o['lora_r']} alpha={2 * o['lora_r']} on every linear layer but the "
-        f"output head, AdamW, gradient clipping 1.0; {o['warmup_steps']} warm-up step, {o['timed_steps']} timed "
-        f"steps, {o['forward_reps']} timed forward passes. Started {results['started']}, took "
+        f"output head, AdamW, gradient clipping 1.0; {o['warmup_steps']} warm-up step and one more (the training "
+        f"RSS peak, sampled), then {o['timed_steps']} timed steps (not sampled), {o['forward_reps']} timed forward passes. Started {results['started']}, took "
         f"{results['total_wall_s'] / 60:.1f} min{' (--quick)' if o['quick'] else ''}.",
         "",
         *(["**--quick smoke run**: a 1M-parameter model, where fixed costs dominate; the numbers check that "
