@@ -1,10 +1,13 @@
 """The first-GPU check: each CUDA/NCCL path of lora_dist, run once, results written as JSON + Markdown.
 
-    python scripts/gpu_check.py [--out bench/results/gpu] [--cpu-smoke]
+    python scripts/gpu_check.py [--out bench/results/gpu] [--work DIR] [--budget-s S] [--cpu-smoke]
 
 Every check records ok / FAIL / skipped with its numbers; the script goes on after a failure
-and exits 1 if any check failed. With ``--cpu-smoke`` (CI) the checks that need no GPU run on
-the CPU with gloo, so the script itself stays working; the CUDA ones are skipped, saying so.
+and exits 1 if any check failed. The results files are rewritten after every check, so a run
+cut off by its host's time limit still leaves what it found; a check that would start after
+``--budget-s`` seconds is skipped, saying so, and the benchmark gets the time that is left.
+With ``--cpu-smoke`` (CI) the checks that need no GPU run on the CPU with gloo, so the script
+itself stays working; the CUDA ones are skipped, saying so.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ def check(name: str, needs_cuda: bool = False, needs_gpus: int = 1):
             if needs_cuda and (not ctx["cuda"] or torch.cuda.device_count() < needs_gpus):
                 RESULTS.append({"check": name, "status": "skipped", "detail": f"needs {needs_gpus} CUDA GPU(s)"})
                 return
+            if _time_left(ctx) <= 0:
+                RESULTS.append({"check": name, "status": "skipped", "detail": f"out of time (--budget-s {ctx['budget_s']:.0f})"})
+                return
             t0 = time.perf_counter()
             try:
                 detail = fn(ctx) or ""
@@ -43,6 +49,10 @@ def check(name: str, needs_cuda: bool = False, needs_gpus: int = 1):
         run.check_name = name
         return run
     return decorate
+
+
+def _time_left(ctx) -> float:
+    return ctx["budget_s"] - (time.perf_counter() - ctx["t0"])
 
 
 def _sh(cmd: list[str], env: dict | None = None, timeout: int = 600) -> str:
@@ -191,11 +201,20 @@ def two_ranks(ctx):
     return "; ".join(lines)
 
 
-@check("lora-dist bench --nproc 1 --quick", needs_cuda=True)
+#: The one-GPU comparison: PEFT + accelerate against lora_dist, bf16, same model, data and steps.
+BENCH_ARGS = ("--nproc", "1", "--sizes", "llama-440m", "--seq-len", "2048", "--micro-batch", "4", "--timed-steps", "10",
+              "--configs", "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_auto_bf16")
+
+
+@check("lora-dist bench on one GPU: PEFT + accelerate against lora_dist, bf16", needs_cuda=True)
 def bench(ctx):
-    _sh([sys.executable, "-m", "lora_dist.cli", "bench", "--quick", "--nproc", "1", "--out", str(ctx["out"] / "bench")],
-        timeout=900)
-    return f"results in {ctx['out'] / 'bench'}"
+    out = ctx["work"] / "bench"
+    _sh([sys.executable, "-m", "lora_dist.cli", "bench", *BENCH_ARGS, "--out", str(out),
+         "--work-dir", str(ctx["work"] / "bench-work")], timeout=max(60, int(min(_time_left(ctx), 3600))))
+    for name in ("results.json", "results.md"):
+        (ctx["out"] / f"bench-{name}").write_bytes((out / name).read_bytes())
+    rows = json.loads((out / "results.json").read_text())["summary"]
+    return json.dumps(rows, default=str)[:400]
 
 
 def _memory(out: Path) -> str:
@@ -208,6 +227,9 @@ def _memory(out: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/gpu")
+    parser.add_argument("--work", default=None, help="checkpoints and run outputs (default OUT/<device>/work)")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="start no check after this many seconds; the benchmark gets what is left")
     parser.add_argument("--cpu-smoke", action="store_true", help="run the CPU-possible checks on the CPU (CI)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.cpu_smoke
@@ -218,23 +240,35 @@ def main() -> int:
 
     label = torch.cuda.get_device_name(0).replace(" ", "-") if cuda else "cpu-smoke"
     out = Path(args.out) / label
-    work = out / "work"
+    work = Path(args.work) if args.work else out / "work"
+    out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    ctx = {"cuda": cuda, "device": torch.device("cuda", 0) if cuda else torch.device("cpu"), "out": out, "work": work,
+    ctx = {"cuda": cuda, "t0": time.perf_counter(), "budget_s": args.budget_s,
+           "device": torch.device("cuda", 0) if cuda else torch.device("cpu"), "out": out, "work": work,
            "base": make_tiny_checkpoint(work / "base", arch="llama", hidden=128, layers=2, heads=4),
            "data": write_demo_data(work / "data.jsonl", n=200)}
+    info = {"device": label, "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
+            "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for name, module in (("transformers", "transformers"), ("deepspeed", "deepspeed"), ("peft", "peft"),
+                         ("accelerate", "accelerate")):
+        try:
+            info[name] = __import__(module).__version__
+        except Exception as e:  # a missing package fails its checks below, with the reason
+            info[name] = f"not importable ({type(e).__name__})"
     for fn in (device_probes, lora_linear, merge_on_device, fsdp2_full, fsdp2_offload, zero3_ac, zero2_bf16, ddp,
                two_ranks, bench):
         fn(ctx)
-    info = {"device": label, "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
-            "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _write(out, info)
+    print(f"results in {out}")
+    return 1 if any(r["status"] == "FAIL" for r in RESULTS) else 0
+
+
+def _write(out: Path, info: dict) -> None:
     (out / "results.json").write_text(json.dumps({"machine": info, "checks": RESULTS}, indent=2) + "\n")
-    lines = [f"# GPU check on {label}", "", f"{info}", "", "| check | status | seconds | detail |", "|---|---|---|---|"]
+    lines = [f"# GPU check on {info['device']}", "", f"{info}", "", "| check | status | seconds | detail |", "|---|---|---|---|"]
     lines += [f"| {r['check']} | {r['status']} | {r.get('seconds', '')} | {str(r['detail']).splitlines()[0] if r['detail'] else ''} |"
               for r in RESULTS]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    print(f"results in {out}")
-    return 1 if any(r["status"] == "FAIL" for r in RESULTS) else 0
 
 
 if __name__ == "__main__":
