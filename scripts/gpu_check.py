@@ -46,7 +46,7 @@ def check(name: str, needs_cuda: bool = False, needs_gpus: int = 1):
             RESULTS.append({"check": name, "status": status, "seconds": round(time.perf_counter() - t0, 1),
                             "detail": detail})
             print(f"[{status}] {name}: {str(detail).splitlines()[0] if detail else ''}", flush=True)
-        run.check_name = name
+        run.check_name, run.__name__ = name, fn.__name__
         return run
     return decorate
 
@@ -59,8 +59,19 @@ def _sh(cmd: list[str], env: dict | None = None, timeout: int = 600) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])}... exit {proc.returncode}: {proc.stderr[-1500:]}")
+        raise RuntimeError(f"{' '.join(cmd[:6])}... exit {proc.returncode}: {_root_cause(proc.stdout + proc.stderr)}")
     return proc.stdout
+
+
+def _root_cause(log: str) -> str:
+    """The child's own error lines, not torchrun's ChildFailedError trace around them."""
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback") or "lora-dist" in line and "error" in line.lower()]
+    first = [i for i in starts if not any("torch/distributed/run.py" in x for x in lines[i:i + 4])]
+    if not first:
+        return log[-1500:]
+    block = lines[first[0]:first[0] + 60]
+    return "\n".join(x for x in block if "elastic" not in x)[-3000:]
 
 
 def _torchrun(nproc: int, *args: str, env: dict | None = None) -> str:
@@ -209,12 +220,14 @@ BENCH_ARGS = ("--nproc", "1", "--sizes", "llama-440m", "--seq-len", "2048", "--m
 @check("lora-dist bench on one GPU: PEFT + accelerate against lora_dist, bf16", needs_cuda=True)
 def bench(ctx):
     out = ctx["work"] / "bench"
-    _sh([sys.executable, "-m", "lora_dist.cli", "bench", *BENCH_ARGS, "--out", str(out),
-         "--work-dir", str(ctx["work"] / "bench-work")], timeout=max(60, int(min(_time_left(ctx), 3600))))
-    for name in ("results.json", "results.md"):
-        (ctx["out"] / f"bench-{name}").write_bytes((out / name).read_bytes())
-    rows = json.loads((out / "results.json").read_text())["summary"]
-    return json.dumps(rows, default=str)[:400]
+    try:
+        _sh([sys.executable, "-m", "lora_dist.cli", "bench", *BENCH_ARGS, "--out", str(out),
+             "--work-dir", str(ctx["work"] / "bench-work")], timeout=max(60, int(min(_time_left(ctx), 3600))))
+    finally:  # the report says which configuration failed, and why
+        for name in ("results.json", "results.md"):
+            if (out / name).exists():
+                (ctx["out"] / f"bench-{name}").write_bytes((out / name).read_bytes())
+    return f"report in {ctx['out'] / 'bench-results.md'}"
 
 
 def _memory(out: Path) -> str:
@@ -231,6 +244,7 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no check after this many seconds; the benchmark gets what is left")
     parser.add_argument("--cpu-smoke", action="store_true", help="run the CPU-possible checks on the CPU (CI)")
+    parser.add_argument("--checks", nargs="*", help="run only these checks (function names, e.g. fsdp2_offload bench)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
@@ -255,8 +269,14 @@ def main() -> int:
             info[name] = __import__(module).__version__
         except Exception as e:  # a missing package fails its checks below, with the reason
             info[name] = f"not importable ({type(e).__name__})"
-    for fn in (device_probes, lora_linear, merge_on_device, fsdp2_full, fsdp2_offload, zero3_ac, zero2_bf16, ddp,
-               two_ranks, bench):
+    checks = (device_probes, lora_linear, merge_on_device, fsdp2_full, fsdp2_offload, fsdp2_weight_units_offload,
+              zero3_ac, zero2_bf16, ddp, two_ranks, bench)
+    unknown = set(args.checks or ()) - {fn.__name__ for fn in checks}
+    if unknown:
+        parser.error(f"unknown check {sorted(unknown)[0]!r}; choose from {[fn.__name__ for fn in checks]}")
+    for fn in checks:
+        if args.checks and fn.__name__ not in args.checks:
+            continue
         fn(ctx)
         _write(out, info)
     print(f"results in {out}")
