@@ -365,5 +365,8 @@ class ShardedHeadLoss:
         """The summed fp32 token loss of this rank's ``labels`` from the ``hidden`` a forward within
         :meth:`installed` returned."""
         weight, bias, start, group = sharded_head(self.model)
+        if weight.device != hidden.device:  # parallel.cpu_offload: the shard lives in host memory, as FSDP2 copies it
+            weight = weight.to(hidden.device, non_blocking=True)
+            bias = bias.to(hidden.device, non_blocking=True) if bias is not None else None
         return linear_cross_entropy_sum(hidden, weight, bias, labels, self.chunk, start, group)
 

@@ -71,7 +71,7 @@ def _root_cause(log: str) -> str:
     if not first:
         return log[-1500:]
     block = lines[first[0]:first[0] + 60]
-    return "\n".join(x for x in block if "elastic" not in x)[-3000:]
+    return "\n".join(x for x in block if "elastic" not in x)[:3000]
 
 
 def _torchrun(nproc: int, *args: str, env: dict | None = None) -> str:

@@ -345,39 +345,45 @@ def markdown(results: dict, summary: dict) -> str:
                 f"{_x(x.get('peak_tensor'))} | {row['step_s']:.2f} | {_x(x.get('step_s'))} | {cpu} | "
                 f"{_x(x.get('step_cpu_s'))} | {row['tokens_per_s']:.0f} | {_x(x.get('tokens_per_s'))} | "
                 f"{row['comm_bytes'] / MB:.1f} | {_x(x.get('comm_bytes'))} | {row['step_over_forward']:.2f} |")
-    lines += ["", "\\* accelerate enables FSDP only on accelerator devices; on this CPU machine its FSDP state was "
-              "set as its GPU branch sets it and accelerate's own `prepare`/`fsdp2_prepare_model` ran "
-              "(see `bench/systems.py`)."]
-    lines += ["", "## Merged export and offline merge", "",
-              "Peak memory per rank above the process's baseline before the model was loaded (anonymous RSS, and "
-              "live tensors), max over ranks. *own*: the export's increase over what the process held when it "
-              "started (tensors). At the end of training the export follows `Engine.finish_training()` (optimizer "
-              "state and gradients freed, gathered weights resharded), as in `lora-dist train`; what remains above "
-              "the base shard is the replicated LoRA state and, under zero3, DeepSpeed's buffers. "
-              "Budget: model/W + largest tensor + 10%.", "",
-              "| size | method | wall s | RSS above baseline GB | tensors GB | own GB | budget GB |",
-              "|---|---|---:|---:|---:|---:|---:|"]
-    for s in summary["sizes"]:
-        for key in ("cli_fsdp2", "cli_zero3", "lora_dist_fsdp2", "lora_dist_zero3", ANCHOR):
-            e = s["exports"].get(key)
-            if e is None:
-                continue
-            tensors = [t for t in e["peak_tensor_per_rank"] if t is not None]
-            own = [t for t in e["own_tensor_per_rank"] if t is not None]
-            lines.append(f"| {s['name']} | {EXPORT_LABELS[key]} | {e['wall_s']:.2f} | "
-                         f"{_gb(max(e['above_baseline_per_rank']), 3)} | {_gb(max(tensors), 3) if tensors else 'n/a'} | "
-                         f"{_gb(max(own), 3) if own else 'n/a'} | {_gb(s['export_budget'], 3)} |")
-        m = s["merge"]
-        if "merge_s" in m:
-            lines.append(f"| {s['name']} | `lora-dist merge` (offline, 1 process) | {m['merge_s']:.2f} | "
-                         f"{_gb(m['merge_above_baseline'], 3)} | | | |")
-            lines.append(f"| {s['name']} | plain copy of the same {m['weight_bytes'] / GB:.2f} GB (read, write, fsync)"
-                         f" | {m['copy_floor_s']:.2f} | | | | |")
-        for key in ("cli_fsdp2", "cli_zero3"):
-            e = s["exports"].get(key)
-            if e:
-                lines.append(f"| {s['name']} | whole `lora-dist export` command, {key[4:]} (load + export) | "
-                             f"{e['command_wall_s']:.2f} | {_gb(max(e['command_above_baseline_per_rank']), 3)} | | | |")
+    if not results["machine"].get("gpu"):
+        lines += ["", "\\* accelerate enables FSDP only on accelerator devices; on this CPU machine its FSDP state was "
+                  "set as its GPU branch sets it and accelerate's own `prepare`/`fsdp2_prepare_model` ran "
+                  "(see `bench/systems.py`)."]
+    lines += ["", "## Merged export and offline merge", ""]
+    if not any(s["exports"] or "merge_s" in s["merge"] or "error" in s["merge"] for s in summary["sizes"]):
+        lines.append("None measured: the exports and the merge start from lora_dist_fsdp2's adapter, which this "
+                     "run did not train.")
+    else:
+        lines += [
+            "Peak memory per rank above the process's baseline before the model was loaded (anonymous RSS, and "
+            "live tensors), max over ranks. *own*: the export's increase over what the process held when it "
+            "started (tensors). At the end of training the export follows `Engine.finish_training()` (optimizer "
+            "state and gradients freed, gathered weights resharded), as in `lora-dist train`; what remains above "
+            "the base shard is the replicated LoRA state and, under zero3, DeepSpeed's buffers. "
+            "Budget: model/W + largest tensor + 10%.", "",
+            "| size | method | wall s | RSS above baseline GB | tensors GB | own GB | budget GB |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+        for s in summary["sizes"]:
+            for key in ("cli_fsdp2", "cli_zero3", "lora_dist_fsdp2", "lora_dist_zero3", ANCHOR):
+                e = s["exports"].get(key)
+                if e is None:
+                    continue
+                tensors = [t for t in e["peak_tensor_per_rank"] if t is not None]
+                own = [t for t in e["own_tensor_per_rank"] if t is not None]
+                lines.append(f"| {s['name']} | {EXPORT_LABELS[key]} | {e['wall_s']:.2f} | "
+                             f"{_gb(max(e['above_baseline_per_rank']), 3)} | {_gb(max(tensors), 3) if tensors else 'n/a'} | "
+                             f"{_gb(max(own), 3) if own else 'n/a'} | {_gb(s['export_budget'], 3)} |")
+            m = s["merge"]
+            if "merge_s" in m:
+                lines.append(f"| {s['name']} | `lora-dist merge` (offline, 1 process) | {m['merge_s']:.2f} | "
+                             f"{_gb(m['merge_above_baseline'], 3)} | | | |")
+                lines.append(f"| {s['name']} | plain copy of the same {m['weight_bytes'] / GB:.2f} GB (read, write, fsync)"
+                             f" | {m['copy_floor_s']:.2f} | | | | |")
+            for key in ("cli_fsdp2", "cli_zero3"):
+                e = s["exports"].get(key)
+                if e:
+                    lines.append(f"| {s['name']} | whole `lora-dist export` command, {key[4:]} (load + export) | "
+                                 f"{e['command_wall_s']:.2f} | {_gb(max(e['command_above_baseline_per_rank']), 3)} | | | |")
     lines += ["", "## Targets", "", "| target | size | subject | measured | limit | result | detail |",
               "|---|---|---|---:|---:|---|---|"]
     for t in summary["targets"]:

@@ -90,7 +90,8 @@ def lookup(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int, group,
     local = every - vocab_start
     mine = (local >= 0) & (local < weight.shape[0])
     rows = torch.zeros((world * n, weight.shape[1]), dtype=dtype, device=ids.device)
-    rows[mine] = embedding_rows(weight, local[mine]).to(dtype)
+    # Under parallel.cpu_offload the shard stays in host memory: the lookup runs there, only the rows travel.
+    rows[mine] = embedding_rows(weight, local[mine].to(weight.device)).to(ids.device, dtype)
     out = rows.new_empty((n, weight.shape[1]))
     dist.reduce_scatter_tensor(out, rows, group=group)
     return out[:flat.numel()].view(*ids.shape, weight.shape[1])

@@ -120,3 +120,18 @@ def test_exports_merge_targets_and_files(quick):
     assert "| configuration |" in md and "## Targets" in md and "lora_dist fsdp2" in md
     for png in ("memory.png", "speed_comm.png", "export.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_subset_without_lora_dist_fsdp2_measures_no_export_and_fails_nothing(tmp_path):
+    """The one-GPU check of scripts/gpu_check.py runs such a subset: the exports and the merge start from
+    lora_dist_fsdp2's adapter, so without it they are left out, not counted as failed launches."""
+    out = tmp_path / "results"
+    lora_dist("bench", "--quick", "--nproc", "1", "--configs", "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16",
+              "--out", str(out), "--work-dir", str(tmp_path / "work"), timeout=300)
+    results = json.loads((out / "results.json").read_text())
+    size, summary = results["sizes"][0], results["summary"]["sizes"][0]
+    assert set(size["configs"]) == {"peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16"}
+    assert size["export_cli"] == {} and "merge" not in size
+    assert summary["failed"] == {}
+    assert summary["rows"]["lora_dist_fsdp2_bf16"]["x_anchor"]["step_s"] > 0
+    assert "None measured: the exports and the merge" in (out / "results.md").read_text()
