@@ -246,6 +246,11 @@ def main() -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="run the CPU-possible checks on the CPU (CI)")
     parser.add_argument("--checks", nargs="*", help="run only these checks (function names, e.g. fsdp2_offload bench)")
     args = parser.parse_args()
+    checks = (device_probes, lora_linear, merge_on_device, fsdp2_full, fsdp2_offload, fsdp2_weight_units_offload,
+              zero3_ac, zero2_bf16, ddp, two_ranks, bench)
+    unknown = set(args.checks or ()) - {fn.__name__ for fn in checks}
+    if unknown:
+        parser.error(f"unknown check {sorted(unknown)[0]!r}; choose from {[fn.__name__ for fn in checks]}")
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
         print("no CUDA device visible; run with --cpu-smoke for the CPU-possible checks", file=sys.stderr)
@@ -269,11 +274,6 @@ def main() -> int:
             info[name] = __import__(module).__version__
         except Exception as e:  # a missing package fails its checks below, with the reason
             info[name] = f"not importable ({type(e).__name__})"
-    checks = (device_probes, lora_linear, merge_on_device, fsdp2_full, fsdp2_offload, fsdp2_weight_units_offload,
-              zero3_ac, zero2_bf16, ddp, two_ranks, bench)
-    unknown = set(args.checks or ()) - {fn.__name__ for fn in checks}
-    if unknown:
-        parser.error(f"unknown check {sorted(unknown)[0]!r}; choose from {[fn.__name__ for fn in checks]}")
     for fn in checks:
         if args.checks and fn.__name__ not in args.checks:
             continue

@@ -21,3 +21,29 @@ def test_gpu_check_cpu_smoke(tmp_path):
     ran = [name for name, s in status.items() if s == "ok"]
     assert len(ran) == 4 and all(s in ("ok", "skipped") for s in status.values()), status
     assert (tmp_path / "cpu-smoke" / "results.md").is_file()
+
+
+@pytest.mark.dist
+def test_gpu_check_runs_the_named_checks_within_its_budget_on_a_given_python(tmp_path):
+    """What a short GPU lease needs: ``--checks`` runs only those, a check past ``--budget-s`` is skipped saying
+    so, the results are written all the same, and ``LORA_DIST_PYTHON`` runs it on an existing Python."""
+    import os
+    import sys
+
+    def run(out, *args):
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--cpu-smoke", "--out", str(out), *args],
+                              capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env=dict(os.environ, LORA_DIST_PYTHON=sys.executable))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return {r["check"]: r for r in json.loads((out / "cpu-smoke" / "results.json").read_text())["checks"]}
+
+    chosen = run(tmp_path / "a", "--checks", "device_probes", "merge_on_device")
+    assert {name: r["status"] for name, r in chosen.items()} == {
+        "device selection probes": "ok", "merge on the device equals the CPU merge (fp32 bound)": "ok"}
+    late = run(tmp_path / "b", "--checks", "device_probes", "--budget-s", "0")
+    assert late["device selection probes"]["status"] == "skipped"
+    assert "out of time" in late["device selection probes"]["detail"]
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--cpu-smoke", "--checks", "nope"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=dict(os.environ, LORA_DIST_PYTHON=sys.executable))
+    assert proc.returncode == 2 and "unknown check 'nope'" in proc.stderr
