@@ -301,41 +301,51 @@ class LoRALayer(nn.Module):
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """``x @ W.T + bias + (scale * x @ A.T) @ B.T`` for a frozen ``W`` (plain, or NF4 dequantized for each matmul),
-    one autograd node for the whole adapted layer.
+    """``x @ W.T + bias + (scale * dropout(x) @ A.T) @ B.T`` for a frozen ``W`` (plain, or NF4 dequantized for each
+    matmul), one autograd node for the whole adapted layer.
 
     It computes what autograd computes for the layer written as separate ops - the LoRA path in ``x``'s dtype
-    (the fp32 params cast, their grads cast back), the scale on the rank-r hidden - and keeps the same tensors
-    for backward (``x`` and the ``tokens x r`` hidden), with two passes over activations fewer per call: the
+    (the fp32 params cast, their grads cast back), the scale on the rank-r hidden, the dropout mask drawn as
+    ``nn.Dropout`` draws it on the CPU - and keeps the same tensors for backward (the LoRA path's input, the
+    ``tokens x r`` hidden, and with dropout its scaled mask), with two passes over activations fewer per call: the
     update is accumulated into the base's output by its matmul (``addmm_``) instead of added after, and in
-    backward the LoRA path's input gradient into the base's (``addmm_``) instead of summed by autograd.
+    backward the LoRA path's input gradient into the base's instead of summed by autograd.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+                lora_b: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
+        noise = None
+        if dropout:  # drawn as nn.Dropout draws it on the CPU (the same generator calls): kept, scaled by 1 / (1 - p)
+            noise = torch.empty_like(flat).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
+        lora_x = flat if noise is None else flat * noise
         base = dequantize(weight, x.dtype)  # the weight itself unless NF4
-        hidden = (flat @ lora_a.to(x.dtype).t()).mul_(scale)
+        hidden = (lora_x @ lora_a.to(x.dtype).t()).mul_(scale)
         out = F.linear(x, base, None if bias is None else bias.to(x.dtype))  # x's shape, not a view
         out.view(-1, out.shape[-1]).addmm_(hidden, lora_b.to(x.dtype).t())
-        ctx.save_for_backward(x, weight, lora_a, lora_b, hidden)
-        ctx.scale = scale
+        ctx.save_for_backward(lora_x, weight, lora_a, lora_b, hidden, noise)
+        ctx.scale, ctx.shape = scale, x.shape
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight, lora_a, lora_b, hidden = ctx.saved_tensors
+        lora_x, weight, lora_a, lora_b, hidden, noise = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         grad_hidden = (g @ lora_b.to(g.dtype)).mul_(ctx.scale)
         grad_a = grad_b = grad_x = None
         if ctx.needs_input_grad[3]:
-            grad_a = (grad_hidden.t() @ x.reshape(-1, x.shape[-1])).to(lora_a.dtype)
+            grad_a = (grad_hidden.t() @ lora_x).to(lora_a.dtype)
         if ctx.needs_input_grad[4]:
             grad_b = (g.t() @ hidden).to(lora_b.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ dequantize(weight, g.dtype)).addmm_(grad_hidden, lora_a.to(g.dtype)).view(x.shape)
-        return grad_x, None, None, grad_a, grad_b, None
+            grad_x = g @ dequantize(weight, g.dtype)
+            if noise is None:
+                grad_x.addmm_(grad_hidden, lora_a.to(g.dtype))
+            else:  # back through the dropout (its kept entries, scaled), rounded as autograd rounds it
+                grad_x += (grad_hidden @ lora_a.to(g.dtype)).mul_(noise)
+            grad_x = grad_x.view(ctx.shape)
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 class LoRALinear(LoRALayer):
@@ -409,7 +419,9 @@ class LoRALinear(LoRALayer):
         if self.merged or self.disabled:
             return frozen_linear(x, weight, self.bias)  # F.linear, also for an NF4 base (model.quantize)
         if self._fusable(x, weight):
-            return _LoRALinearFunction.apply(x, weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scale)
+            dropout = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.training else 0.0
+            return _LoRALinearFunction.apply(x, weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scale,
+                                             dropout)
         result = frozen_linear(x, weight, self.bias)
         lora_dtype = self.lora_A.weight.dtype
         if _narrower(x.dtype, lora_dtype):
@@ -427,11 +439,11 @@ class LoRALinear(LoRALayer):
         return result + update.to(result.dtype)
 
     def _fusable(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether :class:`_LoRALinearFunction` computes this call: no dropout, no autocast, a frozen plain base
-        weight (or NF4) in ``x``'s dtype, LoRA params at least as wide as ``x``. Otherwise the layer runs as
-        separate autograd ops (the same math)."""
+        """Whether :class:`_LoRALinearFunction` computes this call: no autocast, a frozen plain base weight (or NF4)
+        in ``x``'s dtype, LoRA params at least as wide as ``x``. Otherwise the layer runs as separate autograd ops
+        (the same math)."""
         bias = self.bias
-        return (isinstance(self.lora_dropout, nn.Identity) and type(x) is torch.Tensor
+        return (type(x) is torch.Tensor
                 and not torch.is_autocast_enabled(x.device.type) and not weight.requires_grad
                 and (is_nf4(weight) or (type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype == x.dtype))
                 and not (self.fan_in_fan_out and is_nf4(weight))

@@ -247,7 +247,10 @@ def test_bf16_lora_path_saves_no_fp32_copy_of_its_input():
 
     lora_path = saved - saved_by_base
     assert lora_path, "nothing saved by the LoRA path: the test measures nothing"
-    assert {dtype for dtype, _ in lora_path} == {torch.bfloat16}, f"LoRA path saved {dict(lora_path)}"
+    params = {(p.dtype, tuple(p.shape)) for p in (layer.lora_A.weight, layer.lora_B.weight)}  # by reference
+    activations = {key for key in lora_path if key not in params}
+    assert {dtype for dtype, _ in activations} <= {torch.bfloat16, torch.bool}, f"LoRA path saved {dict(lora_path)}"
+    assert torch.bfloat16 in {dtype for dtype, _ in activations}
     assert (torch.float32, tuple(x.shape)) not in saved
     assert out.dtype == torch.bfloat16
 
@@ -359,15 +362,43 @@ def test_fused_layer_on_an_nf4_base_is_the_separate_ops():
         torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1.6e-2 * want.abs().max().item())
 
 
-def test_dropout_and_autocast_run_the_separate_ops():
+def test_autocast_runs_the_separate_ops_and_dropout_the_fused_layer():
     layer = LoRALinear.from_base(nn.Linear(64, 96), r=8, alpha=16, dropout=0.1)
     x = torch.randn(4, 64, requires_grad=True)
-    assert not layer._fusable(x, layer.weight)
-    layer = LoRALinear.from_base(nn.Linear(64, 96), r=8, alpha=16)
     assert layer._fusable(x, layer.weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not layer._fusable(x, layer.weight)
         assert layer(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layer_with_dropout_is_the_separate_ops(dtype):
+    """Same generator state, same mask: the fused layer draws it as nn.Dropout does, and its backward sends the
+    LoRA path's input gradient through that mask (and 1 / (1 - p)); in eval mode no dropout at all."""
+    torch.manual_seed(0)
+    layer = LoRALinear.from_base(nn.Linear(64, 96, dtype=dtype), r=8, alpha=16, dropout=0.3)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(4, 16, 64, dtype=dtype, requires_grad=True)
+    torch.manual_seed(7)
+    fused = run_layer(layer, x, True)
+    torch.manual_seed(7)
+    separate = run_layer(layer, x, False)
+    exact = dtype == torch.float32
+    for got, want in zip(fused, separate):
+        if exact:
+            assert torch.equal(got, want)
+        else:  # one bf16 rounding of the sum (see the bf16 test above)
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    torch.manual_seed(8)
+    other = run_layer(layer, x, True)
+    assert not torch.equal(other[2], fused[2]), "another mask must give another lora_A gradient"
+    layer.eval()
+    evaluated = run_layer(layer, x, True)
+    layer.lora_dropout = nn.Identity()
+    without = run_layer(layer, x, True)
+    for got, want in zip(evaluated, without):
+        assert torch.equal(got, want)
 
 
 # ---------------------------------------------------------------------------- which modules get adapted
