@@ -214,7 +214,7 @@ def two_ranks(ctx):
 
 #: The one-GPU comparison: PEFT + accelerate against lora_dist, bf16, same model, data and steps.
 BENCH_ARGS = ("--nproc", "1", "--sizes", "llama-440m", "--seq-len", "2048", "--micro-batch", "4", "--timed-steps", "10",
-              "--configs", "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_auto_bf16")
+              "--configs", "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_auto_bf16", "--profile")
 
 
 @check("lora-dist bench on one GPU: PEFT + accelerate against lora_dist, bf16", needs_cuda=True)
@@ -227,6 +227,9 @@ def bench(ctx):
         for name in ("results.json", "results.md"):
             if (out / name).exists():
                 (ctx["out"] / f"bench-{name}").write_bytes((out / name).read_bytes())
+        profiles = sorted((out / "profiles").glob("*.txt"))  # one more step of each, by device time
+        if profiles:
+            (ctx["out"] / "bench-profiles.txt").write_text("".join(f"## {p.stem}\n{p.read_text()}\n" for p in profiles))
     return f"report in {ctx['out'] / 'bench-results.md'}"
 
 

@@ -321,6 +321,8 @@ def markdown(results: dict, summary: dict) -> str:
         "",
         *(["**--quick smoke run**: a 1M-parameter model, where fixed costs dominate; the numbers check that "
             "everything runs, they say nothing about the methods.", ""] if o["quick"] else []),
+        *(["Profiles (`--profile`): one more step of each configuration under `torch.profiler`, after the timed "
+           "ones, rank 0's operators by self time: `profiles/SIZE-CONFIG.txt`.", ""] if o.get("profile") else []),
         "Per rank. *x anchor* is the ratio to PEFT + accelerate FSDP2 measured in the same run (for the rows with "
         "a bf16 or NF4 base: to that anchor with a bf16 base). RSS: peak "
         "anonymous resident memory of the training phase (libraries and memory-mapped files excluded); "

@@ -64,6 +64,7 @@ class BenchOptions:
     forward_reps: int = 2
     copy_reps: int = 2
     timeout_s: float = 1200.0
+    profile: bool = False  # one more step per configuration under torch.profiler: <out>/profiles/<size>-<config>.txt
 
     def specs(self) -> list[ModelSpec]:
         pool = QUICK_SIZES if self.quick else FULL_SIZES
@@ -120,6 +121,7 @@ def _run_config(opts: BenchOptions, spec: ModelSpec, model_path: Path, data_path
         "warmup_steps": opts.warmup_steps, "timed_steps": opts.timed_steps, "forward_reps": opts.forward_reps,
         "export_dir": str(run_dir / "export") if config in EXPORTING else None,
         "adapter_dir": str(run_dir / "adapter") if config == "lora_dist_fsdp2" else None,
+        "profile": opts.profile,
     }
     job_path = run_dir / "job.json"
     job_path.write_text(json.dumps(job, indent=1))
@@ -295,6 +297,10 @@ def run_bench(opts: BenchOptions) -> dict:
             _log(f"{spec.name} {config}: launching {opts.nproc} ranks")
             record = _run_config(opts, spec, model_path, data_path, config, work)
             size["configs"][config] = record
+            if opts.profile and "ranks" in record:
+                (out / "profiles").mkdir(exist_ok=True)
+                tables = [rank.pop("profile") for rank in record["ranks"]]
+                (out / "profiles" / f"{spec.name}-{config}.txt").write_text(tables[0] + "\n")
             _log(f"{spec.name} {config}: {record['launch_wall_s']:.0f}s")
         size["export_cli"] = {}
         if "lora_dist_fsdp2" in opts.configs:  # the exports and the merge start from its adapter
@@ -327,6 +333,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {d.seq_len}; 64 with --quick)")
     p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per rank per step")
     p.add_argument("--timed-steps", type=int, default=None, help=f"timed steps (default {d.timed_steps}; 2 with --quick)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step of each configuration (untimed): rank 0's top operators in "
+                        "OUT/profiles/SIZE-CONFIG.txt")
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
@@ -337,6 +346,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         seq_len=args.seq_len or (64 if quick else BenchOptions.seq_len), micro_batch=args.micro_batch,
         timed_steps=args.timed_steps or (2 if quick else BenchOptions.timed_steps),
         forward_reps=1 if quick else BenchOptions.forward_reps, copy_reps=1 if quick else BenchOptions.copy_reps,
+        profile=args.profile,
     )
 
 

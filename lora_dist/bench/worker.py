@@ -42,6 +42,20 @@ def _timed(fn, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def _profile(fn, device: torch.device, rows: int = 30) -> str:
+    """``fn`` once under ``torch.profiler``: the operators that took the most self time (on the device where it is
+    a GPU), as the profiler's table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        fn()
+        _sync(device)
+    return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=rows)
+
+
 def main(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     import accelerate  # noqa: F401 - equal baseline for every configuration (see the module docstring)
@@ -115,6 +129,10 @@ def main(job_path: str) -> None:
     system.forward(ids, labels)  # warm-up
     timed = [_timed(lambda: system.forward(ids, labels), device) for _ in range(job["forward_reps"])]
     result["forward"] = {"times": [t for t, _ in timed], "cpu_times": [c for _, c in timed]}
+    if job.get("profile"):  # one more step under the profiler, after everything timed
+        ids, labels = batch(step)
+        result["profile"] = _profile(lambda: system.train_step(ids, labels), device)
+        step += 1
 
     if job.get("export_dir") and system.can_export:
         export_dir = Path(job["export_dir"])

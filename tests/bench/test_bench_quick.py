@@ -123,11 +123,11 @@ def test_exports_merge_targets_and_files(quick):
 
 
 def test_a_subset_without_lora_dist_fsdp2_measures_no_export_and_fails_nothing(tmp_path):
-    """The one-GPU check of scripts/gpu_check.py runs such a subset: the exports and the merge start from
+    """The one-GPU check of scripts/gpu_check.py runs such a subset, profiled: the exports and the merge start from
     lora_dist_fsdp2's adapter, so without it they are left out, not counted as failed launches."""
     out = tmp_path / "results"
     lora_dist("bench", "--quick", "--nproc", "1", "--configs", "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16",
-              "--out", str(out), "--work-dir", str(tmp_path / "work"), timeout=300)
+              "--profile", "--out", str(out), "--work-dir", str(tmp_path / "work"), timeout=300)
     results = json.loads((out / "results.json").read_text())
     size, summary = results["sizes"][0], results["summary"]["sizes"][0]
     assert set(size["configs"]) == {"peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16"}
@@ -135,3 +135,8 @@ def test_a_subset_without_lora_dist_fsdp2_measures_no_export_and_fails_nothing(t
     assert summary["failed"] == {}
     assert summary["rows"]["lora_dist_fsdp2_bf16"]["x_anchor"]["step_s"] > 0
     assert "None measured: the exports and the merge" in (out / "results.md").read_text()
+    # --profile: one table per configuration, the step's matmuls in it; none left in results.json
+    for config in size["configs"]:
+        table = (out / "profiles" / f"llama-tiny-{config}.txt").read_text()
+        assert "Self CPU" in table and ("aten::mm" in table or "aten::addmm" in table), table[:2000]
+    assert "profile" not in json.dumps(size["configs"])
