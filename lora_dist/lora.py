@@ -419,7 +419,8 @@ class LoRALinear(LoRALayer):
         if self.merged or self.disabled:
             return frozen_linear(x, weight, self.bias)  # F.linear, also for an NF4 base (model.quantize)
         if self._fusable(x, weight):
-            dropout = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.training else 0.0
+            drop = self.lora_dropout
+            dropout = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
             return _LoRALinearFunction.apply(x, weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scale,
                                              dropout)
         result = frozen_linear(x, weight, self.bias)

@@ -34,7 +34,8 @@ def check(name: str, needs_cuda: bool = False, needs_gpus: int = 1):
                 RESULTS.append({"check": name, "status": "skipped", "detail": f"needs {needs_gpus} CUDA GPU(s)"})
                 return
             if _time_left(ctx) <= 0:
-                RESULTS.append({"check": name, "status": "skipped", "detail": f"out of time (--budget-s {ctx['budget_s']:.0f})"})
+                RESULTS.append({"check": name, "status": "skipped",
+                                "detail": f"out of time (--budget-s {ctx['budget_s']:.0f})"})
                 return
             t0 = time.perf_counter()
             try:
@@ -66,7 +67,8 @@ def _sh(cmd: list[str], env: dict | None = None, timeout: int = 600) -> str:
 def _root_cause(log: str) -> str:
     """The child's own error lines, not torchrun's ChildFailedError trace around them."""
     lines = log.splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback") or "lora-dist" in line and "error" in line.lower()]
+    starts = [i for i, line in enumerate(lines)
+              if line.startswith("Traceback") or ("lora-dist" in line and "error" in line.lower())]
     first = [i for i in starts if not any("torch/distributed/run.py" in x for x in lines[i:i + 4])]
     if not first:
         return log[-1500:]
@@ -229,7 +231,8 @@ def bench(ctx):
                 (ctx["out"] / f"bench-{name}").write_bytes((out / name).read_bytes())
         profiles = sorted((out / "profiles").glob("*.txt"))  # one more step of each, by device time
         if profiles:
-            (ctx["out"] / "bench-profiles.txt").write_text("".join(f"## {p.stem}\n{p.read_text()}\n" for p in profiles))
+            text = "".join(f"## {p.stem}\n{p.read_text()}\n" for p in profiles)
+            (ctx["out"] / "bench-profiles.txt").write_text(text)
     return f"report in {ctx['out'] / 'bench-results.md'}"
 
 
@@ -288,7 +291,8 @@ def main() -> int:
 
 def _write(out: Path, info: dict) -> None:
     (out / "results.json").write_text(json.dumps({"machine": info, "checks": RESULTS}, indent=2) + "\n")
-    lines = [f"# GPU check on {info['device']}", "", f"{info}", "", "| check | status | seconds | detail |", "|---|---|---|---|"]
+    lines = [f"# GPU check on {info['device']}", "", f"{info}", "", "| check | status | seconds | detail |",
+             "|---|---|---|---|"]
     lines += [f"| {r['check']} | {r['status']} | {r.get('seconds', '')} | {str(r['detail']).splitlines()[0] if r['detail'] else ''} |"
               for r in RESULTS]
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -311,7 +311,8 @@ def run_bench(opts: BenchOptions) -> dict:
             _log(f"{spec.name}: offline merge vs plain copy")
             size["merge"] = _merge_vs_copy(opts, model_path, adapter, work)
         else:
-            _log(f"{spec.name}: no export or merge measured (they start from lora_dist_fsdp2's adapter, not in --configs)")
+            _log(f"{spec.name}: no export or merge measured (they start from lora_dist_fsdp2's adapter, "
+                 "not in --configs)")
         results["sizes"].append(size)
     results["total_wall_s"] = time.perf_counter() - t_start
     if _source_version()["sources_sha256"] != results["source"]["sources_sha256"]:
