@@ -140,7 +140,7 @@ def worker(job_path: str) -> None:
     from lora_dist.bench.measure import LiveTensorBytes
     from lora_dist.bench.systems import BenchSettings
     from lora_dist.data import load_dataset
-    from lora_dist.launch import destroy_distributed, init_distributed, run_device
+    from lora_dist.launch import exit_distributed, init_distributed, run_device
 
     job = json.loads(Path(job_path).read_text())
     env = init_distributed(timeout_s=1800)
@@ -212,7 +212,7 @@ def worker(job_path: str) -> None:
                                    "local_world_size": env.local_world_size, "interface": ifname,
                                    "settings": job["settings"], "results": results}, indent=1))
     dist.barrier()
-    destroy_distributed()
+    exit_distributed()  # no interpreter teardown: it can abort a finished rank (see exit_distributed)
 
 
 # ----------------------------------------------------------------------------- the driver (local cluster)

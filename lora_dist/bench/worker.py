@@ -68,7 +68,7 @@ def main(job_path: str) -> None:
     from lora_dist.bench.measure import CommCounter, LiveTensorBytes, PhaseMemory, read_status_kb
     from lora_dist.bench.systems import BenchSettings, make_system
     from lora_dist.data import load_dataset
-    from lora_dist.launch import destroy_distributed, init_distributed, run_device
+    from lora_dist.launch import exit_distributed, init_distributed, run_device
 
     env = init_distributed(timeout_s=1800)
     device = run_device()
@@ -157,7 +157,7 @@ def main(job_path: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{env.rank}.json").write_text(json.dumps(result, indent=1))
     dist.barrier()
-    destroy_distributed()
+    exit_distributed()  # no interpreter teardown: it can abort a finished rank (see exit_distributed)
 
 
 def merge_main(base: str, adapter: str, out: str, result_path: str) -> None:
@@ -186,7 +186,7 @@ def export_run_main(run_dir: str, out: str, result_dir: str) -> None:
     transformers.logging.set_verbosity_error()
     import lora_dist.export.merged as export_mod
     from lora_dist.bench.measure import LiveTensorBytes, PhaseMemory, read_status_kb
-    from lora_dist.launch import destroy_distributed, init_distributed, run_device
+    from lora_dist.launch import exit_distributed, init_distributed, run_device
     from lora_dist.export import export_run
 
     env = init_distributed(timeout_s=1800)
@@ -216,7 +216,7 @@ def export_run_main(run_dir: str, out: str, result_dir: str) -> None:
     Path(result_dir).mkdir(parents=True, exist_ok=True)
     (Path(result_dir) / f"rank{env.rank}.json").write_text(json.dumps(result, indent=1))
     dist.barrier()
-    destroy_distributed()
+    exit_distributed()  # no interpreter teardown: it can abort a finished rank (see exit_distributed)
 
 
 if __name__ == "__main__":
