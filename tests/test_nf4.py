@@ -51,15 +51,19 @@ def _inner_bytes(t) -> int:
 
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 100])  # one chunk; 3 blocks (of 64 elements) per chunk
-def test_dequantize_is_torchaos_dequantization_bitwise_also_in_ranges(monkeypatch, chunk_bytes):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])  # code pairs in 32 and 64 bits
+def test_dequantize_is_torchaos_dequantization_bitwise_also_in_ranges(monkeypatch, chunk_bytes, dtype):
     import lora_dist.quant
 
     monkeypatch.setattr(lora_dist.quant, "_DEQUANT_CHUNK_BYTES", chunk_bytes)
-    w = torch.randn(64, 512, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(64, 512, dtype=dtype, generator=torch.Generator().manual_seed(0))
     q = to_nf4(w)
     ref = q.get_original_weight()
+    assert ref.dtype == dtype
     assert torch.equal(dequantize(q), ref)
     assert torch.equal(dequantize(q, torch.float32), ref.float())
+    ids = torch.tensor([[0, 63, 5], [5, 17, 40]])
+    assert torch.equal(embedding_rows(q, ids), F.embedding(ids, ref))
     flat = ref.reshape(-1)
     for a, b in ((0, 1), (5, 70), (63, 64 * 300 + 17), (1000, w.numel())):
         assert torch.equal(dequantize_flat(q, a, b), flat[a:b])
