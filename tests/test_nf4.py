@@ -51,7 +51,8 @@ def _inner_bytes(t) -> int:
 
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 100])  # one chunk; 3 blocks (of 64 elements) per chunk
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])  # code pairs in 32 and 64 bits
+# code pairs in 32 and 64 bits; float64 has no integer type two codes wide: each nibble looked up
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, torch.float64])
 def test_dequantize_is_torchaos_dequantization_bitwise_also_in_ranges(monkeypatch, chunk_bytes, dtype):
     import lora_dist.quant
 
