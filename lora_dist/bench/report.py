@@ -97,6 +97,7 @@ def _config_row(record: dict) -> dict | None:
         "reproduced": any(r["reproduced"] for r in ranks),
         "notes": ranks[0]["notes"],
         "loadavg": [record["loadavg_before"], record["loadavg_after"]],
+        "self_times": record.get("self_times"),
     }
     row["step_over_forward"] = row["step_s"] / row["forward_s"]
     if "export" in ranks[0]:
@@ -274,9 +275,14 @@ def _frozen_base_targets(size: str, rows: dict, anchor: dict | None, anchor_bf16
         auto = rows.get(name)
         if auto and against:
             chose = next((n for n in auto["notes"] if n.startswith("auto chose")), "")
+            floor = ""
+            if auto.get("self_times") and against.get("self_times"):  # --profile on a CPU
+                own, theirs = auto["self_times"], against["self_times"]
+                ratio = (own["matmul"] + own["attention"]) / theirs["total"]
+                floor = f"; its matmuls + attention alone are {ratio:.2f}x the {which}'s profiled step"
             out.append(_target("auto step <= 0.5x anchor (DDP fits)", size, LABELS[name],
                                auto["step_s"] / against["step_s"], 0.5,
-                               f"{auto['step_s']:.2f} s vs {which} {against['step_s']:.2f} s; {chose}"))
+                               f"{auto['step_s']:.2f} s vs {which} {against['step_s']:.2f} s; {chose}{floor}"))
     return out
 
 
@@ -322,7 +328,9 @@ def markdown(results: dict, summary: dict) -> str:
         *(["**--quick smoke run**: a 1M-parameter model, where fixed costs dominate; the numbers check that "
             "everything runs, they say nothing about the methods.", ""] if o["quick"] else []),
         *(["Profiles (`--profile`): one more step of each configuration under `torch.profiler`, after the timed "
-           "ones, rank 0's operators by self time: `profiles/SIZE-CONFIG.txt`.", ""] if o.get("profile") else []),
+           "ones, rank 0's operators by self time: `profiles/SIZE-CONFIG.txt`. On a CPU the `auto` targets also say "
+           "what `auto`'s matmuls and attention alone take against the anchor's profiled step: the ratio `auto` "
+           "would have with nothing else in its step.", ""] if o.get("profile") else []),
         "Per rank. *x anchor* is the ratio to PEFT + accelerate FSDP2 measured in the same run (for the rows with "
         "a bf16 or NF4 base: to that anchor with a bf16 base). RSS: peak "
         "anonymous resident memory of the training phase (libraries and memory-mapped files excluded); "

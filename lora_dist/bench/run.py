@@ -299,8 +299,9 @@ def run_bench(opts: BenchOptions) -> dict:
             size["configs"][config] = record
             if opts.profile and "ranks" in record:
                 (out / "profiles").mkdir(exist_ok=True)
-                tables = [rank.pop("profile") for rank in record["ranks"]]
-                (out / "profiles" / f"{spec.name}-{config}.txt").write_text(tables[0] + "\n")
+                profiles = [rank.pop("profile") for rank in record["ranks"]]
+                (out / "profiles" / f"{spec.name}-{config}.txt").write_text(profiles[0]["table"] + "\n")
+                record["self_times"] = profiles[0]["self_times"]  # rank 0's, as its table
             _log(f"{spec.name} {config}: {record['launch_wall_s']:.0f}s")
         size["export_cli"] = {}
         if "lora_dist_fsdp2" in opts.configs:  # the exports and the merge start from its adapter

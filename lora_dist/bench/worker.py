@@ -42,9 +42,15 @@ def _timed(fn, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def _profile(fn, device: torch.device, rows: int = 30) -> str:
+#: Operators whose self time is a matmul, and name fragments of attention kernels (``--profile``'s breakdown).
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention")
+
+
+def _profile(fn, device: torch.device, rows: int = 30) -> dict:
     """``fn`` once under ``torch.profiler``: the operators that took the most self time (on the device where it is
-    a GPU), as the profiler's table."""
+    a GPU), as the profiler's table, and on a CPU the step's self time split into matmuls, attention and the rest
+    (seconds; ``None`` on a GPU, where kernels are not attributed to operators this way)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -52,8 +58,15 @@ def _profile(fn, device: torch.device, rows: int = 30) -> str:
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         fn()
         _sync(device)
-    return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                     row_limit=rows)
+    ops = prof.key_averages()
+    self_times = None
+    if not cuda:
+        seconds = {e.key: e.self_cpu_time_total / 1e6 for e in ops}
+        self_times = {"total": sum(seconds.values()),
+                      "matmul": sum(t for k, t in seconds.items() if k in MATMUL_OPS),
+                      "attention": sum(t for k, t in seconds.items() if any(a in k for a in ATTENTION_OPS))}
+    return {"table": ops.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows),
+            "self_times": self_times}
 
 
 def main(job_path: str) -> None:

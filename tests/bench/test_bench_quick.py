@@ -127,10 +127,10 @@ def test_a_subset_without_lora_dist_fsdp2_measures_no_export_and_fails_nothing(t
     lora_dist_fsdp2's adapter, so without it they are left out, not counted as failed launches."""
     out = tmp_path / "results"
     lora_dist("bench", "--quick", "--nproc", "1", "--configs", "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16",
-              "--profile", "--out", str(out), "--work-dir", str(tmp_path / "work"), timeout=300)
+              "lora_dist_auto_bf16", "--profile", "--out", str(out), "--work-dir", str(tmp_path / "work"), timeout=300)
     results = json.loads((out / "results.json").read_text())
     size, summary = results["sizes"][0], results["summary"]["sizes"][0]
-    assert set(size["configs"]) == {"peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16"}
+    assert set(size["configs"]) == {"peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_auto_bf16"}
     assert size["export_cli"] == {} and "merge" not in size
     assert summary["failed"] == {}
     assert summary["rows"]["lora_dist_fsdp2_bf16"]["x_anchor"]["step_s"] > 0
@@ -140,3 +140,12 @@ def test_a_subset_without_lora_dist_fsdp2_measures_no_export_and_fails_nothing(t
         table = (out / "profiles" / f"llama-tiny-{config}.txt").read_text()
         assert "Self CPU" in table and ("aten::mm" in table or "aten::addmm" in table), table[:2000]
     assert "profile" not in json.dumps(size["configs"])
+    # on a CPU each profiled step splits into matmuls, attention and the rest, and the auto target says its floor
+    for name, row in summary["rows"].items():
+        times = row["self_times"]
+        assert 0 < times["matmul"] and 0 < times["attention"] and times["matmul"] + times["attention"] < times["total"]
+    rows = summary["rows"]
+    auto_times = rows["lora_dist_auto_bf16"]["self_times"]
+    floor = (auto_times["matmul"] + auto_times["attention"]) / rows["peft_accelerate_fsdp2_bf16"]["self_times"]["total"]
+    (auto,) = [t for t in results["summary"]["targets"] if t["target"].startswith("auto step")]
+    assert f"its matmuls + attention alone are {floor:.2f}x the bf16 anchor's profiled step" in auto["detail"]
