@@ -221,6 +221,9 @@ def load_model(
         world = dist.get_world_size() if dist.is_initialized() else 1
         shards = dp_mesh_shape(parallel_cfg, world)[1] if strategy == "fsdp2" else 1
         offload = strategy == "fsdp2" and parallel_cfg.cpu_offload
+        if offload and shards == 1:  # parallelize leaves NF4 weights out of FSDP2 there: nothing would offload them
+            raise ConfigError("parallel.cpu_offload with model.quantize=nf4 needs the base sharded over 2 or more "
+                              "ranks (parallel.dp_shard >= 2); on one rank drop parallel.cpu_offload")
         prepare_quantized(model, model_cfg.quantize, shards, torch.device("cpu") if offload else device,
                           model_cfg.quantize_embeddings)
     parallelize(model, parallel_cfg, device)

@@ -130,6 +130,48 @@ def lora_linear(ctx):
     return "; ".join(lines)
 
 
+@check("fused LoRA layer with dropout equals the separate ops under the same mask")
+def fused_dropout(ctx):
+    """The fused autograd node (``lora._LoRALinearFunction``) with dropout on: output and the grads of x, A and B
+    against the layer written as separate ops with the mask it drew (drawn again from the same generator state)."""
+    import torch.nn.functional as F
+
+    from lora_dist.lora import LoRALinear
+
+    device, p, lines = ctx["device"], 0.3, []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        layer = LoRALinear.from_base(torch.nn.Linear(256, 384, dtype=dtype), r=8, alpha=16, dropout=p).to(device)
+        with torch.no_grad():
+            layer.lora_B.weight.normal_()
+        x = torch.randn(4, 64, 256, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(4, 64, 384, device=device, dtype=dtype)
+        torch.manual_seed(7)
+        out = layer(x)
+        assert type(out.grad_fn).__name__ == "_LoRALinearFunctionBackward", type(out.grad_fn).__name__
+        out.backward(grad)
+        fused = (out.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad)
+        torch.manual_seed(7)
+        flat = x.detach().reshape(-1, 256)
+        noise = torch.empty_like(flat).bernoulli_(1 - p).div_(1 - p)
+        torch.manual_seed(7)
+        same_as_dropout = torch.equal(F.dropout(flat, p, training=True) != 0, noise != 0)
+        xr = x.detach().clone().requires_grad_(True)
+        a, b = (w.detach().clone().requires_grad_(True) for w in (layer.lora_A.weight, layer.lora_B.weight))
+        hidden = F.linear(xr * noise.view_as(xr), a.to(dtype)) * layer.scale
+        ref = F.linear(xr, layer.weight, layer.bias) + F.linear(hidden, b.to(dtype))
+        ref.backward(grad)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        for label, got, want in zip(("out", "x grad", "A grad", "B grad"), fused, (ref.detach(), xr.grad, a.grad, b.grad)):
+            err = float((got.float() - want.float()).abs().max()) / max(float(want.float().abs().max()), 1e-12)
+            assert err <= tol, f"{dtype} {label}: max |diff| / max |ref| {err:.3g} > {tol}"
+        kept = float((noise != 0).float().mean())
+        assert abs(kept - (1 - p)) < 0.01, f"kept {kept:.3f} of the LoRA input, expected {1 - p}"
+        lines.append(f"{dtype}: equal within {tol}, kept {kept:.3f}, "
+                     f"{'the same' if same_as_dropout else 'not the same'} mask as F.dropout")
+    return "; ".join(lines)
+
+
 @check("merge on the device equals the CPU merge (fp32 bound)")
 def merge_on_device(ctx):
     from lora_dist.merge import LoRAWeights, merge_weight
@@ -165,9 +207,35 @@ def fsdp2_full(ctx):
     return _memory(out)
 
 
-@check("fsdp2 + cpu_offload", needs_cuda=True)
+@check("NF4 (QLoRA): decoder bitwise torchao on the device; fsdp2 bf16 runs, merged export + verify", needs_cuda=True)
+def nf4(ctx):
+    from lora_dist.quant import dequantize, embedding_rows, nf4_module
+
+    module, lines = nf4_module(), []
+    for dtype in (torch.bfloat16, torch.float32):
+        g = torch.Generator(device=ctx["device"]).manual_seed(0)
+        t = module.to_nf4(torch.randn(768, 2048, device=ctx["device"], dtype=dtype, generator=g))
+        want = t.get_original_weight()
+        assert torch.equal(dequantize(t), want), f"{dtype}: dequantize differs from torchao's"
+        ids = torch.randint(0, 768, (3, 50), device=ctx["device"], generator=g)
+        assert torch.equal(embedding_rows(t, ids), want[ids]), f"{dtype}: embedding rows differ from torchao's"
+        lines.append(f"{dtype} decoder == torchao")
+    for name, extra in (("nf4", ()), ("nf4-all", ("model.quantize_embeddings=true",))):
+        out = _run_config(ctx, name, "parallel.strategy=fsdp2", "model.dtype=bfloat16", "model.quantize=nf4",
+                          "parallel.mixed_precision=bfloat16", "export.merged=true", "export.dtype=float32", *extra)
+        _sh([sys.executable, "-m", "lora_dist.cli", "verify", str(out / "merged"), "--base", str(ctx["base"]),
+             "--adapter", str(out / "adapter")])
+        lines.append(f"{name}: {_memory(out)}, merged export verified")
+    return "; ".join(lines)
+
+
+@check("fsdp2 + cpu_offload, merged export + verify", needs_cuda=True)
 def fsdp2_offload(ctx):
-    return _memory(_run_config(ctx, "offload", "parallel.strategy=fsdp2", "parallel.cpu_offload=true"))
+    out = _run_config(ctx, "offload", "parallel.strategy=fsdp2", "parallel.cpu_offload=true", "export.merged=true",
+                      "export.dtype=float32")
+    _sh([sys.executable, "-m", "lora_dist.cli", "verify", str(out / "merged"), "--base", str(ctx["base"]),
+         "--adapter", str(out / "adapter")])
+    return _memory(out) + "; merged export verified"
 
 
 @check("fsdp2: one unit per weight, checkpointed inputs in pinned host memory", needs_cuda=True)
@@ -216,7 +284,8 @@ def two_ranks(ctx):
 
 #: The one-GPU comparison: PEFT + accelerate against lora_dist, bf16, same model, data and steps.
 BENCH_ARGS = ("--nproc", "1", "--sizes", "llama-440m", "--seq-len", "2048", "--micro-batch", "4", "--timed-steps", "10",
-              "--configs", "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_auto_bf16", "--profile")
+              "--configs", "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_auto_bf16", "lora_dist_nf4",
+              "--profile")
 
 
 @check("lora-dist bench on one GPU: PEFT + accelerate against lora_dist, bf16", needs_cuda=True)
@@ -252,8 +321,9 @@ def main() -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="run the CPU-possible checks on the CPU (CI)")
     parser.add_argument("--checks", nargs="*", help="run only these checks (function names, e.g. fsdp2_offload bench)")
     args = parser.parse_args()
-    checks = (device_probes, lora_linear, merge_on_device, fsdp2_full, fsdp2_offload, fsdp2_weight_units_offload,
-              zero3_ac, zero2_bf16, ddp, two_ranks, bench)
+    # the paths no GPU has run yet first, then the benchmark, then the ones an earlier GPU run passed
+    checks = (device_probes, lora_linear, fused_dropout, merge_on_device, nf4, fsdp2_full, fsdp2_offload, bench,
+              two_ranks, fsdp2_weight_units_offload, zero3_ac, zero2_bf16, ddp)
     unknown = set(args.checks or ()) - {fn.__name__ for fn in checks}
     if unknown:
         parser.error(f"unknown check {sorted(unknown)[0]!r}; choose from {[fn.__name__ for fn in checks]}")
@@ -275,7 +345,7 @@ def main() -> int:
     info = {"device": label, "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
             "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     for name, module in (("transformers", "transformers"), ("deepspeed", "deepspeed"), ("peft", "peft"),
-                         ("accelerate", "accelerate")):
+                         ("accelerate", "accelerate"), ("torchao", "torchao")):
         try:
             info[name] = __import__(module).__version__
         except Exception as e:  # a missing package fails its checks below, with the reason

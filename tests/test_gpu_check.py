@@ -19,7 +19,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
     results = json.loads((tmp_path / "cpu-smoke" / "results.json").read_text())["checks"]
     status = {r["check"]: r["status"] for r in results}
     ran = [name for name, s in status.items() if s == "ok"]
-    assert len(ran) == 4 and all(s in ("ok", "skipped") for s in status.values()), status
+    # probes, LoRALinear, the fused layer with dropout, the merge and fsdp2 run on the CPU; the others need CUDA
+    assert len(ran) == 5 and all(s in ("ok", "skipped") for s in status.values()), status
     assert (tmp_path / "cpu-smoke" / "results.md").is_file()
 
 

@@ -436,6 +436,33 @@ def test_hybrid_sharding_of_an_nf4_base_equals_one_process(setup, reference):
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("nproc,extra", [
+    (1, ()),
+    (2, ("parallel.dp_replicate=2", "parallel.dp_shard=1")),
+])
+def test_fsdp2_over_one_shard_rank_equals_one_process(setup, reference, nproc, extra):
+    """fsdp2 with the base sharded over one rank (one GPU; replica groups of one rank each): FSDP2 rebuilds an
+    unsharded param from one all-gather input there, not NF4's three, so the NF4 weights stay out of FSDP2, whole,
+    and the run trains the one process's adapter."""
+    from distutil import assert_same_adapter
+
+    out = _train(setup, f"nf4-one-shard-{nproc}", nproc, "parallel.strategy=fsdp2",
+                 f"train.micro_batch_size={4 // nproc}", "model.quantize=nf4", *extra)
+    assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
+    assert_same_losses(_losses(out), _losses(reference))
+
+
+def test_cpu_offload_of_an_nf4_base_over_one_shard_rank_is_refused(tiny_checkpoint):
+    from lora_dist.model import load_model
+
+    cfg = load_config(None, [f"model.path={tiny_checkpoint('llama', **SIZES)}", "model.quantize=nf4",
+                             "parallel.strategy=fsdp2", "parallel.cpu_offload=true"])
+    with pytest.raises(ConfigError, match=r"needs the base sharded over 2 or more ranks") as e:
+        load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.dist
 def test_nf4_changes_the_numbers(setup, reference):
     """The reference really trained on the NF4 base: the unquantized base gives other losses."""
     plain = _train(setup, "plain", 1, "parallel.strategy=none", "train.micro_batch_size=4")

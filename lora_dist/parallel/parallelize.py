@@ -25,6 +25,7 @@ import torch.nn as nn
 from lora_dist.config import ConfigError, ParallelConfig
 from lora_dist.lora import lora_parameters
 from lora_dist.parallel.checkpointing import enable_activation_checkpointing, enable_selective_recompute
+from lora_dist.quant import is_quantized
 
 __all__ = ["dp_mesh_shape", "embedding_and_head", "find_blocks", "parallelize", "reshard_size", "weight_units"]
 
@@ -114,6 +115,10 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
     # they are there already; the policy still applies (and is tested), without pinned memory.
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
     ignored = set(lora_parameters(model))
+    if shard_ranks == 1:
+        # Over one shard rank FSDP2 skips the all-gather and rebuilds each param from its first all-gather input
+        # alone, which cannot rebuild an NF4 weight (three inputs): NF4 weights stay whole, as under `none`.
+        ignored |= {p for p in model.parameters() if is_quantized(p)}
     blocks = find_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__}: found no transformer blocks to shard; use parallel.strategy=ddp")
