@@ -189,12 +189,20 @@ def embedding_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def _code_pairs(t) -> torch.Tensor | None:
     """NF4 ``t``'s code table as pairs: for each of the 256 byte values, its two codes side by side in one integer
-    word (``None`` where no integer type is two codes wide: a float64 table)."""
-    word = _PAIR_WORDS.get(t.nf4.element_size())
+    word (``None`` where no integer type is two codes wide: a float64 table).
+
+    Made once per code table and kept on it: the weights of one dtype share one table (:func:`prepare_quantized`),
+    and on a GPU the six small kernels that make it would otherwise be launched for every dequantization."""
+    table = t.nf4
+    cached = getattr(table, "_lora_dist_pairs", None)
+    if cached is not None:
+        return cached
+    word = _PAIR_WORDS.get(table.element_size())
     if word is None:
         return None
-    byte = torch.arange(256, device=t.nf4.device)
-    return torch.stack([t.nf4[byte >> 4], t.nf4[byte & 0b1111]], dim=-1).view(word).view(256)
+    byte = torch.arange(256, device=table.device)
+    table._lora_dist_pairs = torch.stack([table[byte >> 4], table[byte & 0b1111]], dim=-1).view(word).view(256)
+    return table._lora_dist_pairs
 
 
 def _decode(t, packed: torch.Tensor, scales: torch.Tensor, pairs: torch.Tensor | None,

@@ -69,6 +69,10 @@ def test_dequantize_is_torchaos_dequantization_bitwise_also_in_ranges(monkeypatc
     for a, b in ((0, 1), (5, 70), (63, 64 * 300 + 17), (1000, w.numel())):
         assert torch.equal(dequantize_flat(q, a, b), flat[a:b])
     assert not torch.equal(ref, w)  # 4 bits: not the original
+    if dtype != torch.float64:  # the pair table is made once per code table, and the decodes above reused it
+        from lora_dist.quant import _code_pairs
+
+        assert _code_pairs(q) is _code_pairs(q) is q.nf4._lora_dist_pairs
 
 
 def test_frozen_linear_output_and_input_gradient_use_the_dequantized_weight():
