@@ -300,37 +300,55 @@ class LoRALayer(nn.Module):
         return "weight"
 
 
+#: Devices where ``F.dropout`` runs torch's fused kernel (``native_dropout``): ``at::dropout``'s own test.
+_FUSED_DROPOUT_DEVICES = ("cuda", "xpu", "lazy", "privateuseone")
+
+
+def _dropout(flat: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``flat`` dropped out as ``F.dropout(flat, p)`` drops it on its device, the same mask from the same generator
+    state: ``(output, scaled mask or None, bool mask or None)``.
+
+    Where torch runs its fused dropout kernel (CUDA, XPU: ``at::dropout`` calls ``native_dropout`` there) that
+    kernel, keeping its bool mask; elsewhere (the CPU) the mask drawn as ``at::dropout`` draws it there, kept,
+    scaled by ``1 / (1 - p)``, in ``flat``'s dtype.
+    """
+    if not p:
+        return flat, None, None
+    if flat.device.type in _FUSED_DROPOUT_DEVICES and flat.numel():
+        out, mask = torch.native_dropout(flat, p, True)
+        return out, None, mask
+    noise = torch.empty_like(flat).bernoulli_(1.0 - p).div_(1.0 - p)
+    return flat * noise, noise, None
+
+
 class _LoRALinearFunction(torch.autograd.Function):
     """``x @ W.T + bias + (scale * dropout(x) @ A.T) @ B.T`` for a frozen ``W`` (plain, or NF4 dequantized for each
     matmul), one autograd node for the whole adapted layer.
 
     It computes what autograd computes for the layer written as separate ops - the LoRA path in ``x``'s dtype
     (the fp32 params cast, their grads cast back), the scale on the rank-r hidden, the dropout mask drawn as
-    ``nn.Dropout`` draws it on the CPU - and keeps the same tensors for backward (the LoRA path's input, the
-    ``tokens x r`` hidden, and with dropout its scaled mask), with two passes over activations fewer per call: the
-    update is accumulated into the base's output by its matmul (``addmm_``) instead of added after, and in
-    backward the LoRA path's input gradient into the base's instead of summed by autograd.
+    ``nn.Dropout`` draws it on that device (:func:`_dropout`) - and keeps the same tensors for backward (the LoRA
+    path's input, the ``tokens x r`` hidden, and with dropout its mask), with two passes over activations fewer per
+    call: the update is accumulated into the base's output by its matmul (``addmm_``) instead of added after, and
+    in backward the LoRA path's input gradient into the base's instead of summed by autograd.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        noise = None
-        if dropout:  # drawn as nn.Dropout draws it on the CPU (the same generator calls): kept, scaled by 1 / (1 - p)
-            noise = torch.empty_like(flat).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
-        lora_x = flat if noise is None else flat * noise
+        lora_x, noise, mask = _dropout(flat, dropout)
         base = dequantize(weight, x.dtype)  # the weight itself unless NF4
         hidden = (lora_x @ lora_a.to(x.dtype).t()).mul_(scale)
         out = F.linear(x, base, None if bias is None else bias.to(x.dtype))  # x's shape, not a view
         out.view(-1, out.shape[-1]).addmm_(hidden, lora_b.to(x.dtype).t())
-        ctx.save_for_backward(lora_x, weight, lora_a, lora_b, hidden, noise)
-        ctx.scale, ctx.shape = scale, x.shape
+        ctx.save_for_backward(lora_x, weight, lora_a, lora_b, hidden, noise, mask)
+        ctx.scale, ctx.shape, ctx.dropout = scale, x.shape, dropout
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        lora_x, weight, lora_a, lora_b, hidden, noise = ctx.saved_tensors
+        lora_x, weight, lora_a, lora_b, hidden, noise, mask = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         grad_hidden = (g @ lora_b.to(g.dtype)).mul_(ctx.scale)
         grad_a = grad_b = grad_x = None
@@ -340,10 +358,13 @@ class _LoRALinearFunction(torch.autograd.Function):
             grad_b = (g.t() @ hidden).to(lora_b.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = g @ dequantize(weight, g.dtype)
-            if noise is None:
+            if noise is None and mask is None:
                 grad_x.addmm_(grad_hidden, lora_a.to(g.dtype))
-            else:  # back through the dropout (its kept entries, scaled), rounded as autograd rounds it
+            elif mask is None:  # back through the dropout (its kept entries, scaled), rounded as autograd rounds it
                 grad_x += (grad_hidden @ lora_a.to(g.dtype)).mul_(noise)
+            else:  # the backward of torch's fused dropout kernel, as autograd calls it
+                grad_x += torch.ops.aten.native_dropout_backward(grad_hidden @ lora_a.to(g.dtype), mask,
+                                                                1.0 / (1.0 - ctx.dropout))
             grad_x = grad_x.view(ctx.shape)
         return grad_x, None, None, grad_a, grad_b, None, None
 

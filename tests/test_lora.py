@@ -400,6 +400,39 @@ def test_fused_layer_with_dropout_is_the_separate_ops(dtype):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layer_draws_dropout_with_torchs_fused_kernel_where_f_dropout_does(monkeypatch, dtype):
+    """On CUDA ``F.dropout`` is ``native_dropout`` (torch's fused kernel, its own mask from the generator): there the
+    fused layer calls that kernel too, keeps its bool mask, and goes back through ``native_dropout_backward``. Here
+    the CPU stands in for CUDA: the layer against separate ops whose dropout is that kernel."""
+    import lora_dist.lora
+
+    class FusedKernelDropout(nn.Module):  # what nn.Dropout computes on CUDA
+        def forward(self, x):
+            return torch.native_dropout(x, 0.3, True)[0]
+
+    monkeypatch.setattr(lora_dist.lora, "_FUSED_DROPOUT_DEVICES", ("cpu",))
+    torch.manual_seed(0)
+    layer = LoRALinear.from_base(nn.Linear(64, 96, dtype=dtype), r=8, alpha=16, dropout=0.3)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(4, 16, 64, dtype=dtype, requires_grad=True)
+    torch.manual_seed(7)
+    fused = run_layer(layer, x, True)
+    layer.lora_dropout = FusedKernelDropout()
+    torch.manual_seed(7)
+    separate = run_layer(layer, x, False)
+    for got, want in zip(fused, separate):
+        if dtype == torch.float32:
+            assert torch.equal(got, want)
+        else:  # one bf16 rounding of the sum (see the bf16 test above)
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    torch.manual_seed(7)
+    _, noise, mask = lora_dist.lora._dropout(x.detach().reshape(-1, 64), 0.3)
+    assert noise is None and mask.dtype == torch.bool  # one byte per element kept for backward
+    assert 0.6 < mask.float().mean() < 0.8
+
+
 # ---------------------------------------------------------------------------- which modules get adapted
 
 
