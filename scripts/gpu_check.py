@@ -287,8 +287,9 @@ def two_ranks(ctx):
 
 
 #: The one-GPU comparison: PEFT + accelerate against lora_dist, bf16, same model, data and steps.
-BENCH_ARGS = ("--nproc", "1", "--sizes", "llama-440m", "--seq-len", "2048", "--micro-batch", "4", "--timed-steps", "10",
-              "--configs", "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_auto_bf16", "lora_dist_nf4",
+#: 16 x 2048 tokens a step: enough to keep the GPU busy (at 4 x 2048 the steps were bound by the host; docs/gpu.md).
+BENCH_ARGS = ("--nproc", "1", "--sizes", "llama-440m", "--seq-len", "2048", "--micro-batch", "16",
+              "--timed-steps", "10", "--configs", "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_auto_bf16", "lora_dist_nf4",
               "--profile")
 
 
