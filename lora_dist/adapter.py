@@ -166,10 +166,12 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, t
             raise AdapterError(f"refusing to write {key}: it holds NaN/Inf (training diverged)")
 
 
-def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
+def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                  metadata: Mapping[str, str] | None = None) -> Path:
     """Write PEFT-format files atomically (:func:`lora_dist.atomic.writing_dir`).
 
-    ``tensors`` use the model's own names; they are saved under PEFT's keys.
+    ``tensors`` use the model's own names; they are saved under PEFT's keys, with ``metadata`` added to the
+    safetensors header (PEFT reads only the tensors).
     An existing adapter at ``directory`` is replaced only once the new one is complete.
     """
     directory = Path(directory)
@@ -185,7 +187,7 @@ def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, torch.Tens
                     f"{free // 1024} KB are free; free space or choose another output dir (nothing was changed)"
                 )
             peft_tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-            save_file(peft_tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            save_file(peft_tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt", **(metadata or {})})
             (staging / ADAPTER_CONFIG).write_text(text)
     except AdapterError:
         raise
@@ -244,7 +246,25 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     for key, t in tensors.items():
         module, _, part = key.rpartition(".lora_")
         renamed[f"{names.get(module, module)}.lora_{part}"] = t
-    return write_adapter(directory, renamed, _peft_config(model, config, matched, base_model_name_or_path))
+    return write_adapter(directory, renamed, _peft_config(model, config, matched, base_model_name_or_path),
+                         trained_on(model))
+
+
+def trained_on(model: nn.Module) -> dict[str, str]:
+    """What an adapter records of the base it was trained on, in its safetensors header: the weights stored as NF4
+    (``model.quantize``), whose set depends on the run's sharding (:func:`lora_dist.quant.nf4_quantizable`), so
+    that ``lora-dist export RUN_DIR`` merges into the base the run trained on, on any number of ranks."""
+    from lora_dist.export.sources import QUANTIZED_WEIGHTS_KEY
+    from lora_dist.quant import quantized_names
+
+    names = quantized_names(model)
+    return {} if names is None else {QUANTIZED_WEIGHTS_KEY: ",".join(names)}
+
+
+def adapter_metadata(directory: str | os.PathLike) -> dict[str, str]:
+    """The safetensors header metadata of the adapter in ``directory`` (empty where it has none)."""
+    with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), "pt") as fh:
+        return dict(fh.metadata() or {})
 
 
 @dataclass

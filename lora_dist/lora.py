@@ -300,13 +300,14 @@ class LoRALayer(nn.Module):
         return "weight"
 
 
-#: Devices where ``F.dropout`` runs torch's fused kernel (``native_dropout``): ``at::dropout``'s own test.
-_FUSED_DROPOUT_DEVICES = ("cuda", "xpu", "lazy", "privateuseone")
+#: Devices where ``F.dropout`` runs torch's fused kernel (``native_dropout``): ``at::dropout``'s own test (a
+#: renamed PrivateUse1 backend reports its own name).
+_FUSED_DROPOUT_DEVICES = ("cuda", "xpu", "lazy", "privateuseone", torch._C._get_privateuse1_backend_name())
 
 
 def _dropout(flat: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``flat`` dropped out as ``F.dropout(flat, p)`` drops it on its device, the same mask from the same generator
-    state: ``(output, scaled mask or None, bool mask or None)``.
+    state (for the layer's contiguous input: its flat view): ``(output, scaled mask or None, bool mask or None)``.
 
     Where torch runs its fused dropout kernel (CUDA, XPU: ``at::dropout`` calls ``native_dropout`` there) that
     kernel, keeping its bool mask; elsewhere (the CPU) the mask drawn as ``at::dropout`` draws it there, kept,

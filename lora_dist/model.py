@@ -17,6 +17,7 @@ range by range from the per-expert tensors (:mod:`lora_dist.weight_mapping`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -166,6 +167,7 @@ def load_model(
     seed: int,
     ds_config: dict | None = None,
     base: ModelDir | None = None,
+    quantize_only: Collection[str] | None = None,
 ) -> LoadedModel:
     """Build the LoRA model for ``parallel_cfg.strategy`` in the documented setup order.
 
@@ -178,6 +180,8 @@ def load_model(
         ds_config: DeepSpeed config, for ``zero*`` strategies
             (:func:`lora_dist.parallel.deepspeed.deepspeed_config`).
         base: the base model dir, if the caller opened it already (else ``model_cfg.path`` is opened).
+        quantize_only: with ``model.quantize``, the weights to store as NF4 (a run's, for its export on another
+            number of ranks; :func:`lora_dist.quant.prepare_quantized`); default: all this sharding can split.
 
     Raises:
         ModelDirError: a missing/corrupt model dir or weights that do not fit its config.
@@ -225,7 +229,7 @@ def load_model(
             raise ConfigError("parallel.cpu_offload with model.quantize=nf4 needs the base sharded over 2 or more "
                               "ranks (parallel.dp_shard >= 2); on one rank drop parallel.cpu_offload")
         prepare_quantized(model, model_cfg.quantize, shards, torch.device("cpu") if offload else device,
-                          model_cfg.quantize_embeddings)
+                          model_cfg.quantize_embeddings, only=quantize_only)
     parallelize(model, parallel_cfg, device)
     if strategy != "zero3":
         offload = strategy == "fsdp2" and parallel_cfg.cpu_offload

@@ -448,8 +448,9 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     def stored(q: torch.nn.Parameter, numel: int, elt: int) -> int:
         return nf4_bytes(numel, base_elt) if id(q) in nf4 else numel * elt
 
-    def gathered_bytes(params) -> int:
-        return sum(stored(q, q.numel(), compute_elt) for q in params if id(q) not in lora)
+    def gathered_bytes(params) -> int:  # over one shard rank NF4 weights stay out of FSDP2: never gathered
+        return sum(stored(q, q.numel(), compute_elt) for q in params
+                   if id(q) not in lora and not (shards == 1 and id(q) in nf4))
 
     embed, head = embedding_and_head(model)
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len

@@ -26,6 +26,7 @@ import importlib
 import logging
 import math
 import sys
+from collections.abc import Collection
 
 import torch
 import torch.nn as nn
@@ -49,6 +50,7 @@ __all__ = [
     "prepare_quantized",
     "quantize_problem",
     "quantize_whole",
+    "quantized_names",
     "quantized_weights",
 ]
 
@@ -192,7 +194,9 @@ def _code_pairs(t) -> torch.Tensor | None:
     word (``None`` where no integer type is two codes wide: a float64 table).
 
     Made once per code table and kept on it: the weights of one dtype share one table (:func:`prepare_quantized`),
-    and on a GPU the six small kernels that make it would otherwise be launched for every dequantization."""
+    and on a GPU the six small kernels that make it would otherwise be launched for every dequantization. A copy
+    of the table (a device move: FSDP2 copies each host-memory shard to the GPU under ``parallel.cpu_offload``)
+    makes its pairs again."""
     table = t.nf4
     cached = getattr(table, "_lora_dist_pairs", None)
     if cached is not None:
@@ -210,7 +214,7 @@ def _decode(t, packed: torch.Tensor, scales: torch.Tensor, pairs: torch.Tensor |
     """Whole blocks of NF4 ``t``: their ``packed`` bytes (two codes each) through the code table, times each
     block's scale; ``(blocks, block_size)`` in the table's dtype (written into ``out``, that shape, if given).
 
-    ``pairs`` is :func:`_code_pairs` of ``t``, made once per call by the caller: each byte is looked up once
+    ``pairs`` is :func:`_code_pairs` of ``t`` (kept on its code table), from the caller: each byte is looked up once
     there, one gather instead of two gathers, two bit operations and an interleave, the same values (6-8x faster
     on a CPU for a bf16 weight).
     """
@@ -240,7 +244,7 @@ def is_quantized(param: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torch.device,
-                      embeddings: bool = False) -> list[str]:
+                      embeddings: bool = False, only: Collection[str] | None = None) -> list[str]:
     """Turn the blocks' linear weights of the meta skeleton into (empty) NF4 tensors, before it is sharded.
 
     FSDP2 then shards them as NF4 (``Shard(0)`` DTensors of NF4 shards), materializing allocates only the
@@ -252,9 +256,14 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
         shards: ranks each weight's rows are split over (W under fsdp2, else 1).
         device: where the model is materialized.
         embeddings: ``model.quantize_embeddings``: the input embedding and the output head too.
+        only: quantize exactly these weights (a run's, exported on another number of ranks): the others stay
+            in ``model.dtype``.
 
     Returns:
         The names of the weights left in ``model.dtype``: their rows are not whole :data:`GROUP` s per rank.
+
+    Raises:
+        ConfigError: a weight in ``only`` cannot be quantized at this sharding (or is not in the model).
     """
     if not quantize:
         return []
@@ -274,6 +283,8 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
                          names.get(id(weight), get), type(module).__name__, BLOCK)
     for module, attr in considered:
         param = module._parameters[attr]
+        if only is not None and names.get(id(param)) not in only:
+            continue
         if not (param.is_floating_point() and nf4_quantizable(tuple(param.shape), shards)):
             skipped.append(names[id(param)])
             continue
@@ -292,15 +303,28 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
             elif type(holder) is nn.Embedding:
                 holder.__class__ = _NF4Embedding
         quantized.append(names[id(param)])
+    missing = sorted(set(only or ()) - set(quantized))
+    if missing:
+        from lora_dist.config import ConfigError
+
+        raise ConfigError(f"the run stored {missing[0]} as NF4, which {shards} ranks cannot split into whole "
+                          f"{GROUP}-element NF4 groups; export it on 1 process or on as many ranks as the run had")
     # DDP broadcasts rank 0's parameters when it wraps the model; c10d's broadcast corrupts NF4 tensors, and
     # every rank quantized the same base anyway: the list DDP leaves alone (what its
     # _set_params_and_buffers_to_ignore_for_model sets).
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = ignored + quantized
+    model._lora_dist_quantized = list(quantized)  # what the adapter records (quantized_names)
     if skipped:
         log.info("model.quantize=%s: %d weight(s) not whole %d-element NF4 groups per rank stay in model.dtype: %s",
                  quantize, len(skipped), GROUP, ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     return skipped
+
+
+def quantized_names(model: nn.Module) -> list[str] | None:
+    """The weights :func:`prepare_quantized` stored as NF4 in ``model`` (maybe none); None where it never ran."""
+    names = getattr(model, "_lora_dist_quantized", None)
+    return None if names is None else list(names)
 
 
 @torch.no_grad()

@@ -224,12 +224,23 @@ def nf4(ctx):
         ids = torch.randint(0, 768, (3, 50), device=ctx["device"], generator=g)
         assert torch.equal(embedding_rows(t, ids), want[ids]), f"{dtype}: embedding rows differ from torchao's"
         lines.append(f"{dtype} decoder == torchao")
+    from safetensors import safe_open
+
+    from lora_dist.demo import make_tiny_checkpoint
+
+    # A vocabulary of 512 x 128: the embedding and the head are whole NF4 groups (the shared base's 489 rows are not).
+    base = make_tiny_checkpoint(ctx["work"] / "base-512", arch="llama", hidden=128, layers=2, heads=4, vocab=512)
     for name, extra in (("nf4", ()), ("nf4-all", ("model.quantize_embeddings=true",))):
-        out = _run_config(ctx, name, "parallel.strategy=fsdp2", "model.dtype=bfloat16", "model.quantize=nf4",
-                          "parallel.mixed_precision=bfloat16", "export.merged=true", "export.dtype=float32", *extra)
-        _sh([sys.executable, "-m", "lora_dist.cli", "verify", str(out / "merged"), "--base", str(ctx["base"]),
+        out = _run_config(ctx, name, f"model.path={base}", "parallel.strategy=fsdp2", "model.dtype=bfloat16",
+                          "model.quantize=nf4", "parallel.mixed_precision=bfloat16", "export.merged=true",
+                          "export.dtype=float32", *extra)
+        _sh([sys.executable, "-m", "lora_dist.cli", "verify", str(out / "merged"), "--base", str(base),
              "--adapter", str(out / "adapter")])
-        lines.append(f"{name}: {_memory(out)}, merged export verified")
+        with safe_open(str(out / "merged" / "model.safetensors"), "pt") as fh:
+            quantized = fh.metadata()["lora_dist_quantized_weights"].split(",")
+        embeddings = {"model.embed_tokens.weight", "lm_head.weight"} & set(quantized)
+        assert len(embeddings) == (2 if extra else 0), f"{name}: NF4 embedding/head {sorted(embeddings)}"
+        lines.append(f"{name}: {len(quantized)} NF4 weights, {_memory(out)}, merged export verified")
     return "; ".join(lines)
 
 

@@ -22,7 +22,7 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manyl
 done
 for name in "${packages[@]}"; do
   pattern=$(echo "$name" | sed 's/[-_]/[-_]/g')
-  pin=$(echo "$frozen" | grep -i -E "^${pattern}==" | head -1)
+  pin=$(echo "$frozen" | grep -i -E "^${pattern}==" | head -1 || true)
   [ -n "$pin" ] || { echo "wheelhouse: $name is not installed in .venv; run bash scripts/setup.sh" >&2; exit 1; }
   if [ "$name" = deepspeed ]; then  # an sdist only: built here, no ops compiled (DeepSpeed builds them when used)
     python3 -m pip wheel -q --no-deps --no-build-isolation "$pin" -w "$out"

@@ -574,6 +574,39 @@ if __name__ == "__main__":
 
 
 @pytest.mark.dist
+def test_export_on_other_ranks_merges_into_the_base_the_run_trained_on(setup, tiny_checkpoint, tmp_path):
+    """Which weights are NF4 depends on the sharding (rows split into whole NF4 groups per rank). The adapter records
+    the run's: a 2-rank fsdp2 run (its 128 x 128 q_proj one NF4 group, not split in two) exported on 1 process
+    stores exactly those as NF4 and merges q_proj into the original weights; a 1-process run (q_proj and o_proj NF4)
+    exported on 2 ranks, which cannot split them, is refused in one line before anything is written."""
+    from safetensors import safe_open
+
+    from distutil import lora_dist, ranks
+    from lora_dist.adapter import adapter_metadata
+    from lora_dist.export import verify_checkpoint
+
+    def recorded(adapter: Path) -> set[str]:
+        return set(adapter_metadata(adapter)["lora_dist_quantized_weights"].split(","))
+
+    base = tiny_checkpoint("llama", hidden=128, layers=2)
+    flags = (f"model.path={base}", "model.quantize=nf4")
+    one = _train(setup, "nf4-export-one", 1, "parallel.strategy=none", "train.micro_batch_size=4", *flags)
+    two = _train(setup, "nf4-export-two", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=2", *flags)
+    one_process, two_ranks = recorded(one / "adapter"), recorded(two / "adapter")
+    assert two_ranks < one_process and "model.layers.0.self_attn.q_proj.weight" in one_process - two_ranks
+    out = tmp_path / "merged"
+    lora_dist("export", str(two), "--out", str(out), "--dtype", "float32")
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        assert set(fh.metadata()["lora_dist_quantized_weights"].split(",")) == two_ranks
+    verify_checkpoint(out, base, two / "adapter", sample=None)
+
+    proc = ranks(2, "-m", "lora_dist.cli", "export", str(one), "--out", str(tmp_path / "refused"), check=False)
+    assert proc.returncode != 0 and not (tmp_path / "refused").exists()
+    assert "error: the run stored model.layers.0.self_attn.o_proj.weight as NF4, which 2 ranks cannot split into " \
+           "whole 16384-element NF4 groups; export it on 1 process" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.dist
 def test_lora_dist_export_of_a_one_process_run_merges_into_the_dequantized_base(setup, reference, tmp_path):
     """`lora-dist export RUN_DIR` as one process loads the NF4 model (not the offline merge of the original
     weights): verify recomputes every merged tensor from the dequantized base."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from lora_dist.adapter import read_adapter
+from lora_dist.adapter import adapter_metadata, read_adapter
 from lora_dist.atomic import recover
 from lora_dist.config import ConfigError, config_from_dict
 from lora_dist.dtypes import parse_dtype
@@ -287,7 +287,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     device = run_device() if env.world_size > 1 else torch.device("cpu")
     base = ModelDir(cfg.model.path)
     ds = deepspeed_config(cfg, base.hf_config) if parallel.strategy.startswith("zero") else None
-    model = load_model(cfg.model, cfg.lora, parallel, device, cfg.train.seed, ds, base=base).model
+    # The weights the run stored as NF4 depend on its sharding: quantize those, whatever this export's ranks.
+    trained = adapter_metadata(run / "adapter").get(QUANTIZED_WEIGHTS_KEY) if cfg.model.quantize else None
+    only = set(filter(None, trained.split(","))) if trained is not None else None
+    model = load_model(cfg.model, cfg.lora, parallel, device, cfg.train.seed, ds, base=base, quantize_only=only).model
     tensors = _run_lora_tensors(run, model)
     with torch.no_grad():
         for name, layer in lora_modules(model):
