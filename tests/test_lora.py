@@ -370,25 +370,33 @@ def test_autocast_runs_the_separate_ops_and_dropout_the_fused_layer():
         assert layer(x).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_layer_with_dropout_is_the_separate_ops(dtype):
-    """Same generator state, same mask: the fused layer draws it as nn.Dropout does, and its backward sends the
-    LoRA path's input gradient through that mask (and 1 / (1 - p)); in eval mode no dropout at all."""
+def dropout_layer(dtype: torch.dtype) -> tuple[LoRALinear, torch.Tensor]:
+    """A layer with dropout 0.3 and a nonzero B (so the mask shows in every gradient), and its input."""
     torch.manual_seed(0)
     layer = LoRALinear.from_base(nn.Linear(64, 96, dtype=dtype), r=8, alpha=16, dropout=0.3)
     with torch.no_grad():
         layer.lora_B.weight.normal_()
-    x = torch.randn(4, 16, 64, dtype=dtype, requires_grad=True)
+    return layer, torch.randn(4, 16, 64, dtype=dtype, requires_grad=True)
+
+
+def assert_fused_is_separate(fused, separate, dtype: torch.dtype) -> None:
+    """Bit for bit in fp32; in bf16 one rounding of the sum apart (see the bf16 test above)."""
+    for got, want in zip(fused, separate):
+        if dtype == torch.float32:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layer_with_dropout_is_the_separate_ops(dtype):
+    """Same generator state, same mask: the fused layer draws it as nn.Dropout does, and its backward sends the
+    LoRA path's input gradient through that mask (and 1 / (1 - p)); in eval mode no dropout at all."""
+    layer, x = dropout_layer(dtype)
     torch.manual_seed(7)
     fused = run_layer(layer, x, True)
     torch.manual_seed(7)
-    separate = run_layer(layer, x, False)
-    exact = dtype == torch.float32
-    for got, want in zip(fused, separate):
-        if exact:
-            assert torch.equal(got, want)
-        else:  # one bf16 rounding of the sum (see the bf16 test above)
-            torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    assert_fused_is_separate(fused, run_layer(layer, x, False), dtype)
     torch.manual_seed(8)
     other = run_layer(layer, x, True)
     assert not torch.equal(other[2], fused[2]), "another mask must give another lora_A gradient"
@@ -412,21 +420,12 @@ def test_fused_layer_draws_dropout_with_torchs_fused_kernel_where_f_dropout_does
             return torch.native_dropout(x, 0.3, True)[0]
 
     monkeypatch.setattr(lora_dist.lora, "_FUSED_DROPOUT_DEVICES", ("cpu",))
-    torch.manual_seed(0)
-    layer = LoRALinear.from_base(nn.Linear(64, 96, dtype=dtype), r=8, alpha=16, dropout=0.3)
-    with torch.no_grad():
-        layer.lora_B.weight.normal_()
-    x = torch.randn(4, 16, 64, dtype=dtype, requires_grad=True)
+    layer, x = dropout_layer(dtype)
     torch.manual_seed(7)
     fused = run_layer(layer, x, True)
     layer.lora_dropout = FusedKernelDropout()
     torch.manual_seed(7)
-    separate = run_layer(layer, x, False)
-    for got, want in zip(fused, separate):
-        if dtype == torch.float32:
-            assert torch.equal(got, want)
-        else:  # one bf16 rounding of the sum (see the bf16 test above)
-            torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    assert_fused_is_separate(fused, run_layer(layer, x, False), dtype)
     torch.manual_seed(7)
     _, noise, mask = lora_dist.lora._dropout(x.detach().reshape(-1, 64), 0.3)
     assert noise is None and mask.dtype == torch.bool  # one byte per element kept for backward
