@@ -167,8 +167,9 @@ def _check_finite(tensors: dict[str, torch.Tensor], step: int) -> None:
                                "Lower train.lr or check the data")
 
 
-def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_id: str | None) -> dict:
-    """A checkpoint's ``state.json``."""
+def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_id: str | None,
+            engine=None) -> dict:
+    """A checkpoint's ``state.json`` (with ``engine``'s NF4 weights under ``model.quantize``)."""
     record = {
         "step": step,
         "samples_consumed": samples_consumed,
@@ -180,6 +181,9 @@ def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_
     }
     if run_id is None:
         del record["run_id"]
+    quantized = _quantized(engine)
+    if quantized is not None:  # which weights are NF4 depends on the sharding (lora_dist.quant.nf4_quantizable)
+        record["quantized"] = quantized
     return record
 
 
@@ -210,7 +214,7 @@ def save_state(directory: str | Path, step: int, engine, cfg: Config, samples_co
 
         try:
             with writing_dir(directory, replace=True) as staging:
-                _write_files(staging, lora, moments, _record(cfg, step, samples_consumed, world, None))
+                _write_files(staging, lora, moments, _record(cfg, step, samples_consumed, world, None, engine))
         except (OSError, SafetensorError) as e:
             raise write_failure(e, f"checkpoint {directory}", "a previous one there is intact") from None
         return directory
@@ -265,6 +269,12 @@ def _check_compatible(path: Path, state: dict, lora: dict[str, torch.Tensor], en
         if key in current and current[key] != saved:
             was, now = f"lora.{key}={json.dumps(saved)}", f"lora.{key}={json.dumps(current[key])}"
             raise ResumeError(f"{path} was trained with {was}, this run has {now}; resume with {was} {fresh}")
+    saved, now = state.get("quantized"), _quantized(engine)
+    if saved is not None and now is not None and set(saved) != set(now):
+        name = sorted(set(saved) ^ set(now))[0]
+        was, here = ("NF4", "unquantized") if name in saved else ("unquantized", "NF4")
+        raise ResumeError(f"{path} was trained with {name} {was}, which this run's sharding stores {here} (the NF4 "
+                          f"weights depend on it); resume on {state.get('world_size')} ranks as before {fresh}")
     shapes = {k: list(v.shape) for k, v in engine.lora_state_dict().items()}
     if set(lora) != set(shapes):
         raise ResumeError(f"{path}: its LoRA tensors do not match this model's LoRA layers (lora.* changed?); "
@@ -273,6 +283,14 @@ def _check_compatible(path: Path, state: dict, lora: dict[str, torch.Tensor], en
         if list(lora[name].shape) != shape:
             raise ResumeError(f"{path}: {name} is {list(lora[name].shape)} in the checkpoint but {shape} in this "
                               f"model (another base?); resume on the base it was trained on {fresh}")
+
+
+def _quantized(engine) -> list[str] | None:
+    """The weights ``engine``'s model stores as NF4 (``model.quantize``); None without quantization."""
+    from lora_dist.quant import quantized_names
+
+    model = getattr(engine, "module", None)
+    return None if model is None else quantized_names(model)
 
 
 def _is_count(value, minimum: int) -> bool:
@@ -418,7 +436,7 @@ class CheckpointManager:
                 problem = self._foreign(final)
                 if problem is not None:
                     raise OutputError(f"cannot replace {final}: {problem}")
-            record = _record(self.cfg, step, self._samples(step), self.env.world_size, self.run_id)
+            record = _record(self.cfg, step, self._samples(step), self.env.world_size, self.run_id, engine)
             previous = self._latest_name()
             from safetensors import SafetensorError
 

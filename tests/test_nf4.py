@@ -607,6 +607,27 @@ def test_export_on_other_ranks_merges_into_the_base_the_run_trained_on(setup, ti
 
 
 @pytest.mark.dist
+def test_resume_where_the_sharding_stores_other_nf4_weights_is_refused(setup, tiny_checkpoint):
+    """A checkpoint records its NF4 weights: resumed by one process, which would store q_proj and o_proj as NF4 where
+    the 2 ranks that trained kept them unquantized, the run stops in one line, before loading anything; resumed on
+    2 ranks it goes on."""
+    from distutil import lora_dist
+
+    flags = (f"model.path={tiny_checkpoint('llama', hidden=128, layers=2)}", "model.quantize=nf4",
+             "checkpoint.every=2", "parallel.strategy=fsdp2")
+    run = _train(setup, "nf4-resume", 2, "train.micro_batch_size=2", "train.run_steps=2", *flags)
+    state = json.loads((run / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state["quantized"] and not any("q_proj" in n for n in state["quantized"])
+    proc = lora_dist("train", *setup["common"], "train.micro_batch_size=4", *flags, f"output.dir={run}", check=False)
+    assert proc.returncode != 0
+    assert "step-000002 was trained with model.layers.0.self_attn.o_proj.weight unquantized, which this run's " \
+           "sharding stores NF4 (the NF4 weights depend on it); resume on 2 ranks as before" in proc.stderr, \
+           proc.stderr[-3000:]
+    _train(setup, "nf4-resume", 2, "train.micro_batch_size=2", *flags)
+    assert len(_losses(run)) == STEPS
+
+
+@pytest.mark.dist
 def test_lora_dist_export_of_a_one_process_run_merges_into_the_dequantized_base(setup, reference, tmp_path):
     """`lora-dist export RUN_DIR` as one process loads the NF4 model (not the offline merge of the original
     weights): verify recomputes every merged tensor from the dequantized base."""
