@@ -250,21 +250,39 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
                          trained_on(model))
 
 
+#: Adapter header keys: the weights the run stored as NF4 (comma-separated) and over how many ranks their rows were
+#: split (``model.quantize``; :class:`lora_dist.quant.NF4Record`).
+NF4_WEIGHTS_KEY = "lora_dist_quantized_weights"
+NF4_SHARDS_KEY = "lora_dist_quantized_shards"
+
+
 def trained_on(model: nn.Module) -> dict[str, str]:
-    """What an adapter records of the base it was trained on, in its safetensors header: the weights stored as NF4
-    (``model.quantize``), whose set depends on the run's sharding (:func:`lora_dist.quant.nf4_quantizable`), so
-    that ``lora-dist export RUN_DIR`` merges into the base the run trained on, on any number of ranks."""
-    from lora_dist.export.sources import QUANTIZED_WEIGHTS_KEY
-    from lora_dist.quant import quantized_names
+    """What an adapter records of the base it was trained on, in its safetensors header: the weights stored as NF4,
+    a set that depends on the run's sharding, so that ``lora-dist export RUN_DIR`` merges into the base the run
+    trained on, on any number of ranks."""
+    from lora_dist.quant import nf4_record
 
-    names = quantized_names(model)
-    return {} if names is None else {QUANTIZED_WEIGHTS_KEY: ",".join(names)}
+    record = nf4_record(model)
+    if record is None:
+        return {}
+    return {NF4_WEIGHTS_KEY: ",".join(record.weights), NF4_SHARDS_KEY: str(record.shards)}
 
 
-def adapter_metadata(directory: str | os.PathLike) -> dict[str, str]:
-    """The safetensors header metadata of the adapter in ``directory`` (empty where it has none)."""
-    with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), "pt") as fh:
-        return dict(fh.metadata() or {})
+def adapter_nf4_record(directory: str | os.PathLike):
+    """The :class:`~lora_dist.quant.NF4Record` an adapter's header carries; None where it carries none (PEFT's, an
+    older lora_dist's, an unquantized run's) or its weights file is missing or unreadable (reading the adapter
+    says why)."""
+    from lora_dist.quant import NF4Record
+
+    try:
+        with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), "pt") as fh:
+            metadata = fh.metadata() or {}
+    except (OSError, SafetensorError):
+        return None
+    weights, shards = metadata.get(NF4_WEIGHTS_KEY), metadata.get(NF4_SHARDS_KEY, "")
+    if weights is None or not shards.isdigit():
+        return None
+    return NF4Record(tuple(filter(None, weights.split(","))), int(shards))
 
 
 @dataclass

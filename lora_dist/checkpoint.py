@@ -181,9 +181,9 @@ def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_
     }
     if run_id is None:
         del record["run_id"]
-    quantized = _quantized(engine)
-    if quantized is not None:  # which weights are NF4 depends on the sharding (lora_dist.quant.nf4_quantizable)
-        record["quantized"] = quantized
+    nf4 = _nf4(engine)
+    if nf4 is not None:  # which weights are NF4 depends on the sharding (lora_dist.quant.NF4Record)
+        record["quantized"], record["quantized_shards"] = list(nf4.weights), nf4.shards
     return record
 
 
@@ -269,12 +269,17 @@ def _check_compatible(path: Path, state: dict, lora: dict[str, torch.Tensor], en
         if key in current and current[key] != saved:
             was, now = f"lora.{key}={json.dumps(saved)}", f"lora.{key}={json.dumps(current[key])}"
             raise ResumeError(f"{path} was trained with {was}, this run has {now}; resume with {was} {fresh}")
-    saved, now = state.get("quantized"), _quantized(engine)
-    if saved is not None and now is not None and set(saved) != set(now):
-        name = sorted(set(saved) ^ set(now))[0]
-        was, here = ("NF4", "unquantized") if name in saved else ("unquantized", "NF4")
-        raise ResumeError(f"{path} was trained with {name} {was}, which this run's sharding stores {here} (the NF4 "
-                          f"weights depend on it); resume on {state.get('world_size')} ranks as before {fresh}")
+    saved, now = nf4_record_of(state), _nf4(engine)
+    if saved is not None and saved.weights and now is None:
+        raise ResumeError(f"{path} was trained with model.quantize=nf4 ({len(saved.weights)} NF4 weights); resume "
+                          f"with model.quantize=nf4 {fresh}")
+    if saved is not None and now is not None and set(saved.weights) != set(now.weights):
+        name = sorted(set(saved.weights) ^ set(now.weights))[0]
+        was, here = ("NF4", "unquantized") if name in saved.weights else ("unquantized", "NF4")
+        raise ResumeError(f"{path} was trained with {name} {was}, its base's rows split over {saved.shards} rank(s); "
+                          f"split over {now.shards} here it is stored {here} (the NF4 weights depend on the split): "
+                          f"resume with the base split over {saved.shards} (parallel.strategy, parallel.dp_shard) "
+                          f"{fresh}")
     shapes = {k: list(v.shape) for k, v in engine.lora_state_dict().items()}
     if set(lora) != set(shapes):
         raise ResumeError(f"{path}: its LoRA tensors do not match this model's LoRA layers (lora.* changed?); "
@@ -285,12 +290,22 @@ def _check_compatible(path: Path, state: dict, lora: dict[str, torch.Tensor], en
                               f"model (another base?); resume on the base it was trained on {fresh}")
 
 
-def _quantized(engine) -> list[str] | None:
-    """The weights ``engine``'s model stores as NF4 (``model.quantize``); None without quantization."""
-    from lora_dist.quant import quantized_names
+def _nf4(engine):
+    """The weights ``engine``'s model stores as NF4 (``model.quantize``), a :class:`~lora_dist.quant.NF4Record`;
+    None without quantization."""
+    from lora_dist.quant import nf4_record
 
     model = getattr(engine, "module", None)
-    return None if model is None else quantized_names(model)
+    return None if model is None else nf4_record(model)
+
+
+def nf4_record_of(state: dict):
+    """The :class:`~lora_dist.quant.NF4Record` a checkpoint's ``state.json`` (:func:`read_state`) carries, or None."""
+    from lora_dist.quant import NF4Record
+
+    if "quantized" not in state:
+        return None
+    return NF4Record(tuple(state["quantized"]), state.get("quantized_shards", 1))
 
 
 def _is_count(value, minimum: int) -> bool:
@@ -326,6 +341,10 @@ def read_state(path: Path) -> dict:
     for key in ("base", "lora"):
         if key in state and not isinstance(state[key], dict):
             raise ResumeError(f"{f} has an invalid {key!r} entry")
+    quantized = state.get("quantized", [])
+    if not (isinstance(quantized, list) and all(isinstance(n, str) for n in quantized)) \
+            or ("quantized_shards" in state and not _is_count(state["quantized_shards"], 1)):
+        raise ResumeError(f"{f} has an invalid 'quantized' or 'quantized_shards' entry")
     return state
 
 

@@ -17,7 +17,6 @@ range by range from the per-expert tensors (:mod:`lora_dist.weight_mapping`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ from lora_dist.lora import InjectionReport, LoRAConfig, inject_lora, lora_module
 from lora_dist.model_dir import ModelDir, ModelDirError
 from lora_dist.parallel import parallelize
 from lora_dist.parallel.sharding import full_shape, owned_range, whole_local
-from lora_dist.quant import is_quantized, load_quantized, nf4_module, prepare_quantized, quantize_problem
+from lora_dist.quant import NF4Record, is_quantized, load_quantized, nf4_module, prepare_quantized, quantize_problem
 from lora_dist.weight_mapping import WeightMap, model_transforms
 
 __all__ = ["LoadedModel", "load_model", "model_class", "place_unsharded", "skeleton"]
@@ -167,7 +166,7 @@ def load_model(
     seed: int,
     ds_config: dict | None = None,
     base: ModelDir | None = None,
-    quantize_only: Collection[str] | None = None,
+    quantize_only: NF4Record | None = None,
 ) -> LoadedModel:
     """Build the LoRA model for ``parallel_cfg.strategy`` in the documented setup order.
 
@@ -180,7 +179,7 @@ def load_model(
         ds_config: DeepSpeed config, for ``zero*`` strategies
             (:func:`lora_dist.parallel.deepspeed.deepspeed_config`).
         base: the base model dir, if the caller opened it already (else ``model_cfg.path`` is opened).
-        quantize_only: with ``model.quantize``, the weights to store as NF4 (a run's, for its export on another
+        quantize_only: with ``model.quantize``, a run's NF4 weights, to store those as NF4 (its export on another
             number of ranks; :func:`lora_dist.quant.prepare_quantized`); default: all this sharding can split.
 
     Raises:

@@ -26,7 +26,7 @@ import importlib
 import logging
 import math
 import sys
-from collections.abc import Collection
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 __all__ = [
     "BLOCK",
     "GROUP",
+    "NF4Record",
     "QUANTIZE",
     "SCALER_BLOCK",
     "dequantize",
@@ -46,11 +47,11 @@ __all__ = [
     "load_quantized",
     "nf4_bytes",
     "nf4_module",
+    "nf4_record",
     "nf4_quantizable",
     "prepare_quantized",
     "quantize_problem",
     "quantize_whole",
-    "quantized_names",
     "quantized_weights",
 ]
 
@@ -242,9 +243,19 @@ def is_quantized(param: torch.Tensor) -> bool:
     return is_nf4(_local(param)[0])
 
 
+@dataclass(frozen=True)
+class NF4Record:
+    """The weights a run stored as NF4, and over how many ranks their rows were split: which weights are NF4 depends
+    on that split (:func:`nf4_quantizable`). Adapters and checkpoints carry it, so that an export or a resume on
+    another sharding stores the same weights as NF4, or says why it cannot."""
+
+    weights: tuple[str, ...]
+    shards: int
+
+
 @torch.no_grad()
 def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torch.device,
-                      embeddings: bool = False, only: Collection[str] | None = None) -> list[str]:
+                      embeddings: bool = False, only: NF4Record | None = None) -> list[str]:
     """Turn the blocks' linear weights of the meta skeleton into (empty) NF4 tensors, before it is sharded.
 
     FSDP2 then shards them as NF4 (``Shard(0)`` DTensors of NF4 shards), materializing allocates only the
@@ -256,8 +267,8 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
         shards: ranks each weight's rows are split over (W under fsdp2, else 1).
         device: where the model is materialized.
         embeddings: ``model.quantize_embeddings``: the input embedding and the output head too.
-        only: quantize exactly these weights (a run's, exported on another number of ranks): the others stay
-            in ``model.dtype``.
+        only: quantize exactly a run's NF4 weights (its export on another number of ranks): the others stay in
+            ``model.dtype``.
 
     Returns:
         The names of the weights left in ``model.dtype``: their rows are not whole :data:`GROUP` s per rank.
@@ -283,7 +294,7 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
                          names.get(id(weight), get), type(module).__name__, BLOCK)
     for module, attr in considered:
         param = module._parameters[attr]
-        if only is not None and names.get(id(param)) not in only:
+        if only is not None and names.get(id(param)) not in only.weights:
             continue
         if not (param.is_floating_point() and nf4_quantizable(tuple(param.shape), shards)):
             skipped.append(names[id(param)])
@@ -303,28 +314,31 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
             elif type(holder) is nn.Embedding:
                 holder.__class__ = _NF4Embedding
         quantized.append(names[id(param)])
-    missing = sorted(set(only or ()) - set(quantized))
+    missing = sorted(set(only.weights if only else ()) - set(quantized))
     if missing:
         from lora_dist.config import ConfigError
 
-        raise ConfigError(f"the run stored {missing[0]} as NF4, which {shards} ranks cannot split into whole "
-                          f"{GROUP}-element NF4 groups; export it on 1 process or on as many ranks as the run had")
+        if missing[0] not in names.values():
+            raise ConfigError(f"the run stored {missing[0]} as NF4, but this model has no such weight: the run is "
+                              "for another base; use the model.path it was trained on")
+        where = "on 1 process" + (f" or on {only.shards} ranks" if only.shards > 1 else "")
+        raise ConfigError(f"the run stored {missing[0]} as NF4 with its rows split over {only.shards} rank(s); split "
+                          f"over {shards} here they are not whole {GROUP}-element NF4 groups: export it {where}")
     # DDP broadcasts rank 0's parameters when it wraps the model; c10d's broadcast corrupts NF4 tensors, and
     # every rank quantized the same base anyway: the list DDP leaves alone (what its
     # _set_params_and_buffers_to_ignore_for_model sets).
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = ignored + quantized
-    model._lora_dist_quantized = list(quantized)  # what the adapter records (quantized_names)
+    model._lora_dist_nf4 = NF4Record(tuple(quantized), shards)  # what adapters and checkpoints record
     if skipped:
         log.info("model.quantize=%s: %d weight(s) not whole %d-element NF4 groups per rank stay in model.dtype: %s",
                  quantize, len(skipped), GROUP, ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     return skipped
 
 
-def quantized_names(model: nn.Module) -> list[str] | None:
-    """The weights :func:`prepare_quantized` stored as NF4 in ``model`` (maybe none); None where it never ran."""
-    names = getattr(model, "_lora_dist_quantized", None)
-    return None if names is None else list(names)
+def nf4_record(model: nn.Module) -> NF4Record | None:
+    """What :func:`prepare_quantized` stored as NF4 in ``model`` (maybe no weight); None where it never ran."""
+    return getattr(model, "_lora_dist_nf4", None)
 
 
 @torch.no_grad()

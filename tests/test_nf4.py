@@ -582,11 +582,11 @@ def test_export_on_other_ranks_merges_into_the_base_the_run_trained_on(setup, ti
     from safetensors import safe_open
 
     from distutil import lora_dist, ranks
-    from lora_dist.adapter import adapter_metadata
+    from lora_dist.adapter import adapter_nf4_record
     from lora_dist.export import verify_checkpoint
 
     def recorded(adapter: Path) -> set[str]:
-        return set(adapter_metadata(adapter)["lora_dist_quantized_weights"].split(","))
+        return set(adapter_nf4_record(adapter).weights)
 
     base = tiny_checkpoint("llama", hidden=128, layers=2)
     flags = (f"model.path={base}", "model.quantize=nf4")
@@ -602,27 +602,42 @@ def test_export_on_other_ranks_merges_into_the_base_the_run_trained_on(setup, ti
 
     proc = ranks(2, "-m", "lora_dist.cli", "export", str(one), "--out", str(tmp_path / "refused"), check=False)
     assert proc.returncode != 0 and not (tmp_path / "refused").exists()
-    assert "error: the run stored model.layers.0.self_attn.o_proj.weight as NF4, which 2 ranks cannot split into " \
-           "whole 16384-element NF4 groups; export it on 1 process" in proc.stderr, proc.stderr[-3000:]
+    assert "error: the run stored model.layers.0.self_attn.o_proj.weight as NF4 with its rows split over 1 rank(s); " \
+           "split over 2 here they are not whole 16384-element NF4 groups: export it on 1 process" in proc.stderr, \
+           proc.stderr[-3000:]
 
 
 @pytest.mark.dist
-def test_resume_where_the_sharding_stores_other_nf4_weights_is_refused(setup, tiny_checkpoint):
+def test_resume_where_the_sharding_stores_other_nf4_weights_is_refused(setup, tiny_checkpoint, tmp_path):
     """A checkpoint records its NF4 weights: resumed by one process, which would store q_proj and o_proj as NF4 where
-    the 2 ranks that trained kept them unquantized, the run stops in one line, before loading anything; resumed on
-    2 ranks it goes on."""
+    the 2 ranks that trained kept them unquantized, or without model.quantize, the run stops in one line, before
+    loading anything; resumed on 2 ranks it goes on. Exported before it finished (checkpoints, no adapter yet), on
+    1 process, the merge is into the base those 2 ranks trained on."""
+    from safetensors import safe_open
+
     from distutil import lora_dist
 
-    flags = (f"model.path={tiny_checkpoint('llama', hidden=128, layers=2)}", "model.quantize=nf4",
-             "checkpoint.every=2", "parallel.strategy=fsdp2")
+    base = tiny_checkpoint("llama", hidden=128, layers=2)
+    flags = (f"model.path={base}", "model.quantize=nf4", "checkpoint.every=2", "parallel.strategy=fsdp2")
     run = _train(setup, "nf4-resume", 2, "train.micro_batch_size=2", "train.run_steps=2", *flags)
     state = json.loads((run / "checkpoints" / "step-000002" / "state.json").read_text())
-    assert state["quantized"] and not any("q_proj" in n for n in state["quantized"])
+    assert state["quantized"] and not any("q_proj" in n for n in state["quantized"]) and state["quantized_shards"] == 2
+    assert not (run / "adapter").exists()
+    out = tmp_path / "merged"
+    lora_dist("export", str(run), "--out", str(out), "--dtype", "float32")
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        assert fh.metadata()["lora_dist_quantized_weights"].split(",") == state["quantized"]
+
+    plain = [f for f in flags if f != "model.quantize=nf4"]
+    proc = lora_dist("train", *setup["common"], "train.micro_batch_size=4", *plain, f"output.dir={run}", check=False)
+    assert proc.returncode != 0
+    assert "step-000002 was trained with model.quantize=nf4 (6 NF4 weights); resume with model.quantize=nf4" \
+        in proc.stderr, proc.stderr[-3000:]
     proc = lora_dist("train", *setup["common"], "train.micro_batch_size=4", *flags, f"output.dir={run}", check=False)
     assert proc.returncode != 0
-    assert "step-000002 was trained with model.layers.0.self_attn.o_proj.weight unquantized, which this run's " \
-           "sharding stores NF4 (the NF4 weights depend on it); resume on 2 ranks as before" in proc.stderr, \
-           proc.stderr[-3000:]
+    assert "step-000002 was trained with model.layers.0.self_attn.o_proj.weight unquantized, its base's rows split " \
+           "over 2 rank(s); split over 1 here it is stored NF4 (the NF4 weights depend on the split): resume with " \
+           "the base split over 2" in proc.stderr, proc.stderr[-3000:]
     _train(setup, "nf4-resume", 2, "train.micro_batch_size=2", *flags)
     assert len(_losses(run)) == STEPS
 

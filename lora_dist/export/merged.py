@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from lora_dist.adapter import adapter_metadata, read_adapter
+from lora_dist.adapter import adapter_nf4_record, read_adapter
 from lora_dist.atomic import recover
 from lora_dist.config import ConfigError, config_from_dict
 from lora_dist.dtypes import parse_dtype
@@ -223,6 +223,20 @@ def _run_lora_tensors(run: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     raise ConfigError(f"{run} has neither adapter/ nor checkpoints/latest; is it a lora-dist output.dir?")
 
 
+def _run_nf4_record(run: Path):
+    """The NF4 weights of the run whose LoRA weights :func:`_run_lora_tensors` reads: its adapter's record, or its
+    latest checkpoint's; None where neither has one (an older run: the export quantizes what its sharding can)."""
+    from lora_dist.checkpoint import nf4_record_of, read_state
+
+    if (run / "adapter").is_dir():
+        return adapter_nf4_record(run / "adapter")
+    latest = run / "checkpoints" / "latest"
+    name = latest.read_text().strip() if latest.is_file() else ""
+    if not re.fullmatch(r"step-\d+", name):
+        return None  # _run_lora_tensors says what is wrong
+    return nf4_record_of(read_state(run / "checkpoints" / name))
+
+
 def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | None = None,
                max_shard_size: str | None = None, overwrite: bool = False) -> Path:
     """Write ``RUN_DIR/merged`` (or ``out``) from a finished run; call on every rank.
@@ -288,8 +302,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     base = ModelDir(cfg.model.path)
     ds = deepspeed_config(cfg, base.hf_config) if parallel.strategy.startswith("zero") else None
     # The weights the run stored as NF4 depend on its sharding: quantize those, whatever this export's ranks.
-    trained = adapter_metadata(run / "adapter").get(QUANTIZED_WEIGHTS_KEY) if cfg.model.quantize else None
-    only = set(filter(None, trained.split(","))) if trained is not None else None
+    only = _run_nf4_record(run) if cfg.model.quantize else None
     model = load_model(cfg.model, cfg.lora, parallel, device, cfg.train.seed, ds, base=base, quantize_only=only).model
     tensors = _run_lora_tensors(run, model)
     with torch.no_grad():
