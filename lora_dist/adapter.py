@@ -250,12 +250,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
                          trained_on(model))
 
 
-#: Adapter header keys: the weights the run stored as NF4 (comma-separated) and over how many ranks their rows were
-#: split (``model.quantize``; :class:`lora_dist.quant.NF4Record`).
-NF4_WEIGHTS_KEY = "lora_dist_quantized_weights"
-NF4_SHARDS_KEY = "lora_dist_quantized_shards"
-
-
 def trained_on(model: nn.Module) -> dict[str, str]:
     """What an adapter records of the base it was trained on, in its safetensors header: the weights stored as NF4,
     a set that depends on the run's sharding, so that ``lora-dist export RUN_DIR`` merges into the base the run
@@ -263,9 +257,7 @@ def trained_on(model: nn.Module) -> dict[str, str]:
     from lora_dist.quant import nf4_record
 
     record = nf4_record(model)
-    if record is None:
-        return {}
-    return {NF4_WEIGHTS_KEY: ",".join(record.weights), NF4_SHARDS_KEY: str(record.shards)}
+    return {} if record is None else record.header()
 
 
 def adapter_nf4_record(directory: str | os.PathLike):
@@ -276,13 +268,9 @@ def adapter_nf4_record(directory: str | os.PathLike):
 
     try:
         with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), "pt") as fh:
-            metadata = fh.metadata() or {}
+            return NF4Record.from_header(fh.metadata() or {})
     except (OSError, SafetensorError):
         return None
-    weights, shards = metadata.get(NF4_WEIGHTS_KEY), metadata.get(NF4_SHARDS_KEY, "")
-    if weights is None or not shards.isdigit():
-        return None
-    return NF4Record(tuple(filter(None, weights.split(","))), int(shards))
 
 
 @dataclass

@@ -36,6 +36,8 @@ __all__ = [
     "BLOCK",
     "GROUP",
     "NF4Record",
+    "NF4_SHARDS_KEY",
+    "NF4_WEIGHTS_KEY",
     "QUANTIZE",
     "SCALER_BLOCK",
     "dequantize",
@@ -243,6 +245,12 @@ def is_quantized(param: torch.Tensor) -> bool:
     return is_nf4(_local(param)[0])
 
 
+#: Safetensors header keys of an :class:`NF4Record`: the NF4 weights (comma-separated; the merged export's header
+#: names them too, for ``verify``) and the ranks their rows were split over (an adapter's header).
+NF4_WEIGHTS_KEY = "lora_dist_quantized_weights"
+NF4_SHARDS_KEY = "lora_dist_quantized_shards"
+
+
 @dataclass(frozen=True)
 class NF4Record:
     """The weights a run stored as NF4, and over how many ranks their rows were split: which weights are NF4 depends
@@ -251,6 +259,18 @@ class NF4Record:
 
     weights: tuple[str, ...]
     shards: int
+
+    def header(self) -> dict[str, str]:
+        """The record as safetensors header metadata."""
+        return {NF4_WEIGHTS_KEY: ",".join(self.weights), NF4_SHARDS_KEY: str(self.shards)}
+
+    @classmethod
+    def from_header(cls, metadata: dict[str, str]) -> NF4Record | None:
+        """The record :meth:`header` wrote, or None where ``metadata`` holds none."""
+        weights, shards = metadata.get(NF4_WEIGHTS_KEY), metadata.get(NF4_SHARDS_KEY, "")
+        if weights is None or not shards.isdigit():
+            return None
+        return cls(tuple(filter(None, weights.split(","))), int(shards))
 
 
 @torch.no_grad()

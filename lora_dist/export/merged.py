@@ -209,32 +209,33 @@ def export_merged(
 # ----------------------------------------------------------------------------- lora-dist export RUN_DIR
 
 
-def _run_lora_tensors(run: Path, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The run's final adapter, or its latest checkpoint's LoRA weights, by ``model``'s names."""
+def _run_weights(run: Path) -> Path:
+    """Where the run's LoRA weights are: its final adapter dir, or its latest checkpoint dir."""
     recover(run / "adapter", cleanup=False)  # a writer killed mid-publish may have left it aside
     if (run / "adapter").is_dir():
-        return read_adapter(run / "adapter").model_tensors(model)
+        return run / "adapter"
     latest = run / "checkpoints" / "latest"
     if latest.is_file():
         name = latest.read_text().strip()
         if not re.fullmatch(r"step-\d+", name):
             raise ConfigError(f"{latest} names {name[:80]!r}, not a checkpoint (step-NNNNNN); the run dir is damaged")
-        return load_file(str(run / "checkpoints" / name / "lora.safetensors"))
+        return run / "checkpoints" / name
     raise ConfigError(f"{run} has neither adapter/ nor checkpoints/latest; is it a lora-dist output.dir?")
 
 
-def _run_nf4_record(run: Path):
-    """The NF4 weights of the run whose LoRA weights :func:`_run_lora_tensors` reads: its adapter's record, or its
-    latest checkpoint's; None where neither has one (an older run: the export quantizes what its sharding can)."""
+def _run_lora_tensors(weights: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors in :func:`_run_weights`' dir, by ``model``'s names."""
+    if weights.name == "adapter":
+        return read_adapter(weights).model_tensors(model)
+    return load_file(str(weights / "lora.safetensors"))
+
+
+def _run_nf4_record(weights: Path):
+    """The NF4 weights the run recorded beside its LoRA weights (:func:`_run_weights`); None where it recorded none
+    (an older run: the export quantizes what its sharding can)."""
     from lora_dist.checkpoint import nf4_record_of, read_state
 
-    if (run / "adapter").is_dir():
-        return adapter_nf4_record(run / "adapter")
-    latest = run / "checkpoints" / "latest"
-    name = latest.read_text().strip() if latest.is_file() else ""
-    if not re.fullmatch(r"step-\d+", name):
-        return None  # _run_lora_tensors says what is wrong
-    return nf4_record_of(read_state(run / "checkpoints" / name))
+    return adapter_nf4_record(weights) if weights.name == "adapter" else nf4_record_of(read_state(weights))
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | None = None,
@@ -281,10 +282,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     # Before any work (the model load below): an output the export may not write is refused on every rank.
     RankGroup().on_rank0(lambda: check_output(out_dir, inputs, overwrite=overwrite, base_dir=cfg.model.path,
                                               what="--out"))
-    recover(run / "adapter", cleanup=False)
+    weights = _run_weights(run)  # before any model is built: a run dir with no LoRA weights is refused at once
     # An NF4 run (model.quantize) is exported from its quantized model on any number of ranks: the merge is
     # into the dequantized base it was trained on, not into the original weights merge_offline reads.
-    if env.world_size == 1 and (run / "adapter").is_dir() and not cfg.model.quantize:
+    if env.world_size == 1 and weights.name == "adapter" and not cfg.model.quantize:
         # One process: stream base + adapter tensor by tensor from disk; nothing is loaded whole.
         from lora_dist.export.offline import merge_offline
 
@@ -302,9 +303,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     base = ModelDir(cfg.model.path)
     ds = deepspeed_config(cfg, base.hf_config) if parallel.strategy.startswith("zero") else None
     # The weights the run stored as NF4 depend on its sharding: quantize those, whatever this export's ranks.
-    only = _run_nf4_record(run) if cfg.model.quantize else None
+    only = _run_nf4_record(weights) if cfg.model.quantize else None
     model = load_model(cfg.model, cfg.lora, parallel, device, cfg.train.seed, ds, base=base, quantize_only=only).model
-    tensors = _run_lora_tensors(run, model)
+    tensors = _run_lora_tensors(weights, model)
     with torch.no_grad():
         for name, layer in lora_modules(model):
             for part in ("lora_A", "lora_B"):

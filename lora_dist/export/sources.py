@@ -35,7 +35,7 @@ from lora_dist.export.layout import TensorSpec
 from lora_dist.merge import LoRAWeights, merge_weight
 from lora_dist.model_dir import ModelDir
 from lora_dist.parallel.sharding import ShardingError, owned_range, whole_local
-from lora_dist.quant import dequantize_flat, is_nf4
+from lora_dist.quant import NF4_WEIGHTS_KEY, dequantize_flat, is_nf4
 
 __all__ = [
     "COPY_BLOCK_BYTES",
@@ -67,7 +67,7 @@ MERGED_FROM_KEY = "lora_dist_merged_base_dtype"
 QUANTIZED_KEY = "lora_dist_quantized_base"
 #: With :data:`QUANTIZED_KEY`: the quantized tensors' names (comma-separated) and the dtype they were quantized
 #: from, so ``verify`` can recompute what the export merged into.
-QUANTIZED_WEIGHTS_KEY = "lora_dist_quantized_weights"
+QUANTIZED_WEIGHTS_KEY = NF4_WEIGHTS_KEY
 QUANTIZED_DTYPE_KEY = "lora_dist_quantized_dtype"
 
 
