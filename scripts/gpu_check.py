@@ -191,6 +191,12 @@ def merge_on_device(ctx):
     return f"max |diff| {diff:.3g} (bound {bound:.3g})"
 
 
+def _verify(out: Path, base: Path) -> None:
+    """``lora-dist verify`` of a run's merged export against its base and adapter."""
+    _sh([sys.executable, "-m", "lora_dist.cli", "verify", str(out / "merged"), "--base", str(base),
+         "--adapter", str(out / "adapter")])
+
+
 def _run_config(ctx, name: str, *overrides: str, nproc: int = 1) -> Path:
     out = ctx["work"] / name
     _torchrun(nproc, "train", f"model.path={ctx['base']}", f"data.path={ctx['data']}", f"output.dir={out}",
@@ -206,8 +212,7 @@ def fsdp2_full(ctx):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
     _run_config(ctx, "fsdp2", "parallel.strategy=fsdp2", "parallel.activation_checkpointing=true",
                 "checkpoint.every=2", "export.merged=true", "export.dtype=float32", *bf16)
-    _sh([sys.executable, "-m", "lora_dist.cli", "verify", str(out / "merged"), "--base", str(ctx["base"]),
-         "--adapter", str(out / "adapter")])
+    _verify(out, ctx["base"])
     return _memory(out)
 
 
@@ -234,8 +239,7 @@ def nf4(ctx):
         out = _run_config(ctx, name, f"model.path={base}", "parallel.strategy=fsdp2", "model.dtype=bfloat16",
                           "model.quantize=nf4", "parallel.mixed_precision=bfloat16", "export.merged=true",
                           "export.dtype=float32", *extra)
-        _sh([sys.executable, "-m", "lora_dist.cli", "verify", str(out / "merged"), "--base", str(base),
-             "--adapter", str(out / "adapter")])
+        _verify(out, base)
         with safe_open(str(out / "merged" / "model.safetensors"), "pt") as fh:
             quantized = fh.metadata()["lora_dist_quantized_weights"].split(",")
         embeddings = {"model.embed_tokens.weight", "lm_head.weight"} & set(quantized)
@@ -248,8 +252,7 @@ def nf4(ctx):
 def fsdp2_offload(ctx):
     out = _run_config(ctx, "offload", "parallel.strategy=fsdp2", "parallel.cpu_offload=true", "export.merged=true",
                       "export.dtype=float32")
-    _sh([sys.executable, "-m", "lora_dist.cli", "verify", str(out / "merged"), "--base", str(ctx["base"]),
-         "--adapter", str(out / "adapter")])
+    _verify(out, ctx["base"])
     return _memory(out) + "; merged export verified"
 
 
