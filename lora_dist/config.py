@@ -169,7 +169,8 @@ class ParallelConfig:
     """How the model is spread over ranks."""
 
     strategy: str = "fsdp2"
-    """fsdp2 (default), zero3, zero2, zero1, ddp, none (single process), or auto: the fastest that the planner
+    """fsdp2 (default; over one shard rank, e.g. one GPU, it runs as none/ddp unless parallel.cpu_offload or the bf16
+    cast needs FSDP2), zero3, zero2, zero1, ddp, none (single process), or auto: the fastest that the planner
     predicts fits parallel.memory_gb per rank (ddp without selective recompute, else ddp, else fsdp2, else fsdp2
     with activation checkpointing, else that with parallel.shard_unit=weight and parallel.offload_activations)."""
     memory_gb: float = 0.0

@@ -183,6 +183,8 @@ class MemoryPlan:
     """``parallel.offload_activations``: the checkpointed block inputs waiting in host memory (not in the peak)."""
     moments: dict[str, int] = field(default_factory=dict)
     """What each moment of :data:`MOMENTS` planned holds in all (the peak is the largest)."""
+    runs_as: str = ""
+    """Where the config's strategy runs as another (fsdp2 over one shard rank: none or ddp), which and why."""
 
     TERMS = ("base_shard", "base_replicated", "lora_params", "lora_grads", "optimizer_state", "activations",
              "gathered", "buffers", "adapted_experts")
@@ -211,6 +213,7 @@ class MemoryPlan:
             f"strategy={self.mode} world_size={self.world_size}"
             f"{f' (dp_replicate={self.dp_replicate} x dp_shard={self.world_size // self.dp_replicate})' if self.dp_replicate > 1 else ''}"
             f" tokens/micro-batch/rank={self.tokens_per_micro_batch}",
+            *([self.runs_as] if self.runs_as else []),
             f"model: {self.num_params / 1e6:.1f}M params ({self.model_bytes / GB:.2f} GB), LoRA "
             f"{self.num_lora_params / 1e6:.2f}M params, largest tensor {self.largest_tensor_bytes / GB:.3f} GB",
         ]
@@ -367,7 +370,7 @@ def mode_name(p: ParallelConfig) -> str:
     return name
 
 
-def _candidates(p: ParallelConfig, world_size: int) -> list[tuple[str, ParallelConfig]]:
+def _candidates(p: ParallelConfig, world_size: int, base_dtype: str) -> list[tuple[str, ParallelConfig]]:
     """``parallel.strategy=auto``'s candidates, fastest first: ddp (1.7x-1.8x an fsdp2 step here when the base
     fits), first without selective recompute (its recomputed norms and MLP products cost ~3% of a step; where the
     whole base fits on every rank, the activations they save rarely matter); the last one holds the least: one
@@ -378,8 +381,10 @@ def _candidates(p: ParallelConfig, world_size: int) -> list[tuple[str, ParallelC
                dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=True),
                dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=True, shard_unit="weight",
                                    offload_activations=True)]
+    from lora_dist.parallel.parallelize import replicated_if_unsharded
+
     out: list[tuple[str, ParallelConfig]] = []
-    for option in options:
+    for option in (replicated_if_unsharded(o, world_size, base_dtype) for o in options):
         name = mode_name(option)
         if name not in dict(out):
             out.append((name, option))
@@ -389,7 +394,7 @@ def _candidates(p: ParallelConfig, world_size: int) -> list[tuple[str, ParallelC
 def _choose(cfg: Config, world_size: int, budget: int, hf_config,
             model: torch.nn.Module) -> tuple[ParallelConfig, StrategyChoice]:
     peaks: list[tuple[str, int]] = []
-    for name, parallel in _candidates(cfg.parallel, world_size):
+    for name, parallel in _candidates(cfg.parallel, world_size, cfg.model.dtype):
         peak = _plan(dataclasses.replace(cfg, parallel=parallel), world_size, hf_config, model).total
         peaks.append((name, peak))
         if peak <= budget:
@@ -420,13 +425,13 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     from lora_dist.loss import chunkable
     from lora_dist.parallel import dp_mesh_shape, find_blocks
     from lora_dist.parallel.embedding import plain_lookup
-    from lora_dist.parallel.parallelize import embedding_and_head, reshard_size, weight_units
+    from lora_dist.parallel.parallelize import embedding_and_head, replicated_if_unsharded, reshard_size, weight_units
     from lora_dist.parallel.sharding import vocab_sharding_pays
     from lora_dist.parallel.reducer import fill_buckets
     from lora_dist.parallel.sharded_adamw import IN_FLIGHT
     from lora_dist.quant import nf4_bytes, nf4_quantizable, quantized_weights
 
-    p: ParallelConfig = cfg.parallel
+    p: ParallelConfig = replicated_if_unsharded(cfg.parallel, world_size, cfg.model.dtype)  # what runs
     base_elt = parse_dtype(cfg.model.dtype).itemsize
     compute_elt = 2 if (p.mixed_precision == "bfloat16" and p.strategy in ("fsdp2", "zero3")) else base_elt
     lora = {id(q) for q in lora_parameters(model)}
@@ -661,4 +666,6 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         optimizer_state=optimizer_state, activations=activations, gathered=gathered, buffers=buffers,
         adapted_experts=adapted_experts, dp_replicate=W // shards if p.strategy == "fsdp2" else 1, peak_at=peak_at,
         offloaded=offloaded, moments={moment: rest + sum(terms.values()) for moment, terms in moments.items()},
+        runs_as=(f"parallel.strategy=fsdp2 over one shard rank shards nothing: it runs as {p.strategy}, the same "
+                 "math without FSDP2's per-step weight copies" if p.strategy != cfg.parallel.strategy else ""),
     )

@@ -178,6 +178,21 @@ def resolve_hybrid(cfg: Config, env: LaunchEnv, device: torch.device) -> Config:
                                                                  reshard_after_forward=reshard))
 
 
+def _unsharded_as_replicated(cfg: Config, env: LaunchEnv) -> Config:
+    """fsdp2 over one shard rank runs as ddp (one rank: none), logged on rank 0
+    (:func:`~lora_dist.parallel.replicated_if_unsharded`); the run's config.json keeps fsdp2."""
+    from lora_dist.parallel import replicated_if_unsharded
+
+    parallel = replicated_if_unsharded(cfg.parallel, env.world_size, cfg.model.dtype)
+    if parallel is cfg.parallel:
+        return cfg
+    if env.is_main:
+        log.info("parallel: fsdp2 over one shard rank shards nothing; running as %s (the same math, without "
+                 "FSDP2's copies of every weight each step; parallel.cpu_offload or the bf16 cast of a non-bf16 base "
+                 "keeps FSDP2)", parallel.strategy)
+    return dataclasses.replace(cfg, parallel=parallel)
+
+
 def strategy_config(cfg: Config, base: ModelDir) -> dict | None:
     """The DeepSpeed config of ``zero*`` (:func:`~lora_dist.parallel.deepspeed.deepspeed_config`); else None."""
     if not cfg.parallel.strategy.startswith("zero"):
@@ -197,6 +212,7 @@ def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
     """
     cfg = resolve_strategy(cfg, env, device)  # auto is never zero*: ds_config stays None
     cfg = resolve_hybrid(cfg, env, device)  # fsdp2's dp_replicate x dp_shard for this launch
+    cfg = _unsharded_as_replicated(cfg, env)
     t = cfg.train
     loaded = load_model(cfg.model, cfg.lora, cfg.parallel, device, t.seed, ds_config, base=base)
     if env.is_main:

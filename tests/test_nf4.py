@@ -445,15 +445,25 @@ def test_hybrid_sharding_of_an_nf4_base_equals_one_process(setup, reference):
     (2, ("parallel.dp_replicate=2", "parallel.dp_shard=1")),
 ])
 def test_fsdp2_over_one_shard_rank_equals_one_process(setup, reference, nproc, extra):
-    """fsdp2 with the base sharded over one rank (one GPU; replica groups of one rank each): FSDP2 rebuilds an
-    unsharded param from one all-gather input there, not NF4's three, so the NF4 weights stay out of FSDP2, whole,
-    and the run trains the one process's adapter."""
+    """fsdp2 with the base sharded over one rank (one GPU; replica groups of one rank each) runs as none / ddp
+    (lora_dist.parallel.replicated_if_unsharded) and trains the one process's adapter."""
     from distutil import assert_same_adapter
 
     out = _train(setup, f"nf4-one-shard-{nproc}", nproc, "parallel.strategy=fsdp2",
                  f"train.micro_batch_size={4 // nproc}", "model.quantize=nf4", *extra)
     assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
     assert_same_losses(_losses(out), _losses(reference))
+
+
+@pytest.mark.dist
+def test_fsdp2_casting_to_bf16_over_one_shard_rank_trains(setup, reference):
+    """fsdp2 that stays FSDP2 over one rank (its bf16 cast): FSDP2 rebuilds an unsharded param from one
+    all-gather input there, not NF4's three, so the NF4 weights stay out of FSDP2, whole. bf16 compute: the
+    fp32 one process's losses within 1%, not its adapter."""
+    out = _train(setup, "nf4-one-shard-bf16", 1, "parallel.strategy=fsdp2", "train.micro_batch_size=4",
+                 "model.quantize=nf4", "parallel.mixed_precision=bfloat16")
+    assert _losses(out) == pytest.approx(_losses(reference), rel=1e-2)
+    assert _losses(out) != _losses(reference)  # computed in bf16: not the fp32 run's numbers
 
 
 def test_cpu_offload_of_an_nf4_base_over_one_shard_rank_is_refused(tiny_checkpoint):

@@ -345,6 +345,8 @@ def markdown(results: dict, summary: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c, row in s["rows"].items():
             label = LABELS.get(c, c) + (" \\*" if row and row["reproduced"] else "")
+            ran_as = [n for n in (row or {}).get("notes", []) if n.startswith("fsdp2 over one shard rank")]
+            label += f" ({ran_as[0]})" if ran_as else ""
             if row is None:
                 lines.append(f"| {label} | failed: see results.json | | | | | | | | | | | | |")
                 continue

@@ -146,6 +146,13 @@ class LoraDist(System):
             from lora_dist.session import resolve_strategy
 
             self.notes.append(f"auto chose {mode_name(resolve_strategy(cfg, env, self.device).parallel)}")
+        if self.strategy == "fsdp2":
+            from lora_dist.parallel import replicated_if_unsharded
+            from lora_dist.session import resolve_hybrid
+
+            ran = replicated_if_unsharded(resolve_hybrid(cfg, env, self.device).parallel, env.world_size).strategy
+            if ran != "fsdp2":
+                self.notes.append(f"fsdp2 over one shard rank ran as {ran}")
 
     def plan(self) -> dict:
         """:func:`lora_dist.plan.plan_memory` of this configuration on this launch (auto and fsdp2's mesh resolved

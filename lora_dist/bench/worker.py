@@ -186,7 +186,8 @@ def merge_main(base: str, adapter: str, out: str, result_path: str) -> None:
 
 
 def export_run_main(run_dir: str, out: str, result_dir: str) -> None:
-    """``lora-dist export RUN_DIR`` on every rank, its ``export_merged`` call measured as a phase of its own.
+    """``lora-dist export RUN_DIR`` on every rank, its export call measured as a phase of its own (``export_merged``
+    on several ranks, ``merge_offline`` on one process).
 
     The command rebuilds the sharded model and loads the run's adapter, then
     exports; the load is part of the command's overall peak, recorded too.
@@ -198,6 +199,7 @@ def export_run_main(run_dir: str, out: str, result_dir: str) -> None:
 
     transformers.logging.set_verbosity_error()
     import lora_dist.export.merged as export_mod
+    import lora_dist.export.offline as offline_mod
     from lora_dist.bench.measure import LiveTensorBytes, PhaseMemory, read_status_kb
     from lora_dist.launch import exit_distributed, init_distributed, run_device
     from lora_dist.export import export_run
@@ -207,22 +209,27 @@ def export_run_main(run_dir: str, out: str, result_dir: str) -> None:
     dist.barrier()
     status = read_status_kb("VmRSS", "RssAnon")
     result: dict = {"rank": env.rank, "baseline": {"rss": status["VmRSS"], "anon": status.get("RssAnon", 0)}}
-    real_export = export_mod.export_merged
+    def measured(real, out_at: int):
+        """``real`` (its output dir the ``out_at``-th argument) measured as the export phase."""
+        def run(*args, **kwargs):
+            with PhaseMemory(device) as phase:
+                _sync(device)
+                written = real(*args, **kwargs)
+                _sync(device)
+            result["export"] = phase.as_dict()
+            if device.type == "cpu":  # again, counting tensors (the dispatch mode would skew the timed run)
+                counted = list(args)
+                counted[out_at] = Path(str(args[out_at]) + "-counted")
+                tracker = LiveTensorBytes("cpu")
+                with tracker:
+                    real(*counted, **kwargs)
+                result["export"].update(tensor_start=tracker.start, tensor_peak=tracker.peak)
+            return written
+        return run
 
-    def measured_export(model, out_dir, *args, **kwargs):
-        with PhaseMemory(device) as phase:
-            _sync(device)
-            written = real_export(model, out_dir, *args, **kwargs)
-            _sync(device)
-        result["export"] = phase.as_dict()
-        if device.type == "cpu":  # again, counting tensors (the dispatch mode would skew the timed run)
-            tracker = LiveTensorBytes("cpu")
-            with tracker:
-                real_export(model, Path(str(out_dir) + "-counted"), *args, **kwargs)
-            result["export"].update(tensor_start=tracker.start, tensor_peak=tracker.peak)
-        return written
-
-    export_mod.export_merged = measured_export
+    # Several ranks merge their shards (export_merged); one process streams base + adapter (merge_offline).
+    export_mod.export_merged = measured(export_mod.export_merged, 1)
+    offline_mod.merge_offline = measured(offline_mod.merge_offline, 2)
     with PhaseMemory(device) as command:
         export_run(run_dir, out=out, dtype="float32", overwrite=True)
     result["command"] = command.as_dict()

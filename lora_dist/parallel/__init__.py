@@ -13,7 +13,7 @@
 """
 
 from lora_dist.parallel.engine import Engine, ReplicaMismatchError, check_replicas, make_engine
-from lora_dist.parallel.parallelize import dp_mesh_shape, find_blocks, parallelize
+from lora_dist.parallel.parallelize import dp_mesh_shape, find_blocks, parallelize, replicated_if_unsharded
 from lora_dist.parallel.reducer import LoRAGradReducer
 from lora_dist.parallel.sharding import OwnedRange, owned_range
 
@@ -29,6 +29,7 @@ __all__ = [
     "make_engine",
     "owned_range",
     "parallelize",
+    "replicated_if_unsharded",
 ]
 
 

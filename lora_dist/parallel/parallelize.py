@@ -18,6 +18,8 @@ optimizer state. DeepSpeed ZeRO shards at construction instead
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -27,7 +29,8 @@ from lora_dist.lora import lora_parameters
 from lora_dist.parallel.checkpointing import enable_activation_checkpointing, enable_selective_recompute
 from lora_dist.quant import is_quantized
 
-__all__ = ["dp_mesh_shape", "embedding_and_head", "find_blocks", "parallelize", "reshard_size", "weight_units"]
+__all__ = ["dp_mesh_shape", "embedding_and_head", "find_blocks", "parallelize", "replicated_if_unsharded",
+           "reshard_size", "weight_units"]
 
 
 def dp_mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
@@ -46,6 +49,27 @@ def dp_mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
         raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} x parallel.dp_shard={cfg.dp_shard} must "
                           f"multiply to the {world_size} ranks launched (0: whatever the other leaves)")
     return replicate, shard
+
+
+def replicated_if_unsharded(cfg: ParallelConfig, world_size: int, base_dtype: str = "float32") -> ParallelConfig:
+    """``cfg``, or where it is fsdp2 over one shard rank (one process, or ``parallel.dp_shard=1``), the replicated
+    strategy that runs the same math: ``none`` on one rank, else ``ddp`` (the base whole on every rank, LoRA
+    gradients reduced, the optimizer state sharded alike). FSDP2 there shards nothing, yet copies every weight
+    in and out of its unit buffers each step (docs/bench.md measures what that costs). fsdp2 stays where it
+    does what ddp does not: ``parallel.cpu_offload`` (host-resident shards) or ``parallel.mixed_precision=bfloat16``
+    over a ``base_dtype`` (``model.dtype``) base that is not bf16 already (FSDP2's cast of the base). torchtitan,
+    too, applies FSDP only over more than one shard rank.
+
+    Raises:
+        ConfigError: ``dp_replicate x dp_shard`` is not ``world_size``.
+    """
+    casts = cfg.mixed_precision == "bfloat16" and base_dtype != "bfloat16"
+    if cfg.strategy != "fsdp2" or cfg.cpu_offload or casts:
+        return cfg
+    if dp_mesh_shape(cfg, world_size)[1] != 1:
+        return cfg
+    return dataclasses.replace(cfg, strategy="ddp" if world_size > 1 else "none", dp_replicate=0, dp_shard=0,
+                               reshard_after_forward=True, shard_unit="block")
 
 
 def reshard_size(cfg: ParallelConfig, shard: int, local_world_size: int) -> bool | int:

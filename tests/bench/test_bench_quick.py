@@ -149,3 +149,19 @@ def test_a_subset_without_lora_dist_fsdp2_measures_no_export_and_fails_nothing(t
     floor = (auto_times["matmul"] + auto_times["attention"]) / rows["peft_accelerate_fsdp2_bf16"]["self_times"]["total"]
     (auto,) = [t for t in results["summary"]["targets"] if t["target"].startswith("auto step")]
     assert f"its matmuls + attention alone are {floor:.2f}x the bf16 anchor's profiled step" in auto["detail"]
+
+
+def test_one_rank_measures_the_export_command_it_runs(tmp_path):
+    """On one process `lora-dist export RUN_DIR` streams base + adapter from disk (merge_offline), not the
+    sharded export_merged: that is the phase measured (the report once failed for want of it)."""
+    out = tmp_path / "results"
+    lora_dist("bench", "--quick", "--nproc", "1", "--configs", "lora_dist_fsdp2", "--out", str(out),
+              "--work-dir", str(tmp_path / "work"), timeout=300)
+    results = json.loads((out / "results.json").read_text())
+    summary = results["summary"]["sizes"][0]
+    assert summary["failed"] == {}
+    cli = summary["exports"]["cli_fsdp2"]
+    assert 0 < cli["wall_s"] < cli["command_wall_s"]
+    assert all(m > 0 for m in cli["above_baseline_per_rank"]) and all(t > 0 for t in cli["own_tensor_per_rank"])
+    # fsdp2 over one rank runs as one process (lora_dist.parallel.replicated_if_unsharded); the table says so
+    assert "| lora_dist fsdp2 (fsdp2 over one shard rank ran as none) |" in (out / "results.md").read_text()

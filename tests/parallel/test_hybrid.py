@@ -3,6 +3,7 @@ a node's ranks: the mesh shape rules, the automatic choice, and 4 ranks on one m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -14,8 +15,9 @@ from distutil import assert_same_adapter, assert_same_losses, lora_dist, ranks
 from lora_dist.config import ConfigError, ParallelConfig, load_config
 from lora_dist.launch import LaunchEnv
 from lora_dist.parallel import dp_mesh_shape
-from lora_dist.parallel.parallelize import reshard_size
-from lora_dist.session import resolve_hybrid
+from lora_dist.parallel.parallelize import replicated_if_unsharded, reshard_size
+from lora_dist.plan import plan_memory
+from lora_dist.session import build, resolve_hybrid
 
 STEPS = 3
 LR = 5e-3
@@ -38,6 +40,54 @@ def test_dp_mesh_shape_must_multiply_to_the_ranks(replicate, shard, world):
     with pytest.raises(ConfigError, match=f"must multiply to the {world} ranks launched") as e:
         dp_mesh_shape(ParallelConfig(dp_replicate=replicate, dp_shard=shard), world)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,world,base_dtype,expected", [
+    ({}, 1, "float32", "none"),  # one process: FSDP2 would shard over one rank
+    ({"dp_replicate": 2, "dp_shard": 1}, 2, "float32", "ddp"),  # replica groups of one rank each
+    ({"dp_replicate": 4}, 4, "bfloat16", "ddp"),
+    ({}, 2, "float32", "fsdp2"),  # the base really sharded
+    ({"dp_replicate": 2}, 4, "float32", "fsdp2"),
+    ({"cpu_offload": True}, 1, "float32", "fsdp2"),  # host-resident shards: FSDP2's, over one rank too
+    ({"mixed_precision": "bfloat16"}, 1, "float32", "fsdp2"),  # FSDP2's cast of the base
+    ({"mixed_precision": "bfloat16"}, 1, "bfloat16", "none"),  # a bf16 base: nothing to cast
+])
+def test_fsdp2_over_one_shard_rank_runs_replicated(overrides, world, base_dtype, expected):
+    cfg = ParallelConfig(strategy="fsdp2", shard_unit="weight", reshard_after_forward=2, **overrides)
+    got = replicated_if_unsharded(cfg, world, base_dtype)
+    assert got.strategy == expected
+    if expected == "fsdp2":
+        assert got is cfg
+    else:  # nothing fsdp2-only is left to refuse; the rest of the config is kept
+        assert (got.dp_replicate, got.dp_shard, got.shard_unit, got.reshard_after_forward) == (0, 0, "block", True)
+        assert dataclasses.replace(got, strategy="fsdp2", dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard,
+                                   shard_unit="weight", reshard_after_forward=2) == cfg
+        got.check_strategy()
+    for other in ("ddp", "none", "zero3"):
+        assert replicated_if_unsharded(ParallelConfig(strategy=other), 1).strategy == other
+
+
+def test_the_plan_of_fsdp2_on_one_rank_is_what_runs(base):
+    cfg = load_config(None, [f"model.path={base}"])
+    one, two = plan_memory(cfg, 1), plan_memory(cfg, 2)
+    assert one.strategy == "none" and "fsdp2 over one shard rank shards nothing: it runs as none" in one.table()
+    assert one.total == plan_memory(load_config(None, [f"model.path={base}", "parallel.strategy=none"]), 1).total
+    assert two.strategy == "fsdp2" and not two.runs_as
+
+
+def test_fsdp2_on_one_process_builds_the_plain_model_and_says_so(base, caplog):
+    """``build`` (every entry point's setup): no FSDP2 module, the one-process engine, a log line."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from lora_dist.model_dir import ModelDir
+    from lora_dist.parallel.engine import DDPEngine, FSDP2Engine
+
+    cfg = load_config(None, [f"model.path={base}", "parallel.strategy=fsdp2"])
+    with caplog.at_level(logging.INFO, logger="lora_dist"):
+        model, engine = build(cfg, _env(1, 1), torch.device("cpu"), ModelDir(base), None)
+    assert not any(isinstance(m, FSDPModule) for m in model.modules())
+    assert not isinstance(engine, (FSDP2Engine, DDPEngine))
+    assert "fsdp2 over one shard rank shards nothing; running as none" in caplog.text
 
 
 @pytest.mark.parametrize("value,shard,local,expected", [
