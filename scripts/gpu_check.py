@@ -216,7 +216,8 @@ def fsdp2_full(ctx):
     return _memory(out)
 
 
-@check("NF4 (QLoRA): decoder bitwise torchao on the device; fsdp2 bf16 runs, merged export + verify", needs_cuda=True)
+@check("NF4 (QLoRA): decoder bitwise torchao on the device; bf16 NF4 runs (fsdp2 on one GPU runs as none), "
+       "merged export + verify", needs_cuda=True)
 def nf4(ctx):
     from lora_dist.quant import dequantize, embedding_rows, nf4_module
 
