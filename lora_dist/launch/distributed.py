@@ -52,7 +52,8 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
     work the same everywhere. Calling it again while initialized returns the
     same environment; a process group initialized by someone else (e.g.
     ``deepspeed.init_distributed``) is kept if its rank and size match the
-    launcher's.
+    launcher's, and its device adopted (:func:`run_device`: this rank's GPU
+    where the group has NCCL, else the CPU).
 
     Args:
         timeout_s: Seconds to wait for all ranks to join; also the process
@@ -85,6 +86,15 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
                 f"torch.distributed was initialized elsewhere as rank {dist.get_rank()} of {dist.get_world_size()} "
                 f"but the {launch.launcher} environment says rank {launch.rank} of {launch.world_size}; let "
                 f"lora_dist.launch.init_distributed() initialize it")
+        # Adopt the group (DeepSpeed's, accelerate's, the user's): with a CUDA backend (NCCL) the run is on the
+        # GPU the group is bound to, else this rank's as chosen below; without one, collectives take CPU tensors.
+        device = torch.device("cpu")
+        if "nccl" in str(dist.get_backend()).lower():
+            bound = getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None)
+            device = bound if bound is not None else select_device(launch)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        _active_device = device  # the environment is checked again at each call: the group is not ours
         return launch
 
     launch = detect_launch_env(allow_batch_shell=allow_batch_shell)

@@ -484,6 +484,28 @@ def test_init_keeps_an_externally_initialized_group(clean_environ):
         env_mod.init_distributed()
 
 
+def test_an_externally_initialized_group_sets_the_run_device(clean_environ, monkeypatch):
+    """Adopted, a group without NCCL runs on the CPU; one with NCCL on its bound GPU, else this rank's,
+    made current (before, the run stayed on the CPU and its tensors met an NCCL-only group)."""
+    import torch
+    import torch.distributed as dist
+
+    from lora_dist.launch import distributed as module
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        env_mod.init_distributed()
+        assert env_mod.run_device() == torch.device("cpu")
+        made_current = []
+        monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+        monkeypatch.setattr(module, "select_device", lambda launch: torch.device("cuda", 1))
+        monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+        env_mod.init_distributed()
+        assert env_mod.run_device() == torch.device("cuda", 1) and made_current == [torch.device("cuda", 1)]
+    finally:
+        env_mod.destroy_distributed()
+
+
 def test_init_rank0_alone_times_out(clean_environ):
     clean_environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                           "MASTER_PORT": str(_free_port())})
