@@ -9,6 +9,7 @@ user error (one line, exit 2, on every rank), else as :class:`RankFailed`.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -53,6 +54,11 @@ def _raise_for(rank: int, failure: tuple[str, str, str]) -> None:
 class RankGroup:
     """The default process group, or a stand-in for a single process.
 
+    ``RankGroup(wait_s=S)`` (collective: every rank makes it) waits up to S seconds in each collective instead
+    of the default group's timeout (``parallel.timeout_s``), on a gloo group of its own, for work that one rank
+    does while the others wait (building the token cache); use it as a context manager, which releases that
+    group. A rank that dies meanwhile still ends the wait at once: its connections close.
+
     Attributes:
         active: whether there is more than one rank.
         world: the number of ranks.
@@ -60,19 +66,31 @@ class RankGroup:
         device: where byte tensors for :meth:`gather_bytes` live (the GPU under NCCL, else the CPU).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wait_s: float | None = None) -> None:
         self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.world = dist.get_world_size() if self.active else 1
         self.rank = dist.get_rank() if self.active else 0
         nccl = self.active and "nccl" in str(dist.get_backend()).lower()
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self.group = None
+        if self.active and wait_s is not None:
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
+            self.device = torch.device("cpu")
+
+    def __enter__(self) -> "RankGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
 
     def broadcast(self, obj):
         """Collective: rank 0's ``obj`` on every rank."""
         if not self.active:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     def all_gather(self, obj) -> list:
@@ -80,13 +98,13 @@ class RankGroup:
         if not self.active:
             return [obj]
         out: list = [None] * self.world
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def gather_bytes(self, payload: torch.Tensor) -> list[torch.Tensor] | None:
         """Gather equal-length uint8 tensors (on :attr:`device`) to rank 0; None elsewhere."""
         gathered = [torch.empty_like(payload) for _ in range(self.world)] if self.rank == 0 else None
-        dist.gather(payload, gathered, dst=0)
+        dist.gather(payload, gathered, dst=0, group=self.group)
         return gathered
 
     def check(self, error: BaseException | None) -> None:

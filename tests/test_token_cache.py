@@ -185,3 +185,36 @@ def test_two_ranks_share_one_build(tok, data, tmp_path):
     assert len(entries(cache)) == 1
     single = load_dataset(data, tok, 48, cache_dir=tmp_path / "single", num_proc=1).split(0.1)
     assert per_rank[0]["blocks"] == [len(single[0]), len(single[1])]
+
+
+SLOW_BUILD = textwrap.dedent("""
+    import json, sys, time
+    from datetime import timedelta
+    import torch.distributed as dist
+    import lora_dist.token_cache as tc
+    from lora_dist.config import load_config
+    from lora_dist.data import load_splits
+    from lora_dist.demo import make_tokenizer
+    dist.init_process_group("gloo", timeout=timedelta(seconds=2))
+    real = tc.build
+    tc.build = lambda *a: time.sleep(6) or real(*a)  # rank 0's build outlasts the group's timeout 3 times
+    cfg = load_config(None, [f"data.path={sys.argv[1]}", f"data.cache_dir={sys.argv[2]}", "data.num_proc=1",
+                             "train.seq_len=48", "data.eval_fraction=0.1"])
+    train, held_out = load_splits(cfg, make_tokenizer())
+    with open(f"{sys.argv[3]}.{dist.get_rank()}", "w") as f:
+        json.dump([len(train), len(held_out)], f)
+    dist.barrier()  # the default group still works, its timeout unchanged
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.dist
+def test_the_other_ranks_wait_for_a_build_longer_than_the_groups_timeout(data, tmp_path):
+    """A build takes what it takes (a large dataset: many minutes); the waiting ranks are not bound by
+    parallel.timeout_s (before: they failed with a gloo timeout after it)."""
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_BUILD)
+    ranks(2, str(script), str(data), str(tmp_path / "cache"), str(tmp_path / "out"))
+    blocks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
+    assert blocks[0] == blocks[1] and blocks[0][0] > 0
+
