@@ -18,6 +18,7 @@ optimizer state. DeepSpeed ZeRO shards at construction instead
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -29,8 +30,8 @@ from lora_dist.lora import lora_parameters
 from lora_dist.parallel.checkpointing import enable_activation_checkpointing, enable_selective_recompute
 from lora_dist.quant import is_quantized
 
-__all__ = ["dp_mesh_shape", "embedding_and_head", "find_blocks", "parallelize", "replicated_if_unsharded",
-           "reshard_size", "weight_units"]
+__all__ = ["dp_mesh_shape", "embedding_and_head", "find_blocks", "one_post_forward_mesh", "parallelize",
+           "replicated_if_unsharded", "reshard_size", "weight_units"]
 
 
 def dp_mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
@@ -94,6 +95,42 @@ def reshard_size(cfg: ParallelConfig, shard: int, local_world_size: int) -> bool
     return n
 
 
+@contextlib.contextmanager
+def one_post_forward_mesh():
+    """Within it, FSDP2 units resharded after forward to the same integer size share one post-forward mesh.
+
+    FSDP2 builds a new ``DeviceMesh`` - new process groups, on GPUs new NCCL communicators with their
+    buffers - in every ``fully_shard`` call given an integer ``reshard_after_forward``: two per unit, so
+    hundreds for an 80-block model. Their layout is the same for every unit of one mesh, so the first is
+    reused. Where torch's private helper is not there (another release), nothing is patched: correct, with
+    more groups.
+    """
+    from torch.distributed.fsdp._fully_shard import _fsdp_init, _fully_shard
+
+    real = getattr(_fsdp_init, "_get_post_forward_mesh_info", None)
+    if real is None:
+        yield
+        return
+    modules = [m for m in (_fsdp_init, _fully_shard) if getattr(m, "_get_post_forward_mesh_info", None) is real]
+    made: dict = {}
+
+    def shared(reshard_after_forward, mesh_info):
+        if isinstance(reshard_after_forward, bool):
+            return real(reshard_after_forward, mesh_info)
+        key = (reshard_after_forward, id(mesh_info.mesh), getattr(mesh_info, "shard_mesh_dim", None))
+        if key not in made:
+            made[key] = (real(reshard_after_forward, mesh_info), mesh_info.mesh)  # the mesh kept: its id stays
+        return made[key][0]
+
+    for module in modules:
+        module._get_post_forward_mesh_info = shared
+    try:
+        yield
+    finally:
+        for module in modules:
+            module._get_post_forward_mesh_info = real
+
+
 def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks (HF's ``_no_split_modules`` classes, else the largest ModuleList)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
@@ -147,19 +184,20 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
     if not blocks:
         raise ValueError(f"{type(model).__name__}: found no transformer blocks to shard; use parallel.strategy=ddp")
     shard = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
-    for block in blocks:
-        if cfg.shard_unit == "weight":
-            for unit in weight_units(block, ignored):
-                fully_shard(unit, reshard_after_forward=reshard, **shard)
-        fully_shard(block, reshard_after_forward=reshard, **shard)
-    # Input embedding and output head are often the largest tensors: their own units, so only one
-    # of them is gathered at a time. Tied ones share a parameter and must stay in one unit (the root).
-    # The head runs last in forward and first in backward: resharding it in between would only
-    # gather it again at once.
     embed, head = embedding_and_head(model)
-    for module, after_forward in ((embed, reshard), (head, False)):
-        if module is not None:
-            fully_shard(module, reshard_after_forward=after_forward, **shard)
+    with one_post_forward_mesh():
+        for block in blocks:
+            if cfg.shard_unit == "weight":
+                for unit in weight_units(block, ignored):
+                    fully_shard(unit, reshard_after_forward=reshard, **shard)
+            fully_shard(block, reshard_after_forward=reshard, **shard)
+        # Input embedding and output head are often the largest tensors: their own units, so only one
+        # of them is gathered at a time. Tied ones share a parameter and must stay in one unit (the root).
+        # The head runs last in forward and first in backward: resharding it in between would only
+        # gather it again at once.
+        for module, after_forward in ((embed, reshard), (head, False)):
+            if module is not None:
+                fully_shard(module, reshard_after_forward=after_forward, **shard)
     if embed is not None:
         # The frozen embedding's weight is not needed in backward (token ids have no gradient): without
         # this, the first block's backward prefetch gathers the whole embedding again for nothing.

@@ -171,6 +171,35 @@ def test_reshard_to_node_becomes_the_nodes_rank_count_at_launch(base):
     assert got.reshard_after_forward == 4 and reshard_size(got, got.dp_shard, 0) == 4
 
 
+def test_units_resharded_to_a_node_share_one_post_forward_mesh(base):
+    """FSDP2 makes a new mesh - process groups, NCCL communicators on GPUs - per unit given an integer
+    reshard_after_forward; here every unit shares one, so the groups do not grow with the units."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+    import transformers as tf
+    from torch.distributed.fsdp import FSDPModule
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from lora_dist.config import LoRAConfig
+    from lora_dist.lora import inject_lora
+    from lora_dist.parallel import parallelize
+
+    model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(base))
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        before = len(c10d._world.pg_map)
+        parallelize(model, ParallelConfig(reshard_after_forward=2, shard_unit="weight"), torch.device("cpu"))
+        groups = [g for m in model.modules() if isinstance(m, FSDPModule) for g in m._get_fsdp_state()._fsdp_param_groups]
+        resharded = [g.post_forward_mesh_info for g in groups if g.post_forward_mesh_info not in (None, g.mesh_info)]
+        assert len(resharded) > 10  # every weight, block and the embedding: kept 1/2 after forward
+        assert len({id(info.mesh) for info in resharded}) == 1
+        assert all(info.shard_mesh_size == 2 for info in resharded)
+        assert len(c10d._world.pg_map) - before <= 2  # the post-forward mesh's two dimensions (not 2 per unit)
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- 4 ranks on one machine
 
 
