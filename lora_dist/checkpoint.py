@@ -533,50 +533,71 @@ class CheckpointManager:
     def maybe_resume(self, engine) -> int:
         """Restore the newest readable checkpoint of this run (or the one named); returns the step to start from.
 
-        Collective: rank 0 first puts back what a killed writer set aside; every rank then reads.
+        Collective: rank 0 first puts back what a killed writer set aside, then chooses the checkpoint
+        (:meth:`_choose`); every rank reads that one, so all resume at one step even where the ranks see the
+        filesystem differently (a node's stale directory cache, a node-local ``checkpoint.resume``), and a
+        rank that cannot read it stops every rank.
 
         Raises:
             ResumeError: see the module docstring (another run's checkpoints, a fresh run over old ones, a
-                named checkpoint that is broken, no readable checkpoint of this run, other LoRA settings or base).
+                named checkpoint that is broken, no readable checkpoint of this run, other LoRA settings or base,
+                a checkpoint another rank cannot read).
         """
-        RankGroup().on_rank0(self._recover)
+        group = RankGroup()
+        group.on_rank0(self._recover)
+        chosen = group.on_rank0(self._choose)
+        if chosen is None:
+            return 0
+        path = Path(chosen)
+        loaded, error = None, None
+        try:
+            loaded = read_checkpoint(path)
+        except ResumeError as e:
+            error = ResumeError(f"{e}; rank 0 read it: every rank must see {path} (a shared output.dir)")
+        group.check(error)
+        state, lora, moments = loaded
+        _check_compatible(path, state, lora, engine, self.cfg)
+        engine.load_state_dict({"lora": lora, "optimizer": moments}, state["step"])
+        self.resumed_step = state["step"]
+        self.samples_offset = state.get("samples_consumed", 0)
+        if self.env.is_main:
+            log.info("resumed from %s at step %d", path, state["step"])
+            if self.cfg.checkpoint.resume == "auto" and self._latest_name() != path.name:
+                self._point_latest(path)
+        return state["step"]
+
+    def _choose(self) -> str | None:
+        """Rank 0: the checkpoint to resume from (the newest readable one of this run, or the one named), or
+        None to start fresh.
+
+        Raises:
+            ResumeError: as :meth:`maybe_resume`.
+        """
         resume = self.cfg.checkpoint.resume
         dirs = self._step_dirs()
         if resume == "never":
             self._check_fresh_start(dirs)
-            return 0
+            return None
         if resume != "auto":
             path = Path(resume)
             if not path.is_dir():
                 raise ResumeError(f"checkpoint.resume={resume!r} is not a checkpoint dir")
-            candidates = [path]
-        else:
-            candidates = self._auto_candidates(dirs)
+            read_checkpoint(path)
+            return str(path)
         skipped: list[str] = []
-        for path in candidates:
+        for path in self._auto_candidates(dirs):
             try:
-                state, lora, moments = read_checkpoint(path)
+                read_checkpoint(path)
             except ResumeError as e:
-                if resume != "auto":
-                    raise
                 skipped.append(str(e))
-                if self.env.is_main:
-                    log.warning("skipping corrupt checkpoint: %s; falling back to the previous one", e)
+                log.warning("skipping corrupt checkpoint: %s; falling back to the previous one", e)
                 continue
-            _check_compatible(path, state, lora, engine, self.cfg)
-            engine.load_state_dict({"lora": lora, "optimizer": moments}, state["step"])
-            self.resumed_step = state["step"]
-            self.samples_offset = state.get("samples_consumed", 0)
-            if self.env.is_main:
-                log.info("resumed from %s at step %d", path, state["step"])
-                if resume == "auto" and self._latest_name() != path.name:
-                    self._point_latest(path)
-            return state["step"]
+            return str(path)
         if skipped:
             raise ResumeError(f"no readable checkpoint of this run in {self.root} ({skipped[0]}); repair or remove "
                               f"the broken checkpoints (or move {self.root} away) to start over, or choose a new "
                               "output.dir")
-        return 0
+        return None
 
     def _point_latest(self, path: Path) -> None:
         """Rank 0: ``latest`` names the checkpoint resumed (it named a broken or missing one)."""

@@ -216,6 +216,47 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(setup, tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"  # the redone one
 
 
+SKEWED_VIEW = """
+import os, sys
+from pathlib import Path
+import lora_dist.checkpoint as checkpoint
+from lora_dist.cli import main
+
+mode = sys.argv[1]
+if os.environ["RANK"] == "1":  # rank 1's node sees the checkpoints dir otherwise
+    if mode == "stale":  # a stale directory cache: not the newest checkpoint
+        real = checkpoint.CheckpointManager._step_dirs
+        checkpoint.CheckpointManager._step_dirs = lambda self: real(self)[:-1]
+        checkpoint.CheckpointManager._latest_name = lambda self: "step-000002"
+    else:  # cannot read it at all
+        def unreadable(path):
+            raise checkpoint.ResumeError(f"{path} is unreadable (OSError: stale file handle)")
+        checkpoint.read_checkpoint = unreadable
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.dist
+def test_every_rank_resumes_the_checkpoint_rank_0_chose(setup, uninterrupted, tmp_path):
+    """Rank 0 chooses; a rank whose node sees an older directory listing resumes at the same step (before,
+    it resumed from its own newest: ranks at different steps), and one that cannot read the choice stops
+    every rank in one line."""
+    script = tmp_path / "skewed.py"
+    script.write_text(SKEWED_VIEW)
+    out = tmp_path / "skewed"
+    _run(setup, out, 1, "parallel.strategy=none", "train.micro_batch_size=4", "train.run_steps=4")
+    args = ["train", *setup["common"], f"output.dir={out}", "parallel.strategy=ddp", "train.micro_batch_size=2"]
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken, symlinks=True)
+    proc = ranks(2, str(script), "stale", *args)
+    assert "resumed from" in proc.stderr and "step-000004" in proc.stderr
+    assert [m["step"] for m in _metrics(out) if "loss" in m] == [1, 2, 3, 4, 5, 6]  # nothing redone
+    assert_same_adapter(uninterrupted / "adapter", out / "adapter", ADAPTER_ATOL)
+    proc = ranks(2, str(script), "unreadable", *args[:-3], f"output.dir={broken}", *args[-2:], check=False)
+    assert proc.returncode != 0
+    assert "every rank must see" in proc.stderr and "stale file handle" in proc.stderr
+
+
 def test_explicitly_named_corrupt_checkpoint_is_an_error(setup, tmp_path):
     out = tmp_path / "named"
     _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
