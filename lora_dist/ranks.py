@@ -15,7 +15,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankFailed", "RankGroup"]
+__all__ = ["GATHER_BUDGET", "RankFailed", "RankGroup"]
+
+#: :meth:`RankGroup.gather_bytes`: the most bytes rank 0 receives in one round, from all ranks together.
+GATHER_BUDGET = 1 << 30
 
 
 class RankFailed(RuntimeError):
@@ -102,10 +105,26 @@ class RankGroup:
         return out
 
     def gather_bytes(self, payload: torch.Tensor) -> list[torch.Tensor] | None:
-        """Gather equal-length uint8 tensors (on :attr:`device`) to rank 0; None elsewhere."""
-        gathered = [torch.empty_like(payload) for _ in range(self.world)] if self.rank == 0 else None
-        dist.gather(payload, gathered, dst=0, group=self.group)
-        return gathered
+        """Gather equal-length uint8 tensors (on :attr:`device`) to rank 0, into its host memory; None elsewhere.
+
+        In rounds of at most :data:`GATHER_BUDGET` bytes over all ranks: rank 0's device never holds more
+        than that (a whole embedding or stacked-expert tensor would not fit beside the model's shards).
+        """
+        n = payload.numel()
+        step = max(1, min(n, GATHER_BUDGET // self.world))
+        if step == n and payload.device.type == "cpu":  # one round into host memory: the buffers are the result
+            gathered = [torch.empty_like(payload) for _ in range(self.world)] if self.rank == 0 else None
+            dist.gather(payload, gathered, dst=0, group=self.group)
+            return gathered
+        out = [torch.empty(n, dtype=payload.dtype) for _ in range(self.world)] if self.rank == 0 else None
+        for start in range(0, n, step):
+            piece = payload[start:start + step].contiguous()
+            gathered = [torch.empty_like(piece) for _ in range(self.world)] if self.rank == 0 else None
+            dist.gather(piece, gathered, dst=0, group=self.group)
+            if out is not None:
+                for whole, part in zip(out, gathered):
+                    whole[start:start + part.numel()].copy_(part)
+        return out
 
     def check(self, error: BaseException | None) -> None:
         """Collective: raise on every rank if any rank failed (the failing rank re-raises its own error).

@@ -1,0 +1,45 @@
+"""lora_dist.ranks: the small collectives of file work, on real ranks."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from distutil import ranks
+
+GATHER = textwrap.dedent("""
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    import lora_dist.ranks as ranks_mod
+    from lora_dist.ranks import RankGroup
+
+    dist.init_process_group("gloo")
+    group = RankGroup()
+    payload = ((torch.arange(10_000) * (group.rank + 3)) % 251).to(torch.uint8)
+    results = {}
+    for budget in (1 << 30, 4096, 3):  # one round; rounds of 2048 bytes per rank; of 1 byte
+        ranks_mod.GATHER_BUDGET = budget
+        got = group.gather_bytes(payload)
+        if group.rank == 0:
+            want = [((torch.arange(10_000) * (r + 3)) % 251).to(torch.uint8) for r in range(group.world)]
+            results[budget] = all(g.device.type == "cpu" and torch.equal(g, w) for g, w in zip(got, want))
+        else:
+            results[budget] = got is None
+    with open(f"{sys.argv[1]}.{group.rank}", "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.dist
+def test_gather_bytes_in_rounds_equals_one_gather(tmp_path):
+    """Rank 0 receives at most GATHER_BUDGET bytes per round (a whole tensor would not fit on its GPU beside
+    the model's shards); what it assembles in host memory is every rank's payload, whatever the rounds."""
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER)
+    ranks(2, str(script), str(tmp_path / "out"))
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"out.{rank}").read_text()) == {str(b): True for b in (1 << 30, 4096, 3)}
