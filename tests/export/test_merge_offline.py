@@ -250,3 +250,15 @@ def test_offline_merge_under_torchrun_splits_the_writing(merged, tmp_path):
     assert sum(r["bytes"] for r in results) == json.loads((out / SAFE_INDEX).read_text())["metadata"]["total_size"]
     for name in sorted(p.name for p in merged["out"].iterdir()):
         assert (out / name).read_bytes() == (merged["out"] / name).read_bytes(), name
+
+
+@pytest.mark.dist
+def test_the_ranks_wait_for_a_final_fsync_longer_than_the_groups_timeout(merged, tmp_path):
+    """Each rank ends with an fsync of what it wrote (rank 0: all of it on node-local disks), minutes for a
+    large model; the others wait for it, not parallel.timeout_s (before: a gloo timeout after it)."""
+    out = tmp_path / "out"
+    ranks(2, str(SCRIPTS / "export_slow_sync.py"), str(tmp_path), "merge", "--base", str(merged["base"]),
+          "--adapter", str(merged["adapter"]), "--out", str(out), "--max-shard-size", "100KB")  # both exit 0
+    for name in sorted(p.name for p in merged["out"].iterdir()):
+        assert (out / name).read_bytes() == (merged["out"] / name).read_bytes(), name
+
