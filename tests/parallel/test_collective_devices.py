@@ -43,14 +43,15 @@ def recorded(monkeypatch):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    seen: list[tuple[str, torch.device]] = []
+    seen: list[tuple[str, torch.device, int]] = []
     for name in COLLECTIVES:
         real = getattr(dist, name)
 
         def wrapper(*args, _name=name, _real=real, **kwargs):
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
-            seen.extend((_name, t.device) for t in tensors)
+            given = [*args, *kwargs.values()]
+            tensors = [a for a in given if isinstance(a, torch.Tensor)]
+            tensors += [t for a in given if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            seen.extend((_name, t.device, t.numel()) for t in tensors)
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(dist, name, wrapper)
@@ -58,15 +59,24 @@ def recorded(monkeypatch):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2_reducer", "none"])
+#: strategy -> (the engine's ParallelConfig, collectives its step must issue)
+ENGINES = {
+    "fsdp2_sharded_optimizer": (ParallelConfig(strategy="fsdp2"), {"reduce_scatter_tensor", "all_gather_into_tensor"}),
+    "fsdp2_reducer": (ParallelConfig(strategy="fsdp2", shard_optimizer=False), {"all_reduce"}),
+    "none": (ParallelConfig(strategy="none"), set()),
+}
+
+
+@pytest.mark.parametrize("strategy", list(ENGINES))
 def test_every_collective_of_a_step_is_on_the_runs_device(recorded, strategy):
     device = torch.device("cpu")
     torch.manual_seed(0)
     model = TinyLM()
     inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    # fsdp2's engine without fully_shard: its LoRA gradient reducer is what communicates.
-    cfg = ParallelConfig(strategy="fsdp2" if strategy == "fsdp2_reducer" else "none")
+    # fsdp2's engine without fully_shard: its LoRA gradient reduction (the sharded AdamW's reduce-scatter and
+    # all-gather by default, the bucketed all-reduce without it) is what communicates.
+    cfg, issued = ENGINES[strategy]
     engine = make_engine(model, optimizer, cfg, TrainConfig(), device)
     ids = torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(6).expand(2, 6)
@@ -79,7 +89,10 @@ def test_every_collective_of_a_step_is_on_the_runs_device(recorded, strategy):
         check_replicas(engine)
         all_sum(torch.ones(2, device=device))
     assert recorded, "the step issued no collective: the check would prove nothing"
-    wrong = sorted({(name, str(d)) for name, d in recorded if d != device})
+    wrong = sorted({(name, str(d)) for name, d, _ in recorded if d != device})
     assert not wrong, f"collectives got tensors off the run's device: {wrong}"
-    names = {name for name, _ in recorded}
-    assert {"all_reduce", "broadcast"} <= names
+    names = {name for name, _, _ in recorded}
+    assert {"all_reduce", "broadcast"} | issued <= names, names
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if strategy == "fsdp2_reducer":  # the bucketed all-reduce of every LoRA gradient (one bucket here)
+        assert ("all_reduce", device, lora) in recorded
