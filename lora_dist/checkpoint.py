@@ -379,6 +379,7 @@ class CheckpointManager:
         self.run_id = run_id
         self.samples_offset = 0
         self.resumed_step = 0
+        self._read = None  # rank 0: the checkpoint :meth:`_choose` read, for :meth:`maybe_resume`
 
     def should_save(self, step: int) -> bool:
         every = self.cfg.checkpoint.every
@@ -549,11 +550,13 @@ class CheckpointManager:
         if chosen is None:
             return 0
         path = Path(chosen)
-        loaded, error = None, None
-        try:
-            loaded = read_checkpoint(path)
-        except ResumeError as e:
-            error = ResumeError(f"{e}; rank 0 read it: every rank must see {path} (a shared output.dir)")
+        loaded, error = self._read, None  # rank 0 read it while choosing
+        self._read = None
+        if loaded is None:
+            try:
+                loaded = read_checkpoint(path)
+            except ResumeError as e:
+                error = ResumeError(f"{e}; rank 0 read it: every rank must see {path} (a shared output.dir)")
         group.check(error)
         state, lora, moments = loaded
         _check_compatible(path, state, lora, engine, self.cfg)
@@ -582,12 +585,12 @@ class CheckpointManager:
             path = Path(resume)
             if not path.is_dir():
                 raise ResumeError(f"checkpoint.resume={resume!r} is not a checkpoint dir")
-            read_checkpoint(path)
+            self._read = read_checkpoint(path)
             return str(path)
         skipped: list[str] = []
         for path in self._auto_candidates(dirs):
             try:
-                read_checkpoint(path)
+                self._read = read_checkpoint(path)
             except ResumeError as e:
                 skipped.append(str(e))
                 log.warning("skipping corrupt checkpoint: %s; falling back to the previous one", e)

@@ -9,7 +9,6 @@ user error (one line, exit 2, on every rank), else as :class:`RankFailed`.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -57,10 +56,11 @@ def _raise_for(rank: int, failure: tuple[str, str, str]) -> None:
 class RankGroup:
     """The default process group, or a stand-in for a single process.
 
-    ``RankGroup(wait_s=S)`` (collective: every rank makes it) waits up to S seconds in each collective instead
-    of the default group's timeout (``parallel.timeout_s``), on a gloo group of its own, for work that one rank
-    does while the others wait (building the token cache); use it as a context manager, which releases that
-    group. A rank that dies meanwhile still ends the wait at once: its connections close.
+    ``RankGroup(patient=True)`` waits in each collective up to a day instead of the default group's timeout
+    (``parallel.timeout_s``), on the gloo group :func:`lora_dist.launch.patient_group` made at start-up, for work
+    that one rank does while the others wait (building the token cache, a merged export's final fsync); where
+    there is none (a default group lora_dist did not make), the default group. A rank that dies ends such a
+    wait when its launcher stops the job (torchrun, ``srun --wait``, mpirun) or a rank next talks to it.
 
     Attributes:
         active: whether there is more than one rank.
@@ -69,24 +69,19 @@ class RankGroup:
         device: where byte tensors for :meth:`gather_bytes` live (the GPU under NCCL, else the CPU).
     """
 
-    def __init__(self, wait_s: float | None = None) -> None:
+    def __init__(self, patient: bool = False) -> None:
         self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.world = dist.get_world_size() if self.active else 1
         self.rank = dist.get_rank() if self.active else 0
         nccl = self.active and "nccl" in str(dist.get_backend()).lower()
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.group = None
-        if self.active and wait_s is not None:
-            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
-            self.device = torch.device("cpu")
+        if self.active and patient:
+            from lora_dist.launch import patient_group
 
-    def __enter__(self) -> "RankGroup":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.group is not None:
-            dist.destroy_process_group(self.group)
-            self.group = None
+            self.group = patient_group()
+            if self.group is not None:
+                self.device = torch.device("cpu")
 
     def broadcast(self, obj):
         """Collective: rank 0's ``obj`` on every rank."""

@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 #: Chunks in flight per tokenization worker.
 IN_FLIGHT = 2
-#: How long the other ranks wait for one rank's build (seconds): a day, not ``parallel.timeout_s``.
-BUILD_WAIT_S = 24 * 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -253,14 +251,20 @@ def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on:
     """
     from lora_dist.ranks import RankGroup
 
-    try:
-        template = resolve_template(tokenizer, chat_template)
-    except ChatError as e:
-        raise DataError(str(e)) from None
-    for s in sources:
-        check_source(s)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = cache_key(sources, tokenizer, template, loss_on, seq_len, packing, pad_id)
+    # A source one node cannot read stops every rank now, before the others settle into a long wait.
+    error = key = template = None
+    try:
+        try:
+            template = resolve_template(tokenizer, chat_template)
+        except ChatError as e:
+            raise DataError(str(e)) from None
+        for s in sources:
+            check_source(s)
+        key = cache_key(sources, tokenizer, template, loss_on, seq_len, packing, pad_id)
+    except Exception as e:
+        error = e
+    RankGroup().check(error)
     entry = root / key
     workers = num_proc or default_num_proc()
     built = []
@@ -275,24 +279,23 @@ def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on:
             build(entry, key, sources, tokenizer, template, loss_on, seq_len, packing, pad_id, workers)
             built.append(True)
 
-    # The other ranks wait for the build however long it takes (not parallel.timeout_s); a rank that dies
-    # ends the wait at once.
-    with RankGroup(wait_s=BUILD_WAIT_S) as group:
-        group.on_rank0(ensure)
-        seen = group.all_gather((socket.gethostname(), open_entry(entry, key) is not None))
-        first_on_host = {}
-        for rank, (host, _) in enumerate(seen):
-            first_on_host.setdefault(host, rank)
-        missing_hosts = {host for host, ok in seen if not ok}
-        if missing_hosts:  # a cache dir that is not shared: one build per node that does not see rank 0's
-            error = None
-            host = socket.gethostname()
-            if host in missing_hosts and first_on_host[host] == group.rank:
-                try:
-                    ensure()
-                except Exception as e:
-                    error = e
-            group.check(error)
+    # The other ranks wait for the build however long it takes, not parallel.timeout_s.
+    group = RankGroup(patient=True)
+    group.on_rank0(ensure)
+    seen = group.all_gather((socket.gethostname(), open_entry(entry, key) is not None))
+    first_on_host = {}
+    for rank, (host, _) in enumerate(seen):
+        first_on_host.setdefault(host, rank)
+    missing_hosts = {host for host, ok in seen if not ok}
+    if missing_hosts:  # a cache dir that is not shared: one build per node that does not see rank 0's
+        error = None
+        host = socket.gethostname()
+        if host in missing_hosts and first_on_host[host] == group.rank:
+            try:
+                ensure()
+            except Exception as e:
+                error = e
+        group.check(error)
     opened = open_entry(entry, key)
     if opened is None:
         raise DataError(f"the token cache entry {entry} is missing or incomplete after it was built; check that "

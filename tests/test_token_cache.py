@@ -189,13 +189,13 @@ def test_two_ranks_share_one_build(tok, data, tmp_path):
 
 SLOW_BUILD = textwrap.dedent("""
     import json, sys, time
-    from datetime import timedelta
     import torch.distributed as dist
     import lora_dist.token_cache as tc
     from lora_dist.config import load_config
     from lora_dist.data import load_splits
     from lora_dist.demo import make_tokenizer
-    dist.init_process_group("gloo", timeout=timedelta(seconds=2))
+    from lora_dist.launch import init_distributed
+    init_distributed(timeout_s=2)  # parallel.timeout_s=2
     real = tc.build
     tc.build = lambda *a: time.sleep(6) or real(*a)  # rank 0's build outlasts the group's timeout 3 times
     cfg = load_config(None, [f"data.path={sys.argv[1]}", f"data.cache_dir={sys.argv[2]}", "data.num_proc=1",

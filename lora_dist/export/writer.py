@@ -17,7 +17,6 @@ checks it before creating anything and again just before publishing.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -47,8 +46,6 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "shared", "gather")
 #: The file rank 0 writes into the staging dir for the other ranks to look for.
 PROBE = ".lora_dist_probe"
-#: How long the ranks wait for each other's final fsync of the files they wrote (seconds): an hour.
-SYNC_WAIT_S = 3600.0
 #: Write errors that mean the output's filesystem refuses writes (read-only, permissions).
 _UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -336,8 +333,7 @@ def write_checkpoint(group: RankGroup, out_dir: str | os.PathLike, base: ModelDi
         filled = _fill(group, staging, layout, sources, gather, ranges, out)
         # Each rank ends its writes with an fsync: rank 0's, of everything under gather, can take minutes;
         # the others wait for it as long as that takes, not parallel.timeout_s.
-        with RankGroup(wait_s=SYNC_WAIT_S) if group.group is None else contextlib.nullcontext(group) as synced:
-            synced.check(filled)
+        (RankGroup(patient=True) if group.group is None else group).check(filled)
         group.on_rank0(lambda: _finalize(staging, out, base_dir, layout, config_dtype, overwrite, inputs, what))
     except BaseException as e:
         if group.rank == 0:

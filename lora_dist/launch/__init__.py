@@ -13,6 +13,7 @@ from lora_dist.launch.distributed import (
     destroy_distributed,
     exit_distributed,
     init_distributed,
+    patient_group,
     run_device,
     select_device,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "detect_launch_env",
     "expand_hostlist",
     "init_distributed",
+    "patient_group",
     "run_device",
     "select_device",
 ]

@@ -36,6 +36,9 @@ _JOIN_POLL_S = 0.02
 
 _active_env: LaunchEnv | None = None
 _active_device = None
+_patient = None
+#: :func:`patient_group`'s timeout (seconds): a day.
+PATIENT_WAIT_S = 24 * 3600.0
 
 
 _saved_environ: dict[str, str | None] = {}
@@ -73,7 +76,7 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
             master port in use, master unreachable, or ranks that did not
             join within ``timeout_s``.
     """
-    global _active_env, _active_device
+    global _active_env, _active_device, _patient
     import torch
     import torch.distributed as dist
 
@@ -136,6 +139,9 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
                                 world_size=launch.world_size, timeout=timeout, **kwargs)
         if launch.distributed:
             dist.barrier()
+            # Made now, while every rank is here: a group made later would itself wait for a rank that never
+            # comes. Its connections are open from the start, so a rank that dies closes them.
+            _patient = dist.new_group(backend="gloo", timeout=timedelta(seconds=PATIENT_WAIT_S))
     except Exception as exc:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -156,11 +162,12 @@ def destroy_distributed() -> None:
 
     Safe to call when nothing was initialized.
     """
-    global _active_env, _active_device
+    global _active_env, _active_device, _patient
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the patient one too
+    _patient = None
     for name, value in _saved_environ.items():
         if value is None:
             os.environ.pop(name, None)
@@ -399,6 +406,14 @@ def select_device(launch: LaunchEnv, cuda_count: int | None = None) -> "torch.de
         return torch.device("cuda", 0)
     raise LaunchError(f"local rank {launch.local_rank} but only {count} GPUs are visible; start at most "
                       f"{count} processes per node or fix CUDA_VISIBLE_DEVICES")
+
+
+def patient_group():
+    """A gloo group of every rank, made by :func:`init_distributed`, whose collectives wait up to
+    :data:`PATIENT_WAIT_S` instead of ``parallel.timeout_s``: for the waits on one rank's long work (the token
+    cache build, a merged export's final fsync). None where lora_dist did not make the default group, or one
+    process."""
+    return _patient
 
 
 def run_device() -> "torch.device":

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import timedelta
 
 import torch.distributed as dist
 from export_common import finish
 
 from lora_dist import cli
 from lora_dist.export import writer
+from lora_dist.launch import init_distributed
 
 
 def main() -> None:
-    dist.init_process_group("gloo", timeout=timedelta(seconds=2))
+    init_distributed(timeout_s=2)  # parallel.timeout_s=2; the merge command below keeps this group
     if dist.get_rank() == 0:
         real = writer._OpenFiles.close
         writer._OpenFiles.close = lambda self: time.sleep(6) or real(self)
