@@ -132,12 +132,13 @@ def resolve_hybrid(cfg: Config, env: LaunchEnv, device: torch.device) -> Config:
     Unset (both 0) on several nodes: one replica group per node (hybrid sharding, so only LoRA gradients cross
     nodes) when the planner (:func:`lora_dist.plan.plan_memory`) predicts the model fits the budget sharded over
     one node's ranks, else the base sharded over all ranks. Collective when it decides. ``parallel.reshard_after_forward=node``
-    becomes the launch's ranks per node.
+    becomes the launch's ranks per node. Over one shard rank fsdp2 becomes none / ddp
+    (:func:`~lora_dist.parallel.replicated_if_unsharded`), logged on rank 0.
 
     Raises:
         ConfigError: ``dp_replicate x dp_shard`` is not the world size.
     """
-    from lora_dist.parallel import dp_mesh_shape
+    from lora_dist.parallel import dp_mesh_shape, replicated_if_unsharded
 
     p = cfg.parallel
     if p.strategy != "fsdp2":
@@ -170,27 +171,19 @@ def resolve_hybrid(cfg: Config, env: LaunchEnv, device: torch.device) -> Config:
                 log.info("parallel: the base sharded over all %d ranks of %d nodes (dp_replicate=1): %s; "
                          "parallel.reshard_after_forward=node keeps backward's all-gathers inside a node",
                          env.world_size, env.num_nodes, why)
+    replicated = replicated_if_unsharded(p, env.world_size, cfg.model.dtype)
+    if replicated is not p:
+        if env.is_main:
+            log.info("parallel: fsdp2 over one shard rank shards nothing; running as %s (the same math, without "
+                     "FSDP2's copies of every weight each step; parallel.cpu_offload or the bf16 cast of a "
+                     "non-bf16 base keeps FSDP2)", replicated.strategy)
+        return dataclasses.replace(cfg, parallel=replicated)
     replicate, shard = dp_mesh_shape(p, env.world_size)
     reshard = p.reshard_after_forward
     if reshard == "node" and env.local_world_size > 0:
         reshard = env.local_world_size  # parallelize() reads no launch environment: the node's rank count
     return dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp_replicate=replicate, dp_shard=shard,
                                                                  reshard_after_forward=reshard))
-
-
-def _unsharded_as_replicated(cfg: Config, env: LaunchEnv) -> Config:
-    """fsdp2 over one shard rank runs as ddp (one rank: none), logged on rank 0
-    (:func:`~lora_dist.parallel.replicated_if_unsharded`); the run's config.json keeps fsdp2."""
-    from lora_dist.parallel import replicated_if_unsharded
-
-    parallel = replicated_if_unsharded(cfg.parallel, env.world_size, cfg.model.dtype)
-    if parallel is cfg.parallel:
-        return cfg
-    if env.is_main:
-        log.info("parallel: fsdp2 over one shard rank shards nothing; running as %s (the same math, without "
-                 "FSDP2's copies of every weight each step; parallel.cpu_offload or the bf16 cast of a non-bf16 base "
-                 "keeps FSDP2)", parallel.strategy)
-    return dataclasses.replace(cfg, parallel=parallel)
 
 
 def strategy_config(cfg: Config, base: ModelDir) -> dict | None:
@@ -211,8 +204,7 @@ def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
     Every rank calls it, with inputs already checked (:func:`check_launch`, :func:`open_base`).
     """
     cfg = resolve_strategy(cfg, env, device)  # auto is never zero*: ds_config stays None
-    cfg = resolve_hybrid(cfg, env, device)  # fsdp2's dp_replicate x dp_shard for this launch
-    cfg = _unsharded_as_replicated(cfg, env)
+    cfg = resolve_hybrid(cfg, env, device)  # fsdp2's dp_replicate x dp_shard for this launch (or ddp / none)
     t = cfg.train
     loaded = load_model(cfg.model, cfg.lora, cfg.parallel, device, t.seed, ds_config, base=base)
     if env.is_main:

@@ -147,10 +147,9 @@ class LoraDist(System):
 
             self.notes.append(f"auto chose {mode_name(resolve_strategy(cfg, env, self.device).parallel)}")
         if self.strategy == "fsdp2":
-            from lora_dist.parallel import replicated_if_unsharded
             from lora_dist.session import resolve_hybrid
 
-            ran = replicated_if_unsharded(resolve_hybrid(cfg, env, self.device).parallel, env.world_size).strategy
+            ran = resolve_hybrid(cfg, env, self.device).parallel.strategy
             if ran != "fsdp2":
                 self.notes.append(f"fsdp2 over one shard rank ran as {ran}")
 
