@@ -186,6 +186,11 @@ class ParallelConfig:
     every RMSNorm (in a 16-bit model autograd keeps an fp32 copy of its input) and the gated MLP's
     act_fn(gate) * up (lora_dist.parallel.checkpointing). No matmul is recomputed; results are bitwise the same.
     false: keep what autograd keeps."""
+    compile: bool = False
+    """Compile each transformer block with torch.compile (in place: names, checkpoints and export unchanged): the
+    elementwise work between the matmuls fused into fewer kernels, fewer kernel launches on a GPU. The compiler
+    then recomputes cheap work itself, so parallel.selective_recompute does not apply to the blocks. The first
+    step pays the compile (tens of seconds on a CPU). Not with zero3 or model.quantize (lora_dist.parallel.compile)."""
     reshard_after_forward: bool | int | str = True
     """fsdp2: free the gathered base weights after forward (re-gather in backward); false: keep them; node (or an
     integer N): keep a 1/N shard after forward, N = the ranks of a node, so backward gathers within the node
@@ -404,6 +409,12 @@ class Config:
         problem = quantize_problem(self.model.quantize, p.strategy)
         if problem:
             raise ConfigError(problem)
+        if p.compile:
+            from lora_dist.parallel.compile import why_not_compiled
+
+            problem = why_not_compiled(p.strategy, self.model.quantize)
+            if problem:
+                raise ConfigError(f"parallel.compile=true does not apply: {problem}")
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
         t = self.train

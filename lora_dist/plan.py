@@ -361,8 +361,10 @@ def mode_name(p: ParallelConfig) -> str:
     name = p.strategy
     if p.activation_checkpointing:
         name += " + activation checkpointing"
-    elif not p.selective_recompute:
+    elif not p.selective_recompute and not p.compile:
         name += " without selective recompute"
+    if p.compile:
+        name += " + compiled blocks"
     if p.strategy == "fsdp2" and p.shard_unit == "weight":
         name += " + one unit per weight"
     if p.offload_activations and p.activation_checkpointing:
@@ -587,7 +589,9 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         first = blocks[0]
         # An adapter on a parameter saves no per-token activation (its delta is on the weight side).
         ranks_per_block = sum(m.r for _, m in lora_modules(first) if not isinstance(m, LoRAParam))
-    selective = p.selective_recompute
+    # A compiled block runs without selective recompute; the compiler's own recompute keeps no more (measured
+    # on the host: lora_dist.parallel.compile), so its activations are planned as the eager ones without it.
+    selective = p.selective_recompute and not p.compile
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
     vocab = getattr(hf_config, "vocab_size", 0) or 0
     n_blocks = len(blocks)

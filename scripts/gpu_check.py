@@ -249,6 +249,22 @@ def nf4(ctx):
     return "; ".join(lines)
 
 
+@check("compiled blocks (parallel.compile): bf16 losses follow the eager run's, merged export + verify", needs_cuda=True)
+def compiled(ctx):
+    runs = {}
+    for name, extra in (("eager", ()), ("compiled", ("parallel.compile=true", "export.merged=true",
+                                                      "export.dtype=float32"))):
+        out = _run_config(ctx, f"compile-{name}", "parallel.strategy=fsdp2", "model.dtype=bfloat16", *extra)
+        runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    _verify(ctx["work"] / "compile-compiled", ctx["base"])
+    losses = {k: [r["loss"] for r in v if "loss" in r] for k, v in runs.items()}
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses["compiled"], losses["eager"]))
+    assert len(losses["compiled"]) == len(losses["eager"]) and worst < 2e-2, losses
+    last = {k: [r["step_time_s"] for r in v if "step_time_s" in r][-1] for k, v in runs.items()}
+    return (f"losses within {worst:.2g} (relative); last step {last['compiled'] * 1e3:.1f} ms compiled vs "
+            f"{last['eager'] * 1e3:.1f} ms eager (tiny model: the bench row measures speed); merged export verified")
+
+
 @check("fsdp2 + cpu_offload, merged export + verify", needs_cuda=True)
 def fsdp2_offload(ctx):
     out = _run_config(ctx, "offload", "parallel.strategy=fsdp2", "parallel.cpu_offload=true", "export.merged=true",
@@ -305,6 +321,7 @@ def two_ranks(ctx):
 #: 16 x 2048 tokens a step: enough to keep the GPU busy (at 4 x 2048 the steps were bound by the host; docs/gpu.md).
 BENCH_ARGS = ("--nproc", "1", "--sizes", "llama-440m", "--seq-len", "2048", "--micro-batch", "16",
               "--timed-steps", "10", "--configs", "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_auto_bf16", "lora_dist_nf4",
+              "lora_dist_auto_bf16_compile",
               "--profile")
 
 
@@ -342,7 +359,7 @@ def main() -> int:
     parser.add_argument("--checks", nargs="*", help="run only these checks (function names, e.g. fsdp2_offload bench)")
     args = parser.parse_args()
     # the paths no GPU has run yet first, then the benchmark, then the ones an earlier GPU run passed
-    checks = (device_probes, lora_linear, fused_dropout, merge_on_device, nf4, fsdp2_full, fsdp2_offload, bench,
+    checks = (device_probes, lora_linear, fused_dropout, merge_on_device, nf4, fsdp2_full, compiled, fsdp2_offload, bench,
               two_ranks, fsdp2_weight_units_offload, zero3_ac, zero2_bf16, ddp)
     unknown = set(args.checks or ()) - {fn.__name__ for fn in checks}
     if unknown:

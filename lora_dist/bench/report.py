@@ -33,6 +33,8 @@ LABELS = {
     "lora_dist_auto": "lora_dist auto",
     "lora_dist_fsdp2_bf16": "lora_dist fsdp2, bf16 base",
     "lora_dist_auto_bf16": "lora_dist auto, bf16 base",
+    "lora_dist_auto_compile": "lora_dist auto, compiled blocks",
+    "lora_dist_auto_bf16_compile": "lora_dist auto, bf16 base, compiled blocks",
     "lora_dist_nf4": "lora_dist fsdp2, NF4 base",
     "lora_dist_nf4_all": "lora_dist fsdp2, NF4 base + embedding/head",
     "peft_accelerate_fsdp2_bf16": "PEFT + accelerate FSDP2, bf16 base (bf16 anchor)",
@@ -41,7 +43,7 @@ LABELS = {
 ANCHOR_BF16 = "peft_accelerate_fsdp2_bf16"
 #: Configurations compared with the bf16 anchor rather than the fp32 one.
 NF4 = ("lora_dist_nf4", "lora_dist_nf4_all")
-BF16 = ("lora_dist_fsdp2_bf16", "lora_dist_auto_bf16", *NF4, ANCHOR_BF16)
+BF16 = ("lora_dist_fsdp2_bf16", "lora_dist_auto_bf16", "lora_dist_auto_bf16_compile", *NF4, ANCHOR_BF16)
 SHARDED = ("lora_dist_fsdp2", "lora_dist_zero3")
 EXPORT_LABELS = {
     "cli_fsdp2": "`lora-dist export RUN_DIR`, fsdp2 (own launch)",
@@ -51,7 +53,7 @@ EXPORT_LABELS = {
     ANCHOR: "anchor: full state dict to rank 0 + merge_and_unload + save_pretrained",
 }
 LORA_DIST = ("lora_dist_fsdp2", "lora_dist_zero3", "lora_dist_ddp", "lora_dist_auto", "lora_dist_fsdp2_bf16",
-             "lora_dist_auto_bf16", *NF4)
+             "lora_dist_auto_bf16", "lora_dist_auto_compile", "lora_dist_auto_bf16_compile", *NF4)
 EXPORT_SLACK = 0.10
 PLAN_TOLERANCE = 0.15
 
@@ -270,8 +272,9 @@ def _frozen_base_targets(size: str, rows: dict, anchor: dict | None, anchor_bf16
             out.append(_target("NF4 tensors <= 0.55x anchor", size, LABELS[name],
                                nf4["peak_tensor"] / anchor_bf16["peak_tensor"], 0.55,
                                f"{nf4['peak_tensor'] / GB:.3f} GB vs bf16 anchor {anchor_bf16['peak_tensor'] / GB:.3f} GB"))
-    for name, against, which in (("lora_dist_auto", anchor, "anchor"), ("lora_dist_auto_bf16", anchor_bf16,
-                                                                         "bf16 anchor")):
+    for name, against, which in (("lora_dist_auto", anchor, "anchor"), ("lora_dist_auto_bf16", anchor_bf16, "bf16 anchor"),
+                                 ("lora_dist_auto_compile", anchor, "anchor"),
+                                 ("lora_dist_auto_bf16_compile", anchor_bf16, "bf16 anchor")):
         auto = rows.get(name)
         if auto and against:
             chose = next((n for n in auto["notes"] if n.startswith("auto chose")), "")

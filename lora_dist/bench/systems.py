@@ -16,7 +16,8 @@
   in bf16: ``from_pretrained(dtype=bfloat16)``, PEFT's adapters in fp32 (its default), accelerate
   ``mixed_precision="bf16"`` (FSDP2 ``MixedPrecisionPolicy`` in bf16).
 * ``lora_dist_auto``: ``parallel.strategy=auto``, the planner's choice for the launch; ``lora_dist_auto_bf16``
-  the same with a bf16 base (against the bf16 anchor).
+  the same with a bf16 base (against the bf16 anchor). Opt-in with ``--configs``: ``lora_dist_auto_compile`` and
+  ``lora_dist_auto_bf16_compile``, the same with ``parallel.compile=true``.
 
 Accelerate only enables FSDP on accelerator devices: on a CPU-only machine
 ``Accelerator(fsdp_plugin=...)`` silently falls back to DDP (``cpu=True``) or
@@ -66,6 +67,7 @@ class System:
     description = ""
     reproduced = False
     can_export = False
+    counts_tensors = True  # the worker counts live tensor bytes on a CPU (LiveTensorBytes)
 
     def __init__(self, settings: BenchSettings, device: torch.device) -> None:
         self.s = settings
@@ -107,6 +109,9 @@ VARIANTS = {
     "lora_dist_nf4": ("fsdp2", ("model.dtype=bfloat16", "model.quantize=nf4")),
     # The embedding and head in NF4 too; no activation checkpointing, as the anchor runs: like for like.
     "lora_dist_nf4_all": ("fsdp2", ("model.dtype=bfloat16", "model.quantize=nf4", "model.quantize_embeddings=true")),
+    # Opt-in (--configs): auto with each block compiled (on a CPU their live tensors are not counted: LoraDist.setup).
+    "lora_dist_auto_compile": ("auto", ("parallel.compile=true",)),
+    "lora_dist_auto_bf16_compile": ("auto", ("model.dtype=bfloat16", "parallel.compile=true")),
 }
 
 
@@ -146,6 +151,12 @@ class LoraDist(System):
             from lora_dist.session import resolve_strategy
 
             self.notes.append(f"auto chose {mode_name(resolve_strategy(cfg, env, self.device).parallel)}")
+        if cfg.parallel.compile and self.device.type == "cpu":
+            # The counting TorchDispatchMode makes a compiled graph run op by op (the eager peak without selective
+            # recompute) and counts what the compiled artifacts hold besides: not the compiled step's bytes.
+            self.counts_tensors = False
+            self.notes.append("compiled blocks: live tensors not counted on a CPU (the counting dispatch mode runs "
+                              "compiled graphs op by op); RSS measured")
         if self.strategy == "fsdp2":
             from lora_dist.session import resolve_hybrid
 
@@ -174,7 +185,8 @@ class LoraDist(System):
     def forward(self, ids, labels) -> None:
         from lora_dist.loss import token_loss_sum
 
-        token_loss_sum(self.engine.model(input_ids=ids).logits, labels)
+        # No KV cache, as the training forward runs (lora_dist.data's inputs): the anchors' forward is their own.
+        token_loss_sum(self.engine.model(input_ids=ids, use_cache=False).logits, labels)
 
     def export(self, out_dir: Path) -> None:
         """As at the end of ``lora-dist train``: training state freed, then the merged export."""

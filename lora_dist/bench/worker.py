@@ -128,7 +128,7 @@ def main(job_path: str) -> None:
     result["train"] = {**train.as_dict(), "step_times": [t for t, _ in timed], "step_cpu_times": [c for _, c in timed]}
 
     comm = CommCounter(env.world_size)
-    tracker = LiveTensorBytes(device.type) if device.type == "cpu" else None
+    tracker = LiveTensorBytes(device.type) if device.type == "cpu" and system.counts_tensors else None
     ids, labels = batch(step)
     dist.barrier()
     with comm, (tracker if tracker is not None else contextlib.nullcontext()):

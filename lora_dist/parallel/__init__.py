@@ -3,6 +3,7 @@
 * :mod:`~lora_dist.parallel.parallelize`: ``parallelize``, the one wrapping entry point
   (activation checkpointing, then FSDP2 per block and the root, on a 1-D or hybrid
   ``dp_replicate x dp_shard`` mesh: ``dp_mesh_shape``).
+* :mod:`~lora_dist.parallel.compile`: each transformer block compiled by ``torch.compile`` (``parallel.compile``).
 * :mod:`~lora_dist.parallel.checkpointing`: activation checkpointing of the blocks, their
   checkpointed inputs optionally waiting in host memory (``parallel.offload_activations``).
 * :mod:`~lora_dist.parallel.sharding`: which bytes of a base tensor a rank owns (FSDP2

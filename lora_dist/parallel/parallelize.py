@@ -1,6 +1,7 @@
 """``parallelize``: the one place a model is wrapped for its strategy, in a fixed order.
 
-selective recompute and activation checkpointing (:mod:`~lora_dist.parallel.checkpointing`) -> FSDP2
+compiled blocks (:mod:`~lora_dist.parallel.compile`, ``parallel.compile``) or else selective recompute, and
+activation checkpointing (:mod:`~lora_dist.parallel.checkpointing`) -> FSDP2
 ``fully_shard`` per transformer block (``parallel.shard_unit=weight``: each
 weight matrix of a block its own unit first, :func:`weight_units`), then
 the input embedding and output head as their own units, then the root, all on
@@ -13,7 +14,7 @@ params are ``ignored_params``: they stay plain, whole tensors on every rank
 while the frozen base becomes ``Shard(0)`` DTensors with no gradients and no
 optimizer state. DeepSpeed ZeRO shards at construction instead
 (:func:`lora_dist.parallel.deepspeed.zero_init`), so for ``zero*``, ``ddp`` and
-``none`` only the recompute settings are applied here.
+``none`` only the compile and recompute settings are applied here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn as nn
 from lora_dist.config import ConfigError, ParallelConfig
 from lora_dist.lora import lora_parameters
 from lora_dist.parallel.checkpointing import enable_activation_checkpointing, enable_selective_recompute
+from lora_dist.parallel.compile import compile_blocks
 from lora_dist.quant import is_quantized
 
 __all__ = ["dp_mesh_shape", "embedding_and_head", "find_blocks", "one_post_forward_mesh", "parallelize",
@@ -142,16 +144,20 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> nn.Module:
-    """Apply selective recompute and activation checkpointing, then shard the frozen base (fsdp2), in place.
+    """Compile the blocks (``parallel.compile``) or apply selective recompute, apply activation checkpointing,
+    then shard the frozen base (fsdp2), in place.
 
     Call after :func:`lora_dist.lora.inject_lora` and before materialization:
     the model may live on the meta device. For ``zero*``, ``ddp`` and ``none``
-    only the recompute settings are applied here.
+    only the compile and recompute settings are applied here.
 
     Raises:
-        ValueError: fsdp2 found no transformer block to shard.
+        ValueError: fsdp2 (or ``parallel.compile``) found no transformer block.
     """
-    if cfg.selective_recompute:
+    blocks = find_blocks(model)
+    if cfg.compile:
+        compile_blocks(blocks)  # the compiler recomputes cheap work itself: no selective recompute in the blocks
+    elif cfg.selective_recompute:
         enable_selective_recompute(model)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model, offload=cfg.offload_activations)
@@ -180,7 +186,6 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
         # Over one shard rank FSDP2 skips the all-gather and rebuilds each param from its first all-gather input
         # alone, which cannot rebuild an NF4 weight (three inputs): NF4 weights stay whole, as under `none`.
         ignored |= {p for p in model.parameters() if is_quantized(p)}
-    blocks = find_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__}: found no transformer blocks to shard; use parallel.strategy=ddp")
     shard = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored)

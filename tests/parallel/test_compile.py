@@ -1,0 +1,110 @@
+"""``parallel.compile``: compiled transformer blocks train to the eager single-process result under every strategy
+that takes them, keep every name, and are refused in one line where the compiler cannot follow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distutil import assert_same_adapter, assert_same_losses, llama_config_dir, lora_dist, train_run
+from lora_dist.config import ConfigError, load_config
+from lora_dist.demo import write_demo_data
+
+STEPS = 3
+LR = 5e-3
+#: As tests/test_train_dist.py derives it: 1/300 of the largest possible move (lr per step).
+ADAPTER_ATOL = LR * STEPS / 300
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint, tmp_path_factory):
+    base = tiny_checkpoint("llama", hidden=64, layers=2)
+    root = tmp_path_factory.mktemp("compile")
+    data = write_demo_data(root / "data.jsonl", n=200)
+    common = [f"model.path={base}", f"data.path={data}", f"train.steps={STEPS}", "train.seq_len=32",
+              f"train.lr={LR}", "train.warmup_steps=1", "data.eval_fraction=0", "lora.r=4",
+              "lora.target_modules=[q_proj,v_proj,down_proj]", "checkpoint.every=0"]
+    return {"base": base, "root": root, "common": common}
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """One process, eager, global batch 4."""
+    return train_run(setup["root"] / "ref", 1, *setup["common"], "parallel.strategy=none", "train.micro_batch_size=4")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy,nproc,variant", [
+    ("none", 1, ""),
+    ("fsdp2", 2, ""),
+    ("ddp", 2, "parallel.activation_checkpointing=true"),  # the checkpoint reruns the compiled block
+    ("zero2", 2, ""),
+])
+def test_compiled_blocks_train_to_the_eager_one_process_result(setup, reference, strategy, nproc, variant):
+    """The micro-batches change length (the data's padding is trimmed per batch), so this covers the recompile for
+    dynamic shapes too; the first block (an input without grad) and the others compile apart."""
+    out = train_run(setup["root"] / f"{strategy}-{nproc}", nproc, *setup["common"], f"parallel.strategy={strategy}",
+                    f"train.micro_batch_size={4 // nproc}", "parallel.compile=true", *variant.split())
+    assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
+    assert_same_losses(_losses(out), _losses(reference))
+
+
+@pytest.mark.dist
+def test_compiled_blocks_keep_every_name_and_run_compiled(setup):
+    """In place: the state dict (checkpoints, the export) has the eager model's keys, and each block runs through
+    its compiled call."""
+    from lora_dist.launch import LaunchEnv
+    from lora_dist.model_dir import ModelDir
+    from lora_dist.parallel import find_blocks
+    from lora_dist.session import build
+
+    env = LaunchEnv("torchrun", 0, 0, 1, 1, 0, 1, "127.0.0.1", 29500)
+    names = {}
+    for compiled in (False, True):
+        cfg = load_config(None, [*setup["common"], "parallel.strategy=none", f"parallel.compile={compiled}",
+                                 "output.dir=unused"])
+        model, _ = build(cfg, env, torch.device("cpu"), ModelDir(setup["base"]), None)
+        names[compiled] = list(model.state_dict())
+        blocks = find_blocks(model)
+        assert blocks and all((getattr(b, "_compiled_call_impl", None) is not None) == compiled for b in blocks)
+    assert names[True] == names[False]
+
+
+@pytest.mark.parametrize("overrides,problem", [
+    (["parallel.strategy=zero3"], "zero3 gathers each weight in hooks inside the blocks"),
+    (["model.quantize=nf4"], "nf4 base is dequantized weight by weight"),
+])
+def test_refused_in_one_line_where_the_compiler_cannot_follow(setup, overrides, problem):
+    with pytest.raises(ConfigError, match=problem) as e:
+        load_config(None, [*setup["common"], "parallel.compile=true", *overrides])
+    assert "\n" not in str(e.value) and "parallel.compile" in str(e.value)
+    proc = lora_dist("train", *setup["common"], "parallel.compile=true", *overrides,
+                     f"output.dir={setup['root'] / 'refused'}", check=False)
+    assert proc.returncode != 0 and problem in proc.stderr
+    assert not (setup["root"] / "refused").exists()
+
+
+def test_the_plan_keeps_what_an_eager_block_keeps_without_selective_recompute(tmp_path):
+    """The planner sizes compiled blocks as eager ones without selective recompute (their upper bound; the
+    compiler's partition recomputes the cheap work itself), names the mode, and auto keeps the user's compile."""
+    from lora_dist.plan import GB, choose_strategy, plan_memory
+
+    path = llama_config_dir(tmp_path, vocab=512, hidden=64, intermediate=160, layers=2)
+
+    def plan(*extra):
+        cfg = load_config(None, [f"model.path={path}", "parallel.strategy=ddp", "model.dtype=bfloat16", *extra])
+        return plan_memory(cfg, 2)
+
+    compiled, eager = plan("parallel.compile=true"), plan("parallel.selective_recompute=false")
+    assert compiled.activations == eager.activations > plan().activations
+    cfg = load_config(None, [f"model.path={path}", "parallel.strategy=auto", "parallel.compile=true"])
+    chosen, choice = choose_strategy(cfg, 2, 100 * GB)
+    assert chosen.strategy == "ddp" and chosen.compile and "ddp + compiled blocks" in choice.summary()
