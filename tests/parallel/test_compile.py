@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from distutil import assert_same_adapter, assert_same_losses, llama_config_dir, lora_dist, train_run
 from lora_dist.config import ConfigError, load_config
@@ -108,3 +109,33 @@ def test_the_plan_keeps_what_an_eager_block_keeps_without_selective_recompute(tm
     cfg = load_config(None, [f"model.path={path}", "parallel.strategy=auto", "parallel.compile=true"])
     chosen, choice = choose_strategy(cfg, 2, 100 * GB)
     assert chosen.strategy == "ddp" and chosen.compile and "ddp + compiled blocks" in choice.summary()
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("arch", ["qwen3_moe"])
+def test_compiled_moe_blocks_train_to_the_eager_result(tiny_checkpoint, tmp_path, arch):
+    """A mixture-of-experts block (data-dependent routing: the compiler splits the graph there) with LoRA on its
+    fused experts (lora.target_parameters) and on attention trains as the eager model does: the same losses and
+    gradient norms at every step, and every adapter tensor within 1e-3 of the eager one (relative, whole tensor).
+
+    Element by element the dense tests' bound does not hold here, and should not: an expert few tokens reach has
+    near-zero gradient elements, which AdamW scales up to about lr each, so the compiled kernels' other summation
+    order moves one or two elements in 10,000 by ~5e-5 (measured), while the losses agree to every printed digit.
+    A real defect (LoRA missing from the compiled graph, a wrong expert) moves every element by up to lr x steps."""
+    base = tiny_checkpoint(arch)
+    data = write_demo_data(tmp_path / "data.jsonl", n=100)
+    common = [f"model.path={base}", f"data.path={data}", f"train.steps={STEPS}", "train.seq_len=32", f"train.lr={LR}",
+              "train.warmup_steps=1", "data.eval_fraction=0", "lora.r=4", "lora.target_modules=[q_proj,v_proj]",
+              "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]", "checkpoint.every=0",
+              "parallel.strategy=none", "train.micro_batch_size=4"]
+    eager = train_run(tmp_path / "eager", 1, *common)
+    compiled = train_run(tmp_path / "compiled", 1, *common, "parallel.compile=true")
+    assert_same_losses(_losses(compiled), _losses(eager))
+    norms = [[json.loads(line)["grad_norm"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "grad_norm" in json.loads(line)] for run in (eager, compiled)]
+    assert len(norms[0]) == STEPS and norms[1] == pytest.approx(norms[0], rel=1e-5)
+    want, got = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (eager, compiled))
+    assert set(got) == set(want) and any("experts" in k for k in want)
+    for key, tensor in want.items():
+        assert float(tensor.abs().max()) > 0 and float((got[key] - tensor).norm() / tensor.norm()) < 1e-3, key
+    assert max(float(t.abs().max()) for k, t in want.items() if "lora_B" in k) > 1e-4  # it trained
