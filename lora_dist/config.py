@@ -190,7 +190,8 @@ class ParallelConfig:
     """Compile each transformer block with torch.compile (in place: names, checkpoints and export unchanged): the
     elementwise work between the matmuls fused into fewer kernels, fewer kernel launches on a GPU. The compiler
     then recomputes cheap work itself, so parallel.selective_recompute does not apply to the blocks. The first
-    step pays the compile (tens of seconds on a CPU). Not with zero3 or model.quantize (lora_dist.parallel.compile)."""
+    step pays the compile (seconds to tens of seconds). Not with zero3, model.quantize or parallel.offload_activations
+    (lora_dist.parallel.compile)."""
     reshard_after_forward: bool | int | str = True
     """fsdp2: free the gathered base weights after forward (re-gather in backward); false: keep them; node (or an
     integer N): keep a 1/N shard after forward, N = the ranks of a node, so backward gathers within the node
@@ -412,7 +413,7 @@ class Config:
         if p.compile:
             from lora_dist.parallel.compile import why_not_compiled
 
-            problem = why_not_compiled(p.strategy, self.model.quantize)
+            problem = why_not_compiled(p, self.model.quantize)
             if problem:
                 raise ConfigError(f"parallel.compile=true does not apply: {problem}")
         if not 0.0 <= self.data.eval_fraction < 1.0:

@@ -363,12 +363,12 @@ def mode_name(p: ParallelConfig) -> str:
         name += " + activation checkpointing"
     elif not p.selective_recompute and not p.compile:
         name += " without selective recompute"
-    if p.compile:
-        name += " + compiled blocks"
     if p.strategy == "fsdp2" and p.shard_unit == "weight":
         name += " + one unit per weight"
     if p.offload_activations and p.activation_checkpointing:
         name += " + offloaded activations"
+    if p.compile:
+        name += " + compiled blocks"
     return name
 
 
@@ -381,8 +381,9 @@ def _candidates(p: ParallelConfig, world_size: int, base_dtype: str) -> list[tup
     options = [dataclasses.replace(p, strategy=replicated, selective_recompute=False),
                dataclasses.replace(p, strategy=replicated), dataclasses.replace(p, strategy="fsdp2"),
                dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=True),
+               # Compiled blocks cannot take the offload's hooks (lora_dist.parallel.compile): without them there.
                dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=True, shard_unit="weight",
-                                   offload_activations=True)]
+                                   offload_activations=not p.compile)]
     from lora_dist.parallel.parallelize import replicated_if_unsharded
 
     out: list[tuple[str, ParallelConfig]] = []
@@ -589,8 +590,9 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         first = blocks[0]
         # An adapter on a parameter saves no per-token activation (its delta is on the weight side).
         ranks_per_block = sum(m.r for _, m in lora_modules(first) if not isinstance(m, LoRAParam))
-    # A compiled block runs without selective recompute; the compiler's own recompute keeps no more (measured
-    # on the host: lora_dist.parallel.compile), so its activations are planned as the eager ones without it.
+    # A compiled block runs without selective recompute, and is planned as an eager one without it: an upper bound,
+    # as the compiler recomputes cheap work itself (on the CPU the compiled step's RSS was 2-8% below that of eager
+    # blocks without selective recompute, docs/bench.md; on a GPU not yet measured).
     selective = p.selective_recompute and not p.compile
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
     vocab = getattr(hf_config, "vocab_size", 0) or 0

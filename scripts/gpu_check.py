@@ -249,8 +249,34 @@ def nf4(ctx):
     return "; ".join(lines)
 
 
-@check("compiled blocks (parallel.compile): bf16 losses follow the eager run's, merged export + verify", needs_cuda=True)
+@check("compiled blocks (parallel.compile): whole graphs on the device, bf16 losses follow the eager run's, merged "
+       "export + verify", needs_cuda=True)
 def compiled(ctx):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from lora_dist.config import load_config
+    from lora_dist.launch import LaunchEnv
+    from lora_dist.model_dir import ModelDir
+    from lora_dist.session import build
+
+    # In this process first: the blocks compile for the GPU without a graph break or a fallback to eager.
+    cfg = load_config(None, [f"model.path={ctx['base']}", "parallel.strategy=none", "parallel.compile=true",
+                             "model.dtype=bfloat16", "lora.r=4", "output.dir=unused"])
+    env = LaunchEnv("torchrun", 0, 0, 1, 1, 0, 1, "127.0.0.1", 29500)
+    _, engine = build(cfg, env, ctx["device"], ModelDir(ctx["base"]), None)
+    torch._dynamo.reset()
+    counters.clear()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    try:
+        for length in (64, 48, 64):
+            ids = torch.randint(0, 400, (2, length), device=ctx["device"])
+            engine.forward_loss_sum({"input_ids": ids}, ids).backward()
+    finally:
+        torch._dynamo.config.fail_on_recompile_limit_hit = False
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2 and not counters["graph_break"], (dict(counters["stats"]), dict(counters["graph_break"]))
+    del engine
     runs = {}
     for name, extra in (("eager", ()), ("compiled", ("parallel.compile=true", "export.merged=true",
                                                       "export.dtype=float32"))):
@@ -261,7 +287,7 @@ def compiled(ctx):
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses["compiled"], losses["eager"]))
     assert len(losses["compiled"]) == len(losses["eager"]) and worst < 2e-2, losses
     last = {k: [r["step_time_s"] for r in v if "step_time_s" in r][-1] for k, v in runs.items()}
-    return (f"losses within {worst:.2g} (relative); last step {last['compiled'] * 1e3:.1f} ms compiled vs "
+    return (f"{graphs} graphs, no graph break; losses within {worst:.2g} (relative); last step {last['compiled'] * 1e3:.1f} ms compiled vs "
             f"{last['eager'] * 1e3:.1f} ms eager (tiny model: the bench row measures speed); merged export verified")
 
 

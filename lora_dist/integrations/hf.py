@@ -53,6 +53,10 @@ def _check_args(args) -> None:
         raise ConfigError(f"TrainingArguments(deepspeed=...) conflicts with LoraDistTrainer; {fix}")
     if args.fsdp:
         raise ConfigError(f"TrainingArguments(fsdp=...) conflicts with LoraDistTrainer; {fix}")
+    if getattr(args, "torch_compile", False):
+        raise ConfigError("TrainingArguments(torch_compile=True) conflicts with LoraDistTrainer (it would compile the "
+                          "whole wrapped model); drop it and pass parallel=ParallelConfig(compile=True), which "
+                          "compiles each transformer block in place")
     if args.fp16 or args.bf16:
         raise ConfigError("TrainingArguments(fp16/bf16=True) conflicts with LoraDistTrainer (LoRA trains in fp32); "
                           "pass bf16=False, fp16=False (SFTConfig turns bf16 on by default) and compute the base in "
@@ -189,7 +193,7 @@ class LoraDistMixin:
         return batches, self._step_tokens
 
     def _forward_loss_sum(self, inputs: dict) -> tuple[torch.Tensor, Any]:
-        outputs = self.engine.model(**{k: v for k, v in inputs.items() if k != "labels"})
+        outputs = self.engine.model(**{"use_cache": False, **{k: v for k, v in inputs.items() if k != "labels"}})
         return token_loss_sum(outputs.logits, inputs["labels"].long()), outputs
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:

@@ -2,47 +2,72 @@
 
 A LoRA step over a frozen base is its matmuls plus a long tail of small elementwise kernels
 (norms, rotary embeddings, the gated MLP's activation, LoRA's scale and add, residual adds).
-Compiling a block fuses that tail into a few kernels and, on a GPU, cuts the kernel launches
+Compiling a block fuses that tail into fewer kernels and, on a GPU, cuts the kernel launches
 the host must issue. One block at a time, as torchtitan and torchtune do: the repeated blocks
-share one compiled graph (their parameters are the graph's inputs), so compile time does not
-grow with depth, and what surrounds the blocks (the embedding, the head and the chunked loss,
-FSDP2's and DeepSpeed's hooks) stays eager.
+share their compiled graphs (their parameters are the graphs' inputs): one for the first block,
+whose input needs no gradient, one for the others, and one more per new input layout (a packed
+batch's mask, a new length, which then compiles as dynamic, eval's no-grad forward). So compile
+time does not grow with depth, and what surrounds the blocks (the embedding, the head and the
+chunked loss, FSDP2's and DeepSpeed's hooks) stays eager.
 
 Each block is compiled in place (``nn.Module.compile``), so every parameter name, the
 checkpoints and the export are those of the eager model. The compiler's own partition of
 forward and backward recomputes cheap elementwise work instead of keeping it (AOTAutograd's
 min-cut rematerialization), which is what ``parallel.selective_recompute`` does by hand in
-eager mode; the two are not combined (selective recompute's saved-tensor hooks would only
-split the compiled graph), so a compiled block runs without it.
+eager mode; the two are not combined (selective recompute's saved-tensor hooks would split
+the compiled graph), so a compiled block runs without it.
 
-Not for ``zero3`` (DeepSpeed's parameter gathers run as hooks inside every block; refused in
-one line) or an NF4 base (each weight is dequantized by its own autograd function; refused).
-The first step pays the compile: tens of seconds on a CPU, less on a GPU; a new shape of
-micro-batch compiles once more, then shapes are treated as dynamic.
+All blocks share one compiled entry point, and torch compiles at most
+``torch._dynamo.config.recompile_limit`` (8 by default) variants of one, then runs the rest
+eagerly without a word; first/other block x mask/no mask x static/dynamic length x grad/no
+grad (eval) x a model's layer types reach that, so :func:`compile_blocks` raises it to
+:data:`RECOMPILE_LIMIT` (a process-wide setting).
+
+Not for ``zero3`` (DeepSpeed's parameter gathers run as hooks inside every block), an NF4 base
+(each weight is dequantized by its own autograd function) or checkpointed inputs offloaded to
+host memory (the offload's hooks wrap the checkpoint inside the block, where the compiler cannot
+enter them): refused in one line. The first step pays the compile: seconds to tens of seconds.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
-__all__ = ["compile_blocks", "why_not_compiled"]
+from lora_dist.config import ConfigError, ParallelConfig
+
+__all__ = ["RECOMPILE_LIMIT", "compile_blocks", "why_not_compiled"]
+
+#: Compiled variants of the blocks' shared entry point before torch runs further ones eagerly.
+RECOMPILE_LIMIT = 64
 
 
-def why_not_compiled(strategy: str, quantize: str = "") -> str | None:
-    """Why ``parallel.compile`` cannot apply to this run (None when it can)."""
-    if strategy == "zero3":
+def why_not_compiled(parallel: ParallelConfig, quantize: str = "") -> str | None:
+    """Why ``parallel.compile`` cannot apply to a run with these settings (None when it can)."""
+    if parallel.strategy == "zero3":
         return ("zero3 gathers each weight in hooks inside the blocks, which the compiler cannot trace; use "
                 "parallel.strategy=fsdp2 (the same sharding) or parallel.compile=false")
     if quantize:
         return f"an {quantize} base is dequantized weight by weight outside the compiler's reach; set parallel.compile=false"
+    if parallel.offload_activations and parallel.activation_checkpointing:
+        return ("parallel.offload_activations wraps each block's checkpoint in hooks the compiler cannot enter (the "
+                "blocks would run eagerly); drop one of the two")
     return None
 
 
 def compile_blocks(blocks: list[nn.Module]) -> int:
-    """Compile each of ``blocks`` in place (:meth:`torch.nn.Module.compile`; names and parameters unchanged).
-    Returns how many were compiled."""
+    """Compile each of ``blocks`` in place (:meth:`torch.nn.Module.compile`; names and parameters unchanged) and
+    raise torch's recompile limit to :data:`RECOMPILE_LIMIT`. Returns how many were compiled.
+
+    Raises:
+        ConfigError: there are no blocks (a model lora_dist finds no transformer blocks in).
+    """
     if not blocks:
-        raise ValueError("parallel.compile found no transformer blocks to compile; set parallel.compile=false")
+        raise ConfigError("parallel.compile found no transformer blocks to compile in this model; set "
+                          "parallel.compile=false")
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile()
     return len(blocks)

@@ -99,7 +99,10 @@ class Engine:
 
     def forward_loss_sum(self, inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
         """``model(**inputs)`` and the summed fp32 next-token loss of ``labels`` (``-100``: no loss), through the
-        chunked head where :attr:`head_loss` is set: the full fp32 logits never exist."""
+        chunked head where :attr:`head_loss` is set: the full fp32 logits never exist. Without a KV cache unless
+        ``inputs`` asks for one: a training forward never reads it back (and compiled blocks would compile again for
+        every layer's cache index)."""
+        inputs = {"use_cache": False, **inputs}
         with self.embedding.installed() if self.embedding is not None else contextlib.nullcontext():
             if self.head_loss is None:
                 return token_loss_sum(self.model(**inputs).logits, labels)

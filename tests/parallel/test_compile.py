@@ -60,8 +60,13 @@ def test_compiled_blocks_train_to_the_eager_one_process_result(setup, reference,
 
 @pytest.mark.dist
 def test_compiled_blocks_keep_every_name_and_run_compiled(setup):
-    """In place: the state dict (checkpoints, the export) has the eager model's keys, and each block runs through
-    its compiled call."""
+    """In place: the state dict (checkpoints, the export) has the eager model's keys. The blocks run as compiled
+    graphs, whole, through what a run varies - batches of other lengths and with a packed batch's mask, eval's
+    no-grad forward - without a graph break or falling back to eager at torch's recompile limit, and with no KV
+    cache (a training forward never reads one; compiled, it would compile again for every layer)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     from lora_dist.launch import LaunchEnv
     from lora_dist.model_dir import ModelDir
     from lora_dist.parallel import find_blocks
@@ -72,16 +77,44 @@ def test_compiled_blocks_keep_every_name_and_run_compiled(setup):
     for compiled in (False, True):
         cfg = load_config(None, [*setup["common"], "parallel.strategy=none", f"parallel.compile={compiled}",
                                  "output.dir=unused"])
-        model, _ = build(cfg, env, torch.device("cpu"), ModelDir(setup["base"]), None)
+        model, engine = build(cfg, env, torch.device("cpu"), ModelDir(setup["base"]), None)
         names[compiled] = list(model.state_dict())
         blocks = find_blocks(model)
         assert blocks and all((getattr(b, "_compiled_call_impl", None) is not None) == compiled for b in blocks)
     assert names[True] == names[False]
 
+    caches = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: caches.append(kwargs.get("use_cache")), with_kwargs=True)
+    torch._dynamo.reset()
+    counters.clear()
+    strict = torch._dynamo.config.fail_on_recompile_limit_hit
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # a fallback to eager raises instead
+    try:
+        generator = torch.Generator().manual_seed(0)
+        for length, packed in ((32, False), (24, False), (32, True), (20, True), (28, False)):
+            ids = torch.randint(0, model.config.vocab_size, (2, length), generator=generator)
+            inputs = {"input_ids": ids}
+            if packed:  # two documents in each row: positions restart, a block-diagonal causal mask
+                half = length // 2
+                inputs["position_ids"] = torch.cat([torch.arange(half), torch.arange(length - half)]).expand(2, -1)
+                causal = torch.ones(length, length, dtype=torch.bool).tril()
+                causal[half:, :half] = False
+                inputs["attention_mask"] = causal.expand(2, 1, length, length)
+            engine.forward_loss_sum(inputs, ids).backward()
+        with torch.no_grad():
+            engine.forward_loss_sum({"input_ids": ids}, ids)
+    finally:
+        torch._dynamo.config.fail_on_recompile_limit_hit = strict
+    assert caches and set(caches) == {False}
+    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])  # the first block, and the others
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
 
 @pytest.mark.parametrize("overrides,problem", [
     (["parallel.strategy=zero3"], "zero3 gathers each weight in hooks inside the blocks"),
     (["model.quantize=nf4"], "nf4 base is dequantized weight by weight"),
+    (["parallel.activation_checkpointing=true", "parallel.offload_activations=true"],
+     "parallel.offload_activations wraps each block's checkpoint in hooks"),
 ])
 def test_refused_in_one_line_where_the_compiler_cannot_follow(setup, overrides, problem):
     with pytest.raises(ConfigError, match=problem) as e:
@@ -109,6 +142,13 @@ def test_the_plan_keeps_what_an_eager_block_keeps_without_selective_recompute(tm
     cfg = load_config(None, [f"model.path={path}", "parallel.strategy=auto", "parallel.compile=true"])
     chosen, choice = choose_strategy(cfg, 2, 100 * GB)
     assert chosen.strategy == "ddp" and chosen.compile and "ddp + compiled blocks" in choice.summary()
+    # Its smallest candidate keeps the checkpointed inputs on the device: compiled blocks cannot offload them.
+    for compiled, smallest in ((False, "one unit per weight + offloaded activations"),
+                               (True, "one unit per weight + compiled blocks")):
+        cfg = load_config(None, [f"model.path={path}", "parallel.strategy=auto", f"parallel.compile={compiled}"])
+        with pytest.raises(ConfigError, match="nothing fits") as e:
+            choose_strategy(cfg, 2, 1)
+        assert f"({'fsdp2 + activation checkpointing + ' + smallest})" in str(e.value)
 
 
 @pytest.mark.dist
