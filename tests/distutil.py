@@ -153,6 +153,41 @@ def assert_same_losses(got: list[float], want: list[float], atol: float = 1e-5) 
     assert worst <= atol / 2, f"losses {got} vs {want}: max |diff| {worst:.3g} against a tolerance of {atol:.3g}"
 
 
+def adapter_atol(lr: float, steps: int) -> float:
+    """The bound two runs' adapters must meet when their ranks (or kernels) sum gradients in another order: Adam
+    normalizes each update by the gradient's own size, so a rounding difference in a tiny gradient moves an
+    element by a visible fraction of lr; every element moves at most ~lr per step, lr x steps in all, and a real
+    defect (a missed sync, a wrong scale) shows at that size. 1/300 of it, met with the 2x margin of
+    :func:`assert_same_adapter`, holds on every machine."""
+    return lr * steps / 300
+
+
+def short_run_args(base: Path, data: Path, steps: int, lr: float, targets: str = "[q_proj,v_proj,down_proj]",
+                   *extra: str) -> list[str]:
+    """The overrides of the tests' short comparison runs: ``steps`` steps of 32-token blocks, lr ``lr``, r=4 on
+    ``targets``, no held-out data, no checkpoints."""
+    return [f"model.path={base}", f"data.path={data}", f"train.steps={steps}", "train.seq_len=32", f"train.lr={lr}",
+            "train.warmup_steps=1", "data.eval_fraction=0", "lora.r=4", f"lora.target_modules={targets}",
+            "checkpoint.every=0", *extra]
+
+
+def short_run_setup(base: Path, root: Path, steps: int, lr: float) -> dict:
+    """``base`` (a tiny checkpoint), 200 demo records written under ``root`` and the :func:`short_run_args` of
+    ``steps`` steps at ``lr``: ``{"base", "data", "root", "common"}``, what the comparison tests' fixtures hold."""
+    from lora_dist.demo import write_demo_data
+
+    data = write_demo_data(root / "data.jsonl", n=200)
+    return {"base": base, "data": data, "root": root, "common": short_run_args(base, data, steps, lr)}
+
+
+def logged(out: Path, key: str = "loss") -> list[float]:
+    """``key`` of every line of a run's ``metrics.jsonl`` that has it, in order (the losses by default)."""
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [row[key] for row in rows if key in row]
+
+
 def train_run(out: Path, nproc: int, *args: str) -> Path:
     """``lora-dist train ARGS output.dir=OUT`` as one process (``nproc`` 1) or on ``nproc`` ranks, forked by the zygote; returns ``out``."""
     args = ("train", *args, f"output.dir={out}")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 pytest.importorskip("torchao")
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4  # noqa: E402
 
-from distutil import assert_same_losses, step_peak, train_run  # noqa: E402
+from distutil import adapter_atol, assert_same_losses, logged, short_run_args, step_peak, train_run  # noqa: E402
 from lora_dist.config import ConfigError, load_config  # noqa: E402
 from lora_dist.quant import (  # noqa: E402
     GROUP,
@@ -39,7 +39,7 @@ SIZES = dict(hidden=256, layers=2)
 #: model.quantize_embeddings quantizes them.
 PADDED = dict(SIZES, vocab=512)
 STEPS, LR = 3, 5e-3
-ADAPTER_ATOL = LR * STEPS / 300  # as tests/test_train_dist.py: ranks sum in another order than one process
+ADAPTER_ATOL = adapter_atol(LR, STEPS)  # ranks sum in another order than one process
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -354,19 +354,11 @@ def setup(tiny_checkpoint, tmp_path_factory):
     base = tiny_checkpoint("llama", **SIZES)
     root = tmp_path_factory.mktemp("nf4")
     data = write_demo_data(root / "data.jsonl", n=200)
-    common = [f"model.path={base}", f"data.path={data}", f"train.steps={STEPS}", "train.seq_len=32",
-              f"train.lr={LR}", "train.warmup_steps=1", "data.eval_fraction=0", "lora.r=4",
-              "lora.target_modules=[q_proj,v_proj,down_proj]", "checkpoint.every=0"]
-    return {"base": base, "root": root, "common": common}
+    return {"base": base, "root": root, "common": short_run_args(base, data, STEPS, LR)}
 
 
 def _train(setup, name: str, nproc: int, *overrides: str) -> Path:
     return train_run(setup["root"] / name, nproc, *setup["common"], *overrides)
-
-
-def _losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +384,7 @@ def test_two_ranks_equal_one_process(setup, reference, strategy, extra):
     out = _train(setup, f"nf4-{strategy}-{len(extra)}", 2, f"parallel.strategy={strategy}",
                  "train.micro_batch_size=2", "model.quantize=nf4", *extra)
     assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
-    assert_same_losses(_losses(out), _losses(reference))
+    assert_same_losses(logged(out), logged(reference))
 
 
 @pytest.mark.dist
@@ -412,10 +404,10 @@ def test_quantized_embeddings_two_ranks_equal_one_process_and_export(setup, tiny
     two = _train(setup, "nf4-emb-fsdp2", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=2", *flags,
                  "model.quantize_embeddings=true")
     assert_same_adapter(one / "adapter", two / "adapter", ADAPTER_ATOL)
-    assert_same_losses(_losses(two), _losses(one))
+    assert_same_losses(logged(two), logged(one))
     bf16_embeddings = _train(setup, "nf4-padded-ref", 1, "parallel.strategy=none", "train.micro_batch_size=4",
                              *flags)
-    assert _losses(one) != pytest.approx(_losses(bf16_embeddings), abs=1e-5)
+    assert logged(one) != pytest.approx(logged(bf16_embeddings), abs=1e-5)
 
     out = tmp_path / "merged"
     lora_dist("export", str(two), "--out", str(out), "--dtype", "float32")
@@ -436,7 +428,7 @@ def test_hybrid_sharding_of_an_nf4_base_equals_one_process(setup, reference):
     out = _train(setup, "nf4-hybrid", 4, "parallel.strategy=fsdp2", "parallel.dp_replicate=2",
                  "parallel.dp_shard=2", "train.micro_batch_size=1", "model.quantize=nf4")
     assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
-    assert_same_losses(_losses(out), _losses(reference))
+    assert_same_losses(logged(out), logged(reference))
 
 
 @pytest.mark.dist
@@ -452,7 +444,7 @@ def test_fsdp2_over_one_shard_rank_equals_one_process(setup, reference, nproc, e
     out = _train(setup, f"nf4-one-shard-{nproc}", nproc, "parallel.strategy=fsdp2",
                  f"train.micro_batch_size={4 // nproc}", "model.quantize=nf4", *extra)
     assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
-    assert_same_losses(_losses(out), _losses(reference))
+    assert_same_losses(logged(out), logged(reference))
 
 
 @pytest.mark.dist
@@ -462,8 +454,8 @@ def test_fsdp2_casting_to_bf16_over_one_shard_rank_trains(setup, reference):
     fp32 one process's losses within 1%, not its adapter."""
     out = _train(setup, "nf4-one-shard-bf16", 1, "parallel.strategy=fsdp2", "train.micro_batch_size=4",
                  "model.quantize=nf4", "parallel.mixed_precision=bfloat16")
-    assert _losses(out) == pytest.approx(_losses(reference), rel=1e-2)
-    assert _losses(out) != _losses(reference)  # computed in bf16: not the fp32 run's numbers
+    assert logged(out) == pytest.approx(logged(reference), rel=1e-2)
+    assert logged(out) != logged(reference)  # computed in bf16: not the fp32 run's numbers
 
 
 def test_cpu_offload_of_an_nf4_base_over_one_shard_rank_is_refused(tiny_checkpoint):
@@ -480,8 +472,8 @@ def test_cpu_offload_of_an_nf4_base_over_one_shard_rank_is_refused(tiny_checkpoi
 def test_nf4_changes_the_numbers(setup, reference):
     """The reference really trained on the NF4 base: the unquantized base gives other losses."""
     plain = _train(setup, "plain", 1, "parallel.strategy=none", "train.micro_batch_size=4")
-    assert _losses(plain) != pytest.approx(_losses(reference), abs=1e-5)
-    assert _losses(plain) == pytest.approx(_losses(reference), rel=1e-2)
+    assert logged(plain) != pytest.approx(logged(reference), abs=1e-5)
+    assert logged(plain) == pytest.approx(logged(reference), rel=1e-2)
 
 
 @pytest.mark.dist
@@ -649,7 +641,7 @@ def test_resume_where_the_sharding_stores_other_nf4_weights_is_refused(setup, ti
            "over 2 rank(s); split over 1 here it is stored NF4 (the NF4 weights depend on the split): resume with " \
            "the base split over 2" in proc.stderr, proc.stderr[-3000:]
     _train(setup, "nf4-resume", 2, "train.micro_batch_size=2", *flags)
-    assert len(_losses(run)) == STEPS
+    assert len(logged(run)) == STEPS
 
 
 @pytest.mark.dist

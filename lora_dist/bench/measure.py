@@ -196,8 +196,10 @@ class LiveTensorBytes(TorchDispatchMode):
     def _add(self, st: torch.UntypedStorage) -> None:
         if st.device.type != self.device_type:
             return
-        size = self._sizes.get(st)
         nbytes = st.nbytes()
+        if not isinstance(nbytes, int):  # a symbolic size (a compiler's traced tensor): no memory of this device
+            return
+        size = self._sizes.get(st)
         if size is None:
             cell = [nbytes]
             self._sizes[st] = cell

@@ -11,7 +11,8 @@ time does not grow with depth, and what surrounds the blocks (the embedding, the
 chunked loss, FSDP2's and DeepSpeed's hooks) stays eager.
 
 Each block is compiled in place (``nn.Module.compile``), so every parameter name, the
-checkpoints and the export are those of the eager model. The compiler's own partition of
+checkpoints and the export are those of the eager model. With ``lora.dropout`` > 0 the compiled
+kernels draw their own masks: the same distribution as eager, not the same masks. The compiler's own partition of
 forward and backward recomputes cheap elementwise work instead of keeping it (AOTAutograd's
 min-cut rematerialization), which is what ``parallel.selective_recompute`` does by hand in
 eager mode; the two are not combined (selective recompute's saved-tensor hooks would split

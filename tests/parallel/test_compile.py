@@ -4,36 +4,23 @@ that takes them, keep every name, and are refused in one line where the compiler
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from distutil import assert_same_adapter, assert_same_losses, llama_config_dir, lora_dist, train_run
+from distutil import (adapter_atol, assert_same_adapter, assert_same_losses, llama_config_dir, logged, lora_dist,
+                      ranks, short_run_args, short_run_setup, train_run)
 from lora_dist.config import ConfigError, load_config
 from lora_dist.demo import write_demo_data
 
 STEPS = 3
 LR = 5e-3
-#: As tests/test_train_dist.py derives it: 1/300 of the largest possible move (lr per step).
-ADAPTER_ATOL = LR * STEPS / 300
+ADAPTER_ATOL = adapter_atol(LR, STEPS)
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_checkpoint, tmp_path_factory):
-    base = tiny_checkpoint("llama", hidden=64, layers=2)
-    root = tmp_path_factory.mktemp("compile")
-    data = write_demo_data(root / "data.jsonl", n=200)
-    common = [f"model.path={base}", f"data.path={data}", f"train.steps={STEPS}", "train.seq_len=32",
-              f"train.lr={LR}", "train.warmup_steps=1", "data.eval_fraction=0", "lora.r=4",
-              "lora.target_modules=[q_proj,v_proj,down_proj]", "checkpoint.every=0"]
-    return {"base": base, "root": root, "common": common}
-
-
-def _losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
+    return short_run_setup(tiny_checkpoint("llama", hidden=64, layers=2), tmp_path_factory.mktemp("compile"), STEPS, LR)
 
 
 @pytest.fixture(scope="module")
@@ -55,59 +42,25 @@ def test_compiled_blocks_train_to_the_eager_one_process_result(setup, reference,
     out = train_run(setup["root"] / f"{strategy}-{nproc}", nproc, *setup["common"], f"parallel.strategy={strategy}",
                     f"train.micro_batch_size={4 // nproc}", "parallel.compile=true", *variant.split())
     assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
-    assert_same_losses(_losses(out), _losses(reference))
+    assert_same_losses(logged(out), logged(reference))
 
 
 @pytest.mark.dist
-def test_compiled_blocks_keep_every_name_and_run_compiled(setup):
+def test_compiled_blocks_keep_every_name_and_run_compiled(setup, tmp_path):
     """In place: the state dict (checkpoints, the export) has the eager model's keys. The blocks run as compiled
     graphs, whole, through what a run varies - batches of other lengths and with a packed batch's mask, eval's
     no-grad forward - without a graph break or falling back to eager at torch's recompile limit, and with no KV
-    cache (a training forward never reads one; compiled, it would compile again for every layer)."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    from lora_dist.launch import LaunchEnv
-    from lora_dist.model_dir import ModelDir
-    from lora_dist.parallel import find_blocks
-    from lora_dist.session import build
-
-    env = LaunchEnv("torchrun", 0, 0, 1, 1, 0, 1, "127.0.0.1", 29500)
-    names = {}
-    for compiled in (False, True):
-        cfg = load_config(None, [*setup["common"], "parallel.strategy=none", f"parallel.compile={compiled}",
-                                 "output.dir=unused"])
-        model, engine = build(cfg, env, torch.device("cpu"), ModelDir(setup["base"]), None)
-        names[compiled] = list(model.state_dict())
-        blocks = find_blocks(model)
-        assert blocks and all((getattr(b, "_compiled_call_impl", None) is not None) == compiled for b in blocks)
-    assert names[True] == names[False]
-
-    caches = []
-    model.register_forward_pre_hook(lambda _, args, kwargs: caches.append(kwargs.get("use_cache")), with_kwargs=True)
-    torch._dynamo.reset()
-    counters.clear()
-    strict = torch._dynamo.config.fail_on_recompile_limit_hit
-    torch._dynamo.config.fail_on_recompile_limit_hit = True  # a fallback to eager raises instead
-    try:
-        generator = torch.Generator().manual_seed(0)
-        for length, packed in ((32, False), (24, False), (32, True), (20, True), (28, False)):
-            ids = torch.randint(0, model.config.vocab_size, (2, length), generator=generator)
-            inputs = {"input_ids": ids}
-            if packed:  # two documents in each row: positions restart, a block-diagonal causal mask
-                half = length // 2
-                inputs["position_ids"] = torch.cat([torch.arange(half), torch.arange(length - half)]).expand(2, -1)
-                causal = torch.ones(length, length, dtype=torch.bool).tril()
-                causal[half:, :half] = False
-                inputs["attention_mask"] = causal.expand(2, 1, length, length)
-            engine.forward_loss_sum(inputs, ids).backward()
-        with torch.no_grad():
-            engine.forward_loss_sum({"input_ids": ids}, ids)
-    finally:
-        torch._dynamo.config.fail_on_recompile_limit_hit = strict
-    assert caches and set(caches) == {False}
-    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])  # the first block, and the others
-    assert not counters["graph_break"], dict(counters["graph_break"])
+    cache (a training forward never reads one; compiled, it would compile again for every layer)
+    (tests/dist_scripts/compiled_blocks.py, in its own process)."""
+    out = tmp_path / "report.json"
+    ranks(1, "tests/dist_scripts/compiled_blocks.py", str(out), *setup["common"], timeout=240)
+    report = json.loads(out.read_text())
+    assert report["same_names"]
+    assert report["compiled_blocks_False"] and not any(report["compiled_blocks_False"])
+    assert report["compiled_blocks_True"] and all(report["compiled_blocks_True"])
+    assert report["use_cache"] == ["False"]
+    assert report["graphs"] >= 2  # the first block, and the others
+    assert not report["graph_breaks"], report["graph_breaks"]
 
 
 @pytest.mark.parametrize("overrides,problem", [
@@ -164,15 +117,13 @@ def test_compiled_moe_blocks_train_to_the_eager_result(tiny_checkpoint, tmp_path
     A real defect (LoRA missing from the compiled graph, a wrong expert) moves every element by up to lr x steps."""
     base = tiny_checkpoint(arch)
     data = write_demo_data(tmp_path / "data.jsonl", n=100)
-    common = [f"model.path={base}", f"data.path={data}", f"train.steps={STEPS}", "train.seq_len=32", f"train.lr={LR}",
-              "train.warmup_steps=1", "data.eval_fraction=0", "lora.r=4", "lora.target_modules=[q_proj,v_proj]",
-              "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]", "checkpoint.every=0",
-              "parallel.strategy=none", "train.micro_batch_size=4"]
+    common = short_run_args(base, data, STEPS, LR, "[q_proj,v_proj]",
+                            "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]",
+                            "parallel.strategy=none", "train.micro_batch_size=4")
     eager = train_run(tmp_path / "eager", 1, *common)
     compiled = train_run(tmp_path / "compiled", 1, *common, "parallel.compile=true")
-    assert_same_losses(_losses(compiled), _losses(eager))
-    norms = [[json.loads(line)["grad_norm"] for line in (run / "metrics.jsonl").read_text().splitlines()
-              if "grad_norm" in json.loads(line)] for run in (eager, compiled)]
+    assert_same_losses(logged(compiled), logged(eager))
+    norms = [logged(run, "grad_norm") for run in (eager, compiled)]
     assert len(norms[0]) == STEPS and norms[1] == pytest.approx(norms[0], rel=1e-5)
     want, got = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (eager, compiled))
     assert set(got) == set(want) and any("experts" in k for k in want)
