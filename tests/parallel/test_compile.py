@@ -46,6 +46,20 @@ def test_compiled_blocks_train_to_the_eager_one_process_result(setup, reference,
 
 
 @pytest.mark.dist
+def test_compiled_blocks_apply_lora_dropout(setup, reference):
+    """lora.dropout > 0 compiles too (the compiled kernels draw the masks): the first step equals the eager
+    dropout-free run's (B = 0, so the adapted path adds nothing yet), the later ones differ (dropout acts), and the
+    adapter trains."""
+    out = train_run(setup["root"] / "dropout", 1, *setup["common"], "parallel.strategy=none",
+                    "train.micro_batch_size=4", "parallel.compile=true", "lora.dropout=0.3")
+    got, want = logged(out), logged(reference)
+    assert len(got) == STEPS and got[0] == pytest.approx(want[0], abs=1e-6)
+    assert all(abs(a - b) > 1e-6 for a, b in zip(got[1:], want[1:])), (got, want)
+    b = [t for k, t in load_file(str(out / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert b and max(float(t.abs().max()) for t in b) > 1e-4
+
+
+@pytest.mark.dist
 def test_compiled_blocks_keep_every_name_and_run_compiled(setup, tmp_path):
     """In place: the state dict (checkpoints, the export) has the eager model's keys. The blocks run as compiled
     graphs, whole, through what a run varies - batches of other lengths and with a packed batch's mask, eval's
