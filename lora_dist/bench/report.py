@@ -272,9 +272,8 @@ def _frozen_base_targets(size: str, rows: dict, anchor: dict | None, anchor_bf16
             out.append(_target("NF4 tensors <= 0.55x anchor", size, LABELS[name],
                                nf4["peak_tensor"] / anchor_bf16["peak_tensor"], 0.55,
                                f"{nf4['peak_tensor'] / GB:.3f} GB vs bf16 anchor {anchor_bf16['peak_tensor'] / GB:.3f} GB"))
-    for name, against, which in (("lora_dist_auto", anchor, "anchor"), ("lora_dist_auto_bf16", anchor_bf16, "bf16 anchor"),
-                                 ("lora_dist_auto_compile", anchor, "anchor"),
-                                 ("lora_dist_auto_bf16_compile", anchor_bf16, "bf16 anchor")):
+    for name in (c for c in LORA_DIST if c.startswith("lora_dist_auto")):  # against the anchor of its dtype
+        against, which = (anchor_bf16, "bf16 anchor") if name in BF16 else (anchor, "anchor")
         auto = rows.get(name)
         if auto and against:
             chose = next((n for n in auto["notes"] if n.startswith("auto chose")), "")

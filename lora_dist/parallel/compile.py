@@ -12,8 +12,8 @@ chunked loss, FSDP2's and DeepSpeed's hooks) stays eager.
 
 Each block is compiled in place (``nn.Module.compile``), so every parameter name, the
 checkpoints and the export are those of the eager model. With ``lora.dropout`` > 0 the compiled
-kernels draw their own masks: the same distribution as eager, not the same masks. The compiler's own partition of
-forward and backward recomputes cheap elementwise work instead of keeping it (AOTAutograd's
+kernels draw their own masks: the same distribution as eager, not the same masks. The compiler's
+own partition of forward and backward recomputes cheap elementwise work instead of keeping it (AOTAutograd's
 min-cut rematerialization), which is what ``parallel.selective_recompute`` does by hand in
 eager mode; the two are not combined (selective recompute's saved-tensor hooks would split
 the compiled graph), so a compiled block runs without it.
@@ -49,7 +49,8 @@ def why_not_compiled(parallel: ParallelConfig, quantize: str = "") -> str | None
         return ("zero3 gathers each weight in hooks inside the blocks, which the compiler cannot trace; use "
                 "parallel.strategy=fsdp2 (the same sharding) or parallel.compile=false")
     if quantize:
-        return f"an {quantize} base is dequantized weight by weight outside the compiler's reach; set parallel.compile=false"
+        return (f"an {quantize} base is dequantized weight by weight outside the compiler's reach; set "
+                "parallel.compile=false")
     if parallel.offload_activations and parallel.activation_checkpointing:
         return ("parallel.offload_activations wraps each block's checkpoint in hooks the compiler cannot enter (the "
                 "blocks would run eagerly); drop one of the two")
