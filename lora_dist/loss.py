@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_dist.chat import IGNORE
+from lora_dist.collectives import all_gather_single, reduce_scatter_single
 from lora_dist.lora import LoRALinear
 from lora_dist.quant import dequantize
 
@@ -107,12 +108,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if world > 1:
             count = torch.tensor([n], device=hidden.device)
             counts = count.repeat(world)  # the gather overwrites it (what a fake process group leaves: this rank's)
-            dist.all_gather_into_tensor(counts, count, group=group)
+            all_gather_single(counts, count, group=group)
             n = int(counts.max())
             every = hidden.new_empty((world * n, hidden.shape[1]))
-            dist.all_gather_into_tensor(every, F.pad(hidden, (0, 0, 0, n - hidden.shape[0])), group=group)
+            all_gather_single(every, F.pad(hidden, (0, 0, 0, n - hidden.shape[0])), group=group)
             every_targets = targets.new_empty(world * n)
-            dist.all_gather_into_tensor(every_targets, F.pad(targets, (0, n - targets.shape[0]), value=IGNORE),
+            all_gather_single(every_targets, F.pad(targets, (0, n - targets.shape[0]), value=IGNORE),
                                         group=group)
         stats = torch.zeros((2, world * n), dtype=torch.float32, device=hidden.device)  # log-sum-exp, target logit
         with _gathered(weight):
@@ -129,7 +130,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 del logits  # before the next chunk's exists
         if world > 1:
             shards = stats.new_empty((world * 2, world * n))
-            dist.all_gather_into_tensor(shards, stats, group=group)
+            all_gather_single(shards, stats, group=group)
             shards = shards.view(world, 2, world * n)
             lse, target_logit = torch.logsumexp(shards[:, 0], dim=0), shards[:, 1].sum(0)
         else:
@@ -176,7 +177,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scales = grad_total.reshape(1).float()  # each rank's d(total)/d(its loss sum)
         if world > 1:
             scales = scales.repeat(world)
-            dist.all_gather_into_tensor(scales, grad_total.reshape(1).float(), group=group)
+            all_gather_single(scales, grad_total.reshape(1).float(), group=group)
         row_scale = torch.where(every_targets != IGNORE, scales.repeat_interleave(n), 0.0)
         # One process writes the gradient in the hidden states' dtype; shards sum theirs in fp32 first.
         grad = torch.empty((n, every.shape[1]), dtype=every.dtype if world == 1 else torch.float32,
@@ -193,7 +194,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 partial = probs.to(w.dtype) @ w  # rank r's tokens in block r
                 c = partial.shape[0] // world
                 if world > 1:
-                    dist.reduce_scatter_tensor(grad[start:start + c], partial.float(), group=group)
+                    reduce_scatter_single(grad[start:start + c], partial.float(), group=group)
                 else:
                     grad[start:start + c] = partial
                 del probs, partial  # before the next chunk's exist
@@ -263,6 +264,14 @@ def chunkable(model: nn.Module) -> str | None:
     return None
 
 
+def not_a_view(hidden: torch.Tensor) -> torch.Tensor:
+    """What a head stand-in returns for ``hidden``: a copy where it is a view. Hugging Face hands the head a slice of
+    the final hidden states (``logits_to_keep``), and FSDP2 (torch >= 2.14) warns about every view an FSDP2 unit
+    returns, the head's and the root model's, since an in-place op on it would drop the backward hook it puts there.
+    One copy of batch x tokens x hidden: the logits it stands in for are vocabulary/hidden times larger."""
+    return hidden.clone() if hidden._base is not None else hidden
+
+
 class ChunkedHeadLoss:
     """Within :meth:`installed`, the model's head returns its input; :meth:`loss_sum` then applies the
     head and the loss in chunks.
@@ -295,7 +304,7 @@ class ChunkedHeadLoss:
         # The weight as the strategy presents it inside the forward: gathered (FSDP2), or the
         # partitioned parameter ZeRO-3 gathers again for the chunks.
         self._weight, self._bias = self.head.weight, self.head.bias
-        return hidden
+        return not_a_view(hidden)
 
     def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The summed fp32 token loss of the forward (within :meth:`installed`) that returned ``hidden``."""
@@ -336,7 +345,7 @@ class _SkipHead(nn.Module):
         self.head = head
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden
+        return not_a_view(hidden)
 
 
 class ShardedHeadLoss:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from lora_dist.collectives import all_gather_single, reduce_scatter_single
 from lora_dist.parallel.sharding import row_shard, stand_in
 from lora_dist.quant import embedding_rows
 
@@ -83,17 +84,17 @@ def lookup(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int, group,
     flat = ids.reshape(-1)
     count = torch.tensor([flat.numel()], device=ids.device)
     counts = count.repeat(world)  # the gather overwrites it (what a fake process group leaves: this rank's)
-    dist.all_gather_into_tensor(counts, count, group=group)
+    all_gather_single(counts, count, group=group)
     n = int(counts.max())
     every = flat.new_empty(world * n)
-    dist.all_gather_into_tensor(every, nn.functional.pad(flat, (0, n - flat.numel()), value=-1), group=group)
+    all_gather_single(every, nn.functional.pad(flat, (0, n - flat.numel()), value=-1), group=group)
     local = every - vocab_start
     mine = (local >= 0) & (local < weight.shape[0])
     rows = torch.zeros((world * n, weight.shape[1]), dtype=dtype, device=ids.device)
     # Under parallel.cpu_offload the shard stays in host memory: the lookup runs there, only the rows travel.
     rows[mine] = embedding_rows(weight, local[mine].to(weight.device)).to(ids.device, dtype)
     out = rows.new_empty((n, weight.shape[1]))
-    dist.reduce_scatter_tensor(out, rows, group=group)
+    reduce_scatter_single(out, rows, group=group)
     return out[:flat.numel()].view(*ids.shape, weight.shape[1])
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from lora_dist.collectives import all_gather_single, reduce_scatter_single
 from lora_dist.parallel.reducer import fill_buckets
 
 __all__ = ["ShardedAdamW"]
@@ -128,7 +129,7 @@ class ShardedAdamW:
                 flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
                 p.grad = None  # the flat copy holds it now
         out = self._grad[self._slice(b)]
-        work = dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        work = reduce_scatter_single(out, flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         self._works.append((work, flat))  # keep the input alive until the collective is done
         while len(self._works) > IN_FLIGHT:  # then free it: a full-size copy lives for a few buckets, not all
             done, _ = self._works.pop(0)
@@ -169,7 +170,7 @@ class ShardedAdamW:
 
     def _all_gather(self, local: torch.Tensor, outputs: list[torch.Tensor]) -> None:
         for b, out in enumerate(self.buckets):
-            dist.all_gather_into_tensor(outputs[b], local[self._slice(b)].contiguous(), group=self.group)
+            all_gather_single(outputs[b], local[self._slice(b)].contiguous(), group=self.group)
 
     def zero_grad(self) -> None:
         for bucket in self.buckets:

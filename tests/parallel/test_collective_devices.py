@@ -23,8 +23,8 @@ from lora_dist.lora import LoRAConfig, inject_lora
 from lora_dist.parallel import check_replicas, make_engine
 from lora_dist.train import all_sum, forward_backward
 
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-               "gather", "reduce")
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_single", "reduce_scatter_single",
+               "all_gather_into_tensor", "reduce_scatter_tensor", "gather", "reduce")
 
 
 class TinyLM(nn.Module):
@@ -61,7 +61,7 @@ def recorded(monkeypatch):
 
 #: strategy -> (the engine's ParallelConfig, collectives its step must issue)
 ENGINES = {
-    "fsdp2_sharded_optimizer": (ParallelConfig(strategy="fsdp2"), {"reduce_scatter_tensor", "all_gather_into_tensor"}),
+    "fsdp2_sharded_optimizer": (ParallelConfig(strategy="fsdp2"), {"reduce_scatter_single", "all_gather_single"}),
     "fsdp2_reducer": (ParallelConfig(strategy="fsdp2", shard_optimizer=False), {"all_reduce"}),
     "none": (ParallelConfig(strategy="none"), set()),
 }
@@ -93,6 +93,7 @@ def test_every_collective_of_a_step_is_on_the_runs_device(recorded, strategy):
     assert not wrong, f"collectives got tensors off the run's device: {wrong}"
     names = {name for name, _, _ in recorded}
     assert {"all_reduce", "broadcast"} | issued <= names, names
+    assert not names & {"all_gather_into_tensor", "reduce_scatter_tensor"}, names  # deprecated since torch 2.14
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if strategy == "fsdp2_reducer":  # the bucketed all-reduce of every LoRA gradient (one bucket here)
         assert ("all_reduce", device, lora) in recorded

@@ -18,7 +18,7 @@ import transformers as tf
 from distutil import REPO, llama_config_dir
 from lora_dist.config import load_config
 from lora_dist.lora import LoRAConfig, inject_lora, lora_parameters
-from lora_dist.parallel.checkpointing import _is_gated_mlp, enable_selective_recompute
+from lora_dist.parallel.checkpointing import _is_gated_mlp, enable_activation_checkpointing, enable_selective_recompute
 from lora_dist.plan import plan_memory
 
 SEQ = 48
@@ -83,7 +83,7 @@ def test_lora_dropout_and_block_checkpointing_give_the_same_numbers():
     recomputed = copy.deepcopy(plain)
     enable_selective_recompute(recomputed)
     for model in (plain, recomputed):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     _assert_bitwise(_step(plain, ids), _step(recomputed, ids))
 
 
