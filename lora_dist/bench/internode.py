@@ -105,14 +105,19 @@ class GroupCounter:
         ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
         spans = len({r // self.local for r in ranks}) > 1
         entry = self.groups.setdefault(ranks, {"ranks": list(ranks), "spans_nodes": spans, "calls": {},
-                                               "payload_bytes": 0})
+                                               "payload_bytes": 0, "call_payload_bytes": {}})
         entry["calls"][name] = entry["calls"].get(name, 0) + 1
         if tensor is not None:
-            entry["payload_bytes"] += tensor.numel() * tensor.element_size()
+            nbytes = tensor.numel() * tensor.element_size()
+            entry["payload_bytes"] += nbytes
+            entry["call_payload_bytes"][name] = entry["call_payload_bytes"].get(name, 0) + nbytes
 
     def as_list(self, steps: int) -> list[dict]:
-        """Per group, per step."""
-        return [{**g, "payload_bytes_per_step": g["payload_bytes"] / steps} for g in self.groups.values()]
+        """Per group, per step: the payload in all and by collective (FSDP2's base gathers and lora_dist's gather of
+        the LoRA update are both ``all_gather_single``: their bytes tell them apart)."""
+        return [{**g, "payload_bytes_per_step": g["payload_bytes"] / steps,
+                 "call_payload_bytes_per_step": {k: v / steps for k, v in g["call_payload_bytes"].items()}}
+                for g in self.groups.values()]
 
 
 def _system(name: str, settings, device, num_nodes: int, local: int):
