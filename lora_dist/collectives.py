@@ -1,8 +1,8 @@
 """torch.distributed's one-tensor all-gather and reduce-scatter, under the names the running torch wants.
 
-torch 2.14 deprecates ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` (a FutureWarning on every call) for
-``all_gather_single`` and ``reduce_scatter_single``, which take the same arguments; a torch without the new names
-gets the old ones. The function is looked up on ``torch.distributed`` at each call, so whatever wraps it there (the
+torch deprecates ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` (2.13 and 2.14 print a FutureWarning per call
+site) for ``all_gather_single`` and ``reduce_scatter_single``, which take the same arguments; a torch without the new
+names gets the old ones. The function is looked up on ``torch.distributed`` at each call, so whatever wraps it there (the
 tests' recorders, the benchmark's byte counters) sees lora_dist's calls as it sees FSDP2's.
 """
 

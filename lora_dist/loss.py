@@ -266,9 +266,9 @@ def chunkable(model: nn.Module) -> str | None:
 
 def not_a_view(hidden: torch.Tensor) -> torch.Tensor:
     """What a head stand-in returns for ``hidden``: a copy where it is a view. Hugging Face hands the head a slice of
-    the final hidden states (``logits_to_keep``), and FSDP2 (torch >= 2.14) warns about every view an FSDP2 unit
-    returns, the head's and the root model's, since an in-place op on it would drop the backward hook it puts there.
-    One copy of batch x tokens x hidden: the logits it stands in for are vocabulary/hidden times larger."""
+    the final hidden states (``logits_to_keep``), always a view, and FSDP2 (torch 2.13, 2.14) warns about every view
+    an FSDP2 unit returns, the head's and the root model's, since an in-place op on it would drop the backward hook it
+    puts there. One copy of batch x tokens x hidden, no new peak: the view kept the whole final hidden states alive."""
     return hidden.clone() if hidden._base is not None else hidden
 
 

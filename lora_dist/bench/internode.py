@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import subprocess
@@ -54,11 +55,11 @@ def interface_bytes(ifname: str, proc_net_dev: str = "/proc/net/dev") -> tuple[i
     raise KeyError(f"interface {ifname!r} is not in {proc_net_dev} of this network namespace")
 
 
-#: torch.distributed's collectives that move tensors during a step: name -> (which argument is the payload,
-#: the group argument's position). The payload is the whole tensor (an all-gather's output, a reduce-scatter's
-#: input), as torch's own accounting counts it.
-_COLLECTIVES = {"all_reduce": (0, 2), "broadcast": (0, 2), "all_gather_single": (0, 2),
-                "all_gather_into_tensor": (0, 2), "reduce_scatter_single": (1, 3), "reduce_scatter_tensor": (1, 3)}
+#: torch.distributed's collectives that move tensors during a step: name -> the position of the argument that is
+#: the payload, the whole tensor (an all-gather's output, a reduce-scatter's input) as torch's own accounting counts
+#: it. Arguments are matched to the function's parameters by name too: FSDP2 passes them as keywords.
+_COLLECTIVES = {"all_reduce": 0, "broadcast": 0, "all_gather_single": 0, "all_gather_into_tensor": 0,
+                "reduce_scatter_single": 1, "reduce_scatter_tensor": 1}
 
 
 class GroupCounter:
@@ -80,14 +81,17 @@ class GroupCounter:
     def __enter__(self) -> "GroupCounter":
         import torch.distributed as dist
 
-        for name, (payload, group_pos) in _COLLECTIVES.items():
-            real = getattr(dist, name)
+        for name, payload in _COLLECTIVES.items():
+            real = getattr(dist, name, None)
+            if real is None:  # a torch without this name
+                continue
             self._saved[name] = real
+            signature = inspect.signature(real)
+            payload_name = list(signature.parameters)[payload]
 
-            def counted(*args, _real=real, _name=name, _payload=payload, _group_pos=group_pos, **kwargs):
-                group = kwargs.get("group", args[_group_pos] if len(args) > _group_pos else None)
-                tensor = kwargs.get("tensor", args[_payload] if len(args) > _payload else None)
-                self._record(_name, group, tensor)
+            def counted(*args, _real=real, _name=name, _signature=signature, _payload=payload_name, **kwargs):
+                given = _signature.bind(*args, **kwargs).arguments
+                self._record(_name, given.get("group"), given.get(_payload))
                 return _real(*args, **kwargs)
 
             setattr(dist, name, counted)

@@ -41,3 +41,29 @@ def test_table_shows_the_measured_tensors_and_the_planners_error():
     lines = table({"results": rows}).splitlines()
     assert lines[2].endswith("| 0.500 GB, 0.450 GB (-10.0%) |"), lines[2]
     assert lines[3].endswith("| 0.600 GB |"), lines[3]
+
+
+def test_group_counter_counts_the_payload_of_positional_and_keyword_calls():
+    """FSDP2 calls ``reduce_scatter_single(output=..., input=...)`` with keywords: its bytes count as a positional
+    call's do, each by collective, in the group's entry (a fake world of 4 ranks, 2 per node)."""
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from lora_dist.bench.internode import GroupCounter
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        node = dist.new_group([0, 1])
+        with GroupCounter(local_world_size=2) as counter:
+            dist.all_gather_single(torch.empty(8), torch.ones(2))  # the world: spans both nodes
+            dist.reduce_scatter_single(output=torch.empty(1), input=torch.ones(2), group=node)
+            dist.all_reduce(tensor=torch.ones(3), group=node)
+        groups = {tuple(g["ranks"]): g for g in counter.as_list(steps=2)}
+    finally:
+        dist.destroy_process_group()
+    world, local = groups[(0, 1, 2, 3)], groups[(0, 1)]
+    assert world["spans_nodes"] and not local["spans_nodes"]
+    assert world["call_payload_bytes_per_step"] == {"all_gather_single": 8 * 4 / 2}
+    assert local["call_payload_bytes_per_step"] == {"reduce_scatter_single": 2 * 4 / 2, "all_reduce": 3 * 4 / 2}
+    assert local["payload_bytes_per_step"] == (2 + 3) * 4 / 2

@@ -45,7 +45,9 @@ def recorded(monkeypatch):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     seen: list[tuple[str, torch.device, int]] = []
     for name in COLLECTIVES:
-        real = getattr(dist, name)
+        real = getattr(dist, name, None)
+        if real is None:  # a torch without this name
+            continue
 
         def wrapper(*args, _name=name, _real=real, **kwargs):
             given = [*args, *kwargs.values()]
@@ -93,7 +95,7 @@ def test_every_collective_of_a_step_is_on_the_runs_device(recorded, strategy):
     assert not wrong, f"collectives got tensors off the run's device: {wrong}"
     names = {name for name, _, _ in recorded}
     assert {"all_reduce", "broadcast"} | issued <= names, names
-    assert not names & {"all_gather_into_tensor", "reduce_scatter_tensor"}, names  # deprecated since torch 2.14
+    assert not names & {"all_gather_into_tensor", "reduce_scatter_tensor"}, names  # deprecated: a FutureWarning in torch 2.13, 2.14
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if strategy == "fsdp2_reducer":  # the bucketed all-reduce of every LoRA gradient (one bucket here)
         assert ("all_reduce", device, lora) in recorded

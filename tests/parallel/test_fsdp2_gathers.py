@@ -78,7 +78,7 @@ def test_the_head_and_embedding_are_gathered_only_where_asked_or_cheaper(tiny_ch
             phase["now"] = "backward"
             engine.backward(loss)
             engine.step(1e-3)
-    # FSDP2 (torch >= 2.14) warns about each view a unit returns; the head's stand-ins return none.
+    # FSDP2 (torch 2.13, 2.14) warns about each view a unit returns; the head's stand-ins return none.
     assert not [str(w.message) for w in caught if "view" in str(w.message)]
 
     blocks = {f"model.layers.{i}" for i in range(2)}
