@@ -19,9 +19,12 @@ quiet() { "$@" >>"$log" 2>&1 || { tail -n 40 "$log"; echo "setup failed: $*" >&2
 : >"$log"
 quiet python -m pip install --upgrade pip
 if [ "${LATEST:-0}" = 1 ]; then
+  # The pin replaces a machine-wide pip constraint on torch (these machines cap it at what their disk holds), so
+  # TORCH_LATEST=2.15.0 downloads today's torch (~3.5 GB with its CUDA wheels) where that is wanted.
   echo "torch==$torch" > "$venv/torch-only.txt"
-  quiet python -m pip install -c "$venv/torch-only.txt" "torch==$torch"
-  quiet python -m pip install --upgrade --upgrade-strategy eager -c "$venv/torch-only.txt" -e ".[test]"
+  export PIP_CONSTRAINT="$venv/torch-only.txt"
+  quiet python -m pip install "torch==$torch"
+  quiet python -m pip install --upgrade --upgrade-strategy eager -e ".[test]"
 else
   quiet python -m pip install -c constraints.txt "torch==$torch"
   quiet python -m pip install -c constraints.txt -e ".[test]"
