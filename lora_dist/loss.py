@@ -114,7 +114,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             all_gather_single(every, F.pad(hidden, (0, 0, 0, n - hidden.shape[0])), group=group)
             every_targets = targets.new_empty(world * n)
             all_gather_single(every_targets, F.pad(targets, (0, n - targets.shape[0]), value=IGNORE),
-                                        group=group)
+                              group=group)
         stats = torch.zeros((2, world * n), dtype=torch.float32, device=hidden.device)  # log-sum-exp, target logit
         with _gathered(weight):
             w, b = _as(weight, bias, hidden.dtype)
