@@ -172,15 +172,18 @@ class ParallelConfig:
     """fsdp2 (default; over one shard rank, e.g. one GPU, it runs as none/ddp unless parallel.cpu_offload or the bf16
     cast needs FSDP2), zero3, zero2, zero1, ddp, none (single process), or auto: the fastest that the planner
     predicts fits parallel.memory_gb per rank (ddp without selective recompute, else ddp, else fsdp2, else fsdp2
-    with activation checkpointing, else that with parallel.shard_unit=weight and parallel.offload_activations)."""
+    with activation checkpointing of every 4th block, every 2nd, every block, else that with
+    parallel.shard_unit=weight and parallel.offload_activations)."""
     memory_gb: float = 0.0
     """parallel.strategy=auto: memory per rank in GB (1e9 bytes); 0: the GPU's total memory, or on the CPU the
     host's memory divided by the ranks on the node."""
     mixed_precision: str = "float32"
     """Compute dtype of the base under fsdp2/zero: float32 or bfloat16 (LoRA params and grad reduction stay fp32).
     float16 is refused: it needs a loss scaler, which lora_dist does not run."""
-    activation_checkpointing: bool = False
-    """Recompute each transformer block's activations in backward."""
+    activation_checkpointing: bool | int = False
+    """Recompute transformer blocks' activations in backward: true (every block), false, or N: every Nth block only
+    (blocks 0, N, 2N, ...; Hugging Face's every_n_layers), the others keeping theirs - part of the memory saved for
+    part of the recompute (lora_dist.parallel.checkpointing)."""
     selective_recompute: bool = True
     """Recompute the cheap elementwise work of the frozen base in backward instead of keeping its activations:
     every RMSNorm (in a 16-bit model autograd keeps an fp32 copy of its input) and the gated MLP's
@@ -246,6 +249,12 @@ class ParallelConfig:
             raise ConfigError(f"parallel.reshard_after_forward={rho}: a rank count must be >= 1")
         if self.shard_unit not in ("block", "weight"):
             raise ConfigError(f"parallel.shard_unit must be block or weight, got {excerpt(self.shard_unit, 40)}")
+        ac = self.activation_checkpointing
+        if not isinstance(ac, bool):
+            if ac < 0:
+                raise ConfigError(f"parallel.activation_checkpointing must be true, false or N >= 2 (every Nth "
+                                  f"block), got {ac}")
+            self.activation_checkpointing = ac if ac > 1 else bool(ac)  # 1: every block, 0: none
         if self.offload_activations and not self.activation_checkpointing and self.strategy != "auto":
             raise ConfigError("parallel.offload_activations moves the checkpointed block inputs to host memory; "
                               "set parallel.activation_checkpointing=true with it")

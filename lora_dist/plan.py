@@ -36,7 +36,8 @@ computed from the resulting parameter shapes and the run config:
   and SDPA's fp32 log-sum-exp per head. With ``parallel.selective_recompute``
   (:mod:`lora_dist.parallel.checkpointing`) the norms keep their input as it
   is (``2 H`` elements) and the MLP only gate and up (``2 I``). With activation
-  checkpointing, each block's input plus one block recomputed; with ``parallel.offload_activations`` the block
+  checkpointing, each checkpointed block's input plus one block recomputed (of every
+  Nth block: those blocks' inputs, the others' activations as above); with ``parallel.offload_activations`` the block
   inputs wait in host memory instead, shown apart (:attr:`MemoryPlan.offloaded`, not in the peak). The plain loss adds three ``tokens x vocab`` fp32
   buffers (logits, the fp32 copy, log-softmax; their gradients reuse the
   same sizes as backward frees them). The chunked loss (``train.loss_chunk``,
@@ -74,7 +75,7 @@ computed from the resulting parameter shapes and the run config:
   runs the experts with ``W + delta``, a new tensor the size of the whole fused
   param (in the compute dtype) that the expert matmuls keep for backward, as
   PEFT's ``ParamWrapper`` does: every block's adapted expert params, or one
-  block's with activation checkpointing.
+  block's for all the checkpointed blocks.
 
 Mixture-of-experts models are counted as they are built: the fused expert
 params (``mlp.experts.gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)) are
@@ -100,7 +101,9 @@ per CPU rank) and allocator caching.
 
 ``parallel.strategy=auto`` (:func:`choose_strategy`) plans the candidates in
 order of speed and takes the first whose peak fits the memory per rank: ddp
-(none on one rank), then fsdp2, then fsdp2 with activation checkpointing.
+(none on one rank), then fsdp2, then fsdp2 with activation checkpointing of every
+4th block, of every 2nd, of every block, then that with one unit per weight and
+offloaded activations.
 """
 
 from __future__ import annotations
@@ -119,11 +122,14 @@ from lora_dist.dtypes import parse_dtype
 __all__ = ["MemoryPlan", "StrategyChoice", "choose_strategy", "memory_budget", "meta_model", "plan_memory"]
 
 LORA_BYTES = 4  # LoRA params, grads and optimizer state are fp32
+PARTIAL_CHECKPOINTING = (4, 2)
+"""``parallel.strategy=auto``'s checkpointing of every Nth block, tried in this order before every block."""
 GB = 1e9
 #: The moments of a step that may hold the most, and what each holds.
 MOMENTS = {
     "the loss": "every saved activation and the loss's buffers, no block gathered",
     "backward's start": "the last block's backward gathering its weights, the loss done",
+    "the first recompute": "the last checkpointed block recomputed, the blocks after it (not checkpointed) done",
     "forward's start": "the input embedding's lookup and the first block gathered; later moments hold less",
 }
 
@@ -133,7 +139,7 @@ class StrategyChoice:
     """What ``parallel.strategy=auto`` chose (:func:`choose_strategy`) and why."""
 
     strategy: str
-    activation_checkpointing: bool
+    activation_checkpointing: bool | int
     budget: int
     """Memory per rank in bytes (``parallel.memory_gb``, or the device's)."""
     peaks: list[tuple[str, int]] = field(default_factory=list)
@@ -154,7 +160,7 @@ class MemoryPlan:
     strategy: str
     world_size: int
     tokens_per_micro_batch: int
-    activation_checkpointing: bool
+    activation_checkpointing: bool | int
     mode: str
     """The strategy with the memory modes it is planned with (:func:`mode_name`)."""
     num_params: int
@@ -355,12 +361,18 @@ def memory_budget(memory_gb: float, device: torch.device, local_ranks: int) -> i
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_ranks, 1)
 
 
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 def mode_name(p: ParallelConfig) -> str:
     """``p.strategy`` with the memory modes in effect: "fsdp2 + activation checkpointing + one unit per weight +
     offloaded activations" (what auto logs for its candidates and ``lora-dist plan`` heads its table with)."""
     name = p.strategy
     if p.activation_checkpointing:
         name += " + activation checkpointing"
+        if p.activation_checkpointing is not True:
+            name += f" of every {_ordinal(p.activation_checkpointing)} block"
     elif not p.selective_recompute and not p.compile:
         name += " without selective recompute"
     if p.strategy == "fsdp2" and p.shard_unit == "weight":
@@ -380,6 +392,9 @@ def _candidates(p: ParallelConfig, world_size: int, base_dtype: str) -> list[tup
     replicated = "ddp" if world_size > 1 else "none"
     options = [dataclasses.replace(p, strategy=replicated, selective_recompute=False),
                dataclasses.replace(p, strategy=replicated), dataclasses.replace(p, strategy="fsdp2"),
+               # Part of the blocks checkpointed: part of the activations for part of the recompute.
+               *(dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=n) for n in PARTIAL_CHECKPOINTING
+                 if not p.activation_checkpointing),  # (never less than the checkpointing asked for)
                dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=True),
                # Compiled blocks cannot take the offload's hooks (lora_dist.parallel.compile): without them there.
                dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=True, shard_unit="weight",
@@ -427,6 +442,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     from lora_dist.lora import LoRAParam, lora_modules, lora_parameters
     from lora_dist.loss import chunkable
     from lora_dist.parallel import dp_mesh_shape, find_blocks
+    from lora_dist.parallel.checkpointing import checkpointed_blocks
     from lora_dist.parallel.embedding import plain_lookup
     from lora_dist.parallel.parallelize import embedding_and_head, replicated_if_unsharded, reshard_size, weight_units
     from lora_dist.parallel.sharding import vocab_sharding_pays
@@ -443,6 +459,11 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     base_numel = sum(q.numel() for _, q in base)
     lora_bytes = lora_numel * LORA_BYTES
     blocks = find_blocks(model)
+    checkpointed = checkpointed_blocks(len(blocks), p.activation_checkpointing)
+    n_checkpointed = len(checkpointed)
+    # Checkpointing every Nth block may leave the last blocks' backward without a recompute: then the first
+    # recompute (the last checkpointed block's) comes after their activations are freed, a moment of its own.
+    recompute_later = bool(checkpointed) and checkpointed[-1] < len(blocks) - 1
     W = world_size
     sharded = p.shard_optimizer and W > 1 and p.strategy in ("fsdp2", "ddp")
 
@@ -486,6 +507,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     # backward's start (the blocks' backward gathering, the loss done); gathered/loss_gathered: what each holds
     # gathered.
     base_shard = base_replicated = gathered = loss_gathered = buffers = 0
+    recompute_gathering = 0  # what the first recompute gathers beyond backward's start (recompute_later)
     forward_gathered: int | None = None  # fsdp2: what forward's start holds gathered, where it may be the peak
     optimizer_state = 2 * lora_bytes
     lora_params, lora_grads = lora_bytes, lora_bytes
@@ -515,7 +537,9 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
                 lora_set = set(lora_parameters(model))
                 unit = max((gathered_bytes(m.parameters()) for b in blocks for m in weight_units(b, lora_set)),
                            default=0)
-                running = block + unit if p.activation_checkpointing else min(3 * unit, 3 * block)
+                plain = min(3 * unit, 3 * block)
+                running = block + unit if n_checkpointed and not recompute_later else plain
+                recompute_gathering = block + unit - plain if recompute_later else 0
                 first = 3 * unit
             kept_head = gathered_bytes(head.parameters()) if head is not None and not head_sharded else 0
             gathered = min(root_rest + kept_head + running, gathered_bytes(q for _, q in base))
@@ -598,17 +622,20 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     vocab = getattr(hf_config, "vocab_size", 0) or 0
     n_blocks = len(blocks)
     offloaded = recompute = 0
-    if p.activation_checkpointing:
-        saved = tokens * n_blocks * hidden * compute_elt  # each block's input
+    # Blocks not checkpointed keep what autograd keeps (all of them without checkpointing).
+    kept_per_block = tokens * _block_activation_bytes(hf_config, ranks_per_block, compute_elt, selective)
+    saved = (n_blocks - n_checkpointed) * kept_per_block
+    if n_checkpointed:
+        inputs = tokens * n_checkpointed * hidden * compute_elt  # each checkpointed block's input
         # Backward recomputes one block at a time, under checkpointing's hooks (the gated product is kept).
         recompute = tokens * _block_activation_bytes(hf_config, ranks_per_block, compute_elt, selective, True)
         if p.offload_activations:
             # lora_dist.parallel.checkpointing.HostActivations: each block's input waits in host memory (Hugging
             # Face binds the other arguments, such as the rotary cos/sin all blocks share, to the function it
             # checkpoints: they stay where they are); the block recomputed is on the device.
-            offloaded, saved = saved, 0
-    else:
-        saved = tokens * n_blocks * _block_activation_bytes(hf_config, ranks_per_block, compute_elt, selective)
+            offloaded = inputs
+        else:
+            saved += inputs
     saved += tokens * hidden * (compute_elt if selective else 4)  # the final norm's input
     if chunk:
         # lora_dist.loss.linear_cross_entropy_sum: the hidden states and their gradient; per chunk of up to
@@ -632,8 +659,10 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     expert_lora = [m for _, m in lora_modules(model) if isinstance(m, LoRAParam) and m.num_experts > 1]
     expert_lora_numel = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in expert_lora)
     adapted = [m.base_weight().numel() for m in expert_lora]
-    adapted_blocks = 1 if p.activation_checkpointing else max(n_blocks, 1)
-    adapted_experts = sum(adapted) // max(n_blocks, 1) * adapted_blocks * compute_elt if adapted else 0
+    # Blocks not checkpointed keep theirs from forward to backward; checkpointed ones one at a time.
+    adapted_per_block = sum(adapted) // max(n_blocks, 1) * compute_elt
+    adapted_blocks = max(n_blocks - n_checkpointed + (1 if n_checkpointed else 0), 1)
+    adapted_experts = adapted_per_block * adapted_blocks
 
     # The moments that may hold the most; the peak is the largest. Gradients exist from backward's start on
     # (before it only those accumulated over micro-steps).
@@ -645,9 +674,17 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
                          adapted_experts=adapted_experts),
         # The last block's backward: the blocks it gathers (and dequantizes), the saved activations, the block
         # recomputed (checkpointing), and the gradient of the final hidden states.
-        "backward's start": dict(gathered=gathered, activations=saved + recompute + tokens * hidden * compute_elt,
-                                 lora_grads=lora_grads, adapted_experts=adapted_experts),
+        "backward's start": dict(gathered=gathered, activations=saved + (0 if recompute_later else recompute) +
+                                 tokens * hidden * compute_elt, lora_grads=lora_grads, adapted_experts=adapted_experts),
     }
+    if recompute_later:
+        # Checkpointing every Nth block: the last checkpointed block's recompute, the blocks after it done (their
+        # activations and adapted experts freed).
+        after = n_blocks - 1 - checkpointed[-1]
+        moments["the first recompute"] = dict(
+            gathered=gathered + recompute_gathering,
+            activations=saved - after * kept_per_block + recompute + tokens * hidden * compute_elt,
+            lora_grads=lora_grads, adapted_experts=adapted_experts - after * adapted_per_block)
     if forward_gathered is not None:
         # Forward's start holds the embedding instead of the blocks, the head and the activations (the embedding's
         # output only).

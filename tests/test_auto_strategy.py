@@ -50,15 +50,29 @@ def test_ddp_keeps_selective_recompute_where_only_that_fits(deep_config):
     assert "chose ddp:" in choice.summary() and "ddp without selective recompute" in choice.summary()
 
 
-def test_just_below_ddp_picks_fsdp2_then_activation_checkpointing(deep_config):
+def test_just_below_ddp_picks_fsdp2_then_checkpointing_of_more_and_more_blocks(deep_config):
+    """Below fsdp2, the fewest checkpointed blocks that fit: every 4th (3 of 12 blocks), every 2nd, every one."""
     ddp, fsdp2 = _peak(deep_config, "ddp"), _peak(deep_config, "fsdp2")
-    checkpointed = _peak(deep_config, "fsdp2", "parallel.activation_checkpointing=true")
-    assert checkpointed < fsdp2 < ddp  # the model is sized so that each fallback saves memory
+    fourth, second, every = (_peak(deep_config, "fsdp2", f"parallel.activation_checkpointing={n}")
+                             for n in ("4", "2", "true"))
+    assert every < second < fourth < fsdp2 < ddp  # the model is sized so that each fallback saves memory
     parallel, choice = choose_strategy(_cfg(deep_config), WORLD, ddp - 1)
     assert (parallel.strategy, parallel.activation_checkpointing) == ("fsdp2", False)
     assert "chose fsdp2:" in choice.summary() and "too big" in choice.summary()
-    parallel, _ = choose_strategy(_cfg(deep_config), WORLD, fsdp2 - 1)
+    for budget, chosen, name in ((fsdp2 - 1, 4, "fsdp2 + activation checkpointing of every 4th block"),
+                                 (fourth - 1, 2, "fsdp2 + activation checkpointing of every 2nd block"),
+                                 (second - 1, True, "fsdp2 + activation checkpointing")):
+        parallel, choice = choose_strategy(_cfg(deep_config), WORLD, budget)
+        assert (parallel.strategy, parallel.activation_checkpointing) == ("fsdp2", chosen)
+        assert choice.activation_checkpointing == chosen and f"chose {name}:" in choice.summary()
+
+
+def test_checkpointing_asked_for_is_never_lessened(deep_config):
+    """With parallel.activation_checkpointing=true set, auto does not try checkpointing fewer blocks."""
+    every = _peak(deep_config, "fsdp2", "parallel.activation_checkpointing=true")
+    parallel, choice = choose_strategy(_cfg(deep_config, "parallel.activation_checkpointing=true"), WORLD, every)
     assert (parallel.strategy, parallel.activation_checkpointing) == ("fsdp2", True)
+    assert [name for name, _ in choice.peaks] == ["ddp + activation checkpointing", "fsdp2 + activation checkpointing"]
 
 
 def test_below_checkpointing_picks_weight_units_with_offloaded_activations(deep_config):
@@ -69,7 +83,7 @@ def test_below_checkpointing_picks_weight_units_with_offloaded_activations(deep_
     parallel, choice = choose_strategy(_cfg(deep_config), WORLD, checkpointed - 1)
     assert (parallel.strategy, parallel.activation_checkpointing, parallel.shard_unit,
             parallel.offload_activations) == ("fsdp2", True, "weight", True)
-    assert len(choice.peaks) == 5 and choice.peaks[-1][1] == leanest
+    assert len(choice.peaks) == 7 and choice.peaks[-1][1] == leanest
     assert "chose fsdp2 + activation checkpointing + one unit per weight + offloaded activations:" in choice.summary()
 
 

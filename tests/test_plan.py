@@ -21,7 +21,7 @@ from distutil import REPO, llama_config_dir, ranks, step_peak
 from lora_dist.config import load_config
 from lora_dist.lora import LoRAConfig, inject_lora, lora_parameters
 from lora_dist.parallel.checkpointing import enable_selective_recompute
-from lora_dist.plan import plan_memory
+from lora_dist.plan import GB, plan_memory
 
 LORA = ["lora.r=4", "lora.alpha=8", "lora.target_modules=all-linear"]
 
@@ -240,13 +240,16 @@ def blocky(tmp_path_factory) -> Path:
     return llama_config_dir(tmp_path_factory.mktemp("blocky"), vocab=512, hidden=256, intermediate=1024, layers=4)
 
 
-#: fsdp2 on 2 ranks with each weight matrix its own unit, with and without checkpointing, and checkpointed block
-#: inputs offloaded (on the CPU their host copies are live tensors too: the plan's ``offloaded`` is added).
+#: fsdp2 on 2 ranks with each weight matrix its own unit, with and without checkpointing, checkpointed block
+#: inputs offloaded (on the CPU their host copies are live tensors too: the plan's ``offloaded`` is added), and
+#: checkpointing of every 2nd block (with and without the offload and weight units).
 UNIT_MODES = [
     ("parallel.shard_unit=weight",),
     ("parallel.shard_unit=weight", "parallel.activation_checkpointing=true"),
     ("parallel.activation_checkpointing=true",),
     ("parallel.activation_checkpointing=true", "parallel.offload_activations=true"),
+    ("parallel.activation_checkpointing=2",),
+    ("parallel.activation_checkpointing=2", "parallel.offload_activations=true", "parallel.shard_unit=weight"),
 ]
 
 
@@ -254,6 +257,16 @@ UNIT_MODES = [
 def test_weight_units_and_offload_are_close_to_live_tensor_bytes(blocky, overrides):
     plan, peak = _measure_step(blocky, "fsdp2", 2, (*overrides, "train.loss_chunk=64"))
     assert abs((plan.total + plan.offloaded) / peak - 1) < 0.15, (plan.as_dict(), peak)
+
+
+def test_checkpointing_every_2nd_block_holds_between_none_and_every_block(blocky):
+    """Planned and measured, the peak of checkpointing every 2nd block (2 of 4) lies between those of no
+    checkpointing and of every block (the blocks' activations are most of this step's)."""
+    peaks = [_measure_step(blocky, "fsdp2", 2, (*ac, "train.loss_chunk=64"))
+             for ac in ((), ("parallel.activation_checkpointing=2",), ("parallel.activation_checkpointing=true",))]
+    (none, none_peak), (half, half_peak), (every, every_peak) = peaks
+    assert none.total > half.total > every.total
+    assert none_peak > half_peak > every_peak, (none_peak, half_peak, every_peak)
 
 
 def test_weight_units_hold_less_than_block_units(blocky):
@@ -388,6 +401,30 @@ def test_llama31_70b_example_counts_and_documented_table():
     assert plan.num_lora_params == 80 * 16 * ((H + H) + (H + kv) + (H + H) + 2 * (H + inter) + (inter + H))
     shown = "\n".join(f"    {line}" if line else "" for line in plan.table().splitlines())  # a code block
     assert shown in (REPO / "docs" / "bench.md").read_text()
+
+
+def test_llama31_70b_example_left_to_auto_checkpoints_as_few_blocks_as_fit():
+    """The 70B recipe without its checkpointing, weight units and offload, as parallel.strategy=auto plans it for 80 GB
+    and 40 GB GPUs and just below the plan of every 2nd block checkpointed: docs/bench.md gives these choices."""
+    from lora_dist.plan import choose_strategy
+
+    cfg = load_config(REPO / "configs" / "llama31_70b_8x_lora.yaml", [
+        f"model.path={LLAMA31_70B}", "parallel.strategy=auto", "parallel.activation_checkpointing=false",
+        "parallel.shard_unit=block", "parallel.offload_activations=false"])
+    chosen = {}
+    for budget in (80, 40, 34.3):
+        parallel, choice = choose_strategy(cfg, 8, int(budget * GB))
+        chosen[budget] = (parallel.strategy, parallel.activation_checkpointing)
+        peaks = dict(choice.peaks)
+    assert chosen == {80: ("fsdp2", False), 40: ("fsdp2", 4), 34.3: ("fsdp2", True)}
+    doc = " ".join((REPO / "docs" / "bench.md").read_text().split())
+    names = ("fsdp2", "fsdp2 + activation checkpointing of every 4th block",
+             "fsdp2 + activation checkpointing of every 2nd block", "fsdp2 + activation checkpointing")
+    fsdp2, fourth, second, every = (peaks[name] / GB for name in names)
+    assert every < second < fourth < fsdp2
+    assert (f"runs as fsdp2 without checkpointing where a GPU has 80 GB ({fsdp2:.1f} GB planned); on 40 GB GPUs it "
+            f"checkpoints every 4th block ({fourth:.1f} GB: 20 of the 80 blocks recomputed in backward instead of all "
+            f"80), and every block ({every:.1f} GB) only below {second:.1f} GB, the plan of every 2nd block") in doc
 
 
 def test_llama31_70b_example_with_an_nf4_base():

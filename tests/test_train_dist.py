@@ -142,9 +142,10 @@ def test_base_is_sharded_without_grads_or_optimizer_state(setup, tmp_path, strat
     assert sum(r["base_local_bytes"] for r in reports) >= reports[0]["base_full_bytes"]
 
 
-def test_activation_checkpointing_and_no_reshard_change_nothing(setup, reference):
-    out = _train(setup, "ac", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=2",
-                 "parallel.activation_checkpointing=true", "parallel.reshard_after_forward=false")
+@pytest.mark.parametrize("every", ["true", "2"])  # every block; every 2nd (the first of the 2 blocks)
+def test_activation_checkpointing_and_no_reshard_change_nothing(setup, reference, every):
+    out = _train(setup, f"ac-{every}", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=2",
+                 f"parallel.activation_checkpointing={every}", "parallel.reshard_after_forward=false")
     _assert_same_adapter(reference, out)
 
 

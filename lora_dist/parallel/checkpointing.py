@@ -1,11 +1,18 @@
 """What the frozen base keeps for backward: activation checkpointing of the transformer blocks, where their
 checkpointed inputs wait, and the cheap elementwise work recomputed instead of kept.
 
-Every block is recomputed in backward (non-reentrant checkpointing, as Hugging Face
-models run it: parameter names unchanged, no input needs to require grad - the LoRA
-params inside each block are enough). What a checkpointed block keeps from its
+Each checkpointed block is recomputed in backward (non-reentrant checkpointing, as
+Hugging Face models run it: parameter names unchanged, no input needs to require grad -
+the LoRA params inside each block are enough). What a checkpointed block keeps from its
 forward is its inputs: for a Llama-family model one ``tokens x hidden`` tensor per
 block, 80 of them (1.3 GB per GPU) for Llama-3.1-70B at 1,024 tokens per rank.
+
+``parallel.activation_checkpointing=N`` checkpoints every Nth block only (blocks 0, N,
+2N, ...: Hugging Face's ``every_n_layers``, torchtitan's layer option); the others keep
+their activations as without checkpointing. Recompute costs about one block forward per
+checkpointed block, so where memory allows, a fraction of the blocks is the faster run
+(:func:`checkpointed_blocks`; ``parallel.strategy=auto`` tries every 4th and every 2nd
+block before every block).
 
 With ``parallel.offload_activations`` those inputs wait in host memory instead:
 :class:`HostActivations` packs every tensor the checkpoint saves for backward into a
@@ -47,7 +54,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["HostActivations", "enable_activation_checkpointing", "enable_selective_recompute"]
+__all__ = ["HostActivations", "checkpointed_blocks", "enable_activation_checkpointing", "enable_selective_recompute"]
 
 
 class HostActivations(torch.autograd.graph.saved_tensors_hooks):
@@ -85,14 +92,24 @@ def _offloaded(checkpoint: Callable, hooks: HostActivations) -> Callable:
     return run
 
 
-def enable_activation_checkpointing(model: nn.Module, offload: bool = False) -> HostActivations | None:
-    """Recompute each transformer block in backward; with ``offload``, keep its checkpointed inputs in host memory.
+def checkpointed_blocks(n_blocks: int, every: bool | int) -> list[int]:
+    """The indices of the blocks ``parallel.activation_checkpointing=every`` recomputes in backward: all of them
+    (true or 1), none (false or 0), or every Nth (0, N, 2N, ...)."""
+    step = int(every)
+    return list(range(0, n_blocks, step)) if step > 0 else []
+
+
+def enable_activation_checkpointing(model: nn.Module, offload: bool = False,
+                                    every: bool | int = True) -> HostActivations | None:
+    """Recompute transformer blocks in backward - each one, or every ``every``-th (:func:`checkpointed_blocks`);
+    with ``offload``, keep their checkpointed inputs in host memory.
 
     Returns:
         the offloading hooks (their :attr:`HostActivations.packed_bytes`), or None without ``offload``.
 
     Raises:
-        ValueError: the model is not a Hugging Face model with gradient checkpointing.
+        ValueError: the model is not a Hugging Face model with gradient checkpointing, or (``every`` > 1) its
+        blocks do not each carry their own checkpointing switch.
     """
     kwargs = {"use_reentrant": False}
     if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.x
@@ -101,6 +118,16 @@ def enable_activation_checkpointing(model: nn.Module, offload: bool = False) -> 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         raise ValueError("parallel.activation_checkpointing needs a Hugging Face model; set it to false")
+    if int(every) > 1:
+        from lora_dist.parallel.parallelize import find_blocks
+
+        blocks = find_blocks(model)
+        if not blocks or not all(getattr(b, "gradient_checkpointing", None) is True for b in blocks):
+            raise ValueError(f"parallel.activation_checkpointing={int(every)} needs blocks that each switch "
+                             f"checkpointing on or off, which {type(model).__name__}'s do not; set it to true")
+        kept = set(checkpointed_blocks(len(blocks), every))
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = i in kept  # Hugging Face's GradientCheckpointingLayer reads it per call
     if getattr(model, "_require_grads_hook", None) is not None:
         # Hugging Face makes the embedding's output require grad for reentrant checkpointing; the non-reentrant
         # kind does not need it, and with it backward computes the first block's input gradient for nothing.

@@ -160,7 +160,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
     elif cfg.selective_recompute:
         enable_selective_recompute(model)
     if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model, offload=cfg.offload_activations)
+        enable_activation_checkpointing(model, offload=cfg.offload_activations, every=cfg.activation_checkpointing)
     if cfg.strategy != "fsdp2":
         return model
     from torch.distributed.device_mesh import init_device_mesh
