@@ -384,19 +384,27 @@ def mode_name(p: ParallelConfig) -> str:
     return name
 
 
+def _at_least(every: bool | int, asked: bool | int) -> bool:
+    """Whether checkpointing ``every`` recomputes at least the blocks ``asked`` does (auto never recomputes fewer)."""
+    return not asked or every is True or (asked is not True and every <= asked)
+
+
 def _candidates(p: ParallelConfig, world_size: int, base_dtype: str) -> list[tuple[str, ParallelConfig]]:
     """``parallel.strategy=auto``'s candidates, fastest first: ddp (1.7x-1.8x an fsdp2 step here when the base
     fits), first without selective recompute (its recomputed norms and MLP products cost ~3% of a step; where the
-    whole base fits on every rank, the activations they save rarely matter); the last one holds the least: one
-    FSDP2 unit per weight and the checkpointed block inputs in host memory."""
+    whole base fits on every rank, the activations they save rarely matter); then fsdp2 with more and more blocks
+    checkpointed (never fewer than ``p`` asks for); the last one holds the least: one FSDP2 unit per weight and the
+    checkpointed block inputs in host memory."""
     replicated = "ddp" if world_size > 1 else "none"
-    options = [dataclasses.replace(p, strategy=replicated, selective_recompute=False),
-               dataclasses.replace(p, strategy=replicated), dataclasses.replace(p, strategy="fsdp2"),
-               # Part of the blocks checkpointed: part of the activations for part of the recompute.
-               *(dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=n) for n in PARTIAL_CHECKPOINTING
-                 if not p.activation_checkpointing),  # (never less than the checkpointing asked for)
-               dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=True),
-               # Compiled blocks cannot take the offload's hooks (lora_dist.parallel.compile): without them there.
+    offload = p.offload_activations and not p.compile
+    # parallel.offload_activations without checkpointing (accepted under auto) applies to the checkpointed candidates.
+    plain = p if p.activation_checkpointing else dataclasses.replace(p, offload_activations=False)
+    options = [dataclasses.replace(plain, strategy=replicated, selective_recompute=False),
+               dataclasses.replace(plain, strategy=replicated), dataclasses.replace(plain, strategy="fsdp2"),
+               # Checkpointing every 4th block, every 2nd, every one: part of the activations for part of the
+               # recompute. Compiled blocks cannot take the offload's hooks (lora_dist.parallel.compile).
+               *(dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=n, offload_activations=offload)
+                 for n in (*PARTIAL_CHECKPOINTING, True) if _at_least(n, p.activation_checkpointing)),
                dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=True, shard_unit="weight",
                                    offload_activations=not p.compile)]
     from lora_dist.parallel.parallelize import replicated_if_unsharded
@@ -507,7 +515,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     # backward's start (the blocks' backward gathering, the loss done); gathered/loss_gathered: what each holds
     # gathered.
     base_shard = base_replicated = gathered = loss_gathered = buffers = 0
-    recompute_gathering = 0  # what the first recompute gathers beyond backward's start (recompute_later)
+    recompute_gathering = 0  # what the first recompute holds gathered beyond backward's start (recompute_later)
     forward_gathered: int | None = None  # fsdp2: what forward's start holds gathered, where it may be the peak
     optimizer_state = 2 * lora_bytes
     lora_params, lora_grads = lora_bytes, lora_bytes
@@ -529,6 +537,7 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
             # Forward holds as many: the block running, and the next one's all-gather output and params (measured
             # in the live tensors of a 2-block model: three blocks at the second block's copy-out).
             running, first = 3 * block, 3 * block
+            recompute_running = running  # what the first recompute holds gathered (recompute_later)
             if p.shard_unit == "weight":
                 # Each weight matrix its own unit: forward holds three at a time, as for blocks.
                 # Backward recomputing a checkpointed block gathers all of its units (FSDP2 does not reshard
@@ -538,11 +547,18 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
                 unit = max((gathered_bytes(m.parameters()) for b in blocks for m in weight_units(b, lora_set)),
                            default=0)
                 plain = min(3 * unit, 3 * block)
-                running = block + unit if n_checkpointed and not recompute_later else plain
-                recompute_gathering = block + unit - plain if recompute_later else 0
+                recompute_running = block + unit
+                if recompute_later or not n_checkpointed:  # backward's start runs a block not checkpointed
+                    running = plain
+                elif n_checkpointed == len(blocks):
+                    running = recompute_running
+                else:  # the last block recomputed; the blocks not checkpointed run later: the larger of the two
+                    running = max(recompute_running, plain)
                 first = 3 * unit
             kept_head = gathered_bytes(head.parameters()) if head is not None and not head_sharded else 0
             gathered = min(root_rest + kept_head + running, gathered_bytes(q for _, q in base))
+            recompute_gathering = min(root_rest + kept_head + recompute_running, gathered_bytes(q for _, q in base)) \
+                - gathered
             loss_gathered = min(root_rest + kept_head, gathered)
             if embed is not None:
                 # Forward's start: the root's rest and the embedding gathered (or, looked up on its shards, the

@@ -75,6 +75,34 @@ def test_checkpointing_asked_for_is_never_lessened(deep_config):
     assert [name for name, _ in choice.peaks] == ["ddp + activation checkpointing", "fsdp2 + activation checkpointing"]
 
 
+def test_every_nth_block_asked_for_still_tries_more_blocks(deep_config):
+    """parallel.activation_checkpointing=4 with auto: every 2nd block is tried before every block."""
+    fourth, second = (_peak(deep_config, "fsdp2", f"parallel.activation_checkpointing={n}") for n in (4, 2))
+    parallel, choice = choose_strategy(_cfg(deep_config, "parallel.activation_checkpointing=4"), WORLD, fourth - 1)
+    assert (parallel.strategy, parallel.activation_checkpointing) == ("fsdp2", 2)
+    assert [name for name, _ in choice.peaks][-2:] == ["fsdp2 + activation checkpointing of every 4th block",
+                                                       "fsdp2 + activation checkpointing of every 2nd block"]
+    assert choice.peaks[-1][1] == second
+
+
+def test_compiled_blocks_never_get_the_offload_from_auto(deep_config):
+    """parallel.compile with parallel.offload_activations (no checkpointing: accepted under auto): no candidate auto
+    may pick checkpoints with the offload the compiler cannot enter."""
+    from lora_dist.parallel.compile import why_not_compiled
+    from lora_dist.plan import _candidates
+
+    cfg = _cfg(deep_config, "parallel.compile=true", "parallel.offload_activations=true")
+    candidates = _candidates(cfg.parallel, WORLD, cfg.model.dtype)
+    assert [name for name, _ in candidates][-3:] == [
+        "fsdp2 + activation checkpointing of every 2nd block + compiled blocks",
+        "fsdp2 + activation checkpointing + compiled blocks",
+        "fsdp2 + activation checkpointing + one unit per weight + compiled blocks"]
+    assert all(why_not_compiled(parallel) is None for _, parallel in candidates), candidates
+    every = _peak(deep_config, "fsdp2", "parallel.compile=true", "parallel.activation_checkpointing=true")
+    parallel, _ = choose_strategy(cfg, WORLD, every)
+    assert (parallel.activation_checkpointing, parallel.offload_activations, parallel.compile) == (True, False, True)
+
+
 def test_below_checkpointing_picks_weight_units_with_offloaded_activations(deep_config):
     checkpointed = _peak(deep_config, "fsdp2", "parallel.activation_checkpointing=true")
     leanest = _peak(deep_config, "fsdp2", "parallel.activation_checkpointing=true", "parallel.shard_unit=weight",

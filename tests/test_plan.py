@@ -269,6 +269,21 @@ def test_checkpointing_every_2nd_block_holds_between_none_and_every_block(blocky
     assert none_peak > half_peak > every_peak, (none_peak, half_peak, every_peak)
 
 
+def test_weight_units_with_every_2nd_block_plan_the_larger_of_both_backwards(tmp_path):
+    """One unit per weight, 3 blocks, every 2nd checkpointed (blocks 0 and 2): backward starts with the last block
+    recomputed (a block and a weight gathered), and block 1's plain backward (three weights) comes later: the plan
+    holds the larger of the two gathers, at least what every block's and no block's checkpointing gather."""
+    path = llama_config_dir(tmp_path, vocab=512, hidden=256, intermediate=4096, layers=3)  # the MLP weights > half
+    plans = {ac: plan_memory(load_config(None, [f"model.path={path}", "parallel.strategy=fsdp2", *LORA,
+                                                "parallel.shard_unit=weight", f"parallel.activation_checkpointing={ac}",
+                                                "train.seq_len=16", "train.micro_batch_size=1"]), 2)
+             for ac in ("false", "true", "2")}
+    assert {plan.peak_at for plan in plans.values()} == {"backward's start"}  # what is compared is that moment's
+    gathered = {ac: plan.gathered for ac, plan in plans.items()}
+    assert gathered["false"] != gathered["true"]
+    assert gathered["2"] == max(gathered["false"], gathered["true"])
+
+
 def test_weight_units_hold_less_than_block_units(blocky):
     """Under checkpointing, one unit per weight holds one block and one weight gathered where one unit per block
     holds up to three blocks: planned and measured, the peak is lower (here by about one 4 MB block of 35 MB)."""

@@ -21,7 +21,8 @@ the compiled graph), so a compiled block runs without it.
 All blocks share one compiled entry point, and torch compiles at most
 ``torch._dynamo.config.recompile_limit`` (8 by default) variants of one, then runs the rest
 eagerly without a word; first/other block x mask/no mask x static/dynamic length x grad/no
-grad (eval) x a model's layer types reach that, so :func:`compile_blocks` raises it to
+grad (eval) x a model's layer types reach that (and checkpointing every Nth block compiles the
+other blocks twice, checkpointed and not), so :func:`compile_blocks` raises it to
 :data:`RECOMPILE_LIMIT` (a process-wide setting).
 
 Not for ``zero3`` (DeepSpeed's parameter gathers run as hooks inside every block), an NF4 base

@@ -44,7 +44,7 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def check_supported(strategy: str, activation_checkpointing: bool, version: str | None = None) -> None:
+def check_supported(strategy: str, activation_checkpointing: bool | int, version: str | None = None) -> None:
     """Refuse, in one line, what the installed DeepSpeed gets wrong with a frozen base.
 
     Raises:
@@ -58,7 +58,8 @@ def check_supported(strategy: str, activation_checkpointing: bool, version: str 
         version = deepspeed.__version__
     if _version(version) < ACTIVATION_CHECKPOINTING_MIN:
         need = ".".join(map(str, ACTIVATION_CHECKPOINTING_MIN))
-        raise ConfigError(f"parallel.strategy=zero3 with parallel.activation_checkpointing=true needs deepspeed>={need} "
+        raise ConfigError(f"parallel.strategy=zero3 with activation checkpointing (parallel.activation_checkpointing="
+                          f"{str(activation_checkpointing).lower()}) needs deepspeed>={need} "
                           f"(older releases drop frozen params during recompute), found {version}; "
                           f"pip install 'deepspeed>={need}' or set parallel.activation_checkpointing=false")
 

@@ -60,20 +60,24 @@ def test_compiled_blocks_apply_lora_dropout(setup, reference):
 
 
 @pytest.mark.dist
-def test_compiled_blocks_keep_every_name_and_run_compiled(setup, tmp_path):
+@pytest.mark.parametrize("checkpointing", ["", "every 2nd block of 4"])
+def test_compiled_blocks_keep_every_name_and_run_compiled(setup, tiny_checkpoint, tmp_path, checkpointing):
     """In place: the state dict (checkpoints, the export) has the eager model's keys. The blocks run as compiled
     graphs, whole, through what a run varies - batches of other lengths and with a packed batch's mask, eval's
     no-grad forward - without a graph break or falling back to eager at torch's recompile limit, and with no KV
     cache (a training forward never reads one; compiled, it would compile again for every layer)
-    (tests/dist_scripts/compiled_blocks.py, in its own process)."""
+    (tests/dist_scripts/compiled_blocks.py, in its own process). Also with every 2nd of 4 blocks checkpointed: the
+    checkpointed and the plain blocks compile apart (3 block variants instead of 2)."""
     out = tmp_path / "report.json"
-    ranks(1, "tests/dist_scripts/compiled_blocks.py", str(out), *setup["common"], timeout=240)
+    extra = [f"model.path={tiny_checkpoint('llama', hidden=64, layers=4)}",
+             "parallel.activation_checkpointing=2"] if checkpointing else []
+    ranks(1, "tests/dist_scripts/compiled_blocks.py", str(out), *setup["common"], *extra, timeout=240)
     report = json.loads(out.read_text())
     assert report["same_names"]
     assert report["compiled_blocks_False"] and not any(report["compiled_blocks_False"])
     assert report["compiled_blocks_True"] and all(report["compiled_blocks_True"])
     assert report["use_cache"] == ["False"]
-    assert report["graphs"] >= 2  # the first block, and the others
+    assert report["graphs"] >= (3 if checkpointing else 2)  # the first block, and the others (checkpointed or not)
     assert not report["graph_breaks"], report["graph_breaks"]
 
 
