@@ -23,7 +23,10 @@ All blocks share one compiled entry point, and torch compiles at most
 eagerly without a word; first/other block x mask/no mask x static/dynamic length x grad/no
 grad (eval) x a model's layer types reach that (and checkpointing every Nth block compiles the
 other blocks twice, checkpointed and not), so :func:`compile_blocks` raises it to
-:data:`RECOMPILE_LIMIT` (a process-wide setting).
+:data:`RECOMPILE_LIMIT` (a process-wide setting). A checkpointed block compiles whole only where
+the compiler lets its forward's side effects go unreplayed in the recompute (another process-wide
+setting :func:`compile_blocks` makes): Hugging Face's kernel selection sets a context variable in
+every attention forward (transformers 5.25 with its ``kernels``).
 
 Not for ``zero3`` (DeepSpeed's parameter gathers run as hooks inside every block), an NF4 base
 (each weight is dequantized by its own autograd function) or checkpointed inputs offloaded to
@@ -71,6 +74,11 @@ def compile_blocks(blocks: list[nn.Module]) -> int:
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # Hugging Face's kernel selection (the kernels package, which transformers 5.25 requires) sets a context variable
+    # around each attention forward. Inside a checkpointed block the compiler refuses that side effect, since eager
+    # checkpointing would replay it in the recompute, and the block runs eagerly without a word. It only picks
+    # kernels while tracing, so the compiled recompute needs no replay of it.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in blocks:
         block.compile()
     return len(blocks)
