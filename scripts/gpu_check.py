@@ -249,8 +249,8 @@ def nf4(ctx):
     return "; ".join(lines)
 
 
-@check("compiled blocks (parallel.compile): whole graphs on the device, bf16 losses follow the eager run's, merged "
-       "export + verify", needs_cuda=True)
+@check("compiled blocks (parallel.compile): whole graphs on the device (a checkpointed block too), bf16 losses "
+       "follow the eager run's, merged export + verify", needs_cuda=True)
 def compiled(ctx):
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -260,9 +260,11 @@ def compiled(ctx):
     from lora_dist.model_dir import ModelDir
     from lora_dist.session import build
 
-    # In this process first: the blocks compile for the GPU without a graph break or a fallback to eager.
+    # In this process first: the blocks compile for the GPU without a graph break or a fallback to eager, the first
+    # one checkpointed and the second not (every 2nd block: a checkpoint's side effects must not split the graph).
     cfg = load_config(None, [f"model.path={ctx['base']}", "parallel.strategy=none", "parallel.compile=true",
-                             "model.dtype=bfloat16", "lora.r=4", "output.dir=unused"])
+                             "parallel.activation_checkpointing=2", "model.dtype=bfloat16", "lora.r=4",
+                             "output.dir=unused"])
     env = LaunchEnv("torchrun", 0, 0, 1, 1, 0, 1, "127.0.0.1", 29500)
     _, engine = build(cfg, env, ctx["device"], ModelDir(ctx["base"]), None)
     torch._dynamo.reset()
