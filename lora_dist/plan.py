@@ -556,9 +556,9 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
                     running = max(recompute_running, plain)
                 first = 3 * unit
             kept_head = gathered_bytes(head.parameters()) if head is not None and not head_sharded else 0
-            gathered = min(root_rest + kept_head + running, gathered_bytes(q for _, q in base))
-            recompute_gathering = min(root_rest + kept_head + recompute_running, gathered_bytes(q for _, q in base)) \
-                - gathered
+            whole = gathered_bytes(q for _, q in base)
+            gathered = min(root_rest + kept_head + running, whole)
+            recompute_gathering = min(root_rest + kept_head + recompute_running, whole) - gathered
             loss_gathered = min(root_rest + kept_head, gathered)
             if embed is not None:
                 # Forward's start: the root's rest and the embedding gathered (or, looked up on its shards, the

@@ -24,15 +24,14 @@ SETTINGS = (False, 4, 2, True)
 
 def run(size: str, tokens: int, rounds: int, out: Path, work_dir: Path) -> dict:
     import torch
-    import transformers as tf
 
     from lora_dist.bench.measure import LiveTensorBytes, machine_info
     from lora_dist.bench.models import FULL_SIZES, QUICK_SIZES, build_checkpoint
     from lora_dist.config import load_config
-    from lora_dist.lora import inject_lora, lora_parameters
-    from lora_dist.parallel import find_blocks, make_engine, parallelize
-    from lora_dist.parallel.checkpointing import checkpointed_blocks
+    from lora_dist.parallel import find_blocks
+    from lora_dist.parallel.checkpointing import checkpoint_blocks, checkpointed_blocks
     from lora_dist.plan import plan_memory
+    from lora_dist.session import prepare
 
     spec = next((s for s in (*FULL_SIZES, *QUICK_SIZES) if s.name == size), None)
     if spec is None:
@@ -41,21 +40,10 @@ def run(size: str, tokens: int, rounds: int, out: Path, work_dir: Path) -> dict:
     seq = min(tokens, 512)
     overrides = [f"model.path={path}", "parallel.strategy=none", f"train.seq_len={seq}",
                  f"train.micro_batch_size={tokens // seq}"]
-    cfg = load_config(None, [*overrides, "parallel.activation_checkpointing=true"])
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    inject_lora(model, cfg.lora)
-    parallelize(model, cfg.parallel, torch.device("cpu"))  # every block checkpointed; the switches flipped below
-    model.train()  # (Hugging Face checkpoints in training mode only)
-    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-5)
-    engine = make_engine(model, optimizer, cfg.parallel, cfg.train, torch.device("cpu"))
+    # The model and engine as lora-dist train builds them, every block checkpointed; the switches flipped below.
+    model, engine = prepare(load_config(None, [*overrides, "parallel.activation_checkpointing=true"]))
     blocks = find_blocks(model)
     ids = torch.randint(0, spec.vocab, (tokens // seq, seq), generator=torch.Generator().manual_seed(0))
-
-    def use(setting) -> None:
-        kept = set(checkpointed_blocks(len(blocks), setting))
-        for i, block in enumerate(blocks):
-            block.gradient_checkpointing = i in kept
 
     def step() -> None:
         engine.backward(engine.forward_loss_sum({"input_ids": ids}, ids))
@@ -64,7 +52,7 @@ def run(size: str, tokens: int, rounds: int, out: Path, work_dir: Path) -> dict:
     times: dict = {s: [] for s in SETTINGS}
     for turn in range(rounds):
         for setting in SETTINGS:
-            use(setting)
+            checkpoint_blocks(blocks, setting)
             t0 = time.perf_counter()
             step()
             if turn:  # the first round warms up
@@ -72,7 +60,7 @@ def run(size: str, tokens: int, rounds: int, out: Path, work_dir: Path) -> dict:
     rows = []
     none = statistics.median(times[False])
     for setting in SETTINGS:
-        use(setting)
+        checkpoint_blocks(blocks, setting)
         tracker = LiveTensorBytes("cpu")
         with tracker:
             step()

@@ -54,7 +54,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["HostActivations", "checkpointed_blocks", "enable_activation_checkpointing", "enable_selective_recompute"]
+__all__ = ["HostActivations", "checkpoint_blocks", "checkpointed_blocks", "enable_activation_checkpointing", "enable_selective_recompute"]
 
 
 class HostActivations(torch.autograd.graph.saved_tensors_hooks):
@@ -99,6 +99,14 @@ def checkpointed_blocks(n_blocks: int, every: bool | int) -> list[int]:
     return list(range(0, n_blocks, step)) if step > 0 else []
 
 
+def checkpoint_blocks(blocks: list[nn.Module], every: bool | int) -> None:
+    """Switch checkpointing on for the :func:`checkpointed_blocks` of ``blocks`` and off for the others (Hugging
+    Face's ``GradientCheckpointingLayer`` reads its switch at each call, so this may change between steps)."""
+    kept = set(checkpointed_blocks(len(blocks), every))
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i in kept
+
+
 def enable_activation_checkpointing(model: nn.Module, offload: bool = False,
                                     every: bool | int = True) -> HostActivations | None:
     """Recompute transformer blocks in backward - each one, or every ``every``-th (:func:`checkpointed_blocks`);
@@ -125,9 +133,7 @@ def enable_activation_checkpointing(model: nn.Module, offload: bool = False,
         if not blocks or not all(getattr(b, "gradient_checkpointing", None) is True for b in blocks):
             raise ValueError(f"parallel.activation_checkpointing={int(every)} needs blocks that each switch "
                              f"checkpointing on or off, which {type(model).__name__}'s do not; set it to true")
-        kept = set(checkpointed_blocks(len(blocks), every))
-        for i, block in enumerate(blocks):
-            block.gradient_checkpointing = i in kept  # Hugging Face's GradientCheckpointingLayer reads it per call
+        checkpoint_blocks(blocks, every)
     if getattr(model, "_require_grads_hook", None) is not None:
         # Hugging Face makes the embedding's output require grad for reentrant checkpointing; the non-reentrant
         # kind does not need it, and with it backward computes the first block's input gradient for nothing.
