@@ -24,6 +24,7 @@ SETTINGS = (False, 4, 2, True)
 
 def run(size: str, tokens: int, rounds: int, out: Path, work_dir: Path) -> dict:
     import torch
+    import torch.distributed as dist
 
     from lora_dist.bench.measure import LiveTensorBytes, machine_info
     from lora_dist.bench.models import FULL_SIZES, QUICK_SIZES, build_checkpoint
@@ -41,37 +42,42 @@ def run(size: str, tokens: int, rounds: int, out: Path, work_dir: Path) -> dict:
     overrides = [f"model.path={path}", "parallel.strategy=none", f"train.seq_len={seq}",
                  f"train.micro_batch_size={tokens // seq}"]
     # The model and engine as lora-dist train builds them, every block checkpointed; the switches flipped below.
+    started = dist.is_initialized()
     model, engine = prepare(load_config(None, [*overrides, "parallel.activation_checkpointing=true"]))
-    blocks = find_blocks(model)
-    ids = torch.randint(0, spec.vocab, (tokens // seq, seq), generator=torch.Generator().manual_seed(0))
+    try:
+        blocks = find_blocks(model)
+        ids = torch.randint(0, spec.vocab, (tokens // seq, seq), generator=torch.Generator().manual_seed(0))
 
-    def step() -> None:
-        engine.backward(engine.forward_loss_sum({"input_ids": ids}, ids))
-        engine.step(1e-5)
+        def step() -> None:
+            engine.backward(engine.forward_loss_sum({"input_ids": ids}, ids))
+            engine.step(1e-5)
 
-    times: dict = {s: [] for s in SETTINGS}
-    for turn in range(rounds):
+        times: dict = {s: [] for s in SETTINGS}
+        for turn in range(rounds):
+            for setting in SETTINGS:
+                checkpoint_blocks(blocks, setting)
+                t0 = time.perf_counter()
+                step()
+                if turn:  # the first round warms up
+                    times[setting].append(time.perf_counter() - t0)
+        rows = []
+        none = statistics.median(times[False])
         for setting in SETTINGS:
             checkpoint_blocks(blocks, setting)
-            t0 = time.perf_counter()
-            step()
-            if turn:  # the first round warms up
-                times[setting].append(time.perf_counter() - t0)
-    rows = []
-    none = statistics.median(times[False])
-    for setting in SETTINGS:
-        checkpoint_blocks(blocks, setting)
-        tracker = LiveTensorBytes("cpu")
-        with tracker:
-            step()
-        plan = plan_memory(load_config(None, [*overrides, f"parallel.activation_checkpointing={str(setting).lower()}"]),
-                           1)
-        median = statistics.median(times[setting])
-        rows.append({"activation_checkpointing": setting, "mode": plan.mode,
-                     "checkpointed_blocks": len(checkpointed_blocks(len(blocks), setting)), "blocks": len(blocks),
-                     "step_s": median, "step_s_each": times[setting], "x_none": median / none,
-                     "peak_tensor_bytes": tracker.peak, "planned_bytes": plan.total,
-                     "planned_x_measured": plan.total / tracker.peak})
+            tracker = LiveTensorBytes("cpu")
+            with tracker:
+                step()
+            setting_cfg = load_config(None, [*overrides, f"parallel.activation_checkpointing={str(setting).lower()}"])
+            plan = plan_memory(setting_cfg, 1)
+            median = statistics.median(times[setting])
+            rows.append({"activation_checkpointing": setting, "mode": plan.mode,
+                         "checkpointed_blocks": len(checkpointed_blocks(len(blocks), setting)), "blocks": len(blocks),
+                         "step_s": median, "step_s_each": times[setting], "x_none": median / none,
+                         "peak_tensor_bytes": tracker.peak, "planned_bytes": plan.total,
+                         "planned_x_measured": plan.total / tracker.peak})
+    finally:
+        if not started and dist.is_initialized():  # prepare() started it for this measurement; a caller's stays
+            dist.destroy_process_group()
     result = {"machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "size": size,
               "tokens": tokens, "rounds": rounds, "threads": torch.get_num_threads(), "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
