@@ -34,6 +34,7 @@ __all__ = [
     "exit_distributed",
     "disable_adapters",
     "export_merged",
+    "export_run",
     "init_distributed",
     "inject_lora",
     "load_adapter",
@@ -64,6 +65,7 @@ _LAZY = {
     "destroy_distributed": "lora_dist.launch",
     "exit_distributed": "lora_dist.launch",
     "export_merged": "lora_dist.export",
+    "export_run": "lora_dist.session",
     "merge_offline": "lora_dist.export",
     "verify_checkpoint": "lora_dist.export",
 }

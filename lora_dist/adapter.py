@@ -32,9 +32,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lora_dist.atomic import recover, writing_dir
+from lora_dist.errors import UserError
 from lora_dist.inputs import clip, excerpt, read_json
 from lora_dist.lora import LoRAConfig, LoRAParam, inject_lora, lora_modules, param_targets
 from lora_dist.merge import LoRAWeights, lora_scale
+from lora_dist.quant import NF4Record, nf4_record
+from lora_dist.sharding import full_shape
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -55,7 +58,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter that cannot be written or read as asked."""
 
 
@@ -254,18 +257,14 @@ def trained_on(model: nn.Module) -> dict[str, str]:
     """What an adapter records of the base it was trained on, in its safetensors header: the weights stored as NF4,
     a set that depends on the run's sharding, so that ``lora-dist export RUN_DIR`` merges into the base the run
     trained on, on any number of ranks."""
-    from lora_dist.quant import nf4_record
-
     record = nf4_record(model)
     return {} if record is None else record.header()
 
 
-def adapter_nf4_record(directory: str | os.PathLike):
+def adapter_nf4_record(directory: str | os.PathLike) -> NF4Record | None:
     """The :class:`~lora_dist.quant.NF4Record` an adapter's header carries; None where it carries none (PEFT's, an
     older lora_dist's, an unquantized run's) or its weights file is missing or unreadable (reading the adapter
     says why)."""
-    from lora_dist.quant import NF4Record
-
     try:
         with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), "pt") as fh:
             return NF4Record.from_header(fh.metadata() or {})
@@ -336,8 +335,6 @@ class AdapterFile:
         return out
 
     def _param_weights(self, model: nn.Module, param: str, module: str) -> LoRAWeights:
-        from lora_dist.parallel.sharding import full_shape
-
         owner, _, pname = param.rpartition(".")
         owner_module = model.get_submodule(owner)
         shape = full_shape(getattr(owner_module, pname))

@@ -95,9 +95,11 @@ from safetensors.torch import load_file, save_file
 
 from lora_dist.atomic import recover, write_text_atomic, writing_dir
 from lora_dist.config import Config
+from lora_dist.errors import UserError
 from lora_dist.launch import LaunchEnv
 from lora_dist.model_dir import SAFE_INDEX
 from lora_dist.outputs import OutputError, read_run_marker, write_failure
+from lora_dist.quant import NF4Record, nf4_record
 from lora_dist.ranks import RankGroup
 
 __all__ = [
@@ -122,11 +124,11 @@ _LEFTOVER = re.compile(r"\.(step-\d+)\.(tmp|old)-.*")
 _MAX_STATE_BYTES = 1 << 20
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed as asked."""
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss, gradients or LoRA state became NaN/Inf, or the LoRA weights exploded."""
 
 
@@ -290,19 +292,15 @@ def _check_compatible(path: Path, state: dict, lora: dict[str, torch.Tensor], en
                               f"model (another base?); resume on the base it was trained on {fresh}")
 
 
-def _nf4(engine):
+def _nf4(engine) -> NF4Record | None:
     """The weights ``engine``'s model stores as NF4 (``model.quantize``), a :class:`~lora_dist.quant.NF4Record`;
     None without quantization."""
-    from lora_dist.quant import nf4_record
-
     model = getattr(engine, "module", None)
     return None if model is None else nf4_record(model)
 
 
-def nf4_record_of(state: dict):
+def nf4_record_of(state: dict) -> NF4Record | None:
     """The :class:`~lora_dist.quant.NF4Record` a checkpoint's ``state.json`` (:func:`read_state`) carries, or None."""
-    from lora_dist.quant import NF4Record
-
     if "quantized" not in state:
         return None
     return NF4Record(tuple(state["quantized"]), state.get("quantized_shards", 1))

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from lora_dist.errors import USER_ERRORS, UserError
+
 __all__ = ["EXIT_CHECK_FAILED", "EXIT_OK", "EXIT_USAGE", "main"]
 
 EXIT_OK = 0
@@ -173,7 +175,7 @@ def _export_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from lora_dist.export import export_run
+    from lora_dist.session import export_run
 
     export_run(args.run_dir, out=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                overwrite=args.overwrite)
@@ -423,7 +425,7 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-class _UsageError(ValueError):
+class _UsageError(UserError, ValueError):
     """Bad input found by the CLI itself."""
 
 
@@ -441,13 +443,6 @@ def _top_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help=argparse.SUPPRESS)
     return p
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The errors that mean bad input or environment: one line, exit code 2."""
-    from lora_dist.errors import USER_ERRORS
-
-    return (*USER_ERRORS, _UsageError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     args = command.parser(f"lora-dist {name}").parse_intermixed_args(rest)
     try:
         code = command.run(args)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         print(f"lora-dist {name}: error: {_one_line(e)}", file=sys.stderr)
         code = EXIT_USAGE
     except SystemExit as e:  # preemption: checkpoint written, exit code asks for a requeue

@@ -23,6 +23,7 @@ from typing import Any, Union
 
 import yaml
 
+from lora_dist.errors import ConfigError
 from lora_dist.inputs import MAX_CONFIG_BYTES, clip, excerpt, parse_yaml, read_text
 from lora_dist.lora import LoRAConfig, LoRAConfigError
 from lora_dist.quant import QUANTIZE, quantize_problem
@@ -78,10 +79,6 @@ MAXIMUMS = {
 }
 #: Every integer key stays below this: larger values are typos, and would overflow the seeds' arithmetic.
 MAX_INT = 2**31 - 1
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used as given."""
 
 
 @dataclass
@@ -275,6 +272,20 @@ class ParallelConfig:
             raise ConfigError(f"parallel.shard_unit={self.shard_unit} applies to parallel.strategy=fsdp2 only, "
                               f"not {self.strategy}")
 
+    def why_not_compiled(self, quantize: str = "") -> str | None:
+        """Why ``parallel.compile`` cannot apply with these settings and ``model.quantize`` (None when it can);
+        :mod:`lora_dist.parallel.compile` says why each one is refused."""
+        if self.strategy == "zero3":
+            return ("zero3 gathers each weight in hooks inside the blocks, which the compiler cannot trace; use "
+                    "parallel.strategy=fsdp2 (the same sharding) or parallel.compile=false")
+        if quantize:
+            return (f"an {quantize} base is dequantized weight by weight outside the compiler's reach; set "
+                    "parallel.compile=false")
+        if self.offload_activations and self.activation_checkpointing:
+            return ("parallel.offload_activations wraps each block's checkpoint in hooks the compiler cannot enter "
+                    "(the blocks would run eagerly); drop one of the two")
+        return None
+
 
 @dataclass
 class TrainConfig:
@@ -420,9 +431,7 @@ class Config:
         if problem:
             raise ConfigError(problem)
         if p.compile:
-            from lora_dist.parallel.compile import why_not_compiled
-
-            problem = why_not_compiled(p, self.model.quantize)
+            problem = p.why_not_compiled(self.model.quantize)
             if problem:
                 raise ConfigError(f"parallel.compile=true does not apply: {problem}")
         if not 0.0 <= self.data.eval_fraction < 1.0:

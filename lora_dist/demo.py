@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from lora_dist.errors import UserError
+
 __all__ = [
     "ARCHS",
     "DemoFailed",
@@ -157,7 +159,7 @@ def make_tiny_checkpoint(
     return path
 
 
-class DemoFailed(RuntimeError):
+class DemoFailed(UserError, RuntimeError):
     """The demo ran but its result is not what it promises."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lora_dist.errors import UserError
+
 __all__ = ["FLOAT_DTYPES", "DTypeError", "dtype_name", "from_safetensors", "parse_dtype", "to_safetensors"]
 
 #: Floating dtypes a checkpoint may hold and lora_dist may write.
@@ -28,7 +30,7 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
 _SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS.items()}
 
 
-class DTypeError(ValueError):
+class DTypeError(UserError, ValueError):
     """A dtype name lora_dist does not know, or a dtype safetensors cannot store."""
 
 

@@ -1,47 +1,25 @@
-"""The errors that mean "bad input or environment": the CLI reports them as one line, exit code 2."""
+"""The errors that mean "bad input or environment": what the user can fix, reported as one line.
+
+Every such error is a :class:`UserError`. Each module defines its own (``AdapterError`` in
+:mod:`lora_dist.adapter`, ``ExportError`` in :mod:`lora_dist.export`...) as a subclass, next to the code that
+raises it; :class:`ConfigError` lives here because every layer raises it, from the NF4 loader up. The CLI
+reports any of :data:`USER_ERRORS` as one line with exit code 2 (a traceback would bury the fix), and a rank
+that hits one raises the same type on every rank (:mod:`lora_dist.ranks`). This module imports nothing of
+lora_dist, so any module can raise these errors.
+"""
 
 from __future__ import annotations
 
-from lora_dist.adapter import AdapterError
-from lora_dist.checkpoint import ResumeError, TrainingDiverged
-from lora_dist.config import ConfigError
-from lora_dist.data import DataError
-from lora_dist.demo import DemoFailed
-from lora_dist.dtypes import DTypeError
-from lora_dist.export import ExportError
-from lora_dist.generate import GenerateError
-from lora_dist.launch import LaunchError
-from lora_dist.lora import LoRAConfigError
-from lora_dist.merge import MergeError
-from lora_dist.model_dir import ModelDirError
-from lora_dist.outputs import OutputDirError, OutputError
-from lora_dist.plot import PlotError
-from lora_dist.parallel.sharding import ShardingError
-from lora_dist.slurm import SlurmError
-from lora_dist.tracking import TrackingError
+__all__ = ["USER_ERRORS", "ConfigError", "UserError"]
 
-__all__ = ["USER_ERRORS"]
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    AdapterError,
-    ConfigError,
-    DataError,
-    DemoFailed,
-    DTypeError,
-    ExportError,
-    GenerateError,
-    LaunchError,
-    LoRAConfigError,
-    MergeError,
-    ModelDirError,
-    OutputDirError,
-    OutputError,
-    PlotError,
-    ResumeError,
-    ShardingError,
-    SlurmError,
-    TrackingError,
-    TrainingDiverged,
-    FileExistsError,
-    PermissionError,
-)
+class UserError(Exception):
+    """Bad input or environment, with a message that names the problem and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot be used as given."""
+
+
+#: What the CLI reports as one line, exit code 2: lora_dist's own, and the OS's refusals of a path.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileExistsError, PermissionError)

@@ -49,7 +49,7 @@ def evaluate_run(cfg: Config, adapter: str | os.PathLike | None = None, base_onl
         ConfigError, ModelDirError, LaunchError: as training.
     """
     from lora_dist.adapter import AdapterError, read_adapter
-    from lora_dist.model import skeleton
+    from lora_dist.model_dir import skeleton
     from lora_dist.session import build, check_launch, open_base, strategy_config
     from lora_dist.train import eval_sums
 

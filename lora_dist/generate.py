@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lora_dist.errors import UserError
 from lora_dist.inputs import excerpt, read_text
 
 __all__ = ["GenerateError", "Generation", "generate", "load_messages"]
@@ -25,7 +26,7 @@ __all__ = ["GenerateError", "Generation", "generate", "load_messages"]
 MAX_MESSAGES_BYTES = 1 << 20
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError, ValueError):
     """A prompt that cannot be generated from."""
 
 

@@ -21,9 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora_dist.errors import UserError
 from lora_dist.inputs import excerpt
 from lora_dist.merge import LoRAWeights, lora_scale, merge_weight, unmerge_weight
-from lora_dist.quant import dequantize, frozen_linear, is_nf4, is_quantized
+from lora_dist.nf4 import dequantize, frozen_linear, is_nf4, is_quantized
+from lora_dist.sharding import full_shape
 
 try:  # transformers is a dependency, but keep the core importable without it.
     from transformers.pytorch_utils import Conv1D
@@ -68,7 +70,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 _INITS = ("kaiming", "gaussian")
 
 
-class LoRAConfigError(ValueError):
+class LoRAConfigError(UserError, ValueError):
     """An invalid LoRA configuration, or targets that match nothing."""
 
 
@@ -403,8 +405,6 @@ class LoRALinear(LoRALayer):
         lora_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        from lora_dist.parallel.sharding import full_shape  # lora_dist.parallel imports this module
-
         shape = full_shape(weight)
         out_features, in_features = shape[::-1] if fan_in_fan_out else shape
         if r <= 0 or r > min(in_features, out_features):
@@ -499,7 +499,6 @@ class LoRAParam(LoRALayer):
     def __init__(self, owner: nn.Module, parameter_name: str, r: int, alpha: float, use_rslora: bool = False,
                  init: str = "kaiming", lora_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        from lora_dist.parallel.sharding import full_shape  # lora_dist.parallel imports this module
 
         weight = getattr(owner, parameter_name)
         shape = full_shape(weight)
@@ -679,7 +678,7 @@ def _param_choices(model: nn.Module, config: LoRAConfig, layers: list[str]) -> d
     refuses what PEFT refuses, in one line."""
     owners = {o: ps for o, ps in param_targets(model, config.target_parameters).items() if _selected(config, o)}
     if config.target_parameters is not None and not owners:
-        stacks = sorted({_param_suffix(n) for n, p in model.named_parameters() if len(_full_shape(p)) == 3})
+        stacks = sorted({_param_suffix(n) for n, p in model.named_parameters() if len(full_shape(p)) == 3})
         raise LoRAConfigError(
             f"lora.target_parameters={excerpt(config.target_parameters)} matched no parameter; "
             + (f"the model's 3-D (expert) parameters are {stacks}" if stacks else "the model has no 3-D (expert) "
@@ -693,17 +692,12 @@ def _param_choices(model: nn.Module, config: LoRAConfig, layers: list[str]) -> d
         if hasattr(module, "lora"):
             raise LoRAConfigError(f"{owner} already has a 'lora' attribute; inject_lora was called twice")
         for pname in names:
-            ndim = len(_full_shape(getattr(module, pname)))
+            ndim = len(full_shape(getattr(module, pname)))
             if ndim not in (2, 3):
                 raise LoRAConfigError(f"lora.target_parameters matches {owner}.{pname}, a {ndim}-D parameter; "
                                       "only 2-D weights and 3-D (experts, ...) stacks can be adapted")
     return owners
 
-
-def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
-    from lora_dist.parallel.sharding import full_shape  # lora_dist.parallel imports this module
-
-    return full_shape(param)
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = torch.float32) -> InjectionReport:
@@ -753,7 +747,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
     params = _param_choices(model, config, chosen)
     for name in chosen:  # validate every rank before the model is touched
         base = model.get_submodule(name)
-        shape = _full_shape(base.weight)
+        shape = full_shape(base.weight)
         out_features, in_features = shape[::-1] if _is_conv1d(base) else shape
         r, _ = config.rank_and_alpha(name)
         if r > min(in_features, out_features):
@@ -764,7 +758,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
     for owner, names in params.items():
         module = model.get_submodule(owner) if owner else model
         for pname in names:
-            shape = _full_shape(getattr(module, pname))
+            shape = full_shape(getattr(module, pname))
             r, _ = config.rank_and_alpha(f"{owner}.{pname}")
             if r > min(shape[-2:]):
                 raise LoRAConfigError(f"{owner}.{pname}: lora.r={r} must be in [1, {min(shape[-2:])}] for a {shape} "

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from lora_dist.chat import IGNORE
 from lora_dist.collectives import all_gather_single, reduce_scatter_single
 from lora_dist.lora import LoRALinear
-from lora_dist.quant import dequantize
+from lora_dist.nf4 import dequantize
+from lora_dist.sharding import row_shard, stand_in
 
 __all__ = [
     "IGNORE",
@@ -323,8 +324,6 @@ def sharded_head(model: nn.Module):
     this rank; None where the head is not its own ``Shard(0)`` FSDP2 unit (ddp, ZeRO, a tied head)."""
     from torch.distributed.fsdp import FSDPModule
 
-    from lora_dist.parallel.sharding import row_shard
-
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     if not isinstance(head, FSDPModule) or chunkable(model) is not None:
         return None
@@ -366,8 +365,6 @@ class ShardedHeadLoss:
 
     def installed(self) -> contextlib.AbstractContextManager:
         """The head's place in the model holds a stand-in that returns its input (the head stays sharded)."""
-        from lora_dist.parallel.sharding import stand_in
-
         return stand_in(self.model, self.head, _SkipHead(self.head))
 
     def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ from typing import Mapping
 
 import torch
 
+from lora_dist.errors import UserError
+
 __all__ = [
     "LoRAWeights",
     "MergeError",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """A merge would produce a wrong or non-finite weight."""
 
 

@@ -22,16 +22,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lora_dist.config import ConfigError, ModelConfig, ParallelConfig
+from lora_dist.config import ModelConfig, ParallelConfig
 from lora_dist.dtypes import parse_dtype
+from lora_dist.errors import ConfigError
 from lora_dist.lora import InjectionReport, LoRAConfig, inject_lora, lora_modules, lora_parameters
-from lora_dist.model_dir import ModelDir, ModelDirError
+from lora_dist.model_dir import ModelDir, ModelDirError, model_class
+from lora_dist.nf4 import is_quantized, load_quantized, nf4_module
 from lora_dist.parallel import parallelize
-from lora_dist.parallel.sharding import full_shape, owned_range, whole_local
-from lora_dist.quant import NF4Record, is_quantized, load_quantized, nf4_module, prepare_quantized, quantize_problem
+from lora_dist.quant import NF4Record, prepare_quantized, quantize_problem
+from lora_dist.sharding import full_shape, owned_range, whole_local
 from lora_dist.weight_mapping import WeightMap, model_transforms
 
-__all__ = ["LoadedModel", "load_model", "model_class", "place_unsharded", "skeleton"]
+__all__ = ["LoadedModel", "load_model", "place_unsharded"]
 
 log = logging.getLogger(__name__)
 
@@ -46,33 +48,9 @@ class LoadedModel:
     ds_config: dict | None = None
 
 
-def model_class(hf_config):
-    """The ``transformers`` Auto class that builds this architecture."""
-    import transformers as tf
-
-    archs = getattr(hf_config, "architectures", None) or []
-    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
-        return tf.AutoModelForCausalLM
-    if any(a.endswith("ForMaskedLM") for a in archs):
-        return tf.AutoModelForMaskedLM
-    return tf.AutoModelForCausalLM
-
-
-def skeleton(base: ModelDir) -> nn.Module:
-    """The base's model with every parameter on the meta device: its names, shapes and conversion mapping, no memory.
-
-    What reading a ``target_parameters`` adapter against its model needs (which parameters it adapts,
-    and where the checkpoint stores them), without loading any weight.
-    """
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=True):
-        return model_class(base.hf_config).from_config(base.hf_config)
-
-
 @torch.no_grad()
 def _load_base(model: nn.Module, base: ModelDir, weights: WeightMap) -> None:
-    """Copy each base param's owned bytes (:func:`~lora_dist.parallel.sharding.owned_range`) from the files.
+    """Copy each base param's owned bytes (:func:`~lora_dist.sharding.owned_range`) from the files.
 
     ``weights`` names where each param is: one tensor of the dir, or several that transformers'
     conversion mapping assembles (MoE experts); either way only the owned range is read.

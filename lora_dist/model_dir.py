@@ -11,6 +11,9 @@ Opening a dir checks what it can cheaply: ``config.json`` is a JSON object with 
 readable header. lora_dist never runs code shipped in a model dir (``trust_remote_code``):
 a model whose architecture transformers does not have is refused when its config is
 needed (:attr:`ModelDir.hf_config`); merging tensors by name needs no code.
+
+:func:`skeleton` builds the model a dir describes on the meta device (its names and shapes, no memory),
+through the ``transformers`` class :func:`model_class` picks.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import torch
 from safetensors import safe_open
 
 from lora_dist.dtypes import from_safetensors
+from lora_dist.errors import UserError
 from lora_dist.inputs import clip, excerpt, read_json
 
-__all__ = ["REMOTE_CODE_FIX", "SAFE_INDEX", "SAFE_SINGLE", "ModelDir", "ModelDirError", "read_config_json"]
+__all__ = ["REMOTE_CODE_FIX", "SAFE_INDEX", "SAFE_SINGLE", "ModelDir", "ModelDirError", "model_class", "read_config_json",
+           "skeleton"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 REMOTE_CODE_FIX = "lora_dist never runs code from a model dir (trust_remote_code)"
 
 
-class ModelDirError(ValueError):
+class ModelDirError(UserError, ValueError):
     """A model dir that is missing, incomplete or corrupt."""
 
 
@@ -212,3 +217,27 @@ class ModelDir:
             handle = self._handles[file]
             for key in handle.keys():  # type: ignore[attr-defined]
                 yield key, handle.get_tensor(key)  # type: ignore[attr-defined]
+
+
+def model_class(hf_config):
+    """The ``transformers`` Auto class that builds this architecture."""
+    import transformers as tf
+
+    archs = getattr(hf_config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return tf.AutoModelForCausalLM
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return tf.AutoModelForMaskedLM
+    return tf.AutoModelForCausalLM
+
+
+def skeleton(base: ModelDir) -> torch.nn.Module:
+    """The base's model with every parameter on the meta device: its names, shapes and conversion mapping, no memory.
+
+    What reading a ``target_parameters`` adapter against its model needs (which parameters it adapts,
+    and where the checkpoint stores them), without loading any weight.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        return model_class(base.hf_config).from_config(base.hf_config)

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from lora_dist.errors import UserError
+
 __all__ = [
     "RUN_LOCK",
     "RUN_MARKER",
@@ -60,11 +62,11 @@ _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_m
 _RUN_CONTENTS = ("checkpoints", "adapter", "metrics.jsonl", "merged")
 
 
-class OutputError(ValueError):
+class OutputError(UserError, ValueError):
     """An output path that would overwrite or mix with something lora_dist did not write."""
 
 
-class OutputDirError(OSError):
+class OutputDirError(UserError, OSError):
     """An output that cannot be written: no permission, a read-only filesystem, a full disk."""
 
 

@@ -14,7 +14,7 @@ computed from the resulting parameter shapes and the run config:
   (shown as *replicated*); ddp/none/zero1/zero2 keep everything.
   With ``model.quantize=nf4`` the weights :mod:`lora_dist.quant` quantizes at
   this sharding count torchao's NF4 bytes of their shard
-  (:func:`~lora_dist.quant.nf4_bytes`: half a byte per element, an int8 scale
+  (:func:`~lora_dist.nf4.nf4_bytes`: half a byte per element, an int8 scale
   per 64, a float per 16,384, 17 floats per tensor); the others as above.
 * **LoRA params**, **grads**, **optimizer state**: fp32 A/B on every rank,
   their gradients, AdamW's two moments (under ZeRO partitioned over ranks,
@@ -116,8 +116,9 @@ from pathlib import Path
 
 import torch
 
-from lora_dist.config import Config, ConfigError, ParallelConfig
+from lora_dist.config import Config, ParallelConfig
 from lora_dist.dtypes import parse_dtype
+from lora_dist.errors import ConfigError
 
 __all__ = ["MemoryPlan", "StrategyChoice", "choose_strategy", "memory_budget", "meta_model", "plan_memory"]
 
@@ -257,7 +258,7 @@ def _hf_config(model_path: str):
 def meta_model(cfg: Config, hf_config) -> torch.nn.Module:
     """The skeleton training builds, on the meta device, with LoRA injected."""
     from lora_dist.lora import inject_lora
-    from lora_dist.model import model_class
+    from lora_dist.model_dir import model_class
 
     with torch.device("meta"):
         model = model_class(hf_config).from_config(hf_config, dtype=parse_dtype(cfg.model.dtype))
@@ -447,16 +448,18 @@ def choose_strategy(cfg: Config, world_size: int, budget: int) -> tuple[Parallel
 
 def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> MemoryPlan:
     """The plan of ``cfg`` (an explicit strategy) for ``model``, the meta skeleton with LoRA injected."""
+    from lora_dist.blocks import find_blocks
     from lora_dist.lora import LoRAParam, lora_modules, lora_parameters
     from lora_dist.loss import chunkable
-    from lora_dist.parallel import dp_mesh_shape, find_blocks
+    from lora_dist.nf4 import nf4_bytes, nf4_quantizable
+    from lora_dist.parallel import dp_mesh_shape
     from lora_dist.parallel.checkpointing import checkpointed_blocks
     from lora_dist.parallel.embedding import plain_lookup
     from lora_dist.parallel.parallelize import embedding_and_head, replicated_if_unsharded, reshard_size, weight_units
-    from lora_dist.parallel.sharding import vocab_sharding_pays
     from lora_dist.parallel.reducer import fill_buckets
     from lora_dist.parallel.sharded_adamw import IN_FLIGHT
-    from lora_dist.quant import nf4_bytes, nf4_quantizable, quantized_weights
+    from lora_dist.quant import quantized_weights
+    from lora_dist.sharding import vocab_sharding_pays
 
     p: ParallelConfig = replicated_if_unsharded(cfg.parallel, world_size, cfg.model.dtype)  # what runs
     base_elt = parse_dtype(cfg.model.dtype).itemsize

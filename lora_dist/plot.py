@@ -15,10 +15,12 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_dist.errors import UserError
+
 __all__ = ["FIGURES", "PlotError", "Curves", "plot_run", "read_curves"]
 
 
-class PlotError(ValueError):
+class PlotError(UserError, ValueError):
     """A run dir without metrics to plot."""
 
 

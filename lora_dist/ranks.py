@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from lora_dist.errors import USER_ERRORS
+
 __all__ = ["GATHER_BUDGET", "RankFailed", "RankGroup"]
 
 #: :meth:`RankGroup.gather_bytes`: the most bytes rank 0 receives in one round, from all ranks together.
@@ -32,8 +34,6 @@ def _raise_for(rank: int, failure: tuple[str, str, str]) -> None:
     """Raise on this rank what failed on ``rank``: the same type where it is a user error (a subclass of
     one of :data:`lora_dist.errors.USER_ERRORS`), else :class:`RankFailed`."""
     import importlib
-
-    from lora_dist.errors import USER_ERRORS
 
     module, name, message = failure
     text = f"rank {rank} failed: {message}"

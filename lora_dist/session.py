@@ -5,27 +5,45 @@ through here, in the documented order (``docs/architecture.md``): meta skeleton 
 shard -> each rank reads its own bytes of the base -> initialize LoRA -> AdamW over the LoRA params
 -> the strategy's :class:`~lora_dist.parallel.Engine`. From then on a loop needs only the engine:
 ``no_sync``, ``backward``, ``step``, ``state_dict``/``load_state_dict``, ``save_adapter``, ``export_merged``.
+
+:func:`export_run` (``lora-dist export RUN_DIR``) rebuilds a finished run's model the same way, from the config
+the run saved, loads its LoRA weights and writes the merged checkpoint from the shards.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import re
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from safetensors.torch import load_file
 
-from lora_dist.config import Config, ConfigError, ParallelConfig, TrainConfig, config_from_dict, config_to_dict
+from lora_dist.adapter import adapter_nf4_record, read_adapter
+from lora_dist.atomic import recover
+from lora_dist.checkpoint import nf4_record_of, read_state
+from lora_dist.config import Config, ParallelConfig, TrainConfig, config_from_dict, config_to_dict
+from lora_dist.dtypes import parse_dtype
+from lora_dist.errors import ConfigError
+from lora_dist.export import export_merged, merge_offline
+from lora_dist.export.target import check_output
 from lora_dist.integrations.accelerate import refuse_rewrap
 from lora_dist.launch import LaunchEnv, init_distributed, run_device
-from lora_dist.lora import LoRAConfig
+from lora_dist.lora import LoRAConfig, lora_modules
+from lora_dist.loss import ShardedHeadLoss
 from lora_dist.model import load_model
 from lora_dist.model_dir import ModelDir, ModelDirError
-from lora_dist.parallel import Engine, make_engine
+from lora_dist.parallel import Engine
+from lora_dist.parallel.engine import DDPEngine, FSDP2Engine
+from lora_dist.ranks import RankGroup
 
-__all__ = ["build", "check_launch", "open_base", "prepare", "resolve_hybrid", "resolve_strategy", "run_config",
-           "strategy_config"]
+__all__ = ["build", "check_launch", "export_run", "make_engine", "open_base", "prepare", "resolve_hybrid",
+           "resolve_strategy", "run_config", "strategy_config"]
 
 log = logging.getLogger("lora_dist")
 
@@ -195,6 +213,48 @@ def strategy_config(cfg: Config, base: ModelDir) -> dict | None:
     return deepspeed_config(cfg, base.hf_config)
 
 
+def make_engine(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: ParallelConfig,
+    train: TrainConfig,
+    device: torch.device,
+    ds_config: dict | None = None,
+    base: ModelDir | None = None,
+) -> Engine:
+    """The training-step engine for ``cfg.strategy`` (model already materialized and loaded from ``base``)."""
+    engine: Engine
+    shard = cfg.shard_optimizer and dist.is_initialized() and dist.get_world_size() > 1
+    if cfg.strategy == "fsdp2":
+        engine = FSDP2Engine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device, shard)
+    elif cfg.strategy == "ddp":
+        engine = DDPEngine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device, shard)
+    elif cfg.strategy.startswith("zero"):
+        from lora_dist.parallel.deepspeed import DeepSpeedEngine  # DeepSpeed imported where it is used
+
+        if ds_config is None:
+            raise ValueError(f"parallel.strategy={cfg.strategy} needs its DeepSpeed config (deepspeed_config())")
+        engine = DeepSpeedEngine(model, optimizer, ds_config, device)
+    else:
+        engine = Engine(model, optimizer, train.max_grad_norm, device)
+    engine.base = base
+    tokens = train.micro_batch_size * train.seq_len
+    why = engine.use_chunked_loss(train.loss_chunk, cfg.gather_head, tokens)
+    if cfg.strategy == "fsdp2":
+        engine.use_sharded_embedding(cfg.gather_embedding, tokens,
+                                     torch.bfloat16 if cfg.mixed_precision == "bfloat16" else None)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if why:
+            log.info("the loss runs over the full logits (train.loss_chunk does not apply: %s)", why)
+        elif isinstance(engine.head_loss, ShardedHeadLoss):
+            log.info("the loss runs on the output head's vocabulary shards: the head is never gathered "
+                     "(parallel.gather_head=false)")
+        if engine.embedding is not None:
+            log.info("the input embedding looks up on its vocabulary shards: it is never gathered "
+                     "(parallel.gather_embedding=false)")
+    return engine
+
+
 def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
           ds_config: dict | None) -> tuple[nn.Module, Engine]:
     """Resolve ``parallel.strategy=auto`` (:func:`resolve_strategy`) and fsdp2's mesh (:func:`resolve_hybrid`),
@@ -248,3 +308,114 @@ def prepare(model: str | os.PathLike | Config, lora: LoRAConfig | None = None, s
     check_launch(cfg, env)
     base = open_base(cfg)
     return build(cfg, env, run_device(), base, strategy_config(cfg, base))
+
+
+# ----------------------------------------------------------------------------- lora-dist export RUN_DIR
+
+
+def _run_weights(run: Path) -> Path:
+    """Where the run's LoRA weights are: its final adapter dir, or its latest checkpoint dir."""
+    recover(run / "adapter", cleanup=False)  # a writer killed mid-publish may have left it aside
+    if (run / "adapter").is_dir():
+        return run / "adapter"
+    latest = run / "checkpoints" / "latest"
+    if latest.is_file():
+        name = latest.read_text().strip()
+        if not re.fullmatch(r"step-\d+", name):
+            raise ConfigError(f"{latest} names {name[:80]!r}, not a checkpoint (step-NNNNNN); the run dir is damaged")
+        return run / "checkpoints" / name
+    raise ConfigError(f"{run} has neither adapter/ nor checkpoints/latest; is it a lora-dist output.dir?")
+
+
+def _run_lora_tensors(weights: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors in :func:`_run_weights`' dir, by ``model``'s names."""
+    if weights.name == "adapter":
+        return read_adapter(weights).model_tensors(model)
+    return load_file(str(weights / "lora.safetensors"))
+
+
+def _run_nf4_record(weights: Path):
+    """The NF4 weights the run recorded beside its LoRA weights (:func:`_run_weights`); None where it recorded none
+    (an older run: the export quantizes what its sharding can)."""
+    return adapter_nf4_record(weights) if weights.name == "adapter" else nf4_record_of(read_state(weights))
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | None = None,
+               max_shard_size: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``RUN_DIR/merged`` (or ``out``) from a finished run; call on every rank.
+
+    Run it under the same launcher as training (``torchrun``, ``srun``,
+    ``mpirun``): the base is rebuilt sharded across the ranks exactly as in
+    training, the run's LoRA weights are loaded on every rank, and each rank
+    merges the shards it owns (:func:`~lora_dist.export.export_merged`). As one process it
+    streams base + adapter from disk (:func:`~lora_dist.export.merge_offline`),
+    and never loads the base onto a GPU.
+
+    Args:
+        run_dir: a run's ``output.dir`` (holds ``config.json`` and ``adapter/``
+            or ``checkpoints/``).
+        out: the checkpoint dir to create; default ``RUN_DIR/merged``. Never the base, the run's
+            ``adapter/``, ``checkpoints/`` or ``config.json``, nor a dir containing or inside one of them.
+        dtype: dtype of the floating tensors written; default the run's ``export.dtype``.
+        max_shard_size: largest file; default the run's ``export.max_shard_size``.
+        overwrite: replace an existing output that is a merged checkpoint lora_dist wrote (also when the
+            run's ``output.overwrite`` is set); anything else there is refused.
+
+    Returns:
+        The checkpoint dir, as an absolute path.
+
+    Raises:
+        ConfigError: ``run_dir`` is not a lora-dist output dir, or its adapter does not fit its config.
+        OutputExistsError, ExportError, MergeError: as for :func:`~lora_dist.export.export_merged`.
+    """
+    run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        raise ConfigError(f"{run}/config.json not found; RUN_DIR must be a lora-dist output.dir")
+    try:
+        cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{run}/config.json is not valid JSON ({e}); RUN_DIR must be a lora-dist output.dir") from None
+    env = init_distributed(cfg.parallel.timeout_s)
+    out_dir = Path(out) if out else run / "merged"
+    out_dtype = parse_dtype(dtype or cfg.export.dtype)
+    shard_size = max_shard_size or cfg.export.max_shard_size
+    overwrite = overwrite or cfg.output.overwrite
+    inputs = [cfg.model.path, run / "adapter", run / "checkpoints", run / "config.json"]
+    # Before any work (the model load below): an output the export may not write is refused on every rank.
+    RankGroup().on_rank0(lambda: check_output(out_dir, inputs, overwrite=overwrite, base_dir=cfg.model.path,
+                                              what="--out"))
+    weights = _run_weights(run)  # before any model is built: a run dir with no LoRA weights is refused at once
+    # An NF4 run (model.quantize) is exported from its quantized model on any number of ranks: the merge is
+    # into the dequantized base it was trained on, not into the original weights merge_offline reads.
+    if env.world_size == 1 and weights.name == "adapter" and not cfg.model.quantize:
+        # One process: stream base + adapter tensor by tensor from disk; nothing is loaded whole.
+        return merge_offline(cfg.model.path, run / "adapter", out_dir, max_shard_size=shard_size, dtype=out_dtype,
+                             overwrite=overwrite)
+    parallel = cfg.parallel
+    if env.world_size > 1 and parallel.strategy in ("none", "auto"):  # shard the base for the export
+        parallel.strategy = "fsdp2"
+    if env.world_size == 1:
+        parallel.strategy = "none"
+    parallel.dp_replicate = parallel.dp_shard = 0  # the export's own ranks: the base sharded over all of them
+    parallel.reshard_after_forward = True
+    # One process holds the whole base: host memory, never one GPU's.
+    device = run_device() if env.world_size > 1 else torch.device("cpu")
+    base = ModelDir(cfg.model.path)
+    ds = strategy_config(cfg, base)
+    # The weights the run stored as NF4 depend on its sharding: quantize those, whatever this export's ranks.
+    only = _run_nf4_record(weights) if cfg.model.quantize else None
+    model = load_model(cfg.model, cfg.lora, parallel, device, cfg.train.seed, ds, base=base, quantize_only=only).model
+    tensors = _run_lora_tensors(weights, model)
+    with torch.no_grad():
+        for name, layer in lora_modules(model):
+            for part in ("lora_A", "lora_B"):
+                key = f"{name}.{part}.weight"
+                if key not in tensors:
+                    raise ConfigError(f"{run}: no {key}; the run's adapter does not match its config")
+                weight = getattr(layer, part).weight
+                if tensors[key].shape != weight.shape:
+                    raise ConfigError(f"{run}: {key} is {tuple(tensors[key].shape)} in the run's adapter but "
+                                      f"{tuple(weight.shape)} in the model its config builds; was config.json edited?")
+                weight.copy_(tensors[key])
+    return export_merged(model, out_dir, base, dtype=out_dtype, max_shard_size=shard_size, overwrite=overwrite,
+                         what="--out")

@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from lora_dist.errors import UserError
+
 __all__ = [
     "SITE_NETWORK_VARS",
     "SlurmError",
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 
-class SlurmError(RuntimeError):
+class SlurmError(UserError, RuntimeError):
     """A Slurm job could not be rendered or submitted; the message says why."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from lora_dist.errors import UserError
 from lora_dist.inputs import excerpt, utf8_error
 
 __all__ = ["CHUNK_ROWS", "DataError", "Source", "SourceSpecError", "check_source", "copies", "describe",
@@ -36,7 +37,7 @@ CHUNK_ROWS = 1024
 KINDS = "a .jsonl/.json, .parquet or .txt file, or a dir written by datasets' save_to_disk"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be trained on."""
 
 

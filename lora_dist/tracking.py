@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lora_dist.atomic import write_text_atomic
+from lora_dist.errors import UserError
 
 __all__ = ["SCALARS", "STATE_FILE", "Tracker", "TrackingError", "check_backends", "open_tracker"]
 
@@ -46,7 +47,7 @@ SCALARS = {
 STATE_FILE = "tracking.json"
 
 
-class TrackingError(ValueError):
+class TrackingError(UserError, ValueError):
     """A tracking backend that cannot be used as configured."""
 
 
@@ -151,9 +152,9 @@ class _MLflow:
             self.client.update_run(run_id, status="RUNNING")
 
     def log(self, scalars: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()])

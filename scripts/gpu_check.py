@@ -219,7 +219,7 @@ def fsdp2_full(ctx):
 @check("NF4 (QLoRA): decoder bitwise torchao on the device; bf16 NF4 runs (fsdp2 on one GPU runs as none), "
        "merged export + verify", needs_cuda=True)
 def nf4(ctx):
-    from lora_dist.quant import dequantize, embedding_rows, nf4_module
+    from lora_dist.nf4 import dequantize, embedding_rows, nf4_module
 
     module, lines = nf4_module(), []
     for dtype in (torch.bfloat16, torch.float32):

@@ -88,7 +88,6 @@ def test_every_nth_block_asked_for_still_tries_more_blocks(deep_config):
 def test_compiled_blocks_never_get_the_offload_from_auto(deep_config):
     """parallel.compile with parallel.offload_activations (no checkpointing: accepted under auto): no candidate auto
     may pick checkpoints with the offload the compiler cannot enter."""
-    from lora_dist.parallel.compile import why_not_compiled
     from lora_dist.plan import _candidates
 
     cfg = _cfg(deep_config, "parallel.compile=true", "parallel.offload_activations=true")
@@ -97,7 +96,7 @@ def test_compiled_blocks_never_get_the_offload_from_auto(deep_config):
         "fsdp2 + activation checkpointing of every 2nd block + compiled blocks",
         "fsdp2 + activation checkpointing + compiled blocks",
         "fsdp2 + activation checkpointing + one unit per weight + compiled blocks"]
-    assert all(why_not_compiled(parallel) is None for _, parallel in candidates), candidates
+    assert all(parallel.why_not_compiled() is None for _, parallel in candidates), candidates
     every = _peak(deep_config, "fsdp2", "parallel.compile=true", "parallel.activation_checkpointing=true")
     parallel, _ = choose_strategy(cfg, WORLD, every)
     assert (parallel.activation_checkpointing, parallel.offload_activations, parallel.compile) == (True, False, True)

@@ -21,7 +21,7 @@ from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4  # no
 
 from distutil import adapter_atol, assert_same_losses, logged, short_run_args, step_peak, train_run  # noqa: E402
 from lora_dist.config import ConfigError, load_config  # noqa: E402
-from lora_dist.quant import (  # noqa: E402
+from lora_dist.nf4 import (  # noqa: E402
     GROUP,
     dequantize,
     dequantize_flat,
@@ -54,9 +54,9 @@ def _inner_bytes(t) -> int:
 # code pairs in 32 and 64 bits; float64 has no integer type two codes wide: each nibble looked up
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, torch.float64])
 def test_dequantize_is_torchaos_dequantization_bitwise_also_in_ranges(monkeypatch, chunk_bytes, dtype):
-    import lora_dist.quant
+    import lora_dist.nf4
 
-    monkeypatch.setattr(lora_dist.quant, "_DEQUANT_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(lora_dist.nf4, "_DEQUANT_CHUNK_BYTES", chunk_bytes)
     w = torch.randn(64, 512, dtype=dtype, generator=torch.Generator().manual_seed(0))
     q = to_nf4(w)
     ref = q.get_original_weight()
@@ -70,7 +70,7 @@ def test_dequantize_is_torchaos_dequantization_bitwise_also_in_ranges(monkeypatc
         assert torch.equal(dequantize_flat(q, a, b), flat[a:b])
     assert not torch.equal(ref, w)  # 4 bits: not the original
     if dtype != torch.float64:  # the pair table is made once per code table, and the decodes above reused it
-        from lora_dist.quant import _code_pairs
+        from lora_dist.nf4 import _code_pairs
 
         assert _code_pairs(q) is _code_pairs(q) is q.nf4._lora_dist_pairs
 
@@ -278,7 +278,7 @@ def _measure(path: str, strategy: str, world: int, overrides: list[str]):
 
     from lora_dist.lora import lora_parameters
     from lora_dist.model import load_model
-    from lora_dist.parallel import make_engine
+    from lora_dist.session import make_engine
     from lora_dist.plan import plan_memory
 
     torch.set_num_threads(1)

@@ -183,7 +183,8 @@ def _measure_in_process(path: Path, strategy: str, world: int, overrides: list[s
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from lora_dist.dtypes import parse_dtype
-    from lora_dist.parallel import make_engine, parallelize
+    from lora_dist.parallel import parallelize
+    from lora_dist.session import make_engine
 
     cfg = load_config(None, [f"model.path={path}", f"parallel.strategy={strategy}", "lora.r=32", "lora.alpha=32",
                              "lora.target_modules=all-linear", "train.micro_batch_size=2", "train.seq_len=128",
@@ -445,7 +446,7 @@ def test_llama31_70b_example_left_to_auto_checkpoints_as_few_blocks_as_fit():
 def test_llama31_70b_example_with_an_nf4_base():
     """The 70B example with model.quantize=nf4 on 8 ranks: every block linear is NF4 (whole 16,384-element groups
     per rank), counted at torchao's layout; the rest stays bf16; docs/qlora.md shows these numbers."""
-    from lora_dist.quant import nf4_bytes
+    from lora_dist.nf4 import nf4_bytes
 
     config = REPO / "configs" / "llama31_70b_8x_lora.yaml"
     plan = plan_memory(load_config(config, [f"model.path={LLAMA31_70B}", "model.quantize=nf4"]), 8)

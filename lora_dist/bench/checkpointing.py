@@ -28,8 +28,8 @@ def run(size: str, tokens: int, rounds: int, out: Path, work_dir: Path) -> dict:
 
     from lora_dist.bench.measure import LiveTensorBytes, machine_info
     from lora_dist.bench.models import FULL_SIZES, QUICK_SIZES, build_checkpoint
+    from lora_dist.blocks import find_blocks
     from lora_dist.config import load_config
-    from lora_dist.parallel import find_blocks
     from lora_dist.parallel.checkpointing import checkpoint_blocks, checkpointed_blocks
     from lora_dist.plan import plan_memory
     from lora_dist.session import prepare

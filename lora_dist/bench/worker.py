@@ -198,11 +198,9 @@ def export_run_main(run_dir: str, out: str, result_dir: str) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    import lora_dist.export.merged as export_mod
-    import lora_dist.export.offline as offline_mod
+    import lora_dist.session as session
     from lora_dist.bench.measure import LiveTensorBytes, PhaseMemory, read_status_kb
     from lora_dist.launch import exit_distributed, init_distributed, run_device
-    from lora_dist.export import export_run
 
     env = init_distributed(timeout_s=1800)
     device = run_device()
@@ -227,11 +225,12 @@ def export_run_main(run_dir: str, out: str, result_dir: str) -> None:
             return written
         return run
 
-    # Several ranks merge their shards (export_merged); one process streams base + adapter (merge_offline).
-    export_mod.export_merged = measured(export_mod.export_merged, 1)
-    offline_mod.merge_offline = measured(offline_mod.merge_offline, 2)
+    # Several ranks merge their shards (export_merged); one process streams base + adapter (merge_offline): the names
+    # export_run calls.
+    session.export_merged = measured(session.export_merged, 1)
+    session.merge_offline = measured(session.merge_offline, 2)
     with PhaseMemory(device) as command:
-        export_run(run_dir, out=out, dtype="float32", overwrite=True)
+        session.export_run(run_dir, out=out, dtype="float32", overwrite=True)
     result["command"] = command.as_dict()
     Path(result_dir).mkdir(parents=True, exist_ok=True)
     (Path(result_dir) / f"rank{env.rank}.json").write_text(json.dumps(result, indent=1))

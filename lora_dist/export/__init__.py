@@ -5,7 +5,7 @@
   ``Shard(0)`` rows, a ZeRO-3 flat partition, or its share of a replicated
   tensor) with the replicated LoRA A/B, and the result is a normal HF
   checkpoint dir that ``AutoModelForCausalLM.from_pretrained`` loads.
-  :func:`export_run` does it for a finished run's output dir.
+  :func:`lora_dist.session.export_run` does it for a finished run's output dir.
 * :func:`merge_offline` (:mod:`lora_dist.export.offline`) streams a base
   checkpoint and a PEFT-format adapter into a merged checkpoint, one tensor (or
   row block) at a time; under torchrun/srun/mpirun the ranks split the work.
@@ -29,7 +29,7 @@ file, which byte offset for every tensor; :mod:`lora_dist.export.layout`),
 rank 0 creates the files with their headers at full size, and each rank
 ``pwrite``s its merged rows at their offsets. A dim-0 shard and a ZeRO-3 flat
 partition are both one contiguous byte range of the row-major tensor
-(:func:`lora_dist.parallel.sharding.owned_range`), so no rank ever sends a byte
+(:func:`lora_dist.sharding.owned_range`), so no rank ever sends a byte
 to another: zero communication, all ranks writing in parallel, and each rank's
 extra memory is one merged block of its own shard. The alternative - an owner
 rank per tensor collecting it from the others - moves the whole model over the
@@ -67,7 +67,7 @@ is written in: an fp16/bf16 overflow fails the export and nothing is published.
 """
 
 from lora_dist.export.errors import ExportError, ExportOverflowError, OutputExistsError, OutputRefusedError
-from lora_dist.export.merged import export_merged, export_run
+from lora_dist.export.merged import export_merged
 from lora_dist.export.offline import merge_offline
 from lora_dist.export.sources import MERGE_BLOCK_ROWS
 from lora_dist.export.target import check_output, is_merged_export
@@ -83,7 +83,6 @@ __all__ = [
     "VerifyReport",
     "check_output",
     "export_merged",
-    "export_run",
     "is_merged_export",
     "merge_offline",
     "verify_checkpoint",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from lora_dist.errors import UserError
 from lora_dist.outputs import OutputError
 
 __all__ = ["ExportError", "ExportOverflowError", "OutputExistsError", "OutputRefusedError"]
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """A merged checkpoint could not be written."""
 
 

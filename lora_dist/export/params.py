@@ -24,8 +24,8 @@ from lora_dist.export.errors import ExportError
 from lora_dist.export.layout import TensorSpec
 from lora_dist.export.sources import RowsSource, ShardSource
 from lora_dist.merge import LoRAWeights, lora_rows
-from lora_dist.model_dir import ModelDir
-from lora_dist.parallel.sharding import ShardingError, owned_range, whole_local
+from lora_dist.model_dir import ModelDir, skeleton
+from lora_dist.sharding import ShardingError, owned_range, whole_local
 from lora_dist.weight_mapping import TensorSource, WeightMap, model_transforms
 
 __all__ = ["ParamPart", "checkpoint_loras", "param_parts", "part_sources", "weight_map"]
@@ -87,8 +87,6 @@ def checkpoint_loras(base: ModelDir, adapter: AdapterFile) -> dict[str, LoRAWeig
     """
     if not adapter.lora_config.target_parameters:
         return {f"{m}.weight": w for m, w in adapter.weights().items()}
-    from lora_dist.model import skeleton
-
     model = skeleton(base)
     params = adapter.parameters(model)
     weights = weight_map(base, model)
@@ -110,7 +108,7 @@ def part_sources(param: torch.Tensor, parts: list[ParamPart], specs: dict[str, T
     its own shard (an FSDP2 row block or ZeRO-3 partition of the fused param) that falls in the tensor.
 
     Raises:
-        ExportError: a sharding :func:`~lora_dist.parallel.sharding.owned_range` does not cover.
+        ExportError: a sharding :func:`~lora_dist.sharding.owned_range` does not cover.
     """
     try:
         owned = owned_range(param)

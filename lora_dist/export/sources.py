@@ -8,7 +8,7 @@ An output tensor is produced from one of two sources, both cut into
   ``torch.chunk`` share of the rows.
 * :class:`ShardSource`: the contiguous flat range of a sharded param this rank
   holds (an FSDP2 ``Shard(0)`` block of rows, a ZeRO-3 partition), as
-  :func:`lora_dist.parallel.sharding.owned_range` describes it.
+  :func:`lora_dist.sharding.owned_range` describes it.
 
 A LoRA-targeted tensor is merged on the way, by :func:`merge_flat`, in blocks of
 :data:`MERGE_BLOCK_ROWS` rows at absolute row offsets, so the merged bytes do
@@ -34,8 +34,9 @@ from lora_dist.export.errors import ExportError, ExportOverflowError
 from lora_dist.export.layout import TensorSpec
 from lora_dist.merge import LoRAWeights, merge_weight
 from lora_dist.model_dir import ModelDir
-from lora_dist.parallel.sharding import ShardingError, owned_range, whole_local
-from lora_dist.quant import NF4_WEIGHTS_KEY, dequantize_flat, is_nf4
+from lora_dist.nf4 import dequantize_flat, is_nf4
+from lora_dist.quant import NF4_WEIGHTS_KEY
+from lora_dist.sharding import ShardingError, owned_range, whole_local
 
 __all__ = [
     "COPY_BLOCK_BYTES",
@@ -269,7 +270,7 @@ def param_source(param: torch.Tensor, spec: TensorSpec, lora: LoRAWeights | None
         lora: the LoRA to merge in, or None to copy.
 
     Raises:
-        ExportError: naming the tensor, for a sharding :func:`~lora_dist.parallel.sharding.owned_range`
+        ExportError: naming the tensor, for a sharding :func:`~lora_dist.sharding.owned_range`
             does not cover (another placement, a partition offloaded to NVMe).
     """
     try:

@@ -30,9 +30,9 @@ import torch
 
 from lora_dist.adapter import read_adapter
 from lora_dist.dtypes import FLOAT_DTYPES, DTypeError, parse_dtype
+from lora_dist.export.errors import ExportError
 from lora_dist.export.layout import HeaderEntry, SafetensorsFormatError, read_header
 from lora_dist.export.params import checkpoint_loras
-from lora_dist.export.errors import ExportError
 from lora_dist.export.sources import (
     MERGED_FROM_KEY,
     QUANTIZED_DTYPE_KEY,
@@ -277,7 +277,7 @@ def check_targeted(found: CheckpointFiles, targeted: Mapping[str, LoRAWeights]) 
 class DequantizedBase:
     """The base as an NF4 run's export saw it (``model.quantize=nf4``, the checkpoint's metadata): the weights
     named in :data:`~lora_dist.export.sources.QUANTIZED_WEIGHTS_KEY` read as the NF4 of the whole weight
-    (:func:`lora_dist.quant.quantize_whole`), dequantized (what each rank's shard is, bit for bit), one weight cached at a time; every other tensor as
+    (:func:`lora_dist.nf4.quantize_whole`), dequantized (what each rank's shard is, bit for bit), one weight cached at a time; every other tensor as
     stored. Only ``read`` differs from the :class:`ModelDir` it wraps."""
 
     def __init__(self, base: ModelDir, metadata: Mapping[str, str]) -> None:
@@ -290,7 +290,7 @@ class DequantizedBase:
         if key not in self.quantized:
             return self.base.read(key, rows)
         if self._cached is None or self._cached[0] != key:
-            from lora_dist.quant import dequantize, quantize_whole
+            from lora_dist.nf4 import dequantize, quantize_whole
 
             self._cached = (key, dequantize(quantize_whole(self.base.read(key).to(self.dtype))))
         whole = self._cached[1]

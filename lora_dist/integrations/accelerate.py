@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from lora_dist.config import ConfigError
+from lora_dist.errors import ConfigError
 
 __all__ = ["REWRAP_MESSAGE", "refuse_rewrap"]
 

@@ -30,13 +30,14 @@ import torch.nn as nn
 from transformers import Trainer
 
 from lora_dist.checkpoint import load_state, save_state
-from lora_dist.config import Config, ConfigError, ParallelConfig, TrainConfig
+from lora_dist.config import Config, ParallelConfig, TrainConfig
+from lora_dist.errors import ConfigError
 from lora_dist.launch import init_distributed, run_device
 from lora_dist.lora import LoRAConfig
+from lora_dist.loss import n_targets, token_loss_sum
 from lora_dist.parallel import Engine
 from lora_dist.ranks import RankGroup
 from lora_dist.session import prepare, run_config
-from lora_dist.loss import n_targets, token_loss_sum
 from lora_dist.train import all_sum
 
 __all__ = ["LoraDistMixin", "LoraDistTrainer", "STATE_DIR"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lora_dist.errors import UserError
+
 __all__ = ["UNKNOWN", "LaunchEnv", "LaunchError"]
 
 UNKNOWN = -1
@@ -43,7 +45,7 @@ class LaunchEnv:
         return self.world_size > 1
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The launch environment is inconsistent or a rank cannot rendezvous.
 
     The message is one line naming the cause and the fix.

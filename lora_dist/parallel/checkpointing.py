@@ -54,6 +54,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from lora_dist.blocks import find_blocks
+
 __all__ = ["HostActivations", "checkpoint_blocks", "checkpointed_blocks", "enable_activation_checkpointing", "enable_selective_recompute"]
 
 
@@ -127,8 +129,6 @@ def enable_activation_checkpointing(model: nn.Module, offload: bool = False,
     else:
         raise ValueError("parallel.activation_checkpointing needs a Hugging Face model; set it to false")
     if int(every) > 1:
-        from lora_dist.parallel.parallelize import find_blocks
-
         blocks = find_blocks(model)
         if not blocks or not all(getattr(b, "gradient_checkpointing", None) is True for b in blocks):
             raise ValueError(f"parallel.activation_checkpointing={int(every)} needs blocks that each switch "

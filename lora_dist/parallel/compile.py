@@ -31,7 +31,8 @@ every attention forward (transformers 5.25 with its ``kernels``).
 Not for ``zero3`` (DeepSpeed's parameter gathers run as hooks inside every block), an NF4 base
 (each weight is dequantized by its own autograd function) or checkpointed inputs offloaded to
 host memory (the offload's hooks wrap the checkpoint inside the block, where the compiler cannot
-enter them): refused in one line. The first step pays the compile: seconds to tens of seconds.
+enter them): refused in one line (:meth:`lora_dist.config.ParallelConfig.why_not_compiled`). The first
+step pays the compile: seconds to tens of seconds.
 """
 
 from __future__ import annotations
@@ -39,26 +40,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lora_dist.config import ConfigError, ParallelConfig
+from lora_dist.errors import ConfigError
 
-__all__ = ["RECOMPILE_LIMIT", "compile_blocks", "why_not_compiled"]
+__all__ = ["RECOMPILE_LIMIT", "compile_blocks"]
 
 #: Compiled variants of the blocks' shared entry point before torch runs further ones eagerly.
 RECOMPILE_LIMIT = 64
 
-
-def why_not_compiled(parallel: ParallelConfig, quantize: str = "") -> str | None:
-    """Why ``parallel.compile`` cannot apply to a run with these settings (None when it can)."""
-    if parallel.strategy == "zero3":
-        return ("zero3 gathers each weight in hooks inside the blocks, which the compiler cannot trace; use "
-                "parallel.strategy=fsdp2 (the same sharding) or parallel.compile=false")
-    if quantize:
-        return (f"an {quantize} base is dequantized weight by weight outside the compiler's reach; set "
-                "parallel.compile=false")
-    if parallel.offload_activations and parallel.activation_checkpointing:
-        return ("parallel.offload_activations wraps each block's checkpoint in hooks the compiler cannot enter (the "
-                "blocks would run eagerly); drop one of the two")
-    return None
 
 
 def compile_blocks(blocks: list[nn.Module]) -> int:

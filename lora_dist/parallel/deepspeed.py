@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO: the config, the model construction context and the engine. DeepSpeed internals live here only.
 
 ZeRO-3 shards at construction: the model is built under :func:`zero_init` and
-each rank then reads its flat partition (:mod:`lora_dist.parallel.sharding`).
+each rank then reads its flat partition (:mod:`lora_dist.sharding`).
 LoRA tensors are kept whole on every rank ("persistent") by a persistence
 threshold just above the largest LoRA matrix. The LoRA promise holds in bf16
 too: gradients are reduced in fp32 (``communication_data_type``), and the
@@ -18,7 +18,8 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from lora_dist.config import Config, ConfigError
+from lora_dist.config import Config
+from lora_dist.errors import ConfigError
 from lora_dist.parallel.engine import MOMENTS, Engine
 
 __all__ = [

@@ -8,12 +8,12 @@ embedding is frozen and its ``Shard(0)`` DTensor already splits the vocabulary o
 
 * the ranks all-gather their token ids (integers: a few KB);
 * each rank looks up, for every rank's tokens, the ones in its own rows (an NF4 embedding dequantizes only
-  those rows: :func:`lora_dist.quant.embedding_rows`), zeros elsewhere;
+  those rows: :func:`lora_dist.nf4.embedding_rows`), zeros elsewhere;
 * a reduce-scatter sums the shards' rows into each rank's own tokens: exactly one rank contributes each
   token's row and the others zeros, so the result is bit for bit the gathered lookup.
 
 What is held is ``ranks x tokens x width`` (the reduce-scatter's input) instead of the embedding, and that is
-what crosses the wire; :func:`lora_dist.parallel.sharding.vocab_sharding_pays` says where that is less (the vocabulary
+what crosses the wire; :func:`lora_dist.sharding.vocab_sharding_pays` says where that is less (the vocabulary
 outnumbers the shard group's tokens). Token ids have no gradient and the weight none either: backward does
 nothing here. It applies to a plain ``nn.Embedding`` forward without ``max_norm`` (Gemma's scaled embedding
 and other forwards of their own keep the gather), and steps aside for a forward where someone else's hook is
@@ -29,8 +29,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lora_dist.collectives import all_gather_single, reduce_scatter_single
-from lora_dist.parallel.sharding import row_shard, stand_in
-from lora_dist.quant import embedding_rows
+from lora_dist.nf4 import embedding_rows
+from lora_dist.sharding import row_shard, stand_in
 
 __all__ = ["ShardedEmbedding", "lookup", "plain_lookup", "sharded_embedding"]
 

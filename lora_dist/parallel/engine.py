@@ -22,18 +22,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lora_dist.config import ParallelConfig, TrainConfig
 from lora_dist.data import model_kwargs
 from lora_dist.lora import lora_modules
 from lora_dist.loss import ChunkedHeadLoss, ShardedHeadLoss, chunkable, sharded_head, token_loss_sum
 from lora_dist.model_dir import ModelDir
 from lora_dist.parallel.embedding import ShardedEmbedding, sharded_embedding
 from lora_dist.parallel.reducer import LoRAGradReducer
-from lora_dist.parallel.sharding import vocab_sharding_pays
 from lora_dist.parallel.sharded_adamw import ShardedAdamW
 from lora_dist.ranks import RankGroup
+from lora_dist.sharding import vocab_sharding_pays
 
-__all__ = ["DDPEngine", "Engine", "FSDP2Engine", "ReplicaMismatchError", "check_replicas", "make_engine"]
+__all__ = ["DDPEngine", "Engine", "FSDP2Engine", "ReplicaMismatchError", "check_replicas"]
 
 log = logging.getLogger("lora_dist")
 
@@ -60,13 +59,14 @@ class Engine:
         device: the run's device; every collective of the engine uses tensors on it.
 
     Attributes:
-        base: the base model dir the model was loaded from (set by :func:`make_engine`); the adapter names it
-            and the merged export reads the base's layout from it.
-        head_loss: the chunked head + loss :meth:`loss_sum` uses (:func:`make_engine` sets it from
+        base: the base model dir the model was loaded from (set by :func:`lora_dist.session.make_engine`); the
+            adapter names it and the merged export reads the base's layout from it.
+        head_loss: the chunked head + loss :meth:`loss_sum` uses (:func:`lora_dist.session.make_engine` sets it from
             ``train.loss_chunk``; under fsdp2 over the head's vocabulary shards unless ``parallel.gather_head``),
             or None for the plain loss of the full logits.
         embedding: under fsdp2 the input embedding's lookup on its vocabulary shards (unless
-            ``parallel.gather_embedding``; :func:`make_engine` sets it), or None for the gathered lookup.
+            ``parallel.gather_embedding``; :func:`~lora_dist.session.make_engine` sets it), or None for the gathered
+            lookup.
         sharded: ZeRO-1 over the LoRA (:class:`~lora_dist.parallel.sharded_adamw.ShardedAdamW`): when set, it
             reduces the gradients and steps 1/W of the AdamW state in place of ``optimizer``.
     """
@@ -113,7 +113,7 @@ class Engine:
     def use_chunked_loss(self, chunk: int, gather_head: bool = True, tokens: int = 0) -> str | None:
         """Let :meth:`loss_sum` apply the head in chunks of ``chunk`` tokens (0: the plain loss), on the head's
         vocabulary shards where the head is an FSDP2 unit, not ``gather_head``, and that holds less for micro-batches
-        of ``tokens`` tokens per rank (:func:`~lora_dist.parallel.sharding.vocab_sharding_pays`); returns why it cannot, where it
+        of ``tokens`` tokens per rank (:func:`~lora_dist.sharding.vocab_sharding_pays`); returns why it cannot, where it
         cannot (the plain loss stays)."""
         why = chunkable(self.module) if chunk else None
         shard = sharded_head(self.module) if chunk and why is None and not gather_head else None
@@ -218,7 +218,8 @@ class Engine:
         from lora_dist.export import export_merged
 
         if self.base is None:
-            raise ValueError("this engine does not know its base model dir; make it with make_engine(..., base=...)")
+            raise ValueError("this engine does not know its base model dir; make it with "
+                             "lora_dist.session.make_engine(..., base=...)")
         self.finish_training()
         return export_merged(self.module, out_dir, self.base, dtype=parse_dtype(dtype), max_shard_size=max_shard_size,
                              overwrite=overwrite)
@@ -326,48 +327,6 @@ class DDPEngine(Engine):
 
     def no_sync(self):
         return self.sharded.no_sync() if self.sharded is not None else self.model.no_sync()
-
-
-def make_engine(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    cfg: ParallelConfig,
-    train: TrainConfig,
-    device: torch.device,
-    ds_config: dict | None = None,
-    base: ModelDir | None = None,
-) -> Engine:
-    """The training-step engine for ``cfg.strategy`` (model already materialized and loaded from ``base``)."""
-    engine: Engine
-    shard = cfg.shard_optimizer and dist.is_initialized() and dist.get_world_size() > 1
-    if cfg.strategy == "fsdp2":
-        engine = FSDP2Engine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device, shard)
-    elif cfg.strategy == "ddp":
-        engine = DDPEngine(model, optimizer, train.max_grad_norm, cfg.bucket_mb, device, shard)
-    elif cfg.strategy.startswith("zero"):
-        from lora_dist.parallel.deepspeed import DeepSpeedEngine
-
-        if ds_config is None:
-            raise ValueError(f"parallel.strategy={cfg.strategy} needs its DeepSpeed config (deepspeed_config())")
-        engine = DeepSpeedEngine(model, optimizer, ds_config, device)
-    else:
-        engine = Engine(model, optimizer, train.max_grad_norm, device)
-    engine.base = base
-    tokens = train.micro_batch_size * train.seq_len
-    why = engine.use_chunked_loss(train.loss_chunk, cfg.gather_head, tokens)
-    if cfg.strategy == "fsdp2":
-        engine.use_sharded_embedding(cfg.gather_embedding, tokens,
-                                     torch.bfloat16 if cfg.mixed_precision == "bfloat16" else None)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        if why:
-            log.info("the loss runs over the full logits (train.loss_chunk does not apply: %s)", why)
-        elif isinstance(engine.head_loss, ShardedHeadLoss):
-            log.info("the loss runs on the output head's vocabulary shards: the head is never gathered "
-                     "(parallel.gather_head=false)")
-        if engine.embedding is not None:
-            log.info("the input embedding looks up on its vocabulary shards: it is never gathered "
-                     "(parallel.gather_embedding=false)")
-    return engine
 
 
 def check_replicas(engine: Engine) -> None:

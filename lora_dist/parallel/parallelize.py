@@ -26,13 +26,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lora_dist.config import ConfigError, ParallelConfig
+from lora_dist.blocks import find_blocks
+from lora_dist.config import ParallelConfig
+from lora_dist.errors import ConfigError
 from lora_dist.lora import lora_parameters
+from lora_dist.nf4 import is_quantized
 from lora_dist.parallel.checkpointing import enable_activation_checkpointing, enable_selective_recompute
 from lora_dist.parallel.compile import compile_blocks
-from lora_dist.quant import is_quantized
 
-__all__ = ["dp_mesh_shape", "embedding_and_head", "find_blocks", "one_post_forward_mesh", "parallelize",
+__all__ = ["dp_mesh_shape", "embedding_and_head", "one_post_forward_mesh", "parallelize",
            "replicated_if_unsharded", "reshard_size", "weight_units"]
 
 
@@ -131,16 +133,6 @@ def one_post_forward_mesh():
     finally:
         for module in modules:
             module._get_post_forward_mesh_info = real
-
-
-def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks (HF's ``_no_split_modules`` classes, else the largest ModuleList)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if blocks:
-        return blocks
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    return list(max(lists, key=len)) if lists else []
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> nn.Module:

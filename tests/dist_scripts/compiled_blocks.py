@@ -10,10 +10,10 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from lora_dist.blocks import find_blocks
 from lora_dist.config import load_config
 from lora_dist.launch import LaunchEnv
 from lora_dist.model_dir import ModelDir
-from lora_dist.parallel import find_blocks
 from lora_dist.session import build
 
 out, *overrides = sys.argv[1:]

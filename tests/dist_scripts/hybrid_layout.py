@@ -16,7 +16,7 @@ from lora_dist.lora import lora_parameters
 from lora_dist.model import load_model
 from counted_reads import counted_reads
 from lora_dist.model_dir import ModelDir
-from lora_dist.parallel.sharding import owned_range
+from lora_dist.sharding import owned_range
 
 out_dir, *overrides = sys.argv[1:]
 env = init_distributed()

@@ -6,16 +6,17 @@ import sys
 
 import torch
 import torch.distributed as dist
-
 from counted_reads import counted_reads
+from transformers import AutoConfig
+
 from lora_dist.config import load_config
 from lora_dist.launch import init_distributed
 from lora_dist.lora import lora_parameters
-from lora_dist.model import load_model
-from lora_dist.parallel import ReplicaMismatchError, check_replicas, make_engine
-from lora_dist.parallel.deepspeed import deepspeed_config
 from lora_dist.loss import token_loss_sum
-from transformers import AutoConfig
+from lora_dist.model import load_model
+from lora_dist.parallel import ReplicaMismatchError, check_replicas
+from lora_dist.parallel.deepspeed import deepspeed_config
+from lora_dist.session import make_engine
 
 out_dir, *overrides = sys.argv[1:]
 env = init_distributed()

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lora_dist.parallel.embedding import lookup
-from lora_dist.quant import dequantize, embedding_rows, nf4_module
+from lora_dist.nf4 import dequantize, embedding_rows, nf4_module
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

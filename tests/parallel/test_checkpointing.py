@@ -15,10 +15,10 @@ import weakref
 import pytest
 import torch
 
+from lora_dist.blocks import find_blocks
 from lora_dist.config import ConfigError, load_config
 from lora_dist.lora import inject_lora, lora_parameters
 from lora_dist.parallel.checkpointing import checkpointed_blocks, enable_activation_checkpointing
-from lora_dist.parallel.parallelize import find_blocks
 from lora_dist.plan import plan_memory
 
 BATCH, SEQ = 2, 16

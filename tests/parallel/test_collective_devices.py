@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lora_dist.preemption import PreemptionHandler
 from lora_dist.config import ParallelConfig, TrainConfig
 from lora_dist.lora import LoRAConfig, inject_lora
-from lora_dist.parallel import check_replicas, make_engine
+from lora_dist.parallel import check_replicas
+from lora_dist.preemption import PreemptionHandler
+from lora_dist.session import make_engine
 from lora_dist.train import all_sum, forward_backward
 
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_single", "reduce_scatter_single",

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from lora_dist.config import load_config
 from lora_dist.lora import inject_lora, lora_parameters
-from lora_dist.parallel import make_engine, parallelize
+from lora_dist.parallel import parallelize
+from lora_dist.session import make_engine
 
 
 def _unit(param_name: str) -> str:

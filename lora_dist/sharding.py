@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lora_dist.errors import UserError
+
 __all__ = [
     "OwnedRange",
     "ShardingError",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """A param held in a way this rule does not cover (another placement, or offloaded to NVMe)."""
 
 

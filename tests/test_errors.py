@@ -1,0 +1,63 @@
+"""Every error lora_dist raises for bad input or environment is a ``UserError``: one line and exit code 2 from the
+CLI, the same type on every rank. The few that are not are caught and translated where they are raised."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import pkgutil
+
+import pytest
+
+import lora_dist
+from lora_dist.cli import EXIT_USAGE, main
+from lora_dist.errors import USER_ERRORS, UserError
+
+#: lora_dist's exceptions that never reach the user as themselves, and why.
+INTERNAL = {
+    "lora_dist.chat.ChatError": "a record's problem; the token cache raises it as a DataError naming the record",
+    "lora_dist.export.layout.SafetensorsFormatError": "a file's header; verify reports it, layout raises ExportError",
+    "lora_dist.export.verify.VerifyError": "a check that failed: lora-dist verify exits 1, not 2",
+    "lora_dist.inputs._TooCostly": "read_yaml raises it as ConfigError",
+    "lora_dist.parallel.engine.ReplicaMismatchError": "the replicas disagree: a bug or a hardware fault, not input",
+    "lora_dist.preemption.Preempted": "a requeue request, handled by the loop",
+    "lora_dist.ranks.RankFailed": "another rank's crash, with its traceback",
+    "lora_dist.sources.SourceSpecError": "data.path's syntax; the config raises it as ConfigError",
+}
+
+
+def _exceptions() -> dict[str, type[BaseException]]:
+    out = {}
+    for info in pkgutil.walk_packages(lora_dist.__path__, "lora_dist."):
+        if info.name.startswith("lora_dist.bench"):
+            continue
+        module = importlib.import_module(info.name)
+        for cls in vars(module).values():
+            if inspect.isclass(cls) and issubclass(cls, BaseException) and cls.__module__ == module.__name__:
+                out[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return out
+
+
+def test_every_exception_is_a_user_error_or_is_translated_where_it_is_raised():
+    exceptions = _exceptions()
+    assert len(exceptions) > 25  # the walk found the package's errors
+    internal = {name for name, cls in exceptions.items() if not issubclass(cls, UserError)}
+    assert internal == set(INTERNAL)
+    assert all(issubclass(cls, USER_ERRORS) for name, cls in exceptions.items() if name not in INTERNAL)
+
+
+@pytest.mark.parametrize("name", ["lora_dist.plot.PlotError", "lora_dist.sharding.ShardingError",
+                                  "lora_dist.export.errors.OutputExistsError"])
+def test_the_cli_reports_a_user_error_from_any_layer_in_one_line(monkeypatch, capsys, name):
+    """A UserError subclass raised deep in a command: one line naming the command, exit code 2, no traceback."""
+    cls = _exceptions()[name]
+    import lora_dist.cli as cli
+
+    def fail(args):
+        raise cls("the problem; the fix")
+
+    monkeypatch.setitem(cli.COMMANDS, "plot", dataclasses.replace(cli.COMMANDS["plot"], run=fail))
+    assert main(["plot", "some_run_dir"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.strip() == "lora-dist plot: error: the problem; the fix"
