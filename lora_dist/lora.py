@@ -699,7 +699,6 @@ def _param_choices(model: nn.Module, config: LoRAConfig, layers: list[str]) -> d
     return owners
 
 
-
 def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = torch.float32) -> InjectionReport:
     """Adapt the targeted linear layers (:class:`LoRALinear`) and parameters (:class:`LoRAParam`), in place.
 

@@ -3,7 +3,7 @@
     build skeleton on meta -> inject LoRA -> parallelize -> materialize
     -> each rank loads only the base tensors (or rows/slices) it owns
     (model.quantize=nf4: the blocks' linear weights become empty NF4 tensors before parallelize, and
-    each rank quantizes the rows it reads; :mod:`lora_dist.quant`)
+    each rank quantizes the rows it reads; :mod:`lora_dist.quant`, :mod:`lora_dist.nf4`)
     -> initialize LoRA identically on every rank -> assert nothing is on meta
 
 No rank ever reads or holds the whole base model: under fsdp2 a rank reads

@@ -150,7 +150,7 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
     """Turn the blocks' linear weights of the meta skeleton into (empty) NF4 tensors, before it is sharded.
 
     FSDP2 then shards them as NF4 (``Shard(0)`` DTensors of NF4 shards), materializing allocates only the
-    NF4 bytes, and :func:`load_quantized` fills each with the rank's rows as the base is read.
+    NF4 bytes, and :func:`~lora_dist.nf4.load_quantized` fills each with the rank's rows as the base is read.
 
     Args:
         model: the skeleton, LoRA injected, every parameter on the meta device.

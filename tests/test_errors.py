@@ -42,16 +42,31 @@ def _exceptions() -> dict[str, type[BaseException]]:
 def test_every_exception_is_a_user_error_or_is_translated_where_it_is_raised():
     exceptions = _exceptions()
     assert len(exceptions) > 25  # the walk found the package's errors
-    internal = {name for name, cls in exceptions.items() if not issubclass(cls, UserError)}
-    assert internal == set(INTERNAL)
-    assert all(issubclass(cls, USER_ERRORS) for name, cls in exceptions.items() if name not in INTERNAL)
+    assert {name for name, cls in exceptions.items() if not issubclass(cls, UserError)} == set(INTERNAL)
+
+
+def test_another_rank_raises_each_user_error_as_its_own_type():
+    """A user error on one rank stops every rank with the same type and message (lora_dist.ranks), from the module
+    its class lives in now; any other error arrives as RankFailed."""
+    from lora_dist.ranks import RankFailed, _failure, _raise_for
+
+    user = {name: cls for name, cls in _exceptions().items() if issubclass(cls, USER_ERRORS)}
+    assert "lora_dist.errors.ConfigError" in user and "lora_dist.sharding.ShardingError" in user
+    for name, cls in user.items():
+        with pytest.raises(cls, match="rank 1 failed: the problem; the fix") as e:
+            _raise_for(1, _failure(cls("the problem; the fix")))
+        assert type(e.value) is cls, name
+    with pytest.raises(RankFailed, match="RankFailed"):
+        _raise_for(1, _failure(RankFailed("a crash")))
 
 
 @pytest.mark.parametrize("name", ["lora_dist.plot.PlotError", "lora_dist.sharding.ShardingError",
-                                  "lora_dist.export.errors.OutputExistsError"])
+                                  "lora_dist.export.errors.ExportError", "lora_dist.checkpoint.ResumeError"])
 def test_the_cli_reports_a_user_error_from_any_layer_in_one_line(monkeypatch, capsys, name):
-    """A UserError subclass raised deep in a command: one line naming the command, exit code 2, no traceback."""
+    """A UserError subclass raised deep in a command: one line naming the command, exit code 2, no traceback (the
+    classes here are no OSError, which the CLI would report as one line anyway)."""
     cls = _exceptions()[name]
+    assert not issubclass(cls, OSError)
     import lora_dist.cli as cli
 
     def fail(args):

@@ -48,7 +48,6 @@ __all__ = ["RECOMPILE_LIMIT", "compile_blocks"]
 RECOMPILE_LIMIT = 64
 
 
-
 def compile_blocks(blocks: list[nn.Module]) -> int:
     """Compile each of ``blocks`` in place (:meth:`torch.nn.Module.compile`; names and parameters unchanged) and
     raise torch's recompile limit to :data:`RECOMPILE_LIMIT`. Returns how many were compiled.
