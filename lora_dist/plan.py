@@ -113,6 +113,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -446,208 +447,297 @@ def choose_strategy(cfg: Config, world_size: int, budget: int) -> tuple[Parallel
     return _choose(cfg, world_size, budget, hf_config, meta_model(cfg, hf_config))
 
 
-def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> MemoryPlan:
-    """The plan of ``cfg`` (an explicit strategy) for ``model``, the meta skeleton with LoRA injected."""
-    from lora_dist.blocks import find_blocks
-    from lora_dist.lora import LoRAParam, lora_modules, lora_parameters
-    from lora_dist.loss import chunkable
-    from lora_dist.nf4 import nf4_bytes, nf4_quantizable
-    from lora_dist.parallel import dp_mesh_shape
-    from lora_dist.parallel.checkpointing import checkpointed_blocks
-    from lora_dist.parallel.embedding import plain_lookup
-    from lora_dist.parallel.parallelize import embedding_and_head, replicated_if_unsharded, reshard_size, weight_units
+@dataclass
+class _Run:
+    """What every term of a plan reads: the strategy as it runs, the model's parameters and blocks, the sizes."""
+
+    cfg: Config
+    p: ParallelConfig  # what runs (fsdp2 over one shard rank runs as ddp/none)
+    world: int
+    hf_config: Any
+    model: torch.nn.Module
+    base_elt: int  # bytes of a base element at rest (model.dtype)
+    compute_elt: int  # bytes of a gathered weight and of an activation
+    lora: set[int]  # ids of the LoRA params
+    base: list[tuple[str, torch.nn.Parameter]]
+    lora_numel: int
+    base_numel: int
+    blocks: list[torch.nn.Module]
+    checkpointed: list[int]  # the blocks backward recomputes
+    shards: int  # ranks a base weight's rows are split over (fsdp2's dp_shard; else 1)
+    nf4: set[int]  # ids of the weights stored as NF4
+    tokens: int  # per micro-batch
+    chunk: int  # tokens per chunk of the chunked loss; 0: the plain loss over the full logits
+    embed: torch.nn.Module | None  # the input embedding and output head as their own FSDP2 units
+    head: torch.nn.Module | None
+    head_sharded: bool  # fsdp2: the loss runs on the head's vocabulary shards, the head never gathered
+    embed_sharded: bool  # fsdp2: the embedding looks up on its vocabulary shards, never gathered
+
+    @classmethod
+    def of(cls, cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> _Run:
+        from lora_dist.blocks import find_blocks
+        from lora_dist.lora import lora_parameters
+        from lora_dist.loss import chunkable
+        from lora_dist.nf4 import nf4_quantizable
+        from lora_dist.parallel import dp_mesh_shape
+        from lora_dist.parallel.checkpointing import checkpointed_blocks
+        from lora_dist.parallel.embedding import plain_lookup
+        from lora_dist.parallel.parallelize import embedding_and_head, replicated_if_unsharded
+        from lora_dist.quant import quantized_weights
+        from lora_dist.sharding import vocab_sharding_pays
+
+        p: ParallelConfig = replicated_if_unsharded(cfg.parallel, world_size, cfg.model.dtype)
+        base_elt = parse_dtype(cfg.model.dtype).itemsize
+        lora = {id(q) for q in lora_parameters(model)}
+        base = [(n, q) for n, q in model.named_parameters() if id(q) not in lora]
+        blocks = find_blocks(model)
+        # model.quantize=nf4: the weights lora_dist.quant quantizes at this sharding are NF4 bytes at rest and
+        # gathered (FSDP2 all-gathers the NF4 shards); one of them is dequantized at a time for its matmul.
+        # fsdp2 shards the base over dp_shard ranks (all W, or one replica group's under hybrid sharding).
+        shards = dp_mesh_shape(p, world_size)[1] if p.strategy == "fsdp2" else 1
+        nf4 = {id(m._parameters[a]) for m, a in quantized_weights(model, cfg.model.quantize_embeddings)
+               if nf4_quantizable(tuple(m._parameters[a].shape), shards)} if cfg.model.quantize else set()
+        embed, head = embedding_and_head(model)
+        tokens = cfg.train.micro_batch_size * cfg.train.seq_len
+        chunk = min(cfg.train.loss_chunk, tokens) if chunkable(model) is None else 0
+        return cls(
+            cfg=cfg, p=p, world=world_size, hf_config=hf_config, model=model, base_elt=base_elt,
+            compute_elt=2 if (p.mixed_precision == "bfloat16" and p.strategy in ("fsdp2", "zero3")) else base_elt,
+            lora=lora, base=base, lora_numel=sum(q.numel() for q in lora_parameters(model)),
+            base_numel=sum(q.numel() for _, q in base), blocks=blocks,
+            checkpointed=checkpointed_blocks(len(blocks), p.activation_checkpointing), shards=shards, nf4=nf4,
+            tokens=tokens, chunk=chunk, embed=embed, head=head,
+            head_sharded=(p.strategy == "fsdp2" and not p.gather_head and bool(chunk) and head is not None
+                          and vocab_sharding_pays(head.weight.shape[0], shards, tokens)),
+            embed_sharded=(p.strategy == "fsdp2" and not p.gather_embedding and plain_lookup(embed)
+                           and vocab_sharding_pays(embed.weight.shape[0], shards, tokens)),
+        )
+
+    @property
+    def lora_bytes(self) -> int:
+        return self.lora_numel * LORA_BYTES
+
+    @property
+    def recompute_later(self) -> bool:
+        """Checkpointing every Nth block may leave the last blocks' backward without a recompute: then the first
+        recompute (the last checkpointed block's) comes after their activations are freed, a moment of its own."""
+        return bool(self.checkpointed) and self.checkpointed[-1] < len(self.blocks) - 1
+
+    def stored(self, q: torch.nn.Parameter, numel: int, elt: int) -> int:
+        """Bytes of ``numel`` elements of ``q`` held in ``elt``-byte elements, or as NF4."""
+        from lora_dist.nf4 import nf4_bytes
+
+        return nf4_bytes(numel, self.base_elt) if id(q) in self.nf4 else numel * elt
+
+    def gathered_bytes(self, params) -> int:
+        """What gathering ``params`` holds (the LoRA params are never gathered; over one shard rank neither are NF4
+        weights: they stay out of FSDP2)."""
+        return sum(self.stored(q, q.numel(), self.compute_elt) for q in params
+                   if id(q) not in self.lora and not (self.shards == 1 and id(q) in self.nf4))
+
+
+@dataclass
+class _State:
+    """The state a rank holds besides the activations, and what the base holds gathered at each moment."""
+
+    base_shard: int = 0
+    base_replicated: int = 0
+    lora_params: int = 0
+    lora_grads: int = 0
+    optimizer_state: int = 0
+    buffers: int = 0
+    gathered: int = 0  # at backward's start
+    loss_gathered: int = 0  # at the loss
+    recompute_gathering: int = 0  # what the first recompute holds gathered beyond backward's start
+    forward_gathered: int | None = None  # fsdp2: what forward's start holds gathered, where it may be the peak
+
+
+def _dequantized(r: _Run) -> tuple[int, int]:
+    """NF4 weights are dequantized one at a time: a block's linear for its matmul, with its block gathered; with an
+    NF4 head (model.quantize_embeddings) the head's rows for the loss (this rank's vocabulary shard, or all of
+    them), before backward gathers or recomputes any block. An NF4 embedding dequantizes only the rows it looks
+    up. Returns ``(a block's, the head's)``."""
+    in_blocks = {id(q) for b in r.blocks for q in b.parameters()}
+    block = max((q.numel() for _, q in r.base if id(q) in r.nf4 and id(q) in in_blocks), default=0) * r.compute_elt
+    output = r.model.get_output_embeddings() if hasattr(r.model, "get_output_embeddings") else None
+    head = 0
+    if output is not None and id(output.weight) in r.nf4:  # also a head tied to the embedding (not its own unit)
+        head = output.weight.numel() // (r.shards if r.head_sharded else 1) * r.compute_elt
+    return block, head
+
+
+def _fsdp2_state(r: _Run, s: _State) -> None:
+    """fsdp2: each rank's shard of the base, and what the base holds gathered at each moment."""
+    from lora_dist.lora import lora_parameters
+    from lora_dist.parallel.parallelize import reshard_size, weight_units
+
+    p, base, blocks = r.p, r.base, r.blocks
+    s.base_shard = sum(r.stored(q, _fsdp_shard_numel(tuple(q.shape), r.shards), r.base_elt) for _, q in base)
+    if not p.reshard_after_forward:
+        s.gathered = s.loss_gathered = r.gathered_bytes(q for _, q in base)
+        return
+    # The units parallelize() makes: each block, the input embedding and the output head (when untied), and the
+    # root with the rest. Backward starts with the root's rest, the head (kept gathered since its forward; not
+    # gathered at all when the loss runs on its shards) and three blocks: the one running, the next one gathered,
+    # and the flat all-gather output of the one after (FSDP2 all-gathers into one buffer, then copies out into the
+    # params). The embedding, resharded after forward, is not needed by backward (parallelize:
+    # set_unshard_in_backward).
+    units = _fsdp2_side_units(r.model)
+    in_unit = {id(q) for m in (*blocks, *units) for q in m.parameters()}
+    root_rest = r.gathered_bytes(q for _, q in base if id(q) not in in_unit)
+    block = max((r.gathered_bytes(b.parameters()) for b in blocks), default=0)
+    # Forward holds as many: the block running, and the next one's all-gather output and params (measured in the
+    # live tensors of a 2-block model: three blocks at the second block's copy-out).
+    running, first = 3 * block, 3 * block
+    recompute_running = running  # what the first recompute holds gathered (recompute_later)
+    if p.shard_unit == "weight":
+        # Each weight matrix its own unit: forward holds three at a time, as for blocks. Backward recomputing a
+        # checkpointed block gathers all of its units (FSDP2 does not reshard in a recompute) plus the all-gather
+        # output of the last; without checkpointing, backward holds the unit running, the next one and the
+        # all-gather output of the one after, as for blocks.
+        lora_set = set(lora_parameters(r.model))
+        unit = max((r.gathered_bytes(m.parameters()) for b in blocks for m in weight_units(b, lora_set)), default=0)
+        plain = min(3 * unit, 3 * block)
+        recompute_running = block + unit
+        if r.recompute_later or not r.checkpointed:  # backward's start runs a block not checkpointed
+            running = plain
+        elif len(r.checkpointed) == len(blocks):
+            running = recompute_running
+        else:  # the last block recomputed; the blocks not checkpointed run later: the larger of the two
+            running = max(recompute_running, plain)
+        first = 3 * unit
+    kept_head = r.gathered_bytes(r.head.parameters()) if r.head is not None and not r.head_sharded else 0
+    whole = r.gathered_bytes(q for _, q in base)
+    s.gathered = min(root_rest + kept_head + running, whole)
+    s.recompute_gathering = min(root_rest + kept_head + recompute_running, whole) - s.gathered
+    s.loss_gathered = min(root_rest + kept_head, s.gathered)
+    if r.embed is not None:
+        # Forward's start: the root's rest and the embedding gathered (or, looked up on its shards, the
+        # reduce-scatter's input of every rank's tokens and this rank's rows of them), and the first blocks
+        # gathered as above.
+        lookup = (r.shards + 1) * r.tokens * r.embed.weight.shape[1] * r.compute_elt if r.embed_sharded else \
+            r.gathered_bytes(r.embed.parameters())
+        s.forward_gathered = root_rest + lookup + first
+    after_forward = reshard_size(p, r.shards, 0)
+    if after_forward is not True:
+        # Resharded to N ranks (reshard_after_forward=N, or node resolved to the node's ranks): every block and the
+        # embedding keep a 1/N shard from their forward until backward gathers them again.
+        n = max(int(after_forward), 1)
+        kept = [*blocks, *([r.embed] if r.embed is not None and not r.embed_sharded else [])]
+        shards_kept = sum(r.stored(q, math.ceil(q.numel() / n), r.compute_elt)
+                          for m in kept for q in m.parameters() if id(q) not in r.lora)
+        s.gathered += shards_kept
+        s.loss_gathered += shards_kept
+
+
+def _zero3_state(r: _Run, s: _State) -> None:
+    """zero3: DeepSpeed's partitions of the base and of the LoRA, what it keeps whole, and what it gathers."""
+    W, base, lora_numel, base_numel = r.world, r.base, r.lora_numel, r.base_numel
+    zero = _deepspeed_zero(r.cfg, r.hf_config, lora_numel)
+    threshold = int(zero.get("stage3_param_persistence_threshold", 100_000))
+    s.base_shard = sum(math.ceil(q.numel() / W) for _, q in base) * r.base_elt
+    s.base_replicated = sum(q.numel() for _, q in base if q.numel() < threshold) * r.base_elt
+    s.lora_params = r.lora_bytes + math.ceil(lora_numel / W) * LORA_BYTES  # whole (persistent) + partition
+    s.lora_grads = r.lora_bytes + math.ceil(lora_numel / W) * LORA_BYTES  # full grads + partitioned flat grads
+    s.optimizer_state = 3 * math.ceil(lora_numel / W) * LORA_BYTES  # fp32 master + two moments
+    prefetch = int(float(zero.get("stage3_prefetch_bucket_size", 5e7)))
+    max_live = int(float(zero.get("stage3_max_live_parameters", 1e9)))
+    reuse = int(float(zero.get("stage3_max_reuse_distance", 1e9)))
+    if reuse >= base_numel:
+        # Every parameter is reused by backward within the reuse distance, so none is released after forward: the
+        # whole base stays gathered until backward (up to max_live_parameters).
+        s.gathered = s.loss_gathered = min(max_live, base_numel) * r.compute_elt
+    else:  # the module running (at most the largest weight) plus the prefetch bucket
+        largest_base = max((q.numel() for _, q in base), default=0)
+        s.gathered = s.loss_gathered = min(largest_base + prefetch, base_numel) * r.compute_elt
+    s.buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
+
+
+def _sharded_adamw_state(r: _Run, s: _State) -> None:
+    """ShardedAdamW: flat fp32 buckets padded to a multiple of W; the params are views of them, backward moves the
+    gradients into flat copies of them; this rank's slices: master, two moments, gradient."""
+    from lora_dist.lora import lora_modules
     from lora_dist.parallel.reducer import fill_buckets
     from lora_dist.parallel.sharded_adamw import IN_FLIGHT
-    from lora_dist.quant import quantized_weights
-    from lora_dist.sharding import vocab_sharding_pays
 
-    p: ParallelConfig = replicated_if_unsharded(cfg.parallel, world_size, cfg.model.dtype)  # what runs
-    base_elt = parse_dtype(cfg.model.dtype).itemsize
-    compute_elt = 2 if (p.mixed_precision == "bfloat16" and p.strategy in ("fsdp2", "zero3")) else base_elt
-    lora = {id(q) for q in lora_parameters(model)}
-    base = [(n, q) for n, q in model.named_parameters() if id(q) not in lora]
-    lora_numel = sum(q.numel() for q in lora_parameters(model))
-    base_numel = sum(q.numel() for _, q in base)
-    lora_bytes = lora_numel * LORA_BYTES
-    blocks = find_blocks(model)
-    checkpointed = checkpointed_blocks(len(blocks), p.activation_checkpointing)
-    n_checkpointed = len(checkpointed)
-    # Checkpointing every Nth block may leave the last blocks' backward without a recompute: then the first
-    # recompute (the last checkpointed block's) comes after their activations are freed, a moment of its own.
-    recompute_later = bool(checkpointed) and checkpointed[-1] < len(blocks) - 1
-    W = world_size
-    sharded = p.shard_optimizer and W > 1 and p.strategy in ("fsdp2", "ddp")
+    W = r.world
+    named = [getattr(m, part).weight for _, m in lora_modules(r.model) for part in ("lora_A", "lora_B")]
+    slices = [math.ceil(sum(q.numel() for q in b) / W)
+              for b in fill_buckets(named, lambda q: q.numel() * LORA_BYTES, r.p.bucket_mb)]
+    s.lora_params = s.lora_grads = sum(slices) * W * LORA_BYTES
+    if r.cfg.train.grad_accum == 1:
+        # Each bucket's full-size gradient is freed once its reduce-scatter is done: backward holds the bucket
+        # filling, the one just launched and IN_FLIGHT running (micro-steps under no_sync hold all).
+        s.lora_grads = min(s.lora_grads, (IN_FLIGHT + 2) * max(slices) * W * LORA_BYTES)
+    s.optimizer_state = 3 * sum(slices) * LORA_BYTES
+    s.buffers = sum(slices) * LORA_BYTES
 
-    # model.quantize=nf4: the weights lora_dist.quant quantizes at this sharding are NF4 bytes at rest and
-    # gathered (FSDP2 all-gathers the NF4 shards); one of them is dequantized at a time for its matmul.
-    # fsdp2 shards the base over dp_shard ranks (all W, or one replica group's under hybrid sharding).
-    shards = dp_mesh_shape(p, W)[1] if p.strategy == "fsdp2" else 1
-    nf4 = {id(m._parameters[a]) for m, a in quantized_weights(model, cfg.model.quantize_embeddings)
-           if nf4_quantizable(tuple(m._parameters[a].shape), shards)} if cfg.model.quantize else set()
 
-    def stored(q: torch.nn.Parameter, numel: int, elt: int) -> int:
-        return nf4_bytes(numel, base_elt) if id(q) in nf4 else numel * elt
-
-    def gathered_bytes(params) -> int:  # over one shard rank NF4 weights stay out of FSDP2: never gathered
-        return sum(stored(q, q.numel(), compute_elt) for q in params
-                   if id(q) not in lora and not (shards == 1 and id(q) in nf4))
-
-    embed, head = embedding_and_head(model)
-    tokens = cfg.train.micro_batch_size * cfg.train.seq_len
-    chunk = min(cfg.train.loss_chunk, tokens) if chunkable(model) is None else 0
-    head_sharded = (p.strategy == "fsdp2" and not p.gather_head and bool(chunk) and head is not None
-                    and vocab_sharding_pays(head.weight.shape[0], shards, tokens))
-    # fsdp2 without parallel.gather_embedding: the embedding looks up on its vocabulary shards, never gathered
-    # (lora_dist.parallel.embedding, as the engine decides).
-    embed_sharded = (p.strategy == "fsdp2" and not p.gather_embedding and plain_lookup(embed)
-                     and vocab_sharding_pays(embed.weight.shape[0], shards, tokens))
-    # NF4 weights are dequantized one at a time: a block's linear for its matmul, with its block gathered; with an
-    # NF4 head (model.quantize_embeddings) the head's rows for the loss (this rank's vocabulary shard, or all of
-    # them), before backward gathers or recomputes any block. An NF4 embedding dequantizes only the rows it looks
-    # up.
-    in_blocks = {id(q) for b in blocks for q in b.parameters()}
-    dequantized = max((q.numel() for _, q in base if id(q) in nf4 and id(q) in in_blocks), default=0) * compute_elt
-    head_dequantized = 0
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is not None and id(output.weight) in nf4:  # also a head tied to the embedding (not its own unit)
-        head_dequantized = output.weight.numel() // (shards if head_sharded else 1) * compute_elt
-
-    largest_base = max((q.numel() for _, q in base), default=0)
-
-    # Two moments hold the most: the loss (every activation saved, the loss's own buffers, no block gathered) and
-    # backward's start (the blocks' backward gathering, the loss done); gathered/loss_gathered: what each holds
-    # gathered.
-    base_shard = base_replicated = gathered = loss_gathered = buffers = 0
-    recompute_gathering = 0  # what the first recompute holds gathered beyond backward's start (recompute_later)
-    forward_gathered: int | None = None  # fsdp2: what forward's start holds gathered, where it may be the peak
-    optimizer_state = 2 * lora_bytes
-    lora_params, lora_grads = lora_bytes, lora_bytes
-    # fsdp2 without parallel.gather_head: the head, its own unit, is never gathered where that holds less
-    # (lora_dist.loss.ShardedHeadLoss, as the engine decides): head_sharded above.
+def _state(r: _Run) -> _State:
+    """Everything a rank holds but the activations, by strategy."""
+    p, lora_bytes = r.p, r.lora_bytes
+    s = _State(lora_params=lora_bytes, lora_grads=lora_bytes, optimizer_state=2 * lora_bytes)
+    block_dequantized, head_dequantized = _dequantized(r)
+    sharded = p.shard_optimizer and r.world > 1 and p.strategy in ("fsdp2", "ddp")
     if p.strategy == "fsdp2":
-        base_shard = sum(stored(q, _fsdp_shard_numel(tuple(q.shape), shards), base_elt) for _, q in base)
-        if p.reshard_after_forward:
-            # The units parallelize() makes: each block, the input embedding and the output head (when
-            # untied), and the root with the rest. Backward starts with the root's rest, the head (kept
-            # gathered since its forward; not gathered at all when the loss runs on its shards) and three
-            # blocks: the one running, the next one gathered, and the flat all-gather output of the one
-            # after (FSDP2 all-gathers into one buffer, then copies out into the params). The embedding,
-            # resharded after forward, is not needed by backward (parallelize: set_unshard_in_backward).
-            units = _fsdp2_side_units(model)
-            in_unit = {id(q) for m in (*blocks, *units) for q in m.parameters()}
-            root_rest = gathered_bytes(q for _, q in base if id(q) not in in_unit)
-            block = max((gathered_bytes(b.parameters()) for b in blocks), default=0)
-            # Forward holds as many: the block running, and the next one's all-gather output and params (measured
-            # in the live tensors of a 2-block model: three blocks at the second block's copy-out).
-            running, first = 3 * block, 3 * block
-            recompute_running = running  # what the first recompute holds gathered (recompute_later)
-            if p.shard_unit == "weight":
-                # Each weight matrix its own unit: forward holds three at a time, as for blocks.
-                # Backward recomputing a checkpointed block gathers all of its units (FSDP2 does not reshard
-                # in a recompute) plus the all-gather output of the last; without checkpointing, backward holds
-                # the unit running, the next one and the all-gather output of the one after, as for blocks.
-                lora_set = set(lora_parameters(model))
-                unit = max((gathered_bytes(m.parameters()) for b in blocks for m in weight_units(b, lora_set)),
-                           default=0)
-                plain = min(3 * unit, 3 * block)
-                recompute_running = block + unit
-                if recompute_later or not n_checkpointed:  # backward's start runs a block not checkpointed
-                    running = plain
-                elif n_checkpointed == len(blocks):
-                    running = recompute_running
-                else:  # the last block recomputed; the blocks not checkpointed run later: the larger of the two
-                    running = max(recompute_running, plain)
-                first = 3 * unit
-            kept_head = gathered_bytes(head.parameters()) if head is not None and not head_sharded else 0
-            whole = gathered_bytes(q for _, q in base)
-            gathered = min(root_rest + kept_head + running, whole)
-            recompute_gathering = min(root_rest + kept_head + recompute_running, whole) - gathered
-            loss_gathered = min(root_rest + kept_head, gathered)
-            if embed is not None:
-                # Forward's start: the root's rest and the embedding gathered (or, looked up on its shards, the
-                # reduce-scatter's input of every rank's tokens and this rank's rows of them), and the first blocks
-                # gathered as above.
-                lookup = (shards + 1) * tokens * embed.weight.shape[1] * compute_elt if embed_sharded else \
-                    gathered_bytes(embed.parameters())
-                forward_gathered = root_rest + lookup + first
-            after_forward = reshard_size(p, shards, 0)
-            if after_forward is not True:
-                # Resharded to N ranks (reshard_after_forward=N, or node resolved to the node's ranks): every
-                # block and the embedding keep a 1/N shard from their forward until backward gathers them again.
-                n = max(int(after_forward), 1)
-                kept = [*blocks, *([embed] if embed is not None and not embed_sharded else [])]
-                shards_kept = sum(stored(q, math.ceil(q.numel() / n), compute_elt)
-                                  for m in kept for q in m.parameters() if id(q) not in lora)
-                gathered += shards_kept
-                loss_gathered += shards_kept
-        else:
-            gathered = loss_gathered = gathered_bytes(q for _, q in base)
-        gathered += dequantized
-        loss_gathered += head_dequantized
+        _fsdp2_state(r, s)
+        s.gathered += block_dequantized
+        s.loss_gathered += head_dequantized
         if not sharded:
-            buffers = min(int(p.bucket_mb * 1e6), lora_bytes)  # the flat copy of one gradient bucket
+            s.buffers = min(int(p.bucket_mb * 1e6), lora_bytes)  # the flat copy of one gradient bucket
     elif p.strategy == "zero3":
-        zero = _deepspeed_zero(cfg, hf_config, lora_numel)
-        threshold = int(zero.get("stage3_param_persistence_threshold", 100_000))
-        base_shard = sum(math.ceil(q.numel() / W) for _, q in base) * base_elt
-        base_replicated = sum(q.numel() for _, q in base if q.numel() < threshold) * base_elt
-        lora_params = lora_bytes + math.ceil(lora_numel / W) * LORA_BYTES  # whole (persistent) + partition
-        lora_grads = lora_bytes + math.ceil(lora_numel / W) * LORA_BYTES  # full grads + partitioned flat grads
-        optimizer_state = 3 * math.ceil(lora_numel / W) * LORA_BYTES  # fp32 master + two moments
-        prefetch = int(float(zero.get("stage3_prefetch_bucket_size", 5e7)))
-        max_live = int(float(zero.get("stage3_max_live_parameters", 1e9)))
-        reuse = int(float(zero.get("stage3_max_reuse_distance", 1e9)))
-        if reuse >= base_numel:
-            # Every parameter is reused by backward within the reuse distance, so none is released
-            # after forward: the whole base stays gathered until backward (up to max_live_parameters).
-            gathered = loss_gathered = min(max_live, base_numel) * compute_elt
-        else:  # the module running (at most the largest weight) plus the prefetch bucket
-            gathered = loss_gathered = min(largest_base + prefetch, base_numel) * compute_elt
-        buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
+        _zero3_state(r, s)
     elif p.strategy in ("zero1", "zero2"):
-        zero = _deepspeed_zero(cfg, hf_config, lora_numel)
-        base_shard = base_numel * base_elt
-        optimizer_state = 3 * math.ceil(lora_numel / W) * LORA_BYTES
-        buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
+        zero = _deepspeed_zero(r.cfg, r.hf_config, r.lora_numel)
+        s.base_shard = r.base_numel * r.base_elt
+        s.optimizer_state = 3 * math.ceil(r.lora_numel / r.world) * LORA_BYTES
+        s.buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
     else:  # ddp, none
-        base_shard = sum(stored(q, q.numel(), base_elt) for _, q in base)
-        gathered, loss_gathered = dequantized, head_dequantized
+        s.base_shard = sum(r.stored(q, q.numel(), r.base_elt) for _, q in r.base)
+        s.gathered, s.loss_gathered = block_dequantized, head_dequantized
         if p.strategy == "ddp" and not sharded:
-            buffers = lora_bytes  # DDP's gradient buckets hold a second copy of the gradients
+            s.buffers = lora_bytes  # DDP's gradient buckets hold a second copy of the gradients
     if sharded:
-        # ShardedAdamW: flat fp32 buckets padded to a multiple of W; the params are views of them, backward
-        # moves the gradients into flat copies of them; this rank's slices: master, two moments, gradient.
-        named = [getattr(m, part).weight for _, m in lora_modules(model) for part in ("lora_A", "lora_B")]
-        slices = [math.ceil(sum(q.numel() for q in b) / W)
-                  for b in fill_buckets(named, lambda q: q.numel() * LORA_BYTES, p.bucket_mb)]
-        lora_params = lora_grads = sum(slices) * W * LORA_BYTES
-        if cfg.train.grad_accum == 1:
-            # Each bucket's full-size gradient is freed once its reduce-scatter is done: backward holds the
-            # bucket filling, the one just launched and IN_FLIGHT running (micro-steps under no_sync hold all).
-            lora_grads = min(lora_grads, (IN_FLIGHT + 2) * max(slices) * W * LORA_BYTES)
-        optimizer_state = 3 * sum(slices) * LORA_BYTES
-        buffers = sum(slices) * LORA_BYTES
+        _sharded_adamw_state(r, s)
+    if s.forward_gathered is not None:
+        s.forward_gathered += block_dequantized
+    return s
 
+
+@dataclass
+class _Activations:
+    """What autograd keeps for backward, and the loss's own buffers."""
+
+    saved: int  # from forward to backward: blocks not checkpointed, the checkpointed blocks' inputs, the final norm's
+    kept_per_block: int  # by a block not checkpointed
+    recompute: int  # by the block backward recomputes (checkpointing)
+    offloaded: int  # checkpointed inputs waiting in host memory (parallel.offload_activations)
+    loss: int  # the chunked loss's buffers, or the full logits'
+
+
+def _activations(r: _Run) -> _Activations:
+    from lora_dist.lora import LoRAParam, lora_modules
+
+    p, hf_config, tokens, elt = r.p, r.hf_config, r.tokens, r.compute_elt
     ranks_per_block = 0
-    if blocks:
-        first = blocks[0]
+    if r.blocks:
         # An adapter on a parameter saves no per-token activation (its delta is on the weight side).
-        ranks_per_block = sum(m.r for _, m in lora_modules(first) if not isinstance(m, LoRAParam))
+        ranks_per_block = sum(m.r for _, m in lora_modules(r.blocks[0]) if not isinstance(m, LoRAParam))
     # A compiled block runs without selective recompute, and is planned as an eager one without it: an upper bound,
     # as the compiler recomputes cheap work itself (on the CPU the compiled step's RSS was 2-8% below that of eager
     # blocks without selective recompute, docs/bench.md; on a GPU not yet measured).
     selective = p.selective_recompute and not p.compile
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
     vocab = getattr(hf_config, "vocab_size", 0) or 0
-    n_blocks = len(blocks)
+    n_checkpointed = len(r.checkpointed)
     offloaded = recompute = 0
     # Blocks not checkpointed keep what autograd keeps (all of them without checkpointing).
-    kept_per_block = tokens * _block_activation_bytes(hf_config, ranks_per_block, compute_elt, selective)
-    saved = (n_blocks - n_checkpointed) * kept_per_block
+    kept_per_block = tokens * _block_activation_bytes(hf_config, ranks_per_block, elt, selective)
+    saved = (len(r.blocks) - n_checkpointed) * kept_per_block
     if n_checkpointed:
-        inputs = tokens * n_checkpointed * hidden * compute_elt  # each checkpointed block's input
+        inputs = tokens * n_checkpointed * hidden * elt  # each checkpointed block's input
         # Backward recomputes one block at a time, under checkpointing's hooks (the gated product is kept).
-        recompute = tokens * _block_activation_bytes(hf_config, ranks_per_block, compute_elt, selective, True)
+        recompute = tokens * _block_activation_bytes(hf_config, ranks_per_block, elt, selective, True)
         if p.offload_activations:
             # lora_dist.parallel.checkpointing.HostActivations: each block's input waits in host memory (Hugging
             # Face binds the other arguments, such as the rotary cos/sin all blocks share, to the function it
@@ -655,79 +745,94 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
             offloaded = inputs
         else:
             saved += inputs
-    saved += tokens * hidden * (compute_elt if selective else 4)  # the final norm's input
-    if chunk:
+    saved += tokens * hidden * (elt if selective else 4)  # the final norm's input
+    if r.chunk:
         # lora_dist.loss.linear_cross_entropy_sum: the hidden states and their gradient; per chunk of up to
         # train.loss_chunk tokens, their logits over this rank's vocabulary rows (all of them, or 1/W of them with
         # the head left sharded) in fp32, turned into the softmax in place (+ its 16-bit cast). With the head
         # sharded also every shard-group rank's hidden states (gathered), the fp32 gradient of this rank's and
         # each chunk's fp32 product to reduce-scatter.
-        groups = shards if head_sharded else 1
-        rows = groups * min(tokens, max(1, cfg.train.loss_chunk // groups))
-        cast = compute_elt if compute_elt != 4 else 0
-        loss = 2 * tokens * hidden * compute_elt + rows * math.ceil(vocab / groups) * (4 + cast)
-        if head_sharded:
-            loss += groups * tokens * hidden * compute_elt + tokens * hidden * 4 + rows * hidden * 4
+        groups = r.shards if r.head_sharded else 1
+        rows = groups * min(tokens, max(1, r.cfg.train.loss_chunk // groups))
+        cast = elt if elt != 4 else 0
+        loss = 2 * tokens * hidden * elt + rows * math.ceil(vocab / groups) * (4 + cast)
+        if r.head_sharded:
+            loss += groups * tokens * hidden * elt + tokens * hidden * 4 + rows * hidden * 4
     else:
         loss = 3 * tokens * vocab * 4  # logits, fp32 copy, log-softmax
+    return _Activations(saved=saved, kept_per_block=kept_per_block, recompute=recompute, offloaded=offloaded,
+                        loss=loss)
 
-    experts, top_k = _experts(hf_config)
-    expert_params = _expert_params(model, lora)
-    expert_numel = sum(q.numel() for _, q in expert_params)
-    active = base_numel - expert_numel + (expert_numel // experts * top_k if experts else 0)
-    expert_lora = [m for _, m in lora_modules(model) if isinstance(m, LoRAParam) and m.num_experts > 1]
-    expert_lora_numel = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in expert_lora)
-    adapted = [m.base_weight().numel() for m in expert_lora]
-    # Blocks not checkpointed keep theirs from forward to backward; checkpointed ones one at a time.
-    adapted_per_block = sum(adapted) // max(n_blocks, 1) * compute_elt
-    adapted_blocks = max(n_blocks - n_checkpointed + (1 if n_checkpointed else 0), 1)
-    adapted_experts = adapted_per_block * adapted_blocks
 
-    # The moments that may hold the most; the peak is the largest. Gradients exist from backward's start on
-    # (before it only those accumulated over micro-steps).
-    accumulated = lora_grads if cfg.train.grad_accum > 1 else 0
+def _moments(r: _Run, s: _State, a: _Activations, adapted_per_block: int) -> dict[str, dict[str, int]]:
+    """The moments that may hold the most, each as its terms that change over a step (the peak is the largest).
+    Gradients exist from backward's start on (before it only those accumulated over micro-steps)."""
+    hidden_state = r.tokens * (getattr(r.hf_config, "hidden_size", None) or getattr(r.hf_config, "n_embd")) * \
+        r.compute_elt
+    n_blocks, n_checkpointed = len(r.blocks), len(r.checkpointed)
+    # Blocks not checkpointed keep their adapted experts from forward to backward; checkpointed ones one at a time.
+    adapted_experts = adapted_per_block * max(n_blocks - n_checkpointed + (1 if n_checkpointed else 0), 1)
+    accumulated = s.lora_grads if r.cfg.train.grad_accum > 1 else 0
     moments = {
         # The loss and the head's backward: every saved activation and the loss's buffers; of the base, the root's
         # rest and the head (or the NF4 head's rows dequantized); no block gathered.
-        "the loss": dict(gathered=loss_gathered, activations=saved + loss, lora_grads=accumulated,
+        "the loss": dict(gathered=s.loss_gathered, activations=a.saved + a.loss, lora_grads=accumulated,
                          adapted_experts=adapted_experts),
         # The last block's backward: the blocks it gathers (and dequantizes), the saved activations, the block
         # recomputed (checkpointing), and the gradient of the final hidden states.
-        "backward's start": dict(gathered=gathered, activations=saved + (0 if recompute_later else recompute) +
-                                 tokens * hidden * compute_elt, lora_grads=lora_grads, adapted_experts=adapted_experts),
+        "backward's start": dict(gathered=s.gathered,
+                                 activations=a.saved + (0 if r.recompute_later else a.recompute) + hidden_state,
+                                 lora_grads=s.lora_grads, adapted_experts=adapted_experts),
     }
-    if recompute_later:
+    if r.recompute_later:
         # Checkpointing every Nth block: the last checkpointed block's recompute, the blocks after it done (their
         # activations and adapted experts freed).
-        after = n_blocks - 1 - checkpointed[-1]
+        after = n_blocks - 1 - r.checkpointed[-1]
         moments["the first recompute"] = dict(
-            gathered=gathered + recompute_gathering,
-            activations=saved - after * kept_per_block + recompute + tokens * hidden * compute_elt,
-            lora_grads=lora_grads, adapted_experts=adapted_experts - after * adapted_per_block)
-    if forward_gathered is not None:
+            gathered=s.gathered + s.recompute_gathering,
+            activations=a.saved - after * a.kept_per_block + a.recompute + hidden_state,
+            lora_grads=s.lora_grads, adapted_experts=adapted_experts - after * adapted_per_block)
+    if s.forward_gathered is not None:
         # Forward's start holds the embedding instead of the blocks, the head and the activations (the embedding's
         # output only).
-        moments["forward's start"] = dict(gathered=forward_gathered + dequantized,
-                                          activations=tokens * hidden * compute_elt, lora_grads=accumulated,
-                                          adapted_experts=0)
+        moments["forward's start"] = dict(gathered=s.forward_gathered, activations=hidden_state,
+                                          lora_grads=accumulated, adapted_experts=0)
+    return moments
+
+
+def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> MemoryPlan:
+    """The plan of ``cfg`` (an explicit strategy) for ``model``, the meta skeleton with LoRA injected."""
+    from lora_dist.lora import LoRAParam, lora_modules
+
+    r = _Run.of(cfg, world_size, hf_config, model)
+    s = _state(r)
+    a = _activations(r)
+
+    experts, top_k = _experts(hf_config)
+    expert_numel = sum(q.numel() for _, q in _expert_params(model, r.lora))
+    active = r.base_numel - expert_numel + (expert_numel // experts * top_k if experts else 0)
+    expert_lora = [m for _, m in lora_modules(model) if isinstance(m, LoRAParam) and m.num_experts > 1]
+    expert_lora_numel = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in expert_lora)
+    adapted_per_block = sum(m.base_weight().numel() for m in expert_lora) // max(len(r.blocks), 1) * r.compute_elt
+
+    moments = _moments(r, s, a, adapted_per_block)
     peak_at = max(moments, key=lambda moment: sum(moments[moment].values()))
     peak = moments[peak_at]
-    gathered, activations = peak["gathered"], peak["activations"]
-    lora_grads, adapted_experts = peak["lora_grads"], peak["adapted_experts"]
-    rest = base_shard + base_replicated + lora_params + optimizer_state + buffers
-
-    tensors = [q for _, q in model.named_parameters()]
-    largest = max((q.numel() * (LORA_BYTES if id(q) in lora else base_elt) for q in tensors), default=0)
+    rest = s.base_shard + s.base_replicated + s.lora_params + s.optimizer_state + s.buffers
+    largest = max((q.numel() * (LORA_BYTES if id(q) in r.lora else r.base_elt) for q in model.parameters()),
+                  default=0)
+    p = r.p
     return MemoryPlan(
-        strategy=p.strategy, world_size=W, tokens_per_micro_batch=tokens,
+        strategy=p.strategy, world_size=world_size, tokens_per_micro_batch=r.tokens,
         activation_checkpointing=p.activation_checkpointing, mode=mode_name(p),
-        num_params=base_numel + lora_numel, num_lora_params=lora_numel, num_expert_params=expert_numel,
+        num_params=r.base_numel + r.lora_numel, num_lora_params=r.lora_numel, num_expert_params=expert_numel,
         num_active_params=active, num_expert_lora_params=expert_lora_numel,
-        model_bytes=base_numel * base_elt, largest_tensor_bytes=largest,
-        base_shard=base_shard, base_replicated=base_replicated, lora_params=lora_params, lora_grads=lora_grads,
-        optimizer_state=optimizer_state, activations=activations, gathered=gathered, buffers=buffers,
-        adapted_experts=adapted_experts, dp_replicate=W // shards if p.strategy == "fsdp2" else 1, peak_at=peak_at,
-        offloaded=offloaded, moments={moment: rest + sum(terms.values()) for moment, terms in moments.items()},
+        model_bytes=r.base_numel * r.base_elt, largest_tensor_bytes=largest,
+        base_shard=s.base_shard, base_replicated=s.base_replicated, lora_params=s.lora_params,
+        lora_grads=peak["lora_grads"], optimizer_state=s.optimizer_state, activations=peak["activations"],
+        gathered=peak["gathered"], buffers=s.buffers, adapted_experts=peak["adapted_experts"],
+        dp_replicate=world_size // r.shards if p.strategy == "fsdp2" else 1, peak_at=peak_at,
+        offloaded=a.offloaded, moments={moment: rest + sum(terms.values()) for moment, terms in moments.items()},
         runs_as=(f"parallel.strategy=fsdp2 over one shard rank shards nothing: it runs as {p.strategy}, the same "
                  "math without FSDP2's per-step weight copies" if p.strategy != cfg.parallel.strategy else ""),
     )
