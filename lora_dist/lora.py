@@ -791,8 +791,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
         module.lora = adapters
         module.__class__ = _host_class(type(module))
     model.lora_config = config  # read by save_adapter
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # Whole tensors' sizes, also where ZeRO-3 partitioned them as they were created (zero.Init).
+    trainable = sum(math.prod(full_shape(p)) for p in model.parameters() if p.requires_grad)
+    total = sum(math.prod(full_shape(p)) for p in model.parameters())
     matched = chosen + [f"{o}.{p}" for o, ps in params.items() for p in ps]
     return InjectionReport(matched, trainable, total)
 

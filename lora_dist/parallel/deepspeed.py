@@ -7,12 +7,19 @@ threshold just above the largest LoRA matrix. The LoRA promise holds in bf16
 too: gradients are reduced in fp32 (``communication_data_type``), and the
 engine reads and writes LoRA through DeepSpeed's fp32 master copies, so an
 adapter or a checkpoint never carries bf16-rounded values.
+
+DeepSpeed's collectives call torch's ``all_gather_into_tensor`` and ``reduce_scatter_tensor``, which torch 2.13
+deprecates with a FutureWarning, printed again and again (4 per rank and step of a zero3 run, measured): thousands
+of log lines a run about code the user cannot change. :func:`quiet_deepspeed_collectives` silences exactly those two
+messages whenever DeepSpeed runs (:func:`zero_init`, :class:`DeepSpeedEngine`); lora_dist's own collectives use
+the new names (:mod:`lora_dist.collectives`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from typing import Mapping
 
 import torch
@@ -29,12 +36,15 @@ __all__ = [
     "check_supported",
     "deepspeed_config",
     "max_lora_numel",
+    "quiet_deepspeed_collectives",
     "zero_init",
 ]
 
 #: The first DeepSpeed release whose ZeRO-3 keeps frozen params gathered during activation recompute
 #: (older ones fail with ``CheckpointError: saved shape [N] vs recomputed [0]``).
 ACTIVATION_CHECKPOINTING_MIN = (0, 19, 3)
+#: torch's deprecation message for the collectives DeepSpeed calls (``warnings.filterwarnings`` matches its start).
+_DEPRECATED_COLLECTIVES = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -147,11 +157,18 @@ def cap_reduce_bucket(ds_config: dict, trainable_numel: int) -> dict:
     return {**ds_config, "zero_optimization": {**zero, "reduce_bucket_size": trainable_numel}}
 
 
+def quiet_deepspeed_collectives() -> None:
+    """Ignore torch's deprecation of the two collectives DeepSpeed's ZeRO calls (process-wide, where DeepSpeed runs;
+    calling it again adds no second filter)."""
+    warnings.filterwarnings("ignore", message=_DEPRECATED_COLLECTIVES, category=FutureWarning)
+
+
 @contextlib.contextmanager
 def zero_init(ds_config: dict):
     """Build modules inside this context to have ZeRO-3 partition each param as it is created."""
     import deepspeed
 
+    quiet_deepspeed_collectives()
     # transformers imports modeling_utils (and torch._dynamo with it) lazily; a first import inside zero.Init,
     # which patches tensor creation, fails with "Signature mismatch ... tensor_pynew".
     import transformers.modeling_utils  # noqa: F401
@@ -166,6 +183,7 @@ class DeepSpeedEngine(Engine):
     def __init__(self, model, optimizer, ds_config: dict, device: torch.device | None = None) -> None:
         import deepspeed
 
+        quiet_deepspeed_collectives()
         super().__init__(model, optimizer, ds_config.get("gradient_clipping", 0.0), device)
         ds_config = cap_reduce_bucket(ds_config, sum(getattr(p, "ds_numel", p.numel()) for p in self.lora_params))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
