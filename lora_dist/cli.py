@@ -175,10 +175,14 @@ def _export_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from lora_dist.session import export_run
 
-    export_run(args.run_dir, out=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-               overwrite=args.overwrite)
+    out = export_run(args.run_dir, out=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                     overwrite=args.overwrite)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"merged checkpoint written to {out}")
     return EXIT_OK
 
 

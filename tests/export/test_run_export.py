@@ -47,15 +47,16 @@ def test_export_of_a_finished_run(run, nproc, strategy):
     dst = run["root"] / f"export-{strategy}-{nproc}"
     args = ["export", str(run["out"]), "--out", str(dst), "--dtype", "float32"]
     if nproc == 1:
-        lora_dist(*args)
+        done = lora_dist(*args)
     else:
         cfg = run["out"] / "config.json"
         text = cfg.read_text()
         try:
             cfg.write_text(text.replace('"strategy": "fsdp2"', f'"strategy": "{strategy}"'))
-            ranks(nproc, "-m", "lora_dist.cli", *args)
+            done = ranks(nproc, "-m", "lora_dist.cli", *args)
         finally:
             cfg.write_text(text)
+    assert done.stdout.count(f"merged checkpoint written to {dst}") == 1  # once, by rank 0
     exported, offline = _tensors(dst), _tensors(run["offline"])
     assert set(exported) == set(offline)
     for k in offline:
