@@ -34,7 +34,7 @@ if a.examples:
 args = SFTConfig(
     output_dir=a.out, per_device_train_batch_size=a.global_batch // world, max_steps=a.steps, learning_rate=5e-3,
     warmup_steps=1, max_length=32, logging_steps=1, report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
-    bf16=False, gradient_checkpointing=False,  # SFTConfig's defaults; lora_dist's: parallel=ParallelConfig(...)
+    bf16=False, activation_checkpointing=False,  # SFTConfig's defaults; lora_dist's: parallel=ParallelConfig(...)
     use_cpu=not torch.cuda.is_available())  # accelerate sees CPU processes only with use_cpu=True
 trainer = LoraDistSFTTrainer(model=a.model_dir, lora=LoRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
                              strategy=a.strategy, args=args, train_dataset=dataset,

@@ -62,9 +62,11 @@ def _check_args(args) -> None:
         raise ConfigError("TrainingArguments(fp16/bf16=True) conflicts with LoraDistTrainer (LoRA trains in fp32); "
                           "pass bf16=False, fp16=False (SFTConfig turns bf16 on by default) and compute the base in "
                           "bf16 with parallel=ParallelConfig(mixed_precision='bfloat16')")
-    if args.gradient_checkpointing:
-        raise ConfigError("TrainingArguments(gradient_checkpointing=True) conflicts with LoraDistTrainer; pass "
-                          "gradient_checkpointing=False (SFTConfig turns it on by default) and "
+    # transformers >= 5.23 names it activation_checkpointing; gradient_checkpointing is its deprecated alias.
+    if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None):
+        raise ConfigError("TrainingArguments(activation_checkpointing=True) conflicts with LoraDistTrainer; pass "
+                          "activation_checkpointing=False (SFTConfig turns it on by default; its old name "
+                          "gradient_checkpointing is deprecated) and "
                           "parallel=ParallelConfig(activation_checkpointing=True)")
     optim = str(getattr(args.optim, "value", args.optim))
     adam = (args.adam_beta1, args.adam_beta2, args.adam_epsilon)
@@ -141,7 +143,7 @@ class LoraDistMixin:
         **kwargs: the Trainer's own (datasets, collator, processing_class, callbacks...).
 
     Raises:
-        ConfigError: TrainingArguments that conflict (deepspeed, fsdp, fp16/bf16, gradient_checkpointing, another
+        ConfigError: TrainingArguments that conflict (deepspeed, fsdp, fp16/bf16, activation_checkpointing, another
             optimizer), or ``optimizers=``/``model_init=`` (lora_dist makes the model and its optimizer).
     """
 

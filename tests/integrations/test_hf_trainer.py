@@ -113,7 +113,9 @@ def test_trainer_checkpoint_is_safetensors_and_resumes_in_trainer_and_lora_dist_
 
 @pytest.mark.parametrize(("change", "named"), [
     ({"deepspeed": "ds.json"}, "deepspeed"), ({"fsdp": "full_shard"}, "fsdp"), ({"bf16": True}, "bf16"),
-    ({"gradient_checkpointing": True}, "gradient_checkpointing"), ({"optim": "sgd"}, "optim=sgd"),
+    ({"activation_checkpointing": True}, r"activation_checkpointing=True\) conflicts"),
+    ({"gradient_checkpointing": True}, r"activation_checkpointing=True\) conflicts"),  # the deprecated alias
+    ({"optim": "sgd"}, "optim=sgd"),
     ({"torch_compile": True}, r"torch_compile=True\) conflicts .*ParallelConfig\(compile=True\)"),
 ])
 def test_conflicting_training_arguments_are_refused_in_one_line(change, named):
