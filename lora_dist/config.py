@@ -482,6 +482,13 @@ def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, globalns=vars(lora_mod) | globals())
 
 
+def _shown(value: Any) -> str:
+    """A config value as the user wrote it in YAML: true, false and null as such, anything else as a short excerpt."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return excerpt(value)
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
@@ -496,17 +503,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             except ConfigError:
                 pass
         choices = " or ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
-        raise ConfigError(f"{key} must be {choices}, got {excerpt(value)}")
+        raise ConfigError(f"{key} must be {choices}, got {_shown(value)}")
     if hint is Any:
         return value
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be true or false, got {excerpt(value)}")
+        raise ConfigError(f"{key} must be true or false, got {_shown(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be an integer, got {excerpt(value)}")
+        raise ConfigError(f"{key} must be an integer, got {_shown(value)}")
     if hint is float:
         # A string too: YAML 1.1 reads "3e-4" (no dot) as a string.
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -517,21 +524,21 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             else:
                 if math.isfinite(number):
                     return number
-                raise ConfigError(f"{key} must be a finite number, got {excerpt(value)}")
-        raise ConfigError(f"{key} must be a number, got {excerpt(value)}")
+                raise ConfigError(f"{key} must be a finite number, got {_shown(value)}")
+        raise ConfigError(f"{key} must be a number, got {_shown(value)}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key} must be a string, got {excerpt(value)}")
+        raise ConfigError(f"{key} must be a string, got {_shown(value)}")
     if origin is list:
         (item,) = typing.get_args(hint) or (Any,)
         if isinstance(value, (list, tuple)):
             return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-        raise ConfigError(f"{key} must be a list, got {excerpt(value)}")
+        raise ConfigError(f"{key} must be a list, got {_shown(value)}")
     if origin is dict:
         if isinstance(value, dict):
             return dict(value)
-        raise ConfigError(f"{key} must be a mapping, got {excerpt(value)}")
+        raise ConfigError(f"{key} must be a mapping, got {_shown(value)}")
     return value
 
 
@@ -547,7 +554,12 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
     for key, value in values.items():
         if key not in fields:
             raise _unknown(f"{name}.{key}", config_keys())
-        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        try:
+            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        except ConfigError as e:
+            doc = _attribute_docs(cls).get(key, "")
+            raise ConfigError(f"{e}; {name}.{key}: {clip(doc.split('. ')[0].rstrip('.'), 200)}" if doc else
+                              str(e)) from None
     try:
         return cls(**kwargs)
     except LoRAConfigError as e:

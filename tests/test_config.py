@@ -395,3 +395,14 @@ def test_tracking_section():
     assert load_config(None, []).tracking.tensorboard  # on by default
     with pytest.raises(ConfigError, match="tracking.wandb='cloud' is not one of offline, online"):
         load_config(None, ["tracking.wandb=cloud"])
+
+
+@pytest.mark.parametrize("override, want", [
+    # YAML's true where a checkpoint dir or auto/never is expected: what the key takes, in the user's spelling
+    ("checkpoint.resume=true", "checkpoint.resume must be a string, got true; checkpoint.resume: auto (this run's "
+                               "latest checkpoint in output.dir, if any), never"),
+    ("model.path=null", "model.path must be a string, got null; model.path: Local Hugging Face checkpoint dir"),
+    ("train.steps=ten", "train.steps must be an integer, got 'ten'; train.steps: Optimizer steps"),
+])
+def test_a_value_of_the_wrong_type_is_refused_with_what_the_key_takes(override, want):
+    assert want in config_error(override)
