@@ -6,11 +6,12 @@ stay replicated and all-reduced; merged checkpoints are written from the
 sharded state, each rank merging its own shard.
 
 Where things live (``docs/architecture.md`` has the map): LoRA math ``lora``/``merge``,
-PEFT-format adapters ``adapter``, config ``config``, launching ``launch/``, sharding
-and the per-strategy engines ``parallel/``, base model dirs ``model_dir``, model setup
-``model``, data ``data``, the training loop ``train``, training checkpoints
-``checkpoint``, merged export, offline merge and verify ``export/``, atomic writes
-``atomic``, dtypes ``dtypes``, the command line ``cli``. Your own loop starts at ``prepare``
+PEFT-format adapters ``adapter``, config ``config``, user errors ``errors``, launching
+``launch/``, which bytes a rank owns ``sharding``, the wrapping and the per-strategy engines
+``parallel/``, QLoRA ``quant``/``nf4``, base model dirs ``model_dir``, model setup ``model``,
+data ``data``, the training loop ``train``, training checkpoints ``checkpoint``, merged export,
+offline merge and verify ``export/``, atomic writes ``atomic``, dtypes ``dtypes``, the command
+line ``cli``. Your own loop starts at ``prepare``
 (``session``); HF Trainer/TRL and accelerate are in ``integrations/`` (``docs/integrations.md``).
 """
 

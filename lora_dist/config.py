@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import re
 import textwrap
 import types
 import typing
@@ -502,7 +503,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError:
                 pass
-        choices = " or ".join("null" if arg is type(None) else _type_name(arg) for arg in args)
+        choices = " or ".join(_SPELLED.get(arg) or _type_name(arg) for arg in args)
         raise ConfigError(f"{key} must be {choices}, got {_shown(value)}")
     if hint is Any:
         return value
@@ -546,6 +547,10 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+#: A type as an error message names the values it takes.
+_SPELLED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
 def _build_section(name: str, values: dict[str, Any]) -> Any:
     cls = _SECTIONS[name].default_factory
     hints = _type_hints(cls)
@@ -558,8 +563,8 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
             kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
         except ConfigError as e:
             doc = _attribute_docs(cls).get(key, "")
-            raise ConfigError(f"{e}; {name}.{key}: {clip(doc.split('. ')[0].rstrip('.'), 200)}" if doc else
-                              str(e)) from None
+            first = re.split(r"(?<!e\.g)(?<!i\.e)\.\s", doc)[0].rstrip(".")  # "e.g." ends no sentence
+            raise ConfigError(f"{e}; {name}.{key}: {clip(first, 200)}" if doc else str(e)) from None
     try:
         return cls(**kwargs)
     except LoRAConfigError as e:

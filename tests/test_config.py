@@ -403,6 +403,9 @@ def test_tracking_section():
                                "latest checkpoint in output.dir, if any), never"),
     ("model.path=null", "model.path must be a string, got null; model.path: Local Hugging Face checkpoint dir"),
     ("train.steps=ten", "train.steps must be an integer, got 'ten'; train.steps: Optimizer steps"),
+    # a doc's "e.g." ends no sentence
+    ("parallel.strategy=true", "parallel.strategy: fsdp2 (default; over one shard rank, e.g. one GPU, it runs as"),
+    ("parallel.activation_checkpointing=maybe", "must be true or false or an integer, got 'maybe'"),
 ])
 def test_a_value_of_the_wrong_type_is_refused_with_what_the_key_takes(override, want):
     assert want in config_error(override)

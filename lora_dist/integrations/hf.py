@@ -62,8 +62,12 @@ def _check_args(args) -> None:
         raise ConfigError("TrainingArguments(fp16/bf16=True) conflicts with LoraDistTrainer (LoRA trains in fp32); "
                           "pass bf16=False, fp16=False (SFTConfig turns bf16 on by default) and compute the base in "
                           "bf16 with parallel=ParallelConfig(mixed_precision='bfloat16')")
-    # transformers >= 5.23 names it activation_checkpointing; gradient_checkpointing is its deprecated alias.
-    if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None):
+    # transformers >= 5.23 names it activation_checkpointing, and the Trainer reads only that name;
+    # gradient_checkpointing is its deprecated alias, copied from it once, when the args are made.
+    checkpointing = getattr(args, "activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(args, "gradient_checkpointing", None)
+    if checkpointing:
         raise ConfigError("TrainingArguments(activation_checkpointing=True) conflicts with LoraDistTrainer; pass "
                           "activation_checkpointing=False (SFTConfig turns it on by default; its old name "
                           "gradient_checkpointing is deprecated) and "

@@ -114,7 +114,6 @@ def test_trainer_checkpoint_is_safetensors_and_resumes_in_trainer_and_lora_dist_
 @pytest.mark.parametrize(("change", "named"), [
     ({"deepspeed": "ds.json"}, "deepspeed"), ({"fsdp": "full_shard"}, "fsdp"), ({"bf16": True}, "bf16"),
     ({"activation_checkpointing": True}, r"activation_checkpointing=True\) conflicts"),
-    ({"gradient_checkpointing": True}, r"activation_checkpointing=True\) conflicts"),  # the deprecated alias
     ({"optim": "sgd"}, "optim=sgd"),
     ({"torch_compile": True}, r"torch_compile=True\) conflicts .*ParallelConfig\(compile=True\)"),
 ])
@@ -127,3 +126,23 @@ def test_conflicting_training_arguments_are_refused_in_one_line(change, named):
     with pytest.raises(ConfigError, match=named) as refused:
         _check_args(args)
     assert "\n" not in str(refused.value)
+
+
+def test_activation_checkpointing_is_read_by_its_current_name():
+    """gradient_checkpointing, the deprecated alias, refuses as activation_checkpointing does (TrainingArguments copies
+    it over when it is made); a user who then turns activation_checkpointing off, which is all the Trainer reads, is
+    not refused for the stale alias (TRL's SFTConfig sets the alias on by default)."""
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from lora_dist.integrations.hf import _check_args
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the alias's deprecation
+        args = TrainingArguments(output_dir="unused", report_to=[], gradient_checkpointing=True)
+    with pytest.raises(ConfigError, match=r"activation_checkpointing=True\) conflicts"):
+        _check_args(args)
+    args.activation_checkpointing = False
+    assert args.gradient_checkpointing
+    _check_args(args)
