@@ -548,7 +548,8 @@ def _type_name(hint: Any) -> str:
 
 
 #: A type as an error message names the values it takes.
-_SPELLED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+_SPELLED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+            list[str]: "a list of strings"}
 
 
 def _build_section(name: str, values: dict[str, Any]) -> Any:

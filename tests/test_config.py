@@ -203,7 +203,7 @@ def test_out_of_range_values_are_errors(override, match):
 @pytest.mark.parametrize("raw", ["5", "1.5", "true", "{q_proj: 1}"])
 @pytest.mark.parametrize("key", ["lora.target_modules", "lora.exclude_modules"])
 def test_target_modules_must_be_a_string_or_a_list(key, raw):
-    assert f"{key} must be list[str] or str or null" in config_error(f"{key}={raw}")
+    assert f"{key} must be a list of strings or a string or null" in config_error(f"{key}={raw}")
 
 
 @pytest.mark.parametrize(
