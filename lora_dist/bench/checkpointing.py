@@ -30,6 +30,7 @@ def run(size: str, tokens: int, rounds: int, out: Path, work_dir: Path) -> dict:
     from lora_dist.bench.models import FULL_SIZES, QUICK_SIZES, build_checkpoint
     from lora_dist.blocks import find_blocks
     from lora_dist.config import load_config
+    from lora_dist.launch import destroy_distributed
     from lora_dist.parallel.checkpointing import checkpoint_blocks, checkpointed_blocks
     from lora_dist.plan import plan_memory
     from lora_dist.session import prepare
@@ -76,8 +77,8 @@ def run(size: str, tokens: int, rounds: int, out: Path, work_dir: Path) -> dict:
                          "peak_tensor_bytes": tracker.peak, "planned_bytes": plan.total,
                          "planned_x_measured": plan.total / tracker.peak})
     finally:
-        if not started and dist.is_initialized():  # prepare() started it for this measurement; a caller's stays
-            dist.destroy_process_group()
+        if not started:  # prepare() started it for this measurement (a caller's stays): its groups and variables
+            destroy_distributed()
     result = {"machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "size": size,
               "tokens": tokens, "rounds": rounds, "threads": torch.get_num_threads(), "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,8 @@ import torch.nn as nn
 
 from lora_dist.blocks import find_blocks
 
-__all__ = ["HostActivations", "checkpoint_blocks", "checkpointed_blocks", "enable_activation_checkpointing", "enable_selective_recompute"]
+__all__ = ["HostActivations", "checkpoint_blocks", "checkpointed_blocks", "enable_activation_checkpointing",
+           "enable_selective_recompute"]
 
 
 class HostActivations(torch.autograd.graph.saved_tensors_hooks):

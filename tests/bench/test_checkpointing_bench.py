@@ -4,6 +4,7 @@ more blocks it checkpoints, as the planner predicts, and the table shows the row
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -12,11 +13,16 @@ from lora_dist.bench.checkpointing import SETTINGS, main
 
 def test_each_setting_recomputes_its_blocks_and_holds_what_the_planner_says(tmp_path, capsys):
     out = tmp_path / "checkpointing.json"
+    launch_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    before = {name: os.environ.get(name) for name in launch_vars}
     assert main(["--size", "llama-tiny", "--tokens", "1024", "--rounds", "2", "--out", str(out),
                  "--work-dir", str(tmp_path / "work")]) == 0
     import torch.distributed as dist
 
-    assert not dist.is_initialized()  # the process group it started for itself is gone: the process goes on as before
+    # The process group it started for itself is gone, and the launch variables it exported are restored: the
+    # process goes on as before.
+    assert not dist.is_initialized()
+    assert {name: os.environ.get(name) for name in launch_vars} == before
     rows = json.loads(out.read_text())["rows"]
     assert [r["activation_checkpointing"] for r in rows] == list(SETTINGS)
     assert [r["checkpointed_blocks"] for r in rows] == [0, 1, 1, 2]  # 2 blocks: every 4th and every 2nd are block 0
