@@ -175,15 +175,19 @@ def _export_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
     from lora_dist.session import export_run
 
-    out = export_run(args.run_dir, out=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                     overwrite=args.overwrite)
+    _written(export_run(args.run_dir, out=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                        overwrite=args.overwrite))
+    return EXIT_OK
+
+
+def _written(out: Path) -> None:
+    """Say, once (rank 0), where a merged checkpoint was written."""
+    import torch.distributed as dist
+
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"merged checkpoint written to {out}")
-    return EXIT_OK
 
 
 # ----------------------------------------------------------------------------- merge, verify
@@ -216,10 +220,8 @@ def _merge(args: argparse.Namespace) -> int:
     if started:
         init_distributed(backend="gloo")  # the merge is file work
     try:
-        out = merge_offline(args.base, args.adapter, args.out, max_shard_size=args.max_shard_size,
-                            dtype=args.dtype, overwrite=args.overwrite)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"merged checkpoint written to {out}")
+        _written(merge_offline(args.base, args.adapter, args.out, max_shard_size=args.max_shard_size,
+                               dtype=args.dtype, overwrite=args.overwrite))
         return EXIT_OK
     finally:
         if started:

@@ -467,6 +467,7 @@ class _Run:
     shards: int  # ranks a base weight's rows are split over (fsdp2's dp_shard; else 1)
     nf4: set[int]  # ids of the weights stored as NF4
     tokens: int  # per micro-batch
+    hidden: int  # the hidden size
     chunk: int  # tokens per chunk of the chunked loss; 0: the plain loss over the full logits
     embed: torch.nn.Module | None  # the input embedding and output head as their own FSDP2 units
     head: torch.nn.Module | None
@@ -488,7 +489,8 @@ class _Run:
 
         p: ParallelConfig = replicated_if_unsharded(cfg.parallel, world_size, cfg.model.dtype)
         base_elt = parse_dtype(cfg.model.dtype).itemsize
-        lora = {id(q) for q in lora_parameters(model)}
+        lora_params = lora_parameters(model)
+        lora = {id(q) for q in lora_params}
         base = [(n, q) for n, q in model.named_parameters() if id(q) not in lora]
         blocks = find_blocks(model)
         # model.quantize=nf4: the weights lora_dist.quant quantizes at this sharding are NF4 bytes at rest and
@@ -503,10 +505,11 @@ class _Run:
         return cls(
             cfg=cfg, p=p, world=world_size, hf_config=hf_config, model=model, base_elt=base_elt,
             compute_elt=2 if (p.mixed_precision == "bfloat16" and p.strategy in ("fsdp2", "zero3")) else base_elt,
-            lora=lora, base=base, lora_numel=sum(q.numel() for q in lora_parameters(model)),
+            lora=lora, base=base, lora_numel=sum(q.numel() for q in lora_params),
             base_numel=sum(q.numel() for _, q in base), blocks=blocks,
             checkpointed=checkpointed_blocks(len(blocks), p.activation_checkpointing), shards=shards, nf4=nf4,
-            tokens=tokens, chunk=chunk, embed=embed, head=head,
+            tokens=tokens, hidden=getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd"), chunk=chunk,
+            embed=embed, head=head,
             head_sharded=(p.strategy == "fsdp2" and not p.gather_head and bool(chunk) and head is not None
                           and vocab_sharding_pays(head.weight.shape[0], shards, tokens)),
             embed_sharded=(p.strategy == "fsdp2" and not p.gather_embedding and plain_lookup(embed)
@@ -727,8 +730,7 @@ def _activations(r: _Run) -> _Activations:
     # as the compiler recomputes cheap work itself (on the CPU the compiled step's RSS was 2-8% below that of eager
     # blocks without selective recompute, docs/bench.md; on a GPU not yet measured).
     selective = p.selective_recompute and not p.compile
-    hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
-    vocab = getattr(hf_config, "vocab_size", 0) or 0
+    hidden, vocab = r.hidden, getattr(hf_config, "vocab_size", 0) or 0
     n_checkpointed = len(r.checkpointed)
     offloaded = recompute = 0
     # Blocks not checkpointed keep what autograd keeps (all of them without checkpointing).
@@ -767,8 +769,7 @@ def _activations(r: _Run) -> _Activations:
 def _moments(r: _Run, s: _State, a: _Activations, adapted_per_block: int) -> dict[str, dict[str, int]]:
     """The moments that may hold the most, each as its terms that change over a step (the peak is the largest).
     Gradients exist from backward's start on (before it only those accumulated over micro-steps)."""
-    hidden_state = r.tokens * (getattr(r.hf_config, "hidden_size", None) or getattr(r.hf_config, "n_embd")) * \
-        r.compute_elt
+    hidden_state = r.tokens * r.hidden * r.compute_elt
     n_blocks, n_checkpointed = len(r.blocks), len(r.checkpointed)
     # Blocks not checkpointed keep their adapted experts from forward to backward; checkpointed ones one at a time.
     adapted_experts = adapted_per_block * max(n_blocks - n_checkpointed + (1 if n_checkpointed else 0), 1)

@@ -40,6 +40,7 @@ from lora_dist.model import load_model
 from lora_dist.model_dir import ModelDir, ModelDirError
 from lora_dist.parallel import Engine
 from lora_dist.parallel.engine import DDPEngine, FSDP2Engine
+from lora_dist.quant import NF4Record
 from lora_dist.ranks import RankGroup
 
 __all__ = ["build", "check_launch", "export_run", "make_engine", "open_base", "prepare", "resolve_hybrid",
@@ -334,7 +335,7 @@ def _run_lora_tensors(weights: Path, model: nn.Module) -> dict[str, torch.Tensor
     return load_file(str(weights / "lora.safetensors"))
 
 
-def _run_nf4_record(weights: Path):
+def _run_nf4_record(weights: Path) -> NF4Record | None:
     """The NF4 weights the run recorded beside its LoRA weights (:func:`_run_weights`); None where it recorded none
     (an older run: the export quantizes what its sharding can)."""
     return adapter_nf4_record(weights) if weights.name == "adapter" else nf4_record_of(read_state(weights))
