@@ -483,6 +483,11 @@ def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, globalns=vars(lora_mod) | globals())
 
 
+#: A type as an error message names the values it takes.
+_SPELLED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+            list[str]: "a list of strings"}
+
+
 def _shown(value: Any) -> str:
     """A config value as the user wrote it in YAML: true, false and null as such, anything else as a short excerpt."""
     if value is None or isinstance(value, bool):
@@ -510,11 +515,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be true or false, got {_shown(value)}")
+        raise ConfigError(f"{key} must be {_SPELLED[bool]}, got {_shown(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be an integer, got {_shown(value)}")
+        raise ConfigError(f"{key} must be {_SPELLED[int]}, got {_shown(value)}")
     if hint is float:
         # A string too: YAML 1.1 reads "3e-4" (no dot) as a string.
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -526,11 +531,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 if math.isfinite(number):
                     return number
                 raise ConfigError(f"{key} must be a finite number, got {_shown(value)}")
-        raise ConfigError(f"{key} must be a number, got {_shown(value)}")
+        raise ConfigError(f"{key} must be {_SPELLED[float]}, got {_shown(value)}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key} must be a string, got {_shown(value)}")
+        raise ConfigError(f"{key} must be {_SPELLED[str]}, got {_shown(value)}")
     if origin is list:
         (item,) = typing.get_args(hint) or (Any,)
         if isinstance(value, (list, tuple)):
@@ -545,11 +550,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
-#: A type as an error message names the values it takes.
-_SPELLED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null",
-            list[str]: "a list of strings"}
 
 
 def _build_section(name: str, values: dict[str, Any]) -> Any:
