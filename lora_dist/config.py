@@ -173,8 +173,8 @@ class ParallelConfig:
     with activation checkpointing of every 4th block, every 2nd, every block, else that with
     parallel.shard_unit=weight and parallel.offload_activations)."""
     memory_gb: float = 0.0
-    """parallel.strategy=auto: memory per rank in GB (1e9 bytes); 0: the GPU's total memory, or on the CPU the
-    host's memory divided by the ranks on the node."""
+    """parallel.strategy=auto: memory per rank in GB (1e9 bytes); 0: the GPU's free memory less 10% of its total
+    (fragmentation, NCCL buffers), or on the CPU the host's memory divided by the ranks on the node."""
     mixed_precision: str = "float32"
     """Compute dtype of the base under fsdp2/zero: float32 or bfloat16 (LoRA params and grad reduction stay fp32).
     float16 is refused: it needs a loss scaler, which lora_dist does not run."""

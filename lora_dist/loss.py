@@ -11,7 +11,12 @@ one-hot target, times the head), and backward only scales it by the loss's weigh
 head matmuls per step, as for the plain loss, with nothing recomputed.
 
 The head keeps running inside the model's forward, so FSDP2 and ZeRO-3 gather its weight
-as they always do, once: the backward does not need it again.
+as they always do: the backward does not need it again. FSDP2 gathers it once. ZeRO-3
+partitions it again as the head's forward returns, so the chunks gather it a second time
+(a copy kept from the forward would add a whole head to the peak, at its end), and
+DeepSpeed's backward hook on the head's output gathers it a third time, unused: one
+all-gather of the head per micro-step more than the plain loss (measured on 2 ranks; the
+hook cannot be skipped without DeepSpeed asserting in its backward).
 
 It applies where the head's output reaches the loss through linear operations only (the
 logit scales of Cohere or Granite are linear and commute with the chunking); a model with

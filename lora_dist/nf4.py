@@ -173,9 +173,13 @@ def load_quantized(param: torch.Tensor, values: torch.Tensor) -> None:
         import torch.distributed as dist
         from torch.distributed.tensor import Shard
 
+        # On the mesh's device: under parallel.cpu_offload the shard is on the host, and a process group with
+        # no CPU backend (an NCCL-only one that accelerate made before lora_dist) takes only device tensors.
+        reduced = total.to(param.device_mesh.device_type)
         for dim, placement in enumerate(param.placements):
             if isinstance(placement, Shard):
-                dist.all_reduce(total, group=param.device_mesh.get_group(dim))
+                dist.all_reduce(reduced, group=param.device_mesh.get_group(dim))
+        total = reduced.to(total.device)
     q = _to_nf4(nf4, values, _mean(total, param.numel(), local.dtype))
     # Copied into the tensors FSDP2 holds (a DTensor's to_local() is a new wrapper around the same storage).
     for attr in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean"):

@@ -353,13 +353,20 @@ def plan_memory(cfg: Config, world_size: int, budget: int | None = None) -> Memo
                                choice=choice)
 
 
+#: The share of a GPU's memory the planner leaves to what it does not count: the caching allocator's fragmentation
+#: and NCCL's buffers, which live outside it (more with every communicator: HSDP, node-size reshard meshes).
+GPU_RESERVE = 0.10
+
+
 def memory_budget(memory_gb: float, device: torch.device, local_ranks: int) -> int:
-    """Memory per rank in bytes: ``memory_gb`` when set (> 0), else the device's total memory on CUDA, or on the
-    CPU the host's memory divided by the ``local_ranks`` on this node."""
+    """Memory per rank in bytes: ``memory_gb`` when set (> 0), else on CUDA the GPU's free memory now (after the
+    CUDA context and the process group are up, and less what other processes hold) less :data:`GPU_RESERVE` of its
+    total, or on the CPU the host's memory divided by the ``local_ranks`` on this node."""
     if memory_gb > 0:
         return int(memory_gb * GB)
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+        free, total = torch.cuda.mem_get_info(device)
+        return max(int(free - GPU_RESERVE * total), 0)
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_ranks, 1)
 
 

@@ -222,8 +222,10 @@ def make_engine(
     device: torch.device,
     ds_config: dict | None = None,
     base: ModelDir | None = None,
+    base_dtype: torch.dtype | None = None,
 ) -> Engine:
-    """The training-step engine for ``cfg.strategy`` (model already materialized and loaded from ``base``)."""
+    """The training-step engine for ``cfg.strategy`` (model already materialized and loaded from ``base``, its
+    base kept in ``base_dtype``: ``model.dtype``)."""
     engine: Engine
     shard = cfg.shard_optimizer and dist.is_initialized() and dist.get_world_size() > 1
     if cfg.strategy == "fsdp2":
@@ -238,7 +240,7 @@ def make_engine(
         engine = DeepSpeedEngine(model, optimizer, ds_config, device)
     else:
         engine = Engine(model, optimizer, train.max_grad_norm, device)
-    engine.base = base
+    engine.base, engine.base_dtype = base, base_dtype
     tokens = train.micro_batch_size * train.seq_len
     why = engine.use_chunked_loss(train.loss_chunk, cfg.gather_head, tokens)
     if cfg.strategy == "fsdp2":
@@ -273,7 +275,8 @@ def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
     model = loaded.model
     lora_params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(lora_params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    engine = make_engine(model, optimizer, cfg.parallel, t, device, ds_config, base=base)
+    engine = make_engine(model, optimizer, cfg.parallel, t, device, ds_config, base=base,
+                         base_dtype=parse_dtype(cfg.model.dtype))
     refuse_rewrap(model)  # the engine owns the wrapping and the gradient reduction
     return model, engine
 
@@ -419,4 +422,4 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
                                       f"{tuple(weight.shape)} in the model its config builds; was config.json edited?")
                 weight.copy_(tensors[key])
     return export_merged(model, out_dir, base, dtype=out_dtype, max_shard_size=shard_size, overwrite=overwrite,
-                         what="--out")
+                         what="--out", lora=tensors, base_dtype=parse_dtype(cfg.model.dtype))

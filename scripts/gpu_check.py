@@ -314,11 +314,14 @@ def zero3_ac(ctx):
     return _memory(_run_config(ctx, "zero3", "parallel.strategy=zero3", "parallel.activation_checkpointing=true"))
 
 
-@check("zero2 bf16: the adapter is fp32", needs_cuda=True)
+@check("zero2 bf16: the adapter is fp32, the merged export is the fp32 base + adapter (verify at fp32's tolerance)",
+       needs_cuda=True)
 def zero2_bf16(ctx):
     from safetensors.torch import load_file
 
-    out = _run_config(ctx, "zero2", "parallel.strategy=zero2", "parallel.mixed_precision=bfloat16")
+    out = _run_config(ctx, "zero2", "parallel.strategy=zero2", "parallel.mixed_precision=bfloat16",
+                      "export.merged=true", "export.dtype=float32")
+    _verify(out, ctx["base"])  # merged from the base files and the fp32 masters: recorded as float32
     tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert all(t.dtype == torch.float32 for t in tensors.values())
     rounded = sum(bool(torch.equal(t, t.bfloat16().float())) for t in tensors.values() if t.abs().max() > 0)

@@ -135,6 +135,7 @@ def test_memory_gb_is_the_budget_and_zero_is_refused_below(deep_config):
     import torch
 
     assert memory_budget(12.5, torch.device("cpu"), 8) == int(12.5 * GB)
+    assert memory_budget(12.5, torch.device("cuda", 0), 8) == int(12.5 * GB)  # set: whatever the device
     assert memory_budget(0, torch.device("cpu"), 2) * 2 <= memory_budget(0, torch.device("cpu"), 1)
     with pytest.raises(ConfigError, match="parallel.memory_gb must be >= 0"):
         _cfg(deep_config, "parallel.memory_gb=-1")
@@ -167,3 +168,20 @@ def test_two_rank_auto_run_equals_the_strategy_it_chose(tiny_checkpoint, tmp_pat
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["parallel"]["strategy"] == "ddp"  # recorded
     ranks(2, "-m", "lora_dist.cli", *common, f"output.dir={tmp_path / 'ddp'}", "parallel.strategy=ddp")
     assert_same_adapter(tmp_path / "auto" / "adapter", tmp_path / "ddp" / "adapter", atol=1e-6)
+
+
+def test_a_gpus_budget_is_its_free_memory_less_a_reserve(monkeypatch):
+    """Not the GPU's total: the CUDA context, NCCL's buffers, fragmentation and other processes are not in the
+    planner's peak (an 80 GB H100 with 2 GB taken: 78 - 8 = 70 GB)."""
+    import torch
+
+    from lora_dist.plan import GPU_RESERVE
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (78 * GB, 80 * GB))
+    assert GPU_RESERVE == 0.10
+    assert memory_budget(0, torch.device("cuda", 1), 8) == 70 * GB
+    assert asked == [torch.device("cuda", 1)]  # this rank's GPU
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5 * GB, 80 * GB))
+    assert memory_budget(0, torch.device("cuda", 0), 8) == 0  # less free than the reserve: nothing fits
+

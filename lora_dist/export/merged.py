@@ -59,8 +59,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _lora_weights(layers: Mapping[str, LoRALayer]) -> dict[str, LoRAWeights]:
-    """Collective: full copies of every layer's A/B (gathered if ZeRO-3 partitioned or DTensor-sharded)."""
+def _lora_weights(layers: Mapping[str, LoRALayer], lora: Mapping[str, torch.Tensor] | None
+                  ) -> dict[str, LoRAWeights]:
+    """Every layer's full A/B: from ``lora`` (``<layer>.lora_A.weight`` ...) where given, else copies of the
+    params (collective: gathered if ZeRO-3 partitioned or DTensor-sharded)."""
+    if lora is not None:
+        missing = [f"{n}.{part}.weight" for n in layers for part in ("lora_A", "lora_B")
+                   if f"{n}.{part}.weight" not in lora]
+        if missing:
+            raise ExportError(f"the LoRA tensors given have no {missing[0]}; pass every layer's lora_A and lora_B")
+        return {name: dataclasses.replace(layer.lora_weights(), lora_A=lora[f"{name}.lora_A.weight"].detach(),
+                                          lora_B=lora[f"{name}.lora_B.weight"].detach())
+                for name, layer in layers.items()}
     params = [p for layer in layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
     out = {}
     with gathered(params):
@@ -68,6 +78,14 @@ def _lora_weights(layers: Mapping[str, LoRALayer]) -> dict[str, LoRAWeights]:
             a, b = (p.full_tensor() if is_dtensor(p) else p for p in (layer.lora_A.weight, layer.lora_B.weight))
             out[name] = dataclasses.replace(layer.lora_weights(), lora_A=a.detach().clone(), lora_B=b.detach().clone())
     return out
+
+
+def _from_files(layer: LoRALayer, base_dtype: torch.dtype | None) -> bool:
+    """The layer's base weight is merged from the base files, not from what the model holds: it holds the weight
+    in another dtype than the run keeps its base in (DeepSpeed's bf16 mode casts a float32 base to bf16)."""
+    weight = layer.base_weight()
+    return (base_dtype is not None and not layer.merged and not is_quantized(weight)
+            and local_dtype(weight) != base_dtype)
 
 
 def _param_name(name: str, layer: LoRAParam) -> str:
@@ -85,6 +103,8 @@ def export_merged(
     overwrite: bool = False,
     mode: str = "auto",
     what: str = "out_dir",
+    lora: Mapping[str, torch.Tensor] | None = None,
+    base_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write the model with its LoRA merged in as a HF checkpoint dir. Collective: call on every rank.
 
@@ -105,6 +125,11 @@ def export_merged(
         mode: "auto", "shared" (every rank writes its bytes into files on a
             filesystem all ranks see) or "gather" (rank 0 collects and writes).
         what: how ``out_dir`` is named in errors (``--out`` for the CLI).
+        lora: the full fp32 LoRA tensors by the model's names (``<layer>.lora_A.weight`` ...), e.g. an engine's
+            ``lora_state_dict()``: merged in place of the params (which DeepSpeed's bf16 mode holds in bf16).
+        base_dtype: the dtype the run keeps its base in (``model.dtype``). An adapted weight the model holds in
+            another dtype (DeepSpeed's bf16 mode casts a float32 base to bf16) is merged from the base files
+            instead, rows split over the ranks: the export is the same whatever the strategy.
 
     Returns:
         ``out_dir`` as an absolute path, on every rank.
@@ -159,14 +184,21 @@ def export_merged(
     except Exception as e:
         error = e
     group.check(error)
-    adapters = _lora_weights(layers)
+    try:
+        adapters = _lora_weights(layers, lora)
+    except Exception as e:  # before the gathers, so the ranks stay in step: only a bad ``lora`` raises here
+        adapters, error = {}, e
+    group.check(error)
     try:
         sources: dict[str, object] = {k: RowsSource(file_rows(base, k), s, None) for k, s in specs.items()}
         for name, layer in params.items():
             parts = param_parts(base, sources_of[name], adapters[name], _param_name(name, layer))
             if layer.merged:  # merged in place: the param already holds W0 + delta
                 parts = [ParamPart(p.key, p.start, p.numel, None) for p in parts]
-            sources.update(part_sources(layer.base_weight(), parts, specs))
+            if _from_files(layer, base_dtype):
+                sources.update({p.key: RowsSource(file_rows(base, p.key), specs[p.key], p.lora) for p in parts})
+            else:
+                sources.update(part_sources(layer.base_weight(), parts, specs))
         for name, layer in linears.items():
             key = f"{name}.weight"
             if full_shape(layer.weight) != specs[key].shape:
@@ -174,8 +206,10 @@ def export_merged(
                     f"{key}: the model's weight is {full_shape(layer.weight)} but the base checkpoint's is "
                     f"{specs[key].shape}; base_path is not the checkpoint the model was loaded from"
                 )
-            # A layer merged in place already holds W0 + delta.
-            sources[key] = param_source(layer.weight, specs[key], None if layer.merged else adapters[name])
+            if _from_files(layer, base_dtype):
+                sources[key] = RowsSource(file_rows(base, key), specs[key], adapters[name])
+            else:  # a layer merged in place already holds W0 + delta
+                sources[key] = param_source(layer.weight, specs[key], None if layer.merged else adapters[name])
         # model.quantize: the other quantized weights are written dequantized too, so the export is the model
         # the adapter was trained with (the offline merge reads the original weights instead).
         adapted = {f"{name}.weight" for name in linears}
@@ -183,8 +217,9 @@ def export_merged(
         for name, param in quantized:
             if name in specs and name not in adapted and full_shape(param) == specs[name].shape:
                 sources[name] = param_source(param, specs[name], None)
-        metadata = {"format": "pt", MERGED_FROM_KEY: merged_from(local_dtype(layer.base_weight())
-                                                                  for layer in layers.values())}
+        metadata = {"format": "pt", MERGED_FROM_KEY: merged_from(
+            torch.float32 if _from_files(layer, base_dtype) else local_dtype(layer.base_weight())
+            for layer in layers.values())}
         if quantized:
             metadata[QUANTIZED_KEY] = "nf4"
             metadata[QUANTIZED_WEIGHTS_KEY] = ",".join(n for n, _ in quantized if n in specs)

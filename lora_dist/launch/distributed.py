@@ -63,7 +63,8 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
             group's collective timeout.
         backend: ``torch.distributed`` backend; default ``nccl`` when CUDA is
             available (after ``torch.cuda.set_device(local_rank)``), else
-            ``gloo``.
+            ``gloo``. A backend without NCCL runs the rank on the CPU: no GPU
+            is selected or made current.
         allow_batch_shell: False to refuse running as one process in the
             shell of a multi-task Slurm allocation (see ``detect_launch_env``);
             training passes False.
@@ -112,7 +113,9 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
         launch = replace(launch, master_addr="127.0.0.1")
     validate_launch_env(launch)
 
-    device = select_device(launch)
+    # A group for CPU tensors only (``lora-dist merge``: file work) claims no GPU: no CUDA context, no one-GPU-per-
+    # rank check for ranks that never touch one.
+    device = torch.device("cpu") if backend is not None and "nccl" not in backend else select_device(launch)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if backend is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from inspect import signature
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -61,6 +62,9 @@ class Engine:
     Attributes:
         base: the base model dir the model was loaded from (set by :func:`lora_dist.session.make_engine`); the
             adapter names it and the merged export reads the base's layout from it.
+        base_dtype: the dtype the run keeps its base in (``model.dtype``; set by
+            :func:`~lora_dist.session.make_engine`). The merged export reads an adapted weight the model holds in
+            another dtype (DeepSpeed's bf16 mode casts a float32 base) from the base files.
         head_loss: the chunked head + loss :meth:`loss_sum` uses (:func:`lora_dist.session.make_engine` sets it from
             ``train.loss_chunk``; under fsdp2 over the head's vocabulary shards unless ``parallel.gather_head``),
             or None for the plain loss of the full logits.
@@ -72,6 +76,7 @@ class Engine:
     """
 
     base: ModelDir | None = None
+    base_dtype: torch.dtype | None = None
     head_loss: ChunkedHeadLoss | ShardedHeadLoss | None = None
     embedding: ShardedEmbedding | None = None
     sharded: ShardedAdamW | None = None
@@ -208,8 +213,9 @@ class Engine:
                       overwrite: bool = False) -> Path:
         """End training and write the merged checkpoint from the shards (collective: call on every rank).
 
-        Frees the optimizer state first (:meth:`finish_training`): no step may follow. Each rank merges and
-        writes the base bytes it holds (:func:`lora_dist.export.export_merged`).
+        Frees the optimizer state first (:meth:`finish_training`): no step may follow. Each rank merges the fp32
+        LoRA (:meth:`lora_state_dict`: DeepSpeed's masters, not its bf16 params) into the base bytes it holds and
+        writes them (:func:`lora_dist.export.export_merged`).
 
         Raises:
             ExportError: as :func:`lora_dist.export.export_merged` (an existing ``out_dir`` without ``overwrite``...).
@@ -220,9 +226,10 @@ class Engine:
         if self.base is None:
             raise ValueError("this engine does not know its base model dir; make it with "
                              "lora_dist.session.make_engine(..., base=...)")
+        lora = self.lora_state_dict()  # fp32, whatever the compute dtype (collective under ZeRO)
         self.finish_training()
         return export_merged(self.module, out_dir, self.base, dtype=parse_dtype(dtype), max_shard_size=max_shard_size,
-                             overwrite=overwrite)
+                             overwrite=overwrite, lora=lora, base_dtype=self.base_dtype)
 
     # ------------------------------------------------------------------ the state
 
@@ -322,7 +329,15 @@ class DDPEngine(Engine):
             return
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
+        # Every rank loaded the same frozen base from the files: DDP broadcasts only the LoRA from rank 0, not the
+        # whole base (140 GB for a bf16 70B, at every start) nor, at every forward, the buffers (rotary tables).
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+        model._ddp_params_and_buffers_to_ignore = sorted({*getattr(model, "_ddp_params_and_buffers_to_ignore", ()),
+                                                          *frozen})
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in signature(DDP).parameters
+                          else {"broadcast_buffers": False})  # torch < 2.13
+        self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb,
+                         **no_buffer_sync)
         self.loss_multiplier = float(dist.get_world_size())
 
     def no_sync(self):

@@ -506,6 +506,25 @@ def test_an_externally_initialized_group_sets_the_run_device(clean_environ, monk
         env_mod.destroy_distributed()
 
 
+def test_a_gloo_only_group_claims_no_gpu(clean_environ, monkeypatch):
+    """``lora-dist merge`` asks for gloo: on a GPU node its ranks select no GPU, make none current and skip the
+    one-GPU-per-rank check (16 merge ranks on an 8-GPU node were refused)."""
+    import torch
+
+    from lora_dist.launch import distributed as module
+
+    def no_gpu(*args):
+        raise AssertionError("a gloo-only group touched the GPUs")
+
+    monkeypatch.setattr(module, "select_device", no_gpu)
+    monkeypatch.setattr(torch.cuda, "set_device", no_gpu)
+    try:
+        env_mod.init_distributed(backend="gloo")
+        assert env_mod.run_device() == torch.device("cpu")
+    finally:
+        env_mod.destroy_distributed()
+
+
 def test_init_rank0_alone_times_out(clean_environ):
     clean_environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                           "MASTER_PORT": str(_free_port())})
@@ -578,7 +597,6 @@ def test_mpiexec_two_processes(worker, drop_local_vars):
     mpiexec = shutil.which("mpiexec", path=str(VENV_BIN)) or shutil.which("mpiexec")
     if mpiexec is None:
         pytest.skip("mpiexec not installed (pip install mpich)")
-    pytest.importorskip("mpi4py")
     dropped = ["MPI_LOCALRANKID", "MPI_LOCALNRANKS"] if drop_local_vars else []
     rows = _results(_run([mpiexec, "-n", "2", sys.executable, str(worker), *dropped], _child_environ()).stdout)
     _assert_all_reduced(rows, 2, "mpi")
