@@ -153,6 +153,25 @@ def assert_same_losses(got: list[float], want: list[float], atol: float = 1e-5) 
     assert worst <= atol / 2, f"losses {got} vs {want}: max |diff| {worst:.3g} against a tolerance of {atol:.3g}"
 
 
+def assert_same_grad_norms(got: Path, want: Path, rtol: float = 1e-4) -> None:
+    """Two runs' output dirs logged the same gradient norm at every step (relative ``rtol``, with the 2x margin of
+    :func:`assert_same_adapter`). The one check that sees a gradient off by a constant factor (a sum for a mean, a
+    world size divided twice): the loss is computed before the gradient, and Adam's update hardly moves with its
+    scale."""
+    a, b = logged(got, "grad_norm"), logged(want, "grad_norm")
+    assert len(a) == len(b) and b and all(x > 0 for x in b), (a, b)
+    worst = max(abs(x - y) / y for x, y in zip(a, b))
+    assert worst <= rtol / 2, f"grad norms {a} vs {b}: max relative diff {worst:.3g} against {rtol:.3g}"
+
+
+def assert_same_run(got: Path, want: Path, atol: float, loss_atol: float = 1e-5) -> None:
+    """Two ``lora-dist train`` output dirs trained alike: the same adapter (:func:`assert_same_adapter`, ``atol``),
+    losses (:func:`assert_same_losses`, ``loss_atol``) and gradient norms (:func:`assert_same_grad_norms`)."""
+    assert_same_adapter(got / "adapter", want / "adapter", atol)
+    assert_same_losses(logged(got), logged(want), loss_atol)
+    assert_same_grad_norms(got, want)
+
+
 def adapter_atol(lr: float, steps: int) -> float:
     """The bound two runs' adapters must meet when their ranks (or kernels) sum gradients in another order: Adam
     normalizes each update by the gradient's own size, so a rounding difference in a tiny gradient moves an

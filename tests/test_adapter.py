@@ -6,6 +6,7 @@ import json
 import os
 import types
 
+import peft
 import pytest
 import torch
 import torch.nn as nn
@@ -25,7 +26,6 @@ from lora_dist.adapter import (
 )
 from lora_dist.lora import LoRAConfig, inject_lora, lora_modules
 
-peft = pytest.importorskip("peft")
 # PEFT calls a transformers API that transformers 5 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from distutil import REPO, assert_same_adapter, assert_same_run, free_port, lora_dist, quiet_env, ranks
 from safetensors.torch import load_file
 
-from distutil import REPO, assert_same_adapter, free_port, lora_dist, quiet_env, ranks
 from lora_dist.demo import write_demo_data
 from lora_dist.preemption import PREEMPT_EXIT_CODE, Preempted
 
@@ -42,6 +42,14 @@ def _run(setup, out: Path, nproc: int, *overrides: str, check: bool = True):
     if nproc == 1:
         return lora_dist(*args, check=check)
     return ranks(nproc, "-m", "lora_dist.cli", *args, check=check)
+
+
+def _resumed(proc, step: int, out: Path) -> None:
+    """The run resumed from its step-``step`` checkpoint, and logged only the steps after it (a rerun from step 0,
+    which would end with the same adapter, logs them all again)."""
+    assert f"step-{step:06d} at step {step}" in proc.stderr and "resumed from" in proc.stderr, proc.stderr[-2000:]
+    logged = [m["step"] for m in _metrics(out) if "loss" in m]
+    assert logged == sorted(set(logged)), logged  # no step logged twice
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -112,7 +120,7 @@ def test_exact_resume_single_process(setup, tmp_path):
     _run(setup, ref, 1, *opts)
     _run(setup, out, 1, *opts, "train.run_steps=3")
     assert not (out / "adapter").exists() and (out / "checkpoints" / "step-000003").is_dir()
-    _run(setup, out, 1, *opts)
+    _resumed(_run(setup, out, 1, *opts), 3, out)
     _assert_same(ref, out, atol=0)
     losses = [m["loss"] for m in _metrics(out) if "loss" in m]
     assert losses == [m["loss"] for m in _metrics(ref) if "loss" in m]
@@ -151,9 +159,9 @@ def test_resume_on_another_world_size_and_strategy(setup, uninterrupted, stopped
     out = setup["root"] / f"elsewhere-{first[0]}-{second[0]}"
     shutil.copytree(stopped_at_3(*first), out, symlinks=True)
     s2, n2, mb2 = second
-    _run(setup, out, n2, f"parallel.strategy={s2}", f"train.micro_batch_size={mb2}")
+    _resumed(_run(setup, out, n2, f"parallel.strategy={s2}", f"train.micro_batch_size={mb2}"), 3, out)
     # Same global batch (4) throughout, so the result equals the uninterrupted single-process run.
-    assert_same_adapter(uninterrupted / "adapter", out / "adapter", ADAPTER_ATOL)
+    assert_same_run(out, uninterrupted, ADAPTER_ATOL)
 
 
 @pytest.mark.dist
@@ -162,8 +170,8 @@ def test_resume_one_to_three_ranks(setup, tmp_path):
     _run(setup, ref, 1, "parallel.strategy=none", "train.micro_batch_size=3")
     out = tmp_path / "to3"
     _run(setup, out, 1, "parallel.strategy=none", "train.micro_batch_size=3", "train.run_steps=2")
-    _run(setup, out, 3, "parallel.strategy=fsdp2", "train.micro_batch_size=1")
-    assert_same_adapter(ref / "adapter", out / "adapter", ADAPTER_ATOL)
+    _resumed(_run(setup, out, 3, "parallel.strategy=fsdp2", "train.micro_batch_size=1"), 2, out)
+    assert_same_run(out, ref, ADAPTER_ATOL)
 
 
 def test_refuses_a_different_base_unless_forced(setup, tiny_checkpoint, tmp_path):
@@ -387,7 +395,6 @@ def test_nan_loss_stops_naming_the_step_and_saves_nothing_corrupt(setup, tmp_pat
     import lora_dist.train as train_mod
     from lora_dist.config import load_config
     from lora_dist.launch import destroy_distributed
-
     from lora_dist.parallel import Engine
 
     real, calls = Engine.loss_sum, []
@@ -421,7 +428,6 @@ def test_non_finite_grad_norm_stops_naming_the_step_and_latest_stays_good(setup,
     from lora_dist import checkpoint as ckpt_mod
     from lora_dist.config import load_config
     from lora_dist.launch import destroy_distributed
-
     from lora_dist.parallel import Engine
 
     real, calls = Engine.loss_sum, []

@@ -169,6 +169,7 @@ def test_loss_sum_needs_a_forward(tiny_model):
         chunked.loss_sum(torch.zeros(1, 2, 32), torch.zeros(1, 2, dtype=torch.long))
 
 
+@pytest.mark.dist
 def test_loss_over_vocabulary_shards_equals_the_plain_loss_on_three_ranks():
     """Each of 3 ranks holds a third of the head's rows (uneven) and its own tokens (another count per rank,
     some ignored) and scales its loss by its own factor: its loss and its hidden states' gradient equal the
@@ -179,6 +180,7 @@ def test_loss_over_vocabulary_shards_equals_the_plain_loss_on_three_ranks():
     assert worst["loss"] < 1e-4 and worst["grad"] < 2e-6, worst  # relative to the largest gradient element
 
 
+@pytest.mark.dist
 def test_embedding_lookup_on_vocabulary_shards_equals_the_whole_lookup_on_three_ranks():
     """Each of 3 ranks holds a third of the embedding's rows (uneven) and looks up its own tokens (another count
     per rank, none on one): bit for bit the whole embedding's lookup, in fp32, bf16, cast to bf16, and from NF4

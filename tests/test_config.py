@@ -380,7 +380,11 @@ def test_out_of_range_values_that_were_accepted_silently(overrides, match):
 )
 def test_range_edges_and_warmup_longer_than_the_run_are_valid(overrides):
     # warmup > steps is well defined (the LR ramps and never reaches the peak) and short test runs use it.
-    load_config(overrides=overrides)
+    cfg = load_config(overrides=overrides)
+    for override in overrides:  # kept as given: not clamped into a range
+        key, value = override.split("=")
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == type(getattr(getattr(cfg, section), name))(value), override
 
 
 @pytest.mark.parametrize("override", ["parallel.mixed_precision=float16", "model.dtype=float16"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import peft
 import pytest
 import torch
 import torch.nn as nn
@@ -20,7 +21,6 @@ from lora_dist.lora import (
     lora_parameters,
 )
 
-peft = pytest.importorskip("peft")
 # PEFT calls a transformers API that transformers 5 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -346,7 +346,6 @@ def test_fused_layer_in_bf16_keeps_fp32_lora_grads_and_no_more_activations():
 
 
 def test_fused_layer_on_an_nf4_base_is_the_separate_ops():
-    pytest.importorskip("torchao")
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
     torch.manual_seed(0)
@@ -670,7 +669,6 @@ class _Host(nn.Module):
 @pytest.mark.parametrize("transposed", [False, True])
 def test_lora_param_forward_and_grads_equal_peft(transposed):
     """A 3-D stack in either layout and a 2-D weight on the same module: PEFT's nested ParamWrappers."""
-    peft = pytest.importorskip("peft")
     from lora_dist.adapter import peft_names
 
     targets = ["experts.weight", "experts.proj"]

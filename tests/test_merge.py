@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 import torch.nn as nn
@@ -18,7 +19,6 @@ from lora_dist.merge import (
     unmerge_weight,
 )
 
-pytest.importorskip("peft")
 # PEFT calls a transformers API that transformers 5 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -276,7 +276,6 @@ class _Experts(torch.nn.Module):
 @pytest.mark.parametrize("transposed", [False, True])
 def test_stacked_delta_equals_peft_param_wrapper(transposed):
     """lora_delta/merge_weight of a stacked adapter equal PEFT's ParamWrapper delta, merge and forward."""
-    peft = pytest.importorskip("peft")
     from lora_dist.merge import LoRAWeights, lora_delta, lora_rows, merge_weight
 
     class Host(torch.nn.Module):

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distutil import assert_same_losses, lora_dist, ranks
+from distutil import assert_same_run, lora_dist, ranks
 from lora_dist.demo import MOE_EXPERTS, write_demo_data
 from lora_dist.model_dir import ModelDir
 from lora_dist.weight_mapping import WeightMap, WeightMappingError, model_transforms
@@ -545,10 +545,9 @@ def test_two_ranks_equal_one_process(runs, strategy):
     assert {k.removeprefix("base_model.model.model.layers.0.mlp.experts.") for k in ref if ".experts." in k
             and ".layers.0." in k} == {"base_layer.lora_A.weight", "base_layer.lora_B.weight", "lora_A.weight",
                                        "lora_B.weight"}
-    for key in ref:
-        torch.testing.assert_close(out[key], ref[key], atol=ADAPTER_ATOL, rtol=0, msg=lambda m: f"{key}: {m}")
     assert min(float(t.abs().max()) for k, t in ref.items() if "lora_B" in k) > 1e-4  # every adapter trained
-    assert_same_losses(_losses(runs[strategy]), _losses(runs["none"]), atol=1e-4)
+    # the router's softmax and top-k sum in another order on 2 ranks: the losses agree to 1e-4, not 1e-5
+    assert_same_run(runs[strategy], runs["none"], ADAPTER_ATOL, loss_atol=1e-4)
 
 
 @pytest.mark.dist

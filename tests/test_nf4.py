@@ -16,12 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("torchao")
-from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4  # noqa: E402
+from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
-from distutil import adapter_atol, assert_same_losses, logged, short_run_args, step_peak, train_run  # noqa: E402
-from lora_dist.config import ConfigError, load_config  # noqa: E402
-from lora_dist.nf4 import (  # noqa: E402
+from distutil import adapter_atol, assert_same_run, logged, short_run_args, step_peak, train_run
+from lora_dist.config import ConfigError, load_config
+from lora_dist.nf4 import (
     GROUP,
     dequantize,
     dequantize_flat,
@@ -278,8 +277,8 @@ def _measure(path: str, strategy: str, world: int, overrides: list[str]):
 
     from lora_dist.lora import lora_parameters
     from lora_dist.model import load_model
-    from lora_dist.session import make_engine
     from lora_dist.plan import plan_memory
+    from lora_dist.session import make_engine
 
     torch.set_num_threads(1)
     cfg = load_config(None, [f"model.path={path}", f"parallel.strategy={strategy}", "lora.r=8",
@@ -379,12 +378,10 @@ def test_two_ranks_equal_one_process(setup, reference, strategy, extra):
     """2 ranks train the adapter one process trains: fsdp2 (NF4 shards all-gathered; also offloaded to host memory,
     with activation checkpointing; also one unit per NF4 weight, the checkpointed inputs in host memory), ddp with
     ZeRO-1 over the LoRA and with DDP's own wrapper."""
-    from distutil import assert_same_adapter
 
     out = _train(setup, f"nf4-{strategy}-{len(extra)}", 2, f"parallel.strategy={strategy}",
                  "train.micro_batch_size=2", "model.quantize=nf4", *extra)
-    assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
-    assert_same_losses(logged(out), logged(reference))
+    assert_same_run(out, reference, ADAPTER_ATOL)
 
 
 @pytest.mark.dist
@@ -392,9 +389,9 @@ def test_quantized_embeddings_two_ranks_equal_one_process_and_export(setup, tiny
     """model.quantize_embeddings: fsdp2 on 2 ranks (each quantizing its rows of the embedding and the head, the
     loss on its head rows) trains the adapter one process trains; the losses are not those of an NF4 base with
     a bf16 embedding and head; the merged export holds the dequantized embedding and head, and verifies."""
+    from distutil import lora_dist
     from safetensors.torch import load_file
 
-    from distutil import assert_same_adapter, lora_dist
     from lora_dist.export import verify_checkpoint
 
     padded = tiny_checkpoint("llama", **PADDED)
@@ -403,8 +400,7 @@ def test_quantized_embeddings_two_ranks_equal_one_process_and_export(setup, tiny
                  "model.quantize_embeddings=true")
     two = _train(setup, "nf4-emb-fsdp2", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=2", *flags,
                  "model.quantize_embeddings=true")
-    assert_same_adapter(one / "adapter", two / "adapter", ADAPTER_ATOL)
-    assert_same_losses(logged(two), logged(one))
+    assert_same_run(two, one, ADAPTER_ATOL)
     bf16_embeddings = _train(setup, "nf4-padded-ref", 1, "parallel.strategy=none", "train.micro_batch_size=4",
                              *flags)
     assert logged(one) != pytest.approx(logged(bf16_embeddings), abs=1e-5)
@@ -423,12 +419,10 @@ def test_quantized_embeddings_two_ranks_equal_one_process_and_export(setup, tiny
 def test_hybrid_sharding_of_an_nf4_base_equals_one_process(setup, reference):
     """4 ranks as 2 replica groups x 2 shards: each group quantizes the base over its own 2 shards, the LoRA
     gradients are reduced across all 4, and the adapter is the one process's."""
-    from distutil import assert_same_adapter
 
     out = _train(setup, "nf4-hybrid", 4, "parallel.strategy=fsdp2", "parallel.dp_replicate=2",
                  "parallel.dp_shard=2", "train.micro_batch_size=1", "model.quantize=nf4")
-    assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
-    assert_same_losses(logged(out), logged(reference))
+    assert_same_run(out, reference, ADAPTER_ATOL)
 
 
 @pytest.mark.dist
@@ -439,12 +433,10 @@ def test_hybrid_sharding_of_an_nf4_base_equals_one_process(setup, reference):
 def test_fsdp2_over_one_shard_rank_equals_one_process(setup, reference, nproc, extra):
     """fsdp2 with the base sharded over one rank (one GPU; replica groups of one rank each) runs as none / ddp
     (lora_dist.parallel.replicated_if_unsharded) and trains the one process's adapter."""
-    from distutil import assert_same_adapter
 
     out = _train(setup, f"nf4-one-shard-{nproc}", nproc, "parallel.strategy=fsdp2",
                  f"train.micro_batch_size={4 // nproc}", "model.quantize=nf4", *extra)
-    assert_same_adapter(reference / "adapter", out / "adapter", ADAPTER_ATOL)
-    assert_same_losses(logged(out), logged(reference))
+    assert_same_run(out, reference, ADAPTER_ATOL)
 
 
 @pytest.mark.dist
@@ -481,10 +473,10 @@ def test_each_rank_quantizes_its_rows_and_the_export_merges_into_the_dequantized
     """fsdp2 on 2 ranks: each rank's NF4 shard is its chunk of the weight quantized whole; the merged export
     (fp32) is an fp32 merge into the dequantized weights, every other quantized weight dequantized, the rest
     the checkpoint's."""
+    from distutil import ranks
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from distutil import ranks
     from lora_dist.merge import LoRAWeights, lora_scale, merge_weight
 
     ranks(2, str(Path(__file__).resolve()), str(setup["base"]), str(tmp_path))
@@ -581,9 +573,9 @@ def test_export_on_other_ranks_merges_into_the_base_the_run_trained_on(setup, ti
     the run's: a 2-rank fsdp2 run (its 128 x 128 q_proj one NF4 group, not split in two) exported on 1 process
     stores exactly those as NF4 and merges q_proj into the original weights; a 1-process run (q_proj and o_proj NF4)
     exported on 2 ranks, which cannot split them, is refused in one line before anything is written."""
+    from distutil import lora_dist, ranks
     from safetensors import safe_open
 
-    from distutil import lora_dist, ranks
     from lora_dist.adapter import adapter_nf4_record
     from lora_dist.export import verify_checkpoint
 
@@ -615,9 +607,8 @@ def test_resume_where_the_sharding_stores_other_nf4_weights_is_refused(setup, ti
     the 2 ranks that trained kept them unquantized, or without model.quantize, the run stops in one line, before
     loading anything; resumed on 2 ranks it goes on. Exported before it finished (checkpoints, no adapter yet), on
     1 process, the merge is into the base those 2 ranks trained on."""
-    from safetensors import safe_open
-
     from distutil import lora_dist
+    from safetensors import safe_open
 
     base = tiny_checkpoint("llama", hidden=128, layers=2)
     flags = (f"model.path={base}", "model.quantize=nf4", "checkpoint.every=2", "parallel.strategy=fsdp2")
@@ -648,9 +639,9 @@ def test_resume_where_the_sharding_stores_other_nf4_weights_is_refused(setup, ti
 def test_lora_dist_export_of_a_one_process_run_merges_into_the_dequantized_base(setup, reference, tmp_path):
     """`lora-dist export RUN_DIR` as one process loads the NF4 model (not the offline merge of the original
     weights): verify recomputes every merged tensor from the dequantized base."""
+    from distutil import lora_dist
     from safetensors import safe_open
 
-    from distutil import lora_dist
     from lora_dist.export import verify_checkpoint
 
     out = tmp_path / "merged"

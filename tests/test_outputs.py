@@ -97,8 +97,12 @@ def test_an_output_that_is_touches_or_holds_an_input_is_refused(tmp_path, where,
     assert _tree(tmp_path) == before
 
 
-def test_check_not_an_input_skips_unset_inputs_and_allows_siblings(tmp_path):
-    check_not_an_input(tmp_path / "run", [None, "", tmp_path / "base", tmp_path / "data.jsonl"], "output.dir")
+def test_check_not_an_input_skips_unset_inputs_and_allows_siblings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an unset input read as a path ("" is the cwd) would contain the output
+    inputs = [None, "", tmp_path / "base", tmp_path / "data.jsonl"]
+    assert check_not_an_input(tmp_path / "run", inputs, "output.dir") is None  # siblings and unset inputs pass
+    with pytest.raises(OutputError):  # the same check refuses an output that is one of them
+        check_not_an_input(tmp_path / "base", inputs, "output.dir")
 
 
 def test_a_file_or_a_dangling_link_is_refused(tmp_path):

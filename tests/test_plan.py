@@ -99,7 +99,6 @@ def test_fsdp2_base_shard_equals_fully_shard(odd_config, world):
 @pytest.mark.dist
 def test_zero3_and_fsdp2_shards_equal_a_two_rank_run(tiny_checkpoint, tmp_path):
     """Per-rank base bytes reported by real 2-rank fsdp2 and zero3 runs (tests/dist_scripts/inspect_sharding.py)."""
-    pytest.importorskip("deepspeed")
     path = tiny_checkpoint("llama", hidden=48, layers=2, heads=4)
     for strategy in ("fsdp2", "zero3"):
         out = tmp_path / strategy

@@ -19,15 +19,26 @@ GATHER = textwrap.dedent("""
     dist.init_process_group("gloo")
     group = RankGroup()
     payload = ((torch.arange(10_000) * (group.rank + 3)) % 251).to(torch.uint8)
+    rounds = []  # the bytes rank 0 receives in each gather
+    real_gather = dist.gather
+
+    def gather(tensor, gather_list=None, *args, **kwargs):
+        rounds.append(tensor.numel() * tensor.element_size() * group.world)
+        return real_gather(tensor, gather_list, *args, **kwargs)
+
+    dist.gather = gather
     results = {}
     for budget in (1 << 30, 4096, 3):  # one round; rounds of 2048 bytes per rank; of 1 byte
         ranks_mod.GATHER_BUDGET = budget
+        rounds.clear()
         got = group.gather_bytes(payload)
+        fits = max(rounds) <= max(budget, group.world) and sum(rounds) == 10_000 * group.world
         if group.rank == 0:
             want = [((torch.arange(10_000) * (r + 3)) % 251).to(torch.uint8) for r in range(group.world)]
-            results[budget] = all(g.device.type == "cpu" and torch.equal(g, w) for g, w in zip(got, want))
+            results[budget] = fits and len(got) == group.world and all(
+                g.device.type == "cpu" and torch.equal(g, w) for g, w in zip(got, want))
         else:
-            results[budget] = got is None
+            results[budget] = fits and got is None
     with open(f"{sys.argv[1]}.{group.rank}", "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

@@ -121,9 +121,10 @@ def test_shipped_templates_parse(name):
 
 
 def test_preemptible_exit_code_matches_the_trainer():
-    preemption = pytest.importorskip("lora_dist.preemption")
+    from lora_dist.preemption import PREEMPT_EXIT_CODE
+
     text = template("preemptible")
-    assert f"\nPREEMPT_EXIT_CODE={preemption.PREEMPT_EXIT_CODE}\n" in text
+    assert f"\nPREEMPT_EXIT_CODE={PREEMPT_EXIT_CODE}\n" in text
 
 
 def test_generic_template_launches_torchrun_per_node_on_the_first_node_address(fake_slurm):

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from distutil import adapter_atol, assert_same_run, logged, ranks, short_run_setup, train_run
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from distutil import adapter_atol, assert_same_adapter, assert_same_losses, logged, ranks, short_run_setup, train_run
 
 pytestmark = pytest.mark.dist
 
@@ -46,8 +45,9 @@ def reference(setup):
     return _train(setup, "ref", 1, "parallel.strategy=none", "train.micro_batch_size=4")
 
 
-def _assert_same_adapter(a: Path, b: Path, atol: float = ADAPTER_ATOL) -> None:
-    assert_same_adapter(a / "adapter", b / "adapter", atol)
+def _assert_same_run(reference: Path, out: Path, atol: float = ADAPTER_ATOL) -> None:
+    """``out`` trained as ``reference`` did: the same adapter, losses and gradient norms."""
+    assert_same_run(out, reference, atol)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3", "ddp"])
@@ -55,8 +55,7 @@ def test_two_ranks_equal_one_process(setup, reference, strategy):
     out = setup["root"] / strategy
     proc = ranks(2, "-m", "lora_dist.cli", "train", *setup["common"], f"parallel.strategy={strategy}",
                  "train.micro_batch_size=2", f"output.dir={out}")
-    _assert_same_adapter(reference, out)
-    assert_same_losses(logged(out), logged(reference))
+    _assert_same_run(reference, out)
     # What the user reads: the whole model's sizes (ZeRO-3 partitions each param as it is created), and no
     # deprecation of torch's collectives for calls in DeepSpeed (4 per rank and step before it was silenced).
     lora = sum(t.numel() for t in _adapter(out).values())
@@ -80,38 +79,68 @@ def test_loss_and_optimizer_variants_equal_one_process(setup, reference, strateg
     the LoRA."""
     out = _train(setup, f"{strategy}-{'-'.join(variant.split())}", 2, f"parallel.strategy={strategy}",
                  "train.micro_batch_size=2", *variant.split())
-    _assert_same_adapter(reference, out)
-    assert_same_losses(logged(out), logged(reference))
+    _assert_same_run(reference, out)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3", "ddp"])
 def test_grad_accum_2x2_equals_batch_4(setup, reference, strategy):
     out = _train(setup, f"accum-{strategy}", 2, f"parallel.strategy={strategy}", "train.micro_batch_size=1",
                  "train.grad_accum=2")
-    _assert_same_adapter(reference, out)
+    _assert_same_run(reference, out)
+
+
+@pytest.fixture(scope="module")
+def bf16_references(setup):
+    """One process, global batch 4, in each bf16 mode: the base stored in bf16, or an fp32 base computed in bf16
+    (FSDP2's cast: fsdp2 stays fsdp2 on one rank for it)."""
+    return {"model.dtype=bfloat16": _train(setup, "ref-bf16-base", 1, "parallel.strategy=none",
+                                           "train.micro_batch_size=4", "model.dtype=bfloat16"),
+            "parallel.mixed_precision=bfloat16": _train(setup, "ref-bf16-compute", 1, "parallel.strategy=fsdp2",
+                                                        "train.micro_batch_size=4",
+                                                        "parallel.mixed_precision=bfloat16")}
+
+
+def _assert_same_bf16_run(out: Path, reference: Path) -> None:
+    """``out`` trained as the one-process ``reference`` did, in bf16. Elementwise the adapters cannot agree: any two
+    bf16 pipelines (another kernel, reduction order or shard of the head) put each element's gradient a bf16 rounding
+    apart, and Adam turns the sign of a near-zero one into a +-lr step; after 3 steps the LoRA tensors of two correct
+    runs differ by up to 7.3% (relative Frobenius norm, measured between every pair of them, and between bf16 and fp32
+    one-process runs). So: every tensor within 25%, the losses within 1e-3 (measured 1.8e-4) and the gradient norms
+    within 2% (measured 0.33%): a gradient off by a constant factor still moves the norm by that factor."""
+    from distutil import assert_same_grad_norms, assert_same_losses
+
+    got, want = _adapter(out), _adapter(reference)
+    assert set(got) == set(want) and want
+    worst = max(float((got[k] - want[k]).norm() / want[k].norm()) for k in want)
+    assert worst <= 0.25, f"a LoRA tensor {worst:.1%} off the one-process bf16 run's"
+    assert max(float(t.abs().max()) for k, t in got.items() if "lora_B" in k) > 1e-4  # trained
+    assert_same_losses(logged(out), logged(reference), atol=1e-3)
+    assert_same_grad_norms(out, reference, rtol=2e-2)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3", "ddp"])
-def test_bf16_stored_base_trains_fp32_lora(setup, reference, strategy):
+def test_bf16_stored_base_trains_fp32_lora(setup, reference, bf16_references, strategy):
     """model.dtype=bfloat16: the base is stored and computed in bf16 under every strategy (zero3 included: its
-    DeepSpeed config turns bf16 on), the LoRA state stays fp32; the losses follow the fp32 run's."""
+    DeepSpeed config turns bf16 on), the LoRA state stays fp32; 2 ranks train as 1 process does in bf16, and the
+    losses follow the fp32 run's."""
     out = _train(setup, f"bf16-base-{strategy}", 2, f"parallel.strategy={strategy}", "train.micro_batch_size=2",
                  "model.dtype=bfloat16")
     assert all(t.dtype == torch.float32 for t in _adapter(out).values())
+    _assert_same_bf16_run(out, bf16_references["model.dtype=bfloat16"])
     assert logged(out) == pytest.approx(logged(reference), rel=1e-3)
     assert logged(out) != pytest.approx(logged(reference), abs=1e-6)  # bf16 numbers, not the fp32 ones
 
 
-def test_bf16_base_compute_trains_fp32_lora(setup, reference):
-    out = _train(setup, "bf16", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=2",
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_bf16_base_compute_trains_fp32_lora(setup, reference, bf16_references, strategy):
+    """parallel.mixed_precision=bfloat16: the fp32 base computes in bf16 (FSDP2's cast, DeepSpeed's bf16 mode), the
+    LoRA state stays fp32; 2 ranks train as 1 process does in bf16, and the losses follow the fp32 run's."""
+    out = _train(setup, f"bf16-{strategy}", 2, f"parallel.strategy={strategy}", "train.micro_batch_size=2",
                  "parallel.mixed_precision=bfloat16")
-    adapter = _adapter(out)
-    assert all(t.dtype == torch.float32 for t in adapter.values())
-    ref = _adapter(reference)
-    # bf16 base compute: the loss follows the fp32 run closely, but the numbers are not the fp32 ones.
+    assert all(t.dtype == torch.float32 for t in _adapter(out).values())
+    _assert_same_bf16_run(out, bf16_references["parallel.mixed_precision=bfloat16"])
     assert logged(out) == pytest.approx(logged(reference), rel=1e-2)
-    assert logged(out) != pytest.approx(logged(reference), abs=1e-6)
-    assert any(not torch.equal(adapter[k], ref[k]) for k in ref)
+    assert logged(out) != pytest.approx(logged(reference), abs=1e-6)  # bf16 numbers, not the fp32 ones
 
 
 def test_loss_goes_down_on_demo_data(setup):
@@ -158,7 +187,7 @@ def test_base_is_sharded_without_grads_or_optimizer_state(setup, tmp_path, strat
 def test_activation_checkpointing_and_no_reshard_change_nothing(setup, reference, every):
     out = _train(setup, f"ac-{every}", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=2",
                  f"parallel.activation_checkpointing={every}", "parallel.reshard_after_forward=false")
-    _assert_same_adapter(reference, out)
+    _assert_same_run(reference, out)
 
 
 @pytest.mark.parametrize("strategy,variant", [
@@ -170,12 +199,12 @@ def test_offloaded_activations_change_nothing(setup, reference, strategy, varian
     adapter."""
     out = _train(setup, f"offload-acts-{strategy}", 2, f"parallel.strategy={strategy}", "train.micro_batch_size=2",
                  "parallel.activation_checkpointing=true", "parallel.offload_activations=true", *variant.split())
-    _assert_same_adapter(reference, out)
+    _assert_same_run(reference, out)
 
 
 def test_cpu_offload_of_base_shards_changes_nothing(setup, reference):
     out = _train(setup, "offload", 2, "parallel.strategy=fsdp2", "train.micro_batch_size=2", "parallel.cpu_offload=true")
-    _assert_same_adapter(reference, out)
+    _assert_same_run(reference, out)
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero1"])
@@ -184,7 +213,7 @@ def test_zero1_and_zero2_are_accepted_and_say_they_do_not_shard_the_base(setup, 
     proc = ranks(2, "-m", "lora_dist.cli", "train", *setup["common"], f"output.dir={out}",
                  f"parallel.strategy={strategy}", "train.micro_batch_size=2")
     assert "does not shard the frozen base" in proc.stderr
-    _assert_same_adapter(reference, out)
+    _assert_same_run(reference, out)
 
 
 def test_zero2_bf16_keeps_the_lora_promise_fp32(setup):
@@ -222,5 +251,4 @@ def test_chat_data_two_ranks_equal_one_process(setup, tmp_path_factory, strategy
     chat = [f"data.path={data}", "data.chat_template=chatml", "train.seq_len=256"]
     ref = _train(setup, f"chat-ref-{strategy}", 1, *chat, "parallel.strategy=none", "train.micro_batch_size=4")
     out = _train(setup, f"chat-{strategy}", 2, *chat, f"parallel.strategy={strategy}", "train.micro_batch_size=2")
-    _assert_same_adapter(ref, out)
-    assert_same_losses(logged(out), logged(ref))
+    _assert_same_run(ref, out)

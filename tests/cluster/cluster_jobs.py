@@ -112,6 +112,7 @@ def check_lora_dist(base: Path, data: Path, out_dir: Path, world_size: int) -> N
     assert set(ref) == set(got)
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert max(float(t.abs().max()) for k, t in got.items() if "lora_B" in k) > 0, "the adapter never trained"
     if run_cfg["export"]["merged"]:
         assert (out_dir / "merged" / "model.safetensors.index.json").is_file(), f"no merged export in {out_dir}"
         verify_checkpoint(out_dir / "merged", base_dir=base, adapter_dir=out_dir / "adapter", sample=None)
