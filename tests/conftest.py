@@ -238,14 +238,24 @@ def _heavy_groups_first(items) -> None:
 STRICT_SKIPS = os.environ.get("LORA_DIST_STRICT_SKIPS") == "1"
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
+def _fail_a_skip(report) -> None:
     if STRICT_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped where no test may skip (LORA_DIST_STRICT_SKIPS=1): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_a_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module that skips as it is collected (``allow_module_level``, an ``importorskip`` at the top)."""
+    outcome = yield
+    _fail_a_skip(outcome.get_result())
 
 
 def pytest_addoption(parser):

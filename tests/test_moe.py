@@ -546,8 +546,8 @@ def test_two_ranks_equal_one_process(runs, strategy):
             and ".layers.0." in k} == {"base_layer.lora_A.weight", "base_layer.lora_B.weight", "lora_A.weight",
                                        "lora_B.weight"}
     assert min(float(t.abs().max()) for k, t in ref.items() if "lora_B" in k) > 1e-4  # every adapter trained
-    # the router's softmax and top-k sum in another order on 2 ranks: the losses agree to 1e-4, not 1e-5
-    assert_same_run(runs[strategy], runs["none"], ADAPTER_ATOL, loss_atol=1e-4)
+    # measured: losses 8.2e-7 apart at most, gradient norms 2e-7 (relative): the defaults' bounds, with room
+    assert_same_run(runs[strategy], runs["none"], ADAPTER_ATOL)
 
 
 @pytest.mark.dist

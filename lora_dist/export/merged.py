@@ -80,6 +80,11 @@ def _lora_weights(layers: Mapping[str, LoRALayer], lora: Mapping[str, torch.Tens
     return out
 
 
+def _on_host(lora: LoRAWeights) -> LoRAWeights:
+    """``lora`` with A and B in host memory, where the base files' rows are merged (once, not per row block)."""
+    return dataclasses.replace(lora, lora_A=lora.lora_A.cpu(), lora_B=lora.lora_B.cpu())
+
+
 def _from_files(layer: LoRALayer, base_dtype: torch.dtype | None) -> bool:
     """The layer's base weight is merged from the base files, not from what the model holds: it holds the weight
     in another dtype than the run keeps its base in (DeepSpeed's bf16 mode casts a float32 base to bf16)."""
@@ -196,7 +201,8 @@ def export_merged(
             if layer.merged:  # merged in place: the param already holds W0 + delta
                 parts = [ParamPart(p.key, p.start, p.numel, None) for p in parts]
             if _from_files(layer, base_dtype):
-                sources.update({p.key: RowsSource(file_rows(base, p.key), specs[p.key], p.lora) for p in parts})
+                sources.update({p.key: RowsSource(file_rows(base, p.key), specs[p.key], _on_host(p.lora))
+                                for p in parts})
             else:
                 sources.update(part_sources(layer.base_weight(), parts, specs))
         for name, layer in linears.items():
@@ -207,7 +213,7 @@ def export_merged(
                     f"{specs[key].shape}; base_path is not the checkpoint the model was loaded from"
                 )
             if _from_files(layer, base_dtype):
-                sources[key] = RowsSource(file_rows(base, key), specs[key], adapters[name])
+                sources[key] = RowsSource(file_rows(base, key), specs[key], _on_host(adapters[name]))
             else:  # a layer merged in place already holds W0 + delta
                 sources[key] = param_source(layer.weight, specs[key], None if layer.merged else adapters[name])
         # model.quantize: the other quantized weights are written dequantized too, so the export is the model

@@ -115,7 +115,8 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
 
     # A group for CPU tensors only (``lora-dist merge``: file work) claims no GPU: no CUDA context, no one-GPU-per-
     # rank check for ranks that never touch one.
-    device = torch.device("cpu") if backend is not None and "nccl" not in backend else select_device(launch)
+    cpu_only = backend is not None and "nccl" not in backend.lower()
+    device = torch.device("cpu") if cpu_only else select_device(launch)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if backend is None:
