@@ -169,16 +169,35 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, t
             raise AdapterError(f"refusing to write {key}: it holds NaN/Inf (training diverged)")
 
 
+def _check_replaceable(directory: Path) -> None:
+    """Refuse a ``directory`` that holds anything but an adapter's two files: replacing it removes all it holds (a
+    user's folder, the base model dir passed by mistake)."""
+    if not directory.is_dir():
+        if directory.exists():
+            raise AdapterError(f"{directory} is a file; choose a new or empty dir for the adapter")
+        return
+    others = sorted(p.name for p in directory.iterdir() if p.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
+    if others:
+        raise AdapterError(
+            f"refusing to write the adapter to {directory}: it holds {others[0]}"
+            + (f" and {len(others) - 1} more" if len(others) > 1 else "")
+            + f", and writing replaces the whole dir (only one holding {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} alone "
+            "is replaced); choose a new or empty dir for the adapter"
+        )
+
+
 def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
                   metadata: Mapping[str, str] | None = None) -> Path:
     """Write PEFT-format files atomically (:func:`lora_dist.atomic.writing_dir`).
 
     ``tensors`` use the model's own names; they are saved under PEFT's keys, with ``metadata`` added to the
     safetensors header (PEFT reads only the tensors).
-    An existing adapter at ``directory`` is replaced only once the new one is complete.
+    An existing adapter at ``directory`` is replaced only once the new one is complete; a dir that holds any other
+    file is refused (:class:`AdapterError`), nothing changed.
     """
     directory = Path(directory)
     _check_tensors(tensors, None)
+    _check_replaceable(directory)
     text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
     need = len(text) + sum(t.numel() * t.element_size() + _HEADER_BYTES_PER_TENSOR for t in tensors.values())
     try:

@@ -70,9 +70,11 @@ every write; the other ranks wait for it. There it:
 * in ``checkpoints/``: creates ``step-N/`` (``checkpoint.every``, a preemption
   signal, ``train.run_steps``), replaces a ``step-N/`` of this run (never another
   run's or an unknown one: refused) and ``latest``, deletes this run's ``step-N/``
-  by the pruning rule above, and removes its own staging (``.step-N.tmp-*``) and
-  set-aside (``.step-N.old-*``) dirs left by a killed writer (a set-aside version
-  whose final dir is missing is put back instead).
+  by the pruning rule above (renamed to ``.step-N.del-*`` first, then removed: a
+  deletion cut short leaves no ``step-N/`` without its state), and removes its own
+  staging (``.step-N.tmp-*``), set-aside (``.step-N.old-*``) and deleted
+  (``.step-N.del-*``) dirs left by a killed writer (a set-aside version whose
+  final dir is missing is put back instead).
 
 Nothing else is created, replaced or deleted: not the inputs, not a file of the
 user's. A write that fails (a full disk, a read-only filesystem) is a one-line
@@ -86,7 +88,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -120,7 +124,7 @@ LORA_SETTINGS = ("r", "alpha", "use_rslora", "target_modules", "exclude_modules"
 #: A checkpoint dir's name.
 STEP_DIR = re.compile(r"step-(\d+)")
 #: What a writer killed mid-publish leaves in ``checkpoints/`` (:mod:`lora_dist.atomic`).
-_LEFTOVER = re.compile(r"\.(step-\d+)\.(tmp|old)-.*")
+_LEFTOVER = re.compile(r"\.(step-\d+)\.(tmp|old|del)-.*")
 _MAX_STATE_BYTES = 1 << 20
 
 
@@ -155,6 +159,18 @@ def base_identity(model_path: str, samples: int = 8, sample_bytes: int = 1 << 16
                 fh.seek(size * i // samples)
                 h.update(fh.read(sample_bytes))
     return {"path": str(root.resolve()), "sha256": h.hexdigest()}
+
+
+def _delete(path: Path) -> None:
+    """Remove a checkpoint dir: renamed to ``.step-N.del-*`` first, so a deletion cut short (a kill, a file the
+    filesystem keeps busy) never leaves a ``step-N`` without its ``state.json`` for a resume to stop at."""
+    aside = path.with_name(f".{path.name}.del-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, aside)
+    except OSError as e:
+        log.warning("could not remove the old checkpoint %s (%s); it is kept", path, e)
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _lora_settings(cfg: Config) -> dict:
@@ -426,7 +442,9 @@ class CheckpointManager:
         try:
             for entry in list(self.root.iterdir()):
                 leftover = _LEFTOVER.fullmatch(entry.name)
-                if leftover:
+                if leftover and leftover.group(2) == "del":  # a pruned checkpoint whose deletion was cut short
+                    shutil.rmtree(entry, ignore_errors=True)
+                elif leftover:
                     recover(self.root / leftover.group(1))
                 elif entry.name.startswith(f".{LATEST}.tmp-"):
                     entry.unlink(missing_ok=True)
@@ -496,10 +514,15 @@ class CheckpointManager:
         old = done[:-keep] if keep > 0 else []
         for path in old + rolled_back:
             if path.name != f"step-{saved:06d}":
-                shutil.rmtree(path, ignore_errors=True)
-        for entry in list(self.root.iterdir()):  # staging dirs of writers that were killed
+                _delete(path)
+        try:
+            entries = list(self.root.iterdir())
+        except OSError as e:  # the checkpoint is written and `latest` names it: only the pruning is left undone
+            log.warning("could not list %s to remove old checkpoints (%s); the next save tries again", self.root, e)
+            return
+        for entry in entries:  # staging dirs of writers that were killed, and deletions that were cut short
             leftover = _LEFTOVER.fullmatch(entry.name)
-            if leftover and leftover.group(2) == "tmp":
+            if leftover and leftover.group(2) in ("tmp", "del"):
                 shutil.rmtree(entry, ignore_errors=True)
 
     # ------------------------------------------------------------------ resume

@@ -14,7 +14,7 @@ wrote itself.
   exclusive lock (:class:`RunLock`, ``flock`` on :data:`RUN_LOCK`) from before
   its first write until it ends; a second run into the same dir is refused in one
   line. The kernel drops the lock when the process dies, so a killed run never
-  blocks the next. Where the filesystem has no ``flock``, runs go unlocked.
+  blocks the next. Where the filesystem has no ``flock``, runs go unlocked, with a warning.
 * A **merged export** is recognised by the metadata key lora_dist writes into its
   safetensors headers; ``--overwrite`` replaces only such a dir (or an adapter dir
   lora_dist wrote, for ``save_adapter``).
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import secrets
 import socket
@@ -265,8 +266,12 @@ class RunLock:
             os.close(fd)
             raise OutputError(f"output.dir {str(self.path.parent)!r} is in use by another lora-dist run ({holder}); "
                               "wait for it to finish or choose another output.dir") from None
-        except OSError:  # no flock on this filesystem: run unlocked
+        except OSError as e:  # no flock on this filesystem (Lustre mounted noflock...): run unlocked, and say so
             os.close(fd)
+            logging.getLogger(__name__).warning(
+                "output.dir %r cannot be locked on this filesystem (%s): a second run into it at the same time would "
+                "not be refused, and the two would prune each other's checkpoints; give each run its own output.dir",
+                str(self.path.parent), e.strerror or e)
             return self
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)

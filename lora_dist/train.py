@@ -433,17 +433,27 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
                 if env.is_main:
                     _append_metrics(metrics_path, {"step": t.steps, "eval_loss": eval_loss})
                     tracker.log({"step": t.steps, "eval_loss": eval_loss})
+            if signals.poll(device)[0]:  # a stop during the last step's save or the final eval: the run is trained
+                manager.save(t.steps, engine)  # the requeued run resumes here and only writes the outputs
+                if env.is_main:
+                    log.warning("preempted after the last step: checkpoint at step %d written; exiting with code %d "
+                                "for requeue (the rerun writes the adapter and the export)", t.steps, PREEMPT_EXIT_CODE)
+                raise Preempted(t.steps)
         finally:
             progress.close()
             tracker.close()
-    if cfg.export.adapter:
-        engine.save_adapter(out / "adapter")  # the fp32 LoRA state, whatever the strategy computes in
-    engine.finish_training()
-    if cfg.export.merged:
-        engine.export_merged(out / "merged", dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
-                             overwrite=cfg.output.overwrite)
-    if dist.is_initialized():
-        dist.barrier()
+        # Still under the handler: a stop signal now waits for these writes to finish (each is atomic), instead of
+        # killing the process halfway through them; the run is complete once they are.
+        if cfg.export.adapter:
+            engine.save_adapter(out / "adapter")  # the fp32 LoRA state, whatever the strategy computes in
+        engine.finish_training()
+        if cfg.export.merged:
+            engine.export_merged(out / "merged", dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
+                                 overwrite=cfg.output.overwrite)
+        if dist.is_initialized():
+            dist.barrier()
+        if signals.poll(device)[0] and env.is_main:
+            log.warning("a stop signal came while the outputs were written; they are complete, the run ends normally")
     return TrainResult(_final_loss(history), first_loss, eval_loss, t.steps, out, history)
 
 

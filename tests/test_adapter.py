@@ -236,6 +236,31 @@ def test_empty_and_non_finite_tensors_are_refused_on_save(tiny_model, tmp_path):
         save_adapter(tiny_model("llama"), tmp_path / "adapter")
 
 
+def test_a_dir_that_is_not_an_adapter_is_never_replaced(tiny_model, tiny_checkpoint, tmp_path):
+    """Writing an adapter replaces its whole dir: a user's folder, or the base model dir passed by mistake, is
+    refused in one line with nothing changed; an adapter dir (or an empty one) is replaced."""
+    model = adapted(tiny_model, "llama", r=2, alpha=4)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("the user's\n")
+    with pytest.raises(AdapterError, match=r"it holds notes\.txt, and writing replaces the whole dir.*new or empty"):
+        save_adapter(model, folder)
+    assert sorted(os.listdir(folder)) == ["notes.txt"] and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    base = tiny_checkpoint("llama")
+    before = sorted(os.listdir(base))
+    with pytest.raises(AdapterError, match="and [0-9]+ more") as refused:
+        save_adapter(model, base)
+    assert "\n" not in str(refused.value) and sorted(os.listdir(base)) == before
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(AdapterError, match="is a file"):
+        save_adapter(model, tmp_path / "a-file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_adapter(model, empty)
+    save_adapter(model, empty)  # an adapter dir: replaced
+    assert sorted(os.listdir(empty)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def _fail(*args, **kwargs):
     raise OSError("disk full")
 

@@ -299,6 +299,36 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous(setup, tmp_path, mo
     assert sorted(p.name for p in ckpts.glob(".*")) == [".unrelated"]  # the next save pruned the killed writer's dir
 
 
+def test_a_prune_cut_short_leaves_nothing_that_stops_a_resume(setup, tmp_path, monkeypatch):
+    """Pruning step-2 was killed after its state.json was gone (rmtree's order is the filesystem's; a kill after a
+    preemption save, or a file NFS keeps busy): the dir it was deleting must not be a step-N dir the requeued run's
+    resume=auto stops at ("no readable state.json"). It is renamed aside first, and the next run removes it."""
+    from lora_dist import checkpoint as ckpt_mod
+
+    out = tmp_path / "cut-prune"
+    _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2", "checkpoint.every=1")
+    ckpts = out / "checkpoints"
+    assert _names(ckpts) == ["latest", "step-000001", "step-000002"]
+
+    def killed(path, ignore_errors=False):  # deletes state.json, then the process dies
+        (Path(path) / "state.json").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", killed)
+    engine = _SaveOnlyEngine({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64)})
+    with pytest.raises(KeyboardInterrupt):
+        _manager(setup, out).save(3, engine)  # keep=2: step-1 is pruned
+    monkeypatch.undo()
+    assert (ckpts / "latest").read_text().strip() == "step-000003"
+    names = _names(ckpts)
+    assert "step-000001" not in names and any(n.startswith(".step-000001.del-") for n in names), names
+    shutil.rmtree(ckpts / "step-000003")  # the stand-in engine's checkpoint (one tensor): resume the real step 2
+    (ckpts / "latest").write_text("step-000002\n")
+    proc = _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=4", "checkpoint.every=1")
+    assert "resumed from" in proc.stderr and "step-000002 at step 2" in proc.stderr
+    assert not [n for n in _names(ckpts) if n.startswith(".")]  # the cut-short deletion is gone
+
+
 def _foreign_checkpoint(path: Path, run_id: str | None) -> Path:
     """A ``step-N`` dir lora_dist did not write for this run: another run's (``run_id``) or unknown (None)."""
     path.mkdir(parents=True)
@@ -552,3 +582,54 @@ def test_preemption_signal_during_model_load_stops_at_the_first_step(setup, tmp_
         destroy_distributed()
     assert stopped.value.step == 1 and stopped.value.code == PREEMPT_EXIT_CODE
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000001"
+
+
+@pytest.mark.parametrize("when", ["final-eval", "adapter-write"])
+def test_a_stop_signal_after_the_last_step_loses_nothing(setup, tmp_path, monkeypatch, when):
+    """SIGUSR1 (Slurm's warning before preemption) after the last step. During the final eval it used to go unread:
+    the handler was gone by the adapter write, the process died, with no requeue code and, at checkpoint.every=0, no
+    checkpoint: the whole run lost. Now the run checkpoints its last step and exits for requeue, and the rerun writes
+    the outputs; a signal during the adapter write waits for the write, and the run ends complete."""
+    import lora_dist.parallel.engine as engine_mod
+    import lora_dist.train as train_mod
+    from lora_dist.config import load_config
+    from lora_dist.launch import destroy_distributed
+
+    def signalled(real):
+        def run(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return real(*args, **kwargs)
+        return run
+
+    if when == "final-eval":
+        monkeypatch.setattr(train_mod, "_eval", signalled(train_mod._eval))
+    else:
+        monkeypatch.setattr(engine_mod.Engine, "save_adapter", signalled(engine_mod.Engine.save_adapter))
+    out = tmp_path / when
+    overrides = [*setup["common"], f"output.dir={out}", "parallel.strategy=none", "train.steps=3",
+                 "checkpoint.every=0", "data.eval_fraction=0.1", "train.eval_every=0"]
+    cfg = load_config(None, overrides)
+
+    def fatal(signum, frame):  # outside the run's handler the signal kills the process (its default action)
+        raise SystemExit(f"killed by signal {signum}")
+
+    previous = signal.signal(signal.SIGUSR1, fatal)
+    try:
+        if when == "final-eval":
+            with pytest.raises(Preempted) as stopped:
+                train_mod.train(cfg)
+            assert stopped.value.step == 3 and stopped.value.code == PREEMPT_EXIT_CODE
+            assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
+            assert not (out / "adapter").exists()
+        else:
+            train_mod.train(cfg)
+            assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step-*"))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        destroy_distributed()
+    assert (out / "adapter").is_dir() or when == "final-eval"
+    if when == "final-eval":  # the requeued run: resumes at the last step, trains nothing, writes the outputs
+        monkeypatch.undo()
+        proc = _run(setup, out, 1, *overrides[len(setup["common"]) + 1:])
+        assert "step-000003 at step 3" in proc.stderr and (out / "adapter" / "adapter_model.safetensors").is_file()
+        assert [m["step"] for m in _metrics(out) if "loss" in m] == [1, 2, 3]  # no step trained again

@@ -152,6 +152,25 @@ def test_one_run_at_a_time(tmp_path):
         pass
 
 
+def test_a_filesystem_without_flock_runs_unlocked_and_says_so(tmp_path, monkeypatch, caplog):
+    """Lustre mounted noflock fails flock() with ENOLCK: the run goes on (it cannot be locked anywhere), with a warning
+    that a second run into the dir would not be refused."""
+    import errno
+    import fcntl
+
+    out = tmp_path / "run"
+    prepare_run_dir(out, [])
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with caplog.at_level("WARNING", logger="lora_dist.outputs"):
+        RunLock(out).acquire().release()
+    assert "cannot be locked on this filesystem (No locks available)" in caplog.text
+    assert "give each run its own output.dir" in caplog.text
+
+
 def test_a_killed_run_never_blocks_the_next(tmp_path):
     out = tmp_path / "run"
     prepare_run_dir(out, [])
