@@ -260,14 +260,15 @@ def _open_run_dir(cfg: Config, env: LaunchEnv, out: Path) -> tuple[dict, RunLock
         lock = RunLock(out).acquire()
         held.append(lock)
         merged = out / "merged"
-        if cfg.export.merged and os.path.lexists(merged) and not cfg.output.overwrite:
-            raise OutputError(f"{merged} already exists and export.merged=true would replace it; set "
-                              "output.overwrite=true to replace it, export.merged=false, or choose a new output.dir")
         try:
             recover(out / "adapter")
             recover(merged, cleanup=False)  # a merge may be writing there: never remove its staging dir
         except OSError as e:
             raise write_failure(e, f"the run dir {out}", "choose another output.dir") from None
+        # After the recovery: an export a killed overwrite set aside is back, and refused now, not after training.
+        if cfg.export.merged and os.path.lexists(merged) and not cfg.output.overwrite:
+            raise OutputError(f"{merged} already exists and export.merged=true would replace it; set "
+                              "output.overwrite=true to replace it, export.merged=false, or choose a new output.dir")
         return marker
 
     try:

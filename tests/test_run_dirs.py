@@ -136,9 +136,15 @@ def test_failed_validation_leaves_no_output_dir(good, tmp_path):
         assert not out.exists(), bad
 
 
-def test_existing_merged_without_overwrite_is_refused_before_training(good, tmp_path):
+@pytest.mark.parametrize("set_aside", [False, True], ids=["merged", "merged-set-aside-by-a-killed-overwrite"])
+def test_existing_merged_without_overwrite_is_refused_before_training(good, tmp_path, set_aside):
+    """Also where a killed ``output.overwrite`` export left the previous ``merged/`` set aside (``.merged.old-*``,
+    between its two renames): it is put back first, then refused, before training (it used to be refused only at
+    the end, after the whole run)."""
     out = tmp_path / "run"
     assert _train(good, out, "export.merged=true").returncode == 0
+    if set_aside:
+        (out / "merged").rename(out / ".merged.old-deadbeef")
     before = _hashes(out)
     proc = _train(good, out, "export.merged=true", "train.steps=3")
     _one_line_error(proc, f"{out / 'merged'} already exists", "output.overwrite=true")
@@ -146,6 +152,8 @@ def test_existing_merged_without_overwrite_is_refused_before_training(good, tmp_
     after = _hashes(out)
     after.pop(".lora_dist_run.lock")  # the lock file records the last holder's pid
     before.pop(".lora_dist_run.lock")
+    if set_aside:  # put back where it was, byte for byte
+        before = {k.replace(".merged.old-deadbeef", "merged", 1): v for k, v in before.items()}
     assert after == before
 
 
