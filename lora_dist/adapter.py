@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from lora_dist.atomic import recover, writing_dir
 from lora_dist.errors import UserError
+from lora_dist.outputs import ADAPTER_FILES
 from lora_dist.inputs import clip, excerpt, read_json
 from lora_dist.lora import LoRAConfig, LoRAParam, inject_lora, lora_modules, param_targets
 from lora_dist.merge import LoRAWeights, lora_scale
@@ -176,13 +177,13 @@ def _check_replaceable(directory: Path) -> None:
         if directory.exists():
             raise AdapterError(f"{directory} is a file; choose a new or empty dir for the adapter")
         return
-    others = sorted(p.name for p in directory.iterdir() if p.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
+    others = sorted(p.name for p in directory.iterdir() if p.name not in ADAPTER_FILES)
     if others:
         raise AdapterError(
             f"refusing to write the adapter to {directory}: it holds {others[0]}"
             + (f" and {len(others) - 1} more" if len(others) > 1 else "")
-            + f", and writing replaces the whole dir (only one holding {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} alone "
-            "is replaced); choose a new or empty dir for the adapter"
+            + ", and writing replaces the whole dir (only one holding an adapter's files alone is replaced); "
+            "choose a new or empty dir for the adapter"
         )
 
 

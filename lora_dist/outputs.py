@@ -46,6 +46,7 @@ __all__ = [
     "OutputError",
     "RunLock",
     "check_not_an_input",
+    "ADAPTER_FILES",
     "is_adapter_dir",
     "is_model_dir",
     "prepare_run_dir",
@@ -59,7 +60,8 @@ RUN_MARKER = ".lora_dist_run.json"
 RUN_LOCK = ".lora_dist_run.lock"
 _MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+#: The files of a PEFT-format adapter dir (``.bin``: an older PEFT's weights).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 _RUN_CONTENTS = ("checkpoints", "adapter", "metrics.jsonl", "merged")
 
 
@@ -98,7 +100,7 @@ def is_model_dir(path: str | os.PathLike) -> bool:
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
     """A PEFT-format adapter dir."""
-    return any((Path(path) / f).exists() for f in _ADAPTER_FILES)
+    return any((Path(path) / f).exists() for f in ADAPTER_FILES)
 
 
 def check_not_an_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], what: str) -> None:
