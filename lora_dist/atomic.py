@@ -9,7 +9,8 @@ new version under the final name, never neither. Filesystems without the
 exchange (some network filesystems) get two renames, and the next writer or
 reader of that path puts a version left aside back (:func:`recover`): a writer killed
 between the two renames leaves the previous version under ``.NAME.old-*``, never
-nothing.
+nothing. A reader that does so while a live writer is between its renames makes the
+writer set the restored version aside again, not fail.
 
 Everything published gets the umask's permissions, like any file the user
 creates: staging dirs are made with ``mkdir`` (not ``mkdtemp``'s 0700), and the
@@ -163,19 +164,43 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike, *, replace
             fsync(final.parent)
             _remove(staging)  # the previous version, now under the staging name
             return final
-        aside = final.with_name(_aside_prefix(final) + secrets.token_hex(4))
-        os.replace(final, aside)
-        try:
-            os.replace(staging, final)
-        except BaseException:
-            os.replace(aside, final)
-            raise
-        fsync(final.parent)
-        _remove(aside)
+        _replace_in_two_renames(staging, final)
         return final
     os.replace(staging, final)
     fsync(final.parent)
     return final
+
+
+_ASIDE_TRIES = 5
+
+
+def _replace_in_two_renames(staging: Path, final: Path) -> None:
+    """Set ``final`` aside, rename ``staging`` to it, remove what was set aside (no ``RENAME_EXCHANGE``).
+
+    A reader's :func:`recover` may put the version set aside back in the window between the two
+    renames (it sees ``final`` missing); the second rename then fails on the restored dir, which is
+    set aside again and the rename retried. On any other failure the previous version is put back.
+    """
+    asides: list[Path] = []
+    for attempt in range(_ASIDE_TRIES):
+        aside = final.with_name(_aside_prefix(final) + secrets.token_hex(4))
+        os.replace(final, aside)
+        asides.append(aside)
+        try:
+            os.replace(staging, final)
+            break
+        except BaseException:
+            if os.path.lexists(final) and os.path.lexists(staging) and attempt + 1 < _ASIDE_TRIES:
+                continue  # a reader put the previous version back: set it aside again
+            if not os.path.lexists(final):
+                for previous in reversed(asides):
+                    with contextlib.suppress(FileNotFoundError):  # a reader may have put it back already
+                        os.replace(previous, final)
+                        break
+            raise
+    fsync(final.parent)
+    for aside in asides:
+        _remove(aside)
 
 
 def recover(final: str | os.PathLike, *, cleanup: bool = True) -> bool:

@@ -95,6 +95,47 @@ def test_without_exchange_an_error_between_the_two_renames_puts_the_previous_ver
     assert _siblings(final) == []  # the staging dir is removed, the previous version is back in place
 
 
+def test_without_exchange_a_reader_restoring_between_the_two_renames_does_not_fail_the_writer(tmp_path, monkeypatch):
+    """A reader's ``recover()`` (``lora-dist export RUN`` reading the adapter) sees ``final`` missing between the
+    writer's two renames and puts the previous version back; the writer sets it aside again and publishes."""
+    final = tmp_path / "adapter"
+    _write_version(final, "v1")
+    monkeypatch.setattr(atomic, "rename_exchange", lambda a, b: False)
+    real = os.replace
+    restored = []
+
+    def reader_in_the_window(src, dst):
+        real(src, dst)
+        if Path(dst).name.startswith(".adapter.old-") and not restored:
+            monkeypatch.setattr(os, "replace", real)
+            restored.append(recover(final, cleanup=False))
+            monkeypatch.setattr(os, "replace", reader_in_the_window)
+
+    monkeypatch.setattr(os, "replace", reader_in_the_window)
+    _write_version(final, "v2")
+    assert restored == [True]  # the reader did put v1 back in the window
+    assert (final / "weights.bin").read_text() == "v2" and _siblings(final) == []
+
+
+def test_without_exchange_a_reader_that_keeps_restoring_leaves_the_previous_version(tmp_path, monkeypatch):
+    final = tmp_path / "adapter"
+    _write_version(final, "v1")
+    monkeypatch.setattr(atomic, "rename_exchange", lambda a, b: False)
+    real = os.replace
+
+    def reader_every_time(src, dst):
+        real(src, dst)
+        if Path(dst).name.startswith(".adapter.old-"):
+            monkeypatch.setattr(os, "replace", real)
+            recover(final, cleanup=False)
+            monkeypatch.setattr(os, "replace", reader_every_time)
+
+    monkeypatch.setattr(os, "replace", reader_every_time)
+    with pytest.raises(OSError):
+        _write_version(final, "v2")
+    assert (final / "weights.bin").read_text() == "v1" and _siblings(final) == []
+
+
 def test_without_exchange_the_replace_still_works(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic, "rename_exchange", lambda a, b: False)
     final = tmp_path / "adapter"
