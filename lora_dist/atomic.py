@@ -30,8 +30,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["fsync", "publish_dir", "recover", "rename_exchange", "staging_dir", "umask", "write_text_atomic",
-           "writing_dir"]
+__all__ = ["WRITER_MARK", "WriterMark", "fsync", "publish_dir", "recover", "rename_exchange", "staging_dir",
+           "sweep_abandoned", "umask", "write_text_atomic", "writing_dir"]
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -236,6 +236,83 @@ def recover(final: str | os.PathLike, *, cleanup: bool = True) -> bool:
         for leftover in [*aside, *parent.glob(_staging_prefix(final) + "*")]:
             _remove(leftover)
     return restored
+
+
+WRITER_MARK = ".lora_dist-writer"
+
+
+class WriterMark:
+    """A live writer's mark on its staging dir: a file it holds an ``flock`` on, which dies with the process.
+
+    Used where nothing else keeps two writers of one path apart (``lora-dist merge --out O`` takes no lock), so
+    that the next writer can tell a staging dir whose writer was killed (:func:`sweep_abandoned` removes it) from
+    a live one. The file is created under another name and renamed into place once locked, so a mark that can be
+    seen is always held. Where the filesystem has no ``flock`` (Lustre mounted ``noflock``) the dir stays
+    unmarked, and unmarked dirs are never removed.
+
+    Args:
+        staging: the staging dir this process writes.
+    """
+
+    def __init__(self, staging: str | os.PathLike) -> None:
+        import fcntl
+
+        self.path = Path(staging) / WRITER_MARK
+        self._fd: int | None = None
+        tmp = self.path.with_name(f"{WRITER_MARK}.tmp-{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(tmp, self.path)
+        except OSError:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            return
+        self._fd = fd
+
+    def unmark(self) -> None:
+        """Take the mark out of the dir (before publishing it); the lock is still held until :meth:`release`."""
+        self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Remove the mark and drop the lock (after the publish, or after removing the staging dir)."""
+        self.unmark()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def sweep_abandoned(final: str | os.PathLike) -> list[Path]:
+    """Remove the staging dirs of ``final`` whose writer died: those with a :class:`WriterMark` no process holds.
+
+    A dir without a mark (a writer on a filesystem without ``flock``, one about to publish, or one of another
+    kind) is left alone, as is one whose mark is held by a live writer, on any node that shares the filesystem.
+
+    Returns:
+        The staging dirs removed.
+    """
+    import fcntl
+
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    removed = []
+    for staging in final.parent.glob(_staging_prefix(final) + "*"):
+        try:
+            fd = os.open(staging / WRITER_MARK, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(staging, ignore_errors=True)  # its writer is gone: the lock was free
+        finally:
+            os.close(fd)
+        removed.append(staging)
+    return removed
 
 
 @contextlib.contextmanager

@@ -13,7 +13,16 @@ import pytest
 
 from distutil import REPO, quiet_env
 from lora_dist import atomic
-from lora_dist.atomic import publish_dir, recover, staging_dir, write_text_atomic, writing_dir
+from lora_dist.atomic import (
+    WRITER_MARK,
+    WriterMark,
+    publish_dir,
+    recover,
+    staging_dir,
+    sweep_abandoned,
+    write_text_atomic,
+    writing_dir,
+)
 
 
 def _write_version(final: Path, text: str, **kwargs) -> None:
@@ -235,3 +244,46 @@ def test_write_text_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, mon
         write_text_atomic(target, "step-000004\n")
     assert target.read_text() == "step-000002\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+
+
+_HOLDS_A_MARK = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from lora_dist.atomic import WriterMark, staging_dir
+
+    staging = staging_dir(Path(sys.argv[1]))
+    (staging / "part.safetensors").write_text("half")
+    mark = WriterMark(staging)
+    print(staging, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_sweep_keeps_a_live_writers_staging_dir_and_removes_a_dead_ones(tmp_path):
+    """``lora-dist merge --out O`` takes no lock: a staging dir is removed only once its writer's flock is free."""
+    final = tmp_path / "merged"
+    unmarked = staging_dir(final)  # a writer without flock, or one about to publish: never removed
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDS_A_MARK, str(final)], cwd=REPO, env=quiet_env(),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        live = Path(proc.stdout.readline().strip())
+        assert (live / WRITER_MARK).is_file()
+        assert sweep_abandoned(final) == []
+        assert live.is_dir() and unmarked.is_dir()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sweep_abandoned(final) == [live]  # killed: the kernel dropped its lock
+    assert not live.exists() and unmarked.is_dir()
+
+
+def test_a_writer_mark_is_gone_once_released_and_unmark_keeps_the_lock(tmp_path):
+    staging = staging_dir(tmp_path / "merged")
+    mark = WriterMark(staging)
+    assert sorted(p.name for p in staging.iterdir()) == [WRITER_MARK]  # no temporary name left
+    assert sweep_abandoned(tmp_path / "merged") == []  # held by this live writer
+    mark.unmark()  # about to publish: no mark, so nobody removes it
+    assert list(staging.iterdir()) == []
+    assert sweep_abandoned(tmp_path / "merged") == [] and staging.is_dir()
+    mark.release()
+    assert sweep_abandoned(tmp_path / "merged") == [] and staging.is_dir()  # unmarked: left alone

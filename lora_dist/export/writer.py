@@ -30,7 +30,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from lora_dist.atomic import publish_dir, staging_dir
+from lora_dist.atomic import WriterMark, publish_dir, recover, staging_dir, sweep_abandoned
 from lora_dist.dtypes import dtype_name
 from lora_dist.export import layout as st
 from lora_dist.export.errors import ExportError
@@ -181,9 +181,24 @@ def check_coverage(layout: st.CheckpointLayout, ranges: Ranges) -> None:
             )
 
 
-def _prepare_staging(out: Path, base_dir: Path, overwrite: bool, needed_bytes: int, inputs: list, what: str
-                     ) -> tuple[str, str]:
-    """Rank 0: refuse an output the export may not write, check free space, create the staging dir with a probe."""
+def _repair(out: Path) -> None:
+    """Rank 0: undo what a killed export of ``out`` left: the previous export set aside between the two renames
+    of a replace is put back, staging dirs whose writer died are removed (a live writer's are kept)."""
+    try:
+        if recover(out, cleanup=False):
+            log.warning("%s: put back the previous export, which a killed export had set aside", out)
+        for staging in sweep_abandoned(out):
+            log.warning("removed %s, left by a killed export of %s", staging, out)
+    except OSError as e:  # a read-only or odd filesystem: check_output and the staging dir say what is wrong
+        log.debug("no repair of %s: %s", out, e)
+
+
+def _prepare_staging(out: Path, base_dir: Path, overwrite: bool, needed_bytes: int, inputs: list, what: str,
+                     marks: list[WriterMark]) -> tuple[str, str]:
+    """Rank 0: refuse an output the export may not write, check free space, create the staging dir with a probe
+    and this writer's mark (appended to ``marks``; released by the caller)."""
+    check_output(out, inputs, overwrite=overwrite, base_dir=base_dir, what=what)
+    _repair(out)
     check_output(out, inputs, overwrite=overwrite, base_dir=base_dir, what=what)
     staging = None
     try:
@@ -196,6 +211,7 @@ def _prepare_staging(out: Path, base_dir: Path, overwrite: bool, needed_bytes: i
                 "output dir"
             )
         staging = staging_dir(out)
+        marks.append(WriterMark(staging))
         token = secrets.token_hex(16)
         (staging / PROBE).write_text(token)
     except OSError as e:
@@ -258,10 +274,13 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLayout,
-              config_dtype: torch.dtype | None, overwrite: bool, inputs: list, what: str) -> None:
+              config_dtype: torch.dtype | None, overwrite: bool, inputs: list, what: str,
+              marks: list[WriterMark]) -> None:
     """Rank 0: index, config and tokenizer files, then publish the staging dir as ``out`` (checked again first:
     something may have appeared there while the ranks were writing)."""
     (staging / PROBE).unlink(missing_ok=True)
+    for mark in marks:
+        mark.unmark()
     index = layout.index()
     if index is not None:
         _write_json(staging / SAFE_INDEX, index)
@@ -316,8 +335,19 @@ def write_checkpoint(group: RankGroup, out_dir: str | os.PathLike, base: ModelDi
     out = Path(out_dir).absolute()
     base_dir = base.path.absolute()
     inputs = [base_dir, *(Path(p) for p in inputs if p is not None)]
+    marks: list[WriterMark] = []
+    try:
+        return _write(group, out, base_dir, layout, sources, overwrite, mode, config_dtype, inputs, what, marks)
+    finally:
+        for mark in marks:
+            mark.release()
+
+
+def _write(group: RankGroup, out: Path, base_dir: Path, layout: st.CheckpointLayout, sources: Mapping[str, object],
+           overwrite: bool, mode: str, config_dtype: torch.dtype | None, inputs: list, what: str,
+           marks: list[WriterMark]) -> Path:
     staging_s, token = group.on_rank0(
-        lambda: _prepare_staging(out, base_dir, overwrite, layout.file_bytes, inputs, what))
+        lambda: _prepare_staging(out, base_dir, overwrite, layout.file_bytes, inputs, what, marks))
     staging = Path(staging_s)
     try:
         gather = choose_gather(group, staging, token, mode)
@@ -334,7 +364,8 @@ def write_checkpoint(group: RankGroup, out_dir: str | os.PathLike, base: ModelDi
         # Each rank ends its writes with an fsync: rank 0's, of everything under gather, can take minutes;
         # the others wait for it as long as that takes, not parallel.timeout_s.
         (RankGroup(patient=True) if group.group is None else group).check(filled)
-        group.on_rank0(lambda: _finalize(staging, out, base_dir, layout, config_dtype, overwrite, inputs, what))
+        group.on_rank0(lambda: _finalize(staging, out, base_dir, layout, config_dtype, overwrite, inputs, what,
+                                         marks))
     except BaseException as e:
         if group.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)

@@ -262,6 +262,33 @@ def test_killed_export_leaves_nothing_that_looks_complete(bases, tmp_path):
     assert not out.exists()
     (staging,) = tmp_path.glob(".merged.tmp-*")
     assert not (staging / "config.json").exists() and not (staging / SAFE_INDEX).exists()
+    assert list(staging.glob("*.safetensors"))  # a partial checkpoint: what the next export must not leave behind
+
+    # The next export of the same output removes it (its writer is dead: its mark's lock is free).
+    export_merged(build_lora_model(bases["llama"], "llama"), out, bases["llama"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert verify_checkpoint(out, bases["llama"]).tensors == len(tensors(bases["llama"]))  # raises if incomplete
+
+
+def test_an_export_set_aside_by_a_killed_replace_is_put_back_first(bases, tmp_path):
+    """Killed between the two renames of ``--overwrite`` (no RENAME_EXCHANGE: NFS, Lustre), an export of ``O``
+    leaves the previous one as ``.O.old-*`` and no ``O``: the next export of ``O`` puts it back before anything."""
+    base = bases["llama"]
+    model = build_lora_model(base, "llama")
+    out = tmp_path / "merged"
+    export_merged(model, out, base)
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    out.rename(tmp_path / ".merged.old-1a2b3c4d")  # what the kill leaves
+
+    with pytest.raises(OutputExistsError):  # the previous export is back, so this needs --overwrite
+        export_merged(model, out, base)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+    out.rename(tmp_path / ".merged.old-1a2b3c4d")
+    export_merged(model, out, base, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # replaced, nothing set aside left
+    assert verify_checkpoint(out, base).tensors == len(tensors(base))
 
 
 # ----------------------------------------------------------------------------- distributed
