@@ -22,9 +22,13 @@ import subprocess
 import time
 from dataclasses import replace
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from lora_dist.launch.detect import detect_launch_env, loopback_address, validate_launch_env
 from lora_dist.launch.env import UNKNOWN, LaunchEnv, LaunchError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["destroy_distributed", "free_port", "init_distributed", "run_device", "select_device"]
 
@@ -387,7 +391,7 @@ def _wait_reachable(launch: LaunchEnv, timeout: timedelta) -> None:
         f"is running and {endpoint} is reachable from this node")
 
 
-def select_device(launch: LaunchEnv, cuda_count: int | None = None) -> "torch.device":
+def select_device(launch: LaunchEnv, cuda_count: int | None = None) -> torch.device:
     """The one rule for this rank's device; everything (the model, collectives, DeepSpeed) uses it.
 
     Without CUDA: the CPU. With as many visible GPUs as local ranks (or more): ``cuda:<local rank>``.
@@ -420,7 +424,7 @@ def patient_group():
     return _patient
 
 
-def run_device() -> "torch.device":
+def run_device() -> torch.device:
     """The device :func:`init_distributed` chose for this process (the CPU before it ran)."""
     import torch
 

@@ -37,7 +37,6 @@ step pays the compile: seconds to tens of seconds.
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from lora_dist.errors import ConfigError
