@@ -29,9 +29,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from lora_dist.atomic import recover, writing_dir
+from lora_dist.atomic import recover, write_safetensors, writing_dir
 from lora_dist.errors import UserError
 from lora_dist.outputs import ADAPTER_FILES
 from lora_dist.inputs import clip, excerpt, read_json
@@ -210,7 +209,7 @@ def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, torch.Tens
                     f"{free // 1024} KB are free; free space or choose another output dir (nothing was changed)"
                 )
             peft_tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-            save_file(peft_tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt", **(metadata or {})})
+            write_safetensors(staging / ADAPTER_WEIGHTS, peft_tensors, metadata={"format": "pt", **(metadata or {})})
             (staging / ADAPTER_CONFIG).write_text(text)
     except AdapterError:
         raise

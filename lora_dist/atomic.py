@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["WRITER_MARK", "WriterMark", "fsync", "publish_dir", "recover", "rename_exchange", "staging_dir",
-           "sweep_abandoned", "umask", "write_text_atomic", "writing_dir"]
+           "sweep_abandoned", "umask", "write_safetensors", "write_text_atomic", "writing_dir"]
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -57,6 +57,23 @@ def fsync(path: str | os.PathLike) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (contiguous, on the CPU) as a safetensors file, and fail if any part of the write fails.
+
+    safetensors' ``save_file`` drops the error of the file's close, which is where a network filesystem (NFS)
+    reports a write it could not complete; the file would then be published short. Here the bytes are written,
+    fsynced and closed by Python, which raises on each. For the small files (adapters, LoRA checkpoints) the
+    serialized bytes are held in memory once.
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def umask() -> int:

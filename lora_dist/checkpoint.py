@@ -95,9 +95,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from lora_dist.atomic import recover, write_text_atomic, writing_dir
+from lora_dist.atomic import recover, write_safetensors, write_text_atomic, writing_dir
 from lora_dist.config import Config
 from lora_dist.errors import UserError
 from lora_dist.launch import LaunchEnv
@@ -206,8 +206,8 @@ def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_
 
 
 def _write_files(staging: Path, lora: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], record: dict) -> None:
-    save_file({k: v.cpu().contiguous() for k, v in lora.items()}, str(staging / "lora.safetensors"))
-    save_file({k: v.contiguous() for k, v in moments.items()}, str(staging / "optimizer.safetensors"))
+    write_safetensors(staging / "lora.safetensors", {k: v.cpu().contiguous() for k, v in lora.items()})
+    write_safetensors(staging / "optimizer.safetensors", {k: v.contiguous() for k, v in moments.items()})
     (staging / "state.json").write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -158,6 +158,46 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
+@pytest.fixture
+def close_fails(monkeypatch):
+    """``close_fails()``: from then on a safetensors file lora_dist writes fails only at its close, with EIO (how
+    NFS reports a write it could not complete). Returns the list of the files whose close failed."""
+    import builtins
+    import errno
+
+    from lora_dist import atomic
+
+    failed: list[str] = []
+
+    class _FailsAtClose:
+        def __init__(self, f) -> None:
+            self._f = f
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.close()
+
+        def close(self) -> None:
+            self._f.close()
+            failed.append(Path(self._f.name).name)
+            raise OSError(errno.EIO, "Input/output error")
+
+    def open_(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        return _FailsAtClose(f) if str(path).endswith(".safetensors") and "w" in mode else f
+
+    def arm() -> list[str]:
+        monkeypatch.setattr(atomic, "open", open_, raising=False)
+        return failed
+
+    return arm
+
+
 # ----------------------------------------------------------------------------- the `slow` tier
 
 #: A call that starts processes (a CLI run, torchrun, an example script, a Slurm job) or trains a model

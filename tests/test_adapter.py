@@ -265,15 +265,15 @@ def _fail(*args, **kwargs):
     raise OSError("disk full")
 
 
-@pytest.mark.parametrize("failing", ["save_file", "replace"])
+@pytest.mark.parametrize("failing", ["write_safetensors", "replace"])
 def test_failed_write_leaves_the_existing_adapter_intact(failing, tiny_model, tmp_path, monkeypatch):
     target = tmp_path / "adapter"
     save_adapter(adapted(tiny_model, "llama", r=2, alpha=4, seed=0), target)
     before = {f: (target / f).read_bytes() for f in os.listdir(target)}
 
     newer = adapted(tiny_model, "llama", r=2, alpha=4, seed=1)
-    if failing == "save_file":
-        monkeypatch.setattr(adapter_mod, "save_file", _fail)
+    if failing == "write_safetensors":
+        monkeypatch.setattr(adapter_mod, "write_safetensors", _fail)
     else:  # the rename of the finished temp dir into place fails
         real_replace = os.replace
 
@@ -426,3 +426,16 @@ def test_disk_full_during_an_adapter_write_keeps_the_previous_adapter(space_chec
     assert isinstance(e.value, OSError) and "\n" not in str(e.value)
     assert {f: (target / f).read_bytes() for f in os.listdir(target)} == before
     assert os.listdir(tiny_disk) == ["adapter"], "temporary files were left behind"
+
+
+def test_a_write_error_reported_at_close_keeps_the_previous_adapter(tmp_path, close_fails):
+    """NFS reports a write it could not complete at the file's close; safetensors' save_file ignored that."""
+    target = tmp_path / "adapter"
+    write_adapter(target, _lora(2, 64), {"r": 2})
+    before = {f: (target / f).read_bytes() for f in os.listdir(target)}
+    failed = close_fails()
+    with pytest.raises(AdapterError, match="Input/output error") as e:
+        write_adapter(target, _lora(4, 64), {"r": 4})
+    assert failed == ["adapter_model.safetensors"] and "\n" not in str(e.value)
+    assert {f: (target / f).read_bytes() for f in os.listdir(target)} == before
+    assert os.listdir(tmp_path) == ["adapter"]  # no staging dir left

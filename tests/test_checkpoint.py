@@ -276,18 +276,14 @@ def test_explicitly_named_corrupt_checkpoint_is_an_error(setup, tmp_path):
     assert "step-000002 is unreadable" in last and "Traceback" not in proc.stderr
 
 
-def test_crash_while_writing_a_checkpoint_keeps_the_previous(setup, tmp_path, monkeypatch):
-    from lora_dist import checkpoint as ckpt_mod
-
+def test_crash_while_writing_a_checkpoint_keeps_the_previous(setup, tmp_path, monkeypatch, close_fails):
+    """A write error reported only at the file's close (NFS) fails the save: nothing short is published."""
     out = tmp_path / "crash"
     _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
-
-    def crash(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(ckpt_mod, "save_file", crash)
-    with pytest.raises(OSError):
+    failed = close_fails()
+    with pytest.raises(OSError, match="Input/output error"):
         _manager(setup, out).save(4, _SaveOnlyEngine({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64)}))
+    assert failed == ["lora.safetensors"]
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step-000002"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000002"]  # no temp dir left behind
@@ -410,7 +406,7 @@ def test_disk_full_while_saving_is_one_line_naming_what_is_intact(setup, tmp_pat
 
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    monkeypatch.setattr(ckpt_mod, "write_safetensors", full)
     engine = _SaveOnlyEngine({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64)})
     with pytest.raises(OutputDirError) as failed:
         _manager(setup, out).save(4, engine)

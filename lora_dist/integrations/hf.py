@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 from transformers import Trainer
 
+from lora_dist.adapter import ADAPTER_CONFIG
+from lora_dist.atomic import fsync
 from lora_dist.checkpoint import load_state, save_state
 from lora_dist.config import Config, ParallelConfig, TrainConfig
 from lora_dist.errors import ConfigError
@@ -77,6 +79,21 @@ def _check_args(args) -> None:
     if not optim.startswith("adamw_torch") or adam != (0.9, 0.999, 1e-8):
         raise ConfigError(f"LoraDistTrainer trains with AdamW(betas=(0.9, 0.999), eps=1e-8), not optim={optim} "
                           f"betas=({args.adam_beta1}, {args.adam_beta2}) eps={args.adam_epsilon}; drop those arguments")
+
+
+def _move_adapter_files(staged: Path, out: Path) -> None:
+    """Move a complete adapter dir's files into ``out`` (a Trainer's output dir, which holds other files too).
+
+    Two files cannot be swapped in at once, so the order keeps every moment loadable or refused: the old
+    ``adapter_config.json`` goes first, then the new weights, then the new config. A kill in between leaves
+    weights without a config, which PEFT and lora_dist refuse to load, never a config next to weights it does
+    not describe (another rank or alpha would load silently).
+    """
+    (out / ADAPTER_CONFIG).unlink(missing_ok=True)
+    for f in sorted(staged.iterdir(), key=lambda f: f.name == ADAPTER_CONFIG):  # the config last
+        os.replace(f, out / f.name)
+    fsync(out)
+    staged.rmdir()
 
 
 def _match_devices(args, device: torch.device) -> None:
@@ -251,9 +268,7 @@ class LoraDistMixin:
         self.engine.save_adapter(staged)
 
         def publish() -> None:
-            for f in staged.iterdir():
-                os.replace(f, out / f.name)
-            staged.rmdir()
+            _move_adapter_files(staged, out)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(str(out))
 

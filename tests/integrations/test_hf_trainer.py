@@ -146,3 +146,46 @@ def test_activation_checkpointing_is_read_by_its_current_name():
     args.activation_checkpointing = False
     assert args.gradient_checkpointing
     _check_args(args)
+
+
+def _adapter(directory, r: int):
+    from lora_dist.adapter import write_adapter
+
+    tensors = {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.full((r, 8), float(r)),
+               "model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, r)}
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj"]}
+    return write_adapter(directory, tensors, config)
+
+
+def test_a_save_cut_short_never_leaves_a_config_next_to_weights_it_does_not_describe(tmp_path, monkeypatch):
+    """Trainer's output dir holds other files, so the adapter's two files are moved in one by one (rank 0's
+    ``_save``): killed between the moves, the dir holds the new weights and no config, which is refused."""
+    import os
+
+    from lora_dist.adapter import ADAPTER_CONFIG, AdapterError, read_adapter
+    from lora_dist.integrations.hf import _move_adapter_files
+
+    out = tmp_path / "out"
+    _adapter(out, r=2)
+    (out / "trainer_state.json").write_text("{}")
+    staged = _adapter(out / ".lora_dist-adapter", r=4)
+    real = os.replace
+
+    def killed_before_the_config(src, dst):
+        if str(dst).endswith(ADAPTER_CONFIG):
+            raise KeyboardInterrupt  # stands for the kill
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        _move_adapter_files(staged, out)
+    with pytest.raises(AdapterError, match="adapter_config.json not found"):
+        read_adapter(out)
+
+    monkeypatch.setattr(os, "replace", real)
+    staged = _adapter(out / ".lora_dist-adapter", r=4)
+    _move_adapter_files(staged, out)
+    adapter = read_adapter(out)
+    assert adapter.config["r"] == 4 and {tuple(t.shape) for t in adapter.tensors.values()} == {(4, 8), (8, 4)}
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "trainer_state.json"]
