@@ -273,14 +273,24 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _check_staged(staging: Path, layout: st.CheckpointLayout) -> None:
+    """Every planned file is in the staging dir at its planned size (nothing removed it while the ranks wrote:
+    a sweep on a node whose ``flock`` is node-local, a user's ``rm``), so what is published is whole."""
+    for shard in layout.files:
+        path = staging / shard.name
+        size = path.stat().st_size if path.is_file() else None
+        if size != shard.size:
+            raise ExportError(f"{shard.name} is {'missing' if size is None else f'{size} bytes, not {shard.size}'} "
+                              f"in the staging dir {staging} (another process removed or changed it?); nothing was "
+                              "published: run the export again")
+
+
 def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLayout,
               config_dtype: torch.dtype | None, overwrite: bool, inputs: list, what: str,
               marks: list[WriterMark]) -> None:
     """Rank 0: index, config and tokenizer files, then publish the staging dir as ``out`` (checked again first:
     something may have appeared there while the ranks were writing)."""
     (staging / PROBE).unlink(missing_ok=True)
-    for mark in marks:
-        mark.unmark()
     index = layout.index()
     if index is not None:
         _write_json(staging / SAFE_INDEX, index)
@@ -293,6 +303,9 @@ def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLay
     for f in copied_files(base_dir):
         shutil.copyfile(f, staging / f.name)
     check_output(out, inputs, overwrite=overwrite, base_dir=base_dir, what=what)
+    _check_staged(staging, layout)
+    for mark in marks:
+        mark.unmark()
     try:
         publish_dir(staging, out, replace=overwrite)
     except FileExistsError:  # created by someone else in the last moment

@@ -270,6 +270,25 @@ def test_killed_export_leaves_nothing_that_looks_complete(bases, tmp_path):
     assert verify_checkpoint(out, bases["llama"]).tensors == len(tensors(bases["llama"]))  # raises if incomplete
 
 
+def test_a_file_removed_from_the_staging_dir_is_never_published(bases, tmp_path, monkeypatch):
+    """Something removes a shard while the ranks write (a sweep where flock is node-local, a user's rm): the
+    export fails before publishing anything."""
+    from lora_dist.export import writer
+
+    base = bases["llama"]
+    out = tmp_path / "merged"
+    real = writer._finalize
+
+    def shard_removed(staging, *args):
+        next(Path(staging).glob("model-*.safetensors")).unlink()
+        return real(staging, *args)
+
+    monkeypatch.setattr(writer, "_finalize", shard_removed)
+    with pytest.raises(ExportError, match=r"model-\S+ is missing in the staging dir .*nothing was published"):
+        export_merged(build_lora_model(base, "llama"), out, base, max_shard_size="100KB")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_export_set_aside_by_a_killed_replace_is_put_back_first(bases, tmp_path):
     """Killed between the two renames of ``--overwrite`` (no RENAME_EXCHANGE: NFS, Lustre), an export of ``O``
     leaves the previous one as ``.O.old-*`` and no ``O``: the next export of ``O`` puts it back before anything."""
