@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["WRITER_MARK", "WriterMark", "fsync", "publish_dir", "recover", "rename_exchange", "staging_dir",
-           "sweep_abandoned", "umask", "write_safetensors", "write_text_atomic", "writing_dir"]
+           "sweep_abandoned", "umask", "write_safetensors", "write_text_atomic", "writing_dir", "writing_file"]
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -98,17 +98,28 @@ def _umask_permissions(root: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a crash leaves either the old or the new file, durably."""
+@contextlib.contextmanager
+def writing_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator:
+    """Yield a file open on a sibling of ``path``; on a clean exit it is fsynced, closed and renamed to ``path``
+    (replacing it), on an error removed. A crash leaves the old file or the new one, durably, never a part."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     try:
-        tmp.write_text(text)
-        fsync(tmp)
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.chmod(0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves either the old or the new file, durably."""
+    with writing_file(path) as f:
+        f.write(text)
 
 
 def _staging_prefix(final: Path) -> str:

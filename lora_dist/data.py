@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from lora_dist.atomic import writing_file
 from lora_dist.chat import IGNORE
 from lora_dist.inputs import clip, read_json
 from lora_dist.model_dir import REMOTE_CODE_FIX, ModelDirError, read_config_json
@@ -356,14 +357,38 @@ def _open(cfg) -> tuple[PackedDataset, PackedDataset | None, Any]:
     return data, held_out, tokenizer
 
 
+_DUMP_KEYS = ["input_ids", "labels", "position_ids"]
+
+
+def _check_replaceable_dump(out: Path) -> None:
+    """Refuse an ``out`` that is not a file :func:`dump_blocks` wrote: a dir, a link, or a file whose first
+    line is not a block (lora_dist replaces only what it wrote)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    fix = "choose another --dump path or remove it"
+    if out.is_symlink() or not out.is_file():
+        raise DataError(f"--dump {out} exists and is not a file lora-dist data wrote; {fix}")
+    with out.open("rb") as f:
+        first = f.readline(1 << 20)
+    if not first.strip():
+        return
+    try:
+        row = json.loads(first)
+    except ValueError:
+        row = None
+    if not isinstance(row, dict) or sorted(row) != _DUMP_KEYS:
+        raise DataError(f"--dump {out} exists and is not a block dump lora-dist data wrote; {fix}")
+
+
 def dump_blocks(cfg, out: str | Path, limit: int | None = None) -> int:
     """Write the blocks a run trains on, in packed order (before shuffling), one JSON line each.
 
     Each line is ``{"input_ids", "labels", "position_ids"}``, the labels aligned with the inputs
     (``-100`` where there is no loss; the loss shifts them). These are ``data.path``'s blocks: the
     held-out ones are their last ``data.eval_fraction``, or ``data.eval_path``'s blocks (not written).
-    ``out`` may not be a data source nor lie in the model dir. Returns the number of blocks written (at
-    most ``limit``).
+    ``out`` may not be a data source nor lie in the model dir, and an existing ``out`` is replaced only if it
+    is an earlier dump (or empty); the file appears complete or not at all. Returns the number of blocks
+    written (at most ``limit``).
 
     Raises:
         DataError, ModelDirError: as :func:`load_dataset` and :func:`load_tokenizer`.
@@ -372,9 +397,10 @@ def dump_blocks(cfg, out: str | Path, limit: int | None = None) -> int:
     for source in (*input_paths(cfg.data), cfg.model.path):
         if source and (out.resolve() == Path(source).resolve() or Path(source).resolve() in out.resolve().parents):
             raise DataError(f"--dump {out} would overwrite an input ({source}); write the blocks elsewhere")
+    _check_replaceable_dump(out)
     data, _, _ = _open(cfg)
     n = len(data) if limit is None else max(0, min(limit, len(data)))
-    with out.open("w", encoding="utf-8") as f:
+    with writing_file(out, encoding="utf-8") as f:
         for k in range(n):
             f.write(json.dumps({"input_ids": data.input_ids[k].tolist(), "labels": data.labels[k].tolist(),
                                 "position_ids": data.position_ids[k].tolist()}) + "\n")

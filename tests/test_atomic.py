@@ -239,7 +239,7 @@ def test_write_text_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, mon
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(atomic, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)  # where a network filesystem reports a failed write
     with pytest.raises(OSError):
         write_text_atomic(target, "step-000004\n")
     assert target.read_text() == "step-000002\n"

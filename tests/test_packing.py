@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from lora_dist.config import load_config
 from lora_dist.data import IGNORE, block_causal_mask, dump_blocks, load_dataset, load_tokenizer, model_kwargs, summarize
+from lora_dist.sources import DataError
 from lora_dist.demo import demo_texts
 
 SEQ = 96
@@ -220,6 +221,14 @@ def test_dump_and_summary(setup, tmp_path):
     assert [line["labels"] for line in lines] == ds.labels.tolist()
     assert [line["position_ids"] for line in lines] == ds.position_ids.tolist()
     assert dump_blocks(cfg, tmp_path / "two.jsonl", limit=2) == 2
+    assert dump_blocks(cfg, out, limit=2) == 2  # an earlier dump is replaced, whole
+    assert len(out.read_text().splitlines()) == 2
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"text": "mine"}\n')
+    with pytest.raises(DataError, match="is not a block dump lora-dist data wrote; choose another --dump path"):
+        dump_blocks(cfg, notes)
+    assert notes.read_text() == '{"text": "mine"}\n'
+    assert not list(tmp_path.glob(".*.tmp-*"))  # no temporary file left
     text = summarize(cfg)
     s = ds.stats
     assert "records: 24 (8 completion, 8 messages, 8 text)" in text

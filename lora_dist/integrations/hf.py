@@ -30,7 +30,7 @@ import torch.nn as nn
 from transformers import Trainer
 
 from lora_dist.adapter import ADAPTER_CONFIG
-from lora_dist.atomic import fsync
+from lora_dist.atomic import fsync, write_text_atomic
 from lora_dist.checkpoint import load_state, save_state
 from lora_dist.config import Config, ParallelConfig, TrainConfig
 from lora_dist.errors import ConfigError
@@ -287,7 +287,7 @@ class LoraDistMixin:
         save_state(Path(output_dir) / STATE_DIR, step, self.engine, self.lora_dist_config, samples)
 
         def write_scheduler() -> None:
-            (Path(output_dir) / _SCHEDULER).write_text(json.dumps(self.lr_scheduler.state_dict()) + "\n")
+            write_text_atomic(Path(output_dir) / _SCHEDULER, json.dumps(self.lr_scheduler.state_dict()) + "\n")
 
         RankGroup().on_rank0(write_scheduler)
 
