@@ -30,13 +30,14 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from lora_dist.atomic import recover, write_safetensors, writing_dir
+from lora_dist.atomic import recover, writing_dir
 from lora_dist.errors import UserError
 from lora_dist.outputs import ADAPTER_FILES
 from lora_dist.inputs import clip, excerpt, read_json
 from lora_dist.lora import LoRAConfig, LoRAParam, inject_lora, lora_modules, param_targets
 from lora_dist.merge import LoRAWeights, lora_scale
 from lora_dist.quant import NF4Record, nf4_record
+from lora_dist.safetensors_file import write_safetensors
 from lora_dist.sharding import full_shape
 
 __all__ = [

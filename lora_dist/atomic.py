@@ -30,8 +30,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["WRITER_MARK", "WriterMark", "fsync", "publish_dir", "recover", "rename_exchange", "staging_dir",
-           "sweep_abandoned", "umask", "write_safetensors", "write_text_atomic", "writing_dir", "writing_file"]
+__all__ = ["WriterMark", "fsync", "publish_dir", "recover", "rename_exchange", "staging_dir",
+           "sweep_abandoned", "umask", "write_text_atomic", "writing_dir", "writing_file"]
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -57,23 +57,6 @@ def fsync(path: str | os.PathLike) -> None:
             raise
     finally:
         os.close(fd)
-
-
-def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` (contiguous, on the CPU) as a safetensors file, and fail if any part of the write fails.
-
-    safetensors' ``save_file`` drops the error of the file's close, which is where a network filesystem (NFS)
-    reports a write it could not complete; the file would then be published short. Here the bytes are written,
-    fsynced and closed by Python, which raises on each. For the small files (adapters, LoRA checkpoints) the
-    serialized bytes are held in memory once.
-    """
-    from safetensors.torch import save
-
-    data = save(tensors, metadata=metadata)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def umask() -> int:
@@ -202,24 +185,35 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike, *, replace
 _ASIDE_TRIES = 5
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _replace_in_two_renames(staging: Path, final: Path) -> None:
     """Set ``final`` aside, rename ``staging`` to it, remove what was set aside (no ``RENAME_EXCHANGE``).
 
     A reader's :func:`recover` may put the version set aside back in the window between the two
     renames (it sees ``final`` missing); the second rename then fails on the restored dir, which is
-    set aside again and the rename retried. On any other failure the previous version is put back.
+    set aside again and the rename retried. Anything else found there (another writer's output) is
+    left alone and the publish fails. On any other failure the previous version is put back.
     """
     asides: list[Path] = []
     for attempt in range(_ASIDE_TRIES):
         aside = final.with_name(_aside_prefix(final) + secrets.token_hex(4))
+        previous = os.lstat(final)
         os.replace(final, aside)
         asides.append(aside)
         try:
             os.replace(staging, final)
             break
-        except BaseException:
-            if os.path.lexists(final) and os.path.lexists(staging) and attempt + 1 < _ASIDE_TRIES:
-                continue  # a reader put the previous version back: set it aside again
+        except BaseException as e:
+            if isinstance(e, OSError) and attempt + 1 < _ASIDE_TRIES and os.path.lexists(staging) \
+                    and _identity(final) == (previous.st_dev, previous.st_ino):
+                continue  # a reader put the version set aside back (never another writer's output): again
             if not os.path.lexists(final):
                 for previous in reversed(asides):
                     with contextlib.suppress(FileNotFoundError):  # a reader may have put it back already
@@ -266,55 +260,89 @@ def recover(final: str | os.PathLike, *, cleanup: bool = True) -> bool:
     return restored
 
 
-WRITER_MARK = ".lora_dist-writer"
+def _mark_prefix(final: Path) -> str:
+    return f".{final.name}.writer-"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 class WriterMark:
-    """A live writer's mark on its staging dir: a file it holds an ``flock`` on, which dies with the process.
+    """A new staging dir for ``final``, marked as a live writer's by a file it holds an ``flock`` on.
 
-    Used where nothing else keeps two writers of one path apart (``lora-dist merge --out O`` takes no lock), so
-    that the next writer can tell a staging dir whose writer was killed (:func:`sweep_abandoned` removes it) from
-    a live one. The file is created under another name and renamed into place once locked, so a mark that can be
-    seen is always held. Where the filesystem has no ``flock`` (Lustre mounted ``noflock``) the dir stays
-    unmarked, and unmarked dirs are never removed.
+    Used where nothing else keeps two writers of one path apart (``lora-dist merge --out O`` takes no lock),
+    so the next writer can tell a staging dir whose writer was killed (:func:`sweep_abandoned` removes it)
+    from a live one. The mark ``.O.writer-XXXX`` lies next to the staging dir ``.O.tmp-XXXX``, never in it,
+    and is locked before that dir exists and released only after it is published or removed (the kernel
+    releases it when the process dies). Where the filesystem has no ``flock`` (Lustre mounted ``noflock``)
+    the dir is unmarked, and unmarked dirs are never removed.
 
     Args:
-        staging: the staging dir this process writes.
+        final: the path the staging dir will be published as.
+
+    Attributes:
+        staging: the new, empty staging dir.
     """
 
-    def __init__(self, staging: str | os.PathLike) -> None:
+    def __init__(self, final: str | os.PathLike) -> None:
+        final = Path(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            token = secrets.token_hex(4)
+            self.path = final.with_name(_mark_prefix(final) + token)
+            self.staging = final.with_name(_staging_prefix(final) + token)
+            if os.path.lexists(self.staging):  # pragma: no cover - 32 random bits collided
+                continue
+            self._fd = self._lock()
+            if self._fd is False:  # a sweep took the new mark for a dead writer's and removed it: start over
+                continue
+            try:
+                self.staging.mkdir()
+            except BaseException:
+                self.release()
+                raise
+            return
+
+    def _lock(self) -> int | None | bool:
+        """The held mark's fd; None where the filesystem has no flock (no mark); False if it was swept away."""
         import fcntl
 
-        self.path = Path(staging) / WRITER_MARK
-        self._fd: int | None = None
-        tmp = self.path.with_name(f"{WRITER_MARK}.tmp-{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.replace(tmp, self.path)
-        except OSError:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a sweeper holds it only while it looks at a dir that is not there yet
+        except BaseException as e:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
-            return
-        self._fd = fd
-
-    def unmark(self) -> None:
-        """Take the mark out of the dir (before publishing it); the lock is still held until :meth:`release`."""
-        self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                return None
+            raise
+        if not _same_file(fd, self.path):
+            os.close(fd)
+            return False
+        return fd
 
     def release(self) -> None:
-        """Remove the mark and drop the lock (after the publish, or after removing the staging dir)."""
-        self.unmark()
+        """Drop the mark (after the staging dir is published or removed): the lock, then the file."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            self.path.unlink(missing_ok=True)
 
 
 def sweep_abandoned(final: str | os.PathLike) -> list[Path]:
-    """Remove the staging dirs of ``final`` whose writer died: those with a :class:`WriterMark` no process holds.
+    """Remove the staging dirs of ``final`` whose writer died: those whose :class:`WriterMark` no process holds.
 
-    A dir without a mark (a writer on a filesystem without ``flock``, one about to publish, or one of another
-    kind) is left alone, as is one whose mark is held by a live writer, on any node that shares the filesystem.
+    A dir without a mark (a writer on a filesystem without ``flock``, or of another kind) is left alone, as is
+    one whose mark a live writer holds, on any node where ``flock`` reaches across nodes (NFSv4, Lustre
+    ``flock``); where locks are node-local (NFS ``nolock``, Lustre ``localflock``) a writer on another node
+    is not seen.
 
     Returns:
         The staging dirs removed.
@@ -325,21 +353,27 @@ def sweep_abandoned(final: str | os.PathLike) -> list[Path]:
     if not final.parent.is_dir():
         return []
     removed = []
-    for staging in final.parent.glob(_staging_prefix(final) + "*"):
+    for mark in final.parent.glob(_mark_prefix(final) + "*"):
         try:
-            fd = os.open(staging / WRITER_MARK, os.O_RDWR)
+            fd = os.open(mark, os.O_RDWR)
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue
-        try:
-            shutil.rmtree(staging, ignore_errors=True)  # its writer is gone: the lock was free
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer's
+            if not _same_file(fd, mark):
+                continue
+            staging = final.with_name(_staging_prefix(final) + mark.name[len(_mark_prefix(final)):])
+            if os.path.lexists(staging):
+                _remove(staging)
+                if os.path.lexists(staging):
+                    continue  # keep the mark: the next sweep tries again
+                removed.append(staging)
+            mark.unlink(missing_ok=True)
         finally:
             os.close(fd)
-        removed.append(staging)
     return removed
 
 

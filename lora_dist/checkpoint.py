@@ -97,7 +97,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lora_dist.atomic import recover, write_safetensors, write_text_atomic, writing_dir
+from lora_dist.atomic import recover, write_text_atomic, writing_dir
 from lora_dist.config import Config
 from lora_dist.errors import UserError
 from lora_dist.launch import LaunchEnv
@@ -105,6 +105,7 @@ from lora_dist.model_dir import SAFE_INDEX
 from lora_dist.outputs import OutputError, read_run_marker, write_failure
 from lora_dist.quant import NF4Record, nf4_record
 from lora_dist.ranks import RankGroup
+from lora_dist.safetensors_file import write_safetensors
 
 __all__ = [
     "CheckpointManager",

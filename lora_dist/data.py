@@ -357,27 +357,31 @@ def _open(cfg) -> tuple[PackedDataset, PackedDataset | None, Any]:
     return data, held_out, tokenizer
 
 
-_DUMP_KEYS = ["input_ids", "labels", "position_ids"]
+#: How every line of a dump starts (json.dumps of the row below): an earlier dump is recognised by it.
+_DUMP_PREFIX = b'{"input_ids": ['
 
 
-def _check_replaceable_dump(out: Path) -> None:
-    """Refuse an ``out`` that is not a file :func:`dump_blocks` wrote: a dir, a link, or a file whose first
-    line is not a block (lora_dist replaces only what it wrote)."""
-    if not out.exists() and not out.is_symlink():
-        return
+
+def _dump_target(out: Path) -> tuple[Path, bool]:
+    """Where ``--dump OUT`` writes (links followed) and whether that is a file to replace atomically (False: a
+    device or pipe such as ``/dev/stdout``, written as a stream).
+
+    Raises:
+        DataError: a dir, or a file whose first line is not a block (lora_dist replaces only what it wrote).
+    """
+    target = out.resolve()
     fix = "choose another --dump path or remove it"
-    if out.is_symlink() or not out.is_file():
-        raise DataError(f"--dump {out} exists and is not a file lora-dist data wrote; {fix}")
-    with out.open("rb") as f:
-        first = f.readline(1 << 20)
-    if not first.strip():
-        return
-    try:
-        row = json.loads(first)
-    except ValueError:
-        row = None
-    if not isinstance(row, dict) or sorted(row) != _DUMP_KEYS:
+    if not target.exists():
+        return target, True
+    if target.is_dir():
+        raise DataError(f"--dump {out} is a directory; {fix}")
+    if not target.is_file():
+        return target, False
+    with target.open("rb") as f:
+        first = f.read(len(_DUMP_PREFIX))
+    if first and first != _DUMP_PREFIX:  # an empty file, or an earlier dump, is replaced
         raise DataError(f"--dump {out} exists and is not a block dump lora-dist data wrote; {fix}")
+    return target, True
 
 
 def dump_blocks(cfg, out: str | Path, limit: int | None = None) -> int:
@@ -397,10 +401,10 @@ def dump_blocks(cfg, out: str | Path, limit: int | None = None) -> int:
     for source in (*input_paths(cfg.data), cfg.model.path):
         if source and (out.resolve() == Path(source).resolve() or Path(source).resolve() in out.resolve().parents):
             raise DataError(f"--dump {out} would overwrite an input ({source}); write the blocks elsewhere")
-    _check_replaceable_dump(out)
+    target, replace = _dump_target(out)
     data, _, _ = _open(cfg)
     n = len(data) if limit is None else max(0, min(limit, len(data)))
-    with writing_file(out, encoding="utf-8") as f:
+    with writing_file(target, encoding="utf-8") if replace else target.open("w", encoding="utf-8") as f:
         for k in range(n):
             f.write(json.dumps({"input_ids": data.input_ids[k].tolist(), "labels": data.labels[k].tolist(),
                                 "position_ids": data.position_ids[k].tolist()}) + "\n")

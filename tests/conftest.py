@@ -165,7 +165,7 @@ def close_fails(monkeypatch):
     import builtins
     import errno
 
-    from lora_dist import atomic
+    from lora_dist import safetensors_file
 
     failed: list[str] = []
 
@@ -192,7 +192,7 @@ def close_fails(monkeypatch):
         return _FailsAtClose(f) if str(path).endswith(".safetensors") and "w" in mode else f
 
     def arm() -> list[str]:
-        monkeypatch.setattr(atomic, "open", open_, raising=False)
+        monkeypatch.setattr(safetensors_file, "open", open_, raising=False)
         return failed
 
     return arm

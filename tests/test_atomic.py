@@ -14,7 +14,6 @@ import pytest
 from distutil import REPO, quiet_env
 from lora_dist import atomic
 from lora_dist.atomic import (
-    WRITER_MARK,
     WriterMark,
     publish_dir,
     recover,
@@ -124,6 +123,25 @@ def test_without_exchange_a_reader_restoring_between_the_two_renames_does_not_fa
     _write_version(final, "v2")
     assert restored == [True]  # the reader did put v1 back in the window
     assert (final / "weights.bin").read_text() == "v2" and _siblings(final) == []
+
+
+def test_without_exchange_another_writers_output_found_between_the_two_renames_is_kept(tmp_path, monkeypatch):
+    """Only the version set aside is set aside again: an output another writer published in the window stays."""
+    final = tmp_path / "adapter"
+    _write_version(final, "v1")
+    monkeypatch.setattr(atomic, "rename_exchange", lambda a, b: False)
+    real = os.replace
+
+    def other_writer_in_the_window(src, dst):
+        real(src, dst)
+        if Path(dst).name.startswith(".adapter.old-") and not final.exists():
+            final.mkdir()
+            (final / "weights.bin").write_text("other")
+
+    monkeypatch.setattr(os, "replace", other_writer_in_the_window)
+    with pytest.raises(OSError):
+        _write_version(final, "v2")
+    assert (final / "weights.bin").read_text() == "other"
 
 
 def test_without_exchange_a_reader_that_keeps_restoring_leaves_the_previous_version(tmp_path, monkeypatch):
@@ -249,41 +267,62 @@ def test_write_text_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, mon
 _HOLDS_A_MARK = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from lora_dist.atomic import WriterMark, staging_dir
+    from lora_dist.atomic import WriterMark
 
-    staging = staging_dir(Path(sys.argv[1]))
-    (staging / "part.safetensors").write_text("half")
-    mark = WriterMark(staging)
-    print(staging, flush=True)
+    mark = WriterMark(Path(sys.argv[1]))
+    (mark.staging / "part.safetensors").write_text("half")
+    print(mark.staging, flush=True)
     time.sleep(600)
 """)
+
+
+def _locked(path: Path) -> bool:
+    """Whether some open file description holds an flock on ``path``."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def test_sweep_keeps_a_live_writers_staging_dir_and_removes_a_dead_ones(tmp_path):
     """``lora-dist merge --out O`` takes no lock: a staging dir is removed only once its writer's flock is free."""
     final = tmp_path / "merged"
-    unmarked = staging_dir(final)  # a writer without flock, or one about to publish: never removed
+    unmarked = staging_dir(final)  # a writer on a filesystem without flock: never removed
     proc = subprocess.Popen([sys.executable, "-c", _HOLDS_A_MARK, str(final)], cwd=REPO, env=quiet_env(),
                             stdout=subprocess.PIPE, text=True)
     try:
         live = Path(proc.stdout.readline().strip())
-        assert (live / WRITER_MARK).is_file()
+        (mark,) = tmp_path.glob(".merged.writer-*")
+        assert _locked(mark) and mark.name.split("-")[-1] == live.name.split("-")[-1]
         assert sweep_abandoned(final) == []
         assert live.is_dir() and unmarked.is_dir()
     finally:
         proc.kill()
         proc.wait()
     assert sweep_abandoned(final) == [live]  # killed: the kernel dropped its lock
-    assert not live.exists() and unmarked.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [unmarked.name]  # the mark went with it
 
 
-def test_a_writer_mark_is_gone_once_released_and_unmark_keeps_the_lock(tmp_path):
-    staging = staging_dir(tmp_path / "merged")
-    mark = WriterMark(staging)
-    assert sorted(p.name for p in staging.iterdir()) == [WRITER_MARK]  # no temporary name left
-    assert sweep_abandoned(tmp_path / "merged") == []  # held by this live writer
-    mark.unmark()  # about to publish: no mark, so nobody removes it
-    assert list(staging.iterdir()) == []
-    assert sweep_abandoned(tmp_path / "merged") == [] and staging.is_dir()
+def test_a_writer_mark_is_held_until_released_and_never_inside_the_staging_dir(tmp_path):
+    final = tmp_path / "merged"
+    mark = WriterMark(final)
+    assert list(mark.staging.iterdir()) == []  # published as is: no file of the mark's in it
+    assert mark.path.parent == tmp_path and _locked(mark.path)
+    assert sweep_abandoned(final) == [] and mark.staging.is_dir()
+    publish_dir(mark.staging, final)
+    assert _locked(mark.path)  # held through the publish
     mark.release()
-    assert sweep_abandoned(tmp_path / "merged") == [] and staging.is_dir()  # unmarked: left alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_mark_left_by_a_writer_killed_after_its_publish_is_swept(tmp_path):
+    final = tmp_path / "merged"
+    orphan = tmp_path / ".merged.writer-0badf00d"
+    orphan.write_text("")  # its writer published, then died before removing it: nobody holds it
+    assert sweep_abandoned(final) == [] and not orphan.exists()

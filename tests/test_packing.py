@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -229,6 +230,12 @@ def test_dump_and_summary(setup, tmp_path):
         dump_blocks(cfg, notes)
     assert notes.read_text() == '{"text": "mine"}\n'
     assert not list(tmp_path.glob(".*.tmp-*"))  # no temporary file left
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(out)
+    assert dump_blocks(cfg, link, limit=1) == 1  # through a link: its target, an earlier dump, is replaced
+    assert link.is_symlink() and len(out.read_text().splitlines()) == 1
+    assert dump_blocks(cfg, "/dev/null", limit=2) == 2  # a device is written as a stream, never replaced
+    assert Path("/dev/null").is_char_device()
     text = summarize(cfg)
     s = ds.stats
     assert "records: 24 (8 completion, 8 messages, 8 text)" in text

@@ -24,15 +24,16 @@ import math
 import os
 import re
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
-from lora_dist.dtypes import from_safetensors, to_safetensors
+from lora_dist.dtypes import from_safetensors
 from lora_dist.model_dir import SAFE_SINGLE
+from lora_dist.safetensors_file import MAX_HEADER, SafetensorsFormatError, tensor_bytes
+from lora_dist.safetensors_file import encode_header as _encode_header
 
 __all__ = [
     "CheckpointLayout",
@@ -49,13 +50,9 @@ __all__ = [
     "read_header",
 ]
 
-_MAX_HEADER = 100 * 1000 * 1000  # safetensors refuses larger headers
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-
-class SafetensorsFormatError(ValueError):
-    """A safetensors file whose header or size is not what the format requires."""
 
 
 def format_size(n: int) -> str:
@@ -159,16 +156,8 @@ class CheckpointLayout:
 
 
 def encode_header(entries: Sequence[tuple[TensorSpec, int, int]], metadata: Mapping[str, str]) -> bytes:
-    """Length prefix + JSON header padded with spaces to 8 bytes (as safetensors does)."""
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    for spec, begin, end in entries:
-        header[spec.name] = {"dtype": to_safetensors(spec.dtype), "shape": list(spec.shape),
-                             "data_offsets": [begin, end]}
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    if len(text) > _MAX_HEADER:
-        raise SafetensorsFormatError(f"safetensors header of {len(text)} bytes exceeds the format's limit")
-    return struct.pack("<Q", len(text)) + text
+    """:func:`lora_dist.safetensors_file.encode_header` of ``(spec, begin, end)`` entries."""
+    return _encode_header(((spec.name, spec.dtype, spec.shape, begin, end) for spec, begin, end in entries), metadata)
 
 
 def plan_layout(
@@ -231,11 +220,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 def pwrite_tensor(fd: int, tensor: torch.Tensor, offset: int) -> None:
     """Write a tensor's raw bytes (native little-endian layout) at ``offset`` of an open file."""
-    if sys.byteorder != "little":  # pragma: no cover
-        raise SafetensorsFormatError("writing safetensors requires a little-endian machine")
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    if flat.numel():
-        _pwrite_all(fd, memoryview(flat.view(torch.uint8).numpy()), offset)
+    if tensor.numel():
+        _pwrite_all(fd, tensor_bytes(tensor), offset)
 
 
 @dataclass(frozen=True)
@@ -267,7 +253,7 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, HeaderEntry]]:
         if len(prefix) < 8:
             raise SafetensorsFormatError(f"{path.name}: {size} bytes is too short for a safetensors header")
         (n,) = struct.unpack("<Q", prefix)
-        if n > min(_MAX_HEADER, size - 8):
+        if n > min(MAX_HEADER, size - 8):
             raise SafetensorsFormatError(
                 f"{path.name}: header length {n} is larger than the file; the header is corrupt"
             )

@@ -30,7 +30,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from lora_dist.atomic import WriterMark, publish_dir, recover, staging_dir, sweep_abandoned
+from lora_dist.atomic import WriterMark, publish_dir, recover, sweep_abandoned
 from lora_dist.dtypes import dtype_name
 from lora_dist.export import layout as st
 from lora_dist.export.errors import ExportError
@@ -195,8 +195,8 @@ def _repair(out: Path) -> None:
 
 def _prepare_staging(out: Path, base_dir: Path, overwrite: bool, needed_bytes: int, inputs: list, what: str,
                      marks: list[WriterMark]) -> tuple[str, str]:
-    """Rank 0: refuse an output the export may not write, check free space, create the staging dir with a probe
-    and this writer's mark (appended to ``marks``; released by the caller)."""
+    """Rank 0: refuse an output the export may not write, check free space, create the staging dir (marked as
+    this writer's: the mark is appended to ``marks``, released by the caller) with a probe."""
     check_output(out, inputs, overwrite=overwrite, base_dir=base_dir, what=what)
     _repair(out)
     check_output(out, inputs, overwrite=overwrite, base_dir=base_dir, what=what)
@@ -210,8 +210,9 @@ def _prepare_staging(out: Path, base_dir: Path, overwrite: bool, needed_bytes: i
                 f"{st.format_size(needed_bytes)}, {st.format_size(free)} are free; free space or choose another "
                 "output dir"
             )
-        staging = staging_dir(out)
-        marks.append(WriterMark(staging))
+        mark = WriterMark(out)
+        marks.append(mark)
+        staging = mark.staging
         token = secrets.token_hex(16)
         (staging / PROBE).write_text(token)
     except OSError as e:
@@ -286,8 +287,7 @@ def _check_staged(staging: Path, layout: st.CheckpointLayout) -> None:
 
 
 def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLayout,
-              config_dtype: torch.dtype | None, overwrite: bool, inputs: list, what: str,
-              marks: list[WriterMark]) -> None:
+              config_dtype: torch.dtype | None, overwrite: bool, inputs: list, what: str) -> None:
     """Rank 0: index, config and tokenizer files, then publish the staging dir as ``out`` (checked again first:
     something may have appeared there while the ranks were writing)."""
     (staging / PROBE).unlink(missing_ok=True)
@@ -304,8 +304,6 @@ def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLay
         shutil.copyfile(f, staging / f.name)
     check_output(out, inputs, overwrite=overwrite, base_dir=base_dir, what=what)
     _check_staged(staging, layout)
-    for mark in marks:
-        mark.unmark()
     try:
         publish_dir(staging, out, replace=overwrite)
     except FileExistsError:  # created by someone else in the last moment
@@ -377,8 +375,7 @@ def _write(group: RankGroup, out: Path, base_dir: Path, layout: st.CheckpointLay
         # Each rank ends its writes with an fsync: rank 0's, of everything under gather, can take minutes;
         # the others wait for it as long as that takes, not parallel.timeout_s.
         (RankGroup(patient=True) if group.group is None else group).check(filled)
-        group.on_rank0(lambda: _finalize(staging, out, base_dir, layout, config_dtype, overwrite, inputs, what,
-                                         marks))
+        group.on_rank0(lambda: _finalize(staging, out, base_dir, layout, config_dtype, overwrite, inputs, what))
     except BaseException as e:
         if group.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)

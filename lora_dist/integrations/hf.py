@@ -90,9 +90,10 @@ def _move_adapter_files(staged: Path, out: Path) -> None:
     not describe (another rank or alpha would load silently).
     """
     (out / ADAPTER_CONFIG).unlink(missing_ok=True)
+    fsync(out)  # the removal is durable before anything new arrives
     for f in sorted(staged.iterdir(), key=lambda f: f.name == ADAPTER_CONFIG):  # the config last
         os.replace(f, out / f.name)
-    fsync(out)
+        fsync(out)
     staged.rmdir()
 
 
