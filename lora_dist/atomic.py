@@ -25,6 +25,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -111,6 +112,34 @@ def _staging_prefix(final: Path) -> str:
 
 def _aside_prefix(final: Path) -> str:
     return f".{final.name}.old-"
+
+
+def _discard_prefix(final: Path) -> str:
+    return f".{final.name}.del-"
+
+
+_TOKEN = re.compile(r"[0-9a-f]{8}")
+
+
+def _tokened(final: Path, prefix: str) -> list[Path]:
+    """The siblings of ``final`` named ``prefix`` + a token (no glob: ``final``'s name may hold ``[*?``, and
+    ``.a.tmp-`` must not take ``.a.tmp-b.tmp-XXXX``, a staging dir of ``a.tmp-b``)."""
+    try:
+        names = os.listdir(final.parent)
+    except FileNotFoundError:
+        return []
+    return [final.with_name(n) for n in names if n.startswith(prefix) and _TOKEN.fullmatch(n[len(prefix):])]
+
+
+def _discard(final: Path, path: Path) -> None:
+    """Remove ``path`` (a version of ``final`` no longer wanted) under a name :func:`recover` never restores, so
+    a removal cut short leaves no half-deleted version that could be put back."""
+    dead = final.with_name(_discard_prefix(final) + secrets.token_hex(4))
+    try:
+        os.replace(path, dead)
+    except FileNotFoundError:
+        return
+    _remove(dead)
 
 
 def staging_dir(final: str | os.PathLike) -> Path:
@@ -204,7 +233,7 @@ def _replace_in_two_renames(staging: Path, final: Path) -> None:
     asides: list[Path] = []
     for attempt in range(_ASIDE_TRIES):
         aside = final.with_name(_aside_prefix(final) + secrets.token_hex(4))
-        previous = os.lstat(final)
+        previous = _identity(final)
         os.replace(final, aside)
         asides.append(aside)
         try:
@@ -212,17 +241,20 @@ def _replace_in_two_renames(staging: Path, final: Path) -> None:
             break
         except BaseException as e:
             if isinstance(e, OSError) and attempt + 1 < _ASIDE_TRIES and os.path.lexists(staging) \
-                    and _identity(final) == (previous.st_dev, previous.st_ino):
+                    and _identity(final) == previous:
                 continue  # a reader put the version set aside back (never another writer's output): again
             if not os.path.lexists(final):
-                for previous in reversed(asides):
+                for version in reversed(asides):
                     with contextlib.suppress(FileNotFoundError):  # a reader may have put it back already
-                        os.replace(previous, final)
+                        os.replace(version, final)
                         break
+            else:  # another writer's output took the place: what this one set aside was being replaced anyway
+                for version in asides:
+                    _discard(final, version)
             raise
     fsync(final.parent)
     for aside in asides:
-        _remove(aside)
+        _discard(final, aside)
 
 
 def recover(final: str | os.PathLike, *, cleanup: bool = True) -> bool:
@@ -245,7 +277,7 @@ def recover(final: str | os.PathLike, *, cleanup: bool = True) -> bool:
     parent = final.parent
     if not parent.is_dir():
         return False
-    aside = sorted((p for p in parent.glob(_aside_prefix(final) + "*")), key=lambda p: p.stat().st_mtime)
+    aside = sorted(_tokened(final, _aside_prefix(final)), key=lambda p: p.stat().st_mtime)
     restored = False
     if not os.path.lexists(final) and aside:
         try:
@@ -255,7 +287,7 @@ def recover(final: str | os.PathLike, *, cleanup: bool = True) -> bool:
             pass
         fsync(parent)
     if cleanup:
-        for leftover in [*aside, *parent.glob(_staging_prefix(final) + "*")]:
+        for leftover in [*aside, *_tokened(final, _staging_prefix(final)), *_tokened(final, _discard_prefix(final))]:
             _remove(leftover)
     return restored
 
@@ -323,17 +355,25 @@ class WriterMark:
             if isinstance(e, OSError):
                 return None
             raise
-        if not _same_file(fd, self.path):
+        try:
+            same = _same_file(fd, self.path)
+        except BaseException:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise
+        if not same:
             os.close(fd)
             return False
         return fd
 
     def release(self) -> None:
-        """Drop the mark (after the staging dir is published or removed): the lock, then the file."""
+        """Drop the lock (after the staging dir is published or removed), and the mark's file where the dir is
+        gone: a dir that is still there (its removal failed) stays marked, for the next sweep."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-            self.path.unlink(missing_ok=True)
+            if not os.path.lexists(self.staging):
+                self.path.unlink(missing_ok=True)
 
 
 def sweep_abandoned(final: str | os.PathLike) -> list[Path]:
@@ -350,10 +390,10 @@ def sweep_abandoned(final: str | os.PathLike) -> list[Path]:
     import fcntl
 
     final = Path(final)
-    if not final.parent.is_dir():
-        return []
     removed = []
-    for mark in final.parent.glob(_mark_prefix(final) + "*"):
+    for dead in _tokened(final, _discard_prefix(final)):  # versions a writer was removing when it died
+        _remove(dead)
+    for mark in _tokened(final, _mark_prefix(final)):
         try:
             fd = os.open(mark, os.O_RDWR)
         except OSError:

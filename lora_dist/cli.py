@@ -283,7 +283,7 @@ def _data(args: argparse.Namespace) -> int:
     if args.dump is None:
         print(summarize(cfg))
     else:
-        print(f"wrote {dump_blocks(cfg, args.dump, args.limit)} blocks to {args.dump}")
+        print(f"wrote {dump_blocks(cfg, args.dump, args.limit)} blocks to {args.dump}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -357,29 +359,42 @@ def _open(cfg) -> tuple[PackedDataset, PackedDataset | None, Any]:
     return data, held_out, tokenizer
 
 
-#: How every line of a dump starts (json.dumps of the row below): an earlier dump is recognised by it.
+#: How every line of a dump starts, and what else it holds (json.dumps of the row dump_blocks writes): an earlier
+#: dump is recognised by its first line.
 _DUMP_PREFIX = b'{"input_ids": ['
+_DUMP_KEYS = (b'], "labels": [', b'], "position_ids": [')
+_DUMP_LINE_LIMIT = 1 << 28  # a first line longer than this is not a dump (256 MiB: 10M-token blocks)
 
 
 
 def _dump_target(out: Path) -> tuple[Path, bool]:
-    """Where ``--dump OUT`` writes (links followed) and whether that is a file to replace atomically (False: a
-    device or pipe such as ``/dev/stdout``, written as a stream).
+    """Where ``--dump OUT`` writes and whether that is a file to replace atomically (links followed), or a
+    stream to append to: ``/dev/stdout`` (whatever it is redirected to, ``>> log`` included), another device
+    or a pipe.
 
     Raises:
-        DataError: a dir, or a file whose first line is not a block (lora_dist replaces only what it wrote).
+        DataError: a dir, a link that leads nowhere, or a file whose first line is not a block (lora_dist
+            replaces only what it wrote).
     """
-    target = out.resolve()
     fix = "choose another --dump path or remove it"
-    if not target.exists():
+    if out.absolute().parts[1:2] in (("dev",), ("proc",)):
+        return out, False
+    try:
+        target = out.resolve()
+        st = os.stat(target) if os.path.lexists(target) else None
+    except (OSError, RuntimeError) as e:  # a link loop, a dir that cannot be read
+        raise DataError(f"--dump {out} cannot be followed ({getattr(e, 'strerror', None) or e}); {fix}") from None
+    if st is None:
+        if not target.parent.is_dir():
+            raise DataError(f"--dump {out}: {target.parent} is not a directory; {fix}")
         return target, True
-    if target.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         raise DataError(f"--dump {out} is a directory; {fix}")
-    if not target.is_file():
+    if not stat.S_ISREG(st.st_mode):
         return target, False
     with target.open("rb") as f:
-        first = f.read(len(_DUMP_PREFIX))
-    if first and first != _DUMP_PREFIX:  # an empty file, or an earlier dump, is replaced
+        first = f.readline(_DUMP_LINE_LIMIT)
+    if first.strip() and not (first.startswith(_DUMP_PREFIX) and all(k in first for k in _DUMP_KEYS)):
         raise DataError(f"--dump {out} exists and is not a block dump lora-dist data wrote; {fix}")
     return target, True
 
@@ -404,7 +419,7 @@ def dump_blocks(cfg, out: str | Path, limit: int | None = None) -> int:
     target, replace = _dump_target(out)
     data, _, _ = _open(cfg)
     n = len(data) if limit is None else max(0, min(limit, len(data)))
-    with writing_file(target, encoding="utf-8") if replace else target.open("w", encoding="utf-8") as f:
+    with writing_file(target, encoding="utf-8") if replace else target.open("a", encoding="utf-8") as f:
         for k in range(n):
             f.write(json.dumps({"input_ids": data.input_ids[k].tolist(), "labels": data.labels[k].tolist(),
                                 "position_ids": data.position_ids[k].tolist()}) + "\n")

@@ -35,8 +35,12 @@ def encode_header(entries: Iterable[tuple[str, torch.dtype, Sequence[int], int, 
         entries: ``(name, dtype, shape, begin, end)`` per tensor, byte offsets relative to the data region.
         metadata: the header's ``__metadata__`` (string values), if any.
     """
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise SafetensorsFormatError(f"safetensors metadata must map strings to strings, got {dict(metadata)!r:.200}")
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     for name, dtype, shape, begin, end in entries:
+        if name == "__metadata__":
+            raise SafetensorsFormatError("a tensor may not be named __metadata__ in safetensors")
         header[name] = {"dtype": to_safetensors(dtype), "shape": list(shape), "data_offsets": [begin, end]}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)

@@ -326,3 +326,51 @@ def test_a_mark_left_by_a_writer_killed_after_its_publish_is_swept(tmp_path):
     orphan = tmp_path / ".merged.writer-0badf00d"
     orphan.write_text("")  # its writer published, then died before removing it: nobody holds it
     assert sweep_abandoned(final) == [] and not orphan.exists()
+
+
+def test_a_mark_whose_dir_could_not_be_removed_stays_for_the_next_sweep(tmp_path):
+    final = tmp_path / "merged"
+    mark = WriterMark(final)
+    (mark.staging / "part.safetensors").write_text("half")
+    mark.release()  # the writer failed and could not remove its dir (a busy NFS file...)
+    assert mark.path.exists() and not _locked(mark.path)
+    assert sweep_abandoned(final) == [mark.staging]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_names_holding_glob_characters_or_other_outputs_prefixes_are_kept_apart(tmp_path, monkeypatch):
+    """``run[1]``'s leftovers are found (no glob), and ``a``'s never include those of ``a.tmp-b``."""
+    odd = tmp_path / "run[1]"
+    _write_version(odd, "v1")
+    (odd).rename(tmp_path / ".run[1].old-0a1b2c3d")
+    (tmp_path / ".run1.old-0a1b2c3d").mkdir()  # what `run[1]` would match as a glob
+    assert recover(odd, cleanup=False) and (odd / "weights.bin").read_text() == "v1"
+    assert (tmp_path / ".run1.old-0a1b2c3d").is_dir()
+
+    other = WriterMark(tmp_path / "a.tmp-b")  # its staging dir .a.tmp-b.tmp-XXXX starts with .a.tmp-
+    recover(tmp_path / "a")  # a writer of `a` cleans up only `a`'s leftovers
+    assert other.staging.is_dir()
+    other.release()
+
+
+def test_a_replaced_version_is_deleted_under_a_name_recover_never_restores(tmp_path, monkeypatch):
+    final = tmp_path / "adapter"
+    _write_version(final, "v1")
+    monkeypatch.setattr(atomic, "rename_exchange", lambda a, b: False)
+    deleted = []
+    real = atomic._remove
+
+    def cut_short(path):  # the removal of the replaced version dies at once
+        deleted.append(path.name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "_remove", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        _write_version(final, "v2")
+    monkeypatch.setattr(atomic, "_remove", real)
+    assert deleted and deleted[0].startswith(".adapter.del-")
+    assert (final / "weights.bin").read_text() == "v2"
+    assert recover(final, cleanup=False) is False  # nothing under an .old- name to put back
+    final.rename(tmp_path / ".adapter.old-0a1b2c3d")  # even with the final dir gone
+    assert recover(final, cleanup=False) and (final / "weights.bin").read_text() == "v2"
+    assert sweep_abandoned(final) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -288,7 +288,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous(setup, tmp_path, mo
     assert (ckpts / "latest").read_text().strip() == "step-000002"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000002"]  # no temp dir left behind
     monkeypatch.undo()
-    (ckpts / ".step-000003.tmp-killed").mkdir()  # what a writer killed mid-save (SIGKILL) leaves
+    (ckpts / ".step-000003.tmp-0dead123").mkdir()  # what a writer killed mid-save (SIGKILL) leaves
     (ckpts / ".unrelated").mkdir()
     proc = _run(setup, out, 1, "parallel.strategy=none")
     assert "resumed from" in proc.stderr and "step-000002" in proc.stderr

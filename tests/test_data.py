@@ -147,7 +147,7 @@ def test_bom_and_crlf_files_read_as_before(tokenizer, tmp_path):
     assert torch.equal(load_dataset(crlf, tokenizer, 16).input_ids, load_dataset(lf, tokenizer, 16).input_ids)
 
 
-def test_data_command_summarizes_and_dumps_what_the_model_sees(tiny_checkpoint, tmp_path, capsys):
+def test_data_command_summarizes_and_dumps_what_the_model_sees(tiny_checkpoint, tmp_path, capfd):
     from lora_dist.cli import main
 
     data = tmp_path / "chat.jsonl"
@@ -157,7 +157,7 @@ def test_data_command_summarizes_and_dumps_what_the_model_sees(tiny_checkpoint, 
     common = [f"model.path={tiny_checkpoint('llama')}", f"data.path={data}", "data.chat_template=chatml",
               "train.seq_len=256", "data.eval_fraction=0"]
     assert main(["data", *common]) == 0
-    summary = capsys.readouterr().out
+    summary = capfd.readouterr().out
     assert "records: 12 (12 messages)" in summary and "tokens with a loss" in summary and "[[" in summary
     out = tmp_path / "blocks.jsonl"
     assert main(["data", *common, "--dump", str(out), "--limit", "3"]) == 0  # options after overrides
@@ -167,6 +167,11 @@ def test_data_command_summarizes_and_dumps_what_the_model_sees(tiny_checkpoint, 
         assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) == 256
         assert any(label != IGNORE for label in row["labels"]) and any(label == IGNORE for label in row["labels"])
         assert row["position_ids"][0] == 0
+    capfd.readouterr()
+    assert main(["data", *common, "--dump", "/dev/stdout", "--limit", "2"]) == 0  # `| head`, `> file`, `>> log`
+    captured = capfd.readouterr()
+    assert [json.loads(line) for line in captured.out.splitlines()] == rows[:2]
+    assert "wrote 2 blocks to /dev/stdout" in captured.err
 
 
 def reference_blocks(path, tokenizer, seq_len: int, packing: bool, template: str):

@@ -224,11 +224,12 @@ def test_dump_and_summary(setup, tmp_path):
     assert dump_blocks(cfg, tmp_path / "two.jsonl", limit=2) == 2
     assert dump_blocks(cfg, out, limit=2) == 2  # an earlier dump is replaced, whole
     assert len(out.read_text().splitlines()) == 2
-    notes = tmp_path / "notes.jsonl"
-    notes.write_text('{"text": "mine"}\n')
-    with pytest.raises(DataError, match="is not a block dump lora-dist data wrote; choose another --dump path"):
-        dump_blocks(cfg, notes)
-    assert notes.read_text() == '{"text": "mine"}\n'
+    for mine in ('{"text": "mine"}\n', '{"input_ids": [1, 2], "attention_mask": [1, 1]}\n'):  # a user's own
+        notes = tmp_path / "notes.jsonl"
+        notes.write_text(mine)
+        with pytest.raises(DataError, match="is not a block dump lora-dist data wrote; choose another --dump path"):
+            dump_blocks(cfg, notes)
+        assert notes.read_text() == mine
     assert not list(tmp_path.glob(".*.tmp-*"))  # no temporary file left
     link = tmp_path / "link.jsonl"
     link.symlink_to(out)

@@ -4,7 +4,8 @@ Every rank holds the same :class:`~lora_dist.export.layout.CheckpointLayout`
 and a source for every tensor (:mod:`lora_dist.export.sources`).
 :func:`write_checkpoint` runs the protocol the package docstring
 (:mod:`lora_dist.export`) describes: rank 0 creates a staging dir next to the
-output (:func:`lora_dist.atomic.staging_dir`) with a probe file in it, the ranks
+output (:class:`lora_dist.atomic.WriterMark`: a dir marked as this live writer's,
+so that the next export removes it if this one is killed) with a probe file in it, the ranks
 decide whether they all see it (every rank writes its own bytes) or not (rank 0
 collects), rank 0 creates the files with their headers, the ranks fill them,
 and rank 0 adds index, config and tokenizer files and publishes the dir
