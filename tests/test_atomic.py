@@ -103,23 +103,30 @@ def test_without_exchange_an_error_between_the_two_renames_puts_the_previous_ver
     assert _siblings(final) == []  # the staging dir is removed, the previous version is back in place
 
 
+def _in_the_window(monkeypatch, final: Path, act, times: int | None = 1) -> list:
+    """Without RENAME_EXCHANGE, run ``act()`` (with the real ``os.replace``) right after the writer has set
+    ``final`` aside, the first ``times`` times (None: every time); returns what each call returned."""
+    monkeypatch.setattr(atomic, "rename_exchange", lambda a, b: False)
+    real = os.replace
+    results: list = []
+
+    def replace(src, dst):
+        real(src, dst)
+        if Path(dst).name.startswith(f".{final.name}.old-") and (times is None or len(results) < times):
+            monkeypatch.setattr(os, "replace", real)
+            results.append(act())
+            monkeypatch.setattr(os, "replace", replace)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return results
+
+
 def test_without_exchange_a_reader_restoring_between_the_two_renames_does_not_fail_the_writer(tmp_path, monkeypatch):
     """A reader's ``recover()`` (``lora-dist export RUN`` reading the adapter) sees ``final`` missing between the
     writer's two renames and puts the previous version back; the writer sets it aside again and publishes."""
     final = tmp_path / "adapter"
     _write_version(final, "v1")
-    monkeypatch.setattr(atomic, "rename_exchange", lambda a, b: False)
-    real = os.replace
-    restored = []
-
-    def reader_in_the_window(src, dst):
-        real(src, dst)
-        if Path(dst).name.startswith(".adapter.old-") and not restored:
-            monkeypatch.setattr(os, "replace", real)
-            restored.append(recover(final, cleanup=False))
-            monkeypatch.setattr(os, "replace", reader_in_the_window)
-
-    monkeypatch.setattr(os, "replace", reader_in_the_window)
+    restored = _in_the_window(monkeypatch, final, lambda: recover(final, cleanup=False))
     _write_version(final, "v2")
     assert restored == [True]  # the reader did put v1 back in the window
     assert (final / "weights.bin").read_text() == "v2" and _siblings(final) == []
@@ -129,35 +136,22 @@ def test_without_exchange_another_writers_output_found_between_the_two_renames_i
     """Only the version set aside is set aside again: an output another writer published in the window stays."""
     final = tmp_path / "adapter"
     _write_version(final, "v1")
-    monkeypatch.setattr(atomic, "rename_exchange", lambda a, b: False)
-    real = os.replace
 
-    def other_writer_in_the_window(src, dst):
-        real(src, dst)
-        if Path(dst).name.startswith(".adapter.old-") and not final.exists():
-            final.mkdir()
-            (final / "weights.bin").write_text("other")
+    def other_writer():
+        final.mkdir()
+        (final / "weights.bin").write_text("other")
 
-    monkeypatch.setattr(os, "replace", other_writer_in_the_window)
+    _in_the_window(monkeypatch, final, other_writer)
     with pytest.raises(OSError):
         _write_version(final, "v2")
     assert (final / "weights.bin").read_text() == "other"
+    assert _siblings(final) == []  # what this writer set aside was discarded, its staging dir removed
 
 
 def test_without_exchange_a_reader_that_keeps_restoring_leaves_the_previous_version(tmp_path, monkeypatch):
     final = tmp_path / "adapter"
     _write_version(final, "v1")
-    monkeypatch.setattr(atomic, "rename_exchange", lambda a, b: False)
-    real = os.replace
-
-    def reader_every_time(src, dst):
-        real(src, dst)
-        if Path(dst).name.startswith(".adapter.old-"):
-            monkeypatch.setattr(os, "replace", real)
-            recover(final, cleanup=False)
-            monkeypatch.setattr(os, "replace", reader_every_time)
-
-    monkeypatch.setattr(os, "replace", reader_every_time)
+    _in_the_window(monkeypatch, final, lambda: recover(final, cleanup=False), times=None)
     with pytest.raises(OSError):
         _write_version(final, "v2")
     assert (final / "weights.bin").read_text() == "v1" and _siblings(final) == []
