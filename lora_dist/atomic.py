@@ -126,7 +126,7 @@ def _tokened(final: Path, prefix: str) -> list[Path]:
     ``.a.tmp-`` must not take ``.a.tmp-b.tmp-XXXX``, a staging dir of ``a.tmp-b``)."""
     try:
         names = os.listdir(final.parent)
-    except FileNotFoundError:
+    except OSError:  # no parent, or one that cannot be listed (x without r): nothing to find, as glob finds
         return []
     return [final.with_name(n) for n in names if n.startswith(prefix) and _TOKEN.fullmatch(n[len(prefix):])]
 
