@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import socket
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from safetensors.torch import load_file
 
 from lora_dist.adapter import adapter_nf4_record, read_adapter
 from lora_dist.atomic import recover
-from lora_dist.checkpoint import nf4_record_of, read_state
+from lora_dist.checkpoint import base_identity, nf4_record_of, read_state
 from lora_dist.config import Config, ParallelConfig, TrainConfig, config_from_dict, config_to_dict
 from lora_dist.dtypes import parse_dtype
 from lora_dist.errors import ConfigError
@@ -102,6 +103,36 @@ def open_base(cfg: Config) -> ModelDir:
     if not cfg.model.path:
         raise ModelDirError("model.path is not set; pass model.path=/path/to/hf_checkpoint")
     return ModelDir(cfg.model.path)
+
+
+def check_same_base(cfg: Config, env: LaunchEnv) -> None:
+    """Collective: every node reads the same base checkpoint at ``model.path``.
+
+    Each rank reads the base from ``model.path`` on its own node. Node-local copies that differ (another
+    revision, the instruct model beside the base one, a copy cut short) would be mixed row by row into one
+    sharded model, or train different bases under ddp, with no error. One rank per node fingerprints its copy
+    (:func:`lora_dist.checkpoint.base_identity`: config, index, every weight file's size and header and a few
+    samples of its bytes, a few MB per node), and the fingerprints are compared. One node: nothing to do.
+
+    Raises:
+        ModelDirError: on every rank, naming the nodes whose copies differ.
+    """
+    if env.num_nodes <= 1 or not dist.is_initialized():
+        return
+    mine = None
+    if env.local_rank == 0:
+        try:
+            mine = base_identity(cfg.model.path, samples=4, sample_bytes=4096)["sha256"]
+        except OSError as e:
+            mine = f"unreadable ({e.strerror or e})"
+    gathered = RankGroup().all_gather((env.node_rank, socket.gethostname(), mine))
+    seen = sorted((node, host, sha) for node, host, sha in gathered if sha is not None)
+    kinds = list(dict.fromkeys(sha for _, _, sha in seen))  # node 0's copy first
+    if len(kinds) > 1:
+        groups = "; ".join(", ".join(f"node {node} ({host})" for node, host, sha in seen if sha == kind)
+                           for kind in kinds)
+        raise ModelDirError(f"model.path={cfg.model.path} holds different checkpoints on different nodes ({groups}); "
+                            "give every node the same copy (or put it on a filesystem all nodes share)")
 
 
 def resolve_strategy(cfg: Config, env: LaunchEnv, device: torch.device) -> Config:
@@ -266,6 +297,7 @@ def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
 
     Every rank calls it, with inputs already checked (:func:`check_launch`, :func:`open_base`).
     """
+    check_same_base(cfg, env)
     cfg = resolve_strategy(cfg, env, device)  # auto is never zero*: ds_config stays None
     cfg = resolve_hybrid(cfg, env, device)  # fsdp2's dp_replicate x dp_shard for this launch (or ddp / none)
     t = cfg.train
@@ -404,6 +436,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     parallel.reshard_after_forward = True
     # One process holds the whole base: host memory, never one GPU's.
     device = run_device() if env.world_size > 1 else torch.device("cpu")
+    check_same_base(cfg, env)
     base = ModelDir(cfg.model.path)
     ds = strategy_config(cfg, base)
     # The weights the run stored as NF4 depend on its sharding: quantize those, whatever this export's ranks.
