@@ -55,7 +55,7 @@ def evaluate_run(cfg: Config, adapter: str | os.PathLike | None = None, base_onl
 
     env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
     check_launch(cfg, env)
-    base = open_base(cfg)
+    base = open_base(cfg, env)
     files = None
     if not base_only:
         adapter = Path(adapter) if adapter is not None else Path(cfg.output.dir) / "adapter"

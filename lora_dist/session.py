@@ -13,6 +13,7 @@ the run saved, loads its LoRA weights and writes the merged checkpoint from the 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from safetensors.torch import load_file
 
 from lora_dist.adapter import adapter_nf4_record, read_adapter
 from lora_dist.atomic import recover
-from lora_dist.checkpoint import base_identity, nf4_record_of, read_state
+from lora_dist.checkpoint import nf4_record_of, read_state
 from lora_dist.config import Config, ParallelConfig, TrainConfig, config_from_dict, config_to_dict
 from lora_dist.dtypes import parse_dtype
 from lora_dist.errors import ConfigError
@@ -38,7 +39,7 @@ from lora_dist.launch import LaunchEnv, init_distributed, run_device
 from lora_dist.lora import LoRAConfig, lora_modules
 from lora_dist.loss import ShardedHeadLoss
 from lora_dist.model import load_model
-from lora_dist.model_dir import ModelDir, ModelDirError
+from lora_dist.model_dir import SAFE_INDEX, ModelDir, ModelDirError
 from lora_dist.parallel import Engine
 from lora_dist.parallel.engine import DDPEngine, FSDP2Engine
 from lora_dist.quant import NF4Record
@@ -94,45 +95,89 @@ def check_launch(cfg: Config, env: LaunchEnv) -> None:
                     strategy)
 
 
-def open_base(cfg: Config) -> ModelDir:
+def open_base(cfg: Config, env: LaunchEnv | None = None) -> ModelDir:
     """The base model dir, opened once (fails fast on a missing, incomplete or corrupt dir).
 
+    With ``env`` of several ranks it is collective: a rank that cannot open its copy fails every rank, naming
+    it (not only its own, while the others wait on a collective), and where the ranks run on several nodes
+    their copies must be the same checkpoint (:func:`check_same_base`).
+
     Raises:
-        ModelDirError: ``model.path`` is unset, missing or not a usable HF model dir.
+        ModelDirError: ``model.path`` is unset, missing or not a usable HF model dir (on any rank), or the
+            nodes hold different checkpoints there.
     """
     if not cfg.model.path:
         raise ModelDirError("model.path is not set; pass model.path=/path/to/hf_checkpoint")
-    return ModelDir(cfg.model.path)
+    base, error = None, None
+    try:
+        base = ModelDir(cfg.model.path)
+    except Exception as e:  # noqa: BLE001 - every rank must reach the check below
+        error = e
+    if env is None or env.world_size <= 1 or not dist.is_initialized():
+        if error is not None:
+            raise error
+        return base
+    group = RankGroup()
+    group.check(error)
+    check_same_base(base, group, env)
+    return base
 
 
-def check_same_base(cfg: Config, env: LaunchEnv) -> None:
-    """Collective: every node reads the same base checkpoint at ``model.path``.
+def _fingerprint(base: ModelDir, samples: int = 4, sample_bytes: int = 4096) -> str:
+    """A hash of what the loader reads from ``base``: config, index, tokenizer config, and each weight file's
+    name, size, header and ``samples`` evenly spaced pieces of its tensor bytes (a few MB for 400B models)."""
+    h = hashlib.sha256()
+    for name in ("config.json", SAFE_INDEX, "tokenizer_config.json"):
+        f = base.path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    for name in sorted(set(base.weight_map.values())):
+        f = base.path / name
+        size = f.stat().st_size
+        h.update(f"{name}:{size}".encode())
+        with f.open("rb") as fh:
+            header = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(header, 100_000_000)))
+            for i in range(samples):
+                fh.seek(size * (i + 1) // (samples + 1))
+                h.update(fh.read(sample_bytes))
+    return h.hexdigest()
 
-    Each rank reads the base from ``model.path`` on its own node. Node-local copies that differ (another
-    revision, the instruct model beside the base one, a copy cut short) would be mixed row by row into one
-    sharded model, or train different bases under ddp, with no error. One rank per node fingerprints its copy
-    (:func:`lora_dist.checkpoint.base_identity`: config, index, every weight file's size and header and a few
-    samples of its bytes, a few MB per node), and the fingerprints are compared. One node: nothing to do.
+
+def check_same_base(base: ModelDir, group: RankGroup, env: LaunchEnv) -> None:
+    """Collective: every node holds the same base checkpoint at ``model.path``.
+
+    Each rank reads the base from its own node. Node-local copies that differ (another revision, the instruct
+    model beside the base one) would be mixed row by row into one sharded model, or train different bases
+    under ddp, with no error. A node is a host name with the launcher's node rank (either tells nodes apart:
+    a launch that miscounts its nodes is still checked); its first rank fingerprints its copy
+    (:func:`_fingerprint`), and the fingerprints are compared. One node: one collective, no file read.
 
     Raises:
         ModelDirError: on every rank, naming the nodes whose copies differ.
     """
-    if env.num_nodes <= 1 or not dist.is_initialized():
+    nodes = group.all_gather((env.node_rank, socket.gethostname()))
+    node = nodes[group.rank]
+    if len(set(nodes)) <= 1:
         return
     mine = None
-    if env.local_rank == 0:
+    if nodes.index(node) == group.rank:
         try:
-            mine = base_identity(cfg.model.path, samples=4, sample_bytes=4096)["sha256"]
-        except OSError as e:
-            mine = f"unreadable ({e.strerror or e})"
-    gathered = RankGroup().all_gather((env.node_rank, socket.gethostname(), mine))
-    seen = sorted((node, host, sha) for node, host, sha in gathered if sha is not None)
-    kinds = list(dict.fromkeys(sha for _, _, sha in seen))  # node 0's copy first
+            mine = _fingerprint(base)
+        except Exception as e:  # noqa: BLE001 - every rank must reach the gather
+            mine = f"unreadable ({getattr(e, 'strerror', None) or e})"
+    seen = sorted((n, sha) for n, sha in zip(nodes, group.all_gather(mine)) if sha is not None)
+    kinds = list(dict.fromkeys(sha for _, sha in seen))  # node 0's copy first
     if len(kinds) > 1:
-        groups = "; ".join(", ".join(f"node {node} ({host})" for node, host, sha in seen if sha == kind)
-                           for kind in kinds)
-        raise ModelDirError(f"model.path={cfg.model.path} holds different checkpoints on different nodes ({groups}); "
-                            "give every node the same copy (or put it on a filesystem all nodes share)")
+        def named(kind: str) -> str:
+            same = [f"node {n} ({host})" for (n, host), sha in seen if sha == kind]
+            more = f" and {len(same) - 3} more" if len(same) > 3 else ""
+            what = f": {kind}" if kind.startswith("unreadable") else ""
+            return ", ".join(same[:3]) + more + what
+
+        raise ModelDirError(f"model.path={base.path} holds different checkpoints on different nodes "
+                            f"({'; '.join(named(k) for k in kinds)}); give every node the same copy (or put it on "
+                            "a filesystem all nodes share)")
 
 
 def resolve_strategy(cfg: Config, env: LaunchEnv, device: torch.device) -> Config:
@@ -297,7 +342,6 @@ def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
 
     Every rank calls it, with inputs already checked (:func:`check_launch`, :func:`open_base`).
     """
-    check_same_base(cfg, env)
     cfg = resolve_strategy(cfg, env, device)  # auto is never zero*: ds_config stays None
     cfg = resolve_hybrid(cfg, env, device)  # fsdp2's dp_replicate x dp_shard for this launch (or ddp / none)
     t = cfg.train
@@ -342,7 +386,7 @@ def prepare(model: str | os.PathLike | Config, lora: LoRAConfig | None = None, s
     cfg = run_config(model, lora, strategy, train=train, parallel=parallel, dtype=dtype)
     env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
     check_launch(cfg, env)
-    base = open_base(cfg)
+    base = open_base(cfg, env)
     return build(cfg, env, run_device(), base, strategy_config(cfg, base))
 
 
@@ -436,8 +480,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     parallel.reshard_after_forward = True
     # One process holds the whole base: host memory, never one GPU's.
     device = run_device() if env.world_size > 1 else torch.device("cpu")
-    check_same_base(cfg, env)
-    base = ModelDir(cfg.model.path)
+    base = open_base(cfg, env)
     ds = strategy_config(cfg, base)
     # The weights the run stored as NF4 depend on its sharding: quantize those, whatever this export's ranks.
     only = _run_nf4_record(weights) if cfg.model.quantize else None

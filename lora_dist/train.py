@@ -228,7 +228,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     device = run_device()
     out = Path(cfg.output.dir)
 
-    base = open_base(cfg)  # fails fast on a missing, incomplete or corrupt model dir; opened once
+    base = open_base(cfg, env)  # fails fast (on every rank) on a missing or corrupt model dir; opened once
     cfg = resolve_strategy(cfg, env, device)  # parallel.strategy=auto: the planner's choice, recorded in config.json
     tokenizer = load_tokenizer(cfg.model.path)  # never runs code from the model dir
     hf_config = base.hf_config

@@ -28,3 +28,15 @@ def test_nodes_with_the_same_base_pass_and_with_another_revision_are_refused(tin
     assert errors[0].split(" holds ")[1] == errors[1].split(" holds ")[1]  # (each names its own model.path here)
     assert "holds different checkpoints on different nodes (node 0" in errors[0] and "; node 1" in errors[0]
     assert "give every node the same copy" in errors[0]
+
+
+@pytest.mark.dist
+def test_a_copy_one_node_cannot_open_fails_every_rank_naming_it(tiny_checkpoint, tmp_path):
+    """Not only the rank that found it: the others would wait on the next collective until the timeout."""
+    base = tiny_checkpoint("llama", hidden=64, layers=2)
+    cut = shutil.copytree(base, tmp_path / "cut")
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    errors = _outcomes(base, cut)
+    assert "is not a readable safetensors file" in errors[1] and "\n" not in errors[1]
+    assert errors[0].startswith("rank 1 failed: ") and "is not a readable safetensors file" in errors[0]
