@@ -101,7 +101,7 @@ from lora_dist.atomic import recover, write_text_atomic, writing_dir
 from lora_dist.config import Config
 from lora_dist.errors import UserError
 from lora_dist.launch import LaunchEnv
-from lora_dist.model_dir import SAFE_INDEX
+from lora_dist.model_dir import SAFE_INDEX, hash_weight_file
 from lora_dist.outputs import OutputError, read_run_marker, write_failure
 from lora_dist.quant import NF4Record, nf4_record
 from lora_dist.ranks import RankGroup
@@ -152,13 +152,7 @@ def base_identity(model_path: str, samples: int = 8, sample_bytes: int = 1 << 16
             h.update(f.read_bytes())
     for f in sorted(root.glob("*.safetensors")):
         size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            header = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(header, 100_000_000)))
-            for i in range(samples):
-                fh.seek(size * i // samples)
-                h.update(fh.read(sample_bytes))
+        hash_weight_file(h, f, (size * i // samples for i in range(samples)), sample_bytes)
     return {"path": str(root.resolve()), "sha256": h.hexdigest()}
 
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import logging
 import math
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -84,6 +85,19 @@ def _check_weight_map(index: Path, weight_map: object) -> dict[str, str]:
     return dict(weight_map)
 
 
+def hash_weight_file(h, path: Path, offsets: Iterable[int], sample_bytes: int) -> None:
+    """Add a safetensors file's name, size, header and ``sample_bytes`` at each of ``offsets`` to the hash ``h``:
+    cheap for any size, and two files with the same shapes but other weights still differ."""
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with path.open("rb") as fh:
+        header = int.from_bytes(fh.read(8), "little")
+        h.update(fh.read(min(header, 100_000_000)))
+        for offset in offsets:
+            fh.seek(offset)
+            h.update(fh.read(sample_bytes))
+
+
 class ModelDir:
     """Lazy, tensor-at-a-time access to a local HF safetensors model dir.
 
@@ -134,6 +148,20 @@ class ModelDir:
             except Exception as e:  # safetensors' own error types
                 raise ModelDirError(f"{full} is not a readable safetensors file ({e}); re-download or re-save it") from None
         return self._handles[file]
+
+    def fingerprint(self, samples: int = 4, sample_bytes: int = 4096) -> str:
+        """A hash of what the loader reads: config, index, tokenizer config, and each weight file's name, size,
+        header and ``samples`` evenly spaced pieces of its tensor bytes (a few MB for a 400B model)."""
+        h = hashlib.sha256()
+        for name in ("config.json", SAFE_INDEX, "tokenizer_config.json"):
+            f = self.path / name
+            if f.is_file():
+                h.update(name.encode() + b"\0" + f.read_bytes())
+        for name in sorted(set(self.weight_map.values())):
+            f = self.path / name
+            size = f.stat().st_size
+            hash_weight_file(h, f, (size * (i + 1) // (samples + 1) for i in range(samples)), sample_bytes)
+        return h.hexdigest()
 
     def config(self) -> dict:
         """``config.json`` as a dict (checked when the dir was opened)."""

@@ -13,7 +13,6 @@ the run saved, loads its LoRA weights and writes the merged checkpoint from the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from lora_dist.launch import LaunchEnv, init_distributed, run_device
 from lora_dist.lora import LoRAConfig, lora_modules
 from lora_dist.loss import ShardedHeadLoss
 from lora_dist.model import load_model
-from lora_dist.model_dir import SAFE_INDEX, ModelDir, ModelDirError
+from lora_dist.model_dir import ModelDir, ModelDirError
 from lora_dist.parallel import Engine
 from lora_dist.parallel.engine import DDPEngine, FSDP2Engine
 from lora_dist.quant import NF4Record
@@ -123,27 +122,6 @@ def open_base(cfg: Config, env: LaunchEnv | None = None) -> ModelDir:
     return base
 
 
-def _fingerprint(base: ModelDir, samples: int = 4, sample_bytes: int = 4096) -> str:
-    """A hash of what the loader reads from ``base``: config, index, tokenizer config, and each weight file's
-    name, size, header and ``samples`` evenly spaced pieces of its tensor bytes (a few MB for 400B models)."""
-    h = hashlib.sha256()
-    for name in ("config.json", SAFE_INDEX, "tokenizer_config.json"):
-        f = base.path / name
-        if f.is_file():
-            h.update(name.encode() + b"\0" + f.read_bytes())
-    for name in sorted(set(base.weight_map.values())):
-        f = base.path / name
-        size = f.stat().st_size
-        h.update(f"{name}:{size}".encode())
-        with f.open("rb") as fh:
-            header = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(header, 100_000_000)))
-            for i in range(samples):
-                fh.seek(size * (i + 1) // (samples + 1))
-                h.update(fh.read(sample_bytes))
-    return h.hexdigest()
-
-
 def check_same_base(base: ModelDir, group: RankGroup, env: LaunchEnv) -> None:
     """Collective: every node holds the same base checkpoint at ``model.path``.
 
@@ -151,7 +129,7 @@ def check_same_base(base: ModelDir, group: RankGroup, env: LaunchEnv) -> None:
     model beside the base one) would be mixed row by row into one sharded model, or train different bases
     under ddp, with no error. A node is a host name with the launcher's node rank (either tells nodes apart:
     a launch that miscounts its nodes is still checked); its first rank fingerprints its copy
-    (:func:`_fingerprint`), and the fingerprints are compared. One node: one collective, no file read.
+    (:meth:`ModelDir.fingerprint`), and the fingerprints are compared. One node: one collective, no file read.
 
     Raises:
         ModelDirError: on every rank, naming the nodes whose copies differ.
@@ -163,7 +141,7 @@ def check_same_base(base: ModelDir, group: RankGroup, env: LaunchEnv) -> None:
     mine = None
     if nodes.index(node) == group.rank:
         try:
-            mine = _fingerprint(base)
+            mine = base.fingerprint()
         except Exception as e:  # noqa: BLE001 - every rank must reach the gather
             mine = f"unreadable ({getattr(e, 'strerror', None) or e})"
     seen = sorted((n, sha) for n, sha in zip(nodes, group.all_gather(mine)) if sha is not None)
