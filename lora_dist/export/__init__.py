@@ -14,8 +14,8 @@
   tensor the merge does not touch with the base (given the base) and
   recomputes a sample of the merged ones (given the adapter too).
 
-The modules: :mod:`~lora_dist.export.layout` (safetensors file layouts and
-headers), :mod:`~lora_dist.export.sources` (which bytes each rank produces, and
+The modules: :mod:`~lora_dist.export.layout` (the files planned from the
+format, :mod:`lora_dist.safetensors_file`), :mod:`~lora_dist.export.sources` (which bytes each rank produces, and
 the blockwise merge), :mod:`~lora_dist.export.writer` (the collective write
 below), :mod:`~lora_dist.export.target` (where an export may write, and what
 ``--overwrite`` may replace), :mod:`~lora_dist.export.errors`; the collectives go

@@ -1,4 +1,4 @@
-"""The byte layout of safetensors checkpoint files: planned up front, filled piecewise, read back checked.
+"""The byte layout of merged checkpoint files: planned up front (every rank the same plan), filled piecewise.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header
 naming every tensor's dtype, shape and byte range, then the raw tensor bytes.
@@ -23,36 +23,28 @@ import json
 import math
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
-from lora_dist.dtypes import from_safetensors
 from lora_dist.model_dir import SAFE_SINGLE
-from lora_dist.safetensors_file import MAX_HEADER, SafetensorsFormatError, tensor_bytes
-from lora_dist.safetensors_file import encode_header as _encode_header
+from lora_dist.safetensors_file import file_layout, tensor_bytes
 
 __all__ = [
     "CheckpointLayout",
-    "HeaderEntry",
-    "SafetensorsFormatError",
     "ShardFile",
     "TensorSpec",
     "create_file",
-    "encode_header",
     "format_size",
     "parse_size",
     "plan_layout",
     "pwrite_tensor",
-    "read_header",
 ]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
 
 
 def format_size(n: int) -> str:
@@ -155,18 +147,12 @@ class CheckpointLayout:
                            for s in self.specs.values()])
 
 
-def encode_header(entries: Sequence[tuple[TensorSpec, int, int]], metadata: Mapping[str, str]) -> bytes:
-    """:func:`lora_dist.safetensors_file.encode_header` of ``(spec, begin, end)`` entries."""
-    return _encode_header(((spec.name, spec.dtype, spec.shape, begin, end) for spec, begin, end in entries), metadata)
-
-
 def plan_layout(
     specs: Sequence[TensorSpec], max_shard_size: int | str, metadata: Mapping[str, str]
 ) -> CheckpointLayout:
     """Split ``specs`` (in order) into files of at most ``max_shard_size`` bytes and lay each file out.
 
-    Within a file tensors are stored by decreasing item size, so every tensor
-    starts aligned to its dtype (the header is padded to 8 bytes).
+    Each file is laid out by :func:`lora_dist.safetensors_file.file_layout`.
     """
     limit = parse_size(max_shard_size)
     groups: list[list[TensorSpec]] = []
@@ -187,16 +173,11 @@ def plan_layout(
     names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     files, file_of, offset_of = [], {}, {}
     for name, group in zip(names, groups):
-        ordered = sorted(enumerate(group), key=lambda t: (-t[1].itemsize, t[0]))
-        entries, cursor = [], 0
-        for _, spec in ordered:
-            entries.append((spec, cursor, cursor + spec.nbytes))
-            cursor += spec.nbytes
-        header = encode_header(entries, metadata)
-        for spec, begin, _ in entries:
-            file_of[spec.name] = name
-            offset_of[spec.name] = len(header) + begin
-        files.append(ShardFile(name, header, len(header) + cursor, tuple(s.name for s in group)))
+        header, placed, size = file_layout([(s.name, s.dtype, s.shape) for s in group], metadata)
+        for key, begin, _ in placed:
+            file_of[key] = name
+            offset_of[key] = begin
+        files.append(ShardFile(name, header, size, tuple(s.name for s in group)))
     return CheckpointLayout(tuple(files), {s.name: s for s in specs}, file_of, offset_of)
 
 
@@ -222,73 +203,3 @@ def pwrite_tensor(fd: int, tensor: torch.Tensor, offset: int) -> None:
     """Write a tensor's raw bytes (native little-endian layout) at ``offset`` of an open file."""
     if tensor.numel():
         _pwrite_all(fd, tensor_bytes(tensor), offset)
-
-
-@dataclass(frozen=True)
-class HeaderEntry:
-    """One tensor as a safetensors header describes it; offsets are absolute in the file."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
-def read_header(path: Path) -> tuple[dict[str, str], dict[str, HeaderEntry]]:
-    """Parse and validate a safetensors file's header against the file size.
-
-    Checks what loaders rely on: a readable JSON header, known dtypes, byte
-    ranges that match each tensor's shape and dtype and tile the data region
-    exactly, and a file exactly as long as the header says.
-
-    Returns:
-        ``(metadata, entries)`` with absolute byte offsets.
-
-    Raises:
-        SafetensorsFormatError: naming the file and what is wrong.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise SafetensorsFormatError(f"{path.name}: {size} bytes is too short for a safetensors header")
-        (n,) = struct.unpack("<Q", prefix)
-        if n > min(MAX_HEADER, size - 8):
-            raise SafetensorsFormatError(
-                f"{path.name}: header length {n} is larger than the file; the header is corrupt"
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SafetensorsFormatError(f"{path.name}: header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise SafetensorsFormatError(f"{path.name}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + n
-    entries: dict[str, HeaderEntry] = {}
-    for name, info in header.items():
-        try:
-            dtype = from_safetensors(info["dtype"])
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError, SafetensorsFormatError) as e:
-            raise SafetensorsFormatError(f"{path.name}: header entry {name!r} is malformed ({e})") from None
-        expected = math.prod(shape) * dtype.itemsize
-        if end - begin != expected:
-            raise SafetensorsFormatError(
-                f"{path.name}: {name!r} spans {end - begin} bytes, but shape {list(shape)} "
-                f"{info['dtype']} needs {expected}"
-            )
-        entries[name] = HeaderEntry(info["dtype"], shape, data_start + begin, data_start + end)
-    cursor = data_start
-    for name, entry in sorted(entries.items(), key=lambda kv: kv[1].begin):
-        if entry.begin != cursor:
-            raise SafetensorsFormatError(
-                f"{path.name}: {name!r} starts at byte {entry.begin}, expected {cursor} (gap or overlap)"
-            )
-        cursor = entry.end
-    if cursor != size:
-        raise SafetensorsFormatError(
-            f"{path.name}: file is {size} bytes but its header describes {cursor}; the file is truncated or padded"
-        )
-    return metadata, entries

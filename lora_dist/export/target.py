@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from lora_dist.export.errors import OutputExistsError, OutputRefusedError
-from lora_dist.export.layout import SafetensorsFormatError, read_header
+from lora_dist.safetensors_file import SafetensorsFormatError, read_header
 from lora_dist.export.sources import MERGED_FROM_KEY
 from lora_dist.model_dir import SAFE_INDEX
 from lora_dist.outputs import OutputError, check_not_an_input, is_adapter_dir, is_model_dir

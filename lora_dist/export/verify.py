@@ -31,7 +31,7 @@ import torch
 from lora_dist.adapter import read_adapter
 from lora_dist.dtypes import FLOAT_DTYPES, DTypeError, parse_dtype
 from lora_dist.export.errors import ExportError
-from lora_dist.export.layout import HeaderEntry, SafetensorsFormatError, read_header
+from lora_dist.safetensors_file import HeaderEntry, SafetensorsFormatError, read_header
 from lora_dist.export.params import checkpoint_loras
 from lora_dist.export.sources import (
     MERGED_FROM_KEY,

@@ -76,7 +76,7 @@ def make_adapter(base: Path, out: Path, targets=("q_proj", "v_proj")) -> Path:
 
 def edit_tensors(path: Path, edit) -> None:
     """Rewrite a safetensors file with ``edit(tensors)`` applied, keeping its metadata."""
-    from lora_dist.export.layout import read_header
+    from lora_dist.safetensors_file import read_header
 
     metadata = read_header(path)[0]
     tensors = load_file(str(path))

@@ -13,7 +13,7 @@ from distutil import ranks
 
 from lora_dist.cli import main
 from lora_dist.export import OutputExistsError, VerifyError, merge_offline, verify_checkpoint
-from lora_dist.export.layout import read_header
+from lora_dist.safetensors_file import read_header
 from lora_dist.model_dir import SAFE_INDEX, ModelDir
 
 PEFT_CASES = {
