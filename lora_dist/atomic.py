@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["WriterMark", "fsync", "publish_dir", "recover", "rename_exchange", "staging_dir",
+__all__ = ["WriterMark", "discard", "fsync", "publish_dir", "recover", "rename_exchange", "staging_dir",
            "sweep_abandoned", "umask", "write_text_atomic", "writing_dir", "writing_file"]
 
 _RENAME_EXCHANGE = 2
@@ -131,9 +131,16 @@ def _tokened(final: Path, prefix: str) -> list[Path]:
     return [final.with_name(n) for n in names if n.startswith(prefix) and _TOKEN.fullmatch(n[len(prefix):])]
 
 
-def _discard(final: Path, path: Path) -> None:
-    """Remove ``path`` (a version of ``final`` no longer wanted) under a name :func:`recover` never restores, so
-    a removal cut short leaves no half-deleted version that could be put back."""
+def discard(path: str | os.PathLike, final: str | os.PathLike | None = None) -> None:
+    """Remove ``path`` (``final``, or a version of it no longer wanted) renamed first to ``.FINAL.del-XXXX``, a name
+    :func:`recover` never restores and the next writer removes: a removal cut short (a kill, a file a network
+    filesystem keeps busy) leaves no half-deleted dir under a name that counts.
+
+    Raises:
+        OSError: the rename failed (``path`` is then as it was); a missing ``path`` is no error.
+    """
+    path = Path(path)
+    final = path if final is None else Path(final)
     dead = final.with_name(_discard_prefix(final) + secrets.token_hex(4))
     try:
         os.replace(path, dead)
@@ -250,11 +257,11 @@ def _replace_in_two_renames(staging: Path, final: Path) -> None:
                         break
             else:  # another writer's output took the place: what this one set aside was being replaced anyway
                 for version in asides:
-                    _discard(final, version)
+                    discard(version, final)
             raise
     fsync(final.parent)
     for aside in asides:
-        _discard(final, aside)
+        discard(aside, final)
 
 
 def recover(final: str | os.PathLike, *, cleanup: bool = True) -> bool:

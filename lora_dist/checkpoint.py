@@ -88,16 +88,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from lora_dist.atomic import recover, write_text_atomic, writing_dir
+from lora_dist.atomic import discard, recover, write_text_atomic, writing_dir
 from lora_dist.config import Config
 from lora_dist.errors import UserError
 from lora_dist.launch import LaunchEnv
@@ -154,18 +152,6 @@ def base_identity(model_path: str, samples: int = 8, sample_bytes: int = 1 << 16
         size = f.stat().st_size
         hash_weight_file(h, f, (size * i // samples for i in range(samples)), sample_bytes)
     return {"path": str(root.resolve()), "sha256": h.hexdigest()}
-
-
-def _delete(path: Path) -> None:
-    """Remove a checkpoint dir: renamed to ``.step-N.del-*`` first, so a deletion cut short (a kill, a file the
-    filesystem keeps busy) never leaves a ``step-N`` without its ``state.json`` for a resume to stop at."""
-    aside = path.with_name(f".{path.name}.del-{secrets.token_hex(4)}")
-    try:
-        os.rename(path, aside)
-    except OSError as e:
-        log.warning("could not remove the old checkpoint %s (%s); it is kept", path, e)
-        return
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _lora_settings(cfg: Config) -> dict:
@@ -509,7 +495,10 @@ class CheckpointManager:
         old = done[:-keep] if keep > 0 else []
         for path in old + rolled_back:
             if path.name != f"step-{saved:06d}":
-                _delete(path)
+                try:  # renamed .step-N.del-* first: a deletion cut short leaves no step-N without its state
+                    discard(path)
+                except OSError as e:
+                    log.warning("could not remove the old checkpoint %s (%s); it is kept", path, e)
         try:
             entries = list(self.root.iterdir())
         except OSError as e:  # the checkpoint is written and `latest` names it: only the pruning is left undone
