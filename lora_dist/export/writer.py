@@ -198,8 +198,7 @@ def _prepare_staging(out: Path, base_dir: Path, overwrite: bool, needed_bytes: i
                      marks: list[WriterMark]) -> tuple[str, str]:
     """Rank 0: refuse an output the export may not write, check free space, create the staging dir (marked as
     this writer's: the mark is appended to ``marks``, released by the caller) with a probe."""
-    check_output(out, inputs, overwrite=overwrite, base_dir=base_dir, what=what)
-    _repair(out)
+    _repair(out)  # first: a previous export put back is refused without overwrite, as any existing one
     check_output(out, inputs, overwrite=overwrite, base_dir=base_dir, what=what)
     staging = None
     try:
