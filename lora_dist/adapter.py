@@ -48,6 +48,7 @@ __all__ = [
     "AdapterFile",
     "load_adapter",
     "lora_state_dict",
+    "peft_misread",
     "peft_names",
     "read_adapter",
     "save_adapter",
@@ -233,6 +234,24 @@ def _write_error(directory: Path, e: BaseException) -> AdapterWriteError:
         f"cannot write the adapter to {directory}: {clip(reason, 300)}; {fix} "
         "(the previous adapter there, if any, is unchanged)"
     )
+
+
+#: The per-expert projection names of transformers 4 (Qwen2-MoE family, Mixtral), which PEFT (0.21) takes for the
+#: fused experts of a transformers 5 model when it loads an adapter, whichever module the target names.
+_PEFT_EXPERT_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
+
+
+def peft_misread(model: nn.Module) -> list[str]:
+    """The adapted linear layers PEFT would not load as adapted: on a model with fused experts (a ``gate_up_proj``
+    parameter of an ``experts`` module: DeepSeek-V3, Qwen2/3-MoE, Qwen3-Next...), PEFT 0.21 moves every target
+    named like a transformers-4 expert projection (``gate_proj``, ``up_proj``, ``down_proj``; Mixtral's ``w1``..``w3``)
+    onto the experts, so an adapter on a dense layer's or a shared expert's MLP loads into fresh expert LoRA
+    instead, and those layers load unadapted. lora_dist's own loader, merge and export read it as trained."""
+    fused = any(name.endswith("experts.gate_up_proj") for name, _ in model.named_parameters())
+    if not fused:
+        return []
+    return [n for n, m in lora_modules(model)
+            if not isinstance(m, LoRAParam) and n.rsplit(".", 1)[-1] in _PEFT_EXPERT_NAMES]
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,

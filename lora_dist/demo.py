@@ -17,6 +17,7 @@ from lora_dist.errors import UserError
 
 __all__ = [
     "ARCHS",
+    "HUB_ARCHS",
     "DemoFailed",
     "check_demo",
     "demo_texts",
@@ -27,6 +28,11 @@ __all__ = [
 ]
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt2", "bert", "mixtral", "qwen3_moe")
+#: More of the Hub's decoder families, each with something the ones above lack: QK norms (qwen3), tied and scaled
+#: embeddings with sliding-window layers (gemma3_text), fused qkv and gate-up projections (phi3), latent attention
+#: with a dense first layer, shared experts and a router (deepseek_v3), biased experts and attention sinks
+#: (gpt_oss), linear-attention layers and a hidden->1 shared-expert gate (qwen3_next).
+HUB_ARCHS = ("qwen3", "gemma3_text", "phi3", "deepseek_v3", "gpt_oss", "qwen3_next")
 
 #: Experts per MoE layer of the tiny MoE checkpoints, and experts each token is routed to.
 MOE_EXPERTS, MOE_TOP_K = 4, 2
@@ -111,7 +117,39 @@ def _config(arch: str, vocab: int, hidden: int, layers: int, heads: int, interme
     if arch == "bert":
         return tf.BertConfig(hidden_size=hidden, intermediate_size=intermediate, max_position_embeddings=max_pos,
                              **common)
-    raise ValueError(f"unknown demo architecture {arch!r}; choose from {ARCHS}")
+    if arch in HUB_ARCHS:
+        return _hub_config(arch, common, hidden, intermediate, heads, max_pos)
+    raise ValueError(f"unknown demo architecture {arch!r}; choose from {ARCHS + HUB_ARCHS}")
+
+
+def _hub_config(arch: str, common: dict, hidden: int, intermediate: int, heads: int, max_pos: int):
+    """A tiny config of one of :data:`HUB_ARCHS`: the family's layout at the demo's sizes, two layers of
+    different kinds where the family mixes them."""
+    import transformers as tf
+
+    head_dim = hidden // heads
+    base = dict(hidden_size=hidden, intermediate_size=intermediate, num_key_value_heads=max(1, heads // 2),
+                max_position_embeddings=max_pos, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                pad_token_id=None, **common)  # the token ids are the tokenizer's (make_tiny_checkpoint)
+    moe = dict(num_experts_per_tok=MOE_TOP_K, moe_intermediate_size=intermediate // 2)
+    extra = {
+        "qwen3": dict(head_dim=head_dim),
+        "gemma3_text": dict(head_dim=head_dim, sliding_window=16, tie_word_embeddings=True,
+                            layer_types=["sliding_attention", "full_attention"]),
+        "phi3": dict(),
+        "deepseek_v3": dict(num_key_value_heads=heads, n_routed_experts=MOE_EXPERTS, n_shared_experts=1,
+                            first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=None,
+                            kv_lora_rank=hidden // 4, qk_rope_head_dim=head_dim // 2,
+                            qk_nope_head_dim=head_dim // 2, v_head_dim=head_dim,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **moe),
+        "gpt_oss": dict(head_dim=head_dim, num_local_experts=MOE_EXPERTS, num_experts_per_tok=MOE_TOP_K,
+                        sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+        "qwen3_next": dict(head_dim=head_dim, num_experts=MOE_EXPERTS, shared_expert_intermediate_size=intermediate,
+                           linear_num_value_heads=heads, linear_num_key_heads=max(1, heads // 2),
+                           linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+                           layer_types=["linear_attention", "full_attention"], **moe),
+    }[arch]
+    return tf.AutoConfig.for_model(arch, **{**base, **extra})
 
 
 def make_tiny_checkpoint(
@@ -131,7 +169,7 @@ def make_tiny_checkpoint(
 
     Args:
         path: output dir (config.json, model*.safetensors, tokenizer files).
-        arch: one of :data:`ARCHS`; ``bert`` is saved as a masked-LM encoder; ``mixtral`` and
+        arch: one of :data:`ARCHS` or :data:`HUB_ARCHS`; ``bert`` is saved as a masked-LM encoder; ``mixtral`` and
             ``qwen3_moe`` are MoE models (:data:`MOE_EXPERTS` experts, top-:data:`MOE_TOP_K`), saved
             in the Hub's per-expert layout (``save_pretrained`` converts transformers' fused experts back).
         max_shard_size: split the weights into several files (e.g. "200KB").

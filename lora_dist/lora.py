@@ -407,11 +407,8 @@ class LoRALinear(LoRALayer):
         super().__init__()
         shape = full_shape(weight)
         out_features, in_features = shape[::-1] if fan_in_fan_out else shape
-        if r <= 0 or r > min(in_features, out_features):
-            raise LoRAConfigError(
-                f"lora.r={r} must be in [1, min(in, out)={min(in_features, out_features)}] for a "
-                f"{in_features}->{out_features} layer; lower lora.r"
-            )
+        if r <= 0:  # r > min(in, out) is allowed, as in PEFT: a 64->1 MoE gate under all-linear, say
+            raise LoRAConfigError(f"lora.r={r} must be at least 1 for a {in_features}->{out_features} layer")
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scale = lora_scale(r, alpha, use_rslora)
@@ -510,9 +507,8 @@ class LoRAParam(LoRALayer):
         self.num_experts = shape[0] if len(shape) == 3 else 1
         d1, d2 = shape[-2:]
         self.in_features, self.out_features = (d1, d2) if self.transposed else (d2, d1)
-        if r <= 0 or r > min(d1, d2):
-            raise LoRAConfigError(f"lora.r={r} must be in [1, min(in, out)={min(d1, d2)}] for {parameter_name} "
-                                  f"{shape}; lower lora.r")
+        if r <= 0:
+            raise LoRAConfigError(f"lora.r={r} must be at least 1 for {parameter_name} {shape}")
         self.parameter_name = parameter_name
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scale = lora_scale(r, alpha, use_rslora)
@@ -716,7 +712,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
 
     Raises:
         LoRAConfigError: nothing matched (the message lists the linear layers, or the
-            3-D parameters), or ``r`` does not fit a matched layer.
+            3-D parameters). ``r`` may exceed a matched layer's smaller side, as in PEFT (a 64->1 MoE gate under
+            ``all-linear``): its update then has rank ``min(in, out)``.
     """
     targets = _resolve_targets(model, config)
     head = _output_head(model)
@@ -744,24 +741,6 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
             f"{shown} (full names like {linear_names[:3]})"
         )
     params = _param_choices(model, config, chosen)
-    for name in chosen:  # validate every rank before the model is touched
-        base = model.get_submodule(name)
-        shape = full_shape(base.weight)
-        out_features, in_features = shape[::-1] if _is_conv1d(base) else shape
-        r, _ = config.rank_and_alpha(name)
-        if r > min(in_features, out_features):
-            raise LoRAConfigError(
-                f"{name}: lora.r={r} must be in [1, min(in, out)={min(in_features, out_features)}] for a "
-                f"{in_features}->{out_features} layer; lower lora.r (or its rank_pattern entry)"
-            )
-    for owner, names in params.items():
-        module = model.get_submodule(owner) if owner else model
-        for pname in names:
-            shape = full_shape(getattr(module, pname))
-            r, _ = config.rank_and_alpha(f"{owner}.{pname}")
-            if r > min(shape[-2:]):
-                raise LoRAConfigError(f"{owner}.{pname}: lora.r={r} must be in [1, {min(shape[-2:])}] for a {shape} "
-                                      "parameter; lower lora.r (or its rank_pattern entry)")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from lora_dist.adapter import adapter_nf4_record, read_adapter
+from lora_dist.adapter import adapter_nf4_record, peft_misread, read_adapter
 from lora_dist.atomic import recover
 from lora_dist.checkpoint import nf4_record_of, read_state
 from lora_dist.config import Config, ParallelConfig, TrainConfig, config_from_dict, config_to_dict
@@ -326,6 +326,7 @@ def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
     loaded = load_model(cfg.model, cfg.lora, cfg.parallel, device, t.seed, ds_config, base=base)
     if env.is_main:
         log.info("%s", loaded.report)
+        _warn_peft_misread(loaded.model)
     model = loaded.model
     lora_params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(lora_params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
@@ -333,6 +334,18 @@ def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
                          base_dtype=parse_dtype(cfg.model.dtype))
     refuse_rewrap(model)  # the engine owns the wrapping and the gradient reduction
     return model, engine
+
+
+def _warn_peft_misread(model: nn.Module) -> None:
+    """Say, before training, which adapted layers PEFT would load wrongly (:func:`~lora_dist.adapter.peft_misread`),
+    and the exclusion that keeps the adapter PEFT-readable."""
+    misread = peft_misread(model)
+    if misread:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in misread})
+        log.warning("PEFT 0.21 would load %d of this adapter's layers wrongly (%s...): on a model with fused experts "
+                    "it takes every %s target for the experts. lora-dist merge and export apply them as trained; "
+                    "for an adapter PEFT reads as trained, add lora.exclude_modules=[%s]",
+                    len(misread), misread[0], "/".join(leaves), ",".join(leaves))
 
 
 def prepare(model: str | os.PathLike | Config, lora: LoRAConfig | None = None, strategy: str | None = None, *,

@@ -600,13 +600,36 @@ def test_invalid_config_values(kwargs, match):
     assert "\n" not in str(err.value) and len(str(err.value)) < 600  # values are shown as short excerpts
 
 
-def test_rank_larger_than_layer_is_an_error(tiny_model):
+def test_a_rank_above_a_layers_smaller_side_adapts_it_as_peft_does(tiny_model, token_ids, peft_twin, tmp_path):
+    """PEFT takes r > min(in, out) (``all-linear`` on Qwen2-MoE or Qwen3-Next reaches their hidden->1
+    ``shared_expert_gate``), so lora_dist does too: the same outputs, the same adapter both ways, the same merge."""
+    from lora_dist.adapter import load_adapter, save_adapter
+    from lora_dist.merge import merge_state_dict
+
     model = tiny_model("llama")  # hidden 32, 2 kv heads of 8: k_proj/v_proj are 32 -> 16
-    with pytest.raises(LoRAConfigError, match=r"model\.layers\.0\.self_attn\.v_proj.*lora\.r=17"):
-        inject_lora(model, LoRAConfig(r=17, target_modules=["v_proj"]))
-    assert not list(lora_modules(model)), "a failed injection left LoRA layers behind"
-    assert all(p.requires_grad for p in model.parameters()), "a failed injection froze the model"
-    inject_lora(model, LoRAConfig(r=16, target_modules=["v_proj"]))
+    inject_lora(model, LoRAConfig(r=24, alpha=8, target_modules=["v_proj", "q_proj"]))
+    layer = model.get_submodule("model.layers.0.self_attn.v_proj")
+    assert (layer.in_features, layer.out_features, layer.r) == (32, 16, 24)
+    assert layer.lora_A.weight.shape == (24, 32) and layer.lora_B.weight.shape == (16, 24)
+    randomize_lora_B(model)
+    ids = token_ids(model)
+    reference = peft_twin(tiny_model("llama"), model)
+    ours = logits(model, ids)
+    torch.testing.assert_close(ours, logits(reference, ids), atol=1e-6, rtol=0)
+
+    save_adapter(model, tmp_path / "ours")  # ours -> PEFT -> ours
+    again = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(again, ids), ours, atol=1e-6, rtol=0)
+    reference.save_pretrained(tmp_path / "peft")
+    torch.testing.assert_close(logits(load_adapter(tiny_model("llama"), tmp_path / "peft"), ids), ours,
+                               atol=1e-5, rtol=0)
+
+    base = tiny_model("llama")
+    adapters = {name: lora.lora_weights() for name, lora in lora_modules(model)}
+    base.load_state_dict(merge_state_dict(base.state_dict(), adapters))
+    torch.testing.assert_close(logits(base, ids), ours, atol=1e-5, rtol=0)
+    with pytest.raises(LoRAConfigError, match=r"lora\.r=0 must be at least 1"):
+        LoRALinear.from_base(nn.Linear(4, 1), r=0, alpha=1)
 
 
 def test_targets_matching_nothing_list_the_linear_layers(tiny_model):
