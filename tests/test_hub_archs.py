@@ -1,6 +1,7 @@
 """More of the Hub's decoder families (:data:`lora_dist.demo.HUB_ARCHS`: Qwen3, Gemma 3, Phi-3, DeepSeek-V3,
-gpt-oss, Qwen3-Next), saved like real checkpoints: ``all-linear`` LoRA trains on 2 FSDP2 ranks to the one-process
-result, and the merged export written from the shards is the base plus the adapter, as PEFT applies it."""
+gpt-oss, Qwen3-Next), saved like real checkpoints: ``all-linear`` LoRA trains on 2 FSDP2 or ZeRO-3 ranks to the
+one-process result, and the merged export written from the FSDP2 shards is the base plus the adapter, as PEFT
+applies it where PEFT reads it as trained."""
 
 from __future__ import annotations
 
@@ -42,20 +43,23 @@ def runs(request, tiny_checkpoint, tmp_path_factory):
     lora_dist(*common, f"output.dir={root / 'one'}", "parallel.strategy=none", "train.micro_batch_size=4")
     launch = ranks(2, "-m", "lora_dist.cli", *common, f"output.dir={root / 'fsdp2'}", "parallel.strategy=fsdp2",
                    "train.micro_batch_size=2")
-    return {"arch": arch, "base": base, "one": root / "one", "fsdp2": root / "fsdp2",
+    ranks(2, "-m", "lora_dist.cli", *common, f"output.dir={root / 'zero3'}", "parallel.strategy=zero3",
+          "train.micro_batch_size=2", "export.merged=false")
+    return {"arch": arch, "base": base, "one": root / "one", "fsdp2": root / "fsdp2", "zero3": root / "zero3",
             "log": launch.stdout + launch.stderr}
 
 
 @pytest.mark.dist
-def test_two_fsdp2_ranks_train_every_linear_layer_to_the_one_process_result(runs):
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_two_ranks_train_every_linear_layer_to_the_one_process_result(runs, strategy):
     model = _hf_model(runs["base"])
     head = model.get_output_embeddings()
     linear = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
-    adapter = load_file(str(runs["fsdp2"] / "adapter" / "adapter_model.safetensors"))
+    adapter = load_file(str(runs[strategy] / "adapter" / "adapter_model.safetensors"))
     adapted = {k.removeprefix("base_model.model.").removesuffix(".lora_B.weight") for k in adapter if "lora_B" in k}
     assert adapted == linear
     assert min(float(t.abs().max()) for k, t in adapter.items() if "lora_B" in k) > 1e-4  # every adapter trained
-    assert_same_run(runs["fsdp2"], runs["one"], adapter_atol(LR, STEPS))
+    assert_same_run(runs[strategy], runs["one"], adapter_atol(LR, STEPS))
 
 
 @pytest.mark.dist
