@@ -314,20 +314,25 @@ def _measured(*args):
 
 
 @pytest.mark.slow  # two model loads and steps per case, in fresh processes
-@pytest.mark.parametrize("strategy,world,extra,embeddings,vocab", [
-    ("none", 1, [], False, 512),
-    ("fsdp2", 2, [], False, 512),
-    ("fsdp2", 4, ["parallel.dp_replicate=2"], False, 512),  # hybrid: the base sharded over 2, replicated twice
-    ("fsdp2", 2, [], True, 512),
-    ("none", 1, [], True, 512),
+@pytest.mark.parametrize("strategy,world,extra,embeddings,vocab,hidden", [
+    ("none", 1, [], False, 512, 256),
+    ("fsdp2", 2, [], False, 512, 256),
+    ("fsdp2", 4, ["parallel.dp_replicate=2"], False, 512, 256),  # hybrid: the base sharded over 2, replicated twice
+    ("fsdp2", 2, [], True, 512, 256),
+    ("none", 1, [], True, 512, 256),
     # the head's dequantized rows (the loss) outweigh the blocks backward gathers, as on the bench's models
-    ("fsdp2", 2, [], True, 8192),
-], ids=["none-1", "fsdp2-2", "hybrid-2x2", "fsdp2-2-embeddings", "none-1-embeddings", "fsdp2-2-embeddings-8k-vocab"])
-def test_nf4_base_bytes_and_the_planner_against_measured(tiny_checkpoint, strategy, world, extra, embeddings, vocab):
+    ("fsdp2", 2, [], True, 8192, 256),
+    # NF4 units reshard fully, the others (norms; the embedding) keep a 2-rank shard (parallelize.unit_reshard);
+    # 512 wide, so that every weight's quarter is whole NF4 groups, as at 256 over 2
+    ("fsdp2", 4, ["parallel.reshard_after_forward=2", "parallel.shard_unit=weight"], False, 512, 512),
+], ids=["none-1", "fsdp2-2", "hybrid-2x2", "fsdp2-2-embeddings", "none-1-embeddings", "fsdp2-2-embeddings-8k-vocab",
+        "fsdp2-4-reshard-to-2"])
+def test_nf4_base_bytes_and_the_planner_against_measured(tiny_checkpoint, strategy, world, extra, embeddings, vocab,
+                                                         hidden):
     """The NF4 base at rest is what the planner counts, well under a third of the bf16 base's blocks (and, with
     model.quantize_embeddings, of the whole base), and the planner's peak is within 15% of the live tensor bytes
     of a step."""
-    path = str(tiny_checkpoint("llama", hidden=256, layers=4, vocab=vocab))
+    path = str(tiny_checkpoint("llama", hidden=hidden, layers=4, vocab=vocab))
     nf4_extra = ["model.quantize_embeddings=true"] if embeddings else []
     nf4_plan, nf4_rest, nf4_peak = _measured(path, strategy, world, ["model.dtype=bfloat16", "model.quantize=nf4",
                                                                      *extra, *nf4_extra])
@@ -423,6 +428,39 @@ def test_hybrid_sharding_of_an_nf4_base_equals_one_process(setup, reference):
     out = _train(setup, "nf4-hybrid", 4, "parallel.strategy=fsdp2", "parallel.dp_replicate=2",
                  "parallel.dp_shard=2", "train.micro_batch_size=1", "model.quantize=nf4")
     assert_same_run(out, reference, ADAPTER_ATOL)
+
+
+@pytest.mark.dist
+def test_reshard_to_fewer_ranks_after_forward_with_an_nf4_base_equals_one_process(wide):
+    """``reshard_after_forward=2`` over 4 shard ranks (``node`` on 2 nodes of 2): FSDP2 cannot keep an NF4 weight
+    on 2 ranks, so the units holding one reshard fully (before, the first forward failed: "Expected 1
+    all_gather_output, got 3"), the others keep their 2-rank shard. The runs are the same 4 ranks' run resharded
+    fully, and that one is the one process's."""
+    common = ("parallel.strategy=fsdp2", "train.micro_batch_size=1", "model.quantize=nf4")
+    full = _train(wide, "nf4-reshard-full", 4, *common)
+    for unit in ("block", "weight"):
+        out = _train(wide, f"nf4-reshard-2-{unit}", 4, *common, "parallel.reshard_after_forward=2",
+                     f"parallel.shard_unit={unit}")
+        assert_same_run(out, full, ADAPTER_ATOL / 10)
+    # Each rank quantizes its own rows, with its own scales: 4 ranks' NF4 base is within rounding of the one
+    # process's, and after Adam's normalization their adapters are 3.1e-5 apart here (measured), against 1.5e-4,
+    # where a missed reduction or a wrong shard moves elements by ~lr = 5e-3 per step.
+    assert_same_run(full, wide["reference"], 3 * ADAPTER_ATOL)
+
+
+@pytest.fixture(scope="module")
+def wide(tiny_checkpoint, tmp_path_factory):
+    """A 512-wide model, whose weights' quarters are whole NF4 groups (256 wide, k/v_proj's are not, and stay
+    bf16 over 4 ranks), and its one-process NF4 run."""
+    from lora_dist.demo import write_demo_data
+
+    base = tiny_checkpoint("llama", hidden=512, layers=2)
+    root = tmp_path_factory.mktemp("nf4-wide")
+    data = write_demo_data(root / "data.jsonl", n=200)
+    setup = {"base": base, "root": root, "common": short_run_args(base, data, STEPS, LR)}
+    setup["reference"] = _train(setup, "ref", 1, "parallel.strategy=none", "train.micro_batch_size=4",
+                                "model.quantize=nf4")
+    return setup
 
 
 @pytest.mark.dist

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 
 import torch
 import torch.distributed as dist
@@ -34,8 +35,10 @@ from lora_dist.nf4 import is_quantized
 from lora_dist.parallel.checkpointing import enable_activation_checkpointing, enable_selective_recompute
 from lora_dist.parallel.compile import compile_blocks
 
+log = logging.getLogger("lora_dist")
+
 __all__ = ["dp_mesh_shape", "embedding_and_head", "one_post_forward_mesh", "parallelize",
-           "replicated_if_unsharded", "reshard_size", "weight_units"]
+           "replicated_if_unsharded", "reshard_size", "unit_reshard", "weight_units"]
 
 
 def dp_mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
@@ -97,6 +100,16 @@ def reshard_size(cfg: ParallelConfig, shard: int, local_world_size: int) -> bool
         raise ConfigError(f"parallel.reshard_after_forward={value} ({n} ranks) must divide the {shard} ranks the "
                           "base is sharded over")
     return n
+
+
+def unit_reshard(params, reshard: bool | int, quantized) -> bool | int:
+    """``reshard_after_forward`` for an FSDP2 unit of ``params``: ``reshard``, but ``True`` for a size where one of
+    them is ``quantized`` (NF4). FSDP2 (torch 2.13-2.15) rebuilds a weight resharded to a smaller mesh from one
+    all-gather output, and an NF4 weight has three (data, block scales and their scale): it fails after the
+    first forward. The planner models the same choice."""
+    if isinstance(reshard, bool):
+        return reshard
+    return True if any(quantized(q) for q in params) else reshard
 
 
 @contextlib.contextmanager
@@ -182,19 +195,33 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
         raise ValueError(f"{type(model).__name__}: found no transformer blocks to shard; use parallel.strategy=ddp")
     shard = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
     embed, head = embedding_and_head(model)
+    sharded: set[nn.Parameter] = set(ignored)  # the params of the units made so far (FSDP2 takes the rest)
+    full = []  # units with an NF4 weight that reshard fully instead of to `reshard` ranks
+
+    def make_unit(module: nn.Module, after_forward: bool | int) -> None:
+        params = [q for q in module.parameters() if q not in sharded]
+        chosen = unit_reshard(params, after_forward, is_quantized)
+        if chosen is not after_forward:
+            full.append(module)
+        fully_shard(module, reshard_after_forward=chosen, **shard)
+        sharded.update(params)
+
     with one_post_forward_mesh():
         for block in blocks:
             if cfg.shard_unit == "weight":
                 for unit in weight_units(block, ignored):
-                    fully_shard(unit, reshard_after_forward=reshard, **shard)
-            fully_shard(block, reshard_after_forward=reshard, **shard)
+                    make_unit(unit, reshard)
+            make_unit(block, reshard)
         # Input embedding and output head are often the largest tensors: their own units, so only one
         # of them is gathered at a time. Tied ones share a parameter and must stay in one unit (the root).
         # The head runs last in forward and first in backward: resharding it in between would only
         # gather it again at once.
         for module, after_forward in ((embed, reshard), (head, False)):
             if module is not None:
-                fully_shard(module, reshard_after_forward=after_forward, **shard)
+                make_unit(module, after_forward)
+    if full and dist.get_rank() == 0:
+        log.info("parallel.reshard_after_forward=%s: %d FSDP2 units holding NF4 weights reshard fully after "
+                 "forward (FSDP2 cannot keep an NF4 weight on %d ranks)", cfg.reshard_after_forward, len(full), reshard)
     if embed is not None:
         # The frozen embedding's weight is not needed in backward (token ids have no gradient): without
         # this, the first block's backward prefetch gathers the whole embedding again for nothing.
