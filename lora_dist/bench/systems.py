@@ -130,7 +130,7 @@ class LoraDist(System):
     def setup(self) -> None:
         from lora_dist.config import load_config
         from lora_dist.launch import detect_launch_env
-        from lora_dist.session import build, check_launch, open_base, strategy_config
+        from lora_dist.session import build, check_launch, open_base, resolve_hybrid, resolve_strategy, strategy_config
 
         s = self.s
         cfg = load_config(None, [
@@ -144,34 +144,30 @@ class LoraDist(System):
         self.env = env = detect_launch_env()
         check_launch(cfg, env)
         base = open_base(cfg)
-        self.cfg = cfg
+        # auto and fsdp2's mesh resolved once, here, as build() would: the notes and plan() then describe what
+        # ran. Resolved again once the model is loaded, a GPU's free memory (the budget) is smaller, and the
+        # planner could name another strategy, or none.
+        self.cfg = cfg = resolve_hybrid(resolve_strategy(cfg, env, self.device), env, self.device)
         self.model, self.engine = build(cfg, env, self.device, base, strategy_config(cfg, base))
         if self.strategy == "auto":
             from lora_dist.plan import mode_name
-            from lora_dist.session import resolve_strategy
 
-            self.notes.append(f"auto chose {mode_name(resolve_strategy(cfg, env, self.device).parallel)}")
+            self.notes.append(f"auto chose {mode_name(cfg.parallel)}")
         if cfg.parallel.compile and self.device.type == "cpu":
             # The counting TorchDispatchMode makes a compiled graph run op by op (the eager peak without selective
             # recompute) and counts what the compiled artifacts hold besides: not the compiled step's bytes.
             self.counts_tensors = False
             self.notes.append("compiled blocks: live tensors not counted on a CPU (the counting dispatch mode runs "
                               "compiled graphs op by op); RSS measured")
-        if self.strategy == "fsdp2":
-            from lora_dist.session import resolve_hybrid
-
-            ran = resolve_hybrid(cfg, env, self.device).parallel.strategy
-            if ran != "fsdp2":
-                self.notes.append(f"fsdp2 over one shard rank ran as {ran}")
+        if self.strategy == "fsdp2" and cfg.parallel.strategy != "fsdp2":
+            self.notes.append(f"fsdp2 over one shard rank ran as {cfg.parallel.strategy}")
 
     def plan(self) -> dict:
-        """:func:`lora_dist.plan.plan_memory` of this configuration on this launch (auto and fsdp2's mesh resolved
-        as :func:`lora_dist.session.build` resolves them), as a dict."""
+        """:func:`lora_dist.plan.plan_memory` of the configuration :meth:`setup` built (auto and fsdp2's mesh
+        resolved), as a dict."""
         from lora_dist.plan import plan_memory
-        from lora_dist.session import resolve_hybrid, resolve_strategy
 
-        cfg = resolve_hybrid(resolve_strategy(self.cfg, self.env, self.device), self.env, self.device)
-        return plan_memory(cfg, self.env.world_size).as_dict()
+        return plan_memory(self.cfg, self.env.world_size).as_dict()
 
     def train_step(self, ids, labels) -> None:
         from lora_dist.train import forward_backward
