@@ -193,9 +193,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             local, mine = _local_targets(every_targets, ctx.vocab_start, w.shape[0])
             for start, rows in _chunk_rows(world, n, ctx.chunk, every.device):
                 probs = F.linear(every[rows], w, b).float().sub_(lse[rows, None]).exp_()  # in place: one fp32 chunk
-                hit = mine[rows]
-                if probs.shape[1]:
-                    probs[hit, local[rows][hit]] -= 1.0
+                if probs.shape[1]:  # minus one at each target this rank holds: -0.0 elsewhere (column 0), no change;
+                    # no boolean indexing, whose nonzero() would wait for the GPU at every chunk
+                    probs.scatter_add_(1, local[rows, None], mine[rows, None].to(probs.dtype).neg_())
                 probs *= row_scale[rows, None]
                 partial = probs.to(w.dtype) @ w  # rank r's tokens in block r
                 c = partial.shape[0] // world
