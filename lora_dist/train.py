@@ -329,9 +329,14 @@ def _check_lora_weights(engine: Engine, step: int, lr: float) -> None:
     if not named:
         return
     device = engine.device
-    largest = torch.stack([p.detach().abs().amax().float().to(device) if p.numel()
-                           else torch.zeros((), device=device) for _, p in named])
-    largest = torch.nan_to_num(largest, nan=float("inf"))
+    # Each tensor's largest magnitude (NaN where it holds one), in one multi-tensor kernel per device and dtype,
+    # not two kernels per LoRA tensor; a ZeRO-3 partition may hold none of a tensor here
+    held = [i for i, (_, p) in enumerate(named) if p.numel()]
+    largest = torch.zeros(len(named), device=device)
+    if held:
+        norms = torch._foreach_norm([named[i][1].detach() for i in held], ord=math.inf)
+        largest[torch.tensor(held, device=device)] = torch.stack([n.float().to(device) for n in norms])
+    largest = torch.nan_to_num(largest, nan=math.inf, posinf=math.inf)  # (posinf: not the largest float)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     worst = int(largest.argmax())

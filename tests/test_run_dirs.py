@@ -434,3 +434,24 @@ def test_forward_backward_of_a_batch_without_targets_is_nan_not_zero(tiny_model)
              "attention_mask": None}
     loss, n = forward_backward(engine, [batch])
     assert n == 0 and loss != loss
+
+
+@pytest.mark.parametrize("poison,match", [
+    (float("nan"), "b.lora_B.weight is not finite"),
+    (float("-inf"), "b.lora_B.weight is not finite"),
+    (-3e5, "b.lora_B.weight reached 3e\\+05"),
+])
+def test_the_lora_weight_check_names_the_worst_tensor(poison, match):
+    """Every LoRA tensor's largest magnitude, NaN and a negative extreme included, bf16 ones and the empty
+    partitions a ZeRO-3 rank may hold among them; below the limit nothing is raised."""
+    from types import SimpleNamespace
+
+    import lora_dist.train as train_mod
+
+    named = [("a.lora_A.weight", torch.full((2, 3), 2.0)), ("z.lora_A.weight", torch.empty(0)),
+             ("h.lora_A.weight", torch.ones(4, dtype=torch.bfloat16)), ("b.lora_B.weight", torch.zeros(3, 2))]
+    engine = SimpleNamespace(named_lora_params=lambda: named, device=torch.device("cpu"))
+    train_mod._check_lora_weights(engine, 5, 1e-3)
+    named[3][1][1, 0] = poison
+    with pytest.raises(train_mod.TrainingDiverged, match=f"LoRA weights exploded at step 5: {match}"):
+        train_mod._check_lora_weights(engine, 5, 1e-3)
