@@ -396,6 +396,8 @@ def main() -> int:
     unknown = set(args.checks or ()) - {fn.__name__ for fn in checks}
     if unknown:
         parser.error(f"unknown check {sorted(unknown)[0]!r}; choose from {[fn.__name__ for fn in checks]}")
+    if args.cpu_smoke:  # the launches the checks start (torchrun, lora-dist) would otherwise find the GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
         print("no CUDA device visible; run with --cpu-smoke for the CPU-possible checks", file=sys.stderr)

@@ -18,10 +18,9 @@ else
   [ -x .venv/bin/python ] || bash scripts/setup.sh
   PY=.venv/bin/python
 fi
-if [ "${1:-}" = "--cpu-smoke" ]; then
-  export CUDA_VISIBLE_DEVICES=
-else
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-fi
+case " $* " in
+  *" --cpu-smoke "*) export CUDA_VISIBLE_DEVICES= ;;  # wherever it stands: the checks' own launches see no GPU
+  *) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true ;;
+esac
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__)"
 exec "$PY" scripts/gpu_check.py "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -28,7 +29,6 @@ def test_gpu_check_cpu_smoke(tmp_path):
 def test_gpu_check_runs_the_named_checks_within_its_budget_on_a_given_python(tmp_path):
     """What a short GPU lease needs: ``--checks`` runs only those, a check past ``--budget-s`` is skipped saying
     so, the results are written all the same, and ``LORA_DIST_PYTHON`` runs it on an existing Python."""
-    import os
     import sys
 
     def run(out, *args):
@@ -48,3 +48,21 @@ def test_gpu_check_runs_the_named_checks_within_its_budget_on_a_given_python(tmp
                           capture_output=True, text=True, timeout=300, cwd=REPO,
                           env=dict(os.environ, LORA_DIST_PYTHON=sys.executable))
     assert proc.returncode == 2 and "unknown check 'nope'" in proc.stderr
+
+
+@pytest.mark.parametrize("args,visible", [
+    (["--cpu-smoke", "--budget-s", "9"], ""),
+    (["--budget-s", "9", "--cpu-smoke"], ""),  # the flag anywhere: before, only first hid the GPUs
+    (["--budget-s", "9"], "0"),
+])
+def test_cpu_smoke_hides_the_gpus_wherever_the_flag_stands(tmp_path, args, visible):
+    """What the script starts its Python with (a stand-in here that prints it): no GPU under --cpu-smoke, so the
+    checks' own launches cannot find one and run NCCL while the results say cpu-smoke."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "visible=[${CUDA_VISIBLE_DEVICES-unset}] $*"\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), *args], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, env=dict(os.environ, LORA_DIST_PYTHON=str(fake), CUDA_VISIBLE_DEVICES="0"))
+    assert proc.returncode == 0, proc.stderr
+    launched = [line for line in proc.stdout.splitlines() if "scripts/gpu_check.py" in line]
+    assert launched == [f"visible=[{visible}] scripts/gpu_check.py {' '.join(args)}"]
