@@ -47,7 +47,7 @@ def check(name: str, needs_cuda: bool = False, needs_gpus: int = 1):
             RESULTS.append({"check": name, "status": status, "seconds": round(time.perf_counter() - t0, 1),
                             "detail": detail})
             print(f"[{status}] {name}: {str(detail).splitlines()[0] if detail else ''}", flush=True)
-        run.check_name, run.__name__ = name, fn.__name__
+        run.check_name, run.__name__, run.body = name, fn.__name__, fn  # body: a CPU dry run of a GPU check
         return run
     return decorate
 
@@ -333,20 +333,64 @@ def ddp(ctx):
     return _memory(_run_config(ctx, "ddp", "parallel.strategy=ddp"))
 
 
-@check("2 ranks: fsdp2 and zero3 equal 1 process", needs_cuda=True, needs_gpus=2)
+#: What 2 ranks run against the one process: every path with lora_dist's own NCCL collectives (the sharded AdamW,
+#: the vocabulary-sharded head and embedding, the replica check, the merged export from 2 ranks' shards, the
+#: unsharded optimizer's gradient reducer, DDP) and DeepSpeed's.
+TWO_RANKS = {
+    "fsdp2": ("parallel.strategy=fsdp2", "parallel.replica_check_every=1", "export.merged=true", "export.dtype=float32"),
+    "zero3": ("parallel.strategy=zero3",),
+    "ddp-unsharded-optimizer": ("parallel.strategy=ddp", "parallel.shard_optimizer=false"),
+    "fsdp2-unsharded-optimizer": ("parallel.strategy=fsdp2", "parallel.shard_optimizer=false"),
+}
+
+
+def _adapter_diff(out: Path, ref: dict) -> float:
+    from safetensors.torch import load_file
+
+    got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == ref.keys(), f"{out.name}: other adapter tensors"
+    return max(float((got[k] - ref[k]).abs().max()) for k in ref)
+
+
+@check("2 ranks: fsdp2 (replica check, merged export), zero3, ddp and the unsharded optimizer equal 1 process",
+       needs_cuda=True, needs_gpus=2)
 def two_ranks(ctx):
     from safetensors.torch import load_file
 
     ref = load_file(str(_run_config(ctx, "ref", "parallel.strategy=none", "train.micro_batch_size=4")
                         / "adapter" / "adapter_model.safetensors"))
     lines = []
-    for strategy in ("fsdp2", "zero3"):
-        out = _run_config(ctx, f"two-{strategy}", f"parallel.strategy={strategy}", "train.micro_batch_size=2", nproc=2)
-        got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-        diff = max(float((got[k] - ref[k]).abs().max()) for k in ref)
-        assert diff < 1e-4, f"{strategy}: max |diff| {diff:.3g}"
-        lines.append(f"{strategy} max |diff| {diff:.3g}")
+    for name, overrides in TWO_RANKS.items():
+        out = _run_config(ctx, f"two-{name}", *overrides, "train.micro_batch_size=2", nproc=2)
+        diff = _adapter_diff(out, ref)
+        assert diff < 1e-4, f"{name}: max |diff| {diff:.3g}"
+        if "export.merged=true" in overrides:
+            _verify(out, ctx["base"])
+        lines.append(f"{name} max |diff| {diff:.3g}")
     return "; ".join(lines)
+
+
+@check("4 ranks: hybrid sharding equals 1 process; an NF4 base resharded to 2 after forward equals it resharded "
+       "fully", needs_cuda=True, needs_gpus=4)
+def four_ranks(ctx):
+    from safetensors.torch import load_file
+
+    from lora_dist.demo import make_tiny_checkpoint
+
+    ref = load_file(str(_run_config(ctx, "ref", "parallel.strategy=none", "train.micro_batch_size=4")
+                        / "adapter" / "adapter_model.safetensors"))
+    hybrid = _adapter_diff(_run_config(ctx, "four-hybrid", "parallel.strategy=fsdp2", "parallel.dp_replicate=2",
+                                       "train.micro_batch_size=1", nproc=4), ref)
+    assert hybrid < 1e-4, f"hybrid: max |diff| {hybrid:.3g}"
+    # 512 wide: a quarter of each block weight is whole NF4 groups (128 wide, none is, and nothing is quantized)
+    base = make_tiny_checkpoint(ctx["work"] / "base-wide", arch="llama", hidden=512, layers=2, heads=4)
+    nf4 = (f"model.path={base}", "parallel.strategy=fsdp2", "model.dtype=bfloat16", "model.quantize=nf4",
+           "train.micro_batch_size=1")
+    full = load_file(str(_run_config(ctx, "four-nf4-full", *nf4, nproc=4) / "adapter" / "adapter_model.safetensors"))
+    to_two = _adapter_diff(_run_config(ctx, "four-nf4-reshard-2", *nf4, "parallel.reshard_after_forward=2",
+                                       nproc=4), full)
+    assert to_two < 1e-5, f"nf4 resharded to 2: max |diff| {to_two:.3g}"
+    return f"hybrid max |diff| {hybrid:.3g}; nf4 resharded to 2 vs fully {to_two:.3g}"
 
 
 #: The one-GPU comparison: PEFT + accelerate against lora_dist, bf16, same model, data and steps.
@@ -392,7 +436,7 @@ def main() -> int:
     args = parser.parse_args()
     # the paths no GPU has run yet first, then the benchmark, then the ones an earlier GPU run passed
     checks = (device_probes, lora_linear, fused_dropout, merge_on_device, nf4, fsdp2_full, compiled, fsdp2_offload, bench,
-              two_ranks, fsdp2_weight_units_offload, zero3_ac, zero2_bf16, ddp)
+              two_ranks, four_ranks, fsdp2_weight_units_offload, zero3_ac, zero2_bf16, ddp)
     unknown = set(args.checks or ()) - {fn.__name__ for fn in checks}
     if unknown:
         parser.error(f"unknown check {sorted(unknown)[0]!r}; choose from {[fn.__name__ for fn in checks]}")
