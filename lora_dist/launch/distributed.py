@@ -432,20 +432,23 @@ def run_device() -> torch.device:
 
 
 def _check_distinct_gpus(store, launch: LaunchEnv, device) -> None:
-    """Refuse, in one line, two ranks of one node on one GPU (NCCL would abort with "Duplicate GPU detected")."""
+    """Refuse, in one line on every rank, two ranks of one node on one GPU (NCCL would abort with "Duplicate GPU
+    detected"). A few store requests per rank, whatever the world size: each rank claims its GPU, a second claimant
+    records the clash, and the last rank to claim tells every rank to look."""
     import torch
 
-    me = f"{socket.gethostname()}|{torch.cuda.get_device_properties(device).uuid}"
-    store.set(f"lora_dist/gpu/{launch.rank}", me)
-    seen: dict[str, int] = {}
-    for rank in range(launch.world_size):
-        gpu = store.get(f"lora_dist/gpu/{rank}").decode()
-        if gpu in seen:
-            host, uuid = gpu.split("|", 1)
-            raise LaunchError(f"ranks {seen[gpu]} and {rank} both use GPU {uuid} on {host}: each rank needs its "
-                              f"own GPU; start at most one process per visible GPU (check CUDA_VISIBLE_DEVICES, "
-                              f"--gpus-per-task and --gpu-bind)")
-        seen[gpu] = rank
+    host, uuid = socket.gethostname(), torch.cuda.get_device_properties(device).uuid
+    owner = store.compare_set(f"lora_dist/gpu/{host}|{uuid}", "", str(launch.rank)).decode()
+    if owner != str(launch.rank):
+        first, second = sorted((int(owner), launch.rank))
+        store.set("lora_dist/gpu/clash", f"ranks {first} and {second} both use GPU {uuid} on {host}: each rank "
+                                         "needs its own GPU; start at most one process per visible GPU (check "
+                                         "CUDA_VISIBLE_DEVICES, --gpus-per-task and --gpu-bind)")
+    if store.add("lora_dist/gpu/claimed", 1) == launch.world_size:
+        store.set("lora_dist/gpu/all-claimed", "")
+    store.wait(["lora_dist/gpu/all-claimed"])
+    if store.check(["lora_dist/gpu/clash"]):
+        raise LaunchError(store.get("lora_dist/gpu/clash").decode())
 
 
 def _is_timeout(exc: BaseException) -> bool:

@@ -939,3 +939,48 @@ def test_file_commands_still_run_as_one_process_in_sbatch_shell(cli_assets, fini
     assert proc.returncode == 0, proc.stderr[-3000:]
     if command != "verify":
         assert (merged / "model.safetensors.index.json").is_file() or any(merged.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("gpus,clash", [
+    ([f"gpu{r}" for r in range(12)], None),
+    ([f"gpu{r}" for r in range(11)] + ["gpu3"], "ranks 3 and 11 both use GPU gpu3 on "),
+])
+def test_two_ranks_on_one_gpu_fail_every_rank_in_one_line_with_few_store_requests(monkeypatch, gpus, clash):
+    """The ranks' GPUs (stand-ins, by uuid) meet in one store: every rank raises the same line naming the two ranks,
+    or none does; each rank makes a handful of requests (it read every rank's key: world size squared in all)."""
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from lora_dist.launch import distributed
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid=device))
+    store, requests = dist.HashStore(), []
+
+    class Counting:  # the store, counting each rank's requests
+        def __getattr__(self, name):
+            requests.append(name)
+            return getattr(store, name)
+
+    errors: dict[int, str] = {}
+
+    def rank(r: int) -> None:
+        env = LaunchEnv("torchrun", r, r, len(gpus), len(gpus), 0, 1, "127.0.0.1", 1)
+        try:
+            distributed._check_distinct_gpus(Counting(), env, gpus[r])
+        except LaunchError as e:
+            errors[r] = str(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(gpus))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    if clash is None:
+        assert errors == {}
+    else:
+        assert set(errors) == set(range(len(gpus))) and len(set(errors.values())) == 1
+        assert next(iter(errors.values())).startswith(clash) and "\n" not in errors[0]
+    assert len(requests) <= 7 * len(gpus)  # at most 7 each; reading every rank's key was 12 + 12 x 12
