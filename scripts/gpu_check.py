@@ -337,7 +337,8 @@ def ddp(ctx):
 #: the vocabulary-sharded head and embedding, the replica check, the merged export from 2 ranks' shards, the
 #: unsharded optimizer's gradient reducer, DDP) and DeepSpeed's.
 TWO_RANKS = {
-    "fsdp2": ("parallel.strategy=fsdp2", "parallel.replica_check_every=1", "export.merged=true", "export.dtype=float32"),
+    "fsdp2": ("parallel.strategy=fsdp2", "parallel.replica_check_every=1", "export.merged=true",
+              "export.dtype=float32"),
     "zero3": ("parallel.strategy=zero3",),
     "ddp-unsharded-optimizer": ("parallel.strategy=ddp", "parallel.shard_optimizer=false"),
     "fsdp2-unsharded-optimizer": ("parallel.strategy=fsdp2", "parallel.shard_optimizer=false"),

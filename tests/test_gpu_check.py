@@ -61,8 +61,9 @@ def test_cpu_smoke_hides_the_gpus_wherever_the_flag_stands(tmp_path, args, visib
     fake = tmp_path / "python"
     fake.write_text('#!/bin/sh\necho "visible=[${CUDA_VISIBLE_DEVICES-unset}] $*"\n')
     fake.chmod(0o755)
+    env = dict(os.environ, LORA_DIST_PYTHON=str(fake), CUDA_VISIBLE_DEVICES="0")
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), *args], capture_output=True, text=True,
-                          timeout=60, cwd=REPO, env=dict(os.environ, LORA_DIST_PYTHON=str(fake), CUDA_VISIBLE_DEVICES="0"))
+                          timeout=60, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr
     launched = [line for line in proc.stdout.splitlines() if "scripts/gpu_check.py" in line]
     assert launched == [f"visible=[{visible}] scripts/gpu_check.py {' '.join(args)}"]
