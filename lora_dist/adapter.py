@@ -236,22 +236,37 @@ def _write_error(directory: Path, e: BaseException) -> AdapterWriteError:
     )
 
 
-#: The per-expert projection names of transformers 4 (Qwen2-MoE family, Mixtral), which PEFT (0.21) takes for the
-#: fused experts of a transformers 5 model when it loads an adapter, whichever module the target names.
-_PEFT_EXPERT_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
+#: The transformers-4 projection names PEFT (0.21) remaps onto the fused experts when it loads an adapter into a
+#: model of transformers' Mixtral or Qwen2-MoE conversion pattern, whichever module the target names
+#: (``peft/utils/transformers_weight_conversion.py``: ``_MOE_TARGET_MODULE_MAPPING``).
+_PEFT_EXPERT_NAMES = {"mixtral": frozenset({"gate", "w1", "w2", "w3"}),
+                      "qwen2_moe": frozenset({"gate", "gate_proj", "up_proj", "down_proj"})}
+
+
+def _peft_expert_pattern(model: nn.Module) -> str | None:
+    """The conversion pattern PEFT applies to ``model``'s adapter targets: ``mixtral`` or ``qwen2_moe`` (DeepSeek-V2/V3,
+    Qwen3-MoE, Qwen3-Next, GLM-4-MoE, OLMoE...), by its model type as transformers maps it, else None (Qwen2-MoE
+    itself, gpt-oss, every dense model)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
+    except ImportError:  # a transformers without it has no fused experts to convert to
+        return None
+    pattern = {**_MODEL_TO_CONVERSION_PATTERN, "mixtral": "mixtral"}.get(model_type)  # PEFT adds mixtral
+    return pattern if pattern in _PEFT_EXPERT_NAMES else None
 
 
 def peft_misread(model: nn.Module) -> list[str]:
-    """The adapted linear layers PEFT would not load as adapted: on a model with fused experts (a ``gate_up_proj``
-    parameter of an ``experts`` module: DeepSeek-V3, Qwen2/3-MoE, Qwen3-Next...), PEFT 0.21 moves every target
-    named like a transformers-4 expert projection (``gate_proj``, ``up_proj``, ``down_proj``; Mixtral's ``w1``..``w3``)
-    onto the experts, so an adapter on a dense layer's or a shared expert's MLP loads into fresh expert LoRA
-    instead, and those layers load unadapted. lora_dist's own loader, merge and export read it as trained."""
-    fused = any(name.endswith("experts.gate_up_proj") for name, _ in model.named_parameters())
-    if not fused:
+    """The adapted linear layers PEFT would not load as adapted. Loading an adapter into a model of Mixtral's or
+    Qwen2-MoE's conversion pattern (:func:`_peft_expert_pattern`), PEFT 0.21 moves every target named like a
+    transformers-4 expert projection (``gate_proj``, ``up_proj``, ``down_proj``, ``gate``; Mixtral's ``w1``..``w3``)
+    onto the fused experts: an adapter on a dense layer's or a shared expert's MLP then loads into fresh expert LoRA,
+    and those layers load unadapted. lora_dist's own loader, merge and export read it as trained."""
+    pattern = _peft_expert_pattern(model)
+    if pattern is None:
         return []
     return [n for n, m in lora_modules(model)
-            if not isinstance(m, LoRAParam) and n.rsplit(".", 1)[-1] in _PEFT_EXPERT_NAMES]
+            if not isinstance(m, LoRAParam) and n.rsplit(".", 1)[-1] in _PEFT_EXPERT_NAMES[pattern]]
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,

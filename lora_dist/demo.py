@@ -31,8 +31,9 @@ ARCHS = ("llama", "qwen2", "mistral", "gpt2", "bert", "mixtral", "qwen3_moe")
 #: More of the Hub's decoder families, each with something the ones above lack: QK norms (qwen3), tied and scaled
 #: embeddings with sliding-window layers (gemma3_text), fused qkv and gate-up projections (phi3), latent attention
 #: with a dense first layer, shared experts and a router (deepseek_v3), biased experts and attention sinks
-#: (gpt_oss), linear-attention layers and a hidden->1 shared-expert gate (qwen3_next).
-HUB_ARCHS = ("qwen3", "gemma3_text", "phi3", "deepseek_v3", "gpt_oss", "qwen3_next")
+#: (gpt_oss), linear-attention layers and a hidden->1 shared-expert gate (qwen3_next), a shared expert whose MLP
+#: PEFT reads as trained (qwen2_moe; lora_dist.adapter.peft_misread).
+HUB_ARCHS = ("qwen3", "gemma3_text", "phi3", "deepseek_v3", "gpt_oss", "qwen3_next", "qwen2_moe")
 
 #: Experts per MoE layer of the tiny MoE checkpoints, and experts each token is routed to.
 MOE_EXPERTS, MOE_TOP_K = 4, 2
@@ -148,6 +149,7 @@ def _hub_config(arch: str, common: dict, hidden: int, intermediate: int, heads: 
                            linear_num_value_heads=heads, linear_num_key_heads=max(1, heads // 2),
                            linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
                            layer_types=["linear_attention", "full_attention"], **moe),
+        "qwen2_moe": dict(num_experts=MOE_EXPERTS, shared_expert_intermediate_size=intermediate, **moe),
     }[arch]
     return tf.AutoConfig.for_model(arch, **{**base, **extra})
 

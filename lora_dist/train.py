@@ -329,8 +329,9 @@ def _check_lora_weights(engine: Engine, step: int, lr: float) -> None:
     if not named:
         return
     device = engine.device
-    # Each tensor's largest magnitude (NaN where it holds one), in one multi-tensor kernel per device and dtype,
-    # not two kernels per LoRA tensor; a ZeRO-3 partition may hold none of a tensor here
+    # Each tensor's largest magnitude (NaN where it holds one): one multi-tensor kernel where they share a device
+    # and a dtype (fp32 LoRA on the run's device, the engines' case; else per tensor, as before), not two kernels
+    # per LoRA tensor. A ZeRO-3 partition may hold none of a tensor here.
     held = [i for i, (_, p) in enumerate(named) if p.numel()]
     largest = torch.zeros(len(named), device=device)
     if held:

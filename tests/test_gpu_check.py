@@ -67,3 +67,23 @@ def test_cpu_smoke_hides_the_gpus_wherever_the_flag_stands(tmp_path, args, visib
     assert proc.returncode == 0, proc.stderr
     launched = [line for line in proc.stdout.splitlines() if "scripts/gpu_check.py" in line]
     assert launched == [f"visible=[{visible}] scripts/gpu_check.py {' '.join(args)}"]
+
+
+@pytest.mark.dist
+def test_dry_run_runs_a_gpu_check_on_the_cpu(tmp_path):
+    """``--dry-run`` tries a GPU check's code before a lease (here ddp, one process with gloo); without it the check
+    is skipped on the CPU."""
+    import sys
+
+    def status(*args):
+        out = tmp_path / str(len(args))
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--cpu-smoke", "--out", str(out),
+                               "--checks", "ddp", *args], capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env=dict(os.environ, LORA_DIST_PYTHON=sys.executable))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        (result,) = json.loads((out / "cpu-smoke" / "results.json").read_text())["checks"]
+        return result["status"], result["detail"]
+
+    assert status() == ("skipped", "needs 1 CUDA GPU(s)")
+    ran, detail = status("--dry-run")
+    assert ran == "ok" and "per-step peak memory" in detail

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
-from distutil import adapter_atol, assert_same_run, logged, short_run_args, step_peak, train_run
+from distutil import adapter_atol, assert_same_run, logged, ranks, short_run_args, step_peak, train_run
 from lora_dist.config import ConfigError, load_config
 from lora_dist.nf4 import (
     GROUP,
@@ -438,9 +438,13 @@ def test_reshard_to_fewer_ranks_after_forward_with_an_nf4_base_equals_one_proces
     fully, and that one is the one process's."""
     common = ("parallel.strategy=fsdp2", "train.micro_batch_size=1", "model.quantize=nf4")
     full = _train(wide, "nf4-reshard-full", 4, *common)
-    for unit in ("block", "weight"):
-        out = _train(wide, f"nf4-reshard-2-{unit}", 4, *common, "parallel.reshard_after_forward=2",
-                     f"parallel.shard_unit={unit}")
+    # 2 blocks of 7 NF4 weights: per block, both blocks reshard fully; per weight, the 14 weights' units, and the
+    # blocks' own units (the norms) keep their 2-rank shard, as the bf16 embedding does
+    for unit, fully in (("block", 2), ("weight", 14)):
+        out = wide["root"] / f"nf4-reshard-2-{unit}"
+        launch = ranks(4, "-m", "lora_dist.cli", "train", *wide["common"], *common, "parallel.reshard_after_forward=2",
+                       f"parallel.shard_unit={unit}", f"output.dir={out}")
+        assert f" {fully} FSDP2 units holding NF4 weights reshard fully" in launch.stdout + launch.stderr
         assert_same_run(out, full, ADAPTER_ATOL / 10)
     # Each rank quantizes its own rows, with its own scales: 4 ranks' NF4 base is within rounding of the one
     # process's, and after Adam's normalization their adapters are 3.1e-5 apart here (measured), against 1.5e-4,

@@ -195,33 +195,26 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
         raise ValueError(f"{type(model).__name__}: found no transformer blocks to shard; use parallel.strategy=ddp")
     shard = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
     embed, head = embedding_and_head(model)
-    sharded: set[nn.Parameter] = set(ignored)  # the params of the units made so far (FSDP2 takes the rest)
-    full = []  # units with an NF4 weight that reshard fully instead of to `reshard` ranks
-
-    def make_unit(module: nn.Module, after_forward: bool | int) -> None:
-        params = [q for q in module.parameters() if q not in sharded]
-        chosen = unit_reshard(params, after_forward, is_quantized)
-        if chosen is not after_forward:
-            full.append(module)
-        fully_shard(module, reshard_after_forward=chosen, **shard)
-        sharded.update(params)
-
+    # The units in the order FSDP2 wraps them, each with the params it takes (what no earlier unit took).
+    # Input embedding and output head are often the largest tensors: their own units, so only one of them is
+    # gathered at a time. Tied ones share a parameter and must stay in one unit (the root). The head runs last in
+    # forward and first in backward: resharding it in between would only gather it again at once.
+    units = [(unit, reshard) for block in blocks
+             for unit in (*(weight_units(block, ignored) if cfg.shard_unit == "weight" else ()), block)]
+    units += [(module, after) for module, after in ((embed, reshard), (head, False)) if module is not None]
+    # Each unit's reshard_after_forward, chosen before any is made: fully_shard replaces the params it takes.
+    taken, chosen = set(ignored), []
+    for module, after in units:
+        params = [q for q in module.parameters() if q not in taken]
+        taken.update(params)
+        chosen.append(unit_reshard(params, after, is_quantized))
     with one_post_forward_mesh():
-        for block in blocks:
-            if cfg.shard_unit == "weight":
-                for unit in weight_units(block, ignored):
-                    make_unit(unit, reshard)
-            make_unit(block, reshard)
-        # Input embedding and output head are often the largest tensors: their own units, so only one
-        # of them is gathered at a time. Tied ones share a parameter and must stay in one unit (the root).
-        # The head runs last in forward and first in backward: resharding it in between would only
-        # gather it again at once.
-        for module, after_forward in ((embed, reshard), (head, False)):
-            if module is not None:
-                make_unit(module, after_forward)
+        for (module, _), after in zip(units, chosen):
+            fully_shard(module, reshard_after_forward=after, **shard)
+    full = sum(after is True and asked is not True for (_, asked), after in zip(units, chosen))
     if full and dist.get_rank() == 0:
         log.info("parallel.reshard_after_forward=%s: %d FSDP2 units holding NF4 weights reshard fully after "
-                 "forward (FSDP2 cannot keep an NF4 weight on %d ranks)", cfg.reshard_after_forward, len(full), reshard)
+                 "forward (FSDP2 cannot keep an NF4 weight on %d ranks)", cfg.reshard_after_forward, full, reshard)
     if embed is not None:
         # The frozen embedding's weight is not needed in backward (token ids have no gradient): without
         # this, the first block's backward prefetch gathers the whole embedding again for nothing.
