@@ -579,7 +579,7 @@ def _dequantized(r: _Run) -> tuple[int, int]:
 def _fsdp2_state(r: _Run, s: _State) -> None:
     """fsdp2: each rank's shard of the base, and what the base holds gathered at each moment."""
     from lora_dist.lora import lora_parameters
-    from lora_dist.parallel.parallelize import reshard_size, unit_reshard, weight_units
+    from lora_dist.parallel.parallelize import fsdp2_units, reshard_size, weight_units
 
     p, base, blocks = r.p, r.base, r.blocks
     s.base_shard = sum(r.stored(q, _fsdp_shard_numel(tuple(q.shape), r.shards), r.base_elt) for _, q in base)
@@ -632,17 +632,14 @@ def _fsdp2_state(r: _Run, s: _State) -> None:
     if after_forward is not True:
         # Resharded to N ranks (reshard_after_forward=N, or node resolved to the node's ranks): every block and the
         # embedding keep a 1/N shard from their forward until backward gathers them again.
-        # A unit holding an NF4 weight reshards fully instead (unit_reshard).
+        # A unit holding an NF4 weight reshards fully instead (fsdp2_units); the head is never resharded, and an
+        # embedding looked up on its shards is never gathered.
         n = max(int(after_forward), 1)
-        lora_set = set(lora_parameters(r.model))
-        kept = [u for b in blocks for u in (*(weight_units(b, lora_set) if p.shard_unit == "weight" else ()), b)]
-        kept += [r.embed] if r.embed is not None and not r.embed_sharded else []
-        seen, shards_kept = set(r.lora), 0
-        for unit in kept:
-            params = [q for q in unit.parameters() if id(q) not in seen]
-            seen.update(id(q) for q in params)
-            if unit_reshard(params, after_forward, lambda q: id(q) in r.nf4) is not True:
-                shards_kept += sum(r.stored(q, math.ceil(q.numel() / n), r.compute_elt) for q in params)
+        units = fsdp2_units(blocks, r.embed, r.head, p.shard_unit, set(lora_parameters(r.model)), after_forward,
+                            lambda q: id(q) in r.nf4)
+        shards_kept = sum(r.stored(q, math.ceil(q.numel() / n), r.compute_elt)
+                          for module, params, after in units if not isinstance(after, bool)
+                          and not (module is r.embed and r.embed_sharded) for q in params)
         s.gathered += shards_kept
         s.loss_gathered += shards_kept
 

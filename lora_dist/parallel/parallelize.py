@@ -37,7 +37,7 @@ from lora_dist.parallel.compile import compile_blocks
 
 log = logging.getLogger("lora_dist")
 
-__all__ = ["dp_mesh_shape", "embedding_and_head", "one_post_forward_mesh", "parallelize",
+__all__ = ["dp_mesh_shape", "embedding_and_head", "fsdp2_units", "one_post_forward_mesh", "parallelize",
            "replicated_if_unsharded", "reshard_size", "unit_reshard", "weight_units"]
 
 
@@ -110,6 +110,25 @@ def unit_reshard(params, reshard: bool | int, quantized) -> bool | int:
     if isinstance(reshard, bool):
         return reshard
     return True if any(quantized(q) for q in params) else reshard
+
+
+def fsdp2_units(blocks, embed: nn.Module | None, head: nn.Module | None, shard_unit: str, ignored,
+                reshard: bool | int, quantized) -> list[tuple[nn.Module, list[nn.Parameter], bool | int]]:
+    """The FSDP2 units :func:`parallelize` makes before the root, in its order: per block its weights' units
+    (``shard_unit=weight``, :func:`weight_units`) then the block, then the input embedding and the output head
+    (``None`` where tied or absent). Each with the params it takes (those no earlier unit took, none ``ignored``)
+    and its ``reshard_after_forward`` (:func:`unit_reshard`; the head never: it runs last in forward and first in
+    backward). Chosen before any unit is made, as ``fully_shard`` replaces the params it takes; the planner counts
+    the same units."""
+    units = [(unit, reshard) for block in blocks
+             for unit in (*(weight_units(block, ignored) if shard_unit == "weight" else ()), block)]
+    units += [(module, after) for module, after in ((embed, reshard), (head, False)) if module is not None]
+    taken, out = set(ignored), []
+    for module, after in units:
+        params = [q for q in module.parameters() if q not in taken]
+        taken.update(params)
+        out.append((module, params, unit_reshard(params, after, quantized)))
+    return out
 
 
 @contextlib.contextmanager
@@ -195,23 +214,13 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
         raise ValueError(f"{type(model).__name__}: found no transformer blocks to shard; use parallel.strategy=ddp")
     shard = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
     embed, head = embedding_and_head(model)
-    # The units in the order FSDP2 wraps them, each with the params it takes (what no earlier unit took).
     # Input embedding and output head are often the largest tensors: their own units, so only one of them is
-    # gathered at a time. Tied ones share a parameter and must stay in one unit (the root). The head runs last in
-    # forward and first in backward: resharding it in between would only gather it again at once.
-    units = [(unit, reshard) for block in blocks
-             for unit in (*(weight_units(block, ignored) if cfg.shard_unit == "weight" else ()), block)]
-    units += [(module, after) for module, after in ((embed, reshard), (head, False)) if module is not None]
-    # Each unit's reshard_after_forward, chosen before any is made: fully_shard replaces the params it takes.
-    taken, chosen = set(ignored), []
-    for module, after in units:
-        params = [q for q in module.parameters() if q not in taken]
-        taken.update(params)
-        chosen.append(unit_reshard(params, after, is_quantized))
+    # gathered at a time. Tied ones share a parameter and must stay in one unit (the root).
+    units = fsdp2_units(blocks, embed, head, cfg.shard_unit, ignored, reshard, is_quantized)
     with one_post_forward_mesh():
-        for (module, _), after in zip(units, chosen):
+        for module, _, after in units:
             fully_shard(module, reshard_after_forward=after, **shard)
-    full = sum(after is True and asked is not True for (_, asked), after in zip(units, chosen))
+    full = 0 if isinstance(reshard, bool) else sum(after is True for _, _, after in units)
     if full and dist.get_rank() == 0:
         log.info("parallel.reshard_after_forward=%s: %d FSDP2 units holding NF4 weights reshard fully after "
                  "forward (FSDP2 cannot keep an NF4 weight on %d ranks)", cfg.reshard_after_forward, full, reshard)
