@@ -45,7 +45,7 @@ from lora_dist.quant import NF4Record
 from lora_dist.ranks import RankGroup
 
 __all__ = ["build", "check_launch", "export_run", "make_engine", "open_base", "prepare", "resolve_hybrid",
-           "resolve_strategy", "run_config", "strategy_config"]
+           "resolve_launch", "resolve_strategy", "run_config", "strategy_config"]
 
 log = logging.getLogger("lora_dist")
 
@@ -312,6 +312,12 @@ def make_engine(
     return engine
 
 
+def resolve_launch(cfg: Config, env: LaunchEnv, device: torch.device) -> Config:
+    """``cfg`` as :func:`build` runs it on this launch: ``auto`` chosen (:func:`resolve_strategy`), then fsdp2's mesh
+    (:func:`resolve_hybrid`). Resolving a resolved config changes nothing. Collective where either decides."""
+    return resolve_hybrid(resolve_strategy(cfg, env, device), env, device)
+
+
 def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
           ds_config: dict | None) -> tuple[nn.Module, Engine]:
     """Resolve ``parallel.strategy=auto`` (:func:`resolve_strategy`) and fsdp2's mesh (:func:`resolve_hybrid`),
@@ -320,8 +326,7 @@ def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
 
     Every rank calls it, with inputs already checked (:func:`check_launch`, :func:`open_base`).
     """
-    cfg = resolve_strategy(cfg, env, device)  # auto is never zero*: ds_config stays None
-    cfg = resolve_hybrid(cfg, env, device)  # fsdp2's dp_replicate x dp_shard for this launch (or ddp / none)
+    cfg = resolve_launch(cfg, env, device)  # auto is never zero*: ds_config stays None
     t = cfg.train
     loaded = load_model(cfg.model, cfg.lora, cfg.parallel, device, t.seed, ds_config, base=base)
     if env.is_main:
@@ -342,8 +347,8 @@ def _warn_peft_misread(model: nn.Module) -> None:
     misread = peft_misread(model)
     if misread:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in misread})
-        log.warning("PEFT 0.21 would load %d of this adapter's layers wrongly (%s...): on a model with fused experts "
-                    "it takes every %s target for the experts. lora-dist merge and export apply them as trained; "
+        log.warning("PEFT 0.21 would load %d of this adapter's layers wrongly (%s...): on this model type it takes "
+                    "every %s target for the fused experts. lora-dist merge and export apply them as trained; "
                     "for an adapter PEFT reads as trained, add lora.exclude_modules=[%s]",
                     len(misread), misread[0], "/".join(leaves), ",".join(leaves))
 

@@ -130,7 +130,7 @@ class LoraDist(System):
     def setup(self) -> None:
         from lora_dist.config import load_config
         from lora_dist.launch import detect_launch_env
-        from lora_dist.session import build, check_launch, open_base, resolve_hybrid, resolve_strategy, strategy_config
+        from lora_dist.session import build, check_launch, open_base, resolve_launch, strategy_config
 
         s = self.s
         cfg = load_config(None, [
@@ -143,11 +143,11 @@ class LoraDist(System):
         # own session.build, AdamW over the LoRA params included.
         self.env = env = detect_launch_env()
         check_launch(cfg, env)
-        base = open_base(cfg)
-        # auto and fsdp2's mesh resolved once, here, as build() would: the notes and plan() then describe what
-        # ran. Resolved again once the model is loaded, a GPU's free memory (the budget) is smaller, and the
-        # planner could name another strategy, or none.
-        self.cfg = cfg = resolve_hybrid(resolve_strategy(cfg, env, self.device), env, self.device)
+        base = open_base(cfg, env)
+        # auto and fsdp2's mesh resolved once, before the build: the notes and plan() then describe what ran.
+        # Resolved again once the model is loaded, a GPU's free memory (the budget) is smaller, and the planner
+        # could name another strategy, or none.
+        self.cfg = cfg = resolve_launch(cfg, env, self.device)
         self.model, self.engine = build(cfg, env, self.device, base, strategy_config(cfg, base))
         if self.strategy == "auto":
             from lora_dist.plan import mode_name
