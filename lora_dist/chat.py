@@ -17,10 +17,17 @@ conversation incrementally, as a server renders a prompt:
 * an assistant turn starts where ``render(messages[:i], add_generation_prompt=True)`` ends
   (the prompt a server would send, header included);
 * it ends where ``render(messages[:i+1])`` ends, less trailing whitespace (ChatML's and Gemma's
-  ``"\\n"`` after the end-of-turn token is not generated, so it is not learned).
+  ``"\\n"`` after the end-of-turn token is not generated, so it is not learned);
+* where a template renders the turn differently once later messages follow it (Qwen3 drops the
+  reasoning of turns before the last user message, and writes an empty ``<think>`` block only in the
+  last), ``render(messages[:i+1])`` is not a prefix of the whole. The turn then ends at its first
+  end-of-turn marker (``<|im_end|>``): what the template writes after an assistant message's
+  content, found by rendering a probe message in its place. Such a turn is learned as the whole
+  conversation renders it (without the dropped reasoning).
 
-Each incremental render must be a prefix of the whole conversation's render; a template for which
-that fails (one that rewrites earlier turns) is refused in one line rather than masked wrongly.
+Each prompt must be a prefix of the whole conversation's render; a template for which that fails
+(one that rewrites earlier turns) is refused in one line rather than masked wrongly, as is one that
+writes no end-of-turn marker where the second rule is needed.
 Character boundaries become token boundaries through the tokenizer's offsets: a boundary that falls
 inside a token (a merge across it) gives that token to the assistant span, as ``transformers``'
 ``return_assistant_tokens_mask`` does. ``tests/test_chat.py`` checks the token prefix property (each
@@ -235,8 +242,8 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
         and ``-100`` elsewhere.
 
     Raises:
-        ChatError: the template fails on the conversation, or renders its turns other than as prefixes
-            of the whole.
+        ChatError: the template fails on the conversation, renders a prompt other than as a prefix of
+            the whole, or a turn that is not a prefix without an end-of-turn marker.
     """
     if loss_on not in LOSS_ON:
         raise ChatError(f"data.loss_on={excerpt(loss_on, 40)} is not one of {', '.join(LOSS_ON)}")
@@ -252,14 +259,20 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
             if i:
                 raise
             prompt = ""  # a template that cannot render an empty conversation: the turn starts the text
+        if not full.startswith(prompt):
+            raise _not_a_prefix(i, prompt, full)
         through = _render(tokenizer, template, messages[: i + 1], tools, generation_prompt=False)
-        for k, text in ((i, prompt), (i + 1, through)):
-            if not full.startswith(text):
-                raise ChatError(
-                    f"the chat template renders messages[:{k}] differently from the start of the whole conversation "
-                    f"({_first_difference(text, full)}), so turn boundaries cannot be found; use data.loss_on="
-                    "last_assistant or a template that renders earlier turns the same way (data.chat_template)")
-        start, end = len(prompt), max(len(prompt), len(through.rstrip()))
+        start = len(prompt)
+        if full.startswith(through):
+            end = max(start, len(through.rstrip()))
+        else:  # the turn renders differently once others follow it (Qwen3 drops its reasoning)
+            end = _end_of_turn(tokenizer, template, messages[:i], tools, full, start)
+            if end is None:
+                raise _not_a_prefix(i + 1, through, full)
+        if spans and start < spans[-1][1]:
+            raise ChatError(f"the chat template writes no end-of-turn marker before messages[{i}] starts, so the "
+                            "assistant turn before it cannot be bounded; use data.loss_on=last_assistant or "
+                            "another template (data.chat_template)")
         if end > start:
             spans.append((start, end))
     ids, bounds = _tokenize(tokenizer, full, [c for span in spans for c in span], offsets)
@@ -279,6 +292,34 @@ def _render(tokenizer, template: str, messages: list[dict], tools: list | None, 
     if not isinstance(text, str):
         raise ChatError(f"the chat template rendered {type(text).__name__}, not text")
     return text
+
+
+#: An assistant message rendered to find the text a template writes after a turn's content.
+PROBE = "LoraDistEndOfTurnProbe"
+
+
+def _end_of_turn(tokenizer, template: str, context: list[dict], tools: list | None, full: str,
+                 start: int) -> int | None:
+    """Where the assistant turn that starts at ``full[start]`` ends, through its end-of-turn marker.
+
+    For a turn the template renders differently once later messages follow it (Qwen3 drops an
+    earlier turn's reasoning), so that ``render(messages[:i+1])`` is not a prefix of the whole. The
+    marker is what the template writes after an assistant message's content, less trailing
+    whitespace (``<|im_end|>``), found by rendering a probe message after the same ``context``.
+    Returns None when the template writes no marker or ``full`` holds none after ``start``.
+    """
+    probe = _render(tokenizer, template, [*context, {"role": "assistant", "content": PROBE}], tools, False)
+    at = probe.rfind(PROBE)
+    marker = probe[at + len(PROBE):].rstrip() if at >= 0 else ""
+    found = full.find(marker, start) if marker else -1
+    return found + len(marker) if found >= 0 else None
+
+
+def _not_a_prefix(k: int, text: str, full: str) -> ChatError:
+    return ChatError(
+        f"the chat template renders messages[:{k}] differently from the start of the whole conversation "
+        f"({_first_difference(text, full)}), so turn boundaries cannot be found; use data.loss_on="
+        "last_assistant or a template that renders earlier turns the same way (data.chat_template)")
 
 
 def _first_difference(text: str, full: str) -> str:

@@ -5,6 +5,7 @@ property and against transformers' own ``{% generation %}`` mask; record formats
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -150,6 +151,92 @@ def test_a_template_that_rewrites_earlier_turns_is_refused():
                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
     with pytest.raises(ChatError, match=r"renders messages\[:1\] differently .* data.loss_on=last_assistant"):
         chat_document(tok, rewrites, TURNS)
+
+
+#: Qwen3's chat template as Qwen3-8B ships it: reasoning kept only after the last user query, an empty
+#: <think> block written only in the last turn, tool calls and responses.
+QWEN3 = (Path(__file__).parent / "fixtures" / "qwen3_chat_template.jinja").read_text()
+QWEN3_TURNS = [
+    SYSTEM,
+    {"role": "user", "content": "Which animal builds wooden boats?"},
+    {"role": "assistant", "content": "<think>\nFoxes like boats.\n</think>\n\nThe red fox builds wooden boats."},
+    {"role": "user", "content": "Count the keys."},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "count_keys", "arguments": {"where": "harbour"}}}]},
+    {"role": "tool", "content": "7 silver keys"},
+    {"role": "assistant", "content": "There are 7 keys.", "reasoning_content": "The tool said 7."},
+]
+
+
+def qwen3_tokenizer():
+    tok = style_tokenizer("qwen2")
+    tok.add_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"])
+    tok.chat_template = QWEN3
+    return tok
+
+
+def test_qwen3_multi_turn_learns_each_turn_as_the_conversation_renders_it():
+    """Qwen3 renders a turn differently once later messages follow it (no reasoning before the last user
+    query; an empty <think> block only in the last turn). Each turn is learned as the whole conversation
+    renders it, through <|im_end|>: an earlier turn's reasoning is dropped, the last turn's is kept."""
+    tok = qwen3_tokenizer()
+    ids, labels = chat_document(tok, QWEN3, QWEN3_TURNS)
+    assert ids == tok(tok.apply_chat_template(QWEN3_TURNS, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert [tok.decode(run) for run in spans(ids, labels)] == [
+        "The red fox builds wooden boats.<|im_end|>",
+        '<tool_call>\n{"name": "count_keys", "arguments": {"where": "harbour"}}\n</tool_call><|im_end|>',
+        "<think>\nThe tool said 7.\n</think>\n\nThere are 7 keys.<|im_end|>",
+    ]
+    last_ids, last_labels = chat_document(tok, QWEN3, QWEN3_TURNS, loss_on="last_assistant")
+    assert last_ids == ids and [tok.decode(run) for run in spans(ids, last_labels)] == [
+        "<think>\nThe tool said 7.\n</think>\n\nThere are 7 keys.<|im_end|>"]
+
+
+def qwen3_with_generation_markers() -> str:
+    """Qwen3's template with {% generation %} around each assistant turn's body and <|im_end|>."""
+    marked = QWEN3.replace("'<|im_start|>' + message.role + '\\n<think>\\n'", "'<think>\\n'")
+    marked = marked.replace("{{- '<|im_start|>' + message.role + '\\n' + content }}", "{{- content }}")
+    branch = '{%- elif message.role == "assistant" %}'
+    marked = marked.replace(branch, branch + "{{- '<|im_start|>assistant\\n' }}{% generation %}")
+    end = "{{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}"
+    marked = marked.replace(end, "{{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}\n    {%- elif message.role == \"tool\" %}")
+    assert marked.count("{% generation %}") == 1 and marked.count("{% endgeneration %}") == 1
+    assert marked.count("'<|im_start|>' + message.role") == 1  # the user/system one is left
+    return marked
+
+
+@pytest.mark.parametrize("cut", [3, 5, 7], ids=["one-turn", "tool-call", "whole"])
+def test_qwen3_masks_equal_transformers_generation_markers(cut):
+    tok = qwen3_tokenizer()
+    messages = QWEN3_TURNS[:cut]
+    ids, labels = chat_document(tok, QWEN3, messages)
+    marked = qwen3_with_generation_markers()
+    assert tok.apply_chat_template(messages, tokenize=False, chat_template=marked) == \
+        tok.apply_chat_template(messages, tokenize=False)  # the markers change nothing rendered
+    ref = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                  chat_template=marked)
+    assert ids == ref["input_ids"]
+    assert [int(lab != IGNORE) for lab in labels] == ref["assistant_masks"]
+
+
+@pytest.mark.parametrize("template, match", [
+    # The last turn is rendered differently and nothing marks a turn's end.
+    ("{% for m in messages %}{{ m['role'] + ': ' }}{% if loop.last and m['role'] == 'assistant' %}{{ '!' }}"
+     "{% endif %}{{ m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}",
+     r"renders messages\[:2\] differently .* data.loss_on=last_assistant"),
+    # What follows the last turn's content (' (last)') is not written after earlier turns.
+    ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if loop.last and m['role'] == 'assistant' %}"
+     "{{ ' (last)' }}{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}",
+     r"writes no end-of-turn marker before messages\[3\] starts, .* data.loss_on=last_assistant"),
+], ids=["no-marker", "marker-not-written"])
+def test_a_turn_without_an_end_of_turn_marker_is_refused(template, match):
+    tok = style_tokenizer("qwen2")
+    with pytest.raises(ChatError, match=match) as err:
+        chat_document(tok, template, TURNS)
+    assert "\n" not in str(err.value)
+    ids, labels = chat_document(tok, template, TURNS, loss_on="last_assistant")  # the fix the error names
+    assert [tok.decode(run) for run in spans(ids, labels)] == [tok.apply_chat_template(
+        TURNS, tokenize=False, chat_template=template).rsplit("assistant: ", 1)[1].rstrip()]
 
 
 def test_template_exceptions_and_bad_messages_are_one_line():
