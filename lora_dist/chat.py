@@ -21,13 +21,13 @@ conversation incrementally, as a server renders a prompt:
 * where a template renders the turn differently once later messages follow it (Qwen3 drops the
   reasoning of turns before the last user message, and writes an empty ``<think>`` block only in the
   last), ``render(messages[:i+1])`` is not a prefix of the whole. The turn then ends at its first
-  end-of-turn marker (``<|im_end|>``): what the template writes after an assistant message's
-  content, found by rendering a probe message in its place. Such a turn is learned as the whole
-  conversation renders it (without the dropped reasoning).
+  end-of-turn token (``<|im_end|>``): the special token the template writes right after an assistant
+  message that a user message follows, found by rendering probe messages in their place. Such a
+  turn is learned as the whole conversation renders it (without the dropped reasoning).
 
 Each prompt must be a prefix of the whole conversation's render; a template for which that fails
 (one that rewrites earlier turns) is refused in one line rather than masked wrongly, as is one that
-writes no end-of-turn marker where the second rule is needed.
+writes no end-of-turn token where the second rule is needed.
 Character boundaries become token boundaries through the tokenizer's offsets: a boundary that falls
 inside a token (a merge across it) gives that token to the assistant span, as ``transformers``'
 ``return_assistant_tokens_mask`` does. ``tests/test_chat.py`` checks the token prefix property (each
@@ -243,7 +243,7 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
 
     Raises:
         ChatError: the template fails on the conversation, renders a prompt other than as a prefix of
-            the whole, or a turn that is not a prefix without an end-of-turn marker.
+            the whole, or a turn that is not a prefix without an end-of-turn token.
     """
     if loss_on not in LOSS_ON:
         raise ChatError(f"data.loss_on={excerpt(loss_on, 40)} is not one of {', '.join(LOSS_ON)}")
@@ -266,13 +266,9 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
         if full.startswith(through):
             end = max(start, len(through.rstrip()))
         else:  # the turn renders differently once others follow it (Qwen3 drops its reasoning)
-            end = _end_of_turn(tokenizer, template, messages[:i], tools, full, start)
+            end = _end_of_turn(tokenizer, template, messages, i, tools, full, start)
             if end is None:
                 raise _not_a_prefix(i + 1, through, full)
-        if spans and start < spans[-1][1]:
-            raise ChatError(f"the chat template writes no end-of-turn marker before messages[{i}] starts, so the "
-                            "assistant turn before it cannot be bounded; use data.loss_on=last_assistant or "
-                            "another template (data.chat_template)")
         if end > start:
             spans.append((start, end))
     ids, bounds = _tokenize(tokenizer, full, [c for span in spans for c in span], offsets)
@@ -294,24 +290,34 @@ def _render(tokenizer, template: str, messages: list[dict], tools: list | None, 
     return text
 
 
-#: An assistant message rendered to find the text a template writes after a turn's content.
-PROBE = "LoraDistEndOfTurnProbe"
+#: The assistant and user messages rendered to find the token a template ends an assistant turn with.
+PROBE = ("LoraDistAssistantProbe", "LoraDistUserProbe")
 
 
-def _end_of_turn(tokenizer, template: str, context: list[dict], tools: list | None, full: str,
+def _end_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools: list | None, full: str,
                  start: int) -> int | None:
-    """Where the assistant turn that starts at ``full[start]`` ends, through its end-of-turn marker.
+    """Where assistant turn ``messages[i]``, starting at ``full[start]``, ends, through its end-of-turn token.
 
     For a turn the template renders differently once later messages follow it (Qwen3 drops an
     earlier turn's reasoning), so that ``render(messages[:i+1])`` is not a prefix of the whole. The
-    marker is what the template writes after an assistant message's content, less trailing
-    whitespace (``<|im_end|>``), found by rendering a probe message after the same ``context``.
-    Returns None when the template writes no marker or ``full`` holds none after ``start``.
+    end-of-turn token is the special token the template writes right after an assistant message
+    that a user message follows (``<|im_end|>``, gpt-oss's ``<|end|>``, not the ``<|return|>`` of a
+    last turn), found by rendering probe messages after ``messages[:i]``. It must come before the
+    next message's content, located by rendering that message with a probe content.
+    Returns None when the template writes no special token there, or ``full`` holds none in the turn.
     """
-    probe = _render(tokenizer, template, [*context, {"role": "assistant", "content": PROBE}], tools, False)
-    at = probe.rfind(PROBE)
-    marker = probe[at + len(PROBE):].rstrip() if at >= 0 else ""
-    found = full.find(marker, start) if marker else -1
+    probe = [{"role": "assistant", "content": PROBE[0]}, {"role": "user", "content": PROBE[1]}]
+    text = _render(tokenizer, template, [*messages[:i], *probe], tools, False)
+    at = text.rfind(PROBE[0])
+    ids = tokenizer(text[at + len(PROBE[0]):], add_special_tokens=False)["input_ids"] if at >= 0 else []
+    special = {**tokenizer.get_added_vocab(), **dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))}
+    marker = next((t for t, k in special.items() if ids and k == ids[0]), "")
+    # The next message's content starts where its render and a probe's first differ.
+    upto, following = messages[: i + 1], messages[i + 1]
+    real = _render(tokenizer, template, [*upto, following], tools, False)
+    other = _render(tokenizer, template, [*upto, {**following, "content": PROBE[1]}], tools, False)
+    bound = next((k for k, (a, b) in enumerate(zip(real, other)) if a != b), min(len(real), len(other)))
+    found = full.find(marker, start, bound) if marker and full[:bound] == real[:bound] else -1
     return found + len(marker) if found >= 0 else None
 
 

@@ -219,24 +219,47 @@ def test_qwen3_masks_equal_transformers_generation_markers(cut):
     assert [int(lab != IGNORE) for lab in labels] == ref["assistant_masks"]
 
 
-@pytest.mark.parametrize("template, match", [
-    # The last turn is rendered differently and nothing marks a turn's end.
+#: gpt-oss's shape: a turn ends with <|end|>, but the last one with <|return|> (the end of generation).
+HARMONY = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|start|>assistant<|channel|>final<|message|>' + "
+    "m['content'] }}{% if loop.last and not add_generation_prompt %}{{ '<|return|>' }}{% else %}{{ '<|end|>' }}"
+    "{% endif %}{% else %}{{ '<|start|>' + m['role'] + '<|message|>' + m['content'] + '<|end|>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
+)
+
+
+def test_an_earlier_turn_ends_at_the_token_that_ends_it_there():
+    """The end-of-turn token is the one written after a turn that others follow (<|end|>), not the last
+    turn's <|return|>."""
+    tok = style_tokenizer("qwen2")
+    tok.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|channel|>", "<|message|>", "<|end|>",
+                                                          "<|return|>"]})
+    ids, labels = chat_document(tok, HARMONY, [SYSTEM] + TURNS)
+    assert [tok.decode(run) for run in spans(ids, labels)] == [
+        "<|channel|>final<|message|>" + TURNS[1]["content"] + "<|end|>",
+        "<|channel|>final<|message|>" + TURNS[3]["content"] + "<|return|>"]
+
+
+@pytest.mark.parametrize("template, messages, match", [
+    # The last turn is rendered differently and no special token ends a turn.
     ("{% for m in messages %}{{ m['role'] + ': ' }}{% if loop.last and m['role'] == 'assistant' %}{{ '!' }}"
      "{% endif %}{{ m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}",
-     r"renders messages\[:2\] differently .* data.loss_on=last_assistant"),
-    # What follows the last turn's content (' (last)') is not written after earlier turns.
-    ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if loop.last and m['role'] == 'assistant' %}"
-     "{{ ' (last)' }}{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}",
-     r"writes no end-of-turn marker before messages\[3\] starts, .* data.loss_on=last_assistant"),
-], ids=["no-marker", "marker-not-written"])
-def test_a_turn_without_an_end_of_turn_marker_is_refused(template, match):
+     TURNS, r"renders messages\[:2\] differently .* data.loss_on=last_assistant"),
+    # <|im_end|> ends an assistant turn only where a user message follows; here a tool message does, and the
+    # first <|im_end|> after the turn ends the tool's message, which must not be learned.
+    ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if loop.last and m['role'] == 'assistant' %}"
+     "{{ '!' }}{% endif %}{{ m['content'] }}{% if m['role'] != 'assistant' or not loop.last and "
+     "messages[loop.index0 + 1]['role'] == 'user' %}{{ '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+     TOOL_TURNS + TURNS, r"renders messages\[:3\] differently .* data.loss_on=last_assistant"),
+], ids=["no-token", "token-only-after-another-message"])
+def test_a_turn_without_an_end_of_turn_token_is_refused(template, messages, match):
     tok = style_tokenizer("qwen2")
     with pytest.raises(ChatError, match=match) as err:
-        chat_document(tok, template, TURNS)
+        chat_document(tok, template, messages)
     assert "\n" not in str(err.value)
-    ids, labels = chat_document(tok, template, TURNS, loss_on="last_assistant")  # the fix the error names
-    assert [tok.decode(run) for run in spans(ids, labels)] == [tok.apply_chat_template(
-        TURNS, tokenize=False, chat_template=template).rsplit("assistant: ", 1)[1].rstrip()]
+    ids, labels = chat_document(tok, template, messages, loss_on="last_assistant")  # the fix the error names
+    assert [tok.decode(run) for run in spans(ids, labels)] == [("!" + messages[-1]["content"]).rstrip()]
 
 
 def test_template_exceptions_and_bad_messages_are_one_line():
