@@ -192,6 +192,18 @@ def test_qwen3_multi_turn_learns_each_turn_as_the_conversation_renders_it():
         "<think>\nThe tool said 7.\n</think>\n\nThere are 7 keys.<|im_end|>"]
 
 
+def test_qwen3_conversations_from_a_data_file(tmp_path):
+    """A data file of Qwen3 conversations, with the tokenizer's own template: every turn learned."""
+    tok = qwen3_tokenizer()
+    path = write(tmp_path / "chat.jsonl", [{"messages": QWEN3_TURNS}, {"messages": QWEN3_TURNS[1:5]}])
+    ds = load_dataset(path, tok, seq_len=512, packing=False)
+    assert ds.stats.records == {"messages": 2}
+    for k, messages in enumerate([QWEN3_TURNS, QWEN3_TURNS[1:5]]):
+        ids, labels = chat_document(tok, QWEN3, messages)
+        n = int(ds.lengths[k])
+        assert ds.input_ids[k][:n].tolist() == ids and ds.labels[k][1:n].tolist() == labels[1:]
+
+
 def qwen3_with_generation_markers() -> str:
     """Qwen3's template with {% generation %} around each assistant turn's body and <|im_end|>."""
     marked = QWEN3.replace("'<|im_start|>' + message.role + '\\n<think>\\n'", "'<think>\\n'")
