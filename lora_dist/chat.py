@@ -17,21 +17,31 @@ conversation incrementally, as a server renders a prompt:
 * an assistant turn starts where ``render(messages[:i], add_generation_prompt=True)`` ends
   (the prompt a server would send, header included);
 * it ends where ``render(messages[:i+1])`` ends, less trailing whitespace (ChatML's and Gemma's
-  ``"\\n"`` after the end-of-turn token is not generated, so it is not learned);
-* where a template renders the turn differently once later messages follow it (Qwen3 drops the
-  reasoning of turns before the last user message, and writes an empty ``<think>`` block only in the
-  last), ``render(messages[:i+1])`` is not a prefix of the whole. The turn then ends at its first
-  end-of-turn token (``<|im_end|>``): the special token the template writes right after an assistant
-  message that a user message follows, found by rendering probe messages in their place. Such a
-  turn is learned as the whole conversation renders it (without the dropped reasoning).
+  ``"\\n"`` after the end-of-turn token is not generated, so it is not learned).
 
-Each prompt must be a prefix of the whole conversation's render; a template for which that fails
-(one that rewrites earlier turns) is refused in one line rather than masked wrongly, as is one that
-writes no end-of-turn token where the second rule is needed.
+Where a template renders a turn differently once later messages follow it (Qwen3 drops the reasoning
+of turns before the last user query and writes an empty ``<think>`` block only in the last turn;
+gpt-oss drops an earlier turn's analysis once a final answer follows), those renders are not prefixes
+of the whole. Each turn is then learned as the whole conversation renders it:
+
+* it starts right after the first assistant header (what ``add_generation_prompt`` adds) between the
+  previous message's content and its own;
+* it ends through its end-of-turn token: the special or added token the template writes right after
+  an assistant message that the next message follows (``<|im_end|>``; gpt-oss's ``<|end|>``, not the
+  ``<|return|>`` of a last turn), found before the next message's content.
+
+A message's content is located by rendering the whole with that content replaced by a probe; the
+tokens by rendering probe messages. A template that writes nothing after an assistant message (GLM:
+the model ends a turn by writing the next role's token, ``<|user|>``, ``<|observation|>``) has each
+turn learn that next token, and a conversation's last turn learn EOS, appended. A turn whose
+boundaries cannot be found is refused in one line, never masked wrongly; the error suggests
+``data.loss_on=last_assistant`` only where the last turn can be bounded.
+
 Character boundaries become token boundaries through the tokenizer's offsets: a boundary that falls
 inside a token (a merge across it) gives that token to the assistant span, as ``transformers``'
-``return_assistant_tokens_mask`` does. ``tests/test_chat.py`` checks the token prefix property (each
-prompt tokenizes to a prefix of the whole) with the ChatML/Qwen2, Llama-3, Gemma and Mistral templates.
+``return_assistant_tokens_mask`` does. ``tests/test_chat.py`` checks the masks with the templates of
+Qwen2, Llama-3, Gemma, Mistral, Qwen3 (against transformers' ``{% generation %}`` masks on a marked
+copy) and GLM-4.5, and gpt-oss's shapes.
 """
 
 from __future__ import annotations
@@ -238,44 +248,85 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
 
     Returns:
         ``(input_ids, labels)``: the whole conversation tokenized once, without extra special tokens
-        (the template writes BOS where the model wants one); ``labels`` are the ids on assistant spans
-        and ``-100`` elsewhere.
+        (the template writes BOS where the model wants one; EOS follows where the template writes no
+        end-of-turn token); ``labels`` are the ids on assistant spans and ``-100`` elsewhere.
 
     Raises:
-        ChatError: the template fails on the conversation, renders a prompt other than as a prefix of
-            the whole, or a turn that is not a prefix without an end-of-turn token.
+        ChatError: the template fails on the conversation, or an assistant turn's boundaries cannot be
+            found (see the module docstring).
     """
     if loss_on not in LOSS_ON:
         raise ChatError(f"data.loss_on={excerpt(loss_on, 40)} is not one of {', '.join(LOSS_ON)}")
     full = _render(tokenizer, template, messages, tools, generation_prompt=False)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if loss_on == "last_assistant":
-        turns = turns[-1:]
-    spans = []
-    for i in turns:
-        try:
-            prompt = _render(tokenizer, template, messages[:i], tools, generation_prompt=True)
-        except ChatError:
-            if i:
-                raise
-            prompt = ""  # a template that cannot render an empty conversation: the turn starts the text
-        if not full.startswith(prompt):
-            raise _not_a_prefix(i, prompt, full)
-        through = _render(tokenizer, template, messages[: i + 1], tools, generation_prompt=False)
-        start = len(prompt)
-        if full.startswith(through):
-            end = max(start, len(through.rstrip()))
-        else:  # the turn renders differently once others follow it (Qwen3 drops its reasoning)
-            end = _end_of_turn(tokenizer, template, messages, i, tools, full, start)
-            if end is None:
-                raise _not_a_prefix(i + 1, through, full)
-        if end > start:
-            spans.append((start, end))
+    try:
+        spans, stop = _assistant_spans(tokenizer, template, messages, tools, full,
+                                       turns[-1:] if loss_on == "last_assistant" else turns)
+    except _Unbounded as e:
+        fix = "set data.chat_template to a template that renders earlier turns the same way"
+        if loss_on == "all_assistant":
+            try:  # suggest the last turn alone only where it can be bounded
+                _assistant_spans(tokenizer, template, messages, tools, full, turns[-1:])
+                fix = "use data.loss_on=last_assistant or " + fix
+            except _Unbounded:
+                pass
+        raise ChatError(f"{e}; {fix}") from None
+    if stop is not None:  # the last turn ends the conversation and the template writes no end-of-turn token:
+        full = full.rstrip()  # EOS follows the turn's text, as the model is to write it
     ids, bounds = _tokenize(tokenizer, full, [c for span in spans for c in span], offsets)
     labels = [IGNORE] * len(ids)
     for s, e in zip(bounds[::2], bounds[1::2]):
         labels[s:e] = ids[s:e]
+    if stop is not None:
+        ids, labels = ids + [stop], labels + [stop]
     return ids, labels
+
+
+class _Unbounded(ChatError):
+    """An assistant turn whose boundaries cannot be found (the caller adds the fix)."""
+
+
+def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list | None, full: str,
+                     turns: list[int]) -> tuple[list[tuple[int, int]], int | None]:
+    """The character spans of ``full`` that assistant turns ``turns`` are learned on, and the token to learn
+    after the whole (EOS, where the last turn ends the conversation and the template writes no end-of-turn
+    token after it; else None)."""
+    special = _special_tokens(tokenizer)
+    silent = None  # whether the template writes nothing after an assistant message that ends a conversation
+    spans, stop = [], None
+    for i in turns:
+        context, following = messages[:i], messages[i + 1] if i + 1 < len(messages) else None
+        try:
+            prompt = _render(tokenizer, template, context, tools, generation_prompt=True)
+        except ChatError:
+            if i:
+                raise
+            prompt = ""  # a template that cannot render an empty conversation: the turn starts the text
+        if full.startswith(prompt):
+            start = len(prompt)
+        else:  # an earlier turn renders differently once this one follows (Qwen3 drops its reasoning)
+            start = _start_of_turn(tokenizer, template, messages, i, tools, full, prompt, spans[-1][1] if spans else 0)
+            if start is None:
+                raise _Unbounded(_not_a_prefix(i, prompt, full, "no assistant header stands before the turn there"))
+        if silent is None:
+            try:
+                silent = not _after_probe(tokenizer, template, context, None, tools).strip()
+            except ChatError:
+                silent = False
+        through = _render(tokenizer, template, messages[: i + 1], tools, generation_prompt=False)
+        if full.startswith(through):
+            end = max(start, len(through.rstrip()))
+            if silent and following is not None:  # GLM: the model stops by writing the next message's role token
+                end += len(_leading(special, full[end:]))
+        else:  # the turn renders differently once others follow it (Qwen3 drops its reasoning)
+            end = _end_of_turn(tokenizer, template, messages, i, tools, full, start, special)
+            if end is None:
+                raise _Unbounded(_not_a_prefix(i + 1, through, full, "no end-of-turn token ends the turn there"))
+        if end > start:
+            spans.append((start, end))
+        if silent and following is None:
+            stop = tokenizer.eos_token_id
+    return spans, stop
 
 
 def _render(tokenizer, template: str, messages: list[dict], tools: list | None, generation_prompt: bool) -> str:
@@ -290,46 +341,89 @@ def _render(tokenizer, template: str, messages: list[dict], tools: list | None, 
     return text
 
 
-#: The assistant and user messages rendered to find the token a template ends an assistant turn with.
-PROBE = ("LoraDistAssistantProbe", "LoraDistUserProbe")
+#: The contents of the probe messages rendered to find how a template ends an assistant turn.
+PROBE = ("LoraDistAssistantProbe", "LoraDistNextProbe")
+
+
+def _special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special and added tokens, longest first."""
+    tokens = {*tokenizer.get_added_vocab(), *tokenizer.all_special_tokens}
+    return sorted((t for t in tokens if t), key=len, reverse=True)
+
+
+def _leading(special: list[str], text: str) -> str:
+    """The special or added token ``text`` starts with ("" if none)."""
+    return next((t for t in special if text.startswith(t)), "")
+
+
+def _after_probe(tokenizer, template: str, context: list[dict], following: dict | None,
+                 tools: list | None) -> str:
+    """What the template writes after an assistant message's content when it follows ``context``: through the
+    end of the conversation, or up to ``following`` (a message, its content replaced), inclusive."""
+    probe = [*context, {"role": "assistant", "content": PROBE[0]}]
+    if following is not None:
+        probe.append({**following, "content": PROBE[1]})
+    text = _render(tokenizer, template, probe, tools, False)
+    at = text.rfind(PROBE[0])
+    return text[at + len(PROBE[0]):] if at >= 0 else ""
+
+
+def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools: list | None, full: str,
+                   prompt: str, after: int) -> int | None:
+    """Where assistant turn ``messages[i]`` starts in ``full`` when its prompt is not a prefix of it: right after
+    the first assistant header (what ``add_generation_prompt`` adds to the prompt, ``<|im_start|>assistant\\n``)
+    between the previous message's content and this turn's, and not before ``after``. Each content is located by
+    rendering the whole conversation with it replaced. None when there is no such header.
+    """
+    def content_at(k: int) -> int:
+        probe = [*messages[:k], {**messages[k], "content": PROBE[0]}, *messages[k + 1:]]
+        return _diverge(full, _render(tokenizer, template, probe, tools, False))
+
+    try:
+        bare = _render(tokenizer, template, messages[:i], tools, generation_prompt=False)
+        lower, upper = content_at(i - 1) if i else 0, content_at(i)
+    except ChatError:
+        return None
+    header = prompt[len(bare):] if prompt.startswith(bare) else ""
+    at = full.find(header, max(lower, after), upper) if header.strip() else -1
+    return at + len(header) if at >= 0 else None
 
 
 def _end_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools: list | None, full: str,
-                 start: int) -> int | None:
+                 start: int, special: list[str]) -> int | None:
     """Where assistant turn ``messages[i]``, starting at ``full[start]``, ends, through its end-of-turn token.
 
     For a turn the template renders differently once later messages follow it (Qwen3 drops an
     earlier turn's reasoning), so that ``render(messages[:i+1])`` is not a prefix of the whole. The
-    end-of-turn token is the special token the template writes right after an assistant message
-    that a user message follows (``<|im_end|>``, gpt-oss's ``<|end|>``, not the ``<|return|>`` of a
-    last turn), found by rendering probe messages after ``messages[:i]``. It must come before the
-    next message's content, located by rendering that message with a probe content.
-    Returns None when the template writes no special token there, or ``full`` holds none in the turn.
+    end-of-turn token is the special or added token the template writes right after an assistant
+    message that the next message follows (``<|im_end|>``; gpt-oss's ``<|end|>``, not the ``<|return|>``
+    of a last turn; GLM's next role token), found by rendering probe messages after ``messages[:i]``.
+    It must come before the next message's content, located by rendering the whole conversation with
+    that content replaced. Returns None when there is no such token, or ``full`` holds none there.
     """
-    probe = [{"role": "assistant", "content": PROBE[0]}, {"role": "user", "content": PROBE[1]}]
-    text = _render(tokenizer, template, [*messages[:i], *probe], tools, False)
-    at = text.rfind(PROBE[0])
-    ids = tokenizer(text[at + len(PROBE[0]):], add_special_tokens=False)["input_ids"] if at >= 0 else []
-    special = {**tokenizer.get_added_vocab(), **dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))}
-    marker = next((t for t, k in special.items() if ids and k == ids[0]), "")
-    # The next message's content starts where its render and a probe's first differ.
-    upto, following = messages[: i + 1], messages[i + 1]
-    real = _render(tokenizer, template, [*upto, following], tools, False)
-    other = _render(tokenizer, template, [*upto, {**following, "content": PROBE[1]}], tools, False)
-    bound = next((k for k, (a, b) in enumerate(zip(real, other)) if a != b), min(len(real), len(other)))
-    found = full.find(marker, start, bound) if marker and full[:bound] == real[:bound] else -1
+    following = messages[i + 1]
+    try:
+        marker = _leading(special, _after_probe(tokenizer, template, messages[:i], following, tools))
+        other = _render(tokenizer, template, [*messages[: i + 1], {**following, "content": PROBE[1]},
+                                              *messages[i + 2:]], tools, False)
+    except ChatError:  # the template refuses the probes (gpt-oss: a tool message after no tool call)
+        return None
+    found = full.find(marker, start, _diverge(full, other)) if marker else -1
     return found + len(marker) if found >= 0 else None
 
 
-def _not_a_prefix(k: int, text: str, full: str) -> ChatError:
-    return ChatError(
-        f"the chat template renders messages[:{k}] differently from the start of the whole conversation "
-        f"({_first_difference(text, full)}), so turn boundaries cannot be found; use data.loss_on="
-        "last_assistant or a template that renders earlier turns the same way (data.chat_template)")
+def _diverge(a: str, b: str) -> int:
+    """The first position where ``a`` and ``b`` differ."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _not_a_prefix(k: int, text: str, full: str, why: str) -> str:
+    return (f"the chat template renders messages[:{k}] differently from the start of the whole conversation "
+            f"({_first_difference(text, full)}) and {why}, so the turn's boundaries cannot be found")
 
 
 def _first_difference(text: str, full: str) -> str:
-    n = next((k for k, (a, b) in enumerate(zip(text, full)) if a != b), min(len(text), len(full)))
+    n = _diverge(text, full)
     return f"at character {n}: {excerpt(text[n:n + 30])} vs {excerpt(full[n:n + 30])}"
 
 

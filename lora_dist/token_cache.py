@@ -46,8 +46,9 @@ __all__ = ["FORMAT", "build", "cache_key", "cached_blocks", "default_cache_dir",
 
 log = logging.getLogger(__name__)
 
-#: The cache format; part of every key, so a change of layout or of packing never reads old entries.
-FORMAT = 1
+#: The cache format; part of every key, so a change of layout, of packing or of loss masks never reads old entries.
+#: 2: chat turns of templates that write no end-of-turn token learn the token that ends them (GLM).
+FORMAT = 2
 #: Chunks in flight per tokenization worker.
 IN_FLIGHT = 2
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_dist.chat import TEMPLATES, ChatError, chat_document, check_messages
+from lora_dist.chat import LOSS_ON, TEMPLATES, ChatError, chat_document, check_messages
 from lora_dist.data import IGNORE, DataError, load_dataset
 from lora_dist.demo import make_tokenizer
 
@@ -143,14 +143,30 @@ def test_same_mask_as_transformers_generation_markers(first):
     assert [int(lab != IGNORE) for lab in labels] == ref["assistant_masks"]
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused():
-    """A template that renders the last turn differently (like Qwen3's reasoning) cannot be masked by prefixes."""
+def test_a_template_that_rewrites_the_last_message_is_masked_as_the_whole_renders_it():
+    """Neither prompt nor turn renders are prefixes of the whole (the last message gets a suffix): each turn is
+    found by its assistant header and its end-of-turn token."""
     tok = style_tokenizer("qwen2")
     rewrites = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}{% if loop.last %}"
                 "{{ ' (last)' }}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    with pytest.raises(ChatError, match=r"renders messages\[:1\] differently .* data.loss_on=last_assistant"):
-        chat_document(tok, rewrites, TURNS)
+    ids, labels = chat_document(tok, rewrites, TURNS)
+    assert [tok.decode(run) for run in spans(ids, labels)] == [
+        TURNS[1]["content"] + "<|im_end|>", TURNS[3]["content"] + " (last)<|im_end|>"]
+
+
+def test_a_prompt_whose_header_the_whole_never_writes_is_refused():
+    """Like DeepSeek-R1's distills: the generation prompt opens a <think> block that the whole conversation's
+    render never writes (it strips reasoning), so no turn can be found, whichever turns are learned."""
+    tok = style_tokenizer("qwen2")
+    opens = TEMPLATES["chatml"].replace("'<|im_start|>assistant\n' }}{% endif %}",
+                                        "'<|im_start|>assistant\n<think>\n' }}{% endif %}")
+    assert opens != TEMPLATES["chatml"]
+    for loss_on in LOSS_ON:  # the last turn alone cannot be bounded either: no advice to learn only it
+        with pytest.raises(ChatError, match=r"renders messages\[:[13]\] differently .* no assistant header stands "
+                                            r"before the turn there, so .*; set data.chat_template to a template "
+                                            r"that renders earlier turns the same way$"):
+            chat_document(tok, opens, TURNS, loss_on=loss_on)
 
 
 #: Qwen3's chat template as Qwen3-8B ships it: reasoning kept only after the last user query, an empty
@@ -210,17 +226,29 @@ def qwen3_with_generation_markers() -> str:
     marked = marked.replace("{{- '<|im_start|>' + message.role + '\\n' + content }}", "{{- content }}")
     branch = '{%- elif message.role == "assistant" %}'
     marked = marked.replace(branch, branch + "{{- '<|im_start|>assistant\\n' }}{% generation %}")
-    end = "{{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}"
-    marked = marked.replace(end, "{{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}\n    {%- elif message.role == \"tool\" %}")
+    tool = '\n    {%- elif message.role == "tool" %}'
+    marked = marked.replace("{{- '<|im_end|>\\n' }}" + tool, "{{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}" + tool)
     assert marked.count("{% generation %}") == 1 and marked.count("{% endgeneration %}") == 1
     assert marked.count("'<|im_start|>' + message.role") == 1  # the user/system one is left
     return marked
 
 
-@pytest.mark.parametrize("cut", [3, 5, 7], ids=["one-turn", "tool-call", "whole"])
-def test_qwen3_masks_equal_transformers_generation_markers(cut):
+#: An agent trace: the tool-calling turn reasons, then a later user query makes Qwen3 drop that reasoning, so
+#: neither the later turns' prompts nor that turn's render are prefixes of the whole.
+QWEN3_AGENT = [
+    QWEN3_TURNS[3],
+    {**QWEN3_TURNS[4], "reasoning_content": "The keys are in the harbour."},
+    QWEN3_TURNS[5],
+    {"role": "assistant", "content": "<think>\nThe tool said 7.\n</think>\n\nThere are 7 keys."},
+    {"role": "user", "content": "And the boats?"},
+    {"role": "assistant", "content": "Two boats.", "reasoning_content": "Count them."},
+]
+
+
+@pytest.mark.parametrize("messages", [QWEN3_TURNS[:3], QWEN3_TURNS[:5], QWEN3_TURNS, QWEN3_AGENT[:4], QWEN3_AGENT],
+                         ids=["one-turn", "tool-call", "whole", "agent", "agent-then-query"])
+def test_qwen3_masks_equal_transformers_generation_markers(messages):
     tok = qwen3_tokenizer()
-    messages = QWEN3_TURNS[:cut]
     ids, labels = chat_document(tok, QWEN3, messages)
     marked = qwen3_with_generation_markers()
     assert tok.apply_chat_template(messages, tokenize=False, chat_template=marked) == \
@@ -252,6 +280,63 @@ def test_an_earlier_turn_ends_at_the_token_that_ends_it_there():
         "<|channel|>final<|message|>" + TURNS[3]["content"] + "<|return|>"]
 
 
+#: GLM-4.5's chat template as it ships: no end-of-turn token; the model ends a turn by writing the next role's
+#: token (<|user|>, <|observation|>), and generation also stops at EOS.
+GLM4_MOE = (Path(__file__).parent / "fixtures" / "glm4_moe_chat_template.jinja").read_text()
+
+
+def test_glm_turns_learn_the_token_that_ends_them():
+    tok = style_tokenizer("qwen2")
+    tok.add_special_tokens({"additional_special_tokens": ["[gMASK]", "<sop>", "<|system|>", "<|user|>",
+                                                          "<|assistant|>", "<|observation|>"]})
+    tok.add_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+                    "</arg_value>", "<tool_response>", "</tool_response>"])
+    messages = [*QWEN3_AGENT[:2], {**QWEN3_AGENT[2], "content": "7 silver keys"}, *QWEN3_AGENT[3:]]
+    ids, labels = chat_document(tok, GLM4_MOE, messages)
+    full = tok.apply_chat_template(messages, tokenize=False, chat_template=GLM4_MOE)
+    assert ids == tok(full, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert [tok.decode(run) for run in spans(ids, labels)] == [
+        "\n<think></think>\n<tool_call>count_keys\n<arg_key>where</arg_key>\n<arg_value>harbour</arg_value>\n"
+        "</tool_call><|observation|>",  # its reasoning dropped: a user query follows
+        "\n<think></think>\nThere are 7 keys.<|user|>",
+        "\n<think>Count them.</think>\nTwo boats.<|endoftext|>",
+    ]
+
+
+#: gpt-oss's agent shape: a tool call ends with <|call|>, and an earlier turn's analysis is dropped once a final
+#: answer follows, so the last turn's prompt is not a prefix of the whole; the last turn has two headers.
+HARMONY_AGENT = (
+    "{%- set ns = namespace(final=-1) -%}{%- for m in messages -%}{%- if m.role == 'assistant' and not m.tool_call -%}"
+    "{%- set ns.final = loop.index0 -%}{%- endif -%}{%- endfor -%}{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}{%- if m.thinking and loop.index0 >= ns.final -%}"
+    "<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>{%- endif -%}"
+    "{%- if m.tool_call -%}<|start|>assistant to={{ m.tool_call }}<|message|>{{ m.content }}<|call|>"
+    "{%- else -%}<|start|>assistant<|channel|>final<|message|>{{ m.content }}"
+    "{%- if loop.last and not add_generation_prompt -%}<|return|>{%- else -%}<|end|>{%- endif -%}{%- endif -%}"
+    "{%- else -%}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"
+)
+
+
+def test_a_last_turn_with_two_headers_is_learned_from_the_first():
+    tok = style_tokenizer("qwen2")
+    tok.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|channel|>", "<|message|>", "<|end|>",
+                                                          "<|call|>", "<|return|>"]})
+    messages = [{"role": "user", "content": "Count the keys."},
+                {"role": "assistant", "tool_call": "functions.count", "thinking": "Use the tool.", "content": "{}"},
+                {"role": "tool", "content": "7"},
+                {"role": "assistant", "thinking": "The tool said 7.", "content": "There are 7 keys."}]
+    ids, labels = chat_document(tok, HARMONY_AGENT, messages, loss_on="last_assistant")
+    assert [tok.decode(run) for run in spans(ids, labels)] == [
+        "<|channel|>analysis<|message|>The tool said 7.<|end|><|start|>assistant<|channel|>final<|message|>"
+        "There are 7 keys.<|return|>"]
+    # The tool call's turn ends with <|call|>, not the <|end|> that ends a turn a user message follows: refused, and
+    # the advice is what works.
+    with pytest.raises(ChatError, match=r"renders messages\[:2\] differently .* no end-of-turn token ends the turn "
+                                        r"there, so .*; use data.loss_on=last_assistant or set data.chat_template"):
+        chat_document(tok, HARMONY_AGENT, messages)
+
+
 @pytest.mark.parametrize("template, messages, match", [
     # The last turn is rendered differently and no special token ends a turn.
     ("{% for m in messages %}{{ m['role'] + ': ' }}{% if loop.last and m['role'] == 'assistant' %}{{ '!' }}"
@@ -271,7 +356,9 @@ def test_a_turn_without_an_end_of_turn_token_is_refused(template, messages, matc
         chat_document(tok, template, messages)
     assert "\n" not in str(err.value)
     ids, labels = chat_document(tok, template, messages, loss_on="last_assistant")  # the fix the error names
-    assert [tok.decode(run) for run in spans(ids, labels)] == [("!" + messages[-1]["content"]).rstrip()]
+    # Nothing ends the last turn in the template: EOS follows its text, learned, so the model learns to stop.
+    learned = ("!" + messages[-1]["content"]).rstrip() + "<|endoftext|>"
+    assert [tok.decode(run) for run in spans(ids, labels)] == [learned]
 
 
 def test_template_exceptions_and_bad_messages_are_one_line():
