@@ -413,8 +413,11 @@ def _end_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools: 
 
 
 def _diverge(a: str, b: str) -> int:
-    """The first position where ``a`` and ``b`` differ."""
-    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    """The first position where ``a`` and ``b`` differ (the shorter one's length where one starts the other)."""
+    n, k = min(len(a), len(b)), 0
+    while k < n and a[k:k + 4096] == b[k:k + 4096]:  # compared in C, a block at a time
+        k += 4096
+    return next((j for j in range(k, min(k + 4096, n)) if a[j] != b[j]), n)
 
 
 def _not_a_prefix(k: int, text: str, full: str, why: str) -> str:
