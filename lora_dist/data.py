@@ -254,7 +254,11 @@ def model_kwargs(batch: dict, config=None) -> dict[str, Any]:
 
 
 def _windowed(config) -> bool:
-    """Whether some layer of the model attends through a sliding window or in chunks (Mistral, Gemma-2/3...)."""
+    """Whether some layer of the model attends through a sliding window or in chunks (Mistral, Gemma-2/3...).
+    A vision-language config holds its language model's in ``text_config``."""
+    from lora_dist.model_dir import text_config
+
+    config = text_config(config)
     types = getattr(config, "layer_types", None)
     if types:
         return any(t != "full_attention" for t in types)

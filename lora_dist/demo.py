@@ -18,6 +18,7 @@ from lora_dist.errors import UserError
 __all__ = [
     "ARCHS",
     "HUB_ARCHS",
+    "VLM_ARCHS",
     "DemoFailed",
     "check_demo",
     "demo_texts",
@@ -34,6 +35,12 @@ ARCHS = ("llama", "qwen2", "mistral", "gpt2", "bert", "mixtral", "qwen3_moe")
 #: (gpt_oss), linear-attention layers and a hidden->1 shared-expert gate (qwen3_next), a shared expert whose MLP
 #: PEFT reads as trained (qwen2_moe; lora_dist.adapter.peft_misread).
 HUB_ARCHS = ("qwen3", "gemma3_text", "phi3", "deepseek_v3", "gpt_oss", "qwen3_next", "qwen2_moe")
+#: Vision-language checkpoints whose language model is fine-tuned on text, each with a tiny vision tower: Gemma 3
+#: (``language_model.model.*`` files, sliding-window layers in ``text_config``), Qwen2.5-VL (renames transformers
+#: looks up by class), Llama 4 (MoE with a router that is a ``Linear`` subclass, chunked attention).
+VLM_ARCHS = ("gemma3", "qwen2_5_vl", "llama4")
+#: Token ids a vision-language checkpoint reserves for images, past the tokenizer's (its vocabulary is padded).
+_IMAGE_IDS = 64
 
 #: Experts per MoE layer of the tiny MoE checkpoints, and experts each token is routed to.
 MOE_EXPERTS, MOE_TOP_K = 4, 2
@@ -120,7 +127,42 @@ def _config(arch: str, vocab: int, hidden: int, layers: int, heads: int, interme
                              **common)
     if arch in HUB_ARCHS:
         return _hub_config(arch, common, hidden, intermediate, heads, max_pos)
-    raise ValueError(f"unknown demo architecture {arch!r}; choose from {ARCHS + HUB_ARCHS}")
+    if arch in VLM_ARCHS:
+        return _vlm_config(arch, common, hidden, intermediate, heads, max_pos)
+    raise ValueError(f"unknown demo architecture {arch!r}; choose from {ARCHS + HUB_ARCHS + VLM_ARCHS}")
+
+
+def _vlm_config(arch: str, common: dict, hidden: int, intermediate: int, heads: int, max_pos: int):
+    """A tiny config of one of :data:`VLM_ARCHS`: the language model at the demo's sizes, a 2-layer vision tower,
+    the image token ids in the last :data:`_IMAGE_IDS` rows of the vocabulary."""
+    import transformers as tf
+
+    head_dim, image = hidden // heads, common["vocab_size"] - _IMAGE_IDS
+    text = dict(hidden_size=hidden, intermediate_size=intermediate, num_key_value_heads=max(1, heads // 2),
+                head_dim=head_dim, max_position_embeddings=max_pos, bos_token_id=None, eos_token_id=None,
+                pad_token_id=None, **common)  # the token ids are the tokenizer's (make_tiny_checkpoint)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
+    if arch == "gemma3":
+        return tf.Gemma3Config(
+            text_config={**text, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+            vision_config={**vision, "image_size": 32}, mm_tokens_per_image=4, image_token_index=image,
+            boi_token_index=image + 1, eoi_token_index=image + 2)
+    if arch == "qwen2_5_vl":
+        half = head_dim // 2  # the rotary half split over time, height and width
+        rope = {"rope_type": "default", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3],
+                "rope_theta": 10000.0}
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                      patch_size=8, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1],
+                      window_size=32)
+        return tf.Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision,
+                                   image_token_id=image, video_token_id=image + 1, vision_start_token_id=image + 2,
+                                   vision_end_token_id=image + 3)
+    # llama4: every layer MoE, a NoPE layer, chunked attention
+    text = {**text, "intermediate_size_mlp": intermediate, "num_local_experts": MOE_EXPERTS, "num_experts_per_tok": 1,
+            "interleave_moe_layer_step": 1, "no_rope_layers": [1, 0], "attention_chunk_size": 16}
+    vision = {**vision, "image_size": 32, "vision_output_dim": hidden, "projector_input_dim": hidden,
+              "projector_output_dim": hidden, "pixel_shuffle_ratio": 0.5}
+    return tf.Llama4Config(text_config=text, vision_config=vision, image_token_index=image)
 
 
 def _hub_config(arch: str, common: dict, hidden: int, intermediate: int, heads: int, max_pos: int):
@@ -171,7 +213,7 @@ def make_tiny_checkpoint(
 
     Args:
         path: output dir (config.json, model*.safetensors, tokenizer files).
-        arch: one of :data:`ARCHS` or :data:`HUB_ARCHS`; ``bert`` is saved as a masked-LM encoder; ``mixtral`` and
+        arch: one of :data:`ARCHS`, :data:`HUB_ARCHS` or :data:`VLM_ARCHS`; ``bert`` is saved as a masked-LM encoder; ``mixtral`` and
             ``qwen3_moe`` are MoE models (:data:`MOE_EXPERTS` experts, top-:data:`MOE_TOP_K`), saved
             in the Hub's per-expert layout (``save_pretrained`` converts transformers' fused experts back).
         max_shard_size: split the weights into several files (e.g. "200KB").
@@ -187,11 +229,18 @@ def make_tiny_checkpoint(
     tokenizer = make_tokenizer()
     if vocab is not None and vocab < len(tokenizer):
         raise ValueError(f"vocab={vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    config = _config(arch, vocab or len(tokenizer), hidden, layers, heads, intermediate or 4 * hidden, max_pos)
-    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
+    vocab = vocab or len(tokenizer) + (_IMAGE_IDS if arch in VLM_ARCHS else 0)
+    config = _config(arch, vocab, hidden, layers, heads, intermediate or 4 * hidden, max_pos)
+    for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+        c.bos_token_id = c.eos_token_id = tokenizer.eos_token_id
+        c.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
-    model = tf.BertForMaskedLM(config) if arch == "bert" else tf.AutoModelForCausalLM.from_config(config)
+    if arch == "bert":
+        model = tf.BertForMaskedLM(config)
+    elif arch in VLM_ARCHS:
+        model = tf.AutoModelForImageTextToText.from_config(config)
+    else:
+        model = tf.AutoModelForCausalLM.from_config(config)
     model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)

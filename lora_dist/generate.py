@@ -97,11 +97,9 @@ def generate(base: str | os.PathLike, adapter: str | os.PathLike | None = None, 
     Raises:
         GenerateError, ModelDirError, AdapterError: bad prompt, model dir or adapter.
     """
-    from transformers import AutoModelForCausalLM
-
     from lora_dist.adapter import load_adapter
     from lora_dist.data import load_tokenizer
-    from lora_dist.model_dir import ModelDir
+    from lora_dist.model_dir import ModelDir, model_class
 
     if max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -111,8 +109,8 @@ def generate(base: str | os.PathLike, adapter: str | os.PathLike | None = None, 
     tokenizer = load_tokenizer(base_dir.path)
     ids, text = _prompt_ids(tokenizer, prompt, messages, chat_template)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModelForCausalLM.from_pretrained(base_dir.path, dtype="auto", trust_remote_code=False,
-                                                 local_files_only=True)
+    model = model_class(base_dir.hf_config).from_pretrained(base_dir.path, dtype="auto", trust_remote_code=False,
+                                                            local_files_only=True)
     if adapter is not None:
         load_adapter(model, adapter)
     model.to(device).eval()

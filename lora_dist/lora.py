@@ -43,6 +43,7 @@ __all__ = [
     "LoRAParamHost",
     "disable_adapters",
     "inject_lora",
+    "language_model",
     "lora_modules",
     "lora_parameters",
     "param_targets",
@@ -65,6 +66,16 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
     "opt": ["q_proj", "v_proj"],
+    "qwen2_moe": ["q_proj", "v_proj"],
+    "qwen3_moe": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "llama4_text": ["q_proj", "v_proj"],
+    # Vision-language models: their language model's (inject_lora leaves the vision tower out).
+    "gemma3": ["q_proj", "v_proj"],
+    "mistral3": ["q_proj", "v_proj"],
+    "qwen2_5_vl": ["q_proj", "v_proj"],
+    "qwen3_vl": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
 }
 
 _INITS = ("kaiming", "gaussian")
@@ -217,7 +228,27 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    """A linear projection: ``nn.Linear`` (not a subclass with a forward of its own, such as Llama 4's router,
+    which returns more than the projection) or GPT-2's ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    return _is_conv1d(module)
+
+
+def language_model(model: nn.Module) -> str | None:
+    """The name of a vision-language model's language model (``model.language_model``), whose linear layers
+    ``all-linear`` and name lists adapt; None for a language model (or one whose decoder is not found)."""
+    from lora_dist.model_dir import text_config
+
+    config = getattr(model, "config", None)
+    get_decoder = getattr(model, "get_decoder", None)
+    if config is None or text_config(config) is config or not callable(get_decoder):
+        return None
+    try:
+        decoder = get_decoder()
+    except Exception:  # an architecture without one
+        return None
+    return next((name for name, m in model.named_modules() if m is decoder and name), None)
 
 
 def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
@@ -717,6 +748,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
     """
     targets = _resolve_targets(model, config)
     head = _output_head(model)
+    # A vision-language model trains on text here: all-linear and name lists stay in its language model (a regex
+    # adapts what it names).
+    text = language_model(model) if not isinstance(targets, str) or targets == "all-linear" else None
     linear_names: list[str] = []
     chosen: list[str] = []
     for name, module in model.named_modules():
@@ -725,7 +759,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
         if not _is_adaptable(module):
             continue
         linear_names.append(name)
-        if targets is None:
+        if targets is None or (text is not None and not name.startswith(text + ".")):
             continue
         if targets == "all-linear":
             if module is head or name.split(".")[-1] in ("lm_head",):

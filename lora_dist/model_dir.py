@@ -247,16 +247,36 @@ class ModelDir:
                 yield key, handle.get_tensor(key)  # type: ignore[attr-defined]
 
 
+def text_config(hf_config):
+    """The language model's config: a vision-language config's ``text_config``, else the config itself."""
+    get = getattr(hf_config, "get_text_config", None)
+    return get() if callable(get) else hf_config
+
+
 def model_class(hf_config):
-    """The ``transformers`` Auto class that builds this architecture."""
+    """The ``transformers`` Auto class that builds this architecture: the checkpoint's own class, so that every
+    tensor of it is loaded and exported (a vision-language checkpoint's vision tower too).
+
+    Raises:
+        ModelDirError: an architecture that is neither a causal nor a masked language model, nor a
+            vision-language model with one (``*ForConditionalGeneration``).
+    """
     import transformers as tf
 
     archs = getattr(hf_config, "architectures", None) or []
-    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
-        return tf.AutoModelForCausalLM
     if any(a.endswith("ForMaskedLM") for a in archs):
-        return tf.AutoModelForMaskedLM
-    return tf.AutoModelForCausalLM
+        autos = [tf.AutoModelForMaskedLM]
+    elif any(a.endswith("ForConditionalGeneration") for a in archs):  # Gemma 3, Mistral 3, Qwen-VL, Llama 4...
+        autos = [tf.AutoModelForImageTextToText, tf.AutoModelForCausalLM]
+    else:
+        autos = [tf.AutoModelForCausalLM, tf.AutoModelForImageTextToText]
+    for auto in autos:
+        if type(hf_config) in auto._model_mapping:
+            return auto
+    model_type = getattr(hf_config, "model_type", "?")
+    raise ModelDirError(f"model type {model_type!r} ({', '.join(archs) or 'no architectures'}) is not a language "
+                        "model transformers builds with AutoModelForCausalLM or AutoModelForImageTextToText; "
+                        "lora_dist fine-tunes decoder language models (and the language model of a vision one)")
 
 
 def skeleton(base: ModelDir) -> torch.nn.Module:

@@ -120,6 +120,7 @@ import torch
 from lora_dist.config import Config, ParallelConfig
 from lora_dist.dtypes import parse_dtype
 from lora_dist.errors import ConfigError
+from lora_dist.model_dir import text_config
 
 __all__ = ["MemoryPlan", "StrategyChoice", "choose_strategy", "memory_budget", "meta_model", "plan_memory"]
 
@@ -495,6 +496,7 @@ class _Run:
         from lora_dist.sharding import vocab_sharding_pays
 
         p: ParallelConfig = replicated_if_unsharded(cfg.parallel, world_size, cfg.model.dtype)
+        hf_config = text_config(hf_config)  # a vision-language model: its language model's
         base_elt = parse_dtype(cfg.model.dtype).itemsize
         lora_params = lora_parameters(model)
         lora = {id(q) for q in lora_params}

@@ -238,23 +238,32 @@ class Concat(TensorSource):
         return torch.cat(pieces)
 
 
+#: The attribute a model's transforms are kept in, from the first call on (the model as built).
+_TRANSFORMS = "_lora_dist_weight_transforms"
+
+
 def model_transforms(model: nn.Module) -> list:
     """The weight transforms transformers applies when it loads ``model`` (empty where it has none).
 
-    Call it on the model as built, before it is wrapped (FSDP2 renames the classes transformers
-    looks mappings up by).
+    The first call, on the model as built, keeps them on the model: FSDP2 and the training engine later change its
+    class, and transformers looks some mappings up by class (Qwen2.5-VL's renames).
     """
+    kept = model.__dict__.get(_TRANSFORMS)
+    if kept is not None:
+        return list(kept)
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
     except ImportError:  # transformers < 5: checkpoints are read as stored
         return []
     try:
-        return list(get_model_conversion_mapping(model))
+        transforms = list(get_model_conversion_mapping(model))
     except Exception:  # not a PreTrainedModel, or another API: fall back to the model type's entry
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        return list(get_checkpoint_conversion_mapping(model_type) or []) if model_type else []
+        transforms = list(get_checkpoint_conversion_mapping(model_type) or []) if model_type else []
+    model.__dict__[_TRANSFORMS] = transforms
+    return list(transforms)
 
 
 @dataclass

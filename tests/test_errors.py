@@ -17,6 +17,7 @@ from lora_dist.errors import USER_ERRORS, UserError
 #: lora_dist's exceptions that never reach the user as themselves, and why.
 INTERNAL = {
     "lora_dist.chat.ChatError": "a record's problem; the token cache raises it as a DataError naming the record",
+    "lora_dist.chat._Unbounded": "chat_document raises it as a ChatError with the fix that applies",
     "lora_dist.safetensors_file.SafetensorsFormatError": "a file's header; verify reports it, layout raises ExportError",
     "lora_dist.export.verify.VerifyError": "a check that failed: lora-dist verify exits 1, not 2",
     "lora_dist.inputs._TooCostly": "read_yaml raises it as ConfigError",

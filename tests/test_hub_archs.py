@@ -1,7 +1,9 @@
 """More of the Hub's decoder families (:data:`lora_dist.demo.HUB_ARCHS`: Qwen3, Gemma 3, Phi-3, DeepSeek-V3,
-gpt-oss, Qwen3-Next, Qwen2-MoE), saved like real checkpoints: ``all-linear`` LoRA trains on 2 FSDP2 or ZeRO-3 ranks to the
-one-process result, and the merged export written from the FSDP2 shards is the base plus the adapter, as PEFT
-applies it where PEFT reads it as trained."""
+gpt-oss, Qwen3-Next, Qwen2-MoE) and vision-language checkpoints fine-tuned on text (:data:`lora_dist.demo.VLM_ARCHS`:
+Gemma 3, Qwen2.5-VL, Llama 4), saved like real checkpoints: ``all-linear`` LoRA trains on 2 FSDP2 or ZeRO-3 ranks to
+the one-process result, and the merged export written from the FSDP2 shards is the base plus the adapter, as PEFT
+applies it where PEFT reads it as trained. A vision-language model's LoRA stays in its language model, and its
+export keeps every tensor and name of the checkpoint, the vision tower's untouched."""
 
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from safetensors.torch import load_file
 
 from distutil import adapter_atol, assert_same_run, lora_dist, ranks, short_run_args
 from lora_dist.adapter import load_adapter, peft_misread, save_adapter
-from lora_dist.demo import HUB_ARCHS, write_demo_data
+from lora_dist.demo import HUB_ARCHS, VLM_ARCHS, write_demo_data
 from lora_dist.lora import LoRAConfig, inject_lora, lora_modules
-from lora_dist.model_dir import ModelDir
+from lora_dist.model_dir import ModelDir, model_class
 
 # PEFT calls a transformers API that transformers 5 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -24,13 +26,16 @@ STEPS = 3
 LR = 5e-3
 
 
+#: Where each vision-language checkpoint's language model is, as transformers builds it.
+LANGUAGE_MODEL = {"gemma3": "model.language_model.", "qwen2_5_vl": "model.language_model.", "llama4": "language_model."}
+
+
 def _hf_model(path: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+    """The checkpoint as transformers loads it: its own class (a vision-language model whole)."""
+    return model_class(ModelDir(path).hf_config).from_pretrained(path, dtype=torch.float32).eval()
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
-
-@pytest.fixture(scope="module", params=HUB_ARCHS)
+@pytest.fixture(scope="module", params=HUB_ARCHS + VLM_ARCHS)
 def runs(request, tiny_checkpoint, tmp_path_factory):
     """The same 3 steps of r=4 LoRA on every linear layer but the head, in one process and on 2 FSDP2 ranks, each
     with a float32 merged export."""
@@ -54,7 +59,13 @@ def runs(request, tiny_checkpoint, tmp_path_factory):
 def test_two_ranks_train_every_linear_layer_to_the_one_process_result(runs, strategy):
     model = _hf_model(runs["base"])
     head = model.get_output_embeddings()
-    linear = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    # Linear projections (not Llama 4's router, a Linear subclass returning more than the projection); in a
+    # vision-language model, those of its language model only.
+    linear = {name for name, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head}
+    if runs["arch"] in VLM_ARCHS:
+        text = {name for name in linear if name.startswith(LANGUAGE_MODEL[runs["arch"]])}
+        assert text and linear - text  # a vision tower with linear layers of its own, left out
+        linear = text
     adapter = load_file(str(runs[strategy] / "adapter" / "adapter_model.safetensors"))
     adapted = {k.removeprefix("base_model.model.").removesuffix(".lora_B.weight") for k in adapter if "lora_B" in k}
     assert adapted == linear

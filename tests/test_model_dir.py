@@ -166,3 +166,36 @@ def test_corrupt_tokenizer_is_one_line(base):
     with pytest.raises(ModelDirError, match="cannot load the tokenizer") as e:
         load_tokenizer(base)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("archs, auto", [
+    (["LlamaForCausalLM"], "AutoModelForCausalLM"),
+    (["Gemma3ForConditionalGeneration"], "AutoModelForImageTextToText"),
+    (["Mistral3ForConditionalGeneration"], "AutoModelForImageTextToText"),  # no causal-LM class at all
+    (["Llama4ForConditionalGeneration"], "AutoModelForImageTextToText"),  # not its text-only causal LM
+])
+def test_the_checkpoints_own_class_is_built(archs, auto):
+    import transformers as tf
+
+    from lora_dist.model_dir import model_class
+
+    model_type = {"Llama": "llama", "Gemma3": "gemma3", "Mistral3": "mistral3", "Llama4": "llama4"}[
+        archs[0].split("For")[0]]
+    config = tf.AutoConfig.for_model(model_type)
+    config.architectures = archs
+    cls = model_class(config)
+    assert cls is getattr(tf, auto)
+    assert cls._model_mapping[type(config)].__name__ == archs[0]
+
+
+def test_a_model_that_is_no_decoder_is_refused_in_one_line():
+    import transformers as tf
+
+    from lora_dist.model_dir import model_class
+
+    config = tf.T5Config()
+    config.architectures = ["T5ForConditionalGeneration"]
+    with pytest.raises(ModelDirError, match="model type 't5' .* is not a language model transformers builds with "
+                                            "AutoModelForCausalLM or AutoModelForImageTextToText") as e:
+        model_class(config)
+    assert "\n" not in str(e.value)

@@ -66,6 +66,23 @@ def test_param_terms_equal_a_real_model_after_a_step(tiny_checkpoint):
     assert plan.largest_tensor_bytes == max(p.numel() * p.element_size() for p in model.parameters())
 
 
+def test_a_vision_language_checkpoint_is_planned_whole_with_lora_in_its_language_model(tiny_checkpoint):
+    """Gemma 3's vision-language checkpoint (its dims in ``text_config``): the base counted with its vision tower,
+    the LoRA on the language model's linear layers only."""
+    from lora_dist.model_dir import ModelDir, model_class
+
+    path = tiny_checkpoint("gemma3")
+    plan = _plan(path, "fsdp2", 2)
+    model = model_class(ModelDir(path).hf_config).from_pretrained(path, dtype=torch.float32)
+    base_numel = sum(p.numel() for p in model.parameters())
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    lora = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    assert lora and all(n.startswith("model.language_model.") for n in lora)
+    assert any(n.startswith("model.vision_tower.") for n, _ in model.named_parameters())
+    assert plan.num_lora_params == sum(p.numel() for p in lora.values())
+    assert plan.model_bytes == base_numel * 4
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_base_shard_equals_fully_shard(odd_config, world):
     """lora_dist's own parallelize() on a meta skeleton, in a fake world: rank 0 holds the padded shard."""

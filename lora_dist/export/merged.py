@@ -20,7 +20,7 @@ import torch.nn as nn
 from lora_dist.dtypes import parse_dtype
 from lora_dist.export.errors import ExportError
 from lora_dist.export.layout import plan_layout
-from lora_dist.export.params import ParamPart, param_parts, part_sources, weight_map
+from lora_dist.export.params import ParamPart, file_key, param_parts, part_sources, weight_map
 from lora_dist.export.sources import (
     MERGED_FROM_KEY,
     QUANTIZED_DTYPE_KEY,
@@ -170,8 +170,8 @@ def export_merged(
         linears = {n: layer for n, layer in layers.items() if not isinstance(layer, LoRAParam)}
         params = {n: layer for n, layer in layers.items() if isinstance(layer, LoRAParam)}
         sources_of = {}
+        weights = weight_map(base, model)
         if params:
-            weights = weight_map(base, model)
             for name, layer in params.items():
                 source = weights.source(_param_name(name, layer))
                 if source is None or source.shape != full_shape(layer.base_weight()):
@@ -180,11 +180,13 @@ def export_merged(
                         f"{full_shape(layer.base_weight())}; base_path is not the checkpoint the model was loaded from"
                     )
                 sources_of[name] = source
-        for name in linears:
-            if f"{name}.weight" not in specs:
+        keys = {name: file_key(weights, f"{name}.weight") for name in linears}  # as the checkpoint names them
+        for name, key in keys.items():
+            if key not in specs:
                 raise ExportError(
-                    f"LoRA-adapted weight {name}.weight is not a tensor of the base checkpoint {base.path} "
-                    "(a tied or renamed weight?); the merged export writes exactly the base's keys"
+                    f"LoRA-adapted weight {name}.weight is not one tensor of the base checkpoint {base.path} (a tied "
+                    "weight, or one transformers assembles from several?); the merged export writes exactly the "
+                    "base's keys: leave that layer out of lora.target_modules"
                 )
     except Exception as e:
         error = e
@@ -206,7 +208,7 @@ def export_merged(
             else:
                 sources.update(part_sources(layer.base_weight(), parts, specs))
         for name, layer in linears.items():
-            key = f"{name}.weight"
+            key = keys[name]
             if full_shape(layer.weight) != specs[key].shape:
                 raise ExportError(
                     f"{key}: the model's weight is {full_shape(layer.weight)} but the base checkpoint's is "
@@ -218,11 +220,11 @@ def export_merged(
                 sources[key] = param_source(layer.weight, specs[key], None if layer.merged else adapters[name])
         # model.quantize: the other quantized weights are written dequantized too, so the export is the model
         # the adapter was trained with (the offline merge reads the original weights instead).
-        adapted = {f"{name}.weight" for name in linears}
-        quantized = [(n, p) for n, p in model.named_parameters() if is_quantized(p)]
-        for name, param in quantized:
-            if name in specs and name not in adapted and full_shape(param) == specs[name].shape:
-                sources[name] = param_source(param, specs[name], None)
+        adapted = set(keys.values())
+        quantized = [(file_key(weights, n), p) for n, p in model.named_parameters() if is_quantized(p)]
+        for key, param in quantized:
+            if key in specs and key not in adapted and full_shape(param) == specs[key].shape:
+                sources[key] = param_source(param, specs[key], None)
         metadata = {"format": "pt", MERGED_FROM_KEY: merged_from(
             torch.float32 if _from_files(layer, base_dtype) else local_dtype(layer.base_weight())
             for layer in layers.values())}

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from lora_dist.config import Config
 from lora_dist.errors import ConfigError
+from lora_dist.model_dir import text_config
 from lora_dist.parallel.engine import MOMENTS, Engine
 
 __all__ = [
@@ -78,6 +79,7 @@ def check_supported(strategy: str, activation_checkpointing: bool | int, version
 def max_lora_numel(cfg: Config, hf_config) -> int:
     """Elements of the largest LoRA matrix the config can create: r x the largest projection dimension, times
     the number of experts for an adapter on fused experts (``lora.target_parameters``: PEFT's ``(E * r, in)``)."""
+    hf_config = text_config(hf_config)
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", 4096)
     inter = getattr(hf_config, "intermediate_size", None) or 4 * hidden
     r = max([cfg.lora.r, *cfg.lora.rank_pattern.values()])
@@ -91,6 +93,7 @@ def max_lora_numel(cfg: Config, hf_config) -> int:
 
 
 def _largest_block_weight(hf_config) -> int:
+    hf_config = text_config(hf_config)
     hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", 4096)
     inter = getattr(hf_config, "intermediate_size", None) or 4 * hidden
     return hidden * inter

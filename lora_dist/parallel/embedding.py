@@ -107,6 +107,11 @@ class _Lookup(nn.Module):
         super().__init__()
         self.embed, self.dtype = embed, dtype
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The embedding's (sharded) weight, for models that read its device or dtype (Llama 4's text model)."""
+        return self.embed.weight
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         weight, start, group = _shard(self.embed)
         return lookup(ids, weight, start, group, self.dtype)
