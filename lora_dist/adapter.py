@@ -34,7 +34,7 @@ from lora_dist.atomic import recover, writing_dir
 from lora_dist.errors import UserError
 from lora_dist.outputs import ADAPTER_FILES
 from lora_dist.inputs import clip, excerpt, read_json
-from lora_dist.lora import LoRAConfig, LoRAParam, inject_lora, lora_modules, param_targets
+from lora_dist.lora import LoRAConfig, LoRAParam, inject_lora, language_model, lora_modules, param_targets
 from lora_dist.merge import LoRAWeights, lora_scale
 from lora_dist.quant import NF4Record, nf4_record
 from lora_dist.safetensors_file import write_safetensors
@@ -119,7 +119,9 @@ def _peft_config(model: nn.Module, config: LoRAConfig, matched: list[str], base_
               for n, m in lora_modules(model) if isinstance(m, LoRAParam)}
     matched = [n for n in matched if n in layers]
     leaves = sorted({n.split(".")[-1] for n in matched})
-    plain = config.layers_to_transform is None and config.exclude_modules is None
+    # Leaf names select what PEFT selects, but in the whole model: not where injection kept to a vision-language
+    # model's language model.
+    plain = config.layers_to_transform is None and config.exclude_modules is None and language_model(model) is None
     if not matched:
         target: list[str] | str | None = None
     elif plain and isinstance(config.target_modules, (list, type(None))):

@@ -356,6 +356,14 @@ def _leading(special: list[str], text: str) -> str:
     return next((t for t in special if text.startswith(t)), "")
 
 
+def _leading_tokens(special: list[str], text: str) -> str:
+    """The special or added tokens ``text`` starts with, one after the other, whole ("" if none)."""
+    end = 0
+    while token := _leading(special, text[end:]):
+        end += len(token)
+    return text[:end]
+
+
 def _after_probe(tokenizer, template: str, context: list[dict], following: dict | None,
                  tools: list | None) -> str:
     """What the template writes after an assistant message's content when it follows ``context``: through the
@@ -372,20 +380,24 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
                    prompt: str, after: int) -> int | None:
     """Where assistant turn ``messages[i]`` starts in ``full`` when its prompt is not a prefix of it: right after
     the first assistant header (what ``add_generation_prompt`` adds to the prompt, ``<|im_start|>assistant\\n``)
-    between the previous message's content and this turn's, and not before ``after``. Each content is located by
-    rendering the whole conversation with it replaced. None when there is no such header.
+    between the previous message's content and this turn's, and not before ``after``. None when there is no such
+    header, or the previous message's content cannot be located.
     """
-    def content_at(k: int) -> int:
-        probe = [*messages[:k], {**messages[k], "content": PROBE[0]}, *messages[k + 1:]]
-        return _diverge(full, _render(tokenizer, template, probe, tools, False))
-
     try:
         bare = _render(tokenizer, template, messages[:i], tools, generation_prompt=False)
-        lower, upper = content_at(i - 1) if i else 0, content_at(i)
+        lower = _inside_content(tokenizer, template, messages, i - 1, tools, full) if i else 0
+        upper = _content_at_most(tokenizer, template, messages, i, tools, full)
     except ChatError:
         return None
     header = prompt[len(bare):] if prompt.startswith(bare) else ""
-    at = full.find(header, max(lower, after), upper) if header.strip() else -1
+    if not header.strip() or lower is None:
+        return None
+    at = full.find(header, max(lower, after), upper)
+    if at < 0 and header in full:  # a header the whole writes for the last turn only (Qwen3.5's empty <think>
+        for cut in range(len(header) - 1, 0, -1):  # block): earlier turns start after its role part
+            if header[cut - 1] == "\n" and header[:cut].strip() and (at := full.find(header[:cut], max(lower, after),
+                                                                                  upper)) >= 0:
+                return at + cut
     return at + len(header) if at >= 0 else None
 
 
@@ -395,21 +407,47 @@ def _end_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools: 
 
     For a turn the template renders differently once later messages follow it (Qwen3 drops an
     earlier turn's reasoning), so that ``render(messages[:i+1])`` is not a prefix of the whole. The
-    end-of-turn token is the special or added token the template writes right after an assistant
-    message that the next message follows (``<|im_end|>``; gpt-oss's ``<|end|>``, not the ``<|return|>``
-    of a last turn; GLM's next role token), found by rendering probe messages after ``messages[:i]``.
-    It must come before the next message's content, located by rendering the whole conversation with
-    that content replaced. Returns None when there is no such token, or ``full`` holds none there.
+    end-of-turn token is what the template writes right after an assistant message that the next message
+    follows: as much of what it writes after a last one as both share (``<|im_end|>``; Cohere's two tokens),
+    else the leading special or added token (gpt-oss's ``<|end|>``, where a last turn ends with ``<|return|>``;
+    GLM's next role token, where nothing ends a last turn), found by rendering probe messages after
+    ``messages[:i]``. It must come before the next message's content. Returns None when there is no such
+    token, or ``full`` holds none there.
     """
     following = messages[i + 1]
     try:
-        marker = _leading(special, _after_probe(tokenizer, template, messages[:i], following, tools))
-        other = _render(tokenizer, template, [*messages[: i + 1], {**following, "content": PROBE[1]},
-                                              *messages[i + 2:]], tools, False)
+        followed = _after_probe(tokenizer, template, messages[:i], following, tools)
+        last = _after_probe(tokenizer, template, messages[:i], None, tools).rstrip()
+        bound = _inside_content(tokenizer, template, messages, i + 1, tools, full)
+        if bound is None:
+            bound = _content_at_most(tokenizer, template, messages, i + 1, tools, full)
     except ChatError:  # the template refuses the probes (gpt-oss: a tool message after no tool call)
         return None
-    found = full.find(marker, start, _diverge(full, other)) if marker else -1
+    marker = _leading_tokens(special, followed[:_diverge(followed, last)]) or _leading(special, followed)
+    found = full.find(marker, start, bound) if marker else -1
     return found + len(marker) if found >= 0 else None
+
+
+def _inside_content(tokenizer, template: str, messages: list[dict], k: int, tools: list | None,
+                    full: str) -> int | None:
+    """A position inside ``messages[k]``'s content in ``full``: where a probe inserted in its middle appears, if
+    inserting it changes nothing else in the render (a template may read the content: Qwen3 takes a user message
+    wrapped in ``<tool_response>`` for a tool result). None for a content that is not text, or another render."""
+    content = messages[k].get("content")
+    if not isinstance(content, str):
+        return None
+    middle = len(content) // 2
+    probe = {**messages[k], "content": content[:middle] + PROBE[0] + content[middle:]}
+    other = _render(tokenizer, template, [*messages[:k], probe, *messages[k + 1:]], tools, False)
+    at = other.find(PROBE[0])
+    return at if at >= 0 and other == full[:at] + PROBE[0] + full[at:] else None
+
+
+def _content_at_most(tokenizer, template: str, messages: list[dict], k: int, tools: list | None, full: str) -> int:
+    """A position at or before where ``messages[k]``'s content starts in ``full``: where the whole render with that
+    content replaced by a probe first differs (earlier where the template reads the content)."""
+    probe = [*messages[:k], {**messages[k], "content": PROBE[0]}, *messages[k + 1:]]
+    return _diverge(full, _render(tokenizer, template, probe, tools, False))
 
 
 def _diverge(a: str, b: str) -> int:

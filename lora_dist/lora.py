@@ -227,11 +227,16 @@ def _is_conv1d(module: nn.Module) -> bool:
     return bool(Conv1D) and isinstance(module, Conv1D)
 
 
+#: ``nn.Linear`` subclasses with a forward of their own that is the plain projection (Falcon's ``x @ W.T + b``).
+PLAIN_PROJECTIONS = ("FalconLinear",)
+
+
 def _is_adaptable(module: nn.Module) -> bool:
-    """A linear projection: ``nn.Linear`` (not a subclass with a forward of its own, such as Llama 4's router,
-    which returns more than the projection) or GPT-2's ``Conv1D``."""
+    """A linear projection: ``nn.Linear``, a subclass that keeps its forward or one of :data:`PLAIN_PROJECTIONS`
+    (not another subclass with a forward of its own, such as Llama 4's router, which returns more than the
+    projection: LoRA would replace that forward), or GPT-2's ``Conv1D``."""
     if isinstance(module, nn.Linear):
-        return type(module).forward is nn.Linear.forward
+        return type(module).forward is nn.Linear.forward or type(module).__name__ in PLAIN_PROJECTIONS
     return _is_conv1d(module)
 
 
@@ -752,11 +757,14 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
     # adapts what it names).
     text = language_model(model) if not isinstance(targets, str) or targets == "all-linear" else None
     linear_names: list[str] = []
+    others: list[str] = []  # Linear subclasses with a forward of their own
     chosen: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, LoRALayer):
             raise LoRAConfigError(f"{name} already has a LoRA adapter; inject_lora was called twice")
         if not _is_adaptable(module):
+            if isinstance(module, nn.Linear):
+                others.append(name)
             continue
         linear_names.append(name)
         if targets is None or (text is not None and not name.startswith(text + ".")):
@@ -773,6 +781,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
         raise LoRAConfigError(
             f"lora.target_modules={excerpt(targets)} matched no linear layer; the model's linear layers are named "
             f"{shown} (full names like {linear_names[:3]})"
+            + (f"; Linear subclasses with a forward of their own are not adapted: "
+               f"{sorted({n.split('.')[-1] for n in others})}" if others else "")
         )
     params = _param_choices(model, config, chosen)
     for p in model.parameters():

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from lora_dist.blocks import find_blocks
 from lora_dist.errors import ConfigError
-from lora_dist.lora import LoRALinear, lora_parameters
+from lora_dist.lora import LoRALinear, language_model, lora_parameters
 from lora_dist.nf4 import BLOCK, GROUP, SCALER_BLOCK, embedding_rows, frozen_linear, nf4_module, nf4_quantizable
 
 __all__ = [
@@ -62,7 +62,8 @@ def quantize_problem(quantize: str, strategy: str) -> str | None:
 
 def quantized_weights(model: nn.Module, embeddings: bool = False) -> list[tuple[nn.Module, str]]:
     """``(module, "weight")`` of every weight :func:`prepare_quantized` considers: the linear layers' weights in the
-    transformer blocks (LoRA-adapted ones included; GPT-2's transposed ``Conv1D`` excluded) and, with
+    transformer blocks (LoRA-adapted ones included; GPT-2's transposed ``Conv1D`` excluded; a vision-language
+    model's language model's only) and, with
     ``embeddings`` (``model.quantize_embeddings``), the input embedding and the output head (once where tied)."""
     out, seen = [], {id(p) for p in lora_parameters(model)}  # the adapters' own lora_A/lora_B stay as they are
 
@@ -74,7 +75,12 @@ def quantized_weights(model: nn.Module, embeddings: bool = False) -> list[tuple[
             seen.update((id(module), id(module.weight)))
             out.append((module, "weight"))
 
+    # A vision-language model's vision tower never runs on text: it stays as stored, and is exported untouched.
+    text = language_model(model)
+    within = {id(m) for m in model.get_submodule(text).modules()} if text else None
     for block in find_blocks(model):
+        if within is not None and id(block) not in within:
+            continue
         for module in block.modules():
             if linear(module):
                 add(module)

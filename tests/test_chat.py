@@ -245,8 +245,23 @@ QWEN3_AGENT = [
 ]
 
 
-@pytest.mark.parametrize("messages", [QWEN3_TURNS[:3], QWEN3_TURNS[:5], QWEN3_TURNS, QWEN3_AGENT[:4], QWEN3_AGENT],
-                         ids=["one-turn", "tool-call", "whole", "agent", "agent-then-query"])
+#: Qwen3 takes a user message wrapped in <tool_response> for a tool result: a probe in its place must not make it a
+#: query (which would drop the reasoning of the turn before).
+QWEN3_WRAPPED = [
+    {"role": "user", "content": "Count the keys."},
+    {"role": "assistant", "content": "", "reasoning_content": "Use the tool.",
+     "tool_calls": [{"type": "function", "function": {"name": "count_keys", "arguments": {}}}]},
+    {"role": "tool", "content": "7"},
+    {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "check",
+                                                                                        "arguments": {}}}]},
+    {"role": "user", "content": "<tool_response>ok</tool_response>"},
+    {"role": "assistant", "content": "There are 7 keys."},
+]
+
+
+@pytest.mark.parametrize("messages", [QWEN3_TURNS[:3], QWEN3_TURNS[:5], QWEN3_TURNS, QWEN3_AGENT[:4], QWEN3_AGENT,
+                                      QWEN3_WRAPPED],
+                         ids=["one-turn", "tool-call", "whole", "agent", "agent-then-query", "wrapped-tool-response"])
 def test_qwen3_masks_equal_transformers_generation_markers(messages):
     tok = qwen3_tokenizer()
     ids, labels = chat_document(tok, QWEN3, messages)
@@ -257,6 +272,34 @@ def test_qwen3_masks_equal_transformers_generation_markers(messages):
                                   chat_template=marked)
     assert ids == ref["input_ids"]
     assert [int(lab != IGNORE) for lab in labels] == ref["assistant_masks"]
+
+
+def test_a_turn_ends_with_every_token_that_ends_it():
+    """Cohere's turns end with two tokens; an earlier turn that renders differently (its reasoning dropped) learns
+    both, as the last turn does."""
+    tok = style_tokenizer("qwen2")
+    tok.add_special_tokens({"additional_special_tokens": ["<|START|>", "<|END_RESPONSE|>", "<|END_OF_TURN|>"]})
+    template = ("{% for m in messages %}{{ '<|START|>' + m['role'] + ':' }}{% if m['role'] == 'assistant' and "
+                "loop.last %}{{ '(thinking)' }}{% endif %}{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                "{{ '<|END_RESPONSE|>' }}{% endif %}{{ '<|END_OF_TURN|>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|START|>assistant:' }}{% endif %}")
+    ids, labels = chat_document(tok, template, TURNS)
+    assert [tok.decode(run) for run in spans(ids, labels)] == [
+        TURNS[1]["content"] + "<|END_RESPONSE|><|END_OF_TURN|>",
+        "(thinking)" + TURNS[3]["content"] + "<|END_RESPONSE|><|END_OF_TURN|>"]
+
+
+def test_a_header_the_whole_writes_for_its_last_turn_only():
+    """Like Qwen3.5's no-thinking template: the generation prompt opens an empty <think> block, which the whole
+    render writes in the last turn only; earlier turns start after their role header."""
+    tok = qwen3_tokenizer()
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' and "
+                "loop.last %}{{ '<think>\n\n</think>\n\n' }}{% endif %}{{ m['content'] + '<|im_end|>\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}"
+                "{% endif %}")
+    ids, labels = chat_document(tok, template, TURNS)
+    assert [tok.decode(run) for run in spans(ids, labels)] == [
+        TURNS[1]["content"] + "<|im_end|>", TURNS[3]["content"] + "<|im_end|>"]
 
 
 #: gpt-oss's shape: a turn ends with <|end|>, but the last one with <|return|> (the end of generation).

@@ -143,3 +143,34 @@ def test_peft_misreads_the_expert_named_layers_the_warning_names(arch, misread, 
     dense = _hf_model(tiny_checkpoint("llama"))  # a model without experts: its MLP names mean what they say
     inject_lora(dense, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
     assert not peft_misread(dense)
+
+
+@pytest.mark.filterwarnings("error:Found missing adapter keys:UserWarning")  # PEFT adapting more than was trained
+@pytest.mark.parametrize("arch", ["gemma3", "llama4"])
+def test_a_name_list_on_a_vision_language_model_stays_in_its_language_model_in_peft_too(arch, tiny_checkpoint,
+                                                                                         tmp_path):
+    """The default ``[q_proj, v_proj]`` adapts the language model only; the vision tower has layers of those names
+    too, and the adapter's config names exactly the adapted ones, so PEFT adapts what was trained and nothing more,
+    with the same outputs."""
+    import peft
+
+    path = tiny_checkpoint(arch)
+    model = _hf_model(path)
+    vision = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("q_proj", "v_proj")
+              and not n.startswith(LANGUAGE_MODEL[arch])]
+    assert vision  # the tower's own q_proj/v_proj, which a leaf-name list would reach
+    inject_lora(model, LoRAConfig(r=4, alpha=8))  # the model type's default targets
+    adapted = [n for n, _ in lora_modules(model)]
+    assert adapted and all(n.startswith(LANGUAGE_MODEL[arch]) for n in adapted)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    save_adapter(model, tmp_path / "adapter")
+    reference = peft.PeftModel.from_pretrained(_hf_model(path), tmp_path / "adapter").eval()
+    peft_adapted = [n.removeprefix("base_model.model.") for n, m in reference.named_modules()
+                    if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert sorted(peft_adapted) == sorted(adapted)
+    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reference(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)

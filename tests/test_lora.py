@@ -721,3 +721,44 @@ def test_lora_param_forward_and_grads_equal_peft(transposed):
     # The base params keep their names and stay frozen; the host's forward puts them back after each call.
     assert isinstance(ours.experts.weight, nn.Parameter) and not ours.experts.weight.requires_grad
     assert {n for n, p in ours.named_parameters() if not p.requires_grad} == {"experts.weight", "experts.proj"}
+
+
+def test_linear_subclasses_are_adapted_only_where_their_forward_is_the_projection():
+    """Falcon's ``FalconLinear`` (its own forward, ``x @ W.T + b``) is adapted, to PEFT's outputs; Llama 4's router,
+    a Linear whose forward returns the routing too, is not (LoRA's forward would replace it), and a target naming
+    only such layers says so."""
+    import transformers as tf
+    from transformers.models.llama4.modeling_llama4 import Llama4Router
+
+    import copy
+
+    torch.manual_seed(0)
+    config = tf.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             new_decoder_architecture=False, multi_query=True)
+    model = tf.FalconForCausalLM(config).eval()
+    targets = ["query_key_value", "dense_4h_to_h"]
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=targets))
+    ours = dict(lora_modules(model))
+    assert {n.rsplit(".", 1)[-1] for n in ours} == set(targets)
+    theirs = {n.removeprefix("base_model.model."): m for n, m in reference.named_modules()
+              if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert set(theirs) == set(ours)
+    with torch.no_grad():
+        for name, layer in ours.items():
+            theirs[name].lora_B["default"].weight.normal_(0, 0.1)
+            layer.lora_A.weight.copy_(theirs[name].lora_A["default"].weight)
+            layer.lora_B.weight.copy_(theirs[name].lora_B["default"].weight)
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+    router_config = tf.Llama4TextConfig(hidden_size=16, num_local_experts=4, num_experts_per_tok=1)
+    moe = nn.Module()
+    moe.router, moe.proj = Llama4Router(router_config), nn.Linear(16, 16)
+    inject_lora(moe, LoRAConfig(r=2, target_modules="all-linear"))
+    assert [n for n, _ in lora_modules(moe)] == ["proj"]
+    with pytest.raises(LoRAConfigError, match=r"matched no linear layer; .*Linear subclasses with a forward of their "
+                                              r"own are not adapted: \['router'\]"):
+        holder = nn.Module()
+        holder.router = Llama4Router(router_config)
+        inject_lora(holder, LoRAConfig(r=2, target_modules=["router"]))

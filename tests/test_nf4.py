@@ -692,3 +692,19 @@ def test_lora_dist_export_of_a_one_process_run_merges_into_the_dequantized_base(
         assert fh.metadata()["lora_dist_quantized_base"] == "nf4"
     report = verify_checkpoint(out, setup["base"], reference / "adapter", sample=None)
     assert len(report.recomputed) == 3 * SIZES["layers"]
+
+
+@pytest.mark.parametrize("arch,language_model", [("gemma3", "model.language_model."), ("llama4", "language_model.")])
+def test_a_vision_towers_weights_are_not_quantized(arch, language_model, tiny_checkpoint):
+    """A vision-language model trains its language model on text: only that is stored as NF4; the vision tower,
+    which never runs, stays as stored and is exported untouched."""
+    from lora_dist.model_dir import ModelDir, model_class
+    from lora_dist.quant import quantized_weights
+
+    path = tiny_checkpoint(arch)
+    model = model_class(ModelDir(path).hf_config).from_pretrained(path, dtype=torch.float32)
+    names = {id(m): n for n, m in model.named_modules()}
+    chosen = [names[id(m)] for m, _ in quantized_weights(model, embeddings=True)]
+    assert chosen and all(n.startswith(language_model) for n in chosen)
+    assert any(type(m) is torch.nn.Linear for n, m in model.named_modules() if not n.startswith(language_model)
+               and "vision" in n)
