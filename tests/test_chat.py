@@ -274,32 +274,28 @@ def test_qwen3_masks_equal_transformers_generation_markers(messages):
     assert [int(lab != IGNORE) for lab in labels] == ref["assistant_masks"]
 
 
-def test_a_turn_ends_with_every_token_that_ends_it():
-    """Cohere's turns end with two tokens; an earlier turn that renders differently (its reasoning dropped) learns
-    both, as the last turn does."""
+@pytest.mark.parametrize("special, template, learned", [
+    # Cohere's turns end with two tokens: an earlier turn, rendered differently, learns both, as the last does.
+    (["<|START|>", "<|END_RESPONSE|>", "<|END_OF_TURN|>"],
+     "{% for m in messages %}{{ '<|START|>' + m['role'] + ':' }}{% if m['role'] == 'assistant' and loop.last %}"
+     "{{ '(thinking)' }}{% endif %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ '<|END_RESPONSE|>' }}"
+     "{% endif %}{{ '<|END_OF_TURN|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|START|>assistant:' }}"
+     "{% endif %}",
+     [TURNS[1]["content"] + "<|END_RESPONSE|><|END_OF_TURN|>",
+      "(thinking)" + TURNS[3]["content"] + "<|END_RESPONSE|><|END_OF_TURN|>"]),
+    # Qwen3.5's no-thinking prompt opens an empty <think> block, which the whole writes in the last turn only:
+    # earlier turns start after their role line.
+    (["<|im_start|>", "<|im_end|>"],
+     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' and loop.last %}"
+     "{{ '<think>\n\n</think>\n\n' }}{% endif %}{{ m['content'] + '<|im_end|>\n' }}{% endfor %}"
+     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}{% endif %}",
+     [TURNS[1]["content"] + "<|im_end|>", TURNS[3]["content"] + "<|im_end|>"]),
+], ids=["two-end-tokens", "header-of-the-last-turn-only"])
+def test_templates_that_render_the_last_turn_differently(special, template, learned):
     tok = style_tokenizer("qwen2")
-    tok.add_special_tokens({"additional_special_tokens": ["<|START|>", "<|END_RESPONSE|>", "<|END_OF_TURN|>"]})
-    template = ("{% for m in messages %}{{ '<|START|>' + m['role'] + ':' }}{% if m['role'] == 'assistant' and "
-                "loop.last %}{{ '(thinking)' }}{% endif %}{{ m['content'] }}{% if m['role'] == 'assistant' %}"
-                "{{ '<|END_RESPONSE|>' }}{% endif %}{{ '<|END_OF_TURN|>' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '<|START|>assistant:' }}{% endif %}")
+    tok.add_special_tokens({"additional_special_tokens": special})
     ids, labels = chat_document(tok, template, TURNS)
-    assert [tok.decode(run) for run in spans(ids, labels)] == [
-        TURNS[1]["content"] + "<|END_RESPONSE|><|END_OF_TURN|>",
-        "(thinking)" + TURNS[3]["content"] + "<|END_RESPONSE|><|END_OF_TURN|>"]
-
-
-def test_a_header_the_whole_writes_for_its_last_turn_only():
-    """Like Qwen3.5's no-thinking template: the generation prompt opens an empty <think> block, which the whole
-    render writes in the last turn only; earlier turns start after their role header."""
-    tok = qwen3_tokenizer()
-    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' and "
-                "loop.last %}{{ '<think>\n\n</think>\n\n' }}{% endif %}{{ m['content'] + '<|im_end|>\n' }}"
-                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}"
-                "{% endif %}")
-    ids, labels = chat_document(tok, template, TURNS)
-    assert [tok.decode(run) for run in spans(ids, labels)] == [
-        TURNS[1]["content"] + "<|im_end|>", TURNS[3]["content"] + "<|im_end|>"]
+    assert [tok.decode(run) for run in spans(ids, labels)] == learned
 
 
 #: gpt-oss's shape: a turn ends with <|end|>, but the last one with <|return|> (the end of generation).
