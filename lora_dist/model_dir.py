@@ -267,7 +267,8 @@ def model_class(hf_config):
     if any(a.endswith("ForMaskedLM") for a in archs):
         autos = [tf.AutoModelForMaskedLM]
     elif any(a.endswith("ForConditionalGeneration") for a in archs):  # Gemma 3, Mistral 3, Qwen-VL, Llama 4...
-        autos = [tf.AutoModelForImageTextToText, tf.AutoModelForCausalLM]
+        # not the causal LM: for a sequence-to-sequence model (Whisper, BART) that is its decoder alone
+        autos = [tf.AutoModelForImageTextToText]
     else:
         autos = [tf.AutoModelForCausalLM, tf.AutoModelForImageTextToText]
     for auto in autos:

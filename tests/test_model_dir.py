@@ -188,14 +188,17 @@ def test_the_checkpoints_own_class_is_built(archs, auto):
     assert cls._model_mapping[type(config)].__name__ == archs[0]
 
 
-def test_a_model_that_is_no_decoder_is_refused_in_one_line():
+@pytest.mark.parametrize("model_type, arch", [("t5", "T5ForConditionalGeneration"),
+                                             ("whisper", "WhisperForConditionalGeneration"),  # not its decoder alone
+                                             ("bart", "BartForConditionalGeneration")])
+def test_a_model_that_is_no_decoder_is_refused_in_one_line(model_type, arch):
     import transformers as tf
 
     from lora_dist.model_dir import model_class
 
-    config = tf.T5Config()
-    config.architectures = ["T5ForConditionalGeneration"]
-    with pytest.raises(ModelDirError, match="model type 't5' .* is not a language model transformers builds with "
-                                            "AutoModelForCausalLM or AutoModelForImageTextToText") as e:
+    config = tf.AutoConfig.for_model(model_type)
+    config.architectures = [arch]
+    with pytest.raises(ModelDirError, match=f"model type '{model_type}' .* is not a language model transformers "
+                                            "builds with AutoModelForCausalLM or AutoModelForImageTextToText") as e:
         model_class(config)
     assert "\n" not in str(e.value)
