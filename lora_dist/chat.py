@@ -392,13 +392,16 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
     header = prompt[len(bare):] if prompt.startswith(bare) else ""
     if not header.strip() or lower is None:
         return None
-    at = full.find(header, max(lower, after), upper)
-    if at < 0 and header in full:  # a header the whole writes for the last turn only (Qwen3.5's empty <think>
-        for cut in range(len(header) - 1, 0, -1):  # block): earlier turns start after its role part
-            if header[cut - 1] == "\n" and header[:cut].strip() and (at := full.find(header[:cut], max(lower, after),
-                                                                                  upper)) >= 0:
-                return at + cut
-    return at + len(header) if at >= 0 else None
+    headers = [header]
+    if header in full:  # one the whole writes for its last turn only (Qwen3.5's empty <think> block): earlier
+        # turns start after its first lines (the role's)
+        headers += [header[:cut] for cut in range(len(header) - 1, 0, -1)
+                    if header[cut - 1] == "\n" and header[:cut].strip()]
+    for h in headers:
+        at = full.find(h, max(lower, after), upper)
+        if at >= 0:
+            return at + len(h)
+    return None
 
 
 def _end_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools: list | None, full: str,
@@ -437,8 +440,7 @@ def _inside_content(tokenizer, template: str, messages: list[dict], k: int, tool
     if not isinstance(content, str):
         return None
     middle = len(content) // 2
-    probe = {**messages[k], "content": content[:middle] + PROBE[0] + content[middle:]}
-    other = _render(tokenizer, template, [*messages[:k], probe, *messages[k + 1:]], tools, False)
+    other = _render_with(tokenizer, template, messages, k, content[:middle] + PROBE[0] + content[middle:], tools)
     at = other.find(PROBE[0])
     return at if at >= 0 and other == full[:at] + PROBE[0] + full[at:] else None
 
@@ -446,8 +448,13 @@ def _inside_content(tokenizer, template: str, messages: list[dict], k: int, tool
 def _content_at_most(tokenizer, template: str, messages: list[dict], k: int, tools: list | None, full: str) -> int:
     """A position at or before where ``messages[k]``'s content starts in ``full``: where the whole render with that
     content replaced by a probe first differs (earlier where the template reads the content)."""
-    probe = [*messages[:k], {**messages[k], "content": PROBE[0]}, *messages[k + 1:]]
-    return _diverge(full, _render(tokenizer, template, probe, tools, False))
+    return _diverge(full, _render_with(tokenizer, template, messages, k, PROBE[0], tools))
+
+
+def _render_with(tokenizer, template: str, messages: list[dict], k: int, content: str, tools: list | None) -> str:
+    """The whole conversation rendered with ``messages[k]``'s content replaced by ``content``."""
+    return _render(tokenizer, template, [*messages[:k], {**messages[k], "content": content}, *messages[k + 1:]],
+                   tools, False)
 
 
 def _diverge(a: str, b: str) -> int:

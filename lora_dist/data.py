@@ -42,7 +42,7 @@ import torch
 from lora_dist.atomic import writing_file
 from lora_dist.chat import IGNORE
 from lora_dist.inputs import clip, read_json
-from lora_dist.model_dir import REMOTE_CODE_FIX, ModelDirError, read_config_json
+from lora_dist.model_dir import REMOTE_CODE_FIX, ModelDirError, read_config_json, text_config
 from lora_dist.sources import DataError, Source, describe, input_paths, parse_sources
 from lora_dist.token_cache import cached_blocks
 
@@ -256,8 +256,6 @@ def model_kwargs(batch: dict, config=None) -> dict[str, Any]:
 def _windowed(config) -> bool:
     """Whether some layer of the model attends through a sliding window or in chunks (Mistral, Gemma-2/3...).
     A vision-language config holds its language model's in ``text_config``."""
-    from lora_dist.model_dir import text_config
-
     config = text_config(config)
     types = getattr(config, "layer_types", None)
     if types:

@@ -31,7 +31,7 @@ from lora_dist.nf4 import is_quantized, load_quantized, nf4_module
 from lora_dist.parallel import parallelize
 from lora_dist.quant import NF4Record, prepare_quantized, quantize_problem
 from lora_dist.sharding import full_shape, owned_range, whole_local
-from lora_dist.weight_mapping import WeightMap, model_transforms
+from lora_dist.weight_mapping import WeightMap
 
 __all__ = ["LoadedModel", "load_model", "place_unsharded"]
 
@@ -191,7 +191,7 @@ def load_model(
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()  # tied embeddings share one parameter (checkpoints store it once)
     # Before parallelize: transformers looks its conversion mapping up by class names FSDP2 changes.
-    weights = WeightMap(base, model_transforms(model), getattr(model, "base_model_prefix", ""))
+    weights = WeightMap.of(base, model)
     report = inject_lora(model, lora_cfg)
     if model_cfg.quantize:  # NF4 before sharding: FSDP2 shards NF4, materializing allocates only its bytes
         import torch.distributed as dist

@@ -324,6 +324,18 @@ class WeightMap:
             names.append(f"{p}.{name}")
         return names
 
+    @classmethod
+    def of(cls, base: ModelDir, model: nn.Module) -> WeightMap:
+        """Where ``model``'s params are in ``base`` (``model`` as built, unwrapped, or a meta skeleton)."""
+        return cls(base, model_transforms(model), getattr(model, "base_model_prefix", ""))
+
+    def file_key(self, name: str) -> str | None:
+        """The dir's tensor that param ``name`` is stored as, whole: under its own name, or renamed as transformers
+        renames it at load (a vision-language checkpoint's ``language_model.model.*`` is Gemma 3's
+        ``model.language_model.*`` in memory). None where it has none, or is assembled from several."""
+        source = self.source(name)
+        return source.key if isinstance(source, FileTensor) else None
+
     def base_key(self, name: str) -> str | None:
         """The dir's tensor stored under the param's own name (give or take the prefix), if any."""
         return next((c for c in self._candidates(name) if c in self.base), None)

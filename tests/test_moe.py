@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from distutil import assert_same_run, lora_dist, ranks
 from lora_dist.demo import MOE_EXPERTS, write_demo_data
 from lora_dist.model_dir import ModelDir
-from lora_dist.weight_mapping import WeightMap, WeightMappingError, model_transforms
+from lora_dist.weight_mapping import WeightMap, WeightMappingError
 
 ARCHS = ["mixtral", "qwen3_moe"]
 #: The fused expert params of one layer, as transformers holds them.
@@ -53,8 +53,7 @@ def _meta_model(path: Path) -> torch.nn.Module:
 
 
 def _weight_map(path: Path, base: ModelDir | None = None) -> WeightMap:
-    model = _meta_model(path)
-    return WeightMap(base or ModelDir(path), model_transforms(model), model.base_model_prefix)
+    return WeightMap.of(base or ModelDir(path), _meta_model(path))
 
 
 def _ids(vocab: int) -> torch.Tensor:

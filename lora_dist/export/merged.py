@@ -20,7 +20,7 @@ import torch.nn as nn
 from lora_dist.dtypes import parse_dtype
 from lora_dist.export.errors import ExportError
 from lora_dist.export.layout import plan_layout
-from lora_dist.export.params import ParamPart, file_key, param_parts, part_sources, weight_map
+from lora_dist.export.params import ParamPart, param_parts, part_sources
 from lora_dist.export.sources import (
     MERGED_FROM_KEY,
     QUANTIZED_DTYPE_KEY,
@@ -40,6 +40,7 @@ from lora_dist.model_dir import ModelDir
 from lora_dist.nf4 import is_quantized
 from lora_dist.ranks import RankGroup
 from lora_dist.sharding import full_shape, gathered, is_dtensor, local_dtype
+from lora_dist.weight_mapping import WeightMap
 
 __all__ = ["export_merged"]
 
@@ -170,7 +171,7 @@ def export_merged(
         linears = {n: layer for n, layer in layers.items() if not isinstance(layer, LoRAParam)}
         params = {n: layer for n, layer in layers.items() if isinstance(layer, LoRAParam)}
         sources_of = {}
-        weights = weight_map(base, model)
+        weights = WeightMap.of(base, model)
         if params:
             for name, layer in params.items():
                 source = weights.source(_param_name(name, layer))
@@ -180,7 +181,7 @@ def export_merged(
                         f"{full_shape(layer.base_weight())}; base_path is not the checkpoint the model was loaded from"
                     )
                 sources_of[name] = source
-        keys = {name: file_key(weights, f"{name}.weight") for name in linears}  # as the checkpoint names them
+        keys = {name: weights.file_key(f"{name}.weight") for name in linears}  # as the checkpoint names them
         for name, key in keys.items():
             if key not in specs:
                 raise ExportError(
@@ -221,7 +222,7 @@ def export_merged(
         # model.quantize: the other quantized weights are written dequantized too, so the export is the model
         # the adapter was trained with (the offline merge reads the original weights instead).
         adapted = set(keys.values())
-        quantized = [(file_key(weights, n), p) for n, p in model.named_parameters() if is_quantized(p)]
+        quantized = [(weights.file_key(n), p) for n, p in model.named_parameters() if is_quantized(p)]
         for key, param in quantized:
             if key in specs and key not in adapted and full_shape(param) == specs[key].shape:
                 sources[key] = param_source(param, specs[key], None)

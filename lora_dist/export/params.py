@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from lora_dist.adapter import AdapterFile
 from lora_dist.export.errors import ExportError
@@ -26,9 +25,9 @@ from lora_dist.export.sources import RowsSource, ShardSource
 from lora_dist.merge import LoRAWeights, lora_rows
 from lora_dist.model_dir import ModelDir, skeleton
 from lora_dist.sharding import ShardingError, owned_range, whole_local
-from lora_dist.weight_mapping import FileTensor, TensorSource, WeightMap, model_transforms
+from lora_dist.weight_mapping import TensorSource, WeightMap
 
-__all__ = ["ParamPart", "checkpoint_loras", "file_key", "param_parts", "part_sources", "weight_map"]
+__all__ = ["ParamPart", "checkpoint_loras", "param_parts", "part_sources"]
 
 
 @dataclass(frozen=True)
@@ -40,19 +39,6 @@ class ParamPart:
     start: int
     numel: int
     lora: LoRAWeights | None
-
-
-def weight_map(base: ModelDir, model: nn.Module) -> WeightMap:
-    """Where ``model``'s params are in ``base`` (``model`` unwrapped, or a meta skeleton)."""
-    return WeightMap(base, model_transforms(model), getattr(model, "base_model_prefix", ""))
-
-
-def file_key(weights: WeightMap, name: str) -> str | None:
-    """The checkpoint tensor that model param ``name`` is stored as, whole: under its own name, or renamed as
-    transformers renames it at load (a vision-language checkpoint's ``language_model.model.*`` is Gemma 3's
-    ``model.language_model.*`` in memory). None where it has none, or is assembled from several."""
-    source = weights.source(name)
-    return source.key if isinstance(source, FileTensor) else None
 
 
 def param_parts(base: ModelDir, source: TensorSource, lora: LoRAWeights, name: str) -> list[ParamPart]:
@@ -99,11 +85,11 @@ def checkpoint_loras(base: ModelDir, adapter: AdapterFile) -> dict[str, LoRAWeig
             return loras
     model = skeleton(base)
     params = adapter.parameters(model) if adapter.lora_config.target_parameters else set()
-    weights = weight_map(base, model)
+    weights = WeightMap.of(base, model)
     out = {}
     for name, lora in adapter.weights(model).items():
         if name not in params:  # a linear layer: its weight, renamed as the checkpoint stores it
-            out[file_key(weights, f"{name}.weight") or f"{name}.weight"] = lora
+            out[weights.file_key(f"{name}.weight") or f"{name}.weight"] = lora
             continue
         source = weights.source(name)
         if source is None:
