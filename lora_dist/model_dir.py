@@ -8,7 +8,9 @@ touches the bytes it owns.
 
 Opening a dir checks what it can cheaply: ``config.json`` is a JSON object with a
 ``model_type``, the index names only files inside the dir, and every weight file has a
-readable header. lora_dist never runs code shipped in a model dir (``trust_remote_code``):
+readable header. A checkpoint published quantized (block-scaled FP8, gpt-oss's MXFP4) is shown as the
+dense weights it stands for (:mod:`lora_dist.prequantized`); other quantized checkpoints are refused.
+lora_dist never runs code shipped in a model dir (``trust_remote_code``):
 a model whose architecture transformers does not have is refused when its config is
 needed (:attr:`ModelDir.hf_config`); merging tensors by name needs no code.
 
@@ -24,7 +26,7 @@ import hashlib
 import logging
 import math
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -32,6 +34,7 @@ from safetensors import safe_open
 from lora_dist.dtypes import from_safetensors
 from lora_dist.errors import UserError
 from lora_dist.inputs import clip, excerpt, read_json
+from lora_dist.prequantized import PrequantizedError, dense_view
 
 __all__ = ["REMOTE_CODE_FIX", "SAFE_INDEX", "SAFE_SINGLE", "ModelDir", "ModelDirError", "model_class", "read_config_json",
            "skeleton"]
@@ -137,6 +140,12 @@ class ModelDir:
         self.weight_map: dict[str, str] = dict(weight_map)
         for file in sorted(set(self.weight_map.values())):
             self._open(file)
+        try:  # a checkpoint published quantized (FP8, MXFP4) is read as the dense weights it stands for
+            self._dense = dense_view(self._config, self, self.path)
+        except PrequantizedError as e:
+            raise ModelDirError(str(e)) from None
+        self._keys = [k for k in self.weight_map if k not in self._dense.hidden]
+        self._keys += [k for k in self._dense.tensors if k not in self.weight_map]
 
     def _open(self, file: str):
         if file not in self._handles:
@@ -194,33 +203,68 @@ class ModelDir:
         if remote:
             log.warning("%s: config.json names custom code (auto_map); lora_dist never runs it and uses "
                         "transformers' own %r implementation", self.path, self._config["model_type"])
+        if getattr(config, "quantization_config", None) is not None:  # the model is built and read dense
+            del config.quantization_config
         return config
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the files hold weights quantized (:mod:`lora_dist.prequantized`), shown here dequantized."""
+        return bool(self._dense.tensors)
+
     def keys(self) -> list[str]:
-        return list(self.weight_map)
+        """The checkpoint's tensors; a quantized weight's dense tensor in place of its stored parts."""
+        return list(self._keys)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.weight_map
+        return key in self._dense.tensors or (key in self.weight_map and key not in self._dense.hidden)
 
     def files(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        dense = self._dense.tensors.get(key)
+        return dense.shape if dense is not None else self.stored_shape(key)
+
+    def dtype(self, key: str) -> str:
+        """The tensor's safetensors dtype name (a dequantized weight's: the checkpoint's declared dtype)."""
+        dense = self._dense.tensors.get(key)
+        return dense.safetensors_dtype if dense is not None else self.stored_dtype(key)
+
+    def nbytes(self, key: str) -> int:
+        return math.prod(self.shape(key)) * from_safetensors(self.dtype(key)).itemsize
+
+    def read(self, key: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor, or rows ``rows`` of its first dimension, reading only those bytes (a quantized weight's
+        rows dequantized)."""
+        dense = self._dense.tensors.get(key)
+        if dense is None:
+            return self.stored_read(key, rows)
+        try:
+            return dense.read(self, rows)
+        except ModelDirError:
+            raise
+        except Exception as e:
+            raise ModelDirError(f"cannot dequantize {key!r} from {', '.join(dense.parts)} ({e}); the file is "
+                                "corrupt") from None
+
+    # The tensors as stored in the files (what :mod:`lora_dist.prequantized` reads a quantized weight from).
+
+    def stored_keys(self) -> list[str]:
+        return list(self.weight_map)
 
     def _slice(self, key: str):
         if key not in self.weight_map:
             raise ModelDirError(f"tensor {key!r} is not in {self.path}")
         return self._handles[self.weight_map[key]].get_slice(key)  # type: ignore[attr-defined]
 
-    def shape(self, key: str) -> tuple[int, ...]:
+    def stored_shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._slice(key).get_shape())
 
-    def dtype(self, key: str) -> str:
+    def stored_dtype(self, key: str) -> str:
         return self._slice(key).get_dtype()
 
-    def nbytes(self, key: str) -> int:
-        return math.prod(self.shape(key)) * from_safetensors(self.dtype(key)).itemsize
-
-    def read(self, key: str, rows: slice | None = None) -> torch.Tensor:
-        """The tensor, or rows ``rows`` of its first dimension, reading only those bytes."""
+    def stored_read(self, key: str, rows: slice | None = None) -> torch.Tensor:
         sl = self._slice(key)
         try:
             if rows is None:
@@ -238,13 +282,6 @@ class ModelDir:
         first, last = start // row, -(-end // row)
         block = self.read(key, slice(first, last)).reshape(-1)
         return block[start - first * row : end - first * row]
-
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor in file order, one at a time."""
-        for file in self.files():
-            handle = self._handles[file]
-            for key in handle.keys():  # type: ignore[attr-defined]
-                yield key, handle.get_tensor(key)  # type: ignore[attr-defined]
 
 
 def text_config(hf_config):

@@ -295,6 +295,7 @@ def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLay
     if index is not None:
         _write_json(staging / SAFE_INDEX, index)
     config = json.loads((base_dir / "config.json").read_text())
+    config.pop("quantization_config", None)  # every weight is written dense (lora_dist.prequantized)
     if config_dtype is not None:
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
         for k in keys:

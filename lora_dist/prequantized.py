@@ -1,0 +1,225 @@
+"""Checkpoints the Hub publishes quantized, read as the dense weights they stand for.
+
+Many MoE checkpoints are published quantized, with ``quantization_config`` in their ``config.json``:
+
+* **block-scaled FP8** (``quant_method: fp8``; DeepSeek-V3/R1, Kimi K2, the Qwen3 ``-FP8`` releases,
+  MiniMax-M2): a ``weight`` stored as ``F8_E4M3`` (or ``F8_E5M2``) next to a ``weight_scale_inv`` with one
+  float per ``weight_block_size`` block (128 x 128). The weight is ``fp8 x scale_inv``, block by block;
+  the embedding, the head, norms and routers are stored unquantized.
+* **MXFP4** (``quant_method: mxfp4``; gpt-oss): each expert weight ``W`` of ``(E, in, out)`` is stored as
+  ``W_blocks`` ``(E, out, in / 32, 16)`` bytes, two FP4 (E2M1) values per byte, low nibble first, and
+  ``W_scales`` ``(E, out, in / 32)``, one power of two per 32 values (E8M0: ``2 ** (byte - 127)``).
+
+LoRA trains on the dense weights, as transformers' own ``dequantize=True`` loading does: :func:`dense_view`
+names, for every weight stored quantized, the dense tensor it stands for (its name, shape and dtype: the name
+and layout of the model's unquantized release) and reads any rows of it, dequantizing only those rows
+(a rank reads its own shard). :class:`lora_dist.model_dir.ModelDir` shows these in place of the stored
+tensors, so the loader, the merged export, ``lora-dist merge`` and ``verify`` see an unquantized checkpoint:
+the merged export is a dense checkpoint in ``export.dtype`` (the base's dtype by default) with no
+``quantization_config``. Every other quantization method is refused when the dir is opened, in one line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from lora_dist.dtypes import FLOAT_DTYPES, to_safetensors
+from lora_dist.errors import UserError
+
+__all__ = ["DenseTensor", "DenseView", "PrequantizedError", "dense_view", "dequantize_fp8", "dequantize_mxfp4",
+           "quantization_method", "transformers_dequantized"]
+
+#: The methods read as dense weights (``quantization_config.quant_method``).
+SUPPORTED = ("fp8", "mxfp4")
+
+#: The FP4 (E2M1) value of each 4-bit code.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+_FP8 = ("F8_E4M3", "F8_E5M2")
+#: What an FP8 checkpoint stores beside the weights for FP8 activations (static scheme): not weights.
+_ACTIVATION_SCALES = (".input_scale", ".activation_scale")
+
+
+class PrequantizedError(UserError, ValueError):
+    """A quantized checkpoint lora_dist cannot read as dense weights."""
+
+
+class Stored(Protocol):
+    """The stored tensors of a model dir, as they are in the files."""
+
+    def stored_keys(self) -> list[str]: ...
+
+    def stored_shape(self, key: str) -> tuple[int, ...]: ...
+
+    def stored_dtype(self, key: str) -> str: ...
+
+    def stored_read(self, key: str, rows: slice | None = None) -> torch.Tensor: ...
+
+
+def _fix() -> str:
+    return ("lora_dist reads unquantized, block-scaled FP8 (quant_method fp8) and MXFP4 (gpt-oss) checkpoints: use "
+            "the model's unquantized release (model.quantize=nf4 quantizes the base as it loads)")
+
+
+def quantization_method(config: dict, path) -> str | None:
+    """``config.json``'s quantization method, None for an unquantized checkpoint.
+
+    Raises:
+        PrequantizedError: a method lora_dist cannot read as dense weights (bitsandbytes, GPTQ, AWQ,
+            compressed-tensors, ...).
+    """
+    quant = config.get("quantization_config")
+    if quant is None:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method not in SUPPORTED:
+        name = repr(method) if method else "an unnamed method"
+        raise PrequantizedError(f"{path}/config.json: the checkpoint is quantized with {name}; {_fix()}")
+    return method
+
+
+class DenseTensor:
+    """A dense tensor of a quantized checkpoint: its name, shape and dtype, and the stored tensors behind it."""
+
+    def __init__(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, parts: tuple[str, ...],
+                 read: Callable[[Stored, slice], torch.Tensor]) -> None:
+        self.key, self.shape, self.dtype, self.parts, self._read = key, tuple(shape), dtype, parts, read
+
+    @property
+    def safetensors_dtype(self) -> str:
+        return to_safetensors(self.dtype)
+
+    def read(self, stored: Stored, rows: slice | None = None) -> torch.Tensor:
+        """The tensor, or rows ``rows`` (a step-1 slice) of its first dimension, dequantizing only those."""
+        first, last, _ = (rows or slice(None)).indices(self.shape[0])
+        return self._read(stored, slice(first, max(first, last))).to(self.dtype)
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                   first_row: int = 0) -> torch.Tensor:
+    """``weight`` (rows ``first_row...`` of an FP8 matrix) times its blocks' ``scale_inv``, in fp32.
+
+    ``scale_inv`` holds the scale rows of those rows' blocks (from block ``first_row // block[0]`` on).
+    """
+    rows, cols = weight.shape
+    scale = scale_inv.float() if scale_inv.dtype != torch.uint8 else torch.exp2(scale_inv.float() - 127.0)
+    index = (torch.arange(first_row, first_row + rows) // block[0]) - first_row // block[0]
+    expanded = scale.index_select(0, index).repeat_interleave(block[1], dim=1)[:, :cols]
+    return weight.float() * expanded
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 ``blocks`` ``(..., G, 16)`` and ``scales`` ``(..., G)`` as fp32 values ``(..., 32 G)``: each byte's
+    low nibble, then its high one, times ``2 ** (scale - 127)`` (exact in fp32 and bf16)."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).long()  # (..., G, 16, 2)
+    values = lut[codes].flatten(-2)  # (..., G, 32)
+    values = torch.ldexp(values, (scales.to(torch.int32) - 127)[..., None].float())
+    return values.flatten(-2)
+
+
+def _fp8_dense(key: str, stored: Stored, config: dict, dtype: torch.dtype, path) -> DenseTensor:
+    scale_key = key + "_scale_inv"
+    shape = stored.stored_shape(key)
+    grid = stored.stored_shape(scale_key)
+    if len(shape) != 2 or len(grid) not in (0, 2):
+        raise PrequantizedError(f"{path}: {key} {shape} with {scale_key} {grid} is not a block-scaled FP8 matrix; "
+                                f"{_fix()}")
+    size = config.get("weight_block_size")
+    if size is None:  # one scale per tensor, or blocks that divide the weight evenly
+        block = (shape[0] // (grid[0] if grid else 1), shape[1] // (grid[1] if grid else 1))
+    else:
+        block = (int(size[0]), int(size[1]))
+    expected = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
+    if tuple(grid or (1, 1)) != expected:
+        raise PrequantizedError(f"{path}: {scale_key} is {tuple(grid)}, not the {expected} blocks of {block} that "
+                                f"{key} {shape} has; the checkpoint does not match its quantization_config")
+
+    def read(s: Stored, rows: slice) -> torch.Tensor:
+        weight = s.stored_read(key, rows)
+        scale = s.stored_read(scale_key).reshape(expected)
+        scale = scale[rows.start // block[0]: math.ceil(rows.stop / block[0])]
+        return dequantize_fp8(weight, scale, block, rows.start)
+
+    return DenseTensor(key, shape, dtype, (key, scale_key), read)
+
+
+def _mxfp4_dense(key: str, stored: Stored, dtype: torch.dtype, path) -> DenseTensor:
+    blocks_key, scales_key = key + "_blocks", key + "_scales"
+    shape, grid = stored.stored_shape(blocks_key), stored.stored_shape(scales_key)
+    if len(shape) != 4 or shape[-1] != 16 or tuple(grid) != tuple(shape[:-1]):
+        raise PrequantizedError(f"{path}: {blocks_key} {shape} with {scales_key} {grid} is not gpt-oss's MXFP4 "
+                                f"expert layout ((E, out, in/32, 16) and (E, out, in/32)); {_fix()}")
+    experts, out, groups, _ = shape
+
+    def read(s: Stored, rows: slice) -> torch.Tensor:  # rows: experts
+        values = dequantize_mxfp4(s.stored_read(blocks_key, rows), s.stored_read(scales_key, rows))
+        return values.transpose(1, 2)  # (E, out, in) -> the model's (E, in, out)
+
+    return DenseTensor(key, (experts, groups * 32, out), dtype, (blocks_key, scales_key), read)
+
+
+def _dense_dtype(config: dict) -> torch.dtype:
+    """What the dense weights are read as: the checkpoint's declared dtype, bf16 where it declares none."""
+    for name in ("dtype", "torch_dtype"):
+        value = config.get(name)
+        if isinstance(value, str):
+            dtype = getattr(torch, value.removeprefix("torch."), None)
+            if dtype in FLOAT_DTYPES:
+                return dtype
+    return torch.bfloat16
+
+
+@dataclass(frozen=True)
+class DenseView:
+    """What a model dir shows of a quantized checkpoint: the dense tensors by name, and the stored tensors they
+    replace (the quantized parts and scales; an FP8 checkpoint's activation scales)."""
+
+    tensors: dict[str, DenseTensor] = field(default_factory=dict)
+    hidden: frozenset[str] = frozenset()
+
+
+def dense_view(config: dict, stored: Stored, path) -> DenseView:
+    """The :class:`DenseView` of a checkpoint (empty for an unquantized one).
+
+    Raises:
+        PrequantizedError: a method other than :data:`SUPPORTED`, an FP8 tensor without its scale, or a
+            layout other than the method's.
+    """
+    method = quantization_method(config, path)
+    keys = stored.stored_keys()
+    present = set(keys)
+    dtype = _dense_dtype(config)
+    dense: dict[str, DenseTensor] = {}
+    hidden: set[str] = set()
+    if method == "fp8":
+        quant = config["quantization_config"]
+        dense = {k: _fp8_dense(k, stored, quant, dtype, path) for k in keys if k + "_scale_inv" in present}
+        hidden = {k for k in keys if k.endswith(_ACTIVATION_SCALES)}
+    elif method == "mxfp4":
+        dense = {k.removesuffix("_blocks"): _mxfp4_dense(k.removesuffix("_blocks"), stored, dtype, path)
+                 for k in keys if k.endswith("_blocks") and k.removesuffix("_blocks") + "_scales" in present}
+    for key in keys:
+        if stored.stored_dtype(key) in _FP8 and key not in dense:
+            raise PrequantizedError(f"{path}: {key} is stored as {stored.stored_dtype(key)} without a scale "
+                                    f"({key}_scale_inv); {_fix()}")
+    hidden |= {p for d in dense.values() for p in d.parts} - set(dense)
+    return DenseView(dense, frozenset(hidden))
+
+
+def transformers_dequantized(config: dict):
+    """transformers' quantization config that loads this quantized checkpoint dequantized, as lora_dist reads it
+    (bitwise the same weights), for ``from_pretrained``; None for an unquantized checkpoint."""
+    method = quantization_method(config, "the model dir")
+    if method is None:
+        return None
+    from transformers import FineGrainedFP8Config, Mxfp4Config
+
+    if method == "mxfp4":
+        return Mxfp4Config(dequantize=True)
+    size = config["quantization_config"].get("weight_block_size")
+    return FineGrainedFP8Config(dequantize=True, **({"weight_block_size": tuple(size)} if size else {}))

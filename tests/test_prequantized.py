@@ -1,0 +1,207 @@
+"""Checkpoints published quantized, as the Hub ships DeepSeek-V3, Kimi K2 and the Qwen3 ``-FP8`` releases
+(block-scaled FP8) and gpt-oss (MXFP4 experts): lora_dist reads the weights transformers' own dequantizing load
+gives, trains on them exactly as on the model's dense release (one process and 2 ranks), and exports a dense
+merged checkpoint with no quantization left in it. Other quantized checkpoints are refused in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distutil import assert_same_grad_norms, assert_same_losses, assert_same_run, logged, lora_dist, ranks, short_run_args
+from lora_dist.demo import write_demo_data
+from lora_dist.model_dir import ModelDir, ModelDirError
+from lora_dist.prequantized import dequantize_fp8, transformers_dequantized
+
+BLOCK = 16  # FP8 scale blocks (the Hub's are 128 x 128; the tiny model's weights are 64 wide)
+STEPS, LR = 3, 5e-3
+
+
+def _copy_dir(src: Path, dst: Path, tensors: dict[str, torch.Tensor], quantization: dict | None) -> Path:
+    """``src``'s tokenizer and config (with ``quantization``) and ``tensors`` as its one weight file."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copyfile(f, dst / f.name)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config", None)
+    if quantization:
+        config["quantization_config"] = quantization
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
+
+
+def quantize_fp8(src: Path, dst: Path) -> Path:
+    """``src`` with every projection of its layers stored as DeepSeek-V3 stores them: ``F8_E4M3`` blocks, each
+    scaled to the format's range, and their ``weight_scale_inv``."""
+    out = {}
+    for key, w in load_file(src / "model.safetensors").items():
+        if ".layers." in key and key.endswith("proj.weight"):
+            rows, cols = w.shape
+            blocks = w.float().reshape(rows // BLOCK, BLOCK, cols // BLOCK, BLOCK)
+            scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+            out[key] = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+            out[key + "_scale_inv"] = scale
+        else:
+            out[key] = w
+    return _copy_dir(src, dst, out, {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": [BLOCK, BLOCK]})
+
+
+def quantize_mxfp4(src: Path, dst: Path) -> Path:
+    """``src`` (gpt-oss) with its experts stored as gpt-oss's release stores them: ``W_blocks`` ``(E, out, in/32,
+    16)`` and ``W_scales`` ``(E, out, in/32)``, here random codes and scales near 2**-6."""
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    for key, w in load_file(src / "model.safetensors").items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, fan_in, fan_out = w.shape
+            out[key + "_blocks"] = torch.randint(0, 256, (experts, fan_out, fan_in // 32, 16), generator=generator,
+                                                 dtype=torch.uint8)
+            out[key + "_scales"] = torch.randint(118, 124, (experts, fan_out, fan_in // 32), generator=generator,
+                                                 dtype=torch.uint8)
+        else:
+            out[key] = w
+    return _copy_dir(src, dst, out, {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
+
+
+def transformers_load(path: Path) -> torch.nn.Module:
+    """The checkpoint as transformers loads it dequantized (bf16)."""
+    import transformers
+
+    config = transformers_dequantized(json.loads((path / "config.json").read_text()))
+    return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16)
+
+
+def dense_release(path: Path, dst: Path) -> Path:
+    """The model's dense release: transformers' dequantized weights saved under their names, no quantization."""
+    model = transformers_load(path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return _copy_dir(path, dst, state, None)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_checkpoint, tmp_path_factory):
+    """Per format: the quantized checkpoint and its dense release."""
+    root = tmp_path_factory.mktemp("prequantized")
+    fp8 = quantize_fp8(tiny_checkpoint("qwen3", dtype=torch.bfloat16), root / "fp8")
+    mxfp4 = quantize_mxfp4(tiny_checkpoint("gpt_oss", dtype=torch.bfloat16), root / "mxfp4")
+    return {"fp8": (fp8, dense_release(fp8, root / "fp8-dense")),
+            "mxfp4": (mxfp4, dense_release(mxfp4, root / "mxfp4-dense"))}
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_the_weights_are_those_transformers_dequantizes(checkpoints, fmt):
+    quantized, _ = checkpoints[fmt]
+    base = ModelDir(quantized)
+    state = transformers_load(quantized).state_dict()
+    if "lm_head.weight" not in base:
+        state.pop("lm_head.weight", None)  # tied to the embedding
+    assert base.quantized and sorted(base.keys()) == sorted(state)
+    stored = set(base.stored_keys())
+    assert not any(k.endswith(("_scale_inv", "_blocks", "_scales")) for k in base.keys())
+    if fmt == "mxfp4":  # the experts' dense names are no stored tensor's
+        assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"} - stored == {
+            "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"}
+        assert base.shape("model.layers.0.mlp.experts.gate_up_proj") == tuple(state["model.layers.0.mlp.experts.gate_up_proj"].shape)
+    for key in base.keys():
+        whole = base.read(key)
+        assert whole.dtype == state[key].dtype and torch.equal(whole, state[key]), key
+        assert base.shape(key) == tuple(whole.shape) and base.dtype(key) == "BF16", key
+        if whole.dim() >= 2 and whole.shape[0] >= 3:  # a rank's rows, and a ZeRO-3 partition cutting rows
+            assert torch.equal(base.read(key, slice(1, 3)), whole[1:3]), key
+            n = whole.numel()
+            assert torch.equal(base.read_flat(key, 7, n - 5), whole.reshape(-1)[7:n - 5]), key
+    assert base.hf_config.to_dict().get("quantization_config") is None  # the model is built dense
+
+
+def test_fp8_blocks_that_overhang_the_weight():
+    """DeepSeek-V3's grid is ceil(rows/128) x ceil(cols/128): the last blocks' scales cover what is left."""
+    weight = torch.randn(5, 7).to(torch.float8_e4m3fn)
+    scale = torch.rand(3, 2) + 0.5  # blocks of (2, 4)
+    want = torch.tensor([[float(weight[r, c].float()) * float(scale[r // 2, c // 4]) for c in range(7)]
+                         for r in range(5)])
+    assert torch.equal(dequantize_fp8(weight, scale, (2, 4)), want)
+    assert torch.equal(dequantize_fp8(weight[3:], scale[1:], (2, 4), first_row=3), want[3:])
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("fmt,strategy", [("fp8", "fsdp2"), ("mxfp4", "zero3")])
+def test_training_on_a_quantized_checkpoint_equals_its_dense_release(checkpoints, fmt, strategy, tmp_path):
+    """One process and 2 ranks on the quantized checkpoint train bitwise as on the dense release, and 2 ranks as
+    one process (their losses and gradient norms; the adapters of this model sit too close to the suite's bound
+    to call, a rounding in Adam's normalization of a near-zero gradient); the merged export is the dense
+    release's merged export, with no quantization left, and verifies against the quantized base; ``lora-dist
+    merge`` from the quantized base writes the same."""
+    quantized, dense = checkpoints[fmt]
+    data = write_demo_data(tmp_path / "data.jsonl", n=200)
+    extra = ["lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"] if fmt == "mxfp4" else []
+    # trained in fp32 (the bf16 weights exactly): rank-order rounding stays far below the tolerance
+    common = [*short_run_args(quantized, data, STEPS, LR, "all-linear", *extra), "model.dtype=float32",
+              "export.merged=true"]
+    lora_dist("train", *common, f"output.dir={tmp_path / 'one'}", "parallel.strategy=none", "train.micro_batch_size=4")
+    lora_dist("train", *common, f"model.path={dense}", f"output.dir={tmp_path / 'dense'}", "parallel.strategy=none",
+              "train.micro_batch_size=4")
+    for name, path in (("two", quantized), ("two-dense", dense)):
+        ranks(2, "-m", "lora_dist.cli", "train", *common, f"model.path={path}", f"output.dir={tmp_path / name}",
+              f"parallel.strategy={strategy}", "train.micro_batch_size=2", "export.merged=false")
+    assert_same_run(tmp_path / "one", tmp_path / "dense", atol=0.0, loss_atol=0.0)
+    assert_same_run(tmp_path / "two", tmp_path / "two-dense", atol=0.0, loss_atol=0.0)
+    assert_same_losses(logged(tmp_path / "two"), logged(tmp_path / "one"), 1e-5)
+    assert_same_grad_norms(tmp_path / "two", tmp_path / "one")
+
+    merged, want = tmp_path / "one" / "merged", load_file(tmp_path / "dense" / "merged" / "model.safetensors")
+    got = load_file(merged / "model.safetensors")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    lora_dist("verify", str(merged), "--base", str(quantized), "--adapter", str(tmp_path / "one" / "adapter"),
+              "--sample", "-1")
+    lora_dist("merge", "--base", str(quantized), "--adapter", str(tmp_path / "one" / "adapter"),
+              "--out", str(tmp_path / "offline"))
+    offline = load_file(tmp_path / "offline" / "model.safetensors")
+    assert sorted(offline) == sorted(want) and all(torch.equal(offline[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("quantization,problem", [
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quantized with 'bitsandbytes'"),
+    ({"quant_method": "gptq", "bits": 4}, "quantized with 'gptq'"),
+    ({"load_in_8bit": True}, "quantized with an unnamed method"),
+])
+def test_other_quantized_checkpoints_are_refused_in_one_line(tiny_checkpoint, tmp_path, quantization, problem):
+    src = tiny_checkpoint("qwen3", dtype=torch.bfloat16)
+    path = _copy_dir(src, tmp_path / "q", load_file(src / "model.safetensors"), quantization)
+    with pytest.raises(ModelDirError, match=problem) as e:
+        ModelDir(path)
+    assert "\n" not in str(e.value) and "unquantized release" in str(e.value)
+    run = lora_dist("train", f"model.path={path}", f"output.dir={tmp_path / 'run'}", check=False)
+    assert run.returncode == 2 and problem in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_fp8_weights_without_their_scales_are_refused(checkpoints, tmp_path):
+    """An FP8 weight read without its scale would be off by the block's scale: never read as it is."""
+    quantized, _ = checkpoints["fp8"]
+    tensors = load_file(quantized / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("_scale_inv"))
+    del tensors[key]
+    config = json.loads((quantized / "config.json").read_text())["quantization_config"]
+    path = _copy_dir(quantized, tmp_path / "no-scale", tensors, config)
+    with pytest.raises(ModelDirError, match=f"{key.removesuffix('_scale_inv')} is stored as F8_E4M3 without a scale"):
+        ModelDir(path)
+    # a scale grid that is not the weight's blocks
+    tensors = load_file(quantized / "model.safetensors")
+    tensors[key] = tensors[key][:, :1].contiguous()
+    path = _copy_dir(quantized, tmp_path / "bad-grid", tensors, config)
+    rows, cols = tensors[key.removesuffix("_scale_inv")].shape
+    with pytest.raises(ModelDirError, match=rf"not the \({math.ceil(rows / BLOCK)}, {math.ceil(cols / BLOCK)}\) blocks"):
+        ModelDir(path)
