@@ -119,10 +119,10 @@ def parse_record(row: Any, line: int = 0) -> Record:
     """
     if not isinstance(row, dict):
         raise ChatError(f"expected a JSON object with {FORMATS}, got {excerpt(row, 60)}")
+    tools = row.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise ChatError(f'"tools" must be a list of tool definitions, got {excerpt(tools, 60)}')
     if "messages" in row:
-        tools = row.get("tools")
-        if tools is not None and not isinstance(tools, list):
-            raise ChatError(f'"tools" must be a list of tool definitions, got {excerpt(tools, 60)}')
         return Record("messages", {"messages": check_messages(row["messages"]), "tools": tools}, line)
     if "instruction" in row or "output" in row:
         values = [row.get("instruction"), row.get("input", ""), row.get("output")]
@@ -132,8 +132,24 @@ def parse_record(row: Any, line: int = 0) -> Record:
         return Record("alpaca", dict(zip(("instruction", "input", "output"), values)), line)
     if isinstance(row.get("text"), str):
         return Record("text", {"text": row["text"]}, line)
-    if isinstance(row.get("completion"), str):
-        return Record("completion", {"prompt": str(row.get("prompt", "")), "completion": row["completion"]}, line)
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational prompt/completion
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        if not isinstance(prompt, list) or not isinstance(completion, list):
+            raise ChatError('a conversational record needs "prompt" and "completion" as lists of messages (or '
+                            f'"completion" as a string), got prompt {excerpt(prompt, 40)}')
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in completion):
+            raise ChatError('"completion" has no "assistant" message to learn from')
+        messages = check_messages(prompt + completion)
+        return Record("messages", {"messages": messages, "tools": tools, "first": len(prompt)}, line)
+    if isinstance(completion, str):
+        if prompt is not None and not isinstance(prompt, str):
+            raise ChatError(f'"prompt" must be a string or a list of messages, got {excerpt(prompt, 60)}')
+        return Record("completion", {"prompt": prompt or "", "completion": completion}, line)
+    if "text" in row or "completion" in row:
+        field = "text" if "text" in row else "completion"
+        raise ChatError(f'"{field}" must be a string, got {excerpt(row[field], 60)}')
     raise ChatError(f"expected {FORMATS}; got keys {excerpt(sorted(row), 80)}")
 
 
@@ -156,15 +172,35 @@ def tokenize_record(record: Record, tokenizer, template: str | None,
             raise ChatError('"messages" records need a chat template and the tokenizer in model.path has none; '
                             f"set data.chat_template ({', '.join(TEMPLATES)} or a Jinja file)")
         messages = f["messages"] if record.kind == "messages" else alpaca_messages(**f)
-        return chat_document(tokenizer, template, messages, f.get("tools"), loss_on)
+        return chat_document(tokenizer, template, messages, f.get("tools"), loss_on, first=f.get("first", 0))
     if record.kind == "alpaca":
         prompt, completion = alpaca_prompt(f["instruction"], f["input"]), f["output"]
     else:
         prompt, completion = f.get("prompt", ""), f.get("completion", f.get("text", ""))
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    head = bos_prefix(tokenizer)
     tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return p + c + tail, [IGNORE] * len(p) + c + tail
+    return head + p + c + tail, [IGNORE] * (len(head) + len(p)) + c + tail
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """``[BOS]`` where the tokenizer starts every text with it (Llama, Gemma, Mistral: the model was trained so, and
+    the first token of a document is then learned too), else ``[]`` (Qwen, GPT-2). A conversation's BOS is the
+    chat template's to write."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    cached = _BOS.get(id(tokenizer))
+    if cached is None or cached[0] is not tokenizer:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+        bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+        cached = _BOS[id(tokenizer)] = (tokenizer, ids[:1] == [bos] and bare[:1] != [bos])
+    return [bos] if cached[1] else []
+
+
+#: Per tokenizer (by id, with the tokenizer to tell a reused id): whether it starts every text with BOS.
+_BOS: dict[int, tuple[object, bool]] = {}
 
 
 def resolve_template(tokenizer, chat_template: str = "") -> str | None:
@@ -234,7 +270,8 @@ def check_messages(messages: Any) -> list[dict]:
 
 
 def chat_document(tokenizer, template: str, messages: list[dict], tools: list | None = None,
-                  loss_on: str = "all_assistant", offsets: bool | None = None) -> tuple[list[int], list[int]]:
+                  loss_on: str = "all_assistant", offsets: bool | None = None,
+                  first: int = 0) -> tuple[list[int], list[int]]:
     """Token ids and labels of one conversation, the loss on assistant turns only.
 
     Args:
@@ -245,6 +282,8 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
         loss_on: ``all_assistant`` or ``last_assistant``.
         offsets: map boundaries through offsets (default: when the tokenizer is fast) or by tokenizing
             each prefix (any tokenizer).
+        first: learn the assistant turns from ``messages[first]`` on (a conversational prompt/completion
+            record: its completion's).
 
     Returns:
         ``(input_ids, labels)``: the whole conversation tokenized once, without extra special tokens
@@ -258,7 +297,7 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
     if loss_on not in LOSS_ON:
         raise ChatError(f"data.loss_on={excerpt(loss_on, 40)} is not one of {', '.join(LOSS_ON)}")
     full = _render(tokenizer, template, messages, tools, generation_prompt=False)
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first]
     try:
         spans, stop = _assistant_spans(tokenizer, template, messages, tools, full,
                                        turns[-1:] if loss_on == "last_assistant" else turns)
@@ -301,11 +340,14 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list
         except ChatError:
             if i:
                 raise
-            prompt = ""  # a template that cannot render an empty conversation: the turn starts the text
-        if full.startswith(prompt):
+            prompt = None  # the conversation opens with this turn, and transformers renders no empty one
+        if prompt is not None and full.startswith(prompt):
             start = len(prompt)
         else:  # an earlier turn renders differently once this one follows (Qwen3 drops its reasoning)
             start = _start_of_turn(tokenizer, template, messages, i, tools, full, prompt, spans[-1][1] if spans else 0)
+            if start is None and prompt is None:
+                raise _Unbounded("the conversation opens with an assistant message and no assistant header the "
+                                 "chat template writes after a user message stands before it")
             if start is None:
                 raise _Unbounded(_not_a_prefix(i, prompt, full, "no assistant header stands before the turn there"))
         if silent is None:
@@ -377,14 +419,21 @@ def _after_probe(tokenizer, template: str, context: list[dict], following: dict 
 
 
 def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools: list | None, full: str,
-                   prompt: str, after: int) -> int | None:
+                   prompt: str | None, after: int) -> int | None:
     """Where assistant turn ``messages[i]`` starts in ``full`` when its prompt is not a prefix of it: right after
     the first assistant header (what ``add_generation_prompt`` adds to the prompt, ``<|im_start|>assistant\\n``)
-    between the previous message's content and this turn's, and not before ``after``. None when there is no such
-    header, or the previous message's content cannot be located.
+    between the previous message's content and this turn's, and not before ``after``. ``prompt`` None: the
+    conversation opens with this turn (the header is the one added after a user message; a default system
+    prompt before it is not learned). None when there is no such header, or the previous message's content
+    cannot be located.
     """
     try:
-        bare = _render(tokenizer, template, messages[:i], tools, generation_prompt=False)
+        if prompt is None:
+            probe = [{"role": "user", "content": PROBE[1]}]
+            bare = _render(tokenizer, template, probe, tools, generation_prompt=False)
+            prompt = _render(tokenizer, template, probe, tools, generation_prompt=True)
+        else:
+            bare = _render(tokenizer, template, messages[:i], tools, generation_prompt=False)
         lower = _inside_content(tokenizer, template, messages, i - 1, tools, full) if i else 0
         upper = _content_at_most(tokenizer, template, messages, i, tools, full)
     except ChatError:

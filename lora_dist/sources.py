@@ -1,18 +1,21 @@
 """Data sources: what ``data.path`` / ``data.eval_path`` name, read as a stream of raw rows.
 
-A source is a local ``.jsonl``/``.json`` file (JSON Lines), a ``.parquet`` file, a dir written by
-``datasets.Dataset.save_to_disk``, or a ``.txt`` file (one text record per paragraph). ``data.path``
-is one of them or a list of ``{path, weight}`` mixtures (see :func:`parse_sources`).
+A source is a local ``.jsonl``/``.json`` file (JSON Lines; a ``.json`` file may also hold one JSON array of
+records, or an object of equal-length columns, as Alpaca's ``alpaca_data.json`` does), a ``.parquet`` file,
+a dir written by ``datasets.Dataset.save_to_disk``, or a ``.txt`` file (one text record per paragraph).
+``data.path`` is one of them or a list of ``{path, weight}`` mixtures (see :func:`parse_sources`).
 
 Nothing is ever downloaded: a name that is not a local path (a hub id such as ``org/name``) is refused.
 JSON Lines are read line by line (so an error names the line, and records keep exactly their fields);
 parquet files a row batch at a time through pyarrow; ``save_to_disk`` dirs through
-``datasets.load_from_disk``, which memory-maps their arrow files and writes nothing. Arrow cannot tell
-a missing field from a null one (a table's rows share one schema), so keys whose value is null are
-dropped from arrow rows: the same records give the same documents from JSON Lines and from arrow.
+``datasets.load_from_disk``, which memory-maps their arrow files and writes nothing. ``datasets`` stores
+values whose type varies between rows (messages with and without ``tool_calls``, tool parameters) as JSON
+text (its ``Json`` feature); they are decoded back, as ``datasets`` itself does. Arrow cannot tell a missing
+field from a null one (a table's rows share one schema), so keys whose value is null are dropped from every
+record (:func:`drop_nulls`), JSON Lines' too: the same records give the same documents from every kind.
 
-Rows are yielded in chunks (:func:`read_chunks`), never the whole source at once (a ``.txt`` file,
-the legacy format, is the exception: it is split into paragraphs in memory).
+Rows are yielded in chunks (:func:`read_chunks`), never the whole source at once (a ``.txt`` file, the
+legacy format, and a ``.json`` array or column file are the exceptions: they are read in memory).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from lora_dist.errors import UserError
 from lora_dist.inputs import excerpt, utf8_error
 
 __all__ = ["CHUNK_ROWS", "DataError", "Source", "SourceSpecError", "check_source", "copies", "describe",
-           "file_signature", "input_paths", "parse_sources", "read_chunks", "signature_json"]
+           "drop_nulls", "file_signature", "input_paths", "parse_sources", "read_chunks", "signature_json"]
 
 #: Rows per chunk handed to a tokenization worker.
 CHUNK_ROWS = 1024
@@ -107,8 +110,9 @@ def _kind(path: Path) -> str:
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+            example = "train" if "train" in splits or not splits else splits[0]
             raise DataError(f"{path} holds a DatasetDict (splits {', '.join(splits) or 'none'}); point the path at "
-                            f"one split's dir, e.g. {path / (splits[0] if splits else 'train')}")
+                            f"one split's dir, e.g. {path / example}")
         if (path / "state.json").is_file():
             return "arrow"
         raise DataError(f"{path} is a dir but not one written by datasets' save_to_disk (no state.json); "
@@ -164,13 +168,81 @@ def _not_utf8(path: Path) -> DataError:
     return DataError(f"{path}: not UTF-8 text ({where}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
 
 
-def _drop_nulls(value: Any) -> Any:
-    """An arrow row as the JSON record it came from: keys whose value is null dropped, at every depth."""
+def drop_nulls(value: Any) -> Any:
+    """A record as lora_dist reads it: keys whose value is null dropped, at every depth (a null field is an absent
+    one, as arrow writes a field a row lacks)."""
     if isinstance(value, dict):
-        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        return [_drop_nulls(v) for v in value]
+        return [drop_nulls(v) for v in value]
     return value
+
+
+def _json_decoded(feature: Any, value: Any) -> Any:
+    """``value`` of a ``datasets`` ``feature`` with the values its ``Json`` features hold as JSON text decoded."""
+    from datasets.features import Json
+
+    if value is None:
+        return None
+    if isinstance(feature, Json):
+        return json.loads(value) if isinstance(value, str) else value
+    if isinstance(feature, dict) and isinstance(value, dict):
+        return {k: _json_decoded(feature[k], v) if k in feature else v for k, v in value.items()}
+    inner = getattr(feature, "feature", None)  # List, LargeList, Sequence
+    if inner is not None and isinstance(value, list):
+        return [_json_decoded(inner, v) for v in value]
+    return value
+
+
+def _has_json(feature: Any) -> bool:
+    from datasets.features import Json
+
+    if isinstance(feature, Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_has_json(f) for f in feature.values())
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _has_json(inner)
+
+
+def _columns(value: Any) -> list[dict] | None:
+    """The records of an object of equal-length columns (``{"instruction": [...], "output": [...]}``); None for
+    anything else, a record included (a ``messages`` list holds objects, a column of conversations lists)."""
+    if not isinstance(value, dict) or not value:
+        return None
+    columns = list(value.values())
+    if not all(isinstance(c, list) and len(c) == len(columns[0]) for c in columns):
+        return None
+    if any(isinstance(item, dict) for c in columns for item in c[:1]):
+        return None
+    return [dict(zip(value, row)) for row in zip(*columns)]
+
+
+def _json_file(path: Path) -> list | None:
+    """The records of a ``.json`` file that holds one JSON array of them, or one object of equal-length columns;
+    None for JSON Lines (one whole JSON record per line)."""
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            first = next((line for line in f if line.strip()), "")
+            rest = any(line.strip() for line in f)
+            try:
+                head = json.loads(first)
+            except json.JSONDecodeError:
+                head = None  # a value over several lines (or invalid JSON: said below)
+            if head is not None and not isinstance(head, list) and (rest or _columns(head) is None):
+                return None
+            f.seek(0)
+            try:
+                value = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a .json file holds JSON Lines (one "
+                                "record per line), one JSON array of records, or an object of columns") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    if isinstance(value, list):
+        return value
+    columns = _columns(value)
+    return columns if columns is not None else [value]
 
 
 def read_chunks(source: Source, chunk_rows: int = CHUNK_ROWS) -> Iterator[list[tuple[int, Any]]]:
@@ -185,7 +257,11 @@ def read_chunks(source: Source, chunk_rows: int = CHUNK_ROWS) -> Iterator[list[t
     path = Path(source.path)
     kind = check_source(source)
     chunk: list[tuple[int, Any]] = []
-    if kind == "jsonl":
+    records = _json_file(path) if kind == "jsonl" and path.suffix == ".json" else None
+    if records is not None:  # a JSON array (or columns): record k is at position k, from 1
+        for start in range(0, len(records), chunk_rows):
+            yield [(start + k, r) for k, r in enumerate(records[start:start + chunk_rows], 1)]
+    elif kind == "jsonl":
         try:
             with path.open(encoding="utf-8-sig") as f:
                 for lineno, line in enumerate(f, 1):
@@ -209,8 +285,10 @@ def read_chunks(source: Source, chunk_rows: int = CHUNK_ROWS) -> Iterator[list[t
                 chunk = []
     else:
         row = 0
-        for table in _arrow_batches(path, kind, chunk_rows):
-            rows = [_drop_nulls(r) for r in table.to_pylist()]
+        for table, features in _arrow_batches(path, kind, chunk_rows):
+            rows = table.to_pylist()
+            if features is not None:
+                rows = [_json_decoded(features, r) for r in rows]
             yield list(enumerate(rows, row))
             row += len(rows)
     if chunk:
@@ -218,17 +296,28 @@ def read_chunks(source: Source, chunk_rows: int = CHUNK_ROWS) -> Iterator[list[t
 
 
 def _arrow_batches(path: Path, kind: str, chunk_rows: int):
-    """Record batches of a parquet file (pyarrow) or a ``save_to_disk`` dir (``datasets.load_from_disk``)."""
+    """``(record batch, features)`` of a parquet file (pyarrow) or a ``save_to_disk`` dir
+    (``datasets.load_from_disk``); ``features`` are the ``datasets`` features where some hold JSON text, else
+    None."""
+    import datasets
+
+    datasets.disable_progress_bars()
     try:
         if kind == "parquet":
             import pyarrow.parquet as pq
 
-            yield from pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
+            file = pq.ParquetFile(path)
+            schema = file.schema_arrow
+            features = (datasets.Features.from_arrow_schema(schema)
+                        if schema.metadata and b"huggingface" in schema.metadata else None)
+            batches = file.iter_batches(batch_size=chunk_rows)
         else:
-            import datasets
-
-            datasets.disable_progress_bars()
-            yield from datasets.load_from_disk(str(path)).with_format("arrow").iter(batch_size=chunk_rows)
+            dataset = datasets.load_from_disk(str(path))
+            features = dataset.features
+            batches = dataset.with_format("arrow").iter(batch_size=chunk_rows)
+        features = features if features is not None and _has_json(features) else None
+        for batch in batches:
+            yield batch, features
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError; a truncated file an OSError
         if isinstance(e, DataError):
             raise

@@ -40,7 +40,7 @@ import numpy as np
 from lora_dist.atomic import publish_dir, staging_dir
 from lora_dist.chat import ChatError, parse_record, resolve_template, tokenize_record
 from lora_dist.packing import BLOCK_ARRAYS, DTYPE, Packer
-from lora_dist.sources import DataError, Source, check_source, copies, read_chunks, signature_json
+from lora_dist.sources import DataError, Source, check_source, copies, drop_nulls, read_chunks, signature_json
 
 __all__ = ["FORMAT", "build", "cache_key", "cached_blocks", "default_cache_dir", "default_num_proc", "open_entry"]
 
@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 
 #: The cache format; part of every key, so a change of layout, of packing or of loss masks never reads old entries.
 #: 2: chat turns of templates that write no end-of-turn token learn the token that ends them (GLM).
-FORMAT = 2
+#: 3: text and prompt/completion documents start with BOS where the tokenizer adds one; null fields are absent in
+#: JSON Lines too; a conversation opening with an assistant turn learns it from after its header.
+FORMAT = 3
 #: Chunks in flight per tokenization worker.
 IN_FLIGHT = 2
 
@@ -121,7 +123,7 @@ def _tokenize_chunk(task: tuple[str, str, list[tuple[int, Any]]]) -> tuple[dict,
             except RecursionError:
                 raise DataError(f"{where}: JSON nested too deeply to be a record") from None
         try:
-            record = parse_record(row, pos)
+            record = parse_record(drop_nulls(row), pos)
             d_ids, d_labels = tokenize_record(record, tok, template, loss_on)
         except ChatError as e:
             raise DataError(f"{where}: {e}") from None

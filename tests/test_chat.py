@@ -122,6 +122,17 @@ def test_loss_on_the_last_assistant_turn(style):
     assert [tok.decode(run) for run in spans(ids, labels)] == [LEARNED[style](messages[-1]["content"])]
 
 
+@pytest.mark.parametrize("style", ["qwen2", "llama3"])
+def test_a_conversation_opening_with_an_assistant_turn_learns_no_header(style):
+    """No empty conversation renders (transformers 5), so the turn's start is the assistant header the template
+    writes after a user message: neither it nor Qwen2's default system prompt before it is learned."""
+    tok = style_tokenizer(style)
+    messages = [{"role": "assistant", "content": "Hello, how can I help?"}, *TURNS[2:]]
+    ids, labels = chat_document(tok, tok.chat_template, messages)
+    assert [tok.decode(run) for run in spans(ids, labels)] == [
+        LEARNED[style](m["content"]) for m in messages if m["role"] == "assistant"]
+
+
 CHATML_GENERATION = (  # ChatML with {% generation %} markers: transformers' own assistant mask
     "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
     "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\n' + "
@@ -450,12 +461,57 @@ def test_alpaca_without_a_template_uses_the_alpaca_prompt(tmp_path):
     assert tok.decode(ds.input_ids[0][ds.labels[0] != IGNORE]) == "A cat.<|endoftext|>"
 
 
+def test_conversational_prompt_completion_learns_the_completion(tmp_path):
+    """TRL's conversational format: "prompt" and "completion" message lists (a string completion is one
+    assistant message); only the completion's assistant turns are learned, as TRL does."""
+    tok = make_tokenizer()
+    prompt = [SYSTEM, TURNS[0], TURNS[1], TURNS[2]]
+    path = write(tmp_path / "pc.jsonl", [{"prompt": prompt, "completion": [TURNS[3]]},
+                                         {"prompt": prompt, "completion": TURNS[3]["content"]}])
+    ds = load_dataset(path, tok, seq_len=256, chat_template="chatml", packing=False)
+    whole = load_dataset(write(tmp_path / "m.jsonl", [{"messages": prompt + [TURNS[3]]}]), tok, seq_len=256,
+                         chat_template="chatml", packing=False, loss_on="last_assistant")
+    for k in range(2):
+        assert ds.input_ids[k].tolist() == whole.input_ids[0].tolist()
+        assert ds.labels[k].tolist() == whole.labels[0].tolist()
+    assert tok.decode(ds.input_ids[0][ds.labels[0] != IGNORE]) == TURNS[3]["content"] + "<|im_end|>"
+
+
+def test_text_and_completions_start_with_bos_where_the_tokenizer_adds_it(tmp_path):
+    """Llama, Gemma and Mistral tokenizers start every text with BOS: a text or prompt/completion document does
+    too (unlearned), so its first token is learned; a conversation keeps the one BOS its template writes."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = style_tokenizer("llama3")
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
+        ("<|begin_of_text|>", bos)])
+    assert tok("a")["input_ids"][0] == bos
+    path = write(tmp_path / "d.jsonl", [{"text": "A small robot paints old maps."},
+                                        {"prompt": "The red fox", "completion": " builds boats."},
+                                        {"messages": TURNS}])
+    ds = load_dataset(path, tok, seq_len=256, packing=False, chat_template="llama3", num_proc=1)
+    eos = tok.eos_token_id
+    text = tok("A small robot paints old maps.", add_special_tokens=False)["input_ids"]
+    assert ds.input_ids[0][: int(ds.lengths[0])].tolist() == [bos, *text, eos]
+    assert ds.labels[0][: int(ds.lengths[0])].tolist() == [IGNORE, *text, eos]  # the first token learned
+    assert ds.input_ids[1][0] == bos and ds.labels[1][0] == IGNORE
+    chat = ds.input_ids[2][: int(ds.lengths[2])].tolist()
+    assert chat.count(bos) == 1 and chat[0] == bos
+
+
 @pytest.mark.parametrize("row, options, match", [
     ({"messages": TURNS}, {}, r'd.jsonl:2: "messages" records need a chat template .* set data.chat_template'),
     ({"messages": [{"role": "human", "content": "hi"}]}, {}, r"d.jsonl:2: messages\[0\].role 'human' is not one of"),
     ({"instruction": "x"}, {}, r'd.jsonl:2: an alpaca record needs "instruction" and "output" strings'),
     ({"question": "x", "answer": "y"}, {}, r"d.jsonl:2: expected a \"text\" field, .*\"messages\".*got keys \['answer'"),
     ([1, 2], {}, r"d.jsonl:2: expected a JSON object"),
+    ({"prompt": 3, "completion": "x"}, {}, r'd.jsonl:2: "prompt" must be a string or a list of messages, got 3'),
+    ({"prompt": "q", "completion": [TURNS[1]]}, {"chat_template": "chatml"},
+     r'd.jsonl:2: a conversational record needs "prompt" and "completion" as lists of messages'),
+    ({"prompt": [TURNS[0]], "completion": [TURNS[0]]}, {"chat_template": "chatml"},
+     r'd.jsonl:2: "completion" has no "assistant" message'),
+    ({"text": 5}, {}, r'd.jsonl:2: "text" must be a string, got 5'),
     ({"messages": [SYSTEM] + TURNS}, {"chat_template": "gemma"}, r"data.chat_template='gemma' is neither a shipped"),
     ({"messages": [{"role": "assistant", "content": "hi"}, {"role": "assistant", "content": "x"}]},
      {"chat_template": "chatml", "loss_on": "everything"}, r"d.jsonl:2: data.loss_on='everything' is not one of"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from lora_dist.config import ConfigError, load_config
 from lora_dist.data import IGNORE, DataError, load_dataset, load_splits
 from lora_dist.demo import demo_texts, make_tokenizer
 from lora_dist.sources import copies
+from test_chat import qwen3_tokenizer
 
 SEQ = 64
 
@@ -100,8 +102,9 @@ def test_a_parquet_record_error_names_its_row(tok, tmp_path):
     (lambda p: str(p / "missing.parquet"), r"missing.parquet' not found; point data.path at a .jsonl/.json, .parquet"),
     (lambda p: (p / "d.csv").write_text("a") and str(p / "d.csv"), r"unsupported file type '.csv'"),
     (lambda p: (p / "dir").mkdir() or str(p / "dir"), r"not one written by datasets' save_to_disk"),
-    (lambda p: (p / "dd" / "train").mkdir(parents=True) or (p / "dd" / "dataset_dict.json").write_text("{}")
-     and str(p / "dd"), r"holds a DatasetDict \(splits train\); point the path at one split's dir"),
+    (lambda p: (p / "dd" / "train").mkdir(parents=True) or (p / "dd" / "test").mkdir() or
+     (p / "dd" / "dataset_dict.json").write_text("{}") and str(p / "dd"),
+     r"holds a DatasetDict \(splits test, train\); point the path at one split's dir, e.g. .*dd/train$"),
     (lambda p: (p / "bad.parquet").write_bytes(b"not parquet") and str(p / "bad.parquet"),
      r"bad.parquet: cannot be read as parquet"),
 ])
@@ -174,3 +177,70 @@ def test_labels_of_arrow_rows_follow_the_record_formats(tok, same_data):
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert (ds.labels[row, :n_prompt] == IGNORE).all() and (ds.labels[row, n_prompt:int(ds.lengths[row])] != IGNORE).all()
     assert os.path.isdir(same_data / "saved")
+
+
+QWEN3_TEMPLATE = Path(__file__).parent / "fixtures" / "qwen3_chat_template.jinja"
+
+
+def tool_records() -> list[dict]:
+    """Agent traces as OpenAI-style exports hold them: tool definitions whose parameters differ in type between
+    records, assistant messages with ``tool_calls`` and a null content, tool results."""
+    rows = []
+    for k, text in enumerate(demo_texts(12, seed=5)):
+        tool = {"type": "function", "function": {"name": f"find_{k % 3}", "description": text[:20], "parameters": {
+            "type": "object", "properties": {"n": {"type": "integer", "default": 3 if k % 2 else "three"}}}}}
+        call = {"type": "function", "function": {"name": f"find_{k % 3}", "arguments": {"n": k} if k % 2 else "{}"}}
+        rows.append({"tools": [tool], "messages": [
+            {"role": "user", "content": text[:25]},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": str(k)},
+            {"role": "assistant", "content": text}]})
+    return rows
+
+
+def test_tool_calls_read_the_same_from_jsonl_parquet_and_save_to_disk(tmp_path):
+    """``datasets`` stores fields whose type varies between rows (messages with and without ``tool_calls``, the
+    tools' parameters) as JSON text; they are decoded as ``datasets`` decodes them, so every kind gives the
+    blocks of the JSON Lines."""
+    import datasets
+
+    jsonl = write_jsonl(tmp_path / "t.jsonl", tool_records())
+    ds = datasets.load_dataset("json", data_files=str(jsonl), split="train", cache_dir=str(tmp_path / "hf_build"))
+    assert "Json" in repr(ds.features)  # the case at hand
+    ds.to_parquet(str(tmp_path / "t.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    tok = qwen3_tokenizer()
+    options = {"chat_template": str(QWEN3_TEMPLATE), "num_proc": 1, "packing": False}
+    ref = load_dataset(jsonl, tok, 1024, **options)
+    text = tok.decode(ref.input_ids[0][: int(ref.lengths[0])])
+    assert '"default": "three"' in text and '<tool_call>\n{"name": "find_0", "arguments": {}}' in text
+    for other in ("t.parquet", "saved"):
+        assert_same_blocks(ref, load_dataset(tmp_path / other, tok, 1024, **options))
+
+
+def test_a_json_file_may_hold_an_array_or_columns(tok, tmp_path):
+    """Alpaca's ``alpaca_data.json`` is one JSON array (pretty-printed); ``{"col": [...]}`` objects of columns
+    and one-line arrays read the same."""
+    rows = [r for r in records() if "instruction" in r or "text" in r]
+    ref = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, SEQ)
+    (tmp_path / "pretty.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "line.json").write_text(json.dumps(rows))
+    alpaca = [r for r in rows if "instruction" in r]
+    columns = {k: [r.get(k, "") for r in alpaca] for k in ("instruction", "input", "output")}
+    (tmp_path / "columns.json").write_text(json.dumps(columns))
+    for name in ("pretty.json", "line.json"):
+        assert_same_blocks(ref, load_dataset(tmp_path / name, tok, SEQ))
+    assert_same_blocks(load_dataset(write_jsonl(tmp_path / "a.jsonl", [{**r, "input": r.get("input", "")}
+                                                                      for r in alpaca]), tok, SEQ),
+                       load_dataset(tmp_path / "columns.json", tok, SEQ))
+    (tmp_path / "bad.json").write_text('[{"text": "a"},\n{"text": ')
+    with pytest.raises(DataError, match=r"bad.json:2: invalid JSON .*one JSON array of records"):
+        load_dataset(tmp_path / "bad.json", tok, SEQ)
+
+
+def test_null_fields_are_absent_ones_in_json_lines_too(tok, tmp_path):
+    """As parquet reads them: a null prompt is no prompt, a null alpaca input no input (before: the text "None")."""
+    nulls = [{"prompt": None, "completion": "The red fox."}, {"instruction": "Name it.", "input": None, "output": "x"}]
+    absent = [{"completion": "The red fox."}, {"instruction": "Name it.", "output": "x"}]
+    assert_same_blocks(load_dataset(write_jsonl(tmp_path / "n.jsonl", nulls), tok, SEQ),
+                       load_dataset(write_jsonl(tmp_path / "a.jsonl", absent), tok, SEQ))
