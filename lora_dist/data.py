@@ -42,7 +42,8 @@ import torch
 from lora_dist.atomic import writing_file
 from lora_dist.chat import IGNORE
 from lora_dist.inputs import clip, read_json
-from lora_dist.model_dir import REMOTE_CODE_FIX, ModelDirError, read_config_json, text_config
+from lora_dist.model_dir import (REMOTE_CODE_FIX, ModelDirError, alibi_attention, read_config_json, recurrent_layers,
+                                 text_config)
 from lora_dist.sources import DataError, Source, describe, input_paths, parse_sources
 from lora_dist.token_cache import cached_blocks
 
@@ -234,9 +235,14 @@ def model_kwargs(batch: dict, config=None) -> dict[str, Any]:
           ``position_ids`` give transformers' varlen path the document starts. The logits are then
           ``(1, B*L, V)``, and ``token_loss_sum(logits, batch["labels"])`` is the same loss, since every
           row's first label is -100.
+        * ALiBi (Bloom; :func:`~lora_dist.model_dir.alibi_attention`), whose rows hold one document each: the
+          2-D mask of the document's tokens (the padding after it masked), no ``position_ids``.
     """
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
                               "use_cache": False}
+    if config is not None and alibi_attention(text_config(config)):  # one document a row (load_data): its tokens
+        first = (batch["position_ids"] == 0).cumsum(-1) == 1  # are the row's first run, the padding after it
+        return {"input_ids": kwargs["input_ids"], "attention_mask": first.long(), "use_cache": False}
     mask = batch.get("attention_mask")
     if mask is None:
         return kwargs
@@ -251,6 +257,17 @@ def model_kwargs(batch: dict, config=None) -> dict[str, Any]:
     else:
         kwargs["attention_mask"] = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo().min)
     return kwargs
+
+
+def _unpackable(config: dict) -> str | None:
+    """Why documents of this model (``config.json``) cannot share a block, None where they can."""
+    recurrent = recurrent_layers(config)
+    if recurrent:
+        return (f"the model has layers that carry a state along the sequence ({recurrent}), which would flow from "
+                "one packed document into the next")
+    if alibi_attention(config):
+        return "the model's ALiBi attention takes no mask that keeps packed documents apart"
+    return None
 
 
 def _windowed(config) -> bool:
@@ -324,7 +341,13 @@ def load_data(cfg, tokenizer, max_positions: int | None = None, verbose: bool = 
     value = getattr(d, key)
     if not value:
         raise DataError(f"data.{key} is not set; pass data.{key}=/path/to/train.jsonl")
-    return load_dataset(value, tokenizer, cfg.train.seq_len, max_positions, packing=d.packing,
+    packing = d.packing
+    unpackable = _unpackable(read_config_json(cfg.model.path)) if packing and cfg.model.path else None
+    if unpackable:  # one document a row
+        if verbose:
+            log.warning("data.packing is off: %s; each block holds one document", unpackable)
+        packing = False
+    return load_dataset(value, tokenizer, cfg.train.seq_len, max_positions, packing=packing,
                         chat_template=d.chat_template, loss_on=d.loss_on, verbose=verbose,
                         cache_dir=d.cache_dir or None, num_proc=d.num_proc)
 

@@ -240,6 +240,21 @@ def _is_adaptable(module: nn.Module) -> bool:
     return _is_conv1d(module)
 
 
+def read_by_weight(model: nn.Module) -> set[str]:
+    """The linear layers whose weight a fused kernel reads directly, without calling them: a Mamba mixer's (a module
+    holding ``A_log``, ``D`` and a ``conv1d``: Mamba, Jamba, Bamba, Granite 4, Nemotron-H, Falcon-H1) other than
+    its ``in_proj``. On GPUs with mamba-ssm or the Hub's kernels the mixer hands ``out_proj.weight`` (Mamba 1 also
+    ``x_proj`` and ``dt_proj``) to its scan kernel, so LoRA there would not train; PEFT refuses ``out_proj`` in
+    some of these models for the same reason."""
+    out = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "A_log") and hasattr(module, "D") and isinstance(getattr(module, "conv1d", None),
+                                                                          nn.Module):
+            out |= {f"{name}.{child}" if name else child for child, sub in module.named_children()
+                    if isinstance(sub, nn.Linear) and child != "in_proj"}
+    return out
+
+
 def language_model(model: nn.Module) -> str | None:
     """The name of a vision-language model's language model (``model.language_model``), whose linear layers
     ``all-linear`` and name lists adapt; None for a language model (or one whose decoder is not found)."""
@@ -759,6 +774,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
     linear_names: list[str] = []
     others: list[str] = []  # Linear subclasses with a forward of their own
     chosen: list[str] = []
+    fused = read_by_weight(model)
     for name, module in model.named_modules():
         if isinstance(module, LoRALayer):
             raise LoRAConfigError(f"{name} already has a LoRA adapter; inject_lora was called twice")
@@ -770,11 +786,17 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
         if targets is None or (text is not None and not name.startswith(text + ".")):
             continue
         if targets == "all-linear":
-            if module is head or name.split(".")[-1] in ("lm_head",):
+            if module is head or name.split(".")[-1] in ("lm_head",) or name in fused:
                 continue
         elif not _matches(targets, name):
             continue
         if _selected(config, name):
+            if name in fused:
+                child = name.split(".")[-1]
+                raise LoRAConfigError(
+                    f"lora.target_modules reaches {name}, whose weight the fused Mamba kernel reads directly on GPUs, "
+                    f"so LoRA there would not train; add lora.exclude_modules=[{child}] (all-linear adapts a Mamba "
+                    "mixer's in_proj only)")
             chosen.append(name)
     if targets is not None and not chosen:
         shown = sorted({n.split(".")[-1] for n in linear_names})

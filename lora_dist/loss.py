@@ -79,12 +79,13 @@ def n_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
-def _gathered(weight: torch.Tensor):
-    """Under ZeRO-3 the head's weight is partitioned outside its forward: gather it for the chunks."""
-    if hasattr(weight, "ds_id"):
+def _gathered(weight: torch.Tensor, bias: torch.Tensor | None):
+    """Under ZeRO-3 the head's weight and bias are partitioned outside its forward: gather them for the chunks."""
+    params = [p for p in (weight, bias) if p is not None and hasattr(p, "ds_id")]
+    if params:
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters([weight])
+        return deepspeed.zero.GatheredParameters(params)
     return contextlib.nullcontext()
 
 
@@ -122,7 +123,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             all_gather_single(every_targets, F.pad(targets, (0, n - targets.shape[0]), value=IGNORE),
                               group=group)
         stats = torch.zeros((2, world * n), dtype=torch.float32, device=hidden.device)  # log-sum-exp, target logit
-        with _gathered(weight):
+        with _gathered(weight, bias):
             w, b = _as(weight, bias, hidden.dtype)
             local, mine = _local_targets(every_targets, vocab_start, w.shape[0])
             for _, rows in _chunk_rows(world, n, chunk, hidden.device):
@@ -153,7 +154,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         carries a loss (:func:`linear_cross_entropy_sum` leaves the others out), so no pass masks any."""
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         d_hidden = torch.empty_like(hidden) if grad else None
-        with _gathered(weight):
+        with _gathered(weight, bias):
             w, b = _as(weight, bias, hidden.dtype)
             for start in range(0, hidden.shape[0], max(chunk, 1)):
                 rows = slice(start, start + max(chunk, 1))
@@ -188,7 +189,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # One process writes the gradient in the hidden states' dtype; shards sum theirs in fp32 first.
         grad = torch.empty((n, every.shape[1]), dtype=every.dtype if world == 1 else torch.float32,
                            device=every.device)
-        with _gathered(ctx.weight):
+        with _gathered(ctx.weight, ctx.bias):
             w, b = _as(ctx.weight, ctx.bias, every.dtype)
             local, mine = _local_targets(every_targets, ctx.vocab_start, w.shape[0])
             for start, rows in _chunk_rows(world, n, ctx.chunk, every.device):

@@ -36,7 +36,7 @@ from lora_dist.errors import UserError
 from lora_dist.inputs import clip, excerpt, read_json
 from lora_dist.prequantized import PrequantizedError, dense_view
 
-__all__ = ["REMOTE_CODE_FIX", "SAFE_INDEX", "SAFE_SINGLE", "ModelDir", "ModelDirError", "model_class", "read_config_json",
+__all__ = ["REMOTE_CODE_FIX", "SAFE_INDEX", "SAFE_SINGLE", "ModelDir", "ModelDirError", "alibi_attention", "model_class", "read_config_json", "recurrent_layers",
            "skeleton"]
 
 log = logging.getLogger(__name__)
@@ -282,6 +282,49 @@ class ModelDir:
         first, last = start // row, -(-end // row)
         block = self.read(key, slice(first, last)).reshape(-1)
         return block[start - first * row : end - first * row]
+
+
+#: What a config names its layers' kinds with, and the kinds that carry a state along the sequence.
+_LAYER_KINDS = ("layer_types", "layers_block_type", "block_types")
+_RECURRENT_KINDS = ("linear_attention", "mamba", "conv", "recurrent", "hybrid")
+#: Config keys only models with recurrent layers have, and what those layers are.
+_RECURRENT_KEYS = {"mamba_": "Mamba", "ssm_": "Mamba", "time_step_rank": "Mamba", "conv_L_cache": "short convolution",
+                   "linear_conv_kernel_dim": "linear attention"}
+_RECURRENT_TYPES = ("rwkv", "xlstm", "mamba", "mamba2", "falcon_mamba", "recurrent_gemma")
+
+
+def recurrent_layers(config: dict) -> str | None:
+    """What in ``config.json`` (a dict; a vision-language one's ``text_config`` too) shows layers that carry a state
+    from token to token (Mamba, short convolutions, linear attention: Qwen3-Next, Granite 4, Nemotron-H, Jamba,
+    LFM2, MiniMax...), None for a model of attention layers only. Attention masks cannot keep such a state inside
+    a packed document."""
+    for c in (config, config.get("text_config")):
+        if not isinstance(c, dict):
+            continue
+        if c.get("model_type") in _RECURRENT_TYPES:
+            return f"model type {c['model_type']!r}"
+        for name in _LAYER_KINDS:
+            kinds = c.get(name)
+            found = sorted({k for k in kinds if isinstance(k, str) and k in _RECURRENT_KINDS}) if isinstance(
+                kinds, list) else []
+            if found:
+                return f"{', '.join(found)} layers in {name}"
+        for key in c:
+            kind = next((v for k, v in _RECURRENT_KEYS.items() if key.startswith(k)), None)
+            if kind is not None:
+                return f"{kind} layers: config.json has {key}"
+    return None
+
+
+def alibi_attention(config) -> bool:
+    """Whether the model biases attention with ALiBi (Bloom, Falcon with ``alibi``, MPT), whose biases transformers
+    builds from a 2-D padding mask: it takes no block mask of packed documents. ``config``: ``config.json`` as a
+    dict, or the transformers config."""
+    def get(c, key):
+        return c.get(key) if isinstance(c, dict) else getattr(c, key, None)
+
+    attn = get(config, "attn_config")
+    return get(config, "model_type") == "bloom" or get(config, "alibi") is True or bool(attn and get(attn, "alibi"))
 
 
 def text_config(hf_config):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distutil import ranks
+from distutil import adapter_atol, assert_same_run, lora_dist, ranks, short_run_args
 from lora_dist.loss import IGNORE, ChunkedHeadLoss, chunkable, linear_cross_entropy_sum
 from lora_dist.loss import token_loss_sum as _plain_sum
 
@@ -188,3 +188,29 @@ def test_embedding_lookup_on_vocabulary_shards_equals_the_whole_lookup_on_three_
     out = ranks(3, "tests/dist_scripts/sharded_embedding.py")
     assert out.stdout.strip().splitlines()[-1].startswith("ok 8 cases"), out.stdout[-2000:]
 
+
+
+@pytest.mark.dist
+def test_a_head_with_a_bias_trains_under_zero3_to_the_one_process_result(tmp_path):
+    """Phi's head has a bias: ZeRO-3 partitions it too, so the chunked loss gathers it with the weight (before,
+    every step failed on the bias's empty partition)."""
+    import transformers
+
+    from lora_dist.demo import make_tokenizer, write_demo_data
+
+    tok = make_tokenizer()
+    config = transformers.PhiConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = transformers.PhiForCausalLM(config)
+    assert model.lm_head.bias is not None
+    model.save_pretrained(tmp_path / "phi")
+    tok.save_pretrained(tmp_path / "phi")
+    data = write_demo_data(tmp_path / "d.jsonl", n=200)
+    common = ["train", *short_run_args(tmp_path / "phi", data, 3, 5e-3, "all-linear")]
+    lora_dist(*common, f"output.dir={tmp_path / 'one'}", "parallel.strategy=none", "train.micro_batch_size=4")
+    ranks(2, "-m", "lora_dist.cli", *common, f"output.dir={tmp_path / 'zero3'}", "parallel.strategy=zero3",
+          "train.micro_batch_size=2")
+    assert_same_run(tmp_path / "zero3", tmp_path / "one", adapter_atol(5e-3, 3))

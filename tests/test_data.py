@@ -232,3 +232,61 @@ def test_streamed_cached_blocks_equal_the_in_memory_packing(tokenizer, tmp_path,
         assert ds.stats.split > 0  # documents longer than a block, split
     for got, want in zip((ds.input_ids, ds.labels, ds.position_ids, ds.lengths), ref):
         assert torch.equal(got.long(), want.long())
+
+
+def _alibi_checkpoint(path, model_type: str):
+    """A tiny Bloom, or Falcon with ALiBi, saved with the demo tokenizer."""
+    import transformers
+
+    tok = make_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = (transformers.BloomConfig(n_layer=2, n_head=4, **common) if model_type == "bloom" else
+              transformers.FalconConfig(alibi=True, new_decoder_architecture=False, multi_query=True, **common))
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch, packed, reason", [
+    ("qwen3_next", False, "linear_attention"), ("bloom", False, "ALiBi"), ("falcon_alibi", False, "ALiBi"),
+    ("qwen3", True, None)])
+def test_models_that_cannot_pack_documents_get_one_document_a_row(tiny_checkpoint, tmp_path, caplog, arch, packed,
+                                                                 reason):
+    """Qwen3-Next's linear attention (like Mamba and short convolutions in Granite 4, Nemotron-H, Jamba, LFM2)
+    carries a state along the sequence that no attention mask stops at a document's end, and ALiBi models (Bloom)
+    take no block mask: packing is turned off for them, with a warning, and each row's logits are its document's
+    alone (before: Qwen3-Next leaked state between documents, Bloom crashed). Attention-only models stay packed."""
+    import transformers
+
+    from lora_dist.config import load_config
+    from lora_dist.data import load_data, model_kwargs
+
+    if arch in ("bloom", "falcon_alibi"):
+        base = _alibi_checkpoint(tmp_path / arch, arch.split("_")[0])
+    else:
+        base = tiny_checkpoint(arch)
+    data = write_demo_data(tmp_path / "d.jsonl", n=40)
+    cfg = load_config(None, [f"model.path={base}", f"data.path={data}", "train.seq_len=64", "data.num_proc=1",
+                             f"data.cache_dir={tmp_path / 'cache'}"])
+    assert cfg.data.packing
+    with caplog.at_level("WARNING", logger="lora_dist.data"):
+        blocks = load_data(cfg, make_tokenizer())
+    starts = [(blocks.position_ids[k][: int(blocks.lengths[k])] == 0).sum().item() for k in range(len(blocks))]
+    assert (max(starts) > 1) == packed
+    assert ("data.packing is off" in caplog.text) == (not packed)
+    if packed:
+        return
+    assert reason in caplog.text
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    by_length = sorted(range(len(blocks)), key=lambda k: int(blocks.lengths[k]))
+    rows = [by_length[0], by_length[len(by_length) // 2], by_length[-1]]
+    assert blocks.lengths[rows[0]] < blocks.lengths[rows[-1]]  # the shorter rows padded
+    batch = blocks.inputs(rows)
+    with torch.no_grad():
+        logits = model(**model_kwargs(batch, model.config)).logits
+        for k, row in enumerate(rows):
+            n = int(blocks.lengths[row])
+            alone = model(input_ids=batch["input_ids"][k:k + 1, :n], use_cache=False).logits[0]
+            torch.testing.assert_close(logits[k, :n], alone, atol=2e-5, rtol=0)

@@ -762,3 +762,30 @@ def test_linear_subclasses_are_adapted_only_where_their_forward_is_the_projectio
         holder = nn.Module()
         holder.router = Llama4Router(router_config)
         inject_lora(holder, LoRAConfig(r=2, target_modules=["router"]))
+
+
+@pytest.mark.parametrize("model_type, skipped", [("bamba", {"out_proj"}), ("jamba", {"out_proj", "x_proj", "dt_proj"})])
+def test_all_linear_leaves_out_what_the_fused_mamba_kernel_reads_directly(model_type, skipped):
+    """A Mamba mixer hands out_proj's weight (Mamba 1: x_proj's and dt_proj's too) to its fused scan kernel on GPUs:
+    LoRA there would never train. all-linear adapts its in_proj only; naming the others is one line with the fix."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.for_model(model_type, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, intermediate_size=128, vocab_size=128)
+    with init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    mixers = {name.rpartition(".")[0] for name, m in model.named_modules() if name.endswith(".conv1d")}
+    assert mixers
+    report = inject_lora(model, LoRAConfig(r=4, target_modules="all-linear"))
+    adapted = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    for mixer in mixers:
+        assert f"{mixer}.in_proj" in adapted and not {f"{mixer}.{c}" for c in skipped} & adapted
+    assert report.matched and any(".mlp." in n or "feed_forward" in n or "experts" in n for n in adapted)
+    with init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(LoRAConfigError, match=r"whose weight the fused Mamba kernel reads directly.*"
+                                              r"add lora.exclude_modules=\[out_proj\]") as e:
+        inject_lora(model, LoRAConfig(r=4, target_modules=["in_proj", "out_proj"]))
+    assert "\n" not in str(e.value)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["in_proj", "out_proj"], exclude_modules=sorted(skipped)))
