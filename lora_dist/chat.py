@@ -59,6 +59,9 @@ __all__ = ["ChatError", "FORMATS", "LOSS_ON", "ROLES", "Record", "TEMPLATES", "a
 #: The label of a token without a loss (PyTorch's cross-entropy ``ignore_index``).
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
+#: ShareGPT's speakers (``{"from", "value"}`` turns), as the roles they stand for.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "tool": "tool"}
 LOSS_ON = ("all_assistant", "last_assistant")
 
 #: Templates shipped by name for ``data.chat_template`` (base models without a template of their own).
@@ -95,7 +98,7 @@ MAX_TEMPLATE_BYTES = 1 << 20
 
 #: What a JSON record may hold, for the one-line error on one that holds none of it.
 FORMATS = ('a "text" field, "prompt"/"completion", "instruction"/"input"/"output" (alpaca) '
-           'or "messages" [{"role", "content"}, ...]')
+           'or "messages" [{"role", "content"}, ...] (ShareGPT\'s "conversations" [{"from", "value"}, ...])')
 
 
 class ChatError(ValueError):
@@ -122,8 +125,12 @@ def parse_record(row: Any, line: int = 0) -> Record:
     tools = row.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise ChatError(f'"tools" must be a list of tool definitions, got {excerpt(tools, 60)}')
-    if "messages" in row:
-        return Record("messages", {"messages": check_messages(row["messages"]), "tools": tools}, line)
+    if "messages" in row or "conversations" in row:  # ShareGPT's name and turns are read as messages
+        messages = sharegpt_messages(row["messages"] if "messages" in row else row["conversations"])
+        return Record("messages", {"messages": check_messages(messages), "tools": tools}, line)
+    if "chosen" in row and "rejected" in row:
+        raise ChatError('a preference record ("chosen"/"rejected"): lora_dist fine-tunes on demonstrations, not '
+                        'preferences; train on the chosen responses, e.g. {"prompt": ..., "completion": <chosen>}')
     if "instruction" in row or "output" in row:
         values = [row.get("instruction"), row.get("input", ""), row.get("output")]
         if not all(isinstance(v, str) for v in values):
@@ -244,6 +251,26 @@ def alpaca_messages(instruction: str, input: str, output: str) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
+def sharegpt_messages(turns: Any) -> Any:
+    """ShareGPT turns (``{"from": "human", "value": ...}``) as messages (``{"role": "user", "content": ...}``), as
+    TRL reads them; anything else as it is.
+
+    Raises:
+        ChatError: a speaker that is none of :data:`SHAREGPT_ROLES`.
+    """
+    if not isinstance(turns, list) or not turns or not all(
+            isinstance(t, dict) and "from" in t and "role" not in t for t in turns):
+        return turns
+    messages = []
+    for k, turn in enumerate(turns):
+        role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
+        if role is None:
+            raise ChatError(f"turn {k}: speaker {excerpt(turn['from'], 40)} is not one of "
+                            f"{', '.join(SHAREGPT_ROLES)}; rename it in the data")
+        messages.append({"role": role, "content": turn.get("value")})
+    return messages
+
+
 def check_messages(messages: Any) -> list[dict]:
     """``messages`` if it is a conversation lora_dist can learn from.
 
@@ -259,8 +286,9 @@ def check_messages(messages: Any) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ChatError(f'messages[{k}] must be an object with "role" and "content", got {excerpt(m, 80)}')
         if m["role"] not in ROLES:
-            raise ChatError(f"messages[{k}].role {excerpt(m['role'], 40)} is not one of {', '.join(ROLES)}; "
-                            "rename it (e.g. human -> user, gpt -> assistant)")
+            fix = ("rename it system (many chat templates drop a role they do not know)" if m["role"] == "developer"
+                   else "rename it (e.g. human -> user, gpt -> assistant)")
+            raise ChatError(f"messages[{k}].role {excerpt(m['role'], 40)} is not one of {', '.join(ROLES)}; {fix}")
         content = m.get("content")
         if not (isinstance(content, (str, list)) or (content is None and m.get("tool_calls"))):
             raise ChatError(f'messages[{k}] ({m["role"]}) needs a "content" string, got {excerpt(content, 80)}')

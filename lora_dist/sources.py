@@ -157,6 +157,10 @@ def file_signature(source: Source) -> list[tuple[str, int, int]]:
 
 def _not_utf8(path: Path) -> DataError:
     """The one-line error for a data file that is not UTF-8, naming its first bad byte's line and column."""
+    with path.open("rb") as f:
+        head = f.read(2)
+    if head in (b"\xff\xfe", b"\xfe\xff"):
+        return DataError(f"{path}: UTF-16 text; convert the file to UTF-8 (e.g. iconv -f utf-16 -t utf-8)")
     where = "somewhere"
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):

@@ -477,6 +477,19 @@ def test_conversational_prompt_completion_learns_the_completion(tmp_path):
     assert tok.decode(ds.input_ids[0][ds.labels[0] != IGNORE]) == TURNS[3]["content"] + "<|im_end|>"
 
 
+def test_sharegpt_conversations_read_as_messages(tmp_path):
+    """ShareGPT's {"conversations": [{"from": "human", "value": ...}, ...]} (also under "messages"), as TRL reads
+    it: the same document as the messages it stands for."""
+    tok = make_tokenizer()
+    speaker = {"system": "system", "user": "human", "assistant": "gpt", "tool": "tool"}
+    turns = [{"from": speaker[m["role"]], "value": m["content"]} for m in [SYSTEM, *TURNS]]
+    path = write(tmp_path / "s.jsonl", [{"conversations": turns}, {"messages": turns}, {"messages": [SYSTEM, *TURNS]}])
+    ds = load_dataset(path, tok, seq_len=256, chat_template="chatml", packing=False)
+    assert ds.stats.records == {"messages": 3}
+    for k in (0, 1):
+        assert ds.input_ids[k].tolist() == ds.input_ids[2].tolist() and ds.labels[k].tolist() == ds.labels[2].tolist()
+
+
 def test_text_and_completions_start_with_bos_where_the_tokenizer_adds_it(tmp_path):
     """Llama, Gemma and Mistral tokenizers start every text with BOS: a text or prompt/completion document does
     too (unlearned), so its first token is learned; a conversation keeps the one BOS its template writes."""
@@ -512,6 +525,12 @@ def test_text_and_completions_start_with_bos_where_the_tokenizer_adds_it(tmp_pat
     ({"prompt": [TURNS[0]], "completion": [TURNS[0]]}, {"chat_template": "chatml"},
      r'd.jsonl:2: "completion" has no "assistant" message'),
     ({"text": 5}, {}, r'd.jsonl:2: "text" must be a string, got 5'),
+    ({"prompt": "Say hi", "chosen": "Hi!", "rejected": "Go away."}, {},
+     r'd.jsonl:2: a preference record \("chosen"/"rejected"\): lora_dist fine-tunes on demonstrations'),
+    ({"messages": [{"role": "developer", "content": "Be brief."}, *TURNS[:2]]}, {"chat_template": "chatml"},
+     r"d.jsonl:2: messages\[0\].role 'developer' is not one of .*; rename it system"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]},
+     {"chat_template": "chatml"}, r"d.jsonl:2: turn 1: speaker 'bot' is not one of system, human"),
     ({"messages": [SYSTEM] + TURNS}, {"chat_template": "gemma"}, r"data.chat_template='gemma' is neither a shipped"),
     ({"messages": [{"role": "assistant", "content": "hi"}, {"role": "assistant", "content": "x"}]},
      {"chat_template": "chatml", "loss_on": "everything"}, r"d.jsonl:2: data.loss_on='everything' is not one of"),

@@ -107,6 +107,8 @@ def test_a_parquet_record_error_names_its_row(tok, tmp_path):
      r"holds a DatasetDict \(splits test, train\); point the path at one split's dir, e.g. .*dd/train$"),
     (lambda p: (p / "bad.parquet").write_bytes(b"not parquet") and str(p / "bad.parquet"),
      r"bad.parquet: cannot be read as parquet"),
+    (lambda p: (p / "u16.jsonl").write_text('{"text": "caf\u00e9"}\n', encoding="utf-16") and str(p / "u16.jsonl"),
+     r"u16.jsonl: UTF-16 text; convert the file to UTF-8 \(e.g. iconv -f utf-16 -t utf-8\)"),
 ])
 def test_what_cannot_be_read_is_one_line(tok, tmp_path, setup, match):
     with pytest.raises(DataError, match=match) as e:
