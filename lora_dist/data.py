@@ -199,18 +199,26 @@ class PackedDataset:
             positions = torch.arange(width).expand(len(index), width)
         else:
             positions = self.position_ids[index, :width].long()
+        several = _several_documents(positions)  # decided here, on the host: no wait for the device
         ids, labels, positions = (t.to(device) for t in (ids, labels, positions))
         return {"input_ids": ids, "labels": labels, "position_ids": positions,
-                "attention_mask": block_causal_mask(positions)}
+                "attention_mask": _block_mask(positions) if several else None}
+
+
+def _several_documents(position_ids: torch.Tensor) -> bool:
+    """Whether some row holds two documents (or a document and padding): ``position_ids`` restart at 0 in it."""
+    return bool((position_ids[:, 1:] == 0).any())
 
 
 def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
     """The ``(B, 1, L, L)`` boolean mask (True: may attend) that keeps attention causal and inside each
     document, the documents of a row starting where ``position_ids`` is 0; None if no row holds two."""
-    starts = position_ids == 0
-    if not bool(starts[:, 1:].any()):
-        return None
-    doc = starts.cumsum(-1)
+    return _block_mask(position_ids) if _several_documents(position_ids) else None
+
+
+def _block_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """:func:`block_causal_mask`, built where ``position_ids`` are, without asking whether it is needed."""
+    doc = (position_ids == 0).cumsum(-1)
     length = position_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
     return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)
