@@ -122,8 +122,10 @@ def parse_record(row: Any, line: int = 0) -> Record:
     """
     if not isinstance(row, dict):
         raise ChatError(f"expected a JSON object with {FORMATS}, got {excerpt(row, 60)}")
+    row = {k: v for k, v in row.items() if v is not None}  # a null field is an absent one (as arrow writes it)
     tools = row.get("tools")
-    if tools is not None and not isinstance(tools, list):
+    if ("messages" in row or "conversations" in row or isinstance(row.get("prompt"), list)) and not isinstance(
+            tools, (list, type(None))):
         raise ChatError(f'"tools" must be a list of tool definitions, got {excerpt(tools, 60)}')
     if "messages" in row or "conversations" in row:  # ShareGPT's name and turns are read as messages
         messages = sharegpt_messages(row["messages"] if "messages" in row else row["conversations"])
@@ -131,14 +133,17 @@ def parse_record(row: Any, line: int = 0) -> Record:
     if "chosen" in row and "rejected" in row:
         raise ChatError('a preference record ("chosen"/"rejected"): lora_dist fine-tunes on demonstrations, not '
                         'preferences; train on the chosen responses, e.g. {"prompt": ..., "completion": <chosen>}')
-    if "instruction" in row or "output" in row:
-        values = [row.get("instruction"), row.get("input", ""), row.get("output")]
+    if "instruction" in row or "output" in row:  # Dolly's "context" and "response" are its input and output
+        values = [row.get("instruction"), row.get("input", row.get("context", "")), row.get("output", row.get("response"))]
         if not all(isinstance(v, str) for v in values):
-            raise ChatError(f'an alpaca record needs "instruction" and "output" strings ("input" optional), '
-                            f"got keys {excerpt(sorted(row), 80)}")
+            raise ChatError(f'an alpaca record needs "instruction" and "output" strings ("input" optional; Dolly\'s '
+                            f'"context" and "response" are read as them), got keys {excerpt(sorted(row), 80)}')
         return Record("alpaca", dict(zip(("instruction", "input", "output"), values)), line)
     if isinstance(row.get("text"), str):
         return Record("text", {"text": row["text"]}, line)
+    if isinstance(row.get("label"), bool) and "completion" in row:
+        raise ChatError('an unpaired preference record (KTO\'s "label"): lora_dist fine-tunes on demonstrations; '
+                        'keep the records labelled true, without "label"')
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational prompt/completion
         if isinstance(completion, str):
@@ -187,6 +192,8 @@ def tokenize_record(record: Record, tokenizer, template: str | None,
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     c = tokenizer(completion, add_special_tokens=False)["input_ids"]
     head = bos_prefix(tokenizer)
+    if head and (p or c)[:1] == head:  # the text starts with the BOS itself (Llama-2 style "<s>[INST] ...")
+        head = []
     tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return head + p + c + tail, [IGNORE] * (len(head) + len(p)) + c + tail
 
@@ -294,7 +301,25 @@ def check_messages(messages: Any) -> list[dict]:
             raise ChatError(f'messages[{k}] ({m["role"]}) needs a "content" string, got {excerpt(content, 80)}')
     if not any(m["role"] == "assistant" for m in messages):
         raise ChatError('the conversation has no "assistant" message to learn from; add one or drop the record')
-    return messages
+    return [{**m, "content": _text(m["content"], k, m["role"])} if isinstance(m.get("content"), list) else m
+            for k, m in enumerate(messages)]
+
+
+def _text(parts: list, k: int, role: str) -> str:
+    """A content given as parts (``[{"type": "text", "text": ...}, ...]``, OpenAI's form) as the text they hold: a
+    text-only chat template would print the list itself.
+
+    Raises:
+        ChatError: a part that is not text (lora_dist fine-tunes on text).
+    """
+    texts = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ChatError(f"messages[{k}] ({role}) has a {excerpt(kind or part, 40)} part; lora_dist fine-tunes on "
+                            'text: keep its {"type": "text", "text": ...} parts only')
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def chat_document(tokenizer, template: str, messages: list[dict], tools: list | None = None,
@@ -325,7 +350,8 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
     if loss_on not in LOSS_ON:
         raise ChatError(f"data.loss_on={excerpt(loss_on, 40)} is not one of {', '.join(LOSS_ON)}")
     full = _render(tokenizer, template, messages, tools, generation_prompt=False)
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first]
+    # (an assistant message with "weight": 0, as axolotl marks one, is context, not learned)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first and m.get("weight", 1) != 0]
     try:
         spans, stop = _assistant_spans(tokenizer, template, messages, tools, full,
                                        turns[-1:] if loss_on == "last_assistant" else turns)

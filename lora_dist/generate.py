@@ -100,7 +100,7 @@ def generate(base: str | os.PathLike, adapter: str | os.PathLike | None = None, 
     from lora_dist.adapter import load_adapter
     from lora_dist.data import load_tokenizer
     from lora_dist.model_dir import ModelDir, model_class
-    from lora_dist.prequantized import transformers_dequantized
+    from lora_dist.model import load_base_model
 
     if max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -110,10 +110,11 @@ def generate(base: str | os.PathLike, adapter: str | os.PathLike | None = None, 
     tokenizer = load_tokenizer(base_dir.path)
     ids, text = _prompt_ids(tokenizer, prompt, messages, chat_template)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # A quantized checkpoint (FP8, MXFP4) is loaded dequantized, the weights lora_dist trains and merges.
-    quantized = {"quantization_config": transformers_dequantized(base_dir.config())} if base_dir.quantized else {}
-    model = model_class(base_dir.hf_config).from_pretrained(base_dir.path, dtype="auto", trust_remote_code=False,
-                                                            local_files_only=True, **quantized)
+    if base_dir.quantized:  # FP8, MXFP4: the dense weights lora_dist trains and merges, read as training reads them
+        model = load_base_model(base_dir, torch.device("cpu"))
+    else:
+        model = model_class(base_dir.hf_config).from_pretrained(base_dir.path, dtype="auto", trust_remote_code=False,
+                                                                local_files_only=True)
     if adapter is not None:
         load_adapter(model, adapter)
     model.to(device).eval()

@@ -11,6 +11,9 @@ skeleton, which is how the distributed setup builds models::
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import logging
 import math
 import re
 import weakref
@@ -26,6 +29,8 @@ from lora_dist.inputs import excerpt
 from lora_dist.merge import LoRAWeights, lora_scale, merge_weight, unmerge_weight
 from lora_dist.nf4 import dequantize, frozen_linear, is_nf4, is_quantized
 from lora_dist.sharding import full_shape
+
+log = logging.getLogger(__name__)
 
 try:  # transformers is a dependency, but keep the core importable without it.
     from transformers.pytorch_utils import Conv1D
@@ -240,18 +245,43 @@ def _is_adaptable(module: nn.Module) -> bool:
     return _is_conv1d(module)
 
 
+#: ``self.<child>.weight`` used as a value in a module's code (not for its dtype, device or shape).
+_WEIGHT_READ = re.compile(r"self\.(\w+)\.weight\b(?!\s*\.\s*(?:dtype|device|shape|size|ndim|is_\w+|data_ptr)\b)")
+
+
+@functools.lru_cache(maxsize=None)
+def _weights_read(cls: type) -> frozenset[str]:
+    """The children whose ``.weight`` the methods of module class ``cls`` (and of its bases outside torch) use as a
+    value, not calling the child: weight initialization aside."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.") or klass is object:
+            continue
+        for attr, fn in vars(klass).items():
+            if "init" in attr or not inspect.isfunction(fn):
+                continue
+            try:
+                names |= set(_WEIGHT_READ.findall(inspect.getsource(fn)))
+            except (OSError, TypeError):  # no source (a compiled or generated method)
+                continue
+    return frozenset(names)
+
+
 def read_by_weight(model: nn.Module) -> set[str]:
-    """The linear layers whose weight a fused kernel reads directly, without calling them: a Mamba mixer's (a module
-    holding ``A_log``, ``D`` and a ``conv1d``: Mamba, Jamba, Bamba, Granite 4, Nemotron-H, Falcon-H1) other than
-    its ``in_proj``. On GPUs with mamba-ssm or the Hub's kernels the mixer hands ``out_proj.weight`` (Mamba 1 also
-    ``x_proj`` and ``dt_proj``) to its scan kernel, so LoRA there would not train; PEFT refuses ``out_proj`` in
-    some of these models for the same reason."""
+    """The linear layers of Mamba mixers (modules holding ``A_log``, ``D`` and a ``conv1d``) whose weight the mixer's
+    code uses directly, without calling them: LoRA there has no effect in that path. A Mamba-2 mixer hands
+    ``out_proj.weight`` to its fused scan kernel on GPUs with mamba-ssm or the Hub's kernels (Mamba 1 also
+    ``x_proj`` and ``dt_proj``; Jamba multiplies by ``dt_proj.weight`` everywhere); PEFT refuses ``out_proj`` in
+    some of these models for that reason. Other modules' paths that read a weight are left alone: they are off by
+    default (Bloom's ``pretraining_tp`` slices)."""
     out = set()
     for name, module in model.named_modules():
-        if hasattr(module, "A_log") and hasattr(module, "D") and isinstance(getattr(module, "conv1d", None),
-                                                                          nn.Module):
+        mixer = hasattr(module, "A_log") and hasattr(module, "D") and isinstance(getattr(module, "conv1d", None),
+                                                                              nn.Module)
+        read = _weights_read(type(module)) if mixer else frozenset()
+        if read:
             out |= {f"{name}.{child}" if name else child for child, sub in module.named_children()
-                    if isinstance(sub, nn.Linear) and child != "in_proj"}
+                    if child in read and isinstance(sub, nn.Linear)}
     return out
 
 
@@ -791,13 +821,13 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
         elif not _matches(targets, name):
             continue
         if _selected(config, name):
-            if name in fused:
-                child = name.split(".")[-1]
-                raise LoRAConfigError(
-                    f"lora.target_modules reaches {name}, whose weight the fused Mamba kernel reads directly on GPUs, "
-                    f"so LoRA there would not train; add lora.exclude_modules=[{child}] (all-linear adapts a Mamba "
-                    "mixer's in_proj only)")
             chosen.append(name)
+    bypassed = sorted(n for n in chosen if n in fused)
+    if bypassed:
+        log.warning("LoRA on %s (and %d more): the module holding it uses its weight directly in some path (a fused "
+                    "Mamba kernel on GPUs), where this LoRA has no effect; all-linear leaves such layers out, "
+                    "lora.exclude_modules=[%s] does too", bypassed[0], len(bypassed) - 1,
+                    ",".join(sorted({n.split(".")[-1] for n in bypassed})))
     if targets is not None and not chosen:
         shown = sorted({n.split(".")[-1] for n in linear_names})
         raise LoRAConfigError(

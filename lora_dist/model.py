@@ -33,7 +33,7 @@ from lora_dist.quant import NF4Record, prepare_quantized, quantize_problem
 from lora_dist.sharding import full_shape, owned_range, whole_local
 from lora_dist.weight_mapping import WeightMap
 
-__all__ = ["LoadedModel", "load_model", "place_unsharded"]
+__all__ = ["LoadedModel", "load_base_model", "load_model", "place_unsharded"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,39 @@ def place_unsharded(model: nn.Module, device: torch.device) -> None:
             setattr(module, name, buf.to(device))
 
 
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate a model built on the meta device (its buffers real) on ``device``, uninitialized; buffers and tied
+    parameters kept."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    ties = _tied_parameters(model)
+    model.to_empty(device=device)
+    for name, value in buffers.items():
+        model.get_buffer(name).copy_(value)
+    for owner, alias in ties:  # to_empty gives each module its own tensor: tie them again
+        module_name, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, model.get_parameter(owner))
+
+
+def load_base_model(base: ModelDir, device: torch.device) -> nn.Module:
+    """The base model whole on ``device``, in its declared dtype, in eval mode, its weights read as training reads
+    them (a quantized checkpoint dense, :mod:`lora_dist.prequantized`), with its generation config."""
+    from accelerate import init_empty_weights
+    from transformers import GenerationConfig
+
+    hf_config = base.hf_config
+    with init_empty_weights(include_buffers=False):
+        model = model_class(hf_config).from_config(hf_config, dtype=parse_dtype(getattr(hf_config, "dtype", None)))
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
+    weights = WeightMap.of(base, model)
+    _materialize(model, device)
+    _load_base(model, base, weights)
+    _assert_materialized(model)
+    if (base.path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(base.path)
+    return model.eval()
+
+
 def _init_lora(model: nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for _, module in lora_modules(model):
@@ -210,14 +243,7 @@ def load_model(
     parallelize(model, parallel_cfg, device)
     if strategy != "zero3":
         offload = strategy == "fsdp2" and parallel_cfg.cpu_offload
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        ties = _tied_parameters(model)
-        model.to_empty(device=torch.device("cpu") if offload else device)
-        for name, value in buffers.items():
-            model.get_buffer(name).copy_(value)
-        for owner, alias in ties:  # to_empty gives each module its own tensor: tie them again
-            module_name, _, attr = alias.rpartition(".")
-            setattr(model.get_submodule(module_name), attr, model.get_parameter(owner))
+        _materialize(model, torch.device("cpu") if offload else device)
         if offload:
             place_unsharded(model, device)
     _load_base(model, base, weights)

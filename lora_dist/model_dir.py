@@ -289,7 +289,7 @@ _LAYER_KINDS = ("layer_types", "layers_block_type", "block_types")
 _RECURRENT_KINDS = ("linear_attention", "mamba", "conv", "recurrent", "hybrid")
 #: Config keys only models with recurrent layers have, and what those layers are.
 _RECURRENT_KEYS = {"mamba_": "Mamba", "ssm_": "Mamba", "time_step_rank": "Mamba", "conv_L_cache": "short convolution",
-                   "linear_conv_kernel_dim": "linear attention"}
+                   "linear_conv_kernel_dim": "linear attention", "linear_attn_config": "linear attention"}
 _RECURRENT_TYPES = ("rwkv", "xlstm", "mamba", "mamba2", "falcon_mamba", "recurrent_gemma")
 
 
@@ -323,8 +323,7 @@ def alibi_attention(config) -> bool:
     def get(c, key):
         return c.get(key) if isinstance(c, dict) else getattr(c, key, None)
 
-    attn = get(config, "attn_config")
-    return get(config, "model_type") == "bloom" or get(config, "alibi") is True or bool(attn and get(attn, "alibi"))
+    return get(config, "model_type") in ("bloom", "mpt") or get(config, "alibi") is True
 
 
 def text_config(hf_config):

@@ -2,8 +2,7 @@
 
 Many MoE checkpoints are published quantized, with ``quantization_config`` in their ``config.json``:
 
-* **block-scaled FP8** (``quant_method: fp8``; DeepSeek-V3/R1, Kimi K2, the Qwen3 ``-FP8`` releases,
-  MiniMax-M2): a ``weight`` stored as ``F8_E4M3`` (or ``F8_E5M2``) next to a ``weight_scale_inv`` with one
+* **block-scaled FP8** (``quant_method: fp8``; DeepSeek-V3/R1, the Qwen3 ``-FP8`` releases, MiniMax-M2): a ``weight`` stored as ``F8_E4M3`` (or ``F8_E5M2``) next to a ``weight_scale_inv`` with one
   float per ``weight_block_size`` block (128 x 128). The weight is ``fp8 x scale_inv``, block by block;
   the embedding, the head, norms and routers are stored unquantized.
 * **MXFP4** (``quant_method: mxfp4``; gpt-oss): each expert weight ``W`` of ``(E, in, out)`` is stored as
@@ -31,7 +30,7 @@ from lora_dist.dtypes import FLOAT_DTYPES, to_safetensors
 from lora_dist.errors import UserError
 
 __all__ = ["DenseTensor", "DenseView", "PrequantizedError", "dense_view", "dequantize_fp8", "dequantize_mxfp4",
-           "quantization_method", "transformers_dequantized"]
+           "quantization_method"]
 
 #: The methods read as dense weights (``quantization_config.quant_method``).
 SUPPORTED = ("fp8", "mxfp4")
@@ -209,17 +208,3 @@ def dense_view(config: dict, stored: Stored, path) -> DenseView:
                                     f"({key}_scale_inv); {_fix()}")
     hidden |= {p for d in dense.values() for p in d.parts} - set(dense)
     return DenseView(dense, frozenset(hidden))
-
-
-def transformers_dequantized(config: dict):
-    """transformers' quantization config that loads this quantized checkpoint dequantized, as lora_dist reads it
-    (bitwise the same weights), for ``from_pretrained``; None for an unquantized checkpoint."""
-    method = quantization_method(config, "the model dir")
-    if method is None:
-        return None
-    from transformers import FineGrainedFP8Config, Mxfp4Config
-
-    if method == "mxfp4":
-        return Mxfp4Config(dequantize=True)
-    size = config["quantization_config"].get("weight_block_size")
-    return FineGrainedFP8Config(dequantize=True, **({"weight_block_size": tuple(size)} if size else {}))

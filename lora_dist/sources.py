@@ -8,11 +8,12 @@ a dir written by ``datasets.Dataset.save_to_disk``, or a ``.txt`` file (one text
 Nothing is ever downloaded: a name that is not a local path (a hub id such as ``org/name``) is refused.
 JSON Lines are read line by line (so an error names the line, and records keep exactly their fields);
 parquet files a row batch at a time through pyarrow; ``save_to_disk`` dirs through
-``datasets.load_from_disk``, which memory-maps their arrow files and writes nothing. ``datasets`` stores
-values whose type varies between rows (messages with and without ``tool_calls``, tool parameters) as JSON
-text (its ``Json`` feature); they are decoded back, as ``datasets`` itself does. Arrow cannot tell a missing
-field from a null one (a table's rows share one schema), so keys whose value is null are dropped from every
-record (:func:`drop_nulls`), JSON Lines' too: the same records give the same documents from every kind.
+``datasets.load_from_disk``, which memory-maps their arrow files and writes nothing. Arrow cannot tell a
+missing field from a null one (a table's rows share one schema), so keys whose value is null are dropped from
+arrow rows, at every depth (:func:`drop_nulls`; a record's null fields count as absent in every kind,
+:func:`lora_dist.chat.parse_record`). ``datasets`` stores values whose type varies between rows (messages with
+and without ``tool_calls``, tool parameters) as JSON text (its ``Json`` feature); they are decoded back as
+``datasets`` decodes them, nulls inside them kept, as JSON Lines keeps them.
 
 Rows are yielded in chunks (:func:`read_chunks`), never the whole source at once (a ``.txt`` file, the
 legacy format, and a ``.json`` array or column file are the exceptions: they are read in memory).
@@ -173,8 +174,8 @@ def _not_utf8(path: Path) -> DataError:
 
 
 def drop_nulls(value: Any) -> Any:
-    """A record as lora_dist reads it: keys whose value is null dropped, at every depth (a null field is an absent
-    one, as arrow writes a field a row lacks)."""
+    """An arrow row as the record it came from: keys whose value is null dropped, at every depth (arrow writes
+    null for a field a row lacks)."""
     if isinstance(value, dict):
         return {k: drop_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
@@ -209,13 +210,18 @@ def _has_json(feature: Any) -> bool:
     return inner is not None and _has_json(inner)
 
 
+#: The fields records are read by (:func:`lora_dist.chat.parse_record`): a column object names some of them.
+_RECORD_FIELDS = {"messages", "conversations", "instruction", "input", "output", "context", "response", "text",
+                  "prompt", "completion"}
+
+
 def _columns(value: Any) -> list[dict] | None:
     """The records of an object of equal-length columns (``{"instruction": [...], "output": [...]}``); None for
     anything else, a record included (a ``messages`` list holds objects, a column of conversations lists)."""
-    if not isinstance(value, dict) or not value:
+    if not isinstance(value, dict) or not value or not set(value) & _RECORD_FIELDS:
         return None
     columns = list(value.values())
-    if not all(isinstance(c, list) and len(c) == len(columns[0]) for c in columns):
+    if not columns[0] or not all(isinstance(c, list) and len(c) == len(columns[0]) for c in columns):
         return None
     if any(isinstance(item, dict) for c in columns for item in c[:1]):
         return None
@@ -262,9 +268,9 @@ def read_chunks(source: Source, chunk_rows: int = CHUNK_ROWS) -> Iterator[list[t
     kind = check_source(source)
     chunk: list[tuple[int, Any]] = []
     records = _json_file(path) if kind == "jsonl" and path.suffix == ".json" else None
-    if records is not None:  # a JSON array (or columns): record k is at position k, from 1
-        for start in range(0, len(records), chunk_rows):
-            yield [(start + k, r) for k, r in enumerate(records[start:start + chunk_rows], 1)]
+    if records is not None:  # a JSON array (or columns): record k is at position k, from 1, as JSON text (what the
+        for start in range(0, len(records), chunk_rows):  # tokenization workers parse: an element is never re-read)
+            yield [(start + k, json.dumps(r)) for k, r in enumerate(records[start:start + chunk_rows], 1)]
     elif kind == "jsonl":
         try:
             with path.open(encoding="utf-8-sig") as f:
@@ -290,8 +296,8 @@ def read_chunks(source: Source, chunk_rows: int = CHUNK_ROWS) -> Iterator[list[t
     else:
         row = 0
         for table, features in _arrow_batches(path, kind, chunk_rows):
-            rows = table.to_pylist()
-            if features is not None:
+            rows = [drop_nulls(r) for r in table.to_pylist()]
+            if features is not None:  # after: the nulls inside JSON text are the record's own
                 rows = [_json_decoded(features, r) for r in rows]
             yield list(enumerate(rows, row))
             row += len(rows)
@@ -312,8 +318,11 @@ def _arrow_batches(path: Path, kind: str, chunk_rows: int):
 
             file = pq.ParquetFile(path)
             schema = file.schema_arrow
-            features = (datasets.Features.from_arrow_schema(schema)
-                        if schema.metadata and b"huggingface" in schema.metadata else None)
+            try:  # the datasets features it was written with (a type this datasets lacks: the rows as stored)
+                features = (datasets.Features.from_arrow_schema(schema)
+                            if schema.metadata and b"huggingface" in schema.metadata else None)
+            except Exception:
+                features = None
             batches = file.iter_batches(batch_size=chunk_rows)
         else:
             dataset = datasets.load_from_disk(str(path))

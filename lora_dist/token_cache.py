@@ -40,7 +40,7 @@ import numpy as np
 from lora_dist.atomic import publish_dir, staging_dir
 from lora_dist.chat import ChatError, parse_record, resolve_template, tokenize_record
 from lora_dist.packing import BLOCK_ARRAYS, DTYPE, Packer
-from lora_dist.sources import DataError, Source, check_source, copies, drop_nulls, read_chunks, signature_json
+from lora_dist.sources import DataError, Source, check_source, copies, read_chunks, signature_json
 
 __all__ = ["FORMAT", "build", "cache_key", "cached_blocks", "default_cache_dir", "default_num_proc", "open_entry"]
 
@@ -123,7 +123,7 @@ def _tokenize_chunk(task: tuple[str, str, list[tuple[int, Any]]]) -> tuple[dict,
             except RecursionError:
                 raise DataError(f"{where}: JSON nested too deeply to be a record") from None
         try:
-            record = parse_record(drop_nulls(row), pos)
+            record = parse_record(row, pos)
             d_ids, d_labels = tokenize_record(record, tok, template, loss_on)
         except ChatError as e:
             raise DataError(f"{where}: {e}") from None

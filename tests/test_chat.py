@@ -490,6 +490,25 @@ def test_sharegpt_conversations_read_as_messages(tmp_path):
         assert ds.input_ids[k].tolist() == ds.input_ids[2].tolist() and ds.labels[k].tolist() == ds.labels[2].tolist()
 
 
+def test_dolly_parts_and_weights_read_as_users_mean_them(tmp_path):
+    """Dolly's instruction/context/response is an alpaca record; a content given as text parts is its text (a
+    text-only template would print the list); an assistant message with "weight": 0 (axolotl's mark) is context."""
+    tok = make_tokenizer()
+    parts = [{"type": "text", "text": "Which animal builds "}, {"type": "text", "text": "wooden boats?"}]
+    unlearned = {**TURNS[1], "weight": 0}
+    path = write(tmp_path / "d.jsonl", [
+        {"instruction": "Name an animal.", "context": "in the garden", "response": "A grey cat."},
+        {"instruction": "Name an animal.", "input": "in the garden", "output": "A grey cat."},
+        {"messages": [{"role": "user", "content": parts}, *TURNS[1:2]]},
+        {"messages": TURNS[:2]},
+        {"messages": [TURNS[0], unlearned, *TURNS[2:]]}])
+    ds = load_dataset(path, tok, seq_len=256, chat_template="chatml", packing=False)
+    for a, b in ((0, 1), (2, 3)):
+        assert ds.input_ids[a].tolist() == ds.input_ids[b].tolist() and ds.labels[a].tolist() == ds.labels[b].tolist()
+    assert tok.decode(ds.input_ids[4][ds.labels[4] != IGNORE]) == TURNS[3]["content"] + "<|im_end|>"
+    assert TURNS[1]["content"] in tok.decode(ds.input_ids[4])
+
+
 def test_text_and_completions_start_with_bos_where_the_tokenizer_adds_it(tmp_path):
     """Llama, Gemma and Mistral tokenizers start every text with BOS: a text or prompt/completion document does
     too (unlearned), so its first token is learned; a conversation keeps the one BOS its template writes."""
@@ -502,15 +521,17 @@ def test_text_and_completions_start_with_bos_where_the_tokenizer_adds_it(tmp_pat
     assert tok("a")["input_ids"][0] == bos
     path = write(tmp_path / "d.jsonl", [{"text": "A small robot paints old maps."},
                                         {"prompt": "The red fox", "completion": " builds boats."},
-                                        {"messages": TURNS}])
+                                        {"messages": TURNS},
+                                        {"text": "<|begin_of_text|>A text that starts with it."}])
     ds = load_dataset(path, tok, seq_len=256, packing=False, chat_template="llama3", num_proc=1)
     eos = tok.eos_token_id
     text = tok("A small robot paints old maps.", add_special_tokens=False)["input_ids"]
     assert ds.input_ids[0][: int(ds.lengths[0])].tolist() == [bos, *text, eos]
     assert ds.labels[0][: int(ds.lengths[0])].tolist() == [IGNORE, *text, eos]  # the first token learned
     assert ds.input_ids[1][0] == bos and ds.labels[1][0] == IGNORE
-    chat = ds.input_ids[2][: int(ds.lengths[2])].tolist()
-    assert chat.count(bos) == 1 and chat[0] == bos
+    for k in (2, 3):  # a conversation's template writes it; a text that starts with it keeps the one
+        doc = ds.input_ids[k][: int(ds.lengths[k])].tolist()
+        assert doc.count(bos) == 1 and doc[0] == bos
 
 
 @pytest.mark.parametrize("row, options, match", [
@@ -529,6 +550,10 @@ def test_text_and_completions_start_with_bos_where_the_tokenizer_adds_it(tmp_pat
      r'd.jsonl:2: a preference record \("chosen"/"rejected"\): lora_dist fine-tunes on demonstrations'),
     ({"messages": [{"role": "developer", "content": "Be brief."}, *TURNS[:2]]}, {"chat_template": "chatml"},
      r"d.jsonl:2: messages\[0\].role 'developer' is not one of .*; rename it system"),
+    ({"prompt": "Say hi", "completion": "Go away.", "label": False}, {},
+     r'd.jsonl:2: an unpaired preference record \(KTO\'s "label"\)'),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}, TURNS[1]]},
+     {"chat_template": "chatml"}, r"d.jsonl:2: messages\[0\] \(user\) has a 'image' part; lora_dist fine-tunes on text"),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]},
      {"chat_template": "chatml"}, r"d.jsonl:2: turn 1: speaker 'bot' is not one of system, human"),
     ({"messages": [SYSTEM] + TURNS}, {"chat_template": "gemma"}, r"data.chat_template='gemma' is neither a shipped"),

@@ -202,3 +202,34 @@ def test_a_model_that_is_no_decoder_is_refused_in_one_line(model_type, arch):
                                             "builds with AutoModelForCausalLM or AutoModelForImageTextToText") as e:
         model_class(config)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("model_type, extra, recurrent, alibi", [
+    ("qwen3_next", {}, "linear_attention", False), ("granitemoehybrid", {}, "linear_attention", False),
+    ("nemotron_h", {}, "linear_attention", False), ("bamba", {}, "Mamba", False), ("jamba", {}, "Mamba", False),
+    ("falcon_h1", {}, "Mamba", False), ("lfm2", {}, "short convolution", False), ("minimax", {}, "linear_attention", False),
+    ("mamba", {}, "'mamba'", False), ("recurrent_gemma", {}, "recurrent", False),
+    ("kimi_linear", {}, "linear_attention", False), ("bloom", {}, None, True), ("mpt", {}, None, True),
+    ("falcon", {"alibi": True}, None, True), ("falcon", {}, None, False), ("llama", {}, None, False),
+    ("gemma3_text", {}, None, False), ("gpt_oss", {}, None, False), ("llama4_text", {}, None, False),
+    ("deepseek_v3", {}, None, False), ("mistral", {"sliding_window": 16}, None, False)])
+def test_what_cannot_share_a_packed_block(model_type, extra, recurrent, alibi):
+    """Layers that carry a state along the sequence, and ALiBi, from config.json as transformers writes it."""
+    import transformers
+
+    from lora_dist.model_dir import alibi_attention, recurrent_layers
+
+    config = transformers.AutoConfig.for_model(model_type, **extra).to_dict()
+    found = recurrent_layers(config)
+    assert (found is None) if recurrent is None else (recurrent in found), found
+    assert alibi_attention(config) is alibi
+
+
+def test_hub_configs_without_layer_types():
+    """Kimi-Linear's Hub config.json names its linear-attention layers in linear_attn_config only; MPT always
+    biases with ALiBi, whether or not attn_config says so."""
+    from lora_dist.model_dir import alibi_attention, recurrent_layers
+
+    assert "linear attention" in recurrent_layers({"model_type": "kimi_linear",
+                                                   "linear_attn_config": {"kda_layers": [1, 2]}})
+    assert alibi_attention({"model_type": "mpt"}) and not recurrent_layers({"model_type": "mpt"})

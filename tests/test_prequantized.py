@@ -1,4 +1,4 @@
-"""Checkpoints published quantized, as the Hub ships DeepSeek-V3, Kimi K2 and the Qwen3 ``-FP8`` releases
+"""Checkpoints published quantized, as the Hub ships DeepSeek-V3 and the Qwen3 ``-FP8`` releases
 (block-scaled FP8) and gpt-oss (MXFP4 experts): lora_dist reads the weights transformers' own dequantizing load
 gives, trains on them exactly as on the model's dense release (one process and 2 ranks), and exports a dense
 merged checkpoint with no quantization left in it. Other quantized checkpoints are refused in one line."""
@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from distutil import assert_same_grad_norms, assert_same_losses, assert_same_run, logged, lora_dist, ranks, short_run_args
 from lora_dist.demo import write_demo_data
 from lora_dist.model_dir import ModelDir, ModelDirError
-from lora_dist.prequantized import dequantize_fp8, transformers_dequantized
+from lora_dist.prequantized import dequantize_fp8
 
 BLOCK = 16  # FP8 scale blocks (the Hub's are 128 x 128; the tiny model's weights are 64 wide)
 STEPS, LR = 3, 5e-3
@@ -38,21 +38,24 @@ def _copy_dir(src: Path, dst: Path, tensors: dict[str, torch.Tensor], quantizati
     return dst
 
 
-def quantize_fp8(src: Path, dst: Path) -> Path:
+def quantize_fp8(src: Path, dst: Path, block: int = BLOCK) -> Path:
     """``src`` with every projection of its layers stored as DeepSeek-V3 stores them: ``F8_E4M3`` blocks, each
-    scaled to the format's range, and their ``weight_scale_inv``."""
+    scaled to the format's range, and their ``weight_scale_inv`` (ceil(rows / block) x ceil(cols / block): the
+    last blocks overhang a weight that ``block`` does not divide)."""
     out = {}
     for key, w in load_file(src / "model.safetensors").items():
         if ".layers." in key and key.endswith("proj.weight"):
             rows, cols = w.shape
-            blocks = w.float().reshape(rows // BLOCK, BLOCK, cols // BLOCK, BLOCK)
+            grid = (math.ceil(rows / block), math.ceil(cols / block))
+            padded = torch.nn.functional.pad(w.float(), (0, grid[1] * block - cols, 0, grid[0] * block - rows))
+            blocks = padded.reshape(grid[0], block, grid[1], block)
             scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-            out[key] = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
-            out[key + "_scale_inv"] = scale
+            q = (blocks / scale[:, None, :, None]).reshape(grid[0] * block, grid[1] * block)[:rows, :cols]
+            out[key], out[key + "_scale_inv"] = q.to(torch.float8_e4m3fn).contiguous(), scale
         else:
             out[key] = w
     return _copy_dir(src, dst, out, {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                     "weight_block_size": [BLOCK, BLOCK]})
+                                     "weight_block_size": [block, block]})
 
 
 def quantize_mxfp4(src: Path, dst: Path) -> Path:
@@ -74,10 +77,12 @@ def quantize_mxfp4(src: Path, dst: Path) -> Path:
 
 
 def transformers_load(path: Path) -> torch.nn.Module:
-    """The checkpoint as transformers loads it dequantized (bf16)."""
+    """The checkpoint as transformers loads it dequantized (bf16): the reference."""
     import transformers
 
-    config = transformers_dequantized(json.loads((path / "config.json").read_text()))
+    quant = json.loads((path / "config.json").read_text())["quantization_config"]
+    config = (transformers.Mxfp4Config(dequantize=True) if quant["quant_method"] == "mxfp4" else
+              transformers.FineGrainedFP8Config(dequantize=True, weight_block_size=tuple(quant["weight_block_size"])))
     return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16)
 
 
@@ -133,6 +138,35 @@ def test_fp8_blocks_that_overhang_the_weight():
                          for r in range(5)])
     assert torch.equal(dequantize_fp8(weight, scale, (2, 4)), want)
     assert torch.equal(dequantize_fp8(weight[3:], scale[1:], (2, 4), first_row=3), want[3:])
+
+
+def test_fp8_blocks_that_overhang_the_weight_read_and_generate(tiny_checkpoint, tmp_path):
+    """DeepSeek-V3's kv_a_proj_with_mqa (576 x 7168) ends in partial 128-blocks, which transformers' dequantizing
+    load refuses. lora_dist reads them as a block-by-block loop computes them, and ``generate`` builds the model
+    from those weights: the same greedy reply as from the dense checkpoint they make."""
+    from lora_dist.generate import generate
+
+    block = 24  # the tiny model's 64 x 64 and 64 x 256 weights end in partial blocks
+    fp8 = quantize_fp8(tiny_checkpoint("qwen3", dtype=torch.bfloat16), tmp_path / "fp8", block)
+    stored, want = load_file(fp8 / "model.safetensors"), {}
+    for key, q in stored.items():
+        if key.endswith("_scale_inv"):
+            continue
+        if key + "_scale_inv" not in stored:
+            want[key] = q
+            continue
+        scale, w = stored[key + "_scale_inv"], torch.empty(q.shape)
+        for i in range(scale.shape[0]):
+            for j in range(scale.shape[1]):
+                rows, cols = slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block)
+                w[rows, cols] = q[rows, cols].float() * scale[i, j]
+        want[key] = w.to(torch.bfloat16)
+    base = ModelDir(fp8)
+    assert sorted(base.keys()) == sorted(want)
+    assert all(torch.equal(base.read(k), w) for k, w in want.items())
+    dense = _copy_dir(fp8, tmp_path / "dense", want, None)
+    replies = [generate(path, prompt="the red fox", max_new_tokens=8, device="cpu") for path in (fp8, dense)]
+    assert replies[0].new_tokens == replies[1].new_tokens and len(replies[0].new_tokens) == 8
 
 
 @pytest.mark.dist

@@ -191,7 +191,8 @@ def tool_records() -> list[dict]:
     for k, text in enumerate(demo_texts(12, seed=5)):
         tool = {"type": "function", "function": {"name": f"find_{k % 3}", "description": text[:20], "parameters": {
             "type": "object", "properties": {"n": {"type": "integer", "default": 3 if k % 2 else "three"}}}}}
-        call = {"type": "function", "function": {"name": f"find_{k % 3}", "arguments": {"n": k} if k % 2 else "{}"}}
+        call = {"type": "function", "function": {"name": f"find_{k % 3}",
+                                                 "arguments": {"n": k, "label": None} if k % 2 else "{}"}}
         rows.append({"tools": [tool], "messages": [
             {"role": "user", "content": text[:25]},
             {"role": "assistant", "content": None, "tool_calls": [call]},
@@ -203,7 +204,7 @@ def tool_records() -> list[dict]:
 def test_tool_calls_read_the_same_from_jsonl_parquet_and_save_to_disk(tmp_path):
     """``datasets`` stores fields whose type varies between rows (messages with and without ``tool_calls``, the
     tools' parameters) as JSON text; they are decoded as ``datasets`` decodes them, so every kind gives the
-    blocks of the JSON Lines."""
+    blocks of the JSON Lines, the nulls inside a tool call's arguments kept."""
     import datasets
 
     jsonl = write_jsonl(tmp_path / "t.jsonl", tool_records())
@@ -216,6 +217,7 @@ def test_tool_calls_read_the_same_from_jsonl_parquet_and_save_to_disk(tmp_path):
     ref = load_dataset(jsonl, tok, 1024, **options)
     text = tok.decode(ref.input_ids[0][: int(ref.lengths[0])])
     assert '"default": "three"' in text and '<tool_call>\n{"name": "find_0", "arguments": {}}' in text
+    assert '"arguments": {"n": 1, "label": null}' in tok.decode(ref.input_ids[1][: int(ref.lengths[1])])
     for other in ("t.parquet", "saved"):
         assert_same_blocks(ref, load_dataset(tmp_path / other, tok, 1024, **options))
 
@@ -238,11 +240,18 @@ def test_a_json_file_may_hold_an_array_or_columns(tok, tmp_path):
     (tmp_path / "bad.json").write_text('[{"text": "a"},\n{"text": ')
     with pytest.raises(DataError, match=r"bad.json:2: invalid JSON .*one JSON array of records"):
         load_dataset(tmp_path / "bad.json", tok, SEQ)
+    (tmp_path / "strings.json").write_text(json.dumps(["hello", '{"text": "x"}']))  # elements are never re-read
+    with pytest.raises(DataError, match=r"strings.json:1: expected a JSON object .*got 'hello'"):
+        load_dataset(tmp_path / "strings.json", tok, SEQ)
+    (tmp_path / "record.json").write_text(json.dumps({"ids": [1, 2, 3], "text": "One record, not columns."}))
+    assert load_dataset(tmp_path / "record.json", tok, SEQ).stats.records == {"text": 1}
 
 
 def test_null_fields_are_absent_ones_in_json_lines_too(tok, tmp_path):
-    """As parquet reads them: a null prompt is no prompt, a null alpaca input no input (before: the text "None")."""
-    nulls = [{"prompt": None, "completion": "The red fox."}, {"instruction": "Name it.", "input": None, "output": "x"}]
-    absent = [{"completion": "The red fox."}, {"instruction": "Name it.", "output": "x"}]
+    """As parquet reads them: a null prompt is no prompt, a null alpaca input no input (before: the text "None");
+    a field a record's format does not read (a "tools" string beside a text) is left alone."""
+    nulls = [{"prompt": None, "completion": "The red fox."}, {"instruction": "Name it.", "input": None, "output": "x"},
+             {"text": "A small robot.", "tools": "[]", "meta": None}]
+    absent = [{"completion": "The red fox."}, {"instruction": "Name it.", "output": "x"}, {"text": "A small robot."}]
     assert_same_blocks(load_dataset(write_jsonl(tmp_path / "n.jsonl", nulls), tok, SEQ),
                        load_dataset(write_jsonl(tmp_path / "a.jsonl", absent), tok, SEQ))
