@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The distributed training, export, MoE, data-source, NF4, quantized-checkpoint, loss, parallel (FSDP2, ZeRO, compiled blocks...) and
+# The distributed training, export, MoE, data-source, chat-template, data, LoRA-injection, model-dir, NF4,
+# quantized-checkpoint, loss, parallel (FSDP2, ZeRO, compiled blocks...) and
 # trainer-integration tests against today's releases of transformers, accelerate, deepspeed, peft, datasets, trl and
 # torchao, and torch 2.14.1 (the newest torch these machines hold on disk; scripts/setup.sh), in .venv-latest next to
 # the pinned .venv. Users `pip install` today's releases, not our pins; .ci/run runs this after scripts/test.sh.
@@ -14,4 +15,5 @@ print("today's releases:", ", ".join(f"{p} {version(p)}" for p in ("torch", "tra
 PY
 # nproc without OMP_NUM_THREADS, which it would obey (1 above): the cores, not the threads per worker.
 exec python -m pytest -ra -n "${LORA_DIST_TEST_WORKERS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}" tests/test_train_dist.py tests/export/test_run_export.py tests/export/test_export.py \
-    tests/test_moe.py tests/test_hub_archs.py tests/test_sources.py tests/test_nf4.py tests/test_prequantized.py tests/test_chunked_loss.py tests/parallel tests/integrations "$@"
+    tests/test_moe.py tests/test_hub_archs.py tests/test_sources.py tests/test_chat.py tests/test_data.py tests/test_lora.py \
+    tests/test_model_dir.py tests/test_nf4.py tests/test_prequantized.py tests/test_chunked_loss.py tests/parallel tests/integrations "$@"

@@ -765,7 +765,7 @@ def test_linear_subclasses_are_adapted_only_where_their_forward_is_the_projectio
 
 
 @pytest.mark.parametrize("model_type, skipped", [("bamba", {"out_proj"}), ("jamba", {"dt_proj"}),
-                                                 ("falcon_mamba", {"out_proj", "x_proj", "dt_proj"})])
+                                                 ("mamba", {"out_proj", "x_proj", "dt_proj"})])
 def test_all_linear_leaves_out_what_a_mamba_mixer_reads_by_weight(model_type, skipped, caplog):
     """A Mamba-2 mixer hands out_proj's weight to its fused scan kernel on GPUs (Mamba 1: x_proj's and dt_proj's too;
     Jamba multiplies by dt_proj's everywhere): LoRA there has no effect in that path. all-linear leaves exactly
