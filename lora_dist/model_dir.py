@@ -36,8 +36,8 @@ from lora_dist.errors import UserError
 from lora_dist.inputs import clip, excerpt, read_json
 from lora_dist.prequantized import PrequantizedError, dense_view
 
-__all__ = ["REMOTE_CODE_FIX", "SAFE_INDEX", "SAFE_SINGLE", "ModelDir", "ModelDirError", "alibi_attention", "model_class", "read_config_json", "recurrent_layers",
-           "skeleton"]
+__all__ = ["REMOTE_CODE_FIX", "SAFE_INDEX", "SAFE_SINGLE", "ModelDir", "ModelDirError", "alibi_attention", "model_class",
+           "read_config_json", "recurrent_layers", "skeleton", "text_config"]
 
 log = logging.getLogger(__name__)
 
