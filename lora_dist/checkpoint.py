@@ -5,7 +5,8 @@ The frozen base is never written. A checkpoint is a directory::
     checkpoints/step-000040/
         lora.safetensors        LoRA tensors by the model's own names
         optimizer.safetensors   AdamW exp_avg / exp_avg_sq per LoRA tensor, full (not sharded)
-        state.json              step, samples consumed, run id, base identity, LoRA settings, world size, strategy
+        state.json              step, samples consumed, run id, base identity, LoRA settings, world size, strategy,
+                                the data blocks' fingerprint and the seed
 
 Everything is stored whole and by parameter name, so a run resumes on another
 world size or strategy. Writes are atomic and durable (:mod:`lora_dist.atomic`):
@@ -166,9 +167,17 @@ def _check_finite(tensors: dict[str, torch.Tensor], step: int) -> None:
                                "Lower train.lr or check the data")
 
 
+def data_record(data, cfg: Config) -> dict:
+    """What ``state.json`` records of the training blocks (a :class:`~lora_dist.data.PackedDataset`): their count,
+    length and fingerprint, and ``train.seed``, which orders them."""
+    return {"blocks": len(data), "seq_len": int(data.input_ids.shape[1]), "sha256": data.fingerprint(),
+            "seed": cfg.train.seed}
+
+
 def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_id: str | None,
-            engine=None) -> dict:
-    """A checkpoint's ``state.json`` (with ``engine``'s NF4 weights under ``model.quantize``)."""
+            engine=None, data=None) -> dict:
+    """A checkpoint's ``state.json`` (with ``engine``'s NF4 weights under ``model.quantize``, and what
+    :func:`data_record` says of ``data``, the training blocks, where given)."""
     record = {
         "step": step,
         "samples_consumed": samples_consumed,
@@ -180,6 +189,8 @@ def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_
     }
     if run_id is None:
         del record["run_id"]
+    if data is not None:
+        record["data"] = data_record(data, cfg)
     nf4 = _nf4(engine)
     if nf4 is not None:  # which weights are NF4 depends on the sharding (lora_dist.quant.NF4Record)
         record["quantized"], record["quantized_shards"] = list(nf4.weights), nf4.shards
@@ -289,6 +300,35 @@ def _check_compatible(path: Path, state: dict, lora: dict[str, torch.Tensor], en
                               f"model (another base?); resume on the base it was trained on {fresh}")
 
 
+def _check_data(path: Path, state: dict, data, cfg: Config) -> None:
+    """Refuse to resume on other training blocks or another order than the checkpoint's (unless
+    ``checkpoint.force``): it would go on at ``samples_consumed`` of another sample stream."""
+    saved = state.get("data")
+    if data is None:
+        return
+    if saved is None:
+        log.info("%s records no data fingerprint (an older lora_dist, or lora_dist.checkpoint.save_state): the data "
+                 "it was trained on is not checked", path)
+        return
+    now = data_record(data, cfg)
+    if saved.get("seed") != now["seed"]:
+        problem = (f"train.seed={json.dumps(saved.get('seed'))}, this run has train.seed={now['seed']} (another "
+                   "sample order)")
+        fix = f"resume with train.seed={json.dumps(saved.get('seed'))}"
+    elif saved.get("sha256") != now["sha256"]:
+        problem = (f"other data blocks ({saved.get('blocks')} blocks of {saved.get('seq_len')} tokens; this run has "
+                   f"{now['blocks']} of {now['seq_len']}): data.path or its files, the tokenizer or chat template, "
+                   "data.loss_on, data.packing, data.eval_fraction, train.seq_len or lora_dist's token format changed")
+        fix = "resume on the same data"
+    else:
+        return
+    where = f"sample {state.get('samples_consumed', 0)} of this run's stream"
+    if not cfg.checkpoint.force:
+        raise ResumeError(f"{path} was trained with {problem}; {fix}, or set checkpoint.force=true to go on from "
+                          f"{where}, or start a fresh output.dir")
+    log.warning("checkpoint.force=true: %s was trained with %s; going on from %s", path, problem, where)
+
+
 def _nf4(engine) -> NF4Record | None:
     """The weights ``engine``'s model stores as NF4 (``model.quantize``), a :class:`~lora_dist.quant.NF4Record`;
     None without quantization."""
@@ -333,7 +373,7 @@ def read_state(path: Path) -> dict:
         raise ResumeError(f"{f} has an invalid samples_consumed ({json.dumps(state['samples_consumed'])[:40]})")
     if "run_id" in state and not isinstance(state["run_id"], str):
         raise ResumeError(f"{f} has an invalid run_id")
-    for key in ("base", "lora"):
+    for key in ("base", "lora", "data"):
         if key in state and not isinstance(state[key], dict):
             raise ResumeError(f"{f} has an invalid {key!r} entry")
     quantized = state.get("quantized", [])
@@ -364,10 +404,12 @@ class CheckpointManager:
         env: this process's launch environment.
         run_id: the run's id (:func:`lora_dist.outputs.prepare_run_dir`); default: read from the marker
             of ``root``'s parent, or None (no run dir: every readable checkpoint counts as this run's).
+        data: the training blocks (a :class:`~lora_dist.data.PackedDataset`): checkpoints record their
+            fingerprint, and a resume on other blocks is refused (:func:`_check_data`); None: not recorded.
     """
 
-    def __init__(self, root: Path, cfg: Config, env: LaunchEnv, run_id: str | None = None) -> None:
-        self.root, self.cfg, self.env = Path(root), cfg, env
+    def __init__(self, root: Path, cfg: Config, env: LaunchEnv, run_id: str | None = None, data=None) -> None:
+        self.root, self.cfg, self.env, self.data = Path(root), cfg, env, data
         if run_id is None:
             marker = read_run_marker(self.root.parent)
             run_id = marker["run_id"] if marker else None
@@ -453,7 +495,7 @@ class CheckpointManager:
                 problem = self._foreign(final)
                 if problem is not None:
                     raise OutputError(f"cannot replace {final}: {problem}")
-            record = _record(self.cfg, step, self._samples(step), self.env.world_size, self.run_id, engine)
+            record = _record(self.cfg, step, self._samples(step), self.env.world_size, self.run_id, engine, self.data)
             previous = self._latest_name()
             from safetensors import SafetensorError
 
@@ -547,7 +589,7 @@ class CheckpointManager:
         Raises:
             ResumeError: see the module docstring (another run's checkpoints, a fresh run over old ones, a
                 named checkpoint that is broken, no readable checkpoint of this run, other LoRA settings or base,
-                a checkpoint another rank cannot read).
+                other training blocks or ``train.seed``, a checkpoint another rank cannot read).
         """
         group = RankGroup()
         group.on_rank0(self._recover)
@@ -565,6 +607,7 @@ class CheckpointManager:
         group.check(error)
         state, lora, moments = loaded
         _check_compatible(path, state, lora, engine, self.cfg)
+        group.on_rank0(lambda: _check_data(path, state, self.data, self.cfg))  # one rank reads the blocks through
         engine.load_state_dict({"lora": lora, "optimizer": moments}, state["step"])
         self.resumed_step = state["step"]
         self.samples_offset = state.get("samples_consumed", 0)

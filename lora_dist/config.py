@@ -340,7 +340,8 @@ class CheckpointConfig:
     """auto (this run's latest checkpoint in output.dir, if any), never (refused if output.dir holds checkpoints:
     use a new output.dir), or a checkpoint dir."""
     force: bool = False
-    """Resume even if the checkpoint was made against a different base model."""
+    """Resume even if the checkpoint was made against a different base model, on other data blocks or with another
+    train.seed (a warning then)."""
 
 
 @dataclass

@@ -29,6 +29,7 @@ resumed on another world size continues from the same sample.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -135,9 +136,28 @@ class PackedDataset:
     position_ids: torch.Tensor | None = None  # (n_blocks, seq_len) int32, 0 at each document's start; None: 0..S-1
     lengths: torch.Tensor | None = None  # (n_blocks,) int32 tokens before each row's padding; None: no padding
     stats: DataStats | None = None
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def fingerprint(self) -> str:
+        """A SHA-256 of the blocks: their ids, labels, positions and lengths, as little-endian int32.
+
+        What a resumed run must read again to continue where its checkpoint stopped (``state.json``'s ``data``).
+        Computed once (about 1.5 GB/s), in chunks of rows.
+        """
+        if self._fingerprint is None:
+            h = hashlib.sha256(f"{tuple(self.input_ids.shape)}".encode())
+            rows = max(1, (64 << 20) // (4 * max(1, self.input_ids.shape[1])))
+            for name in ("input_ids", "labels", "position_ids", "lengths"):
+                array = getattr(self, name)
+                h.update(name.encode() + (b"-" if array is None else b"+"))
+                for start in range(0, 0 if array is None else len(array), rows):
+                    chunk = array[start:start + rows].to(torch.int32).contiguous().numpy()
+                    h.update(memoryview(chunk.astype("<i4", copy=False)).cast("B"))
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def _rows(self, sl: slice) -> "PackedDataset":
         return PackedDataset(self.input_ids[sl], self.labels[sl],

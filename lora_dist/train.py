@@ -359,7 +359,7 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
     with PreemptionHandler() as signals:
         _, engine = build(cfg, env, device, base, ds_config)
 
-        manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env, run_id=run_id)
+        manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env, run_id=run_id, data=train_data)
         start_step = manager.maybe_resume(engine)
         metrics_path = out / "metrics.jsonl"
 

@@ -107,6 +107,9 @@ def test_checkpoint_layout_and_pruning(uninterrupted):
     state = json.loads((ckpts / "step-000004" / "state.json").read_text())
     assert state["step"] == 4 and state["samples_consumed"] == 16
     assert len(state["base"]["sha256"]) == 64
+    # The blocks it trains on (200 demo records in 32-token blocks, no eval split) and the seed ordering them.
+    assert set(state["data"]) == {"blocks", "seq_len", "sha256", "seed"} and state["data"]["seq_len"] == 32
+    assert state["data"]["blocks"] >= 200 // 4 and len(state["data"]["sha256"]) == 64 and state["data"]["seed"] == 0
     names = set(load_file(str(ckpts / "step-000004" / "lora.safetensors")))
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)  # the base is never written
     moments = load_file(str(ckpts / "step-000004" / "optimizer.safetensors"))
@@ -183,6 +186,42 @@ def test_refuses_a_different_base_unless_forced(setup, tiny_checkpoint, tmp_path
     assert "checkpoint.force=true" in _last_line(proc)
     _run(setup, out, 1, "parallel.strategy=none", f"model.path={other}", "checkpoint.force=true")
     assert (out / "adapter").is_dir()
+
+
+def test_resume_on_other_data_or_order_is_refused_unless_forced(setup, tmp_path):
+    """A resume goes on at ``samples_consumed`` of the sample stream: on other blocks (another file, tokenizer,
+    seq_len, eval split or token format) or another train.seed it would train on another stream, silently."""
+    out = tmp_path / "other-data"
+    _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
+    ckpt = out / "checkpoints" / "step-000002"
+    saved = json.loads((ckpt / "state.json").read_text())["data"]
+    other = write_demo_data(tmp_path / "other.jsonl", n=120)
+    for change, named in ((f"data.path={other}", "other data blocks"), ("data.eval_fraction=0.1", "other data blocks"),
+                          ("train.seed=5", "train.seed=0, this run has train.seed=5")):
+        proc = _run(setup, out, 1, "parallel.strategy=none", change, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        last = _last_line(proc)
+        assert f"{ckpt} was trained with {named}" in last and "checkpoint.force=true" in last, last
+        assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002"]  # nothing written
+    proc = _run(setup, out, 1, "parallel.strategy=none", f"data.path={other}", check=False)
+    assert f"({saved['blocks']} blocks of 32 tokens; this run has " in _last_line(proc)
+    # Forced: it goes on, with a warning, and its checkpoints record the new blocks.
+    proc = _run(setup, out, 1, "parallel.strategy=none", f"data.path={other}", "checkpoint.force=true",
+                "train.run_steps=2")
+    assert "checkpoint.force=true: " in proc.stderr and "resumed from" in proc.stderr
+    now = json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())["data"]
+    assert now["sha256"] != saved["sha256"] and now["blocks"] < saved["blocks"]
+    # A checkpoint that records no data (an older lora_dist's) resumes, saying so; then the same data resumes
+    # without a word.
+    state = json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())
+    del state["data"]
+    (out / "checkpoints" / "step-000004" / "state.json").write_text(json.dumps(state))
+    proc = _run(setup, out, 1, "parallel.strategy=none", f"data.path={other}", "train.run_steps=1",
+                "checkpoint.every=1")
+    assert "records no data fingerprint" in proc.stderr and "step-000004 at step 4" in proc.stderr
+    proc = _run(setup, out, 1, "parallel.strategy=none", f"data.path={other}")
+    assert "step-000005 at step 5" in proc.stderr and (out / "adapter").is_dir()
+    assert "checkpoint.force" not in proc.stderr and "records no data" not in proc.stderr
 
 
 def test_resume_with_other_lora_settings_or_shapes_is_refused_naming_the_fix(setup, tiny_checkpoint, tmp_path):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lora_dist.data import IGNORE, DataError, load_dataset
+from lora_dist.data import IGNORE, DataError, PackedDataset, load_dataset
 from lora_dist.demo import make_tokenizer, write_demo_data
 from lora_dist.launch import LaunchEnv
 from lora_dist.train import Batches
@@ -90,6 +90,25 @@ def test_epochs_are_reshuffled(tokenizer, tmp_path):
     b, _ = ds.batch(n, n, seed=0)
     assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))  # each epoch is a permutation
     assert not torch.equal(a, b)
+
+
+def test_the_fingerprint_changes_with_any_block_and_only_then(tokenizer, tmp_path):
+    """What a checkpoint records of its data (docs/checkpoint.md): equal for the same blocks, however they are
+    held (the cache's int32 memory maps, an int64 copy, a rebuilt cache entry); another for any changed token,
+    label, position or length, and for another split of the same file."""
+    path = write_demo_data(tmp_path / "d.jsonl", n=60)
+    ds = load_dataset(path, tokenizer, seq_len=32)
+    again = load_dataset(path, tokenizer, seq_len=32, cache_dir=tmp_path / "rebuilt")
+    wide = PackedDataset(ds.input_ids.long(), ds.labels.long(), ds.position_ids.long(), ds.lengths.long())
+    assert len(ds.fingerprint()) == 64 and ds.fingerprint() == again.fingerprint() == wide.fingerprint()
+    for name in ("input_ids", "labels", "position_ids", "lengths"):
+        arrays = {k: getattr(wide, k).clone() for k in ("input_ids", "labels", "position_ids", "lengths")}
+        arrays[name].view(-1)[-1] += 1
+        assert PackedDataset(**arrays).fingerprint() != ds.fingerprint(), name
+    assert PackedDataset(wide.input_ids, wide.labels, None, wide.lengths).fingerprint() != ds.fingerprint()
+    train, held_out = ds.split(0.1)
+    assert len({train.fingerprint(), held_out.fingerprint(), ds.fingerprint()}) == 3
+    assert load_dataset(path, tokenizer, seq_len=48).fingerprint() != ds.fingerprint()
 
 
 @pytest.mark.parametrize(
