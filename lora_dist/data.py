@@ -495,11 +495,20 @@ def summarize(cfg, max_chars: int = 4000) -> str:
         blocks = f"all train; eval: {len(held_out)} blocks of {describe(_sources(cfg.data.eval_path, 'data.eval_path'))}"
     lines = [f"data: {describe(_sources(cfg.data.path, 'data.path'))}", *_counts(s)[:1],
              f"blocks: {s.blocks} of train.seq_len={s.seq_len} ({blocks}), "
-             f"packing {'on' if s.packing else 'off'}", *_counts(s)[1:],
+             f"packing {'on' if s.packing else 'off'}{_packing_off_because(cfg, s)}", *_counts(s)[1:],
              "first block (no loss on [[...]]; each document on its own line):"]
     lines.append(clip(marked_text(tokenizer, data.input_ids[0], data.labels[0], data.position_ids[0],
                                   int(data.lengths[0])), max_chars))
     return "\n".join(lines)
+
+
+def _packing_off_because(cfg, s: DataStats) -> str:
+    """Why packing is off, for :func:`summarize`: asked (``data.packing=false``) or the model's (:func:`_unpackable`)."""
+    if s.packing:
+        return ""
+    if not cfg.data.packing:
+        return " (data.packing=false)"
+    return f" ({_unpackable(read_config_json(cfg.model.path))}: one document a block)"
 
 
 def marked_text(tokenizer, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, length: int) -> str:

@@ -280,7 +280,7 @@ def test_models_that_cannot_pack_documents_get_one_document_a_row(tiny_checkpoin
     import transformers
 
     from lora_dist.config import load_config
-    from lora_dist.data import load_data, model_kwargs
+    from lora_dist.data import load_data, model_kwargs, summarize
 
     if arch in ("bloom", "falcon_alibi"):
         base = _alibi_checkpoint(tmp_path / arch, arch.split("_")[0])
@@ -295,9 +295,13 @@ def test_models_that_cannot_pack_documents_get_one_document_a_row(tiny_checkpoin
     starts = [(blocks.position_ids[k][: int(blocks.lengths[k])] == 0).sum().item() for k in range(len(blocks))]
     assert (max(starts) > 1) == packed
     assert ("data.packing is off" in caplog.text) == (not packed)
+    packing = next(line for line in summarize(cfg).splitlines() if line.startswith("blocks: "))  # lora-dist data
     if packed:
+        assert packing.endswith("packing on")
+        cfg.data.packing = False
+        assert "packing off (data.packing=false)" in summarize(cfg)
         return
-    assert reason in caplog.text
+    assert reason in caplog.text and "packing off (the model" in packing and reason in packing, packing
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     by_length = sorted(range(len(blocks)), key=lambda k: int(blocks.lengths[k]))
     rows = [by_length[0], by_length[len(by_length) // 2], by_length[-1]]
