@@ -100,6 +100,10 @@ class ModelConfig:
     data; the loss dequantizes this rank's head rows). Off, as in QLoRA: they stay in model.dtype. Their share
     of the base is large where the vocabulary is (Llama-3 8B: 2 GB of 16 GB in bf16); see docs/qlora.md for the
     loss it costs."""
+    base_dropout: bool = True
+    """Keep the base model's own dropout (config.json's attention_dropout, resid_pdrop, hidden_dropout...) in
+    training, as PEFT and the Trainer do; false sets it to 0. Its masks are drawn per rank, so with it on, W
+    ranks match one process only in distribution, not step for step."""
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE:

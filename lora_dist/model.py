@@ -33,7 +33,7 @@ from lora_dist.quant import NF4Record, prepare_quantized, quantize_problem
 from lora_dist.sharding import full_shape, owned_range, whole_local
 from lora_dist.weight_mapping import WeightMap
 
-__all__ = ["LoadedModel", "load_base_model", "load_model", "place_unsharded"]
+__all__ = ["LoadedModel", "base_dropout", "load_base_model", "load_model", "place_unsharded"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,33 @@ def _tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
         else:
             first[id(param)] = name
     return ties
+
+
+#: Plain float attributes of a base module that transformers uses as a dropout probability in training (the
+#: attention probabilities' dropout of Llama, Qwen, Mistral... passed to the attention kernel).
+_DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "hidden_dropout")
+
+
+def base_dropout(model: nn.Module, turn_off: bool = False) -> dict[str, float]:
+    """The base model's own dropout, active in training: ``{module name or "module.attribute": p}`` for each
+    ``nn.Dropout`` and each float dropout attribute with p > 0 (``turn_off``: each set to 0 as it is found).
+    LoRA's dropout (``lora.dropout``) is not the base's."""
+    found: dict[str, float] = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "lora_dropout":
+            continue
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            if module.p > 0:
+                found[name] = float(module.p)
+                module.p = 0.0 if turn_off else module.p
+            continue
+        for attr in _DROPOUT_ATTRIBUTES:
+            value = vars(module).get(attr)  # a plain attribute; a submodule of that name is found on its own
+            if isinstance(value, float) and value > 0:
+                found[f"{name}.{attr}"] = value
+                if turn_off:
+                    setattr(module, attr, 0.0)
+    return found
 
 
 def _no_init_weights():
@@ -226,6 +253,8 @@ def load_model(
     # Before parallelize: transformers looks its conversion mapping up by class names FSDP2 changes.
     weights = WeightMap.of(base, model)
     report = inject_lora(model, lora_cfg)
+    if not model_cfg.base_dropout:
+        base_dropout(model, turn_off=True)
     if model_cfg.quantize:  # NF4 before sharding: FSDP2 shards NF4, materializing allocates only its bytes
         import torch.distributed as dist
 

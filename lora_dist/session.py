@@ -37,7 +37,7 @@ from lora_dist.integrations.accelerate import refuse_rewrap
 from lora_dist.launch import LaunchEnv, init_distributed, run_device
 from lora_dist.lora import LoRAConfig, lora_modules
 from lora_dist.loss import ShardedHeadLoss
-from lora_dist.model import load_model
+from lora_dist.model import base_dropout, load_model
 from lora_dist.model_dir import ModelDir, ModelDirError
 from lora_dist.parallel import Engine
 from lora_dist.parallel.engine import DDPEngine, FSDP2Engine
@@ -332,6 +332,7 @@ def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
     if env.is_main:
         log.info("%s", loaded.report)
         _warn_peft_misread(loaded.model)
+        _note_base_dropout(loaded.model)
     model = loaded.model
     lora_params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(lora_params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8)
@@ -339,6 +340,17 @@ def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
                          base_dtype=parse_dtype(cfg.model.dtype))
     refuse_rewrap(model)  # the engine owns the wrapping and the gradient reduction
     return model, engine
+
+
+def _note_base_dropout(model: nn.Module) -> None:
+    """Say that the base model's own dropout trains along (GPT-2, StarCoder, Seed-OSS... ship it on), and how to
+    turn it off."""
+    sites = base_dropout(model)
+    if sites:
+        rates = ", ".join(f"{p:g}" for p in sorted(set(sites.values())))
+        log.info("the base model's own dropout is on in training, as in PEFT and the Trainer (%d sites, p=%s: %s...); "
+                 "its masks differ per rank, so ranks match one process only in distribution. model.base_dropout=false "
+                 "turns it off", len(sites), rates, next(iter(sites)))
 
 
 def _warn_peft_misread(model: nn.Module) -> None:

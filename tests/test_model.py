@@ -8,7 +8,7 @@ from torch import nn
 
 from lora_dist.config import ConfigError
 from lora_dist.lora import LoRAConfig, inject_lora, lora_parameters
-from lora_dist.model import place_unsharded
+from lora_dist.model import base_dropout, load_model, place_unsharded
 from lora_dist.parallel.deepspeed import check_supported
 
 
@@ -43,3 +43,41 @@ def test_zero3_with_activation_checkpointing_needs_a_fixed_deepspeed():
     check_supported("zero3", True, version="0.20.0+abc")
     check_supported("zero3", False, version="0.15.0")
     check_supported("fsdp2", True, version="0.15.0")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_base_models_own_dropout_is_kept_or_turned_off(tiny_checkpoint, tmp_path, arch, keep):
+    """GPT-2 ships nn.Dropout modules at 0.1, Llama-style attention a float ``attention_dropout`` handed to the
+    attention kernel. ``model.base_dropout`` keeps them in training (the default, as PEFT) or sets them to 0; LoRA's
+    own dropout is not the base's."""
+    import json
+    import shutil
+
+    from lora_dist.config import ModelConfig, ParallelConfig
+
+    base = tiny_checkpoint(arch)
+    if arch == "llama":  # a Llama that trains with attention dropout
+        base = shutil.copytree(base, tmp_path / "llama")
+        config = json.loads((base / "config.json").read_text())
+        (base / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.25}))
+    targets = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]
+    model = load_model(ModelConfig(path=str(base), base_dropout=keep), LoRAConfig(r=2, dropout=0.1, target_modules=targets),
+                       ParallelConfig(strategy="none"), torch.device("cpu"), seed=0).model
+    sites = base_dropout(model)
+    if keep:
+        expected = ({"transformer.drop", "transformer.h.0.attn.attn_dropout", "transformer.h.0.mlp.dropout"}
+                    if arch == "gpt2" else {"model.layers.0.self_attn.attention_dropout"})
+        assert expected <= set(sites) and set(sites.values()) == ({0.1} if arch == "gpt2" else {0.25}), sites
+    else:
+        assert sites == {}
+    assert not any("lora" in site for site in sites)
+    assert any(m.p == 0.1 for n, m in model.named_modules() if n.endswith("lora_dropout"))  # LoRA's is kept
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model.train()
+    with torch.no_grad():
+        for m in model.modules():  # LoRA's dropout off, to see the base's alone
+            if hasattr(m, "lora_dropout"):
+                m.lora_dropout.p = 0.0
+        first, second = (model(input_ids=ids).logits for _ in range(2))
+    assert torch.equal(first, second) != keep

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distutil import adapter_atol, assert_same_run, logged, ranks, short_run_setup, train_run
+from distutil import adapter_atol, assert_same_run, logged, ranks, short_run_args, short_run_setup, train_run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -252,3 +252,16 @@ def test_chat_data_two_ranks_equal_one_process(setup, tmp_path_factory, strategy
     ref = _train(setup, f"chat-ref-{strategy}", 1, *chat, "parallel.strategy=none", "train.micro_batch_size=4")
     out = _train(setup, f"chat-{strategy}", 2, *chat, f"parallel.strategy={strategy}", "train.micro_batch_size=2")
     _assert_same_run(ref, out)
+
+
+def test_a_base_without_its_dropout_trains_alike_on_two_ranks(tiny_checkpoint, tmp_path):
+    """GPT-2's config ships dropout 0.1, on in training as in PEFT and the Trainer (ranks draw other masks than one
+    process then, and the log says so); ``model.base_dropout=false`` turns it off, and 2 ranks equal one process."""
+    from lora_dist.demo import write_demo_data
+
+    base = tiny_checkpoint("gpt2")
+    common = short_run_args(base, write_demo_data(tmp_path / "data.jsonl", n=200), STEPS, LR, "[c_attn,c_fc]",
+                            "model.base_dropout=false")
+    ref = train_run(tmp_path / "ref", 1, *common, "parallel.strategy=none", "train.micro_batch_size=4")
+    out = train_run(tmp_path / "fsdp2", 2, *common, "parallel.strategy=fsdp2", "train.micro_batch_size=2")
+    assert_same_run(out, ref, ADAPTER_ATOL)
