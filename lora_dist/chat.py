@@ -25,7 +25,9 @@ gpt-oss drops an earlier turn's analysis once a final answer follows), those ren
 of the whole. Each turn is then learned as the whole conversation renders it:
 
 * it starts right after the first assistant header (what ``add_generation_prompt`` adds) between the
-  previous message's content and its own;
+  previous message's content and its own; where that prompt prefills more than the whole writes
+  (DeepSeek-R1 distills' ``<｜Assistant｜><think>\n``), after its leading special tokens, if they are the
+  assistant's own;
 * it ends through its end-of-turn token: the special or added token the template writes right after
   an assistant message that the next message follows (``<|im_end|>``; gpt-oss's ``<|end|>``, not the
   ``<|return|>`` of a last turn), found before the next message's content.
@@ -33,7 +35,9 @@ of the whole. Each turn is then learned as the whole conversation renders it:
 A message's content is located by rendering the whole with that content replaced by a probe; the
 tokens by rendering probe messages. A template that writes nothing after an assistant message (GLM:
 the model ends a turn by writing the next role's token, ``<|user|>``, ``<|observation|>``) has each
-turn learn that next token, and a conversation's last turn learn EOS, appended. A turn whose
+turn learn that next token, and a conversation's last turn learn EOS, appended. A learned turn whose
+text the template leaves out (a string content where it renders only parts; the last turn's reasoning
+before ``</think>``) is refused, never trained without it. A turn whose
 boundaries cannot be found is refused in one line, never masked wrongly; the error suggests
 ``data.loss_on=last_assistant`` only where the last turn can be bounded.
 
@@ -353,8 +357,8 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
     # (an assistant message with "weight": 0, as axolotl marks one, is context, not learned)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first and m.get("weight", 1) != 0]
     try:
-        spans, stop = _assistant_spans(tokenizer, template, messages, tools, full,
-                                       turns[-1:] if loss_on == "last_assistant" else turns)
+        spans, learned, stop = _assistant_spans(tokenizer, template, messages, tools, full,
+                                                turns[-1:] if loss_on == "last_assistant" else turns)
     except _Unbounded as e:
         fix = "set data.chat_template to a template that renders earlier turns the same way"
         if loss_on == "all_assistant":
@@ -364,6 +368,7 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
             except _Unbounded:
                 pass
         raise ChatError(f"{e}; {fix}") from None
+    _check_text_kept(messages, learned, full)
     if stop is not None:  # the last turn ends the conversation and the template writes no end-of-turn token:
         full = full.rstrip()  # EOS follows the turn's text, as the model is to write it
     ids, bounds = _tokenize(tokenizer, full, [c for span in spans for c in span], offsets)
@@ -375,18 +380,38 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
     return ids, labels
 
 
+def _check_text_kept(messages: list[dict], learned: list[tuple[int, int, int]], full: str) -> None:
+    """Refuse a conversation whose learned turn lacks text of its message: its answer (a template that renders only
+    a list of content parts drops a string: SmolVLM, Idefics3), or, in the conversation's last assistant message,
+    the reasoning before ``</think>`` (DeepSeek-R1 distills' template drops it from every turn). It would be
+    trained without it, silently. Earlier turns' reasoning may be dropped by design (Qwen3's history)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    for i, start, end in learned:
+        content = messages[i].get("content")
+        if not isinstance(content, str):
+            continue
+        reasoning, answer = content.rsplit("</think>", 1) if "</think>" in content else ("", content)
+        reasoning = reasoning.split("<think>")[-1].strip() if i == last else ""
+        for what, text in (("text", answer.strip()), ("reasoning (before </think>)", reasoning)):
+            if text and text not in full[start:end]:
+                fix = ("for DeepSeek-R1 distills, TRL's deepseek_r1_distill_training.jinja; " if reasoning else "")
+                raise ChatError(f"the chat template leaves the {what} of messages[{i}] ({excerpt(text, 40)}) out of "
+                                f"the assistant turn it renders, so it would be trained without it; set "
+                                f"data.chat_template to a template that renders it ({fix}see docs/data.md)")
+
+
 class _Unbounded(ChatError):
     """An assistant turn whose boundaries cannot be found (the caller adds the fix)."""
 
 
 def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list | None, full: str,
-                     turns: list[int]) -> tuple[list[tuple[int, int]], int | None]:
-    """The character spans of ``full`` that assistant turns ``turns`` are learned on, and the token to learn
-    after the whole (EOS, where the last turn ends the conversation and the template writes no end-of-turn
-    token after it; else None)."""
+                     turns: list[int]) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]], int | None]:
+    """The character spans of ``full`` that assistant turns ``turns`` are learned on, each turn with its span
+    (``(i, start, end)``, an empty one too), and the token to learn after the whole (EOS, where the last turn ends
+    the conversation and the template writes no end-of-turn token after it; else None)."""
     special = _special_tokens(tokenizer)
     silent = None  # whether the template writes nothing after an assistant message that ends a conversation
-    spans, stop = [], None
+    spans, learned, stop = [], [], None
     for i in turns:
         context, following = messages[:i], messages[i + 1] if i + 1 < len(messages) else None
         try:
@@ -420,9 +445,10 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list
                 raise _Unbounded(_not_a_prefix(i + 1, through, full, "no end-of-turn token ends the turn there"))
         if end > start:
             spans.append((start, end))
+        learned.append((i, start, end))
         if silent and following is None:
             stop = tokenizer.eos_token_id
-    return spans, stop
+    return spans, learned, stop
 
 
 def _render(tokenizer, template: str, messages: list[dict], tools: list | None, generation_prompt: bool) -> str:
@@ -500,11 +526,27 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
         # turns start after its first lines (the role's)
         headers += [header[:cut] for cut in range(len(header) - 1, 0, -1)
                     if header[cut - 1] == "\n" and header[:cut].strip()]
+    else:  # the generation prompt opens more than the whole writes (DeepSeek-R1 distills' "<｜Assistant｜><think>\n",
+        # a prefill the model's output follows): the turn starts after the header's leading special tokens, where
+        # they are the assistant's own (not ChatML's <|im_start|>, which a user message's header starts with too)
+        role = _leading_tokens(_special_tokens(tokenizer), header)
+        if role and role != header and not _user_header(tokenizer, template, messages[:i], tools).startswith(role):
+            headers.append(role)
     for h in headers:
         at = full.find(h, max(lower, after), upper)
         if at >= 0:
             return at + len(h)
     return None
+
+
+def _user_header(tokenizer, template: str, context: list[dict], tools: list | None) -> str:
+    """What the template writes before a user message that follows ``context`` ("" where it cannot be told)."""
+    try:
+        bare = _render(tokenizer, template, context, tools, False) if context else ""
+        text = _render(tokenizer, template, [*context, {"role": "user", "content": PROBE[1]}], tools, False)
+    except ChatError:
+        return ""
+    return text[len(bare):] if text.startswith(bare) else ""
 
 
 def _end_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools: list | None, full: str,

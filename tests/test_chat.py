@@ -180,6 +180,61 @@ def test_a_prompt_whose_header_the_whole_never_writes_is_refused():
             chat_document(tok, opens, TURNS, loss_on=loss_on)
 
 
+def trl_template(name: str) -> str:
+    """A chat template TRL ships (the Hub's own, byte for byte, and TRL's training variants)."""
+    from importlib.resources import files
+
+    return (files("trl") / "chat_templates" / f"{name}.jinja").read_text()
+
+
+def deepseek_tokenizer():
+    tok = style_tokenizer("qwen2")
+    tok.add_special_tokens({"additional_special_tokens": ["<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"]})
+    return tok
+
+
+R1_TURNS = [SYSTEM, {"role": "user", "content": "Which animal builds wooden boats?"},
+            {"role": "assistant", "content": "<think>\nFoxes like wood.\n</think>\n\nThe red fox."},
+            {"role": "user", "content": "Count the keys."},
+            {"role": "assistant", "content": "<think>\nThere were seven.\n</think>\n\nSeven keys."}]
+
+
+def test_deepseek_r1_distills_learn_each_answer_after_the_assistant_token():
+    """The distills' template prefills ``<｜Assistant｜><think>\n`` (the model's output starts inside its reasoning),
+    which the whole conversation never writes; before, every conversation was refused. A turn now starts after the
+    assistant's own token, the prefill left out (TRL's training variant keeps the reasoning, whose opener the
+    prefill writes)."""
+    tok = deepseek_tokenizer()
+    plain = [{**m, "content": m["content"].split("\n\n")[-1]} if m["role"] == "assistant" else m for m in R1_TURNS]
+    ids, labels = chat_document(tok, trl_template("deepseek_r1_distill"), plain)
+    assert [tok.decode(run) for run in spans(ids, labels)] == ["The red fox.<｜end▁of▁sentence｜>",
+                                                               "Seven keys.<｜end▁of▁sentence｜>"]
+    ids, labels = chat_document(tok, trl_template("deepseek_r1_distill_training"), R1_TURNS)
+    assert [tok.decode(run) for run in spans(ids, labels)] == [
+        "Foxes like wood.\n</think>\n\nThe red fox.<｜end▁of▁sentence｜>",
+        "There were seven.\n</think>\n\nSeven keys.<｜end▁of▁sentence｜>"]
+    # A ChatML template whose prompt opens <think> stays refused: <|im_start|> starts a user's header too
+    # (test_a_prompt_whose_header_the_whole_never_writes_is_refused).
+
+
+@pytest.mark.parametrize("loss_on", LOSS_ON)
+def test_a_template_that_drops_a_learned_turns_text_is_refused(loss_on):
+    """The distills' shipped template drops everything before ``</think>`` from every turn, the last one too, and
+    SmolVLM's renders only a list of content parts: such a turn would be trained without its reasoning or its
+    text, silently (before: SmolVLM learned ``<end_of_utterance>`` alone). Earlier turns' reasoning may be dropped by
+    design (Qwen3's history, test_qwen3_multi_turn_learns_each_turn_as_the_conversation_renders_it)."""
+    with pytest.raises(ChatError, match=r"leaves the reasoning \(before </think>\) of messages\[4\] \('There were "
+                                        r"seven\.'\) out of the assistant turn it renders, .*deepseek_r1_distill_"
+                                        r"training\.jinja"):
+        chat_document(deepseek_tokenizer(), trl_template("deepseek_r1_distill"), R1_TURNS, loss_on=loss_on)
+    tok = style_tokenizer("qwen2")
+    tok.add_special_tokens({"additional_special_tokens": ["<end_of_utterance>"]})
+    first = 1 if loss_on == "all_assistant" else 3
+    with pytest.raises(ChatError, match=rf"leaves the text of messages\[{first}\] \('{TURNS[first]['content'].strip()[:10]}.*\) "
+                                        r"out of the assistant turn it renders"):
+        chat_document(tok, trl_template("smolvlm"), TURNS, loss_on=loss_on)
+
+
 #: Qwen3's chat template as Qwen3-8B ships it: reasoning kept only after the last user query, an empty
 #: <think> block written only in the last turn, tool calls and responses.
 QWEN3 = (Path(__file__).parent / "fixtures" / "qwen3_chat_template.jinja").read_text()
