@@ -169,6 +169,8 @@ def _export_parser(prog: str) -> argparse.ArgumentParser:
                    help="dtype of the floating tensors written (default: export.dtype of the run); a value that "
                    "overflows it (fp16: above 65504) is an error and nothing is written")
     p.add_argument("--max-shard-size", type=_size, default=None, help="largest output file, e.g. 5GB")
+    p.add_argument("--dense", action="store_true", help="write a base stored as block-scaled FP8 dense too (by "
+                   "default it is written as stored: each adapted weight merged and quantized again)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is "
                    "complete, only if it is a merged checkpoint lora_dist wrote (anything else is refused)")
     return p
@@ -178,7 +180,7 @@ def _export(args: argparse.Namespace) -> int:
     from lora_dist.session import export_run
 
     _written(export_run(args.run_dir, out=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                        overwrite=args.overwrite))
+                        overwrite=args.overwrite, keep_fp8=False if args.dense else None))
     return EXIT_OK
 
 
@@ -202,6 +204,8 @@ def _merge_parser(prog: str) -> argparse.ArgumentParser:
                    "--base or --adapter, nor a dir containing or inside one of them")
     p.add_argument("--max-shard-size", type=_size, default="5GB",
                    help="largest output file, decimal units like HF (default 5GB)")
+    p.add_argument("--dense", action="store_true", help="write a base stored as block-scaled FP8 dense too (by "
+                   "default it is written as stored: each adapted weight merged and quantized again)")
     p.add_argument("--dtype", default=None, choices=_DTYPE_CHOICES,
                    help="dtype of the floating tensors written (default: the base's); a value that overflows it "
                    "(fp16: above 65504) is an error and nothing is written")
@@ -221,7 +225,7 @@ def _merge(args: argparse.Namespace) -> int:
         init_distributed(backend="gloo")  # the merge is file work
     try:
         _written(merge_offline(args.base, args.adapter, args.out, max_shard_size=args.max_shard_size,
-                               dtype=args.dtype, overwrite=args.overwrite))
+                               dtype=args.dtype, overwrite=args.overwrite, keep_fp8=not args.dense))
         return EXIT_OK
     finally:
         if started:

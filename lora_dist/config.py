@@ -360,6 +360,10 @@ class ExportConfig:
     """Merged checkpoint dtype: bfloat16, float16 or float32 (the merge itself is fp32)."""
     max_shard_size: str = "5GB"
     """Largest safetensors file of the merged checkpoint (decimal units: 500MB, 5GB)."""
+    keep_fp8: bool = True
+    """A base stored as block-scaled FP8 (DeepSeek-V3, the Qwen3 -FP8 releases) is written as it is stored: its
+    tensors copied byte for byte, each adapted weight merged in fp32 and quantized again with new block scales,
+    quantization_config kept (about half the bytes of bf16). false: every weight dense in export.dtype."""
 
 
 @dataclass

@@ -6,10 +6,12 @@ import torch
 
 from lora_dist.errors import UserError
 
-__all__ = ["FLOAT_DTYPES", "DTypeError", "dtype_name", "from_safetensors", "parse_dtype", "to_safetensors"]
+__all__ = ["FLOAT_DTYPES", "FP8_DTYPES", "DTypeError", "dtype_name", "from_safetensors", "parse_dtype", "to_safetensors"]
 
 #: Floating dtypes a checkpoint may hold and lora_dist may write.
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+#: The FP8 dtypes a block-scaled FP8 checkpoint stores its weights in (:mod:`lora_dist.prequantized`).
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 #: What a user may write (config ``model.dtype``/``export.dtype``, ``--dtype``), lower-case.
 _USER_NAMES = {

@@ -212,6 +212,12 @@ class ModelDir:
         """Whether the files hold weights quantized (:mod:`lora_dist.prequantized`), shown here dequantized."""
         return bool(self._dense.tensors)
 
+    def fp8_blocks(self, key: str):
+        """How the files store dense tensor ``key`` as block-scaled FP8 (a
+        :class:`~lora_dist.prequantized.FP8Blocks`), or None where they store it otherwise."""
+        dense = self._dense.tensors.get(key)
+        return dense.fp8 if dense is not None else None
+
     def keys(self) -> list[str]:
         """The checkpoint's tensors; a quantized weight's dense tensor in place of its stored parts."""
         return list(self._keys)

@@ -13,9 +13,11 @@ LoRA trains on the dense weights, as transformers' own ``dequantize=True`` loadi
 names, for every weight stored quantized, the dense tensor it stands for (its name, shape and dtype: the name
 and layout of the model's unquantized release) and reads any rows of it, dequantizing only those rows
 (a rank reads its own shard). :class:`lora_dist.model_dir.ModelDir` shows these in place of the stored
-tensors, so the loader, the merged export, ``lora-dist merge`` and ``verify`` see an unquantized checkpoint:
-the merged export is a dense checkpoint in ``export.dtype`` (the base's dtype by default) with no
-``quantization_config``. Every other quantization method is refused when the dir is opened, in one line.
+tensors, so the loader, the merged export, ``lora-dist merge`` and ``verify`` see an unquantized checkpoint.
+The merged export writes an FP8 base as it is stored (:func:`quantize_fp8` quantizes each adapted weight's
+merge again; :meth:`lora_dist.model_dir.ModelDir.fp8_blocks` says how), or, with ``export.keep_fp8=false``
+and for MXFP4, a dense checkpoint in ``export.dtype`` with no ``quantization_config``. Every other
+quantization method is refused when the dir is opened, in one line.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from typing import Callable, Protocol
 
 import torch
 
-from lora_dist.dtypes import FLOAT_DTYPES, to_safetensors
+from lora_dist.dtypes import FLOAT_DTYPES, from_safetensors, to_safetensors
 from lora_dist.errors import UserError
 
-__all__ = ["DenseTensor", "DenseView", "PrequantizedError", "dense_view", "dequantize_fp8", "dequantize_mxfp4",
-           "quantization_method"]
+__all__ = ["DenseTensor", "DenseView", "FP8Blocks", "PrequantizedError", "dense_view", "dequantize_fp8",
+           "dequantize_mxfp4", "quantization_method", "quantize_fp8"]
 
 #: The methods read as dense weights (``quantization_config.quant_method``).
 SUPPORTED = ("fp8", "mxfp4")
@@ -81,12 +83,29 @@ def quantization_method(config: dict, path) -> str | None:
     return method
 
 
+@dataclass(frozen=True)
+class FP8Blocks:
+    """How a block-scaled FP8 weight is stored: its codes' dtype, its scale tensor, dtype and grid, the block."""
+
+    codes: torch.dtype  # float8_e4m3fn or float8_e5m2
+    scale_key: str
+    scale_dtype: torch.dtype  # float32, bfloat16, float16, or uint8 (E8M0: 2 ** (byte - 127))
+    scale_shape: tuple[int, ...]  # (rows, cols) blocks, or () for one scale
+    block: tuple[int, int]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.scale_shape) if self.scale_shape else (1, 1)
+
+
 class DenseTensor:
-    """A dense tensor of a quantized checkpoint: its name, shape and dtype, and the stored tensors behind it."""
+    """A dense tensor of a quantized checkpoint: its name, shape and dtype, and the stored tensors behind it
+    (``fp8``: how a block-scaled FP8 weight stores it)."""
 
     def __init__(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, parts: tuple[str, ...],
-                 read: Callable[[Stored, slice], torch.Tensor]) -> None:
+                 read: Callable[[Stored, slice], torch.Tensor], fp8: FP8Blocks | None = None) -> None:
         self.key, self.shape, self.dtype, self.parts, self._read = key, tuple(shape), dtype, parts, read
+        self.fp8 = fp8
 
     @property
     def safetensors_dtype(self) -> str:
@@ -105,10 +124,42 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     ``scale_inv`` holds the scale rows of those rows' blocks (from block ``first_row // block[0]`` on).
     """
     rows, cols = weight.shape
-    scale = scale_inv.float() if scale_inv.dtype != torch.uint8 else torch.exp2(scale_inv.float() - 127.0)
+    scale = _scale_values(scale_inv)
     index = (torch.arange(first_row, first_row + rows) // block[0]) - first_row // block[0]
     expanded = scale.index_select(0, index).repeat_interleave(block[1], dim=1)[:, :cols]
     return weight.float() * expanded
+
+
+def _scale_values(scale: torch.Tensor) -> torch.Tensor:
+    """Stored FP8 block scales as fp32 (E8M0 bytes as ``2 ** (byte - 127)``)."""
+    return scale.float() if scale.dtype != torch.uint8 else torch.exp2(scale.float() - 127.0)
+
+
+def quantize_fp8(values: torch.Tensor, blocks: FP8Blocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole block rows of a weight (``values``, fp32, starting at a block's first row) stored as ``blocks`` says:
+    each block's scale is its largest magnitude over the format's largest value, in the stored scale dtype (E8M0
+    rounds it up to a power of two; bf16 rounds to nearest), and its codes are ``values / scale`` rounded to the
+    nearest FP8 value, clamped to the format's range. An all-zero block gets scale 1.
+
+    Returns:
+        ``(codes, scale)``: ``values``' shape in ``blocks.codes``, and ``(block rows, grid columns)`` scales in
+        ``blocks.scale_dtype`` (``()`` for a one-scale weight).
+    """
+    rows, cols = values.shape
+    br, bc = blocks.block
+    top = torch.finfo(blocks.codes).max
+    grid = (math.ceil(rows / br), math.ceil(cols / bc))
+    padded = torch.nn.functional.pad(values.float(), (0, grid[1] * bc - cols, 0, grid[0] * br - rows))
+    tiles = padded.view(grid[0], br, grid[1], bc)
+    amax = tiles.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+    if blocks.scale_dtype == torch.uint8:
+        stored = (torch.ceil(torch.log2(scale)) + 127).clamp(0, 254).to(torch.uint8)
+    else:
+        stored = scale.to(blocks.scale_dtype)
+    used = _scale_values(stored)
+    codes = (tiles / used[:, None, :, None]).clamp(-top, top).reshape(grid[0] * br, grid[1] * bc)[:rows, :cols]
+    return codes.to(blocks.codes), stored.reshape(blocks.scale_shape) if not blocks.scale_shape else stored
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -144,7 +195,9 @@ def _fp8_dense(key: str, stored: Stored, config: dict, dtype: torch.dtype, path)
         scale = scale[rows.start // block[0]: math.ceil(rows.stop / block[0])]
         return dequantize_fp8(weight, scale, block, rows.start)
 
-    return DenseTensor(key, shape, dtype, (key, scale_key), read)
+    fp8 = FP8Blocks(from_safetensors(stored.stored_dtype(key)), scale_key,
+                    from_safetensors(stored.stored_dtype(scale_key)), tuple(grid), block)
+    return DenseTensor(key, shape, dtype, (key, scale_key), read, fp8)
 
 
 def _mxfp4_dense(key: str, stored: Stored, dtype: torch.dtype, path) -> DenseTensor:

@@ -429,7 +429,7 @@ def _run_nf4_record(weights: Path) -> NF4Record | None:
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | None = None,
-               max_shard_size: str | None = None, overwrite: bool = False) -> Path:
+               max_shard_size: str | None = None, overwrite: bool = False, keep_fp8: bool | None = None) -> Path:
     """Write ``RUN_DIR/merged`` (or ``out``) from a finished run; call on every rank.
 
     Run it under the same launcher as training (``torchrun``, ``srun``,
@@ -448,6 +448,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
         max_shard_size: largest file; default the run's ``export.max_shard_size``.
         overwrite: replace an existing output that is a merged checkpoint lora_dist wrote (also when the
             run's ``output.overwrite`` is set); anything else there is refused.
+        keep_fp8: write a block-scaled FP8 base as it is stored (``export.keep_fp8``); default the run's.
 
     Returns:
         The checkpoint dir, as an absolute path.
@@ -468,6 +469,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     out_dtype = parse_dtype(dtype or cfg.export.dtype)
     shard_size = max_shard_size or cfg.export.max_shard_size
     overwrite = overwrite or cfg.output.overwrite
+    keep_fp8 = cfg.export.keep_fp8 if keep_fp8 is None else keep_fp8
     inputs = [cfg.model.path, run / "adapter", run / "checkpoints", run / "config.json"]
     # Before any work (the model load below): an output the export may not write is refused on every rank.
     RankGroup().on_rank0(lambda: check_output(out_dir, inputs, overwrite=overwrite, base_dir=cfg.model.path,
@@ -478,7 +480,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     if env.world_size == 1 and weights.name == "adapter" and not cfg.model.quantize:
         # One process: stream base + adapter tensor by tensor from disk; nothing is loaded whole.
         return merge_offline(cfg.model.path, run / "adapter", out_dir, max_shard_size=shard_size, dtype=out_dtype,
-                             overwrite=overwrite)
+                             overwrite=overwrite, keep_fp8=keep_fp8)
     parallel = cfg.parallel
     if env.world_size > 1 and parallel.strategy in ("none", "auto"):  # shard the base for the export
         parallel.strategy = "fsdp2"
@@ -506,4 +508,4 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
                                       f"{tuple(weight.shape)} in the model its config builds; was config.json edited?")
                 weight.copy_(tensors[key])
     return export_merged(model, out_dir, base, dtype=out_dtype, max_shard_size=shard_size, overwrite=overwrite,
-                         what="--out", lora=tensors, base_dtype=parse_dtype(cfg.model.dtype))
+                         what="--out", lora=tensors, base_dtype=parse_dtype(cfg.model.dtype), keep_fp8=keep_fp8)

@@ -456,7 +456,7 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
         engine.finish_training()
         if cfg.export.merged:
             engine.export_merged(out / "merged", dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
-                                 overwrite=cfg.output.overwrite)
+                                 overwrite=cfg.output.overwrite, keep_fp8=cfg.export.keep_fp8)
         if dist.is_initialized():
             dist.barrier()
         if signals.poll(device)[0] and env.is_main:

@@ -1,7 +1,7 @@
 """Checkpoints published quantized, as the Hub ships DeepSeek-V3 and the Qwen3 ``-FP8`` releases
 (block-scaled FP8) and gpt-oss (MXFP4 experts): lora_dist reads the weights transformers' own dequantizing load
-gives, trains on them exactly as on the model's dense release (one process and 2 ranks), and exports a dense
-merged checkpoint with no quantization left in it. Other quantized checkpoints are refused in one line."""
+gives, trains on them exactly as on the model's dense release (one process and 2 ranks), and exports the merged
+checkpoint as the base stores it (block-scaled FP8) or dense. Other quantized checkpoints are refused in one line."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def test_training_on_a_quantized_checkpoint_equals_its_dense_release(checkpoints
     extra = ["lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"] if fmt == "mxfp4" else []
     # trained in fp32 (the bf16 weights exactly): rank-order rounding stays far below the tolerance
     common = [*short_run_args(quantized, data, STEPS, LR, "all-linear", *extra), "model.dtype=float32",
-              "export.merged=true"]
+              "export.merged=true", "export.keep_fp8=false"]  # dense: test_fp8_merged_export_is_stored_as_the_base
     lora_dist("train", *common, f"output.dir={tmp_path / 'one'}", "parallel.strategy=none", "train.micro_batch_size=4")
     lora_dist("train", *common, f"model.path={dense}", f"output.dir={tmp_path / 'dense'}", "parallel.strategy=none",
               "train.micro_batch_size=4")
@@ -201,9 +201,96 @@ def test_training_on_a_quantized_checkpoint_equals_its_dense_release(checkpoints
     lora_dist("verify", str(merged), "--base", str(quantized), "--adapter", str(tmp_path / "one" / "adapter"),
               "--sample", "-1")
     lora_dist("merge", "--base", str(quantized), "--adapter", str(tmp_path / "one" / "adapter"),
-              "--out", str(tmp_path / "offline"))
+              "--out", str(tmp_path / "offline"), "--dense")
     offline = load_file(tmp_path / "offline" / "model.safetensors")
     assert sorted(offline) == sorted(want) and all(torch.equal(offline[k], want[k]) for k in want)
+
+
+def _blockwise_fp8(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test's own block quantizer (as quantize_fp8 above): each block over its largest magnitude / 448."""
+    rows, cols = values.shape
+    grid = (math.ceil(rows / block), math.ceil(cols / block))
+    codes, scale = torch.empty(rows, cols, dtype=torch.float8_e4m3fn), torch.empty(grid)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            tile = values[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            scale[i, j] = tile.abs().max() / 448.0
+            codes[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_quantizing_again_keeps_each_value_within_half_a_step(scale_dtype):
+    """``quantize_fp8`` (the merged export of an FP8 base): every value within half an FP8 step of its block's scale,
+    no block beyond the format's range, E8M0 scales powers of two, an all-zero block scale 1, overhanging blocks;
+    and a weight quantized again unchanged gives back its codes and scales (fp32 scales)."""
+    from lora_dist.prequantized import FP8Blocks, quantize_fp8
+
+    values = torch.randn(37, 45) * torch.logspace(-3, 2, 45)
+    values[:16, :16] = 0
+    blocks = FP8Blocks(torch.float8_e4m3fn, "w_scale_inv", scale_dtype, (3, 3), (16, 16))
+    codes, scale = quantize_fp8(values, blocks)
+    assert codes.dtype == torch.float8_e4m3fn and scale.dtype == scale_dtype and scale.shape == (3, 3)
+    as_float = scale.float() if scale_dtype != torch.uint8 else torch.exp2(scale.float() - 127)
+    if scale_dtype == torch.uint8:
+        assert torch.equal(as_float, torch.exp2(torch.log2(as_float).round()))
+    assert as_float[0, 0] == 1 and not codes[:16, :16].float().any()
+    back = dequantize_fp8(codes, scale, (16, 16))
+    per_element = dequantize_fp8(torch.ones(37, 45), scale, (16, 16))
+    # E4M3's half step: 2**-4 of a normal value, 2**-10 of the scale for a subnormal one
+    assert bool(((back - values).abs() <= torch.maximum(values.abs() * 2.0 ** -4, per_element * 2.0 ** -10)).all())
+    if scale_dtype == torch.float32:
+        again = quantize_fp8(back, blocks)
+        assert torch.equal(again[0].view(torch.uint8), codes.view(torch.uint8)) and torch.equal(again[1], scale)
+
+
+@pytest.mark.dist
+def test_fp8_merged_export_is_stored_as_the_base(checkpoints, tmp_path):
+    """The merged export of an FP8 base keeps the base's format (export.keep_fp8, the default): every tensor the
+    adapter does not touch is the base's bytes (codes, scales, norms), ``quantization_config`` is kept, and each
+    adapted weight is its fp32 merge quantized again block by block (codes and scales equal to the test's own
+    quantizer over the dense fp32 export), a byte per element. 2 FSDP2 ranks, splitting the blocks,
+    write the file ``lora-dist merge`` writes from their adapter on one process; ``verify`` passes it and fails it
+    against another adapter; transformers loads it."""
+    quantized, _ = checkpoints["fp8"]
+    data = write_demo_data(tmp_path / "data.jsonl", n=200)
+    common = [*short_run_args(quantized, data, STEPS, LR, "all-linear"), "model.dtype=float32", "export.merged=true"]
+    ranks(2, "-m", "lora_dist.cli", "train", *common, f"output.dir={tmp_path / 'two'}", "parallel.strategy=fsdp2",
+          "train.micro_batch_size=2")
+    merged, adapter = tmp_path / "two" / "merged", tmp_path / "two" / "adapter"
+    lora_dist("merge", "--base", str(quantized), "--adapter", str(adapter), "--out", str(tmp_path / "offline"))
+    lora_dist("merge", "--base", str(quantized), "--adapter", str(adapter), "--out", str(tmp_path / "dense"),
+              "--dense", "--dtype", "float32")
+    got, base = load_file(merged / "model.safetensors"), load_file(quantized / "model.safetensors")
+    offline, dense = load_file(tmp_path / "offline" / "model.safetensors"), load_file(tmp_path / "dense" / "model.safetensors")
+    assert sorted(got) == sorted(base) == sorted(offline)
+    assert all(got[k].dtype == base[k].dtype and got[k].shape == base[k].shape for k in base)
+    assert all(torch.equal(got[k].view(torch.uint8), offline[k].view(torch.uint8)) for k in got)
+    config = json.loads((merged / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((quantized / "config.json").read_text())["quantization_config"]
+    adapted = {k for k in base if k.endswith("proj.weight")}
+    assert adapted and all(base[k].dtype == torch.float8_e4m3fn for k in adapted)
+    for key in base:
+        if key in adapted:
+            codes, scale = _blockwise_fp8(dense[key], BLOCK)
+            assert torch.equal(got[key].view(torch.uint8), codes.view(torch.uint8)), key
+            assert torch.equal(got[key + "_scale_inv"], scale), key
+            assert not torch.equal(got[key].view(torch.uint8), base[key].view(torch.uint8)), key  # trained
+        elif not key.removesuffix("_scale_inv") in adapted:
+            assert torch.equal(got[key], base[key]), key  # the base's bytes
+    # a byte per adapted weight element (bf16: 2); the tiny model's bf16 embedding and head are most of the rest
+    size = sum(f.stat().st_size for f in merged.glob("*.safetensors"))
+    assert size < sum(t.numel() * 2 for t in dense.values())
+    lora_dist("verify", str(merged), "--base", str(quantized), "--adapter", str(adapter), "--sample", "-1")
+    lora_dist("train", *common, f"output.dir={tmp_path / 'other'}", "parallel.strategy=none", "train.seed=1",
+              "export.merged=false")
+    proc = lora_dist("verify", str(merged), "--base", str(quantized), "--adapter", str(tmp_path / "other" / "adapter"),
+                     "--sample", "-1", check=False)
+    assert proc.returncode == 1 and "differ from base + adapter quantized again" in proc.stderr + proc.stdout
+    state = transformers_load(merged).state_dict()
+    for key in adapted:
+        deq = dequantize_fp8(got[key], got[key + "_scale_inv"], (BLOCK, BLOCK)).to(torch.bfloat16)
+        assert torch.equal(state[key], deq), key
 
 
 @pytest.mark.parametrize("quantization,problem", [

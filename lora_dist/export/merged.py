@@ -26,11 +26,15 @@ from lora_dist.export.sources import (
     QUANTIZED_DTYPE_KEY,
     QUANTIZED_KEY,
     QUANTIZED_WEIGHTS_KEY,
+    FP8Merge,
+    FP8Source,
     RowsSource,
     file_rows,
     merged_from,
     output_specs,
     param_source,
+    stored_rows,
+    stored_specs,
 )
 from lora_dist.export.target import check_output
 from lora_dist.export.writer import MODES, write_checkpoint
@@ -42,7 +46,7 @@ from lora_dist.ranks import RankGroup
 from lora_dist.sharding import full_shape, gathered, is_dtensor, local_dtype
 from lora_dist.weight_mapping import WeightMap
 
-__all__ = ["export_merged"]
+__all__ = ["export_merged", "fp8_sources", "stores_fp8"]
 
 
 #: Wrappers that keep the user's model as ``.module``.
@@ -111,6 +115,7 @@ def export_merged(
     what: str = "out_dir",
     lora: Mapping[str, torch.Tensor] | None = None,
     base_dtype: torch.dtype | None = None,
+    keep_fp8: bool = True,
 ) -> Path:
     """Write the model with its LoRA merged in as a HF checkpoint dir. Collective: call on every rank.
 
@@ -136,6 +141,9 @@ def export_merged(
         base_dtype: the dtype the run keeps its base in (``model.dtype``). An adapted weight the model holds in
             another dtype (DeepSpeed's bf16 mode casts a float32 base to bf16) is merged from the base files
             instead, rows split over the ranks: the export is the same whatever the strategy.
+        keep_fp8: a base stored as block-scaled FP8 is written as it is stored (:func:`fp8_sources`): every tensor
+            copied byte for byte, the adapted FP8 weights merged and quantized again, ``quantization_config``
+            kept. False (or an NF4-trained model, or another quantization): every weight dense in ``dtype``.
 
     Returns:
         ``out_dir`` as an absolute path, on every rank.
@@ -167,7 +175,8 @@ def export_merged(
             check_output(out_dir, [base.path], overwrite=overwrite, base_dir=base.path, what=what)
         if not layers:
             raise ExportError("the model has no LoRA layers; inject_lora() it, or copy the base checkpoint instead")
-        specs = output_specs(base, out_dtype)
+        keep_fp8 = keep_fp8 and stores_fp8(base) and not any(is_quantized(p) for p in model.parameters())
+        specs = stored_specs(base, out_dtype) if keep_fp8 else output_specs(base, out_dtype)
         linears = {n: layer for n, layer in layers.items() if not isinstance(layer, LoRAParam)}
         params = {n: layer for n, layer in layers.items() if isinstance(layer, LoRAParam)}
         sources_of = {}
@@ -198,9 +207,15 @@ def export_merged(
         adapters, error = {}, e
     group.check(error)
     try:
-        sources: dict[str, object] = {k: RowsSource(file_rows(base, k), s, None) for k, s in specs.items()}
+        read = stored_rows if keep_fp8 else file_rows
+        sources: dict[str, object] = {k: RowsSource(read(base, k), s, None) for k, s in specs.items()}
         for name, layer in params.items():
             parts = param_parts(base, sources_of[name], adapters[name], _param_name(name, layer))
+            fp8 = [p.key for p in parts if keep_fp8 and base.fp8_blocks(p.key) is not None]
+            if fp8:
+                raise ExportError(f"{fp8[0]}: an FP8 expert weight adapted through lora.target_parameters cannot be "
+                                  "written FP8 again; set export.keep_fp8=false (--dense for lora-dist export and "
+                                  "merge) to write the merged checkpoint dense")
             if layer.merged:  # merged in place: the param already holds W0 + delta
                 parts = [ParamPart(p.key, p.start, p.numel, None) for p in parts]
             if _from_files(layer, base_dtype):
@@ -215,7 +230,9 @@ def export_merged(
                     f"{key}: the model's weight is {full_shape(layer.weight)} but the base checkpoint's is "
                     f"{specs[key].shape}; base_path is not the checkpoint the model was loaded from"
                 )
-            if _from_files(layer, base_dtype):
+            if keep_fp8 and base.fp8_blocks(key) is not None:  # merged from the files (the adapter's own A/B)
+                sources.update(fp8_sources(base, key, specs, _on_host(adapters[name])))
+            elif _from_files(layer, base_dtype):
                 sources[key] = RowsSource(file_rows(base, key), specs[key], _on_host(adapters[name]))
             else:  # a layer merged in place already holds W0 + delta
                 sources[key] = param_source(layer.weight, specs[key], None if layer.merged else adapters[name])
@@ -239,4 +256,17 @@ def export_merged(
     group.check(error)
     return write_checkpoint(group, out_dir, base, layout, sources, overwrite=overwrite, mode=mode,
                             config_dtype=out_dtype, what=what)
+
+
+def stores_fp8(base: ModelDir) -> bool:
+    """Whether the base stores weights as block-scaled FP8 (:mod:`lora_dist.prequantized`)."""
+    return base.quantized and any(base.fp8_blocks(k) is not None for k in base.keys())
+
+
+def fp8_sources(base: ModelDir, key: str, specs: Mapping[str, object], lora) -> dict[str, FP8Source]:
+    """The two outputs of FP8 weight ``key`` merged with ``lora`` and stored again: its codes and its scales."""
+    blocks = base.fp8_blocks(key)
+    merge = FP8Merge(base, key, blocks, lora)
+    return {key: FP8Source(merge, specs[key], "codes"), blocks.scale_key: FP8Source(merge, specs[blocks.scale_key],
+                                                                                     "scales")}
 

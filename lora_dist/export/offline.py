@@ -19,7 +19,9 @@ from lora_dist.dtypes import from_safetensors, parse_dtype
 from lora_dist.ranks import RankGroup
 from lora_dist.export.layout import plan_layout
 from lora_dist.export.params import checkpoint_loras
-from lora_dist.export.sources import MERGED_FROM_KEY, RowsSource, file_rows, merged_from, output_specs
+from lora_dist.export.merged import fp8_sources, stores_fp8
+from lora_dist.export.sources import (MERGED_FROM_KEY, RowsSource, file_rows, merged_from, output_specs, stored_rows,
+                                      stored_specs)
 from lora_dist.export.target import check_output
 from lora_dist.export.writer import MODES, write_checkpoint
 from lora_dist.merge import MergeError
@@ -37,6 +39,7 @@ def merge_offline(
     overwrite: bool = False,
     *,
     mode: str = "auto",
+    keep_fp8: bool = True,
 ) -> Path:
     """Merge a PEFT-format LoRA adapter into a base HF checkpoint, streaming, into a new checkpoint dir.
 
@@ -57,6 +60,8 @@ def merge_offline(
         overwrite: replace an existing ``out_dir`` if it is a merged checkpoint lora_dist wrote (a user's
             dir, or a model from elsewhere, is refused), once the new one is complete.
         mode: as for :func:`~lora_dist.export.merged.export_merged`.
+        keep_fp8: a base stored as block-scaled FP8 is written as it is stored, each adapted weight merged and
+            quantized again (as for :func:`~lora_dist.export.merged.export_merged`); False: every weight dense.
 
     Returns:
         ``out_dir`` as an absolute path, on every rank.
@@ -81,8 +86,21 @@ def merge_offline(
         if missing:
             raise MergeError(f"the adapter targets modules that are not in the base checkpoint: {missing[:5]}; "
                              "the adapter was trained on a different base")
-        specs = output_specs(base, out_dtype)
-        sources = {key: RowsSource(file_rows(base, key), spec, loras.get(key)) for key, spec in specs.items()}
+        keep_fp8 = keep_fp8 and stores_fp8(base)
+        if keep_fp8:  # every stored tensor copied, the adapted FP8 weights merged and quantized again
+            specs = stored_specs(base, out_dtype)
+            sources = {key: RowsSource(stored_rows(base, key), spec, None) for key, spec in specs.items()}
+            for key, lora in loras.items():
+                if base.fp8_blocks(key) is not None:
+                    sources.update(fp8_sources(base, key, specs, lora))
+                elif key in specs:
+                    sources[key] = RowsSource(file_rows(base, key), specs[key], lora)
+                else:  # an expert of gpt-oss's fused layout, say: no stored tensor of that name
+                    raise MergeError(f"{key}: an adapted weight the base does not store under its name cannot be "
+                                     "written with the base's FP8 layout; pass --dense")
+        else:
+            specs = output_specs(base, out_dtype)
+            sources = {key: RowsSource(file_rows(base, key), spec, loras.get(key)) for key, spec in specs.items()}
         dtypes = merged_from(from_safetensors(base.dtype(k)) for k in loras)
         layout = plan_layout(list(specs.values()), max_shard_size, {"format": "pt", MERGED_FROM_KEY: dtypes})
     except Exception as e:

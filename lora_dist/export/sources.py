@@ -10,6 +10,11 @@ An output tensor is produced from one of two sources, both cut into
   holds (an FSDP2 ``Shard(0)`` block of rows, a ZeRO-3 partition), as
   :func:`lora_dist.sharding.owned_range` describes it.
 
+A base stored as block-scaled FP8 (:mod:`lora_dist.prequantized`) is written as it is stored
+(:func:`stored_specs`): its tensors copied byte for byte, and each LoRA-adapted FP8 weight merged from the
+base files and quantized again, whole blocks of rows at a time (:class:`FP8Merge`, serving its codes and
+its ``weight_scale_inv`` through two :class:`FP8Source` s).
+
 A LoRA-targeted tensor is merged on the way, by :func:`merge_flat`, in blocks of
 :data:`MERGE_BLOCK_ROWS` rows at absolute row offsets, so the merged bytes do
 not depend on how the rows were split. Every piece, merged or copied, is cast
@@ -35,11 +40,14 @@ from lora_dist.export.layout import TensorSpec
 from lora_dist.merge import LoRAWeights, merge_weight
 from lora_dist.model_dir import ModelDir
 from lora_dist.nf4 import dequantize_flat, is_nf4
+from lora_dist.prequantized import FP8Blocks, quantize_fp8
 from lora_dist.quant import NF4_WEIGHTS_KEY
 from lora_dist.sharding import ShardingError, owned_range, whole_local
 
 __all__ = [
     "COPY_BLOCK_BYTES",
+    "FP8Merge",
+    "FP8Source",
     "MERGED_FROM_KEY",
     "QUANTIZED_DTYPE_KEY",
     "QUANTIZED_KEY",
@@ -54,6 +62,8 @@ __all__ = [
     "natural_key",
     "output_specs",
     "param_source",
+    "stored_rows",
+    "stored_specs",
     "to_output",
 ]
 
@@ -325,3 +335,94 @@ def output_specs(base: ModelDir, out_dtype: torch.dtype | None) -> dict[str, Ten
 def merged_from(dtypes: Iterable[torch.dtype]) -> str:
     """The :data:`MERGED_FROM_KEY` metadata value: the merged base weights' dtypes, sorted, comma-separated."""
     return ",".join(sorted({dtype_name(d) for d in dtypes}))
+
+
+def stored_specs(base: ModelDir, out_dtype: torch.dtype | None) -> dict[str, TensorSpec]:
+    """One spec per tensor the base files store (an FP8 weight's codes and scales, activation scales), in natural
+    key order: a block-scaled FP8 checkpoint written as it is stored. FP8 weights and their scales keep their
+    dtypes; the other floating tensors are cast to ``out_dtype`` (None keeps the base's)."""
+    fp8 = {b.scale_key for b in (base.fp8_blocks(k) for k in base.keys()) if b is not None}
+    fp8 |= {k for k in base.keys() if base.fp8_blocks(k) is not None}
+    specs = {}
+    for key in sorted(base.stored_keys(), key=natural_key):
+        dtype = from_safetensors(base.stored_dtype(key))
+        if out_dtype is not None and dtype in FLOAT_DTYPES and key not in fp8 and not key.endswith(_SCALES):
+            dtype = out_dtype
+        specs[key] = TensorSpec(key, dtype, base.stored_shape(key))
+    return specs
+
+
+#: Stored tensors of an FP8 checkpoint that are scales, not weights: kept in their dtype like the weights' scales.
+_SCALES = (".input_scale", ".activation_scale", "_scale_inv")
+
+
+def stored_rows(base: ModelDir, key: str) -> Callable[[int, int], torch.Tensor]:
+    """A ``read_rows(a, b)`` for :class:`RowsSource` reading rows of a tensor as the base files store it."""
+    if not base.stored_shape(key):
+        return lambda a, b: base.stored_read(key)
+    return lambda a, b: base.stored_read(key, rows=slice(a, b))
+
+
+class FP8Merge:
+    """A LoRA-adapted weight of a block-scaled FP8 base, merged and stored again as the base stores it.
+
+    The ranks split the weight's block rows (``torch.chunk`` of the scale grid's rows), so no block is cut:
+    each reads its blocks' rows from the base files (dequantized, as training read them), merges them in fp32
+    (:func:`merge_flat`: the same bits however the rows are split) and quantizes them
+    (:func:`lora_dist.prequantized.quantize_fp8`). The codes and the scales are two output tensors: the scales
+    a rank computed for its codes are kept (a float per block) for its scale pieces.
+
+    Args:
+        base: the base checkpoint.
+        key: the weight's name.
+        blocks: how the base stores it (:meth:`lora_dist.model_dir.ModelDir.fp8_blocks`).
+        lora: the layer's LoRA.
+    """
+
+    def __init__(self, base: ModelDir, key: str, blocks: FP8Blocks, lora: LoRAWeights) -> None:
+        self.base, self.key, self.blocks, self.lora = base, key, blocks, lora
+        self.shape = base.shape(key)
+        self.scales: dict[int, torch.Tensor] = {}
+
+    def groups(self, rank: int, world: int) -> list[tuple[int, int]]:
+        """This rank's runs of block rows ``[g0, g1)``, about :data:`MERGE_BLOCK_ROWS` rows each."""
+        g0, g1 = _row_chunk(self.blocks.grid[0], world, rank)
+        step = max(1, MERGE_BLOCK_ROWS // self.blocks.block[0])
+        return [(g, min(g + step, g1)) for g in range(g0, g1, step)]
+
+    def rows(self, g0: int, g1: int) -> tuple[int, int]:
+        return g0 * self.blocks.block[0], min(g1 * self.blocks.block[0], self.shape[0])
+
+    def quantized(self, g0: int, g1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes and scales of block rows ``[g0, g1)``."""
+        (r0, r1), cols = self.rows(g0, g1), self.shape[1]
+        merged = merge_flat(self.base.read(self.key, rows=slice(r0, r1)).reshape(-1), r0 * cols, r1 * cols,
+                            self.shape, self.lora, torch.float32, self.key)
+        codes, scale = quantize_fp8(merged.view(r1 - r0, cols), self.blocks)
+        self.scales[g0] = scale
+        return codes, scale
+
+
+class FP8Source:
+    """The codes (``part="codes"``) or the ``weight_scale_inv`` (``part="scales"``) of an :class:`FP8Merge`."""
+
+    sharded = False
+
+    def __init__(self, merge: FP8Merge, spec: TensorSpec, part: str) -> None:
+        self.merge, self.spec, self.part = merge, spec, part
+
+    def pieces(self, rank: int, world: int) -> list[Piece]:
+        m, pieces = self.merge, []
+        for g0, g1 in m.groups(rank, world):
+            if self.part == "codes":
+                r0, r1 = m.rows(g0, g1)
+                pieces.append(Piece(r0 * m.shape[1], r1 * m.shape[1],
+                                    lambda g0=g0, g1=g1: m.quantized(g0, g1)[0].reshape(-1)))
+            else:
+                width = m.blocks.grid[1]
+                pieces.append(Piece(g0 * width, g1 * width, lambda g0=g0, g1=g1: self._scales(g0, g1)))
+        return pieces
+
+    def _scales(self, g0: int, g1: int) -> torch.Tensor:
+        scale = self.merge.scales.pop(g0, None)
+        return (scale if scale is not None else self.merge.quantized(g0, g1)[1]).reshape(-1)

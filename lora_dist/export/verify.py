@@ -21,6 +21,7 @@ found as one line apiece:
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Mapping
 import torch
 
 from lora_dist.adapter import read_adapter
-from lora_dist.dtypes import FLOAT_DTYPES, DTypeError, parse_dtype
+from lora_dist.dtypes import FLOAT_DTYPES, FP8_DTYPES, DTypeError, from_safetensors, parse_dtype
 from lora_dist.export.errors import ExportError
 from lora_dist.safetensors_file import HeaderEntry, SafetensorsFormatError, read_header
 from lora_dist.export.params import checkpoint_loras
@@ -43,6 +44,7 @@ from lora_dist.export.sources import (
 )
 from lora_dist.merge import LoRAWeights, MergeError, lora_delta
 from lora_dist.model_dir import SAFE_INDEX, SAFE_SINGLE, ModelDir, ModelDirError
+from lora_dist.prequantized import dequantize_fp8, quantize_fp8
 
 __all__ = [
     "CheckpointFiles",
@@ -253,10 +255,13 @@ def check_finite(ckpt: ModelDir, keys: list[str]) -> list[str]:
     return problems
 
 
-def check_keys(base: ModelDir, found: CheckpointFiles) -> list[str]:
-    """The checkpoint holds exactly the base's tensors, in the base's shapes."""
+def check_keys(base: ModelDir, found: CheckpointFiles, stored: bool = False) -> list[str]:
+    """The checkpoint holds exactly the base's tensors, in the base's shapes (``stored``: the tensors the base files
+    store, for an FP8 base written as stored)."""
     problems = []
     entries = found.entries
+    if stored:
+        base = _Stored(base)
     missing, extra = sorted(set(base.keys()) - set(entries)), sorted(set(entries) - set(base.keys()))
     if missing:
         problems.append(f"{len(missing)} base tensors are missing: {missing[:5]}")
@@ -272,6 +277,70 @@ def check_targeted(found: CheckpointFiles, targeted: Mapping[str, LoRAWeights]) 
     """Every tensor the adapter targets is in the checkpoint."""
     absent = sorted(set(targeted) - set(found.entries))
     return [f"LoRA-targeted tensors are missing: {absent[:5]}"] if absent else []
+
+
+class _Stored:
+    """A model dir's tensors as its files store them (an FP8 weight's codes and scales): the ``keys``, ``shape``,
+    ``nbytes`` and ``read`` the checks use."""
+
+    def __init__(self, base: ModelDir) -> None:
+        self.base = base
+
+    def keys(self) -> list[str]:
+        return self.base.stored_keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.base.stored_shape(key)
+
+    def nbytes(self, key: str) -> int:
+        return math.prod(self.shape(key)) * from_safetensors(self.base.stored_dtype(key)).itemsize
+
+    def read(self, key: str, rows: slice | None = None) -> torch.Tensor:
+        tensor = self.base.stored_read(key, rows)
+        return tensor.view(torch.uint8) if tensor.dtype in FP8_DTYPES else tensor  # compared bit for bit
+
+
+def check_merged_fp8(ckpt: ModelDir, base: ModelDir, targeted: Mapping[str, LoRAWeights],
+                     keys: list[str]) -> tuple[list[str], float]:
+    """LoRA-targeted weights of an FP8 base written as stored equal ``base + adapter`` recomputed with the export's
+    merge and quantized again (:func:`lora_dist.prequantized.quantize_fp8`): each block's scale is its largest
+    magnitude's (within the merge's own rounding), and each code the nearest FP8 value, under the checkpoint's own
+    scale, to a value within that rounding of the recomputed merge. A missing or wrong adapter moves codes by more.
+
+    Returns:
+        The problems, and the largest absolute difference seen (dequantized).
+    """
+    problems, largest = [], 0.0
+    for key in keys:
+        blocks, w0, lora = ckpt.fp8_blocks(key), base.read(key), targeted[key]
+        try:
+            ref = merge_flat(w0.reshape(-1), 0, w0.numel(), tuple(w0.shape), lora, torch.float32, key).view(w0.shape)
+        except (ExportError, MergeError) as e:
+            problems.append(f"{key!r} cannot be recomputed: {e}")
+            continue
+        codes, scale = ckpt.stored_read(key).float(), ckpt.stored_read(blocks.scale_key)
+        bound = _fp32_merge_bound(ref, lora).float()
+        want_scale = quantize_fp8(ref, blocks)[1]
+        rows, cols = ref.shape
+        per_element = dequantize_fp8(torch.ones(rows, cols), scale.reshape(blocks.grid), blocks.block)
+        top = torch.finfo(blocks.codes).max
+        lo, hi = (((ref + d) / per_element).clamp(-top, top).to(blocks.codes).float() for d in (-bound, bound))
+        ok_codes = bool(((codes >= lo) & (codes <= hi)).all())
+        # fp32 scales within the merge's rounding; bf16/fp16 within one rounding; E8M0 within a power of two
+        rtol = 1e-5 if blocks.scale_dtype == torch.float32 else 1.0 if blocks.scale_dtype == torch.uint8 else 2.0 ** -7
+        ratio = _as_float(scale) / _as_float(want_scale).clamp(min=1e-30)
+        ok_scale = bool(((ratio - 1).abs() <= rtol).all())
+        diff = _max_abs((codes * per_element - ref).abs())
+        largest = max(largest, diff)
+        if not (ok_codes and ok_scale):
+            what = "its block scales" if not ok_scale else "its codes"
+            problems.append(f"{key!r}: {what} differ from base + adapter quantized again (max |diff| {diff:.3g})")
+    return problems, largest
+
+
+def _as_float(scale: torch.Tensor) -> torch.Tensor:
+    """Stored FP8 block scales as fp32 values (E8M0 bytes as powers of two)."""
+    return scale.float() if scale.dtype != torch.uint8 else torch.exp2(scale.float() - 127.0)
 
 
 class DequantizedBase:
@@ -488,25 +557,34 @@ def verify_checkpoint(
 
     if base_dir is not None:
         base = ModelDir(base_dir)
-        problems += check_keys(base, found)
+        stored = any(ckpt.fp8_blocks(k) is not None for k in ckpt.keys())  # an FP8 base written as stored
+        problems += check_keys(base, found, stored)
         targeted = checkpoint_loras(base, read_adapter(adapter_dir)) if adapter_dir is not None else {}
         problems += check_targeted(found, targeted)
         reference = _reference(base, found.metadata)  # an NF4 run's export: its dequantized base
         if not problems and adapter_dir is not None:
-            untouched = [k for k in keys if k not in targeted]
-            untouched_problems, untouched_diff = check_untouched(ckpt, reference, untouched)
+            fp8 = {k: ckpt.fp8_blocks(k) for k in targeted if ckpt.fp8_blocks(k) is not None}
+            merged_away = set(targeted) | {b.scale_key for b in fp8.values()}
+            untouched = [k for k in keys if k not in merged_away]
+            # an FP8 export's untouched tensors are its base's bytes: codes, scales and all
+            untouched_problems, untouched_diff = check_untouched(_Stored(ckpt) if stored else ckpt,
+                                                                 _Stored(base) if stored else reference, untouched)
             chosen = sample_keys(keys, set(targeted), sample)
             merged_keys = [k for k in keys if k in targeted]
             recompute = merged_keys if sample is None else [k for k in chosen if k in targeted]
             merged_problems, merged_diff = check_merged(
-                ckpt, reference, targeted, recompute, found.metadata.get(MERGED_FROM_KEY, ""))
+                ckpt, reference, targeted, [k for k in recompute if k not in fp8], found.metadata.get(MERGED_FROM_KEY, ""))
+            fp8_problems, fp8_diff = check_merged_fp8(ckpt, base, targeted, [k for k in recompute if k in fp8])
+            merged_problems += fp8_problems
+            merged_diff = max(merged_diff, fp8_diff)
             problems += merged_problems + untouched_problems
             report.compared = chosen  # targeted keys first: the sample, as it was always reported
             report.untouched, report.targeted, report.recomputed = len(untouched), len(merged_keys), recompute
             report.max_abs_diff = max(0.0, merged_diff, untouched_diff)
         elif not problems:
             differ, largest = compare_with_base(ckpt, reference, keys)
-            report.unchecked = [k for k in keys if k in differ and _mergeable(ckpt, k)]
+            scales = {b.scale_key for b in (ckpt.fp8_blocks(k) for k in ckpt.keys()) if b is not None}
+            report.unchecked = [k for k in keys if k in differ and (_mergeable(ckpt, k) or k in scales)]
             problems += [f"{k!r} differs from the base (max |diff| {d:.3g}); a LoRA merge changes only 2-D weights"
                          for k, d in differ.items() if k not in report.unchecked]
             report.untouched = len(keys) - len(differ)

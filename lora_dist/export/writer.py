@@ -32,7 +32,7 @@ from typing import Iterable, Mapping
 import torch
 
 from lora_dist.atomic import WriterMark, publish_dir, recover, sweep_abandoned
-from lora_dist.dtypes import dtype_name
+from lora_dist.dtypes import FP8_DTYPES, dtype_name
 from lora_dist.export import layout as st
 from lora_dist.export.errors import ExportError
 from lora_dist.ranks import RankGroup
@@ -295,7 +295,8 @@ def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLay
     if index is not None:
         _write_json(staging / SAFE_INDEX, index)
     config = json.loads((base_dir / "config.json").read_text())
-    config.pop("quantization_config", None)  # every weight is written dense (lora_dist.prequantized)
+    if not any(spec.dtype in FP8_DTYPES for spec in layout.specs.values()):  # every weight is written dense
+        config.pop("quantization_config", None)  # (else an FP8 base written as stored: lora_dist.export.sources)
     if config_dtype is not None:
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
         for k in keys:

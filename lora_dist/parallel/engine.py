@@ -210,7 +210,7 @@ class Engine:
         return RankGroup().on_rank0(write)
 
     def export_merged(self, out_dir: str | os.PathLike, *, dtype: str = "bfloat16", max_shard_size: str = "5GB",
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, keep_fp8: bool = True) -> Path:
         """End training and write the merged checkpoint from the shards (collective: call on every rank).
 
         Frees the optimizer state first (:meth:`finish_training`): no step may follow. Each rank merges the fp32
@@ -229,7 +229,7 @@ class Engine:
         lora = self.lora_state_dict()  # fp32, whatever the compute dtype (collective under ZeRO)
         self.finish_training()
         return export_merged(self.module, out_dir, self.base, dtype=parse_dtype(dtype), max_shard_size=max_shard_size,
-                             overwrite=overwrite, lora=lora, base_dtype=self.base_dtype)
+                             overwrite=overwrite, lora=lora, base_dtype=self.base_dtype, keep_fp8=keep_fp8)
 
     # ------------------------------------------------------------------ the state
 
