@@ -503,7 +503,8 @@ def summarize(cfg, max_chars: int = 4000) -> str:
 
 
 def _packing_off_because(cfg, s: DataStats) -> str:
-    """Why packing is off, for :func:`summarize`: asked (``data.packing=false``) or the model's (:func:`_unpackable`)."""
+    """Why packing is off, for :func:`summarize`: asked (``data.packing=false``) or the model's
+    (:func:`_unpackable`)."""
     if s.packing:
         return ""
     if not cfg.data.packing:

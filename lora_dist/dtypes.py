@@ -6,7 +6,8 @@ import torch
 
 from lora_dist.errors import UserError
 
-__all__ = ["FLOAT_DTYPES", "FP8_DTYPES", "DTypeError", "dtype_name", "from_safetensors", "parse_dtype", "to_safetensors"]
+__all__ = ["FLOAT_DTYPES", "FP8_DTYPES", "DTypeError", "dtype_name", "from_safetensors", "parse_dtype",
+           "to_safetensors"]
 
 #: Floating dtypes a checkpoint may hold and lora_dist may write.
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)

@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 #: 2: chat turns of templates that write no end-of-turn token learn the token that ends them (GLM).
 #: 3: text and prompt/completion documents start with BOS where the tokenizer adds one; null fields are absent in
 #: JSON Lines too; a conversation opening with an assistant turn learns it from after its header.
-#: 4: DeepSeek-R1 distills' turns are learned (after <｜Assistant｜>); a turn whose text its template drops is refused.
+#: 4: DeepSeek-R1 distills' turns are learned (after <｜Assistant｜>); a turn whose text its template drops is
+#: refused.
 FORMAT = 4
 #: Chunks in flight per tokenization worker.
 IN_FLIGHT = 2

@@ -62,8 +62,9 @@ def test_the_base_models_own_dropout_is_kept_or_turned_off(tiny_checkpoint, tmp_
         config = json.loads((base / "config.json").read_text())
         (base / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.25}))
     targets = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]
-    model = load_model(ModelConfig(path=str(base), base_dropout=keep), LoRAConfig(r=2, dropout=0.1, target_modules=targets),
-                       ParallelConfig(strategy="none"), torch.device("cpu"), seed=0).model
+    model = load_model(ModelConfig(path=str(base), base_dropout=keep),
+                       LoRAConfig(r=2, dropout=0.1, target_modules=targets), ParallelConfig(strategy="none"),
+                       torch.device("cpu"), seed=0).model
     sites = base_dropout(model)
     if keep:
         expected = ({"transformer.drop", "transformer.h.0.attn.attn_dropout", "transformer.h.0.mlp.dropout"}

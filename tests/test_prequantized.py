@@ -262,7 +262,8 @@ def test_fp8_merged_export_is_stored_as_the_base(checkpoints, tmp_path):
     lora_dist("merge", "--base", str(quantized), "--adapter", str(adapter), "--out", str(tmp_path / "dense"),
               "--dense", "--dtype", "float32")
     got, base = load_file(merged / "model.safetensors"), load_file(quantized / "model.safetensors")
-    offline, dense = load_file(tmp_path / "offline" / "model.safetensors"), load_file(tmp_path / "dense" / "model.safetensors")
+    offline = load_file(tmp_path / "offline" / "model.safetensors")
+    dense = load_file(tmp_path / "dense" / "model.safetensors")
     assert sorted(got) == sorted(base) == sorted(offline)
     assert all(got[k].dtype == base[k].dtype and got[k].shape == base[k].shape for k in base)
     assert all(torch.equal(got[k].view(torch.uint8), offline[k].view(torch.uint8)) for k in got)

@@ -572,8 +572,9 @@ def verify_checkpoint(
             chosen = sample_keys(keys, set(targeted), sample)
             merged_keys = [k for k in keys if k in targeted]
             recompute = merged_keys if sample is None else [k for k in chosen if k in targeted]
-            merged_problems, merged_diff = check_merged(
-                ckpt, reference, targeted, [k for k in recompute if k not in fp8], found.metadata.get(MERGED_FROM_KEY, ""))
+            dense = [k for k in recompute if k not in fp8]
+            merged_problems, merged_diff = check_merged(ckpt, reference, targeted, dense,
+                                                        found.metadata.get(MERGED_FROM_KEY, ""))
             fp8_problems, fp8_diff = check_merged_fp8(ckpt, base, targeted, [k for k in recompute if k in fp8])
             merged_problems += fp8_problems
             merged_diff = max(merged_diff, fp8_diff)
