@@ -266,7 +266,7 @@ def test_fp8_merged_export_is_stored_as_the_base(checkpoints, tmp_path):
     dense = load_file(tmp_path / "dense" / "model.safetensors")
     assert sorted(got) == sorted(base) == sorted(offline)
     assert all(got[k].dtype == base[k].dtype and got[k].shape == base[k].shape for k in base)
-    assert all(torch.equal(got[k].view(torch.uint8), offline[k].view(torch.uint8)) for k in got)
+    assert (merged / "model.safetensors").read_bytes() == (tmp_path / "offline" / "model.safetensors").read_bytes()
     config = json.loads((merged / "config.json").read_text())
     assert config["quantization_config"] == json.loads((quantized / "config.json").read_text())["quantization_config"]
     adapted = {k for k in base if k.endswith("proj.weight")}
@@ -292,6 +292,26 @@ def test_fp8_merged_export_is_stored_as_the_base(checkpoints, tmp_path):
     for key in adapted:
         deq = dequantize_fp8(got[key], got[key + "_scale_inv"], (BLOCK, BLOCK)).to(torch.bfloat16)
         assert torch.equal(state[key], deq), key
+
+
+@pytest.mark.dist
+def test_fp8_blocks_cut_by_the_ranks_shards_export_whole(tiny_checkpoint, tmp_path):
+    """Blocks of 24 rows over 64-row weights (the last one partial, as DeepSeek-V3's 576-row kv_a_proj_with_mqa in
+    128-blocks), 3 ranks: FSDP2 shards of 22 rows cut blocks, the export's ranks split whole blocks instead, and
+    ``lora-dist export`` writes the offline merge's file, byte for byte."""
+    fp8 = quantize_fp8(tiny_checkpoint("qwen3", dtype=torch.bfloat16), tmp_path / "fp8", 24)
+    data = write_demo_data(tmp_path / "data.jsonl", n=200)
+    lora_dist("train", *short_run_args(fp8, data, 2, LR, "all-linear"), f"output.dir={tmp_path / 'run'}",
+              "parallel.strategy=none")
+    ranks(3, "-m", "lora_dist.cli", "export", str(tmp_path / "run"), "--out", str(tmp_path / "three"))
+    lora_dist("merge", "--base", str(fp8), "--adapter", str(tmp_path / "run" / "adapter"), "--out",
+              str(tmp_path / "one"))
+    three = (tmp_path / "three" / "model.safetensors").read_bytes()
+    assert three == (tmp_path / "one" / "model.safetensors").read_bytes()
+    got = load_file(tmp_path / "three" / "model.safetensors")
+    shapes = {k: tuple(w.shape) for k, w in got.items() if k + "_scale_inv" in got}
+    assert all(got[k + "_scale_inv"].shape == (math.ceil(r / 24), math.ceil(c / 24)) for k, (r, c) in shapes.items())
+    assert any(r % 24 for r, _ in shapes.values())  # partial last blocks
 
 
 @pytest.mark.parametrize("quantization,problem", [

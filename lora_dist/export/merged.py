@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from lora_dist.dtypes import parse_dtype
+from lora_dist.dtypes import from_safetensors, parse_dtype
 from lora_dist.export.errors import ExportError
 from lora_dist.export.layout import plan_layout
 from lora_dist.export.params import ParamPart, param_parts, part_sources
@@ -243,9 +243,11 @@ def export_merged(
         for key, param in quantized:
             if key in specs and key not in adapted and full_shape(param) == specs[key].shape:
                 sources[key] = param_source(param, specs[key], None)
+        requantized = {name for name in linears if keep_fp8 and base.fp8_blocks(keys[name]) is not None}
         metadata = {"format": "pt", MERGED_FROM_KEY: merged_from(
-            torch.float32 if _from_files(layer, base_dtype) else local_dtype(layer.base_weight())
-            for layer in layers.values())}
+            from_safetensors(base.dtype(keys[name])) if name in requantized  # the base files' dense rows
+            else torch.float32 if _from_files(layer, base_dtype) else local_dtype(layer.base_weight())
+            for name, layer in layers.items())}
         if quantized:
             metadata[QUANTIZED_KEY] = "nf4"
             metadata[QUANTIZED_WEIGHTS_KEY] = ",".join(n for n, _ in quantized if n in specs)
