@@ -26,8 +26,8 @@ of the whole. Each turn is then learned as the whole conversation renders it:
 
 * it starts right after the first assistant header (what ``add_generation_prompt`` adds) between the
   previous message's content and its own; where that prompt prefills more than the whole writes
-  (DeepSeek-R1 distills' ``<｜Assistant｜><think>\n``), after its leading special tokens, if they are the
-  assistant's own;
+  (DeepSeek-R1 distills' ``<｜Assistant｜><think>\n``, Nemotron 3's ``<think>\n``), after its role line or its
+  leading special tokens, if they are the assistant's own;
 * it ends through its end-of-turn token: the special or added token the template writes right after
   an assistant message that the next message follows (``<|im_end|>``; gpt-oss's ``<|end|>``, not the
   ``<|return|>`` of a last turn), found before the next message's content.
@@ -36,8 +36,8 @@ A message's content is located by rendering the whole with that content replaced
 tokens by rendering probe messages. A template that writes nothing after an assistant message (GLM:
 the model ends a turn by writing the next role's token, ``<|user|>``, ``<|observation|>``) has each
 turn learn that next token, and a conversation's last turn learn EOS, appended. A learned turn whose
-text the template leaves out (a string content where it renders only parts; the last turn's reasoning
-before ``</think>``) is refused, never trained without it. A turn whose
+text the template leaves out (a string content where it renders only parts, a tool call's name, the last
+turn's reasoning before ``</think>``) is refused, never trained without it. A turn whose
 boundaries cannot be found is refused in one line, never masked wrongly; the error suggests
 ``data.loss_on=last_assistant`` only where the last turn can be bounded.
 
@@ -382,11 +382,21 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
 
 def _check_text_kept(messages: list[dict], learned: list[tuple[int, int, int]], full: str) -> None:
     """Refuse a conversation whose learned turn lacks text of its message: its answer (a template that renders only
-    a list of content parts drops a string: SmolVLM, Idefics3), or, in the conversation's last assistant message,
-    the reasoning before ``</think>`` (DeepSeek-R1 distills' template drops it from every turn). It would be
-    trained without it, silently. Earlier turns' reasoning may be dropped by design (Qwen3's history)."""
+    a list of content parts drops a string: SmolVLM, Idefics3), the name of a tool it calls (DeepSeek-R1 distills'
+    template drops the calls of a message with content), or, in the conversation's last assistant message, the
+    reasoning before ``</think>`` (the distills' template drops it from every turn). It would be trained without
+    it, silently. Earlier turns' reasoning may be dropped by design (Qwen3's history)."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     for i, start, end in learned:
+        calls = messages[i].get("tool_calls")
+        for call in calls if isinstance(calls, list) else []:
+            function = call.get("function", call) if isinstance(call, dict) else None
+            name = function.get("name") if isinstance(function, dict) else None
+            if isinstance(name, str) and name and name not in full[start:end]:
+                raise ChatError(f"the chat template leaves the tool call {excerpt(name, 40)} of messages[{i}] out of "
+                                "the assistant turn it renders (it renders no tool_calls, or, as DeepSeek-R1 "
+                                "distills', none beside a content), so it would be trained without it; set "
+                                "data.chat_template to a template that renders tool calls (docs/data.md)")
         content = messages[i].get("content")
         if not isinstance(content, str):
             continue
@@ -526,12 +536,14 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
         # turns start after its first lines (the role's)
         headers += [header[:cut] for cut in range(len(header) - 1, 0, -1)
                     if header[cut - 1] == "\n" and header[:cut].strip()]
-    else:  # the generation prompt opens more than the whole writes (DeepSeek-R1 distills' "<｜Assistant｜><think>\n",
-        # a prefill the model's output follows): the turn starts after the header's leading special tokens, where
-        # they are the assistant's own (not ChatML's <|im_start|>, which a user message's header starts with too)
-        role = _leading_tokens(_special_tokens(tokenizer), header)
-        if role and role != header and not _user_header(tokenizer, template, messages[:i], tools).startswith(role):
-            headers.append(role)
+    else:  # the generation prompt prefills more than the whole writes (DeepSeek-R1 distills' "<｜Assistant｜><think>\n",
+        # Nemotron 3's "<|im_start|>assistant\n<think>\n" where a turn without reasoning renders "<think></think>"): the
+        # turn starts after the header's role line, or its leading special tokens, where that is the assistant's own
+        # (not ChatML's <|im_start|>, which a user message's header starts with too)
+        line = header[:header.find("\n") + 1]
+        user = _user_header(tokenizer, template, messages[:i], tools)
+        headers += [h for h in (line, _leading_tokens(_special_tokens(tokenizer), header))
+                    if h.strip() and h != header and not user.startswith(h)]
     for h in headers:
         at = full.find(h, max(lower, after), upper)
         if at >= 0:

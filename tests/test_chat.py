@@ -166,18 +166,23 @@ def test_a_template_that_rewrites_the_last_message_is_masked_as_the_whole_render
         TURNS[1]["content"] + "<|im_end|>", TURNS[3]["content"] + " (last)<|im_end|>"]
 
 
-def test_a_prompt_whose_header_the_whole_never_writes_is_refused():
-    """Like DeepSeek-R1's distills: the generation prompt opens a <think> block that the whole conversation's
-    render never writes (it strips reasoning), so no turn can be found, whichever turns are learned."""
+def test_a_prompt_that_prefills_what_the_whole_never_writes_starts_after_its_role_line():
+    """Like Nemotron 3: the generation prompt prefills a ``<think>`` block that the whole conversation's render never
+    writes. Each turn starts after the prompt's role line (before, every conversation was refused). A prompt with
+    no line or special token of the assistant's own is refused, whichever turns are learned."""
     tok = style_tokenizer("qwen2")
     opens = TEMPLATES["chatml"].replace("'<|im_start|>assistant\n' }}{% endif %}",
                                         "'<|im_start|>assistant\n<think>\n' }}{% endif %}")
     assert opens != TEMPLATES["chatml"]
+    ids, labels = chat_document(tok, opens, TURNS)
+    assert [tok.decode(run) for run in spans(ids, labels)] == [m["content"] + "<|im_end|>" for m in TURNS[1::2]]
+    inline = TEMPLATES["chatml"].replace("'<|im_start|>assistant\n' }}{% endif %}",
+                                         "'<|im_start|>assistant thinking: ' }}{% endif %}")
     for loss_on in LOSS_ON:  # the last turn alone cannot be bounded either: no advice to learn only it
         with pytest.raises(ChatError, match=r"renders messages\[:[13]\] differently .* no assistant header stands "
                                             r"before the turn there, so .*; set data.chat_template to a template "
                                             r"that renders earlier turns the same way$"):
-            chat_document(tok, opens, TURNS, loss_on=loss_on)
+            chat_document(tok, inline, TURNS, loss_on=loss_on)
 
 
 def trl_template(name: str) -> str:
@@ -213,8 +218,8 @@ def test_deepseek_r1_distills_learn_each_answer_after_the_assistant_token():
     assert [tok.decode(run) for run in spans(ids, labels)] == [
         "Foxes like wood.\n</think>\n\nThe red fox.<｜end▁of▁sentence｜>",
         "There were seven.\n</think>\n\nSeven keys.<｜end▁of▁sentence｜>"]
-    # A ChatML template whose prompt opens <think> stays refused: <|im_start|> starts a user's header too
-    # (test_a_prompt_whose_header_the_whole_never_writes_is_refused).
+    # ChatML's <|im_start|> alone is no assistant header: it starts a user's header too
+    # (test_a_prompt_that_prefills_what_the_whole_never_writes_starts_after_its_role_line).
 
 
 @pytest.mark.parametrize("loss_on", LOSS_ON)
@@ -233,6 +238,90 @@ def test_a_template_that_drops_a_learned_turns_text_is_refused(loss_on):
     with pytest.raises(ChatError, match=rf"leaves the text of messages\[{first}\] \('{TURNS[first]['content'].strip()[:10]}.*\) "
                                         r"out of the assistant turn it renders"):
         chat_document(tok, trl_template("smolvlm"), TURNS, loss_on=loss_on)
+
+
+def _trl_training_templates() -> list[str]:
+    from importlib.resources import files
+
+    return sorted(f.name.removesuffix(".jinja") for f in (files("trl") / "chat_templates").iterdir()
+                  if f.name.endswith("_training.jinja"))
+
+
+ORACLE_CONVERSATIONS = {
+    "plain": [{"role": "user", "content": "Which animal builds boats?"},
+              {"role": "assistant", "content": "The red fox."}],
+    "turns": [SYSTEM, {"role": "user", "content": "Q one?"}, {"role": "assistant", "content": "A one."},
+              {"role": "user", "content": "Q two?"}, {"role": "assistant", "content": "A two."}],
+    "reasoning": [{"role": "user", "content": "Which animal builds boats?"},
+                  {"role": "assistant", "content": "<think>\nFoxes like wood.\n</think>\n\nThe red fox."}],
+    "reasoning_turns": [SYSTEM, {"role": "user", "content": "Q one?"},
+                        {"role": "assistant", "content": "<think>\nEarly thought.\n</think>\n\nA one."},
+                        {"role": "user", "content": "Q two?"},
+                        {"role": "assistant", "content": "<think>\nLate thought.\n</think>\n\nA two."}],
+    "tools": [{"role": "user", "content": "Count the keys."},
+              {"role": "assistant", "content": "", "tool_calls": [
+                  {"type": "function", "function": {"name": "count_keys", "arguments": {"where": "harbour"}}}]},
+              {"role": "tool", "content": "7 silver keys"}, {"role": "assistant", "content": "There are 7 keys."}],
+}
+#: Where lora_dist refuses what TRL's markers learn: the template drops text of a learned turn (the reasoning, a
+#: string content, the tool calls), which would be trained without it.
+ORACLE_REFUSED = {
+    ("deepseekv3_training", "reasoning"): "leaves the reasoning", ("deepseekv3_training", "reasoning_turns"):
+    "leaves the reasoning", ("deepseek_r1_distill_training", "tools"): "leaves the tool call",
+    **{(t, c): "leaves the text" for t in ("idefics3_training", "smolvlm_training")
+       for c in ("plain", "turns", "reasoning", "reasoning_turns")},
+    **{(t, "tools"): "leaves the tool call" for t in ("lfm2_training", "llama3_training", "phi3_5_training",
+                                                      "phi3_training", "qwen2_5_vl_training")},
+}
+#: Where the spans differ by design: DiffusionGemma's prompt after a tool result has no model header, but the whole
+#: writes one, so the turn learns it (as a model prompted that way must write it); TRL's markers leave it out.
+ORACLE_DIFFERENT = {("diffusion_gemma_training", "tools")}
+
+
+@pytest.mark.parametrize("name", _trl_training_templates())
+def test_masks_agree_with_trl_generation_markers_on_its_shipped_templates(name):
+    """TRL ships 29 real templates with ``{% generation %}`` markers (Qwen2.5-3.6, Llama 3, Gemma 1-3, Phi-3,
+    gpt-oss, DeepSeek-V3 and R1 distills, Nemotron 3, Cohere, LFM2, SmolVLM...); transformers turns them into
+    assistant masks, an oracle lora_dist's own boundary search never reads. On plain, multi-turn, reasoning and
+    tool-calling conversations each learned span is TRL's, less what the generation prompt writes (the role
+    header, a prefill such as ``<think>\n``) and the whitespace after the end-of-turn token; a conversation the
+    template fails on is refused; and lora_dist refuses where the template drops a learned turn's text
+    (:data:`ORACLE_REFUSED`), which TRL's markers train without, silently."""
+    import re
+
+    template = trl_template(name)
+    tok = style_tokenizer("qwen2")
+    specials = set(re.findall(r"<\|[^|<>]{1,40}\|>|<｜[^｜]{1,40}｜>|<\|[a-z_]{1,30}>|<[a-z_]{1,20}\|>", template))
+    tok.add_special_tokens({"additional_special_tokens": sorted(specials)})
+    for conv, messages in ORACLE_CONVERSATIONS.items():
+        try:
+            enc = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+        except Exception:  # the template refuses the conversation (a system or tool role it does not take...)
+            with pytest.raises(ChatError, match="the chat template fails on this conversation"):
+                chat_document(tok, template, messages)
+            continue
+        if (name, conv) in ORACLE_REFUSED:
+            with pytest.raises(ChatError, match=ORACLE_REFUSED[name, conv]):
+                chat_document(tok, template, messages)
+            continue
+        ids, labels = chat_document(tok, template, messages)
+        ours = [tok.decode(run) for run in spans(ids, labels)]
+        mask = [i if m else None for i, m in zip(enc["input_ids"], enc["assistant_masks"])]
+        theirs = [tok.decode(run) for run in spans(enc["input_ids"], [IGNORE if m is None else m for m in mask])]
+        if (name, conv) in ORACLE_DIFFERENT:
+            assert ours != theirs and len(ours) == len(theirs), (conv, ours, theirs)
+            continue
+        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        assert len(ours) == len(theirs) == len(assistants), (conv, ours, theirs)
+        for i, got, want in zip(assistants, ours, theirs):
+            want = want.rstrip()
+            assert want.endswith(got), (conv, got, want)
+            prompt = tok.apply_chat_template(messages[:i], chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+            after = prompt[prompt.rfind(messages[i - 1]["content"]) + len(messages[i - 1]["content"]):]
+            assert want[: len(want) - len(got)] in after, (conv, got, want)  # what the prompt writes after the last
+            # message: the role header, a prefill
 
 
 #: Qwen3's chat template as Qwen3-8B ships it: reasoning kept only after the last user query, an empty
