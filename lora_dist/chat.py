@@ -28,9 +28,12 @@ of the whole. Each turn is then learned as the whole conversation renders it:
   previous message's content and its own; where that prompt prefills more than the whole writes
   (DeepSeek-R1 distills' ``<｜Assistant｜><think>\n``, Nemotron 3's ``<think>\n``), after its role line or its
   leading special tokens, if they are the assistant's own;
+  Where the prompt adds no header (Gemma 4 after a tool result), right after what it writes after the
+  previous message's content;
 * it ends through its end-of-turn token: the special or added token the template writes right after
   an assistant message that the next message follows (``<|im_end|>``; gpt-oss's ``<|end|>``, not the
-  ``<|return|>`` of a last turn), found before the next message's content.
+  ``<|return|>`` of a last turn), found before the next message's content; else (gpt-oss's tool call,
+  ending with ``<|call|>``) where the longest tail of its own render ends in the whole.
 
 A message's content is located by rendering the whole with that content replaced by a probe; the
 tokens by rendering probe messages. A template that writes nothing after an assistant message (GLM:
@@ -451,6 +454,8 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list
                 end += len(_leading(special, full[end:]))
         else:  # the turn renders differently once others follow it (Qwen3 drops its reasoning)
             end = _end_of_turn(tokenizer, template, messages, i, tools, full, start, special)
+            if end is None:  # no end-of-turn token to find (gpt-oss's tool call, which ends with <|call|>)
+                end = _end_by_tail(tokenizer, template, messages, i, tools, full, through, start, special)
             if end is None:
                 raise _Unbounded(_not_a_prefix(i + 1, through, full, "no end-of-turn token ends the turn there"))
         if end > start:
@@ -529,8 +534,10 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
     except ChatError:
         return None
     header = prompt[len(bare):] if prompt.startswith(bare) else ""
-    if not header.strip() or lower is None:
+    if lower is None:
         return None
+    if not header.strip():  # the prompt adds no header (Gemma 4 goes on in the model's turn after a tool result)
+        return _start_after_previous(tokenizer, messages, i, full, prompt, lower, after, upper)
     headers = [header]
     if header in full:  # one the whole writes for its last turn only (Qwen3.5's empty <think> block): earlier
         # turns start after its first lines (the role's)
@@ -549,6 +556,20 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
         if at >= 0:
             return at + len(h)
     return None
+
+
+def _start_after_previous(tokenizer, messages: list[dict], i: int, full: str, prompt: str, lower: int, after: int,
+                          upper: int) -> int | None:
+    """Where assistant turn ``messages[i]`` starts in ``full`` when its prompt adds no header: right after what the
+    prompt writes after the previous message's content (Gemma 4's ``...<|"|>}<tool_response|>``), found in
+    ``full`` after that content (``lower``), if it ends with a special or added token. None otherwise."""
+    previous = messages[i - 1].get("content") if i else None
+    at = prompt.rfind(previous) if isinstance(previous, str) and previous else -1
+    anchor = prompt[at + len(previous):] if at >= 0 else ""
+    if not anchor.strip() or not any(anchor.endswith(t) for t in _special_tokens(tokenizer)):
+        return None
+    found = full.find(anchor, max(lower, after), upper)
+    return found + len(anchor) if found >= 0 else None
 
 
 def _user_header(tokenizer, template: str, context: list[dict], tools: list | None) -> str:
@@ -586,6 +607,43 @@ def _end_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools: 
     marker = _leading_tokens(special, followed[:_diverge(followed, last)]) or _leading(special, followed)
     found = full.find(marker, start, bound) if marker else -1
     return found + len(marker) if found >= 0 else None
+
+
+def _end_by_tail(tokenizer, template: str, messages: list[dict], i: int, tools: list | None, full: str,
+                 through: str, start: int, special: list[str]) -> int | None:
+    """Where assistant turn ``messages[i]``, starting at ``full[start]``, ends, where the conversation rendered
+    through it (``through``) differs from the whole only before the turn's own text (gpt-oss drops a tool call's
+    analysis once a final answer follows; the call itself, ``... to=functions.f<|channel|>commentary
+    json<|message|>{...}<|call|>``, is the same): the end of the longest tail of ``through`` that the whole holds
+    between the turn's start and the next message's content, if that tail holds the turn's text (its content, or
+    each tool call's name) and ends with a special or added token (what ends the turn: the model learns to stop).
+    None otherwise."""
+    text = through.rstrip()
+    if not any(text.endswith(t) for t in special):
+        return None
+    message = messages[i]
+    calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
+    own = [f.get("name") for f in (c.get("function", c) for c in calls if isinstance(c, dict)) if isinstance(f, dict)]
+    own = [t for t in [*own, message.get("content")] if isinstance(t, str) and t.strip()]
+    try:
+        bound = _content_at_most(tokenizer, template, messages, i + 1, tools, full)
+    except ChatError:
+        return None
+    window = full[start:bound]
+
+    def found(k: int) -> bool:  # a tail found is found shorter too: the shortest k found is the longest tail
+        return text[k:] in window
+
+    lo, hi = _diverge(text, full), len(text)
+    if not own or lo >= hi or not found(hi - 1):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if found(mid) else (mid + 1, hi)
+    tail = text[lo:]
+    if not all(t.strip() in tail for t in own):
+        return None
+    return start + window.rfind(tail) + len(tail)
 
 
 def _inside_content(tokenizer, template: str, messages: list[dict], k: int, tools: list | None,

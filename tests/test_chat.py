@@ -262,20 +262,28 @@ ORACLE_CONVERSATIONS = {
               {"role": "assistant", "content": "", "tool_calls": [
                   {"type": "function", "function": {"name": "count_keys", "arguments": {"where": "harbour"}}}]},
               {"role": "tool", "content": "7 silver keys"}, {"role": "assistant", "content": "There are 7 keys."}],
+    "agent": [{"role": "user", "content": "Count the keys."},
+              {"role": "assistant", "content": "", "thinking": "Use the tool.", "tool_calls": [
+                  {"type": "function", "function": {"name": "count_keys", "arguments": {"where": "harbour"}}}]},
+              {"role": "tool", "content": "7 silver keys"},
+              {"role": "assistant", "content": "There are 7 keys.", "thinking": "The tool said 7."},
+              {"role": "user", "content": "And the boats?"},
+              {"role": "assistant", "content": "Two boats.", "thinking": "Count the boats."}],
 }
 #: Where lora_dist refuses what TRL's markers learn: the template drops text of a learned turn (the reasoning, a
 #: string content, the tool calls), which would be trained without it.
 ORACLE_REFUSED = {
     ("deepseekv3_training", "reasoning"): "leaves the reasoning", ("deepseekv3_training", "reasoning_turns"):
-    "leaves the reasoning", ("deepseek_r1_distill_training", "tools"): "leaves the tool call",
+    "leaves the reasoning",
     **{(t, c): "leaves the text" for t in ("idefics3_training", "smolvlm_training")
        for c in ("plain", "turns", "reasoning", "reasoning_turns")},
-    **{(t, "tools"): "leaves the tool call" for t in ("lfm2_training", "llama3_training", "phi3_5_training",
-                                                      "phi3_training", "qwen2_5_vl_training")},
+    **{(t, c): "leaves the tool call" for t in ("deepseek_r1_distill_training", "lfm2_training", "llama3_training",
+                                                "phi3_5_training", "phi3_training", "qwen2_5_vl_training")
+       for c in ("tools", "agent")},
 }
 #: Where the spans differ by design: DiffusionGemma's prompt after a tool result has no model header, but the whole
 #: writes one, so the turn learns it (as a model prompted that way must write it); TRL's markers leave it out.
-ORACLE_DIFFERENT = {("diffusion_gemma_training", "tools")}
+ORACLE_DIFFERENT = {("diffusion_gemma_training", "tools"), ("diffusion_gemma_training", "agent")}
 
 
 @pytest.mark.parametrize("name", _trl_training_templates())
@@ -322,6 +330,23 @@ def test_masks_agree_with_trl_generation_markers_on_its_shipped_templates(name):
             after = prompt[prompt.rfind(messages[i - 1]["content"]) + len(messages[i - 1]["content"]):]
             assert want[: len(want) - len(got)] in after, (conv, got, want)  # what the prompt writes after the last
             # message: the role header, a prefill
+
+
+def test_gemma4_agent_traces_go_on_in_the_models_turn_after_a_tool_result():
+    """Gemma 4's template writes no header after a tool result: the model's turn goes on after
+    ``<tool_response|>``, and its prompt adds nothing. The turn starts right after what the prompt writes after the
+    tool's content (before, agent traces were refused under all_assistant); the thought of a call a final answer
+    follows is dropped, as the template renders it."""
+    import re
+
+    template = trl_template("gemma4")
+    tok = style_tokenizer("qwen2")
+    tok.add_special_tokens({"additional_special_tokens": sorted(set(re.findall(
+        r"<\|[^|<>]{1,40}\|>|<\|[a-z_\"]{1,30}>|<[a-z_]{1,20}\|>", template)))})
+    ids, labels = chat_document(tok, template, ORACLE_CONVERSATIONS["agent"])
+    assert [tok.decode(run) for run in spans(ids, labels)] == [
+        '<|tool_call>call:count_keys{where:<|"|>harbour<|"|>}<tool_call|><|tool_response>',
+        "There are 7 keys.<turn|>", "Two boats.<turn|>"]
 
 
 #: Qwen3's chat template as Qwen3-8B ships it: reasoning kept only after the last user query, an empty
@@ -524,11 +549,14 @@ def test_a_last_turn_with_two_headers_is_learned_from_the_first():
     assert [tok.decode(run) for run in spans(ids, labels)] == [
         "<|channel|>analysis<|message|>The tool said 7.<|end|><|start|>assistant<|channel|>final<|message|>"
         "There are 7 keys.<|return|>"]
-    # The tool call's turn ends with <|call|>, not the <|end|> that ends a turn a user message follows: refused, and
-    # the advice is what works.
-    with pytest.raises(ChatError, match=r"renders messages\[:2\] differently .* no end-of-turn token ends the turn "
-                                        r"there, so .*; use data.loss_on=last_assistant or set data.chat_template"):
-        chat_document(tok, HARMONY_AGENT, messages)
+    # The tool call's turn ends with <|call|>, not the <|end|> that ends a turn a user message follows, and its
+    # analysis is dropped once a final answer follows: the rest of its render, through <|call|>, is found in the
+    # whole (before, the trace was refused under all_assistant).
+    ids, labels = chat_document(tok, HARMONY_AGENT, messages)
+    assert [tok.decode(run) for run in spans(ids, labels)] == [
+        " to=functions.count<|message|>{}<|call|>",
+        "<|channel|>analysis<|message|>The tool said 7.<|end|><|start|>assistant<|channel|>final<|message|>"
+        "There are 7 keys.<|return|>"]
 
 
 @pytest.mark.parametrize("template, messages, match", [
