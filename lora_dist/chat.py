@@ -392,7 +392,8 @@ def _check_text_kept(messages: list[dict], learned: list[tuple[int, int, int]], 
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     for i, start, end in learned:
         calls = messages[i].get("tool_calls")
-        for call in calls if isinstance(calls, list) else []:
+        calls = calls if isinstance(calls, list) else []
+        for call in calls:
             function = call.get("function", call) if isinstance(call, dict) else None
             name = function.get("name") if isinstance(function, dict) else None
             if isinstance(name, str) and name and name not in full[start:end]:
@@ -401,13 +402,13 @@ def _check_text_kept(messages: list[dict], learned: list[tuple[int, int, int]], 
                                 "distills', none beside a content), so it would be trained without it; set "
                                 "data.chat_template to a template that renders tool calls (docs/data.md)")
         content = messages[i].get("content")
-        if not isinstance(content, str):
-            continue
+        if not isinstance(content, str) or calls:  # a turn that calls tools may be rendered as its calls alone
+            continue  # (Llama 3.1 writes the call's JSON in place of any text)
         reasoning, answer = content.rsplit("</think>", 1) if "</think>" in content else ("", content)
         reasoning = reasoning.split("<think>")[-1].strip() if i == last else ""
         for what, text in (("text", answer.strip()), ("reasoning (before </think>)", reasoning)):
             if text and text not in full[start:end]:
-                fix = ("for DeepSeek-R1 distills, TRL's deepseek_r1_distill_training.jinja; " if reasoning else "")
+                fix = ("for DeepSeek-R1 distills, TRL's deepseek_r1_distill_training.jinja; " if what != "text" else "")
                 raise ChatError(f"the chat template leaves the {what} of messages[{i}] ({excerpt(text, 40)}) out of "
                                 f"the assistant turn it renders, so it would be trained without it; set "
                                 f"data.chat_template to a template that renders it ({fix}see docs/data.md)")
@@ -543,14 +544,14 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
         # turns start after its first lines (the role's)
         headers += [header[:cut] for cut in range(len(header) - 1, 0, -1)
                     if header[cut - 1] == "\n" and header[:cut].strip()]
-    else:  # the generation prompt prefills more than the whole writes (DeepSeek-R1 distills' "<｜Assistant｜><think>\n",
-        # Nemotron 3's "<|im_start|>assistant\n<think>\n" where a turn without reasoning renders "<think></think>"): the
-        # turn starts after the header's role line, or its leading special tokens, where that is the assistant's own
-        # (not ChatML's <|im_start|>, which a user message's header starts with too)
-        line = header[:header.find("\n") + 1]
-        user = _user_header(tokenizer, template, messages[:i], tools)
-        headers += [h for h in (line, _leading_tokens(_special_tokens(tokenizer), header))
-                    if h.strip() and h != header and not user.startswith(h)]
+    # The prompt may prefill more than the whole writes for this turn (DeepSeek-R1 distills' "<｜Assistant｜><think>\n"
+    # before a turn without reasoning; Nemotron 3's "<|im_start|>assistant\n<think>\n" where such a turn renders
+    # "<think></think>"): the turn starts after the header's role line, or its leading special tokens, where that is
+    # the assistant's own (not ChatML's <|im_start|>, which a user message's header starts with too).
+    line = header[:header.find("\n") + 1]
+    user = _user_header(tokenizer, template, messages[:i], tools)
+    headers += [h for h in (line, _leading_tokens(_special_tokens(tokenizer), header))
+                if h.strip() and h not in headers and not user.startswith(h)]
     for h in headers:
         at = full.find(h, max(lower, after), upper)
         if at >= 0:

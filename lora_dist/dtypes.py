@@ -26,7 +26,8 @@ _SAFETENSORS: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+                     ("U16", "uint16"),
                      ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
         _SAFETENSORS[_name] = getattr(torch, _attr)

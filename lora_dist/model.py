@@ -98,16 +98,20 @@ def _tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
     return ties
 
 
-#: Plain float attributes of a base module that transformers uses as a dropout probability in training (the
-#: attention probabilities' dropout of Llama, Qwen, Mistral... passed to the attention kernel).
-_DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "hidden_dropout")
+def _is_dropout(name: str) -> bool:
+    """A name transformers gives a dropout probability: ``attention_dropout``, ``resid_pdrop``, ``residual_dropout``,
+    ``embedding_dropout``, ``activation_dropout``..."""
+    return "dropout" in name or "pdrop" in name
 
 
 def base_dropout(model: nn.Module, turn_off: bool = False) -> dict[str, float]:
     """The base model's own dropout, active in training: ``{module name or "module.attribute": p}`` for each
-    ``nn.Dropout`` and each float dropout attribute with p > 0 (``turn_off``: each set to 0 as it is found).
-    LoRA's dropout (``lora.dropout``) is not the base's."""
+    ``nn.Dropout`` and each float dropout attribute with p > 0 (Llama's ``attention_dropout`` handed to the attention
+    kernel, Seed-OSS's ``residual_dropout``). ``turn_off``: each set to 0 as it is found, and so are the dropout
+    fields of the model's configs, which some models read at every forward (Persimmon). LoRA's dropout
+    (``lora.dropout``) is not the base's."""
     found: dict[str, float] = {}
+    configs = {}
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] == "lora_dropout":
             continue
@@ -116,12 +120,19 @@ def base_dropout(model: nn.Module, turn_off: bool = False) -> dict[str, float]:
                 found[name] = float(module.p)
                 module.p = 0.0 if turn_off else module.p
             continue
-        for attr in _DROPOUT_ATTRIBUTES:
-            value = vars(module).get(attr)  # a plain attribute; a submodule of that name is found on its own
-            if isinstance(value, float) and value > 0:
-                found[f"{name}.{attr}"] = value
+        for attr, value in list(vars(module).items()):  # plain attributes; submodules are found on their own
+            if _is_dropout(attr) and isinstance(value, float) and value > 0:
+                found[f"{name}.{attr}" if name else attr] = value
                 if turn_off:
                     setattr(module, attr, 0.0)
+        config = getattr(module, "config", None)
+        if turn_off and config is not None and hasattr(config, "to_dict"):
+            configs[id(config)] = config
+    for config in configs.values():
+        for holder in (config, *(v for v in vars(config).values() if hasattr(v, "to_dict"))):  # text_config...
+            for attr, value in list(vars(holder).items()):
+                if _is_dropout(attr) and isinstance(value, float) and value > 0:
+                    setattr(holder, attr, 0.0)
     return found
 
 

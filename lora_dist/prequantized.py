@@ -32,7 +32,7 @@ from lora_dist.dtypes import FLOAT_DTYPES, from_safetensors, to_safetensors
 from lora_dist.errors import UserError
 
 __all__ = ["DenseTensor", "DenseView", "FP8Blocks", "PrequantizedError", "dense_view", "dequantize_fp8",
-           "dequantize_mxfp4", "quantization_method", "quantize_fp8"]
+           "dequantize_mxfp4", "fp8_block_amax", "fp8_scales", "quantization_method", "quantize_fp8"]
 
 #: The methods read as dense weights (``quantization_config.quant_method``).
 SUPPORTED = ("fp8", "mxfp4")
@@ -89,9 +89,10 @@ class FP8Blocks:
 
     codes: torch.dtype  # float8_e4m3fn or float8_e5m2
     scale_key: str
-    scale_dtype: torch.dtype  # float32, bfloat16, float16, or uint8 (E8M0: 2 ** (byte - 127))
+    scale_dtype: torch.dtype  # float32, bfloat16, float16, float8_e8m0fnu, or uint8 (E8M0: 2 ** (byte - 127))
     scale_shape: tuple[int, ...]  # (rows, cols) blocks, or () for one scale
     block: tuple[int, int]
+    pow2: bool = False  # scales are powers of two (quantization_config.scale_fmt "ue8m0", or an E8M0 dtype)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -135,31 +136,48 @@ def _scale_values(scale: torch.Tensor) -> torch.Tensor:
     return scale.float() if scale.dtype != torch.uint8 else torch.exp2(scale.float() - 127.0)
 
 
+def _tiles(values: torch.Tensor, blocks: FP8Blocks) -> torch.Tensor:
+    """``values`` (whole block rows, fp32) as ``(grid rows, block rows, grid columns, block columns)`` tiles,
+    zero-padded where the last blocks overhang."""
+    rows, cols = values.shape
+    br, bc = blocks.block
+    grid = (math.ceil(rows / br), math.ceil(cols / bc))
+    padded = torch.nn.functional.pad(values.float(), (0, grid[1] * bc - cols, 0, grid[0] * br - rows))
+    return padded.view(grid[0], br, grid[1], bc)
+
+
+def fp8_scales(amax: torch.Tensor, blocks: FP8Blocks) -> torch.Tensor:
+    """The stored scale of blocks whose largest magnitudes are ``amax``: ``amax`` over the format's largest value
+    (1 for an all-zero block), rounded up to a power of two where ``blocks.pow2`` (E8M0, ``scale_fmt: ue8m0``), in
+    ``blocks.scale_dtype`` (bf16 and fp16 round to nearest)."""
+    scale = torch.where(amax > 0, amax / torch.finfo(blocks.codes).max, torch.ones_like(amax))
+    if blocks.pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)).clamp(-127, 127))
+    if blocks.scale_dtype == torch.uint8:
+        return (torch.log2(scale) + 127).round().clamp(0, 254).to(torch.uint8)
+    return scale.to(blocks.scale_dtype)
+
+
 def quantize_fp8(values: torch.Tensor, blocks: FP8Blocks) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole block rows of a weight (``values``, fp32, starting at a block's first row) stored as ``blocks`` says:
-    each block's scale is its largest magnitude over the format's largest value, in the stored scale dtype (E8M0
-    rounds it up to a power of two; bf16 rounds to nearest), and its codes are ``values / scale`` rounded to the
-    nearest FP8 value, clamped to the format's range. An all-zero block gets scale 1.
+    each block's scale by :func:`fp8_scales`, and its codes ``values / scale`` rounded to the nearest FP8 value,
+    clamped to the format's range.
 
     Returns:
         ``(codes, scale)``: ``values``' shape in ``blocks.codes``, and ``(block rows, grid columns)`` scales in
         ``blocks.scale_dtype`` (``()`` for a one-scale weight).
     """
     rows, cols = values.shape
-    br, bc = blocks.block
+    tiles = _tiles(values, blocks)
+    stored = fp8_scales(tiles.abs().amax(dim=(1, 3)), blocks)
     top = torch.finfo(blocks.codes).max
-    grid = (math.ceil(rows / br), math.ceil(cols / bc))
-    padded = torch.nn.functional.pad(values.float(), (0, grid[1] * bc - cols, 0, grid[0] * br - rows))
-    tiles = padded.view(grid[0], br, grid[1], bc)
-    amax = tiles.abs().amax(dim=(1, 3))
-    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
-    if blocks.scale_dtype == torch.uint8:
-        stored = (torch.ceil(torch.log2(scale)) + 127).clamp(0, 254).to(torch.uint8)
-    else:
-        stored = scale.to(blocks.scale_dtype)
-    used = _scale_values(stored)
-    codes = (tiles / used[:, None, :, None]).clamp(-top, top).reshape(grid[0] * br, grid[1] * bc)[:rows, :cols]
-    return codes.to(blocks.codes), stored.reshape(blocks.scale_shape) if not blocks.scale_shape else stored
+    codes = (tiles / _scale_values(stored)[:, None, :, None]).clamp(-top, top).flatten(2, 3).flatten(0, 1)
+    return codes[:rows, :cols].to(blocks.codes), stored.reshape(blocks.scale_shape) if not blocks.scale_shape else stored
+
+
+def fp8_block_amax(values: torch.Tensor, blocks: FP8Blocks) -> torch.Tensor:
+    """The largest magnitude of each block of ``values`` (whole block rows, fp32)."""
+    return _tiles(values, blocks).abs().amax(dim=(1, 3))
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -195,8 +213,9 @@ def _fp8_dense(key: str, stored: Stored, config: dict, dtype: torch.dtype, path)
         scale = scale[rows.start // block[0]: math.ceil(rows.stop / block[0])]
         return dequantize_fp8(weight, scale, block, rows.start)
 
-    fp8 = FP8Blocks(from_safetensors(stored.stored_dtype(key)), scale_key,
-                    from_safetensors(stored.stored_dtype(scale_key)), tuple(grid), block)
+    scale_dtype = from_safetensors(stored.stored_dtype(scale_key))
+    pow2 = config.get("scale_fmt") == "ue8m0" or scale_dtype in (torch.uint8, getattr(torch, "float8_e8m0fnu", None))
+    fp8 = FP8Blocks(from_safetensors(stored.stored_dtype(key)), scale_key, scale_dtype, tuple(grid), block, pow2)
     return DenseTensor(key, shape, dtype, (key, scale_key), read, fp8)
 
 

@@ -218,6 +218,13 @@ def test_deepseek_r1_distills_learn_each_answer_after_the_assistant_token():
     assert [tok.decode(run) for run in spans(ids, labels)] == [
         "Foxes like wood.\n</think>\n\nThe red fox.<｜end▁of▁sentence｜>",
         "There were seven.\n</think>\n\nSeven keys.<｜end▁of▁sentence｜>"]
+    # Turns with and without reasoning in one conversation: a turn without reasoning has no "<think>\n" after its
+    # <｜Assistant｜> even where others do (before, such conversations were refused).
+    mixed = [*R1_TURNS[:2], {"role": "assistant", "content": "The red fox."}, *R1_TURNS[3:]]
+    for conversation in (mixed, [*R1_TURNS[:3], R1_TURNS[3], {"role": "assistant", "content": "Seven keys."}]):
+        ids, labels = chat_document(tok, trl_template("deepseek_r1_distill_training"), conversation)
+        learned = [m["content"].removeprefix("<think>\n") + "<｜end▁of▁sentence｜>" for m in conversation[2::2]]
+        assert [tok.decode(run) for run in spans(ids, labels)] == learned
     # ChatML's <|im_start|> alone is no assistant header: it starts a user's header too
     # (test_a_prompt_that_prefills_what_the_whole_never_writes_starts_after_its_role_line).
 
@@ -330,6 +337,20 @@ def test_masks_agree_with_trl_generation_markers_on_its_shipped_templates(name):
             after = prompt[prompt.rfind(messages[i - 1]["content"]) + len(messages[i - 1]["content"]):]
             assert want[: len(want) - len(got)] in after, (conv, got, want)  # what the prompt writes after the last
             # message: the role header, a prefill
+
+
+def test_a_tool_call_rendered_in_place_of_its_text_is_learned():
+    """Llama 3.1 writes an assistant message that calls a tool as the call's JSON alone, whatever text it carries
+    (OpenAI-format agent data often has some): the call is learned, and the text is not asked for."""
+    tok = style_tokenizer("llama3")
+    tok.add_special_tokens({"additional_special_tokens": ["<|eom_id|>", "<|python_tag|>"]})
+    messages = [SYSTEM, {"role": "user", "content": "How many keys?"},
+                {"role": "assistant", "content": "Let me count.", "tool_calls": [
+                    {"type": "function", "function": {"name": "count_keys", "arguments": {"n": 1}}}]},
+                {"role": "tool", "content": "7 keys"}, {"role": "assistant", "content": "There are 7 keys."}]
+    ids, labels = chat_document(tok, trl_template("llama3_1"), messages)
+    assert [tok.decode(run) for run in spans(ids, labels)] == [
+        '{"name": "count_keys", "parameters": {"n": 1}}<|eot_id|>', "There are 7 keys.<|eot_id|>"]
 
 
 def test_gemma4_agent_traces_go_on_in_the_models_turn_after_a_tool_result():

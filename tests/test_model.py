@@ -82,3 +82,24 @@ def test_the_base_models_own_dropout_is_kept_or_turned_off(tiny_checkpoint, tmp_
                 m.lora_dropout.p = 0.0
         first, second = (model(input_ids=ids).logits for _ in range(2))
     assert torch.equal(first, second) != keep
+
+
+@pytest.mark.parametrize("arch", ["seed_oss", "starcoder2"])
+def test_float_dropout_fields_of_any_name_are_found_and_turned_off(arch):
+    """Seed-OSS and StarCoder2 keep ``residual_dropout`` and ``embedding_dropout`` as plain floats handed to
+    ``F.dropout`` (Seed-OSS ships 0.1): found and turned off too, with the configs' fields, so two training forwards
+    agree."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, attention_dropout=0.1, residual_dropout=0.1)
+    config = (tf.SeedOssConfig(head_dim=8, **sizes) if arch == "seed_oss" else
+              tf.Starcoder2Config(embedding_dropout=0.1, **sizes))
+    model = tf.AutoModelForCausalLM.from_config(config).train()
+    x = torch.randint(0, 64, (1, 8))
+    assert not torch.equal(model(x).logits, model(x).logits)
+    found = base_dropout(model, turn_off=True)
+    assert any(site.endswith("residual_dropout") for site in found) and set(found.values()) == {0.1}
+    assert base_dropout(model) == {} and model.config.residual_dropout == 0.0
+    assert torch.equal(model(x).logits, model(x).logits)

@@ -38,10 +38,11 @@ def _copy_dir(src: Path, dst: Path, tensors: dict[str, torch.Tensor], quantizati
     return dst
 
 
-def quantize_fp8(src: Path, dst: Path, block: int = BLOCK) -> Path:
+def quantize_fp8(src: Path, dst: Path, block: int = BLOCK, pow2: str = "") -> Path:
     """``src`` with every projection of its layers stored as DeepSeek-V3 stores them: ``F8_E4M3`` blocks, each
     scaled to the format's range, and their ``weight_scale_inv`` (ceil(rows / block) x ceil(cols / block): the
-    last blocks overhang a weight that ``block`` does not divide)."""
+    last blocks overhang a weight that ``block`` does not divide). ``pow2``: scales rounded up to powers of two,
+    stored as ``F8_E8M0`` ("e8m0") or as fp32 under ``scale_fmt: ue8m0`` ("ue8m0", DeepSeek-V3.1's)."""
     out = {}
     for key, w in load_file(src / "model.safetensors").items():
         if ".layers." in key and key.endswith("proj.weight"):
@@ -50,12 +51,16 @@ def quantize_fp8(src: Path, dst: Path, block: int = BLOCK) -> Path:
             padded = torch.nn.functional.pad(w.float(), (0, grid[1] * block - cols, 0, grid[0] * block - rows))
             blocks = padded.reshape(grid[0], block, grid[1], block)
             scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+            if pow2:
+                scale = torch.exp2(torch.ceil(torch.log2(scale)))
             q = (blocks / scale[:, None, :, None]).reshape(grid[0] * block, grid[1] * block)[:rows, :cols]
-            out[key], out[key + "_scale_inv"] = q.to(torch.float8_e4m3fn).contiguous(), scale
+            out[key] = q.to(torch.float8_e4m3fn).contiguous()
+            out[key + "_scale_inv"] = scale.to(torch.float8_e8m0fnu) if pow2 == "e8m0" else scale
         else:
             out[key] = w
-    return _copy_dir(src, dst, out, {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                     "weight_block_size": [block, block]})
+    quantization = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                    "weight_block_size": [block, block]}
+    return _copy_dir(src, dst, out, {**quantization, "scale_fmt": "ue8m0"} if pow2 == "ue8m0" else quantization)
 
 
 def quantize_mxfp4(src: Path, dst: Path) -> Path:
@@ -219,7 +224,7 @@ def _blockwise_fp8(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torc
     return codes, scale
 
 
-@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.uint8, torch.float8_e8m0fnu])
 def test_quantizing_again_keeps_each_value_within_half_a_step(scale_dtype):
     """``quantize_fp8`` (the merged export of an FP8 base): every value within half an FP8 step of its block's scale,
     no block beyond the format's range, E8M0 scales powers of two, an all-zero block scale 1, overhanging blocks;
@@ -228,11 +233,12 @@ def test_quantizing_again_keeps_each_value_within_half_a_step(scale_dtype):
 
     values = torch.randn(37, 45) * torch.logspace(-3, 2, 45)
     values[:16, :16] = 0
-    blocks = FP8Blocks(torch.float8_e4m3fn, "w_scale_inv", scale_dtype, (3, 3), (16, 16))
+    pow2 = scale_dtype in (torch.uint8, torch.float8_e8m0fnu)
+    blocks = FP8Blocks(torch.float8_e4m3fn, "w_scale_inv", scale_dtype, (3, 3), (16, 16), pow2)
     codes, scale = quantize_fp8(values, blocks)
     assert codes.dtype == torch.float8_e4m3fn and scale.dtype == scale_dtype and scale.shape == (3, 3)
     as_float = scale.float() if scale_dtype != torch.uint8 else torch.exp2(scale.float() - 127)
-    if scale_dtype == torch.uint8:
+    if pow2:
         assert torch.equal(as_float, torch.exp2(torch.log2(as_float).round()))
     assert as_float[0, 0] == 1 and not codes[:16, :16].float().any()
     back = dequantize_fp8(codes, scale, (16, 16))
@@ -312,6 +318,52 @@ def test_fp8_blocks_cut_by_the_ranks_shards_export_whole(tiny_checkpoint, tmp_pa
     shapes = {k: tuple(w.shape) for k, w in got.items() if k + "_scale_inv" in got}
     assert all(got[k + "_scale_inv"].shape == (math.ceil(r / 24), math.ceil(c / 24)) for k, (r, c) in shapes.items())
     assert any(r % 24 for r, _ in shapes.values())  # partial last blocks
+
+
+@pytest.mark.parametrize("pow2", ["e8m0", "ue8m0"])
+def test_power_of_two_scales_stay_powers_of_two(tiny_checkpoint, tmp_path, pow2):
+    """Scales stored as ``F8_E8M0`` (which did not open before) or as fp32 under ``scale_fmt: ue8m0`` (DeepSeek-V3.1,
+    GLM-5-FP8; kernels read them as powers of two) are written again as powers of two, rounded up, in their dtype;
+    ``verify`` passes the export and fails it with one block's scale halved (its largest values clipped)."""
+    fp8 = quantize_fp8(tiny_checkpoint("qwen3", dtype=torch.bfloat16), tmp_path / "fp8", BLOCK, pow2)
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert ModelDir(fp8).fp8_blocks(key).pow2
+    data = write_demo_data(tmp_path / "data.jsonl", n=100)
+    lora_dist("train", *short_run_args(fp8, data, 2, LR, "all-linear"), f"output.dir={tmp_path / 'run'}",
+              "parallel.strategy=none")
+    out, adapter = tmp_path / "merged", tmp_path / "run" / "adapter"
+    lora_dist("merge", "--base", str(fp8), "--adapter", str(adapter), "--out", str(out))
+    got, base = load_file(out / "model.safetensors"), load_file(fp8 / "model.safetensors")
+    scales = {k: v for k, v in got.items() if k.endswith("_scale_inv")}
+    assert scales and all(v.dtype == base[k].dtype for k, v in scales.items())
+    assert all(torch.equal(v.float(), torch.exp2(torch.log2(v.float()).round())) for v in scales.values())
+    assert not torch.equal(got[key].view(torch.uint8), base[key].view(torch.uint8))  # merged and quantized again
+    lora_dist("verify", str(out), "--base", str(fp8), "--adapter", str(adapter), "--sample", "-1")
+    tampered = dict(got)
+    tampered[key + "_scale_inv"] = (got[key + "_scale_inv"].float() / 2).to(got[key + "_scale_inv"].dtype)
+    save_file(tampered, out / "model.safetensors", metadata={"format": "pt"})
+    proc = lora_dist("verify", str(out), "--base", str(fp8), "--adapter", str(adapter), "--sample", "-1", check=False)
+    assert proc.returncode == 1 and f"'{key}': its block scales differ" in proc.stderr + proc.stdout
+
+
+def test_fp8_experts_adapted_through_target_parameters_export_as_stored(tiny_checkpoint, tmp_path):
+    """Qwen3-30B-A3B-FP8 stores each expert's projections as FP8: LoRA on the fused experts
+    (``lora.target_parameters``) is merged into each expert's tensor and quantized again at the end of training
+    (before, the run refused after training), the file the offline merge writes."""
+    fp8 = quantize_fp8(tiny_checkpoint("qwen3_moe", dtype=torch.bfloat16), tmp_path / "fp8")
+    experts = [k for k in load_file(fp8 / "model.safetensors") if ".experts.0." in k and k.endswith("proj.weight")]
+    assert experts and all(ModelDir(fp8).fp8_blocks(k) is not None for k in experts)
+    data = write_demo_data(tmp_path / "data.jsonl", n=100)
+    run = tmp_path / "run"
+    lora_dist("train", *short_run_args(fp8, data, 2, LR, "[q_proj,v_proj]"), f"output.dir={run}",
+              "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]", "parallel.strategy=none",
+              "export.merged=true")
+    lora_dist("merge", "--base", str(fp8), "--adapter", str(run / "adapter"), "--out", str(tmp_path / "offline"))
+    assert (run / "merged" / "model.safetensors").read_bytes() == (tmp_path / "offline" / "model.safetensors").read_bytes()
+    got, base = load_file(run / "merged" / "model.safetensors"), load_file(fp8 / "model.safetensors")
+    assert all(got[k].dtype == torch.float8_e4m3fn and not torch.equal(got[k].view(torch.uint8),
+                                                                         base[k].view(torch.uint8)) for k in experts)
+    lora_dist("verify", str(run / "merged"), "--base", str(fp8), "--adapter", str(run / "adapter"), "--sample", "-1")
 
 
 @pytest.mark.parametrize("quantization,problem", [

@@ -142,8 +142,9 @@ def export_merged(
             another dtype (DeepSpeed's bf16 mode casts a float32 base to bf16) is merged from the base files
             instead, rows split over the ranks: the export is the same whatever the strategy.
         keep_fp8: a base stored as block-scaled FP8 is written as it is stored (:func:`fp8_sources`): every tensor
-            copied byte for byte, the adapted FP8 weights merged and quantized again, ``quantization_config``
-            kept. False (or an NF4-trained model, or another quantization): every weight dense in ``dtype``.
+            copied byte for byte, the adapted FP8 weights (experts adapted through ``target_parameters`` too)
+            merged and quantized again, ``quantization_config`` kept. False (or an NF4-trained model, or another
+            quantization): every weight dense in ``dtype``.
 
     Returns:
         ``out_dir`` as an absolute path, on every rank.
@@ -208,14 +209,14 @@ def export_merged(
     group.check(error)
     try:
         read = stored_rows if keep_fp8 else file_rows
+        from_fp8: dict[str, torch.dtype] = {}  # adapted layers merged from FP8 files: the dense dtype read there
         sources: dict[str, object] = {k: RowsSource(read(base, k), s, None) for k, s in specs.items()}
         for name, layer in params.items():
             parts = param_parts(base, sources_of[name], adapters[name], _param_name(name, layer))
-            fp8 = [p.key for p in parts if keep_fp8 and base.fp8_blocks(p.key) is not None]
-            if fp8:
-                raise ExportError(f"{fp8[0]}: an FP8 expert weight adapted through lora.target_parameters cannot be "
-                                  "written FP8 again; set export.keep_fp8=false (--dense for lora-dist export and "
-                                  "merge) to write the merged checkpoint dense")
+            for part in [p for p in parts if keep_fp8 and base.fp8_blocks(p.key) is not None]:
+                sources.update(fp8_sources(base, part.key, specs, _on_host(part.lora)))  # an FP8 expert: from files
+                from_fp8[name] = from_safetensors(base.dtype(part.key))
+            parts = [p for p in parts if not (keep_fp8 and base.fp8_blocks(p.key) is not None)]
             if layer.merged:  # merged in place: the param already holds W0 + delta
                 parts = [ParamPart(p.key, p.start, p.numel, None) for p in parts]
             if _from_files(layer, base_dtype):
@@ -243,9 +244,10 @@ def export_merged(
         for key, param in quantized:
             if key in specs and key not in adapted and full_shape(param) == specs[key].shape:
                 sources[key] = param_source(param, specs[key], None)
-        requantized = {name for name in linears if keep_fp8 and base.fp8_blocks(keys[name]) is not None}
+        from_fp8.update({name: from_safetensors(base.dtype(keys[name])) for name in linears
+                         if keep_fp8 and base.fp8_blocks(keys[name]) is not None})
         metadata = {"format": "pt", MERGED_FROM_KEY: merged_from(
-            from_safetensors(base.dtype(keys[name])) if name in requantized  # the base files' dense rows
+            from_fp8[name] if name in from_fp8  # the base files' dense rows
             else torch.float32 if _from_files(layer, base_dtype) else local_dtype(layer.base_weight())
             for name, layer in layers.items())}
         if quantized:

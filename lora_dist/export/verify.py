@@ -30,7 +30,7 @@ from typing import Mapping
 import torch
 
 from lora_dist.adapter import read_adapter
-from lora_dist.dtypes import FLOAT_DTYPES, FP8_DTYPES, DTypeError, from_safetensors, parse_dtype
+from lora_dist.dtypes import FLOAT_DTYPES, DTypeError, from_safetensors, parse_dtype
 from lora_dist.export.errors import ExportError
 from lora_dist.safetensors_file import HeaderEntry, SafetensorsFormatError, read_header
 from lora_dist.export.params import checkpoint_loras
@@ -44,7 +44,7 @@ from lora_dist.export.sources import (
 )
 from lora_dist.merge import LoRAWeights, MergeError, lora_delta
 from lora_dist.model_dir import SAFE_INDEX, SAFE_SINGLE, ModelDir, ModelDirError
-from lora_dist.prequantized import dequantize_fp8, quantize_fp8
+from lora_dist.prequantized import dequantize_fp8, fp8_block_amax, fp8_scales
 
 __all__ = [
     "CheckpointFiles",
@@ -297,15 +297,17 @@ class _Stored:
 
     def read(self, key: str, rows: slice | None = None) -> torch.Tensor:
         tensor = self.base.stored_read(key, rows)
-        return tensor.view(torch.uint8) if tensor.dtype in FP8_DTYPES else tensor  # compared bit for bit
+        return tensor.view(torch.uint8) if str(tensor.dtype).startswith("torch.float8") else tensor  # bit for bit
 
 
 def check_merged_fp8(ckpt: ModelDir, base: ModelDir, targeted: Mapping[str, LoRAWeights],
                      keys: list[str]) -> tuple[list[str], float]:
     """LoRA-targeted weights of an FP8 base written as stored equal ``base + adapter`` recomputed with the export's
-    merge and quantized again (:func:`lora_dist.prequantized.quantize_fp8`): each block's scale is its largest
-    magnitude's (within the merge's own rounding), and each code the nearest FP8 value, under the checkpoint's own
-    scale, to a value within that rounding of the recomputed merge. A missing or wrong adapter moves codes by more.
+    merge and quantized again (:func:`lora_dist.prequantized.quantize_fp8`): each block's scale is the one of a
+    largest magnitude within the merge's own rounding of the recomputed one (powers of two where the base's are),
+    no value needs more than the format's range under it, and each code is the nearest FP8 value, under the
+    checkpoint's own scale, to a value within that rounding of the recomputed merge. A missing or wrong adapter
+    moves codes by more.
 
     Returns:
         The problems, and the largest absolute difference seen (dequantized).
@@ -318,22 +320,22 @@ def check_merged_fp8(ckpt: ModelDir, base: ModelDir, targeted: Mapping[str, LoRA
         except (ExportError, MergeError) as e:
             problems.append(f"{key!r} cannot be recomputed: {e}")
             continue
-        codes, scale = ckpt.stored_read(key).float(), ckpt.stored_read(blocks.scale_key)
+        codes, scale = ckpt.stored_read(key).float(), ckpt.stored_read(blocks.scale_key).reshape(blocks.grid)
         bound = _fp32_merge_bound(ref, lora).float()
-        want_scale = quantize_fp8(ref, blocks)[1]
-        rows, cols = ref.shape
-        per_element = dequantize_fp8(torch.ones(rows, cols), scale.reshape(blocks.grid), blocks.block)
+        got_scale = _as_float(scale)
+        edges = [_as_float(fp8_scales(fp8_block_amax(m, blocks), blocks))
+                 for m in ((ref.abs() - bound).clamp(min=0), ref.abs() + bound)]
+        ok_scale = bool(((got_scale >= torch.minimum(*edges)) & (got_scale <= torch.maximum(*edges))).all())
+        per_element = dequantize_fp8(torch.ones(ref.shape), got_scale, blocks.block)
         top = torch.finfo(blocks.codes).max
+        # a scale rounded to bf16 may leave the largest value a rounding above the range: never more
+        ok_range = bool((((ref.abs() - bound) / per_element) <= top * (1 + 2.0 ** -7)).all())
         lo, hi = (((ref + d) / per_element).clamp(-top, top).to(blocks.codes).float() for d in (-bound, bound))
         ok_codes = bool(((codes >= lo) & (codes <= hi)).all())
-        # fp32 scales within the merge's rounding; bf16/fp16 within one rounding; E8M0 within a power of two
-        rtol = 1e-5 if blocks.scale_dtype == torch.float32 else 1.0 if blocks.scale_dtype == torch.uint8 else 2.0 ** -7
-        ratio = _as_float(scale) / _as_float(want_scale).clamp(min=1e-30)
-        ok_scale = bool(((ratio - 1).abs() <= rtol).all())
         diff = _max_abs((codes * per_element - ref).abs())
         largest = max(largest, diff)
-        if not (ok_codes and ok_scale):
-            what = "its block scales" if not ok_scale else "its codes"
+        if not (ok_scale and ok_range and ok_codes):
+            what = "its block scales" if not (ok_scale and ok_range) else "its codes"
             problems.append(f"{key!r}: {what} differ from base + adapter quantized again (max |diff| {diff:.3g})")
     return problems, largest
 
