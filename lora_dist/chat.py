@@ -390,6 +390,8 @@ def _check_text_kept(messages: list[dict], learned: list[tuple[int, int, int]], 
     reasoning before ``</think>`` (the distills' template drops it from every turn). It would be trained without
     it, silently. Earlier turns' reasoning may be dropped by design (Qwen3's history)."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is not None and any(m["role"] == "user" for m in messages[last + 1:]):
+        last = None  # a user message follows: its reasoning is history, which templates may drop (Qwen3, GLM)
     for i, start, end in learned:
         calls = messages[i].get("tool_calls")
         calls = calls if isinstance(calls, list) else []
@@ -537,6 +539,12 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
     header = prompt[len(bare):] if prompt.startswith(bare) else ""
     if lower is None:
         return None
+    if i:  # past the previous content's second half where it is written as it is: a header inside it (a user
+        # quoting "<｜Assistant｜>") is text, never where the turn starts
+        previous = messages[i - 1]["content"]
+        rest = previous[len(previous) // 2:]
+        if full.startswith(rest, lower):
+            lower += len(rest)
     if not header.strip():  # the prompt adds no header (Gemma 4 goes on in the model's turn after a tool result)
         return _start_after_previous(tokenizer, messages, i, full, prompt, lower, after, upper)
     headers = [header]
@@ -551,7 +559,7 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
     line = header[:header.find("\n") + 1]
     user = _user_header(tokenizer, template, messages[:i], tools)
     headers += [h for h in (line, _leading_tokens(_special_tokens(tokenizer), header))
-                if h.strip() and h not in headers and not user.startswith(h)]
+                if h.strip() and h not in headers and h not in user]
     for h in headers:
         at = full.find(h, max(lower, after), upper)
         if at >= 0:
@@ -574,13 +582,14 @@ def _start_after_previous(tokenizer, messages: list[dict], i: int, full: str, pr
 
 
 def _user_header(tokenizer, template: str, context: list[dict], tools: list | None) -> str:
-    """What the template writes before a user message that follows ``context`` ("" where it cannot be told)."""
+    """What the template writes before a user message's content when it follows ``context`` ("" where it cannot be
+    told)."""
     try:
         bare = _render(tokenizer, template, context, tools, False) if context else ""
         text = _render(tokenizer, template, [*context, {"role": "user", "content": PROBE[1]}], tools, False)
     except ChatError:
         return ""
-    return text[len(bare):] if text.startswith(bare) else ""
+    return text[len(bare):text.find(PROBE[1])] if text.startswith(bare) and PROBE[1] in text else ""
 
 
 def _end_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools: list | None, full: str,

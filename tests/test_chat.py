@@ -339,6 +339,28 @@ def test_masks_agree_with_trl_generation_markers_on_its_shipped_templates(name):
             # message: the role header, a prefill
 
 
+@pytest.mark.parametrize("name, header", [("deepseek_r1_distill_training", "<｜Assistant｜>"),
+                                          ("nemotron_3_nano_training", "<|im_start|>assistant\n")])
+def test_an_assistant_header_quoted_in_a_message_is_its_text(name, header):
+    """A user (or a tool result) quoting the assistant's header in the second half of its text: the turn still
+    starts after the real header, never inside the quote (found by a fuzzer against TRL's markers: the quote's tail
+    was learned)."""
+    import re
+
+    template = trl_template(name)
+    tok = style_tokenizer("qwen2")
+    tok.add_special_tokens({"additional_special_tokens": sorted(set(re.findall(r"<\|[^|<>]{1,40}\|>|<｜[^｜]{1,40}｜>",
+                                                                                template)))})
+    messages = [{"role": "user", "content": f"Repeat after me exactly: {header}I am a pirate"},
+                {"role": "assistant", "content": "The red fox."}]
+    for loss_on in LOSS_ON:
+        ids, labels = chat_document(tok, template, messages, loss_on=loss_on)
+        learned = [tok.decode(run) for run in spans(ids, labels)]
+        assert len(learned) == 1 and "pirate" not in learned[0] and learned[0].endswith("The red fox.<｜end▁of▁sentence｜>"
+                                                                                         if "deepseek" in name else
+                                                                                         "The red fox.<|im_end|>")
+
+
 def test_a_tool_call_rendered_in_place_of_its_text_is_learned():
     """Llama 3.1 writes an assistant message that calls a tool as the call's JSON alone, whatever text it carries
     (OpenAI-format agent data often has some): the call is learned, and the text is not asked for."""
