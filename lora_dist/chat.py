@@ -383,6 +383,13 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
     return ids, labels
 
 
+def _tool_names(message: dict) -> list[str]:
+    """The names of the tools an assistant message calls (OpenAI's ``tool_calls``, ``function.name``)."""
+    calls = message.get("tool_calls")
+    functions = [c.get("function", c) for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+    return [f["name"] for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"]]
+
+
 def _check_text_kept(messages: list[dict], learned: list[tuple[int, int, int]], full: str) -> None:
     """Refuse a conversation whose learned turn lacks text of its message: its answer (a template that renders only
     a list of content parts drops a string: SmolVLM, Idefics3), the name of a tool it calls (DeepSeek-R1 distills'
@@ -393,12 +400,9 @@ def _check_text_kept(messages: list[dict], learned: list[tuple[int, int, int]], 
     if last is not None and any(m["role"] == "user" for m in messages[last + 1:]):
         last = None  # a user message follows: its reasoning is history, which templates may drop (Qwen3, GLM)
     for i, start, end in learned:
-        calls = messages[i].get("tool_calls")
-        calls = calls if isinstance(calls, list) else []
-        for call in calls:
-            function = call.get("function", call) if isinstance(call, dict) else None
-            name = function.get("name") if isinstance(function, dict) else None
-            if isinstance(name, str) and name and name not in full[start:end]:
+        calls = _tool_names(messages[i])
+        for name in calls:
+            if name not in full[start:end]:
                 raise ChatError(f"the chat template leaves the tool call {excerpt(name, 40)} of messages[{i}] out of "
                                 "the assistant turn it renders (it renders no tool_calls, or, as DeepSeek-R1 "
                                 "distills', none beside a content), so it would be trained without it; set "
@@ -632,9 +636,7 @@ def _end_by_tail(tokenizer, template: str, messages: list[dict], i: int, tools: 
     if not any(text.endswith(t) for t in special):
         return None
     message = messages[i]
-    calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
-    own = [f.get("name") for f in (c.get("function", c) for c in calls if isinstance(c, dict)) if isinstance(f, dict)]
-    own = [t for t in [*own, message.get("content")] if isinstance(t, str) and t.strip()]
+    own = [t for t in [*_tool_names(message), message.get("content")] if isinstance(t, str) and t.strip()]
     try:
         bound = _content_at_most(tokenizer, template, messages, i + 1, tools, full)
     except ChatError:

@@ -32,7 +32,7 @@ from lora_dist.dtypes import FLOAT_DTYPES, from_safetensors, to_safetensors
 from lora_dist.errors import UserError
 
 __all__ = ["DenseTensor", "DenseView", "FP8Blocks", "PrequantizedError", "dense_view", "dequantize_fp8",
-           "dequantize_mxfp4", "fp8_block_amax", "fp8_scales", "quantization_method", "quantize_fp8"]
+           "dequantize_mxfp4", "fp8_block_amax", "fp8_scale_values", "fp8_scales", "quantization_method", "quantize_fp8"]
 
 #: The methods read as dense weights (``quantization_config.quant_method``).
 SUPPORTED = ("fp8", "mxfp4")
@@ -125,13 +125,13 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     ``scale_inv`` holds the scale rows of those rows' blocks (from block ``first_row // block[0]`` on).
     """
     rows, cols = weight.shape
-    scale = _scale_values(scale_inv)
+    scale = fp8_scale_values(scale_inv)
     index = (torch.arange(first_row, first_row + rows) // block[0]) - first_row // block[0]
     expanded = scale.index_select(0, index).repeat_interleave(block[1], dim=1)[:, :cols]
     return weight.float() * expanded
 
 
-def _scale_values(scale: torch.Tensor) -> torch.Tensor:
+def fp8_scale_values(scale: torch.Tensor) -> torch.Tensor:
     """Stored FP8 block scales as fp32 (E8M0 bytes as ``2 ** (byte - 127)``)."""
     return scale.float() if scale.dtype != torch.uint8 else torch.exp2(scale.float() - 127.0)
 
@@ -171,7 +171,7 @@ def quantize_fp8(values: torch.Tensor, blocks: FP8Blocks) -> tuple[torch.Tensor,
     tiles = _tiles(values, blocks)
     stored = fp8_scales(tiles.abs().amax(dim=(1, 3)), blocks)
     top = torch.finfo(blocks.codes).max
-    codes = (tiles / _scale_values(stored)[:, None, :, None]).clamp(-top, top).flatten(2, 3).flatten(0, 1)
+    codes = (tiles / fp8_scale_values(stored)[:, None, :, None]).clamp(-top, top).flatten(2, 3).flatten(0, 1)
     return codes[:rows, :cols].to(blocks.codes), stored.reshape(blocks.scale_shape) if not blocks.scale_shape else stored
 
 

@@ -44,7 +44,7 @@ from lora_dist.export.sources import (
 )
 from lora_dist.merge import LoRAWeights, MergeError, lora_delta
 from lora_dist.model_dir import SAFE_INDEX, SAFE_SINGLE, ModelDir, ModelDirError
-from lora_dist.prequantized import dequantize_fp8, fp8_block_amax, fp8_scales
+from lora_dist.prequantized import dequantize_fp8, fp8_block_amax, fp8_scale_values, fp8_scales
 
 __all__ = [
     "CheckpointFiles",
@@ -322,8 +322,8 @@ def check_merged_fp8(ckpt: ModelDir, base: ModelDir, targeted: Mapping[str, LoRA
             continue
         codes, scale = ckpt.stored_read(key).float(), ckpt.stored_read(blocks.scale_key).reshape(blocks.grid)
         bound = _fp32_merge_bound(ref, lora).float()
-        got_scale = _as_float(scale)
-        edges = [_as_float(fp8_scales(fp8_block_amax(m, blocks), blocks))
+        got_scale = fp8_scale_values(scale)
+        edges = [fp8_scale_values(fp8_scales(fp8_block_amax(m, blocks), blocks))
                  for m in ((ref.abs() - bound).clamp(min=0), ref.abs() + bound)]
         ok_scale = bool(((got_scale >= torch.minimum(*edges)) & (got_scale <= torch.maximum(*edges))).all())
         per_element = dequantize_fp8(torch.ones(ref.shape), got_scale, blocks.block)
@@ -338,11 +338,6 @@ def check_merged_fp8(ckpt: ModelDir, base: ModelDir, targeted: Mapping[str, LoRA
             what = "its block scales" if not (ok_scale and ok_range) else "its codes"
             problems.append(f"{key!r}: {what} differ from base + adapter quantized again (max |diff| {diff:.3g})")
     return problems, largest
-
-
-def _as_float(scale: torch.Tensor) -> torch.Tensor:
-    """Stored FP8 block scales as fp32 values (E8M0 bytes as powers of two)."""
-    return scale.float() if scale.dtype != torch.uint8 else torch.exp2(scale.float() - 127.0)
 
 
 class DequantizedBase:
