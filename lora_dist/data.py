@@ -43,6 +43,7 @@ import torch
 from lora_dist.atomic import writing_file
 from lora_dist.chat import IGNORE
 from lora_dist.inputs import clip, read_json
+from lora_dist.loss import loss_rows, n_targets
 from lora_dist.model_dir import (REMOTE_CODE_FIX, ModelDirError, alibi_attention, read_config_json, recurrent_layers,
                                  text_config)
 from lora_dist.sources import DataError, Source, describe, input_paths, parse_sources
@@ -210,7 +211,11 @@ class PackedDataset:
             ``{"input_ids", "labels", "position_ids", "attention_mask"}``: ``(B, L)`` int64 tensors, ``L``
             the longest row's unpadded length (columns that are padding in every row are dropped), and
             the ``(B, 1, L, L)`` boolean block-diagonal causal mask (True: may attend), or None where
-            every row holds one document and no padding. Pass it through :func:`model_kwargs`.
+            every row holds one document and no padding. Pass it through :func:`model_kwargs`. Also what the
+            model and the loss need to know on the host, found here before the tensors go to ``device``, so
+            that no step waits for a GPU to learn it: ``"n_targets"``, the tokens that carry a loss
+            (:func:`~lora_dist.loss.n_targets`, an int), and ``"loss_rows"``, where they are
+            (:func:`~lora_dist.loss.loss_rows`, on ``device``).
         """
         index = torch.as_tensor(index, dtype=torch.long)
         width = self.input_ids.shape[1] if self.lengths is None else int(self.lengths[index].max())
@@ -220,9 +225,12 @@ class PackedDataset:
         else:
             positions = self.position_ids[index, :width].long()
         several = _several_documents(positions)  # decided here, on the host: no wait for the device
-        ids, labels, positions = (t.to(device) for t in (ids, labels, positions))
+        targets, rows = n_targets(labels), loss_rows(labels)
+        # (from pageable memory: CUDA stages the copy at once, without waiting for the GPU's queue)
+        ids, labels, positions, rows = (t.to(device, non_blocking=True) for t in (ids, labels, positions, rows))
         return {"input_ids": ids, "labels": labels, "position_ids": positions,
-                "attention_mask": _block_mask(positions) if several else None}
+                "attention_mask": _block_mask(positions) if several else None,
+                "n_targets": targets, "loss_rows": rows}
 
 
 def _several_documents(position_ids: torch.Tensor) -> bool:

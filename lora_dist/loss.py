@@ -58,6 +58,7 @@ __all__ = [
     "ShardedHeadLoss",
     "chunkable",
     "linear_cross_entropy_sum",
+    "loss_rows",
     "n_targets",
     "sharded_head",
     "token_loss_sum",
@@ -77,6 +78,13 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def n_targets(labels: torch.Tensor) -> int:
     """Tokens that carry a loss (the first position of a sequence predicts nothing)."""
     return int((labels[:, 1:] != IGNORE).sum())
+
+
+def loss_rows(labels: torch.Tensor) -> torch.Tensor:
+    """The positions of ``labels.flatten()`` whose next-token target carries a loss (the rows of the flattened
+    hidden states that go through the head). Found where ``labels`` are: on the host copy of a batch's labels
+    (:meth:`lora_dist.data.PackedDataset.inputs` does), so the forward never waits for the GPU to learn them."""
+    return (F.pad(labels[:, 1:], (0, 1), value=IGNORE).flatten() != IGNORE).nonzero().squeeze(1)
 
 
 def _gathered(weight: torch.Tensor, bias: torch.Tensor | None):
@@ -233,7 +241,8 @@ def _chunk_rows(world: int, n: int, chunk: int, device: torch.device):
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             labels: torch.Tensor, chunk: int, vocab_start: int = 0, group=None) -> torch.Tensor:
+                             labels: torch.Tensor, chunk: int, vocab_start: int = 0, group=None,
+                             rows: torch.Tensor | None = None) -> torch.Tensor:
     """The summed next-token cross-entropy of ``labels`` (``-100`` ignored) from the final hidden states,
     through a frozen head ``(weight, bias)``, ``chunk`` tokens at a time; fp32.
 
@@ -242,14 +251,15 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     (collective). Either way, the same value as :func:`token_loss_sum` of the whole head's logits over this
     rank's tokens, with the same gradient for ``hidden``; the head gets none (it is frozen). Only the tokens
     whose label carries a loss go through the head (in chat data the prompts are often half the tokens): the
-    others' logits would be computed for nothing, and their gradient is zero.
+    others' logits would be computed for nothing, and their gradient is zero. ``rows``: those tokens
+    (:func:`loss_rows`, on ``hidden``'s device), found from ``labels`` where not given (on a GPU the host then
+    waits for the labels' device to get there).
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).flatten()  # the last position predicts nothing
-    hidden = hidden.flatten(0, 1)
-    carry = targets != IGNORE
-    if not bool(carry.all()):  # the head multiplies only the tokens that carry a loss (prompts, padding: none)
-        rows = carry.nonzero().squeeze(1)
-        hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
+    if rows is None:
+        rows = loss_rows(labels)
+    # the head multiplies only the tokens that carry a loss (prompts, padding, every row's last position: none)
+    hidden, targets = hidden.flatten(0, 1).index_select(0, rows), targets.index_select(0, rows)
     grad = torch.is_grad_enabled() and hidden.requires_grad
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, vocab_start, chunk, group, grad)
 
@@ -313,13 +323,14 @@ class ChunkedHeadLoss:
         self._weight, self._bias = self.head.weight, self.head.bias
         return not_a_view(hidden)
 
-    def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The summed fp32 token loss of the forward (within :meth:`installed`) that returned ``hidden``."""
+    def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The summed fp32 token loss of the forward (within :meth:`installed`) that returned ``hidden``
+        (``rows``: :func:`linear_cross_entropy_sum`'s)."""
         if self._weight is None:
             raise RuntimeError("ChunkedHeadLoss.loss_sum before a forward through the model")
         weight, bias = self._weight, self._bias
         self._weight = self._bias = None
-        return linear_cross_entropy_sum(hidden, weight, bias, labels, self.chunk)
+        return linear_cross_entropy_sum(hidden, weight, bias, labels, self.chunk, rows=rows)
 
 
 # ---------------------------------------------------------------------------- the head left sharded
@@ -373,12 +384,12 @@ class ShardedHeadLoss:
         """The head's place in the model holds a stand-in that returns its input (the head stays sharded)."""
         return stand_in(self.model, self.head, _SkipHead(self.head))
 
-    def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The summed fp32 token loss of this rank's ``labels`` from the ``hidden`` a forward within
-        :meth:`installed` returned."""
+        :meth:`installed` returned (``rows``: :func:`linear_cross_entropy_sum`'s)."""
         weight, bias, start, group = sharded_head(self.model)
         if weight.device != hidden.device:  # parallel.cpu_offload: the shard lives in host memory, as FSDP2 copies it
             weight = weight.to(hidden.device, non_blocking=True)
             bias = bias.to(hidden.device, non_blocking=True) if bias is not None else None
-        return linear_cross_entropy_sum(hidden, weight, bias, labels, self.chunk, start, group)
+        return linear_cross_entropy_sum(hidden, weight, bias, labels, self.chunk, start, group, rows)
 

@@ -136,7 +136,7 @@ def forward_backward(engine: Engine, micro: list[dict]) -> tuple[float, float]:
     target tokens on any rank has no mean loss: NaN (and a zero gradient).
     """
     device = engine.device
-    n_tokens = all_sum(torch.tensor(sum(n_targets(b["labels"]) for b in micro), dtype=torch.float64, device=device))
+    n_tokens = all_sum(torch.tensor(sum(_targets(b) for b in micro), dtype=torch.float64, device=device))
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for m, batch in enumerate(micro):
         sync = contextlib.nullcontext() if m == len(micro) - 1 else engine.no_sync()
@@ -144,10 +144,16 @@ def forward_backward(engine: Engine, micro: list[dict]) -> tuple[float, float]:
             loss = engine.loss_sum(batch)
             engine.backward(loss / n_tokens.to(loss.dtype).clamp(min=1))
         loss_sum += loss.detach().double()
-    loss_sum = all_sum(loss_sum)
-    if float(n_tokens) == 0:
+    loss_sum, n_tokens = torch.stack([all_sum(loss_sum), n_tokens]).tolist()  # the step's one wait for the device
+    if n_tokens == 0:
         return float("nan"), 0.0
-    return float(loss_sum / n_tokens), float(n_tokens)
+    return loss_sum / n_tokens, n_tokens
+
+
+def _targets(batch: dict) -> int:
+    """The tokens of a micro-batch that carry a loss: counted on the host where it was built
+    (:meth:`~lora_dist.data.PackedDataset.inputs`), else from its labels."""
+    return batch["n_targets"] if "n_targets" in batch else n_targets(batch["labels"])
 
 
 @torch.no_grad()
@@ -171,8 +177,9 @@ def eval_sums(engine: Engine, data: PackedDataset, micro_batch: int, batches: in
         idx = [i for i in range(start, start + micro_batch) if i < len(data)]
         batch = data.inputs(idx or [0], device)
         loss = engine.loss_sum(batch)
-        if idx:
-            total += torch.tensor([float(loss), n_targets(batch["labels"])], dtype=torch.float64, device=device)
+        if idx:  # summed where the loss is, the count added as a number: no wait for the device per batch
+            total[0] += loss.double()
+            total[1] += _targets(batch)
     engine.model.train()
     total = all_sum(total)
     return float(total[0]), float(total[1])

@@ -100,20 +100,22 @@ class Engine:
     def loss_sum(self, batch: dict) -> torch.Tensor:
         """Forward one micro-batch (:meth:`lora_dist.data.PackedDataset.inputs`' dict) through :attr:`model`;
         its summed fp32 next-token loss (:meth:`forward_loss_sum`)."""
-        return self.forward_loss_sum(model_kwargs(batch, self.model_config), batch["labels"])
+        return self.forward_loss_sum(model_kwargs(batch, self.model_config), batch["labels"], batch.get("loss_rows"))
 
-    def forward_loss_sum(self, inputs: Mapping[str, Any], labels: torch.Tensor) -> torch.Tensor:
+    def forward_loss_sum(self, inputs: Mapping[str, Any], labels: torch.Tensor,
+                         rows: torch.Tensor | None = None) -> torch.Tensor:
         """``model(**inputs)`` and the summed fp32 next-token loss of ``labels`` (``-100``: no loss), through the
-        chunked head where :attr:`head_loss` is set: the full fp32 logits never exist. Without a KV cache unless
-        ``inputs`` asks for one: a training forward never reads it back (and compiled blocks would compile again for
-        every layer's cache index)."""
+        chunked head where :attr:`head_loss` is set: the full fp32 logits never exist (``rows``: the tokens that
+        carry a loss, :func:`~lora_dist.loss.loss_rows`, found from ``labels`` where not given). Without a KV cache
+        unless ``inputs`` asks for one: a training forward never reads it back (and compiled blocks would compile
+        again for every layer's cache index)."""
         inputs = {"use_cache": False, **inputs}
         with self.embedding.installed() if self.embedding is not None else contextlib.nullcontext():
             if self.head_loss is None:
                 return token_loss_sum(self.model(**inputs).logits, labels)
             with self.head_loss.installed():
                 hidden = self.model(**inputs).logits
-        return self.head_loss.loss_sum(hidden, labels)
+        return self.head_loss.loss_sum(hidden, labels, rows)
 
     def use_chunked_loss(self, chunk: int, gather_head: bool = True, tokens: int = 0) -> str | None:
         """Let :meth:`loss_sum` apply the head in chunks of ``chunk`` tokens (0: the plain loss), on the head's

@@ -155,10 +155,9 @@ class ShardedAdamW:
         self._finish_grads()
         squares = self._grad.double().square().sum().reshape(1)
         dist.all_reduce(squares, group=self.group)
-        norm = float(squares.sqrt())
-        coef = max_grad_norm / (norm + 1e-6)  # clip_grad_norm_'s coefficient
-        if max_grad_norm > 0 and coef < 1:
-            self._grad.mul_(coef)
+        norm = squares.sqrt()
+        if max_grad_norm > 0:  # clip_grad_norm_'s coefficient, on the device: the update is queued without waiting
+            self._grad.mul_((max_grad_norm / (norm + 1e-6)).clamp(max=1.0))  # for the norm (times 1: unchanged)
         self.shard.grad = self._grad
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -166,7 +165,7 @@ class ShardedAdamW:
         self.shard.grad = None
         self._grad.zero_()
         self._all_gather(self.shard.detach(), [b.flat for b in self.buckets])
-        return norm
+        return float(norm)
 
     def _all_gather(self, local: torch.Tensor, outputs: list[torch.Tensor]) -> None:
         for b, out in enumerate(self.buckets):
