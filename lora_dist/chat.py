@@ -357,6 +357,7 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
     if loss_on not in LOSS_ON:
         raise ChatError(f"data.loss_on={excerpt(loss_on, 40)} is not one of {', '.join(LOSS_ON)}")
     full = _render(tokenizer, template, messages, tools, generation_prompt=False)
+    _check_context_kept(messages, full)
     # (an assistant message with "weight": 0, as axolotl marks one, is context, not learned)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first and m.get("weight", 1) != 0]
     try:
@@ -388,6 +389,21 @@ def _tool_names(message: dict) -> list[str]:
     calls = message.get("tool_calls")
     functions = [c.get("function", c) for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
     return [f["name"] for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"]]
+
+
+def _check_context_kept(messages: list[dict], full: str) -> None:
+    """Refuse a conversation whose system or user message the template leaves out of its render (Mistral v0.3's
+    writes the system message only before a last user message, so a whole conversation has none; a template may
+    ignore a role it does not know): the turns would be learned without it, silently."""
+    for k, m in enumerate(messages):
+        text = m["content"].strip() if m["role"] in ("system", "user") and isinstance(m["content"], str) else ""
+        if text and text not in full:
+            where = (" (Mistral v0.3's template writes it only before a last user message, and a conversation to "
+                     "learn from ends with an assistant message)" if m["role"] == "system" else "")
+            fix = "merge it into the first user message, or " if m["role"] == "system" else ""
+            raise ChatError(f"the chat template leaves the {m['role']} message messages[{k}] ({excerpt(text, 40)}) "
+                            f"out of the conversation it renders{where}, so the assistant turns would be learned "
+                            f"without it; {fix}set data.chat_template to a template that renders it (docs/data.md)")
 
 
 def _check_text_kept(messages: list[dict], learned: list[tuple[int, int, int]], full: str) -> None:

@@ -241,10 +241,50 @@ def test_a_template_that_drops_a_learned_turns_text_is_refused(loss_on):
         chat_document(deepseek_tokenizer(), trl_template("deepseek_r1_distill"), R1_TURNS, loss_on=loss_on)
     tok = style_tokenizer("qwen2")
     tok.add_special_tokens({"additional_special_tokens": ["<end_of_utterance>"]})
+    # SmolVLM's drops every string content: the user's first (test_a_template_that_drops_a_system_or_user_...)
+    with pytest.raises(ChatError, match=r"leaves the user message messages\[0\] \('Which animal"):
+        chat_document(tok, trl_template("smolvlm"), TURNS, loss_on=loss_on)
+    # one that drops only the assistant's string content, as SmolVLM's does
+    assistant_parts = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] != 'assistant' %}"
+                       "{{ m['content'] }}{% elif m['content'] is not string %}{{ m['content'][0]['text'] }}{% endif %}"
+                       "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                       "{% endif %}")
     first = 1 if loss_on == "all_assistant" else 3
     with pytest.raises(ChatError, match=rf"leaves the text of messages\[{first}\] \('{TURNS[first]['content'].strip()[:10]}.*\) "
                                         r"out of the assistant turn it renders"):
-        chat_document(tok, trl_template("smolvlm"), TURNS, loss_on=loss_on)
+        chat_document(tok, assistant_parts, TURNS, loss_on=loss_on)
+
+
+# Mistral-7B-Instruct-v0.3's template, its system message and roles as shipped (tools left out).
+MISTRAL_V03 = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}{{- '[INST] ' + system_message + '\n\n' + message['content'] + "
+    "'[/INST]' }}{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content']|trim + eos_token}}"
+    "{%- else %}{{- raise_exception('Only user and assistant roles are supported') }}{%- endif %}{%- endfor %}"
+)
+
+
+@pytest.mark.parametrize("loss_on", LOSS_ON)
+def test_a_template_that_drops_a_system_or_user_message_is_refused(loss_on):
+    """Mistral v0.3's template writes the system message only into a last user message, so a conversation to learn
+    from (which ends with an assistant message) renders none; a template may skip a role it does not know. The turns
+    would be learned without that context, silently. Without a system message Mistral v0.3 trains as always."""
+    tok = style_tokenizer("mistral")
+    with pytest.raises(ChatError, match=r"leaves the system message messages\[0\] \('You answer in one sentence.'\) "
+                                        r"out of the conversation it renders \(Mistral v0.3's .*merge it into the first "
+                                        r"user message, or set data.chat_template"):
+        chat_document(tok, MISTRAL_V03, [SYSTEM, *TURNS], loss_on=loss_on)
+    ids, labels = chat_document(tok, MISTRAL_V03, TURNS, loss_on=loss_on)
+    learned = [" " + m["content"].strip() + tok.eos_token for m in TURNS[1::2]]
+    assert [tok.decode(run) for run in spans(ids, labels)] == (learned if loss_on == "all_assistant" else learned[1:])
+    skips = ("{% for m in messages %}{% if m['role'] in ['user', 'assistant'] %}{{ '<|im_start|>' + m['role'] + '\n' + "
+             "m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+             "{{ '<|im_start|>assistant\n' }}{% endif %}")
+    with pytest.raises(ChatError, match=r"leaves the system message messages\[0\] .* out of the conversation"):
+        chat_document(style_tokenizer("qwen2"), skips, [SYSTEM, *TURNS], loss_on=loss_on)
 
 
 def _trl_training_templates() -> list[str]:
@@ -282,7 +322,7 @@ ORACLE_CONVERSATIONS = {
 ORACLE_REFUSED = {
     ("deepseekv3_training", "reasoning"): "leaves the reasoning", ("deepseekv3_training", "reasoning_turns"):
     "leaves the reasoning",
-    **{(t, c): "leaves the text" for t in ("idefics3_training", "smolvlm_training")
+    **{(t, c): "leaves the (user|system) message" for t in ("idefics3_training", "smolvlm_training")
        for c in ("plain", "turns", "reasoning", "reasoning_turns")},
     **{(t, c): "leaves the tool call" for t in ("deepseek_r1_distill_training", "lfm2_training", "llama3_training",
                                                 "phi3_5_training", "phi3_training", "qwen2_5_vl_training")
