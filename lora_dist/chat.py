@@ -420,9 +420,11 @@ def _check_text_kept(messages: list[dict], learned: list[tuple[int, int, int]], 
         for name in calls:
             if name not in full[start:end]:
                 raise ChatError(f"the chat template leaves the tool call {excerpt(name, 40)} of messages[{i}] out of "
-                                "the assistant turn it renders (it renders no tool_calls, or, as DeepSeek-R1 "
-                                "distills', none beside a content), so it would be trained without it; set "
-                                "data.chat_template to a template that renders tool calls (docs/data.md)")
+                                "the assistant turn it renders (it renders no tool_calls; none beside a content, as "
+                                "DeepSeek-R1 distills'; or, as DeepSeek-V3's for a call after a tool result, the call "
+                                "inside the tool outputs, where no generation prompt leads), so it would be trained "
+                                "without it; set data.chat_template to a template that renders tool calls as "
+                                "assistant turns (docs/data.md)")
         content = messages[i].get("content")
         if not isinstance(content, str) or calls:  # a turn that calls tools may be rendered as its calls alone
             continue  # (Llama 3.1 writes the call's JSON in place of any text)

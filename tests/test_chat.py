@@ -255,6 +255,31 @@ def test_a_template_that_drops_a_learned_turns_text_is_refused(loss_on):
         chat_document(tok, assistant_parts, TURNS, loss_on=loss_on)
 
 
+def test_deepseek_v3s_call_after_a_tool_result_is_refused_not_learned_empty():
+    """DeepSeek-V3's template writes an assistant's tool call that follows a tool result inside the tool outputs
+    (no ``<｜tool▁outputs▁end｜>``, no ``<｜tool▁calls▁begin｜>``), where its generation prompt never leads: the turn
+    found is empty. Refused, naming the call (before, the message said the template renders no tool calls)."""
+    tok = deepseek_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [
+        "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>",
+        "<｜tool▁outputs▁begin｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>", "<｜tool▁outputs▁end｜>"]})
+
+    def calls(name):
+        return [{"type": "function", "function": {"name": name, "arguments": '{"where": "harbour"}'}}]
+
+    one = [{"role": "user", "content": "Count the keys."},
+           {"role": "assistant", "content": "", "tool_calls": calls("count_keys")},
+           {"role": "tool", "content": "7 silver keys"}, {"role": "assistant", "content": "There are 7 keys."}]
+    ids, labels = chat_document(tok, trl_template("deepseekv3"), one)
+    learned = [tok.decode(run) for run in spans(ids, labels)]
+    assert "count_keys" in learned[0] and learned[1] == "There are 7 keys.<｜end▁of▁sentence｜>"
+    two = [*one[:3], {"role": "assistant", "content": "", "tool_calls": calls("count_boats")},
+           {"role": "tool", "content": "2 boats"}, one[3]]
+    with pytest.raises(ChatError, match=r"leaves the tool call 'count_boats' of messages\[3\] out of the assistant "
+                                        r"turn it renders \(.*DeepSeek-V3's for a call after a tool result"):
+        chat_document(tok, trl_template("deepseekv3"), two)
+
+
 # Mistral-7B-Instruct-v0.3's template, its system message and roles as shipped (tools left out).
 MISTRAL_V03 = (
     "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
