@@ -357,7 +357,7 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
     if loss_on not in LOSS_ON:
         raise ChatError(f"data.loss_on={excerpt(loss_on, 40)} is not one of {', '.join(LOSS_ON)}")
     full = _render(tokenizer, template, messages, tools, generation_prompt=False)
-    _check_context_kept(messages, full)
+    _check_context_kept(tokenizer, template, messages, tools, full)
     # (an assistant message with "weight": 0, as axolotl marks one, is context, not learned)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first and m.get("weight", 1) != 0]
     try:
@@ -391,19 +391,27 @@ def _tool_names(message: dict) -> list[str]:
     return [f["name"] for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"]]
 
 
-def _check_context_kept(messages: list[dict], full: str) -> None:
+def _check_context_kept(tokenizer, template: str, messages: list[dict], tools: list | None, full: str) -> None:
     """Refuse a conversation whose system or user message the template leaves out of its render (Mistral v0.3's
-    writes the system message only before a last user message, so a whole conversation has none; a template may
-    ignore a role it does not know): the turns would be learned without it, silently."""
+    writes the system message only into a last user message, so a whole conversation has none; gpt-oss's and
+    Qwen3-VL's drop a system message after the first; a template may skip a role it does not know): the turns would
+    be learned without it, silently. A message whose text the render rewrites (SmolLM3 and Nemotron take out
+    ``/think``, ``/no_think``) is kept where a probe put in its place is rendered."""
     for k, m in enumerate(messages):
-        text = m["content"].strip() if m["role"] in ("system", "user") and isinstance(m["content"], str) else ""
-        if text and text not in full:
-            where = (" (Mistral v0.3's template writes it only before a last user message, and a conversation to "
-                     "learn from ends with an assistant message)" if m["role"] == "system" else "")
-            fix = "merge it into the first user message, or " if m["role"] == "system" else ""
-            raise ChatError(f"the chat template leaves the {m['role']} message messages[{k}] ({excerpt(text, 40)}) "
-                            f"out of the conversation it renders{where}, so the assistant turns would be learned "
-                            f"without it; {fix}set data.chat_template to a template that renders it (docs/data.md)")
+        content = m.get("content") if m["role"] in ("system", "user") else None
+        text = content.strip() if isinstance(content, str) else ""
+        if not text or text in full or PROBE[1] in _render_with(tokenizer, template, messages, k, PROBE[1], tools):
+            continue
+        why = fix = ""
+        user = next((n for n in messages if n["role"] == "user"), None)
+        if k == 0 and m["role"] == "system" and user is not None and \
+                text in _render(tokenizer, template, [m, user], tools, generation_prompt=False):
+            why = (" (as Mistral v0.3's, it writes a system message only into a last user message, and a "
+                   "conversation to learn from ends with an assistant message)")
+            fix = "merge it into the first user message, or "
+        raise ChatError(f"the chat template leaves the {m['role']} message messages[{k}] ({excerpt(text, 40)}) out of "
+                        f"the conversation it renders{why}, so the assistant turns would be learned without it; "
+                        f"{fix}set data.chat_template to a template that renders it (docs/data.md)")
 
 
 def _check_text_kept(messages: list[dict], learned: list[tuple[int, int, int]], full: str) -> None:

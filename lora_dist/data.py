@@ -49,8 +49,8 @@ from lora_dist.model_dir import (REMOTE_CODE_FIX, ModelDirError, alibi_attention
 from lora_dist.sources import DataError, Source, describe, input_paths, parse_sources
 from lora_dist.token_cache import cached_blocks
 
-__all__ = ["IGNORE", "DataError", "DataStats", "PackedDataset", "block_causal_mask", "dump_blocks", "load_data",
-           "load_dataset", "load_splits", "load_tokenizer", "marked_text", "model_kwargs", "summarize"]
+__all__ = ["IGNORE", "DataError", "DataStats", "PackedDataset", "batch_inputs", "block_causal_mask", "dump_blocks",
+           "load_data", "load_dataset", "load_splits", "load_tokenizer", "marked_text", "model_kwargs", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -201,21 +201,15 @@ class PackedDataset:
         return self.inputs(self.indices(start, size, seed), device)
 
     def inputs(self, index, device: torch.device | str | None = None) -> dict[str, torch.Tensor | None]:
-        """The model inputs of some blocks, on ``device``.
+        """The model inputs of some blocks, on ``device`` (:func:`batch_inputs`).
 
         Args:
             index: block indices (a list or a 1-D tensor).
             device: where the tensors go (the mask is built there).
 
         Returns:
-            ``{"input_ids", "labels", "position_ids", "attention_mask"}``: ``(B, L)`` int64 tensors, ``L``
-            the longest row's unpadded length (columns that are padding in every row are dropped), and
-            the ``(B, 1, L, L)`` boolean block-diagonal causal mask (True: may attend), or None where
-            every row holds one document and no padding. Pass it through :func:`model_kwargs`. Also what the
-            model and the loss need to know on the host, found here before the tensors go to ``device``, so
-            that no step waits for a GPU to learn it: ``"n_targets"``, the tokens that carry a loss
-            (:func:`~lora_dist.loss.n_targets`, an int), and ``"loss_rows"``, where they are
-            (:func:`~lora_dist.loss.loss_rows`, on ``device``).
+            :func:`batch_inputs` of the blocks' ids, labels and positions, ``L`` the longest row's unpadded length
+            (columns that are padding in every row are dropped).
         """
         index = torch.as_tensor(index, dtype=torch.long)
         width = self.input_ids.shape[1] if self.lengths is None else int(self.lengths[index].max())
@@ -224,13 +218,32 @@ class PackedDataset:
             positions = torch.arange(width).expand(len(index), width)
         else:
             positions = self.position_ids[index, :width].long()
-        several = _several_documents(positions)  # decided here, on the host: no wait for the device
-        targets, rows = n_targets(labels), loss_rows(labels)
-        # (from pageable memory: CUDA stages the copy at once, without waiting for the GPU's queue)
-        ids, labels, positions, rows = (t.to(device, non_blocking=True) for t in (ids, labels, positions, rows))
-        return {"input_ids": ids, "labels": labels, "position_ids": positions,
-                "attention_mask": _block_mask(positions) if several else None,
-                "n_targets": targets, "loss_rows": rows}
+        return batch_inputs(ids, labels, positions, device)
+
+
+def batch_inputs(ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
+                 device: torch.device | str | None = None) -> dict[str, Any]:
+    """A micro-batch, from its ``(B, L)`` int64 host tensors, as a training step takes it, on ``device``.
+
+    Returns:
+        ``{"input_ids", "labels", "position_ids", "attention_mask"}``: the tensors, and the ``(B, 1, L, L)``
+        boolean block-diagonal causal mask (True: may attend), or None where every row holds one document and
+        no padding. Pass it through :func:`model_kwargs`. Also what the model and the loss need to know on the
+        host, found here before the tensors go to ``device``, so that no step waits for a GPU to learn it:
+        ``"n_targets"``, the tokens that carry a loss (:func:`~lora_dist.loss.n_targets`, an int), and
+        ``"loss_rows"``, where they are (:func:`~lora_dist.loss.loss_rows`, on ``device``).
+    """
+    several = _several_documents(positions)  # decided here, on the host: no wait for the device
+    targets, rows = n_targets(labels), loss_rows(labels)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":  # from pinned memory: the copies are queued, no wait for what the GPU is running
+        ids, labels, positions, rows = (t.pin_memory().to(device, non_blocking=True)
+                                        for t in (ids, labels, positions, rows))
+    else:
+        ids, labels, positions, rows = (t.to(device) for t in (ids, labels, positions, rows))
+    return {"input_ids": ids, "labels": labels, "position_ids": positions,
+            "attention_mask": _block_mask(positions) if several else None,
+            "n_targets": targets, "loss_rows": rows}
 
 
 def _several_documents(position_ids: torch.Tensor) -> bool:

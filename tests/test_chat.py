@@ -299,7 +299,7 @@ def test_a_template_that_drops_a_system_or_user_message_is_refused(loss_on):
     would be learned without that context, silently. Without a system message Mistral v0.3 trains as always."""
     tok = style_tokenizer("mistral")
     with pytest.raises(ChatError, match=r"leaves the system message messages\[0\] \('You answer in one sentence.'\) "
-                                        r"out of the conversation it renders \(Mistral v0.3's .*merge it into the first "
+                                        r"out of the conversation it renders \(as Mistral v0.3's, .*merge it into the first "
                                         r"user message, or set data.chat_template"):
         chat_document(tok, MISTRAL_V03, [SYSTEM, *TURNS], loss_on=loss_on)
     ids, labels = chat_document(tok, MISTRAL_V03, TURNS, loss_on=loss_on)
@@ -308,8 +308,22 @@ def test_a_template_that_drops_a_system_or_user_message_is_refused(loss_on):
     skips = ("{% for m in messages %}{% if m['role'] in ['user', 'assistant'] %}{{ '<|im_start|>' + m['role'] + '\n' + "
              "m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
              "{{ '<|im_start|>assistant\n' }}{% endif %}")
-    with pytest.raises(ChatError, match=r"leaves the system message messages\[0\] .* out of the conversation"):
+    with pytest.raises(ChatError, match=r"leaves the system message messages\[0\] \('You answer in one sentence.'\) out "
+                                        r"of the conversation it renders, so .*; set data.chat_template"):
         chat_document(style_tokenizer("qwen2"), skips, [SYSTEM, *TURNS], loss_on=loss_on)
+    # A template may rewrite the text it renders: SmolLM3's and Nemotron Nano v2's take out /think and /no_think.
+    # The message is kept (a probe in its place is rendered), not refused.
+    rewrites = QWEN2.replace("message['content']", "message['content'].replace('/no_think', '').strip()")
+    switched = [{**SYSTEM, "content": "You answer in one sentence. /no_think"}, *TURNS]
+    ids, labels = chat_document(style_tokenizer("qwen2"), rewrites, switched, loss_on=loss_on)
+    learned = [m["content"].strip() + "<|im_end|>" for m in TURNS[1::2]]
+    assert [style_tokenizer("qwen2").decode(run) for run in spans(ids, labels)] == (
+        learned if loss_on == "all_assistant" else learned[1:])
+    # a user message that calls tools (no content) is no message the check reads
+    calling_user = [{"role": "user", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]},
+                    *TURNS]
+    chat_document(style_tokenizer("qwen2"), QWEN2.replace("message['content']", "(message['content'] or '')"),
+                  calling_user, loss_on=loss_on)
 
 
 def _trl_training_templates() -> list[str]:

@@ -160,10 +160,10 @@ def worker(job_path: str) -> None:
     data = load_dataset(settings.data_path, tokenizer, settings.seq_len, None)
     global_micro = settings.micro_batch * env.world_size
 
-    def batch(k: int):
+    def batch(k: int, system):  # as the system's own loop hands it to a step (System.prepare)
         ids, labels = data.batch(k * global_micro + env.rank * settings.micro_batch, settings.micro_batch,
                                  settings.seed)
-        return ids.to(device), labels.to(device)
+        return system.prepare(ids, labels)
 
     def per_node(before: tuple[int, int], after: tuple[int, int]) -> list[dict]:
         """Every node's (its local rank 0's) received and transmitted bytes over the span, gathered."""
@@ -178,21 +178,21 @@ def worker(job_path: str) -> None:
         system.setup()
         step = 0
         for _ in range(job["warmup_steps"]):
-            system.train_step(*batch(step))
+            system.train_step(batch(step, system))
             step += 1
-        inputs = [batch(step + k) for k in range(job["steps"])]
+        inputs = [batch(step + k, system) for k in range(job["steps"])]
         dist.barrier()
         before = interface_bytes(ifname)  # the span counted: these steps and one barrier
         t0 = time.perf_counter()
-        for ids, labels in inputs:
-            system.train_step(ids, labels)
+        for prepared in inputs:
+            system.train_step(prepared)
         dist.barrier()
         seconds = time.perf_counter() - t0
         nodes = per_node(before, interface_bytes(ifname))
         crossed = sum(n["tx_bytes"] for n in nodes)
         # One more step, its collectives counted by process group on this rank (rank 0's are reported).
         with GroupCounter(env.local_world_size) as groups:
-            system.train_step(*batch(step + job["steps"]))
+            system.train_step(batch(step + job["steps"], system))
         dist.barrier()
         record = {
             "config": name, "description": system.description, "params": system.param_counts(),
@@ -201,10 +201,10 @@ def worker(job_path: str) -> None:
             "rank0_collectives_by_group": groups.as_list(1), "notes": system.notes,
         }
         if device.type == "cpu":  # one more step, its live tensor bytes counted on every rank (as lora-dist bench)
-            ids, labels = batch(step + job["steps"] + 1)
+            prepared = batch(step + job["steps"] + 1, system)
             tracker = LiveTensorBytes("cpu")
             with tracker:
-                system.train_step(ids, labels)
+                system.train_step(prepared)
             peaks: list = [None] * env.world_size
             dist.all_gather_object(peaks, tracker.peak)
             record["tensor_peak"] = max(peaks)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -77,11 +78,16 @@ class System:
     def setup(self) -> None:
         raise NotImplementedError
 
-    def train_step(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+    def prepare(self, ids: torch.Tensor, labels: torch.Tensor) -> Any:
+        """A micro-batch's host tensors as this system's own loop hands them to a step: on the device. Not timed."""
+        return ids.to(self.device), labels.to(self.device)
+
+    def train_step(self, batch: Any) -> None:
+        """One optimizer step on a :meth:`prepare`\ d micro-batch."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+    def forward(self, batch: Any) -> None:
         raise NotImplementedError
 
     def export(self, out_dir: Path) -> None:
@@ -169,20 +175,25 @@ class LoraDist(System):
 
         return plan_memory(self.cfg, self.env.world_size).as_dict()
 
-    def train_step(self, ids, labels) -> None:
+    def prepare(self, ids, labels) -> dict:
+        """As ``lora-dist train`` builds a micro-batch (:func:`lora_dist.data.batch_inputs`): what the loss needs is
+        found on the host. Each row is one sequence, as the anchors take it."""
+        from lora_dist.data import batch_inputs
+
+        return batch_inputs(ids, labels, torch.arange(ids.shape[1]).expand_as(ids), self.device)
+
+    def train_step(self, batch) -> None:
         from lora_dist.train import forward_backward
 
-        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        forward_backward(self.engine, [{"input_ids": ids, "labels": labels, "position_ids": positions,
-                                        "attention_mask": None}])
+        forward_backward(self.engine, [batch])
         self.engine.step(LR)
 
     @torch.no_grad()
-    def forward(self, ids, labels) -> None:
+    def forward(self, batch) -> None:
         from lora_dist.loss import token_loss_sum
 
         # No KV cache, as the training forward runs (lora_dist.data's inputs): the anchors' forward is their own.
-        token_loss_sum(self.engine.model(input_ids=ids, use_cache=False).logits, labels)
+        token_loss_sum(self.engine.model(input_ids=batch["input_ids"], use_cache=False).logits, batch["labels"])
 
     def export(self, out_dir: Path) -> None:
         """As at the end of ``lora-dist train``: training state freed, then the merged export."""
@@ -237,7 +248,8 @@ class AccelerateSystem(System):
         model.train()
         return model
 
-    def train_step(self, ids, labels) -> None:
+    def train_step(self, batch) -> None:
+        ids, labels = batch
         loss = self.model(input_ids=ids, labels=labels).loss
         self.accelerator.backward(loss)
         self.accelerator.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -245,7 +257,8 @@ class AccelerateSystem(System):
         self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def forward(self, ids, labels) -> None:
+    def forward(self, batch) -> None:
+        ids, labels = batch
         self.model(input_ids=ids, labels=labels)
 
     def param_counts(self) -> dict:

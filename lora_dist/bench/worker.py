@@ -92,10 +92,11 @@ def main(job_path: str) -> None:
     data = load_dataset(settings.data_path, tokenizer, settings.seq_len, None)
     global_micro = settings.micro_batch * env.world_size
 
-    def batch(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k-th global micro-batch's share of this rank: the same for every configuration."""
+    def batch(k: int):
+        """The k-th global micro-batch's share of this rank, the same for every configuration, as the system's own
+        loop hands it to a step (:meth:`System.prepare`, outside the timed step)."""
         ids, labels = data.batch(k * global_micro + env.rank * settings.micro_batch, settings.micro_batch, settings.seed)
-        return ids.to(device), labels.to(device)
+        return system.prepare(ids, labels)
 
     dist.barrier()
     status = read_status_kb("VmRSS", "RssAnon")
@@ -118,33 +119,33 @@ def main(job_path: str) -> None:
     # calls, autograd functions, hooks) and was measured to add ~5% to a ddp step here.
     with PhaseMemory(device) as train:
         for _ in range(job["warmup_steps"] + 1):
-            system.train_step(*batch(step))
+            system.train_step(batch(step))
             step += 1
     timed = []
     for _ in range(job["timed_steps"]):
-        ids, labels = batch(step)
-        timed.append(_timed(lambda: system.train_step(ids, labels), device))
+        prepared = batch(step)
+        timed.append(_timed(lambda: system.train_step(prepared), device))
         step += 1
     result["train"] = {**train.as_dict(), "step_times": [t for t, _ in timed], "step_cpu_times": [c for _, c in timed]}
 
     comm = CommCounter(env.world_size)
     tracker = LiveTensorBytes(device.type) if device.type == "cpu" and system.counts_tensors else None
-    ids, labels = batch(step)
+    prepared = batch(step)
     dist.barrier()
     with comm, (tracker if tracker is not None else contextlib.nullcontext()):
-        system.train_step(ids, labels)
+        system.train_step(prepared)
     step += 1
     result["instrumented_step"] = {"comm": comm.as_dict()}
     if tracker is not None:
         result["instrumented_step"].update(tensor_start=tracker.start, tensor_peak=tracker.peak)
 
-    ids, labels = batch(step)
-    system.forward(ids, labels)  # warm-up
-    timed = [_timed(lambda: system.forward(ids, labels), device) for _ in range(job["forward_reps"])]
+    prepared = batch(step)
+    system.forward(prepared)  # warm-up
+    timed = [_timed(lambda: system.forward(prepared), device) for _ in range(job["forward_reps"])]
     result["forward"] = {"times": [t for t, _ in timed], "cpu_times": [c for _, c in timed]}
     if job.get("profile"):  # one more step under the profiler, after everything timed
-        ids, labels = batch(step)
-        result["profile"] = _profile(lambda: system.train_step(ids, labels), device)
+        prepared = batch(step)
+        result["profile"] = _profile(lambda: system.train_step(prepared), device)
         step += 1
 
     if job.get("export_dir") and system.can_export:

@@ -157,7 +157,8 @@ class ShardedAdamW:
         dist.all_reduce(squares, group=self.group)
         norm = squares.sqrt()
         if max_grad_norm > 0:  # clip_grad_norm_'s coefficient, on the device: the update is queued without waiting
-            self._grad.mul_((max_grad_norm / (norm + 1e-6)).clamp(max=1.0))  # for the norm (times 1: unchanged)
+            # for the norm; rounded to the gradient's dtype first, as a Python float was (times 1: unchanged)
+            self._grad.mul_((max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(self._grad.dtype))
         self.shard.grad = self._grad
         for group in self.optimizer.param_groups:
             group["lr"] = lr
