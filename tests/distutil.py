@@ -131,8 +131,14 @@ def alias_bomb() -> str:
 
 
 def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
-    """Two PEFT adapter dirs hold the same LoRA tensors within ``atol``, with a margin (the largest difference
-    at most half of it), and they are trained (B moved off zero): not two untrained adapters."""
+    """Two PEFT adapter dirs hold the same LoRA tensors: every element within ``atol``, with a margin (each
+    tensor's root-mean-square difference at most a tenth of it), and they are trained (B moved off zero): not two
+    untrained adapters.
+
+    The margin is on the typical element, not the largest: a gradient element that cancels to near zero takes its
+    size, even its sign, from the summation order, and Adam's normalization turns that into a visible move of that
+    element alone (a lone lora_A element 0.64x ``atol`` off on an AMD EPYC host, every other within 0.01x). A defect
+    (a missed sync, another batch) moves whole tensors by about lr per step."""
     import torch
     from safetensors.torch import load_file
 
@@ -140,22 +146,24 @@ def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
     assert set(ta) == set(tb) and ta
     for key in ta:
         torch.testing.assert_close(tb[key], ta[key], atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
-    worst = max(float((tb[k].double() - ta[k].double()).abs().max()) for k in ta)
-    assert worst <= atol / 2, f"max |diff| {worst:.3g} is within 2x of the tolerance {atol:.3g}: too close to call"
+    rms = {k: float((tb[k].double() - ta[k].double()).square().mean().sqrt()) for k in ta}
+    worst = max(rms, key=rms.get)
+    assert rms[worst] <= atol / 10, (f"{worst}: root-mean-square diff {rms[worst]:.3g} is within 10x of the tolerance "
+                                     f"{atol:.3g}: too close to call")
     assert max(float(t.abs().max()) for k, t in ta.items() if "lora_B" in k) > 1e-4
 
 
 def assert_same_losses(got: list[float], want: list[float], atol: float = 1e-5) -> None:
-    """Two runs logged the same losses (fp32 sums in another order: ``atol``), with the 2x margin of
-    :func:`assert_same_adapter`."""
+    """Two runs logged the same losses (fp32 sums in another order: ``atol``), the largest difference at most half
+    of it (a margin)."""
     assert len(got) == len(want) and want
     worst = max(abs(a - b) for a, b in zip(got, want))
     assert worst <= atol / 2, f"losses {got} vs {want}: max |diff| {worst:.3g} against a tolerance of {atol:.3g}"
 
 
 def assert_same_grad_norms(got: Path, want: Path, rtol: float = 1e-4) -> None:
-    """Two runs' output dirs logged the same gradient norm at every step (relative ``rtol``, with the 2x margin of
-    :func:`assert_same_adapter`). The one check that sees a gradient off by a constant factor (a sum for a mean, a
+    """Two runs' output dirs logged the same gradient norm at every step (relative ``rtol``, the largest difference at
+    most half of it). The one check that sees a gradient off by a constant factor (a sum for a mean, a
     world size divided twice): the loss is computed before the gradient, and Adam's update hardly moves with its
     scale."""
     a, b = logged(got, "grad_norm"), logged(want, "grad_norm")
@@ -176,7 +184,7 @@ def adapter_atol(lr: float, steps: int) -> float:
     """The bound two runs' adapters must meet when their ranks (or kernels) sum gradients in another order: Adam
     normalizes each update by the gradient's own size, so a rounding difference in a tiny gradient moves an
     element by a visible fraction of lr; every element moves at most ~lr per step, lr x steps in all, and a real
-    defect (a missed sync, a wrong scale) shows at that size. 1/300 of it, met with the 2x margin of
+    defect (a missed sync, a wrong scale) shows at that size. 1/300 of it, met with the margin of
     :func:`assert_same_adapter`, holds on every machine."""
     return lr * steps / 300
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.dist
 STEPS = 3
 LR = 5e-3
 #: Ranks sum gradients in another order than one process (and another order on another CPU): 5e-5
-#: (distutil.adapter_atol says why), met with a 2x margin.
+#: (distutil.adapter_atol says why), met with distutil.assert_same_adapter's margin.
 ADAPTER_ATOL = adapter_atol(LR, STEPS)
 
 
