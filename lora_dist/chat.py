@@ -415,8 +415,8 @@ def _check_context_kept(tokenizer, template: str, messages: list[dict], tools: l
 
 
 def _check_text_kept(messages: list[dict], learned: list[tuple[int, int, int]], full: str) -> None:
-    """Refuse a conversation whose learned turn lacks text of its message: its answer (a template that renders only
-    a list of content parts drops a string: SmolVLM, Idefics3), the name of a tool it calls (DeepSeek-R1 distills'
+    """Refuse a conversation whose learned turn lacks text of its message: its answer (a template that renders an
+    assistant's text only from content parts drops a string), the name of a tool it calls (DeepSeek-R1 distills'
     template drops the calls of a message with content), or, in the conversation's last assistant message, the
     reasoning before ``</think>`` (the distills' template drops it from every turn). It would be trained without
     it, silently. Earlier turns' reasoning may be dropped by design (Qwen3's history)."""
@@ -500,6 +500,35 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list
 
 
 def _render(tokenizer, template: str, messages: list[dict], tools: list | None, generation_prompt: bool) -> str:
+    if _renders_parts_only(tokenizer, template):  # each text as the one part of its content (SmolVLM, LLaVA-NeXT)
+        messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str)
+                    else m for m in messages]
+    return _render_as_given(tokenizer, template, messages, tools, generation_prompt)
+
+
+#: template -> whether it renders a text only from content parts (a property of the template, asked once)
+_PARTS_ONLY: dict[str, bool] = {}
+
+
+def _renders_parts_only(tokenizer, template: str) -> bool:
+    """Whether the template renders a message's text only from a list of content parts (``[{"type": "text",
+    "text": ...}]``, a vision-language model's: SmolVLM's and Idefics3's print nothing of a string)."""
+    if template not in _PARTS_ONLY:
+        try:
+            text = _render_as_given(tokenizer, template, [{"role": "user", "content": PROBE[1]}], None, False)
+        except ChatError:  # LLaVA-NeXT's indexes the content's first part
+            text = ""
+        try:
+            parts = [{"role": "user", "content": [{"type": "text", "text": PROBE[1]}]}]
+            _PARTS_ONLY[template] = PROBE[1] not in text and PROBE[1] in _render_as_given(tokenizer, template, parts,
+                                                                                         None, False)
+        except ChatError:
+            _PARTS_ONLY[template] = False
+    return _PARTS_ONLY[template]
+
+
+def _render_as_given(tokenizer, template: str, messages: list[dict], tools: list | None,
+                     generation_prompt: bool) -> str:
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
                                              add_generation_prompt=generation_prompt)

@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 #: JSON Lines too; a conversation opening with an assistant turn learns it from after its header.
 #: 4: DeepSeek-R1 distills' turns are learned (after <｜Assistant｜>); a turn whose text its template drops is
 #: refused.
-#: 5: a conversation whose system or user message its template drops (Mistral v0.3's system message) is refused.
+#: 5: a conversation whose system or user message its template drops (Mistral v0.3's system message) is refused;
+#: a template that renders text only from content parts (SmolVLM, Idefics3, LLaVA-NeXT) is handed parts.
 FORMAT = 5
 #: Chunks in flight per tokenization worker.
 IN_FLIGHT = 2

@@ -231,20 +231,18 @@ def test_deepseek_r1_distills_learn_each_answer_after_the_assistant_token():
 
 @pytest.mark.parametrize("loss_on", LOSS_ON)
 def test_a_template_that_drops_a_learned_turns_text_is_refused(loss_on):
-    """The distills' shipped template drops everything before ``</think>`` from every turn, the last one too, and
-    SmolVLM's renders only a list of content parts: such a turn would be trained without its reasoning or its
-    text, silently (before: SmolVLM learned ``<end_of_utterance>`` alone). Earlier turns' reasoning may be dropped by
-    design (Qwen3's history, test_qwen3_multi_turn_learns_each_turn_as_the_conversation_renders_it)."""
+    """The distills' shipped template drops everything before ``</think>`` from every turn, the last one too, and a
+    template may render an assistant's text only from content parts: such a turn would be trained without its
+    reasoning or its text, silently. Earlier turns' reasoning may be dropped by design (Qwen3's history,
+    test_qwen3_multi_turn_learns_each_turn_as_the_conversation_renders_it)."""
     with pytest.raises(ChatError, match=r"leaves the reasoning \(before </think>\) of messages\[4\] \('There were "
                                         r"seven\.'\) out of the assistant turn it renders, .*deepseek_r1_distill_"
                                         r"training\.jinja"):
         chat_document(deepseek_tokenizer(), trl_template("deepseek_r1_distill"), R1_TURNS, loss_on=loss_on)
     tok = style_tokenizer("qwen2")
     tok.add_special_tokens({"additional_special_tokens": ["<end_of_utterance>"]})
-    # SmolVLM's drops every string content: the user's first (test_a_template_that_drops_a_system_or_user_...)
-    with pytest.raises(ChatError, match=r"leaves the user message messages\[0\] \('Which animal"):
-        chat_document(tok, trl_template("smolvlm"), TURNS, loss_on=loss_on)
-    # one that drops only the assistant's string content, as SmolVLM's does
+    # one that drops the assistant's string content, as SmolVLM's drops every string (lora_dist hands SmolVLM's the
+    # text as a part: test_smolvlm_and_idefics3_learn_text_given_as_a_string)
     assistant_parts = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] != 'assistant' %}"
                        "{{ m['content'] }}{% elif m['content'] is not string %}{{ m['content'][0]['text'] }}{% endif %}"
                        "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
@@ -253,6 +251,25 @@ def test_a_template_that_drops_a_learned_turns_text_is_refused(loss_on):
     with pytest.raises(ChatError, match=rf"leaves the text of messages\[{first}\] \('{TURNS[first]['content'].strip()[:10]}.*\) "
                                         r"out of the assistant turn it renders"):
         chat_document(tok, assistant_parts, TURNS, loss_on=loss_on)
+
+
+@pytest.mark.parametrize("name", ["smolvlm", "idefics3"])
+def test_smolvlm_and_idefics3_learn_text_given_as_a_string(name):
+    """SmolVLM's and Idefics3's templates render a message's text only from a list of content parts: a string
+    content printed nothing (before: refused; earlier still, each turn learned ``<end_of_utterance>`` alone). Each
+    string is handed to them as one text part; the spans are those TRL's ``*_training`` variant marks
+    (test_masks_agree_with_trl_generation_markers_on_its_shipped_templates) and those of the same conversation
+    given as parts."""
+    tok = style_tokenizer("qwen2")
+    tok.add_special_tokens({"additional_special_tokens": ["<end_of_utterance>"]})
+    ids, labels = chat_document(tok, trl_template(name), check_messages([SYSTEM, *TURNS]))
+    assert [tok.decode(run) for run in spans(ids, labels)] == [" " + m["content"] + "<end_of_utterance>"
+                                                               for m in TURNS[1::2]]
+    assert "System: You answer in one sentence.<end_of_utterance>\nUser: Which animal" in tok.decode(ids)
+    parts = as_parts([SYSTEM, *TURNS])
+    assert chat_document(tok, trl_template(name), check_messages(parts)) == (ids, labels)
+    qwen = style_tokenizer("qwen2")  # a template that renders strings is handed strings
+    assert chat_document(qwen, QWEN2, check_messages(parts)) == chat_document(qwen, QWEN2, [SYSTEM, *TURNS])
 
 
 def test_deepseek_v3s_call_after_a_tool_result_is_refused_not_learned_empty():
@@ -361,15 +378,27 @@ ORACLE_CONVERSATIONS = {
 ORACLE_REFUSED = {
     ("deepseekv3_training", "reasoning"): "leaves the reasoning", ("deepseekv3_training", "reasoning_turns"):
     "leaves the reasoning",
-    **{(t, c): "leaves the (user|system) message" for t in ("idefics3_training", "smolvlm_training")
-       for c in ("plain", "turns", "reasoning", "reasoning_turns")},
-    **{(t, c): "leaves the tool call" for t in ("deepseek_r1_distill_training", "lfm2_training", "llama3_training",
-                                                "phi3_5_training", "phi3_training", "qwen2_5_vl_training")
+    **{(t, c): "leaves the tool call" for t in ("deepseek_r1_distill_training", "idefics3_training", "lfm2_training",
+                                                "llama3_training", "phi3_5_training", "phi3_training",
+                                                "qwen2_5_vl_training", "smolvlm_training")
        for c in ("tools", "agent")},
 }
 #: Where the spans differ by design: DiffusionGemma's prompt after a tool result has no model header, but the whole
 #: writes one, so the turn learns it (as a model prompted that way must write it); TRL's markers leave it out.
 ORACLE_DIFFERENT = {("diffusion_gemma_training", "tools"), ("diffusion_gemma_training", "agent")}
+
+
+def as_parts(messages: list[dict]) -> list[dict]:
+    """Each string content as one text part (OpenAI's form, a vision-language template's)."""
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+            for m in messages]
+
+
+def _render_or_fail(tok, template: str, messages: list[dict]) -> str:
+    try:
+        return tok.apply_chat_template(messages, chat_template=template, tokenize=False)
+    except Exception:
+        return ""
 
 
 @pytest.mark.parametrize("name", _trl_training_templates())
@@ -387,9 +416,14 @@ def test_masks_agree_with_trl_generation_markers_on_its_shipped_templates(name):
     tok = style_tokenizer("qwen2")
     specials = set(re.findall(r"<\|[^|<>]{1,40}\|>|<｜[^｜]{1,40}｜>|<\|[a-z_]{1,30}>|<[a-z_]{1,20}\|>", template))
     tok.add_special_tokens({"additional_special_tokens": sorted(specials)})
+    # Vision-language templates (SmolVLM, Idefics3, LLaVA-NeXT) render a text only from content parts: transformers
+    # is given each text as one part, as lora_dist hands it to them.
+    parts_only = "Probe" not in _render_or_fail(tok, template, [{"role": "user", "content": "Probe"}]) and \
+        "Probe" in _render_or_fail(tok, template, as_parts([{"role": "user", "content": "Probe"}]))
     for conv, messages in ORACLE_CONVERSATIONS.items():
+        given = as_parts(messages) if parts_only else messages
         try:
-            enc = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+            enc = tok.apply_chat_template(given, chat_template=template, tokenize=True, return_dict=True,
                                           return_assistant_tokens_mask=True)
         except Exception:  # the template refuses the conversation (a system or tool role it does not take...)
             with pytest.raises(ChatError, match="the chat template fails on this conversation"):
@@ -411,7 +445,7 @@ def test_masks_agree_with_trl_generation_markers_on_its_shipped_templates(name):
         for i, got, want in zip(assistants, ours, theirs):
             want = want.rstrip()
             assert want.endswith(got), (conv, got, want)
-            prompt = tok.apply_chat_template(messages[:i], chat_template=template, tokenize=False,
+            prompt = tok.apply_chat_template(given[:i], chat_template=template, tokenize=False,
                                              add_generation_prompt=True)
             after = prompt[prompt.rfind(messages[i - 1]["content"]) + len(messages[i - 1]["content"]):]
             assert want[: len(want) - len(got)] in after, (conv, got, want)  # what the prompt writes after the last
