@@ -101,7 +101,8 @@ def pretrain(path: Path, steps: int, seed: int = 0) -> dict:
             "final_loss": sum(losses[-10:]) / 10, "params": sum(p.numel() for p in model.parameters())}
 
 
-def _config(model: Path, data: Path, eval_data: Path, out: Path, mode: str, steps: int, seed: int = 0):
+def _config(model: Path, data: Path, eval_data: Path, out: Path, mode: str, steps: int, seed: int = 0,
+            micro_batch: int = 8):
     from lora_dist.config import config_from_dict
 
     raw = {
@@ -109,7 +110,7 @@ def _config(model: Path, data: Path, eval_data: Path, out: Path, mode: str, step
         "data": {"path": str(data), "eval_path": str(eval_data)},
         "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
         "parallel": {"strategy": "ddp"},
-        "train": {"steps": steps, "micro_batch_size": 8, "lr": 2e-3, "warmup_steps": 10, "seq_len": 128,
+        "train": {"steps": steps, "micro_batch_size": micro_batch, "lr": 2e-3, "warmup_steps": 10, "seq_len": 128,
                   "eval_batches": 1, "log_every": 10, "seed": seed},
         "checkpoint": {"every": 0},
         "export": {"adapter": True, "merged": False},
@@ -119,21 +120,24 @@ def _config(model: Path, data: Path, eval_data: Path, out: Path, mode: str, step
     return config_from_dict(raw, MODES[mode])
 
 
-def run(work: Path, pretrain_steps: int, finetune_steps: int, seeds: int = 2, modes: list[str] | None = None) -> dict:
-    """The whole study under ``work``; returns the results (also printed as it goes)."""
+def run(work: Path, pretrain_steps: int, finetune_steps: int, seeds: int = 2, modes: list[str] | None = None,
+        micro_batch: int = 8) -> dict:
+    """The whole study under ``work``, fine-tuning on ``micro_batch`` blocks of 128 tokens a step; returns the
+    results (also printed as it goes)."""
     import torch.distributed as dist
 
     from lora_dist.launch import destroy_distributed
 
     owned = not dist.is_initialized()  # train() and evaluate_run() leave their one-process group to the caller
     try:
-        return _study(work, pretrain_steps, finetune_steps, seeds, modes)
+        return _study(work, pretrain_steps, finetune_steps, seeds, modes, micro_batch)
     finally:
         if owned:
             destroy_distributed()
 
 
-def _study(work: Path, pretrain_steps: int, finetune_steps: int, seeds: int, modes: list[str] | None) -> dict:
+def _study(work: Path, pretrain_steps: int, finetune_steps: int, seeds: int, modes: list[str] | None,
+           micro_batch: int) -> dict:
     import torch
 
     from lora_dist.evaluation import evaluate_run
@@ -158,13 +162,13 @@ def _study(work: Path, pretrain_steps: int, finetune_steps: int, seeds: int, mod
     rows = {}
     for mode in modes or list(MODES):
         out = work / "runs" / mode
-        cfg = _config(model, task, pre_eval, out, mode, finetune_steps)
+        cfg = _config(model, task, pre_eval, out, mode, finetune_steps, micro_batch=micro_batch)
         base_pre = evaluate_run(cfg, base_only=True).loss
-        cfg = _config(model, task, task_eval, out, mode, finetune_steps)
+        cfg = _config(model, task, task_eval, out, mode, finetune_steps, micro_batch=micro_batch)
         base_task = evaluate_run(cfg, base_only=True).loss
         tuned, first, final = [], [], []
         for seed in range(seeds):
-            cfg = _config(model, task, task_eval, out, mode, finetune_steps, seed)
+            cfg = _config(model, task, task_eval, out, mode, finetune_steps, seed, micro_batch)
             result = train(cfg)
             tuned.append(evaluate_run(cfg).loss)
             first.append(result.first_loss)
@@ -179,7 +183,7 @@ def _study(work: Path, pretrain_steps: int, finetune_steps: int, seeds: int, mod
         for row in rows.values():
             row["base_pretrain_delta"] = row["base_pretrain_eval_loss"] - reference["base_pretrain_eval_loss"]
             row["tuned_task_delta"] = row["tuned_task_eval_loss"] - reference["tuned_task_eval_loss"]
-    return {"pretrain": pre, "finetune_steps": finetune_steps, "shape": SHAPE, "modes": rows,
+    return {"pretrain": pre, "finetune_steps": finetune_steps, "micro_batch": micro_batch, "shape": SHAPE, "modes": rows,
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpu": platform.processor() or platform.machine()}}
 
