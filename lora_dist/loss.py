@@ -83,7 +83,7 @@ def n_targets(labels: torch.Tensor) -> int:
 def loss_rows(labels: torch.Tensor) -> torch.Tensor:
     """The positions of ``labels.flatten()`` whose next-token target carries a loss (the rows of the flattened
     hidden states that go through the head). Found where ``labels`` are: on the host copy of a batch's labels
-    (:meth:`lora_dist.data.PackedDataset.inputs` does), so the forward never waits for the GPU to learn them."""
+    (:func:`lora_dist.data.batch_inputs` does), so the forward never waits for the GPU to learn them."""
     return (F.pad(labels[:, 1:], (0, 1), value=IGNORE).flatten() != IGNORE).nonzero().squeeze(1)
 
 

@@ -183,9 +183,9 @@ def _study(work: Path, pretrain_steps: int, finetune_steps: int, seeds: int, mod
         for row in rows.values():
             row["base_pretrain_delta"] = row["base_pretrain_eval_loss"] - reference["base_pretrain_eval_loss"]
             row["tuned_task_delta"] = row["tuned_task_eval_loss"] - reference["tuned_task_eval_loss"]
-    return {"pretrain": pre, "finetune_steps": finetune_steps, "micro_batch": micro_batch, "shape": SHAPE, "modes": rows,
-            "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                        "cpu": platform.processor() or platform.machine()}}
+    return {"pretrain": pre, "finetune_steps": finetune_steps, "micro_batch": micro_batch, "shape": SHAPE,
+            "modes": rows, "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                       "cpu": platform.processor() or platform.machine()}}
 
 
 def report(result: dict) -> str:
