@@ -269,9 +269,10 @@ def test_a_tied_embedding_is_quantized_only_where_every_holder_computes_with_nf4
 # ----------------------------------------------------------------------------- memory: measured and planned
 
 
-def _measure(path: str, strategy: str, world: int, overrides: list[str]):
-    """``(plan, base bytes at rest, peak live tensor bytes of a step)`` of load_model + the engine, in a fresh
-    process; ``world > 1`` is a fake process group (collectives are no-ops; the buffers are real)."""
+def _measure(path: str, strategy: str, world: int, overrides: list[str], step: bool = True):
+    """``(plan, base bytes at rest, peak live tensor bytes of a step)`` of load_model + the engine (no step and a
+    peak of None with ``step=False``); ``world > 1`` is a fake process group (collectives are no-ops; the buffers
+    are real)."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -297,20 +298,27 @@ def _measure(path: str, strategy: str, world: int, overrides: list[str]):
                 local = p.to_local() if hasattr(p, "to_local") else p
                 size = _inner_bytes(local) if is_quantized(p) else local.numel() * local.element_size()
                 at_rest["blocks" if name.split(".")[-2] in QUANTIZED else "other"] += size
-        optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
-        engine = make_engine(model, optimizer, cfg.parallel, cfg.train, torch.device("cpu"))
-        ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
-
-        peak = step_peak(engine, ids)
+        peak = None
+        if step:
+            optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3)
+            engine = make_engine(model, optimizer, cfg.parallel, cfg.train, torch.device("cpu"))
+            ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+            peak = step_peak(engine, ids)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return plan_memory(cfg, world), at_rest, peak
 
 
+def _measure_nf4_and_bf16(path: str, strategy: str, world: int, nf4: list[str], bf16: list[str]):
+    """The NF4 base's :func:`_measure`, then the bf16 base's at rest (only its bytes are compared), one after the
+    other in one fresh process: the NF4 model and its step are gone before the bf16 one loads."""
+    return _measure(path, strategy, world, nf4), _measure(path, strategy, world, bf16, step=False)
+
+
 def _measured(*args):
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_measure, args)
+        return pool.apply(_measure_nf4_and_bf16, args)
 
 
 @pytest.mark.slow  # two model loads and steps per case, in fresh processes
@@ -334,9 +342,9 @@ def test_nf4_base_bytes_and_the_planner_against_measured(tiny_checkpoint, strate
     of a step."""
     path = str(tiny_checkpoint("llama", hidden=hidden, layers=4, vocab=vocab))
     nf4_extra = ["model.quantize_embeddings=true"] if embeddings else []
-    nf4_plan, nf4_rest, nf4_peak = _measured(path, strategy, world, ["model.dtype=bfloat16", "model.quantize=nf4",
-                                                                     *extra, *nf4_extra])
-    bf16_plan, bf16_rest, _ = _measured(path, strategy, world, ["model.dtype=bfloat16", *extra])
+    (nf4_plan, nf4_rest, nf4_peak), (bf16_plan, bf16_rest, _) = _measured(
+        path, strategy, world, ["model.dtype=bfloat16", "model.quantize=nf4", *extra, *nf4_extra],
+        ["model.dtype=bfloat16", *extra])
     assert nf4_plan.base_shard == sum(nf4_rest.values()) and bf16_plan.base_shard == sum(bf16_rest.values())
     if embeddings:  # the embedding and head at 0.28x; the norms stay bf16
         assert sum(nf4_rest.values()) < 0.3 * sum(bf16_rest.values())

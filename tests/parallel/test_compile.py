@@ -4,6 +4,7 @@ that takes them, keep every name, and are refused in one line where the compiler
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from distutil import (
@@ -21,15 +22,26 @@ from distutil import (
 from safetensors.torch import load_file
 
 from lora_dist.config import ConfigError, load_config
-from lora_dist.demo import write_demo_data
+from lora_dist.demo import demo_texts
 
 STEPS = 3
 LR = 5e-3
 ADAPTER_ATOL = adapter_atol(LR, STEPS)
 
 
+def write_long_documents(path: Path, n: int) -> Path:
+    """``n`` documents of 12 demo texts each (about 360 tokens): nearly every 32-token block is full, so every
+    micro-batch has the same shape. A run on them compiles its blocks once, with static shapes, and a run of the
+    same block shapes after it (another strategy, the same micro-batch) finds its graphs in inductor's cache: on
+    CPU, compiling the generated C++ is most of a compiled run's time."""
+    texts = demo_texts(12 * n, seed=0)
+    path.write_text("".join(json.dumps({"text": " ".join(texts[i:i + 12])}) + "\n" for i in range(0, 12 * n, 12)))
+    return path
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_checkpoint, tmp_path_factory):
+    """Short documents: the micro-batches change length (each batch's padding is trimmed)."""
     return short_run_setup(tiny_checkpoint("llama", hidden=64, layers=2), tmp_path_factory.mktemp("compile"), STEPS, LR)
 
 
@@ -39,27 +51,44 @@ def reference(setup):
     return train_run(setup["root"] / "ref", 1, *setup["common"], "parallel.strategy=none", "train.micro_batch_size=4")
 
 
+@pytest.fixture(scope="module")
+def full(setup):
+    """The same model on long documents (every micro-batch 32 tokens), and its eager one-process run."""
+    data = write_long_documents(setup["root"] / "long.jsonl", n=100)
+    common = short_run_args(setup["base"], data, STEPS, LR)
+    return common, train_run(setup["root"] / "full-ref", 1, *common, "parallel.strategy=none",
+                             "train.micro_batch_size=4")
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("strategy,nproc,variant", [
-    ("none", 1, ""),
-    ("fsdp2", 2, ""),
-    ("ddp", 2, "parallel.activation_checkpointing=true"),  # the checkpoint reruns the compiled block
-    ("zero2", 2, ""),
-])
-def test_compiled_blocks_train_to_the_eager_one_process_result(setup, reference, strategy, nproc, variant):
-    """The micro-batches change length (the data's padding is trimmed per batch), so this covers the recompile for
-    dynamic shapes too; the first block (an input without grad) and the others compile apart."""
-    out = train_run(setup["root"] / f"{strategy}-{nproc}", nproc, *setup["common"], f"parallel.strategy={strategy}",
-                    f"train.micro_batch_size={4 // nproc}", "parallel.compile=true", *variant.split())
+def test_compiled_blocks_recompile_for_new_lengths_and_train_to_the_eager_result(setup, reference):
+    """The micro-batches change length, so the blocks compile for the first one's shape, then again for dynamic
+    shapes; the first block (an input without grad) and the others compile apart."""
+    out = train_run(setup["root"] / "none-1", 1, *setup["common"], "parallel.strategy=none",
+                    "train.micro_batch_size=4", "parallel.compile=true")
     assert_same_run(out, reference, ADAPTER_ATOL)
 
 
 @pytest.mark.dist
-def test_compiled_blocks_apply_lora_dropout(setup, reference):
+@pytest.mark.parametrize("strategy,variant", [
+    ("fsdp2", ""),
+    ("zero2", ""),  # the same block graphs as fsdp2's (its hooks stay outside them): compiled once, for both
+    ("ddp", "parallel.activation_checkpointing=true"),  # the checkpoint reruns the compiled block
+])
+def test_compiled_blocks_on_two_ranks_train_to_the_eager_one_process_result(setup, full, strategy, variant):
+    common, reference = full
+    out = train_run(setup["root"] / strategy, 2, *common, f"parallel.strategy={strategy}",
+                    "train.micro_batch_size=2", "parallel.compile=true", *variant.split())
+    assert_same_run(out, reference, ADAPTER_ATOL)
+
+
+@pytest.mark.dist
+def test_compiled_blocks_apply_lora_dropout(setup, full):
     """lora.dropout > 0 compiles too (the compiled kernels draw the masks): the first step equals the eager
     dropout-free run's (B = 0, so the adapted path adds nothing yet), the later ones differ (dropout acts), and the
     adapter trains."""
-    out = train_run(setup["root"] / "dropout", 1, *setup["common"], "parallel.strategy=none",
+    common, reference = full
+    out = train_run(setup["root"] / "dropout", 1, *common, "parallel.strategy=none",
                     "train.micro_batch_size=4", "parallel.compile=true", "lora.dropout=0.3")
     got, want = logged(out), logged(reference)
     assert len(got) == STEPS and got[0] == pytest.approx(want[0], abs=1e-6)
@@ -76,10 +105,11 @@ def test_compiled_blocks_keep_every_name_and_run_compiled(setup, tiny_checkpoint
     no-grad forward - without a graph break or falling back to eager at torch's recompile limit, and with no KV
     cache (a training forward never reads one; compiled, it would compile again for every layer)
     (tests/dist_scripts/compiled_blocks.py, in its own process). Also with every 2nd of 4 blocks checkpointed: the
-    checkpointed and the plain blocks compile apart (3 block variants instead of 2)."""
+    checkpointed and the plain blocks compile apart (3 block variants instead of 2), on packed batches of two
+    lengths (each shape costs a compile of every variant)."""
     out = tmp_path / "report.json"
-    extra = [f"model.path={tiny_checkpoint('llama', hidden=64, layers=4)}",
-             "parallel.activation_checkpointing=2"] if checkpointing else []
+    extra = [f"model.path={tiny_checkpoint('llama', hidden=64, layers=4)}", "parallel.activation_checkpointing=2",
+             "--packed-only"] if checkpointing else []
     ranks(1, "tests/dist_scripts/compiled_blocks.py", str(out), *setup["common"], *extra, timeout=240)
     report = json.loads(out.read_text())
     assert report["same_names"]
@@ -143,7 +173,7 @@ def test_compiled_moe_blocks_train_to_the_eager_result(tiny_checkpoint, tmp_path
     order moves one or two elements in 10,000 by ~5e-5 (measured), while the losses agree to every printed digit.
     A real defect (LoRA missing from the compiled graph, a wrong expert) moves every element by up to lr x steps."""
     base = tiny_checkpoint(arch)
-    data = write_demo_data(tmp_path / "data.jsonl", n=100)
+    data = write_long_documents(tmp_path / "data.jsonl", n=50)  # one shape: the blocks compile once
     common = short_run_args(base, data, STEPS, LR, "[q_proj,v_proj]",
                             "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]",
                             "parallel.strategy=none", "train.micro_batch_size=4")
