@@ -112,6 +112,15 @@ class ChatError(ValueError):
     """A record, conversation or template that cannot be used (the caller adds the file and line)."""
 
 
+class _TemplateFails(ChatError):
+    """The chat template raised on a render; ``reason`` is what it said."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"the chat template fails on this conversation ({reason}); fix the record or choose "
+                         "another template (data.chat_template)")
+
+
 @dataclass
 class Record:
     """One record of a data file: its format (``text``, ``completion``, ``alpaca``, ``messages``), fields, line."""
@@ -462,9 +471,9 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list
         context, following = messages[:i], messages[i + 1] if i + 1 < len(messages) else None
         try:
             prompt = _render(tokenizer, template, context, tools, generation_prompt=True)
-        except ChatError:
-            if i:
-                raise
+        except _TemplateFails as e:
+            if i:  # the whole renders: its start does not (Qwen3.5 fails on a conversation with no user message)
+                raise _Unbounded(_fails_on_start(i, e)) from None
             prompt = None  # the conversation opens with this turn, and transformers renders no empty one
         if prompt is not None and full.startswith(prompt):
             start = len(prompt)
@@ -480,15 +489,20 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list
                 silent = not _after_probe(tokenizer, template, context, None, tools).strip()
             except ChatError:
                 silent = False
-        through = _render(tokenizer, template, messages[: i + 1], tools, generation_prompt=False)
-        if full.startswith(through):
+        try:
+            through = _render(tokenizer, template, messages[: i + 1], tools, generation_prompt=False)
+        except _TemplateFails as e:  # the whole renders, its start does not: the end-of-turn token may tell the end
+            through, failed = None, e
+        if through is not None and full.startswith(through):
             end = max(start, len(through.rstrip()))
             if silent and following is not None:  # GLM: the model stops by writing the next message's role token
                 end += len(_leading(special, full[end:]))
         else:  # the turn renders differently once others follow it (Qwen3 drops its reasoning)
             end = _end_of_turn(tokenizer, template, messages, i, tools, full, start, special)
-            if end is None:  # no end-of-turn token to find (gpt-oss's tool call, which ends with <|call|>)
+            if end is None and through is not None:  # no end-of-turn token (gpt-oss's tool call ends with <|call|>)
                 end = _end_by_tail(tokenizer, template, messages, i, tools, full, through, start, special)
+            if end is None and through is None:
+                raise _Unbounded(_fails_on_start(i + 1, failed))
             if end is None:
                 raise _Unbounded(_not_a_prefix(i + 1, through, full, "no end-of-turn token ends the turn there"))
         if end > start:
@@ -533,8 +547,7 @@ def _render_as_given(tokenizer, template: str, messages: list[dict], tools: list
         text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
                                              add_generation_prompt=generation_prompt)
     except Exception as e:  # jinja2's TemplateError (raise_exception), UndefinedError, TypeError...
-        raise ChatError(f"the chat template fails on this conversation ({clip(' '.join(str(e).split()), 200)}); "
-                        "fix the record or choose another template (data.chat_template)") from None
+        raise _TemplateFails(clip(" ".join(str(e).split()), 200)) from None
     if not isinstance(text, str):
         raise ChatError(f"the chat template rendered {type(text).__name__}, not text")
     return text
@@ -595,7 +608,7 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
         upper = _content_at_most(tokenizer, template, messages, i, tools, full)
     except ChatError:
         return None
-    header = prompt[len(bare):] if prompt.startswith(bare) else ""
+    header = _generation_header(prompt, bare, _special_tokens(tokenizer))
     if lower is None:
         return None
     if i:  # past the previous content's second half where it is written as it is: a header inside it (a user
@@ -624,6 +637,19 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
         if at >= 0:
             return at + len(h)
     return None
+
+
+def _generation_header(prompt: str, bare: str, special: list[str]) -> str:
+    """What a generation prompt adds to the render ``bare`` of the same messages: the tail of ``prompt`` past it,
+    or past what is left of it once the special tokens it ends with are taken off, one at a time (Phi-3 ends a
+    conversation with its EOS, which a generation prompt replaces with the assistant header). "" where neither
+    is a prefix of ``prompt``."""
+    while not prompt.startswith(bare):
+        token = next((t for t in special if bare.endswith(t)), "")
+        if not token:
+            return ""
+        bare = bare[: -len(token)]
+    return prompt[len(bare):]
 
 
 def _start_after_previous(tokenizer, messages: list[dict], i: int, full: str, prompt: str, lower: int, after: int,
@@ -745,6 +771,11 @@ def _diverge(a: str, b: str) -> int:
     while k < n and a[k:k + 4096] == b[k:k + 4096]:  # compared in C, a block at a time
         k += 4096
     return next((j for j in range(k, min(k + 4096, n)) if a[j] != b[j]), n)
+
+
+def _fails_on_start(k: int, e: _TemplateFails) -> str:
+    return (f"the chat template renders the whole conversation but fails on messages[:{k}] ({e.reason}), so the "
+            "turn's boundaries cannot be found")
 
 
 def _not_a_prefix(k: int, text: str, full: str, why: str) -> str:

@@ -372,10 +372,17 @@ ORACLE_CONVERSATIONS = {
               {"role": "assistant", "content": "There are 7 keys.", "thinking": "The tool said 7."},
               {"role": "user", "content": "And the boats?"},
               {"role": "assistant", "content": "Two boats.", "thinking": "Count the boats."}],
+    "assistant_first": [{"role": "assistant", "content": "Ahoy! Ask me about the harbour."},
+                        {"role": "user", "content": "Q one?"}, {"role": "assistant", "content": "A one."}],
 }
 #: Where lora_dist refuses what TRL's markers learn: the template drops text of a learned turn (the reasoning, a
-#: string content, the tool calls), which would be trained without it.
+#: string content, the tool calls), which would be trained without it; or a conversation opening with an assistant
+#: message gives no render to bound that turn by (Qwen3.5-3.8 fail on a conversation without a user message;
+#: LLaVA-NeXT writes no assistant header). Those train with data.loss_on=last_assistant (checked below).
 ORACLE_REFUSED = {
+    **{(t, "assistant_first"): r"fails on messages\[:1\] \(No user query found"
+       for t in ("qwen3_5_nothink_training", "qwen3_5_think_training", "qwen3_6_training", "qwen3_8_training")},
+    ("llava_next_training", "assistant_first"): "opens with an assistant message and no assistant header",
     ("deepseekv3_training", "reasoning"): "leaves the reasoning", ("deepseekv3_training", "reasoning_turns"):
     "leaves the reasoning",
     **{(t, c): "leaves the tool call" for t in ("deepseek_r1_distill_training", "idefics3_training", "lfm2_training",
@@ -432,6 +439,11 @@ def test_masks_agree_with_trl_generation_markers_on_its_shipped_templates(name):
         if (name, conv) in ORACLE_REFUSED:
             with pytest.raises(ChatError, match=ORACLE_REFUSED[name, conv]):
                 chat_document(tok, template, messages)
+            if conv == "assistant_first":  # the last turn alone is bounded: TRL's last span
+                ids, labels = chat_document(tok, template, messages, loss_on="last_assistant")
+                mask = [IGNORE if not m else i for i, m in zip(enc["input_ids"], enc["assistant_masks"])]
+                assert tok.decode(spans(enc["input_ids"], mask)[-1]).rstrip().endswith(
+                    tok.decode(spans(ids, labels)[-1])), name
             continue
         ids, labels = chat_document(tok, template, messages)
         ours = [tok.decode(run) for run in spans(ids, labels)]
@@ -445,11 +457,13 @@ def test_masks_agree_with_trl_generation_markers_on_its_shipped_templates(name):
         for i, got, want in zip(assistants, ours, theirs):
             want = want.rstrip()
             assert want.endswith(got), (conv, got, want)
-            prompt = tok.apply_chat_template(given[:i], chat_template=template, tokenize=False,
+            # what the prompt writes after the last message (for a conversation's first message: after a user's)
+            context = given[:i] or [{"role": "user", "content": "Probe"}]
+            prompt = tok.apply_chat_template(context, chat_template=template, tokenize=False,
                                              add_generation_prompt=True)
-            after = prompt[prompt.rfind(messages[i - 1]["content"]) + len(messages[i - 1]["content"]):]
-            assert want[: len(want) - len(got)] in after, (conv, got, want)  # what the prompt writes after the last
-            # message: the role header, a prefill
+            last = messages[i - 1]["content"] if i else "Probe"
+            after = prompt[prompt.rfind(last) + len(last):]
+            assert want[: len(want) - len(got)] in after, (conv, got, want)  # the role header, a prefill
 
 
 @pytest.mark.parametrize("name, header", [("deepseek_r1_distill_training", "<｜Assistant｜>"),
