@@ -120,6 +120,9 @@ class _TemplateFails(ChatError):
         super().__init__(f"the chat template fails on this conversation ({reason}); fix the record or choose "
                          "another template (data.chat_template)")
 
+    def __reduce__(self):
+        return type(self), (self.reason,)
+
 
 @dataclass
 class Record:
@@ -373,7 +376,7 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
         spans, learned, stop = _assistant_spans(tokenizer, template, messages, tools, full,
                                                 turns[-1:] if loss_on == "last_assistant" else turns)
     except _Unbounded as e:
-        fix = "set data.chat_template to a template that renders earlier turns the same way"
+        fix = e.fix
         if loss_on == "all_assistant":
             try:  # suggest the last turn alone only where it can be bounded
                 _assistant_spans(tokenizer, template, messages, tools, full, turns[-1:])
@@ -456,7 +459,13 @@ def _check_text_kept(messages: list[dict], learned: list[tuple[int, int, int]], 
 
 
 class _Unbounded(ChatError):
-    """An assistant turn whose boundaries cannot be found (the caller adds the fix)."""
+    """An assistant turn whose boundaries cannot be found (the caller adds the fix: ``fix``, or that a template
+    rendering earlier turns the same way would do)."""
+
+    def __init__(self, message: str, fix: str = "set data.chat_template to a template that renders earlier turns "
+                                                 "the same way"):
+        self.fix = fix
+        super().__init__(message)
 
 
 def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list | None, full: str,
@@ -473,7 +482,7 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list
             prompt = _render(tokenizer, template, context, tools, generation_prompt=True)
         except _TemplateFails as e:
             if i:  # the whole renders: its start does not (Qwen3.5 fails on a conversation with no user message)
-                raise _Unbounded(_fails_on_start(i, e)) from None
+                raise _fails_on_start(i, e) from None
             prompt = None  # the conversation opens with this turn, and transformers renders no empty one
         if prompt is not None and full.startswith(prompt):
             start = len(prompt)
@@ -502,7 +511,7 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list
             if end is None and through is not None:  # no end-of-turn token (gpt-oss's tool call ends with <|call|>)
                 end = _end_by_tail(tokenizer, template, messages, i, tools, full, through, start, special)
             if end is None and through is None:
-                raise _Unbounded(_fails_on_start(i + 1, failed))
+                raise _fails_on_start(i + 1, failed)
             if end is None:
                 raise _Unbounded(_not_a_prefix(i + 1, through, full, "no end-of-turn token ends the turn there"))
         if end > start:
@@ -773,9 +782,11 @@ def _diverge(a: str, b: str) -> int:
     return next((j for j in range(k, min(k + 4096, n)) if a[j] != b[j]), n)
 
 
-def _fails_on_start(k: int, e: _TemplateFails) -> str:
-    return (f"the chat template renders the whole conversation but fails on messages[:{k}] ({e.reason}), so the "
-            "turn's boundaries cannot be found")
+def _fails_on_start(k: int, e: _TemplateFails) -> _Unbounded:
+    return _Unbounded(f"the chat template renders the whole conversation but fails on messages[:{k}] ({e.reason}), "
+                      "so the turn's boundaries cannot be found",
+                      fix="fix the record (a user message before the first assistant one) or choose another "
+                          "template (data.chat_template)")
 
 
 def _not_a_prefix(k: int, text: str, full: str, why: str) -> str:

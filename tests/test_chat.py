@@ -5,6 +5,7 @@ property and against transformers' own ``{% generation %}`` mask; record formats
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -413,10 +414,11 @@ def test_masks_agree_with_trl_generation_markers_on_its_shipped_templates(name):
     """TRL ships 29 real templates with ``{% generation %}`` markers (Qwen2.5-3.6, Llama 3, Gemma 1-3, Phi-3,
     gpt-oss, DeepSeek-V3 and R1 distills, Nemotron 3, Cohere, LFM2, SmolVLM...); transformers turns them into
     assistant masks, an oracle lora_dist's own boundary search never reads. On plain, multi-turn, reasoning and
-    tool-calling conversations each learned span is TRL's, less what the generation prompt writes (the role
-    header, a prefill such as ``<think>\n``) and the whitespace after the end-of-turn token; a conversation the
-    template fails on is refused; and lora_dist refuses where the template drops a learned turn's text
-    (:data:`ORACLE_REFUSED`), which TRL's markers train without, silently."""
+    tool-calling conversations, and one opening with an assistant message, each learned span is TRL's, less what the
+    generation prompt writes (the role header, a prefill such as ``<think>\n``) and the whitespace after the
+    end-of-turn token; a conversation the template fails on is refused; and lora_dist refuses where the template
+    drops a learned turn's text (:data:`ORACLE_REFUSED`), which TRL's markers train without, silently, or where an
+    opening assistant turn cannot be bounded (then its last turn alone is TRL's last span)."""
     import re
 
     template = trl_template(name)
@@ -427,6 +429,22 @@ def test_masks_agree_with_trl_generation_markers_on_its_shipped_templates(name):
     # is given each text as one part, as lora_dist hands it to them.
     parts_only = "Probe" not in _render_or_fail(tok, template, [{"role": "user", "content": "Probe"}]) and \
         "Probe" in _render_or_fail(tok, template, as_parts([{"role": "user", "content": "Probe"}]))
+
+    def agree(conv, messages, given, ours, theirs, assistants):
+        assert len(ours) == len(theirs) == len(assistants), (conv, ours, theirs)
+        for i, got, want in zip(assistants, ours, theirs):
+            want = want.rstrip()
+            assert got.strip() and want.endswith(got), (conv, got, want)
+            # what the prompt writes after the last message (for a conversation's first message: after a user's)
+            probe = [{"role": "user", "content": "Probe"}]
+            context = given[:i] or (as_parts(probe) if parts_only else probe)
+            prompt = tok.apply_chat_template(context, chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+            last = messages[i - 1]["content"] if i else "Probe"
+            assert last in prompt, (conv, prompt)
+            after = prompt[prompt.rfind(last) + len(last):]
+            assert want[: len(want) - len(got)] in after, (conv, got, want)  # the role header, a prefill
+
     for conv, messages in ORACLE_CONVERSATIONS.items():
         given = as_parts(messages) if parts_only else messages
         try:
@@ -436,34 +454,24 @@ def test_masks_agree_with_trl_generation_markers_on_its_shipped_templates(name):
             with pytest.raises(ChatError, match="the chat template fails on this conversation"):
                 chat_document(tok, template, messages)
             continue
+        mask = [i if m else None for i, m in zip(enc["input_ids"], enc["assistant_masks"])]
+        theirs = [tok.decode(run) for run in spans(enc["input_ids"], [IGNORE if m is None else m for m in mask])]
+        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if (name, conv) in ORACLE_REFUSED:
-            with pytest.raises(ChatError, match=ORACLE_REFUSED[name, conv]):
+            with pytest.raises(ChatError, match=ORACLE_REFUSED[name, conv]) as refused:
                 chat_document(tok, template, messages)
-            if conv == "assistant_first":  # the last turn alone is bounded: TRL's last span
+            if conv == "assistant_first":  # the last turn alone is bounded, and the error says so
+                assert "use data.loss_on=last_assistant" in str(refused.value)
                 ids, labels = chat_document(tok, template, messages, loss_on="last_assistant")
-                mask = [IGNORE if not m else i for i, m in zip(enc["input_ids"], enc["assistant_masks"])]
-                assert tok.decode(spans(enc["input_ids"], mask)[-1]).rstrip().endswith(
-                    tok.decode(spans(ids, labels)[-1])), name
+                agree(conv, messages, given, [tok.decode(run) for run in spans(ids, labels)], theirs[-1:],
+                      assistants[-1:])
             continue
         ids, labels = chat_document(tok, template, messages)
         ours = [tok.decode(run) for run in spans(ids, labels)]
-        mask = [i if m else None for i, m in zip(enc["input_ids"], enc["assistant_masks"])]
-        theirs = [tok.decode(run) for run in spans(enc["input_ids"], [IGNORE if m is None else m for m in mask])]
         if (name, conv) in ORACLE_DIFFERENT:
             assert ours != theirs and len(ours) == len(theirs), (conv, ours, theirs)
             continue
-        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        assert len(ours) == len(theirs) == len(assistants), (conv, ours, theirs)
-        for i, got, want in zip(assistants, ours, theirs):
-            want = want.rstrip()
-            assert want.endswith(got), (conv, got, want)
-            # what the prompt writes after the last message (for a conversation's first message: after a user's)
-            context = given[:i] or [{"role": "user", "content": "Probe"}]
-            prompt = tok.apply_chat_template(context, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
-            last = messages[i - 1]["content"] if i else "Probe"
-            after = prompt[prompt.rfind(last) + len(last):]
-            assert want[: len(want) - len(got)] in after, (conv, got, want)  # the role header, a prefill
+        agree(conv, messages, given, ours, theirs, assistants)
 
 
 @pytest.mark.parametrize("name, header", [("deepseek_r1_distill_training", "<｜Assistant｜>"),
@@ -922,3 +930,37 @@ def test_chat_template_from_a_file(tmp_path):
     path = write(tmp_path / "d.jsonl", [{"messages": [SYSTEM] + TURNS}])
     ds = load_dataset(path, tok, seq_len=256, chat_template=str(tmp_path / "t.jinja"))
     assert tok.decode(ds.input_ids[0][: int(ds.lengths[0])]).startswith("<|im_start|>system\nYou answer")
+
+
+def test_a_turn_whose_own_render_fails_ends_at_the_end_of_turn_token_of_the_whole():
+    """A template that fails on a prefix of a conversation it renders whole (here: one ending with a tool call;
+    Qwen3.5 fails on any conversation without a user message): the turn ends at the end-of-turn token the probes
+    show, found in the whole; where the probes fail too, the error says which prefix failed and suggests the last
+    turn alone."""
+    template = ("{% if messages[-1]['role'] == 'assistant' and messages[-1].tool_calls %}{{ raise_exception("
+                "'A conversation cannot end with a tool call') }}{% endif %}{% for m in messages %}"
+                "{{ '<|im_start|>' + m['role'] + '\n' }}{% if m.tool_calls %}{% for c in m.tool_calls %}"
+                "{{ '<tool_call>' + c.function.name + '</tool_call>' }}{% endfor %}{% else %}{{ m['content'] }}"
+                "{% endif %}{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|im_start|>assistant\n' }}{% endif %}")
+    call = {"type": "function", "function": {"name": "count_keys", "arguments": {}}}
+    messages = [{"role": "user", "content": "Count the keys."},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "7 silver keys"}, {"role": "assistant", "content": "There are 7 keys."}]
+    tok = style_tokenizer("qwen2")
+    ids, labels = chat_document(tok, template, messages)
+    assert [tok.decode(run) for run in spans(ids, labels)] == ["<tool_call>count_keys</tool_call><|im_end|>",
+                                                               "There are 7 keys.<|im_end|>"]
+    opening = [{"role": "assistant", "content": "Ahoy!"}, *TURNS[2:]]
+    fails_alone = "{% if messages | selectattr('role', 'equalto', 'user') | list | length == 0 %}" \
+        "{{ raise_exception('No user query found in messages.') }}{% endif %}" + QWEN2
+    with pytest.raises(ChatError, match=r"renders the whole conversation but fails on messages\[:1\] \(No user query "
+                                        r"found in messages.\), so .*; use data.loss_on=last_assistant or fix the "
+                                        r"record \(a user message before the first assistant one\)"):
+        chat_document(tok, fails_alone, opening)
+    with pytest.raises(ChatError) as refused:  # what the template said survives pickling (a worker's error)
+        chat_document(tok, fails_alone, [{"role": "assistant", "content": "Ahoy!"}])
+    assert str(pickle.loads(pickle.dumps(refused.value))) == str(refused.value)
+    assert str(refused.value).count("No user query found") == 1
+    ids, labels = chat_document(tok, fails_alone, opening, loss_on="last_assistant")
+    assert [tok.decode(run) for run in spans(ids, labels)] == [TURNS[-1]["content"] + "<|im_end|>"]

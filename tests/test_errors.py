@@ -18,6 +18,8 @@ from lora_dist.errors import USER_ERRORS, UserError
 INTERNAL = {
     "lora_dist.chat.ChatError": "a record's problem; the token cache raises it as a DataError naming the record",
     "lora_dist.chat._Unbounded": "chat_document raises it as a ChatError with the fix that applies",
+    "lora_dist.chat._TemplateFails": "a ChatError saying what the template raised; chat_document raises it as one, "
+                                     "or as _Unbounded where only a part of the conversation fails",
     "lora_dist.safetensors_file.SafetensorsFormatError": "a file's header; verify reports it, layout raises ExportError",
     "lora_dist.export.verify.VerifyError": "a check that failed: lora-dist verify exits 1, not 2",
     "lora_dist.inputs._TooCostly": "read_yaml raises it as ConfigError",

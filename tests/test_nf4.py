@@ -321,7 +321,7 @@ def _measured(*args):
         return pool.apply(_measure_nf4_and_bf16, args)
 
 
-@pytest.mark.slow  # two model loads and steps per case, in fresh processes
+@pytest.mark.slow  # two model loads and a step per case, in a fresh process
 @pytest.mark.parametrize("strategy,world,extra,embeddings,vocab,hidden", [
     ("none", 1, [], False, 512, 256),
     ("fsdp2", 2, [], False, 512, 256),

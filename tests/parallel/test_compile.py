@@ -76,6 +76,8 @@ def test_compiled_blocks_recompile_for_new_lengths_and_train_to_the_eager_result
     ("ddp", "parallel.activation_checkpointing=true"),  # the checkpoint reruns the compiled block
 ])
 def test_compiled_blocks_on_two_ranks_train_to_the_eager_one_process_result(setup, full, strategy, variant):
+    """Every micro-batch has one shape here (the recompile for new lengths is the one-process test's and
+    compiled_blocks.py's): the blocks compile once, and fsdp2's graphs serve zero2 from inductor's cache."""
     common, reference = full
     out = train_run(setup["root"] / strategy, 2, *common, f"parallel.strategy={strategy}",
                     "train.micro_batch_size=2", "parallel.compile=true", *variant.split())
