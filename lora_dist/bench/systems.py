@@ -83,7 +83,7 @@ class System:
         return ids.to(self.device), labels.to(self.device)
 
     def train_step(self, batch: Any) -> None:
-        """One optimizer step on a :meth:`prepare`\ d micro-batch."""
+        """One optimizer step on a micro-batch from :meth:`prepare`."""
         raise NotImplementedError
 
     @torch.no_grad()
