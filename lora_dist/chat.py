@@ -480,14 +480,15 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list
         context, following = messages[:i], messages[i + 1] if i + 1 < len(messages) else None
         try:
             prompt = _render(tokenizer, template, context, tools, generation_prompt=True)
-        except _TemplateFails as e:
-            if i:  # the whole renders: its start does not (Qwen3.5 fails on a conversation with no user message)
-                raise _fails_on_start(i, e) from None
-            prompt = None  # the conversation opens with this turn, and transformers renders no empty one
+        except _TemplateFails as e:  # the conversation opens with this turn (transformers renders no empty one), or
+            # the template fails on its start (Qwen3.5: a conversation without a user message) though the whole renders
+            prompt, failed = None, e
         if prompt is not None and full.startswith(prompt):
             start = len(prompt)
         else:  # an earlier turn renders differently once this one follows (Qwen3 drops its reasoning)
             start = _start_of_turn(tokenizer, template, messages, i, tools, full, prompt, spans[-1][1] if spans else 0)
+            if start is None and prompt is None and i:
+                raise _fails_on_start(i, failed)
             if start is None and prompt is None:
                 raise _Unbounded("the conversation opens with an assistant message and no assistant header the "
                                  "chat template writes after a user message stands before it")
@@ -602,9 +603,9 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
     """Where assistant turn ``messages[i]`` starts in ``full`` when its prompt is not a prefix of it: right after
     the first assistant header (what ``add_generation_prompt`` adds to the prompt, ``<|im_start|>assistant\\n``)
     between the previous message's content and this turn's, and not before ``after``. ``prompt`` None: the
-    conversation opens with this turn (the header is the one added after a user message; a default system
-    prompt before it is not learned). None when there is no such header, or the previous message's content
-    cannot be located.
+    template renders no prompt for this turn (the conversation opens with it; Qwen3.5 fails on a start without a
+    user message): the header is the one added after a user message (a default system prompt before it is not
+    learned). None when there is no such header, or the previous message's content cannot be located.
     """
     try:
         if prompt is None:
@@ -702,7 +703,10 @@ def _end_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools: 
     following = messages[i + 1]
     try:
         followed = _after_probe(tokenizer, template, messages[:i], following, tools)
-        last = _after_probe(tokenizer, template, messages[:i], None, tools).rstrip()
+        try:
+            last = _after_probe(tokenizer, template, messages[:i], None, tools).rstrip()
+        except ChatError:  # no conversation ends there (Qwen3.5: none without a user message): the leading token
+            last = ""
         bound = _inside_content(tokenizer, template, messages, i + 1, tools, full)
         if bound is None:
             bound = _content_at_most(tokenizer, template, messages, i + 1, tools, full)

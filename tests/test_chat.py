@@ -378,11 +378,9 @@ ORACLE_CONVERSATIONS = {
 }
 #: Where lora_dist refuses what TRL's markers learn: the template drops text of a learned turn (the reasoning, a
 #: string content, the tool calls), which would be trained without it; or a conversation opening with an assistant
-#: message gives no render to bound that turn by (Qwen3.5-3.8 fail on a conversation without a user message;
-#: LLaVA-NeXT writes no assistant header). Those train with data.loss_on=last_assistant (checked below).
+#: message where the template writes no assistant header to start that turn after (LLaVA-NeXT), which trains with
+#: data.loss_on=last_assistant (checked below).
 ORACLE_REFUSED = {
-    **{(t, "assistant_first"): r"fails on messages\[:1\] \(No user query found"
-       for t in ("qwen3_5_nothink_training", "qwen3_5_think_training", "qwen3_6_training", "qwen3_8_training")},
     ("llava_next_training", "assistant_first"): "opens with an assistant message and no assistant header",
     ("deepseekv3_training", "reasoning"): "leaves the reasoning", ("deepseekv3_training", "reasoning_turns"):
     "leaves the reasoning",
@@ -932,11 +930,11 @@ def test_chat_template_from_a_file(tmp_path):
     assert tok.decode(ds.input_ids[0][: int(ds.lengths[0])]).startswith("<|im_start|>system\nYou answer")
 
 
-def test_a_turn_whose_own_render_fails_ends_at_the_end_of_turn_token_of_the_whole():
-    """A template that fails on a prefix of a conversation it renders whole (here: one ending with a tool call;
-    Qwen3.5 fails on any conversation without a user message): the turn ends at the end-of-turn token the probes
-    show, found in the whole; where the probes fail too, the error says which prefix failed and suggests the last
-    turn alone."""
+def test_a_conversation_whose_start_the_template_fails_on_is_bounded_in_the_whole():
+    """A template that fails on a start of a conversation it renders whole (Qwen3.5 and later fail on one without
+    a user message; here, one ending with a tool call): a turn starts after the header the template writes after a
+    user message and ends at the end-of-turn token the probes show, both found in the whole; where no header can
+    be found, the error says which start failed, and suggests the last turn alone."""
     template = ("{% if messages[-1]['role'] == 'assistant' and messages[-1].tool_calls %}{{ raise_exception("
                 "'A conversation cannot end with a tool call') }}{% endif %}{% for m in messages %}"
                 "{{ '<|im_start|>' + m['role'] + '\n' }}{% if m.tool_calls %}{% for c in m.tool_calls %}"
@@ -952,15 +950,24 @@ def test_a_turn_whose_own_render_fails_ends_at_the_end_of_turn_token_of_the_whol
     assert [tok.decode(run) for run in spans(ids, labels)] == ["<tool_call>count_keys</tool_call><|im_end|>",
                                                                "There are 7 keys.<|im_end|>"]
     opening = [{"role": "assistant", "content": "Ahoy!"}, *TURNS[2:]]
-    fails_alone = "{% if messages | selectattr('role', 'equalto', 'user') | list | length == 0 %}" \
-        "{{ raise_exception('No user query found in messages.') }}{% endif %}" + QWEN2
+    no_user = "{% if messages | selectattr('role', 'equalto', 'user') | list | length == 0 %}" \
+        "{{ raise_exception('No user query found in messages.') }}{% endif %}"
+    fails_alone = no_user + QWEN2
+    for first in ([], [SYSTEM]):
+        ids, labels = chat_document(tok, fails_alone, [*first, *opening])
+        assert [tok.decode(run) for run in spans(ids, labels)] == ["Ahoy!<|im_end|>", TURNS[-1]["content"] +
+                                                                   "<|im_end|>"]
+    # no assistant header at all (LLaVA-NeXT's layout): the opening turn cannot be bounded
+    headless = no_user + ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+                          "' [/INST]' }}{% elif m['role'] == 'system' %}{{ '<<SYS>>' + m['content'] + '<</SYS>>' }}"
+                          "{% else %}{{ ' ' + m['content'] + '<|im_end|>' }}{% endif %}{% endfor %}")
     with pytest.raises(ChatError, match=r"renders the whole conversation but fails on messages\[:1\] \(No user query "
                                         r"found in messages.\), so .*; use data.loss_on=last_assistant or fix the "
                                         r"record \(a user message before the first assistant one\)"):
-        chat_document(tok, fails_alone, opening)
+        chat_document(tok, headless, [SYSTEM, *opening])
+    ids, labels = chat_document(tok, headless, [SYSTEM, *opening], loss_on="last_assistant")
+    assert [tok.decode(run) for run in spans(ids, labels)] == [" " + TURNS[-1]["content"] + "<|im_end|>"]
     with pytest.raises(ChatError) as refused:  # what the template said survives pickling (a worker's error)
         chat_document(tok, fails_alone, [{"role": "assistant", "content": "Ahoy!"}])
     assert str(pickle.loads(pickle.dumps(refused.value))) == str(refused.value)
     assert str(refused.value).count("No user query found") == 1
-    ids, labels = chat_document(tok, fails_alone, opening, loss_on="last_assistant")
-    assert [tok.decode(run) for run in spans(ids, labels)] == [TURNS[-1]["content"] + "<|im_end|>"]
