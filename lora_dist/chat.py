@@ -637,11 +637,12 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
     # The prompt may prefill more than the whole writes for this turn (DeepSeek-R1 distills' "<｜Assistant｜><think>\n"
     # before a turn without reasoning; Nemotron 3's "<|im_start|>assistant\n<think>\n" where such a turn renders
     # "<think></think>"): the turn starts after the header's role line, or its leading special tokens, where that is
-    # the assistant's own (not ChatML's <|im_start|>, which a user message's header starts with too).
+    # the assistant's own (not ChatML's <|im_start|>, which a user message's header starts with too; not at all
+    # where the user's header cannot be told: Llama 3.1 fails on a start holding tools but no user message).
     line = header[:header.find("\n") + 1]
     user = _user_header(tokenizer, template, messages[:i], tools)
-    headers += [h for h in (line, _leading_tokens(_special_tokens(tokenizer), header))
-                if h.strip() and h not in headers and h not in user]
+    leading = _leading_tokens(_special_tokens(tokenizer), header) if user else ""
+    headers += [h for h in (line, leading) if h.strip() and h not in headers and h not in user]
     for h in headers:
         at = full.find(h, max(lower, after), upper)
         if at >= 0:

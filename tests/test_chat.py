@@ -971,3 +971,26 @@ def test_a_conversation_whose_start_the_template_fails_on_is_bounded_in_the_whol
         chat_document(tok, fails_alone, [{"role": "assistant", "content": "Ahoy!"}])
     assert str(pickle.loads(pickle.dumps(refused.value))) == str(refused.value)
     assert str(refused.value).count("No user query found") == 1
+
+
+def test_an_opening_greeting_that_llama_3_1_writes_into_its_tool_instructions_is_refused():
+    """Llama 3.1 writes the first message after the system prompt into the user turn of its tool instructions,
+    whatever its role, and fails on a start holding tools but no user message. The greeting then has no assistant
+    header of its own: the conversation is refused (before the fix, that turn learned the whole user turn, from
+    its header's ``user<|end_header_id|>`` on: the header search took ``<|start_header_id|>``, which the user's
+    header starts with too, for the assistant's); its last turn alone trains."""
+    import re
+
+    template = trl_template("llama3_1")
+    tok = style_tokenizer("qwen2")
+    tok.add_special_tokens({"additional_special_tokens": sorted(set(re.findall(r"<\|[^|<>]{1,40}\|>", template)))})
+    tools = [{"type": "function", "function": {"name": "count_keys", "description": "Count the keys.",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    messages = [SYSTEM, {"role": "assistant", "content": "Ahoy!"}, *TURNS[2:]]
+    with pytest.raises(ChatError, match=r"fails on messages\[:1\] \(Cannot put tools in the first user message"):
+        chat_document(tok, template, messages, tools=tools)
+    ids, labels = chat_document(tok, template, messages, tools=tools, loss_on="last_assistant")
+    assert [tok.decode(run) for run in spans(ids, labels)] == [TURNS[-1]["content"].strip() + "<|eot_id|>"]
+    ids, labels = chat_document(tok, template, messages)  # without tools it has its header: both turns
+    assert [tok.decode(run) for run in spans(ids, labels)] == ["Ahoy!<|eot_id|>", TURNS[-1]["content"].strip() +
+                                                               "<|eot_id|>"]
