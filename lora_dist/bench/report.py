@@ -320,7 +320,10 @@ def markdown(results: dict, summary: dict) -> str:
         + (". **The sources changed while the benchmark ran: these results mix versions.**"
            if results.get("source_changed_during_run") else "."),
         "",
-        f"Every configuration: {o['nproc']} ranks (one `torchrun` launch each, run one after another, "
+        f"Every configuration: {o['nproc']} ranks ("
+        + ("one `torchrun` launch each" if o.get("launcher", "torchrun") == "torchrun" else
+           "forked from the benchmark's process, which imported their libraries once (`--launcher fork`)")
+        + ", run one after another, "
         f"`OMP_NUM_THREADS=1`), the same data, {o['micro_batch']} x {o['seq_len']} tokens per rank per step "
         f"({tokens} per step), fp32 (the bf16 and NF4 rows: a bf16 base, fp32 LoRA), LoRA r={o['lora_r']} alpha={2 * o['lora_r']} on every linear layer but the "
         f"output head, AdamW, gradient clipping 1.0; {o['warmup_steps']} warm-up step and one more (the training "

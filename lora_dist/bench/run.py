@@ -2,7 +2,8 @@
 
 For every model size, each configuration of :data:`bench.systems.SYSTEMS`
 runs in its own ``torchrun`` launch (so peak RSS is per configuration), one
-after another, on the same data and world size (:mod:`lora_dist.bench.worker`). Then
+after another, on the same data and world size (:mod:`lora_dist.bench.worker`); with ``--launcher fork``
+(CPU only) its ranks are forked from this process instead, which imported the workers' libraries once. Then
 the offline ``lora-dist merge`` of the adapter lora_dist_fsdp2 trained runs
 (in a fresh process, timed from its argument parsing to its return) against
 a plain read-write-fsync copy of the same bytes, alternating, best of each. Results: ``results.json``,
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -65,6 +67,7 @@ class BenchOptions:
     copy_reps: int = 2
     timeout_s: float = 1200.0
     profile: bool = False  # one more step per configuration under torch.profiler: <out>/profiles/<size>-<config>.txt
+    launcher: str = "torchrun"  # or "fork": see _fork_launch
 
     def specs(self) -> list[ModelSpec]:
         pool = QUICK_SIZES if self.quick else FULL_SIZES
@@ -145,6 +148,9 @@ def _run_config(opts: BenchOptions, spec: ModelSpec, model_path: Path, data_path
 
 
 def _launch(opts: BenchOptions, args: list[str], log_path: Path) -> int | str:
+    """``opts.nproc`` ranks of :mod:`lora_dist.bench.worker` ``ARGS``; the exit code (0: every rank succeeded)."""
+    if opts.launcher == "fork":
+        return _fork_launch(args, log_path, opts.nproc, opts.timeout_s)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={opts.nproc}",
            f"--master_port={_free_port()}", "-m", "lora_dist.bench.worker", *args]
     with log_path.open("w") as log:
@@ -153,6 +159,60 @@ def _launch(opts: BenchOptions, args: list[str], log_path: Path) -> int | str:
                                   timeout=opts.timeout_s).returncode
         except subprocess.TimeoutExpired:
             return "timeout"
+
+
+#: Seconds the other ranks of a fork launch get to finish once one failed, as torchrun's agent gives them.
+GRACE_S = 10.0
+
+
+def _fork_launch(args: list[str], log_path: Path, nproc: int, timeout_s: float) -> int | str:
+    """The worker's ranks forked from this process, which has imported their libraries once: a CPU smoke run's
+    launches then cost milliseconds instead of each rank's ~10 s of imports (torch, transformers, PEFT, accelerate,
+    DeepSpeed), most of a tiny configuration's launch. Every configuration is launched the same way, so the
+    comparison stays side by side; each still runs in processes of its own, with its own peak RSS.
+
+    The ranks see a launch by hand (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...) and rendezvous for real.
+    ``nproc`` 0 runs one plain process. CPU only: a process forked after its parent used CUDA cannot use it.
+    """
+    import torch
+
+    if torch.cuda.is_available() or torch.cuda.is_initialized():
+        raise SystemExit("lora-dist bench: --launcher fork runs on the CPU only (a forked process cannot use CUDA "
+                         "once its parent did); use --launcher torchrun on a GPU host")
+    env = _env()
+    os.environ["DS_ACCELERATOR"] = env["DS_ACCELERATOR"]  # read once DeepSpeed is imported: before it is
+    from lora_dist.bench import worker
+
+    worker.preload()
+    port = _free_port()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ranks: dict[int, int] = {}
+    with log_path.open("w") as log:
+        for rank in range(max(nproc, 1)):
+            pid = os.fork()
+            if pid == 0:  # never returns
+                launch = {} if nproc == 0 else dict(
+                    RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                    GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                worker.forked(args, log.fileno(), {**env, **launch})
+            ranks[pid] = rank
+    deadline, stop, code = time.monotonic() + timeout_s, signal.SIGTERM, 0
+    while ranks:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            if time.monotonic() > deadline:
+                for other in ranks:
+                    os.kill(other, stop)
+                code = code or "timeout"
+                stop, deadline = signal.SIGKILL, time.monotonic() + GRACE_S
+            time.sleep(0.05)
+            continue
+        ranks.pop(pid)
+        exit_code = os.waitstatus_to_exitcode(status)
+        if exit_code != 0 and code == 0:
+            code, deadline = 1, min(deadline, time.monotonic() + GRACE_S)
+    return code
 
 
 def _export_cli(opts: BenchOptions, spec: ModelSpec, model_path: Path, strategy: str, adapter: str | None,
@@ -209,20 +269,26 @@ def _plain_copy(src: Path, dst: Path) -> float:
     return elapsed
 
 
-def _offline_merge(model_path: Path, adapter: Path, out: Path, work: Path) -> dict:
-    """``lora-dist merge`` in a fresh process, timed without interpreter start-up."""
+def _offline_merge(opts: BenchOptions, model_path: Path, adapter: Path, out: Path, work: Path) -> dict:
+    """``lora-dist merge`` in a process of its own, timed without interpreter start-up."""
     result_path = work / "merge_result.json"
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "lora_dist.bench.worker", "merge", str(model_path), str(adapter), str(out),
-           str(result_path)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    args = ["merge", str(model_path), str(adapter), str(out), str(result_path)]
+    log_path = work / "merge_log.txt"
+    if opts.launcher == "fork":
+        returncode = _fork_launch(args, log_path, 0, opts.timeout_s)
+    else:
+        with log_path.open("w") as log:
+            returncode = subprocess.run([sys.executable, "-m", "lora_dist.bench.worker", *args], env=_env(),
+                                        stdout=log, stderr=subprocess.STDOUT).returncode
     if out.exists():
         shutil.rmtree(out)
-    if proc.returncode != 0 or not result_path.is_file():
-        return {"exit_code": proc.returncode, "error": (proc.stdout + proc.stderr)[-3000:]}
+    output = log_path.read_text(errors="replace")[-3000:]
+    if returncode != 0 or not result_path.is_file():
+        return {"exit_code": returncode, "error": output}
     result = json.loads(result_path.read_text())
     if result["exit_code"] != 0:
-        result["error"] = (proc.stdout + proc.stderr)[-3000:]
+        result["error"] = output
     result["above_baseline"] = result["peak_anon"] - result["baseline"]["RssAnon"]
     return result
 
@@ -233,7 +299,7 @@ def _merge_vs_copy(opts: BenchOptions, model_path: Path, adapter: str | None, wo
     merges, copies = [], []
     for _ in range(opts.copy_reps):  # alternate, so both see the same page-cache state
         copies.append(_plain_copy(model_path, work / "copy"))
-        merges.append(_offline_merge(model_path, Path(adapter), work / "merged", work))
+        merges.append(_offline_merge(opts, model_path, Path(adapter), work / "merged", work))
     failed = [m for m in merges if m["exit_code"] != 0]
     if failed:
         return {"merge_runs": merges, "copy_s": copies, "error": failed[0].get("error", "")}
@@ -335,6 +401,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {d.seq_len}; 64 with --quick)")
     p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per rank per step")
     p.add_argument("--timed-steps", type=int, default=None, help=f"timed steps (default {d.timed_steps}; 2 with --quick)")
+    p.add_argument("--launcher", choices=("torchrun", "fork"), default=d.launcher,
+                   help="how each configuration's ranks start: torchrun (default), or fork (CPU only): forked from "
+                        "this process, which imports their libraries once, so a smoke run's launches are not "
+                        "mostly imports")
     p.add_argument("--profile", action="store_true",
                    help="profile one more step of each configuration (untimed): rank 0's top operators in "
                         "OUT/profiles/SIZE-CONFIG.txt")
@@ -348,7 +418,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         seq_len=args.seq_len or (64 if quick else BenchOptions.seq_len), micro_batch=args.micro_batch,
         timed_steps=args.timed_steps or (2 if quick else BenchOptions.timed_steps),
         forward_reps=1 if quick else BenchOptions.forward_reps, copy_reps=1 if quick else BenchOptions.copy_reps,
-        profile=args.profile,
+        profile=args.profile, launcher=args.launcher,
     )
 
 

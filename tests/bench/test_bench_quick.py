@@ -23,7 +23,10 @@ TARGETS = ("train peak <= 0.6x DDP", "train peak <= anchor", "step time <= 1.0x 
 def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     out = root / "results"
-    lora_dist("bench", "--quick", "--out", str(out), "--work-dir", str(root / "work"), timeout=600)
+    # the ranks forked from the bench's process (--launcher fork): the same measurements, without every rank's
+    # ~10 s of imports; torchrun launches are the subset test's
+    lora_dist("bench", "--quick", "--launcher", "fork", "--out", str(out), "--work-dir", str(root / "work"),
+              timeout=600)
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -123,8 +126,9 @@ def test_exports_merge_targets_and_files(quick):
 
 
 def test_a_subset_without_lora_dist_fsdp2_measures_no_export_and_fails_nothing(tmp_path):
-    """The one-GPU check of scripts/gpu_check.py runs such a subset, profiled: the exports and the merge start from
-    lora_dist_fsdp2's adapter, so without it they are left out, not counted as failed launches."""
+    """The one-GPU check of scripts/gpu_check.py runs such a subset, profiled, under torchrun (the default
+    launcher): the exports and the merge start from lora_dist_fsdp2's adapter, so without it they are left out, not
+    counted as failed launches."""
     out = tmp_path / "results"
     lora_dist("bench", "--quick", "--nproc", "1", "--configs", "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16",
               "lora_dist_auto_bf16", "--profile", "--out", str(out), "--work-dir", str(tmp_path / "work"), timeout=300)
@@ -155,8 +159,8 @@ def test_one_rank_measures_the_export_command_it_runs(tmp_path):
     """On one process `lora-dist export RUN_DIR` streams base + adapter from disk (merge_offline), not the
     sharded export_merged: that is the phase measured (the report once failed for want of it)."""
     out = tmp_path / "results"
-    lora_dist("bench", "--quick", "--nproc", "1", "--configs", "lora_dist_fsdp2", "--out", str(out),
-              "--work-dir", str(tmp_path / "work"), timeout=300)
+    lora_dist("bench", "--quick", "--launcher", "fork", "--nproc", "1", "--configs", "lora_dist_fsdp2", "--out",
+              str(out), "--work-dir", str(tmp_path / "work"), timeout=300)
     results = json.loads((out / "results.json").read_text())
     summary = results["summary"]["sizes"][0]
     assert summary["failed"] == {}
