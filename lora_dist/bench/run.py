@@ -18,8 +18,10 @@ and after every launch.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import runpy
 import shutil
 import signal
 import socket
@@ -163,6 +165,9 @@ def _launch(opts: BenchOptions, args: list[str], log_path: Path) -> int | str:
 
 #: Seconds the other ranks of a fork launch get to finish once one failed, as torchrun's agent gives them.
 GRACE_S = 10.0
+#: What :mod:`lora_dist.bench.worker` imports before its baseline (its docstring), imported once by a fork launch.
+WORKER_IMPORTS = ("accelerate", "deepspeed", "peft", "transformers", "lora_dist.bench.measure",
+                  "lora_dist.bench.systems", "lora_dist.data", "lora_dist.launch", "lora_dist.session")
 
 
 def _fork_launch(args: list[str], log_path: Path, nproc: int, timeout_s: float) -> int | str:
@@ -181,9 +186,8 @@ def _fork_launch(args: list[str], log_path: Path, nproc: int, timeout_s: float) 
                          "once its parent did); use --launcher torchrun on a GPU host")
     env = _env()
     os.environ["DS_ACCELERATOR"] = env["DS_ACCELERATOR"]  # read once DeepSpeed is imported: before it is
-    from lora_dist.bench import worker
-
-    worker.preload()
+    for module in WORKER_IMPORTS:
+        importlib.import_module(module)
     port = _free_port()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -195,7 +199,7 @@ def _fork_launch(args: list[str], log_path: Path, nproc: int, timeout_s: float) 
                 launch = {} if nproc == 0 else dict(
                     RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                     GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-                worker.forked(args, log.fileno(), {**env, **launch})
+                _forked(args, log.fileno(), {**env, **launch})
             ranks[pid] = rank
     deadline, stop, code = time.monotonic() + timeout_s, signal.SIGTERM, 0
     while ranks:
@@ -267,6 +271,55 @@ def _plain_copy(src: Path, dst: Path) -> float:
     elapsed = time.perf_counter() - t0
     shutil.rmtree(dst)
     return elapsed
+
+
+def _run_worker(args: list[str]) -> None:
+    """``python -m lora_dist.bench.worker ARGS``, in this process: what torchrun runs in each rank."""
+    sys.argv = ["lora_dist.bench.worker", *args]
+    runpy.run_module("lora_dist.bench.worker", run_name="__main__", alter_sys=True)
+
+
+def _release_free_heap() -> None:
+    """Give the heap's free pages back (glibc's ``malloc_trim``). A forked process inherits its parent's: still
+    resident, so in its RSS baseline, and reused without raising it, they would hide a phase's growth that a
+    fresh process shows (measured: a tiny export's 10 MB above baseline read as 1.5 MB)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
+
+
+def _forked(args: list[str], log_fd: int, env: dict[str, str]) -> None:
+    """A forked worker process: output to ``log_fd``, ``env`` as its whole environment, then the worker; exits
+    with its code, never returns (its parent's interpreter state is not torn down twice)."""
+    import traceback
+
+    import torch
+
+    code = 1
+    try:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - whatever the parent's streams were
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))  # what a fresh process reads at import
+        _release_free_heap()
+        _run_worker(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - what a crashed process prints
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _offline_merge(opts: BenchOptions, model_path: Path, adapter: Path, out: Path, work: Path) -> dict:

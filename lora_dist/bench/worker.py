@@ -4,7 +4,7 @@
     python -m torch.distributed.run ... -m lora_dist.bench.worker export_run RUN_DIR OUT RESULT_DIR  (lora-dist export)
     python -m lora_dist.bench.worker merge BASE ADAPTER OUT RESULT.json                  (lora-dist merge)
 
-or forked by ``lora-dist bench --launcher fork`` (:func:`forked`).
+or forked by ``lora-dist bench --launcher fork`` (:func:`lora_dist.bench.run._fork_launch`).
 
 Phases, each with its own memory high-water mark (:mod:`lora_dist.bench.measure`):
 setup (load and wrap the model), train (warm-up steps and one more), timed steps
@@ -241,73 +241,10 @@ def export_run_main(run_dir: str, out: str, result_dir: str) -> None:
     exit_distributed()  # no interpreter teardown: it can abort a finished rank (see exit_distributed)
 
 
-def run(args: list[str]) -> None:
-    """The command line's work: ``merge ...``, ``export_run ...`` or a job file."""
-    if args[0] == "merge":
-        merge_main(*args[1:5])
-    elif args[0] == "export_run":
-        export_run_main(*args[1:4])
-    else:
-        main(args[0])
-
-
-def preload() -> None:
-    """Import what every worker imports before its baseline (the module docstring), once, in a process whose
-    forks run workers (``lora-dist bench --launcher fork``)."""
-    import accelerate  # noqa: F401
-    import deepspeed  # noqa: F401
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-
-    import lora_dist.bench.measure  # noqa: F401
-    import lora_dist.bench.systems  # noqa: F401
-    import lora_dist.cli  # noqa: F401
-    import lora_dist.data  # noqa: F401
-    import lora_dist.launch  # noqa: F401
-    import lora_dist.session  # noqa: F401
-
-
-def _release_free_heap() -> None:
-    """Give the heap's free pages back (glibc's ``malloc_trim``). A forked process inherits its parent's: still
-    resident, so in its RSS baseline, and reused without raising it, they would hide a phase's growth that a
-    fresh process shows (measured: a tiny export's 10 MB above baseline read as 1.5 MB)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim this way
-        pass
-
-
-def forked(args: list[str], log_fd: int, env: dict[str, str]) -> None:
-    """A forked worker process: output to ``log_fd``, ``env`` as its whole environment, then :func:`run`; exits
-    with its code, never returns (its parent's interpreter state is not torn down twice)."""
-    import os
-    import traceback
-
-    code = 1
-    try:
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - whatever the parent's streams were
-        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        os.environ.clear()
-        os.environ.update(env)
-        torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))  # what a fresh process reads at import
-        _release_free_heap()
-        run(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001 - what a crashed process prints
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
 if __name__ == "__main__":
-    run(sys.argv[1:])
+    if sys.argv[1] == "merge":
+        merge_main(*sys.argv[2:6])
+    elif sys.argv[1] == "export_run":
+        export_run_main(*sys.argv[2:5])
+    else:
+        main(sys.argv[1])

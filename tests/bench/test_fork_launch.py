@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from lora_dist.bench import run, worker
+from lora_dist.bench import run
 
 
 @pytest.fixture
 def forks(monkeypatch):
     """The launcher with the work of its forks replaced (``behave(rank, args)``), without the preload's imports."""
-    monkeypatch.setattr(worker, "preload", lambda: None)
+    monkeypatch.setattr(run, "WORKER_IMPORTS", ())
     monkeypatch.setattr(run, "GRACE_S", 0.5)
 
     def use(behave):
@@ -23,7 +23,7 @@ def forks(monkeypatch):
             print(f"rank {os.environ.get('RANK', '-')} of {os.environ.get('WORLD_SIZE', '-')}: {args}", flush=True)
             behave(int(os.environ.get("RANK", "0")), args)
 
-        monkeypatch.setattr(worker, "run", fake_run)
+        monkeypatch.setattr(run, "_run_worker", fake_run)
     return use
 
 
