@@ -214,3 +214,18 @@ def test_a_head_with_a_bias_trains_under_zero3_to_the_one_process_result(tmp_pat
     ranks(2, "-m", "lora_dist.cli", *common, f"output.dir={tmp_path / 'zero3'}", "parallel.strategy=zero3",
           "train.micro_batch_size=2")
     assert_same_run(tmp_path / "zero3", tmp_path / "one", adapter_atol(5e-3, 3))
+
+
+def test_a_bf16_gradient_is_scaled_by_the_exact_step_scale():
+    """The step divides the loss by its token count (here 300): its bf16 gradient is the scale-1 gradient times
+    1/300 rounded once, not times a bf16-rounded 1/300 (0.21% off, for every element of a step's gradient)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 301, 64, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(97, 64, generator=g).bfloat16()
+    labels = torch.randint(0, 97, (1, 301), generator=g)
+    (unit,) = torch.autograd.grad(linear_cross_entropy_sum(hidden, weight, None, labels, 64), hidden)
+    scale = torch.tensor(1 / 300)
+    (scaled,) = torch.autograd.grad(linear_cross_entropy_sum(hidden, weight, None, labels, 64) * scale, hidden)
+    expected = (unit.float() * scale).bfloat16()
+    ratio = scaled.float().norm() / expected.float().norm()
+    assert abs(float(ratio) - 1) < 2e-4, float(ratio)
