@@ -264,6 +264,14 @@ def _replace_in_two_renames(staging: Path, final: Path) -> None:
         discard(aside, final)
 
 
+def _mtime(path: Path) -> float:
+    """When ``path`` last changed; -inf where it is gone (another reader moved it back meanwhile)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("-inf")
+
+
 def recover(final: str | os.PathLike, *, cleanup: bool = True) -> bool:
     """Undo what a writer killed mid-publish left next to ``final``.
 
@@ -284,7 +292,7 @@ def recover(final: str | os.PathLike, *, cleanup: bool = True) -> bool:
     parent = final.parent
     if not parent.is_dir():
         return False
-    aside = sorted(_tokened(final, _aside_prefix(final)), key=lambda p: p.stat().st_mtime)
+    aside = sorted(_tokened(final, _aside_prefix(final)), key=_mtime)
     restored = False
     if not os.path.lexists(final) and aside:
         try:

@@ -203,6 +203,25 @@ def _write_files(staging: Path, lora: dict[str, torch.Tensor], moments: dict[str
     (staging / "state.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
+#: What a checkpoint dir holds (:func:`_write_files`).
+CHECKPOINT_FILES = ("lora.safetensors", "optimizer.safetensors", "state.json")
+
+
+def _check_replaceable(directory: Path) -> None:
+    """Refuse a ``directory`` that holds anything but a checkpoint's files: publishing replaces the whole dir."""
+    if not directory.is_dir():
+        if directory.exists():
+            raise OutputError(f"{directory} is a file; choose a new or empty dir for the checkpoint")
+        return
+    others = sorted(p.name for p in directory.iterdir() if p.name not in CHECKPOINT_FILES)
+    if others:
+        raise OutputError(
+            f"refusing to write a checkpoint to {directory}: it holds {others[0]}"
+            + (f" and {len(others) - 1} more" if len(others) > 1 else "")
+            + ", and writing replaces the whole dir (only one holding a checkpoint's files alone is replaced); "
+            "choose a new or empty dir for the checkpoint")
+
+
 def save_state(directory: str | Path, step: int, engine, cfg: Config, samples_consumed: int) -> Path:
     """Write ``engine``'s training state as a checkpoint dir another loop resumes (collective; rank 0 writes).
 
@@ -210,6 +229,7 @@ def save_state(directory: str | Path, step: int, engine, cfg: Config, samples_co
     replaced once the new one is complete), without a run id: ``checkpoint.resume=DIR`` reads it.
 
     Raises:
+        OutputError: ``directory`` is a file or holds anything but a checkpoint's files (nothing is written).
         TrainingDiverged: a LoRA tensor or AdamW moment is NaN/Inf (nothing is written).
         OutputDirError: the dir could not be written; a previous one there is intact.
     """
@@ -222,6 +242,7 @@ def save_state(directory: str | Path, step: int, engine, cfg: Config, samples_co
     def write() -> Path:
         from safetensors import SafetensorError
 
+        _check_replaceable(directory)
         try:
             with writing_dir(directory, replace=True) as staging:
                 _write_files(staging, lora, moments, _record(cfg, step, samples_consumed, world, None, engine))

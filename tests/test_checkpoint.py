@@ -668,3 +668,28 @@ def test_a_stop_signal_after_the_last_step_loses_nothing(setup, tmp_path, monkey
         proc = _run(setup, out, 1, *overrides[len(setup["common"]) + 1:])
         assert "step-000003 at step 3" in proc.stderr and (out / "adapter" / "adapter_model.safetensors").is_file()
         assert [m["step"] for m in _metrics(out) if "loss" in m] == [1, 2, 3]  # no step trained again
+
+
+def test_save_state_refuses_a_dir_holding_anything_but_a_checkpoint(tmp_path):
+    """``save_state`` publishes by replacing the whole dir: a folder of the user's own files is refused, every file
+    kept (it used to be swapped out and removed)."""
+    from lora_dist.checkpoint import save_state
+    from lora_dist.config import load_config
+    from lora_dist.outputs import OutputError
+
+    class Engine:
+        def state_dict(self):
+            return {"lora": {"a": torch.zeros(2)}, "optimizer": {"a.exp_avg": torch.zeros(2)}}
+
+    results = tmp_path / "results"
+    (results / "sub").mkdir(parents=True)
+    (results / "thesis_notes.txt").write_text("mine")
+    (results / "sub" / "data.csv").write_text("1,2")
+    with pytest.raises(OutputError, match="refusing to write a checkpoint to .*results: it holds sub and 1 more"):
+        save_state(results, 5, Engine(), load_config(None, []), 10)
+    assert (results / "thesis_notes.txt").read_text() == "mine" and (results / "sub" / "data.csv").is_file()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        save_state(a_file, 5, Engine(), load_config(None, []), 10)
+    assert a_file.read_text() == "x"

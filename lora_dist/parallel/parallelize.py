@@ -10,7 +10,9 @@ one data-parallel mesh (:func:`dp_mesh_shape`): 1-D over every rank, or 2-D
 the base sharded within a group of consecutive ranks, a node, and replicated
 across groups, so that the base's all-gathers stay inside a node). LoRA
 params are ``ignored_params``: they stay plain, whole tensors on every rank
-(their gradients are reduced by :class:`~lora_dist.parallel.reducer.LoRAGradReducer`),
+(their gradients are reduce-scattered into the sharded AdamW over the LoRA,
+:class:`~lora_dist.parallel.sharded_adamw.ShardedAdamW`, the default over several ranks; or all-reduced by
+:class:`~lora_dist.parallel.reducer.LoRAGradReducer` with ``parallel.shard_optimizer=false``),
 while the frozen base becomes ``Shard(0)`` DTensors with no gradients and no
 optimizer state. DeepSpeed ZeRO shards at construction instead
 (:func:`lora_dist.parallel.deepspeed.zero_init`), so for ``zero*``, ``ddp`` and
