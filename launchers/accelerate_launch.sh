@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # `accelerate launch` as a process launcher for lora_dist.
 #
-#   launchers/accelerate_launch.sh configs/demo.yaml [section.key=value ...]
-#   ACCELERATE_CONFIG=launchers/accelerate_deepspeed.yaml launchers/accelerate_launch.sh configs/demo.yaml
+#   launchers/accelerate_launch.sh CONFIG.yaml [section.key=value ...]
+#   # configs/demo.yaml names no model or data: `lora-dist demo` writes tiny ones to runs/demo/
+#   launchers/accelerate_launch.sh configs/demo.yaml model.path=runs/demo/base data.path=runs/demo/data.jsonl
+#   ACCELERATE_CONFIG=launchers/accelerate_deepspeed.yaml launchers/accelerate_launch.sh configs/demo.yaml \
+#     model.path=runs/demo/base data.path=runs/demo/data.jsonl
 #
 # accelerate starts the processes (torchrun underneath) and lora_dist does the rest:
 # LoRA injection, then FSDP2 or DeepSpeed ZeRO according to parallel.strategy. This

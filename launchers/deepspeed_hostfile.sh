@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The DeepSpeed launcher, over the hosts of a hostfile (see hostfile.example) or locally.
 #
-#   HOSTFILE=my_hosts launchers/deepspeed_hostfile.sh configs/demo.yaml parallel.strategy=zero3
-#   NPROC=2 launchers/deepspeed_hostfile.sh configs/demo.yaml parallel.strategy=zero3   # this machine only
+#   # configs/demo.yaml names no model or data: `lora-dist demo` writes tiny ones to runs/demo/
+#   HOSTFILE=my_hosts launchers/deepspeed_hostfile.sh configs/demo.yaml parallel.strategy=zero3 \
+#     model.path=runs/demo/base data.path=runs/demo/data.jsonl
+#   NPROC=2 launchers/deepspeed_hostfile.sh configs/demo.yaml parallel.strategy=zero3 \
+#     model.path=runs/demo/base data.path=runs/demo/data.jsonl   # this machine only
 #   echo "localhost slots=2" > hosts    # a hostfile of this machine only: started locally, no pdsh
-#   HOSTFILE=hosts NO_SSH_CHECK=1 MASTER_ADDR=127.0.0.1 launchers/deepspeed_hostfile.sh configs/demo.yaml parallel.strategy=zero3
+#   HOSTFILE=hosts NO_SSH_CHECK=1 MASTER_ADDR=127.0.0.1 launchers/deepspeed_hostfile.sh configs/demo.yaml \
+#     parallel.strategy=zero3 model.path=runs/demo/base data.path=runs/demo/data.jsonl
 #
 # `deepspeed` logs in to every host of the hostfile (pdsh/ssh), starts one process per
 # slot and gives each RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (plus

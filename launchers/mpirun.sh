@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # NP processes started by MPI (Open MPI mpirun, MPICH/Intel MPI mpiexec).
 #
-#   launchers/mpirun.sh configs/demo.yaml [section.key=value ...]
-#   NP=16 HOSTFILE=hosts PPN=8 launchers/mpirun.sh configs/demo.yaml
+#   launchers/mpirun.sh CONFIG.yaml [section.key=value ...]
+#   # configs/demo.yaml names no model or data: `lora-dist demo` writes tiny ones to runs/demo/
+#   launchers/mpirun.sh configs/demo.yaml model.path=runs/demo/base data.path=runs/demo/data.jsonl
+#   NP=16 HOSTFILE=hosts PPN=8 launchers/mpirun.sh configs/demo.yaml model.path=runs/demo/base data.path=runs/demo/data.jsonl
 #
 # MPI only starts the processes. lora_dist.launch.init_distributed() reads the rank from
 # OMPI_COMM_WORLD_* (Open MPI) or PMI_RANK/PMI_SIZE/MPI_LOCALRANKID (MPICH, Intel MPI);

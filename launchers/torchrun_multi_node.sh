@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Several nodes, NPROC_PER_NODE processes each: run this same script once on every node.
 #
+#   # configs/demo.yaml names no model or data: `lora-dist demo` writes tiny ones to runs/demo/
+#   # (on a filesystem every node sees)
 #   # on every node (node 0 is the rendezvous host; MASTER_ADDR is its address):
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.11 launchers/torchrun_multi_node.sh configs/demo.yaml
-#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.11 launchers/torchrun_multi_node.sh configs/demo.yaml
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.11 launchers/torchrun_multi_node.sh configs/demo.yaml \
+#     model.path=runs/demo/base data.path=runs/demo/data.jsonl
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.11 launchers/torchrun_multi_node.sh configs/demo.yaml \
+#     model.path=runs/demo/base data.path=runs/demo/data.jsonl
 #
 #   # inside a Slurm allocation, one task per node (NODE_RANK defaults to SLURM_NODEID):
-#   srun --nodes=2 --ntasks-per-node=1 env NNODES=2 MASTER_ADDR=10.0.0.11 launchers/torchrun_multi_node.sh configs/demo.yaml
+#   srun --nodes=2 --ntasks-per-node=1 env NNODES=2 MASTER_ADDR=10.0.0.11 launchers/torchrun_multi_node.sh \
+#     configs/demo.yaml model.path=runs/demo/base data.path=runs/demo/data.jsonl
 #
 # Knobs (environment variables):
 #   NNODES            number of nodes (required; defaults to SLURM_NNODES under srun)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One node, NPROC processes, started by torchrun.
 #
-#   launchers/torchrun_single_node.sh configs/demo.yaml [section.key=value ...]
-#   NPROC=4 launchers/torchrun_single_node.sh configs/demo.yaml parallel.strategy=zero3
+#   launchers/torchrun_single_node.sh CONFIG.yaml [section.key=value ...]
+#   # configs/demo.yaml names no model or data: `lora-dist demo` writes tiny ones to runs/demo/
+#   launchers/torchrun_single_node.sh configs/demo.yaml model.path=runs/demo/base data.path=runs/demo/data.jsonl
+#   NPROC=4 launchers/torchrun_single_node.sh configs/demo.yaml parallel.strategy=zero3 model.path=runs/demo/base data.path=runs/demo/data.jsonl
 #
 # Each process gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and
 # MASTER_PORT from torchrun; lora_dist.launch.init_distributed() reads them (torchrun

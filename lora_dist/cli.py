@@ -48,12 +48,23 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
+def _launch_rank() -> str:
+    """This process's rank as :func:`lora_dist.launch.detect_launch_env` reads it (torchrun, then MPI, then srun);
+    ``?`` where the launch variables do not add up (the command then says why)."""
+    from lora_dist.launch import LaunchError, detect_launch_env
+
+    try:
+        return str(detect_launch_env().rank)
+    except LaunchError:
+        return "?"
+
+
 def _setup_logging() -> None:
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed: CPU on purpose, not a failed GPU probe
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("PMI_RANK", "0")))
+    rank = _launch_rank()
     level = logging.INFO if rank == "0" else logging.WARNING
     logging.basicConfig(level=level, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("torch.distributed", "DeepSpeed", "deepspeed", "transformers", "httpx"):

@@ -1,7 +1,9 @@
 """Typed run configuration: dataclasses -> YAML -> dotted CLI overrides.
 
 Precedence is CLI > file > defaults. Unknown keys are an error that suggests
-the closest valid key; a value of the wrong type is an error naming the key.
+the closest valid key; a value of the wrong type is an error naming the key; a key
+given twice in a file is an error. A text key keeps the text as written, also where
+YAML 1.1 reads a number (``output.dir=0042``, ``tracking.run_name=1.10``).
 Help text lives in attribute docstrings and is shown by ``lora-dist train --help``.
 YAML is parsed safely and within limits on size, nesting and alias expansion
 (:func:`lora_dist.inputs.parse_yaml`), and errors show only a short excerpt of a value.
@@ -25,7 +27,7 @@ from typing import Any, Union
 import yaml
 
 from lora_dist.errors import ConfigError
-from lora_dist.inputs import MAX_CONFIG_BYTES, clip, excerpt, parse_yaml, read_text
+from lora_dist.inputs import MAX_CONFIG_BYTES, clip, excerpt, parse_yaml, plain, read_json, read_text, source_text
 from lora_dist.lora import LoRAConfig, LoRAConfigError
 from lora_dist.quant import QUANTIZE, quantize_problem
 
@@ -44,6 +46,7 @@ __all__ = [
     "config_help",
     "config_to_dict",
     "load_config",
+    "read_deepspeed_config",
 ]
 
 STRATEGIES = ("fsdp2", "zero3", "zero2", "zero1", "ddp", "none", "auto")
@@ -130,7 +133,8 @@ class DataConfig:
     eval_path: str | list[str | dict[str, Any]] = ""
     """Validation data, as data.path; when set, its blocks are the held-out ones (data.eval_fraction unused)."""
     eval_fraction: float = _DefaultFraction(0.05)
-    """Share of packed blocks held out for the eval loss (0 with data.eval_path)."""
+    """Share of each data.path source's records held out for the eval loss, the last ones, chosen before the
+    weights apply and packed apart: never trained on (0 with data.eval_path)."""
     packing: bool = True
     """Pack several documents into each train.seq_len block (positions restart and attention stops at each
     document); false: one document per sequence, padded."""
@@ -231,7 +235,8 @@ class ParallelConfig:
     replica_check_every: int = 0
     """Every N optimizer steps assert LoRA params are bit-identical across ranks (0: off)."""
     deepspeed_config: str = ""
-    """zero*: path to a DeepSpeed JSON config to use instead of the generated one."""
+    """zero*: path to a DeepSpeed JSON config to use instead of the generated one (its zero_optimization.stage,
+    if given, must be the strategy's; the batch and clipping keys are set from train.*)."""
     timeout_s: float = 600.0
     """Collective / rendezvous timeout in seconds."""
     dp_replicate: int = 0
@@ -359,7 +364,7 @@ class ExportConfig:
     dtype: str = "bfloat16"
     """Merged checkpoint dtype: bfloat16, float16 or float32 (the merge itself is fp32)."""
     max_shard_size: str = "5GB"
-    """Largest safetensors file of the merged checkpoint (decimal units: 500MB, 5GB)."""
+    """Largest safetensors file of the merged checkpoint (decimal units: 500MB, 5GB; or KiB, MiB, GiB)."""
     keep_fp8: bool = True
     """A base stored as block-scaled FP8 (DeepSeek-V3, the Qwen3 -FP8 releases) is written as it is stored: its
     tensors copied byte for byte, each adapted weight merged in fp32 and quantized again with new block scales,
@@ -444,6 +449,14 @@ class Config:
             problem = p.why_not_compiled(self.model.quantize)
             if problem:
                 raise ConfigError(f"parallel.compile=true does not apply: {problem}")
+        if p.deepspeed_config:
+            if not p.strategy.startswith("zero"):
+                raise ConfigError(f"parallel.deepspeed_config is a DeepSpeed config, used by the zero strategies only, "
+                                  f"not parallel.strategy={p.strategy}; set parallel.strategy=zero1, zero2 or zero3, "
+                                  "or drop parallel.deepspeed_config")
+            # the file itself is read when a run starts (session.check_launch): a finished run's config, exported
+            # later, stays loadable after it moved
+        self._check_shard_size()
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
         t = self.train
@@ -455,6 +468,43 @@ class Config:
     def _get(self, key: str) -> Any:
         section, name = key.split(".")
         return getattr(getattr(self, section), name)
+
+    def _check_shard_size(self) -> None:
+        from lora_dist.export.layout import parse_size
+
+        size = self.export.max_shard_size
+        try:
+            parse_size(size)
+        except (ValueError, OverflowError):
+            raise ConfigError(f"export.max_shard_size={excerpt(size, 40)} is not a positive size; write it like "
+                              "export.max_shard_size=5GB (or 500MB, 200KB, 2GiB)") from None
+
+
+def read_deepspeed_config(path: str, strategy: str) -> dict[str, Any]:
+    """The DeepSpeed config in the JSON file ``path`` (``parallel.deepspeed_config``) for ``strategy`` (zero1-3).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, not a JSON object, or its ``zero_optimization.stage``
+            is not ``strategy``'s.
+    """
+    key = f"parallel.deepspeed_config={excerpt(path, 120)}"
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: no such file; give the path of a DeepSpeed JSON config, or drop "
+                          "parallel.deepspeed_config to use the generated one")
+    ds = read_json(path, ConfigError, "the DeepSpeed config (parallel.deepspeed_config)")
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{key}: the file holds {excerpt(ds, 40)}, not a JSON object; a DeepSpeed config is "
+                          '{"zero_optimization": {...}, ...}')
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{key}: zero_optimization is {excerpt(zero, 40)}, not an object; write it as "
+                          '"zero_optimization": {"stage": N, ...}')
+    stage, wanted = zero.get("stage"), int(strategy[-1])
+    if stage is not None and str(stage) != str(wanted):
+        other = f" or parallel.strategy=zero{stage}" if str(stage) in ("1", "2", "3") else ""
+        raise ConfigError(f"{key}: zero_optimization.stage is {excerpt(stage, 40)} but parallel.strategy={strategy} "
+                          f"is stage {wanted}; make them agree (\"stage\": {wanted} in the file{other})")
+    return ds
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
@@ -501,7 +551,8 @@ def _shown(value: Any) -> str:
     """A config value as the user wrote it in YAML: true, false and null as such, anything else as a short excerpt."""
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
-    return excerpt(value)
+    text = source_text(value)
+    return excerpt(value) if text is None else clip(text)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -520,14 +571,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         choices = " or ".join(_SPELLED.get(arg) or _type_name(arg) for arg in args)
         raise ConfigError(f"{key} must be {choices}, got {_shown(value)}")
     if hint is Any:
-        return value
+        return plain(value)
     if hint is bool:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key} must be {_SPELLED[bool]}, got {_shown(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return int(value)
         raise ConfigError(f"{key} must be {_SPELLED[int]}, got {_shown(value)}")
     if hint is float:
         # A string too: YAML 1.1 reads "3e-4" (no dot) as a string.
@@ -542,6 +593,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 raise ConfigError(f"{key} must be a finite number, got {_shown(value)}")
         raise ConfigError(f"{key} must be {_SPELLED[float]}, got {_shown(value)}")
     if hint is str:
+        text = source_text(value)  # YAML 1.1 reads 0042 as 34 and 1.10 as 1.1: keep what was written
+        if text is not None:
+            return text
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key} must be {_SPELLED[str]}, got {_shown(value)}")
@@ -552,7 +606,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise ConfigError(f"{key} must be a list, got {_shown(value)}")
     if origin is dict:
         if isinstance(value, dict):
-            return dict(value)
+            return plain(value)
         raise ConfigError(f"{key} must be a mapping, got {_shown(value)}")
     return value
 

@@ -5,8 +5,10 @@ at a cost bounded by that length whatever the value's size (a 580 MB list prints
 short ``[[...], ...]``). Metadata files (``config.json``, indexes, ``adapter_config.json``)
 are read with a size limit, decoded as UTF-8 and parsed as JSON. YAML (run configs and
 overrides) is parsed with limits on size, nesting and alias expansion checked before any
-value is built, so a 373-byte alias bomb costs nothing. Any failure is the caller's
-one-line error type naming the file, the position and the fix, never a
+value is built, so a 373-byte alias bomb costs nothing. A key given twice in one mapping is
+refused (PyYAML would keep the last), and a number keeps the text it was written as
+(:func:`source_text`), so a text key reads ``0042`` or ``1.10`` as written. Any failure is the
+caller's one-line error type naming the file, the position and the fix, never a
 ``UnicodeDecodeError`` or ``RecursionError`` traceback.
 """
 
@@ -29,8 +31,10 @@ __all__ = [
     "clip",
     "excerpt",
     "parse_yaml",
+    "plain",
     "read_json",
     "read_text",
+    "source_text",
     "utf8_error",
 ]
 
@@ -133,6 +137,40 @@ class _TooCostly(Exception):
     """A YAML document over the limits on what a config may cost."""
 
 
+class _Repeated(Exception):
+    """A key given twice in one YAML mapping."""
+
+
+class _Int(int):
+    """An integer read from YAML, with the text it was written as (``0042``, ``0x10``, ``1:30``) in ``.text``."""
+
+    text: str
+
+
+class _Float(float):
+    """A float read from YAML, with the text it was written as (``1.10``, ``1.5e3``) in ``.text``."""
+
+    text: str
+
+
+def source_text(value: Any) -> str | None:
+    """The text a number parsed by :func:`parse_yaml` was written as (``"0042"`` for 34), else None."""
+    return value.text if isinstance(value, (_Int, _Float)) else None
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every number :func:`parse_yaml` built made a plain ``int``/``float``, in lists and dicts too."""
+    if isinstance(value, _Int):
+        return int(value)
+    if isinstance(value, _Float):
+        return float(value)
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    return value
+
+
 class _BoundedLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader with limits on what a document may cost, checked before any value is built.
 
@@ -158,9 +196,38 @@ class _BoundedLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def compose_mapping_node(self, anchor):  # PyYAML's hook
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple[str, str], yaml.Node] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue  # a merge key (<<) may repeat, and its keys give way to the mapping's own
+            first = seen.setdefault((key.tag, key.value), key)
+            if first is not key:
+                raise _Repeated(f"{clip(key.value, 80)!r} is given twice (lines {first.start_mark.line + 1} and "
+                                f"{key.start_mark.line + 1}), and YAML would keep only the second; merge the two "
+                                "into one")
+        return node
+
     def construct_document(self, node):  # PyYAML's hook
         _check_expansion(node)
         return super().construct_document(node)
+
+    def construct_yaml_int(self, node):  # PyYAML's constructor, keeping the text
+        number = _Int(super().construct_yaml_int(node))
+        number.text = node.value
+        return number
+
+    def construct_yaml_float(self, node):  # PyYAML's constructor, keeping the text
+        number = _Float(super().construct_yaml_float(node))
+        number.text = node.value
+        return number
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:float", _BoundedLoader.construct_yaml_float)
+# A config has no dates: 2024-01-01 (an output.dir, a run name) stays the text it is.
+_BoundedLoader.add_constructor("tag:yaml.org,2002:timestamp", _BoundedLoader.construct_scalar)
 
 
 def _check_expansion(root: yaml.Node) -> None:
@@ -207,10 +274,15 @@ def parse_yaml(text: str, error: type[Exception], where: str) -> Any:
         error: the exception type to raise (the caller's user-error type).
         where: what it is, for messages (a file path, or ``override 'lora.r'``).
 
+    Returns:
+        The value. Its numbers are ``int``/``float`` subclasses that keep the text they were written as
+        (:func:`source_text`; :func:`plain` drops it); a date stays its text.
+
     Raises:
         error: larger than :data:`MAX_CONFIG_BYTES`, more than :data:`MAX_YAML_NODES` values or
             deeper than :data:`MAX_YAML_DEPTH` levels with its aliases expanded, a recursive
-            alias, or a value Python cannot hold (an integer with thousands of digits).
+            alias, a key given twice in one mapping, or a value Python cannot hold (an integer
+            with thousands of digits).
         yaml.YAMLError: not valid YAML (the caller decides what that means).
     """
     if len(text) > MAX_CONFIG_BYTES:
@@ -220,6 +292,8 @@ def parse_yaml(text: str, error: type[Exception], where: str) -> Any:
         return loader.get_single_data()
     except _TooCostly as e:
         raise error(f"{where}: refused: {e}; a config is a few plain sections of values") from None
+    except _Repeated as e:
+        raise error(f"{where}: {e}") from None
     except (ValueError, OverflowError, RecursionError) as e:  # e.g. int() of 5000 digits
         problem = "a number has thousands of digits" if "digits" in str(e) else clip(str(e), 120)
         raise error(f"{where}: a value cannot be read ({problem}); check the value") from None

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from lora_dist.errors import UserError
+from lora_dist.errors import ConfigError, UserError
 
 __all__ = [
     "SITE_NETWORK_VARS",
@@ -393,6 +393,16 @@ def _parse_env(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def _check_config(config: str, overrides: list[str]) -> None:
+    """Refuse, at submit time, a config and overrides that ``lora-dist train`` would refuse (an unknown key...)."""
+    from lora_dist.config import load_config
+
+    try:
+        load_config(config, overrides)
+    except ConfigError as e:
+        raise SlurmError(str(e)) from None
+
+
 def run_slurm(
     config: str,
     overrides: list[str],
@@ -410,12 +420,13 @@ def run_slurm(
 ) -> str:
     """Render the multi-node job for ``config`` and, unless ``dry_run``, submit it.
 
-    The script fixes the config (made absolute), the overrides and the current
+    The config is loaded with its overrides before anything is submitted, so
+    what training would refuse fails here. The script fixes the config (made absolute), the overrides and the current
     virtual environment, and exports the :data:`SITE_NETWORK_VARS` set in this
     process's environment plus every ``env`` entry (``env`` wins).
 
     Args:
-        config: Training config (YAML); must exist.
+        config: Training config (YAML); must exist and load with ``overrides``.
         overrides: Dotted ``key.path=value`` config overrides (a leading ``--``
             is dropped).
         nodes: Number of nodes, one torchrun each.
@@ -435,8 +446,8 @@ def run_slurm(
         job id, the kept script and the log.
 
     Raises:
-        SlurmError: bad input (one line naming the problem and the fix), or
-            sbatch missing or refusing the job.
+        SlurmError: bad input, a config or override ``lora-dist train`` would refuse (one line
+            naming the problem and the fix), or sbatch missing or refusing the job.
     """
     overrides = list(overrides)
     if overrides[:1] == ["--"]:
@@ -470,6 +481,7 @@ def run_slurm(
         cpus_per_task=cpus_per_task,
         env=exported,
     )
+    _check_config(config, overrides)
     if dry_run:
         return script
     (output / "logs").mkdir(parents=True, exist_ok=True)

@@ -172,11 +172,24 @@ def test_huge_override_value_is_shown_truncated(good, tmp_path):
     "override, needle",
     [("train.min_lr_ratio=50", "train.min_lr_ratio must be <= 1.0, got 50.0"),
      ("train.lr=1e30", "train.lr must be <= 1.0"),
-     ("lora.alpha_pattern={'(': 2}", "lora.alpha_pattern key '(' is not a valid regex")],
-    ids=["min-lr-ratio", "lr", "alpha-pattern"],
+     ("lora.alpha_pattern={'(': 2}", "lora.alpha_pattern key '(' is not a valid regex"),
+     # parsed only after training before: a ValueError traceback on every rank
+     ("export.max_shard_size=5GBs", "export.max_shard_size='5GBs' is not a positive size")],
+    ids=["min-lr-ratio", "lr", "alpha-pattern", "max-shard-size"],
 )
 def test_config_values_accepted_silently_before(good, tmp_path, override, needle):
     _refused(_train(good, tmp_path / "o", override), needle, out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("text, needle", [(None, "no such file"), ("{'stage': 3}", "is not valid JSON (")],
+                         ids=["missing", "malformed"])
+def test_deepspeed_config_file_is_refused_before_any_work(good, tmp_path, text, needle):
+    """Read only once the data was tokenized before: a FileNotFoundError / JSONDecodeError traceback."""
+    path = tmp_path / "ds.json"
+    if text is not None:
+        path.write_text(text)
+    proc = _train(good, tmp_path / "o", "parallel.strategy=zero3", f"parallel.deepspeed_config={path}")
+    _refused(proc, str(path), "parallel.deepspeed_config", needle, out=tmp_path / "o")
 
 
 def test_non_utf8_yaml_and_data(good, tmp_path):

@@ -413,3 +413,126 @@ def test_tracking_section():
 ])
 def test_a_value_of_the_wrong_type_is_refused_with_what_the_key_takes(override, want):
     assert want in config_error(override)
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("train:\n  steps: 5\nlora:\n  r: 4\ntrain:\n  lr: 1.0e-3\n", "train", "lines 1 and 5"),
+    ("train:\n  steps: 5\n  lr: 1.0e-3\n  steps: 7\n", "steps", "lines 2 and 4"),
+    ("lora: {r: 4, r: 8}\n", "r", "lines 1 and 1"),
+])
+def test_a_key_given_twice_in_a_file_is_refused_naming_it_and_its_lines(config_file, text, key, lines):
+    """PyYAML keeps the last of two equal keys: the first section or value was silently lost."""
+    with pytest.raises(ConfigError) as err:
+        load_config(config_file(text))
+    message = str(err.value)
+    assert "\n" not in message and "run.yaml" in message, message
+    assert f"{key!r} is given twice ({lines})" in message and "merge the two into one" in message, message
+
+
+def test_merge_keys_still_work_and_their_keys_give_way(config_file):
+    cfg = load_config(config_file("train:\n  <<: &base {steps: 10, lr: 1.0e-3}\n  steps: 20\n"))
+    assert (cfg.train.steps, cfg.train.lr) == (20, 1e-3)
+
+
+@pytest.mark.parametrize("key, text", [
+    ("output.dir", "0042"),  # YAML 1.1: octal 34
+    ("output.dir", "1_000"),
+    ("output.dir", "2024-01-01"),  # a date
+    ("tracking.run_name", "1.10"),  # 1.1
+    ("tracking.run_name", "1.5e+3"),
+    ("model.path", "0x10"),  # 16
+    ("checkpoint.resume", "1:30"),  # base 60: 90
+    ("data.chat_template", ".inf"),
+])
+def test_a_text_key_keeps_the_text_yaml_reads_as_a_number(config_file, key, text):
+    section, name = key.split(".")
+    for cfg in (load_config(overrides=[f"{key}={text}"]), load_config(config_file(f"{section}:\n  {name}: {text}\n"))):
+        value = getattr(getattr(cfg, section), name)
+        assert value == text and type(value) is str
+
+
+def test_numbers_stay_plain_numbers(config_file):
+    import json
+
+    cfg = load_config(config_file("train:\n  steps: 0x10\n  lr: 1.0e-3\ndata:\n  path: [{path: a.jsonl, weight: 2}]\n"),
+                      ["train.seed=010", "lora.alpha=16"])
+    assert (cfg.train.steps, cfg.train.seed) == (16, 8)  # YAML 1.1 still reads them for number keys
+    assert type(cfg.train.steps) is int and type(cfg.train.lr) is float and type(cfg.lora.alpha) is float
+    assert type(cfg.data.path[0]["weight"]) is int
+    assert json.loads(json.dumps(config_to_dict(cfg))) == config_to_dict(cfg)
+
+
+def test_a_number_where_text_is_refused_is_shown_as_written():
+    assert "got 0042" in config_error("data.path=0042")
+
+
+@pytest.mark.parametrize("value", ["big", "0GB", "5XB", "-1GB", "5 G B"])
+def test_export_max_shard_size_is_checked_with_the_config(value):
+    """It used to be parsed only after training, a ValueError traceback on every rank."""
+    message = config_error(f"export.max_shard_size={value}")
+    assert message.startswith(f"export.max_shard_size={value!r} is not a positive size") and "5GB" in message
+
+
+@pytest.mark.parametrize("value", ["500MB", "5GB", "2GiB", "1000000", "0.5GB"])
+def test_export_max_shard_sizes_that_parse(value):
+    assert load_config(overrides=[f"export.max_shard_size={value}"]).export.max_shard_size == value
+
+
+@pytest.fixture
+def ds_file(tmp_path):
+    """``ds_file(text) -> path`` of a DeepSpeed JSON config holding ``text``."""
+
+    def write(text: str) -> str:
+        path = tmp_path / "ds.json"
+        path.write_text(text)
+        return str(path)
+
+    return write
+
+
+@pytest.mark.parametrize("strategy, text, match", [
+    ("zero3", None, "no such file; give the path of a DeepSpeed JSON config, or drop parallel.deepspeed_config"),
+    ("zero3", '{"zero_optimization": {"stage": 3},}', "is not valid JSON"),
+    ("zero3", "[3]", "not a JSON object"),
+    ("zero3", '{"zero_optimization": 3}', "zero_optimization is 3, not an object"),
+    ("zero3", '{"zero_optimization": {"stage": 2}}',
+     'zero_optimization.stage is 2 but parallel.strategy=zero3 is stage 3; make them agree ("stage": 3 in the file '
+     "or parallel.strategy=zero2)"),
+    ("zero1", '{"zero_optimization": {"stage": 0}}', "zero_optimization.stage is 0 but parallel.strategy=zero1"),
+    ("fsdp2", '{"zero_optimization": {"stage": 3}}', "used by the zero strategies only, not parallel.strategy=fsdp2"),
+    ("auto", '{"zero_optimization": {"stage": 3}}', "not parallel.strategy=auto"),
+])
+def test_deepspeed_config_file_is_checked_when_a_run_starts(tmp_path, ds_file, strategy, text, match):
+    """A missing or malformed file used to be a FileNotFoundError / JSONDecodeError traceback after tokenization.
+    The strategy is checked with the config; the file when a run starts (``check_launch``, before any work), so
+    a finished run's config whose file moved since still loads (``lora-dist export RUN_DIR``)."""
+    from lora_dist.launch import LaunchEnv
+    from lora_dist.session import check_launch
+
+    path = str(tmp_path / "missing.json") if text is None else ds_file(text)
+    overrides = [f"parallel.strategy={strategy}", f"parallel.deepspeed_config={path}"]
+    if not strategy.startswith("zero"):
+        assert match in config_error(*overrides)
+        return
+    cfg = load_config(overrides=overrides)
+    with pytest.raises(ConfigError) as e:
+        check_launch(cfg, LaunchEnv("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 0))
+    assert match in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_runs_config_whose_deepspeed_file_moved_still_loads(tmp_path):
+    cfg = load_config(overrides=["parallel.strategy=zero3", f"parallel.deepspeed_config={tmp_path / 'gone.json'}"])
+    assert cfg.parallel.deepspeed_config.endswith("gone.json")
+
+
+def test_deepspeed_config_file_without_a_stage_runs_the_strategys(ds_file):
+    from lora_dist.parallel.deepspeed import deepspeed_config
+
+    path = ds_file('{"zero_optimization": {"overlap_comm": true}, "train_batch_size": 64}')
+    cfg = load_config(overrides=["parallel.strategy=zero2", f"parallel.deepspeed_config={path}", "train.grad_accum=4"])
+    ds = deepspeed_config(cfg, None)  # a file's config needs nothing of the model
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["gradient_accumulation_steps"] == 4 and "train_batch_size" not in ds
+    path = ds_file('{"zero_optimization": {"stage": 2}}')
+    cfg = load_config(overrides=["parallel.strategy=zero2", f"parallel.deepspeed_config={path}"])
+    assert deepspeed_config(cfg, None)["zero_optimization"] == {"stage": 2}

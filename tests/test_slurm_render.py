@@ -127,6 +127,20 @@ def test_preemptible_exit_code_matches_the_trainer():
     assert f"\nPREEMPT_EXIT_CODE={PREEMPT_EXIT_CODE}\n" in text
 
 
+@pytest.mark.parametrize("restarts, resume", [(None, "/old/ckpt"), ("0", "/old/ckpt"), ("1", "auto"), ("3", "auto")])
+def test_preemptible_requeue_resumes_its_own_checkpoint_over_an_explicit_one(fake_slurm, restarts, resume):
+    """The first run starts from the checkpoint.resume=DIR given; a requeued one from the job's latest checkpoint,
+    not from DIR again (checkpoint.resume=auto after the user's overrides: the last one wins)."""
+    from lora_dist.config import load_config
+
+    env = {} if restarts is None else {"SLURM_RESTART_COUNT": restarts}
+    argv = fake_slurm(template("preemptible"), "cfg.yaml", "checkpoint.resume=/old/ckpt", "train.lr=1e-4", **env)
+    args = argv[argv.index("lora-dist") + 2 :]
+    assert args[0] == "cfg.yaml" and sorted(args[1:]) == ["checkpoint.resume=/old/ckpt", "checkpoint.resume=auto",
+                                                         "train.lr=1e-4"]
+    assert load_config(None, args[1:]).checkpoint.resume == resume
+
+
 def test_generic_template_launches_torchrun_per_node_on_the_first_node_address(fake_slurm):
     argv = fake_slurm(render_sbatch(), "cfg.yaml", "a.b=1")
     # The whole node's CPUs (SLURM_CPUS_ON_NODE under --exclusive) for torchrun and its workers, unbound.
@@ -419,8 +433,8 @@ def test_run_slurm_dry_run_returns_the_script(config_file, tmp_path):
 
 def test_run_slurm_makes_the_config_absolute_and_takes_a_leading_separator(config_file, monkeypatch):
     monkeypatch.chdir(config_file.parent)
-    script = run_slurm(config_file.name, ["--", "a=1"], dry_run=True)
-    assert f"set -- '{config_file}' a=1\n" in script
+    script = run_slurm(config_file.name, ["--", "lora.r=4"], dry_run=True)
+    assert f"set -- '{config_file}' lora.r=4\n" in script
 
 
 def test_run_slurm_exports_env_and_site_variables(config_file, monkeypatch):
@@ -450,15 +464,22 @@ def test_run_slurm_exports_env_and_site_variables(config_file, monkeypatch):
         ("{config}", [], {"env": ["=x"]}, "invalid --env"),
         ("{config}", [], {"env": ["SLURM_JOB_ID=1"]}, "SLURM_"),
         ("{config}", [], {"output_dir": "my runs"}, "--output-dir"),
+        ("{config}", ["train.lrr=1e-4"], {}, "did you mean 'train.lr'"),  # what training would refuse
+        ("{config}", ["train.steps=many"], {}, "train.steps must be an integer"),
+        ("{bad_config}", [], {}, "unknown config key 'trian'"),
     ],
 )
 def test_run_slurm_bad_input_is_a_one_line_error(
     config_file, tmp_path, monkeypatch, config, overrides, kwargs, message
 ):
     monkeypatch.chdir(tmp_path)
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("trian:\n  steps: 5\n")
+    config = config.replace("{config}", str(config_file)).replace("{bad_config}", str(bad_config))
     with pytest.raises(SlurmError, match=message) as info:
-        run_slurm(config.replace("{config}", str(config_file)), overrides, dry_run=True, **kwargs)
+        run_slurm(config, overrides, dry_run=True, **kwargs)
     assert "\n" not in str(info.value)
+    assert not (tmp_path / "runs").exists(), "nothing submitted"
 
 
 def test_run_slurm_without_sbatch_says_so(config_file, tmp_path, monkeypatch):
@@ -472,7 +493,7 @@ def test_run_slurm_submits_and_returns_the_job_line(config_file, tmp_path, monke
     bin_dir.mkdir()
     write_stub(bin_dir / "sbatch", f'cp "$2" {tmp_path}/submitted.sbatch; echo "77;cluster"\n')
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    text = run_slurm(str(config_file), ["a=1"], output_dir=str(tmp_path / "runs"), job_name="ld")
+    text = run_slurm(str(config_file), ["lora.r=4"], output_dir=str(tmp_path / "runs"), job_name="ld")
     assert text.startswith("submitted job 77: script ")
     assert text.rstrip("\n").endswith(f"log {tmp_path / 'runs' / 'logs'}/ld-77.out")
     (kept,) = (tmp_path / "runs").glob("ld-*.sbatch")
@@ -508,21 +529,21 @@ def test_dry_run_prints_the_script(config_file, tmp_path, capsys):
 
 def test_options_may_come_before_or_after_the_config(config_file, capsys):
     for argv in (
-        ["--nodes", "5", str(config_file), "--dry-run", "--", "a=1"],
-        [str(config_file), "--nodes", "5", "--dry-run", "--", "a=1"],
-        [str(config_file), "--dry-run", "a=1", "--nodes=5"],
+        ["--nodes", "5", str(config_file), "--dry-run", "--", "lora.r=4"],
+        [str(config_file), "--nodes", "5", "--dry-run", "--", "lora.r=4"],
+        [str(config_file), "--dry-run", "lora.r=4", "--nodes=5"],
     ):
         assert cli(argv) == 0
         script = capsys.readouterr().out
         assert "#SBATCH --nodes=5\n" in script
-        assert f"set -- '{config_file}' a=1\n" in script
+        assert f"set -- '{config_file}' lora.r=4\n" in script
 
 
 def test_env_option_exports_in_the_script(config_file, capsys):
-    assert cli([str(config_file), "--dry-run", "--env", "NCCL_IB_HCA=mlx5_0", "a=1", "--env", "NOTE=a b"]) == 0
+    assert cli([str(config_file), "--dry-run", "--env", "NCCL_IB_HCA=mlx5_0", "lora.r=4", "--env", "NOTE=a b"]) == 0
     script = capsys.readouterr().out
     assert "export NCCL_IB_HCA=mlx5_0\n" in script and "export NOTE='a b'\n" in script
-    assert f"set -- '{config_file}' a=1\n" in script
+    assert f"set -- '{config_file}' lora.r=4\n" in script
 
 
 @pytest.mark.parametrize(
@@ -534,6 +555,7 @@ def test_env_option_exports_in_the_script(config_file, capsys):
         (["{config}", "--dry-run", "--bogus"], "--bogus"),  # argparse's message: usage, then the error
         (["{config}", "--dry-run", "--", "not-an-override"], "override"),
         (["{config}", "--dry-run", "--env", "NO_EQUALS"], "invalid --env"),
+        (["{config}", "--dry-run", "--", "lora.rank=8"], "did you mean 'lora.r'"),
     ],
 )
 def test_cli_errors_exit_2_with_a_message(config_file, capsys, argv, message):
@@ -557,7 +579,7 @@ def test_submit_writes_the_script_and_returns_the_job_id(config_file, tmp_path, 
     bin_dir.mkdir()
     write_stub(bin_dir / "sbatch", f'cp "$2" {tmp_path}/submitted.sbatch; echo "77;cluster"\n')
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert cli([str(config_file), "--output-dir", str(tmp_path / "runs"), "--", "a=1"]) == 0
+    assert cli([str(config_file), "--output-dir", str(tmp_path / "runs"), "--", "lora.r=4"]) == 0
     assert "submitted job 77" in capsys.readouterr().out
     (kept,) = (tmp_path / "runs").glob("lora-dist-*.sbatch")
     assert kept.read_text() == (tmp_path / "submitted.sbatch").read_text()

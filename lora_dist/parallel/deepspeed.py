@@ -18,14 +18,13 @@ the new names (:mod:`lora_dist.collectives`).
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from typing import Mapping
 
 import torch
 import torch.distributed as dist
 
-from lora_dist.config import Config
+from lora_dist.config import Config, read_deepspeed_config
 from lora_dist.errors import ConfigError
 from lora_dist.model_dir import text_config
 from lora_dist.parallel.engine import MOMENTS, Engine
@@ -101,7 +100,8 @@ def _largest_block_weight(hf_config) -> int:
 
 def deepspeed_config(cfg: Config, hf_config) -> dict:
     """The DeepSpeed config of a run: generated from ``parallel.*``/``train.*``, or read from
-    ``parallel.deepspeed_config`` with the batch and clipping keys set from ours.
+    ``parallel.deepspeed_config`` with the batch and clipping keys set from ours (and the strategy's
+    ``zero_optimization.stage`` where the file gives none).
 
     Args:
         cfg: the run config.
@@ -111,8 +111,9 @@ def deepspeed_config(cfg: Config, hf_config) -> dict:
     stage = int(p.strategy[-1])
     bucket = int(p.bucket_mb * 1e6 / 4)
     if p.deepspeed_config:
-        with open(p.deepspeed_config) as f:
-            ds = json.load(f)
+        ds = read_deepspeed_config(p.deepspeed_config, p.strategy)
+        # Without a stage DeepSpeed would run stage 0 (no ZeRO): the strategy's.
+        ds["zero_optimization"] = {"stage": stage, **ds.get("zero_optimization", {})}
     else:
         ds = {
             "zero_optimization": {

@@ -440,6 +440,23 @@ def test_mpirun_inside_allocation_is_mpi():
     assert detect_launch_env(environ).launcher == "mpi"
 
 
+@pytest.mark.parametrize("environ, rank", [
+    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"}, "3"),  # Open MPI, no PMI_RANK
+    (_srun(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NTASKS="1", SLURM_NNODES="1",
+           SLURM_TASKS_PER_NODE="1", SLURM_NTASKS_PER_NODE=None, OMPI_COMM_WORLD_RANK="3",
+           OMPI_COMM_WORLD_SIZE="4"), "3"),  # mpirun inside an allocation: SLURM_PROCID is the daemon's
+    (_srun(SLURM_PROCID="1"), "1"),
+    ({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+      "SLURM_PROCID": "0"}, "2"),
+    ({"OMPI_COMM_WORLD_RANK": "x", "OMPI_COMM_WORLD_SIZE": "4"}, "?"),
+])
+def test_cli_log_lines_name_the_rank_the_launch_detection_reads(clean_environ, environ, rank):
+    from lora_dist import cli
+
+    clean_environ.update({k: v for k, v in environ.items() if v is not None})
+    assert cli._launch_rank() == rank
+
+
 def test_nothing_set_is_single_process():
     launch = detect_launch_env({})
     assert launch == LaunchEnv("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 0)
