@@ -19,6 +19,10 @@ counted and logged); a block that cannot take the next document is padded. ``pos
 document boundary: the loss of a block is the token-weighted mean of its documents' losses computed one
 by one. ``data.packing=false`` puts one document in each sequence instead.
 
+Held out (``data.eval_fraction``): the last share of each source's records, chosen before the weights are
+applied and packed into blocks of their own (:mod:`lora_dist.token_cache`): no held-out document is trained on,
+nor split between training and held-out blocks.
+
 Batches are defined globally, independent of the world size: the k-th
 micro-batch of the run is samples ``[k*G, (k+1)*G)`` of an endless, seeded
 shuffle of the blocks (``G`` = global micro-batch), and rank ``r`` of ``W``
@@ -137,7 +141,12 @@ class PackedDataset:
     position_ids: torch.Tensor | None = None  # (n_blocks, seq_len) int32, 0 at each document's start; None: 0..S-1
     lengths: torch.Tensor | None = None  # (n_blocks,) int32 tokens before each row's padding; None: no padding
     stats: DataStats | None = None
+    held_out: "PackedDataset | None" = None
+    """The held-out blocks of the same sources (:func:`load_dataset`'s ``eval_fraction``), or None."""
+    eval_fraction: float = 0.0
+    """The share of each source's records held out of these blocks."""
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
+    _load: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -160,20 +169,20 @@ class PackedDataset:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
-    def _rows(self, sl: slice) -> "PackedDataset":
-        return PackedDataset(self.input_ids[sl], self.labels[sl],
-                             None if self.position_ids is None else self.position_ids[sl],
-                             None if self.lengths is None else self.lengths[sl], self.stats)
-
     def split(self, eval_fraction: float) -> tuple["PackedDataset", "PackedDataset | None"]:
-        """The training blocks and the last ``eval_fraction`` of them (at least one) held out, or None."""
-        n_eval = int(len(self) * eval_fraction)
-        if eval_fraction > 0 and n_eval == 0 and len(self) > 1:
-            n_eval = 1
-        if n_eval == 0:
-            return self, None
-        cut = len(self) - n_eval
-        return self._rows(slice(0, cut)), self._rows(slice(cut, None))
+        """The training blocks and the held-out ones (None where none are) with the last ``eval_fraction`` of each
+        source's records held out (:func:`load_dataset`): these blocks and :attr:`held_out` where they were loaded
+        with that fraction, else the sources loaded again with it (another cache entry).
+
+        Raises:
+            ValueError: blocks not loaded by :func:`load_dataset`, asked for another fraction.
+        """
+        if eval_fraction == self.eval_fraction:
+            return self, self.held_out
+        if self._load is None:
+            raise ValueError(f"these blocks hold out eval_fraction={self.eval_fraction:g} and were not loaded by "
+                             f"load_dataset; load the data with eval_fraction={eval_fraction:g}")
+        return load_dataset(**{**self._load, "eval_fraction": eval_fraction}).split(eval_fraction)
 
     def order(self, epoch: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -331,7 +340,8 @@ def _windowed(config) -> bool:
 
 def load_dataset(path: str | Path | list, tokenizer, seq_len: int, max_positions: int | None = None, *,
                  packing: bool = True, chat_template: str = "", loss_on: str = "all_assistant",
-                 verbose: bool = True, cache_dir: str | Path | None = None, num_proc: int = 0) -> PackedDataset:
+                 verbose: bool = True, cache_dir: str | Path | None = None, num_proc: int = 0,
+                 eval_fraction: float = 0.0) -> PackedDataset:
     """Read, tokenize and pack a source (or a mixture), through the token cache.
 
     Args:
@@ -344,6 +354,9 @@ def load_dataset(path: str | Path | list, tokenizer, seq_len: int, max_positions
         verbose: log the counts (documents split, padding) and the cache entry.
         cache_dir, num_proc: ``data.cache_dir`` (None: ``$LORA_DIST_CACHE`` or ``~/.cache/lora_dist/tokens``),
             ``data.num_proc`` (0: the CPUs, at most 8).
+        eval_fraction: ``data.eval_fraction``: the last share of each source's records (at least one record, if
+            the largest source has two) is held out before the weights are applied, packed into the returned
+            blocks' :attr:`~PackedDataset.held_out`, once each; the blocks returned are the others'.
 
     Raises:
         DataError: missing/empty/malformed source or record (one line: the file, the line or row, the fields
@@ -357,19 +370,36 @@ def load_dataset(path: str | Path | list, tokenizer, seq_len: int, max_positions
     sources = _sources(path, "data.path")
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     cached = cached_blocks(sources, tokenizer, chat_template, loss_on, seq_len, packing, pad_id, cache_dir, num_proc,
-                           verbose)
-    arrays = {name: torch.from_numpy(a) for name, a in cached["arrays"].items()}
+                           verbose, eval_fraction)
     stats = DataStats(**cached["meta"]["stats"])
     where = describe(sources)
     if stats.loss_tokens == 0:
         raise DataError(f"{where}: no token carries a loss (every label is masked); check the record formats "
                         "(the loss falls on completions, outputs and assistant turns)")
+    held_out = None
+    if cached["held_out"] is not None:
+        held_out = _blocks(cached["held_out"], DataStats(**cached["meta"]["eval"]["stats"]))
     if verbose:
         if stats.split:
             log.warning("%s: %d of %d documents are longer than train.seq_len=%d and were split into consecutive "
                         "blocks", where, stats.split, stats.documents, seq_len)
         log.info("%s: %d blocks of %d; %s", where, stats.blocks, seq_len, "; ".join(_counts(stats)))
-    return PackedDataset(arrays["input_ids"], arrays["labels"], arrays["position_ids"], arrays["lengths"], stats)
+        if held_out is not None:
+            log.info("%s: held out (data.eval_fraction=%g): %d records in %d blocks", where, eval_fraction,
+                     sum(held_out.stats.records.values()), len(held_out))
+    data = _blocks(cached["arrays"], stats, held_out, eval_fraction)
+    data._load = {"path": path, "tokenizer": tokenizer, "seq_len": seq_len, "max_positions": max_positions,
+                  "packing": packing, "chat_template": chat_template, "loss_on": loss_on, "verbose": verbose,
+                  "cache_dir": cache_dir, "num_proc": num_proc}
+    return data
+
+
+def _blocks(arrays: dict, stats: DataStats, held_out: PackedDataset | None = None,
+            eval_fraction: float = 0.0) -> PackedDataset:
+    """A :class:`PackedDataset` over a cache entry's memory-mapped arrays."""
+    tensors = {name: torch.from_numpy(a) for name, a in arrays.items()}
+    return PackedDataset(tensors["input_ids"], tensors["labels"], tensors["position_ids"], tensors["lengths"], stats,
+                         held_out, eval_fraction)
 
 
 def _sources(value, key: str) -> list[Source]:
@@ -384,8 +414,8 @@ def _sources(value, key: str) -> list[Source]:
 
 def load_data(cfg, tokenizer, max_positions: int | None = None, verbose: bool = True,
               key: str = "path") -> PackedDataset:
-    """:func:`load_dataset` as a run's :class:`~lora_dist.config.Config` asks (``data.*``, ``train.seq_len``);
-    ``key="eval_path"`` loads the validation source instead."""
+    """:func:`load_dataset` as a run's :class:`~lora_dist.config.Config` asks (``data.*``, ``train.seq_len``;
+    ``data.eval_fraction`` held out); ``key="eval_path"`` loads the validation source instead."""
     d = cfg.data
     value = getattr(d, key)
     if not value:
@@ -398,20 +428,22 @@ def load_data(cfg, tokenizer, max_positions: int | None = None, verbose: bool = 
         packing = False
     return load_dataset(value, tokenizer, cfg.train.seq_len, max_positions, packing=packing,
                         chat_template=d.chat_template, loss_on=d.loss_on, verbose=verbose,
-                        cache_dir=d.cache_dir or None, num_proc=d.num_proc)
+                        cache_dir=d.cache_dir or None, num_proc=d.num_proc,
+                        eval_fraction=d.eval_fraction if key == "path" else 0.0)
 
 
 def load_splits(cfg, tokenizer, max_positions: int | None = None,
                 verbose: bool = True) -> tuple[PackedDataset, PackedDataset | None]:
     """A run's training blocks and its held-out blocks (``None`` when there are none), as ``data.*`` asks:
-    ``data.eval_path``'s blocks, or the last ``data.eval_fraction`` of ``data.path``'s.
+    ``data.eval_path``'s blocks, or those of the last ``data.eval_fraction`` of each ``data.path`` source's
+    records (:func:`load_dataset`).
 
     Collective when a process group is initialized (one rank builds the cache): call on every rank.
     """
     train = load_data(cfg, tokenizer, max_positions, verbose)
     if cfg.data.eval_path:
         return train, load_data(cfg, tokenizer, max_positions, verbose, key="eval_path")
-    return train.split(cfg.data.eval_fraction)
+    return train, train.held_out
 
 
 def _counts(s: DataStats) -> list[str]:
@@ -422,8 +454,19 @@ def _counts(s: DataStats) -> list[str]:
             f"documents split (longer than train.seq_len): {s.split} of {s.documents}"]
 
 
+def _combined(data: PackedDataset) -> DataStats:
+    """The stats of the training blocks and the held-out ones together."""
+    s, h = data.stats, data.held_out.stats if data.held_out is not None else None
+    if h is None:
+        return s
+    records = {k: s.records.get(k, 0) + h.records.get(k, 0) for k in {*s.records, *h.records}}
+    return DataStats(records, *(getattr(s, k) + getattr(h, k) for k in ("documents", "split", "blocks", "tokens",
+                                                                         "loss_tokens")), s.seq_len, s.packing)
+
+
 def _open(cfg) -> tuple[PackedDataset, PackedDataset | None, Any]:
-    """The run's blocks, its held-out blocks and the tokenizer, checked as training checks them."""
+    """The run's blocks (``data.eval_fraction``'s held out in their ``held_out``), ``data.eval_path``'s blocks (or
+    None) and the tokenizer, checked as training checks them."""
     tokenizer = load_tokenizer(cfg.model.path)
     config = read_config_json(cfg.model.path)
     max_pos = config.get("max_position_embeddings") or config.get("n_positions")
@@ -478,7 +521,8 @@ def dump_blocks(cfg, out: str | Path, limit: int | None = None) -> int:
 
     Each line is ``{"input_ids", "labels", "position_ids"}``, the labels aligned with the inputs
     (``-100`` where there is no loss; the loss shifts them). These are ``data.path``'s blocks: the
-    held-out ones are their last ``data.eval_fraction``, or ``data.eval_path``'s blocks (not written).
+    training ones, then those of the records ``data.eval_fraction`` holds out (``data.eval_path``'s blocks are
+    not written).
     ``out`` may not be a data source nor lie in the model dir, and an existing ``out`` is replaced only if it
     is an earlier dump (or empty); the file appears complete or not at all. Returns the number of blocks
     written (at most ``limit``).
@@ -492,12 +536,13 @@ def dump_blocks(cfg, out: str | Path, limit: int | None = None) -> int:
             raise DataError(f"--dump {out} would overwrite an input ({source}); write the blocks elsewhere")
     target, replace = _dump_target(out)
     data, _, _ = _open(cfg)
-    n = len(data) if limit is None else max(0, min(limit, len(data)))
+    rows = [(part, k) for part in (data, data.held_out) if part is not None for k in range(len(part))]
+    rows = rows if limit is None else rows[:max(0, limit)]
     with writing_file(target, encoding="utf-8") if replace else target.open("a", encoding="utf-8") as f:
-        for k in range(n):
-            f.write(json.dumps({"input_ids": data.input_ids[k].tolist(), "labels": data.labels[k].tolist(),
-                                "position_ids": data.position_ids[k].tolist()}) + "\n")
-    return n
+        for part, k in rows:
+            f.write(json.dumps({"input_ids": part.input_ids[k].tolist(), "labels": part.labels[k].tolist(),
+                                "position_ids": part.position_ids[k].tolist()}) + "\n")
+    return len(rows)
 
 
 def summarize(cfg, max_chars: int = 4000) -> str:
@@ -508,10 +553,9 @@ def summarize(cfg, max_chars: int = 4000) -> str:
         DataError, ModelDirError: as :func:`load_dataset` and :func:`load_tokenizer`.
     """
     data, held_out, tokenizer = _open(cfg)
-    s = data.stats
+    s = _combined(data)
     if held_out is None:
-        n_eval = len(data) - len(data.split(cfg.data.eval_fraction)[0])
-        blocks = f"{s.blocks - n_eval} train, {n_eval} eval"
+        blocks = f"{len(data)} train, {0 if data.held_out is None else len(data.held_out)} eval"
     else:
         blocks = f"all train; eval: {len(held_out)} blocks of {describe(_sources(cfg.data.eval_path, 'data.eval_path'))}"
     lines = [f"data: {describe(_sources(cfg.data.path, 'data.path'))}", *_counts(s)[:1],

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 from lora_dist.errors import UserError
 from lora_dist.inputs import excerpt, utf8_error
 
-__all__ = ["CHUNK_ROWS", "DataError", "Source", "SourceSpecError", "check_source", "copies", "describe",
+__all__ = ["CHUNK_ROWS", "DataError", "Source", "SourceSpecError", "check_source", "copies", "count_rows", "describe",
            "drop_nulls", "file_signature", "input_paths", "parse_sources", "read_chunks", "signature_json"]
 
 #: Rows per chunk handed to a tokenization worker.
@@ -283,12 +283,7 @@ def read_chunks(source: Source, chunk_rows: int = CHUNK_ROWS) -> Iterator[list[t
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
     elif kind == "txt":
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError:
-            raise _not_utf8(path) from None
-        paragraphs = (p for p in text.split("\n\n") if p.strip())
-        for k, para in enumerate(paragraphs, 1):
+        for k, para in enumerate(_paragraphs(path), 1):
             chunk.append((k, {"text": para}))
             if len(chunk) == chunk_rows:
                 yield chunk
@@ -303,6 +298,38 @@ def read_chunks(source: Source, chunk_rows: int = CHUNK_ROWS) -> Iterator[list[t
             row += len(rows)
     if chunk:
         yield chunk
+
+
+def count_rows(source: Source) -> int:
+    """How many rows :func:`read_chunks` yields for a source, without parsing them (JSON Lines are counted a
+    line at a time, arrow a batch at a time).
+
+    Raises:
+        DataError: as :func:`read_chunks`.
+    """
+    path = Path(source.path)
+    kind = check_source(source)
+    records = _json_file(path) if kind == "jsonl" and path.suffix == ".json" else None
+    if records is not None:
+        return len(records)
+    if kind == "jsonl":
+        try:
+            with path.open(encoding="utf-8-sig") as f:
+                return sum(1 for line in f if line.strip())
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+    if kind == "txt":
+        return sum(1 for _ in _paragraphs(path))
+    return sum(batch.num_rows for batch, _ in _arrow_batches(path, kind, 1 << 16))
+
+
+def _paragraphs(path: Path) -> Iterator[str]:
+    """The paragraphs of a ``.txt`` file (read whole), blank ones skipped."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    return (p for p in text.split("\n\n") if p.strip())
 
 
 def _arrow_batches(path: Path, kind: str, chunk_rows: int):

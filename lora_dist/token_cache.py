@@ -1,11 +1,18 @@
 """Tokenize once: packed blocks built in parallel into a memory-mapped cache every rank and restart reuses.
 
-An entry is a dir ``<cache_dir>/<key>/`` holding ``input_ids.bin``, ``labels.bin``, ``position_ids.bin``
-(``n_blocks x seq_len`` int32, native byte order) and ``lengths.bin`` (``n_blocks`` int32), plus
-``meta.json`` (the key, the shape, the byte order, the stats). The key is a SHA-256 of everything the
+An entry is a dir ``<cache_dir>/<key>/`` holding the training blocks, ``input_ids.bin``, ``labels.bin``,
+``position_ids.bin`` (``n_blocks x seq_len`` int32, native byte order) and ``lengths.bin`` (``n_blocks``
+int32), the held-out blocks likewise as ``eval_*.bin`` where ``eval_fraction`` holds some out, plus
+``meta.json`` (the key, the shapes, the byte order, the stats). The key is a SHA-256 of everything the
 blocks depend on (:func:`cache_key`): the sources (path, weight, and every file's size and mtime), the
-tokenizer (its serialized vocabulary, merges, normalizer and special tokens), the chat template,
-``loss_on``, ``seq_len``, ``packing``, the padding id and :data:`FORMAT`.
+tokenizer (its serialized vocabulary, merges, normalizer and special tokens, not the truncation and padding
+that transformers sets at each call), the chat template, ``loss_on``, ``seq_len``, ``packing``, the padding
+id, ``eval_fraction`` and :data:`FORMAT`.
+
+Held out (``eval_fraction``): the last ``eval_fraction`` of each source's records (at least one record
+where there are two or more), chosen by their place in the source before its weight is applied. They are
+packed into blocks of their own, once each; every pass of the training side skips them, so no held-out
+document is trained on, nor split between the two.
 
 Building (:func:`build`): rows are read a chunk at a time (:mod:`lora_dist.sources`), parsed and
 tokenized by ``num_proc`` worker processes (at most two chunks per worker in flight), and packed in
@@ -40,7 +47,8 @@ import numpy as np
 from lora_dist.atomic import publish_dir, staging_dir
 from lora_dist.chat import ChatError, parse_record, resolve_template, tokenize_record
 from lora_dist.packing import BLOCK_ARRAYS, DTYPE, Packer
-from lora_dist.sources import DataError, Source, check_source, copies, read_chunks, signature_json
+from lora_dist.inputs import clip
+from lora_dist.sources import DataError, Source, check_source, copies, count_rows, read_chunks, signature_json
 
 __all__ = ["FORMAT", "build", "cache_key", "cached_blocks", "default_cache_dir", "default_num_proc", "open_entry"]
 
@@ -54,7 +62,9 @@ log = logging.getLogger(__name__)
 #: refused.
 #: 5: a conversation whose system or user message its template drops (Mistral v0.3's system message) is refused;
 #: a template that renders text only from content parts (SmolVLM, Idefics3, LLaVA-NeXT) is handed parts.
-FORMAT = 5
+#: 6: the held-out records (``eval_fraction``, in the key) are chosen before the weights and packed apart
+#: (``eval_*.bin``); the tokenizer's fingerprint leaves out its truncation and padding.
+FORMAT = 6
 #: Chunks in flight per tokenization worker.
 IN_FLIGHT = 2
 
@@ -74,11 +84,18 @@ def default_num_proc() -> int:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of what decides the tokenizer's output: its serialized model and special tokens."""
+    """A hash of what decides the tokenizer's output: its serialized model and special tokens.
+
+    The backend's ``truncation`` and ``padding`` are left out: transformers sets them at each call (it turns a
+    saved ``truncation`` off at the first encode), so the fingerprint is the same before and after tokenizing.
+    """
     h = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
+        serialized = json.loads(backend.to_str())
+        for runtime in ("truncation", "padding"):
+            serialized.pop(runtime, None)
+        h.update(json.dumps(serialized, sort_keys=True).encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     special = {k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()}
@@ -88,10 +105,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(sources: list[Source], tokenizer, template: str | None, loss_on: str, seq_len: int, packing: bool,
-              pad_id: int) -> str:
+              pad_id: int, eval_fraction: float = 0.0) -> str:
     """The key of the blocks these inputs make (see the module docstring)."""
     parts = [FORMAT, signature_json(sources), tokenizer_fingerprint(tokenizer), template, loss_on, seq_len, packing,
-             pad_id]
+             pad_id, float(eval_fraction)]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
@@ -131,6 +148,10 @@ def _tokenize_chunk(task: tuple[str, str, list[tuple[int, Any]]]) -> tuple[dict,
             d_ids, d_labels = tokenize_record(record, tok, template, loss_on)
         except ChatError as e:
             raise DataError(f"{where}: {e}") from None
+        except MemoryError:
+            raise
+        except Exception as e:  # the tokenizer's own (the Rust tokenizer's TypeError on a lone surrogate)
+            raise _tokenizer_error(where, row, e) from e
         kinds[record.kind] += 1
         ids += d_ids
         labels += d_labels
@@ -138,24 +159,78 @@ def _tokenize_chunk(task: tuple[str, str, list[tuple[int, Any]]]) -> tuple[dict,
     return (dict(kinds), np.asarray(ids, DTYPE), np.asarray(labels, DTYPE), np.asarray(lengths, np.int64))
 
 
-def _tasks(sources: list[Source]):
-    """Every chunk to tokenize, in order: each source's passes (``ceil(weight)``), each pass's rows kept
-    as :func:`~lora_dist.sources.copies` says (drawn by the row's line number or index)."""
+def _surrogate(value: Any, name: str = "") -> tuple[str, int] | None:
+    """Where the first lone UTF-16 surrogate in a record is: ``(field, character index)``, or None."""
+    if isinstance(value, str):
+        k = next((k for k, c in enumerate(value) if "\ud800" <= c <= "\udfff"), None)
+        return None if k is None else (name, k)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        field = f"{name}[{key}]" if isinstance(key, int) else f"{name}.{key}" if name else str(key)
+        found = _surrogate(item, field)
+        if found is not None:
+            return found
+    return None
+
+
+def _tokenizer_error(where: str, row: Any, error: Exception) -> DataError:
+    """The one-line error for a record the tokenizer fails on, naming the field where it is a lone surrogate."""
+    found = _surrogate(row)
+    if found is not None:
+        field, k = found
+        return DataError(f"{where}: field {field} holds a lone UTF-16 surrogate at character {k} (a broken emoji or "
+                         "escape, e.g. \\ud800 in JSON), which no tokenizer encodes; replace or drop the character "
+                         "(e.g. text.encode('utf-8', 'replace').decode()) or drop the record")
+    reason = clip(" ".join(f"{type(error).__name__}: {error}".split()), 160)
+    return DataError(f"{where}: the tokenizer fails on this record ({reason}); fix or drop the record")
+
+
+def held_out_from(sources: list[Source], eval_fraction: float) -> list[float]:
+    """Where each source's held-out rows start (its last ``int(rows * eval_fraction)`` rows; where that is
+    none at all, the last row of the largest source, if it has two or more): a row index counted from 0, or
+    ``inf`` where none is held out."""
+    if eval_fraction <= 0:
+        return [math.inf] * len(sources)
+    rows = [count_rows(s) for s in sources]
+    held = [int(n * eval_fraction) for n in rows]
+    largest = max(range(len(rows)), key=rows.__getitem__)
+    if not any(held) and rows[largest] > 1:
+        held[largest] = 1
+    return [n - h if h else math.inf for n, h in zip(rows, held)]
+
+
+def _tasks(sources: list[Source], eval_fraction: float = 0.0):
+    """Every chunk to tokenize, in order, as ``(part, chunk)``: ``"eval"`` for the held-out rows
+    (:func:`held_out_from`; in the first pass only, once each), ``"train"`` for the others: each source's
+    passes (``ceil(weight)``), each pass's rows kept as :func:`~lora_dist.sources.copies` says (drawn by the
+    row's line number or index)."""
+    cuts = held_out_from(sources, eval_fraction)
     for si, source in enumerate(sources):
         kind = check_source(source)
         for p in range(math.ceil(source.weight)):
+            seen = 0
             for chunk in read_chunks(source):
+                first, seen = seen, seen + len(chunk)
+                if seen > cuts[si]:  # the held-out rows are the source's last
+                    k = max(0, int(cuts[si]) - first)
+                    if p == 0:
+                        yield "eval", (source.path, kind, chunk[k:])
+                    chunk = chunk[:k]
                 if p >= math.floor(source.weight):
                     chunk = [(pos, row) for pos, row in chunk if copies(source.weight, si, pos) > p]
                 if chunk:
-                    yield (source.path, kind, chunk)
+                    yield "train", (source.path, kind, chunk)
+
+
+#: The file name prefix of the held-out blocks' arrays in an entry.
+EVAL_PREFIX = "eval_"
 
 
 class _Files:
-    """The block arrays of an entry being built, appended to as blocks arrive."""
+    """The block arrays of an entry being built (``prefix``: the held-out ones), appended to as blocks arrive."""
 
-    def __init__(self, root: Path):
-        self.handles = {name: (root / f"{name}.bin").open("wb") for name in BLOCK_ARRAYS}
+    def __init__(self, root: Path, prefix: str = ""):
+        self.handles = {name: (root / f"{prefix}{name}.bin").open("wb") for name in BLOCK_ARRAYS}
 
     def write(self, arrays: dict[str, np.ndarray]) -> None:
         for name, a in arrays.items():
@@ -167,31 +242,48 @@ class _Files:
 
 
 def build(final: Path, key: str, sources: list[Source], tokenizer, template: str | None, loss_on: str, seq_len: int,
-          packing: bool, pad_id: int, num_proc: int) -> dict:
+          packing: bool, pad_id: int, num_proc: int, eval_fraction: float = 0.0) -> dict:
     """Tokenize and pack ``sources`` into the entry ``final``, published atomically; returns its meta.
 
     Raises:
-        DataError: a source or record that cannot be used, or no record at all.
+        DataError: a source or record that cannot be used, or no record at all to train on.
     """
     staging = staging_dir(final)
+    files: dict[str, _Files] = {}
     try:
-        files = _Files(staging)
-        packer = Packer(seq_len, packing, pad_id, files.write)
-        kinds: Counter = Counter()
-        for chunk_kinds, ids, labels, lengths in _tokenized(sources, tokenizer, template, loss_on, num_proc):
-            kinds.update(chunk_kinds)
+        files["train"] = _Files(staging)
+        if eval_fraction > 0:
+            files["eval"] = _Files(staging, EVAL_PREFIX)
+        packers = {part: Packer(seq_len, packing, pad_id, f.write) for part, f in files.items()}
+        kinds: dict[str, Counter] = {part: Counter() for part in files}
+        for part, (chunk_kinds, ids, labels, lengths) in _tokenized(sources, tokenizer, template, loss_on, num_proc,
+                                                                    eval_fraction):
+            kinds[part].update(chunk_kinds)
             start = 0
             for n in lengths.tolist():
-                packer.add(ids[start:start + n], labels[start:start + n])
+                packers[part].add(ids[start:start + n], labels[start:start + n])
                 start += n
-        packer.finish()
-        files.close()
-        if not kinds:
-            raise DataError(f"data.path {', '.join(repr(s.path) for s in sources)} holds no records")
+        for part, packer in packers.items():
+            packer.finish()
+            files[part].close()
+        if not kinds["train"]:
+            besides = f" besides the held-out ones; lower data.eval_fraction={eval_fraction:g}"
+            raise DataError(f"data.path {', '.join(repr(s.path) for s in sources)} holds no records"
+                            f"{besides if kinds.get('eval') else ''}")
+        if "eval" in files and not kinds["eval"]:  # nothing held out (one record)
+            for name in BLOCK_ARRAYS:
+                (staging / f"{EVAL_PREFIX}{name}.bin").unlink()
+
+        def stats(part: str) -> dict:
+            packer = packers[part]
+            return {"records": dict(kinds[part]), "documents": packer.documents, "split": packer.split,
+                    "blocks": packer.blocks, "tokens": packer.tokens, "loss_tokens": packer.loss_tokens,
+                    "seq_len": seq_len, "packing": packing}
+
+        packer = packers["train"]
+        held_out = {"n_blocks": packers["eval"].blocks, "stats": stats("eval")} if kinds.get("eval") else None
         meta = {"format": FORMAT, "key": key, "byteorder": sys.byteorder, "seq_len": seq_len, "n_blocks": packer.blocks,
-                "stats": {"records": dict(kinds), "documents": packer.documents, "split": packer.split,
-                          "blocks": packer.blocks, "tokens": packer.tokens, "loss_tokens": packer.loss_tokens,
-                          "seq_len": seq_len, "packing": packing},
+                "stats": stats("train"), "eval_fraction": eval_fraction, "eval": held_out,
                 "sources": [[s.path, s.weight] for s in sources]}
         (staging / "meta.json").write_text(json.dumps(meta))
         try:
@@ -200,58 +292,77 @@ def build(final: Path, key: str, sources: list[Source], tokenizer, template: str
             pass
         return meta
     finally:
+        for f in files.values():
+            f.close()
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _tokenized(sources: list[Source], tokenizer, template: str | None, loss_on: str, num_proc: int):
-    """Each chunk's tokenized documents, in order; ``num_proc`` > 1 tokenizes in worker processes."""
-    tasks = _tasks(sources)
+def _tokenized(sources: list[Source], tokenizer, template: str | None, loss_on: str, num_proc: int,
+               eval_fraction: float = 0.0):
+    """Each chunk's tokenized documents, in order, as ``(part, documents)`` (:func:`_tasks`); ``num_proc`` > 1
+    tokenizes in worker processes."""
+    tasks = _tasks(sources, eval_fraction)
     if num_proc <= 1:
         _init_worker(tokenizer, template, loss_on)
-        for task in tasks:
-            yield _tokenize_chunk(task)
+        for part, task in tasks:
+            yield part, _tokenize_chunk(task)
         return
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with context.Pool(num_proc, _init_worker, (tokenizer, template, loss_on)) as pool:
         pending: deque = deque()
-        for task in tasks:
-            pending.append(pool.apply_async(_tokenize_chunk, (task,)))
+        for part, task in tasks:
+            pending.append((part, pool.apply_async(_tokenize_chunk, (task,))))
             if len(pending) >= IN_FLIGHT * num_proc:
-                yield pending.popleft().get()
+                part, result = pending.popleft()
+                yield part, result.get()
         while pending:
-            yield pending.popleft().get()
+            part, result = pending.popleft()
+            yield part, result.get()
 
 
 def open_entry(entry: Path, key: str) -> dict | None:
-    """An entry's meta and block arrays (read-only memory maps), or None where it is missing, partial or
-    not this key's."""
+    """An entry's meta and block arrays (read-only memory maps), ``"held_out"`` the held-out blocks' (None where
+    none are), or None where it is missing, partial or not this key's."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         n, S = int(meta["n_blocks"]), int(meta["seq_len"])
-        if meta.get("format") != FORMAT or meta.get("key") != key or meta.get("byteorder") != sys.byteorder or n < 1:
+        if meta.get("format") != FORMAT or meta.get("key") != key or meta.get("byteorder") != sys.byteorder:
             return None
-        arrays = {}
-        for name, shape in BLOCK_ARRAYS.items():
-            path = entry / f"{name}.bin"
-            dims = (n, S) if shape == "row" else (n,)
-            if path.stat().st_size != int(np.prod(dims)) * np.dtype(DTYPE).itemsize:
-                return None
-            arrays[name] = np.memmap(path, dtype=DTYPE, mode="c", shape=dims)  # copy-on-write: never written back
+        arrays = _maps(entry, "", n, S)
+        held_out = None if meta["eval"] is None else _maps(entry, EVAL_PREFIX, int(meta["eval"]["n_blocks"]), S)
+        if arrays is None or (held_out is None and meta["eval"] is not None):
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return {"meta": meta, "arrays": arrays}
+    return {"meta": meta, "arrays": arrays, "held_out": held_out}
+
+
+def _maps(entry: Path, prefix: str, n: int, S: int) -> dict[str, np.ndarray] | None:
+    """The ``n`` blocks' arrays of an entry, memory-mapped, or None where a file has not the size they need."""
+    if n < 1:
+        return None
+    arrays = {}
+    for name, shape in BLOCK_ARRAYS.items():
+        path = entry / f"{prefix}{name}.bin"
+        dims = (n, S) if shape == "row" else (n,)
+        if path.stat().st_size != int(np.prod(dims)) * np.dtype(DTYPE).itemsize:
+            return None
+        arrays[name] = np.memmap(path, dtype=DTYPE, mode="c", shape=dims)  # copy-on-write: never written back
+    return arrays
 
 
 def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on: str, seq_len: int, packing: bool,
                   pad_id: int, cache_dir: str | Path | None = None, num_proc: int = 0,
-                  verbose: bool = True) -> dict:
+                  verbose: bool = True, eval_fraction: float = 0.0) -> dict:
     """The packed blocks of ``sources`` from the cache, built there first where missing (collective when a
-    process group is initialized: call on every rank).
+    process group is initialized: call on every rank), the last ``eval_fraction`` of each source's records
+    held out (see the module docstring).
 
     Returns:
-        ``{"meta", "arrays", "entry", "built"}``: the entry's meta (stats included), its memory-mapped
-        arrays, its dir and whether this process built it.
+        ``{"meta", "arrays", "held_out", "entry", "built"}``: the entry's meta (stats included), its
+        memory-mapped training arrays and held-out arrays (None where none are held out), its dir and whether
+        this process built it.
 
     Raises:
         DataError: as :func:`build`, on every rank.
@@ -268,7 +379,7 @@ def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on:
             raise DataError(str(e)) from None
         for s in sources:
             check_source(s)
-        key = cache_key(sources, tokenizer, template, loss_on, seq_len, packing, pad_id)
+        key = cache_key(sources, tokenizer, template, loss_on, seq_len, packing, pad_id, eval_fraction)
     except Exception as e:
         error = e
     RankGroup().check(error)
@@ -283,7 +394,7 @@ def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on:
             except OSError as e:
                 raise DataError(f"cannot create the token cache {root} ({e.strerror}); set data.cache_dir "
                                 "(or $LORA_DIST_CACHE) to a writable dir") from None
-            build(entry, key, sources, tokenizer, template, loss_on, seq_len, packing, pad_id, workers)
+            build(entry, key, sources, tokenizer, template, loss_on, seq_len, packing, pad_id, workers, eval_fraction)
             built.append(True)
 
     # The other ranks wait for the build however long it takes, not parallel.timeout_s.

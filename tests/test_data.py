@@ -154,6 +154,41 @@ def test_undecodable_files_are_one_line(tokenizer, tmp_path, name, content, matc
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("num_proc", [1, 2])
+@pytest.mark.parametrize("record, field", [
+    ('{"text": "broken \\ud800 emoji"}', "field text holds a lone UTF-16 surrogate at character 7"),
+    ('{"prompt": "q \\ud83d", "completion": "a"}', "field prompt holds a lone UTF-16 surrogate at character 2"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo \\udc80"}]}',
+     r"field messages\[1\]\.content holds a lone UTF-16 surrogate at character 3"),
+], ids=["text", "prompt_completion", "messages"])
+def test_a_lone_surrogate_is_one_line_naming_the_record_and_field(tokenizer, tmp_path, record, field, num_proc):
+    """JSON's "\\ud800" (scraped dumps, a broken emoji) decodes to a lone surrogate, which the Rust tokenizer
+    refuses with a bare TypeError (before: a traceback naming no file), in the process and in a worker."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n' + record + "\n")
+    with pytest.raises(DataError, match=rf"d.jsonl:2: {field} .*; replace or drop the character") as err:
+        load_dataset(path, tokenizer, seq_len=32, chat_template="chatml", num_proc=num_proc)
+    assert "\n" not in str(err.value)
+
+
+def test_any_tokenizer_error_names_the_record(tokenizer, tmp_path, monkeypatch):
+    import lora_dist.token_cache as token_cache
+
+    real = token_cache.tokenize_record
+
+    def fails(record, tok, *args):
+        if "boom" in str(record):
+            raise RuntimeError("the tokenizer broke\non two lines")
+        return real(record, tok, *args)
+    monkeypatch.setattr(token_cache, "tokenize_record", fails)
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": "boom"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:3: the tokenizer fails on this record \(RuntimeError: the tokenizer "
+                                        r"broke on two lines\); fix or drop the record") as err:
+        load_dataset(path, tokenizer, seq_len=32, num_proc=1)
+    assert isinstance(err.value.__cause__, RuntimeError)
+
+
 def test_bom_and_crlf_files_read_as_before(tokenizer, tmp_path):
     rows = [json.dumps({"text": "hello world"})] * 40
     plain, bom = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"

@@ -194,8 +194,10 @@ def test_the_training_api_of_before_still_works(setup):
     width = batch["input_ids"].shape[1]
     assert torch.equal(batch["input_ids"], ids[:, :width]) and torch.equal(batch["labels"], labels[:, :width])
     assert (labels[:, width:] == IGNORE).all()
-    train, held_out = ds.split(0.2)
-    assert len(train) + len(held_out) == len(ds) and torch.equal(held_out.position_ids, ds.position_ids[len(train):])
+    train, held_out = ds.split(0.2)  # the last 20% of the records (4 of 24), packed apart
+    assert sum(held_out.stats.records.values()) == 4 and sum(train.stats.records.values()) == 20
+    again, same_held_out = train.split(0.2)  # loaded with that fraction: the same blocks
+    assert again is train and same_held_out is held_out and len(train) < len(ds)
 
 
 def test_block_causal_mask():
@@ -216,11 +218,10 @@ def test_dump_and_summary(setup, tmp_path):
     out = tmp_path / "blocks.jsonl"
     n = dump_blocks(cfg, out)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    ds = load_dataset(data, tok, SEQ, chat_template="chatml")
-    assert n == len(lines) == len(ds)
-    assert [line["input_ids"] for line in lines] == ds.input_ids.tolist()
-    assert [line["labels"] for line in lines] == ds.labels.tolist()
-    assert [line["position_ids"] for line in lines] == ds.position_ids.tolist()
+    ds = load_dataset(data, tok, SEQ, chat_template="chatml", eval_fraction=0.1)  # the training blocks, then the
+    assert n == len(lines) == len(ds) + len(ds.held_out)  # held-out ones
+    for key in ("input_ids", "labels", "position_ids"):
+        assert [line[key] for line in lines] == getattr(ds, key).tolist() + getattr(ds.held_out, key).tolist()
     assert dump_blocks(cfg, tmp_path / "two.jsonl", limit=2) == 2
     assert dump_blocks(cfg, out, limit=2) == 2  # an earlier dump is replaced, whole
     assert len(out.read_text().splitlines()) == 2
@@ -238,8 +239,9 @@ def test_dump_and_summary(setup, tmp_path):
     assert dump_blocks(cfg, "/dev/null", limit=2) == 2  # a device is written as a stream, never replaced
     assert Path("/dev/null").is_char_device()
     text = summarize(cfg)
-    s = ds.stats
+    s, h = ds.stats, ds.held_out.stats
     assert "records: 24 (8 completion, 8 messages, 8 text)" in text
-    assert f"blocks: {s.blocks} of train.seq_len={SEQ}" in text and f"tokens with a loss: {s.loss_tokens}" in text
-    assert f"documents split (longer than train.seq_len): {s.split} of 24" in text and s.split >= 1
+    assert f"blocks: {s.blocks + h.blocks} of train.seq_len={SEQ} ({s.blocks} train, {h.blocks} eval)" in text
+    assert f"tokens with a loss: {s.loss_tokens + h.loss_tokens}" in text
+    assert f"documents split (longer than train.seq_len): {s.split + h.split} of 24" in text and s.split >= 1
     assert "[[<|im_start|>user\n" in text  # the first block's masked text is marked

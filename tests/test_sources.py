@@ -4,6 +4,7 @@ mixtures with weights; a validation path of its own; one-line errors for what ca
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -146,12 +147,54 @@ def test_eval_path_gives_the_held_out_blocks(tiny_checkpoint, tok, tmp_path):
     assert_same_blocks(train, load_dataset(train_file, tok, SEQ))  # all of data.path trains
     assert_same_blocks(held_out, load_dataset(eval_file, tok, SEQ))
     fraction = load_config(None, [f"data.path={train_file}", f"train.seq_len={SEQ}", "data.eval_fraction=0.2"])
-    tr, ev = load_splits(fraction, tok)
-    assert len(tr) + len(ev) == len(train) and len(ev) == int(len(train) * 0.2)
+    tr, ev = load_splits(fraction, tok)  # the last 20% of the records, packed apart
+    rows = [json.loads(line) for line in train_file.read_text().splitlines()]
+    assert_same_blocks(tr, load_dataset(write_jsonl(tmp_path / "first.jsonl", rows[:40]), tok, SEQ))
+    assert_same_blocks(ev, load_dataset(write_jsonl(tmp_path / "last.jsonl", rows[40:]), tok, SEQ))
     with pytest.raises(ConfigError, match="data.eval_path and data.eval_fraction=0.2 both choose the held-out data"):
         load_config(None, [f"data.path={train_file}", f"data.eval_path={eval_file}", "data.eval_fraction=0.2"])
     explicit_zero = load_config(None, [f"data.path={train_file}", f"data.eval_path={eval_file}", "data.eval_fraction=0"])
     assert explicit_zero.data.eval_fraction == 0
+
+
+def documents(ds) -> list[tuple[int, ...]]:
+    """Every document (or piece of one) of the blocks, as its token ids."""
+    out = []
+    for k in range(len(ds)):
+        n = int(ds.lengths[k])
+        ids, pos = ds.input_ids[k, :n].tolist(), ds.position_ids[k, :n].tolist()
+        starts = [i for i, p in enumerate(pos) if p == 0] + [n]
+        out += [tuple(ids[a:b]) for a, b in zip(starts, starts[1:])]
+    return out
+
+
+@pytest.mark.parametrize("weights", [(2,), (1.5,), (2, 0.5), (1,)])
+def test_held_out_records_are_never_trained_on(tok, tmp_path, weights):
+    """data.eval_fraction holds out the last share of each source's records before the weights repeat them, once
+    each and in blocks of their own: no held-out document is in a training block, even with weight 2 or 1.5
+    (before: the last blocks were held out, later copies of records whose first copies trained), and a long one
+    is not split between the two (before: the cut was a block index)."""
+    texts = demo_texts(100, seed=6)
+    texts[88] = " ".join(texts[:12])  # longer than SEQ, just before the cut; the next one just after it
+    texts[90] = " ".join(texts[12:24])
+    pa = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{k}: {t}"} for k, t in enumerate(texts)])
+    pb = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{k}: ", "completion": t} for k, t in enumerate(texts[:40])])
+    paths = [pa, pb][:len(weights)]
+    mix = [{"path": str(p), "weight": w} for p, w in zip(paths, weights)]
+    train, held_out = load_dataset(mix, tok, SEQ, num_proc=1).split(0.1)
+    rows = [[json.loads(line) for line in p.read_text().splitlines()] for p in paths]
+    held = [r[len(r) - len(r) // 10:] for r in rows]  # the last 10% of each source
+    assert held_out.stats.records == {"text": 10} | ({"completion": 4} if len(paths) > 1 else {})
+    assert_same_blocks(held_out, load_dataset(write_jsonl(tmp_path / "held.jsonl", sum(held, [])), tok, SEQ))
+    eval_docs, train_docs = set(documents(held_out)), set(documents(train))
+    assert eval_docs and not eval_docs & train_docs
+    text = {tok.decode(d) for d in train_docs}
+    assert not any(f"a{k}:" in t for t in text for k in range(90, 100))
+    assert not any(f"b{k}:" in t for t in text for k in range(36, 40))
+    kept = [[row for p in range(math.ceil(w)) for line, row in enumerate(r[:len(r) - len(h)], 1)
+             if copies(w, si, line) > p] for si, (r, h, w) in enumerate(zip(rows, held, weights))]  # pass by pass
+    assert_same_blocks(train, load_dataset(write_jsonl(tmp_path / "kept.jsonl", sum(kept, [])), tok, SEQ))
+    assert train.fingerprint() != load_dataset(mix, tok, SEQ).fingerprint()
 
 
 def test_sources_in_yaml_and_overrides(tmp_path):

@@ -63,19 +63,20 @@ def test_a_second_load_maps_the_cache_without_tokenizing(tok, data, tmp_path, ch
 
 
 def test_parallel_build_equals_in_process_build(tok, data, tmp_path):
-    one = load_dataset(data, tok, SEQ, cache_dir=tmp_path / "a", num_proc=1)
-    two = load_dataset(data, tok, SEQ, cache_dir=tmp_path / "b", num_proc=2)
+    one = load_dataset(data, tok, SEQ, cache_dir=tmp_path / "a", num_proc=1, eval_fraction=0.1)
+    two = load_dataset(data, tok, SEQ, cache_dir=tmp_path / "b", num_proc=2, eval_fraction=0.1)
     assert same(one, two) and one.stats == two.stats
+    assert same(one.held_out, two.held_out) and one.held_out.stats == two.held_out.stats
 
 
-@pytest.mark.parametrize("damage", ["truncate", "meta", "missing_file", "other_key"])
+@pytest.mark.parametrize("damage", ["truncate", "truncate_held_out", "meta", "missing_file", "other_key"])
 def test_a_damaged_entry_is_rebuilt_not_trusted(tok, data, tmp_path, chunks, damage):
     cache = tmp_path / "cache"
-    ref = load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)
-    ref_bytes = ref.input_ids.numpy().tobytes()
+    ref = load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1, eval_fraction=0.1)
+    ref_bytes = ref.input_ids.numpy().tobytes() + ref.held_out.labels.numpy().tobytes()
     (entry,) = entries(cache)
-    if damage == "truncate":
-        with (entry / "labels.bin").open("r+b") as f:
+    if damage.startswith("truncate"):
+        with (entry / f"{'eval_' if damage == 'truncate_held_out' else ''}labels.bin").open("r+b") as f:
             f.truncate(100)
     elif damage == "meta":
         (entry / "meta.json").write_text('{"format": 1, "key": "')
@@ -85,8 +86,9 @@ def test_a_damaged_entry_is_rebuilt_not_trusted(tok, data, tmp_path, chunks, dam
         meta = json.loads((entry / "meta.json").read_text())
         (entry / "meta.json").write_text(json.dumps(meta | {"key": "0" * 32}))
     chunks.clear()
-    rebuilt = load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)
-    assert len(chunks) > 0 and rebuilt.input_ids.numpy().tobytes() == ref_bytes
+    rebuilt = load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1, eval_fraction=0.1)
+    assert len(chunks) > 0
+    assert rebuilt.input_ids.numpy().tobytes() + rebuilt.held_out.labels.numpy().tobytes() == ref_bytes
     assert token_cache.open_entry(entry, entry.name) is not None
 
 
@@ -113,11 +115,34 @@ def test_what_the_blocks_depend_on_is_in_the_key(tok, data, tmp_path):
     other_tok = make_tokenizer()
     other_tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
     load_dataset(data, other_tok, SEQ, cache_dir=cache)
-    assert len(entries(cache)) == 5
+    load_dataset(data, tok, SEQ, cache_dir=cache, eval_fraction=0.1)
+    assert len(entries(cache)) == 6
     with data.open("a") as f:  # the data changes: a new entry, the new record in it
         f.write(json.dumps({"text": "one more record"}) + "\n")
     grown = load_dataset(data, tok, SEQ, cache_dir=cache)
-    assert len(entries(cache)) == 6 and grown.stats.documents == base.stats.documents + 1
+    assert len(entries(cache)) == 7 and grown.stats.documents == base.stats.documents + 1
+
+
+def test_the_key_does_not_change_once_the_tokenizer_has_been_used(data, tmp_path):
+    """transformers turns a saved tokenizer.json's truncation (and padding) off at the first encode, which changed
+    ``backend_tokenizer.to_str()``: a rank that had tokenized (rank 0, data.path in-process) then keyed
+    data.eval_path's entry differently from the ranks that had not, and they looked for different entries."""
+    from transformers import AutoTokenizer
+
+    from lora_dist.sources import parse_sources
+
+    saved = make_tokenizer()
+    saved.backend_tokenizer.enable_truncation(max_length=512)
+    saved.save_pretrained(tmp_path / "tok")
+    assert json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["truncation"] is not None
+    used, fresh = (AutoTokenizer.from_pretrained(tmp_path / "tok") for _ in range(2))
+    before = token_cache.tokenizer_fingerprint(used)
+    used("hello world", add_special_tokens=False)
+    assert used.backend_tokenizer.truncation is None  # what transformers does at the first encode
+    assert token_cache.tokenizer_fingerprint(used) == before == token_cache.tokenizer_fingerprint(fresh)
+    sources = parse_sources(str(data))
+    assert (token_cache.cache_key(sources, used, None, "all_assistant", SEQ, True, 0)
+            == token_cache.cache_key(sources, fresh, None, "all_assistant", SEQ, True, 0))
 
 
 BOUNDED = textwrap.dedent("""
