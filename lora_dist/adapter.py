@@ -173,7 +173,7 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, t
             raise AdapterError(f"refusing to write {key}: it holds NaN/Inf (training diverged)")
 
 
-def _check_replaceable(directory: Path) -> None:
+def check_adapter_dir(directory: Path) -> None:
     """Refuse a ``directory`` that holds anything but an adapter's two files: replacing it removes all it holds (a
     user's folder, the base model dir passed by mistake)."""
     if not directory.is_dir():
@@ -201,7 +201,7 @@ def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, torch.Tens
     """
     directory = Path(directory)
     _check_tensors(tensors, None)
-    _check_replaceable(directory)
+    check_adapter_dir(directory)
     text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
     need = len(text) + sum(t.numel() * t.element_size() + _HEADER_BYTES_PER_TENSOR for t in tensors.values())
     try:
@@ -432,7 +432,7 @@ def _lora_config_from_peft(cfg: Mapping[str, Any]) -> LoRAConfig:
         r=int(cfg["r"]),
         alpha=float(cfg.get("lora_alpha", cfg["r"])),
         dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
-        target_modules=cfg.get("target_modules"),
+        target_modules=cfg.get("target_modules") or None,  # PEFT writes [] for target_parameters alone
         exclude_modules=cfg.get("exclude_modules") or None,
         use_rslora=bool(cfg.get("use_rslora", False)),
         init="gaussian" if init == "gaussian" else "kaiming",
@@ -524,9 +524,11 @@ def _check_read_tensors(path: Path, tensors: Mapping[str, torch.Tensor], config:
         if a.shape[0] != b.shape[1]:
             raise AdapterError(f"{path}: {module} has lora_A of rank {a.shape[0]} but lora_B of rank {b.shape[1]}; "
                                "the file is corrupt")
+        if config.target_parameters:
+            # maybe a stack of experts (E * r rows) whose rank_pattern PEFT matches against the parameter's name,
+            # not this module's: checked against the model (AdapterFile.weights)
+            continue
         r, _ = config.rank_and_alpha(module)
-        if config.target_parameters and a.shape[0] % r == 0:
-            continue  # maybe a stack of experts (E * r rows): checked against the model (AdapterFile.weights)
         if a.shape[0] != r:
             raise AdapterError(
                 f"{path}: {module} holds rank-{a.shape[0]} tensors but {ADAPTER_CONFIG} gives it r={r} "

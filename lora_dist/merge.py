@@ -15,16 +15,25 @@ An adapter on a stack of ``E`` experts (PEFT's ``target_parameters`` on a fused
 ``(E, out, in)`` param, or ``(E, in, out)`` with ``fan_in_fan_out``) keeps
 PEFT's layout: ``lora_A`` is ``(E * r, in)`` with expert ``e``'s rows at
 ``[e * r, (e + 1) * r)``, and ``lora_B`` is ``(out, r * E)`` with expert ``e``'s
-columns at ``e, e + E, e + 2E, ...``. Its merge sees the weight as
-``(E, out * in)``: a row is an expert. :func:`lora_rows` cuts one expert's
-rows out as a plain adapter (for a checkpoint that stores experts one by one).
+columns at ``e, e + E, e + 2E, ...``. Its merge takes the whole ``(E', out, in)``
+stack (``rows`` then selects experts) and checks every dim, so a stack stored
+transposed is refused, not added element-wise into the wrong places (only the
+in-place merge of the param the adapter was built on passes it as ``(E, out * in)``).
+:func:`lora_rows` cuts one expert's rows out as a plain adapter (for a
+checkpoint that stores experts one by one, or a merge a block of rows at a time).
+
+``B @ A`` runs in full fp32 (IEEE) whatever the process set for fp32 matmuls:
+TF32 (``torch.backends.cuda.matmul.allow_tf32``, ``set_float32_matmul_precision
+("high")``, which ``TrainingArguments(tf32=True)`` sets) or oneDNN's bf16 is
+turned off around it and restored (:func:`full_fp32_matmul`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 
@@ -33,6 +42,8 @@ from lora_dist.errors import UserError
 __all__ = [
     "LoRAWeights",
     "MergeError",
+    "adapter_shape",
+    "full_fp32_matmul",
     "lora_rows",
     "lora_delta",
     "lora_scale",
@@ -102,6 +113,27 @@ def lora_rows(lora: LoRAWeights, rows: slice, expert: int | None = None) -> LoRA
     return LoRAWeights(a, b[rows], lora.scale, False)
 
 
+@contextlib.contextmanager
+def full_fp32_matmul() -> Iterator[None]:
+    """fp32 matmuls in full IEEE precision inside (CUDA's and oneDNN's), the process's settings restored after.
+
+    torch's per-backend ``fp32_precision`` is set and restored, which keeps whichever API the process used
+    (``allow_tf32``, ``set_float32_matmul_precision`` or ``fp32_precision``) reading what it set.
+    """
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [b.fp32_precision for b in backends]
+    if all(v == "ieee" for v in saved):
+        yield
+        return
+    try:
+        for b in backends:
+            b.fp32_precision = "ieee"
+        yield
+    finally:
+        for b, v in zip(backends, saved):
+            b.fp32_precision = v
+
+
 def lora_delta(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -110,7 +142,7 @@ def lora_delta(
     rows: slice | None = None,
     num_experts: int = 0,
 ) -> torch.Tensor:
-    """The fp32 weight update ``scale * B @ A`` laid out like the base weight.
+    """The fp32 weight update ``scale * B @ A`` laid out like the base weight (full fp32 matmul, no TF32).
 
     Args:
         lora_A: ``(r, in_features)``, or ``(E * r, in_features)`` for experts.
@@ -118,7 +150,7 @@ def lora_delta(
         scale: the LoRA scaling factor.
         fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2 ``Conv1D``, transposed experts).
         rows: only these rows of the base weight's layout (a dim-0 shard); for experts, these experts.
-        num_experts: 0 for one weight; ``E`` for a stack, whose weight is seen as ``(E, out * in)``.
+        num_experts: 0 for one weight; ``E`` for a stack ``(E, out, in)``.
 
     Returns:
         An fp32 tensor shaped like ``weight[rows]``.
@@ -126,8 +158,9 @@ def lora_delta(
     if num_experts:
         a, b = _expert_factors(lora_A, lora_B, num_experts)
         chosen = range(num_experts)[rows if rows is not None else slice(None)]
-        deltas = [lora_delta(a[e], b[e], scale, fan_in_fan_out).reshape(-1) for e in chosen]
-        return torch.stack(deltas) if deltas else a.new_zeros((0, b.shape[1] * a.shape[2]), dtype=torch.float32)
+        deltas = [lora_delta(a[e], b[e], scale, fan_in_fan_out) for e in chosen]
+        empty = (0, a.shape[2], b.shape[1]) if fan_in_fan_out else (0, b.shape[1], a.shape[2])
+        return torch.stack(deltas) if deltas else a.new_zeros(empty, dtype=torch.float32)
     if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1]:
         raise MergeError(
             f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} are not (r, in) and (out, r)"
@@ -138,20 +171,28 @@ def lora_delta(
     a = lora_A.detach().to(torch.float32)
     b = lora_B.detach().to(torch.float32)
     rows = rows if rows is not None else slice(None)
-    if fan_in_fan_out:
-        # weight is (in, out) = (B @ A).T; its rows index A's columns.
-        return (a[:, rows].T @ b.T) * scale
-    return (b[rows] @ a) * scale
+    with full_fp32_matmul():
+        if fan_in_fan_out:
+            # weight is (in, out) = (B @ A).T; its rows index A's columns.
+            return (a[:, rows].T @ b.T) * scale
+        return (b[rows] @ a) * scale
 
 
-def _expected_shape(w: LoRAWeights, rows: slice | None) -> tuple[int, int]:
-    out_f, in_f = w.lora_B.shape[0], w.lora_A.shape[1]
-    shape = (in_f, out_f) if w.fan_in_fan_out else (out_f, in_f)
-    if w.num_experts:
-        shape = (w.num_experts, out_f * in_f)
+def adapter_shape(lora: LoRAWeights) -> tuple[int, ...]:
+    """The shape of the weight ``lora`` adapts: ``(out, in)``, ``(in, out)`` with ``fan_in_fan_out``, and
+    ``(E, ...)`` of those for a stack of experts."""
+    out_f, in_f = lora.lora_B.shape[0], lora.lora_A.shape[1]
+    shape = (in_f, out_f) if lora.fan_in_fan_out else (out_f, in_f)
+    return (lora.num_experts, *shape) if lora.num_experts else shape
+
+
+def _expected_shape(w: LoRAWeights, rows: slice | None, flat: bool = False) -> tuple[int, ...]:
+    shape = adapter_shape(w)
+    if flat:  # a stack seen as (E, out * in)
+        shape = (shape[0], shape[1] * shape[2])
     if rows is None:
         return shape
-    return (len(range(*rows.indices(shape[0]))), shape[1])
+    return (len(range(*rows.indices(shape[0]))), *shape[1:])
 
 
 def merge_weight(
@@ -164,7 +205,9 @@ def merge_weight(
     """``weight + scale * B @ A`` computed in fp32, checked finite, cast to ``out_dtype``.
 
     Args:
-        weight: the base weight, or the rows ``rows`` of it (a dim-0 shard).
+        weight: the base weight, or the rows ``rows`` of it (a dim-0 shard); for a stack of experts, the
+            ``(E', out, in)`` experts ``rows`` (every dim checked), or the param the adapter was built on seen as
+            ``(E', out * in)`` (the in-place merge: its layout is the adapter's).
         lora: the layer's adapter.
         rows: which rows of the full weight ``weight`` holds; ``None`` for all.
         out_dtype: result dtype; defaults to ``weight.dtype``.
@@ -178,7 +221,7 @@ def merge_weight(
     if not (weight.is_floating_point() and out_dtype.is_floating_point):
         raise MergeError(f"{name}: cannot merge into a {weight.dtype} weight as {out_dtype}; the base weight and "
                          "the output must be floating point (use the unquantized checkpoint)")
-    expected = _expected_shape(lora, rows)
+    expected = _expected_shape(lora, rows, flat=bool(lora.num_experts) and weight.dim() == 2)
     if tuple(weight.shape) != expected:
         raise MergeError(
             f"{name}: base shape {tuple(weight.shape)} does not match the adapter's {expected}; "
@@ -186,7 +229,7 @@ def merge_weight(
         )
     merged = weight.detach().to(torch.float32) + lora_delta(
         lora.lora_A, lora.lora_B, lora.scale, lora.fan_in_fan_out, rows, lora.num_experts
-    )
+    ).view(weight.shape)
     if not torch.isfinite(merged).all():
         raise MergeError(f"{name}: merged weight has NaN/Inf; the adapter or base weight is corrupt")
     result = merged.to(out_dtype)

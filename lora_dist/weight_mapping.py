@@ -20,10 +20,16 @@ reads any flat element range of the row-major tensor it stands for
 (:meth:`TensorSource.read_flat`), touching only the files' rows that hold those
 elements: an FSDP2 ``Shard(0)`` block of rows (whole experts) or a ZeRO-3
 partition cutting experts and rows anywhere reads only its own experts' bytes.
-Operations other than ``MergeModulelist`` and ``Concatenate`` (``Chunk``,
-``Transpose``, ``Interleave``, quantizer ops...) are refused in one line naming
-them. Nothing changes the files: the merged export writes the base's own keys
-and shapes, so a converted model is written back in the layout it was read in.
+A converter that only transposes the last two dims of one tensor (Qwen3-VL-MoE's
+experts: the Hub stores ``gate_up_proj`` as ``(E, H, 2I)``, transformers holds
+``(E, 2I, H)``) gives a :class:`Transposed` source; a ``check_dims`` transpose
+applies, as in transformers, only where the stored shape is not the model's, so
+the param's shape is needed (:meth:`WeightMap.of` reads it from the model). Other
+operations (``Chunk``, ``Interleave``, a ``Transpose`` after other ops, quantizer
+ops...) are refused in one line naming them. Nothing changes the files: the merged
+export writes the base's own keys and shapes, so a converted model is written back
+in the layout it was read in (a transposed tensor merged with the adapter's
+transpose).
 """
 
 from __future__ import annotations
@@ -32,14 +38,17 @@ import bisect
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from lora_dist.model_dir import ModelDir, ModelDirError
+from lora_dist.sharding import full_shape
 
 __all__ = [
-    "Concat", "FileTensor", "Run", "TensorSource", "View", "WeightMap", "WeightMappingError", "model_transforms",
+    "Concat", "FileTensor", "Run", "TensorSource", "Transposed", "View", "WeightMap", "WeightMappingError",
+    "model_transforms",
 ]
 
 #: The conversion operations lora_dist reads lazily (transformers' class names).
@@ -238,6 +247,48 @@ class Concat(TensorSource):
         return torch.cat(pieces)
 
 
+class Transposed(TensorSource):
+    """``part.transpose(dim0, dim1)``: a flat range is read as the whole outer slabs (``part``'s elements per index
+    of the dims before ``dim0``: an expert for ``(1, 2)``) that hold it, transposed, and cut.
+
+    Args:
+        part: the tensor as stored.
+        dim0, dim1: the dims swapped (negative counts from the end).
+        name: how errors name the result.
+    """
+
+    def __init__(self, part: TensorSource, dim0: int, dim1: int, name: str = "") -> None:
+        ndim = len(part.shape)
+        if not (-ndim <= dim0 < ndim and -ndim <= dim1 < ndim) or dim0 % ndim == dim1 % ndim:
+            raise ValueError(f"{name}: cannot transpose {part.describe()} {part.shape} along dims {dim0}, {dim1}")
+        self.part, self.name = part, name
+        self.dims = (min(dim0 % ndim, dim1 % ndim), max(dim0 % ndim, dim1 % ndim))
+        shape = list(part.shape)
+        shape[self.dims[0]], shape[self.dims[1]] = shape[self.dims[1]], shape[self.dims[0]]
+        self.shape = tuple(shape)
+
+    def keys(self) -> list[str]:
+        return self.part.keys()
+
+    def describe(self) -> str:
+        return f"{self.part.describe()} (transposed)"
+
+    def runs(self) -> list[Run]:
+        raise ValueError(f"{self.name}: {self.part.describe()} is stored transposed; its elements are not runs")
+
+    def read_flat(self, start: int, end: int) -> torch.Tensor:
+        if not 0 <= start <= end <= self.numel:
+            raise ValueError(f"{self.name}: range [{start}, {end}) is outside its {self.numel} elements")
+        d0, d1 = self.dims
+        slab = math.prod(self.shape[d0:])
+        first, last = start // slab, -(-end // slab)
+        if start == end:
+            return self.part.read_flat(0, 0)
+        stored = self.part.read_flat(first * slab, last * slab).reshape((last - first,) + self.part.shape[d0:])
+        flat = stored.transpose(1, 1 + d1 - d0).reshape(-1)
+        return flat[start - first * slab: end - first * slab]
+
+
 #: The attribute a model's transforms are kept in, from the first call on (the model as built).
 _TRANSFORMS = "_lora_dist_weight_transforms"
 
@@ -282,23 +333,27 @@ class WeightMap:
     """Which :class:`TensorSource` each model param is read from.
 
     A name that is a tensor of the dir (or is one with or without the model's
-    ``base_model_prefix``) is read as stored, as before any mapping existed; any
-    other name is looked up among the base keys as transformers renames and
-    converts them (all ``WeightRenaming`` s in order, then at most one
-    ``WeightConverter``).
+    ``base_model_prefix``) is read as stored, as before any mapping existed,
+    unless a converter transforms that tensor into the param of the same name
+    (Qwen3-VL-MoE's transposed experts); any other name is looked up among the
+    base keys as transformers renames and converts them (all ``WeightRenaming`` s
+    in order, then at most one ``WeightConverter``).
 
     Args:
         base: the model dir.
         transforms: :func:`model_transforms` of the model.
         prefix: the model's ``base_model_prefix``.
+        shapes: a param name -> its full shape (None where unknown): what a ``check_dims`` transpose compares with.
     """
 
-    def __init__(self, base: ModelDir, transforms: list, prefix: str = "") -> None:
-        self.base, self.prefix = base, prefix
+    def __init__(self, base: ModelDir, transforms: list, prefix: str = "",
+                 shapes: Callable[[str], tuple[int, ...] | None] | None = None) -> None:
+        self.base, self.prefix, self._shapes = base, prefix, shapes
         renamings = [t for t in transforms if not _is_converter(t)]
         converters = [t for t in transforms if _is_converter(t)]
         self._renamed: dict[str, str] = {}
         self._groups: dict[str, _Group] = {}
+        self._collected: dict[str, str] = {}  # base key -> the converted name that a converter collects it for
         if not transforms:
             return
         for key in sorted(base.keys(), key=_natural_key):
@@ -311,6 +366,7 @@ class WeightMap:
                 if pattern is not None:
                     group = self._groups.setdefault(name, _Group(converter))
                     group.keys.setdefault(pattern, []).append(key)
+                    self._collected[key] = name
                     break
             if pattern is None and name != key:
                 self._renamed.setdefault(name, key)
@@ -327,7 +383,14 @@ class WeightMap:
     @classmethod
     def of(cls, base: ModelDir, model: nn.Module) -> WeightMap:
         """Where ``model``'s params are in ``base`` (``model`` as built, unwrapped, or a meta skeleton)."""
-        return cls(base, model_transforms(model), getattr(model, "base_model_prefix", ""))
+
+        def shape(name: str) -> tuple[int, ...] | None:
+            try:
+                return full_shape(model.get_parameter(name))
+            except AttributeError:
+                return None
+
+        return cls(base, model_transforms(model), getattr(model, "base_model_prefix", ""), shape)
 
     def file_key(self, name: str) -> str | None:
         """The dir's tensor that param ``name`` is stored as, whole: under its own name, or renamed as transformers
@@ -340,33 +403,44 @@ class WeightMap:
         """The dir's tensor stored under the param's own name (give or take the prefix), if any."""
         return next((c for c in self._candidates(name) if c in self.base), None)
 
-    def source(self, name: str) -> TensorSource | None:
+    def source(self, name: str, shape: tuple[int, ...] | None = None) -> TensorSource | None:
         """The source of model param ``name``, or None where the dir has nothing for it.
+
+        Args:
+            name: the param's name in the model.
+            shape: its full shape; by default the model's (:meth:`of`).
 
         Raises:
             WeightMappingError: transformers builds it with operations other than ``MergeModulelist``
-                and ``Concatenate``.
+                and ``Concatenate``, or one ``Transpose`` of the last two dims of one tensor.
         """
         key = self.base_key(name)
         if key is not None:
+            target = self._collected.get(key)  # a converter makes this tensor alone into the param of its name
+            if target in self._candidates(name) and sum(map(len, self._groups[target].keys.values())) == 1:
+                return self._converted(target, self._groups[target], name, shape)
             return FileTensor(self.base, key)
         for candidate in self._candidates(name):
             if candidate in self._groups:
-                return self._converted(candidate, self._groups[candidate])
+                return self._converted(candidate, self._groups[candidate], name, shape)
             if candidate in self._renamed:
                 return FileTensor(self.base, self._renamed[candidate])
         return None
 
-    def _converted(self, name: str, group: _Group) -> TensorSource:
+    def _converted(self, name: str, group: _Group, param: str, shape: tuple[int, ...] | None) -> TensorSource:
         converter = group.converter
         ops = list(converter.operations)
+        keys = [k for p in converter.source_patterns for k in group.keys.get(p, [])]
+        if ([type(op).__name__ for op in ops] == ["Transpose"] and len(keys) == 1
+                and getattr(converter, "quantization_operation", None) is None):
+            return self._transposed(name, FileTensor(self.base, keys[0]), ops[0], param, shape)
         other = [type(op).__name__ for op in ops if type(op).__name__ not in SUPPORTED_OPS]
         if other or getattr(converter, "quantization_operation", None) is not None:
             shown = ", ".join(repr(op) for op in ops)
             raise WeightMappingError(
                 f"{name}: transformers builds this weight from {self.base.path} with [{shown}]; lora_dist reads "
-                f"converted weights made with {' and '.join(SUPPORTED_OPS)} only, "
-                f"not {', '.join(other) or 'quantizer ops'}"
+                f"converted weights made with {' and '.join(SUPPORTED_OPS)} only (or one Transpose of the last two "
+                f"dims of one tensor), not {', '.join(other) or 'quantizer ops'}"
             )
         # Each source pattern's tensors, in the converter's pattern order (what Concatenate keeps).
         values: list[list[TensorSource] | TensorSource] = [
@@ -388,6 +462,26 @@ class WeightMap:
         result = values[0]
         result.name = name
         return result
+
+    def _transposed(self, name: str, stored: FileTensor, op, param: str, shape: tuple[int, ...] | None
+                    ) -> TensorSource:
+        """``stored`` as transformers' one ``Transpose`` gives it: always, or (``check_dims``) where its shape is
+        not the param's."""
+        ndim = len(stored.shape)
+        dims = {int(op.dim0) % ndim, int(op.dim1) % ndim} if ndim else set()
+        if ndim not in (2, 3) or dims != {ndim - 2, ndim - 1}:
+            raise WeightMappingError(
+                f"{name}: transformers builds this weight from {stored.key} {stored.shape} with [{op!r}]; lora_dist "
+                "reads a transpose of the last two dims of a 2-D weight or a 3-D stack of experts only"
+            )
+        if getattr(op, "check_dims", False):
+            shape = shape if shape is not None else self._shapes(param) if self._shapes is not None else None
+            if shape is None:
+                raise WeightMappingError(f"{name}: transformers transposes {stored.key} only where its shape is not "
+                                         "the model's; read it through WeightMap.of(base, model)")
+            if tuple(shape) == stored.shape:
+                return stored
+        return Transposed(stored, ndim - 2, ndim - 1, name)
 
 
 def _stack(parts: list[TensorSource], dim: int, name: str) -> Concat:

@@ -439,3 +439,43 @@ def test_a_write_error_reported_at_close_keeps_the_previous_adapter(tmp_path, cl
     assert failed == ["adapter_model.safetensors"] and "\n" not in str(e.value)
     assert {f: (target / f).read_bytes() for f in os.listdir(target)} == before
     assert os.listdir(tmp_path) == ["adapter"]  # no staging dir left
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match:RuntimeWarning")
+@pytest.mark.parametrize("target_modules", [None, ["q_proj"]])
+def test_a_peft_expert_adapter_with_rank_pattern_on_its_parameters_merges_like_peft(tiny_checkpoint, tmp_path,
+                                                                                     target_modules):
+    """PEFT matches rank_pattern/alpha_pattern against a target parameter's name (``...experts.gate_up_proj``), not
+    its ParamWrapper's module (``...experts.base_layer``), and writes target_modules [] for target_parameters alone:
+    such an adapter is read, loaded and merged as PEFT merges it."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_dist.adapter import load_adapter
+    from lora_dist.demo import MOE_EXPERTS
+    from lora_dist.export import merge_offline
+
+    path = tiny_checkpoint("qwen3_moe")
+    hf = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
+    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=target_modules,
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                             rank_pattern={"gate_up_proj": 2}, alpha_pattern={"down_proj": 5})
+    twin = peft.get_peft_model(hf(path), config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    twin.save_pretrained(tmp_path / "adapter")
+    gate_up_a = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))[
+        "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"]
+    assert gate_up_a.shape[0] == 2 * MOE_EXPERTS and gate_up_a.shape[0] % 3  # rank 2 from the pattern, not r=3
+    ids = torch.randint(0, twin.config.vocab_size, (1, 12), generator=generator)
+    with torch.no_grad():
+        reference = twin.eval()(input_ids=ids).logits
+        torch.testing.assert_close(load_adapter(hf(path), tmp_path / "adapter")(input_ids=ids).logits, reference,
+                                   atol=1e-5, rtol=0)
+    merged_reference = twin.merge_and_unload().state_dict()
+    merge_offline(path, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    merged = hf(tmp_path / "merged").state_dict()
+    for key, value in merged_reference.items():
+        torch.testing.assert_close(merged[key], value, atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")

@@ -23,6 +23,7 @@ INTERNAL = {
     "lora_dist.safetensors_file.SafetensorsFormatError": "a file's header; verify reports it, layout raises ExportError",
     "lora_dist.export.verify.VerifyError": "a check that failed: lora-dist verify exits 1, not 2",
     "lora_dist.inputs._TooCostly": "read_yaml raises it as ConfigError",
+    "lora_dist.inputs._Repeated": "parse_yaml raises it as the caller's error type (ConfigError for a config)",
     "lora_dist.parallel.engine.ReplicaMismatchError": "the replicas disagree: a bug or a hardware fault, not input",
     "lora_dist.preemption.Preempted": "a requeue request, handled by the loop",
     "lora_dist.ranks.RankFailed": "another rank's crash, with its traceback",

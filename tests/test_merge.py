@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import peft
 import pytest
 import torch
@@ -326,3 +329,116 @@ def test_stacked_adapter_of_the_wrong_shape_is_refused():
         merge_weight(torch.zeros(3, 21), lora)
     with pytest.raises(MergeError, match=r"not \(E\*r, in\) and \(out, r\*E\) for E=4 experts"):
         merge_weight(torch.zeros(4, 20), LoRAWeights(torch.zeros(6, 4), torch.zeros(5, 6), 1.0, num_experts=4))
+
+
+def test_a_stack_is_checked_in_every_dim():
+    """A stack stored transposed (Qwen3-VL-MoE's Hub layout, (E, in, out)) has the adapter's size but not its shape:
+    refused, not added element by element into the wrong places."""
+    from lora_dist.export.sources import merge_flat
+    from lora_dist.merge import LoRAWeights, MergeError, merge_weight
+
+    generator = torch.Generator().manual_seed(0)
+    lora = LoRAWeights(torch.randn(6, 4, generator=generator), torch.randn(5, 6, generator=generator), 1.0,
+                       num_experts=3)  # (3, out=5, in=4)
+    w = torch.randn(3, 5, 4, generator=generator)
+    torch.testing.assert_close(merge_weight(w, lora), merge_weight(w.reshape(3, 20), lora).view(3, 5, 4), atol=0,
+                               rtol=0)
+    with pytest.raises(MergeError, match=r"base shape \(3, 4, 5\) does not match the adapter's \(3, 5, 4\)"):
+        merge_weight(w.reshape(3, 4, 5), lora)
+    with pytest.raises(MergeError, match=r"base shape \(3, 4, 5\) does not match the adapter's \(3, 5, 4\)"):
+        merge_flat(w.reshape(-1), 0, 60, (3, 4, 5), lora, torch.float32, "experts.gate_up_proj")
+    transposed = dataclasses.replace(lora, fan_in_fan_out=True)  # the same adapter, stored (E, in, out)
+    merged = merge_flat(w.reshape(-1), 0, 60, (3, 4, 5), transposed, torch.float32, "experts.gate_up_proj")
+    torch.testing.assert_close(merged.view(3, 4, 5).transpose(1, 2),
+                               merge_weight(w.reshape(3, 4, 5).transpose(1, 2).contiguous(), lora), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_a_piece_of_a_stack_merges_only_its_experts_a_block_at_a_time(monkeypatch, fan_in_fan_out):
+    """A rank holding experts 2-3 of 16 (FSDP2 Shard(0)), or a ZeRO-3 partition cutting experts, computes only
+    those experts' rows, at most MERGE_BLOCK_ROWS rows of one expert at a time, with the bits of one pass."""
+    import lora_dist.merge as merge_mod
+    from lora_dist.export import sources
+
+    monkeypatch.setattr(sources, "MERGE_BLOCK_ROWS", 16)
+    E, out_f, in_f, r = 16, 40, 24, 3
+    generator = torch.Generator().manual_seed(5)
+    lora = LoRAWeights(torch.randn(E * r, in_f, generator=generator), torch.randn(out_f, r * E, generator=generator),
+                       0.5, fan_in_fan_out, E)
+    shape = (E, in_f, out_f) if fan_in_fan_out else (E, out_f, in_f)
+    w = torch.randn(shape, generator=generator)
+    reference = merge_weight(w.reshape(E, -1), lora).reshape(-1)  # the whole stack at once
+    one = sources.merge_flat(w.reshape(-1), 0, w.numel(), shape, lora, torch.float32, "experts")
+    torch.testing.assert_close(one, reference, atol=1e-6, rtol=0)
+
+    seen, blocks, real_merge, real_delta = [], [], sources.merge_weight, merge_mod.lora_delta
+
+    def merge_spy(weight, *args, **kwargs):
+        blocks.append(tuple(weight.shape))
+        return real_merge(weight, *args, **kwargs)
+
+    def delta_spy(*args, **kwargs):
+        delta = real_delta(*args, **kwargs)
+        seen.append(tuple(delta.shape))
+        return delta
+
+    monkeypatch.setattr(sources, "merge_weight", merge_spy)
+    monkeypatch.setattr(merge_mod, "lora_delta", delta_spy)
+    expert = w[0].numel()
+    flat = w.reshape(-1)
+    for start, end in ((2 * expert, 4 * expert), (5 * expert + 7 * shape[2] + 3, 7 * expert + 9)):
+        seen.clear()
+        blocks.clear()
+        piece = sources.merge_flat(flat[start:end], start, end, shape, lora, torch.float32, "experts")
+        assert torch.equal(piece, one[start:end])
+        assert seen and max(math.prod(s) for s in seen + blocks) <= 16 * shape[2], seen + blocks  # a block of rows
+        experts = -(-end // expert) - start // expert
+        assert len(blocks) <= experts * -(-shape[1] // 16), blocks  # only the experts the piece touches
+
+
+#: How a process turns on reduced-precision fp32 matmuls: torch's legacy APIs (what TrainingArguments(tf32=True)
+#: calls) and its per-backend one.
+_REDUCED_FP32 = {
+    "matmul_precision_high": lambda: torch.set_float32_matmul_precision("high"),
+    "matmul_precision_medium": lambda: torch.set_float32_matmul_precision("medium"),
+    "allow_tf32": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+    "cuda_fp32_precision": lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+    "mkldnn_fp32_precision": lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
+}
+
+
+def _precisions() -> tuple[str, str, str]:
+    return (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.mkldnn.matmul.fp32_precision)
+
+
+@pytest.mark.parametrize("setting", sorted(_REDUCED_FP32))
+def test_the_delta_is_computed_in_full_fp32_whatever_the_process_set(monkeypatch, setting):
+    """A GPU with TF32 on would compute B @ A in TF32: the merge forces IEEE fp32 around it, then restores."""
+    saved = _precisions()
+    try:
+        _REDUCED_FP32[setting]()
+        before = _precisions()
+        assert "tf32" in before or "bf16" in before
+        during, real = [], torch.Tensor.__matmul__
+
+        def matmul(a, b):
+            during.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
+            return real(a, b)
+
+        monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+        generator = torch.Generator().manual_seed(0)
+        a, b = torch.randn(2, 6, generator=generator), torch.randn(5, 2, generator=generator)
+        lora_delta(a, b, 2.0)
+        merge_weight(torch.zeros(6, 5), LoRAWeights(a, b, 2.0, fan_in_fan_out=True))
+        merge_weight(torch.zeros(3, 5, 6), LoRAWeights(a.repeat(3, 1), b.repeat(1, 3), 2.0, num_experts=3))
+        monkeypatch.undo()
+        assert during and set(during) == {("ieee", "ieee")}
+        assert _precisions() == before  # the process's settings, as it set them
+        if setting.startswith(("matmul_precision", "allow")):  # the legacy API still reads what it set
+            assert torch.get_float32_matmul_precision() == setting.rpartition("_")[2].replace("tf32", "high")
+    finally:  # torch's defaults again, for the tests that follow
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved[:2]
+        torch.backends.mkldnn.matmul.fp32_precision = saved[2]
+    assert torch.get_float32_matmul_precision() == "highest" and _precisions() == saved

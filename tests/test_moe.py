@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 from distutil import assert_same_run, lora_dist, ranks
 from lora_dist.demo import MOE_EXPERTS, write_demo_data
 from lora_dist.model_dir import ModelDir
-from lora_dist.weight_mapping import WeightMap, WeightMappingError
+from lora_dist.weight_mapping import FileTensor, WeightMap, WeightMappingError, model_transforms
 
 ARCHS = ["mixtral", "qwen3_moe"]
 #: The fused expert params of one layer, as transformers holds them.
@@ -641,3 +642,108 @@ def test_layers_to_transform_selects_expert_params_and_peft_reproduces_them(tiny
     ids = _ids(ours.config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(twin(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- experts stored transposed (Qwen3-VL-MoE)
+
+#: The language model's fused experts of a Qwen3-VL-MoE checkpoint.
+VL_EXPERTS = tuple(f"model.language_model.layers.0.{p}" for p in FUSED)
+
+
+def _vl_model(path: Path) -> torch.nn.Module:
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    return Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl_moe(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Qwen3-VL-MoE saved by transformers (experts as held, (E, 2I, H) and (E, H, I)), the same model with its
+    experts in the Hub's layout ((E, H, 2I) and (E, I, H), which transformers transposes at load), and a PEFT adapter
+    on both experts with random B."""
+    import peft
+    import transformers
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("qwen3-vl-moe")
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=8, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, num_experts=MOE_EXPERTS, num_experts_per_tok=2,
+                head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32, patch_size=2,
+                  temporal_patch_size=1, spatial_merge_size=1, deepstack_visual_indexes=[])
+    config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+    transformers.Qwen3VLMoeForConditionalGeneration(config).save_pretrained(root / "base")
+    shutil.copytree(root / "base", root / "hub")
+    tensors = load_file(str(root / "hub" / "model.safetensors"))
+    for key in VL_EXPERTS:
+        tensors[key] = tensors[key].transpose(1, 2).contiguous()
+    save_file(tensors, str(root / "hub" / "model.safetensors"), metadata={"format": "pt"})
+    model = peft.get_peft_model(_vl_model(root / "hub"), peft.LoraConfig(r=2, lora_alpha=4,
+                                                                         target_parameters=TARGET_PARAMETERS))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    model.save_pretrained(root / "adapter")
+    return {"base": root / "base", "hub": root / "hub", "adapter": root / "adapter"}
+
+
+def test_experts_stored_transposed_are_read_as_transformers_reads_them(qwen3_vl_moe):
+    """transformers transposes Qwen3-VL-MoE's experts only where the stored shape is not the model's
+    (Transpose(1, 2, check_dims=True)): the loader's sources read each flat range as transformers holds it."""
+    from transformers import AutoConfig, Qwen3VLMoeForConditionalGeneration
+
+    from lora_dist.weight_mapping import Transposed
+
+    hub = ModelDir(qwen3_vl_moe["hub"])
+    assert hub.shape(VL_EXPERTS[0]) == (MOE_EXPERTS, 32, 16) and hub.shape(VL_EXPERTS[1]) == (MOE_EXPERTS, 8, 32)
+    with torch.device("meta"):
+        meta = Qwen3VLMoeForConditionalGeneration(AutoConfig.from_pretrained(qwen3_vl_moe["hub"]))
+    held = _vl_model(qwen3_vl_moe["hub"]).state_dict()
+    for path, kind in ((qwen3_vl_moe["hub"], Transposed), (qwen3_vl_moe["base"], FileTensor)):
+        weights = WeightMap.of(ModelDir(path), meta)
+        for name in VL_EXPERTS:
+            source = weights.source(name)
+            assert type(source) is kind and source.shape == held[name].shape, (path, name)
+            flat = held[name].reshape(-1)
+            for a, b in ((0, flat.numel()), (3, 5), (200, 1000), (flat.numel() // 4 + 7, flat.numel() - 1)):
+                assert torch.equal(source.read_flat(a, b), flat[a:b]), (path, name, a, b)
+    from lora_dist.config import ModelConfig, ParallelConfig
+    from lora_dist.lora import LoRAConfig
+    from lora_dist.model import load_model
+
+    loaded = load_model(ModelConfig(path=str(qwen3_vl_moe["hub"]), dtype="float32"),
+                        LoRAConfig(target_modules=None, target_parameters=TARGET_PARAMETERS),
+                        ParallelConfig(strategy="none"), torch.device("cpu"), seed=0).model
+    ours = dict(loaded.named_parameters())
+    assert all(torch.equal(ours[name], value) for name, value in held.items())  # the sharded loader's reads
+    with pytest.raises(WeightMappingError, match="transposes .* only where its shape is not the model's") as e:
+        WeightMap(hub, model_transforms(meta)).source(VL_EXPERTS[0])  # no model to compare the shape with
+    assert "\n" not in str(e.value)
+
+
+def test_experts_stored_transposed_merge_like_peft_and_keep_their_layout(qwen3_vl_moe, tmp_path):
+    """`lora-dist merge` and the export from the trained model write the Hub layout, merged with each expert's
+    delta transposed: equal to PEFT's merge_and_unload, and to each other bit for bit."""
+    import peft
+
+    from lora_dist.adapter import load_adapter
+    from lora_dist.export import export_merged, merge_offline, verify_checkpoint
+
+    hub, adapter = qwen3_vl_moe["hub"], qwen3_vl_moe["adapter"]
+    reference = peft.PeftModel.from_pretrained(_vl_model(hub), adapter).merge_and_unload().state_dict()
+    base = _vl_model(hub).state_dict()
+    assert all((reference[k] - base[k]).abs().max() > 0.1 for k in VL_EXPERTS)  # the adapter changes the experts
+    merge_offline(hub, adapter, tmp_path / "offline", dtype="float32")
+    export_merged(load_adapter(_vl_model(hub), adapter), tmp_path / "export", hub, dtype=torch.float32)
+    for out in ("offline", "export"):
+        merged = ModelDir(tmp_path / out)
+        assert all(merged.shape(k) == ModelDir(hub).shape(k) for k in VL_EXPERTS)  # written as the Hub stores them
+        state = _vl_model(tmp_path / out).state_dict()
+        for key, value in reference.items():
+            torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0, msg=lambda m: f"{out} {key}: {m}")
+        verify_checkpoint(tmp_path / out, base_dir=hub, adapter_dir=adapter, sample=None)
+    offline, export = ModelDir(tmp_path / "offline"), ModelDir(tmp_path / "export")
+    assert all(torch.equal(offline.read(k), export.read(k)) for k in offline.keys())

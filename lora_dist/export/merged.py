@@ -5,6 +5,8 @@ the base rows it already holds with the replicated LoRA A/B, and
 :func:`~lora_dist.export.writer.write_checkpoint` writes them. A finished run's
 output dir (``lora-dist export RUN_DIR``) is exported by :func:`lora_dist.session.export_run`,
 which rebuilds the run's model sharded as in training and calls :func:`export_merged`.
+An adapted param the base stores transposed (Qwen3-VL-MoE's experts in the Hub layout)
+is merged from the base files instead, its rows split over the ranks.
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ def export_merged(
         weights = WeightMap.of(base, model)
         if params:
             for name, layer in params.items():
-                source = weights.source(_param_name(name, layer))
+                source = weights.source(_param_name(name, layer), full_shape(layer.base_weight()))
                 if source is None or source.shape != full_shape(layer.base_weight()):
                     raise ExportError(
                         f"{_param_name(name, layer)}: the base checkpoint {base.path} has no tensors of its shape "
@@ -210,6 +212,7 @@ def export_merged(
     try:
         read = stored_rows if keep_fp8 else file_rows
         from_fp8: dict[str, torch.dtype] = {}  # adapted layers merged from FP8 files: the dense dtype read there
+        from_files = {name for name, layer in layers.items() if _from_files(layer, base_dtype)}
         sources: dict[str, object] = {k: RowsSource(read(base, k), s, None) for k, s in specs.items()}
         for name, layer in params.items():
             parts = param_parts(base, sources_of[name], adapters[name], _param_name(name, layer))
@@ -217,9 +220,17 @@ def export_merged(
                 sources.update(fp8_sources(base, part.key, specs, _on_host(part.lora)))  # an FP8 expert: from files
                 from_fp8[name] = from_safetensors(base.dtype(part.key))
             parts = [p for p in parts if not (keep_fp8 and base.fp8_blocks(p.key) is not None)]
-            if layer.merged:  # merged in place: the param already holds W0 + delta
+            if any(p.transposed for p in parts):  # stored transposed: the shard's elements are in another order
+                if is_quantized(layer.base_weight()):
+                    raise ExportError(
+                        f"{parts[0].key}: the base checkpoint stores {_param_name(name, layer)} transposed and the "
+                        "model holds it in NF4 (model.quantize), which cannot be merged from the base files; save "
+                        "the adapter and merge it with lora-dist merge instead"
+                    )
+                from_files.add(name)  # the files hold the base the model was loaded from (merged in place or not)
+            elif layer.merged:  # merged in place: the param already holds W0 + delta
                 parts = [ParamPart(p.key, p.start, p.numel, None) for p in parts]
-            if _from_files(layer, base_dtype):
+            if name in from_files:
                 sources.update({p.key: RowsSource(file_rows(base, p.key), specs[p.key], _on_host(p.lora))
                                 for p in parts})
             else:
@@ -233,7 +244,7 @@ def export_merged(
                 )
             if keep_fp8 and base.fp8_blocks(key) is not None:  # merged from the files (the adapter's own A/B)
                 sources.update(fp8_sources(base, key, specs, _on_host(adapters[name])))
-            elif _from_files(layer, base_dtype):
+            elif name in from_files:
                 sources[key] = RowsSource(file_rows(base, key), specs[key], _on_host(adapters[name]))
             else:  # a layer merged in place already holds W0 + delta
                 sources[key] = param_source(layer.weight, specs[key], None if layer.merged else adapters[name])
@@ -248,7 +259,7 @@ def export_merged(
                          if keep_fp8 and base.fp8_blocks(keys[name]) is not None})
         metadata = {"format": "pt", MERGED_FROM_KEY: merged_from(
             from_fp8[name] if name in from_fp8  # the base files' dense rows
-            else torch.float32 if _from_files(layer, base_dtype) else local_dtype(layer.base_weight())
+            else torch.float32 if name in from_files else local_dtype(layer.base_weight())
             for name, layer in layers.items())}
         if quantized:
             metadata[QUANTIZED_KEY] = "nf4"

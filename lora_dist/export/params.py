@@ -8,11 +8,15 @@ tensors, so each piece gets the rows of its expert's delta that it holds
 (:func:`lora_dist.merge.lora_rows`): the inverse of the conversion, applied to the delta.
 A piece is then merged like any adapted weight, from the base files
 (:func:`checkpoint_loras`, the offline merge and verify) or from the rank's shard of the
-fused param (:func:`part_sources`, the export at the end of training).
+fused param (:func:`part_sources`, the export at the end of training). A tensor stored
+transposed from the param (Qwen3-VL-MoE's Hub layout of its experts) is one part whose
+adapter is the transpose (``fan_in_fan_out`` flipped); the export merges it from the base
+files, as its elements are not in the param's order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,7 +29,7 @@ from lora_dist.export.sources import RowsSource, ShardSource
 from lora_dist.merge import LoRAWeights, lora_rows
 from lora_dist.model_dir import ModelDir, skeleton
 from lora_dist.sharding import ShardingError, owned_range, whole_local
-from lora_dist.weight_mapping import TensorSource, WeightMap
+from lora_dist.weight_mapping import TensorSource, Transposed, WeightMap
 
 __all__ = ["ParamPart", "checkpoint_loras", "param_parts", "part_sources"]
 
@@ -33,12 +37,14 @@ __all__ = ["ParamPart", "checkpoint_loras", "param_parts", "part_sources"]
 @dataclass(frozen=True)
 class ParamPart:
     """Checkpoint tensor ``key`` is flat elements ``[start, start + numel)`` of an adapted model param;
-    ``lora`` is its own adapter (its delta is shaped like ``key``)."""
+    ``lora`` is its own adapter (its delta is shaped like ``key``). ``transposed``: ``key`` is the whole param
+    with its last two dims swapped (``start`` 0): not the param's elements in order."""
 
     key: str
     start: int
     numel: int
     lora: LoRAWeights | None
+    transposed: bool = False
 
 
 def param_parts(base: ModelDir, source: TensorSource, lora: LoRAWeights, name: str) -> list[ParamPart]:
@@ -48,6 +54,9 @@ def param_parts(base: ModelDir, source: TensorSource, lora: LoRAWeights, name: s
         ExportError: a tensor that is not whole rows of one expert (or of the weight), in one piece.
     """
     shape = source.shape
+    if isinstance(source, Transposed):  # the last two dims swapped (weight_mapping allows no other transpose)
+        flipped = dataclasses.replace(lora, fan_in_fan_out=not lora.fan_in_fan_out)
+        return [ParamPart(source.keys()[0], 0, source.numel, flipped, transposed=True)]
     runs: dict[str, list] = {}
     for run in source.runs():
         runs.setdefault(run.key, []).append(run)

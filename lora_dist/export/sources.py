@@ -16,10 +16,11 @@ base files and quantized again, whole blocks of rows at a time (:class:`FP8Merge
 its ``weight_scale_inv`` through two :class:`FP8Source` s).
 
 A LoRA-targeted tensor is merged on the way, by :func:`merge_flat`, in blocks of
-:data:`MERGE_BLOCK_ROWS` rows at absolute row offsets, so the merged bytes do
-not depend on how the rows were split. Every piece, merged or copied, is cast
-to the output dtype by :func:`to_output`, which checks it is finite *in that
-dtype*: an fp16/bf16 overflow is refused, not written as Inf.
+:data:`MERGE_BLOCK_ROWS` rows at absolute row offsets (of each expert's matrix,
+for a stack of experts), so the merged bytes do not depend on how the rows were
+split. Every piece, merged or copied, is cast to the output dtype by
+:func:`to_output`, which checks it is finite *in that dtype*: an fp16/bf16
+overflow is refused, not written as Inf.
 :func:`output_specs` says which tensors the output has: exactly the base
 checkpoint's.
 """
@@ -37,7 +38,7 @@ import torch
 from lora_dist.dtypes import FLOAT_DTYPES, dtype_name, from_safetensors
 from lora_dist.export.errors import ExportError, ExportOverflowError
 from lora_dist.export.layout import TensorSpec
-from lora_dist.merge import LoRAWeights, merge_weight
+from lora_dist.merge import LoRAWeights, MergeError, adapter_shape, lora_rows, merge_weight
 from lora_dist.model_dir import ModelDir
 from lora_dist.nf4 import dequantize_flat, is_nf4
 from lora_dist.prequantized import FP8Blocks, quantize_fp8
@@ -144,7 +145,10 @@ def merge_flat(
 
     The update is computed per :data:`MERGE_BLOCK_ROWS`-row block at absolute
     offsets; a partial block (a shard edge, a ZeRO-3 partition cutting a row)
-    is padded with zeros, merged, and cut.
+    is padded with zeros, merged, and cut. A stack of experts is merged expert
+    by expert, in blocks of rows of each expert's matrix (with
+    :func:`~lora_dist.merge.lora_rows`): only the experts ``[start, end)``
+    touches, never more than a block of one expert at a time.
 
     Args:
         flat: the base weight's elements ``[start, end)``.
@@ -159,12 +163,29 @@ def merge_flat(
         ``end - start`` merged elements in ``out_dtype``, on ``flat``'s device.
 
     Raises:
-        MergeError: the merge gives NaN/Inf (in fp32).
+        MergeError: the merge gives NaN/Inf (in fp32), or ``shape`` is not the adapter's (every dim of a stack).
         ExportOverflowError: the merged values overflow ``out_dtype``.
     """
-    rows, row_len = shape[0], math.prod(shape[1:])
     lora = dataclasses.replace(lora, lora_A=lora.lora_A.to(flat.device), lora_B=lora.lora_B.to(flat.device))
     out = torch.empty(end - start, dtype=out_dtype, device=flat.device)
+    if not lora.num_experts:
+        _merge_rows(flat, start, end, shape, lora, out, name)
+        return out
+    if tuple(shape) != adapter_shape(lora):
+        raise MergeError(f"{name}: base shape {tuple(shape)} does not match the adapter's {adapter_shape(lora)}; "
+                         "the adapter was trained for a different base model")
+    size = math.prod(shape[1:])
+    for e in range(start // size, -(-end // size)):
+        lo, hi = max(start, e * size), min(end, (e + 1) * size)
+        _merge_rows(flat[lo - start: hi - start], lo - e * size, hi - e * size, shape[1:],
+                    lora_rows(lora, slice(None), e), out[lo - start: hi - start], name)
+    return out
+
+
+def _merge_rows(flat: torch.Tensor, start: int, end: int, shape: tuple[int, ...], lora: LoRAWeights,
+                out: torch.Tensor, name: str) -> None:
+    """:func:`merge_flat` of a plain adapter, written into ``out``."""
+    rows, row_len = shape[0], math.prod(shape[1:])
     first, last = start // row_len, -(-end // row_len)
     b0 = first - first % MERGE_BLOCK_ROWS
     while b0 < last:
@@ -178,10 +199,9 @@ def merge_flat(
         # fp32 (checked finite by merge_weight), then cast and checked finite in the written dtype
         merged = merge_weight(block.view(b1 - b0, row_len), lora, rows=slice(b0, b1), out_dtype=torch.float32,
                               name=name)
-        out[lo - start : hi - start] = to_output(merged.view(-1)[lo - b0 * row_len : hi - b0 * row_len], out_dtype,
+        out[lo - start : hi - start] = to_output(merged.view(-1)[lo - b0 * row_len : hi - b0 * row_len], out.dtype,
                                                  name)
         b0 = b1
-    return out
 
 
 @dataclass
@@ -223,9 +243,9 @@ class RowsSource:
             return [Piece(0, 1, lambda: self.read_rows(0, 1).reshape(1).to(self.spec.dtype))] if rank == 0 else []
         row_len = math.prod(shape[1:])
         r0, r1 = _row_chunk(shape[0], world, rank)
-        if self.lora is not None:
+        if self.lora is not None and not self.lora.num_experts:
             step = MERGE_BLOCK_ROWS
-        else:
+        else:  # a row of a stack of experts is an expert: as many as a copied block holds (merge_flat blocks each)
             step = max(1, COPY_BLOCK_BYTES // max(1, row_len * self.spec.itemsize))
         pieces, a = [], r0
         while a < r1:

@@ -11,8 +11,9 @@ lora_dist wrote it, so nothing of the user's is ever lost.
   merged checkpoint lora_dist wrote (:func:`foreign_entries`): a real dir (not a
   link) holding nothing but ``config.json``, the index, ``model*.safetensors``
   files whose headers carry :data:`~lora_dist.export.sources.MERGED_FROM_KEY`,
-  and the files the export copies from the base (:func:`copied_files`). An
-  empty dir may be replaced too: nothing is lost.
+  and the files the export copies from the base (:func:`copied_files`: its
+  named chat templates in :data:`TEMPLATES_DIR` too). An empty dir may be
+  replaced too: nothing is lost.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from lora_dist.export.sources import MERGED_FROM_KEY
 from lora_dist.model_dir import SAFE_INDEX
 from lora_dist.outputs import OutputError, check_not_an_input, is_adapter_dir, is_model_dir
 
-__all__ = ["check_output", "copied_files", "foreign_entries", "is_merged_export", "is_weight_file"]
+__all__ = ["TEMPLATES_DIR", "check_output", "copied_files", "foreign_entries", "is_merged_export", "is_weight_file"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".onnx")
 #: The weight files a merged export writes: ``model.safetensors`` or ``model-0000i-of-0000N.safetensors``.
@@ -40,16 +41,29 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json") or name.startswith("adapter_")
 
 
+#: The subdir where transformers saves a tokenizer's named chat templates (``<name>.jinja``): copied too.
+TEMPLATES_DIR = "additional_chat_templates"
+
+
+def _copied(name: str) -> bool:
+    return not name.startswith(".") and not is_weight_file(name)
+
+
 def copied_files(base_dir: str | os.PathLike) -> list[Path]:
-    """The base checkpoint's files a merged export copies: tokenizer, generation config and other non-weight files.
+    """The base checkpoint's files a merged export copies: tokenizer, generation config and other non-weight files,
+    and the named chat templates in :data:`TEMPLATES_DIR`; the export writes each at its path relative to
+    ``base_dir``.
 
     ``config.json`` is not among them: the export writes its own (with the output dtype).
     """
     base_dir = Path(base_dir)
     if not base_dir.is_dir():
         return []
-    return [f for f in sorted(base_dir.iterdir())
-            if f.is_file() and not f.name.startswith(".") and f.name != "config.json" and not is_weight_file(f.name)]
+    files = [f for f in sorted(base_dir.iterdir()) if f.is_file() and _copied(f.name) and f.name != "config.json"]
+    templates = base_dir / TEMPLATES_DIR
+    if templates.is_dir():
+        files += [f for f in sorted(templates.iterdir()) if f.is_file() and _copied(f.name)]
+    return files
 
 
 def _has_export_metadata(path: Path) -> bool:
@@ -76,10 +90,13 @@ def foreign_entries(out: str | os.PathLike, base_dir: str | os.PathLike | None =
     entries = sorted(out.iterdir())
     if not entries:
         return []
-    copied = None if not base_dir else {f.name for f in copied_files(base_dir)}
+    copied = None if not base_dir else {f.relative_to(base_dir).as_posix() for f in copied_files(base_dir)}
+    templates = out / TEMPLATES_DIR
+    if not templates.is_symlink() and templates.is_dir():  # the named chat templates: copied files like the rest
+        entries = [e for e in entries if e.name != TEMPLATES_DIR] + sorted(templates.iterdir())
     weights, unknown = [], []
     for entry in entries:
-        name = entry.name
+        name = entry.relative_to(out).as_posix()
         if entry.is_symlink() or not entry.is_file():
             unknown.append(name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
         elif _EXPORT_WEIGHTS.fullmatch(name):
@@ -88,7 +105,7 @@ def foreign_entries(out: str | os.PathLike, base_dir: str | os.PathLike | None =
             continue
         elif copied is not None and name not in copied:
             unknown.append(name)
-        elif copied is None and (name.startswith(".") or is_weight_file(name)):
+        elif copied is None and not _copied(entry.name):
             unknown.append(name)
     problems = []
     if unknown:

@@ -204,7 +204,7 @@ def _prepare_staging(out: Path, base_dir: Path, overwrite: bool, needed_bytes: i
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(out.parent).free
-        if free < needed_bytes:
+        if 0 < free < needed_bytes:  # some network filesystems report 0 free: let the writes themselves decide
             raise ExportError(
                 f"not enough space for the merged checkpoint under {out.parent}: it needs "
                 f"{st.format_size(needed_bytes)}, {st.format_size(free)} are free; free space or choose another "
@@ -302,8 +302,10 @@ def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLay
         for k in keys:
             config[k] = dtype_name(config_dtype)
     _write_json(staging / "config.json", config)
-    for f in copied_files(base_dir):
-        shutil.copyfile(f, staging / f.name)
+    for f in copied_files(base_dir):  # named chat templates in their subdir, as transformers reads them
+        target = staging / f.relative_to(base_dir)
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(f, target)
     check_output(out, inputs, overwrite=overwrite, base_dir=base_dir, what=what)
     _check_staged(staging, layout)
     try:

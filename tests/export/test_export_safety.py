@@ -152,6 +152,33 @@ def test_overwrite_replaces_only_a_merged_export_lora_dist_wrote(folder, tiny_ch
     assert sorted(x.name for x in p.iterdir() if x.name.startswith(".")) == []  # no staging or set-aside dirs
 
 
+def test_named_chat_templates_are_copied_and_replaced_like_the_other_files(folder, capsys):
+    """transformers saves a tokenizer's named chat templates in additional_chat_templates/*.jinja: the export
+    copies them, an export holding them is still one lora_dist wrote, and a user's file there is refused."""
+    from transformers import AutoTokenizer
+
+    p = folder
+    tokenizer = AutoTokenizer.from_pretrained(p / "base")
+    tokenizer.chat_template = {"default": "{{ messages[0]['content'] }}", "tool_use": "{{ tools }}"}
+    tokenizer.save_pretrained(p / "base")
+    templates = p / "base" / "additional_chat_templates"
+    assert [x.name for x in templates.iterdir()] == ["tool_use.jinja"]
+    merge = ["merge", "--base", p / "base", "--adapter", p / "adapter"]
+    assert cli(capsys, *merge, "--out", p / "merged")[0] == 0
+    copied = p / "merged" / "additional_chat_templates" / "tool_use.jinja"
+    assert copied.read_text() == (templates / "tool_use.jinja").read_text()
+    assert AutoTokenizer.from_pretrained(p / "merged").chat_template == tokenizer.chat_template
+    assert is_merged_export(p / "merged")
+    assert cli(capsys, *merge, "--out", p / "merged", "--overwrite")[0] == 0  # ours, templates and all: replaced
+    assert copied.is_file()
+
+    (copied.parent / "mine.jinja").write_text("{{ my template }}\n")  # the user's file in that subdir
+    before = snapshot(p)
+    one_line(*cli(capsys, *merge, "--out", p / "merged", "--overwrite"), "merge",
+             "additional_chat_templates/mine.jinja, which lora_dist does not write")
+    assert snapshot(p) == before
+
+
 def test_end_of_training_export_keeps_a_users_merged_folder(base, tmp_path):
     """export_merged at the end of training writes <run>/merged: a folder of the user's there is refused."""
     model = build_lora_model(base, "llama")
