@@ -1,7 +1,8 @@
 """The one training loop, shared by every strategy.
 
 Per optimizer step: count the step's target tokens on all ranks, run
-``grad_accum`` micro-batches (communication only on the last), clip the LoRA
+``grad_accum`` micro-batches (fsdp2, ddp, zero1: communication only on the last;
+ZeRO-2/3 reduce-scatter every micro-batch's gradients), clip the LoRA
 gradients' global norm, update with AdamW on a warmup + cosine schedule.
 The loss is the global token mean, so N ranks compute exactly what one
 process computes on the same global batch.
@@ -41,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from lora_dist import checkpoint as ckpt_mod
+from lora_dist.adapter import check_adapter_dir
 from lora_dist.atomic import recover, write_text_atomic
 from lora_dist.checkpoint import TrainingDiverged
 from lora_dist.config import Config, config_to_dict
@@ -132,7 +134,8 @@ def forward_backward(engine: Engine, micro: list[dict]) -> tuple[float, float]:
 
     Each micro-batch's summed token loss is divided by the step's global token
     count, so the accumulated gradient is that of the global token mean.
-    Gradients are communicated only on the last micro-batch. A step with no
+    Gradients are communicated only on the last micro-batch (DeepSpeed ZeRO-2/3 partition them as they come,
+    on every micro-batch). A step with no
     target tokens on any rank has no mean loss: NaN (and a zero gradient).
     """
     device = engine.device
@@ -258,7 +261,8 @@ def _open_run_dir(cfg: Config, env: LaunchEnv, out: Path) -> tuple[dict, RunLock
     """Collective: rank 0 makes ``out`` this run's dir and locks it; every rank gets the marker (or the error).
 
     Also refused here, before any work: ``merged/`` exists and ``export.merged`` would replace it without
-    ``output.overwrite``. What a killed writer set aside is put back (``adapter/``, ``merged/``).
+    ``output.overwrite``; ``adapter/`` is a file or holds anything but an adapter's files. What a killed writer
+    set aside is put back (``adapter/``, ``merged/``).
     """
     held: list[RunLock] = []
 
@@ -276,6 +280,8 @@ def _open_run_dir(cfg: Config, env: LaunchEnv, out: Path) -> tuple[dict, RunLock
         if cfg.export.merged and os.path.lexists(merged) and not cfg.output.overwrite:
             raise OutputError(f"{merged} already exists and export.merged=true would replace it; set "
                               "output.overwrite=true to replace it, export.merged=false, or choose a new output.dir")
+        if cfg.export.adapter:  # what the adapter writer would refuse (a file; a dir holding other files)
+            check_adapter_dir(out / "adapter")
         return marker
 
     try:
@@ -371,6 +377,11 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
         metrics_path = out / "metrics.jsonl"
 
         def record_start() -> None:  # only now: a rerun that fails validation or resume keeps the run's files
+            if start_step == 0 and os.path.lexists(out / "adapter") and not cfg.output.overwrite:
+                raise OutputError(
+                    f"{out} holds the adapter of an earlier run and no checkpoint to continue it from; a new run "
+                    "would replace its config and metrics now and its adapter at the end: set output.overwrite=true "
+                    "to train it again, or choose a new output.dir (lora-dist export RUN_DIR exports the adapter)")
             try:
                 write_text_atomic(out / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
             except OSError as e:

@@ -157,6 +157,36 @@ def test_existing_merged_without_overwrite_is_refused_before_training(good, tmp_
     assert after == before
 
 
+def test_a_fresh_run_over_a_finished_runs_adapter_is_refused_before_training(good, tmp_path):
+    """A finished run without checkpoints (``checkpoint.every=0``, the default) run again into its dir: the new run
+    would rewrite config.json and metrics.jsonl at its start and the adapter only at its end, so a failure between
+    left the old adapter beside the new config. Refused, nothing changed; ``output.overwrite=true`` trains it again."""
+    out = tmp_path / "run"
+    assert _train(good, out).returncode == 0
+    before = _hashes(out)
+    proc = _train(good, out, "train.steps=3")
+    _one_line_error(proc, "holds the adapter of an earlier run", "output.overwrite=true", "choose a new output.dir")
+    assert "step 1/" not in proc.stderr
+    after = _hashes(out)
+    after.pop(".lora_dist_run.lock")
+    before.pop(".lora_dist_run.lock")
+    assert after == before
+    assert _train(good, out, "train.steps=3", "output.overwrite=true").returncode == 0
+    assert [row["step"] for row in _metrics(out) if "loss" in row][-1] == 3
+
+
+def test_an_adapter_dir_holding_other_files_is_refused_before_training(good, tmp_path):
+    """The adapter writer replaces the whole ``adapter/`` and refuses one that holds other files (a README for the
+    Hub): refused before training, not after the whole run (which then had nothing saved)."""
+    out = tmp_path / "run"
+    assert _train(good, out).returncode == 0
+    (out / "adapter" / "README.md").write_text("my notes")
+    proc = _train(good, out, "train.steps=3", "output.overwrite=true")
+    _one_line_error(proc, "refusing to write the adapter", "README.md", "choose a new or empty dir")
+    assert "step 1/" not in proc.stderr
+    assert (out / "adapter" / "README.md").read_text() == "my notes"
+
+
 def test_two_runs_into_one_dir_at_once(good, tmp_path):
     out = tmp_path / "busy"
     cmd = [sys.executable, "-m", "lora_dist.cli", *_args(good, out, "train.steps=2000", "checkpoint.every=0")]
@@ -315,7 +345,8 @@ def killed_mid_publish(good, tmp_path):
     out = tmp_path / "run"
     _train(good, out, check=True)
     previous = (out / "adapter" / "adapter_model.safetensors").read_bytes()
-    cmd = [sys.executable, "-c", _KILLED_WHILE_PUBLISHING_THE_ADAPTER, *_args(good, out, "train.steps=3")]
+    cmd = [sys.executable, "-c", _KILLED_WHILE_PUBLISHING_THE_ADAPTER,
+           *_args(good, out, "train.steps=3", "output.overwrite=true")]
     proc = subprocess.run(cmd, cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not (out / "adapter").exists()
@@ -331,7 +362,7 @@ def test_a_rerun_repairs_a_kill_between_the_two_renames_and_export_works(good, t
     _one_line_error(proc, "is not a checkpoint dir")                                     # is opened
     assert (out / "adapter" / "adapter_model.safetensors").is_file()  # put back before anything else
     assert not list(out.glob(".adapter.*"))
-    _train(good, out, "train.steps=3", check=True)
+    _train(good, out, "train.steps=3", "output.overwrite=true", check=True)
     assert not list(out.glob(".adapter.*"))
     merged = tmp_path / "merged"
     lora_dist("export", str(out), "--out", str(merged), check=True)
