@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from lora_dist.atomic import recover, writing_dir
 from lora_dist.errors import UserError
-from lora_dist.outputs import ADAPTER_FILES
+from lora_dist.outputs import ADAPTER_FILES, check_replaceable
 from lora_dist.inputs import clip, excerpt, read_json
 from lora_dist.lora import LoRAConfig, LoRAParam, inject_lora, language_model, lora_modules, param_targets
 from lora_dist.merge import LoRAWeights, lora_scale
@@ -174,20 +174,8 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, t
 
 
 def check_adapter_dir(directory: Path) -> None:
-    """Refuse a ``directory`` that holds anything but an adapter's two files: replacing it removes all it holds (a
-    user's folder, the base model dir passed by mistake)."""
-    if not directory.is_dir():
-        if directory.exists():
-            raise AdapterError(f"{directory} is a file; choose a new or empty dir for the adapter")
-        return
-    others = sorted(p.name for p in directory.iterdir() if p.name not in ADAPTER_FILES)
-    if others:
-        raise AdapterError(
-            f"refusing to write the adapter to {directory}: it holds {others[0]}"
-            + (f" and {len(others) - 1} more" if len(others) > 1 else "")
-            + ", and writing replaces the whole dir (only one holding an adapter's files alone is replaced); "
-            "choose a new or empty dir for the adapter"
-        )
+    """Refuse a ``directory`` that is a file or holds anything but an adapter's files (:func:`check_replaceable`)."""
+    check_replaceable(directory, ADAPTER_FILES, "the adapter", AdapterError)
 
 
 def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],

@@ -101,7 +101,7 @@ from lora_dist.config import Config
 from lora_dist.errors import UserError
 from lora_dist.launch import LaunchEnv
 from lora_dist.model_dir import SAFE_INDEX, hash_weight_file
-from lora_dist.outputs import OutputError, read_run_marker, write_failure
+from lora_dist.outputs import OutputError, check_replaceable, read_run_marker, write_failure
 from lora_dist.quant import NF4Record, nf4_record
 from lora_dist.ranks import RankGroup
 from lora_dist.safetensors_file import write_safetensors
@@ -207,21 +207,6 @@ def _write_files(staging: Path, lora: dict[str, torch.Tensor], moments: dict[str
 CHECKPOINT_FILES = ("lora.safetensors", "optimizer.safetensors", "state.json")
 
 
-def _check_replaceable(directory: Path) -> None:
-    """Refuse a ``directory`` that holds anything but a checkpoint's files: publishing replaces the whole dir."""
-    if not directory.is_dir():
-        if directory.exists():
-            raise OutputError(f"{directory} is a file; choose a new or empty dir for the checkpoint")
-        return
-    others = sorted(p.name for p in directory.iterdir() if p.name not in CHECKPOINT_FILES)
-    if others:
-        raise OutputError(
-            f"refusing to write a checkpoint to {directory}: it holds {others[0]}"
-            + (f" and {len(others) - 1} more" if len(others) > 1 else "")
-            + ", and writing replaces the whole dir (only one holding a checkpoint's files alone is replaced); "
-            "choose a new or empty dir for the checkpoint")
-
-
 def save_state(directory: str | Path, step: int, engine, cfg: Config, samples_consumed: int) -> Path:
     """Write ``engine``'s training state as a checkpoint dir another loop resumes (collective; rank 0 writes).
 
@@ -242,7 +227,7 @@ def save_state(directory: str | Path, step: int, engine, cfg: Config, samples_co
     def write() -> Path:
         from safetensors import SafetensorError
 
-        _check_replaceable(directory)
+        check_replaceable(directory, CHECKPOINT_FILES, "a checkpoint", OutputError)
         try:
             with writing_dir(directory, replace=True) as staging:
                 _write_files(staging, lora, moments, _record(cfg, step, samples_consumed, world, None, engine))

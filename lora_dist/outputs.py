@@ -46,6 +46,7 @@ __all__ = [
     "OutputError",
     "RunLock",
     "check_not_an_input",
+    "check_replaceable",
     "ADAPTER_FILES",
     "is_adapter_dir",
     "is_model_dir",
@@ -129,6 +130,22 @@ def check_not_an_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLik
             continue
         raise OutputError(f"{what} {str(out)!r} {relation} the input {str(item)!r}; writing there could replace or "
                           f"delete it: choose a {what} outside every input")
+
+
+def check_replaceable(directory: Path, files: Iterable[str], what: str, error: type[Exception]) -> None:
+    """Refuse (``error``) a ``directory`` that is a file or holds anything but ``files``, the files of ``what``
+    (``"the adapter"``): publishing ``what`` replaces the whole dir, and all it holds with it (a user's folder, the
+    base model dir passed by mistake)."""
+    if not directory.is_dir():
+        if directory.exists():
+            raise error(f"{directory} is a file; choose a new or empty dir for {what}")
+        return
+    others = sorted(p.name for p in directory.iterdir() if p.name not in files)
+    if others:
+        raise error(f"refusing to write {what} to {directory}: it holds {others[0]}"
+                    + (f" and {len(others) - 1} more" if len(others) > 1 else "")
+                    + f", and writing replaces the whole dir (only one holding {what}'s files alone is replaced); "
+                    f"choose a new or empty dir for {what}")
 
 
 def read_run_marker(run_dir: str | os.PathLike) -> dict | None:
