@@ -47,6 +47,7 @@ from lora_dist.atomic import recover, write_text_atomic
 from lora_dist.checkpoint import TrainingDiverged
 from lora_dist.config import Config, config_to_dict
 from lora_dist.data import PackedDataset, load_splits, load_tokenizer
+from lora_dist.errors import UserError
 from lora_dist.launch import LaunchEnv, init_distributed, run_device
 from lora_dist.loss import n_targets
 from lora_dist.model_dir import ModelDir
@@ -473,13 +474,33 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
             engine.save_adapter(out / "adapter")  # the fp32 LoRA state, whatever the strategy computes in
         engine.finish_training()
         if cfg.export.merged:
-            engine.export_merged(out / "merged", dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
-                                 overwrite=cfg.output.overwrite, keep_fp8=cfg.export.keep_fp8)
+            try:
+                engine.export_merged(out / "merged", dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
+                                     overwrite=cfg.output.overwrite, keep_fp8=cfg.export.keep_fp8)
+            except UserError:  # refused or failed on every rank: the training is kept, not lost with the export
+                if not cfg.export.adapter:
+                    _keep_the_adapter(engine, out, env)
+                raise
         if dist.is_initialized():
             dist.barrier()
         if signals.poll(device)[0] and env.is_main:
             log.warning("a stop signal came while the outputs were written; they are complete, the run ends normally")
     return TrainResult(_final_loss(history), first_loss, eval_loss, t.steps, out, history)
+
+
+def _keep_the_adapter(engine: Engine, out: Path, env: LaunchEnv) -> None:
+    """``export.adapter=false`` and the merged export failed: the adapter is written anyway (``lora-dist export
+    RUN_DIR`` exports it once the cause is fixed); a failure to write it is logged, the export's error raised."""
+    try:
+        engine.save_adapter(out / "adapter")
+    except UserError as e:
+        if env.is_main:
+            log.error("the merged export failed and the adapter could not be written either (%s): the training "
+                      "is lost", e)
+        return
+    if env.is_main:
+        log.warning("the merged export failed; the trained LoRA is kept in %s (export.adapter=false asked for none): "
+                    "lora-dist export %s exports it once the cause is fixed", out / "adapter", out)
 
 
 def _eval(engine: Engine, eval_data: PackedDataset, t, env: LaunchEnv) -> float | None:

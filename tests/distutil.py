@@ -130,6 +130,17 @@ def alias_bomb() -> str:
     return text
 
 
+def randomize_lora_B(model, seed: int = 0, scale: float = 1.0) -> None:
+    """Every ``lora_B`` param (PEFT's or lora_dist's) drawn from N(0, scale²), so the adapter changes the output."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
 def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
     """Two PEFT adapter dirs hold the same LoRA tensors: every element within ``atol``, with a margin (each
     tensor's root-mean-square difference at most a tenth of it), and they are trained (B moved off zero): not two

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distutil import adapter_atol, assert_same_run, lora_dist, ranks, short_run_args
+from distutil import adapter_atol, assert_same_run, lora_dist, randomize_lora_B, ranks, short_run_args
 from lora_dist.loss import IGNORE, ChunkedHeadLoss, chunkable, linear_cross_entropy_sum
 from lora_dist.loss import token_loss_sum as _plain_sum
 
@@ -111,11 +111,7 @@ def _lora_model(tiny_model, arch):
 
     model = tiny_model(arch)
     inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_lora_B(model, 1, 0.1)
     return model.train()
 
 

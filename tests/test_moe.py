@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distutil import assert_same_run, lora_dist, ranks
+from distutil import assert_same_run, lora_dist, randomize_lora_B, ranks
 from lora_dist.demo import MOE_EXPERTS, write_demo_data
 from lora_dist.model_dir import ModelDir
 from lora_dist.weight_mapping import FileTensor, WeightMap, WeightMappingError, model_transforms
@@ -681,11 +681,7 @@ def qwen3_vl_moe(tmp_path_factory) -> dict[str, Path]:
     save_file(tensors, str(root / "hub" / "model.safetensors"), metadata={"format": "pt"})
     model = peft.get_peft_model(_vl_model(root / "hub"), peft.LoraConfig(r=2, lora_alpha=4,
                                                                          target_parameters=TARGET_PARAMETERS))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    randomize_lora_B(model, 1, 0.5)
     model.save_pretrained(root / "adapter")
     return {"base": root / "base", "hub": root / "hub", "adapter": root / "adapter"}
 

@@ -301,6 +301,21 @@ def test_train_with_an_fp16_export_that_overflows_fails_in_one_line(fp16_run):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()  # the training is not lost
 
 
+def test_a_failed_merged_export_keeps_the_adapter_that_was_not_asked_for(fp16_run, tmp_path):
+    """``export.adapter=false``: the merged export was the only output, and its failure lost the whole training.
+    The adapter is written anyway, saying so, and ``lora-dist export RUN_DIR`` exports it."""
+    base, run = fp16_run["base"], tmp_path / "run"
+    data = write_demo_data(tmp_path / "data.jsonl", n=100)
+    proc = lora_dist("train", f"model.path={base}", f"data.path={data}", f"output.dir={run}", "parallel.strategy=none",
+                     "train.steps=2", "train.seq_len=32", "lora.target_modules=[q_proj,v_proj]", "export.adapter=false",
+                     "export.merged=true", "export.dtype=float16", check=False)
+    assert proc.returncode == 2 and "overflow float16" in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+    assert "the trained LoRA is kept in" in proc.stderr and not (run / "merged").exists()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    lora_dist("export", str(run), "--dtype", "bfloat16")
+    lora_dist("verify", str(run / "merged"), "--base", str(base), "--adapter", str(run / "adapter"))
+
+
 @pytest.mark.dist
 def test_sharded_export_that_overflows_fails_on_every_rank(fp16_run):
     run = fp16_run["run"]

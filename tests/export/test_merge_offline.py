@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_scripts.export_common import SCRIPTS
-from distutil import ranks
+from distutil import randomize_lora_B, ranks
 
 from lora_dist.cli import main
 from lora_dist.export import OutputExistsError, VerifyError, merge_offline, verify_checkpoint
@@ -37,11 +37,7 @@ def peft_adapter(base: Path, arch: str, adapter_dir: Path, merged_dir: Path | No
     from transformers import AutoModelForCausalLM
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(**PEFT_CASES[arch]))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    randomize_lora_B(model, 0, 0.1)
     model.save_pretrained(adapter_dir)
     if merged_dir is not None:
         model.merge_and_unload().save_pretrained(merged_dir)
