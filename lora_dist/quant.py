@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from lora_dist.blocks import find_blocks
 from lora_dist.errors import ConfigError
-from lora_dist.lora import LoRALinear, language_model, lora_parameters
+from lora_dist.lora import PLAIN_PROJECTIONS, LoRALinear, language_model, lora_parameters, read_by_weight
 from lora_dist.nf4 import BLOCK, GROUP, SCALER_BLOCK, embedding_rows, frozen_linear, nf4_module, nf4_quantizable
 
 __all__ = [
@@ -62,13 +62,20 @@ def quantize_problem(quantize: str, strategy: str) -> str | None:
 
 def quantized_weights(model: nn.Module, embeddings: bool = False) -> list[tuple[nn.Module, str]]:
     """``(module, "weight")`` of every weight :func:`prepare_quantized` considers: the linear layers' weights in the
-    transformer blocks (LoRA-adapted ones included; GPT-2's transposed ``Conv1D`` excluded; a vision-language
-    model's language model's only) and, with
+    transformer blocks (LoRA-adapted ones and Falcon's plain projections included; GPT-2's transposed ``Conv1D``
+    and the Mamba mixers' weights their code reads itself, :func:`~lora_dist.lora.read_by_weight`, excluded; a
+    vision-language model's language model's only) and, with
     ``embeddings`` (``model.quantize_embeddings``), the input embedding and the output head (once where tied)."""
     out, seen = [], {id(p) for p in lora_parameters(model)}  # the adapters' own lora_A/lora_B stay as they are
+    # A Mamba mixer's code reads these weights itself (Jamba's dt_proj.weight @ x, a fused scan's out_proj.weight):
+    # they stay plain tensors in model.dtype
+    direct = {id(model.get_submodule(name)) for name in read_by_weight(model)}
 
     def linear(module: nn.Module) -> bool:
-        return type(module) in (nn.Linear, _NF4Linear) or (isinstance(module, LoRALinear) and not module.fan_in_fan_out)
+        if id(module) in direct:
+            return False
+        return (type(module) in (nn.Linear, _NF4Linear) or type(module).__name__ in PLAIN_PROJECTIONS
+                or (isinstance(module, LoRALinear) and not module.fan_in_fan_out))
 
     def add(module: nn.Module) -> None:
         if id(module) not in seen and id(module.weight) not in seen:
@@ -206,7 +213,7 @@ def prepare_quantized(model: nn.Module, quantize: str, shards: int, device: torc
         # Every module holding this parameter gets the NF4 one: a tied output head shares the embedding's.
         for holder in [m for m in model.modules() if m._parameters.get(attr) is param]:
             holder._parameters[attr] = new
-            if type(holder) is nn.Linear:
+            if type(holder) is nn.Linear or type(holder).__name__ in PLAIN_PROJECTIONS:  # Falcon's: x @ W.T + b
                 holder.__class__ = _NF4Linear
             elif type(holder) is nn.Embedding:
                 holder.__class__ = _NF4Embedding

@@ -177,6 +177,50 @@ def test_one_process_quantizes_the_block_linears_and_nothing_else(tiny_checkpoin
     assert all(not p.requires_grad for n, p in model.named_parameters() if n in quantized)
 
 
+def test_a_mamba_mixers_weights_its_code_reads_stay_in_model_dtype_and_jamba_runs(tmp_path):
+    """Jamba multiplies by ``dt_proj.weight`` itself (no call of the layer): quantized, its first forward failed
+    in NF4Tensor's dispatch. Such weights (:func:`lora_dist.lora.read_by_weight`) stay plain; the others are NF4."""
+    import transformers as tf
+
+    from lora_dist.model import load_model
+
+    config = tf.JambaConfig(vocab_size=256, hidden_size=512, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+                            expert_layer_period=2, expert_layer_offset=1, num_experts=1, mamba_d_state=16,
+                            mamba_d_conv=4, mamba_expand=2, use_mamba_kernels=False, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "jamba")
+    cfg = load_config(None, [f"model.path={tmp_path / 'jamba'}", "model.quantize=nf4", "parallel.strategy=none",
+                             "lora.target_modules=[q_proj]"])
+    model = load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0).model
+    quantized = {n for n, p in model.named_parameters() if is_quantized(p)}
+    assert not any(".dt_proj." in n for n in quantized)
+    assert any(".in_proj." in n for n in quantized) and any(".q_proj." in n for n in quantized)
+    logits = model(input_ids=torch.randint(0, 256, (1, 8))).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_falcons_plain_projections_are_quantized_adapted_or_not(tmp_path):
+    """``FalconLinear`` (``x @ W.T + b``), which LoRA adapts as a plain projection, was left in model.dtype unless
+    adapted, and not reported: its weights are NF4 too, and the layer computes what it computed."""
+    import transformers as tf
+
+    from lora_dist.model import load_model
+
+    config = tf.FalconConfig(vocab_size=256, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             new_decoder_architecture=False, alibi=False)
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "falcon")
+    cfg = load_config(None, [f"model.path={tmp_path / 'falcon'}", "model.quantize=nf4", "parallel.strategy=none",
+                             "lora.target_modules=[query_key_value]"])
+    model = load_model(cfg.model, cfg.lora, cfg.parallel, torch.device("cpu"), 0).model
+    quantized = {n.split(".")[-2] for n, p in model.named_parameters() if is_quantized(p)}
+    assert quantized == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
+    layer = model.get_submodule("transformer.h.0.mlp.dense_h_to_4h")
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(layer(x), x @ dequantize(layer.weight).T.float() + (0 if layer.bias is None else layer.bias))
+
+
 def test_quantized_embeddings_give_the_logits_of_their_dequantized_values(tiny_checkpoint):
     """model.quantize_embeddings: the embedding and the head are NF4 too, and the model computes exactly what
     the same model with those two replaced by their dequantized values computes."""
