@@ -86,6 +86,22 @@ def _load_base(model: nn.Module, base: ModelDir, weights: WeightMap) -> None:
             buf.copy_(base.read(key).to(buf.dtype))
 
 
+def keep_fp32_buffers(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """The buffers a model keeps in fp32 whatever its dtype (``_keep_in_fp32_modules_strict``: DeepSeek-V3's and
+    GLM-4.5's expert-selection bias ``e_score_correction_bias``), made fp32 again under a bf16 or fp16 ``dtype``, as
+    ``from_pretrained`` loads them (``from_config`` builds them in ``dtype``: two biases 4e-4 apart became one, and
+    another expert fired). Parameters on that list (ERNIE-4.5's router) stay in ``dtype``: FSDP2 gathers a unit's
+    parameters in one dtype."""
+    keys = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    if dtype not in (torch.bfloat16, torch.float16) or not keys:
+        return
+    for name, module in model.named_modules():
+        for attr, buf in list(module._buffers.items()):
+            full = f"{name}.{attr}" if name else attr
+            if buf is not None and buf.is_floating_point() and any(key in full for key in keys):
+                module._buffers[attr] = buf.float()
+
+
 def _tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
     """``(owner, alias)`` names of parameters shared between modules (tied embeddings)."""
     first: dict[int, str] = {}
@@ -185,6 +201,7 @@ def load_base_model(base: ModelDir, device: torch.device) -> nn.Module:
         model = model_class(hf_config).from_config(hf_config, dtype=parse_dtype(getattr(hf_config, "dtype", None)))
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()
+    keep_fp32_buffers(model, parse_dtype(getattr(hf_config, "dtype", None)))
     weights = WeightMap.of(base, model)
     _materialize(model, device)
     _load_base(model, base, weights)
@@ -261,6 +278,7 @@ def load_model(
             model = cls.from_config(hf_config, dtype=dtype)
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()  # tied embeddings share one parameter (checkpoints store it once)
+    keep_fp32_buffers(model, dtype)
     # Before parallelize: transformers looks its conversion mapping up by class names FSDP2 changes.
     weights = WeightMap.of(base, model)
     report = inject_lora(model, lora_cfg)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -103,3 +105,30 @@ def test_float_dropout_fields_of_any_name_are_found_and_turned_off(arch):
     assert any(site.endswith("residual_dropout") for site in found) and set(found.values()) == {0.1}
     assert base_dropout(model) == {} and model.config.residual_dropout == 0.0
     assert torch.equal(model(x).logits, model(x).logits)
+
+
+def test_buffers_a_model_keeps_in_fp32_stay_fp32_under_a_bf16_base(tiny_checkpoint, tmp_path):
+    """DeepSeek-V3's expert-selection bias is kept in fp32 by ``from_pretrained`` whatever the dtype
+    (``_keep_in_fp32_modules_strict``); built in bf16, two biases 4e-4 apart became one (another expert fired)."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from lora_dist.config import ModelConfig, ParallelConfig
+
+    path = Path(shutil.copytree(tiny_checkpoint("deepseek_v3", dtype=torch.float32), tmp_path / "base"))
+    tensors = load_file(str(path / "model.safetensors"))
+    biases = [k for k in tensors if k.endswith("e_score_correction_bias")]
+    for key in biases:
+        tensors[key] = torch.linspace(0.1001, 0.1009, tensors[key].numel())
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    model = load_model(ModelConfig(path=str(path), dtype="bfloat16"), LoRAConfig(target_modules="all-linear"),
+                       ParallelConfig(strategy="none"), torch.device("cpu"), 0).model
+    reference = dict(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).named_buffers())
+    ours = dict(model.named_buffers())
+    assert biases
+    for key in biases:
+        assert ours[key].dtype == torch.float32 and torch.equal(ours[key], tensors[key]), key
+        assert torch.equal(ours[key], reference[key])
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
