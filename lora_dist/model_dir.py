@@ -138,8 +138,17 @@ class ModelDir:
             handle = self._open(SAFE_SINGLE)
             weight_map = {k: SAFE_SINGLE for k in handle.keys()}  # type: ignore[attr-defined]
         self.weight_map: dict[str, str] = dict(weight_map)
-        for file in sorted(set(self.weight_map.values())):
-            self._open(file)
+        listed: dict[str, list[str]] = {}
+        for key, file in self.weight_map.items():
+            listed.setdefault(file, []).append(key)
+        for file, keys in sorted(listed.items()):
+            held = set(self._open(file).keys())  # type: ignore[attr-defined]
+            absent = [k for k in keys if k not in held]
+            if absent:  # a stale index (the weights re-saved in other shards): read, it would fail mid-load
+                more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+                raise ModelDirError(f"{self.path / SAFE_INDEX} lists {absent[0]}{more} in {file}, which does not hold "
+                                    "it; the index does not match the weight files: restore the checkpoint's own "
+                                    "index or re-save the checkpoint")
         try:  # a checkpoint published quantized (FP8, MXFP4) is read as the dense weights it stands for
             self._dense = dense_view(self._config, self, self.path)
         except PrequantizedError as e:

@@ -127,6 +127,19 @@ def test_corrupt_index_is_one_line(sharded, index, match):
         ModelDir(sharded)
 
 
+def test_an_index_naming_a_file_that_does_not_hold_the_tensor_is_one_line(sharded):
+    """A stale index (the weights re-saved in other shards) failed mid-load with safetensors' own error, a
+    traceback."""
+    index = json.loads((sharded / SAFE_INDEX).read_text())
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = next(f for f in sorted(set(index["weight_map"].values()))
+                                    if f != index["weight_map"][key])
+    (sharded / SAFE_INDEX).write_text(json.dumps(index))
+    with pytest.raises(ModelDirError, match=f"lists {key} in .*, which does not hold it") as e:
+        ModelDir(sharded)
+    assert "\n" not in str(e.value) and "re-save the checkpoint" in str(e.value)
+
+
 def test_hub_cache_symlinks_inside_the_index_still_open(sharded, tmp_path):
     # The HF cache links snapshot files to blobs elsewhere: only the names in the index must stay inside.
     blobs = tmp_path / "blobs"
