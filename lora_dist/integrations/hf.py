@@ -74,6 +74,20 @@ def _check_args(args) -> None:
                           "activation_checkpointing=False (SFTConfig turns it on by default; its old name "
                           "gradient_checkpointing is deprecated) and "
                           "parallel=ParallelConfig(activation_checkpointing=True)")
+    if getattr(args, "bf16_full_eval", False) or getattr(args, "fp16_full_eval", False):
+        raise ConfigError("TrainingArguments(bf16_full_eval/fp16_full_eval=True) conflicts with LoraDistTrainer (the "
+                          "Trainer would cast the model, its fp32 LoRA too, for good); drop it and compute the base "
+                          "in bf16 with parallel=ParallelConfig(mixed_precision='bfloat16')")
+    if getattr(args, "load_best_model_at_end", False):
+        raise ConfigError("TrainingArguments(load_best_model_at_end=True) is not supported by LoraDistTrainer (the "
+                          "Trainer would look for a pickled pytorch_model.bin after the whole run); drop it and "
+                          "resume the best checkpoint's lora_dist/ state with load_state, or export its adapter")
+    if getattr(args, "label_smoothing_factor", 0):
+        raise ConfigError("TrainingArguments(label_smoothing_factor=...) is not applied by LoraDistTrainer (the "
+                          "engine's loss is the plain token-mean cross-entropy); drop it")
+    if getattr(args, "activation_offloading", False):
+        raise ConfigError("SFTConfig(activation_offloading=True) is not applied by LoraDistTrainer (lora_dist runs "
+                          "the training step); drop it and pass parallel=ParallelConfig(offload_activations=True)")
     optim = str(getattr(args.optim, "value", args.optim))
     adam = (args.adam_beta1, args.adam_beta2, args.adam_epsilon)
     if not optim.startswith("adamw_torch") or adam != (0.9, 0.999, 1e-8):
@@ -181,6 +195,9 @@ class LoraDistMixin:
         for name in ("optimizers", "model_init", "optimizer_cls_and_kwargs"):
             if kwargs.get(name) not in (None, (None, None)):
                 raise ConfigError(f"LoraDistTrainer makes the model and its optimizer; drop {name}=")
+        if kwargs.get("peft_config") is not None:  # TRL would wrap lora_dist's model with PEFT's own adapters
+            raise ConfigError("LoraDistTrainer injects the LoRA itself; drop peft_config= (TRL would add PEFT's "
+                              "adapters, which nothing steps, and freeze lora_dist's) and pass lora=LoRAConfig(...)")
         if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or parse_flag_from_env("ACCELERATE_USE_FSDP"):
             raise ConfigError("accelerate's config asks for DeepSpeed/FSDP, which would shard lora_dist's model again; "
                               "launch without that config (accelerate launch --multi_gpu, or torchrun) and pick "
@@ -206,6 +223,25 @@ class LoraDistMixin:
         return self.optimizer
 
     # ------------------------------------------------------------------ the step
+
+    def get_train_dataloader(self):
+        """Trainer's, refused under ``zero*`` where an epoch does not end on an optimizer step: Trainer's last step of
+        each epoch then has fewer micro-batches, and DeepSpeed, which counts micro-steps, would skip its update and
+        add its gradients into the next one's (``dataloader_drop_last`` and ``max_steps`` change nothing there)."""
+        loader = super().get_train_dataloader()
+        accumulate = self.args.gradient_accumulation_steps
+        if self.lora_dist_config.parallel.strategy.startswith("zero") and accumulate > 1:
+            try:
+                n = len(loader)
+            except TypeError:  # an iterable dataset: its length is not known
+                return loader
+            if n % accumulate:
+                raise ConfigError(
+                    f"under {self.lora_dist_config.parallel.strategy} an epoch's {n} micro-batches per rank must be a "
+                    f"multiple of gradient_accumulation_steps={accumulate} (DeepSpeed would skip the update of each "
+                    "epoch's last, shorter step); change the batch size, the accumulation or the dataset's size, "
+                    "or use strategy='fsdp2'")
+        return loader
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Trainer's micro-batches of one optimizer step, and their target tokens on all ranks."""

@@ -116,6 +116,14 @@ def test_trainer_checkpoint_is_safetensors_and_resumes_in_trainer_and_lora_dist_
     ({"activation_checkpointing": True}, r"activation_checkpointing=True\) conflicts"),
     ({"optim": "sgd"}, "optim=sgd"),
     ({"torch_compile": True}, r"torch_compile=True\) conflicts .*ParallelConfig\(compile=True\)"),
+    # the Trainer would cast the model, fp32 LoRA too, to bf16 for good at the first evaluation
+    ({"bf16_full_eval": True}, r"bf16_full_eval/fp16_full_eval=True\) conflicts"),
+    ({"fp16_full_eval": True}, r"bf16_full_eval/fp16_full_eval=True\) conflicts"),
+    # after the whole run, the Trainer looked for a pickled pytorch_model.bin
+    ({"load_best_model_at_end": True}, r"load_best_model_at_end=True\) is not supported"),
+    # arguments the engine's step would ignore without a word
+    ({"label_smoothing_factor": 0.1}, r"label_smoothing_factor=...\) is not applied"),
+    ({"activation_offloading": True}, r"activation_offloading=True\) is not applied .*offload_activations=True"),
 ])
 def test_conflicting_training_arguments_are_refused_in_one_line(change, named):
     from transformers import TrainingArguments
@@ -126,6 +134,46 @@ def test_conflicting_training_arguments_are_refused_in_one_line(change, named):
     with pytest.raises(ConfigError, match=named) as refused:
         _check_args(args)
     assert "\n" not in str(refused.value)
+
+
+def test_a_peft_config_is_refused_before_any_work():
+    """TRL's SFTTrainer(peft_config=...) wrapped lora_dist's model with PEFT's own adapters, which nothing stepped,
+    and froze lora_dist's: every step's grad_norm was 0 and the saved adapter a no-op."""
+    from transformers import TrainingArguments
+
+    from lora_dist.integrations.hf import LoraDistTrainer
+
+    args = TrainingArguments(output_dir="unused", report_to=[])
+    with pytest.raises(ConfigError, match=r"drop peft_config= .*lora=LoRAConfig") as refused:
+        LoraDistTrainer("no-model-is-read", args, peft_config=object())
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(("strategy", "batches", "refused"), [("zero3", 6, True), ("zero2", 6, True),
+                                                            ("zero3", 8, False), ("fsdp2", 6, False)])
+def test_zero_refuses_an_epoch_that_does_not_end_on_an_optimizer_step(strategy, batches, refused):
+    """Trainer's last step of an epoch of 6 micro-batches under gradient_accumulation_steps=4 has 2: DeepSpeed counts
+    micro-steps, skipped that update and added its gradients into the next (a review reproduced it under zero3)."""
+    from lora_dist.config import load_config
+    from lora_dist.integrations.hf import LoraDistMixin
+
+    class Base:
+        def get_train_dataloader(self):
+            return list(range(batches))
+
+    class Trainer(LoraDistMixin, Base):
+        pass
+
+    trainer = object.__new__(Trainer)  # the check alone: no model, no DeepSpeed engine
+    trainer.args = SimpleNamespace(gradient_accumulation_steps=4)
+    trainer.lora_dist_config = load_config(None, [f"parallel.strategy={strategy}"])
+    if refused:
+        with pytest.raises(ConfigError, match=f"{batches} micro-batches per rank must be a multiple of "
+                                              "gradient_accumulation_steps=4") as e:
+            trainer.get_train_dataloader()
+        assert "\n" not in str(e.value)
+    else:
+        assert len(trainer.get_train_dataloader()) == batches
 
 
 def test_activation_checkpointing_is_read_by_its_current_name():
