@@ -619,6 +619,53 @@ def test_preemption_signal_during_model_load_stops_at_the_first_step(setup, tmp_
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000001"
 
 
+@pytest.mark.parametrize("when", ["tokenizing", "during-a-save"])
+def test_a_stop_signal_before_the_load_or_during_a_save_is_not_lost(setup, tmp_path, monkeypatch, when):
+    """SIGUSR1 while the data is tokenized (or the token cache built, or the model dir checked) killed the rank
+    (the handler came with the model load: exit 138, no requeue); one during a periodic save was acted on only after
+    one more step and save, which Slurm's KillWait may cut short. Now the first stops at step 1, the second right
+    after the save it came in."""
+    import lora_dist.checkpoint as checkpoint_mod
+    import lora_dist.train as train_mod
+    from lora_dist.config import load_config
+    from lora_dist.launch import destroy_distributed
+
+    if when == "tokenizing":
+        real = train_mod.load_splits
+
+        def load_splits(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train_mod, "load_splits", load_splits)
+    else:
+        real = checkpoint_mod.CheckpointManager.save
+
+        def save(self, step, engine):
+            real(self, step, engine)
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+        monkeypatch.setattr(checkpoint_mod.CheckpointManager, "save", save)
+    out = tmp_path / when
+    cfg = load_config(None, [*setup["common"], f"output.dir={out}", "parallel.strategy=none"])  # every=2
+
+    def fatal(signum, frame):  # outside the run's handler the signal kills the process (its default action)
+        raise SystemExit(f"killed by signal {signum}")
+
+    previous = signal.signal(signal.SIGUSR1, fatal)
+    try:
+        with pytest.raises(Preempted) as stopped:
+            train_mod.train(cfg)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        destroy_distributed()
+    step = 1 if when == "tokenizing" else 2
+    assert stopped.value.step == step and stopped.value.code == PREEMPT_EXIT_CODE
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{step:06d}"
+    assert [m["step"] for m in _metrics(out) if "loss" in m][-1] == step
+
+
 @pytest.mark.parametrize("when", ["final-eval", "adapter-write"])
 def test_a_stop_signal_after_the_last_step_loses_nothing(setup, tmp_path, monkeypatch, when):
     """SIGUSR1 (Slurm's warning before preemption) after the last step. During the final eval it used to go unread:
