@@ -401,16 +401,20 @@ def _at_least(every: bool | int, asked: bool | int) -> bool:
 
 def _candidates(p: ParallelConfig, world_size: int, base_dtype: str) -> list[tuple[str, ParallelConfig]]:
     """``parallel.strategy=auto``'s candidates, fastest first: ddp (1.7x-1.8x an fsdp2 step here when the base
-    fits), first without selective recompute (its recomputed norms and MLP products cost ~3% of a step; where the
+    fits; not where ``parallel.mixed_precision=bfloat16`` casts a base of another dtype, which ddp would compute in
+    fp32), first without selective recompute (its recomputed norms and MLP products cost ~3% of a step; where the
     whole base fits on every rank, the activations they save rarely matter); then fsdp2 with more and more blocks
     checkpointed (never fewer than ``p`` asks for); the last one holds the least: one FSDP2 unit per weight and the
     checkpointed block inputs in host memory."""
     replicated = "ddp" if world_size > 1 else "none"
+    # ddp and none compute in the base's dtype: parallel.mixed_precision=bfloat16 over another base is fsdp2's cast
+    casts = p.mixed_precision == "bfloat16" and base_dtype != "bfloat16"
     offload = p.offload_activations and not p.compile
     # parallel.offload_activations without checkpointing (accepted under auto) applies to the checkpointed candidates.
     plain = p if p.activation_checkpointing else dataclasses.replace(p, offload_activations=False)
-    options = [dataclasses.replace(plain, strategy=replicated, selective_recompute=False),
-               dataclasses.replace(plain, strategy=replicated), dataclasses.replace(plain, strategy="fsdp2"),
+    options = [*(() if casts else (dataclasses.replace(plain, strategy=replicated, selective_recompute=False),
+                                   dataclasses.replace(plain, strategy=replicated))),
+               dataclasses.replace(plain, strategy="fsdp2"),
                # Checkpointing every 4th block, every 2nd, every one: part of the activations for part of the
                # recompute. Compiled blocks cannot take the offload's hooks (lora_dist.parallel.compile).
                *(dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=n, offload_activations=offload)

@@ -92,6 +92,10 @@ def check_launch(cfg: Config, env: LaunchEnv) -> None:
         from lora_dist.parallel import dp_mesh_shape
 
         dp_mesh_shape(cfg.parallel, env.world_size)  # dp_replicate x dp_shard must be the ranks launched
+    if (strategy in ("ddp", "none") and cfg.parallel.mixed_precision == "bfloat16" and cfg.model.dtype != "bfloat16"
+            and env.is_main):
+        log.warning("parallel.mixed_precision=bfloat16 is not applied under parallel.strategy=%s: the base computes "
+                    "in model.dtype=%s; use model.dtype=bfloat16, or fsdp2, which casts it", strategy, cfg.model.dtype)
     if strategy in ("zero1", "zero2") and env.is_main:
         log.warning("parallel.strategy=%s does not shard the frozen base: every rank holds all of it "
                     "(only the small LoRA optimizer state/gradients are partitioned); use fsdp2 or zero3 to shard it",

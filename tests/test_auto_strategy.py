@@ -42,6 +42,17 @@ def test_generous_memory_picks_ddp_without_selective_recompute(deep_config):
                              _peak(deep_config, "ddp", "parallel.selective_recompute=false"))]
 
 
+def test_a_bf16_cast_of_an_fp32_base_is_never_given_to_ddp(deep_config):
+    """ddp computes in the base's dtype: auto chose it for parallel.mixed_precision=bfloat16 over an fp32 base,
+    calling it the fastest, and the run computed in fp32. fsdp2 casts; over a bf16 base ddp stays first."""
+    parallel, choice = choose_strategy(_cfg(deep_config, "parallel.mixed_precision=bfloat16"), WORLD, 1000 * GB)
+    assert parallel.strategy == "fsdp2" and parallel.mixed_precision == "bfloat16"
+    assert not any(name.startswith("ddp") for name, _ in choice.peaks)
+    parallel, _ = choose_strategy(_cfg(deep_config, "parallel.mixed_precision=bfloat16", "model.dtype=bfloat16"),
+                                  WORLD, 1000 * GB)
+    assert parallel.strategy == "ddp"
+
+
 def test_ddp_keeps_selective_recompute_where_only_that_fits(deep_config):
     ddp, kept = _peak(deep_config, "ddp"), _peak(deep_config, "ddp", "parallel.selective_recompute=false")
     assert ddp < kept  # selective recompute saves memory on this model
