@@ -222,6 +222,26 @@ def test_recover_without_leftovers_does_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unrelated"]
 
 
+def test_a_set_aside_copy_another_reader_moved_back_meanwhile_is_no_error(tmp_path, monkeypatch):
+    """Two readers recovering at once (two `lora-dist export RUN` right after a killed publish): the other one put
+    the copy back between this one's listing and its sort, whose stat raised FileNotFoundError, a traceback."""
+    final = tmp_path / "adapter"
+    aside = tmp_path / ".adapter.old-0badcafe"
+    aside.mkdir()
+    (aside / "weights.bin").write_text("v1")
+    real = atomic._tokened
+
+    def listed_then_moved_back(path, prefix):
+        found = real(path, prefix)
+        if aside in found and aside.exists():
+            os.replace(aside, final)  # the other reader, right after this one listed the dir
+        return found
+
+    monkeypatch.setattr(atomic, "_tokened", listed_then_moved_back)
+    assert recover(final) is False  # nothing left to put back, and no error
+    assert (final / "weights.bin").read_text() == "v1"
+
+
 @pytest.mark.parametrize("mask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600),
                                                         (0o002, 0o775, 0o664)])
 def test_published_dirs_and_files_get_the_umask_permissions(tmp_path, umask, mask, dir_mode, file_mode):
