@@ -56,7 +56,7 @@ class _Backend(Protocol):
 
     def log(self, scalars: dict[str, float], step: int) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, status: str) -> None: ...
 
 
 @dataclass
@@ -86,10 +86,11 @@ class Tracker:
         if self.state is not None:
             write_text_atomic(self.state_path, json.dumps(self.state) + "\n")
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """End every backend's run as ``status``: FINISHED, FAILED, or KILLED (preempted: the requeued run resumes it)."""
         for backend in self.backends:
             try:
-                backend.close()
+                backend.close(status)
             except Exception as e:  # a tracker must never turn a finished run into a failed one
                 log.warning("closing the %s tracker failed: %s", backend.name, e)
 
@@ -113,7 +114,7 @@ class _TensorBoard:
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, status: str) -> None:
         self.writer.close()
 
 
@@ -159,8 +160,8 @@ class _MLflow:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()])
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
 
 
 class _WandB:
@@ -181,8 +182,8 @@ class _WandB:
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
 
-    def close(self) -> None:
-        self.run.finish(quiet=True)
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
 
 
 #: backend -> (the package it imports, how to install it)

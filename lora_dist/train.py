@@ -406,6 +406,7 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
         first_loss = float("nan")
         eval_loss = None
         end_step = min(t.steps, start_step + t.run_steps) if t.run_steps else t.steps
+        ended = "FINISHED"  # what the trackers record: preempted runs are KILLED (the requeued run goes on), else FAILED
         try:
             for step in range(start_step, end_step):
                 t0 = time.perf_counter()
@@ -474,9 +475,12 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
                     log.warning("preempted after the last step: checkpoint at step %d written; exiting with code %d "
                                 "for requeue (the rerun writes the adapter and the export)", t.steps, PREEMPT_EXIT_CODE)
                 raise Preempted(t.steps)
+        except BaseException as e:
+            ended = "KILLED" if isinstance(e, Preempted) else "FAILED"
+            raise
         finally:
             progress.close()
-            tracker.close()
+            tracker.close(ended)
         # Still under the handler: a stop signal now waits for these writes to finish (each is atomic), instead of
         # killing the process halfway through them; the run is complete once they are.
         if cfg.export.adapter:

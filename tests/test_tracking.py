@@ -24,6 +24,14 @@ class Tracking:  # the tracking.* section's fields
     run_name: str = ""
 
 
+@pytest.fixture(autouse=True)
+def _no_wandb_service_left_behind(monkeypatch):
+    """``wandb.init`` exports ``WANDB_SERVICE`` (its service's socket) into this process's environment; once the run
+    has finished, the service is gone, and a later run started from this test process (the zygote's) waited on
+    that socket until its timeout. Each test's environment is restored."""
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+
+
 CONFIG = {"model": {"path": "/models/tiny"}, "lora": {"r": 8, "target_modules": ["q_proj"]}, "train": {"lr": 1e-3}}
 
 
@@ -111,6 +119,38 @@ def test_wandb_offline_resume_keeps_the_run_and_sends_each_step_once(tmp_path, m
     assert json.loads((tmp_path / STATE_FILE).read_text())["wandb_sent"]["train/loss"] == 7
 
 
+@pytest.mark.parametrize("status", ["FAILED", "KILLED"])
+def test_mlflow_records_a_failed_or_preempted_run_as_such(tmp_path, status):
+    """Every run ended FINISHED in MLflow, diverged, failed and preempted ones too."""
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "mlruns"
+    (tmp_path / "run").mkdir()
+    tracker = open_tracker(Tracking(tensorboard=False, mlflow=str(store)), tmp_path / "run", 0, CONFIG, is_main=True)
+    tracker.log(_row(1))
+    tracker.close(status)
+    run = MlflowClient(tracking_uri=store.resolve().as_uri()).get_run(tracker.state["mlflow_run_id"])
+    assert run.info.status == status
+
+
+def test_wandb_finishes_its_run_without_a_warning(tmp_path, monkeypatch, caplog):
+    """``Run.finish(quiet=True)`` raised TypeError on wandb 0.31 (no such argument): the warning was logged and the
+    run never finished (W&B shows it crashed). A failed run finishes with a non-zero exit code."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for status, code in (("FINISHED", 0), ("FAILED", 1)):
+        (tmp_path / status).mkdir()
+        tracker = open_tracker(Tracking(tensorboard=False, wandb="offline"), tmp_path / status, 0, CONFIG, is_main=True)
+        run, finished = tracker.backends[0].run, []
+        real = run.finish
+        monkeypatch.setattr(run, "finish", lambda **kwargs: (finished.append(kwargs.get("exit_code")), real(**kwargs)))
+        tracker.log(_row(1))
+        tracker.close(status)
+        assert finished == [code] and wandb.run is None
+    assert "closing the wandb tracker failed" not in caplog.text
+
+
 def test_a_fresh_run_forgets_an_old_runs_ids(tmp_path):
     tracking = Tracking(tensorboard=False, mlflow=str(tmp_path / "mlruns"))
     old = _attempt(tracking, tmp_path / "run", 0, 2).state["mlflow_run_id"]
@@ -133,10 +173,14 @@ def test_a_missing_backend_package_is_one_line(tmp_path, monkeypatch):
         open_tracker(Tracking(tensorboard=False, wandb="offline"), tmp_path, 0, CONFIG, is_main=True)
 
 
-def test_a_training_run_and_its_resume_feed_one_curve_per_tracker(tiny_checkpoint, tmp_path):
+def test_a_training_run_and_its_resume_feed_one_curve_per_tracker(tiny_checkpoint, tmp_path, monkeypatch):
     """`lora-dist train` in two invocations (train.run_steps): TensorBoard and MLflow hold steps 1-4 once,
     equal to metrics.jsonl, in one MLflow run, with the final eval loss."""
     from mlflow.tracking import MlflowClient
+
+    # this test's own client reads the file store the runs wrote (the runs allow it themselves; run alone, this
+    # process did not)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
 
     from distutil import lora_dist
     from lora_dist.demo import write_demo_data
