@@ -36,6 +36,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import sys
 from collections import Counter, deque
@@ -119,6 +120,13 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(tokenizer, template: str | None, loss_on: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
+    # A forked worker inherits the rank's preemption handlers (lora_dist.preemption), which only set a flag: the
+    # pool's terminate() then never ended it (its SIGTERM), and the rank waited for it forever. SIGTERM ends a worker
+    # again; the stop and checkpoint signals a job step sends every process are the rank's to act on.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for name in ("SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     _WORKER.update(tokenizer=tokenizer, template=template, loss_on=loss_on)
 
 

@@ -69,6 +69,51 @@ def test_parallel_build_equals_in_process_build(tok, data, tmp_path):
     assert same(one.held_out, two.held_out) and one.held_out.stats == two.held_out.stats
 
 
+_BUILD_UNDER_STOP_HANDLERS = textwrap.dedent("""
+    import sys
+    from lora_dist.data import load_dataset
+    from lora_dist.demo import make_tokenizer
+    from lora_dist.preemption import PreemptionHandler
+
+    with PreemptionHandler():  # as lora-dist train holds them while it tokenizes
+        data = load_dataset(sys.argv[1], make_tokenizer(), 48, cache_dir=sys.argv[2], num_proc=2)
+    print("blocks", len(data))
+""")
+
+
+def test_a_parallel_build_under_the_ranks_stop_handlers_ends(data, tmp_path):
+    """`lora-dist train` holds its stop handlers while it tokenizes (since the handlers come before tokenization);
+    a build with worker processes still ends. (A CI run hung in the pool's join: the next test's case.)"""
+    proc = subprocess.run([sys.executable, "-c", _BUILD_UNDER_STOP_HANDLERS, str(data), str(tmp_path / "cache")],
+                          cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "blocks" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_tokenizing_worker_dies_on_sigterm_and_leaves_stop_signals_to_its_rank(tok):
+    """A forked worker inherited the rank's stop handlers, which only set a flag: the pool's terminate() (SIGTERM)
+    could not end a worker that had not yet taken its sentinel, and the rank waited in the pool's join forever (a
+    clean-clone CI run hung so in two trainings). A worker now dies on SIGTERM and ignores SIGUSR1/SIGUSR2, which a
+    job step sends every process: the rank acts on them."""
+    import os
+    import signal
+
+    from lora_dist.preemption import PreemptionHandler
+
+    with PreemptionHandler():
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker, as the pool forks it
+            token_cache._init_worker(tok, None, "all_assistant")
+            handlers = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1),
+                        signal.getsignal(signal.SIGUSR2))
+            os.write(write, b"1" if handlers == (signal.SIG_DFL, signal.SIG_IGN, signal.SIG_IGN) else b"0")
+            os._exit(0)
+        os.close(write)
+        answer = os.read(read, 1)
+        os.waitpid(pid, 0)
+    assert answer == b"1"
+
+
 @pytest.mark.parametrize("damage", ["truncate", "truncate_held_out", "meta", "missing_file", "other_key"])
 def test_a_damaged_entry_is_rebuilt_not_trusted(tok, data, tmp_path, chunks, damage):
     cache = tmp_path / "cache"
