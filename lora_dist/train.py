@@ -235,32 +235,30 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     """
 
     env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
-    # From here a stop signal (preemption, scancel --signal) waits for the first step boundary, also during the model
-    # dir's checks, tokenization and the load, instead of killing the rank (exit 138, no requeue).
-    with PreemptionHandler() as signals:
-        check_launch(cfg, env)
-        device = run_device()
-        out = Path(cfg.output.dir)
+    check_launch(cfg, env)
+    device = run_device()
+    out = Path(cfg.output.dir)
 
-        base = open_base(cfg, env)  # fails fast (on every rank) on a missing or corrupt model dir; opened once
-        cfg = resolve_strategy(cfg, env, device)  # parallel.strategy=auto: the planner's choice, in config.json
-        tokenizer = load_tokenizer(cfg.model.path)  # never runs code from the model dir
-        hf_config = base.hf_config
-        max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
-        train_data, eval_data = load_splits(cfg, tokenizer, max_pos, verbose=env.is_main)
+    base = open_base(cfg, env)  # fails fast (on every rank) on a missing or corrupt model dir; opened once
+    cfg = resolve_strategy(cfg, env, device)  # parallel.strategy=auto: the planner's choice, in config.json
+    tokenizer = load_tokenizer(cfg.model.path)  # never runs code from the model dir
+    hf_config = base.hf_config
+    max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    train_data, eval_data = load_splits(cfg, tokenizer, max_pos, verbose=env.is_main)
 
-        ds_config = strategy_config(cfg, base)
-        # a missing tracker package stops the run before any work, on every rank (it stopped rank 0 alone, the
-        # others left waiting for it until the timeout)
-        RankGroup().on_rank0(lambda: check_backends(cfg.tracking))
-        # Only now, with every input validated: output.dir becomes (or is checked to be) this run's dir.
-        marker, lock = _open_run_dir(cfg, env, out)
-        try:
-            return _train_loop(cfg, env, device, out, marker["run_id"], base, train_data, eval_data, ds_config,
-                               signals)
-        finally:
-            if lock is not None:
-                lock.release()
+    ds_config = strategy_config(cfg, base)
+    # a missing tracker package stops the run before any work, on every rank (it stopped rank 0 alone, the
+    # others left waiting for it until the timeout)
+    RankGroup().on_rank0(lambda: check_backends(cfg.tracking))
+    # Only now, with every input validated: output.dir becomes (or is checked to be) this run's dir.
+    marker, lock = _open_run_dir(cfg, env, out)
+    try:
+        # the stop handlers from here on: not while tokenizing, whose forked workers would inherit them
+        return _train_loop(cfg, env, device, out, marker["run_id"], base, train_data, eval_data, ds_config,
+                           PreemptionHandler())
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _open_run_dir(cfg: Config, env: LaunchEnv, out: Path) -> tuple[dict, RunLock | None]:
@@ -373,8 +371,8 @@ def _check_lora_weights(engine: Engine, step: int, lr: float) -> None:
 def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, run_id: str, base: ModelDir,
                 train_data: PackedDataset, eval_data: PackedDataset | None, ds_config: dict | None,
                 signals: PreemptionHandler) -> TrainResult:
-    """Everything after the run dir is open: load, resume, the steps, the outputs (every rank). ``signals`` was
-    installed when the run started: a stop signal since then stops at the first step boundary."""
+    """Everything after the run dir is open: load, resume, the steps, the outputs (every rank). ``signals``, installed
+    just before the load: a stop signal from then on stops at the first step boundary."""
     t, p = cfg.train, cfg.parallel
     with signals:
         _, engine = build(cfg, env, device, base, ds_config)

@@ -76,7 +76,14 @@ def test_tensorboard_has_every_scalar_and_the_config(tmp_path):
 
 
 def test_tensorboard_resume_continues_the_curve_without_duplicates(tmp_path):
+    import time
+
     _attempt(Tracking(), tmp_path, 0, 5, killed=True)  # steps 4-5 were after the last checkpoint (3)
+    # TensorBoard reads event files in name order: <seconds>.<host>.<pid>.<counter>; a resumed run is a later
+    # process, a later second. Within one second of one test process the counter decides, as text ("10" < "9").
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.05)
     _attempt(Tracking(), tmp_path, 3, 7)
     steps = [s for s, _ in _tensorboard_scalars(tmp_path / "tensorboard")["train/loss"]]
     assert steps == list(range(1, 8))
