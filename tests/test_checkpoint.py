@@ -592,12 +592,25 @@ def test_sigusr2_checkpoints_on_demand_and_keeps_training(setup, tmp_path):
     assert (out / "adapter").is_dir()
 
 
+def _train_until_preempted(cfg, on_usr1) -> Preempted:
+    """``train(cfg)`` in this process, SIGUSR1 handled by ``on_usr1`` outside the run's own handler; what stopped it."""
+    import lora_dist.train as train_mod
+    from lora_dist.launch import destroy_distributed
+
+    previous = signal.signal(signal.SIGUSR1, on_usr1)
+    try:
+        with pytest.raises(Preempted) as stopped:
+            train_mod.train(cfg)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        destroy_distributed()
+    return stopped.value
+
+
 def test_preemption_signal_during_model_load_stops_at_the_first_step(setup, tmp_path, monkeypatch):
     """SIGUSR1 while the model loads is not fatal: the run checkpoints at step 1 and exits for requeue."""
     import lora_dist.session as session_mod
-    import lora_dist.train as train_mod
     from lora_dist.config import load_config
-    from lora_dist.launch import destroy_distributed
 
     real = session_mod.load_model
 
@@ -608,14 +621,8 @@ def test_preemption_signal_during_model_load_stops_at_the_first_step(setup, tmp_
     monkeypatch.setattr(session_mod, "load_model", preempted_while_loading)
     out = tmp_path / "preempted-loading"
     cfg = load_config(None, [*setup["common"], f"output.dir={out}", "parallel.strategy=none"])
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # were no handler installed yet: lost, not fatal to pytest
-    try:
-        with pytest.raises(Preempted) as stopped:
-            train_mod.train(cfg)
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-        destroy_distributed()
-    assert stopped.value.step == 1 and stopped.value.code == PREEMPT_EXIT_CODE
+    stopped = _train_until_preempted(cfg, signal.SIG_IGN)  # were no handler installed yet: lost, not fatal to pytest
+    assert stopped.step == 1 and stopped.code == PREEMPT_EXIT_CODE
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000001"
 
 
@@ -626,7 +633,6 @@ def test_a_stop_signal_during_a_save_is_not_lost(setup, tmp_path, monkeypatch, w
     import lora_dist.checkpoint as checkpoint_mod
     import lora_dist.train as train_mod
     from lora_dist.config import load_config
-    from lora_dist.launch import destroy_distributed
 
     if when == "tokenizing":
         real = train_mod.load_splits
@@ -651,15 +657,9 @@ def test_a_stop_signal_during_a_save_is_not_lost(setup, tmp_path, monkeypatch, w
     def fatal(signum, frame):  # outside the run's handler the signal kills the process (its default action)
         raise SystemExit(f"killed by signal {signum}")
 
-    previous = signal.signal(signal.SIGUSR1, fatal)
-    try:
-        with pytest.raises(Preempted) as stopped:
-            train_mod.train(cfg)
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-        destroy_distributed()
-    step = 1 if when == "tokenizing" else 2
-    assert stopped.value.step == step and stopped.value.code == PREEMPT_EXIT_CODE
+    stopped = _train_until_preempted(cfg, fatal)
+    step = 2
+    assert stopped.step == step and stopped.code == PREEMPT_EXIT_CODE
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{step:06d}"
     assert [m["step"] for m in _metrics(out) if "loss" in m][-1] == step
 
