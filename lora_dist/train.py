@@ -253,9 +253,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     # Only now, with every input validated: output.dir becomes (or is checked to be) this run's dir.
     marker, lock = _open_run_dir(cfg, env, out)
     try:
-        # the stop handlers from here on: not while tokenizing, whose forked workers would inherit them
-        return _train_loop(cfg, env, device, out, marker["run_id"], base, train_data, eval_data, ds_config,
-                           PreemptionHandler())
+        return _train_loop(cfg, env, device, out, marker["run_id"], base, train_data, eval_data, ds_config)
     finally:
         if lock is not None:
             lock.release()
@@ -369,12 +367,12 @@ def _check_lora_weights(engine: Engine, step: int, lr: float) -> None:
 
 
 def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, run_id: str, base: ModelDir,
-                train_data: PackedDataset, eval_data: PackedDataset | None, ds_config: dict | None,
-                signals: PreemptionHandler) -> TrainResult:
-    """Everything after the run dir is open: load, resume, the steps, the outputs (every rank). ``signals``, installed
-    just before the load: a stop signal from then on stops at the first step boundary."""
+                train_data: PackedDataset, eval_data: PackedDataset | None, ds_config: dict | None) -> TrainResult:
+    """Everything after the run dir is open: load, resume, the steps, the outputs (every rank)."""
     t, p = cfg.train, cfg.parallel
-    with signals:
+    # Installed before the model load: a preemption signal during load or resume stops at the first step boundary.
+    # Not while tokenizing: the token cache's forked workers would inherit the handlers.
+    with PreemptionHandler() as signals:
         _, engine = build(cfg, env, device, base, ds_config)
 
         manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env, run_id=run_id, data=train_data)
