@@ -15,7 +15,7 @@ packed into blocks of their own, once each; every pass of the training side skip
 document is trained on, nor split between the two.
 
 Building (:func:`build`): rows are read a chunk at a time (:mod:`lora_dist.sources`), parsed and
-tokenized by ``num_proc`` worker processes (at most two chunks per worker in flight), and packed in
+tokenized by ``num_proc`` worker processes (:class:`_Workers`; at most two chunks per worker in flight), and packed in
 order by :class:`~lora_dist.packing.Packer` straight into the files of a staging dir, which is
 published by one rename (:mod:`lora_dist.atomic`). Neither the records nor the blocks are ever held
 whole in memory. An entry is opened (:func:`open_entry`) only if its ``meta.json`` matches the key and
@@ -30,15 +30,18 @@ beforehand with ``lora-dist data CONFIG`` for data that takes longer.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
 import socket
 import sys
+import time
 from collections import Counter, deque
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,8 @@ log = logging.getLogger(__name__)
 FORMAT = 6
 #: Chunks in flight per tokenization worker.
 IN_FLIGHT = 2
+#: Seconds the tokenization workers have to start; then the rank tokenizes by itself.
+START_TIMEOUT_S = 60.0
 
 
 def default_cache_dir() -> Path:
@@ -119,15 +124,42 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer, template: str | None, loss_on: str) -> None:
+    _WORKER.update(tokenizer=tokenizer, template=template, loss_on=loss_on)
+
+
+def _worker_main(conn, inherited: list, tokenizer, template: str | None, loss_on: str) -> None:
+    """A :class:`_Workers` process: tokenizes each chunk ``conn`` brings and sends back ``("ok", result)`` or
+    ``("error", exception)``, until ``None`` or end-of-file."""
+    for c in inherited:
+        c.close()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
-    # A forked worker inherits the rank's preemption handlers (lora_dist.preemption), which only set a flag: the
-    # pool's terminate() then never ended it (its SIGTERM), and the rank waited for it forever. SIGTERM ends a worker
-    # again; the stop and checkpoint signals a job step sends every process are the rank's to act on.
+    # The signals a job step or Ctrl-C sends every process are the rank's to act on (it ends its workers);
+    # SIGTERM ends a worker, whatever handlers the rank had when it forked it (lora_dist.preemption's only set
+    # a flag).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    for name in ("SIGUSR1", "SIGUSR2"):
+    for name in ("SIGINT", "SIGUSR1", "SIGUSR2"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-    _WORKER.update(tokenizer=tokenizer, template=template, loss_on=loss_on)
+    _init_worker(tokenizer, template, loss_on)
+    conn.send(("ready", None))
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:  # the rank is gone
+            return
+        if task is None:
+            return
+        try:
+            answer = ("ok", _tokenize_chunk(task))
+        except Exception as e:
+            answer = ("error", e)
+        try:
+            conn.send(answer)
+        except (OSError, EOFError):
+            return
+        except Exception:  # an exception that does not pickle
+            conn.send(("error", DataError(f"tokenizing a chunk of {task[0]} failed: "
+                                          f"{type(answer[1]).__name__}: {answer[1]}")))
 
 
 def _tokenize_chunk(task: tuple[str, str, list[tuple[int, Any]]]) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
@@ -309,24 +341,148 @@ def build(final: Path, key: str, sources: list[Source], tokenizer, template: str
 def _tokenized(sources: list[Source], tokenizer, template: str | None, loss_on: str, num_proc: int,
                eval_fraction: float = 0.0):
     """Each chunk's tokenized documents, in order, as ``(part, documents)`` (:func:`_tasks`); ``num_proc`` > 1
-    tokenizes in worker processes."""
+    tokenizes in worker processes (:class:`_Workers`) where there are two chunks or more."""
     tasks = _tasks(sources, eval_fraction)
-    if num_proc <= 1:
-        _init_worker(tokenizer, template, loss_on)
-        for part, task in tasks:
-            yield part, _tokenize_chunk(task)
-        return
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(num_proc, _init_worker, (tokenizer, template, loss_on)) as pool:
-        pending: deque = deque()
-        for part, task in tasks:
-            pending.append((part, pool.apply_async(_tokenize_chunk, (task,))))
-            if len(pending) >= IN_FLIGHT * num_proc:
-                part, result = pending.popleft()
-                yield part, result.get()
-        while pending:
-            part, result = pending.popleft()
-            yield part, result.get()
+    first = list(itertools.islice(tasks, 2))
+    tasks = itertools.chain(first, tasks)
+    if num_proc > 1 and len(first) > 1:
+        try:
+            workers = _Workers(num_proc, tokenizer, template, loss_on).start()
+        except _NotStarted as e:
+            log.warning("%s; tokenizing in this process instead (data.num_proc=1 skips the workers)", e)
+        else:
+            try:
+                yield from workers.map(tasks)
+            finally:
+                workers.close()
+            return
+    _init_worker(tokenizer, template, loss_on)
+    for part, task in tasks:
+        yield part, _tokenize_chunk(task)
+
+
+class _NotStarted(RuntimeError):
+    """The tokenization workers did not all start in time."""
+
+
+class _Workers:
+    """``n`` forked tokenization processes, each with a pipe of its own, which tokenize one chunk at a time
+    each.
+
+    Nothing is shared between them: no lock or queue (``multiprocessing.Pool`` shares its queues' locks, and
+    CI runs hung in its ``terminate()``). Workers that do not get ready in :data:`START_TIMEOUT_S` are an
+    error (:class:`_NotStarted`), as is a worker that dies, naming its exit code, instead of a wait; a
+    worker's error is raised in this process. :meth:`close` ends every worker (``SIGKILL`` unless all
+    finished cleanly); a worker whose rank died sees its pipe end and exits.
+    """
+
+    def __init__(self, n: int, tokenizer, template: str | None, loss_on: str):
+        self.n, self.args = n, (tokenizer, template, loss_on)
+        self.conns: list = []
+        self.procs: list = []
+        self.finished = False
+
+    def __enter__(self) -> _Workers:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> _Workers:
+        """Fork the workers and wait until each is ready.
+
+        Raises:
+            _NotStarted: one did not get ready within :data:`START_TIMEOUT_S` or exited (all are ended).
+        """
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        for _ in range(self.n):
+            mine, theirs = context.Pipe()
+            # A forked worker closes the ends of this process it inherited (its peers' and its own), so that
+            # it sees end-of-file when this process dies.
+            proc = context.Process(target=_worker_main, args=(theirs, [*self.conns, mine], *self.args),
+                                   daemon=True, name="lora-dist-tokenize")
+            proc.start()
+            theirs.close()
+            self.conns.append(mine)
+            self.procs.append(proc)
+        # A process forked while another thread of this one held a lock (a library's) can wait for it forever:
+        # that is a worker which never says it is ready, not a build that never ends.
+        waiting = set(self.conns)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while waiting:
+            ready = multiprocessing.connection.wait(waiting, max(0.0, deadline - time.monotonic()))
+            if not ready:
+                self.close()
+                raise _NotStarted(f"{len(waiting)} of {self.n} tokenization workers did not start within "
+                                  f"{START_TIMEOUT_S:g} s")
+            for conn in ready:
+                try:
+                    conn.recv()
+                except EOFError:
+                    self.close()
+                    raise _NotStarted(f"a tokenization worker exited as it started "
+                                      f"(exit code {self.procs[self.conns.index(conn)].exitcode})") from None
+                waiting.discard(conn)
+        return self
+
+    def close(self) -> None:
+        """End the workers: those that tokenized every chunk are told to exit, others (or any left after 5 s)
+        are killed."""
+        for conn, proc in zip(self.conns, self.procs):
+            if self.finished:
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+                proc.join(timeout=5)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+            conn.close()
+
+    def map(self, tasks):
+        """``(part, _tokenize_chunk(chunk))`` for each ``(part, chunk)`` of ``tasks``, in order; at most
+        :data:`IN_FLIGHT` chunks per worker sent or waiting to be taken."""
+        tasks = iter(tasks)
+        free = deque(range(self.n))
+        busy: dict[int, int] = {}  # worker: the index of the chunk it tokenizes
+        parts: dict[int, str] = {}
+        paths: dict[int, str] = {}
+        done: dict[int, Any] = {}
+        sent = taken = 0
+        exhausted = False
+        while True:
+            while free and not exhausted and sent - taken < IN_FLIGHT * self.n:
+                item = next(tasks, None)
+                if item is None:
+                    exhausted = True
+                    break
+                w = free.popleft()
+                self.conns[w].send(item[1])
+                busy[w], parts[sent], paths[sent] = sent, item[0], item[1][0]
+                sent += 1
+            if taken in done:
+                paths.pop(taken)
+                yield parts.pop(taken), done.pop(taken)
+                taken += 1
+                continue
+            if not busy:
+                break
+            by_conn = {self.conns[w]: w for w in busy}
+            by_sentinel = {self.procs[w].sentinel: w for w in busy}
+            ready = multiprocessing.connection.wait([*by_conn, *by_sentinel])
+            for w in sorted({by_conn.get(obj, by_sentinel.get(obj)) for obj in ready}):
+                try:
+                    status, value = self.conns[w].recv()
+                except EOFError:  # it died before it answered
+                    self.procs[w].join()
+                    raise DataError(f"a tokenization worker died (exit code {self.procs[w].exitcode}) tokenizing a "
+                                    f"chunk of {paths[busy[w]]}; if memory ran out, lower data.num_proc") from None
+                if status == "error":
+                    raise value
+                done[busy.pop(w)] = value
+                free.append(w)
+        self.finished = True
 
 
 def open_entry(entry: Path, key: str) -> dict | None:

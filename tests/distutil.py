@@ -19,7 +19,8 @@ def free_port() -> int:
 
 
 def quiet_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               PYTHONFAULTHANDLER="1")
     env.update(extra)
     return env
 
@@ -33,14 +34,39 @@ def _completed(cmd: list[str], proc: subprocess.CompletedProcess, check: bool) -
 def _run(cmd: list[str], timeout: float, env: dict[str, str]) -> subprocess.CompletedProcess:
     """``cmd`` in its own process group, all of which is killed on timeout (forked ranks included)."""
     with subprocess.Popen(cmd, cwd=REPO, env=quiet_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as popen:
+                          text=True, start_new_session=True, preexec_fn=_no_core_files) as popen:
         try:
             out, err = popen.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
+            _kill_group(popen.pid)
             out, err = popen.communicate()
-            raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{out[-3000:]}\n{err[-6000:]}")
+            raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{_timed_out_output(out, err)}")
     return subprocess.CompletedProcess(cmd, popen.returncode, out, err)
+
+
+def _no_core_files() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _kill_group(pid: int) -> None:
+    """A timed-out run's process group ended: SIGABRT first, on which Python's faulthandler (PYTHONFAULTHANDLER,
+    the zygote's) prints every thread's stack to the run's stderr, then SIGKILL."""
+    import time
+
+    try:
+        os.killpg(pid, signal.SIGABRT)
+        time.sleep(3)
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _timed_out_output(out: str, err: str) -> str:
+    """The output's ends, and the stacks faulthandler printed (:func:`_kill_group`) whatever followed them."""
+    stacks = [part[:4000] for part in err.split("Fatal Python error: Aborted")[1:]]
+    return "\n".join([out[-3000:], err[-3000:], *(f"stacks at the timeout:{s}" for s in stacks)])
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 300, check: bool = True, **env: str) -> subprocess.CompletedProcess:
@@ -102,10 +128,10 @@ class _Zygote:
             launcher = self._read(None)["pid"]
             reply = self._read(timeout)
             if reply is None:
-                os.killpg(launcher, signal.SIGKILL)
+                _kill_group(launcher)
                 self._read(None)
-                raise AssertionError(f"{target} timed out after {timeout} s:\n{out.read_text()[-3000:]}\n"
-                                     f"{err.read_text()[-6000:]}")
+                raise AssertionError(f"{target} timed out after {timeout} s:\n"
+                                     f"{_timed_out_output(out.read_text(), err.read_text())}")
             return subprocess.CompletedProcess(target, reply["code"], out.read_text(), err.read_text())
 
 

@@ -28,6 +28,7 @@ INTERNAL = {
     "lora_dist.preemption.Preempted": "a requeue request, handled by the loop",
     "lora_dist.ranks.RankFailed": "another rank's crash, with its traceback",
     "lora_dist.sources.SourceSpecError": "data.path's syntax; the config raises it as ConfigError",
+    "lora_dist.token_cache._NotStarted": "workers that did not start: a warning, and the rank tokenizes by itself",
 }
 
 

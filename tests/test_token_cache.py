@@ -4,15 +4,20 @@ never trusted when partial or corrupt; memory stays bounded however large the da
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 import lora_dist.token_cache as token_cache
 from lora_dist.data import load_dataset
 from lora_dist.demo import demo_texts, make_tokenizer
+from lora_dist.sources import DataError, Source
 from distutil import REPO, quiet_env, ranks
 
 SEQ = 48
@@ -62,56 +67,102 @@ def test_a_second_load_maps_the_cache_without_tokenizing(tok, data, tmp_path, ch
     assert not again.input_ids.numpy().flags.owndata  # a view of the memory map, not a copy
 
 
-def test_parallel_build_equals_in_process_build(tok, data, tmp_path):
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 16 rows, so that a small file keeps several workers busy (the forked workers inherit it)."""
+    real = token_cache.read_chunks
+    monkeypatch.setattr(token_cache, "read_chunks", lambda source: real(source, 16))
+
+
+def test_parallel_build_equals_in_process_build(tok, data, tmp_path, small_chunks):
     one = load_dataset(data, tok, SEQ, cache_dir=tmp_path / "a", num_proc=1, eval_fraction=0.1)
-    two = load_dataset(data, tok, SEQ, cache_dir=tmp_path / "b", num_proc=2, eval_fraction=0.1)
-    assert same(one, two) and one.stats == two.stats
-    assert same(one.held_out, two.held_out) and one.held_out.stats == two.held_out.stats
+    three = load_dataset(data, tok, SEQ, cache_dir=tmp_path / "b", num_proc=3, eval_fraction=0.1)
+    assert same(one, three) and one.stats == three.stats
+    assert same(one.held_out, three.held_out) and one.held_out.stats == three.held_out.stats
 
 
-_BUILD_UNDER_STOP_HANDLERS = textwrap.dedent("""
-    import sys
-    from lora_dist.data import load_dataset
-    from lora_dist.demo import make_tokenizer
+def _workers_left() -> list:
+    return [p for p in multiprocessing.active_children() if p.name == "lora-dist-tokenize"]
+
+
+def test_a_bad_record_in_a_worker_is_one_error_naming_its_line_and_ends_every_worker(tok, data, tmp_path,
+                                                                                    small_chunks):
+    """A worker's error reaches the rank, which ends its workers. (multiprocessing.Pool ended them with
+    terminate(), in which a clean-clone CI run hung on a two-line file holding a bad record.)"""
+    lines = data.read_text().splitlines(keepends=True)
+    lines[100] = '{"oops": 1}\n'
+    data.write_text("".join(lines))
+    with pytest.raises(DataError, match=r"d\.jsonl:101\b"):
+        load_dataset(data, tok, SEQ, cache_dir=tmp_path / "c", num_proc=2)
+    assert _workers_left() == []
+    assert not (tmp_path / "c").exists() or entries(tmp_path / "c") == []
+
+
+def _die_on_the_third_chunk(task):
+    if task[2][0][0] == 33:  # the third chunk of 16 rows starts at line 33
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _REAL_TOKENIZE(task)
+
+
+_REAL_TOKENIZE = token_cache._tokenize_chunk
+
+
+def test_a_worker_that_dies_is_an_error_naming_its_exit_code_not_a_wait(tok, data, tmp_path, small_chunks,
+                                                                       monkeypatch):
+    monkeypatch.setattr(token_cache, "_tokenize_chunk", _die_on_the_third_chunk)
+    with pytest.raises(DataError, match=r"a tokenization worker died \(exit code -9\) tokenizing a chunk of "
+                                        r".*d\.jsonl; if memory ran out, lower data\.num_proc"):
+        load_dataset(data, tok, SEQ, cache_dir=tmp_path / "c", num_proc=2)
+    assert _workers_left() == []
+
+
+def test_workers_that_do_not_start_leave_the_rank_to_tokenize_by_itself(tok, data, tmp_path, small_chunks,
+                                                                        monkeypatch, caplog):
+    """A worker forked while another thread held a lock can wait for it forever (a CI run hung in a build that
+    never logged): workers that do not start in time are ended and the rank tokenizes the same blocks itself."""
+    rank, real = os.getpid(), token_cache._init_worker
+
+    def stuck_in_a_worker(*args):
+        if os.getpid() != rank:
+            time.sleep(600)
+        real(*args)
+
+    monkeypatch.setattr(token_cache, "_init_worker", stuck_in_a_worker)
+    monkeypatch.setattr(token_cache, "START_TIMEOUT_S", 2.0)
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="lora_dist.token_cache"):
+        built = load_dataset(data, tok, SEQ, cache_dir=tmp_path / "a", num_proc=2)
+    assert time.monotonic() - started < 60
+    assert "2 of 2 tokenization workers did not start within 2 s; tokenizing in this process" in caplog.text
+    assert _workers_left() == []
+    assert same(built, load_dataset(data, tok, SEQ, cache_dir=tmp_path / "b", num_proc=1))
+
+
+def test_a_consumer_that_stops_early_ends_every_worker(tok, data, small_chunks):
+    tasks = token_cache._tasks([Source(str(data))])
+    with token_cache._Workers(2, tok, None, "all_assistant") as workers:
+        results = workers.map(tasks)
+        part, first = next(results)
+        assert part == "train" and len(first[3]) == 16  # the first chunk's 16 documents
+        results.close()
+    assert _workers_left() == []
+
+
+def _signal_handlers(task):
+    return tuple(signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2))
+
+
+def test_a_worker_dies_on_sigterm_and_leaves_stop_signals_to_its_rank(tok, monkeypatch):
+    """A forked worker would inherit the rank's stop handlers (lora_dist.preemption), which only set a flag: a
+    SIGTERM could not end it. A worker dies on SIGTERM and ignores Ctrl-C, SIGUSR1 and SIGUSR2, which a job
+    step or a terminal sends every process: the rank acts on them, and ends its workers."""
     from lora_dist.preemption import PreemptionHandler
 
-    with PreemptionHandler():  # as lora-dist train holds them while it tokenizes
-        data = load_dataset(sys.argv[1], make_tokenizer(), 48, cache_dir=sys.argv[2], num_proc=2)
-    print("blocks", len(data))
-""")
-
-
-def test_a_parallel_build_under_the_ranks_stop_handlers_ends(data, tmp_path):
-    """`lora-dist train` holds its stop handlers while it tokenizes (since the handlers come before tokenization);
-    a build with worker processes still ends. (A CI run hung in the pool's join: the next test's case.)"""
-    proc = subprocess.run([sys.executable, "-c", _BUILD_UNDER_STOP_HANDLERS, str(data), str(tmp_path / "cache")],
-                          cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "blocks" in proc.stdout, proc.stderr[-2000:]
-
-
-def test_a_tokenizing_worker_dies_on_sigterm_and_leaves_stop_signals_to_its_rank(tok):
-    """A forked worker inherited the rank's stop handlers, which only set a flag: the pool's terminate() (SIGTERM)
-    could not end a worker that had not yet taken its sentinel, and the rank waited in the pool's join forever (a
-    clean-clone CI run hung so in two trainings). A worker now dies on SIGTERM and ignores SIGUSR1/SIGUSR2, which a
-    job step sends every process: the rank acts on them."""
-    import os
-    import signal
-
-    from lora_dist.preemption import PreemptionHandler
-
-    with PreemptionHandler():
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the worker, as the pool forks it
-            token_cache._init_worker(tok, None, "all_assistant")
-            handlers = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1),
-                        signal.getsignal(signal.SIGUSR2))
-            os.write(write, b"1" if handlers == (signal.SIG_DFL, signal.SIG_IGN, signal.SIG_IGN) else b"0")
-            os._exit(0)
-        os.close(write)
-        answer = os.read(read, 1)
-        os.waitpid(pid, 0)
-    assert answer == b"1"
+    monkeypatch.setattr(token_cache, "_tokenize_chunk", _signal_handlers)
+    with PreemptionHandler(), token_cache._Workers(1, tok, None, "all_assistant") as workers:
+        ((_, handlers),) = list(workers.map([("train", ("x.jsonl", "jsonl", []))]))
+    assert handlers == (signal.SIG_DFL, signal.SIG_IGN, signal.SIG_IGN, signal.SIG_IGN)
+    assert _workers_left() == []
 
 
 @pytest.mark.parametrize("damage", ["truncate", "truncate_held_out", "meta", "missing_file", "other_key"])

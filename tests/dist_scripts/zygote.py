@@ -23,8 +23,10 @@ and ``tests/cluster``.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import resource
 import runpy
 import signal
 import sys
@@ -110,6 +112,8 @@ def _launcher(request: dict) -> None:
         for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
             os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        faulthandler.enable(all_threads=True)  # a timed-out run's SIGABRT prints where every thread was,
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # and writes no core file
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
