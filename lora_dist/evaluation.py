@@ -6,7 +6,8 @@ replicated), and reads the validation blocks ``data.eval_path`` or ``data.eval_f
 give. Every block is evaluated exactly once whatever the world size, so W ranks report
 what one process reports. The adapter is a PEFT-format dir (default: the run's
 ``<output.dir>/adapter``); ``base_only`` measures the base model (LoRA's B is zero: the
-base exactly).
+base exactly). With ``model.quantize=nf4`` the weights the adapter's run stored as NF4 are
+stored so here too, on any number of ranks (which ones depends on the run's sharding).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def evaluate_run(cfg: Config, adapter: str | os.PathLike | None = None, base_onl
         AdapterError: no adapter where expected, or one that does not fit the base.
         ConfigError, ModelDirError, LaunchError: as training.
     """
-    from lora_dist.adapter import AdapterError, read_adapter
+    from lora_dist.adapter import AdapterError, adapter_nf4_record, read_adapter
     from lora_dist.model_dir import skeleton
     from lora_dist.session import build, check_launch, open_base, strategy_config
     from lora_dist.train import eval_sums
@@ -71,7 +72,10 @@ def evaluate_run(cfg: Config, adapter: str | os.PathLike | None = None, base_onl
     if eval_data is None or len(eval_data) == 0:
         raise DataError("no validation data: set data.eval_path=FILE, or data.eval_fraction above 0 to hold out a "
                         "share of data.path")
-    model, engine = build(cfg, env, run_device(), base, strategy_config(cfg, base))
+    # An NF4 run's adapter names the weights it trained on as NF4 (they depend on its sharding): those, whatever
+    # this evaluation's ranks, so the loss is the one the run reported.
+    only = adapter_nf4_record(adapter) if files is not None and cfg.model.quantize else None
+    model, engine = build(cfg, env, run_device(), base, strategy_config(cfg, base), quantize_only=only)
     if files is not None:
         engine.load_state_dict({"lora": files.model_tensors(model)}, step=0)
     loss_sum, tokens = eval_sums(engine, eval_data, cfg.train.micro_batch_size, None, env)

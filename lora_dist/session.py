@@ -327,16 +327,18 @@ def resolve_launch(cfg: Config, env: LaunchEnv, device: torch.device) -> Config:
 
 
 def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
-          ds_config: dict | None) -> tuple[nn.Module, Engine]:
+          ds_config: dict | None, quantize_only: NF4Record | None = None) -> tuple[nn.Module, Engine]:
     """Resolve ``parallel.strategy=auto`` (:func:`resolve_strategy`) and fsdp2's mesh (:func:`resolve_hybrid`),
     load the model
-    (:func:`~lora_dist.model.load_model`), make AdamW over its LoRA params and the engine.
+    (:func:`~lora_dist.model.load_model`; ``quantize_only``: a run's NF4 weights, for its adapter on another
+    sharding), make AdamW over its LoRA params and the engine.
 
     Every rank calls it, with inputs already checked (:func:`check_launch`, :func:`open_base`).
     """
     cfg = resolve_launch(cfg, env, device)  # auto is never zero*: ds_config stays None
     t = cfg.train
-    loaded = load_model(cfg.model, cfg.lora, cfg.parallel, device, t.seed, ds_config, base=base)
+    loaded = load_model(cfg.model, cfg.lora, cfg.parallel, device, t.seed, ds_config, base=base,
+                        quantize_only=quantize_only)
     if env.is_main:
         log.info("%s", loaded.report)
         _warn_peft_misread(loaded.model)

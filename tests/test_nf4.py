@@ -688,6 +688,16 @@ def test_export_on_other_ranks_merges_into_the_base_the_run_trained_on(setup, ti
         assert set(fh.metadata()["lora_dist_quantized_weights"].split(",")) == two_ranks
     verify_checkpoint(out, base, two / "adapter", sample=None)
 
+    # lora-dist eval likewise: on 1 process, the loss of the base the 2 ranks trained on, as they measure it.
+    def evaluated(nproc: int, strategy: str) -> float:
+        argv = ["-m", "lora_dist.cli", "eval", *setup["common"], *flags, f"output.dir={two}",
+                "data.eval_fraction=0.25", f"parallel.strategy={strategy}", "--json"]
+        proc = ranks(nproc, *argv) if nproc > 1 else lora_dist(*argv[2:])
+        return json.loads(proc.stdout.strip().splitlines()[-1])["loss"]
+
+    on_two = evaluated(2, "fsdp2")
+    assert evaluated(1, "none") == pytest.approx(on_two, rel=1e-5)
+
     proc = ranks(2, "-m", "lora_dist.cli", "export", str(one), "--out", str(tmp_path / "refused"), check=False)
     assert proc.returncode != 0 and not (tmp_path / "refused").exists()
     assert "error: the run stored model.layers.0.self_attn.o_proj.weight as NF4 with its rows split over 1 rank(s); " \
