@@ -27,7 +27,8 @@ from typing import Any, Union
 import yaml
 
 from lora_dist.errors import ConfigError
-from lora_dist.inputs import MAX_CONFIG_BYTES, clip, excerpt, parse_yaml, plain, read_json, read_text, source_text
+from lora_dist.inputs import (MAX_CONFIG_BYTES, YAMLBool, clip, excerpt, parse_yaml, plain, read_json, read_text,
+                              source_text)
 from lora_dist.lora import LoRAConfig, LoRAConfigError
 from lora_dist.quant import QUANTIZE, quantize_problem
 
@@ -575,6 +576,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, YAMLBool):
+            return value.value
         raise ConfigError(f"{key} must be {_SPELLED[bool]}, got {_shown(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -582,7 +585,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise ConfigError(f"{key} must be {_SPELLED[int]}, got {_shown(value)}")
     if hint is float:
         # A string too: YAML 1.1 reads "3e-4" (no dot) as a string.
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        if isinstance(value, (int, float, str)) and not isinstance(value, (bool, YAMLBool)):
             try:
                 number = float(value)
             except (ValueError, OverflowError):
@@ -593,7 +596,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 raise ConfigError(f"{key} must be a finite number, got {_shown(value)}")
         raise ConfigError(f"{key} must be {_SPELLED[float]}, got {_shown(value)}")
     if hint is str:
-        text = source_text(value)  # YAML 1.1 reads 0042 as 34 and 1.10 as 1.1: keep what was written
+        text = source_text(value)  # YAML 1.1 reads 0042 as 34, 1.10 as 1.1, yes as true: keep what was written
         if text is not None:
             return text
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -6,8 +6,8 @@ short ``[[...], ...]``). Metadata files (``config.json``, indexes, ``adapter_con
 are read with a size limit, decoded as UTF-8 and parsed as JSON. YAML (run configs and
 overrides) is parsed with limits on size, nesting and alias expansion checked before any
 value is built, so a 373-byte alias bomb costs nothing. A key given twice in one mapping is
-refused (PyYAML would keep the last), and a number keeps the text it was written as
-(:func:`source_text`), so a text key reads ``0042`` or ``1.10`` as written. Any failure is the
+refused (PyYAML would keep the last), and a number or boolean keeps the text it was written as
+(:func:`source_text`), so a text key reads ``0042``, ``1.10`` or ``yes`` as written. Any failure is the
 caller's one-line error type naming the file, the position and the fix, never a
 ``UnicodeDecodeError`` or ``RecursionError`` traceback.
 """
@@ -35,6 +35,7 @@ __all__ = [
     "read_json",
     "read_text",
     "source_text",
+    "YAMLBool",
     "utf8_error",
 ]
 
@@ -153,13 +154,29 @@ class _Float(float):
     text: str
 
 
+class YAMLBool(str):
+    """A word YAML 1.1 reads as a boolean and YAML 1.2 as text (``yes``, ``No``, ``on``, ``OFF``), as written;
+    :attr:`value` is the boolean. A flag takes it as that, a text key (``tracking.run_name: yes``) as the text
+    (a ``bool`` cannot keep its text). ``true`` and ``false`` stay booleans."""
+
+    value: bool
+
+    @property
+    def text(self) -> str:
+        return str.__str__(self)
+
+
 def source_text(value: Any) -> str | None:
-    """The text a number parsed by :func:`parse_yaml` was written as (``"0042"`` for 34), else None."""
-    return value.text if isinstance(value, (_Int, _Float)) else None
+    """The text a number or boolean parsed by :func:`parse_yaml` was written as (``"0042"`` for 34, ``"yes"`` for
+    true), else None."""
+    return value.text if isinstance(value, (_Int, _Float, YAMLBool)) else None
 
 
 def plain(value: Any) -> Any:
-    """``value`` with every number :func:`parse_yaml` built made a plain ``int``/``float``, in lists and dicts too."""
+    """``value`` with every number and boolean :func:`parse_yaml` built made a plain ``int``/``float``/``bool``, in
+    lists and dicts too."""
+    if isinstance(value, YAMLBool):
+        return value.value
     if isinstance(value, _Int):
         return int(value)
     if isinstance(value, _Float):
@@ -223,9 +240,18 @@ class _BoundedLoader(yaml.SafeLoader):
         number.text = node.value
         return number
 
+    def construct_yaml_bool(self, node):  # PyYAML's constructor, keeping the text of a YAML 1.1-only word
+        value = super().construct_yaml_bool(node)
+        if node.value.lower() in ("true", "false"):  # a boolean in YAML 1.2 as well
+            return value
+        word = YAMLBool(node.value)
+        word.value = value
+        return word
+
 
 _BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 _BoundedLoader.add_constructor("tag:yaml.org,2002:float", _BoundedLoader.construct_yaml_float)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:bool", _BoundedLoader.construct_yaml_bool)
 # A config has no dates: 2024-01-01 (an output.dir, a run name) stays the text it is.
 _BoundedLoader.add_constructor("tag:yaml.org,2002:timestamp", _BoundedLoader.construct_scalar)
 
@@ -275,8 +301,9 @@ def parse_yaml(text: str, error: type[Exception], where: str) -> Any:
         where: what it is, for messages (a file path, or ``override 'lora.r'``).
 
     Returns:
-        The value. Its numbers are ``int``/``float`` subclasses that keep the text they were written as
-        (:func:`source_text`; :func:`plain` drops it); a date stays its text.
+        The value. Its numbers are ``int``/``float`` subclasses that keep the text they were written as, its
+        booleans :class:`YAMLBool` words (:func:`source_text`; :func:`plain` makes them plain values); a date
+        stays its text.
 
     Raises:
         error: larger than :data:`MAX_CONFIG_BYTES`, more than :data:`MAX_YAML_NODES` values or

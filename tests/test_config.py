@@ -451,6 +451,23 @@ def test_a_text_key_keeps_the_text_yaml_reads_as_a_number(config_file, key, text
         assert value == text and type(value) is str
 
 
+@pytest.mark.parametrize("text", ["yes", "No", "on", "OFF", "YES"])
+def test_a_text_key_keeps_the_words_yaml_reads_as_booleans_and_a_flag_still_reads_them(config_file, text):
+    """YAML 1.1 reads yes/no/on/off as booleans: tracking.run_name=yes was refused as "must be a string, got true"."""
+    meaning = text.lower() in ("yes", "on")
+    for cfg in (load_config(overrides=[f"tracking.run_name={text}", f"export.merged={text}", f"output.dir={text}"]),
+                load_config(config_file(f"tracking:\n  run_name: {text}\nexport:\n  merged: {text}\n"
+                                        f"output:\n  dir: {text}\n"))):
+        assert cfg.tracking.run_name == text and type(cfg.tracking.run_name) is str
+        assert cfg.output.dir == text and type(cfg.output.dir) is str
+        assert cfg.export.merged is meaning
+
+
+def test_a_boolean_word_where_a_number_goes_is_refused_as_written():
+    assert "train.steps must be an integer, got yes" in config_error("train.steps=yes")
+    assert "train.lr must be a number, got off" in config_error("train.lr=off")
+
+
 def test_numbers_stay_plain_numbers(config_file):
     import json
 
