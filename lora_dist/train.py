@@ -47,7 +47,8 @@ from lora_dist.atomic import recover, write_text_atomic
 from lora_dist.checkpoint import TrainingDiverged
 from lora_dist.config import Config, config_to_dict
 from lora_dist.data import PackedDataset, load_splits, load_tokenizer
-from lora_dist.errors import UserError
+from lora_dist.errors import ConfigError, UserError
+from lora_dist.export import ExportError, merge_targets
 from lora_dist.launch import LaunchEnv, init_distributed, run_device
 from lora_dist.loss import n_targets
 from lora_dist.model_dir import ModelDir
@@ -373,7 +374,12 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
     # Installed before the model load: a preemption signal during load or resume stops at the first step boundary.
     # Not while tokenizing: the token cache's forked workers would inherit the handlers.
     with PreemptionHandler() as signals:
-        _, engine = build(cfg, env, device, base, ds_config)
+        model, engine = build(cfg, env, device, base, ds_config)
+        if cfg.export.merged:  # a layer the merged export cannot write is refused now, not after the whole run
+            try:
+                merge_targets(model, base)
+            except ExportError as e:
+                raise ConfigError(f"{e}, or set export.merged=false to write the adapter alone") from None
 
         manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env, run_id=run_id, data=train_data)
         start_step = manager.maybe_resume(engine)

@@ -318,3 +318,19 @@ def test_a_good_raw_adapter_merges(good, tmp_path):
     adapter = _raw_adapter(tmp_path / "adapter")
     lora_dist("merge", "--base", str(good["base"]), "--adapter", str(adapter), "--out", str(tmp_path / "m"))
     assert (tmp_path / "m" / "config.json").is_file()
+
+
+def test_a_tied_head_in_the_targets_is_refused_before_training_when_the_merged_export_is_asked(good, tiny_checkpoint,
+                                                                                                tmp_path):
+    """GPT-2's lm_head is its embedding: the merged export (which writes exactly the base's keys) refused it at the
+    end of the run, the training lost. Now at the start, before a step or the run's config; without the merged
+    export the run trains and writes the adapter."""
+    gpt2 = tiny_checkpoint("gpt2", hidden=64, layers=2)
+    targets = ("lora.target_modules=[c_attn,lm_head]", f"model.path={gpt2}")
+    out = tmp_path / "o"
+    _one_line_error(_train(good, out, *targets, "export.merged=true"), "LoRA-adapted weight lm_head.weight is not one tensor of the base",
+                    "leave that layer out of lora.target_modules, or set export.merged=false")
+    assert not (out / "config.json").exists() and not (out / "metrics.jsonl").exists()
+    proc = _train(good, tmp_path / "adapter-only", *targets)  # export.merged=false, the default
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "adapter-only" / "adapter" / "adapter_model.safetensors").is_file()

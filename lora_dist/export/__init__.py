@@ -67,7 +67,7 @@ is written in: an fp16/bf16 overflow fails the export and nothing is published.
 """
 
 from lora_dist.export.errors import ExportError, ExportOverflowError, OutputExistsError, OutputRefusedError
-from lora_dist.export.merged import export_merged
+from lora_dist.export.merged import export_merged, merge_targets
 from lora_dist.export.offline import merge_offline
 from lora_dist.export.sources import MERGE_BLOCK_ROWS
 from lora_dist.export.target import check_output, is_merged_export
@@ -85,5 +85,6 @@ __all__ = [
     "export_merged",
     "is_merged_export",
     "merge_offline",
+    "merge_targets",
     "verify_checkpoint",
 ]

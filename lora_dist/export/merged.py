@@ -105,6 +105,39 @@ def _param_name(name: str, layer: LoRAParam) -> str:
     return name[: -len(f"lora.{layer.parameter_name}")] + layer.parameter_name
 
 
+def merge_targets(model: nn.Module, base: ModelDir, keys=None) -> tuple[dict, dict[str, str]]:
+    """Where each LoRA layer of ``model`` merges into ``base``'s tensors (``keys``: the names the export writes,
+    default the base's): the adapted parameters' sources and the adapted linears' keys, by layer name.
+
+    Raises:
+        ExportError: an adapted weight the base does not store as one tensor (a tied weight: GPT-2's or
+            Qwen2-0.5B's ``lm_head``; one transformers assembles from several), or an adapted parameter of no
+            base tensor of its shape.
+    """
+    keys = set(base.keys()) if keys is None else keys
+    layers = dict(lora_modules(_unwrap(model)))
+    weights = WeightMap.of(base, model)
+    sources = {}
+    for name, layer in layers.items():
+        if isinstance(layer, LoRAParam):
+            shape = full_shape(layer.base_weight())
+            source = weights.source(_param_name(name, layer), shape)
+            if source is None or source.shape != shape:
+                raise ExportError(f"{_param_name(name, layer)}: the base checkpoint {base.path} has no tensors of its "
+                                  f"shape {shape}; base_path is not the checkpoint the model was loaded from")
+            sources[name] = source
+    linears = {name: weights.file_key(f"{name}.weight") for name, layer in layers.items()
+               if not isinstance(layer, LoRAParam)}
+    for name, key in linears.items():
+        if key not in keys:
+            raise ExportError(
+                f"LoRA-adapted weight {name}.weight is not one tensor of the base checkpoint {base.path} (a tied "
+                "weight, or one transformers assembles from several?); the merged export writes exactly the "
+                "base's keys: leave that layer out of lora.target_modules"
+            )
+    return sources, linears
+
+
 def export_merged(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -182,25 +215,7 @@ def export_merged(
         specs = stored_specs(base, out_dtype) if keep_fp8 else output_specs(base, out_dtype)
         linears = {n: layer for n, layer in layers.items() if not isinstance(layer, LoRAParam)}
         params = {n: layer for n, layer in layers.items() if isinstance(layer, LoRAParam)}
-        sources_of = {}
-        weights = WeightMap.of(base, model)
-        if params:
-            for name, layer in params.items():
-                source = weights.source(_param_name(name, layer), full_shape(layer.base_weight()))
-                if source is None or source.shape != full_shape(layer.base_weight()):
-                    raise ExportError(
-                        f"{_param_name(name, layer)}: the base checkpoint {base.path} has no tensors of its shape "
-                        f"{full_shape(layer.base_weight())}; base_path is not the checkpoint the model was loaded from"
-                    )
-                sources_of[name] = source
-        keys = {name: weights.file_key(f"{name}.weight") for name in linears}  # as the checkpoint names them
-        for name, key in keys.items():
-            if key not in specs:
-                raise ExportError(
-                    f"LoRA-adapted weight {name}.weight is not one tensor of the base checkpoint {base.path} (a tied "
-                    "weight, or one transformers assembles from several?); the merged export writes exactly the "
-                    "base's keys: leave that layer out of lora.target_modules"
-                )
+        sources_of, keys = merge_targets(model, base, specs)
     except Exception as e:
         error = e
     group.check(error)
