@@ -405,6 +405,11 @@ def prepare(model: str | os.PathLike | Config, lora: LoRAConfig | None = None, s
     env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
     check_launch(cfg, env)
     base = open_base(cfg, env)
+    if env.is_main and any(os.environ.get(f"ACCELERATE_USE_{p}", "").lower() in ("1", "true", "yes")
+                           for p in ("DEEPSPEED", "FSDP")):
+        log.warning("accelerate's config has a DeepSpeed/FSDP plugin, which takes a model without asking it: "
+                    "accelerator.prepare(model) is not refused there and would wrap lora_dist's model again; pass "
+                    "accelerator.prepare() only the dataloaders (docs/integrations.md)")
     return build(cfg, env, run_device(), base, strategy_config(cfg, base))
 
 

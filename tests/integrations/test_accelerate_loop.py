@@ -56,3 +56,29 @@ def test_accelerator_prepare_of_the_model_is_refused_in_one_line(tiny_checkpoint
         assert len(accelerator.prepare(DataLoader(list(range(4)), batch_size=2))) == 2  # dataloaders still prepare
     finally:
         destroy_distributed()
+
+
+def test_prepare_under_an_accelerate_deepspeed_or_fsdp_config_warns_that_the_guard_cannot_apply(tiny_checkpoint,
+                                                                                                 monkeypatch, caplog):
+    """accelerate's DeepSpeed and FSDP plugins take the model without reading _is_accelerate_prepared: there the
+    refusal above cannot happen, and prepare says so."""
+    import lora_dist
+    from lora_dist.launch import destroy_distributed
+
+    for flag in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.setenv(flag, "true")
+        caplog.clear()
+        try:
+            with caplog.at_level("WARNING", logger="lora_dist"):
+                lora_dist.prepare(tiny_checkpoint("llama"), lora_dist.LoRAConfig(r=4), strategy="none")
+        finally:
+            destroy_distributed()
+        assert "accelerator.prepare(model) is not refused there" in caplog.text
+        monkeypatch.delenv(flag)
+    caplog.clear()
+    try:
+        with caplog.at_level("WARNING", logger="lora_dist"):
+            lora_dist.prepare(tiny_checkpoint("llama"), lora_dist.LoRAConfig(r=4), strategy="none")
+    finally:
+        destroy_distributed()
+    assert "is not refused there" not in caplog.text
