@@ -362,13 +362,42 @@ GPU_RESERVE = 0.10
 def memory_budget(memory_gb: float, device: torch.device, local_ranks: int) -> int:
     """Memory per rank in bytes: ``memory_gb`` when set (> 0), else on CUDA the GPU's free memory now (after the
     CUDA context and the process group are up, and less what other processes hold) less :data:`GPU_RESERVE` of its
-    total, or on the CPU the host's memory divided by the ``local_ranks`` on this node."""
+    total, or on the CPU the memory this process may use (:func:`host_memory`) divided by the ``local_ranks`` on
+    this node."""
     if memory_gb > 0:
         return int(memory_gb * GB)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return max(int(free - GPU_RESERVE * total), 0)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_ranks, 1)
+    return host_memory() // max(local_ranks, 1)
+
+
+def host_memory(root: str | os.PathLike = "/") -> int:
+    """The memory this process may use: the host's, or less where its cgroup or one above caps it (a Slurm job's
+    ``--mem``, a container's limit), cgroup v2 or v1. ``root``: where ``/proc`` and ``/sys`` are (tests)."""
+    root = Path(root)
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return limits[0]
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one hierarchy
+            mount, name = root / "sys/fs/cgroup", "memory.max"
+        elif "memory" in controllers.split(","):
+            mount, name = root / "sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        where = Path(path)
+        for group in [where, *where.parents]:  # the tightest limit on the way up
+            try:
+                value = (mount / str(group).lstrip("/") / name).read_text().strip()
+            except OSError:
+                continue
+            if value.isdigit():
+                limits.append(int(value))
+    return min(limits)
 
 
 def _ordinal(n: int) -> str:

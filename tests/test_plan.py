@@ -479,3 +479,37 @@ def test_llama31_70b_example_with_an_nf4_base():
     for term in ("base shard (frozen)", "gathered base (transient)", "peak (sum)"):
         line = next(line for line in table.splitlines() if line.strip().startswith(term))
         assert f"    {line}" in doc, line
+
+
+def _cgroup_host(tmp_path: Path, cgroup: str, files: dict[str, str]) -> Path:
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/self/cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize("cgroup, files, gib", [
+    # cgroup v2: a Slurm job step under a job capped at 8 GiB (the step itself unlimited)
+    ("0::/slurm/job_7/step_0\n", {"sys/fs/cgroup/slurm/job_7/memory.max": str(8 * 2**30),
+                                  "sys/fs/cgroup/slurm/job_7/step_0/memory.max": "max"}, 8),
+    # cgroup v1, the memory controller mounted with others named
+    ("4:memory:/docker/abc\n0::/\n", {"sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes": str(3 * 2**30)}, 3),
+    # v1's "no limit" (a huge number), v2's "max", files the namespace does not show: the host's memory
+    ("4:memory:/x\n0::/y\n", {"sys/fs/cgroup/memory/x/memory.limit_in_bytes": "9223372036854771712",
+                              "sys/fs/cgroup/y/memory.max": "max"}, None),
+    ("0::/gone\n", {}, None),
+])
+def test_the_host_budget_is_the_cgroups_limit_where_one_caps_the_job(tmp_path, cgroup, files, gib):
+    """parallel.strategy=auto on a CPU host planned with the machine's memory: a Slurm job's --mem or a container's
+    limit is what the ranks may use."""
+    import os
+
+    from lora_dist.plan import host_memory, memory_budget
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    want = physical if gib is None else gib * 2**30
+    assert host_memory(_cgroup_host(tmp_path, cgroup, files)) == want
+    assert host_memory(tmp_path / "no-proc") == physical
+    assert memory_budget(0, torch.device("cpu"), 2) == host_memory() // 2
