@@ -300,15 +300,20 @@ def _block_activation_bytes(hf_config, lora_ranks_per_block: int, elt: int, sele
     head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
     inter = getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None) or 4 * hidden
     experts, top_k = _experts(hf_config)
-    mlp = 2 + product_kept if selective else 4  # gate, act(gate), up, their product; recomputed: gate and up
     if experts:
-        inter = top_k * (getattr(hf_config, "moe_intermediate_size", None) or inter) + experts  # + router logits
-        mlp = 4  # the routed experts are not recomputed
+        # The routed experts (not recomputed), per token: for each of its top_k experts the gate_up output and its
+        # activation, and the expert's output, kept for the product with the routing weight (transformers'
+        # grouped_mm experts: frozen weights keep no input); the router's fp32 probabilities, the routing
+        # indices and weights.
+        moe_inter = getattr(hf_config, "moe_intermediate_size", None) or inter
+        mlp = top_k * (3 * moe_inter + hidden) * elt + experts * 4 + top_k * 36
+    else:  # gate, act(gate), up, their product; recomputed: gate and up
+        mlp = (2 + product_kept if selective else 4) * inter * elt
     # Two norms: their input in fp32 (an fp32 copy in a 16-bit model), or recomputed: the input as it is; the
     # norms' outputs, q, the attention output (in two layouts: SDPA's and o_proj's input), k, v, the LoRA
     # hiddens; SDPA's fp32 log-sum-exp per head.
     norms = 2 * hidden * (elt if selective else 4)
-    return norms + (5 * hidden + 2 * kv_heads * head_dim + mlp * inter + lora_ranks_per_block) * elt + heads * 4
+    return norms + (5 * hidden + 2 * kv_heads * head_dim + lora_ranks_per_block) * elt + mlp + heads * 4
 
 
 def _fsdp2_side_units(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -762,6 +767,7 @@ class _Activations:
     recompute: int  # by the block backward recomputes (checkpointing)
     offloaded: int  # checkpointed inputs waiting in host memory (parallel.offload_activations)
     loss: int  # the chunked loss's buffers, or the full logits'
+    block_grads: int  # a block's backward: the gradient of its output, and of the routed experts' (MoE)
 
 
 def _activations(r: _Run) -> _Activations:
@@ -808,14 +814,20 @@ def _activations(r: _Run) -> _Activations:
             loss += groups * tokens * hidden * elt + tokens * hidden * 4 + rows * hidden * 4
     else:
         loss = 3 * tokens * vocab * 4  # logits, fp32 copy, log-softmax
+    # A block's backward: the gradient of the hidden states; MoE: of each routed token's expert output and gate_up
+    # output too (top_k per token).
+    experts, top_k = _experts(hf_config)
+    moe_inter = getattr(hf_config, "moe_intermediate_size", None) or getattr(hf_config, "intermediate_size", 0) or 0
+    block_grads = tokens * (hidden + (top_k * (hidden + 2 * moe_inter) if experts else 0)) * elt
     return _Activations(saved=saved, kept_per_block=kept_per_block, recompute=recompute, offloaded=offloaded,
-                        loss=loss)
+                        loss=loss, block_grads=block_grads)
 
 
 def _moments(r: _Run, s: _State, a: _Activations, adapted_per_block: int) -> dict[str, dict[str, int]]:
     """The moments that may hold the most, each as its terms that change over a step (the peak is the largest).
     Gradients exist from backward's start on (before it only those accumulated over micro-steps)."""
     hidden_state = r.tokens * r.hidden * r.compute_elt
+    block_grads = a.block_grads
     n_blocks, n_checkpointed = len(r.blocks), len(r.checkpointed)
     # Blocks not checkpointed keep their adapted experts from forward to backward; checkpointed ones one at a time.
     adapted_experts = adapted_per_block * max(n_blocks - n_checkpointed + (1 if n_checkpointed else 0), 1)
@@ -826,9 +838,9 @@ def _moments(r: _Run, s: _State, a: _Activations, adapted_per_block: int) -> dic
         "the loss": dict(gathered=s.loss_gathered, activations=a.saved + a.loss, lora_grads=accumulated,
                          adapted_experts=adapted_experts),
         # The last block's backward: the blocks it gathers (and dequantizes), the saved activations, the block
-        # recomputed (checkpointing), and the gradient of the final hidden states.
+        # recomputed (checkpointing), and the gradients it makes (the hidden states'; MoE: the routed experts').
         "backward's start": dict(gathered=s.gathered,
-                                 activations=a.saved + (0 if r.recompute_later else a.recompute) + hidden_state,
+                                 activations=a.saved + (0 if r.recompute_later else a.recompute) + block_grads,
                                  lora_grads=s.lora_grads, adapted_experts=adapted_experts),
     }
     if r.recompute_later:
@@ -837,7 +849,7 @@ def _moments(r: _Run, s: _State, a: _Activations, adapted_per_block: int) -> dic
         after = n_blocks - 1 - r.checkpointed[-1]
         moments["the first recompute"] = dict(
             gathered=s.gathered + s.recompute_gathering,
-            activations=a.saved - after * a.kept_per_block + a.recompute + hidden_state,
+            activations=a.saved - after * a.kept_per_block + a.recompute + block_grads,
             lora_grads=s.lora_grads, adapted_experts=adapted_experts - after * adapted_per_block)
     if s.forward_gathered is not None:
         # Forward's start holds the embedding instead of the blocks, the head and the activations (the embedding's
