@@ -90,8 +90,9 @@ def keep_fp32_buffers(model: nn.Module, dtype: torch.dtype | None) -> None:
     """The buffers a model keeps in fp32 whatever its dtype (``_keep_in_fp32_modules_strict``: DeepSeek-V3's and
     GLM-4.5's expert-selection bias ``e_score_correction_bias``), made fp32 again under a bf16 or fp16 ``dtype``, as
     ``from_pretrained`` loads them (``from_config`` builds them in ``dtype``: two biases 4e-4 apart became one, and
-    another expert fired). Parameters on that list (ERNIE-4.5's router) stay in ``dtype``: FSDP2 gathers a unit's
-    parameters in one dtype."""
+    another expert fired). Parameters on that list (ERNIE-4.5's router weight and expert-selection bias) are built in
+    fp32 by the model itself and stay so under ``none``, ``ddp`` and ``fsdp2`` (FSDP2 gathers a unit's mixed dtypes
+    as they are); DeepSpeed casts them to its dtype (:func:`fp32_params_deepspeed_casts`)."""
     keys = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
     if dtype not in (torch.bfloat16, torch.float16) or not keys:
         return
@@ -100,6 +101,15 @@ def keep_fp32_buffers(model: nn.Module, dtype: torch.dtype | None) -> None:
             full = f"{name}.{attr}" if name else attr
             if buf is not None and buf.is_floating_point() and any(key in full for key in keys):
                 module._buffers[attr] = buf.float()
+
+
+def fp32_params_deepspeed_casts(model: nn.Module, dtype: torch.dtype | None) -> list[str]:
+    """The parameters a model keeps in fp32 whatever its dtype (``_keep_in_fp32_modules_strict``) that DeepSpeed's
+    engine holds in a bf16 or fp16 ``dtype`` instead (it casts the whole module): their names."""
+    keys = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    if dtype not in (torch.bfloat16, torch.float16) or not keys:
+        return []
+    return [n for n, p in model.named_parameters() if p.is_floating_point() and any(key in n for key in keys)]
 
 
 def _tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
@@ -279,6 +289,11 @@ def load_model(
     if callable(getattr(model, "tie_weights", None)):
         model.tie_weights()  # tied embeddings share one parameter (checkpoints store it once)
     keep_fp32_buffers(model, dtype)
+    cast = fp32_params_deepspeed_casts(model, dtype) if strategy.startswith("zero") else []
+    if cast and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        log.warning("%s: transformers keeps %s in fp32 (%s...), DeepSpeed (parallel.strategy=%s) holds them in %s; "
+                    "fsdp2 or ddp keep them in fp32", cls.__name__, "these parameters" if len(cast) > 1 else "it",
+                    cast[0], strategy, str(dtype).removeprefix("torch."))
     # Before parallelize: transformers looks its conversion mapping up by class names FSDP2 changes.
     weights = WeightMap.of(base, model)
     report = inject_lora(model, lora_cfg)

@@ -387,7 +387,10 @@ def host_memory(root: str | os.PathLike = "/") -> int:
     except OSError:
         return limits[0]
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        try:
+            _, controllers, path = line.split(":", 2)
+        except ValueError:
+            continue
         if controllers == "":  # v2: one hierarchy
             mount, name = root / "sys/fs/cgroup", "memory.max"
         elif "memory" in controllers.split(","):

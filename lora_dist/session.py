@@ -405,8 +405,9 @@ def prepare(model: str | os.PathLike | Config, lora: LoRAConfig | None = None, s
     env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
     check_launch(cfg, env)
     base = open_base(cfg, env)
-    if env.is_main and any(os.environ.get(f"ACCELERATE_USE_{p}", "").lower() in ("1", "true", "yes")
-                           for p in ("DEEPSPEED", "FSDP")):
+    from accelerate.utils import parse_flag_from_env
+
+    if env.is_main and (parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or parse_flag_from_env("ACCELERATE_USE_FSDP")):
         log.warning("accelerate's config has a DeepSpeed/FSDP plugin, which takes a model without asking it: "
                     "accelerator.prepare(model) is not refused there and would wrap lora_dist's model again; pass "
                     "accelerator.prepare() only the dataloaders (docs/integrations.md)")

@@ -15,7 +15,8 @@ packed into blocks of their own, once each; every pass of the training side skip
 document is trained on, nor split between the two.
 
 Building (:func:`build`): rows are read a chunk at a time (:mod:`lora_dist.sources`), parsed and
-tokenized by ``num_proc`` worker processes (:class:`_Workers`; at most two chunks per worker in flight), and packed in
+tokenized by ``num_proc`` worker processes (:class:`_Workers`; one chunk each at a time, at most
+:data:`IN_FLIGHT` per worker sent or done and waiting their turn), and packed in
 order by :class:`~lora_dist.packing.Packer` straight into the files of a staging dir, which is
 published by one rename (:mod:`lora_dist.atomic`). Neither the records nor the blocks are ever held
 whole in memory. An entry is opened (:func:`open_entry`) only if its ``meta.json`` matches the key and
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 #: 6: the held-out records (``eval_fraction``, in the key) are chosen before the weights and packed apart
 #: (``eval_*.bin``); the tokenizer's fingerprint leaves out its truncation and padding.
 FORMAT = 6
-#: Chunks in flight per tokenization worker.
+#: Chunks per tokenization worker sent or done and waiting their turn (each worker tokenizes one at a time).
 IN_FLIGHT = 2
 #: Seconds the tokenization workers have to start; then the rank tokenizes by itself.
 START_TIMEOUT_S = 60.0
@@ -157,9 +158,9 @@ def _worker_main(conn, inherited: list, tokenizer, template: str | None, loss_on
             conn.send(answer)
         except (OSError, EOFError):
             return
-        except Exception:  # an exception that does not pickle
-            conn.send(("error", DataError(f"tokenizing a chunk of {task[0]} failed: "
-                                          f"{type(answer[1]).__name__}: {answer[1]}")))
+        except Exception as e:  # a result or an exception that does not pickle
+            what = f"{type(answer[1]).__name__}: {answer[1]}" if answer[0] == "error" else f"its result ({e})"
+            conn.send(("error", DataError(f"tokenizing a chunk of {task[0]} failed: {clip(what)}")))
 
 
 def _tokenize_chunk(task: tuple[str, str, list[tuple[int, Any]]]) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
@@ -394,6 +395,13 @@ class _Workers:
         Raises:
             _NotStarted: one did not get ready within :data:`START_TIMEOUT_S` or exited (all are ended).
         """
+        try:
+            return self._start()
+        except BaseException:  # a fork that failed, a worker that did not get ready, Ctrl-C: none is left behind
+            self.close()
+            raise
+
+    def _start(self) -> _Workers:
         context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         for _ in range(self.n):
             mine, theirs = context.Pipe()
@@ -401,9 +409,11 @@ class _Workers:
             # it sees end-of-file when this process dies.
             proc = context.Process(target=_worker_main, args=(theirs, [*self.conns, mine], *self.args),
                                    daemon=True, name="lora-dist-tokenize")
-            proc.start()
-            theirs.close()
             self.conns.append(mine)
+            try:
+                proc.start()
+            finally:
+                theirs.close()
             self.procs.append(proc)
         # A process forked while another thread of this one held a lock (a library's) can wait for it forever:
         # that is a worker which never says it is ready, not a build that never ends.
@@ -412,16 +422,16 @@ class _Workers:
         while waiting:
             ready = multiprocessing.connection.wait(waiting, max(0.0, deadline - time.monotonic()))
             if not ready:
-                self.close()
                 raise _NotStarted(f"{len(waiting)} of {self.n} tokenization workers did not start within "
                                   f"{START_TIMEOUT_S:g} s")
             for conn in ready:
                 try:
                     conn.recv()
-                except EOFError:
-                    self.close()
-                    raise _NotStarted(f"a tokenization worker exited as it started "
-                                      f"(exit code {self.procs[self.conns.index(conn)].exitcode})") from None
+                except (EOFError, OSError):
+                    proc = self.procs[self.conns.index(conn)]
+                    proc.join(timeout=5)
+                    raise _NotStarted(f"a tokenization worker exited as it started (exit code {proc.exitcode})") \
+                        from None
                 waiting.discard(conn)
         return self
 
@@ -438,7 +448,15 @@ class _Workers:
             if proc.exitcode is None:
                 proc.kill()
                 proc.join()
+            proc.close()
+        for conn in self.conns:
             conn.close()
+        self.conns, self.procs = [], []
+
+    def _died(self, w: int, path: str) -> DataError:
+        self.procs[w].join()
+        return DataError(f"a tokenization worker died (exit code {self.procs[w].exitcode}) tokenizing a chunk of "
+                         f"{path}; if memory ran out, lower data.num_proc")
 
     def map(self, tasks):
         """``(part, _tokenize_chunk(chunk))`` for each ``(part, chunk)`` of ``tasks``, in order; at most
@@ -458,8 +476,11 @@ class _Workers:
                     exhausted = True
                     break
                 w = free.popleft()
-                self.conns[w].send(item[1])
                 busy[w], parts[sent], paths[sent] = sent, item[0], item[1][0]
+                try:
+                    self.conns[w].send(item[1])
+                except OSError:  # it died since its last chunk
+                    raise self._died(w, paths[sent]) from None
                 sent += 1
             if taken in done:
                 paths.pop(taken)
@@ -474,10 +495,8 @@ class _Workers:
             for w in sorted({by_conn.get(obj, by_sentinel.get(obj)) for obj in ready}):
                 try:
                     status, value = self.conns[w].recv()
-                except EOFError:  # it died before it answered
-                    self.procs[w].join()
-                    raise DataError(f"a tokenization worker died (exit code {self.procs[w].exitcode}) tokenizing a "
-                                    f"chunk of {paths[busy[w]]}; if memory ran out, lower data.num_proc") from None
+                except (EOFError, OSError):  # it died before it answered, or as it did
+                    raise self._died(w, paths[busy[w]]) from None
                 if status == "error":
                     raise value
                 done[busy.pop(w)] = value

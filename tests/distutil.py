@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -44,9 +45,7 @@ def _run(cmd: list[str], timeout: float, env: dict[str, str]) -> subprocess.Comp
     return subprocess.CompletedProcess(cmd, popen.returncode, out, err)
 
 
-def _no_core_files() -> None:
-    import resource
-
+def _no_core_files() -> None:  # in the forked child before exec: nothing to import there
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 

@@ -132,3 +132,56 @@ def test_buffers_a_model_keeps_in_fp32_stay_fp32_under_a_bf16_base(tiny_checkpoi
         assert ours[key].dtype == torch.float32 and torch.equal(ours[key], tensors[key]), key
         assert torch.equal(ours[key], reference[key])
     assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+
+
+def _ernie_checkpoint(path: Path) -> Path:
+    """A tiny ERNIE-4.5-MoE in bf16 whose router weight and expert-selection bias are stored in fp32 (as the Hub's
+    are), the biases 1e-4 apart (one bf16 step at 0.1 is 4.9e-4)."""
+    import transformers as tf
+
+    from lora_dist.demo import make_tokenizer
+
+    config = tf.Ernie4_5_MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=32, moe_k=2,
+                                   moe_num_experts=4, moe_num_shared_experts=1, moe_layer_start_index=1,
+                                   moe_layer_end_index=1, tie_word_embeddings=False, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                param.copy_(torch.linspace(0.1001, 0.1004, param.numel()).view_as(param))
+            elif name.endswith("mlp.gate.weight"):
+                param.copy_(torch.randn(param.shape) * 0.1 + 1e-3)
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.dist
+def test_a_router_kept_in_fp32_stays_fp32_sharded_or_not_and_deepspeed_says_it_casts(tmp_path):
+    """ERNIE-4.5 keeps its router weight and expert-selection bias in fp32 whatever the dtype
+    (``_keep_in_fp32_modules_strict``, parameters): one process and 2-rank fsdp2 run them in fp32, as stored;
+    DeepSpeed casts the whole module to bf16, and a zero2 run says so in one line."""
+    from safetensors.torch import load_file
+
+    from distutil import ranks
+    from lora_dist.model_dir import ModelDir
+
+    base = _ernie_checkpoint(tmp_path / "ernie")
+    stored = {k: ModelDir(base).read(k) for k in ModelDir(base).keys()
+              if k.endswith(("mlp.gate.weight", "e_score_correction_bias"))}
+    assert len(stored) == 2 and {t.dtype for t in stored.values()} == {torch.float32}
+    assert len(set(stored["model.layers.1.mlp.moe_statics.e_score_correction_bias"].flatten().tolist())) == 4
+    script = str(Path(__file__).parent / "dist_scripts" / "fp32_router.py")
+    for strategy, nproc in (("none", 1), ("fsdp2", 2)):
+        out = tmp_path / f"{strategy}.safetensors"
+        ranks(nproc, script, str(base), strategy, str(out))
+        seen = load_file(str(out))
+        assert torch.equal(seen["model.layers.1.mlp.gate.weight"], stored["model.layers.1.mlp.gate.weight"]), strategy
+        bias = seen["model.layers.1.mlp.gate.moe_statics.e_score_correction_bias"]
+        assert torch.equal(bias, stored["model.layers.1.mlp.moe_statics.e_score_correction_bias"]), strategy
+    proc = ranks(2, script, str(base), "zero2", str(tmp_path / "zero2.safetensors"))
+    assert ("transformers keeps these parameters in fp32 (model.layers.1.mlp.gate.weight...), DeepSpeed "
+            "(parallel.strategy=zero2) holds them in bfloat16; fsdp2 or ddp keep them in fp32") in proc.stderr
+    assert load_file(str(tmp_path / "zero2.safetensors"))["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16

@@ -138,6 +138,16 @@ def test_workers_that_do_not_start_leave_the_rank_to_tokenize_by_itself(tok, dat
     assert same(built, load_dataset(data, tok, SEQ, cache_dir=tmp_path / "b", num_proc=1))
 
 
+def test_a_worker_that_died_between_chunks_is_the_same_error(tok, data):
+    tasks = token_cache._tasks([Source(str(data))])
+    with token_cache._Workers(2, tok, None, "all_assistant") as workers:
+        os.kill(workers.procs[0].pid, signal.SIGKILL)
+        workers.procs[0].join()
+        with pytest.raises(DataError, match=r"a tokenization worker died \(exit code -9\) tokenizing a chunk of "):
+            list(workers.map(tasks))
+    assert _workers_left() == []
+
+
 def test_a_consumer_that_stops_early_ends_every_worker(tok, data, small_chunks):
     tasks = token_cache._tasks([Source(str(data))])
     with token_cache._Workers(2, tok, None, "all_assistant") as workers:

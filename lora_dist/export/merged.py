@@ -105,9 +105,10 @@ def _param_name(name: str, layer: LoRAParam) -> str:
     return name[: -len(f"lora.{layer.parameter_name}")] + layer.parameter_name
 
 
-def merge_targets(model: nn.Module, base: ModelDir, keys=None) -> tuple[dict, dict[str, str]]:
+def merge_targets(model: nn.Module, base: ModelDir, keys=None) -> tuple[dict, dict[str, str], WeightMap]:
     """Where each LoRA layer of ``model`` merges into ``base``'s tensors (``keys``: the names the export writes,
-    default the base's): the adapted parameters' sources and the adapted linears' keys, by layer name.
+    default the base's): the adapted parameters' sources and the adapted linears' keys, by layer name, and the
+    model's :class:`~lora_dist.weight_mapping.WeightMap`.
 
     Raises:
         ExportError: an adapted weight the base does not store as one tensor (a tied weight: GPT-2's or
@@ -115,7 +116,8 @@ def merge_targets(model: nn.Module, base: ModelDir, keys=None) -> tuple[dict, di
             base tensor of its shape.
     """
     keys = set(base.keys()) if keys is None else keys
-    layers = dict(lora_modules(_unwrap(model)))
+    model = _unwrap(model)
+    layers = dict(lora_modules(model))
     weights = WeightMap.of(base, model)
     sources = {}
     for name, layer in layers.items():
@@ -135,7 +137,7 @@ def merge_targets(model: nn.Module, base: ModelDir, keys=None) -> tuple[dict, di
                 "weight, or one transformers assembles from several?); the merged export writes exactly the "
                 "base's keys: leave that layer out of lora.target_modules"
             )
-    return sources, linears
+    return sources, linears, weights
 
 
 def export_merged(
@@ -215,7 +217,7 @@ def export_merged(
         specs = stored_specs(base, out_dtype) if keep_fp8 else output_specs(base, out_dtype)
         linears = {n: layer for n, layer in layers.items() if not isinstance(layer, LoRAParam)}
         params = {n: layer for n, layer in layers.items() if isinstance(layer, LoRAParam)}
-        sources_of, keys = merge_targets(model, base, specs)
+        sources_of, keys, weights = merge_targets(model, base, specs)
     except Exception as e:
         error = e
     group.check(error)
