@@ -2,19 +2,25 @@
 
 SIGUSR1 / SIGTERM (Slurm's preemption and time-limit signals): checkpoint, then exit with
 :data:`PREEMPT_EXIT_CODE`, which the sbatch templates requeue on. SIGUSR2: checkpoint on
-demand and keep training.
+demand and keep training. Before training starts (:func:`stop_exits`: opening the base,
+tokenizing, opening the run dir) there is nothing to save: a stop signal ends the rank at once
+with :data:`PREEMPT_EXIT_CODE`, so the job is requeued all the same.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import signal
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler"]
+__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler", "stop_exits"]
 
-#: The exit code of a preempted run: its checkpoint is written, requeue it.
+log = logging.getLogger(__name__)
+
+#: The exit code of a preempted run: its checkpoint is written (or it had none to write), requeue it.
 PREEMPT_EXIT_CODE = 99
 
 
@@ -76,3 +82,35 @@ class PreemptionHandler:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+@contextlib.contextmanager
+def stop_exits():
+    """Within it a stop signal (SIGUSR1, SIGTERM) raises :class:`Preempted` (step 0) at once: for the work before
+    training (the data tokenized, the model dir opened), which has nothing to checkpoint. A rank waiting for
+    another's work polls (:meth:`lora_dist.ranks.RankGroup.on_rank0`), so it ends too. Each rank then exits with
+    :data:`PREEMPT_EXIT_CODE` and the job is requeued, where before the signal's default action killed it (exit
+    138 or 143), which no sbatch script requeues. SIGUSR2 (a checkpoint on demand) is ignored: there is nothing
+    to save yet."""
+
+    def stop(signum, frame):
+        log.warning("%s before training started: nothing to save yet; exiting with %d to be requeued",
+                    signal.Signals(signum).name, PREEMPT_EXIT_CODE)
+        raise Preempted(0)
+
+    previous = {}
+    for names, handler in ((PreemptionHandler.STOP_SIGNALS, stop), (PreemptionHandler.CHECKPOINT_SIGNALS,
+                                                                     signal.SIG_IGN)):
+        for name in names:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

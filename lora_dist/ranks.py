@@ -9,6 +9,7 @@ user error (one line, exit 2, on every rank), else as :class:`RankFailed`.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -20,6 +21,8 @@ __all__ = ["GATHER_BUDGET", "RankFailed", "RankGroup"]
 
 #: :meth:`RankGroup.gather_bytes`: the most bytes rank 0 receives in one round, from all ranks together.
 GATHER_BUDGET = 1 << 30
+#: Seconds between polls of a patient wait for rank 0 (:meth:`RankGroup.on_rank0`).
+POLL_S = 0.05
 
 
 class RankFailed(RuntimeError):
@@ -91,6 +94,19 @@ class RankGroup:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
+    def _rank0_done(self) -> None:
+        """Collective, on the patient group: rank 0 says it is done; the others wait for it polling, so that a
+        signal's Python handler runs meanwhile (a stop signal ends a rank waiting for the token cache; a blocking
+        collective would hold it until rank 0 is done, or a day)."""
+        flag = torch.zeros(1)
+        if self.rank == 0:
+            dist.broadcast(flag, src=0, group=self.group)
+            return
+        work = dist.broadcast(flag, src=0, group=self.group, async_op=True)
+        while not work.is_completed():
+            time.sleep(POLL_S)
+        work.wait()
+
     def all_gather(self, obj) -> list:
         """Collective: every rank's ``obj``, in rank order."""
         if not self.active:
@@ -150,6 +166,8 @@ class RankGroup:
                 result = fn()
             except Exception as e:
                 error = e
+        if self.group is not None:
+            self._rank0_done()
         status = self.broadcast((None, result) if error is None else (_failure(error), None))
         if error is not None:
             raise error

@@ -54,7 +54,7 @@ from lora_dist.loss import n_targets
 from lora_dist.model_dir import ModelDir
 from lora_dist.outputs import OutputDirError, OutputError, RunLock, prepare_run_dir, write_failure
 from lora_dist.parallel import Engine, check_replicas
-from lora_dist.preemption import PREEMPT_EXIT_CODE, Preempted, PreemptionHandler
+from lora_dist.preemption import PREEMPT_EXIT_CODE, Preempted, PreemptionHandler, stop_exits
 from lora_dist.ranks import RankGroup
 from lora_dist.session import build, check_launch, open_base, resolve_strategy, strategy_config
 from lora_dist.sources import input_paths
@@ -236,23 +236,25 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
     """
 
     env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
-    check_launch(cfg, env)
-    device = run_device()
-    out = Path(cfg.output.dir)
+    # Until the training loop's own handlers: a stop signal ends the rank for a requeue (nothing to save yet).
+    with stop_exits():
+        check_launch(cfg, env)
+        device = run_device()
+        out = Path(cfg.output.dir)
 
-    base = open_base(cfg, env)  # fails fast (on every rank) on a missing or corrupt model dir; opened once
-    cfg = resolve_strategy(cfg, env, device)  # parallel.strategy=auto: the planner's choice, in config.json
-    tokenizer = load_tokenizer(cfg.model.path)  # never runs code from the model dir
-    hf_config = base.hf_config
-    max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
-    train_data, eval_data = load_splits(cfg, tokenizer, max_pos, verbose=env.is_main)
+        base = open_base(cfg, env)  # fails fast (on every rank) on a missing or corrupt model dir; opened once
+        cfg = resolve_strategy(cfg, env, device)  # parallel.strategy=auto: the planner's choice, in config.json
+        tokenizer = load_tokenizer(cfg.model.path)  # never runs code from the model dir
+        hf_config = base.hf_config
+        max_pos = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+        train_data, eval_data = load_splits(cfg, tokenizer, max_pos, verbose=env.is_main)
 
-    ds_config = strategy_config(cfg, base)
-    # a missing tracker package stops the run before any work, on every rank (it stopped rank 0 alone, the
-    # others left waiting for it until the timeout)
-    RankGroup().on_rank0(lambda: check_backends(cfg.tracking))
-    # Only now, with every input validated: output.dir becomes (or is checked to be) this run's dir.
-    marker, lock = _open_run_dir(cfg, env, out)
+        ds_config = strategy_config(cfg, base)
+        # a missing tracker package stops the run before any work, on every rank (it stopped rank 0 alone, the
+        # others left waiting for it until the timeout)
+        RankGroup().on_rank0(lambda: check_backends(cfg.tracking))
+        # Only now, with every input validated: output.dir becomes (or is checked to be) this run's dir.
+        marker, lock = _open_run_dir(cfg, env, out)
     try:
         return _train_loop(cfg, env, device, out, marker["run_id"], base, train_data, eval_data, ds_config)
     finally:
@@ -371,8 +373,8 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
                 train_data: PackedDataset, eval_data: PackedDataset | None, ds_config: dict | None) -> TrainResult:
     """Everything after the run dir is open: load, resume, the steps, the outputs (every rank)."""
     t, p = cfg.train, cfg.parallel
-    # Installed before the model load: a preemption signal during load or resume stops at the first step boundary.
-    # Not while tokenizing: the token cache's forked workers would inherit the handlers.
+    # Installed before the model load: a preemption signal during load or resume stops at the first step boundary
+    # (before, stop_exits: the rank ends at once).
     with PreemptionHandler() as signals:
         model, engine = build(cfg, env, device, base, ds_config)
         if cfg.export.merged:  # a layer the merged export cannot write is refused now, not after the whole run

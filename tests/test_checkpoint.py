@@ -664,6 +664,57 @@ def test_a_stop_signal_during_a_save_is_not_lost(setup, tmp_path, monkeypatch, w
     assert [m["step"] for m in _metrics(out) if "loss" in m][-1] == step
 
 
+def test_a_stop_signal_while_tokenizing_exits_at_once_for_a_requeue(setup, tmp_path, monkeypatch):
+    """SIGUSR1 (Slurm's warning before the time limit) while the data was tokenized killed the rank (exit 138),
+    which no sbatch script requeues. Before training there is nothing to save: the rank exits at once with the
+    requeue code, leaving neither a token cache entry nor output.dir; the rerun trains."""
+    import lora_dist.token_cache as token_cache
+    from lora_dist.config import load_config
+
+    real_read, real_chunk = token_cache.read_chunks, token_cache._tokenize_chunk
+    monkeypatch.setattr(token_cache, "read_chunks", lambda source: real_read(source, 16))
+    calls = []
+
+    def tokenize(task):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_chunk(task)
+
+    monkeypatch.setattr(token_cache, "_tokenize_chunk", tokenize)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    cfg = load_config(None, [*setup["common"], f"output.dir={out}", "parallel.strategy=none", "data.num_proc=1",
+                             f"data.cache_dir={cache}"])
+
+    def fatal(signum, frame):  # outside the run's handlers the signal kills the process (its default action)
+        raise SystemExit(f"killed by signal {signum}")
+
+    stopped = _train_until_preempted(cfg, fatal)
+    assert stopped.step == 0 and stopped.code == PREEMPT_EXIT_CODE
+    assert len(calls) == 3  # at once: no chunk after the signal's
+    assert not out.exists() and (not cache.exists() or list(cache.iterdir()) == [])
+    _run(setup, out, 1, "parallel.strategy=none", f"data.cache_dir={cache}")
+    assert [m["step"] for m in _metrics(out) if "loss" in m][-1] == STEPS
+
+
+@pytest.mark.dist
+def test_two_ranks_stopped_while_rank0_tokenizes_both_exit_for_a_requeue(setup, tmp_path):
+    """Rank 1 waits for rank 0's token cache build in a collective, where a signal's handler could not run until
+    rank 0 was done (or a day had passed): the wait polls now. Rank 1, signalled first, exits with the requeue
+    code at once while rank 0 builds on; rank 0 when its own signal comes, 10 chunks into a build of 13."""
+    from distutil import REPO, ranks
+
+    out = tmp_path / "flags"
+    out.mkdir()
+    ranks(2, str(REPO / "tests" / "dist_scripts" / "stop_while_tokenizing.py"), str(out), str(tmp_path / "cache"),
+          *setup["common"], f"output.dir={tmp_path / 'run'}", "parallel.strategy=ddp", timeout=120)
+    exits = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [e["code"] for e in exits] == [PREEMPT_EXIT_CODE] * 2, exits
+    assert all(e["exited"] - e["signalled"] < 2 for e in exits), exits
+    assert exits[1]["exited"] < exits[0]["signalled"] - 1, exits  # rank 1 did not wait for rank 0
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("when", ["final-eval", "adapter-write"])
 def test_a_stop_signal_after_the_last_step_loses_nothing(setup, tmp_path, monkeypatch, when):
     """SIGUSR1 (Slurm's warning before preemption) after the last step. During the final eval it used to go unread:
