@@ -504,7 +504,12 @@ def _shutdown(code: int) -> None:
     import torch.distributed as dist
 
     from lora_dist.launch import destroy_distributed, exit_distributed
+    from lora_dist.preemption import stopped_before_training
 
+    if stopped_before_training():  # a wait for another rank may be in flight: no teardown, which would wait for it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if dist.is_available() and dist.is_initialized():
         exit_distributed(code)
     destroy_distributed()

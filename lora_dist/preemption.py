@@ -16,7 +16,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler", "stop_exits"]
+__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler", "stop_exits", "stopped_before_training"]
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,35 @@ class PreemptionHandler:
         self._previous = {}
 
 
+_stopped_before_training = False
+
+
+def stopped_before_training() -> bool:
+    """Whether a stop signal ended this rank within :func:`stop_exits`: it should exit without tearing its process
+    groups down (a wait for another rank may still be in flight on one, and its teardown would wait for it)."""
+    return _stopped_before_training
+
+
 @contextlib.contextmanager
-def stop_exits():
+def stop_exits(requeue: bool = True):
     """Within it a stop signal (SIGUSR1, SIGTERM) raises :class:`Preempted` (step 0) at once: for the work before
     training (the data tokenized, the model dir opened), which has nothing to checkpoint. A rank waiting for
     another's work polls (:meth:`lora_dist.ranks.RankGroup.on_rank0`), so it ends too. Each rank then exits with
     :data:`PREEMPT_EXIT_CODE` and the job is requeued, where before the signal's default action killed it (exit
     138 or 143), which no sbatch script requeues. SIGUSR2 (a checkpoint on demand) is ignored: there is nothing
-    to save yet."""
+    to save yet.
+
+    ``requeue`` False (a run started from ``checkpoint.resume=DIR``, which a requeued job would replace by its own
+    checkpoint, and it has none yet): nothing is installed, and a stop signal ends the rank as its default action
+    does, unrequeued, rather than have the requeued job start afresh without DIR.
+    """
+    if not requeue:
+        yield
+        return
 
     def stop(signum, frame):
+        global _stopped_before_training
+        _stopped_before_training = True
         log.warning("%s before training started: nothing to save yet; exiting with %d to be requeued",
                     signal.Signals(signum).name, PREEMPT_EXIT_CODE)
         raise Preempted(0)

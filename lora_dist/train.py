@@ -237,7 +237,7 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
 
     env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
     # Until the training loop's own handlers: a stop signal ends the rank for a requeue (nothing to save yet).
-    with stop_exits():
+    with stop_exits(requeue=cfg.checkpoint.resume in ("auto", "never")):
         check_launch(cfg, env)
         device = run_device()
         out = Path(cfg.output.dir)

@@ -700,19 +700,58 @@ def test_a_stop_signal_while_tokenizing_exits_at_once_for_a_requeue(setup, tmp_p
 @pytest.mark.dist
 def test_two_ranks_stopped_while_rank0_tokenizes_both_exit_for_a_requeue(setup, tmp_path):
     """Rank 1 waits for rank 0's token cache build in a collective, where a signal's handler could not run until
-    rank 0 was done (or a day had passed): the wait polls now. Rank 1, signalled first, exits with the requeue
-    code at once while rank 0 builds on; rank 0 when its own signal comes, 10 chunks into a build of 13."""
-    from distutil import REPO, ranks
+    rank 0 was done (or a day had passed): the wait polls now. Two `lora-dist train` processes: rank 1, signalled
+    first, exits with the requeue code within seconds while rank 0 builds on; rank 0 when its own signal comes,
+    10 chunks into a build of 13."""
+    from distutil import REPO, free_port, quiet_env
 
     out = tmp_path / "flags"
     out.mkdir()
-    ranks(2, str(REPO / "tests" / "dist_scripts" / "stop_while_tokenizing.py"), str(out), str(tmp_path / "cache"),
-          *setup["common"], f"output.dir={tmp_path / 'run'}", "parallel.strategy=ddp", timeout=120)
-    exits = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [e["code"] for e in exits] == [PREEMPT_EXIT_CODE] * 2, exits
-    assert all(e["exited"] - e["signalled"] < 2 for e in exits), exits
-    assert exits[1]["exited"] < exits[0]["signalled"] - 1, exits  # rank 1 did not wait for rank 0
+    port = str(free_port())
+    args = [sys.executable, str(REPO / "tests" / "dist_scripts" / "stop_while_tokenizing.py"), str(out),
+            *setup["common"], f"output.dir={tmp_path / 'run'}", "parallel.strategy=ddp",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=quiet_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in range(2)]
+    exited: dict[int, float] = {}
+    deadline = time.time() + 180
+    while len(exited) < 2 and time.time() < deadline:
+        for r, proc in enumerate(procs):
+            if r not in exited and proc.poll() is not None:
+                exited[r] = time.time()
+        time.sleep(0.05)
+    for proc in procs:
+        proc.kill()
+    errors = [proc.stderr.read()[-2000:] for proc in procs]
+    assert [proc.wait() for proc in procs] == [PREEMPT_EXIT_CODE] * 2, errors
+    signalled = [float((out / f"rank{r}-signalled").read_text()) for r in range(2)]
+    assert all(exited[r] - signalled[r] < 3 for r in range(2)), (exited, signalled)
+    assert exited[1] < signalled[0], (exited, signalled)  # rank 1 did not wait for rank 0
+    assert "SIGUSR1 before training started: nothing to save yet; exiting with 99 to be requeued" in errors[1]
     assert not (tmp_path / "run").exists()
+
+
+def test_stop_exits_restores_the_handlers_and_stays_out_of_a_resume_from_a_dir():
+    """A run from checkpoint.resume=DIR keeps the default action: its requeue would resume the job's own (not yet
+    written) checkpoint instead of DIR, starting afresh."""
+    from lora_dist.preemption import stop_exits
+
+    def mine(signum, frame):
+        pass
+
+    previous = {s: signal.signal(s, mine) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        with stop_exits():
+            assert signal.getsignal(signal.SIGUSR1) is not mine and signal.getsignal(signal.SIGTERM) is not mine
+            assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+        assert all(signal.getsignal(s) is mine for s in previous)
+        with stop_exits(requeue=False):
+            assert all(signal.getsignal(s) is mine for s in previous)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @pytest.mark.parametrize("when", ["final-eval", "adapter-write"])

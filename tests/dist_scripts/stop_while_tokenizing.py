@@ -1,12 +1,10 @@
-"""One rank of a run stopped by SIGUSR1 while rank 0 tokenizes: rank 1 half a second after rank 0 started, while it
-waits for rank 0's build, rank 0 at its 10th chunk (about 3 s in). Each rank writes ``{"code", "signalled",
-"exited"}`` (its exit code, and the seconds from rank 0's first chunk to its signal and to its exit) to
-``OUT/rank<N>.json``.
+"""One rank of ``lora-dist train`` stopped by SIGUSR1 while rank 0 tokenizes (13 chunks of 16 rows, 0.3 s each):
+rank 1 half a second after rank 0 started, while it waits for rank 0's build; rank 0 at its 10th chunk. Each rank
+writes the time of its signal to ``OUT/rank<N>-signalled``; the exit code is the CLI's.
 
-argv: OUT CACHE_DIR OVERRIDES...
+argv: OUT OVERRIDES...
 """
 
-import json
 import os
 import signal
 import sys
@@ -15,10 +13,9 @@ import time
 from pathlib import Path
 
 import lora_dist.token_cache as token_cache
-from lora_dist.config import load_config
-from lora_dist.train import train
+from lora_dist.cli import main
 
-out, cache, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+out, overrides = Path(sys.argv[1]), sys.argv[2:]
 rank = int(os.environ["RANK"])
 started = out / "rank0-started"
 real_read, real_chunk = token_cache.read_chunks, token_cache._tokenize_chunk
@@ -26,37 +23,30 @@ token_cache.read_chunks = lambda source: real_read(source, 16)
 calls = []
 
 
-signalled = []
+def signal_self() -> None:
+    (out / f"rank{rank}-signalled").write_text(str(time.time()))
+    os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def slow_tokenize(task):  # rank 0: 13 chunks of 0.3 s, signalled at the 10th
+def slow_tokenize(task):
     calls.append(1)
     if len(calls) == 1:
         started.write_text(str(time.time()))
     if len(calls) == 10:
-        signalled.append(time.time())
-        os.kill(os.getpid(), signal.SIGUSR1)
+        signal_self()
     time.sleep(0.3)
     return real_chunk(task)
 
 
-def signal_when_rank0_started():  # rank 1, waiting for rank 0's build meanwhile
+def signal_when_rank0_started() -> None:
     while not started.exists():
         time.sleep(0.05)
     time.sleep(0.5)
-    signalled.append(time.time())
-    os.kill(os.getpid(), signal.SIGUSR1)
+    signal_self()
 
 
 if rank == 0:
     token_cache._tokenize_chunk = slow_tokenize
 else:
     threading.Thread(target=signal_when_rank0_started, daemon=True).start()
-code = 0
-try:
-    train(load_config(None, [*overrides, f"data.cache_dir={cache}", "data.num_proc=1"]))
-except SystemExit as e:
-    code = e.code
-t0 = float(started.read_text())
-(out / f"rank{rank}.json").write_text(json.dumps({"code": code, "signalled": signalled[0] - t0 if signalled else None,
-                                                  "exited": time.time() - t0}))
+sys.exit(main(["train", *overrides, "data.num_proc=1"]))
