@@ -487,8 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"lora-dist {name}: error: {_one_line(e)}", file=sys.stderr)
         code = EXIT_USAGE
-    except SystemExit as e:  # preemption: checkpoint written, exit code asks for a requeue
+    except SystemExit as e:  # preemption: checkpoint written (or none to write), exit code asks for a requeue
         code = e.code if isinstance(e.code, int) else EXIT_CHECK_FAILED
+        if getattr(e, "before_training", False):  # a wait for another rank may be in flight: no teardown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     _shutdown(code)
     return code
 
@@ -504,12 +508,7 @@ def _shutdown(code: int) -> None:
     import torch.distributed as dist
 
     from lora_dist.launch import destroy_distributed, exit_distributed
-    from lora_dist.preemption import stopped_before_training
 
-    if stopped_before_training():  # a wait for another rank may be in flight: no teardown, which would wait for it
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
     if dist.is_available() and dist.is_initialized():
         exit_distributed(code)
     destroy_distributed()

@@ -16,7 +16,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler", "stop_exits", "stopped_before_training"]
+__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler", "stop_exits"]
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,14 @@ PREEMPT_EXIT_CODE = 99
 
 
 class Preempted(SystemExit):
-    """Raised after a preemption checkpoint: the job should exit and be requeued."""
+    """Raised after a preemption checkpoint, or before training with nothing to save (``before_training``, from
+    :func:`stop_exits`): the job should exit and be requeued."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, before_training: bool = False) -> None:
         super().__init__(PREEMPT_EXIT_CODE)
         self.step = step
+        #: A wait for another rank may still be in flight on a process group: exit without tearing them down.
+        self.before_training = before_training
 
 
 class PreemptionHandler:
@@ -84,15 +87,6 @@ class PreemptionHandler:
         self._previous = {}
 
 
-_stopped_before_training = False
-
-
-def stopped_before_training() -> bool:
-    """Whether a stop signal ended this rank within :func:`stop_exits`: it should exit without tearing its process
-    groups down (a wait for another rank may still be in flight on one, and its teardown would wait for it)."""
-    return _stopped_before_training
-
-
 @contextlib.contextmanager
 def stop_exits(requeue: bool = True):
     """Within it a stop signal (SIGUSR1, SIGTERM) raises :class:`Preempted` (step 0) at once: for the work before
@@ -111,11 +105,9 @@ def stop_exits(requeue: bool = True):
         return
 
     def stop(signum, frame):
-        global _stopped_before_training
-        _stopped_before_training = True
         log.warning("%s before training started: nothing to save yet; exiting with %d to be requeued",
                     signal.Signals(signum).name, PREEMPT_EXIT_CODE)
-        raise Preempted(0)
+        raise Preempted(0, before_training=True)
 
     previous = {}
     for names, handler in ((PreemptionHandler.STOP_SIGNALS, stop), (PreemptionHandler.CHECKPOINT_SIGNALS,

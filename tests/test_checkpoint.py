@@ -690,7 +690,7 @@ def test_a_stop_signal_while_tokenizing_exits_at_once_for_a_requeue(setup, tmp_p
         raise SystemExit(f"killed by signal {signum}")
 
     stopped = _train_until_preempted(cfg, fatal)
-    assert stopped.step == 0 and stopped.code == PREEMPT_EXIT_CODE
+    assert stopped.step == 0 and stopped.code == PREEMPT_EXIT_CODE and stopped.before_training
     assert len(calls) == 3  # at once: no chunk after the signal's
     assert not out.exists() and (not cache.exists() or list(cache.iterdir()) == [])
     _run(setup, out, 1, "parallel.strategy=none", f"data.cache_dir={cache}")
