@@ -50,16 +50,7 @@ class PreemptionHandler:
     def __init__(self) -> None:
         self._stop = False
         self._checkpoint = False
-        self._previous = {}
-        for names, handler in ((self.STOP_SIGNALS, self._on_stop), (self.CHECKPOINT_SIGNALS, self._on_checkpoint)):
-            for name in names:
-                sig = getattr(signal, name, None)
-                if sig is None:
-                    continue
-                try:
-                    self._previous[sig] = signal.signal(sig, handler)
-                except ValueError:  # not the main thread
-                    pass
+        self._previous = _install(self._on_stop, self._on_checkpoint)
 
     def _on_stop(self, signum, frame) -> None:
         self._stop = True
@@ -82,9 +73,30 @@ class PreemptionHandler:
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        _restore(self._previous)
         self._previous = {}
+
+
+def _install(on_stop, on_checkpoint) -> dict:
+    """``on_stop`` for :attr:`PreemptionHandler.STOP_SIGNALS`, ``on_checkpoint`` for its checkpoint signals (where
+    this platform has them, and only from the main thread); the handlers they replace, for :func:`_restore`."""
+    previous = {}
+    for names, handler in ((PreemptionHandler.STOP_SIGNALS, on_stop), (PreemptionHandler.CHECKPOINT_SIGNALS,
+                                                                        on_checkpoint)):
+        for name in names:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+    return previous
+
+
+def _restore(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -109,19 +121,8 @@ def stop_exits(requeue: bool = True):
                     signal.Signals(signum).name, PREEMPT_EXIT_CODE)
         raise Preempted(0, before_training=True)
 
-    previous = {}
-    for names, handler in ((PreemptionHandler.STOP_SIGNALS, stop), (PreemptionHandler.CHECKPOINT_SIGNALS,
-                                                                     signal.SIG_IGN)):
-        for name in names:
-            sig = getattr(signal, name, None)
-            if sig is None:
-                continue
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
+    previous = _install(stop, signal.SIG_IGN)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _restore(previous)
