@@ -490,9 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # preemption: checkpoint written (or none to write), exit code asks for a requeue
         code = e.code if isinstance(e.code, int) else EXIT_CHECK_FAILED
         if getattr(e, "before_training", False):  # a wait for another rank may be in flight: no teardown
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            from lora_dist.launch import exit_distributed
+
+            exit_distributed(code, destroy=False)
     _shutdown(code)
     return code
 

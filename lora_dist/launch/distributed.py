@@ -185,8 +185,10 @@ def destroy_distributed() -> None:
     _active_env = _active_device = None
 
 
-def exit_distributed(code: int = 0) -> None:
+def exit_distributed(code: int = 0, destroy: bool = True) -> None:
     """End a process that joined a process group: destroy it and exit with ``code``, without interpreter teardown.
+    ``destroy`` False leaves the groups as they are (a wait on one may still be in flight, and destroying the
+    group would wait for it: a rank stopped before training, :func:`lora_dist.preemption.stop_exits`).
 
     Call it last, once every output is written (they are fsynced and barrier-synchronized by then). Under load,
     C++ threads of process groups still referenced by FSDP meshes (or a trainer holding them) can abort the
@@ -198,7 +200,8 @@ def exit_distributed(code: int = 0) -> None:
     import torch.distributed as dist
 
     was_distributed = dist.is_available() and dist.is_initialized()
-    destroy_distributed()
+    if destroy:
+        destroy_distributed()
     sys.stdout.flush()
     sys.stderr.flush()
     if was_distributed:
