@@ -93,23 +93,27 @@ def keep_fp32_buffers(model: nn.Module, dtype: torch.dtype | None) -> None:
     another expert fired). Parameters on that list (ERNIE-4.5's router weight and expert-selection bias) are built in
     fp32 by the model itself and stay so under ``none``, ``ddp`` and ``fsdp2`` (FSDP2 gathers a unit's mixed dtypes
     as they are); DeepSpeed casts them to its dtype (:func:`fp32_params_deepspeed_casts`)."""
-    keys = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
-    if dtype not in (torch.bfloat16, torch.float16) or not keys:
-        return
+    kept = _kept_in_fp32(model, dtype)
     for name, module in model.named_modules():
         for attr, buf in list(module._buffers.items()):
-            full = f"{name}.{attr}" if name else attr
-            if buf is not None and buf.is_floating_point() and any(key in full for key in keys):
+            if buf is not None and buf.is_floating_point() and kept(f"{name}.{attr}" if name else attr):
                 module._buffers[attr] = buf.float()
 
 
 def fp32_params_deepspeed_casts(model: nn.Module, dtype: torch.dtype | None) -> list[str]:
     """The parameters a model keeps in fp32 whatever its dtype (``_keep_in_fp32_modules_strict``) that DeepSpeed's
     engine holds in a bf16 or fp16 ``dtype`` instead (it casts the whole module): their names."""
+    kept = _kept_in_fp32(model, dtype)
+    return [n for n, p in model.named_parameters() if p.is_floating_point() and kept(n)]
+
+
+def _kept_in_fp32(model: nn.Module, dtype: torch.dtype | None):
+    """Whether a parameter or buffer name is one the model keeps in fp32 under a bf16 or fp16 ``dtype``
+    (``_keep_in_fp32_modules_strict``, matched as ``from_pretrained`` matches it: a substring); never otherwise."""
     keys = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
-    if dtype not in (torch.bfloat16, torch.float16) or not keys:
-        return []
-    return [n for n, p in model.named_parameters() if p.is_floating_point() and any(key in n for key in keys)]
+    if dtype not in (torch.bfloat16, torch.float16):
+        keys = ()
+    return lambda name: any(key in name for key in keys)
 
 
 def _tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
