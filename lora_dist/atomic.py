@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -391,13 +392,26 @@ class WriterMark:
                 self.path.unlink(missing_ok=True)
 
 
-def sweep_abandoned(final: str | os.PathLike) -> list[Path]:
-    """Remove the staging dirs of ``final`` whose writer died: those whose :class:`WriterMark` no process holds.
+def _last_change(root: Path) -> float:
+    """The latest mtime of ``root`` and of everything in it (0 where it is gone)."""
+    latest = 0.0
+    for dirpath, _, names in os.walk(root):
+        for path in (dirpath, *(os.path.join(dirpath, n) for n in names)):
+            try:
+                latest = max(latest, os.lstat(path).st_mtime)
+            except OSError:
+                pass
+    return latest
+
+
+def sweep_abandoned(final: str | os.PathLike, idle_s: float = 0.0) -> list[Path]:
+    """Remove the staging dirs of ``final`` whose writer died: those whose :class:`WriterMark` no process holds
+    (and, with ``idle_s``, in which nothing changed for that many seconds).
 
     A dir without a mark (a writer on a filesystem without ``flock``, or of another kind) is left alone, as is
     one whose mark a live writer holds, on any node where ``flock`` reaches across nodes (NFSv4, Lustre
     ``flock``); where locks are node-local (NFS ``nolock``, Lustre ``localflock``) a writer on another node
-    is not seen.
+    is not seen, unless ``idle_s`` is given: a live writer keeps writing.
 
     Returns:
         The staging dirs removed.
@@ -421,6 +435,8 @@ def sweep_abandoned(final: str | os.PathLike) -> list[Path]:
             if not _same_file(fd, mark):
                 continue
             staging = final.with_name(_staging_prefix(final) + mark.name[len(_mark_prefix(final)):])
+            if idle_s and time.time() - _last_change(staging) < idle_s:
+                continue
             if os.path.lexists(staging):
                 _remove(staging)
                 if os.path.lexists(staging):

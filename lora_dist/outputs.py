@@ -274,7 +274,8 @@ class RunLock:
         import fcntl
 
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            # held from here (release closes it): a stop signal raised out of what follows leaves no lock behind
+            self._fd = fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise OutputDirError(f"output.dir {str(self.path.parent)!r} is not writable ({e.strerror or e}); "
                                  "choose another output.dir") from None
@@ -282,11 +283,11 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
+            self.release()
             raise OutputError(f"output.dir {str(self.path.parent)!r} is in use by another lora-dist run ({holder}); "
                               "wait for it to finish or choose another output.dir") from None
         except OSError as e:  # no flock on this filesystem (Lustre mounted noflock...): run unlocked, and say so
-            os.close(fd)
+            self.release()
             logging.getLogger(__name__).warning(
                 "output.dir %r cannot be locked on this filesystem (%s): a second run into it at the same time would "
                 "not be refused, and the two would prune each other's checkpoints; give each run its own output.dir",
@@ -294,7 +295,6 @@ class RunLock:
             return self
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
         return self
 
     def release(self) -> None:

@@ -9,7 +9,6 @@ with :data:`PREEMPT_EXIT_CODE`, so the job is requeued all the same.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 
@@ -41,22 +40,44 @@ class PreemptionHandler:
     SIGUSR1 / SIGTERM (preemption): checkpoint, then exit with :data:`PREEMPT_EXIT_CODE`.
     SIGUSR2 (on demand): checkpoint, then keep training.
 
-    Installed on construction; a context manager that restores the previous handlers on exit.
+    Before :meth:`training` (:func:`stop_exits`, with ``stop_raises`` or ``deferred``) SIGUSR2 is ignored, and a
+    stop signal raises :class:`Preempted` at once (``stop_raises``), or is left to its default action, which ends
+    the process (``deferred``). Installed on construction; a context manager that
+    restores the previous handlers on exit.
     """
 
     STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
     CHECKPOINT_SIGNALS = ("SIGUSR2",)
 
-    def __init__(self) -> None:
+    def __init__(self, stop_raises: bool = False, deferred: bool = False) -> None:
         self._stop = False
         self._checkpoint = False
-        self._previous = _install(self._on_stop, self._on_checkpoint)
+        self._stop_raises = stop_raises
+        self._deferred = deferred
+        self._training = not (stop_raises or deferred)
+        self._previous = _install(None if deferred else self._on_stop, self._on_checkpoint)
 
     def _on_stop(self, signum, frame) -> None:
+        first = not self._stop
         self._stop = True
+        if self._stop_raises and first:  # a second signal leaves the first one's unwinding (its cleanup) alone
+            log.warning("%s before training started: nothing to save yet; exiting with %d to be requeued",
+                        signal.Signals(signum).name, PREEMPT_EXIT_CODE)
+            raise Preempted(0, before_training=True)
 
     def _on_checkpoint(self, signum, frame) -> None:
-        self._checkpoint = True
+        if self._training:
+            self._checkpoint = True
+
+    def training(self) -> None:
+        """Training starts: from now on a stop signal is a request :meth:`poll` reports at a step boundary. The
+        handlers are the same ones throughout (a signal between the two phases is not lost to its default
+        action)."""
+        self._stop_raises = False
+        self._training = True
+        if self._deferred:
+            self._deferred = False
+            self._previous.update(_install(self._on_stop, None))
 
     def poll(self, device: torch.device | None = None) -> tuple[bool, bool]:
         """``(stop, checkpoint)`` as agreed by all ranks (one tiny all-reduce on ``device``, the run's);
@@ -79,13 +100,14 @@ class PreemptionHandler:
 
 def _install(on_stop, on_checkpoint) -> dict:
     """``on_stop`` for :attr:`PreemptionHandler.STOP_SIGNALS`, ``on_checkpoint`` for its checkpoint signals (where
-    this platform has them, and only from the main thread); the handlers they replace, for :func:`_restore`."""
+    this platform has them, and only from the main thread; None: left as they are); the handlers they replace,
+    for :func:`_restore`."""
     previous = {}
     for names, handler in ((PreemptionHandler.STOP_SIGNALS, on_stop), (PreemptionHandler.CHECKPOINT_SIGNALS,
                                                                         on_checkpoint)):
         for name in names:
             sig = getattr(signal, name, None)
-            if sig is None:
+            if sig is None or handler is None:
                 continue
             try:
                 previous[sig] = signal.signal(sig, handler)
@@ -99,30 +121,17 @@ def _restore(previous: dict) -> None:
         signal.signal(sig, handler)
 
 
-@contextlib.contextmanager
-def stop_exits(requeue: bool = True):
-    """Within it a stop signal (SIGUSR1, SIGTERM) raises :class:`Preempted` (step 0) at once: for the work before
-    training (the data tokenized, the model dir opened), which has nothing to checkpoint. A rank waiting for
-    another's work polls (:meth:`lora_dist.ranks.RankGroup.on_rank0`), so it ends too. Each rank then exits with
-    :data:`PREEMPT_EXIT_CODE` and the job is requeued, where before the signal's default action killed it (exit
-    138 or 143), which no sbatch script requeues. SIGUSR2 (a checkpoint on demand) is ignored: there is nothing
-    to save yet.
+def stop_exits(requeue: bool = True) -> PreemptionHandler:
+    """The signal handlers of a run from its start: until :meth:`PreemptionHandler.training`, while the base is
+    opened, the data tokenized and the run dir opened, a stop signal (SIGUSR1, SIGTERM) raises :class:`Preempted`
+    (step 0) at once, as there is nothing to checkpoint yet. A rank waiting for another's work polls
+    (:class:`lora_dist.ranks.RankGroup`), so it ends too, and a rank stopped inside such work tells the others. Each
+    rank then exits with :data:`PREEMPT_EXIT_CODE` and the job is requeued, where before the signal's default
+    action killed it (exit 138 or 143), which no sbatch script requeues. SIGUSR2 (a checkpoint on demand) is
+    ignored: there is nothing to save yet.
 
     ``requeue`` False (a run started from ``checkpoint.resume=DIR``, which a requeued job would replace by its own
-    checkpoint, and it has none yet): nothing is installed, and a stop signal ends the rank as its default action
-    does, unrequeued, rather than have the requeued job start afresh without DIR.
+    checkpoint, and it has none yet): the stop signals keep their default action until training starts, and end
+    the rank unrequeued, rather than have the requeued job start afresh without DIR.
     """
-    if not requeue:
-        yield
-        return
-
-    def stop(signum, frame):
-        log.warning("%s before training started: nothing to save yet; exiting with %d to be requeued",
-                    signal.Signals(signum).name, PREEMPT_EXIT_CODE)
-        raise Preempted(0, before_training=True)
-
-    previous = _install(stop, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        _restore(previous)
+    return PreemptionHandler(stop_raises=requeue, deferred=not requeue)

@@ -4,11 +4,13 @@ The small collectives of file work (broadcast, all-gather, gathering bytes to ra
 running a step on rank 0 only, and failing on every rank when one fails) go through
 :class:`RankGroup`, so the export, the run dir and the checkpoints run unchanged on one
 process. A failure on one rank is raised on the others with the same type where it is a
-user error (one line, exit 2, on every rank), else as :class:`RankFailed`.
+user error (one line, exit 2, on every rank), else as :class:`RankFailed`; a rank stopped before training
+(:class:`lora_dist.preemption.Preempted`) stops the others with it, each to be requeued.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
@@ -16,8 +18,11 @@ import torch
 import torch.distributed as dist
 
 from lora_dist.errors import USER_ERRORS
+from lora_dist.preemption import PREEMPT_EXIT_CODE, Preempted
 
 __all__ = ["GATHER_BUDGET", "RankFailed", "RankGroup"]
+
+log = logging.getLogger(__name__)
 
 #: :meth:`RankGroup.gather_bytes`: the most bytes rank 0 receives in one round, from all ranks together.
 GATHER_BUDGET = 1 << 30
@@ -46,6 +51,8 @@ def _raise_for(rank: int, failure: tuple[str, str, str]) -> None:
             cls = getattr(cls, part)
     except (ImportError, AttributeError):
         cls = None
+    if cls is Preempted:
+        raise _stopped_with(rank)
     if isinstance(cls, type) and issubclass(cls, USER_ERRORS):
         try:
             error = cls(text)
@@ -54,6 +61,14 @@ def _raise_for(rank: int, failure: tuple[str, str, str]) -> None:
         if error is not None:
             raise error
     raise RankFailed(f"rank {rank} failed: {name}: {message}")
+
+
+def _stopped_with(rank: int) -> Preempted:
+    """This rank's stop when ``rank`` was stopped before training (a signal only that rank got): it ends too, to be
+    requeued, instead of waiting for a rank that is gone."""
+    log.warning("rank %d was stopped before training: nothing to save yet; exiting with %d to be requeued", rank,
+                PREEMPT_EXIT_CODE)
+    return Preempted(0, before_training=True)
 
 
 class RankGroup:
@@ -94,18 +109,24 @@ class RankGroup:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
-    def _rank0_done(self) -> None:
-        """Collective, on the patient group: rank 0 says it is done; the others wait for it polling, so that a
-        signal's Python handler runs meanwhile (a stop signal ends a rank waiting for the token cache; a blocking
-        collective would hold it until rank 0 is done, or a day)."""
-        flag = torch.zeros(1)
-        if self.rank == 0:
-            dist.broadcast(flag, src=0, group=self.group)
-            return
-        work = dist.broadcast(flag, src=0, group=self.group, async_op=True)
-        while not work.is_completed():
-            time.sleep(POLL_S)
-        work.wait()
+    def _arrive(self, stopped: bool = False) -> int | None:
+        """Collective, on the patient group: wait until every rank is here, polling, so that a signal's Python
+        handler runs meanwhile (a stop signal ends a rank waiting for the token cache; a blocking collective would
+        hold it until the others arrive, or a day). ``stopped``: this rank was stopped before training, and says so.
+
+        Returns:
+            The highest rank that was stopped, or None.
+        """
+        flag = torch.tensor([self.rank + 1 if stopped else 0])
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        try:
+            while not work.is_completed():
+                time.sleep(POLL_S)
+            work.wait()
+        except RuntimeError:  # a rank that left: this rank's own stop is what it raises
+            if not stopped:
+                raise
+        return int(flag[0]) - 1 if int(flag[0]) else None
 
     def all_gather(self, obj) -> list:
         """Collective: every rank's ``obj``, in rank order."""
@@ -140,10 +161,17 @@ class RankGroup:
     def check(self, error: BaseException | None) -> None:
         """Collective: raise on every rank if any rank failed (the failing rank re-raises its own error).
 
+        On the patient group the ranks wait for each other polling: a rank stopped meanwhile, or stopped in its own
+        work (``error`` a :class:`~lora_dist.preemption.Preempted`), stops every rank.
+
         Raises:
             The first failing rank's error type (a user error) or :class:`RankFailed`, naming that rank,
-            on the ranks that did not fail.
+            on the ranks that did not fail; :class:`~lora_dist.preemption.Preempted` where a rank was stopped.
         """
+        if self.group is not None:
+            stopped = self._arrive(isinstance(error, Preempted))
+            if stopped is not None:
+                raise error if isinstance(error, Preempted) else _stopped_with(stopped)
         failures = self.all_gather(None if error is None else _failure(error))
         if error is not None:
             raise error
@@ -155,19 +183,21 @@ class RankGroup:
         """Collective: run ``fn`` on rank 0 only, hand its result (or its failure) to every rank.
 
         The other ranks wait until rank 0 is done, so this is also the barrier that keeps them
-        from running ahead of rank 0's writes.
+        from running ahead of rank 0's writes. Where rank 0 is stopped in ``fn`` before training (a
+        :class:`~lora_dist.preemption.Preempted`), every rank is.
 
         Raises:
-            ``fn``'s error on rank 0; on the other ranks the same user-error type, or :class:`RankFailed`.
+            ``fn``'s error on rank 0; on the other ranks the same user-error type, :class:`RankFailed`, or
+            :class:`~lora_dist.preemption.Preempted`.
         """
         result, error = None, None
         if self.rank == 0:
             try:
                 result = fn()
-            except Exception as e:
+            except (Exception, Preempted) as e:
                 error = e
-        if self.group is not None:
-            self._rank0_done()
+        if self.group is not None and self._arrive(isinstance(error, Preempted)) is not None:
+            raise error if isinstance(error, Preempted) else _stopped_with(0)
         status = self.broadcast((None, result) if error is None else (_failure(error), None))
         if error is not None:
             raise error

@@ -18,14 +18,17 @@ Building (:func:`build`): rows are read a chunk at a time (:mod:`lora_dist.sourc
 tokenized by ``num_proc`` worker processes (:class:`_Workers`; one chunk each at a time, at most
 :data:`IN_FLIGHT` per worker sent or done and waiting their turn), and packed in
 order by :class:`~lora_dist.packing.Packer` straight into the files of a staging dir, which is
-published by one rename (:mod:`lora_dist.atomic`). Neither the records nor the blocks are ever held
-whole in memory. An entry is opened (:func:`open_entry`) only if its ``meta.json`` matches the key and
+published by one rename (:mod:`lora_dist.atomic`). The staging dir is marked as a live build's
+(:class:`~lora_dist.atomic.WriterMark`): the next build of the entry removes one whose build was killed,
+once nothing in it changed for :data:`ABANDONED_AFTER_S`.
+Neither the records nor the blocks are ever held whole in memory. An entry is opened (:func:`open_entry`) only if its ``meta.json`` matches the key and
 every file has exactly the size the shape says; anything else is rebuilt, never trusted.
 
 On several ranks (:func:`cached_blocks`), rank 0 builds while the others wait, then every rank checks
 that it sees the entry; where a node does not (a cache dir that is not shared), its first rank builds
-its own copy. The wait is a collective, so a build counts against ``parallel.timeout_s``: fill the cache
-beforehand with ``lora-dist data CONFIG`` for data that takes longer.
+its own copy. The others wait on the patient group (:class:`~lora_dist.ranks.RankGroup`), up to a day rather
+than ``parallel.timeout_s``, polling, so a stop signal ends a waiting rank at once; a rank stopped while it
+builds stops the ones waiting for it (:func:`lora_dist.preemption.stop_exits`).
 """
 
 from __future__ import annotations
@@ -49,10 +52,11 @@ from typing import Any
 
 import numpy as np
 
-from lora_dist.atomic import publish_dir, staging_dir
+from lora_dist.atomic import WriterMark, publish_dir, sweep_abandoned
 from lora_dist.chat import ChatError, parse_record, resolve_template, tokenize_record
-from lora_dist.packing import BLOCK_ARRAYS, DTYPE, Packer
 from lora_dist.inputs import clip
+from lora_dist.packing import BLOCK_ARRAYS, DTYPE, Packer
+from lora_dist.preemption import Preempted
 from lora_dist.sources import DataError, Source, check_source, copies, count_rows, read_chunks, signature_json
 
 __all__ = ["FORMAT", "build", "cache_key", "cached_blocks", "default_cache_dir", "default_num_proc", "open_entry"]
@@ -74,6 +78,9 @@ FORMAT = 6
 IN_FLIGHT = 2
 #: Seconds the tokenization workers have to start; then the rank tokenizes by itself.
 START_TIMEOUT_S = 60.0
+#: A build's staging dir whose mark no process holds is removed once nothing in it changed for this many seconds:
+#: where locks are node-local, a live build on another node writes on meanwhile (a chunk takes seconds).
+ABANDONED_AFTER_S = 600.0
 
 
 def default_cache_dir() -> Path:
@@ -289,7 +296,10 @@ def build(final: Path, key: str, sources: list[Source], tokenizer, template: str
     Raises:
         DataError: a source or record that cannot be used, or no record at all to train on.
     """
-    staging = staging_dir(final)
+    for abandoned in sweep_abandoned(final, idle_s=ABANDONED_AFTER_S):
+        log.info("token cache: removed %s, left by a build that was killed", abandoned)
+    mark = WriterMark(final)  # the staging dir, marked as this live build's (a build on another node keeps its own)
+    staging = mark.staging
     files: dict[str, _Files] = {}
     try:
         files["train"] = _Files(staging)
@@ -337,6 +347,7 @@ def build(final: Path, key: str, sources: list[Source], tokenizer, template: str
             f.close()
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        mark.release()
 
 
 def _tokenized(sources: list[Source], tokenizer, template: str | None, loss_on: str, num_proc: int,
@@ -594,9 +605,9 @@ def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on:
         if host in missing_hosts and first_on_host[host] == group.rank:
             try:
                 ensure()
-            except Exception as e:
+            except (Exception, Preempted) as e:  # a stop signal here stops the ranks waiting for this build too
                 error = e
-        group.check(error)
+        group.check(error)  # the others wait polling: a stop signal ends a waiting rank
     opened = open_entry(entry, key)
     if opened is None:
         raise DataError(f"the token cache entry {entry} is missing or incomplete after it was built; check that "

@@ -235,9 +235,11 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
             is saved from it.
     """
 
-    env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
-    # Until the training loop's own handlers: a stop signal ends the rank for a requeue (nothing to save yet).
-    with stop_exits(requeue=cfg.checkpoint.resume in ("auto", "never")):
+    # Until training starts a stop signal ends the rank for a requeue (nothing to save yet); then the same handlers
+    # turn it into a checkpoint at the next step boundary.
+    with stop_exits(requeue=cfg.checkpoint.resume in ("auto", "never")) as signals, \
+            contextlib.ExitStack() as held:
+        env = env or init_distributed(cfg.parallel.timeout_s, allow_batch_shell=False)
         check_launch(cfg, env)
         device = run_device()
         out = Path(cfg.output.dir)
@@ -254,27 +256,25 @@ def train(cfg: Config, env: LaunchEnv | None = None) -> TrainResult:
         # others left waiting for it until the timeout)
         RankGroup().on_rank0(lambda: check_backends(cfg.tracking))
         # Only now, with every input validated: output.dir becomes (or is checked to be) this run's dir.
-        marker, lock = _open_run_dir(cfg, env, out)
-    try:
-        return _train_loop(cfg, env, device, out, marker["run_id"], base, train_data, eval_data, ds_config)
-    finally:
-        if lock is not None:
-            lock.release()
+        marker = _open_run_dir(cfg, env, out, held)
+        signals.training()
+        return _train_loop(cfg, env, device, out, marker["run_id"], base, train_data, eval_data, ds_config, signals)
 
 
-def _open_run_dir(cfg: Config, env: LaunchEnv, out: Path) -> tuple[dict, RunLock | None]:
-    """Collective: rank 0 makes ``out`` this run's dir and locks it; every rank gets the marker (or the error).
+def _open_run_dir(cfg: Config, env: LaunchEnv, out: Path, held: contextlib.ExitStack) -> dict:
+    """Collective: rank 0 makes ``out`` this run's dir and locks it (released by ``held``, whatever happens after
+    the lock is taken); every rank gets the marker (or the error).
 
     Also refused here, before any work: ``merged/`` exists and ``export.merged`` would replace it without
     ``output.overwrite``; ``adapter/`` is a file or holds anything but an adapter's files. What a killed writer
     set aside is put back (``adapter/``, ``merged/``).
     """
-    held: list[RunLock] = []
 
     def prepare() -> dict:
         marker = prepare_run_dir(out, [cfg.model.path, *input_paths(cfg.data)])
-        lock = RunLock(out).acquire()
-        held.append(lock)
+        lock = RunLock(out)
+        held.callback(lock.release)  # before the lock is taken: a stop signal right after it cannot leak it
+        lock.acquire()
         merged = out / "merged"
         try:
             recover(out / "adapter")
@@ -289,13 +289,7 @@ def _open_run_dir(cfg: Config, env: LaunchEnv, out: Path) -> tuple[dict, RunLock
             check_adapter_dir(out / "adapter")
         return marker
 
-    try:
-        marker = RankGroup().on_rank0(prepare)
-    except BaseException:
-        for lock in held:
-            lock.release()
-        raise
-    return marker, (held[0] if held else None)
+    return RankGroup().on_rank0(prepare)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -370,138 +364,137 @@ def _check_lora_weights(engine: Engine, step: int, lr: float) -> None:
 
 
 def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, run_id: str, base: ModelDir,
-                train_data: PackedDataset, eval_data: PackedDataset | None, ds_config: dict | None) -> TrainResult:
-    """Everything after the run dir is open: load, resume, the steps, the outputs (every rank)."""
+                train_data: PackedDataset, eval_data: PackedDataset | None, ds_config: dict | None,
+                signals: PreemptionHandler) -> TrainResult:
+    """Everything after the run dir is open: load, resume, the steps, the outputs (every rank). A preemption signal
+    during the load or the resume (``signals``, in their training phase) stops at the first step boundary."""
     t, p = cfg.train, cfg.parallel
-    # Installed before the model load: a preemption signal during load or resume stops at the first step boundary
-    # (before, stop_exits: the rank ends at once).
-    with PreemptionHandler() as signals:
-        model, engine = build(cfg, env, device, base, ds_config)
-        if cfg.export.merged:  # a layer the merged export cannot write is refused now, not after the whole run
-            try:
-                merge_targets(model, base)
-            except ExportError as e:
-                raise ConfigError(f"{e}, or set export.merged=false to write the adapter alone") from None
-
-        manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env, run_id=run_id, data=train_data)
-        start_step = manager.maybe_resume(engine)
-        metrics_path = out / "metrics.jsonl"
-
-        def record_start() -> None:  # only now: a rerun that fails validation or resume keeps the run's files
-            if start_step == 0 and os.path.lexists(out / "adapter") and not cfg.output.overwrite:
-                raise OutputError(
-                    f"{out} holds the adapter of an earlier run and no checkpoint to continue it from; a new run "
-                    "would replace its config and metrics now and its adapter at the end: set output.overwrite=true "
-                    "to train it again, or choose a new output.dir (lora-dist export RUN_DIR exports the adapter)")
-            try:
-                write_text_atomic(out / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
-            except OSError as e:
-                raise write_failure(e, str(out / "config.json"), "the previous file is intact") from None
-            truncate_metrics(metrics_path, start_step)
-            trackers.append(open_tracker(cfg.tracking, out, start_step, config_to_dict(cfg), is_main=True))
-
-        trackers: list[Tracker] = []
-        RankGroup().on_rank0(record_start)
-        tracker = trackers[0] if trackers else Tracker([])  # rank 0's trackers (TensorBoard, MLflow, W&B)
-        batches = Batches(train_data, t.micro_batch_size, env, t.seed, device,
-                           first_micro=start_step * t.grad_accum, sample_offset=manager.samples_offset)
-        history: list[dict] = []
-        progress = _Progress(t.steps, start_step, env.is_main)
-        first_loss = float("nan")
-        eval_loss = None
-        end_step = min(t.steps, start_step + t.run_steps) if t.run_steps else t.steps
-        ended = "FINISHED"  # what the trackers record: preempted runs are KILLED (the requeued run goes on), else FAILED
+    model, engine = build(cfg, env, device, base, ds_config)
+    if cfg.export.merged:  # a layer the merged export cannot write is refused now, not after the whole run
         try:
-            for step in range(start_step, end_step):
-                t0 = time.perf_counter()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                torch.manual_seed(t.seed * 1_000_003 + step * 1009 + env.rank)  # dropout: a function of (seed, step, rank)
-                lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
-                micro = [batches.get(step * t.grad_accum + m) for m in range(t.grad_accum)]
-                step_loss, n_tokens = forward_backward(engine, micro)
-                if n_tokens == 0:
-                    if env.is_main:
-                        log.warning("step %d: no target tokens in the global batch (every label is masked: prompts "
-                                    "longer than train.seq_len?); no loss to log", step + 1)
-                elif not math.isfinite(step_loss):
-                    raise TrainingDiverged(
-                        f"loss is {step_loss} at step {step + 1}; stopped before the update, last good checkpoint kept. "
-                        "Lower train.lr or check the data"
-                    )
-                grad_norm = engine.step(lr)
-                if not math.isfinite(grad_norm):
-                    raise TrainingDiverged(
-                        f"grad norm is {grad_norm} at step {step + 1}; stopped, last good checkpoint kept. "
-                        "Lower train.lr or check the data"
-                    )
-                _check_lora_weights(engine, step + 1, lr)
-                elapsed = time.perf_counter() - t0
-                record = {
-                    "step": step + 1, "loss": step_loss if n_tokens else None, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": float(n_tokens) / elapsed, "step_time_s": elapsed, "memory_gb": _memory_gb(device),
-                }
-                if not n_tokens:
-                    record["target_tokens"] = 0
-                if math.isnan(first_loss) and n_tokens:
-                    first_loss = step_loss
-                if p.replica_check_every and (step + 1) % p.replica_check_every == 0:
-                    check_replicas(engine)
-                if t.eval_every and eval_data is not None and (step + 1) % t.eval_every == 0:
-                    eval_loss = record["eval_loss"] = _eval(engine, eval_data, t, env)
-                history.append(record)
-                if env.is_main and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
-                    _append_metrics(metrics_path, record)
-                    tracker.log(record)
-                progress.update(record)
-                stop, on_demand = signals.poll(device)
-                if step + 1 == end_step < t.steps:  # train.run_steps: checkpoint and hand over to a later run
-                    manager.save(step + 1, engine)
-                    return TrainResult(_final_loss(history), first_loss, eval_loss, step + 1, out, history)
-                if manager.should_save(step + 1) or stop or on_demand:
-                    manager.save(step + 1, engine)
-                    # a stop during the save: the checkpoint just written is current, exit now (not after one more
-                    # step and save, which Slurm's KillWait may cut short)
-                    stop = stop or signals.poll(device)[0]
-                if stop:
-                    if env.is_main:
-                        log.warning("preempted: checkpoint at step %d written; exiting with code %d for requeue",
-                                    step + 1, PREEMPT_EXIT_CODE)
-                    raise Preempted(step + 1)
-            if eval_data is not None:
-                eval_loss = _eval(engine, eval_data, t, env)
+            merge_targets(model, base)
+        except ExportError as e:
+            raise ConfigError(f"{e}, or set export.merged=false to write the adapter alone") from None
+
+    manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env, run_id=run_id, data=train_data)
+    start_step = manager.maybe_resume(engine)
+    metrics_path = out / "metrics.jsonl"
+
+    def record_start() -> None:  # only now: a rerun that fails validation or resume keeps the run's files
+        if start_step == 0 and os.path.lexists(out / "adapter") and not cfg.output.overwrite:
+            raise OutputError(
+                f"{out} holds the adapter of an earlier run and no checkpoint to continue it from; a new run "
+                "would replace its config and metrics now and its adapter at the end: set output.overwrite=true "
+                "to train it again, or choose a new output.dir (lora-dist export RUN_DIR exports the adapter)")
+        try:
+            write_text_atomic(out / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        except OSError as e:
+            raise write_failure(e, str(out / "config.json"), "the previous file is intact") from None
+        truncate_metrics(metrics_path, start_step)
+        trackers.append(open_tracker(cfg.tracking, out, start_step, config_to_dict(cfg), is_main=True))
+
+    trackers: list[Tracker] = []
+    RankGroup().on_rank0(record_start)
+    tracker = trackers[0] if trackers else Tracker([])  # rank 0's trackers (TensorBoard, MLflow, W&B)
+    batches = Batches(train_data, t.micro_batch_size, env, t.seed, device,
+                       first_micro=start_step * t.grad_accum, sample_offset=manager.samples_offset)
+    history: list[dict] = []
+    progress = _Progress(t.steps, start_step, env.is_main)
+    first_loss = float("nan")
+    eval_loss = None
+    end_step = min(t.steps, start_step + t.run_steps) if t.run_steps else t.steps
+    ended = "FINISHED"  # what the trackers record: preempted runs are KILLED (the requeued run goes on), else FAILED
+    try:
+        for step in range(start_step, end_step):
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            torch.manual_seed(t.seed * 1_000_003 + step * 1009 + env.rank)  # dropout: a function of (seed, step, rank)
+            lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+            micro = [batches.get(step * t.grad_accum + m) for m in range(t.grad_accum)]
+            step_loss, n_tokens = forward_backward(engine, micro)
+            if n_tokens == 0:
                 if env.is_main:
-                    _append_metrics(metrics_path, {"step": t.steps, "eval_loss": eval_loss})
-                    tracker.log({"step": t.steps, "eval_loss": eval_loss})
-            if signals.poll(device)[0]:  # a stop during the last step's save or the final eval: the run is trained
-                manager.save(t.steps, engine)  # the requeued run resumes here and only writes the outputs
+                    log.warning("step %d: no target tokens in the global batch (every label is masked: prompts "
+                                "longer than train.seq_len?); no loss to log", step + 1)
+            elif not math.isfinite(step_loss):
+                raise TrainingDiverged(
+                    f"loss is {step_loss} at step {step + 1}; stopped before the update, last good checkpoint kept. "
+                    "Lower train.lr or check the data"
+                )
+            grad_norm = engine.step(lr)
+            if not math.isfinite(grad_norm):
+                raise TrainingDiverged(
+                    f"grad norm is {grad_norm} at step {step + 1}; stopped, last good checkpoint kept. "
+                    "Lower train.lr or check the data"
+                )
+            _check_lora_weights(engine, step + 1, lr)
+            elapsed = time.perf_counter() - t0
+            record = {
+                "step": step + 1, "loss": step_loss if n_tokens else None, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": float(n_tokens) / elapsed, "step_time_s": elapsed, "memory_gb": _memory_gb(device),
+            }
+            if not n_tokens:
+                record["target_tokens"] = 0
+            if math.isnan(first_loss) and n_tokens:
+                first_loss = step_loss
+            if p.replica_check_every and (step + 1) % p.replica_check_every == 0:
+                check_replicas(engine)
+            if t.eval_every and eval_data is not None and (step + 1) % t.eval_every == 0:
+                eval_loss = record["eval_loss"] = _eval(engine, eval_data, t, env)
+            history.append(record)
+            if env.is_main and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
+                _append_metrics(metrics_path, record)
+                tracker.log(record)
+            progress.update(record)
+            stop, on_demand = signals.poll(device)
+            if step + 1 == end_step < t.steps:  # train.run_steps: checkpoint and hand over to a later run
+                manager.save(step + 1, engine)
+                return TrainResult(_final_loss(history), first_loss, eval_loss, step + 1, out, history)
+            if manager.should_save(step + 1) or stop or on_demand:
+                manager.save(step + 1, engine)
+                # a stop during the save: the checkpoint just written is current, exit now (not after one more
+                # step and save, which Slurm's KillWait may cut short)
+                stop = stop or signals.poll(device)[0]
+            if stop:
                 if env.is_main:
-                    log.warning("preempted after the last step: checkpoint at step %d written; exiting with code %d "
-                                "for requeue (the rerun writes the adapter and the export)", t.steps, PREEMPT_EXIT_CODE)
-                raise Preempted(t.steps)
-        except BaseException as e:
-            ended = "KILLED" if isinstance(e, Preempted) else "FAILED"
+                    log.warning("preempted: checkpoint at step %d written; exiting with code %d for requeue",
+                                step + 1, PREEMPT_EXIT_CODE)
+                raise Preempted(step + 1)
+        if eval_data is not None:
+            eval_loss = _eval(engine, eval_data, t, env)
+            if env.is_main:
+                _append_metrics(metrics_path, {"step": t.steps, "eval_loss": eval_loss})
+                tracker.log({"step": t.steps, "eval_loss": eval_loss})
+        if signals.poll(device)[0]:  # a stop during the last step's save or the final eval: the run is trained
+            manager.save(t.steps, engine)  # the requeued run resumes here and only writes the outputs
+            if env.is_main:
+                log.warning("preempted after the last step: checkpoint at step %d written; exiting with code %d "
+                            "for requeue (the rerun writes the adapter and the export)", t.steps, PREEMPT_EXIT_CODE)
+            raise Preempted(t.steps)
+    except BaseException as e:
+        ended = "KILLED" if isinstance(e, Preempted) else "FAILED"
+        raise
+    finally:
+        progress.close()
+        tracker.close(ended)
+    # Still under the handler: a stop signal now waits for these writes to finish (each is atomic), instead of
+    # killing the process halfway through them; the run is complete once they are.
+    if cfg.export.adapter:
+        engine.save_adapter(out / "adapter")  # the fp32 LoRA state, whatever the strategy computes in
+    engine.finish_training()
+    if cfg.export.merged:
+        try:
+            engine.export_merged(out / "merged", dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
+                                 overwrite=cfg.output.overwrite, keep_fp8=cfg.export.keep_fp8)
+        except UserError:  # refused or failed on every rank: the training is kept, not lost with the export
+            if not cfg.export.adapter:
+                _keep_the_adapter(engine, out, env)
             raise
-        finally:
-            progress.close()
-            tracker.close(ended)
-        # Still under the handler: a stop signal now waits for these writes to finish (each is atomic), instead of
-        # killing the process halfway through them; the run is complete once they are.
-        if cfg.export.adapter:
-            engine.save_adapter(out / "adapter")  # the fp32 LoRA state, whatever the strategy computes in
-        engine.finish_training()
-        if cfg.export.merged:
-            try:
-                engine.export_merged(out / "merged", dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
-                                     overwrite=cfg.output.overwrite, keep_fp8=cfg.export.keep_fp8)
-            except UserError:  # refused or failed on every rank: the training is kept, not lost with the export
-                if not cfg.export.adapter:
-                    _keep_the_adapter(engine, out, env)
-                raise
-        if dist.is_initialized():
-            dist.barrier()
-        if signals.poll(device)[0] and env.is_main:
-            log.warning("a stop signal came while the outputs were written; they are complete, the run ends normally")
+    if dist.is_initialized():
+        dist.barrier()
+    if signals.poll(device)[0] and env.is_main:
+        log.warning("a stop signal came while the outputs were written; they are complete, the run ends normally")
     return TrainResult(_final_loss(history), first_loss, eval_loss, t.steps, out, history)
 
 

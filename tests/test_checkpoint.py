@@ -697,12 +697,9 @@ def test_a_stop_signal_while_tokenizing_exits_at_once_for_a_requeue(setup, tmp_p
     assert [m["step"] for m in _metrics(out) if "loss" in m][-1] == STEPS
 
 
-@pytest.mark.dist
-def test_two_ranks_stopped_while_rank0_tokenizes_both_exit_for_a_requeue(setup, tmp_path):
-    """Rank 1 waits for rank 0's token cache build in a collective, where a signal's handler could not run until
-    rank 0 was done (or a day had passed): the wait polls now. Two `lora-dist train` processes: rank 1, signalled
-    first, exits with the requeue code within seconds while rank 0 builds on; rank 0 when its own signal comes,
-    10 chunks into a build of 13."""
+def _stopped_while_rank0_tokenizes(setup, tmp_path, stop_ranks: str) -> tuple[list, dict, dict, list]:
+    """Two `lora-dist train` processes of tests/dist_scripts/stop_while_tokenizing.py, ``stop_ranks`` signalled:
+    their exit codes, when each exited and was signalled, and the end of their stderr."""
     from distutil import REPO, free_port, quiet_env
 
     out = tmp_path / "flags"
@@ -713,7 +710,7 @@ def test_two_ranks_stopped_while_rank0_tokenizes_both_exit_for_a_requeue(setup, 
             f"data.cache_dir={tmp_path / 'cache'}"]
     procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env=quiet_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port, STOP_RANKS=stop_ranks))
              for r in range(2)]
     exited: dict[int, float] = {}
     deadline = time.time() + 180
@@ -725,33 +722,117 @@ def test_two_ranks_stopped_while_rank0_tokenizes_both_exit_for_a_requeue(setup, 
     for proc in procs:
         proc.kill()
     errors = [proc.stderr.read()[-2000:] for proc in procs]
-    assert [proc.wait() for proc in procs] == [PREEMPT_EXIT_CODE] * 2, errors
-    signalled = [float((out / f"rank{r}-signalled").read_text()) for r in range(2)]
+    signalled = {r: float((out / f"rank{r}-signalled").read_text()) for r in range(2)
+                 if (out / f"rank{r}-signalled").exists()}
+    return [proc.wait() for proc in procs], exited, signalled, errors
+
+
+@pytest.mark.dist
+def test_two_ranks_stopped_while_rank0_tokenizes_both_exit_for_a_requeue(setup, tmp_path):
+    """Rank 1 waits for rank 0's token cache build in a collective, where a signal's handler could not run until
+    rank 0 was done (or a day had passed): the wait polls now. Two `lora-dist train` processes: rank 1, signalled
+    first, exits with the requeue code within seconds while rank 0 builds on; rank 0 when its own signal comes,
+    10 chunks into a build of 13."""
+    codes, exited, signalled, errors = _stopped_while_rank0_tokenizes(setup, tmp_path, "0,1")
+    assert codes == [PREEMPT_EXIT_CODE] * 2, errors
     assert all(exited[r] - signalled[r] < 3 for r in range(2)), (exited, signalled)
     assert exited[1] < signalled[0], (exited, signalled)  # rank 1 did not wait for rank 0
     assert "SIGUSR1 before training started: nothing to save yet; exiting with 99 to be requeued" in errors[1]
     assert not (tmp_path / "run").exists()
 
 
-def test_stop_exits_restores_the_handlers_and_stays_out_of_a_resume_from_a_dir():
-    """A run from checkpoint.resume=DIR keeps the default action: its requeue would resume the job's own (not yet
-    written) checkpoint instead of DIR, starting afresh."""
+@pytest.mark.dist
+def test_rank0_alone_stopped_while_it_tokenizes_stops_the_rank_waiting_for_it(setup, tmp_path):
+    """Only rank 0 is signalled (a `kill` of one process; a launcher that signals one rank), 10 chunks into its
+    build: rank 1, waiting for that build, was left to a collective whose peer is gone (an error, exit 1, which no
+    sbatch script requeues). It now learns that rank 0 was stopped and exits with the requeue code as well."""
+    codes, exited, signalled, errors = _stopped_while_rank0_tokenizes(setup, tmp_path, "0")
+    assert codes == [PREEMPT_EXIT_CODE] * 2, errors
+    assert list(signalled) == [0]
+    assert all(exited[r] - signalled[0] < 3 for r in range(2)), (exited, signalled)
+    assert "rank 0 was stopped before training: nothing to save yet; exiting with 99 to be requeued" in errors[1]
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+
+
+def test_stop_exits_hands_over_to_training_and_stays_out_of_a_resume_from_a_dir():
+    """The same handlers from a run's start through training: a stop signal between the two phases is not left to
+    its default action (the handlers were restored, then installed again). A run from checkpoint.resume=DIR keeps
+    the default action until training: its requeue would resume the job's own (not yet written) checkpoint instead
+    of DIR, starting afresh. SIGUSR2, a checkpoint on demand, is ignored before training in both."""
     from lora_dist.preemption import stop_exits
 
     def mine(signum, frame):
         pass
 
-    previous = {s: signal.signal(s, mine) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2)}
+    signals = (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2)
+    previous = {s: signal.signal(s, mine) for s in signals}
     try:
-        with stop_exits():
-            assert signal.getsignal(signal.SIGUSR1) is not mine and signal.getsignal(signal.SIGTERM) is not mine
-            assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
-        assert all(signal.getsignal(s) is mine for s in previous)
-        with stop_exits(requeue=False):
-            assert all(signal.getsignal(s) is mine for s in previous)
+        with stop_exits() as handler:
+            ours = [signal.getsignal(s) for s in signals]
+            assert mine not in ours
+            os.kill(os.getpid(), signal.SIGUSR2)  # ignored: nothing to save
+            handler.training()
+            assert [signal.getsignal(s) for s in signals] == ours
+            os.kill(os.getpid(), signal.SIGUSR1)  # now a request for the next step boundary
+            assert handler.poll() == (True, False)
+        assert all(signal.getsignal(s) is mine for s in signals)
+        with stop_exits(requeue=False) as handler:
+            assert signal.getsignal(signal.SIGUSR1) is mine and signal.getsignal(signal.SIGTERM) is mine
+            assert signal.getsignal(signal.SIGUSR2) is not mine
+            os.kill(os.getpid(), signal.SIGUSR2)
+            handler.training()
+            assert mine not in [signal.getsignal(s) for s in signals]
+            assert handler.poll() == (False, False)
+        assert all(signal.getsignal(s) is mine for s in signals)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def test_a_second_stop_signal_leaves_the_first_ones_cleanup_alone():
+    """Slurm may follow SIGUSR1 with SIGTERM: raised again inside the first stop's cleanup (a lock released, workers
+    ended, the handlers restored), the second one cut that cleanup short."""
+    from lora_dist.preemption import Preempted, stop_exits
+
+    cleaned = []
+    with stop_exits():
+        with pytest.raises(Preempted):
+            try:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(5)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+                cleaned.append(True)
+    assert cleaned == [True]
+
+
+def test_a_stop_right_after_the_run_dir_is_locked_releases_the_lock(setup, tmp_path, monkeypatch):
+    """A stop signal between taking output.dir's lock and the training loop: the lock was released only from inside
+    the loop, so a rerun in the same process (a notebook, a sweep) found the dir "in use by another run"."""
+    import lora_dist.preemption as preemption_mod
+    from lora_dist.config import load_config
+    from lora_dist.outputs import RunLock
+
+    real = preemption_mod.PreemptionHandler.training
+
+    def training(self):
+        os.kill(os.getpid(), signal.SIGUSR1)  # still before training: the rank ends at once
+        real(self)
+
+    monkeypatch.setattr(preemption_mod.PreemptionHandler, "training", training)
+    out = tmp_path / "run"
+    cfg = load_config(None, [*setup["common"], f"output.dir={out}", "parallel.strategy=none"])
+
+    def fatal(signum, frame):
+        raise SystemExit(f"killed by signal {signum}")
+
+    stopped = _train_until_preempted(cfg, fatal)
+    assert stopped.before_training and stopped.code == PREEMPT_EXIT_CODE
+    RunLock(out).acquire().release()  # not held: this process's own leaked fd would refuse it
+    monkeypatch.setattr(preemption_mod.PreemptionHandler, "training", real)
+    _run(setup, out, 1, "parallel.strategy=none")
+    assert [m["step"] for m in _metrics(out) if "loss" in m][-1] == STEPS
 
 
 @pytest.mark.parametrize("when", ["final-eval", "adapter-write"])

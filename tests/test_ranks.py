@@ -54,3 +54,50 @@ def test_gather_bytes_in_rounds_equals_one_gather(tmp_path):
     ranks(2, str(script), str(tmp_path / "out"))
     for rank in (0, 1):
         assert json.loads((tmp_path / f"out.{rank}").read_text()) == {str(b): True for b in (1 << 30, 4096, 3)}
+
+
+STOPPED = textwrap.dedent("""
+    import json, sys, time
+    from lora_dist.launch import init_distributed
+    from lora_dist.preemption import Preempted
+    from lora_dist.ranks import RankGroup
+
+    init_distributed(60, backend="gloo")
+    results = {}
+
+    def stopped_after_a_while():
+        time.sleep(0.5)
+        raise Preempted(0, before_training=True)
+
+    for name, group in (("default", RankGroup()), ("patient", RankGroup(patient=True))):
+        assert (group.group is not None) == (name == "patient")
+        for case, call in (
+            ("on_rank0", lambda: group.on_rank0(stopped_after_a_while)),
+            ("check", lambda: group.check(Preempted(0, before_training=True) if group.rank == 1 else None)),
+        ):
+            try:
+                call()
+                results[f"{name} {case}"] = "returned"
+            except Preempted as e:
+                results[f"{name} {case}"] = [e.code, e.before_training]
+            # the ranks are still in step: a plain call after each stop agrees
+            results[f"{name} {case} after"] = group.on_rank0(lambda: group.rank + 7)
+    with open(f"{sys.argv[1]}.{group.rank}", "w") as f:
+        json.dump(results, f)
+""")
+
+
+@pytest.mark.dist
+def test_a_rank_stopped_before_training_stops_the_others(tmp_path):
+    """A stop signal before training raises Preempted in the rank that got it. Where that rank was rank 0 inside
+    on_rank0, or a rank inside the work a check() waits for, the others were left in a collective it never joined
+    (a hang, or an error exit that no sbatch script requeues). On the default group and on the patient one (where
+    the waiting ranks poll), every rank now raises Preempted, and the group stays usable."""
+    script = tmp_path / "stopped.py"
+    script.write_text(STOPPED)
+    proc = ranks(2, str(script), str(tmp_path / "out"), timeout=120)
+    want = {f"{name} {case}": [99, True] for name in ("default", "patient") for case in ("on_rank0", "check")}
+    want.update({f"{key} after": 7 for key in list(want)})
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"out.{rank}").read_text()) == want
+    assert "rank 0 was stopped before training" in proc.stderr and "rank 1 was stopped before training" in proc.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,6 +211,54 @@ def test_a_killed_build_leaves_nothing_that_is_trusted(tok, data, tmp_path, chun
     assert entries(cache) == [] and list(cache.iterdir()) == []  # the staging dir went too
     monkeypatch.setattr(token_cache, "_tokenize_chunk", real)
     assert len(load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)) > 0
+
+
+def _build_killed_at_the_second_chunk(data, tok, cache) -> None:
+    calls = []
+    real = token_cache._tokenize_chunk
+
+    def tokenize(task):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # no finally runs: the staging dir stays
+        return real(task)
+
+    token_cache._tokenize_chunk = tokenize
+    load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)
+
+
+def test_the_staging_dir_of_a_build_killed_outright_is_removed_by_the_next_build(tok, data, tmp_path, small_chunks):
+    """A build SIGKILLed (Slurm after KillWait, the OOM killer) left its staging dir, as large as the entry, in the
+    cache dir for good. Its mark is no longer held, so the next build of that entry removes it once nothing in it
+    changed for ABANDONED_AFTER_S; the staging dir of a build still running (this process's mark) is left alone.
+    So is a young one: where locks are node-local, a build on another node looks dead from here, but writes on."""
+    from lora_dist.atomic import WriterMark
+
+    cache = tmp_path / "cache"
+    child = multiprocessing.get_context("fork").Process(target=_build_killed_at_the_second_chunk,
+                                                        args=(data, tok, cache))
+    child.start()
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL
+    (dead,) = [p for p in cache.iterdir() if ".tmp-" in p.name]
+    assert any(dead.iterdir())  # a partial build
+    key = dead.name[1:dead.name.index(".tmp-")]
+    load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)
+    assert dead.is_dir()  # written to moments ago: where locks are node-local, a live build on another node
+    shutil.rmtree(cache / key)
+    idle = time.time() - token_cache.ABANDONED_AFTER_S - 1
+    for path in (dead, *dead.iterdir()):
+        os.utime(path, (idle, idle))
+    live = WriterMark(cache / key)
+    os.utime(live.staging, (idle, idle))  # as idle, but held
+    try:
+        assert len(load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)) > 0
+        assert not dead.exists() and live.staging.is_dir()
+        assert sorted(p.name for p in cache.iterdir()) == sorted([key, live.staging.name, live.path.name])
+    finally:
+        live.staging.rmdir()
+        live.release()
+    assert [p.name for p in cache.iterdir()] == [key]
 
 
 def test_what_the_blocks_depend_on_is_in_the_key(tok, data, tmp_path):
