@@ -28,6 +28,8 @@ import os
 import re
 import secrets
 import shutil
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -330,16 +332,20 @@ class WriterMark:
     from a live one. The mark ``.O.writer-XXXX`` lies next to the staging dir ``.O.tmp-XXXX``, never in it,
     and is locked before that dir exists and released only after it is published or removed (the kernel
     releases it when the process dies). Where the filesystem has no ``flock`` (Lustre mounted ``noflock``)
-    the dir is unmarked, and unmarked dirs are never removed.
+    the dir is unmarked, and unmarked dirs are never removed. The mark names its host, and ``heartbeat_s``
+    touches it that often until it is released: where locks are node-local, a sweep on another node tells a
+    live writer by that (:func:`sweep_abandoned`'s ``idle_s``).
 
     Args:
         final: the path the staging dir will be published as.
+        heartbeat_s: seconds between touches of the mark (None: never).
 
     Attributes:
         staging: the new, empty staging dir.
     """
 
-    def __init__(self, final: str | os.PathLike) -> None:
+    def __init__(self, final: str | os.PathLike, heartbeat_s: float | None = None) -> None:
+        self._beating: threading.Event | None = None
         final = Path(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -352,11 +358,24 @@ class WriterMark:
             if self._fd is False:  # a sweep took the new mark for a dead writer's and removed it: start over
                 continue
             try:
+                if self._fd is not None:
+                    os.write(self._fd, f"{_host_id()}\n".encode())
                 self.staging.mkdir()
             except BaseException:
                 self.release()
                 raise
+            if heartbeat_s and self._fd is not None:
+                self._beating = threading.Event()
+                threading.Thread(target=self._beat, args=(self._beating, heartbeat_s), daemon=True,
+                                 name="lora_dist-writer-mark").start()
             return
+
+    def _beat(self, stop: threading.Event, every_s: float) -> None:
+        while not stop.wait(every_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
 
     def _lock(self) -> int | None | bool:
         """The held mark's fd; None where the filesystem has no flock (no mark); False if it was swept away."""
@@ -385,6 +404,9 @@ class WriterMark:
     def release(self) -> None:
         """Drop the lock (after the staging dir is published or removed), and the mark's file where the dir is
         gone: a dir that is still there (its removal failed) stays marked, for the next sweep."""
+        if self._beating is not None:
+            self._beating.set()
+            self._beating = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -392,26 +414,39 @@ class WriterMark:
                 self.path.unlink(missing_ok=True)
 
 
+def _host_id() -> str:
+    """This host and its boot: a mark made here whose lock is free is a dead writer's, whatever the filesystem."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "?"
+    return f"{socket.gethostname()} {boot}"
+
+
 def _last_change(root: Path) -> float:
-    """The latest mtime of ``root`` and of everything in it (0 where it is gone)."""
+    """The latest mtime of ``root`` and, for a dir, of everything in it (0 where it is gone)."""
+    paths = [str(root)]
+    for dirpath, dirs, names in os.walk(root):
+        paths += [os.path.join(dirpath, n) for n in (*dirs, *names)]
     latest = 0.0
-    for dirpath, _, names in os.walk(root):
-        for path in (dirpath, *(os.path.join(dirpath, n) for n in names)):
-            try:
-                latest = max(latest, os.lstat(path).st_mtime)
-            except OSError:
-                pass
+    for path in paths:
+        try:
+            latest = max(latest, os.lstat(path).st_mtime)
+        except OSError:
+            pass
     return latest
 
 
 def sweep_abandoned(final: str | os.PathLike, idle_s: float = 0.0) -> list[Path]:
     """Remove the staging dirs of ``final`` whose writer died: those whose :class:`WriterMark` no process holds
-    (and, with ``idle_s``, in which nothing changed for that many seconds).
+    (and, with ``idle_s``, where the mark was made on another host, in which, mark included, nothing changed for
+    that many seconds).
 
     A dir without a mark (a writer on a filesystem without ``flock``, or of another kind) is left alone, as is
     one whose mark a live writer holds, on any node where ``flock`` reaches across nodes (NFSv4, Lustre
     ``flock``); where locks are node-local (NFS ``nolock``, Lustre ``localflock``) a writer on another node
-    is not seen, unless ``idle_s`` is given: a live writer keeps writing.
+    is not seen, unless ``idle_s`` is given: a live writer keeps its mark fresh (``WriterMark``'s
+    ``heartbeat_s``, well under ``idle_s``).
 
     Returns:
         The staging dirs removed.
@@ -435,8 +470,9 @@ def sweep_abandoned(final: str | os.PathLike, idle_s: float = 0.0) -> list[Path]
             if not _same_file(fd, mark):
                 continue
             staging = final.with_name(_staging_prefix(final) + mark.name[len(_mark_prefix(final)):])
-            if idle_s and time.time() - _last_change(staging) < idle_s:
-                continue
+            if idle_s and os.pread(fd, 512, 0).decode(errors="replace").strip() != _host_id():
+                if time.time() - max(_last_change(staging), _last_change(mark)) < idle_s:
+                    continue
             if os.path.lexists(staging):
                 _remove(staging)
                 if os.path.lexists(staging):

@@ -489,12 +489,26 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_USAGE
     except SystemExit as e:  # preemption: checkpoint written (or none to write), exit code asks for a requeue
         code = e.code if isinstance(e.code, int) else EXIT_CHECK_FAILED
+        if hasattr(e, "before_training"):  # the requeue code is decided: a later stop signal must not turn it into 143
+            _ignore_stop_signals()
         if getattr(e, "before_training", False):  # a wait for another rank may be in flight: no teardown
             from lora_dist.launch import exit_distributed
 
             exit_distributed(code, destroy=False)
     _shutdown(code)
     return code
+
+
+def _ignore_stop_signals() -> None:
+    import signal
+
+    from lora_dist.preemption import PreemptionHandler
+
+    for name in PreemptionHandler.STOP_SIGNALS:
+        try:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        except (AttributeError, ValueError):  # not on this platform; not the main thread
+            pass
 
 
 def _one_line(error: BaseException) -> str:

@@ -15,7 +15,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler", "stop_exits"]
+__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler", "stop_exits", "stopping"]
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,13 @@ class PreemptionHandler:
         self._stop = False
         self._checkpoint = False
         self._stop_raises = stop_raises
-        self._deferred = deferred
         self._training = not (stop_raises or deferred)
         self._previous = _install(None if deferred else self._on_stop, self._on_checkpoint)
 
     def _on_stop(self, signum, frame) -> None:
-        first = not self._stop
         self._stop = True
-        if self._stop_raises and first:  # a second signal leaves the first one's unwinding (its cleanup) alone
-            log.warning("%s before training started: nothing to save yet; exiting with %d to be requeued",
-                        signal.Signals(signum).name, PREEMPT_EXIT_CODE)
-            raise Preempted(0, before_training=True)
+        if self._stop_raises and not _stopping:  # a second signal leaves the first one's unwinding alone
+            raise stopping(f"{signal.Signals(signum).name} before training started")
 
     def _on_checkpoint(self, signum, frame) -> None:
         if self._training:
@@ -75,9 +71,10 @@ class PreemptionHandler:
         action)."""
         self._stop_raises = False
         self._training = True
-        if self._deferred:
-            self._deferred = False
-            self._previous.update(_install(self._on_stop, None))
+        # again, the stop signals included where they were deferred: what took them meanwhile (MPI's init) gives
+        # them back; the handlers to restore stay the ones found first
+        for sig, handler in _install(self._on_stop, self._on_checkpoint).items():
+            self._previous.setdefault(sig, handler)
 
     def poll(self, device: torch.device | None = None) -> tuple[bool, bool]:
         """``(stop, checkpoint)`` as agreed by all ranks (one tiny all-reduce on ``device``, the run's);
@@ -96,6 +93,26 @@ class PreemptionHandler:
     def __exit__(self, *exc) -> None:
         _restore(self._previous)
         self._previous = {}
+
+
+_stopping = False
+
+
+def stopping(why: str) -> Preempted:
+    """The :class:`Preempted` that ends this rank before training (``why``: a signal, or another rank's stop).
+
+    The first one is logged and marks the rank as stopping: a later stop signal leaves its unwinding (its cleanup)
+    alone. It also leaves word for the other ranks (:func:`lora_dist.launch.say_stopped`): a collective of theirs
+    that fails because this rank left stops them too (:class:`lora_dist.ranks.RankGroup`)."""
+    global _stopping
+    if not _stopping:
+        _stopping = True
+        log.warning("%s: nothing to save yet; exiting with %d to be requeued", why, PREEMPT_EXIT_CODE)
+        if dist.is_available() and dist.is_initialized():
+            from lora_dist.launch import say_stopped
+
+            say_stopped(dist.get_rank())
+    return Preempted(0, before_training=True)
 
 
 def _install(on_stop, on_checkpoint) -> dict:
@@ -134,4 +151,6 @@ def stop_exits(requeue: bool = True) -> PreemptionHandler:
     checkpoint, and it has none yet): the stop signals keep their default action until training starts, and end
     the rank unrequeued, rather than have the requeued job start afresh without DIR.
     """
+    global _stopping
+    _stopping = False
     return PreemptionHandler(stop_raises=requeue, deferred=not requeue)

@@ -10,7 +10,7 @@ user error (one line, exit 2, on every rank), else as :class:`RankFailed`; a ran
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import time
 from typing import Callable
 
@@ -18,11 +18,9 @@ import torch
 import torch.distributed as dist
 
 from lora_dist.errors import USER_ERRORS
-from lora_dist.preemption import PREEMPT_EXIT_CODE, Preempted
+from lora_dist.preemption import Preempted, stopping
 
 __all__ = ["GATHER_BUDGET", "RankFailed", "RankGroup"]
-
-log = logging.getLogger(__name__)
 
 #: :meth:`RankGroup.gather_bytes`: the most bytes rank 0 receives in one round, from all ranks together.
 GATHER_BUDGET = 1 << 30
@@ -66,9 +64,23 @@ def _raise_for(rank: int, failure: tuple[str, str, str]) -> None:
 def _stopped_with(rank: int) -> Preempted:
     """This rank's stop when ``rank`` was stopped before training (a signal only that rank got): it ends too, to be
     requeued, instead of waiting for a rank that is gone."""
-    log.warning("rank %d was stopped before training: nothing to save yet; exiting with %d to be requeued", rank,
-                PREEMPT_EXIT_CODE)
-    return Preempted(0, before_training=True)
+    return stopping(f"rank {rank} was stopped before training")
+
+
+@contextlib.contextmanager
+def _stops_seen():
+    """A collective that fails because a rank left after a stop before training (:func:`lora_dist.preemption.
+    stopping` left word in the store) stops this rank too, rather than failing it (exit 1, which no sbatch script
+    requeues)."""
+    try:
+        yield
+    except RuntimeError:  # gloo: "Connection closed by peer"
+        from lora_dist.launch import stopped_rank
+
+        rank = stopped_rank()
+        if rank is None:
+            raise
+        raise _stopped_with(rank) from None
 
 
 class RankGroup:
@@ -126,6 +138,7 @@ class RankGroup:
         except RuntimeError:  # a rank that left: this rank's own stop is what it raises
             if not stopped:
                 raise
+            return self.rank
         return int(flag[0]) - 1 if int(flag[0]) else None
 
     def all_gather(self, obj) -> list:
@@ -168,11 +181,16 @@ class RankGroup:
             The first failing rank's error type (a user error) or :class:`RankFailed`, naming that rank,
             on the ranks that did not fail; :class:`~lora_dist.preemption.Preempted` where a rank was stopped.
         """
-        if self.group is not None:
-            stopped = self._arrive(isinstance(error, Preempted))
-            if stopped is not None:
-                raise error if isinstance(error, Preempted) else _stopped_with(stopped)
-        failures = self.all_gather(None if error is None else _failure(error))
+        if not self.active:
+            if error is not None:
+                raise error
+            return
+        with _stops_seen():
+            if self.group is not None:
+                stopped = self._arrive(isinstance(error, Preempted))
+                if stopped is not None:
+                    raise error if isinstance(error, Preempted) else _stopped_with(stopped)
+            failures = self.all_gather(None if error is None else _failure(error))
         if error is not None:
             raise error
         for rank, failure in enumerate(failures):
@@ -196,9 +214,14 @@ class RankGroup:
                 result = fn()
             except (Exception, Preempted) as e:
                 error = e
-        if self.group is not None and self._arrive(isinstance(error, Preempted)) is not None:
-            raise error if isinstance(error, Preempted) else _stopped_with(0)
-        status = self.broadcast((None, result) if error is None else (_failure(error), None))
+        if not self.active:
+            if error is not None:
+                raise error
+            return result
+        with _stops_seen():
+            if self.group is not None and self._arrive(isinstance(error, Preempted)) is not None:
+                raise error if isinstance(error, Preempted) else _stopped_with(0)
+            status = self.broadcast((None, result) if error is None else (_failure(error), None))
         if error is not None:
             raise error
         if status[0] is not None:

@@ -19,8 +19,8 @@ tokenized by ``num_proc`` worker processes (:class:`_Workers`; one chunk each at
 :data:`IN_FLIGHT` per worker sent or done and waiting their turn), and packed in
 order by :class:`~lora_dist.packing.Packer` straight into the files of a staging dir, which is
 published by one rename (:mod:`lora_dist.atomic`). The staging dir is marked as a live build's
-(:class:`~lora_dist.atomic.WriterMark`): the next build of the entry removes one whose build was killed,
-once nothing in it changed for :data:`ABANDONED_AFTER_S`.
+(:class:`~lora_dist.atomic.WriterMark`): the next run that builds or opens the entry removes one whose
+build was killed (:func:`sweep_killed_builds`).
 Neither the records nor the blocks are ever held whole in memory. An entry is opened (:func:`open_entry`) only if its ``meta.json`` matches the key and
 every file has exactly the size the shape says; anything else is rebuilt, never trusted.
 
@@ -78,8 +78,9 @@ FORMAT = 6
 IN_FLIGHT = 2
 #: Seconds the tokenization workers have to start; then the rank tokenizes by itself.
 START_TIMEOUT_S = 60.0
-#: A build's staging dir whose mark no process holds is removed once nothing in it changed for this many seconds:
-#: where locks are node-local, a live build on another node writes on meanwhile (a chunk takes seconds).
+#: A build's staging dir whose mark no process holds, made on another host, is removed once nothing in it or its
+#: mark changed for this many seconds: where locks are node-local, a live build on another node touches its mark
+#: every tenth of that.
 ABANDONED_AFTER_S = 600.0
 
 
@@ -289,6 +290,18 @@ class _Files:
             f.close()
 
 
+def sweep_killed_builds(final: Path) -> None:
+    """Remove the staging dirs of ``final`` that builds killed outright left (:func:`lora_dist.atomic.sweep_abandoned`:
+    their mark is free, made on this host or idle for :data:`ABANDONED_AFTER_S`)."""
+    try:
+        removed = sweep_abandoned(final, idle_s=ABANDONED_AFTER_S)
+    except OSError as e:  # a cache dir this user may read but not clean: a build would fail on its own
+        log.debug("token cache: cannot sweep %s (%s)", final.parent, e)
+        return
+    for abandoned in removed:
+        log.info("token cache: removed %s, left by a build that was killed", abandoned)
+
+
 def build(final: Path, key: str, sources: list[Source], tokenizer, template: str | None, loss_on: str, seq_len: int,
           packing: bool, pad_id: int, num_proc: int, eval_fraction: float = 0.0) -> dict:
     """Tokenize and pack ``sources`` into the entry ``final``, published atomically; returns its meta.
@@ -296,12 +309,13 @@ def build(final: Path, key: str, sources: list[Source], tokenizer, template: str
     Raises:
         DataError: a source or record that cannot be used, or no record at all to train on.
     """
-    for abandoned in sweep_abandoned(final, idle_s=ABANDONED_AFTER_S):
-        log.info("token cache: removed %s, left by a build that was killed", abandoned)
-    mark = WriterMark(final)  # the staging dir, marked as this live build's (a build on another node keeps its own)
-    staging = mark.staging
+    sweep_killed_builds(final)
     files: dict[str, _Files] = {}
+    mark = None
     try:
+        # the staging dir, marked as this live build's (a build on another node keeps its own)
+        mark = WriterMark(final, heartbeat_s=ABANDONED_AFTER_S / 10)
+        staging = mark.staging
         files["train"] = _Files(staging)
         if eval_fraction > 0:
             files["eval"] = _Files(staging, EVAL_PREFIX)
@@ -345,9 +359,10 @@ def build(final: Path, key: str, sources: list[Source], tokenizer, template: str
     finally:
         for f in files.values():
             f.close()
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-        mark.release()
+        if mark is not None:
+            if mark.staging.exists():
+                shutil.rmtree(mark.staging, ignore_errors=True)
+            mark.release()
 
 
 def _tokenized(sources: list[Source], tokenizer, template: str | None, loss_on: str, num_proc: int,
@@ -574,7 +589,7 @@ def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on:
         for s in sources:
             check_source(s)
         key = cache_key(sources, tokenizer, template, loss_on, seq_len, packing, pad_id, eval_fraction)
-    except Exception as e:
+    except (Exception, Preempted) as e:
         error = e
     RankGroup().check(error)
     entry = root / key
@@ -582,7 +597,9 @@ def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on:
     built = []
 
     def ensure() -> None:
-        if open_entry(entry, key) is None:
+        if open_entry(entry, key) is not None:
+            sweep_killed_builds(entry)  # a rerun that finds the entry built (by a build after the killed one)
+        else:
             try:
                 root.mkdir(parents=True, exist_ok=True)
             except OSError as e:

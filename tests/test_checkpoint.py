@@ -742,17 +742,22 @@ def test_two_ranks_stopped_while_rank0_tokenizes_both_exit_for_a_requeue(setup, 
 
 
 @pytest.mark.dist
-def test_rank0_alone_stopped_while_it_tokenizes_stops_the_rank_waiting_for_it(setup, tmp_path):
-    """Only rank 0 is signalled (a `kill` of one process; a launcher that signals one rank), 10 chunks into its
-    build: rank 1, waiting for that build, was left to a collective whose peer is gone (an error, exit 1, which no
-    sbatch script requeues). It now learns that rank 0 was stopped and exits with the requeue code as well."""
-    codes, exited, signalled, errors = _stopped_while_rank0_tokenizes(setup, tmp_path, "0")
+@pytest.mark.parametrize("alone", [0, 1])
+def test_one_rank_alone_stopped_while_rank0_tokenizes_stops_the_other(setup, tmp_path, alone):
+    """Only one rank is signalled (a `kill` of one process; a launcher that signals one rank). Rank 0, 10 chunks into
+    its build: rank 1, waiting for that build, was left to a collective whose peer is gone (an error, exit 1, which
+    no sbatch script requeues); it now learns that rank 0 was stopped. Rank 1, while it waits: rank 0 finishes the
+    build, finds rank 1 gone, and reads in the store that it stopped. Either way both exit with the requeue code."""
+    codes, exited, signalled, errors = _stopped_while_rank0_tokenizes(setup, tmp_path, str(alone))
     assert codes == [PREEMPT_EXIT_CODE] * 2, errors
-    assert list(signalled) == [0]
-    assert all(exited[r] - signalled[0] < 3 for r in range(2)), (exited, signalled)
-    assert "rank 0 was stopped before training: nothing to save yet; exiting with 99 to be requeued" in errors[1]
+    assert list(signalled) == [alone]
+    other = 1 - alone
+    assert exited[alone] - signalled[alone] < 3, (exited, signalled)
+    assert exited[other] - signalled[alone] < (3 if alone == 0 else 10), (exited, signalled)  # rank 0 builds on
+    assert f"rank {alone} was stopped before training: nothing to save yet; exiting with 99 to be requeued" in \
+        errors[other]
     assert not (tmp_path / "run").exists()
-    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+    assert alone == 1 or not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
 
 
 def test_stop_exits_hands_over_to_training_and_stays_out_of_a_resume_from_a_dir():

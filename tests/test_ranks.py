@@ -59,6 +59,7 @@ def test_gather_bytes_in_rounds_equals_one_gather(tmp_path):
 STOPPED = textwrap.dedent("""
     import json, sys, time
     from lora_dist.launch import init_distributed
+    import lora_dist.preemption as preemption
     from lora_dist.preemption import Preempted
     from lora_dist.ranks import RankGroup
 
@@ -75,6 +76,7 @@ STOPPED = textwrap.dedent("""
             ("on_rank0", lambda: group.on_rank0(stopped_after_a_while)),
             ("check", lambda: group.check(Preempted(0, before_training=True) if group.rank == 1 else None)),
         ):
+            preemption._stopping = False  # each case logs its stop
             try:
                 call()
                 results[f"{name} {case}"] = "returned"

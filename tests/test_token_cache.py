@@ -227,14 +227,7 @@ def _build_killed_at_the_second_chunk(data, tok, cache) -> None:
     load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)
 
 
-def test_the_staging_dir_of_a_build_killed_outright_is_removed_by_the_next_build(tok, data, tmp_path, small_chunks):
-    """A build SIGKILLed (Slurm after KillWait, the OOM killer) left its staging dir, as large as the entry, in the
-    cache dir for good. Its mark is no longer held, so the next build of that entry removes it once nothing in it
-    changed for ABANDONED_AFTER_S; the staging dir of a build still running (this process's mark) is left alone.
-    So is a young one: where locks are node-local, a build on another node looks dead from here, but writes on."""
-    from lora_dist.atomic import WriterMark
-
-    cache = tmp_path / "cache"
+def _killed_build(data, tok, cache):
     child = multiprocessing.get_context("fork").Process(target=_build_killed_at_the_second_chunk,
                                                         args=(data, tok, cache))
     child.start()
@@ -242,23 +235,60 @@ def test_the_staging_dir_of_a_build_killed_outright_is_removed_by_the_next_build
     assert child.exitcode == -signal.SIGKILL
     (dead,) = [p for p in cache.iterdir() if ".tmp-" in p.name]
     assert any(dead.iterdir())  # a partial build
-    key = dead.name[1:dead.name.index(".tmp-")]
-    load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)
-    assert dead.is_dir()  # written to moments ago: where locks are node-local, a live build on another node
-    shutil.rmtree(cache / key)
-    idle = time.time() - token_cache.ABANDONED_AFTER_S - 1
-    for path in (dead, *dead.iterdir()):
-        os.utime(path, (idle, idle))
+    return dead, dead.name[1:dead.name.index(".tmp-")], dead.with_name(dead.name.replace(".tmp-", ".writer-"))
+
+
+def test_the_staging_dir_of_a_build_killed_outright_is_removed_by_the_next_run(tok, data, tmp_path, small_chunks):
+    """A build SIGKILLed (Slurm after KillWait, the OOM killer) left its staging dir, as large as the entry, in the
+    cache dir for good. Its mark is free and names this host, so the next run removes it, whether it builds the
+    entry or finds it built; a live build's (a mark held here) is left alone."""
+    from lora_dist.atomic import WriterMark
+
+    cache = tmp_path / "cache"
+    dead, key, _ = _killed_build(data, tok, cache)
     live = WriterMark(cache / key)
-    os.utime(live.staging, (idle, idle))  # as idle, but held
     try:
-        assert len(load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)) > 0
+        assert len(load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)) > 0  # builds
         assert not dead.exists() and live.staging.is_dir()
         assert sorted(p.name for p in cache.iterdir()) == sorted([key, live.staging.name, live.path.name])
     finally:
         live.staging.rmdir()
         live.release()
     assert [p.name for p in cache.iterdir()] == [key]
+    dead, _, _ = _killed_build(data, tok, cache.with_name("other"))  # the same entry, built elsewhere meanwhile
+    shutil.move(dead, cache / dead.name)
+    shutil.move(dead.with_name(dead.name.replace(".tmp-", ".writer-")), cache)
+    load_dataset(data, tok, SEQ, cache_dir=cache, num_proc=1)  # finds the entry built
+    assert [p.name for p in cache.iterdir()] == [key]
+
+
+def test_another_hosts_killed_build_is_removed_once_idle_and_a_live_one_keeps_its_mark_fresh(tok, data, tmp_path,
+                                                                                           small_chunks):
+    """Where locks are node-local (NFS nolock, Lustre localflock) a free mark made on another host may be a live
+    build's there: its staging dir is removed only once nothing in it or its mark changed for ABANDONED_AFTER_S,
+    and a live build touches its mark every tenth of that."""
+    from lora_dist.atomic import WriterMark
+
+    cache = tmp_path / "cache"
+    dead, key, mark = _killed_build(data, tok, cache)
+    mark.write_text("another-host 0000\n")
+    (cache / key).mkdir()  # a build of the entry happens: its sweep looks first
+    token_cache.sweep_killed_builds(cache / key)
+    assert dead.is_dir()  # young: a live build on that host, for all this host can tell
+    idle = time.time() - token_cache.ABANDONED_AFTER_S - 1
+    for path in (mark, dead, *dead.iterdir()):
+        os.utime(path, (idle, idle))
+    token_cache.sweep_killed_builds(cache / key)
+    assert not dead.exists() and not mark.exists()
+    live = WriterMark(cache / key, heartbeat_s=0.05)
+    try:
+        os.utime(live.path, (idle, idle))
+        time.sleep(0.5)
+        assert time.time() - live.path.stat().st_mtime < 1
+    finally:
+        live.staging.rmdir()
+        live.release()
+    assert not live.path.exists()
 
 
 def test_what_the_blocks_depend_on_is_in_the_key(tok, data, tmp_path):

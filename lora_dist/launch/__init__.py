@@ -15,7 +15,9 @@ from lora_dist.launch.distributed import (
     init_distributed,
     patient_group,
     run_device,
+    say_stopped,
     select_device,
+    stopped_rank,
 )
 from lora_dist.launch.env import UNKNOWN, LaunchEnv, LaunchError
 from lora_dist.launch.hostlist import expand_hostlist
@@ -31,5 +33,7 @@ __all__ = [
     "init_distributed",
     "patient_group",
     "run_device",
+    "say_stopped",
     "select_device",
+    "stopped_rank",
 ]

@@ -30,7 +30,8 @@ from lora_dist.launch.env import UNKNOWN, LaunchEnv, LaunchError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["destroy_distributed", "free_port", "init_distributed", "run_device", "select_device"]
+__all__ = ["destroy_distributed", "free_port", "init_distributed", "run_device", "say_stopped", "select_device",
+           "stopped_rank"]
 
 _EXPORTED_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -41,6 +42,9 @@ _JOIN_POLL_S = 0.02
 _active_env: LaunchEnv | None = None
 _active_device = None
 _patient = None
+_store = None  # the rendezvous store of a launch lora_dist joined (:func:`say_stopped`)
+#: The store key where a rank stopped before training leaves its rank (:func:`say_stopped`).
+_STOPPED_KEY = "lora_dist/stopped"
 #: :func:`patient_group`'s timeout (seconds): a day.
 PATIENT_WAIT_S = 24 * 3600.0
 
@@ -81,7 +85,7 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
             master port in use, master unreachable, or ranks that did not
             join within ``timeout_s``.
     """
-    global _active_env, _active_device, _patient
+    global _active_env, _active_device, _patient, _store
     import torch
     import torch.distributed as dist
 
@@ -162,6 +166,7 @@ def init_distributed(timeout_s: float = 600, backend: str | None = None, *,
 
     _export_environ(launch, device)
     _active_env, _active_device = launch, device
+    _store = store if launch.distributed else None
     return launch
 
 
@@ -170,12 +175,12 @@ def destroy_distributed() -> None:
 
     Safe to call when nothing was initialized.
     """
-    global _active_env, _active_device, _patient
+    global _active_env, _active_device, _patient, _store
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()  # every group, the patient one too
-    _patient = None
+    _patient = _store = None
     for name, value in _saved_environ.items():
         if value is None:
             os.environ.pop(name, None)
@@ -425,6 +430,27 @@ def patient_group():
     cache build, a merged export's final fsync). None where lora_dist did not make the default group, or one
     process."""
     return _patient
+
+
+def say_stopped(rank: int) -> None:
+    """Leave word in the rendezvous store that ``rank`` stops before training (:mod:`lora_dist.preemption`), for
+    the ranks whose collective then fails because it left (:func:`stopped_rank`). Best effort: a store that is gone
+    is no reason not to stop."""
+    if _store is not None:
+        try:
+            _store.set(_STOPPED_KEY, str(rank))
+        except Exception:  # the store's host left first
+            pass
+
+
+def stopped_rank() -> int | None:
+    """The rank that said it stopped before training (:func:`say_stopped`), where one did and the store answers."""
+    if _store is None:
+        return None
+    try:
+        return int(_store.get(_STOPPED_KEY)) if _store.check([_STOPPED_KEY]) else None
+    except Exception:  # the store's host left
+        return None
 
 
 def run_device() -> torch.device:
