@@ -67,14 +67,15 @@ def _write(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def pretrain(path: Path, steps: int, seed: int = 0) -> dict:
-    """Train the small Llama from scratch on the pretraining sentences (plain torch, fp32); save it at ``path``."""
+def pretrain(path: Path, steps: int, seed: int = 0, shape: dict | None = None) -> dict:
+    """Train the small Llama (``shape``, default :data:`SHAPE`) from scratch on the pretraining sentences (plain
+    torch, fp32); save it at ``path``."""
     import torch
     import transformers as tf
 
     from lora_dist.demo import make_tiny_checkpoint
 
-    make_tiny_checkpoint(path, seed=seed, **SHAPE)
+    make_tiny_checkpoint(path, seed=seed, **(shape or SHAPE))
     tokenizer = tf.AutoTokenizer.from_pretrained(path)
     model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ids = [t for text in _sentences(4000, seed, reorder=False) for t in tokenizer(text)["input_ids"]
@@ -121,23 +122,23 @@ def _config(model: Path, data: Path, eval_data: Path, out: Path, mode: str, step
 
 
 def run(work: Path, pretrain_steps: int, finetune_steps: int, seeds: int = 2, modes: list[str] | None = None,
-        micro_batch: int = 8) -> dict:
-    """The whole study under ``work``, fine-tuning on ``micro_batch`` blocks of 128 tokens a step; returns the
-    results (also printed as it goes)."""
+        micro_batch: int = 8, shape: dict | None = None) -> dict:
+    """The whole study under ``work``, fine-tuning on ``micro_batch`` blocks of 128 tokens a step, of a model of
+    ``shape`` (default :data:`SHAPE`); returns the results (also printed as it goes)."""
     import torch.distributed as dist
 
     from lora_dist.launch import destroy_distributed
 
     owned = not dist.is_initialized()  # train() and evaluate_run() leave their one-process group to the caller
     try:
-        return _study(work, pretrain_steps, finetune_steps, seeds, modes, micro_batch)
+        return _study(work, pretrain_steps, finetune_steps, seeds, modes, micro_batch, shape or SHAPE)
     finally:
         if owned:
             destroy_distributed()
 
 
 def _study(work: Path, pretrain_steps: int, finetune_steps: int, seeds: int, modes: list[str] | None,
-           micro_batch: int) -> dict:
+           micro_batch: int, shape: dict) -> dict:
     import torch
 
     from lora_dist.evaluation import evaluate_run
@@ -146,11 +147,12 @@ def _study(work: Path, pretrain_steps: int, finetune_steps: int, seeds: int, mod
     work.mkdir(parents=True, exist_ok=True)
     model = work / "pretrained"
     stamp = model / "pretrain.json"  # the pretrained model is kept for reruns with the same steps
-    if stamp.is_file() and json.loads(stamp.read_text())["steps"] == pretrain_steps:
-        pre = json.loads(stamp.read_text())
+    kept = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if kept.get("steps") == pretrain_steps and kept.get("shape") == shape:
+        pre = kept
     else:
         t0 = time.perf_counter()
-        pre = pretrain(model, pretrain_steps)
+        pre = {**pretrain(model, pretrain_steps, shape=shape), "shape": shape}
         pre["seconds"] = time.perf_counter() - t0
         stamp.write_text(json.dumps(pre))
     print(f"pretrained {pre['params'] / 1e6:.1f}M params, {pretrain_steps} steps: loss {pre['first_loss']:.3f} -> "
@@ -183,7 +185,7 @@ def _study(work: Path, pretrain_steps: int, finetune_steps: int, seeds: int, mod
         for row in rows.values():
             row["base_pretrain_delta"] = row["base_pretrain_eval_loss"] - reference["base_pretrain_eval_loss"]
             row["tuned_task_delta"] = row["tuned_task_eval_loss"] - reference["tuned_task_eval_loss"]
-    return {"pretrain": pre, "finetune_steps": finetune_steps, "micro_batch": micro_batch, "shape": SHAPE,
+    return {"pretrain": pre, "finetune_steps": finetune_steps, "micro_batch": micro_batch, "shape": shape,
             "modes": rows, "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                        "cpu": platform.processor() or platform.machine()}}
 

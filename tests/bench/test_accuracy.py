@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from lora_dist.bench.accuracy import MODES, report, run
+from lora_dist.bench.accuracy import MODES, SHAPE, report, run
 
-# Pretrains a model and fine-tunes it four times, three of them computing in bf16: about 40 s on a host whose CPU has
-# bf16 instructions (AVX512-BF16, AMX), 3 min on an AVX2-only one (6.5 min with 8 blocks a step, before).
+# Pretrains a model and fine-tunes it four times, three of them computing in bf16 (about 25x slower than fp32 on an
+# AVX2-only host): 47 s there at this size, a quarter of the study's own layers and half its width (212 s at its size).
 pytestmark = pytest.mark.slow
+SMOKE_SHAPE = dict(SHAPE, hidden=128, layers=2, intermediate=384)  # still whole NF4 groups in every block linear
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("accuracy"), pretrain_steps=40, finetune_steps=12, seeds=1, micro_batch=2)
+    return run(tmp_path_factory.mktemp("accuracy"), pretrain_steps=40, finetune_steps=12, seeds=1, micro_batch=2,
+               shape=SMOKE_SHAPE)
 
 
 def test_pretraining_learned_the_sentences(study):
