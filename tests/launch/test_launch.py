@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from distutil import lora_dist
 
 from lora_dist import launch as env_mod
 from lora_dist.launch.detect import loopback_address
@@ -826,11 +827,11 @@ def cli_assets(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
 
 
 def _cli(args: list[str], launch_vars: dict[str, str], timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
-    """``python -m lora_dist.cli ARGS`` with only ``launch_vars`` as launcher variables; (result, wall seconds)."""
+    """``python -m lora_dist.cli ARGS`` with only ``launch_vars`` as launcher variables, forked from the test
+    process's zygote (the launch is detected at run time, not at import); (result, wall seconds)."""
     environ = _child_environ(TOKENIZERS_PARALLELISM="false", **launch_vars)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "lora_dist.cli", *args], env=environ, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = lora_dist(*args, timeout=timeout, check=False, **environ)
     return proc, time.monotonic() - start
 
 
