@@ -8,7 +8,6 @@ export, which the test compares with references computed here in one process.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import sys
 from pathlib import Path
 
@@ -18,7 +17,16 @@ import torch.nn.functional as F
 
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
-from distutil import adapter_atol, assert_same_run, logged, ranks, short_run_args, step_peak, train_run
+from distutil import (
+    adapter_atol,
+    assert_same_run,
+    in_fresh_process,
+    logged,
+    ranks,
+    short_run_args,
+    step_peak,
+    train_run,
+)
 from lora_dist.config import ConfigError, load_config
 from lora_dist.nf4 import (
     GROUP,
@@ -361,8 +369,7 @@ def _measure_nf4_and_bf16(path: str, strategy: str, world: int, nf4: list[str], 
 
 
 def _measured(*args):
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_measure_nf4_and_bf16, args)
+    return in_fresh_process(_measure_nf4_and_bf16, *args)
 
 
 @pytest.mark.slow  # two model loads and a step per case, in a fresh process

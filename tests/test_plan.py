@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import multiprocessing
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distutil import REPO, llama_config_dir, ranks, step_peak
+from distutil import REPO, in_fresh_process, llama_config_dir, ranks, step_peak
 from lora_dist.config import load_config
 from lora_dist.lora import LoRAConfig, inject_lora, lora_parameters
 from lora_dist.parallel.checkpointing import enable_selective_recompute
@@ -186,8 +185,7 @@ def wide_vocab(tmp_path_factory) -> Path:
 def _measure_step(path: Path, strategy: str, world: int, overrides: tuple[str, ...]):
     """``(plan, peak live tensor bytes of a step)``, measured in a fresh process (:func:`_measure_in_process`):
     what an earlier measurement leaves alive in this one is not the step's."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_measure_in_process, (path, strategy, world, list(overrides)))
+    return in_fresh_process(_measure_in_process, path, strategy, world, list(overrides))
 
 
 def _measure_in_process(path: Path, strategy: str, world: int, overrides: list[str]):
