@@ -31,6 +31,7 @@ import shutil
 import socket
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -324,6 +325,22 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
+_held_marks: weakref.WeakSet = weakref.WeakSet()  # marks this process holds (the lock leaves with the process)
+
+
+def _drop_marks_in_child() -> None:
+    """A forked child (a tokenization worker) closes its copy of every held mark's fd: the parent's lock stays,
+    but no longer outlives the parent while the child lives."""
+    for mark in list(_held_marks):
+        if mark._fd is not None:
+            os.close(mark._fd)
+            mark._fd = None
+        mark._beating = None
+
+
+os.register_at_fork(after_in_child=_drop_marks_in_child)
+
+
 class WriterMark:
     """A new staging dir for ``final``, marked as a live writer's by a file it holds an ``flock`` on.
 
@@ -364,6 +381,8 @@ class WriterMark:
             except BaseException:
                 self.release()
                 raise
+            if self._fd is not None:
+                _held_marks.add(self)
             if heartbeat_s and self._fd is not None:
                 self._beating = threading.Event()
                 threading.Thread(target=self._beat, args=(self._beating, heartbeat_s), daemon=True,

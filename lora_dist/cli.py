@@ -500,9 +500,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ignore_stop_signals() -> None:
+    """Where the process leaves through ``os._exit`` (it joined a group): a process that returns from ``main`` (a
+    caller's, in-process) keeps its handlers."""
     import signal
 
+    import torch.distributed as dist
+
     from lora_dist.preemption import PreemptionHandler
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
 
     for name in PreemptionHandler.STOP_SIGNALS:
         try:

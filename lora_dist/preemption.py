@@ -15,7 +15,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler", "stop_exits", "stopping"]
+__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler", "stop_exits", "stop_key", "stopping"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,13 @@ class PreemptionHandler:
 
 
 _stopping = False
+_generation = 0  # of stop_exits calls: every rank makes them in step (a train() call each)
+
+
+def stop_key() -> str:
+    """The rendezvous store key where a rank stopped before training, in this run, leaves its rank (a key of an
+    earlier run in the same process group says nothing of this one)."""
+    return f"lora_dist/stopped/{_generation}"
 
 
 def stopping(why: str) -> Preempted:
@@ -111,7 +118,7 @@ def stopping(why: str) -> Preempted:
         if dist.is_available() and dist.is_initialized():
             from lora_dist.launch import say_stopped
 
-            say_stopped(dist.get_rank())
+            say_stopped(dist.get_rank(), stop_key())
     return Preempted(0, before_training=True)
 
 
@@ -151,6 +158,7 @@ def stop_exits(requeue: bool = True) -> PreemptionHandler:
     checkpoint, and it has none yet): the stop signals keep their default action until training starts, and end
     the rank unrequeued, rather than have the requeued job start afresh without DIR.
     """
-    global _stopping
+    global _stopping, _generation
     _stopping = False
+    _generation += 1
     return PreemptionHandler(stop_raises=requeue, deferred=not requeue)

@@ -10,7 +10,7 @@ user error (one line, exit 2, on every rank), else as :class:`RankFailed`; a ran
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import time
 from typing import Callable
 
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lora_dist.errors import USER_ERRORS
-from lora_dist.preemption import Preempted, stopping
+from lora_dist.preemption import Preempted, stop_key, stopping
 
 __all__ = ["GATHER_BUDGET", "RankFailed", "RankGroup"]
 
@@ -67,20 +67,24 @@ def _stopped_with(rank: int) -> Preempted:
     return stopping(f"rank {rank} was stopped before training")
 
 
-@contextlib.contextmanager
-def _stops_seen():
+def _stops_seen(collective):
     """A collective that fails because a rank left after a stop before training (:func:`lora_dist.preemption.
     stopping` left word in the store) stops this rank too, rather than failing it (exit 1, which no sbatch script
     requeues)."""
-    try:
-        yield
-    except RuntimeError:  # gloo: "Connection closed by peer"
-        from lora_dist.launch import stopped_rank
 
-        rank = stopped_rank()
-        if rank is None:
-            raise
-        raise _stopped_with(rank) from None
+    @functools.wraps(collective)
+    def run(*args, **kwargs):
+        try:
+            return collective(*args, **kwargs)
+        except RuntimeError as error:  # gloo: "Connection closed by peer"
+            from lora_dist.launch import stopped_rank
+
+            rank = stopped_rank(stop_key())
+            if rank is None:
+                raise
+            raise _stopped_with(rank) from error
+
+    return run
 
 
 class RankGroup:
@@ -113,6 +117,7 @@ class RankGroup:
             if self.group is not None:
                 self.device = torch.device("cpu")
 
+    @_stops_seen
     def broadcast(self, obj):
         """Collective: rank 0's ``obj`` on every rank."""
         if not self.active:
@@ -121,6 +126,7 @@ class RankGroup:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
+    @_stops_seen
     def _arrive(self, stopped: bool = False) -> int | None:
         """Collective, on the patient group: wait until every rank is here, polling, so that a signal's Python
         handler runs meanwhile (a stop signal ends a rank waiting for the token cache; a blocking collective would
@@ -141,6 +147,7 @@ class RankGroup:
             return self.rank
         return int(flag[0]) - 1 if int(flag[0]) else None
 
+    @_stops_seen
     def all_gather(self, obj) -> list:
         """Collective: every rank's ``obj``, in rank order."""
         if not self.active:
@@ -185,12 +192,11 @@ class RankGroup:
             if error is not None:
                 raise error
             return
-        with _stops_seen():
-            if self.group is not None:
-                stopped = self._arrive(isinstance(error, Preempted))
-                if stopped is not None:
-                    raise error if isinstance(error, Preempted) else _stopped_with(stopped)
-            failures = self.all_gather(None if error is None else _failure(error))
+        if self.group is not None:
+            stopped = self._arrive(isinstance(error, Preempted))
+            if stopped is not None:
+                raise error if isinstance(error, Preempted) else _stopped_with(stopped)
+        failures = self.all_gather(None if error is None else _failure(error))
         if error is not None:
             raise error
         for rank, failure in enumerate(failures):
@@ -218,10 +224,9 @@ class RankGroup:
             if error is not None:
                 raise error
             return result
-        with _stops_seen():
-            if self.group is not None and self._arrive(isinstance(error, Preempted)) is not None:
-                raise error if isinstance(error, Preempted) else _stopped_with(0)
-            status = self.broadcast((None, result) if error is None else (_failure(error), None))
+        if self.group is not None and self._arrive(isinstance(error, Preempted)) is not None:
+            raise error if isinstance(error, Preempted) else _stopped_with(0)
+        status = self.broadcast((None, result) if error is None else (_failure(error), None))
         if error is not None:
             raise error
         if status[0] is not None:

@@ -84,13 +84,15 @@ def ranks(nproc: int, *args: str, timeout: float = 300, check: bool = True, **en
 
 
 def lora_dist(*args: str, timeout: float = 300, check: bool = True, process: bool = False,
-              **env: str) -> subprocess.CompletedProcess:
+              exact_env: dict[str, str] | None = None, **env: str) -> subprocess.CompletedProcess:
     """``python -m lora_dist.cli ARGS`` as one process, forked from the zygote, or with ``process`` started
-    afresh (for a variable read at import time)."""
+    afresh (for a variable read at import time). Its environment is this process's with ``env`` on top, or
+    ``exact_env`` and nothing else (a test of what the launcher variables say)."""
     if process:
         cmd = [sys.executable, "-m", "lora_dist.cli", *args]
         return _completed(cmd, _run(cmd, timeout, env), check)
-    return _completed(["lora-dist", *args], _zygote().run(0, ["-m", "lora_dist.cli", *args], env, timeout), check)
+    return _completed(["lora-dist", *args], _zygote().run(0, ["-m", "lora_dist.cli", *args], env, timeout,
+                                                          exact_env), check)
 
 
 class _Zygote:
@@ -115,13 +117,15 @@ class _Zygote:
             line += chunk
         return json.loads(line)
 
-    def run(self, nproc: int, target: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    def run(self, nproc: int, target: list[str], env: dict[str, str], timeout: float,
+            exact_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         import json
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="zygote-") as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-            request = {"nproc": nproc, "port": free_port(), "target": target, "env": quiet_env(**env),
+            request = {"nproc": nproc, "port": free_port(), "target": target,
+                       "env": quiet_env(**env) if exact_env is None else exact_env,
                        "cwd": str(REPO), "stdout": str(out), "stderr": str(err)}
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             launcher = self._read(None)["pid"]
@@ -146,7 +150,7 @@ def _zygote() -> _Zygote:
 
 #: What every fresh process of :func:`in_fresh_process` has imported before it starts.
 FRESH_PRELOAD = ["torch", "torch.distributed.fsdp", "transformers", "transformers.models.llama.modeling_llama",
-                 "lora_dist.model", "lora_dist.plan", "lora_dist.session", "lora_dist.bench.measure"]
+                 "lora_dist.model", "lora_dist.nf4", "lora_dist.plan", "lora_dist.session", "lora_dist.bench.measure"]
 
 
 def in_fresh_process(fn, *args):

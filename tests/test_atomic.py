@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -333,6 +334,25 @@ def test_a_writer_mark_is_held_until_released_and_never_inside_the_staging_dir(t
     assert _locked(mark.path)  # held through the publish
     mark.release()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_child_forked_by_the_writer_does_not_keep_its_mark_locked(tmp_path):
+    """The token cache's build forks its tokenization workers after it made its mark: each held the locked file
+    description too, so a build killed outright stayed "live" while a worker lived (one stuck in a chunk: for
+    good), and its staging dir was never swept."""
+    mark = WriterMark(tmp_path / "entry")
+    child = os.fork()
+    if child == 0:  # a worker: lives on after the writer
+        time.sleep(30)
+        os._exit(0)
+    try:
+        os.close(mark._fd)  # the writer dies: its own copy is gone
+        mark._fd = None
+        assert not _locked(mark.path)
+        assert sweep_abandoned(tmp_path / "entry") == [mark.staging]
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
 
 
 def test_a_mark_left_by_a_writer_killed_after_its_publish_is_swept(tmp_path):

@@ -43,8 +43,6 @@ _active_env: LaunchEnv | None = None
 _active_device = None
 _patient = None
 _store = None  # the rendezvous store of a launch lora_dist joined (:func:`say_stopped`)
-#: The store key where a rank stopped before training leaves its rank (:func:`say_stopped`).
-_STOPPED_KEY = "lora_dist/stopped"
 #: :func:`patient_group`'s timeout (seconds): a day.
 PATIENT_WAIT_S = 24 * 3600.0
 
@@ -432,23 +430,25 @@ def patient_group():
     return _patient
 
 
-def say_stopped(rank: int) -> None:
-    """Leave word in the rendezvous store that ``rank`` stops before training (:mod:`lora_dist.preemption`), for
-    the ranks whose collective then fails because it left (:func:`stopped_rank`). Best effort: a store that is gone
-    is no reason not to stop."""
+def say_stopped(rank: int, key: str) -> None:
+    """Leave word in the rendezvous store, under ``key``, that ``rank`` stops before training
+    (:func:`lora_dist.preemption.stopping`), for the ranks whose collective then fails because it left
+    (:func:`stopped_rank`). Best effort: a store that is gone is no reason not to stop. Where this rank hosts the
+    store (rank 0 under srun, mpirun or a launch by hand; not under torchrun, whose agent does), the word leaves
+    with it."""
     if _store is not None:
         try:
-            _store.set(_STOPPED_KEY, str(rank))
+            _store.set(key, str(rank))
         except Exception:  # the store's host left first
             pass
 
 
-def stopped_rank() -> int | None:
+def stopped_rank(key: str) -> int | None:
     """The rank that said it stopped before training (:func:`say_stopped`), where one did and the store answers."""
     if _store is None:
         return None
     try:
-        return int(_store.get(_STOPPED_KEY)) if _store.check([_STOPPED_KEY]) else None
+        return int(_store.get(key)) if _store.check([key]) else None
     except Exception:  # the store's host left
         return None
 

@@ -813,7 +813,8 @@ def test_torchrun_multi_node_script(standin, tmp_path, rdzv):
 
 # --------------------------------------------------------------------------- bad launches through the CLI
 
-#: A bad launch must fail before any work: well under this many seconds (imports included).
+#: A bad launch must fail before any work: well under this many seconds (the first run of a test process waits for
+#: the zygote's imports too).
 BAD_LAUNCH_WALL_S = 60
 
 
@@ -831,7 +832,7 @@ def _cli(args: list[str], launch_vars: dict[str, str], timeout: float = 240) -> 
     process's zygote (the launch is detected at run time, not at import); (result, wall seconds)."""
     environ = _child_environ(TOKENIZERS_PARALLELISM="false", **launch_vars)
     start = time.monotonic()
-    proc = lora_dist(*args, timeout=timeout, check=False, **environ)
+    proc = lora_dist(*args, timeout=timeout, check=False, exact_env=environ)
     return proc, time.monotonic() - start
 
 
