@@ -452,6 +452,9 @@ def main() -> int:
         parser.error(f"unknown check {sorted(unknown)[0]!r}; choose from {[fn.__name__ for fn in checks]}")
     if args.cpu_smoke:  # the launches the checks start (torchrun, lora-dist) would otherwise find the GPUs
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import transformers  # printed here, not by a Python of its own: its imports cost seconds of a short lease
+
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "| transformers", transformers.__version__, flush=True)
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
         print("no CUDA device visible; run with --cpu-smoke for the CPU-possible checks", file=sys.stderr)

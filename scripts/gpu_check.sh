@@ -22,5 +22,4 @@ case " $* " in
   *" --cpu-smoke "*) export CUDA_VISIBLE_DEVICES= ;;  # wherever it stands: the checks' own launches see no GPU
   *) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true ;;
 esac
-"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__)"
 exec "$PY" scripts/gpu_check.py "$@"

@@ -341,11 +341,14 @@ def test_a_child_forked_by_the_writer_does_not_keep_its_mark_locked(tmp_path):
     description too, so a build killed outright stayed "live" while a worker lived (one stuck in a chunk: for
     good), and its staging dir was never swept."""
     mark = WriterMark(tmp_path / "entry")
+    started, ready = os.pipe()
     child = os.fork()
-    if child == 0:  # a worker: lives on after the writer
+    if child == 0:  # a worker: lives on after the writer (fork's hooks ran before it returned here)
+        os.write(ready, b"1")
         time.sleep(30)
         os._exit(0)
     try:
+        assert os.read(started, 1) == b"1"
         os.close(mark._fd)  # the writer dies: its own copy is gone
         mark._fd = None
         assert not _locked(mark.path)
@@ -353,6 +356,8 @@ def test_a_child_forked_by_the_writer_does_not_keep_its_mark_locked(tmp_path):
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+        os.close(started)
+        os.close(ready)
 
 
 def test_a_mark_left_by_a_writer_killed_after_its_publish_is_swept(tmp_path):
