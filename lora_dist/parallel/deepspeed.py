@@ -37,6 +37,7 @@ __all__ = [
     "deepspeed_config",
     "max_lora_numel",
     "quiet_deepspeed_collectives",
+    "skip_cpu_inference_op",
     "zero_init",
 ]
 
@@ -167,12 +168,33 @@ def quiet_deepspeed_collectives() -> None:
     warnings.filterwarnings("ignore", message=_DEPRECATED_COLLECTIVES, category=FutureWarning)
 
 
+def skip_cpu_inference_op() -> None:
+    """On DeepSpeed's CPU accelerator, skip building its shared-memory all-reduce (``deepspeed_shm_comm``).
+
+    DeepSpeed compiles that C++ extension at its first communication backend init (about 90 s here, once per
+    install and torch build) for ``inference_all_reduce`` alone, which only its tensor-parallel inference layers
+    call, never ZeRO training; marked incompatible, DeepSpeed uses torch's all-reduce there instead. Process-wide;
+    nothing changes on a GPU, where that accelerator has no such op."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+        builder = accelerator.create_op_builder("ShareMemCommBuilder") if accelerator.device_name() == "cpu" else None
+    except Exception:  # another DeepSpeed layout: it builds what it builds
+        return
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if builder is not None and isinstance(compatible, dict):
+        compatible[builder.NAME] = False
+
+
 @contextlib.contextmanager
 def zero_init(ds_config: dict):
     """Build modules inside this context to have ZeRO-3 partition each param as it is created."""
     import deepspeed
 
     quiet_deepspeed_collectives()
+    skip_cpu_inference_op()
     # transformers imports modeling_utils (and torch._dynamo with it) lazily; a first import inside zero.Init,
     # which patches tensor creation, fails with "Signature mismatch ... tensor_pynew".
     import transformers.modeling_utils  # noqa: F401
@@ -188,6 +210,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         quiet_deepspeed_collectives()
+        skip_cpu_inference_op()
         super().__init__(model, optimizer, ds_config.get("gradient_clipping", 0.0), device)
         ds_config = cap_reduce_bucket(ds_config, sum(getattr(p, "ds_numel", p.numel()) for p in self.lora_params))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
