@@ -489,33 +489,29 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_USAGE
     except SystemExit as e:  # preemption: checkpoint written (or none to write), exit code asks for a requeue
         code = e.code if isinstance(e.code, int) else EXIT_CHECK_FAILED
-        if hasattr(e, "before_training"):  # the requeue code is decided: a later stop signal must not turn it into 143
-            _ignore_stop_signals()
-        if getattr(e, "before_training", False):  # a wait for another rank may be in flight: no teardown
-            from lora_dist.launch import exit_distributed
+        from lora_dist.preemption import Preempted
 
-            exit_distributed(code, destroy=False)
+        if isinstance(e, Preempted):
+            _leave_preempted(code, e.before_training)
     _shutdown(code)
     return code
 
 
-def _ignore_stop_signals() -> None:
-    """Where the process leaves through ``os._exit`` (it joined a group): a process that returns from ``main`` (a
-    caller's, in-process) keeps its handlers."""
-    import signal
-
+def _leave_preempted(code: int, before_training: bool) -> None:
+    """A preempted run's exit code is decided: where the process leaves through ``os._exit`` (it joined a group), a
+    later stop signal must not turn it into 143 during the teardown, and a rank stopped before training skips the
+    teardown (a wait for another rank may be in flight). A process that never joined a group returns from ``main``
+    (a caller's, in-process) with its handlers as they were."""
     import torch.distributed as dist
 
-    from lora_dist.preemption import PreemptionHandler
+    from lora_dist.launch import exit_distributed
+    from lora_dist.preemption import ignore_stop_signals
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-
-    for name in PreemptionHandler.STOP_SIGNALS:
-        try:
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-        except (AttributeError, ValueError):  # not on this platform; not the main thread
-            pass
+    ignore_stop_signals()
+    if before_training:
+        exit_distributed(code, destroy=False)
 
 
 def _one_line(error: BaseException) -> str:

@@ -15,7 +15,8 @@ import signal
 import torch
 import torch.distributed as dist
 
-__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler", "stop_exits", "stop_key", "stopping"]
+__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler", "ignore_stop_signals", "stop_exits", "stop_key",
+           "stopping"]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,11 @@ def _install(on_stop, on_checkpoint) -> dict:
             except ValueError:  # not the main thread
                 pass
     return previous
+
+
+def ignore_stop_signals() -> None:
+    """Ignore the stop signals from now on (a process whose exit code is decided), where this thread may."""
+    _install(signal.SIG_IGN, None)
 
 
 def _restore(previous: dict) -> None:

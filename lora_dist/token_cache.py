@@ -20,9 +20,9 @@ tokenized by ``num_proc`` worker processes (:class:`_Workers`; one chunk each at
 order by :class:`~lora_dist.packing.Packer` straight into the files of a staging dir, which is
 published by one rename (:mod:`lora_dist.atomic`). The staging dir is marked as a live build's
 (:class:`~lora_dist.atomic.WriterMark`): the next run that builds or opens the entry removes one whose
-build was killed (:func:`sweep_killed_builds`).
-Neither the records nor the blocks are ever held whole in memory. An entry is opened (:func:`open_entry`) only if its ``meta.json`` matches the key and
-every file has exactly the size the shape says; anything else is rebuilt, never trusted.
+build was killed (:func:`sweep_killed_builds`). Neither the records nor the blocks are ever held whole
+in memory. An entry is opened (:func:`open_entry`) only if its ``meta.json`` matches the key and every
+file has exactly the size the shape says; anything else is rebuilt, never trusted.
 
 On several ranks (:func:`cached_blocks`), rank 0 builds while the others wait, then every rank checks
 that it sees the entry; where a node does not (a cache dir that is not shared), its first rank builds
