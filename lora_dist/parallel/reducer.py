@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["LoRAGradReducer", "fill_buckets"]
+__all__ = ["BucketLauncher", "LoRAGradReducer", "fill_buckets"]
 
 T = TypeVar("T")
 
@@ -29,36 +29,27 @@ def fill_buckets(items: list[T], nbytes: Callable[[T], int], bucket_mb: float) -
     return buckets
 
 
-class LoRAGradReducer:
-    """Bucketed all-reduce (sum) of replicated LoRA gradients, overlapped with backward.
+class BucketLauncher:
+    """Launches each bucket's collective from backward's gradient hooks, once all its gradients are in,
+    strictly in bucket order, so every rank issues the same collectives in the same sequence. While
+    :meth:`no_sync` is active nothing is communicated: gradients accumulate locally and are sent once, at the
+    accumulation boundary. Subclasses say what a bucket's launch sends (:meth:`_launch`)."""
 
-    Buckets are filled in reverse registration order (roughly the order
-    backward produces gradients) and launched strictly in bucket order so every
-    rank issues the same collectives in the same sequence. While
-    :meth:`no_sync` is active nothing is communicated: gradients accumulate
-    locally and are reduced once, at the accumulation boundary.
-
-    Args:
-        params: the LoRA params (identical on every rank).
-        bucket_mb: bucket size in MB.
-        group: process group (default: world).
-    """
-
-    def __init__(self, params: list[nn.Parameter], bucket_mb: float = 25.0, group=None) -> None:
-        self.group = group
-        self.buckets = fill_buckets(params, lambda p: p.numel() * p.element_size(), bucket_mb)
-        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+    def _watch(self, buckets: list[list[nn.Parameter]]) -> None:
+        self._sizes = [len(b) for b in buckets]
+        self._bucket_of = {id(p): i for i, b in enumerate(buckets) for p in b}
         self._sync = True
         self._reset()
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for b in buckets for p in b]
 
     def _reset(self) -> None:
-        self._ready: list[set[int]] = [set() for _ in self.buckets]
-        self._works: list[tuple[object, torch.Tensor, list[nn.Parameter]]] = []
+        self._ready: list[set[int]] = [set() for _ in self._sizes]
+        self._works: list = []
         self._next = 0
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
+        """Micro-steps inside gradient accumulation: gradients accumulate locally, nothing is sent."""
         self._sync = False
         try:
             yield
@@ -70,9 +61,40 @@ class LoRAGradReducer:
             return
         b = self._bucket_of[id(param)]
         self._ready[b].add(id(param))
-        while self._next < len(self.buckets) and len(self._ready[self._next]) == len(self.buckets[self._next]):
+        while self._next < len(self._sizes) and len(self._ready[self._next]) == self._sizes[self._next]:
             self._launch(self._next)
             self._next += 1
+
+    def _launch_the_rest(self) -> None:
+        """The buckets backward did not complete (params it did not reach, unused): launched now."""
+        while self._next < len(self._sizes):
+            self._launch(self._next)
+            self._next += 1
+
+    def _launch(self, b: int) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+class LoRAGradReducer(BucketLauncher):
+    """Bucketed all-reduce (sum) of replicated LoRA gradients, overlapped with backward.
+
+    Buckets are filled in reverse registration order (roughly the order backward produces gradients) and
+    launched as :class:`BucketLauncher` does.
+
+    Args:
+        params: the LoRA params (identical on every rank).
+        bucket_mb: bucket size in MB.
+        group: process group (default: world).
+    """
+
+    def __init__(self, params: list[nn.Parameter], bucket_mb: float = 25.0, group=None) -> None:
+        self.group = group
+        self.buckets = fill_buckets(params, lambda p: p.numel() * p.element_size(), bucket_mb)
+        self._watch(self.buckets)
 
     def _launch(self, b: int) -> None:
         params = self.buckets[b]
@@ -85,9 +107,7 @@ class LoRAGradReducer:
     def finish(self) -> None:
         """Launch what backward did not (unused params), wait, and set each gradient to its reduced
         slice of the bucket (a view: the gradients are never held twice)."""
-        while self._next < len(self.buckets):
-            self._launch(self._next)
-            self._next += 1
+        self._launch_the_rest()
         for work, flat, params in self._works:
             work.wait()  # type: ignore[attr-defined]
             offset = 0
@@ -96,7 +116,3 @@ class LoRAGradReducer:
                 p.grad = flat[offset : offset + n].view_as(p)
                 offset += n
         self._reset()
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()

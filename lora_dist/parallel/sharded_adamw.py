@@ -19,16 +19,15 @@ place. The math is AdamW's, element by element: W ranks compute what one process
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from lora_dist.collectives import all_gather_single, reduce_scatter_single
-from lora_dist.parallel.reducer import fill_buckets
+from lora_dist.parallel.reducer import BucketLauncher, fill_buckets
 
 __all__ = ["ShardedAdamW"]
 
@@ -64,7 +63,7 @@ class _Bucket:
         return {n: flat[o:o + p.numel()].view_as(p) for n, o, p in zip(self.names, self.offsets, self.params)}
 
 
-class ShardedAdamW:
+class ShardedAdamW(BucketLauncher):
     """AdamW over replicated LoRA params with the state sharded over the ranks of ``group``.
 
     Args:
@@ -81,41 +80,15 @@ class ShardedAdamW:
         rank = dist.get_rank(group)
         groups = fill_buckets(named_params, lambda item: item[1].numel() * item[1].element_size(), bucket_mb)
         self.buckets = [_Bucket(g, self.world, rank) for g in groups]
-        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
         device = named_params[0][1].device
         #: This rank's slices of every bucket, one flat param: what AdamW steps.
         self.shard = nn.Parameter(torch.cat([b.own(b.flat).detach() for b in self.buckets]).clone())
         self.optimizer = torch.optim.AdamW([self.shard], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self._grad = torch.zeros_like(self.shard)
-        self._sync = True
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in named_params]
-        self._reset()
+        self._watch([b.params for b in self.buckets])
         self.device = device
 
     # ------------------------------------------------------------------ gradients
-
-    def _reset(self) -> None:
-        self._ready: list[set[int]] = [set() for _ in self.buckets]
-        self._works: list[tuple[object, int]] = []
-        self._next = 0
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Micro-steps inside gradient accumulation: gradients accumulate locally, nothing is sent."""
-        self._sync = False
-        try:
-            yield
-        finally:
-            self._sync = True
-
-    def _on_grad(self, param: torch.Tensor) -> None:
-        if not self._sync:
-            return
-        b = self._bucket_of[id(param)]
-        self._ready[b].add(id(param))
-        while self._next < len(self.buckets) and len(self._ready[self._next]) == len(self.buckets[self._next].params):
-            self._launch(self._next)
-            self._next += 1
 
     def _slice(self, b: int) -> slice:
         start = sum(bucket.size for bucket in self.buckets[:b])
@@ -136,9 +109,7 @@ class ShardedAdamW:
             done.wait()  # type: ignore[attr-defined]
 
     def _finish_grads(self) -> None:
-        while self._next < len(self.buckets):  # params backward did not reach (unused) send zeros
-            self._launch(self._next)
-            self._next += 1
+        self._launch_the_rest()  # params backward did not reach (unused) send zeros
         for work, _ in self._works:
             work.wait()  # type: ignore[attr-defined]
         self._reset()
@@ -224,7 +195,3 @@ class ShardedAdamW:
         """Free the optimizer state and gradients (training is over)."""
         self.optimizer.state.clear()
         self._grad = torch.zeros(0, device=self.device)
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()

@@ -626,18 +626,23 @@ def test_mpiexec_two_processes(worker, drop_local_vars):
 def _fake_srun(worker: Path, tasks: list[dict[str, str]]) -> list[dict]:
     procs = [subprocess.Popen([sys.executable, str(worker)], env=_child_environ(**task), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for task in tasks]
+    return _results(_outputs(procs, 60, "fake srun task"))
+
+
+def _outputs(procs: list[subprocess.Popen], timeout: float, what: str) -> str:
+    """Every process's stdout, joined, once each has exited 0; any still running at the end is killed."""
     outputs = []
     try:
         for proc in procs:
-            stdout, stderr = proc.communicate(timeout=60)
-            assert proc.returncode == 0, f"fake srun task failed:\n{stdout}\n{stderr[-4000:]}"
+            stdout, stderr = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, f"{what} failed:\n{stdout}\n{stderr[-4000:]}"
             outputs.append(stdout)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    return _results("".join(outputs))
+    return "".join(outputs)
 
 
 @pytest.mark.dist
@@ -795,18 +800,7 @@ def test_torchrun_multi_node_script(standin, tmp_path, rdzv):
                        NPROC_PER_NODE="1", RDZV=rdzv)
         procs.append(subprocess.Popen(["bash", str(LAUNCHERS / "torchrun_multi_node.sh"), "cfg.yaml"], env=environ,
                                       cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = []
-    try:
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=120)
-            assert proc.returncode == 0, f"node failed:\n{stdout}\n{stderr[-4000:]}"
-            outputs.append(stdout)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    rows = _results("".join(outputs))
+    rows = _results(_outputs(procs, 120, "node"))
     _assert_all_reduced(rows, 2, "torchrun")
     assert [(r["node_rank"], r["num_nodes"], r["master_addr"]) for r in rows] == [(0, 2, address), (1, 2, address)]
 
