@@ -464,23 +464,24 @@ def plots(results: dict, summary: dict, out: Path) -> list[Path]:
         ax.set_title(title)
         ax.grid(alpha=0.3)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    line_plot(axes[0], series("peak_rss", GB), "GB per rank", "Peak RSS (anonymous) while training")
-    line_plot(axes[1], series("peak_tensor", GB), "GB per rank", "Peak live tensor bytes in a step")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out / "memory.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        written.append(out / name)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    line_plot(axes[0], series("step_s"), "seconds", "Step time (fastest timed step)")
-    line_plot(axes[1], series("comm_bytes", MB), "MB sent per rank per step", "Communication per step")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out / "speed_comm.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    def line_figure(name: str, panels: list[tuple], legend_on: int) -> None:
+        """Two line plots side by side, ``(data, ylabel, title)`` each; the legend on panel ``legend_on``."""
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, panel in zip(axes, panels):
+            line_plot(ax, *panel)
+        axes[legend_on].legend(fontsize=8)
+        save(fig, name)
+
+    line_figure("memory.png", [(series("peak_rss", GB), "GB per rank", "Peak RSS (anonymous) while training"),
+                               (series("peak_tensor", GB), "GB per rank", "Peak live tensor bytes in a step")], 1)
+    line_figure("speed_comm.png", [(series("step_s"), "seconds", "Step time (fastest timed step)"),
+                                   (series("comm_bytes", MB), "MB sent per rank per step", "Communication per step")], 0)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     methods = [("cli_fsdp2", "lora-dist export, fsdp2"), ("cli_zero3", "lora-dist export, zero3"),
@@ -508,10 +509,7 @@ def plots(results: dict, summary: dict, out: Path) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    written.append(out / "export.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "export.png")
     return written
 
 
