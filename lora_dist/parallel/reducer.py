@@ -1,4 +1,5 @@
-"""Bucketed all-reduce of the replicated LoRA gradients, overlapped with backward (fsdp2)."""
+"""Gradient buckets launched in order from backward's hooks (:class:`BucketLauncher`), and on them the bucketed
+all-reduce of the replicated LoRA gradients, overlapped with backward (:class:`LoRAGradReducer`, fsdp2)."""
 
 from __future__ import annotations
 
