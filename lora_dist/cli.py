@@ -38,7 +38,8 @@ EXIT_USAGE = 2
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 _DTYPE_CHOICES = ["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]
-_EXIT_CODES = "exit codes: 0 done; 1 a check found a problem (verify); 2 bad input or environment (one line says why)"
+_EXIT_CODES = ("exit codes: 0 done; 1 a check found a problem (verify) or a configuration failed to run (bench); "
+               "2 bad input or environment (one line says why); 99 train stopped by a preemption signal (requeue it)")
 
 
 @dataclass(frozen=True)

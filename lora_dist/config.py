@@ -183,7 +183,8 @@ class ParallelConfig:
     parallel.shard_unit=weight and parallel.offload_activations)."""
     memory_gb: float = 0.0
     """parallel.strategy=auto: memory per rank in GB (1e9 bytes); 0: the GPU's free memory less 10% of its total
-    (fragmentation, NCCL buffers), or on the CPU the host's memory divided by the ranks on the node."""
+    (fragmentation, NCCL buffers), or on the CPU the host's memory (or its cgroup's limit, a Slurm job's --mem, where lower) divided by the ranks
+    on the node."""
     mixed_precision: str = "float32"
     """Compute dtype of the base under fsdp2/zero: float32 or bfloat16 (LoRA params and grad reduction stay fp32).
     float16 is refused: it needs a loss scaler, which lora_dist does not run."""
@@ -200,8 +201,8 @@ class ParallelConfig:
     """Compile each transformer block with torch.compile (in place: names, checkpoints and export unchanged): the
     elementwise work between the matmuls fused into fewer kernels, fewer kernel launches on a GPU. The compiler
     then recomputes cheap work itself, so parallel.selective_recompute does not apply to the blocks. The first
-    step pays the compile (seconds to tens of seconds). Not with zero3, model.quantize or parallel.offload_activations
-    (lora_dist.parallel.compile)."""
+    step pays the compile (seconds to tens of seconds). Not with zero3, model.quantize, or parallel.offload_activations
+    under activation checkpointing (lora_dist.parallel.compile)."""
     reshard_after_forward: bool | int | str = True
     """fsdp2: free the gathered base weights after forward (re-gather in backward); false: keep them; node (or an
     integer N): keep a 1/N shard after forward, N = the ranks of a node, so backward gathers within the node
@@ -379,7 +380,8 @@ class OutputConfig:
     dir: str = "runs/latest"
     """Run directory: metrics.jsonl, checkpoints/, adapter/, merged/."""
     overwrite: bool = False
-    """Allow replacing an existing merged export."""
+    """Allow replacing an existing merged export (one lora_dist wrote), and a fresh start from step 0 over a
+    finished run's adapter/ (docs/safety.md)."""
 
 
 @dataclass

@@ -243,7 +243,7 @@ def make_tiny_checkpoint(
         model = tf.AutoModelForCausalLM.from_config(config)
     model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    model.save_pretrained(path, **kwargs)
     tokenizer.save_pretrained(path)
     return path
 

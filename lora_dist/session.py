@@ -408,9 +408,9 @@ def prepare(model: str | os.PathLike | Config, lora: LoRAConfig | None = None, s
     from accelerate.utils import parse_flag_from_env
 
     if env.is_main and (parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or parse_flag_from_env("ACCELERATE_USE_FSDP")):
-        log.warning("accelerate's config has a DeepSpeed/FSDP plugin, which takes a model without asking it: "
-                    "accelerator.prepare(model) is not refused there and would wrap lora_dist's model again; pass "
-                    "accelerator.prepare() only the dataloaders (docs/integrations.md)")
+        log.warning("accelerate's config has a DeepSpeed/FSDP plugin, which takes a model without asking it first: "
+                    "accelerator.prepare(model) would wrap lora_dist's model again (DeepSpeed) or shard it before "
+                    "refusing (FSDP2); pass accelerator.prepare() only the dataloaders (docs/integrations.md)")
     return build(cfg, env, run_device(), base, strategy_config(cfg, base))
 
 

@@ -97,7 +97,7 @@ def pretrain(path: Path, steps: int, seed: int = 0, shape: dict | None = None) -
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path)
     return {"steps": steps, "tokens_per_step": batch * seq, "first_loss": losses[0],
             "final_loss": sum(losses[-10:]) / 10, "params": sum(p.numel() for p in model.parameters())}
 

@@ -72,7 +72,7 @@ def build_checkpoint(spec: ModelSpec, root: Path) -> Path:
     )
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(path, safe_serialization=True, max_shard_size="2GB")
+    model.save_pretrained(path, max_shard_size="2GB")
     tokenizer.save_pretrained(path)
     stamp.write_text(json.dumps(asdict(spec)))
     return path

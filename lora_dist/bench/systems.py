@@ -325,7 +325,7 @@ class AccelerateFSDP2(AccelerateSystem):
             skeleton.load_state_dict(state, strict=True, assign=True)  # no second copy of the weights
             del state
             merged = skeleton.merge_and_unload()
-            merged.save_pretrained(out_dir, safe_serialization=True, max_shard_size="5GB")
+            merged.save_pretrained(out_dir, max_shard_size="5GB")
             del merged, skeleton
         self.accelerator.wait_for_everyone()
 

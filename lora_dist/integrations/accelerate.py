@@ -31,10 +31,16 @@ REWRAP_MESSAGE = ("this model is lora_dist's: already sharded, with its LoRA gra
 
 
 class _OwnedByEngine:
-    """Mixed into a lora_dist model's class: accelerate asks ``_is_accelerate_prepared`` before wrapping."""
+    """Mixed into a lora_dist model's class: accelerate reads ``_is_accelerate_prepared`` before it wraps a model
+    itself (no plugin, ``--multi_gpu``, FSDP1), and sets it after its FSDP2 and tensor-parallel paths prepared one
+    without asking; either raises. Its DeepSpeed path does neither (:func:`lora_dist.session.prepare` warns)."""
 
     @property
     def _is_accelerate_prepared(self) -> bool:
+        raise ConfigError(REWRAP_MESSAGE)
+
+    @_is_accelerate_prepared.setter
+    def _is_accelerate_prepared(self, value: bool) -> None:
         raise ConfigError(REWRAP_MESSAGE)
 
 

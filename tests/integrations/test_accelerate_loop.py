@@ -52,6 +52,12 @@ def test_accelerator_prepare_of_the_model_is_refused_in_one_line(tiny_checkpoint
             with pytest.raises(ConfigError) as refused:
                 prepare(model)
             assert str(refused.value) == REWRAP_MESSAGE and "\n" not in REWRAP_MESSAGE
+        # accelerate's FSDP2 (and tensor-parallel) path prepares the model without asking, then marks it so
+        # (a GPU-only path: on the CPU accelerate never picks FSDP): the same one line, not "property ... has no
+        # setter".
+        with pytest.raises(ConfigError) as refused:
+            model._is_accelerate_prepared = True
+        assert str(refused.value) == REWRAP_MESSAGE
         assert accelerator._models == [] and engine.model is model and isinstance(model, LlamaForCausalLM)
         assert len(accelerator.prepare(DataLoader(list(range(4)), batch_size=2))) == 2  # dataloaders still prepare
     finally:
@@ -60,8 +66,8 @@ def test_accelerator_prepare_of_the_model_is_refused_in_one_line(tiny_checkpoint
 
 def test_prepare_under_an_accelerate_deepspeed_or_fsdp_config_warns_that_the_guard_cannot_apply(tiny_checkpoint,
                                                                                                  monkeypatch, caplog):
-    """accelerate's DeepSpeed and FSDP plugins take the model without reading _is_accelerate_prepared: there the
-    refusal above cannot happen, and prepare says so."""
+    """accelerate's DeepSpeed and FSDP plugins take the model without reading _is_accelerate_prepared first: there
+    the refusal above comes late (FSDP2) or not at all (DeepSpeed), and prepare says so."""
     import lora_dist
     from lora_dist.launch import destroy_distributed
 
@@ -76,6 +82,6 @@ def test_prepare_under_an_accelerate_deepspeed_or_fsdp_config_warns_that_the_gua
                 lora_dist.prepare(tiny_checkpoint("llama"), lora_dist.LoRAConfig(r=4), strategy="none")
         finally:
             destroy_distributed()
-        return "accelerator.prepare(model) is not refused there" in caplog.text
+        return "accelerator.prepare(model) would wrap lora_dist's model again" in caplog.text
 
     assert warned("ACCELERATE_USE_DEEPSPEED") and warned("ACCELERATE_USE_FSDP") and not warned(None)
