@@ -98,8 +98,16 @@ def default_num_proc() -> int:
     return max(1, min(8, cpus))
 
 
+#: Text before and after the special tokens in :func:`tokenizer_fingerprint`'s probe: cases, accents, spaces,
+#: digits, each token touching its neighbours (an added token's strip and single-word rules apply).
+_PROBE_TEXT = ("Hello World ", "  ÀbÇ\tdé 0123 x")
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of what decides the tokenizer's output: its serialized model and special tokens.
+    """A hash of what decides the tokenizer's output: its serialized model, its special tokens, and the ids it gives
+    a probe text holding every special token, with and without ``add_special_tokens``. The probe sees the settings
+    that live outside the serialized model (``tokenizer_config.json``'s ``split_special_tokens``, a slow
+    tokenizer's ``do_lower_case``...).
 
     The backend's ``truncation`` and ``padding`` are left out: transformers sets them at each call (it turns a
     saved ``truncation`` off at the first encode), so the fingerprint is the same before and after tokenizing.
@@ -116,6 +124,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     special = {k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()}
     ids = [getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")]
     h.update(json.dumps([special, ids, str(getattr(tokenizer, "added_tokens_decoder", ""))], sort_keys=True).encode())
+    added = {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+    probe = "".join([_PROBE_TEXT[0], *sorted(set(getattr(tokenizer, "all_special_tokens", [])) | added),
+                     _PROBE_TEXT[1]])
+    probed = [list(tokenizer(probe, add_special_tokens=flag)["input_ids"]) for flag in (True, False)]
+    h.update(json.dumps(probed).encode())
     return h.hexdigest()
 
 

@@ -330,6 +330,24 @@ def test_the_key_does_not_change_once_the_tokenizer_has_been_used(data, tmp_path
             == token_cache.cache_key(sources, fresh, None, "all_assistant", SEQ, True, 0))
 
 
+def test_a_tokenizer_setting_outside_its_serialized_model_is_in_the_key(data, tmp_path):
+    """tokenizer_config.json's split_special_tokens changes the ids of every special token a text holds (a chat
+    template writes them as text), not tokenizer.json: a cache built before the setting changed is not reused."""
+    from transformers import AutoTokenizer
+
+    make_tokenizer().save_pretrained(tmp_path / "tok")
+    plain = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    split = AutoTokenizer.from_pretrained(tmp_path / "tok", split_special_tokens=True)
+    eos = plain.eos_token
+    assert plain(eos, add_special_tokens=False)["input_ids"] != split(eos, add_special_tokens=False)["input_ids"]
+    assert plain.backend_tokenizer.to_str() == split.backend_tokenizer.to_str()  # what the key held before
+    cache = tmp_path / "cache"
+    load_dataset(data, plain, SEQ, cache_dir=cache)
+    reloaded = load_dataset(data, split, SEQ, cache_dir=cache)
+    assert len(entries(cache)) == 2
+    assert same(reloaded, load_dataset(data, split, SEQ, cache_dir=tmp_path / "fresh"))
+
+
 BOUNDED = textwrap.dedent("""
     import json, resource, sys
     from lora_dist.data import load_dataset
