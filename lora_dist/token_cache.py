@@ -574,6 +574,33 @@ def _maps(entry: Path, prefix: str, n: int, S: int) -> dict[str, np.ndarray] | N
     return arrays
 
 
+def _blocks_digest(entry: Path) -> str:
+    """A SHA-256 of an entry's block files (training and held-out), whatever its key."""
+    h = hashlib.sha256()
+    for path in sorted(entry.glob("*.bin")):
+        with path.open("rb") as f:
+            h.update(path.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def _check_same_blocks(group, entry: Path, seen: list) -> None:
+    """Ranks whose keys differ (each node reads its own copy of the data and the tokenizer: another mtime, or other
+    files) must still hold the same blocks, else they would train on different data without a word."""
+    error, digest = None, None
+    try:
+        digest = _blocks_digest(entry)
+    except OSError as e:
+        error = DataError(f"cannot read the token cache entry {entry} ({e.strerror})")
+    group.check(error)
+    digests = group.all_gather(digest)
+    other = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if other:
+        host, key, _ = seen[other[0]]
+        raise DataError(f"rank {other[0]} (host {host}) tokenized other blocks than rank 0 (host {seen[0][0]}): its "
+                        f"data files or tokenizer differ (token cache key {key[:12]} against {seen[0][1][:12]}); "
+                        "give every node the same data.path files and the same model dir")
+
+
 def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on: str, seq_len: int, packing: bool,
                   pad_id: int, cache_dir: str | Path | None = None, num_proc: int = 0,
                   verbose: bool = True, eval_fraction: float = 0.0) -> dict:
@@ -624,15 +651,16 @@ def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on:
     # The other ranks wait for the build however long it takes, not parallel.timeout_s.
     group = RankGroup(patient=True)
     group.on_rank0(ensure)
-    seen = group.all_gather((socket.gethostname(), open_entry(entry, key) is not None))
-    first_on_host = {}
-    for rank, (host, _) in enumerate(seen):
-        first_on_host.setdefault(host, rank)
-    missing_hosts = {host for host, ok in seen if not ok}
-    if missing_hosts:  # a cache dir that is not shared: one build per node that does not see rank 0's
+    # Per rank: its host, its key (another node's copies of the files may key apart), whether it sees the entry.
+    seen = group.all_gather((socket.gethostname(), key, open_entry(entry, key) is not None))
+    first = {}
+    for rank, (host, k, _) in enumerate(seen):
+        first.setdefault((host, k), rank)
+    missing = {(host, k) for host, k, ok in seen if not ok}
+    if missing:  # a cache dir that is not shared, or a node keying apart: one build per node and key
         error = None
-        host = socket.gethostname()
-        if host in missing_hosts and first_on_host[host] == group.rank:
+        mine = (socket.gethostname(), key)
+        if mine in missing and first[mine] == group.rank:
             try:
                 ensure()
             except (Exception, Preempted) as e:  # a stop signal here stops the ranks waiting for this build too
@@ -642,6 +670,8 @@ def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on:
     if opened is None:
         raise DataError(f"the token cache entry {entry} is missing or incomplete after it was built; check that "
                         f"{root} is writable and not cleaned meanwhile (data.cache_dir)")
+    if len({k for _, k, _ in seen}) > 1:
+        _check_same_blocks(group, entry, seen)
     if verbose:
         log.info("token cache: %s %s", "built" if built else "reused", entry)
     return {**opened, "entry": entry, "built": bool(built)}

@@ -415,6 +415,52 @@ def test_two_ranks_share_one_build(tok, data, tmp_path):
     assert per_rank[0]["blocks"] == [len(single[0]), len(single[1])]
 
 
+APART = textwrap.dedent("""
+    import hashlib, json, sys
+    import torch.distributed as dist
+    from lora_dist.config import load_config
+    from lora_dist.data import load_splits
+    from lora_dist.demo import make_tokenizer
+    from lora_dist.sources import DataError
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    cfg = load_config(None, [f"data.path={sys.argv[1 + rank]}", f"data.cache_dir={sys.argv[3]}", "data.num_proc=1",
+                             "train.seq_len=48"])
+    try:
+        train, _ = load_splits(cfg, make_tokenizer())
+        out = {"digest": hashlib.sha256(train.input_ids.numpy().tobytes()).hexdigest()}
+    except DataError as e:
+        out = {"error": str(e)}
+    with open(f"{sys.argv[4]}.{rank}", "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.dist
+def test_nodes_that_key_their_data_apart_must_still_hold_the_same_blocks(data, tmp_path):
+    """Each node reads its own copy of the data (rank 1 stands for another node: its own file). A copy with another
+    mtime keys apart but tokenizes to the same blocks: accepted. A copy that differs would train each node on other
+    data without a word: refused in one line on every rank, naming the rank."""
+    script = tmp_path / "apart.py"
+    script.write_text(APART)
+    copy, other = tmp_path / "copy.jsonl", tmp_path / "other.jsonl"
+    shutil.copyfile(data, copy)
+    os.utime(copy, ns=(1, 1))
+    other.write_text(data.read_text() + json.dumps({"text": "one more record"}) + "\n")
+
+    def run(theirs, name):
+        ranks(2, str(script), str(data), str(theirs), str(tmp_path / "cache"), str(tmp_path / name))
+        return [json.loads((tmp_path / f"{name}.{r}").read_text()) for r in (0, 1)]
+
+    same_blocks = run(copy, "copy")
+    assert "digest" in same_blocks[0] and same_blocks[0] == same_blocks[1]
+    refused = run(other, "other")
+    for out in refused:
+        assert out["error"].startswith("rank 1 (host ") and "tokenized other blocks than rank 0" in out["error"]
+        assert "\n" not in out["error"]
+
+
 SLOW_BUILD = textwrap.dedent("""
     import json, sys, time
     import torch.distributed as dist
