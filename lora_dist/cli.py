@@ -249,16 +249,20 @@ def _verify_parser(prog: str) -> argparse.ArgumentParser:
         prog=prog, epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Check a Hugging Face safetensors checkpoint dir.\n\n"
         "always:      the index names only files in the dir; every tensor is in exactly one file, where the index\n"
-        "             says; total_size and every header match the files; every tensor is read: no NaN/Inf\n"
-        "--base:      the same keys and shapes, and EVERY tensor the merge does not touch is bit-exact with the\n"
-        "             base (without --adapter: a 2-D weight that differs is reported as not checked)\n"
-        "--adapter:   every LoRA-targeted tensor is there; --sample of them are recomputed from base + adapter")
+        "             says; total_size and every header match the files; every tensor is read: no NaN/Inf; at\n"
+        "             least one tensor; the files' lora_dist metadata agree\n"
+        "--base:      the same keys, shapes and config.json (but its dtype); each tensor in the dtype the export\n"
+        "             writes; EVERY tensor the merge does not touch is bit-exact with the base (without\n"
+        "             --adapter: a 2-D weight that differs is reported as not checked)\n"
+        "--adapter:   every LoRA-targeted tensor is there; --sample of them, first layer to last, are recomputed\n"
+        "             from base + adapter")
     p.add_argument("out_dir", help="checkpoint dir to check")
     p.add_argument("--base", default=None, help="base checkpoint dir it was made from")
     p.add_argument("--adapter", default=None, help="adapter dir it was merged with (needs --base)")
     p.add_argument("--sample", type=int, default=8,
-                   help="how many of the LoRA-merged tensors to recompute from base + adapter (default 8; 0: none; "
-                   "-1: all). Only the merged tensors are sampled: every other tensor is compared in full")
+                   help="how many of the LoRA-merged tensors to recompute from base + adapter, spread from the first "
+                   "layer to the last (default 8; 0: none; -1: all). Only the merged tensors are sampled: every "
+                   "other tensor is compared in full")
     return p
 
 

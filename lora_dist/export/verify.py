@@ -6,15 +6,18 @@ found as one line apiece:
 1. :func:`check_config` and :func:`check_files`: ``config.json`` parses; the
    index names only files inside the dir; the headers are valid for their
    files; every tensor is in exactly one file, the one the index names;
-   ``total_size`` is right; no stray weight files.
+   ``total_size`` is right; no stray weight files; at least one tensor; the
+   files' lora_dist metadata agree.
 2. :func:`check_finite`: every tensor is read, and none holds NaN/Inf.
-3. With the base: :func:`check_keys` (the same keys and shapes), then
+3. With the base: :func:`check_keys` (the same keys and shapes),
+   :func:`check_config_matches` (the base's config but for the dtype),
+   :func:`check_dtypes` (each tensor in the dtype the export writes), then
    :func:`check_untouched` on *every* tensor the adapter does not target: each
    is bit-exact with the base. Without the adapter every tensor is compared,
    and a 2-D weight that differs is reported as not checkable (LoRA-merged,
    presumably); any other difference is a problem.
 4. With the adapter: :func:`check_targeted` (every targeted tensor is there)
-   and :func:`check_merged` on ``sample`` of them (recomputed, within the
+   and :func:`check_merged` on ``sample`` of them, first layer to last (recomputed, within the
    merge's own rounding; all of them with ``sample=None``).
 """
 
@@ -30,8 +33,9 @@ from typing import Mapping
 import torch
 
 from lora_dist.adapter import read_adapter
-from lora_dist.dtypes import FLOAT_DTYPES, DTypeError, from_safetensors, parse_dtype
+from lora_dist.dtypes import FLOAT_DTYPES, DTypeError, dtype_name, from_safetensors, parse_dtype
 from lora_dist.export.errors import ExportError
+from lora_dist.inputs import clip
 from lora_dist.safetensors_file import HeaderEntry, SafetensorsFormatError, read_header
 from lora_dist.export.params import checkpoint_loras
 from lora_dist.export.sources import (
@@ -41,6 +45,8 @@ from lora_dist.export.sources import (
     QUANTIZED_WEIGHTS_KEY,
     merge_flat,
     natural_key,
+    output_specs,
+    stored_specs,
 )
 from lora_dist.merge import LoRAWeights, MergeError, lora_delta
 from lora_dist.model_dir import SAFE_INDEX, SAFE_SINGLE, ModelDir, ModelDirError
@@ -205,6 +211,7 @@ def check_files(out: Path) -> tuple[CheckpointFiles | None, list[str]]:
         problems.append(f"weight files not in the index: {stray}")
     entries: dict[str, tuple[str, HeaderEntry]] = {}
     metadata: dict[str, str] = {}
+    ours: dict[str, dict[str, str]] = {}  # each file's lora_dist metadata, which decides how it is checked
     for name in files:
         path = out / name
         if not path.is_file():
@@ -215,6 +222,7 @@ def check_files(out: Path) -> tuple[CheckpointFiles | None, list[str]]:
         except SafetensorsFormatError as e:
             problems.append(str(e))
             continue
+        ours[name] = {k: v for k, v in metadata.items() if k.startswith("lora_dist_")}
         for key, entry in header.items():
             if key in entries:
                 problems.append(f"{key!r} is stored twice, in {entries[key][0]} and {name}")
@@ -227,6 +235,14 @@ def check_files(out: Path) -> tuple[CheckpointFiles | None, list[str]]:
                 problems.append(f"{key!r} is in {entries[key][0]} but the index says {name}")
         for key in sorted(set(entries) - set(weight_map)):
             problems.append(f"{key!r} is in {entries[key][0]} but not in the index")
+    first = next(iter(ours), None)
+    for name, mine in ours.items():
+        differ = sorted(k for k in set(mine) | set(ours[first]) if mine.get(k) != ours[first].get(k))
+        if differ:
+            problems.append(f"{name} and {first} differ in their metadata {', '.join(differ)}: the files are not "
+                            "from one export")
+    if not entries and not problems:
+        problems.append("the checkpoint holds no tensors")
     found = CheckpointFiles(files, entries, metadata)
     if declared_total is not None and declared_total != found.total_size:
         problems.append(f"index metadata.total_size is {declared_total} but the tensors hold {found.total_size} bytes")
@@ -277,6 +293,59 @@ def check_targeted(found: CheckpointFiles, targeted: Mapping[str, LoRAWeights]) 
     """Every tensor the adapter targets is in the checkpoint."""
     absent = sorted(set(targeted) - set(found.entries))
     return [f"LoRA-targeted tensors are missing: {absent[:5]}"] if absent else []
+
+
+#: ``config.json`` keys an export may change: the dtype it was written in, the writer's transformers version.
+_CONFIG_FREE = frozenset({"dtype", "torch_dtype", "transformers_version", "_name_or_path", "quantization_config"})
+
+
+def _config_fields(d: ModelDir) -> dict:
+    """``d``'s config as transformers reads it (defaults written out or left implicit agree), or as written where
+    transformers cannot read it; without the keys an export may change."""
+    try:
+        fields = d.hf_config.to_dict()
+    except ModelDirError:
+        fields = d.config()
+    return {k: v for k, v in fields.items() if k not in _CONFIG_FREE}
+
+
+def check_config_matches(ckpt: ModelDir, base: ModelDir, stored: bool) -> list[str]:
+    """The checkpoint's ``config.json`` is its base's but for the dtype (and the transformers version); its
+    ``quantization_config`` is the base's where the export keeps an FP8 base as stored (``stored``), else absent.
+    A changed ``tie_word_embeddings`` or ``rope_scaling`` would load or run the merged weights otherwise."""
+    got, want = _config_fields(ckpt), _config_fields(base)
+    differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    problems = [f"config.json differs from the base's in {', '.join(differ[:8])} (e.g. {differ[0]}: "
+                f"{clip(repr(got.get(differ[0])), 80)} against the base's {clip(repr(want.get(differ[0])), 80)})"] \
+        if differ else []
+    if ckpt.config().get("quantization_config") != (base.config().get("quantization_config") if stored else None):
+        problems.append("config.json's quantization_config is not the base's" if stored else
+                        "config.json has a quantization_config, but every weight is written dense")
+    return problems
+
+
+def check_dtypes(found: CheckpointFiles, base: ModelDir, config: Mapping, stored: bool) -> list[str]:
+    """Each tensor is in the dtype the export writes it in: every floating tensor in ``config.json``'s dtype
+    (``export.dtype``, ``--dtype``), or every one in its base's (``lora-dist merge`` without ``--dtype``); FP8
+    codes and scales, and non-floating tensors, as the base stores them (:func:`output_specs`,
+    :func:`stored_specs`)."""
+    specs = stored_specs if stored else output_specs
+    declared = config.get("dtype") or config.get("torch_dtype")
+    try:
+        dtype = parse_dtype(declared) if isinstance(declared, str) else None
+    except DTypeError:
+        dtype = None
+    got = {key: from_safetensors(entry.dtype) for key, (_, entry) in found.entries.items()}
+    wrong: list[str] = []
+    for out_dtype in (None, dtype) if dtype is not None else (None,):  # the base's dtypes, or the declared one
+        want = specs(base, out_dtype)
+        wrong = [k for k in sorted(got, key=natural_key) if k in want and got[k] != want[k].dtype]
+        if not wrong:
+            return []
+    key = wrong[0]
+    return [f"{len(wrong)} tensors are not in the dtype the export writes them in, e.g. {key!r}: "
+            f"{dtype_name(got[key])}, not {dtype_name(want[key].dtype)}" +
+            (f" (config.json declares {declared})" if declared else "")]
 
 
 class _Stored:
@@ -471,8 +540,18 @@ def check_merged(ckpt: ModelDir, base: ModelDir, targeted: Mapping[str, LoRAWeig
     return problems, largest
 
 
+def _spread(keys: list[str], n: int) -> list[str]:
+    """``n`` of ``keys`` spread evenly from the first to the last (all of them where ``n`` is not fewer)."""
+    if n >= len(keys):
+        return list(keys)
+    if n <= 1:
+        return keys[:n]
+    return [keys[round(i * (len(keys) - 1) / (n - 1))] for i in range(n)]
+
+
 def sample_keys(keys: list[str], targeted: set[str], sample: int | None) -> list[str]:
-    """All LoRA-targeted keys (up to ``sample``), then others spread evenly over the rest.
+    """LoRA-targeted keys (``sample`` of them, spread from the first layer to the last), then others spread
+    over the rest to make up ``sample``.
 
     Args:
         keys: every key, in natural order.
@@ -483,12 +562,8 @@ def sample_keys(keys: list[str], targeted: set[str], sample: int | None) -> list
     others = [k for k in keys if k not in targeted]
     if sample is None:
         return lora_keys + others
-    chosen = lora_keys[:sample]
-    room = sample - len(chosen)
-    if room > 0 and others:
-        step = len(others) / min(room, len(others))
-        chosen += [others[int(i * step)] for i in range(min(room, len(others)))]
-    return chosen
+    chosen = _spread(lora_keys, sample)
+    return chosen + _spread(others, sample - len(chosen))
 
 
 def verify_checkpoint(
@@ -504,14 +579,15 @@ def verify_checkpoint(
     index says, ``total_size`` right, no stray weight files); every header is
     valid for its file size; every tensor is read and none holds NaN/Inf.
 
-    With ``base_dir``: the same keys and shapes as the base, and every tensor
+    With ``base_dir``: the same keys and shapes as the base, its config but for
+    the dtype, each tensor in the dtype the export writes it in, and every tensor
     the merge does not touch is bit-exact with the base - every one, not a
     sample. Without ``adapter_dir`` it cannot know which tensors the merge
     touched: a 2-D weight that differs from the base is reported as not
     checked (:attr:`VerifyReport.unchecked`), any other difference is a problem.
 
     With ``adapter_dir`` too: every targeted tensor is present, and ``sample``
-    of them (None: all) are recomputed with the export's merge and compared:
+    of them (None: all; spread from the first layer to the last) are recomputed with the export's merge and compared:
     fp32 within the merge's own rounding (a GPU may sum ``B @ A`` in another
     order); bf16/fp16 within their rounding, which also applies when the export
     merged base weights held in bf16/fp16 (it records their dtype in the
@@ -556,6 +632,7 @@ def verify_checkpoint(
         base = ModelDir(base_dir)
         stored = any(ckpt.fp8_blocks(k) is not None for k in ckpt.keys())  # an FP8 base written as stored
         problems += check_keys(base, found, stored)
+        problems += check_config_matches(ckpt, base, stored) + check_dtypes(found, base, ckpt.config(), stored)
         targeted = checkpoint_loras(base, read_adapter(adapter_dir)) if adapter_dir is not None else {}
         problems += check_targeted(found, targeted)
         reference = _reference(base, found.metadata)  # an NF4 run's export: its dequantized base

@@ -206,6 +206,78 @@ def test_verify_catches_a_truncated_file_and_a_wrong_weight_map(merged, tmp_path
     assert "truncated" in str(info.value) and f"the index says {files[3].name}" in str(info.value)
 
 
+def rewrite_tensor(out: Path, key: str, change) -> None:
+    """``key`` replaced by ``change(tensor)`` in its file, the file's metadata and the index's total_size kept right."""
+    from safetensors.torch import load_file, save_file
+
+    path = locate(out, key)[0]
+    tensors = load_file(path)
+    old = tensors[key].nbytes
+    tensors[key] = change(tensors[key])
+    save_file(tensors, path, metadata=read_header(path)[0])
+    index = json.loads((out / SAFE_INDEX).read_text())
+    index["metadata"]["total_size"] += tensors[key].nbytes - old
+    (out / SAFE_INDEX).write_text(json.dumps(index))
+
+
+def test_a_verify_sample_reaches_the_last_layer(merged, tmp_path):
+    """A sample of the merged tensors spans the layers: an export whose last layer was merged wrong fails with
+    two tensors recomputed (before, the sample was the first ones in name order: layer 0 only)."""
+    out = tampered(merged, tmp_path)
+    targeted = [k for k in sorted(ModelDir(out).keys()) if k.startswith("model.layers.") and "proj" in k]
+    last = max(targeted, key=lambda k: (int(k.split(".")[2]), k))
+    rewrite_tensor(out, last, lambda t: t * (1 + 1e-3))
+    report_of_the_good_one = verify_checkpoint(merged["out"], merged["base"], merged["adapter"], sample=2)
+    assert report_of_the_good_one.recomputed[0].startswith("model.layers.0.")
+    assert report_of_the_good_one.recomputed[-1].startswith("model.layers.1.")
+    with pytest.raises(VerifyError, match=rf"{last}.*differs from base \+ adapter"):
+        verify_checkpoint(out, merged["base"], merged["adapter"], sample=2)
+
+
+def test_verify_catches_a_tensor_in_another_dtype(merged, tmp_path):
+    """A norm of ones is the same values in bf16: only its dtype tells it is not what the export writes (every
+    floating tensor in config.json's dtype, or each in its base's)."""
+    out = tampered(merged, tmp_path)
+    rewrite_tensor(out, "model.norm.weight", lambda t: t.to(torch.bfloat16))
+    verify_checkpoint(out)  # files, index and values are all valid ...
+    with pytest.raises(VerifyError, match=r"1 tensors are not in the dtype .*'model.norm.weight': bfloat16, not "
+                                          r"float32 \(config.json declares float32\)"):
+        verify_checkpoint(out, merged["base"])  # ... but not what an export of this base writes
+
+
+def test_verify_catches_a_config_that_is_not_the_bases(merged, tmp_path):
+    """The config decides how the weights load (a tied head reads the embedding instead of the merged lm_head):
+    it must be the base's but for the dtype. One written out again by transformers (its defaults spelled out or
+    left implicit) is the same config."""
+    from transformers import AutoConfig
+
+    out = tampered(merged, tmp_path)
+    AutoConfig.from_pretrained(out).save_pretrained(out)
+    verify_checkpoint(out, merged["base"], merged["adapter"])
+    config = json.loads((out / "config.json").read_text())
+    config["tie_word_embeddings"] = not config.get("tie_word_embeddings", False)
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(VerifyError, match="config.json differs from the base's in tie_word_embeddings"):
+        verify_checkpoint(out, merged["base"], merged["adapter"])
+
+
+def test_verify_catches_an_export_without_tensors_and_files_from_two_exports(merged, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copyfile(merged["out"] / "config.json", empty / "config.json")
+    (empty / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": {}}))
+    with pytest.raises(VerifyError, match="holds no tensors"):
+        verify_checkpoint(empty)
+    # One file of another export: its metadata (how it was merged) is not the others'.
+    out = tampered(merged, tmp_path)
+    path = locate(out, "model.norm.weight")[0]
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(path), path, metadata={**read_header(path)[0], "lora_dist_merged_base_dtype": "bfloat16"})
+    with pytest.raises(VerifyError, match=rf"{path.name} and .* differ in their metadata lora_dist_merged_base_dtype"):
+        verify_checkpoint(out)
+
+
 def test_verify_against_the_wrong_base(bases, merged):
     with pytest.raises(VerifyError, match="base tensors are missing"):
         verify_checkpoint(merged["out"], bases["gpt2"])
