@@ -293,7 +293,9 @@ def sharegpt_messages(turns: Any) -> Any:
         if role is None:
             raise ChatError(f"turn {k}: speaker {excerpt(turn['from'], 40)} is not one of "
                             f"{', '.join(SHAREGPT_ROLES)}; rename it in the data")
-        messages.append({"role": role, "content": turn.get("value")})
+        # the turn's other keys too: its "weight" (0: context, not learned), "tool_calls", "name"...
+        messages.append({**{k: v for k, v in turn.items() if k not in ("from", "value")},
+                         "role": role, "content": turn.get("value")})
     return messages
 
 
@@ -404,13 +406,14 @@ def _tool_names(message: dict) -> list[str]:
 
 
 def _check_context_kept(tokenizer, template: str, messages: list[dict], tools: list | None, full: str) -> None:
-    """Refuse a conversation whose system or user message the template leaves out of its render (Mistral v0.3's
-    writes the system message only into a last user message, so a whole conversation has none; gpt-oss's and
-    Qwen3-VL's drop a system message after the first; a template may skip a role it does not know): the turns would
-    be learned without it, silently. A message whose text the render rewrites (SmolLM3 and Nemotron take out
+    """Refuse a conversation whose system, user or tool message the template leaves out of its render (Mistral
+    v0.3's writes the system message only into a last user message, so a whole conversation has none; gpt-oss's and
+    Qwen3-VL's drop a system message after the first; a template may skip a role it does not know, as Phi-3's does
+    a tool result): the turns would be learned without it, silently (an answer quoting a tool result it never
+    saw). A message whose text the render rewrites (SmolLM3 and Nemotron take out
     ``/think``, ``/no_think``) is kept where a probe put in its place is rendered."""
     for k, m in enumerate(messages):
-        content = m.get("content") if m["role"] in ("system", "user") else None
+        content = m.get("content") if m["role"] in ("system", "user", "tool") else None
         text = content.strip() if isinstance(content, str) else ""
         if not text or text in full or PROBE[1] in _render_with(tokenizer, template, messages, k, PROBE[1], tools):
             continue

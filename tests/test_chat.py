@@ -337,6 +337,15 @@ def test_a_template_that_drops_a_system_or_user_message_is_refused(loss_on):
     learned = [m["content"].strip() + "<|im_end|>" for m in TURNS[1::2]]
     assert [style_tokenizer("qwen2").decode(run) for run in spans(ids, labels)] == (
         learned if loss_on == "all_assistant" else learned[1:])
+    # Phi-3's template renders system, user and assistant messages only: a tool result is left out, and the answer
+    # after it would be learned without the result it quotes.
+    phi3_like = ("{% for m in messages %}{% if m['role'] in ['system', 'user', 'assistant'] %}{{ '<|im_start|>' + "
+                 "m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+                 "{{ '<|im_start|>assistant\n' }}{% endif %}")
+    with pytest.raises(ChatError, match=r"leaves the tool message messages\[3\] \('7 silver keys'\) out of the "
+                                        r"conversation it renders"):
+        chat_document(style_tokenizer("qwen2"), phi3_like, TOOL_TURNS, loss_on=loss_on)
+    chat_document(style_tokenizer("qwen2"), QWEN2, TOOL_TURNS, loss_on=loss_on)  # one that renders it
     # a user message that calls tools (no content) is no message the check reads
     calling_user = [{"role": "user", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]},
                     *TURNS]
@@ -385,9 +394,10 @@ ORACLE_REFUSED = {
     ("deepseekv3_training", "reasoning"): "leaves the reasoning", ("deepseekv3_training", "reasoning_turns"):
     "leaves the reasoning",
     **{(t, c): "leaves the tool call" for t in ("deepseek_r1_distill_training", "idefics3_training", "lfm2_training",
-                                                "llama3_training", "phi3_5_training", "phi3_training",
-                                                "qwen2_5_vl_training", "smolvlm_training")
+                                                "llama3_training", "qwen2_5_vl_training", "smolvlm_training")
        for c in ("tools", "agent")},
+    # Phi-3's templates render no tool role: the tool result is left out before the call is
+    **{(t, c): "leaves the tool message" for t in ("phi3_5_training", "phi3_training") for c in ("tools", "agent")},
 }
 #: Where the spans differ by design: DiffusionGemma's prompt after a tool result has no model header, but the whole
 #: writes one, so the turn learns it (as a model prompted that way must write it); TRL's markers leave it out.
@@ -831,11 +841,16 @@ def test_sharegpt_conversations_read_as_messages(tmp_path):
     tok = make_tokenizer()
     speaker = {"system": "system", "user": "human", "assistant": "gpt", "tool": "tool"}
     turns = [{"from": speaker[m["role"]], "value": m["content"]} for m in [SYSTEM, *TURNS]]
-    path = write(tmp_path / "s.jsonl", [{"conversations": turns}, {"messages": turns}, {"messages": [SYSTEM, *TURNS]}])
+    # A turn's other keys come along: "weight": 0 (axolotl's mark) makes an answer context, not learned.
+    weighted = [{**t, "weight": 0} if k == 2 else t for k, t in enumerate(turns)]
+    path = write(tmp_path / "s.jsonl", [{"conversations": turns}, {"messages": turns}, {"messages": [SYSTEM, *TURNS]},
+                                        {"conversations": weighted}])
     ds = load_dataset(path, tok, seq_len=256, chat_template="chatml", packing=False)
-    assert ds.stats.records == {"messages": 3}
+    assert ds.stats.records == {"messages": 4}
     for k in (0, 1):
         assert ds.input_ids[k].tolist() == ds.input_ids[2].tolist() and ds.labels[k].tolist() == ds.labels[2].tolist()
+    assert ds.input_ids[3].tolist() == ds.input_ids[2].tolist()
+    assert tok.decode(ds.input_ids[3][ds.labels[3] != IGNORE]) == TURNS[3]["content"] + "<|im_end|>"
 
 
 def test_dolly_parts_and_weights_read_as_users_mean_them(tmp_path):
