@@ -17,7 +17,8 @@
 # `$MPIEXEC --version`) this script adds `-x NAME` for every variable set here among:
 #   PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV OMP_NUM_THREADS MASTER_ADDR MASTER_PORT
 #   CUDA_VISIBLE_DEVICES CUDA_DEVICE_ORDER PYTORCH_CUDA_ALLOC_CONF GLOO_SOCKET_IFNAME
-#   NCCL_* TORCH_NCCL_* TORCH_DISTRIBUTED_DEBUG HF_* TRANSFORMERS_* and MPI_FORWARD's names.
+#   NCCL_* TORCH_NCCL_* TORCH_DISTRIBUTED_DEBUG HF_* TRANSFORMERS_* LORA_DIST_* (the token cache dir...)
+#   and MPI_FORWARD's names.
 # A forwarded value is the same on every node (CUDA_VISIBLE_DEVICES included).
 #
 # Knobs (environment variables):
@@ -49,7 +50,7 @@ case "${MPI_FLAVOR}" in
   openmpi)
     forward=(PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV OMP_NUM_THREADS MASTER_ADDR MASTER_PORT
              CUDA_VISIBLE_DEVICES CUDA_DEVICE_ORDER PYTORCH_CUDA_ALLOC_CONF GLOO_SOCKET_IFNAME
-             'NCCL_*' 'TORCH_NCCL_*' TORCH_DISTRIBUTED_DEBUG 'HF_*' 'TRANSFORMERS_*')
+             'NCCL_*' 'TORCH_NCCL_*' TORCH_DISTRIBUTED_DEBUG 'HF_*' 'TRANSFORMERS_*' 'LORA_DIST_*')
     read -r -a extra <<<"${MPI_FORWARD:-}"
     forward+=(${extra[@]+"${extra[@]}"})
     # Exported variables only: those are what mpirun itself sees and can forward.

@@ -183,7 +183,7 @@ fi
 mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 MASTER_ADDR=$(scontrol show node "${nodes[0]}" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
 # One port per job, so two jobs sharing a node do not collide.
-MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
 # CPUs for each node's torchrun and its workers: --cpus-per-task if given,
 # else all the job has on the node. Without this the step gets one CPU and
 # every worker shares it.

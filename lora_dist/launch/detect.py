@@ -36,10 +36,12 @@ from collections.abc import Mapping
 from lora_dist.launch.env import UNKNOWN, LaunchEnv, LaunchError
 from lora_dist.launch.hostlist import expand_hostlist
 
-__all__ = ["detect_launch_env", "loopback_address", "validate_launch_env"]
+__all__ = ["detect_launch_env", "loopback_address", "slurm_port", "validate_launch_env"]
 
-_BATCH_STEP_IDS = {"batch", "extern", "interactive", "4294967291", "4294967292", "4294967293",
-                   "4294967294", "4294967295"}
+_BATCH_STEP_IDS = {"batch", "extern", "interactive"}
+#: Step ids above Slurm's SLURM_MAX_NORMAL_STEP_ID (0xfffffff0) are no srun step: the batch script, the extern
+#: step, salloc's interactive step (0xfffffffa), written as numbers by some Slurm versions.
+_MAX_NORMAL_STEP_ID = 0xFFFFFFF0
 
 
 def detect_launch_env(environ: Mapping[str, str] | None = None, *, allow_batch_shell: bool = True) -> LaunchEnv:
@@ -129,7 +131,8 @@ def _is_srun_task(env: Mapping[str, str]) -> bool:
     step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
     if step is None:
         return "SLURM_STEP_NUM_TASKS" in env
-    return step.strip().lower() not in _BATCH_STEP_IDS
+    step = step.strip().lower()
+    return step not in _BATCH_STEP_IDS and not (step.isdigit() and int(step) > _MAX_NORMAL_STEP_ID)
 
 
 def _srun_agrees_with_mpi(env: Mapping[str, str]) -> bool:
@@ -231,11 +234,18 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
         job_number = re.match(r"\d+", job_id.strip())
         if job_number is None:
             raise LaunchError(f"SLURM_JOB_ID={job_id!r} is not numeric; set MASTER_PORT explicitly")
-        master_port = 10000 + int(job_number.group()) % 50000
+        master_port = slurm_port(int(job_number.group()))
     return LaunchEnv(
         launcher="slurm", rank=rank, local_rank=local_rank, world_size=world_size,
         local_world_size=local_world_size, node_rank=node_rank, num_nodes=num_nodes,
         master_addr=master_addr, master_port=master_port)
+
+
+def slurm_port(job_id: int) -> int:
+    """The rendezvous port of a Slurm job without ``MASTER_PORT``, as the sbatch templates derive it: 20000-31999,
+    below Linux's ephemeral range (32768-60999), so no outgoing connection of the node holds it; jobs 12000 ids
+    apart share it."""
+    return 20000 + job_id % 12000
 
 
 def _allocation_tasks(env: Mapping[str, str]) -> tuple[int, str] | None:

@@ -401,25 +401,17 @@ def select_device(launch: LaunchEnv, cuda_count: int | None = None) -> torch.dev
     """The one rule for this rank's device; everything (the model, collectives, DeepSpeed) uses it.
 
     Without CUDA: the CPU. With as many visible GPUs as local ranks (or more): ``cuda:<local rank>``.
-    With exactly one visible GPU: ``cuda:0`` - each task was given its own GPU (``--gpus-per-task=1``,
-    ``--gpu-bind``, a site's ``SLURM_GPU_BIND``); :func:`init_distributed` then checks that no two
-    ranks of a node got the same one.
-
-    Raises:
-        LaunchError: more local ranks than visible GPUs (and more than one GPU visible).
+    With fewer: ``cuda:<local rank mod visible GPUs>`` - each task sees the GPUs it was bound to
+    (``--gpus-per-task``, ``--gpu-bind=closest``: ranks 4-7 of 8 see the second socket's 4 GPUs as
+    ``cuda:0-3``; one GPU per task: ``cuda:0``); :func:`init_distributed` then checks that no two ranks of
+    a node got the same one (more ranks than GPUs on a node, each seeing all of them, are refused there).
     """
     import torch
 
     count = torch.cuda.device_count() if cuda_count is None else cuda_count
     if count == 0 or (cuda_count is None and not torch.cuda.is_available()):
         return torch.device("cpu")
-    local_rank = max(launch.local_rank, 0)
-    if local_rank < count:
-        return torch.device("cuda", local_rank)
-    if count == 1:
-        return torch.device("cuda", 0)
-    raise LaunchError(f"local rank {launch.local_rank} but only {count} GPUs are visible; start at most "
-                      f"{count} processes per node or fix CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", max(launch.local_rank, 0) % count)
 
 
 def patient_group():

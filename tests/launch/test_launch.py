@@ -225,7 +225,7 @@ def _srun(**overrides: str) -> dict[str, str]:
 def test_srun_task():
     launch = detect_launch_env(_srun())
     assert launch == LaunchEnv("slurm", rank=3, local_rank=1, world_size=4, local_world_size=2, node_rank=1,
-                               num_nodes=2, master_addr="gpu-a01", master_port=10000 + 123456 % 50000)
+                               num_nodes=2, master_addr="gpu-a01", master_port=20000 + 123456 % 12000)
 
 
 def test_srun_master_overrides_and_step_nodelist():
@@ -235,11 +235,14 @@ def test_srun_master_overrides_and_step_nodelist():
     assert launch.master_addr == "gpu-a02"
 
 
-def test_srun_port_is_deterministic_per_job():
-    first = detect_launch_env(_srun(SLURM_JOB_ID="50007")).master_port
-    assert first == detect_launch_env(_srun(SLURM_JOB_ID="50007", SLURM_PROCID="0", SLURM_LOCALID="0",
-                                            SLURM_NODEID="0")).master_port == 10007
-    assert detect_launch_env(_srun(SLURM_JOB_ID="50008")).master_port == 10008
+def test_srun_port_is_deterministic_per_job_and_below_the_ephemeral_ports():
+    """Every task of a job derives one port, as the sbatch templates do, below Linux's ephemeral range (32768 on):
+    an outgoing connection of rank 0's node cannot hold it."""
+    first = detect_launch_env(_srun(SLURM_JOB_ID="36007")).master_port
+    assert first == detect_launch_env(_srun(SLURM_JOB_ID="36007", SLURM_PROCID="0", SLURM_LOCALID="0",
+                                            SLURM_NODEID="0")).master_port == 20007
+    assert detect_launch_env(_srun(SLURM_JOB_ID="36008")).master_port == 20008
+    assert max(detect_launch_env(_srun(SLURM_JOB_ID=str(j))).master_port for j in range(11990, 12010)) < 32768
 
 
 def test_srun_uneven_tasks_per_node():
@@ -301,12 +304,16 @@ MULTI_TASK_BATCH_SHELLS = [
     {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NNODES": "2"},
     {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "batch"},
     {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "4294967294"},
+    # salloc's interactive step (SLURM_INTERACTIVE_STEP, 0xfffffffa): one task of its own, the job's 8 kept by
+    # srun's --preserve-env
+    {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "4294967290",
+     "SLURM_STEP_NUM_TASKS": "1"},
     SBATCH_SHELL_4_TASKS,
     # `sbatch -N2` without --ntasks: no SLURM_NTASKS, one task per node
     {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "1(x2)"},
 ]
 MULTI_TASK_BATCH_SHELL_IDS = ["salloc-shell", "batch-step-without-step-id", "batch-step-name", "batch-step-number",
-                              "sbatch-shell-slurm-22.05", "sbatch-N2-without-ntasks"]
+                              "salloc-interactive-step", "sbatch-shell-slurm-22.05", "sbatch-N2-without-ntasks"]
 
 
 @pytest.mark.parametrize("environ", MULTI_TASK_BATCH_SHELLS, ids=MULTI_TASK_BATCH_SHELL_IDS)
@@ -647,8 +654,8 @@ def _outputs(procs: list[subprocess.Popen], timeout: float, what: str) -> str:
 
 @pytest.mark.dist
 def test_fake_srun_two_tasks_one_node(worker):
-    port = _free_port(20000, 60000)
-    job_id = str(port - 10000 + 50000 * 3)
+    port = _free_port(20000, 32000)
+    job_id = str(port - 20000 + 12000 * 3)
     common = {"SLURM_JOB_ID": job_id, "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_NNODES": "1",
               "SLURM_TASKS_PER_NODE": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0",
               "SLURM_JOB_NODELIST": socket.gethostname()}
