@@ -22,9 +22,11 @@
 #   NPROC_PER_NODE    processes per node; default: visible GPUs, or 2 on a CPU-only machine
 #   RDZV              c10d (default) or static, see below
 #   RDZV_ID           job id shared by all nodes for c10d; default SLURM_JOB_ID or "lora-dist"
+#   LOCAL_ADDR        c10d: this node's address the others reach; default MASTER_ADDR on node 0,
+#                     elsewhere the address this node reaches MASTER_ADDR from
 #
 # RDZV=c10d: elastic c10d rendezvous at MASTER_ADDR:MASTER_PORT. Two torchrun defaults
-#   break on real clusters, so this script overrides both on NODE_RANK 0:
+#   break on real clusters, so this script overrides both:
 #   - which node hosts the rendezvous store is guessed by comparing hostnames with
 #     MASTER_ADDR; when nodes share a hostname (containers, network namespaces) or
 #     MASTER_ADDR is an IP, no node hosts it and the rendezvous times out. Fix:
@@ -32,9 +34,11 @@
 #     (tests/cluster/test_cluster_torchrun.py runs this script in two network namespaces that
 #     share a hostname: with is_host=1 the 4-rank world forms.) Node ranks are then assigned by
 #     the rendezvous: NODE_RANK=0 hosts the store but need not become group rank 0.
-#   - the workers' MASTER_ADDR is node 0's socket.getfqdn(), which is "localhost" when
-#     /etc/hosts maps the hostname to 127.0.0.1; lora_dist then stops with "master
-#     address 'localhost' is loopback". Fix: --local_addr MASTER_ADDR on node 0.
+#   - the rendezvous numbers the nodes by their addresses, sorted, and the workers' MASTER_ADDR
+#     is then group rank 0's address: socket.getfqdn() where --local_addr is not given, which
+#     is "localhost" when /etc/hosts maps the hostname to 127.0.0.1 (lora_dist then stops with
+#     "master address 'localhost' is loopback"), and which may sort first on any node. Fix:
+#     --local_addr on every node, each its own routable address (LOCAL_ADDR).
 # RDZV=static: the classic fixed assignment, --node_rank/--master_addr/--master_port. No
 #   elasticity, but nothing to guess; the most robust choice under Slurm.
 set -euo pipefail
@@ -57,10 +61,22 @@ case "${RDZV}" in
   c10d)
     rdzv_args=(--rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR}:${MASTER_PORT}" --rdzv_id "${RDZV_ID}")
     if [[ "${NODE_RANK}" == 0 ]]; then
-      rdzv_args+=(--rdzv_conf is_host=1 --local_addr "${MASTER_ADDR}")
+      rdzv_args+=(--rdzv_conf is_host=1)
+      LOCAL_ADDR="${LOCAL_ADDR:-${MASTER_ADDR}}"
     else
       rdzv_args+=(--rdzv_conf is_host=0)
+      if [[ -z "${LOCAL_ADDR:-}" ]]; then  # the source address of this node's route to MASTER_ADDR (UDP: no packet)
+        LOCAL_ADDR="$(python - "${MASTER_ADDR}" "${MASTER_PORT}" <<'PY'
+import socket, sys
+family, _, _, _, address = socket.getaddrinfo(sys.argv[1], int(sys.argv[2]), type=socket.SOCK_DGRAM)[0]
+with socket.socket(family, socket.SOCK_DGRAM) as s:
+    s.connect(address)
+    print(s.getsockname()[0])
+PY
+)"
+      fi
     fi
+    rdzv_args+=(--local_addr "${LOCAL_ADDR}")
     ;;
   static)
     rdzv_args=(--node_rank "${NODE_RANK}" --master_addr "${MASTER_ADDR}" --master_port "${MASTER_PORT}")

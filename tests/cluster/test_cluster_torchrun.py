@@ -101,23 +101,28 @@ def _assert_two_namespaces(results: list[dict]) -> None:
 
 
 def test_torchrun_multi_node_script_c10d_rendezvous_across_namespaces(tmp_path, train_command):
-    """launchers/torchrun_multi_node.sh, default RDZV=c10d, run once per namespace, forms one 4-rank world."""
+    """launchers/torchrun_multi_node.sh, default RDZV=c10d, run once per namespace, forms one 4-rank world. n2
+    hosts the rendezvous (NODE_RANK=0, MASTER_ADDR its address) and n1, whose address sorts first, becomes group
+    rank 0: the workers' master is then the address the script found for n1 (its route to n2), not n1's
+    socket.getfqdn(), which is "localhost" on these machines."""
     out = tmp_path / "out"
     extra_path = []
     if train_command.name == "standin":
         extra_path = [str(_standin_shim(tmp_path, train_command.argv))]
     rdzv_id = f"c10d-test-{uuid.uuid4().hex[:8]}"
     commands = {}
-    for node_rank, node in enumerate(["n1", "n2"]):
+    for node_rank, node in enumerate(["n2", "n1"]):
         cmd = ["nsenter", f"--net=/var/run/netns/{NODE_NETNS[node]}", "bash", str(MULTI_NODE_SCRIPT),
                *train_command.args(out)]
         env = job_env(GLOO_SOCKET_IFNAME=NODE_IFNAME[node], NNODES="2", NODE_RANK=str(node_rank),
-                      MASTER_ADDR=NODE_ADDR["n1"], MASTER_PORT=str(C10D_PORT), NPROC_PER_NODE="2",
-                      RDZV="c10d", RDZV_ID=rdzv_id)
+                      MASTER_ADDR=NODE_ADDR["n2"], MASTER_PORT=str(C10D_PORT), NPROC_PER_NODE="2",
+                      RDZV="c10d", RDZV_ID=rdzv_id, LOGLEVEL="INFO")  # torchrun's agents log the rendezvous
         if extra_path:
             env["PATH"] = ":".join([*extra_path, env["PATH"]])
         commands[node] = (cmd, env)
     _run_on_both_nodes(tmp_path, commands, timeout=300)
+    for node in ("n1", "n2"):  # torchrun's agents log the rendezvous result: group rank 0 is n1, at its address
+        assert f"master_addr={NODE_ADDR['n1']}" in (tmp_path / f"{node}.log").read_text(), node
 
     train_command.check(out, 4)
     if train_command.name == "standin":
