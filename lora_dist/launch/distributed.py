@@ -249,7 +249,11 @@ def _mpi_bootstrap(launch: LaunchEnv) -> LaunchEnv:
     me = hosts[launch.rank]
     local_rank = launch.local_rank if launch.local_rank != UNKNOWN else hosts[: launch.rank].count(me)
     local_world_size = launch.local_world_size if launch.local_world_size != UNKNOWN else hosts.count(me)
-    num_nodes = len(node_names)
+    num_nodes, node_rank = len(node_names), node_names.index(me)
+    if num_nodes == 1 and local_world_size < launch.world_size:
+        # Nodes that share a host name (containers started with one --hostname, network namespaces): the
+        # launcher's local size tells them apart, the ranks numbered node by node as mpirun places them by default.
+        num_nodes, node_rank = -(-launch.world_size // local_world_size), launch.rank // local_world_size
 
     decision: tuple[str, int, str | None] | None = None
     if launch.rank == 0:
@@ -264,7 +268,7 @@ def _mpi_bootstrap(launch: LaunchEnv) -> LaunchEnv:
     if error is not None:
         raise LaunchError(error if launch.rank == 0 else f"rank 0 failed to set up the rendezvous: {error}")
     return replace(launch, local_rank=local_rank, local_world_size=local_world_size,
-                   node_rank=node_names.index(me), num_nodes=num_nodes, master_addr=addr, master_port=port)
+                   node_rank=node_rank, num_nodes=num_nodes, master_addr=addr, master_port=port)
 
 
 def _own_address(multi_node: bool, peers: list[str]) -> str:

@@ -590,6 +590,38 @@ def test_init_mpi_without_mpi4py(clean_environ, monkeypatch):
         env_mod.init_distributed(timeout_s=5)
 
 
+@pytest.mark.parametrize("rank", [0, 3])
+def test_mpi_nodes_that_share_a_host_name_are_told_apart_by_the_local_size(monkeypatch, rank):
+    """Containers started with one --hostname (or network namespaces) give every rank one processor name: 4 ranks
+    of which Open MPI says 2 per node are 2 nodes, and rank 0 offers a routable address, not 127.0.0.1 (the other
+    node's ranks would dial their own loopback and time out)."""
+    import types
+
+    from lora_dist.launch import distributed
+
+    class World:
+        def Get_size(self):
+            return 4
+
+        def Get_rank(self):
+            return rank
+
+        def allgather(self, value):
+            return [value] * 4
+
+        def bcast(self, value, root):
+            return value if rank == root else ("10.0.0.5", 29400, None)
+
+    fake = types.SimpleNamespace(COMM_WORLD=World(), Get_processor_name=lambda: "same-name")
+    monkeypatch.setitem(sys.modules, "mpi4py", types.SimpleNamespace(MPI=fake))
+    asked = []
+    monkeypatch.setattr(distributed, "_own_address", lambda multi_node, peers: asked.append(multi_node) or "10.0.0.5")
+    launch = LaunchEnv("mpi", rank, rank % 2, 4, 2, -1, -1, "", 0)
+    got = distributed._mpi_bootstrap(launch)
+    assert (got.num_nodes, got.node_rank, got.master_addr) == (2, rank // 2, "10.0.0.5")
+    assert asked == ([True] if rank == 0 else [])
+
+
 # --------------------------------------------------------------------------- real multi-process runs
 
 @pytest.fixture
