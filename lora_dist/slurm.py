@@ -185,9 +185,20 @@ MASTER_ADDR=$(scontrol show node "${nodes[0]}" | sed -n 's/.*NodeAddr=\([^ ]*\).
 # One port per job, so two jobs sharing a node do not collide.
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
 # CPUs for each node's torchrun and its workers: --cpus-per-task if given,
-# else all the job has on the node. Without this the step gets one CPU and
+# else all the job has on its smallest node (SLURM_JOB_CPUS_PER_NODE, e.g.
+# "128(x2),96": srun asks every node for as many, and a mixed partition's
+# smaller node would refuse more). Without this the step gets one CPU and
 # every worker shares it.
-CPUS_PER_NODE=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+fewest_cpus() {
+  local part fewest=""
+  IFS=, read -r -a parts <<<"$1"
+  for part in "${parts[@]}"; do
+    part=${part%%(*}
+    if [ -z "$fewest" ] || [ "$part" -lt "$fewest" ]; then fewest=$part; fi
+  done
+  echo "${fewest:-1}"
+}
+CPUS_PER_NODE=${SLURM_CPUS_PER_TASK:-$(fewest_cpus "${SLURM_JOB_CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-1}}")}
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((CPUS_PER_NODE / NPROC_PER_NODE > 1 ? CPUS_PER_NODE / NPROC_PER_NODE : 1))}
 export MASTER_ADDR MASTER_PORT SOCKET_IFNAME OMP_NUM_THREADS
 read -r -a train_cmd <<<"$TRAIN_CMD"

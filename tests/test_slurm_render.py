@@ -170,6 +170,9 @@ def test_generic_template_needs_a_config(tmp_path):
         ({"SLURM_CPUS_PER_TASK": "6"}, "6", "1"),  # --cpus-per-task caps it; at least one thread
         ({"SLURM_CPUS_PER_TASK": "64", "NPROC_PER_NODE": "8"}, "64", "8"),
         ({"OMP_NUM_THREADS": "3"}, "16", "3"),  # an explicit value wins
+        # a mixed partition: srun asks every node for the smallest node's CPUs (more would be refused there)
+        ({"SLURM_JOB_CPUS_PER_NODE": "128(x2),96", "SLURM_CPUS_ON_NODE": "128"}, "96", "24"),
+        ({"SLURM_JOB_CPUS_PER_NODE": "16(x2)"}, "16", "4"),
     ],
 )
 def test_multi_node_gives_torchrun_the_cpus_and_splits_them_over_workers(fake_slurm, env, cpus, threads):
