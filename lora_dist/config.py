@@ -144,6 +144,10 @@ class DataConfig:
     or a Jinja file; set it for a base model without a template."""
     loss_on: str = "all_assistant"
     """Which assistant turns of a conversation carry the loss: all_assistant or last_assistant."""
+    long_documents: str = "auto"
+    """A document longer than train.seq_len: split (consecutive blocks, each learned: text reads on), truncate
+    (its first train.seq_len tokens: a conversation or a completion is never learned without its prompt), drop
+    (left out), or auto: split text, truncate a document with a prompt (as TRL truncates)."""
     cache_dir: str = ""
     """Where tokenized, packed blocks are cached and memory-mapped by every rank and restart: "" ($LORA_DIST_CACHE,
     else ~/.cache/lora_dist/tokens). A dir shared by the nodes is built once; otherwise once per node."""
@@ -155,6 +159,9 @@ class DataConfig:
 
         if self.loss_on not in ("all_assistant", "last_assistant"):
             raise ConfigError(f"data.loss_on={excerpt(self.loss_on, 40)} is not one of all_assistant, last_assistant")
+        if self.long_documents not in ("auto", "split", "truncate", "drop"):
+            raise ConfigError(f"data.long_documents={excerpt(self.long_documents, 40)} is not one of auto, split, "
+                              "truncate, drop")
         for key in ("path", "eval_path"):
             try:
                 parse_sources(getattr(self, key), f"data.{key}")

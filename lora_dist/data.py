@@ -122,7 +122,7 @@ class DataStats:
     """Records per format."""
     documents: int = 0
     split: int = 0
-    """Documents longer than ``seq_len``, split into consecutive blocks."""
+    """Documents longer than ``seq_len``, split into consecutive blocks (``data.long_documents``)."""
     blocks: int = 0
     tokens: int = 0
     """Document tokens (padding excluded)."""
@@ -130,6 +130,10 @@ class DataStats:
     """Tokens with a label (each is predicted from the token before it)."""
     seq_len: int = 0
     packing: bool = True
+    truncated: int = 0
+    """Documents longer than ``seq_len``, cut to their first ``seq_len`` tokens."""
+    dropped: int = 0
+    """Documents longer than ``seq_len`` left out (``drop``, or a prompt that fills the block: nothing to learn)."""
 
 
 @dataclass
@@ -341,7 +345,7 @@ def _windowed(config) -> bool:
 def load_dataset(path: str | Path | list, tokenizer, seq_len: int, max_positions: int | None = None, *,
                  packing: bool = True, chat_template: str = "", loss_on: str = "all_assistant",
                  verbose: bool = True, cache_dir: str | Path | None = None, num_proc: int = 0,
-                 eval_fraction: float = 0.0) -> PackedDataset:
+                 eval_fraction: float = 0.0, long_documents: str = "auto") -> PackedDataset:
     """Read, tokenize and pack a source (or a mixture), through the token cache.
 
     Args:
@@ -351,12 +355,14 @@ def load_dataset(path: str | Path | list, tokenizer, seq_len: int, max_positions
         tokenizer: the model dir's tokenizer.
         max_positions: the model's positions, if known.
         packing, chat_template, loss_on: ``data.packing``, ``data.chat_template``, ``data.loss_on``.
-        verbose: log the counts (documents split, padding) and the cache entry.
+        verbose: log the counts (documents split, truncated or dropped; padding) and the cache entry.
         cache_dir, num_proc: ``data.cache_dir`` (None: ``$LORA_DIST_CACHE`` or ``~/.cache/lora_dist/tokens``),
             ``data.num_proc`` (0: the CPUs, at most 8).
         eval_fraction: ``data.eval_fraction``: the last share of each source's records (at least one record, if
             the largest source has two) is held out before the weights are applied, packed into the returned
             blocks' :attr:`~PackedDataset.held_out`, once each; the blocks returned are the others'.
+        long_documents: ``data.long_documents``: what becomes of a document longer than ``seq_len``
+            (:mod:`lora_dist.packing`).
 
     Raises:
         DataError: missing/empty/malformed source or record (one line: the file, the line or row, the fields
@@ -370,7 +376,7 @@ def load_dataset(path: str | Path | list, tokenizer, seq_len: int, max_positions
     sources = _sources(path, "data.path")
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     cached = cached_blocks(sources, tokenizer, chat_template, loss_on, seq_len, packing, pad_id, cache_dir, num_proc,
-                           verbose, eval_fraction)
+                           verbose, eval_fraction, long_documents)
     stats = DataStats(**cached["meta"]["stats"])
     where = describe(sources)
     if stats.loss_tokens == 0:
@@ -380,9 +386,10 @@ def load_dataset(path: str | Path | list, tokenizer, seq_len: int, max_positions
     if cached["held_out"] is not None:
         held_out = _blocks(cached["held_out"], DataStats(**cached["meta"]["eval"]["stats"]))
     if verbose:
-        if stats.split:
-            log.warning("%s: %d of %d documents are longer than train.seq_len=%d and were split into consecutive "
-                        "blocks", where, stats.split, stats.documents, seq_len)
+        if stats.split + stats.truncated + stats.dropped:
+            log.warning("%s: documents longer than train.seq_len=%d: %d split into consecutive blocks, %d cut to their "
+                        "first %d tokens, %d left out, of %d (data.long_documents=%s)", where, seq_len, stats.split,
+                        stats.truncated, seq_len, stats.dropped, stats.documents + stats.dropped, long_documents)
         log.info("%s: %d blocks of %d; %s", where, stats.blocks, seq_len, "; ".join(_counts(stats)))
         if held_out is not None:
             log.info("%s: held out (data.eval_fraction=%g): %d records in %d blocks", where, eval_fraction,
@@ -390,7 +397,7 @@ def load_dataset(path: str | Path | list, tokenizer, seq_len: int, max_positions
     data = _blocks(cached["arrays"], stats, held_out, eval_fraction)
     data._load = {"path": path, "tokenizer": tokenizer, "seq_len": seq_len, "max_positions": max_positions,
                   "packing": packing, "chat_template": chat_template, "loss_on": loss_on, "verbose": verbose,
-                  "cache_dir": cache_dir, "num_proc": num_proc}
+                  "cache_dir": cache_dir, "num_proc": num_proc, "long_documents": long_documents}
     return data
 
 
@@ -429,7 +436,7 @@ def load_data(cfg, tokenizer, max_positions: int | None = None, verbose: bool = 
     return load_dataset(value, tokenizer, cfg.train.seq_len, max_positions, packing=packing,
                         chat_template=d.chat_template, loss_on=d.loss_on, verbose=verbose,
                         cache_dir=d.cache_dir or None, num_proc=d.num_proc,
-                        eval_fraction=d.eval_fraction if key == "path" else 0.0)
+                        eval_fraction=d.eval_fraction if key == "path" else 0.0, long_documents=d.long_documents)
 
 
 def load_splits(cfg, tokenizer, max_positions: int | None = None,
@@ -451,7 +458,8 @@ def _counts(s: DataStats) -> list[str]:
             f"tokens: {s.tokens} ({s.tokens / max(s.blocks * s.seq_len, 1):.1%} of the block positions, the rest "
             "padding)",
             f"tokens with a loss: {s.loss_tokens} ({s.loss_tokens / max(s.tokens, 1):.1%})",
-            f"documents split (longer than train.seq_len): {s.split} of {s.documents}"]
+            f"documents longer than train.seq_len: {s.split} split, {s.truncated} truncated, {s.dropped} left out, "
+            f"of {s.documents + s.dropped}"]
 
 
 def _combined(data: PackedDataset) -> DataStats:
@@ -460,8 +468,9 @@ def _combined(data: PackedDataset) -> DataStats:
     if h is None:
         return s
     records = {k: s.records.get(k, 0) + h.records.get(k, 0) for k in {*s.records, *h.records}}
-    return DataStats(records, *(getattr(s, k) + getattr(h, k) for k in ("documents", "split", "blocks", "tokens",
-                                                                         "loss_tokens")), s.seq_len, s.packing)
+    total = {k: getattr(s, k) + getattr(h, k) for k in ("documents", "split", "blocks", "tokens", "loss_tokens",
+                                                        "truncated", "dropped")}
+    return DataStats(records, seq_len=s.seq_len, packing=s.packing, **total)
 
 
 def _open(cfg) -> tuple[PackedDataset, PackedDataset | None, Any]:

@@ -1,10 +1,15 @@
 """Packing documents into ``seq_len`` blocks, streamed: a document in, full blocks out to a sink.
 
-Documents are laid out in order, each whole in one block (one longer than ``seq_len`` starts a new
-block and is split into consecutive blocks, counted); a block that cannot take the next document is
+Documents are laid out in order, each whole in one block; a block that cannot take the next document is
 padded; ``position_ids`` restart at 0 with each document (the padding too: no row attends to nothing);
 each document's (and each piece's) first token has label -100. With ``packing=False`` a block holds one
 document or piece. Only the block being filled and a bounded buffer of finished blocks are in memory.
+
+A document longer than ``seq_len`` (``data.long_documents``) is split into consecutive blocks, each learned
+(``split``: text, where every token is learned, reads on from where the last block stopped), cut to its first
+``seq_len`` tokens (``truncate``: a document with a prompt - a conversation, a completion - whose later pieces
+would be learned without the prompt or the answer's start they follow), or left out (``drop``); ``auto`` splits
+text and truncates a document with a prompt (a token after its first without a label), as TRL truncates.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import numpy as np
 
 from lora_dist.chat import IGNORE
 
-__all__ = ["BLOCK_ARRAYS", "Packer"]
+__all__ = ["BLOCK_ARRAYS", "LONG_DOCUMENTS", "Packer"]
+
+#: ``data.long_documents``: what becomes of a document longer than ``seq_len``.
+LONG_DOCUMENTS = ("auto", "split", "truncate", "drop")
 
 #: The arrays of a packed dataset: name -> (dtype, per block: a row of ``seq_len`` or one value).
 BLOCK_ARRAYS = {"input_ids": "row", "labels": "row", "position_ids": "row", "lengths": "value"}
@@ -31,19 +39,24 @@ class Packer:
         pad_id: the padding token.
         sink: called with ``{name: array}`` of up to ``buffer_blocks`` finished blocks, in order.
         buffer_blocks: finished blocks held before they go to the sink.
+        long_documents: one of :data:`LONG_DOCUMENTS` (the module docstring).
 
-    Attributes (after :meth:`finish`): ``blocks``, ``documents`` (non-empty), ``split`` (documents longer
-    than ``seq_len``), ``tokens`` (excluding padding), ``loss_tokens`` (labels other than -100).
+    Attributes (after :meth:`finish`): ``blocks``, ``documents`` (non-empty, packed), ``split``, ``truncated``
+    and ``dropped`` (documents longer than ``seq_len``), ``tokens`` (excluding padding), ``loss_tokens``
+    (labels other than -100).
     """
 
     def __init__(self, seq_len: int, packing: bool, pad_id: int, sink: Callable[[dict[str, np.ndarray]], None],
-                 buffer_blocks: int = 1024):
+                 buffer_blocks: int = 1024, long_documents: str = "auto"):
+        if long_documents not in LONG_DOCUMENTS:
+            raise ValueError(f"long_documents={long_documents!r} is not one of {', '.join(LONG_DOCUMENTS)}")
         self.seq_len, self.packing, self.pad_id, self.sink = seq_len, packing, pad_id, sink
+        self.long_documents = long_documents
         self.buf = {name: np.empty((buffer_blocks, seq_len) if shape == "row" else buffer_blocks, DTYPE)
                     for name, shape in BLOCK_ARRAYS.items()}
         self.n_buf = 0
         self.used = 0
-        self.blocks = self.documents = self.split = self.tokens = self.loss_tokens = 0
+        self.blocks = self.documents = self.split = self.truncated = self.dropped = self.tokens = self.loss_tokens = 0
         self._start_row()
 
     def _start_row(self) -> None:
@@ -54,14 +67,26 @@ class Packer:
 
     def add(self, ids: np.ndarray, labels: np.ndarray) -> None:
         """One document: its token ids and labels (-100 where there is no loss)."""
-        n = len(ids)
+        n, S = len(ids), self.seq_len
         if n == 0:
             return
-        self.documents += 1
-        S = self.seq_len
         if n > S:
-            self.split += 1
-            self._flush()
+            how = self.long_documents
+            if how == "auto":
+                how = "truncate" if (labels[1:] == IGNORE).any() else "split"
+            if how == "truncate":
+                ids, labels, n = ids[:S], labels[:S], S
+                if not (labels[1:] != IGNORE).any():  # the prompt fills the block: nothing left to learn
+                    how = "drop"
+            if how == "drop":
+                self.dropped += 1
+                return
+            if how == "split":
+                self.split += 1
+                self._flush()
+            else:
+                self.truncated += 1
+        self.documents += 1
         for k in range(0, n, S):
             piece = min(S, n - k)
             if self.used + piece > S or (self.used and not self.packing):

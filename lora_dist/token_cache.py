@@ -5,9 +5,9 @@ An entry is a dir ``<cache_dir>/<key>/`` holding the training blocks, ``input_id
 int32), the held-out blocks likewise as ``eval_*.bin`` where ``eval_fraction`` holds some out, plus
 ``meta.json`` (the key, the shapes, the byte order, the stats). The key is a SHA-256 of everything the
 blocks depend on (:func:`cache_key`): the sources (path, weight, and every file's size and mtime), the
-tokenizer (its serialized vocabulary, merges, normalizer and special tokens, not the truncation and padding
-that transformers sets at each call), the chat template, ``loss_on``, ``seq_len``, ``packing``, the padding
-id, ``eval_fraction`` and :data:`FORMAT`.
+tokenizer (its serialized vocabulary, merges, normalizer and special tokens, the ids of a probe text with every
+special token, not the truncation and padding that transformers sets at each call), the chat template,
+``loss_on``, ``seq_len``, ``packing``, ``long_documents``, the padding id, ``eval_fraction`` and :data:`FORMAT`.
 
 Held out (``eval_fraction``): the last ``eval_fraction`` of each source's records (at least one record
 where there are two or more), chosen by their place in the source before its weight is applied. They are
@@ -133,10 +133,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(sources: list[Source], tokenizer, template: str | None, loss_on: str, seq_len: int, packing: bool,
-              pad_id: int, eval_fraction: float = 0.0) -> str:
+              pad_id: int, eval_fraction: float = 0.0, long_documents: str = "auto") -> str:
     """The key of the blocks these inputs make (see the module docstring)."""
     parts = [FORMAT, signature_json(sources), tokenizer_fingerprint(tokenizer), template, loss_on, seq_len, packing,
-             pad_id, float(eval_fraction)]
+             pad_id, float(eval_fraction), long_documents]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
@@ -316,7 +316,7 @@ def sweep_killed_builds(final: Path) -> None:
 
 
 def build(final: Path, key: str, sources: list[Source], tokenizer, template: str | None, loss_on: str, seq_len: int,
-          packing: bool, pad_id: int, num_proc: int, eval_fraction: float = 0.0) -> dict:
+          packing: bool, pad_id: int, num_proc: int, eval_fraction: float = 0.0, long_documents: str = "auto") -> dict:
     """Tokenize and pack ``sources`` into the entry ``final``, published atomically; returns its meta.
 
     Raises:
@@ -332,7 +332,8 @@ def build(final: Path, key: str, sources: list[Source], tokenizer, template: str
         files["train"] = _Files(staging)
         if eval_fraction > 0:
             files["eval"] = _Files(staging, EVAL_PREFIX)
-        packers = {part: Packer(seq_len, packing, pad_id, f.write) for part, f in files.items()}
+        packers = {part: Packer(seq_len, packing, pad_id, f.write, long_documents=long_documents)
+                   for part, f in files.items()}
         kinds: dict[str, Counter] = {part: Counter() for part in files}
         for part, (chunk_kinds, ids, labels, lengths) in _tokenized(sources, tokenizer, template, loss_on, num_proc,
                                                                     eval_fraction):
@@ -348,18 +349,24 @@ def build(final: Path, key: str, sources: list[Source], tokenizer, template: str
             besides = f" besides the held-out ones; lower data.eval_fraction={eval_fraction:g}"
             raise DataError(f"data.path {', '.join(repr(s.path) for s in sources)} holds no records"
                             f"{besides if kinds.get('eval') else ''}")
-        if "eval" in files and not kinds["eval"]:  # nothing held out (one record)
+        if not packers["train"].blocks:
+            raise DataError(f"data.path {', '.join(repr(s.path) for s in sources)}: nothing to train on: its "
+                            f"{packers['train'].dropped} documents are all longer than train.seq_len={seq_len} and "
+                            f"were left out (data.long_documents={long_documents}; a prompt that fills the block "
+                            "leaves nothing to learn); raise train.seq_len, or set data.long_documents=split")
+        held_out = bool(kinds.get("eval")) and packers["eval"].blocks > 0
+        if "eval" in files and not held_out:  # nothing held out (one record, or only documents left out)
             for name in BLOCK_ARRAYS:
                 (staging / f"{EVAL_PREFIX}{name}.bin").unlink()
 
         def stats(part: str) -> dict:
             packer = packers[part]
             return {"records": dict(kinds[part]), "documents": packer.documents, "split": packer.split,
-                    "blocks": packer.blocks, "tokens": packer.tokens, "loss_tokens": packer.loss_tokens,
+                    "truncated": packer.truncated, "dropped": packer.dropped, "blocks": packer.blocks, "tokens": packer.tokens, "loss_tokens": packer.loss_tokens,
                     "seq_len": seq_len, "packing": packing}
 
         packer = packers["train"]
-        held_out = {"n_blocks": packers["eval"].blocks, "stats": stats("eval")} if kinds.get("eval") else None
+        held_out = {"n_blocks": packers["eval"].blocks, "stats": stats("eval")} if held_out else None
         meta = {"format": FORMAT, "key": key, "byteorder": sys.byteorder, "seq_len": seq_len, "n_blocks": packer.blocks,
                 "stats": stats("train"), "eval_fraction": eval_fraction, "eval": held_out,
                 "sources": [[s.path, s.weight] for s in sources]}
@@ -603,7 +610,7 @@ def _check_same_blocks(group, entry: Path, seen: list) -> None:
 
 def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on: str, seq_len: int, packing: bool,
                   pad_id: int, cache_dir: str | Path | None = None, num_proc: int = 0,
-                  verbose: bool = True, eval_fraction: float = 0.0) -> dict:
+                  verbose: bool = True, eval_fraction: float = 0.0, long_documents: str = "auto") -> dict:
     """The packed blocks of ``sources`` from the cache, built there first where missing (collective when a
     process group is initialized: call on every rank), the last ``eval_fraction`` of each source's records
     held out (see the module docstring).
@@ -628,7 +635,7 @@ def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on:
             raise DataError(str(e)) from None
         for s in sources:
             check_source(s)
-        key = cache_key(sources, tokenizer, template, loss_on, seq_len, packing, pad_id, eval_fraction)
+        key = cache_key(sources, tokenizer, template, loss_on, seq_len, packing, pad_id, eval_fraction, long_documents)
     except (Exception, Preempted) as e:
         error = e
     RankGroup().check(error)
@@ -645,7 +652,8 @@ def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on:
             except OSError as e:
                 raise DataError(f"cannot create the token cache {root} ({e.strerror}); set data.cache_dir "
                                 "(or $LORA_DIST_CACHE) to a writable dir") from None
-            build(entry, key, sources, tokenizer, template, loss_on, seq_len, packing, pad_id, workers, eval_fraction)
+            build(entry, key, sources, tokenizer, template, loss_on, seq_len, packing, pad_id, workers, eval_fraction,
+                  long_documents)
             built.append(True)
 
     # The other ranks wait for the build however long it takes, not parallel.timeout_s.

@@ -154,7 +154,8 @@ def test_documents_stay_whole_and_long_ones_are_split_into_consecutive_blocks(se
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level(logging.WARNING, logger="lora_dist.data"):
         ds = load_dataset(path, tok, SEQ)
-    assert "1 of 19 documents are longer than train.seq_len=96 and were split" in caplog.text
+    assert ("documents longer than train.seq_len=96: 1 split into consecutive blocks, 0 cut to their first 96 tokens, "
+            "0 left out, of 19 (data.long_documents=auto)") in caplog.text
     eos = tok.eos_token_id
     docs = [tok(r["text"], add_special_tokens=False)["input_ids"] + [eos] for r in rows]
     assert len(docs[8]) > 2 * SEQ and ds.stats.split == 1 and ds.stats.documents == 19
@@ -173,6 +174,50 @@ def test_documents_stay_whole_and_long_ones_are_split_into_consecutive_blocks(se
     assert segments == docs[:8] + pieces + docs[9:]
     first = next(k for k in range(len(ds)) if ds.input_ids[k].tolist()[: SEQ] == pieces[0])
     assert [ds.input_ids[first + j, : len(p)].tolist() for j, p in enumerate(pieces)] == pieces  # consecutive
+
+
+def pieces(ds) -> list[tuple[list[int], list[int]]]:
+    """Each document or piece of the blocks (positions restart at each): its ids and labels."""
+    out = []
+    for k in range(len(ds)):
+        n = int(ds.lengths[k])
+        pos = ds.position_ids[k, :n].tolist()
+        starts = [i for i, p in enumerate(pos) if p == 0] + [n]
+        out += [(ds.input_ids[k, a:b].tolist(), ds.labels[k, a:b].tolist()) for a, b in zip(starts, starts[1:])]
+    return out
+
+
+@pytest.mark.parametrize("how", ["auto", "truncate", "drop"])
+def test_a_long_document_with_a_prompt_is_truncated_not_learned_without_it(setup, tmp_path, how):
+    """data.long_documents: split, a long completion's later pieces are learned with neither its prompt nor the
+    completion's start in view; auto cuts it to its first seq_len tokens (as TRL truncates) and splits long text,
+    which reads on; truncate cuts both, drop leaves both out. A prompt that fills the block leaves nothing to
+    learn: left out."""
+    _, tok, _ = setup
+    texts = demo_texts(30, seed=9)
+    long = " ".join(texts[:12])
+    rows = [{"text": long}, {"prompt": texts[12], "completion": long}, {"text": texts[13]},
+            {"prompt": long, "completion": texts[14]}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    split = load_dataset(path, tok, SEQ, long_documents="split")
+    assert (split.stats.split, split.stats.truncated, split.stats.dropped) == (3, 0, 0)
+    theirs = pieces(split)  # the text's pieces, the completion's (its first holds the prompt), the short text...
+    first_completion = next(k for k, (_, labels) in enumerate(theirs) if IGNORE in labels[1:])
+    assert IGNORE not in theirs[first_completion + 1][1][1:]  # ... whose next piece is learned without it
+    got = load_dataset(path, tok, SEQ, long_documents=how)
+    assert (got.stats.split, got.stats.truncated, got.stats.dropped) == {
+        "auto": (1, 1, 1), "truncate": (0, 2, 1), "drop": (0, 0, 3)}[how]
+    ours = pieces(got)
+    cut = {"auto": theirs[:first_completion + 1], "truncate": [theirs[0], theirs[first_completion]], "drop": []}[how]
+    assert ours[:-1] == cut and len(theirs[0][0]) == len(theirs[first_completion][0]) == SEQ
+    short = ours[-1]  # the short text, whole; the prompt that fills a block is left out
+    assert short in theirs and len(short[0]) < SEQ and IGNORE not in short[1][1:]
+    only = tmp_path / "only.jsonl"  # nothing left at all: one line saying why, and what to change
+    only.write_text(json.dumps(rows[3]) + "\n")
+    with pytest.raises(DataError, match=r"nothing to train on: its 1 documents are all longer than "
+                                        r"train.seq_len=96 and were left out .*set data.long_documents=split"):
+        load_dataset(only, tok, SEQ, long_documents=how)
 
 
 def test_padded_per_sequence_batches(setup):
@@ -243,5 +288,6 @@ def test_dump_and_summary(setup, tmp_path):
     assert "records: 24 (8 completion, 8 messages, 8 text)" in text
     assert f"blocks: {s.blocks + h.blocks} of train.seq_len={SEQ} ({s.blocks} train, {h.blocks} eval)" in text
     assert f"tokens with a loss: {s.loss_tokens + h.loss_tokens}" in text
-    assert f"documents split (longer than train.seq_len): {s.split + h.split} of 24" in text and s.split >= 1
+    assert (f"documents longer than train.seq_len: {s.split + h.split} split, {s.truncated + h.truncated} truncated, "
+            f"{s.dropped + h.dropped} left out, of 24") in text and s.split >= 1 and s.truncated >= 1
     assert "[[<|im_start|>user\n" in text  # the first block's masked text is marked

@@ -277,9 +277,11 @@ def test_a_json_file_may_hold_an_array_or_columns(tok, tmp_path):
     (tmp_path / "columns.json").write_text(json.dumps(columns))
     for name in ("pretty.json", "line.json"):
         assert_same_blocks(ref, load_dataset(tmp_path / name, tok, SEQ))
+    # (the alpaca prompt fills a SEQ block: its documents are split here, else left out)
     assert_same_blocks(load_dataset(write_jsonl(tmp_path / "a.jsonl", [{**r, "input": r.get("input", "")}
-                                                                      for r in alpaca]), tok, SEQ),
-                       load_dataset(tmp_path / "columns.json", tok, SEQ))
+                                                                      for r in alpaca]), tok, SEQ,
+                                    long_documents="split"),
+                       load_dataset(tmp_path / "columns.json", tok, SEQ, long_documents="split"))
     (tmp_path / "bad.json").write_text('[{"text": "a"},\n{"text": ')
     with pytest.raises(DataError, match=r"bad.json:2: invalid JSON .*one JSON array of records"):
         load_dataset(tmp_path / "bad.json", tok, SEQ)
