@@ -68,10 +68,16 @@ case "${RDZV}" in
       if [[ -z "${LOCAL_ADDR:-}" ]]; then  # the source address of this node's route to MASTER_ADDR (UDP: no packet)
         LOCAL_ADDR="$(python - "${MASTER_ADDR}" "${MASTER_PORT}" <<'PY'
 import socket, sys
-family, _, _, _, address = socket.getaddrinfo(sys.argv[1], int(sys.argv[2]), type=socket.SOCK_DGRAM)[0]
-with socket.socket(family, socket.SOCK_DGRAM) as s:
-    s.connect(address)
-    print(s.getsockname()[0])
+host = sys.argv[1].strip("[]")  # an IPv6 address may come bracketed
+try:
+    found = socket.getaddrinfo(host, int(sys.argv[2]), type=socket.SOCK_DGRAM)
+    family, _, _, _, address = sorted(found, key=lambda a: a[0] != socket.AF_INET)[0]  # IPv4 first
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(address)
+        print(s.getsockname()[0])
+except OSError as e:
+    sys.exit(f"torchrun_multi_node.sh: no route from this node to MASTER_ADDR={sys.argv[1]} ({e}); "
+             "set LOCAL_ADDR to this node's address the others reach")
 PY
 )"
       fi

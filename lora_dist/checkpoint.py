@@ -324,7 +324,9 @@ def _check_data(path: Path, state: dict, data, cfg: Config) -> None:
     elif saved.get("sha256") != now["sha256"]:
         problem = (f"other data blocks ({saved.get('blocks')} blocks of {saved.get('seq_len')} tokens; this run has "
                    f"{now['blocks']} of {now['seq_len']}): data.path or its files, the tokenizer or chat template, "
-                   "data.loss_on, data.packing, data.eval_fraction, train.seq_len or lora_dist's token format changed")
+                   "data.loss_on, data.packing, data.long_documents (auto truncates a long document with a prompt, "
+                   "earlier versions split it: data.long_documents=split), data.eval_fraction, train.seq_len or "
+                   "lora_dist's token format changed")
         fix = "resume on the same data"
     else:
         return

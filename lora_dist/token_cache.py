@@ -350,11 +350,15 @@ def build(final: Path, key: str, sources: list[Source], tokenizer, template: str
             raise DataError(f"data.path {', '.join(repr(s.path) for s in sources)} holds no records"
                             f"{besides if kinds.get('eval') else ''}")
         if not packers["train"].blocks:
-            raise DataError(f"data.path {', '.join(repr(s.path) for s in sources)}: nothing to train on: its "
+            raise DataError(f"the data {', '.join(repr(s.path) for s in sources)}: nothing to train on: its "
                             f"{packers['train'].dropped} documents are all longer than train.seq_len={seq_len} and "
                             f"were left out (data.long_documents={long_documents}; a prompt that fills the block "
                             "leaves nothing to learn); raise train.seq_len, or set data.long_documents=split")
         held_out = bool(kinds.get("eval")) and packers["eval"].blocks > 0
+        if kinds.get("eval") and not held_out:
+            log.warning("the %d held-out records (data.eval_fraction=%g) are all longer than train.seq_len=%d and were "
+                        "left out (data.long_documents=%s): no eval loss; raise train.seq_len or data.eval_fraction",
+                        sum(kinds["eval"].values()), eval_fraction, seq_len, long_documents)
         if "eval" in files and not held_out:  # nothing held out (one record, or only documents left out)
             for name in BLOCK_ARRAYS:
                 (staging / f"{EVAL_PREFIX}{name}.bin").unlink()
@@ -585,27 +589,32 @@ def _blocks_digest(entry: Path) -> str:
     """A SHA-256 of an entry's block files (training and held-out), whatever its key."""
     h = hashlib.sha256()
     for path in sorted(entry.glob("*.bin")):
+        part = hashlib.sha256()
         with path.open("rb") as f:
-            h.update(path.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                part.update(chunk)
+        h.update(path.name.encode() + b"\0" + part.digest())
     return h.hexdigest()
 
 
-def _check_same_blocks(group, entry: Path, seen: list) -> None:
+def _check_same_blocks(group, entry: Path, seen: list, first: dict) -> None:
     """Ranks whose keys differ (each node reads its own copy of the data and the tokenizer: another mtime, or other
-    files) must still hold the same blocks, else they would train on different data without a word."""
+    files) must still hold the same blocks, else they would train on different data without a word. The first rank
+    of each (host, key) reads its entry; the others of its node map the same files."""
     error, digest = None, None
-    try:
-        digest = _blocks_digest(entry)
-    except OSError as e:
-        error = DataError(f"cannot read the token cache entry {entry} ({e.strerror})")
+    if first[seen[group.rank][:2]] == group.rank:
+        try:
+            digest = _blocks_digest(entry)
+        except OSError as e:
+            error = DataError(f"cannot read the token cache entry {entry} ({e.strerror})")
     group.check(error)
     digests = group.all_gather(digest)
-    other = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    other = [rank for rank, d in enumerate(digests) if d is not None and d != digests[0]]
     if other:
         host, key, _ = seen[other[0]]
         raise DataError(f"rank {other[0]} (host {host}) tokenized other blocks than rank 0 (host {seen[0][0]}): its "
                         f"data files or tokenizer differ (token cache key {key[:12]} against {seen[0][1][:12]}); "
-                        "give every node the same data.path files and the same model dir")
+                        "give every node the same data files and the same model dir")
 
 
 def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on: str, seq_len: int, packing: bool,
@@ -675,11 +684,14 @@ def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on:
                 error = e
         group.check(error)  # the others wait polling: a stop signal ends a waiting rank
     opened = open_entry(entry, key)
-    if opened is None:
-        raise DataError(f"the token cache entry {entry} is missing or incomplete after it was built; check that "
-                        f"{root} is writable and not cleaned meanwhile (data.cache_dir)")
-    if len({k for _, k, _ in seen}) > 1:
-        _check_same_blocks(group, entry, seen)
+    error = None if opened is not None else DataError(
+        f"the token cache entry {entry} is missing or incomplete after it was built; check that {root} is writable "
+        "and not cleaned meanwhile (data.cache_dir)")
+    if len({k for _, k, _ in seen}) > 1:  # every rank comes here: the check below is collective
+        group.check(error)
+        _check_same_blocks(group, entry, seen, first)
+    elif error is not None:
+        raise error
     if verbose:
         log.info("token cache: %s %s", "built" if built else "reused", entry)
     return {**opened, "entry": entry, "built": bool(built)}

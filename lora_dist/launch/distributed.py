@@ -250,15 +250,21 @@ def _mpi_bootstrap(launch: LaunchEnv) -> LaunchEnv:
     local_rank = launch.local_rank if launch.local_rank != UNKNOWN else hosts[: launch.rank].count(me)
     local_world_size = launch.local_world_size if launch.local_world_size != UNKNOWN else hosts.count(me)
     num_nodes, node_rank = len(node_names), node_names.index(me)
-    if num_nodes == 1 and local_world_size < launch.world_size:
+    shared_name = num_nodes == 1 and local_world_size < launch.world_size
+    if shared_name:
         # Nodes that share a host name (containers started with one --hostname, network namespaces): the
         # launcher's local size tells them apart, the ranks numbered node by node as mpirun places them by default.
+        if comm.allgather(local_rank) != [r % local_world_size for r in range(launch.world_size)]:
+            raise LaunchError(f"the {launch.world_size} ranks share one host name ({me!r}) on several nodes and are "
+                              "not placed node by node, so lora_dist cannot tell the nodes apart; place them by slot "
+                              "(mpirun --map-by slot) or give each node its own host name")
         num_nodes, node_rank = -(-launch.world_size // local_world_size), launch.rank // local_world_size
 
     decision: tuple[str, int, str | None] | None = None
     if launch.rank == 0:
         try:
-            addr = os.environ.get("MASTER_ADDR") or _own_address(multi_node=num_nodes > 1, peers=node_names[1:])
+            addr = os.environ.get("MASTER_ADDR") or _own_address(multi_node=num_nodes > 1, peers=node_names[1:],
+                                                                  by_name=not shared_name)
             port = int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else free_port()
             _check_port_free(port, "mpi", "MASTER_PORT" if os.environ.get("MASTER_PORT") else "picked by rank 0")
             decision = (addr, port, None)
@@ -271,11 +277,14 @@ def _mpi_bootstrap(launch: LaunchEnv) -> LaunchEnv:
                    node_rank=node_rank, num_nodes=num_nodes, master_addr=addr, master_port=port)
 
 
-def _own_address(multi_node: bool, peers: list[str]) -> str:
+def _own_address(multi_node: bool, peers: list[str], by_name: bool = True) -> str:
+    """Rank 0's address for the others: loopback on one node; else its host name where that resolves to no
+    loopback (``by_name``: not where the nodes share one name, which each resolves to itself), else the source
+    address of its route to a peer."""
     if not multi_node:
         return "127.0.0.1"
     hostname = socket.gethostname()
-    if loopback_address(hostname) is None:
+    if by_name and loopback_address(hostname) is None:
         return hostname
     for target in [*peers, "192.0.2.1"]:
         try:
@@ -286,8 +295,9 @@ def _own_address(multi_node: bool, peers: list[str]) -> str:
             continue
         if not ipaddress.ip_address(addr).is_loopback:
             return addr
-    raise LaunchError(f"rank 0 hostname {hostname!r} resolves to loopback and no routable address was found; "
-                      f"export MASTER_ADDR=<rank 0 node address> to all ranks (mpirun -x MASTER_ADDR)")
+    why = f"hostname {hostname!r} resolves to loopback" if by_name else f"the nodes share the hostname {hostname!r}"
+    raise LaunchError(f"rank 0: {why} and no routable address was found; export MASTER_ADDR=<rank 0 node address> "
+                      "to all ranks (mpirun -x MASTER_ADDR)")
 
 
 def free_port() -> int:

@@ -590,6 +590,17 @@ def test_init_mpi_without_mpi4py(clean_environ, monkeypatch):
         env_mod.init_distributed(timeout_s=5)
 
 
+@pytest.mark.parametrize("local_rank, visible, want", [
+    (3, 8, "cuda:3"),  # every GPU of the node visible
+    (5, 1, "cuda:0"),  # --gpus-per-task=1
+    (5, 4, "cuda:1"), (2, 4, "cuda:2"),  # --gpu-bind=closest: ranks 4-7 see the second socket's GPUs as cuda:0-3
+    (1, 0, "cpu"),
+])
+def test_each_rank_takes_its_own_gpu_among_those_it_sees(local_rank, visible, want):
+    launch = LaunchEnv("torchrun", local_rank, local_rank, 8, 8, 0, 1, "127.0.0.1", 0)
+    assert str(env_mod.select_device(launch, cuda_count=visible)) == want
+
+
 @pytest.mark.parametrize("rank", [0, 3])
 def test_mpi_nodes_that_share_a_host_name_are_told_apart_by_the_local_size(monkeypatch, rank):
     """Containers started with one --hostname (or network namespaces) give every rank one processor name: 4 ranks
@@ -606,8 +617,8 @@ def test_mpi_nodes_that_share_a_host_name_are_told_apart_by_the_local_size(monke
         def Get_rank(self):
             return rank
 
-        def allgather(self, value):
-            return [value] * 4
+        def allgather(self, value):  # the processor names, then the local ranks: 2 ranks per node, by slot
+            return [r % 2 for r in range(4)] if isinstance(value, int) else [value] * 4
 
         def bcast(self, value, root):
             return value if rank == root else ("10.0.0.5", 29400, None)
@@ -615,11 +626,17 @@ def test_mpi_nodes_that_share_a_host_name_are_told_apart_by_the_local_size(monke
     fake = types.SimpleNamespace(COMM_WORLD=World(), Get_processor_name=lambda: "same-name")
     monkeypatch.setitem(sys.modules, "mpi4py", types.SimpleNamespace(MPI=fake))
     asked = []
-    monkeypatch.setattr(distributed, "_own_address", lambda multi_node, peers: asked.append(multi_node) or "10.0.0.5")
+    monkeypatch.setattr(distributed, "_own_address",
+                        lambda multi_node, peers, by_name: asked.append((multi_node, by_name)) or "10.0.0.5")
     launch = LaunchEnv("mpi", rank, rank % 2, 4, 2, -1, -1, "", 0)
     got = distributed._mpi_bootstrap(launch)
     assert (got.num_nodes, got.node_rank, got.master_addr) == (2, rank // 2, "10.0.0.5")
-    assert asked == ([True] if rank == 0 else [])
+    # not by its name: each node resolves the shared name to itself
+    assert asked == ([(True, False)] if rank == 0 else [])
+    # placed round-robin (mpirun --map-by node), the local size cannot tell the nodes apart: refused in one line
+    World.allgather = lambda self, value: [0, 0, 1, 1] if isinstance(value, int) else [value] * 4
+    with pytest.raises(LaunchError, match="share one host name .* not placed node by node"):
+        distributed._mpi_bootstrap(launch)
 
 
 # --------------------------------------------------------------------------- real multi-process runs
