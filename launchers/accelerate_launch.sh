@@ -90,9 +90,10 @@ if [[ -n "${MAIN_PROCESS_IP:-}" ]]; then acc_args+=(--main_process_ip "${MAIN_PR
 if [[ -n "${MAIN_PROCESS_PORT:-}" ]]; then acc_args+=(--main_process_port "${MAIN_PROCESS_PORT}"); fi
 
 # The strategy override goes right after the config file (the CLI takes the file
-# first) and before the user's overrides, so an explicit parallel.strategy=... wins.
+# first: a first argument without "=", or a .yaml/.yml path) and before the user's
+# overrides, so an explicit parallel.strategy=... wins.
 if [[ -n "${STRATEGY}" ]]; then
-  if [[ "${1:-}" == *.yaml || "${1:-}" == *.yml ]]; then
+  if [[ -n "${1:-}" && "$1" != -* && ( "$1" != *=* || "$1" == *.yaml || "$1" == *.yml ) ]]; then
     set -- "$1" "parallel.strategy=${STRATEGY}" "${@:2}"
   else
     set -- "parallel.strategy=${STRATEGY}" "$@"

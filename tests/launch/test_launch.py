@@ -804,21 +804,22 @@ def test_launcher_script(standin, tmp_path, script, extra, launcher):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("content, strategy", [
-    ((LAUNCHERS / "accelerate_deepspeed.yaml").read_text(), "zero3"),
-    ("distributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\nmixed_precision: 'no'\n", None),
+@pytest.mark.parametrize("content, strategy, ours", [
+    ((LAUNCHERS / "accelerate_deepspeed.yaml").read_text(), "zero3", "run.cfg"),
+    ("distributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\nmixed_precision: 'no'\n", None, "cfg.yaml"),
 ], ids=["deepspeed-renamed", "multi-gpu"])
-def test_accelerate_strategy_comes_from_config_content(standin, tmp_path, content, strategy):
-    """A renamed copy of a shipped config keeps its strategy; a config without one adds no override."""
+def test_accelerate_strategy_comes_from_config_content(standin, tmp_path, content, strategy, ours):
+    """A renamed copy of a shipped config keeps its strategy, its override after lora_dist's config whatever that
+    file's name (the CLI takes a first argument without "=" as the config); a config without one adds none."""
     config = tmp_path / "my_accelerate.yaml"
     config.write_text(content)
     environ = dict(standin, ACCELERATE_CONFIG=str(config), MAIN_PROCESS_PORT=str(_free_port()))
-    proc = subprocess.run(["bash", str(LAUNCHERS / "accelerate_launch.sh"), "cfg.yaml", "train.lr=1e-3"], env=environ,
+    proc = subprocess.run(["bash", str(LAUNCHERS / "accelerate_launch.sh"), ours, "train.lr=1e-3"], env=environ,
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = _results(proc.stdout)
     _assert_all_reduced(rows, 2, "torchrun")
-    expected = ["cfg.yaml", f"parallel.strategy={strategy}", "train.lr=1e-3"] if strategy else ["cfg.yaml", "train.lr=1e-3"]
+    expected = [ours, f"parallel.strategy={strategy}", "train.lr=1e-3"] if strategy else [ours, "train.lr=1e-3"]
     assert all(row["args"] == expected for row in rows)
     if strategy is None:
         assert "parallel.strategy comes from the lora_dist config" in proc.stderr
