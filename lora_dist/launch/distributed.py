@@ -254,10 +254,13 @@ def _mpi_bootstrap(launch: LaunchEnv) -> LaunchEnv:
     if shared_name:
         # Nodes that share a host name (containers started with one --hostname, network namespaces): the
         # launcher's local size tells them apart, the ranks numbered node by node as mpirun places them by default.
-        if comm.allgather(local_rank) != [r % local_world_size for r in range(launch.world_size)]:
+        # every rank judges the same gathered layout, so all raise or none does (an MPI collective has no timeout)
+        layout = comm.allgather((local_rank, local_world_size))
+        if {size for _, size in layout} != {local_world_size} or \
+                [r for r, _ in layout] != [r % local_world_size for r in range(launch.world_size)]:
             raise LaunchError(f"the {launch.world_size} ranks share one host name ({me!r}) on several nodes and are "
-                              "not placed node by node, so lora_dist cannot tell the nodes apart; place them by slot "
-                              "(mpirun --map-by slot) or give each node its own host name")
+                              "not placed node by node, as many on each, so lora_dist cannot tell the nodes apart; "
+                              "place them by slot (mpirun --map-by slot) or give each node its own host name")
         num_nodes, node_rank = -(-launch.world_size // local_world_size), launch.rank // local_world_size
 
     decision: tuple[str, int, str | None] | None = None

@@ -617,8 +617,8 @@ def test_mpi_nodes_that_share_a_host_name_are_told_apart_by_the_local_size(monke
         def Get_rank(self):
             return rank
 
-        def allgather(self, value):  # the processor names, then the local ranks: 2 ranks per node, by slot
-            return [r % 2 for r in range(4)] if isinstance(value, int) else [value] * 4
+        def allgather(self, value):  # the processor names, then (local rank, local size): 2 ranks per node, by slot
+            return [(r % 2, 2) for r in range(4)] if isinstance(value, tuple) else [value] * 4
 
         def bcast(self, value, root):
             return value if rank == root else ("10.0.0.5", 29400, None)
@@ -633,10 +633,12 @@ def test_mpi_nodes_that_share_a_host_name_are_told_apart_by_the_local_size(monke
     assert (got.num_nodes, got.node_rank, got.master_addr) == (2, rank // 2, "10.0.0.5")
     # not by its name: each node resolves the shared name to itself
     assert asked == ([(True, False)] if rank == 0 else [])
-    # placed round-robin (mpirun --map-by node), the local size cannot tell the nodes apart: refused in one line
-    World.allgather = lambda self, value: [0, 0, 1, 1] if isinstance(value, int) else [value] * 4
-    with pytest.raises(LaunchError, match="share one host name .* not placed node by node"):
-        distributed._mpi_bootstrap(launch)
+    # placed round-robin (mpirun --map-by node), or 3 ranks on one node and 1 on the other: the local size cannot
+    # tell the nodes apart; every rank sees the same layout and refuses in one line (none goes on to wait)
+    for layout in ([(0, 2), (0, 2), (1, 2), (1, 2)], [(0, 3), (1, 3), (2, 3), (0, 1)]):
+        World.allgather = lambda self, value, layout=layout: layout if isinstance(value, tuple) else [value] * 4
+        with pytest.raises(LaunchError, match="share one host name .* not placed node by node, as many on each"):
+            distributed._mpi_bootstrap(launch)
 
 
 # --------------------------------------------------------------------------- real multi-process runs
