@@ -33,7 +33,6 @@ resumed on another world size continues from the same sample.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ from lora_dist.atomic import writing_file
 from lora_dist.chat import IGNORE
 from lora_dist.inputs import clip, read_json
 from lora_dist.loss import loss_rows, n_targets
+from lora_dist.packing import BLOCK_ARRAYS, blocks_fingerprint
 from lora_dist.model_dir import (REMOTE_CODE_FIX, ModelDirError, alibi_attention, read_config_json, recurrent_layers,
                                  text_config)
 from lora_dist.sources import DataError, Source, describe, input_paths, parse_sources
@@ -156,21 +156,11 @@ class PackedDataset:
         return self.input_ids.shape[0]
 
     def fingerprint(self) -> str:
-        """A SHA-256 of the blocks: their ids, labels, positions and lengths, as little-endian int32.
-
-        What a resumed run must read again to continue where its checkpoint stopped (``state.json``'s ``data``).
-        Computed once (about 1.5 GB/s), in chunks of rows.
-        """
+        """A SHA-256 of the blocks (:func:`~lora_dist.packing.blocks_fingerprint`), computed once: what a resumed run
+        must read again to continue where its checkpoint stopped (``state.json``'s ``data``)."""
         if self._fingerprint is None:
-            h = hashlib.sha256(f"{tuple(self.input_ids.shape)}".encode())
-            rows = max(1, (64 << 20) // (4 * max(1, self.input_ids.shape[1])))
-            for name in ("input_ids", "labels", "position_ids", "lengths"):
-                array = getattr(self, name)
-                h.update(name.encode() + (b"-" if array is None else b"+"))
-                for start in range(0, 0 if array is None else len(array), rows):
-                    chunk = array[start:start + rows].to(torch.int32).contiguous().numpy()
-                    h.update(memoryview(chunk.astype("<i4", copy=False)).cast("B"))
-            self._fingerprint = h.hexdigest()
+            self._fingerprint = blocks_fingerprint({name: None if getattr(self, name) is None else
+                                                    getattr(self, name).numpy() for name in BLOCK_ARRAYS})
         return self._fingerprint
 
     def split(self, eval_fraction: float) -> tuple["PackedDataset", "PackedDataset | None"]:

@@ -55,7 +55,7 @@ import numpy as np
 from lora_dist.atomic import WriterMark, publish_dir, sweep_abandoned
 from lora_dist.chat import ChatError, parse_record, resolve_template, tokenize_record
 from lora_dist.inputs import clip
-from lora_dist.packing import BLOCK_ARRAYS, DTYPE, Packer
+from lora_dist.packing import BLOCK_ARRAYS, DTYPE, Packer, blocks_fingerprint
 from lora_dist.preemption import Preempted
 from lora_dist.sources import DataError, Source, check_source, copies, count_rows, read_chunks, signature_json
 
@@ -366,8 +366,8 @@ def build(final: Path, key: str, sources: list[Source], tokenizer, template: str
         def stats(part: str) -> dict:
             packer = packers[part]
             return {"records": dict(kinds[part]), "documents": packer.documents, "split": packer.split,
-                    "truncated": packer.truncated, "dropped": packer.dropped, "blocks": packer.blocks, "tokens": packer.tokens, "loss_tokens": packer.loss_tokens,
-                    "seq_len": seq_len, "packing": packing}
+                    "truncated": packer.truncated, "dropped": packer.dropped, "blocks": packer.blocks,
+                    "tokens": packer.tokens, "loss_tokens": packer.loss_tokens, "seq_len": seq_len, "packing": packing}
 
         packer = packers["train"]
         held_out = {"n_blocks": packers["eval"].blocks, "stats": stats("eval")} if held_out else None
@@ -585,28 +585,18 @@ def _maps(entry: Path, prefix: str, n: int, S: int) -> dict[str, np.ndarray] | N
     return arrays
 
 
-def _blocks_digest(entry: Path) -> str:
-    """A SHA-256 of an entry's block files (training and held-out), whatever its key."""
-    h = hashlib.sha256()
-    for path in sorted(entry.glob("*.bin")):
-        part = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                part.update(chunk)
-        h.update(path.name.encode() + b"\0" + part.digest())
-    return h.hexdigest()
-
-
-def _check_same_blocks(group, entry: Path, seen: list, first: dict) -> None:
+def _check_same_blocks(group, opened: dict, seen: list, first: dict) -> None:
     """Ranks whose keys differ (each node reads its own copy of the data and the tokenizer: another mtime, or other
-    files) must still hold the same blocks, else they would train on different data without a word. The first rank
-    of each (host, key) reads its entry; the others of its node map the same files."""
-    error, digest = None, None
+    files) must still hold the same blocks (:func:`~lora_dist.packing.blocks_fingerprint`, the training and the
+    held-out ones), else they would train on different data without a word. The first rank of each (host, key)
+    reads its entry; the others of its node map the same files."""
+    digest = error = None
     if first[seen[group.rank][:2]] == group.rank:
         try:
-            digest = _blocks_digest(entry)
-        except OSError as e:
-            error = DataError(f"cannot read the token cache entry {entry} ({e.strerror})")
+            digest = [blocks_fingerprint(opened["arrays"]),
+                      opened["held_out"] is not None and blocks_fingerprint(opened["held_out"])]
+        except OSError as e:  # a mapped file cut short meanwhile: every rank stops, none waits
+            error = DataError(f"cannot read the token cache entry of rank {group.rank} ({e})")
     group.check(error)
     digests = group.all_gather(digest)
     other = [rank for rank, d in enumerate(digests) if d is not None and d != digests[0]]
@@ -689,7 +679,7 @@ def cached_blocks(sources: list[Source], tokenizer, chat_template: str, loss_on:
         "and not cleaned meanwhile (data.cache_dir)")
     if len({k for _, k, _ in seen}) > 1:  # every rank comes here: the check below is collective
         group.check(error)
-        _check_same_blocks(group, entry, seen, first)
+        _check_same_blocks(group, opened, seen, first)
     elif error is not None:
         raise error
     if verbose:
