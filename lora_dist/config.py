@@ -29,7 +29,9 @@ import yaml
 from lora_dist.errors import ConfigError
 from lora_dist.inputs import (MAX_CONFIG_BYTES, YAMLBool, clip, excerpt, parse_yaml, plain, read_json, read_text,
                               source_text)
+from lora_dist.chat import LOSS_ON
 from lora_dist.lora import LoRAConfig, LoRAConfigError
+from lora_dist.packing import LONG_DOCUMENTS
 from lora_dist.quant import QUANTIZE, quantize_problem
 
 __all__ = [
@@ -157,11 +159,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         from lora_dist.sources import SourceSpecError, parse_sources
 
-        if self.loss_on not in ("all_assistant", "last_assistant"):
-            raise ConfigError(f"data.loss_on={excerpt(self.loss_on, 40)} is not one of all_assistant, last_assistant")
-        if self.long_documents not in ("auto", "split", "truncate", "drop"):
-            raise ConfigError(f"data.long_documents={excerpt(self.long_documents, 40)} is not one of auto, split, "
-                              "truncate, drop")
+        for key, allowed in (("loss_on", LOSS_ON), ("long_documents", LONG_DOCUMENTS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"data.{key}={excerpt(getattr(self, key), 40)} is not one of {', '.join(allowed)}")
         for key in ("path", "eval_path"):
             try:
                 parse_sources(getattr(self, key), f"data.{key}")
@@ -190,8 +190,8 @@ class ParallelConfig:
     parallel.shard_unit=weight and parallel.offload_activations)."""
     memory_gb: float = 0.0
     """parallel.strategy=auto: memory per rank in GB (1e9 bytes); 0: the GPU's free memory less 10% of its total
-    (fragmentation, NCCL buffers), or on the CPU the host's memory (or its cgroup's limit, a Slurm job's --mem, where lower) divided by the ranks
-    on the node."""
+    (fragmentation, NCCL buffers), or on the CPU the host's memory (or its cgroup's limit, a Slurm job's --mem,
+    where lower) divided by the ranks on the node."""
     mixed_precision: str = "float32"
     """Compute dtype of the base under fsdp2/zero: float32 or bfloat16 (LoRA params and grad reduction stay fp32).
     float16 is refused: it needs a loss scaler, which lora_dist does not run."""
