@@ -337,7 +337,7 @@ def check_dtypes(found: CheckpointFiles, base: ModelDir, config: Mapping, stored
         dtype = None
     got = {key: from_safetensors(entry.dtype) for key, (_, entry) in found.entries.items()}
     wrong: list[str] = []
-    for out_dtype in (None, dtype) if dtype is not None else (None,):  # the base's dtypes, or the declared one
+    for out_dtype in [None] if dtype is None else [None, dtype]:  # the base's dtypes, or the declared one
         want = specs(base, out_dtype)
         wrong = [k for k in sorted(got, key=natural_key) if k in want and got[k] != want[k].dtype]
         if not wrong:

@@ -254,7 +254,7 @@ def _mpi_bootstrap(launch: LaunchEnv) -> LaunchEnv:
     if shared_name:
         # Nodes that share a host name (containers started with one --hostname, network namespaces): the
         # launcher's local size tells them apart, the ranks numbered node by node as mpirun places them by default.
-        # every rank judges the same gathered layout, so all raise or none does (an MPI collective has no timeout)
+        # Every rank judges the same gathered layout, so all raise or none does (an MPI collective has no timeout).
         layout = comm.allgather((local_rank, local_world_size))
         if {size for _, size in layout} != {local_world_size} or \
                 [r for r, _ in layout] != [r % local_world_size for r in range(launch.world_size)]:
