@@ -645,3 +645,19 @@ def test_mpirun_relies_on_hydra_forwarding(mpirun, version):
 def test_mpirun_flavor_can_be_forced(mpirun):
     assert "-x" in mpirun(MPICH, MPI_FLAVOR="openmpi")
     assert "-x" not in mpirun(OPEN_MPI, MPI_FLAVOR="mpich")
+
+
+@pytest.mark.parametrize("template", ["multi_node.sbatch", "per_gpu_tasks.sbatch", "preemptible.sbatch"])
+def test_every_template_derives_lora_dists_rendezvous_port(template):
+    """The templates' port (bash) and lora_dist's own for an srun task without MASTER_PORT are one rule."""
+    import re
+
+    from lora_dist.launch.detect import slurm_port
+
+    text = (Path(__file__).resolve().parents[1] / "slurm" / template).read_text()
+    line = next(line for line in text.splitlines() if line.startswith("MASTER_PORT="))
+    expression = re.fullmatch(r"MASTER_PORT=\$\{MASTER_PORT:-\$\(\((.*)\)\)\}", line).group(1)
+    for job_id in (1, 4242, 11999, 12000, 987654):
+        got = subprocess.run(["bash", "-c", f"SLURM_JOB_ID={job_id}; echo $(({expression}))"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert int(got) == slurm_port(job_id), (template, job_id)
