@@ -344,6 +344,9 @@ def _plan_parser(prog: str) -> argparse.ArgumentParser:
                        "checkpoint's config.json. With parallel.strategy=auto, first the strategy chosen for "
                        "parallel.memory_gb per rank and each candidate's predicted peak.", "dotted overrides, e.g. parallel.strategy=zero3 train.seq_len=2048")
     p.add_argument("--world-size", "-W", type=int, required=True, help="number of ranks")
+    p.add_argument("--ranks-per-node", "--gpus-per-node", type=int, default=None,
+                   help="ranks (GPUs) per node, what parallel.reshard_after_forward=node keeps a shard over (default: "
+                   "W up to 8, else the largest count dividing W and 8)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -351,7 +354,9 @@ def _plan_parser(prog: str) -> argparse.ArgumentParser:
 def _plan(args: argparse.Namespace) -> int:
     from lora_dist.plan import plan_memory
 
-    plan = plan_memory(_config_and_overrides(args), args.world_size)
+    if args.ranks_per_node is not None and args.ranks_per_node < 1:
+        raise _UsageError(f"--ranks-per-node must be >= 1, got {args.ranks_per_node}")
+    plan = plan_memory(_config_and_overrides(args), args.world_size, ranks_per_node=args.ranks_per_node)
     print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.table())
     return EXIT_OK
 

@@ -12,6 +12,10 @@ computed from the resulting parameter shapes and the run config:
   W); zero3 keeps ``ceil(numel / W)`` elements of every parameter, plus a
   whole copy of every parameter below DeepSpeed's persistence threshold
   (shown as *replicated*); ddp/none/zero1/zero2 keep everything.
+  DeepSpeed with its ``bf16`` section enabled (``parallel.mixed_precision=bfloat16`` or a bf16 base:
+  :func:`~lora_dist.parallel.deepspeed.deepspeed_config`) holds the whole module in bf16, so under
+  zero1/2/3 the base and the activations count 2 bytes an element even over an fp32 ``model.dtype``;
+  fsdp2 keeps its shards in ``model.dtype`` and casts what it gathers.
   With ``model.quantize=nf4`` the weights :mod:`lora_dist.quant` quantizes at
   this sharding count torchao's NF4 bytes of their shard
   (:func:`~lora_dist.nf4.nf4_bytes`: half a byte per element, an int8 scale
@@ -59,7 +63,10 @@ computed from the resulting parameter shapes and the run config:
   all-gather output of its largest weight.
   Resharded to N ranks after forward (``reshard_after_forward=N`` or ``node``),
   every block and the input embedding also keep a 1/N shard from their
-  forward until backward.
+  forward until backward. ``node`` is the ranks of a node: ``lora-dist plan
+  --ranks-per-node`` (default :func:`default_ranks_per_node`: W up to 8, else
+  the largest count dividing W and 8), at launch the launch's ranks per node, as
+  training resolves it; the plan says which it assumed.
   zero3: a parameter backward uses again within ``stage3_max_reuse_distance``
   parameters is not released after forward, so with a reuse distance beyond
   the model's size the whole base stays gathered (at most
@@ -122,7 +129,8 @@ from lora_dist.dtypes import parse_dtype
 from lora_dist.errors import ConfigError
 from lora_dist.model_dir import text_config
 
-__all__ = ["MemoryPlan", "StrategyChoice", "choose_strategy", "memory_budget", "meta_model", "plan_memory"]
+__all__ = ["MemoryPlan", "StrategyChoice", "choose_strategy", "default_ranks_per_node", "memory_budget", "meta_model",
+           "plan_memory"]
 
 LORA_BYTES = 4  # LoRA params, grads and optimizer state are fp32
 PARTIAL_CHECKPOINTING = (4, 2)
@@ -194,6 +202,10 @@ class MemoryPlan:
     """What each moment of :data:`MOMENTS` planned holds in all (the peak is the largest)."""
     runs_as: str = ""
     """Where the config's strategy runs as another (fsdp2 over one shard rank: none or ddp), which and why."""
+    ranks_per_node: int | None = None
+    """fsdp2 with ``parallel.reshard_after_forward=node``: the ranks of a node it was planned with (else None)."""
+    node_reshard: str = ""
+    """fsdp2 with ``parallel.reshard_after_forward=node``: the node size assumed and what it keeps after forward."""
 
     TERMS = ("base_shard", "base_replicated", "lora_params", "lora_grads", "optimizer_state", "activations",
              "gathered", "buffers", "adapted_experts")
@@ -223,6 +235,7 @@ class MemoryPlan:
             f"{f' (dp_replicate={self.dp_replicate} x dp_shard={self.world_size // self.dp_replicate})' if self.dp_replicate > 1 else ''}"
             f" tokens/micro-batch/rank={self.tokens_per_micro_batch}",
             *([self.runs_as] if self.runs_as else []),
+            *([self.node_reshard] if self.node_reshard else []),
             f"model: {self.num_params / 1e6:.1f}M params ({self.model_bytes / GB:.2f} GB), LoRA "
             f"{self.num_lora_params / 1e6:.2f}M params, largest tensor {self.largest_tensor_bytes / GB:.3f} GB",
         ]
@@ -323,15 +336,20 @@ def _fsdp2_side_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in embedding_and_head(model) if m is not None]
 
 
-def _deepspeed_zero(cfg: Config, hf_config, lora_numel: int) -> dict:
-    """The ``zero_optimization`` section DeepSpeed gets: the run's config, as the engine caps it."""
+def _deepspeed(cfg: Config, hf_config, lora_numel: int) -> tuple[dict, bool]:
+    """The ``zero_optimization`` section DeepSpeed gets (the run's config, as the engine caps it), and whether its
+    ``bf16`` (or ``fp16``) section is enabled: then DeepSpeed holds the whole module, the frozen base included, in
+    16 bits, whatever ``model.dtype`` (``parallel.mixed_precision=bfloat16`` over an fp32 base: a bf16 base)."""
     from lora_dist.parallel.deepspeed import cap_reduce_bucket, deepspeed_config
 
     ds = cap_reduce_bucket(deepspeed_config(cfg, hf_config), lora_numel)
-    return ds.get("zero_optimization", {})
+    bf16 = ds["bf16"] if "bf16" in ds else ds.get("bfloat16")  # DeepSpeed reads bf16 first, then the older name
+    half = any((section or {}).get("enabled") is True for section in (bf16, ds.get("fp16")))
+    return ds.get("zero_optimization", {}), half
 
 
-def plan_memory(cfg: Config, world_size: int, budget: int | None = None) -> MemoryPlan:
+def plan_memory(cfg: Config, world_size: int, budget: int | None = None,
+                ranks_per_node: int | None = None) -> MemoryPlan:
     """Predict per-rank memory of training ``cfg`` on ``world_size`` ranks, from config.json alone.
 
     Args:
@@ -339,24 +357,39 @@ def plan_memory(cfg: Config, world_size: int, budget: int | None = None) -> Memo
         world_size: number of ranks.
         budget: memory per rank in bytes for ``parallel.strategy=auto`` (default: :func:`memory_budget` of
             this machine, ``world_size`` ranks on it).
+        ranks_per_node: the ranks a node runs, what ``parallel.reshard_after_forward=node`` keeps a shard over
+            (a launch's ``local_world_size``; < 1: not known, the blocks reshard fully, as training does then);
+            default :func:`default_ranks_per_node`.
 
     Raises:
         ModelDirError: ``model.path`` has no config.json.
         LoRAConfigError: the LoRA targets match nothing in the model.
-        ConfigError: ``world_size`` < 1; ``strategy=auto`` and no candidate fits the budget.
+        ConfigError: ``world_size`` < 1; ``strategy=auto`` and no candidate fits the budget;
+            ``reshard_after_forward=node`` and ``ranks_per_node`` does not divide the ranks the base is sharded over.
     """
     if world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {world_size}")
+    node = default_ranks_per_node(world_size) if ranks_per_node is None else ranks_per_node
     hf_config = _hf_config(cfg.model.path)
     model = meta_model(cfg, hf_config)
     if cfg.parallel.strategy != "auto":
-        return _plan(cfg, world_size, hf_config, model)
+        return _plan(cfg, world_size, hf_config, model, node)
     if budget is None:
         budget = memory_budget(cfg.parallel.memory_gb, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                                world_size)
-    parallel, choice = _choose(cfg, world_size, budget, hf_config, model)
-    return dataclasses.replace(_plan(dataclasses.replace(cfg, parallel=parallel), world_size, hf_config, model),
+    parallel, choice = _choose(cfg, world_size, budget, hf_config, model, node)
+    return dataclasses.replace(_plan(dataclasses.replace(cfg, parallel=parallel), world_size, hf_config, model, node),
                                choice=choice)
+
+
+#: The ranks of a node :func:`plan_memory` assumes where none is given: a node of 8 GPUs, the common size.
+RANKS_PER_NODE = 8
+
+
+def default_ranks_per_node(world_size: int) -> int:
+    """The ranks per node ``lora-dist plan`` assumes without ``--ranks-per-node``: all ``world_size`` ranks up to
+    :data:`RANKS_PER_NODE` (one node), else the largest count dividing both (equal nodes of at most that many)."""
+    return world_size if world_size <= RANKS_PER_NODE else math.gcd(world_size, RANKS_PER_NODE)
 
 
 #: The share of a GPU's memory the planner leaves to what it does not count: the caching allocator's fragmentation
@@ -443,14 +476,17 @@ def _candidates(p: ParallelConfig, world_size: int, base_dtype: str) -> list[tup
     whole base fits on every rank, the activations they save rarely matter); then fsdp2 with more and more blocks
     checkpointed (never fewer than ``p`` asks for); the last one holds the least: one FSDP2 unit per weight and the
     checkpointed block inputs in host memory."""
-    replicated = "ddp" if world_size > 1 else "none"
+    from lora_dist.parallel.parallelize import as_replicated, replicated_if_unsharded
+
     # ddp and none compute in the base's dtype: parallel.mixed_precision=bfloat16 over another base is fsdp2's cast
     casts = p.mixed_precision == "bfloat16" and base_dtype != "bfloat16"
     offload = p.offload_activations and not p.compile
     # parallel.offload_activations without checkpointing (accepted under auto) applies to the checkpointed candidates.
     plain = p if p.activation_checkpointing else dataclasses.replace(p, offload_activations=False)
-    options = [*(() if casts else (dataclasses.replace(plain, strategy=replicated, selective_recompute=False),
-                                   dataclasses.replace(plain, strategy=replicated))),
+    # The replicated candidates drop the fsdp2-only keys (as_replicated): the run's config.json records the choice
+    # and is read back by lora-dist export, which refuses them for ddp/none.
+    options = [*(() if casts else (as_replicated(dataclasses.replace(plain, selective_recompute=False), world_size),
+                                   as_replicated(plain, world_size))),
                dataclasses.replace(plain, strategy="fsdp2"),
                # Checkpointing every 4th block, every 2nd, every one: part of the activations for part of the
                # recompute. Compiled blocks cannot take the offload's hooks (lora_dist.parallel.compile).
@@ -458,8 +494,6 @@ def _candidates(p: ParallelConfig, world_size: int, base_dtype: str) -> list[tup
                  for n in (*PARTIAL_CHECKPOINTING, True) if _at_least(n, p.activation_checkpointing)),
                dataclasses.replace(p, strategy="fsdp2", activation_checkpointing=True, shard_unit="weight",
                                    offload_activations=not p.compile)]
-    from lora_dist.parallel.parallelize import replicated_if_unsharded
-
     out: list[tuple[str, ParallelConfig]] = []
     for option in (replicated_if_unsharded(o, world_size, base_dtype) for o in options):
         name = mode_name(option)
@@ -468,11 +502,11 @@ def _candidates(p: ParallelConfig, world_size: int, base_dtype: str) -> list[tup
     return out
 
 
-def _choose(cfg: Config, world_size: int, budget: int, hf_config,
-            model: torch.nn.Module) -> tuple[ParallelConfig, StrategyChoice]:
+def _choose(cfg: Config, world_size: int, budget: int, hf_config, model: torch.nn.Module,
+            ranks_per_node: int) -> tuple[ParallelConfig, StrategyChoice]:
     peaks: list[tuple[str, int]] = []
     for name, parallel in _candidates(cfg.parallel, world_size, cfg.model.dtype):
-        peak = _plan(dataclasses.replace(cfg, parallel=parallel), world_size, hf_config, model).total
+        peak = _plan(dataclasses.replace(cfg, parallel=parallel), world_size, hf_config, model, ranks_per_node).total
         peaks.append((name, peak))
         if peak <= budget:
             return parallel, StrategyChoice(parallel.strategy, parallel.activation_checkpointing, budget, peaks)
@@ -483,8 +517,11 @@ def _choose(cfg: Config, world_size: int, budget: int, hf_config,
                       f"the smallest predicted peak is {smallest / GB:.2f} GB ({name}); use {', '.join(fixes)}")
 
 
-def choose_strategy(cfg: Config, world_size: int, budget: int) -> tuple[ParallelConfig, StrategyChoice]:
-    """Resolve ``parallel.strategy=auto``: the fastest candidate whose predicted peak fits ``budget`` bytes.
+def choose_strategy(cfg: Config, world_size: int, budget: int,
+                    ranks_per_node: int | None = None) -> tuple[ParallelConfig, StrategyChoice]:
+    """Resolve ``parallel.strategy=auto``: the fastest candidate whose predicted peak fits ``budget`` bytes, with
+    ``parallel.reshard_after_forward=node`` planned over ``ranks_per_node`` (:func:`plan_memory`; a launch passes
+    its ``local_world_size``).
 
     Returns:
         ``(parallel, choice)``: ``cfg.parallel`` with the chosen strategy (and activation checkpointing), and why.
@@ -492,8 +529,9 @@ def choose_strategy(cfg: Config, world_size: int, budget: int) -> tuple[Parallel
     Raises:
         ConfigError: no candidate fits, naming the smallest predicted peak and the fixes.
     """
+    node = default_ranks_per_node(world_size) if ranks_per_node is None else ranks_per_node
     hf_config = _hf_config(cfg.model.path)
-    return _choose(cfg, world_size, budget, hf_config, meta_model(cfg, hf_config))
+    return _choose(cfg, world_size, budget, hf_config, meta_model(cfg, hf_config), node)
 
 
 @dataclass
@@ -505,8 +543,9 @@ class _Run:
     world: int
     hf_config: Any
     model: torch.nn.Module
-    base_elt: int  # bytes of a base element at rest (model.dtype)
+    base_elt: int  # bytes of a base element at rest (model.dtype; under DeepSpeed's bf16, 2)
     compute_elt: int  # bytes of a gathered weight and of an activation
+    zero: dict  # zero*: DeepSpeed's zero_optimization section (else empty)
     lora: set[int]  # ids of the LoRA params
     base: list[tuple[str, torch.nn.Parameter]]
     lora_numel: int
@@ -514,6 +553,7 @@ class _Run:
     blocks: list[torch.nn.Module]
     checkpointed: list[int]  # the blocks backward recomputes
     shards: int  # ranks a base weight's rows are split over (fsdp2's dp_shard; else 1)
+    ranks_per_node: int  # what parallel.reshard_after_forward=node means (< 1: not known, as true)
     nf4: set[int]  # ids of the weights stored as NF4
     tokens: int  # per micro-batch
     hidden: int  # the hidden size
@@ -524,7 +564,7 @@ class _Run:
     embed_sharded: bool  # fsdp2: the embedding looks up on its vocabulary shards, never gathered
 
     @classmethod
-    def of(cls, cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> _Run:
+    def of(cls, cfg: Config, world_size: int, hf_config, model: torch.nn.Module, ranks_per_node: int) -> _Run:
         from lora_dist.blocks import find_blocks
         from lora_dist.lora import lora_parameters
         from lora_dist.loss import chunkable
@@ -537,10 +577,20 @@ class _Run:
         from lora_dist.sharding import vocab_sharding_pays
 
         p: ParallelConfig = replicated_if_unsharded(cfg.parallel, world_size, cfg.model.dtype)
+        full_config = hf_config
         hf_config = text_config(hf_config)  # a vision-language model: its language model's
         base_elt = parse_dtype(cfg.model.dtype).itemsize
+        # fsdp2 casts the gathered base (parallel.mixed_precision=bfloat16) and keeps its shards in model.dtype;
+        # DeepSpeed with bf16 enabled holds the whole module in bf16, its partitions too.
+        compute_elt = 2 if (p.mixed_precision == "bfloat16" and p.strategy == "fsdp2") else base_elt
         lora_params = lora_parameters(model)
         lora = {id(q) for q in lora_params}
+        lora_numel = sum(q.numel() for q in lora_params)
+        zero: dict = {}
+        if p.strategy.startswith("zero"):
+            zero, half = _deepspeed(cfg, full_config, lora_numel)
+            if half:
+                base_elt = compute_elt = 2
         base = [(n, q) for n, q in model.named_parameters() if id(q) not in lora]
         blocks = find_blocks(model)
         # model.quantize=nf4: the weights lora_dist.quant quantizes at this sharding are NF4 bytes at rest and
@@ -554,10 +604,10 @@ class _Run:
         chunk = min(cfg.train.loss_chunk, tokens) if chunkable(model) is None else 0
         return cls(
             cfg=cfg, p=p, world=world_size, hf_config=hf_config, model=model, base_elt=base_elt,
-            compute_elt=2 if (p.mixed_precision == "bfloat16" and p.strategy in ("fsdp2", "zero3")) else base_elt,
-            lora=lora, base=base, lora_numel=sum(q.numel() for q in lora_params),
+            compute_elt=compute_elt, zero=zero, lora=lora, base=base, lora_numel=lora_numel,
             base_numel=sum(q.numel() for _, q in base), blocks=blocks,
-            checkpointed=checkpointed_blocks(len(blocks), p.activation_checkpointing), shards=shards, nf4=nf4,
+            checkpointed=checkpointed_blocks(len(blocks), p.activation_checkpointing), shards=shards,
+            ranks_per_node=ranks_per_node, nf4=nf4,
             tokens=tokens, hidden=getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd"), chunk=chunk,
             embed=embed, head=head,
             head_sharded=(p.strategy == "fsdp2" and not p.gather_head and bool(chunk) and head is not None
@@ -671,7 +721,7 @@ def _fsdp2_state(r: _Run, s: _State) -> None:
         lookup = (r.shards + 1) * r.tokens * r.embed.weight.shape[1] * r.compute_elt if r.embed_sharded else \
             r.gathered_bytes(r.embed.parameters())
         s.forward_gathered = root_rest + lookup + first
-    after_forward = reshard_size(p, r.shards, 0)
+    after_forward = reshard_size(p, r.shards, r.ranks_per_node)
     if after_forward is not True:
         # Resharded to N ranks (reshard_after_forward=N, or node resolved to the node's ranks): every block and the
         # embedding keep a 1/N shard from their forward until backward gathers them again.
@@ -690,7 +740,7 @@ def _fsdp2_state(r: _Run, s: _State) -> None:
 def _zero3_state(r: _Run, s: _State) -> None:
     """zero3: DeepSpeed's partitions of the base and of the LoRA, what it keeps whole, and what it gathers."""
     W, base, lora_numel, base_numel = r.world, r.base, r.lora_numel, r.base_numel
-    zero = _deepspeed_zero(r.cfg, r.hf_config, lora_numel)
+    zero = r.zero
     threshold = int(zero.get("stage3_param_persistence_threshold", 100_000))
     s.base_shard = sum(math.ceil(q.numel() / W) for _, q in base) * r.base_elt
     s.base_replicated = sum(q.numel() for _, q in base if q.numel() < threshold) * r.base_elt
@@ -745,10 +795,9 @@ def _state(r: _Run) -> _State:
     elif p.strategy == "zero3":
         _zero3_state(r, s)
     elif p.strategy in ("zero1", "zero2"):
-        zero = _deepspeed_zero(r.cfg, r.hf_config, r.lora_numel)
         s.base_shard = r.base_numel * r.base_elt
         s.optimizer_state = 3 * math.ceil(r.lora_numel / r.world) * LORA_BYTES
-        s.buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
+        s.buffers = int(float(r.zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
     else:  # ddp, none
         s.base_shard = sum(r.stored(q, q.numel(), r.base_elt) for _, q in r.base)
         s.gathered, s.loss_gathered = block_dequantized, head_dequantized
@@ -862,11 +911,11 @@ def _moments(r: _Run, s: _State, a: _Activations, adapted_per_block: int) -> dic
     return moments
 
 
-def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> MemoryPlan:
+def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module, ranks_per_node: int) -> MemoryPlan:
     """The plan of ``cfg`` (an explicit strategy) for ``model``, the meta skeleton with LoRA injected."""
     from lora_dist.lora import LoRAParam, lora_modules
 
-    r = _Run.of(cfg, world_size, hf_config, model)
+    r = _Run.of(cfg, world_size, hf_config, model, ranks_per_node)
     s = _state(r)
     a = _activations(r)
 
@@ -881,15 +930,17 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
     peak_at = max(moments, key=lambda moment: sum(moments[moment].values()))
     peak = moments[peak_at]
     rest = s.base_shard + s.base_replicated + s.lora_params + s.optimizer_state + s.buffers
-    largest = max((q.numel() * (LORA_BYTES if id(q) in r.lora else r.base_elt) for q in model.parameters()),
+    model_elt = parse_dtype(cfg.model.dtype).itemsize  # the checkpoint's and the export's (not DeepSpeed's bf16)
+    largest = max((q.numel() * (LORA_BYTES if id(q) in r.lora else model_elt) for q in model.parameters()),
                   default=0)
     p = r.p
+    node = p.strategy == "fsdp2" and p.reshard_after_forward == "node"
     return MemoryPlan(
         strategy=p.strategy, world_size=world_size, tokens_per_micro_batch=r.tokens,
         activation_checkpointing=p.activation_checkpointing, mode=mode_name(p),
         num_params=r.base_numel + r.lora_numel, num_lora_params=r.lora_numel, num_expert_params=expert_numel,
         num_active_params=active, num_expert_lora_params=expert_lora_numel,
-        model_bytes=r.base_numel * r.base_elt, largest_tensor_bytes=largest,
+        model_bytes=r.base_numel * model_elt, largest_tensor_bytes=largest,
         base_shard=s.base_shard, base_replicated=s.base_replicated, lora_params=s.lora_params,
         lora_grads=peak["lora_grads"], optimizer_state=s.optimizer_state, activations=peak["activations"],
         gathered=peak["gathered"], buffers=s.buffers, adapted_experts=peak["adapted_experts"],
@@ -897,4 +948,21 @@ def _plan(cfg: Config, world_size: int, hf_config, model: torch.nn.Module) -> Me
         offloaded=a.offloaded, moments={moment: rest + sum(terms.values()) for moment, terms in moments.items()},
         runs_as=(f"parallel.strategy=fsdp2 over one shard rank shards nothing: it runs as {p.strategy}, the same "
                  "math without FSDP2's per-step weight copies" if p.strategy != cfg.parallel.strategy else ""),
+        ranks_per_node=ranks_per_node if node else None, node_reshard=_node_reshard(r) if node else "",
     )
+
+
+def _node_reshard(r: _Run) -> str:
+    """What ``parallel.reshard_after_forward=node`` was planned as: the ranks per node and what a block keeps."""
+    from lora_dist.parallel.parallelize import reshard_size
+
+    n = r.ranks_per_node
+    if n < 1:
+        return ("parallel.reshard_after_forward=node: the launch does not say how many ranks a node runs; planned "
+                "as true, as the run reshards then")
+    after = reshard_size(r.p, r.shards, n)
+    kept = (f"a node holds all {r.shards} ranks the base is sharded over: as true" if after is True else
+            "as false: every block stays gathered" if after is False else
+            f"every block keeps a 1/{after} shard from forward to backward")
+    return (f"parallel.reshard_after_forward=node planned with {n} ranks per node (lora-dist plan --ranks-per-node): "
+            f"{kept}")

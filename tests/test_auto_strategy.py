@@ -6,6 +6,7 @@ checks against measured memory), and a 2-rank ``auto`` run must train the adapte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from distutil import assert_same_adapter, llama_config_dir, ranks
-from lora_dist.config import ConfigError, load_config
+from lora_dist.config import ConfigError, config_from_dict, config_to_dict, load_config
 from lora_dist.plan import GB, choose_strategy, memory_budget, plan_memory
 
 WORLD = 4
@@ -140,6 +141,59 @@ def test_nothing_fits_is_one_line_naming_the_smallest_peak(deep_config):
 def test_one_rank_chooses_between_unsharded_runs(deep_config):
     parallel, choice = choose_strategy(_cfg(deep_config), 1, 1000 * GB)
     assert parallel.strategy == "none" and choice.peaks[0][0] == "none without selective recompute"
+
+
+#: fsdp2-only keys an auto config may carry (configs/llama31_70b_8x_lora.yaml sets shard_unit=weight), with the world
+#: size whose replicated candidate (ddp, or none on one rank) is chosen.
+FSDP2_ONLY = [
+    (WORLD, ["parallel.reshard_after_forward=node"]),
+    (WORLD, ["parallel.shard_unit=weight"]),
+    (WORLD, ["parallel.dp_shard=2"]),
+    (WORLD, ["parallel.dp_replicate=2", "parallel.reshard_after_forward=2"]),
+    (1, ["parallel.shard_unit=weight", "parallel.reshard_after_forward=node"]),
+    (WORLD, ["parallel.cpu_offload=true"]),
+]
+
+
+@pytest.mark.parametrize("world,extra", FSDP2_ONLY, ids=[" ".join(e) for _, e in FSDP2_ONLY])
+def test_a_replicated_choice_records_a_config_export_reads_back(deep_config, world, extra):
+    """auto choosing ddp/none over a config with fsdp2-only keys: the resolved config (the run's config.json) loads
+    back as lora-dist export loads it; those keys carried into ddp made it refuse the run dir."""
+    cfg = _cfg(deep_config, *extra)
+    parallel, _ = choose_strategy(cfg, world, 1000 * GB)
+    assert parallel.strategy == ("ddp" if world > 1 else "none")
+    recorded = config_from_dict(json.loads(json.dumps(config_to_dict(dataclasses.replace(cfg, parallel=parallel)))))
+    assert recorded.parallel == parallel
+    assert (parallel.reshard_after_forward, parallel.shard_unit, parallel.dp_replicate, parallel.dp_shard,
+            parallel.cpu_offload) == (True, "block", 0, 0, False)
+
+
+def test_auto_at_launch_plans_reshard_to_node_with_the_launchs_ranks_per_node(deep_config):
+    """parallel.reshard_after_forward=node on 16 ranks, 4 per node: every block keeps a 1/4 shard after forward, and
+    auto's fsdp2 candidate is planned so. It was planned as true (the shards not counted): with a budget between the
+    two, auto picked fsdp2 without checkpointing, which holds more than the budget."""
+    import torch
+
+    from lora_dist.launch import LaunchEnv
+    from lora_dist.session import resolve_strategy
+
+    world = 16
+    node, true = (_fsdp2(deep_config, world, f"parallel.reshard_after_forward={r}").total for r in (4, "true"))
+    assert node > true
+    cfg = _cfg(deep_config, "parallel.reshard_after_forward=node", f"parallel.memory_gb={(true + 0.5) / GB}")
+    env = LaunchEnv("torchrun", 0, 0, world, 4, 0, world // 4, "127.0.0.1", 0)
+    resolved = resolve_strategy(cfg, env, torch.device("cpu")).parallel
+    assert (resolved.strategy, resolved.reshard_after_forward) == ("fsdp2", "node")
+    assert resolved.activation_checkpointing  # plain fsdp2 (node's shards counted) does not fit
+    _, choice = choose_strategy(cfg, world, true, ranks_per_node=4)
+    assert dict(choice.peaks)["fsdp2"] == node
+    _, choice = choose_strategy(cfg, world, true, ranks_per_node=16)  # one node: as true
+    assert dict(choice.peaks)["fsdp2"] == true
+
+
+def _fsdp2(path: Path, world: int, *extra: str):
+    return plan_memory(load_config(None, [f"model.path={path}", "parallel.strategy=fsdp2", "lora.r=4",
+                                          "train.micro_batch_size=4", "train.seq_len=512", *extra]), world)
 
 
 def test_memory_gb_is_the_budget_and_zero_is_refused_below(deep_config):

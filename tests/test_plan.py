@@ -132,6 +132,34 @@ def test_zero3_and_fsdp2_shards_equal_a_two_rank_run(tiny_checkpoint, tmp_path):
             assert per_rank[1]["base_local_bytes"] <= plan.base_shard
 
 
+@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
+def test_deepspeed_bf16_over_an_fp32_base_is_planned_as_a_bf16_base(odd_config, strategy):
+    """parallel.mixed_precision=bfloat16 over an fp32 base: DeepSpeed's bf16 holds the whole module in bf16, so
+    every term equals the bf16 base's (the base and the activations were counted at 4 bytes: twice as much)."""
+    from lora_dist.plan import MemoryPlan
+
+    cast = _plan(odd_config, strategy, 2, "parallel.mixed_precision=bfloat16")
+    bf16 = _plan(odd_config, strategy, 2, "parallel.mixed_precision=bfloat16", "model.dtype=bfloat16")
+    fp32 = _plan(odd_config, strategy, 2)
+    assert {t: getattr(cast, t) for t in MemoryPlan.TERMS} == {t: getattr(bf16, t) for t in MemoryPlan.TERMS}
+    assert cast.base_shard == fp32.base_shard // 2 and cast.activations < fp32.activations
+    assert cast.model_bytes == fp32.model_bytes == 2 * bf16.model_bytes  # the checkpoint and its export: fp32
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_deepspeed_bf16_over_an_fp32_base_holds_the_planned_base(tiny_checkpoint, tmp_path, strategy):
+    """What a 2-rank DeepSpeed run with parallel.mixed_precision=bfloat16 over an fp32 checkpoint holds of the
+    base (tests/dist_scripts/inspect_sharding.py): bf16, as planned."""
+    path = tiny_checkpoint("llama", hidden=48, layers=2, heads=4)
+    overrides = [f"model.path={path}", f"parallel.strategy={strategy}", "parallel.mixed_precision=bfloat16"]
+    ranks(2, str(REPO / "tests" / "dist_scripts" / "inspect_sharding.py"), str(tmp_path), *overrides, timeout=240)
+    per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    plan, fp32 = plan_memory(load_config(None, overrides), 2), plan_memory(load_config(None, overrides[:2]), 2)
+    assert all(r["base_local_bytes"] == plan.base_shard + plan.base_replicated for r in per_rank), per_rank
+    assert plan.base_shard == fp32.base_shard // 2
+
+
 def test_deepspeed_reduce_bucket_is_capped_at_the_trainable_size():
     from lora_dist.parallel.deepspeed import cap_reduce_bucket
 
@@ -368,6 +396,37 @@ def test_cli_prints_json_from_config_json_alone(odd_config, capsys):
     assert plan["strategy"] == "zero3" and plan["world_size"] == 2
     assert plan["total"] == sum(plan[t] for t in ("base_shard", "base_replicated", "lora_params", "lora_grads",
                                                   "optimizer_state", "activations", "gathered", "buffers"))
+
+
+def test_reshard_to_node_is_planned_with_the_ranks_per_node(odd_config, capsys):
+    """parallel.reshard_after_forward=node keeps a 1/N shard of every block after forward, N the ranks of a node:
+    planned with --ranks-per-node (default: W up to 8, else the largest count dividing W and 8), as a rank count.
+    It was planned as true, the kept shards not counted, while training resolves node to the node's ranks."""
+    from lora_dist.cli import main
+    from lora_dist.plan import default_ranks_per_node
+
+    def plan(reshard, world=16, **kw):
+        cfg = load_config(None, [f"model.path={odd_config}", "parallel.strategy=fsdp2", *LORA, "model.dtype=bfloat16",
+                                 f"parallel.reshard_after_forward={reshard}"])
+        return plan_memory(cfg, world, **kw)
+
+    four, eight, true = plan(4), plan(8), plan("true")
+    assert true.gathered < eight.gathered < four.gathered
+    for ranks_per_node, same in ((4, four), (8, eight), (16, true), (0, true)):  # 0: the launch does not say
+        node = plan("node", ranks_per_node=ranks_per_node)
+        assert (node.gathered, node.total, node.ranks_per_node) == (same.gathered, same.total, ranks_per_node)
+    assert plan("node").total == eight.total and [default_ranks_per_node(w) for w in (1, 6, 8, 12, 16, 24)] == \
+        [1, 6, 8, 4, 8, 8]
+    assert "node planned with 4 ranks per node" in plan("node", ranks_per_node=4).table()
+    assert "as true" in plan("node", 8).table() and plan("true").ranks_per_node is None
+
+    args = ["plan", f"model.path={odd_config}", *LORA, "model.dtype=bfloat16", "parallel.reshard_after_forward=node",
+            "-W", "16"]
+    assert main([*args, "--ranks-per-node", "4", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["total"], shown["ranks_per_node"]) == (four.total, 4)
+    assert main([*args, "--gpus-per-node", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--ranks-per-node must be >= 1, got 0")
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):

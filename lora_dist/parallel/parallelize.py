@@ -39,8 +39,8 @@ from lora_dist.parallel.compile import compile_blocks
 
 log = logging.getLogger("lora_dist")
 
-__all__ = ["dp_mesh_shape", "embedding_and_head", "fsdp2_units", "one_post_forward_mesh", "parallelize",
-           "replicated_if_unsharded", "reshard_size", "unit_reshard", "weight_units"]
+__all__ = ["as_replicated", "dp_mesh_shape", "embedding_and_head", "fsdp2_units", "one_post_forward_mesh",
+           "parallelize", "replicated_if_unsharded", "reshard_size", "unit_reshard", "weight_units"]
 
 
 def dp_mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
@@ -78,8 +78,15 @@ def replicated_if_unsharded(cfg: ParallelConfig, world_size: int, base_dtype: st
         return cfg
     if dp_mesh_shape(cfg, world_size)[1] != 1:
         return cfg
+    return as_replicated(cfg, world_size)
+
+
+def as_replicated(cfg: ParallelConfig, world_size: int) -> ParallelConfig:
+    """``cfg`` run replicated on ``world_size`` ranks: ``none`` on one rank, else ``ddp``, with the fsdp2-only keys
+    (``dp_replicate``, ``dp_shard``, ``reshard_after_forward``, ``shard_unit``, ``cpu_offload``) back to their
+    defaults, as the other strategies refuse them (a run's ``config.json`` is read back through that check)."""
     return dataclasses.replace(cfg, strategy="ddp" if world_size > 1 else "none", dp_replicate=0, dp_shard=0,
-                               reshard_after_forward=True, shard_unit="block")
+                               reshard_after_forward=True, shard_unit="block", cpu_offload=False)
 
 
 def reshard_size(cfg: ParallelConfig, shard: int, local_world_size: int) -> bool | int:

@@ -94,7 +94,7 @@ report["perturbed_name"] = first_b
 
 
 def gathered_base() -> int | None:
-    if not ds:
+    if not ds or ds["zero_optimization"]["stage"] != 3:  # only ZeRO-3 gathers the base
         return None
     threshold = ds["zero_optimization"]["stage3_param_persistence_threshold"]  # below it: always whole
     return sum(1 for p in model.parameters() if id(p) not in lora and p.ds_numel > threshold and p.data.numel() > 0)
