@@ -3,7 +3,9 @@
 Precedence is CLI > file > defaults. Unknown keys are an error that suggests
 the closest valid key; a value of the wrong type is an error naming the key; a key
 given twice in a file is an error. A text key keeps the text as written, also where
-YAML 1.1 reads a number (``output.dir=0042``, ``tracking.run_name=1.10``).
+YAML 1.1 reads a number (``output.dir=0042``, ``tracking.run_name=1.10``). A path key's
+leading ``~`` is the home dir, expanded once when the config is built (:func:`home`): YAML
+does not expand it, nor does the shell after ``key=``.
 Help text lives in attribute docstrings and is shown by ``lora-dist train --help``.
 YAML is parsed safely and within limits on size, nesting and alias expansion
 (:func:`lora_dist.inputs.parse_yaml`), and errors show only a short excerpt of a value.
@@ -16,6 +18,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import re
 import textwrap
 import types
@@ -48,6 +51,7 @@ __all__ = [
     "config_from_dict",
     "config_help",
     "config_to_dict",
+    "home",
     "load_config",
     "read_deepspeed_config",
 ]
@@ -88,6 +92,35 @@ MAXIMUMS = {
 MAX_INT = 2**31 - 1
 
 
+def home(path: Any, key: str) -> Any:
+    """The value ``path`` of the path key ``key`` with a leading ``~`` (or ``~user``) expanded to that home dir;
+    anything else unchanged.
+
+    Every path key goes through it once, as its section is built: ``output.dir=~/runs/a`` (the shell leaves a
+    ``~`` after ``=`` alone, as YAML does) would otherwise create a directory named ``~`` in the working dir.
+
+    Raises:
+        ConfigError: a ``~user`` whose user does not exist.
+    """
+    if not (isinstance(path, str) and path.startswith("~")):
+        return path
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):
+        user = path.split("/", 1)[0]
+        raise ConfigError(f"{key}={excerpt(path, 120)} starts with {excerpt(user, 40)}, but no such user has a home "
+                          "dir; write the full path (with ./ before it for a dir of that name in the working dir)")
+    return expanded
+
+
+def _home_sources(value: Any, key: str) -> Any:
+    """A ``data.path``-style value (a path, or a list of paths and ``{path, weight}`` mappings) with each path
+    through :func:`home`; a malformed value unchanged, for :func:`lora_dist.sources.parse_sources` to refuse."""
+    if not isinstance(value, list):
+        return home(value, key)
+    return [{**item, "path": home(item["path"], key)} if isinstance(item, dict) and "path" in item
+            else home(item, key) for item in value]
+
+
 @dataclass
 class ModelConfig:
     """The base model."""
@@ -112,6 +145,7 @@ class ModelConfig:
     ranks match one process only in distribution, not step for step."""
 
     def __post_init__(self) -> None:
+        self.path = home(self.path, "model.path")
         if self.quantize not in QUANTIZE:
             raise ConfigError(quantize_problem(self.quantize, "none"))
         if self.quantize_embeddings and not self.quantize:
@@ -159,6 +193,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         from lora_dist.sources import SourceSpecError, parse_sources
 
+        self.path = _home_sources(self.path, "data.path")
+        self.eval_path = _home_sources(self.eval_path, "data.eval_path")
+        self.chat_template = home(self.chat_template, "data.chat_template")
+        self.cache_dir = home(self.cache_dir, "data.cache_dir")
         for key, allowed in (("loss_on", LOSS_ON), ("long_documents", LONG_DOCUMENTS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"data.{key}={excerpt(getattr(self, key), 40)} is not one of {', '.join(allowed)}")
@@ -215,7 +253,7 @@ class ParallelConfig:
     integer N): keep a 1/N shard after forward, N = the ranks of a node, so backward gathers within the node
     only (more memory than true, less inter-node traffic; FSDP2's reshard_after_forward=int)."""
     cpu_offload: bool = False
-    """fsdp2: keep base shards in CPU memory between uses."""
+    """fsdp2: keep base shards in CPU memory between uses (refused with ddp, none and zero*)."""
     shard_unit: str = "block"
     """fsdp2: what one all-gather brings in: block (a transformer block, the default: the fewest collectives) or
     weight (each weight matrix of a block its own unit: the peak holds one block and one weight gathered instead
@@ -245,7 +283,9 @@ class ParallelConfig:
     """Every N optimizer steps assert LoRA params are bit-identical across ranks (0: off)."""
     deepspeed_config: str = ""
     """zero*: path to a DeepSpeed JSON config to use instead of the generated one (its zero_optimization.stage,
-    if given, must be the strategy's; the batch and clipping keys are set from train.*)."""
+    if given, must be the strategy's; the batch and clipping keys are set from train.*; its bf16 and fp16 "enabled"
+    from model.dtype and parallel.mixed_precision where it leaves them out or writes "auto", a file that
+    contradicts them refused)."""
     timeout_s: float = 600.0
     """Collective / rendezvous timeout in seconds."""
     dp_replicate: int = 0
@@ -257,6 +297,7 @@ class ParallelConfig:
     """fsdp2: ranks per replica group, over which the base is sharded (0: the ranks / parallel.dp_replicate)."""
 
     def __post_init__(self) -> None:
+        self.deepspeed_config = home(self.deepspeed_config, "parallel.deepspeed_config")
         rho = self.reshard_after_forward
         if isinstance(rho, str) and rho != "node":
             raise ConfigError(f"parallel.reshard_after_forward must be true, false, node or a rank count, got "
@@ -290,6 +331,10 @@ class ParallelConfig:
         if self.shard_unit != "block" and self.strategy not in ("fsdp2", "auto"):
             raise ConfigError(f"parallel.shard_unit={self.shard_unit} applies to parallel.strategy=fsdp2 only, "
                               f"not {self.strategy}")
+        if self.cpu_offload and self.strategy not in ("fsdp2", "auto"):
+            raise ConfigError(f"parallel.cpu_offload=true applies to parallel.strategy=fsdp2 only (its base shards in "
+                              f"host memory), not {self.strategy}; set parallel.strategy=fsdp2 or drop "
+                              "parallel.cpu_offload")
 
     def why_not_compiled(self, quantize: str = "") -> str | None:
         """Why ``parallel.compile`` cannot apply with these settings and ``model.quantize`` (None when it can);
@@ -361,6 +406,9 @@ class CheckpointConfig:
     """Resume even if the checkpoint was made against a different base model, on other data blocks or with another
     train.seed (a warning then)."""
 
+    def __post_init__(self) -> None:
+        self.resume = home(self.resume, "checkpoint.resume")
+
 
 @dataclass
 class ExportConfig:
@@ -385,10 +433,14 @@ class OutputConfig:
     """Where results go."""
 
     dir: str = "runs/latest"
-    """Run directory: metrics.jsonl, checkpoints/, adapter/, merged/."""
+    """Run directory: metrics.jsonl, checkpoints/, adapter/, merged/. A leading ~ is the home dir, here and in
+    every path key (model.path, data.path...), also after = where the shell leaves it."""
     overwrite: bool = False
     """Allow replacing an existing merged export (one lora_dist wrote), and a fresh start from step 0 over a
     finished run's adapter/ (docs/safety.md)."""
+
+    def __post_init__(self) -> None:
+        self.dir = home(self.dir, "output.dir")
 
 
 @dataclass
@@ -407,6 +459,7 @@ class TrackingConfig:
     """Run name in MLflow and W&B (default: output.dir's name)."""
 
     def __post_init__(self) -> None:
+        self.mlflow = home(self.mlflow, "tracking.mlflow")  # a local dir; a URI has no leading ~
         if self.wandb not in ("", "offline", "online"):
             raise ConfigError(f"tracking.wandb={excerpt(self.wandb, 40)} is not one of offline, online (or \"\" off)")
 

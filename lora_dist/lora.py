@@ -110,7 +110,8 @@ class LoRAConfig:
     dropout: float = 0.0
     """Dropout on the LoRA input path."""
     target_modules: TargetSpec = None
-    """Module-name suffixes (list), a regex matched against full names, or "all-linear". Default: the architecture's attention query/value projections."""
+    """Module-name suffixes (list), a regex matched against full names, or "all-linear". Default: the architecture's attention query/value projections.
+    A single name is a regex too, matching no full name: write lora.target_modules=[q_proj], not q_proj."""
     exclude_modules: TargetSpec = None
     """Module-name suffixes (list) or a regex of modules never to adapt."""
     use_rslora: bool = False
@@ -727,6 +728,41 @@ def _selected(config: LoRAConfig, module_name: str) -> bool:
     return config.layers_to_transform is None or _layer_index(module_name) in config.layers_to_transform
 
 
+def _indices(values: list[int]) -> str:
+    """``[0, 1, 2, 3]`` -> ``0-3``; ``[0, 2]`` -> ``0, 2``."""
+    if len(values) > 2 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}-{values[-1]}"
+    return ", ".join(map(str, values))
+
+
+def _filtered_out(config: LoRAConfig, key: str, matched: list[str], what: str) -> str:
+    """Why ``lora.<key>``'s matches (``what``: ``"4 linear layers"``) are all left out, ``matched`` being the
+    module names ``_selected`` refused: the ``exclude_modules`` entries and the ``layers_to_transform`` indices
+    that removed them, and the fix."""
+    excluded = [n for n in matched if _matches(config.exclude_modules, n)]
+    reasons, fixes = [], []
+    if excluded:
+        ex = config.exclude_modules
+        if isinstance(ex, str):
+            by, fix = f"lora.exclude_modules={excerpt(ex)}", "change lora.exclude_modules"
+        else:
+            entries = [e for e in ex if any(n == e or n.endswith("." + e) for n in excluded)]
+            by, fix = (f"lora.exclude_modules entry {' and '.join(entries)}",
+                       f"drop {', '.join(entries)} from lora.exclude_modules")
+        more = f" and {len(excluded) - 1} more" if len(excluded) > 1 else ""
+        reasons.append(f"{by} removes {excluded[0]}{more}")
+        fixes.append(fix)
+    if len(excluded) < len(matched):
+        layers = sorted({i for n in matched if (i := _layer_index(n)) is not None})
+        where = f"they lie in layers {_indices(layers)}" if layers else "they lie in no numbered layer"
+        reasons.append(f"lora.layers_to_transform={excerpt(config.layers_to_transform)} keeps "
+                       f"{'none of the rest' if excluded else 'none of them'} ({where})")
+        fixes.append(f"choose lora.layers_to_transform among {_indices(layers)} or drop it" if layers
+                     else "drop lora.layers_to_transform")
+    return (f"lora.{key}={excerpt(getattr(config, key))} matched {what}, but " + "; ".join(reasons) + "; "
+            + ", and ".join(fixes))
+
+
 def _param_suffix(name: str) -> str:
     """``model.layers.3.mlp.experts.down_proj`` -> ``mlp.experts.down_proj`` (what target_parameters names)."""
     m = _LAYER_INDEX.search("." + name)
@@ -753,7 +789,11 @@ def param_targets(model: nn.Module, target_parameters: list[str] | None) -> dict
 def _param_choices(model: nn.Module, config: LoRAConfig, layers: list[str]) -> dict[str, list[str]]:
     """The parameters to adapt, by owner (none inside ``layers``, the linear layers being adapted);
     refuses what PEFT refuses, in one line."""
-    owners = {o: ps for o, ps in param_targets(model, config.target_parameters).items() if _selected(config, o)}
+    found = param_targets(model, config.target_parameters)
+    owners = {o: ps for o, ps in found.items() if _selected(config, o)}
+    if found and not owners:
+        count = sum(map(len, found.values()))
+        raise LoRAConfigError(_filtered_out(config, "target_parameters", list(found), f"{count} parameters"))
     if config.target_parameters is not None and not owners:
         stacks = sorted({_param_suffix(n) for n, p in model.named_parameters() if len(full_shape(p)) == 3})
         raise LoRAConfigError(
@@ -793,8 +833,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
 
     Raises:
         LoRAConfigError: nothing matched (the message lists the linear layers, or the
-            3-D parameters). ``r`` may exceed a matched layer's smaller side, as in PEFT (a 64->1 MoE gate under
-            ``all-linear``): its update then has rank ``min(in, out)``.
+            3-D parameters), or ``exclude_modules`` and ``layers_to_transform`` left none of the matches (the
+            message names which entries, and the layers the matches lie in). ``r`` may exceed a matched layer's
+            smaller side, as in PEFT (a 64->1 MoE gate under ``all-linear``): its update then has rank
+            ``min(in, out)``.
     """
     targets = _resolve_targets(model, config)
     head = _output_head(model)
@@ -803,6 +845,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
     text = language_model(model) if not isinstance(targets, str) or targets == "all-linear" else None
     linear_names: list[str] = []
     others: list[str] = []  # Linear subclasses with a forward of their own
+    matched: list[str] = []  # targeted, before exclude_modules and layers_to_transform
     chosen: list[str] = []
     fused = read_by_weight(model)
     for name, module in model.named_modules():
@@ -820,6 +863,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
                 continue
         elif not _matches(targets, name):
             continue
+        matched.append(name)
         if _selected(config, name):
             chosen.append(name)
     bypassed = sorted(n for n in chosen if n in fused)
@@ -828,11 +872,16 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype = 
                     "Mamba kernel on GPUs), where this LoRA has no effect; all-linear leaves such layers out, "
                     "lora.exclude_modules=[%s] does too", bypassed[0], len(bypassed) - 1,
                     ",".join(sorted({n.split(".")[-1] for n in bypassed})))
+    if targets is not None and matched and not chosen:
+        raise LoRAConfigError(_filtered_out(config, "target_modules", matched, f"{len(matched)} linear layers"))
     if targets is not None and not chosen:
         shown = sorted({n.split(".")[-1] for n in linear_names})
+        as_list = isinstance(targets, str) and targets != "all-linear" and any(
+            _matches([targets], n) for n in linear_names)
         raise LoRAConfigError(
-            f"lora.target_modules={excerpt(targets)} matched no linear layer; the model's linear layers are named "
-            f"{shown} (full names like {linear_names[:3]})"
+            f"lora.target_modules={excerpt(targets)} matched no linear layer; "
+            + (f"a string is a regex on full module names; write lora.target_modules=[{targets}] (a list of names)"
+               if as_list else f"the model's linear layers are named {shown} (full names like {linear_names[:3]})")
             + (f"; Linear subclasses with a forward of their own are not adapted: "
                f"{sorted({n.split('.')[-1] for n in others})}" if others else "")
         )

@@ -21,6 +21,9 @@ wrote itself.
 * An output is never an input: never the base model dir, an adapter dir or a data
   file, never a dir that contains one of them or lies inside one, ``--overwrite``
   or not.
+* An output path starting with ``~`` is refused: nothing expanded it (the config expands
+  its path keys, :func:`lora_dist.config.home`; the shell leaves a ``~`` after ``=``
+  alone), and writing it would create a dir named ``~`` in the working dir.
 * An output that cannot be written (permissions, a read-only filesystem, a full
   disk) is :class:`OutputDirError`: one line naming the path, the reason and the fix.
 """
@@ -105,7 +108,8 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 
 
 def check_not_an_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], what: str) -> None:
-    """Refuse an output that is an input, contains one, or lies inside one (symlinks resolved).
+    """Refuse an output that is an input, contains one, or lies inside one (symlinks resolved), or that starts
+    with an unexpanded ``~``.
 
     Args:
         out: the output path.
@@ -115,6 +119,10 @@ def check_not_an_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLik
     Raises:
         OutputError: naming the input and the fix.
     """
+    if os.fspath(out).startswith("~"):
+        raise OutputError(f"{what} {str(out)!r} starts with ~, which nothing expanded (the shell does not after =): "
+                          f"it would create a dir named {Path(out).parts[0]} in the working dir; write the home "
+                          "dir's path out (or ./ before it for a dir of that name)")
     target = _real(out)
     for item in inputs:
         if item is None or str(item) == "":

@@ -181,10 +181,12 @@ def test_config_values_accepted_silently_before(good, tmp_path, override, needle
     _refused(_train(good, tmp_path / "o", override), needle, out=tmp_path / "o")
 
 
-@pytest.mark.parametrize("text, needle", [(None, "no such file"), ("{'stage': 3}", "is not valid JSON (")],
-                         ids=["missing", "malformed"])
+@pytest.mark.parametrize("text, needle", [(None, "no such file"), ("{'stage': 3}", "is not valid JSON ("),
+                                          ('{"bf16": {"enabled": true}}', 'turns "bf16" on, but model.dtype=float32')],
+                         ids=["missing", "malformed", "dtype"])
 def test_deepspeed_config_file_is_refused_before_any_work(good, tmp_path, text, needle):
-    """Read only once the data was tokenized before: a FileNotFoundError / JSONDecodeError traceback."""
+    """Read only once the data was tokenized before: a FileNotFoundError / JSONDecodeError traceback; a bf16
+    section that contradicted model.dtype and parallel.mixed_precision won silently."""
     path = tmp_path / "ds.json"
     if text is not None:
         path.write_text(text)

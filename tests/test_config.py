@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 from distutil import alias_bomb
 
-from lora_dist.config import Config, ConfigError, config_keys, config_help, config_to_dict, load_config
+from lora_dist.config import (Config, ConfigError, config_from_dict, config_help, config_keys, config_to_dict,
+                              load_config)
 
 DEFAULTS = config_to_dict(Config())
 INT_KEYS = [f"{s}.{k}" for s, section in DEFAULTS.items() for k, v in section.items() if type(v) is int]
@@ -391,6 +392,74 @@ def test_range_edges_and_warmup_longer_than_the_run_are_valid(overrides):
 def test_float16_training_is_refused_in_one_line(override):
     with pytest.raises(ConfigError, match="loss scaler.*use bfloat16"):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "none", "zero1", "zero2", "zero3"])
+def test_cpu_offload_outside_fsdp2_is_refused_in_one_line(strategy):
+    """parallel.cpu_offload is read by fsdp2 alone; elsewhere it was accepted and ignored."""
+    assert config_error(f"parallel.strategy={strategy}", "parallel.cpu_offload=true") == (
+        f"parallel.cpu_offload=true applies to parallel.strategy=fsdp2 only (its base shards in host memory), not "
+        f"{strategy}; set parallel.strategy=fsdp2 or drop parallel.cpu_offload")
+    assert not load_config(None, [f"parallel.strategy={strategy}", "parallel.cpu_offload=false"]).parallel.cpu_offload
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "auto"])
+def test_cpu_offload_is_accepted_where_fsdp2_may_run(strategy):
+    assert load_config(None, [f"parallel.strategy={strategy}", "parallel.cpu_offload=true"]).parallel.cpu_offload
+
+
+#: Every path key of a run config, with a value under the home dir.
+HOME_PATHS = {
+    "model.path": "~/models/llama",
+    "data.path": "~/data/train.jsonl",
+    "data.eval_path": "~/data/eval.jsonl",
+    "data.chat_template": "~/templates/chat.jinja",
+    "data.cache_dir": "~/cache",
+    "parallel.deepspeed_config": "~/ds.json",
+    "checkpoint.resume": "~/runs/a/checkpoints/step-000004",
+    "output.dir": "~/runs/a",
+    "tracking.mlflow": "~/mlruns",
+}
+
+
+def test_every_path_key_expands_a_leading_tilde_once_when_the_config_is_built(tmp_path, monkeypatch, config_file):
+    """~ is the home dir in every path key, in overrides (the shell does not expand it after =) and in YAML;
+    unexpanded it became a dir named ~ in the working dir (output.dir) or a missing path (model.path)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    expected = {key: str(home / value[2:]) for key, value in HOME_PATHS.items()}
+    values = {"parallel.strategy": "zero3", **HOME_PATHS}  # zero3: parallel.deepspeed_config's strategy
+    from_overrides = load_config(None, [f"{k}={v}" for k, v in values.items()])
+    sections: dict[str, str] = {}
+    for key, value in values.items():
+        section, name = key.split(".")
+        sections[section] = sections.get(section, f"{section}:\n") + f"  {name}: {value}\n"
+    from_file = load_config(config_file("".join(sections.values())))
+    for cfg in (from_overrides, from_file):
+        assert {key: cfg._get(key) for key in HOME_PATHS} == expected
+        assert config_from_dict(config_to_dict(cfg)) == cfg  # a run's config.json: nothing left to expand
+    mixture = load_config(None, ["data.path=[~/a.jsonl, {path: ~/b.jsonl, weight: 2}]"]).data.path
+    assert mixture == [str(home / "a.jsonl"), {"path": str(home / "b.jsonl"), "weight": 2}]
+    for key in ("checkpoint.resume=auto", "tracking.mlflow=http://mlflow:5000", "model.path=models/~x"):
+        cfg = load_config(None, [key])
+        assert cfg._get(key.split("=")[0]) == key.split("=", 1)[1]  # not a path, or no leading ~
+
+
+def test_a_model_path_under_home_opens(tmp_path, monkeypatch, tiny_checkpoint):
+    from lora_dist.model_dir import ModelDir
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "m").symlink_to(tiny_checkpoint("llama"))
+    monkeypatch.setenv("HOME", str(home))
+    cfg = load_config(None, ["model.path=~/m"])
+    assert ModelDir(cfg.model.path).hf_config.model_type == "llama"
+
+
+def test_a_tilde_user_that_does_not_exist_is_refused_in_one_line():
+    assert config_error("output.dir=~no-such-user-x/runs") == (
+        "output.dir='~no-such-user-x/runs' starts with '~no-such-user-x', but no such user has a home dir; write the "
+        "full path (with ./ before it for a dir of that name in the working dir)")
 
 
 def test_tracking_section():

@@ -642,6 +642,35 @@ def test_targets_matching_nothing_list_the_linear_layers(tiny_model):
         inject_lora(tiny_model("gpt2"), LoRAConfig(r=2, target_modules=r"q_proj"))
 
 
+@pytest.mark.parametrize(("arch", "kwargs", "message"), [
+    ("llama", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[5]),
+     "lora.target_modules=['q_proj', 'v_proj'] matched 4 linear layers, but lora.layers_to_transform=[5] keeps none "
+     "of them (they lie in layers 0, 1); choose lora.layers_to_transform among 0, 1 or drop it"),
+    ("llama", dict(target_modules=["q_proj"], exclude_modules=["q_proj"]),
+     "lora.target_modules=['q_proj'] matched 2 linear layers, but lora.exclude_modules entry q_proj removes "
+     "model.layers.0.self_attn.q_proj and 1 more; drop q_proj from lora.exclude_modules"),
+    ("llama", dict(target_modules=["q_proj", "v_proj"], exclude_modules=["k_proj", "q_proj"], layers_to_transform=[3]),
+     "lora.target_modules=['q_proj', 'v_proj'] matched 4 linear layers, but lora.exclude_modules entry q_proj removes "
+     "model.layers.0.self_attn.q_proj and 1 more; lora.layers_to_transform=[3] keeps none of the rest (they lie in "
+     "layers 0, 1); drop q_proj from lora.exclude_modules, and choose lora.layers_to_transform among 0, 1 or drop it"),
+    ("qwen3_moe", dict(target_parameters=["mlp.experts.gate_up_proj"], layers_to_transform=[7]),
+     "lora.target_parameters=['mlp.experts.gate_up_proj'] matched 2 parameters, but lora.layers_to_transform=[7] "
+     "keeps none of them (they lie in layers 0, 1); choose lora.layers_to_transform among 0, 1 or drop it"),
+    ("qwen3_moe", dict(target_parameters=["mlp.experts.gate_up_proj"], exclude_modules=["experts"]),
+     "lora.target_parameters=['mlp.experts.gate_up_proj'] matched 2 parameters, but lora.exclude_modules entry "
+     "experts removes model.layers.0.mlp.experts and 1 more; drop experts from lora.exclude_modules"),
+    ("llama", dict(target_modules="q_proj"),
+     "lora.target_modules='q_proj' matched no linear layer; a string is a regex on full module names; write "
+     "lora.target_modules=[q_proj] (a list of names)"),
+])
+def test_targets_filtered_to_nothing_name_the_filter(tiny_model, arch, kwargs, message):
+    """Matches that exclude_modules or layers_to_transform removed are blamed on that filter, with the model's
+    layer indices; a single name given as a string is told apart from a name list."""
+    with pytest.raises(LoRAConfigError) as err:
+        inject_lora(tiny_model(arch), LoRAConfig(r=2, **kwargs))
+    assert str(err.value) == message
+
+
 def test_injecting_twice_is_an_error(tiny_model):
     model = tiny_model("llama")
     inject_lora(model, LoRAConfig(r=2))

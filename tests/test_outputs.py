@@ -105,6 +105,44 @@ def test_check_not_an_input_skips_unset_inputs_and_allows_siblings(tmp_path, mon
         check_not_an_input(tmp_path / "base", inputs, "output.dir")
 
 
+@pytest.fixture
+def home_and_cwd(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """``(home, cwd)``: ``$HOME`` and the working dir, two empty dirs under ``tmp_path``."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    return home, cwd
+
+
+@pytest.mark.parametrize("how", ["override", "yaml"])
+def test_output_dir_under_home_is_made_there_and_never_as_a_dir_named_tilde(home_and_cwd, how):
+    """output.dir=~/runs/a (the shell leaves a ~ after = alone; YAML too) is the home's runs/a: it made ./~/runs/a,
+    a dir that rm -rf ~ then removes the home with."""
+    from lora_dist.config import load_config
+
+    home, cwd = home_and_cwd
+    if how == "override":
+        cfg = load_config(None, ["output.dir=~/runs/a"])
+    else:
+        (cwd.parent / "run.yaml").write_text("output:\n  dir: ~/runs/a\n")
+        cfg = load_config(cwd.parent / "run.yaml")
+    marker = prepare_run_dir(cfg.output.dir, [])
+    assert read_run_marker(home / "runs" / "a") == marker
+    assert not (cwd / "~").exists()
+
+
+def test_an_output_starting_with_tilde_is_refused_and_nothing_is_created(home_and_cwd):
+    """A path that reaches the outputs unexpanded (an API call, --out=~/x) is refused rather than written as ./~."""
+    home, cwd = home_and_cwd
+    for out in ("~/runs/a", "~other/runs/a"):
+        with pytest.raises(OutputError, match=f"output.dir '{out}' starts with ~, which nothing expanded") as err:
+            prepare_run_dir(out, [])
+        assert "\n" not in str(err.value)
+    assert list(cwd.iterdir()) == [] and list(home.iterdir()) == []
+
+
 def test_a_file_or_a_dangling_link_is_refused(tmp_path):
     f = tmp_path / "a-file"
     f.write_text("x")

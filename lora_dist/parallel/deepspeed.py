@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from lora_dist.config import Config, read_deepspeed_config
 from lora_dist.errors import ConfigError
+from lora_dist.inputs import excerpt
 from lora_dist.model_dir import text_config
 from lora_dist.parallel.engine import MOMENTS, Engine
 
@@ -99,20 +100,77 @@ def _largest_block_weight(hf_config) -> int:
     return hidden * inter
 
 
+def _bf16(cfg: Config) -> bool:
+    """Whether DeepSpeed keeps the base in bf16: ``model.dtype`` or ``parallel.mixed_precision`` is bfloat16 (the
+    LoRA steps fp32 masters either way)."""
+    return "bfloat16" in (cfg.parallel.mixed_precision, cfg.model.dtype)
+
+
+def _precision(ds: dict, cfg: Config) -> dict:
+    """The user's DeepSpeed config ``ds`` with its ``bf16`` section (or the older ``bfloat16``) and ``fp16``
+    section set from ``model.dtype``/``parallel.mixed_precision`` where it leaves ``enabled`` out (or ``"auto"``,
+    as the HF Trainer's files write it); without that, DeepSpeed builds and computes the base in fp32 whatever
+    the config says.
+
+    Raises:
+        ConfigError: the file's ``enabled`` contradicts them (bf16 on or off against ours, any fp16 on: lora_dist
+            trains no float16), naming both and the fix.
+    """
+    key = "bfloat16" if "bf16" not in ds and "bfloat16" in ds else "bf16"  # DeepSpeed reads bf16 first
+    ours = f"model.dtype={cfg.model.dtype} and parallel.mixed_precision={cfg.parallel.mixed_precision}"
+    where = f"parallel.deepspeed_config={excerpt(cfg.parallel.deepspeed_config, 120)}"
+    out = dict(ds)
+    for section, wanted in ((key, _bf16(cfg)), ("fp16", False)):
+        given = out.get(section)
+        if given is None and section == "fp16":
+            continue  # DeepSpeed's default: off
+        if given is None:
+            given = {}
+        if not isinstance(given, dict):
+            raise ConfigError(f'{where}: "{section}" is {excerpt(given, 40)}, not an object; write it as '
+                              f'"{section}": {{"enabled": {str(wanted).lower()}}} or leave it out')
+        enabled = given.get("enabled", "auto")
+        if isinstance(enabled, str) and enabled.lower() in ("true", "false"):  # DeepSpeed reads these as booleans
+            enabled = enabled.lower() == "true"
+        if enabled == "auto":
+            out[section] = {**given, "enabled": wanted}
+            continue
+        if not isinstance(enabled, bool):
+            raise ConfigError(f'{where}: "{section}": {{"enabled": {excerpt(enabled, 40)}}} is not true, false or '
+                              '"auto"; write one of them (or leave "enabled" out: lora_dist sets it)')
+        if enabled == wanted:
+            continue
+        if section == "fp16":
+            raise ConfigError(f'{where} turns on "fp16", but lora_dist trains no float16 (it needs a loss scaler '
+                              f"lora_dist does not run) and {ours} ask for "
+                              f'{"bfloat16" if _bf16(cfg) else "float32"}; drop the file\'s "fp16" section')
+        fix = ("set model.dtype=bfloat16 or parallel.mixed_precision=bfloat16" if enabled else
+               "set model.dtype=float32 and parallel.mixed_precision=float32")
+        raise ConfigError(f'{where} turns "{section}" {"on" if enabled else "off"}, but {ours} ask for '
+                          f'{"bfloat16" if _bf16(cfg) else "float32"}; {fix}, or leave "enabled" out of the '
+                          f'file\'s "{section}" section (lora_dist sets it from those)')
+    return out
+
+
 def deepspeed_config(cfg: Config, hf_config) -> dict:
     """The DeepSpeed config of a run: generated from ``parallel.*``/``train.*``, or read from
-    ``parallel.deepspeed_config`` with the batch and clipping keys set from ours (and the strategy's
-    ``zero_optimization.stage`` where the file gives none).
+    ``parallel.deepspeed_config`` with the batch and clipping keys set from ours, the strategy's
+    ``zero_optimization.stage`` where the file gives none, and bf16 from ``model.dtype``/``parallel.mixed_precision``
+    where it leaves that out (one that contradicts them is refused).
 
     Args:
         cfg: the run config.
         hf_config: the base model's ``transformers`` config (sizes the persistence threshold and buckets).
+
+    Raises:
+        ConfigError: the file cannot be read, is of another ZeRO stage, or its bf16/fp16 section contradicts
+            ``model.dtype``/``parallel.mixed_precision``.
     """
     p, t = cfg.parallel, cfg.train
     stage = int(p.strategy[-1])
     bucket = int(p.bucket_mb * 1e6 / 4)
     if p.deepspeed_config:
-        ds = read_deepspeed_config(p.deepspeed_config, p.strategy)
+        ds = _precision(read_deepspeed_config(p.deepspeed_config, p.strategy), cfg)
         # Without a stage DeepSpeed would run stage 0 (no ZeRO): the strategy's.
         ds["zero_optimization"] = {"stage": stage, **ds.get("zero_optimization", {})}
     else:
@@ -133,7 +191,7 @@ def deepspeed_config(cfg: Config, hf_config) -> dict:
             },
             "zero_allow_untested_optimizer": True,
             # A bf16 base (model.dtype) is stored and computed in bf16; the LoRA steps fp32 masters.
-            "bf16": {"enabled": "bfloat16" in (p.mixed_precision, cfg.model.dtype)},
+            "bf16": {"enabled": _bf16(cfg)},
             # LoRA gradients are reduced in fp32 even when the base computes in bf16.
             "communication_data_type": "fp32",
             "steps_per_print": 10**9,
