@@ -134,6 +134,53 @@ def test_buffers_a_model_keeps_in_fp32_stay_fp32_under_a_bf16_base(tiny_checkpoi
     assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
 
 
+@pytest.mark.dist
+def test_zero3_builds_the_buffers_every_other_strategy_and_from_pretrained_build(tiny_checkpoint, tmp_path):
+    """DeepSpeed's zero.Init builds tensors in its dtype: under zero3 with a bf16 base, Llama's rotary ``inv_freq``,
+    fp32 in transformers, came out bf16 (up to 0.5% off; a rotary angle off by radians at long positions)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from distutil import ranks
+
+    base = tiny_checkpoint("llama", hidden=64, layers=2, dtype=torch.bfloat16)
+    reference = dict(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).named_buffers())
+    assert reference["model.rotary_emb.inv_freq"].dtype == torch.float32
+    script = str(Path(__file__).parent / "dist_scripts" / "model_buffers.py")
+    for strategy in ("zero3", "fsdp2"):
+        ranks(1, script, str(base), strategy, str(tmp_path / f"{strategy}.safetensors"))
+        ours = load_file(str(tmp_path / f"{strategy}.safetensors"))
+        assert set(ours) == set(reference), strategy
+        for name, buf in ours.items():
+            assert buf.dtype == reference[name].dtype and torch.equal(buf, reference[name]), (strategy, name)
+
+
+def test_a_tied_embedding_stored_under_the_heads_name_loads_as_from_pretrained_loads_it(tmp_path):
+    """A tied embedding is stored once, under either name: stored as ``lm_head.weight`` only, transformers loads it,
+    and lora_dist refused the checkpoint ("no weights for ['model.embed_tokens.weight']")."""
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    from lora_dist.config import ModelConfig, ParallelConfig
+    from lora_dist.demo import make_tokenizer
+
+    config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    reference = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+    model = load_model(ModelConfig(path=str(tmp_path)), LoRAConfig(target_modules=["q_proj"]),
+                       ParallelConfig(strategy="none"), torch.device("cpu"), 0).model
+    assert model.model.embed_tokens.weight is model.lm_head.weight
+    assert torch.equal(model.model.embed_tokens.weight, tensors["lm_head.weight"])
+    x = torch.randint(0, 512, (1, 12))
+    torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=0, atol=0)
+
+
 def _ernie_checkpoint(path: Path) -> Path:
     """A tiny ERNIE-4.5-MoE in bf16 whose router weight and expert-selection bias are stored in fp32 (as the Hub's
     are), the biases 1e-4 apart (one bf16 step at 0.1 is 4.9e-4)."""
