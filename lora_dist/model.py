@@ -26,7 +26,7 @@ from lora_dist.config import ModelConfig, ParallelConfig
 from lora_dist.dtypes import parse_dtype
 from lora_dist.errors import ConfigError
 from lora_dist.lora import InjectionReport, LoRAConfig, inject_lora, lora_modules, lora_parameters
-from lora_dist.model_dir import ModelDir, ModelDirError, model_class
+from lora_dist.model_dir import ModelDir, ModelDirError, kept_in_fp32, model_class
 from lora_dist.nf4 import is_quantized, load_quantized, nf4_module
 from lora_dist.parallel import parallelize
 from lora_dist.quant import NF4Record, prepare_quantized, quantize_problem
@@ -128,11 +128,8 @@ def fp32_params_deepspeed_casts(model: nn.Module, dtype: torch.dtype | None) -> 
 
 def _kept_in_fp32(model: nn.Module, dtype: torch.dtype | None):
     """Whether a parameter or buffer name is one the model keeps in fp32 under a bf16 or fp16 ``dtype``
-    (``_keep_in_fp32_modules_strict``, matched as ``from_pretrained`` matches it: a substring); never otherwise."""
-    keys = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
-    if dtype not in (torch.bfloat16, torch.float16):
-        keys = ()
-    return lambda name: any(key in name for key in keys)
+    (``_keep_in_fp32_modules_strict``, matched as ``from_pretrained`` matches it, :func:`kept_in_fp32`)."""
+    return kept_in_fp32((), getattr(model, "_keep_in_fp32_modules_strict", None) or (), dtype)
 
 
 def _tied_parameters(model: nn.Module) -> list[tuple[str, str]]:

@@ -1,7 +1,8 @@
 """Reading local Hugging Face model dirs (a base model, or a merged export) without loading them whole.
 
 A model dir is ``config.json`` plus ``model.safetensors`` or sharded
-``model-0000i-of-0000N.safetensors`` files with ``model.safetensors.index.json``.
+``model-0000i-of-0000N.safetensors`` files with ``model.safetensors.index.json``;
+where both are there, ``model.safetensors`` is read, as transformers reads it.
 :class:`ModelDir` reads one tensor, some of its rows, or a flat element
 range at a time, straight from the memory-mapped files, so a rank only ever
 touches the bytes it owns.
@@ -25,6 +26,7 @@ import functools
 import hashlib
 import logging
 import math
+import re
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
@@ -36,7 +38,8 @@ from lora_dist.errors import UserError
 from lora_dist.inputs import clip, excerpt, read_json
 from lora_dist.prequantized import PrequantizedError, dense_view
 
-__all__ = ["REMOTE_CODE_FIX", "SAFE_INDEX", "SAFE_SINGLE", "ModelDir", "ModelDirError", "alibi_attention", "model_class",
+__all__ = ["REMOTE_CODE_FIX", "SAFE_INDEX", "SAFE_SINGLE", "ModelDir", "ModelDirError", "alibi_attention",
+           "kept_in_fp32", "model_class",
            "read_config_json", "recurrent_layers", "skeleton", "text_config"]
 
 log = logging.getLogger(__name__)
@@ -122,21 +125,26 @@ class ModelDir:
             raise ModelDirError(f"model path {str(self.path)!r} is not a directory; set model.path to a local HF checkpoint dir")
         self._config = read_config_json(self.path)
         index = self.path / SAFE_INDEX
-        if index.is_file():
+        # transformers reads model.safetensors where there is one, whatever index lies beside it (save_pretrained
+        # of a small model into the dir of a sharded save leaves the old index behind)
+        if (self.path / SAFE_SINGLE).is_file():
+            weight_map = None
+        elif index.is_file():
             loaded = read_json(index, ModelDirError, "the weight index")
             if not isinstance(loaded, dict) or "weight_map" not in loaded:
                 raise ModelDirError(f"{index} is corrupt (no weight_map); re-save the checkpoint")
             weight_map = _check_weight_map(index, loaded["weight_map"])
-        elif (self.path / SAFE_SINGLE).is_file():
-            weight_map = None
         else:
             pickled = list(self.path.glob("pytorch_model*.bin"))
             hint = " (only pickled .bin weights found: lora_dist never unpickles; convert them to safetensors)" if pickled else ""
             raise ModelDirError(f"{self.path} has no safetensors weights{hint}")
         self._handles: dict[str, object] = {}
+        self._indexed = weight_map is not None
         if weight_map is None:
             handle = self._open(SAFE_SINGLE)
             weight_map = {k: SAFE_SINGLE for k in handle.keys()}  # type: ignore[attr-defined]
+            if index.is_file():
+                self._warn_ignored_index(index, weight_map)
         self.weight_map: dict[str, str] = dict(weight_map)
         listed: dict[str, list[str]] = {}
         for key, file in self.weight_map.items():
@@ -156,6 +164,17 @@ class ModelDir:
         self._keys = [k for k in self.weight_map if k not in self._dense.hidden]
         self._keys += [k for k in self._dense.tensors if k not in self.weight_map]
 
+    def _warn_ignored_index(self, index: Path, weight_map: dict[str, str]) -> None:
+        """Say so where an index beside ``model.safetensors`` describes other weights: it is ignored, as transformers
+        ignores it, and a user may have meant the sharded weights it names."""
+        try:
+            listed = read_json(index, ModelDirError, "the weight index")
+        except ModelDirError:
+            listed = None
+        if not isinstance(listed, dict) or listed.get("weight_map") != weight_map:
+            log.warning("%s: %s does not describe %s (left by an earlier sharded save?); reading %s, as "
+                        "transformers does: delete the stale index", self.path, SAFE_INDEX, SAFE_SINGLE, SAFE_SINGLE)
+
     def _open(self, file: str):
         if file not in self._handles:
             full = self.path / file
@@ -171,7 +190,9 @@ class ModelDir:
         """A hash of what the loader reads: config, index, tokenizer config, and each weight file's name, size,
         header and ``samples`` evenly spaced pieces of its tensor bytes (a few MB for a 400B model)."""
         h = hashlib.sha256()
-        for name in ("config.json", SAFE_INDEX, "tokenizer_config.json"):
+        read = ("config.json", SAFE_INDEX, "tokenizer_config.json") if self._indexed else ("config.json",
+                                                                                         "tokenizer_config.json")
+        for name in read:
             f = self.path / name
             if f.is_file():
                 h.update(name.encode() + b"\0" + f.read_bytes())
@@ -215,6 +236,20 @@ class ModelDir:
         if getattr(config, "quantization_config", None) is not None:  # the model is built and read dense
             del config.quantization_config
         return config
+
+    @functools.cached_property
+    def _fp32_modules(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The model's ``_keep_in_fp32_modules`` and ``_keep_in_fp32_modules_strict`` (a composite model's gathered
+        from its parts, as transformers gathers them); none where transformers has no class for the checkpoint."""
+        try:
+            model = skeleton(self)
+        except ModelDirError:  # merged by tensor names alone
+            return (), ()
+        return tuple(sorted(model._keep_in_fp32_modules or ())), tuple(sorted(model._keep_in_fp32_modules_strict or ()))
+
+    def kept_in_fp32(self, dtype: torch.dtype | None):
+        """:func:`kept_in_fp32` of the checkpoint's model class, for its tensor names."""
+        return kept_in_fp32(*self._fp32_modules, dtype)
 
     @property
     def quantized(self) -> bool:
@@ -372,6 +407,23 @@ def model_class(hf_config):
     raise ModelDirError(f"model type {model_type!r} ({', '.join(archs) or 'no architectures'}) is not a language "
                         "model transformers builds with AutoModelForCausalLM or AutoModelForImageTextToText; "
                         "lora_dist fine-tunes decoder language models (and the language model of a vision one)")
+
+
+def kept_in_fp32(modules: Iterable[str], strict: Iterable[str], dtype: torch.dtype | None):
+    """Whether a tensor name is one a model keeps in fp32 when it is loaded, and so saved, in ``dtype``, as
+    transformers decides it: ``modules`` (``_keep_in_fp32_modules``) under float16, ``strict``
+    (``_keep_in_fp32_modules_strict``: routers' ``e_score_correction_bias``) under bfloat16 and float16; each a
+    pattern searched for in the name, ``*`` standing for any characters. Never under float32 or None.
+
+    Returns:
+        A function of a tensor name giving True for a tensor kept in fp32.
+    """
+    patterns = list(strict) if dtype in (torch.bfloat16, torch.float16) else []
+    patterns += list(modules) if dtype == torch.float16 else []
+    if not patterns:
+        return lambda name: False
+    search = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns)).search
+    return lambda name: search(name) is not None
 
 
 def skeleton(base: ModelDir) -> torch.nn.Module:

@@ -140,6 +140,33 @@ def test_an_index_naming_a_file_that_does_not_hold_the_tensor_is_one_line(sharde
     assert "\n" not in str(e.value) and "re-save the checkpoint" in str(e.value)
 
 
+def test_a_stale_index_beside_model_safetensors_is_ignored_as_transformers_ignores_it(tiny_model, tmp_path, caplog):
+    """save_pretrained of a small model into the dir of a sharded save leaves the old index: transformers reads
+    model.safetensors and ignores it, so ModelDir reads the same tensors (it refused the dir: the index's shards
+    are gone) and says the index is stale."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m", max_shard_size="40KB")
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / SAFE_INDEX).is_file() and (tmp_path / "m" / SAFE_SINGLE).is_file()
+    with caplog.at_level("WARNING", logger="lora_dist.model_dir"):
+        d = ModelDir(tmp_path / "m")
+    assert d.files() == [SAFE_SINGLE]
+    assert f"{SAFE_INDEX} does not describe {SAFE_SINGLE}" in caplog.text and "delete the stale index" in caplog.text
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).state_dict()
+    assert sorted(d.keys()) == sorted(loaded)
+    for key in d.keys():
+        assert torch.equal(d.read(key), loaded[key]), key
+
+    # an index that describes model.safetensors itself is said nothing of
+    (tmp_path / "m" / SAFE_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": dict(d.weight_map)}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lora_dist.model_dir"):
+        assert ModelDir(tmp_path / "m").files() == [SAFE_SINGLE]
+    assert "stale" not in caplog.text
+
+
 def test_hub_cache_symlinks_inside_the_index_still_open(sharded, tmp_path):
     # The HF cache links snapshot files to blobs elsewhere: only the names in the index must stay inside.
     blobs = tmp_path / "blobs"

@@ -22,7 +22,8 @@ split. Every piece, merged or copied, is cast to the output dtype by
 :func:`to_output`, which checks it is finite *in that dtype*: an fp16/bf16
 overflow is refused, not written as Inf.
 :func:`output_specs` says which tensors the output has: exactly the base
-checkpoint's.
+checkpoint's, each in the output dtype but those the model keeps in fp32
+(:func:`output_dtype`, as ``save_pretrained`` writes them).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ __all__ = [
     "merge_flat",
     "merged_from",
     "natural_key",
+    "output_dtype",
     "output_specs",
     "param_source",
     "stored_rows",
@@ -336,18 +338,30 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def output_dtype(dtype: torch.dtype, out_dtype: torch.dtype | None, kept_in_fp32: bool) -> torch.dtype:
+    """The dtype a base tensor stored in ``dtype`` is written in: ``out_dtype`` for a floating tensor (None keeps
+    ``dtype``), but fp32 (or ``dtype`` where it is wider) for one the model keeps in fp32 (``kept_in_fp32``:
+    :meth:`lora_dist.model_dir.ModelDir.kept_in_fp32`), as ``from_pretrained(dtype=...)`` loads it and
+    ``save_pretrained`` writes it."""
+    if out_dtype is None or dtype not in FLOAT_DTYPES:
+        return dtype
+    if kept_in_fp32:
+        return dtype if dtype.itemsize > torch.float32.itemsize else torch.float32
+    return out_dtype
+
+
 def output_specs(base: ModelDir, out_dtype: torch.dtype | None) -> dict[str, TensorSpec]:
-    """One spec per base tensor, in natural key order; floating tensors cast to ``out_dtype``.
+    """One spec per base tensor, in natural key order; floating tensors cast to ``out_dtype`` but those the model
+    keeps in fp32 (:func:`output_dtype`).
 
     Args:
         base: the base checkpoint.
         out_dtype: dtype of the floating tensors written; None keeps the base's.
     """
+    kept = base.kept_in_fp32(out_dtype)
     specs = {}
     for key in sorted(base.keys(), key=natural_key):
-        dtype = from_safetensors(base.dtype(key))
-        if out_dtype is not None and dtype in FLOAT_DTYPES:
-            dtype = out_dtype
+        dtype = output_dtype(from_safetensors(base.dtype(key)), out_dtype, kept(key))
         specs[key] = TensorSpec(key, dtype, base.shape(key))
     return specs
 
@@ -360,14 +374,16 @@ def merged_from(dtypes: Iterable[torch.dtype]) -> str:
 def stored_specs(base: ModelDir, out_dtype: torch.dtype | None) -> dict[str, TensorSpec]:
     """One spec per tensor the base files store (an FP8 weight's codes and scales, activation scales), in natural
     key order: a block-scaled FP8 checkpoint written as it is stored. FP8 weights and their scales keep their
-    dtypes; the other floating tensors are cast to ``out_dtype`` (None keeps the base's)."""
+    dtypes; the other floating tensors are cast to ``out_dtype`` (None keeps the base's) as :func:`output_specs`
+    casts them."""
     fp8 = {b.scale_key for b in (base.fp8_blocks(k) for k in base.keys()) if b is not None}
     fp8 |= {k for k in base.keys() if base.fp8_blocks(k) is not None}
+    kept = base.kept_in_fp32(out_dtype)
     specs = {}
     for key in sorted(base.stored_keys(), key=natural_key):
         dtype = from_safetensors(base.stored_dtype(key))
-        if out_dtype is not None and dtype in FLOAT_DTYPES and key not in fp8 and not key.endswith(_SCALES):
-            dtype = out_dtype
+        if key not in fp8 and not key.endswith(_SCALES):
+            dtype = output_dtype(dtype, out_dtype, kept(key))
         specs[key] = TensorSpec(key, dtype, base.stored_shape(key))
     return specs
 

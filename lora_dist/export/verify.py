@@ -326,9 +326,9 @@ def check_config_matches(ckpt: ModelDir, base: ModelDir, stored: bool) -> list[s
 
 def check_dtypes(found: CheckpointFiles, base: ModelDir, config: Mapping, stored: bool) -> list[str]:
     """Each tensor is in the dtype the export writes it in: every floating tensor in ``config.json``'s dtype
-    (``export.dtype``, ``--dtype``), or every one in its base's (``lora-dist merge`` without ``--dtype``); FP8
-    codes and scales, and non-floating tensors, as the base stores them (:func:`output_specs`,
-    :func:`stored_specs`)."""
+    (``export.dtype``, ``--dtype``) but those the model keeps in fp32, or every one in its base's (``lora-dist
+    merge`` without ``--dtype``); FP8 codes and scales, and non-floating tensors, as the base stores them
+    (:func:`output_specs`, :func:`stored_specs`: the writer's own rule)."""
     specs = stored_specs if stored else output_specs
     declared = config.get("dtype") or config.get("torch_dtype")
     try:

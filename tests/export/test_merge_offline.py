@@ -245,6 +245,50 @@ def test_verify_catches_a_tensor_in_another_dtype(merged, tmp_path):
         verify_checkpoint(out, merged["base"])  # ... but not what an export of this base writes
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT's call
+@pytest.mark.parametrize("arch, dtype", [("deepseek_v3", "bfloat16"), ("deepseek_v3", "float16"),
+                                         ("gpt_oss", "float16")])
+def test_tensors_the_model_keeps_in_fp32_are_written_as_save_pretrained_writes_them(tiny_checkpoint, tmp_path, arch,
+                                                                                    dtype):
+    """transformers keeps a router's e_score_correction_bias (``_keep_in_fp32_modules_strict``: under bf16 and fp16)
+    and gpt-oss's norms (``_keep_in_fp32_modules``: under fp16) in fp32: a merge in bf16/fp16 writes every tensor in
+    the dtype ``from_pretrained(dtype=...).save_pretrained()`` writes it in, those not rounded (they were), and
+    ``verify --base`` holds the same rule."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    base = Path(shutil.copytree(tiny_checkpoint(arch, hidden=32), tmp_path / "base"))
+    kept = "e_score_correction_bias" if arch == "deepseek_v3" else "norm"
+    tensors = load_file(base / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for key in [k for k in tensors if kept in k]:  # values bf16 and fp16 round
+        tensors[key] = 0.123456789 + 0.01 * torch.randn(tensors[key].shape, generator=generator)
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    twin = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                          LoraConfig(r=4, target_modules=["o_proj"], init_lora_weights=False))
+    twin.save_pretrained(tmp_path / "adapter")
+
+    out = merge_offline(base, tmp_path / "adapter", tmp_path / "out", dtype=dtype)
+    torch_dtype = getattr(torch, dtype)
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype).save_pretrained(tmp_path / "hf")
+    ours, theirs = ModelDir(out), ModelDir(tmp_path / "hf")
+    assert sorted(ours.keys()) == sorted(theirs.keys())
+    assert {k: ours.dtype(k) for k in ours.keys()} == {k: theirs.dtype(k) for k in theirs.keys()}
+    for key in (k for k in ours.keys() if "o_proj" not in k):
+        assert torch.equal(ours.read(key), theirs.read(key)), key
+    fp32 = sorted(k for k in ours.keys() if ours.dtype(k) == "F32")
+    assert fp32 and all(kept in k for k in fp32)
+    assert all(torch.equal(ours.read(k), tensors[k]) for k in fp32)
+
+    verify_checkpoint(out, base, tmp_path / "adapter")
+    outputs = load_file(out / "model.safetensors")
+    outputs[fp32[0]] = outputs[fp32[0]].to(torch_dtype)  # what the export wrote before
+    save_file(outputs, out / "model.safetensors", metadata=read_header(out / "model.safetensors")[0])
+    with pytest.raises(VerifyError, match=rf"1 tensors are not in the dtype .*'{fp32[0]}': {dtype}, not float32"):
+        verify_checkpoint(out, base, tmp_path / "adapter")
+
+
 def test_verify_catches_a_config_that_is_not_the_bases(merged, tmp_path):
     """The config decides how the weights load (a tied head reads the embedding instead of the merged lm_head):
     it must be the base's but for the dtype. One written out again by transformers (its defaults spelled out or
