@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from lora_dist.atomic import recover, writing_dir
 from lora_dist.errors import UserError
-from lora_dist.outputs import ADAPTER_FILES, check_replaceable
+from lora_dist.outputs import ADAPTER_FILES, CHAT_TEMPLATE_FILE, check_replaceable
 from lora_dist.inputs import clip, excerpt, read_json
 from lora_dist.lora import LoRAConfig, LoRAParam, inject_lora, language_model, lora_modules, param_targets
 from lora_dist.merge import LoRAWeights, lora_scale
@@ -46,6 +46,7 @@ __all__ = [
     "AdapterError",
     "AdapterWriteError",
     "AdapterFile",
+    "adapter_step",
     "load_adapter",
     "lora_state_dict",
     "peft_misread",
@@ -58,6 +59,26 @@ __all__ = [
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+#: The header key of the training step an adapter holds (:func:`adapter_step`).
+STEP_KEY = "lora_dist_step"
+#: PEFT's ``LoraConfig`` defaults of the fields an adapter config may leave out: ``r`` and ``lora_alpha``.
+PEFT_DEFAULT_R = 8
+PEFT_DEFAULT_ALPHA = 8
+#: ``adapter_config.json`` fields of PEFT (0.21) that, set, make the update something other than
+#: ``scale * B @ A`` added to the base weight for every token: refused by name, never applied as plain LoRA.
+#: (VeLoRA and MiCA change training only: their update is plain LoRA's.)
+LORA_VARIANT_FIELDS = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA biases",
+    "alora_invocation_tokens": "aLoRA, active only after its invocation tokens",
+    "use_qalora": "QALoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "layer_replication": "replicated layers",
+    "trainable_token_indices": "trainable token embeddings",
+}
 
 
 class AdapterError(UserError, ValueError):
@@ -175,15 +196,16 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, t
 
 def check_adapter_dir(directory: Path) -> None:
     """Refuse a ``directory`` that is a file or holds anything but an adapter's files (:func:`check_replaceable`)."""
-    check_replaceable(directory, ADAPTER_FILES, "the adapter", AdapterError)
+    check_replaceable(directory, (*ADAPTER_FILES, CHAT_TEMPLATE_FILE), "the adapter", AdapterError)
 
 
 def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-                  metadata: Mapping[str, str] | None = None) -> Path:
+                  metadata: Mapping[str, str] | None = None, chat_template: str | None = None) -> Path:
     """Write PEFT-format files atomically (:func:`lora_dist.atomic.writing_dir`).
 
     ``tensors`` use the model's own names; they are saved under PEFT's keys, with ``metadata`` added to the
-    safetensors header (PEFT reads only the tensors).
+    safetensors header (PEFT reads only the tensors). ``chat_template``, the one training rendered its data with,
+    is written as ``chat_template.jinja`` (the merge writes it into the merged checkpoint).
     An existing adapter at ``directory`` is replaced only once the new one is complete; a dir that holds any other
     file is refused (:class:`AdapterError`), nothing changed.
     """
@@ -203,6 +225,8 @@ def write_adapter(directory: str | os.PathLike, tensors: Mapping[str, torch.Tens
             peft_tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
             write_safetensors(staging / ADAPTER_WEIGHTS, peft_tensors, metadata={"format": "pt", **(metadata or {})})
             (staging / ADAPTER_CONFIG).write_text(text)
+            if chat_template is not None:
+                (staging / CHAT_TEMPLATE_FILE).write_text(chat_template)
     except AdapterError:
         raise
     except (OSError, SafetensorError) as e:
@@ -260,7 +284,8 @@ def peft_misread(model: nn.Module) -> list[str]:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
-                 tensors: Mapping[str, torch.Tensor] | None = None) -> Path:
+                 tensors: Mapping[str, torch.Tensor] | None = None, step: int | None = None,
+                 chat_template: str | None = None) -> Path:
     """Save the model's LoRA adapter in PEFT's format.
 
     Works on a model whose base is sharded (FSDP2/ZeRO-3): LoRA params are
@@ -272,6 +297,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         base_model_name_or_path: recorded in ``adapter_config.json``.
         tensors: the LoRA tensors to write, by the model's names, e.g. an engine's
             fp32 :meth:`~lora_dist.parallel.Engine.lora_state_dict` (default: the model's params).
+        step: the training step the tensors hold, recorded in the header (:func:`adapter_step`).
+        chat_template: the chat template training used (``data.chat_template``), written beside the weights.
 
     Raises:
         AdapterError: no LoRA layers, or an empty, wrong-shaped or non-finite tensor.
@@ -293,8 +320,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     for key, t in tensors.items():
         module, _, part = key.rpartition(".lora_")
         renamed[f"{names.get(module, module)}.lora_{part}"] = t
-    return write_adapter(directory, renamed, _peft_config(model, config, matched, base_model_name_or_path),
-                         trained_on(model))
+    metadata = trained_on(model)
+    if step is not None:
+        metadata[STEP_KEY] = str(int(step))
+    return write_adapter(directory, renamed, _peft_config(model, config, matched, base_model_name_or_path), metadata,
+                         chat_template)
 
 
 def trained_on(model: nn.Module) -> dict[str, str]:
@@ -303,6 +333,17 @@ def trained_on(model: nn.Module) -> dict[str, str]:
     trained on, on any number of ranks."""
     record = nf4_record(model)
     return {} if record is None else record.header()
+
+
+def adapter_step(directory: str | os.PathLike) -> int | None:
+    """The training step an adapter's header records (``save_adapter(step=...)``: ``lora-dist train``'s adapter);
+    None where it records none (PEFT's, an older lora_dist's) or its weights file is unreadable."""
+    try:
+        with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), "pt") as fh:
+            value = (fh.metadata() or {}).get(STEP_KEY, "")
+    except (OSError, SafetensorError):
+        return None
+    return int(value) if value.isdigit() else None
 
 
 def adapter_nf4_record(directory: str | os.PathLike) -> NF4Record | None:
@@ -415,10 +456,11 @@ class AdapterFile:
 
 
 def _lora_config_from_peft(cfg: Mapping[str, Any]) -> LoRAConfig:
+    """The :class:`LoRAConfig` of a PEFT ``adapter_config.json``, a field it leaves out taking PEFT's default."""
     init = cfg.get("init_lora_weights", True)
     return LoRAConfig(
-        r=int(cfg["r"]),
-        alpha=float(cfg.get("lora_alpha", cfg["r"])),
+        r=int(cfg.get("r", PEFT_DEFAULT_R)),
+        alpha=float(cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
         target_modules=cfg.get("target_modules") or None,  # PEFT writes [] for target_parameters alone
         exclude_modules=cfg.get("exclude_modules") or None,
@@ -435,8 +477,8 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFile:
     """Read a PEFT-format LoRA adapter (safetensors only).
 
     Raises:
-        AdapterError: missing files, a pickled checkpoint, a non-LoRA adapter,
-            a feature lora_dist does not merge (DoRA, LoRA bias), or unpaired tensors.
+        AdapterError: missing files, a pickled checkpoint, a non-LoRA adapter, a PEFT variant lora_dist does not
+            merge (:data:`LORA_VARIANT_FIELDS`: DoRA, LoRA bias, aLoRA...), LoRA on an embedding, or unpaired tensors.
     """
     directory = Path(directory)
     recover(directory, cleanup=False)  # a writer killed between its two renames left the adapter aside
@@ -456,8 +498,13 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFile:
                            "restore the file or re-save the adapter")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{directory} is a {excerpt(cfg.get('peft_type'), 60)} adapter; lora_dist handles LORA only")
-    if cfg.get("use_dora") or cfg.get("lora_bias"):
-        raise AdapterError(f"{directory} uses DoRA or LoRA biases, which lora_dist does not support")
+    # set as PEFT reads it: a true value, or a sub-config (a dict, even an empty one, is a config of defaults)
+    variant = next((f for f in LORA_VARIANT_FIELDS if isinstance(cfg.get(f), dict) or cfg.get(f)), None)
+    if variant is not None:
+        raise AdapterError(
+            f"{cfg_path} sets {variant} ({LORA_VARIANT_FIELDS[variant]}), which lora_dist does not support (it is "
+            f"not plain LoRA); use the adapter with PEFT, or retrain it without {variant}"
+        )
     try:
         lora_config = _lora_config_from_peft(cfg)
     except KeyError as e:
@@ -475,6 +522,12 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFile:
                 tensors[name] = f.get_tensor(key)
     except Exception as e:  # safetensors raises its own error types
         raise AdapterError(f"{weights_path} is not a readable safetensors file: {e}") from None
+    embedding = sorted({k.rsplit(".lora_embedding_", 1)[0] for k in tensors if ".lora_embedding_" in k})
+    if embedding:
+        raise AdapterError(
+            f"{weights_path}: {embedding[0]} is an embedding with LoRA (lora_embedding_A/B), which lora_dist does not "
+            f"support; retrain without {embedding[0].rpartition('.')[2]} in target_modules"
+        )
     modules = {k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
     for m in modules:
         if f"{m}.lora_A.weight" not in tensors or f"{m}.lora_B.weight" not in tensors:

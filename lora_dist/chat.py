@@ -61,7 +61,8 @@ from typing import Any
 from lora_dist.inputs import clip, excerpt, read_text
 
 __all__ = ["ChatError", "FORMATS", "LOSS_ON", "ROLES", "Record", "TEMPLATES", "alpaca_messages", "alpaca_prompt",
-           "chat_document", "check_messages", "parse_record", "resolve_template", "tokenize_record"]
+           "chat_document", "check_messages", "configured_template", "parse_record", "resolve_template",
+           "tokenize_record"]
 
 #: The label of a token without a loss (PyTorch's cross-entropy ``ignore_index``).
 IGNORE = -100
@@ -262,6 +263,17 @@ def resolve_template(tokenizer, chat_template: str = "") -> str | None:
     if isinstance(own, dict):  # several named templates: the default one
         own = own.get("default")
     return own or None
+
+
+def configured_template(chat_template: str) -> str | None:
+    """The template ``data.chat_template`` names (a shipped name or a Jinja file): what training rendered with, so
+    what an adapter and a merged export carry as ``chat_template.jinja``; None for ``""``, the tokenizer's own, which
+    the base's tokenizer files carry already.
+
+    Raises:
+        ChatError: an unknown name that is not a readable file.
+    """
+    return resolve_template(None, chat_template) if chat_template else None
 
 
 def alpaca_prompt(instruction: str, input: str) -> str:

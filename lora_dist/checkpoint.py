@@ -5,8 +5,9 @@ The frozen base is never written. A checkpoint is a directory::
     checkpoints/step-000040/
         lora.safetensors        LoRA tensors by the model's own names
         optimizer.safetensors   AdamW exp_avg / exp_avg_sq per LoRA tensor, full (not sharded)
-        state.json              step, samples consumed, run id, base identity, LoRA settings, world size, strategy,
-                                the data blocks' fingerprint and the seed
+        state.json              step, samples consumed, run id, base identity, LoRA settings, model.quantize,
+                                the schedule and AdamW settings, world size, strategy, the data blocks'
+                                fingerprint and the seed
 
 Everything is stored whole and by parameter name, so a run resumes on another
 world size or strategy. Writes are atomic and durable (:mod:`lora_dist.atomic`):
@@ -45,7 +46,9 @@ existed (no ``run_id``) are taken as the run dir's own.
   the dir's) is skipped with a warning for the previous one; when none of this
   run's checkpoints is readable the run is refused, never restarted from step 0
   over them. An explicitly named ``checkpoint.resume=DIR`` is read as named (of
-  any run); a broken one is an error.
+  any run); a broken one is an error. A restarted job (``torchrun --max-restarts``,
+  a Slurm requeue) whose run already holds checkpoints of its own resumes ``latest``
+  instead: its workers get the same arguments again.
 
 What training may create, replace or delete
 -------------------------------------------
@@ -68,8 +71,8 @@ every write; the other ranks wait for it. There it:
 * creates ``merged/`` at the end (``export.merged=true``); an existing one is
   refused before any work unless ``output.overwrite=true``, and then replaced
   (what may be replaced there is :mod:`lora_dist.export`'s rule);
-* in ``checkpoints/``: creates ``step-N/`` (``checkpoint.every``, a preemption
-  signal, ``train.run_steps``), replaces a ``step-N/`` of this run (never another
+* in ``checkpoints/``: creates ``step-N/`` (``checkpoint.every`` and the last step, a
+  preemption signal, ``train.run_steps``), replaces a ``step-N/`` of this run (never another
   run's or an unknown one: refused) and ``latest``, deletes this run's ``step-N/``
   by the pruning rule above (renamed to ``.step-N.del-*`` first, then removed: a
   deletion cut short leaves no ``step-N/`` without its state), and removes its own
@@ -89,6 +92,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -121,6 +125,9 @@ LATEST = "latest"
 #: The ``lora.*`` settings a checkpoint records; resuming with any of them changed is refused.
 LORA_SETTINGS = ("r", "alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
                  "rank_pattern", "alpha_pattern")
+#: The ``train.*`` settings a checkpoint records: the LR schedule and AdamW's. A resume with any of them changed goes on
+#: with the new values from the checkpoint's step, with a warning naming them.
+TRAIN_SETTINGS = ("steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm")
 #: A checkpoint dir's name.
 STEP_DIR = re.compile(r"step-(\d+)")
 #: What a writer killed mid-publish leaves in ``checkpoints/`` (:mod:`lora_dist.atomic`).
@@ -160,6 +167,11 @@ def _lora_settings(cfg: Config) -> dict:
     return json.loads(json.dumps({k: getattr(cfg.lora, k) for k in LORA_SETTINGS}))
 
 
+def _train_settings(cfg: Config) -> dict:
+    """The recorded ``train.*`` settings (:data:`TRAIN_SETTINGS`), as they read back from JSON."""
+    return json.loads(json.dumps({k: getattr(cfg.train, k) for k in TRAIN_SETTINGS}))
+
+
 def _check_finite(tensors: dict[str, torch.Tensor], step: int) -> None:
     bad = next((k for k, v in tensors.items() if not torch.isfinite(v).all()), None)
     if bad is not None:
@@ -186,6 +198,8 @@ def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_
         "world_size": world_size,
         "strategy": cfg.parallel.strategy,
         "lora": _lora_settings(cfg),
+        "quantize": cfg.model.quantize,
+        "train": _train_settings(cfg),
     }
     if run_id is None:
         del record["run_id"]
@@ -285,6 +299,14 @@ def _check_compatible(path: Path, state: dict, lora: dict[str, torch.Tensor], en
         if key in current and current[key] != saved:
             was, now = f"lora.{key}={json.dumps(saved)}", f"lora.{key}={json.dumps(current[key])}"
             raise ResumeError(f"{path} was trained with {was}, this run has {now}; resume with {was} {fresh}")
+    if "quantize" in state and state["quantize"] != cfg.model.quantize:  # older checkpoints record NF4 runs only
+
+        def setting(value) -> str:
+            return f"model.quantize={value}" if value else 'model.quantize="" (no quantization)'
+
+        raise ResumeError(f"{path} was trained with {setting(state['quantize'])}, this run has "
+                          f"{setting(cfg.model.quantize)} (another base to train against); resume with "
+                          f"{setting(state['quantize'])} {fresh}")
     saved, now = nf4_record_of(state), _nf4(engine)
     if saved is not None and saved.weights and now is None:
         raise ResumeError(f"{path} was trained with model.quantize=nf4 ({len(saved.weights)} NF4 weights); resume "
@@ -304,6 +326,29 @@ def _check_compatible(path: Path, state: dict, lora: dict[str, torch.Tensor], en
         if list(lora[name].shape) != shape:
             raise ResumeError(f"{path}: {name} is {list(lora[name].shape)} in the checkpoint but {shape} in this "
                               f"model (another base?); resume on the base it was trained on {fresh}")
+
+
+def _restart() -> str | None:
+    """The launcher's restart of this job (``torchrun --max-restarts``, a Slurm requeue), or None on its first start."""
+    for var, what in (("TORCHELASTIC_RESTART_COUNT", "torchrun restart"), ("SLURM_RESTART_COUNT", "Slurm requeue")):
+        count = os.environ.get(var, "")
+        if count.isdigit() and int(count) > 0:
+            return f"{what} {count} ({var})"
+    return None
+
+
+def _warn_changed_training(path: Path, state: dict, cfg: Config) -> None:
+    """Warn where the LR schedule or AdamW's settings differ from those the checkpoint was trained with: the run goes
+    on from the checkpoint's step with the new ones (a longer ``train.steps`` stretches the schedule)."""
+    saved, now = state.get("train"), _train_settings(cfg)
+    if not isinstance(saved, dict):
+        return
+    changed = [f"train.{k}={json.dumps(saved[k])} -> {json.dumps(now[k])}" for k in TRAIN_SETTINGS
+               if k in saved and saved[k] != now[k]]
+    if changed:
+        log.warning("%s was trained with other settings: %s; training goes on from step %d with this run's (the LR "
+                    "at a step is a function of train.steps, lr, warmup_steps and min_lr_ratio)", path,
+                    ", ".join(changed), state["step"])
 
 
 def _check_data(path: Path, state: dict, data, cfg: Config) -> None:
@@ -427,8 +472,10 @@ class CheckpointManager:
         self._read = None  # rank 0: the checkpoint :meth:`_choose` read, for :meth:`maybe_resume`
 
     def should_save(self, step: int) -> bool:
+        """Every ``checkpoint.every`` steps, and at the last step: the finished run's state, for a longer run
+        (``train.steps`` raised) to go on from, and its weights where no export writes them."""
         every = self.cfg.checkpoint.every
-        return bool(every) and step % every == 0 and step < self.cfg.train.steps
+        return bool(every) and (step % every == 0 or step == self.cfg.train.steps)
 
     def _samples(self, step: int) -> int:
         t = self.cfg.train
@@ -621,6 +668,7 @@ class CheckpointManager:
         self.samples_offset = state.get("samples_consumed", 0)
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, state["step"])
+            _warn_changed_training(path, state, self.cfg)
             if self.cfg.checkpoint.resume == "auto" and self._latest_name() != path.name:
                 self._point_latest(path)
         return state["step"]
@@ -637,6 +685,11 @@ class CheckpointManager:
         if resume == "never":
             self._check_fresh_start(dirs)
             return None
+        restart = _restart()
+        if resume != "auto" and restart and any(self._is_ours(p) for p in dirs):
+            log.warning("%s: resuming this run's latest checkpoint in %s, not checkpoint.resume=%s, which the job's "
+                        "first start resumed (its own checkpoints since are newer)", restart, self.root, resume)
+            resume = "auto"
         if resume != "auto":
             path = Path(resume)
             if not path.is_dir():

@@ -51,6 +51,7 @@ __all__ = [
     "check_not_an_input",
     "check_replaceable",
     "ADAPTER_FILES",
+    "CHAT_TEMPLATE_FILE",
     "is_adapter_dir",
     "is_model_dir",
     "prepare_run_dir",
@@ -64,6 +65,9 @@ RUN_MARKER = ".lora_dist_run.json"
 RUN_LOCK = ".lora_dist_run.lock"
 _MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+#: The file of a tokenizer's chat template, which transformers reads before ``tokenizer_config.json``'s: a merged
+#: export writes there the template training used (``data.chat_template``), an adapter dir carries it.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 #: The files of a PEFT-format adapter dir (``.bin``: an older PEFT's weights).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 _RUN_CONTENTS = ("checkpoints", "adapter", "metrics.jsonl", "merged")

@@ -25,15 +25,18 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from lora_dist.adapter import adapter_nf4_record, peft_misread, read_adapter
+from lora_dist.adapter import adapter_nf4_record, adapter_step, peft_misread, read_adapter
 from lora_dist.atomic import recover
-from lora_dist.checkpoint import nf4_record_of, read_state
+from lora_dist.checkpoint import ResumeError, nf4_record_of, read_checkpoint, read_state
 from lora_dist.config import (Config, ParallelConfig, TrainConfig, config_from_dict, config_to_dict,
                               read_deepspeed_config)
 from lora_dist.dtypes import parse_dtype
 from lora_dist.errors import ConfigError
 from lora_dist.export import export_merged, merge_offline
+from lora_dist.chat import MAX_TEMPLATE_BYTES, configured_template
 from lora_dist.export.target import check_output
+from lora_dist.outputs import CHAT_TEMPLATE_FILE
+from lora_dist.inputs import read_text
 from lora_dist.integrations.accelerate import refuse_rewrap
 from lora_dist.launch import LaunchEnv, init_distributed, run_device
 from lora_dist.lora import LoRAConfig, lora_modules
@@ -181,7 +184,8 @@ def resolve_strategy(cfg: Config, env: LaunchEnv, device: torch.device) -> Confi
     from lora_dist.plan import choose_strategy
 
     budget, _ = _budget(cfg, env, device)
-    parallel, choice = choose_strategy(cfg, env.world_size, budget)
+    # parallel.reshard_after_forward=node planned as resolve_hybrid resolves it: the launch's ranks per node
+    parallel, choice = choose_strategy(cfg, env.world_size, budget, ranks_per_node=env.local_world_size)
     if env.is_main:
         log.info("%s", choice.summary())
     return dataclasses.replace(cfg, parallel=parallel)
@@ -235,7 +239,7 @@ def resolve_hybrid(cfg: Config, env: LaunchEnv, device: torch.device) -> Config:
         else:
             single = dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp_replicate=1, dp_shard=0))
             try:
-                peak = plan_memory(single, local).total
+                peak = plan_memory(single, local, ranks_per_node=local).total
             except Exception as e:  # noqa: BLE001 - a model the planner cannot size: the safe choice, logged
                 peak, fits, why = 0, False, f"the planner could not size the model ({type(e).__name__}: {e})"
             else:
@@ -418,17 +422,39 @@ def prepare(model: str | os.PathLike | Config, lora: LoRAConfig | None = None, s
 
 
 def _run_weights(run: Path) -> Path:
-    """Where the run's LoRA weights are: its final adapter dir, or its latest checkpoint dir."""
+    """Where the run's newest LoRA weights are: its final adapter dir, or its latest checkpoint dir where that holds a
+    later step (a longer run resumed from the finished one and stopped before its end), checked readable.
+
+    Raises:
+        ConfigError: neither is there, or ``latest`` names no checkpoint.
+        ResumeError: the latest checkpoint is unreadable (one line naming it and the fix).
+    """
     recover(run / "adapter", cleanup=False)  # a writer killed mid-publish may have left it aside
-    if (run / "adapter").is_dir():
-        return run / "adapter"
+    adapter = run / "adapter" if (run / "adapter").is_dir() else None
     latest = run / "checkpoints" / "latest"
-    if latest.is_file():
-        name = latest.read_text().strip()
-        if not re.fullmatch(r"step-\d+", name):
-            raise ConfigError(f"{latest} names {name[:80]!r}, not a checkpoint (step-NNNNNN); the run dir is damaged")
-        return run / "checkpoints" / name
-    raise ConfigError(f"{run} has neither adapter/ nor checkpoints/latest; is it a lora-dist output.dir?")
+    if not latest.is_file():
+        if adapter is None:
+            raise ConfigError(f"{run} has neither adapter/ nor checkpoints/latest; is it a lora-dist output.dir?")
+        return adapter
+    name = latest.read_text().strip()
+    if not re.fullmatch(r"step-\d+", name):
+        raise ConfigError(f"{latest} names {name[:80]!r}, not a checkpoint (step-NNNNNN); the run dir is damaged")
+    checkpoint = run / "checkpoints" / name
+    adapter_at = adapter_step(adapter) if adapter is not None else None
+    if adapter is not None and (adapter_at is None or not checkpoint.is_dir()):
+        return adapter  # an adapter of a run before steps were recorded: the run's final weights, as then
+    try:
+        step = read_checkpoint(checkpoint)[0]["step"]
+    except ResumeError as e:
+        raise ResumeError(f"{e}; lora-dist export reads the run's latest checkpoint: resume the run (checkpoint."
+                          f"resume=auto goes back to the previous good one) or point {latest} at an earlier "
+                          "step-NNNNNN") from None
+    if adapter is not None and step <= adapter_at:
+        return adapter
+    if adapter is not None:
+        log.warning("%s holds step %d, later than the run's adapter (step %d: a longer run resumed from it and stopped "
+                    "before its end): exporting the checkpoint", checkpoint, step, adapter_at)
+    return checkpoint
 
 
 def _run_lora_tensors(weights: Path, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -491,12 +517,16 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     RankGroup().on_rank0(lambda: check_output(out_dir, inputs, overwrite=overwrite, base_dir=cfg.model.path,
                                               what="--out"))
     weights = _run_weights(run)  # before any model is built: a run dir with no LoRA weights is refused at once
+    # The template training rendered its data with: the adapter's copy, else the one the run's config names.
+    own = run / "adapter" / CHAT_TEMPLATE_FILE
+    template = (read_text(own, ConfigError, "the run's chat template", max_bytes=MAX_TEMPLATE_BYTES) if own.is_file()
+                else configured_template(cfg.data.chat_template))
     # An NF4 run (model.quantize) is exported from its quantized model on any number of ranks: the merge is
     # into the dequantized base it was trained on, not into the original weights merge_offline reads.
     if env.world_size == 1 and weights.name == "adapter" and not cfg.model.quantize:
         # One process: stream base + adapter tensor by tensor from disk; nothing is loaded whole.
         return merge_offline(cfg.model.path, run / "adapter", out_dir, max_shard_size=shard_size, dtype=out_dtype,
-                             overwrite=overwrite, keep_fp8=keep_fp8)
+                             overwrite=overwrite, keep_fp8=keep_fp8, chat_template=template)
     parallel = cfg.parallel
     if env.world_size > 1 and parallel.strategy in ("none", "auto"):  # shard the base for the export
         parallel.strategy = "fsdp2"
@@ -524,4 +554,5 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
                                       f"{tuple(weight.shape)} in the model its config builds; was config.json edited?")
                 weight.copy_(tensors[key])
     return export_merged(model, out_dir, base, dtype=out_dtype, max_shard_size=shard_size, overwrite=overwrite,
-                         what="--out", lora=tensors, base_dtype=parse_dtype(cfg.model.dtype), keep_fp8=keep_fp8)
+                         what="--out", lora=tensors, base_dtype=parse_dtype(cfg.model.dtype), keep_fp8=keep_fp8,
+                         chat_template=template)

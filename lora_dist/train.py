@@ -44,6 +44,7 @@ import torch.distributed as dist
 from lora_dist import checkpoint as ckpt_mod
 from lora_dist.adapter import check_adapter_dir
 from lora_dist.atomic import recover, write_text_atomic
+from lora_dist.chat import configured_template
 from lora_dist.checkpoint import TrainingDiverged
 from lora_dist.config import Config, config_to_dict
 from lora_dist.data import PackedDataset, load_splits, load_tokenizer
@@ -376,6 +377,7 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
         except ExportError as e:
             raise ConfigError(f"{e}, or set export.merged=false to write the adapter alone") from None
 
+    template = configured_template(cfg.data.chat_template)  # the outputs carry it: read now, not after the run
     manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env, run_id=run_id, data=train_data)
     start_step = manager.maybe_resume(engine)
     metrics_path = out / "metrics.jsonl"
@@ -463,15 +465,17 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
                 raise Preempted(step + 1)
         if eval_data is not None:
             eval_loss = _eval(engine, eval_data, t, env)
-            if env.is_main:
-                _append_metrics(metrics_path, {"step": t.steps, "eval_loss": eval_loss})
-                tracker.log({"step": t.steps, "eval_loss": eval_loss})
         if signals.poll(device)[0]:  # a stop during the last step's save or the final eval: the run is trained
-            manager.save(t.steps, engine)  # the requeued run resumes here and only writes the outputs
+            if not manager.should_save(t.steps):  # else the loop just wrote this checkpoint
+                manager.save(t.steps, engine)  # the requeued run resumes here and only writes the outputs
             if env.is_main:
                 log.warning("preempted after the last step: checkpoint at step %d written; exiting with code %d "
-                            "for requeue (the rerun writes the adapter and the export)", t.steps, PREEMPT_EXIT_CODE)
+                            "for requeue (the rerun evaluates and writes the adapter and the export)", t.steps,
+                            PREEMPT_EXIT_CODE)
             raise Preempted(t.steps)
+        if eval_data is not None and env.is_main:  # after the poll: a requeued run logs it once, not twice
+            _append_metrics(metrics_path, {"step": t.steps, "eval_loss": eval_loss})
+            tracker.log({"step": t.steps, "eval_loss": eval_loss})
     except BaseException as e:
         ended = "KILLED" if isinstance(e, Preempted) else "FAILED"
         raise
@@ -481,15 +485,17 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
     # Still under the handler: a stop signal now waits for these writes to finish (each is atomic), instead of
     # killing the process halfway through them; the run is complete once they are.
     if cfg.export.adapter:
-        engine.save_adapter(out / "adapter")  # the fp32 LoRA state, whatever the strategy computes in
+        # the fp32 LoRA state, whatever the strategy computes in, with the chat template it was trained with
+        engine.save_adapter(out / "adapter", step=t.steps, chat_template=template)
     engine.finish_training()
     if cfg.export.merged:
         try:
             engine.export_merged(out / "merged", dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
-                                 overwrite=cfg.output.overwrite, keep_fp8=cfg.export.keep_fp8)
+                                 overwrite=cfg.output.overwrite, keep_fp8=cfg.export.keep_fp8,
+                                 chat_template=template)
         except UserError:  # refused or failed on every rank: the training is kept, not lost with the export
             if not cfg.export.adapter:
-                _keep_the_adapter(engine, out, env)
+                _keep_the_adapter(engine, out, env, t.steps, template)
             raise
     if dist.is_initialized():
         dist.barrier()
@@ -498,11 +504,11 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
     return TrainResult(_final_loss(history), first_loss, eval_loss, t.steps, out, history)
 
 
-def _keep_the_adapter(engine: Engine, out: Path, env: LaunchEnv) -> None:
+def _keep_the_adapter(engine: Engine, out: Path, env: LaunchEnv, step: int, chat_template: str | None) -> None:
     """``export.adapter=false`` and the merged export failed: the adapter is written anyway (``lora-dist export
     RUN_DIR`` exports it once the cause is fixed); a failure to write it is logged, the export's error raised."""
     try:
-        engine.save_adapter(out / "adapter")
+        engine.save_adapter(out / "adapter", step=step, chat_template=chat_template)
     except UserError as e:
         if env.is_main:
             log.error("the merged export failed and the adapter could not be written either (%s): the training "

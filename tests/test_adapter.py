@@ -472,3 +472,69 @@ def test_a_peft_expert_adapter_with_rank_pattern_on_its_parameters_merges_like_p
     merged = hf(tmp_path / "merged").state_dict()
     for key, value in merged_reference.items():
         torch.testing.assert_close(merged[key], value, atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("left_out", [["lora_alpha"], ["r", "lora_alpha"]], ids=["no-alpha", "no-r-no-alpha"])
+def test_an_adapter_config_without_r_or_lora_alpha_takes_peft_defaults(left_out, tiny_model, token_ids, tmp_path):
+    """PEFT's LoraConfig defaults r and lora_alpha to 8 each (an alpha left out is not r): such a config loads with
+    PEFT's scale, so the same logits as PEFT's."""
+    r = 16 if left_out == ["lora_alpha"] else 8
+    reference = peft_adapted(tiny_model("llama"), r=r, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    reference.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
+    for key in left_out:
+        del config[key]
+    (tmp_path / "adapter" / ADAPTER_CONFIG).write_text(json.dumps(config))
+    twin = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter").eval()
+    assert twin.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == 8 / r
+
+    assert read_adapter(tmp_path / "adapter").weights()["model.layers.0.self_attn.q_proj"].scale == 8 / r
+    model = load_adapter(tiny_model("llama"), tmp_path / "adapter")
+    ids = token_ids(model)
+    torch.testing.assert_close(logits(model, ids), logits(twin, ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("alora_invocation_tokens", [7, 8]),
+        ("use_qalora", True),
+        ("use_bdlora", {"target_modules_bd_a": ["q_proj"], "nblocks": 2}),
+        ("arrow_config", {"top_k": 2}),
+        ("kasa_config", {}),
+        ("monteclora_config", {"num_samples": 4}),
+        ("layer_replication", [[0, 1], [0, 1]]),
+        ("trainable_token_indices", [3, 4]),
+        ("lora_bias", True),
+    ],
+)
+def test_a_peft_lora_variant_is_refused_by_name(field, value, tmp_path):
+    """PEFT's LoRA variants are not scale * B @ A on every token (PEFT itself refuses to merge aLoRA): read as plain
+    LoRA they were merged and loaded silently wrong."""
+    with pytest.raises(AdapterError, match=rf"adapter_config.json sets {field} \(.*\), which lora_dist does not "
+                                           rf"support .*retrain it without {field}$") as e:
+        read_adapter(_write(tmp_path / "adapter", {field: value}))
+    assert "\n" not in str(e.value)
+
+
+def test_a_peft_alora_adapter_is_refused(tiny_model, tmp_path):
+    """The adapter PEFT writes for aLoRA, which PEFT will not merge: refused, not merged as plain LoRA."""
+    reference = peft_adapted(tiny_model("llama"), r=4, lora_alpha=8, target_modules=["q_proj"],
+                             alora_invocation_tokens=[7, 8], task_type="CAUSAL_LM")
+    with pytest.raises(NotImplementedError, match="aLoRA does not support merging"):
+        reference.merge_and_unload()
+    reference.save_pretrained(tmp_path / "alora")
+    with pytest.raises(AdapterError, match="sets alora_invocation_tokens"):
+        read_adapter(tmp_path / "alora")
+
+
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning")
+def test_an_embedding_lora_is_refused_naming_the_layer(tiny_model, tmp_path):
+    """PEFT names LoRA on an embedding lora_embedding_A/B: said so, not reported as an unpaired lora_A/lora_B."""
+    reference = peft_adapted(tiny_model("llama"), r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    reference.save_pretrained(tmp_path / "emb")
+    with pytest.raises(AdapterError, match=r"model.embed_tokens is an embedding with LoRA \(lora_embedding_A/B\), "
+                                           r"which lora_dist does not support; retrain without embed_tokens in "
+                                           r"target_modules$") as e:
+        read_adapter(tmp_path / "emb")
+    assert "\n" not in str(e.value)

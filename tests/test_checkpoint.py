@@ -37,11 +37,11 @@ def setup(tiny_checkpoint, tmp_path_factory):
     return {"base": base, "data": data, "root": root, "common": common}
 
 
-def _run(setup, out: Path, nproc: int, *overrides: str, check: bool = True):
+def _run(setup, out: Path, nproc: int, *overrides: str, check: bool = True, **env: str):
     args = ["train", *setup["common"], f"output.dir={out}", *overrides]
     if nproc == 1:
-        return lora_dist(*args, check=check)
-    return ranks(nproc, "-m", "lora_dist.cli", *args, check=check)
+        return lora_dist(*args, check=check, **env)
+    return ranks(nproc, "-m", "lora_dist.cli", *args, check=check, **env)
 
 
 def _resumed(proc, step: int, out: Path) -> None:
@@ -101,12 +101,19 @@ def uninterrupted(setup):
 
 def test_checkpoint_layout_and_pruning(uninterrupted):
     ckpts = uninterrupted / "checkpoints"
-    # every=2 over 6 steps: steps 2 and 4 (the end of training writes the adapter instead); keep=2.
-    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000002", "step-000004"]
-    assert (ckpts / "latest").read_text().strip() == "step-000004"
+    # every=2 over 6 steps: steps 2, 4 and the last, 6; keep=2.
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000004", "step-000006"]
+    assert (ckpts / "latest").read_text().strip() == "step-000006"
     state = json.loads((ckpts / "step-000004" / "state.json").read_text())
     assert state["step"] == 4 and state["samples_consumed"] == 16
     assert len(state["base"]["sha256"]) == 64
+    assert state["quantize"] == "" and state["train"] == {"steps": STEPS, "lr": LR, "warmup_steps": 2,
+                                                          "min_lr_ratio": 0.1, "weight_decay": 0.0,
+                                                          "max_grad_norm": 1.0}
+    # The last checkpoint holds what the adapter holds (fp32 LoRA, by the model's names vs PEFT's).
+    final = load_file(str(ckpts / "step-000006" / "lora.safetensors"))
+    adapter = {k.removeprefix("base_model.model."): v for k, v in _adapter(uninterrupted).items()}
+    assert set(final) == set(adapter) and all(torch.equal(final[k], adapter[k]) for k in final)
     # The blocks it trains on (200 demo records in 32-token blocks, no eval split) and the seed ordering them.
     assert set(state["data"]) == {"blocks", "seq_len", "sha256", "seed"} and state["data"]["seq_len"] == 32
     assert state["data"]["blocks"] >= 200 // 4 and len(state["data"]["sha256"]) == 64 and state["data"]["seed"] == 0
@@ -239,6 +246,90 @@ def test_resume_with_other_lora_settings_or_shapes_is_refused_naming_the_fix(set
     assert "lora_A.weight is [4, 64] in the checkpoint but [4, 32] in this model" in last and "fresh output.dir" in last
 
 
+def test_resume_onto_another_quantization_of_the_base_is_refused_both_ways(setup, tmp_path):
+    """A dense run resumed with model.quantize=nf4 trained on against another base without a word (the checkpoint
+    recorded NF4 weights only for NF4 runs); now the setting is recorded and a change either way is refused."""
+    pytest.importorskip("torchao")
+    dense, nf4 = tmp_path / "dense", tmp_path / "nf4"
+    _run(setup, dense, 1, "parallel.strategy=none", "train.run_steps=2")
+    _run(setup, nf4, 1, "parallel.strategy=none", "train.run_steps=2", "model.quantize=nf4")
+    for out, change, was in ((dense, "model.quantize=nf4", 'model.quantize="" (no quantization)'),
+                             (nf4, "model.quantize=", "model.quantize=nf4")):
+        proc = _run(setup, out, 1, "parallel.strategy=none", change, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        last = _last_line(proc)
+        assert "step-000002 was trained with " + was in last and f"resume with {was}" in last, last
+        assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002"]
+
+
+def test_resume_with_another_schedule_goes_on_with_a_warning_naming_it(setup, tmp_path):
+    """The LR at a step is a function of train.steps, lr, warmup_steps, min_lr_ratio: a resume with others goes on
+    with them from the checkpoint's step, which used to happen without a word."""
+    out = tmp_path / "schedule"
+    _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
+    proc = _run(setup, out, 1, "parallel.strategy=none", "train.steps=8", "train.lr=0.01", "train.run_steps=1")
+    assert "step-000002 was trained with other settings: train.steps=6 -> 8, train.lr=0.005 -> 0.01" in proc.stderr
+    proc = _run(setup, out, 1, "parallel.strategy=none", "train.steps=8", "train.lr=0.01")
+    assert "step-000003 at step 3" in proc.stderr and "other settings" not in proc.stderr
+
+
+def test_the_last_step_is_checkpointed_so_a_longer_run_goes_on_from_it(setup, tmp_path):
+    """The last step used to be written only as the adapter: with export.adapter=false (and no merged export) the run
+    ended "done" with its last steps nowhere, and a run with a larger train.steps went back to the last periodic
+    checkpoint and trained the finished steps again."""
+    out = tmp_path / "extended"
+    _run(setup, out, 1, "parallel.strategy=none", "export.adapter=false")
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{STEPS:06d}" and not (out / "adapter").exists()
+    proc = _run(setup, out, 1, "parallel.strategy=none", f"train.steps={STEPS + 2}")
+    assert f"step-{STEPS:06d} at step {STEPS}" in proc.stderr, proc.stderr[-2000:]
+    assert [m["step"] for m in _metrics(out) if "loss" in m] == list(range(1, STEPS + 3))  # none trained twice
+
+
+def test_a_restart_resumes_the_runs_latest_not_the_dir_named_again(setup, tmp_path):
+    """torchrun --max-restarts (and a Slurm requeue) start the workers again with the same arguments: an explicit
+    checkpoint.resume=DIR used to take the run back to DIR and its first save deleted the run's newer checkpoints.
+    A restart now resumes the run's latest; the first start, and a restart before the run saved any, resume DIR."""
+    seed, out = tmp_path / "seed", tmp_path / "restarted"
+    _run(setup, seed, 1, "parallel.strategy=none", "train.run_steps=2")
+    named = f"checkpoint.resume={seed / 'checkpoints' / 'step-000002'}"
+    proc = _run(setup, out, 1, "parallel.strategy=none", named, "train.run_steps=2", TORCHELASTIC_RESTART_COUNT="1")
+    assert "step-000002 at step 2" in proc.stderr and "not checkpoint.resume" not in proc.stderr  # none of its own yet
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    proc = _run(setup, out, 1, "parallel.strategy=none", named, "train.run_steps=1", TORCHELASTIC_RESTART_COUNT="2")
+    assert "torchrun restart 2" in proc.stderr and "step-000004 at step 4" in proc.stderr, proc.stderr[-2000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000005"
+    proc = _run(setup, out, 1, "parallel.strategy=none", named, "train.run_steps=1")  # a first start: DIR, as named
+    assert "step-000002 at step 2" in proc.stderr
+
+
+def test_export_of_a_run_takes_its_newest_weights_and_names_an_unreadable_checkpoint(setup, tmp_path):
+    """``lora-dist export RUN_DIR`` took the adapter whenever there was one: after a longer run resumed from the
+    finished one and stopped, it exported the older weights. And an unreadable latest checkpoint ended in a
+    safetensors traceback (exit 1) once the model was built; now one line, exit 2, naming the fix."""
+    from lora_dist.merge import LoRAWeights, merge_weight
+
+    out = tmp_path / "longer"
+    _run(setup, out, 1, "parallel.strategy=none")  # the adapter at step 6
+    _run(setup, out, 1, "parallel.strategy=none", f"train.steps={STEPS + 2}", "train.run_steps=1")  # stopped at 7
+    proc = lora_dist("export", str(out), "--out", str(tmp_path / "merged"), "--dtype", "float32")
+    assert f"step-{STEPS + 1:06d} holds step {STEPS + 1}, later than the run's adapter (step {STEPS}" in proc.stderr
+    lora = load_file(str(out / "checkpoints" / f"step-{STEPS + 1:06d}" / "lora.safetensors"))
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    base = load_file(str(setup["base"] / "model.safetensors"))
+    name = "model.layers.1.self_attn.v_proj"
+    expected = merge_weight(base[f"{name}.weight"], LoRAWeights(lora[f"{name}.lora_A.weight"],
+                                                                lora[f"{name}.lora_B.weight"], 16 / 4))
+    torch.testing.assert_close(merged[f"{name}.weight"], expected, rtol=0, atol=1e-6)
+    assert not torch.equal(expected, base[f"{name}.weight"])
+    broken = out / "checkpoints" / f"step-{STEPS + 1:06d}" / "lora.safetensors"
+    broken.write_bytes(broken.read_bytes()[:300])
+    proc = lora_dist("export", str(out), "--out", str(tmp_path / "merged2"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = _last_line(proc)
+    assert str(broken.parent) in last and "point " in last and "checkpoints/latest at an earlier step" in last, last
+    assert not (tmp_path / "merged2").exists()
+
+
 def test_failed_rerun_keeps_the_runs_config_json(setup, tmp_path):
     out = tmp_path / "rerun"
     _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
@@ -260,7 +351,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(setup, tmp_path):
     steps = [m["step"] for m in _metrics(out) if "loss" in m]
     # Steps 3-4 are redone from the step-2 checkpoint; their first rows were dropped at the resume (issue 15).
     assert steps == [1, 2, 3, 4, 5, 6]
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"  # the redone one
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000006"  # the last step's
 
 
 SKEWED_VIEW = """
@@ -889,6 +980,7 @@ def test_a_stop_signal_after_the_last_step_loses_nothing(setup, tmp_path, monkey
         proc = _run(setup, out, 1, *overrides[len(setup["common"]) + 1:])
         assert "step-000003 at step 3" in proc.stderr and (out / "adapter" / "adapter_model.safetensors").is_file()
         assert [m["step"] for m in _metrics(out) if "loss" in m] == [1, 2, 3]  # no step trained again
+        assert [m["step"] for m in _metrics(out) if "eval_loss" in m] == [3]  # evaluated twice, logged once
 
 
 def test_save_state_refuses_a_dir_holding_anything_but_a_checkpoint(tmp_path):

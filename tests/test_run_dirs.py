@@ -262,10 +262,10 @@ def test_state_json_records_the_run_id_and_pruning_keeps_this_runs_newest_by_ste
     out = tmp_path / "run"
     _train(good, out, "train.steps=6", "checkpoint.every=1", "checkpoint.keep=2", check=True)
     ckpts = out / "checkpoints"
-    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000004", "step-000005"]
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000005", "step-000006"]
     run_id = read_run_marker(out)["run_id"]
     assert {json.loads((p / "state.json").read_text())["run_id"] for p in ckpts.glob("step-*")} == {run_id}
-    assert (ckpts / "latest").read_text().strip() == "step-000005"
+    assert (ckpts / "latest").read_text().strip() == "step-000006"
 
 
 def test_a_broken_latest_falls_back_within_the_run_and_latest_is_repaired(good, tmp_path):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from distutil import adapter_atol, assert_same_run, logged, ranks, short_run_args, short_run_setup, train_run
+from distutil import (adapter_atol, assert_same_run, logged, lora_dist, ranks, short_run_args, short_run_setup,
+                      train_run)
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -242,7 +243,9 @@ def test_zero2_bf16_keeps_the_lora_promise_fp32(setup):
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
 def test_chat_data_two_ranks_equal_one_process(setup, tmp_path_factory, strategy):
-    """Chat records (assistant-only loss masks, packed documents with their block-diagonal mask)."""
+    """Chat records (assistant-only loss masks, packed documents with their block-diagonal mask). The merged export
+    renders chats with the template training used (data.chat_template): before, it kept the base's tokenizer files
+    alone, so a base without a template exported a model with none, and one with its own served another."""
     root = tmp_path_factory.mktemp(f"chat-{strategy}")
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": [
@@ -253,8 +256,27 @@ def test_chat_data_two_ranks_equal_one_process(setup, tmp_path_factory, strategy
         {"role": "assistant", "content": f"it rests {i % 3} days"}]}) + "\n" for i in range(60)))
     chat = [f"data.path={data}", "data.chat_template=chatml", "train.seq_len=256"]
     ref = _train(setup, f"chat-ref-{strategy}", 1, *chat, "parallel.strategy=none", "train.micro_batch_size=4")
-    out = _train(setup, f"chat-{strategy}", 2, *chat, f"parallel.strategy={strategy}", "train.micro_batch_size=2")
+    out = _train(setup, f"chat-{strategy}", 2, *chat, f"parallel.strategy={strategy}", "train.micro_batch_size=2",
+                 "export.merged=true")
     _assert_same_run(ref, out)
+    from transformers import AutoTokenizer
+
+    from lora_dist.chat import TEMPLATES
+
+    turns = [{"role": "user", "content": "what does robot 3 build?"}]
+    exported = [out / "merged"]
+    assert (out / "adapter" / "chat_template.jinja").read_text() == TEMPLATES["chatml"]  # the adapter carries it
+    if strategy == "fsdp2":  # lora-dist merge writes the adapter's; lora-dist export RUN_DIR the run's config's
+        lora_dist("merge", "--base", str(setup["base"]), "--adapter", str(out / "adapter"), "--out",
+                  str(root / "merged-offline"))
+        (out / "adapter" / "chat_template.jinja").unlink()  # an adapter written before adapters carried it
+        lora_dist("export", str(out), "--out", str(root / "exported"))
+        exported += [root / "merged-offline", root / "exported"]
+    for merged in exported:
+        assert (merged / "chat_template.jinja").read_text() == TEMPLATES["chatml"]
+        rendered = AutoTokenizer.from_pretrained(merged).apply_chat_template(turns, tokenize=False,
+                                                                             add_generation_prompt=True)
+        assert rendered == "<|im_start|>user\nwhat does robot 3 build?<|im_end|>\n<|im_start|>assistant\n", merged
 
 
 def test_a_base_without_its_dropout_trains_alike_on_two_ranks(tiny_checkpoint, tmp_path):

@@ -153,6 +153,7 @@ def export_merged(
     lora: Mapping[str, torch.Tensor] | None = None,
     base_dtype: torch.dtype | None = None,
     keep_fp8: bool = True,
+    chat_template: str | None = None,
 ) -> Path:
     """Write the model with its LoRA merged in as a HF checkpoint dir. Collective: call on every rank.
 
@@ -182,6 +183,8 @@ def export_merged(
             copied byte for byte, the adapted FP8 weights (experts adapted through ``target_parameters`` too)
             merged and quantized again, ``quantization_config`` kept. False (or an NF4-trained model, or another
             quantization): every weight dense in ``dtype``.
+        chat_template: the chat template training used (``data.chat_template``), written as ``chat_template.jinja``
+            in place of the base's; None: the base's tokenizer files as they are.
 
     Returns:
         ``out_dir`` as an absolute path, on every rank.
@@ -287,7 +290,7 @@ def export_merged(
         error = e
     group.check(error)
     return write_checkpoint(group, out_dir, base, layout, sources, overwrite=overwrite, mode=mode,
-                            config_dtype=out_dtype, what=what)
+                            config_dtype=out_dtype, what=what, chat_template=chat_template)
 
 
 def stores_fp8(base: ModelDir) -> bool:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from lora_dist.adapter import read_adapter
+from lora_dist.adapter import AdapterError, read_adapter
+from lora_dist.chat import MAX_TEMPLATE_BYTES
 from lora_dist.dtypes import from_safetensors, parse_dtype
 from lora_dist.ranks import RankGroup
 from lora_dist.export.layout import plan_layout
@@ -23,7 +24,9 @@ from lora_dist.export.merged import fp8_sources, stores_fp8
 from lora_dist.export.sources import (MERGED_FROM_KEY, RowsSource, file_rows, merged_from, output_specs, stored_rows,
                                       stored_specs)
 from lora_dist.export.target import check_output
+from lora_dist.outputs import CHAT_TEMPLATE_FILE
 from lora_dist.export.writer import MODES, write_checkpoint
+from lora_dist.inputs import read_text
 from lora_dist.merge import MergeError
 from lora_dist.model_dir import ModelDir
 
@@ -40,6 +43,7 @@ def merge_offline(
     *,
     mode: str = "auto",
     keep_fp8: bool = True,
+    chat_template: str | None = None,
 ) -> Path:
     """Merge a PEFT-format LoRA adapter into a base HF checkpoint, streaming, into a new checkpoint dir.
 
@@ -62,6 +66,9 @@ def merge_offline(
         mode: as for :func:`~lora_dist.export.merged.export_merged`.
         keep_fp8: a base stored as block-scaled FP8 is written as it is stored, each adapted weight merged and
             quantized again (as for :func:`~lora_dist.export.merged.export_merged`); False: every weight dense.
+        chat_template: the chat template the adapter was trained with, written as ``chat_template.jinja`` in place
+            of the base's; default: the adapter dir's ``chat_template.jinja`` (lora_dist writes one there when
+            training set ``data.chat_template``), else the base's tokenizer files as they are.
 
     Returns:
         ``out_dir`` as an absolute path, on every rank.
@@ -101,10 +108,14 @@ def merge_offline(
         else:
             specs = output_specs(base, out_dtype)
             sources = {key: RowsSource(file_rows(base, key), spec, loras.get(key)) for key, spec in specs.items()}
+        own = Path(adapter_dir) / CHAT_TEMPLATE_FILE
+        if chat_template is None and own.is_file():
+            chat_template = read_text(own, AdapterError, "the adapter's chat template", max_bytes=MAX_TEMPLATE_BYTES)
         dtypes = merged_from(from_safetensors(base.dtype(k)) for k in loras)
         layout = plan_layout(list(specs.values()), max_shard_size, {"format": "pt", MERGED_FROM_KEY: dtypes})
     except Exception as e:
         error = e
     group.check(error)
     return write_checkpoint(group, out_dir, base, layout, sources, overwrite=overwrite, mode=mode,
-                            config_dtype=out_dtype, inputs=[adapter_dir], what="--out")
+                            config_dtype=out_dtype, inputs=[adapter_dir], what="--out",
+                            chat_template=chat_template)

@@ -37,6 +37,7 @@ from lora_dist.export import layout as st
 from lora_dist.export.errors import ExportError
 from lora_dist.ranks import RankGroup
 from lora_dist.export.target import check_output, copied_files
+from lora_dist.outputs import CHAT_TEMPLATE_FILE
 from lora_dist.model_dir import SAFE_INDEX, ModelDir
 
 __all__ = ["MODES", "PROBE", "check_coverage", "choose_gather", "sees_probe", "write_checkpoint"]
@@ -287,9 +288,10 @@ def _check_staged(staging: Path, layout: st.CheckpointLayout) -> None:
 
 
 def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLayout,
-              config_dtype: torch.dtype | None, overwrite: bool, inputs: list, what: str) -> None:
-    """Rank 0: index, config and tokenizer files, then publish the staging dir as ``out`` (checked again first:
-    something may have appeared there while the ranks were writing)."""
+              config_dtype: torch.dtype | None, overwrite: bool, inputs: list, what: str,
+              chat_template: str | None) -> None:
+    """Rank 0: index, config and tokenizer files (with ``chat_template``, the one training used), then publish the
+    staging dir as ``out`` (checked again first: something may have appeared there while the ranks were writing)."""
     (staging / PROBE).unlink(missing_ok=True)
     index = layout.index()
     if index is not None:
@@ -306,6 +308,8 @@ def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLay
         target = staging / f.relative_to(base_dir)
         target.parent.mkdir(exist_ok=True)
         shutil.copyfile(f, target)
+    if chat_template is not None:  # transformers reads this file before tokenizer_config.json's template
+        (staging / CHAT_TEMPLATE_FILE).write_text(chat_template)
     check_output(out, inputs, overwrite=overwrite, base_dir=base_dir, what=what)
     _check_staged(staging, layout)
     try:
@@ -318,7 +322,7 @@ def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLay
 def write_checkpoint(group: RankGroup, out_dir: str | os.PathLike, base: ModelDir, layout: st.CheckpointLayout,
                      sources: Mapping[str, object], *, overwrite: bool, mode: str,
                      config_dtype: torch.dtype | None, inputs: Iterable[str | os.PathLike | None] = (),
-                     what: str = "output dir") -> Path:
+                     what: str = "output dir", chat_template: str | None = None) -> Path:
     """Collective: stage, fill, publish a planned checkpoint. Call on every rank with the same plan.
 
     Args:
@@ -335,6 +339,8 @@ def write_checkpoint(group: RankGroup, out_dir: str | os.PathLike, base: ModelDi
         inputs: what the export reads besides ``base`` (an adapter, a run's checkpoints): ``out_dir`` may
             neither be, contain nor lie inside any of them.
         what: how ``out_dir`` is named in errors (``--out``).
+        chat_template: the chat template training rendered its data with, written as ``chat_template.jinja``
+            (in place of the base's); None: the base's tokenizer files alone.
 
     Returns:
         ``out_dir`` as an absolute path, on every rank.
@@ -352,7 +358,8 @@ def write_checkpoint(group: RankGroup, out_dir: str | os.PathLike, base: ModelDi
     inputs = [base_dir, *(Path(p) for p in inputs if p is not None)]
     marks: list[WriterMark] = []
     try:
-        return _write(group, out, base_dir, layout, sources, overwrite, mode, config_dtype, inputs, what, marks)
+        return _write(group, out, base_dir, layout, sources, overwrite, mode, config_dtype, inputs, what, marks,
+                      chat_template)
     finally:
         for mark in marks:
             mark.release()
@@ -360,7 +367,7 @@ def write_checkpoint(group: RankGroup, out_dir: str | os.PathLike, base: ModelDi
 
 def _write(group: RankGroup, out: Path, base_dir: Path, layout: st.CheckpointLayout, sources: Mapping[str, object],
            overwrite: bool, mode: str, config_dtype: torch.dtype | None, inputs: list, what: str,
-           marks: list[WriterMark]) -> Path:
+           marks: list[WriterMark], chat_template: str | None) -> Path:
     staging_s, token = group.on_rank0(
         lambda: _prepare_staging(out, base_dir, overwrite, layout.file_bytes, inputs, what, marks))
     staging = Path(staging_s)
@@ -379,7 +386,8 @@ def _write(group: RankGroup, out: Path, base_dir: Path, layout: st.CheckpointLay
         # Each rank ends its writes with an fsync: rank 0's, of everything under gather, can take minutes;
         # the others wait for it as long as that takes, not parallel.timeout_s.
         (RankGroup(patient=True) if group.group is None else group).check(filled)
-        group.on_rank0(lambda: _finalize(staging, out, base_dir, layout, config_dtype, overwrite, inputs, what))
+        group.on_rank0(lambda: _finalize(staging, out, base_dir, layout, config_dtype, overwrite, inputs, what,
+                                         chat_template))
     except BaseException as e:
         if group.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)

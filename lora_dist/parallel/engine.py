@@ -188,8 +188,11 @@ class Engine:
 
     # ------------------------------------------------------------------ the outputs
 
-    def save_adapter(self, directory: str | os.PathLike) -> Path:
-        """Write the fp32 LoRA state as a PEFT adapter (collective: call on every rank; rank 0 writes).
+    def save_adapter(self, directory: str | os.PathLike, step: int | None = None,
+                     chat_template: str | None = None) -> Path:
+        """Write the fp32 LoRA state as a PEFT adapter (collective: call on every rank; rank 0 writes); ``step``, the
+        training step it holds, is recorded in its header (:func:`lora_dist.adapter.adapter_step`), and
+        ``chat_template``, the one training used, written beside it.
 
         Raises:
             AdapterError: the LoRA state is not finite or does not fit the model (on every rank).
@@ -205,19 +208,20 @@ class Engine:
 
         def write() -> Path:
             try:
-                return save_adapter(self.module, directory, base, tensors=lora)
+                return save_adapter(self.module, directory, base, tensors=lora, step=step, chat_template=chat_template)
             except (OSError, SafetensorError) as e:
                 raise write_failure(e, str(directory), "the previous adapter (if any) is intact") from None
 
         return RankGroup().on_rank0(write)
 
     def export_merged(self, out_dir: str | os.PathLike, *, dtype: str = "bfloat16", max_shard_size: str = "5GB",
-                      overwrite: bool = False, keep_fp8: bool = True) -> Path:
+                      overwrite: bool = False, keep_fp8: bool = True, chat_template: str | None = None) -> Path:
         """End training and write the merged checkpoint from the shards (collective: call on every rank).
 
         Frees the optimizer state first (:meth:`finish_training`): no step may follow. Each rank merges the fp32
         LoRA (:meth:`lora_state_dict`: DeepSpeed's masters, not its bf16 params) into the base bytes it holds and
-        writes them (:func:`lora_dist.export.export_merged`).
+        writes them (:func:`lora_dist.export.export_merged`); ``chat_template``, the one training used, is written
+        in place of the base's.
 
         Raises:
             ExportError: as :func:`lora_dist.export.export_merged` (an existing ``out_dir`` without ``overwrite``...).
@@ -231,7 +235,8 @@ class Engine:
         lora = self.lora_state_dict()  # fp32, whatever the compute dtype (collective under ZeRO)
         self.finish_training()
         return export_merged(self.module, out_dir, self.base, dtype=parse_dtype(dtype), max_shard_size=max_shard_size,
-                             overwrite=overwrite, lora=lora, base_dtype=self.base_dtype, keep_fp8=keep_fp8)
+                             overwrite=overwrite, lora=lora, base_dtype=self.base_dtype, keep_fp8=keep_fp8,
+                             chat_template=chat_template)
 
     # ------------------------------------------------------------------ the state
 
