@@ -28,8 +28,7 @@ from safetensors.torch import load_file
 from lora_dist.adapter import adapter_nf4_record, adapter_step, peft_misread, read_adapter
 from lora_dist.atomic import recover
 from lora_dist.checkpoint import ResumeError, nf4_record_of, read_checkpoint, read_state
-from lora_dist.config import (Config, ParallelConfig, TrainConfig, config_from_dict, config_to_dict,
-                              read_deepspeed_config)
+from lora_dist.config import Config, ParallelConfig, TrainConfig, config_from_dict, config_to_dict
 from lora_dist.dtypes import parse_dtype
 from lora_dist.errors import ConfigError
 from lora_dist.export import export_merged, merge_offline
@@ -84,11 +83,14 @@ def check_launch(cfg: Config, env: LaunchEnv) -> None:
 
     Raises:
         ConfigError: ``parallel.strategy=none`` with more than one process; a ``parallel.deepspeed_config`` file
-            that is missing, malformed or of another ZeRO stage.
+            that is missing, malformed, of another ZeRO stage or of another precision than ``model.dtype`` and
+            ``parallel.mixed_precision``.
     """
     strategy = cfg.parallel.strategy
-    if cfg.parallel.deepspeed_config:
-        read_deepspeed_config(cfg.parallel.deepspeed_config, strategy)  # missing, malformed, another stage
+    if cfg.parallel.deepspeed_config:  # before any work (the data is tokenized next)
+        from lora_dist.parallel.deepspeed import user_deepspeed_config
+
+        user_deepspeed_config(cfg)
     if strategy == "none" and env.world_size > 1:
         raise ConfigError(f"parallel.strategy=none runs one process, but {env.world_size} were launched; pick fsdp2, zero3 or ddp")
     if strategy == "fsdp2":

@@ -192,6 +192,7 @@ def test_deepspeed_config_file_is_refused_before_any_work(good, tmp_path, text, 
         path.write_text(text)
     proc = _train(good, tmp_path / "o", "parallel.strategy=zero3", f"parallel.deepspeed_config={path}")
     _refused(proc, str(path), "parallel.deepspeed_config", needle, out=tmp_path / "o")
+    assert " blocks of " not in proc.stderr  # refused before the data is tokenized
 
 
 def test_non_utf8_yaml_and_data(good, tmp_path):

@@ -152,6 +152,16 @@ def _precision(ds: dict, cfg: Config) -> dict:
     return out
 
 
+def user_deepspeed_config(cfg: Config) -> dict:
+    """The ``parallel.deepspeed_config`` file, read and checked, its precision set from ours (:func:`_precision`).
+
+    Raises:
+        ConfigError: the file cannot be read, is of another ZeRO stage, or its bf16/fp16 section contradicts
+            ``model.dtype``/``parallel.mixed_precision``.
+    """
+    return _precision(read_deepspeed_config(cfg.parallel.deepspeed_config, cfg.parallel.strategy), cfg)
+
+
 def deepspeed_config(cfg: Config, hf_config) -> dict:
     """The DeepSpeed config of a run: generated from ``parallel.*``/``train.*``, or read from
     ``parallel.deepspeed_config`` with the batch and clipping keys set from ours, the strategy's
@@ -170,7 +180,7 @@ def deepspeed_config(cfg: Config, hf_config) -> dict:
     stage = int(p.strategy[-1])
     bucket = int(p.bucket_mb * 1e6 / 4)
     if p.deepspeed_config:
-        ds = _precision(read_deepspeed_config(p.deepspeed_config, p.strategy), cfg)
+        ds = user_deepspeed_config(cfg)
         # Without a stage DeepSpeed would run stage 0 (no ZeRO): the strategy's.
         ds["zero_optimization"] = {"stage": stage, **ds.get("zero_optimization", {})}
     else:
