@@ -384,7 +384,8 @@ class TrainConfig:
     eval_every: int = 0
     """Eval loss every N steps (0: only at the end)."""
     eval_batches: int = 4
-    """Micro-batches per eval."""
+    """Micro-batches of held-out blocks per eval during training (eval_batches x micro_batch_size blocks, spread
+    over the held-out set, the same whatever the world size); the eval at the end covers every block."""
     log_every: int = 1
     """Write metrics every N steps."""
     run_steps: int = 0

@@ -68,6 +68,7 @@ __all__ = [
     "TrainResult",
     "TrainingDiverged",
     "all_sum",
+    "eval_blocks",
     "eval_sums",
     "evaluate",
     "forward_backward",
@@ -163,10 +164,18 @@ def _targets(batch: dict) -> int:
 
 
 @torch.no_grad()
-def eval_sums(engine: Engine, data: PackedDataset, micro_batch: int, batches: int | None, env: LaunchEnv
+def eval_blocks(n_blocks: int, count: int | None) -> list[int]:
+    """``count`` of ``n_blocks`` held-out blocks spread evenly over all of them, first to last (every source of a
+    mixture, which are packed one after the other), the same whatever the world size; all of them for None."""
+    if count is None or count >= n_blocks:
+        return list(range(n_blocks))
+    return [i * n_blocks // count for i in range(max(count, 1))]
+
+
+def eval_sums(engine: Engine, data: PackedDataset, micro_batch: int, blocks: list[int] | None, env: LaunchEnv
               ) -> tuple[float, float]:
-    """(summed token loss, target tokens) over all ranks, of the first ``batches`` global micro-batches of the
-    held-out blocks (``None``: all of them); each block counts once, whatever the world size.
+    """(summed token loss, target tokens) over all ranks, of the held-out ``blocks`` (:func:`eval_blocks`; ``None``:
+    all of them); each block counts once, whatever the world size.
 
     Every rank runs the same number of forwards (the collectives of a sharded model need it); a rank past the
     last block repeats one and counts nothing from it.
@@ -174,13 +183,11 @@ def eval_sums(engine: Engine, data: PackedDataset, micro_batch: int, batches: in
     device = engine.device
     engine.model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
+    blocks = list(range(len(data))) if blocks is None else blocks
     global_micro = micro_batch * env.world_size
-    n_batches = math.ceil(len(data) / global_micro)
-    if batches is not None:
-        n_batches = max(1, min(batches, n_batches))
-    for k in range(n_batches):
+    for k in range(max(1, math.ceil(len(blocks) / global_micro))):
         start = k * global_micro + env.rank * micro_batch
-        idx = [i for i in range(start, start + micro_batch) if i < len(data)]
+        idx = blocks[start:start + micro_batch]
         batch = data.inputs(idx or [0], device)
         loss = engine.loss_sum(batch)
         if idx:  # summed where the loss is, the count added as a number: no wait for the device per batch
@@ -191,9 +198,10 @@ def eval_sums(engine: Engine, data: PackedDataset, micro_batch: int, batches: in
     return float(total[0]), float(total[1])
 
 
-def evaluate(engine: Engine, data: PackedDataset, micro_batch: int, batches: int | None, env: LaunchEnv) -> float:
+def evaluate(engine: Engine, data: PackedDataset, micro_batch: int, blocks: list[int] | None, env: LaunchEnv
+             ) -> float:
     """Token-mean loss of :func:`eval_sums` (NaN if the blocks hold no target tokens)."""
-    loss, tokens = eval_sums(engine, data, micro_batch, batches, env)
+    loss, tokens = eval_sums(engine, data, micro_batch, blocks, env)
     return loss / tokens if tokens else float("nan")
 
 
@@ -445,7 +453,7 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
             if t.eval_every and eval_data is not None and (step + 1) % t.eval_every == 0:
                 eval_loss = record["eval_loss"] = _eval(engine, eval_data, t, env)
             history.append(record)
-            if env.is_main and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
+            if env.is_main and ((step + 1) % t.log_every == 0 or step + 1 == t.steps or "eval_loss" in record):
                 _append_metrics(metrics_path, record)
                 tracker.log(record)
             progress.update(record)
@@ -464,7 +472,7 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
                                 step + 1, PREEMPT_EXIT_CODE)
                 raise Preempted(step + 1)
         if eval_data is not None:
-            eval_loss = _eval(engine, eval_data, t, env)
+            eval_loss = _eval(engine, eval_data, t, env, final=True)
         if signals.poll(device)[0]:  # a stop during the last step's save or the final eval: the run is trained
             if not manager.should_save(t.steps):  # else the loop just wrote this checkpoint
                 manager.save(t.steps, engine)  # the requeued run resumes here and only writes the outputs
@@ -519,9 +527,12 @@ def _keep_the_adapter(engine: Engine, out: Path, env: LaunchEnv, step: int, chat
                     "lora-dist export %s exports it once the cause is fixed", out / "adapter", out)
 
 
-def _eval(engine: Engine, eval_data: PackedDataset, t, env: LaunchEnv) -> float | None:
-    """The eval loss, or None (with a warning) where the held-out blocks hold no target tokens."""
-    loss = evaluate(engine, eval_data, t.micro_batch_size, t.eval_batches, env)
+def _eval(engine: Engine, eval_data: PackedDataset, t, env: LaunchEnv, final: bool = False) -> float | None:
+    """The eval loss, or None (with a warning) where the held-out blocks hold no target tokens: of
+    ``train.eval_batches`` micro-batches of blocks spread over the held-out set during training, of every block at
+    the end (what ``lora-dist eval`` reports)."""
+    blocks = None if final else eval_blocks(len(eval_data), t.eval_batches * t.micro_batch_size)
+    loss = evaluate(engine, eval_data, t.micro_batch_size, blocks, env)
     if math.isnan(loss):
         if env.is_main:
             log.warning("no eval loss: the held-out blocks hold no target tokens (every label is masked)")

@@ -20,14 +20,16 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def run(tiny_checkpoint, tmp_path_factory):
-    """A finished 1-process run whose last 25% of blocks are held out, and its config overrides."""
+    """A finished 1-process run whose last 25% of blocks are held out, and its config overrides: evaluated on 3 of
+    them at step 2 (train.eval_batches=1 micro-batch), logged every 3 steps, and on all of them at the end."""
     base = tiny_checkpoint("llama", hidden=64, layers=2)
     root = tmp_path_factory.mktemp("eval")
     data = write_demo_data(root / "data.jsonl", n=120)
     common = [f"model.path={base}", f"data.path={data}", "data.eval_fraction=0.25", "train.seq_len=32",
-              "train.micro_batch_size=3", "train.eval_batches=1000", "lora.r=4", "lora.target_modules=[q_proj,v_proj]",
+              "train.micro_batch_size=3", "train.eval_batches=1", "lora.r=4", "lora.target_modules=[q_proj,v_proj]",
               f"output.dir={root / 'run'}"]
-    lora_dist("train", *common, f"train.steps={STEPS}", "train.lr=5e-3", "parallel.strategy=none")
+    lora_dist("train", *common, f"train.steps={STEPS}", "train.lr=5e-3", "parallel.strategy=none",
+              "train.eval_every=2", "train.log_every=3")
     return {"common": common, "out": root / "run", "base": base}
 
 
@@ -38,13 +40,26 @@ def _eval(run, nproc: int, *args: str) -> dict:
 
 
 def test_adapter_eval_equals_the_runs_own_final_eval(run):
+    """The run's last eval covers every held-out block, as lora-dist eval does: it used to take the first
+    train.eval_batches global micro-batches (more blocks on more ranks), here 3 of them. An eval at a step that
+    is not logged is logged all the same (it was dropped)."""
     result = _eval(run, 1, "parallel.strategy=none")
     rows = [json.loads(line) for line in (run["out"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, STEPS]
     final = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
     assert result["model"] == str(run["out"] / "adapter")
     assert result["loss"] == pytest.approx(final, rel=1e-6)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-9)
     assert result["blocks"] > 3 and result["tokens"] > 0
+
+
+def test_evals_during_training_take_blocks_spread_over_the_held_out_set_whatever_the_world_size():
+    """A mixture's held-out blocks are packed source by source: the first blocks were one source's."""
+    from lora_dist.train import eval_blocks
+
+    assert eval_blocks(33, 4) == [0, 8, 16, 24]
+    assert len(set(eval_blocks(33, 32))) == 32 and eval_blocks(33, 32)[-1] == 31
+    assert eval_blocks(5, 12) == eval_blocks(5, None) == [0, 1, 2, 3, 4]
 
 
 def test_base_only_equals_transformers_block_by_block(run):
