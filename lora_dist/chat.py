@@ -61,8 +61,8 @@ from typing import Any
 from lora_dist.inputs import clip, excerpt, read_text
 
 __all__ = ["ChatError", "FORMATS", "LOSS_ON", "ROLES", "Record", "TEMPLATES", "alpaca_messages", "alpaca_prompt",
-           "chat_document", "check_messages", "configured_template", "parse_record", "resolve_template",
-           "tokenize_record"]
+           "chat_document", "check_messages", "configured_template", "end_of_turn_tokens", "parse_record",
+           "render_chat", "resolve_template", "tokenize_record"]
 
 #: The label of a token without a loss (PyTorch's cross-entropy ``ignore_index``).
 IGNORE = -100
@@ -237,13 +237,14 @@ def bos_prefix(tokenizer) -> list[int]:
 _BOS: dict[int, tuple[object, bool]] = {}
 
 
-def resolve_template(tokenizer, chat_template: str = "") -> str | None:
+def resolve_template(tokenizer, chat_template: str = "", option: str = "data.chat_template") -> str | None:
     """The Jinja chat template to render ``messages`` records with.
 
     Args:
         tokenizer: the model dir's tokenizer.
         chat_template: ``data.chat_template``: ``""`` (the tokenizer's own), a name in :data:`TEMPLATES`,
             or the path of a Jinja file. An explicit value wins over the tokenizer's template.
+        option: the caller's name for ``chat_template``, which an error names.
 
     Returns:
         The template source, or None when the tokenizer has none and none is configured.
@@ -256,7 +257,7 @@ def resolve_template(tokenizer, chat_template: str = "") -> str | None:
             return TEMPLATES[chat_template]
         path = Path(chat_template)
         if not path.is_file():
-            raise ChatError(f"data.chat_template={excerpt(chat_template)} is neither a shipped template "
+            raise ChatError(f"{option}={excerpt(chat_template)} is neither a shipped template "
                             f"({', '.join(TEMPLATES)}) nor a Jinja file; pass one of those names or a file path")
         return read_text(path, ChatError, "the chat template", max_bytes=MAX_TEMPLATE_BYTES)
     own = getattr(tokenizer, "chat_template", None)
@@ -382,7 +383,7 @@ def chat_document(tokenizer, template: str, messages: list[dict], tools: list | 
     """
     if loss_on not in LOSS_ON:
         raise ChatError(f"data.loss_on={excerpt(loss_on, 40)} is not one of {', '.join(LOSS_ON)}")
-    full = _render(tokenizer, template, messages, tools, generation_prompt=False)
+    full = render_chat(tokenizer, template, messages, tools, generation_prompt=False)
     _check_context_kept(tokenizer, template, messages, tools, full)
     # (an assistant message with "weight": 0, as axolotl marks one, is context, not learned)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first and m.get("weight", 1) != 0]
@@ -432,7 +433,7 @@ def _check_context_kept(tokenizer, template: str, messages: list[dict], tools: l
         why = fix = ""
         user = next((n for n in messages if n["role"] == "user"), None)
         if k == 0 and m["role"] == "system" and user is not None and \
-                text in _render(tokenizer, template, [m, user], tools, generation_prompt=False):
+                text in render_chat(tokenizer, template, [m, user], tools, generation_prompt=False):
             why = (" (as Mistral v0.3's, it writes a system message only into a last user message, and a "
                    "conversation to learn from ends with an assistant message)")
             fix = "merge it into the first user message, or "
@@ -494,7 +495,7 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list
     for i in turns:
         context, following = messages[:i], messages[i + 1] if i + 1 < len(messages) else None
         try:
-            prompt = _render(tokenizer, template, context, tools, generation_prompt=True)
+            prompt = render_chat(tokenizer, template, context, tools, generation_prompt=True)
         except _TemplateFails as e:  # the conversation opens with this turn (transformers renders no empty one), or
             # the template fails on its start (Qwen3.5: a conversation without a user message) though the whole renders
             prompt, failed = None, e
@@ -511,11 +512,11 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list
                 raise _Unbounded(_not_a_prefix(i, prompt, full, "no assistant header stands before the turn there"))
         if silent is None:
             try:
-                silent = not _after_probe(tokenizer, template, context, None, tools).strip()
+                silent = not _after_last_turn(tokenizer, template, context, tools)
             except ChatError:
                 silent = False
         try:
-            through = _render(tokenizer, template, messages[: i + 1], tools, generation_prompt=False)
+            through = render_chat(tokenizer, template, messages[: i + 1], tools, generation_prompt=False)
         except _TemplateFails as e:  # the whole renders, its start does not: the end-of-turn token may tell the end
             through, failed = None, e
         if through is not None and full.startswith(through):
@@ -538,7 +539,16 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], tools: list
     return spans, learned, stop
 
 
-def _render(tokenizer, template: str, messages: list[dict], tools: list | None, generation_prompt: bool) -> str:
+def render_chat(tokenizer, template: str, messages: list[dict], tools: list | None = None,
+                generation_prompt: bool = False) -> str:
+    """A conversation as training renders it with ``template``: through ``tokenizer.apply_chat_template``, each
+    string content handed as one text part where the template renders text only from parts (SmolVLM, Idefics3
+    print nothing of a string). ``generation_prompt`` appends the assistant header a reply follows. The text is
+    tokenized without extra special tokens (the template writes BOS where the model wants one).
+
+    Raises:
+        ChatError: the template fails on the conversation, or renders no text.
+    """
     if _renders_parts_only(tokenizer, template):  # each text as the one part of its content (SmolVLM, LLaVA-NeXT)
         messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str)
                     else m for m in messages]
@@ -608,9 +618,15 @@ def _after_probe(tokenizer, template: str, context: list[dict], following: dict 
     probe = [*context, {"role": "assistant", "content": PROBE[0]}]
     if following is not None:
         probe.append({**following, "content": PROBE[1]})
-    text = _render(tokenizer, template, probe, tools, False)
+    text = render_chat(tokenizer, template, probe, tools, False)
     at = text.rfind(PROBE[0])
     return text[at + len(PROBE[0]):] if at >= 0 else ""
+
+
+def _after_last_turn(tokenizer, template: str, context: list[dict], tools: list | None) -> str:
+    """What the template writes after an assistant message that follows ``context`` and ends the conversation, less
+    surrounding whitespace: "" where it writes nothing, and the model learns EOS there instead."""
+    return _after_probe(tokenizer, template, context, None, tools).strip()
 
 
 def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools: list | None, full: str,
@@ -625,10 +641,10 @@ def _start_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools
     try:
         if prompt is None:
             probe = [{"role": "user", "content": PROBE[1]}]
-            bare = _render(tokenizer, template, probe, tools, generation_prompt=False)
-            prompt = _render(tokenizer, template, probe, tools, generation_prompt=True)
+            bare = render_chat(tokenizer, template, probe, tools, generation_prompt=False)
+            prompt = render_chat(tokenizer, template, probe, tools, generation_prompt=True)
         else:
-            bare = _render(tokenizer, template, messages[:i], tools, generation_prompt=False)
+            bare = render_chat(tokenizer, template, messages[:i], tools, generation_prompt=False)
         lower = _inside_content(tokenizer, template, messages, i - 1, tools, full) if i else 0
         upper = _content_at_most(tokenizer, template, messages, i, tools, full)
     except ChatError:
@@ -696,8 +712,8 @@ def _user_header(tokenizer, template: str, context: list[dict], tools: list | No
     """What the template writes before a user message's content when it follows ``context`` ("" where it cannot be
     told)."""
     try:
-        bare = _render(tokenizer, template, context, tools, False) if context else ""
-        text = _render(tokenizer, template, [*context, {"role": "user", "content": PROBE[1]}], tools, False)
+        bare = render_chat(tokenizer, template, context, tools, False) if context else ""
+        text = render_chat(tokenizer, template, [*context, {"role": "user", "content": PROBE[1]}], tools, False)
     except ChatError:
         return ""
     return text[len(bare):text.find(PROBE[1])] if text.startswith(bare) and PROBE[1] in text else ""
@@ -731,6 +747,36 @@ def _end_of_turn(tokenizer, template: str, messages: list[dict], i: int, tools: 
     marker = _leading_tokens(special, followed[:_diverge(followed, last)]) or _leading(special, followed)
     found = full.find(marker, start, bound) if marker else -1
     return found + len(marker) if found >= 0 else None
+
+
+def end_of_turn_tokens(tokenizer, template: str) -> list[int]:
+    """The tokens training teaches a model to end its reply with under ``template``, where a decoder stops: the
+    first special or added token the template writes after an assistant message that ends a conversation
+    (``<|im_end|>``, ``<|eot_id|>``, gpt-oss's ``<|return|>``: not its ``<|end|>``, which also ends the reasoning
+    inside a reply); where it writes none there, EOS, which :func:`chat_document` then appends, and the role token
+    each earlier turn learns to end with (GLM's ``<|user|>``, ``<|observation|>``).
+
+    Returns:
+        Token ids, without repeats; ``[]`` where the template refuses the probe conversation or writes text, not a
+        token, after a last reply.
+    """
+    special = _special_tokens(tokenizer)
+    context = [{"role": "user", "content": PROBE[1]}]
+    try:
+        last = _after_last_turn(tokenizer, template, context, None)
+    except ChatError:
+        return []
+    if last:
+        token = _leading(special, last)
+        return [tokenizer.convert_tokens_to_ids(token)] if token else []
+    markers = []
+    for role in ("user", "tool"):  # as _assistant_spans learns them: the token leading what follows the turn
+        try:
+            markers.append(_leading(special, _after_probe(tokenizer, template, context, {"role": role}, None)))
+        except ChatError:  # a template that takes no such message there
+            pass
+    ids = [tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(m) for m in markers if m)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def _end_by_tail(tokenizer, template: str, messages: list[dict], i: int, tools: list | None, full: str,
@@ -790,8 +836,8 @@ def _content_at_most(tokenizer, template: str, messages: list[dict], k: int, too
 
 def _render_with(tokenizer, template: str, messages: list[dict], k: int, content: str, tools: list | None) -> str:
     """The whole conversation rendered with ``messages[k]``'s content replaced by ``content``."""
-    return _render(tokenizer, template, [*messages[:k], {**messages[k], "content": content}, *messages[k + 1:]],
-                   tools, False)
+    return render_chat(tokenizer, template, [*messages[:k], {**messages[k], "content": content}, *messages[k + 1:]],
+                       tools, False)
 
 
 def _diverge(a: str, b: str) -> int:

@@ -151,6 +151,7 @@ class PackedDataset:
     """The share of each source's records held out of these blocks."""
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
     _load: dict | None = field(default=None, init=False, repr=False, compare=False)
+    _orders: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -179,19 +180,23 @@ class PackedDataset:
         return load_dataset(**{**self._load, "eval_fraction": eval_fraction}).split(eval_fraction)
 
     def order(self, epoch: int, seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        return torch.randperm(len(self), generator=g)
+        """The blocks' order in ``epoch`` of the stream ``seed`` shuffles; the last two epochs' kept, so a step's
+        micro-batches do not draw the permutation again (65 ms each at 4M blocks)."""
+        cache = self._orders
+        if (epoch, seed) not in cache:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            cache[(epoch, seed)] = torch.randperm(len(self), generator=g)
+            for stale in list(cache)[:-2]:
+                del cache[stale]
+        return cache[(epoch, seed)]
 
     def indices(self, start: int, size: int, seed: int) -> torch.Tensor:
         """Block indices of samples ``[start, start+size)`` of the endless shuffled stream."""
         n = len(self)
-        orders: dict[int, torch.Tensor] = {}
         idx = []
         for pos in range(start, start + size):
             epoch, i = divmod(pos, n)
-            if epoch not in orders:
-                orders[epoch] = self.order(epoch, seed)
-            idx.append(int(orders[epoch][i]))
+            idx.append(int(self.order(epoch, seed)[i]))
         return torch.tensor(idx, dtype=torch.long)
 
     def batch(self, start: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -417,6 +422,8 @@ def load_data(cfg, tokenizer, max_positions: int | None = None, verbose: bool = 
     value = getattr(d, key)
     if not value:
         raise DataError(f"data.{key} is not set; pass data.{key}=/path/to/train.jsonl")
+    if d.eval_path:
+        _check_held_out(d)
     packing = d.packing
     unpackable = _unpackable(read_config_json(cfg.model.path)) if packing and cfg.model.path else None
     if unpackable:  # one document a row
@@ -441,6 +448,17 @@ def load_splits(cfg, tokenizer, max_positions: int | None = None,
     if cfg.data.eval_path:
         return train, load_data(cfg, tokenizer, max_positions, verbose, key="eval_path")
     return train, train.held_out
+
+
+def _check_held_out(d) -> None:
+    """Refuse a ``data.eval_path`` source that is a ``data.path`` source too: its records would be trained on and
+    the eval loss measured on them, without a word."""
+    trained = {os.path.realpath(s.path) for s in parse_sources(d.path, "data.path")}
+    both = [s.path for s in parse_sources(d.eval_path, "data.eval_path") if os.path.realpath(s.path) in trained]
+    if both:
+        raise DataError(f"data.eval_path source {both[0]} is a data.path source too: its records would be trained on "
+                        "and evaluated; drop it from data.path, or hold out a share of it with data.eval_fraction "
+                        "instead of data.eval_path")
 
 
 def _counts(s: DataStats) -> list[str]:

@@ -116,6 +116,12 @@ def _kind(path: Path) -> str:
                             f"one split's dir, e.g. {path / example}")
         if (path / "state.json").is_file():
             return "arrow"
+        held = sorted(str(f) for f in path.rglob("*") if f.suffix in (".jsonl", ".json", ".parquet", ".txt")
+                      and f.is_file())
+        if held:  # a Hub snapshot's data/train-0000i-of-0000N.parquet, a Spark output dir
+            listed = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise DataError(f"{path} is a dir of {len(held)} data files, not one written by datasets' save_to_disk; "
+                            f"list the files as a mixture: data.path=[{listed}]")
         raise DataError(f"{path} is a dir but not one written by datasets' save_to_disk (no state.json); "
                         f"use {KINDS}")
     if path.suffix in (".jsonl", ".json"):
@@ -239,6 +245,8 @@ def _json_file(path: Path) -> list | None:
                 head = json.loads(first)
             except json.JSONDecodeError:
                 head = None  # a value over several lines (or invalid JSON: said below)
+            except RecursionError:
+                raise DataError(f"{path}:1: JSON nested too deeply to be a record") from None
             if head is not None and not isinstance(head, list) and (rest or _columns(head) is None):
                 return None
             f.seek(0)
@@ -247,12 +255,33 @@ def _json_file(path: Path) -> list | None:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a .json file holds JSON Lines (one "
                                 "record per line), one JSON array of records, or an object of columns") from None
+            except RecursionError:
+                raise DataError(f"{path}: JSON nested too deeply to be records") from None
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
     if isinstance(value, list):
         return value
     columns = _columns(value)
     return columns if columns is not None else [value]
+
+
+def _json_records(path: Path, kind: str) -> list | None:
+    """:func:`_json_file`'s records of a ``.json`` file, or of a ``.jsonl`` holding one JSON array (HF datasets' json
+    loader reads either whatever the name); None for JSON Lines and the other kinds."""
+    if kind != "jsonl" or (path.suffix != ".json" and not _opens_an_array(path)):
+        return None
+    return _json_file(path)
+
+
+def _opens_an_array(path: Path) -> bool:
+    """Whether the file's first character but whitespace (and a BOM) opens a JSON array."""
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            while (c := f.read(1)) and c.isspace():
+                pass
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    return c == "["
 
 
 def read_chunks(source: Source, chunk_rows: int = CHUNK_ROWS) -> Iterator[list[tuple[int, Any]]]:
@@ -267,7 +296,7 @@ def read_chunks(source: Source, chunk_rows: int = CHUNK_ROWS) -> Iterator[list[t
     path = Path(source.path)
     kind = check_source(source)
     chunk: list[tuple[int, Any]] = []
-    records = _json_file(path) if kind == "jsonl" and path.suffix == ".json" else None
+    records = _json_records(path, kind)
     if records is not None:  # a JSON array (or columns): record k is at position k, from 1, as JSON text (what the
         for start in range(0, len(records), chunk_rows):  # tokenization workers parse: an element is never re-read)
             yield [(start + k, json.dumps(r)) for k, r in enumerate(records[start:start + chunk_rows], 1)]
@@ -309,7 +338,7 @@ def count_rows(source: Source) -> int:
     """
     path = Path(source.path)
     kind = check_source(source)
-    records = _json_file(path) if kind == "jsonl" and path.suffix == ".json" else None
+    records = _json_records(path, kind)
     if records is not None:
         return len(records)
     if kind == "jsonl":

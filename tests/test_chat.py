@@ -1009,3 +1009,54 @@ def test_an_opening_greeting_that_llama_3_1_writes_into_its_tool_instructions_is
     ids, labels = chat_document(tok, template, messages)  # without tools it has its header: both turns
     assert [tok.decode(run) for run in spans(ids, labels)] == ["Ahoy!<|eot_id|>", TURNS[-1]["content"].strip() +
                                                                "<|eot_id|>"]
+
+
+def _template_tokenizer(template: str):
+    """A tokenizer holding the special tokens ``template`` writes (as the TRL template checks find them, and the
+    turn markers of Gemma, SmolVLM and Mistral, which their tokenizers hold as special tokens)."""
+    import re
+
+    tok = style_tokenizer("qwen2")
+    specials = set(re.findall(r"<\|[^|<>]{1,40}\|>|<｜[^｜]{1,40}｜>|<\|[a-z_]{1,30}>|<[a-z_]{1,20}\|>", template))
+    specials |= {t for t in ("<start_of_turn>", "<end_of_turn>", "<end_of_utterance>", "</s>") if t in template}
+    tok.add_special_tokens({"additional_special_tokens": sorted(specials)})
+    return tok
+
+
+@pytest.mark.parametrize("name", [*TEMPLATE, "glm", "harmony", *_trl_training_templates()])
+def test_the_end_of_turn_tokens_are_those_learned_replies_end_with(name):
+    """``end_of_turn_tokens`` (where ``lora-dist generate`` stops) are the tokens learned replies end with: on every
+    conversation a template trains on, each learned assistant reply (a tool call aside: a model's generation config
+    stops it) holds one of them, followed by nothing but special tokens and whitespace (Cohere's
+    ``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``: the model writes the first first), and each of them ends a reply.
+    gpt-oss's replies before the last end with ``<|end|>``, which also ends the reasoning inside a last reply: no
+    stop there."""
+    from lora_dist.chat import end_of_turn_tokens
+
+    if name in TEMPLATE:
+        tok, template = style_tokenizer(name), TEMPLATE[name]
+    elif name == "glm":
+        tok, template = _template_tokenizer(GLM4_MOE), GLM4_MOE
+        tok.add_special_tokens({"additional_special_tokens": ["[gMASK]", "<sop>"]})
+    else:
+        template = HARMONY_AGENT if name == "harmony" else trl_template(name)
+        tok = _template_tokenizer(template)
+    stops = end_of_turn_tokens(tok, template)
+    assert stops and len(set(stops)) == len(stops)
+    ended = set()
+    for conv, messages in ORACLE_CONVERSATIONS.items():
+        try:
+            ids, labels = chat_document(tok, template, messages)
+        except ChatError:
+            continue
+        replies = [m for m in messages if m["role"] == "assistant"]
+        runs = spans(ids, labels)
+        assert len(runs) == len(replies)
+        for message, run in zip(replies, runs):
+            if message.get("tool_calls") or (name in ("harmony", "gptoss_training") and message is not messages[-1]):
+                continue
+            at = next((k for k, t in enumerate(run) if t in stops), None)
+            assert at is not None, (conv, tok.decode(run), tok.convert_ids_to_tokens(stops))
+            assert not tok.decode(run[at + 1:], skip_special_tokens=True).strip(), (conv, tok.decode(run))
+            ended.add(run[at])
+    assert ended == set(stops) or name == "glm", tok.convert_ids_to_tokens(stops)  # GLM's <|observation|>: a call

@@ -92,6 +92,19 @@ def test_epochs_are_reshuffled(tokenizer, tmp_path):
     assert not torch.equal(a, b)
 
 
+def test_a_stream_draws_each_epochs_order_once(tokenizer, tmp_path, monkeypatch):
+    """Every micro-batch drew its epoch's permutation again: 65 ms each at 4M blocks, before every forward."""
+    ds = load_dataset(write_demo_data(tmp_path / "d.jsonl", n=40), tokenizer, seq_len=16)
+    n = len(ds)
+    expected = [int(i) for e in range(3)
+                for i in torch.randperm(n, generator=torch.Generator().manual_seed(7 * 1_000_003 + e))]
+    drawn = []
+    real = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: drawn.append(a[0]) or real(*a, **k))
+    got = [int(i) for start in range(0, 3 * n - 3, 3) for i in ds.indices(start, 3, seed=7)]
+    assert got == expected[:len(got)] and len(drawn) == 3  # the same stream, one draw per epoch
+
+
 def test_the_fingerprint_changes_with_any_block_and_only_then(tokenizer, tmp_path):
     """What a checkpoint records of its data (docs/checkpoint.md): equal for the same blocks, however they are
     held (the cache's int32 memory maps, an int64 copy, a rebuilt cache entry); another for any changed token,
@@ -143,8 +156,9 @@ def test_too_little_data_and_too_long_sequences(tokenizer, tmp_path):
          r"d.jsonl: not UTF-8 text \(byte 0xe9 at line 2, column 14\); convert the file to UTF-8"),
         ("d.txt", b"first.\n\nsecond \xff\xfe paragraph\n", r"d.txt: not UTF-8 text \(byte 0xff at line 3, column 8\)"),
         ("d.jsonl", b"[" * 100_000 + b"\n", r"d.jsonl:1: JSON nested too deeply"),
+        ("d.json", b"[" * 100_000 + b"\n", r"d.json:1: JSON nested too deeply"),  # was a RecursionError traceback
     ],
-    ids=["latin1-jsonl", "binary-txt", "deep-json"],
+    ids=["latin1-jsonl", "binary-txt", "deep-json", "deep-json-file"],
 )
 def test_undecodable_files_are_one_line(tokenizer, tmp_path, name, content, match):
     path = tmp_path / name

@@ -103,6 +103,10 @@ def test_a_parquet_record_error_names_its_row(tok, tmp_path):
     (lambda p: str(p / "missing.parquet"), r"missing.parquet' not found; point data.path at a .jsonl/.json, .parquet"),
     (lambda p: (p / "d.csv").write_text("a") and str(p / "d.csv"), r"unsupported file type '.csv'"),
     (lambda p: (p / "dir").mkdir() or str(p / "dir"), r"not one written by datasets' save_to_disk"),
+    (lambda p: (p / "snap" / "data").mkdir(parents=True) or (p / "snap/data/train-00000-of-00002.parquet").touch()
+     or (p / "snap/data/train-00001-of-00002.parquet").touch() or str(p / "snap"),
+     r"snap is a dir of 2 data files, .*; list the files as a mixture: "
+     r"data.path=\[.*snap/data/train-00000-of-00002.parquet, .*train-00001-of-00002.parquet\]$"),
     (lambda p: (p / "dd" / "train").mkdir(parents=True) or (p / "dd" / "test").mkdir() or
      (p / "dd" / "dataset_dict.json").write_text("{}") and str(p / "dd"),
      r"holds a DatasetDict \(splits test, train\); point the path at one split's dir, e.g. .*dd/train$"),
@@ -155,6 +159,12 @@ def test_eval_path_gives_the_held_out_blocks(tiny_checkpoint, tok, tmp_path):
         load_config(None, [f"data.path={train_file}", f"data.eval_path={eval_file}", "data.eval_fraction=0.2"])
     explicit_zero = load_config(None, [f"data.path={train_file}", f"data.eval_path={eval_file}", "data.eval_fraction=0"])
     assert explicit_zero.data.eval_fraction == 0
+    # an eval source that data.path trains on too (a mixture's entry, by another spelling): it trained on the
+    # held-out records without a word
+    leak = load_config(None, [f"data.path=[{train_file},{tmp_path / '.' / 'eval.jsonl'}]",
+                              f"data.eval_path={eval_file}", f"train.seq_len={SEQ}"])
+    with pytest.raises(DataError, match=f"data.eval_path source {eval_file} is a data.path source too: .* drop it"):
+        load_splits(leak, tok)
 
 
 def documents(ds) -> list[tuple[int, ...]]:
@@ -272,6 +282,11 @@ def test_a_json_file_may_hold_an_array_or_columns(tok, tmp_path):
     ref = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, SEQ)
     (tmp_path / "pretty.json").write_text(json.dumps(rows, indent=2))
     (tmp_path / "line.json").write_text(json.dumps(rows))
+    # named .jsonl, an array reads as HF datasets' json loader reads it (it was refused: "invalid JSON")
+    (tmp_path / "pretty.jsonl").write_text("\ufeff\n" + json.dumps(rows, indent=2))
+    (tmp_path / "line.jsonl").write_text(json.dumps(rows))
+    for name in ("pretty.jsonl", "line.jsonl"):
+        assert_same_blocks(ref, load_dataset(tmp_path / name, tok, SEQ))
     alpaca = [r for r in rows if "instruction" in r]
     columns = {k: [r.get(k, "") for r in alpaca] for k in ("instruction", "input", "output")}
     (tmp_path / "columns.json").write_text(json.dumps(columns))
