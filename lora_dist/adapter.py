@@ -79,6 +79,9 @@ LORA_VARIANT_FIELDS = {
     "layer_replication": "replicated layers",
     "trainable_token_indices": "trainable token embeddings",
 }
+#: ``init_lora_weights`` values of PEFT that change the base weights (PiSSA, OLoRA, CorDA, LoftQ): an adapter saved
+#: with one is relative to the changed base (PEFT writes ``true`` once it converts it back).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 class AdapterError(UserError, ValueError):
@@ -504,6 +507,14 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFile:
         raise AdapterError(
             f"{cfg_path} sets {variant} ({LORA_VARIANT_FIELDS[variant]}), which lora_dist does not support (it is "
             f"not plain LoRA); use the adapter with PEFT, or retrain it without {variant}"
+        )
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise AdapterError(
+            f"{cfg_path}: init_lora_weights={init} moved part of the base weights into the adapter, and the adapter "
+            "was saved without converting it back, so its A/B are relative to that changed base (merged into the "
+            "base it would count that part twice); save it with PEFT's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=DIR), which writes it relative to the base"
         )
     try:
         lora_config = _lora_config_from_peft(cfg)

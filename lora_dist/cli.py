@@ -407,8 +407,9 @@ def _plot(args: argparse.Namespace) -> int:
 def _generate_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Generate a reply from a base checkpoint, with a LoRA "
                                 "adapter applied (unmerged), or from a merged checkpoint. The prompt goes through "
-                                "the chat template when the model has one. Greedy by default: deterministic, and "
-                                "base + adapter gives the same text as the merged checkpoint.")
+                                "the chat template training used, as training rendered it, and decoding stops at "
+                                "the end-of-turn token it taught. Greedy by default: deterministic, and base + "
+                                "adapter gives the same text as the merged checkpoint.")
     p.add_argument("--base", required=True, help="local HF checkpoint dir (a base model or a merged export)")
     p.add_argument("--adapter", default=None, help="PEFT-format adapter dir, e.g. RUN_DIR/adapter")
     what = p.add_mutually_exclusive_group(required=True)
@@ -417,9 +418,14 @@ def _generate_parser(prog: str) -> argparse.ArgumentParser:
                       help='a JSON conversation: [{"role": "system"|"user"|"assistant", "content": ...}, ...]')
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampled")
+    p.add_argument("--top-k", type=int, default=None, help="sampling: keep the K likeliest tokens (0: no cut); "
+                   "default: the model's generation_config, else 50")
+    p.add_argument("--top-p", type=float, default=None, help="sampling: keep the likeliest tokens holding P of the "
+                   "probability; default: the model's generation_config, else 1.0")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--chat-template", default="", help="chatml, llama3, a Jinja file, or none (raw prompt); "
-                   "default: the tokenizer's own")
+    p.add_argument("--chat-template", default="", help="chatml, llama3, a Jinja file, or none (the raw prompt, as "
+                   "text and string prompt/completion records are trained); default: the adapter's "
+                   "chat_template.jinja, else the tokenizer's own")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: the GPU if there is one)")
     return p
 
@@ -429,8 +435,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     result = generate(args.base, args.adapter, prompt=args.prompt,
                       messages=load_messages(args.messages) if args.messages else None,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                      chat_template=args.chat_template, device=args.device)
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed, chat_template=args.chat_template, device=args.device)
     print(result.text)
     return EXIT_OK
 

@@ -1,10 +1,14 @@
 """``lora-dist generate``: try a model, a base with an adapter or a merged checkpoint, with one command.
 
-The prompt goes through the chat template when there is one (the tokenizer's own,
-or ``--chat-template``), as the training data did, with the generation prompt
-appended; a model without a template gets the raw text. Greedy decoding
-(``temperature=0``, the default) is deterministic: a base with its adapter gives
-the same text as the checkpoint merged from them.
+The prompt is rendered as training rendered its data (:func:`lora_dist.chat.render_chat`), with the
+generation prompt appended, through the template training used: ``--chat-template``, else the adapter's
+``chat_template.jinja`` (written by a run with ``data.chat_template``; its merged export carries it too),
+else the tokenizer's own. ``--chat-template none``, or a model without a template, gets the raw text, as
+``text`` and string prompt/completion records are trained. Decoding stops at the generation config's EOS
+and at the tokens training taught a reply to end with (:func:`lora_dist.chat.end_of_turn_tokens`:
+``<|im_end|>``, ``<|eot_id|>``...). Greedy decoding (``temperature=0``, the default) is deterministic: a
+base with its adapter gives the same text as the checkpoint merged from them. Sampling uses the model's
+generation config for what ``--top-k``/``--top-p`` leave unset, as ``transformers``' ``generate`` does.
 """
 
 from __future__ import annotations
@@ -58,12 +62,25 @@ def load_messages(path: str | os.PathLike) -> list[dict]:
     return data
 
 
-def _prompt_ids(tokenizer, prompt: str | None, messages: list[dict] | None, chat_template: str) -> tuple[list[int], str]:
-    from lora_dist.chat import resolve_template
+def _template(tokenizer, chat_template: str, adapter: str | os.PathLike | None) -> str | None:
+    """The template to render the prompt with (None: the raw text), as the module docstring says."""
+    from lora_dist.chat import ChatError, resolve_template
+    from lora_dist.outputs import CHAT_TEMPLATE_FILE
 
-    if (prompt is None) == (messages is None):
-        raise GenerateError("pass exactly one of --prompt TEXT and --messages FILE")
-    template = None if chat_template == "none" else resolve_template(tokenizer, chat_template)
+    if chat_template == "none":
+        return None
+    if not chat_template and adapter is not None and (Path(adapter) / CHAT_TEMPLATE_FILE).is_file():
+        chat_template = str(Path(adapter) / CHAT_TEMPLATE_FILE)  # the template the adapter was trained with
+    try:
+        return resolve_template(tokenizer, chat_template, option="--chat-template")
+    except ChatError as e:
+        raise GenerateError(str(e)) from None
+
+
+def _prompt_ids(tokenizer, prompt: str | None, messages: list[dict] | None,
+                template: str | None) -> tuple[list[int], str]:
+    from lora_dist.chat import ChatError, render_chat
+
     if template is None:
         if messages is not None:
             raise GenerateError("--messages needs a chat template and the tokenizer has none; pass --chat-template "
@@ -71,17 +88,67 @@ def _prompt_ids(tokenizer, prompt: str | None, messages: list[dict] | None, chat
         return tokenizer(prompt)["input_ids"], prompt
     conversation = messages if messages is not None else [{"role": "user", "content": prompt}]
     try:
-        text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
-    except Exception as e:  # jinja2's TemplateError, UndefinedError...
-        raise GenerateError(f"the chat template fails on this conversation ({excerpt(str(e), 200)}); fix the "
-                            "messages or choose another template (--chat-template)") from None
+        text = render_chat(tokenizer, template, conversation, generation_prompt=True)
+    except ChatError as e:
+        reason = getattr(e, "reason", str(e))  # what the template raised
+        raise GenerateError(f"the chat template fails on this conversation ({reason}); fix the messages or choose "
+                            "another template (--chat-template)") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"], text
+
+
+def _device(name: str | None) -> torch.device:
+    """``--device``, checked before the model is loaded (default: the GPU if there is one)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GenerateError(f"--device {excerpt(name)} is not a device; pass cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise GenerateError(f"--device {name}: no CUDA device is visible to this process (torch "
+                                f"{torch.__version__}); pass --device cpu")
+        if device.index is not None and device.index >= count:
+            raise GenerateError(f"--device {name}: this process sees {count} CUDA device(s), cuda:0 to "
+                                f"cuda:{count - 1}; pass one of those")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if not (callable(getattr(backend, "is_available", None)) and backend.is_available()):
+            raise GenerateError(f"--device {name}: no {device.type} device is available; pass cpu or cuda")
+    return device
+
+
+def _sampling(temperature: float, top_k: int | None, top_p: float | None) -> dict[str, Any]:
+    """``generate``'s decoding options; what is left out comes from the model's generation config, else
+    ``transformers``' defaults."""
+    if not temperature >= 0:
+        raise GenerateError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+    if temperature == 0:
+        if top_k is not None or top_p is not None:
+            raise GenerateError("--top-k and --top-p shape sampling, and --temperature 0 decodes greedily; pass "
+                                "--temperature above 0 with them, or leave them out")
+        return {"do_sample": False}
+    options: dict[str, Any] = {"do_sample": True, "temperature": temperature}
+    if top_k is not None:
+        if top_k < 0:
+            raise GenerateError(f"--top-k must be 0 (no cut) or positive, got {top_k}")
+        options["top_k"] = top_k
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise GenerateError(f"--top-p must be in (0, 1], got {top_p}")
+        options["top_p"] = top_p
+    return options
+
+
+def _ids(value: Any) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
 def generate(base: str | os.PathLike, adapter: str | os.PathLike | None = None, *, prompt: str | None = None,
              messages: list[dict] | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
-             seed: int = 0, chat_template: str = "", device: str | None = None) -> Generation:
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0, chat_template: str = "",
+             device: str | None = None) -> Generation:
     """Generate a reply from ``base`` (with ``adapter`` applied, unmerged, when given).
 
     Args:
@@ -90,26 +157,31 @@ def generate(base: str | os.PathLike, adapter: str | os.PathLike | None = None, 
         prompt, messages: the user's text, or a whole conversation (exactly one).
         max_new_tokens: the most tokens generated.
         temperature: 0 decodes greedily; above 0 samples, seeded with ``seed``.
-        chat_template: ``""`` the tokenizer's own, a shipped name (chatml, llama3), a Jinja file, or
-            ``"none"`` for the raw prompt.
+        top_k, top_p: sampling's cuts; None leaves them to the model's generation config (else ``transformers``'
+            defaults, top_k 50).
+        chat_template: ``""`` the adapter's ``chat_template.jinja``, else the tokenizer's own; a shipped name
+            (chatml, llama3), a Jinja file, or ``"none"`` for the raw prompt.
         device: where to run (default: the GPU if there is one).
 
     Raises:
-        GenerateError, ModelDirError, AdapterError: bad prompt, model dir or adapter.
+        GenerateError, ModelDirError, AdapterError: bad prompt, option, model dir or adapter.
     """
     from lora_dist.adapter import load_adapter
+    from lora_dist.chat import end_of_turn_tokens
     from lora_dist.data import load_tokenizer
     from lora_dist.model_dir import ModelDir, model_class
     from lora_dist.model import load_base_model
 
     if max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise GenerateError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+    if (prompt is None) == (messages is None):
+        raise GenerateError("pass exactly one of --prompt TEXT and --messages FILE")
+    options = _sampling(temperature, top_k, top_p)
+    device = _device(device)
     base_dir = ModelDir(base)  # validates config.json, weights and their index; never runs code from the dir
     tokenizer = load_tokenizer(base_dir.path)
-    ids, text = _prompt_ids(tokenizer, prompt, messages, chat_template)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    template = _template(tokenizer, chat_template, adapter)
+    ids, text = _prompt_ids(tokenizer, prompt, messages, template)
     if base_dir.quantized:  # FP8, MXFP4: the dense weights lora_dist trains and merges, read as training reads them
         model = load_base_model(base_dir, torch.device("cpu"))
     else:
@@ -118,13 +190,15 @@ def generate(base: str | os.PathLike, adapter: str | os.PathLike | None = None, 
     if adapter is not None:
         load_adapter(model, adapter)
     model.to(device).eval()
+    # Stop where training taught a reply to end: the template's end-of-turn token (or EOS where it writes none),
+    # EOS after a raw text.
+    learned = [tokenizer.eos_token_id] if template is None else end_of_turn_tokens(tokenizer, template)
+    stops = list(dict.fromkeys(i for i in [*_ids(model.generation_config.eos_token_id), *learned] if i is not None))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
     input_ids = torch.tensor([ids], device=device)
-    eos = tokenizer.eos_token_id
-    options: dict[str, Any] = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature}
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-                             top_k=None, top_p=None, **options)
+                             eos_token_id=stops or None, pad_token_id=pad, **options)
     new = out[0, input_ids.shape[1]:].tolist()
     return Generation(tokenizer.decode(new, skip_special_tokens=True), text, new)

@@ -48,15 +48,21 @@ def read_curves(metrics: str | os.PathLike) -> Curves:
     """The curves in a ``metrics.jsonl``; torn or foreign lines and null values are skipped.
 
     Raises:
-        PlotError: the file is missing or holds no step with a value.
+        PlotError: the file is missing or unreadable, or holds no step with a value.
     """
     path = Path(metrics)
     try:
         text = path.read_text(errors="replace")
     except FileNotFoundError:
         raise PlotError(f"{path} not found; pass the output.dir of a run (it holds metrics.jsonl)") from None
+    except NotADirectoryError:  # RUN_DIR/metrics.jsonl given for RUN_DIR
+        raise PlotError(f"{path.parent} is a file, not a run dir; pass the output.dir of a run (the dir that holds "
+                        "metrics.jsonl)") from None
     except IsADirectoryError:
         raise PlotError(f"{path} is a directory, not a metrics file") from None
+    except OSError as e:
+        raise PlotError(f"cannot read {path} ({e.strerror or e}); pass the output.dir of a run (it holds "
+                        "metrics.jsonl)") from None
     by_step: dict[str, dict[int, float]] = {}
     keys = {key for _, _, series in FIGURES.values() for key, _ in series}
     for line in text.splitlines():

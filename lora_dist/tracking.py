@@ -11,8 +11,8 @@ run config once, as text (TensorBoard), params (MLflow) or config (W&B):
   needs no network) or ``online``.
 
 A resumed run continues the same curves without duplicate steps. TensorBoard
-hides the events at or after the resumed step (``purge_step``) and gets those
-steps again. MLflow and W&B continue the same run (its id is kept in
+hides the events after the resumed step (``purge_step``) and gets those
+steps again; a run started afresh in the same dir hides all of the earlier one's. MLflow and W&B continue the same run (its id is kept in
 ``<output.dir>/tracking.json``) and are sent only steps after the last one they
 received; exact resume recomputes the same values for the steps in between.
 """
@@ -104,8 +104,9 @@ class _TensorBoard:
         except ModuleNotFoundError:
             raise TrackingError(f"tracking.tensorboard needs the tensorboard package: {_PACKAGES['tensorboard'][1]}"
                                 ) from None
-        # purge_step hides what a killed attempt logged at or after the resumed step.
-        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
+        # purge_step hides what an earlier attempt logged where this one logs: a killed attempt's steps after the
+        # resumed one; on a fresh start (no checkpoint, output.overwrite) everything, the config at step 0 too.
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else 0)
         if not start_step:
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
 

@@ -528,6 +528,39 @@ def test_a_peft_alora_adapter_is_refused(tiny_model, tmp_path):
         read_adapter(tmp_path / "alora")
 
 
+@pytest.mark.filterwarnings("ignore:PiSSA changes the base weights:UserWarning")
+def test_a_pissa_adapter_merges_as_peft_once_converted_and_is_refused_before(tiny_model, tiny_checkpoint, tmp_path):
+    """PiSSA moves the base's principal part into A/B: an adapter saved as it trained is relative to that residual
+    base (merged into the base it counted that part twice, silently); PEFT's conversion writes it relative to the
+    base, and that one merges as PEFT merges it."""
+    from safetensors.torch import load_file
+
+    from lora_dist.export import merge_offline
+
+    base = tiny_checkpoint("llama")
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                    init_lora_weights="pissa"))
+    model.save_pretrained(tmp_path / "initial")  # the adapter as initialized: what conversion subtracts
+    with torch.no_grad():  # "training"
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "pissa")
+    with pytest.raises(AdapterError, match=r"init_lora_weights=pissa moved part of the base weights into the "
+                                           r"adapter, .*path_initial_model_for_weight_conversion=DIR\), which") as e:
+        read_adapter(tmp_path / "pissa")
+    assert "\n" not in str(e.value)
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    merge_offline(base, tmp_path / "converted", tmp_path / "merged", dtype="float32")
+    reference = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "converted").merge_and_unload()
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    for name, weight in reference.state_dict().items():
+        if name in merged:
+            torch.testing.assert_close(merged[name], weight, rtol=0, atol=1e-6, msg=name)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q], load_file(str(base / "model.safetensors"))[q])
+
+
 @pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning")
 def test_an_embedding_lora_is_refused_naming_the_layer(tiny_model, tmp_path):
     """PEFT names LoRA on an embedding lora_embedding_A/B: said so, not reported as an unpaired lora_A/lora_B."""
