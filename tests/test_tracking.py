@@ -75,18 +75,46 @@ def test_tensorboard_has_every_scalar_and_the_config(tmp_path):
     assert '"target_modules"' in text and '"q_proj"' in text
 
 
-def test_tensorboard_resume_continues_the_curve_without_duplicates(tmp_path):
+def _next_second() -> None:
+    """Wait for the next second: TensorBoard reads event files in name order, <seconds>.<host>.<pid>.<counter>, and
+    a later attempt is a later process, a later second. Within one second of one test process the counter decides,
+    as text ("10" < "9")."""
     import time
 
-    _attempt(Tracking(), tmp_path, 0, 5, killed=True)  # steps 4-5 were after the last checkpoint (3)
-    # TensorBoard reads event files in name order: <seconds>.<host>.<pid>.<counter>; a resumed run is a later
-    # process, a later second. Within one second of one test process the counter decides, as text ("10" < "9").
     start = int(time.time())
     while int(time.time()) == start:
         time.sleep(0.05)
+
+
+def test_tensorboard_resume_continues_the_curve_without_duplicates(tmp_path):
+    _attempt(Tracking(), tmp_path, 0, 5, killed=True)  # steps 4-5 were after the last checkpoint (3)
+    _next_second()
     _attempt(Tracking(), tmp_path, 3, 7)
     steps = [s for s, _ in _tensorboard_scalars(tmp_path / "tensorboard")["train/loss"]]
     assert steps == list(range(1, 8))
+
+
+@pytest.mark.parametrize("first", ["killed", "finished"])
+def test_tensorboard_of_a_run_started_afresh_shows_only_the_new_run(tmp_path, first):
+    """A run started again from step 0 in the same dir (no checkpoint to resume: a crash before the first one, or
+    output.overwrite=true) hides what the earlier run logged, its config too: one curve, the new run's. (The
+    config text is read as TensorBoard's server reads it, every summary a tensor; the older reader of the scalars
+    purges no tensors.)"""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+
+    _attempt(Tracking(), tmp_path, 0, 5, killed=first == "killed")
+    _next_second()
+    tracker = open_tracker(Tracking(), tmp_path, 0, CONFIG, is_main=True)
+    for step in (1, 2, 3):
+        tracker.log({**_row(step), "loss": 10.0 + step})
+    tracker.close()
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["train/loss"] == [(1, 11.0), (2, 12.0), (3, 13.0)]
+    assert [s for s, _ in scalars["train/lr"]] == [1, 2, 3]
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("config/text_summary")] == [0]
+    assert [e.step for e in acc.Tensors("train/loss")] == [1, 2, 3]
 
 
 def test_mlflow_local_store_resume_continues_the_same_run(tmp_path):
