@@ -31,9 +31,10 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from lora_dist.atomic import recover, writing_dir
+from lora_dist.chat import MAX_TEMPLATE_BYTES
 from lora_dist.errors import UserError
 from lora_dist.outputs import ADAPTER_FILES, CHAT_TEMPLATE_FILE, check_replaceable
-from lora_dist.inputs import clip, excerpt, read_json
+from lora_dist.inputs import clip, excerpt, read_json, read_text
 from lora_dist.lora import LoRAConfig, LoRAParam, inject_lora, language_model, lora_modules, param_targets
 from lora_dist.merge import LoRAWeights, lora_scale
 from lora_dist.quant import NF4Record, nf4_record
@@ -46,6 +47,7 @@ __all__ = [
     "AdapterError",
     "AdapterWriteError",
     "AdapterFile",
+    "adapter_chat_template",
     "adapter_step",
     "load_adapter",
     "lora_state_dict",
@@ -347,6 +349,18 @@ def adapter_step(directory: str | os.PathLike) -> int | None:
     except (OSError, SafetensorError):
         return None
     return int(value) if value.isdigit() else None
+
+
+def adapter_chat_template(directory: str | os.PathLike) -> str | None:
+    """The chat template an adapter dir carries (``chat_template.jinja``: the one its training rendered with), or None.
+
+    Raises:
+        AdapterError: the file is unreadable, too large or not UTF-8.
+    """
+    path = Path(directory) / CHAT_TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    return read_text(path, AdapterError, "the adapter's chat template", max_bytes=MAX_TEMPLATE_BYTES)
 
 
 def adapter_nf4_record(directory: str | os.PathLike) -> NF4Record | None:

@@ -543,8 +543,8 @@ def render_chat(tokenizer, template: str, messages: list[dict], tools: list | No
                 generation_prompt: bool = False) -> str:
     """A conversation as training renders it with ``template``: through ``tokenizer.apply_chat_template``, each
     string content handed as one text part where the template renders text only from parts (SmolVLM, Idefics3
-    print nothing of a string). ``generation_prompt`` appends the assistant header a reply follows. The text is
-    tokenized without extra special tokens (the template writes BOS where the model wants one).
+    print nothing of a string). ``generation_prompt`` appends the assistant header a reply follows. Its callers
+    tokenize the text without extra special tokens (the template writes BOS where the model wants one).
 
     Raises:
         ChatError: the template fails on the conversation, or renders no text.

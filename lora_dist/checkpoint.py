@@ -47,8 +47,9 @@ existed (no ``run_id``) are taken as the run dir's own.
   run's checkpoints is readable the run is refused, never restarted from step 0
   over them. An explicitly named ``checkpoint.resume=DIR`` is read as named (of
   any run); a broken one is an error. A restarted job (``torchrun --max-restarts``,
-  a Slurm requeue) whose run already holds checkpoints of its own resumes ``latest``
-  instead: its workers get the same arguments again.
+  a Slurm requeue) whose run has saved checkpoints going on from DIR (``resumed_from``
+  in their ``state.json``) resumes ``latest`` instead: its workers get the same
+  arguments again.
 
 What training may create, replace or delete
 -------------------------------------------
@@ -187,9 +188,10 @@ def data_record(data, cfg: Config) -> dict:
 
 
 def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_id: str | None,
-            engine=None, data=None) -> dict:
-    """A checkpoint's ``state.json`` (with ``engine``'s NF4 weights under ``model.quantize``, and what
-    :func:`data_record` says of ``data``, the training blocks, where given)."""
+            engine=None, data=None, resumed_from: str | None = None) -> dict:
+    """A checkpoint's ``state.json`` (with ``engine``'s NF4 weights under ``model.quantize``, what
+    :func:`data_record` says of ``data``, the training blocks, and the ``checkpoint.resume=DIR`` the run's steps go
+    on from, where given)."""
     record = {
         "step": step,
         "samples_consumed": samples_consumed,
@@ -205,6 +207,8 @@ def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_
         del record["run_id"]
     if data is not None:
         record["data"] = data_record(data, cfg)
+    if resumed_from is not None:
+        record["resumed_from"] = resumed_from
     nf4 = _nf4(engine)
     if nf4 is not None:  # which weights are NF4 depends on the sharding (lora_dist.quant.NF4Record)
         record["quantized"], record["quantized_shards"] = list(nf4.weights), nf4.shards
@@ -326,6 +330,10 @@ def _check_compatible(path: Path, state: dict, lora: dict[str, torch.Tensor], en
         if list(lora[name].shape) != shape:
             raise ResumeError(f"{path}: {name} is {list(lora[name].shape)} in the checkpoint but {shape} in this "
                               f"model (another base?); resume on the base it was trained on {fresh}")
+
+
+def _same_dir(path: Path, named: str) -> bool:
+    return os.path.realpath(path) == os.path.realpath(named)
 
 
 def _restart() -> str | None:
@@ -469,6 +477,7 @@ class CheckpointManager:
         self.run_id = run_id
         self.samples_offset = 0
         self.resumed_step = 0
+        self.resumed_from: str | None = None  # the checkpoint.resume=DIR this run's steps go on from (state.json)
         self._read = None  # rank 0: the checkpoint :meth:`_choose` read, for :meth:`maybe_resume`
 
     def should_save(self, step: int) -> bool:
@@ -550,7 +559,8 @@ class CheckpointManager:
                 problem = self._foreign(final)
                 if problem is not None:
                     raise OutputError(f"cannot replace {final}: {problem}")
-            record = _record(self.cfg, step, self._samples(step), self.env.world_size, self.run_id, engine, self.data)
+            record = _record(self.cfg, step, self._samples(step), self.env.world_size, self.run_id, engine, self.data,
+                             self.resumed_from)
             previous = self._latest_name()
             from safetensors import SafetensorError
 
@@ -665,6 +675,8 @@ class CheckpointManager:
         group.on_rank0(lambda: _check_data(path, state, self.data, self.cfg))  # one rank reads the blocks through
         engine.load_state_dict({"lora": lora, "optimizer": moments}, state["step"])
         self.resumed_step = state["step"]
+        explicit = self.cfg.checkpoint.resume not in ("auto", "never") and _same_dir(path, self.cfg.checkpoint.resume)
+        self.resumed_from = os.path.realpath(path) if explicit else state.get("resumed_from")
         self.samples_offset = state.get("samples_consumed", 0)
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, state["step"])
@@ -686,9 +698,9 @@ class CheckpointManager:
             self._check_fresh_start(dirs)
             return None
         restart = _restart()
-        if resume != "auto" and restart and any(self._is_ours(p) for p in dirs):
+        if resume != "auto" and restart and any(self._continues(p, resume) for p in dirs):
             log.warning("%s: resuming this run's latest checkpoint in %s, not checkpoint.resume=%s, which the job's "
-                        "first start resumed (its own checkpoints since are newer)", restart, self.root, resume)
+                        "first start resumed (the run has saved checkpoints since)", restart, self.root, resume)
             resume = "auto"
         if resume != "auto":
             path = Path(resume)
@@ -710,6 +722,16 @@ class CheckpointManager:
                               f"the broken checkpoints (or move {self.root} away) to start over, or choose a new "
                               "output.dir")
         return None
+
+    def _continues(self, path: Path, resume: str) -> bool:
+        """Whether ``path`` is a checkpoint of this run saved after it resumed ``resume`` (its ``resumed_from``):
+        a restart goes on from those, never from one the resume of ``resume`` rolled back from."""
+        if not self._is_ours(path):
+            return False
+        try:
+            return read_state(path).get("resumed_from") == os.path.realpath(resume)
+        except ResumeError:
+            return False
 
     def _point_latest(self, path: Path) -> None:
         """Rank 0: ``latest`` names the checkpoint resumed (it named a broken or missing one)."""

@@ -45,15 +45,18 @@ __all__ = [
     "ExportConfig",
     "ModelConfig",
     "OutputConfig",
+    "FSDP2_ONLY",
     "ParallelConfig",
     "TrackingConfig",
     "TrainConfig",
     "config_from_dict",
     "config_help",
     "config_to_dict",
+    "fsdp2_only_defaults",
     "home",
     "load_config",
     "read_deepspeed_config",
+    "recorded_config",
 ]
 
 STRATEGIES = ("fsdp2", "zero3", "zero2", "zero1", "ddp", "none", "auto")
@@ -384,8 +387,9 @@ class TrainConfig:
     eval_every: int = 0
     """Eval loss every N steps (0: only at the end)."""
     eval_batches: int = 4
-    """Micro-batches of held-out blocks per eval during training (eval_batches x micro_batch_size blocks, spread
-    over the held-out set, the same whatever the world size); the eval at the end covers every block."""
+    """Global batches of held-out blocks per eval (eval_batches x the global batch size, spread over the held-out
+    set: the same blocks at every eval, and for the same global batch whatever the world size; lora-dist eval takes
+    every block)."""
     log_every: int = 1
     """Write metrics every N steps."""
     run_steps: int = 0
@@ -781,6 +785,30 @@ def config_from_dict(raw: dict[str, dict[str, Any]], overrides: list[str] | tupl
             raise _unknown(str(section), sorted(_SECTIONS))
     sections = {name: _build_section(name, merged.get(name, {})) for name in _SECTIONS}
     return Config(**sections).validate()
+
+
+#: The ``parallel.*`` keys of fsdp2 alone: refused with another explicit strategy (``check_strategy``).
+FSDP2_ONLY = ("dp_replicate", "dp_shard", "reshard_after_forward", "shard_unit", "cpu_offload")
+
+
+def fsdp2_only_defaults() -> dict[str, Any]:
+    """:data:`FSDP2_ONLY`'s keys at their defaults: what a run under another strategy records."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ParallelConfig)}
+    return {key: defaults[key] for key in FSDP2_ONLY}
+
+
+def recorded_config(raw: dict[str, dict[str, Any]]) -> Config:
+    """A run's recorded ``config.json`` (:func:`config_from_dict`), the fsdp2-only keys dropped where an earlier
+    lora_dist recorded them beside another strategy, which left them unapplied (``auto`` choosing ddp, or
+    ``cpu_offload`` under zero*, accepted then): such a run dir stays exportable.
+
+    Raises:
+        ConfigError: as :func:`config_from_dict`.
+    """
+    parallel = raw.get("parallel") if isinstance(raw, dict) else None
+    if isinstance(parallel, dict) and parallel.get("strategy", "fsdp2") not in ("fsdp2", "auto"):
+        raw = {**raw, "parallel": {k: v for k, v in parallel.items() if k not in FSDP2_ONLY}}
+    return config_from_dict(raw)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -25,17 +25,16 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from lora_dist.adapter import adapter_nf4_record, adapter_step, peft_misread, read_adapter
+from lora_dist.adapter import adapter_chat_template, adapter_nf4_record, adapter_step, peft_misread, read_adapter
 from lora_dist.atomic import recover
 from lora_dist.checkpoint import ResumeError, nf4_record_of, read_checkpoint, read_state
-from lora_dist.config import Config, ParallelConfig, TrainConfig, config_from_dict, config_to_dict
+from lora_dist.config import (Config, ParallelConfig, TrainConfig, config_from_dict, config_to_dict,
+                              recorded_config)
 from lora_dist.dtypes import parse_dtype
 from lora_dist.errors import ConfigError
 from lora_dist.export import export_merged, merge_offline
-from lora_dist.chat import MAX_TEMPLATE_BYTES, configured_template
+from lora_dist.chat import ChatError, configured_template
 from lora_dist.export.target import check_output
-from lora_dist.outputs import CHAT_TEMPLATE_FILE
-from lora_dist.inputs import read_text
 from lora_dist.integrations.accelerate import refuse_rewrap
 from lora_dist.launch import LaunchEnv, init_distributed, run_device
 from lora_dist.lora import LoRAConfig, lora_modules
@@ -445,18 +444,32 @@ def _run_weights(run: Path) -> Path:
     adapter_at = adapter_step(adapter) if adapter is not None else None
     if adapter is not None and (adapter_at is None or not checkpoint.is_dir()):
         return adapter  # an adapter of a run before steps were recorded: the run's final weights, as then
+    fix = (f"lora-dist export reads the run's latest checkpoint: resume the run (checkpoint.resume=auto goes back to "
+           f"the previous good one) or point {latest} at an earlier step-NNNNNN")
     try:
-        step = read_checkpoint(checkpoint)[0]["step"]
+        step = read_state(checkpoint)["step"]
+        if adapter is not None and step <= adapter_at:  # the adapter holds the run's newest weights
+            return adapter
+        read_checkpoint(checkpoint)  # the one exported: every file readable, before any model is built
     except ResumeError as e:
-        raise ResumeError(f"{e}; lora-dist export reads the run's latest checkpoint: resume the run (checkpoint."
-                          f"resume=auto goes back to the previous good one) or point {latest} at an earlier "
-                          "step-NNNNNN") from None
-    if adapter is not None and step <= adapter_at:
-        return adapter
+        raise ResumeError(f"{e}; {fix}") from None
     if adapter is not None:
         log.warning("%s holds step %d, later than the run's adapter (step %d: a longer run resumed from it and stopped "
                     "before its end): exporting the checkpoint", checkpoint, step, adapter_at)
     return checkpoint
+
+
+def _run_chat_template(run: Path, cfg: Config) -> str | None:
+    """The template the run rendered its data with: its adapter's copy, else the one its config names (a run of an
+    earlier lora_dist), or None with a warning where that is gone (moved, or relative to another working dir)."""
+    template = adapter_chat_template(run / "adapter") if (run / "adapter").is_dir() else None
+    if template is not None or not cfg.data.chat_template:
+        return template
+    try:
+        return configured_template(cfg.data.chat_template)
+    except ChatError as e:
+        log.warning("the export carries the base's chat template, not the run's: %s", e)
+        return None
 
 
 def _run_lora_tensors(weights: Path, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -505,7 +518,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     if not (run / "config.json").is_file():
         raise ConfigError(f"{run}/config.json not found; RUN_DIR must be a lora-dist output.dir")
     try:
-        cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+        cfg = recorded_config(json.loads((run / "config.json").read_text()))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{run}/config.json is not valid JSON ({e}); RUN_DIR must be a lora-dist output.dir") from None
     env = init_distributed(cfg.parallel.timeout_s)
@@ -519,10 +532,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     RankGroup().on_rank0(lambda: check_output(out_dir, inputs, overwrite=overwrite, base_dir=cfg.model.path,
                                               what="--out"))
     weights = _run_weights(run)  # before any model is built: a run dir with no LoRA weights is refused at once
-    # The template training rendered its data with: the adapter's copy, else the one the run's config names.
-    own = run / "adapter" / CHAT_TEMPLATE_FILE
-    template = (read_text(own, ConfigError, "the run's chat template", max_bytes=MAX_TEMPLATE_BYTES) if own.is_file()
-                else configured_template(cfg.data.chat_template))
+    template = RankGroup().on_rank0(lambda: _run_chat_template(run, cfg))
     # An NF4 run (model.quantize) is exported from its quantized model on any number of ranks: the merge is
     # into the dequantized base it was trained on, not into the original weights merge_offline reads.
     if env.world_size == 1 and weights.name == "adapter" and not cfg.model.quantize:

@@ -472,7 +472,7 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
                                 step + 1, PREEMPT_EXIT_CODE)
                 raise Preempted(step + 1)
         if eval_data is not None:
-            eval_loss = _eval(engine, eval_data, t, env, final=True)
+            eval_loss = _eval(engine, eval_data, t, env)
         if signals.poll(device)[0]:  # a stop during the last step's save or the final eval: the run is trained
             if not manager.should_save(t.steps):  # else the loop just wrote this checkpoint
                 manager.save(t.steps, engine)  # the requeued run resumes here and only writes the outputs
@@ -527,11 +527,11 @@ def _keep_the_adapter(engine: Engine, out: Path, env: LaunchEnv, step: int, chat
                     "lora-dist export %s exports it once the cause is fixed", out / "adapter", out)
 
 
-def _eval(engine: Engine, eval_data: PackedDataset, t, env: LaunchEnv, final: bool = False) -> float | None:
+def _eval(engine: Engine, eval_data: PackedDataset, t, env: LaunchEnv) -> float | None:
     """The eval loss, or None (with a warning) where the held-out blocks hold no target tokens: of
-    ``train.eval_batches`` micro-batches of blocks spread over the held-out set during training, of every block at
-    the end (what ``lora-dist eval`` reports)."""
-    blocks = None if final else eval_blocks(len(eval_data), t.eval_batches * t.micro_batch_size)
+    ``train.eval_batches`` global batches of blocks spread over the held-out set, the same blocks at every eval and
+    for the same global batch whatever the world size (``lora-dist eval`` takes every block)."""
+    blocks = eval_blocks(len(eval_data), t.eval_batches * t.micro_batch_size * t.grad_accum * env.world_size)
     loss = evaluate(engine, eval_data, t.micro_batch_size, blocks, env)
     if math.isnan(loss):
         if env.is_main:

@@ -288,7 +288,8 @@ def test_the_last_step_is_checkpointed_so_a_longer_run_goes_on_from_it(setup, tm
 def test_a_restart_resumes_the_runs_latest_not_the_dir_named_again(setup, tmp_path):
     """torchrun --max-restarts (and a Slurm requeue) start the workers again with the same arguments: an explicit
     checkpoint.resume=DIR used to take the run back to DIR and its first save deleted the run's newer checkpoints.
-    A restart now resumes the run's latest; the first start, and a restart before the run saved any, resume DIR."""
+    A restart now resumes the run's latest once the run saved checkpoints going on from DIR; the first start, and a
+    restart before it saved any (also after a rollback within the run), resume DIR."""
     seed, out = tmp_path / "seed", tmp_path / "restarted"
     _run(setup, seed, 1, "parallel.strategy=none", "train.run_steps=2")
     named = f"checkpoint.resume={seed / 'checkpoints' / 'step-000002'}"
@@ -298,6 +299,10 @@ def test_a_restart_resumes_the_runs_latest_not_the_dir_named_again(setup, tmp_pa
     proc = _run(setup, out, 1, "parallel.strategy=none", named, "train.run_steps=1", TORCHELASTIC_RESTART_COUNT="2")
     assert "torchrun restart 2" in proc.stderr and "step-000004 at step 4" in proc.stderr, proc.stderr[-2000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000005"
+    # A rollback within the run (resume its own step 4) restarted before it saved: still step 4, not latest (5)
+    rollback = f"checkpoint.resume={out / 'checkpoints' / 'step-000004'}"
+    proc = _run(setup, out, 1, "parallel.strategy=none", rollback, "train.run_steps=1", TORCHELASTIC_RESTART_COUNT="3")
+    assert "step-000004 at step 4" in proc.stderr and "torchrun restart" not in proc.stderr, proc.stderr[-2000:]
     proc = _run(setup, out, 1, "parallel.strategy=none", named, "train.run_steps=1")  # a first start: DIR, as named
     assert "step-000002 at step 2" in proc.stderr
 
@@ -309,7 +314,18 @@ def test_export_of_a_run_takes_its_newest_weights_and_names_an_unreadable_checkp
     from lora_dist.merge import LoRAWeights, merge_weight
 
     out = tmp_path / "longer"
-    _run(setup, out, 1, "parallel.strategy=none")  # the adapter at step 6
+    _run(setup, out, 1, "parallel.strategy=none")  # the adapter at step 6, and the checkpoint of step 6
+    # The adapter holds the newest weights: the checkpoint beside it is not read (a damaged one does not matter).
+    moments = out / "checkpoints" / f"step-{STEPS:06d}" / "optimizer.safetensors"
+    kept = moments.read_bytes()
+    moments.write_bytes(kept[:100])
+    # A run dir an earlier lora_dist wrote with an fsdp2-only key beside another strategy (cpu_offload under
+    # zero2 was accepted, and ignored): exported, the key dropped, not refused as that config is refused now.
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "parallel": {**config["parallel"], "strategy": "zero2",
+                                                                        "cpu_offload": True}}))
+    lora_dist("export", str(out), "--out", str(tmp_path / "from-adapter"), "--dtype", "float32")
+    moments.write_bytes(kept)
     _run(setup, out, 1, "parallel.strategy=none", f"train.steps={STEPS + 2}", "train.run_steps=1")  # stopped at 7
     proc = lora_dist("export", str(out), "--out", str(tmp_path / "merged"), "--dtype", "float32")
     assert f"step-{STEPS + 1:06d} holds step {STEPS + 1}, later than the run's adapter (step {STEPS}" in proc.stderr

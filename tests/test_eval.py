@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from distutil import assert_same_losses, lora_dist, ranks
+from distutil import assert_same_losses, logged, lora_dist, ranks
 from lora_dist.demo import write_demo_data
 
 STEPS = 3
@@ -20,13 +20,13 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def run(tiny_checkpoint, tmp_path_factory):
-    """A finished 1-process run whose last 25% of blocks are held out, and its config overrides: evaluated on 3 of
-    them at step 2 (train.eval_batches=1 micro-batch), logged every 3 steps, and on all of them at the end."""
+    """A finished 1-process run whose last 25% of blocks are held out, and its config overrides: evaluated on all of
+    them (train.eval_batches covers them) at step 2, which is not logged (every 3 steps), and at the end."""
     base = tiny_checkpoint("llama", hidden=64, layers=2)
     root = tmp_path_factory.mktemp("eval")
     data = write_demo_data(root / "data.jsonl", n=120)
     common = [f"model.path={base}", f"data.path={data}", "data.eval_fraction=0.25", "train.seq_len=32",
-              "train.micro_batch_size=3", "train.eval_batches=1", "lora.r=4", "lora.target_modules=[q_proj,v_proj]",
+              "train.micro_batch_size=3", "train.eval_batches=1000", "lora.r=4", "lora.target_modules=[q_proj,v_proj]",
               f"output.dir={root / 'run'}"]
     lora_dist("train", *common, f"train.steps={STEPS}", "train.lr=5e-3", "parallel.strategy=none",
               "train.eval_every=2", "train.log_every=3")
@@ -40,9 +40,7 @@ def _eval(run, nproc: int, *args: str) -> dict:
 
 
 def test_adapter_eval_equals_the_runs_own_final_eval(run):
-    """The run's last eval covers every held-out block, as lora-dist eval does: it used to take the first
-    train.eval_batches global micro-batches (more blocks on more ranks), here 3 of them. An eval at a step that
-    is not logged is logged all the same (it was dropped)."""
+    """An eval at a step that is not logged is logged all the same (it was dropped)."""
     result = _eval(run, 1, "parallel.strategy=none")
     rows = [json.loads(line) for line in (run["out"] / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_loss" in r] == [2, STEPS]
@@ -53,7 +51,21 @@ def test_adapter_eval_equals_the_runs_own_final_eval(run):
     assert result["blocks"] > 3 and result["tokens"] > 0
 
 
-def test_evals_during_training_take_blocks_spread_over_the_held_out_set_whatever_the_world_size():
+@pytest.mark.dist
+def test_evals_during_training_are_the_same_on_two_ranks_as_on_one(run, tmp_path):
+    """The same global batch on 1 process (2 micro-batches a step) and 2 ranks evaluates the same held-out blocks:
+    the first train.eval_batches global micro-batches were twice as many blocks on 2 ranks."""
+    overrides = [*run["common"][:-1], "train.steps=2", "train.lr=5e-3", "train.eval_every=1", "train.eval_batches=1",
+                 "train.micro_batch_size=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    lora_dist("train", *overrides, f"output.dir={one}", "parallel.strategy=none", "train.grad_accum=2")
+    ranks(2, "-m", "lora_dist.cli", "train", *overrides, f"output.dir={two}", "parallel.strategy=ddp")
+    want = logged(one, "eval_loss")
+    assert len(want) == 3  # steps 1, 2 and the end
+    assert_same_losses(logged(two, "eval_loss"), want, atol=1e-5 * want[0])
+
+
+def test_evals_during_training_take_blocks_spread_over_the_held_out_set():
     """A mixture's held-out blocks are packed source by source: the first blocks were one source's."""
     from lora_dist.train import eval_blocks
 

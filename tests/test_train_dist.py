@@ -263,20 +263,30 @@ def test_chat_data_two_ranks_equal_one_process(setup, tmp_path_factory, strategy
 
     from lora_dist.chat import TEMPLATES
 
-    turns = [{"role": "user", "content": "what does robot 3 build?"}]
-    exported = [out / "merged"]
+    def carries_the_runs_template(merged: Path) -> None:
+        assert (merged / "chat_template.jinja").read_text() == TEMPLATES["chatml"]
+        rendered = AutoTokenizer.from_pretrained(merged).apply_chat_template(
+            [{"role": "user", "content": "what does robot 3 build?"}], tokenize=False, add_generation_prompt=True)
+        assert rendered == "<|im_start|>user\nwhat does robot 3 build?<|im_end|>\n<|im_start|>assistant\n", merged
+
+    carries_the_runs_template(out / "merged")
     assert (out / "adapter" / "chat_template.jinja").read_text() == TEMPLATES["chatml"]  # the adapter carries it
     if strategy == "fsdp2":  # lora-dist merge writes the adapter's; lora-dist export RUN_DIR the run's config's
         lora_dist("merge", "--base", str(setup["base"]), "--adapter", str(out / "adapter"), "--out",
                   str(root / "merged-offline"))
+        carries_the_runs_template(root / "merged-offline")
         (out / "adapter" / "chat_template.jinja").unlink()  # an adapter written before adapters carried it
         lora_dist("export", str(out), "--out", str(root / "exported"))
-        exported += [root / "merged-offline", root / "exported"]
-    for merged in exported:
-        assert (merged / "chat_template.jinja").read_text() == TEMPLATES["chatml"]
-        rendered = AutoTokenizer.from_pretrained(merged).apply_chat_template(turns, tokenize=False,
-                                                                             add_generation_prompt=True)
-        assert rendered == "<|im_start|>user\nwhat does robot 3 build?<|im_end|>\n<|im_start|>assistant\n", merged
+        carries_the_runs_template(root / "exported")
+        # An export carrying its template is one lora_dist wrote: --overwrite replaces it (it was refused as
+        # holding a file lora_dist does not write). A run config naming a template that is gone: the export goes
+        # on with the base's tokenizer files, saying so (it was a ChatError traceback).
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**config, "data": {**config["data"],
+                                                                        "chat_template": str(root / "gone.jinja")}}))
+        proc = lora_dist("export", str(out), "--out", str(root / "exported"), "--overwrite")
+        assert "the export carries the base's chat template, not the run's" in proc.stderr
+        assert not (root / "exported" / "chat_template.jinja").exists()
 
 
 def test_a_base_without_its_dropout_trains_alike_on_two_ranks(tiny_checkpoint, tmp_path):

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lora_dist.adapter import AdapterError, read_adapter
-from lora_dist.chat import MAX_TEMPLATE_BYTES
+from lora_dist.adapter import adapter_chat_template, read_adapter
 from lora_dist.dtypes import from_safetensors, parse_dtype
 from lora_dist.ranks import RankGroup
 from lora_dist.export.layout import plan_layout
@@ -24,9 +23,7 @@ from lora_dist.export.merged import fp8_sources, stores_fp8
 from lora_dist.export.sources import (MERGED_FROM_KEY, RowsSource, file_rows, merged_from, output_specs, stored_rows,
                                       stored_specs)
 from lora_dist.export.target import check_output
-from lora_dist.outputs import CHAT_TEMPLATE_FILE
 from lora_dist.export.writer import MODES, write_checkpoint
-from lora_dist.inputs import read_text
 from lora_dist.merge import MergeError
 from lora_dist.model_dir import ModelDir
 
@@ -108,9 +105,8 @@ def merge_offline(
         else:
             specs = output_specs(base, out_dtype)
             sources = {key: RowsSource(file_rows(base, key), spec, loras.get(key)) for key, spec in specs.items()}
-        own = Path(adapter_dir) / CHAT_TEMPLATE_FILE
-        if chat_template is None and own.is_file():
-            chat_template = read_text(own, AdapterError, "the adapter's chat template", max_bytes=MAX_TEMPLATE_BYTES)
+        if chat_template is None:
+            chat_template = adapter_chat_template(adapter_dir)
         dtypes = merged_from(from_safetensors(base.dtype(k)) for k in loras)
         layout = plan_layout(list(specs.values()), max_shard_size, {"format": "pt", MERGED_FROM_KEY: dtypes})
     except Exception as e:

@@ -27,7 +27,7 @@ from lora_dist.export.errors import OutputExistsError, OutputRefusedError
 from lora_dist.safetensors_file import SafetensorsFormatError, read_header
 from lora_dist.export.sources import MERGED_FROM_KEY
 from lora_dist.model_dir import SAFE_INDEX
-from lora_dist.outputs import OutputError, check_not_an_input, is_adapter_dir, is_model_dir
+from lora_dist.outputs import CHAT_TEMPLATE_FILE, OutputError, check_not_an_input, is_adapter_dir, is_model_dir
 
 __all__ = ["TEMPLATES_DIR", "check_output", "copied_files", "foreign_entries", "is_merged_export", "is_weight_file"]
 
@@ -101,7 +101,7 @@ def foreign_entries(out: str | os.PathLike, base_dir: str | os.PathLike | None =
             unknown.append(name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
         elif _EXPORT_WEIGHTS.fullmatch(name):
             weights.append(entry)
-        elif name in ("config.json", SAFE_INDEX):
+        elif name in ("config.json", SAFE_INDEX, CHAT_TEMPLATE_FILE):  # written by the export itself
             continue
         elif copied is not None and name not in copied:
             unknown.append(name)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lora_dist.blocks import find_blocks
-from lora_dist.config import ParallelConfig
+from lora_dist.config import ParallelConfig, fsdp2_only_defaults
 from lora_dist.errors import ConfigError
 from lora_dist.lora import lora_parameters
 from lora_dist.nf4 import is_quantized
@@ -85,8 +85,7 @@ def as_replicated(cfg: ParallelConfig, world_size: int) -> ParallelConfig:
     """``cfg`` run replicated on ``world_size`` ranks: ``none`` on one rank, else ``ddp``, with the fsdp2-only keys
     (``dp_replicate``, ``dp_shard``, ``reshard_after_forward``, ``shard_unit``, ``cpu_offload``) back to their
     defaults, as the other strategies refuse them (a run's ``config.json`` is read back through that check)."""
-    return dataclasses.replace(cfg, strategy="ddp" if world_size > 1 else "none", dp_replicate=0, dp_shard=0,
-                               reshard_after_forward=True, shard_unit="block", cpu_offload=False)
+    return dataclasses.replace(cfg, strategy="ddp" if world_size > 1 else "none", **fsdp2_only_defaults())
 
 
 def reshard_size(cfg: ParallelConfig, shard: int, local_world_size: int) -> bool | int:
