@@ -1,6 +1,9 @@
 """A plain accelerate loop on lora_dist: accelerate prepares the dataloader and prints; lora_dist's engine trains.
 
-    accelerate launch --cpu --num_processes 2 examples/accelerate_loop.py MODEL_DIR DATA.jsonl OUT_DIR [fsdp2|zero3|none]
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_loop.py MODEL_DIR DATA.jsonl OUT_DIR [fsdp2|zero3|none]
+
+(--multi_gpu is accelerate's torchrun launcher: on a machine without GPUs it starts CPU processes over gloo, as
+tests/integrations/test_accelerate_loop.py runs it; --cpu alone starts one process.)
 
 Never pass the model (or an optimizer) to accelerator.prepare(): the model is sharded already and its LoRA
 gradients are reduced by the engine; lora_dist refuses it with one line.

@@ -90,7 +90,10 @@ def _check_args(args) -> None:
                           "the training step); drop it and pass parallel=ParallelConfig(offload_activations=True)")
     optim = str(getattr(args.optim, "value", args.optim))
     adam = (args.adam_beta1, args.adam_beta2, args.adam_epsilon)
-    if not optim.startswith("adamw_torch") or adam != (0.9, 0.999, 1e-8):
+    if getattr(args, "optim_args", None):
+        raise ConfigError(f"TrainingArguments(optim_args={args.optim_args!r}) is not applied by LoraDistTrainer (it "
+                          "trains with torch's AdamW as is); drop it")
+    if optim not in ("adamw_torch", "adamw_torch_fused") or adam != (0.9, 0.999, 1e-8):  # not the 4/8-bit ones
         raise ConfigError(f"LoraDistTrainer trains with AdamW(betas=(0.9, 0.999), eps=1e-8), not optim={optim} "
                           f"betas=({args.adam_beta1}, {args.adam_beta2}) eps={args.adam_epsilon}; drop those arguments")
 
@@ -342,6 +345,11 @@ class LoraDistMixin:
                 "it; continue a lora-dist train checkpoint with `lora-dist train checkpoint.resume=DIR`, or start "
                 "a Trainer run from its weights with lora_dist.checkpoint.load_state(DIR, trainer.engine, "
                 "trainer.lora_dist_config) before trainer.train()")
+        if not (path / STATE_DIR).is_dir():
+            raise ConfigError(
+                f"{path} holds no {STATE_DIR}/ (LoRA, AdamW moments and step), as a checkpoint of "
+                "TrainingArguments(save_only_model=True) does, so it cannot be resumed; drop save_only_model to write "
+                "resumable checkpoints, or start a new run from its adapter (lora_dist.load_adapter)")
         load_state(path / STATE_DIR, self.engine, self.lora_dist_config)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:

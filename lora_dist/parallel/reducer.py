@@ -10,9 +10,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["BucketLauncher", "LoRAGradReducer", "fill_buckets"]
+from lora_dist.errors import UserError
+
+__all__ = ["BucketLauncher", "GradientSyncError", "LoRAGradReducer", "fill_buckets"]
 
 T = TypeVar("T")
+
+
+class GradientSyncError(UserError, RuntimeError):
+    """A second backward with gradient sync before the optimizer step: its gradients would never be sent."""
 
 
 def fill_buckets(items: list[T], nbytes: Callable[[T], int], bucket_mb: float) -> list[list[T]]:
@@ -61,6 +67,11 @@ class BucketLauncher:
         if not self._sync:
             return
         b = self._bucket_of[id(param)]
+        if b < self._next or id(param) in self._ready[b]:  # this step's gradients of it were sent, or are about to be
+            raise GradientSyncError(
+                "backward ran again with gradient sync before engine.step(): the first backward's gradients are "
+                "sent already and this one's would be lost; run every micro-batch but the last inside "
+                "engine.no_sync() (docs/integrations.md)")
         self._ready[b].add(id(param))
         while self._next < len(self._sizes) and len(self._ready[self._next]) == self._sizes[self._next]:
             self._launch(self._next)

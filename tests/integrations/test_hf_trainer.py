@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -109,12 +110,24 @@ def test_trainer_checkpoint_is_safetensors_and_resumes_in_trainer_and_lora_dist_
     refused = python(EXAMPLE, str(setup["base"]), str(setup["data"]), str(tmp_path / "reverse"), "--strategy", "none",
                      *SAME_BATCH, "--resume", str(ckpt / "lora_dist"), check=False)
     assert refused.returncode != 0 and "has no trainer_state.json" in refused.stderr
+    # A checkpoint of save_only_model=True (no lora_dist/ state) is refused naming that, not as "unreadable".
+    model_only = tmp_path / "model-only"
+    shutil.copytree(ckpt, model_only)
+    shutil.rmtree(model_only / "lora_dist")
+    refused = python(EXAMPLE, str(setup["base"]), str(setup["data"]), str(tmp_path / "again"), "--strategy", "none",
+                     *SAME_BATCH, "--resume", str(model_only), check=False)
+    assert refused.returncode != 0 and "as a checkpoint of TrainingArguments(save_only_model=True) does" in \
+        refused.stderr, refused.stderr[-2000:]
 
 
 @pytest.mark.parametrize(("change", "named"), [
     ({"deepspeed": "ds.json"}, "deepspeed"), ({"fsdp": "full_shard"}, "fsdp"), ({"bf16": True}, "bf16"),
     ({"activation_checkpointing": True}, r"activation_checkpointing=True\) conflicts"),
     ({"optim": "sgd"}, "optim=sgd"),
+    # torchao's 4-/8-bit AdamW names start as torch's does: they trained as fp32 AdamW without a word
+    ({"optim": "adamw_torch_4bit"}, "optim=adamw_torch_4bit"),
+    ({"optim": "adamw_torch_8bit"}, "optim=adamw_torch_8bit"),
+    ({"optim_args": "block_size=256"}, r"optim_args='block_size=256'\) is not applied"),
     ({"torch_compile": True}, r"torch_compile=True\) conflicts .*ParallelConfig\(compile=True\)"),
     # the Trainer would cast the model, fp32 LoRA too, to bf16 for good at the first evaluation
     ({"bf16_full_eval": True}, r"bf16_full_eval/fp16_full_eval=True\) conflicts"),

@@ -66,3 +66,22 @@ def test_a_parameter_without_a_gradient_gets_the_reduced_zeros(world):
     reducer.finish()  # launches the bucket backward could not complete
     assert torch.equal(model[4].lora_B.weight.grad, torch.zeros_like(model[4].lora_B.weight))
     assert all(p.grad is not None for p in params)
+
+
+def test_a_second_synced_backward_before_the_step_is_refused_not_lost(world):
+    """A loop ported from DDP without ``engine.no_sync()`` on its first micro-batches: each bucket is sent once per
+    step, so the second backward's gradients were never sent (and, under the sharded AdamW, leaked into the next
+    step). Refused in one line naming the fix; after the step the next backward syncs as before."""
+    from lora_dist.errors import UserError
+    from lora_dist.parallel.reducer import GradientSyncError
+
+    model = _model()
+    reducer = LoRAGradReducer(lora_parameters(model), bucket_mb=25)
+    _loss(model, 1).backward()
+    with pytest.raises(GradientSyncError, match=r"run every micro-batch but the last inside engine.no_sync\(\)") as e:
+        _loss(model, 2).backward()
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+    reducer.finish()
+    _loss(model, 3).backward()  # the next step
+    reducer.finish()
+    assert all(p.grad is not None for p in lora_parameters(model))
