@@ -105,6 +105,7 @@ from lora_dist.atomic import discard, recover, write_text_atomic, writing_dir
 from lora_dist.config import Config
 from lora_dist.errors import UserError
 from lora_dist.launch import LaunchEnv
+from lora_dist.launch.detect import job_restart
 from lora_dist.model_dir import SAFE_INDEX, hash_weight_file
 from lora_dist.outputs import OutputError, check_replaceable, read_run_marker, write_failure
 from lora_dist.quant import NF4Record, nf4_record
@@ -334,15 +335,6 @@ def _check_compatible(path: Path, state: dict, lora: dict[str, torch.Tensor], en
 
 def _same_dir(path: Path, named: str) -> bool:
     return os.path.realpath(path) == os.path.realpath(named)
-
-
-def _restart() -> str | None:
-    """The launcher's restart of this job (``torchrun --max-restarts``, a Slurm requeue), or None on its first start."""
-    for var, what in (("TORCHELASTIC_RESTART_COUNT", "torchrun restart"), ("SLURM_RESTART_COUNT", "Slurm requeue")):
-        count = os.environ.get(var, "")
-        if count.isdigit() and int(count) > 0:
-            return f"{what} {count} ({var})"
-    return None
 
 
 def _warn_changed_training(path: Path, state: dict, cfg: Config) -> None:
@@ -697,7 +689,7 @@ class CheckpointManager:
         if resume == "never":
             self._check_fresh_start(dirs)
             return None
-        restart = _restart()
+        restart = job_restart()
         if resume != "auto" and restart and any(self._continues(p, resume) for p in dirs):
             log.warning("%s: resuming this run's latest checkpoint in %s, not checkpoint.resume=%s, which the job's "
                         "first start resumed (the run has saved checkpoints since)", restart, self.root, resume)

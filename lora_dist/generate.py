@@ -64,13 +64,15 @@ def load_messages(path: str | os.PathLike) -> list[dict]:
 
 def _template(tokenizer, chat_template: str, adapter: str | os.PathLike | None) -> str | None:
     """The template to render the prompt with (None: the raw text), as the module docstring says."""
+    from lora_dist.adapter import adapter_chat_template
     from lora_dist.chat import ChatError, resolve_template
-    from lora_dist.outputs import CHAT_TEMPLATE_FILE
 
     if chat_template == "none":
         return None
-    if not chat_template and adapter is not None and (Path(adapter) / CHAT_TEMPLATE_FILE).is_file():
-        chat_template = str(Path(adapter) / CHAT_TEMPLATE_FILE)  # the template the adapter was trained with
+    if not chat_template and adapter is not None:
+        trained = adapter_chat_template(adapter)  # the template the adapter was trained with
+        if trained is not None:
+            return trained
     try:
         return resolve_template(tokenizer, chat_template, option="--chat-template")
     except ChatError as e:

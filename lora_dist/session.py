@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import socket
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from safetensors.torch import load_file
 
 from lora_dist.adapter import adapter_chat_template, adapter_nf4_record, adapter_step, peft_misread, read_adapter
 from lora_dist.atomic import recover
-from lora_dist.checkpoint import ResumeError, nf4_record_of, read_checkpoint, read_state
+from lora_dist.checkpoint import STEP_DIR, ResumeError, nf4_record_of, read_checkpoint, read_state
 from lora_dist.config import (Config, ParallelConfig, TrainConfig, config_from_dict, config_to_dict,
                               recorded_config)
 from lora_dist.dtypes import parse_dtype
@@ -438,7 +437,7 @@ def _run_weights(run: Path) -> Path:
             raise ConfigError(f"{run} has neither adapter/ nor checkpoints/latest; is it a lora-dist output.dir?")
         return adapter
     name = latest.read_text().strip()
-    if not re.fullmatch(r"step-\d+", name):
+    if not STEP_DIR.fullmatch(name):
         raise ConfigError(f"{latest} names {name[:80]!r}, not a checkpoint (step-NNNNNN); the run dir is damaged")
     checkpoint = run / "checkpoints" / name
     adapter_at = adapter_step(adapter) if adapter is not None else None

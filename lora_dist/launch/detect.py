@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from lora_dist.launch.env import UNKNOWN, LaunchEnv, LaunchError
 from lora_dist.launch.hostlist import expand_hostlist
 
-__all__ = ["detect_launch_env", "loopback_address", "slurm_port", "validate_launch_env"]
+__all__ = ["detect_launch_env", "job_restart", "loopback_address", "slurm_port", "validate_launch_env"]
 
 _BATCH_STEP_IDS = {"batch", "extern", "interactive"}
 #: Step ids above Slurm's SLURM_MAX_NORMAL_STEP_ID (0xfffffff0) are no srun step: the batch script, the extern
@@ -239,6 +239,17 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
         launcher="slurm", rank=rank, local_rank=local_rank, world_size=world_size,
         local_world_size=local_world_size, node_rank=node_rank, num_nodes=num_nodes,
         master_addr=master_addr, master_port=master_port)
+
+
+def job_restart(environ: Mapping[str, str] | None = None) -> str | None:
+    """The launcher's restart of this job (``torchrun --max-restarts``, a Slurm requeue), named with its count and
+    variable, or None on the job's first start."""
+    env = os.environ if environ is None else environ
+    for var, what in (("TORCHELASTIC_RESTART_COUNT", "torchrun restart"), ("SLURM_RESTART_COUNT", "Slurm requeue")):
+        count = env.get(var, "")
+        if count.isdigit() and int(count) > 0:
+            return f"{what} {count} ({var})"
+    return None
 
 
 def slurm_port(job_id: int) -> int:

@@ -1056,3 +1056,14 @@ def test_two_ranks_on_one_gpu_fail_every_rank_in_one_line_with_few_store_request
         assert set(errors) == set(range(len(gpus))) and len(set(errors.values())) == 1
         assert next(iter(errors.values())).startswith(clash) and "\n" not in errors[0]
     assert len(requests) <= 7 * len(gpus)  # at most 7 each; reading every rank's key was 12 + 12 x 12
+
+
+def test_a_job_restart_is_told_from_its_first_start():
+    """What a resume reads to go on from the run's own checkpoints after torchrun or Slurm restarted the job."""
+    from lora_dist.launch.detect import job_restart
+
+    assert job_restart({}) is None
+    assert job_restart({"TORCHELASTIC_RESTART_COUNT": "0", "SLURM_RESTART_COUNT": "0"}) is None
+    assert job_restart({"TORCHELASTIC_RESTART_COUNT": "2"}) == "torchrun restart 2 (TORCHELASTIC_RESTART_COUNT)"
+    assert job_restart({"SLURM_RESTART_COUNT": "1"}) == "Slurm requeue 1 (SLURM_RESTART_COUNT)"
+    assert job_restart({"SLURM_RESTART_COUNT": "x"}) is None
