@@ -163,7 +163,6 @@ def _targets(batch: dict) -> int:
     return batch["n_targets"] if "n_targets" in batch else n_targets(batch["labels"])
 
 
-@torch.no_grad()
 def eval_blocks(n_blocks: int, count: int | None) -> list[int]:
     """``count`` of ``n_blocks`` held-out blocks spread evenly over all of them, first to last (every source of a
     mixture, which are packed one after the other), the same whatever the world size; all of them for None."""
@@ -172,6 +171,7 @@ def eval_blocks(n_blocks: int, count: int | None) -> list[int]:
     return [i * n_blocks // count for i in range(max(count, 1))]
 
 
+@torch.no_grad()
 def eval_sums(engine: Engine, data: PackedDataset, micro_batch: int, blocks: list[int] | None, env: LaunchEnv
               ) -> tuple[float, float]:
     """(summed token loss, target tokens) over all ranks, of the held-out ``blocks`` (:func:`eval_blocks`; ``None``:

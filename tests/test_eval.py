@@ -74,6 +74,33 @@ def test_evals_during_training_take_blocks_spread_over_the_held_out_set():
     assert eval_blocks(5, 12) == eval_blocks(5, None) == [0, 1, 2, 3, 4]
 
 
+def test_evals_keep_no_autograd_graph():
+    """Every eval forward runs without autograd: a graph chained through the summed loss would hold every eval
+    batch's activations until the last (memory growing with the held-out set, on every rank)."""
+    from lora_dist.launch import LaunchEnv
+    from lora_dist.train import eval_sums
+
+    head, grad_enabled = torch.nn.Linear(4, 1), []
+
+    class Engine:
+        device, model = torch.device("cpu"), head
+
+        def loss_sum(self, batch):
+            grad_enabled.append(torch.is_grad_enabled())
+            return head(batch["x"]).sum()
+
+    class Blocks:
+        def __len__(self):
+            return 5
+
+        def inputs(self, idx, device):
+            return {"x": torch.arange(4.0).repeat(len(idx), 1) + torch.tensor(idx)[:, None], "n_targets": len(idx)}
+
+    loss, tokens = eval_sums(Engine(), Blocks(), 2, None, LaunchEnv("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", 0))
+    assert grad_enabled == [False] * 3 and tokens == 5
+    assert loss == pytest.approx(float(head(Blocks().inputs(list(range(5)), None)["x"]).sum()), rel=1e-6)
+
+
 def test_base_only_equals_transformers_block_by_block(run):
     from transformers import AutoModelForCausalLM
 
