@@ -271,6 +271,38 @@ def zero_init(ds_config: dict):
         yield
 
 
+@contextlib.contextmanager
+def broadcast_trainable_only():
+    """Inside this context DeepSpeed's engine broadcasts only the trainable params (the LoRA) from rank 0 at init.
+
+    Without ``zero.Init`` (zero1/2) ``deepspeed.initialize`` broadcasts every parameter, tensor by tensor: the whole
+    frozen base (16 GB for a bf16 8B, 140 GB for a 70B) at every start and resume, across nodes, though every rank
+    loaded the same base from the files (checked across nodes: ``session.check_same_base``). The ddp engine leaves
+    the base out of DDP's broadcast the same way. A DeepSpeed without this method broadcasts as it does."""
+    from deepspeed.runtime.engine import DeepSpeedEngine as DSEngine
+
+    broadcast = getattr(DSEngine, "_broadcast_model", None)
+    if broadcast is None:
+        yield
+        return
+
+    def broadcast_trainable(engine) -> None:
+        module = engine.module
+        every = module.named_parameters
+        # DeepSpeed's own rule (its groups, its source rank, MoE experts) over the trainable params only.
+        module.__dict__["named_parameters"] = lambda *a, **k: ((n, p) for n, p in every(*a, **k) if p.requires_grad)
+        try:
+            broadcast(engine)
+        finally:
+            del module.__dict__["named_parameters"]
+
+    DSEngine._broadcast_model = broadcast_trainable
+    try:
+        yield
+    finally:
+        DSEngine._broadcast_model = broadcast
+
+
 class DeepSpeedEngine(Engine):
     """ZeRO-1/2/3 through ``deepspeed.initialize``; the loss is scaled back from DeepSpeed's averaging."""
 
@@ -281,7 +313,8 @@ class DeepSpeedEngine(Engine):
         skip_cpu_inference_op()
         super().__init__(model, optimizer, ds_config.get("gradient_clipping", 0.0), device)
         ds_config = cap_reduce_bucket(ds_config, sum(getattr(p, "ds_numel", p.numel()) for p in self.lora_params))
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        with broadcast_trainable_only():
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine
         # DeepSpeed averages over ranks and divides by the accumulation steps.
         self.loss_multiplier = float(dist.get_world_size() * ds_config["gradient_accumulation_steps"])

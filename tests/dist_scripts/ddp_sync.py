@@ -1,11 +1,13 @@
-"""2 ranks: the ddp engine (DDP's all-reduce, ``parallel.shard_optimizer=false``) starts every rank from rank 0's
-LoRA, and leaves the frozen base and the buffers as each rank loaded them: DDP broadcasts no base bytes.
+"""2 ranks: the ddp engine (DDP's all-reduce, ``parallel.shard_optimizer=false``), or DeepSpeed's zero1/zero2
+engine (argv[1]), starts every rank from rank 0's LoRA, and leaves the frozen base and the buffers as each rank loaded
+them: no base bytes are broadcast.
 
 Each rank's base weight, buffer and LoRA A are made rank-specific before the engine wraps the model. Prints a JSON
 line on rank 0.
 """
 
 import json
+import sys
 
 import torch
 import torch.distributed as dist
@@ -26,9 +28,14 @@ with torch.no_grad():
     model.table.fill_(rank)
     model[0].lora_A.weight.fill_(rank + 1)
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-engine = make_engine(model, optimizer, ParallelConfig(strategy="ddp", shard_optimizer=False), TrainConfig(),
-                     torch.device("cpu"))
-engine.model(torch.ones(2, 8)).sum().backward()  # a step's forward (where DDP would sync the buffers) and backward
+strategy = sys.argv[1] if len(sys.argv) > 1 else "ddp"
+ds_config = {"zero_optimization": {"stage": int(strategy[-1])}, "zero_allow_untested_optimizer": True,
+             "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+             "steps_per_print": 10**9} if strategy.startswith("zero") else None
+engine = make_engine(model, optimizer, ParallelConfig(strategy=strategy, shard_optimizer=False), TrainConfig(),
+                     torch.device("cpu"), ds_config)
+# a step's forward (where DDP would sync the buffers) and backward
+engine.backward(engine.model(torch.ones(2, 8)).sum())
 seen = [None, None]
 dist.all_gather_object(seen, {"base": model[0].weight.unique().tolist(), "buffer": model.table.unique().tolist(),
                               "lora_A": model[0].lora_A.weight.unique().tolist(),
