@@ -85,14 +85,16 @@ def lookup(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int, group,
     count = torch.tensor([flat.numel()], device=ids.device)
     counts = count.repeat(world)  # the gather overwrites it (what a fake process group leaves: this rank's)
     all_gather_single(counts, count, group=group)
-    n = int(counts.max())
+    n = int(counts.max())  # the host's one wait for the device here: the exchange's size (as the head's loss)
     every = flat.new_empty(world * n)
     all_gather_single(every, nn.functional.pad(flat, (0, n - flat.numel()), value=-1), group=group)
     local = every - vocab_start
     mine = (local >= 0) & (local < weight.shape[0])
-    rows = torch.zeros((world * n, weight.shape[1]), dtype=dtype, device=ids.device)
-    # Under parallel.cpu_offload the shard stays in host memory: the lookup runs there, only the rows travel.
-    rows[mine] = embedding_rows(weight, local[mine].to(weight.device)).to(ids.device, dtype)
+    # Every token looked up (one not in this shard at row 0), then zeroed where the row is not this rank's: chosen
+    # on the device, where a boolean index would make the host wait for it twice. Under parallel.cpu_offload the
+    # shard stays in host memory: the lookup runs there, only the rows travel.
+    rows = embedding_rows(weight, local.clamp(0, weight.shape[0] - 1).to(weight.device)).to(ids.device, dtype)
+    rows.masked_fill_(~mine[:, None], 0)
     out = rows.new_empty((n, weight.shape[1]))
     reduce_scatter_single(out, rows, group=group)
     return out[:flat.numel()].view(*ids.shape, weight.shape[1])

@@ -115,6 +115,20 @@ def test_a_step_reads_from_the_device_only_after_queuing_its_work(fake_two_ranks
     assert norm > 1e-3  # the coefficient on the device clipped (checked against one process in the suite's runs)
 
 
+def test_the_sharded_embedding_lookup_waits_only_for_the_token_count(fake_two_ranks):
+    """fsdp2's vocabulary-sharded embedding lookup, the first work of every forward, reads one number on the host:
+    the largest rank's token count, which sizes the exchange (as the vocabulary-sharded head's loss reads its row
+    count). This rank's rows are chosen on the device (tests/dist_scripts/sharded_embedding.py: the lookup equals
+    the gathered one)."""
+    from lora_dist.parallel.embedding import lookup
+
+    shard = torch.randn(8, 4)  # rows 8-15 of a 16-row vocabulary
+    with HostReads() as seen:
+        out = lookup(torch.tensor([[1, 9, 15], [8, 0, 12]]), shard, 8, None)
+    assert out.shape == (2, 3, 4)
+    assert [seen.ops[k] for k in seen.reads] == ["aten._local_scalar_dense.default"]
+
+
 def test_the_recorder_sees_what_makes_the_host_wait():
     """The check above can fail: each of these reads is recorded."""
     x = torch.arange(6.0)
