@@ -13,7 +13,9 @@ pytestmark = pytest.mark.dist
 CONFIGS = ("peft_accelerate_fsdp2", "lora_dist_fsdp2", "lora_dist_zero3", "lora_dist_ddp", "lora_dist_auto",
            "peft_accelerate_fsdp2_bf16", "lora_dist_fsdp2_bf16", "lora_dist_auto_bf16", "lora_dist_nf4", "lora_dist_nf4_all",
            "peft_accelerate_zero3", "full_ft_fsdp2")
-MEMORY_TARGETS = ("tensors <= 0.75x anchor, bf16 base", "NF4 base bytes <= 0.3x bf16 base", "NF4 tensors <= 0.55x anchor")
+#: The memory targets of the frozen-base work and their limits.
+MEMORY_TARGETS = {"tensors <= 0.75x anchor, bf16 base": 0.75, "NF4 stored base bytes <= 0.3x bf16 base": 0.3,
+                  "NF4 base bytes at the step's peak <= 0.3x bf16 base": 0.3, "NF4 tensors <= 0.55x anchor": 0.55}
 TARGETS = ("train peak <= 0.6x DDP", "train peak <= anchor", "step time <= 1.0x anchor", "LoRA step <= 2.3x forward",
            "export peak <= model/W + largest + 10%", "offline merge <= 3x plain copy", "planner within 15%",
            "auto step <= 0.5x anchor (DDP fits)", *MEMORY_TARGETS)
@@ -66,11 +68,26 @@ def test_the_frozen_base_in_bf16_and_nf4_against_the_bf16_anchor(quick):
     nf4_all = rows["lora_dist_nf4_all"]["base_bytes"]
     assert nf4_all < 0.3 * bf16 < nf4, (bf16, nf4, nf4_all)
     assert rows["peft_accelerate_fsdp2_bf16"]["base_bytes"] == bf16  # the same bf16 base, sharded the same way
+    # the memory targets (at this size the activations dwarf the base: they are computed here, the full run's pass
+    # or fail) are the ratios of the rows they name, each passing exactly within its limit
     targets = {(t["target"], t["subject"]): t for t in results["summary"]["targets"]}
-    checked = [(kind, subject) for kind, subject in targets if kind in MEMORY_TARGETS]
-    assert len(checked) == 5  # bf16; both NF4 targets for both NF4 rows
-    for key in checked:
-        assert targets[key]["result"] in ("PASS", "FAIL") and targets[key]["value"] > 0, targets[key]
+    anchor, lora_bf16 = rows["peft_accelerate_fsdp2_bf16"], rows["lora_dist_fsdp2_bf16"]
+    want = {("tensors <= 0.75x anchor, bf16 base", "lora_dist fsdp2, bf16 base"):
+            lora_bf16["peak_tensor"] / anchor["peak_tensor"]}
+    for name, label in (("lora_dist_nf4", "lora_dist fsdp2, NF4 base"),
+                        ("lora_dist_nf4_all", "lora_dist fsdp2, NF4 base + embedding/head")):
+        row = rows[name]
+        want["NF4 tensors <= 0.55x anchor", label] = row["peak_tensor"] / anchor["peak_tensor"]
+        want["NF4 stored base bytes <= 0.3x bf16 base", label] = row["base_bytes"] / bf16
+        want["NF4 base bytes at the step's peak <= 0.3x bf16 base", label] = (
+            (row["base_bytes"] + row["peak_base_copies"]) / (bf16 + lora_bf16["peak_base_copies"]))
+    assert {key for key in targets if key[0] in MEMORY_TARGETS} == set(want)
+    for (kind, subject), value in want.items():
+        target = targets[kind, subject]
+        assert target["value"] == pytest.approx(value), target
+        assert target["result"] == ("PASS" if value <= MEMORY_TARGETS[kind] else "FAIL"), target
+    # a smaller base holds fewer tensors through the step at any size
+    assert rows["lora_dist_nf4_all"]["peak_tensor"] < rows["lora_dist_nf4"]["peak_tensor"] < lora_bf16["peak_tensor"]
     auto = {t["subject"]: t["detail"] for t in results["summary"]["targets"]
             if t["target"] == "auto step <= 0.5x anchor (DDP fits)"}
     assert set(auto) == {"lora_dist auto", "lora_dist auto, bf16 base"}
