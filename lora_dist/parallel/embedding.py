@@ -90,11 +90,20 @@ def lookup(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int, group,
     all_gather_single(every, nn.functional.pad(flat, (0, n - flat.numel()), value=-1), group=group)
     local = every - vocab_start
     mine = (local >= 0) & (local < weight.shape[0])
-    # Every token looked up (one not in this shard at row 0), then zeroed where the row is not this rank's: chosen
-    # on the device, where a boolean index would make the host wait for it twice. Under parallel.cpu_offload the
-    # shard stays in host memory: the lookup runs there, only the rows travel.
-    rows = embedding_rows(weight, local.clamp(0, weight.shape[0] - 1).to(weight.device)).to(ids.device, dtype)
-    rows.masked_fill_(~mine[:, None], 0)
+    rows = torch.zeros((world * n, weight.shape[1]), dtype=dtype, device=ids.device)
+    if weight.device != ids.device:
+        # parallel.cpu_offload: the shard stays in host memory and the lookup runs there; only this rank's rows
+        # travel (the ids' copy to the host makes it wait for the device anyway)
+        keep = mine.to(weight.device)
+        rows[mine] = embedding_rows(weight, local.to(weight.device)[keep]).to(ids.device, dtype)
+    elif weight.shape[0]:
+        # one rank's tokens at a time (what is looked up, dequantized and cast is a block of rows), each looked up
+        # whole (a token not in this shard at row 0) and zeroed where the row is not this rank's: chosen on the
+        # device, where a boolean index would make the host wait for it twice
+        for start in range(0, world * n, max(n, 1)):
+            block = slice(start, start + n)
+            found = embedding_rows(weight, local[block].clamp(0, weight.shape[0] - 1))
+            rows[block] = found.masked_fill_(~mine[block, None], 0)
     out = rows.new_empty((n, weight.shape[1]))
     reduce_scatter_single(out, rows, group=group)
     return out[:flat.numel()].view(*ids.shape, weight.shape[1])

@@ -2,7 +2,7 @@
 
 Each rank holds ``torch.chunk`` rows of one embedding (53 rows over 3 ranks: 18, 18, 17, as FSDP2's
 ``Shard(0)`` cuts them) and looks up its own tokens (another count on every rank, one rank none at
-all), in fp32, in bf16, cast to bf16 (FSDP2's mixed precision), and from NF4 rows (768 x 64: 256 rows
+all), in fp32, in bf16, cast to bf16 (FSDP2's mixed precision), with a shard of no rows, and from NF4 rows (768 x 64: 256 rows
 per rank, whole NF4 groups). Prints ``ok`` and the cases on rank 0.
 """
 
@@ -37,6 +37,8 @@ shards = list(torch.chunk(weight, world))
 check(weight, shards, None, "fp32")
 check(weight.bfloat16(), [s.bfloat16() for s in shards], None, "bf16")
 check(weight, shards, torch.bfloat16, "fp32 computed in bf16")
+tiny = torch.randn(2, 16, generator=g)  # 2 rows over 3 ranks: 1, 1, 0 (FSDP2's cut leaves the last rank none)
+check(tiny, [*torch.chunk(tiny, world), tiny[:0]][:world], None, "an empty shard")
 
 nf4 = nf4_module()
 big = torch.randn(768, 64, generator=g, dtype=torch.bfloat16)
