@@ -288,13 +288,16 @@ def broadcast_trainable_only():
 
     def broadcast_trainable(engine) -> None:
         module = engine.module
-        every = module.named_parameters
+        every, own = module.named_parameters, module.__dict__.get("named_parameters")
         # DeepSpeed's own rule (its groups, its source rank, MoE experts) over the trainable params only.
         module.__dict__["named_parameters"] = lambda *a, **k: ((n, p) for n, p in every(*a, **k) if p.requires_grad)
         try:
             broadcast(engine)
         finally:
-            del module.__dict__["named_parameters"]
+            if own is None:
+                del module.__dict__["named_parameters"]
+            else:  # the model's own override, as it was
+                module.__dict__["named_parameters"] = own
 
     DSEngine._broadcast_model = broadcast_trainable
     try:
