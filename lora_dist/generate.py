@@ -81,13 +81,20 @@ def _template(tokenizer, chat_template: str, adapter: str | os.PathLike | None) 
 
 def _prompt_ids(tokenizer, prompt: str | None, messages: list[dict] | None,
                 template: str | None) -> tuple[list[int], str]:
-    from lora_dist.chat import ChatError, render_chat
+    from lora_dist.chat import ChatError, bos_prefix, render_chat
 
     if template is None:
         if messages is not None:
             raise GenerateError("--messages needs a chat template and the tokenizer has none; pass --chat-template "
                                 "(chatml, llama3 or a Jinja file), or --prompt with raw text")
-        return tokenizer(prompt)["input_ids"], prompt
+        # as training encodes a text record's prompt: BOS where the tokenizer starts texts with it, and nothing
+        # else the tokenizer adds itself (an EOS at the end would have the model continue after an end of text)
+        ids, head = tokenizer(prompt, add_special_tokens=False)["input_ids"], bos_prefix(tokenizer)
+        ids = ids if head and ids[:1] == head else head + ids
+        if not ids:
+            raise GenerateError("the prompt is empty and the tokenizer starts texts with no BOS token: nothing to "
+                                "continue; pass a --prompt with text")
+        return ids, prompt
     conversation = messages if messages is not None else [{"role": "user", "content": prompt}]
     try:
         text = render_chat(tokenizer, template, conversation, generation_prompt=True)

@@ -397,3 +397,26 @@ def test_generate_on_cuda_without_cuda_is_one_line(trained, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert err.startswith("lora-dist generate: error: --device cuda: no CUDA device is visible to this process") and \
         err.endswith("; pass --device cpu\n") and err.count("\n") == 1, err
+
+
+def test_a_raw_prompt_is_encoded_as_training_encodes_a_prompt():
+    """``--chat-template none``: BOS where training puts one (not twice where the text starts with it), and no EOS
+    a tokenizer adds to every text itself: generation would start after an end of text."""
+    from lora_dist.generate import _prompt_ids
+
+    class AddsBosAndEos:
+        """A character per token; "^" is the BOS token's text."""
+        bos_token_id, eos_token_id = 1, 2
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = [1 if c == "^" else ord(c) for c in text]
+            return {"input_ids": [1, *ids, 2] if add_special_tokens else ids}
+
+    assert _prompt_ids(AddsBosAndEos(), "hi", None, None) == ([1, ord("h"), ord("i")], "hi")
+    assert _prompt_ids(AddsBosAndEos(), "^hi", None, None) == ([1, ord("h"), ord("i")], "^hi")
+
+    class NoBos(AddsBosAndEos):
+        bos_token_id = None
+
+    with pytest.raises(GenerateError, match="the prompt is empty"):
+        _prompt_ids(NoBos(), "", None, None)
