@@ -145,7 +145,8 @@ class ModelConfig:
     base_dropout: bool = True
     """Keep the base model's own dropout (config.json's attention_dropout, resid_pdrop, hidden_dropout...) in
     training, as PEFT and the Trainer do; false sets it to 0. Its masks are drawn per rank, so with it on, W
-    ranks match one process only in distribution, not step for step."""
+    ranks match one process only in distribution, not step for step. LayerDrop (layerdrop > 0) counts as the base's
+    dropout: under fsdp2 and zero3 it must be off (refused otherwise)."""
 
     def __post_init__(self) -> None:
         self.path = home(self.path, "model.path")

@@ -33,7 +33,7 @@ from lora_dist.quant import NF4Record, prepare_quantized, quantize_problem
 from lora_dist.sharding import full_shape, owned_range, whole_local
 from lora_dist.weight_mapping import WeightMap
 
-__all__ = ["LoadedModel", "base_dropout", "load_base_model", "load_model", "place_unsharded"]
+__all__ = ["LoadedModel", "base_dropout", "layer_drop", "load_base_model", "load_model", "place_unsharded"]
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,19 @@ def _tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
 
 def _is_dropout(name: str) -> bool:
     """A name transformers gives a dropout probability: ``attention_dropout``, ``resid_pdrop``, ``residual_dropout``,
-    ``embedding_dropout``, ``activation_dropout``..."""
-    return "dropout" in name or "pdrop" in name
+    ``embedding_dropout``, ``activation_dropout``..., and LayerDrop's (``layerdrop``: OPT, XGLM, BioGPT skip a random
+    whole layer in training)."""
+    return "dropout" in name or "pdrop" in name or "layerdrop" in name
+
+
+def layer_drop(hf_config) -> dict[str, float]:
+    """The LayerDrop probabilities > 0 a transformers config sets (its own and its sub-configs'): ``{field: p}``."""
+    found = {}
+    for holder in (hf_config, *(v for v in vars(hf_config).values() if hasattr(v, "to_dict"))):
+        for attr, value in vars(holder).items():
+            if "layerdrop" in attr and isinstance(value, (int, float)) and value > 0:
+                found[attr] = float(value)
+    return found
 
 
 def base_dropout(model: nn.Module, turn_off: bool = False) -> dict[str, float]:

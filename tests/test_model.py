@@ -107,6 +107,34 @@ def test_float_dropout_fields_of_any_name_are_found_and_turned_off(arch):
     assert torch.equal(model(x).logits, model(x).logits)
 
 
+def test_layer_drop_is_base_dropout_and_refused_where_the_ranks_gather_each_layer():
+    """OPT's LayerDrop skips a random whole decoder layer in training, drawn on each rank apart: under fsdp2 and
+    zero3 the ranks would gather different layers (a hang), so it is refused there in one line before the model is
+    built; ``model.base_dropout=false`` turns it off with the base's dropout, and ddp keeps it."""
+    import transformers as tf
+
+    from lora_dist.config import load_config
+    from lora_dist.session import check_layer_drop
+
+    torch.manual_seed(0)
+    config = tf.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
+                          word_embed_proj_dim=32, max_position_embeddings=32, dropout=0.0, attention_dropout=0.0,
+                          layerdrop=0.5)
+    model = tf.AutoModelForCausalLM.from_config(config).train()
+    x = torch.randint(0, 64, (1, 8))
+    assert len({model(x).logits.sum().item() for _ in range(6)}) > 1  # layers skipped at random
+    for strategy in ("fsdp2", "zero3"):
+        cfg = load_config(None, ["model.path=x", f"parallel.strategy={strategy}"])
+        with pytest.raises(ConfigError, match=rf"layerdrop=0.5 .*parallel.strategy={strategy}.*base_dropout=false"
+                           ) as e:
+            check_layer_drop(cfg, config)
+        assert "\n" not in str(e.value)
+    for allowed in (["parallel.strategy=ddp"], ["parallel.strategy=fsdp2", "model.base_dropout=false"]):
+        check_layer_drop(load_config(None, ["model.path=x", *allowed]), config)
+    assert base_dropout(model, turn_off=True) == {"model.decoder.layerdrop": 0.5}
+    assert model.config.layerdrop == 0.0 and len({model(x).logits.sum().item() for _ in range(3)}) == 1
+
+
 def test_buffers_a_model_keeps_in_fp32_stay_fp32_under_a_bf16_base(tiny_checkpoint, tmp_path):
     """DeepSeek-V3's expert-selection bias is kept in fp32 by ``from_pretrained`` whatever the dtype
     (``_keep_in_fp32_modules_strict``); built in bf16, two biases 4e-4 apart became one (another expert fired)."""
