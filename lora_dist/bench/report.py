@@ -96,8 +96,9 @@ def _config_row(record: dict) -> dict | None:
         "comm_calls": ranks[0]["instrumented_step"]["comm"]["calls"],
         "trainable_params": ranks[0]["params"]["trainable"],
         "base_bytes": max(r.get("base_bytes", 0) for r in ranks) or None,
-        # the planner's unsharded or dequantized base copies alive at the step's peak (a copy of the NF4 head's rows)
+        # the planner's gathered or dequantized base copies alive at the step's peak, and that moment
         "peak_base_copies": (ranks[0].get("plan") or {}).get("gathered"),
+        "peak_at": (ranks[0].get("plan") or {}).get("peak_at"),
         "reproduced": any(r["reproduced"] for r in ranks),
         "notes": ranks[0]["notes"],
         "loadavg": [record["loadavg_before"], record["loadavg_after"]],
@@ -276,8 +277,9 @@ def _frozen_base_targets(size: str, rows: dict, anchor: dict | None, anchor_bf16
                 out.append(_target("NF4 base bytes at the step's peak <= 0.3x bf16 base", size, LABELS[name],
                                    live[0] / live[1], 0.3,
                                    f"{live[0] / MB:.1f} MB vs {live[1] / MB:.1f} MB per rank: stored (measured) + "
-                                   f"{copies[0] / MB:.1f} MB vs {copies[1] / MB:.1f} MB of copies at the peak "
-                                   "(planned: the loss's copy of an NF4 head's rows)"))
+                                   f"{copies[0] / MB:.1f} MB vs {copies[1] / MB:.1f} MB of gathered or dequantized "
+                                   f"base copies at the peak (planned, at {nf4.get('peak_at') or 'its peak'} vs "
+                                   f"{bf16.get('peak_at') or 'its peak'})"))
         if nf4 and anchor_bf16 and nf4["peak_tensor"] and anchor_bf16["peak_tensor"]:
             out.append(_target("NF4 tensors <= 0.55x anchor", size, LABELS[name],
                                nf4["peak_tensor"] / anchor_bf16["peak_tensor"], 0.55,
