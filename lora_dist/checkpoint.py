@@ -333,7 +333,7 @@ def _check_compatible(path: Path, state: dict, lora: dict[str, torch.Tensor], en
                               f"model (another base?); resume on the base it was trained on {fresh}")
 
 
-def _same_dir(path: Path, named: str) -> bool:
+def _same_dir(path: str | Path, named: str) -> bool:
     return os.path.realpath(path) == os.path.realpath(named)
 
 
@@ -721,7 +721,8 @@ class CheckpointManager:
         if not self._is_ours(path):
             return False
         try:
-            return read_state(path).get("resumed_from") == os.path.realpath(resume)
+            recorded = read_state(path).get("resumed_from")
+            return recorded is not None and _same_dir(recorded, resume)
         except ResumeError:
             return False
 

@@ -33,7 +33,7 @@ from lora_dist.quant import NF4Record, prepare_quantized, quantize_problem
 from lora_dist.sharding import full_shape, owned_range, whole_local
 from lora_dist.weight_mapping import WeightMap
 
-__all__ = ["LoadedModel", "base_dropout", "layer_drop", "load_base_model", "load_model", "place_unsharded"]
+__all__ = ["LoadedModel", "base_dropout", "check_layer_drop", "load_base_model", "load_model", "place_unsharded"]
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +151,28 @@ def _is_dropout(name: str) -> bool:
     return "dropout" in name or "pdrop" in name or "layerdrop" in name
 
 
-def layer_drop(hf_config) -> dict[str, float]:
-    """The LayerDrop probabilities > 0 a transformers config sets (its own and its sub-configs'): ``{field: p}``."""
-    found = {}
-    for holder in (hf_config, *(v for v in vars(hf_config).values() if hasattr(v, "to_dict"))):
+def _config_holders(config) -> tuple:
+    """A transformers config and its sub-configs (``text_config``...): where its fields are."""
+    return (config, *(v for v in vars(config).values() if hasattr(v, "to_dict")))
+
+
+def check_layer_drop(model_cfg: ModelConfig, strategy: str, hf_config) -> None:
+    """Refuse a base that skips random layers in training (LayerDrop: a config's ``layerdrop`` > 0) under a strategy
+    that gathers each layer's weights: each rank draws its own layers to skip, so the ranks' gathers would no longer
+    pair (a hang). ``model.base_dropout=false`` turns LayerDrop off with the base's dropout (:func:`base_dropout`).
+
+    Raises:
+        ConfigError: LayerDrop on under fsdp2 or zero3, in one line.
+    """
+    if not model_cfg.base_dropout or strategy not in ("fsdp2", "zero3"):
+        return
+    for holder in _config_holders(hf_config):
         for attr, value in vars(holder).items():
             if "layerdrop" in attr and isinstance(value, (int, float)) and value > 0:
-                found[attr] = float(value)
-    return found
+                raise ConfigError(f"the base model skips random layers in training ({attr}={value:g} in its "
+                                  f"config.json), drawn on each rank apart: under parallel.strategy={strategy} the "
+                                  "ranks would gather different layers and hang; set model.base_dropout=false (turns "
+                                  "it off with the base's dropout) or parallel.strategy=ddp")
 
 
 def base_dropout(model: nn.Module, turn_off: bool = False) -> dict[str, float]:
@@ -186,7 +200,7 @@ def base_dropout(model: nn.Module, turn_off: bool = False) -> dict[str, float]:
         if turn_off and config is not None and hasattr(config, "to_dict"):
             configs[id(config)] = config
     for config in configs.values():
-        for holder in (config, *(v for v in vars(config).values() if hasattr(v, "to_dict"))):  # text_config...
+        for holder in _config_holders(config):
             for attr, value in list(vars(holder).items()):
                 if _is_dropout(attr) and isinstance(value, float) and value > 0:
                     setattr(holder, attr, 0.0)

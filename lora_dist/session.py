@@ -38,7 +38,7 @@ from lora_dist.integrations.accelerate import refuse_rewrap
 from lora_dist.launch import LaunchEnv, init_distributed, run_device
 from lora_dist.lora import LoRAConfig, lora_modules
 from lora_dist.loss import ShardedHeadLoss
-from lora_dist.model import base_dropout, layer_drop, load_model
+from lora_dist.model import base_dropout, check_layer_drop, load_model
 from lora_dist.model_dir import ModelDir, ModelDirError
 from lora_dist.parallel import Engine
 from lora_dist.parallel.engine import DDPEngine, FSDP2Engine
@@ -340,7 +340,7 @@ def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
     Every rank calls it, with inputs already checked (:func:`check_launch`, :func:`open_base`).
     """
     cfg = resolve_launch(cfg, env, device)  # auto is never zero*: ds_config stays None
-    check_layer_drop(cfg, base.hf_config)
+    check_layer_drop(cfg.model, cfg.parallel.strategy, base.hf_config)
     t = cfg.train
     loaded = load_model(cfg.model, cfg.lora, cfg.parallel, device, t.seed, ds_config, base=base,
                         quantize_only=quantize_only)
@@ -355,20 +355,6 @@ def build(cfg: Config, env: LaunchEnv, device: torch.device, base: ModelDir,
                          base_dtype=parse_dtype(cfg.model.dtype))
     refuse_rewrap(model)  # the engine owns the wrapping and the gradient reduction
     return model, engine
-
-
-def check_layer_drop(cfg: Config, hf_config) -> None:
-    """Refuse a base that skips random layers in training (LayerDrop) under a strategy that gathers each layer's
-    weights: each rank draws its own layers to skip, so the ranks' gathers would no longer pair (a hang). With
-    ``model.base_dropout=false`` LayerDrop is off, as the base's dropout."""
-    strategy = cfg.parallel.strategy
-    drops = layer_drop(hf_config) if cfg.model.base_dropout and strategy in ("fsdp2", "zero3") else {}
-    if drops:
-        field, p = next(iter(drops.items()))
-        raise ConfigError(f"the base model skips random layers in training ({field}={p:g} in its config.json), drawn "
-                          f"on each rank apart: under parallel.strategy={strategy} the ranks would gather different "
-                          "layers and hang; set model.base_dropout=false (turns it off with the base's dropout) or "
-                          "parallel.strategy=ddp")
 
 
 def _note_base_dropout(model: nn.Module) -> None:

@@ -114,7 +114,7 @@ def test_layer_drop_is_base_dropout_and_refused_where_the_ranks_gather_each_laye
     import transformers as tf
 
     from lora_dist.config import load_config
-    from lora_dist.session import check_layer_drop
+    from lora_dist.model import check_layer_drop
 
     torch.manual_seed(0)
     config = tf.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
@@ -127,10 +127,11 @@ def test_layer_drop_is_base_dropout_and_refused_where_the_ranks_gather_each_laye
         cfg = load_config(None, ["model.path=x", f"parallel.strategy={strategy}"])
         with pytest.raises(ConfigError, match=rf"layerdrop=0.5 .*parallel.strategy={strategy}.*base_dropout=false"
                            ) as e:
-            check_layer_drop(cfg, config)
+            check_layer_drop(cfg.model, cfg.parallel.strategy, config)
         assert "\n" not in str(e.value)
     for allowed in (["parallel.strategy=ddp"], ["parallel.strategy=fsdp2", "model.base_dropout=false"]):
-        check_layer_drop(load_config(None, ["model.path=x", *allowed]), config)
+        cfg = load_config(None, ["model.path=x", *allowed])
+        check_layer_drop(cfg.model, cfg.parallel.strategy, config)
     assert base_dropout(model, turn_off=True) == {"model.decoder.layerdrop": 0.5}
     assert model.config.layerdrop == 0.0 and len({model(x).logits.sum().item() for _ in range(3)}) == 1
 
