@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from lora_dist.chat import IGNORE
 from lora_dist.collectives import all_gather_single, reduce_scatter_single
 from lora_dist.lora import LoRALinear
-from lora_dist.nf4 import dequantize
+from lora_dist.nf4 import dequantize_rows, is_nf4
 from lora_dist.sharding import row_shard, stand_in
 
 __all__ = [
@@ -132,10 +132,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                               group=group)
         stats = torch.zeros((2, world * n), dtype=torch.float32, device=hidden.device)  # log-sum-exp, target logit
         with _gathered(weight, bias):
-            w, b = _as(weight, bias, hidden.dtype)
-            local, mine = _local_targets(every_targets, vocab_start, w.shape[0])
+            head = _Head(weight, bias, hidden.dtype)
+            local, mine = _local_targets(every_targets, vocab_start, head.rows)
             for _, rows in _chunk_rows(world, n, chunk, hidden.device):
-                logits = F.linear(every[rows], w, b).float()
+                logits = head.logits(every[rows])
                 if not logits.shape[1]:  # this rank holds no rows of the vocabulary
                     stats[0, rows] = float("-inf")
                     continue
@@ -163,11 +163,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         d_hidden = torch.empty_like(hidden) if grad else None
         with _gathered(weight, bias):
-            w, b = _as(weight, bias, hidden.dtype)
+            head = _Head(weight, bias, hidden.dtype)
             for start in range(0, hidden.shape[0], max(chunk, 1)):
                 rows = slice(start, start + max(chunk, 1))
                 t = targets[rows]
-                logits = F.linear(hidden[rows], w, b).float()
+                logits = head.logits(hidden[rows])
                 target_logit = logits.gather(1, t[:, None]).squeeze(1)
                 top = logits.amax(dim=-1)
                 probs = logits.sub_(top[:, None]).exp_()  # in place: one fp32 chunk
@@ -176,7 +176,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad:
                     probs /= norm[:, None]  # the softmax
                     probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                    d_hidden[rows] = probs.to(w.dtype) @ w
+                    d_hidden[rows] = head.times(probs, hidden.dtype)
                 del logits, probs  # before the next chunk's exist
         ctx.save_for_backward(d_hidden)
         ctx.world = 0
@@ -198,18 +198,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad = torch.empty((n, every.shape[1]), dtype=every.dtype if world == 1 else torch.float32,
                            device=every.device)
         with _gathered(ctx.weight, ctx.bias):
-            w, b = _as(ctx.weight, ctx.bias, every.dtype)
-            local, mine = _local_targets(every_targets, ctx.vocab_start, w.shape[0])
+            head = _Head(ctx.weight, ctx.bias, every.dtype)
+            local, mine = _local_targets(every_targets, ctx.vocab_start, head.rows)
             for start, rows in _chunk_rows(world, n, ctx.chunk, every.device):
-                probs = F.linear(every[rows], w, b).float().sub_(lse[rows, None]).exp_()  # in place: one fp32 chunk
+                probs = head.logits(every[rows]).sub_(lse[rows, None]).exp_()  # in place: one fp32 chunk
                 if probs.shape[1]:  # minus one at each target this rank holds: -0.0 elsewhere (column 0), no change;
                     # no boolean indexing, whose nonzero() would wait for the GPU at every chunk
                     probs.scatter_add_(1, local[rows, None], mine[rows, None].to(probs.dtype).neg_())
                 probs *= row_scale[rows, None]
-                partial = probs.to(w.dtype) @ w  # rank r's tokens in block r
+                partial = head.times(probs, grad.dtype)  # rank r's tokens in block r
                 c = partial.shape[0] // world
                 if world > 1:
-                    reduce_scatter_single(grad[start:start + c], partial.float(), group=group)
+                    reduce_scatter_single(grad[start:start + c], partial, group=group)
                 else:
                     grad[start:start + c] = partial
                 del probs, partial  # before the next chunk's exist
@@ -228,10 +228,49 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor, rows: int = 4096) -> torch.Ten
     return out
 
 
-def _as(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-    """The head in the hidden states' dtype (a copy of this rank's rows only where it is stored in another; an
-    NF4 head, ``model.quantize_embeddings``, dequantized)."""
-    return dequantize(weight, dtype), (bias.to(dtype) if bias is not None else None)
+#: Vocabulary rows of a head stored in another dtype than the hidden states' (an NF4 head, model.quantize_embeddings,
+#: or an fp32 head under a 16-bit compute) brought to theirs at a time: 16 MB in bf16 at a hidden size of 4096.
+HEAD_BLOCK_ROWS = 2048
+
+
+class _Head:
+    """This rank's frozen head rows ``(weight, bias)`` applied in the hidden states' ``dtype``.
+
+    Stored in that dtype, the head is used as it is. Stored in another (NF4, or fp32 under a 16-bit compute), it is
+    dequantized or cast :data:`HEAD_BLOCK_ROWS` vocabulary rows at a time, for each use: the loss holds one such
+    block, never a copy of the whole head (at 70B on 8 ranks, a 268 MB bf16 copy of an NF4 head shard at the
+    step's peak, against 34 MB). Each block is dequantized again for every chunk of tokens and for the gradient;
+    decoding ``rows x hidden`` values is small beside the ``chunk x rows x hidden`` multiply it feeds.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        self.weight, self.bias, self.dtype, self.rows = weight, bias, dtype, weight.shape[0]
+        self.whole = not is_nf4(weight) and weight.dtype == dtype and (bias is None or bias.dtype == dtype)
+
+    def _blocks(self):
+        for start in range(0, self.rows, HEAD_BLOCK_ROWS):
+            end = min(start + HEAD_BLOCK_ROWS, self.rows)
+            bias = self.bias[start:end].to(self.dtype) if self.bias is not None else None
+            yield slice(start, end), dequantize_rows(self.weight, start, end, self.dtype), bias
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` in fp32, computed in ``dtype``."""
+        if self.whole:
+            return F.linear(x, self.weight, self.bias).float()
+        out = torch.empty((x.shape[0], self.rows), dtype=torch.float32, device=x.device)
+        for cols, w, b in self._blocks():
+            out[:, cols] = F.linear(x, w, b)
+        return out
+
+    def times(self, probs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """``probs @ W`` (``probs``: fp32, a column per row of W) multiplied in ``dtype``, in ``out_dtype``; the
+        blocks' products are summed in fp32."""
+        if self.whole:
+            return (probs.to(self.dtype) @ self.weight).to(out_dtype)
+        total = torch.zeros((probs.shape[0], self.weight.shape[1]), dtype=torch.float32, device=probs.device)
+        for cols, w, _ in self._blocks():
+            total += probs[:, cols].to(self.dtype) @ w
+        return total.to(out_dtype)
 
 
 def _local_targets(targets: torch.Tensor, vocab_start: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

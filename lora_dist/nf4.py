@@ -10,7 +10,8 @@ whole tensor.
 
 The forward dequantizes one weight at a time, in blocks, to the input's dtype
 (:func:`frozen_linear`); backward dequantizes it again for the input gradient. An NF4 embedding
-dequantizes only the rows it looks up (:func:`embedding_rows`). The merged export merges into the
+dequantizes only the rows it looks up (:func:`embedding_rows`), and the loss an NF4 head a block of vocabulary
+rows at a time (:func:`dequantize_rows`, :mod:`lora_dist.loss`). The merged export merges into the
 dequantized base (:func:`dequantize`), in fp32.
 """
 
@@ -32,6 +33,7 @@ __all__ = [
     "SCALER_BLOCK",
     "dequantize",
     "dequantize_flat",
+    "dequantize_rows",
     "embedding_rows",
     "frozen_linear",
     "is_nf4",
@@ -249,6 +251,14 @@ def dequantize_flat(t: torch.Tensor, start: int, end: int, dtype: torch.dtype | 
             values = _decode(t, packed, scales, pairs).view(-1)
             out[lo - start: hi - start] = values[lo - c0 * block: hi - c0 * block].to(dtype)
     return out
+
+
+def dequantize_rows(t: torch.Tensor, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``[start, end)`` of a 2-D weight ``t`` in ``dtype``, NF4 or not: only those rows are dequantized (or cast)."""
+    if not is_nf4(t):
+        return t[start:end].to(dtype)
+    cols = t.shape[1]
+    return dequantize_flat(t, start * cols, end * cols, dtype).view(end - start, cols)
 
 
 class _FrozenNF4Linear(torch.autograd.Function):

@@ -658,14 +658,19 @@ class _State:
 def _dequantized(r: _Run) -> tuple[int, int]:
     """NF4 weights are dequantized one at a time: a block's linear for its matmul, with its block gathered; with an
     NF4 head (model.quantize_embeddings) the head's rows for the loss (this rank's vocabulary shard, or all of
-    them), before backward gathers or recomputes any block. An NF4 embedding dequantizes only the rows it looks
-    up. Returns ``(a block's, the head's)``."""
+    them), before backward gathers or recomputes any block: the chunked loss dequantizes
+    :data:`lora_dist.loss.HEAD_BLOCK_ROWS` of them at a time, the plain loss all. An NF4 embedding dequantizes only
+    the rows it looks up. Returns ``(a block's, the head's)``."""
+    from lora_dist.loss import HEAD_BLOCK_ROWS
+
     in_blocks = {id(q) for b in r.blocks for q in b.parameters()}
     block = max((q.numel() for _, q in r.base if id(q) in r.nf4 and id(q) in in_blocks), default=0) * r.compute_elt
     output = r.model.get_output_embeddings() if hasattr(r.model, "get_output_embeddings") else None
     head = 0
     if output is not None and id(output.weight) in r.nf4:  # also a head tied to the embedding (not its own unit)
-        head = output.weight.numel() // (r.shards if r.head_sharded else 1) * r.compute_elt
+        rows, cols = output.weight.shape
+        rows //= r.shards if r.head_sharded else 1
+        head = (min(rows, HEAD_BLOCK_ROWS) if r.chunk else rows) * cols * r.compute_elt
     return block, head
 
 

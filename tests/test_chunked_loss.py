@@ -170,10 +170,13 @@ def test_loss_over_vocabulary_shards_equals_the_plain_loss_on_three_ranks():
     """Each of 3 ranks holds a third of the head's rows (uneven) and its own tokens (another count per rank,
     some ignored) and scales its loss by its own factor: its loss and its hidden states' gradient equal the
     plain loss of the whole head over its tokens, for 1-token, small and whole-batch chunks, with and
-    without bias, and a no-grad forward where a rank has no target."""
+    without bias, and a no-grad forward where a rank has no target. A head in another dtype than the bf16 hidden
+    states (fp32 rows, NF4 rows), converted a few vocabulary rows at a time: the loss and gradient of its rows
+    converted whole (the gradient within bf16 roundings of the blocks' products)."""
     out = ranks(3, "tests/dist_scripts/sharded_head_loss.py")
     worst = json.loads(out.stdout.strip().splitlines()[-1])
     assert worst["loss"] < 1e-4 and worst["grad"] < 2e-6, worst  # relative to the largest gradient element
+    assert worst["converted"] < 1e-2, worst
 
 
 @pytest.mark.dist
@@ -225,3 +228,59 @@ def test_a_bf16_gradient_is_scaled_by_the_exact_step_scale():
     expected = (unit.float() * scale).bfloat16()
     ratio = scaled.float().norm() / expected.float().norm()
     assert abs(float(ratio) - 1) < 2e-4, float(ratio)
+
+
+class _LargestOutput:
+    """The largest plain tensor of ``dtype`` any op makes within it (a TorchDispatchMode)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if type(t) is torch.Tensor and t.dtype == dtype:
+                        outer.largest = max(outer.largest, t.numel())
+                return out
+
+        self.largest, self.mode = 0, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("stored", ["nf4", "fp32"])
+def test_a_head_in_another_dtype_is_converted_a_block_of_vocabulary_rows_at_a_time(stored):
+    """An NF4 head (model.quantize_embeddings) or an fp32 head under a bf16 compute: the loss and its gradient are
+    those of the head converted whole, and no bf16 tensor as large as the converted head ever exists: the loss holds
+    one block of HEAD_BLOCK_ROWS vocabulary rows (5120 rows: blocks of 2048, 2048, 1024)."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    from lora_dist.loss import HEAD_BLOCK_ROWS
+    from lora_dist.nf4 import dequantize
+
+    vocab, width = 5120, 64
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(vocab, width, generator=g) / width ** 0.5
+    head = to_nf4(weight.bfloat16()) if stored == "nf4" else weight
+    converted = dequantize(head, torch.bfloat16)
+    hidden = torch.randn(2, 15, width, generator=g).bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab, (2, 15), generator=g)
+    labels[1, :3] = IGNORE
+
+    expected = linear_cross_entropy_sum(hidden, converted, None, labels, 8)
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    with _LargestOutput(torch.bfloat16) as seen:
+        got = linear_cross_entropy_sum(hidden, head, None, labels, 8)
+        (grad,) = torch.autograd.grad(got, hidden)
+    assert HEAD_BLOCK_ROWS < vocab and seen.largest == HEAD_BLOCK_ROWS * width, seen.largest
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)  # the same bf16 logits, in fp32
+    # the three blocks' bf16 products summed in fp32, against one bf16 product: within a bf16 rounding
+    torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=0, atol=8e-3 * float(expected_grad.abs().max()))

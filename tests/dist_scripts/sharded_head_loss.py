@@ -4,7 +4,9 @@ Each rank holds ``torch.chunk`` rows of one head (53 rows over 3 ranks: 18, 18, 
 ``Shard(0)`` cuts them) and its own tokens (a different count on every rank, some ignored),
 and scales its loss by its own factor before backward. Each rank compares its loss and
 its hidden states' gradient with the plain loss of the whole head's logits over its
-own tokens (fp32). Prints a JSON line on rank 0 with the largest differences (the gradient's relative to its largest element).
+own tokens (fp32). A head stored in another dtype than the bf16 hidden states (fp32 rows cast, NF4 rows
+dequantized), converted a few vocabulary rows at a time, gives the loss and gradient of its rows converted
+whole. Prints a JSON line on rank 0 with the largest differences (the gradient's relative to its largest element).
 """
 
 import json
@@ -13,7 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import lora_dist.loss
 from lora_dist.loss import IGNORE, linear_cross_entropy_sum, token_loss_sum
+from lora_dist.nf4 import dequantize, quantize_whole
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -52,6 +56,36 @@ with torch.no_grad():  # evaluation: a forward alone, and a rank with one token 
     plain = token_loss_sum(F.linear(hidden, weight, bias), labels)
     sharded = linear_cross_entropy_sum(hidden, weight[rows], bias[rows], labels, 3, start, dist.group.WORLD)
     torch.testing.assert_close(sharded, plain, rtol=1e-6, atol=1e-5)
+
+
+def converted_blocks_equal_converted_rows(weight, stored_rows, start, block_rows):
+    """The loss and gradient over this rank's ``stored_rows`` (fp32 or NF4; ``block_rows`` converted to bf16 at a
+    time) equal those over the rows converted to bf16 whole, for bf16 hidden states."""
+    gr = torch.Generator().manual_seed(7 + rank)
+    hidden = torch.randn(2, 6 + 3 * rank, weight.shape[1], generator=gr).bfloat16().requires_grad_()
+    labels = torch.randint(0, weight.shape[0], hidden.shape[:2], generator=gr)
+    whole = dequantize(stored_rows, torch.bfloat16)
+    expected = linear_cross_entropy_sum(hidden, whole, None, labels, 4, start, dist.group.WORLD)
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    lora_dist.loss.HEAD_BLOCK_ROWS, kept = block_rows, lora_dist.loss.HEAD_BLOCK_ROWS
+    try:
+        got = linear_cross_entropy_sum(hidden, stored_rows, None, labels, 4, start, dist.group.WORLD)
+        (grad,) = torch.autograd.grad(got, hidden)
+    finally:
+        lora_dist.loss.HEAD_BLOCK_ROWS = kept
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+    # fp32 sums of the shards' and blocks' products in another order, against bf16 hidden states' gradient
+    torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=0, atol=1e-2 * float(expected_grad.abs().max()))
+    return float((grad.float() - expected_grad.float()).abs().max()) / float(expected_grad.abs().max())
+
+
+worst["converted"] = converted_blocks_equal_converted_rows(weight, weight[rows], start, 5)  # fp32 rows: 18 -> 5+5+5+3
+big = torch.randn(768, 64, generator=torch.Generator().manual_seed(1)).bfloat16()  # 256 rows per rank: NF4 groups
+nf4_rows = torch.chunk(torch.arange(768), world)[rank]
+nf4_start = int(nf4_rows[0])
+nf4_shard = quantize_whole(big[nf4_rows])  # each rank's rows quantized on their own (the rows are what counts here)
+worst["converted"] = max(worst["converted"],
+                         converted_blocks_equal_converted_rows(big, nf4_shard, nf4_start, 100))  # 100 + 100 + 56
 
 if rank == 0:
     print(json.dumps(worst))
