@@ -35,6 +35,10 @@ rank's hidden-state gradient (in fp32); a token's gradient needs the log-sum-exp
 shard, so here backward recomputes each chunk's logits. At 70B on 8 ranks this removes the 2.1 GB head
 from the gathered weights and its all-gather (2 GB per step) from the wire, and a chunk's
 logits are ``chunk x vocab / W``.
+
+A head stored in another dtype than the hidden states' (an NF4 head, ``model.quantize_embeddings``; an fp32 head
+under a 16-bit compute) is brought to theirs :data:`HEAD_BLOCK_ROWS` vocabulary rows at a time, for each chunk and
+again for its gradient: the loss never holds a converted copy of the whole head (or head shard).
 """
 
 from __future__ import annotations
@@ -238,14 +242,20 @@ class _Head:
 
     Stored in that dtype, the head is used as it is. Stored in another (NF4, or fp32 under a 16-bit compute), it is
     dequantized or cast :data:`HEAD_BLOCK_ROWS` vocabulary rows at a time, for each use: the loss holds one such
-    block, never a copy of the whole head (at 70B on 8 ranks, a 268 MB bf16 copy of an NF4 head shard at the
+    block, never a copy of the whole head (at 70B on 8 ranks, a 263 MB bf16 copy of an NF4 head shard at the
     step's peak, against 34 MB). Each block is dequantized again for every chunk of tokens and for the gradient;
-    decoding ``rows x hidden`` values is small beside the ``chunk x rows x hidden`` multiply it feeds.
+    decoding ``rows x hidden`` values is small beside the ``chunk x rows x hidden`` multiply it feeds. A head of
+    one block at most is converted once, whole.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
-        self.weight, self.bias, self.dtype, self.rows = weight, bias, dtype, weight.shape[0]
+        self.dtype, self.rows = dtype, weight.shape[0]
         self.whole = not is_nf4(weight) and weight.dtype == dtype and (bias is None or bias.dtype == dtype)
+        if not self.whole and self.rows <= HEAD_BLOCK_ROWS:
+            weight = dequantize_rows(weight, 0, self.rows, dtype)
+            bias = bias.to(dtype) if bias is not None else None
+            self.whole = True
+        self.weight, self.bias = weight, bias
 
     def _blocks(self):
         for start in range(0, self.rows, HEAD_BLOCK_ROWS):

@@ -74,7 +74,8 @@ computed from the resulting parameter shapes and the run config:
   running) plus the prefetch bucket.
   With an NF4 base, the gathered blocks are NF4 bytes (FSDP2 all-gathers the
   NF4 shards), plus one weight dequantized in the compute dtype for its matmul
-  (the largest; also under ddp/none).
+  (the largest; also under ddp/none). An NF4 head is dequantized for the
+  chunked loss 2048 vocabulary rows at a time (``lora_dist.loss.HEAD_BLOCK_ROWS``).
 * **buffers**: communication buckets: the LoRA gradient bucket (fsdp2), DDP's
   bucket copies, DeepSpeed's reduce bucket (at most the size of the LoRA
   gradients: lora_dist caps it there).
@@ -626,6 +627,18 @@ class _Run:
         recompute (the last checkpointed block's) comes after their activations are freed, a moment of its own."""
         return bool(self.checkpointed) and self.checkpointed[-1] < len(self.blocks) - 1
 
+    @property
+    def head_in_blocks(self) -> bool:
+        """The chunked loss brings the head to the compute dtype a block of vocabulary rows at a time
+        (:class:`lora_dist.loss._Head`): an NF4 head, or a sharded head stored wider than the compute dtype, of
+        more than one block's rows on this rank."""
+        from lora_dist.loss import HEAD_BLOCK_ROWS
+
+        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        return bool(self.chunk) and output is not None and (
+            id(output.weight) in self.nf4 or (self.head_sharded and self.base_elt != self.compute_elt)
+        ) and output.weight.shape[0] // (self.shards if self.head_sharded else 1) > HEAD_BLOCK_ROWS
+
     def stored(self, q: torch.nn.Parameter, numel: int, elt: int) -> int:
         """Bytes of ``numel`` elements of ``q`` held in ``elt``-byte elements, or as NF4."""
         from lora_dist.nf4 import nf4_bytes
@@ -862,11 +875,19 @@ def _activations(r: _Run) -> _Activations:
         # train.loss_chunk tokens, their logits over this rank's vocabulary rows (all of them, or 1/W of them with
         # the head left sharded) in fp32, turned into the softmax in place (+ its 16-bit cast). With the head
         # sharded also every shard-group rank's hidden states (gathered), the fp32 gradient of this rank's and
-        # each chunk's fp32 product to reduce-scatter.
+        # each chunk's fp32 product to reduce-scatter. A head converted a block of vocabulary rows at a time (NF4):
+        # the 16-bit logits and softmax are a block wide, and the blocks' products are summed in fp32.
+        from lora_dist.loss import HEAD_BLOCK_ROWS
+
         groups = r.shards if r.head_sharded else 1
         rows = groups * min(tokens, max(1, r.cfg.train.loss_chunk // groups))
         cast = elt if elt != 4 else 0
-        loss = 2 * tokens * hidden * elt + rows * math.ceil(vocab / groups) * (4 + cast)
+        columns = math.ceil(vocab / groups)
+        loss = 2 * tokens * hidden * elt + rows * columns * 4
+        if r.head_in_blocks:
+            loss += rows * min(columns, HEAD_BLOCK_ROWS) * cast + rows * hidden * 4
+        else:
+            loss += rows * columns * cast
         if r.head_sharded:
             loss += groups * tokens * hidden * elt + tokens * hidden * 4 + rows * hidden * 4
     else:
