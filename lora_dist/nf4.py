@@ -235,15 +235,18 @@ def dequantize_flat(t: torch.Tensor, start: int, end: int, dtype: torch.dtype | 
     out = torch.empty(end - start, dtype=dtype, device=t.quantized_data.device)
     if end <= start:
         return out
-    block = t.block_size
+    block, per_group = t.block_size, t.scaler_block_size
     b0, b1 = start // block, -(-end // block)
-    scalers = t.dequantize_scalers(t.quantized_scalers, t.quantization_factor, t.scaler_block_size)
+    # the scales of the scale groups holding blocks b0..b1 only (a block of a head's rows: not the whole head's)
+    first = b0 // per_group * per_group
+    scalers = t.dequantize_scalers(t.quantized_scalers[first: -(-b1 // per_group) * per_group],
+                                   t.quantization_factor[first // per_group: -(-b1 // per_group)], per_group)
     data = t.quantized_data
     step = max(1, _DEQUANT_CHUNK_BYTES // (block // 2))  # blocks per chunk (a block packs 2 elements a byte)
     pairs = _code_pairs(t)
     for c0 in range(b0, b1, step):
         c1 = min(c0 + step, b1)
-        packed, scales = data[c0 * block // 2: c1 * block // 2], scalers[c0:c1]
+        packed, scales = data[c0 * block // 2: c1 * block // 2], scalers[c0 - first: c1 - first]
         lo, hi = max(start, c0 * block), min(end, c1 * block)
         if dtype == t.nf4.dtype and (lo, hi) == (c0 * block, c1 * block):  # whole blocks: decoded in place
             _decode(t, packed, scales, pairs, out=out[lo - start: hi - start].view(c1 - c0, block))

@@ -32,6 +32,7 @@ from lora_dist.nf4 import (
     GROUP,
     dequantize,
     dequantize_flat,
+    dequantize_rows,
     embedding_rows,
     frozen_linear,
     is_quantized,
@@ -73,8 +74,13 @@ def test_dequantize_is_torchaos_dequantization_bitwise_also_in_ranges(monkeypatc
     ids = torch.tensor([[0, 63, 5], [5, 17, 40]])
     assert torch.equal(embedding_rows(q, ids), F.embedding(ids, ref))
     flat = ref.reshape(-1)
-    for a, b in ((0, 1), (5, 70), (63, 64 * 300 + 17), (1000, w.numel())):
+    # 512 blocks in two scale groups of 256: ranges in the first, across both, and within the second only (only
+    # the groups a range touches have their scales dequantized)
+    for a, b in ((0, 1), (5, 70), (63, 64 * 300 + 17), (1000, w.numel()), (GROUP, GROUP + 64),
+                 (GROUP + 100, w.numel() - 3)):
         assert torch.equal(dequantize_flat(q, a, b), flat[a:b])
+    for a, b in ((0, 3), (10, 40), (32, 64)):  # rows of a head, as the chunked loss dequantizes them
+        assert torch.equal(dequantize_rows(q, a, b, torch.float32), ref[a:b].float())
     assert not torch.equal(ref, w)  # 4 bits: not the original
     if dtype != torch.float64:  # the pair table is made once per code table, and the decodes above reused it
         from lora_dist.nf4 import _code_pairs
