@@ -36,9 +36,8 @@ shard, so here backward recomputes each chunk's logits. At 70B on 8 ranks this r
 from the gathered weights and its all-gather (2 GB per step) from the wire, and a chunk's
 logits are ``chunk x vocab / W``.
 
-A head stored in another dtype than the hidden states' (an NF4 head, ``model.quantize_embeddings``; an fp32 head
-under a 16-bit compute) is brought to theirs :data:`HEAD_BLOCK_ROWS` vocabulary rows at a time, for each chunk and
-again for its gradient: the loss never holds a converted copy of the whole head (or head shard).
+An NF4 head (``model.quantize_embeddings``) is dequantized :data:`HEAD_BLOCK_ROWS` vocabulary rows at a time, for
+each chunk and again for its gradient: the loss never holds a dequantized copy of the whole head (or head shard).
 """
 
 from __future__ import annotations
@@ -232,29 +231,31 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor, rows: int = 4096) -> torch.Ten
     return out
 
 
-#: Vocabulary rows of a head stored in another dtype than the hidden states' (an NF4 head, model.quantize_embeddings,
-#: or an fp32 head under a 16-bit compute) brought to theirs at a time: 16 MB in bf16 at a hidden size of 4096.
+#: Vocabulary rows of an NF4 head (model.quantize_embeddings) dequantized at a time for the loss: 16 MB in bf16 at a
+#: hidden size of 4096.
 HEAD_BLOCK_ROWS = 2048
 
 
 class _Head:
     """This rank's frozen head rows ``(weight, bias)`` applied in the hidden states' ``dtype``.
 
-    Stored in that dtype, the head is used as it is. Stored in another (NF4, or fp32 under a 16-bit compute), it is
-    dequantized or cast :data:`HEAD_BLOCK_ROWS` vocabulary rows at a time, for each use: the loss holds one such
-    block, never a copy of the whole head (at 70B on 8 ranks, a 263 MB bf16 copy of an NF4 head shard at the
-    step's peak, against 34 MB). Each block is dequantized again for every chunk of tokens and for the gradient;
-    decoding ``rows x hidden`` values is small beside the ``chunk x rows x hidden`` multiply it feeds. A head of
-    one block at most is converted once, whole.
+    A head stored in another float dtype (fp32 under a 16-bit compute) is cast once, whole, as before. An NF4 head
+    of more than one block is dequantized :data:`HEAD_BLOCK_ROWS` vocabulary rows at a time, for each use: the loss
+    holds one such block, never a copy of the whole head (at 70B on 8 ranks, a 263 MB bf16 copy of an NF4 head
+    shard at the step's peak, against 34 MB). The price is time: each block is dequantized again for every chunk
+    of tokens and for the gradient (2-3 times per chunk instead of 1-2 times per step), and each block's product
+    with the softmax is rounded to ``dtype`` before the fp32 sum. On a GPU decoding a weight element may cost about
+    as much as multiplying it with a 1024-token chunk (an estimate; not measured on a GPU): a larger
+    ``train.loss_chunk`` spreads it over more tokens.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         self.dtype, self.rows = dtype, weight.shape[0]
-        self.whole = not is_nf4(weight) and weight.dtype == dtype and (bias is None or bias.dtype == dtype)
-        if not self.whole and self.rows <= HEAD_BLOCK_ROWS:
+        self.whole = not is_nf4(weight) or self.rows <= HEAD_BLOCK_ROWS
+        if self.whole and (is_nf4(weight) or weight.dtype != dtype):  # converted once
             weight = dequantize_rows(weight, 0, self.rows, dtype)
-            bias = bias.to(dtype) if bias is not None else None
-            self.whole = True
+        if self.whole and bias is not None:
+            bias = bias.to(dtype)
         self.weight, self.bias = weight, bias
 
     def _blocks(self):

@@ -629,15 +629,13 @@ class _Run:
 
     @property
     def head_in_blocks(self) -> bool:
-        """The chunked loss brings the head to the compute dtype a block of vocabulary rows at a time
-        (:class:`lora_dist.loss._Head`): an NF4 head, or a sharded head stored wider than the compute dtype, of
-        more than one block's rows on this rank."""
+        """The chunked loss dequantizes the head a block of vocabulary rows at a time (:class:`lora_dist.loss._Head`):
+        an NF4 head of more than one block's rows on this rank."""
         from lora_dist.loss import HEAD_BLOCK_ROWS
 
         output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        return bool(self.chunk) and output is not None and (
-            id(output.weight) in self.nf4 or (self.head_sharded and self.base_elt != self.compute_elt)
-        ) and output.weight.shape[0] // (self.shards if self.head_sharded else 1) > HEAD_BLOCK_ROWS
+        return (bool(self.chunk) and output is not None and id(output.weight) in self.nf4
+                and output.weight.shape[0] // (self.shards if self.head_sharded else 1) > HEAD_BLOCK_ROWS)
 
     def stored(self, q: torch.nn.Parameter, numel: int, elt: int) -> int:
         """Bytes of ``numel`` elements of ``q`` held in ``elt``-byte elements, or as NF4."""
@@ -875,8 +873,9 @@ def _activations(r: _Run) -> _Activations:
         # train.loss_chunk tokens, their logits over this rank's vocabulary rows (all of them, or 1/W of them with
         # the head left sharded) in fp32, turned into the softmax in place (+ its 16-bit cast). With the head
         # sharded also every shard-group rank's hidden states (gathered), the fp32 gradient of this rank's and
-        # each chunk's fp32 product to reduce-scatter. A head converted a block of vocabulary rows at a time (NF4):
-        # the 16-bit logits and softmax are a block wide, and the blocks' products are summed in fp32.
+        # each chunk's fp32 product to reduce-scatter. An NF4 head dequantized a block of vocabulary rows at a time:
+        # the 16-bit logits and softmax are a block wide, and so is the 16-bit product of each block, summed in
+        # fp32 (with the head sharded, that sum is the product to reduce-scatter).
         from lora_dist.loss import HEAD_BLOCK_ROWS
 
         groups = r.shards if r.head_sharded else 1
@@ -885,7 +884,9 @@ def _activations(r: _Run) -> _Activations:
         columns = math.ceil(vocab / groups)
         loss = 2 * tokens * hidden * elt + rows * columns * 4
         if r.head_in_blocks:
-            loss += rows * min(columns, HEAD_BLOCK_ROWS) * cast + rows * hidden * 4
+            loss += rows * min(columns, HEAD_BLOCK_ROWS) * cast + rows * hidden * cast
+            if not r.head_sharded:
+                loss += rows * hidden * 4
         else:
             loss += rows * columns * cast
         if r.head_sharded:

@@ -170,9 +170,9 @@ def test_loss_over_vocabulary_shards_equals_the_plain_loss_on_three_ranks():
     """Each of 3 ranks holds a third of the head's rows (uneven) and its own tokens (another count per rank,
     some ignored) and scales its loss by its own factor: its loss and its hidden states' gradient equal the
     plain loss of the whole head over its tokens, for 1-token, small and whole-batch chunks, with and
-    without bias, and a no-grad forward where a rank has no target. A head in another dtype than the bf16 hidden
-    states (fp32 rows, NF4 rows), converted a few vocabulary rows at a time: the loss and gradient of its rows
-    converted whole (the gradient within bf16 roundings of the blocks' products)."""
+    without bias, and a no-grad forward where a rank has no target. An NF4 head dequantized a few vocabulary rows
+    at a time: the loss and gradient of its rows dequantized whole (the gradient within bf16 roundings of the blocks'
+    products)."""
     out = ranks(3, "tests/dist_scripts/sharded_head_loss.py")
     worst = json.loads(out.stdout.strip().splitlines()[-1])
     assert worst["loss"] < 1e-4 and worst["grad"] < 2e-6, worst  # relative to the largest gradient element
@@ -256,11 +256,10 @@ class _LargestOutput:
         return self.mode.__exit__(*exc)
 
 
-@pytest.mark.parametrize("stored", ["nf4", "fp32"])
-def test_a_head_in_another_dtype_is_converted_a_block_of_vocabulary_rows_at_a_time(stored):
-    """An NF4 head (model.quantize_embeddings) or an fp32 head under a bf16 compute: the loss and its gradient are
-    those of the head converted whole, and no bf16 tensor as large as the converted head ever exists: the loss holds
-    one block of HEAD_BLOCK_ROWS vocabulary rows (5120 rows: blocks of 2048, 2048, 1024)."""
+def test_an_nf4_head_is_dequantized_a_block_of_vocabulary_rows_at_a_time():
+    """An NF4 head (model.quantize_embeddings): the loss and its gradient are those of the head dequantized whole,
+    and no bf16 tensor as large as the dequantized head ever exists: the loss holds one block of HEAD_BLOCK_ROWS
+    vocabulary rows (5120 rows: blocks of 2048, 2048, 1024)."""
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
     from lora_dist.loss import HEAD_BLOCK_ROWS
@@ -269,7 +268,7 @@ def test_a_head_in_another_dtype_is_converted_a_block_of_vocabulary_rows_at_a_ti
     vocab, width = 5120, 64
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(vocab, width, generator=g) / width ** 0.5
-    head = to_nf4(weight.bfloat16()) if stored == "nf4" else weight
+    head = to_nf4(weight.bfloat16())
     converted = dequantize(head, torch.bfloat16)
     hidden = torch.randn(2, 15, width, generator=g).bfloat16().requires_grad_()
     labels = torch.randint(0, vocab, (2, 15), generator=g)
