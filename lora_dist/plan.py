@@ -671,7 +671,9 @@ def _dequantized(r: _Run) -> tuple[int, int]:
     NF4 head (model.quantize_embeddings) the head's rows for the loss (this rank's vocabulary shard, or all of
     them), before backward gathers or recomputes any block: the chunked loss dequantizes
     :data:`lora_dist.loss.HEAD_BLOCK_ROWS` of them at a time, the plain loss all. An NF4 embedding dequantizes only
-    the rows it looks up. Returns ``(a block's, the head's)``."""
+    the rows it looks up. A sharded head stored wider than the compute dtype (fsdp2's bf16 mixed precision over an
+    fp32 base) is cast for the loss too, whole. Returns ``(a block's, the head's)`` (the head's: a copy in the
+    compute dtype, held at the loss)."""
     from lora_dist.loss import HEAD_BLOCK_ROWS
 
     in_blocks = {id(q) for b in r.blocks for q in b.parameters()}
@@ -682,6 +684,8 @@ def _dequantized(r: _Run) -> tuple[int, int]:
         rows, cols = output.weight.shape
         rows //= r.shards if r.head_sharded else 1
         head = (min(rows, HEAD_BLOCK_ROWS) if r.chunk else rows) * cols * r.compute_elt
+    elif r.head_sharded and r.base_elt != r.compute_elt:  # fp32 shards under bf16 mixed precision: cast, whole
+        head = output.weight.numel() // r.shards * r.compute_elt
     return block, head
 
 

@@ -267,6 +267,8 @@ MODES = [
     ("fsdp2", 2, ["parallel.shard_optimizer=true"]),
     ("fsdp2", 2, ["parallel.shard_optimizer=false", "train.loss_chunk=0"]),
     ("fsdp2", 2, ["model.dtype=bfloat16"]),
+    # bf16 compute over fp32 shards: the loss casts this rank's head rows to bf16 (the 8192-row head is the peak)
+    ("fsdp2", 2, ["parallel.mixed_precision=bfloat16"]),
 ]
 
 
