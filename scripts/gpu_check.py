@@ -213,7 +213,7 @@ def fsdp2_full(ctx):
 
 
 @check("NF4 (QLoRA): decoder bitwise torchao on the device; bf16 NF4 runs (fsdp2 on one GPU runs as none), "
-       "merged export + verify", needs_cuda=True)
+       "merged export + verify; the time of the loss through an NF4 head in blocks", needs_cuda=True)
 def nf4(ctx):
     from lora_dist.nf4 import dequantize, embedding_rows, nf4_module
 
@@ -242,7 +242,42 @@ def nf4(ctx):
         embeddings = {"model.embed_tokens.weight", "lm_head.weight"} & set(quantized)
         assert len(embeddings) == (2 if extra else 0), f"{name}: NF4 embedding/head {sorted(embeddings)}"
         lines.append(f"{name}: {len(quantized)} NF4 weights, {_memory(out)}, merged export verified")
+    lines.append(_nf4_head_loss_time(ctx))
     return "; ".join(lines)
+
+
+def _nf4_head_loss_time(ctx) -> str:
+    """The loss through an NF4 head dequantized HEAD_BLOCK_ROWS rows at a time (model.quantize_embeddings), forward
+    and backward, against the same head dequantized once per step (what the loss did before): what the blocks'
+    repeated dequantization costs on this device. A 128k-vocabulary head's shard on 8 ranks at width 4096 on a GPU
+    (small on the CPU of a dry run)."""
+    from lora_dist.loss import HEAD_BLOCK_ROWS, linear_cross_entropy_sum
+    from lora_dist.nf4 import dequantize, nf4_module
+
+    device = torch.device(ctx["device"])
+    rows, width, tokens = (16032, 4096, 4096) if device.type == "cuda" else (4608, 256, 256)
+    g = torch.Generator(device=device).manual_seed(1)
+    head = nf4_module().to_nf4(torch.randn(rows, width, device=device, dtype=torch.bfloat16, generator=g) / 64)
+    hidden = torch.randn(1, tokens, width, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+    labels = torch.randint(0, rows, (1, tokens), device=device, generator=g)
+
+    def seconds(weight_of_step) -> float:
+        def step():
+            linear_cross_entropy_sum(hidden, weight_of_step(), None, labels, 1024).backward()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / 5
+
+    blocks = seconds(lambda: head)
+    once = seconds(lambda: dequantize(head, torch.bfloat16))
+    return (f"NF4 head loss ({tokens} tokens x {rows} rows x {width}, blocks of {HEAD_BLOCK_ROWS} rows): "
+            f"{blocks * 1e3:.1f} ms, dequantized once per step {once * 1e3:.1f} ms ({blocks / once:.2f}x)")
 
 
 @check("compiled blocks (parallel.compile): whole graphs on the device (a checkpointed block too), bf16 losses "
