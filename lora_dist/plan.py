@@ -628,14 +628,26 @@ class _Run:
         return bool(self.checkpointed) and self.checkpointed[-1] < len(self.blocks) - 1
 
     @property
+    def output_head(self) -> torch.nn.Module | None:
+        """The model's output head (also one tied to the embedding, not its own unit)."""
+        return self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+
+    @property
+    def nf4_head_rows(self) -> int:
+        """The rows of an NF4 output head (model.quantize_embeddings) this rank's loss applies: its vocabulary shard,
+        or all of them; 0 where the head is not NF4."""
+        output = self.output_head
+        if output is None or id(output.weight) not in self.nf4:
+            return 0
+        return output.weight.shape[0] // (self.shards if self.head_sharded else 1)
+
+    @property
     def head_in_blocks(self) -> bool:
         """The chunked loss dequantizes the head a block of vocabulary rows at a time (:class:`lora_dist.loss._Head`):
         an NF4 head of more than one block's rows on this rank."""
         from lora_dist.loss import HEAD_BLOCK_ROWS
 
-        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        return (bool(self.chunk) and output is not None and id(output.weight) in self.nf4
-                and output.weight.shape[0] // (self.shards if self.head_sharded else 1) > HEAD_BLOCK_ROWS)
+        return bool(self.chunk) and self.nf4_head_rows > HEAD_BLOCK_ROWS
 
     def stored(self, q: torch.nn.Parameter, numel: int, elt: int) -> int:
         """Bytes of ``numel`` elements of ``q`` held in ``elt``-byte elements, or as NF4."""
@@ -678,14 +690,11 @@ def _dequantized(r: _Run) -> tuple[int, int]:
 
     in_blocks = {id(q) for b in r.blocks for q in b.parameters()}
     block = max((q.numel() for _, q in r.base if id(q) in r.nf4 and id(q) in in_blocks), default=0) * r.compute_elt
-    output = r.model.get_output_embeddings() if hasattr(r.model, "get_output_embeddings") else None
-    head = 0
-    if output is not None and id(output.weight) in r.nf4:  # also a head tied to the embedding (not its own unit)
-        rows, cols = output.weight.shape
-        rows //= r.shards if r.head_sharded else 1
-        head = (min(rows, HEAD_BLOCK_ROWS) if r.chunk else rows) * cols * r.compute_elt
+    head, rows = 0, r.nf4_head_rows
+    if rows:
+        head = (min(rows, HEAD_BLOCK_ROWS) if r.chunk else rows) * r.output_head.weight.shape[1] * r.compute_elt
     elif r.head_sharded and r.base_elt != r.compute_elt:  # fp32 shards under bf16 mixed precision: cast, whole
-        head = output.weight.numel() // r.shards * r.compute_elt
+        head = r.output_head.weight.numel() // r.shards * r.compute_elt
     return block, head
 
 

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distutil import adapter_atol, assert_same_run, lora_dist, randomize_lora_B, ranks, short_run_args
 from lora_dist.loss import IGNORE, ChunkedHeadLoss, chunkable, linear_cross_entropy_sum
@@ -41,8 +42,6 @@ def test_function_equals_the_plain_loss_and_its_gradient(chunk, with_bias):
 def test_two_head_matmuls_per_chunk_and_none_without_grad():
     """One process: each chunk's gradient is computed from the logits forward already has (the head multiplies twice
     per chunk, as for the plain loss; recomputing the logits in backward made it three); without grad, once."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     class HeadMatmuls(TorchDispatchMode):
         def __init__(self, weight):
             super().__init__()
@@ -230,30 +229,19 @@ def test_a_bf16_gradient_is_scaled_by_the_exact_step_scale():
     assert abs(float(ratio) - 1) < 2e-4, float(ratio)
 
 
-class _LargestOutput:
-    """The largest plain tensor of ``dtype`` any op makes within it (a TorchDispatchMode)."""
+class _LargestOutput(TorchDispatchMode):
+    """The largest plain tensor of ``dtype`` any op makes within it."""
 
     def __init__(self, dtype: torch.dtype) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
+        super().__init__()
+        self.dtype, self.largest = dtype, 0
 
-        outer = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in out if isinstance(out, (tuple, list)) else (out,):
-                    if type(t) is torch.Tensor and t.dtype == dtype:
-                        outer.largest = max(outer.largest, t.numel())
-                return out
-
-        self.largest, self.mode = 0, Mode()
-
-    def __enter__(self):
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if type(t) is torch.Tensor and t.dtype == self.dtype:
+                self.largest = max(self.largest, t.numel())
+        return out
 
 
 def test_an_nf4_head_is_dequantized_a_block_of_vocabulary_rows_at_a_time():
