@@ -38,6 +38,10 @@ logits are ``chunk x vocab / W``.
 
 An NF4 head (``model.quantize_embeddings``) is dequantized :data:`HEAD_BLOCK_ROWS` vocabulary rows at a time, for
 each chunk and again for its gradient: the loss never holds a dequantized copy of the whole head (or head shard).
+Left sharded, each such block is used whole where it is decoded: forward keeps each token's log-sum-exp over the
+blocks seen so far (a running largest logit and sum of exponentials), and backward, which has the final log-sum-exp,
+turns a block's logits into its part of the softmax and multiplies it with the same block. A chunk's fp32 logits are
+then one block wide.
 """
 
 from __future__ import annotations
@@ -111,9 +115,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     Else every rank of ``group`` holds vocabulary rows ``[vocab_start, vocab_start + len(W))``: the ranks'
     hidden states are gathered (padded to the longest rank's count), each chunk holds the logits of up to
-    ``chunk`` of them over this rank's rows, and the per-shard log-sum-exp and target logits combine into each
-    token's cross-entropy; that needs every chunk's statistics from every shard first, so backward recomputes
-    each chunk's logits, and the shards' gradients of the hidden states are summed in fp32 by a reduce-scatter.
+    ``chunk`` of them over a block of this rank's rows (:meth:`_Head.blocks`: all of them, or an NF4 head's rows
+    dequantized a block at a time) and keeps their log-sum-exp over the blocks online, and the per-shard
+    log-sum-exp and target logits combine into each token's cross-entropy; that needs every chunk's statistics
+    from every shard first, so backward recomputes each block's logits, multiplies their part of the softmax with
+    the same block, and the shards' gradients of the hidden states are summed in fp32 by a reduce-scatter.
     """
 
     @staticmethod
@@ -138,14 +144,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             head = _Head(weight, bias, hidden.dtype)
             local, mine = _local_targets(every_targets, vocab_start, head.rows)
             for _, rows in _chunk_rows(world, n, chunk, hidden.device):
-                logits = head.logits(every[rows])
-                if not logits.shape[1]:  # this rank holds no rows of the vocabulary
-                    stats[0, rows] = float("-inf")
-                    continue
-                stats[1, rows] = logits.gather(1, local[rows, None]).squeeze(1) * mine[rows]
-                top = logits.amax(dim=-1)
-                stats[0, rows] = top + logits.sub_(top[:, None]).exp_().sum(dim=-1).log()  # in place: one fp32 chunk
-                del logits  # before the next chunk's exists
+                x, chunk_local, chunk_mine = every[rows], local[rows], mine[rows]
+                # the log-sum-exp over the blocks of this rank's rows, online: the running largest logit and the sum
+                # of exponentials relative to it (no rows: -inf, which the other shards' log-sum-exp ignores)
+                top = torch.full((len(rows),), float("-inf"), device=x.device)
+                norm, target = torch.zeros_like(top), torch.zeros_like(top)
+                for cols, w, b in head.blocks():
+                    logits = F.linear(x, w, b).float()
+                    column, inside = _block_targets(chunk_local, chunk_mine, cols)
+                    target += logits.gather(1, column[:, None]).squeeze(1) * inside
+                    new_top = torch.maximum(top, logits.amax(dim=-1))
+                    norm = norm * (top - new_top).exp() + logits.sub_(new_top[:, None]).exp_().sum(dim=-1)
+                    top = new_top
+                    del logits  # in place above: one fp32 block of logits at a time
+                stats[0, rows], stats[1, rows] = top + norm.log(), target
         if world > 1:
             shards = stats.new_empty((world * 2, world * n))
             all_gather_single(shards, stats, group=group)
@@ -204,18 +216,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             head = _Head(ctx.weight, ctx.bias, every.dtype)
             local, mine = _local_targets(every_targets, ctx.vocab_start, head.rows)
             for start, rows in _chunk_rows(world, n, ctx.chunk, every.device):
-                probs = head.logits(every[rows]).sub_(lse[rows, None]).exp_()  # in place: one fp32 chunk
-                if probs.shape[1]:  # minus one at each target this rank holds: -0.0 elsewhere (column 0), no change;
-                    # no boolean indexing, whose nonzero() would wait for the GPU at every chunk
-                    probs.scatter_add_(1, local[rows, None], mine[rows, None].to(probs.dtype).neg_())
-                probs *= row_scale[rows, None]
-                partial = head.times(probs, grad.dtype)  # rank r's tokens in block r
+                x, chunk_local, chunk_mine, scale = every[rows], local[rows], mine[rows], row_scale[rows, None]
+                # rank r's tokens in block r; the blocks' products summed in fp32 (no rows: zero)
+                partial = torch.zeros((len(rows), every.shape[1]), dtype=torch.float32, device=every.device)
+                for cols, w, b in head.blocks():
+                    probs = F.linear(x, w, b).float().sub_(lse[rows, None]).exp_()  # in place: one fp32 block
+                    column, inside = _block_targets(chunk_local, chunk_mine, cols)
+                    # minus one at each target in the block: -0.0 elsewhere (column 0), no change; no boolean
+                    # indexing, whose nonzero() would wait for the GPU at every block
+                    probs.scatter_add_(1, column[:, None], inside[:, None].to(probs.dtype).neg_())
+                    probs *= scale
+                    partial += probs.to(head.dtype) @ w
+                    del probs  # before the next block's exist
                 c = partial.shape[0] // world
                 if world > 1:
                     reduce_scatter_single(grad[start:start + c], partial, group=group)
                 else:
                     grad[start:start + c] = partial
-                del probs, partial  # before the next chunk's exist
+                del partial  # before the next chunk's exists
         return grad[:ctx.count].to(every.dtype), None, None, None, None, None, None, None
 
 
@@ -243,10 +261,10 @@ class _Head:
     of more than one block is dequantized :data:`HEAD_BLOCK_ROWS` vocabulary rows at a time, for each use: the loss
     holds one such block, never a copy of the whole head (at 70B on 8 ranks, a 263 MB bf16 copy of an NF4 head
     shard at the step's peak, against 34 MB). The price is time: each block is dequantized again for every chunk
-    of tokens and for the gradient (2-3 times per chunk instead of 1-2 times per step), and each block's product
-    with the softmax is rounded to ``dtype`` before the fp32 sum. On a GPU decoding a weight element may cost about
-    as much as multiplying it with a 1024-token chunk (an estimate; not measured on a GPU): a larger
-    ``train.loss_chunk`` spreads it over more tokens.
+    of tokens and for the gradient (twice per chunk, once without a gradient, instead of 1-2 times per step), and
+    each block's product with the softmax is rounded to ``dtype`` before the fp32 sum. On a GPU decoding a weight
+    element may cost about as much as multiplying it with a 1024-token chunk (an estimate; not measured on a GPU):
+    a larger ``train.loss_chunk`` spreads it over more tokens.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -258,7 +276,13 @@ class _Head:
             bias = bias.to(dtype)
         self.weight, self.bias = weight, bias
 
-    def _blocks(self):
+    def blocks(self):
+        """``(columns, weight, bias)`` per block of vocabulary rows in ``dtype``: the whole head as one block (none
+        where this rank holds no rows), or an NF4 head dequantized :data:`HEAD_BLOCK_ROWS` rows at a time."""
+        if self.whole:
+            if self.rows:
+                yield slice(0, self.rows), self.weight, self.bias
+            return
         for start in range(0, self.rows, HEAD_BLOCK_ROWS):
             end = min(start + HEAD_BLOCK_ROWS, self.rows)
             bias = self.bias[start:end].to(self.dtype) if self.bias is not None else None
@@ -269,7 +293,7 @@ class _Head:
         if self.whole:
             return F.linear(x, self.weight, self.bias).float()
         out = torch.empty((x.shape[0], self.rows), dtype=torch.float32, device=x.device)
-        for cols, w, b in self._blocks():
+        for cols, w, b in self.blocks():
             out[:, cols] = F.linear(x, w, b)
         return out
 
@@ -279,7 +303,7 @@ class _Head:
         if self.whole:
             return (probs.to(self.dtype) @ self.weight).to(out_dtype)
         total = torch.zeros((probs.shape[0], self.weight.shape[1]), dtype=torch.float32, device=probs.device)
-        for cols, w, _ in self._blocks():
+        for cols, w, _ in self.blocks():
             total += probs[:, cols].to(self.dtype) @ w
         return total.to(out_dtype)
 
@@ -290,6 +314,13 @@ def _local_targets(targets: torch.Tensor, vocab_start: int, rows: int) -> tuple[
     local = targets - vocab_start
     mine = (targets != IGNORE) & (local >= 0) & (local < rows)
     return torch.where(mine, local, 0), mine
+
+
+def _block_targets(local: torch.Tensor, mine: torch.Tensor, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target's column in the block of this rank's rows ``cols`` (0 where it is not in it), and where it is
+    (``local``, ``mine``: :func:`_local_targets`'s)."""
+    inside = mine & (local >= cols.start) & (local < cols.stop)
+    return torch.where(inside, local - cols.start, 0), inside
 
 
 def _chunk_rows(world: int, n: int, chunk: int, device: torch.device):

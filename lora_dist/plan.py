@@ -888,20 +888,22 @@ def _activations(r: _Run) -> _Activations:
         # sharded also every shard-group rank's hidden states (gathered), the fp32 gradient of this rank's and
         # each chunk's fp32 product to reduce-scatter. An NF4 head dequantized a block of vocabulary rows at a time:
         # the 16-bit logits and softmax are a block wide, and so is the 16-bit product of each block, summed in
-        # fp32 (with the head sharded, that sum is the product to reduce-scatter).
+        # fp32 (with the head sharded, that sum is the product to reduce-scatter, and the fp32 logits are a block
+        # wide too: the log-sum-exp is kept over the blocks).
         from lora_dist.loss import HEAD_BLOCK_ROWS
 
         groups = r.shards if r.head_sharded else 1
         rows = groups * min(tokens, max(1, r.cfg.train.loss_chunk // groups))
         cast = elt if elt != 4 else 0
         columns = math.ceil(vocab / groups)
-        loss = 2 * tokens * hidden * elt + rows * columns * 4
+        loss = 2 * tokens * hidden * elt
         if r.head_in_blocks:
-            loss += rows * min(columns, HEAD_BLOCK_ROWS) * cast + rows * hidden * cast
+            block = min(columns, HEAD_BLOCK_ROWS)
+            loss += rows * (block if r.head_sharded else columns) * 4 + rows * block * cast + rows * hidden * cast
             if not r.head_sharded:
                 loss += rows * hidden * 4
         else:
-            loss += rows * columns * cast
+            loss += rows * columns * (4 + cast)
         if r.head_sharded:
             loss += groups * tokens * hidden * elt + tokens * hidden * 4 + rows * hidden * 4
     else:

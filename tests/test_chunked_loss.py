@@ -271,3 +271,45 @@ def test_an_nf4_head_is_dequantized_a_block_of_vocabulary_rows_at_a_time():
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)  # the same bf16 logits, in fp32
     # the three blocks' bf16 products summed in fp32, against one bf16 product: within a bf16 rounding
     torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=0, atol=8e-3 * float(expected_grad.abs().max()))
+
+
+def test_a_sharded_nf4_head_is_decoded_twice_per_chunk_with_block_wide_fp32_logits(monkeypatch):
+    """The head left sharded (a one-rank group here): each block of an NF4 head's rows is dequantized once for a
+    chunk's forward and once for its gradient, which multiplies the block's softmax with the block it decoded
+    (backward computing the whole chunk's logits first decoded every block twice), and no fp32 tensor is wider
+    than one block: the forward keeps each token's log-sum-exp over the blocks online. The loss and gradient are
+    those of the rows dequantized whole."""
+    import torch.distributed as dist
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    import lora_dist.loss
+    from lora_dist.loss import HEAD_BLOCK_ROWS
+    from lora_dist.nf4 import dequantize
+
+    vocab, width, chunk, tokens = 5120, 64, 8, 29  # blocks of 2048, 2048, 1024 rows; 4 chunks
+    g = torch.Generator().manual_seed(0)
+    head = to_nf4((torch.randn(vocab, width, generator=g) / width ** 0.5).bfloat16())
+    converted = dequantize(head, torch.bfloat16)
+    hidden = torch.randn(1, tokens + 1, width, generator=g).bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab, (1, tokens + 1), generator=g)
+    labels[0, 0] = IGNORE  # position 0 predicts labels[1]: every one of the 29 positions carries a loss
+
+    decoded = []
+    dequantize_rows = lora_dist.loss.dequantize_rows
+    monkeypatch.setattr(lora_dist.loss, "dequantize_rows",
+                        lambda w, start, end, dtype: decoded.append(start) or dequantize_rows(w, start, end, dtype))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        expected = linear_cross_entropy_sum(hidden, converted, None, labels, chunk, 0, dist.group.WORLD)
+        (expected_grad,) = torch.autograd.grad(expected, hidden)
+        with _LargestOutput(torch.float32) as seen:
+            got = linear_cross_entropy_sum(hidden, head, None, labels, chunk, 0, dist.group.WORLD)
+            forward_decodes = len(decoded)
+            (grad,) = torch.autograd.grad(got, hidden)
+    finally:
+        dist.destroy_process_group()
+    chunks, blocks = -(-tokens // chunk), -(-vocab // HEAD_BLOCK_ROWS)
+    assert (forward_decodes, len(decoded)) == (chunks * blocks, 2 * chunks * blocks), (forward_decodes, len(decoded))
+    assert seen.largest == chunk * HEAD_BLOCK_ROWS, seen.largest  # not chunk x vocab
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)  # the log-sum-exp over blocks, in fp32
+    torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=0, atol=8e-3 * float(expected_grad.abs().max()))
