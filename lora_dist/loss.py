@@ -34,7 +34,7 @@ softmax gradient by its rows and a reduce-scatter sums the shards' contributions
 rank's hidden-state gradient (in fp32); a token's gradient needs the log-sum-exp of every
 shard, so here backward recomputes each chunk's logits. At 70B on 8 ranks this removes the 2.1 GB head
 from the gathered weights and its all-gather (2 GB per step) from the wire, and a chunk's
-logits are ``chunk x vocab / W``.
+logits are ``chunk x vocab / W`` (an NF4 head's: a block wide, below).
 
 An NF4 head (``model.quantize_embeddings``) is dequantized :data:`HEAD_BLOCK_ROWS` vocabulary rows at a time, for
 each chunk and again for its gradient: the loss never holds a dequantized copy of the whole head (or head shard).
@@ -144,13 +144,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             head = _Head(weight, bias, hidden.dtype)
             local, mine = _local_targets(every_targets, vocab_start, head.rows)
             for _, rows in _chunk_rows(world, n, chunk, hidden.device):
-                x, chunk_local, chunk_mine = every[rows], local[rows], mine[rows]
+                chunk_local, chunk_mine = local[rows], mine[rows]
                 # the log-sum-exp over the blocks of this rank's rows, online: the running largest logit and the sum
                 # of exponentials relative to it (no rows: -inf, which the other shards' log-sum-exp ignores)
-                top = torch.full((len(rows),), float("-inf"), device=x.device)
+                top = torch.full((len(rows),), float("-inf"), device=hidden.device)
                 norm, target = torch.zeros_like(top), torch.zeros_like(top)
                 for cols, w, b in head.blocks():
-                    logits = F.linear(x, w, b).float()
+                    logits = F.linear(every[rows], w, b).float()
                     column, inside = _block_targets(chunk_local, chunk_mine, cols)
                     target += logits.gather(1, column[:, None]).squeeze(1) * inside
                     new_top = torch.maximum(top, logits.amax(dim=-1))
@@ -216,18 +216,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             head = _Head(ctx.weight, ctx.bias, every.dtype)
             local, mine = _local_targets(every_targets, ctx.vocab_start, head.rows)
             for start, rows in _chunk_rows(world, n, ctx.chunk, every.device):
-                x, chunk_local, chunk_mine, scale = every[rows], local[rows], mine[rows], row_scale[rows, None]
-                # rank r's tokens in block r; the blocks' products summed in fp32 (no rows: zero)
-                partial = torch.zeros((len(rows), every.shape[1]), dtype=torch.float32, device=every.device)
+                chunk_local, chunk_mine, scale = local[rows], mine[rows], row_scale[rows, None]
+                partial = None  # rank r's tokens in block r
                 for cols, w, b in head.blocks():
-                    probs = F.linear(x, w, b).float().sub_(lse[rows, None]).exp_()  # in place: one fp32 block
+                    probs = F.linear(every[rows], w, b).float().sub_(lse[rows, None]).exp_()  # in place: one fp32 block
                     column, inside = _block_targets(chunk_local, chunk_mine, cols)
                     # minus one at each target in the block: -0.0 elsewhere (column 0), no change; no boolean
                     # indexing, whose nonzero() would wait for the GPU at every block
                     probs.scatter_add_(1, column[:, None], inside[:, None].to(probs.dtype).neg_())
                     probs *= scale
-                    partial += probs.to(head.dtype) @ w
+                    product = probs.to(head.dtype) @ w
                     del probs  # before the next block's exist
+                    # several blocks: their products summed in fp32
+                    partial = product if partial is None else partial.float().add_(product)
+                if partial is None:  # this rank holds no vocabulary rows
+                    partial = grad.new_zeros((len(rows), grad.shape[1]))
+                partial = partial.to(grad.dtype)
                 c = partial.shape[0] // world
                 if world > 1:
                     reduce_scatter_single(grad[start:start + c], partial, group=group)

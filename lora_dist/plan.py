@@ -22,7 +22,10 @@ computed from the resulting parameter shapes and the run config:
   per 64, a float per 16,384, 17 floats per tensor); the others as above.
 * **LoRA params**, **grads**, **optimizer state**: fp32 A/B on every rank,
   their gradients, AdamW's two moments (under ZeRO partitioned over ranks,
-  with an fp32 master partition). fsdp2/ddp with ``parallel.shard_optimizer``
+  with an fp32 master partition; zero1/2 with DeepSpeed's bf16 hold the LoRA
+  params, their gradients and the reduce bucket in bf16; zero3 keeps only the
+  gradients' partition, each full gradient waiting in the reduce bucket).
+  fsdp2/ddp with ``parallel.shard_optimizer``
   on W > 1 ranks (:class:`~lora_dist.parallel.sharded_adamw.ShardedAdamW`):
   the params are views of flat buckets padded to a multiple of W, backward
   moves the gradients into flat bucket copies of the same size (freed as each
@@ -49,7 +52,8 @@ computed from the resulting parameter shapes and the run config:
   states and their gradient, plus one chunk's logits in fp32 (turned into
   the softmax in place), and in a 16-bit compute dtype the gradient cast to
   it; with the head left sharded (fsdp2), a chunk's logits cover 1/W of the
-  vocabulary and every rank's hidden states are gathered.
+  vocabulary (an NF4 head's: one block of its rows) and every rank's hidden
+  states are gathered.
 * **gathered**: unsharded base weights alive at the peak. fsdp2 with
   ``reshard_after_forward``: what is left in the root unit (final norm), the
   output head (its own unit when untied, kept gathered from its forward to its
@@ -774,7 +778,9 @@ def _zero3_state(r: _Run, s: _State) -> None:
     s.base_shard = sum(math.ceil(q.numel() / W) for _, q in base) * r.base_elt
     s.base_replicated = sum(q.numel() for _, q in base if q.numel() < threshold) * r.base_elt
     s.lora_params = r.lora_bytes + math.ceil(lora_numel / W) * LORA_BYTES  # whole (persistent) + partition
-    s.lora_grads = r.lora_bytes + math.ceil(lora_numel / W) * LORA_BYTES  # full grads + partitioned flat grads
+    # the partitioned flat grads; backward copies each full gradient into the reduce bucket (contiguous_gradients,
+    # the buffers below) and drops it once reduced
+    s.lora_grads = math.ceil(lora_numel / W) * LORA_BYTES
     s.optimizer_state = 3 * math.ceil(lora_numel / W) * LORA_BYTES  # fp32 master + two moments
     prefetch = int(float(zero.get("stage3_prefetch_bucket_size", 5e7)))
     max_live = int(float(zero.get("stage3_max_live_parameters", 1e9)))
@@ -824,9 +830,14 @@ def _state(r: _Run) -> _State:
     elif p.strategy == "zero3":
         _zero3_state(r, s)
     elif p.strategy in ("zero1", "zero2"):
+        # DeepSpeed's bf16 holds the LoRA params (one flat tensor, whole on every rank), their gradients and its
+        # reduce bucket in bf16 (measured: tests/test_plan.py); the fp32 masters of this rank's partition and its
+        # two moments are the optimizer state.
+        elt = min(r.compute_elt, LORA_BYTES)
         s.base_shard = r.base_numel * r.base_elt
+        s.lora_params = s.lora_grads = r.lora_numel * elt
         s.optimizer_state = 3 * math.ceil(r.lora_numel / r.world) * LORA_BYTES
-        s.buffers = int(float(r.zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
+        s.buffers = int(float(r.zero.get("reduce_bucket_size", 5e8))) * elt
     else:  # ddp, none
         s.base_shard = sum(r.stored(q, q.numel(), r.base_elt) for _, q in r.base)
         s.gathered, s.loss_gathered = block_dequantized, head_dequantized

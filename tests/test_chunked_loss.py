@@ -169,7 +169,7 @@ def test_loss_over_vocabulary_shards_equals_the_plain_loss_on_three_ranks():
     """Each of 3 ranks holds a third of the head's rows (uneven) and its own tokens (another count per rank,
     some ignored) and scales its loss by its own factor: its loss and its hidden states' gradient equal the
     plain loss of the whole head over its tokens, for 1-token, small and whole-batch chunks, with and
-    without bias, and a no-grad forward where a rank has no target. An NF4 head dequantized a few vocabulary rows
+    without bias, a rank holding no rows of the head, and a no-grad forward where a rank has no target. An NF4 head dequantized a few vocabulary rows
     at a time: the loss and gradient of its rows dequantized whole (the gradient within bf16 roundings of the blocks'
     products)."""
     out = ranks(3, "tests/dist_scripts/sharded_head_loss.py")
@@ -286,13 +286,13 @@ def test_a_sharded_nf4_head_is_decoded_twice_per_chunk_with_block_wide_fp32_logi
     from lora_dist.loss import HEAD_BLOCK_ROWS
     from lora_dist.nf4 import dequantize
 
-    vocab, width, chunk, tokens = 5120, 64, 8, 29  # blocks of 2048, 2048, 1024 rows; 4 chunks
+    vocab, width, chunk, tokens = 5120, 64, 8, 29  # blocks of 2048, 2048, 1024 rows; 4 chunks of 27 tokens
     g = torch.Generator().manual_seed(0)
     head = to_nf4((torch.randn(vocab, width, generator=g) / width ** 0.5).bfloat16())
     converted = dequantize(head, torch.bfloat16)
     hidden = torch.randn(1, tokens + 1, width, generator=g).bfloat16().requires_grad_()
     labels = torch.randint(0, vocab, (1, tokens + 1), generator=g)
-    labels[0, 0] = IGNORE  # position 0 predicts labels[1]: every one of the 29 positions carries a loss
+    labels[0, 7] = labels[0, 20] = IGNORE  # 27 of the 29 positions with a next token carry a loss
 
     decoded = []
     dequantize_rows = lora_dist.loss.dequantize_rows
@@ -308,7 +308,7 @@ def test_a_sharded_nf4_head_is_decoded_twice_per_chunk_with_block_wide_fp32_logi
             (grad,) = torch.autograd.grad(got, hidden)
     finally:
         dist.destroy_process_group()
-    chunks, blocks = -(-tokens // chunk), -(-vocab // HEAD_BLOCK_ROWS)
+    chunks, blocks = -(-(tokens - 2) // chunk), -(-vocab // HEAD_BLOCK_ROWS)
     assert (forward_decodes, len(decoded)) == (chunks * blocks, 2 * chunks * blocks), (forward_decodes, len(decoded))
     assert seen.largest == chunk * HEAD_BLOCK_ROWS, seen.largest  # not chunk x vocab
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)  # the log-sum-exp over blocks, in fp32

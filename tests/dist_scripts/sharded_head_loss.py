@@ -4,7 +4,7 @@ Each rank holds ``torch.chunk`` rows of one head (53 rows over 3 ranks: 18, 18, 
 ``Shard(0)`` cuts them) and its own tokens (a different count on every rank, some ignored),
 and scales its loss by its own factor before backward. Each rank compares its loss and
 its hidden states' gradient with the plain loss of the whole head's logits over its
-own tokens (fp32). An NF4 head dequantized a few vocabulary rows at a time (blocks starting inside a scale
+own tokens (fp32), also where a rank holds no rows of the head. An NF4 head dequantized a few vocabulary rows at a time (blocks starting inside a scale
 group) gives the loss and gradient of its rows dequantized whole, for bf16 hidden states. Prints a JSON line on rank 0 with the largest differences (the gradient's relative to its largest element).
 """
 
@@ -48,6 +48,24 @@ for case, (chunk, with_bias) in enumerate([(1, True), (4, False), (5, True), (10
     torch.testing.assert_close(grad_sharded, grad_plain, rtol=1e-5, atol=2e-6 * scale_of_grad)
     worst["loss"] = max(worst["loss"], float((sharded - plain).detach().abs()))
     worst["grad"] = max(worst["grad"], float((grad_sharded - grad_plain).abs().max()) / scale_of_grad)
+
+# a rank holding no vocabulary rows (rank 1 of 3): no logits, a log-sum-exp of -inf, a zero gradient to reduce-scatter
+if world == 3:
+    edges = [0, 30, 30, VOCAB]
+    empty_start = edges[rank]
+    empty_rows = torch.arange(edges[rank], edges[rank + 1])
+    gr = torch.Generator().manual_seed(50 + rank)
+    hidden = torch.randn(2, 7, HIDDEN, generator=gr, dtype=torch.float64).float().requires_grad_()
+    labels = torch.randint(0, VOCAB, (2, 7), generator=gr)
+    plain = token_loss_sum(F.linear(hidden, weight, bias), labels)
+    (grad_plain,) = torch.autograd.grad(plain, hidden)
+    sharded = linear_cross_entropy_sum(hidden, weight[empty_rows], bias[empty_rows], labels, 4, empty_start,
+                                       dist.group.WORLD)
+    (grad_sharded,) = torch.autograd.grad(sharded, hidden)
+    torch.testing.assert_close(sharded, plain, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad_sharded, grad_plain, rtol=1e-5, atol=2e-6 * float(grad_plain.abs().max()))
+    worst["loss"] = max(worst["loss"], float((sharded - plain).detach().abs()))
+    worst["grad"] = max(worst["grad"], float((grad_sharded - grad_plain).abs().max()) / float(grad_plain.abs().max()))
 
 with torch.no_grad():  # evaluation: a forward alone, and a rank with one token (no target at all)
     hidden = torch.randn(1, 1 if rank == 1 else 6, HIDDEN)
