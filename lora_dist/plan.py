@@ -22,9 +22,11 @@ computed from the resulting parameter shapes and the run config:
   per 64, a float per 16,384, 17 floats per tensor); the others as above.
 * **LoRA params**, **grads**, **optimizer state**: fp32 A/B on every rank,
   their gradients, AdamW's two moments (under ZeRO partitioned over ranks,
-  with an fp32 master partition; zero1/2 with DeepSpeed's bf16 hold the LoRA
-  params, their gradients and the reduce bucket in bf16; zero3 keeps only the
-  gradients' partition, each full gradient waiting in the reduce bucket).
+  with an fp32 master partition: zero1/2 with DeepSpeed's bf16 hold the LoRA
+  params, their gradients and the reduce bucket in bf16, zero2 only its
+  gradient partition; zero3 keeps the LoRA fp32, its partition the master, and
+  a gradient partition in the model's dtype, each full gradient waiting in the
+  reduce bucket).
   fsdp2/ddp with ``parallel.shard_optimizer``
   on W > 1 ranks (:class:`~lora_dist.parallel.sharded_adamw.ShardedAdamW`):
   the params are views of flat buckets padded to a multiple of W, backward
@@ -777,11 +779,15 @@ def _zero3_state(r: _Run, s: _State) -> None:
     threshold = int(zero.get("stage3_param_persistence_threshold", 100_000))
     s.base_shard = sum(math.ceil(q.numel() / W) for _, q in base) * r.base_elt
     s.base_replicated = sum(q.numel() for _, q in base if q.numel() < threshold) * r.base_elt
-    s.lora_params = r.lora_bytes + math.ceil(lora_numel / W) * LORA_BYTES  # whole (persistent) + partition
-    # the partitioned flat grads; backward copies each full gradient into the reduce bucket (contiguous_gradients,
-    # the buffers below) and drops it once reduced
-    s.lora_grads = math.ceil(lora_numel / W) * LORA_BYTES
-    s.optimizer_state = 3 * math.ceil(lora_numel / W) * LORA_BYTES  # fp32 master + two moments
+    # The LoRA stays fp32 (injected after zero.Init, which DeepSpeed's bf16 does not cast): whole (persistent) and
+    # its fp32 partition, which is the optimizer's master (DeepSpeed makes no copy of an fp32 partition).
+    partition = math.ceil(lora_numel / W)
+    s.lora_params = r.lora_bytes + partition * LORA_BYTES
+    # Backward copies each full gradient into the fp32 reduce bucket (the buffers below) and drops it once reduced
+    # into this rank's gradient partition, held in DeepSpeed's gradient-accumulation dtype (the model's: bf16 under
+    # its bf16).
+    s.lora_grads = partition * r.compute_elt + int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
+    s.optimizer_state = 2 * partition * LORA_BYTES  # AdamW's two moments
     prefetch = int(float(zero.get("stage3_prefetch_bucket_size", 5e7)))
     max_live = int(float(zero.get("stage3_max_live_parameters", 1e9)))
     reuse = int(float(zero.get("stage3_max_reuse_distance", 1e9)))
@@ -830,13 +836,17 @@ def _state(r: _Run) -> _State:
     elif p.strategy == "zero3":
         _zero3_state(r, s)
     elif p.strategy in ("zero1", "zero2"):
-        # DeepSpeed's bf16 holds the LoRA params (one flat tensor, whole on every rank), their gradients and its
-        # reduce bucket in bf16 (measured: tests/test_plan.py); the fp32 masters of this rank's partition and its
-        # two moments are the optimizer state.
+        # DeepSpeed's ZeRO optimizer holds the LoRA params as one flat tensor, whole on every rank, in bf16 under its
+        # bf16, and so their gradients and its reduce bucket (lora_dist sets no grad_accum_dtype); an fp32 master of
+        # this rank's partition and its two moments are the optimizer state. zero1 keeps every full gradient until
+        # the step reduces them; zero2 copies each into the reduce bucket as backward makes it and keeps this rank's
+        # partition of the reduced ones.
         elt = min(r.compute_elt, LORA_BYTES)
+        partition = math.ceil(r.lora_numel / r.world)
         s.base_shard = r.base_numel * r.base_elt
-        s.lora_params = s.lora_grads = r.lora_numel * elt
-        s.optimizer_state = 3 * math.ceil(r.lora_numel / r.world) * LORA_BYTES
+        s.lora_params = r.lora_numel * elt
+        s.lora_grads = (r.lora_numel if p.strategy == "zero1" else partition) * elt
+        s.optimizer_state = 3 * partition * LORA_BYTES
         s.buffers = int(float(r.zero.get("reduce_bucket_size", 5e8))) * elt
     else:  # ddp, none
         s.base_shard = sum(r.stored(q, q.numel(), r.base_elt) for _, q in r.base)

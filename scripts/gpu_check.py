@@ -249,8 +249,11 @@ def nf4(ctx):
 def _nf4_head_loss_time(ctx) -> str:
     """The loss through an NF4 head dequantized HEAD_BLOCK_ROWS rows at a time (model.quantize_embeddings), forward
     and backward, against the same head dequantized once per step (what the loss did before): what the blocks'
-    repeated dequantization costs on this device. A 128k-vocabulary head's shard on 8 ranks at width 4096 on a GPU
-    (small on the CPU of a dry run)."""
+    repeated dequantization costs on this device, for the head left sharded (fsdp2's default: each block decoded
+    twice per chunk; here a one-rank group) and for the whole head (ddp, parallel.gather_head). A 128k-vocabulary
+    head's shard on 8 ranks at width 4096 on a GPU (small on the CPU of a dry run)."""
+    import torch.distributed as dist
+
     from lora_dist.loss import HEAD_BLOCK_ROWS, linear_cross_entropy_sum
     from lora_dist.nf4 import dequantize, nf4_module
 
@@ -261,9 +264,9 @@ def _nf4_head_loss_time(ctx) -> str:
     hidden = torch.randn(1, tokens, width, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
     labels = torch.randint(0, rows, (1, tokens), device=device, generator=g)
 
-    def seconds(weight_of_step) -> float:
+    def seconds(weight_of_step, group) -> float:
         def step():
-            linear_cross_entropy_sum(hidden, weight_of_step(), None, labels, 1024).backward()
+            linear_cross_entropy_sum(hidden, weight_of_step(), None, labels, 1024, 0, group).backward()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -274,10 +277,22 @@ def _nf4_head_loss_time(ctx) -> str:
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / 5
 
-    blocks = seconds(lambda: head)
-    once = seconds(lambda: dequantize(head, torch.bfloat16))
+    own_group = not dist.is_initialized()
+    if own_group:  # one rank: the sharded path issues no collective
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        parts = []
+        sharded = [("sharded", dist.group.WORLD)] if dist.get_world_size() == 1 else []
+        for name, group in (*sharded, ("whole", None)):
+            blocks = seconds(lambda: head, group)
+            once = seconds(lambda: dequantize(head, torch.bfloat16), group)
+            parts.append(f"{name} {blocks * 1e3:.1f} ms, dequantized once per step {once * 1e3:.1f} ms "
+                         f"({blocks / once:.2f}x)")
+    finally:
+        if own_group:
+            dist.destroy_process_group()
     return (f"NF4 head loss ({tokens} tokens x {rows} rows x {width}, blocks of {HEAD_BLOCK_ROWS} rows): "
-            f"{blocks * 1e3:.1f} ms, dequantized once per step {once * 1e3:.1f} ms ({blocks / once:.2f}x)")
+            + "; ".join(parts))
 
 
 @check("compiled blocks (parallel.compile): whole graphs on the device (a checkpointed block too), bf16 losses "

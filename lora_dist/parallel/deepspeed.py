@@ -6,7 +6,11 @@ LoRA tensors are kept whole on every rank ("persistent") by a persistence
 threshold just above the largest LoRA matrix. The LoRA promise holds in bf16
 too: gradients are reduced in fp32 (``communication_data_type``), and the
 engine reads and writes LoRA through DeepSpeed's fp32 master copies, so an
-adapter or a checkpoint never carries bf16-rounded values.
+adapter or a checkpoint never carries bf16-rounded values. DeepSpeed stores the
+reduced gradients in its gradient-accumulation dtype, the model's (bf16 under its
+bf16; lora_dist sets no ``grad_accum_dtype``, which would switch ZeRO-1 to another
+optimizer): AdamW steps on fp32 sums rounded once to bf16. Under zero1/2 the LoRA
+params themselves are bf16 copies of the masters (DeepSpeed casts the whole module).
 
 DeepSpeed's collectives call torch's ``all_gather_into_tensor`` and ``reduce_scatter_tensor``, which torch 2.13
 deprecates with a FutureWarning, printed again and again (4 per rank and step of a zero3 run, measured): thousands
@@ -217,9 +221,9 @@ def deepspeed_config(cfg: Config, hf_config) -> dict:
 def cap_reduce_bucket(ds_config: dict, trainable_numel: int) -> dict:
     """``ds_config`` with ``reduce_bucket_size`` at most the number of trainable elements.
 
-    DeepSpeed allocates the whole reduce bucket up front and keeps it for the life of the
-    engine; a bucket larger than every gradient together buys nothing (one reduction either
-    way) and only holds memory, which at LoRA sizes is most of the bucket.
+    DeepSpeed allocates the whole reduce bucket up front (ZeRO-3: for the life of the engine;
+    ZeRO-1/2: at each backward); a bucket larger than every gradient together buys nothing (one
+    reduction either way) and only holds memory, which at LoRA sizes is most of the bucket.
     """
     zero = ds_config.get("zero_optimization")
     if not isinstance(zero, dict) or trainable_numel <= 0:
