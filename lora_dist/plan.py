@@ -26,7 +26,7 @@ computed from the resulting parameter shapes and the run config:
   params, their gradients and the reduce bucket in bf16, zero2 only its
   gradient partition; zero3 keeps the LoRA fp32, its partition the master, and
   a gradient partition in the model's dtype, each full gradient waiting in the
-  reduce bucket).
+  reduce bucket, plus the flat fp32 copy a reduction makes of it).
   fsdp2/ddp with ``parallel.shard_optimizer``
   on W > 1 ranks (:class:`~lora_dist.parallel.sharded_adamw.ShardedAdamW`):
   the params are views of flat buckets padded to a multiple of W, backward
@@ -785,7 +785,8 @@ def _zero3_state(r: _Run, s: _State) -> None:
     s.lora_params = r.lora_bytes + partition * LORA_BYTES
     # Backward copies each full gradient into the fp32 reduce bucket (the buffers below) and drops it once reduced
     # into this rank's gradient partition, held in DeepSpeed's gradient-accumulation dtype (the model's: bf16 under
-    # its bf16).
+    # its bf16); each reduction concatenates the bucket's gradients into a flat fp32 copy (reduce_scatter_coalesced),
+    # up to a bucket more while backward runs.
     s.lora_grads = partition * r.compute_elt + int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
     s.optimizer_state = 2 * partition * LORA_BYTES  # AdamW's two moments
     prefetch = int(float(zero.get("stage3_prefetch_bucket_size", 5e7)))

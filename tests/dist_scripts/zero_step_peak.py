@@ -1,4 +1,4 @@
-"""2 ranks: DeepSpeed zero1/zero2 (the overrides name the strategy and dtype) trains one step, then a second under
+"""2 ranks: DeepSpeed zero1/zero2/zero3 (the overrides name the strategy and dtype) trains one step, then a second under
 ``LiveTensorBytes``; rank 0 prints a JSON line: the planner's terms and total, the measured peak of live tensor bytes
 of that second step, and the dtype DeepSpeed holds the LoRA params in."""
 
