@@ -51,6 +51,7 @@ __all__ = [
     "adapter_step",
     "load_adapter",
     "lora_state_dict",
+    "installed_peft_misreads",
     "peft_misread",
     "peft_names",
     "read_adapter",
@@ -275,12 +276,29 @@ def _peft_expert_pattern(model: nn.Module) -> str | None:
     return pattern if pattern in _PEFT_EXPERT_NAMES else None
 
 
+#: The first PEFT release that loads the layers :func:`peft_misread` names as trained (tests/test_hub_archs.py).
+PEFT_READS_EXPERT_NAMES = (0, 22)
+
+
+def installed_peft_misreads() -> bool:
+    """Whether the PEFT installed here misreads the layers :func:`peft_misread` names (a release before
+    :data:`PEFT_READS_EXPERT_NAMES`); True without PEFT, since the adapter may then meet any release."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = tuple(int(part) for part in re.findall(r"\d+", version("peft"))[:2])
+    except (PackageNotFoundError, ValueError):
+        return True
+    return release < PEFT_READS_EXPERT_NAMES
+
+
 def peft_misread(model: nn.Module) -> list[str]:
-    """The adapted linear layers PEFT would not load as adapted. Loading an adapter into a model of Mixtral's or
-    Qwen2-MoE's conversion pattern (:func:`_peft_expert_pattern`), PEFT 0.21 moves every target named like a
-    transformers-4 expert projection (``gate_proj``, ``up_proj``, ``down_proj``, ``gate``; Mixtral's ``w1``..``w3``)
-    onto the fused experts: an adapter on a dense layer's or a shared expert's MLP then loads into fresh expert LoRA,
-    and those layers load unadapted. lora_dist's own loader, merge and export read it as trained."""
+    """The adapted linear layers PEFT 0.21 and earlier would not load as adapted. Loading an adapter into a model of
+    Mixtral's or Qwen2-MoE's conversion pattern (:func:`_peft_expert_pattern`), PEFT 0.21 moves every target named
+    like a transformers-4 expert projection (``gate_proj``, ``up_proj``, ``down_proj``, ``gate``; Mixtral's
+    ``w1``..``w3``) onto the fused experts: an adapter on a dense layer's or a shared expert's MLP then loads into
+    fresh expert LoRA, and those layers load unadapted. PEFT 0.22 loads them as trained (tested), as lora_dist's own
+    loader, merge and export do."""
     pattern = _peft_expert_pattern(model)
     if pattern is None:
         return []

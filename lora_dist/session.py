@@ -24,7 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from lora_dist.adapter import adapter_chat_template, adapter_nf4_record, adapter_step, peft_misread, read_adapter
+from lora_dist.adapter import (adapter_chat_template, adapter_nf4_record, adapter_step, installed_peft_misreads,
+                                peft_misread, read_adapter)
 from lora_dist.atomic import recover
 from lora_dist.checkpoint import STEP_DIR, ResumeError, nf4_record_of, read_checkpoint, read_state
 from lora_dist.config import (Config, ParallelConfig, TrainConfig, config_from_dict, config_to_dict,
@@ -369,15 +370,17 @@ def _note_base_dropout(model: nn.Module) -> None:
 
 
 def _warn_peft_misread(model: nn.Module) -> None:
-    """Say, before training, which adapted layers PEFT would load wrongly (:func:`~lora_dist.adapter.peft_misread`),
-    and the exclusion that keeps the adapter PEFT-readable."""
+    """Say, before training, which adapted layers PEFT 0.21 and earlier would load wrongly
+    (:func:`~lora_dist.adapter.peft_misread`), and the exclusion that keeps the adapter readable there: a warning
+    where the PEFT installed here is such a release (or none is), a note where it reads them as trained."""
     misread = peft_misread(model)
     if misread:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in misread})
-        log.warning("PEFT 0.21 would load %d of this adapter's layers wrongly (%s...): on this model type it takes "
-                    "every %s target for the fused experts. lora-dist merge and export apply them as trained; "
-                    "for an adapter PEFT reads as trained, add lora.exclude_modules=[%s]",
-                    len(misread), misread[0], "/".join(leaves), ",".join(leaves))
+        log.log(logging.WARNING if installed_peft_misreads() else logging.INFO,
+                "PEFT 0.21 and earlier would load %d of this adapter's layers wrongly (%s...): on this model type "
+                "they take every %s target for the fused experts (PEFT 0.22 reads them as trained). lora-dist merge "
+                "and export apply them as trained; for an adapter older PEFT reads as trained, add "
+                "lora.exclude_modules=[%s]", len(misread), misread[0], "/".join(leaves), ",".join(leaves))
 
 
 def prepare(model: str | os.PathLike | Config, lora: LoRAConfig | None = None, strategy: str | None = None, *,

@@ -571,3 +571,22 @@ def test_an_embedding_lora_is_refused_naming_the_layer(tiny_model, tmp_path):
                                            r"target_modules$") as e:
         read_adapter(tmp_path / "emb")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("release,misreads", [("0.21.2", True), ("0.21.10", True), ("0.22.0", False),
+                                              ("0.23.0.dev0", False), ("1.0.0", False), (None, True)])
+def test_which_installed_peft_misreads_the_expert_named_layers(monkeypatch, release, misreads):
+    """PEFT 0.21 and earlier load a shared expert's or dense layer's gate/up/down_proj adapter onto the fused experts;
+    0.22 reads them as trained (tests/test_hub_archs.py). Without PEFT the adapter may meet any release: warn."""
+    import importlib.metadata
+
+    from lora_dist.adapter import installed_peft_misreads
+
+    def version(name):
+        assert name == "peft"
+        if release is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return release
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert installed_peft_misreads() is misreads
