@@ -142,16 +142,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         stats = torch.zeros((2, world * n), dtype=torch.float32, device=hidden.device)  # log-sum-exp, target logit
         with _gathered(weight, bias):
             head = _Head(weight, bias, hidden.dtype)
-            local, mine = _local_targets(every_targets, vocab_start, head.rows)
             for _, rows in _chunk_rows(world, n, chunk, hidden.device):
-                chunk_local, chunk_mine = local[rows], mine[rows]
+                chunk_targets = every_targets[rows]
                 # the log-sum-exp over the blocks of this rank's rows, online: the running largest logit and the sum
                 # of exponentials relative to it (no rows: -inf, which the other shards' log-sum-exp ignores)
                 top = torch.full((len(rows),), float("-inf"), device=hidden.device)
                 norm, target = torch.zeros_like(top), torch.zeros_like(top)
                 for cols, w, b in head.blocks():
                     logits = F.linear(every[rows], w, b).float()
-                    column, inside = _block_targets(chunk_local, chunk_mine, cols)
+                    column, inside = _local_targets(chunk_targets, vocab_start + cols.start, cols.stop - cols.start)
                     target += logits.gather(1, column[:, None]).squeeze(1) * inside
                     new_top = torch.maximum(top, logits.amax(dim=-1))
                     norm = norm * (top - new_top).exp() + logits.sub_(new_top[:, None]).exp_().sum(dim=-1)
@@ -214,13 +213,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                            device=every.device)
         with _gathered(ctx.weight, ctx.bias):
             head = _Head(ctx.weight, ctx.bias, every.dtype)
-            local, mine = _local_targets(every_targets, ctx.vocab_start, head.rows)
             for start, rows in _chunk_rows(world, n, ctx.chunk, every.device):
-                chunk_local, chunk_mine, scale = local[rows], mine[rows], row_scale[rows, None]
+                chunk_targets, scale = every_targets[rows], row_scale[rows, None]
                 partial = None  # rank r's tokens in block r
                 for cols, w, b in head.blocks():
                     probs = F.linear(every[rows], w, b).float().sub_(lse[rows, None]).exp_()  # in place: one fp32 block
-                    column, inside = _block_targets(chunk_local, chunk_mine, cols)
+                    column, inside = _local_targets(chunk_targets, ctx.vocab_start + cols.start,
+                                                    cols.stop - cols.start)
                     # minus one at each target in the block: -0.0 elsewhere (column 0), no change; no boolean
                     # indexing, whose nonzero() would wait for the GPU at every block
                     probs.scatter_add_(1, column[:, None], inside[:, None].to(probs.dtype).neg_())
@@ -313,18 +312,11 @@ class _Head:
 
 
 def _local_targets(targets: torch.Tensor, vocab_start: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each target's row among this rank's ``rows`` vocabulary rows from ``vocab_start`` (0 where it is not one of
-    them), and where it is one (ignored targets never are)."""
+    """Each target's row among the ``rows`` vocabulary rows from ``vocab_start`` (a block of this rank's rows; 0
+    where it is not one of them), and where it is one (ignored targets never are)."""
     local = targets - vocab_start
     mine = (targets != IGNORE) & (local >= 0) & (local < rows)
     return torch.where(mine, local, 0), mine
-
-
-def _block_targets(local: torch.Tensor, mine: torch.Tensor, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each target's column in the block of this rank's rows ``cols`` (0 where it is not in it), and where it is
-    (``local``, ``mine``: :func:`_local_targets`'s)."""
-    inside = mine & (local >= cols.start) & (local < cols.stop)
-    return torch.where(inside, local - cols.start, 0), inside
 
 
 def _chunk_rows(world: int, n: int, chunk: int, device: torch.device):

@@ -624,6 +624,11 @@ class _Run:
         )
 
     @property
+    def reduce_bucket(self) -> int:
+        """Elements of DeepSpeed's reduce bucket (zero*), as lora_dist.parallel.deepspeed caps it."""
+        return int(float(self.zero.get("reduce_bucket_size", 5e8)))
+
+    @property
     def lora_bytes(self) -> int:
         return self.lora_numel * LORA_BYTES
 
@@ -787,7 +792,7 @@ def _zero3_state(r: _Run, s: _State) -> None:
     # into this rank's gradient partition, held in DeepSpeed's gradient-accumulation dtype (the model's: bf16 under
     # its bf16); each reduction concatenates the bucket's gradients into a flat fp32 copy (reduce_scatter_coalesced),
     # up to a bucket more while backward runs.
-    s.lora_grads = partition * r.compute_elt + int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
+    s.lora_grads = partition * r.compute_elt + r.reduce_bucket * LORA_BYTES
     s.optimizer_state = 2 * partition * LORA_BYTES  # AdamW's two moments
     prefetch = int(float(zero.get("stage3_prefetch_bucket_size", 5e7)))
     max_live = int(float(zero.get("stage3_max_live_parameters", 1e9)))
@@ -799,7 +804,7 @@ def _zero3_state(r: _Run, s: _State) -> None:
     else:  # the module running (at most the largest weight) plus the prefetch bucket
         largest_base = max((q.numel() for _, q in base), default=0)
         s.gathered = s.loss_gathered = min(largest_base + prefetch, base_numel) * r.compute_elt
-    s.buffers = int(float(zero.get("reduce_bucket_size", 5e8))) * LORA_BYTES
+    s.buffers = r.reduce_bucket * LORA_BYTES
 
 
 def _sharded_adamw_state(r: _Run, s: _State) -> None:
@@ -848,7 +853,7 @@ def _state(r: _Run) -> _State:
         s.lora_params = r.lora_numel * elt
         s.lora_grads = (r.lora_numel if p.strategy == "zero1" else partition) * elt
         s.optimizer_state = 3 * partition * LORA_BYTES
-        s.buffers = int(float(r.zero.get("reduce_bucket_size", 5e8))) * elt
+        s.buffers = r.reduce_bucket * elt
     else:  # ddp, none
         s.base_shard = sum(r.stored(q, q.numel(), r.base_elt) for _, q in r.base)
         s.gathered, s.loss_gathered = block_dequantized, head_dequantized
