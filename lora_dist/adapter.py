@@ -38,6 +38,7 @@ from lora_dist.inputs import clip, excerpt, read_json, read_text
 from lora_dist.lora import LoRAConfig, LoRAParam, inject_lora, language_model, lora_modules, param_targets
 from lora_dist.merge import LoRAWeights, lora_scale
 from lora_dist.quant import NF4Record, nf4_record
+from lora_dist.releases import installed
 from lora_dist.safetensors_file import write_safetensors
 from lora_dist.sharding import full_shape
 
@@ -283,13 +284,8 @@ PEFT_READS_EXPERT_NAMES = (0, 22)
 def installed_peft_misreads() -> bool:
     """Whether the PEFT installed here misreads the layers :func:`peft_misread` names (a release before
     :data:`PEFT_READS_EXPERT_NAMES`); True without PEFT, since the adapter may then meet any release."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        release = tuple(int(part) for part in re.findall(r"\d+", version("peft"))[:2])
-    except (PackageNotFoundError, ValueError):
-        return True
-    return release < PEFT_READS_EXPERT_NAMES
+    peft = installed("peft")
+    return peft is None or peft < PEFT_READS_EXPERT_NAMES
 
 
 def peft_misread(model: nn.Module) -> list[str]:

@@ -580,6 +580,7 @@ def test_which_installed_peft_misreads_the_expert_named_layers(monkeypatch, rele
     0.22 reads them as trained (tests/test_hub_archs.py). Without PEFT the adapter may meet any release: warn."""
     import importlib.metadata
 
+    import lora_dist.releases
     from lora_dist.adapter import installed_peft_misreads
 
     def version(name):
@@ -588,5 +589,5 @@ def test_which_installed_peft_misreads_the_expert_named_layers(monkeypatch, rele
             raise importlib.metadata.PackageNotFoundError(name)
         return release
 
-    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(lora_dist.releases, "version", version)
     assert installed_peft_misreads() is misreads

@@ -33,6 +33,7 @@ from lora_dist.errors import ConfigError
 from lora_dist.inputs import excerpt
 from lora_dist.model_dir import text_config
 from lora_dist.parallel.engine import MOMENTS, Engine
+from lora_dist.releases import release
 
 __all__ = [
     "ACTIVATION_CHECKPOINTING_MIN",
@@ -53,14 +54,6 @@ ACTIVATION_CHECKPOINTING_MIN = (0, 19, 3)
 _DEPRECATED_COLLECTIVES = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
 
 
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
-
-
 def check_supported(strategy: str, activation_checkpointing: bool | int, version: str | None = None) -> None:
     """Refuse, in one line, what the installed DeepSpeed gets wrong with a frozen base.
 
@@ -73,7 +66,7 @@ def check_supported(strategy: str, activation_checkpointing: bool | int, version
         import deepspeed
 
         version = deepspeed.__version__
-    if _version(version) < ACTIVATION_CHECKPOINTING_MIN:
+    if release(version) < ACTIVATION_CHECKPOINTING_MIN:
         need = ".".join(map(str, ACTIVATION_CHECKPOINTING_MIN))
         raise ConfigError(f"parallel.strategy=zero3 with activation checkpointing (parallel.activation_checkpointing="
                           f"{str(activation_checkpointing).lower()}) needs deepspeed>={need} "
