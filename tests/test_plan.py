@@ -171,8 +171,9 @@ def test_deepspeed_step_is_close_to_live_tensor_bytes(tiny_checkpoint, strategy,
     gradients and DeepSpeed's buffers are counted decides it: the planner's usual 15%, which the old accounting
     missed by far for zero1/2 in bf16 (+35%, the LoRA counted in fp32) and just for zero3 in fp32 (+15.5%, every
     full gradient counted besides the reduce bucket holding it, and a master copy of an fp32 partition DeepSpeed
-    does not make); now within 10% in every case, the zero3 bf16 peak varying by ~4% from run to run. Under DeepSpeed's bf16, zero1/2 hold the LoRA
-    params in bf16 (the fp32 masters are the optimizer's); zero3 keeps them fp32."""
+    does not make); now within 10% in every case, the zero3 bf16 peak varying by ~4% from run to run. Under
+    DeepSpeed's bf16, zero1/2 hold the LoRA params in bf16 (the fp32 masters are the optimizer's); zero3 keeps them
+    fp32."""
     path = tiny_checkpoint("llama", hidden=64, layers=2, heads=4)
     out = ranks(2, str(REPO / "tests" / "dist_scripts" / "zero_step_peak.py"), f"model.path={path}",
                 f"parallel.strategy={strategy}", f"model.dtype={dtype}", "lora.r=64", "lora.alpha=64",

@@ -4,12 +4,15 @@ of that second step, and the dtype DeepSpeed holds the LoRA params in."""
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
-from lora_dist.bench.measure import LiveTensorBytes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: distutil, also where torchrun starts it
+from distutil import step_peak  # noqa: E402
+
 from lora_dist.config import load_config
 from lora_dist.launch import init_distributed
 from lora_dist.lora import lora_parameters
@@ -28,17 +31,7 @@ engine = make_engine(model, optimizer, cfg.parallel, cfg.train, torch.device("cp
 ids = torch.randint(0, model.config.vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_len),
                     generator=torch.Generator().manual_seed(env.rank))
 
-
-def step():
-    engine.backward(engine.forward_loss_sum({"input_ids": ids}, ids))
-    engine.step(1e-3)
-
-
-step()  # the optimizer state exists from here on
-tracker = LiveTensorBytes("cpu")
-with tracker:
-    step()
-peak = torch.tensor([tracker.peak], dtype=torch.float64)
+peak = torch.tensor([step_peak(engine, ids)], dtype=torch.float64)
 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
 if env.rank == 0:
     plan = plan_memory(cfg, env.world_size)
