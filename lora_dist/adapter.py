@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from lora_dist.atomic import recover, writing_dir
 from lora_dist.chat import MAX_TEMPLATE_BYTES
+from lora_dist.dtypes import all_finite
 from lora_dist.errors import UserError
 from lora_dist.outputs import ADAPTER_FILES, CHAT_TEMPLATE_FILE, check_replaceable
 from lora_dist.inputs import clip, excerpt, read_json, read_text
@@ -197,7 +198,7 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, t
             raise AdapterError(f"refusing to write empty tensor {key} {tuple(t.shape)}: a sharded param was not gathered")
         if expected is not None and tuple(t.shape) != expected[key]:
             raise AdapterError(f"refusing to write {key}: shape {tuple(t.shape)}, expected {expected[key]}")
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise AdapterError(f"refusing to write {key}: it holds NaN/Inf (training diverged)")
 
 

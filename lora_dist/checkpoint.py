@@ -103,6 +103,7 @@ from safetensors.torch import load_file
 
 from lora_dist.atomic import discard, recover, write_text_atomic, writing_dir
 from lora_dist.config import Config
+from lora_dist.dtypes import all_finite
 from lora_dist.errors import UserError
 from lora_dist.launch import LaunchEnv
 from lora_dist.launch.detect import job_restart
@@ -175,7 +176,7 @@ def _train_settings(cfg: Config) -> dict:
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], step: int) -> None:
-    bad = next((k for k, v in tensors.items() if not torch.isfinite(v).all()), None)
+    bad = next((k for k, v in tensors.items() if not all_finite(v)), None)
     if bad is not None:
         raise TrainingDiverged(f"{bad} is not finite at step {step}; checkpoint not written, the last good one is kept. "
                                "Lower train.lr or check the data")
@@ -269,7 +270,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
         moments = load_file(str(path / "optimizer.safetensors"))
     except Exception as e:  # missing file, truncated or corrupt safetensors
         raise ResumeError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    bad = next((k for k, v in lora.items() if not torch.isfinite(v).all()), None)
+    bad = next((k for k, v in lora.items() if not all_finite(v)), None)
     if bad is not None:
         raise ResumeError(f"{path}: {bad} holds NaN/Inf")
     return state, lora, moments

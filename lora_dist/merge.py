@@ -37,6 +37,7 @@ from typing import Iterator, Mapping
 
 import torch
 
+from lora_dist.dtypes import all_finite
 from lora_dist.errors import UserError
 
 __all__ = [
@@ -230,10 +231,10 @@ def merge_weight(
     merged = weight.detach().to(torch.float32) + lora_delta(
         lora.lora_A, lora.lora_B, lora.scale, lora.fan_in_fan_out, rows, lora.num_experts
     ).view(weight.shape)
-    if not torch.isfinite(merged).all():
+    if not all_finite(merged):
         raise MergeError(f"{name}: merged weight has NaN/Inf; the adapter or base weight is corrupt")
     result = merged.to(out_dtype)
-    if not torch.isfinite(result).all():
+    if not all_finite(result):
         dtype = str(out_dtype).removeprefix("torch.")
         raise MergeError(f"{name}: the merged weight overflows {dtype} (Inf after the cast); "
                          "merge to float32 or bfloat16 instead")

@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from lora_dist.dtypes import FLOAT_DTYPES, dtype_name, from_safetensors
+from lora_dist.dtypes import FLOAT_DTYPES, all_finite, dtype_name, from_safetensors
 from lora_dist.export.errors import ExportError, ExportOverflowError
 from lora_dist.export.layout import TensorSpec
 from lora_dist.merge import LoRAWeights, MergeError, adapter_shape, lora_rows, merge_weight
@@ -102,20 +102,9 @@ def to_output(values: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tens
             the dtypes to write instead; or values that are NaN/Inf already (a corrupt base or model).
     """
     out = values.to(dtype)
-    if dtype in FLOAT_DTYPES and not _all_finite(out):
+    if dtype in FLOAT_DTYPES and not all_finite(out):
         raise _not_finite(values, out, dtype, name)
     return out
-
-
-#: Elements checked at once: ``isfinite`` allocates a few temporaries the size of its input (``abs`` among
-#: them, in the input's dtype), so a whole largest tensor at once would hold about one more copy of it. 64K
-#: elements keep those temporaries well under a MB (the check is a small part of the export's time either way).
-FINITE_CHUNK = 1 << 16
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[s:s + FINITE_CHUNK]).all()) for s in range(0, flat.numel(), FINITE_CHUNK))
 
 
 def _not_finite(values: torch.Tensor, out: torch.Tensor, dtype: torch.dtype, name: str) -> ExportOverflowError:

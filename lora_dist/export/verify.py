@@ -33,7 +33,7 @@ from typing import Mapping
 import torch
 
 from lora_dist.adapter import read_adapter
-from lora_dist.dtypes import FLOAT_DTYPES, DTypeError, dtype_name, from_safetensors, parse_dtype
+from lora_dist.dtypes import FLOAT_DTYPES, DTypeError, all_finite, dtype_name, from_safetensors, parse_dtype
 from lora_dist.export.errors import ExportError
 from lora_dist.inputs import clip
 from lora_dist.safetensors_file import HeaderEntry, SafetensorsFormatError, read_header
@@ -265,7 +265,7 @@ def check_finite(ckpt: ModelDir, keys: list[str]) -> list[str]:
     for key in keys:
         for rows in _blocks(ckpt, key):
             tensor = ckpt.read(key, rows)
-            if tensor.dtype in FLOAT_DTYPES and not torch.isfinite(tensor).all():
+            if tensor.dtype in FLOAT_DTYPES and not all_finite(tensor):
                 problems.append(f"{key!r} holds NaN/Inf")
                 break
     return problems

@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -56,11 +57,20 @@ Ranges = list[dict[str, list[tuple[int, int]]]]
 
 
 class _OpenFiles:
-    """This rank's write handles on the staged files."""
+    """This rank's write handles on the staged files, written behind: each piece is written by one background thread
+    while the rank reads and merges the next (``pwrite`` and torch's kernels release the GIL), so an export takes
+    about as long as its writes or its merging, whichever is longer, not their sum. At most one piece is being
+    written while the next is produced: one piece more in memory than writing in turn.
+
+    A write's error (disk full, a read-only filesystem) is raised by the next :meth:`write`, or returned by
+    :meth:`close`.
+    """
 
     def __init__(self, root: Path, layout: st.CheckpointLayout) -> None:
         self.root, self.layout = root, layout
         self.fds: dict[str, int] = {}
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def write(self, key: str, start: int, data: torch.Tensor) -> None:
         spec = self.layout.specs[key]
@@ -69,11 +79,32 @@ class _OpenFiles:
         name = self.layout.file_of[key]
         if name not in self.fds:
             self.fds[name] = os.open(self.root / name, os.O_WRONLY)
-        st.pwrite_tensor(self.fds[name], data, self.layout.offset_of[key] + start * spec.itemsize)
+        # On the host here, so the writer thread only writes (a device tensor is copied on this thread's stream).
+        data = data.detach().to("cpu").contiguous()
+        self._wait()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora_dist-export-write")
+        self._pending = self._writer.submit(st.pwrite_tensor, self.fds[name], data,
+                                            self.layout.offset_of[key] + start * spec.itemsize)
+
+    def _wait(self) -> None:
+        """Wait for the piece being written; raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def close(self) -> BaseException | None:
-        """fsync (from this rank: its own writes on a shared filesystem) and close everything; the first error."""
+        """Finish the writes, then fsync (from this rank: its own writes on a shared filesystem) and close
+        everything; the first error."""
         error = None
+        try:
+            self._wait()
+        except Exception as e:
+            error = e
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
         for fd in self.fds.values():
             try:
                 os.fsync(fd)
@@ -115,6 +146,17 @@ def _fill(group: RankGroup, staging: Path, layout: st.CheckpointLayout, sources:
     collectives; the caller raises them together afterwards.
     """
     files = _OpenFiles(staging, layout)
+    try:
+        error = _write_pieces(files, group, layout, sources, gather, ranges)
+    finally:  # every piece handed to the writer thread is written, or has failed, before the export goes on
+        close_error = files.close()
+    error = error or close_error
+    return _friendly(error, out, layout.file_bytes) if error is not None else None
+
+
+def _write_pieces(files: _OpenFiles, group: RankGroup, layout: st.CheckpointLayout, sources: Mapping[str, object],
+                  gather: bool, ranges: Ranges) -> BaseException | None:
+    """:func:`_fill`'s pieces, tensor by tensor; the first error."""
     error: BaseException | None = None
     for key, spec in layout.specs.items():
         source = sources[key]
@@ -153,9 +195,7 @@ def _fill(group: RankGroup, staging: Path, layout: st.CheckpointLayout, sources:
                 files.write(key, piece.start, piece.produce())
         except Exception as e:
             error = e
-    close_error = files.close()
-    error = error or close_error
-    return _friendly(error, out, layout.file_bytes) if error is not None else None
+    return error
 
 
 def check_coverage(layout: st.CheckpointLayout, ranges: Ranges) -> None:

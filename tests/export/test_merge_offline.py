@@ -390,3 +390,65 @@ def test_the_ranks_wait_for_a_final_fsync_longer_than_the_groups_timeout(merged,
     for name in sorted(p.name for p in merged["out"].iterdir()):
         assert (out / name).read_bytes() == (merged["out"] / name).read_bytes(), name
 
+
+
+def _two_piece_layout(tmp_path: Path):
+    """A one-tensor checkpoint file (8 fp32 values) created as the export creates it, and its layout."""
+    from lora_dist.export import layout as st
+
+    layout = st.plan_layout([st.TensorSpec("w", torch.float32, (8,))], "1GB", {})
+    st.create_file(tmp_path / layout.files[0].name, layout.files[0])
+    return layout
+
+
+def test_a_piece_is_written_behind_while_the_next_one_is_produced(tmp_path, monkeypatch):
+    """The export writes each piece on a thread of its own while the rank reads and merges the next one: here the
+    first write cannot finish until the rank has gone on to the next piece (written in turn, this would wait out
+    the 10 s and fail). Both pieces land where they belong, and no writer thread is left."""
+    import threading
+
+    from lora_dist.export import layout as st
+    from lora_dist.export.writer import _OpenFiles
+    from safetensors.torch import load_file
+
+    layout = _two_piece_layout(tmp_path)
+    write, went_on, writes = st.pwrite_tensor, threading.Event(), []
+
+    def slow_first_write(fd, data, offset):
+        if not writes:
+            assert went_on.wait(10), "the rank waited for the first piece's write before producing the next"
+        writes.append(threading.current_thread().name)
+        write(fd, data, offset)
+
+    monkeypatch.setattr(st, "pwrite_tensor", slow_first_write)
+    files = _OpenFiles(tmp_path, layout)
+    files.write("w", 0, torch.arange(4.0))
+    went_on.set()  # the next piece is being produced: the first write may finish
+    files.write("w", 4, torch.arange(4.0, 8.0))
+    assert files.close() is None
+    assert torch.equal(load_file(str(tmp_path / layout.files[0].name))["w"], torch.arange(8.0))
+    assert len(writes) == 2 and all(name != threading.current_thread().name for name in writes)
+    assert not [t for t in threading.enumerate() if t.name.startswith("lora_dist-export-write")]
+
+
+def test_a_failed_write_behind_is_raised_by_the_next_write_and_by_close(tmp_path, monkeypatch):
+    """A write that fails on the writer thread (the disk full) is not lost: the next piece's write raises it, so
+    the rank stops producing, and close returns it after closing every file."""
+    import errno
+
+    from lora_dist.export import layout as st
+    from lora_dist.export.writer import _OpenFiles
+
+    layout = _two_piece_layout(tmp_path)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st, "pwrite_tensor", full)
+    files = _OpenFiles(tmp_path, layout)
+    files.write("w", 0, torch.arange(4.0))
+    with pytest.raises(OSError, match="No space left"):
+        files.write("w", 4, torch.arange(4.0, 8.0))
+    files.write("w", 4, torch.arange(4.0, 8.0))  # a rank that went on regardless: its error is close's
+    error = files.close()
+    assert isinstance(error, OSError) and error.errno == errno.ENOSPC and not files.fds
