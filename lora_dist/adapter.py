@@ -152,12 +152,15 @@ def _peft_config(model: nn.Module, config: LoRAConfig, matched: list[str], base_
     # model's language model.
     plain = config.layers_to_transform is None and config.exclude_modules is None and language_model(model) is None
     if not matched:
-        target: list[str] | str | None = None
-    elif plain and isinstance(config.target_modules, (list, type(None))):
+        target: list[str] | None = None
+    elif plain and isinstance(config.target_modules, (list, type(None))) and not _peft_converts_targets(model):
         target = leaves
     else:
-        # Name exactly the injected modules so PEFT reproduces them whatever the selection rules were.
-        target = "^(" + "|".join(re.escape(n) for n in matched) + ")$"
+        # Name exactly the injected modules, in full, so PEFT reproduces them whatever the selection rules were. A
+        # list, not a regex: on a model whose targets PEFT converts to its fused experts, PEFT 0.22 turns a regex
+        # into leaf names, and a leaf named like an expert projection (a shared expert's gate_proj) adapts the
+        # routed experts too (untrained, "missing adapter keys"); a full name is no expert's.
+        target = list(matched)
     # PEFT matches a parameter whose full name equals an entry or ends with "." + it.
     target_parameters = (list(config.target_parameters) if plain else sorted(params)) if params else None
     fan_in_fan_out = any(m.fan_in_fan_out for m in layers.values())
@@ -276,6 +279,13 @@ def _peft_expert_pattern(model: nn.Module) -> str | None:
         return None
     pattern = {**_MODEL_TO_CONVERSION_PATTERN, "mixtral": "mixtral"}.get(model_type)  # PEFT adds mixtral
     return pattern if pattern in _PEFT_EXPERT_NAMES else None
+
+
+def _peft_converts_targets(model: nn.Module) -> bool:
+    """Whether PEFT 0.22 converts ``model``'s adapter targets named like expert projections to its fused experts:
+    the models of :func:`_peft_expert_pattern`, and Qwen2-MoE, which PEFT 0.22 adds to transformers' patterns."""
+    return _peft_expert_pattern(model) is not None or \
+        getattr(getattr(model, "config", None), "model_type", None) == "qwen2_moe"
 
 
 #: The first PEFT release that loads the layers :func:`peft_misread` names as trained (tests/test_hub_archs.py).

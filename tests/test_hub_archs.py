@@ -7,6 +7,7 @@ export keeps every tensor and name of the checkpoint, the vision tower's untouch
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,40 @@ def test_peft_misreads_the_expert_named_layers_the_warning_names(arch, misread, 
     dense = _hf_model(tiny_checkpoint("llama"))  # a model without experts: its MLP names mean what they say
     inject_lora(dense, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
     assert not peft_misread(dense)
+
+
+@pytest.mark.filterwarnings("error:Found missing adapter keys:UserWarning")  # PEFT adapting more than was trained
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "qwen3_next"])
+def test_peft_adapts_no_routed_expert_the_adapter_did_not_train(arch, tiny_checkpoint, tmp_path):
+    """On a model with fused experts PEFT converts a target named like an expert projection (``gate_proj``,
+    ``up_proj``, ``down_proj``) to the experts. The adapter's config names each adapted layer in full, so PEFT adapts
+    a shared expert's or a dense layer's MLP and no routed expert besides: named by a regex, PEFT 0.22 added untrained
+    LoRA to every routed expert ("missing adapter keys") and would train it on. Where the installed PEFT reads the
+    layers as trained (0.22; Qwen2-MoE on 0.21 too) it adapts exactly lora_dist's layers, with the same outputs;
+    PEFT 0.21's misreading of DeepSeek-V3's and Qwen3-Next's is the test above's."""
+    import peft
+
+    path = tiny_checkpoint(arch)
+    model = _hf_model(path)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    adapted = [n for n, _ in lora_modules(model)]
+    assert any("shared_expert" in n for n in adapted) and not any(".experts" in n for n in adapted)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == adapted and not config["target_parameters"]
+    if peft_misread(model) and installed_peft_misreads():
+        return  # PEFT 0.21 on DeepSeek-V3/Qwen3-Next: the misread the run warns about
+    reference = peft.PeftModel.from_pretrained(_hf_model(path), tmp_path / "adapter").eval()
+    peft_adapted = [n.removeprefix("base_model.model.") for n, m in reference.named_modules()
+                    if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert sorted(peft_adapted) == sorted(adapted)
+    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reference(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)
 
 
 @pytest.mark.filterwarnings("error:Found missing adapter keys:UserWarning")  # PEFT adapting more than was trained
