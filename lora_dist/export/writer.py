@@ -57,20 +57,30 @@ Ranges = list[dict[str, list[tuple[int, int]]]]
 
 
 class _OpenFiles:
-    """This rank's write handles on the staged files, written behind: each piece is written by one background thread
+    """This rank's write handles on the staged files, written behind: a piece is written by one background thread
     while the rank reads and merges the next (``pwrite`` and torch's kernels release the GIL), so an export takes
-    about as long as its writes or its merging, whichever is longer, not their sum. At most one piece is being
-    written while the next is produced: one piece more in memory than writing in turn.
+    about as long as its writes or its merging, whichever is longer, not their sum.
 
-    A write's error (disk full, a read-only filesystem) is raised by the next :meth:`write`, or returned by
-    :meth:`close`.
+    The piece being written and the one being produced hold together at most ``budget`` bytes (this rank's largest
+    piece, which writing in turn holds alone): :meth:`make_room` is called before a piece is produced and waits
+    for the write in flight where both would not fit, so two large pieces (an embedding and a head copied from the
+    base) are written in turn and the export's peak is what it was without writing behind.
+
+    A write's error (disk full, a read-only filesystem) is raised by the next :meth:`make_room` or :meth:`write`,
+    or returned by :meth:`close`.
     """
 
-    def __init__(self, root: Path, layout: st.CheckpointLayout) -> None:
-        self.root, self.layout = root, layout
+    def __init__(self, root: Path, layout: st.CheckpointLayout, budget: int = 0) -> None:
+        self.root, self.layout, self.budget = root, layout, budget
         self.fds: dict[str, int] = {}
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._pending_bytes = 0
+
+    def make_room(self, nbytes: int) -> None:
+        """Before producing a piece of ``nbytes``: wait for the write in flight unless both fit the budget."""
+        if self._pending is not None and self._pending_bytes + nbytes > self.budget:
+            self._wait()
 
     def write(self, key: str, start: int, data: torch.Tensor) -> None:
         spec = self.layout.specs[key]
@@ -84,7 +94,8 @@ class _OpenFiles:
         self._wait()
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora_dist-export-write")
-        self._pending = self._writer.submit(st.pwrite_tensor, self.fds[name], data,
+        self._pending_bytes = data.numel() * spec.itemsize
+        self._pending = self._writer.submit(_write_piece, [data], self.fds[name],
                                             self.layout.offset_of[key] + start * spec.itemsize)
 
     def _wait(self) -> None:
@@ -116,6 +127,17 @@ class _OpenFiles:
         return error
 
 
+def _write_piece(holder: list[torch.Tensor], fd: int, offset: int) -> None:
+    """The writer thread's job: write the piece, and drop it before the job counts as done. The executor keeps a
+    job's arguments until after its future is resolved, so a piece passed directly could still be alive when the
+    rank, its write waited for, produces the next one (the bench saw two 98 MB pieces live at once)."""
+    data = holder.pop()
+    try:
+        st.pwrite_tensor(fd, data, offset)
+    finally:
+        del data
+
+
 def _unwritable(e: OSError, out: Path) -> ExportError:
     where = f": {e.filename}" if e.filename and Path(e.filename) != out.parent else ""
     err = ExportError(f"cannot write the merged checkpoint under {out.parent} ({e.strerror or e}{where}); choose an "
@@ -145,7 +167,10 @@ def _fill(group: RankGroup, staging: Path, layout: st.CheckpointLayout, sources:
     Errors are recorded, not raised, so every rank keeps taking part in the
     collectives; the caller raises them together afterwards.
     """
-    files = _OpenFiles(staging, layout)
+    world, rank = (1, 0) if gather else (group.world, group.rank)
+    largest = max(((p.end - p.start) * layout.specs[k].itemsize for k, s in sources.items()
+                   if not (gather and s.sharded) for p in s.pieces(rank, world)), default=0)
+    files = _OpenFiles(staging, layout, budget=largest)
     try:
         error = _write_pieces(files, group, layout, sources, gather, ranges)
     finally:  # every piece handed to the writer thread is written, or has failed, before the export goes on
@@ -192,6 +217,7 @@ def _write_pieces(files: _OpenFiles, group: RankGroup, layout: st.CheckpointLayo
         try:
             world, rank = (1, 0) if gather else (group.world, group.rank)
             for piece in source.pieces(rank, world):
+                files.make_room((piece.end - piece.start) * spec.itemsize)
                 files.write(key, piece.start, piece.produce())
         except Exception as e:
             error = e

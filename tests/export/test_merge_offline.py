@@ -402,9 +402,9 @@ def _two_piece_layout(tmp_path: Path):
 
 
 def test_a_piece_is_written_behind_while_the_next_one_is_produced(tmp_path, monkeypatch):
-    """The export writes each piece on a thread of its own while the rank reads and merges the next one: here the
-    first write cannot finish until the rank has gone on to the next piece (written in turn, this would wait out
-    the 10 s and fail). Both pieces land where they belong, and no writer thread is left."""
+    """The export writes a piece on a thread of its own while the rank reads and merges the next one: here the first
+    write cannot finish until the rank has gone on to the next piece (written in turn, this would wait out the 10 s
+    and fail). Both pieces land where they belong, and no writer thread is left."""
     import threading
 
     from lora_dist.export import layout as st
@@ -421,8 +421,10 @@ def test_a_piece_is_written_behind_while_the_next_one_is_produced(tmp_path, monk
         write(fd, data, offset)
 
     monkeypatch.setattr(st, "pwrite_tensor", slow_first_write)
-    files = _OpenFiles(tmp_path, layout)
+    files = _OpenFiles(tmp_path, layout, budget=32)  # both 16-byte pieces fit
+    files.make_room(16)
     files.write("w", 0, torch.arange(4.0))
+    files.make_room(16)
     went_on.set()  # the next piece is being produced: the first write may finish
     files.write("w", 4, torch.arange(4.0, 8.0))
     assert files.close() is None
@@ -431,9 +433,43 @@ def test_a_piece_is_written_behind_while_the_next_one_is_produced(tmp_path, monk
     assert not [t for t in threading.enumerate() if t.name.startswith("lora_dist-export-write")]
 
 
-def test_a_failed_write_behind_is_raised_by_the_next_write_and_by_close(tmp_path, monkeypatch):
-    """A write that fails on the writer thread (the disk full) is not lost: the next piece's write raises it, so
-    the rank stops producing, and close returns it after closing every file."""
+def test_two_pieces_that_do_not_fit_the_budget_are_written_in_turn(tmp_path, monkeypatch):
+    """The piece in flight and the next one hold at most the rank's largest piece (what writing in turn holds): where
+    both do not fit, the rank waits for the write before producing the next piece, so writing behind never raises
+    the export's peak (the bench's 112M export held one 98 MB piece more before this rule). The piece written is
+    freed by then too: the executor holding it past its write had two 98 MB pieces live at once now and then."""
+    import time
+
+    from lora_dist.export import layout as st
+    from lora_dist.export.writer import _OpenFiles
+
+    layout = _two_piece_layout(tmp_path)
+    write, writes = st.pwrite_tensor, []
+
+    def slow_write(fd, data, offset):
+        time.sleep(0.2)
+        writes.append(offset)
+        write(fd, data, offset)
+
+    monkeypatch.setattr(st, "pwrite_tensor", slow_write)
+    from lora_dist.bench.measure import LiveTensorBytes
+
+    files = _OpenFiles(tmp_path, layout, budget=16)  # one 16-byte piece at a time
+    tracker = LiveTensorBytes("cpu")
+    with tracker:
+        files.make_room(16)
+        files.write("w", 0, torch.arange(4.0))
+        assert tracker.live == tracker.start + 16  # the piece, held by the write in flight
+        files.make_room(16)
+        # the first piece written, and freed, before the second is produced
+        assert len(writes) == 1 and tracker.live == tracker.start
+        files.write("w", 4, torch.arange(4.0, 8.0))
+    assert files.close() is None and len(writes) == 2
+
+
+def test_a_failed_write_behind_is_raised_before_the_next_piece_and_by_close(tmp_path, monkeypatch):
+    """A write that fails on the writer thread (the disk full) is not lost: making room for the next piece raises
+    it, so the rank stops producing, and close returns it after closing every file."""
     import errno
 
     from lora_dist.export import layout as st
@@ -445,10 +481,26 @@ def test_a_failed_write_behind_is_raised_by_the_next_write_and_by_close(tmp_path
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(st, "pwrite_tensor", full)
-    files = _OpenFiles(tmp_path, layout)
+    files = _OpenFiles(tmp_path, layout, budget=16)
     files.write("w", 0, torch.arange(4.0))
     with pytest.raises(OSError, match="No space left"):
-        files.write("w", 4, torch.arange(4.0, 8.0))
+        files.make_room(16)
     files.write("w", 4, torch.arange(4.0, 8.0))  # a rank that went on regardless: its error is close's
     error = files.close()
     assert isinstance(error, OSError) and error.errno == errno.ENOSPC and not files.fds
+
+
+def test_writing_behind_holds_no_more_than_the_largest_piece(tiny_checkpoint, tmp_path):
+    """An offline merge of a model whose embedding and head (copied from the base, one after the other in the
+    layout) are its largest tensors: the live tensors peak at about one of them, as when pieces were written in
+    turn, not two (writing the head behind while the embedding is read). The merged pieces between, small, are
+    still written behind."""
+    from lora_dist.bench.measure import LiveTensorBytes
+
+    base = tiny_checkpoint("llama", hidden=64, vocab=16384)  # embedding and head: 4 MB each in fp32
+    adapter = peft_adapter(base, "llama", tmp_path / "adapter")
+    largest = 16384 * 64 * 4
+    tracker = LiveTensorBytes("cpu")
+    with tracker:
+        merge_offline(base, adapter, tmp_path / "out")
+    assert largest <= tracker.peak - tracker.start < 1.5 * largest, (tracker.peak - tracker.start, largest)
