@@ -152,19 +152,21 @@ def test_peft_misreads_the_expert_named_layers_the_warning_names(arch, misread, 
 
 
 @pytest.mark.filterwarnings("error:Found missing adapter keys:UserWarning")  # PEFT adapting more than was trained
+@pytest.mark.parametrize("targets", ["all-linear", ["gate_proj", "up_proj", "down_proj"]], ids=["all-linear", "mlp"])
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "qwen3_next"])
-def test_peft_adapts_no_routed_expert_the_adapter_did_not_train(arch, tiny_checkpoint, tmp_path):
+def test_peft_adapts_no_routed_expert_the_adapter_did_not_train(arch, targets, tiny_checkpoint, tmp_path):
     """On a model with fused experts PEFT converts a target named like an expert projection (``gate_proj``,
     ``up_proj``, ``down_proj``) to the experts. The adapter's config names each adapted layer in full, so PEFT adapts
     a shared expert's or a dense layer's MLP and no routed expert besides: named by a regex, PEFT 0.22 added untrained
-    LoRA to every routed expert ("missing adapter keys") and would train it on. Where the installed PEFT reads the
+    LoRA to every routed expert ("missing adapter keys") and would train it on; named by leaf names (a list of them,
+    which a dense model's adapter keeps), it did too. Where the installed PEFT reads the
     layers as trained (0.22; Qwen2-MoE on 0.21 too) it adapts exactly lora_dist's layers, with the same outputs;
     PEFT 0.21's misreading of DeepSeek-V3's and Qwen3-Next's is the test above's."""
     import peft
 
     path = tiny_checkpoint(arch)
     model = _hf_model(path)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=targets))
     adapted = [n for n, _ in lora_modules(model)]
     assert any("shared_expert" in n for n in adapted) and not any(".experts" in n for n in adapted)
     with torch.no_grad():

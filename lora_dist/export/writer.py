@@ -104,9 +104,10 @@ class _OpenFiles:
         if pending is not None:
             pending.result()
 
-    def close(self) -> BaseException | None:
-        """Finish the writes, then fsync (from this rank: its own writes on a shared filesystem) and close
-        everything; the first error."""
+    def close(self, sync: bool = True) -> BaseException | None:
+        """Finish the writes, then fsync (from this rank: its own writes on a shared filesystem; not where the
+        export is abandoned, ``sync=False``) and close everything; the first error (a network filesystem reports
+        a failed write at the close)."""
         error = None
         try:
             self._wait()
@@ -118,11 +119,15 @@ class _OpenFiles:
                 self._writer = None
         for fd in self.fds.values():
             try:
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             except OSError as e:
                 error = error or e
             finally:
-                os.close(fd)
+                try:
+                    os.close(fd)
+                except OSError as e:
+                    error = error or e
         self.fds.clear()
         return error
 
@@ -173,9 +178,10 @@ def _fill(group: RankGroup, staging: Path, layout: st.CheckpointLayout, sources:
     files = _OpenFiles(staging, layout, budget=largest)
     try:
         error = _write_pieces(files, group, layout, sources, gather, ranges)
-    finally:  # every piece handed to the writer thread is written, or has failed, before the export goes on
-        close_error = files.close()
-    error = error or close_error
+    except BaseException:  # interrupted, or a collective failed: the staging dir is removed, nothing to fsync
+        files.close(sync=False)
+        raise
+    error = error or files.close()  # every piece handed to the writer thread written, or failed, before going on
     return _friendly(error, out, layout.file_bytes) if error is not None else None
 
 

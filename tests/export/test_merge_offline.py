@@ -437,34 +437,45 @@ def test_two_pieces_that_do_not_fit_the_budget_are_written_in_turn(tmp_path, mon
     """The piece in flight and the next one hold at most the rank's largest piece (what writing in turn holds): where
     both do not fit, the rank waits for the write before producing the next piece, so writing behind never raises
     the export's peak (the bench's 112M export held one 98 MB piece more before this rule). The piece written is
-    freed by then too: the executor holding it past its write had two 98 MB pieces live at once now and then."""
-    import time
+    freed by then too: the executor never holds a piece (it keeps a job's arguments past the job, which had two
+    98 MB pieces live at once now and then)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
+    from lora_dist.bench.measure import LiveTensorBytes
     from lora_dist.export import layout as st
     from lora_dist.export.writer import _OpenFiles
 
     layout = _two_piece_layout(tmp_path)
-    write, writes = st.pwrite_tensor, []
+    write, writes, release, submitted = st.pwrite_tensor, [], threading.Event(), []
 
-    def slow_write(fd, data, offset):
-        time.sleep(0.2)
+    def gated_write(fd, data, offset):
+        assert release.wait(10)
         writes.append(offset)
         write(fd, data, offset)
 
-    monkeypatch.setattr(st, "pwrite_tensor", slow_write)
-    from lora_dist.bench.measure import LiveTensorBytes
+    def spy(executor, fn, *args):
+        submitted.append(args)
+        return submit(executor, fn, *args)
 
+    submit = ThreadPoolExecutor.submit
+    monkeypatch.setattr(st, "pwrite_tensor", gated_write)
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", spy)
     files = _OpenFiles(tmp_path, layout, budget=16)  # one 16-byte piece at a time
     tracker = LiveTensorBytes("cpu")
     with tracker:
         files.make_room(16)
         files.write("w", 0, torch.arange(4.0))
-        assert tracker.live == tracker.start + 16  # the piece, held by the write in flight
+        assert not writes and tracker.live == tracker.start + 16  # the piece, held by the write in flight
+        release.set()
         files.make_room(16)
         # the first piece written, and freed, before the second is produced
         assert len(writes) == 1 and tracker.live == tracker.start
         files.write("w", 4, torch.arange(4.0, 8.0))
     assert files.close() is None and len(writes) == 2
+    # the writer's jobs held no piece: a holder the write emptied, the file, the offset
+    assert [[type(a) for a in args] for args in submitted] == [[list, int, int]] * 2
+    assert not any(holder for holder, _, _ in submitted)
 
 
 def test_a_failed_write_behind_is_raised_before_the_next_piece_and_by_close(tmp_path, monkeypatch):
@@ -504,3 +515,56 @@ def test_writing_behind_holds_no_more_than_the_largest_piece(tiny_checkpoint, tm
     with tracker:
         merge_offline(base, adapter, tmp_path / "out")
     assert largest <= tracker.peak - tracker.start < 1.5 * largest, (tracker.peak - tracker.start, largest)
+
+
+def test_an_interrupted_merge_leaves_nothing_and_syncs_nothing(merged, tmp_path, monkeypatch):
+    """Ctrl-C (or a failed collective) while the pieces are written: the exception goes through at once, the writes
+    in flight are waited for, every staged file is closed without an fsync (the staging dir is removed anyway; an
+    fsync of a large partial export on a network filesystem could take minutes), no writer thread is left, and
+    nothing is published."""
+    import os
+    import threading
+
+    from lora_dist.export import sources
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(sources, "merge_flat", interrupted)
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd)))
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        merge_offline(merged["base"], merged["adapter"], out, max_shard_size="100KB")
+    assert not synced and not out.exists() and not list(tmp_path.iterdir())
+    assert not [t for t in threading.enumerate() if t.name.startswith("lora_dist-export-write")]
+
+
+def test_a_failed_close_is_the_exports_error_and_every_file_is_closed(tmp_path, monkeypatch):
+    """A network filesystem reports a failed write when the file is closed: that error is close's, not raised
+    past it (the other ranks would wait for this one), and the other files are closed all the same."""
+    import errno
+    import os
+
+    from lora_dist.export import layout as st
+    from lora_dist.export.writer import _OpenFiles
+
+    specs = [st.TensorSpec(name, torch.float32, (4,)) for name in ("a", "b")]
+    layout = st.plan_layout(specs, 16, {})  # one tensor a file
+    for shard in layout.files:
+        st.create_file(tmp_path / shard.name, shard)
+    files = _OpenFiles(tmp_path, layout, budget=16)
+    for name in ("a", "b"):
+        files.write(name, 0, torch.ones(4))
+    close, closed = os.close, []
+
+    def failing_close(fd):
+        close(fd)
+        closed.append(fd)
+        if len(closed) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "close", failing_close)
+    error = files.close()
+    assert isinstance(error, OSError) and error.errno == errno.EIO and len(closed) == 2 and not files.fds
