@@ -36,6 +36,21 @@ def _hf_model(path: Path) -> torch.nn.Module:
     return model_class(ModelDir(path).hf_config).from_pretrained(path, dtype=torch.float32).eval()
 
 
+def assert_peft_adapts_exactly(path: Path, adapter: Path, model: torch.nn.Module, adapted: list[str]) -> None:
+    """PEFT, loading ``adapter`` onto the checkpoint at ``path``, adapts exactly the layers ``adapted`` and computes
+    what ``model`` (lora_dist's, with the adapter) computes."""
+    import peft
+
+    reference = peft.PeftModel.from_pretrained(_hf_model(path), adapter).eval()
+    peft_adapted = [n.removeprefix("base_model.model.") for n, m in reference.named_modules()
+                    if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert sorted(peft_adapted) == sorted(adapted)
+    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reference(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="module", params=HUB_ARCHS + VLM_ARCHS)
 def runs(request, tiny_checkpoint, tmp_path_factory):
     """The same 3 steps of r=4 LoRA on every linear layer but the head, in one process and on 2 FSDP2 ranks, each
@@ -162,8 +177,6 @@ def test_peft_adapts_no_routed_expert_the_adapter_did_not_train(arch, targets, t
     which a dense model's adapter keeps), it did too. Where the installed PEFT reads the
     layers as trained (0.22; Qwen2-MoE on 0.21 too) it adapts exactly lora_dist's layers, with the same outputs;
     PEFT 0.21's misreading of DeepSeek-V3's and Qwen3-Next's is the test above's."""
-    import peft
-
     path = tiny_checkpoint(arch)
     model = _hf_model(path)
     inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=targets))
@@ -177,14 +190,7 @@ def test_peft_adapts_no_routed_expert_the_adapter_did_not_train(arch, targets, t
     assert config["target_modules"] == adapted and not config["target_parameters"]
     if peft_misread(model) and installed_peft_misreads():
         return  # PEFT 0.21 on DeepSeek-V3/Qwen3-Next: the misread the run warns about
-    reference = peft.PeftModel.from_pretrained(_hf_model(path), tmp_path / "adapter").eval()
-    peft_adapted = [n.removeprefix("base_model.model.") for n, m in reference.named_modules()
-                    if isinstance(m, peft.tuners.lora.LoraLayer)]
-    assert sorted(peft_adapted) == sorted(adapted)
-    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(reference(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
-                                   atol=1e-5, rtol=0)
+    assert_peft_adapts_exactly(path, tmp_path / "adapter", model, adapted)
 
 
 @pytest.mark.filterwarnings("error:Found missing adapter keys:UserWarning")  # PEFT adapting more than was trained
@@ -194,8 +200,6 @@ def test_a_name_list_on_a_vision_language_model_stays_in_its_language_model_in_p
     """The default ``[q_proj, v_proj]`` adapts the language model only; the vision tower has layers of those names
     too, and the adapter's config names exactly the adapted ones, so PEFT adapts what was trained and nothing more,
     with the same outputs."""
-    import peft
-
     path = tiny_checkpoint(arch)
     model = _hf_model(path)
     vision = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("q_proj", "v_proj")
@@ -208,11 +212,4 @@ def test_a_name_list_on_a_vision_language_model_stays_in_its_language_model_in_p
         for _, layer in lora_modules(model):
             layer.lora_B.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
     save_adapter(model, tmp_path / "adapter")
-    reference = peft.PeftModel.from_pretrained(_hf_model(path), tmp_path / "adapter").eval()
-    peft_adapted = [n.removeprefix("base_model.model.") for n, m in reference.named_modules()
-                    if isinstance(m, peft.tuners.lora.LoraLayer)]
-    assert sorted(peft_adapted) == sorted(adapted)
-    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(reference(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
-                                   atol=1e-5, rtol=0)
+    assert_peft_adapts_exactly(path, tmp_path / "adapter", model, adapted)
