@@ -64,7 +64,8 @@ class _OpenFiles:
     The piece being written and the one being produced hold together at most ``budget`` bytes (this rank's largest
     piece, which writing in turn holds alone): :meth:`make_room` is called before a piece is produced and waits
     for the write in flight where both would not fit, so two large pieces (an embedding and a head copied from the
-    base) are written in turn and the export's peak is what it was without writing behind.
+    base) are written in turn, and the export's peak grows by no more than one merged block's fp32 temporaries
+    (the budget counts a piece's written bytes).
 
     A write's error (disk full, a read-only filesystem) is raised by the next :meth:`make_room` or :meth:`write`,
     or returned by :meth:`close`.
@@ -181,7 +182,9 @@ def _fill(group: RankGroup, staging: Path, layout: st.CheckpointLayout, sources:
     except BaseException:  # interrupted, or a collective failed: the staging dir is removed, nothing to fsync
         files.close(sync=False)
         raise
-    error = error or files.close()  # every piece handed to the writer thread written, or failed, before going on
+    # Every piece handed to the writer thread written, or failed, before going on; a failed export is not synced.
+    close_error = files.close(sync=error is None)
+    error = error or close_error
     return _friendly(error, out, layout.file_bytes) if error is not None else None
 
 

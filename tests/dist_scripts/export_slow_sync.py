@@ -22,7 +22,7 @@ def main() -> None:
     init_distributed(timeout_s=2)  # parallel.timeout_s=2; the merge command below keeps this group
     if dist.get_rank() == 0:
         real = writer._OpenFiles.close
-        writer._OpenFiles.close = lambda self: time.sleep(6) or real(self)
+        writer._OpenFiles.close = lambda self, sync=True: time.sleep(6) or real(self, sync)
     finish(cli.main(sys.argv[2:]))
 
 

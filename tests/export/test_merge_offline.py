@@ -517,27 +517,29 @@ def test_writing_behind_holds_no_more_than_the_largest_piece(tiny_checkpoint, tm
     assert largest <= tracker.peak - tracker.start < 1.5 * largest, (tracker.peak - tracker.start, largest)
 
 
-def test_an_interrupted_merge_leaves_nothing_and_syncs_nothing(merged, tmp_path, monkeypatch):
-    """Ctrl-C (or a failed collective) while the pieces are written: the exception goes through at once, the writes
-    in flight are waited for, every staged file is closed without an fsync (the staging dir is removed anyway; an
-    fsync of a large partial export on a network filesystem could take minutes), no writer thread is left, and
-    nothing is published."""
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_failed_or_interrupted_merge_leaves_nothing_open_and_syncs_nothing(merged, tmp_path, monkeypatch, stop):
+    """Ctrl-C (or a failed collective) while the pieces are written goes through at once; an error producing a
+    piece fails the export. Either way the writes in flight are waited for, every staged file is closed without
+    an fsync (the staging dir is removed anyway; an fsync of a large partial export on a network filesystem could
+    take minutes), no file descriptor or writer thread is left, and nothing is published."""
     import os
     import threading
 
     from lora_dist.export import sources
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    def failing(*args, **kwargs):
+        raise stop("stopped while merging")
 
     synced = []
     fsync = os.fsync
-    monkeypatch.setattr(sources, "merge_flat", interrupted)
+    monkeypatch.setattr(sources, "merge_flat", failing)
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd)))
-    out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
+    out, open_fds = tmp_path / "out", len(os.listdir("/proc/self/fd"))
+    with pytest.raises(stop, match="stopped while merging"):
         merge_offline(merged["base"], merged["adapter"], out, max_shard_size="100KB")
     assert not synced and not out.exists() and not list(tmp_path.iterdir())
+    assert len(os.listdir("/proc/self/fd")) == open_fds
     assert not [t for t in threading.enumerate() if t.name.startswith("lora_dist-export-write")]
 
 
