@@ -110,7 +110,7 @@ def to_output(values: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tens
 def _not_finite(values: torch.Tensor, out: torch.Tensor, dtype: torch.dtype, name: str) -> ExportOverflowError:
     bad = ~torch.isfinite(out)
     source = values[bad]
-    if source.is_floating_point() and not bool(torch.isfinite(source).all()):
+    if source.is_floating_point() and not all_finite(source):
         return ExportOverflowError(f"{name} holds NaN/Inf before the cast to {dtype_name(dtype)}; the base "
                                    "checkpoint or the trained model is corrupt. Nothing was written")
     largest = source.double().abs().max().item()
