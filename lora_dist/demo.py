@@ -241,7 +241,9 @@ def make_tiny_checkpoint(
         model = tf.AutoModelForImageTextToText.from_config(config)
     else:
         model = tf.AutoModelForCausalLM.from_config(config)
-    model = model.to(dtype)
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():  # not Module.to: it casts a complex buffer (Llama 4's rotary) to real
+            tensor.data = tensor.data.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     tokenizer.save_pretrained(path)

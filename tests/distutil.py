@@ -144,8 +144,26 @@ _zygotes: dict[int, _Zygote] = {}
 def _zygote() -> _Zygote:
     """This test process's zygote, started on first use; it ends when this process closes its stdin."""
     if os.getpid() not in _zygotes or _zygotes[os.getpid()].proc.poll() is not None:
+        if not _zygotes:
+            import atexit
+
+            atexit.register(_end_zygotes)
         _zygotes[os.getpid()] = _Zygote()
     return _zygotes[os.getpid()]
+
+
+def _end_zygotes() -> None:
+    """At exit: close this process's zygote's pipes and wait for it (it exits when its stdin closes), so no zygote
+    outlives the test run and none is reported still running."""
+    zygote = _zygotes.pop(os.getpid(), None)
+    if zygote is not None:
+        zygote.proc.stdin.close()
+        zygote.proc.stdout.close()
+        try:
+            zygote.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            zygote.proc.kill()
+            zygote.proc.wait()
 
 
 #: What every fresh process of :func:`in_fresh_process` has imported before it starts.

@@ -561,12 +561,16 @@ def test_init_rank0_alone_times_out(clean_environ):
 
 
 def test_init_rank1_alone_times_out(clean_environ):
-    clean_environ.update({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                          "MASTER_PORT": str(_free_port())})
-    start = time.monotonic()
-    with pytest.raises(LaunchError, match="rank 1 could not reach the master .*expected world size 2"):
-        env_mod.init_distributed(timeout_s=3)
-    assert time.monotonic() - start < 8
+    # The port stays bound, not listening, for the test: connections to it are refused, and no other test's
+    # process can pick it and listen there meanwhile (a store found there made this a join error, now and then).
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        clean_environ.update({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                              "MASTER_PORT": str(held.getsockname()[1])})
+        start = time.monotonic()
+        with pytest.raises(LaunchError, match="rank 1 could not reach the master .*expected world size 2"):
+            env_mod.init_distributed(timeout_s=3)
+        assert time.monotonic() - start < 8
 
 
 def test_init_port_in_use_fails_fast(clean_environ):
