@@ -10,7 +10,7 @@ export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 # The suite is the CPU suite (gloo): on a GPU host torch would pick NCCL and the 2-rank CPU tests would
 # break, so no GPU is visible to it. scripts/gpu_check.sh is the GPU check.
 export CUDA_VISIBLE_DEVICES=
-# One pytest-xdist worker per core, a module's tests on one worker and the cluster tests on one
+# pytest-xdist workers (scripts/workers.sh), a module's tests on one worker and the cluster tests on one
 # (tests/conftest.py); LORA_DIST_TEST_WORKERS=0 runs everything in this process.
-# nproc without OMP_NUM_THREADS, which it would obey (1 above): the cores, not the threads per worker.
-exec python -m pytest -ra -n "${LORA_DIST_TEST_WORKERS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}" "$@"
+. scripts/workers.sh
+exec python -m pytest -ra -n "$TEST_WORKERS" "$@"

@@ -13,8 +13,8 @@ python - <<'PY'
 from importlib.metadata import version
 print("today's releases:", ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "accelerate", "deepspeed", "peft", "datasets", "trl", "torchao")))
 PY
-# nproc without OMP_NUM_THREADS, which it would obey (1 above): the cores, not the threads per worker.
-exec python -m pytest -ra -n "${LORA_DIST_TEST_WORKERS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}" tests/test_train_dist.py tests/export/test_run_export.py tests/export/test_export.py \
+. scripts/workers.sh
+exec python -m pytest -ra -n "$TEST_WORKERS" tests/test_train_dist.py tests/export/test_run_export.py tests/export/test_export.py \
     tests/test_moe.py tests/test_hub_archs.py tests/test_sources.py tests/test_chat.py tests/test_data.py tests/test_lora.py \
     tests/test_model_dir.py tests/test_nf4.py tests/test_prequantized.py tests/test_chunked_loss.py tests/parallel tests/integrations \
     tests/test_checkpoint.py::test_checkpoint_layout_and_pruning tests/test_checkpoint.py::test_exact_resume_single_process \
