@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import resource
 import signal
@@ -144,10 +145,6 @@ _zygotes: dict[int, _Zygote] = {}
 def _zygote() -> _Zygote:
     """This test process's zygote, started on first use; it ends when this process closes its stdin."""
     if os.getpid() not in _zygotes or _zygotes[os.getpid()].proc.poll() is not None:
-        if not _zygotes:
-            import atexit
-
-            atexit.register(_end_zygotes)
         _zygotes[os.getpid()] = _Zygote()
     return _zygotes[os.getpid()]
 
@@ -164,6 +161,9 @@ def _end_zygotes() -> None:
         except subprocess.TimeoutExpired:
             zygote.proc.kill()
             zygote.proc.wait()
+
+
+atexit.register(_end_zygotes)
 
 
 #: What every fresh process of :func:`in_fresh_process` has imported before it starts.
