@@ -241,6 +241,18 @@ def test_zero2_bf16_keeps_the_lora_promise_fp32(setup):
     assert ds["communication_data_type"] == "fp32" and ds["bf16"]["enabled"] is True
 
 
+def test_deepspeed_takes_the_exported_local_rank_whatever_open_mpi_says(setup, reference):
+    """``mpirun`` with one GPU per rank (a wrapper setting CUDA_VISIBLE_DEVICES from the local rank):
+    init_distributed exports LOCAL_RANK as the rank's device index, 0 on every rank, while Open MPI's
+    OMPI_COMM_WORLD_LOCAL_RANK stays the rank's place on its node, and DeepSpeed's engine asserts that the two agree
+    ("conflicting local rank info") on every rank but a node's first. A process whose exported LOCAL_RANK (0)
+    differs from its Open MPI local rank (3) stands for such a rank here."""
+    out = setup["root"] / "zero2-ompi"
+    lora_dist("train", *setup["common"], "parallel.strategy=zero2", "train.micro_batch_size=4", f"output.dir={out}",
+              OMPI_COMM_WORLD_LOCAL_RANK="3")
+    _assert_same_run(reference, out)
+
+
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
 def test_chat_data_two_ranks_equal_one_process(setup, tmp_path_factory, strategy):
     """Chat records (assistant-only loss masks, packed documents with their block-diagonal mask). The merged export

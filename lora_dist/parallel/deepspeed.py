@@ -22,6 +22,7 @@ the new names (:mod:`lora_dist.collectives`).
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from typing import Mapping
 
@@ -269,6 +270,26 @@ def zero_init(ds_config: dict):
 
 
 @contextlib.contextmanager
+def open_mpi_local_rank_as_exported():
+    """Inside this context Open MPI's ``OMPI_COMM_WORLD_LOCAL_RANK`` says what ``LOCAL_RANK`` says.
+
+    ``init_distributed`` exports ``LOCAL_RANK`` as the rank's GPU index, DeepSpeed's device: 0 on every rank where
+    each sees one GPU (``mpirun`` with a wrapper setting ``CUDA_VISIBLE_DEVICES`` from the local rank). DeepSpeed's
+    engine asserts at init that ``OMPI_COMM_WORLD_LOCAL_RANK``, where set, equals ``LOCAL_RANK`` ("conflicting local
+    rank info"), which fails every rank there but a node's first. The variable is restored after."""
+    name = "OMPI_COMM_WORLD_LOCAL_RANK"
+    own = os.environ.get(name)
+    if own is None or "LOCAL_RANK" not in os.environ or own == os.environ["LOCAL_RANK"]:
+        yield
+        return
+    os.environ[name] = os.environ["LOCAL_RANK"]
+    try:
+        yield
+    finally:
+        os.environ[name] = own
+
+
+@contextlib.contextmanager
 def broadcast_trainable_only():
     """Inside this context DeepSpeed's engine broadcasts only the trainable params (the LoRA) from rank 0 at init.
 
@@ -313,7 +334,7 @@ class DeepSpeedEngine(Engine):
         skip_cpu_inference_op()
         super().__init__(model, optimizer, ds_config.get("gradient_clipping", 0.0), device)
         ds_config = cap_reduce_bucket(ds_config, sum(getattr(p, "ds_numel", p.numel()) for p in self.lora_params))
-        with broadcast_trainable_only():
+        with broadcast_trainable_only(), open_mpi_local_rank_as_exported():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine
         # DeepSpeed averages over ranks and divides by the accumulation steps.
