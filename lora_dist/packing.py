@@ -9,7 +9,7 @@ A document longer than ``seq_len`` (``data.long_documents``) is split into conse
 (``split``: text, where every token is learned, reads on from where the last block stopped), cut to its first
 ``seq_len`` tokens (``truncate``: a document with a prompt - a conversation, a completion - whose later pieces
 would be learned without the prompt or the answer's start they follow), or left out (``drop``); ``auto`` splits
-text and truncates a document with a prompt (a token after its first without a label), as TRL truncates.
+text and truncates a document with a prompt (a token without a label, but a text's leading BOS), as TRL truncates.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ class Packer:
         sink: called with ``{name: array}`` of up to ``buffer_blocks`` finished blocks, in order.
         buffer_blocks: finished blocks held before they go to the sink.
         long_documents: one of :data:`LONG_DOCUMENTS` (the module docstring).
+        bos_id: the BOS a text document starts with, unlabeled (:func:`lora_dist.chat.bos_prefix`), or None where
+            a text starts with its first word: every other token without a label is a prompt's.
 
     Attributes (after :meth:`finish`): ``blocks``, ``documents`` (non-empty, packed), ``split``, ``truncated``
     and ``dropped`` (documents longer than ``seq_len``), ``tokens`` (excluding padding), ``loss_tokens``
@@ -63,11 +65,11 @@ class Packer:
     """
 
     def __init__(self, seq_len: int, packing: bool, pad_id: int, sink: Callable[[dict[str, np.ndarray]], None],
-                 buffer_blocks: int = 1024, long_documents: str = "auto"):
+                 buffer_blocks: int = 1024, long_documents: str = "auto", bos_id: int | None = None):
         if long_documents not in LONG_DOCUMENTS:
             raise ValueError(f"long_documents={long_documents!r} is not one of {', '.join(LONG_DOCUMENTS)}")
         self.seq_len, self.packing, self.pad_id, self.sink = seq_len, packing, pad_id, sink
-        self.long_documents = long_documents
+        self.long_documents, self.bos_id = long_documents, bos_id
         self.buf = {name: np.empty((buffer_blocks, seq_len) if shape == "row" else buffer_blocks, DTYPE)
                     for name, shape in BLOCK_ARRAYS.items()}
         self.n_buf = 0
@@ -89,7 +91,7 @@ class Packer:
         if n > S:
             how = self.long_documents
             if how == "auto":
-                how = "truncate" if (labels[1:] == IGNORE).any() else "split"
+                how = "truncate" if self._has_prompt(ids, labels) else "split"
             if how == "truncate":
                 ids, labels, n = ids[:S], labels[:S], S
                 if not (labels[1:] != IGNORE).any():  # the prompt fills the block: nothing left to learn
@@ -112,6 +114,13 @@ class Packer:
             self.buf["labels"][row, a + 1:a + piece] = labels[k + 1:k + piece]  # a piece's first token: no label
             self.buf["position_ids"][row, a:a + piece] = np.arange(piece, dtype=DTYPE)
             self.used += piece
+
+    def _has_prompt(self, ids: np.ndarray, labels: np.ndarray) -> bool:
+        """Whether a document holds tokens it does not learn (a prompt, a conversation's other turns): a label of
+        -100 anywhere but on a text's leading BOS. A one-token prompt is one too (Qwen's and GPT-2's texts start
+        with no BOS, so their first token is labeled)."""
+        first = 1 if self.bos_id is not None and ids[0] == self.bos_id else 0
+        return bool((labels[first:] == IGNORE).any())
 
     def _flush(self) -> None:
         """Close the row being filled (pad it, its padding positions counting from 0), if it holds anything."""

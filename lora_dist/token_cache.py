@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from lora_dist.atomic import WriterMark, publish_dir, sweep_abandoned
-from lora_dist.chat import ChatError, parse_record, resolve_template, tokenize_record
+from lora_dist.chat import ChatError, bos_prefix, parse_record, resolve_template, tokenize_record
 from lora_dist.inputs import clip
 from lora_dist.packing import BLOCK_ARRAYS, DTYPE, Packer, blocks_fingerprint
 from lora_dist.preemption import Preempted
@@ -73,7 +73,9 @@ log = logging.getLogger(__name__)
 #: a template that renders text only from content parts (SmolVLM, Idefics3, LLaVA-NeXT) is handed parts.
 #: 6: the held-out records (``eval_fraction``, in the key) are chosen before the weights and packed apart
 #: (``eval_*.bin``); the tokenizer's fingerprint leaves out its truncation and padding.
-FORMAT = 6
+#: 7: a prompt/completion document longer than ``seq_len`` whose prompt is one token (a tokenizer that starts texts
+#: with no BOS: Qwen, GPT-2) is truncated as every document with a prompt, not split as text.
+FORMAT = 7
 #: Chunks per tokenization worker sent or done and waiting their turn (each worker tokenizes one at a time).
 IN_FLIGHT = 2
 #: Seconds the tokenization workers have to start; then the rank tokenizes by itself.
@@ -332,8 +334,9 @@ def build(final: Path, key: str, sources: list[Source], tokenizer, template: str
         files["train"] = _Files(staging)
         if eval_fraction > 0:
             files["eval"] = _Files(staging, EVAL_PREFIX)
-        packers = {part: Packer(seq_len, packing, pad_id, f.write, long_documents=long_documents)
-                   for part, f in files.items()}
+        bos = bos_prefix(tokenizer)
+        packers = {part: Packer(seq_len, packing, pad_id, f.write, long_documents=long_documents,
+                                bos_id=bos[0] if bos else None) for part, f in files.items()}
         kinds: dict[str, Counter] = {part: Counter() for part in files}
         for part, (chunk_kinds, ids, labels, lengths) in _tokenized(sources, tokenizer, template, loss_on, num_proc,
                                                                     eval_fraction):

@@ -220,6 +220,30 @@ def test_a_long_document_with_a_prompt_is_truncated_not_learned_without_it(setup
         load_dataset(only, tok, SEQ, long_documents=how)
 
 
+@pytest.mark.parametrize("bos", [False, True], ids=["texts-start-with-no-bos", "texts-start-with-bos"])
+def test_a_one_token_prompt_is_a_prompt(setup, tmp_path, bos):
+    """A completion whose prompt is one token is truncated as every document with a prompt, not split as text:
+    without a BOS (Qwen, GPT-2) that prompt is the only token without a label, where a text's first token has one;
+    with it (Llama), a text's only unlabeled token is its BOS."""
+    from tokenizers.processors import TemplateProcessing
+
+    _, tok, _ = setup
+    if bos:
+        tok = load_tokenizer(setup[0])
+        tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A", special_tokens=[
+            (tok.bos_token, tok.bos_token_id)])
+    long = " ".join(demo_texts(12, seed=9))
+    prompt = next(w for w in long.split() if len(tok(w, add_special_tokens=False)["input_ids"]) == 1)
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "completion": " " + long}) + "\n" + json.dumps({"text": long}) + "\n")
+    ds = load_dataset(path, tok, SEQ, num_proc=1)
+    assert (ds.stats.split, ds.stats.truncated) == (1, 1)
+    completion, *text = pieces(ds)
+    assert len(completion[0]) == SEQ and completion[1][:1 + bos] == [IGNORE] * (1 + bos)
+    assert completion[0][bos] == tok(prompt, add_special_tokens=False)["input_ids"][0]
+    assert len(text) > 2 and all(IGNORE not in labels[1:] for _, labels in text)
+
+
 def test_padded_per_sequence_batches(setup):
     _, tok, data = setup
     ds = load_dataset(data, tok, SEQ, packing=False, chat_template="chatml")
