@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -353,12 +354,13 @@ def count_rows(source: Source) -> int:
 
 
 def _paragraphs(path: Path) -> Iterator[str]:
-    """The paragraphs of a ``.txt`` file (read whole), blank ones skipped."""
+    """The paragraphs of a ``.txt`` file (read whole): text between blank lines (one or more, of nothing but spaces
+    and tabs), without the line breaks around it or the spaces that end it (a first line's indent is kept)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
-    return (p for p in text.split("\n\n") if p.strip())
+    return (p.strip("\n").rstrip() for p in re.split(r"\n(?:[ \t]*\n)+", text) if p.strip())
 
 
 def _arrow_batches(path: Path, kind: str, chunk_rows: int):

@@ -68,6 +68,17 @@ def test_txt_file(tokenizer, tmp_path):
     assert len(load_dataset(path, tokenizer, seq_len=16)) > 0
 
 
+def test_txt_paragraphs_are_the_text_between_blank_lines(tokenizer, tmp_path):
+    """A line of spaces or tabs is blank too, several blank lines are one break, and no paragraph learns the line
+    breaks around it (the file's last one included) or the spaces ending it; a first line's indent stays."""
+    path = tmp_path / "d.txt"
+    path.write_text("para one\nline two\n\npara two\n \t \npara three\n\n\n\n  para four  \n \n")
+    ds = load_dataset(path, tokenizer, seq_len=64, packing=False, eval_fraction=0)
+    eos = tokenizer.eos_token
+    got = [tokenizer.decode(ds.input_ids[k, : int(ds.lengths[k])]) for k in range(len(ds))]
+    assert got == [f"{p}{eos}" for p in ("para one\nline two", "para two", "para three", "  para four")]
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_together_see_the_single_process_batch(tokenizer, tmp_path, world):
     ds = load_dataset(write_demo_data(tmp_path / "d.jsonl", n=80), tokenizer, seq_len=16)
