@@ -61,8 +61,8 @@ from typing import Any
 from lora_dist.inputs import clip, excerpt, read_text
 
 __all__ = ["ChatError", "FORMATS", "LOSS_ON", "ROLES", "Record", "TEMPLATES", "alpaca_messages", "alpaca_prompt",
-           "chat_document", "check_messages", "configured_template", "end_of_turn_tokens", "parse_record",
-           "render_chat", "resolve_template", "tokenize_record"]
+           "chat_document", "check_messages", "configured_template", "end_of_turn_text", "end_of_turn_tokens",
+           "parse_record", "render_chat", "reply_stops", "resolve_template", "tokenize_record"]
 
 #: The label of a token without a loss (PyTorch's cross-entropy ``ignore_index``).
 IGNORE = -100
@@ -777,6 +777,27 @@ def end_of_turn_tokens(tokenizer, template: str) -> list[int]:
             pass
     ids = [tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(m) for m in markers if m)]
     return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def end_of_turn_text(tokenizer, template: str) -> str:
+    """The text a reply learns to end with where ``template`` writes text, not a token, after a last reply (ChatML's
+    ``<|im_end|>`` on a vocabulary without it: several ordinary tokens): where a decoder stops by string, as
+    ``generate(stop_strings=...)`` does. ``""`` where it writes a token (:func:`end_of_turn_tokens`), nothing (EOS)
+    or refuses the probe conversation."""
+    try:
+        last = _after_last_turn(tokenizer, template, [{"role": "user", "content": PROBE[1]}], None)
+    except ChatError:
+        return ""
+    return "" if _leading(_special_tokens(tokenizer), last) else last
+
+
+def reply_stops(tokenizer, template: str | None, eos_token_id: int | list[int] | None) -> list[int]:
+    """The tokens a decoder stops a reply at: a generation config's ``eos_token_id``, then what training taught a
+    reply to end with, the template's end-of-turn tokens (:func:`end_of_turn_tokens`), or EOS after a raw text
+    (``template`` None); without repeats."""
+    given = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    learned = [tokenizer.eos_token_id] if template is None else end_of_turn_tokens(tokenizer, template)
+    return list(dict.fromkeys(i for i in [*given, *learned] if i is not None))
 
 
 def _end_by_tail(tokenizer, template: str, messages: list[dict], i: int, tools: list | None, full: str,

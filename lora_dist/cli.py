@@ -275,7 +275,7 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         report = verify_checkpoint(args.out_dir, args.base, args.adapter, sample=sample)
     except VerifyError as e:
-        print(f"lora-dist verify: FAILED: {e}", file=sys.stderr)
+        _error_line(f"lora-dist verify: FAILED: {e}")
         return EXIT_CHECK_FAILED
     print(report.summary())
     return EXIT_OK
@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = command.run(args)
     except USER_ERRORS as e:
-        print(f"lora-dist {name}: error: {_one_line(e)}", file=sys.stderr)
+        _error_line(f"lora-dist {name}: error: {_one_line(e)}")
         code = EXIT_USAGE
     except SystemExit as e:  # preemption: checkpoint written (or none to write), exit code asks for a requeue
         code = e.code if isinstance(e.code, int) else EXIT_CHECK_FAILED
@@ -528,6 +528,13 @@ def _leave_preempted(code: int, before_training: bool) -> None:
     ignore_stop_signals()
     if before_training:
         exit_distributed(code, destroy=False)
+
+
+def _error_line(text: str) -> None:
+    """``text`` and its newline to stderr in one write: ranks sharing a terminal or a log file (torchrun's, srun's)
+    each print theirs whole (``print`` writes the newline apart, and two ranks' lines ran together)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def _one_line(error: BaseException) -> str:

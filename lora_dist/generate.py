@@ -6,7 +6,8 @@ generation prompt appended, through the template training used: ``--chat-templat
 else the tokenizer's own. ``--chat-template none``, or a model without a template, gets the raw text, as
 ``text`` and string prompt/completion records are trained. Decoding stops at the generation config's EOS
 and at the tokens training taught a reply to end with (:func:`lora_dist.chat.end_of_turn_tokens`:
-``<|im_end|>``, ``<|eot_id|>``...). Greedy decoding (``temperature=0``, the default) is deterministic: a
+``<|im_end|>``, ``<|eot_id|>``...), or at the text it taught where the template's markers are text in the model's
+vocabulary (ChatML on a base without its tokens), which the reply is cut before. Greedy decoding (``temperature=0``, the default) is deterministic: a
 base with its adapter gives the same text as the checkpoint merged from them. Sampling uses the model's
 generation config for what ``--top-k``/``--top-p`` leave unset, as ``transformers``' ``generate`` does.
 """
@@ -150,10 +151,6 @@ def _sampling(temperature: float, top_k: int | None, top_p: float | None) -> dic
     return options
 
 
-def _ids(value: Any) -> list[int]:
-    return [] if value is None else [value] if isinstance(value, int) else list(value)
-
-
 def generate(base: str | os.PathLike, adapter: str | os.PathLike | None = None, *, prompt: str | None = None,
              messages: list[dict] | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, chat_template: str = "",
@@ -176,7 +173,7 @@ def generate(base: str | os.PathLike, adapter: str | os.PathLike | None = None, 
         GenerateError, ModelDirError, AdapterError: bad prompt, option, model dir or adapter.
     """
     from lora_dist.adapter import load_adapter
-    from lora_dist.chat import end_of_turn_tokens
+    from lora_dist.chat import end_of_turn_text, reply_stops
     from lora_dist.data import load_tokenizer
     from lora_dist.model_dir import ModelDir, model_class
     from lora_dist.model import load_base_model
@@ -187,7 +184,7 @@ def generate(base: str | os.PathLike, adapter: str | os.PathLike | None = None, 
         raise GenerateError("pass exactly one of --prompt TEXT and --messages FILE")
     options = _sampling(temperature, top_k, top_p)
     device = _device(device)
-    base_dir = ModelDir(base)  # validates config.json, weights and their index; never runs code from the dir
+    base_dir = ModelDir(base, "--base")  # validates config.json, weights and their index; never runs code from the dir
     tokenizer = load_tokenizer(base_dir.path)
     template = _template(tokenizer, chat_template, adapter)
     ids, text = _prompt_ids(tokenizer, prompt, messages, template)
@@ -200,9 +197,12 @@ def generate(base: str | os.PathLike, adapter: str | os.PathLike | None = None, 
         load_adapter(model, adapter)
     model.to(device).eval()
     # Stop where training taught a reply to end: the template's end-of-turn token (or EOS where it writes none),
-    # EOS after a raw text.
-    learned = [tokenizer.eos_token_id] if template is None else end_of_turn_tokens(tokenizer, template)
-    stops = list(dict.fromkeys(i for i in [*_ids(model.generation_config.eos_token_id), *learned] if i is not None))
+    # EOS after a raw text; where the template ends a reply with text (ChatML's markers on a vocabulary without
+    # them), at that text, which the reply is cut before.
+    stops = reply_stops(tokenizer, template, model.generation_config.eos_token_id)
+    stop_text = end_of_turn_text(tokenizer, template) if template is not None else ""
+    if stop_text:
+        options.update(stop_strings=[stop_text], tokenizer=tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
     input_ids = torch.tensor([ids], device=device)
     torch.manual_seed(seed)
@@ -210,4 +210,5 @@ def generate(base: str | os.PathLike, adapter: str | os.PathLike | None = None, 
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                              eos_token_id=stops or None, pad_token_id=pad, **options)
     new = out[0, input_ids.shape[1]:].tolist()
-    return Generation(tokenizer.decode(new, skip_special_tokens=True), text, new)
+    reply = tokenizer.decode(new, skip_special_tokens=True)
+    return Generation(reply.split(stop_text)[0].rstrip() if stop_text else reply, text, new)

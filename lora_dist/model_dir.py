@@ -56,15 +56,16 @@ class ModelDirError(UserError, ValueError):
     """A model dir that is missing, incomplete or corrupt."""
 
 
-def read_config_json(path: str | Path) -> dict:
-    """A model dir's ``config.json``: a JSON object with a ``model_type``.
+def read_config_json(path: str | Path, option: str = "model.path") -> dict:
+    """A model dir's ``config.json``: a JSON object with a ``model_type``; ``option`` is what names the dir (an error
+    says to point it at a checkpoint).
 
     Raises:
         ModelDirError: missing, unreadable, not UTF-8, not JSON, not an object, or no ``model_type``.
     """
     file = Path(path) / "config.json"
     if not file.is_file():
-        raise ModelDirError(f"{path} has no config.json; model.path must be a Hugging Face checkpoint dir")
+        raise ModelDirError(f"{path} has no config.json; {option} must be a Hugging Face checkpoint dir")
     config = read_json(file, ModelDirError, "the model config")
     if not isinstance(config, dict):
         raise ModelDirError(f"{file} must hold a JSON object (a transformers config), got {excerpt(config, 80)}; "
@@ -111,6 +112,7 @@ class ModelDir:
 
     Args:
         path: the model dir.
+        option: what names it, for errors (``model.path``; the CLI's ``--base``).
 
     Raises:
         ModelDirError: no config.json, or one that is not a JSON object with a
@@ -119,11 +121,12 @@ class ModelDir:
             outside the dir; or an unreadable safetensors header.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, option: str = "model.path") -> None:
         self.path = Path(path)
         if not self.path.is_dir():
-            raise ModelDirError(f"model path {str(self.path)!r} is not a directory; set model.path to a local HF checkpoint dir")
-        self._config = read_config_json(self.path)
+            raise ModelDirError(f"model path {str(self.path)!r} is not a directory; set {option} to a local HF "
+                                "checkpoint dir")
+        self._config = read_config_json(self.path, option)
         index = self.path / SAFE_INDEX
         # transformers reads model.safetensors where there is one, whatever index lies beside it (save_pretrained
         # of a small model into the dir of a sharded save leaves the old index behind)

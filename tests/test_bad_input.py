@@ -47,6 +47,35 @@ def test_missing_model_path(good, tmp_path):
     _one_line_error(proc, "not a directory", "model.path")
 
 
+@pytest.mark.parametrize("command", ["merge", "generate"])
+@pytest.mark.parametrize("what", ["missing", "not-a-model"])
+def test_a_bad_base_option_is_named_as_the_user_passed_it(good, tmp_path, command, what):
+    """`lora-dist merge` and `generate` take the base as --base: an error names that, not the config's model.path."""
+    base = tmp_path / "base"
+    if what == "not-a-model":
+        base.mkdir()
+    rest = ["--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "o")] if command == "merge" else \
+        ["--prompt", "hi"]
+    last = _one_line_error(lora_dist(command, "--base", str(base), *rest, check=False), "--base", command=command)
+    assert "model.path" not in last and ("not a directory" if what == "missing" else "no config.json") in last
+
+
+def test_the_error_line_is_written_whole(tmp_path, monkeypatch):
+    """Each rank writes its one-line error with its newline in one write: ranks sharing torchrun's terminal or a log
+    file printed theirs in two (print writes the newline apart), and two ranks' lines ran together."""
+    import sys
+
+    from lora_dist.cli import EXIT_USAGE, main
+
+    writes = []
+    monkeypatch.setattr(sys, "stderr", type("Recorder", (), {"write": lambda self, s: writes.append(s),
+                                                             "flush": lambda self: None})())
+    assert main(["merge", "--base", str(tmp_path / "nope"), "--adapter", str(tmp_path / "adapter"), "--out",
+                 str(tmp_path / "o")]) == EXIT_USAGE
+    lines = [w for w in writes if w.startswith("lora-dist merge: error: ")]
+    assert len(lines) == 1 and lines[0].endswith("not a directory; set --base to a local HF checkpoint dir\n")
+
+
 def test_missing_safetensors_file(good, tmp_path):
     base = _copy_base(good, tmp_path / "base")
     (base / "model.safetensors").unlink()

@@ -10,6 +10,7 @@ settings; and against training: the same template, rendered the same way.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 
 import pytest
@@ -213,6 +214,19 @@ def turn_model(tmp_path_factory):
     tok.chat_template = TEMPLATES["chatml"]
     tok.save_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    reply = tok("Yes", add_special_tokens=False)["input_ids"]
+    chain = [tok("\n", add_special_tokens=False)["input_ids"][-1], *reply, im_end,
+             *tok(" more text after the turn", add_special_tokens=False)["input_ids"]]
+    _write_on(model, chain)
+    assert model.generation_config.eos_token_id == tok.eos_token_id != im_end
+    model.save_pretrained(path)
+    return path, reply + [im_end]
+
+
+def _write_on(model, chain: list[int]) -> None:
+    """Make ``model`` write ``chain`` on from its first token: blocks that add nothing, and a head that maps each
+    token of the chain to the next (up to a token's second appearance in it: then to both)."""
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -221,17 +235,65 @@ def turn_model(tmp_path_factory):
         embed.copy_(torch.nn.functional.normalize(torch.randn(embed.shape, generator=torch.Generator().manual_seed(0)),
                                                   dim=-1))
         model.model.norm.weight.fill_(1.0)
-        im_end = tok.convert_tokens_to_ids("<|im_end|>")
-        reply = tok("Yes", add_special_tokens=False)["input_ids"]
-        chain = [tok("\n", add_special_tokens=False)["input_ids"][-1], *reply, im_end,
-                 *tok(" more text after the turn", add_special_tokens=False)["input_ids"]]
         head = torch.zeros_like(model.lm_head.weight)
         for a, b in zip(chain, chain[1:]):
             head[b] += 50 * embed[a] / embed[a].norm()
         model.lm_head.weight.copy_(head)
-    assert model.generation_config.eos_token_id == tok.eos_token_id != im_end
-    model.save_pretrained(path)
-    return path, reply + [im_end]
+
+
+def test_the_merged_export_stops_where_the_template_taught_in_plain_transformers(turn_model, tmp_path):
+    """The merged export's generation_config.json lists the template's end-of-turn token besides the base's EOS, so
+    transformers' generate (and a server reading the file) stops a reply there, as `lora-dist generate` does; the
+    base's file listed its EOS alone, the export copied it, and the reply ran on past the turn. Also where the
+    base has no generation_config.json (transformers derives one from config.json)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_dist import LoRAConfig, inject_lora, save_adapter
+    from lora_dist.export import merge_offline
+
+    base, reply = turn_model
+    tok = AutoTokenizer.from_pretrained(base)
+    eos, im_end = tok.eos_token_id, reply[-1]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "adapter", str(base))
+    bare = shutil.copytree(base, tmp_path / "bare")
+    (bare / "generation_config.json").unlink()
+    prompt = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True)["input_ids"]])
+    for name, source in (("merged", base), ("merged-bare", bare)):
+        merge_offline(source, tmp_path / "adapter", tmp_path / name)
+        config = json.loads((tmp_path / name / "generation_config.json").read_text())
+        assert config["eos_token_id"] == [eos, im_end]
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32).eval()
+        out = merged.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                              pad_token_id=tok.pad_token_id)[0, prompt.shape[1]:].tolist()
+        assert out == reply
+        if source is base:  # the rest of the base's file as it was
+            base_config = json.loads((base / "generation_config.json").read_text())
+            assert {**config, "eos_token_id": eos} == base_config
+
+
+def test_generate_stops_at_an_end_of_turn_text(tiny_checkpoint, tmp_path):
+    """A template whose markers are text in the model's vocabulary (ChatML's on a GPT-2-style one) teaches a reply
+    to end with that text: generate stops there and cuts the reply before it; before, it ran to --max-new-tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = shutil.copytree(tiny_checkpoint("llama", hidden=64, layers=1), tmp_path / "base")
+    template = tmp_path / "end.jinja"
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}{% if m.role == 'assistant' %} [end]"
+                        "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    tok = AutoTokenizer.from_pretrained(base)
+    prompt = tok("user: hi\nassistant:", add_special_tokens=False)["input_ids"]
+    chain = [prompt[-1], *tok(" ok [end] more words after", add_special_tokens=False)["input_ids"]]
+    through = len(tok(" ok [end]", add_special_tokens=False)["input_ids"]) + 1
+    assert len(set(chain[:through])) == through  # written as it is up to the stop
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    _write_on(model, chain)
+    model.save_pretrained(base)
+    result = generate(base, prompt="hi", max_new_tokens=20, chat_template=str(template))
+    assert result.prompt == "user: hi\nassistant:"
+    assert result.text == " ok" and result.new_tokens == chain[1:through]
 
 
 def test_generate_stops_at_the_end_of_turn_token_the_template_taught(turn_model):

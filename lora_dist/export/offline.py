@@ -84,7 +84,7 @@ def merge_offline(
         if group.rank == 0:
             check_output(out_dir, [base_dir, adapter_dir], overwrite=overwrite, base_dir=base_dir, what="--out")
         out_dtype = parse_dtype(dtype)
-        base = ModelDir(base_dir)
+        base = ModelDir(base_dir, "--base")
         loras = checkpoint_loras(base, read_adapter(adapter_dir))
         missing = sorted(k.removesuffix(".weight") for k in loras if k not in base)
         if missing:

@@ -29,7 +29,7 @@ from lora_dist.export.sources import MERGED_FROM_KEY
 from lora_dist.model_dir import SAFE_INDEX
 from lora_dist.outputs import CHAT_TEMPLATE_FILE, OutputError, check_not_an_input, is_adapter_dir, is_model_dir
 
-__all__ = ["TEMPLATES_DIR", "check_output", "copied_files", "foreign_entries", "is_merged_export", "is_weight_file"]
+__all__ = ["GENERATION_CONFIG", "TEMPLATES_DIR", "check_output", "copied_files", "foreign_entries", "is_merged_export", "is_weight_file"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".onnx")
 #: The weight files a merged export writes: ``model.safetensors`` or ``model-0000i-of-0000N.safetensors``.
@@ -43,6 +43,9 @@ def is_weight_file(name: str) -> bool:
 
 #: The subdir where transformers saves a tokenizer's named chat templates (``<name>.jinja``): copied too.
 TEMPLATES_DIR = "additional_chat_templates"
+#: The generation config: copied, with the chat template's end-of-turn tokens added to its ``eos_token_id``
+#: (written where the base has none).
+GENERATION_CONFIG = "generation_config.json"
 
 
 def _copied(name: str) -> bool:
@@ -101,7 +104,7 @@ def foreign_entries(out: str | os.PathLike, base_dir: str | os.PathLike | None =
             unknown.append(name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
         elif _EXPORT_WEIGHTS.fullmatch(name):
             weights.append(entry)
-        elif name in ("config.json", SAFE_INDEX, CHAT_TEMPLATE_FILE):  # written by the export itself
+        elif name in ("config.json", SAFE_INDEX, CHAT_TEMPLATE_FILE, GENERATION_CONFIG):  # written by the export
             continue
         elif copied is not None and name not in copied:
             unknown.append(name)

@@ -629,7 +629,7 @@ def verify_checkpoint(
     report = VerifyReport(out, found.files, len(found.entries), found.total_size, dtypes, base=base_dir is not None)
 
     if base_dir is not None:
-        base = ModelDir(base_dir)
+        base = ModelDir(base_dir, "--base")
         stored = any(ckpt.fp8_blocks(k) is not None for k in ckpt.keys())  # an FP8 base written as stored
         problems += check_keys(base, found, stored)
         problems += check_config_matches(ckpt, base, stored) + check_dtypes(found, base, ckpt.config(), stored)

@@ -37,7 +37,7 @@ from lora_dist.dtypes import FP8_DTYPES, dtype_name
 from lora_dist.export import layout as st
 from lora_dist.export.errors import ExportError
 from lora_dist.ranks import RankGroup
-from lora_dist.export.target import check_output, copied_files
+from lora_dist.export.target import GENERATION_CONFIG, check_output, copied_files
 from lora_dist.outputs import CHAT_TEMPLATE_FILE
 from lora_dist.model_dir import SAFE_INDEX, ModelDir
 
@@ -362,6 +362,41 @@ def _check_staged(staging: Path, layout: st.CheckpointLayout) -> None:
                               "published: run the export again")
 
 
+def _generation_config(base_dir: Path, chat_template: str | None) -> dict | None:
+    """The base's generation config with ``eos_token_id`` listing what training taught a reply to end with under the
+    template the export carries (``chat_template``, else the base tokenizer's own): its end-of-turn tokens
+    (:func:`lora_dist.chat.reply_stops`, where ``lora-dist generate`` stops). transformers' ``generate`` and servers
+    (vLLM) stop at these ids; a Qwen2.5 or Llama-3 base lists only its end of text, so a model fine-tuned on chats
+    would write past its reply. None where nothing is added (the base lists them, it has no template or tokenizer,
+    its generation config is unreadable: copied as it is)."""
+    from lora_dist.chat import reply_stops, resolve_template
+    from lora_dist.data import load_tokenizer
+    from lora_dist.model_dir import ModelDirError
+
+    try:
+        tokenizer = load_tokenizer(base_dir)
+        template = chat_template or resolve_template(tokenizer)
+        if template is None:
+            return None
+        path = base_dir / GENERATION_CONFIG
+        if path.is_file():
+            config = json.loads(path.read_text())
+        else:  # what transformers derives from config.json when the file is missing
+            from transformers import AutoConfig, GenerationConfig
+
+            config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(base_dir)).to_diff_dict()
+    except (ModelDirError, OSError, ValueError):
+        return None
+    given = config.get("eos_token_id") if isinstance(config, dict) else None
+    if not (given is None or isinstance(given, int) or isinstance(given, list) and all(isinstance(i, int) for i in given)):
+        return None
+    stops = reply_stops(tokenizer, template, given)
+    if stops == ([] if given is None else [given] if isinstance(given, int) else given):
+        return None
+    config["eos_token_id"] = stops if len(stops) > 1 else stops[0]
+    return config
+
+
 def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLayout,
               config_dtype: torch.dtype | None, overwrite: bool, inputs: list, what: str,
               chat_template: str | None) -> None:
@@ -385,6 +420,9 @@ def _finalize(staging: Path, out: Path, base_dir: Path, layout: st.CheckpointLay
         shutil.copyfile(f, target)
     if chat_template is not None:  # transformers reads this file before tokenizer_config.json's template
         (staging / CHAT_TEMPLATE_FILE).write_text(chat_template)
+    generation = _generation_config(base_dir, chat_template)
+    if generation is not None:
+        _write_json(staging / GENERATION_CONFIG, generation)
     check_output(out, inputs, overwrite=overwrite, base_dir=base_dir, what=what)
     _check_staged(staging, layout)
     try:
