@@ -306,6 +306,9 @@ def sharegpt_messages(turns: Any) -> Any:
         if role is None:
             raise ChatError(f"turn {k}: speaker {excerpt(turn['from'], 40)} is not one of "
                             f"{', '.join(SHAREGPT_ROLES)}; rename it in the data")
+        value = turn.get("value")
+        if not (isinstance(value, (str, list)) or (value is None and turn.get("tool_calls"))):
+            raise ChatError(f'turn {k} ({turn["from"]}) needs a "value" string, got {excerpt(value, 80)}')
         # the turn's other keys too: its "weight" (0: context, not learned), "tool_calls", "name"...
         messages.append({**{k: v for k, v in turn.items() if k not in ("from", "value")},
                          "role": role, "content": turn.get("value")})
@@ -333,8 +336,14 @@ def check_messages(messages: Any) -> list[dict]:
         content = m.get("content")
         if not (isinstance(content, (str, list)) or (content is None and m.get("tool_calls"))):
             raise ChatError(f'messages[{k}] ({m["role"]}) needs a "content" string, got {excerpt(content, 80)}')
+        if m.get("weight", 1) not in (0, 1):
+            raise ChatError(f"messages[{k}].weight is {excerpt(m['weight'], 40)}: a message's weight is 0 (context, "
+                            "not learned) or 1 (learned), as axolotl reads it; set one of those")
     if not any(m["role"] == "assistant" for m in messages):
         raise ChatError('the conversation has no "assistant" message to learn from; add one or drop the record')
+    if not any(m["role"] == "assistant" and m.get("weight", 1) != 0 for m in messages):
+        raise ChatError('every "assistant" message has "weight": 0, so the conversation has nothing to learn; '
+                        "set one's weight to 1 or drop the record")
     return [{**m, "content": _text(m["content"], k, m["role"])} if isinstance(m.get("content"), list) else m
             for k, m in enumerate(messages)]
 
