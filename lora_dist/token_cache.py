@@ -75,7 +75,8 @@ log = logging.getLogger(__name__)
 #: (``eval_*.bin``); the tokenizer's fingerprint leaves out its truncation and padding.
 #: 7: a prompt/completion document longer than ``seq_len`` whose prompt is one token (a tokenizer that starts texts
 #: with no BOS: Qwen, GPT-2) is truncated as every document with a prompt, not split as text; a ``.txt`` file's
-#: paragraphs end at lines of spaces or tabs too, without the line breaks around them.
+#: paragraphs end at lines of spaces or tabs too, without the line breaks around them; a message weight other than
+#: 0 or 1, and a conversation with every assistant message at weight 0, are refused.
 FORMAT = 7
 #: Chunks per tokenization worker sent or done and waiting their turn (each worker tokenizes one at a time).
 IN_FLIGHT = 2
