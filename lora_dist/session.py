@@ -521,9 +521,13 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, dtype: str | 
     if not (run / "config.json").is_file():
         raise ConfigError(f"{run}/config.json not found; RUN_DIR must be a lora-dist output.dir")
     try:
-        cfg = recorded_config(json.loads((run / "config.json").read_text()))
+        raw = json.loads((run / "config.json").read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{run}/config.json is not valid JSON ({e}); RUN_DIR must be a lora-dist output.dir") from None
+    if isinstance(raw, dict) and "model_type" in raw:  # a transformers config: a model dir, not a run's
+        raise ConfigError(f"{run} is a model checkpoint dir, not a lora-dist output.dir; export a run's dir, or merge "
+                          "an adapter into this model with lora-dist merge --base DIR --adapter ADAPTER --out OUT")
+    cfg = recorded_config(raw)
     env = init_distributed(cfg.parallel.timeout_s)
     out_dir = Path(out) if out else run / "merged"
     out_dtype = parse_dtype(dtype or cfg.export.dtype)

@@ -76,6 +76,17 @@ def test_the_error_line_is_written_whole(tmp_path, monkeypatch):
     assert len(lines) == 1 and lines[0].endswith("not a directory; set --base to a local HF checkpoint dir\n")
 
 
+def test_export_of_a_dir_that_is_not_a_run_says_what_it_is(good, tmp_path):
+    """`lora-dist export RUN_DIR` given a model dir (its config.json is a transformers config) says so and points to
+    `lora-dist merge` (it said "a run config must be a mapping of sections", and printed the model's config)."""
+    last = _one_line_error(lora_dist("export", str(good["base"]), check=False), "is a model checkpoint dir, not a "
+                           "lora-dist output.dir", "lora-dist merge --base DIR --adapter", command="export")
+    assert "model_type" not in last
+    _one_line_error(lora_dist("export", str(tmp_path), check=False), "RUN_DIR must be a lora-dist output.dir",
+                    command="export")
+    assert not (Path(good["base"]) / "merged").exists()
+
+
 def test_missing_safetensors_file(good, tmp_path):
     base = _copy_base(good, tmp_path / "base")
     (base / "model.safetensors").unlink()
