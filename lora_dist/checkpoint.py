@@ -106,7 +106,7 @@ from lora_dist.config import Config
 from lora_dist.dtypes import all_finite
 from lora_dist.errors import UserError
 from lora_dist.launch import LaunchEnv
-from lora_dist.launch.detect import job_restart
+from lora_dist.launch.detect import job_identity, job_restart
 from lora_dist.model_dir import SAFE_INDEX, hash_weight_file
 from lora_dist.outputs import OutputError, check_replaceable, read_run_marker, write_failure
 from lora_dist.quant import NF4Record, nf4_record
@@ -190,10 +190,10 @@ def data_record(data, cfg: Config) -> dict:
 
 
 def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_id: str | None,
-            engine=None, data=None, resumed_from: str | None = None) -> dict:
+            engine=None, data=None, resumed_from: str | None = None, job: str | None = None) -> dict:
     """A checkpoint's ``state.json`` (with ``engine``'s NF4 weights under ``model.quantize``, what
-    :func:`data_record` says of ``data``, the training blocks, and the ``checkpoint.resume=DIR`` the run's steps go
-    on from, where given)."""
+    :func:`data_record` says of ``data``, the training blocks, the ``checkpoint.resume=DIR`` the run's steps go
+    on from, and the launch that saved it (:func:`~lora_dist.launch.detect.job_identity`), where given)."""
     record = {
         "step": step,
         "samples_consumed": samples_consumed,
@@ -211,6 +211,8 @@ def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_
         record["data"] = data_record(data, cfg)
     if resumed_from is not None:
         record["resumed_from"] = resumed_from
+    if job is not None:
+        record["job"] = job
     nf4 = _nf4(engine)
     if nf4 is not None:  # which weights are NF4 depends on the sharding (lora_dist.quant.NF4Record)
         record["quantized"], record["quantized_shards"] = list(nf4.weights), nf4.shards
@@ -471,6 +473,7 @@ class CheckpointManager:
         self.samples_offset = 0
         self.resumed_step = 0
         self.resumed_from: str | None = None  # the checkpoint.resume=DIR this run's steps go on from (state.json)
+        self.job = job_identity()  # the launch, recorded in state.json: its restarts know its own checkpoints
         self._read = None  # rank 0: the checkpoint :meth:`_choose` read, for :meth:`maybe_resume`
 
     def should_save(self, step: int) -> bool:
@@ -553,7 +556,7 @@ class CheckpointManager:
                 if problem is not None:
                     raise OutputError(f"cannot replace {final}: {problem}")
             record = _record(self.cfg, step, self._samples(step), self.env.world_size, self.run_id, engine, self.data,
-                             self.resumed_from)
+                             self.resumed_from, self.job)
             previous = self._latest_name()
             from safetensors import SafetensorError
 
@@ -611,10 +614,17 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ resume
 
-    def _check_fresh_start(self, dirs: list[Path]) -> None:
-        """``checkpoint.resume=never``: refused where a ``step-*`` dir would be mixed with the new run's."""
+    def _check_fresh_start(self, dirs: list[Path], restart: str | None = None) -> None:
+        """``checkpoint.resume=never``: refused where a ``step-*`` dir would be mixed with the new run's (on a
+        restart whose launch cannot be told apart from an earlier one's, the fix says how to resume its own)."""
         if dirs:
             shown = ", ".join(p.name for p in dirs[-3:])
+            if restart:  # this job's own, or an earlier job's: the launch does not say which
+                raise ResumeError(
+                    f"{self.root} holds checkpoints ({shown}) at a {restart}, and lora_dist cannot tell whether this "
+                    "job's first start saved them (torchrun without --standalone names every job by its --rdzv-id); "
+                    "checkpoint.resume=never would mix a new run with them: launch with checkpoint.resume=auto (the "
+                    f"default) to go on from them on a restart, or move {self.root} away, or choose a new output.dir")
             raise ResumeError(
                 f"{self.root} already holds checkpoints of an earlier run ({shown}); checkpoint.resume=never would "
                 f"mix a new run with them: continue that run with checkpoint.resume=auto, or move {self.root} away "
@@ -687,10 +697,15 @@ class CheckpointManager:
         """
         resume = self.cfg.checkpoint.resume
         dirs = self._step_dirs()
-        if resume == "never":
-            self._check_fresh_start(dirs)
-            return None
         restart = job_restart()
+        if resume == "never":
+            if not (restart and dirs and all(self._saved_by_this_job(p) for p in dirs)):
+                self._check_fresh_start(dirs, restart)
+                return None
+            # Its first start began fresh (it found no checkpoint), and every one here is its own since.
+            log.warning("%s: resuming this job's latest checkpoint in %s (checkpoint.resume=never holds for the "
+                        "job's first start)", restart, self.root)
+            resume = "auto"
         if resume != "auto" and restart and any(self._continues(p, resume) for p in dirs):
             log.warning("%s: resuming this run's latest checkpoint in %s, not checkpoint.resume=%s, which the job's "
                         "first start resumed (the run has saved checkpoints since)", restart, self.root, resume)
@@ -715,6 +730,15 @@ class CheckpointManager:
                               f"the broken checkpoints (or move {self.root} away) to start over, or choose a new "
                               "output.dir")
         return None
+
+    def _saved_by_this_job(self, path: Path) -> bool:
+        """Whether ``path`` is a checkpoint of this run saved by this launch (:attr:`job`), before a restart."""
+        if self.job is None or not self._is_ours(path):
+            return False
+        try:
+            return read_state(path).get("job") == self.job
+        except ResumeError:
+            return False
 
     def _continues(self, path: Path, resume: str) -> bool:
         """Whether ``path`` is a checkpoint of this run saved after it resumed ``resume`` (its ``resumed_from``):

@@ -252,6 +252,22 @@ def job_restart(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def job_identity(environ: Mapping[str, str] | None = None) -> str | None:
+    """What names this launch across the launcher's restarts of it, and no other launch: the Slurm job (its id
+    stays through requeues), or ``torchrun --standalone``'s run (a new random id each invocation, the same in each
+    of its restarts). None otherwise: torchrun's run id is the user's ``--rdzv-id`` (``none`` by default, the same
+    for every job)."""
+    env = os.environ if environ is None else environ
+    job = env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", ""))
+    if job.isdigit():
+        return f"slurm job {job}"
+    run = env.get("TORCHELASTIC_RUN_ID", "")
+    return f"torchrun run {run}" if _UUID.fullmatch(run) else None
+
+
 def slurm_port(job_id: int) -> int:
     """The rendezvous port of a Slurm job without ``MASTER_PORT``, as the sbatch templates derive it: 20000-31999,
     below Linux's ephemeral range (32768-60999), so no outgoing connection of the node holds it; jobs 12000 ids
