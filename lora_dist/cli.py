@@ -122,8 +122,9 @@ def _train(args: argparse.Namespace) -> int:
 
     result = train(_config_and_overrides(args))
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: loss {result.first_loss:.4f} -> {result.final_loss:.4f}"
-              + (f", eval {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+        trained = (f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}" if result.history else
+                   f"the run had trained all {result.steps} steps, nothing more to train")  # a finished run again
+        print(f"done: {trained}" + (f", eval {result.eval_loss:.4f}" if result.eval_loss is not None else "")
               + f"; outputs in {result.output_dir}")
     return EXIT_OK
 

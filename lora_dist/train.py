@@ -388,6 +388,11 @@ def _train_loop(cfg: Config, env: LaunchEnv, device: torch.device, out: Path, ru
     template = configured_template(cfg.data.chat_template)  # the outputs carry it: read now, not after the run
     manager = ckpt_mod.CheckpointManager(out / "checkpoints", cfg, env, run_id=run_id, data=train_data)
     start_step = manager.maybe_resume(engine)
+    if start_step > t.steps:  # (every rank resumed the same step) before the run's files are touched
+        raise ckpt_mod.ResumeError(
+            f"the checkpoint resumed is at step {start_step}, past train.steps={t.steps}: nothing to train, and the "
+            f"outputs would be its weights under this config; set train.steps above {start_step} to go on, resume an "
+            "earlier checkpoint with checkpoint.resume=DIR, or choose a new output.dir")
     metrics_path = out / "metrics.jsonl"
 
     def record_start() -> None:  # only now: a rerun that fails validation or resume keeps the run's files

@@ -285,6 +285,22 @@ def test_the_last_step_is_checkpointed_so_a_longer_run_goes_on_from_it(setup, tm
     assert [m["step"] for m in _metrics(out) if "loss" in m] == list(range(1, STEPS + 3))  # none trained twice
 
 
+def test_a_rerun_with_fewer_steps_than_its_checkpoint_is_refused_and_touches_nothing(setup, tmp_path):
+    """Resuming a run past the new train.steps used to exit 0 having trained nothing: it rewrote the adapter (the
+    checkpoint's weights) and recorded train.steps=N in config.json, printing "done: loss nan -> nan". Now one line,
+    exit 2, nothing written. A rerun of the finished run with its own train.steps says it has nothing to train."""
+    out = tmp_path / "finished"
+    _run(setup, out, 1, "parallel.strategy=none")
+    files = {p: p.read_bytes() for p in [out / "config.json", *sorted((out / "adapter").iterdir())]}
+    proc = _run(setup, out, 1, "parallel.strategy=none", f"train.steps={STEPS - 2}", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"at step {STEPS}, past train.steps={STEPS - 2}: nothing to train" in last and "train.steps above" in last
+    assert {p: p.read_bytes() for p in files} == files
+    proc = _run(setup, out, 1, "parallel.strategy=none")
+    assert f"done: the run had trained all {STEPS} steps, nothing more to train" in proc.stdout and "nan" not in proc.stdout
+
+
 def test_a_restart_resumes_the_runs_latest_not_the_dir_named_again(setup, tmp_path):
     """torchrun --max-restarts (and a Slurm requeue) start the workers again with the same arguments: an explicit
     checkpoint.resume=DIR used to take the run back to DIR and its first save deleted the run's newer checkpoints.
