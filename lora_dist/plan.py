@@ -213,6 +213,9 @@ class MemoryPlan:
     """fsdp2 with ``parallel.reshard_after_forward=node``: the ranks of a node it was planned with (else None)."""
     node_reshard: str = ""
     """fsdp2 with ``parallel.reshard_after_forward=node``: the node size assumed and what it keeps after forward."""
+    hybrid: str = ""
+    """fsdp2 on several nodes with ``dp_replicate`` and ``dp_shard`` unset: the split chosen, as training chooses it
+    (:func:`choose_hybrid`), and why."""
 
     TERMS = ("base_shard", "base_replicated", "lora_params", "lora_grads", "optimizer_state", "activations",
              "gathered", "buffers", "adapted_experts")
@@ -241,6 +244,7 @@ class MemoryPlan:
             f"strategy={self.mode} world_size={self.world_size}"
             f"{f' (dp_replicate={self.dp_replicate} x dp_shard={self.world_size // self.dp_replicate})' if self.dp_replicate > 1 else ''}"
             f" tokens/micro-batch/rank={self.tokens_per_micro_batch}",
+            *([self.hybrid] if self.hybrid else []),
             *([self.runs_as] if self.runs_as else []),
             *([self.node_reshard] if self.node_reshard else []),
             f"model: {self.num_params / 1e6:.1f}M params ({self.model_bytes / GB:.2f} GB), LoRA "
@@ -379,14 +383,50 @@ def plan_memory(cfg: Config, world_size: int, budget: int | None = None,
     node = default_ranks_per_node(world_size) if ranks_per_node is None else ranks_per_node
     hf_config = _hf_config(cfg.model.path)
     model = meta_model(cfg, hf_config)
-    if cfg.parallel.strategy != "auto":
-        return _plan(cfg, world_size, hf_config, model, node)
-    if budget is None:
-        budget = memory_budget(cfg.parallel.memory_gb, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-                               world_size)
-    parallel, choice = _choose(cfg, world_size, budget, hf_config, model, node)
-    return dataclasses.replace(_plan(dataclasses.replace(cfg, parallel=parallel), world_size, hf_config, model, node),
-                               choice=choice)
+
+    def per_rank() -> int:  # training's budget: this host's memory shared by a node's ranks, not by all of them
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return memory_budget(cfg.parallel.memory_gb, device, node if node >= 1 else world_size)
+
+    choice = None
+    if cfg.parallel.strategy == "auto":
+        budget = per_rank() if budget is None else budget
+        parallel, choice = _choose(cfg, world_size, budget, hf_config, model, node)
+        cfg = dataclasses.replace(cfg, parallel=parallel)
+    hybrid = ""
+    if _hybrid_open(cfg.parallel, world_size, node):  # as training decides it (session.resolve_hybrid)
+        parallel, why = choose_hybrid(cfg, world_size, node, per_rank() if budget is None else budget)
+        cfg = dataclasses.replace(cfg, parallel=parallel)
+        hybrid = (f"hybrid sharding, as training chooses it on {world_size // node} nodes of {node} ranks: "
+                  f"dp_replicate={parallel.dp_replicate} x dp_shard={parallel.dp_shard}, {why}"
+                  if parallel.dp_replicate > 1 else f"the base sharded over all {world_size} ranks, as training "
+                  f"chooses it on {world_size // node} nodes of {node} ranks: {why}")
+    return dataclasses.replace(_plan(cfg, world_size, hf_config, model, node), choice=choice, hybrid=hybrid)
+
+
+def _hybrid_open(p: ParallelConfig, world_size: int, ranks_per_node: int) -> bool:
+    """Whether fsdp2's split is left to the launch: ``dp_replicate`` and ``dp_shard`` unset on several equal nodes."""
+    return (p.strategy == "fsdp2" and not p.dp_replicate and not p.dp_shard and 1 <= ranks_per_node < world_size
+            and world_size % ranks_per_node == 0)
+
+
+def choose_hybrid(cfg: Config, world_size: int, ranks_per_node: int, budget: int) -> tuple[ParallelConfig, str]:
+    """fsdp2 with ``dp_replicate`` and ``dp_shard`` unset on several nodes of ``ranks_per_node`` ranks: one replica
+    group per node (hybrid sharding, so only LoRA gradients cross nodes) where the model planned over one node's
+    ranks fits ``budget`` bytes per rank, else the base sharded over all ``world_size`` ranks. Returns
+    ``cfg.parallel`` with the split chosen (or as given), and why."""
+    p = cfg.parallel
+    single = dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp_replicate=1, dp_shard=0))
+    try:
+        peak = plan_memory(single, ranks_per_node, ranks_per_node=ranks_per_node).total
+    except Exception as e:  # noqa: BLE001 - a model the planner cannot size: the safe choice, said
+        return p, f"the planner could not size the model ({type(e).__name__}: {e})"
+    fits = peak <= budget
+    why = (f"the model {'fits' if fits else 'does not fit'} in one node's {ranks_per_node} ranks (predicted peak "
+           f"{peak / GB:.2f} GB per rank, budget {budget / GB:.2f} GB, parallel.memory_gb)")
+    if fits:
+        p = dataclasses.replace(p, dp_replicate=world_size // ranks_per_node, dp_shard=ranks_per_node)
+    return p, why
 
 
 #: The ranks of a node :func:`plan_memory` assumes where none is given: a node of 8 GPUs, the common size.

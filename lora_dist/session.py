@@ -231,24 +231,13 @@ def resolve_hybrid(cfg: Config, env: LaunchEnv, device: torch.device) -> Config:
         return cfg
     auto = not p.dp_replicate and not p.dp_shard
     if auto and env.world_size > 1 and env.num_nodes > 1:
-        from lora_dist.plan import GB, plan_memory
+        from lora_dist.plan import choose_hybrid
 
         budget, aligned = _budget(cfg, env, device)
-        local = env.local_world_size
         if not aligned:
             why = "the nodes do not hold equal runs of consecutive ranks"
         else:
-            single = dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp_replicate=1, dp_shard=0))
-            try:
-                peak = plan_memory(single, local, ranks_per_node=local).total
-            except Exception as e:  # noqa: BLE001 - a model the planner cannot size: the safe choice, logged
-                peak, fits, why = 0, False, f"the planner could not size the model ({type(e).__name__}: {e})"
-            else:
-                fits = peak <= budget
-                why = (f"the model {'fits' if fits else 'does not fit'} in one node's {local} ranks (predicted peak "
-                       f"{peak / GB:.2f} GB per rank, budget {budget / GB:.2f} GB, parallel.memory_gb)")
-            if fits:
-                p = dataclasses.replace(p, dp_replicate=env.world_size // local, dp_shard=local)
+            p, why = choose_hybrid(cfg, env.world_size, env.local_world_size, budget)
         if env.is_main:
             if p.dp_replicate > 1:
                 log.info("parallel: hybrid sharding, dp_replicate=%d x dp_shard=%d (one replica group per node): %s; "

@@ -178,7 +178,9 @@ def test_auto_at_launch_plans_reshard_to_node_with_the_launchs_ranks_per_node(de
     from lora_dist.session import resolve_strategy
 
     world = 16
-    node, true = (_fsdp2(deep_config, world, f"parallel.reshard_after_forward={r}").total for r in (4, "true"))
+    # the base sharded over all ranks (dp_replicate=1: a model that fits a node would be split per node)
+    node, true = (_fsdp2(deep_config, world, f"parallel.reshard_after_forward={r}", "parallel.dp_replicate=1").total
+                  for r in (4, "true"))
     assert node > true
     cfg = _cfg(deep_config, "parallel.reshard_after_forward=node", f"parallel.memory_gb={(true + 0.5) / GB}")
     env = LaunchEnv("torchrun", 0, 0, world, 4, 0, world // 4, "127.0.0.1", 0)
@@ -204,6 +206,33 @@ def test_memory_gb_is_the_budget_and_zero_is_refused_below(deep_config):
     assert memory_budget(0, torch.device("cpu"), 2) * 2 <= memory_budget(0, torch.device("cpu"), 1)
     with pytest.raises(ConfigError, match="parallel.memory_gb must be >= 0"):
         _cfg(deep_config, "parallel.memory_gb=-1")
+
+
+def test_the_plan_splits_fsdp2_over_nodes_as_training_does(deep_config, monkeypatch):
+    """fsdp2 with dp_replicate and dp_shard unset on several nodes: training shards the base within a node where
+    the model fits there (one replica group per node), else over all ranks (session.resolve_hybrid); the plan
+    assumed all ranks always, so it printed a base shard (and a peak) a multi-node run would not hold."""
+    import lora_dist.plan as plan_mod
+
+    cfg = load_config(None, [f"model.path={deep_config}", "parallel.strategy=fsdp2", "lora.r=4",
+                             "train.micro_batch_size=4", "train.seq_len=512"])
+    one_node = plan_memory(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp_replicate=1)),
+                           4, ranks_per_node=4)
+    for budget, replicas in ((one_node.total, 4), (one_node.total - 1, 1)):
+        got = plan_memory(cfg, 16, budget=budget, ranks_per_node=4)
+        assert got.dp_replicate == replicas, got.hybrid
+        pinned = dataclasses.replace(cfg.parallel, dp_replicate=replicas, dp_shard=16 // replicas)
+        assert got.total == plan_memory(dataclasses.replace(cfg, parallel=pinned), 16, ranks_per_node=4).total
+        assert (f"dp_replicate=4 x dp_shard=4, the model fits in one node's 4 ranks (predicted peak" if replicas > 1
+                else "the base sharded over all 16 ranks, as training chooses it on 4 nodes of 4 ranks: the model "
+                "does not fit in one node's 4 ranks") in got.table()
+    assert plan_memory(cfg, 4, budget=1, ranks_per_node=4).hybrid == ""  # one node: nothing to choose
+    # Without parallel.memory_gb the budget is this host's memory shared by a node's ranks (as training shares it),
+    # not by all of them.
+    monkeypatch.setattr(plan_mod, "host_memory", lambda: 64 * one_node.total)
+    assert plan_memory(cfg, 64, ranks_per_node=16).dp_replicate == 4  # 64/16 of it per rank: fits
+    got = plan_memory(_cfg(deep_config), 64, ranks_per_node=16)
+    assert f"the budget of {4 * one_node.total / GB:.2f} GB" in got.choice.summary(), got.choice.summary()
 
 
 def test_plan_cli_shows_the_choice(deep_config, capsys):

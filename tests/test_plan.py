@@ -432,8 +432,8 @@ def test_reshard_to_node_is_planned_with_the_ranks_per_node(odd_config, capsys):
 
     def plan(reshard, world=16, **kw):
         cfg = load_config(None, [f"model.path={odd_config}", "parallel.strategy=fsdp2", *LORA, "model.dtype=bfloat16",
-                                 f"parallel.reshard_after_forward={reshard}"])
-        return plan_memory(cfg, world, **kw)
+                                 f"parallel.reshard_after_forward={reshard}", "parallel.dp_replicate=1"])
+        return plan_memory(cfg, world, **kw)  # the base sharded over all ranks (else split per node where it fits)
 
     four, eight, true = plan(4), plan(8), plan("true")
     assert true.gathered < eight.gathered < four.gathered
@@ -446,7 +446,7 @@ def test_reshard_to_node_is_planned_with_the_ranks_per_node(odd_config, capsys):
     assert "as true" in plan("node", 8).table() and plan("true").ranks_per_node is None
 
     args = ["plan", f"model.path={odd_config}", *LORA, "model.dtype=bfloat16", "parallel.reshard_after_forward=node",
-            "-W", "16"]
+            "parallel.dp_replicate=1", "-W", "16"]
     assert main([*args, "--ranks-per-node", "4", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert (shown["total"], shown["ranks_per_node"]) == (four.total, 4)
