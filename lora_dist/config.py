@@ -414,6 +414,10 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         self.resume = home(self.resume, "checkpoint.resume")
+        close = difflib.get_close_matches(self.resume, ["auto", "never"], n=1, cutoff=0.6)
+        if self.resume not in ("auto", "never") and close and not os.path.lexists(self.resume):
+            raise ConfigError(f"checkpoint.resume={self.resume!r} is neither auto, never nor a checkpoint dir; did "
+                              f"you mean {close[0]}?")
 
 
 @dataclass

@@ -223,7 +223,7 @@ def test_the_plan_splits_fsdp2_over_nodes_as_training_does(deep_config, monkeypa
         assert got.dp_replicate == replicas, got.hybrid
         pinned = dataclasses.replace(cfg.parallel, dp_replicate=replicas, dp_shard=16 // replicas)
         assert got.total == plan_memory(dataclasses.replace(cfg, parallel=pinned), 16, ranks_per_node=4).total
-        assert (f"dp_replicate=4 x dp_shard=4, the model fits in one node's 4 ranks (predicted peak" if replicas > 1
+        assert ("dp_replicate=4 x dp_shard=4, the model fits in one node's 4 ranks (predicted peak" if replicas > 1
                 else "the base sharded over all 16 ranks, as training chooses it on 4 nodes of 4 ranks: the model "
                 "does not fit in one node's 4 ranks") in got.table()
     assert plan_memory(cfg, 4, budget=1, ranks_per_node=4).hybrid == ""  # one node: nothing to choose

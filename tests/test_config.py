@@ -484,6 +484,17 @@ def test_a_value_of_the_wrong_type_is_refused_with_what_the_key_takes(override, 
     assert want in config_error(override)
 
 
+@pytest.mark.parametrize("value, meant", [("nevr", "never"), ("Never", "never"), ("aut", "auto")])
+def test_a_misspelled_resume_mode_is_refused_before_any_work(value, meant, tmp_path, monkeypatch):
+    """checkpoint.resume=nevr was read as a checkpoint dir: refused only after the model and data loaded ("nevr is
+    unreadable"), with a new output.dir's marker and lock left behind. A dir of that name is still a checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    assert f"checkpoint.resume={value!r} is neither auto, never nor a checkpoint dir; did you mean {meant}?" in \
+        config_error(f"checkpoint.resume={value}")
+    (tmp_path / value).mkdir()
+    assert load_config(None, [f"checkpoint.resume={value}"]).checkpoint.resume == value
+
+
 @pytest.mark.parametrize("text, key, lines", [
     ("train:\n  steps: 5\nlora:\n  r: 4\ntrain:\n  lr: 1.0e-3\n", "train", "lines 1 and 5"),
     ("train:\n  steps: 5\n  lr: 1.0e-3\n  steps: 7\n", "steps", "lines 2 and 4"),
