@@ -327,9 +327,8 @@ class ParallelConfig:
         """The fsdp2-only keys are refused with another explicit strategy (``auto`` may still pick ddp: then
         they do not apply)."""
         rho = self.reshard_after_forward
-        if (self.dp_replicate > 1 or self.dp_shard > 0 or not isinstance(rho, bool)) and \
-                self.strategy not in ("fsdp2", "auto"):
-            what = ("parallel.reshard_after_forward" if not isinstance(rho, bool) else
+        if (self.dp_replicate > 1 or self.dp_shard > 0 or rho is not True) and self.strategy not in ("fsdp2", "auto"):
+            what = (f"parallel.reshard_after_forward={str(rho).lower()}" if rho is not True else
                     f"parallel.dp_replicate={self.dp_replicate}, parallel.dp_shard={self.dp_shard}")
             raise ConfigError(f"{what} applies to parallel.strategy=fsdp2 only, not {self.strategy}")
         if self.shard_unit != "block" and self.strategy not in ("fsdp2", "auto"):

@@ -115,6 +115,9 @@ def test_config_keys_and_errors():
     for overrides, message in [
         (["parallel.strategy=ddp", "parallel.dp_replicate=2"], "applies to parallel.strategy=fsdp2 only, not ddp"),
         (["parallel.strategy=zero3", "parallel.reshard_after_forward=node"], "fsdp2 only, not zero3"),
+        # false too: it was accepted and did nothing, where node and N were refused
+        (["parallel.strategy=ddp", "parallel.reshard_after_forward=false"],
+         "parallel.reshard_after_forward=false applies to parallel.strategy=fsdp2 only, not ddp"),
         (["parallel.dp_shard=-1"], "parallel.dp_shard must be >= 0"),
         (["parallel.reshard_after_forward=nodes"], "must be true, false, node or a rank count"),
         (["parallel.reshard_after_forward=0"], "a rank count must be >= 1"),
