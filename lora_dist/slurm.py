@@ -404,12 +404,17 @@ def _parse_env(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def _check_config(config: str, overrides: list[str]) -> None:
-    """Refuse, at submit time, a config and overrides that ``lora-dist train`` would refuse (an unknown key...)."""
+def _check_config(config: str, overrides: list[str], world_size: int) -> None:
+    """Refuse, at submit time, a config and overrides that ``lora-dist train`` would refuse on ``world_size`` ranks
+    (an unknown key, an fsdp2 split that does not multiply to the ranks...)."""
     from lora_dist.config import load_config
 
     try:
-        load_config(config, overrides)
+        cfg = load_config(config, overrides)
+        if cfg.parallel.strategy == "fsdp2":
+            from lora_dist.parallel.parallelize import dp_mesh_shape
+
+            dp_mesh_shape(cfg.parallel, world_size)
     except ConfigError as e:
         raise SlurmError(str(e)) from None
 
@@ -492,7 +497,7 @@ def run_slurm(
         cpus_per_task=cpus_per_task,
         env=exported,
     )
-    _check_config(config, overrides)
+    _check_config(config, overrides, nodes * gpus_per_node)
     if dry_run:
         return script
     (output / "logs").mkdir(parents=True, exist_ok=True)

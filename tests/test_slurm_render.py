@@ -468,6 +468,9 @@ def test_run_slurm_exports_env_and_site_variables(config_file, monkeypatch):
         ("{config}", [], {"env": ["SLURM_JOB_ID=1"]}, "SLURM_"),
         ("{config}", [], {"output_dir": "my runs"}, "--output-dir"),
         ("{config}", ["train.lrr=1e-4"], {}, "did you mean 'train.lr'"),  # what training would refuse
+        # an fsdp2 split the job's ranks cannot make: refused at submit, not when the job starts
+        ("{config}", ["parallel.dp_replicate=3"], {"nodes": 8, "gpus_per_node": 8},
+         "parallel.dp_replicate=3 x parallel.dp_shard=0 must multiply to the 64 ranks launched"),
         ("{config}", ["train.steps=many"], {}, "train.steps must be an integer"),
         ("{bad_config}", [], {}, "unknown config key 'trian'"),
     ],
