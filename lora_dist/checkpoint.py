@@ -175,6 +175,11 @@ def _train_settings(cfg: Config) -> dict:
     return json.loads(json.dumps({k: getattr(cfg.train, k) for k in TRAIN_SETTINGS}))
 
 
+def _global_batch(cfg: Config, world_size: int) -> int:
+    """Sequences a step learns from: ``world_size x train.micro_batch_size x train.grad_accum``."""
+    return world_size * cfg.train.micro_batch_size * cfg.train.grad_accum
+
+
 def _check_finite(tensors: dict[str, torch.Tensor], step: int) -> None:
     bad = next((k for k, v in tensors.items() if not all_finite(v)), None)
     if bad is not None:
@@ -200,6 +205,7 @@ def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_
         "run_id": run_id,
         "base": base_identity(cfg.model.path),
         "world_size": world_size,
+        "global_batch": _global_batch(cfg, world_size),
         "strategy": cfg.parallel.strategy,
         "lora": _lora_settings(cfg),
         "quantize": cfg.model.quantize,
@@ -340,14 +346,19 @@ def _same_dir(path: str | Path, named: str) -> bool:
     return os.path.realpath(path) == os.path.realpath(named)
 
 
-def _warn_changed_training(path: Path, state: dict, cfg: Config) -> None:
-    """Warn where the LR schedule or AdamW's settings differ from those the checkpoint was trained with: the run goes
-    on from the checkpoint's step with the new ones (a longer ``train.steps`` stretches the schedule)."""
+def _warn_changed_training(path: Path, state: dict, cfg: Config, world_size: int) -> None:
+    """Warn where the LR schedule, AdamW's settings or the global batch (another world size, micro-batch or
+    accumulation) differ from those the checkpoint was trained with: the run goes on from the checkpoint's step with
+    the new ones (a longer ``train.steps`` stretches the schedule; a step learns from another number of sequences)."""
     saved, now = state.get("train"), _train_settings(cfg)
     if not isinstance(saved, dict):
         return
     changed = [f"train.{k}={json.dumps(saved[k])} -> {json.dumps(now[k])}" for k in TRAIN_SETTINGS
                if k in saved and saved[k] != now[k]]
+    batch = _global_batch(cfg, world_size)
+    if isinstance(state.get("global_batch"), int) and state["global_batch"] != batch:
+        changed.append(f"global batch {state['global_batch']} -> {batch} sequences a step (world size {world_size} x "
+                       f"train.micro_batch_size={cfg.train.micro_batch_size} x train.grad_accum={cfg.train.grad_accum})")
     if changed:
         log.warning("%s was trained with other settings: %s; training goes on from step %d with this run's (the LR "
                     "at a step is a function of train.steps, lr, warmup_steps and min_lr_ratio)", path,
@@ -683,7 +694,7 @@ class CheckpointManager:
         self.samples_offset = state.get("samples_consumed", 0)
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, state["step"])
-            _warn_changed_training(path, state, self.cfg)
+            _warn_changed_training(path, state, self.cfg, self.env.world_size)
             if self.cfg.checkpoint.resume == "auto" and self._latest_name() != path.name:
                 self._point_latest(path)
         return state["step"]

@@ -267,9 +267,11 @@ def test_resume_with_another_schedule_goes_on_with_a_warning_naming_it(setup, tm
     with them from the checkpoint's step, which used to happen without a word."""
     out = tmp_path / "schedule"
     _run(setup, out, 1, "parallel.strategy=none", "train.run_steps=2")
-    proc = _run(setup, out, 1, "parallel.strategy=none", "train.steps=8", "train.lr=0.01", "train.run_steps=1")
-    assert "step-000002 was trained with other settings: train.steps=6 -> 8, train.lr=0.005 -> 0.01" in proc.stderr
-    proc = _run(setup, out, 1, "parallel.strategy=none", "train.steps=8", "train.lr=0.01")
+    proc = _run(setup, out, 1, "parallel.strategy=none", "train.steps=8", "train.lr=0.01", "train.run_steps=1",
+                "train.micro_batch_size=3")
+    assert ("step-000002 was trained with other settings: train.steps=6 -> 8, train.lr=0.005 -> 0.01, global batch "
+            "2 -> 3 sequences a step (world size 1 x train.micro_batch_size=3 x train.grad_accum=1)") in proc.stderr
+    proc = _run(setup, out, 1, "parallel.strategy=none", "train.steps=8", "train.lr=0.01", "train.micro_batch_size=3")
     assert "step-000003 at step 3" in proc.stderr and "other settings" not in proc.stderr
 
 
