@@ -90,12 +90,17 @@ def _config_parser(prog: str, description: str, overrides_help: str) -> argparse
 
 
 def _config_and_overrides(args: argparse.Namespace):
-    """The run config of ``[CONFIG] [overrides]``; a first argument with ``=`` is an override, not a file."""
+    """The run config of ``[CONFIG] [overrides]``; a first argument with ``=`` is an override, not a file, and
+    the one YAML file among the overrides (``model.path=X CONFIG.yaml``) is the config, wherever it stands."""
     from lora_dist.config import load_config
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]
+    files = [o for o in overrides if "=" not in o and o.endswith((".yaml", ".yml"))]
+    if config is None and len(files) == 1:
+        config = files[0]
+        overrides.remove(config)
     return load_config(config, overrides)
 
 

@@ -412,6 +412,17 @@ def test_chunked_loss_saves_what_the_plan_says(wide_vocab):
     assert saved > 0.3 * full.total and abs(saved / measured - 1) < 0.15, (saved, measured)
 
 
+def test_the_config_file_may_follow_the_overrides(odd_config, tmp_path, capsys):
+    """`lora-dist plan model.path=X CONFIG.yaml` read the file as a malformed override ("must look like
+    section.key=value"); the one YAML file among the arguments is the config wherever it stands."""
+    from lora_dist.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text("parallel:\n  strategy: zero3\n")
+    assert main(["plan", f"model.path={odd_config}", str(config), *LORA, "--world-size", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["strategy"] == "zero3"
+
+
 def test_cli_prints_json_from_config_json_alone(odd_config, capsys):
     from lora_dist.cli import main
 
