@@ -336,7 +336,7 @@ def check_messages(messages: Any) -> list[dict]:
         content = m.get("content")
         if not (isinstance(content, (str, list)) or (content is None and m.get("tool_calls"))):
             raise ChatError(f'messages[{k}] ({m["role"]}) needs a "content" string, got {excerpt(content, 80)}')
-        if m.get("weight", 1) not in (0, 1):
+        if m.get("weight") not in (None, 0, 1):  # null: absent (a table's JSON writes it where a row has none)
             raise ChatError(f"messages[{k}].weight is {excerpt(m['weight'], 40)}: a message's weight is 0 (context, "
                             "not learned) or 1 (learned), as axolotl reads it; set one of those")
     if not any(m["role"] == "assistant" for m in messages):

@@ -37,7 +37,10 @@ existed (no ``run_id``) are taken as the run dir's own.
   over moving them aside: nothing is renamed behind the user's back).
   ``checkpoint.resume=never`` with any ``step-*`` dir in ``checkpoints/`` is a
   one-line error naming the fixes (``checkpoint.resume=auto``, move
-  ``checkpoints/`` away, or a new ``output.dir``).
+  ``checkpoints/`` away, or a new ``output.dir``), but on a restart of the launch
+  that saved them all (``job`` in their ``state.json``, as the restarting launcher
+  names the launch: :func:`lora_dist.launch.detect.launch_identity`), which goes
+  on from them.
 * **``checkpoint.resume=auto`` never resumes another run's checkpoint**: a
   ``checkpoints/`` dir holding a ``step-*`` dir of another run, or one whose
   ``state.json`` is unreadable (whose run cannot be told), is refused before any
@@ -106,7 +109,7 @@ from lora_dist.config import Config
 from lora_dist.dtypes import all_finite
 from lora_dist.errors import UserError
 from lora_dist.launch import LaunchEnv
-from lora_dist.launch.detect import job_identity, job_restart
+from lora_dist.launch.detect import job_restart, launch_identity, restarting_launcher
 from lora_dist.model_dir import SAFE_INDEX, hash_weight_file
 from lora_dist.outputs import OutputError, check_replaceable, read_run_marker, write_failure
 from lora_dist.quant import NF4Record, nf4_record
@@ -195,10 +198,10 @@ def data_record(data, cfg: Config) -> dict:
 
 
 def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_id: str | None,
-            engine=None, data=None, resumed_from: str | None = None, job: str | None = None) -> dict:
+            engine=None, data=None, resumed_from: str | None = None, job: dict[str, str] | None = None) -> dict:
     """A checkpoint's ``state.json`` (with ``engine``'s NF4 weights under ``model.quantize``, what
     :func:`data_record` says of ``data``, the training blocks, the ``checkpoint.resume=DIR`` the run's steps go
-    on from, and the launch that saved it (:func:`~lora_dist.launch.detect.job_identity`), where given)."""
+    on from, and the launch that saved it (:func:`~lora_dist.launch.detect.launch_identity`), where known)."""
     record = {
         "step": step,
         "samples_consumed": samples_consumed,
@@ -217,7 +220,7 @@ def _record(cfg: Config, step: int, samples_consumed: int, world_size: int, run_
         record["data"] = data_record(data, cfg)
     if resumed_from is not None:
         record["resumed_from"] = resumed_from
-    if job is not None:
+    if job:
         record["job"] = job
     nf4 = _nf4(engine)
     if nf4 is not None:  # which weights are NF4 depends on the sharding (lora_dist.quant.NF4Record)
@@ -484,7 +487,7 @@ class CheckpointManager:
         self.samples_offset = 0
         self.resumed_step = 0
         self.resumed_from: str | None = None  # the checkpoint.resume=DIR this run's steps go on from (state.json)
-        self.job = job_identity()  # the launch, recorded in state.json: its restarts know its own checkpoints
+        self.job = launch_identity()  # the launch, recorded in state.json: its restarts know its own checkpoints
         self._read = None  # rank 0: the checkpoint :meth:`_choose` read, for :meth:`maybe_resume`
 
     def should_save(self, step: int) -> bool:
@@ -625,11 +628,17 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ resume
 
-    def _check_fresh_start(self, dirs: list[Path], restart: str | None = None) -> None:
+    def _check_fresh_start(self, dirs: list[Path], restart: str | None = None, launch: str | None = None) -> None:
         """``checkpoint.resume=never``: refused where a ``step-*`` dir would be mixed with the new run's (on a
-        restart whose launch cannot be told apart from an earlier one's, the fix says how to resume its own)."""
+        restart: they are another launch's, or this ``launch`` is not known and the fix says how to resume its
+        own)."""
         if dirs:
             shown = ", ".join(p.name for p in dirs[-3:])
+            if restart and launch:
+                raise ResumeError(
+                    f"{self.root} holds checkpoints another launch saved ({shown}), not this one's, at a {restart}; "
+                    "checkpoint.resume=never would mix a new run with them: continue that run with "
+                    f"checkpoint.resume=auto, or move {self.root} away (or delete it), or choose a new output.dir")
             if restart:  # this job's own, or an earlier job's: the launch does not say which
                 raise ResumeError(
                     f"{self.root} holds checkpoints ({shown}) at a {restart}, and lora_dist cannot tell whether this "
@@ -710,8 +719,10 @@ class CheckpointManager:
         dirs = self._step_dirs()
         restart = job_restart()
         if resume == "never":
-            if not (restart and dirs and all(self._saved_by_this_job(p) for p in dirs)):
-                self._check_fresh_start(dirs, restart)
+            launcher = restarting_launcher()
+            launch = self.job.get(launcher) if launcher else None  # this launch, as its restarter knows it
+            if not (launch and dirs and all(self._saved_by(p, launcher, launch) for p in dirs)):
+                self._check_fresh_start(dirs, restart, launch)
                 return None
             # Its first start began fresh (it found no checkpoint), and every one here is its own since.
             log.warning("%s: resuming this job's latest checkpoint in %s (checkpoint.resume=never holds for the "
@@ -742,14 +753,16 @@ class CheckpointManager:
                               "output.dir")
         return None
 
-    def _saved_by_this_job(self, path: Path) -> bool:
-        """Whether ``path`` is a checkpoint of this run saved by this launch (:attr:`job`), before a restart."""
-        if self.job is None or not self._is_ours(path):
+    def _saved_by(self, path: Path, launcher: str, launch: str) -> bool:
+        """Whether ``path`` is a checkpoint of this run saved by ``launch`` (as ``launcher``, which restarts it,
+        names it: :func:`~lora_dist.launch.detect.launch_identity`)."""
+        if not self._is_ours(path):
             return False
         try:
-            return read_state(path).get("job") == self.job
+            job = read_state(path).get("job")
         except ResumeError:
             return False
+        return isinstance(job, dict) and job.get(launcher) == launch
 
     def _continues(self, path: Path, resume: str) -> bool:
         """Whether ``path`` is a checkpoint of this run saved after it resumed ``resume`` (its ``resumed_from``):

@@ -405,16 +405,21 @@ class CheckpointConfig:
     keep: int = 2
     """How many recent checkpoints of this run to keep."""
     resume: str = "auto"
-    """auto (this run's latest checkpoint in output.dir, if any), never (refused if output.dir holds checkpoints:
-    use a new output.dir), or a checkpoint dir."""
+    """auto (this run's latest checkpoint in output.dir, if any), never (a fresh start, refused if output.dir holds
+    checkpoints; a restart of the job goes on from those it saved), or a checkpoint dir."""
     force: bool = False
     """Resume even if the checkpoint was made against a different base model, on other data blocks or with another
     train.seed (a warning then)."""
 
     def __post_init__(self) -> None:
         self.resume = home(self.resume, "checkpoint.resume")
+
+    def check_spelling(self) -> None:
+        """A ``resume`` close to auto or never that names no path is refused, naming the one meant (the user's
+        input: a run's recorded config is read back whatever its dir holds now)."""
         close = difflib.get_close_matches(self.resume, ["auto", "never"], n=1, cutoff=0.6)
-        if self.resume not in ("auto", "never") and close and not os.path.lexists(self.resume):
+        if self.resume not in ("auto", "never") and close and "/" not in self.resume and \
+                not os.path.lexists(self.resume):
             raise ConfigError(f"checkpoint.resume={self.resume!r} is neither auto, never nor a checkpoint dir; did "
                               f"you mean {close[0]}?")
 
@@ -768,6 +773,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise _unknown(key, config_keys())
         raw.setdefault(section, {})[name] = value
     sections = {name: _build_section(name, raw.get(name, {})) for name in _SECTIONS}
+    sections["checkpoint"].check_spelling()
     return Config(**sections).validate()
 
 

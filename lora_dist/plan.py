@@ -366,11 +366,13 @@ def plan_memory(cfg: Config, world_size: int, budget: int | None = None,
     Args:
         cfg: the run config (``model.path``, ``lora``, ``parallel``, ``train``).
         world_size: number of ranks.
-        budget: memory per rank in bytes for ``parallel.strategy=auto`` (default: :func:`memory_budget` of
-            this machine, ``world_size`` ranks on it).
+        budget: memory per rank in bytes, for ``parallel.strategy=auto`` and for fsdp2's split over several nodes
+            (default: :func:`memory_budget` of this machine, a node's ranks on it).
         ranks_per_node: the ranks a node runs, what ``parallel.reshard_after_forward=node`` keeps a shard over
             (a launch's ``local_world_size``; < 1: not known, the blocks reshard fully, as training does then);
-            default :func:`default_ranks_per_node`.
+            default :func:`default_ranks_per_node`. Given, and fewer than ``world_size``: fsdp2 with
+            ``dp_replicate`` and ``dp_shard`` unset is split as training splits it on such nodes
+            (:func:`choose_hybrid`).
 
     Raises:
         ModelDirError: ``model.path`` has no config.json.
@@ -394,7 +396,9 @@ def plan_memory(cfg: Config, world_size: int, budget: int | None = None,
         parallel, choice = _choose(cfg, world_size, budget, hf_config, model, node)
         cfg = dataclasses.replace(cfg, parallel=parallel)
     hybrid = ""
-    if _hybrid_open(cfg.parallel, world_size, node):  # as training decides it (session.resolve_hybrid)
+    # as training decides it on several nodes (session.resolve_hybrid); only where the node size is given, not the
+    # default's guess (one node of 16 GPUs splits nothing)
+    if ranks_per_node is not None and _hybrid_open(cfg.parallel, world_size, node):
         parallel, why = choose_hybrid(cfg, world_size, node, per_rank() if budget is None else budget)
         cfg = dataclasses.replace(cfg, parallel=parallel)
         hybrid = (f"hybrid sharding, as training chooses it on {world_size // node} nodes of {node} ranks: "

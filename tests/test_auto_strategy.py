@@ -227,6 +227,7 @@ def test_the_plan_splits_fsdp2_over_nodes_as_training_does(deep_config, monkeypa
                 else "the base sharded over all 16 ranks, as training chooses it on 4 nodes of 4 ranks: the model "
                 "does not fit in one node's 4 ranks") in got.table()
     assert plan_memory(cfg, 4, budget=1, ranks_per_node=4).hybrid == ""  # one node: nothing to choose
+    assert plan_memory(cfg, 16, budget=one_node.total).dp_replicate == 1  # no node size given: not split on a guess
     # Without parallel.memory_gb the budget is this host's memory shared by a node's ranks (as training shares it),
     # not by all of them.
     monkeypatch.setattr(plan_mod, "host_memory", lambda: 64 * one_node.total)

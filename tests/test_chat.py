@@ -864,9 +864,10 @@ def test_dolly_parts_and_weights_read_as_users_mean_them(tmp_path):
         {"instruction": "Name an animal.", "input": "in the garden", "output": "A grey cat."},
         {"messages": [{"role": "user", "content": parts}, *TURNS[1:2]]},
         {"messages": TURNS[:2]},
-        {"messages": [TURNS[0], unlearned, *TURNS[2:]]}])
+        {"messages": [TURNS[0], unlearned, *TURNS[2:]]},
+        {"messages": [TURNS[0], unlearned, TURNS[2], {**TURNS[3], "weight": None}]}])  # null: no weight, learned
     ds = load_dataset(path, tok, seq_len=256, chat_template="chatml", packing=False)
-    for a, b in ((0, 1), (2, 3)):
+    for a, b in ((0, 1), (2, 3), (4, 5)):
         assert ds.input_ids[a].tolist() == ds.input_ids[b].tolist() and ds.labels[a].tolist() == ds.labels[b].tolist()
     assert tok.decode(ds.input_ids[4][ds.labels[4] != IGNORE]) == TURNS[3]["content"] + "<|im_end|>"
     assert TURNS[1]["content"] in tok.decode(ds.input_ids[4])
@@ -925,6 +926,8 @@ def test_text_and_completions_start_with_bos_where_the_tokenizer_adds_it(tmp_pat
      r"d.jsonl:2: messages\[1\].weight is 0.5: a message's weight is 0 \(context, not learned\) or 1"),
     ({"messages": [TURNS[0], {**TURNS[1], "weight": 0}]}, {"chat_template": "chatml"},
      r'd.jsonl:2: every "assistant" message has "weight": 0, so the conversation has nothing to learn'),
+    ({"messages": [{**TURNS[0], "weight": None}, {**TURNS[1], "weight": 0}]}, {"chat_template": "chatml"},
+     r'd.jsonl:2: every "assistant" message has "weight": 0'),  # a null weight is no weight: the user's is not learned
     ({"messages": [SYSTEM] + TURNS}, {"chat_template": "gemma"}, r"data.chat_template='gemma' is neither a shipped"),
     ({"messages": [{"role": "assistant", "content": "hi"}, {"role": "assistant", "content": "x"}]},
      {"chat_template": "chatml", "loss_on": "everything"}, r"d.jsonl:2: data.loss_on='everything' is not one of"),

@@ -328,10 +328,11 @@ def test_a_restart_resumes_the_runs_latest_not_the_dir_named_again(setup, tmp_pa
 def test_a_restart_of_a_never_run_goes_on_from_its_own_checkpoints(setup, tmp_path):
     """checkpoint.resume=never holds for a job's first start: its restart (torchrun --max-restarts, a Slurm requeue,
     the same arguments again) resumes the checkpoints that job saved, which it used to refuse as "an earlier run's"
-    (the job died with the steps since lost). A restart of another launch is still refused, as a restart of one
-    whose launch cannot be told from an earlier one (torchrun without --standalone: every job's run id is its
-    --rdzv-id, "none" by default), with the fix."""
-    from lora_dist.launch.detect import job_identity
+    (the job died with the steps since lost). A restart of another launch is still refused: a first start refused
+    over an earlier launch's checkpoints (torchrun restarts it) must not resume them, also within one Slurm
+    allocation (its job id is every launch's there: a torchrun restart is told by its own invocation). So is a
+    restart whose launch lora_dist cannot name, with the fix."""
+    from lora_dist.launch.detect import launch_identity
 
     out, job, other = tmp_path / "never", "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0", "11111111-2222-4333-8444-555555555555"
     never = ("parallel.strategy=none", "checkpoint.resume=never")
@@ -340,15 +341,21 @@ def test_a_restart_of_a_never_run_goes_on_from_its_own_checkpoints(setup, tmp_pa
     assert "torchrun restart 1 (TORCHELASTIC_RESTART_COUNT): resuming this job's latest checkpoint" in proc.stderr
     _resumed(proc, 2, out)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    state = json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert state["job"] == {"torchrun": job}
+    another = "holds checkpoints another launch saved (step-000002, step-000003), not this one's, at a"
     for env, message in (({"TORCHELASTIC_RUN_ID": other}, "already holds checkpoints of an earlier run"),
-                         ({"TORCHELASTIC_RUN_ID": other, "TORCHELASTIC_RESTART_COUNT": "1"}, "at a torchrun restart 1"),
-                         ({"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "1"},
+                         ({"TORCHELASTIC_RUN_ID": other, "TORCHELASTIC_RESTART_COUNT": "1"}, another),
+                         ({"TORCHELASTIC_RUN_ID": other, "TORCHELASTIC_RESTART_COUNT": "1", "SLURM_JOB_ID": "500"},
+                          another),
+                         ({"TORCHELASTIC_RESTART_COUNT": "1"},
                           "launch with checkpoint.resume=auto (the default) to go on from them on a restart")):
         proc = _run(setup, out, 1, *never, check=False, **env)
         assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
-    assert job_identity({"SLURM_JOB_ID": "812", "TORCHELASTIC_RUN_ID": job}) == "slurm job 812"
-    assert job_identity({"TORCHELASTIC_RUN_ID": "lora-dist"}) is None and job_identity({}) is None
+    assert launch_identity({"SLURM_JOB_ID": "812", "TORCHELASTIC_RUN_ID": job}) == {"slurm": "812", "torchrun": job}
+    agent = launch_identity({"TORCHELASTIC_RUN_ID": "none"})["torchrun"]  # not --standalone: the agent process
+    assert agent.endswith(f":{os.getppid()}@" + agent.rsplit("@", 1)[1]) and launch_identity({}) == {}
 
 
 def test_export_of_a_run_takes_its_newest_weights_and_names_an_unreadable_checkpoint(setup, tmp_path):

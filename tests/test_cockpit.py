@@ -272,6 +272,11 @@ def test_the_merged_export_stops_where_the_template_taught_in_plain_transformers
         if source is base:  # the rest of the base's file as it was
             base_config = json.loads((base / "generation_config.json").read_text())
             assert {**config, "eos_token_id": eos} == base_config
+    # A file transformers would not read as a generation config is copied as it is, the export complete.
+    odd = shutil.copytree(base, tmp_path / "odd")
+    (odd / "generation_config.json").write_text("null\n")
+    merge_offline(odd, tmp_path / "adapter", tmp_path / "merged-odd")
+    assert (tmp_path / "merged-odd" / "generation_config.json").read_text() == "null\n"
 
 
 def test_generate_stops_at_an_end_of_turn_text(tiny_checkpoint, tmp_path):

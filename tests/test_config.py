@@ -491,6 +491,10 @@ def test_a_misspelled_resume_mode_is_refused_before_any_work(value, meant, tmp_p
     monkeypatch.chdir(tmp_path)
     assert f"checkpoint.resume={value!r} is neither auto, never nor a checkpoint dir; did you mean {meant}?" in \
         config_error(f"checkpoint.resume={value}")
+    from lora_dist.config import config_from_dict
+
+    # a run's recorded config.json reads back (lora-dist export RUN_DIR) whatever the working dir holds
+    assert config_from_dict({"checkpoint": {"resume": value}}).checkpoint.resume == value
     (tmp_path / value).mkdir()
     assert load_config(None, [f"checkpoint.resume={value}"]).checkpoint.resume == value
 

@@ -371,7 +371,7 @@ def _generation_config(base_dir: Path, chat_template: str | None) -> dict | None
     its generation config is unreadable: copied as it is)."""
     from lora_dist.chat import reply_stops, resolve_template
     from lora_dist.data import load_tokenizer
-    from lora_dist.model_dir import ModelDirError
+    from lora_dist.model_dir import ModelDir, ModelDirError
 
     try:
         tokenizer = load_tokenizer(base_dir)
@@ -381,13 +381,15 @@ def _generation_config(base_dir: Path, chat_template: str | None) -> dict | None
         path = base_dir / GENERATION_CONFIG
         if path.is_file():
             config = json.loads(path.read_text())
-        else:  # what transformers derives from config.json when the file is missing
-            from transformers import AutoConfig, GenerationConfig
+        else:  # what transformers derives from config.json when the file is missing (never running the dir's code)
+            from transformers import GenerationConfig
 
-            config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(base_dir)).to_diff_dict()
+            config = GenerationConfig.from_model_config(ModelDir(base_dir).hf_config).to_diff_dict()
     except (ModelDirError, OSError, ValueError):
         return None
-    given = config.get("eos_token_id") if isinstance(config, dict) else None
+    if not isinstance(config, dict):  # not a generation config transformers reads: left as it is
+        return None
+    given = config.get("eos_token_id")
     if not (given is None or isinstance(given, int) or isinstance(given, list) and all(isinstance(i, int) for i in given)):
         return None
     stops = reply_stops(tokenizer, template, given)

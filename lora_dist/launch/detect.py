@@ -32,6 +32,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 
 from lora_dist.launch.env import UNKNOWN, LaunchEnv, LaunchError
 from lora_dist.launch.hostlist import expand_hostlist
@@ -241,31 +242,62 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
         master_addr=master_addr, master_port=master_port)
 
 
+#: The launchers that restart a job: the variable counting the restarts, how a restart is named.
+_RESTARTS = {"torchrun": ("TORCHELASTIC_RESTART_COUNT", "torchrun restart"), "slurm": ("SLURM_RESTART_COUNT", "Slurm requeue")}
+
+
+def restarting_launcher(environ: Mapping[str, str] | None = None) -> str | None:
+    """The launcher whose restart this is (``torchrun`` for ``--max-restarts``, ``slurm`` for a requeue), or None on
+    the job's first start."""
+    env = os.environ if environ is None else environ
+    for launcher, (var, _) in _RESTARTS.items():
+        count = env.get(var, "")
+        if count.isdigit() and int(count) > 0:
+            return launcher
+    return None
+
+
 def job_restart(environ: Mapping[str, str] | None = None) -> str | None:
     """The launcher's restart of this job (``torchrun --max-restarts``, a Slurm requeue), named with its count and
     variable, or None on the job's first start."""
     env = os.environ if environ is None else environ
-    for var, what in (("TORCHELASTIC_RESTART_COUNT", "torchrun restart"), ("SLURM_RESTART_COUNT", "Slurm requeue")):
-        count = env.get(var, "")
-        if count.isdigit() and int(count) > 0:
-            return f"{what} {count} ({var})"
-    return None
+    launcher = restarting_launcher(env)
+    if launcher is None:
+        return None
+    var, what = _RESTARTS[launcher]
+    return f"{what} {env[var]} ({var})"
 
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-def job_identity(environ: Mapping[str, str] | None = None) -> str | None:
-    """What names this launch across the launcher's restarts of it, and no other launch: the Slurm job (its id
-    stays through requeues), or ``torchrun --standalone``'s run (a new random id each invocation, the same in each
-    of its restarts). None otherwise: torchrun's run id is the user's ``--rdzv-id`` (``none`` by default, the same
-    for every job)."""
+def launch_identity(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What names this launch to each launcher that restarts it, and no other launch: ``slurm``, the Slurm job (its
+    id stays through requeues); ``torchrun``, the torchrun invocation that started this worker, the same in each of
+    its restarts: ``--standalone``'s random run id, else the agent process (this worker's parent) by host, pid and
+    start time (a ``--rdzv-id`` is the user's, ``none`` by default, the same for every job). Only those known."""
     env = os.environ if environ is None else environ
+    identity = {}
     job = env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", ""))
     if job.isdigit():
-        return f"slurm job {job}"
-    run = env.get("TORCHELASTIC_RUN_ID", "")
-    return f"torchrun run {run}" if _UUID.fullmatch(run) else None
+        identity["slurm"] = job
+    if "TORCHELASTIC_RUN_ID" in env:
+        run = env["TORCHELASTIC_RUN_ID"]
+        agent = run if _UUID.fullmatch(run) else _parent_process()
+        if agent:
+            identity["torchrun"] = agent
+    return identity
+
+
+def _parent_process() -> str | None:
+    """This process's parent (torchrun's agent, for a worker) as ``host:pid@start``, its start time (clock ticks
+    since boot) from ``/proc``; None where that cannot be read."""
+    pid = os.getppid()
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22, starttime
+    except (OSError, IndexError):
+        return None
+    return f"{socket.gethostname()}:{pid}@{start}"
 
 
 def slurm_port(job_id: int) -> int:
