@@ -50,6 +50,7 @@ def evaluate_run(cfg: Config, adapter: str | os.PathLike | None = None, base_onl
         ConfigError, ModelDirError, LaunchError: as training.
     """
     from lora_dist.adapter import AdapterError, adapter_nf4_record, read_adapter
+    from lora_dist.lora import LoRAConfigError
     from lora_dist.model_dir import skeleton
     from lora_dist.session import build, check_launch, open_base, strategy_config
     from lora_dist.train import eval_sums
@@ -75,7 +76,13 @@ def evaluate_run(cfg: Config, adapter: str | os.PathLike | None = None, base_onl
     # An NF4 run's adapter names the weights it trained on as NF4 (they depend on its sharding): those, whatever
     # this evaluation's ranks, so the loss is the one the run reported.
     only = adapter_nf4_record(adapter) if files is not None and cfg.model.quantize else None
-    model, engine = build(cfg, env, run_device(), base, strategy_config(cfg, base), quantize_only=only)
+    try:
+        model, engine = build(cfg, env, run_device(), base, strategy_config(cfg, base), quantize_only=only)
+    except LoRAConfigError as e:  # the adapter's own targets: they name no layer of this base
+        if files is None:
+            raise
+        raise AdapterError(f"the adapter at {adapter} does not fit model.path={cfg.model.path} ({e}); it was trained "
+                           "on a different base: set model.path to that base") from None
     if files is not None:
         engine.load_state_dict({"lora": files.model_tensors(model)}, step=0)
     loss_sum, tokens = eval_sums(engine, eval_data, cfg.train.micro_batch_size, None, env)

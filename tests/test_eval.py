@@ -140,3 +140,22 @@ def test_without_validation_data_or_adapter_it_is_one_line(run, tmp_path):
     assert r.returncode == 2 and "no validation data" in r.stderr and "Traceback" not in r.stderr
     r = lora_dist("eval", *run["common"], f"output.dir={tmp_path}", "parallel.strategy=none", check=False)
     assert r.returncode == 2 and "no adapter at" in r.stderr and "--base-only" in r.stderr
+
+
+def test_an_adapter_of_another_base_is_named_as_one(run, tiny_checkpoint, tmp_path):
+    """An adapter trained on another architecture: its targets match no layer of model.path. The error said so in
+    the adapter's own terms ("lora.target_modules=... matched no linear layer"), a key the user never set."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_dist import LoRAConfig, inject_lora, save_adapter
+
+    other = tiny_checkpoint("gpt2")
+    model = AutoModelForCausalLM.from_pretrained(other)
+    inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["c_attn"]))
+    save_adapter(model, tmp_path / "adapter", str(other))
+    r = lora_dist("eval", *run["common"], "parallel.strategy=none", "--adapter", str(tmp_path / "adapter"),
+                  check=False)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"the adapter at {tmp_path / 'adapter'} does not fit model.path={run['base']}" in last
+    assert "trained on a different base: set model.path to that base" in last
