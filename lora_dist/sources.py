@@ -274,6 +274,18 @@ def _json_records(path: Path, kind: str) -> list | None:
     return _json_file(path)
 
 
+def record_place(path: str | os.PathLike, kind: str, pos: int) -> str:
+    """Where a source's record ``pos`` (as :func:`read_chunks` numbers it) is, for an error: ``FILE:LINE`` in JSON
+    Lines, ``FILE: record N`` in a JSON array or columns, ``FILE: paragraph N`` in a ``.txt`` file, ``FILE: row N``
+    in parquet and ``save_to_disk`` (from 0)."""
+    path = Path(path)
+    if kind == "txt":
+        return f"{path}: paragraph {pos}"
+    if kind == "jsonl":
+        return f"{path}: record {pos}" if _json_records(path, kind) is not None else f"{path}:{pos}"
+    return f"{path}: row {pos}"
+
+
 def _opens_an_array(path: Path) -> bool:
     """Whether the file's first character but whitespace (and a BOM) opens a JSON array."""
     try:

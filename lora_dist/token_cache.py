@@ -57,7 +57,8 @@ from lora_dist.chat import ChatError, bos_prefix, parse_record, resolve_template
 from lora_dist.inputs import clip
 from lora_dist.packing import BLOCK_ARRAYS, DTYPE, Packer, blocks_fingerprint
 from lora_dist.preemption import Preempted
-from lora_dist.sources import DataError, Source, check_source, copies, count_rows, read_chunks, signature_json
+from lora_dist.sources import (DataError, Source, check_source, copies, count_rows, read_chunks, record_place,
+                               signature_json)
 
 __all__ = ["FORMAT", "build", "cache_key", "cached_blocks", "default_cache_dir", "default_num_proc", "open_entry"]
 
@@ -201,23 +202,22 @@ def _tokenize_chunk(task: tuple[str, str, list[tuple[int, Any]]]) -> tuple[dict,
     labels: list[int] = []
     lengths: list[int] = []
     for pos, row in rows:
-        where = f"{path}:{pos}" if kind in ("jsonl", "txt") else f"{path}: row {pos}"
         if isinstance(row, str):
             try:
                 row = json.loads(row)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+                raise DataError(f"{record_place(path, kind, pos)}: invalid JSON ({e.msg})") from None
             except RecursionError:
-                raise DataError(f"{where}: JSON nested too deeply to be a record") from None
+                raise DataError(f"{record_place(path, kind, pos)}: JSON nested too deeply to be a record") from None
         try:
             record = parse_record(row, pos)
             d_ids, d_labels = tokenize_record(record, tok, template, loss_on)
         except ChatError as e:
-            raise DataError(f"{where}: {e}") from None
+            raise DataError(f"{record_place(path, kind, pos)}: {e}") from None
         except MemoryError:
             raise
         except Exception as e:  # the tokenizer's own (the Rust tokenizer's TypeError on a lone surrogate)
-            raise _tokenizer_error(where, row, e) from e
+            raise _tokenizer_error(record_place(path, kind, pos), row, e) from e
         kinds[record.kind] += 1
         ids += d_ids
         labels += d_labels

@@ -301,10 +301,26 @@ def test_a_json_file_may_hold_an_array_or_columns(tok, tmp_path):
     with pytest.raises(DataError, match=r"bad.json:2: invalid JSON .*one JSON array of records"):
         load_dataset(tmp_path / "bad.json", tok, SEQ)
     (tmp_path / "strings.json").write_text(json.dumps(["hello", '{"text": "x"}']))  # elements are never re-read
-    with pytest.raises(DataError, match=r"strings.json:1: expected a JSON object .*got 'hello'"):
-        load_dataset(tmp_path / "strings.json", tok, SEQ)
+    with pytest.raises(DataError, match=r"strings.json: record 1: expected a JSON object .*got 'hello'"):
+        load_dataset(tmp_path / "strings.json", tok, SEQ)  # its first element, not its line ("strings.json:1")
     (tmp_path / "record.json").write_text(json.dumps({"ids": [1, 2, 3], "text": "One record, not columns."}))
     assert load_dataset(tmp_path / "record.json", tok, SEQ).stats.records == {"text": 1}
+
+
+def test_a_record_is_named_by_what_it_is_in_its_file(tmp_path):
+    """Errors name a record by its line in JSON Lines, and by its place in a JSON array ("record N"), a .txt file
+    ("paragraph N") or a table ("row N"): an array's element, a paragraph, read as a line number ("FILE:2")."""
+    from lora_dist.sources import record_place
+
+    lines, array, pretty = tmp_path / "l.json", tmp_path / "a.json", tmp_path / "p.jsonl"
+    lines.write_text('{"text": "a"}\n{"text": "b"}\n')
+    array.write_text('[{"text": "a"}, {"text": "b"}]')
+    pretty.write_text('[\n  {"text": "a"}\n]\n')  # a .jsonl holding one array, as HF datasets' json loader reads it
+    assert record_place(lines, "jsonl", 2) == f"{lines}:2"
+    assert record_place(array, "jsonl", 2) == f"{array}: record 2" and record_place(pretty, "jsonl", 1).endswith(
+        ": record 1")
+    assert record_place(tmp_path / "d.txt", "txt", 3) == f"{tmp_path / 'd.txt'}: paragraph 3"
+    assert record_place(tmp_path / "d.parquet", "parquet", 0) == f"{tmp_path / 'd.parquet'}: row 0"
 
 
 def test_null_fields_are_absent_ones_in_json_lines_too(tok, tmp_path):
