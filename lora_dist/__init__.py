@@ -15,11 +15,6 @@ line ``cli``. Your own loop starts at ``prepare``
 (``session``); HF Trainer/TRL and accelerate are in ``integrations/`` (``docs/integrations.md``).
 """
 
-from lora_dist.adapter import load_adapter, lora_state_dict, read_adapter, save_adapter
-from lora_dist.config import Config, ParallelConfig, TrainConfig, load_config
-from lora_dist.lora import InjectionReport, LoRAConfig, LoRALinear, disable_adapters, inject_lora, lora_parameters
-from lora_dist.merge import LoRAWeights, lora_delta, merge_state_dict, merge_weight
-
 __version__ = "0.1.0"
 
 __all__ = [
@@ -55,8 +50,14 @@ __all__ = [
     "verify_checkpoint",
 ]
 
-# Heavier entry points (torch.distributed, DeepSpeed) are imported on first use.
+# Every name is imported on first use: `import lora_dist` (and the CLI's start, `lora_dist.cli`) loads no torch, so
+# the CLI holds stop signals from its first moment (lora_dist.preemption.hold_stop_signals).
 _LAZY = {
+    **{name: "lora_dist.adapter" for name in ("load_adapter", "lora_state_dict", "read_adapter", "save_adapter")},
+    **{name: "lora_dist.config" for name in ("Config", "ParallelConfig", "TrainConfig", "load_config")},
+    **{name: "lora_dist.lora" for name in ("InjectionReport", "LoRAConfig", "LoRALinear", "disable_adapters",
+                                           "inject_lora", "lora_parameters")},
+    **{name: "lora_dist.merge" for name in ("LoRAWeights", "lora_delta", "merge_state_dict", "merge_weight")},
     "train": "lora_dist.train",
     "parallelize": "lora_dist.parallel",
     "Engine": "lora_dist.parallel",

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from lora_dist.errors import USER_ERRORS, UserError
+from lora_dist.preemption import hold_stop_signals, release_stop_signals
 
 __all__ = ["EXIT_CHECK_FAILED", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -491,6 +492,15 @@ def _top_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``lora-dist`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # a stop signal from now on reaches the run's handlers (nothing has loaded torch yet)
+        hold_stop_signals()
+    try:
+        return _run_command(argv)
+    finally:
+        release_stop_signals()  # a hold no run took over (the command ended before training): the handlers found
+
+
+def _run_command(argv: list[str]) -> int:
     top = _top_parser()
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import signal
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # imported where used: the CLI holds stop signals (hold_stop_signals) before torch loads
+    import torch
 
-__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler", "ignore_stop_signals", "stop_exits", "stop_key",
-           "stopping"]
+__all__ = ["PREEMPT_EXIT_CODE", "Preempted", "PreemptionHandler", "hold_stop_signals", "ignore_stop_signals",
+           "release_stop_signals", "stop_exits", "stop_key", "stopping"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ class PreemptionHandler:
     def poll(self, device: torch.device | None = None) -> tuple[bool, bool]:
         """``(stop, checkpoint)`` as agreed by all ranks (one tiny all-reduce on ``device``, the run's);
         clears the checkpoint request."""
+        import torch
+        import torch.distributed as dist
+
         flags = torch.tensor([int(self._stop), int(self._checkpoint)], device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -116,6 +120,8 @@ def stopping(why: str) -> Preempted:
     if not _stopping:
         _stopping = True
         log.warning("%s: nothing to save yet; exiting with %d to be requeued", why, PREEMPT_EXIT_CODE)
+        import torch.distributed as dist
+
         if dist.is_available() and dist.is_initialized():
             from lora_dist.launch import say_stopped
 
@@ -167,4 +173,37 @@ def stop_exits(requeue: bool = True) -> PreemptionHandler:
     global _stopping, _generation
     _stopping = False
     _generation += 1
-    return PreemptionHandler(stop_raises=requeue, deferred=not requeue)
+    handler = PreemptionHandler(stop_raises=requeue, deferred=not requeue)
+    held, before = _held.pop("signals", []), _held.pop("previous", {})
+    if requeue:
+        handler._previous.update(before)  # on exit, the handlers the hold found, not the hold's
+    else:  # deferred: the stop signals keep the handlers the hold found until training starts
+        _restore(before)
+    for signum in held:  # as if they came now
+        signal.raise_signal(signum)
+    return handler
+
+
+#: A hold's (:func:`hold_stop_signals`) stop signals received, and the handlers it replaced.
+_held: dict = {}
+
+
+def hold_stop_signals() -> None:
+    """From a process's first moment (the CLI's start, before torch and transformers load: about 3 s) until
+    :func:`stop_exits` installs a run's handlers, a stop signal is held, then handed to them: its default action
+    ended the process (exit 138 or 143, no requeue). :func:`release_stop_signals` ends a hold no run took over."""
+    _held["signals"] = []
+    _held["previous"] = _install(_hold, None)
+
+
+def _hold(signum, frame) -> None:
+    _held.setdefault("signals", []).append(signum)
+
+
+def release_stop_signals() -> None:
+    """End a hold :func:`stop_exits` did not take over (the command ended before training): the handlers it found
+    are back, and a signal held meanwhile takes its course under them."""
+    held, before = _held.pop("signals", []), _held.pop("previous", {})
+    _restore(before)
+    for signum in held:
+        signal.raise_signal(signum)

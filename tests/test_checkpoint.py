@@ -855,6 +855,54 @@ def test_a_stop_signal_while_tokenizing_exits_at_once_for_a_requeue(setup, tmp_p
     assert [m["step"] for m in _metrics(out) if "loss" in m][-1] == STEPS
 
 
+HELD_SIGNAL = """
+import os, signal, sys
+import lora_dist.preemption as preemption
+hold = preemption.hold_stop_signals
+
+def hold_and_signal():  # the CLI's first step, then the signal, before anything loads torch
+    hold()
+    print("torch loaded" if "torch" in sys.modules else "torch not loaded", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+preemption.hold_stop_signals = hold_and_signal
+from lora_dist.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_signal_in_a_processs_first_seconds_exits_for_a_requeue(setup, tmp_path):
+    """A stop signal while `lora-dist train` imports torch and transformers (its first ~3 s) took its default action,
+    exit 143, no requeue: the CLI now holds it from its first step (the package imports nothing heavy) and hands it
+    to the run's handlers, which end the rank for a requeue before any work."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", HELD_SIGNAL, "train", *setup["common"], f"output.dir={out}",
+                           "parallel.strategy=none"], cwd=REPO, env=quiet_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == PREEMPT_EXIT_CODE, proc.stderr[-2000:]
+    assert "torch not loaded" in proc.stderr and "SIGTERM before training started" in proc.stderr
+    assert not out.exists()
+
+
+def test_a_hold_no_run_takes_over_gives_the_signal_back(monkeypatch):
+    """A command that ends before training (a bad config) releases the hold: the handlers it found are back, and a
+    signal held meanwhile reaches them."""
+    from lora_dist.preemption import hold_stop_signals, release_stop_signals
+
+    got = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    try:
+        hold_stop_signals()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert got == []  # held
+        release_stop_signals()
+        assert got == [signal.SIGUSR1] and signal.getsignal(signal.SIGUSR1) is not None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert got == [signal.SIGUSR1] * 2  # the handler found, in place again
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def _stopped_while_rank0_tokenizes(setup, tmp_path, stop_ranks: str) -> tuple[list, dict, dict, list]:
     """Two `lora-dist train` processes of tests/dist_scripts/stop_while_tokenizing.py, ``stop_ranks`` signalled:
     their exit codes, when each exited and was signalled, and the end of their stderr."""
