@@ -62,7 +62,7 @@ from lora_dist.inputs import clip, excerpt, read_text
 
 __all__ = ["ChatError", "FORMATS", "LOSS_ON", "ROLES", "Record", "TEMPLATES", "alpaca_messages", "alpaca_prompt",
            "chat_document", "check_messages", "configured_template", "end_of_turn_text", "end_of_turn_tokens",
-           "parse_record", "render_chat", "reply_stops", "resolve_template", "tokenize_record"]
+           "parse_record", "render_chat", "reply_stops", "resolve_template", "token_ids", "tokenize_record"]
 
 #: The label of a token without a loss (PyTorch's cross-entropy ``ignore_index``).
 IGNORE = -100
@@ -800,11 +800,16 @@ def end_of_turn_text(tokenizer, template: str) -> str:
     return "" if _leading(_special_tokens(tokenizer), last) else last
 
 
+def token_ids(eos_token_id: int | list[int] | None) -> list[int]:
+    """A generation config's ``eos_token_id`` (an id, a list of them or None) as a list."""
+    return [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
 def reply_stops(tokenizer, template: str | None, eos_token_id: int | list[int] | None) -> list[int]:
     """The tokens a decoder stops a reply at: a generation config's ``eos_token_id``, then what training taught a
     reply to end with, the template's end-of-turn tokens (:func:`end_of_turn_tokens`), or EOS after a raw text
     (``template`` None); without repeats."""
-    given = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    given = token_ids(eos_token_id)
     learned = [tokenizer.eos_token_id] if template is None else end_of_turn_tokens(tokenizer, template)
     return list(dict.fromkeys(i for i in [*given, *learned] if i is not None))
 

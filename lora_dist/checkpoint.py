@@ -360,8 +360,9 @@ def _warn_changed_training(path: Path, state: dict, cfg: Config, world_size: int
                if k in saved and saved[k] != now[k]]
     batch = _global_batch(cfg, world_size)
     if isinstance(state.get("global_batch"), int) and state["global_batch"] != batch:
+        t = cfg.train
         changed.append(f"global batch {state['global_batch']} -> {batch} sequences a step (world size {world_size} x "
-                       f"train.micro_batch_size={cfg.train.micro_batch_size} x train.grad_accum={cfg.train.grad_accum})")
+                       f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum={t.grad_accum})")
     if changed:
         log.warning("%s was trained with other settings: %s; training goes on from step %d with this run's (the LR "
                     "at a step is a function of train.steps, lr, warmup_steps and min_lr_ratio)", path,

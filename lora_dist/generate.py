@@ -7,9 +7,10 @@ else the tokenizer's own. ``--chat-template none``, or a model without a templat
 ``text`` and string prompt/completion records are trained. Decoding stops at the generation config's EOS
 and at the tokens training taught a reply to end with (:func:`lora_dist.chat.end_of_turn_tokens`:
 ``<|im_end|>``, ``<|eot_id|>``...), or at the text it taught where the template's markers are text in the model's
-vocabulary (ChatML on a base without its tokens), which the reply is cut before. Greedy decoding (``temperature=0``, the default) is deterministic: a
-base with its adapter gives the same text as the checkpoint merged from them. Sampling uses the model's
-generation config for what ``--top-k``/``--top-p`` leave unset, as ``transformers``' ``generate`` does.
+vocabulary (ChatML on a base without its tokens), which the reply is cut before. Greedy decoding
+(``temperature=0``, the default) is deterministic: a base with its adapter gives the same text as the checkpoint
+merged from them. Sampling uses the model's generation config for what ``--top-k``/``--top-p`` leave unset, as
+``transformers``' ``generate`` does.
 """
 
 from __future__ import annotations

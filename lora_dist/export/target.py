@@ -29,7 +29,8 @@ from lora_dist.export.sources import MERGED_FROM_KEY
 from lora_dist.model_dir import SAFE_INDEX
 from lora_dist.outputs import CHAT_TEMPLATE_FILE, OutputError, check_not_an_input, is_adapter_dir, is_model_dir
 
-__all__ = ["GENERATION_CONFIG", "TEMPLATES_DIR", "check_output", "copied_files", "foreign_entries", "is_merged_export", "is_weight_file"]
+__all__ = ["GENERATION_CONFIG", "TEMPLATES_DIR", "check_output", "copied_files", "foreign_entries", "is_merged_export",
+           "is_weight_file"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".onnx")
 #: The weight files a merged export writes: ``model.safetensors`` or ``model-0000i-of-0000N.safetensors``.

@@ -369,7 +369,7 @@ def _generation_config(base_dir: Path, chat_template: str | None) -> dict | None
     (vLLM) stop at these ids; a Qwen2.5 or Llama-3 base lists only its end of text, so a model fine-tuned on chats
     would write past its reply. None where nothing is added (the base lists them, it has no template or tokenizer,
     its generation config is unreadable: copied as it is)."""
-    from lora_dist.chat import reply_stops, resolve_template
+    from lora_dist.chat import reply_stops, resolve_template, token_ids
     from lora_dist.data import load_tokenizer
     from lora_dist.model_dir import ModelDir, ModelDirError
 
@@ -390,10 +390,10 @@ def _generation_config(base_dir: Path, chat_template: str | None) -> dict | None
     if not isinstance(config, dict):  # not a generation config transformers reads: left as it is
         return None
     given = config.get("eos_token_id")
-    if not (given is None or isinstance(given, int) or isinstance(given, list) and all(isinstance(i, int) for i in given)):
+    if not (given is None or isinstance(given, (int, list)) and all(isinstance(i, int) for i in token_ids(given))):
         return None
     stops = reply_stops(tokenizer, template, given)
-    if stops == ([] if given is None else [given] if isinstance(given, int) else given):
+    if stops == token_ids(given):
         return None
     config["eos_token_id"] = stops if len(stops) > 1 else stops[0]
     return config

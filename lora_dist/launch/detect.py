@@ -243,7 +243,8 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
 
 
 #: The launchers that restart a job: the variable counting the restarts, how a restart is named.
-_RESTARTS = {"torchrun": ("TORCHELASTIC_RESTART_COUNT", "torchrun restart"), "slurm": ("SLURM_RESTART_COUNT", "Slurm requeue")}
+_RESTARTS = {"torchrun": ("TORCHELASTIC_RESTART_COUNT", "torchrun restart"),
+             "slurm": ("SLURM_RESTART_COUNT", "Slurm requeue")}
 
 
 def restarting_launcher(environ: Mapping[str, str] | None = None) -> str | None:
